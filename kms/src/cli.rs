@@ -1,0 +1,420 @@
+//! The `kms` command line (clap): `server`, `dev`, `operator ...`, `pkcs11 probe`.
+//!
+//! Exit codes: 0 success; 1 error; 2 usage error (clap), or `operator status` on a sealed
+//! server (as `vault status` does, so scripts can test it).
+//!
+//! Shares are read at a hidden prompt, or from standard input when it is not a terminal;
+//! never from an argument (arguments are visible in `ps` and shell history).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use kms_proto::v1 as pb;
+use kms_proto::v1::system_client::SystemClient;
+use tonic::transport::Channel;
+use zeroize::Zeroizing;
+
+use crate::config::Config;
+
+/// HSM-backed key-management service.
+#[derive(Debug, Parser)]
+#[command(name = "kms", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server.
+    Server {
+        /// The configuration file (TOML; see docs/configuration.md).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Development mode: a private SoftHSM token, init (5 shares, threshold 3), unseal, serve.
+    Dev(crate::dev::DevArgs),
+    /// Seal lifecycle: init, unseal, seal, status.
+    Operator {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
+    /// PKCS#11 tools.
+    Pkcs11 {
+        #[command(subcommand)]
+        command: Pkcs11Command,
+    },
+}
+
+/// How to reach the server.
+#[derive(Debug, Args)]
+struct Conn {
+    /// The server's address.
+    #[arg(
+        long,
+        env = "KMS_ADDR",
+        default_value = "http://127.0.0.1:8200",
+        global = true
+    )]
+    addr: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum OperatorCommand {
+    /// Initialise the server (once): prints the unseal shares, which are stored nowhere.
+    Init {
+        /// How many shares to make (2..=255).
+        #[arg(long, default_value_t = 5)]
+        shares: u32,
+        /// How many shares unseal needs (2..=shares).
+        #[arg(long, default_value_t = 3)]
+        threshold: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Submit your unseal share (hidden prompt; or one share per line on standard input).
+    Unseal {
+        /// Forget the shares submitted so far in this attempt.
+        #[arg(long)]
+        reset: bool,
+        /// Only contribute to the attempt with this nonce (from `status`).
+        #[arg(long)]
+        nonce: Option<String>,
+    },
+    /// Seal the server: it forgets every key until the next unseal.
+    Seal,
+    /// Show the seal status (exit code 2 when sealed).
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Pkcs11Command {
+    /// List the module's slots, tokens and the mechanisms kms needs. Needs no PIN.
+    Probe {
+        /// Read the module and token label from this configuration file.
+        #[arg(long, short, conflicts_with = "module")]
+        config: Option<PathBuf>,
+        /// The PKCS#11 module to probe.
+        #[arg(long)]
+        module: Option<PathBuf>,
+    },
+}
+
+/// Runs the command line.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An error and its sources, joined by ": ".
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn run(cli: Cli) -> Result<ExitCode, BoxError> {
+    match cli.command {
+        Command::Server { config } => {
+            let config = Config::load(&config)?;
+            init_logging(config.log_level);
+            let rt = runtime()?;
+            rt.block_on(async {
+                let listener = crate::server::bind(config.listen).await?;
+                let seal =
+                    tokio::task::spawn_blocking(move || crate::server::open(&config)).await??;
+                crate::server::serve(listener, seal, crate::server::shutdown_signal()).await?;
+                Ok::<_, BoxError>(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dev(args) => crate::dev::run(args),
+        Command::Operator { conn, command } => runtime()?.block_on(operator(conn, command)),
+        Command::Pkcs11 {
+            command: Pkcs11Command::Probe { config, module },
+        } => {
+            let (module, label) = match (config, module) {
+                (Some(c), _) => {
+                    let c = Config::load(&c)?;
+                    (c.hsm.module, Some(c.hsm.token_label))
+                }
+                (None, Some(m)) => (m, None),
+                (None, None) => match kms_pkcs11_conf::find_softhsm_module() {
+                    Some(m) => (m, None),
+                    None => {
+                        return Err(
+                            "give --config or --module (no SoftHSM module found either)".into()
+                        );
+                    }
+                },
+            };
+            let report = kms_pkcs11_conf::token::probe(&module, label.as_deref())?;
+            println!("{report}");
+            Ok(if report.is_usable() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+/// Sets up logging to standard error at `level`.
+pub fn init_logging(level: tracing::Level) {
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+async fn connect(conn: &Conn) -> Result<SystemClient<Channel>, BoxError> {
+    let addr = if conn.addr.contains("://") {
+        conn.addr.clone()
+    } else {
+        format!("http://{}", conn.addr)
+    };
+    let endpoint = Channel::from_shared(addr.clone())
+        .map_err(|_| format!("--addr {addr:?} is not a valid address"))?;
+    let channel = endpoint
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach the kms server at {addr}: {}", error_chain(&e)))?;
+    Ok(SystemClient::new(channel))
+}
+
+/// A gRPC status as the CLI prints it.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {}", code_name(.0.code()), .0.message())]
+struct RpcError(tonic::Status);
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+async fn operator(conn: Conn, command: OperatorCommand) -> Result<ExitCode, BoxError> {
+    let mut client = connect(&conn).await?;
+    match command {
+        OperatorCommand::Init {
+            shares,
+            threshold,
+            json,
+        } => {
+            let resp = client
+                .init(pb::InitRequest { shares, threshold })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            print_init(&resp, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        OperatorCommand::Unseal { reset, nonce } => {
+            if reset {
+                let s = client
+                    .unseal(pb::UnsealRequest {
+                        reset: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(RpcError)?
+                    .into_inner();
+                println!("Unseal progress reset.");
+                print_status(&s, false)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let shares = read_shares()?;
+            let mut last = None;
+            for share in shares.iter() {
+                let s = client
+                    .unseal(pb::UnsealRequest {
+                        share: share.to_string(),
+                        reset: false,
+                        nonce: nonce.clone().unwrap_or_default(),
+                    })
+                    .await
+                    .map_err(RpcError)?
+                    .into_inner();
+                if s.sealed {
+                    println!(
+                        "Share accepted. Unseal progress: {}/{} (attempt {})",
+                        s.progress, s.threshold, s.nonce
+                    );
+                } else {
+                    println!("Share accepted. The server is unsealed.");
+                }
+                last = Some(s);
+            }
+            Ok(match last {
+                Some(s) if s.sealed => ExitCode::from(2),
+                _ => ExitCode::SUCCESS,
+            })
+        }
+        OperatorCommand::Seal => {
+            let s = client
+                .seal(pb::SealRequest {})
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            println!("The server is sealed.");
+            print_status(&s, false)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        OperatorCommand::Status { json } => {
+            let s = client
+                .status(pb::StatusRequest {})
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            print_status(&s, json)?;
+            Ok(if s.sealed {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}
+
+/// Reads shares: one at a hidden prompt on a terminal, else one per line of standard input.
+fn read_shares() -> Result<Vec<Zeroizing<String>>, BoxError> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        let share = Zeroizing::new(rpassword::prompt_password(
+            "Unseal share (input is hidden): ",
+        )?);
+        if share.trim().is_empty() {
+            return Err("no share entered".into());
+        }
+        return Ok(vec![share]);
+    }
+    let mut shares = Vec::new();
+    for line in stdin.lock().lines() {
+        let line = Zeroizing::new(line?);
+        if !line.trim().is_empty() {
+            shares.push(Zeroizing::new(line.trim().to_owned()));
+        }
+    }
+    if shares.is_empty() {
+        return Err("no share on standard input".into());
+    }
+    Ok(shares)
+}
+
+/// Prints init's shares with the custodians' warning.
+pub fn print_init(resp: &pb::InitResponse, json: bool) -> Result<(), BoxError> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        let v = serde_json::json!({
+            "share_set_id": resp.share_set_id,
+            "threshold": resp.threshold,
+            "shares": resp.shares,
+        });
+        writeln!(out, "{v}")?;
+        return Ok(());
+    }
+    for (i, s) in resp.shares.iter().enumerate() {
+        writeln!(out, "Unseal share {}: {s}", i + 1)?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "Share set {}: {} of these {} shares unseal the server.",
+        resp.share_set_id,
+        resp.threshold,
+        resp.shares.len()
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "WARNING: these shares are shown once and stored nowhere. Give each to a different\n\
+         custodian now. If fewer than {} of them survive, every key in this kms is lost.\n\
+         The server is sealed: {} custodians must now run `kms operator unseal`.",
+        resp.threshold, resp.threshold
+    )?;
+    Ok(())
+}
+
+fn print_status(s: &pb::SealStatus, json: bool) -> Result<(), BoxError> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        let v = serde_json::json!({
+            "initialized": s.initialized,
+            "sealed": s.sealed,
+            "threshold": s.threshold,
+            "shares": s.shares,
+            "progress": s.progress,
+            "nonce": s.nonce,
+            "share_set_id": s.share_set_id,
+            "version": s.version,
+        });
+        writeln!(out, "{v}")?;
+        return Ok(());
+    }
+    writeln!(out, "Initialized      {}", s.initialized)?;
+    writeln!(out, "Sealed           {}", s.sealed)?;
+    if s.initialized {
+        writeln!(out, "Shares           {}", s.shares)?;
+        writeln!(out, "Threshold        {}", s.threshold)?;
+        writeln!(out, "Share set        {}", s.share_set_id)?;
+        if s.sealed {
+            writeln!(out, "Unseal progress  {}/{}", s.progress, s.threshold)?;
+            if !s.nonce.is_empty() {
+                writeln!(out, "Unseal nonce     {}", s.nonce)?;
+            }
+        }
+    }
+    writeln!(out, "Version          {}", s.version)?;
+    Ok(())
+}

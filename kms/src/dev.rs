@@ -1,0 +1,198 @@
+//! `kms dev`: the product in one command, for trying it and for development.
+//!
+//! It makes a private SoftHSM token store in a directory (temporary unless `--dir` is
+//! given), provisions a token `kms-dev` with random SO and user PINs (the user PIN goes to
+//! `DIR/hsm-pin`, mode 0600), writes `DIR/kms.toml`, initialises the server with 5 shares and
+//! threshold 3, prints the shares, unseals itself with three of them, and serves on
+//! loopback until Ctrl-C.
+//!
+//! SoftHSM reads `SOFTHSM2_CONF` when the module is initialised, and changing one's own
+//! environment is unsound in a threaded program. So `kms dev` writes the SoftHSM
+//! configuration, then runs itself again as a child process with `SOFTHSM2_CONF` set, and
+//! removes the temporary directory when the child exits.
+//!
+//! With `--dir` pointing at a directory used before, the token and store are reused: the
+//! server comes up sealed (restarting always does) and must be unsealed with
+//! `kms operator unseal` and the shares printed the first time.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Args;
+use kms_pkcs11_conf::softhsm::{self, SoftHsmDir};
+use kms_pkcs11_conf::token::{self, TokenError};
+use secrecy::ExposeSecret;
+
+use crate::config::Config;
+
+/// The dev token's label.
+pub const DEV_TOKEN_LABEL: &str = "kms-dev";
+
+/// `kms dev` arguments.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Keep the token, store and config in this directory and reuse them on the next run.
+    /// Default: a temporary directory, removed on exit.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// The listen address (loopback only).
+    #[arg(long, default_value = "127.0.0.1:8200")]
+    listen: SocketAddr,
+    /// The SoftHSM module (default: the Debian package's).
+    #[arg(long)]
+    module: Option<PathBuf>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs `kms dev`.
+pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
+    let module = match &args.module {
+        Some(m) => m.clone(),
+        None => kms_pkcs11_conf::find_softhsm_module()
+            .ok_or("SoftHSM is not installed (looked in the usual places): apt-get install softhsm2, or give --module")?,
+    };
+    let (dir, _temp) = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            (std::path::absolute(d)?, None)
+        }
+        None => {
+            let t = tempfile::Builder::new().prefix("kms-dev-").tempdir()?;
+            (t.path().to_owned(), Some(t))
+        }
+    };
+    let softhsm_dir = SoftHsmDir::create(&dir.join("softhsm"))?;
+    let in_child =
+        std::env::var_os(softhsm::CONF_ENV).is_some_and(|v| Path::new(&v) == softhsm_dir.conf);
+    if !in_child {
+        let status = std::process::Command::new(std::env::current_exe()?)
+            .arg("dev")
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--listen")
+            .arg(args.listen.to_string())
+            .arg("--module")
+            .arg(&module)
+            .env(softhsm::CONF_ENV, &softhsm_dir.conf)
+            .status()?;
+        // `_temp` is removed here, after the child has stopped.
+        return Ok(match status.code() {
+            Some(0) => ExitCode::SUCCESS,
+            _ => ExitCode::FAILURE,
+        });
+    }
+    crate::cli::init_logging(tracing::Level::INFO);
+    let config_path = prepare(&dir, &module, args.listen)?;
+    let config = Config::load(&config_path)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = crate::server::bind(config.listen).await?;
+        let addr = listener.local_addr()?;
+        let seal = tokio::task::spawn_blocking(move || crate::server::open(&config)).await??;
+        let seal2 = std::sync::Arc::clone(&seal);
+        let ready =
+            tokio::task::spawn_blocking(move || bootstrap(&seal2, &dir, addr, &config_path))
+                .await?;
+        ready?;
+        crate::server::serve(listener, seal, crate::server::shutdown_signal()).await?;
+        Ok::<_, BoxError>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Provisions the token (first run) and writes the config. Returns the config's path.
+fn prepare(dir: &Path, module: &Path, listen: SocketAddr) -> Result<PathBuf, BoxError> {
+    let pin_path = dir.join("hsm-pin");
+    let pkcs11 = token::load(module)?;
+    match token::find_token(&pkcs11, DEV_TOKEN_LABEL) {
+        Ok(_) => {}
+        Err(TokenError::TokenNotFound { .. }) => {
+            let so_pin = softhsm::random_pin()?;
+            let user_pin = softhsm::random_pin()?;
+            softhsm::provision_token(&pkcs11, DEV_TOKEN_LABEL, &so_pin, &user_pin)?;
+            write_private(&pin_path, user_pin.expose_secret().as_bytes())?;
+            tracing::info!(
+                token = DEV_TOKEN_LABEL,
+                "provisioned a SoftHSM token (random SO and user PINs)"
+            );
+        }
+        Err(e) => return Err(e.into()),
+    }
+    pkcs11.finalize()?;
+    let config_path = dir.join("kms.toml");
+    let text = format!(
+        "# Written by `kms dev`. See docs/configuration.md.\n\
+         listen = \"{listen}\"\n\n\
+         [storage]\n\
+         path = \"kms.redb\"\n\n\
+         [hsm]\n\
+         module = \"{}\"\n\
+         token_label = \"{DEV_TOKEN_LABEL}\"\n\
+         pin_file = \"hsm-pin\"\n\
+         master_key_label = \"{}\"\n",
+        module.display(),
+        kms_pkcs11_conf::DEFAULT_MASTER_KEY_LABEL,
+    );
+    std::fs::write(&config_path, text)?;
+    Ok(config_path)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Initialises and unseals on the first run; says what to do on later runs.
+fn bootstrap(
+    seal: &crate::seal::SealManager,
+    dir: &Path,
+    addr: SocketAddr,
+    config_path: &Path,
+) -> Result<(), BoxError> {
+    let status = seal.status();
+    let url = format!("http://{addr}");
+    if status.initialized {
+        println!(
+            "kms dev: reusing {}: the server is sealed. Unseal it with the shares from its first run:\n  \
+             KMS_ADDR={url} kms operator unseal",
+            dir.display()
+        );
+        return Ok(());
+    }
+    let out = seal.init(5, 3)?;
+    let resp = kms_proto::v1::InitResponse {
+        shares: out.shares.iter().map(|s| s.as_str().to_owned()).collect(),
+        share_set_id: out.share_set_id.to_string(),
+        threshold: u32::from(out.threshold),
+    };
+    println!("kms dev: DEVELOPMENT MODE. Do not keep real keys in this server.\n");
+    crate::cli::print_init(&resp, false)?;
+    for share in out.shares.iter().take(usize::from(out.threshold)) {
+        seal.unseal(share, None)?;
+    }
+    println!(
+        "\nkms dev: unsealed with shares 1-3 and serving on {url}\n\
+         \n  export KMS_ADDR={url}\n  kms operator status\n  kms operator seal\n  kms operator unseal   # three times, one share each\n\
+         \nState: {} (config {}){}\nStop with Ctrl-C.",
+        dir.display(),
+        config_path.display(),
+        if dir.starts_with(std::env::temp_dir()) {
+            ", removed on exit"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}

@@ -1,0 +1,22 @@
+//! kms: an HSM-backed key-management service.
+//!
+//! The code map is in docs/ARCHITECTURE.md. In short:
+//! - [`config`]: the TOML configuration file.
+//! - [`hsm`]: PKCS#11 sessions, login, and the master key.
+//! - [`store`]: the durable store (redb) behind a narrow trait.
+//! - [`seal`]: init / unseal / seal, and the root key.
+//! - [`grpc`]: the gRPC services; the only place errors become `tonic::Status`.
+//! - [`server`]: start-up, serving, shutdown.
+//! - [`cli`]: the `kms` command line (operator commands, probe).
+//! - [`dev`]: `kms dev`, the one-command development mode.
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod dev;
+pub mod grpc;
+pub mod hsm;
+pub mod seal;
+pub mod server;
+pub mod store;

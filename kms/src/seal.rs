@@ -1,0 +1,576 @@
+//! The seal: init, unseal, seal, status.
+//!
+//! ```text
+//! uninitialized --Init(n, t)--> sealed --Unseal x t--> unsealed --Seal / restart--> sealed
+//! ```
+//!
+//! At `Init` kms makes two random 256-bit keys: the **unseal key**, split into Shamir shares
+//! and never stored, and the **root key** of the keyring. The root key is stored only
+//! wrapped twice: AES-256-GCM under the unseal key (in software), then AES-256-GCM under the
+//! HSM master key (inside the HSM). Disk + HSM without a quorum, or disk + quorum without
+//! the HSM, reveal nothing.
+//!
+//! Shamir shares carry no integrity, so a recombined unseal key is checked twice: against a
+//! stored key check value (HMAC-SHA256 of a fixed label, 16 bytes; tells a wrong quorum
+//! apart from an HSM fault without touching the HSM), and by the authenticated decryption
+//! of the inner wrapping.
+//!
+//! The root key lives in memory only while unsealed, in a zeroizing buffer; sealing (or
+//! dropping the manager) forgets it.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use hmac::{Hmac, Mac};
+use kms_unseal::{CombineError, Share, ShareError, ShareSetId, SplitError};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use crate::hsm::{Hsm, HsmError, MasterKey};
+use crate::store::{Store, StoreError, Table};
+
+/// The store key of the seal record.
+const SEAL_RECORD_KEY: &str = "seal";
+/// The seal record's schema version.
+const SEAL_SCHEMA: u32 = 1;
+const KEY_LEN: usize = 32;
+const NONCE_LEN: usize = 12;
+const KCV_LEN: usize = 16;
+const KCV_LABEL: &[u8] = b"kms/v1/unseal-key-check";
+const INNER_AAD: &[u8] = b"kms/v1/root-key/inner/";
+const OUTER_AAD: &[u8] = b"kms/v1/root-key/outer/";
+
+/// Why a seal operation failed. Never carries a share, key or PIN.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SealError {
+    /// `Init` has not been run.
+    #[error("the server is not initialised: run `kms operator init`")]
+    NotInitialized,
+    /// `Init` was run already.
+    #[error("the server is already initialised")]
+    AlreadyInitialized,
+    /// A key operation on a sealed server.
+    #[error("sealed")]
+    Sealed,
+    /// Bad `Init` numbers.
+    #[error(transparent)]
+    BadParameters(#[from] SplitError),
+    /// The share text is malformed or has a typo.
+    #[error("malformed share: {0}")]
+    MalformedShare(#[from] ShareError),
+    /// The share belongs to another init.
+    #[error(
+        "the share belongs to share set {got}, but this server's share set is {expected}: it is from another init"
+    )]
+    WrongShareSet {
+        /// This server's share set.
+        expected: ShareSetId,
+        /// The share's.
+        got: ShareSetId,
+    },
+    /// The share's threshold differs from this server's (a forged or corrupted share).
+    #[error("the share says threshold {got}, but this server's threshold is {expected}")]
+    WrongThreshold {
+        /// This server's.
+        expected: u8,
+        /// The share's.
+        got: u8,
+    },
+    /// The same share (index) was given twice in one attempt.
+    #[error("share {index} was already given in this unseal attempt")]
+    DuplicateShare {
+        /// The share's index.
+        index: u8,
+    },
+    /// The request named another attempt's nonce.
+    #[error(
+        "the unseal attempt named by the nonce is not the one in progress (it was reset or completed)"
+    )]
+    AttemptMismatch,
+    /// The shares recombine to a key that is not this server's unseal key.
+    #[error(
+        "the shares do not recombine to this server's unseal key: at least one share is wrong; unseal progress was reset"
+    )]
+    WrongQuorum,
+    /// The unseal key was right but the root key could not be unwrapped.
+    #[error(
+        "the root key could not be unwrapped: the HSM master key is not the one used at init, or the store was altered; unseal progress was reset"
+    )]
+    RootKeyUnwrap,
+    /// The stored seal record is unreadable.
+    #[error("the stored seal record is corrupt or of an unknown schema")]
+    CorruptRecord,
+    /// The HSM master key is not a sensitive, non-extractable token key.
+    #[error("the HSM master key {0:?} is extractable or not sensitive: refusing to use it")]
+    UnsafeMasterKey(String),
+    /// The HSM failed.
+    #[error(transparent)]
+    Hsm(#[from] HsmError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The operating system's random source failed.
+    #[error("the operating system's random number generator failed")]
+    Randomness,
+}
+
+/// The keyring root key. Zeroized on drop; no `Debug`, no `Clone`.
+pub struct RootKey(Zeroizing<[u8; KEY_LEN]>);
+
+impl RootKey {
+    /// The key's bytes, for deriving keyring keys.
+    pub fn danger_expose(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+}
+
+/// What the server holds while unsealed. Dropping it zeroizes every key byte.
+pub struct Unsealed {
+    root: RootKey,
+}
+
+impl Unsealed {
+    /// The keyring root key.
+    pub fn root(&self) -> &RootKey {
+        &self.root
+    }
+}
+
+/// The persisted seal metadata. Everything here is public or wrapped.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealRecord {
+    /// Record schema version.
+    pub schema: u32,
+    /// The share set id (hex).
+    pub share_set_id: String,
+    /// Shares made.
+    pub shares: u8,
+    /// Shares needed.
+    pub threshold: u8,
+    /// The HSM token's label at init.
+    pub token_label: String,
+    /// The master key's label.
+    pub master_key_label: String,
+    /// HMAC-SHA256(unseal key, label | share set id), first 16 bytes (hex).
+    pub unseal_key_check: String,
+    /// The root key wrapped twice (hex): HSM-GCM(iv | software-GCM(nonce | root key)).
+    pub wrapped_root_key: String,
+    /// Unix time of init, seconds.
+    pub created_at: u64,
+}
+
+impl SealRecord {
+    fn share_set(&self) -> Result<ShareSetId, SealError> {
+        ShareSetId::from_hex(&self.share_set_id).ok_or(SealError::CorruptRecord)
+    }
+}
+
+/// The seal status, as `Status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealStatus {
+    /// Whether `Init` was run.
+    pub initialized: bool,
+    /// Whether the server is sealed.
+    pub sealed: bool,
+    /// Shares needed.
+    pub threshold: u8,
+    /// Shares made.
+    pub shares: u8,
+    /// Shares accepted in the current attempt.
+    pub progress: u8,
+    /// The current attempt's nonce (hex).
+    pub nonce: Option<String>,
+    /// The share set id.
+    pub share_set_id: Option<ShareSetId>,
+}
+
+/// What `Init` returns: the shares, once.
+pub struct InitOutput {
+    /// The share set id.
+    pub share_set_id: ShareSetId,
+    /// The threshold.
+    pub threshold: u8,
+    /// Each custodian's share in text form. Secret.
+    pub shares: Vec<Zeroizing<String>>,
+}
+
+struct Attempt {
+    nonce: String,
+    shares: Vec<Share>,
+}
+
+enum State {
+    Uninitialized,
+    Sealed(Option<Attempt>),
+    Unsealed(Unsealed),
+}
+
+struct Inner {
+    state: State,
+    record: Option<SealRecord>,
+    master_key: Option<MasterKey>,
+}
+
+/// The seal state machine. Methods block (HSM calls): call them from `spawn_blocking`.
+pub struct SealManager {
+    hsm: Arc<Hsm>,
+    store: Arc<dyn Store>,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for SealManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealManager").finish_non_exhaustive()
+    }
+}
+
+impl SealManager {
+    /// Loads the seal record, if any, and finds the master key when initialised. Always
+    /// starts sealed.
+    pub fn load(hsm: Arc<Hsm>, store: Arc<dyn Store>) -> Result<Self, SealError> {
+        let record = match store.get(Table::System, SEAL_RECORD_KEY)? {
+            None => None,
+            Some(bytes) => {
+                let r: SealRecord =
+                    serde_json::from_slice(&bytes).map_err(|_| SealError::CorruptRecord)?;
+                if r.schema != SEAL_SCHEMA {
+                    return Err(SealError::CorruptRecord);
+                }
+                r.share_set()?;
+                Some(r)
+            }
+        };
+        let (state, master_key) = match &record {
+            None => (State::Uninitialized, None),
+            Some(_) => {
+                let key = hsm.find_master_key()?;
+                check_master_key(&hsm, key)?;
+                (State::Sealed(None), Some(key))
+            }
+        };
+        Ok(Self {
+            hsm,
+            store,
+            inner: Mutex::new(Inner {
+                state,
+                record,
+                master_key,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave a half-written state (every transition
+        // is one assignment), so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current status.
+    pub fn status(&self) -> SealStatus {
+        status_of(&self.lock())
+    }
+
+    /// Runs `f` with the unsealed state, or fails with [`SealError::Sealed`] /
+    /// [`SealError::NotInitialized`].
+    pub fn with_unsealed<T>(&self, f: impl FnOnce(&Unsealed) -> T) -> Result<T, SealError> {
+        match &self.lock().state {
+            State::Unsealed(u) => Ok(f(u)),
+            State::Sealed(_) => Err(SealError::Sealed),
+            State::Uninitialized => Err(SealError::NotInitialized),
+        }
+    }
+
+    /// Initialises the server: see the module docs. Returns the shares; they are not
+    /// stored anywhere. The server stays sealed.
+    pub fn init(&self, shares: u32, threshold: u32) -> Result<InitOutput, SealError> {
+        kms_unseal::check_parameters(shares, threshold)?;
+        let mut inner = self.lock();
+        if !matches!(inner.state, State::Uninitialized) {
+            return Err(SealError::AlreadyInitialized);
+        }
+        let master_key = self.hsm.find_or_generate_master_key()?;
+        check_master_key(&self.hsm, master_key)?;
+
+        let unseal_key = random_key()?;
+        let root_key = random_key()?;
+        let (set, split) = kms_unseal::split(unseal_key.as_slice(), shares, threshold)?;
+        let (n, t) = kms_unseal::check_parameters(shares, threshold)?;
+
+        let mut inner_nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut inner_nonce).map_err(|_| SealError::Randomness)?;
+        let inner_ct = software_wrap(
+            &unseal_key,
+            &inner_nonce,
+            &aad(INNER_AAD, set),
+            root_key.as_slice(),
+        )?;
+        let mut inner_blob = Vec::with_capacity(NONCE_LEN + inner_ct.len());
+        inner_blob.extend_from_slice(&inner_nonce);
+        inner_blob.extend_from_slice(&inner_ct);
+        let outer = self
+            .hsm
+            .encrypt(master_key, &aad(OUTER_AAD, set), &inner_blob)?;
+
+        let record = SealRecord {
+            schema: SEAL_SCHEMA,
+            share_set_id: set.to_string(),
+            shares: n,
+            threshold: t,
+            token_label: self.hsm.token_label().to_owned(),
+            master_key_label: self.hsm.master_key_label().to_owned(),
+            unseal_key_check: data_encoding::HEXLOWER.encode(&key_check(&unseal_key, set)?),
+            wrapped_root_key: data_encoding::HEXLOWER.encode(&outer),
+            created_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        // Prove the round trip through the HSM before anything is stored, so a broken HSM
+        // set-up fails init instead of leaving an unrecoverable store.
+        let back = unwrap_root(&self.hsm, master_key, &record, &unseal_key)?;
+        if back.0.as_slice().ct_eq(root_key.as_slice()).unwrap_u8() != 1 {
+            return Err(SealError::RootKeyUnwrap);
+        }
+        let bytes = serde_json::to_vec(&record).map_err(|_| SealError::CorruptRecord)?;
+        if !self
+            .store
+            .insert_new(Table::System, SEAL_RECORD_KEY, &bytes)?
+        {
+            return Err(SealError::AlreadyInitialized);
+        }
+        inner.record = Some(record);
+        inner.master_key = Some(master_key);
+        inner.state = State::Sealed(None);
+        Ok(InitOutput {
+            share_set_id: set,
+            threshold: t,
+            shares: split.iter().map(Share::to_text).collect(),
+        })
+    }
+
+    /// Adds one share to the unseal attempt; unseals when the threshold is reached.
+    /// `expected_nonce`, when given, must name the attempt in progress.
+    pub fn unseal(
+        &self,
+        share_text: &str,
+        expected_nonce: Option<&str>,
+    ) -> Result<SealStatus, SealError> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let (record, master_key) = match (&inner.record, inner.master_key) {
+            (Some(r), Some(k)) => (r, k),
+            _ => return Err(SealError::NotInitialized),
+        };
+        let attempt = match &mut inner.state {
+            State::Uninitialized => return Err(SealError::NotInitialized),
+            State::Unsealed(_) => return Ok(status_of(inner)),
+            State::Sealed(attempt) => attempt,
+        };
+        if let Some(want) = expected_nonce
+            && attempt.as_ref().is_none_or(|a| a.nonce != want) {
+                return Err(SealError::AttemptMismatch);
+            }
+        let share = Share::parse(share_text)?;
+        let expected = record.share_set()?;
+        if share.share_set() != expected {
+            return Err(SealError::WrongShareSet {
+                expected,
+                got: share.share_set(),
+            });
+        }
+        if share.threshold() != record.threshold {
+            return Err(SealError::WrongThreshold {
+                expected: record.threshold,
+                got: share.threshold(),
+            });
+        }
+        if let Some(a) = attempt.as_ref()
+            && a.shares.iter().any(|s| s.index() == share.index()) {
+                return Err(SealError::DuplicateShare {
+                    index: share.index(),
+                });
+            }
+        let current = match attempt {
+            Some(a) => a,
+            None => attempt.insert(Attempt {
+                nonce: random_nonce()?,
+                shares: Vec::new(),
+            }),
+        };
+        current.shares.push(share);
+        if current.shares.len() < usize::from(record.threshold) {
+            return Ok(status_of(inner));
+        }
+
+        // The threshold is reached: whatever happens next, this attempt is over.
+        let shares = std::mem::take(&mut current.shares);
+        *attempt = None;
+        let unseal_key = kms_unseal::combine(&shares).map_err(|e| match e {
+            CombineError::DuplicateIndex(index) => SealError::DuplicateShare { index },
+            _ => SealError::WrongQuorum,
+        })?;
+        drop(shares);
+        let unseal_key = to_key(&unseal_key).ok_or(SealError::WrongQuorum)?;
+        let stored_check = data_encoding::HEXLOWER
+            .decode(record.unseal_key_check.as_bytes())
+            .map_err(|_| SealError::CorruptRecord)?;
+        let check = key_check(&unseal_key, expected)?;
+        if check.as_slice().ct_eq(&stored_check).unwrap_u8() != 1 {
+            return Err(SealError::WrongQuorum);
+        }
+        let root = unwrap_root(&self.hsm, master_key, record, &unseal_key)?;
+        inner.state = State::Unsealed(Unsealed { root });
+        Ok(status_of(inner))
+    }
+
+    /// Forgets the current unseal attempt's shares.
+    pub fn reset(&self) -> Result<SealStatus, SealError> {
+        let mut inner = self.lock();
+        match &mut inner.state {
+            State::Uninitialized => Err(SealError::NotInitialized),
+            State::Sealed(attempt) => {
+                *attempt = None;
+                Ok(status_of(&inner))
+            }
+            State::Unsealed(_) => Ok(status_of(&inner)),
+        }
+    }
+
+    /// Seals: forgets the root key, every derived key, and any unseal progress.
+    pub fn seal(&self) -> Result<SealStatus, SealError> {
+        let mut inner = self.lock();
+        if matches!(inner.state, State::Uninitialized) {
+            return Err(SealError::NotInitialized);
+        }
+        // Dropping the old state zeroizes the root key (Zeroizing) and the shares.
+        inner.state = State::Sealed(None);
+        Ok(status_of(&inner))
+    }
+}
+
+fn status_of(inner: &Inner) -> SealStatus {
+    let (initialized, sealed, progress, nonce) = match &inner.state {
+        State::Uninitialized => (false, true, 0, None),
+        State::Sealed(None) => (true, true, 0, None),
+        State::Sealed(Some(a)) => (
+            true,
+            true,
+            u8::try_from(a.shares.len()).unwrap_or(u8::MAX),
+            Some(a.nonce.clone()),
+        ),
+        State::Unsealed(_) => (true, false, 0, None),
+    };
+    let record = inner.record.as_ref();
+    SealStatus {
+        initialized,
+        sealed,
+        threshold: record.map_or(0, |r| r.threshold),
+        shares: record.map_or(0, |r| r.shares),
+        progress,
+        nonce,
+        share_set_id: record.and_then(|r| r.share_set().ok()),
+    }
+}
+
+fn check_master_key(hsm: &Hsm, key: MasterKey) -> Result<(), SealError> {
+    if hsm.master_key_attributes(key)?.is_safe() {
+        Ok(())
+    } else {
+        Err(SealError::UnsafeMasterKey(
+            hsm.master_key_label().to_owned(),
+        ))
+    }
+}
+
+fn random_key() -> Result<Zeroizing<[u8; KEY_LEN]>, SealError> {
+    let mut k = Zeroizing::new([0u8; KEY_LEN]);
+    getrandom::fill(k.as_mut_slice()).map_err(|_| SealError::Randomness)?;
+    Ok(k)
+}
+
+/// Copies key bytes into a zeroizing array, without a stack copy left behind.
+fn to_key(bytes: &[u8]) -> Option<Zeroizing<[u8; KEY_LEN]>> {
+    if bytes.len() != KEY_LEN {
+        return None;
+    }
+    let mut k = Zeroizing::new([0u8; KEY_LEN]);
+    k.copy_from_slice(bytes);
+    Some(k)
+}
+
+fn random_nonce() -> Result<String, SealError> {
+    let mut n = [0u8; 16];
+    getrandom::fill(&mut n).map_err(|_| SealError::Randomness)?;
+    Ok(data_encoding::HEXLOWER.encode(&n))
+}
+
+fn aad(label: &[u8], set: ShareSetId) -> Vec<u8> {
+    let mut v = Vec::with_capacity(label.len() + 8);
+    v.extend_from_slice(label);
+    v.extend_from_slice(set.as_bytes());
+    v
+}
+
+fn key_check(unseal_key: &[u8; KEY_LEN], set: ShareSetId) -> Result<[u8; KCV_LEN], SealError> {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(unseal_key)
+        .map_err(|_| SealError::WrongQuorum)?;
+    mac.update(KCV_LABEL);
+    mac.update(set.as_bytes());
+    let full = mac.finalize().into_bytes();
+    let mut out = [0u8; KCV_LEN];
+    out.copy_from_slice(full.get(..KCV_LEN).ok_or(SealError::WrongQuorum)?);
+    Ok(out)
+}
+
+fn software_wrap(
+    key: &[u8; KEY_LEN],
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    pt: &[u8],
+) -> Result<Vec<u8>, SealError> {
+    let cipher = Aes256Gcm::new_from_slice(key).map_err(|_| SealError::RootKeyUnwrap)?;
+    cipher
+        .encrypt(&(*nonce).into(), Payload { msg: pt, aad })
+        .map_err(|_| SealError::RootKeyUnwrap)
+}
+
+fn unwrap_root(
+    hsm: &Hsm,
+    master_key: MasterKey,
+    record: &SealRecord,
+    unseal_key: &[u8; KEY_LEN],
+) -> Result<RootKey, SealError> {
+    let set = record.share_set()?;
+    let outer = data_encoding::HEXLOWER
+        .decode(record.wrapped_root_key.as_bytes())
+        .map_err(|_| SealError::CorruptRecord)?;
+    let inner_blob = hsm
+        .decrypt(master_key, &aad(OUTER_AAD, set), &outer)
+        .map_err(|e| match e {
+            HsmError::DecryptFailed => SealError::RootKeyUnwrap,
+            other => SealError::Hsm(other),
+        })?;
+    if inner_blob.len() < NONCE_LEN {
+        return Err(SealError::RootKeyUnwrap);
+    }
+    let (nonce, ct) = inner_blob.split_at(NONCE_LEN);
+    let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| SealError::RootKeyUnwrap)?;
+    let cipher = Aes256Gcm::new_from_slice(unseal_key).map_err(|_| SealError::RootKeyUnwrap)?;
+    let pt = Zeroizing::new(
+        cipher
+            .decrypt(
+                &nonce.into(),
+                Payload {
+                    msg: ct,
+                    aad: &aad(INNER_AAD, set),
+                },
+            )
+            .map_err(|_| SealError::RootKeyUnwrap)?,
+    );
+    Ok(RootKey(to_key(&pt).ok_or(SealError::RootKeyUnwrap)?))
+}

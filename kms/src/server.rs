@@ -1,0 +1,111 @@
+//! Starting and stopping the server process.
+//!
+//! Start-up opens the HSM (one login), the store, and the seal manager, in that order, and
+//! fails with a typed [`StartError`] before listening if any of them fails. The server
+//! always comes up sealed. On SIGINT or SIGTERM it stops taking calls, finishes the ones in
+//! flight, and seals (zeroizing every key byte) before it exits.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use kms_proto::v1::system_server::SystemServer;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::grpc::SystemService;
+use crate::hsm::{Hsm, HsmError};
+use crate::seal::{SealError, SealManager};
+use crate::store::{RedbStore, StoreError};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The HSM could not be opened (module, token, PIN).
+    #[error(transparent)]
+    Hsm(#[from] HsmError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The seal record could not be loaded, or the master key is missing or unsafe.
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("the gRPC server failed")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+/// Opens the HSM, the store and the seal manager. Blocking.
+pub fn open(config: &Config) -> Result<Arc<SealManager>, StartError> {
+    let hsm = Arc::new(Hsm::open(&config.hsm)?);
+    tracing::info!(token = hsm.token_label(), "HSM token opened and logged in");
+    let store = Arc::new(RedbStore::open(&config.storage_path)?);
+    tracing::info!(path = %config.storage_path.display(), "store opened");
+    let seal = Arc::new(SealManager::load(hsm, store)?);
+    let status = seal.status();
+    tracing::info!(
+        initialized = status.initialized,
+        sealed = status.sealed,
+        "seal state loaded"
+    );
+    Ok(seal)
+}
+
+/// Binds the listen address. The bound address is printed on stdout as
+/// `kms listening on ADDR` (tests and scripts read it; port 0 picks a free port).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    println!("kms listening on {local}");
+    tracing::info!(addr = %local, "listening (plaintext gRPC, loopback only)");
+    Ok(listener)
+}
+
+/// Serves the gRPC API on `listener` until `shutdown` completes, then seals.
+pub async fn serve(
+    listener: TcpListener,
+    seal: Arc<SealManager>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartError> {
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let result = tonic::transport::Server::builder()
+        .add_service(SystemServer::new(SystemService::new(Arc::clone(&seal))))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(StartError::Serve);
+    // Forget every key byte before the process exits.
+    let _ = seal.seal();
+    tracing::info!("sealed and stopped");
+    result
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,196 @@
+//! Persistent state, behind one narrow trait.
+//!
+//! [`Store`] is a durable key-value map in named tables. Every write returns only after the
+//! data is on disk (redb commits with [`redb::Durability::Immediate`]: fsync before return),
+//! so whatever the server acknowledged survives `kill -9` and power loss.
+//!
+//! The trait is deliberately small so that a later backend on a shared store (etcd,
+//! PostgreSQL) can let several servers share one keyring. Records are encoded by their
+//! owners (see [`crate::seal::SealRecord`]) and carry a schema version.
+
+use std::path::{Path, PathBuf};
+
+/// The tables of the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Table {
+    /// Seal metadata: the wrapped root key and the share set.
+    System,
+}
+
+impl Table {
+    fn name(self) -> &'static str {
+        match self {
+            Self::System => "system",
+        }
+    }
+
+    fn definition(self) -> redb::TableDefinition<'static, &'static str, &'static [u8]> {
+        redb::TableDefinition::new(self.name())
+    }
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Another process holds the store open.
+    #[error("the store {0} is in use by another kms process")]
+    InUse(PathBuf),
+    /// The store could not be opened or created.
+    #[error("cannot open the store {path}")]
+    Open {
+        /// The store's path.
+        path: PathBuf,
+        /// What redb said.
+        #[source]
+        source: redb::Error,
+    },
+    /// A read or write failed.
+    #[error("store {op} failed")]
+    Io {
+        /// What we were doing.
+        op: &'static str,
+        /// What redb said.
+        #[source]
+        source: redb::Error,
+    },
+}
+
+/// A durable key-value store in named tables.
+pub trait Store: Send + Sync + 'static {
+    /// Reads one value.
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Writes one value unless the key exists; returns whether it wrote. Durable on `Ok`.
+    fn insert_new(&self, table: Table, key: &str, value: &[u8]) -> Result<bool, StoreError>;
+    /// Writes (or overwrites) one value. Durable on `Ok`.
+    fn put(&self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError>;
+}
+
+/// The embedded store: one redb file.
+pub struct RedbStore {
+    db: redb::Database,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore").finish_non_exhaustive()
+    }
+}
+
+fn io(op: &'static str) -> impl FnOnce(redb::Error) -> StoreError {
+    move |source| StoreError::Io { op, source }
+}
+
+impl RedbStore {
+    /// Opens the store at `path`, creating it (and its directory, mode 0700) if missing.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        use std::os::unix::fs::DirBuilderExt;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| StoreError::Open {
+                    path: path.to_owned(),
+                    source: redb::Error::Io(e),
+                })?;
+        }
+        let db = redb::Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.to_owned()),
+            other => StoreError::Open {
+                path: path.to_owned(),
+                source: other.into(),
+            },
+        })?;
+        Ok(Self { db })
+    }
+
+    fn write(
+        &self,
+        op: &'static str,
+        table: Table,
+        f: impl FnOnce(&mut redb::Table<'_, &'static str, &'static [u8]>) -> Result<bool, redb::Error>,
+    ) -> Result<bool, StoreError> {
+        let mut txn = self.db.begin_write().map_err(|e| io(op)(e.into()))?;
+        txn.set_durability(redb::Durability::Immediate)
+            .map_err(|e| io(op)(redb::Error::from(e)))?;
+        let wrote = {
+            let mut t = txn
+                .open_table(table.definition())
+                .map_err(|e| io(op)(e.into()))?;
+            f(&mut t).map_err(io(op))?
+        };
+        txn.commit().map_err(|e| io(op)(e.into()))?;
+        Ok(wrote)
+    }
+}
+
+impl Store for RedbStore {
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        use redb::ReadableDatabase;
+        let op = "read";
+        let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
+        let t = match txn.open_table(table.definition()) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(io(op)(e.into())),
+        };
+        let value = t.get(key).map_err(|e| io(op)(e.into()))?;
+        Ok(value.map(|v| v.value().to_vec()))
+    }
+
+    fn insert_new(&self, table: Table, key: &str, value: &[u8]) -> Result<bool, StoreError> {
+        self.write("insert", table, |t| {
+            if redb::ReadableTable::get(t, key)?.is_some() {
+                return Ok(false);
+            }
+            t.insert(key, value)?;
+            Ok(true)
+        })
+    }
+
+    fn put(&self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.write("write", table, |t| {
+            t.insert(key, value)?;
+            Ok(true)
+        })
+        .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_insert_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/kms.redb");
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.get(Table::System, "a").unwrap(), None);
+        assert!(store.insert_new(Table::System, "a", b"1").unwrap());
+        assert!(!store.insert_new(Table::System, "a", b"2").unwrap());
+        assert_eq!(
+            store.get(Table::System, "a").unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+        store.put(Table::System, "a", b"3").unwrap();
+        drop(store);
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(
+            store.get(Table::System, "a").unwrap().as_deref(),
+            Some(&b"3"[..])
+        );
+    }
+
+    #[test]
+    fn a_second_open_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms.redb");
+        let _first = RedbStore::open(&path).unwrap();
+        let err = RedbStore::open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::InUse(_)), "{err:?}");
+    }
+}
