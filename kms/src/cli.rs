@@ -151,9 +151,10 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             init_logging(config.log_level);
             let rt = runtime()?;
             rt.block_on(async {
-                let listener = crate::server::bind(config.listen).await?;
+                let listen = config.listen;
                 let seal =
                     tokio::task::spawn_blocking(move || crate::server::open(&config)).await??;
+                let listener = crate::server::bind(listen).await?;
                 crate::server::serve(listener, seal, crate::server::shutdown_signal()).await?;
                 Ok::<_, BoxError>(())
             })?;
@@ -292,7 +293,7 @@ async fn operator(conn: Conn, command: OperatorCommand) -> Result<ExitCode, BoxE
                         s.progress, s.threshold, s.nonce
                     );
                 } else {
-                    println!("Share accepted. The server is unsealed.");
+                    println!("The server is unsealed.");
                 }
                 last = Some(s);
             }

@@ -67,7 +67,8 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
     let in_child =
         std::env::var_os(softhsm::CONF_ENV).is_some_and(|v| Path::new(&v) == softhsm_dir.conf);
     if !in_child {
-        let status = std::process::Command::new(std::env::current_exe()?)
+        let mut child = std::process::Command::new(std::env::current_exe()?);
+        child
             .arg("dev")
             .arg("--dir")
             .arg(&dir)
@@ -75,12 +76,13 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
             .arg(args.listen.to_string())
             .arg("--module")
             .arg(&module)
-            .env(softhsm::CONF_ENV, &softhsm_dir.conf)
-            .status()?;
+            .env(softhsm::CONF_ENV, &softhsm_dir.conf);
+        let success = supervise(child)?;
         // `_temp` is removed here, after the child has stopped.
-        return Ok(match status.code() {
-            Some(0) => ExitCode::SUCCESS,
-            _ => ExitCode::FAILURE,
+        return Ok(if success {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
         });
     }
     crate::cli::init_logging(tracing::Level::INFO);
@@ -90,9 +92,10 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listener = crate::server::bind(config.listen).await?;
-        let addr = listener.local_addr()?;
+        let listen = config.listen;
         let seal = tokio::task::spawn_blocking(move || crate::server::open(&config)).await??;
+        let listener = crate::server::bind(listen).await?;
+        let addr = listener.local_addr()?;
         let seal2 = std::sync::Arc::clone(&seal);
         let ready =
             tokio::task::spawn_blocking(move || bootstrap(&seal2, &dir, addr, &config_path))
@@ -102,6 +105,31 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
         Ok::<_, BoxError>(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the child until it exits, forwarding SIGINT and SIGTERM to it so that it seals and
+/// stops cleanly (and the parent can then remove the temporary directory).
+fn supervise(command: std::process::Command) -> Result<bool, BoxError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut child = tokio::process::Command::from(command).spawn()?;
+        let pid = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .and_then(rustix::process::Pid::from_raw);
+        tokio::select! {
+            status = child.wait() => return Ok(status?.success()),
+            _ = crate::server::shutdown_signal() => {}
+        }
+        if let Some(pid) = pid {
+            // The child may have got the same SIGINT from the terminal; a second signal is
+            // harmless (it is already shutting down) and a gone child is fine too.
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        Ok(child.wait().await?.success())
+    })
 }
 
 /// Provisions the token (first run) and writes the config. Returns the config's path.

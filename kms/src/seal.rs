@@ -372,9 +372,10 @@ impl SealManager {
             State::Sealed(attempt) => attempt,
         };
         if let Some(want) = expected_nonce
-            && attempt.as_ref().is_none_or(|a| a.nonce != want) {
-                return Err(SealError::AttemptMismatch);
-            }
+            && attempt.as_ref().is_none_or(|a| a.nonce != want)
+        {
+            return Err(SealError::AttemptMismatch);
+        }
         let share = Share::parse(share_text)?;
         let expected = record.share_set()?;
         if share.share_set() != expected {
@@ -390,11 +391,12 @@ impl SealManager {
             });
         }
         if let Some(a) = attempt.as_ref()
-            && a.shares.iter().any(|s| s.index() == share.index()) {
-                return Err(SealError::DuplicateShare {
-                    index: share.index(),
-                });
-            }
+            && a.shares.iter().any(|s| s.index() == share.index())
+        {
+            return Err(SealError::DuplicateShare {
+                index: share.index(),
+            });
+        }
         let current = match attempt {
             Some(a) => a,
             None => attempt.insert(Attempt {

@@ -61,7 +61,7 @@ pub fn open(config: &Config) -> Result<Arc<SealManager>, StartError> {
     Ok(seal)
 }
 
-/// Binds the listen address. The bound address is printed on stdout as
+/// Binds the listen address; call it once the server is ready to serve. The bound address is printed on stdout as
 /// `kms listening on ADDR` (tests and scripts read it; port 0 picks a free port).
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     let listener = TcpListener::bind(addr)

@@ -159,9 +159,10 @@ impl HsmConfig {
             self.module = base.join(&self.module);
         }
         if let Some(p) = &self.pin_file
-            && p.is_relative() {
-                self.pin_file = Some(base.join(p));
-            }
+            && p.is_relative()
+        {
+            self.pin_file = Some(base.join(p));
+        }
     }
 }
 

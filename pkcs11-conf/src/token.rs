@@ -276,9 +276,9 @@ impl fmt::Display for ProbeReport {
                 .slots
                 .iter()
                 .any(|s| s.token.as_ref().is_some_and(|t| &t.label == label))
-            {
-                writeln!(f, "configured token {label:?}: NOT FOUND")?;
-            }
+        {
+            writeln!(f, "configured token {label:?}: NOT FOUND")?;
+        }
         write!(
             f,
             "verdict: {}",

@@ -1,1 +1,352 @@
-//! placeholder
+//! The harness of the end-to-end tests: a private SoftHSM token per test, and the real
+//! `kms` binary run as a server and as a CLI against it.
+//!
+//! Each [`TestHsm`] has its own temporary directory with its own `SOFTHSM2_CONF` and token
+//! directory, so tests run in parallel and never touch the system's tokens. The token is
+//! made by the `hsm-tool` helper binary (cryptoki directly). Servers listen on 127.0.0.1
+//! port 0 and print the port they got.
+//!
+//! The `kms` binary must be built first (`cargo build -p kms`; scripts/test does it): the
+//! harness finds it next to the test executable's directory, as cargo lays them out.
+
+#![forbid(unsafe_code)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use kms_pkcs11_conf::softhsm::{CONF_ENV, SoftHsmDir};
+
+/// The path of a binary built by cargo into the same target directory as the running test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/debug/deps/<test>-<hash> -> target/debug/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run `cargo build -p kms -p softhsm-tests --bins` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// The SoftHSM module; the tests fail (not skip) when it is missing.
+pub fn softhsm_module() -> PathBuf {
+    kms_pkcs11_conf::find_softhsm_module()
+        .expect("SoftHSM is not installed: apt-get install softhsm2 (scripts/test installs it)")
+}
+
+/// A private SoftHSM token store with one token.
+pub struct TestHsm {
+    /// The temporary directory (removed on drop).
+    pub dir: tempfile::TempDir,
+    /// The SoftHSM configuration (`SOFTHSM2_CONF`).
+    pub conf: PathBuf,
+    /// The module.
+    pub module: PathBuf,
+    /// The token label.
+    pub label: String,
+    /// The user PIN.
+    pub pin: String,
+    /// A 0600 file holding the user PIN.
+    pub pin_file: PathBuf,
+}
+
+impl TestHsm {
+    /// Makes a token store and a token labelled `label` with a random user PIN.
+    pub fn new(label: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("kms-test-")
+            .tempdir()
+            .unwrap();
+        let conf = SoftHsmDir::create(&dir.path().join("softhsm"))
+            .unwrap()
+            .conf;
+        let pin = {
+            use secrecy::ExposeSecret;
+            kms_pkcs11_conf::softhsm::random_pin()
+                .unwrap()
+                .expose_secret()
+                .to_owned()
+        };
+        let pin_file = dir.path().join("hsm-pin");
+        std::fs::write(&pin_file, &pin).unwrap();
+        std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let hsm = Self {
+            dir,
+            conf,
+            module: softhsm_module(),
+            label: label.to_owned(),
+            pin,
+            pin_file,
+        };
+        let out = hsm.tool(&["provision"], &[]);
+        assert!(
+            out.status.success(),
+            "provisioning failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        hsm
+    }
+
+    /// The temporary directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs `hsm-tool CMD MODULE LABEL PIN_FILE EXTRA...`.
+    pub fn tool(&self, cmd: &[&str], extra: &[&str]) -> std::process::Output {
+        Command::new(bin("hsm-tool"))
+            .args(cmd)
+            .arg(&self.module)
+            .arg(&self.label)
+            .arg(&self.pin_file)
+            .args(extra)
+            .env(CONF_ENV, &self.conf)
+            .output()
+            .unwrap()
+    }
+
+    /// The master key's attributes as the token reports them (via `hsm-tool inspect`).
+    pub fn inspect_key(&self, key_label: &str) -> serde_json::Value {
+        let out = self.tool(&["inspect"], &[key_label]);
+        assert!(
+            out.status.success(),
+            "inspect failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Writes a config file `name` whose `[hsm]` table is `hsm_table` (use
+    /// [`TestHsm::hsm_table`] for the normal one) and returns its path.
+    pub fn config_with(&self, name: &str, hsm_table: &str) -> PathBuf {
+        let path = self.path().join(name);
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n[hsm]\n{hsm_table}\n",
+            self.path().join("kms.redb").display()
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// The normal `[hsm]` table: this token, PIN from the file.
+    pub fn hsm_table(&self) -> String {
+        format!(
+            "module = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\n",
+            self.module.display(),
+            self.label,
+            self.pin_file.display()
+        )
+    }
+
+    /// The normal config.
+    pub fn config(&self) -> PathBuf {
+        self.config_with("kms.toml", &self.hsm_table())
+    }
+
+    /// The server log file (standard error of every server started here, appended).
+    pub fn log_path(&self) -> PathBuf {
+        self.path().join("server.log")
+    }
+
+    /// The server logs so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts `kms server --config CONFIG` and waits until it listens.
+    pub fn start(&self) -> Server {
+        self.try_start(&self.config(), &[])
+            .unwrap_or_else(|e| panic!("server did not start: {e}"))
+    }
+
+    /// Starts the server with a given config and extra environment; `Err` carries its
+    /// exit status and standard error when it exits instead of listening.
+    pub fn try_start(&self, config: &Path, env: &[(&str, &str)]) -> Result<Server, String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let mut child = Command::new(bin("kms"))
+            .arg("server")
+            .arg("--config")
+            .arg(config)
+            .env(CONF_ENV, &self.conf)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("kms listening on ") {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = loop {
+            if let Ok(addr) = rx.recv_timeout(Duration::from_millis(50)) {
+                break addr;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                return Err(format!("exited with {status}: {}", self.logs()));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(format!("did not listen within 30 s: {}", self.logs()));
+            }
+        };
+        Ok(Server {
+            child: Some(child),
+            addr: format!("http://{addr}"),
+        })
+    }
+
+    /// Runs the server expecting it to fail at start-up; returns (exit status, its stderr).
+    pub fn start_failure(&self, config: &Path, env: &[(&str, &str)]) -> (ExitStatus, String) {
+        let out = Command::new(bin("kms"))
+            .arg("server")
+            .arg("--config")
+            .arg(config)
+            .env(CONF_ENV, &self.conf)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status, stderr)
+    }
+}
+
+/// A running `kms server`. Killed on drop.
+pub struct Server {
+    child: Option<Child>,
+    /// `http://127.0.0.1:PORT`.
+    pub addr: String,
+}
+
+/// What a CLI run printed.
+#[derive(Debug, Clone)]
+pub struct Out {
+    /// The exit code (`None` if killed by a signal).
+    pub code: Option<i32>,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Out {
+    /// Standard output parsed as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+}
+
+/// Every CLI output seen by the tests, for the final "no secret anywhere" grep.
+pub static TRANSCRIPT: Mutex<String> = Mutex::new(String::new());
+
+impl Server {
+    /// Runs `kms ARGS` against this server with `stdin` as standard input.
+    pub fn kms(&self, args: &[&str], stdin: &str) -> Out {
+        run_kms(&self.addr, args, stdin)
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let st = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        child.wait().unwrap()
+    }
+
+    /// Kills the server with SIGKILL (`kill -9`): no chance to flush anything.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs `kms ARGS` with `KMS_ADDR=addr`.
+pub fn run_kms(addr: &str, args: &[&str], stdin: &str) -> Out {
+    let mut child = Command::new(bin("kms"))
+        .args(args)
+        .env("KMS_ADDR", addr)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    let out = Out {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    // Record what a user would see, except the output of `init` (which shows the shares
+    // by design) and of the shares fed in.
+    if args.get(1) != Some(&"init") {
+        let mut t = TRANSCRIPT.lock().unwrap_or_else(|p| p.into_inner());
+        t.push_str(&out.stdout);
+        t.push_str(&out.stderr);
+    }
+    out
+}
+
+/// Alters one byte of a share's secret part and recomputes its checksum, as the share
+/// format (docs/ceremony.md) defines it: the result parses as a valid share of the same set
+/// but recombines to a wrong key.
+pub fn forge_share(share: &str) -> String {
+    use sha2::Digest;
+    let body: String = share
+        .trim()
+        .strip_prefix("kms1-")
+        .unwrap()
+        .chars()
+        .filter(|c| *c != '-')
+        .collect();
+    let mut raw = data_encoding::BASE32_NOPAD.decode(body.as_bytes()).unwrap();
+    let n = raw.len();
+    raw.truncate(n - 4);
+    raw[11] ^= 0x01; // the first byte after version(1) | set(8) | threshold(1) | index(1)
+    let digest = sha2::Sha256::new()
+        .chain_update(b"kms-share-v1")
+        .chain_update(&raw)
+        .finalize();
+    raw.extend_from_slice(&digest[..4]);
+    let encoded = data_encoding::BASE32_NOPAD.encode(&raw);
+    format!("kms1-{encoded}")
+}

@@ -1,0 +1,119 @@
+//! Test helper: talks to a SoftHSM token through cryptoki directly, not through kms, so the
+//! tests check the token's own answers. Run with `SOFTHSM2_CONF` set.
+//!
+//! ```text
+//! hsm-tool provision MODULE LABEL PIN_FILE     make a token, user PIN from PIN_FILE
+//! hsm-tool inspect MODULE LABEL PIN_FILE KEY   print the key's attributes as JSON
+//! hsm-tool weak-key MODULE LABEL PIN_FILE KEY  make an extractable, non-sensitive AES key
+//! ```
+
+#![forbid(unsafe_code)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::path::Path;
+
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
+use cryptoki::session::UserType;
+use secrecy::SecretString;
+
+fn read_pin(path: &str) -> SecretString {
+    SecretString::from(std::fs::read_to_string(path).unwrap().trim().to_owned())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cmd = args.first().map(String::as_str).unwrap_or("");
+    let module = Path::new(&args[1]);
+    let label = &args[2];
+    let pin = read_pin(&args[3]);
+    let pkcs11 = kms_pkcs11_conf::token::load(module).unwrap();
+    match cmd {
+        "provision" => {
+            let so = kms_pkcs11_conf::softhsm::random_pin().unwrap();
+            kms_pkcs11_conf::softhsm::provision_token(&pkcs11, label, &so, &pin).unwrap();
+        }
+        "inspect" | "weak-key" => {
+            let key_label = args[4].clone().into_bytes();
+            let slot = kms_pkcs11_conf::token::find_token(&pkcs11, label).unwrap();
+            let session = pkcs11.open_rw_session(slot).unwrap();
+            session.login(UserType::User, Some(&pin)).unwrap();
+            if cmd == "weak-key" {
+                session
+                    .generate_key(
+                        &Mechanism::AesKeyGen,
+                        &[
+                            Attribute::Class(ObjectClass::SECRET_KEY),
+                            Attribute::KeyType(KeyType::AES),
+                            Attribute::ValueLen(32.into()),
+                            Attribute::Label(key_label),
+                            Attribute::Token(true),
+                            Attribute::Sensitive(false),
+                            Attribute::Extractable(true),
+                            Attribute::Encrypt(true),
+                            Attribute::Decrypt(true),
+                        ],
+                    )
+                    .unwrap();
+                return;
+            }
+            let found = session
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::Label(key_label),
+                ])
+                .unwrap();
+            assert_eq!(found.len(), 1, "expected exactly one key with that label");
+            let attrs = session
+                .get_attributes(
+                    found[0],
+                    &[
+                        AttributeType::Sensitive,
+                        AttributeType::AlwaysSensitive,
+                        AttributeType::Extractable,
+                        AttributeType::NeverExtractable,
+                        AttributeType::Token,
+                        AttributeType::Encrypt,
+                        AttributeType::Decrypt,
+                        AttributeType::Wrap,
+                        AttributeType::Unwrap,
+                        AttributeType::Sign,
+                        AttributeType::Derive,
+                        AttributeType::ValueLen,
+                        AttributeType::Value,
+                    ],
+                )
+                .unwrap();
+            let mut out = serde_json::Map::new();
+            // cryptoki skips attributes the token refuses to reveal (CKR_ATTRIBUTE_SENSITIVE).
+            out.insert("value_readable".to_owned(), false.into());
+            for a in attrs {
+                let (k, v) = match a {
+                    Attribute::Sensitive(v) => ("sensitive", v.into()),
+                    Attribute::AlwaysSensitive(v) => ("always_sensitive", v.into()),
+                    Attribute::Extractable(v) => ("extractable", v.into()),
+                    Attribute::NeverExtractable(v) => ("never_extractable", v.into()),
+                    Attribute::Token(v) => ("token", v.into()),
+                    Attribute::Encrypt(v) => ("encrypt", v.into()),
+                    Attribute::Decrypt(v) => ("decrypt", v.into()),
+                    Attribute::Wrap(v) => ("wrap", v.into()),
+                    Attribute::Unwrap(v) => ("unwrap", v.into()),
+                    Attribute::Sign(v) => ("sign", v.into()),
+                    Attribute::Derive(v) => ("derive", v.into()),
+                    Attribute::ValueLen(v) => ("value_len", u64::from(v).into()),
+                    // A sensitive key's value must not be readable: if it is, say so.
+                    Attribute::Value(v) => ("value_readable", (!v.is_empty()).into()),
+                    _ => continue,
+                };
+                out.insert(k.to_owned(), v);
+            }
+            println!("{}", serde_json::Value::Object(out));
+        }
+        other => panic!("unknown command {other:?}"),
+    }
+}

@@ -1,0 +1,489 @@
+//! The init / unseal / seal ceremony, end to end: the real `kms` binary, a real SoftHSM
+//! token, the CLI and gRPC.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use softhsm_tests::{Server, TRANSCRIPT, TestHsm, forge_share, run_kms};
+
+fn init(server: &Server, shares: u32, threshold: u32) -> (Vec<String>, String) {
+    let out = server.kms(
+        &[
+            "operator",
+            "init",
+            "--shares",
+            &shares.to_string(),
+            "--threshold",
+            &threshold.to_string(),
+            "--json",
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let v = out.json();
+    let shares: Vec<String> = v["shares"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect();
+    (shares, v["share_set_id"].as_str().unwrap().to_owned())
+}
+
+fn status(server: &Server) -> serde_json::Value {
+    server.kms(&["operator", "status", "--json"], "").json()
+}
+
+fn unseal(server: &Server, share: &str) -> softhsm_tests::Out {
+    server.kms(&["operator", "unseal"], &format!("{share}\n"))
+}
+
+#[test]
+fn the_whole_ceremony() {
+    let hsm = TestHsm::new("kms-ceremony");
+    let mut server = hsm.start();
+
+    // Uninitialised: status works, reports it, and exits 2 (sealed).
+    let out = server.kms(&["operator", "status", "--json"], "");
+    assert_eq!(out.code, Some(2));
+    assert_eq!(out.json()["initialized"], false);
+    let out = unseal(&server, "kms1-AAAA");
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr.contains("FAILED_PRECONDITION") && out.stderr.contains("not initialised"),
+        "{out:?}"
+    );
+
+    // Bad numbers are refused, and the server stays uninitialised.
+    for (n, t) in [(5, 1), (2, 3), (300, 2), (0, 0)] {
+        let out = server.kms(
+            &[
+                "operator",
+                "init",
+                "--shares",
+                &n.to_string(),
+                "--threshold",
+                &t.to_string(),
+            ],
+            "",
+        );
+        assert_eq!(out.code, Some(1), "{n}/{t}: {out:?}");
+        assert!(out.stderr.contains("INVALID_ARGUMENT"), "{out:?}");
+    }
+    assert_eq!(status(&server)["initialized"], false);
+
+    let (shares, set) = init(&server, 5, 3);
+    assert_eq!(shares.len(), 5);
+    let st = status(&server);
+    assert_eq!(st["initialized"], true);
+    assert_eq!(st["sealed"], true);
+    assert_eq!(st["threshold"], 3);
+    assert_eq!(st["shares"], 5);
+    assert_eq!(st["share_set_id"], set.as_str());
+
+    // A second init is refused.
+    let out = server.kms(
+        &["operator", "init", "--shares", "3", "--threshold", "2"],
+        "",
+    );
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr
+            .contains("FAILED_PRECONDITION: the server is already initialised"),
+        "{out:?}"
+    );
+
+    // The master key in the token is sensitive and never extractable: ask the token.
+    let attrs = hsm.inspect_key("kms-master-key");
+    assert_eq!(attrs["sensitive"], true, "{attrs}");
+    assert_eq!(attrs["always_sensitive"], true, "{attrs}");
+    assert_eq!(attrs["extractable"], false, "{attrs}");
+    assert_eq!(attrs["never_extractable"], true, "{attrs}");
+    assert_eq!(attrs["token"], true, "{attrs}");
+    assert_eq!(attrs["value_readable"], false, "{attrs}");
+    assert_eq!(attrs["wrap"], false, "{attrs}");
+    assert_eq!(attrs["unwrap"], false, "{attrs}");
+    assert_eq!(attrs["derive"], false, "{attrs}");
+    assert_eq!(attrs["value_len"], 32, "{attrs}");
+
+    // First share: progress 1/3 and an attempt nonce.
+    let out = unseal(&server, &shares[0]);
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(out.stdout.contains("Unseal progress: 1/3"), "{out:?}");
+    let nonce = status(&server)["nonce"].as_str().unwrap().to_owned();
+    assert_eq!(nonce.len(), 32);
+
+    // Each bad share is refused with its own message, and progress is kept.
+    let mut typo = shares[1].clone();
+    let pos = typo.len() - 10;
+    let c = typo.as_bytes()[pos];
+    let r = if c == b'A' { "B" } else { "A" };
+    typo.replace_range(pos..pos + 1, r);
+    let other = TestHsm::new("kms-other");
+    let other_server = other.start();
+    let (foreign, _) = init(&other_server, 3, 3);
+    let cases: [(&str, String, &str); 5] = [
+        (
+            "malformed",
+            "this is not a share".into(),
+            "malformed share: not a kms share",
+        ),
+        ("truncated", shares[1][..40].to_owned(), "malformed share"),
+        ("typo", typo, "checksum does not match"),
+        ("foreign", foreign[0].clone(), "from another init"),
+        (
+            "duplicate",
+            shares[0].clone(),
+            "was already given in this unseal attempt",
+        ),
+    ];
+    for (name, share, want) in &cases {
+        let out = unseal(&server, share);
+        assert_eq!(out.code, Some(1), "{name}: {out:?}");
+        assert!(out.stderr.contains("INVALID_ARGUMENT"), "{name}: {out:?}");
+        assert!(out.stderr.contains(want), "{name}: {out:?}");
+        let st = status(&server);
+        assert_eq!(st["progress"], 1, "{name} lost progress");
+        assert_eq!(st["nonce"], nonce.as_str(), "{name} changed the attempt");
+    }
+
+    // A share for another attempt (by nonce) is refused without loss.
+    let out = server.kms(
+        &["operator", "unseal", "--nonce", "00ff"],
+        &format!("{}\n", shares[1]),
+    );
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("FAILED_PRECONDITION"), "{out:?}");
+    assert_eq!(status(&server)["progress"], 1);
+
+    // Reset forgets the progress.
+    let out = server.kms(&["operator", "unseal", "--reset"], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(status(&server)["progress"], 0);
+    assert_eq!(status(&server)["nonce"], "");
+
+    // Three good shares (with the right nonce on the second) unseal.
+    assert_eq!(unseal(&server, &shares[4]).code, Some(2));
+    let nonce = status(&server)["nonce"].as_str().unwrap().to_owned();
+    let out = server.kms(
+        &["operator", "unseal", "--nonce", &nonce],
+        &format!("{}\n", shares[2]),
+    );
+    assert_eq!(out.code, Some(2), "{out:?}");
+    let out = unseal(&server, &shares[0]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("unsealed"), "{out:?}");
+    let st = server.kms(&["operator", "status", "--json"], "");
+    assert_eq!(st.code, Some(0));
+    assert_eq!(st.json()["sealed"], false);
+
+    // Seal forgets; sealing again is fine.
+    assert_eq!(server.kms(&["operator", "seal"], "").code, Some(0));
+    assert_eq!(status(&server)["sealed"], true);
+    assert_eq!(server.kms(&["operator", "seal"], "").code, Some(0));
+
+    // A restart always comes up sealed, and any three shares, in any order, unseal it.
+    let exit = server.terminate();
+    assert!(exit.success(), "SIGTERM exit: {exit:?}");
+    let server = hsm.start();
+    assert_eq!(status(&server)["sealed"], true);
+    assert_eq!(status(&server)["initialized"], true);
+    let out = server.kms(
+        &["operator", "unseal"],
+        &format!("{}\n{}\n{}\n", shares[3], shares[1], shares[2]),
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(status(&server)["sealed"], false);
+
+    // Nothing secret in the logs, the CLI outputs, or the store file.
+    let logs = hsm.logs();
+    assert!(
+        logs.contains("System/Unseal"),
+        "the server logs its calls: {logs}"
+    );
+    let transcript = TRANSCRIPT.lock().unwrap().clone();
+    let store = std::fs::read(hsm.path().join("kms.redb")).unwrap();
+    let store = String::from_utf8_lossy(&store);
+    for share in shares.iter().chain(foreign.iter()) {
+        let core = &share[25..60]; // past the public prefix (version, share set id)
+        for (what, text) in [
+            ("server log", &logs),
+            ("CLI output", &transcript),
+            ("store", &store.to_string()),
+        ] {
+            assert!(!text.contains(core), "a share appears in the {what}");
+        }
+    }
+    for text in [&logs, &transcript] {
+        assert!(!text.contains(&hsm.pin), "the PIN appears in the output");
+    }
+    drop(other_server);
+}
+
+#[test]
+fn an_altered_share_with_a_valid_checksum_fails_at_unwrap_and_resets() {
+    let hsm = TestHsm::new("kms-forged");
+    let server = hsm.start();
+    let (shares, _) = init(&server, 3, 2);
+    let forged = forge_share(&shares[1]);
+    assert_ne!(forged.replace('-', ""), shares[1].replace('-', ""));
+    assert_eq!(unseal(&server, &shares[0]).code, Some(2));
+    let out = unseal(&server, &forged);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("INVALID_ARGUMENT")
+            && out.stderr.contains("do not recombine")
+            && out.stderr.contains("reset"),
+        "{out:?}"
+    );
+    let st = status(&server);
+    assert_eq!(st["sealed"], true);
+    assert_eq!(st["progress"], 0, "a failed quorum resets progress");
+    // The real shares still work afterwards.
+    assert_eq!(unseal(&server, &shares[2]).code, Some(2));
+    assert_eq!(unseal(&server, &shares[1]).code, Some(0));
+    assert_eq!(status(&server)["sealed"], false);
+}
+
+#[test]
+fn an_acknowledged_init_survives_kill_9() {
+    let hsm = TestHsm::new("kms-kill9");
+    let mut server = hsm.start();
+    let (shares, set) = init(&server, 2, 2);
+    server.kill9();
+    let server = hsm.start();
+    let st = status(&server);
+    assert_eq!(st["initialized"], true);
+    assert_eq!(st["sealed"], true);
+    assert_eq!(st["share_set_id"], set.as_str());
+    let out = server.kms(
+        &["operator", "unseal"],
+        &format!("{}\n{}\n", shares[1], shares[0]),
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+}
+
+#[test]
+fn start_up_errors_are_clear_and_hold_no_secret() {
+    let hsm = TestHsm::new("kms-startup");
+
+    // Wrong PIN, from an environment variable: named source, no PIN.
+    let config = hsm.config_with(
+        "env.toml",
+        &format!(
+            "module = \"{}\"\ntoken_label = \"{}\"\npin_env = \"KMS_TEST_PIN\"\n",
+            hsm.module.display(),
+            hsm.label
+        ),
+    );
+    let wrong_pin = "0123456789wrongpin";
+    let (status, stderr) = hsm.start_failure(&config, &[("KMS_TEST_PIN", wrong_pin)]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("refused the PIN from environment variable KMS_TEST_PIN"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("wrong PIN"), "{stderr}");
+    assert!(!stderr.contains(wrong_pin), "the PIN leaked: {stderr}");
+    // The right PIN through the same variable works.
+    let server = hsm
+        .try_start(&config, &[("KMS_TEST_PIN", hsm.pin.as_str())])
+        .unwrap();
+    drop(server);
+    // The variable not set at all.
+    let (status, stderr) = hsm.start_failure(&config, &[]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("environment variable KMS_TEST_PIN is not set"),
+        "{stderr}"
+    );
+
+    // A PIN file others can read is refused.
+    let open_pin = hsm.path().join("open-pin");
+    std::fs::write(&open_pin, &hsm.pin).unwrap();
+    let config = hsm.config_with(
+        "open.toml",
+        &format!(
+            "module = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\n",
+            hsm.module.display(),
+            hsm.label,
+            open_pin.display()
+        ),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&open_pin, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (status, stderr) = hsm.start_failure(&config, &[]);
+    assert!(!status.success());
+    assert!(stderr.contains("readable by group or others"), "{stderr}");
+    assert!(!stderr.contains(&hsm.pin));
+
+    // A missing module: the path is named.
+    let config = hsm.config_with(
+        "nomodule.toml",
+        &format!(
+            "module = \"/usr/lib/no-such-pkcs11.so\"\ntoken_label = \"{}\"\npin_file = \"{}\"\n",
+            hsm.label,
+            hsm.pin_file.display()
+        ),
+    );
+    let (status, stderr) = hsm.start_failure(&config, &[]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("no PKCS#11 module at /usr/lib/no-such-pkcs11.so"),
+        "{stderr}"
+    );
+
+    // A file that is not a PKCS#11 module.
+    let config = hsm.config_with(
+        "badmodule.toml",
+        &format!(
+            "module = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\n",
+            hsm.pin_file.display(),
+            hsm.label,
+            hsm.pin_file.display()
+        ),
+    );
+    let (status, stderr) = hsm.start_failure(&config, &[]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("cannot load the PKCS#11 module"),
+        "{stderr}"
+    );
+
+    // An unknown token label: the label is named, and the tokens present are listed.
+    let config = hsm.config_with(
+        "notoken.toml",
+        &format!(
+            "module = \"{}\"\ntoken_label = \"no-such-token\"\npin_file = \"{}\"\n",
+            hsm.module.display(),
+            hsm.pin_file.display()
+        ),
+    );
+    let (status, stderr) = hsm.start_failure(&config, &[]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("no token labelled \"no-such-token\""),
+        "{stderr}"
+    );
+    assert!(stderr.contains("\"kms-startup\""), "{stderr}");
+
+    // An unknown key in the config file.
+    let config = hsm.config_with("typo.toml", &format!("{}pin = \"1234\"\n", hsm.hsm_table()));
+    let (status, stderr) = hsm.start_failure(&config, &[]);
+    assert!(!status.success());
+    assert!(stderr.contains("unknown field `pin`"), "{stderr}");
+}
+
+#[test]
+fn a_second_server_on_the_same_store_is_refused() {
+    let hsm = TestHsm::new("kms-twice");
+    let _first = hsm.start();
+    let (status, stderr) = hsm.start_failure(&hsm.config(), &[]);
+    assert!(!status.success());
+    assert!(stderr.contains("in use by another kms process"), "{stderr}");
+}
+
+#[test]
+fn an_extractable_master_key_is_refused() {
+    let hsm = TestHsm::new("kms-weak");
+    let out = hsm.tool(&["weak-key"], &["kms-master-key"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let server = hsm.start();
+    let out = server.kms(
+        &["operator", "init", "--shares", "2", "--threshold", "2"],
+        "",
+    );
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr.contains("FAILED_PRECONDITION") && out.stderr.contains("extractable"),
+        "{out:?}"
+    );
+    assert_eq!(status(&server)["initialized"], false);
+}
+
+#[test]
+fn the_master_key_deleted_from_the_token_stops_start_up() {
+    let hsm = TestHsm::new("kms-lostkey");
+    let mut server = hsm.start();
+    init(&server, 2, 2);
+    server.terminate();
+    // Point the config at another label: as if the key were gone.
+    let config = hsm.config_with(
+        "other-label.toml",
+        &format!("{}master_key_label = \"gone\"\n", hsm.hsm_table()),
+    );
+    let (status, stderr) = hsm.start_failure(&config, &[]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("no master key labelled \"gone\""),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_unreachable_server_is_reported() {
+    let out = run_kms("http://127.0.0.1:1", &["operator", "status"], "");
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr
+            .contains("cannot reach the kms server at http://127.0.0.1:1"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn probe_lists_the_token_and_mechanisms() {
+    let hsm = TestHsm::new("kms-probe");
+    let out = std::process::Command::new(softhsm_tests::bin("kms"))
+        .args(["pkcs11", "probe", "--config"])
+        .arg(hsm.config())
+        .env("SOFTHSM2_CONF", &hsm.conf)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("token \"kms-probe\"  <- configured token"),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("CKM_AES_GCM") && l.contains(" ok ")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("verdict: usable by kms"), "{stdout}");
+
+    let config = hsm.config_with(
+        "missing.toml",
+        &format!(
+            "module = \"{}\"\ntoken_label = \"absent\"\npin_file = \"{}\"\n",
+            hsm.module.display(),
+            hsm.pin_file.display()
+        ),
+    );
+    let out = std::process::Command::new(softhsm_tests::bin("kms"))
+        .args(["pkcs11", "probe", "--config"])
+        .arg(config)
+        .env("SOFTHSM2_CONF", &hsm.conf)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        stdout.contains("configured token \"absent\": NOT FOUND"),
+        "{stdout}"
+    );
+}
