@@ -8,7 +8,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(protos, ["."])?;
     tonic_prost_build::configure()
         // Requests and responses that carry shares get a hand-written Debug that redacts them.
-        .skip_debug(["kms.v1.InitResponse", "kms.v1.UnsealRequest"])
+        .skip_debug([
+            "kms.v1.InitRequest",
+            "kms.v1.InitResponse",
+            "kms.v1.UnsealRequest",
+        ])
         .compile_fds(fds)?;
     Ok(())
 }

@@ -253,8 +253,22 @@ async fn operator(conn: Conn, command: OperatorCommand) -> Result<ExitCode, BoxE
             threshold,
             json,
         } => {
+            let status = client
+                .status(pb::StatusRequest {})
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            let hsm_pin = if status.hsm_pin_in_shares && !status.initialized {
+                read_hsm_pin()?
+            } else {
+                Zeroizing::new(String::new())
+            };
             let resp = client
-                .init(pb::InitRequest { shares, threshold })
+                .init(pb::InitRequest {
+                    shares,
+                    threshold,
+                    hsm_pin: hsm_pin.to_string(),
+                })
                 .await
                 .map_err(RpcError)?
                 .into_inner();
@@ -353,6 +367,33 @@ fn read_shares() -> Result<Vec<Zeroizing<String>>, BoxError> {
     Ok(shares)
 }
 
+/// Reads the HSM PIN for an init that puts it in the shares: at a hidden prompt, twice, on
+/// a terminal; else the first line of standard input.
+fn read_hsm_pin() -> Result<Zeroizing<String>, BoxError> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprintln!("This server keeps its HSM PIN in the unseal shares: init needs it once.");
+        let pin = Zeroizing::new(rpassword::prompt_password(
+            "HSM user PIN (input is hidden): ",
+        )?);
+        let again = Zeroizing::new(rpassword::prompt_password("HSM user PIN again: ")?);
+        if *pin != *again {
+            return Err("the two PINs differ".into());
+        }
+        return Ok(pin);
+    }
+    let mut line = Zeroizing::new(String::new());
+    stdin.lock().read_line(&mut line)?;
+    let pin = Zeroizing::new(line.trim_end_matches(['\n', '\r']).to_owned());
+    if pin.is_empty() {
+        return Err(
+            "this server keeps its HSM PIN in the unseal shares: give the PIN on standard input"
+                .into(),
+        );
+    }
+    Ok(pin)
+}
+
 /// Prints init's shares with the custodians' warning.
 pub fn print_init(resp: &pb::InitResponse, json: bool) -> Result<(), BoxError> {
     let mut out = std::io::stdout().lock();
@@ -399,6 +440,7 @@ fn print_status(s: &pb::SealStatus, json: bool) -> Result<(), BoxError> {
             "nonce": s.nonce,
             "share_set_id": s.share_set_id,
             "version": s.version,
+            "hsm_pin_in_shares": s.hsm_pin_in_shares,
         });
         writeln!(out, "{v}")?;
         return Ok(());
@@ -415,6 +457,9 @@ fn print_status(s: &pb::SealStatus, json: bool) -> Result<(), BoxError> {
                 writeln!(out, "Unseal nonce     {}", s.nonce)?;
             }
         }
+    }
+    if s.hsm_pin_in_shares {
+        writeln!(out, "HSM PIN          in the unseal shares")?;
     }
     writeln!(out, "Version          {}", s.version)?;
     Ok(())

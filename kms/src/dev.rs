@@ -199,7 +199,7 @@ fn bootstrap(
         );
         return Ok(());
     }
-    let out = seal.init(5, 3)?;
+    let out = seal.init(5, 3, None)?;
     let resp = kms_proto::v1::InitResponse {
         shares: out.shares.iter().map(|s| s.as_str().to_owned()).collect(),
         share_set_id: out.share_set_id.to_string(),

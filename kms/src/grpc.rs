@@ -21,13 +21,18 @@ pub fn to_status(err: &SealError) -> Status {
         | SealError::AlreadyInitialized
         | SealError::Sealed
         | SealError::AttemptMismatch
-        | SealError::UnsafeMasterKey(_) => Code::FailedPrecondition,
+        | SealError::UnsafeMasterKey(_)
+        | SealError::SharesPinRejected(_)
+        | SealError::PinModeMismatch { .. } => Code::FailedPrecondition,
         SealError::BadParameters(_)
         | SealError::MalformedShare(_)
         | SealError::WrongShareSet { .. }
         | SealError::WrongThreshold { .. }
         | SealError::DuplicateShare { .. }
-        | SealError::WrongQuorum => Code::InvalidArgument,
+        | SealError::WrongQuorum
+        | SealError::PinRequired
+        | SealError::PinNotExpected
+        | SealError::InitPinRejected(_) => Code::InvalidArgument,
         SealError::RootKeyUnwrap | SealError::CorruptRecord => Code::DataLoss,
         SealError::Hsm(_) | SealError::Store(_) | SealError::Randomness => Code::Unavailable,
         // `SealError` is ours and exhaustive here; new variants must be placed above.
@@ -65,6 +70,7 @@ fn status_pb(s: &SealStatus) -> pb::SealStatus {
         nonce: s.nonce.clone().unwrap_or_default(),
         share_set_id: s.share_set_id.map(|i| i.to_string()).unwrap_or_default(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        hsm_pin_in_shares: s.pin_in_shares,
     }
 }
 
@@ -110,9 +116,16 @@ impl pb::system_server::System for SystemService {
         &self,
         request: Request<pb::InitRequest>,
     ) -> Result<Response<pb::InitResponse>, Status> {
-        let req = request.into_inner();
+        let pb::InitRequest {
+            shares,
+            threshold,
+            hsm_pin,
+        } = request.into_inner();
+        let pin = (!hsm_pin.is_empty()).then(|| secrecy::SecretString::from(hsm_pin));
         let out = self
-            .run("System/Init", move |s| s.init(req.shares, req.threshold))
+            .run("System/Init", move |s| {
+                s.init(shares, threshold, pin.as_ref())
+            })
             .await?;
         Ok(Response::new(pb::InitResponse {
             shares: out.shares.iter().map(|s| s.as_str().to_owned()).collect(),

@@ -103,6 +103,7 @@ pub struct Hsm {
     slot: Slot,
     token_label: String,
     master_key_label: String,
+    pin_source: PinSource,
 }
 
 impl std::fmt::Debug for Hsm {
@@ -119,50 +120,68 @@ impl std::fmt::Debug for Hsm {
 pub struct MasterKey(ObjectHandle);
 
 impl Hsm {
-    /// Loads the module, finds the token by label, reads the PIN from its source, logs in
-    /// once, and opens `config.sessions` sessions.
+    /// Loads the module, finds the token by label, opens `config.sessions` sessions, and,
+    /// unless the PIN travels in the unseal shares, reads the PIN and logs in (once).
     pub fn open(config: &ValidHsmConfig) -> Result<Self, HsmError> {
-        let pin = config.pin.read()?;
-        Self::open_with_pin(config, &pin)
-    }
-
-    /// As [`Hsm::open`], with the PIN given.
-    pub fn open_with_pin(config: &ValidHsmConfig, pin: &SecretString) -> Result<Self, HsmError> {
         let pkcs11 = token::load(&config.module)?;
         let slot = token::find_token(&pkcs11, &config.token_label)?;
         let mut sessions = Vec::with_capacity(config.sessions);
-        let first = pkcs11.open_rw_session(slot).map_err(pk("open a session"))?;
-        match first.login(UserType::User, Some(pin)) {
-            Ok(()) => {}
-            Err(cryptoki::error::Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-            Err(source) => {
-                let reason = match &source {
-                    cryptoki::error::Error::Pkcs11(RvError::PinIncorrect, _) => "wrong PIN",
-                    cryptoki::error::Error::Pkcs11(RvError::PinLocked, _) => "PIN locked",
-                    cryptoki::error::Error::Pkcs11(RvError::PinExpired, _) => "PIN expired",
-                    cryptoki::error::Error::Pkcs11(RvError::UserPinNotInitialized, _) => {
-                        "user PIN not initialised"
-                    }
-                    _ => "login failed",
-                };
-                return Err(HsmError::Login {
-                    token: config.token_label.clone(),
-                    pin_source: config.pin.clone(),
-                    reason,
-                    source,
-                });
-            }
-        }
-        sessions.push(first);
-        for _ in 1..config.sessions {
+        for _ in 0..config.sessions {
             sessions.push(pkcs11.open_rw_session(slot).map_err(pk("open a session"))?);
         }
-        Ok(Self {
+        let hsm = Self {
             pool: Mutex::new(sessions),
             available: Condvar::new(),
             slot,
             token_label: config.token_label.clone(),
             master_key_label: config.master_key_label.clone(),
+            pin_source: config.pin.clone(),
+        };
+        if config.pin != PinSource::Shares {
+            let pin = config.pin.read()?;
+            hsm.login(&pin)?;
+        }
+        Ok(hsm)
+    }
+
+    /// Whether the PIN travels in the unseal shares (login happens at unseal).
+    pub fn pin_in_shares(&self) -> bool {
+        self.pin_source == PinSource::Shares
+    }
+
+    /// Logs the application in. Login is per application: every pooled session shares it
+    /// while any session stays open.
+    pub fn login(&self, pin: &SecretString) -> Result<(), HsmError> {
+        self.with_session(|s| match s.login(UserType::User, Some(pin)) {
+            Ok(()) | Err(cryptoki::error::Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+            Err(source) => {
+                let reason = match &source {
+                    cryptoki::error::Error::Pkcs11(RvError::PinIncorrect, _) => "wrong PIN",
+                    cryptoki::error::Error::Pkcs11(RvError::PinLocked, _) => "PIN locked",
+                    cryptoki::error::Error::Pkcs11(RvError::PinExpired, _) => "PIN expired",
+                    cryptoki::error::Error::Pkcs11(RvError::PinLenRange, _) => {
+                        "PIN length out of range"
+                    }
+                    cryptoki::error::Error::Pkcs11(RvError::UserPinNotInitialized, _) => {
+                        "user PIN not initialised"
+                    }
+                    _ => "login failed",
+                };
+                Err(HsmError::Login {
+                    token: self.token_label.clone(),
+                    pin_source: self.pin_source.clone(),
+                    reason,
+                    source,
+                })
+            }
+        })
+    }
+
+    /// Logs the application out (every session). Already logged out is fine.
+    pub fn logout(&self) -> Result<(), HsmError> {
+        self.with_session(|s| match s.logout() {
+            Ok(()) | Err(cryptoki::error::Error::Pkcs11(RvError::UserNotLoggedIn, _)) => Ok(()),
+            Err(e) => Err(pk("log out")(e)),
         })
     }
 

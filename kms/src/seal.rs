@@ -15,6 +15,11 @@
 //! apart from an HSM fault without touching the HSM), and by the authenticated decryption
 //! of the inner wrapping.
 //!
+//! With `pin_in_shares`, the Shamir secret is `unseal key | HSM PIN`: the server's disk and
+//! environment hold no PIN; it logs in to the HSM at unseal and out again at seal. The key
+//! check value then covers the PIN too, so an altered share is a wrong quorum, not a
+//! rejected PIN.
+//!
 //! The root key lives in memory only while unsealed, in a zeroizing buffer; sealing (or
 //! dropping the manager) forgets it.
 
@@ -24,6 +29,7 @@ use aes_gcm::Aes256Gcm;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use hmac::{Hmac, Mac};
 use kms_unseal::{CombineError, Share, ShareError, ShareSetId, SplitError};
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
@@ -40,6 +46,8 @@ const KEY_LEN: usize = 32;
 const NONCE_LEN: usize = 12;
 const KCV_LEN: usize = 16;
 const KCV_LABEL: &[u8] = b"kms/v1/unseal-key-check";
+/// The longest HSM PIN that can travel in the shares.
+pub const MAX_SHARED_PIN_LEN: usize = 128;
 const INNER_AAD: &[u8] = b"kms/v1/root-key/inner/";
 const OUTER_AAD: &[u8] = b"kms/v1/root-key/outer/";
 
@@ -107,6 +115,32 @@ pub enum SealError {
     /// The HSM master key is not a sensitive, non-extractable token key.
     #[error("the HSM master key {0:?} is extractable or not sensitive: refusing to use it")]
     UnsafeMasterKey(String),
+    /// Init needs the HSM PIN (it travels in the shares) and none was given.
+    #[error(
+        "this server keeps its HSM PIN in the unseal shares: init needs the PIN (1..={MAX_SHARED_PIN_LEN} bytes)"
+    )]
+    PinRequired,
+    /// Init was given a PIN, but the server reads its PIN from its configuration.
+    #[error("this server reads its HSM PIN from its configuration: do not give one to init")]
+    PinNotExpected,
+    /// The token refused the PIN given to init.
+    #[error("the HSM token refused the PIN given for init ({0}); nothing was stored")]
+    InitPinRejected(&'static str),
+    /// The token refused the PIN recombined from the shares (its PIN changed since init).
+    #[error(
+        "the HSM token refused the PIN carried in the shares ({0}): was the token's PIN changed since init? unseal progress was reset"
+    )]
+    SharesPinRejected(&'static str),
+    /// The configuration's PIN mode differs from the one the store was initialised with.
+    #[error(
+        "the store was initialised with the HSM PIN {stored}, but the configuration {configured}"
+    )]
+    PinModeMismatch {
+        /// What the store says.
+        stored: &'static str,
+        /// What the config says.
+        configured: &'static str,
+    },
     /// The HSM failed.
     #[error(transparent)]
     Hsm(#[from] HsmError),
@@ -160,6 +194,9 @@ pub struct SealRecord {
     pub unseal_key_check: String,
     /// The root key wrapped twice (hex): HSM-GCM(iv | software-GCM(nonce | root key)).
     pub wrapped_root_key: String,
+    /// Whether the HSM PIN travels in the shares.
+    #[serde(default)]
+    pub pin_in_shares: bool,
     /// Unix time of init, seconds.
     pub created_at: u64,
 }
@@ -187,6 +224,8 @@ pub struct SealStatus {
     pub nonce: Option<String>,
     /// The share set id.
     pub share_set_id: Option<ShareSetId>,
+    /// Whether the HSM PIN travels in the shares (as configured; init then needs it).
+    pub pin_in_shares: bool,
 }
 
 /// What `Init` returns: the shares, once.
@@ -247,6 +286,16 @@ impl SealManager {
         };
         let (state, master_key) = match &record {
             None => (State::Uninitialized, None),
+            Some(r) if r.pin_in_shares != hsm.pin_in_shares() => {
+                let (stored, configured) = if r.pin_in_shares {
+                    ("in the unseal shares", "names another PIN source")
+                } else {
+                    ("from the configuration", "says pin_in_shares")
+                };
+                return Err(SealError::PinModeMismatch { stored, configured });
+            }
+            // Not logged in yet: the master key is found at unseal.
+            Some(_) if hsm.pin_in_shares() => (State::Sealed(None), None),
             Some(_) => {
                 let key = hsm.find_master_key()?;
                 check_master_key(&hsm, key)?;
@@ -272,7 +321,7 @@ impl SealManager {
 
     /// The current status.
     pub fn status(&self) -> SealStatus {
-        status_of(&self.lock())
+        status_of(&self.lock(), self.hsm.pin_in_shares())
     }
 
     /// Runs `f` with the unsealed state, or fails with [`SealError::Sealed`] /
@@ -286,20 +335,61 @@ impl SealManager {
     }
 
     /// Initialises the server: see the module docs. Returns the shares; they are not
-    /// stored anywhere. The server stays sealed.
-    pub fn init(&self, shares: u32, threshold: u32) -> Result<InitOutput, SealError> {
-        kms_unseal::check_parameters(shares, threshold)?;
+    /// stored anywhere. The server stays sealed. `hsm_pin` is required when the PIN
+    /// travels in the shares, and refused otherwise.
+    pub fn init(
+        &self,
+        shares: u32,
+        threshold: u32,
+        hsm_pin: Option<&SecretString>,
+    ) -> Result<InitOutput, SealError> {
+        let (n, t) = kms_unseal::check_parameters(shares, threshold)?;
+        let pin = match (self.hsm.pin_in_shares(), hsm_pin) {
+            (true, Some(p)) if (1..=MAX_SHARED_PIN_LEN).contains(&p.expose_secret().len()) => {
+                Some(p)
+            }
+            (true, _) => return Err(SealError::PinRequired),
+            (false, None) => None,
+            (false, Some(_)) => return Err(SealError::PinNotExpected),
+        };
         let mut inner = self.lock();
         if !matches!(inner.state, State::Uninitialized) {
             return Err(SealError::AlreadyInitialized);
         }
+        if let Some(pin) = pin {
+            self.hsm.login(pin).map_err(|e| match e {
+                HsmError::Login { reason, .. } => SealError::InitPinRejected(reason),
+                other => SealError::Hsm(other),
+            })?;
+        }
+        let result = self.init_logged_in(&mut inner, n, t, pin);
+        if pin.is_some() {
+            // The server stays sealed: with the PIN in the shares, sealed means logged out.
+            let _ = self.hsm.logout();
+            inner.master_key = None;
+        }
+        result
+    }
+
+    fn init_logged_in(
+        &self,
+        inner: &mut Inner,
+        n: u8,
+        t: u8,
+        pin: Option<&SecretString>,
+    ) -> Result<InitOutput, SealError> {
         let master_key = self.hsm.find_or_generate_master_key()?;
         check_master_key(&self.hsm, master_key)?;
 
         let unseal_key = random_key()?;
         let root_key = random_key()?;
-        let (set, split) = kms_unseal::split(unseal_key.as_slice(), shares, threshold)?;
-        let (n, t) = kms_unseal::check_parameters(shares, threshold)?;
+        let pin_bytes = pin
+            .map(|p| p.expose_secret().as_bytes())
+            .unwrap_or_default();
+        let mut secret = Zeroizing::new(Vec::with_capacity(KEY_LEN + pin_bytes.len()));
+        secret.extend_from_slice(unseal_key.as_slice());
+        secret.extend_from_slice(pin_bytes);
+        let (set, split) = kms_unseal::split(&secret, u32::from(n), u32::from(t))?;
 
         let mut inner_nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut inner_nonce).map_err(|_| SealError::Randomness)?;
@@ -323,8 +413,13 @@ impl SealManager {
             threshold: t,
             token_label: self.hsm.token_label().to_owned(),
             master_key_label: self.hsm.master_key_label().to_owned(),
-            unseal_key_check: data_encoding::HEXLOWER.encode(&key_check(&unseal_key, set)?),
+            unseal_key_check: data_encoding::HEXLOWER.encode(&key_check(
+                &unseal_key,
+                set,
+                pin_bytes,
+            )?),
             wrapped_root_key: data_encoding::HEXLOWER.encode(&outer),
+            pin_in_shares: pin.is_some(),
             created_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -362,13 +457,12 @@ impl SealManager {
     ) -> Result<SealStatus, SealError> {
         let mut guard = self.lock();
         let inner = &mut *guard;
-        let (record, master_key) = match (&inner.record, inner.master_key) {
-            (Some(r), Some(k)) => (r, k),
-            _ => return Err(SealError::NotInitialized),
+        let Some(record) = &inner.record else {
+            return Err(SealError::NotInitialized);
         };
         let attempt = match &mut inner.state {
             State::Uninitialized => return Err(SealError::NotInitialized),
-            State::Unsealed(_) => return Ok(status_of(inner)),
+            State::Unsealed(_) => return Ok(status_of(inner, self.hsm.pin_in_shares())),
             State::Sealed(attempt) => attempt,
         };
         if let Some(want) = expected_nonce
@@ -406,28 +500,67 @@ impl SealManager {
         };
         current.shares.push(share);
         if current.shares.len() < usize::from(record.threshold) {
-            return Ok(status_of(inner));
+            return Ok(status_of(inner, self.hsm.pin_in_shares()));
         }
 
         // The threshold is reached: whatever happens next, this attempt is over.
         let shares = std::mem::take(&mut current.shares);
         *attempt = None;
-        let unseal_key = kms_unseal::combine(&shares).map_err(|e| match e {
+        let secret = kms_unseal::combine(&shares).map_err(|e| match e {
             CombineError::DuplicateIndex(index) => SealError::DuplicateShare { index },
             _ => SealError::WrongQuorum,
         })?;
         drop(shares);
-        let unseal_key = to_key(&unseal_key).ok_or(SealError::WrongQuorum)?;
+        let (key_part, pin_part) = secret
+            .split_at_checked(KEY_LEN)
+            .ok_or(SealError::WrongQuorum)?;
+        let unseal_key = to_key(key_part).ok_or(SealError::WrongQuorum)?;
         let stored_check = data_encoding::HEXLOWER
             .decode(record.unseal_key_check.as_bytes())
             .map_err(|_| SealError::CorruptRecord)?;
-        let check = key_check(&unseal_key, expected)?;
+        let check = key_check(&unseal_key, expected, pin_part)?;
         if check.as_slice().ct_eq(&stored_check).unwrap_u8() != 1 {
             return Err(SealError::WrongQuorum);
         }
-        let root = unwrap_root(&self.hsm, master_key, record, &unseal_key)?;
+        let master_key = match inner.master_key {
+            Some(k) => k,
+            None => self.login_from_shares(pin_part)?,
+        };
+        let root = match unwrap_root(&self.hsm, master_key, record, &unseal_key) {
+            Ok(root) => root,
+            Err(e) => {
+                if record.pin_in_shares {
+                    let _ = self.hsm.logout();
+                    inner.master_key = None;
+                }
+                return Err(e);
+            }
+        };
+        inner.master_key = Some(master_key);
         inner.state = State::Unsealed(Unsealed { root });
-        Ok(status_of(inner))
+        Ok(status_of(inner, self.hsm.pin_in_shares()))
+    }
+
+    /// Logs in with the PIN recombined from the shares and finds the master key; logs out
+    /// again if anything fails.
+    fn login_from_shares(&self, pin: &[u8]) -> Result<MasterKey, SealError> {
+        let pin = SecretString::from(std::str::from_utf8(pin).map_err(|_| SealError::WrongQuorum)?);
+        self.hsm.login(&pin).map_err(|e| match e {
+            HsmError::Login { reason, .. } => SealError::SharesPinRejected(reason),
+            other => SealError::Hsm(other),
+        })?;
+        let found = self
+            .hsm
+            .find_master_key()
+            .map_err(SealError::from)
+            .and_then(|k| {
+                check_master_key(&self.hsm, k)?;
+                Ok(k)
+            });
+        if found.is_err() {
+            let _ = self.hsm.logout();
+        }
+        found
     }
 
     /// Forgets the current unseal attempt's shares.
@@ -437,9 +570,9 @@ impl SealManager {
             State::Uninitialized => Err(SealError::NotInitialized),
             State::Sealed(attempt) => {
                 *attempt = None;
-                Ok(status_of(&inner))
+                Ok(status_of(&inner, self.hsm.pin_in_shares()))
             }
-            State::Unsealed(_) => Ok(status_of(&inner)),
+            State::Unsealed(_) => Ok(status_of(&inner, self.hsm.pin_in_shares())),
         }
     }
 
@@ -450,12 +583,18 @@ impl SealManager {
             return Err(SealError::NotInitialized);
         }
         // Dropping the old state zeroizes the root key (Zeroizing) and the shares.
+        let was_unsealed = matches!(inner.state, State::Unsealed(_));
         inner.state = State::Sealed(None);
-        Ok(status_of(&inner))
+        if was_unsealed && self.hsm.pin_in_shares() {
+            // Sealed means locked out of the HSM too: the PIN is gone with the shares.
+            inner.master_key = None;
+            self.hsm.logout()?;
+        }
+        Ok(status_of(&inner, self.hsm.pin_in_shares()))
     }
 }
 
-fn status_of(inner: &Inner) -> SealStatus {
+fn status_of(inner: &Inner, pin_in_shares: bool) -> SealStatus {
     let (initialized, sealed, progress, nonce) = match &inner.state {
         State::Uninitialized => (false, true, 0, None),
         State::Sealed(None) => (true, true, 0, None),
@@ -476,6 +615,7 @@ fn status_of(inner: &Inner) -> SealStatus {
         progress,
         nonce,
         share_set_id: record.and_then(|r| r.share_set().ok()),
+        pin_in_shares,
     }
 }
 
@@ -518,11 +658,18 @@ fn aad(label: &[u8], set: ShareSetId) -> Vec<u8> {
     v
 }
 
-fn key_check(unseal_key: &[u8; KEY_LEN], set: ShareSetId) -> Result<[u8; KCV_LEN], SealError> {
+/// HMAC-SHA256(unseal key, label | share set id | PIN carried in the shares, if any),
+/// truncated to 16 bytes. Keyed by the 256-bit unseal key, so it allows no guessing of the PIN.
+fn key_check(
+    unseal_key: &[u8; KEY_LEN],
+    set: ShareSetId,
+    pin: &[u8],
+) -> Result<[u8; KCV_LEN], SealError> {
     let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(unseal_key)
         .map_err(|_| SealError::WrongQuorum)?;
     mac.update(KCV_LABEL);
     mac.update(set.as_bytes());
+    mac.update(pin);
     let full = mac.finalize().into_bytes();
     let mut out = [0u8; KCV_LEN];
     out.copy_from_slice(full.get(..KCV_LEN).ok_or(SealError::WrongQuorum)?);

@@ -41,6 +41,10 @@ pub struct HsmConfig {
     /// Path of a file that holds the user PIN (trailing newline ignored; must not be
     /// readable by group or others).
     pub pin_file: Option<PathBuf>,
+    /// The PIN travels inside the custodians' Shamir secret: given once at init, recovered
+    /// at every unseal, never on disk or in the environment.
+    #[serde(default)]
+    pub pin_in_shares: bool,
     /// Label of the AES-256 master key object.
     #[serde(default = "default_master_key_label")]
     pub master_key_label: String,
@@ -84,11 +88,13 @@ pub enum ConfigError {
     /// `module` is not a regular file.
     #[error("hsm.module: {0} is not a file")]
     ModuleNotAFile(PathBuf),
-    /// Neither `pin_env` nor `pin_file`.
-    #[error("hsm: no PIN source: set pin_env (an environment variable's name) or pin_file")]
+    /// None of `pin_env`, `pin_file`, `pin_in_shares`.
+    #[error(
+        "hsm: no PIN source: set pin_env (an environment variable's name), pin_file, or pin_in_shares = true"
+    )]
     NoPinSource,
-    /// Both `pin_env` and `pin_file`.
-    #[error("hsm: set only one of pin_env and pin_file")]
+    /// More than one PIN source.
+    #[error("hsm: set only one of pin_env, pin_file and pin_in_shares")]
     TwoPinSources,
     /// A label is empty or too long.
     #[error("hsm.{field}: must be 1..={max} bytes")]
@@ -127,10 +133,9 @@ impl HsmConfig {
                 max: 128,
             });
         }
-        let pin = match (&self.pin_env, &self.pin_file) {
-            (None, None) => return Err(ConfigError::NoPinSource),
-            (Some(_), Some(_)) => return Err(ConfigError::TwoPinSources),
-            (Some(var), None) => {
+        let pin = match (&self.pin_env, &self.pin_file, self.pin_in_shares) {
+            (None, None, false) => return Err(ConfigError::NoPinSource),
+            (Some(var), None, false) => {
                 let ok = !var.is_empty()
                     && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
                     && !var.starts_with(|c: char| c.is_ascii_digit());
@@ -139,7 +144,9 @@ impl HsmConfig {
                 }
                 PinSource::Env(var.clone())
             }
-            (None, Some(path)) => PinSource::File(path.clone()),
+            (None, Some(path), false) => PinSource::File(path.clone()),
+            (None, None, true) => PinSource::Shares,
+            _ => return Err(ConfigError::TwoPinSources),
         };
         if !(1..=64).contains(&self.sessions) {
             return Err(ConfigError::BadSessions(self.sessions));
@@ -173,6 +180,8 @@ pub enum PinSource {
     Env(String),
     /// A file, readable by the server's user only.
     File(PathBuf),
+    /// The custodians' Shamir secret: known only while an init or unseal is under way.
+    Shares,
 }
 
 impl fmt::Display for PinSource {
@@ -180,6 +189,7 @@ impl fmt::Display for PinSource {
         match self {
             Self::Env(var) => write!(f, "environment variable {var}"),
             Self::File(path) => write!(f, "file {}", path.display()),
+            Self::Shares => f.write_str("the unseal shares"),
         }
     }
 }
@@ -203,15 +213,19 @@ pub enum PinError {
     /// The file is readable by group or others.
     #[error("the HSM PIN's {0} is readable by group or others: chmod 600 it")]
     FileTooOpen(PinSource),
+    /// The PIN is not readable at start-up: it comes with the unseal shares.
+    #[error("the HSM PIN travels in the unseal shares: it is known only during init and unseal")]
+    InShares,
     /// The PIN is empty or not UTF-8.
     #[error("the HSM PIN from {0} is empty or not valid UTF-8")]
     Empty(PinSource),
 }
 
 impl PinSource {
-    /// Reads the PIN.
+    /// Reads the PIN. [`PinSource::Shares`] has nothing to read: [`PinError::InShares`].
     pub fn read(&self) -> Result<SecretString, PinError> {
         let raw = match self {
+            Self::Shares => return Err(PinError::InShares),
             Self::Env(var) => match std::env::var(var) {
                 Ok(v) => zeroize::Zeroizing::new(v),
                 Err(std::env::VarError::NotPresent) => {
@@ -290,6 +304,7 @@ mod tests {
             token_label: "kms".into(),
             pin_env: Some("KMS_HSM_PIN".into()),
             pin_file: None,
+            pin_in_shares: false,
             master_key_label: DEFAULT_MASTER_KEY_LABEL.into(),
             sessions: 4,
         }
@@ -321,6 +336,18 @@ mod tests {
         assert!(matches!(
             c.validate().unwrap_err(),
             ConfigError::TwoPinSources
+        ));
+        let mut c = base(&module);
+        c.pin_in_shares = true;
+        assert!(matches!(
+            c.validate().unwrap_err(),
+            ConfigError::TwoPinSources
+        ));
+        c.pin_env = None;
+        assert_eq!(c.validate().unwrap().pin, PinSource::Shares);
+        assert!(matches!(
+            PinSource::Shares.read().unwrap_err(),
+            PinError::InShares
         ));
         let mut c = base(&module);
         c.pin_env = Some("1BAD".into());

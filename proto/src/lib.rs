@@ -17,6 +17,16 @@ pub mod v1 {
     )]
     tonic::include_proto!("kms.v1");
 
+    impl core::fmt::Debug for InitRequest {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            f.debug_struct("InitRequest")
+                .field("shares", &self.shares)
+                .field("threshold", &self.threshold)
+                .field("hsm_pin", &"<redacted>")
+                .finish()
+        }
+    }
+
     impl core::fmt::Debug for InitResponse {
         fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
             f.debug_struct("InitResponse")
@@ -43,7 +53,7 @@ pub mod v1 {
 
 #[cfg(test)]
 mod tests {
-    use super::v1::{InitResponse, UnsealRequest};
+    use super::v1::{InitRequest, InitResponse, UnsealRequest};
 
     #[test]
     fn debug_redacts_shares() {
@@ -57,7 +67,13 @@ mod tests {
             share_set_id: "00".into(),
             threshold: 2,
         };
-        let printed = format!("{req:?} {resp:?}");
+        let init = InitRequest {
+            shares: 3,
+            threshold: 2,
+            hsm_pin: "SECRETPIN".into(),
+        };
+        let printed = format!("{req:?} {resp:?} {init:?}");
+        assert!(!printed.contains("SECRETPIN"), "{printed}");
         assert!(!printed.contains("SECRETSHARE"), "{printed}");
         assert!(printed.contains("redacted"));
     }

@@ -5,6 +5,7 @@
 //! hsm-tool provision MODULE LABEL PIN_FILE     make a token, user PIN from PIN_FILE
 //! hsm-tool inspect MODULE LABEL PIN_FILE KEY   print the key's attributes as JSON
 //! hsm-tool weak-key MODULE LABEL PIN_FILE KEY  make an extractable, non-sensitive AES key
+//! hsm-tool set-pin MODULE LABEL PIN_FILE NEW    change the user PIN to NEW
 //! ```
 
 #![forbid(unsafe_code)]
@@ -37,6 +38,14 @@ fn main() {
         "provision" => {
             let so = kms_pkcs11_conf::softhsm::random_pin().unwrap();
             kms_pkcs11_conf::softhsm::provision_token(&pkcs11, label, &so, &pin).unwrap();
+        }
+        "set-pin" => {
+            let slot = kms_pkcs11_conf::token::find_token(&pkcs11, label).unwrap();
+            let session = pkcs11.open_rw_session(slot).unwrap();
+            session.login(UserType::User, Some(&pin)).unwrap();
+            session
+                .set_pin(&pin, &SecretString::from(args[4].clone()))
+                .unwrap();
         }
         "inspect" | "weak-key" => {
             let key_label = args[4].clone().into_bytes();
