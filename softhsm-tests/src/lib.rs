@@ -142,12 +142,17 @@ impl TestHsm {
 
     /// The normal `[hsm]` table: this token, PIN from the file.
     pub fn hsm_table(&self) -> String {
-        format!(
-            "module = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\n",
-            self.module.display(),
-            self.label,
-            self.pin_file.display()
+        self.hsm_table_with(
+            &self.module.display().to_string(),
+            &self.label,
+            &format!("pin_file = \"{}\"", self.pin_file.display()),
         )
+    }
+
+    /// An `[hsm]` table with the given module, token label, and PIN line (e.g.
+    /// `pin_env = "X"`).
+    pub fn hsm_table_with(&self, module: &str, label: &str, pin_line: &str) -> String {
+        format!("module = \"{module}\"\ntoken_label = \"{label}\"\n{pin_line}\n")
     }
 
     /// The normal config.
@@ -179,13 +184,8 @@ impl TestHsm {
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let mut child = Command::new(bin("kms"))
-            .arg("server")
-            .arg("--config")
-            .arg(config)
-            .env(CONF_ENV, &self.conf)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
+        let mut child = self
+            .server_command(config, env)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
@@ -220,17 +220,21 @@ impl TestHsm {
 
     /// Runs the server expecting it to fail at start-up; returns (exit status, its stderr).
     pub fn start_failure(&self, config: &Path, env: &[(&str, &str)]) -> (ExitStatus, String) {
-        let out = Command::new(bin("kms"))
-            .arg("server")
+        let out = self.server_command(config, env).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status, stderr)
+    }
+
+    /// `kms server --config CONFIG` with this token store's `SOFTHSM2_CONF` and `env`.
+    fn server_command(&self, config: &Path, env: &[(&str, &str)]) -> Command {
+        let mut cmd = Command::new(bin("kms"));
+        cmd.arg("server")
             .arg("--config")
             .arg(config)
             .env(CONF_ENV, &self.conf)
             .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        (out.status, stderr)
+            .stdin(Stdio::null());
+        cmd
     }
 }
 

@@ -270,15 +270,13 @@ fn an_acknowledged_init_survives_kill_9() {
 #[test]
 fn start_up_errors_are_clear_and_hold_no_secret() {
     let hsm = TestHsm::new("kms-startup");
+    let module = hsm.module.display().to_string();
+    let pin_file = format!("pin_file = \"{}\"", hsm.pin_file.display());
 
     // Wrong PIN, from an environment variable: named source, no PIN.
     let config = hsm.config_with(
         "env.toml",
-        &format!(
-            "module = \"{}\"\ntoken_label = \"{}\"\npin_env = \"KMS_TEST_PIN\"\n",
-            hsm.module.display(),
-            hsm.label
-        ),
+        &hsm.hsm_table_with(&module, &hsm.label, "pin_env = \"KMS_TEST_PIN\""),
     );
     let wrong_pin = "0123456789wrongpin";
     let (status, stderr) = hsm.start_failure(&config, &[("KMS_TEST_PIN", wrong_pin)]);
@@ -307,11 +305,10 @@ fn start_up_errors_are_clear_and_hold_no_secret() {
     std::fs::write(&open_pin, &hsm.pin).unwrap();
     let config = hsm.config_with(
         "open.toml",
-        &format!(
-            "module = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\n",
-            hsm.module.display(),
-            hsm.label,
-            open_pin.display()
+        &hsm.hsm_table_with(
+            &module,
+            &hsm.label,
+            &format!("pin_file = \"{}\"", open_pin.display()),
         ),
     );
     use std::os::unix::fs::PermissionsExt;
@@ -324,11 +321,7 @@ fn start_up_errors_are_clear_and_hold_no_secret() {
     // A missing module: the path is named.
     let config = hsm.config_with(
         "nomodule.toml",
-        &format!(
-            "module = \"/usr/lib/no-such-pkcs11.so\"\ntoken_label = \"{}\"\npin_file = \"{}\"\n",
-            hsm.label,
-            hsm.pin_file.display()
-        ),
+        &hsm.hsm_table_with("/usr/lib/no-such-pkcs11.so", &hsm.label, &pin_file),
     );
     let (status, stderr) = hsm.start_failure(&config, &[]);
     assert!(!status.success());
@@ -338,14 +331,10 @@ fn start_up_errors_are_clear_and_hold_no_secret() {
     );
 
     // A file that is not a PKCS#11 module.
+    let not_a_module = hsm.pin_file.display().to_string();
     let config = hsm.config_with(
         "badmodule.toml",
-        &format!(
-            "module = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\n",
-            hsm.pin_file.display(),
-            hsm.label,
-            hsm.pin_file.display()
-        ),
+        &hsm.hsm_table_with(&not_a_module, &hsm.label, &pin_file),
     );
     let (status, stderr) = hsm.start_failure(&config, &[]);
     assert!(!status.success());
@@ -357,11 +346,7 @@ fn start_up_errors_are_clear_and_hold_no_secret() {
     // An unknown token label: the label is named, and the tokens present are listed.
     let config = hsm.config_with(
         "notoken.toml",
-        &format!(
-            "module = \"{}\"\ntoken_label = \"no-such-token\"\npin_file = \"{}\"\n",
-            hsm.module.display(),
-            hsm.pin_file.display()
-        ),
+        &hsm.hsm_table_with(&module, "no-such-token", &pin_file),
     );
     let (status, stderr) = hsm.start_failure(&config, &[]);
     assert!(!status.success());
@@ -466,13 +451,11 @@ fn probe_lists_the_token_and_mechanisms() {
     );
     assert!(stdout.contains("verdict: usable by kms"), "{stdout}");
 
+    let module = hsm.module.display().to_string();
+    let pin_file = format!("pin_file = \"{}\"", hsm.pin_file.display());
     let config = hsm.config_with(
         "missing.toml",
-        &format!(
-            "module = \"{}\"\ntoken_label = \"absent\"\npin_file = \"{}\"\n",
-            hsm.module.display(),
-            hsm.pin_file.display()
-        ),
+        &hsm.hsm_table_with(&module, "absent", &pin_file),
     );
     let out = std::process::Command::new(softhsm_tests::bin("kms"))
         .args(["pkcs11", "probe", "--config"])

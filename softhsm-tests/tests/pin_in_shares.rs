@@ -11,13 +11,10 @@
 use softhsm_tests::{TestHsm, forge_share};
 
 fn shares_config(hsm: &TestHsm) -> std::path::PathBuf {
+    let module = hsm.module.display().to_string();
     hsm.config_with(
         "shares.toml",
-        &format!(
-            "module = \"{}\"\ntoken_label = \"{}\"\npin_in_shares = true\n",
-            hsm.module.display(),
-            hsm.label
-        ),
+        &hsm.hsm_table_with(&module, &hsm.label, "pin_in_shares = true"),
     )
 }
 
