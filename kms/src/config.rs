@@ -19,6 +19,23 @@ pub struct ConfigFile {
     /// The `[log]` table.
     #[serde(default)]
     pub log: LogConfig,
+    /// The `[keyring]` table.
+    #[serde(default)]
+    pub keyring: KeyringConfig,
+}
+
+/// `[keyring]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct KeyringConfig {
+    /// AES-GCM messages per key version (default 2^32, the random-nonce limit; auto-rotation
+    /// at three quarters of it). Lower it to rotate sooner.
+    pub max_messages_per_version: Option<u64>,
+    /// Seconds between checks for due rotations and destructions (default 60).
+    pub maintenance_interval_seconds: Option<u64>,
+    /// Testing only: the length of a "day" of the destruction window, in seconds (default
+    /// 86400).
+    pub testing_day_seconds: Option<u64>,
 }
 
 /// `[storage]`.
@@ -48,6 +65,10 @@ pub struct Config {
     pub hsm: ValidHsmConfig,
     /// The log level.
     pub log_level: tracing::Level,
+    /// Keyring settings.
+    pub keyring: crate::keyring::Settings,
+    /// Seconds between maintenance runs.
+    pub maintenance_interval: std::time::Duration,
 }
 
 /// What is wrong with the configuration file.
@@ -79,6 +100,9 @@ pub enum ConfigError {
         "listen: {0} is not a loopback address; without TLS (not yet available) kms serves on loopback only"
     )]
     NotLoopback(SocketAddr),
+    /// A `[keyring]` value is out of range.
+    #[error("keyring.{0}: out of range")]
+    BadKeyring(&'static str),
     /// `[log] level` is unknown.
     #[error("log.level: {0:?} is not one of error, warn, info, debug, trace")]
     BadLogLevel(String),
@@ -125,11 +149,39 @@ impl Config {
                 .parse()
                 .map_err(|_| ConfigError::BadLogLevel(l.to_owned()))?,
         };
+        let defaults = crate::keyring::Settings::default();
+        let max = file
+            .keyring
+            .max_messages_per_version
+            .unwrap_or(defaults.max_messages_per_version);
+        if !(4..=defaults.max_messages_per_version).contains(&max) {
+            return Err(ConfigError::BadKeyring(
+                "max_messages_per_version (4..=2^32)",
+            ));
+        }
+        let day = file
+            .keyring
+            .testing_day_seconds
+            .unwrap_or(defaults.day_seconds);
+        if day == 0 {
+            return Err(ConfigError::BadKeyring("testing_day_seconds"));
+        }
+        let interval = file.keyring.maintenance_interval_seconds.unwrap_or(60);
+        if !(1..=86_400).contains(&interval) {
+            return Err(ConfigError::BadKeyring(
+                "maintenance_interval_seconds (1..=86400)",
+            ));
+        }
         Ok(Self {
             listen,
             storage_path,
             hsm,
             log_level,
+            keyring: crate::keyring::Settings {
+                max_messages_per_version: max,
+                day_seconds: day,
+            },
+            maintenance_interval: std::time::Duration::from_secs(interval),
         })
     }
 }

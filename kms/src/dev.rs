@@ -93,6 +93,7 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
         .build()?;
     rt.block_on(async move {
         let listen = config.listen;
+        let interval = config.maintenance_interval;
         let seal = tokio::task::spawn_blocking(move || crate::server::open(&config)).await??;
         let listener = crate::server::bind(listen).await?;
         let addr = listener.local_addr()?;
@@ -101,7 +102,7 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
             tokio::task::spawn_blocking(move || bootstrap(&seal2, &dir, addr, &config_path))
                 .await?;
         ready?;
-        crate::server::serve(listener, seal, crate::server::shutdown_signal()).await?;
+        crate::server::serve(listener, seal, interval, crate::server::shutdown_signal()).await?;
         Ok::<_, BoxError>(())
     })?;
     Ok(ExitCode::SUCCESS)

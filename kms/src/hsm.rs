@@ -17,6 +17,7 @@ use std::sync::{Condvar, Mutex};
 use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
@@ -115,9 +116,10 @@ impl std::fmt::Debug for Hsm {
     }
 }
 
-/// A handle to the master key object inside the token.
+/// A handle to a key object inside the token (the master key, or a keyring key). Valid
+/// while this process is logged in; never stored (objects are found again by label).
 #[derive(Debug, Clone, Copy)]
-pub struct MasterKey(ObjectHandle);
+pub struct KeyHandle(ObjectHandle);
 
 impl Hsm {
     /// Loads the module, finds the token by label, opens `config.sessions` sessions, and,
@@ -224,7 +226,7 @@ impl Hsm {
     }
 
     /// Finds the master key by label.
-    pub fn find_master_key(&self) -> Result<MasterKey, HsmError> {
+    pub fn find_master_key(&self) -> Result<KeyHandle, HsmError> {
         let label = self.master_key_label.clone();
         self.with_session(|s| {
             let found = s
@@ -234,7 +236,7 @@ impl Hsm {
                 ])
                 .map_err(pk("find the master key"))?;
             match found.as_slice() {
-                [one] => Ok(MasterKey(*one)),
+                [one] => Ok(KeyHandle(*one)),
                 [] => Err(HsmError::MasterKeyMissing {
                     label: label.clone(),
                 }),
@@ -247,14 +249,14 @@ impl Hsm {
     }
 
     /// Finds the master key, or generates it inside the token if there is none.
-    pub fn find_or_generate_master_key(&self) -> Result<MasterKey, HsmError> {
+    pub fn find_or_generate_master_key(&self) -> Result<KeyHandle, HsmError> {
         match self.find_master_key() {
             Err(HsmError::MasterKeyMissing { .. }) => self.generate_master_key(),
             other => other,
         }
     }
 
-    fn generate_master_key(&self) -> Result<MasterKey, HsmError> {
+    fn generate_master_key(&self) -> Result<KeyHandle, HsmError> {
         let label = self.master_key_label.clone().into_bytes();
         self.with_session(|s| {
             let template = [
@@ -279,15 +281,15 @@ impl Hsm {
             let handle = s
                 .generate_key(&Mechanism::AesKeyGen, &template)
                 .map_err(pk("generate the master key"))?;
-            Ok(MasterKey(handle))
+            Ok(KeyHandle(handle))
         })
     }
 
-    /// Encrypts `plaintext` with AES-256-GCM under the master key, inside the HSM, with a
-    /// fresh random 96-bit IV. Returns `iv | ciphertext | tag`.
+    /// Encrypts `plaintext` with AES-256-GCM under an AES key of the token, inside the HSM,
+    /// with a fresh random 96-bit IV. Returns `iv | ciphertext | tag`.
     pub fn encrypt(
         &self,
-        key: MasterKey,
+        key: KeyHandle,
         aad: &[u8],
         plaintext: &[u8],
     ) -> Result<Vec<u8>, HsmError> {
@@ -310,7 +312,7 @@ impl Hsm {
     /// or altered data give [`HsmError::DecryptFailed`].
     pub fn decrypt(
         &self,
-        key: MasterKey,
+        key: KeyHandle,
         aad: &[u8],
         blob: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
@@ -337,8 +339,160 @@ impl Hsm {
         })
     }
 
+    /// Encrypts with a caller-made 96-bit IV (the keyring's ciphertext format carries it).
+    /// Returns `ciphertext | tag`.
+    pub fn encrypt_with_iv(
+        &self,
+        key: KeyHandle,
+        iv: &[u8; GCM_IV_LEN],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
+        let mut iv = *iv;
+        self.with_session(|s| {
+            let params =
+                GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).map_err(pk("set up AES-GCM"))?;
+            s.encrypt(&Mechanism::AesGcm(params), key.0, plaintext)
+                .map_err(pk("encrypt"))
+        })
+    }
+
+    /// Generates a keyring key inside the token, labelled `label`: a token object,
+    /// private, sensitive, never extractable, with only the usages `kind` needs.
+    /// Returns the private (or secret) key and, for key pairs, the public key's bytes
+    /// (Ed25519: 32 bytes; P-256: the 65-byte uncompressed SEC1 point).
+    pub fn generate_key(
+        &self,
+        kind: HsmKeyKind,
+        label: &str,
+    ) -> Result<(KeyHandle, Option<Vec<u8>>), HsmError> {
+        let label = label.as_bytes().to_vec();
+        // Attributes every keyring key has: a private token object that never leaves.
+        let base = || {
+            vec![
+                Attribute::Label(label.clone()),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Modifiable(false),
+                Attribute::Copyable(false),
+                Attribute::Derive(false),
+            ]
+        };
+        // Secret keys: every usage flag explicit (SoftHSM adds defaults otherwise).
+        let common = |sign: bool, encrypt: bool| {
+            let mut t = base();
+            t.extend([
+                Attribute::Encrypt(encrypt),
+                Attribute::Decrypt(encrypt),
+                Attribute::Sign(sign),
+                Attribute::Verify(sign),
+                Attribute::Wrap(false),
+                Attribute::Unwrap(false),
+            ]);
+            t
+        };
+        self.with_session(|s| match kind {
+            HsmKeyKind::Aes256 => {
+                let mut t = common(false, true);
+                t.extend([
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::ValueLen(32u64.into()),
+                ]);
+                let h = s
+                    .generate_key(&Mechanism::AesKeyGen, &t)
+                    .map_err(pk("generate an AES key"))?;
+                Ok((KeyHandle(h), None))
+            }
+            HsmKeyKind::HmacSha256 => {
+                let mut t = common(true, false);
+                t.extend([
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::GENERIC_SECRET),
+                    Attribute::ValueLen(32u64.into()),
+                ]);
+                let h = s
+                    .generate_key(&Mechanism::GenericSecretKeyGen, &t)
+                    .map_err(pk("generate an HMAC key"))?;
+                Ok((KeyHandle(h), None))
+            }
+            HsmKeyKind::Ed25519 | HsmKeyKind::EcdsaP256 => {
+                let (mechanism, key_type, params): (Mechanism<'_>, KeyType, &[u8]) = match kind {
+                    HsmKeyKind::Ed25519 => (
+                        Mechanism::EccEdwardsKeyPairGen,
+                        KeyType::EC_EDWARDS,
+                        OID_ED25519,
+                    ),
+                    _ => (Mechanism::EccKeyPairGen, KeyType::EC, OID_P256),
+                };
+                // The public half is a session object: kms keeps the public key's bytes in
+                // its (authenticated) metadata and verifies in software.
+                let public = [
+                    Attribute::Token(false),
+                    Attribute::Verify(true),
+                    Attribute::KeyType(key_type),
+                    Attribute::EcParams(params.to_vec()),
+                ];
+                // Private keys: the usages a private key can have, explicit.
+                let mut private = base();
+                private.extend([
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::KeyType(key_type),
+                    Attribute::Sign(true),
+                    Attribute::Decrypt(false),
+                    Attribute::Unwrap(false),
+                ]);
+                let (pub_h, priv_h) = s
+                    .generate_key_pair(&mechanism, &public, &private)
+                    .map_err(pk("generate a key pair"))?;
+                let point = s
+                    .get_attributes(pub_h, &[AttributeType::EcPoint])
+                    .map_err(pk("read the public key"))?
+                    .into_iter()
+                    .find_map(|a| match a {
+                        Attribute::EcPoint(p) => Some(p),
+                        _ => None,
+                    })
+                    .ok_or(HsmError::Misuse("the token returned no public key"))?;
+                let _ = s.destroy_object(pub_h);
+                let want = if kind == HsmKeyKind::Ed25519 { 32 } else { 65 };
+                Ok((KeyHandle(priv_h), Some(unwrap_ec_point(&point, want)?)))
+            }
+        })
+    }
+
+    /// Finds a keyring key by label (after a restart, handles are looked up again).
+    pub fn find_key(&self, label: &str) -> Result<Option<KeyHandle>, HsmError> {
+        let label = label.as_bytes().to_vec();
+        self.with_session(|s| {
+            let found = s
+                .find_objects(&[Attribute::Label(label.clone()), Attribute::Token(true)])
+                .map_err(pk("find a key"))?;
+            Ok(found.first().map(|h| KeyHandle(*h)))
+        })
+    }
+
+    /// Signs (or MACs) `data` inside the HSM. For ECDSA `data` is the SHA-256 digest and the
+    /// result is raw `r | s`; for Ed25519 it is the message; for HMAC the message.
+    pub fn sign(&self, kind: HsmKeyKind, key: KeyHandle, data: &[u8]) -> Result<Vec<u8>, HsmError> {
+        let mechanism = match kind {
+            HsmKeyKind::Ed25519 => Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+            HsmKeyKind::EcdsaP256 => Mechanism::Ecdsa,
+            HsmKeyKind::HmacSha256 => Mechanism::Sha256Hmac,
+            HsmKeyKind::Aes256 => return Err(HsmError::Misuse("an AES key does not sign")),
+        };
+        self.with_session(|s| s.sign(&mechanism, key.0, data).map_err(pk("sign")))
+    }
+
+    /// Destroys a key object: its material is gone from the token for good.
+    pub fn destroy(&self, key: KeyHandle) -> Result<(), HsmError> {
+        self.with_session(|s| s.destroy_object(key.0).map_err(pk("destroy a key")))
+    }
+
     /// Reads the master key's security attributes, as the token reports them.
-    pub fn master_key_attributes(&self, key: MasterKey) -> Result<MasterKeyAttributes, HsmError> {
+    pub fn master_key_attributes(&self, key: KeyHandle) -> Result<MasterKeyAttributes, HsmError> {
         self.with_session(|s| {
             let attrs = s
                 .get_attributes(
@@ -363,6 +517,37 @@ impl Hsm {
             }
             Ok(out)
         })
+    }
+}
+
+/// The kinds of keyring key kms makes inside the HSM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HsmKeyKind {
+    /// AES-256 for AES-GCM.
+    Aes256,
+    /// Ed25519 (CKM_EDDSA).
+    Ed25519,
+    /// ECDSA over P-256 (CKM_ECDSA on a SHA-256 digest).
+    EcdsaP256,
+    /// A 256-bit generic secret for CKM_SHA256_HMAC.
+    HmacSha256,
+}
+
+/// DER of the Ed25519 curve OID 1.3.101.112 (CKA_EC_PARAMS).
+const OID_ED25519: &[u8] = &[0x06, 0x03, 0x2B, 0x65, 0x70];
+/// DER of the P-256 curve OID 1.2.840.10045.3.1.7 (CKA_EC_PARAMS).
+const OID_P256: &[u8] = &[0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07];
+
+/// CKA_EC_POINT is a DER OCTET STRING around the point; some tokens return the bare point.
+fn unwrap_ec_point(value: &[u8], want: usize) -> Result<Vec<u8>, HsmError> {
+    match value {
+        [0x04, len, rest @ ..] if usize::from(*len) == want && rest.len() == want => {
+            Ok(rest.to_vec())
+        }
+        bare if bare.len() == want => Ok(bare.to_vec()),
+        _ => Err(HsmError::Misuse(
+            "unexpected EC point encoding from the token",
+        )),
     }
 }
 

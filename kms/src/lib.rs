@@ -5,6 +5,7 @@
 //! - [`hsm`]: PKCS#11 sessions, login, and the master key.
 //! - [`store`]: the durable store (redb) behind a narrow trait.
 //! - [`seal`]: init / unseal / seal, and the root key.
+//! - [`keyring`]: named, versioned keys and the crypto operations.
 //! - [`grpc`]: the gRPC services; the only place errors become `tonic::Status`.
 //! - [`server`]: start-up, serving, shutdown.
 //! - [`cli`]: the `kms` command line (operator commands, probe).
@@ -17,6 +18,7 @@ pub mod config;
 pub mod dev;
 pub mod grpc;
 pub mod hsm;
+pub mod keyring;
 pub mod seal;
 pub mod server;
 pub mod store;

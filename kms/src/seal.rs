@@ -35,7 +35,8 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use crate::hsm::{Hsm, HsmError, MasterKey};
+use crate::hsm::{Hsm, HsmError, KeyHandle};
+use crate::keyring::{Keyring, KeyringError, Settings as KeyringSettings};
 use crate::store::{Store, StoreError, Table};
 
 /// The store key of the seal record.
@@ -147,31 +148,21 @@ pub enum SealError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The keyring could not be loaded at unseal.
+    #[error("the keyring could not be loaded: {0}")]
+    Keyring(#[from] KeyringError),
     /// The operating system's random source failed.
     #[error("the operating system's random number generator failed")]
     Randomness,
 }
 
 /// The keyring root key. Zeroized on drop; no `Debug`, no `Clone`.
-pub struct RootKey(Zeroizing<[u8; KEY_LEN]>);
+struct RootKey(Zeroizing<[u8; KEY_LEN]>);
 
-impl RootKey {
-    /// The key's bytes, for deriving keyring keys.
-    pub fn danger_expose(&self) -> &[u8; KEY_LEN] {
-        &self.0
-    }
-}
-
-/// What the server holds while unsealed. Dropping it zeroizes every key byte.
-pub struct Unsealed {
-    root: RootKey,
-}
-
-impl Unsealed {
-    /// The keyring root key.
-    pub fn root(&self) -> &RootKey {
-        &self.root
-    }
+/// What the server holds while unsealed: the keyring (which holds the root key and
+/// every derived key). Dropping the last reference zeroizes every key byte.
+struct Unsealed {
+    keyring: Arc<Keyring>,
 }
 
 /// The persisted seal metadata. Everything here is public or wrapped.
@@ -252,13 +243,14 @@ enum State {
 struct Inner {
     state: State,
     record: Option<SealRecord>,
-    master_key: Option<MasterKey>,
+    master_key: Option<KeyHandle>,
 }
 
 /// The seal state machine. Methods block (HSM calls): call them from `spawn_blocking`.
 pub struct SealManager {
     hsm: Arc<Hsm>,
     store: Arc<dyn Store>,
+    settings: KeyringSettings,
     inner: Mutex<Inner>,
 }
 
@@ -271,7 +263,11 @@ impl std::fmt::Debug for SealManager {
 impl SealManager {
     /// Loads the seal record, if any, and finds the master key when initialised. Always
     /// starts sealed.
-    pub fn load(hsm: Arc<Hsm>, store: Arc<dyn Store>) -> Result<Self, SealError> {
+    pub fn load(
+        hsm: Arc<Hsm>,
+        store: Arc<dyn Store>,
+        settings: KeyringSettings,
+    ) -> Result<Self, SealError> {
         let record = match store.get(Table::System, SEAL_RECORD_KEY)? {
             None => None,
             Some(bytes) => {
@@ -305,6 +301,7 @@ impl SealManager {
         Ok(Self {
             hsm,
             store,
+            settings,
             inner: Mutex::new(Inner {
                 state,
                 record,
@@ -324,11 +321,11 @@ impl SealManager {
         status_of(&self.lock(), self.hsm.pin_in_shares())
     }
 
-    /// Runs `f` with the unsealed state, or fails with [`SealError::Sealed`] /
-    /// [`SealError::NotInitialized`].
-    pub fn with_unsealed<T>(&self, f: impl FnOnce(&Unsealed) -> T) -> Result<T, SealError> {
+    /// The keyring, or [`SealError::Sealed`] / [`SealError::NotInitialized`]. The lock is
+    /// held only to clone the reference: crypto calls run without it.
+    pub fn keyring(&self) -> Result<Arc<Keyring>, SealError> {
         match &self.lock().state {
-            State::Unsealed(u) => Ok(f(u)),
+            State::Unsealed(u) => Ok(Arc::clone(&u.keyring)),
             State::Sealed(_) => Err(SealError::Sealed),
             State::Uninitialized => Err(SealError::NotInitialized),
         }
@@ -526,8 +523,16 @@ impl SealManager {
             Some(k) => k,
             None => self.login_from_shares(pin_part)?,
         };
-        let root = match unwrap_root(&self.hsm, master_key, record, &unseal_key) {
-            Ok(root) => root,
+        let loaded = unwrap_root(&self.hsm, master_key, record, &unseal_key).and_then(|root| {
+            Ok(Keyring::load(
+                &root.0,
+                Arc::clone(&self.hsm),
+                Arc::clone(&self.store),
+                self.settings,
+            )?)
+        });
+        let keyring = match loaded {
+            Ok(k) => k,
             Err(e) => {
                 if record.pin_in_shares {
                     let _ = self.hsm.logout();
@@ -537,13 +542,15 @@ impl SealManager {
             }
         };
         inner.master_key = Some(master_key);
-        inner.state = State::Unsealed(Unsealed { root });
+        inner.state = State::Unsealed(Unsealed {
+            keyring: Arc::new(keyring),
+        });
         Ok(status_of(inner, self.hsm.pin_in_shares()))
     }
 
     /// Logs in with the PIN recombined from the shares and finds the master key; logs out
     /// again if anything fails.
-    fn login_from_shares(&self, pin: &[u8]) -> Result<MasterKey, SealError> {
+    fn login_from_shares(&self, pin: &[u8]) -> Result<KeyHandle, SealError> {
         let pin = SecretString::from(std::str::from_utf8(pin).map_err(|_| SealError::WrongQuorum)?);
         self.hsm.login(&pin).map_err(|e| match e {
             HsmError::Login { reason, .. } => SealError::SharesPinRejected(reason),
@@ -619,7 +626,7 @@ fn status_of(inner: &Inner, pin_in_shares: bool) -> SealStatus {
     }
 }
 
-fn check_master_key(hsm: &Hsm, key: MasterKey) -> Result<(), SealError> {
+fn check_master_key(hsm: &Hsm, key: KeyHandle) -> Result<(), SealError> {
     if hsm.master_key_attributes(key)?.is_safe() {
         Ok(())
     } else {
@@ -690,7 +697,7 @@ fn software_wrap(
 
 fn unwrap_root(
     hsm: &Hsm,
-    master_key: MasterKey,
+    master_key: KeyHandle,
     record: &SealRecord,
     unseal_key: &[u8; KEY_LEN],
 ) -> Result<RootKey, SealError> {

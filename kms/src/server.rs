@@ -13,10 +13,11 @@ use kms_proto::v1::system_server::SystemServer;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
-use crate::grpc::SystemService;
+use crate::grpc::{KeyManagementService, SystemService};
 use crate::hsm::{Hsm, HsmError};
 use crate::seal::{SealError, SealManager};
 use crate::store::{RedbStore, StoreError};
+use kms_proto::v1::key_management_server::KeyManagementServer;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +52,7 @@ pub fn open(config: &Config) -> Result<Arc<SealManager>, StartError> {
     tracing::info!(token = hsm.token_label(), "HSM token opened and logged in");
     let store = Arc::new(RedbStore::open(&config.storage_path)?);
     tracing::info!(path = %config.storage_path.display(), "store opened");
-    let seal = Arc::new(SealManager::load(hsm, store)?);
+    let seal = Arc::new(SealManager::load(hsm, store, config.keyring)?);
     let status = seal.status();
     tracing::info!(
         initialized = status.initialized,
@@ -75,22 +76,53 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     Ok(listener)
 }
 
-/// Serves the gRPC API on `listener` until `shutdown` completes, then seals.
+/// Serves the gRPC API on `listener` until `shutdown` completes, then seals. While
+/// unsealed, a maintenance task rotates keys whose period is due and destroys versions
+/// whose destruction time has come, every `maintenance_interval`.
 pub async fn serve(
     listener: TcpListener,
     seal: Arc<SealManager>,
+    maintenance_interval: std::time::Duration,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let maintenance = tokio::spawn(maintain(Arc::clone(&seal), maintenance_interval));
     let result = tonic::transport::Server::builder()
         .add_service(SystemServer::new(SystemService::new(Arc::clone(&seal))))
+        .add_service(
+            KeyManagementServer::new(KeyManagementService::new(Arc::clone(&seal)))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(StartError::Serve);
+    maintenance.abort();
     // Forget every key byte before the process exits.
     let _ = seal.seal();
     tracing::info!("sealed and stopped");
     result
+}
+
+/// The largest gRPC request: a batch of 64 KiB items.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Runs keyring maintenance forever (the caller aborts it).
+async fn maintain(seal: Arc<SealManager>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Ok(keyring) = seal.keyring() else {
+            continue;
+        };
+        let done =
+            tokio::task::spawn_blocking(move || keyring.maintain(crate::keyring::now())).await;
+        if let Ok((rotated, destroyed)) = done
+            && rotated + destroyed > 0
+        {
+            tracing::info!(rotated, destroyed, "keyring maintenance");
+        }
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

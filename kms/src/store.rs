@@ -16,12 +16,18 @@ use std::path::{Path, PathBuf};
 pub enum Table {
     /// Seal metadata: the wrapped root key and the share set.
     System,
+    /// Key records (authenticated by the keyring), by key name.
+    Keys,
+    /// Per-version AES-GCM message counters (reservations), `name/version` -> u64 BE.
+    Counters,
 }
 
 impl Table {
     fn name(self) -> &'static str {
         match self {
             Self::System => "system",
+            Self::Keys => "keys",
+            Self::Counters => "counters",
         }
     }
 
@@ -65,6 +71,8 @@ pub trait Store: Send + Sync + 'static {
     fn insert_new(&self, table: Table, key: &str, value: &[u8]) -> Result<bool, StoreError>;
     /// Writes (or overwrites) one value. Durable on `Ok`.
     fn put(&self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Every entry of a table, in key order.
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
 
 /// The embedded store: one redb file.
@@ -138,6 +146,23 @@ impl Store for RedbStore {
         };
         let value = t.get(key).map_err(|e| io(op)(e.into()))?;
         Ok(value.map(|v| v.value().to_vec()))
+    }
+
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        use redb::{ReadableDatabase, ReadableTable};
+        let op = "scan";
+        let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
+        let t = match txn.open_table(table.definition()) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(io(op)(e.into())),
+        };
+        let mut out = Vec::new();
+        for item in t.iter().map_err(|e| io(op)(e.into()))? {
+            let (k, v) = item.map_err(|e| io(op)(e.into()))?;
+            out.push((k.value().to_owned(), v.value().to_vec()));
+        }
+        Ok(out)
     }
 
     fn insert_new(&self, table: Table, key: &str, value: &[u8]) -> Result<bool, StoreError> {

@@ -17,6 +17,35 @@ pub mod v1 {
     )]
     tonic::include_proto!("kms.v1");
 
+    /// A `Debug` that prints the named public fields and, for the secret ones, their
+    /// length only.
+    macro_rules! redacted_debug {
+        ($ty:ident { $($public:ident),* } secret { $($secret:ident),* }) => {
+            impl core::fmt::Debug for $ty {
+                fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                    let mut d = f.debug_struct(stringify!($ty));
+                    $( d.field(stringify!($public), &self.$public); )*
+                    $( d.field(stringify!($secret), &format_args!("<{} bytes redacted>", self.$secret.len())); )*
+                    d.finish()
+                }
+            }
+        };
+    }
+
+    redacted_debug!(EncryptRequest { key } secret { plaintext, associated_data });
+    redacted_debug!(DecryptRequest { key } secret { ciphertext, associated_data });
+    redacted_debug!(DecryptResponse { key_version } secret { plaintext });
+    redacted_debug!(ReEncryptRequest { key, destination_key } secret { ciphertext, associated_data });
+    redacted_debug!(GenerateDataKeyRequest { key, length_bytes } secret { associated_data });
+    redacted_debug!(GenerateDataKeyResponse { key_version } secret { plaintext, ciphertext });
+    redacted_debug!(VerifyRequest { key, key_version } secret { signature });
+    redacted_debug!(MacRequest { key } secret { message });
+    redacted_debug!(VerifyMacRequest { key, key_version } secret { message, mac });
+    redacted_debug!(EncryptItem {} secret { plaintext, associated_data });
+    redacted_debug!(DecryptItem {} secret { ciphertext, associated_data });
+    redacted_debug!(SignRequest { key, format } secret {});
+    redacted_debug!(SignItem {} secret {});
+
     impl core::fmt::Debug for InitRequest {
         fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
             f.debug_struct("InitRequest")
@@ -74,6 +103,23 @@ mod tests {
         };
         let printed = format!("{req:?} {resp:?} {init:?}");
         assert!(!printed.contains("SECRETPIN"), "{printed}");
+        let enc = super::v1::EncryptRequest {
+            key: "k".into(),
+            plaintext: b"SECRETPLAINTEXT".to_vec(),
+            associated_data: b"SECRETAAD".to_vec(),
+        };
+        let sign = super::v1::SignRequest {
+            key: "k".into(),
+            input: Some(super::v1::sign_request::Input::Message(
+                b"SECRETMSG".to_vec(),
+            )),
+            format: 0,
+        };
+        let printed = format!("{enc:?} {sign:?}");
+        for secret in ["SECRETPLAINTEXT", "SECRETAAD", "SECRETMSG", "83, 69, 67"] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
+        assert!(printed.contains("<15 bytes redacted>"), "{printed}");
         assert!(!printed.contains("SECRETSHARE"), "{printed}");
         assert!(printed.contains("redacted"));
     }

@@ -22,6 +22,8 @@ use crate::config::Config;
 #[derive(Debug, Parser)]
 #[command(name = "kms", version, about, long_about = None)]
 pub struct Cli {
+    #[command(flatten)]
+    conn: Conn,
     #[command(subcommand)]
     command: Command,
 }
@@ -38,11 +40,16 @@ enum Command {
     Dev(crate::dev::DevArgs),
     /// Seal lifecycle: init, unseal, seal, status.
     Operator {
-        #[command(flatten)]
-        conn: Conn,
         #[command(subcommand)]
         command: OperatorCommand,
     },
+    /// Key administration: create, get, list, rotate, update, version states.
+    Key {
+        #[command(subcommand)]
+        command: keys::KeyCommand,
+    },
+    #[command(flatten)]
+    Crypto(keys::CryptoCommand),
     /// PKCS#11 tools.
     Pkcs11 {
         #[command(subcommand)]
@@ -121,7 +128,10 @@ pub fn main() -> ExitCode {
     }
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Any error the CLI prints.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+mod keys;
 
 /// An error and its sources, joined by ": ".
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
@@ -152,16 +162,26 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             let rt = runtime()?;
             rt.block_on(async {
                 let listen = config.listen;
+                let interval = config.maintenance_interval;
                 let seal =
                     tokio::task::spawn_blocking(move || crate::server::open(&config)).await??;
                 let listener = crate::server::bind(listen).await?;
-                crate::server::serve(listener, seal, crate::server::shutdown_signal()).await?;
+                crate::server::serve(listener, seal, interval, crate::server::shutdown_signal())
+                    .await?;
                 Ok::<_, BoxError>(())
             })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Dev(args) => crate::dev::run(args),
-        Command::Operator { conn, command } => runtime()?.block_on(operator(conn, command)),
+        Command::Operator { command } => runtime()?.block_on(operator(cli.conn, command)),
+        Command::Key { command } => runtime()?.block_on(async {
+            let channel = connect(&cli.conn).await?;
+            keys::run_key(channel, command).await
+        }),
+        Command::Crypto(command) => runtime()?.block_on(async {
+            let channel = connect(&cli.conn).await?;
+            keys::run_crypto(channel, command).await
+        }),
         Command::Pkcs11 {
             command: Pkcs11Command::Probe { config, module },
         } => {
@@ -201,7 +221,8 @@ pub fn init_logging(level: tracing::Level) {
         .try_init();
 }
 
-async fn connect(conn: &Conn) -> Result<SystemClient<Channel>, BoxError> {
+/// Connects to the server named by `--addr` / `KMS_ADDR`.
+async fn connect(conn: &Conn) -> Result<Channel, BoxError> {
     let addr = if conn.addr.contains("://") {
         conn.addr.clone()
     } else {
@@ -214,13 +235,13 @@ async fn connect(conn: &Conn) -> Result<SystemClient<Channel>, BoxError> {
         .connect()
         .await
         .map_err(|e| format!("cannot reach the kms server at {addr}: {}", error_chain(&e)))?;
-    Ok(SystemClient::new(channel))
+    Ok(channel)
 }
 
 /// A gRPC status as the CLI prints it.
 #[derive(Debug, thiserror::Error)]
 #[error("{}: {}", code_name(.0.code()), .0.message())]
-struct RpcError(tonic::Status);
+pub struct RpcError(pub tonic::Status);
 
 fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
@@ -246,7 +267,7 @@ fn code_name(code: tonic::Code) -> &'static str {
 }
 
 async fn operator(conn: Conn, command: OperatorCommand) -> Result<ExitCode, BoxError> {
-    let mut client = connect(&conn).await?;
+    let mut client = SystemClient::new(connect(&conn).await?);
     match command {
         OperatorCommand::Init {
             shares,

@@ -1,0 +1,772 @@
+//! `kms key ...` and the crypto commands (`kms encrypt`, `decrypt`, `sign`, ...).
+//!
+//! Data comes from `--in FILE` or standard input and goes to `--out FILE` or standard
+//! output, as bytes. With `--base64`, binary outputs (ciphertext, plaintext from decrypt,
+//! signatures, MACs) are written base64, and binary inputs that are ours (ciphertexts,
+//! signatures, MACs) are read base64. `--json` prints one JSON object with base64 fields.
+//! `verify` and `verify-mac` exit 0 when valid and 3 when not (1 is an error).
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand, ValueEnum};
+use kms_proto::v1 as pb;
+use kms_proto::v1::key_management_client::KeyManagementClient;
+use tonic::transport::Channel;
+use zeroize::Zeroizing;
+
+use super::{BoxError, RpcError};
+
+/// The exit code of `verify` / `verify-mac` for an invalid signature or MAC.
+const EXIT_INVALID: u8 = 3;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(super) enum AlgorithmArg {
+    #[value(name = "aes-256-gcm")]
+    Aes256Gcm,
+    #[value(name = "ed25519")]
+    Ed25519,
+    #[value(name = "ecdsa-p256-sha256")]
+    EcdsaP256Sha256,
+    #[value(name = "hmac-sha256")]
+    HmacSha256,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(super) enum ProtectionArg {
+    Software,
+    Hsm,
+}
+
+/// `kms key ...`.
+#[derive(Debug, Subcommand)]
+pub(super) enum KeyCommand {
+    /// Create a key (its version 1 is made at once).
+    Create {
+        /// The key's name: [a-zA-Z0-9_.-]{1,128}.
+        name: String,
+        /// The algorithm (the purpose follows from it).
+        #[arg(long, value_enum)]
+        algorithm: AlgorithmArg,
+        /// Where the material lives.
+        #[arg(long, value_enum, default_value = "software")]
+        protection: ProtectionArg,
+        /// Rotate automatically this often (e.g. 90d, 12h).
+        #[arg(long, value_parser = parse_duration)]
+        rotation_period: Option<u64>,
+        /// A label, KEY=VALUE (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a key and its versions.
+    Get {
+        /// The key.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every key.
+    List {
+        /// Print JSON (one array).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a version and make it primary.
+    Rotate {
+        /// The key.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the rotation period, the minimum decryption version, or the labels.
+    Update {
+        /// The key.
+        name: String,
+        /// The new rotation period (e.g. 30d), or "off".
+        #[arg(long)]
+        rotation_period: Option<String>,
+        /// Versions below this refuse to decrypt and verify.
+        #[arg(long)]
+        min_decryption_version: Option<u32>,
+        /// Replace all labels with these, KEY=VALUE (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Remove every label.
+        #[arg(long, conflicts_with = "labels")]
+        clear_labels: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Enable a disabled version.
+    EnableVersion {
+        /// The key.
+        name: String,
+        /// The version.
+        version: u32,
+    },
+    /// Disable a version (it refuses every operation until enabled again).
+    DisableVersion {
+        /// The key.
+        name: String,
+        /// The version.
+        version: u32,
+    },
+    /// Schedule a version's destruction (crypto-shredding) after a waiting period.
+    ScheduleDestroy {
+        /// The key.
+        name: String,
+        /// The version.
+        version: u32,
+        /// Days to wait, 1..=30.
+        #[arg(long, default_value_t = 7)]
+        days: u32,
+    },
+    /// Cancel a scheduled destruction (the version comes back disabled).
+    CancelDestroy {
+        /// The key.
+        name: String,
+        /// The version.
+        version: u32,
+    },
+}
+
+/// Input and output of the crypto commands.
+#[derive(Debug, Args)]
+pub(super) struct Io {
+    /// Read the input from this file (default: standard input).
+    #[arg(long = "in")]
+    input: Option<PathBuf>,
+    /// Write the output to this file (default: standard output).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Binary outputs and inputs of ours in base64.
+    #[arg(long)]
+    base64: bool,
+}
+
+/// Associated data (encryption context).
+#[derive(Debug, Args)]
+pub(super) struct Aad {
+    /// Associated data, as text.
+    #[arg(long, conflicts_with = "aad_file")]
+    aad: Option<String>,
+    /// Associated data, from a file.
+    #[arg(long)]
+    aad_file: Option<PathBuf>,
+}
+
+/// The crypto commands.
+#[derive(Debug, Subcommand)]
+pub(super) enum CryptoCommand {
+    /// Encrypt up to 64 KiB under a key's primary version.
+    Encrypt {
+        /// The key.
+        #[arg(long)]
+        key: String,
+        #[command(flatten)]
+        io: Io,
+        #[command(flatten)]
+        aad: Aad,
+    },
+    /// Decrypt a ciphertext.
+    Decrypt {
+        /// The key.
+        #[arg(long)]
+        key: String,
+        #[command(flatten)]
+        io: Io,
+        #[command(flatten)]
+        aad: Aad,
+    },
+    /// Re-encrypt a ciphertext under a key's primary version (or another key), without
+    /// revealing the plaintext.
+    Reencrypt {
+        /// The key the ciphertext is under.
+        #[arg(long)]
+        key: String,
+        /// The key to re-encrypt under (default: the same key).
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        io: Io,
+        #[command(flatten)]
+        aad: Aad,
+    },
+    /// Make a data key for envelope encryption; prints JSON with base64 fields.
+    Datakey {
+        /// The key that encrypts the data key.
+        #[arg(long)]
+        key: String,
+        /// Data key length in bytes, 1..=64.
+        #[arg(long, default_value_t = 32)]
+        length: u32,
+        /// Return only the encrypted data key.
+        #[arg(long)]
+        no_plaintext: bool,
+        #[command(flatten)]
+        aad: Aad,
+    },
+    /// Sign a message (or, with --digest, a SHA-256 digest; ECDSA only).
+    Sign {
+        /// The key.
+        #[arg(long)]
+        key: String,
+        /// The input is a 32-byte SHA-256 digest, not the message.
+        #[arg(long)]
+        digest: bool,
+        /// ECDSA: raw r|s instead of DER.
+        #[arg(long)]
+        raw: bool,
+        #[command(flatten)]
+        io: Io,
+    },
+    /// Verify a signature (exit 0 valid, 3 invalid).
+    Verify {
+        /// The key.
+        #[arg(long)]
+        key: String,
+        /// The signature file.
+        #[arg(long)]
+        signature: PathBuf,
+        /// The version that signed (default: the primary).
+        #[arg(long, default_value_t = 0)]
+        version: u32,
+        /// The input is a SHA-256 digest.
+        #[arg(long)]
+        digest: bool,
+        #[command(flatten)]
+        io: Io,
+    },
+    /// Print a signing key's public key (SubjectPublicKeyInfo PEM).
+    PublicKey {
+        /// The key.
+        #[arg(long)]
+        key: String,
+        /// The version (default: the primary).
+        #[arg(long, default_value_t = 0)]
+        version: u32,
+    },
+    /// Compute an HMAC.
+    Mac {
+        /// The key.
+        #[arg(long)]
+        key: String,
+        #[command(flatten)]
+        io: Io,
+    },
+    /// Verify an HMAC (exit 0 valid, 3 invalid).
+    VerifyMac {
+        /// The key.
+        #[arg(long)]
+        key: String,
+        /// The MAC file.
+        #[arg(long)]
+        mac: PathBuf,
+        /// The version that made it (default: the primary).
+        #[arg(long, default_value_t = 0)]
+        version: u32,
+        #[command(flatten)]
+        io: Io,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<u64, String> {
+    humantime::parse_duration(s)
+        .map(|d| d.as_secs())
+        .map_err(|e| format!("{e} (examples: 90d, 12h, 30m)"))
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| "a label is KEY=VALUE".to_owned())
+}
+
+fn algorithm_pb(a: AlgorithmArg) -> pb::Algorithm {
+    match a {
+        AlgorithmArg::Aes256Gcm => pb::Algorithm::Aes256Gcm,
+        AlgorithmArg::Ed25519 => pb::Algorithm::Ed25519,
+        AlgorithmArg::EcdsaP256Sha256 => pb::Algorithm::EcdsaP256Sha256,
+        AlgorithmArg::HmacSha256 => pb::Algorithm::HmacSha256,
+    }
+}
+
+fn b64(b: &[u8]) -> String {
+    data_encoding::BASE64.encode(b)
+}
+
+fn read_input(path: &Option<PathBuf>) -> Result<Zeroizing<Vec<u8>>, BoxError> {
+    let mut buf = Zeroizing::new(Vec::new());
+    match path {
+        Some(p) if p.as_os_str() != "-" => {
+            std::fs::File::open(p)
+                .map_err(|e| format!("cannot read {}: {e}", p.display()))?
+                .read_to_end(&mut buf)?;
+        }
+        _ => {
+            std::io::stdin().lock().read_to_end(&mut buf)?;
+        }
+    }
+    Ok(buf)
+}
+
+/// Reads one of our binary values (ciphertext, signature, MAC), base64 when asked.
+fn read_ours(bytes: &[u8], base64: bool) -> Result<Vec<u8>, BoxError> {
+    if !base64 {
+        return Ok(bytes.to_vec());
+    }
+    let text: Vec<u8> = bytes
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
+    data_encoding::BASE64
+        .decode(&text)
+        .map_err(|_| "the input is not valid base64".into())
+}
+
+fn write_output(io: &Io, bytes: &[u8]) -> Result<(), BoxError> {
+    let encoded;
+    let data: &[u8] = if io.base64 {
+        encoded = format!("{}\n", b64(bytes));
+        encoded.as_bytes()
+    } else {
+        bytes
+    };
+    match &io.out {
+        Some(p) if p.as_os_str() != "-" => {
+            std::fs::write(p, data).map_err(|e| format!("cannot write {}: {e}", p.display()))?
+        }
+        _ => std::io::stdout().lock().write_all(data)?,
+    }
+    Ok(())
+}
+
+fn aad_bytes(aad: &Aad) -> Result<Vec<u8>, BoxError> {
+    match (&aad.aad, &aad.aad_file) {
+        (Some(t), _) => Ok(t.as_bytes().to_vec()),
+        (None, Some(p)) => {
+            Ok(std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?)
+        }
+        (None, None) => Ok(Vec::new()),
+    }
+}
+
+fn key_json(k: &pb::Key) -> serde_json::Value {
+    let name = |v: i32, f: fn(i32) -> Option<&'static str>| f(v).unwrap_or("UNKNOWN");
+    serde_json::json!({
+        "name": k.name,
+        "purpose": name(k.purpose, |v| pb::Purpose::try_from(v).ok().map(|p| p.as_str_name())),
+        "algorithm": name(k.algorithm, |v| pb::Algorithm::try_from(v).ok().map(|p| p.as_str_name())),
+        "protection_level": name(k.protection_level, |v| pb::ProtectionLevel::try_from(v).ok().map(|p| p.as_str_name())),
+        "primary_version": k.primary_version,
+        "min_decryption_version": k.min_decryption_version,
+        "rotation_period_seconds": k.rotation_period_seconds,
+        "next_rotation_time": k.next_rotation_time,
+        "create_time": k.create_time,
+        "labels": k.labels,
+        "versions": k.versions.iter().map(|v| serde_json::json!({
+            "version": v.version,
+            "state": name(v.state, |s| pb::KeyVersionState::try_from(s).ok().map(|p| p.as_str_name())),
+            "create_time": v.create_time,
+            "destroy_time": v.destroy_time,
+            "destroyed_time": v.destroyed_time,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// A string field of a JSON object, or "".
+fn text<'a>(v: &'a serde_json::Value, field: &str) -> &'a str {
+    v.get(field)
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("")
+}
+
+fn print_key(k: &pb::Key, json: bool) {
+    let v = key_json(k);
+    if json {
+        println!("{v}");
+        return;
+    }
+    println!("Name                    {}", k.name);
+    println!("Purpose                 {}", text(&v, "purpose"));
+    println!("Algorithm               {}", text(&v, "algorithm"));
+    println!("Protection              {}", text(&v, "protection_level"));
+    println!("Primary version         {}", k.primary_version);
+    println!("Min decryption version  {}", k.min_decryption_version);
+    if k.rotation_period_seconds > 0 {
+        println!(
+            "Rotation period         {}",
+            humantime::format_duration(std::time::Duration::from_secs(k.rotation_period_seconds))
+        );
+    }
+    for (lk, lv) in &k.labels {
+        println!("Label                   {lk}={lv}");
+    }
+    for ver in v
+        .get("versions")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let n = ver
+            .get("version")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        println!("Version {n:<16}{}", text(ver, "state"));
+    }
+}
+
+/// Runs `kms key ...`.
+pub(super) async fn run_key(channel: Channel, command: KeyCommand) -> Result<ExitCode, BoxError> {
+    let mut c = KeyManagementClient::new(channel);
+    let (key, json) = match command {
+        KeyCommand::Create {
+            name,
+            algorithm,
+            protection,
+            rotation_period,
+            labels,
+            json,
+        } => {
+            let req = pb::CreateKeyRequest {
+                name,
+                algorithm: algorithm_pb(algorithm) as i32,
+                protection_level: match protection {
+                    ProtectionArg::Software => pb::ProtectionLevel::Software,
+                    ProtectionArg::Hsm => pb::ProtectionLevel::Hsm,
+                } as i32,
+                rotation_period_seconds: rotation_period.unwrap_or(0),
+                labels: labels.into_iter().collect::<HashMap<_, _>>(),
+            };
+            (
+                c.create_key(req).await.map_err(RpcError)?.into_inner(),
+                json,
+            )
+        }
+        KeyCommand::Get { name, json } => (
+            c.get_key(pb::GetKeyRequest { name })
+                .await
+                .map_err(RpcError)?
+                .into_inner(),
+            json,
+        ),
+        KeyCommand::List { json } => {
+            let mut all = Vec::new();
+            let mut token = String::new();
+            loop {
+                let page = c
+                    .list_keys(pb::ListKeysRequest {
+                        page_size: 1000,
+                        page_token: token,
+                    })
+                    .await
+                    .map_err(RpcError)?
+                    .into_inner();
+                all.extend(page.keys);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::Value::Array(all.iter().map(key_json).collect())
+                );
+            } else {
+                for k in &all {
+                    let v = key_json(k);
+                    println!(
+                        "{:<40} {:<18} {:<9} v{}",
+                        k.name,
+                        text(&v, "algorithm"),
+                        text(&v, "protection_level"),
+                        k.primary_version
+                    );
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        KeyCommand::Rotate { name, json } => (
+            c.rotate_key(pb::RotateKeyRequest { name })
+                .await
+                .map_err(RpcError)?
+                .into_inner(),
+            json,
+        ),
+        KeyCommand::Update {
+            name,
+            rotation_period,
+            min_decryption_version,
+            labels,
+            clear_labels,
+            json,
+        } => {
+            let rotation_period_seconds = match rotation_period.as_deref() {
+                None => None,
+                Some("off") => Some(0),
+                Some(d) => Some(parse_duration(d)?),
+            };
+            let update_labels = clear_labels || !labels.is_empty();
+            let req = pb::UpdateKeyRequest {
+                name,
+                rotation_period_seconds,
+                min_decryption_version,
+                update_labels,
+                labels: labels.into_iter().collect(),
+            };
+            (
+                c.update_key(req).await.map_err(RpcError)?.into_inner(),
+                json,
+            )
+        }
+        KeyCommand::EnableVersion { name, version } => (
+            c.enable_key_version(pb::KeyVersionRequest { name, version })
+                .await
+                .map_err(RpcError)?
+                .into_inner(),
+            false,
+        ),
+        KeyCommand::DisableVersion { name, version } => (
+            c.disable_key_version(pb::KeyVersionRequest { name, version })
+                .await
+                .map_err(RpcError)?
+                .into_inner(),
+            false,
+        ),
+        KeyCommand::ScheduleDestroy {
+            name,
+            version,
+            days,
+        } => (
+            c.schedule_key_version_destruction(pb::ScheduleKeyVersionDestructionRequest {
+                name,
+                version,
+                pending_days: days,
+            })
+            .await
+            .map_err(RpcError)?
+            .into_inner(),
+            false,
+        ),
+        KeyCommand::CancelDestroy { name, version } => (
+            c.cancel_key_version_destruction(pb::KeyVersionRequest { name, version })
+                .await
+                .map_err(RpcError)?
+                .into_inner(),
+            false,
+        ),
+    };
+    print_key(&key, json);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sign_input(digest: bool, data: Vec<u8>) -> pb::sign_request::Input {
+    if digest {
+        pb::sign_request::Input::Digest(data)
+    } else {
+        pb::sign_request::Input::Message(data)
+    }
+}
+
+/// Runs a crypto command.
+pub(super) async fn run_crypto(
+    channel: Channel,
+    command: CryptoCommand,
+) -> Result<ExitCode, BoxError> {
+    let mut c = KeyManagementClient::new(channel);
+    match command {
+        CryptoCommand::Encrypt { key, io, aad } => {
+            let pt = read_input(&io.input)?;
+            let r = c
+                .encrypt(pb::EncryptRequest {
+                    key,
+                    plaintext: pt.to_vec(),
+                    associated_data: aad_bytes(&aad)?,
+                })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            write_output(&io, &r.ciphertext)?;
+        }
+        CryptoCommand::Decrypt { key, io, aad } => {
+            let ct = read_ours(&read_input(&io.input)?, io.base64)?;
+            let r = c
+                .decrypt(pb::DecryptRequest {
+                    key,
+                    ciphertext: ct,
+                    associated_data: aad_bytes(&aad)?,
+                })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            let pt = Zeroizing::new(r.plaintext);
+            write_output(&io, &pt)?;
+        }
+        CryptoCommand::Reencrypt { key, to, io, aad } => {
+            let ct = read_ours(&read_input(&io.input)?, io.base64)?;
+            let r = c
+                .re_encrypt(pb::ReEncryptRequest {
+                    key,
+                    ciphertext: ct,
+                    associated_data: aad_bytes(&aad)?,
+                    destination_key: to.unwrap_or_default(),
+                })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            write_output(&io, &r.ciphertext)?;
+        }
+        CryptoCommand::Datakey {
+            key,
+            length,
+            no_plaintext,
+            aad,
+        } => {
+            let req = pb::GenerateDataKeyRequest {
+                key,
+                length_bytes: length,
+                associated_data: aad_bytes(&aad)?,
+            };
+            let v = if no_plaintext {
+                let r = c
+                    .generate_data_key_without_plaintext(req)
+                    .await
+                    .map_err(RpcError)?
+                    .into_inner();
+                serde_json::json!({"ciphertext": b64(&r.ciphertext), "key_version": r.key_version})
+            } else {
+                let r = c
+                    .generate_data_key(req)
+                    .await
+                    .map_err(RpcError)?
+                    .into_inner();
+                let pt = Zeroizing::new(r.plaintext);
+                serde_json::json!({
+                    "plaintext": b64(&pt),
+                    "ciphertext": b64(&r.ciphertext),
+                    "key_version": r.key_version,
+                })
+            };
+            println!("{v}");
+        }
+        CryptoCommand::Sign {
+            key,
+            digest,
+            raw,
+            io,
+        } => {
+            let data = read_input(&io.input)?;
+            let r = c
+                .sign(pb::SignRequest {
+                    key,
+                    input: Some(sign_input(digest, data.to_vec())),
+                    format: if raw {
+                        pb::SignatureFormat::Raw
+                    } else {
+                        pb::SignatureFormat::Default
+                    } as i32,
+                })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            write_output(&io, &r.signature)?;
+        }
+        CryptoCommand::Verify {
+            key,
+            signature,
+            version,
+            digest,
+            io,
+        } => {
+            let data = read_input(&io.input)?;
+            let sig = read_ours(
+                &std::fs::read(&signature)
+                    .map_err(|e| format!("cannot read {}: {e}", signature.display()))?,
+                io.base64,
+            )?;
+            let input = if digest {
+                pb::verify_request::Input::Digest(data.to_vec())
+            } else {
+                pb::verify_request::Input::Message(data.to_vec())
+            };
+            let r = c
+                .verify(pb::VerifyRequest {
+                    key,
+                    key_version: version,
+                    input: Some(input),
+                    signature: sig,
+                })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            println!("{}", if r.valid { "valid" } else { "invalid" });
+            return Ok(if r.valid {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_INVALID)
+            });
+        }
+        CryptoCommand::PublicKey { key, version } => {
+            let r = c
+                .get_public_key(pb::GetPublicKeyRequest {
+                    key,
+                    key_version: version,
+                })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            print!("{}", r.pem);
+        }
+        CryptoCommand::Mac { key, io } => {
+            let data = read_input(&io.input)?;
+            let r = c
+                .mac(pb::MacRequest {
+                    key,
+                    message: data.to_vec(),
+                })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            write_output(&io, &r.mac)?;
+        }
+        CryptoCommand::VerifyMac {
+            key,
+            mac,
+            version,
+            io,
+        } => {
+            let data = read_input(&io.input)?;
+            let tag = read_ours(
+                &std::fs::read(&mac).map_err(|e| format!("cannot read {}: {e}", mac.display()))?,
+                io.base64,
+            )?;
+            let r = c
+                .verify_mac(pb::VerifyMacRequest {
+                    key,
+                    key_version: version,
+                    message: data.to_vec(),
+                    mac: tag,
+                })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            println!("{}", if r.valid { "valid" } else { "invalid" });
+            return Ok(if r.valid {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_INVALID)
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,580 @@
+//! `kms.v1.KeyManagement`: key administration and cryptography.
+
+use std::sync::Arc;
+
+use kms_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use super::{ApiError, code_of, with_keyring};
+use crate::keyring::material::SignInput;
+use crate::keyring::model::{Algorithm, KeyMeta, Protection, Purpose, VersionState};
+use crate::keyring::{KeyUpdate, Keyring, KeyringError, NewKey};
+use crate::seal::SealManager;
+
+/// The most items in one batch.
+pub const MAX_BATCH: usize = 1000;
+
+/// The `kms.v1.KeyManagement` service.
+#[derive(Debug, Clone)]
+pub struct KeyManagementService {
+    seal: Arc<SealManager>,
+}
+
+impl KeyManagementService {
+    /// A service over `seal`'s keyring.
+    pub fn new(seal: Arc<SealManager>) -> Self {
+        Self { seal }
+    }
+}
+
+fn secs(t: u64) -> i64 {
+    i64::try_from(t).unwrap_or(i64::MAX)
+}
+
+fn key_pb(m: &KeyMeta) -> pb::Key {
+    pb::Key {
+        name: m.name.clone(),
+        purpose: match m.purpose {
+            Purpose::EncryptDecrypt => pb::Purpose::EncryptDecrypt,
+            Purpose::SignVerify => pb::Purpose::SignVerify,
+            Purpose::Mac => pb::Purpose::Mac,
+        } as i32,
+        algorithm: algorithm_pb(m.algorithm) as i32,
+        protection_level: match m.protection {
+            Protection::Software => pb::ProtectionLevel::Software,
+            Protection::Hsm => pb::ProtectionLevel::Hsm,
+        } as i32,
+        primary_version: m.primary,
+        min_decryption_version: m.min_decryption_version,
+        rotation_period_seconds: m.rotation_period.unwrap_or(0),
+        next_rotation_time: m.next_rotation_at.map(secs).unwrap_or(0),
+        labels: m.labels.clone().into_iter().collect(),
+        versions: m
+            .versions
+            .iter()
+            .map(|v| {
+                let (state, destroy_time, destroyed_time) = match v.state {
+                    VersionState::Enabled => (pb::KeyVersionState::Enabled, 0, 0),
+                    VersionState::Disabled => (pb::KeyVersionState::Disabled, 0, 0),
+                    VersionState::ScheduledForDestruction { destroy_at } => (
+                        pb::KeyVersionState::ScheduledForDestruction,
+                        secs(destroy_at),
+                        0,
+                    ),
+                    VersionState::Destroyed { destroyed_at } => {
+                        (pb::KeyVersionState::Destroyed, 0, secs(destroyed_at))
+                    }
+                };
+                pb::KeyVersion {
+                    version: v.version,
+                    state: state as i32,
+                    create_time: secs(v.created_at),
+                    destroy_time,
+                    destroyed_time,
+                }
+            })
+            .collect(),
+        create_time: secs(m.created_at),
+    }
+}
+
+fn algorithm_pb(a: Algorithm) -> pb::Algorithm {
+    match a {
+        Algorithm::Aes256Gcm => pb::Algorithm::Aes256Gcm,
+        Algorithm::Ed25519 => pb::Algorithm::Ed25519,
+        Algorithm::EcdsaP256Sha256 => pb::Algorithm::EcdsaP256Sha256,
+        Algorithm::HmacSha256 => pb::Algorithm::HmacSha256,
+    }
+}
+
+fn algorithm_from(v: i32) -> Result<Algorithm, KeyringError> {
+    match pb::Algorithm::try_from(v) {
+        Ok(pb::Algorithm::Aes256Gcm) => Ok(Algorithm::Aes256Gcm),
+        Ok(pb::Algorithm::Ed25519) => Ok(Algorithm::Ed25519),
+        Ok(pb::Algorithm::EcdsaP256Sha256) => Ok(Algorithm::EcdsaP256Sha256),
+        Ok(pb::Algorithm::HmacSha256) => Ok(Algorithm::HmacSha256),
+        _ => Err(KeyringError::BadRequest(
+            "algorithm must be one of AES_256_GCM, ED25519, ECDSA_P256_SHA256, HMAC_SHA256",
+        )),
+    }
+}
+
+fn protection_from(v: i32) -> Result<Protection, KeyringError> {
+    match pb::ProtectionLevel::try_from(v) {
+        Ok(pb::ProtectionLevel::Unspecified | pb::ProtectionLevel::Software) => {
+            Ok(Protection::Software)
+        }
+        Ok(pb::ProtectionLevel::Hsm) => Ok(Protection::Hsm),
+        Err(_) => Err(KeyringError::BadRequest(
+            "protection_level must be SOFTWARE or HSM",
+        )),
+    }
+}
+
+fn raw_format(v: i32) -> Result<bool, KeyringError> {
+    match pb::SignatureFormat::try_from(v) {
+        Ok(pb::SignatureFormat::Default) => Ok(false),
+        Ok(pb::SignatureFormat::Raw) => Ok(true),
+        Err(_) => Err(KeyringError::BadRequest("unknown signature format")),
+    }
+}
+
+fn item_error(e: KeyringError) -> pb::ItemError {
+    let e = ApiError::Keyring(e);
+    let status = super::to_status(&e);
+    pb::ItemError {
+        code: code_of(&e) as i32,
+        message: status.message().to_owned(),
+    }
+}
+
+fn check_batch(n: usize) -> Result<(), KeyringError> {
+    if n == 0 {
+        return Err(KeyringError::BadRequest("the batch has no items"));
+    }
+    if n > MAX_BATCH {
+        return Err(KeyringError::TooLarge {
+            what: "the batch",
+            size: n,
+            max: MAX_BATCH,
+            hint: " items",
+        });
+    }
+    Ok(())
+}
+
+macro_rules! keyring_call {
+    ($self:ident, $rpc:literal, $key:expr, |$k:ident| $body:expr) => {
+        with_keyring(&$self.seal, $rpc, &$key.clone(), move |$k: &Keyring| $body).await
+    };
+}
+
+#[tonic::async_trait]
+impl pb::key_management_server::KeyManagement for KeyManagementService {
+    async fn create_key(
+        &self,
+        request: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let r = request.into_inner();
+        let name = r.name.clone();
+        let meta = keyring_call!(self, "KeyManagement/CreateKey", name, |k| {
+            k.create_key(NewKey {
+                name: r.name,
+                algorithm: algorithm_from(r.algorithm)?,
+                protection: protection_from(r.protection_level)?,
+                rotation_period: Some(r.rotation_period_seconds).filter(|p| *p != 0),
+                labels: r.labels.into_iter().collect(),
+            })
+        })?;
+        Ok(Response::new(key_pb(&meta)))
+    }
+
+    async fn get_key(
+        &self,
+        request: Request<pb::GetKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let name = request.into_inner().name;
+        let n = name.clone();
+        let meta = keyring_call!(self, "KeyManagement/GetKey", name, |k| k.get_key(&n))?;
+        Ok(Response::new(key_pb(&meta)))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let r = request.into_inner();
+        let (keys, next) = keyring_call!(self, "KeyManagement/ListKeys", String::new(), |k| {
+            k.list_keys(
+                usize::try_from(r.page_size).unwrap_or(usize::MAX),
+                &r.page_token,
+            )
+        })?;
+        Ok(Response::new(pb::ListKeysResponse {
+            keys: keys.iter().map(key_pb).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn rotate_key(
+        &self,
+        request: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let name = request.into_inner().name;
+        let n = name.clone();
+        let meta = keyring_call!(self, "KeyManagement/RotateKey", name, |k| k.rotate_key(&n))?;
+        Ok(Response::new(key_pb(&meta)))
+    }
+
+    async fn update_key(
+        &self,
+        request: Request<pb::UpdateKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let r = request.into_inner();
+        let name = r.name.clone();
+        let update = KeyUpdate {
+            rotation_period: r
+                .rotation_period_seconds
+                .map(|p| Some(p).filter(|p| *p != 0)),
+            min_decryption_version: r.min_decryption_version,
+            labels: r.update_labels.then(|| r.labels.into_iter().collect()),
+        };
+        let meta = keyring_call!(self, "KeyManagement/UpdateKey", name, |k| k
+            .update_key(&r.name, update))?;
+        Ok(Response::new(key_pb(&meta)))
+    }
+
+    async fn enable_key_version(
+        &self,
+        request: Request<pb::KeyVersionRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let r = request.into_inner();
+        let name = r.name.clone();
+        let meta = keyring_call!(self, "KeyManagement/EnableKeyVersion", name, |k| k
+            .enable_version(&r.name, r.version))?;
+        Ok(Response::new(key_pb(&meta)))
+    }
+
+    async fn disable_key_version(
+        &self,
+        request: Request<pb::KeyVersionRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let r = request.into_inner();
+        let name = r.name.clone();
+        let meta = keyring_call!(self, "KeyManagement/DisableKeyVersion", name, |k| k
+            .disable_version(&r.name, r.version))?;
+        Ok(Response::new(key_pb(&meta)))
+    }
+
+    async fn schedule_key_version_destruction(
+        &self,
+        request: Request<pb::ScheduleKeyVersionDestructionRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let r = request.into_inner();
+        let name = r.name.clone();
+        let days = if r.pending_days == 0 {
+            7
+        } else {
+            r.pending_days
+        };
+        let meta = keyring_call!(
+            self,
+            "KeyManagement/ScheduleKeyVersionDestruction",
+            name,
+            |k| k.schedule_destruction(&r.name, r.version, days)
+        )?;
+        Ok(Response::new(key_pb(&meta)))
+    }
+
+    async fn cancel_key_version_destruction(
+        &self,
+        request: Request<pb::KeyVersionRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let r = request.into_inner();
+        let name = r.name.clone();
+        let meta = keyring_call!(
+            self,
+            "KeyManagement/CancelKeyVersionDestruction",
+            name,
+            |k| k.cancel_destruction(&r.name, r.version)
+        )?;
+        Ok(Response::new(key_pb(&meta)))
+    }
+
+    async fn encrypt(
+        &self,
+        request: Request<pb::EncryptRequest>,
+    ) -> Result<Response<pb::EncryptResponse>, Status> {
+        let r = request.into_inner();
+        let name = r.key.clone();
+        let pt = Zeroizing::new(r.plaintext);
+        let (ciphertext, key_version) = keyring_call!(self, "KeyManagement/Encrypt", name, |k| k
+            .encrypt(&r.key, &pt, &r.associated_data))?;
+        Ok(Response::new(pb::EncryptResponse {
+            ciphertext,
+            key_version,
+        }))
+    }
+
+    async fn decrypt(
+        &self,
+        request: Request<pb::DecryptRequest>,
+    ) -> Result<Response<pb::DecryptResponse>, Status> {
+        let r = request.into_inner();
+        let name = r.key.clone();
+        let (pt, key_version) = keyring_call!(self, "KeyManagement/Decrypt", name, |k| k.decrypt(
+            &r.key,
+            &r.ciphertext,
+            &r.associated_data
+        ))?;
+        Ok(Response::new(pb::DecryptResponse {
+            plaintext: pt.to_vec(),
+            key_version,
+        }))
+    }
+
+    async fn re_encrypt(
+        &self,
+        request: Request<pb::ReEncryptRequest>,
+    ) -> Result<Response<pb::ReEncryptResponse>, Status> {
+        let r = request.into_inner();
+        let name = r.key.clone();
+        let destination = if r.destination_key.is_empty() {
+            r.key.clone()
+        } else {
+            r.destination_key.clone()
+        };
+        let dest = destination.clone();
+        let (ciphertext, key_version) = keyring_call!(
+            self,
+            "KeyManagement/ReEncrypt",
+            name,
+            |k| k.reencrypt(&r.key, &r.ciphertext, &r.associated_data, Some(&dest))
+        )?;
+        Ok(Response::new(pb::ReEncryptResponse {
+            ciphertext,
+            key_version,
+            key: destination,
+        }))
+    }
+
+    async fn generate_data_key(
+        &self,
+        request: Request<pb::GenerateDataKeyRequest>,
+    ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
+        let r = request.into_inner();
+        let name = r.key.clone();
+        let len = if r.length_bytes == 0 {
+            32
+        } else {
+            r.length_bytes
+        };
+        let (dk, ciphertext, key_version) =
+            keyring_call!(self, "KeyManagement/GenerateDataKey", name, |k| k
+                .generate_data_key(
+                    &r.key,
+                    usize::try_from(len).unwrap_or(usize::MAX),
+                    &r.associated_data
+                ))?;
+        Ok(Response::new(pb::GenerateDataKeyResponse {
+            plaintext: dk.to_vec(),
+            ciphertext,
+            key_version,
+        }))
+    }
+
+    async fn generate_data_key_without_plaintext(
+        &self,
+        request: Request<pb::GenerateDataKeyRequest>,
+    ) -> Result<Response<pb::GenerateDataKeyWithoutPlaintextResponse>, Status> {
+        let r = request.into_inner();
+        let name = r.key.clone();
+        let len = if r.length_bytes == 0 {
+            32
+        } else {
+            r.length_bytes
+        };
+        let (_dk, ciphertext, key_version) = keyring_call!(
+            self,
+            "KeyManagement/GenerateDataKeyWithoutPlaintext",
+            name,
+            |k| k.generate_data_key(
+                &r.key,
+                usize::try_from(len).unwrap_or(usize::MAX),
+                &r.associated_data
+            )
+        )?;
+        Ok(Response::new(pb::GenerateDataKeyWithoutPlaintextResponse {
+            ciphertext,
+            key_version,
+        }))
+    }
+
+    async fn sign(
+        &self,
+        request: Request<pb::SignRequest>,
+    ) -> Result<Response<pb::SignResponse>, Status> {
+        let r = request.into_inner();
+        let name = r.key.clone();
+        let (signature, key_version) = keyring_call!(self, "KeyManagement/Sign", name, |k| {
+            let raw = raw_format(r.format)?;
+            k.sign(
+                &r.key,
+                sign_input(r.input.as_ref().map(SignOneof::Request))?,
+                raw,
+            )
+        })?;
+        Ok(Response::new(pb::SignResponse {
+            signature,
+            key_version,
+        }))
+    }
+
+    async fn verify(
+        &self,
+        request: Request<pb::VerifyRequest>,
+    ) -> Result<Response<pb::VerifyResponse>, Status> {
+        let r = request.into_inner();
+        let name = r.key.clone();
+        let valid = keyring_call!(self, "KeyManagement/Verify", name, |k| {
+            let input = match &r.input {
+                Some(pb::verify_request::Input::Message(m)) => SignInput::Message(m),
+                Some(pb::verify_request::Input::Digest(d)) => SignInput::Digest(d),
+                None => return Err(KeyringError::BadRequest("give the message or its digest")),
+            };
+            k.verify(&r.key, r.key_version, input, &r.signature)
+        })?;
+        Ok(Response::new(pb::VerifyResponse { valid }))
+    }
+
+    async fn get_public_key(
+        &self,
+        request: Request<pb::GetPublicKeyRequest>,
+    ) -> Result<Response<pb::GetPublicKeyResponse>, Status> {
+        let r = request.into_inner();
+        let name = r.key.clone();
+        let (pem, key_version, algorithm) =
+            keyring_call!(self, "KeyManagement/GetPublicKey", name, |k| {
+                let (pem, v) = k.public_key(&r.key, r.key_version)?;
+                Ok((pem, v, k.get_key(&r.key)?.algorithm))
+            })?;
+        Ok(Response::new(pb::GetPublicKeyResponse {
+            pem,
+            key_version,
+            algorithm: algorithm_pb(algorithm) as i32,
+        }))
+    }
+
+    async fn mac(
+        &self,
+        request: Request<pb::MacRequest>,
+    ) -> Result<Response<pb::MacResponse>, Status> {
+        let r = request.into_inner();
+        let name = r.key.clone();
+        let (mac, key_version) = keyring_call!(self, "KeyManagement/Mac", name, |k| k
+            .mac(&r.key, &r.message))?;
+        Ok(Response::new(pb::MacResponse { mac, key_version }))
+    }
+
+    async fn verify_mac(
+        &self,
+        request: Request<pb::VerifyMacRequest>,
+    ) -> Result<Response<pb::VerifyMacResponse>, Status> {
+        let r = request.into_inner();
+        let name = r.key.clone();
+        let valid = keyring_call!(self, "KeyManagement/VerifyMac", name, |k| k.verify_mac(
+            &r.key,
+            r.key_version,
+            &r.message,
+            &r.mac
+        ))?;
+        Ok(Response::new(pb::VerifyMacResponse { valid }))
+    }
+
+    async fn batch_encrypt(
+        &self,
+        request: Request<pb::BatchEncryptRequest>,
+    ) -> Result<Response<pb::BatchEncryptResponse>, Status> {
+        let r = request.into_inner();
+        let name = r.key.clone();
+        let results = keyring_call!(self, "KeyManagement/BatchEncrypt", name, |k| {
+            check_batch(r.items.len())?;
+            Ok(r.items
+                .iter()
+                .map(|item| {
+                    let result = match k.encrypt(&r.key, &item.plaintext, &item.associated_data) {
+                        Ok((ciphertext, key_version)) => {
+                            pb::batch_encrypt_result::Result::Ok(pb::EncryptResponse {
+                                ciphertext,
+                                key_version,
+                            })
+                        }
+                        Err(e) => pb::batch_encrypt_result::Result::Error(item_error(e)),
+                    };
+                    pb::BatchEncryptResult {
+                        result: Some(result),
+                    }
+                })
+                .collect::<Vec<_>>())
+        })?;
+        Ok(Response::new(pb::BatchEncryptResponse { results }))
+    }
+
+    async fn batch_decrypt(
+        &self,
+        request: Request<pb::BatchDecryptRequest>,
+    ) -> Result<Response<pb::BatchDecryptResponse>, Status> {
+        let r = request.into_inner();
+        let name = r.key.clone();
+        let results = keyring_call!(self, "KeyManagement/BatchDecrypt", name, |k| {
+            check_batch(r.items.len())?;
+            Ok(r.items
+                .iter()
+                .map(|item| {
+                    let result = match k.decrypt(&r.key, &item.ciphertext, &item.associated_data) {
+                        Ok((pt, key_version)) => {
+                            pb::batch_decrypt_result::Result::Ok(pb::DecryptResponse {
+                                plaintext: pt.to_vec(),
+                                key_version,
+                            })
+                        }
+                        Err(e) => pb::batch_decrypt_result::Result::Error(item_error(e)),
+                    };
+                    pb::BatchDecryptResult {
+                        result: Some(result),
+                    }
+                })
+                .collect::<Vec<_>>())
+        })?;
+        Ok(Response::new(pb::BatchDecryptResponse { results }))
+    }
+
+    async fn batch_sign(
+        &self,
+        request: Request<pb::BatchSignRequest>,
+    ) -> Result<Response<pb::BatchSignResponse>, Status> {
+        let r = request.into_inner();
+        let name = r.key.clone();
+        let results = keyring_call!(self, "KeyManagement/BatchSign", name, |k| {
+            check_batch(r.items.len())?;
+            let raw = raw_format(r.format)?;
+            Ok(r.items
+                .iter()
+                .map(|item| {
+                    let signed = sign_input(item.input.as_ref().map(SignOneof::Item))
+                        .and_then(|input| k.sign(&r.key, input, raw));
+                    let result = match signed {
+                        Ok((signature, key_version)) => {
+                            pb::batch_sign_result::Result::Ok(pb::SignResponse {
+                                signature,
+                                key_version,
+                            })
+                        }
+                        Err(e) => pb::batch_sign_result::Result::Error(item_error(e)),
+                    };
+                    pb::BatchSignResult {
+                        result: Some(result),
+                    }
+                })
+                .collect::<Vec<_>>())
+        })?;
+        Ok(Response::new(pb::BatchSignResponse { results }))
+    }
+}
+
+/// The two generated `input` oneofs that carry a message or a digest.
+enum SignOneof<'a> {
+    Request(&'a pb::sign_request::Input),
+    Item(&'a pb::sign_item::Input),
+}
+
+fn sign_input(input: Option<SignOneof<'_>>) -> Result<SignInput<'_>, KeyringError> {
+    match input {
+        Some(SignOneof::Request(pb::sign_request::Input::Message(m)))
+        | Some(SignOneof::Item(pb::sign_item::Input::Message(m))) => Ok(SignInput::Message(m)),
+        Some(SignOneof::Request(pb::sign_request::Input::Digest(d)))
+        | Some(SignOneof::Item(pb::sign_item::Input::Digest(d))) => Ok(SignInput::Digest(d)),
+        None => Err(KeyringError::BadRequest("give the message or its digest")),
+    }
+}

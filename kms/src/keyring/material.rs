@@ -1,0 +1,457 @@
+//! Key material: derived beneath the root key (software) or held in the HSM, and the
+//! primitive operations on it.
+//!
+//! Software material: `HKDF-SHA256(ikm = root key, salt = the version's random 32-byte salt,
+//! info = "kms/v1/key-material" | key id (16) | version (u32 BE) | algorithm name)`.
+//! Derived once per version when the keyring loads or the version is made, and cached
+//! (zeroized on drop) until seal.
+
+use std::sync::atomic::AtomicU64;
+
+use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use ed25519_dalek::Signer as _;
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
+use p256::ecdsa::signature::hazmat::{PrehashSigner, PrehashVerifier};
+use p256::pkcs8::EncodePublicKey;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use super::KeyringError;
+use super::ciphertext::NONCE_LEN;
+use super::model::Algorithm;
+use crate::hsm::{Hsm, HsmKeyKind, KeyHandle};
+
+/// What to sign: a message, or (ECDSA only) its SHA-256 digest.
+#[derive(Debug, Clone, Copy)]
+pub enum SignInput<'a> {
+    /// The message itself.
+    Message(&'a [u8]),
+    /// A SHA-256 digest (32 bytes).
+    Digest(&'a [u8]),
+}
+
+/// The secret part of a version. No `Debug`; zeroized on drop.
+pub enum Secret {
+    /// AES-256-GCM with its key schedule.
+    Aes(Box<Aes256Gcm>),
+    /// An Ed25519 signing key.
+    Ed25519(Box<ed25519_dalek::SigningKey>),
+    /// A P-256 ECDSA signing key.
+    P256(Box<p256::ecdsa::SigningKey>),
+    /// An HMAC-SHA256 key.
+    Hmac(Zeroizing<[u8; 32]>),
+    /// A key inside the HSM.
+    Hsm(HsmKeyKind, KeyHandle),
+    /// An HSM key whose object is not in the token.
+    HsmMissing,
+}
+
+/// A public key.
+#[derive(Clone)]
+pub enum Public {
+    /// Ed25519.
+    Ed25519(ed25519_dalek::VerifyingKey),
+    /// P-256.
+    P256(p256::ecdsa::VerifyingKey),
+}
+
+impl Public {
+    /// From stored bytes (Ed25519: 32; P-256: SEC1).
+    pub fn from_bytes(algorithm: Algorithm, bytes: &[u8]) -> Option<Self> {
+        match algorithm {
+            Algorithm::Ed25519 => {
+                let arr: [u8; 32] = bytes.try_into().ok()?;
+                ed25519_dalek::VerifyingKey::from_bytes(&arr)
+                    .ok()
+                    .map(Self::Ed25519)
+            }
+            Algorithm::EcdsaP256Sha256 => p256::ecdsa::VerifyingKey::from_sec1_bytes(bytes)
+                .ok()
+                .map(Self::P256),
+            _ => None,
+        }
+    }
+
+    /// The bytes kept in metadata.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        match self {
+            Self::Ed25519(k) => k.to_bytes().to_vec(),
+            Self::P256(k) => k.to_sec1_bytes().to_vec(),
+        }
+    }
+
+    /// SubjectPublicKeyInfo, PEM.
+    pub fn to_pem(&self) -> Result<String, KeyringError> {
+        let le = p256::pkcs8::LineEnding::LF;
+        match self {
+            Self::Ed25519(k) => k.to_public_key_pem(le),
+            Self::P256(k) => k.to_public_key_pem(le),
+        }
+        .map_err(|_| KeyringError::Internal("encode public key"))
+    }
+
+    /// Verifies a signature in the standard encoding (Ed25519 raw 64 bytes; ECDSA DER,
+    /// or raw `r | s` of 64 bytes). Malformed signatures are simply invalid.
+    pub fn verify(&self, input: SignInput<'_>, signature: &[u8]) -> Result<bool, KeyringError> {
+        match (self, input) {
+            (Self::Ed25519(k), SignInput::Message(m)) => {
+                let Ok(sig) = ed25519_dalek::Signature::from_slice(signature) else {
+                    return Ok(false);
+                };
+                Ok(k.verify_strict(m, &sig).is_ok())
+            }
+            (Self::Ed25519(_), SignInput::Digest(_)) => Err(KeyringError::BadRequest(
+                "Ed25519 signs messages, not digests: send the message",
+            )),
+            (Self::P256(k), input) => {
+                let digest = sha256_input(input)?;
+                let sig = match p256::ecdsa::Signature::from_der(signature) {
+                    Ok(s) => s,
+                    Err(_) => match p256::ecdsa::Signature::from_slice(signature) {
+                        Ok(s) => s,
+                        Err(_) => return Ok(false),
+                    },
+                };
+                Ok(k.verify_prehash(&digest, &sig).is_ok())
+            }
+        }
+    }
+}
+
+/// The digest an ECDSA signature covers.
+fn sha256_input(input: SignInput<'_>) -> Result<[u8; 32], KeyringError> {
+    match input {
+        SignInput::Message(m) => Ok(Sha256::digest(m).into()),
+        SignInput::Digest(d) => d
+            .try_into()
+            .map_err(|_| KeyringError::BadRequest("a SHA-256 digest is 32 bytes")),
+    }
+}
+
+fn need(hsm: Option<&Hsm>) -> Result<&Hsm, KeyringError> {
+    hsm.ok_or(KeyringError::Internal("an HSM key without an HSM"))
+}
+
+/// One version's material, its public key, and its message counter.
+pub struct VersionMaterial {
+    /// The secret part (`None` when destroyed).
+    pub secret: Option<Secret>,
+    /// The public key, for asymmetric keys.
+    pub public: Option<Public>,
+    /// Messages encrypted under this version (AES-GCM nonce budget).
+    pub counter: AtomicU64,
+    /// The count up to which the store has a reservation (see `Keyring::encrypt`).
+    pub reserved: AtomicU64,
+}
+
+/// HKDF output of `N` bytes for a software version.
+fn derive<const N: usize>(
+    root: &[u8; 32],
+    salt: &[u8],
+    key_id: &[u8],
+    version: u32,
+    algorithm: Algorithm,
+    counter: u8,
+) -> Result<Zeroizing<[u8; N]>, KeyringError> {
+    let mut info = Vec::with_capacity(64);
+    info.extend_from_slice(b"kms/v1/key-material");
+    info.extend_from_slice(key_id);
+    info.extend_from_slice(&version.to_be_bytes());
+    info.extend_from_slice(algorithm.name().as_bytes());
+    if counter > 0 {
+        info.push(counter);
+    }
+    let mut okm = Zeroizing::new([0u8; N]);
+    Hkdf::<Sha256>::new(Some(salt), root)
+        .expand(&info, okm.as_mut_slice())
+        .map_err(|_| KeyringError::Internal("hkdf"))?;
+    Ok(okm)
+}
+
+/// Derives a software version's secret.
+pub fn derive_secret(
+    root: &[u8; 32],
+    salt: &[u8],
+    key_id: &[u8],
+    version: u32,
+    algorithm: Algorithm,
+) -> Result<Secret, KeyringError> {
+    let d = |c| derive::<32>(root, salt, key_id, version, algorithm, c);
+    Ok(match algorithm {
+        Algorithm::Aes256Gcm => {
+            let k = d(0)?;
+            Secret::Aes(Box::new(
+                Aes256Gcm::new_from_slice(k.as_slice())
+                    .map_err(|_| KeyringError::Internal("aes key"))?,
+            ))
+        }
+        Algorithm::Ed25519 => {
+            Secret::Ed25519(Box::new(ed25519_dalek::SigningKey::from_bytes(&*d(0)?)))
+        }
+        Algorithm::EcdsaP256Sha256 => {
+            // A scalar must be in 1..n; a 32-byte string is not with probability ~2^-32:
+            // derive again with a counter in the info.
+            let mut counter = 0u8;
+            loop {
+                if let Ok(k) = p256::ecdsa::SigningKey::from_slice(d(counter)?.as_slice()) {
+                    break Secret::P256(Box::new(k));
+                }
+                counter = counter
+                    .checked_add(1)
+                    .ok_or(KeyringError::Internal("p256 derivation"))?;
+            }
+        }
+        Algorithm::HmacSha256 => Secret::Hmac(d(0)?),
+    })
+}
+
+/// Derives the key that authenticates key metadata.
+pub fn metadata_mac_key(root: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, KeyringError> {
+    let mut okm = Zeroizing::new([0u8; 32]);
+    Hkdf::<Sha256>::new(None, root)
+        .expand(b"kms/v1/metadata-mac", okm.as_mut_slice())
+        .map_err(|_| KeyringError::Internal("hkdf"))?;
+    Ok(okm)
+}
+
+impl Secret {
+    /// The public key of an asymmetric software secret.
+    pub fn public(&self) -> Option<Public> {
+        match self {
+            Self::Ed25519(k) => Some(Public::Ed25519(k.verifying_key())),
+            Self::P256(k) => Some(Public::P256(*k.verifying_key())),
+            _ => None,
+        }
+    }
+
+    fn hsm_missing<T>() -> Result<T, KeyringError> {
+        Err(KeyringError::HsmKeyMissing)
+    }
+
+    /// AES-256-GCM encryption with the caller's nonce. Returns `ciphertext | tag`.
+    pub fn encrypt(
+        &self,
+        hsm: Option<&Hsm>,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        pt: &[u8],
+    ) -> Result<Vec<u8>, KeyringError> {
+        match self {
+            Self::Aes(c) => c
+                .encrypt(&(*nonce).into(), Payload { msg: pt, aad })
+                .map_err(|_| KeyringError::Internal("aes-gcm encrypt")),
+            Self::Hsm(HsmKeyKind::Aes256, h) => Ok(need(hsm)?.encrypt_with_iv(*h, nonce, aad, pt)?),
+            Self::HsmMissing => Self::hsm_missing(),
+            _ => Err(KeyringError::Internal("not an encryption key")),
+        }
+    }
+
+    /// AES-256-GCM decryption. Every failure is the opaque `DecryptionFailed`.
+    pub fn decrypt(
+        &self,
+        hsm: Option<&Hsm>,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        body: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
+        match self {
+            Self::Aes(c) => c
+                .decrypt(&(*nonce).into(), Payload { msg: body, aad })
+                .map(Zeroizing::new)
+                .map_err(|_| KeyringError::DecryptionFailed),
+            Self::Hsm(HsmKeyKind::Aes256, h) => {
+                let mut blob = Vec::with_capacity(NONCE_LEN + body.len());
+                blob.extend_from_slice(nonce);
+                blob.extend_from_slice(body);
+                match need(hsm)?.decrypt(*h, aad, &blob) {
+                    Ok(pt) => Ok(pt),
+                    Err(crate::hsm::HsmError::DecryptFailed) => Err(KeyringError::DecryptionFailed),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Self::HsmMissing => Self::hsm_missing(),
+            _ => Err(KeyringError::Internal("not an encryption key")),
+        }
+    }
+
+    /// Signs: Ed25519 gives 64 raw bytes; ECDSA gives DER (or raw `r | s` when `raw`).
+    pub fn sign(
+        &self,
+        hsm: Option<&Hsm>,
+        input: SignInput<'_>,
+        raw: bool,
+    ) -> Result<Vec<u8>, KeyringError> {
+        let ed_message = |input| match input {
+            SignInput::Message(m) => Ok(m),
+            SignInput::Digest(_) => Err(KeyringError::BadRequest(
+                "Ed25519 signs messages, not digests: send the message",
+            )),
+        };
+        let ecdsa_out = |sig: p256::ecdsa::Signature| {
+            // Low-S form, as most verifiers (and Bitcoin-style strict ones) expect.
+            let sig = sig.normalize_s();
+            if raw {
+                sig.to_bytes().to_vec()
+            } else {
+                sig.to_der().as_bytes().to_vec()
+            }
+        };
+        match self {
+            Self::Ed25519(k) => Ok(k.sign(ed_message(input)?).to_bytes().to_vec()),
+            Self::P256(k) => {
+                let digest = sha256_input(input)?;
+                let sig: p256::ecdsa::Signature = k
+                    .sign_prehash(&digest)
+                    .map_err(|_| KeyringError::Internal("ecdsa sign"))?;
+                Ok(ecdsa_out(sig))
+            }
+            Self::Hsm(HsmKeyKind::Ed25519, h) => {
+                Ok(need(hsm)?.sign(HsmKeyKind::Ed25519, *h, ed_message(input)?)?)
+            }
+            Self::Hsm(HsmKeyKind::EcdsaP256, h) => {
+                let digest = sha256_input(input)?;
+                let rs = need(hsm)?.sign(HsmKeyKind::EcdsaP256, *h, &digest)?;
+                let sig = p256::ecdsa::Signature::from_slice(&rs).map_err(|_| {
+                    KeyringError::Internal("HSM returned a malformed ECDSA signature")
+                })?;
+                Ok(ecdsa_out(sig))
+            }
+            Self::HsmMissing => Self::hsm_missing(),
+            _ => Err(KeyringError::Internal("not a signing key")),
+        }
+    }
+
+    /// HMAC-SHA256 of `message`.
+    pub fn mac(&self, hsm: Option<&Hsm>, message: &[u8]) -> Result<Vec<u8>, KeyringError> {
+        match self {
+            Self::Hmac(k) => {
+                let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(k.as_slice())
+                    .map_err(|_| KeyringError::Internal("hmac key"))?;
+                m.update(message);
+                Ok(m.finalize().into_bytes().to_vec())
+            }
+            Self::Hsm(HsmKeyKind::HmacSha256, h) => {
+                Ok(need(hsm)?.sign(HsmKeyKind::HmacSha256, *h, message)?)
+            }
+            Self::HsmMissing => Self::hsm_missing(),
+            _ => Err(KeyringError::Internal("not a MAC key")),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derivation_is_deterministic_and_separated() {
+        let root = [1u8; 32];
+        let a = derive::<32>(&root, &[2; 32], &[3; 16], 1, Algorithm::Aes256Gcm, 0).unwrap();
+        let b = derive::<32>(&root, &[2; 32], &[3; 16], 1, Algorithm::Aes256Gcm, 0).unwrap();
+        assert_eq!(*a, *b);
+        for other in [
+            derive::<32>(&[9; 32], &[2; 32], &[3; 16], 1, Algorithm::Aes256Gcm, 0).unwrap(),
+            derive::<32>(&root, &[9; 32], &[3; 16], 1, Algorithm::Aes256Gcm, 0).unwrap(),
+            derive::<32>(&root, &[2; 32], &[9; 16], 1, Algorithm::Aes256Gcm, 0).unwrap(),
+            derive::<32>(&root, &[2; 32], &[3; 16], 2, Algorithm::Aes256Gcm, 0).unwrap(),
+            derive::<32>(&root, &[2; 32], &[3; 16], 1, Algorithm::HmacSha256, 0).unwrap(),
+        ] {
+            assert_ne!(*a, *other);
+        }
+    }
+
+    /// RFC 8032, section 7.1, TEST 2: through our own signing and verification path.
+    #[test]
+    fn ed25519_rfc8032_test_2() {
+        let hex = |s: &str| data_encoding::HEXLOWER.decode(s.as_bytes()).unwrap();
+        let seed: [u8; 32] =
+            hex("4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb")
+                .try_into()
+                .unwrap();
+        let secret = Secret::Ed25519(Box::new(ed25519_dalek::SigningKey::from_bytes(&seed)));
+        let public = secret.public().unwrap();
+        assert_eq!(
+            public.to_bytes(),
+            hex("3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c")
+        );
+        let msg = hex("72");
+        let expected = hex(
+            "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da\
+             085ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00",
+        );
+        let sig = secret.sign(None, SignInput::Message(&msg), false).unwrap();
+        assert_eq!(sig, expected);
+        assert!(
+            secret
+                .sign(None, SignInput::Digest(&[0; 32]), false)
+                .is_err()
+        );
+        assert!(public.verify(SignInput::Message(&msg), &expected).unwrap());
+        let mut bad = expected.clone();
+        bad[0] ^= 1;
+        assert!(!public.verify(SignInput::Message(&msg), &bad).unwrap());
+        assert!(
+            !public
+                .verify(SignInput::Message(b"other"), &expected)
+                .unwrap()
+        );
+    }
+
+    /// ECDSA P-256: our signatures (DER and raw) verify with our verifier and with p256's
+    /// own, low-S; and a signature over another message does not.
+    #[test]
+    fn ecdsa_p256_sign_verify() {
+        let secret =
+            derive_secret(&[5; 32], &[6; 32], &[7; 16], 1, Algorithm::EcdsaP256Sha256).unwrap();
+        let public = secret.public().unwrap();
+        let der = secret
+            .sign(None, SignInput::Message(b"hello"), false)
+            .unwrap();
+        let raw = secret
+            .sign(None, SignInput::Message(b"hello"), true)
+            .unwrap();
+        assert_eq!(raw.len(), 64);
+        assert!(der.len() > 64 && der[0] == 0x30);
+        assert!(public.verify(SignInput::Message(b"hello"), &der).unwrap());
+        assert!(public.verify(SignInput::Message(b"hello"), &raw).unwrap());
+        let digest: [u8; 32] = Sha256::digest(b"hello").into();
+        assert!(public.verify(SignInput::Digest(&digest), &der).unwrap());
+        assert!(!public.verify(SignInput::Message(b"hellO"), &der).unwrap());
+        let sig = p256::ecdsa::Signature::from_der(&der).unwrap();
+        assert!(sig.normalize_s() == sig);
+        let pem = public.to_pem().unwrap();
+        assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----"));
+    }
+
+    /// NIST GCM test vector (gcmEncryptExtIV256.rsp, Count 0 of the 96-bit IV, 128-bit
+    /// tag, 128-bit PT, 128-bit AAD set) through our AES-GCM `Secret`.
+    #[test]
+    fn aes_256_gcm_known_answer() {
+        let hex = |s: &str| data_encoding::HEXLOWER.decode(s.as_bytes()).unwrap();
+        let key = hex("92e11dcdaa866f5ce790fd24501f92509aacf4cb8b1339d50c9c1240935dd08b");
+        let iv: [u8; 12] = hex("ac93a1a6145299bde902f21a").try_into().unwrap();
+        let pt = hex("2d71bcfa914e4ac045b2aa60955fad24");
+        let aad = hex("1e0889016f67601c8ebea4943bc23ad6");
+        let ct = hex("8995ae2e6df3dbf96fac7b7137bae67f");
+        let tag = hex("eca5aa77d51d4a0a14d9c51e1da474ab");
+        let cipher = Aes256Gcm::new_from_slice(&key).unwrap();
+        let secret = Secret::Aes(Box::new(cipher));
+        let out = secret.encrypt(None, &iv, &aad, &pt).unwrap();
+        assert_eq!(out, [ct.clone(), tag.clone()].concat());
+        let back = secret.decrypt(None, &iv, &aad, &out).unwrap();
+        assert_eq!(*back, pt);
+        let mut tampered = out.clone();
+        tampered[0] ^= 1;
+        assert!(matches!(
+            secret.decrypt(None, &iv, &aad, &tampered),
+            Err(KeyringError::DecryptionFailed)
+        ));
+        assert!(matches!(
+            secret.decrypt(None, &iv, b"other", &out),
+            Err(KeyringError::DecryptionFailed)
+        ));
+    }
+}

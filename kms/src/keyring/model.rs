@@ -1,0 +1,321 @@
+//! Keys and versions as stored: the metadata, its validation, and its authenticated record.
+
+use std::collections::BTreeMap;
+
+use hmac::{Hmac, KeyInit, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use super::KeyringError;
+
+/// The key record's schema version.
+pub const KEY_SCHEMA: u32 = 1;
+/// Longest key name.
+pub const MAX_NAME_LEN: usize = 128;
+/// Most labels per key.
+pub const MAX_LABELS: usize = 64;
+
+/// What a key is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Purpose {
+    /// Encrypt, Decrypt, ReEncrypt, GenerateDataKey.
+    EncryptDecrypt,
+    /// Sign, Verify, GetPublicKey.
+    SignVerify,
+    /// Mac, VerifyMac.
+    Mac,
+}
+
+/// The algorithm of every version of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Algorithm {
+    /// AES-256-GCM, 96-bit random nonces.
+    Aes256Gcm,
+    /// Ed25519 (pure, RFC 8032).
+    Ed25519,
+    /// ECDSA over P-256 with SHA-256.
+    EcdsaP256Sha256,
+    /// HMAC-SHA256.
+    HmacSha256,
+}
+
+impl Algorithm {
+    /// The purpose this algorithm serves.
+    pub fn purpose(self) -> Purpose {
+        match self {
+            Self::Aes256Gcm => Purpose::EncryptDecrypt,
+            Self::Ed25519 | Self::EcdsaP256Sha256 => Purpose::SignVerify,
+            Self::HmacSha256 => Purpose::Mac,
+        }
+    }
+
+    /// A stable name, used in key derivation info.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Aes256Gcm => "AES_256_GCM",
+            Self::Ed25519 => "ED25519",
+            Self::EcdsaP256Sha256 => "ECDSA_P256_SHA256",
+            Self::HmacSha256 => "HMAC_SHA256",
+        }
+    }
+}
+
+/// Where a key's material lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Protection {
+    /// Derived with HKDF-SHA256 beneath the root key; in process memory while unsealed.
+    Software,
+    /// Generated inside the HSM, never extractable; every operation is a PKCS#11 call.
+    Hsm,
+}
+
+/// A version's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum VersionState {
+    /// Usable for every operation of the key's purpose.
+    Enabled,
+    /// Refuses every operation; can be enabled again.
+    Disabled,
+    /// Refuses every operation; destroyed at `destroy_at` unless cancelled.
+    ScheduledForDestruction {
+        /// Unix seconds.
+        destroy_at: u64,
+    },
+    /// The material is gone for good (salt erased / HSM object destroyed).
+    Destroyed {
+        /// Unix seconds.
+        destroyed_at: u64,
+    },
+}
+
+impl VersionState {
+    /// The API name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Enabled => "ENABLED",
+            Self::Disabled => "DISABLED",
+            Self::ScheduledForDestruction { .. } => "SCHEDULED_FOR_DESTRUCTION",
+            Self::Destroyed { .. } => "DESTROYED",
+        }
+    }
+}
+
+/// One version of a key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionMeta {
+    /// 1, 2, ...
+    pub version: u32,
+    /// Its state.
+    pub state: VersionState,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Software keys: the HKDF salt (hex, 32 bytes); erased on destruction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub salt: Option<String>,
+    /// HSM keys: the token object's label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsm_label: Option<String>,
+    /// Asymmetric keys: the public key (hex; Ed25519 32 bytes, P-256 65-byte SEC1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+}
+
+/// A key, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyMeta {
+    /// Record schema.
+    pub schema: u32,
+    /// The name (unique, permanent).
+    pub name: String,
+    /// A random id (hex, 16 bytes), bound into key derivation and HSM labels.
+    pub key_id: String,
+    /// Purpose.
+    pub purpose: Purpose,
+    /// Algorithm.
+    pub algorithm: Algorithm,
+    /// Protection level.
+    pub protection: Protection,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// The version that encrypts and signs.
+    pub primary: u32,
+    /// Versions below this refuse to decrypt / verify.
+    pub min_decryption_version: u32,
+    /// Rotation period in seconds, if automatic rotation is on.
+    pub rotation_period: Option<u64>,
+    /// When automatic rotation is next due (Unix seconds).
+    pub next_rotation_at: Option<u64>,
+    /// Free-form labels.
+    pub labels: BTreeMap<String, String>,
+    /// Every version, in order.
+    pub versions: Vec<VersionMeta>,
+}
+
+impl KeyMeta {
+    /// The version `v`.
+    pub fn version(&self, v: u32) -> Option<&VersionMeta> {
+        self.versions.iter().find(|m| m.version == v)
+    }
+
+    /// The version `v`, mutable.
+    pub fn version_mut(&mut self, v: u32) -> Option<&mut VersionMeta> {
+        self.versions.iter_mut().find(|m| m.version == v)
+    }
+}
+
+/// Checks a key name: `[a-zA-Z0-9_.-]{1,128}`.
+pub fn check_name(name: &str) -> Result<(), KeyringError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(KeyringError::BadName)
+    }
+}
+
+/// Checks labels: at most 64, keys like names (1..=63 chars), values up to 256 chars.
+pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), KeyringError> {
+    if labels.len() > MAX_LABELS {
+        return Err(KeyringError::BadLabels);
+    }
+    for (k, v) in labels {
+        let key_ok = !k.is_empty()
+            && k.len() <= 63
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
+        if !key_ok || v.len() > 256 || v.chars().any(char::is_control) {
+            return Err(KeyringError::BadLabels);
+        }
+    }
+    Ok(())
+}
+
+/// The stored form: the record's bytes and their MAC.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Sealed {
+    record: String,
+    mac: String,
+}
+
+fn record_mac(mac_key: &[u8; 32], name: &str, record: &[u8]) -> Result<Vec<u8>, KeyringError> {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(mac_key)
+        .map_err(|_| KeyringError::Internal("mac key"))?;
+    mac.update(b"kms/v1/key-record/");
+    mac.update(name.as_bytes());
+    mac.update(&[0]);
+    mac.update(record);
+    Ok(mac.finalize().into_bytes().to_vec())
+}
+
+/// Encodes a key record with its MAC (HMAC-SHA256 under the metadata key, over the name
+/// and the record's bytes).
+pub fn encode(meta: &KeyMeta, mac_key: &[u8; 32]) -> Result<Vec<u8>, KeyringError> {
+    let record =
+        serde_json::to_string(meta).map_err(|_| KeyringError::Internal("encode key record"))?;
+    let mac = record_mac(mac_key, &meta.name, record.as_bytes())?;
+    serde_json::to_vec(&Sealed {
+        record,
+        mac: data_encoding::HEXLOWER.encode(&mac),
+    })
+    .map_err(|_| KeyringError::Internal("encode key record"))
+}
+
+/// Decodes and authenticates a stored key record. Any change to the stored bytes, or a
+/// record moved to another name, fails with [`KeyringError::Tampered`].
+pub fn decode(name: &str, bytes: &[u8], mac_key: &[u8; 32]) -> Result<KeyMeta, KeyringError> {
+    let tampered = || KeyringError::Tampered(name.to_owned());
+    let sealed: Sealed = serde_json::from_slice(bytes).map_err(|_| tampered())?;
+    let want = record_mac(mac_key, name, sealed.record.as_bytes())?;
+    let got = data_encoding::HEXLOWER
+        .decode(sealed.mac.as_bytes())
+        .map_err(|_| tampered())?;
+    if subtle::ConstantTimeEq::ct_eq(want.as_slice(), got.as_slice()).unwrap_u8() != 1 {
+        return Err(tampered());
+    }
+    let meta: KeyMeta = serde_json::from_str(&sealed.record).map_err(|_| tampered())?;
+    if meta.schema != KEY_SCHEMA || meta.name != name {
+        return Err(tampered());
+    }
+    Ok(meta)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    fn meta() -> KeyMeta {
+        KeyMeta {
+            schema: KEY_SCHEMA,
+            name: "payments".into(),
+            key_id: "00".repeat(16),
+            purpose: Purpose::EncryptDecrypt,
+            algorithm: Algorithm::Aes256Gcm,
+            protection: Protection::Software,
+            created_at: 1,
+            primary: 1,
+            min_decryption_version: 1,
+            rotation_period: None,
+            next_rotation_at: None,
+            labels: BTreeMap::new(),
+            versions: vec![VersionMeta {
+                version: 1,
+                state: VersionState::Enabled,
+                created_at: 1,
+                salt: Some("11".repeat(32)),
+                hsm_label: None,
+                public_key: None,
+            }],
+        }
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for good in ["a", "payments.v2", "A-b_c.9", &"x".repeat(128)] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "a b", "a/b", "ä", &"x".repeat(129), "a\n"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_any_edit_is_detected() {
+        let key = [7u8; 32];
+        let bytes = encode(&meta(), &key).unwrap();
+        assert_eq!(decode("payments", &bytes, &key).unwrap(), meta());
+        // Another name, another MAC key.
+        assert!(matches!(
+            decode("other", &bytes, &key),
+            Err(KeyringError::Tampered(_))
+        ));
+        assert!(matches!(
+            decode("payments", &bytes, &[8u8; 32]),
+            Err(KeyringError::Tampered(_))
+        ));
+        // Lowering min_decryption_version, or any other byte, in the stored text.
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        let edited = text.replace("\\\"primary\\\":1", "\\\"primary\\\":2");
+        assert_ne!(edited, text);
+        assert!(matches!(
+            decode("payments", edited.as_bytes(), &key),
+            Err(KeyringError::Tampered(_))
+        ));
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x01;
+            assert!(decode("payments", &b, &key).is_err(), "flip at {i}");
+        }
+    }
+}
