@@ -23,6 +23,14 @@ ensure_softhsm() {
     fi
 }
 
+ensure_openssl() {
+    # The end-to-end tests check our signatures with an independent implementation.
+    if ! command -v openssl >/dev/null 2>&1; then
+        echo "==> installing openssl"
+        apt_install openssl
+    fi
+}
+
 ensure_rust() {
     if ! command -v cargo >/dev/null 2>&1; then
         echo "cargo not found: install Rust (https://rustup.rs) first" >&2

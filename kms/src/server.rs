@@ -83,25 +83,46 @@ pub async fn serve(
     listener: TcpListener,
     seal: Arc<SealManager>,
     maintenance_interval: std::time::Duration,
-    shutdown: impl Future<Output = ()> + Send,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let maintenance = tokio::spawn(maintain(Arc::clone(&seal), maintenance_interval));
-    let result = tonic::transport::Server::builder()
+    // On the signal, stop accepting and let calls in flight finish, but wait at most
+    // SHUTDOWN_GRACE for clients that keep idle connections open.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let signal = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let mut grace_rx = stop_rx.clone();
+    let grace = async move {
+        let _ = grace_rx.wait_for(|stopped| *stopped).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        tracing::warn!("clients did not close their connections in time: stopping anyway");
+    };
+    let mut serve_rx = stop_rx;
+    let serving = tonic::transport::Server::builder()
         .add_service(SystemServer::new(SystemService::new(Arc::clone(&seal))))
         .add_service(
             KeyManagementServer::new(KeyManagementService::new(Arc::clone(&seal)))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(StartError::Serve);
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = serve_rx.wait_for(|stopped| *stopped).await;
+        });
+    let result = tokio::select! {
+        r = serving => r.map_err(StartError::Serve),
+        () = async { tokio::join!(signal, grace); } => Ok(()),
+    };
     maintenance.abort();
     // Forget every key byte before the process exits.
     let _ = seal.seal();
     tracing::info!("sealed and stopped");
     result
 }
+
+/// How long shutdown waits for calls in flight and open connections.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The largest gRPC request: a batch of 64 KiB items.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;

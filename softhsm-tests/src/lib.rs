@@ -131,9 +131,15 @@ impl TestHsm {
     /// Writes a config file `name` whose `[hsm]` table is `hsm_table` (use
     /// [`TestHsm::hsm_table`] for the normal one) and returns its path.
     pub fn config_with(&self, name: &str, hsm_table: &str) -> PathBuf {
+        self.config_full(name, hsm_table, "")
+    }
+
+    /// As [`TestHsm::config_with`], with more TOML after the `[hsm]` table (e.g. a
+    /// `[keyring]` table).
+    pub fn config_full(&self, name: &str, hsm_table: &str, extra: &str) -> PathBuf {
         let path = self.path().join(name);
         let text = format!(
-            "listen = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n[hsm]\n{hsm_table}\n",
+            "listen = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n[hsm]\n{hsm_table}\n{extra}\n",
             self.path().join("kms.redb").display()
         );
         std::fs::write(&path, text).unwrap();
@@ -238,6 +244,35 @@ impl TestHsm {
     }
 }
 
+/// Starts a server with `config`, initialises it (3 shares, threshold 2) and unseals it.
+/// Returns the server and the shares.
+pub fn start_unsealed(hsm: &TestHsm, config: &Path) -> (Server, Vec<String>) {
+    let server = hsm
+        .try_start(config, &[])
+        .unwrap_or_else(|e| panic!("server did not start: {e}"));
+    let out = server.kms(
+        &[
+            "operator",
+            "init",
+            "--shares",
+            "3",
+            "--threshold",
+            "2",
+            "--json",
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let shares: Vec<String> = out.json()["shares"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect();
+    server.unseal_with(&shares);
+    (server, shares)
+}
+
 /// A running `kms server`. Killed on drop.
 pub struct Server {
     child: Option<Child>,
@@ -267,6 +302,25 @@ impl Out {
 pub static TRANSCRIPT: Mutex<String> = Mutex::new(String::new());
 
 impl Server {
+    /// Unseals with the first two of `shares`.
+    pub fn unseal_with(&self, shares: &[String]) {
+        let out = self.kms(
+            &["operator", "unseal"],
+            &format!("{}\n{}\n", shares[0], shares[1]),
+        );
+        assert_eq!(out.code, Some(0), "unseal: {out:?}");
+    }
+
+    /// A gRPC client of the key management service.
+    pub async fn keys(
+        &self,
+    ) -> kms_proto::v1::key_management_client::KeyManagementClient<tonic::transport::Channel> {
+        kms_proto::v1::key_management_client::KeyManagementClient::connect(self.addr.clone())
+            .await
+            .unwrap()
+            .max_decoding_message_size(64 << 20)
+    }
+
     /// Runs `kms ARGS` against this server with `stdin` as standard input.
     pub fn kms(&self, args: &[&str], stdin: &str) -> Out {
         run_kms(&self.addr, args, stdin)

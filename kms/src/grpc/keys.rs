@@ -134,11 +134,9 @@ fn check_batch(n: usize) -> Result<(), KeyringError> {
         return Err(KeyringError::BadRequest("the batch has no items"));
     }
     if n > MAX_BATCH {
-        return Err(KeyringError::TooLarge {
-            what: "the batch",
-            size: n,
+        return Err(KeyringError::TooManyItems {
+            count: n,
             max: MAX_BATCH,
-            hint: " items",
         });
     }
     Ok(())

@@ -71,6 +71,7 @@ fn keyring_code(e: &KeyringError) -> Code {
         | KeyringError::BadLabels
         | KeyringError::BadRequest(_)
         | KeyringError::TooLarge { .. }
+        | KeyringError::TooManyItems { .. }
         | KeyringError::DecryptionFailed => Code::InvalidArgument,
         KeyringError::AlreadyExists(_) => Code::AlreadyExists,
         KeyringError::NotFound(_) | KeyringError::VersionNotFound { .. } => Code::NotFound,

@@ -69,6 +69,14 @@ pub enum KeyringError {
         /// What to do instead.
         hint: &'static str,
     },
+    /// Too many items in a batch.
+    #[error("the batch has {count} items, more than the {max} allowed")]
+    TooManyItems {
+        /// Items given.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A key of that name exists.
     #[error("a key named {0:?} already exists")]
     AlreadyExists(String),

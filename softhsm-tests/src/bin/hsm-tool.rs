@@ -6,6 +6,7 @@
 //! hsm-tool inspect MODULE LABEL PIN_FILE KEY   print the key's attributes as JSON
 //! hsm-tool weak-key MODULE LABEL PIN_FILE KEY  make an extractable, non-sensitive AES key
 //! hsm-tool set-pin MODULE LABEL PIN_FILE NEW    change the user PIN to NEW
+//! hsm-tool count MODULE LABEL PIN_FILE PREFIX   count token objects whose label starts so
 //! ```
 
 #![forbid(unsafe_code)]
@@ -38,6 +39,24 @@ fn main() {
         "provision" => {
             let so = kms_pkcs11_conf::softhsm::random_pin().unwrap();
             kms_pkcs11_conf::softhsm::provision_token(&pkcs11, label, &so, &pin).unwrap();
+        }
+        "count" => {
+            let prefix = args[4].as_bytes();
+            let slot = kms_pkcs11_conf::token::find_token(&pkcs11, label).unwrap();
+            let session = pkcs11.open_rw_session(slot).unwrap();
+            session.login(UserType::User, Some(&pin)).unwrap();
+            let all = session.find_objects(&[Attribute::Token(true)]).unwrap();
+            let mut n = 0;
+            for h in all {
+                let attrs = session.get_attributes(h, &[AttributeType::Label]).unwrap();
+                if attrs
+                    .iter()
+                    .any(|a| matches!(a, Attribute::Label(l) if l.starts_with(prefix)))
+                {
+                    n += 1;
+                }
+            }
+            println!("{n}");
         }
         "set-pin" => {
             let slot = kms_pkcs11_conf::token::find_token(&pkcs11, label).unwrap();

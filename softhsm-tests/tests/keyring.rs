@@ -1,0 +1,1301 @@
+//! The keyring and the crypto API over real gRPC, against a real SoftHSM token: every
+//! algorithm at both protection levels, rotation, version states, destruction, restarts,
+//! tampering, batches, bad input, and signatures checked with openssl.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::process::Command;
+
+use kms_proto::v1 as pb;
+use kms_proto::v1::key_management_client::KeyManagementClient;
+use softhsm_tests::{Server, TestHsm, start_unsealed};
+use tonic::Code;
+use tonic::transport::Channel;
+
+type Client = KeyManagementClient<Channel>;
+
+const PLAINTEXT: &[u8] = b"attack at dawn: SECRET-PLAINTEXT-7f3a";
+const AAD: &[u8] = b"tenant=acme;SECRET-AAD-91c2";
+
+async fn create(
+    c: &mut Client,
+    name: &str,
+    algorithm: pb::Algorithm,
+    protection: pb::ProtectionLevel,
+) -> pb::Key {
+    c.create_key(pb::CreateKeyRequest {
+        name: name.into(),
+        algorithm: algorithm as i32,
+        protection_level: protection as i32,
+        rotation_period_seconds: 0,
+        labels: [("team".to_owned(), "payments".to_owned())].into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+async fn encrypt(c: &mut Client, key: &str, pt: &[u8], aad: &[u8]) -> (Vec<u8>, u32) {
+    let r = c
+        .encrypt(pb::EncryptRequest {
+            key: key.into(),
+            plaintext: pt.to_vec(),
+            associated_data: aad.to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (r.ciphertext, r.key_version)
+}
+
+async fn decrypt(
+    c: &mut Client,
+    key: &str,
+    ct: &[u8],
+    aad: &[u8],
+) -> Result<(Vec<u8>, u32), tonic::Status> {
+    c.decrypt(pb::DecryptRequest {
+        key: key.into(),
+        ciphertext: ct.to_vec(),
+        associated_data: aad.to_vec(),
+    })
+    .await
+    .map(|r| {
+        let r = r.into_inner();
+        (r.plaintext, r.key_version)
+    })
+}
+
+async fn sign(
+    c: &mut Client,
+    key: &str,
+    msg: &[u8],
+    format: pb::SignatureFormat,
+) -> (Vec<u8>, u32) {
+    let r = c
+        .sign(pb::SignRequest {
+            key: key.into(),
+            input: Some(pb::sign_request::Input::Message(msg.to_vec())),
+            format: format as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (r.signature, r.key_version)
+}
+
+async fn verify(c: &mut Client, key: &str, version: u32, msg: &[u8], sig: &[u8]) -> bool {
+    c.verify(pb::VerifyRequest {
+        key: key.into(),
+        key_version: version,
+        input: Some(pb::verify_request::Input::Message(msg.to_vec())),
+        signature: sig.to_vec(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .valid
+}
+
+fn expect_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, text: &str) {
+    let e = r.expect_err("expected an error");
+    assert_eq!(e.code(), code, "{e:?}");
+    assert!(
+        e.message().contains(text),
+        "{:?} does not contain {text:?}",
+        e.message()
+    );
+}
+
+/// Verifies a signature with openssl, from files: an independent implementation.
+fn openssl_verifies(
+    dir: &std::path::Path,
+    pem: &str,
+    msg: &[u8],
+    sig: &[u8],
+    ed25519: bool,
+) -> bool {
+    let (p, m, s) = (dir.join("pub.pem"), dir.join("msg"), dir.join("sig"));
+    std::fs::write(&p, pem).unwrap();
+    std::fs::write(&m, msg).unwrap();
+    std::fs::write(&s, sig).unwrap();
+    let mut cmd = Command::new("openssl");
+    if ed25519 {
+        cmd.args(["pkeyutl", "-verify", "-pubin", "-rawin", "-inkey"])
+            .arg(&p)
+            .arg("-in")
+            .arg(&m)
+            .arg("-sigfile")
+            .arg(&s);
+    } else {
+        cmd.args(["dgst", "-sha256", "-verify"])
+            .arg(&p)
+            .arg("-signature")
+            .arg(&s)
+            .arg(&m);
+    }
+    cmd.output()
+        .expect("openssl is installed (scripts/test installs it)")
+        .status
+        .success()
+}
+
+fn keyring_config(hsm: &TestHsm, extra: &str) -> std::path::PathBuf {
+    hsm.config_full("keyring.toml", &hsm.hsm_table(), extra)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_algorithm_at_both_protection_levels() {
+    let hsm = TestHsm::new("kms-algos");
+    let (server, _) = start_unsealed(&hsm, &keyring_config(&hsm, ""));
+    let mut c = server.keys().await;
+    let hsm_objects_before = count_hsm_keys(&hsm);
+
+    for (protection, p) in [
+        (pb::ProtectionLevel::Software, "sw"),
+        (pb::ProtectionLevel::Hsm, "hsm"),
+    ] {
+        // AES-256-GCM.
+        let name = format!("aes-{p}");
+        let key = create(&mut c, &name, pb::Algorithm::Aes256Gcm, protection).await;
+        assert_eq!(key.purpose, pb::Purpose::EncryptDecrypt as i32);
+        assert_eq!(key.primary_version, 1);
+        assert_eq!(key.labels["team"], "payments");
+        let (ct, v) = encrypt(&mut c, &name, PLAINTEXT, AAD).await;
+        assert_eq!(v, 1);
+        assert_eq!(
+            ct.len(),
+            PLAINTEXT.len() + 33,
+            "format: 5 header + 12 nonce + 16 tag"
+        );
+        assert_eq!(
+            decrypt(&mut c, &name, &ct, AAD).await.unwrap(),
+            (PLAINTEXT.to_vec(), 1)
+        );
+        let (ct2, _) = encrypt(&mut c, &name, PLAINTEXT, AAD).await;
+        assert_ne!(ct, ct2, "fresh nonce per message");
+        // Wrong associated data, none, and every single flipped bit: one opaque error.
+        expect_code(
+            decrypt(&mut c, &name, &ct, b"tenant=evil").await,
+            Code::InvalidArgument,
+            "decryption failed",
+        );
+        expect_code(
+            decrypt(&mut c, &name, &ct, b"").await,
+            Code::InvalidArgument,
+            "decryption failed",
+        );
+        for i in 0..ct.len() {
+            for bit in [0x01u8, 0x80] {
+                let mut t = ct.clone();
+                t[i] ^= bit;
+                let e = decrypt(&mut c, &name, &t, AAD).await.unwrap_err();
+                assert!(
+                    e.code() == Code::InvalidArgument && e.message() == "decryption failed",
+                    "byte {i}: {e:?}"
+                );
+            }
+        }
+        expect_code(
+            decrypt(&mut c, &name, &ct[..20], AAD).await,
+            Code::InvalidArgument,
+            "decryption failed",
+        );
+        expect_code(
+            decrypt(&mut c, &name, b"", AAD).await,
+            Code::InvalidArgument,
+            "decryption failed",
+        );
+
+        // Data keys, with and without the plaintext.
+        let dk = c
+            .generate_data_key(pb::GenerateDataKeyRequest {
+                key: name.clone(),
+                length_bytes: 0,
+                associated_data: AAD.to_vec(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(dk.plaintext.len(), 32);
+        assert_eq!(
+            decrypt(&mut c, &name, &dk.ciphertext, AAD).await.unwrap().0,
+            dk.plaintext
+        );
+        let dk2 = c
+            .generate_data_key_without_plaintext(pb::GenerateDataKeyRequest {
+                key: name.clone(),
+                length_bytes: 16,
+                associated_data: vec![],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            decrypt(&mut c, &name, &dk2.ciphertext, b"")
+                .await
+                .unwrap()
+                .0
+                .len(),
+            16
+        );
+
+        // Signing keys: our verifier and openssl agree.
+        for (alg, ed) in [
+            (pb::Algorithm::EcdsaP256Sha256, false),
+            (pb::Algorithm::Ed25519, true),
+        ] {
+            let name = format!("{}-{p}", if ed { "ed" } else { "ec" });
+            create(&mut c, &name, alg, protection).await;
+            let pem = c
+                .get_public_key(pb::GetPublicKeyRequest {
+                    key: name.clone(),
+                    key_version: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(
+                pem.pem.starts_with("-----BEGIN PUBLIC KEY-----"),
+                "{}",
+                pem.pem
+            );
+            let (sig, v) = sign(&mut c, &name, b"the message", pb::SignatureFormat::Default).await;
+            assert_eq!(v, 1);
+            if ed {
+                assert_eq!(sig.len(), 64);
+            } else {
+                assert_eq!(sig[0], 0x30, "DER");
+            }
+            assert!(verify(&mut c, &name, 1, b"the message", &sig).await);
+            assert!(!verify(&mut c, &name, 1, b"the massage", &sig).await);
+            assert!(
+                openssl_verifies(hsm.path(), &pem.pem, b"the message", &sig, ed),
+                "{name}"
+            );
+            assert!(
+                !openssl_verifies(hsm.path(), &pem.pem, b"other", &sig, ed),
+                "{name}"
+            );
+            if !ed {
+                let (raw, _) = sign(&mut c, &name, b"the message", pb::SignatureFormat::Raw).await;
+                assert_eq!(raw.len(), 64);
+                assert!(verify(&mut c, &name, 0, b"the message", &raw).await);
+                // Signing a digest is the same as signing the message.
+                let digest = openssl_sha256(hsm.path(), b"the message");
+                let r = c
+                    .sign(pb::SignRequest {
+                        key: name.clone(),
+                        input: Some(pb::sign_request::Input::Digest(digest)),
+                        format: 0,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert!(openssl_verifies(
+                    hsm.path(),
+                    &pem.pem,
+                    b"the message",
+                    &r.signature,
+                    false
+                ));
+            } else {
+                let r = c
+                    .sign(pb::SignRequest {
+                        key: name.clone(),
+                        input: Some(pb::sign_request::Input::Digest(vec![0; 32])),
+                        format: 0,
+                    })
+                    .await;
+                expect_code(r, Code::InvalidArgument, "Ed25519 signs messages");
+            }
+        }
+
+        // MAC.
+        let name = format!("mac-{p}");
+        create(&mut c, &name, pb::Algorithm::HmacSha256, protection).await;
+        let m = c
+            .mac(pb::MacRequest {
+                key: name.clone(),
+                message: b"msg".to_vec(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(m.mac.len(), 32);
+        for (msg, mac, want) in [
+            (&b"msg"[..], m.mac.clone(), true),
+            (b"msh", m.mac.clone(), false),
+            (b"msg", vec![0; 32], false),
+        ] {
+            let ok = c
+                .verify_mac(pb::VerifyMacRequest {
+                    key: name.clone(),
+                    key_version: 0,
+                    message: msg.to_vec(),
+                    mac,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .valid;
+            assert_eq!(ok, want);
+        }
+    }
+    // Four HSM keys made four token objects.
+    assert_eq!(count_hsm_keys(&hsm), hsm_objects_before + 4);
+
+    // Cross-key replay: a ciphertext of one key never decrypts under another.
+    let (ct, _) = encrypt(&mut c, "aes-sw", PLAINTEXT, AAD).await;
+    expect_code(
+        decrypt(&mut c, "aes-hsm", &ct, AAD).await,
+        Code::InvalidArgument,
+        "decryption failed",
+    );
+    create(
+        &mut c,
+        "aes-sw-2",
+        pb::Algorithm::Aes256Gcm,
+        pb::ProtectionLevel::Software,
+    )
+    .await;
+    expect_code(
+        decrypt(&mut c, "aes-sw-2", &ct, AAD).await,
+        Code::InvalidArgument,
+        "decryption failed",
+    );
+
+    // ReEncrypt to another key, without the plaintext coming back.
+    let r = c
+        .re_encrypt(pb::ReEncryptRequest {
+            key: "aes-sw".into(),
+            ciphertext: ct.clone(),
+            associated_data: AAD.to_vec(),
+            destination_key: "aes-hsm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.key, "aes-hsm");
+    assert_eq!(
+        decrypt(&mut c, "aes-hsm", &r.ciphertext, AAD)
+            .await
+            .unwrap()
+            .0,
+        PLAINTEXT
+    );
+
+    // Listing, with pagination.
+    let page = c
+        .list_keys(pb::ListKeysRequest {
+            page_size: 3,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.keys.len(), 3);
+    let mut names: Vec<String> = page.keys.iter().map(|k| k.name.clone()).collect();
+    let mut token = page.next_page_token;
+    while !token.is_empty() {
+        let p = c
+            .list_keys(pb::ListKeysRequest {
+                page_size: 3,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        names.extend(p.keys.iter().map(|k| k.name.clone()));
+        token = p.next_page_token;
+    }
+    assert_eq!(names.len(), 9, "{names:?}");
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(names, sorted);
+
+    // Nothing secret in the server's log.
+    let logs = hsm.logs();
+    assert!(logs.contains("KeyManagement/Encrypt"));
+    for secret in ["SECRET-PLAINTEXT", "SECRET-AAD", "attack at dawn"] {
+        assert!(!logs.contains(secret), "{secret} in the log");
+    }
+    drop(server);
+}
+
+fn openssl_sha256(dir: &std::path::Path, msg: &[u8]) -> Vec<u8> {
+    let m = dir.join("digest-in");
+    std::fs::write(&m, msg).unwrap();
+    let out = Command::new("openssl")
+        .args(["dgst", "-sha256", "-binary"])
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout.len(), 32);
+    out.stdout
+}
+
+fn count_hsm_keys(hsm: &TestHsm) -> usize {
+    let out = hsm.tool(&["count"], &["kms/"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_versions_destruction_and_restart() {
+    let hsm = TestHsm::new("kms-versions");
+    let config = keyring_config(
+        &hsm,
+        "[keyring]\ntesting_day_seconds = 1\nmaintenance_interval_seconds = 1\n",
+    );
+    let (mut server, shares) = start_unsealed(&hsm, &config);
+    let mut c = server.keys().await;
+
+    for (name, protection) in [
+        ("rot-sw", pb::ProtectionLevel::Software),
+        ("rot-hsm", pb::ProtectionLevel::Hsm),
+    ] {
+        create(&mut c, name, pb::Algorithm::Aes256Gcm, protection).await;
+        let (ct1, v1) = encrypt(&mut c, name, PLAINTEXT, AAD).await;
+        let key = c
+            .rotate_key(pb::RotateKeyRequest { name: name.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(key.primary_version, 2);
+        let (ct2, v2) = encrypt(&mut c, name, PLAINTEXT, AAD).await;
+        assert_eq!((v1, v2), (1, 2));
+        assert_eq!(
+            decrypt(&mut c, name, &ct1, AAD).await.unwrap().1,
+            1,
+            "old versions still decrypt"
+        );
+        assert_eq!(decrypt(&mut c, name, &ct2, AAD).await.unwrap().1, 2);
+
+        // ReEncrypt moves an old ciphertext to the primary version.
+        let r = c
+            .re_encrypt(pb::ReEncryptRequest {
+                key: name.into(),
+                ciphertext: ct1.clone(),
+                associated_data: AAD.to_vec(),
+                destination_key: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.key_version, 2);
+
+        // min_decryption_version.
+        let update = |min| pb::UpdateKeyRequest {
+            name: name.into(),
+            rotation_period_seconds: None,
+            min_decryption_version: Some(min),
+            update_labels: false,
+            labels: Default::default(),
+        };
+        c.update_key(update(2)).await.unwrap();
+        expect_code(
+            decrypt(&mut c, name, &ct1, AAD).await,
+            Code::FailedPrecondition,
+            "below its min_decryption_version 2",
+        );
+        expect_code(
+            c.update_key(update(3)).await,
+            Code::InvalidArgument,
+            "min_decryption_version",
+        );
+        c.update_key(update(1)).await.unwrap();
+
+        // Disable / enable.
+        let kv = |v| pb::KeyVersionRequest {
+            name: name.into(),
+            version: v,
+        };
+        c.disable_key_version(kv(1)).await.unwrap();
+        expect_code(
+            decrypt(&mut c, name, &ct1, AAD).await,
+            Code::FailedPrecondition,
+            "is DISABLED",
+        );
+        c.enable_key_version(kv(1)).await.unwrap();
+        assert!(decrypt(&mut c, name, &ct1, AAD).await.is_ok());
+
+        // Destruction: not the primary; scheduled refuses at once; cancel; then for real.
+        let schedule = |v, days| pb::ScheduleKeyVersionDestructionRequest {
+            name: name.into(),
+            version: v,
+            pending_days: days,
+        };
+        expect_code(
+            c.schedule_key_version_destruction(schedule(2, 1)).await,
+            Code::FailedPrecondition,
+            "primary",
+        );
+        expect_code(
+            c.schedule_key_version_destruction(schedule(1, 31)).await,
+            Code::InvalidArgument,
+            "1 to 30 days",
+        );
+        let key = c
+            .schedule_key_version_destruction(schedule(1, 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            key.versions[0].state,
+            pb::KeyVersionState::ScheduledForDestruction as i32
+        );
+        // Default window: 7 "days" (seconds here).
+        assert!(key.versions[0].destroy_time >= key.versions[0].create_time + 7);
+        expect_code(
+            decrypt(&mut c, name, &ct1, AAD).await,
+            Code::FailedPrecondition,
+            "SCHEDULED_FOR_DESTRUCTION",
+        );
+        let key = c
+            .cancel_key_version_destruction(kv(1))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(key.versions[0].state, pb::KeyVersionState::Disabled as i32);
+        c.enable_key_version(kv(1)).await.unwrap();
+        c.schedule_key_version_destruction(schedule(1, 1))
+            .await
+            .unwrap();
+    }
+    let hsm_objects = count_hsm_keys(&hsm);
+    // The maintenance task destroys both after a "day" (1 s here).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let states: Vec<i32> = futures_states(&mut c, &["rot-sw", "rot-hsm"]).await;
+        if states
+            .iter()
+            .all(|s| *s == pb::KeyVersionState::Destroyed as i32)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not destroyed: {states:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        count_hsm_keys(&hsm),
+        hsm_objects - 1,
+        "the HSM object of rot-hsm v1 is gone"
+    );
+    let kv = |n: &str| pb::KeyVersionRequest {
+        name: n.into(),
+        version: 1,
+    };
+    expect_code(
+        c.enable_key_version(kv("rot-sw")).await,
+        Code::FailedPrecondition,
+        "destroyed",
+    );
+
+    // A restart: sealed, then every key and version as before.
+    let (ct_sw, _) = encrypt(&mut c, "rot-sw", PLAINTEXT, AAD).await;
+    create(
+        &mut c,
+        "signer",
+        pb::Algorithm::Ed25519,
+        pb::ProtectionLevel::Hsm,
+    )
+    .await;
+    let (sig, _) = sign(&mut c, "signer", b"m", pb::SignatureFormat::Default).await;
+    drop(c);
+    server.kill9();
+    let server = hsm.try_start(&config, &[]).unwrap();
+    let mut c = server.keys().await;
+    expect_code(
+        encrypt_raw(&mut c, "rot-sw").await,
+        Code::FailedPrecondition,
+        "sealed",
+    );
+    server.unseal_with(&shares);
+    assert_eq!(
+        decrypt(&mut c, "rot-sw", &ct_sw, AAD).await.unwrap(),
+        (PLAINTEXT.to_vec(), 2)
+    );
+    assert!(verify(&mut c, "signer", 1, b"m", &sig).await);
+    let key = c
+        .get_key(pb::GetKeyRequest {
+            name: "rot-hsm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(key.versions[0].state, pb::KeyVersionState::Destroyed as i32);
+    assert_eq!(key.primary_version, 2);
+}
+
+async fn futures_states(c: &mut Client, names: &[&str]) -> Vec<i32> {
+    let mut out = Vec::new();
+    for n in names {
+        let k = c
+            .get_key(pb::GetKeyRequest { name: (*n).into() })
+            .await
+            .unwrap()
+            .into_inner();
+        out.push(k.versions[0].state);
+    }
+    out
+}
+
+async fn encrypt_raw(c: &mut Client, key: &str) -> Result<pb::EncryptResponse, tonic::Status> {
+    c.encrypt(pb::EncryptRequest {
+        key: key.into(),
+        plaintext: b"x".to_vec(),
+        associated_data: vec![],
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_rotation_and_the_nonce_budget() {
+    let hsm = TestHsm::new("kms-autorot");
+    let config = keyring_config(
+        &hsm,
+        "[keyring]\nmax_messages_per_version = 8\nmaintenance_interval_seconds = 1\n",
+    );
+    let (mut server, shares) = start_unsealed(&hsm, &config);
+    let mut c = server.keys().await;
+
+    // The nonce budget: 8 per version, rotation at 6.
+    create(
+        &mut c,
+        "budget",
+        pb::Algorithm::Aes256Gcm,
+        pb::ProtectionLevel::Software,
+    )
+    .await;
+    let mut versions = Vec::new();
+    let mut cts = Vec::new();
+    for _ in 0..14 {
+        let (ct, v) = encrypt(&mut c, "budget", PLAINTEXT, b"").await;
+        versions.push(v);
+        cts.push(ct);
+    }
+    assert_eq!(&versions[..6], &[1; 6], "{versions:?}");
+    assert!(
+        versions[6..].iter().all(|v| *v >= 2),
+        "rotated before the budget ran out: {versions:?}"
+    );
+    assert!(versions.iter().all(|v| *v <= 3), "{versions:?}");
+    for ct in &cts {
+        assert_eq!(
+            decrypt(&mut c, "budget", ct, b"").await.unwrap().0,
+            PLAINTEXT
+        );
+    }
+    // Counts survive a crash: after kill -9 the version does not start its budget again.
+    let before = c
+        .get_key(pb::GetKeyRequest {
+            name: "budget".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .primary_version;
+    drop(c);
+    server.kill9();
+    let server = hsm.try_start(&config, &[]).unwrap();
+    server.unseal_with(&shares);
+    let mut c = server.keys().await;
+    let mut after = Vec::new();
+    for _ in 0..8 {
+        after.push(encrypt(&mut c, "budget", PLAINTEXT, b"").await.1);
+    }
+    assert!(
+        after.iter().any(|v| *v > before),
+        "the reserved count survived: {after:?} after v{before}"
+    );
+
+    // A rotation period: the maintenance task rotates, and the schedule is stored.
+    let key = c
+        .create_key(pb::CreateKeyRequest {
+            name: "periodic".into(),
+            algorithm: pb::Algorithm::HmacSha256 as i32,
+            protection_level: 0,
+            rotation_period_seconds: 1,
+            labels: Default::default(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(key.next_rotation_time > 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let k = c
+            .get_key(pb::GetKeyRequest {
+                name: "periodic".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if k.primary_version >= 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no automatic rotation: v{}",
+            k.primary_version
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // Turning it off.
+    let k = c
+        .update_key(pb::UpdateKeyRequest {
+            name: "periodic".into(),
+            rotation_period_seconds: Some(0),
+            min_decryption_version: None,
+            update_labels: true,
+            labels: [("a".to_owned(), "b".to_owned())].into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(k.rotation_period_seconds, 0);
+    assert_eq!(k.next_rotation_time, 0);
+    assert_eq!(k.labels["a"], "b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_typed_errors() {
+    let hsm = TestHsm::new("kms-badinput");
+    let (server, _) = start_unsealed(&hsm, &keyring_config(&hsm, ""));
+    let mut c = server.keys().await;
+    create(
+        &mut c,
+        "enc",
+        pb::Algorithm::Aes256Gcm,
+        pb::ProtectionLevel::Software,
+    )
+    .await;
+    create(
+        &mut c,
+        "sig",
+        pb::Algorithm::EcdsaP256Sha256,
+        pb::ProtectionLevel::Software,
+    )
+    .await;
+
+    let new = |name: &str, alg: i32| pb::CreateKeyRequest {
+        name: name.into(),
+        algorithm: alg,
+        protection_level: 0,
+        rotation_period_seconds: 0,
+        labels: Default::default(),
+    };
+    expect_code(
+        c.create_key(new("enc", 1)).await,
+        Code::AlreadyExists,
+        "already exists",
+    );
+    expect_code(
+        c.create_key(new("a b", 1)).await,
+        Code::InvalidArgument,
+        "invalid key name",
+    );
+    expect_code(
+        c.create_key(new(&"x".repeat(129), 1)).await,
+        Code::InvalidArgument,
+        "invalid key name",
+    );
+    expect_code(
+        c.create_key(new("k", 0)).await,
+        Code::InvalidArgument,
+        "algorithm must be",
+    );
+    expect_code(
+        c.create_key(new("k", 99)).await,
+        Code::InvalidArgument,
+        "algorithm must be",
+    );
+    let mut bad_labels = new("k", 1);
+    bad_labels.labels.insert("bad key!".into(), "v".into());
+    expect_code(
+        c.create_key(bad_labels).await,
+        Code::InvalidArgument,
+        "invalid labels",
+    );
+    let mut bad_protection = new("k", 1);
+    bad_protection.protection_level = 7;
+    expect_code(
+        c.create_key(bad_protection).await,
+        Code::InvalidArgument,
+        "protection_level",
+    );
+
+    expect_code(
+        encrypt_raw(&mut c, "nope").await,
+        Code::NotFound,
+        "no key named \"nope\"",
+    );
+    expect_code(
+        c.get_key(pb::GetKeyRequest {
+            name: "nope".into(),
+        })
+        .await,
+        Code::NotFound,
+        "no key",
+    );
+    expect_code(
+        encrypt_raw(&mut c, "sig").await,
+        Code::FailedPrecondition,
+        "is for SIGN_VERIFY, not for encryption",
+    );
+    let r = c
+        .sign(pb::SignRequest {
+            key: "enc".into(),
+            input: Some(pb::sign_request::Input::Message(b"m".to_vec())),
+            format: 0,
+        })
+        .await;
+    expect_code(
+        r,
+        Code::FailedPrecondition,
+        "is for ENCRYPT_DECRYPT, not for signing",
+    );
+    let big = c
+        .encrypt(pb::EncryptRequest {
+            key: "enc".into(),
+            plaintext: vec![0; 64 * 1024 + 1],
+            associated_data: vec![],
+        })
+        .await;
+    expect_code(big, Code::InvalidArgument, "GenerateDataKey");
+    let r = c
+        .sign(pb::SignRequest {
+            key: "sig".into(),
+            input: Some(pb::sign_request::Input::Digest(vec![0; 31])),
+            format: 0,
+        })
+        .await;
+    expect_code(r, Code::InvalidArgument, "32 bytes");
+    let r = c
+        .sign(pb::SignRequest {
+            key: "sig".into(),
+            input: None,
+            format: 0,
+        })
+        .await;
+    expect_code(r, Code::InvalidArgument, "message or its digest");
+    let r = c
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key: "enc".into(),
+            length_bytes: 65,
+            associated_data: vec![],
+        })
+        .await;
+    expect_code(r, Code::InvalidArgument, "length_bytes");
+    let kv = pb::KeyVersionRequest {
+        name: "enc".into(),
+        version: 9,
+    };
+    expect_code(
+        c.disable_key_version(kv).await,
+        Code::NotFound,
+        "has no version 9",
+    );
+    // A ciphertext naming a version that does not exist is just "decryption failed".
+    let (mut ct, _) = encrypt(&mut c, "enc", b"x", b"").await;
+    ct[4] = 9;
+    expect_code(
+        decrypt(&mut c, "enc", &ct, b"").await,
+        Code::InvalidArgument,
+        "decryption failed",
+    );
+
+    // Batches: one bad item does not fail the batch.
+    let (good, _) = encrypt(&mut c, "enc", b"one", b"").await;
+    let mut bad = good.clone();
+    bad[20] ^= 1;
+    let r = c
+        .batch_decrypt(pb::BatchDecryptRequest {
+            key: "enc".into(),
+            items: vec![
+                pb::DecryptItem {
+                    ciphertext: good.clone(),
+                    associated_data: vec![],
+                },
+                pb::DecryptItem {
+                    ciphertext: bad,
+                    associated_data: vec![],
+                },
+                pb::DecryptItem {
+                    ciphertext: good,
+                    associated_data: b"wrong".to_vec(),
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results.len(), 3);
+    match &r.results[0].result {
+        Some(pb::batch_decrypt_result::Result::Ok(ok)) => assert_eq!(ok.plaintext, b"one"),
+        other => panic!("{other:?}"),
+    }
+    for i in [1, 2] {
+        match &r.results[i].result {
+            Some(pb::batch_decrypt_result::Result::Error(e)) => {
+                assert_eq!(e.code, Code::InvalidArgument as i32);
+                assert_eq!(e.message, "decryption failed");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let r = c
+        .batch_encrypt(pb::BatchEncryptRequest {
+            key: "enc".into(),
+            items: vec![
+                pb::EncryptItem {
+                    plaintext: b"a".to_vec(),
+                    associated_data: vec![],
+                },
+                pb::EncryptItem {
+                    plaintext: vec![0; 64 * 1024 + 1],
+                    associated_data: vec![],
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        r.results[0].result,
+        Some(pb::batch_encrypt_result::Result::Ok(_))
+    ));
+    assert!(
+        matches!(&r.results[1].result, Some(pb::batch_encrypt_result::Result::Error(e)) if e.code == Code::InvalidArgument as i32)
+    );
+    let r = c
+        .batch_sign(pb::BatchSignRequest {
+            key: "sig".into(),
+            items: vec![
+                pb::SignItem {
+                    input: Some(pb::sign_item::Input::Message(b"a".to_vec())),
+                },
+                pb::SignItem {
+                    input: Some(pb::sign_item::Input::Digest(vec![1; 3])),
+                },
+                pb::SignItem { input: None },
+            ],
+            format: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        r.results[0].result,
+        Some(pb::batch_sign_result::Result::Ok(_))
+    ));
+    assert!(matches!(
+        r.results[1].result,
+        Some(pb::batch_sign_result::Result::Error(_))
+    ));
+    assert!(matches!(
+        r.results[2].result,
+        Some(pb::batch_sign_result::Result::Error(_))
+    ));
+    let r = c
+        .batch_encrypt(pb::BatchEncryptRequest {
+            key: "enc".into(),
+            items: vec![],
+        })
+        .await;
+    expect_code(r, Code::InvalidArgument, "no items");
+    let r = c
+        .batch_encrypt(pb::BatchEncryptRequest {
+            key: "enc".into(),
+            items: vec![
+                pb::EncryptItem {
+                    plaintext: vec![],
+                    associated_data: vec![]
+                };
+                1001
+            ],
+        })
+        .await;
+    expect_code(
+        r,
+        Code::InvalidArgument,
+        "1001 items, more than the 1000 allowed",
+    );
+
+    // A sealed server refuses every key call.
+    assert_eq!(server.kms(&["operator", "seal"], "").code, Some(0));
+    expect_code(
+        encrypt_raw(&mut c, "enc").await,
+        Code::FailedPrecondition,
+        "sealed",
+    );
+    expect_code(
+        c.get_key(pb::GetKeyRequest { name: "enc".into() }).await,
+        Code::FailedPrecondition,
+        "sealed",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_edited_on_disk_is_refused() {
+    let hsm = TestHsm::new("kms-tamper");
+    let config = keyring_config(&hsm, "");
+    let (mut server, shares) = start_unsealed(&hsm, &config);
+    let mut c = server.keys().await;
+    create(
+        &mut c,
+        "victim",
+        pb::Algorithm::Aes256Gcm,
+        pb::ProtectionLevel::Software,
+    )
+    .await;
+    create(
+        &mut c,
+        "bystander",
+        pb::Algorithm::Aes256Gcm,
+        pb::ProtectionLevel::Software,
+    )
+    .await;
+    c.rotate_key(pb::RotateKeyRequest {
+        name: "victim".into(),
+    })
+    .await
+    .unwrap();
+    let (ct, _) = encrypt(&mut c, "bystander", PLAINTEXT, b"").await;
+    drop(c);
+    server.terminate();
+
+    // Someone with write access to the disk lowers the primary version.
+    let store = hsm.path().join("kms.redb");
+    let out = Command::new(softhsm_tests::bin("store-tool"))
+        .arg("replace")
+        .arg(&store)
+        .args(["keys", "victim", "\\\"primary\\\":2", "\\\"primary\\\":1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let server = hsm.try_start(&config, &[]).unwrap();
+    server.unseal_with(&shares);
+    let mut c = server.keys().await;
+    expect_code(
+        c.get_key(pb::GetKeyRequest {
+            name: "victim".into(),
+        })
+        .await,
+        Code::DataLoss,
+        "failed authentication",
+    );
+    expect_code(
+        encrypt_raw(&mut c, "victim").await,
+        Code::DataLoss,
+        "failed authentication",
+    );
+    // The name stays taken; the other key is unaffected.
+    let r = c
+        .create_key(pb::CreateKeyRequest {
+            name: "victim".into(),
+            algorithm: 1,
+            protection_level: 0,
+            rotation_period_seconds: 0,
+            labels: Default::default(),
+        })
+        .await;
+    expect_code(r, Code::AlreadyExists, "already exists");
+    assert_eq!(
+        decrypt(&mut c, "bystander", &ct, b"").await.unwrap().0,
+        PLAINTEXT
+    );
+    assert!(hsm.logs().contains("failed authentication"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_encrypts_signs_and_manages_keys() {
+    let hsm = TestHsm::new("kms-cli");
+    let (server, _) = start_unsealed(&hsm, &keyring_config(&hsm, ""));
+    let dir = hsm.path();
+    let out = server.kms(
+        &[
+            "key",
+            "create",
+            "files",
+            "--algorithm",
+            "aes-256-gcm",
+            "--label",
+            "env=prod",
+            "--json",
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(out.json()["algorithm"], "AES_256_GCM");
+    assert_eq!(out.json()["labels"]["env"], "prod");
+
+    let out = server.kms(
+        &["encrypt", "--key", "files", "--aad", "ctx", "--base64"],
+        "hello from the cli",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let ct_path = dir.join("ct.b64");
+    std::fs::write(&ct_path, &out.stdout).unwrap();
+    let out = server.kms(
+        &[
+            "decrypt",
+            "--key",
+            "files",
+            "--aad",
+            "ctx",
+            "--base64",
+            "--in",
+            ct_path.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let pt = data_encoding::BASE64
+        .decode(out.stdout.trim().as_bytes())
+        .unwrap();
+    assert_eq!(pt, b"hello from the cli");
+    let out = server.kms(
+        &[
+            "decrypt",
+            "--key",
+            "files",
+            "--aad",
+            "other",
+            "--base64",
+            "--in",
+            ct_path.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr.contains("INVALID_ARGUMENT: decryption failed"),
+        "{out:?}"
+    );
+
+    assert_eq!(server.kms(&["key", "rotate", "files"], "").code, Some(0));
+    let out = server.kms(&["key", "get", "files", "--json"], "");
+    assert_eq!(out.json()["primary_version"], 2);
+    let out = server.kms(&["key", "update", "files", "--rotation-period", "90d"], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(
+        server.kms(&["key", "get", "files", "--json"], "").json()["rotation_period_seconds"],
+        90 * 86400
+    );
+
+    let out = server.kms(
+        &[
+            "key",
+            "create",
+            "sigs",
+            "--algorithm",
+            "ed25519",
+            "--protection",
+            "hsm",
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let sig_path = dir.join("cli.sig");
+    let out = server.kms(
+        &["sign", "--key", "sigs", "--out", sig_path.to_str().unwrap()],
+        "document",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let out = server.kms(
+        &[
+            "verify",
+            "--key",
+            "sigs",
+            "--signature",
+            sig_path.to_str().unwrap(),
+        ],
+        "document",
+    );
+    assert_eq!((out.code, out.stdout.trim()), (Some(0), "valid"), "{out:?}");
+    let out = server.kms(
+        &[
+            "verify",
+            "--key",
+            "sigs",
+            "--signature",
+            sig_path.to_str().unwrap(),
+        ],
+        "tampered",
+    );
+    assert_eq!(
+        (out.code, out.stdout.trim()),
+        (Some(3), "invalid"),
+        "{out:?}"
+    );
+    let pem = server.kms(&["public-key", "--key", "sigs"], "");
+    assert!(openssl_verifies(
+        dir,
+        &pem.stdout,
+        b"document",
+        &std::fs::read(&sig_path).unwrap(),
+        true
+    ));
+
+    let out = server.kms(&["datakey", "--key", "files"], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(out.json()["key_version"], 2);
+    let list = server.kms(&["key", "list", "--json"], "").json();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let out = server.kms(&["encrypt", "--key", "nope"], "x");
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr.contains("NOT_FOUND: no key named \"nope\""),
+        "{out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_key_survives_kill_9() {
+    let hsm = TestHsm::new("kms-keykill");
+    let config = keyring_config(&hsm, "");
+    let (mut server, shares) = start_unsealed(&hsm, &config);
+    let mut c = server.keys().await;
+    create(
+        &mut c,
+        "durable",
+        pb::Algorithm::Aes256Gcm,
+        pb::ProtectionLevel::Hsm,
+    )
+    .await;
+    c.rotate_key(pb::RotateKeyRequest {
+        name: "durable".into(),
+    })
+    .await
+    .unwrap();
+    let (ct, _) = encrypt(&mut c, "durable", PLAINTEXT, b"").await;
+    drop(c);
+    server.kill9();
+    let server: Server = hsm.try_start(&config, &[]).unwrap();
+    server.unseal_with(&shares);
+    let mut c = server.keys().await;
+    assert_eq!(
+        decrypt(&mut c, "durable", &ct, b"").await.unwrap(),
+        (PLAINTEXT.to_vec(), 2)
+    );
+}
