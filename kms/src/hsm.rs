@@ -125,7 +125,15 @@ impl Hsm {
     /// Loads the module, finds the token by label, opens `config.sessions` sessions, and,
     /// unless the PIN travels in the unseal shares, reads the PIN and logs in (once).
     pub fn open(config: &ValidHsmConfig) -> Result<Self, HsmError> {
-        let pkcs11 = token::load(&config.module)?;
+        Self::open_with_context(token::load(&config.module)?, config)
+    }
+
+    /// As [`Hsm::open`], on a PKCS#11 context the caller already loaded and initialised
+    /// (a process may initialise a module only once).
+    pub fn open_with_context(
+        pkcs11: cryptoki::context::Pkcs11,
+        config: &ValidHsmConfig,
+    ) -> Result<Self, HsmError> {
         let slot = token::find_token(&pkcs11, &config.token_label)?;
         let mut sessions = Vec::with_capacity(config.sessions);
         for _ in 0..config.sessions {

@@ -9,7 +9,7 @@
 use std::sync::atomic::AtomicU64;
 
 use aes_gcm::Aes256Gcm;
-use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::aead::{Aead, AeadInOut, KeyInit, Payload};
 use ed25519_dalek::Signer as _;
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
@@ -230,19 +230,33 @@ impl Secret {
         Err(KeyringError::HsmKeyMissing)
     }
 
-    /// AES-256-GCM encryption with the caller's nonce. Returns `ciphertext | tag`.
-    pub fn encrypt(
+    /// AES-256-GCM encryption with the caller's nonce: appends `ciphertext | tag` to `out`
+    /// (in place for software keys: no intermediate copy).
+    pub fn encrypt_into(
         &self,
         hsm: Option<&Hsm>,
         nonce: &[u8; NONCE_LEN],
         aad: &[u8],
         pt: &[u8],
-    ) -> Result<Vec<u8>, KeyringError> {
+        out: &mut Vec<u8>,
+    ) -> Result<(), KeyringError> {
         match self {
-            Self::Aes(c) => c
-                .encrypt(&(*nonce).into(), Payload { msg: pt, aad })
-                .map_err(|_| KeyringError::Internal("aes-gcm encrypt")),
-            Self::Hsm(HsmKeyKind::Aes256, h) => Ok(need(hsm)?.encrypt_with_iv(*h, nonce, aad, pt)?),
+            Self::Aes(c) => {
+                let start = out.len();
+                out.extend_from_slice(pt);
+                let body = out
+                    .get_mut(start..)
+                    .ok_or(KeyringError::Internal("buffer"))?;
+                let tag = c
+                    .encrypt_inout_detached(&(*nonce).into(), aad, body.into())
+                    .map_err(|_| KeyringError::Internal("aes-gcm encrypt"))?;
+                out.extend_from_slice(&tag);
+                Ok(())
+            }
+            Self::Hsm(HsmKeyKind::Aes256, h) => {
+                out.extend_from_slice(&need(hsm)?.encrypt_with_iv(*h, nonce, aad, pt)?);
+                Ok(())
+            }
             Self::HsmMissing => Self::hsm_missing(),
             _ => Err(KeyringError::Internal("not an encryption key")),
         }
@@ -439,7 +453,8 @@ mod tests {
         let tag = hex("eca5aa77d51d4a0a14d9c51e1da474ab");
         let cipher = Aes256Gcm::new_from_slice(&key).unwrap();
         let secret = Secret::Aes(Box::new(cipher));
-        let out = secret.encrypt(None, &iv, &aad, &pt).unwrap();
+        let mut out = Vec::new();
+        secret.encrypt_into(None, &iv, &aad, &pt, &mut out).unwrap();
         assert_eq!(out, [ct.clone(), tag.clone()].concat());
         let back = secret.decrypt(None, &iv, &aad, &out).unwrap();
         assert_eq!(*back, pt);

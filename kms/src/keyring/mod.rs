@@ -418,20 +418,25 @@ impl Keyring {
 
     fn entry(&self, name: &str) -> Result<Arc<KeyEntry>, KeyringError> {
         model::check_name(name)?;
-        if self
-            .tampered
-            .read()
-            .map_err(|_| KeyringError::Internal("lock"))?
-            .contains_key(name)
-        {
-            return Err(KeyringError::Tampered(name.to_owned()));
-        }
-        self.keys
+        let found = self
+            .keys
             .read()
             .map_err(|_| KeyringError::Internal("lock"))?
             .get(name)
-            .cloned()
-            .ok_or_else(|| KeyringError::NotFound(name.to_owned()))
+            .cloned();
+        match found {
+            Some(e) => Ok(e),
+            // A refused (tampered) key is never in `keys`: look only on a miss.
+            None if self
+                .tampered
+                .read()
+                .map_err(|_| KeyringError::Internal("lock"))?
+                .contains_key(name) =>
+            {
+                Err(KeyringError::Tampered(name.to_owned()))
+            }
+            None => Err(KeyringError::NotFound(name.to_owned())),
+        }
     }
 
     fn admin(&self) -> Result<MutexGuard<'_, ()>, KeyringError> {
@@ -875,7 +880,8 @@ impl Keyring {
     }
 
     /// Takes one message from the primary version's nonce budget; rotates at 3/4 of it.
-    fn take_nonce_budget(&self, e: &KeyEntry) -> Result<(), KeyringError> {
+    /// Returns whether this call rotated the key (the caller then uses the new primary).
+    fn take_nonce_budget(&self, e: &KeyEntry) -> Result<bool, KeyringError> {
         let version = e.meta.primary;
         let m = Self::usable(e, version, false)?;
         let max = self.settings.max_messages_per_version;
@@ -902,9 +908,10 @@ impl Keyring {
         }
         if n >= max - max / 4 {
             let _g = self.admin()?;
-            self.rotate_locked(&e.meta.name, Some(version))?;
+            let meta = self.rotate_locked(&e.meta.name, Some(version))?;
+            return Ok(meta.primary != version);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Encrypts under the primary version. Returns the ciphertext and the version.
@@ -922,12 +929,9 @@ impl Keyring {
         )?;
         check_size("the associated data", aad.len(), MAX_AAD, "")?;
         let mut e = self.entry_for(name, Purpose::EncryptDecrypt, "encryption")?;
-        let version_before = e.meta.primary;
-        self.take_nonce_budget(&e)?;
-        // Rotation may have happened: encrypt under the version that is primary now.
-        let current = self.entry(name)?;
-        if current.meta.primary != version_before {
-            e = current;
+        if self.take_nonce_budget(&e)? {
+            // This call rotated the key: encrypt under the new primary version.
+            e = self.entry(name)?;
             self.take_nonce_budget(&e)?;
         }
         let version = e.meta.primary;
@@ -938,13 +942,18 @@ impl Keyring {
             .ok_or(KeyringError::Internal("no secret"))?;
         let nonce = random::<{ ciphertext::NONCE_LEN }>()?;
         let header = ciphertext::header(version);
-        let body = secret.encrypt(
+        // Build the output once: header | nonce, then the ciphertext is made in place.
+        let mut out = Vec::with_capacity(ciphertext::OVERHEAD + plaintext.len());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&nonce);
+        secret.encrypt_into(
             Some(&self.hsm),
             &nonce,
             &ciphertext::gcm_aad(&header, name, aad),
             plaintext,
+            &mut out,
         )?;
-        Ok((ciphertext::assemble(version, &nonce, &body), version))
+        Ok((out, version))
     }
 
     /// Decrypts with the version the ciphertext names.

@@ -1,0 +1,160 @@
+//! The speed targets, each against its baseline in the same run:
+//!
+//! - `Encrypt` of 1 KiB with a SOFTWARE key through the keyring vs `aes-gcm` called
+//!   directly on the same data (both make a fresh random nonce per message).
+//! - `Sign` (ECDSA P-256, SHA-256 of a 1 KiB message) with an HSM key through the keyring
+//!   vs cryptoki's `C_Sign` on a key of the same token, same thread.
+//!
+//! Run: `cargo bench -p kms-benches --bench keyring`. Needs SoftHSM. The bench runs itself
+//! again with a private `SOFTHSM2_CONF` (a process must not change its own environment).
+//! Results: docs/benchmarks.md.
+
+#![allow(
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
+
+use std::sync::Arc;
+
+use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use criterion::{Criterion, Throughput};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, ObjectClass};
+use cryptoki::session::UserType;
+use kms::hsm::Hsm;
+use kms::keyring::material::SignInput;
+use kms::keyring::model::{Algorithm, Protection};
+use kms::keyring::{Keyring, NewKey, Settings};
+use kms::store::RedbStore;
+use kms_pkcs11_conf::softhsm::{self, SoftHsmDir};
+use kms_pkcs11_conf::{HsmConfig, PinSource};
+use secrecy::ExposeSecret;
+use sha2::Digest;
+
+fn main() {
+    if std::env::var_os(softhsm::CONF_ENV).is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = SoftHsmDir::create(dir.path()).unwrap().conf;
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(std::env::args_os().skip(1))
+            .env(softhsm::CONF_ENV, conf)
+            .status()
+            .unwrap();
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    let mut c = Criterion::default().configure_from_args();
+    benches(&mut c);
+    c.final_summary();
+}
+
+fn benches(c: &mut Criterion) {
+    let module = kms_pkcs11_conf::find_softhsm_module().expect("SoftHSM is not installed");
+    let pkcs11 = kms_pkcs11_conf::token::load(&module).unwrap();
+    let pin = softhsm::random_pin().unwrap();
+    let so = softhsm::random_pin().unwrap();
+    let slot = softhsm::provision_token(&pkcs11, "bench", &so, &pin).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pin_file = dir.path().join("pin");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&pin_file)
+            .unwrap();
+        f.write_all(pin.expose_secret().as_bytes()).unwrap();
+    }
+    let config = HsmConfig {
+        module,
+        token_label: "bench".into(),
+        pin_env: None,
+        pin_file: Some(pin_file),
+        pin_in_shares: false,
+        master_key_label: "m".into(),
+        sessions: 4,
+    }
+    .validate()
+    .unwrap();
+    assert_eq!(config.pin, PinSource::File(dir.path().join("pin")));
+    let hsm = Arc::new(Hsm::open_with_context(pkcs11.clone(), &config).unwrap());
+    let store = Arc::new(RedbStore::open(&dir.path().join("kms.redb")).unwrap());
+    let mut root = [0u8; 32];
+    getrandom::fill(&mut root).unwrap();
+    let keyring = Keyring::load(&root, hsm, store, Settings::default()).unwrap();
+    let new = |name: &str, algorithm, protection| NewKey {
+        name: name.into(),
+        algorithm,
+        protection,
+        rotation_period: None,
+        labels: Default::default(),
+    };
+    keyring
+        .create_key(new("enc", Algorithm::Aes256Gcm, Protection::Software))
+        .unwrap();
+    keyring
+        .create_key(new("sig", Algorithm::EcdsaP256Sha256, Protection::Hsm))
+        .unwrap();
+
+    let data = vec![0x5au8; 1024];
+    let aad = b"tenant=bench".to_vec();
+    let mut g = c.benchmark_group("encrypt 1 KiB, software key");
+    g.throughput(Throughput::Bytes(1024));
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).unwrap();
+    let direct = Aes256Gcm::new_from_slice(&key).unwrap();
+    g.bench_function("aes-gcm directly", |b| {
+        b.iter(|| {
+            let mut nonce = [0u8; 12];
+            getrandom::fill(&mut nonce).unwrap();
+            direct
+                .encrypt(
+                    &nonce.into(),
+                    Payload {
+                        msg: &data,
+                        aad: &aad,
+                    },
+                )
+                .unwrap()
+        })
+    });
+    g.bench_function("kms keyring Encrypt", |b| {
+        b.iter(|| keyring.encrypt("enc", &data, &aad).unwrap())
+    });
+    g.finish();
+
+    // The baseline: C_Sign directly on the very key object kms uses (found by its label),
+    // from a session of our own, with the SHA-256 the caller must do for CKM_ECDSA.
+    let session = pkcs11.open_rw_session(slot).unwrap();
+    session.login(UserType::User, Some(&pin)).ok();
+    let key_id = keyring.get_key("sig").unwrap().key_id;
+    let label = format!("kms/{key_id}/1").into_bytes();
+    let found = session
+        .find_objects(&[
+            Attribute::Label(label),
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+        ])
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    let private = found[0];
+    let mut g = c.benchmark_group("sign ECDSA P-256, 1 KiB message, HSM key");
+    g.bench_function("cryptoki C_Sign directly", |b| {
+        b.iter(|| {
+            let digest = sha2::Sha256::digest(&data);
+            session.sign(&Mechanism::Ecdsa, private, &digest).unwrap()
+        })
+    });
+    g.bench_function("kms keyring Sign (DER)", |b| {
+        b.iter(|| {
+            keyring
+                .sign("sig", SignInput::Message(&data), false)
+                .unwrap()
+        })
+    });
+    g.finish();
+}
