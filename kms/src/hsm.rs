@@ -402,28 +402,25 @@ impl Hsm {
             t
         };
         self.with_session(|s| match kind {
-            HsmKeyKind::Aes256 => {
-                let mut t = common(false, true);
+            HsmKeyKind::Aes256 | HsmKeyKind::HmacSha256 => {
+                // 256-bit secret keys: AES encrypts/decrypts, the HMAC key signs/verifies.
+                let (mechanism, key_type, mac) = match kind {
+                    HsmKeyKind::Aes256 => (Mechanism::AesKeyGen, KeyType::AES, false),
+                    _ => (
+                        Mechanism::GenericSecretKeyGen,
+                        KeyType::GENERIC_SECRET,
+                        true,
+                    ),
+                };
+                let mut t = common(mac, !mac);
                 t.extend([
                     Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::KeyType(KeyType::AES),
+                    Attribute::KeyType(key_type),
                     Attribute::ValueLen(32u64.into()),
                 ]);
                 let h = s
-                    .generate_key(&Mechanism::AesKeyGen, &t)
-                    .map_err(pk("generate an AES key"))?;
-                Ok((KeyHandle(h), None))
-            }
-            HsmKeyKind::HmacSha256 => {
-                let mut t = common(true, false);
-                t.extend([
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::KeyType(KeyType::GENERIC_SECRET),
-                    Attribute::ValueLen(32u64.into()),
-                ]);
-                let h = s
-                    .generate_key(&Mechanism::GenericSecretKeyGen, &t)
-                    .map_err(pk("generate an HMAC key"))?;
+                    .generate_key(&mechanism, &t)
+                    .map_err(pk("generate a secret key"))?;
                 Ok((KeyHandle(h), None))
             }
             HsmKeyKind::Ed25519 | HsmKeyKind::EcdsaP256 => {

@@ -22,3 +22,18 @@ pub mod keyring;
 pub mod seal;
 pub mod server;
 pub mod store;
+
+/// An error and its sources, joined by ": ".
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}

@@ -263,12 +263,7 @@ pub fn start_unsealed(hsm: &TestHsm, config: &Path) -> (Server, Vec<String>) {
         "",
     );
     assert_eq!(out.code, Some(0), "{out:?}");
-    let shares: Vec<String> = out.json()["shares"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap().to_owned())
-        .collect();
+    let shares = out.shares();
     server.unseal_with(&shares);
     (server, shares)
 }
@@ -292,6 +287,16 @@ pub struct Out {
 }
 
 impl Out {
+    /// The shares printed by `kms operator init --json`.
+    pub fn shares(&self) -> Vec<String> {
+        self.json()["shares"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no shares: {self:?}"))
+            .iter()
+            .map(|s| s.as_str().unwrap().to_owned())
+            .collect()
+    }
+
     /// Standard output parsed as JSON.
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))

@@ -25,12 +25,7 @@ fn init(server: &Server, shares: u32, threshold: u32) -> (Vec<String>, String) {
     );
     assert_eq!(out.code, Some(0), "{out:?}");
     let v = out.json();
-    let shares: Vec<String> = v["shares"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap().to_owned())
-        .collect();
+    let shares = out.shares();
     (shares, v["share_set_id"].as_str().unwrap().to_owned())
 }
 

@@ -102,16 +102,7 @@ pub fn to_status(err: &ApiError) -> Status {
 
 /// Writes the error and its whole source chain (PKCS#11 return codes included) to the log.
 fn log_error(rpc: &'static str, key: &str, err: &ApiError, code: Code) {
-    let mut chain = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !chain.ends_with(&text) {
-            chain.push_str(": ");
-            chain.push_str(&text);
-        }
-        source = s.source();
-    }
+    let chain = crate::error_chain(err);
     if matches!(code, Code::Unavailable | Code::DataLoss | Code::Internal) {
         tracing::error!(rpc, key, code = ?code, error = %chain, "request failed");
     } else {
