@@ -1,6 +1,7 @@
 //! kms: an HSM-backed key-management service.
 //!
 //! The code map is in docs/ARCHITECTURE.md. In short:
+//! - [`audit`]: the hash-chained, group-committed audit log.
 //! - [`config`]: the TOML configuration file.
 //! - [`hsm`]: PKCS#11 sessions, login, and the master key.
 //! - [`store`]: the durable store (redb) behind a narrow trait.
@@ -13,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod dev;

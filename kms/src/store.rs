@@ -20,6 +20,8 @@ pub enum Table {
     Keys,
     /// Per-version AES-GCM message counters (reservations), `name/version` -> u64 BE.
     Counters,
+    /// The audit log, by zero-padded sequence number.
+    Audit,
 }
 
 impl Table {
@@ -28,6 +30,7 @@ impl Table {
             Self::System => "system",
             Self::Keys => "keys",
             Self::Counters => "counters",
+            Self::Audit => "audit",
         }
     }
 
@@ -73,6 +76,10 @@ pub trait Store: Send + Sync + 'static {
     fn put(&self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError>;
     /// Every entry of a table, in key order.
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Writes many values in one durable transaction: all or none. Durable on `Ok`.
+    fn put_batch(&self, table: Table, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError>;
+    /// The entry with the greatest key, if any.
+    fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StoreError>;
 }
 
 /// The embedded store: one redb file.
@@ -175,6 +182,30 @@ impl Store for RedbStore {
         })
     }
 
+    fn put_batch(&self, table: Table, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        self.write("batch write", table, |t| {
+            for (k, v) in entries {
+                t.insert(k.as_str(), v.as_slice())?;
+            }
+            Ok(true)
+        })
+        .map(|_| ())
+    }
+
+    fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StoreError> {
+        use redb::{ReadableDatabase, ReadableTable};
+        let op = "read last";
+        let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
+        let t = match txn.open_table(table.definition()) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(io(op)(e.into())),
+        };
+        Ok(t.last()
+            .map_err(|e| io(op)(e.into()))?
+            .map(|(k, v)| (k.value().to_owned(), v.value().to_vec())))
+    }
+
     fn put(&self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.write("write", table, |t| {
             t.insert(key, value)?;
@@ -207,6 +238,26 @@ mod tests {
         assert_eq!(
             store.get(Table::System, "a").unwrap().as_deref(),
             Some(&b"3"[..])
+        );
+        // scan is in key order; put_batch is one transaction; last is the greatest key.
+        assert!(store.scan(Table::Keys).unwrap().is_empty());
+        assert_eq!(store.last(Table::Audit).unwrap(), None);
+        store
+            .put_batch(
+                Table::Audit,
+                &[("2".into(), b"b".to_vec()), ("1".into(), b"a".to_vec())],
+            )
+            .unwrap();
+        assert_eq!(
+            store.scan(Table::Audit).unwrap(),
+            vec![
+                ("1".to_owned(), b"a".to_vec()),
+                ("2".to_owned(), b"b".to_vec())
+            ]
+        );
+        assert_eq!(
+            store.last(Table::Audit).unwrap(),
+            Some(("2".to_owned(), b"b".to_vec()))
         );
     }
 
