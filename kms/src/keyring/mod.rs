@@ -879,6 +879,14 @@ impl Keyring {
             .ok_or(KeyringError::Internal("material"))
     }
 
+    /// The secret of a usable version (see [`Keyring::usable`]).
+    fn secret(e: &KeyEntry, version: u32, check_min: bool) -> Result<&Secret, KeyringError> {
+        Self::usable(e, version, check_min)?
+            .secret
+            .as_ref()
+            .ok_or(KeyringError::Internal("no secret"))
+    }
+
     /// Takes one message from the primary version's nonce budget; rotates at 3/4 of it.
     /// Returns whether this call rotated the key (the caller then uses the new primary).
     fn take_nonce_budget(&self, e: &KeyEntry) -> Result<bool, KeyringError> {
@@ -935,11 +943,7 @@ impl Keyring {
             self.take_nonce_budget(&e)?;
         }
         let version = e.meta.primary;
-        let m = Self::usable(&e, version, false)?;
-        let secret = m
-            .secret
-            .as_ref()
-            .ok_or(KeyringError::Internal("no secret"))?;
+        let secret = Self::secret(&e, version, false)?;
         let nonce = random::<{ ciphertext::NONCE_LEN }>()?;
         let header = ciphertext::header(version);
         // Build the output once: header | nonce, then the ciphertext is made in place.
@@ -976,11 +980,7 @@ impl Keyring {
         if e.meta.version(parsed.version).is_none() {
             return Err(KeyringError::DecryptionFailed);
         }
-        let m = Self::usable(&e, parsed.version, true)?;
-        let secret = m
-            .secret
-            .as_ref()
-            .ok_or(KeyringError::Internal("no secret"))?;
+        let secret = Self::secret(&e, parsed.version, true)?;
         let pt = secret.decrypt(
             Some(&self.hsm),
             &parsed.nonce,
@@ -1038,11 +1038,7 @@ impl Keyring {
         }
         let e = self.entry_for(name, Purpose::SignVerify, "signing")?;
         let version = e.meta.primary;
-        let m = Self::usable(&e, version, false)?;
-        let secret = m
-            .secret
-            .as_ref()
-            .ok_or(KeyringError::Internal("no secret"))?;
+        let secret = Self::secret(&e, version, false)?;
         Ok((secret.sign(Some(&self.hsm), input, raw)?, version))
     }
 
@@ -1092,11 +1088,7 @@ impl Keyring {
         check_size("the message", message.len(), MAX_MESSAGE, "")?;
         let e = self.entry_for(name, Purpose::Mac, "MAC")?;
         let version = e.meta.primary;
-        let m = Self::usable(&e, version, false)?;
-        let secret = m
-            .secret
-            .as_ref()
-            .ok_or(KeyringError::Internal("no secret"))?;
+        let secret = Self::secret(&e, version, false)?;
         Ok((secret.mac(Some(&self.hsm), message)?, version))
     }
 
@@ -1110,11 +1102,7 @@ impl Keyring {
     ) -> Result<bool, KeyringError> {
         check_size("the message", message.len(), MAX_MESSAGE, "")?;
         let e = self.entry_for(name, Purpose::Mac, "MAC verification")?;
-        let m = Self::usable(&e, Self::version_or_primary(&e, version), true)?;
-        let secret = m
-            .secret
-            .as_ref()
-            .ok_or(KeyringError::Internal("no secret"))?;
+        let secret = Self::secret(&e, Self::version_or_primary(&e, version), true)?;
         let want = secret.mac(Some(&self.hsm), message)?;
         Ok(subtle::ConstantTimeEq::ct_eq(want.as_slice(), tag).unwrap_u8() == 1)
     }
