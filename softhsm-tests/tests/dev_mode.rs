@@ -72,6 +72,19 @@ impl Dev {
     }
 }
 
+impl Drop for Dev {
+    /// A failing test must not leave a server running: stop it (SIGTERM, so it cleans up).
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.child.id().to_string())
+                .status();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn addr_of(line: &str) -> String {
     format!(
         "http://{}",
