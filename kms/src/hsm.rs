@@ -30,8 +30,6 @@ use zeroize::Zeroizing;
 pub const GCM_IV_LEN: usize = 12;
 /// The AES-GCM tag length in bits.
 const GCM_TAG_BITS: u64 = 128;
-/// The master key's length in bytes.
-const MASTER_KEY_LEN: u64 = 32;
 
 /// Why an HSM operation failed. Never carries a PIN or key bytes.
 #[derive(Debug, thiserror::Error)]
@@ -264,33 +262,12 @@ impl Hsm {
         }
     }
 
+    /// The master key is an AES-256 token key like the keyring's HSM AES keys: sensitive,
+    /// never extractable, encrypt/decrypt only, every usage flag explicit.
     fn generate_master_key(&self) -> Result<KeyHandle, HsmError> {
-        let label = self.master_key_label.clone().into_bytes();
-        self.with_session(|s| {
-            let template = [
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::AES),
-                Attribute::ValueLen(MASTER_KEY_LEN.into()),
-                Attribute::Label(label),
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(false),
-                Attribute::Modifiable(false),
-                Attribute::Copyable(false),
-                Attribute::Encrypt(true),
-                Attribute::Decrypt(true),
-                Attribute::Wrap(false),
-                Attribute::Unwrap(false),
-                Attribute::Sign(false),
-                Attribute::Verify(false),
-                Attribute::Derive(false),
-            ];
-            let handle = s
-                .generate_key(&Mechanism::AesKeyGen, &template)
-                .map_err(pk("generate the master key"))?;
-            Ok(KeyHandle(handle))
-        })
+        let label = self.master_key_label.clone();
+        self.generate_key(HsmKeyKind::Aes256, &label)
+            .map(|(key, _)| key)
     }
 
     /// Encrypts `plaintext` with AES-256-GCM under an AES key of the token, inside the HSM,
