@@ -250,18 +250,7 @@ pub fn start_unsealed(hsm: &TestHsm, config: &Path) -> (Server, Vec<String>) {
     let server = hsm
         .try_start(config, &[])
         .unwrap_or_else(|e| panic!("server did not start: {e}"));
-    let out = server.kms(
-        &[
-            "operator",
-            "init",
-            "--shares",
-            "3",
-            "--threshold",
-            "2",
-            "--json",
-        ],
-        "",
-    );
+    let out = server.init(3, 2, "");
     assert_eq!(out.code, Some(0), "{out:?}");
     let shares = out.shares();
     server.unseal_with(&shares);
@@ -334,13 +323,26 @@ impl Server {
     /// Sends SIGTERM and waits for the exit.
     pub fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
-        let st = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(st.success());
+        sigterm(&child).unwrap();
         child.wait().unwrap()
+    }
+
+    /// Runs `kms operator init --shares N --threshold T --json` with `stdin` (the HSM PIN
+    /// when the server keeps it in the shares).
+    pub fn init(&self, shares: u32, threshold: u32, stdin: &str) -> Out {
+        let (n, t) = (shares.to_string(), threshold.to_string());
+        self.kms(
+            &[
+                "operator",
+                "init",
+                "--shares",
+                &n,
+                "--threshold",
+                &t,
+                "--json",
+            ],
+            stdin,
+        )
     }
 
     /// Kills the server with SIGKILL (`kill -9`): no chance to flush anything.
@@ -358,6 +360,15 @@ impl Drop for Server {
             let _ = c.wait();
         }
     }
+}
+
+/// Sends SIGTERM to a child process (through kill(2): no `kill` binary needed).
+pub fn sigterm(child: &Child) -> std::io::Result<()> {
+    let pid = i32::try_from(child.id())
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| std::io::Error::other("bad pid"))?;
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).map_err(std::io::Error::from)
 }
 
 /// Runs `kms ARGS` with `KMS_ADDR=addr`.

@@ -11,18 +11,7 @@
 use softhsm_tests::{Server, TRANSCRIPT, TestHsm, forge_share, run_kms};
 
 fn init(server: &Server, shares: u32, threshold: u32) -> (Vec<String>, String) {
-    let out = server.kms(
-        &[
-            "operator",
-            "init",
-            "--shares",
-            &shares.to_string(),
-            "--threshold",
-            &threshold.to_string(),
-            "--json",
-        ],
-        "",
-    );
+    let out = server.init(shares, threshold, "");
     assert_eq!(out.code, Some(0), "{out:?}");
     let v = out.json();
     let shares = out.shares();

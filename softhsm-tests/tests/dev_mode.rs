@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::Duration;
 
-use softhsm_tests::{bin, run_kms};
+use softhsm_tests::{bin, run_kms, sigterm};
 
 struct Dev {
     child: Child,
@@ -62,12 +62,7 @@ impl Dev {
     }
 
     fn stop(mut self) -> std::process::ExitStatus {
-        let st = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(st.success());
+        sigterm(&self.child).unwrap();
         self.child.wait().unwrap()
     }
 }
@@ -76,10 +71,7 @@ impl Drop for Dev {
     /// A failing test must not leave a server running: stop it (SIGTERM, so it cleans up).
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(self.child.id().to_string())
-                .status();
+            let _ = sigterm(&self.child);
             let _ = self.child.wait();
         }
     }

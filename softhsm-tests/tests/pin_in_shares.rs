@@ -56,18 +56,7 @@ fn the_pin_travels_in_the_shares() {
         false
     );
 
-    let out = server.kms(
-        &[
-            "operator",
-            "init",
-            "--shares",
-            "3",
-            "--threshold",
-            "2",
-            "--json",
-        ],
-        &format!("{}\n", hsm.pin),
-    );
+    let out = server.init(3, 2, &format!("{}\n", hsm.pin));
     assert_eq!(out.code, Some(0), "{out:?}");
     let shares = out.shares();
     // The shares carry the PIN too: longer than plain 32-byte-key shares.
