@@ -104,8 +104,9 @@ impl VersionState {
     }
 }
 
-/// One version of a key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One version of a key. Its `Debug` omits the salt: destroying a version erases the salt,
+/// and crypto-shredding holds only if no copy of it was ever written to a log.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VersionMeta {
     /// 1, 2, ...
@@ -123,6 +124,19 @@ pub struct VersionMeta {
     /// Asymmetric keys: the public key (hex; Ed25519 32 bytes, P-256 65-byte SEC1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
+}
+
+impl std::fmt::Debug for VersionMeta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VersionMeta")
+            .field("version", &self.version)
+            .field("state", &self.state)
+            .field("created_at", &self.created_at)
+            .field("salt", &self.salt.as_ref().map(|_| "<redacted>"))
+            .field("hsm_label", &self.hsm_label)
+            .field("public_key", &self.public_key)
+            .finish()
+    }
 }
 
 /// A key, as stored.
@@ -278,6 +292,13 @@ mod tests {
                 public_key: None,
             }],
         }
+    }
+
+    #[test]
+    fn debug_omits_the_salt() {
+        let printed = format!("{:?}", meta());
+        assert!(!printed.contains(&"11".repeat(32)), "{printed}");
+        assert!(printed.contains("<redacted>"));
     }
 
     #[test]
