@@ -22,7 +22,11 @@ const REDACTED: &[&str] = &[
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["kms/v1/system.proto", "kms/v1/keys.proto"];
+    let protos = [
+        "kms/v1/system.proto",
+        "kms/v1/keys.proto",
+        "kms/v1/audit.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -24,10 +24,11 @@ use criterion::{Criterion, Throughput};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, ObjectClass};
 use cryptoki::session::UserType;
+use kms::audit::{AuditLog, CheckpointPolicy, Signer};
 use kms::hsm::Hsm;
 use kms::keyring::material::SignInput;
 use kms::keyring::model::{Algorithm, Protection};
-use kms::keyring::{Keyring, NewKey, Settings};
+use kms::keyring::{Keyring, NewKey, Settings, SystemJournal};
 use kms::store::RedbStore;
 use kms_pkcs11_conf::softhsm::{self, SoftHsmDir};
 use kms_pkcs11_conf::{HsmConfig, PinSource};
@@ -86,7 +87,18 @@ fn benches(c: &mut Criterion) {
     let store = Arc::new(RedbStore::open(&dir.path().join("kms.redb")).unwrap());
     let mut root = [0u8; 32];
     getrandom::fill(&mut root).unwrap();
-    let keyring = Keyring::load(&root, hsm, store, Settings::default()).unwrap();
+    let audit = AuditLog::open(
+        store.clone(),
+        Arc::new(Signer::disabled()),
+        CheckpointPolicy::default(),
+    )
+    .unwrap();
+    let keyring = Keyring::load(&root, hsm, store, audit.clone(), Settings::default()).unwrap();
+    let admin = SystemJournal {
+        log: &audit,
+        operation: "CreateKey",
+        version: None,
+    };
     let new = |name: &str, algorithm, protection| NewKey {
         name: name.into(),
         algorithm,
@@ -95,10 +107,16 @@ fn benches(c: &mut Criterion) {
         labels: Default::default(),
     };
     keyring
-        .create_key(new("enc", Algorithm::Aes256Gcm, Protection::Software))
+        .create_key(
+            new("enc", Algorithm::Aes256Gcm, Protection::Software),
+            &admin,
+        )
         .unwrap();
     keyring
-        .create_key(new("sig", Algorithm::EcdsaP256Sha256, Protection::Hsm))
+        .create_key(
+            new("sig", Algorithm::EcdsaP256Sha256, Protection::Hsm),
+            &admin,
+        )
         .unwrap();
 
     let data = vec![0x5au8; 1024];

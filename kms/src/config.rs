@@ -22,6 +22,19 @@ pub struct ConfigFile {
     /// The `[keyring]` table.
     #[serde(default)]
     pub keyring: KeyringConfig,
+    /// The `[audit]` table.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Sign a checkpoint after this many records (default 1000).
+    pub checkpoint_every_records: Option<u64>,
+    /// Or after this many seconds with new records (default 60).
+    pub checkpoint_interval_seconds: Option<u64>,
 }
 
 /// `[keyring]`.
@@ -69,6 +82,8 @@ pub struct Config {
     pub keyring: crate::keyring::Settings,
     /// Seconds between maintenance runs.
     pub maintenance_interval: std::time::Duration,
+    /// When to sign audit checkpoints.
+    pub checkpoints: crate::audit::CheckpointPolicy,
 }
 
 /// What is wrong with the configuration file.
@@ -103,6 +118,9 @@ pub enum ConfigError {
     /// A `[keyring]` value is out of range.
     #[error("keyring.{0}: out of range")]
     BadKeyring(&'static str),
+    /// An `[audit]` value is out of range.
+    #[error("audit.{0}: out of range")]
+    BadAudit(&'static str),
     /// `[log] level` is unknown.
     #[error("log.level: {0:?} is not one of error, warn, info, debug, trace")]
     BadLogLevel(String),
@@ -172,7 +190,23 @@ impl Config {
                 "maintenance_interval_seconds (1..=86400)",
             ));
         }
+        let every = file.audit.checkpoint_every_records.unwrap_or(1000);
+        if !(1..=1_000_000).contains(&every) {
+            return Err(ConfigError::BadAudit(
+                "checkpoint_every_records (1..=1000000)",
+            ));
+        }
+        let seconds = file.audit.checkpoint_interval_seconds.unwrap_or(60);
+        if !(1..=86_400).contains(&seconds) {
+            return Err(ConfigError::BadAudit(
+                "checkpoint_interval_seconds (1..=86400)",
+            ));
+        }
         Ok(Self {
+            checkpoints: crate::audit::CheckpointPolicy {
+                every_records: every,
+                interval: std::time::Duration::from_secs(seconds),
+            },
             listen,
             storage_path,
             hsm,

@@ -94,15 +94,16 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
     rt.block_on(async move {
         let listen = config.listen;
         let interval = config.maintenance_interval;
-        let seal = tokio::task::spawn_blocking(move || crate::server::open(&config)).await??;
+        let opened = tokio::task::spawn_blocking(move || crate::server::open(&config)).await??;
         let listener = crate::server::bind(listen).await?;
         let addr = listener.local_addr()?;
-        let seal2 = std::sync::Arc::clone(&seal);
-        let ready =
-            tokio::task::spawn_blocking(move || bootstrap(&seal2, &dir, addr, &config_path))
-                .await?;
+        let for_bootstrap = opened.clone();
+        let ready = tokio::task::spawn_blocking(move || {
+            bootstrap(&for_bootstrap, &dir, addr, &config_path)
+        })
+        .await?;
         ready?;
-        crate::server::serve(listener, seal, interval, crate::server::shutdown_signal()).await?;
+        crate::server::serve(listener, opened, interval, crate::server::shutdown_signal()).await?;
         Ok::<_, BoxError>(())
     })?;
     Ok(ExitCode::SUCCESS)
@@ -185,11 +186,20 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Initialises and unseals on the first run; says what to do on later runs.
 fn bootstrap(
-    seal: &crate::seal::SealManager,
+    opened: &crate::server::Opened,
     dir: &Path,
     addr: SocketAddr,
     config_path: &Path,
 ) -> Result<(), BoxError> {
+    let seal = &opened.seal;
+    // What kms dev does itself is audited like a call: principal `kms-dev`.
+    let event = |operation: &str| crate::audit::AuditEvent {
+        principal: "kms-dev".to_owned(),
+        service: "kms.dev".to_owned(),
+        operation: operation.to_owned(),
+        outcome: "OK".to_owned(),
+        ..crate::audit::AuditEvent::default()
+    };
     let status = seal.status();
     let url = format!("http://{addr}");
     if status.initialized {
@@ -200,7 +210,14 @@ fn bootstrap(
         );
         return Ok(());
     }
-    let out = seal.init(5, 3, None)?;
+    let commit = |_: &crate::seal::InitOutput, writes| {
+        opened
+            .audit
+            .append_with(event("Init"), writes)
+            .map(|_| ())
+            .map_err(|_| crate::seal::SealError::AuditUnavailable)
+    };
+    let out = seal.init(5, 3, None, &commit)?;
     let resp = kms_proto::v1::InitResponse {
         shares: out.shares.iter().map(|s| s.as_str().to_owned()).collect(),
         share_set_id: out.share_set_id.to_string(),
@@ -210,6 +227,10 @@ fn bootstrap(
     crate::cli::print_init(&resp, false)?;
     for share in out.shares.iter().take(usize::from(out.threshold)) {
         seal.unseal(share, None)?;
+        if let Err(e) = opened.audit.append(event("Unseal")) {
+            let _ = seal.seal();
+            return Err(e.into());
+        }
     }
     println!(
         "\nkms dev: unsealed with shares 1-3 and serving on {url}\n\

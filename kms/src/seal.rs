@@ -35,9 +35,10 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use crate::hsm::{Hsm, HsmError, KeyHandle};
+use crate::audit::AuditLog;
+use crate::hsm::{Hsm, HsmError, HsmKeyKind, KeyHandle};
 use crate::keyring::{Keyring, KeyringError, Settings as KeyringSettings};
-use crate::store::{Store, StoreError, Table};
+use crate::store::{Store, StoreError, Table, Write};
 
 /// The store key of the seal record.
 const SEAL_RECORD_KEY: &str = "seal";
@@ -148,6 +149,14 @@ pub enum SealError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The request's audit record could not be written: nothing was done.
+    #[error("audit log unavailable")]
+    AuditUnavailable,
+    /// The audit signing key named in the seal record is not in the token.
+    #[error(
+        "the audit signing key {0:?} is not in the HSM token: audit checkpoints cannot be signed"
+    )]
+    AuditKeyMissing(String),
     /// The keyring could not be loaded at unseal.
     #[error("the keyring could not be loaded: {0}")]
     Keyring(#[from] KeyringError),
@@ -188,6 +197,10 @@ pub struct SealRecord {
     /// Whether the HSM PIN travels in the shares.
     #[serde(default)]
     pub pin_in_shares: bool,
+    /// The label of the audit checkpoint signing key (Ed25519, in the HSM).
+    pub audit_key_label: String,
+    /// Its public key (raw 32 bytes, hex).
+    pub audit_public_key: String,
     /// Unix time of init, seconds.
     pub created_at: u64,
 }
@@ -218,6 +231,9 @@ pub struct SealStatus {
     /// Whether the HSM PIN travels in the shares (as configured; init then needs it).
     pub pin_in_shares: bool,
 }
+
+/// What makes init's seal record durable together with its audit record.
+pub type InitCommit<'a> = dyn Fn(&InitOutput, Vec<Write>) -> Result<(), SealError> + 'a;
 
 /// What `Init` returns: the shares, once.
 pub struct InitOutput {
@@ -250,6 +266,7 @@ struct Inner {
 pub struct SealManager {
     hsm: Arc<Hsm>,
     store: Arc<dyn Store>,
+    audit: AuditLog,
     settings: KeyringSettings,
     inner: Mutex<Inner>,
 }
@@ -266,6 +283,7 @@ impl SealManager {
     pub fn load(
         hsm: Arc<Hsm>,
         store: Arc<dyn Store>,
+        audit: AuditLog,
         settings: KeyringSettings,
     ) -> Result<Self, SealError> {
         let record = match store.get(Table::System, SEAL_RECORD_KEY)? {
@@ -292,15 +310,17 @@ impl SealManager {
             }
             // Not logged in yet: the master key is found at unseal.
             Some(_) if hsm.pin_in_shares() => (State::Sealed(None), None),
-            Some(_) => {
+            Some(r) => {
                 let key = hsm.find_master_key()?;
                 check_master_key(&hsm, key)?;
+                audit.signer().set(Some(find_audit_key(&hsm, r)?));
                 (State::Sealed(None), Some(key))
             }
         };
         Ok(Self {
             hsm,
             store,
+            audit,
             settings,
             inner: Mutex::new(Inner {
                 state,
@@ -314,6 +334,15 @@ impl SealManager {
         // A panic while holding the lock cannot leave a half-written state (every transition
         // is one assignment), so a poisoned lock is still usable.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The audit checkpoint public key recorded at init (raw 32 bytes), once initialised.
+    pub fn audit_public_key(&self) -> Option<Vec<u8>> {
+        self.lock().record.as_ref().and_then(|r| {
+            data_encoding::HEXLOWER
+                .decode(r.audit_public_key.as_bytes())
+                .ok()
+        })
     }
 
     /// The current status.
@@ -334,11 +363,15 @@ impl SealManager {
     /// Initialises the server: see the module docs. Returns the shares; they are not
     /// stored anywhere. The server stays sealed. `hsm_pin` is required when the PIN
     /// travels in the shares, and refused otherwise.
+    ///
+    /// `commit` makes the seal record durable together with the request's audit record (see
+    /// [`crate::audit`]); if it fails, init fails and nothing is stored.
     pub fn init(
         &self,
         shares: u32,
         threshold: u32,
         hsm_pin: Option<&SecretString>,
+        commit: &InitCommit<'_>,
     ) -> Result<InitOutput, SealError> {
         let (n, t) = kms_unseal::check_parameters(shares, threshold)?;
         let pin = match (self.hsm.pin_in_shares(), hsm_pin) {
@@ -359,11 +392,12 @@ impl SealManager {
                 other => SealError::Hsm(other),
             })?;
         }
-        let result = self.init_logged_in(&mut inner, n, t, pin);
+        let result = self.init_logged_in(&mut inner, n, t, pin, commit);
         if pin.is_some() {
             // The server stays sealed: with the PIN in the shares, sealed means logged out.
             let _ = self.hsm.logout();
             inner.master_key = None;
+            self.audit.signer().set(None);
         }
         result
     }
@@ -374,10 +408,53 @@ impl SealManager {
         n: u8,
         t: u8,
         pin: Option<&SecretString>,
+        commit: &InitCommit<'_>,
     ) -> Result<InitOutput, SealError> {
         let master_key = self.hsm.find_or_generate_master_key()?;
         check_master_key(&self.hsm, master_key)?;
+        let audit_key_label = format!("{}-audit", self.hsm.master_key_label());
+        while let Some(old) = self.hsm.find_key(&audit_key_label)? {
+            // Left by an init that did not complete (its record was never stored).
+            tracing::warn!(label = %audit_key_label, "destroying an audit signing key left by an earlier, incomplete init");
+            self.hsm.destroy(old)?;
+        }
+        let (audit_key, audit_public) = self
+            .hsm
+            .generate_key(HsmKeyKind::Ed25519, &audit_key_label)?;
+        let audit_public = audit_public.ok_or(SealError::Hsm(HsmError::Misuse(
+            "the token returned no public key",
+        )))?;
+        let result = self.init_records(
+            inner,
+            master_key,
+            n,
+            t,
+            pin,
+            commit,
+            &audit_key_label,
+            &audit_public,
+        );
+        match &result {
+            Ok(_) => self.audit.signer().set(Some((audit_key, audit_public))),
+            Err(_) => {
+                let _ = self.hsm.destroy(audit_key);
+            }
+        }
+        result
+    }
 
+    #[allow(clippy::too_many_arguments)]
+    fn init_records(
+        &self,
+        inner: &mut Inner,
+        master_key: KeyHandle,
+        n: u8,
+        t: u8,
+        pin: Option<&SecretString>,
+        commit: &InitCommit<'_>,
+        audit_key_label: &str,
+        audit_public: &[u8],
+    ) -> Result<InitOutput, SealError> {
         let unseal_key = random_key()?;
         let root_key = random_key()?;
         let pin_bytes = pin
@@ -417,6 +494,8 @@ impl SealManager {
             )?),
             wrapped_root_key: data_encoding::HEXLOWER.encode(&outer),
             pin_in_shares: pin.is_some(),
+            audit_key_label: audit_key_label.to_owned(),
+            audit_public_key: data_encoding::HEXLOWER.encode(audit_public),
             created_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -429,20 +508,28 @@ impl SealManager {
             return Err(SealError::RootKeyUnwrap);
         }
         let bytes = serde_json::to_vec(&record).map_err(|_| SealError::CorruptRecord)?;
-        if !self
-            .store
-            .insert_new(Table::System, SEAL_RECORD_KEY, &bytes)?
-        {
+        // The state lock is held and the state is Uninitialized, and the seal record is
+        // what makes it anything else: no other init can be writing it.
+        if self.store.get(Table::System, SEAL_RECORD_KEY)?.is_some() {
             return Err(SealError::AlreadyInitialized);
         }
-        inner.record = Some(record);
-        inner.master_key = Some(master_key);
-        inner.state = State::Sealed(None);
-        Ok(InitOutput {
+        let output = InitOutput {
             share_set_id: set,
             threshold: t,
             shares: split.iter().map(Share::to_text).collect(),
-        })
+        };
+        commit(
+            &output,
+            vec![Write {
+                table: Table::System,
+                key: SEAL_RECORD_KEY.to_owned(),
+                value: bytes,
+            }],
+        )?;
+        inner.record = Some(record);
+        inner.master_key = Some(master_key);
+        inner.state = State::Sealed(None);
+        Ok(output)
     }
 
     /// Adds one share to the unseal attempt; unseals when the threshold is reached.
@@ -524,10 +611,16 @@ impl SealManager {
             None => self.login_from_shares(pin_part)?,
         };
         let loaded = unwrap_root(&self.hsm, master_key, record, &unseal_key).and_then(|root| {
+            if record.pin_in_shares {
+                self.audit
+                    .signer()
+                    .set(Some(find_audit_key(&self.hsm, record)?));
+            }
             Ok(Keyring::load(
                 &root.0,
                 Arc::clone(&self.hsm),
                 Arc::clone(&self.store),
+                self.audit.clone(),
                 self.settings,
             )?)
         });
@@ -537,6 +630,7 @@ impl SealManager {
                 if record.pin_in_shares {
                     let _ = self.hsm.logout();
                     inner.master_key = None;
+                    self.audit.signer().set(None);
                 }
                 return Err(e);
             }
@@ -595,6 +689,7 @@ impl SealManager {
         if was_unsealed && self.hsm.pin_in_shares() {
             // Sealed means locked out of the HSM too: the PIN is gone with the shares.
             inner.master_key = None;
+            self.audit.signer().set(None);
             self.hsm.logout()?;
         }
         Ok(status_of(&inner, self.hsm.pin_in_shares()))
@@ -624,6 +719,17 @@ fn status_of(inner: &Inner, pin_in_shares: bool) -> SealStatus {
         share_set_id: record.and_then(|r| r.share_set().ok()),
         pin_in_shares,
     }
+}
+
+/// The audit signing key named in the seal record, and its public key.
+fn find_audit_key(hsm: &Hsm, record: &SealRecord) -> Result<(KeyHandle, Vec<u8>), SealError> {
+    let public = data_encoding::HEXLOWER
+        .decode(record.audit_public_key.as_bytes())
+        .map_err(|_| SealError::CorruptRecord)?;
+    let key = hsm
+        .find_key(&record.audit_key_label)?
+        .ok_or_else(|| SealError::AuditKeyMissing(record.audit_key_label.clone()))?;
+    Ok((key, public))
 }
 
 fn check_master_key(hsm: &Hsm, key: KeyHandle) -> Result<(), SealError> {

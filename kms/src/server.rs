@@ -12,11 +12,13 @@ use std::sync::Arc;
 use kms_proto::v1::system_server::SystemServer;
 use tokio::net::TcpListener;
 
+use crate::audit::{AuditError, AuditLog, Signer};
 use crate::config::Config;
-use crate::grpc::{KeyManagementService, SystemService};
+use crate::grpc::{AuditService, KeyManagementService, SystemService};
 use crate::hsm::{Hsm, HsmError};
 use crate::seal::{SealError, SealManager};
 use crate::store::{RedbStore, StoreError};
+use kms_proto::v1::audit_server::AuditServer;
 use kms_proto::v1::key_management_server::KeyManagementServer;
 
 /// Why the server could not start.
@@ -32,6 +34,9 @@ pub enum StartError {
     /// The seal record could not be loaded, or the master key is missing or unsafe.
     #[error(transparent)]
     Seal(#[from] SealError),
+    /// The audit log could not be opened.
+    #[error("cannot open the audit log")]
+    Audit(#[from] AuditError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -46,20 +51,36 @@ pub enum StartError {
     Serve(#[source] tonic::transport::Error),
 }
 
-/// Opens the HSM, the store and the seal manager. Blocking.
-pub fn open(config: &Config) -> Result<Arc<SealManager>, StartError> {
+/// What a started server runs on.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    /// The seal (and through it, the keyring).
+    pub seal: Arc<SealManager>,
+    /// The audit log.
+    pub audit: AuditLog,
+}
+
+/// Opens the HSM, the store, the audit log and the seal manager. Blocking.
+pub fn open(config: &Config) -> Result<Opened, StartError> {
     let hsm = Arc::new(Hsm::open(&config.hsm)?);
     tracing::info!(token = hsm.token_label(), "HSM token opened and logged in");
     let store = Arc::new(RedbStore::open(&config.storage_path)?);
     tracing::info!(path = %config.storage_path.display(), "store opened");
-    let seal = Arc::new(SealManager::load(hsm, store, config.keyring)?);
+    let signer = Arc::new(Signer::new(Arc::clone(&hsm)));
+    let audit = AuditLog::open(store.clone(), signer, config.checkpoints)?;
+    let seal = Arc::new(SealManager::load(
+        hsm,
+        store,
+        audit.clone(),
+        config.keyring,
+    )?);
     let status = seal.status();
     tracing::info!(
         initialized = status.initialized,
         sealed = status.sealed,
         "seal state loaded"
     );
-    Ok(seal)
+    Ok(Opened { seal, audit })
 }
 
 /// Binds the listen address; call it once the server is ready to serve. The bound address is printed on stdout as
@@ -81,10 +102,11 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 /// whose destruction time has come, every `maintenance_interval`.
 pub async fn serve(
     listener: TcpListener,
-    seal: Arc<SealManager>,
+    opened: Opened,
     maintenance_interval: std::time::Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    let Opened { seal, audit } = opened;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let maintenance = tokio::spawn(maintain(Arc::clone(&seal), maintenance_interval));
     // On the signal, stop accepting and let calls in flight finish, but wait at most
@@ -102,11 +124,18 @@ pub async fn serve(
     };
     let mut serve_rx = stop_rx;
     let serving = tonic::transport::Server::builder()
-        .add_service(SystemServer::new(SystemService::new(Arc::clone(&seal))))
+        .add_service(SystemServer::new(SystemService::new(
+            Arc::clone(&seal),
+            audit.clone(),
+        )))
         .add_service(
-            KeyManagementServer::new(KeyManagementService::new(Arc::clone(&seal)))
+            KeyManagementServer::new(KeyManagementService::new(Arc::clone(&seal), audit.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
+        .add_service(AuditServer::new(AuditService::new(
+            Arc::clone(&seal),
+            audit.clone(),
+        )))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = serve_rx.wait_for(|stopped| *stopped).await;
         });

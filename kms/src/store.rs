@@ -22,6 +22,8 @@ pub enum Table {
     Counters,
     /// The audit log, by zero-padded sequence number.
     Audit,
+    /// Signed audit checkpoints, by the zero-padded sequence number they cover.
+    AuditCheckpoints,
 }
 
 impl Table {
@@ -31,6 +33,7 @@ impl Table {
             Self::Keys => "keys",
             Self::Counters => "counters",
             Self::Audit => "audit",
+            Self::AuditCheckpoints => "audit_checkpoints",
         }
     }
 
@@ -66,6 +69,17 @@ pub enum StoreError {
     },
 }
 
+/// One value to write, in [`Store::write_all`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    /// The table.
+    pub table: Table,
+    /// The key.
+    pub key: String,
+    /// The value.
+    pub value: Vec<u8>,
+}
+
 /// A durable key-value store in named tables.
 pub trait Store: Send + Sync + 'static {
     /// Reads one value.
@@ -76,10 +90,18 @@ pub trait Store: Send + Sync + 'static {
     fn put(&self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError>;
     /// Every entry of a table, in key order.
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
-    /// Writes many values in one durable transaction: all or none. Durable on `Ok`.
-    fn put_batch(&self, table: Table, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError>;
+    /// Writes many values, in any tables, in one durable transaction: all or none. Durable
+    /// on `Ok`. (An audit record and the key change it records commit together.)
+    fn write_all(&self, writes: &[Write]) -> Result<(), StoreError>;
     /// The entry with the greatest key, if any.
     fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StoreError>;
+    /// Up to `limit` entries with keys `>= start`, in key order (paging through big tables).
+    fn range(
+        &self,
+        table: Table,
+        start: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
 
 /// The embedded store: one redb file.
@@ -182,14 +204,41 @@ impl Store for RedbStore {
         })
     }
 
-    fn put_batch(&self, table: Table, entries: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
-        self.write("batch write", table, |t| {
-            for (k, v) in entries {
-                t.insert(k.as_str(), v.as_slice())?;
-            }
-            Ok(true)
-        })
-        .map(|_| ())
+    fn write_all(&self, writes: &[Write]) -> Result<(), StoreError> {
+        let op = "batch write";
+        let mut txn = self.db.begin_write().map_err(|e| io(op)(e.into()))?;
+        txn.set_durability(redb::Durability::Immediate)
+            .map_err(|e| io(op)(redb::Error::from(e)))?;
+        for w in writes {
+            let mut t = txn
+                .open_table(w.table.definition())
+                .map_err(|e| io(op)(e.into()))?;
+            t.insert(w.key.as_str(), w.value.as_slice())
+                .map_err(|e| io(op)(e.into()))?;
+        }
+        txn.commit().map_err(|e| io(op)(e.into()))
+    }
+
+    fn range(
+        &self,
+        table: Table,
+        start: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        use redb::ReadableDatabase;
+        let op = "range";
+        let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
+        let t = match txn.open_table(table.definition()) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(io(op)(e.into())),
+        };
+        let mut out = Vec::new();
+        for item in t.range(start..).map_err(|e| io(op)(e.into()))?.take(limit) {
+            let (k, v) = item.map_err(|e| io(op)(e.into()))?;
+            out.push((k.value().to_owned(), v.value().to_vec()));
+        }
+        Ok(out)
     }
 
     fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StoreError> {
@@ -239,15 +288,30 @@ mod tests {
             store.get(Table::System, "a").unwrap().as_deref(),
             Some(&b"3"[..])
         );
-        // scan is in key order; put_batch is one transaction; last is the greatest key.
+        // scan is in key order; write_all is one transaction; last is the greatest key.
         assert!(store.scan(Table::Keys).unwrap().is_empty());
         assert_eq!(store.last(Table::Audit).unwrap(), None);
+        let w = |table, k: &str, v: &[u8]| Write {
+            table,
+            key: k.into(),
+            value: v.to_vec(),
+        };
         store
-            .put_batch(
-                Table::Audit,
-                &[("2".into(), b"b".to_vec()), ("1".into(), b"a".to_vec())],
-            )
+            .write_all(&[
+                w(Table::Audit, "2", b"b"),
+                w(Table::Audit, "1", b"a"),
+                w(Table::Keys, "k", b"v"),
+            ])
             .unwrap();
+        assert_eq!(
+            store.get(Table::Keys, "k").unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
+        assert_eq!(
+            store.range(Table::Audit, "2", 10).unwrap(),
+            vec![("2".to_owned(), b"b".to_vec())]
+        );
+        assert_eq!(store.range(Table::Audit, "0", 1).unwrap().len(), 1);
         assert_eq!(
             store.scan(Table::Audit).unwrap(),
             vec![

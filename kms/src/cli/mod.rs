@@ -150,10 +150,10 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             rt.block_on(async {
                 let listen = config.listen;
                 let interval = config.maintenance_interval;
-                let seal =
+                let opened =
                     tokio::task::spawn_blocking(move || crate::server::open(&config)).await??;
                 let listener = crate::server::bind(listen).await?;
-                crate::server::serve(listener, seal, interval, crate::server::shutdown_signal())
+                crate::server::serve(listener, opened, interval, crate::server::shutdown_signal())
                     .await?;
                 Ok::<_, BoxError>(())
             })?;

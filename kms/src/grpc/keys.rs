@@ -6,10 +6,11 @@ use kms_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use super::{ApiError, code_of, with_keyring};
+use super::{ApiError, Call, Served, code_name, code_of, with_keyring};
+use crate::audit::{AuditLog, BatchSummary};
 use crate::keyring::material::SignInput;
 use crate::keyring::model::{Algorithm, KeyMeta, Protection, Purpose, VersionState};
-use crate::keyring::{KeyUpdate, Keyring, KeyringError, NewKey};
+use crate::keyring::{KeyUpdate, KeyringError, NewKey};
 use crate::seal::SealManager;
 
 /// The most items in one batch.
@@ -19,20 +20,28 @@ pub const MAX_BATCH: usize = 1000;
 #[derive(Debug, Clone)]
 pub struct KeyManagementService {
     seal: Arc<SealManager>,
+    audit: AuditLog,
 }
 
 impl KeyManagementService {
-    /// A service over `seal`'s keyring.
-    pub fn new(seal: Arc<SealManager>) -> Self {
-        Self { seal }
+    /// A service over `seal`'s keyring, recording every call in `audit`.
+    pub fn new(seal: Arc<SealManager>, audit: AuditLog) -> Self {
+        Self { seal, audit }
+    }
+
+    fn call<T: prost::Message>(&self, req: &Request<T>, operation: &'static str) -> Call {
+        Call::new(&self.audit, req, SERVICE, operation)
     }
 }
+
+/// The service's name in audit records.
+const SERVICE: &str = "kms.v1.KeyManagement";
 
 fn secs(t: u64) -> i64 {
     i64::try_from(t).unwrap_or(i64::MAX)
 }
 
-fn key_pb(m: &KeyMeta) -> pb::Key {
+pub(super) fn key_pb(m: &KeyMeta) -> pb::Key {
     pb::Key {
         name: m.name.clone(),
         purpose: match m.purpose {
@@ -129,6 +138,23 @@ fn item_error(e: KeyringError) -> pb::ItemError {
     }
 }
 
+/// Counts a batch's items by outcome and successful items by version.
+fn summarize<'a>(results: impl Iterator<Item = Result<u32, &'a pb::ItemError>>) -> BatchSummary {
+    let mut b = BatchSummary::default();
+    for r in results {
+        b.items += 1;
+        let outcome = match r {
+            Ok(v) => {
+                *b.versions.entry(v).or_default() += 1;
+                "OK"
+            }
+            Err(e) => code_name(tonic::Code::from_i32(e.code)),
+        };
+        *b.outcomes.entry(outcome.to_owned()).or_default() += 1;
+    }
+    b
+}
+
 fn check_batch(n: usize) -> Result<(), KeyringError> {
     if n == 0 {
         return Err(KeyringError::BadRequest("the batch has no items"));
@@ -142,75 +168,86 @@ fn check_batch(n: usize) -> Result<(), KeyringError> {
     Ok(())
 }
 
-macro_rules! keyring_call {
-    ($self:ident, $rpc:literal, $key:expr, |$k:ident| $body:expr) => {
-        with_keyring(&$self.seal, $rpc, &$key.clone(), move |$k: &Keyring| $body).await
-    };
-}
-
 #[tonic::async_trait]
 impl pb::key_management_server::KeyManagement for KeyManagementService {
     async fn create_key(
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
+        let call = self
+            .call(&request, "CreateKey")
+            .key(&request.get_ref().name);
         let r = request.into_inner();
-        let name = r.name.clone();
-        let meta = keyring_call!(self, "KeyManagement/CreateKey", name, |k| {
-            k.create_key(NewKey {
-                name: r.name,
-                algorithm: algorithm_from(r.algorithm)?,
-                protection: protection_from(r.protection_level)?,
-                rotation_period: Some(r.rotation_period_seconds).filter(|p| *p != 0),
-                labels: r.labels.into_iter().collect(),
-            })
-        })?;
-        Ok(Response::new(key_pb(&meta)))
+        with_keyring(&self.seal, call, move |k, c| {
+            let meta = k.create_key(
+                NewKey {
+                    name: r.name,
+                    algorithm: algorithm_from(r.algorithm)?,
+                    protection: protection_from(r.protection_level)?,
+                    rotation_period: Some(r.rotation_period_seconds).filter(|p| *p != 0),
+                    labels: r.labels.into_iter().collect(),
+                },
+                c,
+            )?;
+            Ok(Served::new(key_pb(&meta)).version(meta.primary))
+        })
+        .await
     }
 
     async fn get_key(
         &self,
         request: Request<pb::GetKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
+        let call = self.call(&request, "GetKey").key(&request.get_ref().name);
         let name = request.into_inner().name;
-        let n = name.clone();
-        let meta = keyring_call!(self, "KeyManagement/GetKey", name, |k| k.get_key(&n))?;
-        Ok(Response::new(key_pb(&meta)))
+        with_keyring(&self.seal, call, move |k, _| {
+            Ok(Served::new(key_pb(&k.get_key(&name)?)))
+        })
+        .await
     }
 
     async fn list_keys(
         &self,
         request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let call = self.call(&request, "ListKeys");
         let r = request.into_inner();
-        let (keys, next) = keyring_call!(self, "KeyManagement/ListKeys", String::new(), |k| {
-            k.list_keys(
+        with_keyring(&self.seal, call, move |k, _| {
+            let (keys, next) = k.list_keys(
                 usize::try_from(r.page_size).unwrap_or(usize::MAX),
                 &r.page_token,
-            )
-        })?;
-        Ok(Response::new(pb::ListKeysResponse {
-            keys: keys.iter().map(key_pb).collect(),
-            next_page_token: next.unwrap_or_default(),
-        }))
+            )?;
+            Ok(Served::new(pb::ListKeysResponse {
+                keys: keys.iter().map(key_pb).collect(),
+                next_page_token: next.unwrap_or_default(),
+            }))
+        })
+        .await
     }
 
     async fn rotate_key(
         &self,
         request: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
+        let call = self
+            .call(&request, "RotateKey")
+            .key(&request.get_ref().name);
         let name = request.into_inner().name;
-        let n = name.clone();
-        let meta = keyring_call!(self, "KeyManagement/RotateKey", name, |k| k.rotate_key(&n))?;
-        Ok(Response::new(key_pb(&meta)))
+        with_keyring(&self.seal, call, move |k, c| {
+            let meta = k.rotate_key(&name, c)?;
+            Ok(Served::new(key_pb(&meta)).version(meta.primary))
+        })
+        .await
     }
 
     async fn update_key(
         &self,
         request: Request<pb::UpdateKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
+        let call = self
+            .call(&request, "UpdateKey")
+            .key(&request.get_ref().name);
         let r = request.into_inner();
-        let name = r.name.clone();
         let update = KeyUpdate {
             rotation_period: r
                 .rotation_period_seconds
@@ -218,267 +255,303 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
             min_decryption_version: r.min_decryption_version,
             labels: r.update_labels.then(|| r.labels.into_iter().collect()),
         };
-        let meta = keyring_call!(self, "KeyManagement/UpdateKey", name, |k| k
-            .update_key(&r.name, update))?;
-        Ok(Response::new(key_pb(&meta)))
+        with_keyring(&self.seal, call, move |k, c| {
+            Ok(Served::new(key_pb(&k.update_key(&r.name, update, c)?)))
+        })
+        .await
     }
 
     async fn enable_key_version(
         &self,
         request: Request<pb::KeyVersionRequest>,
     ) -> Result<Response<pb::Key>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .call(&request, "EnableKeyVersion")
+            .key(&r.name)
+            .version(r.version);
         let r = request.into_inner();
-        let name = r.name.clone();
-        let meta = keyring_call!(self, "KeyManagement/EnableKeyVersion", name, |k| k
-            .enable_version(&r.name, r.version))?;
-        Ok(Response::new(key_pb(&meta)))
+        with_keyring(&self.seal, call, move |k, c| {
+            Ok(Served::new(key_pb(
+                &k.enable_version(&r.name, r.version, c)?,
+            )))
+        })
+        .await
     }
 
     async fn disable_key_version(
         &self,
         request: Request<pb::KeyVersionRequest>,
     ) -> Result<Response<pb::Key>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .call(&request, "DisableKeyVersion")
+            .key(&r.name)
+            .version(r.version);
         let r = request.into_inner();
-        let name = r.name.clone();
-        let meta = keyring_call!(self, "KeyManagement/DisableKeyVersion", name, |k| k
-            .disable_version(&r.name, r.version))?;
-        Ok(Response::new(key_pb(&meta)))
+        with_keyring(&self.seal, call, move |k, c| {
+            Ok(Served::new(key_pb(
+                &k.disable_version(&r.name, r.version, c)?,
+            )))
+        })
+        .await
     }
 
     async fn schedule_key_version_destruction(
         &self,
         request: Request<pb::ScheduleKeyVersionDestructionRequest>,
     ) -> Result<Response<pb::Key>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .call(&request, "ScheduleKeyVersionDestruction")
+            .key(&r.name)
+            .version(r.version);
         let r = request.into_inner();
-        let name = r.name.clone();
         let days = if r.pending_days == 0 {
             7
         } else {
             r.pending_days
         };
-        let meta = keyring_call!(
-            self,
-            "KeyManagement/ScheduleKeyVersionDestruction",
-            name,
-            |k| k.schedule_destruction(&r.name, r.version, days)
-        )?;
-        Ok(Response::new(key_pb(&meta)))
+        with_keyring(&self.seal, call, move |k, c| {
+            Ok(Served::new(key_pb(
+                &k.schedule_destruction(&r.name, r.version, days, c)?,
+            )))
+        })
+        .await
     }
 
     async fn cancel_key_version_destruction(
         &self,
         request: Request<pb::KeyVersionRequest>,
     ) -> Result<Response<pb::Key>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .call(&request, "CancelKeyVersionDestruction")
+            .key(&r.name)
+            .version(r.version);
         let r = request.into_inner();
-        let name = r.name.clone();
-        let meta = keyring_call!(
-            self,
-            "KeyManagement/CancelKeyVersionDestruction",
-            name,
-            |k| k.cancel_destruction(&r.name, r.version)
-        )?;
-        Ok(Response::new(key_pb(&meta)))
+        with_keyring(&self.seal, call, move |k, c| {
+            Ok(Served::new(key_pb(
+                &k.cancel_destruction(&r.name, r.version, c)?,
+            )))
+        })
+        .await
     }
 
     async fn encrypt(
         &self,
         request: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
+        let call = self.call(&request, "Encrypt").key(&request.get_ref().key);
         let r = request.into_inner();
-        let name = r.key.clone();
         let pt = Zeroizing::new(r.plaintext);
-        let (ciphertext, key_version) = keyring_call!(self, "KeyManagement/Encrypt", name, |k| k
-            .encrypt(&r.key, &pt, &r.associated_data))?;
-        Ok(Response::new(pb::EncryptResponse {
-            ciphertext,
-            key_version,
-        }))
+        with_keyring(&self.seal, call, move |k, _| {
+            let (ciphertext, key_version) = k.encrypt(&r.key, &pt, &r.associated_data)?;
+            Ok(Served::new(pb::EncryptResponse {
+                ciphertext,
+                key_version,
+            })
+            .version(key_version))
+        })
+        .await
     }
 
     async fn decrypt(
         &self,
         request: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
+        let call = self.call(&request, "Decrypt").key(&request.get_ref().key);
         let r = request.into_inner();
-        let name = r.key.clone();
-        let (pt, key_version) = keyring_call!(self, "KeyManagement/Decrypt", name, |k| k.decrypt(
-            &r.key,
-            &r.ciphertext,
-            &r.associated_data
-        ))?;
-        Ok(Response::new(pb::DecryptResponse {
-            plaintext: pt.to_vec(),
-            key_version,
-        }))
+        with_keyring(&self.seal, call, move |k, _| {
+            let (pt, key_version) = k.decrypt(&r.key, &r.ciphertext, &r.associated_data)?;
+            Ok(Served::new(pb::DecryptResponse {
+                plaintext: pt.to_vec(),
+                key_version,
+            })
+            .version(key_version))
+        })
+        .await
     }
 
     async fn re_encrypt(
         &self,
         request: Request<pb::ReEncryptRequest>,
     ) -> Result<Response<pb::ReEncryptResponse>, Status> {
+        let call = self.call(&request, "ReEncrypt").key(&request.get_ref().key);
         let r = request.into_inner();
-        let name = r.key.clone();
         let destination = if r.destination_key.is_empty() {
             r.key.clone()
         } else {
             r.destination_key.clone()
         };
-        let dest = destination.clone();
-        let (ciphertext, key_version) = keyring_call!(
-            self,
-            "KeyManagement/ReEncrypt",
-            name,
-            |k| k.reencrypt(&r.key, &r.ciphertext, &r.associated_data, Some(&dest))
-        )?;
-        Ok(Response::new(pb::ReEncryptResponse {
-            ciphertext,
-            key_version,
-            key: destination,
-        }))
+        with_keyring(&self.seal, call, move |k, _| {
+            let (ciphertext, key_version, source_version) = k.reencrypt(
+                &r.key,
+                &r.ciphertext,
+                &r.associated_data,
+                Some(&destination),
+            )?;
+            Ok(Served::new(pb::ReEncryptResponse {
+                ciphertext,
+                key_version,
+                key: destination.clone(),
+            })
+            .version(source_version)
+            .destination(destination, key_version))
+        })
+        .await
     }
 
     async fn generate_data_key(
         &self,
         request: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
+        let call = self
+            .call(&request, "GenerateDataKey")
+            .key(&request.get_ref().key);
         let r = request.into_inner();
-        let name = r.key.clone();
-        let len = if r.length_bytes == 0 {
-            32
-        } else {
-            r.length_bytes
-        };
-        let (dk, ciphertext, key_version) =
-            keyring_call!(self, "KeyManagement/GenerateDataKey", name, |k| k
-                .generate_data_key(
-                    &r.key,
-                    usize::try_from(len).unwrap_or(usize::MAX),
-                    &r.associated_data
-                ))?;
-        Ok(Response::new(pb::GenerateDataKeyResponse {
-            plaintext: dk.to_vec(),
-            ciphertext,
-            key_version,
-        }))
+        with_keyring(&self.seal, call, move |k, _| {
+            let (dk, ciphertext, key_version) =
+                k.generate_data_key(&r.key, data_key_len(r.length_bytes), &r.associated_data)?;
+            Ok(Served::new(pb::GenerateDataKeyResponse {
+                plaintext: dk.to_vec(),
+                ciphertext,
+                key_version,
+            })
+            .version(key_version))
+        })
+        .await
     }
 
     async fn generate_data_key_without_plaintext(
         &self,
         request: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyWithoutPlaintextResponse>, Status> {
+        let call = self
+            .call(&request, "GenerateDataKeyWithoutPlaintext")
+            .key(&request.get_ref().key);
         let r = request.into_inner();
-        let name = r.key.clone();
-        let len = if r.length_bytes == 0 {
-            32
-        } else {
-            r.length_bytes
-        };
-        let (_dk, ciphertext, key_version) = keyring_call!(
-            self,
-            "KeyManagement/GenerateDataKeyWithoutPlaintext",
-            name,
-            |k| k.generate_data_key(
-                &r.key,
-                usize::try_from(len).unwrap_or(usize::MAX),
-                &r.associated_data
-            )
-        )?;
-        Ok(Response::new(pb::GenerateDataKeyWithoutPlaintextResponse {
-            ciphertext,
-            key_version,
-        }))
+        with_keyring(&self.seal, call, move |k, _| {
+            let (_dk, ciphertext, key_version) =
+                k.generate_data_key(&r.key, data_key_len(r.length_bytes), &r.associated_data)?;
+            Ok(Served::new(pb::GenerateDataKeyWithoutPlaintextResponse {
+                ciphertext,
+                key_version,
+            })
+            .version(key_version))
+        })
+        .await
     }
 
     async fn sign(
         &self,
         request: Request<pb::SignRequest>,
     ) -> Result<Response<pb::SignResponse>, Status> {
+        let call = self.call(&request, "Sign").key(&request.get_ref().key);
         let r = request.into_inner();
-        let name = r.key.clone();
-        let (signature, key_version) = keyring_call!(self, "KeyManagement/Sign", name, |k| {
+        with_keyring(&self.seal, call, move |k, _| {
             let raw = raw_format(r.format)?;
-            k.sign(
+            let (signature, key_version) = k.sign(
                 &r.key,
                 sign_input(r.input.as_ref().map(SignOneof::Request))?,
                 raw,
-            )
-        })?;
-        Ok(Response::new(pb::SignResponse {
-            signature,
-            key_version,
-        }))
+            )?;
+            Ok(Served::new(pb::SignResponse {
+                signature,
+                key_version,
+            })
+            .version(key_version))
+        })
+        .await
     }
 
     async fn verify(
         &self,
         request: Request<pb::VerifyRequest>,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .call(&request, "Verify")
+            .key(&r.key)
+            .version(r.key_version);
         let r = request.into_inner();
-        let name = r.key.clone();
-        let valid = keyring_call!(self, "KeyManagement/Verify", name, |k| {
+        with_keyring(&self.seal, call, move |k, _| {
             let input = match &r.input {
                 Some(pb::verify_request::Input::Message(m)) => SignInput::Message(m),
                 Some(pb::verify_request::Input::Digest(d)) => SignInput::Digest(d),
                 None => return Err(KeyringError::BadRequest("give the message or its digest")),
             };
-            k.verify(&r.key, r.key_version, input, &r.signature)
-        })?;
-        Ok(Response::new(pb::VerifyResponse { valid }))
+            let valid = k.verify(&r.key, r.key_version, input, &r.signature)?;
+            Ok(Served::new(pb::VerifyResponse { valid }))
+        })
+        .await
     }
 
     async fn get_public_key(
         &self,
         request: Request<pb::GetPublicKeyRequest>,
     ) -> Result<Response<pb::GetPublicKeyResponse>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .call(&request, "GetPublicKey")
+            .key(&r.key)
+            .version(r.key_version);
         let r = request.into_inner();
-        let name = r.key.clone();
-        let (pem, key_version, algorithm) =
-            keyring_call!(self, "KeyManagement/GetPublicKey", name, |k| {
-                let (pem, v) = k.public_key(&r.key, r.key_version)?;
-                Ok((pem, v, k.get_key(&r.key)?.algorithm))
-            })?;
-        Ok(Response::new(pb::GetPublicKeyResponse {
-            pem,
-            key_version,
-            algorithm: algorithm_pb(algorithm) as i32,
-        }))
+        with_keyring(&self.seal, call, move |k, _| {
+            let (pem, key_version) = k.public_key(&r.key, r.key_version)?;
+            let algorithm = k.get_key(&r.key)?.algorithm;
+            Ok(Served::new(pb::GetPublicKeyResponse {
+                pem,
+                key_version,
+                algorithm: algorithm_pb(algorithm) as i32,
+            })
+            .version(key_version))
+        })
+        .await
     }
 
     async fn mac(
         &self,
         request: Request<pb::MacRequest>,
     ) -> Result<Response<pb::MacResponse>, Status> {
+        let call = self.call(&request, "Mac").key(&request.get_ref().key);
         let r = request.into_inner();
-        let name = r.key.clone();
-        let (mac, key_version) = keyring_call!(self, "KeyManagement/Mac", name, |k| k
-            .mac(&r.key, &r.message))?;
-        Ok(Response::new(pb::MacResponse { mac, key_version }))
+        with_keyring(&self.seal, call, move |k, _| {
+            let (mac, key_version) = k.mac(&r.key, &r.message)?;
+            Ok(Served::new(pb::MacResponse { mac, key_version }).version(key_version))
+        })
+        .await
     }
 
     async fn verify_mac(
         &self,
         request: Request<pb::VerifyMacRequest>,
     ) -> Result<Response<pb::VerifyMacResponse>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .call(&request, "VerifyMac")
+            .key(&r.key)
+            .version(r.key_version);
         let r = request.into_inner();
-        let name = r.key.clone();
-        let valid = keyring_call!(self, "KeyManagement/VerifyMac", name, |k| k.verify_mac(
-            &r.key,
-            r.key_version,
-            &r.message,
-            &r.mac
-        ))?;
-        Ok(Response::new(pb::VerifyMacResponse { valid }))
+        with_keyring(&self.seal, call, move |k, _| {
+            let valid = k.verify_mac(&r.key, r.key_version, &r.message, &r.mac)?;
+            Ok(Served::new(pb::VerifyMacResponse { valid }))
+        })
+        .await
     }
 
     async fn batch_encrypt(
         &self,
         request: Request<pb::BatchEncryptRequest>,
     ) -> Result<Response<pb::BatchEncryptResponse>, Status> {
+        let call = self
+            .call(&request, "BatchEncrypt")
+            .key(&request.get_ref().key);
         let r = request.into_inner();
-        let name = r.key.clone();
-        let results = keyring_call!(self, "KeyManagement/BatchEncrypt", name, |k| {
+        with_keyring(&self.seal, call, move |k, _| {
             check_batch(r.items.len())?;
-            Ok(r.items
+            let results: Vec<_> = r
+                .items
                 .iter()
                 .map(|item| {
                     let result = match k.encrypt(&r.key, &item.plaintext, &item.associated_data) {
@@ -494,20 +567,29 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
                         result: Some(result),
                     }
                 })
-                .collect::<Vec<_>>())
-        })?;
-        Ok(Response::new(pb::BatchEncryptResponse { results }))
+                .collect();
+            let summary = summarize(results.iter().map(|r| match &r.result {
+                Some(pb::batch_encrypt_result::Result::Ok(o)) => Ok(o.key_version),
+                Some(pb::batch_encrypt_result::Result::Error(e)) => Err(e),
+                None => Ok(0),
+            }));
+            Ok(Served::new(pb::BatchEncryptResponse { results }).batch(summary))
+        })
+        .await
     }
 
     async fn batch_decrypt(
         &self,
         request: Request<pb::BatchDecryptRequest>,
     ) -> Result<Response<pb::BatchDecryptResponse>, Status> {
+        let call = self
+            .call(&request, "BatchDecrypt")
+            .key(&request.get_ref().key);
         let r = request.into_inner();
-        let name = r.key.clone();
-        let results = keyring_call!(self, "KeyManagement/BatchDecrypt", name, |k| {
+        with_keyring(&self.seal, call, move |k, _| {
             check_batch(r.items.len())?;
-            Ok(r.items
+            let results: Vec<_> = r
+                .items
                 .iter()
                 .map(|item| {
                     let result = match k.decrypt(&r.key, &item.ciphertext, &item.associated_data) {
@@ -523,21 +605,28 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
                         result: Some(result),
                     }
                 })
-                .collect::<Vec<_>>())
-        })?;
-        Ok(Response::new(pb::BatchDecryptResponse { results }))
+                .collect();
+            let summary = summarize(results.iter().map(|r| match &r.result {
+                Some(pb::batch_decrypt_result::Result::Ok(o)) => Ok(o.key_version),
+                Some(pb::batch_decrypt_result::Result::Error(e)) => Err(e),
+                None => Ok(0),
+            }));
+            Ok(Served::new(pb::BatchDecryptResponse { results }).batch(summary))
+        })
+        .await
     }
 
     async fn batch_sign(
         &self,
         request: Request<pb::BatchSignRequest>,
     ) -> Result<Response<pb::BatchSignResponse>, Status> {
+        let call = self.call(&request, "BatchSign").key(&request.get_ref().key);
         let r = request.into_inner();
-        let name = r.key.clone();
-        let results = keyring_call!(self, "KeyManagement/BatchSign", name, |k| {
+        with_keyring(&self.seal, call, move |k, _| {
             check_batch(r.items.len())?;
             let raw = raw_format(r.format)?;
-            Ok(r.items
+            let results: Vec<_> = r
+                .items
                 .iter()
                 .map(|item| {
                     let signed = sign_input(item.input.as_ref().map(SignOneof::Item))
@@ -555,9 +644,24 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
                         result: Some(result),
                     }
                 })
-                .collect::<Vec<_>>())
-        })?;
-        Ok(Response::new(pb::BatchSignResponse { results }))
+                .collect();
+            let summary = summarize(results.iter().map(|r| match &r.result {
+                Some(pb::batch_sign_result::Result::Ok(o)) => Ok(o.key_version),
+                Some(pb::batch_sign_result::Result::Error(e)) => Err(e),
+                None => Ok(0),
+            }));
+            Ok(Served::new(pb::BatchSignResponse { results }).batch(summary))
+        })
+        .await
+    }
+}
+
+/// A data key's length: 32 bytes unless given.
+fn data_key_len(length_bytes: u32) -> usize {
+    if length_bytes == 0 {
+        32
+    } else {
+        usize::try_from(length_bytes).unwrap_or(usize::MAX)
     }
 }
 

@@ -1,22 +1,35 @@
 //! The gRPC edge: protobuf types in, domain calls, protobuf types out.
 //!
-//! Architecture invariant: this module is the one place where errors become
+//! Architecture invariants: this module is the one place where errors become
 //! `tonic::Status` ([`to_status`]), and the one place in `kms` where protobuf types are
-//! built or read. The log line for every call is written here: the RPC, the key, the
-//! outcome and the error's chain, never a request or response body.
+//! built or read. Every call goes through [`run`], which writes the call's audit record
+//! (see [`crate::audit`]) before the answer leaves: a call whose record cannot be written
+//! fails with `UNAVAILABLE: audit log unavailable` and returns no result. Calls that change
+//! stored state write their change and their record in one transaction ([`Call`] is the
+//! keyring's [`Journal`]). The log line for every call is written here too: the RPC, the
+//! key, the outcome and the error's chain, never a request or response body.
 
+mod audit;
 mod keys;
 mod system;
 
+pub use audit::AuditService;
 pub use keys::KeyManagementService;
 pub use system::SystemService;
 
+use std::cell::Cell;
 use std::sync::Arc;
 
-use tonic::{Code, Status};
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Request, Response, Status};
 
-use crate::keyring::{Keyring, KeyringError};
+use crate::audit::{ANONYMOUS, AuditEvent, AuditLog, BatchSummary};
+use crate::keyring::{Journal, Keyring, KeyringError};
 use crate::seal::{SealError, SealManager};
+
+/// The metadata key of the request id (given by the caller or made by the server, and
+/// returned in the response's metadata either way).
+pub const REQUEST_ID: &str = "x-request-id";
 
 /// Any error a service can return.
 #[derive(Debug, thiserror::Error)]
@@ -27,17 +40,21 @@ pub enum ApiError {
     /// From the keyring.
     #[error(transparent)]
     Keyring(#[from] KeyringError),
+    /// The audit log could not be read.
+    #[error("the audit log could not be read")]
+    AuditRead(#[source] crate::store::StoreError),
 }
 
 /// The gRPC code of an error: `FAILED_PRECONDITION` for lifecycle and state (sealed,
 /// uninitialised, wrong purpose, version not enabled), `INVALID_ARGUMENT` for bad input
 /// (including the opaque "decryption failed"), `NOT_FOUND`, `ALREADY_EXISTS`,
-/// `RESOURCE_EXHAUSTED`, `UNAVAILABLE` for HSM and store faults, `DATA_LOSS` for a store
-/// that was altered or is corrupt.
+/// `RESOURCE_EXHAUSTED`, `UNAVAILABLE` for HSM, store and audit faults, `DATA_LOSS` for a
+/// store that was altered or is corrupt.
 pub fn code_of(err: &ApiError) -> Code {
     match err {
         ApiError::Seal(e) => seal_code(e),
         ApiError::Keyring(e) => keyring_code(e),
+        ApiError::AuditRead(_) => Code::Unavailable,
     }
 }
 
@@ -61,7 +78,11 @@ fn seal_code(e: &SealError) -> Code {
         | SealError::InitPinRejected(_) => Code::InvalidArgument,
         SealError::RootKeyUnwrap | SealError::CorruptRecord => Code::DataLoss,
         SealError::Keyring(k) => keyring_code(k),
-        SealError::Hsm(_) | SealError::Store(_) | SealError::Randomness => Code::Unavailable,
+        SealError::Hsm(_)
+        | SealError::Store(_)
+        | SealError::Randomness
+        | SealError::AuditUnavailable
+        | SealError::AuditKeyMissing(_) => Code::Unavailable,
     }
 }
 
@@ -81,11 +102,21 @@ fn keyring_code(e: &KeyringError) -> Code {
         | KeyringError::NotAllowed(_) => Code::FailedPrecondition,
         KeyringError::Exhausted { .. } => Code::ResourceExhausted,
         KeyringError::Tampered(_) | KeyringError::HsmKeyMissing => Code::DataLoss,
-        KeyringError::Hsm(_) | KeyringError::Store(_) | KeyringError::Randomness => {
-            Code::Unavailable
-        }
+        KeyringError::Hsm(_)
+        | KeyringError::Store(_)
+        | KeyringError::Randomness
+        | KeyringError::AuditUnavailable => Code::Unavailable,
         KeyringError::Internal(_) => Code::Internal,
     }
+}
+
+fn is_audit_failure(err: &ApiError) -> bool {
+    matches!(
+        err,
+        ApiError::Seal(SealError::AuditUnavailable)
+            | ApiError::Seal(SealError::Keyring(KeyringError::AuditUnavailable))
+            | ApiError::Keyring(KeyringError::AuditUnavailable)
+    )
 }
 
 /// The status a caller sees: the code, and the error's own message (never a secret; an
@@ -93,6 +124,7 @@ fn keyring_code(e: &KeyringError) -> Code {
 pub fn to_status(err: &ApiError) -> Status {
     let code = code_of(err);
     let message = match code {
+        _ if is_audit_failure(err) => AUDIT_UNAVAILABLE.to_owned(),
         Code::Unavailable => format!("unavailable: {err}"),
         Code::Internal => "internal error".to_owned(),
         _ => err.to_string(),
@@ -100,8 +132,34 @@ pub fn to_status(err: &ApiError) -> Status {
     Status::new(code, message)
 }
 
+/// The message of every call refused because its audit record could not be written.
+pub const AUDIT_UNAVAILABLE: &str = "audit log unavailable";
+
+/// A gRPC code's canonical name, as audit records spell outcomes.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 /// Writes the error and its whole source chain (PKCS#11 return codes included) to the log.
-fn log_error(rpc: &'static str, key: &str, err: &ApiError, code: Code) {
+fn log_error(rpc: &str, key: &str, err: &ApiError, code: Code) {
     let chain = crate::error_chain(err);
     if matches!(code, Code::Unavailable | Code::DataLoss | Code::Internal) {
         tracing::error!(rpc, key, code = ?code, error = %chain, "request failed");
@@ -110,39 +168,241 @@ fn log_error(rpc: &'static str, key: &str, err: &ApiError, code: Code) {
     }
 }
 
-/// Runs a blocking call off the async runtime, logs its outcome, maps its error.
-async fn run<T: Send + 'static>(
-    rpc: &'static str,
-    key: String,
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, Status> {
-    let result = tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| Status::internal("internal error"))?;
-    match result {
-        Ok(v) => {
-            tracing::info!(rpc, key = %key, code = "OK", "request served");
-            Ok(v)
-        }
-        Err(e) => {
-            let code = code_of(&e);
-            log_error(rpc, &key, &e, code);
-            Err(to_status(&e))
+/// A request id: the caller's, if it is a sane token, else a fresh random one.
+fn request_id<T>(req: &Request<T>) -> String {
+    let given = req
+        .metadata()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| {
+            (1..=128).contains(&s.len())
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        });
+    match given {
+        Some(s) => s.to_owned(),
+        None => {
+            let mut id = [0u8; 16];
+            let _ = getrandom::fill(&mut id);
+            data_encoding::HEXLOWER.encode(&id)
         }
     }
 }
 
+/// One call being served: what its audit record will say, and whether it was written yet.
+pub struct Call {
+    log: AuditLog,
+    event: AuditEvent,
+    recorded: Cell<bool>,
+}
+
+impl Call {
+    /// A call of `service`/`operation`, described from the request's connection and
+    /// metadata. The principal is `anonymous` until access control exists.
+    pub fn new<T: prost::Message>(
+        log: &AuditLog,
+        req: &Request<T>,
+        service: &'static str,
+        operation: &'static str,
+    ) -> Self {
+        Self {
+            log: log.clone(),
+            event: AuditEvent {
+                request_id: request_id(req),
+                principal: ANONYMOUS.to_owned(),
+                peer: req.remote_addr().map(|a| a.to_string()).unwrap_or_default(),
+                service: service.to_owned(),
+                operation: operation.to_owned(),
+                input_bytes: req.get_ref().encoded_len() as u64,
+                ..AuditEvent::default()
+            },
+            recorded: Cell::new(false),
+        }
+    }
+
+    /// Names the key the call is about.
+    pub fn key(mut self, key: &str) -> Self {
+        self.event.key = Some(key.to_owned()).filter(|k| !k.is_empty());
+        self
+    }
+
+    /// Names the key version the call is about (0: none).
+    pub fn version(mut self, version: u32) -> Self {
+        self.event.key_version = Some(version).filter(|v| *v != 0);
+        self
+    }
+
+    /// Writes this call's record now, with outcome OK, `output_bytes`, and `writes` in the
+    /// same transaction.
+    fn commit(
+        &self,
+        version: Option<u32>,
+        output_bytes: u64,
+        writes: Vec<crate::store::Write>,
+    ) -> Result<(), crate::audit::AuditError> {
+        let event = AuditEvent {
+            outcome: "OK".to_owned(),
+            key_version: self.event.key_version.or(version),
+            output_bytes,
+            ..self.event.clone()
+        };
+        self.log.append_with(event, writes)?;
+        self.recorded.set(true);
+        Ok(())
+    }
+}
+
+impl Journal for Call {
+    fn commit(
+        &self,
+        meta: &crate::keyring::model::KeyMeta,
+        writes: Vec<crate::store::Write>,
+    ) -> Result<(), KeyringError> {
+        use prost::Message as _;
+        let size = keys::key_pb(meta).encoded_len() as u64;
+        Call::commit(self, Some(meta.primary), size, writes)
+            .map_err(|_| KeyringError::AuditUnavailable)
+    }
+}
+
+/// A successful call's response and what its record says about it.
+pub struct Served<R> {
+    response: R,
+    version: Option<u32>,
+    destination: Option<(String, u32)>,
+    batch: Option<BatchSummary>,
+    undo: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl<R> Served<R> {
+    /// A response.
+    pub fn new(response: R) -> Self {
+        Self {
+            response,
+            version: None,
+            destination: None,
+            batch: None,
+            undo: None,
+        }
+    }
+
+    /// What takes back an in-memory effect (unseal progress) if the record cannot be
+    /// written.
+    pub fn undo(mut self, f: impl FnOnce() + Send + 'static) -> Self {
+        self.undo = Some(Box::new(f));
+        self
+    }
+
+    /// The key version used.
+    pub fn version(mut self, v: u32) -> Self {
+        self.version = Some(v);
+        self
+    }
+
+    /// ReEncrypt's destination key and version.
+    pub fn destination(mut self, key: String, v: u32) -> Self {
+        self.destination = Some((key, v));
+        self
+    }
+
+    /// A batch's items.
+    pub fn batch(mut self, b: BatchSummary) -> Self {
+        self.batch = Some(b);
+        self
+    }
+}
+
+/// Runs a blocking call off the async runtime, writes its audit record, logs its outcome,
+/// maps its error. The answer leaves only after the record is durable.
+async fn run<R: prost::Message + Send + 'static>(
+    call: Call,
+    f: impl FnOnce(&Call) -> Result<Served<R>, ApiError> + Send + 'static,
+) -> Result<Response<R>, Status> {
+    let request_id = call.event.request_id.clone();
+    let answer = tokio::task::spawn_blocking(move || finish(&call, f(&call)))
+        .await
+        .map_err(|_| Status::internal("internal error"));
+    let with_id = |mut status: Status| {
+        if let Ok(v) = MetadataValue::try_from(request_id.as_str()) {
+            status.metadata_mut().insert(REQUEST_ID, v);
+        }
+        status
+    };
+    match answer {
+        Ok(Ok(response)) => {
+            let mut response = Response::new(response);
+            if let Ok(v) = MetadataValue::try_from(request_id.as_str()) {
+                response.metadata_mut().insert(REQUEST_ID, v);
+            }
+            Ok(response)
+        }
+        Ok(Err(status)) | Err(status) => Err(with_id(status)),
+    }
+}
+
+/// Records the outcome (unless a commit already did) and turns it into the answer.
+fn finish<R: prost::Message>(
+    call: &Call,
+    result: Result<Served<R>, ApiError>,
+) -> Result<R, Status> {
+    let rpc = format!("{}/{}", call.event.service, call.event.operation);
+    let rpc = rpc.as_str();
+    let key = call.event.key.as_deref().unwrap_or_default();
+    let mut event = call.event.clone();
+    let mut undo = None;
+    let answer = match result {
+        Ok(served) => {
+            undo = served.undo;
+            event.outcome = "OK".to_owned();
+            event.key_version = served.version.or(event.key_version);
+            if let Some((k, v)) = served.destination {
+                event.destination_key = Some(k);
+                event.destination_key_version = Some(v);
+            }
+            event.batch = served.batch;
+            event.output_bytes = served.response.encoded_len() as u64;
+            Ok(served.response)
+        }
+        Err(e) => {
+            let code = code_of(&e);
+            log_error(rpc, key, &e, code);
+            event.outcome = code_name(code).to_owned();
+            Err(to_status(&e))
+        }
+    };
+    // A change that committed its record with it is recorded; a failure after that commit
+    // gets its own record too, so the log never shows OK for an answer that was an error.
+    if !call.recorded.get() || answer.is_err() {
+        let already_refused = answer
+            .as_ref()
+            .err()
+            .is_some_and(|s| s.message() == AUDIT_UNAVAILABLE);
+        if let Err(e) = call.log.append(event) {
+            if !already_refused {
+                tracing::error!(rpc, key, error = %crate::error_chain(&e), "audit record not written: answer withheld");
+            }
+            if let Some(undo) = undo {
+                undo();
+            }
+            return Err(Status::unavailable(AUDIT_UNAVAILABLE));
+        }
+    }
+    if answer.is_ok() {
+        tracing::info!(rpc, key = %key, code = "OK", "request served");
+    }
+    answer
+}
+
 /// Runs `f` on the keyring (or fails with sealed / not initialised).
-async fn with_keyring<T: Send + 'static>(
+async fn with_keyring<R: prost::Message + Send + 'static>(
     seal: &Arc<SealManager>,
-    rpc: &'static str,
-    key: &str,
-    f: impl FnOnce(&Keyring) -> Result<T, KeyringError> + Send + 'static,
-) -> Result<T, Status> {
+    call: Call,
+    f: impl FnOnce(&Keyring, &Call) -> Result<Served<R>, KeyringError> + Send + 'static,
+) -> Result<Response<R>, Status> {
     let seal = Arc::clone(seal);
-    run(rpc, key.to_owned(), move || {
+    run(call, move |c| {
         let keyring = seal.keyring()?;
-        Ok(f(&keyring)?)
+        Ok(f(&keyring, c)?)
     })
     .await
 }

@@ -5,8 +5,20 @@ use std::sync::Arc;
 use kms_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use super::{ApiError, run};
-use crate::seal::{SealManager, SealStatus};
+use super::{Call, Served, run};
+use crate::audit::AuditLog;
+use crate::seal::{InitOutput, SealError, SealManager, SealStatus};
+
+/// The service's name in audit records.
+const SERVICE: &str = "kms.v1.System";
+
+fn init_pb(out: &InitOutput) -> pb::InitResponse {
+    pb::InitResponse {
+        shares: out.shares.iter().map(|s| s.as_str().to_owned()).collect(),
+        share_set_id: out.share_set_id.to_string(),
+        threshold: u32::from(out.threshold),
+    }
+}
 
 fn status_pb(s: &SealStatus) -> pb::SealStatus {
     pb::SealStatus {
@@ -26,22 +38,17 @@ fn status_pb(s: &SealStatus) -> pb::SealStatus {
 #[derive(Debug, Clone)]
 pub struct SystemService {
     seal: Arc<SealManager>,
+    audit: AuditLog,
 }
 
 impl SystemService {
-    /// A service over `seal`.
-    pub fn new(seal: Arc<SealManager>) -> Self {
-        Self { seal }
+    /// A service over `seal`, recording every call in `audit`.
+    pub fn new(seal: Arc<SealManager>, audit: AuditLog) -> Self {
+        Self { seal, audit }
     }
 
-    /// Runs a blocking seal call through [`super::run`].
-    async fn run<T: Send + 'static>(
-        &self,
-        rpc: &'static str,
-        f: impl FnOnce(&SealManager) -> Result<T, crate::seal::SealError> + Send + 'static,
-    ) -> Result<T, Status> {
-        let seal = Arc::clone(&self.seal);
-        run(rpc, String::new(), move || f(&seal).map_err(ApiError::from)).await
+    fn call<T: prost::Message>(&self, req: &Request<T>, operation: &'static str) -> Call {
+        Call::new(&self.audit, req, SERVICE, operation)
     }
 }
 
@@ -51,59 +58,76 @@ impl pb::system_server::System for SystemService {
         &self,
         request: Request<pb::InitRequest>,
     ) -> Result<Response<pb::InitResponse>, Status> {
+        use prost::Message as _;
+        let call = self.call(&request, "Init");
         let pb::InitRequest {
             shares,
             threshold,
             hsm_pin,
         } = request.into_inner();
         let pin = (!hsm_pin.is_empty()).then(|| secrecy::SecretString::from(hsm_pin));
-        let out = self
-            .run("System/Init", move |s| {
-                s.init(shares, threshold, pin.as_ref())
-            })
-            .await?;
-        Ok(Response::new(pb::InitResponse {
-            shares: out.shares.iter().map(|s| s.as_str().to_owned()).collect(),
-            share_set_id: out.share_set_id.to_string(),
-            threshold: u32::from(out.threshold),
-        }))
+        let seal = Arc::clone(&self.seal);
+        run(call, move |c| {
+            // The seal record and Init's audit record commit together.
+            let commit = |out: &InitOutput, writes| {
+                c.commit(None, init_pb(out).encoded_len() as u64, writes)
+                    .map_err(|_| SealError::AuditUnavailable)
+            };
+            let out = seal.init(shares, threshold, pin.as_ref(), &commit)?;
+            Ok(Served::new(init_pb(&out)))
+        })
+        .await
     }
 
     async fn unseal(
         &self,
         request: Request<pb::UnsealRequest>,
     ) -> Result<Response<pb::SealStatus>, Status> {
-        let pb::UnsealRequest {
-            share,
-            reset,
-            nonce,
-        } = request.into_inner();
+        let reset = request.get_ref().reset;
+        let call = self.call(&request, if reset { "UnsealReset" } else { "Unseal" });
+        let pb::UnsealRequest { share, nonce, .. } = request.into_inner();
         let share = zeroize::Zeroizing::new(share);
-        let status = if reset {
-            self.run("System/Unseal(reset)", |s| s.reset()).await?
-        } else {
-            self.run("System/Unseal", move |s| {
-                let nonce = Some(nonce.as_str()).filter(|n| !n.is_empty());
-                s.unseal(&share, nonce)
-            })
-            .await?
-        };
-        Ok(Response::new(status_pb(&status)))
+        let seal = Arc::clone(&self.seal);
+        run(call, move |_| {
+            if reset {
+                return Ok(Served::new(status_pb(&seal.reset()?)));
+            }
+            let nonce = Some(nonce.as_str()).filter(|n| !n.is_empty());
+            let status = seal.unseal(&share, nonce)?;
+            // If the record cannot be written, the share is not kept and an unseal that
+            // completed is taken back.
+            let undo_seal = Arc::clone(&seal);
+            let completed = !status.sealed;
+            Ok(Served::new(status_pb(&status)).undo(move || {
+                let _ = if completed {
+                    undo_seal.seal()
+                } else {
+                    undo_seal.reset()
+                };
+            }))
+        })
+        .await
     }
 
+    /// Seals. The one call whose effect stands even when its record cannot be written:
+    /// sealing only takes capability away, and an operator must be able to stop a server
+    /// whose audit log is failing. The answer is then `UNAVAILABLE`, but the server is
+    /// sealed.
     async fn seal(
         &self,
-        _request: Request<pb::SealRequest>,
+        request: Request<pb::SealRequest>,
     ) -> Result<Response<pb::SealStatus>, Status> {
-        let status = self.run("System/Seal", |s| s.seal()).await?;
-        Ok(Response::new(status_pb(&status)))
+        let call = self.call(&request, "Seal");
+        let seal = Arc::clone(&self.seal);
+        run(call, move |_| Ok(Served::new(status_pb(&seal.seal()?)))).await
     }
 
     async fn status(
         &self,
-        _request: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::SealStatus>, Status> {
-        let status = self.run("System/Status", |s| Ok(s.status())).await?;
-        Ok(Response::new(status_pb(&status)))
+        let call = self.call(&request, "Status");
+        let seal = Arc::clone(&self.seal);
+        run(call, move |_| Ok(Served::new(status_pb(&seal.status())))).await
     }
 }

@@ -25,8 +25,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use zeroize::Zeroizing;
 
+use crate::audit::AuditLog;
 use crate::hsm::{Hsm, HsmError, HsmKeyKind};
-use crate::store::{Store, StoreError, Table};
+use crate::store::{Store, StoreError, Table, Write};
 use material::{Public, Secret, SignInput, VersionMaterial};
 use model::{Algorithm, KeyMeta, Protection, Purpose, VersionMeta, VersionState};
 
@@ -158,6 +159,9 @@ pub enum KeyringError {
     /// A bug.
     #[error("internal error: {0}")]
     Internal(&'static str),
+    /// The request's audit record could not be written: nothing was done.
+    #[error("audit log unavailable")]
+    AuditUnavailable,
 }
 
 /// Keyring settings (`[keyring]` in the config).
@@ -207,6 +211,46 @@ pub struct KeyUpdate {
 /// A data key, its ciphertext, and the version that encrypted it.
 pub type DataKey = (Zeroizing<Vec<u8>>, Vec<u8>, u32);
 
+/// Makes a key change durable together with the audit record of the request that made
+/// it, in one transaction (see [`crate::audit`]): a change whose record cannot be written
+/// is not made, and a record is never written for a change that was not.
+pub trait Journal {
+    /// Writes `writes` (the new record of `meta`) with the audit record, or fails with
+    /// [`KeyringError::AuditUnavailable`] having written neither.
+    fn commit(&self, meta: &KeyMeta, writes: Vec<Write>) -> Result<(), KeyringError>;
+}
+
+/// The journal of what the server does by itself: records under principal
+/// [`crate::audit::SYSTEM_PRINCIPAL`], service `kms.internal`.
+pub struct SystemJournal<'a> {
+    /// The log.
+    pub log: &'a AuditLog,
+    /// The operation, e.g. `AutoRotateKey`.
+    pub operation: &'static str,
+    /// The version it concerns (the new primary when `None`).
+    pub version: Option<u32>,
+}
+
+impl Journal for SystemJournal<'_> {
+    fn commit(&self, meta: &KeyMeta, writes: Vec<Write>) -> Result<(), KeyringError> {
+        let event = crate::audit::AuditEvent {
+            request_id: String::new(),
+            principal: crate::audit::SYSTEM_PRINCIPAL.to_owned(),
+            peer: String::new(),
+            service: "kms.internal".to_owned(),
+            operation: self.operation.to_owned(),
+            key: Some(meta.name.clone()),
+            key_version: Some(self.version.unwrap_or(meta.primary)),
+            outcome: "OK".to_owned(),
+            ..crate::audit::AuditEvent::default()
+        };
+        self.log
+            .append_with(event, writes)
+            .map(|_| ())
+            .map_err(|_| KeyringError::AuditUnavailable)
+    }
+}
+
 /// One key's metadata and its versions' material.
 struct KeyEntry {
     meta: KeyMeta,
@@ -219,6 +263,7 @@ pub struct Keyring {
     mac_key: Zeroizing<[u8; 32]>,
     hsm: Arc<Hsm>,
     store: Arc<dyn Store>,
+    audit: AuditLog,
     keys: RwLock<BTreeMap<String, Arc<KeyEntry>>>,
     tampered: RwLock<BTreeMap<String, ()>>,
     admin: Mutex<()>,
@@ -293,6 +338,7 @@ impl Keyring {
         root: &[u8; 32],
         hsm: Arc<Hsm>,
         store: Arc<dyn Store>,
+        audit: AuditLog,
         settings: Settings,
     ) -> Result<Self, KeyringError> {
         let mut root_copy = Zeroizing::new([0u8; 32]);
@@ -302,6 +348,7 @@ impl Keyring {
             root: root_copy,
             hsm,
             store,
+            audit,
             keys: RwLock::new(BTreeMap::new()),
             tampered: RwLock::new(BTreeMap::new()),
             admin: Mutex::new(()),
@@ -445,16 +492,24 @@ impl Keyring {
             .map_err(|_| KeyringError::Internal("lock"))
     }
 
-    /// Persists `meta` durably, then publishes it. Call with the admin lock held.
-    fn commit(&self, meta: KeyMeta, old: Option<&KeyEntry>) -> Result<KeyMeta, KeyringError> {
+    /// Persists `meta` durably with its audit record, then publishes it. Call with the
+    /// admin lock held (which is what makes a new name's write safe without a check in the
+    /// transaction: every stored key is in `keys` or `tampered`).
+    fn commit(
+        &self,
+        meta: KeyMeta,
+        old: Option<&KeyEntry>,
+        journal: &dyn Journal,
+    ) -> Result<KeyMeta, KeyringError> {
         let bytes = model::encode(&meta, &self.mac_key)?;
-        if old.is_none() {
-            if !self.store.insert_new(Table::Keys, &meta.name, &bytes)? {
-                return Err(KeyringError::AlreadyExists(meta.name.clone()));
-            }
-        } else {
-            self.store.put(Table::Keys, &meta.name, &bytes)?;
-        }
+        journal.commit(
+            &meta,
+            vec![Write {
+                table: Table::Keys,
+                key: meta.name.clone(),
+                value: bytes,
+            }],
+        )?;
         let entry = self.build_entry(meta.clone(), old)?;
         self.keys
             .write()
@@ -507,6 +562,29 @@ impl Keyring {
         Ok(v)
     }
 
+    /// Commits a key with a new version; if that fails, the new version's HSM object (if
+    /// any) is destroyed, so that a refused change leaves nothing behind in the token.
+    fn commit_new_version(
+        &self,
+        meta: KeyMeta,
+        old: Option<&KeyEntry>,
+        journal: &dyn Journal,
+    ) -> Result<KeyMeta, KeyringError> {
+        let label = meta
+            .versions
+            .iter()
+            .find(|v| v.version == meta.primary)
+            .and_then(|v| v.hsm_label.clone());
+        self.commit(meta, old, journal).inspect_err(|_| {
+            if let Some(label) = label
+                && let Ok(Some(h)) = self.hsm.find_key(&label)
+                && let Err(e) = self.hsm.destroy(h)
+            {
+                tracing::error!(label = %label, error = %crate::error_chain(&e), "could not destroy the HSM object of a refused key version");
+            }
+        })
+    }
+
     fn check_rotation_period(p: Option<u64>) -> Result<(), KeyringError> {
         match p {
             Some(0) => Err(KeyringError::BadRequest(
@@ -520,7 +598,7 @@ impl Keyring {
     }
 
     /// Creates a key with its first version.
-    pub fn create_key(&self, req: NewKey) -> Result<KeyMeta, KeyringError> {
+    pub fn create_key(&self, req: NewKey, journal: &dyn Journal) -> Result<KeyMeta, KeyringError> {
         model::check_name(&req.name)?;
         model::check_labels(&req.labels)?;
         Self::check_rotation_period(req.rotation_period)?;
@@ -556,7 +634,7 @@ impl Keyring {
         };
         let v1 = self.new_version(&meta, 1)?;
         meta.versions.push(v1);
-        self.commit(meta, None)
+        self.commit_new_version(meta, None, journal)
     }
 
     /// The key's metadata.
@@ -598,9 +676,9 @@ impl Keyring {
     }
 
     /// Adds a version and makes it primary.
-    pub fn rotate_key(&self, name: &str) -> Result<KeyMeta, KeyringError> {
+    pub fn rotate_key(&self, name: &str, journal: &dyn Journal) -> Result<KeyMeta, KeyringError> {
         let _g = self.admin()?;
-        self.rotate_locked(name, None)
+        self.rotate_locked(name, None, journal)
     }
 
     /// Rotates unless `only_if_primary` names a version that is no longer primary.
@@ -608,6 +686,7 @@ impl Keyring {
         &self,
         name: &str,
         only_if_primary: Option<u32>,
+        journal: &dyn Journal,
     ) -> Result<KeyMeta, KeyringError> {
         let entry = self.entry(name)?;
         if only_if_primary.is_some_and(|v| entry.meta.primary != v) {
@@ -629,12 +708,18 @@ impl Keyring {
         meta.primary = next;
         let t = now();
         meta.next_rotation_at = meta.rotation_period.map(|p| t.saturating_add(p));
+        let rotated = self.commit_new_version(meta, Some(&entry), journal)?;
         tracing::info!(key = %name, version = next, "key rotated");
-        self.commit(meta, Some(&entry))
+        Ok(rotated)
     }
 
     /// Changes the rotation period, minimum decryption version, or labels.
-    pub fn update_key(&self, name: &str, update: KeyUpdate) -> Result<KeyMeta, KeyringError> {
+    pub fn update_key(
+        &self,
+        name: &str,
+        update: KeyUpdate,
+        journal: &dyn Journal,
+    ) -> Result<KeyMeta, KeyringError> {
         let _g = self.admin()?;
         let entry = self.entry(name)?;
         let mut meta = entry.meta.clone();
@@ -655,7 +740,7 @@ impl Keyring {
             model::check_labels(&labels)?;
             meta.labels = labels;
         }
-        self.commit(meta, Some(&entry))
+        self.commit(meta, Some(&entry), journal)
     }
 
     /// Changes one version's state through `f`.
@@ -663,6 +748,7 @@ impl Keyring {
         &self,
         name: &str,
         version: u32,
+        journal: &dyn Journal,
         f: impl FnOnce(&KeyMeta, &mut VersionMeta) -> Result<(), KeyringError>,
     ) -> Result<KeyMeta, KeyringError> {
         let _g = self.admin()?;
@@ -676,12 +762,17 @@ impl Keyring {
                 version,
             })?;
         f(&snapshot, v)?;
-        self.commit(meta, Some(&entry))
+        self.commit(meta, Some(&entry), journal)
     }
 
     /// Enables a disabled version.
-    pub fn enable_version(&self, name: &str, version: u32) -> Result<KeyMeta, KeyringError> {
-        self.change_version(name, version, |_, v| match v.state {
+    pub fn enable_version(
+        &self,
+        name: &str,
+        version: u32,
+        journal: &dyn Journal,
+    ) -> Result<KeyMeta, KeyringError> {
+        self.change_version(name, version, journal, |_, v| match v.state {
             VersionState::Enabled | VersionState::Disabled => {
                 v.state = VersionState::Enabled;
                 Ok(())
@@ -696,8 +787,13 @@ impl Keyring {
     }
 
     /// Disables an enabled version.
-    pub fn disable_version(&self, name: &str, version: u32) -> Result<KeyMeta, KeyringError> {
-        self.change_version(name, version, |_, v| match v.state {
+    pub fn disable_version(
+        &self,
+        name: &str,
+        version: u32,
+        journal: &dyn Journal,
+    ) -> Result<KeyMeta, KeyringError> {
+        self.change_version(name, version, journal, |_, v| match v.state {
             VersionState::Enabled | VersionState::Disabled => {
                 v.state = VersionState::Disabled;
                 Ok(())
@@ -715,6 +811,7 @@ impl Keyring {
         name: &str,
         version: u32,
         days: u32,
+        journal: &dyn Journal,
     ) -> Result<KeyMeta, KeyringError> {
         if !(1..=30).contains(&days) {
             return Err(KeyringError::BadRequest(
@@ -722,7 +819,7 @@ impl Keyring {
             ));
         }
         let day = self.settings.day_seconds;
-        self.change_version(name, version, |meta, v| {
+        self.change_version(name, version, journal, |meta, v| {
             if meta.primary == version {
                 return Err(KeyringError::NotAllowed(
                     "the primary version cannot be destroyed: rotate the key first",
@@ -743,8 +840,13 @@ impl Keyring {
     }
 
     /// Cancels a scheduled destruction; the version comes back disabled.
-    pub fn cancel_destruction(&self, name: &str, version: u32) -> Result<KeyMeta, KeyringError> {
-        self.change_version(name, version, |_, v| match v.state {
+    pub fn cancel_destruction(
+        &self,
+        name: &str,
+        version: u32,
+        journal: &dyn Journal,
+    ) -> Result<KeyMeta, KeyringError> {
+        self.change_version(name, version, journal, |_, v| match v.state {
             VersionState::ScheduledForDestruction { .. } => {
                 v.state = VersionState::Disabled;
                 Ok(())
@@ -756,8 +858,9 @@ impl Keyring {
     }
 
     /// Rotates keys whose rotation is due and destroys versions whose time has come.
-    /// Returns how many of each it did.
+    /// Returns how many of each it did. Each change is audited (principal `kms`).
     pub fn maintain(&self, at: u64) -> (usize, usize) {
+        let log = &self.audit;
         let names: Vec<(String, Option<u64>, Vec<u32>)> = match self.keys.read() {
             Ok(keys) => keys
                 .values()
@@ -781,7 +884,12 @@ impl Keyring {
                     // Re-check under the lock: another call may have rotated it.
                     let e = self.entry(&name)?;
                     if e.meta.next_rotation_at.is_some_and(|t| t <= at) {
-                        self.rotate_locked(&name, None).map(|_| true)
+                        let journal = SystemJournal {
+                            log,
+                            operation: "AutoRotateKey",
+                            version: None,
+                        };
+                        self.rotate_locked(&name, None, &journal).map(|_| true)
                     } else {
                         Ok(false)
                     }
@@ -792,7 +900,7 @@ impl Keyring {
                 }
             }
             for version in due {
-                match self.destroy(&name, version, at) {
+                match self.destroy(&name, version, at, log) {
                     Ok(()) => destroyed += 1,
                     Err(e) => {
                         tracing::error!(key = %name, version, error = %e, "destruction failed")
@@ -805,7 +913,13 @@ impl Keyring {
 
     /// Destroys a version whose scheduled time has come: the salt is erased (software) or
     /// the HSM object destroyed. Crypto-shredding: the material cannot be made again.
-    fn destroy(&self, name: &str, version: u32, at: u64) -> Result<(), KeyringError> {
+    fn destroy(
+        &self,
+        name: &str,
+        version: u32,
+        at: u64,
+        log: &AuditLog,
+    ) -> Result<(), KeyringError> {
         let _g = self.admin()?;
         let entry = self.entry(name)?;
         let mut meta = entry.meta.clone();
@@ -816,15 +930,25 @@ impl Keyring {
         {
             return Ok(());
         }
-        if let Some(Secret::Hsm(_, h)) =
-            entry.versions.get(&version).and_then(|m| m.secret.as_ref())
-        {
-            self.hsm.destroy(*h)?;
-        }
+        let object = match entry.versions.get(&version).and_then(|m| m.secret.as_ref()) {
+            Some(Secret::Hsm(_, h)) => Some(*h),
+            _ => None,
+        };
         v.state = VersionState::Destroyed { destroyed_at: at };
         v.salt = None;
+        // The record (salt erased) and its audit record first: if they cannot be written
+        // nothing changes and the next run tries again. Then the HSM object.
+        let journal = SystemJournal {
+            log,
+            operation: "DestroyKeyVersion",
+            version: Some(version),
+        };
+        self.commit(meta, Some(&entry), &journal)?;
+        if let Some(h) = object {
+            self.hsm.destroy(h)?;
+        }
         tracing::info!(key = %name, version, "key version destroyed");
-        self.commit(meta, Some(&entry)).map(|_| ())
+        Ok(())
     }
 
     /// The entry, checked for purpose.
@@ -916,7 +1040,12 @@ impl Keyring {
         }
         if n >= max - max / 4 {
             let _g = self.admin()?;
-            let meta = self.rotate_locked(&e.meta.name, Some(version))?;
+            let journal = SystemJournal {
+                log: &self.audit,
+                operation: "AutoRotateKey",
+                version: None,
+            };
+            let meta = self.rotate_locked(&e.meta.name, Some(version), &journal)?;
             return Ok(meta.primary != version);
         }
         Ok(false)
@@ -998,9 +1127,21 @@ impl Keyring {
         ct: &[u8],
         aad: &[u8],
         destination: Option<&str>,
-    ) -> Result<(Vec<u8>, u32), KeyringError> {
-        let (pt, _) = self.decrypt(name, ct, aad)?;
-        self.encrypt(destination.unwrap_or(name), &pt, aad)
+    ) -> Result<(Vec<u8>, u32, u32), KeyringError> {
+        let (pt, source_version) = self.decrypt(name, ct, aad)?;
+        let (ct, version) = self.encrypt(destination.unwrap_or(name), &pt, aad)?;
+        Ok((ct, version, source_version))
+    }
+
+    /// Every key's metadata, by name.
+    pub fn all_keys(&self) -> Result<Vec<KeyMeta>, KeyringError> {
+        Ok(self
+            .keys
+            .read()
+            .map_err(|_| KeyringError::Internal("lock"))?
+            .values()
+            .map(|e| e.meta.clone())
+            .collect())
     }
 
     /// A random data key, and its ciphertext under `name`.

@@ -1,0 +1,384 @@
+//! `kms.v1.Audit`: export, key-usage report, verification. Each call is itself audited
+//! before it answers (an export: before its first line).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use kms_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use super::{ApiError, Call, Served, run};
+use crate::audit::report::{
+    EXPORT_FORMAT, ExportHeader, ExportLine, Filter, KeyInfo, UsageBuilder, UsageReport,
+};
+use crate::audit::verify::{ChainBreak, signed_by, verify_records};
+use crate::audit::{AuditLog, AuditRecord, Checkpoint, fingerprint, record_key};
+use crate::keyring::KeyringError;
+use crate::keyring::model::VersionState;
+use crate::seal::SealManager;
+use crate::store::{Store, Table};
+
+/// The service's name in audit records.
+const SERVICE: &str = "kms.v1.Audit";
+const SINCE_BEFORE_UNTIL: &str = "since must be before until";
+/// Records read from the store at a time.
+const PAGE: usize = 512;
+/// Lines per streamed chunk.
+const CHUNK: usize = 256;
+
+/// The `kms.v1.Audit` service.
+#[derive(Debug, Clone)]
+pub struct AuditService {
+    seal: Arc<SealManager>,
+    audit: AuditLog,
+}
+
+impl AuditService {
+    /// A service over the log `audit` (and `seal`, for the keyring and the public key).
+    pub fn new(seal: Arc<SealManager>, audit: AuditLog) -> Self {
+        Self { seal, audit }
+    }
+
+    fn call<T: prost::Message>(&self, req: &Request<T>, operation: &'static str) -> Call {
+        Call::new(&self.audit, req, SERVICE, operation)
+    }
+}
+
+fn filter_from(f: Option<pb::AuditFilter>) -> Result<Filter, KeyringError> {
+    let f = f.unwrap_or_default();
+    let text = |s: String| Some(s).filter(|s| !s.is_empty());
+    let filter = Filter {
+        since_ms: Some(f.since_unix_ms).filter(|t| *t != 0),
+        until_ms: Some(f.until_unix_ms).filter(|t| *t != 0),
+        key: text(f.key),
+        principal: text(f.principal),
+        operation: text(f.operation),
+        outcome: text(f.outcome),
+    };
+    if let (Some(s), Some(u)) = (filter.since_ms, filter.until_ms)
+        && s >= u
+    {
+        return Err(KeyringError::BadRequest(SINCE_BEFORE_UNTIL));
+    }
+    Ok(filter)
+}
+
+fn state_name(s: &VersionState) -> &'static str {
+    match s {
+        VersionState::Enabled => "ENABLED",
+        VersionState::Disabled => "DISABLED",
+        VersionState::ScheduledForDestruction { .. } => "SCHEDULED_FOR_DESTRUCTION",
+        VersionState::Destroyed { .. } => "DESTROYED",
+    }
+}
+
+/// Calls `f` with every stored record up to `upto` (by store key, which is the sequence
+/// number), in order, page by page, until `f` returns false. A record that does not parse
+/// is passed on as [`AuditRecord::unreadable`] (the verifier names it).
+fn each_record(
+    store: &dyn Store,
+    upto: u64,
+    mut f: impl FnMut(&[u8], &AuditRecord) -> bool,
+) -> Result<(), ApiError> {
+    let mut next = 1;
+    while next <= upto {
+        let page = store
+            .range(Table::Audit, &record_key(next), PAGE)
+            .map_err(ApiError::AuditRead)?;
+        if page.is_empty() {
+            break;
+        }
+        for (key, bytes) in &page {
+            let at = key.parse::<u64>().unwrap_or(next);
+            if at > upto {
+                return Ok(());
+            }
+            next = at + 1;
+            let r = serde_json::from_slice::<AuditRecord>(bytes)
+                .unwrap_or_else(|_| AuditRecord::unreadable());
+            if !f(bytes, &r) {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn checkpoints(store: &dyn Store) -> Result<Vec<Checkpoint>, ApiError> {
+    Ok(store
+        .scan(Table::AuditCheckpoints)
+        .map_err(ApiError::AuditRead)?
+        .into_iter()
+        .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+        .collect())
+}
+
+fn report_pb(r: UsageReport) -> pb::KeyUsageReport {
+    let vref = |v: crate::audit::report::VersionRef| pb::VersionRef {
+        key: v.key,
+        version: v.version,
+        state: v.state,
+        count: v.count,
+    };
+    pb::KeyUsageReport {
+        since_unix_ms: r.since_ms.unwrap_or(0),
+        until_unix_ms: r.until_ms.unwrap_or(0),
+        records: r.records,
+        usage: r
+            .usage
+            .into_iter()
+            .map(|u| pb::VersionUsage {
+                key: u.key,
+                version: u.version.unwrap_or(0),
+                counts: u
+                    .counts
+                    .into_iter()
+                    .map(|c| pb::UsageCount {
+                        operation: c.operation,
+                        outcome: c.outcome,
+                        count: c.count,
+                    })
+                    .collect(),
+                principals: u.principals,
+                first_use_unix_ms: u.first_use_ms,
+                last_use_unix_ms: u.last_use_ms,
+            })
+            .collect(),
+        unused: r.unused.into_iter().map(vref).collect(),
+        decrypt_below_primary: r.decrypt_below_primary.into_iter().map(vref).collect(),
+        bucket_ms: r.bucket_ms,
+        timeline: r
+            .timeline
+            .into_iter()
+            .map(|b| pb::UsageBucket {
+                start_unix_ms: b.start_ms,
+                key: b.key,
+                count: b.count,
+            })
+            .collect(),
+        generated_unix_ms: crate::audit::now_ms(),
+    }
+}
+
+fn reason_name(b: ChainBreak) -> &'static str {
+    match b {
+        ChainBreak::Altered => "altered",
+        ChainBreak::Missing => "missing",
+        ChainBreak::Inserted => "inserted",
+        ChainBreak::OutOfOrder => "out_of_order",
+        ChainBreak::Rewritten { .. } => "rewritten",
+        ChainBreak::CheckpointSignature => "checkpoint_signature",
+        ChainBreak::Truncated => "truncated",
+    }
+}
+
+type ExportStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ExportAuditLogChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::audit_server::Audit for AuditService {
+    type ExportAuditLogStream = ExportStream;
+
+    async fn export_audit_log(
+        &self,
+        request: Request<pb::ExportAuditLogRequest>,
+    ) -> Result<Response<Self::ExportAuditLogStream>, Status> {
+        let call = self.call(&request, "ExportAuditLog");
+        let call = match request.get_ref().filter.as_ref() {
+            Some(f) => call.key(&f.key),
+            None => call,
+        };
+        let requested = request.into_inner().filter;
+        let filter = filter_from(requested.clone());
+        // The export's own record, durable before the first line.
+        let valid = filter.is_ok();
+        run(call, move |_| {
+            if !valid {
+                return Err(KeyringError::BadRequest(SINCE_BEFORE_UNTIL).into());
+            }
+            Ok(Served::new(()))
+        })
+        .await?;
+        let filter = filter.map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let log = self.audit.clone();
+        let public_key = self.seal.audit_public_key();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let result = export(&log, public_key, &filter, &tx);
+            if let Err(e) = result {
+                tracing::error!(error = %crate::error_chain(&e), "audit export failed");
+                let _ =
+                    tx.blocking_send(Err(Status::unavailable("the audit log could not be read")));
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn key_usage_report(
+        &self,
+        request: Request<pb::KeyUsageReportRequest>,
+    ) -> Result<Response<pb::KeyUsageReport>, Status> {
+        let call = self.call(&request, "KeyUsageReport");
+        let r = request.into_inner();
+        let seal = Arc::clone(&self.seal);
+        let log = self.audit.clone();
+        run(call, move |_| {
+            let filter = filter_from(Some(pb::AuditFilter {
+                since_unix_ms: r.since_unix_ms,
+                until_unix_ms: r.until_unix_ms,
+                ..pb::AuditFilter::default()
+            }))?;
+            let keyring = seal.keyring()?;
+            let keys: Vec<KeyInfo> = keyring
+                .all_keys()?
+                .into_iter()
+                .map(|m| KeyInfo {
+                    name: m.name,
+                    primary: m.primary,
+                    versions: m
+                        .versions
+                        .iter()
+                        .map(|v| (v.version, state_name(&v.state).to_owned()))
+                        .collect(),
+                })
+                .collect();
+            let mut builder = UsageBuilder::new(filter);
+            let store = log.store();
+            let upto = crate::audit::head(store.as_ref())
+                .map_err(|_| KeyringError::AuditUnavailable)?
+                .seq;
+            each_record(store.as_ref(), upto, |_, r| {
+                builder.add(&r.event);
+                true
+            })?;
+            Ok(Served::new(report_pb(builder.finish(&keys))))
+        })
+        .await
+    }
+
+    async fn verify_audit_log(
+        &self,
+        request: Request<pb::VerifyAuditLogRequest>,
+    ) -> Result<Response<pb::VerifyAuditLogResponse>, Status> {
+        let call = self.call(&request, "VerifyAuditLog");
+        let seal = Arc::clone(&self.seal);
+        let log = self.audit.clone();
+        run(call, move |_| {
+            let public_key = seal.audit_public_key();
+            // A checkpoint signed now, by the HSM, must verify under the stored public key:
+            // a public key swapped on disk (with checkpoints re-signed to match) shows here.
+            let fresh = log.checkpoint().and_then(Result::ok);
+            let store = log.store();
+            let records: Vec<Vec<u8>> = store
+                .scan(Table::Audit)
+                .map_err(ApiError::AuditRead)?
+                .into_iter()
+                .map(|(_, v)| v)
+                .collect();
+            let cps = checkpoints(store.as_ref())?;
+            let mut response = pb::VerifyAuditLogResponse {
+                checkpoint_key_fingerprint: public_key
+                    .as_deref()
+                    .map(fingerprint)
+                    .unwrap_or_default(),
+                ..pb::VerifyAuditLogResponse::default()
+            };
+            if let (Some(c), Some(pk)) = (&fresh, &public_key)
+                && !signed_by(c, pk)
+            {
+                response.reason = "key_mismatch".into();
+                response.first_bad_seq = c.checkpoint;
+                response.message =
+                    "the stored audit public key is not the HSM signing key's: the seal record was altered".into();
+                return Ok(Served::new(response));
+            }
+            match verify_records(&records, &cps, public_key.as_deref()) {
+                Ok(v) => {
+                    response.intact = true;
+                    response.records = v.records;
+                    response.checkpoints = v.checkpoints;
+                    response.last_checkpoint_seq = v.last_checkpoint.unwrap_or(0);
+                    response.message = format!(
+                        "intact: {} records, {} checkpoints verified",
+                        v.records, v.checkpoints
+                    );
+                }
+                Err(e) => {
+                    response.records = records.len() as u64;
+                    response.first_bad_seq = e.seq;
+                    response.reason = reason_name(e.reason).into();
+                    response.message = e.to_string();
+                }
+            }
+            Ok(Served::new(response))
+        })
+        .await
+    }
+}
+
+/// Streams the export: header, then records (and, for a contiguous export, checkpoints).
+fn export(
+    log: &AuditLog,
+    public_key: Option<Vec<u8>>,
+    filter: &Filter,
+    tx: &tokio::sync::mpsc::Sender<Result<pb::ExportAuditLogChunk, Status>>,
+) -> Result<(), ApiError> {
+    let store = log.store();
+    // Sign a checkpoint over the head (which includes this export's record) so that the
+    // export ends with one; it covers exactly the records exported.
+    let fresh = log.checkpoint().and_then(Result::ok);
+    let upto = match &fresh {
+        Some(c) => c.checkpoint,
+        None => {
+            crate::audit::head(store.as_ref())
+                .map_err(|_| ApiError::Keyring(KeyringError::AuditUnavailable))?
+                .seq
+        }
+    };
+    let contiguous = filter.is_contiguous();
+    let cps: std::collections::BTreeMap<u64, Checkpoint> = if contiguous {
+        checkpoints(store.as_ref())?
+            .into_iter()
+            .map(|c| (c.checkpoint, c))
+            .collect()
+    } else {
+        Default::default()
+    };
+    let header = ExportHeader {
+        format: EXPORT_FORMAT.to_owned(),
+        exported_at_ms: crate::audit::now_ms(),
+        server_version: env!("CARGO_PKG_VERSION").to_owned(),
+        checkpoint_public_key: public_key
+            .as_deref()
+            .map(|p| data_encoding::HEXLOWER.encode(p)),
+        checkpoint_key_fingerprint: public_key.as_deref().map(fingerprint),
+        filter: filter.clone(),
+        contiguous,
+    };
+    let mut lines = vec![serde_json::to_string(&header).unwrap_or_default()];
+    let mut open = true;
+    let mut flush = |lines: &mut Vec<String>| {
+        if !lines.is_empty() {
+            let chunk = pb::ExportAuditLogChunk {
+                lines: std::mem::take(lines),
+            };
+            open = tx.blocking_send(Ok(chunk)).is_ok();
+        }
+        open
+    };
+    each_record(store.as_ref(), upto, |bytes, r| {
+        if filter.matches(&r.event) || r.seq == 0 {
+            lines.push(String::from_utf8_lossy(bytes).into_owned());
+            if let Some(c) = cps.get(&r.seq)
+                && let Ok(line) = serde_json::to_string(&ExportLine::Checkpoint(c.clone()))
+            {
+                lines.push(line);
+            }
+        }
+        lines.len() < CHUNK || flush(&mut lines)
+    })?;
+    flush(&mut lines);
+    Ok(())
+}
