@@ -31,6 +31,14 @@ ensure_openssl() {
     fi
 }
 
+ensure_chromium() {
+    # The audit report's HTML is checked as rendered by a real browser, headless.
+    if ! command -v chromium >/dev/null 2>&1; then
+        echo "==> installing chromium (headless rendering test of the HTML report)"
+        apt_install chromium fonts-liberation
+    fi
+}
+
 ensure_rust() {
     if ! command -v cargo >/dev/null 2>&1; then
         echo "cargo not found: install Rust (https://rustup.rs) first" >&2

@@ -257,6 +257,10 @@ pub fn start_unsealed(hsm: &TestHsm, config: &Path) -> (Server, Vec<String>) {
     (server, shares)
 }
 
+/// A gRPC client of `kms.v1.KeyManagement`.
+pub type KeysClient =
+    kms_proto::v1::key_management_client::KeyManagementClient<tonic::transport::Channel>;
+
 /// A running `kms server`. Killed on drop.
 pub struct Server {
     child: Option<Child>,

@@ -79,6 +79,9 @@ pub struct ExportHeader {
     pub filter: Filter,
     /// Whether the records are a contiguous piece of the chain (no filter but time).
     pub contiguous: bool,
+    /// The last sequence number the export holds (set when no `until` bounds it): a cut
+    /// tail is then detectable even where no checkpoint covers it.
+    pub last_seq: Option<u64>,
 }
 
 /// One line of an export after the header.
@@ -155,7 +158,8 @@ pub struct UsageReport {
     pub records: u64,
     /// Use per key and version.
     pub usage: Vec<VersionUsage>,
-    /// Live versions (not destroyed) with no successful use in the period.
+    /// Live versions (not destroyed) with no successful use (a cryptographic operation,
+    /// not administration) in the period.
     pub unused: Vec<VersionRef>,
     /// Versions below the primary that still decrypted successfully in the period: their
     /// data has not been re-encrypted yet.
@@ -203,6 +207,22 @@ impl Acc {
 
 /// Operations that decrypt with the version they name.
 const DECRYPTS: &[&str] = &["Decrypt", "BatchDecrypt", "ReEncrypt"];
+
+/// Operations that administer a key rather than use it: counted in the tables, but not
+/// as use (a version that was only created or rotated to is unused).
+const ADMIN: &[&str] = &[
+    "CreateKey",
+    "GetKey",
+    "ListKeys",
+    "RotateKey",
+    "UpdateKey",
+    "EnableKeyVersion",
+    "DisableKeyVersion",
+    "ScheduleKeyVersionDestruction",
+    "CancelKeyVersionDestruction",
+    "AutoRotateKey",
+    "DestroyKeyVersion",
+];
 
 /// Builds a [`UsageReport`] from the records of a period, one at a time.
 pub struct UsageBuilder {
@@ -271,7 +291,7 @@ impl UsageBuilder {
                     .entry((key.clone(), e.key_version))
                     .or_default()
                     .add(&e.operation, &e.outcome, 1, &e.principal, t);
-                if e.outcome == "OK" {
+                if e.outcome == "OK" && !ADMIN.contains(&e.operation.as_str()) {
                     ok += 1;
                 }
                 if let Some(dest) = &e.destination_key {
@@ -297,7 +317,9 @@ impl UsageBuilder {
                 a.counts
                     .iter()
                     .filter(|((op, outcome), _)| {
-                        outcome == "OK" && ops.is_none_or(|ops| ops.contains(&op.as_str()))
+                        outcome == "OK"
+                            && !ADMIN.contains(&op.as_str())
+                            && ops.is_none_or(|ops| ops.contains(&op.as_str()))
                     })
                     .map(|(_, n)| n)
                     .sum()
@@ -427,6 +449,7 @@ mod tests {
         b.add(&ev(2000, "Encrypt", "a", Some(2), "OK", "y"));
         b.add(&ev(3000, "Decrypt", "a", Some(1), "OK", "y"));
         b.add(&ev(3500, "Decrypt", "a", None, "INVALID_ARGUMENT", "z"));
+        b.add(&ev(3600, "RotateKey", "b", Some(1), "OK", "admin")); // not a use
         b.add(&AuditEvent {
             batch: Some(BatchSummary {
                 items: 3,
@@ -448,7 +471,7 @@ mod tests {
             },
         ];
         let r = b.finish(&keys);
-        assert_eq!(r.records, 5);
+        assert_eq!(r.records, 6);
         let v2 = r
             .usage
             .iter()

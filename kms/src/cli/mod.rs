@@ -50,6 +50,11 @@ enum Command {
     },
     #[command(flatten)]
     Crypto(keys::CryptoCommand),
+    /// The audit log: export, key-usage report, verify (online or offline).
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
+    },
     /// PKCS#11 tools.
     Pkcs11 {
         #[command(subcommand)]
@@ -131,6 +136,7 @@ pub fn main() -> ExitCode {
 /// Any error the CLI prints.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+mod audit;
 mod keys;
 
 pub use crate::error_chain;
@@ -169,6 +175,9 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             let channel = connect(&cli.conn).await?;
             keys::run_crypto(channel, command).await
         }),
+        Command::Audit { command } => {
+            runtime()?.block_on(audit::run(command, || connect(&cli.conn)))
+        }
         Command::Pkcs11 {
             command: Pkcs11Command::Probe { config, module },
         } => {
@@ -230,28 +239,7 @@ async fn connect(conn: &Conn) -> Result<Channel, BoxError> {
 #[error("{}: {}", code_name(.0.code()), .0.message())]
 pub struct RpcError(pub tonic::Status);
 
-fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
-}
+use crate::grpc::code_name;
 
 async fn operator(conn: Conn, command: OperatorCommand) -> Result<ExitCode, BoxError> {
     let mut client = SystemClient::new(connect(&conn).await?);

@@ -1,0 +1,738 @@
+//! `kms audit export|report|verify`: the auditors' commands.
+//!
+//! `verify` exits 0 only when the log is intact, 3 when it is not (naming the first bad
+//! sequence number and why), 1 on any other error.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+use clap::{Subcommand, ValueEnum};
+use kms_proto::v1 as pb;
+use kms_proto::v1::audit_client::AuditClient;
+use tonic::transport::Channel;
+
+use super::{BoxError, RpcError};
+use crate::audit::report::{
+    Bucket, EXPORT_FORMAT, ExportHeader, UsageCount, UsageReport, VersionRef, VersionUsage,
+};
+use crate::audit::verify::{ChainBreak, ChainError, verify_from};
+use crate::audit::{AuditRecord, Checkpoint, GENESIS, Head, fingerprint};
+
+/// Exit code of `verify` when the log is not intact.
+pub const NOT_INTACT: u8 = 3;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ExportFormat {
+    /// JSON lines: a header, the records verbatim, and the signed checkpoints (verifiable
+    /// offline with `kms audit verify --export`).
+    Jsonl,
+    /// One row per record, for spreadsheets (not verifiable).
+    Csv,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ReportFormat {
+    /// Aligned text.
+    Table,
+    /// JSON.
+    Json,
+    /// One row per key version, operation and outcome.
+    Csv,
+    /// One self-contained HTML file with a chart of use over time and the tables.
+    Html,
+}
+
+/// `kms audit ...`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Export audit records (the export is itself audited).
+    Export {
+        /// jsonl or csv.
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: ExportFormat,
+        /// From this time (RFC 3339, e.g. 2026-11-23T00:00:00Z), inclusive.
+        #[arg(long)]
+        since: Option<String>,
+        /// Up to this time (RFC 3339), exclusive.
+        #[arg(long)]
+        until: Option<String>,
+        /// Only records about this key.
+        #[arg(long)]
+        key: Option<String>,
+        /// Only records of this principal.
+        #[arg(long)]
+        principal: Option<String>,
+        /// Only this operation (e.g. Decrypt).
+        #[arg(long)]
+        operation: Option<String>,
+        /// Only this outcome (OK, or a gRPC code name such as PERMISSION_DENIED).
+        #[arg(long)]
+        outcome: Option<String>,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Key-usage report: per key and version, operations, outcomes, principals, first and
+    /// last use; unused versions; versions below the primary still decrypting.
+    Report {
+        /// From this time (RFC 3339), inclusive.
+        #[arg(long)]
+        since: Option<String>,
+        /// Up to this time (RFC 3339), exclusive.
+        #[arg(long)]
+        until: Option<String>,
+        /// table, json, csv or html.
+        #[arg(long, value_enum, default_value = "table")]
+        format: ReportFormat,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Verify the hash chain and every checkpoint signature: on the server, or offline
+    /// against an export (no server, no HSM). Exit 0 only when intact, 3 when not.
+    Verify {
+        /// Verify this JSONL export offline.
+        #[arg(long)]
+        export: Option<PathBuf>,
+        /// Offline: the checkpoint key you trust (its fingerprint, or the public key in
+        /// hex); without it the key in the export is used and its fingerprint printed.
+        #[arg(long, requires = "export")]
+        public_key: Option<String>,
+    },
+}
+
+fn ms(text: &Option<String>, what: &str) -> Result<u64, BoxError> {
+    match text {
+        None => Ok(0),
+        Some(t) => {
+            let at = humantime::parse_rfc3339_weak(t).map_err(|_| {
+                format!("--{what} {t:?} is not an RFC 3339 time such as 2026-11-23T09:00:00Z")
+            })?;
+            let d = at
+                .duration_since(UNIX_EPOCH)
+                .map_err(|_| format!("--{what} is before 1970"))?;
+            Ok(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        }
+    }
+}
+
+/// A Unix time in ms as RFC 3339 (UTC, milliseconds).
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn output(out: &Option<PathBuf>) -> Result<Box<dyn Write>, BoxError> {
+    Ok(match out {
+        Some(p) if p.as_os_str() != "-" => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).map_err(|e| format!("cannot write {}: {e}", p.display()))?,
+        )),
+        _ => Box::new(std::io::BufWriter::new(std::io::stdout())),
+    })
+}
+
+/// Runs `kms audit ...`. `connect` is called only by the commands that need the server.
+pub async fn run<F, Fut>(command: AuditCommand, connect: F) -> Result<ExitCode, BoxError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<Channel, BoxError>>,
+{
+    match command {
+        AuditCommand::Export {
+            format,
+            since,
+            until,
+            key,
+            principal,
+            operation,
+            outcome,
+            out,
+        } => {
+            let filter = pb::AuditFilter {
+                since_unix_ms: ms(&since, "since")?,
+                until_unix_ms: ms(&until, "until")?,
+                key: key.unwrap_or_default(),
+                principal: principal.unwrap_or_default(),
+                operation: operation.unwrap_or_default(),
+                outcome: outcome.unwrap_or_default(),
+            };
+            let mut client = AuditClient::new(connect().await?);
+            let mut stream = client
+                .export_audit_log(pb::ExportAuditLogRequest {
+                    filter: Some(filter),
+                })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            let mut w = output(&out)?;
+            let mut csv: Option<Vec<Vec<String>>> =
+                matches!(format, ExportFormat::Csv).then(Vec::new);
+            let mut count = 0u64;
+            while let Some(chunk) = stream.message().await.map_err(RpcError)? {
+                for line in chunk.lines {
+                    match &mut csv {
+                        None => writeln!(w, "{line}")?,
+                        Some(rows) => {
+                            if let Ok(r) = serde_json::from_str::<AuditRecord>(&line) {
+                                count += 1;
+                                rows.push(csv_row(&r));
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(rows) = csv {
+                write_csv(&mut w, CSV_HEADER, &rows)?;
+                eprintln!("{count} records");
+            }
+            w.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Report {
+            since,
+            until,
+            format,
+            out,
+        } => {
+            let request = pb::KeyUsageReportRequest {
+                since_unix_ms: ms(&since, "since")?,
+                until_unix_ms: ms(&until, "until")?,
+            };
+            let mut client = AuditClient::new(connect().await?);
+            let report = client
+                .key_usage_report(request)
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            let generated = report.generated_unix_ms;
+            let report = from_pb(report);
+            let mut w = output(&out)?;
+            match format {
+                ReportFormat::Table => write!(w, "{}", table(&report))?,
+                ReportFormat::Json => writeln!(w, "{}", serde_json::to_string_pretty(&report)?)?,
+                ReportFormat::Csv => {
+                    let rows: Vec<Vec<String>> = report
+                        .usage
+                        .iter()
+                        .flat_map(|u| {
+                            u.counts.iter().map(|c| {
+                                vec![
+                                    u.key.clone(),
+                                    u.version.map(|v| v.to_string()).unwrap_or_default(),
+                                    c.operation.clone(),
+                                    c.outcome.clone(),
+                                    c.count.to_string(),
+                                    u.principals.join(" "),
+                                    rfc3339(u.first_use_ms),
+                                    rfc3339(u.last_use_ms),
+                                ]
+                            })
+                        })
+                        .collect();
+                    write_csv(
+                        &mut w,
+                        &[
+                            "key",
+                            "version",
+                            "operation",
+                            "outcome",
+                            "count",
+                            "principals",
+                            "first_use",
+                            "last_use",
+                        ],
+                        &rows,
+                    )?;
+                }
+                ReportFormat::Html => write!(w, "{}", html(&report, generated))?,
+            }
+            w.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Verify {
+            export: Some(path),
+            public_key,
+        } => verify_offline(&path, public_key.as_deref()),
+        AuditCommand::Verify { export: None, .. } => {
+            let mut client = AuditClient::new(connect().await?);
+            let r = client
+                .verify_audit_log(pb::VerifyAuditLogRequest {})
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            println!("{}", r.message);
+            if !r.checkpoint_key_fingerprint.is_empty() {
+                println!(
+                    "checkpoint key fingerprint: {}",
+                    r.checkpoint_key_fingerprint
+                );
+            }
+            if r.intact {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("first bad sequence: {} ({})", r.first_bad_seq, r.reason);
+                Ok(ExitCode::from(NOT_INTACT))
+            }
+        }
+    }
+}
+
+/// Verifies a JSONL export with no server and no HSM.
+fn verify_offline(path: &Path, trusted: Option<&str>) -> Result<ExitCode, BoxError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut lines = text.lines();
+    let header: ExportHeader = lines
+        .next()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .filter(|h: &ExportHeader| h.format == EXPORT_FORMAT)
+        .ok_or_else(|| {
+            format!(
+                "{} is not a kms audit export ({EXPORT_FORMAT}): its first line is not the header",
+                path.display()
+            )
+        })?;
+    if !header.contiguous {
+        return Err("this export was filtered by key, principal, operation or outcome: only an export filtered by time alone is a piece of the chain that can be verified".into());
+    }
+    let public_key = match &header.checkpoint_public_key {
+        Some(hex) => Some(
+            data_encoding::HEXLOWER
+                .decode(hex.as_bytes())
+                .map_err(|_| "the export's checkpoint public key is not hex")?,
+        ),
+        None => None,
+    };
+    let found = public_key.as_deref().map(fingerprint);
+    if let Some(trusted) = trusted {
+        let trusted = trusted.trim().to_ascii_lowercase();
+        let want = if trusted.len() == 64 {
+            data_encoding::HEXLOWER
+                .decode(trusted.as_bytes())
+                .map(|k| fingerprint(&k))
+                .map_err(|_| "--public-key is neither a fingerprint nor a hex public key")?
+        } else {
+            trusted
+        };
+        if found.as_deref() != Some(want.as_str()) {
+            println!(
+                "NOT INTACT: the export's checkpoint key ({}) is not the key you trust ({want})",
+                found.as_deref().unwrap_or("none")
+            );
+            return Ok(ExitCode::from(NOT_INTACT));
+        }
+    }
+    let mut records: Vec<&[u8]> = Vec::new();
+    let mut checkpoints = Vec::new();
+    for line in lines.filter(|l| !l.trim().is_empty()) {
+        match serde_json::from_str::<Checkpoint>(line) {
+            Ok(c) => checkpoints.push(c),
+            Err(_) => records.push(line.as_bytes()),
+        }
+    }
+    // A time range starts inside the chain: from its first record's predecessor.
+    let start = records
+        .first()
+        .and_then(|b| serde_json::from_slice::<AuditRecord>(b).ok())
+        .filter(|r| r.seq > 1)
+        .map_or_else(Head::genesis, |r| Head {
+            seq: r.seq - 1,
+            hash: r.prev_hash,
+        });
+    let first = start.seq + 1;
+    let verified =
+        verify_from(start, &records, &checkpoints, public_key.as_deref()).and_then(|v| {
+            // The header says where the export ends: a cut tail shows even past the last
+            // checkpoint.
+            match header.last_seq {
+                Some(last) if v.head.seq < last => Err(ChainError {
+                    seq: v.head.seq + 1,
+                    reason: ChainBreak::Truncated,
+                }),
+                _ => Ok(v),
+            }
+        });
+    match verified {
+        Ok(v) => {
+            println!(
+                "intact: {} records (sequence {first} to {}), {} checkpoint(s) verified{}",
+                v.records,
+                v.head.seq,
+                v.checkpoints,
+                match v.last_checkpoint {
+                    Some(c) if c == v.head.seq => ", the last covering the last record".to_owned(),
+                    Some(c) => format!(
+                        "; records after {c} are not covered by a checkpoint (cutting them would not show)"
+                    ),
+                    None => "; no signed checkpoint: the chain is consistent but not anchored"
+                        .to_owned(),
+                }
+            );
+            if first == 1 && v.head.hash == GENESIS {
+                println!("the export holds no records");
+            }
+            if let Some(f) = &found {
+                println!("checkpoint key fingerprint: {f}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(ChainError { seq, reason }) => {
+            println!("NOT INTACT: first bad sequence {seq}: {reason}");
+            Ok(ExitCode::from(NOT_INTACT))
+        }
+    }
+}
+
+const CSV_HEADER: &[&str] = &[
+    "seq",
+    "time",
+    "request_id",
+    "principal",
+    "peer",
+    "service",
+    "operation",
+    "key",
+    "key_version",
+    "destination_key",
+    "destination_key_version",
+    "outcome",
+    "input_bytes",
+    "output_bytes",
+    "batch_items",
+    "batch_outcomes",
+    "hash",
+];
+
+fn csv_row(r: &AuditRecord) -> Vec<String> {
+    let e = &r.event;
+    let opt = |v: Option<u32>| v.map(|v| v.to_string()).unwrap_or_default();
+    vec![
+        r.seq.to_string(),
+        rfc3339(e.time_ms),
+        e.request_id.clone(),
+        e.principal.clone(),
+        e.peer.clone(),
+        e.service.clone(),
+        e.operation.clone(),
+        e.key.clone().unwrap_or_default(),
+        opt(e.key_version),
+        e.destination_key.clone().unwrap_or_default(),
+        opt(e.destination_key_version),
+        e.outcome.clone(),
+        e.input_bytes.to_string(),
+        e.output_bytes.to_string(),
+        e.batch
+            .as_ref()
+            .map(|b| b.items.to_string())
+            .unwrap_or_default(),
+        e.batch
+            .as_ref()
+            .map(|b| {
+                b.outcomes
+                    .iter()
+                    .map(|(o, n)| format!("{o}={n}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default(),
+        r.hash.clone(),
+    ]
+}
+
+fn write_csv(w: &mut dyn Write, header: &[&str], rows: &[Vec<String>]) -> Result<(), BoxError> {
+    let mut c = csv::Writer::from_writer(w);
+    c.write_record(header)?;
+    for row in rows {
+        c.write_record(row)?;
+    }
+    c.flush()?;
+    Ok(())
+}
+
+fn from_pb(r: pb::KeyUsageReport) -> UsageReport {
+    let vref = |v: pb::VersionRef| VersionRef {
+        key: v.key,
+        version: v.version,
+        state: v.state,
+        count: v.count,
+    };
+    UsageReport {
+        since_ms: Some(r.since_unix_ms).filter(|t| *t != 0),
+        until_ms: Some(r.until_unix_ms).filter(|t| *t != 0),
+        records: r.records,
+        usage: r
+            .usage
+            .into_iter()
+            .map(|u| VersionUsage {
+                key: u.key,
+                version: Some(u.version).filter(|v| *v != 0),
+                counts: u
+                    .counts
+                    .into_iter()
+                    .map(|c| UsageCount {
+                        operation: c.operation,
+                        outcome: c.outcome,
+                        count: c.count,
+                    })
+                    .collect(),
+                principals: u.principals,
+                first_use_ms: u.first_use_unix_ms,
+                last_use_ms: u.last_use_unix_ms,
+            })
+            .collect(),
+        unused: r.unused.into_iter().map(vref).collect(),
+        decrypt_below_primary: r.decrypt_below_primary.into_iter().map(vref).collect(),
+        bucket_ms: r.bucket_ms,
+        timeline: r
+            .timeline
+            .into_iter()
+            .map(|b| Bucket {
+                start_ms: b.start_unix_ms,
+                key: b.key,
+                count: b.count,
+            })
+            .collect(),
+    }
+}
+
+fn period(r: &UsageReport) -> String {
+    format!(
+        "{} to {}",
+        r.since_ms.map_or("the first record".to_owned(), rfc3339),
+        r.until_ms.map_or("now".to_owned(), rfc3339)
+    )
+}
+
+fn version_text(v: Option<u32>) -> String {
+    v.map_or("-".to_owned(), |v| v.to_string())
+}
+
+/// The report as aligned text.
+pub fn table(r: &UsageReport) -> String {
+    let mut out = format!("Key usage, {} ({} records)\n\n", period(r), r.records);
+    let mut rows = vec![
+        [
+            "KEY",
+            "VERSION",
+            "OPERATION",
+            "OUTCOME",
+            "COUNT",
+            "PRINCIPALS",
+            "FIRST USE",
+            "LAST USE",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
+    for u in &r.usage {
+        for c in &u.counts {
+            rows.push(vec![
+                u.key.clone(),
+                version_text(u.version),
+                c.operation.clone(),
+                c.outcome.clone(),
+                c.count.to_string(),
+                u.principals.len().to_string(),
+                rfc3339(u.first_use_ms),
+                rfc3339(u.last_use_ms),
+            ]);
+        }
+    }
+    out.push_str(&aligned(&rows));
+    out.push_str("\nVersions with no successful use in the period\n");
+    let mut rows = vec![["KEY", "VERSION", "STATE"].map(str::to_owned).to_vec()];
+    rows.extend(
+        r.unused
+            .iter()
+            .map(|v| vec![v.key.clone(), v.version.to_string(), v.state.clone()]),
+    );
+    out.push_str(&aligned(&rows));
+    out.push_str("\nVersions below the primary still decrypting (re-encrypt their data before destroying them)\n");
+    let mut rows = vec![
+        ["KEY", "VERSION", "STATE", "DECRYPTIONS"]
+            .map(str::to_owned)
+            .to_vec(),
+    ];
+    rows.extend(r.decrypt_below_primary.iter().map(|v| {
+        vec![
+            v.key.clone(),
+            v.version.to_string(),
+            v.state.clone(),
+            v.count.to_string(),
+        ]
+    }));
+    out.push_str(&aligned(&rows));
+    out
+}
+
+fn aligned(rows: &[Vec<String>]) -> String {
+    let cols = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+/// The report as one self-contained HTML page: no network, inline CSS, an inline script
+/// that draws the chart (SVG) from the embedded data, and the tables.
+pub fn html(r: &UsageReport, generated_ms: u64) -> String {
+    let data = serde_json::to_string(&r.timeline)
+        .unwrap_or_else(|_| "[]".to_owned())
+        .replace("</", "<\\/");
+    let mut usage = String::new();
+    for u in &r.usage {
+        for c in &u.counts {
+            usage.push_str(&format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+                esc(&u.key),
+                version_text(u.version),
+                esc(&c.operation),
+                esc(&c.outcome),
+                c.count,
+                esc(&u.principals.join(", ")),
+                rfc3339(u.first_use_ms),
+                rfc3339(u.last_use_ms),
+            ));
+        }
+    }
+    let refs = |list: &[VersionRef], count: bool| -> String {
+        list.iter()
+            .map(|v| {
+                format!(
+                    "<tr><td>{}</td><td>{}</td><td>{}</td>{}</tr>\n",
+                    esc(&v.key),
+                    v.version,
+                    esc(&v.state),
+                    if count {
+                        format!("<td class=\"n\">{}</td>", v.count)
+                    } else {
+                        String::new()
+                    }
+                )
+            })
+            .collect()
+    };
+    format!(
+        r#"<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<title>kms key usage, {period}</title>
+<style>
+body {{ font: 14px system-ui, sans-serif; margin: 2em; color: #222; }}
+h1 {{ font-size: 1.4em; }} h2 {{ font-size: 1.1em; margin-top: 2em; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
+th {{ background: #f3f3f3; }} td.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
+#chart svg {{ border: 1px solid #ddd; background: #fff; }}
+.legend span {{ display: inline-block; margin-right: 1.5em; }}
+.swatch {{ display: inline-block; width: 12px; height: 12px; margin-right: 4px; vertical-align: middle; }}
+</style>
+</head>
+<body>
+<h1>kms key usage</h1>
+<p>Period: {period}. Records: <span id="records">{records}</span>. Generated {generated}.</p>
+<h2>Successful operations over time (per {bucket})</h2>
+<div id="chart"></div>
+<div class="legend" id="legend"></div>
+<h2>Use per key version</h2>
+<table id="usage">
+<tr><th>Key</th><th>Version</th><th>Operation</th><th>Outcome</th><th>Count</th><th>Principals</th><th>First use</th><th>Last use</th></tr>
+{usage}</table>
+<h2>Versions with no successful use in the period</h2>
+<table id="unused">
+<tr><th>Key</th><th>Version</th><th>State</th></tr>
+{unused}</table>
+<h2>Versions below the primary still decrypting</h2>
+<p>Their data has not all been re-encrypted: destroying them would lose it.</p>
+<table id="below">
+<tr><th>Key</th><th>Version</th><th>State</th><th>Decryptions</th></tr>
+{below}</table>
+<script id="data" type="application/json">{data}</script>
+<script>
+(function () {{
+  var buckets = JSON.parse(document.getElementById('data').textContent);
+  var ns = 'http://www.w3.org/2000/svg', W = 760, H = 260, L = 50, B = 30;
+  var keys = [], times = [], series = {{}};
+  buckets.forEach(function (b) {{
+    if (keys.indexOf(b.key) < 0) {{ keys.push(b.key); series[b.key] = {{}}; }}
+    if (times.indexOf(b.start_ms) < 0) times.push(b.start_ms);
+    series[b.key][b.start_ms] = b.count;
+  }});
+  times.sort(function (a, b) {{ return a - b; }});
+  var max = 1;
+  buckets.forEach(function (b) {{ if (b.count > max) max = b.count; }});
+  var svg = document.createElementNS(ns, 'svg');
+  svg.setAttribute('width', W); svg.setAttribute('height', H);
+  svg.setAttribute('viewBox', '0 0 ' + W + ' ' + H);
+  function el(name, attrs, text) {{
+    var e = document.createElementNS(ns, name);
+    for (var k in attrs) e.setAttribute(k, attrs[k]);
+    if (text !== undefined) e.textContent = text;
+    svg.appendChild(e); return e;
+  }}
+  el('line', {{x1: L, y1: H - B, x2: W - 10, y2: H - B, stroke: '#888'}});
+  el('line', {{x1: L, y1: 10, x2: L, y2: H - B, stroke: '#888'}});
+  el('text', {{x: 4, y: 16, 'font-size': 11}}, String(max));
+  el('text', {{x: 4, y: H - B, 'font-size': 11}}, '0');
+  var x = function (i) {{ return L + (times.length < 2 ? (W - L - 10) / 2 : i * (W - L - 10) / (times.length - 1)); }};
+  var y = function (c) {{ return H - B - c * (H - B - 10) / max; }};
+  if (times.length) {{
+    el('text', {{x: L, y: H - 8, 'font-size': 11}}, new Date(times[0]).toISOString());
+    el('text', {{x: W - 200, y: H - 8, 'font-size': 11}}, new Date(times[times.length - 1]).toISOString());
+  }}
+  var colours = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b', '#e377c2', '#17becf'];
+  var legend = document.getElementById('legend');
+  keys.forEach(function (key, k) {{
+    var total = 0, points = times.map(function (t, i) {{
+      var c = series[key][t] || 0; total += c; return x(i) + ',' + y(c);
+    }});
+    var colour = colours[k % colours.length];
+    el('polyline', {{points: points.join(' '), fill: 'none', stroke: colour, 'stroke-width': 2,
+      'data-key': key, 'data-total': total}});
+    var item = document.createElement('span');
+    item.setAttribute('data-key', key);
+    item.innerHTML = '<span class="swatch" style="background:' + colour + '"></span>';
+    item.appendChild(document.createTextNode(key + ': ' + total));
+    legend.appendChild(item);
+  }});
+  document.getElementById('chart').appendChild(svg);
+}})();
+</script>
+</body>
+</html>
+"#,
+        period = esc(&period(r)),
+        records = r.records,
+        generated = rfc3339(generated_ms),
+        bucket = esc(&humantime::format_duration(Duration::from_millis(r.bucket_ms)).to_string()),
+        usage = usage,
+        unused = refs(&r.unused, false),
+        below = refs(&r.decrypt_below_primary, true),
+        data = data,
+    )
+}

@@ -1,0 +1,662 @@
+//! The audit log against a real server and a real SoftHSM token: every call recorded field
+//! by field, nothing secret in it, offline verification of an export and of each kind of
+//! tampering, a continuous chain across a restart, fail-closed on a full file system, and
+//! the HTML report rendered in headless Chromium.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kms_proto::v1 as pb;
+use prost::Message as _;
+use serde_json::Value;
+use softhsm_tests::{Server, TestHsm, start_unsealed};
+use tonic::Code;
+
+const PLAINTEXT: &[u8] = b"wire transfer: SECRET-PLAINTEXT-a81f";
+const AAD: &[u8] = b"account=SECRET-AAD-5c0e";
+
+fn config(hsm: &TestHsm, store: &Path) -> PathBuf {
+    let path = hsm.path().join("audit.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n[hsm]\n{}\n[audit]\ncheckpoint_every_records = 5\n",
+            store.display(),
+            hsm.hsm_table()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn create(c: &mut softhsm_tests::KeysClient, name: &str, algorithm: pb::Algorithm) {
+    c.create_key(pb::CreateKeyRequest {
+        name: name.into(),
+        algorithm: algorithm as i32,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+fn encrypt_request() -> pb::EncryptRequest {
+    pb::EncryptRequest {
+        key: "payments".into(),
+        plaintext: PLAINTEXT.to_vec(),
+        associated_data: AAD.to_vec(),
+    }
+}
+
+/// The export's lines: header, records, checkpoints.
+fn export(server: &Server, dir: &Path, name: &str) -> (PathBuf, Vec<Value>) {
+    let path = dir.join(name);
+    let out = server.kms(&["audit", "export", "--out", path.to_str().unwrap()], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let lines = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (path, lines)
+}
+
+fn records(lines: &[Value]) -> Vec<&Value> {
+    lines.iter().filter(|l| l.get("seq").is_some()).collect()
+}
+
+fn find<'a>(records: &[&'a Value], operation: &str, outcome: &str) -> &'a Value {
+    records
+        .iter()
+        .find(|r| r["event"]["operation"] == operation && r["event"]["outcome"] == outcome)
+        .unwrap_or_else(|| panic!("no {operation} {outcome} record"))
+}
+
+/// `kms audit verify --export FILE`: (exit code, stdout).
+fn verify_offline(file: &Path) -> (Option<i32>, String) {
+    let out = softhsm_tests::run_kms(
+        "http://127.0.0.1:9",
+        &["audit", "verify", "--export", file.to_str().unwrap()],
+        "",
+    );
+    (out.code, out.stdout)
+}
+
+/// Writes `lines` (JSON text) as a tampered export and verifies it offline.
+fn verify_lines(dir: &Path, name: &str, lines: &[String]) -> (Option<i32>, String) {
+    let path = dir.join(name);
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    verify_offline(&path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_is_recorded_and_the_export_verifies_offline() {
+    let hsm = TestHsm::new("kms-audit");
+    let store = hsm.path().join("kms.redb");
+    let (mut server, shares) = start_unsealed(&hsm, &config(&hsm, &store));
+    let mut c = server.keys().await;
+    create(&mut c, "payments", pb::Algorithm::Aes256Gcm).await;
+
+    // A request id given by the caller is recorded and returned.
+    let mut req = tonic::Request::new(encrypt_request());
+    req.metadata_mut()
+        .insert("x-request-id", "order-4711".parse().unwrap());
+    let resp = c.encrypt(req).await.unwrap();
+    assert_eq!(resp.metadata().get("x-request-id").unwrap(), "order-4711");
+    let encrypted = resp.into_inner();
+    let ct = encrypted.ciphertext.clone();
+    let decrypted = c
+        .decrypt(pb::DecryptRequest {
+            key: "payments".into(),
+            ciphertext: ct.clone(),
+            associated_data: AAD.to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let wrong = c
+        .decrypt(pb::DecryptRequest {
+            key: "payments".into(),
+            ciphertext: ct.clone(),
+            associated_data: b"account=other".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::InvalidArgument);
+    c.rotate_key(pb::RotateKeyRequest {
+        name: "payments".into(),
+    })
+    .await
+    .unwrap();
+    let re = c
+        .re_encrypt(pb::ReEncryptRequest {
+            key: "payments".into(),
+            ciphertext: ct.clone(),
+            associated_data: AAD.to_vec(),
+            destination_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(re.key_version, 2);
+    c.batch_decrypt(pb::BatchDecryptRequest {
+        key: "payments".into(),
+        items: vec![
+            pb::DecryptItem {
+                ciphertext: ct.clone(),
+                associated_data: AAD.to_vec(),
+            },
+            pb::DecryptItem {
+                ciphertext: b"not a ciphertext".to_vec(),
+                associated_data: Vec::new(),
+            },
+        ],
+    })
+    .await
+    .unwrap();
+    let missing = c
+        .get_key(pb::GetKeyRequest {
+            name: "missing".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    let out = server.kms(&["audit", "verify"], "");
+    assert_eq!(out.code, Some(0), "online verify: {out:?}");
+    assert!(out.stdout.contains("intact"), "{out:?}");
+
+    let dir = hsm.path();
+    let (file, lines) = export(&server, dir, "export.jsonl");
+    let header = &lines[0];
+    assert_eq!(header["format"], "kms-audit-export/v1");
+    assert_eq!(header["contiguous"], true);
+    assert_eq!(header["checkpoint_public_key"].as_str().unwrap().len(), 64);
+    let recs = records(&lines);
+
+    // Sequence numbers are contiguous from 1 and times never go back.
+    for (i, r) in recs.iter().enumerate() {
+        assert_eq!(r["seq"], i as u64 + 1);
+        if i > 0 {
+            assert!(r["event"]["time_ms"].as_u64() >= recs[i - 1]["event"]["time_ms"].as_u64());
+            assert_eq!(r["prev_hash"], recs[i - 1]["hash"]);
+        }
+    }
+    // The ceremony is recorded.
+    let init = find(&recs, "Init", "OK");
+    assert_eq!(init["event"]["service"], "kms.v1.System");
+    assert_eq!(
+        recs.iter()
+            .filter(|r| r["event"]["operation"] == "Unseal")
+            .count(),
+        2
+    );
+    // The encrypt, field by field.
+    let e = &find(&recs, "Encrypt", "OK")["event"];
+    assert_eq!(e["request_id"], "order-4711");
+    assert_eq!(e["principal"], "anonymous");
+    assert!(e["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{e}");
+    assert_eq!(e["service"], "kms.v1.KeyManagement");
+    assert_eq!(e["key"], "payments");
+    assert_eq!(e["key_version"], 1);
+    assert_eq!(e["input_bytes"], encrypt_request().encoded_len() as u64);
+    assert_eq!(e["output_bytes"], encrypted.encoded_len() as u64);
+    // A request id the caller did not give is made by the server.
+    let d = &find(&recs, "Decrypt", "OK")["event"];
+    assert_eq!(d["request_id"].as_str().unwrap().len(), 32);
+    assert_eq!(d["output_bytes"], decrypted.encoded_len() as u64);
+    let bad = &find(&recs, "Decrypt", "INVALID_ARGUMENT")["event"];
+    assert_eq!(
+        (bad["key"].as_str(), bad["output_bytes"].as_u64()),
+        (Some("payments"), Some(0))
+    );
+    let rot = &find(&recs, "RotateKey", "OK")["event"];
+    assert_eq!(rot["key_version"], 2);
+    let r = &find(&recs, "ReEncrypt", "OK")["event"];
+    assert_eq!(
+        (
+            &r["key_version"],
+            &r["destination_key"],
+            &r["destination_key_version"]
+        ),
+        (&Value::from(1), &Value::from("payments"), &Value::from(2))
+    );
+    let b = &find(&recs, "BatchDecrypt", "OK")["event"]["batch"];
+    assert_eq!(b["items"], 2);
+    assert_eq!(b["outcomes"]["OK"], 1);
+    assert_eq!(b["outcomes"]["INVALID_ARGUMENT"], 1);
+    assert_eq!(b["versions"]["1"], 1);
+    assert_eq!(
+        find(&recs, "GetKey", "NOT_FOUND")["event"]["key"],
+        "missing"
+    );
+    // Audit reads are audited: the online verify, and this export (its own last record).
+    find(&recs, "VerifyAuditLog", "OK");
+    let last = recs.last().unwrap();
+    assert_eq!(last["event"]["operation"], "ExportAuditLog");
+    assert_eq!(header["last_seq"], last["seq"]);
+    // Checkpoints every 5 records, and one covering the export's last record.
+    let cps: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l.get("checkpoint").is_some())
+        .collect();
+    assert!(cps.len() >= 3, "{cps:?}");
+    assert_eq!(lines.last().unwrap()["checkpoint"], last["seq"]);
+
+    // Offline verification: intact as exported...
+    let (code, stdout) = verify_offline(&file);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(stdout.contains("intact"), "{stdout}");
+    // ...and each kind of tampering named at the right sequence number.
+    let text: Vec<String> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let index_of = |seq: u64| {
+        text.iter()
+            .position(|l| l.starts_with(&format!("{{\"schema\":1,\"seq\":{seq},")))
+            .unwrap()
+    };
+    let seq_of = |v: &Value| v["seq"].as_u64().unwrap();
+    let encrypt_seq = seq_of(find(&recs, "Encrypt", "OK"));
+    let expect = |name: &str, lines: Vec<String>, seq: u64, why: &str| {
+        let (code, stdout) = verify_lines(dir, name, &lines);
+        assert_eq!(code, Some(3), "{name}: {stdout}");
+        assert!(
+            stdout.contains(&format!("first bad sequence {seq}: {why}")),
+            "{name}: expected sequence {seq} ({why}): {stdout}"
+        );
+    };
+    let mut altered = text.clone();
+    let i = index_of(encrypt_seq);
+    altered[i] = altered[i].replace("order-4711", "order-4712");
+    expect("altered", altered, encrypt_seq, "record altered");
+    let mut deleted = text.clone();
+    deleted.remove(index_of(encrypt_seq));
+    expect("deleted", deleted, encrypt_seq, "record missing");
+    let mut inserted = text.clone();
+    inserted.insert(
+        index_of(encrypt_seq) + 1,
+        text[index_of(encrypt_seq)].clone(),
+    );
+    expect("inserted", inserted, encrypt_seq, "record inserted");
+    let mut reordered = text.clone();
+    let (a, b) = (index_of(encrypt_seq), index_of(encrypt_seq + 1));
+    reordered.swap(a, b);
+    expect("reordered", reordered, encrypt_seq, "records out of order");
+    let last_seq = seq_of(last);
+    let cut = text[..index_of(last_seq - 2)].to_vec();
+    expect("truncated", cut, last_seq - 2, "log truncated");
+    let mut forged_key = text.clone();
+    forged_key[0] = forged_key[0].replace(
+        header["checkpoint_public_key"].as_str().unwrap(),
+        &"ab".repeat(32),
+    );
+    let (code, stdout) = verify_lines(dir, "forged-key", &forged_key);
+    assert_eq!(code, Some(3), "{stdout}");
+    assert!(stdout.contains("checkpoint signature invalid"), "{stdout}");
+    // A trusted fingerprint that is not the export's key is refused.
+    let out = softhsm_tests::run_kms(
+        "http://127.0.0.1:9",
+        &[
+            "audit",
+            "verify",
+            "--export",
+            file.to_str().unwrap(),
+            "--public-key",
+            "00112233445566778899aabbccddeeff",
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(3), "{out:?}");
+
+    // A filtered export is not a chain: offline verify says so instead of passing.
+    let filtered = dir.join("filtered.jsonl");
+    let out = server.kms(
+        &[
+            "audit",
+            "export",
+            "--key",
+            "payments",
+            "--out",
+            filtered.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let only: Vec<Value> = std::fs::read_to_string(&filtered)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!only.is_empty());
+    assert!(only.iter().all(|r| r["event"]["key"] == "payments"
+        || r["event"]["destination_key"] == "payments"));
+    let (code, _) = verify_offline(&filtered);
+    assert_eq!(code, Some(1));
+    // CSV: one row per record.
+    let out = server.kms(
+        &["audit", "export", "--format", "csv", "--key", "payments"],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(out.stdout.lines().count(), only.len() + 1, "{}", out.stdout);
+    assert!(out.stdout.starts_with("seq,time,request_id,principal"));
+
+    // A restart continues the chain.
+    let before = last_seq;
+    assert!(server.terminate().success());
+    let server = hsm.try_start(&config(&hsm, &store), &[]).unwrap();
+    server.unseal_with(&shares);
+    let (file, lines) = export(&server, dir, "after-restart.jsonl");
+    let recs = records(&lines);
+    assert!(recs.len() as u64 > before + 2);
+    for (i, r) in recs.iter().enumerate() {
+        assert_eq!(r["seq"], i as u64 + 1);
+    }
+    assert_eq!(
+        recs[before as usize..]
+            .iter()
+            .filter(|r| r["event"]["operation"] == "Unseal")
+            .count(),
+        2
+    );
+    let (code, stdout) = verify_offline(&file);
+    assert_eq!(code, Some(0), "{stdout}");
+    let out = server.kms(&["audit", "verify"], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+
+    // Nothing secret in the store, the exports or the server log.
+    let mut places = vec![
+        ("store", std::fs::read(&store).unwrap()),
+        ("server log", hsm.logs().into_bytes()),
+    ];
+    for f in ["export.jsonl", "after-restart.jsonl", "filtered.jsonl"] {
+        places.push((f, std::fs::read(dir.join(f)).unwrap()));
+    }
+    for (what, bytes) in &places {
+        for secret in [PLAINTEXT, AAD] {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret),
+                "{} found in the {what}",
+                String::from_utf8_lossy(secret)
+            );
+        }
+    }
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn tmpfs(path: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "this test needs to mount a tmpfs (run as root, as CI does): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(path.to_owned())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_file_system_fails_requests_closed_and_loses_nothing() {
+    let hsm = TestHsm::new("kms-audit-full");
+    let mount = Mount::tmpfs(&hsm.path().join("data"), "16m");
+    let store = mount.0.join("kms.redb");
+    let config = config(&hsm, &store);
+    let (mut server, shares) = start_unsealed(&hsm, &config);
+    let mut c = server.keys().await;
+    create(&mut c, "payments", pb::Algorithm::Aes256Gcm).await;
+    // The first encryption reserves its nonce block; later ones write only their records.
+    c.encrypt(encrypt_request()).await.unwrap();
+
+    // Fill the file system.
+    let filler = mount.0.join("filler");
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let mut acknowledged = 1;
+    let mut refused = None;
+    for _ in 0..2000 {
+        match c.encrypt(encrypt_request()).await {
+            Ok(_) => acknowledged += 1,
+            Err(status) => {
+                refused = Some(status);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("with the file system full, an encryption must fail");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(refused.message(), "audit log unavailable");
+    // Every call fails closed from then on, key changes included.
+    let again = c.encrypt(encrypt_request()).await.unwrap_err();
+    assert_eq!(again.code(), Code::Unavailable, "{again:?}");
+    let create_err = c
+        .create_key(pb::CreateKeyRequest {
+            name: "made-while-full".into(),
+            algorithm: pb::Algorithm::Aes256Gcm as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(create_err.code(), Code::Unavailable, "{create_err:?}");
+    assert!(hsm.logs().contains("audit write failed"));
+
+    // Space comes back; after a restart nothing refused has an effect or a record, and
+    // everything acknowledged does.
+    server.kill9();
+    std::fs::remove_file(&filler).unwrap();
+    let server = hsm.try_start(&config, &[]).unwrap();
+    server.unseal_with(&shares);
+    let mut c = server.keys().await;
+    let gone = c
+        .get_key(pb::GetKeyRequest {
+            name: "made-while-full".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    let (file, lines) = export(&server, hsm.path(), "after-full.jsonl");
+    let recs = records(&lines);
+    let encrypts = recs
+        .iter()
+        .filter(|r| r["event"]["operation"] == "Encrypt" && r["event"]["outcome"] == "OK")
+        .count();
+    assert_eq!(
+        encrypts, acknowledged,
+        "every acknowledged encryption, and only those"
+    );
+    assert!(
+        !recs
+            .iter()
+            .any(|r| r["event"]["key"] == "made-while-full" && r["event"]["outcome"] == "OK")
+    );
+    let (code, stdout) = verify_offline(&file);
+    assert_eq!(code, Some(0), "{stdout}");
+    drop(server);
+    drop(mount);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_usage_report_renders_in_headless_chromium() {
+    let hsm = TestHsm::new("kms-audit-report");
+    let (server, _) = start_unsealed(&hsm, &config(&hsm, &hsm.path().join("kms.redb")));
+    let mut c = server.keys().await;
+    create(&mut c, "payments", pb::Algorithm::Aes256Gcm).await;
+    create(&mut c, "signer", pb::Algorithm::Ed25519).await;
+    create(&mut c, "idle", pb::Algorithm::HmacSha256).await;
+    let mut cts = Vec::new();
+    for _ in 0..3 {
+        cts.push(
+            c.encrypt(encrypt_request())
+                .await
+                .unwrap()
+                .into_inner()
+                .ciphertext,
+        );
+    }
+    c.rotate_key(pb::RotateKeyRequest {
+        name: "payments".into(),
+    })
+    .await
+    .unwrap();
+    for ct in &cts[..2] {
+        c.decrypt(pb::DecryptRequest {
+            key: "payments".into(),
+            ciphertext: ct.clone(),
+            associated_data: AAD.to_vec(),
+        })
+        .await
+        .unwrap();
+    }
+    for _ in 0..2 {
+        c.sign(pb::SignRequest {
+            key: "signer".into(),
+            input: Some(pb::sign_request::Input::Message(b"m".to_vec())),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+
+    // JSON: the numbers.
+    let out = server.kms(&["audit", "report", "--format", "json"], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let report = out.json();
+    let count = |key: &str, version: u64, op: &str| -> u64 {
+        report["usage"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|u| u["key"] == key && u["version"] == version)
+            .flat_map(|u| u["counts"].as_array().unwrap().iter())
+            .filter(|c| c["operation"] == op && c["outcome"] == "OK")
+            .map(|c| c["count"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(count("payments", 1, "Encrypt"), 3);
+    assert_eq!(count("payments", 1, "Decrypt"), 2);
+    assert_eq!(count("signer", 1, "Sign"), 2);
+    let unused: Vec<(String, u64)> = report["unused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["key"].as_str().unwrap().to_owned(),
+                v["version"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        unused,
+        vec![("idle".to_owned(), 1), ("payments".to_owned(), 2)]
+    );
+    let below = &report["decrypt_below_primary"][0];
+    assert_eq!(
+        (&below["key"], &below["version"], &below["count"]),
+        (&Value::from("payments"), &Value::from(1), &Value::from(2))
+    );
+    // Table and CSV carry the same numbers.
+    let table = server.kms(&["audit", "report"], "");
+    assert!(
+        table.stdout.contains("payments  1        Encrypt"),
+        "{}",
+        table.stdout
+    );
+    let csv = server.kms(&["audit", "report", "--format", "csv"], "");
+    assert!(
+        csv.stdout.contains("payments,1,Encrypt,OK,3,"),
+        "{}",
+        csv.stdout
+    );
+
+    // HTML, rendered by Chromium: the script draws one line per key with its total, and
+    // the tables hold the counts.
+    let html = hsm.path().join("report.html");
+    let out = server.kms(
+        &[
+            "audit",
+            "report",
+            "--format",
+            "html",
+            "--out",
+            html.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("Debian's chromium package is needed (scripts/test installs it)");
+    let rendered = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--no-first-run",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            hsm.path().join("chromium").display()
+        ))
+        .arg("--dump-dom")
+        .arg(format!("file://{}", html.display()))
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&rendered.stdout);
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    assert!(dom.contains("<svg"), "the chart was not drawn: {dom}");
+    // payments: 3 encryptions + 2 decryptions; signer: 2 signatures; idle: none.
+    assert!(
+        dom.contains(r#"data-key="payments" data-total="5""#),
+        "{dom}"
+    );
+    assert!(dom.contains(r#"data-key="signer" data-total="2""#), "{dom}");
+    assert!(!dom.contains(r#"data-key="idle""#), "{dom}");
+    assert!(
+        dom.contains("payments: 5") && dom.contains("signer: 2"),
+        "legend: {dom}"
+    );
+    assert!(
+        dom.contains(
+            r#"<td>payments</td><td>1</td><td>Encrypt</td><td>OK</td><td class="n">3</td>"#
+        ),
+        "{dom}"
+    );
+    // Self-contained: nothing to fetch.
+    assert!(!dom.contains(" src=") && !dom.contains(" href="), "{dom}");
+}
