@@ -4,7 +4,7 @@
 //! Each record carries its sequence number and the hash of the record before it; its own
 //! hash is SHA-256 over its canonical JSON (which includes that previous hash). Removing,
 //! inserting, altering or reordering a record breaks the chain at a sequence number that
-//! [`verify::verify`] names. Every `checkpoint_every` records or `checkpoint_interval`
+//! [`verify::verify_records`] names. Every `checkpoint_every` records or `checkpoint_interval`
 //! the writer signs a [`Checkpoint`] (sequence, chain head, time) with an Ed25519 key held
 //! in the HSM, so that someone who can write the disk cannot rewrite the chain and its
 //! hashes unseen, nor cut its tail.

@@ -2,7 +2,7 @@
 //!
 //! Architecture invariants: this module is the one place where errors become
 //! `tonic::Status` ([`to_status`]), and the one place in `kms` where protobuf types are
-//! built or read. Every call goes through [`run`], which writes the call's audit record
+//! built or read. Every call goes through `run`, which writes the call's audit record
 //! (see [`crate::audit`]) before the answer leaves: a call whose record cannot be written
 //! fails with `UNAVAILABLE: audit log unavailable` and returns no result. Calls that change
 //! stored state write their change and their record in one transaction ([`Call`] is the
