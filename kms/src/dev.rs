@@ -222,6 +222,7 @@ fn bootstrap(
         shares: out.shares.iter().map(|s| s.as_str().to_owned()).collect(),
         share_set_id: out.share_set_id.to_string(),
         threshold: u32::from(out.threshold),
+        audit_key_fingerprint: out.audit_key_fingerprint.clone(),
     };
     println!("kms dev: DEVELOPMENT MODE. Do not keep real keys in this server.\n");
     crate::cli::print_init(&resp, false)?;

@@ -243,6 +243,8 @@ pub struct InitOutput {
     pub threshold: u8,
     /// Each custodian's share in text form. Secret.
     pub shares: Vec<Zeroizing<String>>,
+    /// The audit checkpoint key's fingerprint ([`crate::audit::fingerprint`]).
+    pub audit_key_fingerprint: String,
 }
 
 struct Attempt {
@@ -517,6 +519,7 @@ impl SealManager {
             share_set_id: set,
             threshold: t,
             shares: split.iter().map(Share::to_text).collect(),
+            audit_key_fingerprint: crate::audit::fingerprint(audit_public),
         };
         commit(
             &output,

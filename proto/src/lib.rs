@@ -65,6 +65,7 @@ pub mod v1 {
                 )
                 .field("share_set_id", &self.share_set_id)
                 .field("threshold", &self.threshold)
+                .field("audit_key_fingerprint", &self.audit_key_fingerprint)
                 .finish()
         }
     }
@@ -95,6 +96,7 @@ mod tests {
             shares: vec!["kms1-SECRETSHARE".into()],
             share_set_id: "00".into(),
             threshold: 2,
+            audit_key_fingerprint: "ff".into(),
         };
         let init = InitRequest {
             shares: 3,

@@ -99,7 +99,17 @@ fn verify_lines(dir: &Path, name: &str, lines: &[String]) -> (Option<i32>, Strin
 async fn every_call_is_recorded_and_the_export_verifies_offline() {
     let hsm = TestHsm::new("kms-audit");
     let store = hsm.path().join("kms.redb");
-    let (mut server, shares) = start_unsealed(&hsm, &config(&hsm, &store));
+    let mut server = hsm.try_start(&config(&hsm, &store), &[]).unwrap();
+    let init = server.init(3, 2, "");
+    assert_eq!(init.code, Some(0), "{init:?}");
+    let shares = init.shares();
+    // Init tells the custodians the audit key's fingerprint, for auditors to pin.
+    let fingerprint = init.json()["audit_key_fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(fingerprint.len(), 32);
+    server.unseal_with(&shares);
     let mut c = server.keys().await;
     create(&mut c, "payments", pb::Algorithm::Aes256Gcm).await;
 
@@ -177,6 +187,7 @@ async fn every_call_is_recorded_and_the_export_verifies_offline() {
     assert_eq!(header["format"], "kms-audit-export/v1");
     assert_eq!(header["contiguous"], true);
     assert_eq!(header["checkpoint_public_key"].as_str().unwrap().len(), 64);
+    assert_eq!(header["checkpoint_key_fingerprint"], fingerprint.as_str());
     let recs = records(&lines);
 
     // Sequence numbers are contiguous from 1 and times never go back.
@@ -301,7 +312,20 @@ async fn every_call_is_recorded_and_the_export_verifies_offline() {
     let (code, stdout) = verify_lines(dir, "forged-key", &forged_key);
     assert_eq!(code, Some(3), "{stdout}");
     assert!(stdout.contains("checkpoint signature invalid"), "{stdout}");
-    // A trusted fingerprint that is not the export's key is refused.
+    // Pinned to the fingerprint from init, it verifies; pinned to another key, it does not.
+    let out = softhsm_tests::run_kms(
+        "http://127.0.0.1:9",
+        &[
+            "audit",
+            "verify",
+            "--export",
+            file.to_str().unwrap(),
+            "--public-key",
+            &fingerprint,
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
     let out = softhsm_tests::run_kms(
         "http://127.0.0.1:9",
         &[

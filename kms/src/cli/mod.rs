@@ -398,6 +398,7 @@ pub fn print_init(resp: &pb::InitResponse, json: bool) -> Result<(), BoxError> {
             "share_set_id": resp.share_set_id,
             "threshold": resp.threshold,
             "shares": resp.shares,
+            "audit_key_fingerprint": resp.audit_key_fingerprint,
         });
         writeln!(out, "{v}")?;
         return Ok(());
@@ -412,6 +413,12 @@ pub fn print_init(resp: &pb::InitResponse, json: bool) -> Result<(), BoxError> {
         resp.share_set_id,
         resp.threshold,
         resp.shares.len()
+    )?;
+    writeln!(
+        out,
+        "Audit checkpoint key fingerprint: {} (record it: auditors pin it with
+         `kms audit verify --export FILE --public-key {}`).",
+        resp.audit_key_fingerprint, resp.audit_key_fingerprint
     )?;
     writeln!(out)?;
     writeln!(

@@ -17,6 +17,7 @@ fn init_pb(out: &InitOutput) -> pb::InitResponse {
         shares: out.shares.iter().map(|s| s.as_str().to_owned()).collect(),
         share_set_id: out.share_set_id.to_string(),
         threshold: u32::from(out.threshold),
+        audit_key_fingerprint: out.audit_key_fingerprint.clone(),
     }
 }
 
