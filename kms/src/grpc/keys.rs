@@ -138,21 +138,32 @@ fn item_error(e: KeyringError) -> pb::ItemError {
     }
 }
 
-/// Counts a batch's items by outcome and successful items by version.
-fn summarize<'a>(results: impl Iterator<Item = Result<u32, &'a pb::ItemError>>) -> BatchSummary {
-    let mut b = BatchSummary::default();
-    for r in results {
-        b.items += 1;
-        let outcome = match r {
-            Ok(v) => {
-                *b.versions.entry(v).or_default() += 1;
-                "OK"
-            }
-            Err(e) => code_name(tonic::Code::from_i32(e.code)),
-        };
-        *b.outcomes.entry(outcome.to_owned()).or_default() += 1;
-    }
-    b
+/// Runs `f` on each item of a batch: each item's result (an `ItemError` for a failed
+/// item) and the batch's audit summary (items per outcome, successful items per version).
+fn each_item<I, O>(
+    items: &[I],
+    mut f: impl FnMut(&I) -> Result<(O, u32), KeyringError>,
+) -> (Vec<Result<O, pb::ItemError>>, BatchSummary) {
+    let mut summary = BatchSummary::default();
+    let results = items
+        .iter()
+        .map(|item| {
+            summary.items += 1;
+            let (outcome, result) = match f(item) {
+                Ok((out, version)) => {
+                    *summary.versions.entry(version).or_default() += 1;
+                    ("OK", Ok(out))
+                }
+                Err(e) => {
+                    let e = item_error(e);
+                    (code_name(tonic::Code::from_i32(e.code)), Err(e))
+                }
+            };
+            *summary.outcomes.entry(outcome.to_owned()).or_default() += 1;
+            result
+        })
+        .collect();
+    (results, summary)
 }
 
 fn check_batch(n: usize) -> Result<(), KeyringError> {
@@ -550,29 +561,26 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         let r = request.into_inner();
         with_keyring(&self.seal, call, move |k, _| {
             check_batch(r.items.len())?;
-            let results: Vec<_> = r
-                .items
-                .iter()
-                .map(|item| {
-                    let result = match k.encrypt(&r.key, &item.plaintext, &item.associated_data) {
-                        Ok((ciphertext, key_version)) => {
-                            pb::batch_encrypt_result::Result::Ok(pb::EncryptResponse {
-                                ciphertext,
-                                key_version,
-                            })
-                        }
-                        Err(e) => pb::batch_encrypt_result::Result::Error(item_error(e)),
-                    };
-                    pb::BatchEncryptResult {
-                        result: Some(result),
-                    }
+            let (results, summary) = each_item(&r.items, |item| {
+                let (ciphertext, key_version) =
+                    k.encrypt(&r.key, &item.plaintext, &item.associated_data)?;
+                Ok((
+                    pb::EncryptResponse {
+                        ciphertext,
+                        key_version,
+                    },
+                    key_version,
+                ))
+            });
+            let results = results
+                .into_iter()
+                .map(|r| pb::BatchEncryptResult {
+                    result: Some(match r {
+                        Ok(o) => pb::batch_encrypt_result::Result::Ok(o),
+                        Err(e) => pb::batch_encrypt_result::Result::Error(e),
+                    }),
                 })
                 .collect();
-            let summary = summarize(results.iter().map(|r| match &r.result {
-                Some(pb::batch_encrypt_result::Result::Ok(o)) => Ok(o.key_version),
-                Some(pb::batch_encrypt_result::Result::Error(e)) => Err(e),
-                None => Ok(0),
-            }));
             Ok(Served::new(pb::BatchEncryptResponse { results }).batch(summary))
         })
         .await
@@ -588,29 +596,26 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         let r = request.into_inner();
         with_keyring(&self.seal, call, move |k, _| {
             check_batch(r.items.len())?;
-            let results: Vec<_> = r
-                .items
-                .iter()
-                .map(|item| {
-                    let result = match k.decrypt(&r.key, &item.ciphertext, &item.associated_data) {
-                        Ok((pt, key_version)) => {
-                            pb::batch_decrypt_result::Result::Ok(pb::DecryptResponse {
-                                plaintext: pt.to_vec(),
-                                key_version,
-                            })
-                        }
-                        Err(e) => pb::batch_decrypt_result::Result::Error(item_error(e)),
-                    };
-                    pb::BatchDecryptResult {
-                        result: Some(result),
-                    }
+            let (results, summary) = each_item(&r.items, |item| {
+                let (pt, key_version) =
+                    k.decrypt(&r.key, &item.ciphertext, &item.associated_data)?;
+                Ok((
+                    pb::DecryptResponse {
+                        plaintext: pt.to_vec(),
+                        key_version,
+                    },
+                    key_version,
+                ))
+            });
+            let results = results
+                .into_iter()
+                .map(|r| pb::BatchDecryptResult {
+                    result: Some(match r {
+                        Ok(o) => pb::batch_decrypt_result::Result::Ok(o),
+                        Err(e) => pb::batch_decrypt_result::Result::Error(e),
+                    }),
                 })
                 .collect();
-            let summary = summarize(results.iter().map(|r| match &r.result {
-                Some(pb::batch_decrypt_result::Result::Ok(o)) => Ok(o.key_version),
-                Some(pb::batch_decrypt_result::Result::Error(e)) => Err(e),
-                None => Ok(0),
-            }));
             Ok(Served::new(pb::BatchDecryptResponse { results }).batch(summary))
         })
         .await
@@ -625,31 +630,26 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         with_keyring(&self.seal, call, move |k, _| {
             check_batch(r.items.len())?;
             let raw = raw_format(r.format)?;
-            let results: Vec<_> = r
-                .items
-                .iter()
-                .map(|item| {
-                    let signed = sign_input(item.input.as_ref().map(SignOneof::Item))
-                        .and_then(|input| k.sign(&r.key, input, raw));
-                    let result = match signed {
-                        Ok((signature, key_version)) => {
-                            pb::batch_sign_result::Result::Ok(pb::SignResponse {
-                                signature,
-                                key_version,
-                            })
-                        }
-                        Err(e) => pb::batch_sign_result::Result::Error(item_error(e)),
-                    };
-                    pb::BatchSignResult {
-                        result: Some(result),
-                    }
+            let (results, summary) = each_item(&r.items, |item| {
+                let input = sign_input(item.input.as_ref().map(SignOneof::Item))?;
+                let (signature, key_version) = k.sign(&r.key, input, raw)?;
+                Ok((
+                    pb::SignResponse {
+                        signature,
+                        key_version,
+                    },
+                    key_version,
+                ))
+            });
+            let results = results
+                .into_iter()
+                .map(|r| pb::BatchSignResult {
+                    result: Some(match r {
+                        Ok(o) => pb::batch_sign_result::Result::Ok(o),
+                        Err(e) => pb::batch_sign_result::Result::Error(e),
+                    }),
                 })
                 .collect();
-            let summary = summarize(results.iter().map(|r| match &r.result {
-                Some(pb::batch_sign_result::Result::Ok(o)) => Ok(o.key_version),
-                Some(pb::batch_sign_result::Result::Error(e)) => Err(e),
-                None => Ok(0),
-            }));
             Ok(Served::new(pb::BatchSignResponse { results }).batch(summary))
         })
         .await
