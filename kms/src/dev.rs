@@ -193,13 +193,7 @@ fn bootstrap(
 ) -> Result<(), BoxError> {
     let seal = &opened.seal;
     // What kms dev does itself is audited like a call: principal `kms-dev`.
-    let event = |operation: &str| crate::audit::AuditEvent {
-        principal: "kms-dev".to_owned(),
-        service: "kms.dev".to_owned(),
-        operation: operation.to_owned(),
-        outcome: "OK".to_owned(),
-        ..crate::audit::AuditEvent::default()
-    };
+    let event = |operation| crate::audit::AuditEvent::internal("kms-dev", "kms.dev", operation);
     let status = seal.status();
     let url = format!("http://{addr}");
     if status.initialized {

@@ -83,6 +83,19 @@ pub struct AuditEvent {
     pub batch: Option<BatchSummary>,
 }
 
+impl AuditEvent {
+    /// What the server (or `kms dev`) did by itself, successfully: no request, no peer.
+    pub fn internal(principal: &str, service: &str, operation: &str) -> Self {
+        Self {
+            principal: principal.to_owned(),
+            service: service.to_owned(),
+            operation: operation.to_owned(),
+            outcome: "OK".to_owned(),
+            ..Self::default()
+        }
+    }
+}
+
 /// A batch request's items, in its one record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -356,15 +369,10 @@ impl AuditLog {
             seq: r.seq,
             hash: r.hash,
         });
-        let last_checkpoint = match store
+        let last_checkpoint = store
             .last(Table::AuditCheckpoints)
             .map_err(|e| AuditError::Unavailable(Some(e)))?
-        {
-            Some((_, bytes)) => serde_json::from_slice::<Checkpoint>(&bytes)
-                .map(|c| c.checkpoint)
-                .unwrap_or(0),
-            None => 0,
-        };
+            .and_then(|(_, bytes)| serde_json::from_slice::<Checkpoint>(&bytes).ok());
         let (sender, receiver) = sync_channel::<Msg>(4 * MAX_GROUP);
         let commits = Arc::new(AtomicU64::new(0));
         let writer = Writer {
@@ -439,7 +447,8 @@ struct Writer {
     head: Head,
     /// The last record's time: times never decrease along the chain.
     last_time: u64,
-    last_checkpoint: u64,
+    /// The last signed checkpoint, if any.
+    last_checkpoint: Option<Checkpoint>,
     commits: Arc<AtomicU64>,
 }
 
@@ -447,7 +456,7 @@ impl Writer {
     fn run(mut self, receiver: Receiver<Msg>) {
         let mut since_checkpoint = Instant::now();
         loop {
-            let first = if self.head.seq > self.last_checkpoint {
+            let first = if self.head.seq > self.covered() {
                 let wait = self
                     .policy
                     .interval
@@ -485,7 +494,7 @@ impl Writer {
             if !group.is_empty() {
                 self.commit(group);
             }
-            let due = self.head.seq >= self.last_checkpoint + self.policy.every_records;
+            let due = self.head.seq >= self.covered() + self.policy.every_records;
             if !asks.is_empty() || due {
                 let made = self.checkpoint();
                 since_checkpoint = Instant::now();
@@ -569,20 +578,16 @@ impl Writer {
         if self.head.seq == 0 {
             return None;
         }
-        if self.head.seq == self.last_checkpoint {
+        match &self.last_checkpoint {
             // Nothing new: the last checkpoint still covers the head.
-            return match self
-                .store
-                .get(Table::AuditCheckpoints, &record_key(self.last_checkpoint))
-            {
-                Ok(Some(bytes)) => serde_json::from_slice(&bytes)
-                    .ok()
-                    .map(Ok)
-                    .or_else(|| self.sign_and_store()),
-                _ => self.sign_and_store(),
-            };
+            Some(c) if c.checkpoint == self.head.seq => Some(Ok(c.clone())),
+            _ => self.sign_and_store(),
         }
-        self.sign_and_store()
+    }
+
+    /// The sequence number the last checkpoint covers (0: none).
+    fn covered(&self) -> u64 {
+        self.last_checkpoint.as_ref().map_or(0, |c| c.checkpoint)
     }
 
     fn sign_and_store(&mut self) -> Option<Result<Checkpoint, AuditError>> {
@@ -600,7 +605,7 @@ impl Writer {
         });
         match &stored {
             Ok(c) => {
-                self.last_checkpoint = c.checkpoint;
+                self.last_checkpoint = Some(c.clone());
                 tracing::debug!(seq = c.checkpoint, "audit checkpoint signed");
             }
             Err(e) => {

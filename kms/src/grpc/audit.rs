@@ -14,7 +14,6 @@ use crate::audit::report::{
 use crate::audit::verify::{ChainBreak, signed_by, verify_records};
 use crate::audit::{AuditLog, AuditRecord, Checkpoint, fingerprint, record_key};
 use crate::keyring::KeyringError;
-use crate::keyring::model::VersionState;
 use crate::seal::SealManager;
 use crate::store::{Store, Table};
 
@@ -61,15 +60,6 @@ fn filter_from(f: Option<pb::AuditFilter>) -> Result<Filter, KeyringError> {
         return Err(KeyringError::BadRequest(SINCE_BEFORE_UNTIL));
     }
     Ok(filter)
-}
-
-fn state_name(s: &VersionState) -> &'static str {
-    match s {
-        VersionState::Enabled => "ENABLED",
-        VersionState::Disabled => "DISABLED",
-        VersionState::ScheduledForDestruction { .. } => "SCHEDULED_FOR_DESTRUCTION",
-        VersionState::Destroyed { .. } => "DESTROYED",
-    }
 }
 
 /// Calls `f` with every stored record up to `upto` (by store key, which is the sequence
@@ -232,14 +222,18 @@ impl pb::audit_server::Audit for AuditService {
             let keys: Vec<KeyInfo> = keyring
                 .all_keys()?
                 .into_iter()
-                .map(|m| KeyInfo {
-                    name: m.name,
-                    primary: m.primary,
-                    versions: m
-                        .versions
-                        .iter()
-                        .map(|v| (v.version, state_name(&v.state).to_owned()))
-                        .collect(),
+                .map(|m| {
+                    // The states as the API names them (ENABLED, ...).
+                    let key = super::keys::key_pb(&m);
+                    KeyInfo {
+                        versions: key
+                            .versions
+                            .iter()
+                            .map(|v| (v.version, v.state().as_str_name().to_owned()))
+                            .collect(),
+                        name: key.name,
+                        primary: key.primary_version,
+                    }
                 })
                 .collect();
             let mut builder = UsageBuilder::new(filter);

@@ -350,6 +350,7 @@ fn finish<R: prost::Message>(
     let key = call.event.key.as_deref().unwrap_or_default();
     let mut event = call.event.clone();
     let mut undo = None;
+    let refused_for_audit = result.as_ref().is_err_and(is_audit_failure);
     let answer = match result {
         Ok(served) => {
             undo = served.undo;
@@ -372,20 +373,16 @@ fn finish<R: prost::Message>(
     };
     // A change that committed its record with it is recorded; a failure after that commit
     // gets its own record too, so the log never shows OK for an answer that was an error.
-    if !call.recorded.get() || answer.is_err() {
-        let already_refused = answer
-            .as_ref()
-            .err()
-            .is_some_and(|s| s.message() == AUDIT_UNAVAILABLE);
-        if let Err(e) = call.log.append(event) {
-            if !already_refused {
-                tracing::error!(rpc, key, error = %crate::error_chain(&e), "audit record not written: answer withheld");
-            }
-            if let Some(undo) = undo {
-                undo();
-            }
-            return Err(Status::unavailable(AUDIT_UNAVAILABLE));
+    if (!call.recorded.get() || answer.is_err())
+        && let Err(e) = call.log.append(event)
+    {
+        if !refused_for_audit {
+            tracing::error!(rpc, key, error = %crate::error_chain(&e), "audit record not written: answer withheld");
         }
+        if let Some(undo) = undo {
+            undo();
+        }
+        return Err(Status::unavailable(AUDIT_UNAVAILABLE));
     }
     if answer.is_ok() {
         tracing::info!(rpc, key = %key, code = "OK", "request served");

@@ -234,15 +234,13 @@ pub struct SystemJournal<'a> {
 impl Journal for SystemJournal<'_> {
     fn commit(&self, meta: &KeyMeta, writes: Vec<Write>) -> Result<(), KeyringError> {
         let event = crate::audit::AuditEvent {
-            request_id: String::new(),
-            principal: crate::audit::SYSTEM_PRINCIPAL.to_owned(),
-            peer: String::new(),
-            service: "kms.internal".to_owned(),
-            operation: self.operation.to_owned(),
             key: Some(meta.name.clone()),
             key_version: Some(self.version.unwrap_or(meta.primary)),
-            outcome: "OK".to_owned(),
-            ..crate::audit::AuditEvent::default()
+            ..crate::audit::AuditEvent::internal(
+                crate::audit::SYSTEM_PRINCIPAL,
+                "kms.internal",
+                self.operation,
+            )
         };
         self.log
             .append_with(event, writes)
