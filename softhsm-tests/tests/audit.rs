@@ -684,3 +684,101 @@ async fn the_usage_report_renders_in_headless_chromium() {
     // Self-contained: nothing to fetch.
     assert!(!dom.contains(" src=") && !dom.contains(" href="), "{dom}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_audit_requests_get_clear_errors_and_are_recorded() {
+    let hsm = TestHsm::new("kms-audit-bad");
+    let (server, shares) = start_unsealed(&hsm, &config(&hsm, &hsm.path().join("kms.redb")));
+    let dir = hsm.path();
+
+    // A period that ends before it starts: refused by the server, and recorded.
+    let out = server.kms(
+        &[
+            "audit",
+            "export",
+            "--since",
+            "2026-11-23T10:00:00Z",
+            "--until",
+            "2026-11-23T09:00:00Z",
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("INVALID_ARGUMENT: since must be before until"),
+        "{out:?}"
+    );
+    let out = server.kms(
+        &[
+            "audit",
+            "report",
+            "--since",
+            "2026-11-23T10:00:00Z",
+            "--until",
+            "2026-11-23T10:00:00Z",
+        ],
+        "",
+    );
+    assert!(out.stderr.contains("INVALID_ARGUMENT"), "{out:?}");
+    // A time that is not RFC 3339: the CLI says what it wants.
+    let out = server.kms(&["audit", "export", "--since", "yesterday"], "");
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("RFC 3339"), "{out:?}");
+
+    // Offline verify of something that is not an export, or of no file.
+    let junk = dir.join("junk.jsonl");
+    std::fs::write(&junk, "{\"hello\":1}\n").unwrap();
+    let (code, _) = verify_offline(&junk);
+    assert_eq!(code, Some(1));
+    let out = softhsm_tests::run_kms(
+        "http://127.0.0.1:9",
+        &["audit", "verify", "--export", junk.to_str().unwrap()],
+        "",
+    );
+    assert!(out.stderr.contains("not a kms audit export"), "{out:?}");
+    let out = softhsm_tests::run_kms(
+        "http://127.0.0.1:9",
+        &[
+            "audit",
+            "verify",
+            "--export",
+            dir.join("nope").to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("cannot read"), "{out:?}");
+    // A pinned key that is neither a fingerprint nor a public key.
+    let (file, _) = export(&server, dir, "good.jsonl");
+    let out = softhsm_tests::run_kms(
+        "http://127.0.0.1:9",
+        &[
+            "audit",
+            "verify",
+            "--export",
+            file.to_str().unwrap(),
+            "--public-key",
+            &"zz".repeat(32),
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("--public-key"), "{out:?}");
+
+    // The report needs the keyring: sealed, it says so.
+    assert_eq!(server.kms(&["operator", "seal"], "").code, Some(0));
+    let out = server.kms(&["audit", "report"], "");
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("FAILED_PRECONDITION"), "{out:?}");
+    // Export and verify work sealed (auditors need no unsealed server for the log).
+    assert_eq!(server.kms(&["audit", "verify"], "").code, Some(0));
+    server.unseal_with(&shares);
+
+    // Every refusal above that reached the server is in the log, with its outcome.
+    let (_, lines) = export(&server, dir, "after.jsonl");
+    let recs = records(&lines);
+    find(&recs, "ExportAuditLog", "INVALID_ARGUMENT");
+    find(&recs, "KeyUsageReport", "INVALID_ARGUMENT");
+    find(&recs, "KeyUsageReport", "FAILED_PRECONDITION");
+}
