@@ -1,7 +1,7 @@
 //! What auditors read: export filters and lines, and the key-usage report.
 //!
 //! The export is JSON lines: one [`ExportHeader`], then the stored records verbatim in
-//! sequence order, each signed [`Checkpoint`] right after the record it covers. Records'
+//! sequence order, each signed [`super::Checkpoint`] right after the record it covers. Records'
 //! times are stamped by the writer when they become durable, so they never decrease along
 //! the chain and a time range is a contiguous, verifiable part of it.
 
@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::{AuditEvent, AuditRecord, Checkpoint};
+use super::AuditEvent;
 
 /// The export format's name.
 pub const EXPORT_FORMAT: &str = "kms-audit-export/v1";
@@ -82,16 +82,6 @@ pub struct ExportHeader {
     /// The last sequence number the export holds (set when no `until` bounds it): a cut
     /// tail is then detectable even where no checkpoint covers it.
     pub last_seq: Option<u64>,
-}
-
-/// One line of an export after the header.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum ExportLine {
-    /// A record.
-    Record(Box<AuditRecord>),
-    /// A signed checkpoint.
-    Checkpoint(Checkpoint),
 }
 
 /// One count in a [`VersionUsage`].

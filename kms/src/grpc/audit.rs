@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::{ApiError, Call, Served, run};
 use crate::audit::report::{
-    EXPORT_FORMAT, ExportHeader, ExportLine, Filter, KeyInfo, UsageBuilder, UsageReport,
+    EXPORT_FORMAT, ExportHeader, Filter, KeyInfo, UsageBuilder, UsageReport,
 };
 use crate::audit::verify::{ChainBreak, signed_by, verify_records};
 use crate::audit::{AuditLog, AuditRecord, Checkpoint, fingerprint, record_key};
@@ -365,7 +365,7 @@ fn export(
         if filter.matches(&r.event) || r.seq == 0 {
             lines.push(String::from_utf8_lossy(bytes).into_owned());
             if let Some(c) = cps.get(&r.seq)
-                && let Ok(line) = serde_json::to_string(&ExportLine::Checkpoint(c.clone()))
+                && let Ok(line) = serde_json::to_string(c)
             {
                 lines.push(line);
             }
