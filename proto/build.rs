@@ -19,6 +19,7 @@ const REDACTED: &[&str] = &[
     "kms.v1.EncryptItem",
     "kms.v1.DecryptItem",
     "kms.v1.SignItem",
+    "kms.v1.CreateGrantRequest",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -26,6 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "kms/v1/system.proto",
         "kms/v1/keys.proto",
         "kms/v1/audit.proto",
+        "kms/v1/access.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

@@ -25,6 +25,53 @@ pub struct ConfigFile {
     /// The `[audit]` table.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// The `[tls]` table.
+    #[serde(default)]
+    pub tls: TlsConfig,
+    /// The `[roles]` table.
+    #[serde(default)]
+    pub roles: RolesConfig,
+    /// The `[unseal]` table.
+    #[serde(default)]
+    pub unseal: UnsealConfig,
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// The server's private key (PEM).
+    pub key: Option<PathBuf>,
+    /// The CA bundle that client certificates must chain to (PEM).
+    pub client_ca: Option<PathBuf>,
+    /// Serve plaintext gRPC instead (loopback `listen` only; callers are `loopback`).
+    pub plaintext_loopback: Option<bool>,
+    /// Seconds between checks of the files for changes (default 5).
+    pub reload_check_seconds: Option<u64>,
+}
+
+/// `[roles]`: principal patterns (exact, or a prefix ending in `*`).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RolesConfig {
+    /// Key administration, grants, init and seal.
+    #[serde(default)]
+    pub admin: Vec<String>,
+    /// The audit service.
+    #[serde(default)]
+    pub auditor: Vec<String>,
+}
+
+/// `[unseal]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UnsealConfig {
+    /// Failed shares allowed per source address per window (default 5).
+    pub max_failed_shares: Option<u32>,
+    /// The window, in seconds (default 60).
+    pub failure_window_seconds: Option<u64>,
 }
 
 /// `[audit]`.
@@ -84,6 +131,14 @@ pub struct Config {
     pub maintenance_interval: std::time::Duration,
     /// When to sign audit checkpoints.
     pub checkpoints: crate::audit::CheckpointPolicy,
+    /// The TLS files; `None` only for an explicit plaintext loopback listener.
+    pub tls: Option<crate::access::tls::TlsFiles>,
+    /// How often the TLS files are checked for changes.
+    pub tls_reload_check: std::time::Duration,
+    /// Who holds which role.
+    pub roles: crate::access::Roles,
+    /// The limit on failed unseal shares.
+    pub unseal_limit: crate::access::limiter::UnsealLimit,
 }
 
 /// What is wrong with the configuration file.
@@ -110,11 +165,31 @@ pub enum ConfigError {
     /// `listen` is not an address.
     #[error("listen: {0:?} is not an address such as \"127.0.0.1:8200\"")]
     BadListen(String),
-    /// `listen` is not a loopback address; TLS does not exist yet.
+    /// `plaintext_loopback` with a `listen` that is not a loopback address.
     #[error(
-        "listen: {0} is not a loopback address; without TLS (not yet available) kms serves on loopback only"
+        "tls.plaintext_loopback: listen {0} is not a loopback address; plaintext is allowed on loopback only"
     )]
     NotLoopback(SocketAddr),
+    /// Neither TLS files nor the plaintext opt-out.
+    #[error(
+        "[tls]: give cert, key and client_ca (PEM files), or plaintext_loopback = true on a loopback listen address (development only)"
+    )]
+    NoTls,
+    /// Both TLS files and the plaintext opt-out, or only some of the files.
+    #[error("[tls]: {0}")]
+    BadTls(&'static str),
+    /// A `[roles]` pattern is not one.
+    #[error("roles.{role}: {source}")]
+    BadRole {
+        /// `admin` or `auditor`.
+        role: &'static str,
+        /// What is wrong.
+        #[source]
+        source: crate::access::PatternError,
+    },
+    /// An `[unseal]` value is out of range.
+    #[error("unseal.{0}: out of range")]
+    BadUnseal(&'static str),
     /// A `[keyring]` value is out of range.
     #[error("keyring.{0}: out of range")]
     BadKeyring(&'static str),
@@ -151,8 +226,60 @@ impl Config {
             .listen
             .parse()
             .map_err(|_| ConfigError::BadListen(file.listen.clone()))?;
-        if !listen.ip().is_loopback() {
-            return Err(ConfigError::NotLoopback(listen));
+        let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+        let tls = match (
+            file.tls.plaintext_loopback.unwrap_or(false),
+            file.tls.cert,
+            file.tls.key,
+            file.tls.client_ca,
+        ) {
+            (true, None, None, None) if listen.ip().is_loopback() => None,
+            (true, None, None, None) => return Err(ConfigError::NotLoopback(listen)),
+            (true, ..) => {
+                return Err(ConfigError::BadTls(
+                    "plaintext_loopback = true and TLS files exclude each other",
+                ));
+            }
+            (false, Some(cert), Some(key), Some(client_ca)) => Some(crate::access::tls::TlsFiles {
+                cert: resolve(cert),
+                key: resolve(key),
+                client_ca: resolve(client_ca),
+            }),
+            (false, None, None, None) => return Err(ConfigError::NoTls),
+            (false, ..) => {
+                return Err(ConfigError::BadTls(
+                    "cert, key and client_ca are all needed",
+                ));
+            }
+        };
+        let reload = file.tls.reload_check_seconds.unwrap_or(5);
+        if !(1..=3600).contains(&reload) {
+            return Err(ConfigError::BadTls("reload_check_seconds: out of range (1..=3600)"));
+        }
+        let patterns = |role: &'static str, list: &[String]| {
+            list.iter()
+                .map(|p| crate::access::Pattern::new(p))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| ConfigError::BadRole { role, source })
+        };
+        let roles = crate::access::Roles {
+            admin: patterns("admin", &file.roles.admin)?,
+            auditor: patterns("auditor", &file.roles.auditor)?,
+        };
+        let limit_default = crate::access::limiter::UnsealLimit::default();
+        let max_failed = file
+            .unseal
+            .max_failed_shares
+            .unwrap_or(limit_default.max_failures);
+        if !(1..=1000).contains(&max_failed) {
+            return Err(ConfigError::BadUnseal("max_failed_shares (1..=1000)"));
+        }
+        let window = file
+            .unseal
+            .failure_window_seconds
+            .unwrap_or(limit_default.window.as_secs());
+        if !(1..=86_400).contains(&window) {
+            return Err(ConfigError::BadUnseal("failure_window_seconds (1..=86400)"));
         }
         file.hsm.resolve_paths(base);
         let hsm = file.hsm.validate()?;
@@ -216,6 +343,13 @@ impl Config {
                 day_seconds: day,
             },
             maintenance_interval: std::time::Duration::from_secs(interval),
+            tls,
+            tls_reload_check: std::time::Duration::from_secs(reload),
+            roles,
+            unseal_limit: crate::access::limiter::UnsealLimit {
+                max_failures: max_failed,
+                window: std::time::Duration::from_secs(window),
+            },
         })
     }
 }
@@ -237,9 +371,14 @@ mod tests {
         std::fs::write(dir.path().join("mod.so"), b"").unwrap();
         let p = write(
             dir.path(),
-            "listen = \"127.0.0.1:8200\"\n[storage]\npath = \"data/kms.redb\"\n[hsm]\nmodule = \"mod.so\"\ntoken_label = \"kms\"\npin_file = \"pin\"\n[log]\nlevel = \"debug\"\n",
+            "listen = \"0.0.0.0:8200\"\n[storage]\npath = \"data/kms.redb\"\n[hsm]\nmodule = \"mod.so\"\ntoken_label = \"kms\"\npin_file = \"pin\"\n[log]\nlevel = \"debug\"\n[tls]\ncert = \"tls/server.pem\"\nkey = \"/etc/kms/server-key.pem\"\nclient_ca = \"tls/ca.pem\"\n[roles]\nadmin = [\"spiffe://corp/ops/*\"]\nauditor = [\"audit-team\"]\n",
         );
         let c = Config::load(&p).unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.cert, dir.path().join("tls/server.pem"));
+        assert_eq!(tls.key, Path::new("/etc/kms/server-key.pem"));
+        assert_eq!(c.roles.admin.len(), 1);
+        assert_eq!(c.roles.auditor[0].as_str(), "audit-team");
         assert_eq!(c.storage_path, dir.path().join("data/kms.redb"));
         assert_eq!(c.hsm.module, dir.path().join("mod.so"));
         assert_eq!(c.log_level, tracing::Level::DEBUG);
@@ -250,12 +389,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = write(
             dir.path(),
-            "listen = \"0.0.0.0:8200\"\n[storage]\npath = \"x\"\n[hsm]\nmodule = \"/nonexistent.so\"\ntoken_label = \"kms\"\npin_env = \"P\"\n",
+            "listen = \"0.0.0.0:8200\"\n[storage]\npath = \"x\"\n[hsm]\nmodule = \"/nonexistent.so\"\ntoken_label = \"kms\"\npin_env = \"P\"\n[tls]\nplaintext_loopback = true\n",
         );
         assert!(matches!(
             Config::load(&p).unwrap_err(),
             ConfigError::NotLoopback(_)
         ));
+        let base = "listen = \"127.0.0.1:1\"\n[storage]\npath = \"x\"\n[hsm]\nmodule = \"/x\"\ntoken_label = \"kms\"\npin_env = \"P\"\n";
+        let p = write(dir.path(), base);
+        assert!(matches!(Config::load(&p).unwrap_err(), ConfigError::NoTls));
+        let p = write(dir.path(), &format!("{base}[tls]\ncert = \"a\"\nkey = \"b\"\n"));
+        assert!(matches!(Config::load(&p).unwrap_err(), ConfigError::BadTls(_)));
+        let p = write(
+            dir.path(),
+            &format!("{base}[tls]\nplaintext_loopback = true\ncert = \"a\"\n"),
+        );
+        assert!(matches!(Config::load(&p).unwrap_err(), ConfigError::BadTls(_)));
+        let p = write(
+            dir.path(),
+            &format!("{base}[tls]\nplaintext_loopback = true\n[roles]\nadmin = [\"*\"]\n"),
+        );
+        let e = Config::load(&p).unwrap_err();
+        assert!(e.to_string().starts_with("roles.admin: "), "{e}");
+        let p = write(
+            dir.path(),
+            &format!("{base}[tls]\nplaintext_loopback = true\n[unseal]\nmax_failed_shares = 0\n"),
+        );
+        assert!(matches!(Config::load(&p).unwrap_err(), ConfigError::BadUnseal(_)));
         let p = write(
             dir.path(),
             "listen = \"nope\"\n[storage]\npath = \"x\"\n[hsm]\nmodule = \"/x\"\ntoken_label = \"kms\"\npin_env = \"P\"\n",
@@ -266,7 +426,7 @@ mod tests {
         ));
         let p = write(
             dir.path(),
-            "listen = \"127.0.0.1:1\"\n[storage]\npath = \"x\"\n[hsm]\nmodule = \"/nonexistent.so\"\ntoken_label = \"kms\"\npin_env = \"P\"\n",
+            "listen = \"127.0.0.1:1\"\n[storage]\npath = \"x\"\n[hsm]\nmodule = \"/nonexistent.so\"\ntoken_label = \"kms\"\npin_env = \"P\"\n[tls]\nplaintext_loopback = true\n",
         );
         let e = Config::load(&p).unwrap_err();
         assert!(e.to_string().contains("/nonexistent.so"), "{e}");

@@ -25,6 +25,7 @@ use kms_pkcs11_conf::token::{self, TokenError};
 use secrecy::ExposeSecret;
 
 use crate::config::Config;
+use crate::dev_pki::DevPki;
 
 /// The dev token's label.
 pub const DEV_TOKEN_LABEL: &str = "kms-dev";
@@ -42,6 +43,13 @@ pub struct DevArgs {
     /// The SoftHSM module (default: the Debian package's).
     #[arg(long)]
     module: Option<PathBuf>,
+    /// Serve plaintext gRPC instead of mTLS (every caller is then the principal `loopback`,
+    /// which holds the admin and auditor roles). Insecure; prints a warning.
+    #[arg(long)]
+    plaintext: bool,
+    /// Set by `kms dev` for its child: the directory is temporary.
+    #[arg(long, hide = true)]
+    temporary: bool,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -77,6 +85,12 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
             .arg("--module")
             .arg(&module)
             .env(softhsm::CONF_ENV, &softhsm_dir.conf);
+        if args.plaintext {
+            child.arg("--plaintext");
+        }
+        if _temp.is_some() {
+            child.arg("--temporary");
+        }
         let success = supervise(child)?;
         // `_temp` is removed here, after the child has stopped.
         return Ok(if success {
@@ -86,24 +100,25 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
         });
     }
     crate::cli::init_logging(tracing::Level::INFO);
-    let config_path = prepare(&dir, &module, args.listen)?;
+    let config_path = prepare(&dir, &module, args.listen, args.plaintext)?;
     let config = Config::load(&config_path)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
         let listen = config.listen;
-        let interval = config.maintenance_interval;
         let opened = tokio::task::spawn_blocking(move || crate::server::open(&config)).await??;
         let listener = crate::server::bind(listen).await?;
         let addr = listener.local_addr()?;
         let for_bootstrap = opened.clone();
+        let plaintext = args.plaintext;
+        let temporary = args.temporary;
         let ready = tokio::task::spawn_blocking(move || {
-            bootstrap(&for_bootstrap, &dir, addr, &config_path)
+            bootstrap(&for_bootstrap, &dir, addr, &config_path, plaintext, temporary)
         })
         .await?;
         ready?;
-        crate::server::serve(listener, opened, interval, crate::server::shutdown_signal()).await?;
+        crate::server::serve(listener, opened, crate::server::shutdown_signal()).await?;
         Ok::<_, BoxError>(())
     })?;
     Ok(ExitCode::SUCCESS)
@@ -135,7 +150,12 @@ fn supervise(command: std::process::Command) -> Result<bool, BoxError> {
 }
 
 /// Provisions the token (first run) and writes the config. Returns the config's path.
-fn prepare(dir: &Path, module: &Path, listen: SocketAddr) -> Result<PathBuf, BoxError> {
+fn prepare(
+    dir: &Path,
+    module: &Path,
+    listen: SocketAddr,
+    plaintext: bool,
+) -> Result<PathBuf, BoxError> {
     let pin_path = dir.join("hsm-pin");
     let pkcs11 = token::load(module)?;
     match token::find_token(&pkcs11, DEV_TOKEN_LABEL) {
@@ -154,6 +174,33 @@ fn prepare(dir: &Path, module: &Path, listen: SocketAddr) -> Result<PathBuf, Box
     }
     pkcs11.finalize()?;
     let config_path = dir.join("kms.toml");
+    let access = if plaintext {
+        format!(
+            "[tls]\n\
+             # INSECURE: plaintext on loopback; every caller is `{loopback}`.\n\
+             plaintext_loopback = true\n\n\
+             [roles]\n\
+             admin = [\"{loopback}\"]\n\
+             auditor = [\"{loopback}\"]\n",
+            loopback = crate::access::LOOPBACK
+        )
+    } else {
+        let pki = DevPki::at(dir);
+        if pki.ensure()? {
+            tracing::info!(dir = %pki.dir.display(), "wrote a development CA and certificates");
+        }
+        format!(
+            "[tls]\n\
+             cert = \"tls/server.pem\"\n\
+             key = \"tls/server-key.pem\"\n\
+             client_ca = \"tls/ca.pem\"\n\n\
+             [roles]\n\
+             admin = [\"{}\"]\n\
+             auditor = [\"{}\"]\n",
+            DevPki::principal("admin"),
+            DevPki::principal("auditor"),
+        )
+    };
     let text = format!(
         "# Written by `kms dev`. See docs/configuration.md.\n\
          listen = \"{listen}\"\n\n\
@@ -163,7 +210,8 @@ fn prepare(dir: &Path, module: &Path, listen: SocketAddr) -> Result<PathBuf, Box
          module = \"{}\"\n\
          token_label = \"{DEV_TOKEN_LABEL}\"\n\
          pin_file = \"hsm-pin\"\n\
-         master_key_label = \"{}\"\n",
+         master_key_label = \"{}\"\n\n\
+         {access}",
         module.display(),
         kms_pkcs11_conf::DEFAULT_MASTER_KEY_LABEL,
     );
@@ -171,7 +219,7 @@ fn prepare(dir: &Path, module: &Path, listen: SocketAddr) -> Result<PathBuf, Box
     Ok(config_path)
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -190,18 +238,47 @@ fn bootstrap(
     dir: &Path,
     addr: SocketAddr,
     config_path: &Path,
+    plaintext: bool,
+    temporary: bool,
 ) -> Result<(), BoxError> {
     let seal = &opened.seal;
     // What kms dev does itself is audited like a call: principal `kms-dev`.
     let event = |operation| crate::audit::AuditEvent::internal("kms-dev", "kms.dev", operation);
     let status = seal.status();
-    let url = format!("http://{addr}");
-    if status.initialized {
+    let pki = DevPki::at(dir);
+    let (url, env) = if plaintext {
+        (format!("http://{addr}"), String::new())
+    } else {
+        (
+            format!("https://{addr}"),
+            format!(
+                "  export KMS_CACERT={}\n  export KMS_CLIENT_CERT={} KMS_CLIENT_KEY={}\n",
+                pki.ca().display(),
+                pki.cert("admin").display(),
+                pki.key("admin").display()
+            ),
+        )
+    };
+    if plaintext {
         println!(
-            "kms dev: reusing {}: the server is sealed. Unseal it with the shares from its first run:\n  \
-             KMS_ADDR={url} kms operator unseal",
-            dir.display()
+            "kms dev: WARNING: plaintext gRPC: no TLS, no client certificates; anyone who can \
+             connect to {addr} is admin and auditor. Development only."
         );
+    }
+    if status.initialized {
+        if plaintext {
+            println!(
+                "kms dev: reusing {}: the server is sealed, and unseal shares are accepted over \
+                 TLS only: restart without --plaintext and run `kms operator unseal`.",
+                dir.display()
+            );
+        } else {
+            println!(
+                "kms dev: reusing {}: the server is sealed. Unseal it with the shares from its first run:\n\
+                 \n  export KMS_ADDR={url}\n{env}  kms operator unseal",
+                dir.display()
+            );
+        }
         return Ok(());
     }
     let commit = |_: &crate::seal::InitOutput, writes| {
@@ -227,13 +304,34 @@ fn bootstrap(
             return Err(e.into());
         }
     }
+    let as_app = if plaintext {
+        String::new()
+    } else {
+        format!(
+            "\nAs the application (needs the grant above):\n  \
+             KMS_CLIENT_CERT={} KMS_CLIENT_KEY={} kms encrypt --key payments --in kms.toml --base64\n\
+             As the auditor:\n  \
+             KMS_CLIENT_CERT={} KMS_CLIENT_KEY={} kms audit verify\n",
+            pki.cert("app").display(),
+            pki.key("app").display(),
+            pki.cert("auditor").display(),
+            pki.key("auditor").display(),
+        )
+    };
+    let app = if plaintext {
+        crate::access::LOOPBACK.to_owned()
+    } else {
+        DevPki::principal("app")
+    };
     println!(
-        "\nkms dev: unsealed with shares 1-3 and serving on {url}\n\
-         \n  export KMS_ADDR={url}\n  kms operator status\n  kms operator seal\n  kms operator unseal   # three times, one share each\n\
+        "\nkms dev: unsealed with shares 1-3 and serving {} on {url}\n\
+         \nAs the admin:\n  export KMS_ADDR={url}\n{env}  kms whoami\n  kms operator status\n  \
+         kms key create payments --algorithm aes-256-gcm\n  kms grant create payments {app} --operations encrypt,decrypt\n{as_app}\
          \nState: {} (config {}){}\nStop with Ctrl-C.",
+        if plaintext { "PLAINTEXT gRPC" } else { "mTLS" },
         dir.display(),
         config_path.display(),
-        if dir.starts_with(std::env::temp_dir()) {
+        if temporary {
             ", removed on exit"
         } else {
             ""

@@ -1,6 +1,7 @@
 //! kms: an HSM-backed key-management service.
 //!
 //! The code map is in docs/ARCHITECTURE.md. In short:
+//! - [`access`]: identities (mTLS), roles, the rule of every RPC, TLS reload.
 //! - [`audit`]: the hash-chained, group-committed audit log.
 //! - [`config`]: the TOML configuration file.
 //! - [`hsm`]: PKCS#11 sessions, login, and the master key.
@@ -14,10 +15,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod dev;
+pub mod dev_pki;
 pub mod grpc;
 pub mod hsm;
 pub mod keyring;

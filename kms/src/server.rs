@@ -14,7 +14,11 @@ use tokio::net::TcpListener;
 
 use crate::audit::{AuditError, AuditLog, Signer};
 use crate::config::Config;
-use crate::grpc::{AuditService, KeyManagementService, SystemService};
+use crate::access::Roles;
+use crate::access::limiter::{FailureLimiter, UnsealLimit};
+use crate::access::tls::{ServerTls, TlsError};
+use crate::grpc::{AccessService, AuditService, Ctx, KeyManagementService, SystemService};
+use kms_proto::v1::access_server::AccessServer;
 use crate::hsm::{Hsm, HsmError};
 use crate::seal::{SealError, SealManager};
 use crate::store::{RedbStore, StoreError};
@@ -49,6 +53,9 @@ pub enum StartError {
     /// The gRPC server failed.
     #[error("the gRPC server failed")]
     Serve(#[source] tonic::transport::Error),
+    /// The TLS files could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// What a started server runs on.
@@ -58,10 +65,37 @@ pub struct Opened {
     pub seal: Arc<SealManager>,
     /// The audit log.
     pub audit: AuditLog,
+    /// The TLS configuration (`None`: plaintext loopback).
+    pub tls: Option<Arc<ServerTls>>,
+    /// How often the TLS files are checked for changes.
+    pub tls_reload_check: std::time::Duration,
+    /// Who holds which role.
+    pub roles: Arc<Roles>,
+    /// The limit on failed unseal shares.
+    pub unseal_limit: UnsealLimit,
+    /// Seconds between keyring maintenance runs.
+    pub maintenance_interval: std::time::Duration,
 }
 
-/// Opens the HSM, the store, the audit log and the seal manager. Blocking.
+/// Loads the TLS files, opens the HSM, the store, the audit log and the seal manager.
+/// Blocking.
 pub fn open(config: &Config) -> Result<Opened, StartError> {
+    let tls = match &config.tls {
+        Some(files) => {
+            let tls = ServerTls::load(files.clone())?;
+            tracing::info!(cert = %files.cert.display(), client_ca = %files.client_ca.display(), "TLS certificate and client CA bundle loaded");
+            Some(Arc::new(tls))
+        }
+        None => {
+            tracing::warn!(
+                "PLAINTEXT gRPC on loopback (tls.plaintext_loopback): no TLS, no client certificates; every caller is the principal `loopback`. Development only."
+            );
+            None
+        }
+    };
+    if config.roles.admin.is_empty() {
+        tracing::warn!("[roles] admin names no one: keys, grants and the seal cannot be administered");
+    }
     let hsm = Arc::new(Hsm::open(&config.hsm)?);
     tracing::info!(token = hsm.token_label(), "HSM token opened and logged in");
     let store = Arc::new(RedbStore::open(&config.storage_path)?);
@@ -80,7 +114,15 @@ pub fn open(config: &Config) -> Result<Opened, StartError> {
         sealed = status.sealed,
         "seal state loaded"
     );
-    Ok(Opened { seal, audit })
+    Ok(Opened {
+        seal,
+        audit,
+        tls,
+        tls_reload_check: config.tls_reload_check,
+        roles: Arc::new(config.roles.clone()),
+        unseal_limit: config.unseal_limit,
+        maintenance_interval: config.maintenance_interval,
+    })
 }
 
 /// Binds the listen address; call it once the server is ready to serve. The bound address is printed on stdout as
@@ -93,22 +135,32 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })?;
     println!("kms listening on {local}");
-    tracing::info!(addr = %local, "listening (plaintext gRPC, loopback only)");
+    tracing::info!(addr = %local, "listening");
     Ok(listener)
 }
 
-/// Serves the gRPC API on `listener` until `shutdown` completes, then seals. While
-/// unsealed, a maintenance task rotates keys whose period is due and destroys versions
-/// whose destruction time has come, every `maintenance_interval`.
+/// Serves the gRPC API on `listener` (TLS unless the configuration opted out) until
+/// `shutdown` completes, then seals. While unsealed, a maintenance task rotates keys whose
+/// period is due and destroys versions whose destruction time has come, every
+/// `maintenance_interval`. The TLS files are reloaded on SIGHUP and when they change.
 pub async fn serve(
     listener: TcpListener,
     opened: Opened,
-    maintenance_interval: std::time::Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let Opened { seal, audit } = opened;
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let maintenance = tokio::spawn(maintain(Arc::clone(&seal), maintenance_interval));
+    let ctx = Ctx {
+        seal: Arc::clone(&opened.seal),
+        audit: opened.audit.clone(),
+        roles: Arc::clone(&opened.roles),
+        unseal_limiter: Arc::new(FailureLimiter::new(opened.unseal_limit)),
+    };
+    let seal = opened.seal;
+    let reloader = opened
+        .tls
+        .clone()
+        .map(|t| tokio::spawn(t.watch(opened.tls_reload_check)));
+    let incoming = crate::access::tls::incoming(listener, opened.tls);
+    let maintenance = tokio::spawn(maintain(Arc::clone(&seal), opened.maintenance_interval));
     // On the signal, stop accepting and let calls in flight finish, but wait at most
     // SHUTDOWN_GRACE for clients that keep idle connections open.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -124,18 +176,13 @@ pub async fn serve(
     };
     let mut serve_rx = stop_rx;
     let serving = tonic::transport::Server::builder()
-        .add_service(SystemServer::new(SystemService::new(
-            Arc::clone(&seal),
-            audit.clone(),
-        )))
+        .add_service(SystemServer::new(SystemService::new(ctx.clone())))
         .add_service(
-            KeyManagementServer::new(KeyManagementService::new(Arc::clone(&seal), audit.clone()))
+            KeyManagementServer::new(KeyManagementService::new(ctx.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(AuditServer::new(AuditService::new(
-            Arc::clone(&seal),
-            audit.clone(),
-        )))
+        .add_service(AuditServer::new(AuditService::new(ctx.clone())))
+        .add_service(AccessServer::new(AccessService::new(ctx)))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = serve_rx.wait_for(|stopped| *stopped).await;
         });
@@ -144,6 +191,9 @@ pub async fn serve(
         () = async { tokio::join!(signal, grace); } => Ok(()),
     };
     maintenance.abort();
+    if let Some(r) = reloader {
+        r.abort();
+    }
     // Forget every key byte before the process exits.
     let _ = seal.seal();
     tracing::info!("sealed and stopped");

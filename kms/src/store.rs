@@ -24,6 +24,8 @@ pub enum Table {
     Audit,
     /// Signed audit checkpoints, by the zero-padded sequence number they cover.
     AuditCheckpoints,
+    /// Grants (authenticated by the keyring), by grant id.
+    Grants,
 }
 
 impl Table {
@@ -34,6 +36,7 @@ impl Table {
             Self::Counters => "counters",
             Self::Audit => "audit",
             Self::AuditCheckpoints => "audit_checkpoints",
+            Self::Grants => "grants",
         }
     }
 

@@ -46,6 +46,23 @@ pub mod v1 {
     redacted_debug!(SignRequest { key, format } secret {});
     redacted_debug!(SignItem {} secret {});
 
+    impl core::fmt::Debug for CreateGrantRequest {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            f.debug_struct("CreateGrantRequest")
+                .field("key", &self.key)
+                .field("principal", &self.principal)
+                .field("operations", &self.operations)
+                .field(
+                    "associated_data",
+                    &self
+                        .associated_data
+                        .as_ref()
+                        .map(|a| format!("<{} bytes redacted>", a.len())),
+                )
+                .finish()
+        }
+    }
+
     impl core::fmt::Debug for InitRequest {
         fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
             f.debug_struct("InitRequest")

@@ -81,6 +81,24 @@ pub struct AuditEvent {
     pub output_bytes: u64,
     /// For batch requests: the items and their outcomes.
     pub batch: Option<BatchSummary>,
+    /// For CreateGrant and RevokeGrant: the grant. (Absent from records written before
+    /// grants existed, so their hashes are unchanged.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<GrantSummary>,
+}
+
+/// A grant made or revoked, in its record (never its associated data).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct GrantSummary {
+    /// The grant's id.
+    pub id: String,
+    /// The grantee.
+    pub principal: String,
+    /// The operations, e.g. `encrypt`.
+    pub operations: Vec<String>,
+    /// Whether it allows only one associated data.
+    pub associated_data_constrained: bool,
 }
 
 impl AuditEvent {

@@ -401,6 +401,7 @@ const CSV_HEADER: &[&str] = &[
     "output_bytes",
     "batch_items",
     "batch_outcomes",
+    "grant",
     "hash",
 ];
 
@@ -434,6 +435,22 @@ fn csv_row(r: &AuditRecord) -> Vec<String> {
                     .map(|(o, n)| format!("{o}={n}"))
                     .collect::<Vec<_>>()
                     .join(" ")
+            })
+            .unwrap_or_default(),
+        e.grant
+            .as_ref()
+            .map(|g| {
+                format!(
+                    "{} {} {}{}",
+                    g.id,
+                    g.principal,
+                    g.operations.join(","),
+                    if g.associated_data_constrained {
+                        " aad-constrained"
+                    } else {
+                        ""
+                    }
+                )
             })
             .unwrap_or_default(),
         r.hash.clone(),

@@ -351,12 +351,17 @@ fn write_output(io: &Io, bytes: &[u8]) -> Result<(), BoxError> {
 }
 
 fn aad_bytes(aad: &Aad) -> Result<Vec<u8>, BoxError> {
+    Ok(aad_value(aad)?.unwrap_or_default())
+}
+
+/// The associated data given, if any.
+pub(super) fn aad_value(aad: &Aad) -> Result<Option<Vec<u8>>, BoxError> {
     match (&aad.aad, &aad.aad_file) {
-        (Some(t), _) => Ok(t.as_bytes().to_vec()),
-        (None, Some(p)) => {
-            Ok(std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?)
-        }
-        (None, None) => Ok(Vec::new()),
+        (Some(t), _) => Ok(Some(t.as_bytes().to_vec())),
+        (None, Some(p)) => Ok(Some(
+            std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?,
+        )),
+        (None, None) => Ok(None),
     }
 }
 

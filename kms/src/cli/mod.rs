@@ -55,6 +55,17 @@ enum Command {
         #[command(subcommand)]
         command: audit::AuditCommand,
     },
+    /// Grants: which principal may use which key for what (admin role).
+    Grant {
+        #[command(subcommand)]
+        command: grant::GrantCommand,
+    },
+    /// Show who the server takes you to be, and your roles.
+    Whoami {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// PKCS#11 tools.
     Pkcs11 {
         #[command(subcommand)]
@@ -65,14 +76,36 @@ enum Command {
 /// How to reach the server.
 #[derive(Debug, Args)]
 struct Conn {
-    /// The server's address.
+    /// The server's address: `https://HOST:PORT` (or `http://` for a plaintext loopback
+    /// server). Without a scheme, https when --ca is given.
     #[arg(
         long,
         env = "KMS_ADDR",
-        default_value = "http://127.0.0.1:8200",
+        default_value = "https://127.0.0.1:8200",
         global = true
     )]
     addr: String,
+    /// The CA certificate(s) that signed the server's certificate (PEM).
+    #[arg(long, env = "KMS_CACERT", global = true, value_name = "PEM")]
+    ca: Option<PathBuf>,
+    /// Your client certificate (PEM), for mTLS.
+    #[arg(
+        long,
+        env = "KMS_CLIENT_CERT",
+        global = true,
+        value_name = "PEM",
+        requires = "cert_key"
+    )]
+    cert: Option<PathBuf>,
+    /// Your client certificate's private key (PEM). (`--key` names keys elsewhere.)
+    #[arg(
+        long,
+        env = "KMS_CLIENT_KEY",
+        global = true,
+        value_name = "PEM",
+        requires = "cert"
+    )]
+    cert_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,6 +170,7 @@ pub fn main() -> ExitCode {
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 mod audit;
+mod grant;
 mod keys;
 
 pub use crate::error_chain;
@@ -155,12 +189,10 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             let rt = runtime()?;
             rt.block_on(async {
                 let listen = config.listen;
-                let interval = config.maintenance_interval;
                 let opened =
                     tokio::task::spawn_blocking(move || crate::server::open(&config)).await??;
                 let listener = crate::server::bind(listen).await?;
-                crate::server::serve(listener, opened, interval, crate::server::shutdown_signal())
-                    .await?;
+                crate::server::serve(listener, opened, crate::server::shutdown_signal()).await?;
                 Ok::<_, BoxError>(())
             })?;
             Ok(ExitCode::SUCCESS)
@@ -178,6 +210,14 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         Command::Audit { command } => {
             runtime()?.block_on(audit::run(command, || connect(&cli.conn)))
         }
+        Command::Grant { command } => runtime()?.block_on(async {
+            let channel = connect(&cli.conn).await?;
+            grant::run(channel, command).await
+        }),
+        Command::Whoami { json } => runtime()?.block_on(async {
+            let channel = connect(&cli.conn).await?;
+            grant::whoami(channel, json).await
+        }),
         Command::Pkcs11 {
             command: Pkcs11Command::Probe { config, module },
         } => {
@@ -217,15 +257,47 @@ pub fn init_logging(level: tracing::Level) {
         .try_init();
 }
 
-/// Connects to the server named by `--addr` / `KMS_ADDR`.
+/// Reads a PEM file the CLI was given.
+fn read_pem(flag: &str, path: &std::path::Path) -> Result<Zeroizing<Vec<u8>>, BoxError> {
+    Ok(Zeroizing::new(std::fs::read(path).map_err(|e| {
+        format!("{flag} {}: cannot read it: {e}", path.display())
+    })?))
+}
+
+/// Connects to the server named by `--addr` / `KMS_ADDR`: over TLS (with `--ca`, and the
+/// client certificate `--cert`/`--cert-key` for mTLS) unless the address says `http://`.
 async fn connect(conn: &Conn) -> Result<Channel, BoxError> {
     let addr = if conn.addr.contains("://") {
         conn.addr.clone()
+    } else if conn.ca.is_some() {
+        format!("https://{}", conn.addr)
     } else {
         format!("http://{}", conn.addr)
     };
-    let endpoint = Channel::from_shared(addr.clone())
+    let mut endpoint = Channel::from_shared(addr.clone())
         .map_err(|_| format!("--addr {addr:?} is not a valid address"))?;
+    if addr.starts_with("https://") {
+        let ca = conn.ca.as_deref().ok_or(
+            "an https address needs the CA that signed the server's certificate: --ca FILE or KMS_CACERT",
+        )?;
+        let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
+            tonic::transport::Certificate::from_pem(read_pem("--ca", ca)?.as_slice()),
+        );
+        if let (Some(cert), Some(key)) = (&conn.cert, &conn.cert_key) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read_pem("--cert", cert)?.as_slice(),
+                read_pem("--cert-key", key)?.as_slice(),
+            ));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| format!("TLS settings: {}", error_chain(&e)))?;
+    } else if conn.cert.is_some() || conn.ca.is_some() {
+        return Err(format!(
+            "--addr {addr} is plaintext (http://) but TLS files were given: use https://"
+        )
+        .into());
+    }
     let channel = endpoint
         .connect_timeout(std::time::Duration::from_secs(5))
         .connect()
@@ -416,7 +488,7 @@ pub fn print_init(resp: &pb::InitResponse, json: bool) -> Result<(), BoxError> {
     )?;
     writeln!(
         out,
-        "Audit checkpoint key fingerprint: {} (record it: auditors pin it with
+        "Audit checkpoint key fingerprint: {} (record it: auditors pin it with\n\
          `kms audit verify --export FILE --public-key {}`).",
         resp.audit_key_fingerprint, resp.audit_key_fingerprint
     )?;

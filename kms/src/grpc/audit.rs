@@ -7,7 +7,7 @@ use std::sync::Arc;
 use kms_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use super::{ApiError, Call, Served, run};
+use super::{ApiError, Call, Ctx, Served, run};
 use crate::audit::report::{
     EXPORT_FORMAT, ExportHeader, Filter, KeyInfo, UsageBuilder, UsageReport,
 };
@@ -30,16 +30,21 @@ const CHUNK: usize = 256;
 pub struct AuditService {
     seal: Arc<SealManager>,
     audit: AuditLog,
+    ctx: Ctx,
 }
 
 impl AuditService {
-    /// A service over the log `audit` (and `seal`, for the keyring and the public key).
-    pub fn new(seal: Arc<SealManager>, audit: AuditLog) -> Self {
-        Self { seal, audit }
+    /// A service over the audit log (and the seal, for the keyring and the public key).
+    pub fn new(ctx: Ctx) -> Self {
+        Self {
+            seal: Arc::clone(&ctx.seal),
+            audit: ctx.audit.clone(),
+            ctx,
+        }
     }
 
     fn call<T: prost::Message>(&self, req: &Request<T>, operation: &'static str) -> Call {
-        Call::new(&self.audit, req, SERVICE, operation)
+        Call::new(&self.ctx, req, SERVICE, operation)
     }
 }
 

@@ -1,17 +1,14 @@
 //! `kms.v1.KeyManagement`: key administration and cryptography.
 
-use std::sync::Arc;
-
 use kms_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use super::{ApiError, Call, Served, code_name, code_of, with_keyring};
-use crate::audit::{AuditLog, BatchSummary};
+use super::{Aad, ApiError, Call, Ctx, Served, code_name, code_of, with_keyring};
+use crate::audit::BatchSummary;
 use crate::keyring::material::SignInput;
 use crate::keyring::model::{Algorithm, KeyMeta, Protection, Purpose, VersionState};
 use crate::keyring::{KeyUpdate, KeyringError, NewKey};
-use crate::seal::SealManager;
 
 /// The most items in one batch.
 pub const MAX_BATCH: usize = 1000;
@@ -19,18 +16,55 @@ pub const MAX_BATCH: usize = 1000;
 /// The `kms.v1.KeyManagement` service.
 #[derive(Debug, Clone)]
 pub struct KeyManagementService {
-    seal: Arc<SealManager>,
-    audit: AuditLog,
+    ctx: Ctx,
 }
 
 impl KeyManagementService {
-    /// A service over `seal`'s keyring, recording every call in `audit`.
-    pub fn new(seal: Arc<SealManager>, audit: AuditLog) -> Self {
-        Self { seal, audit }
+    /// A service over the keyring.
+    pub fn new(ctx: Ctx) -> Self {
+        Self { ctx }
     }
 
     fn call<T: prost::Message>(&self, req: &Request<T>, operation: &'static str) -> Call {
-        Call::new(&self.audit, req, SERVICE, operation)
+        Call::new(&self.ctx, req, SERVICE, operation)
+    }
+}
+
+impl Aad for () {}
+
+impl Aad for pb::EncryptRequest {
+    fn aads(&self) -> Vec<&[u8]> {
+        vec![&self.associated_data]
+    }
+}
+
+impl Aad for pb::DecryptRequest {
+    fn aads(&self) -> Vec<&[u8]> {
+        vec![&self.associated_data]
+    }
+}
+
+impl Aad for pb::ReEncryptRequest {
+    fn aads(&self) -> Vec<&[u8]> {
+        vec![&self.associated_data]
+    }
+}
+
+impl Aad for pb::GenerateDataKeyRequest {
+    fn aads(&self) -> Vec<&[u8]> {
+        vec![&self.associated_data]
+    }
+}
+
+impl Aad for pb::BatchEncryptRequest {
+    fn aads(&self) -> Vec<&[u8]> {
+        self.items.iter().map(|i| i.associated_data.as_slice()).collect()
+    }
+}
+
+impl Aad for pb::BatchDecryptRequest {
+    fn aads(&self) -> Vec<&[u8]> {
+        self.items.iter().map(|i| i.associated_data.as_slice()).collect()
     }
 }
 
@@ -189,7 +223,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
             .call(&request, "CreateKey")
             .key(&request.get_ref().name);
         let r = request.into_inner();
-        with_keyring(&self.seal, call, move |k, c| {
+        with_keyring(&self.ctx, call, (), move |k, c, ()| {
             let meta = k.create_key(
                 NewKey {
                     name: r.name,
@@ -211,7 +245,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
     ) -> Result<Response<pb::Key>, Status> {
         let call = self.call(&request, "GetKey").key(&request.get_ref().name);
         let name = request.into_inner().name;
-        with_keyring(&self.seal, call, move |k, _| {
+        with_keyring(&self.ctx, call, (), move |k, _, ()| {
             Ok(Served::new(key_pb(&k.get_key(&name)?)))
         })
         .await
@@ -223,7 +257,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         let call = self.call(&request, "ListKeys");
         let r = request.into_inner();
-        with_keyring(&self.seal, call, move |k, _| {
+        with_keyring(&self.ctx, call, (), move |k, _, ()| {
             let (keys, next) = k.list_keys(
                 usize::try_from(r.page_size).unwrap_or(usize::MAX),
                 &r.page_token,
@@ -244,7 +278,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
             .call(&request, "RotateKey")
             .key(&request.get_ref().name);
         let name = request.into_inner().name;
-        with_keyring(&self.seal, call, move |k, c| {
+        with_keyring(&self.ctx, call, (), move |k, c, ()| {
             let meta = k.rotate_key(&name, c)?;
             Ok(Served::new(key_pb(&meta)).version(meta.primary))
         })
@@ -266,7 +300,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
             min_decryption_version: r.min_decryption_version,
             labels: r.update_labels.then(|| r.labels.into_iter().collect()),
         };
-        with_keyring(&self.seal, call, move |k, c| {
+        with_keyring(&self.ctx, call, (), move |k, c, ()| {
             Ok(Served::new(key_pb(&k.update_key(&r.name, update, c)?)))
         })
         .await
@@ -282,7 +316,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
             .key(&r.name)
             .version(r.version);
         let r = request.into_inner();
-        with_keyring(&self.seal, call, move |k, c| {
+        with_keyring(&self.ctx, call, (), move |k, c, ()| {
             Ok(Served::new(key_pb(
                 &k.enable_version(&r.name, r.version, c)?,
             )))
@@ -300,7 +334,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
             .key(&r.name)
             .version(r.version);
         let r = request.into_inner();
-        with_keyring(&self.seal, call, move |k, c| {
+        with_keyring(&self.ctx, call, (), move |k, c, ()| {
             Ok(Served::new(key_pb(
                 &k.disable_version(&r.name, r.version, c)?,
             )))
@@ -323,7 +357,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         } else {
             r.pending_days
         };
-        with_keyring(&self.seal, call, move |k, c| {
+        with_keyring(&self.ctx, call, (), move |k, c, ()| {
             Ok(Served::new(key_pb(
                 &k.schedule_destruction(&r.name, r.version, days, c)?,
             )))
@@ -341,7 +375,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
             .key(&r.name)
             .version(r.version);
         let r = request.into_inner();
-        with_keyring(&self.seal, call, move |k, c| {
+        with_keyring(&self.ctx, call, (), move |k, c, ()| {
             Ok(Served::new(key_pb(
                 &k.cancel_destruction(&r.name, r.version, c)?,
             )))
@@ -355,8 +389,8 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
     ) -> Result<Response<pb::EncryptResponse>, Status> {
         let call = self.call(&request, "Encrypt").key(&request.get_ref().key);
         let r = request.into_inner();
-        let pt = Zeroizing::new(r.plaintext);
-        with_keyring(&self.seal, call, move |k, _| {
+        with_keyring(&self.ctx, call, r, move |k, _, mut r| {
+            let pt = Zeroizing::new(std::mem::take(&mut r.plaintext));
             let (ciphertext, key_version) = k.encrypt(&r.key, &pt, &r.associated_data)?;
             Ok(Served::new(pb::EncryptResponse {
                 ciphertext,
@@ -373,7 +407,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
     ) -> Result<Response<pb::DecryptResponse>, Status> {
         let call = self.call(&request, "Decrypt").key(&request.get_ref().key);
         let r = request.into_inner();
-        with_keyring(&self.seal, call, move |k, _| {
+        with_keyring(&self.ctx, call, r, move |k, _, r| {
             let (pt, key_version) = k.decrypt(&r.key, &r.ciphertext, &r.associated_data)?;
             Ok(Served::new(pb::DecryptResponse {
                 plaintext: pt.to_vec(),
@@ -388,14 +422,18 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         &self,
         request: Request<pb::ReEncryptRequest>,
     ) -> Result<Response<pb::ReEncryptResponse>, Status> {
-        let call = self.call(&request, "ReEncrypt").key(&request.get_ref().key);
-        let r = request.into_inner();
+        let r = request.get_ref();
         let destination = if r.destination_key.is_empty() {
             r.key.clone()
         } else {
             r.destination_key.clone()
         };
-        with_keyring(&self.seal, call, move |k, _| {
+        let call = self
+            .call(&request, "ReEncrypt")
+            .key(&r.key)
+            .destination(&destination);
+        let r = request.into_inner();
+        with_keyring(&self.ctx, call, r, move |k, _, r| {
             let (ciphertext, key_version, source_version) = k.reencrypt(
                 &r.key,
                 &r.ciphertext,
@@ -421,7 +459,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
             .call(&request, "GenerateDataKey")
             .key(&request.get_ref().key);
         let r = request.into_inner();
-        with_keyring(&self.seal, call, move |k, _| {
+        with_keyring(&self.ctx, call, r, move |k, _, r| {
             let (dk, ciphertext, key_version) =
                 k.generate_data_key(&r.key, data_key_len(r.length_bytes), &r.associated_data)?;
             Ok(Served::new(pb::GenerateDataKeyResponse {
@@ -442,7 +480,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
             .call(&request, "GenerateDataKeyWithoutPlaintext")
             .key(&request.get_ref().key);
         let r = request.into_inner();
-        with_keyring(&self.seal, call, move |k, _| {
+        with_keyring(&self.ctx, call, r, move |k, _, r| {
             let (_dk, ciphertext, key_version) =
                 k.generate_data_key(&r.key, data_key_len(r.length_bytes), &r.associated_data)?;
             Ok(Served::new(pb::GenerateDataKeyWithoutPlaintextResponse {
@@ -460,7 +498,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
     ) -> Result<Response<pb::SignResponse>, Status> {
         let call = self.call(&request, "Sign").key(&request.get_ref().key);
         let r = request.into_inner();
-        with_keyring(&self.seal, call, move |k, _| {
+        with_keyring(&self.ctx, call, (), move |k, _, ()| {
             let raw = raw_format(r.format)?;
             let (signature, key_version) = k.sign(
                 &r.key,
@@ -486,7 +524,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
             .key(&r.key)
             .version(r.key_version);
         let r = request.into_inner();
-        with_keyring(&self.seal, call, move |k, _| {
+        with_keyring(&self.ctx, call, (), move |k, _, ()| {
             let input = match &r.input {
                 Some(pb::verify_request::Input::Message(m)) => SignInput::Message(m),
                 Some(pb::verify_request::Input::Digest(d)) => SignInput::Digest(d),
@@ -508,7 +546,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
             .key(&r.key)
             .version(r.key_version);
         let r = request.into_inner();
-        with_keyring(&self.seal, call, move |k, _| {
+        with_keyring(&self.ctx, call, (), move |k, _, ()| {
             let (pem, key_version) = k.public_key(&r.key, r.key_version)?;
             let algorithm = k.get_key(&r.key)?.algorithm;
             Ok(Served::new(pb::GetPublicKeyResponse {
@@ -527,7 +565,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
     ) -> Result<Response<pb::MacResponse>, Status> {
         let call = self.call(&request, "Mac").key(&request.get_ref().key);
         let r = request.into_inner();
-        with_keyring(&self.seal, call, move |k, _| {
+        with_keyring(&self.ctx, call, (), move |k, _, ()| {
             let (mac, key_version) = k.mac(&r.key, &r.message)?;
             Ok(Served::new(pb::MacResponse { mac, key_version }).version(key_version))
         })
@@ -544,7 +582,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
             .key(&r.key)
             .version(r.key_version);
         let r = request.into_inner();
-        with_keyring(&self.seal, call, move |k, _| {
+        with_keyring(&self.ctx, call, (), move |k, _, ()| {
             let valid = k.verify_mac(&r.key, r.key_version, &r.message, &r.mac)?;
             Ok(Served::new(pb::VerifyMacResponse { valid }))
         })
@@ -559,7 +597,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
             .call(&request, "BatchEncrypt")
             .key(&request.get_ref().key);
         let r = request.into_inner();
-        with_keyring(&self.seal, call, move |k, _| {
+        with_keyring(&self.ctx, call, r, move |k, _, r| {
             check_batch(r.items.len())?;
             let (results, summary) = each_item(&r.items, |item| {
                 let (ciphertext, key_version) =
@@ -594,7 +632,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
             .call(&request, "BatchDecrypt")
             .key(&request.get_ref().key);
         let r = request.into_inner();
-        with_keyring(&self.seal, call, move |k, _| {
+        with_keyring(&self.ctx, call, r, move |k, _, r| {
             check_batch(r.items.len())?;
             let (results, summary) = each_item(&r.items, |item| {
                 let (pt, key_version) =
@@ -627,7 +665,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
     ) -> Result<Response<pb::BatchSignResponse>, Status> {
         let call = self.call(&request, "BatchSign").key(&request.get_ref().key);
         let r = request.into_inner();
-        with_keyring(&self.seal, call, move |k, _| {
+        with_keyring(&self.ctx, call, (), move |k, _, ()| {
             check_batch(r.items.len())?;
             let raw = raw_format(r.format)?;
             let (results, summary) = each_item(&r.items, |item| {

@@ -9,10 +9,12 @@
 //! keyring's [`Journal`]). The log line for every call is written here too: the RPC, the
 //! key, the outcome and the error's chain, never a request or response body.
 
+mod access;
 mod audit;
 mod keys;
 mod system;
 
+pub use access::AccessService;
 pub use audit::AuditService;
 pub use keys::KeyManagementService;
 pub use system::SystemService;
@@ -23,9 +25,25 @@ use std::sync::Arc;
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status};
 
-use crate::audit::{ANONYMOUS, AuditEvent, AuditLog, BatchSummary};
-use crate::keyring::{Journal, Keyring, KeyringError};
+use crate::access::limiter::FailureLimiter;
+use crate::access::tls::PeerInfo;
+use crate::access::{Denied, Identity, Need, Roles};
+use crate::audit::{AuditEvent, AuditLog, BatchSummary, GrantSummary};
+use crate::keyring::{Change, Journal, Keyring, KeyringError};
 use crate::seal::{SealError, SealManager};
+
+/// What every service works with.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// The seal, and through it the keyring.
+    pub seal: Arc<SealManager>,
+    /// The audit log.
+    pub audit: AuditLog,
+    /// `[roles]`.
+    pub roles: Arc<Roles>,
+    /// The limit on failed unseal shares.
+    pub unseal_limiter: Arc<FailureLimiter>,
+}
 
 /// The metadata key of the request id (given by the caller or made by the server, and
 /// returned in the response's metadata either way).
@@ -43,6 +61,15 @@ pub enum ApiError {
     /// The audit log could not be read.
     #[error("the audit log could not be read")]
     AuditRead(#[source] crate::store::StoreError),
+    /// The caller may not make this call.
+    #[error(transparent)]
+    Denied(#[from] Denied),
+    /// Too many failed unseal shares from the caller's address.
+    #[error(
+        "too many failed unseal shares from this address: try again in {} s",
+        .0.as_secs().max(1)
+    )]
+    UnsealLimited(std::time::Duration),
 }
 
 /// The gRPC code of an error: `FAILED_PRECONDITION` for lifecycle and state (sealed,
@@ -55,6 +82,9 @@ pub fn code_of(err: &ApiError) -> Code {
         ApiError::Seal(e) => seal_code(e),
         ApiError::Keyring(e) => keyring_code(e),
         ApiError::AuditRead(_) => Code::Unavailable,
+        ApiError::Denied(Denied::Unauthenticated | Denied::Expired) => Code::Unauthenticated,
+        ApiError::Denied(_) => Code::PermissionDenied,
+        ApiError::UnsealLimited(_) => Code::ResourceExhausted,
     }
 }
 
@@ -89,13 +119,16 @@ fn seal_code(e: &SealError) -> Code {
 fn keyring_code(e: &KeyringError) -> Code {
     match e {
         KeyringError::BadName
+        | KeyringError::BadPattern(_)
         | KeyringError::BadLabels
         | KeyringError::BadRequest(_)
         | KeyringError::TooLarge { .. }
         | KeyringError::TooManyItems { .. }
         | KeyringError::DecryptionFailed => Code::InvalidArgument,
         KeyringError::AlreadyExists(_) => Code::AlreadyExists,
-        KeyringError::NotFound(_) | KeyringError::VersionNotFound { .. } => Code::NotFound,
+        KeyringError::NotFound(_)
+        | KeyringError::VersionNotFound { .. }
+        | KeyringError::GrantNotFound(_) => Code::NotFound,
         KeyringError::WrongPurpose { .. }
         | KeyringError::VersionNotEnabled { .. }
         | KeyringError::BelowMinimum { .. }
@@ -189,40 +222,84 @@ fn request_id<T>(req: &Request<T>) -> String {
     }
 }
 
-/// One call being served: what its audit record will say, and whether it was written yet.
+/// One call being served: who made it, what it needs, what its audit record will say, and
+/// whether that was written yet.
 pub struct Call {
     log: AuditLog,
     event: AuditEvent,
     recorded: Cell<bool>,
+    identity: Arc<Identity>,
+    peer: Option<std::net::SocketAddr>,
+    need: Need,
+    roles: Arc<Roles>,
 }
 
 impl Call {
-    /// A call of `service`/`operation`, described from the request's connection and
-    /// metadata. The principal is `anonymous` until access control exists.
+    /// A call of `service`/`operation`, described from the request's connection (the
+    /// identity fixed at its handshake) and metadata. Its [`Need`] is
+    /// [`crate::access::need`]'s.
     pub fn new<T: prost::Message>(
-        log: &AuditLog,
+        ctx: &Ctx,
         req: &Request<T>,
         service: &'static str,
         operation: &'static str,
     ) -> Self {
+        let peer_info = req.extensions().get::<PeerInfo>();
+        // Without connect info (never, from our listener) the caller is no one: only
+        // Status is open to it.
+        let identity = peer_info.map_or_else(
+            || {
+                Arc::new(Identity {
+                    tls: false,
+                    ..Identity::anonymous()
+                })
+            },
+            |p| Arc::clone(&p.identity),
+        );
+        let peer = peer_info.map(|p| p.addr);
         Self {
-            log: log.clone(),
+            log: ctx.audit.clone(),
             event: AuditEvent {
                 request_id: request_id(req),
-                principal: ANONYMOUS.to_owned(),
-                peer: req.remote_addr().map(|a| a.to_string()).unwrap_or_default(),
+                principal: identity.principal.clone(),
+                peer: peer.map(|a| a.to_string()).unwrap_or_default(),
                 service: service.to_owned(),
                 operation: operation.to_owned(),
                 input_bytes: req.get_ref().encoded_len() as u64,
                 ..AuditEvent::default()
             },
             recorded: Cell::new(false),
+            identity,
+            peer,
+            need: crate::access::need(service, operation),
+            roles: Arc::clone(&ctx.roles),
         }
+    }
+
+    /// Who is calling.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The caller's address.
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.peer
+    }
+
+    /// The caller's roles.
+    pub fn roles(&self) -> std::collections::BTreeSet<crate::access::Role> {
+        self.roles.of(&self.identity)
     }
 
     /// Names the key the call is about.
     pub fn key(mut self, key: &str) -> Self {
         self.event.key = Some(key.to_owned()).filter(|k| !k.is_empty());
+        self
+    }
+
+    /// Names ReEncrypt's destination key (whose grant is checked too).
+    pub fn destination(mut self, key: &str) -> Self {
+        self.event.destination_key = Some(key.to_owned()).filter(|k| !k.is_empty());
         self
     }
 
@@ -238,12 +315,19 @@ impl Call {
         &self,
         version: Option<u32>,
         output_bytes: u64,
+        grant: Option<(String, GrantSummary)>,
         writes: Vec<crate::store::Write>,
     ) -> Result<(), crate::audit::AuditError> {
+        let (key, grant) = match grant {
+            Some((key, g)) => (Some(key), Some(g)),
+            None => (self.event.key.clone(), None),
+        };
         let event = AuditEvent {
             outcome: "OK".to_owned(),
+            key,
             key_version: self.event.key_version.or(version),
             output_bytes,
+            grant,
             ..self.event.clone()
         };
         self.log.append_with(event, writes)?;
@@ -255,13 +339,31 @@ impl Call {
 impl Journal for Call {
     fn commit(
         &self,
-        meta: &crate::keyring::model::KeyMeta,
+        change: Change<'_>,
         writes: Vec<crate::store::Write>,
     ) -> Result<(), KeyringError> {
         use prost::Message as _;
-        let size = keys::key_pb(meta).encoded_len() as u64;
-        Call::commit(self, Some(meta.primary), size, writes)
-            .map_err(|_| KeyringError::AuditUnavailable)
+        let (version, size, grant) = match change {
+            Change::Key(meta) => (
+                Some(meta.primary),
+                keys::key_pb(meta).encoded_len() as u64,
+                None,
+            ),
+            Change::Grant(g) => (
+                None,
+                access::grant_pb(g).encoded_len() as u64,
+                Some((
+                    g.key.clone(),
+                    GrantSummary {
+                        id: g.id.clone(),
+                        principal: g.principal.to_string(),
+                        operations: g.operations.iter().map(|o| o.name().to_owned()).collect(),
+                        associated_data_constrained: g.associated_data_mac.is_some(),
+                    },
+                )),
+            ),
+        };
+        Call::commit(self, version, size, grant, writes).map_err(|_| KeyringError::AuditUnavailable)
     }
 }
 
@@ -319,7 +421,17 @@ async fn run<R: prost::Message + Send + 'static>(
     f: impl FnOnce(&Call) -> Result<Served<R>, ApiError> + Send + 'static,
 ) -> Result<Response<R>, Status> {
     let request_id = call.event.request_id.clone();
-    let answer = tokio::task::spawn_blocking(move || finish(&call, f(&call)))
+    let answer = tokio::task::spawn_blocking(move || {
+        let result = crate::access::check(
+            call.need,
+            &call.identity,
+            &call.roles,
+            i64::try_from(crate::keyring::now()).unwrap_or(i64::MAX),
+        )
+        .map_err(ApiError::from)
+        .and_then(|()| f(&call));
+        finish(&call, result)
+    })
         .await
         .map_err(|_| Status::internal("internal error"));
     let with_id = |mut status: Status| {
@@ -390,16 +502,41 @@ fn finish<R: prost::Message>(
     answer
 }
 
-/// Runs `f` on the keyring (or fails with sealed / not initialised).
-async fn with_keyring<R: prost::Message + Send + 'static>(
-    seal: &Arc<SealManager>,
+/// The associated data a request carries, which a constrained grant must match.
+pub trait Aad {
+    /// Every associated data in the request (one per batch item).
+    fn aads(&self) -> Vec<&[u8]> {
+        Vec::new()
+    }
+}
+
+/// Runs `f` on the keyring (or fails with sealed / not initialised). A call that needs a
+/// grant is checked here, before `f`, against every key it names (its key and, for
+/// ReEncrypt, its destination) and every associated data in `req`.
+async fn with_keyring<Q: Aad + Send + 'static, R: prost::Message + Send + 'static>(
+    ctx: &Ctx,
     call: Call,
-    f: impl FnOnce(&Keyring, &Call) -> Result<Served<R>, KeyringError> + Send + 'static,
+    req: Q,
+    f: impl FnOnce(&Keyring, &Call, Q) -> Result<Served<R>, KeyringError> + Send + 'static,
 ) -> Result<Response<R>, Status> {
-    let seal = Arc::clone(seal);
+    let seal = Arc::clone(&ctx.seal);
     run(call, move |c| {
         let keyring = seal.keyring()?;
-        Ok(f(&keyring, c)?)
+        if let Need::Grant(operation) = c.need {
+            let aads = req.aads();
+            let keys = [c.event.key.as_deref(), c.event.destination_key.as_deref()];
+            for key in keys.into_iter().flatten().chain(c.event.key.is_none().then_some("")) {
+                if !keyring.permits(&c.identity.principal, key, operation, &aads)? {
+                    return Err(Denied::Grant {
+                        principal: c.identity.principal.clone(),
+                        operation,
+                        key: key.to_owned(),
+                    }
+                    .into());
+                }
+            }
+        }
+        Ok(f(&keyring, c, req)?)
     })
     .await
 }

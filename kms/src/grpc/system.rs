@@ -5,8 +5,7 @@ use std::sync::Arc;
 use kms_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use super::{Call, Served, run};
-use crate::audit::AuditLog;
+use super::{ApiError, Call, Ctx, Served, run};
 use crate::seal::{InitOutput, SealError, SealManager, SealStatus};
 
 /// The service's name in audit records.
@@ -35,21 +34,36 @@ fn status_pb(s: &SealStatus) -> pb::SealStatus {
     }
 }
 
+/// Whether an unseal error is a share that failed (rather than the server's own fault).
+fn counts_as_failed_share(e: &SealError) -> bool {
+    !matches!(
+        e,
+        SealError::Hsm(_)
+            | SealError::Store(_)
+            | SealError::Randomness
+            | SealError::AuditUnavailable
+            | SealError::AuditKeyMissing(_)
+    )
+}
+
 /// The `kms.v1.System` service.
 #[derive(Debug, Clone)]
 pub struct SystemService {
     seal: Arc<SealManager>,
-    audit: AuditLog,
+    ctx: Ctx,
 }
 
 impl SystemService {
-    /// A service over `seal`, recording every call in `audit`.
-    pub fn new(seal: Arc<SealManager>, audit: AuditLog) -> Self {
-        Self { seal, audit }
+    /// A service over the seal.
+    pub fn new(ctx: Ctx) -> Self {
+        Self {
+            seal: Arc::clone(&ctx.seal),
+            ctx,
+        }
     }
 
     fn call<T: prost::Message>(&self, req: &Request<T>, operation: &'static str) -> Call {
-        Call::new(&self.audit, req, SERVICE, operation)
+        Call::new(&self.ctx, req, SERVICE, operation)
     }
 }
 
@@ -71,7 +85,7 @@ impl pb::system_server::System for SystemService {
         run(call, move |c| {
             // The seal record and Init's audit record commit together.
             let commit = |out: &InitOutput, writes| {
-                c.commit(None, init_pb(out).encoded_len() as u64, writes)
+                c.commit(None, init_pb(out).encoded_len() as u64, None, writes)
                     .map_err(|_| SealError::AuditUnavailable)
             };
             let out = seal.init(shares, threshold, pin.as_ref(), &commit)?;
@@ -89,12 +103,29 @@ impl pb::system_server::System for SystemService {
         let pb::UnsealRequest { share, nonce, .. } = request.into_inner();
         let share = zeroize::Zeroizing::new(share);
         let seal = Arc::clone(&self.seal);
-        run(call, move |_| {
+        let limiter = Arc::clone(&self.ctx.unseal_limiter);
+        run(call, move |c| {
             if reset {
                 return Ok(Served::new(status_pb(&seal.reset()?)));
             }
+            // Failed shares are limited per address (the share is the only credential).
+            let ip = c.peer().map(|a| a.ip());
+            let now = std::time::Instant::now();
+            if let Some(ip) = ip {
+                limiter.check(ip, now).map_err(ApiError::UnsealLimited)?;
+            }
             let nonce = Some(nonce.as_str()).filter(|n| !n.is_empty());
-            let status = seal.unseal(&share, nonce)?;
+            let status = match seal.unseal(&share, nonce) {
+                Ok(s) => s,
+                Err(e) => {
+                    if let Some(ip) = ip
+                        && counts_as_failed_share(&e)
+                    {
+                        limiter.failed(ip, now);
+                    }
+                    return Err(e.into());
+                }
+            };
             // If the record cannot be written, the share is not kept and an unseal that
             // completed is taken back.
             let undo_seal = Arc::clone(&seal);

@@ -16,6 +16,7 @@
 //! refuses to encrypt.
 
 pub mod ciphertext;
+pub mod grants;
 pub mod material;
 pub mod model;
 
@@ -29,6 +30,7 @@ use crate::audit::AuditLog;
 use crate::hsm::{Hsm, HsmError, HsmKeyKind};
 use crate::store::{Store, StoreError, Table, Write};
 use material::{Public, Secret, SignInput, VersionMaterial};
+use grants::{Grant, NewGrant};
 use model::{Algorithm, KeyMeta, Protection, Purpose, VersionMeta, VersionState};
 
 /// Largest plaintext `Encrypt` takes (use `GenerateDataKey` and encrypt locally above it).
@@ -162,6 +164,12 @@ pub enum KeyringError {
     /// The request's audit record could not be written: nothing was done.
     #[error("audit log unavailable")]
     AuditUnavailable,
+    /// No live grant with that id.
+    #[error("no grant with id {0:?} (it may have been revoked already)")]
+    GrantNotFound(String),
+    /// A grant's principal pattern is not one.
+    #[error(transparent)]
+    BadPattern(#[from] crate::access::PatternError),
 }
 
 /// Keyring settings (`[keyring]` in the config).
@@ -215,9 +223,18 @@ pub type DataKey = (Zeroizing<Vec<u8>>, Vec<u8>, u32);
 /// it, in one transaction (see [`crate::audit`]): a change whose record cannot be written
 /// is not made, and a record is never written for a change that was not.
 pub trait Journal {
-    /// Writes `writes` (the new record of `meta`) with the audit record, or fails with
+    /// Writes `writes` (the new record of `change`) with the audit record, or fails with
     /// [`KeyringError::AuditUnavailable`] having written neither.
-    fn commit(&self, meta: &KeyMeta, writes: Vec<Write>) -> Result<(), KeyringError>;
+    fn commit(&self, change: Change<'_>, writes: Vec<Write>) -> Result<(), KeyringError>;
+}
+
+/// What a [`Journal`] commit stores.
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    /// A key's new metadata.
+    Key(&'a KeyMeta),
+    /// A grant, made or revoked.
+    Grant(&'a Grant),
 }
 
 /// The journal of what the server does by itself: records under principal
@@ -232,7 +249,10 @@ pub struct SystemJournal<'a> {
 }
 
 impl Journal for SystemJournal<'_> {
-    fn commit(&self, meta: &KeyMeta, writes: Vec<Write>) -> Result<(), KeyringError> {
+    fn commit(&self, change: Change<'_>, writes: Vec<Write>) -> Result<(), KeyringError> {
+        let Change::Key(meta) = change else {
+            return Err(KeyringError::Internal("the server changes no grant by itself"));
+        };
         let event = crate::audit::AuditEvent {
             key: Some(meta.name.clone()),
             key_version: Some(self.version.unwrap_or(meta.primary)),
@@ -266,6 +286,8 @@ pub struct Keyring {
     tampered: RwLock<BTreeMap<String, ()>>,
     admin: Mutex<()>,
     settings: Settings,
+    /// Live grants, by id.
+    grants: RwLock<BTreeMap<String, Grant>>,
 }
 
 /// The current Unix time in seconds.
@@ -351,6 +373,7 @@ impl Keyring {
             tampered: RwLock::new(BTreeMap::new()),
             admin: Mutex::new(()),
             settings,
+            grants: RwLock::new(BTreeMap::new()),
         };
         let mut keys = BTreeMap::new();
         let mut tampered = BTreeMap::new();
@@ -367,11 +390,31 @@ impl Keyring {
                 Err(e) => return Err(e),
             }
         }
+        let mut live = BTreeMap::new();
+        let mut refused_grants = 0usize;
+        for (id, bytes) in keyring.store.scan(Table::Grants)? {
+            match grants::decode(&id, &bytes, &keyring.mac_key)? {
+                Some(g) if g.revoked_at.is_none() => {
+                    live.insert(id, g);
+                }
+                Some(_) => {}
+                None => {
+                    tracing::error!(grant = %id, "grant record failed authentication: the store was altered; grant refused");
+                    refused_grants += 1;
+                }
+            }
+        }
         tracing::info!(
             keys = keys.len(),
             refused = tampered.len(),
+            grants = live.len(),
+            refused_grants,
             "keyring loaded"
         );
+        *keyring
+            .grants
+            .write()
+            .map_err(|_| KeyringError::Internal("lock"))? = live;
         *keyring
             .keys
             .write()
@@ -501,7 +544,7 @@ impl Keyring {
     ) -> Result<KeyMeta, KeyringError> {
         let bytes = model::encode(&meta, &self.mac_key)?;
         journal.commit(
-            &meta,
+            Change::Key(&meta),
             vec![Write {
                 table: Table::Keys,
                 key: meta.name.clone(),
@@ -1129,6 +1172,143 @@ impl Keyring {
         let (pt, source_version) = self.decrypt(name, ct, aad)?;
         let (ct, version) = self.encrypt(destination.unwrap_or(name), &pt, aad)?;
         Ok((ct, version, source_version))
+    }
+
+    /// Makes a grant on an existing key. `by` is the admin's principal.
+    pub fn create_grant(
+        &self,
+        req: NewGrant,
+        by: &str,
+        journal: &dyn Journal,
+    ) -> Result<Grant, KeyringError> {
+        let principal = crate::access::Pattern::new(&req.principal)?;
+        let operations: std::collections::BTreeSet<_> = req.operations.iter().copied().collect();
+        if operations.is_empty() {
+            return Err(KeyringError::BadRequest(
+                "a grant needs at least one operation",
+            ));
+        }
+        if req.associated_data.is_some() && !operations.iter().all(|o| o.has_associated_data()) {
+            return Err(KeyringError::BadRequest(
+                "an associated-data constraint applies only to encrypt, decrypt, reencrypt and generate-data-key",
+            ));
+        }
+        if let Some(aad) = &req.associated_data {
+            check_size("associated data", aad.len(), MAX_AAD, "")?;
+        }
+        let _g = self.admin()?;
+        self.entry(&req.key)?;
+        let live_on_key = self
+            .grants
+            .read()
+            .map_err(|_| KeyringError::Internal("lock"))?
+            .values()
+            .filter(|g| g.key == req.key)
+            .count();
+        if live_on_key >= grants::MAX_GRANTS_PER_KEY {
+            return Err(KeyringError::NotAllowed(
+                "the key has the most grants allowed (1000): revoke some first",
+            ));
+        }
+        let associated_data_mac = match &req.associated_data {
+            Some(aad) => Some(hex(&grants::aad_mac(&self.mac_key, &req.key, aad)?)),
+            None => None,
+        };
+        let grant = Grant {
+            schema: grants::GRANT_SCHEMA,
+            id: hex(&random::<16>()?),
+            key: req.key,
+            principal,
+            operations,
+            associated_data_mac,
+            created_at: now(),
+            created_by: by.to_owned(),
+            revoked_at: None,
+            revoked_by: None,
+        };
+        self.commit_grant(&grant, journal)?;
+        self.grants
+            .write()
+            .map_err(|_| KeyringError::Internal("lock"))?
+            .insert(grant.id.clone(), grant.clone());
+        Ok(grant)
+    }
+
+    /// Revokes a live grant: the next call it would have allowed is refused.
+    pub fn revoke_grant(
+        &self,
+        id: &str,
+        by: &str,
+        journal: &dyn Journal,
+    ) -> Result<Grant, KeyringError> {
+        grants::check_id(id)?;
+        let _g = self.admin()?;
+        let mut grant = self
+            .grants
+            .read()
+            .map_err(|_| KeyringError::Internal("lock"))?
+            .get(id)
+            .cloned()
+            .ok_or_else(|| KeyringError::GrantNotFound(id.to_owned()))?;
+        grant.revoked_at = Some(now());
+        grant.revoked_by = Some(by.to_owned());
+        self.commit_grant(&grant, journal)?;
+        self.grants
+            .write()
+            .map_err(|_| KeyringError::Internal("lock"))?
+            .remove(id);
+        Ok(grant)
+    }
+
+    fn commit_grant(&self, grant: &Grant, journal: &dyn Journal) -> Result<(), KeyringError> {
+        let bytes = grants::encode(grant, &self.mac_key)?;
+        journal.commit(
+            Change::Grant(grant),
+            vec![Write {
+                table: Table::Grants,
+                key: grant.id.clone(),
+                value: bytes,
+            }],
+        )
+    }
+
+    /// The live grants, optionally only those on `key` and those whose grantee is or
+    /// matches `principal` (empty: all).
+    pub fn list_grants(&self, key: &str, principal: &str) -> Result<Vec<Grant>, KeyringError> {
+        Ok(self
+            .grants
+            .read()
+            .map_err(|_| KeyringError::Internal("lock"))?
+            .values()
+            .filter(|g| key.is_empty() || g.key == key)
+            .filter(|g| {
+                principal.is_empty()
+                    || g.principal.as_str() == principal
+                    || g.principal.matches(principal)
+            })
+            .cloned()
+            .collect())
+    }
+
+    /// Whether a live grant lets `principal` do `operation` with `key`, with the
+    /// request's associated data `aads` (all of them must satisfy a constrained grant).
+    pub fn permits(
+        &self,
+        principal: &str,
+        key: &str,
+        operation: crate::access::Operation,
+        aads: &[&[u8]],
+    ) -> Result<bool, KeyringError> {
+        let grants = self
+            .grants
+            .read()
+            .map_err(|_| KeyringError::Internal("lock"))?;
+        for g in grants.values().filter(|g| g.key == key) {
+            if g.allows(principal, operation, aads, &self.mac_key)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Every key's metadata, by name.

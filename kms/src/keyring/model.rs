@@ -222,46 +222,76 @@ struct Sealed {
     mac: String,
 }
 
-fn record_mac(mac_key: &[u8; 32], name: &str, record: &[u8]) -> Result<Vec<u8>, KeyringError> {
+/// HMAC-SHA256 under `mac_key` over `domain`, `name`, a zero byte and `record`.
+pub(crate) fn record_mac(
+    mac_key: &[u8; 32],
+    domain: &str,
+    name: &str,
+    record: &[u8],
+) -> Result<Vec<u8>, KeyringError> {
     let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(mac_key)
         .map_err(|_| KeyringError::Internal("mac key"))?;
-    mac.update(b"kms/v1/key-record/");
+    mac.update(domain.as_bytes());
     mac.update(name.as_bytes());
     mac.update(&[0]);
     mac.update(record);
     Ok(mac.finalize().into_bytes().to_vec())
 }
 
-/// Encodes a key record with its MAC (HMAC-SHA256 under the metadata key, over the name
-/// and the record's bytes).
-pub fn encode(meta: &KeyMeta, mac_key: &[u8; 32]) -> Result<Vec<u8>, KeyringError> {
+/// The MAC domain of key records.
+const KEY_DOMAIN: &str = "kms/v1/key-record/";
+
+/// Stores `record` (JSON) with its MAC: HMAC-SHA256 under the metadata key over `domain`,
+/// the record's `name` (its store key) and its bytes.
+pub(crate) fn seal_record(
+    record: &impl Serialize,
+    domain: &str,
+    name: &str,
+    mac_key: &[u8; 32],
+) -> Result<Vec<u8>, KeyringError> {
     let record =
-        serde_json::to_string(meta).map_err(|_| KeyringError::Internal("encode key record"))?;
-    let mac = record_mac(mac_key, &meta.name, record.as_bytes())?;
+        serde_json::to_string(record).map_err(|_| KeyringError::Internal("encode record"))?;
+    let mac = record_mac(mac_key, domain, name, record.as_bytes())?;
     serde_json::to_vec(&Sealed {
         record,
         mac: data_encoding::HEXLOWER.encode(&mac),
     })
-    .map_err(|_| KeyringError::Internal("encode key record"))
+    .map_err(|_| KeyringError::Internal("encode record"))
+}
+
+/// Authenticates and parses what [`seal_record`] stored under `name`; `None` if anything
+/// was changed, or the record was moved to another name or domain.
+pub(crate) fn open_record<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    domain: &str,
+    name: &str,
+    mac_key: &[u8; 32],
+) -> Result<Option<T>, KeyringError> {
+    let Ok(sealed) = serde_json::from_slice::<Sealed>(bytes) else {
+        return Ok(None);
+    };
+    let want = record_mac(mac_key, domain, name, sealed.record.as_bytes())?;
+    let Ok(got) = data_encoding::HEXLOWER.decode(sealed.mac.as_bytes()) else {
+        return Ok(None);
+    };
+    if subtle::ConstantTimeEq::ct_eq(want.as_slice(), got.as_slice()).unwrap_u8() != 1 {
+        return Ok(None);
+    }
+    Ok(serde_json::from_str(&sealed.record).ok())
+}
+
+/// Encodes a key record with its MAC (see [`seal_record`]).
+pub fn encode(meta: &KeyMeta, mac_key: &[u8; 32]) -> Result<Vec<u8>, KeyringError> {
+    seal_record(meta, KEY_DOMAIN, &meta.name, mac_key)
 }
 
 /// Decodes and authenticates a stored key record. Any change to the stored bytes, or a
 /// record moved to another name, fails with [`KeyringError::Tampered`].
 pub fn decode(name: &str, bytes: &[u8], mac_key: &[u8; 32]) -> Result<KeyMeta, KeyringError> {
-    let tampered = || KeyringError::Tampered(name.to_owned());
-    let sealed: Sealed = serde_json::from_slice(bytes).map_err(|_| tampered())?;
-    let want = record_mac(mac_key, name, sealed.record.as_bytes())?;
-    let got = data_encoding::HEXLOWER
-        .decode(sealed.mac.as_bytes())
-        .map_err(|_| tampered())?;
-    if subtle::ConstantTimeEq::ct_eq(want.as_slice(), got.as_slice()).unwrap_u8() != 1 {
-        return Err(tampered());
+    match open_record::<KeyMeta>(bytes, KEY_DOMAIN, name, mac_key)? {
+        Some(meta) if meta.schema == KEY_SCHEMA && meta.name == name => Ok(meta),
+        _ => Err(KeyringError::Tampered(name.to_owned())),
     }
-    let meta: KeyMeta = serde_json::from_str(&sealed.record).map_err(|_| tampered())?;
-    if meta.schema != KEY_SCHEMA || meta.name != name {
-        return Err(tampered());
-    }
-    Ok(meta)
 }
 
 #[cfg(test)]

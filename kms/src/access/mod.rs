@@ -1,0 +1,468 @@
+//! Who may do what: identities from client certificates, roles from the configuration,
+//! and the rule of every RPC. Deny by default.
+//!
+//! A caller's [`Identity`] is fixed at the TLS handshake ([`tls`]): the principal is the
+//! client certificate's URI SAN (`spiffe://...`) or, without one, its subject CN; a caller
+//! without a certificate is [`ANONYMOUS`](crate::audit::ANONYMOUS); on a plaintext loopback
+//! listener every caller is [`LOOPBACK`]. Each RPC has one [`Need`] ([`need`]); an RPC
+//! this table does not name needs the admin role. Per-key grants are kept by the keyring
+//! ([`crate::keyring::grants`]), authenticated like key metadata, because they are only
+//! meaningful (and only checkable) while it is unsealed.
+
+pub mod limiter;
+pub mod tls;
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The principal of every caller on a plaintext loopback listener (no certificate there).
+pub const LOOPBACK: &str = "loopback";
+
+/// An operation a grant can allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Operation {
+    /// `Encrypt`, `BatchEncrypt`.
+    Encrypt,
+    /// `Decrypt`, `BatchDecrypt`.
+    Decrypt,
+    /// `ReEncrypt` (on the source and the destination key).
+    Reencrypt,
+    /// `GenerateDataKey`, `GenerateDataKeyWithoutPlaintext`.
+    GenerateDataKey,
+    /// `Sign`, `BatchSign`.
+    Sign,
+    /// `Verify`.
+    Verify,
+    /// `GetPublicKey`.
+    GetPublicKey,
+    /// `Mac`.
+    Mac,
+    /// `VerifyMac`.
+    VerifyMac,
+}
+
+impl Operation {
+    /// Every operation.
+    pub const ALL: [Operation; 9] = [
+        Self::Encrypt,
+        Self::Decrypt,
+        Self::Reencrypt,
+        Self::GenerateDataKey,
+        Self::Sign,
+        Self::Verify,
+        Self::GetPublicKey,
+        Self::Mac,
+        Self::VerifyMac,
+    ];
+
+    /// The name operators write (`generate-data-key`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Encrypt => "encrypt",
+            Self::Decrypt => "decrypt",
+            Self::Reencrypt => "reencrypt",
+            Self::GenerateDataKey => "generate-data-key",
+            Self::Sign => "sign",
+            Self::Verify => "verify",
+            Self::GetPublicKey => "get-public-key",
+            Self::Mac => "mac",
+            Self::VerifyMac => "verify-mac",
+        }
+    }
+
+    /// Parses [`Operation::name`].
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.name() == s)
+    }
+
+    /// Whether requests of this operation carry associated data (so that a grant may
+    /// constrain it).
+    pub fn has_associated_data(self) -> bool {
+        matches!(
+            self,
+            Self::Encrypt | Self::Decrypt | Self::Reencrypt | Self::GenerateDataKey
+        )
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A principal pattern: exact, or a prefix followed by `*`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Pattern(String);
+
+/// Why a pattern is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    /// Empty.
+    #[error("a principal pattern is empty")]
+    Empty,
+    /// `*` alone.
+    #[error("the pattern \"*\" would match every certificate: name a prefix, e.g. \"spiffe://example.org/ops/*\"")]
+    Everything,
+    /// `*` not at the end, or a control character.
+    #[error(
+        "principal pattern {0:?}: only a trailing `*` is special, and control characters are not allowed"
+    )]
+    Malformed(String),
+    /// Longer than 1024 bytes.
+    #[error("a principal pattern is longer than 1024 bytes")]
+    TooLong,
+}
+
+impl Pattern {
+    /// Checks and makes a pattern.
+    pub fn new(s: &str) -> Result<Self, PatternError> {
+        if s.is_empty() {
+            return Err(PatternError::Empty);
+        }
+        if s.len() > 1024 {
+            return Err(PatternError::TooLong);
+        }
+        if s == "*" {
+            return Err(PatternError::Everything);
+        }
+        let body = s.strip_suffix('*').unwrap_or(s);
+        if body.contains('*') || s.chars().any(char::is_control) {
+            return Err(PatternError::Malformed(s.to_owned()));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// Whether `principal` matches. Patterns never match [`crate::audit::ANONYMOUS`]
+    /// unless they name it exactly, and a prefix pattern never matches
+    /// [`LOOPBACK`] or `anonymous` at all.
+    pub fn matches(&self, principal: &str) -> bool {
+        match self.0.strip_suffix('*') {
+            Some(prefix) => {
+                principal != crate::audit::ANONYMOUS
+                    && principal != LOOPBACK
+                    && principal.starts_with(prefix)
+            }
+            None => self.0 == principal,
+        }
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Pattern {
+    type Error = PatternError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::new(&s)
+    }
+}
+
+impl From<Pattern> for String {
+    fn from(p: Pattern) -> Self {
+        p.0
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A role from the configuration's `[roles]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Key administration, grants, init and seal.
+    Admin,
+    /// The audit service, read-only.
+    Auditor,
+}
+
+impl Role {
+    /// `admin`, `auditor`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Auditor => "auditor",
+        }
+    }
+}
+
+/// `[roles]`: who holds which role.
+#[derive(Debug, Clone, Default)]
+pub struct Roles {
+    /// Patterns of administrators.
+    pub admin: Vec<Pattern>,
+    /// Patterns of auditors.
+    pub auditor: Vec<Pattern>,
+}
+
+impl Roles {
+    /// The roles `principal` holds. An unauthenticated caller holds none, whatever the
+    /// patterns say.
+    pub fn of(&self, identity: &Identity) -> BTreeSet<Role> {
+        let mut roles = BTreeSet::new();
+        if !identity.authenticated && identity.principal != LOOPBACK {
+            return roles;
+        }
+        if self.admin.iter().any(|p| p.matches(&identity.principal)) {
+            roles.insert(Role::Admin);
+        }
+        if self.auditor.iter().any(|p| p.matches(&identity.principal)) {
+            roles.insert(Role::Auditor);
+        }
+        roles
+    }
+}
+
+/// Who is calling, as fixed at the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The principal (URI SAN, CN, `anonymous` or `loopback`).
+    pub principal: String,
+    /// Whether a verified client certificate named it.
+    pub authenticated: bool,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+    /// The certificate's end of validity (Unix seconds), checked at every call because a
+    /// connection can outlive its certificate.
+    pub not_after: Option<i64>,
+}
+
+impl Identity {
+    /// A caller without a certificate on a TLS listener.
+    pub fn anonymous() -> Self {
+        Self {
+            principal: crate::audit::ANONYMOUS.to_owned(),
+            authenticated: false,
+            tls: true,
+            not_after: None,
+        }
+    }
+
+    /// A caller on a plaintext loopback listener.
+    pub fn loopback() -> Self {
+        Self {
+            principal: LOOPBACK.to_owned(),
+            authenticated: false,
+            tls: false,
+            not_after: None,
+        }
+    }
+}
+
+/// What an RPC needs of its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Nothing (`Status`, `WhoAmI`).
+    Nothing,
+    /// A TLS connection; the share is the credential (`Unseal`), rate-limited.
+    Custodian,
+    /// A role.
+    Role(Role),
+    /// A grant on the call's key(s) for this operation.
+    Grant(Operation),
+}
+
+/// The rule of each RPC, by service and method name. Anything not named here needs the
+/// admin role: a new RPC is closed until someone opens it here.
+pub fn need(service: &str, method: &str) -> Need {
+    use Operation as O;
+    match (service, method) {
+        ("kms.v1.System", "Status") | ("kms.v1.Access", "WhoAmI") => Need::Nothing,
+        ("kms.v1.System", "Unseal" | "UnsealReset") => Need::Custodian,
+        ("kms.v1.Audit", "ExportAuditLog" | "KeyUsageReport" | "VerifyAuditLog") => {
+            Need::Role(Role::Auditor)
+        }
+        ("kms.v1.KeyManagement", m) => match m {
+            "Encrypt" | "BatchEncrypt" => Need::Grant(O::Encrypt),
+            "Decrypt" | "BatchDecrypt" => Need::Grant(O::Decrypt),
+            "ReEncrypt" => Need::Grant(O::Reencrypt),
+            "GenerateDataKey" | "GenerateDataKeyWithoutPlaintext" => {
+                Need::Grant(O::GenerateDataKey)
+            }
+            "Sign" | "BatchSign" => Need::Grant(O::Sign),
+            "Verify" => Need::Grant(O::Verify),
+            "GetPublicKey" => Need::Grant(O::GetPublicKey),
+            "Mac" => Need::Grant(O::Mac),
+            "VerifyMac" => Need::Grant(O::VerifyMac),
+            _ => Need::Role(Role::Admin),
+        },
+        _ => Need::Role(Role::Admin),
+    }
+}
+
+/// A refusal. Its message names what was missing, never what exists.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    /// No client certificate, and the call needs one.
+    #[error("this call needs a client certificate (mTLS); none was presented")]
+    Unauthenticated,
+    /// The certificate expired while its connection stayed open.
+    #[error("the client certificate has expired: reconnect with a current one")]
+    Expired,
+    /// The call needs a role.
+    #[error("permission denied: {principal:?} does not have the {} role", role.name())]
+    Role {
+        /// Who asked.
+        principal: String,
+        /// The role needed.
+        role: Role,
+    },
+    /// The call needs a grant.
+    #[error("permission denied: {principal:?} has no grant to {operation} with key {key:?}")]
+    Grant {
+        /// Who asked.
+        principal: String,
+        /// The operation needed.
+        operation: Operation,
+        /// The key named in the request.
+        key: String,
+    },
+    /// Unseal over plaintext.
+    #[error("permission denied: unseal shares are accepted over TLS only")]
+    NotTls,
+}
+
+/// Checks a [`Need`] that does not involve grants. `Grant` needs pass here only if
+/// the caller is authenticated (or loopback); their grants are checked with the keyring.
+pub fn check(need: Need, identity: &Identity, roles: &Roles, now: i64) -> Result<(), Denied> {
+    if let Some(t) = identity.not_after
+        && now > t
+    {
+        return Err(Denied::Expired);
+    }
+    let needs_identity = matches!(need, Need::Role(_) | Need::Grant(_));
+    if needs_identity && !identity.authenticated && identity.tls {
+        return Err(Denied::Unauthenticated);
+    }
+    match need {
+        Need::Nothing | Need::Grant(_) => Ok(()),
+        Need::Custodian if identity.tls => Ok(()),
+        Need::Custodian => Err(Denied::NotTls),
+        Need::Role(role) if roles.of(identity).contains(&role) => Ok(()),
+        Need::Role(role) => Err(Denied::Role {
+            principal: identity.principal.clone(),
+            role,
+        }),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn who(p: &str) -> Identity {
+        Identity {
+            principal: p.to_owned(),
+            authenticated: true,
+            tls: true,
+            not_after: None,
+        }
+    }
+
+    #[test]
+    fn patterns_are_exact_or_trailing_star() {
+        let p = Pattern::new("spiffe://corp/ops/*").unwrap();
+        assert!(p.matches("spiffe://corp/ops/alice"));
+        assert!(!p.matches("spiffe://corp/opsx"));
+        assert!(!p.matches("spiffe://corp/app"));
+        let e = Pattern::new("alice").unwrap();
+        assert!(e.matches("alice") && !e.matches("alice2"));
+        assert_eq!(Pattern::new("*"), Err(PatternError::Everything));
+        assert_eq!(Pattern::new(""), Err(PatternError::Empty));
+        assert!(matches!(
+            Pattern::new("a*b"),
+            Err(PatternError::Malformed(_))
+        ));
+        assert!(matches!(
+            Pattern::new("a\nb"),
+            Err(PatternError::Malformed(_))
+        ));
+        // A prefix never matches the callers without a certificate.
+        assert!(!Pattern::new("a*").unwrap().matches("anonymous"));
+        assert!(!Pattern::new("l*").unwrap().matches(LOOPBACK));
+    }
+
+    #[test]
+    fn every_rpc_has_the_intended_rule() {
+        use Need::*;
+        assert_eq!(need("kms.v1.System", "Status"), Nothing);
+        assert_eq!(need("kms.v1.System", "Unseal"), Custodian);
+        assert_eq!(need("kms.v1.System", "Init"), Role(super::Role::Admin));
+        assert_eq!(need("kms.v1.System", "Seal"), Role(super::Role::Admin));
+        assert_eq!(
+            need("kms.v1.Audit", "ExportAuditLog"),
+            Role(super::Role::Auditor)
+        );
+        assert_eq!(
+            need("kms.v1.KeyManagement", "CreateKey"),
+            Role(super::Role::Admin)
+        );
+        assert_eq!(
+            need("kms.v1.KeyManagement", "GenerateDataKeyWithoutPlaintext"),
+            Grant(Operation::GenerateDataKey)
+        );
+        assert_eq!(
+            need("kms.v1.KeyManagement", "BatchSign"),
+            Grant(Operation::Sign)
+        );
+        assert_eq!(need("kms.v1.Access", "ListGrants"), Role(super::Role::Admin));
+        // Unknown: closed.
+        assert_eq!(need("kms.v1.Nope", "Status"), Role(super::Role::Admin));
+        assert_eq!(
+            need("kms.v1.KeyManagement", "Exfiltrate"),
+            Role(super::Role::Admin)
+        );
+    }
+
+    #[test]
+    fn checks_deny_by_default() {
+        let roles = Roles {
+            admin: vec![Pattern::new("spiffe://corp/ops/*").unwrap()],
+            auditor: vec![Pattern::new("audit").unwrap()],
+        };
+        let admin = who("spiffe://corp/ops/alice");
+        let auditor = who("audit");
+        let app = who("spiffe://corp/app");
+        let anon = Identity::anonymous();
+        let admin_need = Need::Role(super::Role::Admin);
+        let audit_need = Need::Role(super::Role::Auditor);
+        assert!(check(admin_need, &admin, &roles, 0).is_ok());
+        assert!(check(admin_need, &auditor, &roles, 0).is_err());
+        assert!(check(audit_need, &auditor, &roles, 0).is_ok());
+        assert!(check(audit_need, &admin, &roles, 0).is_err());
+        assert_eq!(
+            check(admin_need, &app, &roles, 0).unwrap_err().to_string(),
+            "permission denied: \"spiffe://corp/app\" does not have the admin role"
+        );
+        assert_eq!(
+            check(Need::Grant(Operation::Encrypt), &anon, &roles, 0),
+            Err(Denied::Unauthenticated)
+        );
+        assert!(check(Need::Custodian, &anon, &roles, 0).is_ok());
+        assert_eq!(
+            check(Need::Custodian, &Identity::loopback(), &roles, 0),
+            Err(Denied::NotTls)
+        );
+        assert!(check(Need::Nothing, &anon, &roles, 0).is_ok());
+        let mut expired = admin.clone();
+        expired.not_after = Some(10);
+        assert_eq!(check(Need::Nothing, &expired, &roles, 11), Err(Denied::Expired));
+        // Loopback callers hold a role only if it names them exactly.
+        let lo = Roles {
+            admin: vec![Pattern::new(LOOPBACK).unwrap()],
+            ..Roles::default()
+        };
+        assert!(check(admin_need, &Identity::loopback(), &lo, 0).is_ok());
+        assert!(check(admin_need, &Identity::loopback(), &roles, 0).is_err());
+    }
+}

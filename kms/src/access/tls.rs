@@ -1,0 +1,497 @@
+//! TLS on the listener: rustls (ring provider, TLS 1.3 only) with client-certificate
+//! authentication, reloaded without a restart, and the caller's [`Identity`] fixed at the
+//! handshake.
+//!
+//! The accept loop ([`incoming`]) does the handshakes itself rather than through tonic's
+//! `ServerTlsConfig`, for two reasons: each handshake uses the configuration current at
+//! that moment (so a reloaded certificate or CA bundle applies to the next connection), and
+//! the principal is read from the certificate once per connection and handed to every
+//! request on it ([`PeerInfo`], tonic's connect info). A handshake that fails (untrusted
+//! CA, expired or not yet valid, a certificate not for client authentication, a
+//! certificate with no usable name) never reaches the services; it is logged with the peer
+//! address and the reason.
+//!
+//! Certificates without a client certificate are accepted at the handshake (custodians
+//! unseal with a share, anyone may ask for status); [`super::check`] refuses them
+//! everything else.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::rustls;
+use tokio_rustls::server::TlsStream;
+
+use super::Identity;
+
+/// The `[tls]` files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The server's certificate chain (PEM), leaf first.
+    pub cert: PathBuf,
+    /// The server's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// The CA bundle client certificates must chain to (PEM).
+    pub client_ca: PathBuf,
+}
+
+/// Why the TLS configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A PEM file could not be read or parsed.
+    #[error("tls.{what}: cannot read {path}: {source}")]
+    Pem {
+        /// `cert`, `key` or `client_ca`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The parse or I/O error.
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    /// A PEM file holds no certificate.
+    #[error("tls.{what}: {path} holds no certificate")]
+    Empty {
+        /// `cert` or `client_ca`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+    },
+    /// A file holds something that is not a usable certificate.
+    #[error("tls.{what}: {path}: {reason}")]
+    Certificate {
+        /// `cert` or `client_ca`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// rustls refused the combination (e.g. the key does not match the certificate).
+    #[error("tls: {0}")]
+    Rustls(String),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = |source| TlsError::Pem {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(pem)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem)?;
+    if certs.is_empty() {
+        return Err(TlsError::Empty {
+            what,
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Builds a server configuration from the files.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let chain = certificates("cert", &files.cert)?;
+    if let Some(leaf) = chain.first() {
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| {
+            TlsError::Certificate {
+                what: "cert",
+                path: files.cert.clone(),
+                reason: format!("not an X.509 certificate: {e}"),
+            }
+        })?;
+        if !cert.validity().is_valid() {
+            return Err(TlsError::Certificate {
+                what: "cert",
+                path: files.cert.clone(),
+                reason: format!(
+                    "the server certificate is not valid now (valid {} to {})",
+                    cert.validity().not_before,
+                    cert.validity().not_after
+                ),
+            });
+        }
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|source| TlsError::Pem {
+        what: "key",
+        path: files.key.clone(),
+        source,
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in certificates("client_ca", &files.client_ca)? {
+        roots.add(ca).map_err(|e| TlsError::Certificate {
+            what: "client_ca",
+            path: files.client_ca.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| TlsError::Certificate {
+                what: "client_ca",
+                path: files.client_ca.clone(),
+                reason: e.to_string(),
+            })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Rustls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// What identifies a file's content without reading it: a changed stamp means reload.
+type Stamp = Vec<Option<(std::time::SystemTime, u64, u64)>>;
+
+fn stamp(files: &TlsFiles) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    [&files.cert, &files.key, &files.client_ca]
+        .iter()
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len(), m.ino())))
+        })
+        .collect()
+}
+
+/// The server's TLS configuration, swapped whole on reload.
+#[derive(Debug)]
+pub struct ServerTls {
+    files: TlsFiles,
+    current: RwLock<Arc<rustls::ServerConfig>>,
+    stamp: Mutex<Stamp>,
+}
+
+impl ServerTls {
+    /// Loads the files.
+    pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
+        let stamp = stamp(&files);
+        let config = server_config(&files)?;
+        Ok(Self {
+            files,
+            current: RwLock::new(config),
+            stamp: Mutex::new(stamp),
+        })
+    }
+
+    fn current(&self) -> Arc<rustls::ServerConfig> {
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Reloads the files if `force` or if any of them changed. A configuration that does
+    /// not load is logged and the old one kept: a half-written file never takes the
+    /// listener down. Returns whether a new configuration took effect.
+    pub fn reload(&self, force: bool) -> bool {
+        let now = stamp(&self.files);
+        {
+            let mut last = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+            if !force && *last == now {
+                return false;
+            }
+            *last = now;
+        }
+        match server_config(&self.files) {
+            Ok(config) => {
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = config;
+                tracing::info!(
+                    cert = %self.files.cert.display(),
+                    client_ca = %self.files.client_ca.display(),
+                    "TLS certificate and client CA bundle reloaded"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %crate::error_chain(&e), "TLS reload failed: still serving the previous certificate and CA bundle");
+                false
+            }
+        }
+    }
+
+    /// Reloads on SIGHUP, and whenever a file changes (checked every `poll`). Runs until
+    /// aborted.
+    pub async fn watch(self: Arc<Self>, poll: Duration) {
+        let mut hup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut tick = tokio::time::interval(poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let forced = tokio::select! {
+                _ = tick.tick() => false,
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+            };
+            if forced {
+                tracing::info!("SIGHUP: reloading the TLS files");
+            }
+            let me = Arc::clone(&self);
+            let _ = tokio::task::spawn_blocking(move || me.reload(forced)).await;
+        }
+    }
+}
+
+/// Why a verified certificate still names no principal.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// Not parseable (rustls accepted it, so this is unexpected).
+    #[error("the certificate does not parse")]
+    Unparseable,
+    /// More than one URI SAN (a SPIFFE SVID has exactly one).
+    #[error("the certificate has more than one URI SAN")]
+    ManyUris,
+    /// A URI SAN that is not a SPIFFE ID.
+    #[error("the certificate's URI SAN is not a SPIFFE ID (spiffe://...)")]
+    NotSpiffe,
+    /// No URI SAN and no (single, usable) subject CN.
+    #[error("the certificate has neither a URI SAN nor a single subject CN")]
+    NoName,
+    /// A name kms reserves for callers without a certificate, or unprintable.
+    #[error("the certificate's name is reserved or unprintable")]
+    Reserved,
+}
+
+/// The principal a client certificate names, and the end of its validity: the URI SAN
+/// (exactly one, `spiffe://`), else the subject CN (exactly one).
+pub fn principal_of(der: &[u8]) -> Result<(String, i64), NameError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|_| NameError::Unparseable)?;
+    let not_after = cert.validity().not_after.timestamp();
+    let uris: Vec<&str> = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+                _ => None,
+            })
+            .collect(),
+        Ok(None) => Vec::new(),
+        Err(_) => return Err(NameError::Unparseable),
+    };
+    let name = match uris.as_slice() {
+        [uri] if uri.starts_with("spiffe://") && uri.len() > "spiffe://".len() => {
+            (*uri).to_owned()
+        }
+        [_] => return Err(NameError::NotSpiffe),
+        [] => {
+            let mut cns = cert.subject().iter_common_name();
+            match (cns.next(), cns.next()) {
+                (Some(cn), None) => cn
+                    .as_str()
+                    .map_err(|_| NameError::NoName)?
+                    .to_owned(),
+                _ => return Err(NameError::NoName),
+            }
+        }
+        _ => return Err(NameError::ManyUris),
+    };
+    if name.is_empty()
+        || name.len() > 2048
+        || name.chars().any(char::is_control)
+        || name == crate::audit::ANONYMOUS
+        || name == super::LOOPBACK
+    {
+        return Err(NameError::Reserved);
+    }
+    Ok((name, not_after))
+}
+
+/// What every request on a connection knows of it (tonic's connect info).
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// The peer's address.
+    pub addr: SocketAddr,
+    /// Who it is.
+    pub identity: Arc<Identity>,
+}
+
+/// One accepted connection: plaintext (loopback only) or TLS.
+#[derive(Debug)]
+pub struct Conn {
+    io: Io,
+    info: PeerInfo,
+}
+
+#[derive(Debug)]
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.io {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// How long a client may take to finish its handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most handshakes in progress at once; further connections wait to be accepted.
+const MAX_HANDSHAKES: usize = 256;
+
+/// Accepts connections on `listener` (TLS with `tls`, else plaintext) and yields each
+/// once its handshake succeeded and its caller is known. Runs until the receiver is
+/// dropped.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                return;
+            };
+            let (tcp, addr) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and the like: wait a little rather than spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                () = tx.closed() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let tx = tx.clone();
+            let Some(tls) = &tls else {
+                let conn = Conn {
+                    io: Io::Plain(tcp),
+                    info: PeerInfo {
+                        addr,
+                        identity: Arc::new(Identity::loopback()),
+                    },
+                };
+                drop(permit);
+                if tx.send(Ok(conn)).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+            tokio::spawn(async move {
+                let _permit = permit;
+                let stream =
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::warn!(peer = %addr, reason = %e, "TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::warn!(peer = %addr, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                let leaf = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first());
+                let identity = match leaf.map(|c| principal_of(c)) {
+                    None => Identity::anonymous(),
+                    Some(Ok((principal, not_after))) => Identity {
+                        principal,
+                        authenticated: true,
+                        tls: true,
+                        not_after: Some(not_after),
+                    },
+                    Some(Err(e)) => {
+                        tracing::warn!(peer = %addr, reason = %e, "client certificate refused");
+                        return;
+                    }
+                };
+                let conn = Conn {
+                    io: Io::Tls(Box::new(stream)),
+                    info: PeerInfo {
+                        addr,
+                        identity: Arc::new(identity),
+                    },
+                };
+                let _ = tx.send(Ok(conn)).await;
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
