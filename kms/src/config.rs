@@ -254,7 +254,9 @@ impl Config {
         };
         let reload = file.tls.reload_check_seconds.unwrap_or(5);
         if !(1..=3600).contains(&reload) {
-            return Err(ConfigError::BadTls("reload_check_seconds: out of range (1..=3600)"));
+            return Err(ConfigError::BadTls(
+                "reload_check_seconds: out of range (1..=3600)",
+            ));
         }
         let patterns = |role: &'static str, list: &[String]| {
             list.iter()
@@ -398,13 +400,22 @@ mod tests {
         let base = "listen = \"127.0.0.1:1\"\n[storage]\npath = \"x\"\n[hsm]\nmodule = \"/x\"\ntoken_label = \"kms\"\npin_env = \"P\"\n";
         let p = write(dir.path(), base);
         assert!(matches!(Config::load(&p).unwrap_err(), ConfigError::NoTls));
-        let p = write(dir.path(), &format!("{base}[tls]\ncert = \"a\"\nkey = \"b\"\n"));
-        assert!(matches!(Config::load(&p).unwrap_err(), ConfigError::BadTls(_)));
+        let p = write(
+            dir.path(),
+            &format!("{base}[tls]\ncert = \"a\"\nkey = \"b\"\n"),
+        );
+        assert!(matches!(
+            Config::load(&p).unwrap_err(),
+            ConfigError::BadTls(_)
+        ));
         let p = write(
             dir.path(),
             &format!("{base}[tls]\nplaintext_loopback = true\ncert = \"a\"\n"),
         );
-        assert!(matches!(Config::load(&p).unwrap_err(), ConfigError::BadTls(_)));
+        assert!(matches!(
+            Config::load(&p).unwrap_err(),
+            ConfigError::BadTls(_)
+        ));
         let p = write(
             dir.path(),
             &format!("{base}[tls]\nplaintext_loopback = true\n[roles]\nadmin = [\"*\"]\n"),
@@ -415,7 +426,10 @@ mod tests {
             dir.path(),
             &format!("{base}[tls]\nplaintext_loopback = true\n[unseal]\nmax_failed_shares = 0\n"),
         );
-        assert!(matches!(Config::load(&p).unwrap_err(), ConfigError::BadUnseal(_)));
+        assert!(matches!(
+            Config::load(&p).unwrap_err(),
+            ConfigError::BadUnseal(_)
+        ));
         let p = write(
             dir.path(),
             "listen = \"nope\"\n[storage]\npath = \"x\"\n[hsm]\nmodule = \"/x\"\ntoken_label = \"kms\"\npin_env = \"P\"\n",

@@ -114,7 +114,14 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
         let plaintext = args.plaintext;
         let temporary = args.temporary;
         let ready = tokio::task::spawn_blocking(move || {
-            bootstrap(&for_bootstrap, &dir, addr, &config_path, plaintext, temporary)
+            bootstrap(
+                &for_bootstrap,
+                &dir,
+                addr,
+                &config_path,
+                plaintext,
+                temporary,
+            )
         })
         .await?;
         ready?;
@@ -331,11 +338,7 @@ fn bootstrap(
         if plaintext { "PLAINTEXT gRPC" } else { "mTLS" },
         dir.display(),
         config_path.display(),
-        if temporary {
-            ", removed on exit"
-        } else {
-            ""
-        }
+        if temporary { ", removed on exit" } else { "" }
     );
     Ok(())
 }

@@ -12,16 +12,16 @@ use std::sync::Arc;
 use kms_proto::v1::system_server::SystemServer;
 use tokio::net::TcpListener;
 
-use crate::audit::{AuditError, AuditLog, Signer};
-use crate::config::Config;
 use crate::access::Roles;
 use crate::access::limiter::{FailureLimiter, UnsealLimit};
 use crate::access::tls::{ServerTls, TlsError};
+use crate::audit::{AuditError, AuditLog, Signer};
+use crate::config::Config;
 use crate::grpc::{AccessService, AuditService, Ctx, KeyManagementService, SystemService};
-use kms_proto::v1::access_server::AccessServer;
 use crate::hsm::{Hsm, HsmError};
 use crate::seal::{SealError, SealManager};
 use crate::store::{RedbStore, StoreError};
+use kms_proto::v1::access_server::AccessServer;
 use kms_proto::v1::audit_server::AuditServer;
 use kms_proto::v1::key_management_server::KeyManagementServer;
 
@@ -94,7 +94,9 @@ pub fn open(config: &Config) -> Result<Opened, StartError> {
         }
     };
     if config.roles.admin.is_empty() {
-        tracing::warn!("[roles] admin names no one: keys, grants and the seal cannot be administered");
+        tracing::warn!(
+            "[roles] admin names no one: keys, grants and the seal cannot be administered"
+        );
     }
     let hsm = Arc::new(Hsm::open(&config.hsm)?);
     tracing::info!(token = hsm.token_label(), "HSM token opened and logged in");

@@ -26,6 +26,10 @@ use std::time::{Duration, Instant};
 
 use kms_pkcs11_conf::softhsm::{CONF_ENV, SoftHsmDir};
 
+pub mod pki;
+
+pub use pki::{ClientSpec, Cred, Pki, spiffe};
+
 /// The path of a binary built by cargo into the same target directory as the running test.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
@@ -60,6 +64,12 @@ pub struct TestHsm {
     pub pin: String,
     /// A 0600 file holding the user PIN.
     pub pin_file: PathBuf,
+    /// The test CA, which signs the server's certificate and the clients'.
+    pub pki: Pki,
+    /// A client holding the admin role (`spiffe://test.kms/admin`).
+    pub admin: Cred,
+    /// A client holding the auditor role (`spiffe://test.kms/auditor`).
+    pub auditor: Cred,
 }
 
 impl TestHsm {
@@ -82,6 +92,9 @@ impl TestHsm {
         let pin_file = dir.path().join("hsm-pin");
         std::fs::write(&pin_file, &pin).unwrap();
         std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let pki = Pki::new(&dir.path().join("tls"), "kms");
+        let admin = pki.client("admin", &ClientSpec::spiffe("admin"));
+        let auditor = pki.client("auditor", &ClientSpec::spiffe("auditor"));
         let hsm = Self {
             dir,
             conf,
@@ -89,6 +102,9 @@ impl TestHsm {
             label: label.to_owned(),
             pin,
             pin_file,
+            pki,
+            admin,
+            auditor,
         };
         let out = hsm.tool(&["provision"], &[]);
         assert!(
@@ -135,15 +151,38 @@ impl TestHsm {
     }
 
     /// As [`TestHsm::config_with`], with more TOML after the `[hsm]` table (e.g. a
-    /// `[keyring]` table).
+    /// `[keyring]` table). Unless `extra` has its own `[tls]` table, the server gets
+    /// [`TestHsm::tls_tables`].
     pub fn config_full(&self, name: &str, hsm_table: &str, extra: &str) -> PathBuf {
         let path = self.path().join(name);
+        let tls = if extra.contains("[tls]") {
+            String::new()
+        } else {
+            self.tls_tables()
+        };
         let text = format!(
-            "listen = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n[hsm]\n{hsm_table}\n{extra}\n",
+            "listen = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n[hsm]\n{hsm_table}\n{extra}\n{tls}\n",
             self.path().join("kms.redb").display()
         );
         std::fs::write(&path, text).unwrap();
         path
+    }
+
+    /// The normal `[tls]`, `[roles]` and `[unseal]` tables: the test CA's server
+    /// certificate, client certificates from the test CA, admin and auditor roles for the
+    /// harness's clients, a lenient limit on failed unseal shares.
+    pub fn tls_tables(&self) -> String {
+        format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\nreload_check_seconds = 1\n\
+             [roles]\nadmin = [\"{}\"]\nauditor = [\"{}\"]\n\
+             # The ceremony tests submit many bad shares on purpose; access.rs tests the limit.\n\
+             [unseal]\nmax_failed_shares = 1000\n",
+            self.pki.server.cert.display(),
+            self.pki.server.key.display(),
+            self.pki.ca.display(),
+            self.admin.principal,
+            self.auditor.principal,
+        )
     }
 
     /// The normal `[hsm]` table: this token, PIN from the file.
@@ -220,7 +259,10 @@ impl TestHsm {
         };
         Ok(Server {
             child: Some(child),
-            addr: format!("http://{addr}"),
+            addr: format!("https://{addr}"),
+            ca: self.pki.ca.clone(),
+            admin: self.admin.clone(),
+            auditor: self.auditor.clone(),
         })
     }
 
@@ -264,8 +306,39 @@ pub type KeysClient =
 /// A running `kms server`. Killed on drop.
 pub struct Server {
     child: Option<Child>,
-    /// `http://127.0.0.1:PORT`.
+    /// `https://127.0.0.1:PORT`.
     pub addr: String,
+    /// The CA of the server's certificate.
+    pub ca: PathBuf,
+    /// The harness's admin client.
+    pub admin: Cred,
+    /// The harness's auditor client.
+    pub auditor: Cred,
+}
+
+/// A gRPC client of `kms.v1.Access`.
+pub type AccessClient = kms_proto::v1::access_client::AccessClient<tonic::transport::Channel>;
+
+/// Connects to `addr` over TLS trusting `ca`, presenting `cred` if given.
+pub async fn try_channel(
+    addr: &str,
+    ca: &Path,
+    cred: Option<&Cred>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let mut tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()));
+    if let Some(c) = cred {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(&c.cert).unwrap(),
+            std::fs::read(&c.key).unwrap(),
+        ));
+    }
+    tonic::transport::Channel::from_shared(addr.to_owned())
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await
 }
 
 /// What a CLI run printed.
@@ -309,19 +382,61 @@ impl Server {
         assert_eq!(out.code, Some(0), "unseal: {out:?}");
     }
 
-    /// A gRPC client of the key management service.
-    pub async fn keys(
-        &self,
-    ) -> kms_proto::v1::key_management_client::KeyManagementClient<tonic::transport::Channel> {
-        kms_proto::v1::key_management_client::KeyManagementClient::connect(self.addr.clone())
+    /// A channel to this server over mTLS as `cred` (`None`: TLS without a client
+    /// certificate).
+    pub async fn channel(&self, cred: Option<&Cred>) -> tonic::transport::Channel {
+        try_channel(&self.addr, &self.ca, cred)
             .await
-            .unwrap()
-            .max_decoding_message_size(64 << 20)
+            .unwrap_or_else(|e| panic!("cannot connect: {e:?}"))
     }
 
-    /// Runs `kms ARGS` against this server with `stdin` as standard input.
+    /// A gRPC client of the key management service, as the admin (who also gets grants
+    /// from [`Server::grant_all`]).
+    pub async fn keys(&self) -> KeysClient {
+        self.keys_as(Some(&self.admin)).await
+    }
+
+    /// A gRPC client of the key management service as `cred`.
+    pub async fn keys_as(&self, cred: Option<&Cred>) -> KeysClient {
+        KeysClient::new(self.channel(cred).await).max_decoding_message_size(64 << 20)
+    }
+
+    /// A gRPC client of the access service as the admin.
+    pub async fn access(&self) -> AccessClient {
+        AccessClient::new(self.channel(Some(&self.admin)).await)
+    }
+
+    /// Grants `principal` every operation on `key` (as the admin); returns the grant id.
+    pub async fn grant(&self, key: &str, principal: &str) -> String {
+        use kms_proto::v1 as pb;
+        let operations = (1..=9).collect();
+        self.access()
+            .await
+            .create_grant(pb::CreateGrantRequest {
+                key: key.to_owned(),
+                principal: principal.to_owned(),
+                operations,
+                associated_data: None,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .id
+    }
+
+    /// Grants the harness's admin client every operation on `key`.
+    pub async fn grant_all(&self, key: &str) -> String {
+        self.grant(key, &self.admin.principal.clone()).await
+    }
+
+    /// Runs `kms ARGS` against this server as the admin, with `stdin` as standard input.
     pub fn kms(&self, args: &[&str], stdin: &str) -> Out {
-        run_kms(&self.addr, args, stdin)
+        self.kms_as(Some(&self.admin), args, stdin)
+    }
+
+    /// Runs `kms ARGS` as `cred` (`None`: TLS without a client certificate).
+    pub fn kms_as(&self, cred: Option<&Cred>, args: &[&str], stdin: &str) -> Out {
+        run_kms_tls(&self.addr, &self.ca, cred, args, stdin)
     }
 
     /// Sends SIGTERM and waits for the exit.
@@ -375,11 +490,31 @@ pub fn sigterm(child: &Child) -> std::io::Result<()> {
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).map_err(std::io::Error::from)
 }
 
-/// Runs `kms ARGS` with `KMS_ADDR=addr`.
+/// Runs `kms ARGS` with `KMS_ADDR=addr`, over TLS trusting `ca` as `cred`.
+pub fn run_kms_tls(addr: &str, ca: &Path, cred: Option<&Cred>, args: &[&str], stdin: &str) -> Out {
+    let mut env = vec![("KMS_CACERT", ca.to_owned())];
+    if let Some(c) = cred {
+        env.push(("KMS_CLIENT_CERT", c.cert.clone()));
+        env.push(("KMS_CLIENT_KEY", c.key.clone()));
+    }
+    run_kms_env(addr, &env, args, stdin)
+}
+
+/// Runs `kms ARGS` with `KMS_ADDR=addr` and no TLS files.
 pub fn run_kms(addr: &str, args: &[&str], stdin: &str) -> Out {
+    run_kms_env(addr, &[], args, stdin)
+}
+
+/// Runs `kms ARGS` with `KMS_ADDR=addr` and `env` (any `KMS_*` of the test's own
+/// environment removed).
+pub fn run_kms_env(addr: &str, env: &[(&str, PathBuf)], args: &[&str], stdin: &str) -> Out {
     let mut child = Command::new(bin("kms"))
         .args(args)
+        .env_remove("KMS_CACERT")
+        .env_remove("KMS_CLIENT_CERT")
+        .env_remove("KMS_CLIENT_KEY")
         .env("KMS_ADDR", addr)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

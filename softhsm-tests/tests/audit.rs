@@ -27,16 +27,23 @@ fn config(hsm: &TestHsm, store: &Path) -> PathBuf {
     std::fs::write(
         &path,
         format!(
-            "listen = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n[hsm]\n{}\n[audit]\ncheckpoint_every_records = 5\n",
+            "listen = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n[hsm]\n{}\n[audit]\ncheckpoint_every_records = 5\n{}",
             store.display(),
-            hsm.hsm_table()
+            hsm.hsm_table(),
+            hsm.tls_tables(),
         ),
     )
     .unwrap();
     path
 }
 
-async fn create(c: &mut softhsm_tests::KeysClient, name: &str, algorithm: pb::Algorithm) {
+/// Creates a key as the admin, and grants the admin client its use.
+async fn create(
+    server: &Server,
+    c: &mut softhsm_tests::KeysClient,
+    name: &str,
+    algorithm: pb::Algorithm,
+) {
     c.create_key(pb::CreateKeyRequest {
         name: name.into(),
         algorithm: algorithm as i32,
@@ -44,6 +51,7 @@ async fn create(c: &mut softhsm_tests::KeysClient, name: &str, algorithm: pb::Al
     })
     .await
     .unwrap();
+    server.grant_all(name).await;
 }
 
 fn encrypt_request() -> pb::EncryptRequest {
@@ -57,7 +65,11 @@ fn encrypt_request() -> pb::EncryptRequest {
 /// The export's lines: header, records, checkpoints.
 fn export(server: &Server, dir: &Path, name: &str) -> (PathBuf, Vec<Value>) {
     let path = dir.join(name);
-    let out = server.kms(&["audit", "export", "--out", path.to_str().unwrap()], "");
+    let out = server.kms_as(
+        Some(&server.auditor),
+        &["audit", "export", "--out", path.to_str().unwrap()],
+        "",
+    );
     assert_eq!(out.code, Some(0), "{out:?}");
     let lines = std::fs::read_to_string(&path)
         .unwrap()
@@ -111,7 +123,7 @@ async fn every_call_is_recorded_and_the_export_verifies_offline() {
     assert_eq!(fingerprint.len(), 32);
     server.unseal_with(&shares);
     let mut c = server.keys().await;
-    create(&mut c, "payments", pb::Algorithm::Aes256Gcm).await;
+    create(&server, &mut c, "payments", pb::Algorithm::Aes256Gcm).await;
 
     // A request id given by the caller is recorded and returned.
     let mut req = tonic::Request::new(encrypt_request());
@@ -177,7 +189,7 @@ async fn every_call_is_recorded_and_the_export_verifies_offline() {
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
-    let out = server.kms(&["audit", "verify"], "");
+    let out = server.kms_as(Some(&server.auditor), &["audit", "verify"], "");
     assert_eq!(out.code, Some(0), "online verify: {out:?}");
     assert!(out.stdout.contains("intact"), "{out:?}");
 
@@ -210,7 +222,7 @@ async fn every_call_is_recorded_and_the_export_verifies_offline() {
     // The encrypt, field by field.
     let e = &find(&recs, "Encrypt", "OK")["event"];
     assert_eq!(e["request_id"], "order-4711");
-    assert_eq!(e["principal"], "anonymous");
+    assert_eq!(e["principal"], server.admin.principal.as_str());
     assert!(e["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{e}");
     assert_eq!(e["service"], "kms.v1.KeyManagement");
     assert_eq!(e["key"], "payments");
@@ -342,7 +354,8 @@ async fn every_call_is_recorded_and_the_export_verifies_offline() {
 
     // A filtered export is not a chain: offline verify says so instead of passing.
     let filtered = dir.join("filtered.jsonl");
-    let out = server.kms(
+    let out = server.kms_as(
+        Some(&server.auditor),
         &[
             "audit",
             "export",
@@ -366,7 +379,8 @@ async fn every_call_is_recorded_and_the_export_verifies_offline() {
     let (code, _) = verify_offline(&filtered);
     assert_eq!(code, Some(1));
     // CSV: one row per record.
-    let out = server.kms(
+    let out = server.kms_as(
+        Some(&server.auditor),
         &["audit", "export", "--format", "csv", "--key", "payments"],
         "",
     );
@@ -394,7 +408,7 @@ async fn every_call_is_recorded_and_the_export_verifies_offline() {
     );
     let (code, stdout) = verify_offline(&file);
     assert_eq!(code, Some(0), "{stdout}");
-    let out = server.kms(&["audit", "verify"], "");
+    let out = server.kms_as(Some(&server.auditor), &["audit", "verify"], "");
     assert_eq!(out.code, Some(0), "{out:?}");
 
     // Nothing secret in the store, the exports or the server log.
@@ -450,7 +464,7 @@ async fn a_full_file_system_fails_requests_closed_and_loses_nothing() {
     let config = config(&hsm, &store);
     let (mut server, shares) = start_unsealed(&hsm, &config);
     let mut c = server.keys().await;
-    create(&mut c, "payments", pb::Algorithm::Aes256Gcm).await;
+    create(&server, &mut c, "payments", pb::Algorithm::Aes256Gcm).await;
     // The first encryption reserves its nonce block; later ones write only their records.
     c.encrypt(encrypt_request()).await.unwrap();
 
@@ -531,9 +545,9 @@ async fn the_usage_report_renders_in_headless_chromium() {
     let hsm = TestHsm::new("kms-audit-report");
     let (server, _) = start_unsealed(&hsm, &config(&hsm, &hsm.path().join("kms.redb")));
     let mut c = server.keys().await;
-    create(&mut c, "payments", pb::Algorithm::Aes256Gcm).await;
-    create(&mut c, "signer", pb::Algorithm::Ed25519).await;
-    create(&mut c, "idle", pb::Algorithm::HmacSha256).await;
+    create(&server, &mut c, "payments", pb::Algorithm::Aes256Gcm).await;
+    create(&server, &mut c, "signer", pb::Algorithm::Ed25519).await;
+    create(&server, &mut c, "idle", pb::Algorithm::HmacSha256).await;
     let mut cts = Vec::new();
     for _ in 0..3 {
         cts.push(
@@ -569,7 +583,11 @@ async fn the_usage_report_renders_in_headless_chromium() {
     }
 
     // JSON: the numbers.
-    let out = server.kms(&["audit", "report", "--format", "json"], "");
+    let out = server.kms_as(
+        Some(&server.auditor),
+        &["audit", "report", "--format", "json"],
+        "",
+    );
     assert_eq!(out.code, Some(0), "{out:?}");
     let report = out.json();
     let count = |key: &str, version: u64, op: &str| -> u64 {
@@ -607,13 +625,17 @@ async fn the_usage_report_renders_in_headless_chromium() {
         (&Value::from("payments"), &Value::from(1), &Value::from(2))
     );
     // Table and CSV carry the same numbers.
-    let table = server.kms(&["audit", "report"], "");
+    let table = server.kms_as(Some(&server.auditor), &["audit", "report"], "");
     assert!(
         table.stdout.contains("payments  1        Encrypt"),
         "{}",
         table.stdout
     );
-    let csv = server.kms(&["audit", "report", "--format", "csv"], "");
+    let csv = server.kms_as(
+        Some(&server.auditor),
+        &["audit", "report", "--format", "csv"],
+        "",
+    );
     assert!(
         csv.stdout.contains("payments,1,Encrypt,OK,3,"),
         "{}",
@@ -623,7 +645,8 @@ async fn the_usage_report_renders_in_headless_chromium() {
     // HTML, rendered by Chromium: the script draws one line per key with its total, and
     // the tables hold the counts.
     let html = hsm.path().join("report.html");
-    let out = server.kms(
+    let out = server.kms_as(
+        Some(&server.auditor),
         &[
             "audit",
             "report",
@@ -692,7 +715,8 @@ async fn bad_audit_requests_get_clear_errors_and_are_recorded() {
     let dir = hsm.path();
 
     // A period that ends before it starts: refused by the server, and recorded.
-    let out = server.kms(
+    let out = server.kms_as(
+        Some(&server.auditor),
         &[
             "audit",
             "export",
@@ -709,7 +733,8 @@ async fn bad_audit_requests_get_clear_errors_and_are_recorded() {
             .contains("INVALID_ARGUMENT: since must be before until"),
         "{out:?}"
     );
-    let out = server.kms(
+    let out = server.kms_as(
+        Some(&server.auditor),
         &[
             "audit",
             "report",
@@ -722,7 +747,11 @@ async fn bad_audit_requests_get_clear_errors_and_are_recorded() {
     );
     assert!(out.stderr.contains("INVALID_ARGUMENT"), "{out:?}");
     // A time that is not RFC 3339: the CLI says what it wants.
-    let out = server.kms(&["audit", "export", "--since", "yesterday"], "");
+    let out = server.kms_as(
+        Some(&server.auditor),
+        &["audit", "export", "--since", "yesterday"],
+        "",
+    );
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.stderr.contains("RFC 3339"), "{out:?}");
 
@@ -768,11 +797,16 @@ async fn bad_audit_requests_get_clear_errors_and_are_recorded() {
 
     // The report needs the keyring: sealed, it says so.
     assert_eq!(server.kms(&["operator", "seal"], "").code, Some(0));
-    let out = server.kms(&["audit", "report"], "");
+    let out = server.kms_as(Some(&server.auditor), &["audit", "report"], "");
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.stderr.contains("FAILED_PRECONDITION"), "{out:?}");
     // Export and verify work sealed (auditors need no unsealed server for the log).
-    assert_eq!(server.kms(&["audit", "verify"], "").code, Some(0));
+    assert_eq!(
+        server
+            .kms_as(Some(&server.auditor), &["audit", "verify"], "")
+            .code,
+        Some(0)
+    );
     server.unseal_with(&shares);
 
     // Every refusal above that reached the server is in the log, with its outcome.

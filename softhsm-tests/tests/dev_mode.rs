@@ -13,7 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::Duration;
 
-use softhsm_tests::{bin, run_kms, sigterm};
+use std::path::PathBuf;
+
+use softhsm_tests::{bin, run_kms, run_kms_env, sigterm};
 
 struct Dev {
     child: Child,
@@ -77,11 +79,40 @@ impl Drop for Dev {
     }
 }
 
-fn addr_of(line: &str) -> String {
+fn addr_of(line: &str, scheme: &str) -> String {
     format!(
-        "http://{}",
+        "{scheme}://{}",
         line.trim_start_matches("kms listening on ").trim()
     )
+}
+
+/// The environment `kms dev` tells the admin to export: KMS_CACERT, KMS_CLIENT_CERT,
+/// KMS_CLIENT_KEY.
+fn admin_env(dev: &mut Dev) -> Vec<(&'static str, PathBuf)> {
+    let ca = dev.wait_for("export KMS_CACERT=");
+    let ca = ca
+        .trim()
+        .trim_start_matches("export KMS_CACERT=")
+        .to_owned();
+    let line = dev.wait_for("export KMS_CLIENT_CERT=");
+    let mut words = line.trim().trim_start_matches("export ").split(' ');
+    let cert = words.next().unwrap().trim_start_matches("KMS_CLIENT_CERT=");
+    let key = words.next().unwrap().trim_start_matches("KMS_CLIENT_KEY=");
+    vec![
+        ("KMS_CACERT", PathBuf::from(ca)),
+        ("KMS_CLIENT_CERT", PathBuf::from(cert)),
+        ("KMS_CLIENT_KEY", PathBuf::from(key)),
+    ]
+}
+
+/// `env` with the client certificate swapped for `who`'s (files beside the admin's).
+fn as_client(env: &[(&'static str, PathBuf)], who: &str) -> Vec<(&'static str, PathBuf)> {
+    let dir = env[1].1.parent().unwrap();
+    vec![
+        env[0].clone(),
+        ("KMS_CLIENT_CERT", dir.join(format!("{who}.pem"))),
+        ("KMS_CLIENT_KEY", dir.join(format!("{who}-key.pem"))),
+    ]
 }
 
 #[test]
@@ -91,19 +122,70 @@ fn dev_mode_initialises_unseals_and_restarts_sealed() {
     let d = d.to_str().unwrap();
 
     let mut dev = Dev::start(&["--dir", d]);
-    let addr = addr_of(&dev.wait_for("kms listening on"));
+    let addr = addr_of(&dev.wait_for("kms listening on"), "https");
     let mut shares = Vec::new();
     for i in 1..=5 {
         let line = dev.wait_for(&format!("Unseal share {i}: "));
         shares.push(line.split(": ").nth(1).unwrap().to_owned());
     }
     dev.wait_for("WARNING: these shares are shown once");
-    dev.wait_for("unsealed with shares 1-3");
-    let st = run_kms(&addr, &["operator", "status", "--json"], "");
+    dev.wait_for("unsealed with shares 1-3 and serving mTLS");
+    let env = admin_env(&mut dev);
+    let st = run_kms_env(&addr, &env, &["operator", "status", "--json"], "");
     assert_eq!(st.code, Some(0), "{st:?}");
     assert_eq!(st.json()["sealed"], false);
     assert_eq!(st.json()["threshold"], 3);
     assert_eq!(st.json()["shares"], 5);
+    // The printed commands work: the admin makes a key and grants the application.
+    let who = run_kms_env(&addr, &env, &["whoami", "--json"], "").json();
+    assert_eq!(who["principal"], "spiffe://kms.dev/admin");
+    assert_eq!(who["roles"], serde_json::json!(["admin"]));
+    let kms = |env: &[(&'static str, PathBuf)], args: &[&str], stdin: &str| {
+        let out = run_kms_env(&addr, env, args, stdin);
+        assert_eq!(out.code, Some(0), "{args:?}: {out:?}");
+        out
+    };
+    kms(
+        &env,
+        &["key", "create", "payments", "--algorithm", "aes-256-gcm"],
+        "",
+    );
+    kms(
+        &env,
+        &[
+            "grant",
+            "create",
+            "payments",
+            "spiffe://kms.dev/app",
+            "--operations",
+            "encrypt,decrypt",
+        ],
+        "",
+    );
+    let app = as_client(&env, "app");
+    let ct = kms(&app, &["encrypt", "--key", "payments", "--base64"], "hello").stdout;
+    let ct_file = dir.path().join("ct.b64");
+    std::fs::write(&ct_file, ct).unwrap();
+    let pt = kms(
+        &app,
+        &[
+            "decrypt",
+            "--key",
+            "payments",
+            "--base64",
+            "--in",
+            ct_file.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(
+        data_encoding::BASE64
+            .decode(pt.stdout.trim().as_bytes())
+            .unwrap(),
+        b"hello"
+    );
+    let out = kms(&as_client(&env, "auditor"), &["audit", "verify"], "");
+    assert!(out.stdout.starts_with("intact"), "{out:?}");
     // The PIN file is private.
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(format!("{d}/hsm-pin"))
@@ -115,13 +197,15 @@ fn dev_mode_initialises_unseals_and_restarts_sealed() {
 
     // The same directory again: same token and store, sealed, unsealable with old shares.
     let mut dev = Dev::start(&["--dir", d]);
-    let addr = addr_of(&dev.wait_for("kms listening on"));
+    let addr = addr_of(&dev.wait_for("kms listening on"), "https");
     dev.wait_for("the server is sealed");
-    let st = run_kms(&addr, &["operator", "status", "--json"], "");
+    let env = admin_env(&mut dev);
+    let st = run_kms_env(&addr, &env, &["operator", "status", "--json"], "");
     assert_eq!(st.json()["sealed"], true);
     assert_eq!(st.json()["initialized"], true);
-    let out = run_kms(
+    let out = run_kms_env(
         &addr,
+        &env,
         &["operator", "unseal"],
         &format!("{}\n{}\n{}\n", shares[4], shares[3], shares[0]),
     );
@@ -132,7 +216,8 @@ fn dev_mode_initialises_unseals_and_restarts_sealed() {
 #[test]
 fn dev_mode_without_dir_cleans_up_its_temporary_directory() {
     let mut dev = Dev::start(&[]);
-    let addr = addr_of(&dev.wait_for("kms listening on"));
+    let addr = addr_of(&dev.wait_for("kms listening on"), "https");
+    let env = admin_env(&mut dev);
     let state = dev.wait_for("State: ");
     let path = state
         .trim_start_matches("State: ")
@@ -145,7 +230,7 @@ fn dev_mode_without_dir_cleans_up_its_temporary_directory() {
         "{path}"
     );
     assert_eq!(
-        run_kms(&addr, &["operator", "status", "--json"], "").json()["sealed"],
+        run_kms_env(&addr, &env, &["operator", "status", "--json"], "").json()["sealed"],
         false
     );
     assert!(dev.stop().success());
@@ -153,4 +238,26 @@ fn dev_mode_without_dir_cleans_up_its_temporary_directory() {
         !std::path::Path::new(&path).exists(),
         "{path} was not removed"
     );
+}
+
+#[test]
+fn plaintext_dev_mode_warns_and_names_every_caller_loopback() {
+    let mut dev = Dev::start(&["--plaintext"]);
+    let addr = addr_of(&dev.wait_for("kms listening on"), "http");
+    dev.wait_for("WARNING: plaintext gRPC");
+    dev.wait_for("serving PLAINTEXT gRPC");
+    let who = run_kms(&addr, &["whoami", "--json"], "").json();
+    assert_eq!(who["principal"], "loopback");
+    assert_eq!(who["tls"], false);
+    assert_eq!(who["roles"], serde_json::json!(["admin", "auditor"]));
+    // Shares are never accepted in plaintext.
+    let out = run_kms(&addr, &["operator", "unseal"], "kms1-AAAA\n");
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains(
+            "PERMISSION_DENIED: permission denied: unseal shares are accepted over TLS only"
+        ),
+        "{out:?}"
+    );
+    assert!(dev.stop().success());
 }

@@ -22,22 +22,28 @@ type Client = KeyManagementClient<Channel>;
 const PLAINTEXT: &[u8] = b"attack at dawn: SECRET-PLAINTEXT-7f3a";
 const AAD: &[u8] = b"tenant=acme;SECRET-AAD-91c2";
 
+/// Creates a key as the admin and grants the admin client every operation on it (these
+/// tests are about the keyring, not access; see access.rs).
 async fn create(
+    server: &Server,
     c: &mut Client,
     name: &str,
     algorithm: pb::Algorithm,
     protection: pb::ProtectionLevel,
 ) -> pb::Key {
-    c.create_key(pb::CreateKeyRequest {
-        name: name.into(),
-        algorithm: algorithm as i32,
-        protection_level: protection as i32,
-        rotation_period_seconds: 0,
-        labels: [("team".to_owned(), "payments".to_owned())].into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
+    let key = c
+        .create_key(pb::CreateKeyRequest {
+            name: name.into(),
+            algorithm: algorithm as i32,
+            protection_level: protection as i32,
+            rotation_period_seconds: 0,
+            labels: [("team".to_owned(), "payments".to_owned())].into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    server.grant_all(name).await;
+    key
 }
 
 async fn encrypt(c: &mut Client, key: &str, pt: &[u8], aad: &[u8]) -> (Vec<u8>, u32) {
@@ -162,7 +168,7 @@ async fn every_algorithm_at_both_protection_levels() {
     ] {
         // AES-256-GCM.
         let name = format!("aes-{p}");
-        let key = create(&mut c, &name, pb::Algorithm::Aes256Gcm, protection).await;
+        let key = create(&server, &mut c, &name, pb::Algorithm::Aes256Gcm, protection).await;
         assert_eq!(key.purpose, pb::Purpose::EncryptDecrypt as i32);
         assert_eq!(key.primary_version, 1);
         assert_eq!(key.labels["team"], "payments");
@@ -251,7 +257,7 @@ async fn every_algorithm_at_both_protection_levels() {
             (pb::Algorithm::Ed25519, true),
         ] {
             let name = format!("{}-{p}", if ed { "ed" } else { "ec" });
-            create(&mut c, &name, alg, protection).await;
+            create(&server, &mut c, &name, alg, protection).await;
             let pem = c
                 .get_public_key(pb::GetPublicKeyRequest {
                     key: name.clone(),
@@ -318,7 +324,14 @@ async fn every_algorithm_at_both_protection_levels() {
 
         // MAC.
         let name = format!("mac-{p}");
-        create(&mut c, &name, pb::Algorithm::HmacSha256, protection).await;
+        create(
+            &server,
+            &mut c,
+            &name,
+            pb::Algorithm::HmacSha256,
+            protection,
+        )
+        .await;
         let m = c
             .mac(pb::MacRequest {
                 key: name.clone(),
@@ -358,6 +371,7 @@ async fn every_algorithm_at_both_protection_levels() {
         "decryption failed",
     );
     create(
+        &server,
         &mut c,
         "aes-sw-2",
         pb::Algorithm::Aes256Gcm,
@@ -464,7 +478,7 @@ async fn rotation_versions_destruction_and_restart() {
         ("rot-sw", pb::ProtectionLevel::Software),
         ("rot-hsm", pb::ProtectionLevel::Hsm),
     ] {
-        create(&mut c, name, pb::Algorithm::Aes256Gcm, protection).await;
+        create(&server, &mut c, name, pb::Algorithm::Aes256Gcm, protection).await;
         let (ct1, v1) = encrypt(&mut c, name, PLAINTEXT, AAD).await;
         let key = c
             .rotate_key(pb::RotateKeyRequest { name: name.into() })
@@ -607,6 +621,7 @@ async fn rotation_versions_destruction_and_restart() {
     // A restart: sealed, then every key and version as before.
     let (ct_sw, _) = encrypt(&mut c, "rot-sw", PLAINTEXT, AAD).await;
     create(
+        &server,
         &mut c,
         "signer",
         pb::Algorithm::Ed25519,
@@ -675,6 +690,7 @@ async fn automatic_rotation_and_the_nonce_budget() {
 
     // The nonce budget: 8 per version, rotation at 6.
     create(
+        &server,
         &mut c,
         "budget",
         pb::Algorithm::Aes256Gcm,
@@ -778,6 +794,7 @@ async fn bad_input_gets_clear_typed_errors() {
     let (server, _) = start_unsealed(&hsm, &keyring_config(&hsm, ""));
     let mut c = server.keys().await;
     create(
+        &server,
         &mut c,
         "enc",
         pb::Algorithm::Aes256Gcm,
@@ -785,6 +802,7 @@ async fn bad_input_gets_clear_typed_errors() {
     )
     .await;
     create(
+        &server,
         &mut c,
         "sig",
         pb::Algorithm::EcdsaP256Sha256,
@@ -839,10 +857,11 @@ async fn bad_input_gets_clear_typed_errors() {
         "protection_level",
     );
 
+    // No grant on an unknown key: refused without saying whether it exists.
     expect_code(
         encrypt_raw(&mut c, "nope").await,
-        Code::NotFound,
-        "no key named \"nope\"",
+        Code::PermissionDenied,
+        "has no grant to encrypt with key \"nope\"",
     );
     expect_code(
         c.get_key(pb::GetKeyRequest {
@@ -1057,6 +1076,7 @@ async fn a_store_edited_on_disk_is_refused() {
     let (mut server, shares) = start_unsealed(&hsm, &config);
     let mut c = server.keys().await;
     create(
+        &server,
         &mut c,
         "victim",
         pb::Algorithm::Aes256Gcm,
@@ -1064,6 +1084,7 @@ async fn a_store_edited_on_disk_is_refused() {
     )
     .await;
     create(
+        &server,
         &mut c,
         "bystander",
         pb::Algorithm::Aes256Gcm,
@@ -1148,6 +1169,25 @@ async fn the_cli_encrypts_signs_and_manages_keys() {
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(out.json()["algorithm"], "AES_256_GCM");
     assert_eq!(out.json()["labels"]["env"], "prod");
+    // Administering a key does not allow using it: the admin needs a grant too.
+    let out = server.kms(&["encrypt", "--key", "files"], "x");
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("PERMISSION_DENIED"), "{out:?}");
+    let admin = server.admin.principal.clone();
+    let out = server.kms(
+        &[
+            "grant",
+            "create",
+            "files",
+            &admin,
+            "--operations",
+            "encrypt,decrypt,generate-data-key",
+            "--json",
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(out.json()["principal"], admin.as_str());
 
     let out = server.kms(
         &["encrypt", "--key", "files", "--aad", "ctx", "--base64"],
@@ -1216,6 +1256,18 @@ async fn the_cli_encrypts_signs_and_manages_keys() {
         "",
     );
     assert_eq!(out.code, Some(0), "{out:?}");
+    let out = server.kms(
+        &[
+            "grant",
+            "create",
+            "sigs",
+            &admin,
+            "--operations",
+            "sign,verify,get-public-key",
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
     let sig_path = dir.join("cli.sig");
     let out = server.kms(
         &["sign", "--key", "sigs", "--out", sig_path.to_str().unwrap()],
@@ -1262,8 +1314,16 @@ async fn the_cli_encrypts_signs_and_manages_keys() {
     assert_eq!(out.json()["key_version"], 2);
     let list = server.kms(&["key", "list", "--json"], "").json();
     assert_eq!(list.as_array().unwrap().len(), 2);
+    // A key without a grant looks the same whether it exists or not.
     let out = server.kms(&["encrypt", "--key", "nope"], "x");
     assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr.contains(&format!(
+            "PERMISSION_DENIED: permission denied: \"{admin}\" has no grant to encrypt with key \"nope\""
+        )),
+        "{out:?}"
+    );
+    let out = server.kms(&["key", "get", "nope"], "");
     assert!(
         out.stderr.contains("NOT_FOUND: no key named \"nope\""),
         "{out:?}"
@@ -1277,6 +1337,7 @@ async fn an_acknowledged_key_survives_kill_9() {
     let (mut server, shares) = start_unsealed(&hsm, &config);
     let mut c = server.keys().await;
     create(
+        &server,
         &mut c,
         "durable",
         pb::Algorithm::Aes256Gcm,

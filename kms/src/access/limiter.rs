@@ -64,10 +64,7 @@ impl FailureLimiter {
             return Ok(());
         }
         let oldest = history.front().copied().unwrap_or(now);
-        Err(self
-            .limit
-            .window
-            .saturating_sub(now.duration_since(oldest)))
+        Err(self.limit.window.saturating_sub(now.duration_since(oldest)))
     }
 
     /// Records a failed share from `addr`.

@@ -106,7 +106,9 @@ pub enum PatternError {
     #[error("a principal pattern is empty")]
     Empty,
     /// `*` alone.
-    #[error("the pattern \"*\" would match every certificate: name a prefix, e.g. \"spiffe://example.org/ops/*\"")]
+    #[error(
+        "the pattern \"*\" would match every certificate: name a prefix, e.g. \"spiffe://example.org/ops/*\""
+    )]
     Everything,
     /// `*` not at the end, or a control character.
     #[error(
@@ -415,7 +417,10 @@ mod tests {
             need("kms.v1.KeyManagement", "BatchSign"),
             Grant(Operation::Sign)
         );
-        assert_eq!(need("kms.v1.Access", "ListGrants"), Role(super::Role::Admin));
+        assert_eq!(
+            need("kms.v1.Access", "ListGrants"),
+            Role(super::Role::Admin)
+        );
         // Unknown: closed.
         assert_eq!(need("kms.v1.Nope", "Status"), Role(super::Role::Admin));
         assert_eq!(
@@ -456,7 +461,10 @@ mod tests {
         assert!(check(Need::Nothing, &anon, &roles, 0).is_ok());
         let mut expired = admin.clone();
         expired.not_after = Some(10);
-        assert_eq!(check(Need::Nothing, &expired, &roles, 11), Err(Denied::Expired));
+        assert_eq!(
+            check(Need::Nothing, &expired, &roles, 11),
+            Err(Denied::Expired)
+        );
         // Loopback callers hold a role only if it names them exactly.
         let lo = Roles {
             admin: vec![Pattern::new(LOOPBACK).unwrap()],

@@ -108,13 +108,12 @@ fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'s
 pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let chain = certificates("cert", &files.cert)?;
     if let Some(leaf) = chain.first() {
-        let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| {
-            TlsError::Certificate {
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(leaf).map_err(|e| TlsError::Certificate {
                 what: "cert",
                 path: files.cert.clone(),
                 reason: format!("not an X.509 certificate: {e}"),
-            }
-        })?;
+            })?;
         if !cert.validity().is_valid() {
             return Err(TlsError::Certificate {
                 what: "cert",
@@ -230,8 +229,7 @@ impl ServerTls {
     /// Reloads on SIGHUP, and whenever a file changes (checked every `poll`). Runs until
     /// aborted.
     pub async fn watch(self: Arc<Self>, poll: Duration) {
-        let mut hup =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -287,17 +285,12 @@ pub fn principal_of(der: &[u8]) -> Result<(String, i64), NameError> {
         Err(_) => return Err(NameError::Unparseable),
     };
     let name = match uris.as_slice() {
-        [uri] if uri.starts_with("spiffe://") && uri.len() > "spiffe://".len() => {
-            (*uri).to_owned()
-        }
+        [uri] if uri.starts_with("spiffe://") && uri.len() > "spiffe://".len() => (*uri).to_owned(),
         [_] => return Err(NameError::NotSpiffe),
         [] => {
             let mut cns = cert.subject().iter_common_name();
             match (cns.next(), cns.next()) {
-                (Some(cn), None) => cn
-                    .as_str()
-                    .map_err(|_| NameError::NoName)?
-                    .to_owned(),
+                (Some(cn), None) => cn.as_str().map_err(|_| NameError::NoName)?.to_owned(),
                 _ => return Err(NameError::NoName),
             }
         }

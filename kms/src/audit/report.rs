@@ -212,6 +212,8 @@ const ADMIN: &[&str] = &[
     "CancelKeyVersionDestruction",
     "AutoRotateKey",
     "DestroyKeyVersion",
+    "CreateGrant",
+    "RevokeGrant",
 ];
 
 /// Builds a [`UsageReport`] from the records of a period, one at a time.

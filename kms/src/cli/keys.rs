@@ -358,9 +358,11 @@ fn aad_bytes(aad: &Aad) -> Result<Vec<u8>, BoxError> {
 pub(super) fn aad_value(aad: &Aad) -> Result<Option<Vec<u8>>, BoxError> {
     match (&aad.aad, &aad.aad_file) {
         (Some(t), _) => Ok(Some(t.as_bytes().to_vec())),
-        (None, Some(p)) => Ok(Some(
-            std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?,
-        )),
+        (None, Some(p)) => {
+            Ok(Some(std::fs::read(p).map_err(|e| {
+                format!("cannot read {}: {e}", p.display())
+            })?))
+        }
         (None, None) => Ok(None),
     }
 }

@@ -58,13 +58,19 @@ impl Aad for pb::GenerateDataKeyRequest {
 
 impl Aad for pb::BatchEncryptRequest {
     fn aads(&self) -> Vec<&[u8]> {
-        self.items.iter().map(|i| i.associated_data.as_slice()).collect()
+        self.items
+            .iter()
+            .map(|i| i.associated_data.as_slice())
+            .collect()
     }
 }
 
 impl Aad for pb::BatchDecryptRequest {
     fn aads(&self) -> Vec<&[u8]> {
-        self.items.iter().map(|i| i.associated_data.as_slice()).collect()
+        self.items
+            .iter()
+            .map(|i| i.associated_data.as_slice())
+            .collect()
     }
 }
 

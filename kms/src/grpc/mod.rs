@@ -432,8 +432,8 @@ async fn run<R: prost::Message + Send + 'static>(
         .and_then(|()| f(&call));
         finish(&call, result)
     })
-        .await
-        .map_err(|_| Status::internal("internal error"));
+    .await
+    .map_err(|_| Status::internal("internal error"));
     let with_id = |mut status: Status| {
         if let Ok(v) = MetadataValue::try_from(request_id.as_str()) {
             status.metadata_mut().insert(REQUEST_ID, v);
@@ -525,7 +525,11 @@ async fn with_keyring<Q: Aad + Send + 'static, R: prost::Message + Send + 'stati
         if let Need::Grant(operation) = c.need {
             let aads = req.aads();
             let keys = [c.event.key.as_deref(), c.event.destination_key.as_deref()];
-            for key in keys.into_iter().flatten().chain(c.event.key.is_none().then_some("")) {
+            for key in keys
+                .into_iter()
+                .flatten()
+                .chain(c.event.key.is_none().then_some(""))
+            {
                 if !keyring.permits(&c.identity.principal, key, operation, &aads)? {
                     return Err(Denied::Grant {
                         principal: c.identity.principal.clone(),

@@ -13,8 +13,8 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::model::{open_record, record_mac, seal_record};
 use super::KeyringError;
+use super::model::{open_record, record_mac, seal_record};
 use crate::access::{Operation, Pattern};
 
 /// The grant record's schema version.
@@ -94,17 +94,17 @@ impl Grant {
 }
 
 /// The keyed hash a constrained grant keeps of its associated data.
-pub(super) fn aad_mac(
-    mac_key: &[u8; 32],
-    key: &str,
-    aad: &[u8],
-) -> Result<Vec<u8>, KeyringError> {
+pub(super) fn aad_mac(mac_key: &[u8; 32], key: &str, aad: &[u8]) -> Result<Vec<u8>, KeyringError> {
     record_mac(mac_key, AAD_DOMAIN, key, aad)
 }
 
 /// Checks a grant id's form (so that a bad one is INVALID_ARGUMENT, not NOT_FOUND).
 pub fn check_id(id: &str) -> Result<(), KeyringError> {
-    if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+    if id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
         Ok(())
     } else {
         Err(KeyringError::BadRequest(
@@ -153,15 +153,45 @@ mod tests {
     fn allows_only_what_it_names() {
         let k = [7u8; 32];
         let g = grant(&k, None);
-        assert!(g.allows("spiffe://corp/app/a", Operation::Encrypt, &[b""], &k).unwrap());
-        assert!(!g.allows("spiffe://corp/app/a", Operation::Sign, &[], &k).unwrap());
-        assert!(!g.allows("spiffe://corp/other", Operation::Encrypt, &[b""], &k).unwrap());
-        let c = grant(&k, Some(b"tenant=1"));
-        assert!(c.allows("spiffe://corp/app/a", Operation::Decrypt, &[b"tenant=1"], &k).unwrap());
-        assert!(!c.allows("spiffe://corp/app/a", Operation::Decrypt, &[b"tenant=2"], &k).unwrap());
         assert!(
-            !c.allows("spiffe://corp/app/a", Operation::Decrypt, &[b"tenant=1", b"x"], &k)
+            g.allows("spiffe://corp/app/a", Operation::Encrypt, &[b""], &k)
                 .unwrap()
+        );
+        assert!(
+            !g.allows("spiffe://corp/app/a", Operation::Sign, &[], &k)
+                .unwrap()
+        );
+        assert!(
+            !g.allows("spiffe://corp/other", Operation::Encrypt, &[b""], &k)
+                .unwrap()
+        );
+        let c = grant(&k, Some(b"tenant=1"));
+        assert!(
+            c.allows(
+                "spiffe://corp/app/a",
+                Operation::Decrypt,
+                &[b"tenant=1"],
+                &k
+            )
+            .unwrap()
+        );
+        assert!(
+            !c.allows(
+                "spiffe://corp/app/a",
+                Operation::Decrypt,
+                &[b"tenant=2"],
+                &k
+            )
+            .unwrap()
+        );
+        assert!(
+            !c.allows(
+                "spiffe://corp/app/a",
+                Operation::Decrypt,
+                &[b"tenant=1", b"x"],
+                &k
+            )
+            .unwrap()
         );
     }
 
@@ -172,7 +202,10 @@ mod tests {
         let bytes = encode(&g, &k).unwrap();
         assert_eq!(decode(&g.id, &bytes, &k).unwrap(), Some(g.clone()));
         // Another id (a record copied over another), another key, a changed byte.
-        assert_eq!(decode("ffffffffffffffffffffffffffffffff", &bytes, &k).unwrap(), None);
+        assert_eq!(
+            decode("ffffffffffffffffffffffffffffffff", &bytes, &k).unwrap(),
+            None
+        );
         assert_eq!(decode(&g.id, &bytes, &[8u8; 32]).unwrap(), None);
         let text = String::from_utf8(bytes).unwrap().replace("encrypt", "sign");
         assert_eq!(decode(&g.id, text.as_bytes(), &k).unwrap(), None);

@@ -29,8 +29,8 @@ use zeroize::Zeroizing;
 use crate::audit::AuditLog;
 use crate::hsm::{Hsm, HsmError, HsmKeyKind};
 use crate::store::{Store, StoreError, Table, Write};
-use material::{Public, Secret, SignInput, VersionMaterial};
 use grants::{Grant, NewGrant};
+use material::{Public, Secret, SignInput, VersionMaterial};
 use model::{Algorithm, KeyMeta, Protection, Purpose, VersionMeta, VersionState};
 
 /// Largest plaintext `Encrypt` takes (use `GenerateDataKey` and encrypt locally above it).
@@ -251,7 +251,9 @@ pub struct SystemJournal<'a> {
 impl Journal for SystemJournal<'_> {
     fn commit(&self, change: Change<'_>, writes: Vec<Write>) -> Result<(), KeyringError> {
         let Change::Key(meta) = change else {
-            return Err(KeyringError::Internal("the server changes no grant by itself"));
+            return Err(KeyringError::Internal(
+                "the server changes no grant by itself",
+            ));
         };
         let event = crate::audit::AuditEvent {
             key: Some(meta.name.clone()),
