@@ -464,6 +464,16 @@ impl Server {
         )
     }
 
+    /// Sends SIGHUP (reload the TLS files).
+    pub fn sighup(&self) {
+        let child = self.child.as_ref().unwrap();
+        let pid = i32::try_from(child.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    }
+
     /// Kills the server with SIGKILL (`kill -9`): no chance to flush anything.
     pub fn kill9(&mut self) {
         let mut child = self.child.take().unwrap();

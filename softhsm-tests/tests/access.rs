@@ -1,0 +1,926 @@
+//! Who may do what, over real mTLS against a real server and SoftHSM token: every RPC
+//! tried by every kind of caller, certificates the handshake must refuse, grants revoked
+//! and constrained, the limit on failed unseal shares, and certificate rotation without a
+//! restart while a client keeps calling.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use kms_proto::v1 as pb;
+use kms_proto::v1::access_client::AccessClient;
+use kms_proto::v1::audit_client::AuditClient;
+use kms_proto::v1::key_management_client::KeyManagementClient;
+use kms_proto::v1::system_client::SystemClient;
+use softhsm_tests::{ClientSpec, Cred, Pki, Server, TestHsm, spiffe, start_unsealed, try_channel};
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// Every RPC of the API.
+const RPCS: &[&str] = &[
+    "System/Status",
+    "System/Unseal",
+    "System/Init",
+    "Access/WhoAmI",
+    "Access/CreateGrant",
+    "Access/ListGrants",
+    "Access/RevokeGrant",
+    "KeyManagement/CreateKey",
+    "KeyManagement/GetKey",
+    "KeyManagement/ListKeys",
+    "KeyManagement/RotateKey",
+    "KeyManagement/UpdateKey",
+    "KeyManagement/DisableKeyVersion",
+    "KeyManagement/EnableKeyVersion",
+    "KeyManagement/ScheduleKeyVersionDestruction",
+    "KeyManagement/CancelKeyVersionDestruction",
+    "KeyManagement/Encrypt",
+    "KeyManagement/Decrypt",
+    "KeyManagement/ReEncrypt",
+    "KeyManagement/GenerateDataKey",
+    "KeyManagement/GenerateDataKeyWithoutPlaintext",
+    "KeyManagement/Sign",
+    "KeyManagement/Verify",
+    "KeyManagement/GetPublicKey",
+    "KeyManagement/Mac",
+    "KeyManagement/VerifyMac",
+    "KeyManagement/BatchEncrypt",
+    "KeyManagement/BatchDecrypt",
+    "KeyManagement/BatchSign",
+    "Audit/ExportAuditLog",
+    "Audit/KeyUsageReport",
+    "Audit/VerifyAuditLog",
+    // Last: it seals the server.
+    "System/Seal",
+];
+
+/// What the matrix needs that was made beforehand.
+struct Fixture {
+    ciphertext: Vec<u8>,
+    signature: Vec<u8>,
+    mac: Vec<u8>,
+    grant_to_revoke: String,
+}
+
+/// Makes one call of `rpc` on `ch`; its code.
+async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
+    let mut sys = SystemClient::new(ch.clone());
+    let mut acc = AccessClient::new(ch.clone());
+    let mut keys = KeyManagementClient::new(ch.clone());
+    let mut aud = AuditClient::new(ch);
+    let fresh = format!("made-{n}");
+    let code = |r: Result<(), tonic::Status>| r.map_or_else(|s| s.code(), |()| Code::Ok);
+    let enc = |pt: &[u8]| pb::EncryptRequest {
+        key: "enc".into(),
+        plaintext: pt.to_vec(),
+        associated_data: b"ctx".to_vec(),
+    };
+    let version = |name: &str| pb::KeyVersionRequest {
+        name: name.into(),
+        version: 1,
+    };
+    code(match rpc {
+        "System/Status" => sys.status(pb::StatusRequest {}).await.map(drop),
+        "System/Unseal" => sys
+            .unseal(pb::UnsealRequest {
+                share: "kms1-NOTASHARE".into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "System/Init" => sys
+            .init(pb::InitRequest {
+                shares: 3,
+                threshold: 2,
+                hsm_pin: String::new(),
+            })
+            .await
+            .map(drop),
+        "System/Seal" => sys.seal(pb::SealRequest {}).await.map(drop),
+        "Access/WhoAmI" => acc.who_am_i(pb::WhoAmIRequest {}).await.map(drop),
+        "Access/CreateGrant" => acc
+            .create_grant(pb::CreateGrantRequest {
+                key: "enc".into(),
+                principal: spiffe("someone"),
+                operations: vec![pb::Operation::Encrypt as i32],
+                associated_data: None,
+            })
+            .await
+            .map(drop),
+        "Access/ListGrants" => acc
+            .list_grants(pb::ListGrantsRequest::default())
+            .await
+            .map(drop),
+        "Access/RevokeGrant" => acc
+            .revoke_grant(pb::RevokeGrantRequest {
+                id: f.grant_to_revoke.clone(),
+            })
+            .await
+            .map(drop),
+        "KeyManagement/CreateKey" => keys
+            .create_key(pb::CreateKeyRequest {
+                name: fresh,
+                algorithm: pb::Algorithm::Aes256Gcm as i32,
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "KeyManagement/GetKey" => keys
+            .get_key(pb::GetKeyRequest { name: "enc".into() })
+            .await
+            .map(drop),
+        "KeyManagement/ListKeys" => keys
+            .list_keys(pb::ListKeysRequest::default())
+            .await
+            .map(drop),
+        "KeyManagement/RotateKey" => keys
+            .rotate_key(pb::RotateKeyRequest { name: "tmp".into() })
+            .await
+            .map(drop),
+        "KeyManagement/UpdateKey" => keys
+            .update_key(pb::UpdateKeyRequest {
+                name: "tmp".into(),
+                update_labels: true,
+                labels: [("owner".to_owned(), "ops".to_owned())].into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "KeyManagement/DisableKeyVersion" => {
+            keys.disable_key_version(version("tmp")).await.map(drop)
+        }
+        "KeyManagement/EnableKeyVersion" => keys.enable_key_version(version("tmp")).await.map(drop),
+        "KeyManagement/ScheduleKeyVersionDestruction" => keys
+            .schedule_key_version_destruction(pb::ScheduleKeyVersionDestructionRequest {
+                name: "tmp".into(),
+                version: 1,
+                pending_days: 7,
+            })
+            .await
+            .map(drop),
+        "KeyManagement/CancelKeyVersionDestruction" => keys
+            .cancel_key_version_destruction(version("tmp"))
+            .await
+            .map(drop),
+        "KeyManagement/Encrypt" => keys.encrypt(enc(b"matrix")).await.map(drop),
+        "KeyManagement/Decrypt" => keys
+            .decrypt(pb::DecryptRequest {
+                key: "enc".into(),
+                ciphertext: f.ciphertext.clone(),
+                associated_data: b"ctx".to_vec(),
+            })
+            .await
+            .map(drop),
+        "KeyManagement/ReEncrypt" => keys
+            .re_encrypt(pb::ReEncryptRequest {
+                key: "enc".into(),
+                ciphertext: f.ciphertext.clone(),
+                associated_data: b"ctx".to_vec(),
+                destination_key: String::new(),
+            })
+            .await
+            .map(drop),
+        "KeyManagement/GenerateDataKey" => keys
+            .generate_data_key(pb::GenerateDataKeyRequest {
+                key: "enc".into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "KeyManagement/GenerateDataKeyWithoutPlaintext" => keys
+            .generate_data_key_without_plaintext(pb::GenerateDataKeyRequest {
+                key: "enc".into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "KeyManagement/Sign" => keys
+            .sign(pb::SignRequest {
+                key: "sig".into(),
+                input: Some(pb::sign_request::Input::Message(b"doc".to_vec())),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "KeyManagement/Verify" => keys
+            .verify(pb::VerifyRequest {
+                key: "sig".into(),
+                key_version: 1,
+                input: Some(pb::verify_request::Input::Message(b"doc".to_vec())),
+                signature: f.signature.clone(),
+            })
+            .await
+            .map(drop),
+        "KeyManagement/GetPublicKey" => keys
+            .get_public_key(pb::GetPublicKeyRequest {
+                key: "sig".into(),
+                key_version: 0,
+            })
+            .await
+            .map(drop),
+        "KeyManagement/Mac" => keys
+            .mac(pb::MacRequest {
+                key: "mac".into(),
+                message: b"m".to_vec(),
+            })
+            .await
+            .map(drop),
+        "KeyManagement/VerifyMac" => keys
+            .verify_mac(pb::VerifyMacRequest {
+                key: "mac".into(),
+                key_version: 1,
+                message: b"m".to_vec(),
+                mac: f.mac.clone(),
+            })
+            .await
+            .map(drop),
+        "KeyManagement/BatchEncrypt" => keys
+            .batch_encrypt(pb::BatchEncryptRequest {
+                key: "enc".into(),
+                items: vec![pb::EncryptItem {
+                    plaintext: b"b".to_vec(),
+                    associated_data: b"ctx".to_vec(),
+                }],
+            })
+            .await
+            .map(drop),
+        "KeyManagement/BatchDecrypt" => keys
+            .batch_decrypt(pb::BatchDecryptRequest {
+                key: "enc".into(),
+                items: vec![pb::DecryptItem {
+                    ciphertext: f.ciphertext.clone(),
+                    associated_data: b"ctx".to_vec(),
+                }],
+            })
+            .await
+            .map(drop),
+        "KeyManagement/BatchSign" => keys
+            .batch_sign(pb::BatchSignRequest {
+                key: "sig".into(),
+                items: vec![pb::SignItem {
+                    input: Some(pb::sign_item::Input::Message(b"d".to_vec())),
+                }],
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "Audit/ExportAuditLog" => match aud
+            .export_audit_log(pb::ExportAuditLogRequest::default())
+            .await
+        {
+            Ok(r) => {
+                let mut s = r.into_inner();
+                let mut out = Ok(());
+                while let Some(chunk) = s.message().await.transpose() {
+                    if let Err(e) = chunk {
+                        out = Err(e);
+                        break;
+                    }
+                }
+                out
+            }
+            Err(e) => Err(e),
+        },
+        "Audit/KeyUsageReport" => aud
+            .key_usage_report(pb::KeyUsageReportRequest::default())
+            .await
+            .map(drop),
+        "Audit/VerifyAuditLog" => aud
+            .verify_audit_log(pb::VerifyAuditLogRequest::default())
+            .await
+            .map(drop),
+        other => panic!("no call for {other}"),
+    })
+}
+
+/// What `who` may do with `rpc`: `Ok` unless the cell is a refusal.
+fn expected(who: &str, rpc: &str) -> Code {
+    let (service, method) = rpc.split_once('/').unwrap();
+    let open = matches!(rpc, "System/Status" | "Access/WhoAmI");
+    let use_of_key = service == "KeyManagement"
+        && !matches!(
+            method,
+            "CreateKey"
+                | "GetKey"
+                | "ListKeys"
+                | "RotateKey"
+                | "UpdateKey"
+                | "DisableKeyVersion"
+                | "EnableKeyVersion"
+                | "ScheduleKeyVersionDestruction"
+                | "CancelKeyVersionDestruction"
+        );
+    if rpc == "System/Unseal" {
+        // Anyone over TLS; the share is the credential, and an unsealed server takes none.
+        return Code::Ok;
+    }
+    if open {
+        return Code::Ok;
+    }
+    let allowed = match who {
+        "admin" => !use_of_key && service != "Audit",
+        "auditor" => service == "Audit",
+        "granted-service" => use_of_key,
+        _ => false,
+    };
+    match (allowed, who) {
+        // The server is initialised already.
+        (true, _) if rpc == "System/Init" => Code::FailedPrecondition,
+        (true, _) => Code::Ok,
+        (false, "no-certificate") => Code::Unauthenticated,
+        (false, _) => Code::PermissionDenied,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_by_every_kind_of_caller() {
+    let hsm = TestHsm::new("kms-matrix");
+    let (server, _shares) = start_unsealed(&hsm, &hsm.config());
+    let app = hsm.pki.client("app", &ClientSpec::spiffe("payments-api"));
+    let other = hsm.pki.client("other", &ClientSpec::spiffe("reports"));
+    let stranger = hsm.pki.client("stranger", &ClientSpec::spiffe("stranger"));
+
+    // Keys and grants, as the admin: the app may use enc, sig and mac; `other` may use
+    // only a key of its own.
+    let mut admin_keys = server.keys().await;
+    for (name, alg) in [
+        ("enc", pb::Algorithm::Aes256Gcm),
+        ("sig", pb::Algorithm::Ed25519),
+        ("mac", pb::Algorithm::HmacSha256),
+        ("tmp", pb::Algorithm::Aes256Gcm),
+        ("reports", pb::Algorithm::Aes256Gcm),
+    ] {
+        admin_keys
+            .create_key(pb::CreateKeyRequest {
+                name: name.into(),
+                algorithm: alg as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    for key in ["enc", "sig", "mac"] {
+        server.grant(key, &app.principal).await;
+    }
+    server.grant("reports", &other.principal).await;
+    let grant_to_revoke = server.grant("tmp", &spiffe("short-lived")).await;
+
+    let mut app_keys = server.keys_as(Some(&app)).await;
+    let ciphertext = app_keys
+        .encrypt(pb::EncryptRequest {
+            key: "enc".into(),
+            plaintext: b"p".to_vec(),
+            associated_data: b"ctx".to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    let signature = app_keys
+        .sign(pb::SignRequest {
+            key: "sig".into(),
+            input: Some(pb::sign_request::Input::Message(b"doc".to_vec())),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .signature;
+    let mac = app_keys
+        .mac(pb::MacRequest {
+            key: "mac".into(),
+            message: b"m".to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mac;
+    let fixture = Fixture {
+        ciphertext,
+        signature,
+        mac,
+        grant_to_revoke,
+    };
+
+    // The refusals name the missing permission.
+    let mut c = server.keys_as(Some(&stranger)).await;
+    let e = c
+        .encrypt(pb::EncryptRequest {
+            key: "enc".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.message(),
+        format!(
+            "permission denied: \"{}\" has no grant to encrypt with key \"enc\"",
+            stranger.principal
+        )
+    );
+
+    // Admin last: it seals at the end.
+    let callers: Vec<(&str, Option<&Cred>)> = vec![
+        ("granted-service", Some(&app)),
+        ("service-granted-else", Some(&other)),
+        ("unknown-principal", Some(&stranger)),
+        ("no-certificate", None),
+        ("auditor", Some(&hsm.auditor)),
+        ("admin", Some(&hsm.admin)),
+    ];
+    // (The refusal above counts too.)
+    let mut denied: BTreeMap<String, usize> = BTreeMap::from([(stranger.principal.clone(), 1)]);
+    let mut cells = 0;
+    for (who, cred) in &callers {
+        let ch = server.channel(*cred).await;
+        for (n, rpc) in RPCS.iter().enumerate() {
+            let got = call(rpc, ch.clone(), &fixture, n).await;
+            let want = expected(who, rpc);
+            assert_eq!(got, want, "{who} calling {rpc}");
+            cells += 1;
+            if matches!(got, Code::PermissionDenied | Code::Unauthenticated) {
+                let principal = cred.map_or("anonymous".to_owned(), |c| c.principal.clone());
+                *denied.entry(principal).or_default() += 1;
+            }
+        }
+    }
+    assert_eq!(cells, RPCS.len() * callers.len());
+
+    // Every refusal is in the audit log, under the caller's principal. (The admin sealed
+    // the server; the audit service reads the log while sealed.)
+    let out = server.kms_as(Some(&hsm.auditor), &["audit", "export"], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let mut recorded: BTreeMap<String, usize> = BTreeMap::new();
+    for line in out.stdout.lines().skip(1) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let outcome = &v["event"]["outcome"];
+        if outcome == "PERMISSION_DENIED" || outcome == "UNAUTHENTICATED" {
+            *recorded
+                .entry(v["event"]["principal"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(recorded, denied);
+}
+
+/// Whether a fresh connection as `cred` gets an answer to Status.
+async fn can_call(
+    server: &Server,
+    ca: &std::path::Path,
+    cred: Option<&Cred>,
+) -> Result<(), String> {
+    let ch = try_channel(&server.addr, ca, cred)
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    SystemClient::new(ch)
+        .status(pb::StatusRequest {})
+        .await
+        .map(drop)
+        .map_err(|e| format!("call: {e:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_the_handshake_must_refuse() {
+    let hsm = TestHsm::new("kms-certs");
+    let (server, _shares) = start_unsealed(&hsm, &hsm.config());
+    let ca = &hsm.pki.ca;
+    let day = time::Duration::days(1);
+
+    // A certificate from a CA the server does not trust.
+    let rogue = Pki::new(&hsm.path().join("rogue"), "rogue");
+    let untrusted = rogue.client("untrusted", &ClientSpec::spiffe("admin"));
+    // Expired, and not yet valid.
+    let expired = hsm.pki.client(
+        "expired",
+        &ClientSpec {
+            valid: (-day * 2, -day),
+            ..ClientSpec::spiffe("admin")
+        },
+    );
+    let early = hsm.pki.client(
+        "early",
+        &ClientSpec {
+            valid: (day, day * 2),
+            ..ClientSpec::spiffe("admin")
+        },
+    );
+    // For servers, not clients.
+    let wrong_usage = hsm.pki.client(
+        "wrong-usage",
+        &ClientSpec {
+            usage: rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            ..ClientSpec::spiffe("admin")
+        },
+    );
+    // Two identities at once, and a URI SAN that is not a SPIFFE ID.
+    let two_sans = hsm.pki.client(
+        "two-sans",
+        &ClientSpec {
+            uris: vec![spiffe("admin"), spiffe("auditor")],
+            ..ClientSpec::spiffe("admin")
+        },
+    );
+    let not_spiffe = hsm.pki.client(
+        "not-spiffe",
+        &ClientSpec {
+            uris: vec!["https://test.kms/admin".into()],
+            ..ClientSpec::spiffe("admin")
+        },
+    );
+    for (what, cred) in [
+        ("untrusted CA", &untrusted),
+        ("expired", &expired),
+        ("not yet valid", &early),
+        ("server-only usage", &wrong_usage),
+        ("two URI SANs", &two_sans),
+        ("non-SPIFFE URI SAN", &not_spiffe),
+    ] {
+        let r = can_call(&server, ca, Some(cred)).await;
+        assert!(r.is_err(), "{what}: accepted");
+    }
+    let logs = hsm.logs();
+    assert!(logs.matches("TLS handshake refused").count() >= 4, "{logs}");
+    assert!(
+        logs.contains("client certificate refused") && logs.contains("more than one URI SAN"),
+        "{logs}"
+    );
+    // The server keeps serving: the admin still gets in.
+    can_call(&server, ca, Some(&hsm.admin)).await.unwrap();
+
+    // A SPIFFE ID from another trust domain, signed by the trusted CA: it connects, but
+    // holds no role; a CN-only certificate is named by its CN.
+    let foreign = hsm.pki.client(
+        "foreign",
+        &ClientSpec {
+            uris: vec!["spiffe://evil.example/admin".into()],
+            ..ClientSpec::spiffe("admin")
+        },
+    );
+    let out = server.kms_as(Some(&foreign), &["key", "list"], "");
+    assert!(
+        out.stderr.contains(
+            "PERMISSION_DENIED: permission denied: \"spiffe://evil.example/admin\" does not have the admin role"
+        ),
+        "{out:?}"
+    );
+    let cn_only = hsm.pki.client(
+        "cn-only",
+        &ClientSpec {
+            uris: vec![],
+            cn: Some("billing-batch".into()),
+            ..ClientSpec::spiffe("x")
+        },
+    );
+    let who = server
+        .kms_as(Some(&cn_only), &["whoami", "--json"], "")
+        .json();
+    assert_eq!(who["principal"], "billing-batch");
+    assert_eq!(who["authenticated"], true);
+    let anon = server.kms_as(None, &["whoami", "--json"], "").json();
+    assert_eq!(anon["principal"], "anonymous");
+    assert_eq!(anon["authenticated"], false);
+    // A client that does not trust the server's CA does not get in either.
+    let r = can_call(&server, &rogue.ca, Some(&hsm.admin)).await;
+    assert!(r.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_are_checked_at_every_call() {
+    let hsm = TestHsm::new("kms-grants");
+    let config = hsm.config();
+    let (mut server, shares) = start_unsealed(&hsm, &config);
+    let mut admin = server.keys().await;
+    for name in ["orders", "ledger"] {
+        admin
+            .create_key(pb::CreateKeyRequest {
+                name: name.into(),
+                algorithm: pb::Algorithm::Aes256Gcm as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let app = hsm
+        .pki
+        .client("app", &ClientSpec::spiffe("team/orders-api"));
+    let tenant = hsm.pki.client("tenant", &ClientSpec::spiffe("tenant-7"));
+    let mut access = server.access().await;
+    let create = |key: &str, principal: &str, ops: &[pb::Operation], aad: Option<&[u8]>| {
+        pb::CreateGrantRequest {
+            key: key.into(),
+            principal: principal.into(),
+            operations: ops.iter().map(|o| *o as i32).collect(),
+            associated_data: aad.map(<[u8]>::to_vec),
+        }
+    };
+    // A prefix grant.
+    let team = access
+        .create_grant(create(
+            "orders",
+            &spiffe("team/*"),
+            &[pb::Operation::Encrypt, pb::Operation::Decrypt],
+            None,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    // A grant constrained to one associated data.
+    access
+        .create_grant(create(
+            "ledger",
+            &tenant.principal,
+            &[pb::Operation::Encrypt],
+            Some(b"tenant=7"),
+        ))
+        .await
+        .unwrap();
+
+    let mut c = server.keys_as(Some(&app)).await;
+    let enc = |key: &str, aad: &[u8]| pb::EncryptRequest {
+        key: key.into(),
+        plaintext: b"x".to_vec(),
+        associated_data: aad.to_vec(),
+    };
+    c.encrypt(enc("orders", b"")).await.unwrap();
+    let e = c.encrypt(enc("ledger", b"")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // Re-encryption needs `reencrypt` (on both keys), which the grant does not name.
+    let e = c
+        .re_encrypt(pb::ReEncryptRequest {
+            key: "orders".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("no grant to reencrypt"), "{e:?}");
+
+    // The constrained grant: only that associated data, in every batch item too.
+    let mut t = server.keys_as(Some(&tenant)).await;
+    t.encrypt(enc("ledger", b"tenant=7")).await.unwrap();
+    let e = t.encrypt(enc("ledger", b"tenant=8")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let item = |aad: &[u8]| pb::EncryptItem {
+        plaintext: b"x".to_vec(),
+        associated_data: aad.to_vec(),
+    };
+    t.batch_encrypt(pb::BatchEncryptRequest {
+        key: "ledger".into(),
+        items: vec![item(b"tenant=7"), item(b"tenant=7")],
+    })
+    .await
+    .unwrap();
+    let e = t
+        .batch_encrypt(pb::BatchEncryptRequest {
+            key: "ledger".into(),
+            items: vec![item(b"tenant=7"), item(b"tenant=8")],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    // Listing: by key, by principal (a pattern grant matches the principals it covers);
+    // the associated data is never shown.
+    let listed = access
+        .list_grants(pb::ListGrantsRequest {
+            key: String::new(),
+            principal: app.principal.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .grants;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, team.id);
+    let out = server.kms(&["grant", "list", "--key", "ledger", "--json"], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let g: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(g["requires_associated_data"], true);
+    assert_eq!(g["operations"], serde_json::json!(["encrypt"]));
+    assert!(!out.stdout.contains("tenant=7"));
+
+    // Grants survive a restart; revocation takes effect on the next call of the same
+    // connection, and survives a restart too.
+    server.terminate();
+    let server = hsm.try_start(&config, &[]).unwrap();
+    server.unseal_with(&shares);
+    let mut c = server.keys_as(Some(&app)).await;
+    c.encrypt(enc("orders", b"")).await.unwrap();
+    let out = server.kms(&["grant", "revoke", &team.id], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let e = c.encrypt(enc("orders", b"")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let out = server.kms(&["grant", "revoke", &team.id], "");
+    assert!(out.stderr.contains("NOT_FOUND"), "{out:?}");
+
+    // Bad grants get clear errors.
+    let mut access = server.access().await;
+    for (req, code, text) in [
+        (
+            create("nope", &app.principal, &[pb::Operation::Encrypt], None),
+            Code::NotFound,
+            "no key named \"nope\"",
+        ),
+        (
+            create("orders", "*", &[pb::Operation::Encrypt], None),
+            Code::InvalidArgument,
+            "would match every certificate",
+        ),
+        (
+            create("orders", &app.principal, &[], None),
+            Code::InvalidArgument,
+            "at least one operation",
+        ),
+        (
+            create("orders", &app.principal, &[pb::Operation::Sign], Some(b"a")),
+            Code::InvalidArgument,
+            "applies only to encrypt",
+        ),
+        (
+            pb::CreateGrantRequest {
+                operations: vec![99],
+                ..create("orders", &app.principal, &[], None)
+            },
+            Code::InvalidArgument,
+            "unknown operation",
+        ),
+    ] {
+        let e = access.create_grant(req).await.unwrap_err();
+        assert_eq!(e.code(), code, "{e:?}");
+        assert!(e.message().contains(text), "{e:?}");
+    }
+    let e = access
+        .revoke_grant(pb::RevokeGrantRequest {
+            id: "not-an-id".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let out = server.kms(
+        &["grant", "create", "orders", "x", "--operations", "fly"],
+        "",
+    );
+    assert!(out.stderr.contains("unknown operation \"fly\""), "{out:?}");
+
+    // Grants and revocations are in the audit log with the grantee; never the AAD.
+    let out = server.kms_as(Some(&hsm.auditor), &["audit", "export"], "");
+    let grants: Vec<serde_json::Value> = out
+        .stdout
+        .lines()
+        .skip(1)
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"]["grant"].is_object())
+        .collect();
+    assert_eq!(grants.len(), 3, "{grants:?}");
+    assert_eq!(grants[2]["event"]["operation"], "RevokeGrant");
+    assert_eq!(grants[2]["event"]["key"], "orders");
+    assert_eq!(grants[2]["event"]["grant"]["principal"], spiffe("team/*"));
+    assert!(!out.stdout.contains("tenant=7"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_unseal_shares_are_limited_per_address() {
+    let hsm = TestHsm::new("kms-unseal-limit");
+    let tls = hsm.tls_tables().replace(
+        "max_failed_shares = 1000",
+        "max_failed_shares = 3\nfailure_window_seconds = 3",
+    );
+    let config = hsm.config_full("kms.toml", &hsm.hsm_table(), &tls);
+    let server = hsm.try_start(&config, &[]).unwrap();
+    let shares = server.init(3, 2, "").shares();
+    for bad in ["kms1-NOTASHARE", "kms1-AAAA", "not a share"] {
+        let out = server.kms(&["operator", "unseal"], &format!("{bad}\n"));
+        assert_eq!(out.code, Some(1), "{out:?}");
+        assert!(out.stderr.contains("INVALID_ARGUMENT"), "{out:?}");
+    }
+    // The fourth try, even with a good share, waits.
+    let out = server.kms(&["operator", "unseal"], &format!("{}\n", shares[0]));
+    assert!(
+        out.stderr
+            .contains("RESOURCE_EXHAUSTED: too many failed unseal shares from this address"),
+        "{out:?}"
+    );
+    let status = server.kms(&["operator", "status", "--json"], "").json();
+    assert_eq!(status["progress"], 0);
+    // Once the window has passed, the custodians unseal.
+    std::thread::sleep(Duration::from_secs(3));
+    server.unseal_with(&shares);
+    let status = server.kms(&["operator", "status", "--json"], "").json();
+    assert_eq!(status["sealed"], false);
+    // The refusal is recorded.
+    let out = server.kms_as(Some(&hsm.auditor), &["audit", "export"], "");
+    assert!(
+        out.stdout.contains("\"outcome\":\"RESOURCE_EXHAUSTED\""),
+        "{}",
+        out.stdout
+    );
+}
+
+/// Replaces the server's certificate files with `new`'s (key first, each by rename).
+fn install(new: &Cred, at: &Cred) {
+    for (from, to) in [(&new.key, &at.key), (&new.cert, &at.cert)] {
+        let tmp = to.with_extension("new");
+        std::fs::copy(from, &tmp).unwrap();
+        std::fs::rename(&tmp, to).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_without_a_restart_while_a_client_calls() {
+    let hsm = TestHsm::new("kms-rotate");
+    let (server, _shares) = start_unsealed(&hsm, &hsm.config());
+    let ca1 = hsm.pki.ca.clone();
+    let ca2 = Pki::new(&hsm.path().join("ca2"), "ca2");
+
+    // A client calls all along on one connection.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut sys = SystemClient::new(server.channel(Some(&hsm.admin)).await);
+    let caller = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match sys.status(pb::StatusRequest {}).await {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+
+    // Rotate the server certificate to one from a new CA, and trust client certificates
+    // from both CAs: no restart, the files just change.
+    assert!(can_call(&server, &ca2.ca, Some(&hsm.admin)).await.is_err());
+    let bundle = format!(
+        "{}{}",
+        std::fs::read_to_string(&ca1).unwrap(),
+        std::fs::read_to_string(&ca2.ca).unwrap()
+    );
+    let tmp = ca1.with_extension("new");
+    std::fs::write(&tmp, bundle).unwrap();
+    std::fs::rename(&tmp, &ca1).unwrap();
+    install(&ca2.server, &hsm.pki.server);
+    let client2 = ca2.client("client2", &ClientSpec::spiffe("admin"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while can_call(&server, &ca2.ca, Some(&client2)).await.is_err() {
+        assert!(Instant::now() < deadline, "not reloaded: {}", hsm.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // New connections get the new certificate: a client trusting only the old CA fails.
+    assert!(
+        can_call(&server, &hsm.pki.ca, Some(&hsm.admin))
+            .await
+            .is_ok()
+    );
+    let only_old = hsm.path().join("only-old-ca.pem");
+    std::fs::write(
+        &only_old,
+        std::fs::read_to_string(&ca1)
+            .unwrap()
+            .split_inclusive("-----END CERTIFICATE-----\n")
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        can_call(&server, &only_old, Some(&hsm.admin))
+            .await
+            .is_err()
+    );
+
+    // A broken file is not taken: the server keeps its current certificate.
+    std::fs::write(&hsm.pki.server.cert, "not a certificate").unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    can_call(&server, &ca2.ca, Some(&client2)).await.unwrap();
+    assert!(hsm.logs().contains("TLS reload failed"), "{}", hsm.logs());
+
+    // SIGHUP reloads at once (here: back to the first CA's certificate).
+    let back = hsm
+        .pki
+        .server_cert("kms-server-again", time::Duration::days(1));
+    install(&back, &hsm.pki.server);
+    server.sighup();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while can_call(&server, &only_old, Some(&hsm.admin))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "not reloaded: {}", hsm.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(hsm.logs().contains("SIGHUP: reloading the TLS files"));
+
+    stop.store(true, Ordering::Relaxed);
+    caller.await.unwrap();
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    assert!(ok.load(Ordering::Relaxed) > 10, "{ok:?}");
+}
