@@ -380,7 +380,10 @@ mod tests {
         assert_eq!(tls.cert, dir.path().join("tls/server.pem"));
         assert_eq!(tls.key, Path::new("/etc/kms/server-key.pem"));
         assert_eq!(c.roles.admin.len(), 1);
-        assert_eq!(c.roles.auditor[0].as_str(), "audit-team");
+        assert_eq!(
+            c.roles.auditor.first().map(|p| p.as_str()),
+            Some("audit-team")
+        );
         assert_eq!(c.storage_path, dir.path().join("data/kms.redb"));
         assert_eq!(c.hsm.module, dir.path().join("mod.so"));
         assert_eq!(c.log_level, tracing::Level::DEBUG);

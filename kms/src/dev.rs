@@ -4,7 +4,9 @@
 //! given), provisions a token `kms-dev` with random SO and user PINs (the user PIN goes to
 //! `DIR/hsm-pin`, mode 0600), writes `DIR/kms.toml`, initialises the server with 5 shares and
 //! threshold 3, prints the shares, unseals itself with three of them, and serves on
-//! loopback until Ctrl-C.
+//! loopback until Ctrl-C. It serves mTLS with a development CA and certificates it writes
+//! to `DIR/tls` ([`crate::dev_pki`]) and prints the commands to use them as the admin, the
+//! auditor and an application; `--plaintext` serves plaintext instead, with a warning.
 //!
 //! SoftHSM reads `SOFTHSM2_CONF` when the module is initialised, and changing one's own
 //! environment is unsound in a threaded program. So `kms dev` writes the SoftHSM

@@ -924,3 +924,60 @@ async fn certificates_rotate_without_a_restart_while_a_client_calls() {
     assert_eq!(failed.load(Ordering::Relaxed), 0);
     assert!(ok.load(Ordering::Relaxed) > 10, "{ok:?}");
 }
+
+#[test]
+fn bad_tls_configuration_stops_start_up_with_a_clear_error() {
+    let hsm = TestHsm::new("kms-tls-config");
+    let table = hsm.hsm_table();
+    let missing = hsm.tls_tables().replace(
+        &hsm.pki.server.cert.display().to_string(),
+        "/nonexistent/server.pem",
+    );
+    let cases = [
+        (missing, "tls.cert: cannot read /nonexistent/server.pem"),
+        (
+            // The key of another certificate.
+            hsm.tls_tables().replace(
+                &hsm.pki.server.key.display().to_string(),
+                &hsm.admin.key.display().to_string(),
+            ),
+            "tls: ",
+        ),
+        (
+            "[tls]\nplaintext_loopback = true\ncert = \"x.pem\"\n".to_owned(),
+            "plaintext_loopback = true and TLS files exclude each other",
+        ),
+        (
+            "[tls]\nkey = \"k.pem\"\n".to_owned(),
+            "cert, key and client_ca are all needed",
+        ),
+        (
+            format!(
+                "{}\n",
+                hsm.tls_tables()
+                    .replace("auditor = [", "auditor = [\"a*b\", ")
+            ),
+            "roles.auditor: principal pattern \"a*b\"",
+        ),
+    ];
+    for (tables, want) in cases {
+        let config = hsm.config_full("bad.toml", &table, &tables);
+        let (status, stderr) = hsm.start_failure(&config, &[]);
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(want), "want {want:?} in {stderr}");
+    }
+    // Plaintext is refused off loopback.
+    let path = hsm.path().join("open.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"0.0.0.0:0\"\n[storage]\npath = \"x.redb\"\n[hsm]\n{table}\n[tls]\nplaintext_loopback = true\n"
+        ),
+    )
+    .unwrap();
+    let (_, stderr) = hsm.start_failure(&path, &[]);
+    assert!(
+        stderr.contains("is not a loopback address; plaintext is allowed on loopback only"),
+        "{stderr}"
+    );
+}

@@ -280,7 +280,8 @@ pub(crate) fn open_record<T: serde::de::DeserializeOwned>(
     Ok(serde_json::from_str(&sealed.record).ok())
 }
 
-/// Encodes a key record with its MAC (see [`seal_record`]).
+/// Encodes a key record with its MAC (HMAC-SHA256 under the metadata key over the domain,
+/// the key name and the record).
 pub fn encode(meta: &KeyMeta, mac_key: &[u8; 32]) -> Result<Vec<u8>, KeyringError> {
     seal_record(meta, KEY_DOMAIN, &meta.name, mac_key)
 }
