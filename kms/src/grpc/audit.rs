@@ -14,7 +14,6 @@ use crate::audit::report::{
 use crate::audit::verify::{ChainBreak, signed_by, verify_records};
 use crate::audit::{AuditLog, AuditRecord, Checkpoint, fingerprint, record_key};
 use crate::keyring::KeyringError;
-use crate::seal::SealManager;
 use crate::store::{Store, Table};
 
 /// The service's name in audit records.
@@ -28,19 +27,13 @@ const CHUNK: usize = 256;
 /// The `kms.v1.Audit` service.
 #[derive(Debug, Clone)]
 pub struct AuditService {
-    seal: Arc<SealManager>,
-    audit: AuditLog,
     ctx: Ctx,
 }
 
 impl AuditService {
     /// A service over the audit log (and the seal, for the keyring and the public key).
     pub fn new(ctx: Ctx) -> Self {
-        Self {
-            seal: Arc::clone(&ctx.seal),
-            audit: ctx.audit.clone(),
-            ctx,
-        }
+        Self { ctx }
     }
 
     fn call<T: prost::Message>(&self, req: &Request<T>, operation: &'static str) -> Call {
@@ -193,8 +186,8 @@ impl pb::audit_server::Audit for AuditService {
         })
         .await?;
         let filter = filter.map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let log = self.audit.clone();
-        let public_key = self.seal.audit_public_key();
+        let log = self.ctx.audit.clone();
+        let public_key = self.ctx.seal.audit_public_key();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             let result = export(&log, public_key, &filter, &tx);
@@ -215,8 +208,8 @@ impl pb::audit_server::Audit for AuditService {
     ) -> Result<Response<pb::KeyUsageReport>, Status> {
         let call = self.call(&request, "KeyUsageReport");
         let r = request.into_inner();
-        let seal = Arc::clone(&self.seal);
-        let log = self.audit.clone();
+        let seal = Arc::clone(&self.ctx.seal);
+        let log = self.ctx.audit.clone();
         run(call, move |_| {
             let filter = filter_from(Some(pb::AuditFilter {
                 since_unix_ms: r.since_unix_ms,
@@ -260,8 +253,8 @@ impl pb::audit_server::Audit for AuditService {
         request: Request<pb::VerifyAuditLogRequest>,
     ) -> Result<Response<pb::VerifyAuditLogResponse>, Status> {
         let call = self.call(&request, "VerifyAuditLog");
-        let seal = Arc::clone(&self.seal);
-        let log = self.audit.clone();
+        let seal = Arc::clone(&self.ctx.seal);
+        let log = self.ctx.audit.clone();
         run(call, move |_| {
             let public_key = seal.audit_public_key();
             // A checkpoint signed now, by the HSM, must verify under the stored public key:

@@ -6,7 +6,7 @@ use kms_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::{ApiError, Call, Ctx, Served, run};
-use crate::seal::{InitOutput, SealError, SealManager, SealStatus};
+use crate::seal::{InitOutput, SealError, SealStatus};
 
 /// The service's name in audit records.
 const SERVICE: &str = "kms.v1.System";
@@ -49,17 +49,13 @@ fn counts_as_failed_share(e: &SealError) -> bool {
 /// The `kms.v1.System` service.
 #[derive(Debug, Clone)]
 pub struct SystemService {
-    seal: Arc<SealManager>,
     ctx: Ctx,
 }
 
 impl SystemService {
     /// A service over the seal.
     pub fn new(ctx: Ctx) -> Self {
-        Self {
-            seal: Arc::clone(&ctx.seal),
-            ctx,
-        }
+        Self { ctx }
     }
 
     fn call<T: prost::Message>(&self, req: &Request<T>, operation: &'static str) -> Call {
@@ -81,7 +77,7 @@ impl pb::system_server::System for SystemService {
             hsm_pin,
         } = request.into_inner();
         let pin = (!hsm_pin.is_empty()).then(|| secrecy::SecretString::from(hsm_pin));
-        let seal = Arc::clone(&self.seal);
+        let seal = Arc::clone(&self.ctx.seal);
         run(call, move |c| {
             // The seal record and Init's audit record commit together.
             let commit = |out: &InitOutput, writes| {
@@ -102,7 +98,7 @@ impl pb::system_server::System for SystemService {
         let call = self.call(&request, if reset { "UnsealReset" } else { "Unseal" });
         let pb::UnsealRequest { share, nonce, .. } = request.into_inner();
         let share = zeroize::Zeroizing::new(share);
-        let seal = Arc::clone(&self.seal);
+        let seal = Arc::clone(&self.ctx.seal);
         let limiter = Arc::clone(&self.ctx.unseal_limiter);
         run(call, move |c| {
             if reset {
@@ -150,7 +146,7 @@ impl pb::system_server::System for SystemService {
         request: Request<pb::SealRequest>,
     ) -> Result<Response<pb::SealStatus>, Status> {
         let call = self.call(&request, "Seal");
-        let seal = Arc::clone(&self.seal);
+        let seal = Arc::clone(&self.ctx.seal);
         run(call, move |_| Ok(Served::new(status_pb(&seal.seal()?)))).await
     }
 
@@ -159,7 +155,7 @@ impl pb::system_server::System for SystemService {
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::SealStatus>, Status> {
         let call = self.call(&request, "Status");
-        let seal = Arc::clone(&self.seal);
+        let seal = Arc::clone(&self.ctx.seal);
         run(call, move |_| Ok(Served::new(status_pb(&seal.status())))).await
     }
 }
