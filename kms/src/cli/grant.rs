@@ -10,6 +10,7 @@ use tonic::transport::Channel;
 use super::keys::{Aad, aad_value};
 use super::{BoxError, RpcError};
 use crate::access::Operation;
+use crate::grpc::{operation_from, operation_pb};
 
 /// The grant commands.
 #[derive(Debug, Subcommand)]
@@ -59,27 +60,9 @@ fn parse_operation(s: &str) -> Result<Operation, String> {
     })
 }
 
-fn operation_pb(o: Operation) -> i32 {
-    (match o {
-        Operation::Encrypt => pb::Operation::Encrypt,
-        Operation::Decrypt => pb::Operation::Decrypt,
-        Operation::Reencrypt => pb::Operation::Reencrypt,
-        Operation::GenerateDataKey => pb::Operation::GenerateDataKey,
-        Operation::Sign => pb::Operation::Sign,
-        Operation::Verify => pb::Operation::Verify,
-        Operation::GetPublicKey => pb::Operation::GetPublicKey,
-        Operation::Mac => pb::Operation::Mac,
-        Operation::VerifyMac => pb::Operation::VerifyMac,
-    }) as i32
-}
-
-fn operation_name(v: i32) -> String {
-    let name = pb::Operation::try_from(v)
-        .map(|o| o.as_str_name())
-        .unwrap_or("UNKNOWN");
-    name.trim_start_matches("OPERATION_")
-        .to_ascii_lowercase()
-        .replace('_', "-")
+/// `encrypt`, `generate-data-key`, ...; `unknown` for a value this CLI does not know.
+fn operation_name(v: i32) -> &'static str {
+    operation_from(v).map_or("unknown", Operation::name)
 }
 
 fn grant_json(g: &pb::Grant) -> serde_json::Value {
@@ -95,7 +78,7 @@ fn grant_json(g: &pb::Grant) -> serde_json::Value {
 }
 
 fn print_grant(g: &pb::Grant) {
-    let ops: Vec<String> = g.operations.iter().map(|o| operation_name(*o)).collect();
+    let ops: Vec<&str> = g.operations.iter().map(|o| operation_name(*o)).collect();
     println!(
         "{}  {}  {}  {}{}",
         g.id,
@@ -125,7 +108,10 @@ pub(super) async fn run(channel: Channel, command: GrantCommand) -> Result<ExitC
                 .create_grant(pb::CreateGrantRequest {
                     key,
                     principal,
-                    operations: operations.into_iter().map(operation_pb).collect(),
+                    operations: operations
+                        .into_iter()
+                        .map(|o| operation_pb(o) as i32)
+                        .collect(),
                     associated_data: aad_value(&aad)?,
                 })
                 .await

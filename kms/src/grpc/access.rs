@@ -29,7 +29,8 @@ impl AccessService {
     }
 }
 
-fn operation_pb(o: Operation) -> pb::Operation {
+/// An operation as the API spells it.
+pub fn operation_pb(o: Operation) -> pb::Operation {
     match o {
         Operation::Encrypt => pb::Operation::Encrypt,
         Operation::Decrypt => pb::Operation::Decrypt,
@@ -43,7 +44,8 @@ fn operation_pb(o: Operation) -> pb::Operation {
     }
 }
 
-fn operation_from(v: i32) -> Result<Operation, KeyringError> {
+/// An API operation; an unknown or unspecified one is a bad request.
+pub fn operation_from(v: i32) -> Result<Operation, KeyringError> {
     Ok(match pb::Operation::try_from(v) {
         Ok(pb::Operation::Encrypt) => Operation::Encrypt,
         Ok(pb::Operation::Decrypt) => Operation::Decrypt,

@@ -14,7 +14,7 @@ mod audit;
 mod keys;
 mod system;
 
-pub use access::AccessService;
+pub use access::{AccessService, operation_from, operation_pb};
 pub use audit::AuditService;
 pub use keys::KeyManagementService;
 pub use system::SystemService;
