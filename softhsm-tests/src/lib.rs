@@ -466,12 +466,7 @@ impl Server {
 
     /// Sends SIGHUP (reload the TLS files).
     pub fn sighup(&self) {
-        let child = self.child.as_ref().unwrap();
-        let pid = i32::try_from(child.id())
-            .ok()
-            .and_then(rustix::process::Pid::from_raw)
-            .unwrap();
-        rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+        signal(self.child.as_ref().unwrap(), rustix::process::Signal::HUP).unwrap();
     }
 
     /// Kills the server with SIGKILL (`kill -9`): no chance to flush anything.
@@ -493,11 +488,16 @@ impl Drop for Server {
 
 /// Sends SIGTERM to a child process (through kill(2): no `kill` binary needed).
 pub fn sigterm(child: &Child) -> std::io::Result<()> {
+    signal(child, rustix::process::Signal::TERM)
+}
+
+/// Sends `sig` to a child process.
+fn signal(child: &Child, sig: rustix::process::Signal) -> std::io::Result<()> {
     let pid = i32::try_from(child.id())
         .ok()
         .and_then(rustix::process::Pid::from_raw)
         .ok_or_else(|| std::io::Error::other("bad pid"))?;
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).map_err(std::io::Error::from)
+    rustix::process::kill_process(pid, sig).map_err(std::io::Error::from)
 }
 
 /// Runs `kms ARGS` with `KMS_ADDR=addr`, over TLS trusting `ca` as `cred`.

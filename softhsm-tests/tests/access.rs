@@ -784,6 +784,9 @@ async fn grants_are_checked_at_every_call() {
     assert_eq!(grants[2]["event"]["key"], "orders");
     assert_eq!(grants[2]["event"]["grant"]["principal"], spiffe("team/*"));
     assert!(!out.stdout.contains("tenant=7"));
+    assert!(!hsm.logs().contains("tenant=7"));
+    let store = std::fs::read(hsm.path().join("kms.redb")).unwrap();
+    assert!(!store.windows(8).any(|w| w == b"tenant=7"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
