@@ -103,6 +103,14 @@ pub enum AuditCommand {
     },
 }
 
+/// The largest message the audit client accepts: parts are about 1 MiB, but a record
+/// stored before names were bounded can be larger, and an export must still carry it.
+const MAX_AUDIT_MESSAGE: usize = 64 * 1024 * 1024;
+
+fn audit_client(channel: Channel) -> AuditClient<Channel> {
+    AuditClient::new(channel).max_decoding_message_size(MAX_AUDIT_MESSAGE)
+}
+
 fn ms(text: &Option<String>, what: &str) -> Result<u64, BoxError> {
     match text {
         None => Ok(0),
@@ -157,7 +165,7 @@ where
                 operation: operation.unwrap_or_default(),
                 outcome: outcome.unwrap_or_default(),
             };
-            let mut client = AuditClient::new(connect().await?);
+            let mut client = audit_client(connect().await?);
             let mut stream = client
                 .export_audit_log(pb::ExportAuditLogRequest {
                     filter: Some(filter),
@@ -199,12 +207,21 @@ where
                 since_unix_ms: ms(&since, "since")?,
                 until_unix_ms: ms(&until, "until")?,
             };
-            let mut client = AuditClient::new(connect().await?);
-            let report = client
+            let mut client = audit_client(connect().await?);
+            let mut parts = client
                 .key_usage_report(request)
                 .await
                 .map_err(RpcError)?
                 .into_inner();
+            // The report comes in parts; merging them in order (repeated fields append)
+            // gives the whole report, as audit.proto says.
+            let mut report = pb::KeyUsageReportResponse::default();
+            while let Some(part) = parts.message().await.map_err(RpcError)? {
+                prost::Message::merge(
+                    &mut report,
+                    prost::Message::encode_to_vec(&part).as_slice(),
+                )?;
+            }
             let generated = report.generated_unix_ms;
             let report = from_pb(report);
             let mut w = output(&out)?;
@@ -255,7 +272,7 @@ where
             public_key,
         } => verify_offline(&path, public_key.as_deref()),
         AuditCommand::Verify { export: None, .. } => {
-            let mut client = AuditClient::new(connect().await?);
+            let mut client = audit_client(connect().await?);
             let r = client
                 .verify_audit_log(pb::VerifyAuditLogRequest {})
                 .await
@@ -457,17 +474,49 @@ fn csv_row(r: &AuditRecord) -> Vec<String> {
     ]
 }
 
+/// A CSV cell that a spreadsheet will not run as a formula: a cell starting with `=`, `+`,
+/// `-`, `@`, a tab or a carriage return gets a leading `'` (OWASP's advice on CSV
+/// injection). Names in the log are bounded and checked, but principals, filters and older
+/// records are the callers' words.
+pub fn csv_cell(cell: &str) -> std::borrow::Cow<'_, str> {
+    if cell.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{cell}").into()
+    } else {
+        cell.into()
+    }
+}
+
+/// Text safe to print on a terminal: control characters and the invisible Unicode format
+/// characters (bidirectional overrides, zero-width characters) are written as `\u{..}`,
+/// so no cell can move the cursor, recolour the screen or reorder what an auditor reads.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let hidden = crate::access::is_invisible;
+    if !text.chars().any(hidden) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if hidden(c) {
+                format!("\\u{{{:x}}}", u32::from(c))
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 fn write_csv(w: &mut dyn Write, header: &[&str], rows: &[Vec<String>]) -> Result<(), BoxError> {
     let mut c = csv::Writer::from_writer(w);
     c.write_record(header)?;
     for row in rows {
-        c.write_record(row)?;
+        c.write_record(row.iter().map(|cell| csv_cell(cell).into_owned()))?;
     }
     c.flush()?;
     Ok(())
 }
 
-fn from_pb(r: pb::KeyUsageReport) -> UsageReport {
+fn from_pb(r: pb::KeyUsageReportResponse) -> UsageReport {
     let vref = |v: pb::VersionRef| VersionRef {
         key: v.key,
         version: v.version,
@@ -584,6 +633,11 @@ pub fn table(r: &UsageReport) -> String {
 }
 
 fn aligned(rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| printable(c).into_owned()).collect())
+        .collect();
+    let rows = rows.as_slice();
     let cols = rows.first().map_or(0, Vec::len);
     let widths: Vec<usize> = (0..cols)
         .map(|i| {
@@ -752,4 +806,37 @@ th {{ background: #f3f3f3; }} td.n {{ text-align: right; font-variant-numeric: t
         below = refs(&r.decrypt_below_primary, true),
         data = data,
     )
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_cells_never_start_a_formula() {
+        for bad in ["=1+1", "+1", "-2", "@SUM(A1)", "\tx", "\rx"] {
+            assert_eq!(csv_cell(bad), format!("'{bad}"), "{bad:?}");
+        }
+        assert_eq!(csv_cell("payments"), "payments");
+        assert_eq!(csv_cell(""), "");
+        let mut out = Vec::new();
+        write_csv(
+            &mut out,
+            &["a", "b"],
+            &[vec!["=HYPERLINK(\"x\")".into(), "ok".into()]],
+        )
+        .expect("csv");
+        let text = String::from_utf8(out).expect("utf-8");
+        assert_eq!(text, "a,b\n\"'=HYPERLINK(\"\"x\"\")\",ok\n");
+    }
+
+    #[test]
+    fn table_cells_cannot_drive_the_terminal() {
+        assert_eq!(printable("plain"), "plain");
+        assert_eq!(printable("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(printable("x\u{202e}y\n"), "x\\u{202e}y\\u{a}");
+        let t = aligned(&[vec!["K".into()], vec!["\u{1b}]0;owned\u{7}".into()]]);
+        assert!(!t.contains('\u{1b}') && !t.contains('\u{7}'), "{t:?}");
+    }
 }

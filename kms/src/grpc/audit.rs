@@ -41,8 +41,19 @@ impl AuditService {
     }
 }
 
+/// The longest text filter (key, principal, operation, outcome) an auditor may give.
+const MAX_FILTER_LEN: usize = 2048;
+
 fn filter_from(f: Option<pb::AuditFilter>) -> Result<Filter, KeyringError> {
     let f = f.unwrap_or_default();
+    // The filter is echoed in the export's header: bounded and printable.
+    for t in [&f.key, &f.principal, &f.operation, &f.outcome] {
+        if t.len() > MAX_FILTER_LEN || t.chars().any(char::is_control) {
+            return Err(KeyringError::BadRequest(
+                "a filter is longer than 2048 bytes or holds control characters",
+            ));
+        }
+    }
     let text = |s: String| Some(s).filter(|s| !s.is_empty());
     let filter = Filter {
         since_ms: Some(f.since_unix_ms).filter(|t| *t != 0),
@@ -101,14 +112,14 @@ fn checkpoints(store: &dyn Store) -> Result<Vec<Checkpoint>, ApiError> {
         .collect())
 }
 
-fn report_pb(r: UsageReport) -> pb::KeyUsageReport {
+fn report_pb(r: UsageReport) -> pb::KeyUsageReportResponse {
     let vref = |v: crate::audit::report::VersionRef| pb::VersionRef {
         key: v.key,
         version: v.version,
         state: v.state,
         count: v.count,
     };
-    pb::KeyUsageReport {
+    pb::KeyUsageReportResponse {
         since_unix_ms: r.since_ms.unwrap_or(0),
         until_unix_ms: r.until_ms.unwrap_or(0),
         records: r.records,
@@ -162,10 +173,74 @@ fn reason_name(b: ChainBreak) -> &'static str {
 
 type ExportStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ExportAuditLogChunk, Status>> + Send>>;
+type ReportStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::KeyUsageReportResponse, Status>> + Send>>;
+
+/// The most bytes of repeated fields in one streamed part of the report or the export
+/// (well under gRPC's usual 4 MiB limit on a message, whatever the log holds).
+const PART_BYTES: usize = 1024 * 1024;
+
+/// Splits a report into parts of at most about [`PART_BYTES`]: the first holds the scalar
+/// fields, each holds some of the repeated ones, in order. Merging the parts (protobuf merge:
+/// repeated fields append) gives the report back.
+fn report_parts(full: pb::KeyUsageReportResponse, limit: usize) -> Vec<pb::KeyUsageReportResponse> {
+    use prost::Message as _;
+    let pb::KeyUsageReportResponse {
+        usage,
+        unused,
+        decrypt_below_primary,
+        timeline,
+        ..
+    } = &full;
+    let (usage, unused, below, timeline) = (
+        usage.clone(),
+        unused.clone(),
+        decrypt_below_primary.clone(),
+        timeline.clone(),
+    );
+    let mut parts = Vec::new();
+    let mut current = pb::KeyUsageReportResponse {
+        usage: Vec::new(),
+        unused: Vec::new(),
+        decrypt_below_primary: Vec::new(),
+        timeline: Vec::new(),
+        ..full
+    };
+    let mut size = current.encoded_len();
+    // Starts a new part if `item_len` more bytes would not fit in this one (an item larger
+    // than the limit gets a part of its own).
+    let mut room = |current: &mut pb::KeyUsageReportResponse, size: &mut usize, item_len: usize| {
+        let needed = item_len + 8;
+        if *size + needed > limit && *size > 0 {
+            parts.push(std::mem::take(current));
+            *size = 0;
+        }
+        *size += needed;
+    };
+    for u in usage {
+        room(&mut current, &mut size, u.encoded_len());
+        current.usage.push(u);
+    }
+    for v in unused {
+        room(&mut current, &mut size, v.encoded_len());
+        current.unused.push(v);
+    }
+    for v in below {
+        room(&mut current, &mut size, v.encoded_len());
+        current.decrypt_below_primary.push(v);
+    }
+    for b in timeline {
+        room(&mut current, &mut size, b.encoded_len());
+        current.timeline.push(b);
+    }
+    parts.push(current);
+    parts
+}
 
 #[tonic::async_trait]
 impl pb::audit_server::Audit for AuditService {
     type ExportAuditLogStream = ExportStream;
+    type KeyUsageReportStream = ReportStream;
 
     async fn export_audit_log(
         &self,
@@ -177,11 +252,12 @@ impl pb::audit_server::Audit for AuditService {
         let requested = request.into_inner().filter;
         let filter = filter_from(requested.clone());
         // The export's own record, durable before the first line.
-        let valid = filter.is_ok();
+        let checked = filter.as_ref().map(|_| ()).map_err(|e| match e {
+            KeyringError::BadRequest(m) => KeyringError::BadRequest(m),
+            _ => KeyringError::BadRequest(SINCE_BEFORE_UNTIL),
+        });
         run(call, move |_| {
-            if !valid {
-                return Err(KeyringError::BadRequest(SINCE_BEFORE_UNTIL).into());
-            }
+            checked?;
             Ok(Served::new(()))
         })
         .await?;
@@ -205,12 +281,12 @@ impl pb::audit_server::Audit for AuditService {
     async fn key_usage_report(
         &self,
         request: Request<pb::KeyUsageReportRequest>,
-    ) -> Result<Response<pb::KeyUsageReport>, Status> {
+    ) -> Result<Response<Self::KeyUsageReportStream>, Status> {
         let call = self.call(&request, "KeyUsageReport");
         let r = request.into_inner();
         let seal = Arc::clone(&self.ctx.seal);
         let log = self.ctx.audit.clone();
-        run(call, move |_| {
+        let report = run(call, move |_| {
             let filter = filter_from(Some(pb::AuditFilter {
                 since_unix_ms: r.since_unix_ms,
                 until_unix_ms: r.until_unix_ms,
@@ -245,7 +321,15 @@ impl pb::audit_server::Audit for AuditService {
             })?;
             Ok(Served::new(report_pb(builder.finish(&keys))))
         })
-        .await
+        .await?;
+        // Recorded (with the whole report's size) before the first part leaves.
+        let (metadata, report, extensions) = report.into_parts();
+        let parts = report_parts(report, PART_BYTES).into_iter().map(Ok);
+        let mut response: Response<Self::KeyUsageReportStream> =
+            Response::new(Box::pin(tokio_stream::iter(parts)));
+        *response.metadata_mut() = metadata;
+        *response.extensions_mut() = extensions;
+        Ok(response)
     }
 
     async fn verify_audit_log(
@@ -349,6 +433,7 @@ fn export(
         last_seq: (contiguous && filter.until_ms.is_none()).then_some(upto),
     };
     let mut lines = vec![serde_json::to_string(&header).unwrap_or_default()];
+    let mut bytes_held = 0;
     let mut open = true;
     let mut flush = |lines: &mut Vec<String>| {
         if !lines.is_empty() {
@@ -361,6 +446,7 @@ fn export(
     };
     each_record(store.as_ref(), upto, |bytes, r| {
         if filter.matches(&r.event) || r.seq == 0 {
+            bytes_held += bytes.len();
             lines.push(String::from_utf8_lossy(bytes).into_owned());
             if let Some(c) = cps.get(&r.seq)
                 && let Ok(line) = serde_json::to_string(c)
@@ -368,8 +454,73 @@ fn export(
                 lines.push(line);
             }
         }
-        lines.len() < CHUNK || flush(&mut lines)
+        if lines.len() < CHUNK && bytes_held < PART_BYTES {
+            return true;
+        }
+        bytes_held = 0;
+        flush(&mut lines)
     })?;
     flush(&mut lines);
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use prost::Message as _;
+
+    #[test]
+    fn report_parts_are_bounded_and_merge_back_to_the_report() {
+        let usage = |i: u32| pb::VersionUsage {
+            key: format!("key-{i}"),
+            version: 1,
+            counts: vec![pb::UsageCount {
+                operation: "Encrypt".into(),
+                outcome: "OK".into(),
+                count: u64::from(i),
+            }],
+            principals: vec![format!("spiffe://corp/app-{i}"); 3],
+            first_use_unix_ms: 1,
+            last_use_unix_ms: 2,
+        };
+        let full = pb::KeyUsageReportResponse {
+            since_unix_ms: 5,
+            records: 77,
+            usage: (0..5000).map(usage).collect(),
+            unused: (0..300)
+                .map(|i| pb::VersionRef {
+                    key: format!("k{i}"),
+                    version: 2,
+                    state: "ENABLED".into(),
+                    count: 0,
+                })
+                .collect(),
+            timeline: (0..2000)
+                .map(|i| pb::UsageBucket {
+                    start_unix_ms: i,
+                    key: "k".into(),
+                    count: 1,
+                })
+                .collect(),
+            bucket_ms: 60_000,
+            generated_unix_ms: 9,
+            ..Default::default()
+        };
+        let limit = 64 * 1024;
+        let parts = report_parts(full.clone(), limit);
+        assert!(parts.len() > 5, "{}", parts.len());
+        let mut merged = pb::KeyUsageReportResponse::default();
+        for p in &parts {
+            assert!(p.encoded_len() <= limit, "{}", p.encoded_len());
+            merged.merge(p.encode_to_vec().as_slice()).unwrap();
+        }
+        assert_eq!(merged, full);
+        // A small report is one part.
+        let small = pb::KeyUsageReportResponse {
+            records: 1,
+            ..Default::default()
+        };
+        assert_eq!(report_parts(small.clone(), limit), vec![small]);
+    }
 }
