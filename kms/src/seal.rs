@@ -90,6 +90,15 @@ pub enum SealError {
         /// The share's.
         got: u8,
     },
+    /// The share is well formed and of this share set, but not one of the shares made at
+    /// init (altered, or forged from the public set id and threshold).
+    #[error(
+        "share {index} is not one of the shares made at init (its commitment does not match): it was altered or forged; it was not counted, progress is kept"
+    )]
+    UnknownShare {
+        /// The index the share claims.
+        index: u8,
+    },
     /// The same share (index) was given twice in one attempt.
     #[error("share {index} was already given in this unseal attempt")]
     DuplicateShare {
@@ -203,6 +212,10 @@ pub struct SealRecord {
     pub audit_public_key: String,
     /// Unix time of init, seconds.
     pub created_at: u64,
+    /// Each share's commitment ([`Share::commitment`], hex), by index - 1. Empty in
+    /// records made before commitments: their shares are checked only at the quorum.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub share_commitments: Vec<String>,
 }
 
 impl SealRecord {
@@ -245,6 +258,16 @@ pub struct InitOutput {
     pub shares: Vec<Zeroizing<String>>,
     /// The audit checkpoint key's fingerprint ([`crate::audit::fingerprint`]).
     pub audit_key_fingerprint: String,
+}
+
+/// What init wraps and records, in one place. No `Debug`: it holds the keys.
+#[derive(Clone, Copy)]
+struct SealMaterial<'a> {
+    master_key: KeyHandle,
+    set: ShareSetId,
+    unseal_key: &'a [u8; KEY_LEN],
+    root_key: &'a [u8; KEY_LEN],
+    pin_bytes: &'a [u8],
 }
 
 struct Attempt {
@@ -414,38 +437,28 @@ impl SealManager {
     ) -> Result<InitOutput, SealError> {
         let master_key = self.hsm.find_or_generate_master_key()?;
         check_master_key(&self.hsm, master_key)?;
-        let audit_key_label = format!("{}-audit", self.hsm.master_key_label());
-        while let Some(old) = self.hsm.find_key(&audit_key_label)? {
-            // Left by an init that did not complete (its record was never stored).
-            tracing::warn!(label = %audit_key_label, "destroying an audit signing key left by an earlier, incomplete init");
-            self.hsm.destroy(old)?;
-        }
-        let (audit_key, audit_public) = self
-            .hsm
-            .generate_key(HsmKeyKind::Ed25519, &audit_key_label)?;
-        let audit_public = audit_public.ok_or(SealError::Hsm(HsmError::Misuse(
-            "the token returned no public key",
-        )))?;
-        let result = self.init_records(
-            inner,
-            master_key,
-            n,
-            t,
-            pin,
-            commit,
-            &audit_key_label,
-            &audit_public,
-        );
-        match &result {
-            Ok(_) => self.audit.signer().set(Some((audit_key, audit_public))),
-            Err(_) => {
-                let _ = self.hsm.destroy(audit_key);
-            }
-        }
-        result
+        self.init_records(inner, master_key, n, t, pin, commit)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Makes the audit checkpoint key of the share set `set`, labelled with the set's id so
+    /// that an init never touches another init's key (two servers may share a token).
+    fn generate_audit_key(
+        &self,
+        set: ShareSetId,
+    ) -> Result<(KeyHandle, Vec<u8>, String), SealError> {
+        let label = format!("{}-audit-{set}", self.hsm.master_key_label());
+        let (key, public) = self.hsm.generate_key(HsmKeyKind::Ed25519, &label)?;
+        match public {
+            Some(public) => Ok((key, public, label)),
+            None => {
+                let _ = self.hsm.destroy(key);
+                Err(SealError::Hsm(HsmError::Misuse(
+                    "the token returned no public key",
+                )))
+            }
+        }
+    }
+
     fn init_records(
         &self,
         inner: &mut Inner,
@@ -454,8 +467,6 @@ impl SealManager {
         t: u8,
         pin: Option<&SecretString>,
         commit: &InitCommit<'_>,
-        audit_key_label: &str,
-        audit_public: &[u8],
     ) -> Result<InitOutput, SealError> {
         let unseal_key = random_key()?;
         let root_key = random_key()?;
@@ -466,11 +477,57 @@ impl SealManager {
         secret.extend_from_slice(unseal_key.as_slice());
         secret.extend_from_slice(pin_bytes);
         let (set, split) = kms_unseal::split(&secret, u32::from(n), u32::from(t))?;
+        let (audit_key, audit_public, audit_key_label) = self.generate_audit_key(set)?;
+        let sealed = SealMaterial {
+            master_key,
+            set,
+            unseal_key: &unseal_key,
+            root_key: &root_key,
+            pin_bytes,
+        };
+        let result = self.store_init(
+            inner,
+            &sealed,
+            n,
+            t,
+            &split,
+            commit,
+            &audit_key_label,
+            &audit_public,
+        );
+        match &result {
+            Ok(_) => self.audit.signer().set(Some((audit_key, audit_public))),
+            Err(_) => {
+                // This init's own key, by handle: nothing else is touched.
+                let _ = self.hsm.destroy(audit_key);
+            }
+        }
+        result
+    }
 
+    #[allow(clippy::too_many_arguments)]
+    fn store_init(
+        &self,
+        inner: &mut Inner,
+        m: &SealMaterial<'_>,
+        n: u8,
+        t: u8,
+        split: &[Share],
+        commit: &InitCommit<'_>,
+        audit_key_label: &str,
+        audit_public: &[u8],
+    ) -> Result<InitOutput, SealError> {
+        let SealMaterial {
+            master_key,
+            set,
+            unseal_key,
+            root_key,
+            pin_bytes,
+        } = *m;
         let mut inner_nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut inner_nonce).map_err(|_| SealError::Randomness)?;
         let inner_ct = software_wrap(
-            &unseal_key,
+            unseal_key,
             &inner_nonce,
             &aad(INNER_AAD, set),
             root_key.as_slice(),
@@ -489,23 +546,24 @@ impl SealManager {
             threshold: t,
             token_label: self.hsm.token_label().to_owned(),
             master_key_label: self.hsm.master_key_label().to_owned(),
-            unseal_key_check: data_encoding::HEXLOWER.encode(&key_check(
-                &unseal_key,
-                set,
-                pin_bytes,
-            )?),
+            unseal_key_check: data_encoding::HEXLOWER
+                .encode(&key_check(unseal_key, set, pin_bytes)?),
             wrapped_root_key: data_encoding::HEXLOWER.encode(&outer),
-            pin_in_shares: pin.is_some(),
+            pin_in_shares: !pin_bytes.is_empty(),
             audit_key_label: audit_key_label.to_owned(),
             audit_public_key: data_encoding::HEXLOWER.encode(audit_public),
             created_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            share_commitments: split
+                .iter()
+                .map(|s| data_encoding::HEXLOWER.encode(&s.commitment()))
+                .collect(),
         };
         // Prove the round trip through the HSM before anything is stored, so a broken HSM
         // set-up fails init instead of leaving an unrecoverable store.
-        let back = unwrap_root(&self.hsm, master_key, &record, &unseal_key)?;
+        let back = unwrap_root(&self.hsm, master_key, &record, unseal_key)?;
         if back.0.as_slice().ct_eq(root_key.as_slice()).unwrap_u8() != 1 {
             return Err(SealError::RootKeyUnwrap);
         }
@@ -571,6 +629,7 @@ impl SealManager {
                 got: share.threshold(),
             });
         }
+        check_commitment(record, &share)?;
         if let Some(a) = attempt.as_ref()
             && a.shares.iter().any(|s| s.index() == share.index())
         {
@@ -733,6 +792,24 @@ fn find_audit_key(hsm: &Hsm, record: &SealRecord) -> Result<(KeyHandle, Vec<u8>)
         .find_key(&record.audit_key_label)?
         .ok_or_else(|| SealError::AuditKeyMissing(record.audit_key_label.clone()))?;
     Ok((key, public))
+}
+
+/// Refuses a share whose commitment is not the one recorded at init for its index (a
+/// share altered or forged with a valid checksum). Records from before commitments pass.
+fn check_commitment(record: &SealRecord, share: &Share) -> Result<(), SealError> {
+    if record.share_commitments.is_empty() {
+        return Ok(());
+    }
+    let index = share.index();
+    let stored = record
+        .share_commitments
+        .get(usize::from(index).saturating_sub(1))
+        .and_then(|c| data_encoding::HEXLOWER.decode(c.as_bytes()).ok())
+        .ok_or(SealError::UnknownShare { index })?;
+    if share.commitment().ct_eq(stored.as_slice()).unwrap_u8() != 1 {
+        return Err(SealError::UnknownShare { index });
+    }
+    Ok(())
 }
 
 fn check_master_key(hsm: &Hsm, key: KeyHandle) -> Result<(), SealError> {

@@ -409,7 +409,8 @@ impl Server {
     /// Grants `principal` every operation on `key` (as the admin); returns the grant id.
     pub async fn grant(&self, key: &str, principal: &str) -> String {
         use kms_proto::v1 as pb;
-        let operations = (1..=9).collect();
+        // Every operation but the deprecated OPERATION_REENCRYPT (3), which allows nothing.
+        let operations = (1..=11).filter(|o| *o != 3).collect();
         self.access()
             .await
             .create_grant(pb::CreateGrantRequest {

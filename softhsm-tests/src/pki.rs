@@ -128,7 +128,7 @@ impl Pki {
             .uris
             .first()
             .cloned()
-            .or_else(|| spec.cn.clone())
+            .or_else(|| spec.cn.as_ref().map(|cn| format!("cn:{cn}")))
             .unwrap_or_default();
         cred
     }

@@ -582,8 +582,47 @@ async fn certificates_the_handshake_must_refuse() {
     let who = server
         .kms_as(Some(&cn_only), &["whoami", "--json"], "")
         .json();
-    assert_eq!(who["principal"], "billing-batch");
+    assert_eq!(who["principal"], "cn:billing-batch");
     assert_eq!(who["authenticated"], true);
+    // A CN that spells the admin's SPIFFE ID (no URI SAN) is not the admin: CNs live in
+    // their own namespace (an outside review got admin this way).
+    let forged = hsm.pki.client(
+        "cn-spiffe",
+        &ClientSpec {
+            uris: vec![],
+            cn: Some(hsm.admin.principal.clone()),
+            ..ClientSpec::spiffe("x")
+        },
+    );
+    let who = server
+        .kms_as(Some(&forged), &["whoami", "--json"], "")
+        .json();
+    assert_eq!(who["principal"], format!("cn:{}", hsm.admin.principal));
+    assert_eq!(who["roles"], serde_json::json!([]), "{who}");
+    let out = server.kms_as(
+        Some(&forged),
+        &["key", "create", "stolen", "--algorithm", "aes-256-gcm"],
+        "",
+    );
+    assert!(
+        out.code != Some(0) && out.stderr.contains("PERMISSION_DENIED"),
+        "{out:?}"
+    );
+    // A CN with a control character or a bidirectional override is refused at connect.
+    for (stem, cn) in [("cn-ctl", "ops\u{7}x"), ("cn-bidi", "ops\u{202e}nimda")] {
+        let odd = hsm.pki.client(
+            stem,
+            &ClientSpec {
+                uris: vec![],
+                cn: Some(cn.into()),
+                ..ClientSpec::spiffe("x")
+            },
+        );
+        assert!(
+            can_call(&server, ca, Some(&odd)).await.is_err(),
+            "{cn:?} accepted"
+        );
+    }
     let anon = server.kms_as(None, &["whoami", "--json"], "").json();
     assert_eq!(anon["principal"], "anonymous");
     assert_eq!(anon["authenticated"], false);
@@ -652,7 +691,8 @@ async fn grants_are_checked_at_every_call() {
     c.encrypt(enc("orders", b"")).await.unwrap();
     let e = c.encrypt(enc("ledger", b"")).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    // Re-encryption needs `reencrypt` (on both keys), which the grant does not name.
+    // Re-encryption needs `reencrypt-from` on the source (and `reencrypt-to` on the
+    // destination), which the grant does not name.
     let e = c
         .re_encrypt(pb::ReEncryptRequest {
             key: "orders".into(),
@@ -661,7 +701,7 @@ async fn grants_are_checked_at_every_call() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    assert!(e.message().contains("no grant to reencrypt"), "{e:?}");
+    assert!(e.message().contains("no grant to reencrypt-from"), "{e:?}");
 
     // The constrained grant: only that associated data, in every batch item too.
     let mut t = server.keys_as(Some(&tenant)).await;
@@ -745,6 +785,11 @@ async fn grants_are_checked_at_every_call() {
             "applies only to encrypt",
         ),
         (
+            create("orders", &app.principal, &[pb::Operation::Reencrypt], None),
+            Code::InvalidArgument,
+            "reencrypt was split",
+        ),
+        (
             pb::CreateGrantRequest {
                 operations: vec![99],
                 ..create("orders", &app.principal, &[], None)
@@ -787,6 +832,131 @@ async fn grants_are_checked_at_every_call() {
     assert!(!hsm.logs().contains("tenant=7"));
     let store = std::fs::read(hsm.path().join("kms.redb")).unwrap();
     assert!(!store.windows(8).any(|w| w == b"tenant=7"));
+}
+
+/// The review's attack: a service allowed to re-encrypt into key A, and to re-encrypt and
+/// decrypt with key B, but not to decrypt with A, must not read A's plaintext by
+/// re-encrypting A's ciphertext into B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reencrypt_needs_from_on_the_source_and_to_on_the_destination() {
+    let hsm = TestHsm::new("kms-reencrypt");
+    let config = hsm.config();
+    let (server, _shares) = start_unsealed(&hsm, &config);
+    let mut admin = server.keys().await;
+    for name in ["secret-a", "open-b"] {
+        admin
+            .create_key(pb::CreateKeyRequest {
+                name: name.into(),
+                algorithm: pb::Algorithm::Aes256Gcm as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let owner = hsm.pki.client("owner", &ClientSpec::spiffe("owner"));
+    let mover = hsm.pki.client("mover", &ClientSpec::spiffe("mover"));
+    let grant = |key: &str, who: &str, ops: &[pb::Operation]| pb::CreateGrantRequest {
+        key: key.into(),
+        principal: who.into(),
+        operations: ops.iter().map(|o| *o as i32).collect(),
+        associated_data: None,
+    };
+    let mut access = server.access().await;
+    for req in [
+        grant("secret-a", &owner.principal, &[pb::Operation::Encrypt]),
+        grant("secret-a", &mover.principal, &[pb::Operation::ReencryptTo]),
+        grant(
+            "open-b",
+            &mover.principal,
+            &[pb::Operation::ReencryptFrom, pb::Operation::Decrypt],
+        ),
+    ] {
+        access.create_grant(req).await.unwrap();
+    }
+    let ct_a = server
+        .keys_as(Some(&owner))
+        .await
+        .encrypt(pb::EncryptRequest {
+            key: "secret-a".into(),
+            plaintext: b"the secret".to_vec(),
+            associated_data: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    let mut m = server.keys_as(Some(&mover)).await;
+    let out_of_a = pb::ReEncryptRequest {
+        key: "secret-a".into(),
+        ciphertext: ct_a.clone(),
+        destination_key: "open-b".into(),
+        ..Default::default()
+    };
+    let e = m.re_encrypt(out_of_a.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message()
+            .contains("no grant to reencrypt-from with key \"secret-a\""),
+        "{e:?}"
+    );
+    // Into A is what the mover may do: from B (which it may leave) to A.
+    let ct_b = server
+        .keys()
+        .await
+        .encrypt(pb::EncryptRequest {
+            key: "open-b".into(),
+            plaintext: b"public".to_vec(),
+            associated_data: Vec::new(),
+        })
+        .await;
+    // The admin holds no grant on open-b: refused, as separation of duties wants.
+    assert_eq!(ct_b.unwrap_err().code(), Code::PermissionDenied);
+    access
+        .create_grant(grant("open-b", &owner.principal, &[pb::Operation::Encrypt]))
+        .await
+        .unwrap();
+    let ct_b = server
+        .keys_as(Some(&owner))
+        .await
+        .encrypt(pb::EncryptRequest {
+            key: "open-b".into(),
+            plaintext: b"public".to_vec(),
+            associated_data: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    m.re_encrypt(pb::ReEncryptRequest {
+        key: "open-b".into(),
+        ciphertext: ct_b,
+        destination_key: "secret-a".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Holding reencrypt-to on B does not let it re-encrypt into B from A either way round.
+    access
+        .create_grant(grant(
+            "open-b",
+            &mover.principal,
+            &[pb::Operation::ReencryptTo],
+        ))
+        .await
+        .unwrap();
+    let e = m.re_encrypt(out_of_a).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // Both refusals are in the audit log under the mover's name.
+    let out = server.kms_as(
+        Some(&hsm.auditor),
+        &["audit", "export", "--principal", &mover.principal],
+        "",
+    );
+    assert_eq!(
+        out.stdout.matches("PERMISSION_DENIED").count(),
+        2,
+        "{out:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -67,13 +67,16 @@ fn the_pin_travels_in_the_shares() {
     assert_eq!(attrs["sensitive"], true);
     assert_eq!(attrs["extractable"], false);
 
-    // A forged share is a wrong quorum (the key check covers the PIN part too).
+    // A forged share (valid checksum) is refused by its commitment and never counts.
     let out = server.kms(
         &["operator", "unseal"],
         &format!("{}\n{}\n", shares[0], forge_share(&shares[1])),
     );
     assert_eq!(out.code, Some(1));
-    assert!(out.stderr.contains("do not recombine"), "{out:?}");
+    assert!(
+        out.stderr.contains("not one of the shares made at init"),
+        "{out:?}"
+    );
 
     let out = server.kms(
         &["operator", "unseal"],

@@ -32,6 +32,7 @@ use zeroize::Zeroizing;
 pub const SHARE_PREFIX: &str = "kms1-";
 const FORMAT_VERSION: u8 = 1;
 const CHECKSUM_LABEL: &[u8] = b"kms-share-v1";
+const COMMITMENT_LABEL: &[u8] = b"kms-share-commitment-v1";
 const CHECKSUM_LEN: usize = 4;
 /// version + set id + threshold + index.
 const HEADER_LEN: usize = 1 + 8 + 1 + 1;
@@ -218,6 +219,21 @@ impl Share {
         self.index
     }
 
+    /// The share's commitment: SHA-256(`"kms-share-commitment-v1"` | set id | threshold |
+    /// index | y). Not secret: the server stores one per share at init, so that a share
+    /// altered or forged with a valid checksum (the checksum has no key) is refused when it
+    /// is submitted, and never counts towards a quorum. It reveals nothing of use about the
+    /// share: y is as random as the 256-bit secret it hides.
+    pub fn commitment(&self) -> [u8; 32] {
+        Sha256::new()
+            .chain_update(COMMITMENT_LABEL)
+            .chain_update(self.set.0)
+            .chain_update([self.threshold, self.index])
+            .chain_update(self.y.as_slice())
+            .finalize()
+            .into()
+    }
+
     /// Whether two shares carry the same point (the same share typed twice).
     pub fn same_point(&self, other: &Share) -> bool {
         self.set == other.set && self.index == other.index && *self.y == *other.y
@@ -396,6 +412,28 @@ mod tests {
             let sloppy = format!("  KMS1-{}\n", body.to_lowercase().replace('-', " "));
             assert!(Share::parse(&sloppy).unwrap().same_point(s));
         }
+    }
+
+    #[test]
+    fn commitments_tell_every_share_and_every_forgery_apart() {
+        let (_, shares) = split(&secret(), 5, 3).unwrap();
+        let c: Vec<[u8; 32]> = shares.iter().map(Share::commitment).collect();
+        for (i, a) in c.iter().enumerate() {
+            for b in c.iter().skip(i + 1) {
+                assert_ne!(a, b);
+            }
+        }
+        // A forged share: same header, another y, a valid checksum (anyone can compute it).
+        let mut forged = Share::parse(&shares[0].to_text()).unwrap();
+        forged.y[0] ^= 1;
+        let forged = Share::parse(&forged.to_text()).unwrap();
+        assert_eq!(forged.index(), shares[0].index());
+        assert_ne!(forged.commitment(), c[0]);
+        // Parsing does not change it.
+        assert_eq!(
+            Share::parse(&shares[1].to_text()).unwrap().commitment(),
+            c[1]
+        );
     }
 
     #[test]

@@ -20,6 +20,24 @@ use serde::{Deserialize, Serialize};
 /// The principal of every caller on a plaintext loopback listener (no certificate there).
 pub const LOOPBACK: &str = "loopback";
 
+/// Whether `c` is a character no name may hold: a control character, or an invisible
+/// Unicode format character (zero-width, bidirectional overrides and isolates, BOM), which
+/// would make two names look alike or reorder what a reader sees.
+pub fn is_invisible(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{061C}'
+                | '\u{180E}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2060}'..='\u{206F}'
+                | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}'
+        )
+}
+
 /// An operation a grant can allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -28,7 +46,13 @@ pub enum Operation {
     Encrypt,
     /// `Decrypt`, `BatchDecrypt`.
     Decrypt,
-    /// `ReEncrypt` (on the source and the destination key).
+    /// `ReEncrypt`, on its source key.
+    ReencryptFrom,
+    /// `ReEncrypt`, on its destination key.
+    ReencryptTo,
+    /// Before the split into [`Operation::ReencryptFrom`] and [`Operation::ReencryptTo`]:
+    /// allows nothing. Kept so that older grant records still load (and list); new grants
+    /// cannot name it.
     Reencrypt,
     /// `GenerateDataKey`, `GenerateDataKeyWithoutPlaintext`.
     GenerateDataKey,
@@ -45,11 +69,12 @@ pub enum Operation {
 }
 
 impl Operation {
-    /// Every operation.
-    pub const ALL: [Operation; 9] = [
+    /// Every operation a new grant can name.
+    pub const ALL: [Operation; 10] = [
         Self::Encrypt,
         Self::Decrypt,
-        Self::Reencrypt,
+        Self::ReencryptFrom,
+        Self::ReencryptTo,
         Self::GenerateDataKey,
         Self::Sign,
         Self::Verify,
@@ -63,6 +88,8 @@ impl Operation {
         match self {
             Self::Encrypt => "encrypt",
             Self::Decrypt => "decrypt",
+            Self::ReencryptFrom => "reencrypt-from",
+            Self::ReencryptTo => "reencrypt-to",
             Self::Reencrypt => "reencrypt",
             Self::GenerateDataKey => "generate-data-key",
             Self::Sign => "sign",
@@ -78,12 +105,24 @@ impl Operation {
         Self::ALL.into_iter().find(|o| o.name() == s)
     }
 
+    /// What a call needing `self` on its key needs on its destination key (ReEncrypt).
+    pub fn on_destination(self) -> Self {
+        match self {
+            Self::ReencryptFrom => Self::ReencryptTo,
+            other => other,
+        }
+    }
+
     /// Whether requests of this operation carry associated data (so that a grant may
     /// constrain it).
     pub fn has_associated_data(self) -> bool {
         matches!(
             self,
-            Self::Encrypt | Self::Decrypt | Self::Reencrypt | Self::GenerateDataKey
+            Self::Encrypt
+                | Self::Decrypt
+                | Self::ReencryptFrom
+                | Self::ReencryptTo
+                | Self::GenerateDataKey
         )
     }
 }
@@ -133,7 +172,7 @@ impl Pattern {
             return Err(PatternError::Everything);
         }
         let body = s.strip_suffix('*').unwrap_or(s);
-        if body.contains('*') || s.chars().any(char::is_control) {
+        if body.contains('*') || s.chars().any(is_invisible) {
             return Err(PatternError::Malformed(s.to_owned()));
         }
         Ok(Self(s.to_owned()))
@@ -286,7 +325,8 @@ pub fn need(service: &str, method: &str) -> Need {
         ("kms.v1.KeyManagement", m) => match m {
             "Encrypt" | "BatchEncrypt" => Need::Grant(O::Encrypt),
             "Decrypt" | "BatchDecrypt" => Need::Grant(O::Decrypt),
-            "ReEncrypt" => Need::Grant(O::Reencrypt),
+            // And ReencryptTo on the destination ([`Operation::on_destination`]).
+            "ReEncrypt" => Need::Grant(O::ReencryptFrom),
             "GenerateDataKey" | "GenerateDataKeyWithoutPlaintext" => {
                 Need::Grant(O::GenerateDataKey)
             }

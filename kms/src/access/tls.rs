@@ -256,13 +256,13 @@ pub enum NameError {
     #[error("the certificate has more than one URI SAN")]
     ManyUris,
     /// A URI SAN that is not a SPIFFE ID.
-    #[error("the certificate's URI SAN is not a SPIFFE ID (spiffe://...)")]
+    #[error("the certificate's URI SAN is not a SPIFFE ID (spiffe://trust-domain/path)")]
     NotSpiffe,
     /// No URI SAN and no (single, usable) subject CN.
     #[error("the certificate has neither a URI SAN nor a single subject CN")]
     NoName,
-    /// A name kms reserves for callers without a certificate, or unprintable.
-    #[error("the certificate's name is reserved or unprintable")]
+    /// A subject CN that is empty, too long, or holds control or invisible characters.
+    #[error("the certificate's subject CN is empty, longer than 256 bytes, or unprintable")]
     Reserved,
 }
 
@@ -285,26 +285,66 @@ pub fn principal_of(der: &[u8]) -> Result<(String, i64), NameError> {
         Err(_) => return Err(NameError::Unparseable),
     };
     let name = match uris.as_slice() {
-        [uri] if uri.starts_with("spiffe://") && uri.len() > "spiffe://".len() => (*uri).to_owned(),
+        [uri] if is_spiffe_id(uri) => (*uri).to_owned(),
         [_] => return Err(NameError::NotSpiffe),
         [] => {
             let mut cns = cert.subject().iter_common_name();
-            match (cns.next(), cns.next()) {
-                (Some(cn), None) => cn.as_str().map_err(|_| NameError::NoName)?.to_owned(),
+            let cn = match (cns.next(), cns.next()) {
+                (Some(cn), None) => cn.as_str().map_err(|_| NameError::NoName)?,
                 _ => return Err(NameError::NoName),
+            };
+            // Its own namespace: a CN can never pass for a SPIFFE ID (nor for `anonymous`
+            // or `loopback`), whatever the CA wrote into it.
+            if cn.is_empty()
+                || cn.len() > MAX_CN_LEN
+                || cn
+                    .chars()
+                    .any(|c| c.is_whitespace() && c != ' ' || super::is_invisible(c))
+            {
+                return Err(NameError::Reserved);
             }
+            format!("{CN_PREFIX}{cn}")
         }
         _ => return Err(NameError::ManyUris),
     };
-    if name.is_empty()
-        || name.len() > 2048
-        || name.chars().any(char::is_control)
-        || name == crate::audit::ANONYMOUS
-        || name == super::LOOPBACK
-    {
-        return Err(NameError::Reserved);
-    }
     Ok((name, not_after))
+}
+
+/// The prefix of principals named by a certificate's subject CN (no URI SAN):
+/// `cn:payments`. SPIFFE IDs, `anonymous` and `loopback` never start with it.
+pub const CN_PREFIX: &str = "cn:";
+
+/// The longest subject CN taken as a name (X.520's upper bound is 64).
+const MAX_CN_LEN: usize = 256;
+
+/// Whether `uri` is a SPIFFE ID as the SPIFFE standard spells it: `spiffe://`, a trust
+/// domain of `[a-z0-9.-_]`, and path segments of `[A-Za-z0-9.-_]`, no `.`/`..` segment, no
+/// query, fragment, port or user info; at most 2048 bytes. Only printable ASCII gets in.
+pub fn is_spiffe_id(uri: &str) -> bool {
+    let Some(rest) = uri.strip_prefix("spiffe://") else {
+        return false;
+    };
+    if uri.len() > 2048 {
+        return false;
+    }
+    let (domain, path) = rest
+        .split_once('/')
+        .map_or((rest, None), |(d, p)| (d, Some(p)));
+    let domain_ok = !domain.is_empty()
+        && domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+    let path_ok = path.is_none_or(|p| {
+        p.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        })
+    });
+    domain_ok && path_ok
 }
 
 /// What every request on a connection knows of it (tonic's connect info).

@@ -21,8 +21,9 @@ pub(super) enum GrantCommand {
         key: String,
         /// The grantee: a principal (URI SAN or CN), or a prefix ending in `*`.
         principal: String,
-        /// Comma-separated: encrypt, decrypt, reencrypt, generate-data-key, sign, verify,
-        /// get-public-key, mac, verify-mac.
+        /// Comma-separated: encrypt, decrypt, reencrypt-from (re-encrypt out of this key),
+        /// reencrypt-to (into it), generate-data-key, sign, verify, get-public-key, mac,
+        /// verify-mac.
         #[arg(long, value_delimiter = ',', required = true, value_parser = parse_operation)]
         operations: Vec<Operation>,
         /// Allow the operations only with exactly this associated data.
@@ -62,6 +63,9 @@ fn parse_operation(s: &str) -> Result<Operation, String> {
 
 /// `encrypt`, `generate-data-key`, ...; `unknown` for a value this CLI does not know.
 fn operation_name(v: i32) -> &'static str {
+    if v == kms_proto::v1::Operation::Reencrypt as i32 {
+        return "reencrypt (from before the split: allows nothing)";
+    }
     operation_from(v).map_or("unknown", Operation::name)
 }
 

@@ -34,6 +34,8 @@ pub fn operation_pb(o: Operation) -> pb::Operation {
     match o {
         Operation::Encrypt => pb::Operation::Encrypt,
         Operation::Decrypt => pb::Operation::Decrypt,
+        Operation::ReencryptFrom => pb::Operation::ReencryptFrom,
+        Operation::ReencryptTo => pb::Operation::ReencryptTo,
         Operation::Reencrypt => pb::Operation::Reencrypt,
         Operation::GenerateDataKey => pb::Operation::GenerateDataKey,
         Operation::Sign => pb::Operation::Sign,
@@ -49,7 +51,13 @@ pub fn operation_from(v: i32) -> Result<Operation, KeyringError> {
     Ok(match pb::Operation::try_from(v) {
         Ok(pb::Operation::Encrypt) => Operation::Encrypt,
         Ok(pb::Operation::Decrypt) => Operation::Decrypt,
-        Ok(pb::Operation::Reencrypt) => Operation::Reencrypt,
+        Ok(pb::Operation::ReencryptFrom) => Operation::ReencryptFrom,
+        Ok(pb::Operation::ReencryptTo) => Operation::ReencryptTo,
+        Ok(pb::Operation::Reencrypt) => {
+            return Err(KeyringError::BadRequest(
+                "the operation reencrypt was split: grant reencrypt-from on the source key and reencrypt-to on the destination key",
+            ));
+        }
         Ok(pb::Operation::GenerateDataKey) => Operation::GenerateDataKey,
         Ok(pb::Operation::Sign) => Operation::Sign,
         Ok(pb::Operation::Verify) => Operation::Verify,
@@ -58,7 +66,7 @@ pub fn operation_from(v: i32) -> Result<Operation, KeyringError> {
         Ok(pb::Operation::VerifyMac) => Operation::VerifyMac,
         Ok(pb::Operation::Unspecified) | Err(_) => {
             return Err(KeyringError::BadRequest(
-                "unknown operation: use encrypt, decrypt, reencrypt, generate-data-key, sign, verify, get-public-key, mac, verify-mac",
+                "unknown operation: use encrypt, decrypt, reencrypt-from, reencrypt-to, generate-data-key, sign, verify, get-public-key, mac, verify-mac",
             ));
         }
     })

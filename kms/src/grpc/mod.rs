@@ -102,6 +102,7 @@ fn seal_code(e: &SealError) -> Code {
         | SealError::WrongShareSet { .. }
         | SealError::WrongThreshold { .. }
         | SealError::DuplicateShare { .. }
+        | SealError::UnknownShare { .. }
         | SealError::WrongQuorum
         | SealError::PinRequired
         | SealError::PinNotExpected
@@ -232,6 +233,12 @@ pub struct Call {
     peer: Option<std::net::SocketAddr>,
     need: Need,
     roles: Arc<Roles>,
+    bad_name: bool,
+}
+
+/// What the log and the audit record say instead of a name that is not one: its size only.
+pub fn invalid_name(name: &str) -> String {
+    format!("<invalid name, {} bytes>", name.len())
 }
 
 impl Call {
@@ -273,6 +280,7 @@ impl Call {
             peer,
             need: crate::access::need(service, operation),
             roles: Arc::clone(&ctx.roles),
+            bad_name: false,
         }
     }
 
@@ -291,16 +299,30 @@ impl Call {
         self.roles.of(&self.identity)
     }
 
-    /// Names the key the call is about.
+    /// Names the key the call is about. A name that is not one (too long, or characters a
+    /// key name cannot have) is recorded and logged as a bounded placeholder, never as
+    /// given, and the call is refused with `INVALID_ARGUMENT` once its caller is known.
     pub fn key(mut self, key: &str) -> Self {
-        self.event.key = Some(key.to_owned()).filter(|k| !k.is_empty());
+        self.event.key = self.checked_name(key);
         self
     }
 
-    /// Names ReEncrypt's destination key (whose grant is checked too).
+    /// Names ReEncrypt's destination key (whose grant is checked too); checked as
+    /// [`Call::key`] checks.
     pub fn destination(mut self, key: &str) -> Self {
-        self.event.destination_key = Some(key.to_owned()).filter(|k| !k.is_empty());
+        self.event.destination_key = self.checked_name(key);
         self
+    }
+
+    fn checked_name(&mut self, key: &str) -> Option<String> {
+        if key.is_empty() {
+            return None;
+        }
+        if crate::keyring::model::check_name(key).is_ok() {
+            return Some(key.to_owned());
+        }
+        self.bad_name = true;
+        Some(invalid_name(key))
     }
 
     /// Names the key version the call is about (0: none).
@@ -429,7 +451,12 @@ async fn run<R: prost::Message + Send + 'static>(
             i64::try_from(crate::keyring::now()).unwrap_or(i64::MAX),
         )
         .map_err(ApiError::from)
-        .and_then(|()| f(&call));
+        .and_then(|()| {
+            if call.bad_name {
+                return Err(KeyringError::BadName.into());
+            }
+            f(&call)
+        });
         finish(&call, result)
     })
     .await
@@ -522,13 +549,17 @@ async fn with_keyring<Q: Aad + Send + 'static, R: prost::Message + Send + 'stati
     let seal = Arc::clone(&ctx.seal);
     run(call, move |c| {
         let keyring = seal.keyring()?;
-        if let Need::Grant(operation) = c.need {
+        if let Need::Grant(on_key) = c.need {
             let aads = req.aads();
-            let keys = [c.event.key.as_deref(), c.event.destination_key.as_deref()];
-            for key in keys
+            // ReEncrypt: reencrypt-from on the source, reencrypt-to on the destination.
+            let keys = [
+                (c.event.key.as_deref(), on_key),
+                (c.event.destination_key.as_deref(), on_key.on_destination()),
+            ];
+            for (key, operation) in keys
                 .into_iter()
-                .flatten()
-                .chain(c.event.key.is_none().then_some(""))
+                .filter_map(|(k, o)| Some((k?, o)))
+                .chain(c.event.key.is_none().then_some(("", on_key)))
             {
                 if !keyring.permits(&c.identity.principal, key, operation, &aads)? {
                     return Err(Denied::Grant {

@@ -1190,9 +1190,14 @@ impl Keyring {
                 "a grant needs at least one operation",
             ));
         }
+        if operations.contains(&crate::access::Operation::Reencrypt) {
+            return Err(KeyringError::BadRequest(
+                "the operation reencrypt was split: grant reencrypt-from on the source key and reencrypt-to on the destination key",
+            ));
+        }
         if req.associated_data.is_some() && !operations.iter().all(|o| o.has_associated_data()) {
             return Err(KeyringError::BadRequest(
-                "an associated-data constraint applies only to encrypt, decrypt, reencrypt and generate-data-key",
+                "an associated-data constraint applies only to encrypt, decrypt, reencrypt-from, reencrypt-to and generate-data-key",
             ));
         }
         if let Some(aad) = &req.associated_data {
