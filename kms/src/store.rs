@@ -49,6 +49,16 @@ impl Table {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
+    /// The store file can be read or written by its group or by everyone.
+    #[error(
+        "the store {path} is readable or writable by others (mode {mode:o}): make it private with `chmod 600`"
+    )]
+    TooOpen {
+        /// The store's path.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// Another process holds the store open.
     #[error("the store {0} is in use by another kms process")]
     InUse(PathBuf),
@@ -135,6 +145,30 @@ impl RedbStore {
                     path: path.to_owned(),
                     source: redb::Error::Io(e),
                 })?;
+        }
+        // Created private (0600) whatever the umask, and refused if someone opened it up:
+        // it holds wrapped keys and the audit log.
+        let open_err = |e: std::io::Error| StoreError::Open {
+            path: path.to_owned(),
+            source: redb::Error::Io(e),
+        };
+        {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(open_err)?;
+            let mode = file.metadata().map_err(open_err)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(StoreError::TooOpen {
+                    path: path.to_owned(),
+                    mode,
+                });
+            }
         }
         let db = redb::Database::create(path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.to_owned()),
@@ -326,6 +360,25 @@ mod tests {
             store.last(Table::Audit).unwrap(),
             Some(("2".to_owned(), b"b".to_vec()))
         );
+    }
+
+    #[test]
+    fn the_store_is_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms.redb");
+        drop(RedbStore::open(&path).unwrap());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        for open in [0o640, 0o604, 0o660] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(open)).unwrap();
+            let err = RedbStore::open(&path).unwrap_err();
+            assert!(
+                matches!(err, StoreError::TooOpen { mode, .. } if mode == open),
+                "{err:?}"
+            );
+            assert!(err.to_string().contains("chmod 600"), "{err}");
+        }
     }
 
     #[test]
