@@ -107,9 +107,10 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let served = rt.block_on(async move {
         let listen = config.listen;
         let opened = tokio::task::spawn_blocking(move || crate::server::open(&config)).await??;
+        let stop = crate::server::shutdown_signal();
         let listener = crate::server::bind(listen).await?;
         let addr = listener.local_addr()?;
         let for_bootstrap = opened.clone();
@@ -127,9 +128,13 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
         })
         .await?;
         ready?;
-        crate::server::serve(listener, opened, crate::server::shutdown_signal()).await?;
+        crate::server::serve(listener, opened, stop).await?;
         Ok::<_, BoxError>(())
-    })?;
+    });
+    // The last reference to the HSM goes with the runtime, on this thread, before `main`
+    // returns (see `kms server`).
+    drop(rt);
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -140,6 +145,7 @@ fn supervise(command: std::process::Command) -> Result<bool, BoxError> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let stop = crate::server::shutdown_signal();
         let mut child = tokio::process::Command::from(command).spawn()?;
         let pid = child
             .id()
@@ -147,7 +153,7 @@ fn supervise(command: std::process::Command) -> Result<bool, BoxError> {
             .and_then(rustix::process::Pid::from_raw);
         tokio::select! {
             status = child.wait() => return Ok(status?.success()),
-            _ = crate::server::shutdown_signal() => {}
+            () = stop => {}
         }
         if let Some(pid) = pid {
             // The child may have got the same SIGINT from the terminal; a second signal is

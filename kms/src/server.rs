@@ -198,6 +198,9 @@ pub async fn serve(
     }
     // Forget every key byte before the process exits.
     let _ = seal.seal();
+    // End the audit writer (it holds the HSM) before the process exits; the caller drops
+    // the runtime, and with it the last reference to the HSM, which finalises the module.
+    opened.audit.stop();
     tracing::info!("sealed and stopped");
     result
 }
@@ -227,19 +230,27 @@ async fn maintain(seal: Arc<SealManager>, every: std::time::Duration) {
     }
 }
 
-/// Completes on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
+/// Completes on SIGINT or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled: call it before `bind` prints "kms listening", so that a
+/// SIGTERM sent as soon as the server says it listens seals and stops it cleanly instead of
+/// killing it. Must be called inside the runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                tracing::warn!("cannot install the SIGTERM/SIGINT handlers: waiting for Ctrl-C");
+                let _ = tokio::signal::ctrl_c().await;
             }
         }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
+        tracing::info!("shutdown signal received");
     }
-    tracing::info!("shutdown signal received");
 }

@@ -316,6 +316,8 @@ struct Pending {
 enum Msg {
     Append(Box<Pending>),
     Checkpoint(SyncSender<Option<Result<Checkpoint, AuditError>>>),
+    /// Commit what is queued, then end the writer thread.
+    Stop,
 }
 
 /// The audit log's appending end. Cheap to clone.
@@ -325,6 +327,7 @@ pub struct AuditLog {
     commits: Arc<AtomicU64>,
     store: Arc<dyn Store>,
     signer: Arc<Signer>,
+    writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -402,7 +405,7 @@ impl AuditLog {
             last_checkpoint,
             commits: Arc::clone(&commits),
         };
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("kms-audit".into())
             .spawn(move || writer.run(receiver))
             .map_err(|_| AuditError::Internal("cannot start the audit writer"))?;
@@ -411,7 +414,23 @@ impl AuditLog {
             commits,
             store,
             signer,
+            writer: Arc::new(Mutex::new(Some(handle))),
         })
+    }
+
+    /// Commits what is queued, ends the writer thread and waits for it. Appends after this
+    /// fail (`Unavailable`). The server calls it when it stops, so that the thread, which
+    /// holds the HSM through the checkpoint signer, is gone before the process exits: a
+    /// PKCS#11 module finalised (or still in use) by a thread racing `exit` crashed SoftHSM
+    /// at exit. Idempotent.
+    pub fn stop(&self) {
+        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = handle {
+            let _ = self.sender.send(Msg::Stop);
+            if handle.join().is_err() {
+                tracing::error!("the audit writer thread panicked");
+            }
+        }
     }
 
     /// How many durable commits the writer has made (each holds one or more records).
@@ -499,18 +518,26 @@ impl Writer {
             };
             let mut group = Vec::new();
             let mut asks = Vec::new();
+            let mut stop = false;
             let mut next = Some(first);
             while let Some(m) = next.take() {
                 match m {
                     Msg::Append(p) => group.push(*p),
                     Msg::Checkpoint(reply) => asks.push(reply),
+                    Msg::Stop => stop = true,
                 }
-                if group.len() < MAX_GROUP {
+                if group.len() < MAX_GROUP && !stop {
                     next = receiver.try_recv().ok();
                 }
             }
             if !group.is_empty() {
                 self.commit(group);
+            }
+            if stop {
+                for reply in asks {
+                    let _ = reply.send(None);
+                }
+                break;
             }
             let due = self.head.seq >= self.covered() + self.policy.every_records;
             if !asks.is_empty() || due {

@@ -77,7 +77,8 @@ enum Command {
 #[derive(Debug, Args)]
 struct Conn {
     /// The server's address: `https://HOST:PORT` (or `http://` for a plaintext loopback
-    /// server). Without a scheme, https when --ca is given.
+    /// server, written out: shares and PINs never go in clear by default). Without a
+    /// scheme, https.
     #[arg(
         long,
         env = "KMS_ADDR",
@@ -187,14 +188,19 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             let config = Config::load(&config)?;
             init_logging(config.log_level);
             let rt = runtime()?;
-            rt.block_on(async {
+            let served = rt.block_on(async {
                 let listen = config.listen;
                 let opened =
                     tokio::task::spawn_blocking(move || crate::server::open(&config)).await??;
+                let stop = crate::server::shutdown_signal();
                 let listener = crate::server::bind(listen).await?;
-                crate::server::serve(listener, opened, crate::server::shutdown_signal()).await?;
+                crate::server::serve(listener, opened, stop).await?;
                 Ok::<_, BoxError>(())
-            })?;
+            });
+            // Every task, and with them the last reference to the HSM, is dropped here, on
+            // this thread: the PKCS#11 module is finalised before `main` returns.
+            drop(rt);
+            served?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Dev(args) => crate::dev::run(args),
@@ -266,13 +272,13 @@ fn read_pem(flag: &str, path: &std::path::Path) -> Result<Zeroizing<Vec<u8>>, Bo
 
 /// Connects to the server named by `--addr` / `KMS_ADDR`: over TLS (with `--ca`, and the
 /// client certificate `--cert`/`--cert-key` for mTLS) unless the address says `http://`.
+/// An address without a scheme is https: the CLI sends shares and PINs, and never does so
+/// in clear unless told to in so many words.
 async fn connect(conn: &Conn) -> Result<Channel, BoxError> {
     let addr = if conn.addr.contains("://") {
         conn.addr.clone()
-    } else if conn.ca.is_some() {
-        format!("https://{}", conn.addr)
     } else {
-        format!("http://{}", conn.addr)
+        format!("https://{}", conn.addr)
     };
     let mut endpoint = Channel::from_shared(addr.clone())
         .map_err(|_| format!("--addr {addr:?} is not a valid address"))?;
