@@ -34,6 +34,32 @@ pub struct ConfigFile {
     /// The `[unseal]` table.
     #[serde(default)]
     pub unseal: UnsealConfig,
+    /// The `[limits]` table.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: what any one caller can make the server hold, read or record.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Seconds a client has to finish its TLS handshake (default 5).
+    pub handshake_timeout_seconds: Option<u64>,
+    /// Handshakes in progress at once, from all addresses (default 256).
+    pub max_handshakes: Option<usize>,
+    /// Handshakes in progress at once from one address (default 16).
+    pub max_handshakes_per_address: Option<usize>,
+    /// Seconds after which a connection is asked to close (HTTP/2 GOAWAY; default 600): a
+    /// removed CA or an expired certificate loses its open connections within this time.
+    pub max_connection_age_seconds: Option<u64>,
+    /// Concurrent calls (HTTP/2 streams) per connection (default 128).
+    pub max_concurrent_streams: Option<u32>,
+    /// The largest request from a caller without a client certificate, in bytes (default
+    /// 65536).
+    pub anonymous_max_request_bytes: Option<usize>,
+    /// Refused calls (UNAUTHENTICATED, PERMISSION_DENIED, malformed) allowed per source
+    /// address per minute before its calls are refused unread (default 120).
+    pub refused_calls_per_minute: Option<u32>,
 }
 
 /// `[tls]`.
@@ -62,6 +88,9 @@ pub struct RolesConfig {
     /// The audit service.
     #[serde(default)]
     pub auditor: Vec<String>,
+    /// Unseal shares (submit, reset): the key custodians' certificates.
+    #[serde(default)]
+    pub custodian: Vec<String>,
 }
 
 /// `[unseal]`.
@@ -139,6 +168,8 @@ pub struct Config {
     pub roles: crate::access::Roles,
     /// The limit on failed unseal shares.
     pub unseal_limit: crate::access::limiter::UnsealLimit,
+    /// `[limits]`.
+    pub limits: crate::access::limiter::Limits,
 }
 
 /// What is wrong with the configuration file.
@@ -181,12 +212,15 @@ pub enum ConfigError {
     /// A `[roles]` pattern is not one.
     #[error("roles.{role}: {source}")]
     BadRole {
-        /// `admin` or `auditor`.
+        /// `admin`, `auditor` or `custodian`.
         role: &'static str,
         /// What is wrong.
         #[source]
         source: crate::access::PatternError,
     },
+    /// A `[limits]` value is out of range.
+    #[error("limits.{0}: out of range")]
+    BadLimit(&'static str),
     /// An `[unseal]` value is out of range.
     #[error("unseal.{0}: out of range")]
     BadUnseal(&'static str),
@@ -267,7 +301,9 @@ impl Config {
         let roles = crate::access::Roles {
             admin: patterns("admin", &file.roles.admin)?,
             auditor: patterns("auditor", &file.roles.auditor)?,
+            custodian: patterns("custodian", &file.roles.custodian)?,
         };
+        let limits = limits(&file.limits)?;
         let limit_default = crate::access::limiter::UnsealLimit::default();
         let max_failed = file
             .unseal
@@ -352,8 +388,71 @@ impl Config {
                 max_failures: max_failed,
                 window: std::time::Duration::from_secs(window),
             },
+            limits,
         })
     }
+}
+
+/// Checks `[limits]` and fills in the defaults.
+fn limits(file: &LimitsConfig) -> Result<crate::access::limiter::Limits, ConfigError> {
+    use std::time::Duration;
+    let d = crate::access::limiter::Limits::default();
+    let within = |v: Option<u64>, default: u64, range: std::ops::RangeInclusive<u64>, name| {
+        let v = v.unwrap_or(default);
+        if range.contains(&v) {
+            Ok(v)
+        } else {
+            Err(ConfigError::BadLimit(name))
+        }
+    };
+    let as_u64 = |v: Option<usize>| v.map(|v| u64::try_from(v).unwrap_or(u64::MAX));
+    let as_usize = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+    Ok(crate::access::limiter::Limits {
+        handshake_timeout: Duration::from_secs(within(
+            file.handshake_timeout_seconds,
+            d.handshake_timeout.as_secs(),
+            1..=60,
+            "handshake_timeout_seconds (1..=60)",
+        )?),
+        max_handshakes: as_usize(within(
+            as_u64(file.max_handshakes),
+            d.max_handshakes as u64,
+            1..=100_000,
+            "max_handshakes (1..=100000)",
+        )?),
+        max_handshakes_per_address: as_usize(within(
+            as_u64(file.max_handshakes_per_address),
+            d.max_handshakes_per_address as u64,
+            1..=100_000,
+            "max_handshakes_per_address (1..=100000)",
+        )?),
+        max_connection_age: Duration::from_secs(within(
+            file.max_connection_age_seconds,
+            d.max_connection_age.as_secs(),
+            1..=30 * 86_400,
+            "max_connection_age_seconds (1..=2592000)",
+        )?),
+        max_concurrent_streams: u32::try_from(within(
+            file.max_concurrent_streams.map(u64::from),
+            u64::from(d.max_concurrent_streams),
+            1..=10_000,
+            "max_concurrent_streams (1..=10000)",
+        )?)
+        .unwrap_or(d.max_concurrent_streams),
+        anonymous_max_request_bytes: as_usize(within(
+            as_u64(file.anonymous_max_request_bytes),
+            d.anonymous_max_request_bytes as u64,
+            1024..=16 * 1024 * 1024,
+            "anonymous_max_request_bytes (1024..=16777216)",
+        )?),
+        refused_calls_per_minute: u32::try_from(within(
+            file.refused_calls_per_minute.map(u64::from),
+            u64::from(d.refused_calls_per_minute),
+            1..=1_000_000,
+            "refused_calls_per_minute (1..=1000000)",
+        )?)
+        .unwrap_or(d.refused_calls_per_minute),
+    })
 }
 
 #[cfg(test)]

@@ -211,9 +211,11 @@ fn prepare(
              client_ca = \"tls/ca.pem\"\n\n\
              [roles]\n\
              admin = [\"{}\"]\n\
-             auditor = [\"{}\"]\n",
+             auditor = [\"{}\"]\n\
+             custodian = [\"{}\"]\n",
             DevPki::principal("admin"),
             DevPki::principal("auditor"),
+            DevPki::principal("custodian"),
         )
     };
     let text = format!(
@@ -289,9 +291,12 @@ fn bootstrap(
             );
         } else {
             println!(
-                "kms dev: reusing {}: the server is sealed. Unseal it with the shares from its first run:\n\
-                 \n  export KMS_ADDR={url}\n{env}  kms operator unseal",
-                dir.display()
+                "kms dev: reusing {}: the server is sealed. Unseal it with the shares from its first run, \
+                 as the custodian:\n\
+                 \n  export KMS_ADDR={url}\n{env}  KMS_CLIENT_CERT={} KMS_CLIENT_KEY={} kms operator unseal",
+                dir.display(),
+                pki.cert("custodian").display(),
+                pki.key("custodian").display(),
             );
         }
         return Ok(());

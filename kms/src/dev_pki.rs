@@ -1,5 +1,6 @@
 //! The development PKI `kms dev` writes: a CA, a server certificate for the loopback
-//! addresses, and client certificates for an admin, an auditor and an application, so that
+//! addresses, and client certificates for an admin, an auditor, a key custodian and an
+//! application, so that
 //! mTLS can be tried at once. Never for production: the CA's key is thrown away after
 //! issuing, and the names are fixed.
 
@@ -14,7 +15,7 @@ use rcgen::{
 pub const TRUST_DOMAIN: &str = "kms.dev";
 
 /// The development clients: file stem and SPIFFE path.
-pub const CLIENTS: [&str; 3] = ["admin", "auditor", "app"];
+pub const CLIENTS: [&str; 4] = ["admin", "auditor", "custodian", "app"];
 
 /// How long the development certificates are valid.
 const VALIDITY_DAYS: i64 = 90;
@@ -41,7 +42,7 @@ impl DevPki {
         self.dir.join("ca.pem")
     }
 
-    /// A certificate: `server`, `admin`, `auditor`, `app`.
+    /// A certificate: `server`, `admin`, `auditor`, `custodian`, `app`.
     pub fn cert(&self, who: &str) -> PathBuf {
         self.dir.join(format!("{who}.pem"))
     }

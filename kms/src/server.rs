@@ -13,7 +13,7 @@ use kms_proto::v1::system_server::SystemServer;
 use tokio::net::TcpListener;
 
 use crate::access::Roles;
-use crate::access::limiter::{FailureLimiter, UnsealLimit};
+use crate::access::limiter::{FailureLimiter, Limits, UnsealLimit};
 use crate::access::tls::{ServerTls, TlsError};
 use crate::audit::{AuditError, AuditLog, Signer};
 use crate::config::Config;
@@ -75,6 +75,8 @@ pub struct Opened {
     pub unseal_limit: UnsealLimit,
     /// Seconds between keyring maintenance runs.
     pub maintenance_interval: std::time::Duration,
+    /// `[limits]`.
+    pub limits: Limits,
 }
 
 /// Loads the TLS files, opens the HSM, the store, the audit log and the seal manager.
@@ -124,6 +126,7 @@ pub fn open(config: &Config) -> Result<Opened, StartError> {
         roles: Arc::new(config.roles.clone()),
         unseal_limit: config.unseal_limit,
         maintenance_interval: config.maintenance_interval,
+        limits: config.limits,
     })
 }
 
@@ -161,7 +164,13 @@ pub async fn serve(
         .tls
         .clone()
         .map(|t| tokio::spawn(t.watch(opened.tls_reload_check)));
-    let incoming = crate::access::tls::incoming(listener, opened.tls);
+    let limits = opened.limits;
+    let incoming = crate::access::tls::incoming(listener, opened.tls, limits);
+    let gate = crate::grpc::gate::GateLayer::new(Arc::new(crate::grpc::gate::GateState::new(
+        opened.audit.clone(),
+        limits.refused_calls_per_minute,
+        limits.anonymous_max_request_bytes,
+    )));
     let maintenance = tokio::spawn(maintain(Arc::clone(&seal), opened.maintenance_interval));
     // On the signal, stop accepting and let calls in flight finish, but wait at most
     // SHUTDOWN_GRACE for clients that keep idle connections open.
@@ -177,7 +186,18 @@ pub async fn serve(
         tracing::warn!("clients did not close their connections in time: stopping anyway");
     };
     let mut serve_rx = stop_rx;
+    // A connection is asked to close (GOAWAY) at `max_connection_age`, so a removed CA or
+    // an expired certificate loses its open connections in a bounded time; calls in flight
+    // may finish, and the connection is closed 30 s later whatever they do (`tls::Conn`).
+    // (Not tonic's `max_connection_age_grace`: with it set, tonic 0.14 skips the GOAWAY and
+    // only closes at age + grace.) Idle peers are probed and dropped when they do not answer.
     let serving = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_connection_age(limits.max_connection_age)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .layer(gate)
         .add_service(SystemServer::new(SystemService::new(ctx.clone())))
         .add_service(
             KeyManagementServer::new(KeyManagementService::new(ctx.clone()))
@@ -207,6 +227,9 @@ pub async fn serve(
 
 /// How long shutdown waits for calls in flight and open connections.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The largest header block a client may send (request id, path, grpc headers).
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// The largest gRPC request: a batch of 64 KiB items.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;

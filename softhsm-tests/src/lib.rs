@@ -70,6 +70,8 @@ pub struct TestHsm {
     pub admin: Cred,
     /// A client holding the auditor role (`spiffe://test.kms/auditor`).
     pub auditor: Cred,
+    /// A key custodian's client (`spiffe://test.kms/custodian`): unseals.
+    pub custodian: Cred,
 }
 
 impl TestHsm {
@@ -95,6 +97,7 @@ impl TestHsm {
         let pki = Pki::new(&dir.path().join("tls"), "kms");
         let admin = pki.client("admin", &ClientSpec::spiffe("admin"));
         let auditor = pki.client("auditor", &ClientSpec::spiffe("auditor"));
+        let custodian = pki.client("custodian", &ClientSpec::spiffe("custodian"));
         let hsm = Self {
             dir,
             conf,
@@ -105,6 +108,7 @@ impl TestHsm {
             pki,
             admin,
             auditor,
+            custodian,
         };
         let out = hsm.tool(&["provision"], &[]);
         assert!(
@@ -168,20 +172,23 @@ impl TestHsm {
         path
     }
 
-    /// The normal `[tls]`, `[roles]` and `[unseal]` tables: the test CA's server
-    /// certificate, client certificates from the test CA, admin and auditor roles for the
-    /// harness's clients, a lenient limit on failed unseal shares.
+    /// The normal `[tls]`, `[roles]`, `[unseal]` and `[limits]` tables: the test CA's
+    /// server certificate, client certificates from the test CA, admin, auditor and
+    /// custodian roles for the harness's clients, lenient limits on failed unseal shares and
+    /// refused calls (tests refuse many calls on purpose from one address; access.rs and
+    /// hardening.rs test the limits).
     pub fn tls_tables(&self) -> String {
         format!(
             "[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\nreload_check_seconds = 1\n\
-             [roles]\nadmin = [\"{}\"]\nauditor = [\"{}\"]\n\
-             # The ceremony tests submit many bad shares on purpose; access.rs tests the limit.\n\
-             [unseal]\nmax_failed_shares = 1000\n",
+             [roles]\nadmin = [\"{}\"]\nauditor = [\"{}\"]\ncustodian = [\"{}\"]\n\
+             [unseal]\nmax_failed_shares = 1000\n\
+             [limits]\nrefused_calls_per_minute = 100000\n",
             self.pki.server.cert.display(),
             self.pki.server.key.display(),
             self.pki.ca.display(),
             self.admin.principal,
             self.auditor.principal,
+            self.custodian.principal,
         )
     }
 
@@ -263,6 +270,7 @@ impl TestHsm {
             ca: self.pki.ca.clone(),
             admin: self.admin.clone(),
             auditor: self.auditor.clone(),
+            custodian: self.custodian.clone(),
         })
     }
 
@@ -314,6 +322,8 @@ pub struct Server {
     pub admin: Cred,
     /// The harness's auditor client.
     pub auditor: Cred,
+    /// The harness's key custodian client.
+    pub custodian: Cred,
 }
 
 /// A gRPC client of `kms.v1.Access`.
@@ -324,6 +334,17 @@ pub async fn try_channel(
     addr: &str,
     ca: &Path,
     cred: Option<&Cred>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    try_channel_from(addr, ca, cred, None).await
+}
+
+/// As [`try_channel`], from the local address `from` (e.g. 127.0.0.2, so that a test can
+/// be a stranger at another address than the harness's clients on the loopback).
+pub async fn try_channel_from(
+    addr: &str,
+    ca: &Path,
+    cred: Option<&Cred>,
+    from: Option<std::net::IpAddr>,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
     let mut tls =
@@ -337,6 +358,7 @@ pub async fn try_channel(
     tonic::transport::Channel::from_shared(addr.to_owned())
         .unwrap()
         .tls_config(tls)?
+        .local_address(from)
         .connect()
         .await
 }
@@ -373,13 +395,18 @@ impl Out {
 pub static TRANSCRIPT: Mutex<String> = Mutex::new(String::new());
 
 impl Server {
-    /// Unseals with the first two of `shares`.
+    /// Unseals with the first two of `shares`, as the custodian.
     pub fn unseal_with(&self, shares: &[String]) {
-        let out = self.kms(
+        let out = self.custodian(
             &["operator", "unseal"],
             &format!("{}\n{}\n", shares[0], shares[1]),
         );
         assert_eq!(out.code, Some(0), "unseal: {out:?}");
+    }
+
+    /// Runs `kms ARGS` as the key custodian (unseal, reset).
+    pub fn custodian(&self, args: &[&str], stdin: &str) -> Out {
+        self.kms_as(Some(&self.custodian), args, stdin)
     }
 
     /// A channel to this server over mTLS as `cred` (`None`: TLS without a client

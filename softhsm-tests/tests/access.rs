@@ -319,8 +319,12 @@ fn expected(who: &str, rpc: &str) -> Code {
                 | "CancelKeyVersionDestruction"
         );
     if rpc == "System/Unseal" {
-        // Anyone over TLS; the share is the credential, and an unsealed server takes none.
-        return Code::Ok;
+        // Custodians only (an unsealed server takes no share but answers its status).
+        return match who {
+            "custodian" => Code::Ok,
+            "no-certificate" => Code::Unauthenticated,
+            _ => Code::PermissionDenied,
+        };
     }
     if open {
         return Code::Ok;
@@ -433,6 +437,7 @@ async fn every_rpc_by_every_kind_of_caller() {
         ("service-granted-else", Some(&other)),
         ("unknown-principal", Some(&stranger)),
         ("no-certificate", None),
+        ("custodian", Some(&hsm.custodian)),
         ("auditor", Some(&hsm.auditor)),
         ("admin", Some(&hsm.admin)),
     ];
@@ -970,12 +975,12 @@ async fn failed_unseal_shares_are_limited_per_address() {
     let server = hsm.try_start(&config, &[]).unwrap();
     let shares = server.init(3, 2, "").shares();
     for bad in ["kms1-NOTASHARE", "kms1-AAAA", "not a share"] {
-        let out = server.kms(&["operator", "unseal"], &format!("{bad}\n"));
+        let out = server.custodian(&["operator", "unseal"], &format!("{bad}\n"));
         assert_eq!(out.code, Some(1), "{out:?}");
         assert!(out.stderr.contains("INVALID_ARGUMENT"), "{out:?}");
     }
     // The fourth try, even with a good share, waits.
-    let out = server.kms(&["operator", "unseal"], &format!("{}\n", shares[0]));
+    let out = server.custodian(&["operator", "unseal"], &format!("{}\n", shares[0]));
     assert!(
         out.stderr
             .contains("RESOURCE_EXHAUSTED: too many failed unseal shares from this address"),

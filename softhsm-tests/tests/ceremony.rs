@@ -23,7 +23,7 @@ fn status(server: &Server) -> serde_json::Value {
 }
 
 fn unseal(server: &Server, share: &str) -> softhsm_tests::Out {
-    server.kms(&["operator", "unseal"], &format!("{share}\n"))
+    server.custodian(&["operator", "unseal"], &format!("{share}\n"))
 }
 
 #[test]
@@ -136,7 +136,7 @@ fn the_whole_ceremony() {
     }
 
     // A share for another attempt (by nonce) is refused without loss.
-    let out = server.kms(
+    let out = server.custodian(
         &["operator", "unseal", "--nonce", "00ff"],
         &format!("{}\n", shares[1]),
     );
@@ -145,7 +145,7 @@ fn the_whole_ceremony() {
     assert_eq!(status(&server)["progress"], 1);
 
     // Reset forgets the progress.
-    let out = server.kms(&["operator", "unseal", "--reset"], "");
+    let out = server.custodian(&["operator", "unseal", "--reset"], "");
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(status(&server)["progress"], 0);
     assert_eq!(status(&server)["nonce"], "");
@@ -153,7 +153,7 @@ fn the_whole_ceremony() {
     // Three good shares (with the right nonce on the second) unseal.
     assert_eq!(unseal(&server, &shares[4]).code, Some(2));
     let nonce = status(&server)["nonce"].as_str().unwrap().to_owned();
-    let out = server.kms(
+    let out = server.custodian(
         &["operator", "unseal", "--nonce", &nonce],
         &format!("{}\n", shares[2]),
     );
@@ -176,7 +176,7 @@ fn the_whole_ceremony() {
     let server = hsm.start();
     assert_eq!(status(&server)["sealed"], true);
     assert_eq!(status(&server)["initialized"], true);
-    let out = server.kms(
+    let out = server.custodian(
         &["operator", "unseal"],
         &format!("{}\n{}\n{}\n", shares[3], shares[1], shares[2]),
     );
@@ -255,7 +255,7 @@ fn an_acknowledged_init_survives_kill_9() {
     assert_eq!(st["initialized"], true);
     assert_eq!(st["sealed"], true);
     assert_eq!(st["share_set_id"], set.as_str());
-    let out = server.kms(
+    let out = server.custodian(
         &["operator", "unseal"],
         &format!("{}\n{}\n", shares[1], shares[0]),
     );

@@ -203,9 +203,30 @@ fn dev_mode_initialises_unseals_and_restarts_sealed() {
     let st = run_kms_env(&addr, &env, &["operator", "status", "--json"], "");
     assert_eq!(st.json()["sealed"], true);
     assert_eq!(st.json()["initialized"], true);
+    // The admin may not unseal: shares come from a custodian's certificate, as printed.
     let out = run_kms_env(
         &addr,
         &env,
+        &["operator", "unseal"],
+        &format!("{}\n", shares[4]),
+    );
+    assert!(
+        out.stderr.contains("does not have the custodian role"),
+        "{out:?}"
+    );
+    let line = dev.wait_for("kms operator unseal");
+    let mut words = line.split_whitespace();
+    let cert = words.next().unwrap().trim_start_matches("KMS_CLIENT_CERT=");
+    let key = words.next().unwrap().trim_start_matches("KMS_CLIENT_KEY=");
+    let custodian = vec![
+        env[0].clone(),
+        ("KMS_CLIENT_CERT", PathBuf::from(cert)),
+        ("KMS_CLIENT_KEY", PathBuf::from(key)),
+    ];
+    assert_eq!(custodian, as_client(&env, "custodian"));
+    let out = run_kms_env(
+        &addr,
+        &custodian,
         &["operator", "unseal"],
         &format!("{}\n{}\n{}\n", shares[4], shares[3], shares[0]),
     );

@@ -68,7 +68,7 @@ fn the_pin_travels_in_the_shares() {
     assert_eq!(attrs["extractable"], false);
 
     // A forged share (valid checksum) is refused by its commitment and never counts.
-    let out = server.kms(
+    let out = server.custodian(
         &["operator", "unseal"],
         &format!("{}\n{}\n", shares[0], forge_share(&shares[1])),
     );
@@ -78,13 +78,13 @@ fn the_pin_travels_in_the_shares() {
         "{out:?}"
     );
 
-    let out = server.kms(
+    let out = server.custodian(
         &["operator", "unseal"],
         &format!("{}\n{}\n", shares[2], shares[0]),
     );
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(server.kms(&["operator", "seal"], "").code, Some(0));
-    let out = server.kms(
+    let out = server.custodian(
         &["operator", "unseal"],
         &format!("{}\n{}\n", shares[1], shares[2]),
     );
@@ -101,7 +101,7 @@ fn the_pin_travels_in_the_shares() {
         server.kms(&["operator", "status", "--json"], "").json()["sealed"],
         true
     );
-    let out = server.kms(
+    let out = server.custodian(
         &["operator", "unseal"],
         &format!("{}\n{}\n", shares[0], shares[1]),
     );
@@ -124,7 +124,7 @@ fn the_pin_travels_in_the_shares() {
         String::from_utf8_lossy(&out.stderr)
     );
     let server = hsm.try_start(&config, &[]).unwrap();
-    let out = server.kms(
+    let out = server.custodian(
         &["operator", "unseal"],
         &format!("{}\n{}\n", shares[0], shares[1]),
     );

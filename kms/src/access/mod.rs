@@ -224,6 +224,8 @@ pub enum Role {
     Admin,
     /// The audit service, read-only.
     Auditor,
+    /// Unseal shares: submit one, reset an attempt.
+    Custodian,
 }
 
 impl Role {
@@ -232,6 +234,7 @@ impl Role {
         match self {
             Self::Admin => "admin",
             Self::Auditor => "auditor",
+            Self::Custodian => "custodian",
         }
     }
 }
@@ -243,6 +246,8 @@ pub struct Roles {
     pub admin: Vec<Pattern>,
     /// Patterns of auditors.
     pub auditor: Vec<Pattern>,
+    /// Patterns of key custodians.
+    pub custodian: Vec<Pattern>,
 }
 
 impl Roles {
@@ -258,6 +263,13 @@ impl Roles {
         }
         if self.auditor.iter().any(|p| p.matches(&identity.principal)) {
             roles.insert(Role::Auditor);
+        }
+        if self
+            .custodian
+            .iter()
+            .any(|p| p.matches(&identity.principal))
+        {
+            roles.insert(Role::Custodian);
         }
         roles
     }
@@ -304,7 +316,8 @@ impl Identity {
 pub enum Need {
     /// Nothing (`Status`, `WhoAmI`).
     Nothing,
-    /// A TLS connection; the share is the credential (`Unseal`), rate-limited.
+    /// A custodian's certificate over TLS (`Unseal`, `UnsealReset`); failed shares are
+    /// rate-limited too.
     Custodian,
     /// A role.
     Role(Role),
@@ -373,6 +386,14 @@ pub enum Denied {
     NotTls,
 }
 
+impl Need {
+    /// Whether the call needs a client certificate (everything but `Nothing`): a caller
+    /// without one is refused before its request is read.
+    pub fn needs_certificate(self) -> bool {
+        !matches!(self, Need::Nothing)
+    }
+}
+
 /// Checks a [`Need`] that does not involve grants. `Grant` needs pass here only if
 /// the caller is authenticated (or loopback); their grants are checked with the keyring.
 pub fn check(need: Need, identity: &Identity, roles: &Roles, now: i64) -> Result<(), Denied> {
@@ -381,15 +402,20 @@ pub fn check(need: Need, identity: &Identity, roles: &Roles, now: i64) -> Result
     {
         return Err(Denied::Expired);
     }
-    let needs_identity = matches!(need, Need::Role(_) | Need::Grant(_));
-    if needs_identity && !identity.authenticated && identity.tls {
+    if need.needs_certificate() && !identity.authenticated && identity.tls {
         return Err(Denied::Unauthenticated);
     }
+    let has = |role| roles.of(identity).contains(&role);
     match need {
         Need::Nothing | Need::Grant(_) => Ok(()),
-        Need::Custodian if identity.tls => Ok(()),
-        Need::Custodian => Err(Denied::NotTls),
-        Need::Role(role) if roles.of(identity).contains(&role) => Ok(()),
+        // Shares travel over TLS only, from a custodian's certificate.
+        Need::Custodian if !identity.tls => Err(Denied::NotTls),
+        Need::Custodian if has(Role::Custodian) => Ok(()),
+        Need::Custodian => Err(Denied::Role {
+            principal: identity.principal.clone(),
+            role: Role::Custodian,
+        }),
+        Need::Role(role) if has(role) => Ok(()),
         Need::Role(role) => Err(Denied::Role {
             principal: identity.principal.clone(),
             role,
@@ -474,6 +500,7 @@ mod tests {
         let roles = Roles {
             admin: vec![Pattern::new("spiffe://corp/ops/*").unwrap()],
             auditor: vec![Pattern::new("audit").unwrap()],
+            custodian: Vec::new(),
         };
         let admin = who("spiffe://corp/ops/alice");
         let auditor = who("audit");
@@ -493,7 +520,30 @@ mod tests {
             check(Need::Grant(Operation::Encrypt), &anon, &roles, 0),
             Err(Denied::Unauthenticated)
         );
-        assert!(check(Need::Custodian, &anon, &roles, 0).is_ok());
+        assert_eq!(
+            check(Need::Custodian, &anon, &roles, 0),
+            Err(Denied::Unauthenticated)
+        );
+        assert!(matches!(
+            check(Need::Custodian, &admin, &roles, 0),
+            Err(Denied::Role {
+                role: super::Role::Custodian,
+                ..
+            })
+        ));
+        let keeper = Roles {
+            custodian: vec![Pattern::new("spiffe://corp/custodians/*").unwrap()],
+            ..roles.clone()
+        };
+        assert!(
+            check(
+                Need::Custodian,
+                &who("spiffe://corp/custodians/ann"),
+                &keeper,
+                0
+            )
+            .is_ok()
+        );
         assert_eq!(
             check(Need::Custodian, &Identity::loopback(), &roles, 0),
             Err(Denied::NotTls)

@@ -15,8 +15,10 @@
 //! unseal with a share, anyone may ask for status); [`super::check`] refuses them
 //! everything else.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
@@ -31,6 +33,7 @@ use tokio_rustls::rustls;
 use tokio_rustls::server::TlsStream;
 
 use super::Identity;
+use super::limiter::Limits;
 
 /// The `[tls]` files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +158,12 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // No session resumption: a resumed TLS 1.3 session skips client certificate
+    // verification and keeps the identity of its first handshake, so a client whose CA was
+    // removed from the bundle (or whose name rules changed) could go on connecting with a
+    // cached session. Every connection does a full handshake against the current bundle.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -356,12 +365,42 @@ pub struct PeerInfo {
     pub identity: Arc<Identity>,
 }
 
-/// One accepted connection: plaintext (loopback only) or TLS.
+/// One accepted connection: plaintext (loopback only) or TLS. Past its hard deadline
+/// (the maximum age plus a grace for calls in flight, [`Limits`]) every read and write
+/// fails, which closes it whatever the peer does.
 #[derive(Debug)]
 pub struct Conn {
     io: Io,
     info: PeerInfo,
+    deadline: Pin<Box<tokio::time::Sleep>>,
 }
+
+impl Conn {
+    fn new(io: Io, info: PeerInfo, limits: &Limits) -> Self {
+        Self {
+            io,
+            info,
+            deadline: Box::pin(tokio::time::sleep(
+                limits.max_connection_age + CONNECTION_AGE_GRACE,
+            )),
+        }
+    }
+
+    /// `Err` once the deadline has passed (and the waker registered until then).
+    fn expired(&mut self, cx: &mut Context<'_>) -> Result<(), io::Error> {
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the connection is older than its maximum age and grace",
+            )),
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+/// How long calls in flight may go on after a connection reached its maximum age and was
+/// asked to close (GOAWAY); then it is closed.
+pub const CONNECTION_AGE_GRACE: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 enum Io {
@@ -382,7 +421,11 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        if let Err(e) = this.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
+        match &mut this.io {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
@@ -395,7 +438,11 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        if let Err(e) = this.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
+        match &mut this.io {
             Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
@@ -406,7 +453,11 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        if let Err(e) = this.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
+        match &mut this.io {
             Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
@@ -434,26 +485,68 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// How long a client may take to finish its handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress, in all and per address. A connection over either limit is
+/// closed at once rather than queued: a peer holding idle connections can occupy only its
+/// own share, and only for the handshake timeout.
+#[derive(Debug)]
+struct Handshakes {
+    limits: Limits,
+    state: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
 
-/// Most handshakes in progress at once; further connections wait to be accepted.
-const MAX_HANDSHAKES: usize = 256;
+/// One handshake in progress; counted until dropped.
+#[derive(Debug)]
+struct HandshakeSlot {
+    owner: Arc<Handshakes>,
+    ip: IpAddr,
+}
+
+impl Handshakes {
+    fn begin(self: &Arc<Self>, ip: IpAddr) -> Option<HandshakeSlot> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, per) = &mut *state;
+        let mine = per.get(&ip).copied().unwrap_or(0);
+        if *total >= self.limits.max_handshakes || mine >= self.limits.max_handshakes_per_address {
+            return None;
+        }
+        *total += 1;
+        per.insert(ip, mine + 1);
+        Some(HandshakeSlot {
+            owner: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut state = self.owner.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, per) = &mut *state;
+        *total = total.saturating_sub(1);
+        if let Some(n) = per.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// Accepts connections on `listener` (TLS with `tls`, else plaintext) and yields each
-/// once its handshake succeeded and its caller is known. Runs until the receiver is
-/// dropped.
+/// once its handshake succeeded and its caller is known. Handshakes are bounded by
+/// `limits` (in all, per address, and in time). Runs until the receiver is dropped.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<ServerTls>>,
+    limits: Limits,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let handshakes = Arc::new(Handshakes {
+        limits,
+        state: Mutex::new((0, HashMap::new())),
+    });
     tokio::spawn(async move {
         loop {
-            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-                return;
-            };
             let (tcp, addr) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
@@ -469,34 +562,39 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let tx = tx.clone();
             let Some(tls) = &tls else {
-                let conn = Conn {
-                    io: Io::Plain(tcp),
-                    info: PeerInfo {
+                let conn = Conn::new(
+                    Io::Plain(tcp),
+                    PeerInfo {
                         addr,
                         identity: Arc::new(Identity::loopback()),
                     },
-                };
-                drop(permit);
+                    &limits,
+                );
                 if tx.send(Ok(conn)).await.is_err() {
                     return;
                 }
                 continue;
             };
+            let Some(slot) = handshakes.begin(addr.ip()) else {
+                // Closed at once (dropping the socket): the limits say why, not the log,
+                // which a flood would fill.
+                tracing::debug!(peer = %addr, "connection closed: too many handshakes in progress");
+                continue;
+            };
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+            let timeout = limits.handshake_timeout;
             tokio::spawn(async move {
-                let _permit = permit;
-                let stream =
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::warn!(peer = %addr, reason = %e, "TLS handshake refused");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::warn!(peer = %addr, "TLS handshake timed out");
-                            return;
-                        }
-                    };
+                let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::warn!(peer = %addr, reason = %e, "TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(peer = %addr, "TLS handshake timed out");
+                        return;
+                    }
+                };
                 let leaf = stream
                     .get_ref()
                     .1
@@ -515,13 +613,15 @@ pub fn incoming(
                         return;
                     }
                 };
-                let conn = Conn {
-                    io: Io::Tls(Box::new(stream)),
-                    info: PeerInfo {
+                drop(slot);
+                let conn = Conn::new(
+                    Io::Tls(Box::new(stream)),
+                    PeerInfo {
                         addr,
                         identity: Arc::new(identity),
                     },
-                };
+                    &limits,
+                );
                 let _ = tx.send(Ok(conn)).await;
             });
         }

@@ -11,6 +11,7 @@
 
 mod access;
 mod audit;
+pub mod gate;
 mod keys;
 mod system;
 
@@ -204,15 +205,20 @@ fn log_error(rpc: &str, key: &str, err: &ApiError, code: Code) {
 
 /// A request id: the caller's, if it is a sane token, else a fresh random one.
 fn request_id<T>(req: &Request<T>) -> String {
-    let given = req
-        .metadata()
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|s| {
-            (1..=128).contains(&s.len())
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
-        });
+    request_id_from(req.metadata().get(REQUEST_ID).and_then(|v| v.to_str().ok()))
+}
+
+/// [`request_id`] from the HTTP headers (for the gate, before tonic's request exists).
+pub fn request_id_of(headers: &http::HeaderMap) -> String {
+    request_id_from(headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()))
+}
+
+fn request_id_from(given: Option<&str>) -> String {
+    let given = given.filter(|s| {
+        (1..=128).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    });
     match given {
         Some(s) => s.to_owned(),
         None => {
@@ -234,6 +240,8 @@ pub struct Call {
     need: Need,
     roles: Arc<Roles>,
     bad_name: bool,
+    /// The gate's flag: set once this call's record is this handler's to write.
+    gate: Option<gate::Recorded>,
 }
 
 /// What the log and the audit record say instead of a name that is not one: its size only.
@@ -281,6 +289,7 @@ impl Call {
             need: crate::access::need(service, operation),
             roles: Arc::clone(&ctx.roles),
             bad_name: false,
+            gate: req.extensions().get::<gate::Recorded>().cloned(),
         }
     }
 
@@ -352,6 +361,9 @@ impl Call {
             grant,
             ..self.event.clone()
         };
+        if let Some(g) = &self.gate {
+            g.set();
+        }
         self.log.append_with(event, writes)?;
         self.recorded.set(true);
         Ok(())
@@ -510,6 +522,9 @@ fn finish<R: prost::Message>(
             Err(to_status(&e))
         }
     };
+    if let Some(g) = &call.gate {
+        g.set();
+    }
     // A change that committed its record with it is recorded; a failure after that commit
     // gets its own record too, so the log never shows OK for an answer that was an error.
     if (!call.recorded.get() || answer.is_err())

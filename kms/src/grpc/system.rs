@@ -104,24 +104,24 @@ impl pb::system_server::System for SystemService {
             if reset {
                 return Ok(Served::new(status_pb(&seal.reset()?)));
             }
-            // Failed shares are limited per address (the share is the only credential).
-            let ip = c.peer().map(|a| a.ip());
-            let now = std::time::Instant::now();
-            if let Some(ip) = ip {
-                limiter.check(ip, now).map_err(ApiError::UnsealLimited)?;
-            }
-            let nonce = Some(nonce.as_str()).filter(|n| !n.is_empty());
-            let status = match seal.unseal(&share, nonce) {
-                Ok(s) => s,
-                Err(e) => {
-                    if let Some(ip) = ip
-                        && counts_as_failed_share(&e)
-                    {
-                        limiter.failed(ip, now);
-                    }
-                    return Err(e.into());
-                }
+            // Failed shares are limited per address. The failure is reserved before the
+            // share is tried (check and record in one step) and released if it was good.
+            let ticket = match c.peer() {
+                Some(addr) => Some(
+                    limiter
+                        .begin(addr.ip(), std::time::Instant::now())
+                        .map_err(ApiError::UnsealLimited)?,
+                ),
+                None => None,
             };
+            let nonce = Some(nonce.as_str()).filter(|n| !n.is_empty());
+            let result = seal.unseal(&share, nonce);
+            if let Some(ticket) = ticket
+                && !result.as_ref().is_err_and(counts_as_failed_share)
+            {
+                ticket.succeeded();
+            }
+            let status = result?;
             // If the record cannot be written, the share is not kept and an unseal that
             // completed is taken back.
             let undo_seal = Arc::clone(&seal);

@@ -1,0 +1,388 @@
+//! The gate in front of every call: a tower layer over the HTTP/2 request, before tonic
+//! reads or decodes its body.
+//!
+//! - A caller without a client certificate calling anything but `Status` or `WhoAmI` is
+//!   refused `UNAUTHENTICATED` here, unread: a stranger cannot make the server decode (or
+//!   log, or record) a large request. Its other requests are limited to
+//!   `[limits] anonymous_max_request_bytes`.
+//! - Refused calls are counted per source address ([`RefusedLimiter`]); past
+//!   `refused_calls_per_minute` an address's calls are refused `RESOURCE_EXHAUSTED`, unread.
+//!   The first such call of each minute is recorded; the others are only counted, and the
+//!   count is recorded as one record (`kms.Gate/RateLimited`, with the count in its `batch`)
+//!   when the address calls again after the minute (docs/audit.md).
+//! - Calls that no handler recorded (tonic refused them: oversized, malformed, unknown
+//!   method; or the handler panicked) are recorded here, with the status tonic gave. The
+//!   answer waits for the record; if it cannot be written the answer is
+//!   `UNAVAILABLE: audit log unavailable`.
+//!
+//! Every text from the request that reaches a record is bounded: the service must be one of
+//! ours, the method a short identifier; anything else is recorded as a placeholder that
+//! gives only its size.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use tonic::body::Body;
+use tonic::{Code, Status};
+
+use super::{AUDIT_UNAVAILABLE, code_name};
+use crate::access::limiter::{RefusedLimiter, Verdict};
+use crate::access::tls::PeerInfo;
+use crate::audit::{AuditEvent, AuditLog, BatchSummary};
+
+/// The services the server answers; a path naming another is recorded as a placeholder.
+pub const SERVICES: &[&str] = &[
+    "kms.v1.System",
+    "kms.v1.KeyManagement",
+    "kms.v1.Audit",
+    "kms.v1.Access",
+];
+
+/// The service name of the gate's own summary records.
+const GATE: &str = "kms.Gate";
+
+/// Set by a handler's [`super::Call`] once it has taken charge of the call's record; the
+/// gate records the calls for which it is still unset.
+#[derive(Debug, Clone, Default)]
+pub struct Recorded(Arc<AtomicBool>);
+
+impl Recorded {
+    /// The handler will record (or has recorded) this call.
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// What the gate shares between connections.
+#[derive(Debug)]
+pub struct GateState {
+    audit: AuditLog,
+    refused: RefusedLimiter,
+    anonymous_max_bytes: usize,
+}
+
+impl GateState {
+    /// A gate recording into `audit`, allowing `refused_per_minute` refused calls per
+    /// address per minute and `anonymous_max_bytes` per request without a certificate.
+    pub fn new(audit: AuditLog, refused_per_minute: u32, anonymous_max_bytes: usize) -> Self {
+        Self {
+            audit,
+            refused: RefusedLimiter::new(refused_per_minute, Duration::from_secs(60)),
+            anonymous_max_bytes,
+        }
+    }
+}
+
+/// The layer: `Server::builder().layer(GateLayer::new(state))`.
+#[derive(Debug, Clone)]
+pub struct GateLayer(Arc<GateState>);
+
+impl GateLayer {
+    /// A layer over shared state.
+    pub fn new(state: Arc<GateState>) -> Self {
+        Self(state)
+    }
+}
+
+impl<S> tower_layer::Layer<S> for GateLayer {
+    type Service = Gate<S>;
+    fn layer(&self, inner: S) -> Gate<S> {
+        Gate {
+            inner,
+            state: Arc::clone(&self.0),
+        }
+    }
+}
+
+/// The gate service (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Gate<S> {
+    inner: S,
+    state: Arc<GateState>,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+/// The service and method a request path names, bounded for records and logs.
+fn rpc_of(path: &str) -> (String, String) {
+    let (service, method) = path
+        .strip_prefix('/')
+        .and_then(|p| p.split_once('/'))
+        .unwrap_or(("", path));
+    let service = if SERVICES.contains(&service) {
+        service.to_owned()
+    } else {
+        format!("<unknown service, {} bytes>", service.len())
+    };
+    let method =
+        if (1..=64).contains(&method.len()) && method.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            method.to_owned()
+        } else {
+            format!("<invalid method, {} bytes>", method.len())
+        };
+    (service, method)
+}
+
+/// The gRPC status of a response that carries it in its headers (every refusal tonic or a
+/// handler makes before a body); `None` for a response whose status comes in trailers.
+fn status_of(response: &http::Response<Body>) -> Option<Code> {
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(Code::from_i32)
+}
+
+/// Whether a call counts against its address's refused calls: denied, or refused by tonic
+/// before any handler ran (oversized, malformed, unknown method). Business errors (a bad
+/// share, a failed decryption) do not count: the handlers answer and record those.
+fn is_refusal(code: Code, handled: bool) -> bool {
+    match code {
+        Code::Unauthenticated | Code::PermissionDenied => true,
+        Code::Ok => false,
+        _ => !handled,
+    }
+}
+
+impl<S> tower_service::Service<http::Request<Body>> for Gate<S>
+where
+    S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        // The clone is not ready; the ready one serves this call (tower's usual swap).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let state = Arc::clone(&self.state);
+        Box::pin(async move {
+            let peer = req.extensions().get::<PeerInfo>().cloned();
+            let (service, method) = rpc_of(req.uri().path());
+            let ip = peer.as_ref().map(|p| p.addr.ip());
+            let anonymous = peer
+                .as_ref()
+                .is_some_and(|p| p.identity.tls && !p.identity.authenticated);
+            let event = AuditEvent {
+                request_id: super::request_id_of(req.headers()),
+                principal: peer.as_ref().map_or_else(
+                    || crate::audit::ANONYMOUS.to_owned(),
+                    |p| p.identity.principal.clone(),
+                ),
+                peer: peer
+                    .as_ref()
+                    .map(|p| p.addr.to_string())
+                    .unwrap_or_default(),
+                service: service.clone(),
+                operation: method.clone(),
+                ..AuditEvent::default()
+            };
+            let now = Instant::now();
+            if let Some(ip) = ip {
+                match state.refused.check(ip, now) {
+                    Verdict::Allowed(None) => {}
+                    Verdict::Allowed(Some(counted)) => {
+                        summary(&state, &event, counted).await;
+                    }
+                    Verdict::Limited { wait, first } => {
+                        let status = Status::resource_exhausted(format!(
+                            "too many refused calls from this address: try again in {} s",
+                            wait.as_secs().max(1)
+                        ));
+                        if first {
+                            tracing::warn!(peer = %ip, "refused calls over the limit: further calls from this address are refused unread for the rest of the minute");
+                            return Ok(answer(&state, event, status).await);
+                        }
+                        return Ok(status.into_http());
+                    }
+                }
+            }
+            let need = crate::access::need(&service, &method);
+            if anonymous && need.needs_certificate() {
+                refused(&state, ip);
+                let status =
+                    Status::unauthenticated(crate::access::Denied::Unauthenticated.to_string());
+                return Ok(answer(&state, event, status).await);
+            }
+            if anonymous {
+                let limit = state.anonymous_max_bytes;
+                let body = std::mem::replace(req.body_mut(), Body::empty());
+                *req.body_mut() = Body::new(Limited::new(body, limit));
+            }
+            let recorded = Recorded::default();
+            req.extensions_mut().insert(recorded.clone());
+            let response = inner.call(req).await?;
+            let code = status_of(&response);
+            if code.is_some_and(|c| is_refusal(c, recorded.get())) {
+                refused(&state, ip);
+            }
+            if recorded.get() {
+                return Ok(response);
+            }
+            // No handler recorded this call: tonic refused it, or the handler panicked.
+            let outcome = code.map_or("UNKNOWN", code_name).to_owned();
+            let event = AuditEvent { outcome, ..event };
+            if append(&state.audit, event).await {
+                Ok(response)
+            } else {
+                Ok(Status::unavailable(AUDIT_UNAVAILABLE).into_http())
+            }
+        })
+    }
+}
+
+fn refused(state: &GateState, ip: Option<IpAddr>) {
+    if let Some(ip) = ip {
+        state.refused.refused(ip, Instant::now());
+    }
+}
+
+/// Records `event` with `status`'s outcome and answers `status` (or `UNAVAILABLE` when the
+/// record cannot be written).
+async fn answer(state: &GateState, event: AuditEvent, status: Status) -> http::Response<Body> {
+    let event = AuditEvent {
+        outcome: code_name(status.code()).to_owned(),
+        ..event
+    };
+    if append(&state.audit, event).await {
+        status.into_http()
+    } else {
+        Status::unavailable(AUDIT_UNAVAILABLE).into_http()
+    }
+}
+
+/// The one record of the calls from an address that the limit refused without recording
+/// them one by one.
+async fn summary(state: &GateState, event: &AuditEvent, counted: u64) {
+    let code = code_name(Code::ResourceExhausted).to_owned();
+    let event = AuditEvent {
+        service: GATE.to_owned(),
+        operation: "RateLimited".to_owned(),
+        outcome: code.clone(),
+        batch: Some(BatchSummary {
+            items: counted,
+            outcomes: [(code, counted)].into(),
+            versions: Default::default(),
+        }),
+        ..event.clone()
+    };
+    tracing::warn!(peer = %event.peer, calls = counted, "calls refused by the rate limit were counted, not recorded one by one");
+    append(&state.audit, event).await;
+}
+
+/// Appends off the async runtime; whether the record is durable.
+async fn append(log: &AuditLog, event: AuditEvent) -> bool {
+    let log = log.clone();
+    let rpc = format!("{}/{}", event.service, event.operation);
+    match tokio::task::spawn_blocking(move || log.append(event)).await {
+        Ok(Ok(_)) => true,
+        _ => {
+            tracing::error!(rpc, "audit record not written: answer withheld");
+            false
+        }
+    }
+}
+
+/// A request body cut off at `limit` bytes with `RESOURCE_EXHAUSTED` (which tonic passes
+/// on as the call's status).
+struct Limited {
+    inner: Body,
+    left: usize,
+    limit: usize,
+}
+
+impl Limited {
+    fn new(inner: Body, limit: usize) -> Self {
+        Self {
+            inner,
+            left: limit,
+            limit,
+        }
+    }
+}
+
+impl http_body::Body for Limited {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if data.len() > this.left {
+                        return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
+                            "a request without a client certificate is limited to {} bytes",
+                            this.limit
+                        )))));
+                    }
+                    this.left -= data.len();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_bounded_before_they_are_recorded() {
+        assert_eq!(
+            rpc_of("/kms.v1.System/Status"),
+            ("kms.v1.System".into(), "Status".into())
+        );
+        assert_eq!(
+            rpc_of("/kms.v1.KeyManagement/Exfiltrate"),
+            ("kms.v1.KeyManagement".into(), "Exfiltrate".into())
+        );
+        let long = format!("/{}/{}", "x".repeat(5000), "y".repeat(100));
+        assert_eq!(
+            rpc_of(&long),
+            (
+                "<unknown service, 5000 bytes>".into(),
+                "<invalid method, 100 bytes>".into()
+            )
+        );
+        assert_eq!(
+            rpc_of("/kms.v1.System/Sta\u{1b}tus"),
+            ("kms.v1.System".into(), "<invalid method, 7 bytes>".into())
+        );
+        assert_eq!(rpc_of("nothing").0, "<unknown service, 0 bytes>");
+    }
+}
