@@ -269,7 +269,14 @@ async fn every_call_is_recorded_and_the_export_verifies_offline() {
         .filter(|l| l.get("checkpoint").is_some())
         .collect();
     assert!(cps.len() >= 3, "{cps:?}");
-    assert_eq!(lines.last().unwrap()["checkpoint"], last["seq"]);
+    assert_eq!(lines[lines.len() - 2]["checkpoint"], last["seq"]);
+    // Last, the seal: exactly which records the export holds, signed by the HSM key.
+    let seal = &lines.last().unwrap()["export_seal"];
+    assert_eq!(seal["records"], recs.len());
+    assert_eq!(seal["first_seq"], 1);
+    assert_eq!(seal["last_seq"], last["seq"]);
+    assert_eq!(seal["last_hash"], last["hash"]);
+    assert_eq!(seal["key_fingerprint"], fingerprint.as_str());
 
     // Offline verification: intact as exported...
     let (code, stdout) = verify_offline(&file);
@@ -316,6 +323,52 @@ async fn every_call_is_recorded_and_the_export_verifies_offline() {
     let last_seq = seq_of(last);
     let cut = text[..index_of(last_seq - 2)].to_vec();
     expect("truncated", cut, last_seq - 2, "log truncated");
+    // The review's attack: delete the checkpoints, cut the last 10 records, set the
+    // header's last_seq. The seal (still there) says how many records there were...
+    let cut_at = index_of(last_seq - 9);
+    let mut cut: Vec<String> = text[..cut_at]
+        .iter()
+        .filter(|l| !l.starts_with("{\"checkpoint\""))
+        .cloned()
+        .collect();
+    cut[0] = cut[0].replace(
+        &format!("\"last_seq\":{last_seq}"),
+        &format!("\"last_seq\":{}", last_seq - 10),
+    );
+    cut.push(text.last().unwrap().clone());
+    expect("cut, seal kept", cut.clone(), last_seq - 9, "log truncated");
+    // ...and without the seal nothing signed covers the end: exit 4, pinned or not.
+    cut.pop();
+    let (code, stdout) = verify_lines(dir, "cut-no-seal", &cut);
+    assert_eq!(code, Some(4), "{stdout}");
+    assert!(stdout.contains("NOT ANCHORED"), "{stdout}");
+    let out = softhsm_tests::run_kms(
+        "http://127.0.0.1:9",
+        &[
+            "audit",
+            "verify",
+            "--export",
+            dir.join("cut-no-seal").to_str().unwrap(),
+            "--public-key",
+            &fingerprint,
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(4), "{out:?}");
+    // A seal whose statement was changed no longer verifies; lines after it are refused.
+    let mut forged_seal = text.clone();
+    let n = forged_seal.len() - 1;
+    forged_seal[n] = forged_seal[n].replace(
+        &format!("\"records\":{}", recs.len()),
+        &format!("\"records\":{}", recs.len() - 1),
+    );
+    let (code, stdout) = verify_lines(dir, "forged-seal", &forged_seal);
+    assert_eq!(code, Some(3), "{stdout}");
+    assert!(stdout.contains("checkpoint signature invalid"), "{stdout}");
+    let mut appended = text.clone();
+    appended.push(text[index_of(encrypt_seq)].clone());
+    let (code, stdout) = verify_lines(dir, "after-seal", &appended);
+    assert_eq!(code, Some(3), "{stdout}");
     let mut forged_key = text.clone();
     forged_key[0] = forged_key[0].replace(
         header["checkpoint_public_key"].as_str().unwrap(),
@@ -371,7 +424,8 @@ async fn every_call_is_recorded_and_the_export_verifies_offline() {
         .unwrap()
         .lines()
         .skip(1)
-        .map(|l| serde_json::from_str(l).unwrap())
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("seq").is_some())
         .collect();
     assert!(!only.is_empty());
     assert!(only.iter().all(|r| r["event"]["key"] == "payments"
@@ -815,4 +869,75 @@ async fn bad_audit_requests_get_clear_errors_and_are_recorded() {
     find(&recs, "ExportAuditLog", "INVALID_ARGUMENT");
     find(&recs, "KeyUsageReport", "INVALID_ARGUMENT");
     find(&recs, "KeyUsageReport", "FAILED_PRECONDITION");
+}
+
+/// Someone with disk access alters the record the last checkpoint covers. At start-up the
+/// server finds that its chain's tail does not connect to that checkpoint, says so, and
+/// signs nothing over it (no checkpoint, no export seal) until it is restored; every
+/// verification names the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_that_does_not_connect_is_never_signed() {
+    let hsm = TestHsm::new("kms-tail");
+    let dir = hsm.path();
+    let store = dir.join("kms.redb");
+    let config = config(&hsm, &store);
+    let mut server = hsm.try_start(&config, &[]).unwrap();
+    let shares = server.init(3, 2, "").shares();
+    server.unseal_with(&shares);
+    for _ in 0..7 {
+        let out = server.kms(&["operator", "status"], "");
+        assert_eq!(out.code, Some(0));
+    }
+    let (_, lines) = export(&server, dir, "before.jsonl");
+    let covered = lines
+        .iter()
+        .filter_map(|l| l["checkpoint"].as_u64())
+        .max()
+        .unwrap();
+    assert!(server.terminate().success());
+
+    let out = std::process::Command::new(softhsm_tests::bin("store-tool"))
+        .arg("replace")
+        .arg(&store)
+        .args([
+            "audit",
+            &format!("{covered:020}"),
+            "\"request_id\":\"",
+            "\"request_id\":\"forged-",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let server = hsm.try_start(&config, &[]).unwrap();
+    assert!(
+        hsm.logs()
+            .contains("does not connect to its last signed checkpoint"),
+        "{}",
+        hsm.logs()
+    );
+    server.unseal_with(&shares);
+    for _ in 0..7 {
+        server.kms(&["operator", "status"], "");
+    }
+    let (file, lines) = export(&server, dir, "after.jsonl");
+    // No checkpoint past the old one, and no seal.
+    assert_eq!(
+        lines.iter().filter_map(|l| l["checkpoint"].as_u64()).max(),
+        Some(covered)
+    );
+    assert!(lines.iter().all(|l| l.get("export_seal").is_none()));
+    let (code, stdout) = verify_offline(&file);
+    assert_eq!(code, Some(3), "{stdout}");
+    assert!(
+        stdout.contains(&format!("first bad sequence {covered}: record altered")),
+        "{stdout}"
+    );
+    let out = server.kms_as(Some(&server.auditor), &["audit", "verify"], "");
+    assert_eq!(out.code, Some(3), "{out:?}");
+    assert!(hsm.logs().contains("refusing to sign"), "{}", hsm.logs());
 }

@@ -217,6 +217,17 @@ pub enum AuditError {
     /// The HSM refused to sign a checkpoint.
     #[error("the audit checkpoint could not be signed")]
     Sign(#[source] HsmError),
+    /// The stored chain's tail does not connect to its last signed checkpoint: nothing is
+    /// signed over it (see [`AuditLog::open`]).
+    #[error(
+        "refusing to sign: the stored audit chain does not connect to its last signed checkpoint ({checkpoint}); first bad record {seq}"
+    )]
+    TailBroken {
+        /// The last checkpoint.
+        checkpoint: u64,
+        /// The first record that does not connect.
+        seq: u64,
+    },
     /// A bug.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -228,6 +239,8 @@ pub enum AuditError {
 pub struct Signer {
     hsm: Option<Arc<Hsm>>,
     key: Mutex<Option<(KeyHandle, Vec<u8>)>>,
+    /// Set at start-up when the chain's tail does not connect: nothing is signed then.
+    refused: Mutex<Option<(u64, u64)>>,
 }
 
 impl std::fmt::Debug for Signer {
@@ -242,6 +255,7 @@ impl Signer {
         Self {
             hsm: Some(hsm),
             key: Mutex::new(None),
+            refused: Mutex::new(None),
         }
     }
 
@@ -250,6 +264,7 @@ impl Signer {
         Self {
             hsm: None,
             key: Mutex::new(None),
+            refused: Mutex::new(None),
         }
     }
 
@@ -267,22 +282,53 @@ impl Signer {
             .map(|(_, p)| p.clone())
     }
 
-    /// Signs a checkpoint over `head`, or `None` when the key is not available now
-    /// (before init, or sealed with the PIN in the shares).
-    fn checkpoint(&self, head: &Head) -> Option<Result<Checkpoint, AuditError>> {
+    /// Refuses every signature from now on: the chain's tail does not connect to
+    /// `checkpoint` from record `seq` on.
+    fn refuse(&self, checkpoint: u64, seq: u64) {
+        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some((checkpoint, seq));
+    }
+
+    /// Signs `message` with the key: `None` when the key is not available now (before
+    /// init, or sealed with the PIN in the shares); an error when signing is refused.
+    fn sign(&self, message: &[u8]) -> Option<Result<(Vec<u8>, String), AuditError>> {
         let hsm = self.hsm.as_ref()?;
         let (handle, public) = self.key.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        if let Some((checkpoint, seq)) = *self.refused.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Some(Err(AuditError::TailBroken { checkpoint, seq }));
+        }
+        Some(
+            hsm.sign(HsmKeyKind::Ed25519, handle, message)
+                .map_err(AuditError::Sign)
+                .map(|sig| (sig, fingerprint(&public))),
+        )
+    }
+
+    /// Signs a checkpoint over `head` (see [`Signer::sign`] for `None`).
+    fn checkpoint(&self, head: &Head) -> Option<Result<Checkpoint, AuditError>> {
+        let public = self.public_key()?;
         let time_ms = now_ms();
         let key_fingerprint = fingerprint(&public);
         let message = Checkpoint::message(head.seq, &head.hash, time_ms, &key_fingerprint);
+        Some(self.sign(&message)?.map(|(sig, _)| Checkpoint {
+            checkpoint: head.seq,
+            head: head.hash.clone(),
+            time_ms,
+            key_fingerprint,
+            signature: data_encoding::HEXLOWER.encode(&sig),
+        }))
+    }
+
+    /// Seals an export: signs `range` (whose `key_fingerprint` it fills in). `None` when
+    /// the key is not available now.
+    pub fn seal_export(
+        &self,
+        mut range: report::ExportRange,
+    ) -> Option<Result<report::ExportSeal, AuditError>> {
+        range.key_fingerprint = fingerprint(&self.public_key()?);
         Some(
-            hsm.sign(HsmKeyKind::Ed25519, handle, &message)
-                .map_err(AuditError::Sign)
-                .map(|sig| Checkpoint {
-                    checkpoint: head.seq,
-                    head: head.hash.clone(),
-                    time_ms,
-                    key_fingerprint,
+            self.sign(&range.message())?
+                .map(|(sig, _)| report::ExportSeal {
+                    export_seal: range,
                     signature: data_encoding::HEXLOWER.encode(&sig),
                 }),
         )
@@ -368,6 +414,49 @@ fn last_record(store: &dyn Store) -> Result<Option<AuditRecord>, AuditError> {
     }
 }
 
+/// Whether the stored chain from the checkpoint `cp` to the head (`head_seq`) is intact and
+/// connects to it: the record `cp` covers hashes to `cp.head`, and each record after it
+/// hashes right and names its predecessor. `Ok(Err(seq))` names the first record that
+/// does not (the checkpoint's own, when the log was cut below it). Reads only the tail.
+fn tail_connects(
+    store: &dyn Store,
+    cp: &Checkpoint,
+    head_seq: u64,
+) -> Result<Result<(), u64>, AuditError> {
+    if cp.checkpoint > head_seq {
+        return Ok(Err(head_seq + 1));
+    }
+    let mut expected = cp.checkpoint;
+    let mut prev: Option<String> = None;
+    while expected <= head_seq {
+        let page = store
+            .range(Table::Audit, &record_key(expected), 512)
+            .map_err(|e| AuditError::Unavailable(Some(e)))?;
+        if page.is_empty() {
+            return Ok(Err(expected));
+        }
+        for (key, bytes) in page {
+            let Ok(r) = serde_json::from_slice::<AuditRecord>(&bytes) else {
+                return Ok(Err(expected));
+            };
+            let hashed = r.compute_hash().ok().as_deref() == Some(r.hash.as_str());
+            let linked = match &prev {
+                None => r.hash == cp.head,
+                Some(p) => &r.prev_hash == p,
+            };
+            if key != record_key(expected) || r.seq != expected || !hashed || !linked {
+                return Ok(Err(expected));
+            }
+            prev = Some(r.hash);
+            expected += 1;
+            if expected > head_seq {
+                break;
+            }
+        }
+    }
+    Ok(Ok(()))
+}
+
 /// Reads the head of the stored chain.
 pub fn head(store: &dyn Store) -> Result<Head, AuditError> {
     Ok(last_record(store)?.map_or_else(Head::genesis, |r| Head {
@@ -394,6 +483,16 @@ impl AuditLog {
             .last(Table::AuditCheckpoints)
             .map_err(|e| AuditError::Unavailable(Some(e)))?
             .and_then(|(_, bytes)| serde_json::from_slice::<Checkpoint>(&bytes).ok());
+        if let Some(cp) = &last_checkpoint
+            && let Err(seq) = tail_connects(store.as_ref(), cp, start.seq)?
+        {
+            tracing::error!(
+                checkpoint = cp.checkpoint,
+                first_bad = seq,
+                "the stored audit chain does not connect to its last signed checkpoint: it was altered or cut. No checkpoint or export will be signed until it is restored; run `kms audit verify`"
+            );
+            signer.refuse(cp.checkpoint, seq);
+        }
         let (sender, receiver) = sync_channel::<Msg>(4 * MAX_GROUP);
         let commits = Arc::new(AtomicU64::new(0));
         let writer = Writer {

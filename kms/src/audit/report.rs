@@ -1,7 +1,8 @@
 //! What auditors read: export filters and lines, and the key-usage report.
 //!
 //! The export is JSON lines: one [`ExportHeader`], then the stored records verbatim in
-//! sequence order, each signed [`super::Checkpoint`] right after the record it covers. Records'
+//! sequence order, each signed [`super::Checkpoint`] right after the record it covers, and
+//! last an [`ExportSeal`] signed by the HSM audit key over exactly what the export holds. Records'
 //! times are stamped by the writer when they become durable, so they never decrease along
 //! the chain and a time range is a contiguous, verifiable part of it.
 
@@ -82,6 +83,55 @@ pub struct ExportHeader {
     /// The last sequence number the export holds (set when no `until` bounds it): a cut
     /// tail is then detectable even where no checkpoint covers it.
     pub last_seq: Option<u64>,
+}
+
+/// What an export's seal states, signed by the HSM audit key: exactly which records the
+/// export holds. With it, cutting the export's tail (or its head, or changing its filter)
+/// shows offline, even for a time range that ends between two checkpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRange {
+    /// [`EXPORT_FORMAT`].
+    pub format: String,
+    /// The header's `exported_at_ms`.
+    pub exported_at_ms: u64,
+    /// The filter it was made with.
+    pub filter: Filter,
+    /// Whether the records are a contiguous piece of the chain.
+    pub contiguous: bool,
+    /// How many records it holds.
+    pub records: u64,
+    /// The first record's sequence number (none: no records).
+    pub first_seq: Option<u64>,
+    /// The last record's sequence number.
+    pub last_seq: Option<u64>,
+    /// The last record's hash.
+    pub last_hash: Option<String>,
+    /// The signing key's fingerprint.
+    pub key_fingerprint: String,
+}
+
+impl ExportRange {
+    /// The signed bytes: the context and the range's JSON (its fields in declaration order).
+    pub fn message(&self) -> Vec<u8> {
+        let mut m = format!("{EXPORT_SEAL_CONTEXT}\n").into_bytes();
+        m.extend_from_slice(&serde_json::to_vec(self).unwrap_or_default());
+        m
+    }
+}
+
+/// The domain of an export seal's signature.
+pub const EXPORT_SEAL_CONTEXT: &str = "kms-audit-export-seal/v1";
+
+/// The last line of an export: its [`ExportRange`] and the Ed25519 signature over
+/// [`ExportRange::message`] (hex).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSeal {
+    /// What is signed.
+    pub export_seal: ExportRange,
+    /// The signature (hex).
+    pub signature: String,
 }
 
 /// One count in a [`VersionUsage`].

@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde::Deserialize;
 
-use super::{AuditRecord, Checkpoint, Head, fingerprint};
+use super::report::{EXPORT_FORMAT, ExportHeader, ExportSeal};
+use super::{AuditRecord, Checkpoint, GENESIS, Head, fingerprint};
 
 /// Where and why a chain is broken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,9 +44,14 @@ pub enum ChainBreak {
     /// A checkpoint's signature does not verify under the audit public key.
     #[error("checkpoint signature invalid")]
     CheckpointSignature,
-    /// A checkpoint covers records the log does not have: its tail was cut.
-    #[error("log truncated after the last checkpoint")]
+    /// A checkpoint or the export's seal covers records the log does not have: its tail
+    /// was cut.
+    #[error("log truncated")]
     Truncated,
+    /// The export's signed seal does not match the records it holds (their number, range,
+    /// last hash or filter), or lines follow it.
+    #[error("the export's signed seal does not match its records")]
+    SealMismatch,
 }
 
 /// What an intact chain showed.
@@ -75,25 +81,212 @@ fn check_signature(c: &Checkpoint, public_key: Option<&[u8]>) -> bool {
     let Some(public_key) = public_key else {
         return false;
     };
+    c.key_fingerprint == fingerprint(public_key)
+        && ed25519_verify(
+            public_key,
+            &c.signature,
+            &Checkpoint::message(c.checkpoint, &c.head, c.time_ms, &c.key_fingerprint),
+        )
+}
+
+/// Why an export could not be verified at all (as opposed to found altered).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExportError {
+    /// The first line is not an export header.
+    #[error("not a kms audit export ({EXPORT_FORMAT}): its first line is not the header")]
+    NotAnExport,
+    /// Filtered by more than time: not a piece of the chain.
+    #[error(
+        "this export was filtered by key, principal, operation or outcome: only an export filtered by time alone is a piece of the chain that can be verified"
+    )]
+    Filtered,
+    /// The header's public key is not hex.
+    #[error("the export's checkpoint public key is not hex")]
+    BadPublicKey,
+    /// `--public-key` is neither a fingerprint nor a public key.
+    #[error(
+        "--public-key is neither a fingerprint (32 hex digits) nor a hex public key (64 hex digits)"
+    )]
+    BadTrustedKey,
+}
+
+/// What the offline verification of an export found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportVerdict {
+    /// The chain is intact and a signature covers its last record: the export's seal, or a
+    /// checkpoint. Exit 0.
+    Anchored(ExportSummary),
+    /// The chain is consistent, but nothing signed covers its last record (no seal, and no
+    /// checkpoint at its end): a cut tail would not show. Not proof.
+    NotAnchored(ExportSummary),
+    /// The export's key is not the trusted one.
+    KeyMismatch {
+        /// The export's key's fingerprint.
+        found: Option<String>,
+        /// The trusted one.
+        trusted: String,
+    },
+    /// Altered, cut or reordered: the first bad sequence number and why.
+    Broken(ChainError),
+}
+
+/// The intact part of an export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSummary {
+    /// The first sequence number it holds (1 for a whole log).
+    pub first: u64,
+    /// The chain walked.
+    pub verified: Verified,
+    /// Whether a valid seal covers exactly these records.
+    pub sealed: bool,
+    /// The checkpoint key's fingerprint, if the export names one.
+    pub fingerprint: Option<String>,
+}
+
+impl ExportSummary {
+    /// Whether the export holds no records.
+    pub fn is_empty(&self) -> bool {
+        self.first == 1 && self.verified.head.hash == GENESIS
+    }
+}
+
+/// Verifies an export (JSON lines) with no server and no HSM: the header, the chain, every
+/// checkpoint, and the seal. With `trusted` (a fingerprint or a hex public key), the
+/// export's key must be that key; without it, the export's own key is used, which proves
+/// consistency but not origin.
+pub fn verify_export(text: &str, trusted: Option<&str>) -> Result<ExportVerdict, ExportError> {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header: ExportHeader = lines
+        .next()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .filter(|h: &ExportHeader| h.format == EXPORT_FORMAT)
+        .ok_or(ExportError::NotAnExport)?;
+    if !header.contiguous {
+        return Err(ExportError::Filtered);
+    }
+    let public_key = header
+        .checkpoint_public_key
+        .as_deref()
+        .map(|hex| data_encoding::HEXLOWER.decode(hex.as_bytes()))
+        .transpose()
+        .map_err(|_| ExportError::BadPublicKey)?;
+    let found = public_key.as_deref().map(fingerprint);
+    if let Some(trusted) = trusted {
+        let trusted = trusted.trim().to_ascii_lowercase();
+        let want = match trusted.len() {
+            64 => data_encoding::HEXLOWER
+                .decode(trusted.as_bytes())
+                .map(|k| fingerprint(&k))
+                .map_err(|_| ExportError::BadTrustedKey)?,
+            32 if trusted.bytes().all(|b| b.is_ascii_hexdigit()) => trusted,
+            _ => return Err(ExportError::BadTrustedKey),
+        };
+        if found.as_deref() != Some(want.as_str()) {
+            return Ok(ExportVerdict::KeyMismatch {
+                found,
+                trusted: want,
+            });
+        }
+    }
+    let mut records: Vec<&[u8]> = Vec::new();
+    let mut checkpoints = Vec::new();
+    let mut seal: Option<ExportSeal> = None;
+    let mut after_seal = false;
+    for line in lines {
+        if seal.is_some() {
+            after_seal = true;
+        }
+        if let Ok(s) = serde_json::from_str::<ExportSeal>(line) {
+            after_seal |= seal.is_some();
+            seal = Some(s);
+        } else if let Ok(c) = serde_json::from_str::<Checkpoint>(line) {
+            checkpoints.push(c);
+        } else {
+            records.push(line.as_bytes());
+        }
+    }
+    // A time range starts inside the chain: from its first record's predecessor.
+    let start = records
+        .first()
+        .and_then(|b| serde_json::from_slice::<AuditRecord>(b).ok())
+        .filter(|r| r.seq > 1)
+        .map_or_else(Head::genesis, |r| Head {
+            seq: r.seq - 1,
+            hash: r.prev_hash,
+        });
+    let first = start.seq + 1;
+    let broken = |seq, reason| Ok(ExportVerdict::Broken(ChainError { seq, reason }));
+    let verified = match verify_from(start, &records, &checkpoints, public_key.as_deref()) {
+        Ok(v) => v,
+        Err(e) => return Ok(ExportVerdict::Broken(e)),
+    };
+    // The header says where the export ends: a cut tail shows even past the last
+    // checkpoint.
+    if header.last_seq.is_some_and(|last| verified.head.seq < last) {
+        return broken(verified.head.seq + 1, ChainBreak::Truncated);
+    }
+    let sealed = match &seal {
+        None => false,
+        Some(s) => {
+            let range = &s.export_seal;
+            if !seal_signed_by(s, public_key.as_deref()) {
+                return broken(verified.head.seq, ChainBreak::CheckpointSignature);
+            }
+            if range.last_seq.is_some_and(|l| l > verified.head.seq) {
+                return broken(verified.head.seq + 1, ChainBreak::Truncated);
+            }
+            let holds = range.records == verified.records
+                && range.first_seq == (verified.records > 0).then_some(first)
+                && range.last_seq == (verified.records > 0).then_some(verified.head.seq)
+                && range.last_hash.as_deref()
+                    == (verified.records > 0).then_some(verified.head.hash.as_str())
+                && range.filter == header.filter
+                && range.contiguous == header.contiguous
+                && range.exported_at_ms == header.exported_at_ms;
+            if !holds || after_seal {
+                return broken(verified.head.seq, ChainBreak::SealMismatch);
+            }
+            true
+        }
+    };
+    let covered = verified.last_checkpoint == Some(verified.head.seq);
+    let summary = ExportSummary {
+        first,
+        verified,
+        sealed,
+        fingerprint: found,
+    };
+    Ok(if sealed || covered {
+        ExportVerdict::Anchored(summary)
+    } else {
+        ExportVerdict::NotAnchored(summary)
+    })
+}
+
+/// Whether an export seal is signed by `public_key` and names its fingerprint.
+fn seal_signed_by(seal: &ExportSeal, public_key: Option<&[u8]>) -> bool {
+    let Some(public_key) = public_key else {
+        return false;
+    };
+    seal.export_seal.key_fingerprint == fingerprint(public_key)
+        && ed25519_verify(public_key, &seal.signature, &seal.export_seal.message())
+}
+
+fn ed25519_verify(public_key: &[u8], signature_hex: &str, message: &[u8]) -> bool {
     let Ok(arr) = <[u8; 32]>::try_from(public_key) else {
         return false;
     };
     let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&arr) else {
         return false;
     };
-    let Ok(sig_bytes) = data_encoding::HEXLOWER.decode(c.signature.as_bytes()) else {
+    let Ok(sig_bytes) = data_encoding::HEXLOWER.decode(signature_hex.as_bytes()) else {
         return false;
     };
     let Ok(sig) = ed25519_dalek::Signature::from_slice(&sig_bytes) else {
         return false;
     };
-    c.key_fingerprint == fingerprint(public_key)
-        && key
-            .verify_strict(
-                &Checkpoint::message(c.checkpoint, &c.head, c.time_ms, &c.key_fingerprint),
-                &sig,
-            )
-            .is_ok()
+    key.verify_strict(message, &sig).is_ok()
 }
 
 /// Verifies a whole log from record 1: see [`verify_from`].

@@ -14,14 +14,16 @@ use kms_proto::v1::audit_client::AuditClient;
 use tonic::transport::Channel;
 
 use super::{BoxError, RpcError};
-use crate::audit::report::{
-    Bucket, EXPORT_FORMAT, ExportHeader, UsageCount, UsageReport, VersionRef, VersionUsage,
-};
-use crate::audit::verify::{ChainBreak, ChainError, verify_from};
-use crate::audit::{AuditRecord, Checkpoint, GENESIS, Head, fingerprint};
+use crate::audit::AuditRecord;
+use crate::audit::report::{Bucket, UsageCount, UsageReport, VersionRef, VersionUsage};
+use crate::audit::verify::{ChainError, ExportSummary, ExportVerdict, verify_export};
 
 /// Exit code of `verify` when the log is not intact.
 pub const NOT_INTACT: u8 = 3;
+
+/// Exit code of `verify --export` when the chain is consistent but no signature covers its
+/// last record: nothing proves that its tail was not cut.
+pub const NOT_ANCHORED: u8 = 4;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ExportFormat {
@@ -295,106 +297,62 @@ where
     }
 }
 
-/// Verifies a JSONL export with no server and no HSM.
+/// Verifies a JSONL export with no server and no HSM ([`verify_export`]). Exit codes: 0
+/// intact and anchored (a signature covers the last record), [`NOT_INTACT`] altered, cut,
+/// or signed by another key than the trusted one, [`NOT_ANCHORED`] consistent but not
+/// covered by a signature (not proof), 1 not an export.
 fn verify_offline(path: &Path, trusted: Option<&str>) -> Result<ExitCode, BoxError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mut lines = text.lines();
-    let header: ExportHeader = lines
-        .next()
-        .and_then(|l| serde_json::from_str(l).ok())
-        .filter(|h: &ExportHeader| h.format == EXPORT_FORMAT)
-        .ok_or_else(|| {
-            format!(
-                "{} is not a kms audit export ({EXPORT_FORMAT}): its first line is not the header",
-                path.display()
-            )
-        })?;
-    if !header.contiguous {
-        return Err("this export was filtered by key, principal, operation or outcome: only an export filtered by time alone is a piece of the chain that can be verified".into());
-    }
-    let public_key = match &header.checkpoint_public_key {
-        Some(hex) => Some(
-            data_encoding::HEXLOWER
-                .decode(hex.as_bytes())
-                .map_err(|_| "the export's checkpoint public key is not hex")?,
-        ),
-        None => None,
+    let verdict = verify_export(&text, trusted).map_err(|e| format!("{}: {e}", path.display()))?;
+    let summary = |s: &ExportSummary| {
+        let v = &s.verified;
+        let mut text = format!(
+            "{} records (sequence {} to {}), {} checkpoint(s) verified",
+            v.records, s.first, v.head.seq, v.checkpoints
+        );
+        if s.sealed {
+            text.push_str(", the export's signed seal covers exactly these records");
+        }
+        if s.is_empty() {
+            text.push_str("; the export holds no records");
+        }
+        if let Some(f) = &s.fingerprint {
+            text.push_str(&format!("\ncheckpoint key fingerprint: {f}"));
+        }
+        if trusted.is_none() {
+            text.push_str(
+                "\n(checked against the key the export names: pin the fingerprint recorded at init with --public-key to prove its origin)",
+            );
+        }
+        text
     };
-    let found = public_key.as_deref().map(fingerprint);
-    if let Some(trusted) = trusted {
-        let trusted = trusted.trim().to_ascii_lowercase();
-        let want = if trusted.len() == 64 {
-            data_encoding::HEXLOWER
-                .decode(trusted.as_bytes())
-                .map(|k| fingerprint(&k))
-                .map_err(|_| "--public-key is neither a fingerprint nor a hex public key")?
-        } else {
-            trusted
-        };
-        if found.as_deref() != Some(want.as_str()) {
-            println!(
-                "NOT INTACT: the export's checkpoint key ({}) is not the key you trust ({want})",
-                found.as_deref().unwrap_or("none")
-            );
-            return Ok(ExitCode::from(NOT_INTACT));
-        }
-    }
-    let mut records: Vec<&[u8]> = Vec::new();
-    let mut checkpoints = Vec::new();
-    for line in lines.filter(|l| !l.trim().is_empty()) {
-        match serde_json::from_str::<Checkpoint>(line) {
-            Ok(c) => checkpoints.push(c),
-            Err(_) => records.push(line.as_bytes()),
-        }
-    }
-    // A time range starts inside the chain: from its first record's predecessor.
-    let start = records
-        .first()
-        .and_then(|b| serde_json::from_slice::<AuditRecord>(b).ok())
-        .filter(|r| r.seq > 1)
-        .map_or_else(Head::genesis, |r| Head {
-            seq: r.seq - 1,
-            hash: r.prev_hash,
-        });
-    let first = start.seq + 1;
-    let verified =
-        verify_from(start, &records, &checkpoints, public_key.as_deref()).and_then(|v| {
-            // The header says where the export ends: a cut tail shows even past the last
-            // checkpoint.
-            match header.last_seq {
-                Some(last) if v.head.seq < last => Err(ChainError {
-                    seq: v.head.seq + 1,
-                    reason: ChainBreak::Truncated,
-                }),
-                _ => Ok(v),
-            }
-        });
-    match verified {
-        Ok(v) => {
-            println!(
-                "intact: {} records (sequence {first} to {}), {} checkpoint(s) verified{}",
-                v.records,
-                v.head.seq,
-                v.checkpoints,
-                match v.last_checkpoint {
-                    Some(c) if c == v.head.seq => ", the last covering the last record".to_owned(),
-                    Some(c) => format!(
-                        "; records after {c} are not covered by a checkpoint (cutting them would not show)"
-                    ),
-                    None => "; no signed checkpoint: the chain is consistent but not anchored"
-                        .to_owned(),
-                }
-            );
-            if first == 1 && v.head.hash == GENESIS {
-                println!("the export holds no records");
-            }
-            if let Some(f) = &found {
-                println!("checkpoint key fingerprint: {f}");
-            }
+    match verdict {
+        ExportVerdict::Anchored(s) => {
+            println!("intact: {}", summary(&s));
             Ok(ExitCode::SUCCESS)
         }
-        Err(ChainError { seq, reason }) => {
+        ExportVerdict::NotAnchored(s) => {
+            let why = match s.verified.last_checkpoint {
+                Some(c) => format!(
+                    "records after {c} are covered by no signature, and the export has no valid seal"
+                ),
+                None => "no signed checkpoint and no valid seal".to_owned(),
+            };
+            println!(
+                "NOT ANCHORED: the chain is consistent, but {why}: a cut tail would not show. {}",
+                summary(&s)
+            );
+            Ok(ExitCode::from(NOT_ANCHORED))
+        }
+        ExportVerdict::KeyMismatch { found, trusted } => {
+            println!(
+                "NOT INTACT: the export's checkpoint key ({}) is not the key you trust ({trusted})",
+                found.as_deref().unwrap_or("none")
+            );
+            Ok(ExitCode::from(NOT_INTACT))
+        }
+        ExportVerdict::Broken(ChainError { seq, reason }) => {
             println!("NOT INTACT: first bad sequence {seq}: {reason}");
             Ok(ExitCode::from(NOT_INTACT))
         }

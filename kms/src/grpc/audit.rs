@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::{ApiError, Call, Ctx, Served, run};
 use crate::audit::report::{
-    EXPORT_FORMAT, ExportHeader, Filter, KeyInfo, UsageBuilder, UsageReport,
+    EXPORT_FORMAT, ExportHeader, ExportRange, Filter, KeyInfo, UsageBuilder, UsageReport,
 };
 use crate::audit::verify::{ChainBreak, signed_by, verify_records};
 use crate::audit::{AuditLog, AuditRecord, Checkpoint, fingerprint, record_key};
@@ -168,6 +168,7 @@ fn reason_name(b: ChainBreak) -> &'static str {
         ChainBreak::Rewritten { .. } => "rewritten",
         ChainBreak::CheckpointSignature => "checkpoint_signature",
         ChainBreak::Truncated => "truncated",
+        ChainBreak::SealMismatch => "seal_mismatch",
     }
 }
 
@@ -444,8 +445,23 @@ fn export(
         }
         open
     };
+    let mut range = ExportRange {
+        format: EXPORT_FORMAT.to_owned(),
+        exported_at_ms: header.exported_at_ms,
+        filter: filter.clone(),
+        contiguous,
+        records: 0,
+        first_seq: None,
+        last_seq: None,
+        last_hash: None,
+        key_fingerprint: String::new(),
+    };
     each_record(store.as_ref(), upto, |bytes, r| {
         if filter.matches(&r.event) || r.seq == 0 {
+            range.records += 1;
+            range.first_seq.get_or_insert(r.seq);
+            range.last_seq = Some(r.seq);
+            range.last_hash = Some(r.hash.clone());
             bytes_held += bytes.len();
             lines.push(String::from_utf8_lossy(bytes).into_owned());
             if let Some(c) = cps.get(&r.seq)
@@ -460,6 +476,18 @@ fn export(
         bytes_held = 0;
         flush(&mut lines)
     })?;
+    // The seal: exactly these records, signed by the HSM key, as the last line.
+    match log.signer().seal_export(range) {
+        Some(Ok(seal)) => lines.push(serde_json::to_string(&seal).unwrap_or_default()),
+        Some(Err(e)) => {
+            tracing::error!(error = %crate::error_chain(&e), "audit export not sealed: offline verification will say it is not anchored");
+        }
+        None => {
+            tracing::warn!(
+                "audit export not sealed: the audit key is not available (the PIN is in the shares and the server is sealed)"
+            );
+        }
+    }
     flush(&mut lines);
     Ok(())
 }

@@ -208,7 +208,8 @@ fn request_id<T>(req: &Request<T>) -> String {
     request_id_from(req.metadata().get(REQUEST_ID).and_then(|v| v.to_str().ok()))
 }
 
-/// [`request_id`] from the HTTP headers (for the gate, before tonic's request exists).
+/// The request id from the HTTP headers (for the gate, before tonic's request exists):
+/// the caller's, if it is a sane token, else a fresh random one.
 pub fn request_id_of(headers: &http::HeaderMap) -> String {
     request_id_from(headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()))
 }
