@@ -85,6 +85,25 @@ pub enum HsmError {
     /// altered, or another key made them.
     #[error("the HSM could not decrypt the data: it was altered or made under another key")]
     DecryptFailed,
+    /// Several token objects answer to one key's label and id: kms will not guess which.
+    #[error(
+        "{count} objects in the HSM token answer to the key object {label:?}: refusing to pick one"
+    )]
+    KeyAmbiguous {
+        /// The label.
+        label: String,
+        /// How many.
+        count: usize,
+    },
+    /// The object found is not the key kms made: another class or type, or not sensitive
+    /// and non-extractable.
+    #[error("the HSM object {label:?} is not the key kms made ({why})")]
+    UnexpectedObject {
+        /// The label.
+        label: String,
+        /// What differs.
+        why: &'static str,
+    },
     /// Bad arguments from our own code (a bug, not caller input).
     #[error("invalid HSM request: {0}")]
     Misuse(&'static str),
@@ -266,7 +285,10 @@ impl Hsm {
     /// never extractable, encrypt/decrypt only, every usage flag explicit.
     fn generate_master_key(&self) -> Result<KeyHandle, HsmError> {
         let label = self.master_key_label.clone();
-        self.generate_key(HsmKeyKind::Aes256, &label)
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id)
+            .map_err(|_| HsmError::Misuse("operating system random source failed"))?;
+        self.generate_key(HsmKeyKind::Aes256, &label, &id)
             .map(|(key, _)| key)
     }
 
@@ -350,11 +372,15 @@ impl Hsm {
         &self,
         kind: HsmKeyKind,
         label: &str,
+        id: &[u8],
     ) -> Result<(KeyHandle, Option<Vec<u8>>), HsmError> {
         let label = label.as_bytes().to_vec();
-        // Attributes every keyring key has: a private token object that never leaves.
+        // Attributes every keyring key has: a private token object that never leaves, with
+        // a random CKA_ID that tells it apart from any other object with its label (one
+        // left by a crash before its version was committed, say).
         let base = || {
             vec![
+                Attribute::Id(id.to_vec()),
                 Attribute::Label(label.clone()),
                 Attribute::Token(true),
                 Attribute::Private(true),
@@ -445,14 +471,99 @@ impl Hsm {
         })
     }
 
-    /// Finds a keyring key by label (after a restart, handles are looked up again).
-    pub fn find_key(&self, label: &str) -> Result<Option<KeyHandle>, HsmError> {
-        let label = label.as_bytes().to_vec();
+    /// Finds a key kms made (after a restart, handles are looked up again): the token
+    /// object of `kind` with this label and, when given, this CKA_ID. Exactly one must
+    /// answer (`None`: none does), and it must be what kms made: the right class and key
+    /// type, sensitive and never extractable.
+    pub fn find_key(
+        &self,
+        kind: HsmKeyKind,
+        label: &str,
+        id: Option<&[u8]>,
+    ) -> Result<Option<KeyHandle>, HsmError> {
+        let (class, key_type) = kind.class_and_type();
+        let mut template = vec![
+            Attribute::Token(true),
+            Attribute::Class(class),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ];
+        if let Some(id) = id {
+            template.push(Attribute::Id(id.to_vec()));
+        }
+        let unexpected = |why| HsmError::UnexpectedObject {
+            label: label.to_owned(),
+            why,
+        };
         self.with_session(|s| {
-            let found = s
-                .find_objects(&[Attribute::Label(label.clone()), Attribute::Token(true)])
-                .map_err(pk("find a key"))?;
-            Ok(found.first().map(|h| KeyHandle(*h)))
+            let found = s.find_objects(&template).map_err(pk("find a key"))?;
+            let one = match found.as_slice() {
+                [] => return Ok(None),
+                [one] => *one,
+                many => {
+                    return Err(HsmError::KeyAmbiguous {
+                        label: label.to_owned(),
+                        count: many.len(),
+                    });
+                }
+            };
+            let attrs = s
+                .get_attributes(
+                    one,
+                    &[
+                        AttributeType::KeyType,
+                        AttributeType::Sensitive,
+                        AttributeType::Extractable,
+                    ],
+                )
+                .map_err(pk("read a key's attributes"))?;
+            let (mut typ, mut sensitive, mut extractable) = (None, false, true);
+            for a in attrs {
+                match a {
+                    Attribute::KeyType(t) => typ = Some(t),
+                    Attribute::Sensitive(v) => sensitive = v,
+                    Attribute::Extractable(v) => extractable = v,
+                    _ => {}
+                }
+            }
+            if typ != Some(key_type) {
+                return Err(unexpected("another key type"));
+            }
+            if !sensitive || extractable {
+                return Err(unexpected("not sensitive, or extractable"));
+            }
+            Ok(Some(KeyHandle(one)))
+        })
+    }
+
+    /// Every token object whose label starts with `prefix`: handle, label and CKA_ID (for
+    /// finding the objects kms made that no record names).
+    pub fn objects_labelled(&self, prefix: &str) -> Result<Vec<TokenObject>, HsmError> {
+        self.with_session(|s| {
+            let all = s
+                .find_objects(&[Attribute::Token(true)])
+                .map_err(pk("list token objects"))?;
+            let mut out = Vec::new();
+            for h in all {
+                let attrs = s
+                    .get_attributes(h, &[AttributeType::Label, AttributeType::Id])
+                    .map_err(pk("read an object's label"))?;
+                let mut object = TokenObject {
+                    handle: KeyHandle(h),
+                    label: String::new(),
+                    id: Vec::new(),
+                };
+                for a in attrs {
+                    match a {
+                        Attribute::Label(l) => object.label = String::from_utf8_lossy(&l).into(),
+                        Attribute::Id(i) => object.id = i,
+                        _ => {}
+                    }
+                }
+                if object.label.starts_with(prefix) {
+                    out.push(object);
+                }
+            }
+            Ok(out)
         })
     }
 
@@ -484,22 +595,48 @@ impl Hsm {
                         AttributeType::Extractable,
                         AttributeType::NeverExtractable,
                         AttributeType::Token,
+                        AttributeType::Private,
+                        AttributeType::Copyable,
+                        AttributeType::Derive,
+                        AttributeType::Wrap,
                     ],
                 )
                 .map_err(pk("read master key attributes"))?;
-            let mut out = MasterKeyAttributes::default();
+            // Read what the token says; an attribute it does not report counts against the
+            // key, except CKA_COPYABLE (PKCS#11 2.40), whose copies could not be extractable
+            // or less sensitive anyway.
+            let mut out = MasterKeyAttributes {
+                derive: true,
+                wrap: true,
+                ..MasterKeyAttributes::default()
+            };
             for a in attrs {
                 match a {
                     Attribute::Sensitive(v) => out.sensitive = v,
                     Attribute::Extractable(v) => out.extractable = v,
                     Attribute::NeverExtractable(v) => out.never_extractable = v,
                     Attribute::Token(v) => out.token = v,
+                    Attribute::Private(v) => out.private = v,
+                    Attribute::Copyable(v) => out.copyable = v,
+                    Attribute::Derive(v) => out.derive = v,
+                    Attribute::Wrap(v) => out.wrap = v,
                     _ => {}
                 }
             }
             Ok(out)
         })
     }
+}
+
+/// A token object found by [`Hsm::objects_labelled`].
+#[derive(Debug, Clone)]
+pub struct TokenObject {
+    /// Its handle.
+    pub handle: KeyHandle,
+    /// CKA_LABEL.
+    pub label: String,
+    /// CKA_ID.
+    pub id: Vec<u8>,
 }
 
 /// The kinds of keyring key kms makes inside the HSM.
@@ -513,6 +650,18 @@ pub enum HsmKeyKind {
     EcdsaP256,
     /// A 256-bit generic secret for CKM_SHA256_HMAC.
     HmacSha256,
+}
+
+impl HsmKeyKind {
+    /// The class and key type of the object kms uses (the private half of a pair).
+    fn class_and_type(self) -> (ObjectClass, KeyType) {
+        match self {
+            Self::Aes256 => (ObjectClass::SECRET_KEY, KeyType::AES),
+            Self::HmacSha256 => (ObjectClass::SECRET_KEY, KeyType::GENERIC_SECRET),
+            Self::Ed25519 => (ObjectClass::PRIVATE_KEY, KeyType::EC_EDWARDS),
+            Self::EcdsaP256 => (ObjectClass::PRIVATE_KEY, KeyType::EC),
+        }
+    }
 }
 
 /// DER of the Ed25519 curve OID 1.3.101.112 (CKA_EC_PARAMS).
@@ -544,11 +693,37 @@ pub struct MasterKeyAttributes {
     pub never_extractable: bool,
     /// CKA_TOKEN.
     pub token: bool,
+    /// CKA_PRIVATE: only a logged-in user sees it.
+    pub private: bool,
+    /// CKA_COPYABLE.
+    pub copyable: bool,
+    /// CKA_DERIVE: other keys could be derived from it (and those could be extractable).
+    pub derive: bool,
+    /// CKA_WRAP: it could wrap other keys out of the token.
+    pub wrap: bool,
 }
 
 impl MasterKeyAttributes {
-    /// Whether the key is as kms requires: a sensitive, never extractable token object.
+    /// Why the key is not as kms requires (a sensitive, never extractable, private token
+    /// object that derives and wraps nothing); empty when it is.
+    pub fn problems(&self) -> Vec<&'static str> {
+        [
+            (!self.sensitive, "not sensitive"),
+            (self.extractable, "extractable"),
+            (!self.never_extractable, "was extractable once"),
+            (!self.token, "not a token object"),
+            (!self.private, "not private"),
+            (self.copyable, "copyable"),
+            (self.derive, "can derive keys"),
+            (self.wrap, "can wrap keys"),
+        ]
+        .into_iter()
+        .filter_map(|(bad, why)| bad.then_some(why))
+        .collect()
+    }
+
+    /// Whether the key is as kms requires ([`MasterKeyAttributes::problems`] is empty).
     pub fn is_safe(&self) -> bool {
-        self.sensitive && !self.extractable && self.never_extractable && self.token
+        self.problems().is_empty()
     }
 }

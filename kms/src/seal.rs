@@ -123,9 +123,15 @@ pub enum SealError {
     /// The stored seal record is unreadable.
     #[error("the stored seal record is corrupt or of an unknown schema")]
     CorruptRecord,
-    /// The HSM master key is not a sensitive, non-extractable token key.
-    #[error("the HSM master key {0:?} is extractable or not sensitive: refusing to use it")]
-    UnsafeMasterKey(String),
+    /// The HSM master key is not a sensitive, non-extractable, private token key that
+    /// derives and wraps nothing.
+    #[error("the HSM master key {label:?} is unsafe ({problems}): refusing to use it")]
+    UnsafeMasterKey {
+        /// Its label.
+        label: String,
+        /// What is wrong, e.g. "extractable, can derive keys".
+        problems: String,
+    },
     /// Init needs the HSM PIN (it travels in the shares) and none was given.
     #[error(
         "this server keeps its HSM PIN in the unseal shares: init needs the PIN (1..={MAX_SHARED_PIN_LEN} bytes)"
@@ -447,7 +453,9 @@ impl SealManager {
         set: ShareSetId,
     ) -> Result<(KeyHandle, Vec<u8>, String), SealError> {
         let label = format!("{}-audit-{set}", self.hsm.master_key_label());
-        let (key, public) = self.hsm.generate_key(HsmKeyKind::Ed25519, &label)?;
+        let (key, public) = self
+            .hsm
+            .generate_key(HsmKeyKind::Ed25519, &label, set.as_bytes())?;
         match public {
             Some(public) => Ok((key, public, label)),
             None => {
@@ -789,7 +797,7 @@ fn find_audit_key(hsm: &Hsm, record: &SealRecord) -> Result<(KeyHandle, Vec<u8>)
         .decode(record.audit_public_key.as_bytes())
         .map_err(|_| SealError::CorruptRecord)?;
     let key = hsm
-        .find_key(&record.audit_key_label)?
+        .find_key(HsmKeyKind::Ed25519, &record.audit_key_label, None)?
         .ok_or_else(|| SealError::AuditKeyMissing(record.audit_key_label.clone()))?;
     Ok((key, public))
 }
@@ -813,12 +821,14 @@ fn check_commitment(record: &SealRecord, share: &Share) -> Result<(), SealError>
 }
 
 fn check_master_key(hsm: &Hsm, key: KeyHandle) -> Result<(), SealError> {
-    if hsm.master_key_attributes(key)?.is_safe() {
+    let problems = hsm.master_key_attributes(key)?.problems();
+    if problems.is_empty() {
         Ok(())
     } else {
-        Err(SealError::UnsafeMasterKey(
-            hsm.master_key_label().to_owned(),
-        ))
+        Err(SealError::UnsafeMasterKey {
+            label: hsm.master_key_label().to_owned(),
+            problems: problems.join(", "),
+        })
     }
 }
 

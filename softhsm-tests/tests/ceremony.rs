@@ -389,6 +389,37 @@ fn an_extractable_master_key_is_refused() {
     assert_eq!(status(&server)["initialized"], false);
 }
 
+/// A master key made outside kms that is sensitive and never extractable, but could
+/// derive other keys (which could be extractable), wrap keys out of the token, or is
+/// visible without login: refused, each with its reason.
+#[test]
+fn a_master_key_that_derives_wraps_or_is_public_is_refused() {
+    for (weakness, reason) in [
+        ("derive", "can derive keys"),
+        ("wrap", "can wrap keys"),
+        ("public", "not private"),
+    ] {
+        let hsm = TestHsm::new(&format!("kms-loose-{weakness}"));
+        let out = hsm.tool(&["loose-key"], &["kms-master-key", weakness]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let server = hsm.start();
+        let out = server.kms(
+            &["operator", "init", "--shares", "2", "--threshold", "2"],
+            "",
+        );
+        assert_eq!(out.code, Some(1), "{weakness}: {out:?}");
+        assert!(
+            out.stderr.contains("FAILED_PRECONDITION") && out.stderr.contains(reason),
+            "{weakness}: {out:?}"
+        );
+        assert_eq!(status(&server)["initialized"], false);
+    }
+}
+
 #[test]
 fn the_master_key_deleted_from_the_token_stops_start_up() {
     let hsm = TestHsm::new("kms-lostkey");

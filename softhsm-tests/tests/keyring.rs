@@ -1360,3 +1360,87 @@ async fn an_acknowledged_key_survives_kill_9() {
         (PLAINTEXT.to_vec(), 2)
     );
 }
+
+fn hsm_labels(hsm: &TestHsm, prefix: &str) -> Vec<String> {
+    let out = hsm.tool(&["list"], &[prefix]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A kill -9 between making a version's HSM object and committing the version leaves an
+/// object with the label the next version takes. kms told objects apart by label only,
+/// first match, so such an orphan could be used for that version after a restart
+/// (ciphertexts that no longer decrypt). Each version now records its object's random
+/// CKA_ID, exactly one object must answer, and orphans are swept at unseal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphan_hsm_object_is_never_used_and_is_swept() {
+    let hsm = TestHsm::new("kms-orphan");
+    let config = keyring_config(&hsm, "");
+    let (mut server, shares) = start_unsealed(&hsm, &config);
+    let mut c = server.keys().await;
+    create(
+        &server,
+        &mut c,
+        "vault",
+        pb::Algorithm::Aes256Gcm,
+        pb::ProtectionLevel::Hsm,
+    )
+    .await;
+    let labels = hsm_labels(&hsm, "kms/");
+    assert_eq!(labels.len(), 1, "{labels:?}");
+    let v1 = labels[0].clone();
+    let base = v1.strip_suffix("/1").unwrap().to_owned();
+    // What a crash would have left: objects with the labels versions 2 and 3 will take.
+    for v in [2, 3] {
+        let out = hsm.tool(&["orphan"], &[&format!("{base}/{v}")]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    c.rotate_key(pb::RotateKeyRequest {
+        name: "vault".into(),
+    })
+    .await
+    .unwrap();
+    let (ct, version) = encrypt(&mut c, "vault", PLAINTEXT, AAD).await;
+    assert_eq!(version, 2);
+    drop(c);
+    assert!(server.terminate().success());
+
+    // After a restart, version 2 is its own object (not the orphan), and the orphan of
+    // version 2 is swept; the one of version 3, not yet committed, is kept.
+    let server = hsm.try_start(&config, &[]).unwrap();
+    server.unseal_with(&shares);
+    let mut c = server.keys().await;
+    for _ in 0..3 {
+        let (pt, v) = decrypt(&mut c, "vault", &ct, AAD).await.unwrap();
+        assert_eq!((pt.as_slice(), v), (PLAINTEXT, 2));
+    }
+    assert_eq!(hsm_labels(&hsm, &format!("{base}/2")).len(), 1);
+    assert_eq!(hsm_labels(&hsm, &format!("{base}/3")).len(), 1);
+    let logs = hsm.logs();
+    assert!(logs.contains("destroyed an orphan HSM object"), "{logs}");
+    assert!(logs.contains("pending=1"), "{logs}");
+    // Rotating to version 3 uses a fresh object, and the next unseal sweeps that orphan.
+    c.rotate_key(pb::RotateKeyRequest {
+        name: "vault".into(),
+    })
+    .await
+    .unwrap();
+    let (ct3, _) = encrypt(&mut c, "vault", PLAINTEXT, AAD).await;
+    assert_eq!(server.kms(&["operator", "seal"], "").code, Some(0));
+    server.unseal_with(&shares);
+    assert_eq!(hsm_labels(&hsm, &format!("{base}/3")).len(), 1);
+    let mut c = server.keys().await;
+    assert_eq!(decrypt(&mut c, "vault", &ct3, AAD).await.unwrap().1, 3);
+    assert_eq!(decrypt(&mut c, "vault", &ct, AAD).await.unwrap().1, 2);
+}

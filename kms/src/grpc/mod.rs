@@ -95,7 +95,7 @@ fn seal_code(e: &SealError) -> Code {
         | SealError::AlreadyInitialized
         | SealError::Sealed
         | SealError::AttemptMismatch
-        | SealError::UnsafeMasterKey(_)
+        | SealError::UnsafeMasterKey { .. }
         | SealError::SharesPinRejected(_)
         | SealError::PinModeMismatch { .. } => Code::FailedPrecondition,
         SealError::BadParameters(_)

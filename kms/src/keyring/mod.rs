@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use zeroize::Zeroizing;
 
 use crate::audit::AuditLog;
-use crate::hsm::{Hsm, HsmError, HsmKeyKind};
+use crate::hsm::{Hsm, HsmError, HsmKeyKind, KeyHandle};
 use crate::store::{Store, StoreError, Table, Write};
 use grants::{Grant, NewGrant};
 use material::{Public, Secret, SignInput, VersionMaterial};
@@ -331,6 +331,14 @@ fn hsm_kind(a: Algorithm) -> HsmKeyKind {
     }
 }
 
+/// The prefix of the label of every keyring object kms makes in the token.
+const HSM_LABEL_PREFIX: &str = "kms/";
+
+/// The token label of an HSM key's version: `kms/KEY_ID/VERSION`.
+fn hsm_label(key_id: &str, version: u32) -> String {
+    format!("{HSM_LABEL_PREFIX}{key_id}/{version}")
+}
+
 fn counter_key(name: &str, version: u32) -> String {
     format!("{name}/{version}")
 }
@@ -425,7 +433,83 @@ impl Keyring {
             .tampered
             .write()
             .map_err(|_| KeyringError::Internal("lock"))? = tampered;
+        keyring.sweep_orphans();
         Ok(keyring)
+    }
+
+    /// Destroys the token objects kms made for versions that no record names: left by a
+    /// crash (or a failed clean-up) between making a version's object and committing the
+    /// version, once that version number has been taken by a committed version with
+    /// another object. An object for a version number not yet committed is left alone (it
+    /// may be another server's rotation in flight) and reported; an object of a key this
+    /// keyring does not know is reported too. Failures are logged, never fatal.
+    fn sweep_orphans(&self) {
+        let objects = match self.hsm.objects_labelled(HSM_LABEL_PREFIX) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "could not list the token's objects to sweep orphans");
+                return;
+            }
+        };
+        let Ok(keys) = self.keys.read() else {
+            return;
+        };
+        let by_id: HashMap<&str, &KeyMeta> = keys
+            .values()
+            .map(|e| (e.meta.key_id.as_str(), &e.meta))
+            .collect();
+        let (mut swept, mut pending, mut unknown) = (0usize, 0usize, 0usize);
+        for object in objects {
+            let Some((key_id, version)) = object
+                .label
+                .strip_prefix(HSM_LABEL_PREFIX)
+                .and_then(|rest| rest.split_once('/'))
+                .and_then(|(k, v)| Some((k, v.parse::<u32>().ok()?)))
+            else {
+                continue;
+            };
+            let Some(meta) = by_id.get(key_id) else {
+                unknown += 1;
+                continue;
+            };
+            let recorded = meta.version(version);
+            // A destroyed version names no object (its own was confirmed gone).
+            let named = recorded.is_some_and(|v| {
+                !matches!(v.state, VersionState::Destroyed { .. })
+                    && match &v.hsm_id {
+                        Some(id) => unhex(id).is_some_and(|id| id == object.id),
+                        // Made before CKA_IDs: the label alone names it.
+                        None => true,
+                    }
+            });
+            if named {
+                continue;
+            }
+            let committed_max = meta.versions.iter().map(|v| v.version).max().unwrap_or(0);
+            if version > committed_max {
+                pending += 1;
+                continue;
+            }
+            match self.hsm.destroy(object.handle) {
+                Ok(()) => {
+                    swept += 1;
+                    tracing::warn!(key = %meta.name, version, "destroyed an orphan HSM object that no key version names");
+                }
+                Err(e) => {
+                    tracing::error!(key = %meta.name, version, error = %crate::error_chain(&e), "could not destroy an orphan HSM object");
+                }
+            }
+        }
+        if pending + unknown > 0 {
+            tracing::warn!(
+                pending,
+                unknown,
+                "HSM objects that no committed key version names yet: left by a crash during a rotation or key creation, or made by another server just now; kept"
+            );
+        }
+        if swept > 0 {
+            tracing::info!(swept, "orphan HSM objects swept");
+        }
     }
 
     /// Builds an entry's material, reusing `old`'s where the version is unchanged.
@@ -469,12 +553,28 @@ impl Keyring {
                         .hsm_label
                         .as_deref()
                         .ok_or_else(|| KeyringError::Tampered(meta.name.clone()))?;
-                    match self.hsm.find_key(label)? {
-                        Some(h) => Some(Secret::Hsm(hsm_kind(meta.algorithm), h)),
-                        None => {
+                    let id = match &v.hsm_id {
+                        Some(id) => Some(
+                            unhex(id).ok_or_else(|| KeyringError::Tampered(meta.name.clone()))?,
+                        ),
+                        None => None,
+                    };
+                    let kind = hsm_kind(meta.algorithm);
+                    match self.hsm.find_key(kind, label, id.as_deref()) {
+                        Ok(Some(h)) => Some(Secret::Hsm(kind, h)),
+                        Ok(None) => {
                             tracing::error!(key = %meta.name, version = v.version, "HSM object missing from the token");
                             Some(Secret::HsmMissing)
                         }
+                        // Never a guess between objects: the version is unusable until an
+                        // operator looks (its operations fail DATA_LOSS).
+                        Err(
+                            e @ (HsmError::KeyAmbiguous { .. } | HsmError::UnexpectedObject { .. }),
+                        ) => {
+                            tracing::error!(key = %meta.name, version = v.version, error = %e, "HSM object refused");
+                            Some(Secret::HsmMissing)
+                        }
+                        Err(e) => return Err(e.into()),
                     }
                 }
             };
@@ -561,16 +661,23 @@ impl Keyring {
         Ok(meta)
     }
 
-    /// A new version's metadata (software: a fresh salt; HSM: a fresh token object).
-    fn new_version(&self, meta: &KeyMeta, version: u32) -> Result<VersionMeta, KeyringError> {
+    /// A new version's metadata (software: a fresh salt; HSM: a fresh token object, whose
+    /// handle is returned too, so that a refused commit destroys that object and no other).
+    fn new_version(
+        &self,
+        meta: &KeyMeta,
+        version: u32,
+    ) -> Result<(VersionMeta, Option<KeyHandle>), KeyringError> {
         let mut v = VersionMeta {
             version,
             state: VersionState::Enabled,
             created_at: now(),
             salt: None,
             hsm_label: None,
+            hsm_id: None,
             public_key: None,
         };
+        let mut handle = None;
         match meta.protection {
             Protection::Software => {
                 let salt = random::<32>()?;
@@ -591,18 +698,25 @@ impl Keyring {
                 }
             }
             Protection::Hsm => {
-                let label = format!("kms/{}/{}", meta.key_id, version);
-                let (_, public) = self.hsm.generate_key(hsm_kind(meta.algorithm), &label)?;
+                let label = hsm_label(&meta.key_id, version);
+                let id = random::<16>()?;
+                let (h, public) = self
+                    .hsm
+                    .generate_key(hsm_kind(meta.algorithm), &label, &id)?;
+                handle = Some(h);
                 v.hsm_label = Some(label);
+                v.hsm_id = Some(hex(&id));
                 if let Some(p) = public {
                     // Check the token's bytes parse as a public key before we rely on them.
-                    Public::from_bytes(meta.algorithm, &p)
-                        .ok_or(KeyringError::Internal("HSM public key"))?;
+                    if Public::from_bytes(meta.algorithm, &p).is_none() {
+                        let _ = self.hsm.destroy(h);
+                        return Err(KeyringError::Internal("HSM public key"));
+                    }
                     v.public_key = Some(hex(&p));
                 }
             }
         }
-        Ok(v)
+        Ok((v, handle))
     }
 
     /// Commits a key with a new version; if that fails, the new version's HSM object (if
@@ -611,19 +725,14 @@ impl Keyring {
         &self,
         meta: KeyMeta,
         old: Option<&KeyEntry>,
+        object: Option<KeyHandle>,
         journal: &dyn Journal,
     ) -> Result<KeyMeta, KeyringError> {
-        let label = meta
-            .versions
-            .iter()
-            .find(|v| v.version == meta.primary)
-            .and_then(|v| v.hsm_label.clone());
         self.commit(meta, old, journal).inspect_err(|_| {
-            if let Some(label) = label
-                && let Ok(Some(h)) = self.hsm.find_key(&label)
+            if let Some(h) = object
                 && let Err(e) = self.hsm.destroy(h)
             {
-                tracing::error!(label = %label, error = %crate::error_chain(&e), "could not destroy the HSM object of a refused key version");
+                tracing::error!(error = %crate::error_chain(&e), "could not destroy the HSM object of a refused key version: it is swept at the next unseal");
             }
         })
     }
@@ -675,9 +784,9 @@ impl Keyring {
             labels: req.labels,
             versions: Vec::new(),
         };
-        let v1 = self.new_version(&meta, 1)?;
+        let (v1, object) = self.new_version(&meta, 1)?;
         meta.versions.push(v1);
-        self.commit_new_version(meta, None, journal)
+        self.commit_new_version(meta, None, object, journal)
     }
 
     /// The key's metadata.
@@ -746,12 +855,12 @@ impl Keyring {
             .ok_or(KeyringError::NotAllowed(
                 "the key has the maximum number of versions",
             ))?;
-        let v = self.new_version(&meta, next)?;
+        let (v, object) = self.new_version(&meta, next)?;
         meta.versions.push(v);
         meta.primary = next;
         let t = now();
         meta.next_rotation_at = meta.rotation_period.map(|p| t.saturating_add(p));
-        let rotated = self.commit_new_version(meta, Some(&entry), journal)?;
+        let rotated = self.commit_new_version(meta, Some(&entry), object, journal)?;
         tracing::info!(key = %name, version = next, "key rotated");
         Ok(rotated)
     }
@@ -889,7 +998,15 @@ impl Keyring {
         version: u32,
         journal: &dyn Journal,
     ) -> Result<KeyMeta, KeyringError> {
+        let at = now();
         self.change_version(name, version, journal, |_, v| match v.state {
+            // Once due, the HSM object may be gone already (destruction is retried until
+            // the token confirms it): too late to cancel.
+            VersionState::ScheduledForDestruction { destroy_at } if destroy_at <= at => {
+                Err(KeyringError::NotAllowed(
+                    "the version's destruction is due: it can no longer be cancelled",
+                ))
+            }
             VersionState::ScheduledForDestruction { .. } => {
                 v.state = VersionState::Disabled;
                 Ok(())
@@ -966,6 +1083,7 @@ impl Keyring {
         let _g = self.admin()?;
         let entry = self.entry(name)?;
         let mut meta = entry.meta.clone();
+        let (protection, algorithm) = (meta.protection, meta.algorithm);
         let v = meta
             .version_mut(version)
             .ok_or(KeyringError::Internal("version"))?;
@@ -973,23 +1091,32 @@ impl Keyring {
         {
             return Ok(());
         }
-        let object = match entry.versions.get(&version).and_then(|m| m.secret.as_ref()) {
-            Some(Secret::Hsm(_, h)) => Some(*h),
-            _ => None,
-        };
+        // The HSM object first, until the token confirms it is gone: if that fails nothing
+        // is recorded, the version stays due, and the next run tries again (the version
+        // can no longer be cancelled once due). Then the record, salt erased, with its
+        // audit record; if that fails the next run finds the object gone and records it.
+        if protection == Protection::Hsm
+            && let Some(label) = v.hsm_label.clone()
+        {
+            let id = v.hsm_id.as_deref().and_then(unhex);
+            let kind = hsm_kind(algorithm);
+            if let Some(h) = self.hsm.find_key(kind, &label, id.as_deref())? {
+                self.hsm.destroy(h)?;
+            }
+            if self.hsm.find_key(kind, &label, id.as_deref())?.is_some() {
+                return Err(KeyringError::Hsm(HsmError::Misuse(
+                    "the token still holds a destroyed key version's object",
+                )));
+            }
+        }
         v.state = VersionState::Destroyed { destroyed_at: at };
         v.salt = None;
-        // The record (salt erased) and its audit record first: if they cannot be written
-        // nothing changes and the next run tries again. Then the HSM object.
         let journal = SystemJournal {
             log,
             operation: "DestroyKeyVersion",
             version: Some(version),
         };
         self.commit(meta, Some(&entry), &journal)?;
-        if let Some(h) = object {
-            self.hsm.destroy(h)?;
-        }
         tracing::info!(key = %name, version, "key version destroyed");
         Ok(())
     }

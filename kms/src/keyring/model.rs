@@ -121,6 +121,10 @@ pub struct VersionMeta {
     /// HSM keys: the token object's label.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hsm_label: Option<String>,
+    /// HSM keys: the token object's CKA_ID (hex, 16 random bytes), which tells it apart
+    /// from any other object with its label. Absent in versions made before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsm_id: Option<String>,
     /// Asymmetric keys: the public key (hex; Ed25519 32 bytes, P-256 65-byte SEC1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
@@ -134,6 +138,7 @@ impl std::fmt::Debug for VersionMeta {
             .field("created_at", &self.created_at)
             .field("salt", &self.salt.as_ref().map(|_| "<redacted>"))
             .field("hsm_label", &self.hsm_label)
+            .field("hsm_id", &self.hsm_id)
             .field("public_key", &self.public_key)
             .finish()
     }
@@ -320,6 +325,7 @@ mod tests {
                 created_at: 1,
                 salt: Some("11".repeat(32)),
                 hsm_label: None,
+                hsm_id: None,
                 public_key: None,
             }],
         }

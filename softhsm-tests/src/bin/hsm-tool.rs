@@ -7,6 +7,12 @@
 //! hsm-tool weak-key MODULE LABEL PIN_FILE KEY  make an extractable, non-sensitive AES key
 //! hsm-tool set-pin MODULE LABEL PIN_FILE NEW    change the user PIN to NEW
 //! hsm-tool count MODULE LABEL PIN_FILE PREFIX   count token objects whose label starts so
+//! hsm-tool list MODULE LABEL PIN_FILE PREFIX    print those labels, one a line
+//! hsm-tool orphan MODULE LABEL PIN_FILE KEY     make a sensitive AES key labelled KEY (no id),
+//!                                               as a crash before a commit would leave
+//! hsm-tool loose-key MODULE LABEL PIN_FILE KEY WEAKNESS
+//!                                               make a sensitive, never extractable AES key
+//!                                               with one WEAKNESS: derive, wrap, public
 //! ```
 
 #![forbid(unsafe_code)]
@@ -39,6 +45,49 @@ fn main() {
         "provision" => {
             let so = kms_pkcs11_conf::softhsm::random_pin().unwrap();
             kms_pkcs11_conf::softhsm::provision_token(&pkcs11, label, &so, &pin).unwrap();
+        }
+        "orphan" | "loose-key" => {
+            let slot = kms_pkcs11_conf::token::find_token(&pkcs11, label).unwrap();
+            let session = pkcs11.open_rw_session(slot).unwrap();
+            session.login(UserType::User, Some(&pin)).unwrap();
+            let weakness = args.get(5).map(String::as_str).unwrap_or("");
+            session
+                .generate_key(
+                    &Mechanism::AesKeyGen,
+                    &[
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::AES),
+                        Attribute::ValueLen(32.into()),
+                        Attribute::Label(args[4].clone().into_bytes()),
+                        Attribute::Token(true),
+                        Attribute::Private(weakness != "public"),
+                        Attribute::Sensitive(true),
+                        Attribute::Extractable(false),
+                        Attribute::Encrypt(true),
+                        Attribute::Decrypt(true),
+                        Attribute::Derive(weakness == "derive"),
+                        Attribute::Wrap(weakness == "wrap"),
+                        Attribute::Unwrap(false),
+                        Attribute::Sign(false),
+                        Attribute::Verify(false),
+                    ],
+                )
+                .unwrap();
+        }
+        "list" => {
+            let prefix = args[4].as_bytes();
+            let slot = kms_pkcs11_conf::token::find_token(&pkcs11, label).unwrap();
+            let session = pkcs11.open_rw_session(slot).unwrap();
+            session.login(UserType::User, Some(&pin)).unwrap();
+            for h in session.find_objects(&[Attribute::Token(true)]).unwrap() {
+                for a in session.get_attributes(h, &[AttributeType::Label]).unwrap() {
+                    if let Attribute::Label(l) = a
+                        && l.starts_with(prefix)
+                    {
+                        println!("{}", String::from_utf8_lossy(&l));
+                    }
+                }
+            }
         }
         "count" => {
             let prefix = args[4].as_bytes();
