@@ -496,3 +496,52 @@ fn probe_lists_the_token_and_mechanisms() {
         "{stdout}"
     );
 }
+
+/// Two instances on one token (each with its own store): the second's init used to destroy
+/// every object labelled `<master>-audit`, the first's audit checkpoint key among them.
+/// Each init's audit key is now labelled with its share set id, and init touches no other.
+#[test]
+fn a_second_init_on_a_shared_token_leaves_the_first_intact() {
+    let hsm = TestHsm::new("kms-shared");
+    let config_for = |name: &str| {
+        let path = hsm.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "listen = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n[hsm]\n{}\n{}",
+                hsm.path().join(format!("{name}.redb")).display(),
+                hsm.hsm_table(),
+                hsm.tls_tables(),
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let (first, second) = (config_for("first"), config_for("second"));
+    let mut a = hsm.try_start(&first, &[]).unwrap();
+    let (shares_a, set_a) = init(&a, 2, 2);
+    assert!(a.terminate().success());
+    let mut b = hsm.try_start(&second, &[]).unwrap();
+    let (_, set_b) = init(&b, 2, 2);
+    assert_ne!(set_a, set_b);
+    assert!(b.terminate().success());
+    // Both audit keys are in the token, each under its own share set's label.
+    let count = |prefix: &str| {
+        let out = hsm.tool(&["count"], &[prefix]);
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<usize>()
+            .unwrap()
+    };
+    assert_eq!(count(&format!("kms-master-key-audit-{set_a}")), 1);
+    assert_eq!(count(&format!("kms-master-key-audit-{set_b}")), 1);
+    // The first instance starts, unseals and signs with its own key.
+    let a = hsm.try_start(&first, &[]).unwrap();
+    let out = a.custodian(
+        &["operator", "unseal"],
+        &format!("{}\n{}\n", shares_a[0], shares_a[1]),
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let out = a.kms_as(Some(&hsm.auditor), &["audit", "verify"], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+}

@@ -280,5 +280,15 @@ fn plaintext_dev_mode_warns_and_names_every_caller_loopback() {
         ),
         "{out:?}"
     );
+    // An address without a scheme is https, never plaintext: the CLI sends nothing in
+    // clear unless `http://` is written (it used to fall back to plaintext without --ca).
+    // (The CLI stops before it connects: nothing reaches the server.)
+    let bare = addr.trim_start_matches("http://").to_owned();
+    let out = run_kms(&bare, &["operator", "unseal"], "kms1-AAAA\n");
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("an https address needs the CA"),
+        "{out:?}"
+    );
     assert!(dev.stop().success());
 }
