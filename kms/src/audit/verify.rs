@@ -510,4 +510,122 @@ mod tests {
         let v = verify_from(start, &good[4..], &cps, Some(&public)).unwrap();
         assert_eq!((v.records, v.checkpoints), (6, 1));
     }
+
+    /// An export of `records` with checkpoints at `at`, and its seal when `sealed`, as the
+    /// server writes it (signed with the test key of [`signed`]).
+    fn export_text(records: &[Vec<u8>], at: &[u64], sealed: bool) -> (String, String) {
+        use super::super::report::{ExportRange, ExportSeal, Filter};
+        use ed25519_dalek::Signer as _;
+        let (cps, public) = signed(records, at);
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+        let header = ExportHeader {
+            format: EXPORT_FORMAT.into(),
+            exported_at_ms: 99,
+            server_version: "test".into(),
+            checkpoint_public_key: Some(data_encoding::HEXLOWER.encode(&public)),
+            checkpoint_key_fingerprint: Some(fingerprint(&public)),
+            filter: Filter::default(),
+            contiguous: true,
+            last_seq: None,
+        };
+        let mut lines = vec![serde_json::to_string(&header).unwrap()];
+        for r in records {
+            lines.push(String::from_utf8(r.clone()).unwrap());
+            let seq = serde_json::from_slice::<AuditRecord>(r).unwrap().seq;
+            if let Some(c) = cps.iter().find(|c| c.checkpoint == seq) {
+                lines.push(serde_json::to_string(c).unwrap());
+            }
+        }
+        if sealed {
+            let last: AuditRecord = serde_json::from_slice(records.last().unwrap()).unwrap();
+            let range = ExportRange {
+                format: EXPORT_FORMAT.into(),
+                exported_at_ms: 99,
+                filter: Filter::default(),
+                contiguous: true,
+                records: records.len() as u64,
+                first_seq: Some(1),
+                last_seq: Some(last.seq),
+                last_hash: Some(last.hash),
+                key_fingerprint: fingerprint(&public),
+            };
+            let sig = key.sign(&range.message());
+            lines.push(
+                serde_json::to_string(&ExportSeal {
+                    export_seal: range,
+                    signature: data_encoding::HEXLOWER.encode(&sig.to_bytes()),
+                })
+                .unwrap(),
+            );
+        }
+        (lines.join("\n"), fingerprint(&public))
+    }
+
+    #[test]
+    fn an_export_is_proven_only_when_a_signature_covers_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(&dir.path().join("e.redb")).unwrap());
+        let log = unsigned_log(store.clone());
+        for i in 0..10 {
+            log.append(event(i)).unwrap();
+        }
+        let good = records(&store);
+        let anchored = |v: &ExportVerdict| matches!(v, ExportVerdict::Anchored(_));
+
+        // Sealed: anchored, pinned or not, even with no checkpoint at the end.
+        let (text, fp) = export_text(&good, &[4], true);
+        assert!(anchored(&verify_export(&text, None).unwrap()));
+        assert!(anchored(&verify_export(&text, Some(&fp)).unwrap()));
+        // Pinned to another key: refused before anything else.
+        assert!(matches!(
+            verify_export(&text, Some("00112233445566778899aabbccddeeff")).unwrap(),
+            ExportVerdict::KeyMismatch { .. }
+        ));
+        assert_eq!(
+            verify_export(&text, Some("not hex")),
+            Err(ExportError::BadTrustedKey)
+        );
+
+        // No seal: anchored only by a checkpoint at the last record.
+        let (text, fp) = export_text(&good, &[4, 10], false);
+        assert!(anchored(&verify_export(&text, Some(&fp)).unwrap()));
+        let (text, fp) = export_text(&good, &[4], false);
+        assert!(matches!(
+            verify_export(&text, Some(&fp)).unwrap(),
+            ExportVerdict::NotAnchored(_)
+        ));
+
+        // The review's cut: the last records gone, the seal kept: truncated.
+        let (text, fp) = export_text(&good, &[4], true);
+        let lines: Vec<&str> = text.lines().collect();
+        let cut = [&lines[..lines.len() - 4], &lines[lines.len() - 1..]]
+            .concat()
+            .join("\n");
+        assert_eq!(
+            verify_export(&cut, Some(&fp)).unwrap(),
+            ExportVerdict::Broken(ChainError {
+                seq: 8,
+                reason: ChainBreak::Truncated
+            })
+        );
+        // A line after the seal, or a seal that names another count.
+        let appended = format!("{text}\n{}", lines[1]);
+        assert!(matches!(
+            verify_export(&appended, Some(&fp)).unwrap(),
+            ExportVerdict::Broken(ChainError {
+                reason: ChainBreak::SealMismatch | ChainBreak::Inserted,
+                ..
+            })
+        ));
+        let forged = text.replace("\"records\":10", "\"records\":9");
+        assert!(matches!(
+            verify_export(&forged, Some(&fp)).unwrap(),
+            ExportVerdict::Broken(ChainError {
+                reason: ChainBreak::CheckpointSignature,
+                ..
+            })
+        ));
+        // Not an export at all.
+        assert_eq!(verify_export("{}", None), Err(ExportError::NotAnExport));
+    }
 }
