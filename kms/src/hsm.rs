@@ -12,6 +12,7 @@
 //!
 //! Calls block: async callers run them on `tokio::task::spawn_blocking`.
 
+use std::collections::HashSet;
 use std::sync::{Condvar, Mutex};
 
 use cryptoki::error::RvError;
@@ -104,6 +105,16 @@ pub enum HsmError {
         /// What differs.
         why: &'static str,
     },
+    /// A destroy of this object failed earlier in this process, and some modules (SoftHSM)
+    /// then hide the object from the process although it is still in the token: its
+    /// destruction cannot be confirmed before a restart.
+    #[error(
+        "the HSM token failed to destroy {label:?} earlier; it cannot be confirmed gone before the server restarts"
+    )]
+    DestroyUnconfirmed {
+        /// The label.
+        label: String,
+    },
     /// Bad arguments from our own code (a bug, not caller input).
     #[error("invalid HSM request: {0}")]
     Misuse(&'static str),
@@ -118,6 +129,9 @@ pub struct Hsm {
     // Each session holds its own handle to the PKCS#11 context.
     pool: Mutex<Vec<Session>>,
     available: Condvar,
+    /// Objects (label, id) whose destroy failed in this process: see
+    /// [`HsmError::DestroyUnconfirmed`].
+    unconfirmed: Mutex<HashSet<(String, Option<Vec<u8>>)>>,
     slot: Slot,
     token_label: String,
     master_key_label: String,
@@ -159,6 +173,7 @@ impl Hsm {
         let hsm = Self {
             pool: Mutex::new(sessions),
             available: Condvar::new(),
+            unconfirmed: Mutex::new(HashSet::new()),
             slot,
             token_label: config.token_label.clone(),
             master_key_label: config.master_key_label.clone(),
@@ -577,6 +592,38 @@ impl Hsm {
             HsmKeyKind::Aes256 => return Err(HsmError::Misuse("an AES key does not sign")),
         };
         self.with_session(|s| s.sign(&mechanism, key.0, data).map_err(pk("sign")))
+    }
+
+    /// Destroys the key object kms made with this label and id, and confirms with the token
+    /// that it is gone (`Ok` also when it was gone already). After a failed destroy the
+    /// object is never confirmed gone in this process (see
+    /// [`HsmError::DestroyUnconfirmed`]): a restart, with a fresh view of the token, is
+    /// needed to try again.
+    pub fn destroy_key(
+        &self,
+        kind: HsmKeyKind,
+        label: &str,
+        id: Option<&[u8]>,
+    ) -> Result<(), HsmError> {
+        let entry = (label.to_owned(), id.map(<[u8]>::to_vec));
+        let unconfirmed = || self.unconfirmed.lock().unwrap_or_else(|p| p.into_inner());
+        if unconfirmed().contains(&entry) {
+            return Err(HsmError::DestroyUnconfirmed {
+                label: label.to_owned(),
+            });
+        }
+        if let Some(h) = self.find_key(kind, label, id)?
+            && let Err(e) = self.destroy(h)
+        {
+            unconfirmed().insert(entry);
+            return Err(e);
+        }
+        if self.find_key(kind, label, id)?.is_some() {
+            return Err(HsmError::Misuse(
+                "the token still holds an object it destroyed",
+            ));
+        }
+        Ok(())
     }
 
     /// Destroys a key object: its material is gone from the token for good.

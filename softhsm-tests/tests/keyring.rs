@@ -1444,3 +1444,127 @@ async fn an_orphan_hsm_object_is_never_used_and_is_swept() {
     assert_eq!(decrypt(&mut c, "vault", &ct3, AAD).await.unwrap().1, 3);
     assert_eq!(decrypt(&mut c, "vault", &ct, AAD).await.unwrap().1, 2);
 }
+
+/// Makes every directory under `dir` immutable (`chattr +i`: not even root may remove a
+/// file from it) until dropped: the token then cannot delete an object's file.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(dir: &std::path::Path, on: bool) {
+        let out = Command::new("chattr")
+            .arg("-R")
+            .arg(if on { "+i" } else { "-i" })
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "chattr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        Immutable::set(&self.0, false);
+    }
+}
+
+async fn version_state(c: &mut Client, name: &str, version: u32) -> i32 {
+    c.get_key(pb::GetKeyRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions
+        .iter()
+        .find(|v| v.version == version)
+        .unwrap()
+        .state
+}
+
+/// The token refuses to destroy an HSM version's object when its time comes: the version
+/// stays due (never recorded destroyed while the material exists), cannot be cancelled, and
+/// the maintenance task tries again until the token confirms. Runs as root, as CI does:
+/// it makes the token directory immutable for a while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destruction_the_token_refuses_is_retried_until_it_is_confirmed() {
+    let hsm = TestHsm::new("kms-retry");
+    let config = keyring_config(
+        &hsm,
+        "[keyring]\ntesting_day_seconds = 1\nmaintenance_interval_seconds = 1\n",
+    );
+    let (mut server, shares) = start_unsealed(&hsm, &config);
+    let mut c = server.keys().await;
+    create(
+        &server,
+        &mut c,
+        "doomed",
+        pb::Algorithm::Aes256Gcm,
+        pb::ProtectionLevel::Hsm,
+    )
+    .await;
+    c.rotate_key(pb::RotateKeyRequest {
+        name: "doomed".into(),
+    })
+    .await
+    .unwrap();
+    let labels = hsm_labels(&hsm, "kms/");
+    let v1 = labels.iter().find(|l| l.ends_with("/1")).unwrap().clone();
+    let tokens = hsm.path().join("softhsm");
+    let guard = Immutable(tokens.clone());
+    Immutable::set(&tokens, true);
+    c.schedule_key_version_destruction(pb::ScheduleKeyVersionDestructionRequest {
+        name: "doomed".into(),
+        version: 1,
+        pending_days: 1,
+    })
+    .await
+    .unwrap();
+    // Due after 1 s; the maintenance runs every second and fails.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    assert_eq!(
+        version_state(&mut c, "doomed", 1).await,
+        pb::KeyVersionState::ScheduledForDestruction as i32
+    );
+    assert_eq!(hsm_labels(&hsm, &v1).len(), 1, "the object is still there");
+    assert!(
+        hsm.logs()
+            .contains("destruction failed: the version stays due")
+    );
+    expect_code(
+        c.cancel_key_version_destruction(pb::KeyVersionRequest {
+            name: "doomed".into(),
+            version: 1,
+        })
+        .await,
+        Code::FailedPrecondition,
+        "can no longer be cancelled",
+    );
+    // SoftHSM hides an object from the process after a failed destroy, though its file is
+    // still in the token: "gone" is not believed in this process; the version stays due.
+    assert!(
+        hsm.logs()
+            .contains("cannot be confirmed gone before the server restarts"),
+        "{}",
+        hsm.logs()
+    );
+    drop(guard);
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(
+        version_state(&mut c, "doomed", 1).await,
+        pb::KeyVersionState::ScheduledForDestruction as i32
+    );
+    // After a restart (a fresh view of the token), the next run destroys it for good.
+    drop(c);
+    assert!(server.terminate().success());
+    let server = hsm.try_start(&config, &[]).unwrap();
+    server.unseal_with(&shares);
+    let mut c = server.keys().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while version_state(&mut c, "doomed", 1).await != pb::KeyVersionState::Destroyed as i32 {
+        assert!(std::time::Instant::now() < deadline, "not retried");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(hsm_labels(&hsm, &v1).is_empty(), "destroyed and gone");
+}

@@ -1063,7 +1063,7 @@ impl Keyring {
                 match self.destroy(&name, version, at, log) {
                     Ok(()) => destroyed += 1,
                     Err(e) => {
-                        tracing::error!(key = %name, version, error = %e, "destruction failed")
+                        tracing::error!(key = %name, version, error = %crate::error_chain(&e), "destruction failed: the version stays due, and the next maintenance run tries again")
                     }
                 }
             }
@@ -1099,15 +1099,8 @@ impl Keyring {
             && let Some(label) = v.hsm_label.clone()
         {
             let id = v.hsm_id.as_deref().and_then(unhex);
-            let kind = hsm_kind(algorithm);
-            if let Some(h) = self.hsm.find_key(kind, &label, id.as_deref())? {
-                self.hsm.destroy(h)?;
-            }
-            if self.hsm.find_key(kind, &label, id.as_deref())?.is_some() {
-                return Err(KeyringError::Hsm(HsmError::Misuse(
-                    "the token still holds a destroyed key version's object",
-                )));
-            }
+            self.hsm
+                .destroy_key(hsm_kind(algorithm), &label, id.as_deref())?;
         }
         v.state = VersionState::Destroyed { destroyed_at: at };
         v.salt = None;
