@@ -476,6 +476,21 @@ async fn every_rpc_by_every_kind_of_caller() {
     assert_eq!(recorded, denied);
 }
 
+/// Creates AES-256-GCM keys as the admin (no grants).
+async fn create_aes_keys(server: &Server, names: &[&str]) {
+    let mut admin = server.keys().await;
+    for name in names {
+        admin
+            .create_key(pb::CreateKeyRequest {
+                name: (*name).into(),
+                algorithm: pb::Algorithm::Aes256Gcm as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+}
+
 /// Whether a fresh connection as `cred` gets an answer to Status.
 async fn can_call(
     server: &Server,
@@ -641,17 +656,7 @@ async fn grants_are_checked_at_every_call() {
     let hsm = TestHsm::new("kms-grants");
     let config = hsm.config();
     let (mut server, shares) = start_unsealed(&hsm, &config);
-    let mut admin = server.keys().await;
-    for name in ["orders", "ledger"] {
-        admin
-            .create_key(pb::CreateKeyRequest {
-                name: name.into(),
-                algorithm: pb::Algorithm::Aes256Gcm as i32,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
+    create_aes_keys(&server, &["orders", "ledger"]).await;
     let app = hsm
         .pki
         .client("app", &ClientSpec::spiffe("team/orders-api"));
@@ -847,17 +852,7 @@ async fn reencrypt_needs_from_on_the_source_and_to_on_the_destination() {
     let hsm = TestHsm::new("kms-reencrypt");
     let config = hsm.config();
     let (server, _shares) = start_unsealed(&hsm, &config);
-    let mut admin = server.keys().await;
-    for name in ["secret-a", "open-b"] {
-        admin
-            .create_key(pb::CreateKeyRequest {
-                name: name.into(),
-                algorithm: pb::Algorithm::Aes256Gcm as i32,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
+    create_aes_keys(&server, &["secret-a", "open-b"]).await;
     let owner = hsm.pki.client("owner", &ClientSpec::spiffe("owner"));
     let mover = hsm.pki.client("mover", &ClientSpec::spiffe("mover"));
     let grant = |key: &str, who: &str, ops: &[pb::Operation]| pb::CreateGrantRequest {

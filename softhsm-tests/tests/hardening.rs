@@ -76,31 +76,28 @@ async fn a_stranger_cannot_flood_the_log_or_blind_the_auditors() {
         .len();
     let huge = "a".repeat(4 * 1024 * 1024);
 
+    let encrypt_huge = |ch: Channel| {
+        let key = huge.clone();
+        async move {
+            KeyManagementClient::new(ch)
+                .max_encoding_message_size(usize::MAX)
+                .encrypt(pb::EncryptRequest {
+                    key,
+                    plaintext: b"x".to_vec(),
+                    associated_data: Vec::new(),
+                })
+                .await
+                .unwrap_err()
+        }
+    };
     let anonymous = server.channel(None).await;
     for _ in 0..20 {
-        let e = KeyManagementClient::new(anonymous.clone())
-            .max_encoding_message_size(usize::MAX)
-            .encrypt(pb::EncryptRequest {
-                key: huge.clone(),
-                plaintext: b"x".to_vec(),
-                associated_data: Vec::new(),
-            })
-            .await
-            .unwrap_err();
+        let e = encrypt_huge(anonymous.clone()).await;
         assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     }
     // An authenticated caller's invalid name is refused too, and recorded by size only.
     let app = hsm.pki.client("app", &ClientSpec::spiffe("app"));
-    let e = server
-        .keys_as(Some(&app))
-        .await
-        .encrypt(pb::EncryptRequest {
-            key: huge.clone(),
-            plaintext: b"x".to_vec(),
-            associated_data: Vec::new(),
-        })
-        .await
-        .unwrap_err();
+    let e = encrypt_huge(server.channel(Some(&app)).await).await;
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("key name"), "{e:?}");
     assert!(e.message().len() < 512, "{}", e.message().len());

@@ -1336,19 +1336,7 @@ async fn an_acknowledged_key_survives_kill_9() {
     let config = keyring_config(&hsm, "");
     let (mut server, shares) = start_unsealed(&hsm, &config);
     let mut c = server.keys().await;
-    create(
-        &server,
-        &mut c,
-        "durable",
-        pb::Algorithm::Aes256Gcm,
-        pb::ProtectionLevel::Hsm,
-    )
-    .await;
-    c.rotate_key(pb::RotateKeyRequest {
-        name: "durable".into(),
-    })
-    .await
-    .unwrap();
+    hsm_key_at_version_2(&server, &mut c, "durable").await;
     let (ct, _) = encrypt(&mut c, "durable", PLAINTEXT, b"").await;
     drop(c);
     server.kill9();
@@ -1359,6 +1347,21 @@ async fn an_acknowledged_key_survives_kill_9() {
         decrypt(&mut c, "durable", &ct, b"").await.unwrap(),
         (PLAINTEXT.to_vec(), 2)
     );
+}
+
+/// Creates an HSM AES key (with a grant to the admin) and rotates it once.
+async fn hsm_key_at_version_2(server: &Server, c: &mut Client, name: &str) {
+    create(
+        server,
+        c,
+        name,
+        pb::Algorithm::Aes256Gcm,
+        pb::ProtectionLevel::Hsm,
+    )
+    .await;
+    c.rotate_key(pb::RotateKeyRequest { name: name.into() })
+        .await
+        .unwrap();
 }
 
 fn hsm_labels(hsm: &TestHsm, prefix: &str) -> Vec<String> {
@@ -1496,19 +1499,7 @@ async fn a_destruction_the_token_refuses_is_retried_until_it_is_confirmed() {
     );
     let (mut server, shares) = start_unsealed(&hsm, &config);
     let mut c = server.keys().await;
-    create(
-        &server,
-        &mut c,
-        "doomed",
-        pb::Algorithm::Aes256Gcm,
-        pb::ProtectionLevel::Hsm,
-    )
-    .await;
-    c.rotate_key(pb::RotateKeyRequest {
-        name: "doomed".into(),
-    })
-    .await
-    .unwrap();
+    hsm_key_at_version_2(&server, &mut c, "doomed").await;
     let labels = hsm_labels(&hsm, "kms/");
     let v1 = labels.iter().find(|l| l.ends_with("/1")).unwrap().clone();
     let tokens = hsm.path().join("softhsm");
