@@ -10,17 +10,15 @@
 //! - [`keyring`]: named, versioned keys and the crypto operations.
 //! - [`grpc`]: the gRPC services; the only place errors become `tonic::Status`.
 //! - [`server`]: start-up, serving, shutdown.
-//! - [`cli`]: the `kms` command line (operator commands, probe).
-//! - [`dev`]: `kms dev`, the one-command development mode.
+//!
+//! The `kms` binary (the command line, `kms dev` and its development PKI) is the `kms-cli`
+//! crate, on top of this library and never the reverse.
 
 #![forbid(unsafe_code)]
 
 pub mod access;
 pub mod audit;
-pub mod cli;
 pub mod config;
-pub mod dev;
-pub mod dev_pki;
 pub mod grpc;
 pub mod hsm;
 pub mod keyring;

@@ -56,6 +56,52 @@ pub enum StartError {
     /// The TLS files could not be loaded.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The async runtime could not be built.
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The caller's step between binding and serving failed (`kms dev`'s bootstrap).
+    #[error(transparent)]
+    Ready(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// What [`run`] calls once the server is open and bound, before it serves: what was
+/// opened and the bound address. It runs on a blocking thread (it may call the HSM).
+pub type Ready = Box<
+    dyn FnOnce(&Opened, SocketAddr) -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send,
+>;
+
+/// Runs a server on `config` until SIGINT or SIGTERM, the one start-up sequence of
+/// `kms server` and `kms dev`: open (TLS files, HSM, store, seal), install the signal
+/// handlers, bind (printing `kms listening on ADDR`), `ready`, serve, seal and stop. The
+/// runtime, and with it the last reference to the HSM, is dropped before this returns, on
+/// this thread: the PKCS#11 module is finalised before the process exits.
+pub fn run(config: Config, ready: Option<Ready>) -> Result<(), StartError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime)?;
+    let served = rt.block_on(async move {
+        let listen = config.listen;
+        let opened = tokio::task::spawn_blocking(move || open(&config))
+            .await
+            .map_err(|_| StartError::Ready("a start-up task panicked".into()))??;
+        let stop = shutdown_signal();
+        let listener = bind(listen).await?;
+        if let Some(ready) = ready {
+            let addr = listener.local_addr().map_err(|source| StartError::Bind {
+                addr: listen,
+                source,
+            })?;
+            let for_ready = opened.clone();
+            tokio::task::spawn_blocking(move || ready(&for_ready, addr))
+                .await
+                .map_err(|_| StartError::Ready("a start-up task panicked".into()))?
+                .map_err(StartError::Ready)?;
+        }
+        serve(listener, opened, stop).await
+    });
+    drop(rt);
+    served
 }
 
 /// What a started server runs on.

@@ -6,7 +6,7 @@
 //! made by the `hsm-tool` helper binary (cryptoki directly). Servers listen on 127.0.0.1
 //! port 0 and print the port they got.
 //!
-//! The `kms` binary must be built first (`cargo build -p kms`; scripts/test does it): the
+//! The `kms` binary must be built first (`cargo build -p kms-cli`; scripts/test does it): the
 //! harness finds it next to the test executable's directory, as cargo lays them out.
 
 #![forbid(unsafe_code)]
@@ -38,7 +38,7 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.is_file(),
-        "{} is not built: run `cargo build -p kms -p softhsm-tests --bins` first (scripts/test does)",
+        "{} is not built: run `cargo build -p kms-cli -p softhsm-tests --bins` first (scripts/test does)",
         path.display()
     );
     path

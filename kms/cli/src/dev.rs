@@ -26,8 +26,8 @@ use kms_pkcs11_conf::softhsm::{self, SoftHsmDir};
 use kms_pkcs11_conf::token::{self, TokenError};
 use secrecy::ExposeSecret;
 
-use crate::config::Config;
 use crate::dev_pki::DevPki;
+use kms::config::Config;
 
 /// The dev token's label.
 pub const DEV_TOKEN_LABEL: &str = "kms-dev";
@@ -101,40 +101,16 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
             ExitCode::FAILURE
         });
     }
-    crate::cli::init_logging(tracing::Level::INFO);
+    crate::show::init_logging(tracing::Level::INFO);
     let config_path = prepare(&dir, &module, args.listen, args.plaintext)?;
     let config = Config::load(&config_path)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let served = rt.block_on(async move {
-        let listen = config.listen;
-        let opened = tokio::task::spawn_blocking(move || crate::server::open(&config)).await??;
-        let stop = crate::server::shutdown_signal();
-        let listener = crate::server::bind(listen).await?;
-        let addr = listener.local_addr()?;
-        let for_bootstrap = opened.clone();
-        let plaintext = args.plaintext;
-        let temporary = args.temporary;
-        let ready = tokio::task::spawn_blocking(move || {
-            bootstrap(
-                &for_bootstrap,
-                &dir,
-                addr,
-                &config_path,
-                plaintext,
-                temporary,
-            )
-        })
-        .await?;
-        ready?;
-        crate::server::serve(listener, opened, stop).await?;
-        Ok::<_, BoxError>(())
-    });
-    // The last reference to the HSM goes with the runtime, on this thread, before `main`
-    // returns (see `kms server`).
-    drop(rt);
-    served?;
+    let (plaintext, temporary) = (args.plaintext, args.temporary);
+    kms::server::run(
+        config,
+        Some(Box::new(move |opened, addr| {
+            bootstrap(opened, &dir, addr, &config_path, plaintext, temporary)
+        })),
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -145,7 +121,7 @@ fn supervise(command: std::process::Command) -> Result<bool, BoxError> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let stop = crate::server::shutdown_signal();
+        let stop = kms::server::shutdown_signal();
         let mut child = tokio::process::Command::from(command).spawn()?;
         let pid = child
             .id()
@@ -179,7 +155,7 @@ fn prepare(
             let so_pin = softhsm::random_pin()?;
             let user_pin = softhsm::random_pin()?;
             softhsm::provision_token(&pkcs11, DEV_TOKEN_LABEL, &so_pin, &user_pin)?;
-            write_private(&pin_path, user_pin.expose_secret().as_bytes())?;
+            crate::dev_pki::write_private(&pin_path, user_pin.expose_secret().as_bytes())?;
             tracing::info!(
                 token = DEV_TOKEN_LABEL,
                 "provisioned a SoftHSM token (random SO and user PINs)"
@@ -197,7 +173,7 @@ fn prepare(
              [roles]\n\
              admin = [\"{loopback}\"]\n\
              auditor = [\"{loopback}\"]\n",
-            loopback = crate::access::LOOPBACK
+            loopback = kms::access::LOOPBACK
         )
     } else {
         let pki = DevPki::at(dir);
@@ -236,22 +212,9 @@ fn prepare(
     Ok(config_path)
 }
 
-pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
-}
-
 /// Initialises and unseals on the first run; says what to do on later runs.
 fn bootstrap(
-    opened: &crate::server::Opened,
+    opened: &kms::server::Opened,
     dir: &Path,
     addr: SocketAddr,
     config_path: &Path,
@@ -260,7 +223,7 @@ fn bootstrap(
 ) -> Result<(), BoxError> {
     let seal = &opened.seal;
     // What kms dev does itself is audited like a call: principal `kms-dev`.
-    let event = |operation| crate::audit::AuditEvent::internal("kms-dev", "kms.dev", operation);
+    let event = |operation| kms::audit::AuditEvent::internal("kms-dev", "kms.dev", operation);
     let status = seal.status();
     let pki = DevPki::at(dir);
     let (url, env) = if plaintext {
@@ -301,22 +264,16 @@ fn bootstrap(
         }
         return Ok(());
     }
-    let commit = |_: &crate::seal::InitOutput, writes| {
+    let commit = |_: &kms::seal::InitOutput, writes| {
         opened
             .audit
             .append_with(event("Init"), writes)
             .map(|_| ())
-            .map_err(|_| crate::seal::SealError::AuditUnavailable)
+            .map_err(|_| kms::seal::SealError::AuditUnavailable)
     };
     let out = seal.init(5, 3, None, &commit)?;
-    let resp = kms_proto::v1::InitResponse {
-        shares: out.shares.iter().map(|s| s.as_str().to_owned()).collect(),
-        share_set_id: out.share_set_id.to_string(),
-        threshold: u32::from(out.threshold),
-        audit_key_fingerprint: out.audit_key_fingerprint.clone(),
-    };
     println!("kms dev: DEVELOPMENT MODE. Do not keep real keys in this server.\n");
-    crate::cli::print_init(&resp, false)?;
+    crate::show::print_init(&(&out).into(), false)?;
     for share in out.shares.iter().take(usize::from(out.threshold)) {
         seal.unseal(share, None)?;
         if let Err(e) = opened.audit.append(event("Unseal")) {
@@ -339,7 +296,7 @@ fn bootstrap(
         )
     };
     let app = if plaintext {
-        crate::access::LOOPBACK.to_owned()
+        kms::access::LOOPBACK.to_owned()
     } else {
         DevPki::principal("app")
     };

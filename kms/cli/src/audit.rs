@@ -14,9 +14,9 @@ use kms_proto::v1::audit_client::AuditClient;
 use tonic::transport::Channel;
 
 use super::{BoxError, RpcError};
-use crate::audit::AuditRecord;
-use crate::audit::report::{Bucket, UsageCount, UsageReport, VersionRef, VersionUsage};
-use crate::audit::verify::{ChainError, ExportSummary, ExportVerdict, verify_export};
+use kms::audit::AuditRecord;
+use kms::audit::report::{Bucket, UsageCount, UsageReport, VersionRef, VersionUsage};
+use kms::audit::verify::{ChainError, ExportSummary, ExportVerdict, verify_export};
 
 /// Exit code of `verify` when the log is not intact.
 pub const NOT_INTACT: u8 = 3;
@@ -448,7 +448,7 @@ pub fn csv_cell(cell: &str) -> std::borrow::Cow<'_, str> {
 /// characters (bidirectional overrides, zero-width characters) are written as `\u{..}`,
 /// so no cell can move the cursor, recolour the screen or reorder what an auditor reads.
 pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    let hidden = crate::access::is_invisible;
+    let hidden = kms::access::is_invisible;
     if !text.chars().any(hidden) {
         return text.into();
     }

@@ -1,4 +1,8 @@
-//! The `kms` command line (clap): `server`, `dev`, `operator ...`, `pkcs11 probe`.
+//! The `kms` binary: the command line (clap) on top of the `kms` library, as rage sits on
+//! age. `server` and `dev` run the server (`kms::server::run`); `operator`, `key`, the
+//! crypto commands, `audit`, `grant` and `whoami` are gRPC clients; `pkcs11 probe` lists a
+//! module's slots and mechanisms. Nothing here is part of the library: its dependencies
+//! (clap, rpassword, csv, humantime, rcgen, rustix, tracing-subscriber) are this crate's.
 //!
 //! Exit codes: 0 success; 1 error; 2 usage error (clap), or `operator status` on a sealed
 //! server (as `vault status` does, so scripts can test it).
@@ -6,7 +10,9 @@
 //! Shares are read at a hidden prompt, or from standard input when it is not a terminal;
 //! never from an argument (arguments are visible in `ps` and shell history).
 
-use std::io::{BufRead, IsTerminal, Write};
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -16,7 +22,7 @@ use kms_proto::v1::system_client::SystemClient;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
-use crate::config::Config;
+use kms::config::Config;
 
 /// HSM-backed key-management service.
 #[derive(Debug, Parser)]
@@ -155,8 +161,7 @@ enum Pkcs11Command {
     },
 }
 
-/// Runs the command line.
-pub fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -171,10 +176,13 @@ pub fn main() -> ExitCode {
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 mod audit;
+mod dev;
+mod dev_pki;
 mod grant;
 mod keys;
+mod show;
 
-pub use crate::error_chain;
+use kms::error_chain;
 
 fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
     Ok(tokio::runtime::Builder::new_multi_thread()
@@ -186,21 +194,8 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
     match cli.command {
         Command::Server { config } => {
             let config = Config::load(&config)?;
-            init_logging(config.log_level);
-            let rt = runtime()?;
-            let served = rt.block_on(async {
-                let listen = config.listen;
-                let opened =
-                    tokio::task::spawn_blocking(move || crate::server::open(&config)).await??;
-                let stop = crate::server::shutdown_signal();
-                let listener = crate::server::bind(listen).await?;
-                crate::server::serve(listener, opened, stop).await?;
-                Ok::<_, BoxError>(())
-            });
-            // Every task, and with them the last reference to the HSM, is dropped here, on
-            // this thread: the PKCS#11 module is finalised before `main` returns.
-            drop(rt);
-            served?;
+            show::init_logging(config.log_level);
+            kms::server::run(config, None)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Dev(args) => crate::dev::run(args),
@@ -251,16 +246,6 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             })
         }
     }
-}
-
-/// Sets up logging to standard error at `level`.
-pub fn init_logging(level: tracing::Level) {
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
 }
 
 /// Reads a PEM file the CLI was given.
@@ -317,7 +302,7 @@ async fn connect(conn: &Conn) -> Result<Channel, BoxError> {
 #[error("{}: {}", code_name(.0.code()), .0.message())]
 pub struct RpcError(pub tonic::Status);
 
-use crate::grpc::code_name;
+use kms::grpc::code_name;
 
 async fn operator(conn: Conn, command: OperatorCommand) -> Result<ExitCode, BoxError> {
     let mut client = SystemClient::new(connect(&conn).await?);
@@ -346,7 +331,7 @@ async fn operator(conn: Conn, command: OperatorCommand) -> Result<ExitCode, BoxE
                 .await
                 .map_err(RpcError)?
                 .into_inner();
-            print_init(&resp, json)?;
+            show::print_init(&(&resp).into(), json)?;
             Ok(ExitCode::SUCCESS)
         }
         OperatorCommand::Unseal { reset, nonce } => {
@@ -360,7 +345,7 @@ async fn operator(conn: Conn, command: OperatorCommand) -> Result<ExitCode, BoxE
                     .map_err(RpcError)?
                     .into_inner();
                 println!("Unseal progress reset.");
-                print_status(&s, false)?;
+                show::print_status(&s, false)?;
                 return Ok(ExitCode::SUCCESS);
             }
             let shares = read_shares()?;
@@ -397,7 +382,7 @@ async fn operator(conn: Conn, command: OperatorCommand) -> Result<ExitCode, BoxE
                 .map_err(RpcError)?
                 .into_inner();
             println!("The server is sealed.");
-            print_status(&s, false)?;
+            show::print_status(&s, false)?;
             Ok(ExitCode::SUCCESS)
         }
         OperatorCommand::Status { json } => {
@@ -406,7 +391,7 @@ async fn operator(conn: Conn, command: OperatorCommand) -> Result<ExitCode, BoxE
                 .await
                 .map_err(RpcError)?
                 .into_inner();
-            print_status(&s, json)?;
+            show::print_status(&s, json)?;
             Ok(if s.sealed {
                 ExitCode::from(2)
             } else {
@@ -466,82 +451,4 @@ fn read_hsm_pin() -> Result<Zeroizing<String>, BoxError> {
         );
     }
     Ok(pin)
-}
-
-/// Prints init's shares with the custodians' warning.
-pub fn print_init(resp: &pb::InitResponse, json: bool) -> Result<(), BoxError> {
-    let mut out = std::io::stdout().lock();
-    if json {
-        let v = serde_json::json!({
-            "share_set_id": resp.share_set_id,
-            "threshold": resp.threshold,
-            "shares": resp.shares,
-            "audit_key_fingerprint": resp.audit_key_fingerprint,
-        });
-        writeln!(out, "{v}")?;
-        return Ok(());
-    }
-    for (i, s) in resp.shares.iter().enumerate() {
-        writeln!(out, "Unseal share {}: {s}", i + 1)?;
-    }
-    writeln!(out)?;
-    writeln!(
-        out,
-        "Share set {}: {} of these {} shares unseal the server.",
-        resp.share_set_id,
-        resp.threshold,
-        resp.shares.len()
-    )?;
-    writeln!(
-        out,
-        "Audit checkpoint key fingerprint: {} (record it: auditors pin it with\n\
-         `kms audit verify --export FILE --public-key {}`).",
-        resp.audit_key_fingerprint, resp.audit_key_fingerprint
-    )?;
-    writeln!(out)?;
-    writeln!(
-        out,
-        "WARNING: these shares are shown once and stored nowhere. Give each to a different\n\
-         custodian now. If fewer than {} of them survive, every key in this kms is lost.\n\
-         The server is sealed: {} custodians must now run `kms operator unseal`.",
-        resp.threshold, resp.threshold
-    )?;
-    Ok(())
-}
-
-fn print_status(s: &pb::SealStatus, json: bool) -> Result<(), BoxError> {
-    let mut out = std::io::stdout().lock();
-    if json {
-        let v = serde_json::json!({
-            "initialized": s.initialized,
-            "sealed": s.sealed,
-            "threshold": s.threshold,
-            "shares": s.shares,
-            "progress": s.progress,
-            "nonce": s.nonce,
-            "share_set_id": s.share_set_id,
-            "version": s.version,
-            "hsm_pin_in_shares": s.hsm_pin_in_shares,
-        });
-        writeln!(out, "{v}")?;
-        return Ok(());
-    }
-    writeln!(out, "Initialized      {}", s.initialized)?;
-    writeln!(out, "Sealed           {}", s.sealed)?;
-    if s.initialized {
-        writeln!(out, "Shares           {}", s.shares)?;
-        writeln!(out, "Threshold        {}", s.threshold)?;
-        writeln!(out, "Share set        {}", s.share_set_id)?;
-        if s.sealed {
-            writeln!(out, "Unseal progress  {}/{}", s.progress, s.threshold)?;
-            if !s.nonce.is_empty() {
-                writeln!(out, "Unseal nonce     {}", s.nonce)?;
-            }
-        }
-    }
-    if s.hsm_pin_in_shares {
-        writeln!(out, "HSM PIN          in the unseal shares")?;
-    }
-    writeln!(out, "Version          {}", s.version)?;
-    Ok(())
 }

@@ -9,8 +9,8 @@ use tonic::transport::Channel;
 
 use super::keys::{Aad, aad_value};
 use super::{BoxError, RpcError};
-use crate::access::Operation;
-use crate::grpc::{operation_from, operation_pb};
+use kms::access::Operation;
+use kms::grpc::{operation_from, operation_pb};
 
 /// The grant commands.
 #[derive(Debug, Subcommand)]

@@ -111,7 +111,7 @@ impl DevPki {
             files.push((self.key(who), key));
         }
         for (path, text) in files {
-            crate::dev::write_private(&path, text.as_bytes())?;
+            write_private(&path, text.as_bytes())?;
         }
         Ok(true)
     }
@@ -133,4 +133,18 @@ impl DevPki {
                 .iter()
                 .all(|w| self.cert(w).is_file() && self.key(w).is_file())
     }
+}
+
+/// Writes a file readable by its owner only (0600), durably.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }

@@ -1,0 +1,131 @@
+//! What the CLI shows: logging to standard error, init's shares, the seal status. Used by
+//! the operator commands and by `kms dev` alike.
+
+use std::io::{IsTerminal, Write};
+
+use kms_proto::v1 as pb;
+
+use crate::BoxError;
+
+/// What init printed: the shares, once, and what the custodians and auditors record.
+pub struct InitShown<'a> {
+    /// The shares' text. Secret.
+    pub shares: Vec<&'a str>,
+    /// The share set id.
+    pub share_set_id: String,
+    /// Shares needed.
+    pub threshold: u32,
+    /// The audit checkpoint key's fingerprint.
+    pub audit_key_fingerprint: &'a str,
+}
+
+impl<'a> From<&'a pb::InitResponse> for InitShown<'a> {
+    fn from(r: &'a pb::InitResponse) -> Self {
+        Self {
+            shares: r.shares.iter().map(String::as_str).collect(),
+            share_set_id: r.share_set_id.clone(),
+            threshold: r.threshold,
+            audit_key_fingerprint: &r.audit_key_fingerprint,
+        }
+    }
+}
+
+impl<'a> From<&'a kms::seal::InitOutput> for InitShown<'a> {
+    fn from(o: &'a kms::seal::InitOutput) -> Self {
+        Self {
+            shares: o.shares.iter().map(|s| s.as_str()).collect(),
+            share_set_id: o.share_set_id.to_string(),
+            threshold: u32::from(o.threshold),
+            audit_key_fingerprint: &o.audit_key_fingerprint,
+        }
+    }
+}
+
+/// Sets up logging to standard error at `level`.
+pub fn init_logging(level: tracing::Level) {
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+/// Prints init's shares with the custodians' warning.
+pub fn print_init(resp: &InitShown<'_>, json: bool) -> Result<(), BoxError> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        let v = serde_json::json!({
+            "share_set_id": resp.share_set_id,
+            "threshold": resp.threshold,
+            "shares": resp.shares,
+            "audit_key_fingerprint": resp.audit_key_fingerprint,
+        });
+        writeln!(out, "{v}")?;
+        return Ok(());
+    }
+    for (i, s) in resp.shares.iter().enumerate() {
+        writeln!(out, "Unseal share {}: {s}", i + 1)?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "Share set {}: {} of these {} shares unseal the server.",
+        resp.share_set_id,
+        resp.threshold,
+        resp.shares.len()
+    )?;
+    writeln!(
+        out,
+        "Audit checkpoint key fingerprint: {} (record it: auditors pin it with\n\
+         `kms audit verify --export FILE --public-key {}`).",
+        resp.audit_key_fingerprint, resp.audit_key_fingerprint
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "WARNING: these shares are shown once and stored nowhere. Give each to a different\n\
+         custodian now. If fewer than {} of them survive, every key in this kms is lost.\n\
+         The server is sealed: {} custodians must now run `kms operator unseal`.",
+        resp.threshold, resp.threshold
+    )?;
+    Ok(())
+}
+
+/// Prints the seal status.
+pub fn print_status(s: &pb::SealStatus, json: bool) -> Result<(), BoxError> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        let v = serde_json::json!({
+            "initialized": s.initialized,
+            "sealed": s.sealed,
+            "threshold": s.threshold,
+            "shares": s.shares,
+            "progress": s.progress,
+            "nonce": s.nonce,
+            "share_set_id": s.share_set_id,
+            "version": s.version,
+            "hsm_pin_in_shares": s.hsm_pin_in_shares,
+        });
+        writeln!(out, "{v}")?;
+        return Ok(());
+    }
+    writeln!(out, "Initialized      {}", s.initialized)?;
+    writeln!(out, "Sealed           {}", s.sealed)?;
+    if s.initialized {
+        writeln!(out, "Shares           {}", s.shares)?;
+        writeln!(out, "Threshold        {}", s.threshold)?;
+        writeln!(out, "Share set        {}", s.share_set_id)?;
+        if s.sealed {
+            writeln!(out, "Unseal progress  {}/{}", s.progress, s.threshold)?;
+            if !s.nonce.is_empty() {
+                writeln!(out, "Unseal nonce     {}", s.nonce)?;
+            }
+        }
+    }
+    if s.hsm_pin_in_shares {
+        writeln!(out, "HSM PIN          in the unseal shares")?;
+    }
+    writeln!(out, "Version          {}", s.version)?;
+    Ok(())
+}
