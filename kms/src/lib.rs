@@ -10,6 +10,7 @@
 //! - [`keyring`]: named, versioned keys and the crypto operations.
 //! - [`grpc`]: the gRPC services; the only place errors become `tonic::Status`.
 //! - [`server`]: start-up, serving, shutdown.
+//! - [`wire`]: every protobuf <-> domain conversion, both ways.
 //!
 //! The `kms` binary (the command line, `kms dev` and its development PKI) is the `kms-cli`
 //! crate, on top of this library and never the reverse.
@@ -25,6 +26,7 @@ pub mod keyring;
 pub mod seal;
 pub mod server;
 pub mod store;
+pub mod wire;
 
 /// An error and its sources, joined by ": ".
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {

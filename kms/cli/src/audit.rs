@@ -14,8 +14,9 @@ use kms_proto::v1::audit_client::AuditClient;
 use tonic::transport::Channel;
 
 use super::{BoxError, RpcError};
+use crate::Answer as _;
 use kms::audit::AuditRecord;
-use kms::audit::report::{Bucket, UsageCount, UsageReport, VersionRef, VersionUsage};
+use kms::audit::report::{UsageReport, VersionRef};
 use kms::audit::verify::{ChainError, ExportSummary, ExportVerdict, verify_export};
 
 /// Exit code of `verify` when the log is not intact.
@@ -172,9 +173,8 @@ where
                 .export_audit_log(pb::ExportAuditLogRequest {
                     filter: Some(filter),
                 })
-                .await
-                .map_err(RpcError)?
-                .into_inner();
+                .answer()
+                .await?;
             let mut w = output(&out)?;
             let mut csv: Option<Vec<Vec<String>>> =
                 matches!(format, ExportFormat::Csv).then(Vec::new);
@@ -210,11 +210,7 @@ where
                 until_unix_ms: ms(&until, "until")?,
             };
             let mut client = audit_client(connect().await?);
-            let mut parts = client
-                .key_usage_report(request)
-                .await
-                .map_err(RpcError)?
-                .into_inner();
+            let mut parts = client.key_usage_report(request).answer().await?;
             // The report comes in parts; merging them in order (repeated fields append)
             // gives the whole report, as audit.proto says.
             let mut report = pb::KeyUsageReportResponse::default();
@@ -225,7 +221,7 @@ where
                 )?;
             }
             let generated = report.generated_unix_ms;
-            let report = from_pb(report);
+            let report = kms::wire::report_from(report);
             let mut w = output(&out)?;
             match format {
                 ReportFormat::Table => write!(w, "{}", table(&report))?,
@@ -277,9 +273,8 @@ where
             let mut client = audit_client(connect().await?);
             let r = client
                 .verify_audit_log(pb::VerifyAuditLogRequest {})
-                .await
-                .map_err(RpcError)?
-                .into_inner();
+                .answer()
+                .await?;
             println!("{}", r.message);
             if !r.checkpoint_key_fingerprint.is_empty() {
                 println!(
@@ -472,52 +467,6 @@ fn write_csv(w: &mut dyn Write, header: &[&str], rows: &[Vec<String>]) -> Result
     }
     c.flush()?;
     Ok(())
-}
-
-fn from_pb(r: pb::KeyUsageReportResponse) -> UsageReport {
-    let vref = |v: pb::VersionRef| VersionRef {
-        key: v.key,
-        version: v.version,
-        state: v.state,
-        count: v.count,
-    };
-    UsageReport {
-        since_ms: Some(r.since_unix_ms).filter(|t| *t != 0),
-        until_ms: Some(r.until_unix_ms).filter(|t| *t != 0),
-        records: r.records,
-        usage: r
-            .usage
-            .into_iter()
-            .map(|u| VersionUsage {
-                key: u.key,
-                version: Some(u.version).filter(|v| *v != 0),
-                counts: u
-                    .counts
-                    .into_iter()
-                    .map(|c| UsageCount {
-                        operation: c.operation,
-                        outcome: c.outcome,
-                        count: c.count,
-                    })
-                    .collect(),
-                principals: u.principals,
-                first_use_ms: u.first_use_unix_ms,
-                last_use_ms: u.last_use_unix_ms,
-            })
-            .collect(),
-        unused: r.unused.into_iter().map(vref).collect(),
-        decrypt_below_primary: r.decrypt_below_primary.into_iter().map(vref).collect(),
-        bucket_ms: r.bucket_ms,
-        timeline: r
-            .timeline
-            .into_iter()
-            .map(|b| Bucket {
-                start_ms: b.start_unix_ms,
-                key: b.key,
-                count: b.count,
-            })
-            .collect(),
-    }
 }
 
 fn period(r: &UsageReport) -> String {

@@ -7,10 +7,11 @@ use kms_proto::v1 as pb;
 use kms_proto::v1::access_client::AccessClient;
 use tonic::transport::Channel;
 
+use super::BoxError;
 use super::keys::{Aad, aad_value};
-use super::{BoxError, RpcError};
+use crate::Answer as _;
 use kms::access::Operation;
-use kms::grpc::{operation_from, operation_pb};
+use kms::wire::{operation_from, operation_pb};
 
 /// The grant commands.
 #[derive(Debug, Subcommand)]
@@ -118,9 +119,8 @@ pub(super) async fn run(channel: Channel, command: GrantCommand) -> Result<ExitC
                         .collect(),
                     associated_data: aad_value(&aad)?,
                 })
-                .await
-                .map_err(RpcError)?
-                .into_inner();
+                .answer()
+                .await?;
             if json {
                 println!("{}", grant_json(&g));
             } else {
@@ -131,9 +131,8 @@ pub(super) async fn run(channel: Channel, command: GrantCommand) -> Result<ExitC
         GrantCommand::Revoke { id } => {
             let g = c
                 .revoke_grant(pb::RevokeGrantRequest { id })
-                .await
-                .map_err(RpcError)?
-                .into_inner();
+                .answer()
+                .await?;
             println!("Grant {} revoked.", g.id);
         }
         GrantCommand::List {
@@ -146,9 +145,8 @@ pub(super) async fn run(channel: Channel, command: GrantCommand) -> Result<ExitC
                     key: key.unwrap_or_default(),
                     principal: principal.unwrap_or_default(),
                 })
-                .await
-                .map_err(RpcError)?
-                .into_inner();
+                .answer()
+                .await?;
             for g in &list.grants {
                 if json {
                     println!("{}", grant_json(g));
@@ -165,9 +163,8 @@ pub(super) async fn run(channel: Channel, command: GrantCommand) -> Result<ExitC
 pub(super) async fn whoami(channel: Channel, json: bool) -> Result<ExitCode, BoxError> {
     let r = AccessClient::new(channel)
         .who_am_i(pb::WhoAmIRequest {})
-        .await
-        .map_err(RpcError)?
-        .into_inner();
+        .answer()
+        .await?;
     if json {
         println!(
             "{}",

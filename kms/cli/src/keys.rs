@@ -17,7 +17,10 @@ use kms_proto::v1::key_management_client::KeyManagementClient;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
-use super::{BoxError, RpcError};
+use super::BoxError;
+use crate::Answer as _;
+use kms::keyring::model::{Algorithm, Protection};
+use kms::wire;
 
 /// The exit code of `verify` / `verify-mac` for an invalid signature or MAC.
 const EXIT_INVALID: u8 = 3;
@@ -38,6 +41,26 @@ pub(super) enum AlgorithmArg {
 pub(super) enum ProtectionArg {
     Software,
     Hsm,
+}
+
+impl From<AlgorithmArg> for Algorithm {
+    fn from(a: AlgorithmArg) -> Self {
+        match a {
+            AlgorithmArg::Aes256Gcm => Algorithm::Aes256Gcm,
+            AlgorithmArg::Ed25519 => Algorithm::Ed25519,
+            AlgorithmArg::EcdsaP256Sha256 => Algorithm::EcdsaP256Sha256,
+            AlgorithmArg::HmacSha256 => Algorithm::HmacSha256,
+        }
+    }
+}
+
+impl From<ProtectionArg> for Protection {
+    fn from(p: ProtectionArg) -> Self {
+        match p {
+            ProtectionArg::Software => Protection::Software,
+            ProtectionArg::Hsm => Protection::Hsm,
+        }
+    }
 }
 
 /// `kms key ...`.
@@ -290,15 +313,6 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| "a label is KEY=VALUE".to_owned())
 }
 
-fn algorithm_pb(a: AlgorithmArg) -> pb::Algorithm {
-    match a {
-        AlgorithmArg::Aes256Gcm => pb::Algorithm::Aes256Gcm,
-        AlgorithmArg::Ed25519 => pb::Algorithm::Ed25519,
-        AlgorithmArg::EcdsaP256Sha256 => pb::Algorithm::EcdsaP256Sha256,
-        AlgorithmArg::HmacSha256 => pb::Algorithm::HmacSha256,
-    }
-}
-
 fn b64(b: &[u8]) -> String {
     data_encoding::BASE64.encode(b)
 }
@@ -446,26 +460,16 @@ pub(super) async fn run_key(channel: Channel, command: KeyCommand) -> Result<Exi
         } => {
             let req = pb::CreateKeyRequest {
                 name,
-                algorithm: algorithm_pb(algorithm) as i32,
-                protection_level: match protection {
-                    ProtectionArg::Software => pb::ProtectionLevel::Software,
-                    ProtectionArg::Hsm => pb::ProtectionLevel::Hsm,
-                } as i32,
+                algorithm: wire::algorithm_pb(algorithm.into()) as i32,
+                protection_level: wire::protection_pb(protection.into()) as i32,
                 rotation_period_seconds: rotation_period.unwrap_or(0),
                 labels: labels.into_iter().collect::<HashMap<_, _>>(),
             };
-            (
-                c.create_key(req).await.map_err(RpcError)?.into_inner(),
-                json,
-            )
+            (c.create_key(req).answer().await?, json)
         }
-        KeyCommand::Get { name, json } => (
-            c.get_key(pb::GetKeyRequest { name })
-                .await
-                .map_err(RpcError)?
-                .into_inner(),
-            json,
-        ),
+        KeyCommand::Get { name, json } => {
+            (c.get_key(pb::GetKeyRequest { name }).answer().await?, json)
+        }
         KeyCommand::List { json } => {
             let mut all = Vec::new();
             let mut token = String::new();
@@ -475,9 +479,8 @@ pub(super) async fn run_key(channel: Channel, command: KeyCommand) -> Result<Exi
                         page_size: 1000,
                         page_token: token,
                     })
-                    .await
-                    .map_err(RpcError)?
-                    .into_inner();
+                    .answer()
+                    .await?;
                 all.extend(page.keys);
                 if page.next_page_token.is_empty() {
                     break;
@@ -504,10 +507,7 @@ pub(super) async fn run_key(channel: Channel, command: KeyCommand) -> Result<Exi
             return Ok(ExitCode::SUCCESS);
         }
         KeyCommand::Rotate { name, json } => (
-            c.rotate_key(pb::RotateKeyRequest { name })
-                .await
-                .map_err(RpcError)?
-                .into_inner(),
+            c.rotate_key(pb::RotateKeyRequest { name }).answer().await?,
             json,
         ),
         KeyCommand::Update {
@@ -531,23 +531,18 @@ pub(super) async fn run_key(channel: Channel, command: KeyCommand) -> Result<Exi
                 update_labels,
                 labels: labels.into_iter().collect(),
             };
-            (
-                c.update_key(req).await.map_err(RpcError)?.into_inner(),
-                json,
-            )
+            (c.update_key(req).answer().await?, json)
         }
         KeyCommand::EnableVersion { name, version } => (
             c.enable_key_version(pb::KeyVersionRequest { name, version })
-                .await
-                .map_err(RpcError)?
-                .into_inner(),
+                .answer()
+                .await?,
             false,
         ),
         KeyCommand::DisableVersion { name, version } => (
             c.disable_key_version(pb::KeyVersionRequest { name, version })
-                .await
-                .map_err(RpcError)?
-                .into_inner(),
+                .answer()
+                .await?,
             false,
         ),
         KeyCommand::ScheduleDestroy {
@@ -560,16 +555,14 @@ pub(super) async fn run_key(channel: Channel, command: KeyCommand) -> Result<Exi
                 version,
                 pending_days: days,
             })
-            .await
-            .map_err(RpcError)?
-            .into_inner(),
+            .answer()
+            .await?,
             false,
         ),
         KeyCommand::CancelDestroy { name, version } => (
             c.cancel_key_version_destruction(pb::KeyVersionRequest { name, version })
-                .await
-                .map_err(RpcError)?
-                .into_inner(),
+                .answer()
+                .await?,
             false,
         ),
     };
@@ -600,9 +593,8 @@ pub(super) async fn run_crypto(
                     plaintext: pt.to_vec(),
                     associated_data: aad_bytes(&aad)?,
                 })
-                .await
-                .map_err(RpcError)?
-                .into_inner();
+                .answer()
+                .await?;
             write_output(&io, &r.ciphertext)?;
         }
         CryptoCommand::Decrypt { key, io, aad } => {
@@ -613,9 +605,8 @@ pub(super) async fn run_crypto(
                     ciphertext: ct,
                     associated_data: aad_bytes(&aad)?,
                 })
-                .await
-                .map_err(RpcError)?
-                .into_inner();
+                .answer()
+                .await?;
             let pt = Zeroizing::new(r.plaintext);
             write_output(&io, &pt)?;
         }
@@ -628,9 +619,8 @@ pub(super) async fn run_crypto(
                     associated_data: aad_bytes(&aad)?,
                     destination_key: to.unwrap_or_default(),
                 })
-                .await
-                .map_err(RpcError)?
-                .into_inner();
+                .answer()
+                .await?;
             write_output(&io, &r.ciphertext)?;
         }
         CryptoCommand::Datakey {
@@ -645,18 +635,10 @@ pub(super) async fn run_crypto(
                 associated_data: aad_bytes(&aad)?,
             };
             let v = if no_plaintext {
-                let r = c
-                    .generate_data_key_without_plaintext(req)
-                    .await
-                    .map_err(RpcError)?
-                    .into_inner();
+                let r = c.generate_data_key_without_plaintext(req).answer().await?;
                 serde_json::json!({"ciphertext": b64(&r.ciphertext), "key_version": r.key_version})
             } else {
-                let r = c
-                    .generate_data_key(req)
-                    .await
-                    .map_err(RpcError)?
-                    .into_inner();
+                let r = c.generate_data_key(req).answer().await?;
                 let pt = Zeroizing::new(r.plaintext);
                 serde_json::json!({
                     "plaintext": b64(&pt),
@@ -683,9 +665,8 @@ pub(super) async fn run_crypto(
                         pb::SignatureFormat::Default
                     } as i32,
                 })
-                .await
-                .map_err(RpcError)?
-                .into_inner();
+                .answer()
+                .await?;
             write_output(&io, &r.signature)?;
         }
         CryptoCommand::Verify {
@@ -713,9 +694,8 @@ pub(super) async fn run_crypto(
                     input: Some(input),
                     signature: sig,
                 })
-                .await
-                .map_err(RpcError)?
-                .into_inner();
+                .answer()
+                .await?;
             println!("{}", if r.valid { "valid" } else { "invalid" });
             return Ok(if r.valid {
                 ExitCode::SUCCESS
@@ -729,9 +709,8 @@ pub(super) async fn run_crypto(
                     key,
                     key_version: version,
                 })
-                .await
-                .map_err(RpcError)?
-                .into_inner();
+                .answer()
+                .await?;
             print!("{}", r.pem);
         }
         CryptoCommand::Mac { key, io } => {
@@ -741,9 +720,8 @@ pub(super) async fn run_crypto(
                     key,
                     message: data.to_vec(),
                 })
-                .await
-                .map_err(RpcError)?
-                .into_inner();
+                .answer()
+                .await?;
             write_output(&io, &r.mac)?;
         }
         CryptoCommand::VerifyMac {
@@ -764,9 +742,8 @@ pub(super) async fn run_crypto(
                     message: data.to_vec(),
                     mac: tag,
                 })
-                .await
-                .map_err(RpcError)?
-                .into_inner();
+                .answer()
+                .await?;
             println!("{}", if r.valid { "valid" } else { "invalid" });
             return Ok(if r.valid {
                 ExitCode::SUCCESS

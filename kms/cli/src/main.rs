@@ -297,6 +297,23 @@ async fn connect(conn: &Conn) -> Result<Channel, BoxError> {
     Ok(channel)
 }
 
+/// A unary call's answer: the response's message, or the status as the CLI prints it.
+trait Answer<T> {
+    /// Awaits the call.
+    async fn answer(self) -> Result<T, RpcError>;
+}
+
+impl<T, F> Answer<T> for F
+where
+    F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    async fn answer(self) -> Result<T, RpcError> {
+        self.await
+            .map(tonic::Response::into_inner)
+            .map_err(RpcError)
+    }
+}
+
 /// A gRPC status as the CLI prints it.
 #[derive(Debug, thiserror::Error)]
 #[error("{}: {}", code_name(.0.code()), .0.message())]
@@ -312,11 +329,7 @@ async fn operator(conn: Conn, command: OperatorCommand) -> Result<ExitCode, BoxE
             threshold,
             json,
         } => {
-            let status = client
-                .status(pb::StatusRequest {})
-                .await
-                .map_err(RpcError)?
-                .into_inner();
+            let status = client.status(pb::StatusRequest {}).answer().await?;
             let hsm_pin = if status.hsm_pin_in_shares && !status.initialized {
                 read_hsm_pin()?
             } else {
@@ -328,9 +341,8 @@ async fn operator(conn: Conn, command: OperatorCommand) -> Result<ExitCode, BoxE
                     threshold,
                     hsm_pin: hsm_pin.to_string(),
                 })
-                .await
-                .map_err(RpcError)?
-                .into_inner();
+                .answer()
+                .await?;
             show::print_init(&(&resp).into(), json)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -341,9 +353,8 @@ async fn operator(conn: Conn, command: OperatorCommand) -> Result<ExitCode, BoxE
                         reset: true,
                         ..Default::default()
                     })
-                    .await
-                    .map_err(RpcError)?
-                    .into_inner();
+                    .answer()
+                    .await?;
                 println!("Unseal progress reset.");
                 show::print_status(&s, false)?;
                 return Ok(ExitCode::SUCCESS);
@@ -357,9 +368,8 @@ async fn operator(conn: Conn, command: OperatorCommand) -> Result<ExitCode, BoxE
                         reset: false,
                         nonce: nonce.clone().unwrap_or_default(),
                     })
-                    .await
-                    .map_err(RpcError)?
-                    .into_inner();
+                    .answer()
+                    .await?;
                 if s.sealed {
                     println!(
                         "Share accepted. Unseal progress: {}/{} (attempt {})",
@@ -376,21 +386,13 @@ async fn operator(conn: Conn, command: OperatorCommand) -> Result<ExitCode, BoxE
             })
         }
         OperatorCommand::Seal => {
-            let s = client
-                .seal(pb::SealRequest {})
-                .await
-                .map_err(RpcError)?
-                .into_inner();
+            let s = client.seal(pb::SealRequest {}).answer().await?;
             println!("The server is sealed.");
             show::print_status(&s, false)?;
             Ok(ExitCode::SUCCESS)
         }
         OperatorCommand::Status { json } => {
-            let s = client
-                .status(pb::StatusRequest {})
-                .await
-                .map_err(RpcError)?
-                .into_inner();
+            let s = client.status(pb::StatusRequest {}).answer().await?;
             show::print_status(&s, json)?;
             Ok(if s.sealed {
                 ExitCode::from(2)

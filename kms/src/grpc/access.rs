@@ -1,13 +1,13 @@
 //! `kms.v1.Access`: the caller's identity, and grants.
 
 use kms_proto::v1 as pb;
+
+use crate::wire::{grant_pb, operation_from};
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::{Aad, Call, Ctx, Served, run, with_keyring};
-use crate::access::Operation;
-use crate::keyring::KeyringError;
-use crate::keyring::grants::{Grant, NewGrant};
+use crate::keyring::grants::NewGrant;
 
 /// The service's name in audit records.
 const SERVICE: &str = "kms.v1.Access";
@@ -26,65 +26,6 @@ impl AccessService {
 
     fn call<T: prost::Message>(&self, req: &Request<T>, operation: &'static str) -> Call {
         Call::new(&self.ctx, req, SERVICE, operation)
-    }
-}
-
-/// An operation as the API spells it.
-pub fn operation_pb(o: Operation) -> pb::Operation {
-    match o {
-        Operation::Encrypt => pb::Operation::Encrypt,
-        Operation::Decrypt => pb::Operation::Decrypt,
-        Operation::ReencryptFrom => pb::Operation::ReencryptFrom,
-        Operation::ReencryptTo => pb::Operation::ReencryptTo,
-        Operation::Reencrypt => pb::Operation::Reencrypt,
-        Operation::GenerateDataKey => pb::Operation::GenerateDataKey,
-        Operation::Sign => pb::Operation::Sign,
-        Operation::Verify => pb::Operation::Verify,
-        Operation::GetPublicKey => pb::Operation::GetPublicKey,
-        Operation::Mac => pb::Operation::Mac,
-        Operation::VerifyMac => pb::Operation::VerifyMac,
-    }
-}
-
-/// An API operation; an unknown or unspecified one is a bad request.
-pub fn operation_from(v: i32) -> Result<Operation, KeyringError> {
-    Ok(match pb::Operation::try_from(v) {
-        Ok(pb::Operation::Encrypt) => Operation::Encrypt,
-        Ok(pb::Operation::Decrypt) => Operation::Decrypt,
-        Ok(pb::Operation::ReencryptFrom) => Operation::ReencryptFrom,
-        Ok(pb::Operation::ReencryptTo) => Operation::ReencryptTo,
-        Ok(pb::Operation::Reencrypt) => {
-            return Err(KeyringError::BadRequest(
-                "the operation reencrypt was split: grant reencrypt-from on the source key and reencrypt-to on the destination key",
-            ));
-        }
-        Ok(pb::Operation::GenerateDataKey) => Operation::GenerateDataKey,
-        Ok(pb::Operation::Sign) => Operation::Sign,
-        Ok(pb::Operation::Verify) => Operation::Verify,
-        Ok(pb::Operation::GetPublicKey) => Operation::GetPublicKey,
-        Ok(pb::Operation::Mac) => Operation::Mac,
-        Ok(pb::Operation::VerifyMac) => Operation::VerifyMac,
-        Ok(pb::Operation::Unspecified) | Err(_) => {
-            return Err(KeyringError::BadRequest(
-                "unknown operation: use encrypt, decrypt, reencrypt-from, reencrypt-to, generate-data-key, sign, verify, get-public-key, mac, verify-mac",
-            ));
-        }
-    })
-}
-
-pub(super) fn grant_pb(g: &Grant) -> pb::Grant {
-    pb::Grant {
-        id: g.id.clone(),
-        key: g.key.clone(),
-        principal: g.principal.to_string(),
-        operations: g
-            .operations
-            .iter()
-            .map(|o| operation_pb(*o) as i32)
-            .collect(),
-        requires_associated_data: g.associated_data_mac.is_some(),
-        create_time: i64::try_from(g.created_at).unwrap_or(i64::MAX),
-        created_by: g.created_by.clone(),
     }
 }
 

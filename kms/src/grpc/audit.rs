@@ -5,11 +5,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use kms_proto::v1 as pb;
+
+use crate::wire::{SINCE_BEFORE_UNTIL, filter_from, key_pb, report_pb};
 use tonic::{Request, Response, Status};
 
 use super::{ApiError, Call, Ctx, Served, run};
 use crate::audit::report::{
-    EXPORT_FORMAT, ExportHeader, ExportRange, Filter, KeyInfo, UsageBuilder, UsageReport,
+    EXPORT_FORMAT, ExportHeader, ExportRange, Filter, KeyInfo, UsageBuilder,
 };
 use crate::audit::verify::{ChainBreak, signed_by, verify_records};
 use crate::audit::{AuditLog, AuditRecord, Checkpoint, fingerprint, record_key};
@@ -18,7 +20,6 @@ use crate::store::{Store, Table};
 
 /// The service's name in audit records.
 const SERVICE: &str = "kms.v1.Audit";
-const SINCE_BEFORE_UNTIL: &str = "since must be before until";
 /// Records read from the store at a time.
 const PAGE: usize = 512;
 /// Lines per streamed chunk.
@@ -39,36 +40,6 @@ impl AuditService {
     fn call<T: prost::Message>(&self, req: &Request<T>, operation: &'static str) -> Call {
         Call::new(&self.ctx, req, SERVICE, operation)
     }
-}
-
-/// The longest text filter (key, principal, operation, outcome) an auditor may give.
-const MAX_FILTER_LEN: usize = 2048;
-
-fn filter_from(f: Option<pb::AuditFilter>) -> Result<Filter, KeyringError> {
-    let f = f.unwrap_or_default();
-    // The filter is echoed in the export's header: bounded and printable.
-    for t in [&f.key, &f.principal, &f.operation, &f.outcome] {
-        if t.len() > MAX_FILTER_LEN || t.chars().any(char::is_control) {
-            return Err(KeyringError::BadRequest(
-                "a filter is longer than 2048 bytes or holds control characters",
-            ));
-        }
-    }
-    let text = |s: String| Some(s).filter(|s| !s.is_empty());
-    let filter = Filter {
-        since_ms: Some(f.since_unix_ms).filter(|t| *t != 0),
-        until_ms: Some(f.until_unix_ms).filter(|t| *t != 0),
-        key: text(f.key),
-        principal: text(f.principal),
-        operation: text(f.operation),
-        outcome: text(f.outcome),
-    };
-    if let (Some(s), Some(u)) = (filter.since_ms, filter.until_ms)
-        && s >= u
-    {
-        return Err(KeyringError::BadRequest(SINCE_BEFORE_UNTIL));
-    }
-    Ok(filter)
 }
 
 /// Calls `f` with every stored record up to `upto` (by store key, which is the sequence
@@ -110,53 +81,6 @@ fn checkpoints(store: &dyn Store) -> Result<Vec<Checkpoint>, ApiError> {
         .into_iter()
         .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
         .collect())
-}
-
-fn report_pb(r: UsageReport) -> pb::KeyUsageReportResponse {
-    let vref = |v: crate::audit::report::VersionRef| pb::VersionRef {
-        key: v.key,
-        version: v.version,
-        state: v.state,
-        count: v.count,
-    };
-    pb::KeyUsageReportResponse {
-        since_unix_ms: r.since_ms.unwrap_or(0),
-        until_unix_ms: r.until_ms.unwrap_or(0),
-        records: r.records,
-        usage: r
-            .usage
-            .into_iter()
-            .map(|u| pb::VersionUsage {
-                key: u.key,
-                version: u.version.unwrap_or(0),
-                counts: u
-                    .counts
-                    .into_iter()
-                    .map(|c| pb::UsageCount {
-                        operation: c.operation,
-                        outcome: c.outcome,
-                        count: c.count,
-                    })
-                    .collect(),
-                principals: u.principals,
-                first_use_unix_ms: u.first_use_ms,
-                last_use_unix_ms: u.last_use_ms,
-            })
-            .collect(),
-        unused: r.unused.into_iter().map(vref).collect(),
-        decrypt_below_primary: r.decrypt_below_primary.into_iter().map(vref).collect(),
-        bucket_ms: r.bucket_ms,
-        timeline: r
-            .timeline
-            .into_iter()
-            .map(|b| pb::UsageBucket {
-                start_unix_ms: b.start_ms,
-                key: b.key,
-                count: b.count,
-            })
-            .collect(),
-        generated_unix_ms: crate::audit::now_ms(),
-    }
 }
 
 fn reason_name(b: ChainBreak) -> &'static str {
@@ -299,7 +223,7 @@ impl pb::audit_server::Audit for AuditService {
                 .into_iter()
                 .map(|m| {
                     // The states as the API names them (ENABLED, ...).
-                    let key = super::keys::key_pb(&m);
+                    let key = key_pb(&m);
                     KeyInfo {
                         versions: key
                             .versions

@@ -1,13 +1,14 @@
 //! `kms.v1.KeyManagement`: key administration and cryptography.
 
 use kms_proto::v1 as pb;
+
+use crate::wire::{algorithm_from, algorithm_pb, key_pb, protection_from, raw_format};
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::{Aad, ApiError, Call, Ctx, Served, code_name, code_of, with_keyring};
 use crate::audit::BatchSummary;
 use crate::keyring::material::SignInput;
-use crate::keyring::model::{Algorithm, KeyMeta, Protection, Purpose, VersionState};
 use crate::keyring::{KeyUpdate, KeyringError, NewKey};
 
 /// The most items in one batch.
@@ -76,98 +77,6 @@ impl Aad for pb::BatchDecryptRequest {
 
 /// The service's name in audit records.
 const SERVICE: &str = "kms.v1.KeyManagement";
-
-fn secs(t: u64) -> i64 {
-    i64::try_from(t).unwrap_or(i64::MAX)
-}
-
-pub(super) fn key_pb(m: &KeyMeta) -> pb::Key {
-    pb::Key {
-        name: m.name.clone(),
-        purpose: match m.purpose {
-            Purpose::EncryptDecrypt => pb::Purpose::EncryptDecrypt,
-            Purpose::SignVerify => pb::Purpose::SignVerify,
-            Purpose::Mac => pb::Purpose::Mac,
-        } as i32,
-        algorithm: algorithm_pb(m.algorithm) as i32,
-        protection_level: match m.protection {
-            Protection::Software => pb::ProtectionLevel::Software,
-            Protection::Hsm => pb::ProtectionLevel::Hsm,
-        } as i32,
-        primary_version: m.primary,
-        min_decryption_version: m.min_decryption_version,
-        rotation_period_seconds: m.rotation_period.unwrap_or(0),
-        next_rotation_time: m.next_rotation_at.map(secs).unwrap_or(0),
-        labels: m.labels.clone().into_iter().collect(),
-        versions: m
-            .versions
-            .iter()
-            .map(|v| {
-                let (state, destroy_time, destroyed_time) = match v.state {
-                    VersionState::Enabled => (pb::KeyVersionState::Enabled, 0, 0),
-                    VersionState::Disabled => (pb::KeyVersionState::Disabled, 0, 0),
-                    VersionState::ScheduledForDestruction { destroy_at } => (
-                        pb::KeyVersionState::ScheduledForDestruction,
-                        secs(destroy_at),
-                        0,
-                    ),
-                    VersionState::Destroyed { destroyed_at } => {
-                        (pb::KeyVersionState::Destroyed, 0, secs(destroyed_at))
-                    }
-                };
-                pb::KeyVersion {
-                    version: v.version,
-                    state: state as i32,
-                    create_time: secs(v.created_at),
-                    destroy_time,
-                    destroyed_time,
-                }
-            })
-            .collect(),
-        create_time: secs(m.created_at),
-    }
-}
-
-fn algorithm_pb(a: Algorithm) -> pb::Algorithm {
-    match a {
-        Algorithm::Aes256Gcm => pb::Algorithm::Aes256Gcm,
-        Algorithm::Ed25519 => pb::Algorithm::Ed25519,
-        Algorithm::EcdsaP256Sha256 => pb::Algorithm::EcdsaP256Sha256,
-        Algorithm::HmacSha256 => pb::Algorithm::HmacSha256,
-    }
-}
-
-fn algorithm_from(v: i32) -> Result<Algorithm, KeyringError> {
-    match pb::Algorithm::try_from(v) {
-        Ok(pb::Algorithm::Aes256Gcm) => Ok(Algorithm::Aes256Gcm),
-        Ok(pb::Algorithm::Ed25519) => Ok(Algorithm::Ed25519),
-        Ok(pb::Algorithm::EcdsaP256Sha256) => Ok(Algorithm::EcdsaP256Sha256),
-        Ok(pb::Algorithm::HmacSha256) => Ok(Algorithm::HmacSha256),
-        _ => Err(KeyringError::BadRequest(
-            "algorithm must be one of AES_256_GCM, ED25519, ECDSA_P256_SHA256, HMAC_SHA256",
-        )),
-    }
-}
-
-fn protection_from(v: i32) -> Result<Protection, KeyringError> {
-    match pb::ProtectionLevel::try_from(v) {
-        Ok(pb::ProtectionLevel::Unspecified | pb::ProtectionLevel::Software) => {
-            Ok(Protection::Software)
-        }
-        Ok(pb::ProtectionLevel::Hsm) => Ok(Protection::Hsm),
-        Err(_) => Err(KeyringError::BadRequest(
-            "protection_level must be SOFTWARE or HSM",
-        )),
-    }
-}
-
-fn raw_format(v: i32) -> Result<bool, KeyringError> {
-    match pb::SignatureFormat::try_from(v) {
-        Ok(pb::SignatureFormat::Default) => Ok(false),
-        Ok(pb::SignatureFormat::Raw) => Ok(true),
-        Err(_) => Err(KeyringError::BadRequest("unknown signature format")),
-    }
-}
 
 fn item_error(e: KeyringError) -> pb::ItemError {
     let e = ApiError::Keyring(e);

@@ -1,8 +1,8 @@
 //! The gRPC edge: protobuf types in, domain calls, protobuf types out.
 //!
 //! Architecture invariants: this module is the one place where errors become
-//! `tonic::Status` ([`to_status`]), and the one place in `kms` where protobuf types are
-//! built or read. Every call goes through `run`, which writes the call's audit record
+//! `tonic::Status` ([`to_status`]), and, with [`crate::wire`] (which holds every
+//! conversion), the one place in the library where protobuf types are built or read. Every call goes through `run`, which writes the call's audit record
 //! (see [`crate::audit`]) before the answer leaves: a call whose record cannot be written
 //! fails with `UNAVAILABLE: audit log unavailable` and returns no result. Calls that change
 //! stored state write their change and their record in one transaction ([`Call`] is the
@@ -15,7 +15,7 @@ pub mod gate;
 mod keys;
 mod system;
 
-pub use access::{AccessService, operation_from, operation_pb};
+pub use access::AccessService;
 pub use audit::AuditService;
 pub use keys::KeyManagementService;
 pub use system::SystemService;
@@ -381,12 +381,12 @@ impl Journal for Call {
         let (version, size, grant) = match change {
             Change::Key(meta) => (
                 Some(meta.primary),
-                keys::key_pb(meta).encoded_len() as u64,
+                crate::wire::key_pb(meta).encoded_len() as u64,
                 None,
             ),
             Change::Grant(g) => (
                 None,
-                access::grant_pb(g).encoded_len() as u64,
+                crate::wire::grant_pb(g).encoded_len() as u64,
                 Some((
                     g.key.clone(),
                     GrantSummary {

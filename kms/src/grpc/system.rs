@@ -3,36 +3,15 @@
 use std::sync::Arc;
 
 use kms_proto::v1 as pb;
+
+use crate::wire::{init_pb, status_pb};
 use tonic::{Request, Response, Status};
 
 use super::{ApiError, Call, Ctx, Served, run};
-use crate::seal::{InitOutput, SealError, SealStatus};
+use crate::seal::{InitOutput, SealError};
 
 /// The service's name in audit records.
 const SERVICE: &str = "kms.v1.System";
-
-fn init_pb(out: &InitOutput) -> pb::InitResponse {
-    pb::InitResponse {
-        shares: out.shares.iter().map(|s| s.as_str().to_owned()).collect(),
-        share_set_id: out.share_set_id.to_string(),
-        threshold: u32::from(out.threshold),
-        audit_key_fingerprint: out.audit_key_fingerprint.clone(),
-    }
-}
-
-fn status_pb(s: &SealStatus) -> pb::SealStatus {
-    pb::SealStatus {
-        initialized: s.initialized,
-        sealed: s.sealed,
-        threshold: u32::from(s.threshold),
-        shares: u32::from(s.shares),
-        progress: u32::from(s.progress),
-        nonce: s.nonce.clone().unwrap_or_default(),
-        share_set_id: s.share_set_id.map(|i| i.to_string()).unwrap_or_default(),
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-        hsm_pin_in_shares: s.pin_in_shares,
-    }
-}
 
 /// Whether an unseal error is a share that failed (rather than the server's own fault).
 fn counts_as_failed_share(e: &SealError) -> bool {

@@ -1,0 +1,332 @@
+//! Every conversion between protobuf messages and domain types, both ways, in one place
+//! (rust-analyzer's `to_proto` / `from_proto`): the gRPC services and the `kms` command
+//! line both use it. `*_pb` makes a message from a domain value; `*_from` reads one, and a
+//! value the domain does not know is a typed bad request.
+
+use kms_proto::v1 as pb;
+
+use crate::access::Operation;
+use crate::audit::report::{Bucket, Filter, UsageCount, UsageReport, VersionRef, VersionUsage};
+use crate::keyring::KeyringError;
+use crate::keyring::grants::Grant;
+use crate::keyring::model::{Algorithm, KeyMeta, Protection, Purpose, VersionState};
+use crate::seal::{InitOutput, SealStatus};
+
+/// The message of an audit filter whose `since` is not before its `until`.
+pub const SINCE_BEFORE_UNTIL: &str = "since must be before until";
+
+/// The longest text filter (key, principal, operation, outcome) an auditor may give: the
+/// filter is echoed in the export's header.
+const MAX_FILTER_LEN: usize = 2048;
+
+/// Unix seconds as the API carries them.
+fn secs(t: u64) -> i64 {
+    i64::try_from(t).unwrap_or(i64::MAX)
+}
+
+/// A key as the API shows it (states as `KeyVersionState`, times in Unix seconds).
+pub fn key_pb(m: &KeyMeta) -> pb::Key {
+    pb::Key {
+        name: m.name.clone(),
+        purpose: match m.purpose {
+            Purpose::EncryptDecrypt => pb::Purpose::EncryptDecrypt,
+            Purpose::SignVerify => pb::Purpose::SignVerify,
+            Purpose::Mac => pb::Purpose::Mac,
+        } as i32,
+        algorithm: algorithm_pb(m.algorithm) as i32,
+        protection_level: protection_pb(m.protection) as i32,
+        primary_version: m.primary,
+        min_decryption_version: m.min_decryption_version,
+        rotation_period_seconds: m.rotation_period.unwrap_or(0),
+        next_rotation_time: m.next_rotation_at.map(secs).unwrap_or(0),
+        labels: m.labels.clone().into_iter().collect(),
+        versions: m
+            .versions
+            .iter()
+            .map(|v| {
+                let (state, destroy_time, destroyed_time) = match v.state {
+                    VersionState::Enabled => (pb::KeyVersionState::Enabled, 0, 0),
+                    VersionState::Disabled => (pb::KeyVersionState::Disabled, 0, 0),
+                    VersionState::ScheduledForDestruction { destroy_at } => (
+                        pb::KeyVersionState::ScheduledForDestruction,
+                        secs(destroy_at),
+                        0,
+                    ),
+                    VersionState::Destroyed { destroyed_at } => {
+                        (pb::KeyVersionState::Destroyed, 0, secs(destroyed_at))
+                    }
+                };
+                pb::KeyVersion {
+                    version: v.version,
+                    state: state as i32,
+                    create_time: secs(v.created_at),
+                    destroy_time,
+                    destroyed_time,
+                }
+            })
+            .collect(),
+        create_time: secs(m.created_at),
+    }
+}
+
+/// An algorithm as the API spells it.
+pub fn algorithm_pb(a: Algorithm) -> pb::Algorithm {
+    match a {
+        Algorithm::Aes256Gcm => pb::Algorithm::Aes256Gcm,
+        Algorithm::Ed25519 => pb::Algorithm::Ed25519,
+        Algorithm::EcdsaP256Sha256 => pb::Algorithm::EcdsaP256Sha256,
+        Algorithm::HmacSha256 => pb::Algorithm::HmacSha256,
+    }
+}
+
+/// An API algorithm; unspecified or unknown is a bad request.
+pub fn algorithm_from(v: i32) -> Result<Algorithm, KeyringError> {
+    match pb::Algorithm::try_from(v) {
+        Ok(pb::Algorithm::Aes256Gcm) => Ok(Algorithm::Aes256Gcm),
+        Ok(pb::Algorithm::Ed25519) => Ok(Algorithm::Ed25519),
+        Ok(pb::Algorithm::EcdsaP256Sha256) => Ok(Algorithm::EcdsaP256Sha256),
+        Ok(pb::Algorithm::HmacSha256) => Ok(Algorithm::HmacSha256),
+        _ => Err(KeyringError::BadRequest(
+            "algorithm must be one of AES_256_GCM, ED25519, ECDSA_P256_SHA256, HMAC_SHA256",
+        )),
+    }
+}
+
+/// A protection level as the API spells it.
+pub fn protection_pb(p: Protection) -> pb::ProtectionLevel {
+    match p {
+        Protection::Software => pb::ProtectionLevel::Software,
+        Protection::Hsm => pb::ProtectionLevel::Hsm,
+    }
+}
+
+/// An API protection level (unspecified: SOFTWARE).
+pub fn protection_from(v: i32) -> Result<Protection, KeyringError> {
+    match pb::ProtectionLevel::try_from(v) {
+        Ok(pb::ProtectionLevel::Unspecified | pb::ProtectionLevel::Software) => {
+            Ok(Protection::Software)
+        }
+        Ok(pb::ProtectionLevel::Hsm) => Ok(Protection::Hsm),
+        Err(_) => Err(KeyringError::BadRequest(
+            "protection_level must be SOFTWARE or HSM",
+        )),
+    }
+}
+
+/// Whether an API signature format asks for raw `r | s` (ECDSA) rather than DER.
+pub fn raw_format(v: i32) -> Result<bool, KeyringError> {
+    match pb::SignatureFormat::try_from(v) {
+        Ok(pb::SignatureFormat::Default) => Ok(false),
+        Ok(pb::SignatureFormat::Raw) => Ok(true),
+        Err(_) => Err(KeyringError::BadRequest("unknown signature format")),
+    }
+}
+
+/// An operation as the API spells it.
+pub fn operation_pb(o: Operation) -> pb::Operation {
+    match o {
+        Operation::Encrypt => pb::Operation::Encrypt,
+        Operation::Decrypt => pb::Operation::Decrypt,
+        Operation::ReencryptFrom => pb::Operation::ReencryptFrom,
+        Operation::ReencryptTo => pb::Operation::ReencryptTo,
+        Operation::Reencrypt => pb::Operation::Reencrypt,
+        Operation::GenerateDataKey => pb::Operation::GenerateDataKey,
+        Operation::Sign => pb::Operation::Sign,
+        Operation::Verify => pb::Operation::Verify,
+        Operation::GetPublicKey => pb::Operation::GetPublicKey,
+        Operation::Mac => pb::Operation::Mac,
+        Operation::VerifyMac => pb::Operation::VerifyMac,
+    }
+}
+
+/// An API operation; an unknown or unspecified one is a bad request.
+pub fn operation_from(v: i32) -> Result<Operation, KeyringError> {
+    Ok(match pb::Operation::try_from(v) {
+        Ok(pb::Operation::Encrypt) => Operation::Encrypt,
+        Ok(pb::Operation::Decrypt) => Operation::Decrypt,
+        Ok(pb::Operation::ReencryptFrom) => Operation::ReencryptFrom,
+        Ok(pb::Operation::ReencryptTo) => Operation::ReencryptTo,
+        Ok(pb::Operation::Reencrypt) => {
+            return Err(KeyringError::BadRequest(
+                "the operation reencrypt was split: grant reencrypt-from on the source key and reencrypt-to on the destination key",
+            ));
+        }
+        Ok(pb::Operation::GenerateDataKey) => Operation::GenerateDataKey,
+        Ok(pb::Operation::Sign) => Operation::Sign,
+        Ok(pb::Operation::Verify) => Operation::Verify,
+        Ok(pb::Operation::GetPublicKey) => Operation::GetPublicKey,
+        Ok(pb::Operation::Mac) => Operation::Mac,
+        Ok(pb::Operation::VerifyMac) => Operation::VerifyMac,
+        Ok(pb::Operation::Unspecified) | Err(_) => {
+            return Err(KeyringError::BadRequest(
+                "unknown operation: use encrypt, decrypt, reencrypt-from, reencrypt-to, generate-data-key, sign, verify, get-public-key, mac, verify-mac",
+            ));
+        }
+    })
+}
+
+/// A grant as the API shows it (never the associated data, only whether it is constrained).
+pub fn grant_pb(g: &Grant) -> pb::Grant {
+    pb::Grant {
+        id: g.id.clone(),
+        key: g.key.clone(),
+        principal: g.principal.to_string(),
+        operations: g
+            .operations
+            .iter()
+            .map(|o| operation_pb(*o) as i32)
+            .collect(),
+        requires_associated_data: g.associated_data_mac.is_some(),
+        create_time: i64::try_from(g.created_at).unwrap_or(i64::MAX),
+        created_by: g.created_by.clone(),
+    }
+}
+
+/// Init's answer: the shares, once.
+pub fn init_pb(out: &InitOutput) -> pb::InitResponse {
+    pb::InitResponse {
+        shares: out.shares.iter().map(|s| s.as_str().to_owned()).collect(),
+        share_set_id: out.share_set_id.to_string(),
+        threshold: u32::from(out.threshold),
+        audit_key_fingerprint: out.audit_key_fingerprint.clone(),
+    }
+}
+
+/// The seal status as the API shows it.
+pub fn status_pb(s: &SealStatus) -> pb::SealStatus {
+    pb::SealStatus {
+        initialized: s.initialized,
+        sealed: s.sealed,
+        threshold: u32::from(s.threshold),
+        shares: u32::from(s.shares),
+        progress: u32::from(s.progress),
+        nonce: s.nonce.clone().unwrap_or_default(),
+        share_set_id: s.share_set_id.map(|i| i.to_string()).unwrap_or_default(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        hsm_pin_in_shares: s.pin_in_shares,
+    }
+}
+
+/// An audit filter, checked: bounded printable texts, `since` before `until`; empty fields match everything.
+pub fn filter_from(f: Option<pb::AuditFilter>) -> Result<Filter, KeyringError> {
+    let f = f.unwrap_or_default();
+    // The filter is echoed in the export's header: bounded and printable.
+    for t in [&f.key, &f.principal, &f.operation, &f.outcome] {
+        if t.len() > MAX_FILTER_LEN || t.chars().any(char::is_control) {
+            return Err(KeyringError::BadRequest(
+                "a filter is longer than 2048 bytes or holds control characters",
+            ));
+        }
+    }
+    let text = |s: String| Some(s).filter(|s| !s.is_empty());
+    let filter = Filter {
+        since_ms: Some(f.since_unix_ms).filter(|t| *t != 0),
+        until_ms: Some(f.until_unix_ms).filter(|t| *t != 0),
+        key: text(f.key),
+        principal: text(f.principal),
+        operation: text(f.operation),
+        outcome: text(f.outcome),
+    };
+    if let (Some(s), Some(u)) = (filter.since_ms, filter.until_ms)
+        && s >= u
+    {
+        return Err(KeyringError::BadRequest(SINCE_BEFORE_UNTIL));
+    }
+    Ok(filter)
+}
+
+/// The usage report as one message (the service streams it in parts).
+pub fn report_pb(r: UsageReport) -> pb::KeyUsageReportResponse {
+    let vref = |v: crate::audit::report::VersionRef| pb::VersionRef {
+        key: v.key,
+        version: v.version,
+        state: v.state,
+        count: v.count,
+    };
+    pb::KeyUsageReportResponse {
+        since_unix_ms: r.since_ms.unwrap_or(0),
+        until_unix_ms: r.until_ms.unwrap_or(0),
+        records: r.records,
+        usage: r
+            .usage
+            .into_iter()
+            .map(|u| pb::VersionUsage {
+                key: u.key,
+                version: u.version.unwrap_or(0),
+                counts: u
+                    .counts
+                    .into_iter()
+                    .map(|c| pb::UsageCount {
+                        operation: c.operation,
+                        outcome: c.outcome,
+                        count: c.count,
+                    })
+                    .collect(),
+                principals: u.principals,
+                first_use_unix_ms: u.first_use_ms,
+                last_use_unix_ms: u.last_use_ms,
+            })
+            .collect(),
+        unused: r.unused.into_iter().map(vref).collect(),
+        decrypt_below_primary: r.decrypt_below_primary.into_iter().map(vref).collect(),
+        bucket_ms: r.bucket_ms,
+        timeline: r
+            .timeline
+            .into_iter()
+            .map(|b| pb::UsageBucket {
+                start_unix_ms: b.start_ms,
+                key: b.key,
+                count: b.count,
+            })
+            .collect(),
+        generated_unix_ms: crate::audit::now_ms(),
+    }
+}
+
+/// The usage report a client merged from the streamed parts (the inverse of
+/// [`report_pb`], but for `generated_unix_ms`, which the report does not keep).
+pub fn report_from(r: pb::KeyUsageReportResponse) -> UsageReport {
+    let vref = |v: pb::VersionRef| VersionRef {
+        key: v.key,
+        version: v.version,
+        state: v.state,
+        count: v.count,
+    };
+    UsageReport {
+        since_ms: Some(r.since_unix_ms).filter(|t| *t != 0),
+        until_ms: Some(r.until_unix_ms).filter(|t| *t != 0),
+        records: r.records,
+        usage: r
+            .usage
+            .into_iter()
+            .map(|u| VersionUsage {
+                key: u.key,
+                version: Some(u.version).filter(|v| *v != 0),
+                counts: u
+                    .counts
+                    .into_iter()
+                    .map(|c| UsageCount {
+                        operation: c.operation,
+                        outcome: c.outcome,
+                        count: c.count,
+                    })
+                    .collect(),
+                principals: u.principals,
+                first_use_ms: u.first_use_unix_ms,
+                last_use_ms: u.last_use_unix_ms,
+            })
+            .collect(),
+        unused: r.unused.into_iter().map(vref).collect(),
+        decrypt_below_primary: r.decrypt_below_primary.into_iter().map(vref).collect(),
+        bucket_ms: r.bucket_ms,
+        timeline: r
+            .timeline
+            .into_iter()
+            .map(|b| Bucket {
+                start_ms: b.start_unix_ms,
+                key: b.key,
+                count: b.count,
+            })
+            .collect(),
+    }
+}
