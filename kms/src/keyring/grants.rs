@@ -13,9 +13,13 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::KeyringError;
 use super::model::{open_record, record_mac, seal_record};
+use super::{
+    Change, Journal, Keyring, KeyringError, MAX_AAD, check_size, hex, now, random, read_lock,
+    write_lock,
+};
 use crate::access::{Operation, Pattern};
+use crate::store::{Table, Write};
 
 /// The grant record's schema version.
 pub const GRANT_SCHEMA: u32 = 1;
@@ -126,6 +130,134 @@ pub(super) fn decode(
 ) -> Result<Option<Grant>, KeyringError> {
     Ok(open_record::<Grant>(bytes, RECORD_DOMAIN, id, mac_key)?
         .filter(|g| g.schema == GRANT_SCHEMA && g.id == id))
+}
+
+/// The keyring's grant methods: grants are changed through the same [`super::Journal`]
+/// as keys, and checked at every call ([`Keyring::permits`]).
+impl Keyring {
+    /// Makes a grant on an existing key. `by` is the admin's principal.
+    pub fn create_grant(
+        &self,
+        req: NewGrant,
+        by: &str,
+        journal: &dyn Journal,
+    ) -> Result<Grant, KeyringError> {
+        let principal = crate::access::Pattern::new(&req.principal)?;
+        let operations: std::collections::BTreeSet<_> = req.operations.iter().copied().collect();
+        if operations.is_empty() {
+            return Err(KeyringError::BadRequest(
+                "a grant needs at least one operation",
+            ));
+        }
+        if operations.contains(&crate::access::Operation::Reencrypt) {
+            return Err(KeyringError::BadRequest(
+                "the operation reencrypt was split: grant reencrypt-from on the source key and reencrypt-to on the destination key",
+            ));
+        }
+        if req.associated_data.is_some() && !operations.iter().all(|o| o.has_associated_data()) {
+            return Err(KeyringError::BadRequest(
+                "an associated-data constraint applies only to encrypt, decrypt, reencrypt-from, reencrypt-to and generate-data-key",
+            ));
+        }
+        if let Some(aad) = &req.associated_data {
+            check_size("associated data", aad.len(), MAX_AAD, "")?;
+        }
+        let _g = self.admin()?;
+        self.entry(&req.key)?;
+        let live_on_key = read_lock(&self.grants)?
+            .values()
+            .filter(|g| g.key == req.key)
+            .count();
+        if live_on_key >= MAX_GRANTS_PER_KEY {
+            return Err(KeyringError::NotAllowed(
+                "the key has the most grants allowed (1000): revoke some first",
+            ));
+        }
+        let associated_data_mac = match &req.associated_data {
+            Some(aad) => Some(hex(&aad_mac(&self.mac_key, &req.key, aad)?)),
+            None => None,
+        };
+        let grant = Grant {
+            schema: GRANT_SCHEMA,
+            id: hex(&random::<16>()?),
+            key: req.key,
+            principal,
+            operations,
+            associated_data_mac,
+            created_at: now(),
+            created_by: by.to_owned(),
+            revoked_at: None,
+            revoked_by: None,
+        };
+        self.commit_grant(&grant, journal)?;
+        write_lock(&self.grants)?.insert(grant.id.clone(), grant.clone());
+        Ok(grant)
+    }
+
+    /// Revokes a live grant: the next call it would have allowed is refused.
+    pub fn revoke_grant(
+        &self,
+        id: &str,
+        by: &str,
+        journal: &dyn Journal,
+    ) -> Result<Grant, KeyringError> {
+        check_id(id)?;
+        let _g = self.admin()?;
+        let mut grant = read_lock(&self.grants)?
+            .get(id)
+            .cloned()
+            .ok_or_else(|| KeyringError::GrantNotFound(id.to_owned()))?;
+        grant.revoked_at = Some(now());
+        grant.revoked_by = Some(by.to_owned());
+        self.commit_grant(&grant, journal)?;
+        write_lock(&self.grants)?.remove(id);
+        Ok(grant)
+    }
+
+    fn commit_grant(&self, grant: &Grant, journal: &dyn Journal) -> Result<(), KeyringError> {
+        let bytes = encode(grant, &self.mac_key)?;
+        journal.commit(
+            Change::Grant(grant),
+            vec![Write {
+                table: Table::Grants,
+                key: grant.id.clone(),
+                value: bytes,
+            }],
+        )
+    }
+
+    /// The live grants, optionally only those on `key` and those whose grantee is or
+    /// matches `principal` (empty: all).
+    pub fn list_grants(&self, key: &str, principal: &str) -> Result<Vec<Grant>, KeyringError> {
+        Ok(read_lock(&self.grants)?
+            .values()
+            .filter(|g| key.is_empty() || g.key == key)
+            .filter(|g| {
+                principal.is_empty()
+                    || g.principal.as_str() == principal
+                    || g.principal.matches(principal)
+            })
+            .cloned()
+            .collect())
+    }
+
+    /// Whether a live grant lets `principal` do `operation` with `key`, with the
+    /// request's associated data `aads` (all of them must satisfy a constrained grant).
+    pub fn permits(
+        &self,
+        principal: &str,
+        key: &str,
+        operation: crate::access::Operation,
+        aads: &[&[u8]],
+    ) -> Result<bool, KeyringError> {
+        let grants = read_lock(&self.grants)?;
+        for g in grants.values().filter(|g| g.key == key) {
+            if g.allows(principal, operation, aads, &self.mac_key)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
 }
 
 #[cfg(test)]

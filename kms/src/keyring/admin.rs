@@ -1,0 +1,359 @@
+//! Key administration: create, get, list, rotate, update, version states and scheduled
+//! destruction. Every change is written with its audit record (the [`Journal`]).
+
+use super::*;
+
+impl Keyring {
+    /// A new version's metadata (software: a fresh salt; HSM: a fresh token object, whose
+    /// handle is returned too, so that a refused commit destroys that object and no other).
+    fn new_version(
+        &self,
+        meta: &KeyMeta,
+        version: u32,
+    ) -> Result<(VersionMeta, Option<KeyHandle>), KeyringError> {
+        let mut v = VersionMeta {
+            version,
+            state: VersionState::Enabled,
+            created_at: now(),
+            salt: None,
+            hsm_label: None,
+            hsm_id: None,
+            public_key: None,
+        };
+        let mut handle = None;
+        match meta.protection {
+            Protection::Software => {
+                let salt = random::<32>()?;
+                v.salt = Some(hex(&salt));
+                if matches!(
+                    meta.algorithm,
+                    Algorithm::Ed25519 | Algorithm::EcdsaP256Sha256
+                ) {
+                    let key_id = unhex(&meta.key_id).ok_or(KeyringError::Internal("key id"))?;
+                    let secret = material::derive_secret(
+                        &self.root,
+                        &salt,
+                        &key_id,
+                        version,
+                        meta.algorithm,
+                    )?;
+                    v.public_key = secret.public().map(|p| hex(&p.to_bytes()));
+                }
+            }
+            Protection::Hsm => {
+                let label = hsm_label(&meta.key_id, version);
+                let id = random::<16>()?;
+                let (h, public) = self
+                    .hsm
+                    .generate_key(hsm_kind(meta.algorithm), &label, &id)?;
+                handle = Some(h);
+                v.hsm_label = Some(label);
+                v.hsm_id = Some(hex(&id));
+                if let Some(p) = public {
+                    // Check the token's bytes parse as a public key before we rely on them.
+                    if Public::from_bytes(meta.algorithm, &p).is_none() {
+                        let _ = self.hsm.destroy(h);
+                        return Err(KeyringError::Internal("HSM public key"));
+                    }
+                    v.public_key = Some(hex(&p));
+                }
+            }
+        }
+        Ok((v, handle))
+    }
+
+    /// Commits a key with a new version; if that fails, the new version's HSM object (if
+    /// any) is destroyed, so that a refused change leaves nothing behind in the token.
+    fn commit_new_version(
+        &self,
+        meta: KeyMeta,
+        old: Option<&KeyEntry>,
+        object: Option<KeyHandle>,
+        journal: &dyn Journal,
+    ) -> Result<KeyMeta, KeyringError> {
+        self.commit(meta, old, journal).inspect_err(|_| {
+            if let Some(h) = object
+                && let Err(e) = self.hsm.destroy(h)
+            {
+                tracing::error!(error = %crate::error_chain(&e), "could not destroy the HSM object of a refused key version: it is swept at the next unseal");
+            }
+        })
+    }
+
+    fn check_rotation_period(p: Option<u64>) -> Result<(), KeyringError> {
+        match p {
+            Some(0) => Err(KeyringError::BadRequest(
+                "rotation_period must be at least 1 second",
+            )),
+            Some(s) if s > 100 * 365 * 86_400 => Err(KeyringError::BadRequest(
+                "rotation_period is over 100 years",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Creates a key with its first version.
+    pub fn create_key(&self, req: NewKey, journal: &dyn Journal) -> Result<KeyMeta, KeyringError> {
+        model::check_name(&req.name)?;
+        model::check_labels(&req.labels)?;
+        Self::check_rotation_period(req.rotation_period)?;
+        let _g = self.admin()?;
+        if read_lock(&self.keys)?.contains_key(&req.name)
+            || read_lock(&self.tampered)?.contains_key(&req.name)
+        {
+            return Err(KeyringError::AlreadyExists(req.name));
+        }
+        let created = now();
+        let mut meta = KeyMeta {
+            schema: model::KEY_SCHEMA,
+            name: req.name,
+            key_id: hex(&random::<16>()?),
+            purpose: req.algorithm.purpose(),
+            algorithm: req.algorithm,
+            protection: req.protection,
+            created_at: created,
+            primary: 1,
+            min_decryption_version: 1,
+            rotation_period: req.rotation_period,
+            next_rotation_at: req.rotation_period.map(|p| created.saturating_add(p)),
+            labels: req.labels,
+            versions: Vec::new(),
+        };
+        let (v1, object) = self.new_version(&meta, 1)?;
+        meta.versions.push(v1);
+        self.commit_new_version(meta, None, object, journal)
+    }
+
+    /// The key's metadata.
+    pub fn get_key(&self, name: &str) -> Result<KeyMeta, KeyringError> {
+        Ok(self.entry(name)?.meta.clone())
+    }
+
+    /// Keys in name order, after `page_token` (the last name of the previous page).
+    pub fn list_keys(
+        &self,
+        page_size: usize,
+        page_token: &str,
+    ) -> Result<(Vec<KeyMeta>, Option<String>), KeyringError> {
+        let size = match page_size {
+            0 => 100,
+            n => n.min(1000),
+        };
+        let keys = read_lock(&self.keys)?;
+        let start = if page_token.is_empty() {
+            std::ops::Bound::Unbounded
+        } else {
+            std::ops::Bound::Excluded(page_token.to_owned())
+        };
+        let mut page: Vec<KeyMeta> = keys
+            .range((start, std::ops::Bound::Unbounded))
+            .take(size + 1)
+            .map(|(_, e)| e.meta.clone())
+            .collect();
+        let next = if page.len() > size {
+            page.truncate(size);
+            page.last().map(|m| m.name.clone())
+        } else {
+            None
+        };
+        Ok((page, next))
+    }
+
+    /// Adds a version and makes it primary.
+    pub fn rotate_key(&self, name: &str, journal: &dyn Journal) -> Result<KeyMeta, KeyringError> {
+        let _g = self.admin()?;
+        self.rotate_locked(name, None, journal)
+    }
+
+    /// Rotates unless `only_if_primary` names a version that is no longer primary.
+    pub(super) fn rotate_locked(
+        &self,
+        name: &str,
+        only_if_primary: Option<u32>,
+        journal: &dyn Journal,
+    ) -> Result<KeyMeta, KeyringError> {
+        let entry = self.entry(name)?;
+        if only_if_primary.is_some_and(|v| entry.meta.primary != v) {
+            return Ok(entry.meta.clone());
+        }
+        let mut meta = entry.meta.clone();
+        let next = meta
+            .versions
+            .iter()
+            .map(|v| v.version)
+            .max()
+            .unwrap_or(0)
+            .checked_add(1)
+            .ok_or(KeyringError::NotAllowed(
+                "the key has the maximum number of versions",
+            ))?;
+        let (v, object) = self.new_version(&meta, next)?;
+        meta.versions.push(v);
+        meta.primary = next;
+        let t = now();
+        meta.next_rotation_at = meta.rotation_period.map(|p| t.saturating_add(p));
+        let rotated = self.commit_new_version(meta, Some(&entry), object, journal)?;
+        tracing::info!(key = %name, version = next, "key rotated");
+        Ok(rotated)
+    }
+
+    /// Changes the rotation period, minimum decryption version, or labels.
+    pub fn update_key(
+        &self,
+        name: &str,
+        update: KeyUpdate,
+        journal: &dyn Journal,
+    ) -> Result<KeyMeta, KeyringError> {
+        let _g = self.admin()?;
+        let entry = self.entry(name)?;
+        let mut meta = entry.meta.clone();
+        if let Some(p) = update.rotation_period {
+            Self::check_rotation_period(p)?;
+            meta.rotation_period = p;
+            meta.next_rotation_at = p.map(|p| now().saturating_add(p));
+        }
+        if let Some(min) = update.min_decryption_version {
+            if min == 0 || min > meta.primary {
+                return Err(KeyringError::BadRequest(
+                    "min_decryption_version must be between 1 and the primary version",
+                ));
+            }
+            meta.min_decryption_version = min;
+        }
+        if let Some(labels) = update.labels {
+            model::check_labels(&labels)?;
+            meta.labels = labels;
+        }
+        self.commit(meta, Some(&entry), journal)
+    }
+
+    /// Changes one version's state through `f`.
+    fn change_version(
+        &self,
+        name: &str,
+        version: u32,
+        journal: &dyn Journal,
+        f: impl FnOnce(&KeyMeta, &mut VersionMeta) -> Result<(), KeyringError>,
+    ) -> Result<KeyMeta, KeyringError> {
+        let _g = self.admin()?;
+        let entry = self.entry(name)?;
+        let mut meta = entry.meta.clone();
+        let snapshot = meta.clone();
+        let v = meta
+            .version_mut(version)
+            .ok_or_else(|| KeyringError::VersionNotFound {
+                name: name.to_owned(),
+                version,
+            })?;
+        f(&snapshot, v)?;
+        self.commit(meta, Some(&entry), journal)
+    }
+
+    /// Enables a disabled version.
+    pub fn enable_version(
+        &self,
+        name: &str,
+        version: u32,
+        journal: &dyn Journal,
+    ) -> Result<KeyMeta, KeyringError> {
+        self.change_version(name, version, journal, |_, v| match v.state {
+            VersionState::Enabled | VersionState::Disabled => {
+                v.state = VersionState::Enabled;
+                Ok(())
+            }
+            VersionState::ScheduledForDestruction { .. } => Err(KeyringError::NotAllowed(
+                "the version is scheduled for destruction: cancel the destruction first",
+            )),
+            VersionState::Destroyed { .. } => {
+                Err(KeyringError::NotAllowed("the version is destroyed"))
+            }
+        })
+    }
+
+    /// Disables an enabled version.
+    pub fn disable_version(
+        &self,
+        name: &str,
+        version: u32,
+        journal: &dyn Journal,
+    ) -> Result<KeyMeta, KeyringError> {
+        self.change_version(name, version, journal, |_, v| match v.state {
+            VersionState::Enabled | VersionState::Disabled => {
+                v.state = VersionState::Disabled;
+                Ok(())
+            }
+            _ => Err(KeyringError::NotAllowed(
+                "only an enabled version can be disabled",
+            )),
+        })
+    }
+
+    /// Schedules a version's destruction in `days` (1..=30) days. The primary version
+    /// cannot be destroyed: rotate first.
+    pub fn schedule_destruction(
+        &self,
+        name: &str,
+        version: u32,
+        days: u32,
+        journal: &dyn Journal,
+    ) -> Result<KeyMeta, KeyringError> {
+        if !(1..=30).contains(&days) {
+            return Err(KeyringError::BadRequest(
+                "the destruction window is 1 to 30 days",
+            ));
+        }
+        let day = self.settings.day_seconds;
+        self.change_version(name, version, journal, |meta, v| {
+            if meta.primary == version {
+                return Err(KeyringError::NotAllowed(
+                    "the primary version cannot be destroyed: rotate the key first",
+                ));
+            }
+            match v.state {
+                VersionState::Enabled | VersionState::Disabled => {
+                    v.state = VersionState::ScheduledForDestruction {
+                        destroy_at: now().saturating_add(u64::from(days).saturating_mul(day)),
+                    };
+                    Ok(())
+                }
+                _ => Err(KeyringError::NotAllowed(
+                    "the version is already scheduled for destruction or destroyed",
+                )),
+            }
+        })
+    }
+
+    /// Cancels a scheduled destruction; the version comes back disabled.
+    pub fn cancel_destruction(
+        &self,
+        name: &str,
+        version: u32,
+        journal: &dyn Journal,
+    ) -> Result<KeyMeta, KeyringError> {
+        let at = now();
+        self.change_version(name, version, journal, |_, v| match v.state {
+            // Once due, the HSM object may be gone already (destruction is retried until
+            // the token confirms it): too late to cancel.
+            VersionState::ScheduledForDestruction { destroy_at } if destroy_at <= at => {
+                Err(KeyringError::NotAllowed(
+                    "the version's destruction is due: it can no longer be cancelled",
+                ))
+            }
+            VersionState::ScheduledForDestruction { .. } => {
+                v.state = VersionState::Disabled;
+                Ok(())
+            }
+            _ => Err(KeyringError::NotAllowed(
+                "the version is not scheduled for destruction",
+            )),
+        })
+    }
+
+    /// Every key's metadata, by name.
+    pub fn all_keys(&self) -> Result<Vec<KeyMeta>, KeyringError> {
+        Ok(read_lock(&self.keys)?
+            .values()
+            .map(|e| e.meta.clone())
+            .collect())
+    }
+}

@@ -1,0 +1,292 @@
+//! The crypto operations on keys: encrypt (with the nonce budget), decrypt, re-encrypt,
+//! data keys, sign, verify, public keys, MAC.
+
+use super::*;
+
+impl Keyring {
+    /// The entry, checked for purpose.
+    fn entry_for(
+        &self,
+        name: &str,
+        purpose: Purpose,
+        operation: &'static str,
+    ) -> Result<Arc<KeyEntry>, KeyringError> {
+        let e = self.entry(name)?;
+        if e.meta.purpose != purpose {
+            return Err(KeyringError::WrongPurpose {
+                name: name.to_owned(),
+                purpose: purpose_name(e.meta.purpose),
+                operation,
+            });
+        }
+        Ok(e)
+    }
+
+    /// The material of `version`, which must be enabled (and, for decrypt/verify, at or
+    /// above the minimum decryption version).
+    fn usable(
+        e: &KeyEntry,
+        version: u32,
+        check_min: bool,
+    ) -> Result<&Arc<VersionMaterial>, KeyringError> {
+        let name = &e.meta.name;
+        let vm = e
+            .meta
+            .version(version)
+            .ok_or_else(|| KeyringError::VersionNotFound {
+                name: name.clone(),
+                version,
+            })?;
+        if check_min && version < e.meta.min_decryption_version {
+            return Err(KeyringError::BelowMinimum {
+                name: name.clone(),
+                version,
+                min: e.meta.min_decryption_version,
+            });
+        }
+        if vm.state != VersionState::Enabled {
+            return Err(KeyringError::VersionNotEnabled {
+                name: name.clone(),
+                version,
+                state: vm.state.name(),
+            });
+        }
+        e.versions
+            .get(&version)
+            .ok_or(KeyringError::Internal("material"))
+    }
+
+    /// The secret of a usable version (see [`Keyring::usable`]).
+    fn secret(e: &KeyEntry, version: u32, check_min: bool) -> Result<&Secret, KeyringError> {
+        Self::usable(e, version, check_min)?
+            .secret
+            .as_ref()
+            .ok_or(KeyringError::Internal("no secret"))
+    }
+
+    /// Takes one message from the primary version's nonce budget; rotates at 3/4 of it.
+    /// Returns whether this call rotated the key (the caller then uses the new primary).
+    fn take_nonce_budget(&self, e: &KeyEntry) -> Result<bool, KeyringError> {
+        let version = e.meta.primary;
+        let m = Self::usable(e, version, false)?;
+        let max = self.settings.max_messages_per_version;
+        let n = m.counter.fetch_add(1, Ordering::SeqCst);
+        if n >= max {
+            return Err(KeyringError::Exhausted {
+                name: e.meta.name.clone(),
+                version,
+            });
+        }
+        if n >= m.reserved.load(Ordering::SeqCst) {
+            let _g = self.admin()?;
+            let reserved = m.reserved.load(Ordering::SeqCst);
+            if n >= reserved {
+                let block = (max / 64).clamp(1, 1 << 16);
+                let new = n.saturating_add(block).min(max);
+                self.store.put(
+                    Table::Counters,
+                    &counter_key(&e.meta.name, version),
+                    &new.to_be_bytes(),
+                )?;
+                m.reserved.store(new, Ordering::SeqCst);
+            }
+        }
+        if n >= max - max / 4 {
+            let _g = self.admin()?;
+            let journal = SystemJournal {
+                log: &self.audit,
+                operation: "AutoRotateKey",
+                version: None,
+            };
+            let meta = self.rotate_locked(&e.meta.name, Some(version), &journal)?;
+            return Ok(meta.primary != version);
+        }
+        Ok(false)
+    }
+
+    /// Encrypts under the primary version. Returns the ciphertext and the version.
+    pub fn encrypt(
+        &self,
+        name: &str,
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<(Vec<u8>, u32), KeyringError> {
+        check_size(
+            "the plaintext",
+            plaintext.len(),
+            MAX_PLAINTEXT,
+            ": encrypt larger data locally under a data key from GenerateDataKey",
+        )?;
+        check_size("the associated data", aad.len(), MAX_AAD, "")?;
+        let mut e = self.entry_for(name, Purpose::EncryptDecrypt, "encryption")?;
+        if self.take_nonce_budget(&e)? {
+            // This call rotated the key: encrypt under the new primary version.
+            e = self.entry(name)?;
+            self.take_nonce_budget(&e)?;
+        }
+        let version = e.meta.primary;
+        let secret = Self::secret(&e, version, false)?;
+        let nonce = random::<{ ciphertext::NONCE_LEN }>()?;
+        let header = ciphertext::header(version);
+        // Build the output once: header | nonce, then the ciphertext is made in place.
+        let mut out = Vec::with_capacity(ciphertext::OVERHEAD + plaintext.len());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&nonce);
+        secret.encrypt_into(
+            Some(&self.hsm),
+            &nonce,
+            &ciphertext::gcm_aad(&header, name, aad),
+            plaintext,
+            &mut out,
+        )?;
+        Ok((out, version))
+    }
+
+    /// Decrypts with the version the ciphertext names.
+    pub fn decrypt(
+        &self,
+        name: &str,
+        ct: &[u8],
+        aad: &[u8],
+    ) -> Result<(Zeroizing<Vec<u8>>, u32), KeyringError> {
+        check_size(
+            "the ciphertext",
+            ct.len(),
+            MAX_PLAINTEXT + ciphertext::OVERHEAD,
+            "",
+        )?;
+        check_size("the associated data", aad.len(), MAX_AAD, "")?;
+        let e = self.entry_for(name, Purpose::EncryptDecrypt, "decryption")?;
+        let parsed = ciphertext::parse(ct).map_err(|_| KeyringError::DecryptionFailed)?;
+        // An unknown version is indistinguishable from tampering.
+        if e.meta.version(parsed.version).is_none() {
+            return Err(KeyringError::DecryptionFailed);
+        }
+        let secret = Self::secret(&e, parsed.version, true)?;
+        let pt = secret.decrypt(
+            Some(&self.hsm),
+            &parsed.nonce,
+            &ciphertext::gcm_aad(&parsed.header, name, aad),
+            parsed.body,
+        )?;
+        Ok((pt, parsed.version))
+    }
+
+    /// Decrypts with `name` and encrypts under `destination` (or `name`)'s primary version,
+    /// without returning the plaintext.
+    pub fn reencrypt(
+        &self,
+        name: &str,
+        ct: &[u8],
+        aad: &[u8],
+        destination: Option<&str>,
+    ) -> Result<(Vec<u8>, u32, u32), KeyringError> {
+        let (pt, source_version) = self.decrypt(name, ct, aad)?;
+        let (ct, version) = self.encrypt(destination.unwrap_or(name), &pt, aad)?;
+        Ok((ct, version, source_version))
+    }
+
+    /// A random data key, and its ciphertext under `name`.
+    pub fn generate_data_key(
+        &self,
+        name: &str,
+        length: usize,
+        aad: &[u8],
+    ) -> Result<DataKey, KeyringError> {
+        if !(1..=MAX_DATA_KEY).contains(&length) {
+            return Err(KeyringError::BadRequest(
+                "length_bytes must be 1..=64 (default 32)",
+            ));
+        }
+        let mut dk = Zeroizing::new(vec![0u8; length]);
+        getrandom::fill(dk.as_mut_slice()).map_err(|_| KeyringError::Randomness)?;
+        let (ct, version) = self.encrypt(name, &dk, aad)?;
+        Ok((dk, ct, version))
+    }
+
+    /// Signs with the primary version.
+    pub fn sign(
+        &self,
+        name: &str,
+        input: SignInput<'_>,
+        raw: bool,
+    ) -> Result<(Vec<u8>, u32), KeyringError> {
+        if let SignInput::Message(m) = input {
+            check_size(
+                "the message",
+                m.len(),
+                MAX_MESSAGE,
+                ": sign its SHA-256 digest instead (ECDSA)",
+            )?;
+        }
+        let e = self.entry_for(name, Purpose::SignVerify, "signing")?;
+        let version = e.meta.primary;
+        let secret = Self::secret(&e, version, false)?;
+        Ok((secret.sign(Some(&self.hsm), input, raw)?, version))
+    }
+
+    fn version_or_primary(e: &KeyEntry, version: u32) -> u32 {
+        if version == 0 {
+            e.meta.primary
+        } else {
+            version
+        }
+    }
+
+    /// Verifies a signature made by `version` (0: the primary).
+    pub fn verify(
+        &self,
+        name: &str,
+        version: u32,
+        input: SignInput<'_>,
+        signature: &[u8],
+    ) -> Result<bool, KeyringError> {
+        if let SignInput::Message(m) = input {
+            check_size("the message", m.len(), MAX_MESSAGE, "")?;
+        }
+        let e = self.entry_for(name, Purpose::SignVerify, "verification")?;
+        let m = Self::usable(&e, Self::version_or_primary(&e, version), true)?;
+        m.public
+            .as_ref()
+            .ok_or(KeyringError::Internal("no public key"))?
+            .verify(input, signature)
+    }
+
+    /// The public key of `version` (0: the primary), SubjectPublicKeyInfo PEM.
+    pub fn public_key(&self, name: &str, version: u32) -> Result<(String, u32), KeyringError> {
+        let e = self.entry_for(name, Purpose::SignVerify, "public keys")?;
+        let version = Self::version_or_primary(&e, version);
+        let m = Self::usable(&e, version, false)?;
+        Ok((
+            m.public
+                .as_ref()
+                .ok_or(KeyringError::Internal("no public key"))?
+                .to_pem()?,
+            version,
+        ))
+    }
+
+    /// HMAC-SHA256 with the primary version.
+    pub fn mac(&self, name: &str, message: &[u8]) -> Result<(Vec<u8>, u32), KeyringError> {
+        check_size("the message", message.len(), MAX_MESSAGE, "")?;
+        let e = self.entry_for(name, Purpose::Mac, "MAC")?;
+        let version = e.meta.primary;
+        let secret = Self::secret(&e, version, false)?;
+        Ok((secret.mac(Some(&self.hsm), message)?, version))
+    }
+
+    /// Checks a MAC made by `version` (0: the primary), in constant time.
+    pub fn verify_mac(
+        &self,
+        name: &str,
+        version: u32,
+        message: &[u8],
+        tag: &[u8],
+    ) -> Result<bool, KeyringError> {
+        check_size("the message", message.len(), MAX_MESSAGE, "")?;
+        let e = self.entry_for(name, Purpose::Mac, "MAC verification")?;
+        let secret = Self::secret(&e, Self::version_or_primary(&e, version), true)?;
+        let want = secret.mac(Some(&self.hsm), message)?;
+        Ok(subtle::ConstantTimeEq::ct_eq(want.as_slice(), tag).unwrap_u8() == 1)
+    }
+}

@@ -1,0 +1,131 @@
+//! Why a keyring operation failed.
+
+use super::*;
+
+/// Why a keyring operation failed. Never carries key material, plaintext or associated
+/// data.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyringError {
+    /// The key name is not `[a-zA-Z0-9_.-]{1,128}`.
+    #[error("invalid key name: use 1 to 128 of the characters a-z A-Z 0-9 _ . -")]
+    BadName,
+    /// Bad labels.
+    #[error(
+        "invalid labels: at most 64, keys of 1..=63 characters a-z A-Z 0-9 _ . -, values up to 256 characters"
+    )]
+    BadLabels,
+    /// A malformed or out-of-range request field.
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// Input larger than allowed.
+    #[error("{what} is {size} bytes, more than the {max} allowed{hint}")]
+    TooLarge {
+        /// Which field.
+        what: &'static str,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+        /// What to do instead.
+        hint: &'static str,
+    },
+    /// Too many items in a batch.
+    #[error("the batch has {count} items, more than the {max} allowed")]
+    TooManyItems {
+        /// Items given.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A key of that name exists.
+    #[error("a key named {0:?} already exists")]
+    AlreadyExists(String),
+    /// No key of that name.
+    #[error("no key named {0:?}")]
+    NotFound(String),
+    /// No such version.
+    #[error("key {name:?} has no version {version}")]
+    VersionNotFound {
+        /// The key.
+        name: String,
+        /// The version.
+        version: u32,
+    },
+    /// The operation does not fit the key's purpose.
+    #[error("key {name:?} is for {purpose}, not for {operation}")]
+    WrongPurpose {
+        /// The key.
+        name: String,
+        /// Its purpose.
+        purpose: &'static str,
+        /// What was asked.
+        operation: &'static str,
+    },
+    /// The version is not enabled.
+    #[error("version {version} of key {name:?} is {state}")]
+    VersionNotEnabled {
+        /// The key.
+        name: String,
+        /// The version.
+        version: u32,
+        /// Its state.
+        state: &'static str,
+    },
+    /// The version is below the key's minimum decryption version.
+    #[error("version {version} of key {name:?} is below its min_decryption_version {min}")]
+    BelowMinimum {
+        /// The key.
+        name: String,
+        /// The version.
+        version: u32,
+        /// The minimum.
+        min: u32,
+    },
+    /// A state change that is not allowed.
+    #[error("{0}")]
+    NotAllowed(&'static str),
+    /// Decryption failed: tampering, wrong key, or wrong associated data. Deliberately
+    /// says nothing more.
+    #[error("decryption failed")]
+    DecryptionFailed,
+    /// The version's nonce budget is spent (rotation did not happen).
+    #[error(
+        "version {version} of key {name:?} has encrypted its maximum number of messages: rotate the key"
+    )]
+    Exhausted {
+        /// The key.
+        name: String,
+        /// The version.
+        version: u32,
+    },
+    /// The key's stored metadata failed authentication: the store was edited.
+    #[error(
+        "the stored metadata of key {0:?} failed authentication (the store was altered): the key is refused"
+    )]
+    Tampered(String),
+    /// An HSM key's object is not in the token.
+    #[error("the HSM object of this key version is missing from the token")]
+    HsmKeyMissing,
+    /// The HSM failed.
+    #[error(transparent)]
+    Hsm(#[from] HsmError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The OS random source failed.
+    #[error("the operating system's random number generator failed")]
+    Randomness,
+    /// A bug.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+    /// The request's audit record could not be written: nothing was done.
+    #[error("audit log unavailable")]
+    AuditUnavailable,
+    /// No live grant with that id.
+    #[error("no grant with id {0:?} (it may have been revoked already)")]
+    GrantNotFound(String),
+    /// A grant's principal pattern is not one.
+    #[error(transparent)]
+    BadPattern(#[from] crate::access::PatternError),
+}

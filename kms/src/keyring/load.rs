@@ -1,0 +1,246 @@
+//! Loading the keyring at unseal: every key record checked and its material derived or
+//! found in the HSM, grants loaded, and orphan HSM objects swept.
+
+use super::*;
+
+impl Keyring {
+    /// Loads every key from the store, authenticating each record and deriving (or finding
+    /// in the HSM) each live version's material. A record that fails authentication is
+    /// kept out and refused by name.
+    pub fn load(
+        root: &[u8; 32],
+        hsm: Arc<Hsm>,
+        store: Arc<dyn Store>,
+        audit: AuditLog,
+        settings: Settings,
+    ) -> Result<Self, KeyringError> {
+        let mut root_copy = Zeroizing::new([0u8; 32]);
+        root_copy.copy_from_slice(root);
+        let keyring = Self {
+            mac_key: material::metadata_mac_key(root)?,
+            root: root_copy,
+            hsm,
+            store,
+            audit,
+            keys: RwLock::new(BTreeMap::new()),
+            tampered: RwLock::new(BTreeMap::new()),
+            admin: Mutex::new(()),
+            settings,
+            grants: RwLock::new(BTreeMap::new()),
+        };
+        let mut keys = BTreeMap::new();
+        let mut tampered = BTreeMap::new();
+        for (name, bytes) in keyring.store.scan(Table::Keys)? {
+            match model::decode(&name, &bytes, &keyring.mac_key) {
+                Ok(meta) => {
+                    let entry = keyring.build_entry(meta, None)?;
+                    keys.insert(name, Arc::new(entry));
+                }
+                Err(KeyringError::Tampered(_)) => {
+                    tracing::error!(key = %name, "key metadata failed authentication: the store was altered; key refused");
+                    tampered.insert(name, ());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let mut live = BTreeMap::new();
+        let mut refused_grants = 0usize;
+        for (id, bytes) in keyring.store.scan(Table::Grants)? {
+            match grants::decode(&id, &bytes, &keyring.mac_key)? {
+                Some(g) if g.revoked_at.is_none() => {
+                    live.insert(id, g);
+                }
+                Some(_) => {}
+                None => {
+                    tracing::error!(grant = %id, "grant record failed authentication: the store was altered; grant refused");
+                    refused_grants += 1;
+                }
+            }
+        }
+        tracing::info!(
+            keys = keys.len(),
+            refused = tampered.len(),
+            grants = live.len(),
+            refused_grants,
+            "keyring loaded"
+        );
+        *write_lock(&keyring.grants)? = live;
+        *write_lock(&keyring.keys)? = keys;
+        *write_lock(&keyring.tampered)? = tampered;
+        keyring.sweep_orphans();
+        Ok(keyring)
+    }
+
+    /// Destroys the token objects kms made for versions that no record names: left by a
+    /// crash (or a failed clean-up) between making a version's object and committing the
+    /// version, once that version number has been taken by a committed version with
+    /// another object. An object for a version number not yet committed is left alone (it
+    /// may be another server's rotation in flight) and reported; an object of a key this
+    /// keyring does not know is reported too. Failures are logged, never fatal.
+    fn sweep_orphans(&self) {
+        let objects = match self.hsm.objects_labelled(HSM_LABEL_PREFIX) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "could not list the token's objects to sweep orphans");
+                return;
+            }
+        };
+        let Ok(keys) = self.keys.read() else {
+            return;
+        };
+        let by_id: HashMap<&str, &KeyMeta> = keys
+            .values()
+            .map(|e| (e.meta.key_id.as_str(), &e.meta))
+            .collect();
+        let (mut swept, mut pending, mut unknown) = (0usize, 0usize, 0usize);
+        for object in objects {
+            let Some((key_id, version)) = object
+                .label
+                .strip_prefix(HSM_LABEL_PREFIX)
+                .and_then(|rest| rest.split_once('/'))
+                .and_then(|(k, v)| Some((k, v.parse::<u32>().ok()?)))
+            else {
+                continue;
+            };
+            let Some(meta) = by_id.get(key_id) else {
+                unknown += 1;
+                continue;
+            };
+            let recorded = meta.version(version);
+            // A destroyed version names no object (its own was confirmed gone).
+            let named = recorded.is_some_and(|v| {
+                !matches!(v.state, VersionState::Destroyed { .. })
+                    && match &v.hsm_id {
+                        Some(id) => unhex(id).is_some_and(|id| id == object.id),
+                        // Made before CKA_IDs: the label alone names it.
+                        None => true,
+                    }
+            });
+            if named {
+                continue;
+            }
+            let committed_max = meta.versions.iter().map(|v| v.version).max().unwrap_or(0);
+            if version > committed_max {
+                pending += 1;
+                continue;
+            }
+            match self.hsm.destroy(object.handle) {
+                Ok(()) => {
+                    swept += 1;
+                    tracing::warn!(key = %meta.name, version, "destroyed an orphan HSM object that no key version names");
+                }
+                Err(e) => {
+                    tracing::error!(key = %meta.name, version, error = %crate::error_chain(&e), "could not destroy an orphan HSM object");
+                }
+            }
+        }
+        if pending + unknown > 0 {
+            tracing::warn!(
+                pending,
+                unknown,
+                "HSM objects that no committed key version names yet: left by a crash during a rotation or key creation, or made by another server just now; kept"
+            );
+        }
+        if swept > 0 {
+            tracing::info!(swept, "orphan HSM objects swept");
+        }
+    }
+
+    /// Builds an entry's material, reusing `old`'s where the version is unchanged.
+    pub(super) fn build_entry(
+        &self,
+        meta: KeyMeta,
+        old: Option<&KeyEntry>,
+    ) -> Result<KeyEntry, KeyringError> {
+        let key_id =
+            unhex(&meta.key_id).ok_or_else(|| KeyringError::Tampered(meta.name.clone()))?;
+        let mut versions = HashMap::new();
+        for v in &meta.versions {
+            if let Some(existing) = old.and_then(|o| {
+                let same = o.meta.version(v.version).is_some_and(|m| {
+                    matches!(m.state, VersionState::Destroyed { .. })
+                        == matches!(v.state, VersionState::Destroyed { .. })
+                });
+                if same {
+                    o.versions.get(&v.version).cloned()
+                } else {
+                    None
+                }
+            }) {
+                versions.insert(v.version, existing);
+                continue;
+            }
+            let secret = match (&v.state, meta.protection) {
+                (VersionState::Destroyed { .. }, _) => None,
+                (_, Protection::Software) => {
+                    let salt = v
+                        .salt
+                        .as_deref()
+                        .and_then(unhex)
+                        .ok_or_else(|| KeyringError::Tampered(meta.name.clone()))?;
+                    Some(material::derive_secret(
+                        &self.root,
+                        &salt,
+                        &key_id,
+                        v.version,
+                        meta.algorithm,
+                    )?)
+                }
+                (_, Protection::Hsm) => {
+                    let label = v
+                        .hsm_label
+                        .as_deref()
+                        .ok_or_else(|| KeyringError::Tampered(meta.name.clone()))?;
+                    let id = match &v.hsm_id {
+                        Some(id) => Some(
+                            unhex(id).ok_or_else(|| KeyringError::Tampered(meta.name.clone()))?,
+                        ),
+                        None => None,
+                    };
+                    let kind = hsm_kind(meta.algorithm);
+                    match self.hsm.find_key(kind, label, id.as_deref()) {
+                        Ok(Some(h)) => Some(Secret::Hsm(kind, h)),
+                        Ok(None) => {
+                            tracing::error!(key = %meta.name, version = v.version, "HSM object missing from the token");
+                            Some(Secret::HsmMissing)
+                        }
+                        // Never a guess between objects: the version is unusable until an
+                        // operator looks (its operations fail DATA_LOSS).
+                        Err(
+                            e @ (HsmError::KeyAmbiguous { .. } | HsmError::UnexpectedObject { .. }),
+                        ) => {
+                            tracing::error!(key = %meta.name, version = v.version, error = %e, "HSM object refused");
+                            Some(Secret::HsmMissing)
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            };
+            let public = match &v.public_key {
+                Some(h) => Some(
+                    unhex(h)
+                        .and_then(|b| Public::from_bytes(meta.algorithm, &b))
+                        .ok_or_else(|| KeyringError::Tampered(meta.name.clone()))?,
+                ),
+                None => None,
+            };
+            let reserved = match self
+                .store
+                .get(Table::Counters, &counter_key(&meta.name, v.version))?
+            {
+                Some(b) => u64::from_be_bytes(b.as_slice().try_into().unwrap_or([0xff; 8])),
+                None => 0,
+            };
+            versions.insert(
+                v.version,
+                Arc::new(VersionMaterial {
+                    secret,
+                    public,
+                    counter: AtomicU64::new(reserved),
+                    reserved: AtomicU64::new(reserved),
+                }),
+            );
+        }
+        Ok(KeyEntry { meta, versions })
+    }
+}

@@ -1,0 +1,102 @@
+//! What the server does by itself: due rotations and destructions (`Keyring::maintain`).
+
+use super::*;
+
+impl Keyring {
+    /// Rotates keys whose rotation is due and destroys versions whose time has come.
+    /// Returns how many of each it did. Each change is audited (principal `kms`).
+    pub fn maintain(&self, at: u64) -> (usize, usize) {
+        let log = &self.audit;
+        let names: Vec<(String, Option<u64>, Vec<u32>)> = match self.keys.read() {
+            Ok(keys) => keys
+                .values()
+                .map(|e| {
+                    let due: Vec<u32> = e
+                        .meta
+                        .versions
+                        .iter()
+                        .filter(|v| matches!(v.state, VersionState::ScheduledForDestruction { destroy_at } if destroy_at <= at))
+                        .map(|v| v.version)
+                        .collect();
+                    (e.meta.name.clone(), e.meta.next_rotation_at, due)
+                })
+                .collect(),
+            Err(_) => return (0, 0),
+        };
+        let (mut rotated, mut destroyed) = (0, 0);
+        for (name, next_rotation, due) in names {
+            if next_rotation.is_some_and(|t| t <= at) {
+                match self.admin().and_then(|_g| {
+                    // Re-check under the lock: another call may have rotated it.
+                    let e = self.entry(&name)?;
+                    if e.meta.next_rotation_at.is_some_and(|t| t <= at) {
+                        let journal = SystemJournal {
+                            log,
+                            operation: "AutoRotateKey",
+                            version: None,
+                        };
+                        self.rotate_locked(&name, None, &journal).map(|_| true)
+                    } else {
+                        Ok(false)
+                    }
+                }) {
+                    Ok(true) => rotated += 1,
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(key = %name, error = %e, "automatic rotation failed"),
+                }
+            }
+            for version in due {
+                match self.destroy(&name, version, at, log) {
+                    Ok(()) => destroyed += 1,
+                    Err(e) => {
+                        tracing::error!(key = %name, version, error = %crate::error_chain(&e), "destruction failed: the version stays due, and the next maintenance run tries again")
+                    }
+                }
+            }
+        }
+        (rotated, destroyed)
+    }
+
+    /// Destroys a version whose scheduled time has come: the salt is erased (software) or
+    /// the HSM object destroyed. Crypto-shredding: the material cannot be made again.
+    fn destroy(
+        &self,
+        name: &str,
+        version: u32,
+        at: u64,
+        log: &AuditLog,
+    ) -> Result<(), KeyringError> {
+        let _g = self.admin()?;
+        let entry = self.entry(name)?;
+        let mut meta = entry.meta.clone();
+        let (protection, algorithm) = (meta.protection, meta.algorithm);
+        let v = meta
+            .version_mut(version)
+            .ok_or(KeyringError::Internal("version"))?;
+        if !matches!(v.state, VersionState::ScheduledForDestruction { destroy_at } if destroy_at <= at)
+        {
+            return Ok(());
+        }
+        // The HSM object first, until the token confirms it is gone: if that fails nothing
+        // is recorded, the version stays due, and the next run tries again (the version
+        // can no longer be cancelled once due). Then the record, salt erased, with its
+        // audit record; if that fails the next run finds the object gone and records it.
+        if protection == Protection::Hsm
+            && let Some(label) = v.hsm_label.clone()
+        {
+            let id = v.hsm_id.as_deref().and_then(unhex);
+            self.hsm
+                .destroy_key(hsm_kind(algorithm), &label, id.as_deref())?;
+        }
+        v.state = VersionState::Destroyed { destroyed_at: at };
+        v.salt = None;
+        let journal = SystemJournal {
+            log,
+            operation: "DestroyKeyVersion",
+            version: Some(version),
+        };
+        self.commit(meta, Some(&entry), &journal)?;
+        tracing::info!(key = %name, version, "key version destroyed");
+        Ok(())
+    }
+}
