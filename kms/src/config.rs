@@ -216,7 +216,7 @@ pub enum ConfigError {
         role: &'static str,
         /// What is wrong.
         #[source]
-        source: crate::access::PatternError,
+        source: crate::policy::PatternError,
     },
     /// A `[limits]` value is out of range.
     #[error("limits.{0}: out of range")]
@@ -294,7 +294,7 @@ impl Config {
         }
         let patterns = |role: &'static str, list: &[String]| {
             list.iter()
-                .map(|p| crate::access::Pattern::new(p))
+                .map(|p| crate::policy::Pattern::new(p))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|source| ConfigError::BadRole { role, source })
         };

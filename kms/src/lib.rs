@@ -1,6 +1,7 @@
 //! kms: an HSM-backed key-management service.
 //!
 //! The code map is in docs/ARCHITECTURE.md. In short:
+//! - [`policy`]: the leaf vocabulary of grants and roles: operations, principal patterns.
 //! - [`access`]: identities (mTLS), roles, the rule of every RPC, TLS reload.
 //! - [`audit`]: the hash-chained, group-committed audit log.
 //! - [`config`]: the TOML configuration file.
@@ -23,6 +24,7 @@ pub mod config;
 pub mod grpc;
 pub mod hsm;
 pub mod keyring;
+pub mod policy;
 pub mod seal;
 pub mod server;
 pub mod store;

@@ -5,11 +5,11 @@
 
 use kms_proto::v1 as pb;
 
-use crate::access::Operation;
 use crate::audit::report::{Bucket, Filter, UsageCount, UsageReport, VersionRef, VersionUsage};
 use crate::keyring::KeyringError;
 use crate::keyring::grants::Grant;
 use crate::keyring::model::{Algorithm, KeyMeta, Protection, Purpose, VersionState};
+use crate::policy::Operation;
 use crate::seal::{InitOutput, SealStatus};
 
 /// The message of an audit filter whose `since` is not before its `until`.

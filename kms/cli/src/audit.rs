@@ -443,7 +443,7 @@ pub fn csv_cell(cell: &str) -> std::borrow::Cow<'_, str> {
 /// characters (bidirectional overrides, zero-width characters) are written as `\u{..}`,
 /// so no cell can move the cursor, recolour the screen or reorder what an auditor reads.
 pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    let hidden = kms::access::is_invisible;
+    let hidden = kms::policy::is_invisible;
     if !text.chars().any(hidden) {
         return text.into();
     }

@@ -173,7 +173,7 @@ fn prepare(
              [roles]\n\
              admin = [\"{loopback}\"]\n\
              auditor = [\"{loopback}\"]\n",
-            loopback = kms::access::LOOPBACK
+            loopback = kms::policy::LOOPBACK
         )
     } else {
         let pki = DevPki::at(dir);
@@ -296,7 +296,7 @@ fn bootstrap(
         )
     };
     let app = if plaintext {
-        kms::access::LOOPBACK.to_owned()
+        kms::policy::LOOPBACK.to_owned()
     } else {
         DevPki::principal("app")
     };

@@ -10,7 +10,7 @@ use tonic::transport::Channel;
 use super::BoxError;
 use super::keys::{Aad, aad_value};
 use crate::Answer as _;
-use kms::access::Operation;
+use kms::policy::Operation;
 use kms::wire::{operation_from, operation_pb};
 
 /// The grant commands.

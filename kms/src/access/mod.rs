@@ -3,7 +3,7 @@
 //!
 //! A caller's [`Identity`] is fixed at the TLS handshake ([`tls`]): the principal is the
 //! client certificate's URI SAN (`spiffe://...`) or, without one, its subject CN; a caller
-//! without a certificate is [`ANONYMOUS`](crate::audit::ANONYMOUS); on a plaintext loopback
+//! without a certificate is [`ANONYMOUS`]; on a plaintext loopback
 //! listener every caller is [`LOOPBACK`]. Each RPC has one [`Need`] ([`need`]); an RPC
 //! this table does not name needs the admin role. Per-key grants are kept by the keyring
 //! ([`crate::keyring::grants`]), authenticated like key metadata, because they are only
@@ -12,210 +12,9 @@
 pub mod limiter;
 pub mod tls;
 
+use crate::policy::{ANONYMOUS, LOOPBACK, Operation, Pattern};
+
 use std::collections::BTreeSet;
-use std::fmt;
-
-use serde::{Deserialize, Serialize};
-
-/// The principal of every caller on a plaintext loopback listener (no certificate there).
-pub const LOOPBACK: &str = "loopback";
-
-/// Whether `c` is a character no name may hold: a control character, or an invisible
-/// Unicode format character (zero-width, bidirectional overrides and isolates, BOM), which
-/// would make two names look alike or reorder what a reader sees.
-pub fn is_invisible(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{00AD}'
-                | '\u{061C}'
-                | '\u{180E}'
-                | '\u{200B}'..='\u{200F}'
-                | '\u{202A}'..='\u{202E}'
-                | '\u{2060}'..='\u{206F}'
-                | '\u{FEFF}'
-                | '\u{FFF9}'..='\u{FFFB}'
-        )
-}
-
-/// An operation a grant can allow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Operation {
-    /// `Encrypt`, `BatchEncrypt`.
-    Encrypt,
-    /// `Decrypt`, `BatchDecrypt`.
-    Decrypt,
-    /// `ReEncrypt`, on its source key.
-    ReencryptFrom,
-    /// `ReEncrypt`, on its destination key.
-    ReencryptTo,
-    /// Before the split into [`Operation::ReencryptFrom`] and [`Operation::ReencryptTo`]:
-    /// allows nothing. Kept so that older grant records still load (and list); new grants
-    /// cannot name it.
-    Reencrypt,
-    /// `GenerateDataKey`, `GenerateDataKeyWithoutPlaintext`.
-    GenerateDataKey,
-    /// `Sign`, `BatchSign`.
-    Sign,
-    /// `Verify`.
-    Verify,
-    /// `GetPublicKey`.
-    GetPublicKey,
-    /// `Mac`.
-    Mac,
-    /// `VerifyMac`.
-    VerifyMac,
-}
-
-impl Operation {
-    /// Every operation a new grant can name.
-    pub const ALL: [Operation; 10] = [
-        Self::Encrypt,
-        Self::Decrypt,
-        Self::ReencryptFrom,
-        Self::ReencryptTo,
-        Self::GenerateDataKey,
-        Self::Sign,
-        Self::Verify,
-        Self::GetPublicKey,
-        Self::Mac,
-        Self::VerifyMac,
-    ];
-
-    /// The name operators write (`generate-data-key`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Encrypt => "encrypt",
-            Self::Decrypt => "decrypt",
-            Self::ReencryptFrom => "reencrypt-from",
-            Self::ReencryptTo => "reencrypt-to",
-            Self::Reencrypt => "reencrypt",
-            Self::GenerateDataKey => "generate-data-key",
-            Self::Sign => "sign",
-            Self::Verify => "verify",
-            Self::GetPublicKey => "get-public-key",
-            Self::Mac => "mac",
-            Self::VerifyMac => "verify-mac",
-        }
-    }
-
-    /// Parses [`Operation::name`].
-    pub fn from_name(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|o| o.name() == s)
-    }
-
-    /// What a call needing `self` on its key needs on its destination key (ReEncrypt).
-    pub fn on_destination(self) -> Self {
-        match self {
-            Self::ReencryptFrom => Self::ReencryptTo,
-            other => other,
-        }
-    }
-
-    /// Whether requests of this operation carry associated data (so that a grant may
-    /// constrain it).
-    pub fn has_associated_data(self) -> bool {
-        matches!(
-            self,
-            Self::Encrypt
-                | Self::Decrypt
-                | Self::ReencryptFrom
-                | Self::ReencryptTo
-                | Self::GenerateDataKey
-        )
-    }
-}
-
-impl fmt::Display for Operation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// A principal pattern: exact, or a prefix followed by `*`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Pattern(String);
-
-/// Why a pattern is not one.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PatternError {
-    /// Empty.
-    #[error("a principal pattern is empty")]
-    Empty,
-    /// `*` alone.
-    #[error(
-        "the pattern \"*\" would match every certificate: name a prefix, e.g. \"spiffe://example.org/ops/*\""
-    )]
-    Everything,
-    /// `*` not at the end, or a control character.
-    #[error(
-        "principal pattern {0:?}: only a trailing `*` is special, and control characters are not allowed"
-    )]
-    Malformed(String),
-    /// Longer than 1024 bytes.
-    #[error("a principal pattern is longer than 1024 bytes")]
-    TooLong,
-}
-
-impl Pattern {
-    /// Checks and makes a pattern.
-    pub fn new(s: &str) -> Result<Self, PatternError> {
-        if s.is_empty() {
-            return Err(PatternError::Empty);
-        }
-        if s.len() > 1024 {
-            return Err(PatternError::TooLong);
-        }
-        if s == "*" {
-            return Err(PatternError::Everything);
-        }
-        let body = s.strip_suffix('*').unwrap_or(s);
-        if body.contains('*') || s.chars().any(is_invisible) {
-            return Err(PatternError::Malformed(s.to_owned()));
-        }
-        Ok(Self(s.to_owned()))
-    }
-
-    /// Whether `principal` matches. Patterns never match [`crate::audit::ANONYMOUS`]
-    /// unless they name it exactly, and a prefix pattern never matches
-    /// [`LOOPBACK`] or `anonymous` at all.
-    pub fn matches(&self, principal: &str) -> bool {
-        match self.0.strip_suffix('*') {
-            Some(prefix) => {
-                principal != crate::audit::ANONYMOUS
-                    && principal != LOOPBACK
-                    && principal.starts_with(prefix)
-            }
-            None => self.0 == principal,
-        }
-    }
-
-    /// The pattern as written.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for Pattern {
-    type Error = PatternError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Self::new(&s)
-    }
-}
-
-impl From<Pattern> for String {
-    fn from(p: Pattern) -> Self {
-        p.0
-    }
-}
-
-impl fmt::Display for Pattern {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 /// A role from the configuration's `[roles]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -293,7 +92,7 @@ impl Identity {
     /// A caller without a certificate on a TLS listener.
     pub fn anonymous() -> Self {
         Self {
-            principal: crate::audit::ANONYMOUS.to_owned(),
+            principal: ANONYMOUS.to_owned(),
             authenticated: false,
             tls: true,
             not_after: None,
@@ -435,29 +234,6 @@ mod tests {
             tls: true,
             not_after: None,
         }
-    }
-
-    #[test]
-    fn patterns_are_exact_or_trailing_star() {
-        let p = Pattern::new("spiffe://corp/ops/*").unwrap();
-        assert!(p.matches("spiffe://corp/ops/alice"));
-        assert!(!p.matches("spiffe://corp/opsx"));
-        assert!(!p.matches("spiffe://corp/app"));
-        let e = Pattern::new("alice").unwrap();
-        assert!(e.matches("alice") && !e.matches("alice2"));
-        assert_eq!(Pattern::new("*"), Err(PatternError::Everything));
-        assert_eq!(Pattern::new(""), Err(PatternError::Empty));
-        assert!(matches!(
-            Pattern::new("a*b"),
-            Err(PatternError::Malformed(_))
-        ));
-        assert!(matches!(
-            Pattern::new("a\nb"),
-            Err(PatternError::Malformed(_))
-        ));
-        // A prefix never matches the callers without a certificate.
-        assert!(!Pattern::new("a*").unwrap().matches("anonymous"));
-        assert!(!Pattern::new("l*").unwrap().matches(LOOPBACK));
     }
 
     #[test]

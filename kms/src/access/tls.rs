@@ -308,7 +308,7 @@ pub fn principal_of(der: &[u8]) -> Result<(String, i64), NameError> {
                 || cn.len() > MAX_CN_LEN
                 || cn
                     .chars()
-                    .any(|c| c.is_whitespace() && c != ' ' || super::is_invisible(c))
+                    .any(|c| c.is_whitespace() && c != ' ' || crate::policy::is_invisible(c))
             {
                 return Err(NameError::Reserved);
             }

@@ -46,8 +46,8 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 pub const CHECKPOINT_CONTEXT: &str = "kms-audit-checkpoint/v1";
 /// The principal of what the server does by itself (automatic rotation, destruction).
 pub const SYSTEM_PRINCIPAL: &str = "kms";
-/// The principal of a caller before access control identifies it.
-pub const ANONYMOUS: &str = "anonymous";
+/// Records read from the store at a time by [`AuditLog::each_record`].
+const READ_PAGE: usize = 512;
 
 /// What happened, as the caller of [`AuditLog::append`] describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -537,9 +537,61 @@ impl AuditLog {
         self.commits.load(Ordering::Relaxed)
     }
 
-    /// The store the log is in (for readers: export, report, verify).
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
+    /// The head of the stored chain (its last record).
+    pub fn stored_head(&self) -> Result<Head, AuditError> {
+        head(self.store.as_ref())
+    }
+
+    /// Calls `f` with every stored record up to sequence `upto`, in order, page by page
+    /// (the log is never read whole), until `f` returns false. A record that does not parse
+    /// is passed on as [`AuditRecord::unreadable`] with its bytes (the verifier names it).
+    pub fn each_record(
+        &self,
+        upto: u64,
+        mut f: impl FnMut(&[u8], &AuditRecord) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut next = 1;
+        while next <= upto {
+            let page = self
+                .store
+                .range(Table::Audit, &record_key(next), READ_PAGE)?;
+            if page.is_empty() {
+                break;
+            }
+            for (key, bytes) in &page {
+                let at = key.parse::<u64>().unwrap_or(next);
+                if at > upto {
+                    return Ok(());
+                }
+                next = at + 1;
+                let r = serde_json::from_slice::<AuditRecord>(bytes)
+                    .unwrap_or_else(|_| AuditRecord::unreadable());
+                if !f(bytes, &r) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every stored record's bytes, in order (the whole log: for verification).
+    pub fn all_records(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        Ok(self
+            .store
+            .scan(Table::Audit)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+
+    /// Every stored checkpoint that parses, in order.
+    pub fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
+        Ok(self
+            .store
+            .scan(Table::AuditCheckpoints)?
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect())
     }
 
     /// The checkpoint signer.

@@ -14,14 +14,11 @@ use crate::audit::report::{
     EXPORT_FORMAT, ExportHeader, ExportRange, Filter, KeyInfo, UsageBuilder,
 };
 use crate::audit::verify::{ChainBreak, signed_by, verify_records};
-use crate::audit::{AuditLog, AuditRecord, Checkpoint, fingerprint, record_key};
+use crate::audit::{AuditLog, Checkpoint, fingerprint};
 use crate::keyring::KeyringError;
-use crate::store::{Store, Table};
 
 /// The service's name in audit records.
 const SERVICE: &str = "kms.v1.Audit";
-/// Records read from the store at a time.
-const PAGE: usize = 512;
 /// Lines per streamed chunk.
 const CHUNK: usize = 256;
 
@@ -40,47 +37,6 @@ impl AuditService {
     fn call<T: prost::Message>(&self, req: &Request<T>, operation: &'static str) -> Call {
         Call::new(&self.ctx, req, SERVICE, operation)
     }
-}
-
-/// Calls `f` with every stored record up to `upto` (by store key, which is the sequence
-/// number), in order, page by page, until `f` returns false. A record that does not parse
-/// is passed on as [`AuditRecord::unreadable`] (the verifier names it).
-fn each_record(
-    store: &dyn Store,
-    upto: u64,
-    mut f: impl FnMut(&[u8], &AuditRecord) -> bool,
-) -> Result<(), ApiError> {
-    let mut next = 1;
-    while next <= upto {
-        let page = store
-            .range(Table::Audit, &record_key(next), PAGE)
-            .map_err(ApiError::AuditRead)?;
-        if page.is_empty() {
-            break;
-        }
-        for (key, bytes) in &page {
-            let at = key.parse::<u64>().unwrap_or(next);
-            if at > upto {
-                return Ok(());
-            }
-            next = at + 1;
-            let r = serde_json::from_slice::<AuditRecord>(bytes)
-                .unwrap_or_else(|_| AuditRecord::unreadable());
-            if !f(bytes, &r) {
-                return Ok(());
-            }
-        }
-    }
-    Ok(())
-}
-
-fn checkpoints(store: &dyn Store) -> Result<Vec<Checkpoint>, ApiError> {
-    Ok(store
-        .scan(Table::AuditCheckpoints)
-        .map_err(ApiError::AuditRead)?
-        .into_iter()
-        .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
-        .collect())
 }
 
 fn reason_name(b: ChainBreak) -> &'static str {
@@ -236,14 +192,15 @@ impl pb::audit_server::Audit for AuditService {
                 })
                 .collect();
             let mut builder = UsageBuilder::new(filter);
-            let store = log.store();
-            let upto = crate::audit::head(store.as_ref())
+            let upto = log
+                .stored_head()
                 .map_err(|_| KeyringError::AuditUnavailable)?
                 .seq;
-            each_record(store.as_ref(), upto, |_, r| {
+            log.each_record(upto, |_, r| {
                 builder.add(&r.event);
                 true
-            })?;
+            })
+            .map_err(ApiError::AuditRead)?;
             Ok(Served::new(report_pb(builder.finish(&keys))))
         })
         .await?;
@@ -269,14 +226,8 @@ impl pb::audit_server::Audit for AuditService {
             // A checkpoint signed now, by the HSM, must verify under the stored public key:
             // a public key swapped on disk (with checkpoints re-signed to match) shows here.
             let fresh = log.checkpoint().and_then(Result::ok);
-            let store = log.store();
-            let records: Vec<Vec<u8>> = store
-                .scan(Table::Audit)
-                .map_err(ApiError::AuditRead)?
-                .into_iter()
-                .map(|(_, v)| v)
-                .collect();
-            let cps = checkpoints(store.as_ref())?;
+            let records = log.all_records().map_err(ApiError::AuditRead)?;
+            let cps = log.checkpoints().map_err(ApiError::AuditRead)?;
             let mut response = pb::VerifyAuditLogResponse {
                 checkpoint_key_fingerprint: public_key
                     .as_deref()
@@ -324,21 +275,21 @@ fn export(
     filter: &Filter,
     tx: &tokio::sync::mpsc::Sender<Result<pb::ExportAuditLogChunk, Status>>,
 ) -> Result<(), ApiError> {
-    let store = log.store();
     // Sign a checkpoint over the head (which includes this export's record) so that the
     // export ends with one; it covers exactly the records exported.
     let fresh = log.checkpoint().and_then(Result::ok);
     let upto = match &fresh {
         Some(c) => c.checkpoint,
         None => {
-            crate::audit::head(store.as_ref())
+            log.stored_head()
                 .map_err(|_| ApiError::Keyring(KeyringError::AuditUnavailable))?
                 .seq
         }
     };
     let contiguous = filter.is_contiguous();
     let cps: std::collections::BTreeMap<u64, Checkpoint> = if contiguous {
-        checkpoints(store.as_ref())?
+        log.checkpoints()
+            .map_err(ApiError::AuditRead)?
             .into_iter()
             .map(|c| (c.checkpoint, c))
             .collect()
@@ -380,7 +331,7 @@ fn export(
         last_hash: None,
         key_fingerprint: String::new(),
     };
-    each_record(store.as_ref(), upto, |bytes, r| {
+    log.each_record(upto, |bytes, r| {
         if filter.matches(&r.event) || r.seq == 0 {
             range.records += 1;
             range.first_seq.get_or_insert(r.seq);
@@ -399,7 +350,8 @@ fn export(
         }
         bytes_held = 0;
         flush(&mut lines)
-    })?;
+    })
+    .map_err(ApiError::AuditRead)?;
     // The seal: exactly these records, signed by the HSM key, as the last line.
     match log.signer().seal_export(range) {
         Some(Ok(seal)) => lines.push(serde_json::to_string(&seal).unwrap_or_default()),

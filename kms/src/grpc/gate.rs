@@ -187,7 +187,7 @@ where
             let event = AuditEvent {
                 request_id: super::request_id_of(req.headers()),
                 principal: peer.as_ref().map_or_else(
-                    || crate::audit::ANONYMOUS.to_owned(),
+                    || crate::policy::ANONYMOUS.to_owned(),
                     |p| p.identity.principal.clone(),
                 ),
                 peer: peer

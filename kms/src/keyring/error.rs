@@ -127,5 +127,5 @@ pub enum KeyringError {
     GrantNotFound(String),
     /// A grant's principal pattern is not one.
     #[error(transparent)]
-    BadPattern(#[from] crate::access::PatternError),
+    BadPattern(#[from] crate::policy::PatternError),
 }

@@ -18,7 +18,7 @@ use super::{
     Change, Journal, Keyring, KeyringError, MAX_AAD, check_size, hex, now, random, read_lock,
     write_lock,
 };
-use crate::access::{Operation, Pattern};
+use crate::policy::{Operation, Pattern};
 use crate::store::{Table, Write};
 
 /// The grant record's schema version.
@@ -142,14 +142,14 @@ impl Keyring {
         by: &str,
         journal: &dyn Journal,
     ) -> Result<Grant, KeyringError> {
-        let principal = crate::access::Pattern::new(&req.principal)?;
+        let principal = crate::policy::Pattern::new(&req.principal)?;
         let operations: std::collections::BTreeSet<_> = req.operations.iter().copied().collect();
         if operations.is_empty() {
             return Err(KeyringError::BadRequest(
                 "a grant needs at least one operation",
             ));
         }
-        if operations.contains(&crate::access::Operation::Reencrypt) {
+        if operations.contains(&crate::policy::Operation::Reencrypt) {
             return Err(KeyringError::BadRequest(
                 "the operation reencrypt was split: grant reencrypt-from on the source key and reencrypt-to on the destination key",
             ));
@@ -247,7 +247,7 @@ impl Keyring {
         &self,
         principal: &str,
         key: &str,
-        operation: crate::access::Operation,
+        operation: crate::policy::Operation,
         aads: &[&[u8]],
     ) -> Result<bool, KeyringError> {
         let grants = read_lock(&self.grants)?;
