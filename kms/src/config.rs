@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use kms_pkcs11_conf::{HsmConfig, ValidHsmConfig};
 use serde::Deserialize;
@@ -254,18 +255,72 @@ impl Config {
         Self::from_file(file, base)
     }
 
-    /// Checks a parsed file; relative paths are resolved against `base`.
+    /// Checks a parsed file, one section at a time; relative paths are resolved against
+    /// `base`.
     pub fn from_file(mut file: ConfigFile, base: &Path) -> Result<Self, ConfigError> {
         let listen: SocketAddr = file
             .listen
             .parse()
             .map_err(|_| ConfigError::BadListen(file.listen.clone()))?;
-        let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
-        let tls = match (
-            file.tls.plaintext_loopback.unwrap_or(false),
-            file.tls.cert,
-            file.tls.key,
-            file.tls.client_ca,
+        // In the order errors are reported: access first, then the HSM, then the rest.
+        let (tls, tls_reload_check) = file.tls.validate(listen, base)?;
+        let roles = file.roles.validate()?;
+        let limits = file.limits.validate()?;
+        let unseal_limit = file.unseal.validate()?;
+        file.hsm.resolve_paths(base);
+        let hsm = file.hsm.validate()?;
+        let log_level = file.log.validate()?;
+        let (keyring, maintenance_interval) = file.keyring.validate()?;
+        Ok(Self {
+            listen,
+            storage_path: resolve(base, file.storage.path),
+            hsm,
+            log_level,
+            keyring,
+            maintenance_interval,
+            checkpoints: file.audit.validate()?,
+            tls,
+            tls_reload_check,
+            roles,
+            unseal_limit,
+            limits,
+        })
+    }
+}
+
+/// `path`, or `base/path` when it is relative.
+fn resolve(base: &Path, path: PathBuf) -> PathBuf {
+    if path.is_relative() {
+        base.join(path)
+    } else {
+        path
+    }
+}
+
+/// `v` (or `default`) when it is in `range`, else `err`.
+fn within<T: PartialOrd + Copy>(
+    v: Option<T>,
+    default: T,
+    range: std::ops::RangeInclusive<T>,
+    err: ConfigError,
+) -> Result<T, ConfigError> {
+    let v = v.unwrap_or(default);
+    if range.contains(&v) { Ok(v) } else { Err(err) }
+}
+
+impl TlsConfig {
+    /// The TLS files (or `None`: plaintext on a loopback `listen`) and the reload check
+    /// interval.
+    fn validate(
+        self,
+        listen: SocketAddr,
+        base: &Path,
+    ) -> Result<(Option<crate::access::tls::TlsFiles>, Duration), ConfigError> {
+        let files = match (
+            self.plaintext_loopback.unwrap_or(false),
+            self.cert,
+            self.key,
+            self.client_ca,
         ) {
             (true, None, None, None) if listen.ip().is_loopback() => None,
             (true, None, None, None) => return Err(ConfigError::NotLoopback(listen)),
@@ -275,9 +330,9 @@ impl Config {
                 ));
             }
             (false, Some(cert), Some(key), Some(client_ca)) => Some(crate::access::tls::TlsFiles {
-                cert: resolve(cert),
-                key: resolve(key),
-                client_ca: resolve(client_ca),
+                cert: resolve(base, cert),
+                key: resolve(base, key),
+                client_ca: resolve(base, client_ca),
             }),
             (false, None, None, None) => return Err(ConfigError::NoTls),
             (false, ..) => {
@@ -286,173 +341,163 @@ impl Config {
                 ));
             }
         };
-        let reload = file.tls.reload_check_seconds.unwrap_or(5);
-        if !(1..=3600).contains(&reload) {
-            return Err(ConfigError::BadTls(
-                "reload_check_seconds: out of range (1..=3600)",
-            ));
-        }
+        let reload = within(
+            self.reload_check_seconds,
+            5,
+            1..=3600,
+            ConfigError::BadTls("reload_check_seconds: out of range (1..=3600)"),
+        )?;
+        Ok((files, Duration::from_secs(reload)))
+    }
+}
+
+impl RolesConfig {
+    fn validate(&self) -> Result<crate::access::Roles, ConfigError> {
         let patterns = |role: &'static str, list: &[String]| {
             list.iter()
                 .map(|p| crate::policy::Pattern::new(p))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|source| ConfigError::BadRole { role, source })
         };
-        let roles = crate::access::Roles {
-            admin: patterns("admin", &file.roles.admin)?,
-            auditor: patterns("auditor", &file.roles.auditor)?,
-            custodian: patterns("custodian", &file.roles.custodian)?,
-        };
-        let limits = limits(&file.limits)?;
-        let limit_default = crate::access::limiter::UnsealLimit::default();
-        let max_failed = file
-            .unseal
-            .max_failed_shares
-            .unwrap_or(limit_default.max_failures);
-        if !(1..=1000).contains(&max_failed) {
-            return Err(ConfigError::BadUnseal("max_failed_shares (1..=1000)"));
-        }
-        let window = file
-            .unseal
-            .failure_window_seconds
-            .unwrap_or(limit_default.window.as_secs());
-        if !(1..=86_400).contains(&window) {
-            return Err(ConfigError::BadUnseal("failure_window_seconds (1..=86400)"));
-        }
-        file.hsm.resolve_paths(base);
-        let hsm = file.hsm.validate()?;
-        let storage_path = if file.storage.path.is_relative() {
-            base.join(&file.storage.path)
-        } else {
-            file.storage.path
-        };
-        let log_level = match file.log.level.as_deref() {
-            None => tracing::Level::INFO,
-            Some(l) => l
-                .parse()
-                .map_err(|_| ConfigError::BadLogLevel(l.to_owned()))?,
-        };
-        let defaults = crate::keyring::Settings::default();
-        let max = file
-            .keyring
-            .max_messages_per_version
-            .unwrap_or(defaults.max_messages_per_version);
-        if !(4..=defaults.max_messages_per_version).contains(&max) {
-            return Err(ConfigError::BadKeyring(
-                "max_messages_per_version (4..=2^32)",
-            ));
-        }
-        let day = file
-            .keyring
-            .testing_day_seconds
-            .unwrap_or(defaults.day_seconds);
-        if day == 0 {
-            return Err(ConfigError::BadKeyring("testing_day_seconds"));
-        }
-        let interval = file.keyring.maintenance_interval_seconds.unwrap_or(60);
-        if !(1..=86_400).contains(&interval) {
-            return Err(ConfigError::BadKeyring(
-                "maintenance_interval_seconds (1..=86400)",
-            ));
-        }
-        let every = file.audit.checkpoint_every_records.unwrap_or(1000);
-        if !(1..=1_000_000).contains(&every) {
-            return Err(ConfigError::BadAudit(
-                "checkpoint_every_records (1..=1000000)",
-            ));
-        }
-        let seconds = file.audit.checkpoint_interval_seconds.unwrap_or(60);
-        if !(1..=86_400).contains(&seconds) {
-            return Err(ConfigError::BadAudit(
-                "checkpoint_interval_seconds (1..=86400)",
-            ));
-        }
-        Ok(Self {
-            checkpoints: crate::audit::CheckpointPolicy {
-                every_records: every,
-                interval: std::time::Duration::from_secs(seconds),
-            },
-            listen,
-            storage_path,
-            hsm,
-            log_level,
-            keyring: crate::keyring::Settings {
-                max_messages_per_version: max,
-                day_seconds: day,
-            },
-            maintenance_interval: std::time::Duration::from_secs(interval),
-            tls,
-            tls_reload_check: std::time::Duration::from_secs(reload),
-            roles,
-            unseal_limit: crate::access::limiter::UnsealLimit {
-                max_failures: max_failed,
-                window: std::time::Duration::from_secs(window),
-            },
-            limits,
+        Ok(crate::access::Roles {
+            admin: patterns("admin", &self.admin)?,
+            auditor: patterns("auditor", &self.auditor)?,
+            custodian: patterns("custodian", &self.custodian)?,
         })
     }
 }
 
-/// Checks `[limits]` and fills in the defaults.
-fn limits(file: &LimitsConfig) -> Result<crate::access::limiter::Limits, ConfigError> {
-    use std::time::Duration;
-    let d = crate::access::limiter::Limits::default();
-    let within = |v: Option<u64>, default: u64, range: std::ops::RangeInclusive<u64>, name| {
-        let v = v.unwrap_or(default);
-        if range.contains(&v) {
-            Ok(v)
-        } else {
-            Err(ConfigError::BadLimit(name))
+impl UnsealConfig {
+    fn validate(&self) -> Result<crate::access::limiter::UnsealLimit, ConfigError> {
+        let d = crate::access::limiter::UnsealLimit::default();
+        Ok(crate::access::limiter::UnsealLimit {
+            max_failures: within(
+                self.max_failed_shares,
+                d.max_failures,
+                1..=1000,
+                ConfigError::BadUnseal("max_failed_shares (1..=1000)"),
+            )?,
+            window: Duration::from_secs(within(
+                self.failure_window_seconds,
+                d.window.as_secs(),
+                1..=86_400,
+                ConfigError::BadUnseal("failure_window_seconds (1..=86400)"),
+            )?),
+        })
+    }
+}
+
+impl LogConfig {
+    fn validate(&self) -> Result<tracing::Level, ConfigError> {
+        match self.level.as_deref() {
+            None => Ok(tracing::Level::INFO),
+            Some(l) => l
+                .parse()
+                .map_err(|_| ConfigError::BadLogLevel(l.to_owned())),
         }
-    };
-    let as_u64 = |v: Option<usize>| v.map(|v| u64::try_from(v).unwrap_or(u64::MAX));
-    let as_usize = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
-    Ok(crate::access::limiter::Limits {
-        handshake_timeout: Duration::from_secs(within(
-            file.handshake_timeout_seconds,
-            d.handshake_timeout.as_secs(),
-            1..=60,
-            "handshake_timeout_seconds (1..=60)",
-        )?),
-        max_handshakes: as_usize(within(
-            as_u64(file.max_handshakes),
-            d.max_handshakes as u64,
-            1..=100_000,
-            "max_handshakes (1..=100000)",
-        )?),
-        max_handshakes_per_address: as_usize(within(
-            as_u64(file.max_handshakes_per_address),
-            d.max_handshakes_per_address as u64,
-            1..=100_000,
-            "max_handshakes_per_address (1..=100000)",
-        )?),
-        max_connection_age: Duration::from_secs(within(
-            file.max_connection_age_seconds,
-            d.max_connection_age.as_secs(),
-            1..=30 * 86_400,
-            "max_connection_age_seconds (1..=2592000)",
-        )?),
-        max_concurrent_streams: u32::try_from(within(
-            file.max_concurrent_streams.map(u64::from),
-            u64::from(d.max_concurrent_streams),
-            1..=10_000,
-            "max_concurrent_streams (1..=10000)",
-        )?)
-        .unwrap_or(d.max_concurrent_streams),
-        anonymous_max_request_bytes: as_usize(within(
-            as_u64(file.anonymous_max_request_bytes),
-            d.anonymous_max_request_bytes as u64,
-            1024..=16 * 1024 * 1024,
-            "anonymous_max_request_bytes (1024..=16777216)",
-        )?),
-        refused_calls_per_minute: u32::try_from(within(
-            file.refused_calls_per_minute.map(u64::from),
-            u64::from(d.refused_calls_per_minute),
-            1..=1_000_000,
-            "refused_calls_per_minute (1..=1000000)",
-        )?)
-        .unwrap_or(d.refused_calls_per_minute),
-    })
+    }
+}
+
+impl KeyringConfig {
+    /// The keyring's settings and the maintenance interval.
+    fn validate(&self) -> Result<(crate::keyring::Settings, Duration), ConfigError> {
+        let d = crate::keyring::Settings::default();
+        let max_messages_per_version = within(
+            self.max_messages_per_version,
+            d.max_messages_per_version,
+            4..=d.max_messages_per_version,
+            ConfigError::BadKeyring("max_messages_per_version (4..=2^32)"),
+        )?;
+        let day_seconds = within(
+            self.testing_day_seconds,
+            d.day_seconds,
+            1..=u64::MAX,
+            ConfigError::BadKeyring("testing_day_seconds"),
+        )?;
+        let interval = within(
+            self.maintenance_interval_seconds,
+            60,
+            1..=86_400,
+            ConfigError::BadKeyring("maintenance_interval_seconds (1..=86400)"),
+        )?;
+        Ok((
+            crate::keyring::Settings {
+                max_messages_per_version,
+                day_seconds,
+            },
+            Duration::from_secs(interval),
+        ))
+    }
+}
+
+impl AuditConfig {
+    fn validate(&self) -> Result<crate::audit::CheckpointPolicy, ConfigError> {
+        Ok(crate::audit::CheckpointPolicy {
+            every_records: within(
+                self.checkpoint_every_records,
+                1000,
+                1..=1_000_000,
+                ConfigError::BadAudit("checkpoint_every_records (1..=1000000)"),
+            )?,
+            interval: Duration::from_secs(within(
+                self.checkpoint_interval_seconds,
+                60,
+                1..=86_400,
+                ConfigError::BadAudit("checkpoint_interval_seconds (1..=86400)"),
+            )?),
+        })
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self) -> Result<crate::access::limiter::Limits, ConfigError> {
+        let d = crate::access::limiter::Limits::default();
+        let bad = ConfigError::BadLimit;
+        Ok(crate::access::limiter::Limits {
+            handshake_timeout: Duration::from_secs(within(
+                self.handshake_timeout_seconds,
+                d.handshake_timeout.as_secs(),
+                1..=60,
+                bad("handshake_timeout_seconds (1..=60)"),
+            )?),
+            max_handshakes: within(
+                self.max_handshakes,
+                d.max_handshakes,
+                1..=100_000,
+                bad("max_handshakes (1..=100000)"),
+            )?,
+            max_handshakes_per_address: within(
+                self.max_handshakes_per_address,
+                d.max_handshakes_per_address,
+                1..=100_000,
+                bad("max_handshakes_per_address (1..=100000)"),
+            )?,
+            max_connection_age: Duration::from_secs(within(
+                self.max_connection_age_seconds,
+                d.max_connection_age.as_secs(),
+                1..=30 * 86_400,
+                bad("max_connection_age_seconds (1..=2592000)"),
+            )?),
+            max_concurrent_streams: within(
+                self.max_concurrent_streams,
+                d.max_concurrent_streams,
+                1..=10_000,
+                bad("max_concurrent_streams (1..=10000)"),
+            )?,
+            anonymous_max_request_bytes: within(
+                self.anonymous_max_request_bytes,
+                d.anonymous_max_request_bytes,
+                1024..=16 * 1024 * 1024,
+                bad("anonymous_max_request_bytes (1024..=16777216)"),
+            )?,
+            refused_calls_per_minute: within(
+                self.refused_calls_per_minute,
+                d.refused_calls_per_minute,
+                1..=1_000_000,
+                bad("refused_calls_per_minute (1..=1000000)"),
+            )?,
+        })
+    }
 }
 
 #[cfg(test)]

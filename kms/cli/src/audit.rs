@@ -614,105 +614,56 @@ pub fn html(r: &UsageReport, generated_ms: u64) -> String {
             })
             .collect()
     };
-    format!(
-        r#"<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
-<title>kms key usage, {period}</title>
-<style>
-body {{ font: 14px system-ui, sans-serif; margin: 2em; color: #222; }}
-h1 {{ font-size: 1.4em; }} h2 {{ font-size: 1.1em; margin-top: 2em; }}
-table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
-th {{ background: #f3f3f3; }} td.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
-#chart svg {{ border: 1px solid #ddd; background: #fff; }}
-.legend span {{ display: inline-block; margin-right: 1.5em; }}
-.swatch {{ display: inline-block; width: 12px; height: 12px; margin-right: 4px; vertical-align: middle; }}
-</style>
-</head>
-<body>
-<h1>kms key usage</h1>
-<p>Period: {period}. Records: <span id="records">{records}</span>. Generated {generated}.</p>
-<h2>Successful operations over time (per {bucket})</h2>
-<div id="chart"></div>
-<div class="legend" id="legend"></div>
-<h2>Use per key version</h2>
-<table id="usage">
-<tr><th>Key</th><th>Version</th><th>Operation</th><th>Outcome</th><th>Count</th><th>Principals</th><th>First use</th><th>Last use</th></tr>
-{usage}</table>
-<h2>Versions with no successful use in the period</h2>
-<table id="unused">
-<tr><th>Key</th><th>Version</th><th>State</th></tr>
-{unused}</table>
-<h2>Versions below the primary still decrypting</h2>
-<p>Their data has not all been re-encrypted: destroying them would lose it.</p>
-<table id="below">
-<tr><th>Key</th><th>Version</th><th>State</th><th>Decryptions</th></tr>
-{below}</table>
-<script id="data" type="application/json">{data}</script>
-<script>
-(function () {{
-  var buckets = JSON.parse(document.getElementById('data').textContent);
-  var ns = 'http://www.w3.org/2000/svg', W = 760, H = 260, L = 50, B = 30;
-  var keys = [], times = [], series = {{}};
-  buckets.forEach(function (b) {{
-    if (keys.indexOf(b.key) < 0) {{ keys.push(b.key); series[b.key] = {{}}; }}
-    if (times.indexOf(b.start_ms) < 0) times.push(b.start_ms);
-    series[b.key][b.start_ms] = b.count;
-  }});
-  times.sort(function (a, b) {{ return a - b; }});
-  var max = 1;
-  buckets.forEach(function (b) {{ if (b.count > max) max = b.count; }});
-  var svg = document.createElementNS(ns, 'svg');
-  svg.setAttribute('width', W); svg.setAttribute('height', H);
-  svg.setAttribute('viewBox', '0 0 ' + W + ' ' + H);
-  function el(name, attrs, text) {{
-    var e = document.createElementNS(ns, name);
-    for (var k in attrs) e.setAttribute(k, attrs[k]);
-    if (text !== undefined) e.textContent = text;
-    svg.appendChild(e); return e;
-  }}
-  el('line', {{x1: L, y1: H - B, x2: W - 10, y2: H - B, stroke: '#888'}});
-  el('line', {{x1: L, y1: 10, x2: L, y2: H - B, stroke: '#888'}});
-  el('text', {{x: 4, y: 16, 'font-size': 11}}, String(max));
-  el('text', {{x: 4, y: H - B, 'font-size': 11}}, '0');
-  var x = function (i) {{ return L + (times.length < 2 ? (W - L - 10) / 2 : i * (W - L - 10) / (times.length - 1)); }};
-  var y = function (c) {{ return H - B - c * (H - B - 10) / max; }};
-  if (times.length) {{
-    el('text', {{x: L, y: H - 8, 'font-size': 11}}, new Date(times[0]).toISOString());
-    el('text', {{x: W - 200, y: H - 8, 'font-size': 11}}, new Date(times[times.length - 1]).toISOString());
-  }}
-  var colours = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b', '#e377c2', '#17becf'];
-  var legend = document.getElementById('legend');
-  keys.forEach(function (key, k) {{
-    var total = 0, points = times.map(function (t, i) {{
-      var c = series[key][t] || 0; total += c; return x(i) + ',' + y(c);
-    }});
-    var colour = colours[k % colours.length];
-    el('polyline', {{points: points.join(' '), fill: 'none', stroke: colour, 'stroke-width': 2,
-      'data-key': key, 'data-total': total}});
-    var item = document.createElement('span');
-    item.setAttribute('data-key', key);
-    item.innerHTML = '<span class="swatch" style="background:' + colour + '"></span>';
-    item.appendChild(document.createTextNode(key + ': ' + total));
-    legend.appendChild(item);
-  }});
-  document.getElementById('chart').appendChild(svg);
-}})();
-</script>
-</body>
-</html>
-"#,
-        period = esc(&period(r)),
-        records = r.records,
-        generated = rfc3339(generated_ms),
-        bucket = esc(&humantime::format_duration(Duration::from_millis(r.bucket_ms)).to_string()),
-        usage = usage,
-        unused = refs(&r.unused, false),
-        below = refs(&r.decrypt_below_primary, true),
-        data = data,
+    fill(
+        REPORT_TEMPLATE,
+        &[
+            ("period", esc(&period(r))),
+            ("records", r.records.to_string()),
+            ("generated", rfc3339(generated_ms)),
+            (
+                "bucket",
+                esc(&humantime::format_duration(Duration::from_millis(r.bucket_ms)).to_string()),
+            ),
+            ("usage", usage),
+            ("unused", refs(&r.unused, false)),
+            ("below", refs(&r.decrypt_below_primary, true)),
+            ("data", data),
+        ],
     )
+}
+
+/// The HTML report's page: `{{name}}` marks where [`html`] puts each (escaped) value.
+const REPORT_TEMPLATE: &str = include_str!("report.html");
+
+/// `template` with every `{{name}}` replaced by its value, in one pass: a value that
+/// itself contains `{{...}}` is never filled again. An unknown name is left as written.
+fn fill(template: &str, values: &[(&str, String)]) -> String {
+    let mut out =
+        String::with_capacity(template.len() + values.iter().map(|(_, v)| v.len()).sum::<usize>());
+    let mut rest = template;
+    while let Some((before, after)) = rest.split_once("{{") {
+        out.push_str(before);
+        match after.split_once("}}") {
+            Some((name, tail)) => {
+                match values.iter().find(|(n, _)| *n == name) {
+                    Some((_, v)) => out.push_str(v),
+                    None => {
+                        out.push_str("{{");
+                        out.push_str(name);
+                        out.push_str("}}");
+                    }
+                }
+                rest = tail;
+            }
+            None => {
+                out.push_str("{{");
+                rest = after;
+                break;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -736,6 +687,26 @@ mod tests {
         .expect("csv");
         let text = String::from_utf8(out).expect("utf-8");
         assert_eq!(text, "a,b\n\"'=HYPERLINK(\"\"x\"\")\",ok\n");
+    }
+
+    #[test]
+    fn the_template_is_filled_in_one_pass() {
+        let values = [("a", "{{b}}".to_owned()), ("b", "B".to_owned())];
+        assert_eq!(fill("x{{a}}y{{b}}z{{c}}", &values), "x{{b}}yBz{{c}}");
+        assert_eq!(fill("open {{a", &values), "open {{a");
+        let report = UsageReport {
+            since_ms: None,
+            until_ms: None,
+            records: 0,
+            usage: Vec::new(),
+            unused: Vec::new(),
+            decrypt_below_primary: Vec::new(),
+            bucket_ms: 60_000,
+            timeline: Vec::new(),
+        };
+        let page = html(&report, 0);
+        assert!(!page.contains("{{"), "a placeholder was left: {page}");
+        assert!(page.starts_with("<!DOCTYPE html>"));
     }
 
     #[test]
