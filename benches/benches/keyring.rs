@@ -26,7 +26,7 @@ use cryptoki::object::{Attribute, ObjectClass};
 use cryptoki::session::UserType;
 use kms::audit::{AuditLog, CheckpointPolicy, Signer};
 use kms::hsm::Hsm;
-use kms::keyring::material::SignInput;
+use kms::keyring::material::{SignInput, SignatureEncoding};
 use kms::keyring::model::{Algorithm, Protection};
 use kms::keyring::{Keyring, NewKey, Settings, SystemJournal};
 use kms::store::RedbStore;
@@ -170,7 +170,7 @@ fn benches(c: &mut Criterion) {
     g.bench_function("kms keyring Sign (DER)", |b| {
         b.iter(|| {
             keyring
-                .sign("sig", SignInput::Message(&data), false)
+                .sign("sig", SignInput::Message(&data), SignatureEncoding::Der)
                 .unwrap()
         })
     });

@@ -8,6 +8,7 @@ use kms_proto::v1 as pb;
 use crate::audit::report::{Bucket, Filter, UsageCount, UsageReport, VersionRef, VersionUsage};
 use crate::keyring::KeyringError;
 use crate::keyring::grants::Grant;
+use crate::keyring::material::SignatureEncoding;
 use crate::keyring::model::{Algorithm, KeyMeta, Protection, Purpose, VersionState};
 use crate::policy::Operation;
 use crate::seal::{InitOutput, SealStatus};
@@ -113,11 +114,11 @@ pub fn protection_from(v: i32) -> Result<Protection, KeyringError> {
     }
 }
 
-/// Whether an API signature format asks for raw `r | s` (ECDSA) rather than DER.
-pub fn raw_format(v: i32) -> Result<bool, KeyringError> {
+/// An API signature format: DER (the default) or raw `r | s` (ECDSA).
+pub fn signature_encoding_from(v: i32) -> Result<SignatureEncoding, KeyringError> {
     match pb::SignatureFormat::try_from(v) {
-        Ok(pb::SignatureFormat::Default) => Ok(false),
-        Ok(pb::SignatureFormat::Raw) => Ok(true),
+        Ok(pb::SignatureFormat::Default) => Ok(SignatureEncoding::Der),
+        Ok(pb::SignatureFormat::Raw) => Ok(SignatureEncoding::Raw),
         Err(_) => Err(KeyringError::BadRequest("unknown signature format")),
     }
 }

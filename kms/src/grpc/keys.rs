@@ -2,7 +2,7 @@
 
 use kms_proto::v1 as pb;
 
-use crate::wire::{algorithm_from, algorithm_pb, key_pb, protection_from, raw_format};
+use crate::wire::{algorithm_from, algorithm_pb, key_pb, protection_from, signature_encoding_from};
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
@@ -349,19 +349,19 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
             .destination(&destination);
         let r = request.into_inner();
         with_keyring(&self.ctx, call, r, move |k, _, r| {
-            let (ciphertext, key_version, source_version) = k.reencrypt(
+            let made = k.reencrypt(
                 &r.key,
                 &r.ciphertext,
                 &r.associated_data,
                 Some(&destination),
             )?;
             Ok(Served::new(pb::ReEncryptResponse {
-                ciphertext,
-                key_version,
+                ciphertext: made.ciphertext,
+                key_version: made.version,
                 key: destination.clone(),
             })
-            .version(source_version)
-            .destination(destination, key_version))
+            .version(made.source_version)
+            .destination(destination, made.version))
         })
         .await
     }
@@ -414,11 +414,11 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         let call = self.call(&request, "Sign").key(&request.get_ref().key);
         let r = request.into_inner();
         with_keyring(&self.ctx, call, (), move |k, _, ()| {
-            let raw = raw_format(r.format)?;
+            let encoding = signature_encoding_from(r.format)?;
             let (signature, key_version) = k.sign(
                 &r.key,
                 sign_input(r.input.as_ref().map(SignOneof::Request))?,
-                raw,
+                encoding,
             )?;
             Ok(Served::new(pb::SignResponse {
                 signature,
@@ -582,10 +582,10 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         let r = request.into_inner();
         with_keyring(&self.ctx, call, (), move |k, _, ()| {
             check_batch(r.items.len())?;
-            let raw = raw_format(r.format)?;
+            let encoding = signature_encoding_from(r.format)?;
             let (results, summary) = each_item(&r.items, |item| {
                 let input = sign_input(item.input.as_ref().map(SignOneof::Item))?;
-                let (signature, key_version) = k.sign(&r.key, input, raw)?;
+                let (signature, key_version) = k.sign(&r.key, input, encoding)?;
                 Ok((
                     pb::SignResponse {
                         signature,

@@ -3,6 +3,27 @@
 
 use super::*;
 
+/// What a version is used for: making new data (encrypt, sign, MAC: any enabled version,
+/// in practice the primary) or reading existing data (decrypt, verify: also at or above
+/// the key's minimum decryption version).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VersionUse {
+    Make,
+    Read,
+}
+
+/// What `ReEncrypt` made: the new ciphertext, the version that made it, and the version
+/// that had made the old one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReEncrypted {
+    /// The new ciphertext.
+    pub ciphertext: Vec<u8>,
+    /// The destination key's version that made it.
+    pub version: u32,
+    /// The source key's version that had made the old ciphertext.
+    pub source_version: u32,
+}
+
 impl Keyring {
     /// The entry, checked for purpose.
     fn entry_for(
@@ -22,12 +43,12 @@ impl Keyring {
         Ok(e)
     }
 
-    /// The material of `version`, which must be enabled (and, for decrypt/verify, at or
+    /// The material of `version`, which must be enabled (and, to read existing data, at or
     /// above the minimum decryption version).
     fn usable(
         e: &KeyEntry,
         version: u32,
-        check_min: bool,
+        purpose: VersionUse,
     ) -> Result<&Arc<VersionMaterial>, KeyringError> {
         let name = &e.meta.name;
         let vm = e
@@ -37,7 +58,7 @@ impl Keyring {
                 name: name.clone(),
                 version,
             })?;
-        if check_min && version < e.meta.min_decryption_version {
+        if purpose == VersionUse::Read && version < e.meta.min_decryption_version {
             return Err(KeyringError::BelowMinimum {
                 name: name.clone(),
                 version,
@@ -57,8 +78,8 @@ impl Keyring {
     }
 
     /// The secret of a usable version (see [`Keyring::usable`]).
-    fn secret(e: &KeyEntry, version: u32, check_min: bool) -> Result<&Secret, KeyringError> {
-        Self::usable(e, version, check_min)?
+    fn secret(e: &KeyEntry, version: u32, purpose: VersionUse) -> Result<&Secret, KeyringError> {
+        Self::usable(e, version, purpose)?
             .secret
             .as_ref()
             .ok_or(KeyringError::Internal("no secret"))
@@ -68,7 +89,7 @@ impl Keyring {
     /// Returns whether this call rotated the key (the caller then uses the new primary).
     fn take_nonce_budget(&self, e: &KeyEntry) -> Result<bool, KeyringError> {
         let version = e.meta.primary;
-        let m = Self::usable(e, version, false)?;
+        let m = Self::usable(e, version, VersionUse::Make)?;
         let max = self.settings.max_messages_per_version;
         let n = m.counter.fetch_add(1, Ordering::SeqCst);
         if n >= max {
@@ -125,7 +146,7 @@ impl Keyring {
             self.take_nonce_budget(&e)?;
         }
         let version = e.meta.primary;
-        let secret = Self::secret(&e, version, false)?;
+        let secret = Self::secret(&e, version, VersionUse::Make)?;
         let nonce = random::<{ ciphertext::NONCE_LEN }>()?;
         let header = ciphertext::header(version);
         // Build the output once: header | nonce, then the ciphertext is made in place.
@@ -162,7 +183,7 @@ impl Keyring {
         if e.meta.version(parsed.version).is_none() {
             return Err(KeyringError::DecryptionFailed);
         }
-        let secret = Self::secret(&e, parsed.version, true)?;
+        let secret = Self::secret(&e, parsed.version, VersionUse::Read)?;
         let pt = secret.decrypt(
             Some(&self.hsm),
             &parsed.nonce,
@@ -180,10 +201,14 @@ impl Keyring {
         ct: &[u8],
         aad: &[u8],
         destination: Option<&str>,
-    ) -> Result<(Vec<u8>, u32, u32), KeyringError> {
+    ) -> Result<ReEncrypted, KeyringError> {
         let (pt, source_version) = self.decrypt(name, ct, aad)?;
-        let (ct, version) = self.encrypt(destination.unwrap_or(name), &pt, aad)?;
-        Ok((ct, version, source_version))
+        let (ciphertext, version) = self.encrypt(destination.unwrap_or(name), &pt, aad)?;
+        Ok(ReEncrypted {
+            ciphertext,
+            version,
+            source_version,
+        })
     }
 
     /// A random data key, and its ciphertext under `name`.
@@ -209,7 +234,7 @@ impl Keyring {
         &self,
         name: &str,
         input: SignInput<'_>,
-        raw: bool,
+        encoding: SignatureEncoding,
     ) -> Result<(Vec<u8>, u32), KeyringError> {
         if let SignInput::Message(m) = input {
             check_size(
@@ -221,8 +246,8 @@ impl Keyring {
         }
         let e = self.entry_for(name, Purpose::SignVerify, "signing")?;
         let version = e.meta.primary;
-        let secret = Self::secret(&e, version, false)?;
-        Ok((secret.sign(Some(&self.hsm), input, raw)?, version))
+        let secret = Self::secret(&e, version, VersionUse::Make)?;
+        Ok((secret.sign(Some(&self.hsm), input, encoding)?, version))
     }
 
     fn version_or_primary(e: &KeyEntry, version: u32) -> u32 {
@@ -245,7 +270,7 @@ impl Keyring {
             check_size("the message", m.len(), MAX_MESSAGE, "")?;
         }
         let e = self.entry_for(name, Purpose::SignVerify, "verification")?;
-        let m = Self::usable(&e, Self::version_or_primary(&e, version), true)?;
+        let m = Self::usable(&e, Self::version_or_primary(&e, version), VersionUse::Read)?;
         m.public
             .as_ref()
             .ok_or(KeyringError::Internal("no public key"))?
@@ -256,7 +281,7 @@ impl Keyring {
     pub fn public_key(&self, name: &str, version: u32) -> Result<(String, u32), KeyringError> {
         let e = self.entry_for(name, Purpose::SignVerify, "public keys")?;
         let version = Self::version_or_primary(&e, version);
-        let m = Self::usable(&e, version, false)?;
+        let m = Self::usable(&e, version, VersionUse::Make)?;
         Ok((
             m.public
                 .as_ref()
@@ -271,7 +296,7 @@ impl Keyring {
         check_size("the message", message.len(), MAX_MESSAGE, "")?;
         let e = self.entry_for(name, Purpose::Mac, "MAC")?;
         let version = e.meta.primary;
-        let secret = Self::secret(&e, version, false)?;
+        let secret = Self::secret(&e, version, VersionUse::Make)?;
         Ok((secret.mac(Some(&self.hsm), message)?, version))
     }
 
@@ -285,7 +310,7 @@ impl Keyring {
     ) -> Result<bool, KeyringError> {
         check_size("the message", message.len(), MAX_MESSAGE, "")?;
         let e = self.entry_for(name, Purpose::Mac, "MAC verification")?;
-        let secret = Self::secret(&e, Self::version_or_primary(&e, version), true)?;
+        let secret = Self::secret(&e, Self::version_or_primary(&e, version), VersionUse::Read)?;
         let want = secret.mac(Some(&self.hsm), message)?;
         Ok(subtle::ConstantTimeEq::ct_eq(want.as_slice(), tag).unwrap_u8() == 1)
     }

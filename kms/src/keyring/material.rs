@@ -23,6 +23,16 @@ use super::ciphertext::NONCE_LEN;
 use super::model::Algorithm;
 use crate::hsm::{Hsm, HsmKeyKind, KeyHandle};
 
+/// How an ECDSA signature is encoded (Ed25519 signatures are always 64 raw bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SignatureEncoding {
+    /// ASN.1 DER, what openssl and most verifiers take.
+    #[default]
+    Der,
+    /// `r | s`, 64 bytes (JOSE/JWS, WebAuthn-style raw).
+    Raw,
+}
+
 /// What to sign: a message, or (ECDSA only) its SHA-256 digest.
 #[derive(Debug, Clone, Copy)]
 pub enum SignInput<'a> {
@@ -290,12 +300,12 @@ impl Secret {
         }
     }
 
-    /// Signs: Ed25519 gives 64 raw bytes; ECDSA gives DER (or raw `r | s` when `raw`).
+    /// Signs: Ed25519 gives 64 raw bytes; ECDSA gives `encoding` (DER, or raw `r | s`).
     pub fn sign(
         &self,
         hsm: Option<&Hsm>,
         input: SignInput<'_>,
-        raw: bool,
+        encoding: SignatureEncoding,
     ) -> Result<Vec<u8>, KeyringError> {
         let ed_message = |input| match input {
             SignInput::Message(m) => Ok(m),
@@ -306,10 +316,9 @@ impl Secret {
         let ecdsa_out = |sig: p256::ecdsa::Signature| {
             // Low-S form, as most verifiers (and Bitcoin-style strict ones) expect.
             let sig = sig.normalize_s();
-            if raw {
-                sig.to_bytes().to_vec()
-            } else {
-                sig.to_der().as_bytes().to_vec()
+            match encoding {
+                SignatureEncoding::Raw => sig.to_bytes().to_vec(),
+                SignatureEncoding::Der => sig.to_der().as_bytes().to_vec(),
             }
         };
         match self {
@@ -396,11 +405,13 @@ mod tests {
             "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da\
              085ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00",
         );
-        let sig = secret.sign(None, SignInput::Message(&msg), false).unwrap();
+        let sig = secret
+            .sign(None, SignInput::Message(&msg), SignatureEncoding::Der)
+            .unwrap();
         assert_eq!(sig, expected);
         assert!(
             secret
-                .sign(None, SignInput::Digest(&[0; 32]), false)
+                .sign(None, SignInput::Digest(&[0; 32]), SignatureEncoding::Der)
                 .is_err()
         );
         assert!(public.verify(SignInput::Message(&msg), &expected).unwrap());
@@ -422,10 +433,10 @@ mod tests {
             derive_secret(&[5; 32], &[6; 32], &[7; 16], 1, Algorithm::EcdsaP256Sha256).unwrap();
         let public = secret.public().unwrap();
         let der = secret
-            .sign(None, SignInput::Message(b"hello"), false)
+            .sign(None, SignInput::Message(b"hello"), SignatureEncoding::Der)
             .unwrap();
         let raw = secret
-            .sign(None, SignInput::Message(b"hello"), true)
+            .sign(None, SignInput::Message(b"hello"), SignatureEncoding::Raw)
             .unwrap();
         assert_eq!(raw.len(), 64);
         assert!(der.len() > 64 && der[0] == 0x30);

@@ -26,6 +26,7 @@ mod maintenance;
 pub mod material;
 pub mod model;
 
+pub use crypto::ReEncrypted;
 pub use error::KeyringError;
 pub use journal::{Change, Journal, SystemJournal};
 
@@ -39,7 +40,7 @@ use crate::audit::AuditLog;
 use crate::hsm::{Hsm, HsmError, HsmKeyKind, KeyHandle};
 use crate::store::{Store, StoreError, Table, Write};
 use grants::Grant;
-use material::{Public, Secret, SignInput, VersionMaterial};
+use material::{Public, Secret, SignInput, SignatureEncoding, VersionMaterial};
 use model::{Algorithm, KeyMeta, Protection, Purpose, VersionMeta, VersionState};
 
 /// Largest plaintext `Encrypt` takes (use `GenerateDataKey` and encrypt locally above it).
