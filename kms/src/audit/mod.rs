@@ -22,7 +22,12 @@
 //! fields of [`AuditEvent`].
 
 pub mod report;
+mod signer;
 pub mod verify;
+mod writer;
+
+pub use signer::Signer;
+use writer::{Msg, Pending, Writer};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -233,108 +238,6 @@ pub enum AuditError {
     Internal(&'static str),
 }
 
-/// The audit signing key: an Ed25519 key in the HSM, known once the server is initialised
-/// and logged in. The writer thread signs with it; nothing else takes this lock, so a
-/// caller that holds another lock while waiting for its record cannot deadlock the writer.
-pub struct Signer {
-    hsm: Option<Arc<Hsm>>,
-    key: Mutex<Option<(KeyHandle, Vec<u8>)>>,
-    /// Set at start-up when the chain's tail does not connect: nothing is signed then.
-    refused: Mutex<Option<(u64, u64)>>,
-}
-
-impl std::fmt::Debug for Signer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Signer").finish_non_exhaustive()
-    }
-}
-
-impl Signer {
-    /// A signer with no key yet.
-    pub fn new(hsm: Arc<Hsm>) -> Self {
-        Self {
-            hsm: Some(hsm),
-            key: Mutex::new(None),
-            refused: Mutex::new(None),
-        }
-    }
-
-    /// A signer that never signs (benchmarks and tests of the chain alone).
-    pub fn disabled() -> Self {
-        Self {
-            hsm: None,
-            key: Mutex::new(None),
-            refused: Mutex::new(None),
-        }
-    }
-
-    /// Sets (or forgets) the key: its handle and raw 32-byte public key.
-    pub fn set(&self, key: Option<(KeyHandle, Vec<u8>)>) {
-        *self.key.lock().unwrap_or_else(|p| p.into_inner()) = key;
-    }
-
-    /// The public key, when the key is known.
-    pub fn public_key(&self) -> Option<Vec<u8>> {
-        self.key
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|(_, p)| p.clone())
-    }
-
-    /// Refuses every signature from now on: the chain's tail does not connect to
-    /// `checkpoint` from record `seq` on.
-    fn refuse(&self, checkpoint: u64, seq: u64) {
-        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some((checkpoint, seq));
-    }
-
-    /// Signs `message` with the key: `None` when the key is not available now (before
-    /// init, or sealed with the PIN in the shares); an error when signing is refused.
-    fn sign(&self, message: &[u8]) -> Option<Result<(Vec<u8>, String), AuditError>> {
-        let hsm = self.hsm.as_ref()?;
-        let (handle, public) = self.key.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
-        if let Some((checkpoint, seq)) = *self.refused.lock().unwrap_or_else(|p| p.into_inner()) {
-            return Some(Err(AuditError::TailBroken { checkpoint, seq }));
-        }
-        Some(
-            hsm.sign(HsmKeyKind::Ed25519, handle, message)
-                .map_err(AuditError::Sign)
-                .map(|sig| (sig, fingerprint(&public))),
-        )
-    }
-
-    /// Signs a checkpoint over `head` (see [`Signer::sign`] for `None`).
-    fn checkpoint(&self, head: &Head) -> Option<Result<Checkpoint, AuditError>> {
-        let public = self.public_key()?;
-        let time_ms = now_ms();
-        let key_fingerprint = fingerprint(&public);
-        let message = Checkpoint::message(head.seq, &head.hash, time_ms, &key_fingerprint);
-        Some(self.sign(&message)?.map(|(sig, _)| Checkpoint {
-            checkpoint: head.seq,
-            head: head.hash.clone(),
-            time_ms,
-            key_fingerprint,
-            signature: data_encoding::HEXLOWER.encode(&sig),
-        }))
-    }
-
-    /// Seals an export: signs `range` (whose `key_fingerprint` it fills in). `None` when
-    /// the key is not available now.
-    pub fn seal_export(
-        &self,
-        mut range: report::ExportRange,
-    ) -> Option<Result<report::ExportSeal, AuditError>> {
-        range.key_fingerprint = fingerprint(&self.public_key()?);
-        Some(
-            self.sign(&range.message())?
-                .map(|(sig, _)| report::ExportSeal {
-                    export_seal: range,
-                    signature: data_encoding::HEXLOWER.encode(&sig),
-                }),
-        )
-    }
-}
-
 /// When to sign checkpoints.
 #[derive(Debug, Clone, Copy)]
 pub struct CheckpointPolicy {
@@ -351,19 +254,6 @@ impl Default for CheckpointPolicy {
             interval: Duration::from_secs(60),
         }
     }
-}
-
-struct Pending {
-    event: AuditEvent,
-    writes: Vec<Write>,
-    reply: SyncSender<Result<u64, AuditError>>,
-}
-
-enum Msg {
-    Append(Box<Pending>),
-    Checkpoint(SyncSender<Option<Result<Checkpoint, AuditError>>>),
-    /// Commit what is queued, then end the writer thread.
-    Stop,
 }
 
 /// The audit log's appending end. Cheap to clone.
@@ -625,190 +515,6 @@ impl AuditLog {
         let (reply, answer) = sync_channel(1);
         self.sender.send(Msg::Checkpoint(reply)).ok()?;
         answer.recv().ok()?
-    }
-}
-
-struct Writer {
-    store: Arc<dyn Store>,
-    signer: Arc<Signer>,
-    policy: CheckpointPolicy,
-    head: Head,
-    /// The last record's time: times never decrease along the chain.
-    last_time: u64,
-    /// The last signed checkpoint, if any.
-    last_checkpoint: Option<Checkpoint>,
-    commits: Arc<AtomicU64>,
-}
-
-impl Writer {
-    fn run(mut self, receiver: Receiver<Msg>) {
-        let mut since_checkpoint = Instant::now();
-        loop {
-            let first = if self.head.seq > self.covered() {
-                let wait = self
-                    .policy
-                    .interval
-                    .saturating_sub(since_checkpoint.elapsed());
-                match receiver.recv_timeout(wait) {
-                    Ok(m) => m,
-                    Err(RecvTimeoutError::Timeout) => {
-                        self.checkpoint();
-                        since_checkpoint = Instant::now();
-                        continue;
-                    }
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-            } else {
-                match receiver.recv() {
-                    Ok(m) => {
-                        since_checkpoint = Instant::now();
-                        m
-                    }
-                    Err(_) => break,
-                }
-            };
-            let mut group = Vec::new();
-            let mut asks = Vec::new();
-            let mut stop = false;
-            let mut next = Some(first);
-            while let Some(m) = next.take() {
-                match m {
-                    Msg::Append(p) => group.push(*p),
-                    Msg::Checkpoint(reply) => asks.push(reply),
-                    Msg::Stop => stop = true,
-                }
-                if group.len() < MAX_GROUP && !stop {
-                    next = receiver.try_recv().ok();
-                }
-            }
-            if !group.is_empty() {
-                self.commit(group);
-            }
-            if stop {
-                for reply in asks {
-                    let _ = reply.send(None);
-                }
-                break;
-            }
-            let due = self.head.seq >= self.covered() + self.policy.every_records;
-            if !asks.is_empty() || due {
-                let made = self.checkpoint();
-                since_checkpoint = Instant::now();
-                for reply in asks {
-                    let _ = reply.send(made.as_ref().map(|r| {
-                        r.as_ref()
-                            .cloned()
-                            .map_err(|_| AuditError::Internal("checkpoint"))
-                    }));
-                }
-            }
-        }
-    }
-
-    fn commit(&mut self, group: Vec<Pending>) {
-        let mut next = self.head.clone();
-        let mut writes = Vec::with_capacity(group.len());
-        let mut encoded = Ok(());
-        // The record's time is when it becomes durable, never before its predecessor's: a
-        // time range is then a contiguous, verifiable part of the chain.
-        let time_ms = now_ms().max(self.last_time);
-        for p in &group {
-            let mut r = AuditRecord {
-                schema: AUDIT_SCHEMA,
-                seq: next.seq + 1,
-                event: AuditEvent {
-                    time_ms,
-                    ..p.event.clone()
-                },
-                prev_hash: next.hash.clone(),
-                hash: String::new(),
-            };
-            match r.compute_hash().and_then(|h| {
-                r.hash = h;
-                serde_json::to_vec(&r).map_err(|_| AuditError::Internal("encode"))
-            }) {
-                Ok(bytes) => {
-                    writes.extend(p.writes.iter().cloned());
-                    writes.push(Write {
-                        table: Table::Audit,
-                        key: record_key(r.seq),
-                        value: bytes,
-                    });
-                    next = Head {
-                        seq: r.seq,
-                        hash: r.hash,
-                    };
-                }
-                Err(e) => {
-                    encoded = Err(e);
-                    break;
-                }
-            }
-        }
-        let written = encoded.and_then(|()| {
-            self.store
-                .write_all(&writes)
-                .map_err(|e| AuditError::Unavailable(Some(e)))
-        });
-        match written {
-            Ok(()) => {
-                self.commits.fetch_add(1, Ordering::Relaxed);
-                let first_seq = self.head.seq + 1;
-                self.head = next;
-                self.last_time = time_ms;
-                for (i, p) in group.into_iter().enumerate() {
-                    let _ = p.reply.send(Ok(first_seq + i as u64));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %crate::error_chain(&e), records = group.len(), "audit write failed: requests refused");
-                for p in group {
-                    let _ = p.reply.send(Err(AuditError::Unavailable(None)));
-                }
-            }
-        }
-    }
-
-    /// Signs and stores a checkpoint over the head, if there is anything new to cover.
-    fn checkpoint(&mut self) -> Option<Result<Checkpoint, AuditError>> {
-        if self.head.seq == 0 {
-            return None;
-        }
-        match &self.last_checkpoint {
-            // Nothing new: the last checkpoint still covers the head.
-            Some(c) if c.checkpoint == self.head.seq => Some(Ok(c.clone())),
-            _ => self.sign_and_store(),
-        }
-    }
-
-    /// The sequence number the last checkpoint covers (0: none).
-    fn covered(&self) -> u64 {
-        self.last_checkpoint.as_ref().map_or(0, |c| c.checkpoint)
-    }
-
-    fn sign_and_store(&mut self) -> Option<Result<Checkpoint, AuditError>> {
-        let signed = self.signer.checkpoint(&self.head)?;
-        let stored = signed.and_then(|c| {
-            let bytes = serde_json::to_vec(&c).map_err(|_| AuditError::Internal("encode"))?;
-            self.store
-                .write_all(&[Write {
-                    table: Table::AuditCheckpoints,
-                    key: record_key(c.checkpoint),
-                    value: bytes,
-                }])
-                .map_err(|e| AuditError::Unavailable(Some(e)))?;
-            Ok(c)
-        });
-        match &stored {
-            Ok(c) => {
-                self.last_checkpoint = Some(c.clone());
-                tracing::debug!(seq = c.checkpoint, "audit checkpoint signed");
-            }
-            Err(e) => {
-                tracing::error!(error = %crate::error_chain(e), "audit checkpoint failed");
-            }
-        }
-        Some(stored)
     }
 }
 

@@ -1,0 +1,201 @@
+//! The one writer thread: group commit of records (and the store writes they record), and
+//! checkpoints.
+
+use super::*;
+
+pub(super) struct Pending {
+    pub(super) event: AuditEvent,
+    pub(super) writes: Vec<Write>,
+    pub(super) reply: SyncSender<Result<u64, AuditError>>,
+}
+
+pub(super) enum Msg {
+    Append(Box<Pending>),
+    Checkpoint(SyncSender<Option<Result<Checkpoint, AuditError>>>),
+    /// Commit what is queued, then end the writer thread.
+    Stop,
+}
+
+pub(super) struct Writer {
+    pub(super) store: Arc<dyn Store>,
+    pub(super) signer: Arc<Signer>,
+    pub(super) policy: CheckpointPolicy,
+    pub(super) head: Head,
+    /// The last record's time: times never decrease along the chain.
+    pub(super) last_time: u64,
+    /// The last signed checkpoint, if any.
+    pub(super) last_checkpoint: Option<Checkpoint>,
+    pub(super) commits: Arc<AtomicU64>,
+}
+
+impl Writer {
+    pub(super) fn run(mut self, receiver: Receiver<Msg>) {
+        let mut since_checkpoint = Instant::now();
+        loop {
+            let first = if self.head.seq > self.covered() {
+                let wait = self
+                    .policy
+                    .interval
+                    .saturating_sub(since_checkpoint.elapsed());
+                match receiver.recv_timeout(wait) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.checkpoint();
+                        since_checkpoint = Instant::now();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match receiver.recv() {
+                    Ok(m) => {
+                        since_checkpoint = Instant::now();
+                        m
+                    }
+                    Err(_) => break,
+                }
+            };
+            let mut group = Vec::new();
+            let mut asks = Vec::new();
+            let mut stop = false;
+            let mut next = Some(first);
+            while let Some(m) = next.take() {
+                match m {
+                    Msg::Append(p) => group.push(*p),
+                    Msg::Checkpoint(reply) => asks.push(reply),
+                    Msg::Stop => stop = true,
+                }
+                if group.len() < MAX_GROUP && !stop {
+                    next = receiver.try_recv().ok();
+                }
+            }
+            if !group.is_empty() {
+                self.commit(group);
+            }
+            if stop {
+                for reply in asks {
+                    let _ = reply.send(None);
+                }
+                break;
+            }
+            let due = self.head.seq >= self.covered() + self.policy.every_records;
+            if !asks.is_empty() || due {
+                let made = self.checkpoint();
+                since_checkpoint = Instant::now();
+                for reply in asks {
+                    let _ = reply.send(made.as_ref().map(|r| {
+                        r.as_ref()
+                            .cloned()
+                            .map_err(|_| AuditError::Internal("checkpoint"))
+                    }));
+                }
+            }
+        }
+    }
+
+    fn commit(&mut self, group: Vec<Pending>) {
+        let mut next = self.head.clone();
+        let mut writes = Vec::with_capacity(group.len());
+        let mut encoded = Ok(());
+        // The record's time is when it becomes durable, never before its predecessor's: a
+        // time range is then a contiguous, verifiable part of the chain.
+        let time_ms = now_ms().max(self.last_time);
+        for p in &group {
+            let mut r = AuditRecord {
+                schema: AUDIT_SCHEMA,
+                seq: next.seq + 1,
+                event: AuditEvent {
+                    time_ms,
+                    ..p.event.clone()
+                },
+                prev_hash: next.hash.clone(),
+                hash: String::new(),
+            };
+            match r.compute_hash().and_then(|h| {
+                r.hash = h;
+                serde_json::to_vec(&r).map_err(|_| AuditError::Internal("encode"))
+            }) {
+                Ok(bytes) => {
+                    writes.extend(p.writes.iter().cloned());
+                    writes.push(Write {
+                        table: Table::Audit,
+                        key: record_key(r.seq),
+                        value: bytes,
+                    });
+                    next = Head {
+                        seq: r.seq,
+                        hash: r.hash,
+                    };
+                }
+                Err(e) => {
+                    encoded = Err(e);
+                    break;
+                }
+            }
+        }
+        let written = encoded.and_then(|()| {
+            self.store
+                .write_all(&writes)
+                .map_err(|e| AuditError::Unavailable(Some(e)))
+        });
+        match written {
+            Ok(()) => {
+                self.commits.fetch_add(1, Ordering::Relaxed);
+                let first_seq = self.head.seq + 1;
+                self.head = next;
+                self.last_time = time_ms;
+                for (i, p) in group.into_iter().enumerate() {
+                    let _ = p.reply.send(Ok(first_seq + i as u64));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %crate::error_chain(&e), records = group.len(), "audit write failed: requests refused");
+                for p in group {
+                    let _ = p.reply.send(Err(AuditError::Unavailable(None)));
+                }
+            }
+        }
+    }
+
+    /// Signs and stores a checkpoint over the head, if there is anything new to cover.
+    fn checkpoint(&mut self) -> Option<Result<Checkpoint, AuditError>> {
+        if self.head.seq == 0 {
+            return None;
+        }
+        match &self.last_checkpoint {
+            // Nothing new: the last checkpoint still covers the head.
+            Some(c) if c.checkpoint == self.head.seq => Some(Ok(c.clone())),
+            _ => self.sign_and_store(),
+        }
+    }
+
+    /// The sequence number the last checkpoint covers (0: none).
+    fn covered(&self) -> u64 {
+        self.last_checkpoint.as_ref().map_or(0, |c| c.checkpoint)
+    }
+
+    fn sign_and_store(&mut self) -> Option<Result<Checkpoint, AuditError>> {
+        let signed = self.signer.checkpoint(&self.head)?;
+        let stored = signed.and_then(|c| {
+            let bytes = serde_json::to_vec(&c).map_err(|_| AuditError::Internal("encode"))?;
+            self.store
+                .write_all(&[Write {
+                    table: Table::AuditCheckpoints,
+                    key: record_key(c.checkpoint),
+                    value: bytes,
+                }])
+                .map_err(|e| AuditError::Unavailable(Some(e)))?;
+            Ok(c)
+        });
+        match &stored {
+            Ok(c) => {
+                self.last_checkpoint = Some(c.clone());
+                tracing::debug!(seq = c.checkpoint, "audit checkpoint signed");
+            }
+            Err(e) => {
+                tracing::error!(error = %crate::error_chain(e), "audit checkpoint failed");
+            }
+        }
+        Some(stored)
+    }
+}

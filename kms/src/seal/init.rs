@@ -1,0 +1,226 @@
+//! Init: the unseal key and the root key made, the root key wrapped twice, the shares and
+//! their commitments, the audit key, all committed with the audit record.
+
+use super::*;
+
+/// What init wraps and records, in one place. No `Debug`: it holds the keys.
+#[derive(Clone, Copy)]
+struct SealMaterial<'a> {
+    master_key: KeyHandle,
+    set: ShareSetId,
+    unseal_key: &'a [u8; KEY_LEN],
+    root_key: &'a [u8; KEY_LEN],
+    pin_bytes: &'a [u8],
+}
+
+impl SealManager {
+    /// Initialises the server: see the module docs. Returns the shares; they are not
+    /// stored anywhere. The server stays sealed. `hsm_pin` is required when the PIN
+    /// travels in the shares, and refused otherwise.
+    ///
+    /// `commit` makes the seal record durable together with the request's audit record (see
+    /// [`crate::audit`]); if it fails, init fails and nothing is stored.
+    pub fn init(
+        &self,
+        shares: u32,
+        threshold: u32,
+        hsm_pin: Option<&SecretString>,
+        commit: &InitCommit<'_>,
+    ) -> Result<InitOutput, SealError> {
+        let (n, t) = kms_unseal::check_parameters(shares, threshold)?;
+        let pin = match (self.hsm.pin_in_shares(), hsm_pin) {
+            (true, Some(p)) if (1..=MAX_SHARED_PIN_LEN).contains(&p.expose_secret().len()) => {
+                Some(p)
+            }
+            (true, _) => return Err(SealError::PinRequired),
+            (false, None) => None,
+            (false, Some(_)) => return Err(SealError::PinNotExpected),
+        };
+        let mut inner = self.lock();
+        if !matches!(inner.state, State::Uninitialized) {
+            return Err(SealError::AlreadyInitialized);
+        }
+        if let Some(pin) = pin {
+            self.hsm.login(pin).map_err(|e| match e {
+                HsmError::Login { reason, .. } => SealError::InitPinRejected(reason),
+                other => SealError::Hsm(other),
+            })?;
+        }
+        let result = self.init_logged_in(&mut inner, n, t, pin, commit);
+        if pin.is_some() {
+            // The server stays sealed: with the PIN in the shares, sealed means logged out.
+            let _ = self.hsm.logout();
+            inner.master_key = None;
+            self.audit.signer().set(None);
+        }
+        result
+    }
+
+    fn init_logged_in(
+        &self,
+        inner: &mut Inner,
+        n: u8,
+        t: u8,
+        pin: Option<&SecretString>,
+        commit: &InitCommit<'_>,
+    ) -> Result<InitOutput, SealError> {
+        let master_key = self.hsm.find_or_generate_master_key()?;
+        check_master_key(&self.hsm, master_key)?;
+        self.init_records(inner, master_key, n, t, pin, commit)
+    }
+
+    /// Makes the audit checkpoint key of the share set `set`, labelled with the set's id so
+    /// that an init never touches another init's key (two servers may share a token).
+    fn generate_audit_key(
+        &self,
+        set: ShareSetId,
+    ) -> Result<(KeyHandle, Vec<u8>, String), SealError> {
+        let label = format!("{}-audit-{set}", self.hsm.master_key_label());
+        let (key, public) = self
+            .hsm
+            .generate_key(HsmKeyKind::Ed25519, &label, set.as_bytes())?;
+        match public {
+            Some(public) => Ok((key, public, label)),
+            None => {
+                let _ = self.hsm.destroy(key);
+                Err(SealError::Hsm(HsmError::Misuse(
+                    "the token returned no public key",
+                )))
+            }
+        }
+    }
+
+    fn init_records(
+        &self,
+        inner: &mut Inner,
+        master_key: KeyHandle,
+        n: u8,
+        t: u8,
+        pin: Option<&SecretString>,
+        commit: &InitCommit<'_>,
+    ) -> Result<InitOutput, SealError> {
+        let unseal_key = random_key()?;
+        let root_key = random_key()?;
+        let pin_bytes = pin
+            .map(|p| p.expose_secret().as_bytes())
+            .unwrap_or_default();
+        let mut secret = Zeroizing::new(Vec::with_capacity(KEY_LEN + pin_bytes.len()));
+        secret.extend_from_slice(unseal_key.as_slice());
+        secret.extend_from_slice(pin_bytes);
+        let (set, split) = kms_unseal::split(&secret, u32::from(n), u32::from(t))?;
+        let (audit_key, audit_public, audit_key_label) = self.generate_audit_key(set)?;
+        let sealed = SealMaterial {
+            master_key,
+            set,
+            unseal_key: &unseal_key,
+            root_key: &root_key,
+            pin_bytes,
+        };
+        let result = self.store_init(
+            inner,
+            &sealed,
+            n,
+            t,
+            &split,
+            commit,
+            &audit_key_label,
+            &audit_public,
+        );
+        match &result {
+            Ok(_) => self.audit.signer().set(Some((audit_key, audit_public))),
+            Err(_) => {
+                // This init's own key, by handle: nothing else is touched.
+                let _ = self.hsm.destroy(audit_key);
+            }
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn store_init(
+        &self,
+        inner: &mut Inner,
+        m: &SealMaterial<'_>,
+        n: u8,
+        t: u8,
+        split: &[Share],
+        commit: &InitCommit<'_>,
+        audit_key_label: &str,
+        audit_public: &[u8],
+    ) -> Result<InitOutput, SealError> {
+        let SealMaterial {
+            master_key,
+            set,
+            unseal_key,
+            root_key,
+            pin_bytes,
+        } = *m;
+        let mut inner_nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut inner_nonce).map_err(|_| SealError::Randomness)?;
+        let inner_ct = software_wrap(
+            unseal_key,
+            &inner_nonce,
+            &aad(INNER_AAD, set),
+            root_key.as_slice(),
+        )?;
+        let mut inner_blob = Vec::with_capacity(NONCE_LEN + inner_ct.len());
+        inner_blob.extend_from_slice(&inner_nonce);
+        inner_blob.extend_from_slice(&inner_ct);
+        let outer = self
+            .hsm
+            .encrypt(master_key, &aad(OUTER_AAD, set), &inner_blob)?;
+
+        let record = SealRecord {
+            schema: SEAL_SCHEMA,
+            share_set_id: set.to_string(),
+            shares: n,
+            threshold: t,
+            token_label: self.hsm.token_label().to_owned(),
+            master_key_label: self.hsm.master_key_label().to_owned(),
+            unseal_key_check: data_encoding::HEXLOWER
+                .encode(&key_check(unseal_key, set, pin_bytes)?),
+            wrapped_root_key: data_encoding::HEXLOWER.encode(&outer),
+            pin_in_shares: !pin_bytes.is_empty(),
+            audit_key_label: audit_key_label.to_owned(),
+            audit_public_key: data_encoding::HEXLOWER.encode(audit_public),
+            created_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            share_commitments: split
+                .iter()
+                .map(|s| data_encoding::HEXLOWER.encode(&s.commitment()))
+                .collect(),
+        };
+        // Prove the round trip through the HSM before anything is stored, so a broken HSM
+        // set-up fails init instead of leaving an unrecoverable store.
+        let back = unwrap_root(&self.hsm, master_key, &record, unseal_key)?;
+        if back.0.as_slice().ct_eq(root_key.as_slice()).unwrap_u8() != 1 {
+            return Err(SealError::RootKeyUnwrap);
+        }
+        let bytes = serde_json::to_vec(&record).map_err(|_| SealError::CorruptRecord)?;
+        // The state lock is held and the state is Uninitialized, and the seal record is
+        // what makes it anything else: no other init can be writing it.
+        if self.store.get(Table::System, SEAL_RECORD_KEY)?.is_some() {
+            return Err(SealError::AlreadyInitialized);
+        }
+        let output = InitOutput {
+            share_set_id: set,
+            threshold: t,
+            shares: split.iter().map(Share::to_text).collect(),
+            audit_key_fingerprint: crate::audit::fingerprint(audit_public),
+        };
+        commit(
+            &output,
+            vec![Write {
+                table: Table::System,
+                key: SEAL_RECORD_KEY.to_owned(),
+                value: bytes,
+            }],
+        )?;
+        inner.record = Some(record);
+        inner.master_key = Some(master_key);
+        inner.state = State::Sealed(None);
+        Ok(output)
+    }
+}

@@ -1,0 +1,157 @@
+//! Unseal: shares collected per attempt, each checked (set, threshold, commitment), the
+//! unseal key recombined and checked, the root key unwrapped, the keyring loaded.
+
+use super::*;
+
+impl SealManager {
+    /// Adds one share to the unseal attempt; unseals when the threshold is reached.
+    /// `expected_nonce`, when given, must name the attempt in progress.
+    pub fn unseal(
+        &self,
+        share_text: &str,
+        expected_nonce: Option<&str>,
+    ) -> Result<SealStatus, SealError> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let Some(record) = &inner.record else {
+            return Err(SealError::NotInitialized);
+        };
+        let attempt = match &mut inner.state {
+            State::Uninitialized => return Err(SealError::NotInitialized),
+            State::Unsealed(_) => return Ok(status_of(inner, self.hsm.pin_in_shares())),
+            State::Sealed(attempt) => attempt,
+        };
+        if let Some(want) = expected_nonce
+            && attempt.as_ref().is_none_or(|a| a.nonce != want)
+        {
+            return Err(SealError::AttemptMismatch);
+        }
+        let share = Share::parse(share_text)?;
+        let expected = record.share_set()?;
+        if share.share_set() != expected {
+            return Err(SealError::WrongShareSet {
+                expected,
+                got: share.share_set(),
+            });
+        }
+        if share.threshold() != record.threshold {
+            return Err(SealError::WrongThreshold {
+                expected: record.threshold,
+                got: share.threshold(),
+            });
+        }
+        check_commitment(record, &share)?;
+        if let Some(a) = attempt.as_ref()
+            && a.shares.iter().any(|s| s.index() == share.index())
+        {
+            return Err(SealError::DuplicateShare {
+                index: share.index(),
+            });
+        }
+        let current = match attempt {
+            Some(a) => a,
+            None => attempt.insert(Attempt {
+                nonce: random_nonce()?,
+                shares: Vec::new(),
+            }),
+        };
+        current.shares.push(share);
+        if current.shares.len() < usize::from(record.threshold) {
+            return Ok(status_of(inner, self.hsm.pin_in_shares()));
+        }
+
+        // The threshold is reached: whatever happens next, this attempt is over.
+        let shares = std::mem::take(&mut current.shares);
+        *attempt = None;
+        let secret = kms_unseal::combine(&shares).map_err(|e| match e {
+            CombineError::DuplicateIndex(index) => SealError::DuplicateShare { index },
+            _ => SealError::WrongQuorum,
+        })?;
+        drop(shares);
+        let (key_part, pin_part) = secret
+            .split_at_checked(KEY_LEN)
+            .ok_or(SealError::WrongQuorum)?;
+        let unseal_key = to_key(key_part).ok_or(SealError::WrongQuorum)?;
+        let stored_check = data_encoding::HEXLOWER
+            .decode(record.unseal_key_check.as_bytes())
+            .map_err(|_| SealError::CorruptRecord)?;
+        let check = key_check(&unseal_key, expected, pin_part)?;
+        if check.as_slice().ct_eq(&stored_check).unwrap_u8() != 1 {
+            return Err(SealError::WrongQuorum);
+        }
+        let master_key = match inner.master_key {
+            Some(k) => k,
+            None => self.login_from_shares(pin_part)?,
+        };
+        let loaded = unwrap_root(&self.hsm, master_key, record, &unseal_key).and_then(|root| {
+            if record.pin_in_shares {
+                self.audit
+                    .signer()
+                    .set(Some(find_audit_key(&self.hsm, record)?));
+            }
+            Ok(Keyring::load(
+                &root.0,
+                Arc::clone(&self.hsm),
+                Arc::clone(&self.store),
+                self.audit.clone(),
+                self.settings,
+            )?)
+        });
+        let keyring = match loaded {
+            Ok(k) => k,
+            Err(e) => {
+                if record.pin_in_shares {
+                    let _ = self.hsm.logout();
+                    inner.master_key = None;
+                    self.audit.signer().set(None);
+                }
+                return Err(e);
+            }
+        };
+        inner.master_key = Some(master_key);
+        inner.state = State::Unsealed(Unsealed {
+            keyring: Arc::new(keyring),
+        });
+        Ok(status_of(inner, self.hsm.pin_in_shares()))
+    }
+
+    /// Logs in with the PIN recombined from the shares and finds the master key; logs out
+    /// again if anything fails.
+    fn login_from_shares(&self, pin: &[u8]) -> Result<KeyHandle, SealError> {
+        let pin = SecretString::from(std::str::from_utf8(pin).map_err(|_| SealError::WrongQuorum)?);
+        self.hsm.login(&pin).map_err(|e| match e {
+            HsmError::Login { reason, .. } => SealError::SharesPinRejected(reason),
+            other => SealError::Hsm(other),
+        })?;
+        let found = self
+            .hsm
+            .find_master_key()
+            .map_err(SealError::from)
+            .and_then(|k| {
+                check_master_key(&self.hsm, k)?;
+                Ok(k)
+            });
+        if found.is_err() {
+            let _ = self.hsm.logout();
+        }
+        found
+    }
+}
+
+/// Refuses a share whose commitment is not the one recorded at init for its index (a
+/// share altered or forged with a valid checksum). Records from before commitments pass.
+fn check_commitment(record: &SealRecord, share: &Share) -> Result<(), SealError> {
+    if record.share_commitments.is_empty() {
+        return Ok(());
+    }
+    let index = share.index();
+    let stored = record
+        .share_commitments
+        .get(usize::from(index).saturating_sub(1))
+        .and_then(|c| data_encoding::HEXLOWER.decode(c.as_bytes()).ok())
+        .ok_or(SealError::UnknownShare { index })?;
+    if share.commitment().ct_eq(stored.as_slice()).unwrap_u8() != 1 {
+        return Err(SealError::UnknownShare { index });
+    }
+    Ok(())
+}
