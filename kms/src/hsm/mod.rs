@@ -1,0 +1,397 @@
+//! The HSM: one PKCS#11 login per process, a pool of sessions, and the master key.
+//!
+//! The master key is an AES-256 token object, sensitive and never extractable, with every
+//! usage attribute set explicitly (SoftHSM adds defaults otherwise): it encrypts and
+//! decrypts with CKM_AES_GCM and nothing else. It never leaves the HSM; kms holds only its
+//! object handle.
+//!
+//! Login is per application and lasts while a session is open, so the pool keeps its
+//! sessions for the life of the process and never logs in per request (C_Login costs
+//! milliseconds). `Session` is `Send` but not `Sync`: a session is taken out of the pool for
+//! one call and put back.
+//!
+//! Calls block: async callers run them on `tokio::task::spawn_blocking`.
+
+use std::collections::HashSet;
+use std::sync::{Condvar, Mutex};
+
+use cryptoki::error::RvError;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use kms_pkcs11_conf::token::{self, TokenError};
+use kms_pkcs11_conf::{PinError, PinSource, ValidHsmConfig};
+use secrecy::SecretString;
+use zeroize::Zeroizing;
+
+mod objects;
+
+pub use objects::{HsmKeyKind, MasterKeyAttributes, TokenObject};
+
+/// The AES-GCM IV length we use and enforce (SoftHSM does not check it).
+pub const GCM_IV_LEN: usize = 12;
+/// The AES-GCM tag length in bits.
+const GCM_TAG_BITS: u64 = 128;
+
+/// Why an HSM operation failed. Never carries a PIN or key bytes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HsmError {
+    /// The PIN could not be read from its source.
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    /// The module or token could not be used.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// The token refused the PIN.
+    #[error("the HSM token {token:?} refused the PIN from {pin_source} ({reason})")]
+    Login {
+        /// The token label.
+        token: String,
+        /// Where the PIN came from.
+        pin_source: PinSource,
+        /// A short reason.
+        reason: &'static str,
+        /// The PKCS#11 error.
+        #[source]
+        source: cryptoki::error::Error,
+    },
+    /// The master key is not in the token.
+    #[error(
+        "no master key labelled {label:?} in the HSM token (was the token replaced or the key deleted?)"
+    )]
+    MasterKeyMissing {
+        /// The label.
+        label: String,
+    },
+    /// Several keys carry the master key's label.
+    #[error(
+        "{count} objects in the HSM token are labelled {label:?}: the master key label must be unique"
+    )]
+    MasterKeyAmbiguous {
+        /// The label.
+        label: String,
+        /// How many.
+        count: usize,
+    },
+    /// A PKCS#11 call failed.
+    #[error("HSM call failed while trying to {op}")]
+    Pkcs11 {
+        /// What we were doing.
+        op: &'static str,
+        /// The call and its return code.
+        #[source]
+        source: cryptoki::error::Error,
+    },
+    /// An authenticated decryption in the HSM failed: the data or its associated data were
+    /// altered, or another key made them.
+    #[error("the HSM could not decrypt the data: it was altered or made under another key")]
+    DecryptFailed,
+    /// Several token objects answer to one key's label and id: kms will not guess which.
+    #[error(
+        "{count} objects in the HSM token answer to the key object {label:?}: refusing to pick one"
+    )]
+    KeyAmbiguous {
+        /// The label.
+        label: String,
+        /// How many.
+        count: usize,
+    },
+    /// The object found is not the key kms made: another class or type, or not sensitive
+    /// and non-extractable.
+    #[error("the HSM object {label:?} is not the key kms made ({why})")]
+    UnexpectedObject {
+        /// The label.
+        label: String,
+        /// What differs.
+        why: &'static str,
+    },
+    /// A destroy of this object failed earlier in this process, and some modules (SoftHSM)
+    /// then hide the object from the process although it is still in the token: its
+    /// destruction cannot be confirmed before a restart.
+    #[error(
+        "the HSM token failed to destroy {label:?} earlier; it cannot be confirmed gone before the server restarts"
+    )]
+    DestroyUnconfirmed {
+        /// The label.
+        label: String,
+    },
+    /// Bad arguments from our own code (a bug, not caller input).
+    #[error("invalid HSM request: {0}")]
+    Misuse(&'static str),
+}
+
+fn pk(op: &'static str) -> impl FnOnce(cryptoki::error::Error) -> HsmError {
+    move |source| HsmError::Pkcs11 { op, source }
+}
+
+/// A logged-in HSM token and its session pool.
+pub struct Hsm {
+    // Each session holds its own handle to the PKCS#11 context.
+    pool: Mutex<Vec<Session>>,
+    available: Condvar,
+    /// Objects (label, id) whose destroy failed in this process: see
+    /// [`HsmError::DestroyUnconfirmed`].
+    unconfirmed: Mutex<HashSet<(String, Option<Vec<u8>>)>>,
+    slot: Slot,
+    token_label: String,
+    master_key_label: String,
+    pin_source: PinSource,
+}
+
+impl std::fmt::Debug for Hsm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hsm")
+            .field("token_label", &self.token_label)
+            .field("slot", &self.slot.id())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A handle to a key object inside the token (the master key, or a keyring key). Valid
+/// while this process is logged in; never stored (objects are found again by label).
+#[derive(Debug, Clone, Copy)]
+pub struct KeyHandle(ObjectHandle);
+
+impl Hsm {
+    /// Loads the module, finds the token by label, opens `config.sessions` sessions, and,
+    /// unless the PIN travels in the unseal shares, reads the PIN and logs in (once).
+    pub fn open(config: &ValidHsmConfig) -> Result<Self, HsmError> {
+        Self::open_with_context(token::load(&config.module)?, config)
+    }
+
+    /// As [`Hsm::open`], on a PKCS#11 context the caller already loaded and initialised
+    /// (a process may initialise a module only once).
+    pub fn open_with_context(
+        pkcs11: cryptoki::context::Pkcs11,
+        config: &ValidHsmConfig,
+    ) -> Result<Self, HsmError> {
+        let slot = token::find_token(&pkcs11, &config.token_label)?;
+        let mut sessions = Vec::with_capacity(config.sessions);
+        for _ in 0..config.sessions {
+            sessions.push(pkcs11.open_rw_session(slot).map_err(pk("open a session"))?);
+        }
+        let hsm = Self {
+            pool: Mutex::new(sessions),
+            available: Condvar::new(),
+            unconfirmed: Mutex::new(HashSet::new()),
+            slot,
+            token_label: config.token_label.clone(),
+            master_key_label: config.master_key_label.clone(),
+            pin_source: config.pin.clone(),
+        };
+        if config.pin != PinSource::Shares {
+            let pin = config.pin.read()?;
+            hsm.login(&pin)?;
+        }
+        Ok(hsm)
+    }
+
+    /// Whether the PIN travels in the unseal shares (login happens at unseal).
+    pub fn pin_in_shares(&self) -> bool {
+        self.pin_source == PinSource::Shares
+    }
+
+    /// Logs the application in. Login is per application: every pooled session shares it
+    /// while any session stays open.
+    pub fn login(&self, pin: &SecretString) -> Result<(), HsmError> {
+        self.with_session(|s| match s.login(UserType::User, Some(pin)) {
+            Ok(()) | Err(cryptoki::error::Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+            Err(source) => {
+                let reason = match &source {
+                    cryptoki::error::Error::Pkcs11(RvError::PinIncorrect, _) => "wrong PIN",
+                    cryptoki::error::Error::Pkcs11(RvError::PinLocked, _) => "PIN locked",
+                    cryptoki::error::Error::Pkcs11(RvError::PinExpired, _) => "PIN expired",
+                    cryptoki::error::Error::Pkcs11(RvError::PinLenRange, _) => {
+                        "PIN length out of range"
+                    }
+                    cryptoki::error::Error::Pkcs11(RvError::UserPinNotInitialized, _) => {
+                        "user PIN not initialised"
+                    }
+                    _ => "login failed",
+                };
+                Err(HsmError::Login {
+                    token: self.token_label.clone(),
+                    pin_source: self.pin_source.clone(),
+                    reason,
+                    source,
+                })
+            }
+        })
+    }
+
+    /// Logs the application out (every session). Already logged out is fine.
+    pub fn logout(&self) -> Result<(), HsmError> {
+        self.with_session(|s| match s.logout() {
+            Ok(()) | Err(cryptoki::error::Error::Pkcs11(RvError::UserNotLoggedIn, _)) => Ok(()),
+            Err(e) => Err(pk("log out")(e)),
+        })
+    }
+
+    /// The token's label.
+    pub fn token_label(&self) -> &str {
+        &self.token_label
+    }
+
+    /// The master key's label.
+    pub fn master_key_label(&self) -> &str {
+        &self.master_key_label
+    }
+
+    /// Runs `f` with a session from the pool, waiting for one if all are busy.
+    fn with_session<T>(
+        &self,
+        f: impl FnOnce(&Session) -> Result<T, HsmError>,
+    ) -> Result<T, HsmError> {
+        let session = {
+            let mut pool = self
+                .pool
+                .lock()
+                .map_err(|_| HsmError::Misuse("session pool poisoned"))?;
+            loop {
+                if let Some(s) = pool.pop() {
+                    break s;
+                }
+                pool = self
+                    .available
+                    .wait(pool)
+                    .map_err(|_| HsmError::Misuse("session pool poisoned"))?;
+            }
+        };
+        let result = f(&session);
+        if let Ok(mut pool) = self.pool.lock() {
+            pool.push(session);
+            self.available.notify_one();
+        }
+        result
+    }
+
+    /// Finds the master key by label.
+    pub fn find_master_key(&self) -> Result<KeyHandle, HsmError> {
+        let label = self.master_key_label.clone();
+        self.with_session(|s| {
+            let found = s
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::Label(label.clone().into_bytes()),
+                ])
+                .map_err(pk("find the master key"))?;
+            match found.as_slice() {
+                [one] => Ok(KeyHandle(*one)),
+                [] => Err(HsmError::MasterKeyMissing {
+                    label: label.clone(),
+                }),
+                many => Err(HsmError::MasterKeyAmbiguous {
+                    label: label.clone(),
+                    count: many.len(),
+                }),
+            }
+        })
+    }
+
+    /// Finds the master key, or generates it inside the token if there is none.
+    pub fn find_or_generate_master_key(&self) -> Result<KeyHandle, HsmError> {
+        match self.find_master_key() {
+            Err(HsmError::MasterKeyMissing { .. }) => self.generate_master_key(),
+            other => other,
+        }
+    }
+
+    /// The master key is an AES-256 token key like the keyring's HSM AES keys: sensitive,
+    /// never extractable, encrypt/decrypt only, every usage flag explicit.
+    fn generate_master_key(&self) -> Result<KeyHandle, HsmError> {
+        let label = self.master_key_label.clone();
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id)
+            .map_err(|_| HsmError::Misuse("operating system random source failed"))?;
+        self.generate_key(HsmKeyKind::Aes256, &label, &id)
+            .map(|(key, _)| key)
+    }
+
+    /// Encrypts `plaintext` with AES-256-GCM under an AES key of the token, inside the HSM,
+    /// with a fresh random 96-bit IV. Returns `iv | ciphertext | tag`.
+    pub fn encrypt(
+        &self,
+        key: KeyHandle,
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
+        let mut iv = [0u8; GCM_IV_LEN];
+        getrandom::fill(&mut iv)
+            .map_err(|_| HsmError::Misuse("operating system random source failed"))?;
+        let ct = self.with_session(|s| {
+            let params =
+                GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).map_err(pk("set up AES-GCM"))?;
+            s.encrypt(&Mechanism::AesGcm(params), key.0, plaintext)
+                .map_err(pk("encrypt with the master key"))
+        })?;
+        let mut out = Vec::with_capacity(GCM_IV_LEN + ct.len());
+        out.extend_from_slice(&iv);
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+
+    /// Decrypts `iv | ciphertext | tag` made by [`Hsm::encrypt`]. A wrong key, wrong `aad`
+    /// or altered data give [`HsmError::DecryptFailed`].
+    pub fn decrypt(
+        &self,
+        key: KeyHandle,
+        aad: &[u8],
+        blob: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        if blob.len() < GCM_IV_LEN + 16 {
+            return Err(HsmError::DecryptFailed);
+        }
+        let (iv, ct) = blob.split_at(GCM_IV_LEN);
+        let mut iv: [u8; GCM_IV_LEN] = iv.try_into().map_err(|_| HsmError::DecryptFailed)?;
+        self.with_session(|s| {
+            let params =
+                GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).map_err(pk("set up AES-GCM"))?;
+            match s.decrypt(&Mechanism::AesGcm(params), key.0, ct) {
+                Ok(pt) => Ok(Zeroizing::new(pt)),
+                // SoftHSM reports a failed tag check as CKR_GENERAL_ERROR; the standard says
+                // CKR_ENCRYPTED_DATA_INVALID. Both mean the same to us.
+                Err(cryptoki::error::Error::Pkcs11(
+                    RvError::EncryptedDataInvalid
+                    | RvError::GeneralError
+                    | RvError::EncryptedDataLenRange,
+                    _,
+                )) => Err(HsmError::DecryptFailed),
+                Err(e) => Err(pk("decrypt with the master key")(e)),
+            }
+        })
+    }
+
+    /// Encrypts with a caller-made 96-bit IV (the keyring's ciphertext format carries it).
+    /// Returns `ciphertext | tag`.
+    pub fn encrypt_with_iv(
+        &self,
+        key: KeyHandle,
+        iv: &[u8; GCM_IV_LEN],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
+        let mut iv = *iv;
+        self.with_session(|s| {
+            let params =
+                GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).map_err(pk("set up AES-GCM"))?;
+            s.encrypt(&Mechanism::AesGcm(params), key.0, plaintext)
+                .map_err(pk("encrypt"))
+        })
+    }
+
+    /// Signs (or MACs) `data` inside the HSM. For ECDSA `data` is the SHA-256 digest and the
+    /// result is raw `r | s`; for Ed25519 it is the message; for HMAC the message.
+    pub fn sign(&self, kind: HsmKeyKind, key: KeyHandle, data: &[u8]) -> Result<Vec<u8>, HsmError> {
+        let mechanism = match kind {
+            HsmKeyKind::Ed25519 => Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+            HsmKeyKind::EcdsaP256 => Mechanism::Ecdsa,
+            HsmKeyKind::HmacSha256 => Mechanism::Sha256Hmac,
+            HsmKeyKind::Aes256 => return Err(HsmError::Misuse("an AES key does not sign")),
+        };
+        self.with_session(|s| s.sign(&mechanism, key.0, data).map_err(pk("sign")))
+    }
+}

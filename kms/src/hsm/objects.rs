@@ -1,0 +1,390 @@
+//! The objects kms makes in the token: keyring keys (each with a random CKA_ID), the
+//! lookups that must find exactly one, their destruction, and the master key's
+//! attributes.
+
+use super::*;
+
+/// DER of the Ed25519 curve OID 1.3.101.112 (CKA_EC_PARAMS).
+const OID_ED25519: &[u8] = &[0x06, 0x03, 0x2B, 0x65, 0x70];
+/// DER of the P-256 curve OID 1.2.840.10045.3.1.7 (CKA_EC_PARAMS).
+const OID_P256: &[u8] = &[0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07];
+
+impl Hsm {
+    /// Generates a keyring key inside the token, labelled `label`: a token object,
+    /// private, sensitive, never extractable, with only the usages `kind` needs.
+    /// Returns the private (or secret) key and, for key pairs, the public key's bytes
+    /// (Ed25519: 32 bytes; P-256: the 65-byte uncompressed SEC1 point).
+    pub fn generate_key(
+        &self,
+        kind: HsmKeyKind,
+        label: &str,
+        id: &[u8],
+    ) -> Result<(KeyHandle, Option<Vec<u8>>), HsmError> {
+        let label = label.as_bytes().to_vec();
+        // Attributes every keyring key has: a private token object that never leaves, with
+        // a random CKA_ID that tells it apart from any other object with its label (one
+        // left by a crash before its version was committed, say).
+        let base = || {
+            vec![
+                Attribute::Id(id.to_vec()),
+                Attribute::Label(label.clone()),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Modifiable(false),
+                Attribute::Copyable(false),
+                Attribute::Derive(false),
+            ]
+        };
+        // Secret keys: every usage flag explicit (SoftHSM adds defaults otherwise).
+        let common = |sign: bool, encrypt: bool| {
+            let mut t = base();
+            t.extend([
+                Attribute::Encrypt(encrypt),
+                Attribute::Decrypt(encrypt),
+                Attribute::Sign(sign),
+                Attribute::Verify(sign),
+                Attribute::Wrap(false),
+                Attribute::Unwrap(false),
+            ]);
+            t
+        };
+        self.with_session(|s| match kind {
+            HsmKeyKind::Aes256 | HsmKeyKind::HmacSha256 => {
+                // 256-bit secret keys: AES encrypts/decrypts, the HMAC key signs/verifies.
+                let (mechanism, key_type, mac) = match kind {
+                    HsmKeyKind::Aes256 => (Mechanism::AesKeyGen, KeyType::AES, false),
+                    _ => (
+                        Mechanism::GenericSecretKeyGen,
+                        KeyType::GENERIC_SECRET,
+                        true,
+                    ),
+                };
+                let mut t = common(mac, !mac);
+                t.extend([
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(key_type),
+                    Attribute::ValueLen(32u64.into()),
+                ]);
+                let h = s
+                    .generate_key(&mechanism, &t)
+                    .map_err(pk("generate a secret key"))?;
+                Ok((KeyHandle(h), None))
+            }
+            HsmKeyKind::Ed25519 | HsmKeyKind::EcdsaP256 => {
+                let (mechanism, key_type, params): (Mechanism<'_>, KeyType, &[u8]) = match kind {
+                    HsmKeyKind::Ed25519 => (
+                        Mechanism::EccEdwardsKeyPairGen,
+                        KeyType::EC_EDWARDS,
+                        OID_ED25519,
+                    ),
+                    _ => (Mechanism::EccKeyPairGen, KeyType::EC, OID_P256),
+                };
+                // The public half is a session object: kms keeps the public key's bytes in
+                // its (authenticated) metadata and verifies in software.
+                let public = [
+                    Attribute::Token(false),
+                    Attribute::Verify(true),
+                    Attribute::KeyType(key_type),
+                    Attribute::EcParams(params.to_vec()),
+                ];
+                // Private keys: the usages a private key can have, explicit.
+                let mut private = base();
+                private.extend([
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::KeyType(key_type),
+                    Attribute::Sign(true),
+                    Attribute::Decrypt(false),
+                    Attribute::Unwrap(false),
+                ]);
+                let (pub_h, priv_h) = s
+                    .generate_key_pair(&mechanism, &public, &private)
+                    .map_err(pk("generate a key pair"))?;
+                let point = s
+                    .get_attributes(pub_h, &[AttributeType::EcPoint])
+                    .map_err(pk("read the public key"))?
+                    .into_iter()
+                    .find_map(|a| match a {
+                        Attribute::EcPoint(p) => Some(p),
+                        _ => None,
+                    })
+                    .ok_or(HsmError::Misuse("the token returned no public key"))?;
+                let _ = s.destroy_object(pub_h);
+                let want = if kind == HsmKeyKind::Ed25519 { 32 } else { 65 };
+                Ok((KeyHandle(priv_h), Some(unwrap_ec_point(&point, want)?)))
+            }
+        })
+    }
+
+    /// Finds a key kms made (after a restart, handles are looked up again): the token
+    /// object of `kind` with this label and, when given, this CKA_ID. Exactly one must
+    /// answer (`None`: none does), and it must be what kms made: the right class and key
+    /// type, sensitive and never extractable.
+    pub fn find_key(
+        &self,
+        kind: HsmKeyKind,
+        label: &str,
+        id: Option<&[u8]>,
+    ) -> Result<Option<KeyHandle>, HsmError> {
+        let (class, key_type) = kind.class_and_type();
+        let mut template = vec![
+            Attribute::Token(true),
+            Attribute::Class(class),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ];
+        if let Some(id) = id {
+            template.push(Attribute::Id(id.to_vec()));
+        }
+        let unexpected = |why| HsmError::UnexpectedObject {
+            label: label.to_owned(),
+            why,
+        };
+        self.with_session(|s| {
+            let found = s.find_objects(&template).map_err(pk("find a key"))?;
+            let one = match found.as_slice() {
+                [] => return Ok(None),
+                [one] => *one,
+                many => {
+                    return Err(HsmError::KeyAmbiguous {
+                        label: label.to_owned(),
+                        count: many.len(),
+                    });
+                }
+            };
+            let attrs = s
+                .get_attributes(
+                    one,
+                    &[
+                        AttributeType::KeyType,
+                        AttributeType::Sensitive,
+                        AttributeType::Extractable,
+                    ],
+                )
+                .map_err(pk("read a key's attributes"))?;
+            let (mut typ, mut sensitive, mut extractable) = (None, false, true);
+            for a in attrs {
+                match a {
+                    Attribute::KeyType(t) => typ = Some(t),
+                    Attribute::Sensitive(v) => sensitive = v,
+                    Attribute::Extractable(v) => extractable = v,
+                    _ => {}
+                }
+            }
+            if typ != Some(key_type) {
+                return Err(unexpected("another key type"));
+            }
+            if !sensitive || extractable {
+                return Err(unexpected("not sensitive, or extractable"));
+            }
+            Ok(Some(KeyHandle(one)))
+        })
+    }
+
+    /// Every token object whose label starts with `prefix`: handle, label and CKA_ID (for
+    /// finding the objects kms made that no record names).
+    pub fn objects_labelled(&self, prefix: &str) -> Result<Vec<TokenObject>, HsmError> {
+        self.with_session(|s| {
+            let all = s
+                .find_objects(&[Attribute::Token(true)])
+                .map_err(pk("list token objects"))?;
+            let mut out = Vec::new();
+            for h in all {
+                let attrs = s
+                    .get_attributes(h, &[AttributeType::Label, AttributeType::Id])
+                    .map_err(pk("read an object's label"))?;
+                let mut object = TokenObject {
+                    handle: KeyHandle(h),
+                    label: String::new(),
+                    id: Vec::new(),
+                };
+                for a in attrs {
+                    match a {
+                        Attribute::Label(l) => object.label = String::from_utf8_lossy(&l).into(),
+                        Attribute::Id(i) => object.id = i,
+                        _ => {}
+                    }
+                }
+                if object.label.starts_with(prefix) {
+                    out.push(object);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Destroys the key object kms made with this label and id, and confirms with the token
+    /// that it is gone (`Ok` also when it was gone already). After a failed destroy the
+    /// object is never confirmed gone in this process (see
+    /// [`HsmError::DestroyUnconfirmed`]): a restart, with a fresh view of the token, is
+    /// needed to try again.
+    pub fn destroy_key(
+        &self,
+        kind: HsmKeyKind,
+        label: &str,
+        id: Option<&[u8]>,
+    ) -> Result<(), HsmError> {
+        let entry = (label.to_owned(), id.map(<[u8]>::to_vec));
+        let unconfirmed = || self.unconfirmed.lock().unwrap_or_else(|p| p.into_inner());
+        if unconfirmed().contains(&entry) {
+            return Err(HsmError::DestroyUnconfirmed {
+                label: label.to_owned(),
+            });
+        }
+        if let Some(h) = self.find_key(kind, label, id)?
+            && let Err(e) = self.destroy(h)
+        {
+            unconfirmed().insert(entry);
+            return Err(e);
+        }
+        if self.find_key(kind, label, id)?.is_some() {
+            return Err(HsmError::Misuse(
+                "the token still holds an object it destroyed",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Destroys a key object: its material is gone from the token for good.
+    pub fn destroy(&self, key: KeyHandle) -> Result<(), HsmError> {
+        self.with_session(|s| s.destroy_object(key.0).map_err(pk("destroy a key")))
+    }
+
+    /// Reads the master key's security attributes, as the token reports them.
+    pub fn master_key_attributes(&self, key: KeyHandle) -> Result<MasterKeyAttributes, HsmError> {
+        self.with_session(|s| {
+            let attrs = s
+                .get_attributes(
+                    key.0,
+                    &[
+                        AttributeType::Sensitive,
+                        AttributeType::Extractable,
+                        AttributeType::NeverExtractable,
+                        AttributeType::Token,
+                        AttributeType::Private,
+                        AttributeType::Copyable,
+                        AttributeType::Derive,
+                        AttributeType::Wrap,
+                    ],
+                )
+                .map_err(pk("read master key attributes"))?;
+            // Read what the token says; an attribute it does not report counts against the
+            // key, except CKA_COPYABLE (PKCS#11 2.40), whose copies could not be extractable
+            // or less sensitive anyway.
+            let mut out = MasterKeyAttributes {
+                derive: true,
+                wrap: true,
+                ..MasterKeyAttributes::default()
+            };
+            for a in attrs {
+                match a {
+                    Attribute::Sensitive(v) => out.sensitive = v,
+                    Attribute::Extractable(v) => out.extractable = v,
+                    Attribute::NeverExtractable(v) => out.never_extractable = v,
+                    Attribute::Token(v) => out.token = v,
+                    Attribute::Private(v) => out.private = v,
+                    Attribute::Copyable(v) => out.copyable = v,
+                    Attribute::Derive(v) => out.derive = v,
+                    Attribute::Wrap(v) => out.wrap = v,
+                    _ => {}
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// A token object found by [`Hsm::objects_labelled`].
+#[derive(Debug, Clone)]
+pub struct TokenObject {
+    /// Its handle.
+    pub handle: KeyHandle,
+    /// CKA_LABEL.
+    pub label: String,
+    /// CKA_ID.
+    pub id: Vec<u8>,
+}
+
+/// The kinds of keyring key kms makes inside the HSM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HsmKeyKind {
+    /// AES-256 for AES-GCM.
+    Aes256,
+    /// Ed25519 (CKM_EDDSA).
+    Ed25519,
+    /// ECDSA over P-256 (CKM_ECDSA on a SHA-256 digest).
+    EcdsaP256,
+    /// A 256-bit generic secret for CKM_SHA256_HMAC.
+    HmacSha256,
+}
+
+impl HsmKeyKind {
+    /// The class and key type of the object kms uses (the private half of a pair).
+    fn class_and_type(self) -> (ObjectClass, KeyType) {
+        match self {
+            Self::Aes256 => (ObjectClass::SECRET_KEY, KeyType::AES),
+            Self::HmacSha256 => (ObjectClass::SECRET_KEY, KeyType::GENERIC_SECRET),
+            Self::Ed25519 => (ObjectClass::PRIVATE_KEY, KeyType::EC_EDWARDS),
+            Self::EcdsaP256 => (ObjectClass::PRIVATE_KEY, KeyType::EC),
+        }
+    }
+}
+
+/// CKA_EC_POINT is a DER OCTET STRING around the point; some tokens return the bare point.
+fn unwrap_ec_point(value: &[u8], want: usize) -> Result<Vec<u8>, HsmError> {
+    match value {
+        [0x04, len, rest @ ..] if usize::from(*len) == want && rest.len() == want => {
+            Ok(rest.to_vec())
+        }
+        bare if bare.len() == want => Ok(bare.to_vec()),
+        _ => Err(HsmError::Misuse(
+            "unexpected EC point encoding from the token",
+        )),
+    }
+}
+
+/// The master key's security attributes, as read from the token.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MasterKeyAttributes {
+    /// CKA_SENSITIVE.
+    pub sensitive: bool,
+    /// CKA_EXTRACTABLE.
+    pub extractable: bool,
+    /// CKA_NEVER_EXTRACTABLE.
+    pub never_extractable: bool,
+    /// CKA_TOKEN.
+    pub token: bool,
+    /// CKA_PRIVATE: only a logged-in user sees it.
+    pub private: bool,
+    /// CKA_COPYABLE.
+    pub copyable: bool,
+    /// CKA_DERIVE: other keys could be derived from it (and those could be extractable).
+    pub derive: bool,
+    /// CKA_WRAP: it could wrap other keys out of the token.
+    pub wrap: bool,
+}
+
+impl MasterKeyAttributes {
+    /// Why the key is not as kms requires (a sensitive, never extractable, private token
+    /// object that derives and wraps nothing); empty when it is.
+    pub fn problems(&self) -> Vec<&'static str> {
+        [
+            (!self.sensitive, "not sensitive"),
+            (self.extractable, "extractable"),
+            (!self.never_extractable, "was extractable once"),
+            (!self.token, "not a token object"),
+            (!self.private, "not private"),
+            (self.copyable, "copyable"),
+            (self.derive, "can derive keys"),
+            (self.wrap, "can wrap keys"),
+        ]
+        .into_iter()
+        .filter_map(|(bad, why)| bad.then_some(why))
+        .collect()
+    }
+
+    /// Whether the key is as kms requires ([`MasterKeyAttributes::problems`] is empty).
+    pub fn is_safe(&self) -> bool {
+        self.problems().is_empty()
+    }
+}
