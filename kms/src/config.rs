@@ -151,9 +151,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The redb file.
     pub storage_path: PathBuf,
-    /// The HSM.
+    /// The `[hsm]` table, checked: module, token, PIN source, master key label.
     pub hsm: ValidHsmConfig,
-    /// The log level.
+    /// The most detailed level written to standard error (`[log] level`).
     pub log_level: tracing::Level,
     /// Keyring settings.
     pub keyring: crate::keyring::Settings,

@@ -85,11 +85,11 @@ pub enum StoreError {
 /// One value to write, in [`Store::write_all`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Write {
-    /// The table.
+    /// Which of the store's tables.
     pub table: Table,
-    /// The key.
+    /// The entry's key in that table.
     pub key: String,
-    /// The value.
+    /// The bytes to store there (replacing any old value).
     pub value: Vec<u8>,
 }
 

@@ -66,11 +66,11 @@ fn default_sessions() -> usize {
 pub struct ValidHsmConfig {
     /// Path of the PKCS#11 module.
     pub module: PathBuf,
-    /// Token label.
+    /// The label of the token kms uses (found by label, never by slot id).
     pub token_label: String,
     /// Where the user PIN comes from.
     pub pin: PinSource,
-    /// Master key label.
+    /// The master key object's CKA_LABEL.
     pub master_key_label: String,
     /// Number of sessions.
     pub sessions: usize,

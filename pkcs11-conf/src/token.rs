@@ -40,7 +40,7 @@ pub enum TokenError {
     /// Several tokens have the label.
     #[error("{count} tokens are labelled {label:?}: token labels must be unique")]
     AmbiguousLabel {
-        /// The label.
+        /// The token label asked for.
         label: String,
         /// How many tokens carry it.
         count: usize,
@@ -115,7 +115,7 @@ pub fn find_token(pkcs11: &Pkcs11, label: &str) -> Result<Slot, TokenError> {
 /// A mechanism kms uses, and what for.
 #[derive(Debug, Clone, Copy)]
 pub struct Need {
-    /// The mechanism.
+    /// The PKCS#11 mechanism (CKM_*).
     pub mechanism: MechanismType,
     /// Its PKCS#11 name.
     pub name: &'static str,
@@ -208,9 +208,9 @@ pub struct SlotReport {
 pub struct TokenReport {
     /// Token label.
     pub label: String,
-    /// Manufacturer.
+    /// The token's manufacturer, as it reports itself.
     pub manufacturer: String,
-    /// Model.
+    /// The token's model, as it reports itself.
     pub model: String,
     /// Serial number.
     pub serial: String,

@@ -18,7 +18,7 @@ use kms::wire::{operation_from, operation_pb};
 pub(super) enum GrantCommand {
     /// Allow a principal (or a prefix ending in `*`) some operations with one key.
     Create {
-        /// The key.
+        /// The key to grant use of (it must exist).
         key: String,
         /// The grantee: a principal (URI SAN or CN), or a prefix ending in `*`.
         principal: String,

@@ -132,21 +132,21 @@ pub(super) enum KeyCommand {
     EnableVersion {
         /// The key.
         name: String,
-        /// The version.
+        /// The version number (see `kms key get`).
         version: u32,
     },
     /// Disable a version (it refuses every operation until enabled again).
     DisableVersion {
         /// The key.
         name: String,
-        /// The version.
+        /// The version number (see `kms key get`).
         version: u32,
     },
     /// Schedule a version's destruction (crypto-shredding) after a waiting period.
     ScheduleDestroy {
         /// The key.
         name: String,
-        /// The version.
+        /// The version number (see `kms key get`).
         version: u32,
         /// Days to wait, 1..=30.
         #[arg(long, default_value_t = 7)]
@@ -156,7 +156,7 @@ pub(super) enum KeyCommand {
     CancelDestroy {
         /// The key.
         name: String,
-        /// The version.
+        /// The version number (see `kms key get`).
         version: u32,
     },
 }

@@ -11,7 +11,7 @@ use crate::BoxError;
 pub struct InitShown<'a> {
     /// The shares' text. Secret.
     pub shares: Vec<&'a str>,
-    /// The share set id.
+    /// The id printed on every share of this init.
     pub share_set_id: String,
     /// Shares needed.
     pub threshold: u32,

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 pub struct UnsealLimit {
     /// Failures allowed per window.
     pub max_failures: u32,
-    /// The window.
+    /// How far back failures count (a sliding window).
     pub window: Duration,
 }
 

@@ -139,7 +139,7 @@ pub struct AuditRecord {
     pub schema: u32,
     /// 1, 2, ...
     pub seq: u64,
-    /// The event.
+    /// What the call was, as its handler described it.
     pub event: AuditEvent,
     /// The hash of record `seq - 1` (hex), or [`GENESIS`].
     pub prev_hash: String,

@@ -25,7 +25,7 @@ pub struct Filter {
     pub until_ms: Option<u64>,
     /// The key (as the key or ReEncrypt's destination).
     pub key: Option<String>,
-    /// The principal.
+    /// Only this caller's records (the exact principal).
     pub principal: Option<String>,
     /// The operation, e.g. `Encrypt`.
     pub operation: Option<String>,
@@ -149,9 +149,9 @@ pub struct UsageCount {
 /// but failed before a version was chosen.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionUsage {
-    /// The key.
+    /// The key's name, as the requests named it.
     pub key: String,
-    /// The version.
+    /// The version number (for usage: `None` when a call failed before one was chosen).
     pub version: Option<u32>,
     /// Counts per operation and outcome.
     pub counts: Vec<UsageCount>,
@@ -166,9 +166,9 @@ pub struct VersionUsage {
 /// A key version named in a list of the report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionRef {
-    /// The key.
+    /// The key's name, as the requests named it.
     pub key: String,
-    /// The version.
+    /// The version number (for usage: `None` when a call failed before one was chosen).
     pub version: u32,
     /// Its state now (e.g. `ENABLED`).
     pub state: String,
@@ -181,7 +181,7 @@ pub struct VersionRef {
 pub struct Bucket {
     /// The bucket's start (Unix ms).
     pub start_ms: u64,
-    /// The key.
+    /// The key's name, as the requests named it.
     pub key: String,
     /// Successful operations.
     pub count: u64,
@@ -213,7 +213,7 @@ pub struct UsageReport {
 /// A key as the report needs it: its versions' states and its primary.
 #[derive(Debug, Clone)]
 pub struct KeyInfo {
-    /// The name.
+    /// The key's name, as records name it.
     pub name: String,
     /// The primary version.
     pub primary: u32,

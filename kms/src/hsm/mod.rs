@@ -64,7 +64,7 @@ pub enum HsmError {
         "no master key labelled {label:?} in the HSM token (was the token replaced or the key deleted?)"
     )]
     MasterKeyMissing {
-        /// The label.
+        /// The object's CKA_LABEL.
         label: String,
     },
     /// Several keys carry the master key's label.
@@ -72,7 +72,7 @@ pub enum HsmError {
         "{count} objects in the HSM token are labelled {label:?}: the master key label must be unique"
     )]
     MasterKeyAmbiguous {
-        /// The label.
+        /// The object's CKA_LABEL.
         label: String,
         /// How many.
         count: usize,
@@ -95,7 +95,7 @@ pub enum HsmError {
         "{count} objects in the HSM token answer to the key object {label:?}: refusing to pick one"
     )]
     KeyAmbiguous {
-        /// The label.
+        /// The object's CKA_LABEL.
         label: String,
         /// How many.
         count: usize,
@@ -104,7 +104,7 @@ pub enum HsmError {
     /// and non-extractable.
     #[error("the HSM object {label:?} is not the key kms made ({why})")]
     UnexpectedObject {
-        /// The label.
+        /// The object's CKA_LABEL.
         label: String,
         /// What differs.
         why: &'static str,
@@ -116,7 +116,7 @@ pub enum HsmError {
         "the HSM token failed to destroy {label:?} earlier; it cannot be confirmed gone before the server restarts"
     )]
     DestroyUnconfirmed {
-        /// The label.
+        /// The object's CKA_LABEL.
         label: String,
     },
     /// Bad arguments from our own code (a bug, not caller input).

@@ -29,7 +29,7 @@ pub struct Parsed<'a> {
     pub version: u32,
     /// The header bytes (bound into the associated data).
     pub header: [u8; HEADER_LEN],
-    /// The nonce.
+    /// The 96-bit AES-GCM nonce, random per message.
     pub nonce: [u8; NONCE_LEN],
     /// Ciphertext and tag.
     pub body: &'a [u8],

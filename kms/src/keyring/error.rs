@@ -49,7 +49,7 @@ pub enum KeyringError {
     VersionNotFound {
         /// The key.
         name: String,
-        /// The version.
+        /// The version the request named.
         version: u32,
     },
     /// The operation does not fit the key's purpose.
@@ -67,7 +67,7 @@ pub enum KeyringError {
     VersionNotEnabled {
         /// The key.
         name: String,
-        /// The version.
+        /// The version the request named.
         version: u32,
         /// Its state.
         state: &'static str,
@@ -77,7 +77,7 @@ pub enum KeyringError {
     BelowMinimum {
         /// The key.
         name: String,
-        /// The version.
+        /// The version the request named.
         version: u32,
         /// The minimum.
         min: u32,
@@ -96,7 +96,7 @@ pub enum KeyringError {
     Exhausted {
         /// The key.
         name: String,
-        /// The version.
+        /// The version the request named.
         version: u32,
     },
     /// The key's stored metadata failed authentication: the store was edited.

@@ -38,7 +38,7 @@ pub struct Grant {
     pub schema: u32,
     /// 32 hex digits.
     pub id: String,
-    /// The key.
+    /// The name of the key the grant is (or will be) on; it must exist.
     pub key: String,
     /// The grantee.
     pub principal: Pattern,
@@ -58,7 +58,7 @@ pub struct Grant {
 
 /// A grant to make. No `Debug`: it holds associated data.
 pub struct NewGrant {
-    /// The key.
+    /// The name of the key the grant is (or will be) on; it must exist.
     pub key: String,
     /// The grantee (principal or pattern).
     pub principal: String,

@@ -75,7 +75,7 @@ impl Default for Settings {
 /// What `CreateKey` asks for.
 #[derive(Debug, Clone)]
 pub struct NewKey {
-    /// Name.
+    /// The key's name: unique, permanent, `[a-zA-Z0-9_.-]{1,128}`.
     pub name: String,
     /// Algorithm (the purpose follows from it).
     pub algorithm: Algorithm,
@@ -83,7 +83,7 @@ pub struct NewKey {
     pub protection: Protection,
     /// Automatic rotation period in seconds.
     pub rotation_period: Option<u64>,
-    /// Labels.
+    /// Free-form labels for operators (at most 64), authenticated with the key's record.
     pub labels: BTreeMap<String, String>,
 }
 

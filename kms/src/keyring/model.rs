@@ -154,9 +154,9 @@ pub struct KeyMeta {
     pub name: String,
     /// A random id (hex, 16 bytes), bound into key derivation and HSM labels.
     pub key_id: String,
-    /// Purpose.
+    /// What the key is for; it follows from the algorithm.
     pub purpose: Purpose,
-    /// Algorithm.
+    /// The algorithm of every version, fixed at creation.
     pub algorithm: Algorithm,
     /// Protection level.
     pub protection: Protection,

@@ -251,7 +251,7 @@ pub struct SealStatus {
     pub progress: u8,
     /// The current attempt's nonce (hex).
     pub nonce: Option<String>,
-    /// The share set id.
+    /// The id every share of this init carries (`None` before init).
     pub share_set_id: Option<ShareSetId>,
     /// Whether the HSM PIN travels in the shares (as configured; init then needs it).
     pub pin_in_shares: bool,
@@ -262,9 +262,9 @@ pub type InitCommit<'a> = dyn Fn(&InitOutput, Vec<Write>) -> Result<(), SealErro
 
 /// What `Init` returns: the shares, once.
 pub struct InitOutput {
-    /// The share set id.
+    /// The id every share of this init carries.
     pub share_set_id: ShareSetId,
-    /// The threshold.
+    /// How many of the shares unseal.
     pub threshold: u8,
     /// Each custodian's share in text form. Secret.
     pub shares: Vec<Zeroizing<String>>,
