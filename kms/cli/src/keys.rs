@@ -583,174 +583,232 @@ pub(super) async fn run_crypto(
     channel: Channel,
     command: CryptoCommand,
 ) -> Result<ExitCode, BoxError> {
-    let mut c = KeyManagementClient::new(channel);
+    let c = &mut KeyManagementClient::new(channel);
     match command {
-        CryptoCommand::Encrypt { key, io, aad } => {
-            let pt = read_input(&io.input)?;
-            let r = c
-                .encrypt(pb::EncryptRequest {
-                    key,
-                    plaintext: pt.to_vec(),
-                    associated_data: aad_bytes(&aad)?,
-                })
-                .answer()
-                .await?;
-            write_output(&io, &r.ciphertext)?;
-        }
-        CryptoCommand::Decrypt { key, io, aad } => {
-            let ct = read_ours(&read_input(&io.input)?, io.base64)?;
-            let r = c
-                .decrypt(pb::DecryptRequest {
-                    key,
-                    ciphertext: ct,
-                    associated_data: aad_bytes(&aad)?,
-                })
-                .answer()
-                .await?;
-            let pt = Zeroizing::new(r.plaintext);
-            write_output(&io, &pt)?;
-        }
-        CryptoCommand::Reencrypt { key, to, io, aad } => {
-            let ct = read_ours(&read_input(&io.input)?, io.base64)?;
-            let r = c
-                .re_encrypt(pb::ReEncryptRequest {
-                    key,
-                    ciphertext: ct,
-                    associated_data: aad_bytes(&aad)?,
-                    destination_key: to.unwrap_or_default(),
-                })
-                .answer()
-                .await?;
-            write_output(&io, &r.ciphertext)?;
-        }
+        CryptoCommand::Encrypt { key, io, aad } => encrypt(c, key, &io, &aad).await,
+        CryptoCommand::Decrypt { key, io, aad } => decrypt(c, key, &io, &aad).await,
+        CryptoCommand::Reencrypt { key, to, io, aad } => reencrypt(c, key, to, &io, &aad).await,
         CryptoCommand::Datakey {
             key,
             length,
             no_plaintext,
             aad,
-        } => {
-            let req = pb::GenerateDataKeyRequest {
-                key,
-                length_bytes: length,
-                associated_data: aad_bytes(&aad)?,
-            };
-            let v = if no_plaintext {
-                let r = c.generate_data_key_without_plaintext(req).answer().await?;
-                serde_json::json!({"ciphertext": b64(&r.ciphertext), "key_version": r.key_version})
-            } else {
-                let r = c.generate_data_key(req).answer().await?;
-                let pt = Zeroizing::new(r.plaintext);
-                serde_json::json!({
-                    "plaintext": b64(&pt),
-                    "ciphertext": b64(&r.ciphertext),
-                    "key_version": r.key_version,
-                })
-            };
-            println!("{v}");
-        }
+        } => datakey(c, key, length, no_plaintext, &aad).await,
         CryptoCommand::Sign {
             key,
             digest,
             raw,
             io,
-        } => {
-            let data = read_input(&io.input)?;
-            let r = c
-                .sign(pb::SignRequest {
-                    key,
-                    input: Some(sign_input(digest, data.to_vec())),
-                    format: if raw {
-                        pb::SignatureFormat::Raw
-                    } else {
-                        pb::SignatureFormat::Default
-                    } as i32,
-                })
-                .answer()
-                .await?;
-            write_output(&io, &r.signature)?;
-        }
+        } => sign(c, key, digest, raw, &io).await,
         CryptoCommand::Verify {
             key,
             signature,
             version,
             digest,
             io,
-        } => {
-            let data = read_input(&io.input)?;
-            let sig = read_ours(
-                &std::fs::read(&signature)
-                    .map_err(|e| format!("cannot read {}: {e}", signature.display()))?,
-                io.base64,
-            )?;
-            let input = if digest {
-                pb::verify_request::Input::Digest(data.to_vec())
-            } else {
-                pb::verify_request::Input::Message(data.to_vec())
-            };
-            let r = c
-                .verify(pb::VerifyRequest {
-                    key,
-                    key_version: version,
-                    input: Some(input),
-                    signature: sig,
-                })
-                .answer()
-                .await?;
-            println!("{}", if r.valid { "valid" } else { "invalid" });
-            return Ok(if r.valid {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_INVALID)
-            });
-        }
-        CryptoCommand::PublicKey { key, version } => {
-            let r = c
-                .get_public_key(pb::GetPublicKeyRequest {
-                    key,
-                    key_version: version,
-                })
-                .answer()
-                .await?;
-            print!("{}", r.pem);
-        }
-        CryptoCommand::Mac { key, io } => {
-            let data = read_input(&io.input)?;
-            let r = c
-                .mac(pb::MacRequest {
-                    key,
-                    message: data.to_vec(),
-                })
-                .answer()
-                .await?;
-            write_output(&io, &r.mac)?;
-        }
+        } => verify(c, key, &signature, version, digest, &io).await,
+        CryptoCommand::PublicKey { key, version } => public_key(c, key, version).await,
+        CryptoCommand::Mac { key, io } => mac(c, key, &io).await,
         CryptoCommand::VerifyMac {
             key,
             mac,
             version,
             io,
-        } => {
-            let data = read_input(&io.input)?;
-            let tag = read_ours(
-                &std::fs::read(&mac).map_err(|e| format!("cannot read {}: {e}", mac.display()))?,
-                io.base64,
-            )?;
-            let r = c
-                .verify_mac(pb::VerifyMacRequest {
-                    key,
-                    key_version: version,
-                    message: data.to_vec(),
-                    mac: tag,
-                })
-                .answer()
-                .await?;
-            println!("{}", if r.valid { "valid" } else { "invalid" });
-            return Ok(if r.valid {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_INVALID)
-            });
-        }
+        } => verify_mac(c, key, &mac, version, &io).await,
     }
+}
+
+type Client = KeyManagementClient<Channel>;
+
+async fn encrypt(c: &mut Client, key: String, io: &Io, aad: &Aad) -> Result<ExitCode, BoxError> {
+    let pt = read_input(&io.input)?;
+    let r = c
+        .encrypt(pb::EncryptRequest {
+            key,
+            plaintext: pt.to_vec(),
+            associated_data: aad_bytes(aad)?,
+        })
+        .answer()
+        .await?;
+    write_output(io, &r.ciphertext)?;
     Ok(ExitCode::SUCCESS)
+}
+
+async fn decrypt(c: &mut Client, key: String, io: &Io, aad: &Aad) -> Result<ExitCode, BoxError> {
+    let ct = read_ours(&read_input(&io.input)?, io.base64)?;
+    let r = c
+        .decrypt(pb::DecryptRequest {
+            key,
+            ciphertext: ct,
+            associated_data: aad_bytes(aad)?,
+        })
+        .answer()
+        .await?;
+    let pt = Zeroizing::new(r.plaintext);
+    write_output(io, &pt)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn reencrypt(
+    c: &mut Client,
+    key: String,
+    to: Option<String>,
+    io: &Io,
+    aad: &Aad,
+) -> Result<ExitCode, BoxError> {
+    let ct = read_ours(&read_input(&io.input)?, io.base64)?;
+    let r = c
+        .re_encrypt(pb::ReEncryptRequest {
+            key,
+            ciphertext: ct,
+            associated_data: aad_bytes(aad)?,
+            destination_key: to.unwrap_or_default(),
+        })
+        .answer()
+        .await?;
+    write_output(io, &r.ciphertext)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn datakey(
+    c: &mut Client,
+    key: String,
+    length: u32,
+    no_plaintext: bool,
+    aad: &Aad,
+) -> Result<ExitCode, BoxError> {
+    let req = pb::GenerateDataKeyRequest {
+        key,
+        length_bytes: length,
+        associated_data: aad_bytes(aad)?,
+    };
+    let v = if no_plaintext {
+        let r = c.generate_data_key_without_plaintext(req).answer().await?;
+        serde_json::json!({"ciphertext": b64(&r.ciphertext), "key_version": r.key_version})
+    } else {
+        let r = c.generate_data_key(req).answer().await?;
+        let pt = Zeroizing::new(r.plaintext);
+        serde_json::json!({
+            "plaintext": b64(&pt),
+            "ciphertext": b64(&r.ciphertext),
+            "key_version": r.key_version,
+        })
+    };
+    println!("{v}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn sign(
+    c: &mut Client,
+    key: String,
+    digest: bool,
+    raw: bool,
+    io: &Io,
+) -> Result<ExitCode, BoxError> {
+    let data = read_input(&io.input)?;
+    let r = c
+        .sign(pb::SignRequest {
+            key,
+            input: Some(sign_input(digest, data.to_vec())),
+            format: if raw {
+                pb::SignatureFormat::Raw
+            } else {
+                pb::SignatureFormat::Default
+            } as i32,
+        })
+        .answer()
+        .await?;
+    write_output(io, &r.signature)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads a signature or MAC file (base64 when the I/O is).
+fn read_ours_file(path: &std::path::Path, base64: bool) -> Result<Vec<u8>, BoxError> {
+    read_ours(
+        &std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+        base64,
+    )
+}
+
+/// Prints `valid` or `invalid`; the exit code says it too (scripts read it).
+fn verdict(valid: bool) -> ExitCode {
+    println!("{}", if valid { "valid" } else { "invalid" });
+    if valid {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_INVALID)
+    }
+}
+
+async fn verify(
+    c: &mut Client,
+    key: String,
+    signature: &std::path::Path,
+    version: u32,
+    digest: bool,
+    io: &Io,
+) -> Result<ExitCode, BoxError> {
+    let data = read_input(&io.input)?;
+    let sig = read_ours_file(signature, io.base64)?;
+    let input = if digest {
+        pb::verify_request::Input::Digest(data.to_vec())
+    } else {
+        pb::verify_request::Input::Message(data.to_vec())
+    };
+    let r = c
+        .verify(pb::VerifyRequest {
+            key,
+            key_version: version,
+            input: Some(input),
+            signature: sig,
+        })
+        .answer()
+        .await?;
+    Ok(verdict(r.valid))
+}
+
+async fn public_key(c: &mut Client, key: String, version: u32) -> Result<ExitCode, BoxError> {
+    let r = c
+        .get_public_key(pb::GetPublicKeyRequest {
+            key,
+            key_version: version,
+        })
+        .answer()
+        .await?;
+    print!("{}", r.pem);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn mac(c: &mut Client, key: String, io: &Io) -> Result<ExitCode, BoxError> {
+    let data = read_input(&io.input)?;
+    let r = c
+        .mac(pb::MacRequest {
+            key,
+            message: data.to_vec(),
+        })
+        .answer()
+        .await?;
+    write_output(io, &r.mac)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn verify_mac(
+    c: &mut Client,
+    key: String,
+    mac: &std::path::Path,
+    version: u32,
+    io: &Io,
+) -> Result<ExitCode, BoxError> {
+    let data = read_input(&io.input)?;
+    let tag = read_ours_file(mac, io.base64)?;
+    let r = c
+        .verify_mac(pb::VerifyMacRequest {
+            key,
+            key_version: version,
+            message: data.to_vec(),
+            mac: tag,
+        })
+        .answer()
+        .await?;
+    Ok(verdict(r.valid))
 }
