@@ -8,8 +8,8 @@ use kms_proto::v1::access_client::AccessClient;
 use tonic::transport::Channel;
 
 use super::BoxError;
-use super::keys::{Aad, aad_value};
 use crate::Answer as _;
+use crate::crypto::{Aad, aad_value};
 use kms::policy::Operation;
 use kms::wire::{operation_from, operation_pb};
 

@@ -55,7 +55,7 @@ enum Command {
         command: keys::KeyCommand,
     },
     #[command(flatten)]
-    Crypto(keys::CryptoCommand),
+    Crypto(crypto::CryptoCommand),
     /// The audit log: export, key-usage report, verify (online or offline).
     Audit {
         #[command(subcommand)]
@@ -176,6 +176,7 @@ fn main() -> ExitCode {
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 mod audit;
+mod crypto;
 mod dev;
 mod dev_pki;
 mod grant;
@@ -206,7 +207,7 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         }),
         Command::Crypto(command) => runtime()?.block_on(async {
             let channel = connect(&cli.conn).await?;
-            keys::run_crypto(channel, command).await
+            crypto::run_crypto(channel, command).await
         }),
         Command::Audit { command } => {
             runtime()?.block_on(audit::run(command, || connect(&cli.conn)))
