@@ -168,36 +168,7 @@ where
                 operation: operation.unwrap_or_default(),
                 outcome: outcome.unwrap_or_default(),
             };
-            let mut client = audit_client(connect().await?);
-            let mut stream = client
-                .export_audit_log(pb::ExportAuditLogRequest {
-                    filter: Some(filter),
-                })
-                .answer()
-                .await?;
-            let mut w = output(&out)?;
-            let mut csv: Option<Vec<Vec<String>>> =
-                matches!(format, ExportFormat::Csv).then(Vec::new);
-            let mut count = 0u64;
-            while let Some(chunk) = stream.message().await.map_err(RpcError)? {
-                for line in chunk.lines {
-                    match &mut csv {
-                        None => writeln!(w, "{line}")?,
-                        Some(rows) => {
-                            if let Ok(r) = serde_json::from_str::<AuditRecord>(&line) {
-                                count += 1;
-                                rows.push(csv_row(&r));
-                            }
-                        }
-                    }
-                }
-            }
-            if let Some(rows) = csv {
-                write_csv(&mut w, CSV_HEADER, &rows)?;
-                eprintln!("{count} records");
-            }
-            w.flush()?;
-            Ok(ExitCode::SUCCESS)
+            export(connect().await?, filter, format, &out).await
         }
         AuditCommand::Report {
             since,
@@ -209,86 +180,133 @@ where
                 since_unix_ms: ms(&since, "since")?,
                 until_unix_ms: ms(&until, "until")?,
             };
-            let mut client = audit_client(connect().await?);
-            let mut parts = client.key_usage_report(request).answer().await?;
-            // The report comes in parts; merging them in order (repeated fields append)
-            // gives the whole report, as audit.proto says.
-            let mut report = pb::KeyUsageReportResponse::default();
-            while let Some(part) = parts.message().await.map_err(RpcError)? {
-                prost::Message::merge(
-                    &mut report,
-                    prost::Message::encode_to_vec(&part).as_slice(),
-                )?;
-            }
-            let generated = report.generated_unix_ms;
-            let report = kms::wire::report_from(report);
-            let mut w = output(&out)?;
-            match format {
-                ReportFormat::Table => write!(w, "{}", table(&report))?,
-                ReportFormat::Json => writeln!(w, "{}", serde_json::to_string_pretty(&report)?)?,
-                ReportFormat::Csv => {
-                    let rows: Vec<Vec<String>> = report
-                        .usage
-                        .iter()
-                        .flat_map(|u| {
-                            u.counts.iter().map(|c| {
-                                vec![
-                                    u.key.clone(),
-                                    u.version.map(|v| v.to_string()).unwrap_or_default(),
-                                    c.operation.clone(),
-                                    c.outcome.clone(),
-                                    c.count.to_string(),
-                                    u.principals.join(" "),
-                                    rfc3339(u.first_use_ms),
-                                    rfc3339(u.last_use_ms),
-                                ]
-                            })
-                        })
-                        .collect();
-                    write_csv(
-                        &mut w,
-                        &[
-                            "key",
-                            "version",
-                            "operation",
-                            "outcome",
-                            "count",
-                            "principals",
-                            "first_use",
-                            "last_use",
-                        ],
-                        &rows,
-                    )?;
-                }
-                ReportFormat::Html => write!(w, "{}", html(&report, generated))?,
-            }
-            w.flush()?;
-            Ok(ExitCode::SUCCESS)
+            report(connect().await?, request, format, &out).await
         }
         AuditCommand::Verify {
             export: Some(path),
             public_key,
         } => verify_offline(&path, public_key.as_deref()),
-        AuditCommand::Verify { export: None, .. } => {
-            let mut client = audit_client(connect().await?);
-            let r = client
-                .verify_audit_log(pb::VerifyAuditLogRequest {})
-                .answer()
-                .await?;
-            println!("{}", r.message);
-            if !r.checkpoint_key_fingerprint.is_empty() {
-                println!(
-                    "checkpoint key fingerprint: {}",
-                    r.checkpoint_key_fingerprint
-                );
-            }
-            if r.intact {
-                Ok(ExitCode::SUCCESS)
-            } else {
-                println!("first bad sequence: {} ({})", r.first_bad_seq, r.reason);
-                Ok(ExitCode::from(NOT_INTACT))
+        AuditCommand::Verify { export: None, .. } => verify_online(connect().await?).await,
+    }
+}
+
+/// `kms audit export`: the stream's lines as JSONL, or its records as CSV rows.
+async fn export(
+    channel: Channel,
+    filter: pb::AuditFilter,
+    format: ExportFormat,
+    out: &Option<PathBuf>,
+) -> Result<ExitCode, BoxError> {
+    let mut stream = audit_client(channel)
+        .export_audit_log(pb::ExportAuditLogRequest {
+            filter: Some(filter),
+        })
+        .answer()
+        .await?;
+    let mut w = output(out)?;
+    let mut csv: Option<Vec<Vec<String>>> = matches!(format, ExportFormat::Csv).then(Vec::new);
+    let mut count = 0u64;
+    while let Some(chunk) = stream.message().await.map_err(RpcError)? {
+        for line in chunk.lines {
+            match &mut csv {
+                None => writeln!(w, "{line}")?,
+                Some(rows) => {
+                    if let Ok(r) = serde_json::from_str::<AuditRecord>(&line) {
+                        count += 1;
+                        rows.push(csv_row(&r));
+                    }
+                }
             }
         }
+    }
+    if let Some(rows) = csv {
+        write_csv(&mut w, CSV_HEADER, &rows)?;
+        eprintln!("{count} records");
+    }
+    w.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kms audit report`: the parts merged (repeated fields append, as audit.proto says),
+/// then written in the chosen format.
+async fn report(
+    channel: Channel,
+    request: pb::KeyUsageReportRequest,
+    format: ReportFormat,
+    out: &Option<PathBuf>,
+) -> Result<ExitCode, BoxError> {
+    let mut parts = audit_client(channel)
+        .key_usage_report(request)
+        .answer()
+        .await?;
+    let mut merged = pb::KeyUsageReportResponse::default();
+    while let Some(part) = parts.message().await.map_err(RpcError)? {
+        prost::Message::merge(&mut merged, prost::Message::encode_to_vec(&part).as_slice())?;
+    }
+    let generated = merged.generated_unix_ms;
+    let report = kms::wire::report_from(merged);
+    let mut w = output(out)?;
+    match format {
+        ReportFormat::Table => write!(w, "{}", table(&report))?,
+        ReportFormat::Json => writeln!(w, "{}", serde_json::to_string_pretty(&report)?)?,
+        ReportFormat::Csv => write_csv(&mut w, REPORT_CSV_HEADER, &report_rows(&report))?,
+        ReportFormat::Html => write!(w, "{}", html(&report, generated))?,
+    }
+    w.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+const REPORT_CSV_HEADER: &[&str] = &[
+    "key",
+    "version",
+    "operation",
+    "outcome",
+    "count",
+    "principals",
+    "first_use",
+    "last_use",
+];
+
+/// The report's CSV rows: one per key version, operation and outcome.
+fn report_rows(report: &UsageReport) -> Vec<Vec<String>> {
+    report
+        .usage
+        .iter()
+        .flat_map(|u| {
+            u.counts.iter().map(|c| {
+                vec![
+                    u.key.clone(),
+                    u.version.map(|v| v.to_string()).unwrap_or_default(),
+                    c.operation.clone(),
+                    c.outcome.clone(),
+                    c.count.to_string(),
+                    u.principals.join(" "),
+                    rfc3339(u.first_use_ms),
+                    rfc3339(u.last_use_ms),
+                ]
+            })
+        })
+        .collect()
+}
+
+/// `kms audit verify` on the server: its verdict, exit 0 or [`NOT_INTACT`].
+async fn verify_online(channel: Channel) -> Result<ExitCode, BoxError> {
+    let r = audit_client(channel)
+        .verify_audit_log(pb::VerifyAuditLogRequest {})
+        .answer()
+        .await?;
+    println!("{}", r.message);
+    if !r.checkpoint_key_fingerprint.is_empty() {
+        println!(
+            "checkpoint key fingerprint: {}",
+            r.checkpoint_key_fingerprint
+        );
+    }
+    if r.intact {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("first bad sequence: {} ({})", r.first_bad_seq, r.reason);
+        Ok(ExitCode::from(NOT_INTACT))
     }
 }
 

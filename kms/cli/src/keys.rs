@@ -250,42 +250,7 @@ pub(super) async fn run_key(channel: Channel, command: KeyCommand) -> Result<Exi
         KeyCommand::Get { name, json } => {
             (c.get_key(pb::GetKeyRequest { name }).answer().await?, json)
         }
-        KeyCommand::List { json } => {
-            let mut all = Vec::new();
-            let mut token = String::new();
-            loop {
-                let page = c
-                    .list_keys(pb::ListKeysRequest {
-                        page_size: 1000,
-                        page_token: token,
-                    })
-                    .answer()
-                    .await?;
-                all.extend(page.keys);
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                token = page.next_page_token;
-            }
-            if json {
-                println!(
-                    "{}",
-                    serde_json::Value::Array(all.iter().map(key_json).collect())
-                );
-            } else {
-                for k in &all {
-                    let v = key_json(k);
-                    println!(
-                        "{:<40} {:<18} {:<9} v{}",
-                        k.name,
-                        text(&v, "algorithm"),
-                        text(&v, "protection_level"),
-                        k.primary_version
-                    );
-                }
-            }
-            return Ok(ExitCode::SUCCESS);
-        }
+        KeyCommand::List { json } => return list_keys(&mut c, json).await,
         KeyCommand::Rotate { name, json } => (
             c.rotate_key(pb::RotateKeyRequest { name }).answer().await?,
             json,
@@ -298,19 +263,13 @@ pub(super) async fn run_key(channel: Channel, command: KeyCommand) -> Result<Exi
             clear_labels,
             json,
         } => {
-            let rotation_period_seconds = match rotation_period.as_deref() {
-                None => None,
-                Some("off") => Some(0),
-                Some(d) => Some(parse_duration(d)?),
-            };
-            let update_labels = clear_labels || !labels.is_empty();
-            let req = pb::UpdateKeyRequest {
+            let req = update_request(
                 name,
-                rotation_period_seconds,
+                rotation_period.as_deref(),
                 min_decryption_version,
-                update_labels,
-                labels: labels.into_iter().collect(),
-            };
+                labels,
+                clear_labels,
+            )?;
             (c.update_key(req).answer().await?, json)
         }
         KeyCommand::EnableVersion { name, version } => (
@@ -348,4 +307,66 @@ pub(super) async fn run_key(channel: Channel, command: KeyCommand) -> Result<Exi
     };
     print_key(&key, json);
     Ok(ExitCode::SUCCESS)
+}
+
+/// `kms key list`: every key, page by page, as a table or JSON.
+async fn list_keys(c: &mut KeyManagementClient<Channel>, json: bool) -> Result<ExitCode, BoxError> {
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_keys(pb::ListKeysRequest {
+                page_size: 1000,
+                page_token: token,
+            })
+            .answer()
+            .await?;
+        all.extend(page.keys);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::Value::Array(all.iter().map(key_json).collect())
+        );
+    } else {
+        for k in &all {
+            let v = key_json(k);
+            println!(
+                "{:<40} {:<18} {:<9} v{}",
+                k.name,
+                text(&v, "algorithm"),
+                text(&v, "protection_level"),
+                k.primary_version
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kms key update`'s request: a rotation period (`off` clears it), a minimum decryption
+/// version, and labels (replacing all, or cleared).
+fn update_request(
+    name: String,
+    rotation_period: Option<&str>,
+    min_decryption_version: Option<u32>,
+    labels: Vec<(String, String)>,
+    clear_labels: bool,
+) -> Result<pb::UpdateKeyRequest, BoxError> {
+    let rotation_period_seconds = match rotation_period {
+        None => None,
+        Some("off") => Some(0),
+        Some(d) => Some(parse_duration(d)?),
+    };
+    let update_labels = clear_labels || !labels.is_empty();
+    Ok(pb::UpdateKeyRequest {
+        name,
+        rotation_period_seconds,
+        min_decryption_version,
+        update_labels,
+        labels: labels.into_iter().collect(),
+    })
 }
