@@ -323,69 +323,26 @@ pub struct RpcError(pub tonic::Status);
 use kms::grpc::code_name;
 
 async fn operator(conn: Conn, command: OperatorCommand) -> Result<ExitCode, BoxError> {
-    let mut client = SystemClient::new(connect(&conn).await?);
+    let client = &mut SystemClient::new(connect(&conn).await?);
     match command {
         OperatorCommand::Init {
             shares,
             threshold,
             json,
-        } => {
-            let status = client.status(pb::StatusRequest {}).answer().await?;
-            let hsm_pin = if status.hsm_pin_in_shares && !status.initialized {
-                read_hsm_pin()?
-            } else {
-                Zeroizing::new(String::new())
-            };
-            let resp = client
-                .init(pb::InitRequest {
-                    shares,
-                    threshold,
-                    hsm_pin: hsm_pin.to_string(),
+        } => init(client, shares, threshold, json).await,
+        OperatorCommand::Unseal { reset: true, .. } => {
+            let s = client
+                .unseal(pb::UnsealRequest {
+                    reset: true,
+                    ..Default::default()
                 })
                 .answer()
                 .await?;
-            show::print_init(&(&resp).into(), json)?;
+            println!("Unseal progress reset.");
+            show::print_status(&s, false)?;
             Ok(ExitCode::SUCCESS)
         }
-        OperatorCommand::Unseal { reset, nonce } => {
-            if reset {
-                let s = client
-                    .unseal(pb::UnsealRequest {
-                        reset: true,
-                        ..Default::default()
-                    })
-                    .answer()
-                    .await?;
-                println!("Unseal progress reset.");
-                show::print_status(&s, false)?;
-                return Ok(ExitCode::SUCCESS);
-            }
-            let shares = read_shares()?;
-            let mut last = None;
-            for share in shares.iter() {
-                let s = client
-                    .unseal(pb::UnsealRequest {
-                        share: share.to_string(),
-                        reset: false,
-                        nonce: nonce.clone().unwrap_or_default(),
-                    })
-                    .answer()
-                    .await?;
-                if s.sealed {
-                    println!(
-                        "Share accepted. Unseal progress: {}/{} (attempt {})",
-                        s.progress, s.threshold, s.nonce
-                    );
-                } else {
-                    println!("The server is unsealed.");
-                }
-                last = Some(s);
-            }
-            Ok(match last {
-                Some(s) if s.sealed => ExitCode::from(2),
-                _ => ExitCode::SUCCESS,
-            })
-        }
+        OperatorCommand::Unseal { nonce, .. } => unseal(client, nonce).await,
         OperatorCommand::Seal => {
             let s = client.seal(pb::SealRequest {}).answer().await?;
             println!("The server is sealed.");
@@ -402,6 +359,64 @@ async fn operator(conn: Conn, command: OperatorCommand) -> Result<ExitCode, BoxE
             })
         }
     }
+}
+
+/// `kms operator init`: asks for the HSM PIN first when the server keeps it in the shares.
+async fn init(
+    client: &mut SystemClient<Channel>,
+    shares: u32,
+    threshold: u32,
+    json: bool,
+) -> Result<ExitCode, BoxError> {
+    let status = client.status(pb::StatusRequest {}).answer().await?;
+    let hsm_pin = if status.hsm_pin_in_shares && !status.initialized {
+        read_hsm_pin()?
+    } else {
+        Zeroizing::new(String::new())
+    };
+    let resp = client
+        .init(pb::InitRequest {
+            shares,
+            threshold,
+            hsm_pin: hsm_pin.to_string(),
+        })
+        .answer()
+        .await?;
+    show::print_init(&(&resp).into(), json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kms operator unseal`: each share read (hidden prompt, or one per line of standard
+/// input) is submitted in turn; exit 2 while the server is still sealed.
+async fn unseal(
+    client: &mut SystemClient<Channel>,
+    nonce: Option<String>,
+) -> Result<ExitCode, BoxError> {
+    let shares = read_shares()?;
+    let mut last = None;
+    for share in shares.iter() {
+        let s = client
+            .unseal(pb::UnsealRequest {
+                share: share.to_string(),
+                reset: false,
+                nonce: nonce.clone().unwrap_or_default(),
+            })
+            .answer()
+            .await?;
+        if s.sealed {
+            println!(
+                "Share accepted. Unseal progress: {}/{} (attempt {})",
+                s.progress, s.threshold, s.nonce
+            );
+        } else {
+            println!("The server is unsealed.");
+        }
+        last = Some(s);
+    }
+    Ok(match last {
+        Some(s) if s.sealed => ExitCode::from(2),
+        _ => ExitCode::SUCCESS,
+    })
 }
 
 /// Reads shares: one at a hidden prompt on a terminal, else one per line of standard input.
