@@ -577,6 +577,34 @@ mod tests {
             Config::load(&p).unwrap_err(),
             ConfigError::BadUnseal(_)
         ));
+        for (line, want) in [
+            ("handshake_timeout_seconds = 0", "handshake_timeout_seconds"),
+            (
+                "max_handshakes_per_address = 0",
+                "max_handshakes_per_address",
+            ),
+            (
+                "anonymous_max_request_bytes = 17000000",
+                "anonymous_max_request_bytes",
+            ),
+            ("refused_calls_per_minute = 0", "refused_calls_per_minute"),
+        ] {
+            let p = write(
+                dir.path(),
+                &format!("{base}[tls]\nplaintext_loopback = true\n[limits]\n{line}\n"),
+            );
+            let e = Config::load(&p).unwrap_err();
+            assert!(
+                matches!(e, ConfigError::BadLimit(_)) && e.to_string().contains(want),
+                "{e}"
+            );
+        }
+        let p = write(
+            dir.path(),
+            &format!("{base}[tls]\nplaintext_loopback = true\n[roles]\ncustodian = [\"a*b\"]\n"),
+        );
+        let e = Config::load(&p).unwrap_err();
+        assert!(e.to_string().starts_with("roles.custodian: "), "{e}");
         let p = write(
             dir.path(),
             "listen = \"nope\"\n[storage]\npath = \"x\"\n[hsm]\nmodule = \"/x\"\ntoken_label = \"kms\"\npin_env = \"P\"\n",

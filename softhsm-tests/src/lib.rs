@@ -363,6 +363,22 @@ pub async fn try_channel_from(
         .await
 }
 
+/// Edits the store offline as someone with disk access would: `store-tool replace STORE
+/// TABLE KEY FROM TO` (FROM must occur in the value).
+pub fn store_replace(store: &Path, table: &str, key: &str, from: &str, to: &str) {
+    let out = Command::new(bin("store-tool"))
+        .arg("replace")
+        .arg(store)
+        .args([table, key, from, to])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// What a CLI run printed.
 #[derive(Debug, Clone)]
 pub struct Out {

@@ -896,21 +896,12 @@ async fn a_tail_that_does_not_connect_is_never_signed() {
         .unwrap();
     assert!(server.terminate().success());
 
-    let out = std::process::Command::new(softhsm_tests::bin("store-tool"))
-        .arg("replace")
-        .arg(&store)
-        .args([
-            "audit",
-            &format!("{covered:020}"),
-            "\"request_id\":\"",
-            "\"request_id\":\"forged-",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    softhsm_tests::store_replace(
+        &store,
+        "audit",
+        &format!("{covered:020}"),
+        "\"request_id\":\"",
+        "\"request_id\":\"forged-",
     );
 
     let server = hsm.try_start(&config, &[]).unwrap();

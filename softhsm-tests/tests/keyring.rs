@@ -1102,16 +1102,12 @@ async fn a_store_edited_on_disk_is_refused() {
 
     // Someone with write access to the disk lowers the primary version.
     let store = hsm.path().join("kms.redb");
-    let out = Command::new(softhsm_tests::bin("store-tool"))
-        .arg("replace")
-        .arg(&store)
-        .args(["keys", "victim", "\\\"primary\\\":2", "\\\"primary\\\":1"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    softhsm_tests::store_replace(
+        &store,
+        "keys",
+        "victim",
+        "\\\"primary\\\":2",
+        "\\\"primary\\\":1",
     );
 
     let server = hsm.try_start(&config, &[]).unwrap();

@@ -46,6 +46,26 @@ pub struct FailureLimiter {
 /// Most addresses remembered; beyond it the oldest histories are dropped.
 const MAX_ADDRESSES: usize = 10_000;
 
+/// Makes room for `addr` in a per-address map that is full: drops the entries whose time
+/// has passed and, if it is still full (many addresses at once), the entry whose `last`
+/// use is oldest. The map never holds more than [`MAX_ADDRESSES`] addresses.
+fn make_room<V>(
+    map: &mut HashMap<IpAddr, V>,
+    addr: IpAddr,
+    live: impl Fn(&V) -> bool,
+    last: impl Fn(&V) -> Option<Instant>,
+) {
+    if map.len() < MAX_ADDRESSES || map.contains_key(&addr) {
+        return;
+    }
+    map.retain(|_, v| live(v));
+    if map.len() >= MAX_ADDRESSES
+        && let Some(oldest) = map.iter().min_by_key(|(_, v)| last(v)).map(|(a, _)| *a)
+    {
+        map.remove(&oldest);
+    }
+}
+
 impl FailureLimiter {
     /// A limiter.
     pub fn new(limit: UnsealLimit) -> Self {
@@ -60,10 +80,13 @@ impl FailureLimiter {
     /// again). The reservation stands unless [`FailureTicket::succeeded`] releases it.
     pub fn begin(&self, addr: IpAddr, now: Instant) -> Result<FailureTicket<'_>, Duration> {
         let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= MAX_ADDRESSES && !map.contains_key(&addr) {
-            let window = self.limit.window;
-            map.retain(|_, h| h.back().is_some_and(|t| now.duration_since(*t) < window));
-        }
+        let window = self.limit.window;
+        make_room(
+            &mut map,
+            addr,
+            |h| h.back().is_some_and(|t| now.duration_since(*t) < window),
+            |h| h.back().copied(),
+        );
         let history = map.entry(addr).or_default();
         while history
             .front()
@@ -208,10 +231,13 @@ impl RefusedLimiter {
     /// Counts a refused call from `addr`.
     pub fn refused(&self, addr: IpAddr, now: Instant) {
         let mut map = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= MAX_ADDRESSES && !map.contains_key(&addr) {
-            let window = self.window;
-            map.retain(|_, w| now.duration_since(w.start) < window);
-        }
+        let window = self.window;
+        make_room(
+            &mut map,
+            addr,
+            |w| now.duration_since(w.start) < window,
+            |w| Some(w.start),
+        );
         let w = map.entry(addr).or_insert(Window {
             start: now,
             refused: 0,
@@ -268,6 +294,33 @@ mod tests {
         let _third = l.begin(a, t0).unwrap();
         drop(second);
         assert!(l.begin(a, t0).is_err());
+    }
+
+    #[test]
+    fn many_addresses_at_once_never_grow_the_maps_past_their_bound() {
+        let t0 = Instant::now();
+        let failures = FailureLimiter::new(UnsealLimit::default());
+        let refused = RefusedLimiter::new(3, Duration::from_secs(60));
+        // All within the window: nothing is stale, so the oldest gives way.
+        for i in 0..(MAX_ADDRESSES as u32 + 50) {
+            let addr = IpAddr::from(std::net::Ipv6Addr::from(u128::from(i)));
+            let _ticket = failures.begin(addr, t0 + Duration::from_millis(u64::from(i)));
+            refused.refused(addr, t0 + Duration::from_millis(u64::from(i)));
+        }
+        assert_eq!(failures.failures.lock().unwrap().len(), MAX_ADDRESSES);
+        assert_eq!(refused.state.lock().unwrap().len(), MAX_ADDRESSES);
+        // The newest is kept, the oldest went.
+        let newest = IpAddr::from(std::net::Ipv6Addr::from(u128::from(
+            MAX_ADDRESSES as u32 + 49,
+        )));
+        assert!(refused.state.lock().unwrap().contains_key(&newest));
+        assert!(
+            !refused
+                .state
+                .lock()
+                .unwrap()
+                .contains_key(&IpAddr::from(std::net::Ipv6Addr::from(0u128)))
+        );
     }
 
     #[test]
