@@ -51,6 +51,9 @@ fn main() {
     c.final_summary();
 }
 
+/// Every benchmark, in one function on purpose: they share one token, one store and one
+/// unsealed keyring set up here (a SoftHSM token and its keys take seconds to make), and each
+/// in-process path sits next to the raw baseline it is compared with.
 fn benches(c: &mut Criterion) {
     let module = kms_pkcs11_conf::find_softhsm_module().expect("SoftHSM is not installed");
     let pkcs11 = kms_pkcs11_conf::token::load(&module).unwrap();

@@ -221,49 +221,27 @@ fn bootstrap(
     plaintext: bool,
     temporary: bool,
 ) -> Result<(), BoxError> {
-    let seal = &opened.seal;
-    // What kms dev does itself is audited like a call: principal `kms-dev`.
-    let event = |operation| kms::audit::AuditEvent::internal("kms-dev", "kms.dev", operation);
-    let status = seal.status();
-    let pki = DevPki::at(dir);
-    let (url, env) = if plaintext {
-        (format!("http://{addr}"), String::new())
-    } else {
-        (
-            format!("https://{addr}"),
-            format!(
-                "  export KMS_CACERT={}\n  export KMS_CLIENT_CERT={} KMS_CLIENT_KEY={}\n",
-                pki.ca().display(),
-                pki.cert("admin").display(),
-                pki.key("admin").display()
-            ),
-        )
-    };
+    let hints = Hints::new(dir, addr, plaintext);
     if plaintext {
         println!(
             "kms dev: WARNING: plaintext gRPC: no TLS, no client certificates; anyone who can \
              connect to {addr} is admin and auditor. Development only."
         );
     }
-    if status.initialized {
-        if plaintext {
-            println!(
-                "kms dev: reusing {}: the server is sealed, and unseal shares are accepted over \
-                 TLS only: restart without --plaintext and run `kms operator unseal`.",
-                dir.display()
-            );
-        } else {
-            println!(
-                "kms dev: reusing {}: the server is sealed. Unseal it with the shares from its first run, \
-                 as the custodian:\n\
-                 \n  export KMS_ADDR={url}\n{env}  KMS_CLIENT_CERT={} KMS_CLIENT_KEY={} kms operator unseal",
-                dir.display(),
-                pki.cert("custodian").display(),
-                pki.key("custodian").display(),
-            );
-        }
+    if opened.seal.status().initialized {
+        hints.print_reuse();
         return Ok(());
     }
+    init_and_unseal(opened)?;
+    hints.print_ready(config_path, temporary);
+    Ok(())
+}
+
+/// Runs the init ceremony with 5 shares, threshold 3, prints them, and unseals with the
+/// first three, each step audited as principal `kms-dev`.
+fn init_and_unseal(opened: &kms::server::Opened) -> Result<(), BoxError> {
+    let seal = &opened.seal;
+    let event = |operation| kms::audit::AuditEvent::internal("kms-dev", "kms.dev", operation);
     let commit = |_: &kms::seal::InitOutput, writes| {
         opened
             .audit
@@ -281,34 +259,99 @@ fn bootstrap(
             return Err(e.into());
         }
     }
-    let as_app = if plaintext {
-        String::new()
-    } else {
-        format!(
-            "\nAs the application (needs the grant above):\n  \
-             KMS_CLIENT_CERT={} KMS_CLIENT_KEY={} kms encrypt --key payments --in kms.toml --base64\n\
-             As the auditor:\n  \
-             KMS_CLIENT_CERT={} KMS_CLIENT_KEY={} kms audit verify\n",
-            pki.cert("app").display(),
-            pki.key("app").display(),
-            pki.cert("auditor").display(),
-            pki.key("auditor").display(),
-        )
-    };
-    let app = if plaintext {
-        kms::policy::LOOPBACK.to_owned()
-    } else {
-        DevPki::principal("app")
-    };
-    println!(
-        "\nkms dev: unsealed with shares 1-3 and serving {} on {url}\n\
-         \nAs the admin:\n  export KMS_ADDR={url}\n{env}  kms whoami\n  kms operator status\n  \
-         kms key create payments --algorithm aes-256-gcm\n  kms grant create payments {app} --operations encrypt,decrypt\n{as_app}\
-         \nState: {} (config {}){}\nStop with Ctrl-C.",
-        if plaintext { "PLAINTEXT gRPC" } else { "mTLS" },
-        dir.display(),
-        config_path.display(),
-        if temporary { ", removed on exit" } else { "" }
-    );
     Ok(())
+}
+
+/// What `kms dev` tells its user: the address and the environment that reaches it.
+struct Hints<'a> {
+    dir: &'a Path,
+    pki: DevPki,
+    plaintext: bool,
+    /// `http://` or `https://` and the address.
+    url: String,
+    /// The `export` lines for the CA and the admin's certificate (empty in plaintext).
+    env: String,
+}
+
+impl<'a> Hints<'a> {
+    fn new(dir: &'a Path, addr: SocketAddr, plaintext: bool) -> Self {
+        let pki = DevPki::at(dir);
+        let (url, env) = if plaintext {
+            (format!("http://{addr}"), String::new())
+        } else {
+            (
+                format!("https://{addr}"),
+                format!(
+                    "  export KMS_CACERT={}\n  export KMS_CLIENT_CERT={} KMS_CLIENT_KEY={}\n",
+                    pki.ca().display(),
+                    pki.cert("admin").display(),
+                    pki.key("admin").display()
+                ),
+            )
+        };
+        Hints {
+            dir,
+            pki,
+            plaintext,
+            url,
+            env,
+        }
+    }
+
+    /// A later run: the server came up sealed; how the custodian unseals it.
+    fn print_reuse(&self) {
+        let (dir, pki) = (self.dir.display(), &self.pki);
+        if self.plaintext {
+            println!(
+                "kms dev: reusing {dir}: the server is sealed, and unseal shares are accepted over \
+                 TLS only: restart without --plaintext and run `kms operator unseal`."
+            );
+        } else {
+            println!(
+                "kms dev: reusing {dir}: the server is sealed. Unseal it with the shares from its first run, \
+                 as the custodian:\n\
+                 \n  export KMS_ADDR={}\n{}  KMS_CLIENT_CERT={} KMS_CLIENT_KEY={} kms operator unseal",
+                self.url,
+                self.env,
+                pki.cert("custodian").display(),
+                pki.key("custodian").display(),
+            );
+        }
+    }
+
+    /// The first run: unsealed; what the admin, the application and the auditor can run.
+    fn print_ready(&self, config_path: &Path, temporary: bool) {
+        let pki = &self.pki;
+        let (as_app, app) = if self.plaintext {
+            (String::new(), kms::policy::LOOPBACK.to_owned())
+        } else {
+            let as_app = format!(
+                "\nAs the application (needs the grant above):\n  \
+                 KMS_CLIENT_CERT={} KMS_CLIENT_KEY={} kms encrypt --key payments --in kms.toml --base64\n\
+                 As the auditor:\n  \
+                 KMS_CLIENT_CERT={} KMS_CLIENT_KEY={} kms audit verify\n",
+                pki.cert("app").display(),
+                pki.key("app").display(),
+                pki.cert("auditor").display(),
+                pki.key("auditor").display(),
+            );
+            (as_app, DevPki::principal("app"))
+        };
+        println!(
+            "\nkms dev: unsealed with shares 1-3 and serving {} on {url}\n\
+             \nAs the admin:\n  export KMS_ADDR={url}\n{env}  kms whoami\n  kms operator status\n  \
+             kms key create payments --algorithm aes-256-gcm\n  kms grant create payments {app} --operations encrypt,decrypt\n{as_app}\
+             \nState: {} (config {}){}\nStop with Ctrl-C.",
+            if self.plaintext {
+                "PLAINTEXT gRPC"
+            } else {
+                "mTLS"
+            },
+            self.dir.display(),
+            config_path.display(),
+            if temporary { ", removed on exit" } else { "" },
+            url = self.url,
+            env = self.env,
+        );
+    }
 }

@@ -272,41 +272,51 @@ pub(super) async fn run_key(channel: Channel, command: KeyCommand) -> Result<Exi
             )?;
             (c.update_key(req).answer().await?, json)
         }
-        KeyCommand::EnableVersion { name, version } => (
-            c.enable_key_version(pb::KeyVersionRequest { name, version })
-                .answer()
-                .await?,
-            false,
-        ),
-        KeyCommand::DisableVersion { name, version } => (
-            c.disable_key_version(pb::KeyVersionRequest { name, version })
-                .answer()
-                .await?,
-            false,
-        ),
+        version_command => (run_version(&mut c, version_command).await?, false),
+    };
+    print_key(&key, json);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The commands on one key version (enable, disable, schedule and cancel destruction).
+async fn run_version(
+    c: &mut KeyManagementClient<Channel>,
+    command: KeyCommand,
+) -> Result<pb::Key, BoxError> {
+    let version = |name, version| pb::KeyVersionRequest { name, version };
+    Ok(match command {
+        KeyCommand::EnableVersion { name, version: v } => {
+            c.enable_key_version(version(name, v)).answer().await?
+        }
+        KeyCommand::DisableVersion { name, version: v } => {
+            c.disable_key_version(version(name, v)).answer().await?
+        }
         KeyCommand::ScheduleDestroy {
             name,
             version,
             days,
-        } => (
+        } => {
             c.schedule_key_version_destruction(pb::ScheduleKeyVersionDestructionRequest {
                 name,
                 version,
                 pending_days: days,
             })
             .answer()
-            .await?,
-            false,
-        ),
-        KeyCommand::CancelDestroy { name, version } => (
-            c.cancel_key_version_destruction(pb::KeyVersionRequest { name, version })
+            .await?
+        }
+        KeyCommand::CancelDestroy { name, version: v } => {
+            c.cancel_key_version_destruction(version(name, v))
                 .answer()
-                .await?,
-            false,
-        ),
-    };
-    print_key(&key, json);
-    Ok(ExitCode::SUCCESS)
+                .await?
+        }
+        KeyCommand::Create { .. }
+        | KeyCommand::Get { .. }
+        | KeyCommand::List { .. }
+        | KeyCommand::Rotate { .. }
+        | KeyCommand::Update { .. } => {
+            return Err("not a key version command".into());
+        }
+    })
 }
 
 /// `kms key list`: every key, page by page, as a table or JSON.

@@ -532,6 +532,47 @@ impl Drop for HandshakeSlot {
     }
 }
 
+/// Runs one TLS handshake, within `timeout`, and names its caller: anonymous without a
+/// client certificate. `None` (logged) when the handshake fails, times out, or the client
+/// certificate names no principal kms accepts.
+async fn handshake(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Option<(TlsStream<TcpStream>, Identity)> {
+    let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!(peer = %addr, reason = %e, "TLS handshake refused");
+            return None;
+        }
+        Err(_) => {
+            tracing::warn!(peer = %addr, "TLS handshake timed out");
+            return None;
+        }
+    };
+    let leaf = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first());
+    let identity = match leaf.map(|c| principal_of(c)) {
+        None => Identity::anonymous(),
+        Some(Ok((principal, not_after))) => Identity {
+            principal,
+            authenticated: true,
+            tls: true,
+            not_after: Some(not_after),
+        },
+        Some(Err(e)) => {
+            tracing::warn!(peer = %addr, reason = %e, "client certificate refused");
+            return None;
+        }
+    };
+    Some((stream, identity))
+}
+
 /// Accepts connections on `listener` (TLS with `tls`, else plaintext) and yields each
 /// once its handshake succeeded and its caller is known. Handshakes are bounded by
 /// `limits` (in all, per address, and in time). Runs until the receiver is dropped.
@@ -584,34 +625,8 @@ pub fn incoming(
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
             let timeout = limits.handshake_timeout;
             tokio::spawn(async move {
-                let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::warn!(peer = %addr, reason = %e, "TLS handshake refused");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::warn!(peer = %addr, "TLS handshake timed out");
-                        return;
-                    }
-                };
-                let leaf = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first());
-                let identity = match leaf.map(|c| principal_of(c)) {
-                    None => Identity::anonymous(),
-                    Some(Ok((principal, not_after))) => Identity {
-                        principal,
-                        authenticated: true,
-                        tls: true,
-                        not_after: Some(not_after),
-                    },
-                    Some(Err(e)) => {
-                        tracing::warn!(peer = %addr, reason = %e, "client certificate refused");
-                        return;
-                    }
+                let Some((stream, identity)) = handshake(acceptor, tcp, addr, timeout).await else {
+                    return;
                 };
                 drop(slot);
                 let conn = Conn::new(

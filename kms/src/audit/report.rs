@@ -354,55 +354,8 @@ impl UsageBuilder {
 
     /// The report, given the keys as they are now.
     pub fn finish(self, keys: &[KeyInfo]) -> UsageReport {
-        let ok_uses = |key: &str, v: u32, ops: Option<&[&str]>| -> u64 {
-            self.acc.get(&(key.to_owned(), Some(v))).map_or(0, |a| {
-                a.counts
-                    .iter()
-                    .filter(|((op, outcome), _)| {
-                        outcome == "OK"
-                            && !ADMIN.contains(&op.as_str())
-                            && ops.is_none_or(|ops| ops.contains(&op.as_str()))
-                    })
-                    .map(|(_, n)| n)
-                    .sum()
-            })
-        };
-        let mut unused = Vec::new();
-        let mut below = Vec::new();
-        for k in keys {
-            for (v, state) in &k.versions {
-                if state != "DESTROYED" && ok_uses(&k.name, *v, None) == 0 {
-                    unused.push(VersionRef {
-                        key: k.name.clone(),
-                        version: *v,
-                        state: state.clone(),
-                        count: 0,
-                    });
-                }
-                let decrypts = ok_uses(&k.name, *v, Some(DECRYPTS));
-                if *v < k.primary && decrypts > 0 {
-                    below.push(VersionRef {
-                        key: k.name.clone(),
-                        version: *v,
-                        state: state.clone(),
-                        count: decrypts,
-                    });
-                }
-            }
-        }
-        let (lo, hi) = match (self.events.first(), self.events.last()) {
-            (Some(a), Some(b)) => (
-                self.filter.since_ms.unwrap_or(a.0),
-                self.filter.until_ms.unwrap_or(b.0 + 1),
-            ),
-            _ => (0, 0),
-        };
-        let bucket_ms = bucket_width(hi.saturating_sub(lo));
-        let mut buckets: BTreeMap<(u64, String), u64> = BTreeMap::new();
-        for (t, key, n) in &self.events {
-            let start = lo + (t.saturating_sub(lo) / bucket_ms) * bucket_ms;
-            *buckets.entry((start, key.clone())).or_default() += n;
-        }
+        let (unused, below) = self.findings(keys);
+        let (bucket_ms, buckets) = self.timeline();
         UsageReport {
             since_ms: self.filter.since_ms,
             until_ms: self.filter.until_ms,
@@ -430,15 +383,74 @@ impl UsageBuilder {
             unused,
             decrypt_below_primary: below,
             bucket_ms,
-            timeline: buckets
-                .into_iter()
-                .map(|((start_ms, key), count)| Bucket {
-                    start_ms,
-                    key,
-                    count,
-                })
-                .collect(),
+            timeline: buckets,
         }
+    }
+
+    /// OK uses (administration aside) of one key version, of `ops` only when given.
+    fn ok_uses(&self, key: &str, v: u32, ops: Option<&[&str]>) -> u64 {
+        self.acc.get(&(key.to_owned(), Some(v))).map_or(0, |a| {
+            a.counts
+                .iter()
+                .filter(|((op, outcome), _)| {
+                    outcome == "OK"
+                        && !ADMIN.contains(&op.as_str())
+                        && ops.is_none_or(|ops| ops.contains(&op.as_str()))
+                })
+                .map(|(_, n)| n)
+                .sum()
+        })
+    }
+
+    /// The versions never used (destroyed ones aside), and the versions below their key's
+    /// primary that still decrypt, with how often.
+    fn findings(&self, keys: &[KeyInfo]) -> (Vec<VersionRef>, Vec<VersionRef>) {
+        let mut unused = Vec::new();
+        let mut below = Vec::new();
+        for k in keys {
+            for (v, state) in &k.versions {
+                let at = |count| VersionRef {
+                    key: k.name.clone(),
+                    version: *v,
+                    state: state.clone(),
+                    count,
+                };
+                if state != "DESTROYED" && self.ok_uses(&k.name, *v, None) == 0 {
+                    unused.push(at(0));
+                }
+                let decrypts = self.ok_uses(&k.name, *v, Some(DECRYPTS));
+                if *v < k.primary && decrypts > 0 {
+                    below.push(at(decrypts));
+                }
+            }
+        }
+        (unused, below)
+    }
+
+    /// OK uses per key in buckets of a readable width over the report's period.
+    fn timeline(&self) -> (u64, Vec<Bucket>) {
+        let (lo, hi) = match (self.events.first(), self.events.last()) {
+            (Some(a), Some(b)) => (
+                self.filter.since_ms.unwrap_or(a.0),
+                self.filter.until_ms.unwrap_or(b.0 + 1),
+            ),
+            _ => (0, 0),
+        };
+        let bucket_ms = bucket_width(hi.saturating_sub(lo));
+        let mut buckets: BTreeMap<(u64, String), u64> = BTreeMap::new();
+        for (t, key, n) in &self.events {
+            let start = lo + (t.saturating_sub(lo) / bucket_ms) * bucket_ms;
+            *buckets.entry((start, key.clone())).or_default() += n;
+        }
+        let buckets = buckets
+            .into_iter()
+            .map(|((start_ms, key), count)| Bucket {
+                start_ms,
+                key,
+                count,
+            })
+            .collect();
+        (bucket_ms, buckets)
     }
 }
 

@@ -173,15 +173,7 @@ pub fn verify_export(text: &str, trusted: Option<&str>) -> Result<ExportVerdict,
         .map_err(|_| ExportError::BadPublicKey)?;
     let found = public_key.as_deref().map(fingerprint);
     if let Some(trusted) = trusted {
-        let trusted = trusted.trim().to_ascii_lowercase();
-        let want = match trusted.len() {
-            64 => data_encoding::HEXLOWER
-                .decode(trusted.as_bytes())
-                .map(|k| fingerprint(&k))
-                .map_err(|_| ExportError::BadTrustedKey)?,
-            32 if trusted.bytes().all(|b| b.is_ascii_hexdigit()) => trusted,
-            _ => return Err(ExportError::BadTrustedKey),
-        };
+        let want = trusted_fingerprint(trusted)?;
         if found.as_deref() != Some(want.as_str()) {
             return Ok(ExportVerdict::KeyMismatch {
                 found,
@@ -189,23 +181,12 @@ pub fn verify_export(text: &str, trusted: Option<&str>) -> Result<ExportVerdict,
             });
         }
     }
-    let mut records: Vec<&[u8]> = Vec::new();
-    let mut checkpoints = Vec::new();
-    let mut seal: Option<ExportSeal> = None;
-    let mut after_seal = false;
-    for line in lines {
-        if seal.is_some() {
-            after_seal = true;
-        }
-        if let Ok(s) = serde_json::from_str::<ExportSeal>(line) {
-            after_seal |= seal.is_some();
-            seal = Some(s);
-        } else if let Ok(c) = serde_json::from_str::<Checkpoint>(line) {
-            checkpoints.push(c);
-        } else {
-            records.push(line.as_bytes());
-        }
-    }
+    let Parts {
+        records,
+        checkpoints,
+        seal,
+        after_seal,
+    } = Parts::sort(lines);
     // A time range starts inside the chain: from its first record's predecessor.
     let start = records
         .first()
@@ -229,22 +210,10 @@ pub fn verify_export(text: &str, trusted: Option<&str>) -> Result<ExportVerdict,
     let sealed = match &seal {
         None => false,
         Some(s) => {
-            let range = &s.export_seal;
-            if !seal_signed_by(s, public_key.as_deref()) {
-                return broken(verified.head.seq, ChainBreak::CheckpointSignature);
+            if let Err(e) = check_seal(s, &header, &verified, first, public_key.as_deref()) {
+                return Ok(ExportVerdict::Broken(e));
             }
-            if range.last_seq.is_some_and(|l| l > verified.head.seq) {
-                return broken(verified.head.seq + 1, ChainBreak::Truncated);
-            }
-            let holds = range.records == verified.records
-                && range.first_seq == (verified.records > 0).then_some(first)
-                && range.last_seq == (verified.records > 0).then_some(verified.head.seq)
-                && range.last_hash.as_deref()
-                    == (verified.records > 0).then_some(verified.head.hash.as_str())
-                && range.filter == header.filter
-                && range.contiguous == header.contiguous
-                && range.exported_at_ms == header.exported_at_ms;
-            if !holds || after_seal {
+            if after_seal {
                 return broken(verified.head.seq, ChainBreak::SealMismatch);
             }
             true
@@ -262,6 +231,85 @@ pub fn verify_export(text: &str, trusted: Option<&str>) -> Result<ExportVerdict,
     } else {
         ExportVerdict::NotAnchored(summary)
     })
+}
+
+/// The fingerprint `--public-key` names: given as one (32 hex digits), or as the hex
+/// public key itself (64 hex digits).
+fn trusted_fingerprint(trusted: &str) -> Result<String, ExportError> {
+    let trusted = trusted.trim().to_ascii_lowercase();
+    match trusted.len() {
+        64 => data_encoding::HEXLOWER
+            .decode(trusted.as_bytes())
+            .map(|k| fingerprint(&k))
+            .map_err(|_| ExportError::BadTrustedKey),
+        32 if trusted.bytes().all(|b| b.is_ascii_hexdigit()) => Ok(trusted),
+        _ => Err(ExportError::BadTrustedKey),
+    }
+}
+
+/// An export's lines after the header, sorted by kind.
+struct Parts<'a> {
+    records: Vec<&'a [u8]>,
+    checkpoints: Vec<Checkpoint>,
+    /// The last seal line.
+    seal: Option<ExportSeal>,
+    /// Whether anything follows the first seal: a seal must be the export's last line.
+    after_seal: bool,
+}
+
+impl<'a> Parts<'a> {
+    fn sort(lines: impl Iterator<Item = &'a str>) -> Self {
+        let mut parts = Parts {
+            records: Vec::new(),
+            checkpoints: Vec::new(),
+            seal: None,
+            after_seal: false,
+        };
+        for line in lines {
+            if parts.seal.is_some() {
+                parts.after_seal = true;
+            }
+            if let Ok(s) = serde_json::from_str::<ExportSeal>(line) {
+                parts.seal = Some(s);
+            } else if let Ok(c) = serde_json::from_str::<Checkpoint>(line) {
+                parts.checkpoints.push(c);
+            } else {
+                parts.records.push(line.as_bytes());
+            }
+        }
+        parts
+    }
+}
+
+/// Checks an export's seal: signed by the export's key, and covering exactly the records
+/// walked (count, first and last sequence, last hash) under the header's filter and time.
+fn check_seal(
+    seal: &ExportSeal,
+    header: &ExportHeader,
+    verified: &Verified,
+    first: u64,
+    public_key: Option<&[u8]>,
+) -> Result<(), ChainError> {
+    let range = &seal.export_seal;
+    let fail = |seq, reason| Err(ChainError { seq, reason });
+    if !seal_signed_by(seal, public_key) {
+        return fail(verified.head.seq, ChainBreak::CheckpointSignature);
+    }
+    if range.last_seq.is_some_and(|l| l > verified.head.seq) {
+        return fail(verified.head.seq + 1, ChainBreak::Truncated);
+    }
+    let any = verified.records > 0;
+    let holds = range.records == verified.records
+        && range.first_seq == any.then_some(first)
+        && range.last_seq == any.then_some(verified.head.seq)
+        && range.last_hash.as_deref() == any.then_some(verified.head.hash.as_str())
+        && range.filter == header.filter
+        && range.contiguous == header.contiguous
+        && range.exported_at_ms == header.exported_at_ms;
+    if !holds {
+        return fail(verified.head.seq, ChainBreak::SealMismatch);
+    }
+    Ok(())
 }
 
 /// Whether an export seal is signed by `public_key` and names its fingerprint.
@@ -287,6 +335,37 @@ fn ed25519_verify(public_key: &[u8], signature_hex: &str, message: &[u8]) -> boo
         return false;
     };
     key.verify_strict(message, &sig).is_ok()
+}
+
+/// Parses the record after `head` and checks that it is that record: its own hash, its
+/// sequence number (a gap is `Missing` or `OutOfOrder`, a repeat `Inserted`), and its link to
+/// `head`. `seen` holds every sequence number the walk will meet.
+fn next_record(head: &Head, bytes: &[u8], seen: &HashSet<u64>) -> Result<AuditRecord, ChainError> {
+    let expected = head.seq + 1;
+    let fail = |seq, reason| Err(ChainError { seq, reason });
+    let Ok(r) = serde_json::from_slice::<AuditRecord>(bytes) else {
+        return fail(expected, ChainBreak::Altered);
+    };
+    if r.compute_hash().ok().as_deref() != Some(r.hash.as_str()) {
+        return fail(expected, ChainBreak::Altered);
+    }
+    if r.seq > expected {
+        let reason = if seen.contains(&expected) {
+            ChainBreak::OutOfOrder
+        } else {
+            ChainBreak::Missing
+        };
+        return fail(expected, reason);
+    }
+    if r.seq < expected {
+        return fail(r.seq, ChainBreak::Inserted);
+    }
+    if r.prev_hash != head.hash {
+        // Record `expected` is the real one (it names its predecessor's true hash), so the
+        // record before it was replaced.
+        return fail(head.seq.max(1), ChainBreak::Altered);
+    }
+    Ok(r)
 }
 
 /// Verifies a whole log from record 1: see [`verify_from`].
@@ -323,29 +402,7 @@ pub fn verify_from(
     let mut checked = 0;
     let mut walked = 0;
     for bytes in records {
-        let expected = head.seq + 1;
-        let Ok(r) = serde_json::from_slice::<AuditRecord>(bytes.as_ref()) else {
-            return fail(expected, ChainBreak::Altered);
-        };
-        if r.compute_hash().ok().as_deref() != Some(r.hash.as_str()) {
-            return fail(expected, ChainBreak::Altered);
-        }
-        if r.seq > expected {
-            let reason = if seen.contains(&expected) {
-                ChainBreak::OutOfOrder
-            } else {
-                ChainBreak::Missing
-            };
-            return fail(expected, reason);
-        }
-        if r.seq < expected {
-            return fail(r.seq, ChainBreak::Inserted);
-        }
-        if r.prev_hash != head.hash {
-            // Record `expected` is the real one (it names its predecessor's true hash), so
-            // the record before it was replaced.
-            return fail(head.seq.max(1), ChainBreak::Altered);
-        }
+        let r = next_record(&head, bytes.as_ref(), &seen)?;
         if let Some(c) = by_seq.get(&r.seq) {
             if !check_signature(c, public_key) {
                 return fail(c.checkpoint, ChainBreak::CheckpointSignature);

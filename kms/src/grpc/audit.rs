@@ -1,6 +1,7 @@
 //! `kms.v1.Audit`: export, key-usage report, verification. Each call is itself audited
 //! before it answers (an export: before its first line).
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -275,39 +276,8 @@ fn export(
     filter: &Filter,
     tx: &tokio::sync::mpsc::Sender<Result<pb::ExportAuditLogChunk, Status>>,
 ) -> Result<(), ApiError> {
-    // Sign a checkpoint over the head (which includes this export's record) so that the
-    // export ends with one; it covers exactly the records exported.
-    let fresh = log.checkpoint().and_then(Result::ok);
-    let upto = match &fresh {
-        Some(c) => c.checkpoint,
-        None => {
-            log.stored_head()
-                .map_err(|_| ApiError::Keyring(KeyringError::AuditUnavailable))?
-                .seq
-        }
-    };
-    let contiguous = filter.is_contiguous();
-    let cps: std::collections::BTreeMap<u64, Checkpoint> = if contiguous {
-        log.checkpoints()
-            .map_err(ApiError::AuditRead)?
-            .into_iter()
-            .map(|c| (c.checkpoint, c))
-            .collect()
-    } else {
-        Default::default()
-    };
-    let header = ExportHeader {
-        format: EXPORT_FORMAT.to_owned(),
-        exported_at_ms: crate::audit::now_ms(),
-        server_version: env!("CARGO_PKG_VERSION").to_owned(),
-        checkpoint_public_key: public_key
-            .as_deref()
-            .map(|p| data_encoding::HEXLOWER.encode(p)),
-        checkpoint_key_fingerprint: public_key.as_deref().map(fingerprint),
-        filter: filter.clone(),
-        contiguous,
-        last_seq: (contiguous && filter.until_ms.is_none()).then_some(upto),
-    };
+    let (header, upto, cps) = begin_export(log, public_key, filter)?;
+    let contiguous = header.contiguous;
     let mut lines = vec![serde_json::to_string(&header).unwrap_or_default()];
     let mut bytes_held = 0;
     let mut open = true;
@@ -353,19 +323,70 @@ fn export(
     })
     .map_err(ApiError::AuditRead)?;
     // The seal: exactly these records, signed by the HSM key, as the last line.
+    lines.extend(seal_line(log, range));
+    flush(&mut lines);
+    Ok(())
+}
+
+/// The export's header, the sequence number it ends at, and (for a contiguous export) the
+/// checkpoints to interleave, by the record they cover.
+fn begin_export(
+    log: &AuditLog,
+    public_key: Option<Vec<u8>>,
+    filter: &Filter,
+) -> Result<(ExportHeader, u64, BTreeMap<u64, Checkpoint>), ApiError> {
+    // Sign a checkpoint over the head (which includes this export's record) so that the
+    // export ends with one; it covers exactly the records exported.
+    let fresh = log.checkpoint().and_then(Result::ok);
+    let upto = match &fresh {
+        Some(c) => c.checkpoint,
+        None => {
+            log.stored_head()
+                .map_err(|_| ApiError::Keyring(KeyringError::AuditUnavailable))?
+                .seq
+        }
+    };
+    let contiguous = filter.is_contiguous();
+    let cps: BTreeMap<u64, Checkpoint> = if contiguous {
+        log.checkpoints()
+            .map_err(ApiError::AuditRead)?
+            .into_iter()
+            .map(|c| (c.checkpoint, c))
+            .collect()
+    } else {
+        Default::default()
+    };
+    let header = ExportHeader {
+        format: EXPORT_FORMAT.to_owned(),
+        exported_at_ms: crate::audit::now_ms(),
+        server_version: env!("CARGO_PKG_VERSION").to_owned(),
+        checkpoint_public_key: public_key
+            .as_deref()
+            .map(|p| data_encoding::HEXLOWER.encode(p)),
+        checkpoint_key_fingerprint: public_key.as_deref().map(fingerprint),
+        filter: filter.clone(),
+        contiguous,
+        last_seq: (contiguous && filter.until_ms.is_none()).then_some(upto),
+    };
+    Ok((header, upto, cps))
+}
+
+/// The export's last line: its seal, signed in the HSM. `None` (logged) when the audit
+/// key is not available or signing failed: the export then verifies as not anchored.
+fn seal_line(log: &AuditLog, range: ExportRange) -> Option<String> {
     match log.signer().seal_export(range) {
-        Some(Ok(seal)) => lines.push(serde_json::to_string(&seal).unwrap_or_default()),
+        Some(Ok(seal)) => Some(serde_json::to_string(&seal).unwrap_or_default()),
         Some(Err(e)) => {
             tracing::error!(error = %crate::error_chain(&e), "audit export not sealed: offline verification will say it is not anchored");
+            None
         }
         None => {
             tracing::warn!(
                 "audit export not sealed: the audit key is not available (the PIN is in the shares and the server is sealed)"
             );
+            None
         }
     }
-    flush(&mut lines);
-    Ok(())
 }
 
 #[cfg(test)]

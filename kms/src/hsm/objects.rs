@@ -20,99 +20,14 @@ impl Hsm {
         label: &str,
         id: &[u8],
     ) -> Result<(KeyHandle, Option<Vec<u8>>), HsmError> {
-        let label = label.as_bytes().to_vec();
-        // Attributes every keyring key has: a private token object that never leaves, with
-        // a random CKA_ID that tells it apart from any other object with its label (one
-        // left by a crash before its version was committed, say).
-        let base = || {
-            vec![
-                Attribute::Id(id.to_vec()),
-                Attribute::Label(label.clone()),
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(false),
-                Attribute::Modifiable(false),
-                Attribute::Copyable(false),
-                Attribute::Derive(false),
-            ]
-        };
-        // Secret keys: every usage flag explicit (SoftHSM adds defaults otherwise).
-        let common = |sign: bool, encrypt: bool| {
-            let mut t = base();
-            t.extend([
-                Attribute::Encrypt(encrypt),
-                Attribute::Decrypt(encrypt),
-                Attribute::Sign(sign),
-                Attribute::Verify(sign),
-                Attribute::Wrap(false),
-                Attribute::Unwrap(false),
-            ]);
-            t
-        };
+        let base = base_template(label, id);
         self.with_session(|s| match kind {
             HsmKeyKind::Aes256 | HsmKeyKind::HmacSha256 => {
-                // 256-bit secret keys: AES encrypts/decrypts, the HMAC key signs/verifies.
-                let (mechanism, key_type, mac) = match kind {
-                    HsmKeyKind::Aes256 => (Mechanism::AesKeyGen, KeyType::AES, false),
-                    _ => (
-                        Mechanism::GenericSecretKeyGen,
-                        KeyType::GENERIC_SECRET,
-                        true,
-                    ),
-                };
-                let mut t = common(mac, !mac);
-                t.extend([
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::KeyType(key_type),
-                    Attribute::ValueLen(32u64.into()),
-                ]);
-                let h = s
-                    .generate_key(&mechanism, &t)
-                    .map_err(pk("generate a secret key"))?;
-                Ok((KeyHandle(h), None))
+                Ok((generate_secret(s, kind, base)?, None))
             }
             HsmKeyKind::Ed25519 | HsmKeyKind::EcdsaP256 => {
-                let (mechanism, key_type, params): (Mechanism<'_>, KeyType, &[u8]) = match kind {
-                    HsmKeyKind::Ed25519 => (
-                        Mechanism::EccEdwardsKeyPairGen,
-                        KeyType::EC_EDWARDS,
-                        OID_ED25519,
-                    ),
-                    _ => (Mechanism::EccKeyPairGen, KeyType::EC, OID_P256),
-                };
-                // The public half is a session object: kms keeps the public key's bytes in
-                // its (authenticated) metadata and verifies in software.
-                let public = [
-                    Attribute::Token(false),
-                    Attribute::Verify(true),
-                    Attribute::KeyType(key_type),
-                    Attribute::EcParams(params.to_vec()),
-                ];
-                // Private keys: the usages a private key can have, explicit.
-                let mut private = base();
-                private.extend([
-                    Attribute::Class(ObjectClass::PRIVATE_KEY),
-                    Attribute::KeyType(key_type),
-                    Attribute::Sign(true),
-                    Attribute::Decrypt(false),
-                    Attribute::Unwrap(false),
-                ]);
-                let (pub_h, priv_h) = s
-                    .generate_key_pair(&mechanism, &public, &private)
-                    .map_err(pk("generate a key pair"))?;
-                let point = s
-                    .get_attributes(pub_h, &[AttributeType::EcPoint])
-                    .map_err(pk("read the public key"))?
-                    .into_iter()
-                    .find_map(|a| match a {
-                        Attribute::EcPoint(p) => Some(p),
-                        _ => None,
-                    })
-                    .ok_or(HsmError::Misuse("the token returned no public key"))?;
-                let _ = s.destroy_object(pub_h);
-                let want = if kind == HsmKeyKind::Ed25519 { 32 } else { 65 };
-                Ok((KeyHandle(priv_h), Some(unwrap_ec_point(&point, want)?)))
+                let (key, public) = generate_ec_pair(s, kind, base)?;
+                Ok((key, Some(public)))
             }
         })
     }
@@ -387,4 +302,101 @@ impl MasterKeyAttributes {
     pub fn is_safe(&self) -> bool {
         self.problems().is_empty()
     }
+}
+
+/// Attributes every keyring key has: a private token object that never leaves, with a
+/// random CKA_ID that tells it apart from any other object with its label (one left by a
+/// crash before its version was committed, say).
+fn base_template(label: &str, id: &[u8]) -> Vec<Attribute> {
+    vec![
+        Attribute::Id(id.to_vec()),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Modifiable(false),
+        Attribute::Copyable(false),
+        Attribute::Derive(false),
+    ]
+}
+
+/// A 256-bit secret key: AES encrypts and decrypts, the HMAC key signs and verifies. Every
+/// usage flag is explicit (SoftHSM adds defaults otherwise).
+fn generate_secret(
+    s: &Session,
+    kind: HsmKeyKind,
+    mut template: Vec<Attribute>,
+) -> Result<KeyHandle, HsmError> {
+    let (mechanism, key_type, mac) = match kind {
+        HsmKeyKind::Aes256 => (Mechanism::AesKeyGen, KeyType::AES, false),
+        _ => (
+            Mechanism::GenericSecretKeyGen,
+            KeyType::GENERIC_SECRET,
+            true,
+        ),
+    };
+    template.extend([
+        Attribute::Encrypt(!mac),
+        Attribute::Decrypt(!mac),
+        Attribute::Sign(mac),
+        Attribute::Verify(mac),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(key_type),
+        Attribute::ValueLen(32u64.into()),
+    ]);
+    let h = s
+        .generate_key(&mechanism, &template)
+        .map_err(pk("generate a secret key"))?;
+    Ok(KeyHandle(h))
+}
+
+/// An Ed25519 or P-256 key pair. The private key gets the usages a private key can have,
+/// explicit; the public half is a session object, read and destroyed at once: kms keeps the
+/// public key's bytes in its (authenticated) metadata and verifies in software. Returns the
+/// private key and the public key's bytes (Ed25519: 32 bytes; P-256: the 65-byte
+/// uncompressed SEC1 point).
+fn generate_ec_pair(
+    s: &Session,
+    kind: HsmKeyKind,
+    mut private: Vec<Attribute>,
+) -> Result<(KeyHandle, Vec<u8>), HsmError> {
+    let (mechanism, key_type, params): (Mechanism<'_>, KeyType, &[u8]) = match kind {
+        HsmKeyKind::Ed25519 => (
+            Mechanism::EccEdwardsKeyPairGen,
+            KeyType::EC_EDWARDS,
+            OID_ED25519,
+        ),
+        _ => (Mechanism::EccKeyPairGen, KeyType::EC, OID_P256),
+    };
+    let public = [
+        Attribute::Token(false),
+        Attribute::Verify(true),
+        Attribute::KeyType(key_type),
+        Attribute::EcParams(params.to_vec()),
+    ];
+    private.extend([
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(key_type),
+        Attribute::Sign(true),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+    ]);
+    let (pub_h, priv_h) = s
+        .generate_key_pair(&mechanism, &public, &private)
+        .map_err(pk("generate a key pair"))?;
+    let point = s
+        .get_attributes(pub_h, &[AttributeType::EcPoint])
+        .map_err(pk("read the public key"))?
+        .into_iter()
+        .find_map(|a| match a {
+            Attribute::EcPoint(p) => Some(p),
+            _ => None,
+        })
+        .ok_or(HsmError::Misuse("the token returned no public key"))?;
+    let _ = s.destroy_object(pub_h);
+    let want = if kind == HsmKeyKind::Ed25519 { 32 } else { 65 };
+    Ok((KeyHandle(priv_h), unwrap_ec_point(&point, want)?))
 }

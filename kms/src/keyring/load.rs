@@ -156,91 +156,95 @@ impl Keyring {
             unhex(&meta.key_id).ok_or_else(|| KeyringError::Tampered(meta.name.clone()))?;
         let mut versions = HashMap::new();
         for v in &meta.versions {
-            if let Some(existing) = old.and_then(|o| {
-                let same = o.meta.version(v.version).is_some_and(|m| {
-                    matches!(m.state, VersionState::Destroyed { .. })
-                        == matches!(v.state, VersionState::Destroyed { .. })
-                });
-                if same {
-                    o.versions.get(&v.version).cloned()
-                } else {
-                    None
-                }
-            }) {
-                versions.insert(v.version, existing);
-                continue;
-            }
-            let secret = match (&v.state, meta.protection) {
-                (VersionState::Destroyed { .. }, _) => None,
-                (_, Protection::Software) => {
-                    let salt = v
-                        .salt
-                        .as_deref()
-                        .and_then(unhex)
-                        .ok_or_else(|| KeyringError::Tampered(meta.name.clone()))?;
-                    Some(material::derive_secret(
-                        &self.root,
-                        &salt,
-                        &key_id,
-                        v.version,
-                        meta.algorithm,
-                    )?)
-                }
-                (_, Protection::Hsm) => {
-                    let label = v
-                        .hsm_label
-                        .as_deref()
-                        .ok_or_else(|| KeyringError::Tampered(meta.name.clone()))?;
-                    let id = match &v.hsm_id {
-                        Some(id) => Some(
-                            unhex(id).ok_or_else(|| KeyringError::Tampered(meta.name.clone()))?,
-                        ),
-                        None => None,
-                    };
-                    let kind = hsm_kind(meta.algorithm);
-                    match self.hsm.find_key(kind, label, id.as_deref()) {
-                        Ok(Some(h)) => Some(Secret::Hsm(kind, h)),
-                        Ok(None) => {
-                            tracing::error!(key = %meta.name, version = v.version, "HSM object missing from the token");
-                            Some(Secret::HsmMissing)
-                        }
-                        // Never a guess between objects: the version is unusable until an
-                        // operator looks (its operations fail DATA_LOSS).
-                        Err(
-                            e @ (HsmError::KeyAmbiguous { .. } | HsmError::UnexpectedObject { .. }),
-                        ) => {
-                            tracing::error!(key = %meta.name, version = v.version, error = %e, "HSM object refused");
-                            Some(Secret::HsmMissing)
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
+            let material = match old.and_then(|o| unchanged(o, v)) {
+                Some(existing) => existing,
+                None => self.version_material(&meta, &key_id, v)?,
             };
-            let public = match &v.public_key {
-                Some(h) => Some(
-                    unhex(h)
-                        .and_then(|b| Public::from_bytes(meta.algorithm, &b))
-                        .ok_or_else(|| KeyringError::Tampered(meta.name.clone()))?,
-                ),
-                None => None,
-            };
-            let reserved = match self
-                .store
-                .get(Table::Counters, &counter_key(&meta.name, v.version))?
-            {
-                Some(b) => u64::from_be_bytes(b.as_slice().try_into().unwrap_or([0xff; 8])),
-                None => 0,
-            };
-            versions.insert(
-                v.version,
-                Arc::new(VersionMaterial {
-                    secret,
-                    public,
-                    counter: AtomicU64::new(reserved),
-                    reserved: AtomicU64::new(reserved),
-                }),
-            );
+            versions.insert(v.version, material);
         }
         Ok(KeyEntry { meta, versions })
     }
+
+    /// One version's material: its secret (derived, or found in the token), its public
+    /// key, and its nonce counter from the store.
+    fn version_material(
+        &self,
+        meta: &KeyMeta,
+        key_id: &[u8],
+        v: &VersionMeta,
+    ) -> Result<Arc<VersionMaterial>, KeyringError> {
+        let tampered = || KeyringError::Tampered(meta.name.clone());
+        let secret = match (&v.state, meta.protection) {
+            (VersionState::Destroyed { .. }, _) => None,
+            (_, Protection::Software) => {
+                let salt = v.salt.as_deref().and_then(unhex).ok_or_else(tampered)?;
+                Some(material::derive_secret(
+                    &self.root,
+                    &salt,
+                    key_id,
+                    v.version,
+                    meta.algorithm,
+                )?)
+            }
+            (_, Protection::Hsm) => Some(self.hsm_secret(meta, v)?),
+        };
+        let public = match &v.public_key {
+            Some(h) => Some(
+                unhex(h)
+                    .and_then(|b| Public::from_bytes(meta.algorithm, &b))
+                    .ok_or_else(tampered)?,
+            ),
+            None => None,
+        };
+        let reserved = match self
+            .store
+            .get(Table::Counters, &counter_key(&meta.name, v.version))?
+        {
+            Some(b) => u64::from_be_bytes(b.as_slice().try_into().unwrap_or([0xff; 8])),
+            None => 0,
+        };
+        Ok(Arc::new(VersionMaterial {
+            secret,
+            public,
+            counter: AtomicU64::new(reserved),
+            reserved: AtomicU64::new(reserved),
+        }))
+    }
+
+    /// Finds an HSM version's object by its label and CKA_ID. Missing or ambiguous makes the
+    /// version unusable (its operations fail DATA_LOSS) rather than the keyring unloadable.
+    fn hsm_secret(&self, meta: &KeyMeta, v: &VersionMeta) -> Result<Secret, KeyringError> {
+        let tampered = || KeyringError::Tampered(meta.name.clone());
+        let label = v.hsm_label.as_deref().ok_or_else(tampered)?;
+        let id = match &v.hsm_id {
+            Some(id) => Some(unhex(id).ok_or_else(tampered)?),
+            None => None,
+        };
+        let kind = hsm_kind(meta.algorithm);
+        match self.hsm.find_key(kind, label, id.as_deref()) {
+            Ok(Some(h)) => Ok(Secret::Hsm(kind, h)),
+            Ok(None) => {
+                tracing::error!(key = %meta.name, version = v.version, "HSM object missing from the token");
+                Ok(Secret::HsmMissing)
+            }
+            // Never a guess between objects: the version is unusable until an operator
+            // looks.
+            Err(e @ (HsmError::KeyAmbiguous { .. } | HsmError::UnexpectedObject { .. })) => {
+                tracing::error!(key = %meta.name, version = v.version, error = %e, "HSM object refused");
+                Ok(Secret::HsmMissing)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// `old`'s material for version `v`, if the version is unchanged (destroyed then as now,
+/// or live then as now).
+fn unchanged(old: &KeyEntry, v: &VersionMeta) -> Option<Arc<VersionMaterial>> {
+    let destroyed = |s: &VersionState| matches!(s, VersionState::Destroyed { .. });
+    old.meta
+        .version(v.version)
+        .is_some_and(|m| destroyed(&m.state) == destroyed(&v.state))
+        .then(|| old.versions.get(&v.version).cloned())
+        .flatten()
 }

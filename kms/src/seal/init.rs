@@ -155,21 +155,7 @@ impl SealManager {
             root_key,
             pin_bytes,
         } = *m;
-        let mut inner_nonce = [0u8; NONCE_LEN];
-        getrandom::fill(&mut inner_nonce).map_err(|_| SealError::Randomness)?;
-        let inner_ct = software_wrap(
-            unseal_key,
-            &inner_nonce,
-            &aad(INNER_AAD, set),
-            root_key.as_slice(),
-        )?;
-        let mut inner_blob = Vec::with_capacity(NONCE_LEN + inner_ct.len());
-        inner_blob.extend_from_slice(&inner_nonce);
-        inner_blob.extend_from_slice(&inner_ct);
-        let outer = self
-            .hsm
-            .encrypt(master_key, &aad(OUTER_AAD, set), &inner_blob)?;
-
+        let outer = wrap_root(&self.hsm, master_key, set, unseal_key, root_key)?;
         let record = SealRecord {
             schema: SEAL_SCHEMA,
             share_set_id: set.to_string(),

@@ -44,7 +44,7 @@ mod init;
 mod unseal;
 mod wrap;
 
-use wrap::{aad, key_check, random_key, random_nonce, software_wrap, to_key, unwrap_root};
+use wrap::{key_check, random_key, random_nonce, to_key, unwrap_root, wrap_root};
 
 /// The store key of the seal record.
 const SEAL_RECORD_KEY: &str = "seal";

@@ -26,28 +26,7 @@ impl SealManager {
         {
             return Err(SealError::AttemptMismatch);
         }
-        let share = Share::parse(share_text)?;
-        let expected = record.share_set()?;
-        if share.share_set() != expected {
-            return Err(SealError::WrongShareSet {
-                expected,
-                got: share.share_set(),
-            });
-        }
-        if share.threshold() != record.threshold {
-            return Err(SealError::WrongThreshold {
-                expected: record.threshold,
-                got: share.threshold(),
-            });
-        }
-        check_commitment(record, &share)?;
-        if let Some(a) = attempt.as_ref()
-            && a.shares.iter().any(|s| s.index() == share.index())
-        {
-            return Err(SealError::DuplicateShare {
-                index: share.index(),
-            });
-        }
+        let share = admit(record, attempt.as_ref(), share_text)?;
         let current = match attempt {
             Some(a) => a,
             None => attempt.insert(Attempt {
@@ -68,22 +47,37 @@ impl SealManager {
             _ => SealError::WrongQuorum,
         })?;
         drop(shares);
-        let (key_part, pin_part) = secret
-            .split_at_checked(KEY_LEN)
-            .ok_or(SealError::WrongQuorum)?;
-        let unseal_key = to_key(key_part).ok_or(SealError::WrongQuorum)?;
-        let stored_check = data_encoding::HEXLOWER
-            .decode(record.unseal_key_check.as_bytes())
-            .map_err(|_| SealError::CorruptRecord)?;
-        let check = key_check(&unseal_key, expected, pin_part)?;
-        if check.as_slice().ct_eq(&stored_check).unwrap_u8() != 1 {
-            return Err(SealError::WrongQuorum);
-        }
+        let (unseal_key, pin_part) = check_quorum(record, &secret)?;
         let master_key = match inner.master_key {
             Some(k) => k,
             None => self.login_from_shares(pin_part)?,
         };
-        let loaded = unwrap_root(&self.hsm, master_key, record, &unseal_key).and_then(|root| {
+        let keyring = match self.open_keyring(master_key, record, &unseal_key) {
+            Ok(k) => k,
+            Err(e) => {
+                if record.pin_in_shares {
+                    inner.master_key = None;
+                }
+                return Err(e);
+            }
+        };
+        inner.master_key = Some(master_key);
+        inner.state = State::Unsealed(Unsealed {
+            keyring: Arc::new(keyring),
+        });
+        Ok(status_of(inner, self.hsm.pin_in_shares()))
+    }
+
+    /// Unwraps the root key and loads the keyring under it. With `pin_in_shares`, the audit
+    /// key is found first, and on any failure the session logs out again and the signer
+    /// forgets the key: a failed unseal leaves nothing logged in.
+    fn open_keyring(
+        &self,
+        master_key: KeyHandle,
+        record: &SealRecord,
+        unseal_key: &[u8; KEY_LEN],
+    ) -> Result<Keyring, SealError> {
+        let loaded = unwrap_root(&self.hsm, master_key, record, unseal_key).and_then(|root| {
             if record.pin_in_shares {
                 self.audit
                     .signer()
@@ -97,22 +91,11 @@ impl SealManager {
                 self.settings,
             )?)
         });
-        let keyring = match loaded {
-            Ok(k) => k,
-            Err(e) => {
-                if record.pin_in_shares {
-                    let _ = self.hsm.logout();
-                    inner.master_key = None;
-                    self.audit.signer().set(None);
-                }
-                return Err(e);
-            }
-        };
-        inner.master_key = Some(master_key);
-        inner.state = State::Unsealed(Unsealed {
-            keyring: Arc::new(keyring),
-        });
-        Ok(status_of(inner, self.hsm.pin_in_shares()))
+        if loaded.is_err() && record.pin_in_shares {
+            let _ = self.hsm.logout();
+            self.audit.signer().set(None);
+        }
+        loaded
     }
 
     /// Logs in with the PIN recombined from the shares and finds the master key; logs out
@@ -136,6 +119,54 @@ impl SealManager {
         }
         found
     }
+}
+
+/// Parses one share and checks it against the record and the attempt in progress: its share
+/// set, its threshold, its commitment, and that its index was not given already.
+fn admit(record: &SealRecord, attempt: Option<&Attempt>, text: &str) -> Result<Share, SealError> {
+    let share = Share::parse(text)?;
+    let expected = record.share_set()?;
+    if share.share_set() != expected {
+        return Err(SealError::WrongShareSet {
+            expected,
+            got: share.share_set(),
+        });
+    }
+    if share.threshold() != record.threshold {
+        return Err(SealError::WrongThreshold {
+            expected: record.threshold,
+            got: share.threshold(),
+        });
+    }
+    check_commitment(record, &share)?;
+    if let Some(a) = attempt
+        && a.shares.iter().any(|s| s.index() == share.index())
+    {
+        return Err(SealError::DuplicateShare {
+            index: share.index(),
+        });
+    }
+    Ok(share)
+}
+
+/// Splits the recombined secret into the unseal key and the PIN part, and checks the key
+/// against the record's key check in constant time: a wrong quorum is refused here.
+fn check_quorum<'s>(
+    record: &SealRecord,
+    secret: &'s [u8],
+) -> Result<(Zeroizing<[u8; KEY_LEN]>, &'s [u8]), SealError> {
+    let (key_part, pin_part) = secret
+        .split_at_checked(KEY_LEN)
+        .ok_or(SealError::WrongQuorum)?;
+    let unseal_key = to_key(key_part).ok_or(SealError::WrongQuorum)?;
+    let stored_check = data_encoding::HEXLOWER
+        .decode(record.unseal_key_check.as_bytes())
+        .map_err(|_| SealError::CorruptRecord)?;
+    let check = key_check(&unseal_key, record.share_set()?, pin_part)?;
+    if check.as_slice().ct_eq(&stored_check).unwrap_u8() != 1 {
+        return Err(SealError::WrongQuorum);
+    }
+    Ok((unseal_key, pin_part))
 }
 
 /// Refuses a share whose commitment is not the one recorded at init for its index (a

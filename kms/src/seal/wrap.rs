@@ -63,6 +63,31 @@ pub(super) fn software_wrap(
         .map_err(|_| SealError::RootKeyUnwrap)
 }
 
+/// Wraps the root key twice: in software under the unseal key (a random nonce before the
+/// ciphertext), then in the HSM under the master key. Both layers bind the share set id.
+/// The inverse of [`unwrap_root`].
+pub(super) fn wrap_root(
+    hsm: &Hsm,
+    master_key: KeyHandle,
+    set: ShareSetId,
+    unseal_key: &[u8; KEY_LEN],
+    root_key: &[u8; KEY_LEN],
+) -> Result<Vec<u8>, SealError> {
+    let mut inner_nonce = [0u8; NONCE_LEN];
+    getrandom::fill(&mut inner_nonce).map_err(|_| SealError::Randomness)?;
+    let inner_ct = software_wrap(
+        unseal_key,
+        &inner_nonce,
+        &aad(INNER_AAD, set),
+        root_key.as_slice(),
+    )?;
+    let mut inner_blob = Vec::with_capacity(NONCE_LEN + inner_ct.len());
+    inner_blob.extend_from_slice(&inner_nonce);
+    inner_blob.extend_from_slice(&inner_ct);
+    Ok(hsm.encrypt(master_key, &aad(OUTER_AAD, set), &inner_blob)?)
+}
+
+/// Unwraps the root key from the seal record: the HSM layer, then the software layer.
 pub(super) fn unwrap_root(
     hsm: &Hsm,
     master_key: KeyHandle,

@@ -27,7 +27,7 @@ use std::path::Path;
 
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
-use cryptoki::session::UserType;
+use cryptoki::session::{Session, UserType};
 use secrecy::SecretString;
 
 fn read_pin(path: &str) -> SecretString {
@@ -41,156 +41,145 @@ fn main() {
     let label = &args[2];
     let pin = read_pin(&args[3]);
     let pkcs11 = kms_pkcs11_conf::token::load(module).unwrap();
+    if cmd == "provision" {
+        let so = kms_pkcs11_conf::softhsm::random_pin().unwrap();
+        kms_pkcs11_conf::softhsm::provision_token(&pkcs11, label, &so, &pin).unwrap();
+        return;
+    }
+    let slot = kms_pkcs11_conf::token::find_token(&pkcs11, label).unwrap();
+    let session = pkcs11.open_rw_session(slot).unwrap();
+    session.login(UserType::User, Some(&pin)).unwrap();
+    let arg = args[4].as_str();
     match cmd {
-        "provision" => {
-            let so = kms_pkcs11_conf::softhsm::random_pin().unwrap();
-            kms_pkcs11_conf::softhsm::provision_token(&pkcs11, label, &so, &pin).unwrap();
-        }
-        "orphan" | "loose-key" => {
-            let slot = kms_pkcs11_conf::token::find_token(&pkcs11, label).unwrap();
-            let session = pkcs11.open_rw_session(slot).unwrap();
-            session.login(UserType::User, Some(&pin)).unwrap();
-            let weakness = args.get(5).map(String::as_str).unwrap_or("");
-            session
-                .generate_key(
-                    &Mechanism::AesKeyGen,
-                    &[
-                        Attribute::Class(ObjectClass::SECRET_KEY),
-                        Attribute::KeyType(KeyType::AES),
-                        Attribute::ValueLen(32.into()),
-                        Attribute::Label(args[4].clone().into_bytes()),
-                        Attribute::Token(true),
-                        Attribute::Private(weakness != "public"),
-                        Attribute::Sensitive(true),
-                        Attribute::Extractable(false),
-                        Attribute::Encrypt(true),
-                        Attribute::Decrypt(true),
-                        Attribute::Derive(weakness == "derive"),
-                        Attribute::Wrap(weakness == "wrap"),
-                        Attribute::Unwrap(false),
-                        Attribute::Sign(false),
-                        Attribute::Verify(false),
-                    ],
-                )
-                .unwrap();
-        }
+        "orphan" | "loose-key" => loose_key(&session, arg, args.get(5).map_or("", String::as_str)),
         "list" => {
-            let prefix = args[4].as_bytes();
-            let slot = kms_pkcs11_conf::token::find_token(&pkcs11, label).unwrap();
-            let session = pkcs11.open_rw_session(slot).unwrap();
-            session.login(UserType::User, Some(&pin)).unwrap();
-            for h in session.find_objects(&[Attribute::Token(true)]).unwrap() {
-                for a in session.get_attributes(h, &[AttributeType::Label]).unwrap() {
-                    if let Attribute::Label(l) = a
-                        && l.starts_with(prefix)
-                    {
-                        println!("{}", String::from_utf8_lossy(&l));
-                    }
-                }
+            for l in labels(&session, arg) {
+                println!("{l}");
             }
         }
-        "count" => {
-            let prefix = args[4].as_bytes();
-            let slot = kms_pkcs11_conf::token::find_token(&pkcs11, label).unwrap();
-            let session = pkcs11.open_rw_session(slot).unwrap();
-            session.login(UserType::User, Some(&pin)).unwrap();
-            let all = session.find_objects(&[Attribute::Token(true)]).unwrap();
-            let mut n = 0;
-            for h in all {
-                let attrs = session.get_attributes(h, &[AttributeType::Label]).unwrap();
-                if attrs
-                    .iter()
-                    .any(|a| matches!(a, Attribute::Label(l) if l.starts_with(prefix)))
-                {
-                    n += 1;
-                }
-            }
-            println!("{n}");
-        }
-        "set-pin" => {
-            let slot = kms_pkcs11_conf::token::find_token(&pkcs11, label).unwrap();
-            let session = pkcs11.open_rw_session(slot).unwrap();
-            session.login(UserType::User, Some(&pin)).unwrap();
-            session
-                .set_pin(&pin, &SecretString::from(args[4].clone()))
-                .unwrap();
-        }
-        "inspect" | "weak-key" => {
-            let key_label = args[4].clone().into_bytes();
-            let slot = kms_pkcs11_conf::token::find_token(&pkcs11, label).unwrap();
-            let session = pkcs11.open_rw_session(slot).unwrap();
-            session.login(UserType::User, Some(&pin)).unwrap();
-            if cmd == "weak-key" {
-                session
-                    .generate_key(
-                        &Mechanism::AesKeyGen,
-                        &[
-                            Attribute::Class(ObjectClass::SECRET_KEY),
-                            Attribute::KeyType(KeyType::AES),
-                            Attribute::ValueLen(32.into()),
-                            Attribute::Label(key_label),
-                            Attribute::Token(true),
-                            Attribute::Sensitive(false),
-                            Attribute::Extractable(true),
-                            Attribute::Encrypt(true),
-                            Attribute::Decrypt(true),
-                        ],
-                    )
-                    .unwrap();
-                return;
-            }
-            let found = session
-                .find_objects(&[
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::Label(key_label),
-                ])
-                .unwrap();
-            assert_eq!(found.len(), 1, "expected exactly one key with that label");
-            let attrs = session
-                .get_attributes(
-                    found[0],
-                    &[
-                        AttributeType::Sensitive,
-                        AttributeType::AlwaysSensitive,
-                        AttributeType::Extractable,
-                        AttributeType::NeverExtractable,
-                        AttributeType::Token,
-                        AttributeType::Encrypt,
-                        AttributeType::Decrypt,
-                        AttributeType::Wrap,
-                        AttributeType::Unwrap,
-                        AttributeType::Sign,
-                        AttributeType::Derive,
-                        AttributeType::ValueLen,
-                        AttributeType::Value,
-                    ],
-                )
-                .unwrap();
-            let mut out = serde_json::Map::new();
-            // cryptoki skips attributes the token refuses to reveal (CKR_ATTRIBUTE_SENSITIVE).
-            out.insert("value_readable".to_owned(), false.into());
-            for a in attrs {
-                let (k, v) = match a {
-                    Attribute::Sensitive(v) => ("sensitive", v.into()),
-                    Attribute::AlwaysSensitive(v) => ("always_sensitive", v.into()),
-                    Attribute::Extractable(v) => ("extractable", v.into()),
-                    Attribute::NeverExtractable(v) => ("never_extractable", v.into()),
-                    Attribute::Token(v) => ("token", v.into()),
-                    Attribute::Encrypt(v) => ("encrypt", v.into()),
-                    Attribute::Decrypt(v) => ("decrypt", v.into()),
-                    Attribute::Wrap(v) => ("wrap", v.into()),
-                    Attribute::Unwrap(v) => ("unwrap", v.into()),
-                    Attribute::Sign(v) => ("sign", v.into()),
-                    Attribute::Derive(v) => ("derive", v.into()),
-                    Attribute::ValueLen(v) => ("value_len", u64::from(v).into()),
-                    // A sensitive key's value must not be readable: if it is, say so.
-                    Attribute::Value(v) => ("value_readable", (!v.is_empty()).into()),
-                    _ => continue,
-                };
-                out.insert(k.to_owned(), v);
-            }
-            println!("{}", serde_json::Value::Object(out));
-        }
+        "count" => println!("{}", labels(&session, arg).len()),
+        "set-pin" => session
+            .set_pin(&pin, &SecretString::from(arg.to_owned()))
+            .unwrap(),
+        "weak-key" => weak_key(&session, arg),
+        "inspect" => println!("{}", inspect(&session, arg)),
         other => panic!("unknown command {other:?}"),
     }
+}
+
+/// A sensitive, never extractable AES key labelled `label` with no CKA_ID, and with one
+/// `weakness` (`derive`, `wrap`, `public`) or none.
+fn loose_key(session: &Session, label: &str, weakness: &str) {
+    session
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen(32.into()),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Token(true),
+                Attribute::Private(weakness != "public"),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+                Attribute::Derive(weakness == "derive"),
+                Attribute::Wrap(weakness == "wrap"),
+                Attribute::Unwrap(false),
+                Attribute::Sign(false),
+                Attribute::Verify(false),
+            ],
+        )
+        .unwrap();
+}
+
+/// The labels of the token objects whose label starts with `prefix`.
+fn labels(session: &Session, prefix: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for h in session.find_objects(&[Attribute::Token(true)]).unwrap() {
+        for a in session.get_attributes(h, &[AttributeType::Label]).unwrap() {
+            if let Attribute::Label(l) = a
+                && l.starts_with(prefix.as_bytes())
+            {
+                out.push(String::from_utf8_lossy(&l).into_owned());
+            }
+        }
+    }
+    out
+}
+
+/// An AES key that breaks kms's rules: extractable and not sensitive.
+fn weak_key(session: &Session, label: &str) {
+    session
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen(32.into()),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Token(true),
+                Attribute::Sensitive(false),
+                Attribute::Extractable(true),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+            ],
+        )
+        .unwrap();
+}
+
+/// The one secret key labelled `label`, its attributes as JSON, as the token reports them.
+fn inspect(session: &Session, label: &str) -> serde_json::Value {
+    let found = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .unwrap();
+    assert_eq!(found.len(), 1, "expected exactly one key with that label");
+    let attrs = session
+        .get_attributes(
+            found[0],
+            &[
+                AttributeType::Sensitive,
+                AttributeType::AlwaysSensitive,
+                AttributeType::Extractable,
+                AttributeType::NeverExtractable,
+                AttributeType::Token,
+                AttributeType::Encrypt,
+                AttributeType::Decrypt,
+                AttributeType::Wrap,
+                AttributeType::Unwrap,
+                AttributeType::Sign,
+                AttributeType::Derive,
+                AttributeType::ValueLen,
+                AttributeType::Value,
+            ],
+        )
+        .unwrap();
+    let mut out = serde_json::Map::new();
+    // cryptoki skips attributes the token refuses to reveal (CKR_ATTRIBUTE_SENSITIVE).
+    out.insert("value_readable".to_owned(), false.into());
+    for a in attrs {
+        let (k, v) = match a {
+            Attribute::Sensitive(v) => ("sensitive", v.into()),
+            Attribute::AlwaysSensitive(v) => ("always_sensitive", v.into()),
+            Attribute::Extractable(v) => ("extractable", v.into()),
+            Attribute::NeverExtractable(v) => ("never_extractable", v.into()),
+            Attribute::Token(v) => ("token", v.into()),
+            Attribute::Encrypt(v) => ("encrypt", v.into()),
+            Attribute::Decrypt(v) => ("decrypt", v.into()),
+            Attribute::Wrap(v) => ("wrap", v.into()),
+            Attribute::Unwrap(v) => ("unwrap", v.into()),
+            Attribute::Sign(v) => ("sign", v.into()),
+            Attribute::Derive(v) => ("derive", v.into()),
+            Attribute::ValueLen(v) => ("value_len", u64::from(v).into()),
+            // A sensitive key's value must not be readable: if it is, say so.
+            Attribute::Value(v) => ("value_readable", (!v.is_empty()).into()),
+            _ => continue,
+        };
+        out.insert(k.to_owned(), v);
+    }
+    serde_json::Value::Object(out)
 }
