@@ -256,18 +256,7 @@ impl Keyring {
         version: u32,
         journal: &dyn Journal,
     ) -> Result<KeyMeta, KeyringError> {
-        self.change_version(name, version, journal, |_, v| match v.state {
-            VersionState::Enabled | VersionState::Disabled => {
-                v.state = VersionState::Enabled;
-                Ok(())
-            }
-            VersionState::ScheduledForDestruction { .. } => Err(KeyringError::NotAllowed(
-                "the version is scheduled for destruction: cancel the destruction first",
-            )),
-            VersionState::Destroyed { .. } => {
-                Err(KeyringError::NotAllowed("the version is destroyed"))
-            }
-        })
+        self.change_version(name, version, journal, |_, v| v.state.enable())
     }
 
     /// Disables an enabled version.
@@ -277,15 +266,7 @@ impl Keyring {
         version: u32,
         journal: &dyn Journal,
     ) -> Result<KeyMeta, KeyringError> {
-        self.change_version(name, version, journal, |_, v| match v.state {
-            VersionState::Enabled | VersionState::Disabled => {
-                v.state = VersionState::Disabled;
-                Ok(())
-            }
-            _ => Err(KeyringError::NotAllowed(
-                "only an enabled version can be disabled",
-            )),
-        })
+        self.change_version(name, version, journal, |_, v| v.state.disable())
     }
 
     /// Schedules a version's destruction in `days` (1..=30) days. The primary version
@@ -303,23 +284,10 @@ impl Keyring {
             ));
         }
         let day = self.settings.day_seconds;
+        let destroy_at = now().saturating_add(u64::from(days).saturating_mul(day));
         self.change_version(name, version, journal, |meta, v| {
-            if meta.primary == version {
-                return Err(KeyringError::NotAllowed(
-                    "the primary version cannot be destroyed: rotate the key first",
-                ));
-            }
-            match v.state {
-                VersionState::Enabled | VersionState::Disabled => {
-                    v.state = VersionState::ScheduledForDestruction {
-                        destroy_at: now().saturating_add(u64::from(days).saturating_mul(day)),
-                    };
-                    Ok(())
-                }
-                _ => Err(KeyringError::NotAllowed(
-                    "the version is already scheduled for destruction or destroyed",
-                )),
-            }
+            v.state
+                .schedule_destruction(meta.primary == version, destroy_at)
         })
     }
 
@@ -331,21 +299,8 @@ impl Keyring {
         journal: &dyn Journal,
     ) -> Result<KeyMeta, KeyringError> {
         let at = now();
-        self.change_version(name, version, journal, |_, v| match v.state {
-            // Once due, the HSM object may be gone already (destruction is retried until
-            // the token confirms it): too late to cancel.
-            VersionState::ScheduledForDestruction { destroy_at } if destroy_at <= at => {
-                Err(KeyringError::NotAllowed(
-                    "the version's destruction is due: it can no longer be cancelled",
-                ))
-            }
-            VersionState::ScheduledForDestruction { .. } => {
-                v.state = VersionState::Disabled;
-                Ok(())
-            }
-            _ => Err(KeyringError::NotAllowed(
-                "the version is not scheduled for destruction",
-            )),
+        self.change_version(name, version, journal, |_, v| {
+            v.state.cancel_destruction(at)
         })
     }
 

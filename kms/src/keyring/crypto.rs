@@ -2,15 +2,7 @@
 //! data keys, sign, verify, public keys, MAC.
 
 use super::*;
-
-/// What a version is used for: making new data (encrypt, sign, MAC: any enabled version,
-/// in practice the primary) or reading existing data (decrypt, verify: also at or above
-/// the key's minimum decryption version).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum VersionUse {
-    Make,
-    Read,
-}
+use lifecycle::{Exhausted, VersionUse, budget_step};
 
 /// What `ReEncrypt` made: the new ciphertext, the version that made it, and the version
 /// that had made the old one.
@@ -50,28 +42,7 @@ impl Keyring {
         version: u32,
         purpose: VersionUse,
     ) -> Result<&Arc<VersionMaterial>, KeyringError> {
-        let name = &e.meta.name;
-        let vm = e
-            .meta
-            .version(version)
-            .ok_or_else(|| KeyringError::VersionNotFound {
-                name: name.clone(),
-                version,
-            })?;
-        if purpose == VersionUse::Read && version < e.meta.min_decryption_version {
-            return Err(KeyringError::BelowMinimum {
-                name: name.clone(),
-                version,
-                min: e.meta.min_decryption_version,
-            });
-        }
-        if vm.state != VersionState::Enabled {
-            return Err(KeyringError::VersionNotEnabled {
-                name: name.clone(),
-                version,
-                state: vm.state.name(),
-            });
-        }
+        e.meta.check_use(version, purpose)?;
         e.versions
             .get(&version)
             .ok_or(KeyringError::Internal("material"))
@@ -92,18 +63,17 @@ impl Keyring {
         let m = Self::usable(e, version, VersionUse::Make)?;
         let max = self.settings.max_messages_per_version;
         let n = m.counter.fetch_add(1, Ordering::SeqCst);
-        if n >= max {
-            return Err(KeyringError::Exhausted {
+        let step = budget_step(n, m.reserved.load(Ordering::SeqCst), max).map_err(|Exhausted| {
+            KeyringError::Exhausted {
                 name: e.meta.name.clone(),
                 version,
-            });
-        }
-        if n >= m.reserved.load(Ordering::SeqCst) {
+            }
+        })?;
+        if step.reserve.is_some() {
             let _g = self.admin()?;
+            // Another call may have reserved past `n` while this one waited for the lock.
             let reserved = m.reserved.load(Ordering::SeqCst);
-            if n >= reserved {
-                let block = (max / 64).clamp(1, 1 << 16);
-                let new = n.saturating_add(block).min(max);
+            if let Some(new) = budget_step(n, reserved, max).ok().and_then(|s| s.reserve) {
                 self.store.put(
                     Table::Counters,
                     &counter_key(&e.meta.name, version),
@@ -112,7 +82,7 @@ impl Keyring {
                 m.reserved.store(new, Ordering::SeqCst);
             }
         }
-        if n >= max - max / 4 {
+        if step.rotate {
             let _g = self.admin()?;
             let journal = SystemJournal {
                 log: &self.audit,

@@ -21,6 +21,7 @@ mod crypto;
 mod error;
 pub mod grants;
 mod journal;
+mod lifecycle;
 mod load;
 mod maintenance;
 pub mod material;
