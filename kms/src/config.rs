@@ -10,7 +10,7 @@ use serde::Deserialize;
 /// The configuration file, as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ConfigFile {
+pub(crate) struct ConfigFile {
     /// The gRPC listen address, e.g. `127.0.0.1:8200`.
     pub listen: String,
     /// The `[storage]` table.
@@ -43,7 +43,7 @@ pub struct ConfigFile {
 /// `[limits]`: what any one caller can make the server hold, read or record.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct LimitsConfig {
+pub(crate) struct LimitsConfig {
     /// Seconds a client has to finish its TLS handshake (default 5).
     pub handshake_timeout_seconds: Option<u64>,
     /// Handshakes in progress at once, from all addresses (default 256).
@@ -66,7 +66,7 @@ pub struct LimitsConfig {
 /// `[tls]`.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct TlsConfig {
+pub(crate) struct TlsConfig {
     /// The server certificate chain (PEM).
     pub cert: Option<PathBuf>,
     /// The server's private key (PEM).
@@ -82,7 +82,7 @@ pub struct TlsConfig {
 /// `[roles]`: principal patterns (exact, or a prefix ending in `*`).
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct RolesConfig {
+pub(crate) struct RolesConfig {
     /// Key administration, grants, init and seal.
     #[serde(default)]
     pub admin: Vec<String>,
@@ -97,7 +97,7 @@ pub struct RolesConfig {
 /// `[unseal]`.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct UnsealConfig {
+pub(crate) struct UnsealConfig {
     /// Failed shares allowed per source address per window (default 5).
     pub max_failed_shares: Option<u32>,
     /// The window, in seconds (default 60).
@@ -107,7 +107,7 @@ pub struct UnsealConfig {
 /// `[audit]`.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct AuditConfig {
+pub(crate) struct AuditConfig {
     /// Sign a checkpoint after this many records (default 1000).
     pub checkpoint_every_records: Option<u64>,
     /// Or after this many seconds with new records (default 60).
@@ -117,7 +117,7 @@ pub struct AuditConfig {
 /// `[keyring]`.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct KeyringConfig {
+pub(crate) struct KeyringConfig {
     /// AES-GCM messages per key version (default 2^32, the random-nonce limit; auto-rotation
     /// at three quarters of it). Lower it to rotate sooner.
     pub max_messages_per_version: Option<u64>,
@@ -131,7 +131,7 @@ pub struct KeyringConfig {
 /// `[storage]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StorageConfig {
+pub(crate) struct StorageConfig {
     /// The redb file.
     pub path: PathBuf,
 }
@@ -139,7 +139,7 @@ pub struct StorageConfig {
 /// `[log]`.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct LogConfig {
+pub(crate) struct LogConfig {
     /// `error`, `warn`, `info` (default), `debug` or `trace`.
     pub level: Option<String>,
 }
@@ -257,7 +257,7 @@ impl Config {
 
     /// Checks a parsed file, one section at a time; relative paths are resolved against
     /// `base`.
-    pub fn from_file(mut file: ConfigFile, base: &Path) -> Result<Self, ConfigError> {
+    pub(crate) fn from_file(mut file: ConfigFile, base: &Path) -> Result<Self, ConfigError> {
         let listen: SocketAddr = file
             .listen
             .parse()

@@ -2,14 +2,14 @@
 //!
 //! The code map is in docs/ARCHITECTURE.md. In short:
 //! - [`policy`]: the leaf vocabulary of grants and roles: operations, principal patterns.
-//! - [`access`]: identities (mTLS), roles, the rule of every RPC, TLS reload.
+//! - `access` (private): identities (mTLS), roles, the rule of every RPC, TLS reload.
 //! - [`audit`]: the hash-chained, group-committed audit log.
 //! - [`config`]: the TOML configuration file.
 //! - [`hsm`]: PKCS#11 sessions, login, and the master key.
 //! - [`store`]: the durable store (redb) behind a narrow trait.
 //! - [`seal`]: init / unseal / seal, and the root key.
 //! - [`keyring`]: named, versioned keys and the crypto operations.
-//! - [`grpc`]: the gRPC services; the only place errors become `tonic::Status`.
+//! - `grpc` (private): the gRPC services; the only place errors become `tonic::Status`.
 //! - [`server`]: start-up, serving, shutdown.
 //! - [`wire`]: every protobuf <-> domain conversion, both ways.
 //!
@@ -17,11 +17,12 @@
 //! crate, on top of this library and never the reverse.
 
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
-pub mod access;
+mod access;
 pub mod audit;
 pub mod config;
-pub mod grpc;
+mod grpc;
 pub mod hsm;
 pub mod keyring;
 pub mod policy;
@@ -29,6 +30,8 @@ pub mod seal;
 pub mod server;
 pub mod store;
 pub mod wire;
+
+pub use grpc::code_name;
 
 /// An error and its sources, joined by ": ".
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {

@@ -8,7 +8,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// The principal of a caller without a client certificate (on a TLS listener).
-pub const ANONYMOUS: &str = "anonymous";
+pub(crate) const ANONYMOUS: &str = "anonymous";
 
 /// The principal of every caller on a plaintext loopback listener (no certificate there).
 pub const LOOPBACK: &str = "loopback";
@@ -99,7 +99,7 @@ impl Operation {
     }
 
     /// What a call needing `self` on its key needs on its destination key (ReEncrypt).
-    pub fn on_destination(self) -> Self {
+    pub(crate) fn on_destination(self) -> Self {
         match self {
             Self::ReencryptFrom => Self::ReencryptTo,
             other => other,
@@ -108,7 +108,7 @@ impl Operation {
 
     /// Whether requests of this operation carry associated data (so that a grant may
     /// constrain it).
-    pub fn has_associated_data(self) -> bool {
+    pub(crate) fn has_associated_data(self) -> bool {
         matches!(
             self,
             Self::Encrypt
@@ -171,7 +171,7 @@ impl Pattern {
         Ok(Self(s.to_owned()))
     }
 
-    /// Whether `principal` matches. Patterns never match [`ANONYMOUS`]
+    /// Whether `principal` matches. Patterns never match `ANONYMOUS`
     /// unless they name it exactly, and a prefix pattern never matches
     /// [`LOOPBACK`] or `anonymous` at all.
     pub fn matches(&self, principal: &str) -> bool {

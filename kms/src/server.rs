@@ -66,7 +66,7 @@ pub enum StartError {
 
 /// What [`run`] calls once the server is open and bound, before it serves: what was
 /// opened and the bound address. It runs on a blocking thread (it may call the HSM).
-pub type Ready = Box<
+pub(crate) type Ready = Box<
     dyn FnOnce(&Opened, SocketAddr) -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send,
 >;
 
@@ -272,13 +272,13 @@ pub async fn serve(
 }
 
 /// How long shutdown waits for calls in flight and open connections.
-pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+pub(crate) const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The largest header block a client may send (request id, path, grpc headers).
-pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+pub(crate) const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// The largest gRPC request: a batch of 64 KiB items.
-pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+pub(crate) const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Runs keyring maintenance forever (the caller aborts it).
 async fn maintain(seal: Arc<SealManager>, every: std::time::Duration) {

@@ -6,7 +6,7 @@
 //!
 //! The trait is deliberately small so that a later backend on a shared store (etcd,
 //! PostgreSQL) can let several servers share one keyring. Records are encoded by their
-//! owners (see [`crate::seal::SealRecord`]) and carry a schema version.
+//! owners (see `crate::seal::SealRecord`) and carry a schema version.
 
 use std::path::{Path, PathBuf};
 

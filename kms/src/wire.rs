@@ -14,7 +14,7 @@ use crate::policy::Operation;
 use crate::seal::{InitOutput, SealStatus};
 
 /// The message of an audit filter whose `since` is not before its `until`.
-pub const SINCE_BEFORE_UNTIL: &str = "since must be before until";
+pub(crate) const SINCE_BEFORE_UNTIL: &str = "since must be before until";
 
 /// The longest text filter (key, principal, operation, outcome) an auditor may give: the
 /// filter is echoed in the export's header.
@@ -26,7 +26,7 @@ fn secs(t: u64) -> i64 {
 }
 
 /// A key as the API shows it (states as `KeyVersionState`, times in Unix seconds).
-pub fn key_pb(m: &KeyMeta) -> pb::Key {
+pub(crate) fn key_pb(m: &KeyMeta) -> pb::Key {
     pb::Key {
         name: m.name.clone(),
         purpose: match m.purpose {
@@ -81,7 +81,7 @@ pub fn algorithm_pb(a: Algorithm) -> pb::Algorithm {
 }
 
 /// An API algorithm; unspecified or unknown is a bad request.
-pub fn algorithm_from(v: i32) -> Result<Algorithm, KeyringError> {
+pub(crate) fn algorithm_from(v: i32) -> Result<Algorithm, KeyringError> {
     match pb::Algorithm::try_from(v) {
         Ok(pb::Algorithm::Aes256Gcm) => Ok(Algorithm::Aes256Gcm),
         Ok(pb::Algorithm::Ed25519) => Ok(Algorithm::Ed25519),
@@ -102,7 +102,7 @@ pub fn protection_pb(p: Protection) -> pb::ProtectionLevel {
 }
 
 /// An API protection level (unspecified: SOFTWARE).
-pub fn protection_from(v: i32) -> Result<Protection, KeyringError> {
+pub(crate) fn protection_from(v: i32) -> Result<Protection, KeyringError> {
     match pb::ProtectionLevel::try_from(v) {
         Ok(pb::ProtectionLevel::Unspecified | pb::ProtectionLevel::Software) => {
             Ok(Protection::Software)
@@ -115,7 +115,7 @@ pub fn protection_from(v: i32) -> Result<Protection, KeyringError> {
 }
 
 /// An API signature format: DER (the default) or raw `r | s` (ECDSA).
-pub fn signature_encoding_from(v: i32) -> Result<SignatureEncoding, KeyringError> {
+pub(crate) fn signature_encoding_from(v: i32) -> Result<SignatureEncoding, KeyringError> {
     match pb::SignatureFormat::try_from(v) {
         Ok(pb::SignatureFormat::Default) => Ok(SignatureEncoding::Der),
         Ok(pb::SignatureFormat::Raw) => Ok(SignatureEncoding::Raw),
@@ -167,7 +167,7 @@ pub fn operation_from(v: i32) -> Result<Operation, KeyringError> {
 }
 
 /// A grant as the API shows it (never the associated data, only whether it is constrained).
-pub fn grant_pb(g: &Grant) -> pb::Grant {
+pub(crate) fn grant_pb(g: &Grant) -> pb::Grant {
     pb::Grant {
         id: g.id.clone(),
         key: g.key.clone(),
@@ -184,7 +184,7 @@ pub fn grant_pb(g: &Grant) -> pb::Grant {
 }
 
 /// Init's answer: the shares, once.
-pub fn init_pb(out: &InitOutput) -> pb::InitResponse {
+pub(crate) fn init_pb(out: &InitOutput) -> pb::InitResponse {
     pb::InitResponse {
         shares: out.shares.iter().map(|s| s.as_str().to_owned()).collect(),
         share_set_id: out.share_set_id.to_string(),
@@ -194,7 +194,7 @@ pub fn init_pb(out: &InitOutput) -> pb::InitResponse {
 }
 
 /// The seal status as the API shows it.
-pub fn status_pb(s: &SealStatus) -> pb::SealStatus {
+pub(crate) fn status_pb(s: &SealStatus) -> pb::SealStatus {
     pb::SealStatus {
         initialized: s.initialized,
         sealed: s.sealed,
@@ -209,7 +209,7 @@ pub fn status_pb(s: &SealStatus) -> pb::SealStatus {
 }
 
 /// An audit filter, checked: bounded printable texts, `since` before `until`; empty fields match everything.
-pub fn filter_from(f: Option<pb::AuditFilter>) -> Result<Filter, KeyringError> {
+pub(crate) fn filter_from(f: Option<pb::AuditFilter>) -> Result<Filter, KeyringError> {
     let f = f.unwrap_or_default();
     // The filter is echoed in the export's header: bounded and printable.
     for t in [&f.key, &f.principal, &f.operation, &f.outcome] {
@@ -237,7 +237,7 @@ pub fn filter_from(f: Option<pb::AuditFilter>) -> Result<Filter, KeyringError> {
 }
 
 /// The usage report as one message (the service streams it in parts).
-pub fn report_pb(r: UsageReport) -> pb::KeyUsageReportResponse {
+pub(crate) fn report_pb(r: UsageReport) -> pb::KeyUsageReportResponse {
     let vref = |v: crate::audit::report::VersionRef| pb::VersionRef {
         key: v.key,
         version: v.version,
@@ -285,7 +285,7 @@ pub fn report_pb(r: UsageReport) -> pb::KeyUsageReportResponse {
 }
 
 /// The usage report a client merged from the streamed parts (the inverse of
-/// [`report_pb`], but for `generated_unix_ms`, which the report does not keep).
+/// `report_pb`, but for `generated_unix_ms`, which the report does not keep).
 pub fn report_from(r: pb::KeyUsageReportResponse) -> UsageReport {
     let vref = |v: pb::VersionRef| VersionRef {
         key: v.key,

@@ -320,7 +320,7 @@ where
 #[error("{}: {}", code_name(.0.code()), .0.message())]
 pub struct RpcError(pub tonic::Status);
 
-use kms::grpc::code_name;
+use kms::code_name;
 
 async fn operator(conn: Conn, command: OperatorCommand) -> Result<ExitCode, BoxError> {
     let client = &mut SystemClient::new(connect(&conn).await?);

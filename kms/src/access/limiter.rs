@@ -38,7 +38,7 @@ impl Default for UnsealLimit {
 
 /// The failure history of every address.
 #[derive(Debug)]
-pub struct FailureLimiter {
+pub(crate) struct FailureLimiter {
     limit: UnsealLimit,
     failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
 }
@@ -68,7 +68,7 @@ fn make_room<V>(
 
 impl FailureLimiter {
     /// A limiter.
-    pub fn new(limit: UnsealLimit) -> Self {
+    pub(crate) fn new(limit: UnsealLimit) -> Self {
         Self {
             limit,
             failures: Mutex::new(HashMap::new()),
@@ -78,7 +78,7 @@ impl FailureLimiter {
     /// Reserves a failure for a share `addr` is about to try, in the same step as the
     /// check: `Err(wait)` if `addr` has used up its failures (how long until it may try
     /// again). The reservation stands unless [`FailureTicket::succeeded`] releases it.
-    pub fn begin(&self, addr: IpAddr, now: Instant) -> Result<FailureTicket<'_>, Duration> {
+    pub(crate) fn begin(&self, addr: IpAddr, now: Instant) -> Result<FailureTicket<'_>, Duration> {
         let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let window = self.limit.window;
         make_room(
@@ -110,7 +110,7 @@ impl FailureLimiter {
 /// A failure reserved by [`FailureLimiter::begin`]: it counts unless released.
 #[derive(Debug)]
 #[must_use = "a ticket counts as a failure unless `succeeded` is called"]
-pub struct FailureTicket<'a> {
+pub(crate) struct FailureTicket<'a> {
     limiter: &'a FailureLimiter,
     addr: IpAddr,
     at: Instant,
@@ -118,7 +118,7 @@ pub struct FailureTicket<'a> {
 
 impl FailureTicket<'_> {
     /// The share was good (or the failure was the server's own): it does not count.
-    pub fn succeeded(self) {
+    pub(crate) fn succeeded(self) {
         let mut map = self
             .limiter
             .failures
@@ -167,7 +167,7 @@ impl Default for Limits {
 
 /// Refused calls per source address, in fixed one-minute windows.
 #[derive(Debug)]
-pub struct RefusedLimiter {
+pub(crate) struct RefusedLimiter {
     per_window: u32,
     window: Duration,
     state: Mutex<HashMap<IpAddr, Window>>,
@@ -183,7 +183,7 @@ struct Window {
 
 /// What [`RefusedLimiter::check`] says of a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Go on. `Some(n)`: the address's previous window ended with `n` calls refused by the
     /// limit that were only counted (record that count now).
     Allowed(Option<u64>),
@@ -199,7 +199,7 @@ pub enum Verdict {
 
 impl RefusedLimiter {
     /// A limiter of `per_window` refusals per `window`.
-    pub fn new(per_window: u32, window: Duration) -> Self {
+    pub(crate) fn new(per_window: u32, window: Duration) -> Self {
         Self {
             per_window,
             window,
@@ -208,7 +208,7 @@ impl RefusedLimiter {
     }
 
     /// Whether a call from `addr` may go on.
-    pub fn check(&self, addr: IpAddr, now: Instant) -> Verdict {
+    pub(crate) fn check(&self, addr: IpAddr, now: Instant) -> Verdict {
         let mut map = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let Some(w) = map.get_mut(&addr) else {
             return Verdict::Allowed(None);
@@ -229,7 +229,7 @@ impl RefusedLimiter {
     }
 
     /// Counts a refused call from `addr`.
-    pub fn refused(&self, addr: IpAddr, now: Instant) {
+    pub(crate) fn refused(&self, addr: IpAddr, now: Instant) {
         let mut map = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let window = self.window;
         make_room(

@@ -9,8 +9,8 @@
 //! ([`crate::keyring::grants`]), authenticated like key metadata, because they are only
 //! meaningful (and only checkable) while it is unsealed.
 
-pub mod limiter;
-pub mod tls;
+pub(crate) mod limiter;
+pub(crate) mod tls;
 
 use crate::policy::{ANONYMOUS, LOOPBACK, Operation, Pattern};
 
@@ -112,7 +112,7 @@ impl Identity {
 
 /// What an RPC needs of its caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Need {
+pub(crate) enum Need {
     /// Nothing (`Status`, `WhoAmI`).
     Nothing,
     /// A custodian's certificate over TLS (`Unseal`, `UnsealReset`); failed shares are
@@ -126,7 +126,7 @@ pub enum Need {
 
 /// The rule of each RPC, by service and method name. Anything not named here needs the
 /// admin role: a new RPC is closed until someone opens it here.
-pub fn need(service: &str, method: &str) -> Need {
+pub(crate) fn need(service: &str, method: &str) -> Need {
     use Operation as O;
     match (service, method) {
         ("kms.v1.System", "Status") | ("kms.v1.Access", "WhoAmI") => Need::Nothing,
@@ -155,7 +155,7 @@ pub fn need(service: &str, method: &str) -> Need {
 
 /// A refusal. Its message names what was missing, never what exists.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Denied {
+pub(crate) enum Denied {
     /// No client certificate, and the call needs one.
     #[error("this call needs a client certificate (mTLS); none was presented")]
     Unauthenticated,
@@ -188,14 +188,19 @@ pub enum Denied {
 impl Need {
     /// Whether the call needs a client certificate (everything but `Nothing`): a caller
     /// without one is refused before its request is read.
-    pub fn needs_certificate(self) -> bool {
+    pub(crate) fn needs_certificate(self) -> bool {
         !matches!(self, Need::Nothing)
     }
 }
 
 /// Checks a [`Need`] that does not involve grants. `Grant` needs pass here only if
 /// the caller is authenticated (or loopback); their grants are checked with the keyring.
-pub fn check(need: Need, identity: &Identity, roles: &Roles, now: i64) -> Result<(), Denied> {
+pub(crate) fn check(
+    need: Need,
+    identity: &Identity,
+    roles: &Roles,
+    now: i64,
+) -> Result<(), Denied> {
     if let Some(t) = identity.not_after
         && now > t
     {

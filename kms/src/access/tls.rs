@@ -108,7 +108,7 @@ fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'s
 }
 
 /// Builds a server configuration from the files.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+pub(crate) fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let chain = certificates("cert", &files.cert)?;
     if let Some(leaf) = chain.first() {
         let (_, cert) =
@@ -237,7 +237,7 @@ impl ServerTls {
 
     /// Reloads on SIGHUP, and whenever a file changes (checked every `poll`). Runs until
     /// aborted.
-    pub async fn watch(self: Arc<Self>, poll: Duration) {
+    pub(crate) async fn watch(self: Arc<Self>, poll: Duration) {
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -257,7 +257,7 @@ impl ServerTls {
 
 /// Why a verified certificate still names no principal.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum NameError {
+pub(crate) enum NameError {
     /// Not parseable (rustls accepted it, so this is unexpected).
     #[error("the certificate does not parse")]
     Unparseable,
@@ -277,7 +277,7 @@ pub enum NameError {
 
 /// The principal a client certificate names, and the end of its validity: the URI SAN
 /// (exactly one, `spiffe://`), else the subject CN (exactly one).
-pub fn principal_of(der: &[u8]) -> Result<(String, i64), NameError> {
+pub(crate) fn principal_of(der: &[u8]) -> Result<(String, i64), NameError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|_| NameError::Unparseable)?;
     let not_after = cert.validity().not_after.timestamp();
     let uris: Vec<&str> = match cert.subject_alternative_name() {
@@ -321,7 +321,7 @@ pub fn principal_of(der: &[u8]) -> Result<(String, i64), NameError> {
 
 /// The prefix of principals named by a certificate's subject CN (no URI SAN):
 /// `cn:payments`. SPIFFE IDs, `anonymous` and `loopback` never start with it.
-pub const CN_PREFIX: &str = "cn:";
+pub(crate) const CN_PREFIX: &str = "cn:";
 
 /// The longest subject CN taken as a name (X.520's upper bound is 64).
 const MAX_CN_LEN: usize = 256;
@@ -329,7 +329,7 @@ const MAX_CN_LEN: usize = 256;
 /// Whether `uri` is a SPIFFE ID as the SPIFFE standard spells it: `spiffe://`, a trust
 /// domain of `[a-z0-9.-_]`, and path segments of `[A-Za-z0-9.-_]`, no `.`/`..` segment, no
 /// query, fragment, port or user info; at most 2048 bytes. Only printable ASCII gets in.
-pub fn is_spiffe_id(uri: &str) -> bool {
+pub(crate) fn is_spiffe_id(uri: &str) -> bool {
     let Some(rest) = uri.strip_prefix("spiffe://") else {
         return false;
     };
@@ -358,7 +358,7 @@ pub fn is_spiffe_id(uri: &str) -> bool {
 
 /// What every request on a connection knows of it (tonic's connect info).
 #[derive(Debug, Clone)]
-pub struct PeerInfo {
+pub(crate) struct PeerInfo {
     /// The peer's address.
     pub addr: SocketAddr,
     /// Who it is.
@@ -369,7 +369,7 @@ pub struct PeerInfo {
 /// (the maximum age plus a grace for calls in flight, [`Limits`]) every read and write
 /// fails, which closes it whatever the peer does.
 #[derive(Debug)]
-pub struct Conn {
+pub(crate) struct Conn {
     io: Io,
     info: PeerInfo,
     deadline: Pin<Box<tokio::time::Sleep>>,
@@ -400,7 +400,7 @@ impl Conn {
 
 /// How long calls in flight may go on after a connection reached its maximum age and was
 /// asked to close (GOAWAY); then it is closed.
-pub const CONNECTION_AGE_GRACE: Duration = Duration::from_secs(30);
+pub(crate) const CONNECTION_AGE_GRACE: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 enum Io {
@@ -576,7 +576,7 @@ async fn handshake(
 /// Accepts connections on `listener` (TLS with `tls`, else plaintext) and yields each
 /// once its handshake succeeded and its caller is known. Handshakes are bounded by
 /// `limits` (in all, per address, and in time). Runs until the receiver is dropped.
-pub fn incoming(
+pub(crate) fn incoming(
     listener: TcpListener,
     tls: Option<Arc<ServerTls>>,
     limits: Limits,

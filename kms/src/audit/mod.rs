@@ -4,14 +4,14 @@
 //! Each record carries its sequence number and the hash of the record before it; its own
 //! hash is SHA-256 over its canonical JSON (which includes that previous hash). Removing,
 //! inserting, altering or reordering a record breaks the chain at a sequence number that
-//! [`verify::verify_records`] names. Every `checkpoint_every` records or `checkpoint_interval`
+//! `verify::verify_records` names. Every `checkpoint_every` records or `checkpoint_interval`
 //! the writer signs a [`Checkpoint`] (sequence, chain head, time) with an Ed25519 key held
 //! in the HSM, so that someone who can write the disk cannot rewrite the chain and its
 //! hashes unseen, nor cut its tail.
 //!
 //! Appending is group-committed: callers hand their event (and, for a request that changes
 //! state, that change's store writes) to one writer thread and wait; the writer takes every
-//! event that is waiting (up to [`MAX_GROUP`]), chains them, writes them with their changes
+//! event that is waiting (up to `MAX_GROUP`), chains them, writes them with their changes
 //! in **one** durable transaction, and only then answers each caller. Under load many
 //! records share one fsync; no caller is answered before its record is on disk. If the
 //! write fails, every caller of that group gets [`AuditError::Unavailable`], none of their
@@ -42,15 +42,15 @@ use crate::hsm::{Hsm, HsmError, HsmKeyKind, KeyHandle};
 use crate::store::{Store, StoreError, Table, Write};
 
 /// The most records one commit takes.
-pub const MAX_GROUP: usize = 1024;
+pub(crate) const MAX_GROUP: usize = 1024;
 /// The audit record schema.
-pub const AUDIT_SCHEMA: u32 = 1;
+pub(crate) const AUDIT_SCHEMA: u32 = 1;
 /// The previous hash of record 1.
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// The domain separation prefix of a signed checkpoint.
-pub const CHECKPOINT_CONTEXT: &str = "kms-audit-checkpoint/v1";
+pub(crate) const CHECKPOINT_CONTEXT: &str = "kms-audit-checkpoint/v1";
 /// The principal of what the server does by itself (automatic rotation, destruction).
-pub const SYSTEM_PRINCIPAL: &str = "kms";
+pub(crate) const SYSTEM_PRINCIPAL: &str = "kms";
 /// Records read from the store at a time by [`AuditLog::each_record`].
 const READ_PAGE: usize = 512;
 
@@ -141,7 +141,7 @@ pub struct AuditRecord {
     pub seq: u64,
     /// What the call was, as its handler described it.
     pub event: AuditEvent,
-    /// The hash of record `seq - 1` (hex), or [`GENESIS`].
+    /// The hash of record `seq - 1` (hex), or `GENESIS`.
     pub prev_hash: String,
     /// SHA-256 of this record's canonical JSON with `hash` empty (hex).
     pub hash: String,
@@ -149,7 +149,7 @@ pub struct AuditRecord {
 
 impl AuditRecord {
     /// What a reader passes on for stored bytes that do not parse (sequence 0).
-    pub fn unreadable() -> Self {
+    pub(crate) fn unreadable() -> Self {
         Self {
             schema: 0,
             seq: 0,
@@ -160,7 +160,7 @@ impl AuditRecord {
     }
 
     /// The hash this record should carry.
-    pub fn compute_hash(&self) -> Result<String, AuditError> {
+    pub(crate) fn compute_hash(&self) -> Result<String, AuditError> {
         let mut unhashed = self.clone();
         unhashed.hash = String::new();
         let bytes = serde_json::to_vec(&unhashed).map_err(|_| AuditError::Internal("encode"))?;
@@ -197,12 +197,12 @@ pub fn fingerprint(public_key: &[u8]) -> String {
 }
 
 /// The store key of record `seq`: zero-padded so key order is sequence order.
-pub fn record_key(seq: u64) -> String {
+pub(crate) fn record_key(seq: u64) -> String {
     format!("{seq:020}")
 }
 
 /// Unix time in milliseconds.
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -277,13 +277,13 @@ impl std::fmt::Debug for AuditLog {
 pub struct Head {
     /// 0 for an empty log.
     pub seq: u64,
-    /// The last record's hash, or [`GENESIS`].
+    /// The last record's hash, or `GENESIS`.
     pub hash: String,
 }
 
 impl Head {
     /// The head of an empty log.
-    pub fn genesis() -> Self {
+    pub(crate) fn genesis() -> Self {
         Self {
             seq: 0,
             hash: GENESIS.to_owned(),
@@ -428,14 +428,14 @@ impl AuditLog {
     }
 
     /// The head of the stored chain (its last record).
-    pub fn stored_head(&self) -> Result<Head, AuditError> {
+    pub(crate) fn stored_head(&self) -> Result<Head, AuditError> {
         head(self.store.as_ref())
     }
 
     /// Calls `f` with every stored record up to sequence `upto`, in order, page by page
     /// (the log is never read whole), until `f` returns false. A record that does not parse
     /// is passed on as [`AuditRecord::unreadable`] with its bytes (the verifier names it).
-    pub fn each_record(
+    pub(crate) fn each_record(
         &self,
         upto: u64,
         mut f: impl FnMut(&[u8], &AuditRecord) -> bool,
@@ -465,7 +465,7 @@ impl AuditLog {
     }
 
     /// Every stored record's bytes, in order (the whole log: for verification).
-    pub fn all_records(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+    pub(crate) fn all_records(&self) -> Result<Vec<Vec<u8>>, StoreError> {
         Ok(self
             .store
             .scan(Table::Audit)?

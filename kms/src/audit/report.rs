@@ -1,8 +1,8 @@
 //! What auditors read: export filters and lines, and the key-usage report.
 //!
-//! The export is JSON lines: one [`ExportHeader`], then the stored records verbatim in
+//! The export is JSON lines: one `ExportHeader`, then the stored records verbatim in
 //! sequence order, each signed [`super::Checkpoint`] right after the record it covers, and
-//! last an [`ExportSeal`] signed by the HSM audit key over exactly what the export holds. Records'
+//! last an `ExportSeal` signed by the HSM audit key over exactly what the export holds. Records'
 //! times are stamped by the writer when they become durable, so they never decrease along
 //! the chain and a time range is a contiguous, verifiable part of it.
 
@@ -13,12 +13,12 @@ use serde::{Deserialize, Serialize};
 use super::AuditEvent;
 
 /// The export format's name.
-pub const EXPORT_FORMAT: &str = "kms-audit-export/v1";
+pub(crate) const EXPORT_FORMAT: &str = "kms-audit-export/v1";
 
 /// Which records an export or report covers. Empty fields match everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Filter {
+pub(crate) struct Filter {
     /// From this Unix time (ms), inclusive.
     pub since_ms: Option<u64>,
     /// Up to this Unix time (ms), exclusive.
@@ -35,12 +35,12 @@ pub struct Filter {
 
 impl Filter {
     /// Whether the record's time is in range.
-    pub fn in_time(&self, time_ms: u64) -> bool {
+    pub(crate) fn in_time(&self, time_ms: u64) -> bool {
         self.since_ms.is_none_or(|s| time_ms >= s) && self.until_ms.is_none_or(|u| time_ms < u)
     }
 
     /// Whether the event matches every filter.
-    pub fn matches(&self, e: &AuditEvent) -> bool {
+    pub(crate) fn matches(&self, e: &AuditEvent) -> bool {
         self.in_time(e.time_ms)
             && self
                 .key
@@ -53,7 +53,7 @@ impl Filter {
 
     /// Whether only time is filtered: then the export is a contiguous piece of the chain
     /// and can be verified.
-    pub fn is_contiguous(&self) -> bool {
+    pub(crate) fn is_contiguous(&self) -> bool {
         self.key.is_none()
             && self.principal.is_none()
             && self.operation.is_none()
@@ -64,7 +64,7 @@ impl Filter {
 /// The first line of an export.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ExportHeader {
+pub(crate) struct ExportHeader {
     /// [`EXPORT_FORMAT`].
     pub format: String,
     /// When it was made (Unix ms).
@@ -90,7 +90,7 @@ pub struct ExportHeader {
 /// shows offline, even for a time range that ends between two checkpoints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ExportRange {
+pub(crate) struct ExportRange {
     /// [`EXPORT_FORMAT`].
     pub format: String,
     /// The header's `exported_at_ms`.
@@ -113,7 +113,7 @@ pub struct ExportRange {
 
 impl ExportRange {
     /// The signed bytes: the context and the range's JSON (its fields in declaration order).
-    pub fn message(&self) -> Vec<u8> {
+    pub(crate) fn message(&self) -> Vec<u8> {
         let mut m = format!("{EXPORT_SEAL_CONTEXT}\n").into_bytes();
         m.extend_from_slice(&serde_json::to_vec(self).unwrap_or_default());
         m
@@ -121,13 +121,13 @@ impl ExportRange {
 }
 
 /// The domain of an export seal's signature.
-pub const EXPORT_SEAL_CONTEXT: &str = "kms-audit-export-seal/v1";
+pub(crate) const EXPORT_SEAL_CONTEXT: &str = "kms-audit-export-seal/v1";
 
 /// The last line of an export: its [`ExportRange`] and the Ed25519 signature over
 /// [`ExportRange::message`] (hex).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ExportSeal {
+pub(crate) struct ExportSeal {
     /// What is signed.
     pub export_seal: ExportRange,
     /// The signature (hex).
@@ -212,7 +212,7 @@ pub struct UsageReport {
 
 /// A key as the report needs it: its versions' states and its primary.
 #[derive(Debug, Clone)]
-pub struct KeyInfo {
+pub(crate) struct KeyInfo {
     /// The key's name, as records name it.
     pub name: String,
     /// The primary version.
@@ -267,7 +267,7 @@ const ADMIN: &[&str] = &[
 ];
 
 /// Builds a [`UsageReport`] from the records of a period, one at a time.
-pub struct UsageBuilder {
+pub(crate) struct UsageBuilder {
     filter: Filter,
     records: u64,
     acc: BTreeMap<(String, Option<u32>), Acc>,
@@ -277,7 +277,7 @@ pub struct UsageBuilder {
 
 impl UsageBuilder {
     /// A report over the time range of `filter`.
-    pub fn new(filter: Filter) -> Self {
+    pub(crate) fn new(filter: Filter) -> Self {
         Self {
             filter,
             records: 0,
@@ -287,7 +287,7 @@ impl UsageBuilder {
     }
 
     /// Counts one record (records outside the period are ignored).
-    pub fn add(&mut self, e: &AuditEvent) {
+    pub(crate) fn add(&mut self, e: &AuditEvent) {
         if !self.filter.matches(e) {
             return;
         }
@@ -353,7 +353,7 @@ impl UsageBuilder {
     }
 
     /// The report, given the keys as they are now.
-    pub fn finish(self, keys: &[KeyInfo]) -> UsageReport {
+    pub(crate) fn finish(self, keys: &[KeyInfo]) -> UsageReport {
         let (unused, below) = self.findings(keys);
         let (bucket_ms, buckets) = self.timeline();
         UsageReport {

@@ -89,7 +89,7 @@ impl Signer {
 
     /// Seals an export: signs `range` (whose `key_fingerprint` it fills in). `None` when
     /// the key is not available now.
-    pub fn seal_export(
+    pub(crate) fn seal_export(
         &self,
         mut range: report::ExportRange,
     ) -> Option<Result<report::ExportSeal, AuditError>> {

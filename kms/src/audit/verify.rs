@@ -369,7 +369,7 @@ fn next_record(head: &Head, bytes: &[u8], seen: &HashSet<u64>) -> Result<AuditRe
 }
 
 /// Verifies a whole log from record 1: see [`verify_from`].
-pub fn verify_records(
+pub(crate) fn verify_records(
     records: &[impl AsRef<[u8]>],
     checkpoints: &[Checkpoint],
     public_key: Option<&[u8]>,
@@ -380,7 +380,7 @@ pub fn verify_records(
 /// Re-walks `records` (in the order given) from `start` (the record before the first, or
 /// genesis), checks every checkpoint after `start` against the chain and under
 /// `public_key`, and names the first sequence number where anything is wrong.
-pub fn verify_from(
+pub(crate) fn verify_from(
     start: Head,
     records: &[impl AsRef<[u8]>],
     checkpoints: &[Checkpoint],

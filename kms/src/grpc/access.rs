@@ -14,13 +14,13 @@ const SERVICE: &str = "kms.v1.Access";
 
 /// The `kms.v1.Access` service.
 #[derive(Debug, Clone)]
-pub struct AccessService {
+pub(crate) struct AccessService {
     ctx: Ctx,
 }
 
 impl AccessService {
     /// A service over the keyring's grants.
-    pub fn new(ctx: Ctx) -> Self {
+    pub(crate) fn new(ctx: Ctx) -> Self {
         Self { ctx }
     }
 

@@ -25,13 +25,13 @@ const CHUNK: usize = 256;
 
 /// The `kms.v1.Audit` service.
 #[derive(Debug, Clone)]
-pub struct AuditService {
+pub(crate) struct AuditService {
     ctx: Ctx,
 }
 
 impl AuditService {
     /// A service over the audit log (and the seal, for the keyring and the public key).
-    pub fn new(ctx: Ctx) -> Self {
+    pub(crate) fn new(ctx: Ctx) -> Self {
         Self { ctx }
     }
 

@@ -37,7 +37,7 @@ use crate::access::tls::PeerInfo;
 use crate::audit::{AuditEvent, AuditLog, BatchSummary};
 
 /// The services the server answers; a path naming another is recorded as a placeholder.
-pub const SERVICES: &[&str] = &[
+pub(crate) const SERVICES: &[&str] = &[
     "kms.v1.System",
     "kms.v1.KeyManagement",
     "kms.v1.Audit",
@@ -50,11 +50,11 @@ const GATE: &str = "kms.Gate";
 /// Set by a handler's [`super::Call`] once it has taken charge of the call's record; the
 /// gate records the calls for which it is still unset.
 #[derive(Debug, Clone, Default)]
-pub struct Recorded(Arc<AtomicBool>);
+pub(crate) struct Recorded(Arc<AtomicBool>);
 
 impl Recorded {
     /// The handler will record (or has recorded) this call.
-    pub fn set(&self) {
+    pub(crate) fn set(&self) {
         self.0.store(true, Ordering::Release);
     }
 
@@ -65,7 +65,7 @@ impl Recorded {
 
 /// What the gate shares between connections.
 #[derive(Debug)]
-pub struct GateState {
+pub(crate) struct GateState {
     audit: AuditLog,
     refused: RefusedLimiter,
     anonymous_max_bytes: usize,
@@ -74,7 +74,11 @@ pub struct GateState {
 impl GateState {
     /// A gate recording into `audit`, allowing `refused_per_minute` refused calls per
     /// address per minute and `anonymous_max_bytes` per request without a certificate.
-    pub fn new(audit: AuditLog, refused_per_minute: u32, anonymous_max_bytes: usize) -> Self {
+    pub(crate) fn new(
+        audit: AuditLog,
+        refused_per_minute: u32,
+        anonymous_max_bytes: usize,
+    ) -> Self {
         Self {
             audit,
             refused: RefusedLimiter::new(refused_per_minute, Duration::from_secs(60)),
@@ -85,11 +89,11 @@ impl GateState {
 
 /// The layer: `Server::builder().layer(GateLayer::new(state))`.
 #[derive(Debug, Clone)]
-pub struct GateLayer(Arc<GateState>);
+pub(crate) struct GateLayer(Arc<GateState>);
 
 impl GateLayer {
     /// A layer over shared state.
-    pub fn new(state: Arc<GateState>) -> Self {
+    pub(crate) fn new(state: Arc<GateState>) -> Self {
         Self(state)
     }
 }
@@ -106,7 +110,7 @@ impl<S> tower_layer::Layer<S> for GateLayer {
 
 /// The gate service (see the module docs).
 #[derive(Debug, Clone)]
-pub struct Gate<S> {
+pub(crate) struct Gate<S> {
     inner: S,
     state: Arc<GateState>,
 }

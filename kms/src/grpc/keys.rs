@@ -12,17 +12,17 @@ use crate::keyring::material::SignInput;
 use crate::keyring::{KeyUpdate, KeyringError, NewKey};
 
 /// The most items in one batch.
-pub const MAX_BATCH: usize = 1000;
+pub(super) const MAX_BATCH: usize = 1000;
 
 /// The `kms.v1.KeyManagement` service.
 #[derive(Debug, Clone)]
-pub struct KeyManagementService {
+pub(crate) struct KeyManagementService {
     ctx: Ctx,
 }
 
 impl KeyManagementService {
     /// A service over the keyring.
-    pub fn new(ctx: Ctx) -> Self {
+    pub(crate) fn new(ctx: Ctx) -> Self {
         Self { ctx }
     }
 

@@ -11,14 +11,14 @@
 
 mod access;
 mod audit;
-pub mod gate;
+pub(crate) mod gate;
 mod keys;
 mod system;
 
-pub use access::AccessService;
-pub use audit::AuditService;
-pub use keys::KeyManagementService;
-pub use system::SystemService;
+pub(crate) use access::AccessService;
+pub(crate) use audit::AuditService;
+pub(crate) use keys::KeyManagementService;
+pub(crate) use system::SystemService;
 
 use std::cell::Cell;
 use std::sync::Arc;
@@ -35,7 +35,7 @@ use crate::seal::{SealError, SealManager};
 
 /// What every service works with.
 #[derive(Debug, Clone)]
-pub struct Ctx {
+pub(crate) struct Ctx {
     /// The seal, and through it the keyring.
     pub seal: Arc<SealManager>,
     /// The audit log.
@@ -48,11 +48,11 @@ pub struct Ctx {
 
 /// The metadata key of the request id (given by the caller or made by the server, and
 /// returned in the response's metadata either way).
-pub const REQUEST_ID: &str = "x-request-id";
+pub(crate) const REQUEST_ID: &str = "x-request-id";
 
 /// Any error a service can return.
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     /// From the seal.
     #[error(transparent)]
     Seal(#[from] SealError),
@@ -78,7 +78,7 @@ pub enum ApiError {
 /// (including the opaque "decryption failed"), `NOT_FOUND`, `ALREADY_EXISTS`,
 /// `RESOURCE_EXHAUSTED`, `UNAVAILABLE` for HSM, store and audit faults, `DATA_LOSS` for a
 /// store that was altered or is corrupt.
-pub fn code_of(err: &ApiError) -> Code {
+pub(crate) fn code_of(err: &ApiError) -> Code {
     match err {
         ApiError::Seal(e) => seal_code(e),
         ApiError::Keyring(e) => keyring_code(e),
@@ -156,7 +156,7 @@ fn is_audit_failure(err: &ApiError) -> bool {
 
 /// The status a caller sees: the code, and the error's own message (never a secret; an
 /// internal error says only "internal error").
-pub fn to_status(err: &ApiError) -> Status {
+pub(crate) fn to_status(err: &ApiError) -> Status {
     let code = code_of(err);
     let message = match code {
         _ if is_audit_failure(err) => AUDIT_UNAVAILABLE.to_owned(),
@@ -168,7 +168,7 @@ pub fn to_status(err: &ApiError) -> Status {
 }
 
 /// The message of every call refused because its audit record could not be written.
-pub const AUDIT_UNAVAILABLE: &str = "audit log unavailable";
+pub(crate) const AUDIT_UNAVAILABLE: &str = "audit log unavailable";
 
 /// A gRPC code's canonical name, as audit records spell outcomes.
 pub fn code_name(code: Code) -> &'static str {
@@ -210,7 +210,7 @@ fn request_id<T>(req: &Request<T>) -> String {
 
 /// The request id from the HTTP headers (for the gate, before tonic's request exists):
 /// the caller's, if it is a sane token, else a fresh random one.
-pub fn request_id_of(headers: &http::HeaderMap) -> String {
+pub(crate) fn request_id_of(headers: &http::HeaderMap) -> String {
     request_id_from(headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()))
 }
 
@@ -232,7 +232,7 @@ fn request_id_from(given: Option<&str>) -> String {
 
 /// One call being served: who made it, what it needs, what its audit record will say, and
 /// whether that was written yet.
-pub struct Call {
+pub(crate) struct Call {
     log: AuditLog,
     event: AuditEvent,
     recorded: Cell<bool>,
@@ -246,7 +246,7 @@ pub struct Call {
 }
 
 /// What the log and the audit record say instead of a name that is not one: its size only.
-pub fn invalid_name(name: &str) -> String {
+pub(crate) fn invalid_name(name: &str) -> String {
     format!("<invalid name, {} bytes>", name.len())
 }
 
@@ -254,7 +254,7 @@ impl Call {
     /// A call of `service`/`operation`, described from the request's connection (the
     /// identity fixed at its handshake) and metadata. Its [`Need`] is
     /// [`crate::access::need`]'s.
-    pub fn new<T: prost::Message>(
+    pub(crate) fn new<T: prost::Message>(
         ctx: &Ctx,
         req: &Request<T>,
         service: &'static str,
@@ -295,31 +295,31 @@ impl Call {
     }
 
     /// Who is calling.
-    pub fn identity(&self) -> &Identity {
+    pub(crate) fn identity(&self) -> &Identity {
         &self.identity
     }
 
     /// The caller's address.
-    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+    pub(crate) fn peer(&self) -> Option<std::net::SocketAddr> {
         self.peer
     }
 
     /// The caller's roles.
-    pub fn roles(&self) -> std::collections::BTreeSet<crate::access::Role> {
+    pub(crate) fn roles(&self) -> std::collections::BTreeSet<crate::access::Role> {
         self.roles.of(&self.identity)
     }
 
     /// Names the key the call is about. A name that is not one (too long, or characters a
     /// key name cannot have) is recorded and logged as a bounded placeholder, never as
     /// given, and the call is refused with `INVALID_ARGUMENT` once its caller is known.
-    pub fn key(mut self, key: &str) -> Self {
+    pub(crate) fn key(mut self, key: &str) -> Self {
         self.event.key = self.checked_name(key);
         self
     }
 
     /// Names ReEncrypt's destination key (whose grant is checked too); checked as
     /// [`Call::key`] checks.
-    pub fn destination(mut self, key: &str) -> Self {
+    pub(crate) fn destination(mut self, key: &str) -> Self {
         self.event.destination_key = self.checked_name(key);
         self
     }
@@ -336,7 +336,7 @@ impl Call {
     }
 
     /// Names the key version the call is about (0: none).
-    pub fn version(mut self, version: u32) -> Self {
+    pub(crate) fn version(mut self, version: u32) -> Self {
         self.event.key_version = Some(version).filter(|v| *v != 0);
         self
     }
@@ -403,7 +403,7 @@ impl Journal for Call {
 }
 
 /// A successful call's response and what its record says about it.
-pub struct Served<R> {
+pub(crate) struct Served<R> {
     response: R,
     version: Option<u32>,
     destination: Option<(String, u32)>,
@@ -413,7 +413,7 @@ pub struct Served<R> {
 
 impl<R> Served<R> {
     /// A response.
-    pub fn new(response: R) -> Self {
+    pub(crate) fn new(response: R) -> Self {
         Self {
             response,
             version: None,
@@ -425,25 +425,25 @@ impl<R> Served<R> {
 
     /// What takes back an in-memory effect (unseal progress) if the record cannot be
     /// written.
-    pub fn undo(mut self, f: impl FnOnce() + Send + 'static) -> Self {
+    pub(crate) fn undo(mut self, f: impl FnOnce() + Send + 'static) -> Self {
         self.undo = Some(Box::new(f));
         self
     }
 
     /// The key version used.
-    pub fn version(mut self, v: u32) -> Self {
+    pub(crate) fn version(mut self, v: u32) -> Self {
         self.version = Some(v);
         self
     }
 
     /// ReEncrypt's destination key and version.
-    pub fn destination(mut self, key: String, v: u32) -> Self {
+    pub(crate) fn destination(mut self, key: String, v: u32) -> Self {
         self.destination = Some((key, v));
         self
     }
 
     /// A batch's items.
-    pub fn batch(mut self, b: BatchSummary) -> Self {
+    pub(crate) fn batch(mut self, b: BatchSummary) -> Self {
         self.batch = Some(b);
         self
     }
@@ -546,7 +546,7 @@ fn finish<R: prost::Message>(
 }
 
 /// The associated data a request carries, which a constrained grant must match.
-pub trait Aad {
+pub(crate) trait Aad {
     /// Every associated data in the request (one per batch item).
     fn aads(&self) -> Vec<&[u8]> {
         Vec::new()

@@ -27,13 +27,13 @@ fn counts_as_failed_share(e: &SealError) -> bool {
 
 /// The `kms.v1.System` service.
 #[derive(Debug, Clone)]
-pub struct SystemService {
+pub(crate) struct SystemService {
     ctx: Ctx,
 }
 
 impl SystemService {
     /// A service over the seal.
-    pub fn new(ctx: Ctx) -> Self {
+    pub(crate) fn new(ctx: Ctx) -> Self {
         Self { ctx }
     }
 

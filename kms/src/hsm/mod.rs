@@ -32,7 +32,7 @@ mod objects;
 pub use objects::{HsmKeyKind, MasterKeyAttributes, TokenObject};
 
 /// The AES-GCM IV length we use and enforce (SoftHSM does not check it).
-pub const GCM_IV_LEN: usize = 12;
+pub(crate) const GCM_IV_LEN: usize = 12;
 /// The AES-GCM tag length in bits.
 const GCM_TAG_BITS: u64 = 128;
 
@@ -224,7 +224,7 @@ impl Hsm {
     }
 
     /// Logs the application out (every session). Already logged out is fine.
-    pub fn logout(&self) -> Result<(), HsmError> {
+    pub(crate) fn logout(&self) -> Result<(), HsmError> {
         self.with_session(|s| match s.logout() {
             Ok(()) | Err(cryptoki::error::Error::Pkcs11(RvError::UserNotLoggedIn, _)) => Ok(()),
             Err(e) => Err(pk("log out")(e)),
@@ -270,7 +270,7 @@ impl Hsm {
     }
 
     /// Finds the master key by label.
-    pub fn find_master_key(&self) -> Result<KeyHandle, HsmError> {
+    pub(crate) fn find_master_key(&self) -> Result<KeyHandle, HsmError> {
         let label = self.master_key_label.clone();
         self.with_session(|s| {
             let found = s
@@ -293,7 +293,7 @@ impl Hsm {
     }
 
     /// Finds the master key, or generates it inside the token if there is none.
-    pub fn find_or_generate_master_key(&self) -> Result<KeyHandle, HsmError> {
+    pub(crate) fn find_or_generate_master_key(&self) -> Result<KeyHandle, HsmError> {
         match self.find_master_key() {
             Err(HsmError::MasterKeyMissing { .. }) => self.generate_master_key(),
             other => other,
@@ -367,7 +367,7 @@ impl Hsm {
 
     /// Encrypts with a caller-made 96-bit IV (the keyring's ciphertext format carries it).
     /// Returns `ciphertext | tag`.
-    pub fn encrypt_with_iv(
+    pub(crate) fn encrypt_with_iv(
         &self,
         key: KeyHandle,
         iv: &[u8; GCM_IV_LEN],

@@ -36,7 +36,7 @@ impl Hsm {
     /// object of `kind` with this label and, when given, this CKA_ID. Exactly one must
     /// answer (`None`: none does), and it must be what kms made: the right class and key
     /// type, sensitive and never extractable.
-    pub fn find_key(
+    pub(crate) fn find_key(
         &self,
         kind: HsmKeyKind,
         label: &str,
@@ -98,7 +98,7 @@ impl Hsm {
 
     /// Every token object whose label starts with `prefix`: handle, label and CKA_ID (for
     /// finding the objects kms made that no record names).
-    pub fn objects_labelled(&self, prefix: &str) -> Result<Vec<TokenObject>, HsmError> {
+    pub(crate) fn objects_labelled(&self, prefix: &str) -> Result<Vec<TokenObject>, HsmError> {
         self.with_session(|s| {
             let all = s
                 .find_objects(&[Attribute::Token(true)])
@@ -133,7 +133,7 @@ impl Hsm {
     /// object is never confirmed gone in this process (see
     /// [`HsmError::DestroyUnconfirmed`]): a restart, with a fresh view of the token, is
     /// needed to try again.
-    pub fn destroy_key(
+    pub(crate) fn destroy_key(
         &self,
         kind: HsmKeyKind,
         label: &str,
@@ -166,7 +166,10 @@ impl Hsm {
     }
 
     /// Reads the master key's security attributes, as the token reports them.
-    pub fn master_key_attributes(&self, key: KeyHandle) -> Result<MasterKeyAttributes, HsmError> {
+    pub(crate) fn master_key_attributes(
+        &self,
+        key: KeyHandle,
+    ) -> Result<MasterKeyAttributes, HsmError> {
         self.with_session(|s| {
             let attrs = s
                 .get_attributes(
@@ -209,7 +212,7 @@ impl Hsm {
     }
 }
 
-/// A token object found by [`Hsm::objects_labelled`].
+/// A token object found by `Hsm::objects_labelled`.
 #[derive(Debug, Clone)]
 pub struct TokenObject {
     /// Its handle.
@@ -282,7 +285,7 @@ pub struct MasterKeyAttributes {
 impl MasterKeyAttributes {
     /// Why the key is not as kms requires (a sensitive, never extractable, private token
     /// object that derives and wraps nothing); empty when it is.
-    pub fn problems(&self) -> Vec<&'static str> {
+    pub(crate) fn problems(&self) -> Vec<&'static str> {
         [
             (!self.sensitive, "not sensitive"),
             (self.extractable, "extractable"),
@@ -296,11 +299,6 @@ impl MasterKeyAttributes {
         .into_iter()
         .filter_map(|(bad, why)| bad.then_some(why))
         .collect()
-    }
-
-    /// Whether the key is as kms requires ([`MasterKeyAttributes::problems`] is empty).
-    pub fn is_safe(&self) -> bool {
-        self.problems().is_empty()
     }
 }
 

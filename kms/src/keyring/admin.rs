@@ -250,7 +250,7 @@ impl Keyring {
     }
 
     /// Enables a disabled version.
-    pub fn enable_version(
+    pub(crate) fn enable_version(
         &self,
         name: &str,
         version: u32,
@@ -260,7 +260,7 @@ impl Keyring {
     }
 
     /// Disables an enabled version.
-    pub fn disable_version(
+    pub(crate) fn disable_version(
         &self,
         name: &str,
         version: u32,
@@ -271,7 +271,7 @@ impl Keyring {
 
     /// Schedules a version's destruction in `days` (1..=30) days. The primary version
     /// cannot be destroyed: rotate first.
-    pub fn schedule_destruction(
+    pub(crate) fn schedule_destruction(
         &self,
         name: &str,
         version: u32,
@@ -292,7 +292,7 @@ impl Keyring {
     }
 
     /// Cancels a scheduled destruction; the version comes back disabled.
-    pub fn cancel_destruction(
+    pub(crate) fn cancel_destruction(
         &self,
         name: &str,
         version: u32,
@@ -305,7 +305,7 @@ impl Keyring {
     }
 
     /// Every key's metadata, by name.
-    pub fn all_keys(&self) -> Result<Vec<KeyMeta>, KeyringError> {
+    pub(crate) fn all_keys(&self) -> Result<Vec<KeyMeta>, KeyringError> {
         Ok(read_lock(&self.keys)?
             .values()
             .map(|e| e.meta.clone())

@@ -12,15 +12,15 @@
 //! associated data.
 
 /// The current format version.
-pub const FORMAT_V1: u8 = 1;
+pub(crate) const FORMAT_V1: u8 = 1;
 /// Header length: format version and key version.
-pub const HEADER_LEN: usize = 5;
+pub(crate) const HEADER_LEN: usize = 5;
 /// Nonce length.
-pub const NONCE_LEN: usize = 12;
+pub(crate) const NONCE_LEN: usize = 12;
 /// Tag length.
-pub const TAG_LEN: usize = 16;
+pub(crate) const TAG_LEN: usize = 16;
 /// Bytes a ciphertext adds to its plaintext.
-pub const OVERHEAD: usize = HEADER_LEN + NONCE_LEN + TAG_LEN;
+pub(crate) const OVERHEAD: usize = HEADER_LEN + NONCE_LEN + TAG_LEN;
 
 /// A parsed ciphertext. Parsing checks only the structure; authenticity is the decryption's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +80,7 @@ pub fn header(version: u32) -> [u8; HEADER_LEN] {
 }
 
 /// The GCM associated data for a ciphertext of key `name` with caller data `aad`.
-pub fn gcm_aad(header: &[u8; HEADER_LEN], name: &str, aad: &[u8]) -> Vec<u8> {
+pub(crate) fn gcm_aad(header: &[u8; HEADER_LEN], name: &str, aad: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(9 + HEADER_LEN + 2 + name.len() + aad.len());
     out.extend_from_slice(b"kms/v1/ct");
     out.extend_from_slice(header);

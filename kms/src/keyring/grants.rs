@@ -22,10 +22,10 @@ use crate::policy::{Operation, Pattern};
 use crate::store::{Table, Write};
 
 /// The grant record's schema version.
-pub const GRANT_SCHEMA: u32 = 1;
+pub(crate) const GRANT_SCHEMA: u32 = 1;
 
 /// The most live grants per key.
-pub const MAX_GRANTS_PER_KEY: usize = 1000;
+pub(crate) const MAX_GRANTS_PER_KEY: usize = 1000;
 
 const RECORD_DOMAIN: &str = "kms/v1/grant-record/";
 const AAD_DOMAIN: &str = "kms/v1/grant-aad/";
@@ -103,7 +103,7 @@ pub(super) fn aad_mac(mac_key: &[u8; 32], key: &str, aad: &[u8]) -> Result<Vec<u
 }
 
 /// Checks a grant id's form (so that a bad one is INVALID_ARGUMENT, not NOT_FOUND).
-pub fn check_id(id: &str) -> Result<(), KeyringError> {
+pub(crate) fn check_id(id: &str) -> Result<(), KeyringError> {
     if id.len() == 32
         && id
             .bytes()
@@ -133,7 +133,7 @@ pub(super) fn decode(
 }
 
 /// The keyring's grant methods: grants are changed through the same [`super::Journal`]
-/// as keys, and checked at every call ([`Keyring::permits`]).
+/// as keys, and checked at every call (`Keyring::permits`).
 impl Keyring {
     /// Makes a grant on an existing key. `by` is the admin's principal.
     pub fn create_grant(
@@ -243,7 +243,7 @@ impl Keyring {
 
     /// Whether a live grant lets `principal` do `operation` with `key`, with the
     /// request's associated data `aads` (all of them must satisfy a constrained grant).
-    pub fn permits(
+    pub(crate) fn permits(
         &self,
         principal: &str,
         key: &str,

@@ -21,7 +21,7 @@ pub enum Change<'a> {
 }
 
 /// The journal of what the server does by itself: records under principal
-/// [`crate::audit::SYSTEM_PRINCIPAL`], service `kms.internal`.
+/// `crate::audit::SYSTEM_PRINCIPAL`, service `kms.internal`.
 pub struct SystemJournal<'a> {
     /// Where the change's audit record goes.
     pub log: &'a AuditLog,

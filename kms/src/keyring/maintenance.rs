@@ -5,7 +5,7 @@ use super::*;
 impl Keyring {
     /// Rotates keys whose rotation is due and destroys versions whose time has come.
     /// Returns how many of each it did. Each change is audited (principal `kms`).
-    pub fn maintain(&self, at: u64) -> (usize, usize) {
+    pub(crate) fn maintain(&self, at: u64) -> (usize, usize) {
         let log = &self.audit;
         let names: Vec<(String, Option<u64>, Vec<u32>)> = match self.keys.read() {
             Ok(keys) => keys

@@ -69,7 +69,7 @@ pub enum Public {
 
 impl Public {
     /// From stored bytes (Ed25519: 32; P-256: SEC1).
-    pub fn from_bytes(algorithm: Algorithm, bytes: &[u8]) -> Option<Self> {
+    pub(crate) fn from_bytes(algorithm: Algorithm, bytes: &[u8]) -> Option<Self> {
         match algorithm {
             Algorithm::Ed25519 => {
                 let arr: [u8; 32] = bytes.try_into().ok()?;
@@ -85,7 +85,7 @@ impl Public {
     }
 
     /// The bytes kept in metadata.
-    pub fn to_bytes(&self) -> Vec<u8> {
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
         match self {
             Self::Ed25519(k) => k.to_bytes().to_vec(),
             Self::P256(k) => k.to_sec1_bytes().to_vec(),
@@ -93,7 +93,7 @@ impl Public {
     }
 
     /// SubjectPublicKeyInfo, PEM.
-    pub fn to_pem(&self) -> Result<String, KeyringError> {
+    pub(crate) fn to_pem(&self) -> Result<String, KeyringError> {
         let le = p256::pkcs8::LineEnding::LF;
         match self {
             Self::Ed25519(k) => k.to_public_key_pem(le),
@@ -145,7 +145,7 @@ fn need(hsm: Option<&Hsm>) -> Result<&Hsm, KeyringError> {
 }
 
 /// One version's material, its public key, and its message counter.
-pub struct VersionMaterial {
+pub(crate) struct VersionMaterial {
     /// The secret part (`None` when destroyed).
     pub secret: Option<Secret>,
     /// The public key, for asymmetric keys.
@@ -181,7 +181,7 @@ fn derive<const N: usize>(
 }
 
 /// Derives a software version's secret.
-pub fn derive_secret(
+pub(crate) fn derive_secret(
     root: &[u8; 32],
     salt: &[u8],
     key_id: &[u8],
@@ -218,7 +218,7 @@ pub fn derive_secret(
 }
 
 /// Derives the key that authenticates key metadata.
-pub fn metadata_mac_key(root: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, KeyringError> {
+pub(crate) fn metadata_mac_key(root: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, KeyringError> {
     let mut okm = Zeroizing::new([0u8; 32]);
     Hkdf::<Sha256>::new(None, root)
         .expand(b"kms/v1/metadata-mac", okm.as_mut_slice())
@@ -242,7 +242,7 @@ impl Secret {
 
     /// AES-256-GCM encryption with the caller's nonce: appends `ciphertext | tag` to `out`
     /// (in place for software keys: no intermediate copy).
-    pub fn encrypt_into(
+    pub(crate) fn encrypt_into(
         &self,
         hsm: Option<&Hsm>,
         nonce: &[u8; NONCE_LEN],

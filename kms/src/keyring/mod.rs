@@ -45,15 +45,15 @@ use material::{Public, Secret, SignInput, SignatureEncoding, VersionMaterial};
 use model::{Algorithm, KeyMeta, Protection, Purpose, VersionMeta, VersionState};
 
 /// Largest plaintext `Encrypt` takes (use `GenerateDataKey` and encrypt locally above it).
-pub const MAX_PLAINTEXT: usize = 64 * 1024;
+pub(crate) const MAX_PLAINTEXT: usize = 64 * 1024;
 /// Largest associated data.
-pub const MAX_AAD: usize = 64 * 1024;
+pub(crate) const MAX_AAD: usize = 64 * 1024;
 /// Largest message `Sign` or `Mac` takes.
-pub const MAX_MESSAGE: usize = 64 * 1024;
+pub(crate) const MAX_MESSAGE: usize = 64 * 1024;
 /// Largest data key.
-pub const MAX_DATA_KEY: usize = 64;
+pub(crate) const MAX_DATA_KEY: usize = 64;
 /// AES-GCM random-nonce budget per version (NIST SP 800-38D).
-pub const DEFAULT_MAX_MESSAGES: u64 = 1 << 32;
+pub(crate) const DEFAULT_MAX_MESSAGES: u64 = 1 << 32;
 
 /// Keyring settings (`[keyring]` in the config).
 #[derive(Debug, Clone, Copy)]
@@ -100,7 +100,7 @@ pub struct KeyUpdate {
 }
 
 /// A data key, its ciphertext, and the version that encrypted it.
-pub type DataKey = (Zeroizing<Vec<u8>>, Vec<u8>, u32);
+pub(crate) type DataKey = (Zeroizing<Vec<u8>>, Vec<u8>, u32);
 
 /// One key's metadata and its versions' material.
 struct KeyEntry {

@@ -9,11 +9,11 @@ use sha2::Sha256;
 use super::KeyringError;
 
 /// The key record's schema version.
-pub const KEY_SCHEMA: u32 = 1;
+pub(crate) const KEY_SCHEMA: u32 = 1;
 /// Longest key name.
-pub const MAX_NAME_LEN: usize = 128;
+pub(crate) const MAX_NAME_LEN: usize = 128;
 /// Most labels per key.
-pub const MAX_LABELS: usize = 64;
+pub(crate) const MAX_LABELS: usize = 64;
 
 /// What a key is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,13 +183,13 @@ impl KeyMeta {
     }
 
     /// The version `v`, mutable.
-    pub fn version_mut(&mut self, v: u32) -> Option<&mut VersionMeta> {
+    pub(crate) fn version_mut(&mut self, v: u32) -> Option<&mut VersionMeta> {
         self.versions.iter_mut().find(|m| m.version == v)
     }
 }
 
 /// Checks a key name: `[a-zA-Z0-9_.-]{1,128}`.
-pub fn check_name(name: &str) -> Result<(), KeyringError> {
+pub(crate) fn check_name(name: &str) -> Result<(), KeyringError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name
@@ -203,7 +203,7 @@ pub fn check_name(name: &str) -> Result<(), KeyringError> {
 }
 
 /// Checks labels: at most 64, keys like names (1..=63 chars), values up to 256 chars.
-pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), KeyringError> {
+pub(crate) fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), KeyringError> {
     if labels.len() > MAX_LABELS {
         return Err(KeyringError::BadLabels);
     }

@@ -55,7 +55,7 @@ const NONCE_LEN: usize = 12;
 const KCV_LEN: usize = 16;
 const KCV_LABEL: &[u8] = b"kms/v1/unseal-key-check";
 /// The longest HSM PIN that can travel in the shares.
-pub const MAX_SHARED_PIN_LEN: usize = 128;
+pub(crate) const MAX_SHARED_PIN_LEN: usize = 128;
 const INNER_AAD: &[u8] = b"kms/v1/root-key/inner/";
 const OUTER_AAD: &[u8] = b"kms/v1/root-key/outer/";
 
@@ -198,7 +198,7 @@ struct Unsealed {
 /// The persisted seal metadata. Everything here is public or wrapped.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SealRecord {
+pub(crate) struct SealRecord {
     /// Record schema version.
     pub schema: u32,
     /// The share set id (hex).
@@ -258,7 +258,7 @@ pub struct SealStatus {
 }
 
 /// What makes init's seal record durable together with its audit record.
-pub type InitCommit<'a> = dyn Fn(&InitOutput, Vec<Write>) -> Result<(), SealError> + 'a;
+pub(crate) type InitCommit<'a> = dyn Fn(&InitOutput, Vec<Write>) -> Result<(), SealError> + 'a;
 
 /// What `Init` returns: the shares, once.
 pub struct InitOutput {
@@ -364,7 +364,7 @@ impl SealManager {
     }
 
     /// The audit checkpoint public key recorded at init (raw 32 bytes), once initialised.
-    pub fn audit_public_key(&self) -> Option<Vec<u8>> {
+    pub(crate) fn audit_public_key(&self) -> Option<Vec<u8>> {
         self.lock().record.as_ref().and_then(|r| {
             data_encoding::HEXLOWER
                 .decode(r.audit_public_key.as_bytes())
