@@ -96,9 +96,16 @@ fn benches(c: &mut Criterion) {
         CheckpointPolicy::default(),
     )
     .unwrap();
-    let keyring = Keyring::load(&root, hsm, store, audit.clone(), Settings::default()).unwrap();
+    let keyring = Keyring::load(
+        &root,
+        hsm,
+        store,
+        Arc::new(audit.clone()),
+        Settings::default(),
+    )
+    .unwrap();
     let admin = SystemJournal {
-        log: &audit,
+        recorder: &audit,
         operation: "CreateKey",
         version: None,
     };

@@ -23,6 +23,7 @@
 
 pub mod report;
 mod signer;
+mod system;
 pub mod verify;
 mod writer;
 

@@ -85,7 +85,7 @@ impl Keyring {
         if step.rotate {
             let _g = self.admin()?;
             let journal = SystemJournal {
-                log: &self.audit,
+                recorder: &*self.recorder,
                 operation: "AutoRotateKey",
                 version: None,
             };

@@ -20,11 +20,25 @@ pub enum Change<'a> {
     Grant(&'a Grant),
 }
 
-/// The journal of what the server does by itself: records under principal
-/// `crate::audit::SYSTEM_PRINCIPAL`, service `kms.internal`.
+/// Where the changes the server makes by itself (automatic and due rotations, due
+/// destructions) are recorded: in the server, the audit log (`crate::audit` implements
+/// this). The keyring names the operation; the recorder writes the record.
+pub trait SystemRecorder: Send + Sync {
+    /// Writes `writes` (key `meta`'s new record) with the record of `operation` on
+    /// `version`, or fails with [`KeyringError::AuditUnavailable`] having written neither.
+    fn record(
+        &self,
+        operation: &'static str,
+        meta: &KeyMeta,
+        version: u32,
+        writes: Vec<Write>,
+    ) -> Result<(), KeyringError>;
+}
+
+/// The journal of what the server does by itself.
 pub struct SystemJournal<'a> {
-    /// Where the change's audit record goes.
-    pub log: &'a AuditLog,
+    /// Where the change's record goes.
+    pub recorder: &'a dyn SystemRecorder,
     /// The operation, e.g. `AutoRotateKey`.
     pub operation: &'static str,
     /// The version it concerns (the new primary when `None`).
@@ -38,18 +52,7 @@ impl Journal for SystemJournal<'_> {
                 "the server changes no grant by itself",
             ));
         };
-        let event = crate::audit::AuditEvent {
-            key: Some(meta.name.clone()),
-            key_version: Some(self.version.unwrap_or(meta.primary)),
-            ..crate::audit::AuditEvent::internal(
-                crate::audit::SYSTEM_PRINCIPAL,
-                "kms.internal",
-                self.operation,
-            )
-        };
-        self.log
-            .append_with(event, writes)
-            .map(|_| ())
-            .map_err(|_| KeyringError::AuditUnavailable)
+        let version = self.version.unwrap_or(meta.primary);
+        self.recorder.record(self.operation, meta, version, writes)
     }
 }

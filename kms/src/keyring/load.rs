@@ -11,7 +11,7 @@ impl Keyring {
         root: &[u8; 32],
         hsm: Arc<Hsm>,
         store: Arc<dyn Store>,
-        audit: AuditLog,
+        recorder: Arc<dyn SystemRecorder>,
         settings: Settings,
     ) -> Result<Self, KeyringError> {
         let mut root_copy = Zeroizing::new([0u8; 32]);
@@ -21,7 +21,7 @@ impl Keyring {
             root: root_copy,
             hsm,
             store,
-            audit,
+            recorder,
             keys: RwLock::new(BTreeMap::new()),
             tampered: RwLock::new(BTreeMap::new()),
             admin: Mutex::new(()),

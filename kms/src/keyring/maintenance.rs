@@ -6,7 +6,7 @@ impl Keyring {
     /// Rotates keys whose rotation is due and destroys versions whose time has come.
     /// Returns how many of each it did. Each change is audited (principal `kms`).
     pub(crate) fn maintain(&self, at: u64) -> (usize, usize) {
-        let log = &self.audit;
+        let recorder = &*self.recorder;
         let names: Vec<(String, Option<u64>, Vec<u32>)> = match self.keys.read() {
             Ok(keys) => keys
                 .values()
@@ -31,7 +31,7 @@ impl Keyring {
                     let e = self.entry(&name)?;
                     if e.meta.next_rotation_at.is_some_and(|t| t <= at) {
                         let journal = SystemJournal {
-                            log,
+                            recorder,
                             operation: "AutoRotateKey",
                             version: None,
                         };
@@ -46,7 +46,7 @@ impl Keyring {
                 }
             }
             for version in due {
-                match self.destroy(&name, version, at, log) {
+                match self.destroy(&name, version, at, recorder) {
                     Ok(()) => destroyed += 1,
                     Err(e) => {
                         tracing::error!(key = %name, version, error = %crate::error_chain(&e), "destruction failed: the version stays due, and the next maintenance run tries again")
@@ -64,7 +64,7 @@ impl Keyring {
         name: &str,
         version: u32,
         at: u64,
-        log: &AuditLog,
+        recorder: &dyn SystemRecorder,
     ) -> Result<(), KeyringError> {
         let _g = self.admin()?;
         let entry = self.entry(name)?;
@@ -91,7 +91,7 @@ impl Keyring {
         v.state = VersionState::Destroyed { destroyed_at: at };
         v.salt = None;
         let journal = SystemJournal {
-            log,
+            recorder,
             operation: "DestroyKeyVersion",
             version: Some(version),
         };

@@ -29,7 +29,7 @@ pub mod model;
 
 pub use crypto::ReEncrypted;
 pub use error::KeyringError;
-pub use journal::{Change, Journal, SystemJournal};
+pub use journal::{Change, Journal, SystemJournal, SystemRecorder};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,7 +37,6 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 
 use zeroize::Zeroizing;
 
-use crate::audit::AuditLog;
 use crate::hsm::{Hsm, HsmError, HsmKeyKind, KeyHandle};
 use crate::store::{Store, StoreError, Table, Write};
 use grants::Grant;
@@ -114,7 +113,7 @@ pub struct Keyring {
     mac_key: Zeroizing<[u8; 32]>,
     hsm: Arc<Hsm>,
     store: Arc<dyn Store>,
-    audit: AuditLog,
+    recorder: Arc<dyn SystemRecorder>,
     keys: RwLock<BTreeMap<String, Arc<KeyEntry>>>,
     tampered: RwLock<BTreeMap<String, ()>>,
     admin: Mutex<()>,

@@ -87,7 +87,7 @@ impl SealManager {
                 &root.0,
                 Arc::clone(&self.hsm),
                 Arc::clone(&self.store),
-                self.audit.clone(),
+                Arc::new(self.audit.clone()),
                 self.settings,
             )?)
         });
