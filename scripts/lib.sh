@@ -39,6 +39,22 @@ ensure_chromium() {
     fi
 }
 
+ensure_prometheus() {
+    # The metrics endpoint is checked by a real Prometheus scraping it. The package's own
+    # service is not started (policy-rc.d): the test starts its own, on 127.0.0.1.
+    if ! command -v prometheus >/dev/null 2>&1; then
+        echo "==> installing prometheus (scrapes the metrics endpoint in a test)"
+        local policy=/usr/sbin/policy-rc.d had_policy=0
+        if [ -e "$policy" ]; then had_policy=1; fi
+        if [ "$had_policy" -eq 0 ]; then
+            printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+            as_root chmod 755 "$policy"
+        fi
+        apt_install prometheus
+        if [ "$had_policy" -eq 0 ]; then as_root rm -f "$policy"; fi
+    fi
+}
+
 ensure_protoc() {
     # The reference protobuf compiler: every .proto must compile with it (docs/api.md).
     if ! command -v protoc >/dev/null 2>&1; then
@@ -55,10 +71,11 @@ ensure_python_clients() {
         echo "==> installing python3 and venv" >&2
         apt_install python3 python3-venv python3-pip >&2
     fi
-    if [ ! -x "$venv/bin/python3" ] || ! "$venv/bin/python3" -c "import grpc, grpc_tools, google.protobuf" >/dev/null 2>&1; then
-        echo "==> installing grpcio-tools (pip) into $venv" >&2
+    if [ ! -x "$venv/bin/python3" ] || ! "$venv/bin/python3" -c "import grpc, grpc_tools, google.protobuf, grpc_health.v1, grpc_reflection.v1alpha" >/dev/null 2>&1; then
+        echo "==> installing grpcio-tools, grpcio-health-checking, grpcio-reflection (pip) into $venv" >&2
         python3 -m venv "$venv" >&2
-        "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check "grpcio-tools>=1.60" >&2
+        "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check \
+            "grpcio-tools>=1.60" "grpcio-health-checking>=1.60" "grpcio-reflection>=1.60" >&2
     fi
     echo "$venv/bin/python3"
 }

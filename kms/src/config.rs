@@ -38,6 +38,18 @@ pub(crate) struct ConfigFile {
     /// The `[limits]` table.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// The `[metrics]` table.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MetricsConfig {
+    /// Where `GET /metrics` is served (plaintext HTTP), e.g. `127.0.0.1:9464`; off when
+    /// absent.
+    pub listen: Option<String>,
 }
 
 /// `[limits]`: what any one caller can make the server hold, read or record.
@@ -142,6 +154,31 @@ pub(crate) struct StorageConfig {
 pub(crate) struct LogConfig {
     /// `error`, `warn`, `info` (default), `debug` or `trace`.
     pub level: Option<String>,
+    /// `text` (default) or `json` (one object a line, for log shippers).
+    pub format: Option<String>,
+    /// The level of the line each served call writes: `debug` (default: a busy server
+    /// writes no line per call) or `info`.
+    pub requests: Option<String>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
+/// `[log]`, checked.
+#[derive(Debug, Clone, Copy)]
+pub struct LogSettings {
+    /// The most detailed level written to standard error.
+    pub level: tracing::Level,
+    /// Text or JSON.
+    pub format: LogFormat,
+    /// The level of the line each served call writes (`DEBUG` or `INFO`).
+    pub requests: tracing::Level,
 }
 
 /// A checked configuration.
@@ -153,8 +190,10 @@ pub struct Config {
     pub storage_path: PathBuf,
     /// The `[hsm]` table, checked: module, token, PIN source, master key label.
     pub hsm: ValidHsmConfig,
-    /// The most detailed level written to standard error (`[log] level`).
-    pub log_level: tracing::Level,
+    /// `[log]`: level, format, and the level of the per-call line.
+    pub log: LogSettings,
+    /// `[metrics] listen`: where the Prometheus endpoint is served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
     /// Keyring settings.
     pub keyring: crate::keyring::Settings,
     /// Seconds between maintenance runs.
@@ -234,6 +273,15 @@ pub enum ConfigError {
     /// `[log] level` is unknown.
     #[error("log.level: {0:?} is not one of error, warn, info, debug, trace")]
     BadLogLevel(String),
+    /// `[log] format` is unknown.
+    #[error("log.format: {0:?} is not one of text, json")]
+    BadLogFormat(String),
+    /// `[log] requests` is unknown.
+    #[error("log.requests: {0:?} is not one of debug, info")]
+    BadRequestLog(String),
+    /// `[metrics] listen` is not an address.
+    #[error("metrics.listen: {0:?} is not an address and port (e.g. 127.0.0.1:9464)")]
+    BadMetricsListen(String),
     /// The `[hsm]` table.
     #[error(transparent)]
     Hsm(#[from] kms_pkcs11_conf::ConfigError),
@@ -269,13 +317,23 @@ impl Config {
         let unseal_limit = file.unseal.validate()?;
         file.hsm.resolve_paths(base);
         let hsm = file.hsm.validate()?;
-        let log_level = file.log.validate()?;
+        let log = file.log.validate()?;
+        let metrics_listen = file
+            .metrics
+            .listen
+            .as_deref()
+            .map(|l| {
+                l.parse::<SocketAddr>()
+                    .map_err(|_| ConfigError::BadMetricsListen(l.to_owned()))
+            })
+            .transpose()?;
         let (keyring, maintenance_interval) = file.keyring.validate()?;
         Ok(Self {
             listen,
             storage_path: resolve(base, file.storage.path),
             hsm,
-            log_level,
+            log,
+            metrics_listen,
             keyring,
             maintenance_interval,
             checkpoints: file.audit.validate()?,
@@ -388,13 +446,28 @@ impl UnsealConfig {
 }
 
 impl LogConfig {
-    fn validate(&self) -> Result<tracing::Level, ConfigError> {
-        match self.level.as_deref() {
-            None => Ok(tracing::Level::INFO),
+    fn validate(&self) -> Result<LogSettings, ConfigError> {
+        let level = match self.level.as_deref() {
+            None => tracing::Level::INFO,
             Some(l) => l
                 .parse()
-                .map_err(|_| ConfigError::BadLogLevel(l.to_owned())),
-        }
+                .map_err(|_| ConfigError::BadLogLevel(l.to_owned()))?,
+        };
+        let format = match self.format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => return Err(ConfigError::BadLogFormat(other.to_owned())),
+        };
+        let requests = match self.requests.as_deref() {
+            None | Some("debug") => tracing::Level::DEBUG,
+            Some("info") => tracing::Level::INFO,
+            Some(other) => return Err(ConfigError::BadRequestLog(other.to_owned())),
+        };
+        Ok(LogSettings {
+            level,
+            format,
+            requests,
+        })
     }
 }
 
@@ -530,7 +603,10 @@ mod tests {
         );
         assert_eq!(c.storage_path, dir.path().join("data/kms.redb"));
         assert_eq!(c.hsm.module, dir.path().join("mod.so"));
-        assert_eq!(c.log_level, tracing::Level::DEBUG);
+        assert_eq!(c.log.level, tracing::Level::DEBUG);
+        assert_eq!(c.log.format, LogFormat::Text);
+        assert_eq!(c.log.requests, tracing::Level::DEBUG);
+        assert_eq!(c.metrics_listen, None);
     }
 
     #[test]

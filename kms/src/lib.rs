@@ -25,6 +25,7 @@ pub mod config;
 mod grpc;
 pub mod hsm;
 pub mod keyring;
+mod metrics;
 pub mod policy;
 pub mod seal;
 pub mod server;

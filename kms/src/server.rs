@@ -86,6 +86,14 @@ pub fn run(config: Config, ready: Option<Ready>) -> Result<(), StartError> {
             .await
             .map_err(|_| StartError::Ready("a start-up task panicked".into()))??;
         let stop = shutdown_signal();
+        let metrics = match opened.metrics_listen {
+            Some(addr) => Some(
+                crate::metrics::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         let listener = bind(listen).await?;
         if let Some(ready) = ready {
             let addr = listener.local_addr().map_err(|source| StartError::Bind {
@@ -98,7 +106,7 @@ pub fn run(config: Config, ready: Option<Ready>) -> Result<(), StartError> {
                 .map_err(|_| StartError::Ready("a start-up task panicked".into()))?
                 .map_err(StartError::Ready)?;
         }
-        serve(listener, opened, stop).await
+        serve(listener, metrics, opened, stop).await
     });
     drop(rt);
     served
@@ -123,6 +131,10 @@ pub struct Opened {
     pub maintenance_interval: std::time::Duration,
     /// `[limits]`.
     pub limits: Limits,
+    /// The level of the line each served call writes.
+    pub request_log: tracing::Level,
+    /// Where the Prometheus endpoint is served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Loads the TLS files, opens the HSM, the store, the audit log and the seal manager.
@@ -173,6 +185,8 @@ pub fn open(config: &Config) -> Result<Opened, StartError> {
         unseal_limit: config.unseal_limit,
         maintenance_interval: config.maintenance_interval,
         limits: config.limits,
+        request_log: config.log.requests,
+        metrics_listen: config.metrics_listen,
     })
 }
 
@@ -190,12 +204,15 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     Ok(listener)
 }
 
-/// Serves the gRPC API on `listener` (TLS unless the configuration opted out) until
-/// `shutdown` completes, then seals. While unsealed, a maintenance task rotates keys whose
-/// period is due and destroys versions whose destruction time has come, every
-/// `maintenance_interval`. The TLS files are reloaded on SIGHUP and when they change.
+/// Serves the gRPC API on `listener` (TLS unless the configuration opted out), and the
+/// metrics on `metrics` when given, until `shutdown` completes, then seals. While unsealed,
+/// a maintenance task rotates keys whose period is due and destroys versions whose
+/// destruction time has come, every `maintenance_interval`. The TLS files are reloaded on
+/// SIGHUP and when they change. Beside the API: the standard health service (the server
+/// `SERVING`; `kms.v1.KeyManagement` `SERVING` only while unsealed) and server reflection.
 pub async fn serve(
     listener: TcpListener,
+    metrics: Option<TcpListener>,
     opened: Opened,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
@@ -204,6 +221,7 @@ pub async fn serve(
         audit: opened.audit.clone(),
         roles: Arc::clone(&opened.roles),
         unseal_limiter: Arc::new(FailureLimiter::new(opened.unseal_limit)),
+        request_log: opened.request_log,
     };
     let seal = opened.seal;
     let reloader = opened
@@ -212,11 +230,18 @@ pub async fn serve(
         .map(|t| tokio::spawn(t.watch(opened.tls_reload_check)));
     let limits = opened.limits;
     let incoming = crate::access::tls::incoming(listener, opened.tls, limits);
-    let gate = crate::grpc::gate::GateLayer::new(Arc::new(crate::grpc::gate::GateState::new(
+    let gate_state = Arc::new(crate::grpc::gate::GateState::new(
         opened.audit.clone(),
+        Arc::clone(&opened.roles),
         limits.refused_calls_per_minute,
         limits.anonymous_max_request_bytes,
-    )));
+    ));
+    let gate = crate::grpc::gate::GateLayer::new(Arc::clone(&gate_state));
+    let probes = tokio::spawn(record_probes(Arc::clone(&gate_state)));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let health_task = tokio::spawn(report_health(health.clone(), seal.watch_unsealed()));
+    let reflection = reflection()?;
+    let reflection_v1alpha = reflection_v1alpha()?;
     let maintenance = tokio::spawn(maintain(Arc::clone(&seal), opened.maintenance_interval));
     // On the signal, stop accepting and let calls in flight finish, but wait at most
     // SHUTDOWN_GRACE for clients that keep idle connections open.
@@ -231,7 +256,26 @@ pub async fn serve(
         tokio::time::sleep(SHUTDOWN_GRACE).await;
         tracing::warn!("clients did not close their connections in time: stopping anyway");
     };
-    let mut serve_rx = stop_rx;
+    let mut serve_rx = stop_rx.clone();
+    let metrics_task = metrics.map(|listener| {
+        let mut rx = stop_rx.clone();
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            Arc::clone(&seal),
+            async move {
+                let _ = rx.wait_for(|stopped| *stopped).await;
+            },
+        ))
+    });
+    // Load balancers see the server leave before it stops answering.
+    let mut leaving_rx = stop_rx;
+    let leaving_health = health.clone();
+    let leaving = tokio::spawn(async move {
+        let _ = leaving_rx.wait_for(|stopped| *stopped).await;
+        leaving_health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    });
     // A connection is asked to close (GOAWAY) at `max_connection_age`, so a removed CA or
     // an expired certificate loses its open connections in a bounded time; calls in flight
     // may finish, and the connection is closed 30 s later whatever they do (`tls::Conn`).
@@ -244,6 +288,9 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .layer(gate)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(SystemServer::new(SystemService::new(ctx.clone())))
         .add_service(
             KeyManagementServer::new(KeyManagementService::new(ctx.clone()))
@@ -259,9 +306,17 @@ pub async fn serve(
         () = async { tokio::join!(signal, grace); } => Ok(()),
     };
     maintenance.abort();
+    probes.abort();
+    health_task.abort();
+    leaving.abort();
     if let Some(r) = reloader {
         r.abort();
     }
+    if let Some(m) = metrics_task {
+        let _ = m.await;
+    }
+    // The probes counted since the last summary are recorded before the log stops.
+    gate_state.record_probes().await;
     // Forget every key byte before the process exits.
     let _ = seal.seal();
     // End the audit writer (it holds the HSM) before the process exits; the caller drops
@@ -279,6 +334,74 @@ pub(crate) const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// The largest gRPC request: a batch of 64 KiB items.
 pub(crate) const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Records the health probes in aggregate every minute, forever (the caller aborts it).
+async fn record_probes(gate: Arc<crate::grpc::gate::GateState>) {
+    let mut tick = tokio::time::interval(PROBE_SUMMARY_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        gate.record_probes().await;
+    }
+}
+
+/// How often the health probes are recorded (as one record).
+const PROBE_SUMMARY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Keeps the health service's statuses true: the server and the services that work sealed
+/// are `SERVING`; `kms.v1.KeyManagement` is `SERVING` only while unsealed.
+async fn report_health(
+    health: tonic_health::server::HealthReporter,
+    mut unsealed: tokio::sync::watch::Receiver<bool>,
+) {
+    use tonic_health::ServingStatus::{NotServing, Serving};
+    for service in ["", "kms.v1.System", "kms.v1.Audit", "kms.v1.Access"] {
+        health.set_service_status(service, Serving).await;
+    }
+    loop {
+        let status = if *unsealed.borrow_and_update() {
+            Serving
+        } else {
+            NotServing
+        };
+        health
+            .set_service_status("kms.v1.KeyManagement", status)
+            .await;
+        if unsealed.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The reflection service (v1) over every kms service and the health service.
+fn reflection() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    StartError,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kms_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::Ready(Box::new(e)))
+}
+
+/// The same under its older name, `v1alpha`, which grpcio-reflection and older grpcurl
+/// versions call.
+fn reflection_v1alpha() -> Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+    StartError,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kms_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| StartError::Ready(Box::new(e)))
+}
 
 /// Runs keyring maintenance forever (the caller aborts it).
 async fn maintain(seal: Arc<SealManager>, every: std::time::Duration) {

@@ -1,11 +1,15 @@
 //! The kms gRPC API: the generated tonic/prost types and services.
 //!
 //! Architecture invariant: this is the only crate that knows protobuf types. The server
-//! converts them to domain types at the edge (`kms::grpc`).
+//! converts them to domain types at the edge (`kms::wire`).
 //!
 //! Messages that carry secrets (shares) have a `Debug` that prints lengths, not contents.
 
 #![forbid(unsafe_code)]
+
+/// The encoded `FileDescriptorSet` of every kms .proto file, for the server reflection
+/// service (grpcurl, Postman and evans list and call the API with it).
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kms_descriptor");
 
 /// Version 1 of the API, package `kms.v1`.
 pub mod v1 {

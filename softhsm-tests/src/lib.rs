@@ -246,15 +246,20 @@ impl TestHsm {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("kms listening on ") {
-                    let _ = tx.send(addr.to_owned());
+                if line.starts_with("kms listening on ") || line.starts_with("kms metrics on ") {
+                    let _ = tx.send(line);
                 }
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut metrics = None;
         let addr = loop {
-            if let Ok(addr) = rx.recv_timeout(Duration::from_millis(50)) {
-                break addr;
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(50)) {
+                if let Some(url) = line.strip_prefix("kms metrics on ") {
+                    metrics = Some(url.to_owned());
+                    continue;
+                }
+                break line.trim_start_matches("kms listening on ").to_owned();
             }
             if let Some(status) = child.try_wait().unwrap() {
                 return Err(format!("exited with {status}: {}", self.logs()));
@@ -267,6 +272,7 @@ impl TestHsm {
         Ok(Server {
             child: Some(child),
             addr: format!("https://{addr}"),
+            metrics,
             ca: self.pki.ca.clone(),
             admin: self.admin.clone(),
             auditor: self.auditor.clone(),
@@ -316,6 +322,8 @@ pub struct Server {
     child: Option<Child>,
     /// `https://127.0.0.1:PORT`.
     pub addr: String,
+    /// `http://127.0.0.1:PORT/metrics`, when `[metrics] listen` is set.
+    pub metrics: Option<String>,
     /// The CA of the server's certificate.
     pub ca: PathBuf,
     /// The harness's admin client.
@@ -621,4 +629,51 @@ pub fn forge_share(share: &str) -> String {
     raw.extend_from_slice(&digest[..4]);
     let encoded = data_encoding::BASE32_NOPAD.encode(&raw);
     format!("kms1-{encoded}")
+}
+
+/// `GET url` (plain `http://HOST:PORT/PATH`) with HTTP/1.0, as an independent client would:
+/// the status code and the body.
+pub fn http_get(url: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("an http:// URL");
+    let (host, path) = rest.split_once('/').map_or((rest, ""), |(h, p)| (h, p));
+    let mut stream = std::net::TcpStream::connect(host).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(stream, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, body.to_owned())
+}
+
+/// A free port on 127.0.0.1 (bound and released: for a server the test starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The Python interpreter with the gRPC packages (grpcio-tools, grpcio-health-checking,
+/// grpcio-reflection): `KMS_TEST_PYTHON`, else the virtual environment `target/pyenv` that
+/// scripts/test makes. Panics (the test fails, never skips) when neither is there.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("KMS_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv/bin/python3");
+    assert!(
+        venv.is_file(),
+        "no Python with the gRPC packages: run scripts/test (it makes target/pyenv), or set KMS_TEST_PYTHON"
+    );
+    venv
 }

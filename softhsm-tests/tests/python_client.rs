@@ -17,19 +17,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use softhsm_tests::{TestHsm, start_unsealed};
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("KMS_TEST_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv/bin/python3");
-    assert!(
-        venv.is_file(),
-        "no Python with grpcio-tools: run scripts/test (it makes target/pyenv), or set KMS_TEST_PYTHON"
-    );
-    venv
-}
+use softhsm_tests::{TestHsm, python, start_unsealed};
 
 const CLIENT: &str = r#"
 import json, sys

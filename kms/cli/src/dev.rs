@@ -101,9 +101,9 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
             ExitCode::FAILURE
         });
     }
-    crate::show::init_logging(tracing::Level::INFO);
     let config_path = prepare(&dir, &module, args.listen, args.plaintext)?;
     let config = Config::load(&config_path)?;
+    crate::show::init_logging(config.log);
     let (plaintext, temporary) = (args.plaintext, args.temporary);
     kms::server::run(
         config,

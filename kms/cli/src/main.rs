@@ -195,7 +195,7 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
     match cli.command {
         Command::Server { config } => {
             let config = Config::load(&config)?;
-            show::init_logging(config.log_level);
+            show::init_logging(config.log);
             kms::server::run(config, None)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -41,14 +41,19 @@ impl<'a> From<&'a kms::seal::InitOutput> for InitShown<'a> {
     }
 }
 
-/// Sets up logging to standard error at `level`.
-pub fn init_logging(level: tracing::Level) {
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(level)
+/// Sets up logging to standard error as `[log]` says: its level, and text or JSON (one
+/// object a line, for log shippers).
+pub fn init_logging(log: kms::config::LogSettings) {
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(log.level)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_target(false);
+    let _ = match log.format {
+        kms::config::LogFormat::Json => builder.json().with_current_span(false).try_init(),
+        kms::config::LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
 }
 
 /// Prints init's shares with the custodians' warning.

@@ -113,7 +113,7 @@ impl Identity {
 /// What an RPC needs of its caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Need {
-    /// Nothing (`Status`, `WhoAmI`).
+    /// Nothing (`Status`, `WhoAmI`, the health service).
     Nothing,
     /// A custodian's certificate over TLS (`Unseal`, `UnsealReset`); failed shares are
     /// rate-limited too.
@@ -129,7 +129,10 @@ pub(crate) enum Need {
 pub(crate) fn need(service: &str, method: &str) -> Need {
     use Operation as O;
     match (service, method) {
-        ("kms.v1.System", "Status") | ("kms.v1.Access", "WhoAmI") => Need::Nothing,
+        ("kms.v1.System", "Status")
+        | ("kms.v1.Access", "WhoAmI")
+        | ("grpc.health.v1.Health", "Check" | "Watch") => Need::Nothing,
+        // Server reflection (`grpc.reflection.*`) falls to the admin role below.
         ("kms.v1.System", "Unseal" | "UnsealReset") => Need::Custodian,
         ("kms.v1.Audit", "ExportAuditLog" | "KeyUsageReport" | "VerifyAuditLog") => {
             Need::Role(Role::Auditor)

@@ -94,6 +94,7 @@ impl Writer {
     }
 
     fn commit(&mut self, group: Vec<Pending>) {
+        let started = Instant::now();
         let mut next = self.head.clone();
         let mut writes = Vec::with_capacity(group.len());
         let mut encoded = Ok(());
@@ -141,6 +142,12 @@ impl Writer {
         match written {
             Ok(()) => {
                 self.commits.fetch_add(1, Ordering::Relaxed);
+                let metrics = crate::metrics::metrics();
+                metrics
+                    .audit_commit_duration
+                    .observe(started.elapsed().as_secs_f64());
+                metrics.audit_records.inc_by(group.len() as u64);
+                metrics.audit_commit_batch.observe(group.len() as f64);
                 let first_seq = self.head.seq + 1;
                 self.head = next;
                 self.last_time = time_ms;

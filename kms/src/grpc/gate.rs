@@ -15,14 +15,25 @@
 //!   answer waits for the record; if it cannot be written the answer is
 //!   `UNAVAILABLE: audit log unavailable`.
 //!
+//! - The standard health service (`grpc.health.v1.Health`) is open to callers without a
+//!   certificate (load balancers have none) and its probes are not recorded one by one:
+//!   they are counted, and the count is recorded as one `kms.Gate/HealthChecks` record a
+//!   minute (and at shutdown) with the count per outcome in its `batch`.
+//! - The standard services without a handler of ours (health, reflection) have their rule
+//!   (`access::need`) checked here: reflection needs the admin role.
+//! - Every call is counted and timed for the metrics (`kms_requests_total`,
+//!   `kms_request_duration_seconds`), by service, method and status code; the time runs to
+//!   the answer's headers (for a stream, to its start).
+//!
 //! Every text from the request that reaches a record is bounded: the service must be one of
 //! ours, the method a short identifier; anything else is recorded as a placeholder that
 //! gives only its size.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -34,6 +45,7 @@ use tonic::{Code, Status};
 use super::{AUDIT_UNAVAILABLE, code_name};
 use crate::access::limiter::{RefusedLimiter, Verdict};
 use crate::access::tls::PeerInfo;
+use crate::access::{Denied, Roles};
 use crate::audit::{AuditEvent, AuditLog, BatchSummary};
 
 /// The services the server answers; a path naming another is recorded as a placeholder.
@@ -42,7 +54,17 @@ pub(crate) const SERVICES: &[&str] = &[
     "kms.v1.KeyManagement",
     "kms.v1.Audit",
     "kms.v1.Access",
+    HEALTH,
+    REFLECTION,
+    REFLECTION_V1ALPHA,
 ];
+
+/// The standard gRPC health service.
+pub(crate) const HEALTH: &str = "grpc.health.v1.Health";
+/// The standard server reflection service, and its older name (which grpcio-reflection and
+/// older grpcurl versions call).
+pub(crate) const REFLECTION: &str = "grpc.reflection.v1.ServerReflection";
+const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
 
 /// The service name of the gate's own summary records.
 const GATE: &str = "kms.Gate";
@@ -67,8 +89,11 @@ impl Recorded {
 #[derive(Debug)]
 pub(crate) struct GateState {
     audit: AuditLog,
+    roles: Arc<Roles>,
     refused: RefusedLimiter,
     anonymous_max_bytes: usize,
+    /// Health probes since the last summary record, by outcome.
+    probes: Mutex<BTreeMap<String, u64>>,
 }
 
 impl GateState {
@@ -76,14 +101,46 @@ impl GateState {
     /// address per minute and `anonymous_max_bytes` per request without a certificate.
     pub(crate) fn new(
         audit: AuditLog,
+        roles: Arc<Roles>,
         refused_per_minute: u32,
         anonymous_max_bytes: usize,
     ) -> Self {
         Self {
             audit,
+            roles,
             refused: RefusedLimiter::new(refused_per_minute, Duration::from_secs(60)),
             anonymous_max_bytes,
+            probes: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    fn count_probe(&self, outcome: &str) {
+        let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+        *probes.entry(outcome.to_owned()).or_default() += 1;
+    }
+
+    /// Records the health probes counted since the last call as one record
+    /// (`kms.Gate/HealthChecks`, the count per outcome in its `batch`); nothing when there
+    /// were none. The server calls it every minute and at shutdown.
+    pub(crate) async fn record_probes(&self) {
+        let outcomes = std::mem::take(&mut *self.probes.lock().unwrap_or_else(|p| p.into_inner()));
+        let items: u64 = outcomes.values().sum();
+        if items == 0 {
+            return;
+        }
+        let event = AuditEvent {
+            principal: crate::audit::SYSTEM_PRINCIPAL.to_owned(),
+            service: GATE.to_owned(),
+            operation: "HealthChecks".to_owned(),
+            outcome: code_name(Code::Ok).to_owned(),
+            batch: Some(BatchSummary {
+                items,
+                outcomes,
+                versions: Default::default(),
+            }),
+            ..AuditEvent::default()
+        };
+        append(&self.audit, event).await;
     }
 }
 
@@ -176,83 +233,139 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         // The clone is not ready; the ready one serves this call (tower's usual swap).
         let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let inner = std::mem::replace(&mut self.inner, clone);
         let state = Arc::clone(&self.state);
         Box::pin(async move {
-            let peer = req.extensions().get::<PeerInfo>().cloned();
+            let started = Instant::now();
             let (service, method) = rpc_of(req.uri().path());
-            let ip = peer.as_ref().map(|p| p.addr.ip());
-            let anonymous = peer
-                .as_ref()
-                .is_some_and(|p| p.identity.tls && !p.identity.authenticated);
-            let event = AuditEvent {
-                request_id: super::request_id_of(req.headers()),
-                principal: peer.as_ref().map_or_else(
-                    || crate::policy::ANONYMOUS.to_owned(),
-                    |p| p.identity.principal.clone(),
-                ),
-                peer: peer
-                    .as_ref()
-                    .map(|p| p.addr.to_string())
-                    .unwrap_or_default(),
-                service: service.clone(),
-                operation: method.clone(),
-                ..AuditEvent::default()
-            };
-            let now = Instant::now();
-            if let Some(ip) = ip {
-                match state.refused.check(ip, now) {
-                    Verdict::Allowed(None) => {}
-                    Verdict::Allowed(Some(counted)) => {
-                        summary(&state, &event, counted).await;
-                    }
-                    Verdict::Limited { wait, first } => {
-                        let status = Status::resource_exhausted(format!(
-                            "too many refused calls from this address: try again in {} s",
-                            wait.as_secs().max(1)
-                        ));
-                        if first {
-                            tracing::warn!(peer = %ip, "refused calls over the limit: further calls from this address are refused unread for the rest of the minute");
-                            return Ok(answer(&state, event, status).await);
-                        }
-                        return Ok(status.into_http());
-                    }
-                }
-            }
-            let need = crate::access::need(&service, &method);
-            if anonymous && need.needs_certificate() {
-                refused(&state, ip);
-                let status =
-                    Status::unauthenticated(crate::access::Denied::Unauthenticated.to_string());
-                return Ok(answer(&state, event, status).await);
-            }
-            if anonymous {
-                let limit = state.anonymous_max_bytes;
-                let body = std::mem::replace(req.body_mut(), Body::empty());
-                *req.body_mut() = Body::new(Limited::new(body, limit));
-            }
-            let recorded = Recorded::default();
-            req.extensions_mut().insert(recorded.clone());
-            let response = inner.call(req).await?;
-            let code = status_of(&response);
-            if code.is_some_and(|c| is_refusal(c, recorded.get())) {
-                refused(&state, ip);
-            }
-            if recorded.get() {
-                return Ok(response);
-            }
-            // No handler recorded this call: tonic refused it, or the handler panicked.
-            let outcome = code.map_or("UNKNOWN", code_name).to_owned();
-            let event = AuditEvent { outcome, ..event };
-            if append(&state.audit, event).await {
-                Ok(response)
-            } else {
-                Ok(Status::unavailable(AUDIT_UNAVAILABLE).into_http())
-            }
+            let response = pass(inner, state, req, &service, &method).await?;
+            let code = status_of(&response).map_or("OK", code_name);
+            crate::metrics::metrics().request(&service, &method, code, started.elapsed());
+            Ok(response)
         })
+    }
+}
+
+/// The gate's work on one call (see the module docs): limits, the anonymous rule, the
+/// rule of services without our handlers, health probes counted, unrecorded calls recorded.
+async fn pass<S>(
+    mut inner: S,
+    state: Arc<GateState>,
+    mut req: http::Request<Body>,
+    service: &str,
+    method: &str,
+) -> Result<http::Response<Body>, S::Error>
+where
+    S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>>,
+{
+    let peer = req.extensions().get::<PeerInfo>().cloned();
+    let (service, method) = (service.to_owned(), method.to_owned());
+    let ip = peer.as_ref().map(|p| p.addr.ip());
+    let anonymous = peer
+        .as_ref()
+        .is_some_and(|p| p.identity.tls && !p.identity.authenticated);
+    let event = AuditEvent {
+        request_id: super::request_id_of(req.headers()),
+        principal: peer.as_ref().map_or_else(
+            || crate::policy::ANONYMOUS.to_owned(),
+            |p| p.identity.principal.clone(),
+        ),
+        peer: peer
+            .as_ref()
+            .map(|p| p.addr.to_string())
+            .unwrap_or_default(),
+        service: service.clone(),
+        operation: method.clone(),
+        ..AuditEvent::default()
+    };
+    let now = Instant::now();
+    if let Some(ip) = ip {
+        match state.refused.check(ip, now) {
+            Verdict::Allowed(None) => {}
+            Verdict::Allowed(Some(counted)) => {
+                summary(&state, &event, counted).await;
+            }
+            Verdict::Limited { wait, first } => {
+                let status = Status::resource_exhausted(format!(
+                    "too many refused calls from this address: try again in {} s",
+                    wait.as_secs().max(1)
+                ));
+                if first {
+                    tracing::warn!(peer = %ip, "refused calls over the limit: further calls from this address are refused unread for the rest of the minute");
+                    return Ok(answer(&state, event, status).await);
+                }
+                return Ok(status.into_http());
+            }
+        }
+    }
+    let need = crate::access::need(&service, &method);
+    if anonymous && need.needs_certificate() {
+        refused(&state, ip);
+        let status = Status::unauthenticated(crate::access::Denied::Unauthenticated.to_string());
+        return Ok(answer(&state, event, status).await);
+    }
+    // Health and reflection have no handler of ours to check their rule.
+    if [HEALTH, REFLECTION, REFLECTION_V1ALPHA].contains(&service.as_str())
+        && let Some(identity) = peer.as_ref().map(|p| &p.identity)
+        && let Err(denied) = crate::access::check(
+            need,
+            identity,
+            &state.roles,
+            i64::try_from(crate::keyring::now()).unwrap_or(i64::MAX),
+        )
+    {
+        refused(&state, ip);
+        let status = match denied {
+            Denied::Unauthenticated | Denied::Expired => {
+                Status::unauthenticated(denied.to_string())
+            }
+            _ => Status::permission_denied(denied.to_string()),
+        };
+        return Ok(answer(&state, event, status).await);
+    }
+    if anonymous {
+        let limit = state.anonymous_max_bytes;
+        let body = std::mem::replace(req.body_mut(), Body::empty());
+        *req.body_mut() = Body::new(Limited::new(body, limit));
+    }
+    let recorded = Recorded::default();
+    req.extensions_mut().insert(recorded.clone());
+    let probe = service == HEALTH;
+    if probe {
+        // Counted, recorded in aggregate by `record_probes`.
+        recorded.set();
+    }
+    let response = inner.call(req).await?;
+    let code = status_of(&response);
+    // A probe's answer (NOT_FOUND for an unknown service) is the health service's business,
+    // not a refusal: `recorded` is set for probes.
+    if code.is_some_and(|c| is_refusal(c, recorded.get())) {
+        refused(&state, ip);
+    }
+    if probe {
+        state.count_probe(code.map_or("OK", code_name));
+    }
+    if recorded.get() {
+        return Ok(response);
+    }
+    // No handler of ours recorded this call: tonic refused it, a handler panicked, or it is
+    // a reflection stream. A reflection stream whose answer began (its status comes at its
+    // end) is recorded as admitted: `OK`.
+    let reflection = [REFLECTION, REFLECTION_V1ALPHA].contains(&service.as_str());
+    let outcome = match code {
+        Some(c) => code_name(c),
+        None if reflection => code_name(Code::Ok),
+        None => "UNKNOWN",
+    }
+    .to_owned();
+    let event = AuditEvent { outcome, ..event };
+    if append(&state.audit, event).await {
+        Ok(response)
+    } else {
+        Ok(Status::unavailable(AUDIT_UNAVAILABLE).into_http())
     }
 }
 

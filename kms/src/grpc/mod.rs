@@ -44,6 +44,8 @@ pub(crate) struct Ctx {
     pub roles: Arc<Roles>,
     /// The limit on failed unseal shares.
     pub unseal_limiter: Arc<FailureLimiter>,
+    /// The level of the line each served call writes (`[log] requests`).
+    pub request_log: tracing::Level,
 }
 
 /// The metadata key of the request id (given by the caller or made by the server, and
@@ -243,6 +245,8 @@ pub(crate) struct Call {
     bad_name: bool,
     /// The gate's flag: set once this call's record is this handler's to write.
     gate: Option<gate::Recorded>,
+    /// The level of the "request served" line.
+    request_log: tracing::Level,
 }
 
 /// What the log and the audit record say instead of a name that is not one: its size only.
@@ -291,6 +295,7 @@ impl Call {
             roles: Arc::clone(&ctx.roles),
             bad_name: false,
             gate: req.extensions().get::<gate::Recorded>().cloned(),
+            request_log: ctx.request_log,
         }
     }
 
@@ -540,7 +545,11 @@ fn finish<R: prost::Message>(
         return Err(Status::unavailable(AUDIT_UNAVAILABLE));
     }
     if answer.is_ok() {
-        tracing::info!(rpc, key = %key, code = "OK", "request served");
+        if call.request_log == tracing::Level::INFO {
+            tracing::info!(rpc, key = %key, code = "OK", "request served");
+        } else {
+            tracing::debug!(rpc, key = %key, code = "OK", "request served");
+        }
     }
     answer
 }

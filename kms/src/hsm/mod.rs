@@ -198,7 +198,7 @@ impl Hsm {
     /// Logs the application in. Login is per application: every pooled session shares it
     /// while any session stays open.
     pub fn login(&self, pin: &SecretString) -> Result<(), HsmError> {
-        self.with_session(|s| match s.login(UserType::User, Some(pin)) {
+        self.with_session("login", |s| match s.login(UserType::User, Some(pin)) {
             Ok(()) | Err(cryptoki::error::Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
             Err(source) => {
                 let reason = match &source {
@@ -225,7 +225,7 @@ impl Hsm {
 
     /// Logs the application out (every session). Already logged out is fine.
     pub(crate) fn logout(&self) -> Result<(), HsmError> {
-        self.with_session(|s| match s.logout() {
+        self.with_session("logout", |s| match s.logout() {
             Ok(()) | Err(cryptoki::error::Error::Pkcs11(RvError::UserNotLoggedIn, _)) => Ok(()),
             Err(e) => Err(pk("log out")(e)),
         })
@@ -241,9 +241,11 @@ impl Hsm {
         &self.master_key_label
     }
 
-    /// Runs `f` with a session from the pool, waiting for one if all are busy.
+    /// Runs `f` with a session from the pool, waiting for one if all are busy. `operation`
+    /// names it in the metrics (its time, and whether the module failed it).
     fn with_session<T>(
         &self,
+        operation: &'static str,
         f: impl FnOnce(&Session) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
         let session = {
@@ -261,7 +263,13 @@ impl Hsm {
                     .map_err(|_| HsmError::Misuse("session pool poisoned"))?;
             }
         };
+        let metrics = crate::metrics::metrics();
+        metrics.hsm_sessions_in_use.inc();
+        let started = std::time::Instant::now();
         let result = f(&session);
+        let failed = matches!(result, Err(HsmError::Pkcs11 { .. }));
+        metrics.hsm(operation, started.elapsed(), failed);
+        metrics.hsm_sessions_in_use.dec();
         if let Ok(mut pool) = self.pool.lock() {
             pool.push(session);
             self.available.notify_one();
@@ -272,7 +280,7 @@ impl Hsm {
     /// Finds the master key by label.
     pub(crate) fn find_master_key(&self) -> Result<KeyHandle, HsmError> {
         let label = self.master_key_label.clone();
-        self.with_session(|s| {
+        self.with_session("find", |s| {
             let found = s
                 .find_objects(&[
                     Attribute::Class(ObjectClass::SECRET_KEY),
@@ -322,7 +330,7 @@ impl Hsm {
         let mut iv = [0u8; GCM_IV_LEN];
         getrandom::fill(&mut iv)
             .map_err(|_| HsmError::Misuse("operating system random source failed"))?;
-        let ct = self.with_session(|s| {
+        let ct = self.with_session("encrypt", |s| {
             let params =
                 GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).map_err(pk("set up AES-GCM"))?;
             s.encrypt(&Mechanism::AesGcm(params), key.0, plaintext)
@@ -347,7 +355,7 @@ impl Hsm {
         }
         let (iv, ct) = blob.split_at(GCM_IV_LEN);
         let mut iv: [u8; GCM_IV_LEN] = iv.try_into().map_err(|_| HsmError::DecryptFailed)?;
-        self.with_session(|s| {
+        self.with_session("decrypt", |s| {
             let params =
                 GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).map_err(pk("set up AES-GCM"))?;
             match s.decrypt(&Mechanism::AesGcm(params), key.0, ct) {
@@ -375,7 +383,7 @@ impl Hsm {
         plaintext: &[u8],
     ) -> Result<Vec<u8>, HsmError> {
         let mut iv = *iv;
-        self.with_session(|s| {
+        self.with_session("encrypt", |s| {
             let params =
                 GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).map_err(pk("set up AES-GCM"))?;
             s.encrypt(&Mechanism::AesGcm(params), key.0, plaintext)
@@ -392,6 +400,8 @@ impl Hsm {
             HsmKeyKind::HmacSha256 => Mechanism::Sha256Hmac,
             HsmKeyKind::Aes256 => return Err(HsmError::Misuse("an AES key does not sign")),
         };
-        self.with_session(|s| s.sign(&mechanism, key.0, data).map_err(pk("sign")))
+        self.with_session("sign", |s| {
+            s.sign(&mechanism, key.0, data).map_err(pk("sign"))
+        })
     }
 }

@@ -21,7 +21,7 @@ impl Hsm {
         id: &[u8],
     ) -> Result<(KeyHandle, Option<Vec<u8>>), HsmError> {
         let base = base_template(label, id);
-        self.with_session(|s| match kind {
+        self.with_session("generate", |s| match kind {
             HsmKeyKind::Aes256 | HsmKeyKind::HmacSha256 => {
                 Ok((generate_secret(s, kind, base)?, None))
             }
@@ -55,7 +55,7 @@ impl Hsm {
             label: label.to_owned(),
             why,
         };
-        self.with_session(|s| {
+        self.with_session("find", |s| {
             let found = s.find_objects(&template).map_err(pk("find a key"))?;
             let one = match found.as_slice() {
                 [] => return Ok(None),
@@ -99,7 +99,7 @@ impl Hsm {
     /// Every token object whose label starts with `prefix`: handle, label and CKA_ID (for
     /// finding the objects kms made that no record names).
     pub(crate) fn objects_labelled(&self, prefix: &str) -> Result<Vec<TokenObject>, HsmError> {
-        self.with_session(|s| {
+        self.with_session("list", |s| {
             let all = s
                 .find_objects(&[Attribute::Token(true)])
                 .map_err(pk("list token objects"))?;
@@ -162,7 +162,9 @@ impl Hsm {
 
     /// Destroys a key object: its material is gone from the token for good.
     pub fn destroy(&self, key: KeyHandle) -> Result<(), HsmError> {
-        self.with_session(|s| s.destroy_object(key.0).map_err(pk("destroy a key")))
+        self.with_session("destroy", |s| {
+            s.destroy_object(key.0).map_err(pk("destroy a key"))
+        })
     }
 
     /// Reads the master key's security attributes, as the token reports them.
@@ -170,7 +172,7 @@ impl Hsm {
         &self,
         key: KeyHandle,
     ) -> Result<MasterKeyAttributes, HsmError> {
-        self.with_session(|s| {
+        self.with_session("attributes", |s| {
             let attrs = s
                 .get_attributes(
                     key.0,

@@ -304,6 +304,11 @@ impl Keyring {
         })
     }
 
+    /// How many keys there are (a read of the map's size, for the metrics).
+    pub(crate) fn key_count(&self) -> usize {
+        read_lock(&self.keys).map_or(0, |k| k.len())
+    }
+
     /// Every key's metadata, by name.
     pub(crate) fn all_keys(&self) -> Result<Vec<KeyMeta>, KeyringError> {
         Ok(read_lock(&self.keys)?

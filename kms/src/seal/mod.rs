@@ -296,6 +296,8 @@ pub struct SealManager {
     audit: AuditLog,
     settings: KeyringSettings,
     inner: Mutex<Inner>,
+    /// Whether the server is unsealed, for those who watch (health, metrics).
+    unsealed: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for SealManager {
@@ -349,6 +351,7 @@ impl SealManager {
             store,
             audit,
             settings,
+            unsealed: tokio::sync::watch::Sender::new(false),
             inner: Mutex::new(Inner {
                 state,
                 record,
@@ -370,6 +373,12 @@ impl SealManager {
                 .decode(r.audit_public_key.as_bytes())
                 .ok()
         })
+    }
+
+    /// Follows the seal state: `true` while unsealed. Changes are sent after the state
+    /// changed (the health service and the metrics watch it).
+    pub fn watch_unsealed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.unsealed.subscribe()
     }
 
     /// The current status.
@@ -409,6 +418,7 @@ impl SealManager {
         // Dropping the old state zeroizes the root key (Zeroizing) and the shares.
         let was_unsealed = matches!(inner.state, State::Unsealed(_));
         inner.state = State::Sealed(None);
+        self.unsealed.send_replace(false);
         if was_unsealed && self.hsm.pin_in_shares() {
             // Sealed means locked out of the HSM too: the PIN is gone with the shares.
             inner.master_key = None;

@@ -65,6 +65,7 @@ impl SealManager {
         inner.state = State::Unsealed(Unsealed {
             keyring: Arc::new(keyring),
         });
+        self.unsealed.send_replace(true);
         Ok(status_of(inner, self.hsm.pin_in_shares()))
     }
 

@@ -1,0 +1,309 @@
+//! Prometheus metrics (docs/operations.md): what the server counts and times, and the
+//! listener that serves them.
+//!
+//! The metrics are process-wide (one server per process), kept with the Prometheus
+//! project's own client, and served as OpenMetrics text on their own plaintext listener
+//! (`[metrics] listen`, off by default), never on the gRPC port.
+//!
+//! **Invariant:** no label holds caller-controlled text. Services and methods are labelled
+//! only when the API defines them (from the compiled descriptors, plus the health and
+//! reflection services); anything else is `unknown`. No key name, principal, address or
+//! payload is a label or a value.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::net::TcpListener;
+
+use crate::seal::SealManager;
+
+/// A call's service, method and status code.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RequestLabels {
+    service: String,
+    method: String,
+    code: &'static str,
+}
+
+/// A call's service and method.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct MethodLabels {
+    service: String,
+    method: String,
+}
+
+/// One kind of HSM operation (`encrypt`, `sign`, `find`, ...).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct HsmLabels {
+    operation: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Every metric the server keeps.
+pub(crate) struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: HistogramFamily<MethodLabels>,
+    /// Seconds to chain and durably write one group of records.
+    pub(crate) audit_commit_duration: Histogram,
+    /// Records made durable.
+    pub(crate) audit_records: Counter,
+    /// Records per durable commit.
+    pub(crate) audit_commit_batch: Histogram,
+    hsm_duration: HistogramFamily<HsmLabels>,
+    hsm_errors: Family<HsmLabels, Counter>,
+    /// PKCS#11 sessions taken from the pool.
+    pub(crate) hsm_sessions_in_use: Gauge,
+    sealed: Gauge,
+    keys: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 us to about 13 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.5, 14))
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("kms");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "gRPC calls answered, by service, method and status code",
+            requests.clone(),
+        );
+        let request_duration: HistogramFamily<MethodLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "request_duration",
+            "Time from a call's arrival to its answer",
+            Unit::Seconds,
+            request_duration.clone(),
+        );
+        let audit_commit_duration = latency_histogram();
+        registry.register_with_unit(
+            "audit_commit_duration",
+            "Time to chain and durably write one group of audit records (with the changes they record)",
+            Unit::Seconds,
+            audit_commit_duration.clone(),
+        );
+        let audit_records = Counter::default();
+        registry.register(
+            "audit_records",
+            "Audit records made durable",
+            audit_records.clone(),
+        );
+        let audit_commit_batch = Histogram::new(exponential_buckets(1.0, 2.0, 11));
+        registry.register(
+            "audit_commit_batch_size",
+            "Audit records per durable commit (group commit)",
+            audit_commit_batch.clone(),
+        );
+        let hsm_duration: HistogramFamily<HsmLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "hsm_operation_duration",
+            "Time of one PKCS#11 operation, by kind",
+            Unit::Seconds,
+            hsm_duration.clone(),
+        );
+        let hsm_errors = Family::<HsmLabels, Counter>::default();
+        registry.register(
+            "hsm_errors",
+            "PKCS#11 operations the module failed (not wrong ciphertexts), by kind",
+            hsm_errors.clone(),
+        );
+        let hsm_sessions_in_use = Gauge::default();
+        registry.register(
+            "hsm_sessions_in_use",
+            "PKCS#11 sessions taken from the pool",
+            hsm_sessions_in_use.clone(),
+        );
+        let sealed = Gauge::default();
+        registry.register(
+            "sealed",
+            "1 while the server is sealed (or not initialised), 0 while unsealed",
+            sealed.clone(),
+        );
+        let keys = Gauge::default();
+        registry.register("keys", "Keys in the keyring (0 while sealed)", keys.clone());
+        registry.register(
+            "build",
+            "The running kms version",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        Self {
+            registry,
+            requests,
+            request_duration,
+            audit_commit_duration,
+            audit_records,
+            audit_commit_batch,
+            hsm_duration,
+            hsm_errors,
+            hsm_sessions_in_use,
+            sealed,
+            keys,
+        }
+    }
+
+    /// Counts and times one answered call. `service` and `method` are labelled only when
+    /// the API defines them.
+    pub(crate) fn request(&self, service: &str, method: &str, code: &'static str, took: Duration) {
+        let (service, method) = if is_known(service, method) {
+            (service.to_owned(), method.to_owned())
+        } else {
+            ("unknown".to_owned(), "unknown".to_owned())
+        };
+        self.request_duration
+            .get_or_create(&MethodLabels {
+                service: service.clone(),
+                method: method.clone(),
+            })
+            .observe(took.as_secs_f64());
+        self.requests
+            .get_or_create(&RequestLabels {
+                service,
+                method,
+                code,
+            })
+            .inc();
+    }
+
+    /// Times one HSM operation; `failed` when the module failed it.
+    pub(crate) fn hsm(&self, operation: &'static str, took: Duration, failed: bool) {
+        let labels = HsmLabels { operation };
+        self.hsm_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        if failed {
+            self.hsm_errors.get_or_create(&labels).inc();
+        }
+    }
+
+    /// The exposition, with the seal state and key count read now.
+    pub(crate) fn encode(&self, seal: &SealManager) -> String {
+        let keys = seal.keyring().map_or(0, |k| k.key_count());
+        self.sealed.set(i64::from(seal.status().sealed));
+        self.keys.set(i64::try_from(keys).unwrap_or(i64::MAX));
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The process's metrics.
+pub(crate) fn metrics() -> &'static Metrics {
+    static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+    &METRICS
+}
+
+/// Every `service/method` the server answers: the API's, from its descriptors, and the
+/// standard health and reflection services'.
+fn is_known(service: &str, method: &str) -> bool {
+    static KNOWN: LazyLock<HashSet<String>> = LazyLock::new(|| {
+        let mut known: HashSet<String> = [
+            "grpc.health.v1.Health/Check",
+            "grpc.health.v1.Health/Watch",
+            "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ]
+        .map(str::to_owned)
+        .into();
+        let set: prost_types::FileDescriptorSet =
+            prost::Message::decode(kms_proto::FILE_DESCRIPTOR_SET).unwrap_or_default();
+        for file in &set.file {
+            for s in &file.service {
+                for m in &s.method {
+                    known.insert(format!("{}.{}/{}", file.package(), s.name(), m.name()));
+                }
+            }
+        }
+        known
+    });
+    service.len() + method.len() < 128 && KNOWN.contains(&format!("{service}/{method}"))
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` completes.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    seal: Arc<SealManager>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::http::header::CONTENT_TYPE;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let seal = Arc::clone(&seal);
+            async move {
+                let body = tokio::task::spawn_blocking(move || metrics().encode(&seal))
+                    .await
+                    .unwrap_or_default();
+                (
+                    [(
+                        CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    body,
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Binds the metrics listener and says where (`kms metrics on ADDR`).
+pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    println!("kms metrics on http://{local}/metrics");
+    tracing::info!(addr = %local, "metrics listening");
+    Ok(listener)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_apis_methods_become_labels() {
+        assert!(is_known("kms.v1.KeyManagement", "Encrypt"));
+        assert!(is_known("kms.v1.System", "Status"));
+        assert!(is_known("grpc.health.v1.Health", "Check"));
+        assert!(!is_known("kms.v1.KeyManagement", "Exfiltrate"));
+        assert!(!is_known("<unknown service, 5000 bytes>", "Encrypt"));
+        let m = Metrics::new();
+        for i in 0..100 {
+            m.request(
+                "kms.v1.KeyManagement",
+                &format!("Attack{i}"),
+                "UNIMPLEMENTED",
+                Duration::from_millis(1),
+            );
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &m.registry).unwrap();
+        assert!(!out.contains("Attack"), "{out}");
+        assert!(
+            out.contains(
+                r#"kms_requests_total{service="unknown",method="unknown",code="UNIMPLEMENTED"} 100"#
+            ),
+            "{out}"
+        );
+        assert!(out.contains(r#"kms_build_info{version=""#), "{out}");
+    }
+}
