@@ -49,6 +49,20 @@ pub(crate) struct HsmLabels {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// The kinds of HSM operation (`Hsm::with_session`'s names).
+const HSM_OPERATIONS: [&str; 10] = [
+    "login",
+    "logout",
+    "find",
+    "encrypt",
+    "decrypt",
+    "sign",
+    "generate",
+    "list",
+    "destroy",
+    "attributes",
+];
+
 /// Every metric the server keeps.
 pub(crate) struct Metrics {
     registry: Registry,
@@ -64,6 +78,8 @@ pub(crate) struct Metrics {
     hsm_errors: Family<HsmLabels, Counter>,
     /// PKCS#11 sessions taken from the pool.
     pub(crate) hsm_sessions_in_use: Gauge,
+    /// PKCS#11 sessions in the pool (`[hsm] sessions`).
+    pub(crate) hsm_sessions: Gauge,
     sealed: Gauge,
     keys: Gauge,
 }
@@ -118,6 +134,10 @@ impl Metrics {
             hsm_duration.clone(),
         );
         let hsm_errors = Family::<HsmLabels, Counter>::default();
+        // Every kind exists from the start at 0, so an alert on its rate has a series.
+        for operation in HSM_OPERATIONS {
+            drop(hsm_errors.get_or_create(&HsmLabels { operation }));
+        }
         registry.register(
             "hsm_errors",
             "PKCS#11 operations the module failed (not wrong ciphertexts), by kind",
@@ -128,6 +148,12 @@ impl Metrics {
             "hsm_sessions_in_use",
             "PKCS#11 sessions taken from the pool",
             hsm_sessions_in_use.clone(),
+        );
+        let hsm_sessions = Gauge::default();
+        registry.register(
+            "hsm_sessions",
+            "PKCS#11 sessions in the pool ([hsm] sessions)",
+            hsm_sessions.clone(),
         );
         let sealed = Gauge::default();
         registry.register(
@@ -152,6 +178,7 @@ impl Metrics {
             hsm_duration,
             hsm_errors,
             hsm_sessions_in_use,
+            hsm_sessions,
             sealed,
             keys,
         }

@@ -372,8 +372,50 @@ fn a_real_prometheus_scrapes_the_metrics_endpoint() {
         "{text}"
     );
 
-    // A real Prometheus, on loopback, scraping every second.
+    // The alerts docs/operations.md recommends: valid rules (promtool), and every metric
+    // they name is one the server exposes.
     let dir = tempfile::tempdir().unwrap();
+    let docs = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operations.md"),
+    )
+    .unwrap();
+    let rules = docs
+        .split("```yaml\n")
+        .filter_map(|block| block.split_once("```").map(|(yaml, _)| yaml))
+        .find(|yaml| yaml.starts_with("groups:"))
+        .expect("docs/operations.md has the alert rules");
+    let rules_file = dir.path().join("rules.yml");
+    std::fs::write(&rules_file, rules).unwrap();
+    let checked = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules_file)
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool refuses the documented alerts: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let mut named = 0;
+    for word in rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if let Some(metric) = word.strip_prefix("kms_") {
+            // The family's name: a counter's samples end in _total, a histogram's in
+            // _bucket, _count and _sum; a family without samples yet still has its TYPE.
+            let family = ["_bucket", "_count", "_sum", "_total"]
+                .iter()
+                .find_map(|s| metric.strip_suffix(s))
+                .unwrap_or(metric);
+            assert!(
+                text.contains(&format!("# TYPE kms_{family} ")),
+                "the alerts name kms_{metric}, which the server does not expose"
+            );
+            named += 1;
+        }
+    }
+    assert!(named >= 8, "{named}");
+
+    // A real Prometheus, on loopback, scraping every second.
     let target = metrics_url
         .trim_start_matches("http://")
         .trim_end_matches("/metrics");

@@ -174,6 +174,9 @@ impl Hsm {
         for _ in 0..config.sessions {
             sessions.push(pkcs11.open_rw_session(slot).map_err(pk("open a session"))?);
         }
+        crate::metrics::metrics()
+            .hsm_sessions
+            .set(i64::try_from(sessions.len()).unwrap_or(i64::MAX));
         let hsm = Self {
             pool: Mutex::new(sessions),
             available: Condvar::new(),
