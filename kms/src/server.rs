@@ -224,12 +224,7 @@ pub async fn serve(
         request_log: opened.request_log,
     };
     let seal = opened.seal;
-    let reloader = opened
-        .tls
-        .clone()
-        .map(|t| tokio::spawn(t.watch(opened.tls_reload_check)));
     let limits = opened.limits;
-    let incoming = crate::access::tls::incoming(listener, opened.tls, limits);
     let gate_state = Arc::new(crate::grpc::gate::GateState::new(
         opened.audit.clone(),
         Arc::clone(&opened.roles),
@@ -237,45 +232,21 @@ pub async fn serve(
         limits.anonymous_max_request_bytes,
     ));
     let gate = crate::grpc::gate::GateLayer::new(Arc::clone(&gate_state));
-    let probes = tokio::spawn(record_probes(Arc::clone(&gate_state)));
     let (health, health_service) = tonic_health::server::health_reporter();
-    let health_task = tokio::spawn(report_health(health.clone(), seal.watch_unsealed()));
     let reflection = reflection()?;
     let reflection_v1alpha = reflection_v1alpha()?;
-    let maintenance = tokio::spawn(maintain(Arc::clone(&seal), opened.maintenance_interval));
-    // On the signal, stop accepting and let calls in flight finish, but wait at most
-    // SHUTDOWN_GRACE for clients that keep idle connections open.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let signal = async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    };
-    let mut grace_rx = stop_rx.clone();
-    let grace = async move {
-        let _ = grace_rx.wait_for(|stopped| *stopped).await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-        tracing::warn!("clients did not close their connections in time: stopping anyway");
-    };
-    let mut serve_rx = stop_rx.clone();
-    let metrics_task = metrics.map(|listener| {
-        let mut rx = stop_rx.clone();
-        tokio::spawn(crate::metrics::serve(
-            listener,
-            Arc::clone(&seal),
-            async move {
-                let _ = rx.wait_for(|stopped| *stopped).await;
-            },
-        ))
-    });
-    // Load balancers see the server leave before it stops answering.
-    let mut leaving_rx = stop_rx;
-    let leaving_health = health.clone();
-    let leaving = tokio::spawn(async move {
-        let _ = leaving_rx.wait_for(|stopped| *stopped).await;
-        leaving_health
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
-    });
+    let (stop_rx, deadline) = stop_plan(shutdown);
+    let background = Background::start(
+        &seal,
+        &opened.tls,
+        opened.tls_reload_check,
+        opened.maintenance_interval,
+        &gate_state,
+        &health,
+        metrics,
+        &stop_rx,
+    );
+    let incoming = crate::access::tls::incoming(listener, opened.tls, limits);
     // A connection is asked to close (GOAWAY) at `max_connection_age`, so a removed CA or
     // an expired certificate loses its open connections in a bounded time; calls in flight
     // may finish, and the connection is closed 30 s later whatever they do (`tls::Conn`).
@@ -298,23 +269,12 @@ pub async fn serve(
         )
         .add_service(AuditServer::new(AuditService::new(ctx.clone())))
         .add_service(AccessServer::new(AccessService::new(ctx)))
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = serve_rx.wait_for(|stopped| *stopped).await;
-        });
+        .serve_with_incoming_shutdown(incoming, stopped(stop_rx));
     let result = tokio::select! {
         r = serving => r.map_err(StartError::Serve),
-        () = async { tokio::join!(signal, grace); } => Ok(()),
+        () = deadline => Ok(()),
     };
-    maintenance.abort();
-    probes.abort();
-    health_task.abort();
-    leaving.abort();
-    if let Some(r) = reloader {
-        r.abort();
-    }
-    if let Some(m) = metrics_task {
-        let _ = m.await;
-    }
+    background.stop().await;
     // The probes counted since the last summary are recorded before the log stops.
     gate_state.record_probes().await;
     // Forget every key byte before the process exits.
@@ -324,6 +284,91 @@ pub async fn serve(
     opened.audit.stop();
     tracing::info!("sealed and stopped");
     result
+}
+
+/// On `shutdown`, the server stops accepting and lets calls in flight finish, but waits at
+/// most [`SHUTDOWN_GRACE`] for clients that keep idle connections open. Returns the stop
+/// signal (`true` once `shutdown` completed) and the deadline: a future that completes
+/// `SHUTDOWN_GRACE` after it.
+fn stop_plan(
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> (tokio::sync::watch::Receiver<bool>, impl Future<Output = ()>) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let grace_rx = stop_rx.clone();
+    let deadline = async move {
+        let signal = async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        };
+        let grace = async move {
+            stopped(grace_rx).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+            tracing::warn!("clients did not close their connections in time: stopping anyway");
+        };
+        tokio::join!(signal, grace);
+    };
+    (stop_rx, deadline)
+}
+
+/// Completes once `rx` says the server is stopping.
+async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stopped| *stopped).await;
+}
+
+/// The tasks beside the gRPC server: keyring maintenance, TLS reload, the health statuses,
+/// the probe summaries, and the metrics listener.
+struct Background {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    metrics: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Background {
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        seal: &Arc<SealManager>,
+        tls: &Option<Arc<ServerTls>>,
+        tls_reload_check: std::time::Duration,
+        maintenance_interval: std::time::Duration,
+        gate: &Arc<crate::grpc::gate::GateState>,
+        health: &tonic_health::server::HealthReporter,
+        metrics: Option<TcpListener>,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        let mut tasks = vec![
+            tokio::spawn(maintain(Arc::clone(seal), maintenance_interval)),
+            tokio::spawn(record_probes(Arc::clone(gate))),
+            tokio::spawn(report_health(health.clone(), seal.watch_unsealed())),
+        ];
+        if let Some(t) = tls.clone() {
+            tasks.push(tokio::spawn(t.watch(tls_reload_check)));
+        }
+        // Load balancers see the server leave before it stops answering.
+        let (leaving, leaving_health) = (stop.clone(), health.clone());
+        tasks.push(tokio::spawn(async move {
+            stopped(leaving).await;
+            leaving_health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        }));
+        let metrics = metrics.map(|listener| {
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                Arc::clone(seal),
+                stopped(stop.clone()),
+            ))
+        });
+        Self { tasks, metrics }
+    }
+
+    /// Ends the tasks; lets the metrics listener finish its answers in flight.
+    async fn stop(self) {
+        for t in self.tasks {
+            t.abort();
+        }
+        if let Some(m) = self.metrics {
+            let _ = m.await;
+        }
+    }
 }
 
 /// How long shutdown waits for calls in flight and open connections.

@@ -5,7 +5,9 @@
 
 use kms_proto::v1 as pb;
 
-use crate::audit::report::{Bucket, Filter, UsageCount, UsageReport, VersionRef, VersionUsage};
+use crate::audit::report::{
+    Bucket, Filter, KeySummary, RefusedRow, Span, UsageReport, UsageRow, VersionRef,
+};
 use crate::keyring::KeyringError;
 use crate::keyring::grants::Grant;
 use crate::keyring::material::SignatureEncoding;
@@ -238,7 +240,7 @@ pub(crate) fn filter_from(f: Option<pb::AuditFilter>) -> Result<Filter, KeyringE
 
 /// The usage report as one message (the service streams it in parts).
 pub(crate) fn report_pb(r: UsageReport) -> pb::KeyUsageReportResponse {
-    let vref = |v: crate::audit::report::VersionRef| pb::VersionRef {
+    let vref = |v: VersionRef| pb::VersionRef {
         key: v.key,
         version: v.version,
         state: v.state,
@@ -247,25 +249,47 @@ pub(crate) fn report_pb(r: UsageReport) -> pb::KeyUsageReportResponse {
     pb::KeyUsageReportResponse {
         since_unix_ms: r.since_ms.unwrap_or(0),
         until_unix_ms: r.until_ms.unwrap_or(0),
+        key: r.key.unwrap_or_default(),
+        principal: r.principal.unwrap_or_default(),
         records: r.records,
-        usage: r
+        keys: r
+            .keys
+            .into_iter()
+            .map(|k| pb::KeySummary {
+                key: k.key,
+                ok: k.ok,
+                failed: k.failed,
+                refused: k.refused,
+                principals: k.principals,
+                first_unix_ms: k.first_ms,
+                last_unix_ms: k.last_ms,
+            })
+            .collect(),
+        rows: r
             .usage
             .into_iter()
-            .map(|u| pb::VersionUsage {
+            .map(|u| pb::UsageRow {
                 key: u.key,
                 version: u.version.unwrap_or(0),
-                counts: u
-                    .counts
-                    .into_iter()
-                    .map(|c| pb::UsageCount {
-                        operation: c.operation,
-                        outcome: c.outcome,
-                        count: c.count,
-                    })
-                    .collect(),
-                principals: u.principals,
-                first_use_unix_ms: u.first_use_ms,
-                last_use_unix_ms: u.last_use_ms,
+                principal: u.principal,
+                operation: u.operation,
+                outcome: u.outcome,
+                count: u.span.count,
+                first_unix_ms: u.span.first_ms,
+                last_unix_ms: u.span.last_ms,
+            })
+            .collect(),
+        refused: r
+            .refused
+            .into_iter()
+            .map(|f| pb::RefusedCalls {
+                principal: f.principal,
+                operation: f.operation,
+                key: f.key.unwrap_or_default(),
+                outcome: f.outcome,
+                count: f.span.count,
+                first_unix_ms: f.span.first_ms,
+                last_unix_ms: f.span.last_ms,
             })
             .collect(),
         unused: r.unused.into_iter().map(vref).collect(),
@@ -277,7 +301,8 @@ pub(crate) fn report_pb(r: UsageReport) -> pb::KeyUsageReportResponse {
             .map(|b| pb::UsageBucket {
                 start_unix_ms: b.start_ms,
                 key: b.key,
-                count: b.count,
+                ok: b.ok,
+                refused: b.refused,
             })
             .collect(),
         generated_unix_ms: crate::audit::now_ms(),
@@ -293,28 +318,52 @@ pub fn report_from(r: pb::KeyUsageReportResponse) -> UsageReport {
         state: v.state,
         count: v.count,
     };
+    let span = |count, first_ms, last_ms| Span {
+        count,
+        first_ms,
+        last_ms,
+    };
+    let text = |s: String| Some(s).filter(|s| !s.is_empty());
     UsageReport {
         since_ms: Some(r.since_unix_ms).filter(|t| *t != 0),
         until_ms: Some(r.until_unix_ms).filter(|t| *t != 0),
+        key: text(r.key),
+        principal: text(r.principal),
         records: r.records,
-        usage: r
-            .usage
+        keys: r
+            .keys
             .into_iter()
-            .map(|u| VersionUsage {
+            .map(|k| KeySummary {
+                key: k.key,
+                ok: k.ok,
+                failed: k.failed,
+                refused: k.refused,
+                principals: k.principals,
+                first_ms: k.first_unix_ms,
+                last_ms: k.last_unix_ms,
+            })
+            .collect(),
+        usage: r
+            .rows
+            .into_iter()
+            .map(|u| UsageRow {
                 key: u.key,
                 version: Some(u.version).filter(|v| *v != 0),
-                counts: u
-                    .counts
-                    .into_iter()
-                    .map(|c| UsageCount {
-                        operation: c.operation,
-                        outcome: c.outcome,
-                        count: c.count,
-                    })
-                    .collect(),
-                principals: u.principals,
-                first_use_ms: u.first_use_unix_ms,
-                last_use_ms: u.last_use_unix_ms,
+                principal: u.principal,
+                operation: u.operation,
+                outcome: u.outcome,
+                span: span(u.count, u.first_unix_ms, u.last_unix_ms),
+            })
+            .collect(),
+        refused: r
+            .refused
+            .into_iter()
+            .map(|f| RefusedRow {
+                principal: f.principal,
+                operation: f.operation,
+                key: text(f.key),
+                outcome: f.outcome,
+                span: span(f.count, f.first_unix_ms, f.last_unix_ms),
             })
             .collect(),
         unused: r.unused.into_iter().map(vref).collect(),
@@ -326,7 +375,8 @@ pub fn report_from(r: pb::KeyUsageReportResponse) -> UsageReport {
             .map(|b| Bucket {
                 start_ms: b.start_unix_ms,
                 key: b.key,
-                count: b.count,
+                ok: b.ok,
+                refused: b.refused,
             })
             .collect(),
     }

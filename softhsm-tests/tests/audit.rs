@@ -636,7 +636,18 @@ async fn the_usage_report_renders_in_headless_chromium() {
         .unwrap();
     }
 
-    // JSON: the numbers.
+    // A refusal: the auditor has no grant to encrypt.
+    let denied = server
+        .keys_as(Some(&server.auditor))
+        .await
+        .encrypt(encrypt_request())
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    let admin = server.admin.principal.clone();
+    let auditor = server.auditor.principal.clone();
+
+    // JSON: the numbers, per key, version, principal, operation and outcome.
     let out = server.kms_as(
         Some(&server.auditor),
         &["audit", "report", "--format", "json"],
@@ -644,20 +655,61 @@ async fn the_usage_report_renders_in_headless_chromium() {
     );
     assert_eq!(out.code, Some(0), "{out:?}");
     let report = out.json();
-    let count = |key: &str, version: u64, op: &str| -> u64 {
+    let row = |key: &str, version: u64, who: &str, op: &str| -> Option<Value> {
         report["usage"]
             .as_array()
             .unwrap()
             .iter()
-            .filter(|u| u["key"] == key && u["version"] == version)
-            .flat_map(|u| u["counts"].as_array().unwrap().iter())
-            .filter(|c| c["operation"] == op && c["outcome"] == "OK")
-            .map(|c| c["count"].as_u64().unwrap())
-            .sum()
+            .find(|u| {
+                u["key"] == key
+                    && u["version"] == version
+                    && u["principal"] == who
+                    && u["operation"] == op
+                    && u["outcome"] == "OK"
+            })
+            .cloned()
     };
-    assert_eq!(count("payments", 1, "Encrypt"), 3);
-    assert_eq!(count("payments", 1, "Decrypt"), 2);
-    assert_eq!(count("signer", 1, "Sign"), 2);
+    let encrypts = row("payments", 1, &admin, "Encrypt").unwrap();
+    let decrypts = row("payments", 1, &admin, "Decrypt").unwrap();
+    let created = row("payments", 1, &admin, "CreateKey").unwrap();
+    assert_eq!(encrypts["count"], 3);
+    assert_eq!(decrypts["count"], 2);
+    assert_eq!(row("signer", 1, &admin, "Sign").unwrap()["count"], 2);
+    // Each row has its own first and last use: the decryptions came after every encryption,
+    // and the key was created before either.
+    assert!(
+        decrypts["first_ms"].as_u64() >= encrypts["last_ms"].as_u64(),
+        "{report}"
+    );
+    assert!(
+        created["last_ms"].as_u64() <= encrypts["first_ms"].as_u64(),
+        "{report}"
+    );
+    // No row says the auditor used a key; the refusal is in its own section.
+    assert!(
+        report["usage"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|u| u["principal"] != auditor.as_str()),
+        "{report}"
+    );
+    let refused = report["refused"].as_array().unwrap();
+    assert!(
+        refused.iter().any(|f| f["principal"] == auditor.as_str()
+            && f["operation"] == "Encrypt"
+            && f["key"] == "payments"
+            && f["outcome"] == "PERMISSION_DENIED"
+            && f["count"] == 1),
+        "{report}"
+    );
+    let summary = &report["keys"][0];
+    assert_eq!(summary["key"], "payments", "busiest first: {report}");
+    assert_eq!(summary["refused"], 1);
+    assert_eq!(
+        summary["principals"], 2,
+        "the admin and the refused auditor"
+    );
     let unused: Vec<(String, u64)> = report["unused"]
         .as_array()
         .unwrap()
@@ -678,10 +730,19 @@ async fn the_usage_report_renders_in_headless_chromium() {
         (&below["key"], &below["version"], &below["count"]),
         (&Value::from("payments"), &Value::from(1), &Value::from(2))
     );
-    // Table and CSV carry the same numbers.
+    // Table and CSV carry the same rows.
     let table = server.kms_as(Some(&server.auditor), &["audit", "report"], "");
+    let table_row = table
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("payments") && l.contains(" Encrypt ") && l.contains(&admin))
+        .unwrap_or_else(|| panic!("{}", table.stdout));
     assert!(
-        table.stdout.contains("payments  1        Encrypt"),
+        table_row.contains(" 1 ") && table_row.contains(" 3 "),
+        "{table_row}"
+    );
+    assert!(
+        table.stdout.contains("Refused calls, by principal"),
         "{}",
         table.stdout
     );
@@ -691,13 +752,55 @@ async fn the_usage_report_renders_in_headless_chromium() {
         "",
     );
     assert!(
-        csv.stdout.contains("payments,1,Encrypt,OK,3,"),
+        csv.stdout
+            .contains(&format!("usage,payments,1,{admin},Encrypt,OK,3,")),
         "{}",
         csv.stdout
     );
+    assert!(
+        csv.stdout.contains(&format!(
+            "refused,payments,,{auditor},Encrypt,PERMISSION_DENIED,1,"
+        )),
+        "{}",
+        csv.stdout
+    );
+    // Filters: one key, one principal, a period.
+    let only = |args: &[&str]| -> Value {
+        let mut all = vec!["audit", "report", "--format", "json"];
+        all.extend_from_slice(args);
+        let out = server.kms_as(Some(&server.auditor), &all, "");
+        assert_eq!(out.code, Some(0), "{out:?}");
+        out.json()
+    };
+    let signer = only(&["--key", "signer"]);
+    assert!(
+        signer["usage"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|u| u["key"] == "signer"),
+        "{signer}"
+    );
+    assert_eq!(signer["key"], "signer");
+    let by_auditor = only(&["--principal", &auditor]);
+    assert_eq!(
+        by_auditor["usage"].as_array().unwrap().len(),
+        0,
+        "{by_auditor}"
+    );
+    assert_eq!(
+        by_auditor["refused"].as_array().unwrap().len(),
+        1,
+        "{by_auditor}"
+    );
+    let recent = only(&["--period", "30d"]);
+    assert!(recent["since_ms"].as_u64().is_some(), "{recent}");
+    assert_eq!(
+        recent["usage"], report["usage"],
+        "everything happened in the last 30 days"
+    );
 
-    // HTML, rendered by Chromium: the script draws one line per key with its total, and
-    // the tables hold the counts.
+    // HTML: inline SVG, no script, rendered by Chromium.
     let html = hsm.path().join("report.html");
     let out = server.kms_as(
         Some(&server.auditor),
@@ -712,54 +815,113 @@ async fn the_usage_report_renders_in_headless_chromium() {
         "",
     );
     assert_eq!(out.code, Some(0), "{out:?}");
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(!page.contains("<script"), "the report runs no script");
+    assert!(
+        !page.contains(" src=") && !page.contains(" href="),
+        "nothing to fetch"
+    );
     let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
         .into_iter()
         .find(|p| Path::new(p).exists())
         .expect("Debian's chromium package is needed (scripts/test installs it)");
-    let rendered = Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-background-networking",
-            "--no-first-run",
-            "--virtual-time-budget=5000",
-        ])
-        .arg(format!(
-            "--user-data-dir={}",
-            hsm.path().join("chromium").display()
-        ))
-        .arg("--dump-dom")
-        .arg(format!("file://{}", html.display()))
-        .output()
-        .unwrap();
-    let dom = String::from_utf8_lossy(&rendered.stdout);
+    let browser = |extra: &[String]| {
+        Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-background-networking",
+                "--no-first-run",
+                "--hide-scrollbars",
+            ])
+            .arg(format!(
+                "--user-data-dir={}",
+                hsm.path().join("chromium").display()
+            ))
+            .args(extra)
+            .arg(format!("file://{}", html.display()))
+            .output()
+            .unwrap()
+    };
+    let rendered = browser(&["--dump-dom".to_owned()]);
     assert!(
         rendered.status.success(),
         "{}",
         String::from_utf8_lossy(&rendered.stderr)
     );
-    assert!(dom.contains("<svg"), "the chart was not drawn: {dom}");
-    // payments: 3 encryptions + 2 decryptions; signer: 2 signatures; idle: none.
+    let dom = String::from_utf8_lossy(&rendered.stdout);
+    // Bars: payments' 5 uses (3 encryptions, 2 decryptions), signer's 2, idle none, and
+    // the refusal in its own colour.
+    let ok_of = |key: &str| -> u64 {
+        let marker = format!("data-key=\"{key}\" data-ok=\"");
+        dom.match_indices(&marker)
+            .map(|(i, _)| {
+                dom[i + marker.len()..]
+                    .split('"')
+                    .next()
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap()
+            })
+            .sum()
+    };
+    assert_eq!(ok_of("payments"), 5, "{dom}");
+    assert_eq!(ok_of("signer"), 2, "{dom}");
+    assert_eq!(ok_of("idle"), 0, "{dom}");
+    assert!(dom.contains("data-refused=\"1\""), "{dom}");
     assert!(
-        dom.contains(r#"data-key="payments" data-total="5""#),
-        "{dom}"
-    );
-    assert!(dom.contains(r#"data-key="signer" data-total="2""#), "{dom}");
-    assert!(!dom.contains(r#"data-key="idle""#), "{dom}");
-    assert!(
-        dom.contains("payments: 5") && dom.contains("signer: 2"),
+        dom.contains("payments: 5") && dom.contains("signer: 2") && dom.contains("refused: 1"),
         "legend: {dom}"
     );
     assert!(
-        dom.contains(
-            r#"<td>payments</td><td>1</td><td>Encrypt</td><td>OK</td><td class="n">3</td>"#
-        ),
+        dom.contains(&format!(
+            "<td>payments</td><td>1</td><td>{admin}</td><td>Encrypt</td><td>OK</td><td class=\"n\">3</td>"
+        )),
         "{dom}"
     );
-    // Self-contained: nothing to fetch.
-    assert!(!dom.contains(" src=") && !dom.contains(" href="), "{dom}");
+    // As a person would see it: a screenshot of the size asked for, not blank, with the
+    // series' colours and the refusals' red drawn in the chart's region.
+    let png = hsm.path().join("report.png");
+    let shot = browser(&[
+        "--window-size=1000,700".to_owned(),
+        format!("--screenshot={}", png.display()),
+    ]);
+    assert!(
+        shot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shot.stderr)
+    );
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
+    let frame = reader.next_frame(&mut pixels).unwrap();
+    assert_eq!((frame.width, frame.height), (1000, 700));
+    let channels = frame.color_type.samples();
+    let colours: Vec<[u8; 3]> = pixels[..frame.buffer_size()]
+        .chunks(channels)
+        .map(|p| [p[0], p[1], p[2]])
+        .collect();
+    let count = |rgb: [u8; 3]| colours.iter().filter(|c| **c == rgb).count();
+    let non_white = colours.iter().filter(|c| **c != [255, 255, 255]).count();
+    assert!(
+        non_white * 50 > colours.len(),
+        "the page is nearly blank: {non_white} of {} pixels drawn",
+        colours.len()
+    );
+    // #1f77b4 (the first key), #ff7f0e (the second) and #d62728 (refused): each a visible area.
+    for (name, rgb) in [
+        ("payments", [0x1f, 0x77, 0xb4]),
+        ("signer", [0xff, 0x7f, 0x0e]),
+        ("refused", [0xd6, 0x27, 0x28]),
+    ] {
+        assert!(
+            count(rgb) > 50,
+            "{name}'s colour covers {} pixels",
+            count(rgb)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

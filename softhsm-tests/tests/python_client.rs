@@ -54,7 +54,8 @@ for part in audit_pb2_grpc.AuditStub(channel(auditor_cert, auditor_key)).KeyUsag
     report.MergeFrom(part)
     parts += 1
 out["report"] = {"parts": parts, "records": report.records,
-                 "operations": sorted({c.operation for u in report.usage for c in u.counts})}
+                 "operations": sorted({r.operation for r in report.rows}),
+                 "principals": sorted({r.principal for r in report.rows})}
 # Without a certificate, anything else is refused with UNAUTHENTICATED.
 try:
     access_pb2_grpc.AccessStub(channel()).ListGrants(access_pb2.ListGrantsRequest(), timeout=10)

@@ -15,8 +15,8 @@ use tonic::transport::Channel;
 
 use super::{BoxError, RpcError};
 use crate::Answer as _;
+use crate::report::{ReportFormat, report};
 use kms::audit::AuditRecord;
-use kms::audit::report::{UsageReport, VersionRef};
 use kms::audit::verify::{ChainError, ExportSummary, ExportVerdict, verify_export};
 
 /// Exit code of `verify` when the log is not intact.
@@ -33,18 +33,6 @@ pub enum ExportFormat {
     Jsonl,
     /// One row per record, for spreadsheets (not verifiable).
     Csv,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum ReportFormat {
-    /// Aligned text.
-    Table,
-    /// JSON.
-    Json,
-    /// One row per key version, operation and outcome.
-    Csv,
-    /// One self-contained HTML file with a chart of use over time and the tables.
-    Html,
 }
 
 /// `kms audit ...`.
@@ -77,15 +65,25 @@ pub enum AuditCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Key-usage report: per key and version, operations, outcomes, principals, first and
-    /// last use; unused versions; versions below the primary still decrypting.
+    /// Key-usage report: a summary per key; calls per key, version, principal, operation
+    /// and outcome, each with its own first and last call; refused calls by principal;
+    /// unused versions; versions below the primary still decrypting; a timeline.
     Report {
         /// From this time (RFC 3339), inclusive.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "period")]
         since: Option<String>,
         /// Up to this time (RFC 3339), exclusive.
         #[arg(long)]
         until: Option<String>,
+        /// The last PERIOD up to now (e.g. 30d, 12h): instead of --since.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        period: Option<Duration>,
+        /// Only calls naming this key.
+        #[arg(long)]
+        key: Option<String>,
+        /// Only calls of this principal.
+        #[arg(long)]
+        principal: Option<String>,
         /// table, json, csv or html.
         #[arg(long, value_enum, default_value = "table")]
         format: ReportFormat,
@@ -110,7 +108,7 @@ pub enum AuditCommand {
 /// stored before names were bounded can be larger, and an export must still carry it.
 const MAX_AUDIT_MESSAGE: usize = 64 * 1024 * 1024;
 
-fn audit_client(channel: Channel) -> AuditClient<Channel> {
+pub(crate) fn audit_client(channel: Channel) -> AuditClient<Channel> {
     AuditClient::new(channel).max_decoding_message_size(MAX_AUDIT_MESSAGE)
 }
 
@@ -134,7 +132,7 @@ pub fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-fn output(out: &Option<PathBuf>) -> Result<Box<dyn Write>, BoxError> {
+pub(crate) fn output(out: &Option<PathBuf>) -> Result<Box<dyn Write>, BoxError> {
     Ok(match out {
         Some(p) if p.as_os_str() != "-" => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).map_err(|e| format!("cannot write {}: {e}", p.display()))?,
@@ -173,12 +171,27 @@ where
         AuditCommand::Report {
             since,
             until,
+            period,
+            key,
+            principal,
             format,
             out,
         } => {
+            let since_unix_ms = match period {
+                Some(p) => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .unwrap_or_default();
+                    let from = now.checked_sub(p).unwrap_or_default();
+                    u64::try_from(from.as_millis()).unwrap_or(u64::MAX).max(1)
+                }
+                None => ms(&since, "since")?,
+            };
             let request = pb::KeyUsageReportRequest {
-                since_unix_ms: ms(&since, "since")?,
+                since_unix_ms,
                 until_unix_ms: ms(&until, "until")?,
+                key: key.unwrap_or_default(),
+                principal: principal.unwrap_or_default(),
             };
             report(connect().await?, request, format, &out).await
         }
@@ -225,68 +238,6 @@ async fn export(
     }
     w.flush()?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// `kms audit report`: the parts merged (repeated fields append, as audit.proto says),
-/// then written in the chosen format.
-async fn report(
-    channel: Channel,
-    request: pb::KeyUsageReportRequest,
-    format: ReportFormat,
-    out: &Option<PathBuf>,
-) -> Result<ExitCode, BoxError> {
-    let mut parts = audit_client(channel)
-        .key_usage_report(request)
-        .answer()
-        .await?;
-    let mut merged = pb::KeyUsageReportResponse::default();
-    while let Some(part) = parts.message().await.map_err(RpcError)? {
-        prost::Message::merge(&mut merged, prost::Message::encode_to_vec(&part).as_slice())?;
-    }
-    let generated = merged.generated_unix_ms;
-    let report = kms::wire::report_from(merged);
-    let mut w = output(out)?;
-    match format {
-        ReportFormat::Table => write!(w, "{}", table(&report))?,
-        ReportFormat::Json => writeln!(w, "{}", serde_json::to_string_pretty(&report)?)?,
-        ReportFormat::Csv => write_csv(&mut w, REPORT_CSV_HEADER, &report_rows(&report))?,
-        ReportFormat::Html => write!(w, "{}", html(&report, generated))?,
-    }
-    w.flush()?;
-    Ok(ExitCode::SUCCESS)
-}
-
-const REPORT_CSV_HEADER: &[&str] = &[
-    "key",
-    "version",
-    "operation",
-    "outcome",
-    "count",
-    "principals",
-    "first_use",
-    "last_use",
-];
-
-/// The report's CSV rows: one per key version, operation and outcome.
-fn report_rows(report: &UsageReport) -> Vec<Vec<String>> {
-    report
-        .usage
-        .iter()
-        .flat_map(|u| {
-            u.counts.iter().map(|c| {
-                vec![
-                    u.key.clone(),
-                    u.version.map(|v| v.to_string()).unwrap_or_default(),
-                    c.operation.clone(),
-                    c.outcome.clone(),
-                    c.count.to_string(),
-                    u.principals.join(" "),
-                    rfc3339(u.first_use_ms),
-                    rfc3339(u.last_use_ms),
-                ]
-            })
-        })
-        .collect()
 }
 
 /// `kms audit verify` on the server: its verdict, exit 0 or [`NOT_INTACT`].
@@ -477,7 +428,11 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
         .into()
 }
 
-fn write_csv(w: &mut dyn Write, header: &[&str], rows: &[Vec<String>]) -> Result<(), BoxError> {
+pub(crate) fn write_csv(
+    w: &mut dyn Write,
+    header: &[&str],
+    rows: &[Vec<String>],
+) -> Result<(), BoxError> {
     let mut c = csv::Writer::from_writer(w);
     c.write_record(header)?;
     for row in rows {
@@ -487,77 +442,7 @@ fn write_csv(w: &mut dyn Write, header: &[&str], rows: &[Vec<String>]) -> Result
     Ok(())
 }
 
-fn period(r: &UsageReport) -> String {
-    format!(
-        "{} to {}",
-        r.since_ms.map_or("the first record".to_owned(), rfc3339),
-        r.until_ms.map_or("now".to_owned(), rfc3339)
-    )
-}
-
-fn version_text(v: Option<u32>) -> String {
-    v.map_or("-".to_owned(), |v| v.to_string())
-}
-
-/// The report as aligned text.
-pub fn table(r: &UsageReport) -> String {
-    let mut out = format!("Key usage, {} ({} records)\n\n", period(r), r.records);
-    let mut rows = vec![
-        [
-            "KEY",
-            "VERSION",
-            "OPERATION",
-            "OUTCOME",
-            "COUNT",
-            "PRINCIPALS",
-            "FIRST USE",
-            "LAST USE",
-        ]
-        .map(str::to_owned)
-        .to_vec(),
-    ];
-    for u in &r.usage {
-        for c in &u.counts {
-            rows.push(vec![
-                u.key.clone(),
-                version_text(u.version),
-                c.operation.clone(),
-                c.outcome.clone(),
-                c.count.to_string(),
-                u.principals.len().to_string(),
-                rfc3339(u.first_use_ms),
-                rfc3339(u.last_use_ms),
-            ]);
-        }
-    }
-    out.push_str(&aligned(&rows));
-    out.push_str("\nVersions with no successful use in the period\n");
-    let mut rows = vec![["KEY", "VERSION", "STATE"].map(str::to_owned).to_vec()];
-    rows.extend(
-        r.unused
-            .iter()
-            .map(|v| vec![v.key.clone(), v.version.to_string(), v.state.clone()]),
-    );
-    out.push_str(&aligned(&rows));
-    out.push_str("\nVersions below the primary still decrypting (re-encrypt their data before destroying them)\n");
-    let mut rows = vec![
-        ["KEY", "VERSION", "STATE", "DECRYPTIONS"]
-            .map(str::to_owned)
-            .to_vec(),
-    ];
-    rows.extend(r.decrypt_below_primary.iter().map(|v| {
-        vec![
-            v.key.clone(),
-            v.version.to_string(),
-            v.state.clone(),
-            v.count.to_string(),
-        ]
-    }));
-    out.push_str(&aligned(&rows));
-    out
-}
-
-fn aligned(rows: &[Vec<String>]) -> String {
+pub(crate) fn aligned(rows: &[Vec<String>]) -> String {
     let rows: Vec<Vec<String>> = rows
         .iter()
         .map(|r| r.iter().map(|c| printable(c).into_owned()).collect())
@@ -585,103 +470,12 @@ fn aligned(rows: &[Vec<String>]) -> String {
     out
 }
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
         .replace('\'', "&#39;")
-}
-
-/// The report as one self-contained HTML page: no network, inline CSS, an inline script
-/// that draws the chart (SVG) from the embedded data, and the tables.
-pub fn html(r: &UsageReport, generated_ms: u64) -> String {
-    let data = serde_json::to_string(&r.timeline)
-        .unwrap_or_else(|_| "[]".to_owned())
-        .replace("</", "<\\/");
-    let mut usage = String::new();
-    for u in &r.usage {
-        for c in &u.counts {
-            usage.push_str(&format!(
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
-                esc(&u.key),
-                version_text(u.version),
-                esc(&c.operation),
-                esc(&c.outcome),
-                c.count,
-                esc(&u.principals.join(", ")),
-                rfc3339(u.first_use_ms),
-                rfc3339(u.last_use_ms),
-            ));
-        }
-    }
-    let refs = |list: &[VersionRef], count: bool| -> String {
-        list.iter()
-            .map(|v| {
-                format!(
-                    "<tr><td>{}</td><td>{}</td><td>{}</td>{}</tr>\n",
-                    esc(&v.key),
-                    v.version,
-                    esc(&v.state),
-                    if count {
-                        format!("<td class=\"n\">{}</td>", v.count)
-                    } else {
-                        String::new()
-                    }
-                )
-            })
-            .collect()
-    };
-    fill(
-        REPORT_TEMPLATE,
-        &[
-            ("period", esc(&period(r))),
-            ("records", r.records.to_string()),
-            ("generated", rfc3339(generated_ms)),
-            (
-                "bucket",
-                esc(&humantime::format_duration(Duration::from_millis(r.bucket_ms)).to_string()),
-            ),
-            ("usage", usage),
-            ("unused", refs(&r.unused, false)),
-            ("below", refs(&r.decrypt_below_primary, true)),
-            ("data", data),
-        ],
-    )
-}
-
-/// The HTML report's page: `{{name}}` marks where [`html`] puts each (escaped) value.
-const REPORT_TEMPLATE: &str = include_str!("report.html");
-
-/// `template` with every `{{name}}` replaced by its value, in one pass: a value that
-/// itself contains `{{...}}` is never filled again. An unknown name is left as written.
-fn fill(template: &str, values: &[(&str, String)]) -> String {
-    let mut out =
-        String::with_capacity(template.len() + values.iter().map(|(_, v)| v.len()).sum::<usize>());
-    let mut rest = template;
-    while let Some((before, after)) = rest.split_once("{{") {
-        out.push_str(before);
-        match after.split_once("}}") {
-            Some((name, tail)) => {
-                match values.iter().find(|(n, _)| *n == name) {
-                    Some((_, v)) => out.push_str(v),
-                    None => {
-                        out.push_str("{{");
-                        out.push_str(name);
-                        out.push_str("}}");
-                    }
-                }
-                rest = tail;
-            }
-            None => {
-                out.push_str("{{");
-                rest = after;
-                break;
-            }
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 #[cfg(test)]
@@ -705,26 +499,6 @@ mod tests {
         .expect("csv");
         let text = String::from_utf8(out).expect("utf-8");
         assert_eq!(text, "a,b\n\"'=HYPERLINK(\"\"x\"\")\",ok\n");
-    }
-
-    #[test]
-    fn the_template_is_filled_in_one_pass() {
-        let values = [("a", "{{b}}".to_owned()), ("b", "B".to_owned())];
-        assert_eq!(fill("x{{a}}y{{b}}z{{c}}", &values), "x{{b}}yBz{{c}}");
-        assert_eq!(fill("open {{a", &values), "open {{a");
-        let report = UsageReport {
-            since_ms: None,
-            until_ms: None,
-            records: 0,
-            usage: Vec::new(),
-            unused: Vec::new(),
-            decrypt_below_primary: Vec::new(),
-            bucket_ms: 60_000,
-            timeline: Vec::new(),
-        };
-        let page = html(&report, 0);
-        assert!(!page.contains("{{"), "a placeholder was left: {page}");
-        assert!(page.starts_with("<!DOCTYPE html>"));
     }
 
     #[test]

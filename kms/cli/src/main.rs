@@ -181,6 +181,7 @@ mod dev;
 mod dev_pki;
 mod grant;
 mod keys;
+mod report;
 mod show;
 
 use kms::error_chain;

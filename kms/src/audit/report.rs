@@ -134,41 +134,90 @@ pub(crate) struct ExportSeal {
     pub signature: String,
 }
 
-/// One count in a [`VersionUsage`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UsageCount {
-    /// e.g. `Encrypt`.
-    pub operation: String,
-    /// e.g. `OK`.
-    pub outcome: String,
-    /// How many.
+/// When something was first and last seen, and how often.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span {
+    /// How many calls.
     pub count: u64,
+    /// The first (Unix ms).
+    pub first_ms: u64,
+    /// The last (Unix ms).
+    pub last_ms: u64,
 }
 
-/// A key version's use in the period. `version` is `None` for requests that named the key
-/// but failed before a version was chosen.
+impl Span {
+    fn add(&mut self, n: u64, t: u64) {
+        self.first_ms = if self.count == 0 {
+            t
+        } else {
+            self.first_ms.min(t)
+        };
+        self.last_ms = self.last_ms.max(t);
+        self.count += n;
+    }
+}
+
+/// Calls that named a key version, by one principal, for one operation, with one outcome:
+/// the row an auditor reads ("who decrypted with payments v1, how often, from when to
+/// when"). Refused calls are not here but in [`RefusedRow`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VersionUsage {
+pub struct UsageRow {
     /// The key's name, as the requests named it.
     pub key: String,
-    /// The version number (for usage: `None` when a call failed before one was chosen).
+    /// The version; `None` when the call failed before one was chosen.
     pub version: Option<u32>,
-    /// Counts per operation and outcome.
-    pub counts: Vec<UsageCount>,
-    /// Distinct principals.
-    pub principals: Vec<String>,
-    /// First use (Unix ms).
-    pub first_use_ms: u64,
-    /// Last use (Unix ms).
-    pub last_use_ms: u64,
+    /// Who called.
+    pub principal: String,
+    /// e.g. `Decrypt`; `ReEncryptTo` on a re-encryption's destination key.
+    pub operation: String,
+    /// `OK`, or the gRPC code name of the failure.
+    pub outcome: String,
+    /// How many, and this row's own first and last call.
+    #[serde(flatten)]
+    pub span: Span,
+}
+
+/// One key's calls in the period, for the summary at the top of the report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeySummary {
+    /// The key's name, as the requests named it.
+    pub key: String,
+    /// Calls answered `OK` (uses and administration).
+    pub ok: u64,
+    /// Calls that failed (bad input, a wrong ciphertext, a disabled version, ...).
+    pub failed: u64,
+    /// Calls refused (no grant, no certificate).
+    pub refused: u64,
+    /// Distinct principals that called it, refused or not.
+    pub principals: u64,
+    /// The first and last call of any kind.
+    pub first_ms: u64,
+    /// The last call.
+    pub last_ms: u64,
+}
+
+/// Calls refused (`PERMISSION_DENIED`, `UNAUTHENTICATED`) by principal, operation and key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedRow {
+    /// Who was refused (`anonymous` without a certificate).
+    pub principal: String,
+    /// What they asked, e.g. `Decrypt`.
+    pub operation: String,
+    /// The key the call named, if any.
+    pub key: Option<String>,
+    /// `PERMISSION_DENIED` or `UNAUTHENTICATED`.
+    pub outcome: String,
+    /// How many, first and last.
+    #[serde(flatten)]
+    pub span: Span,
 }
 
 /// A key version named in a list of the report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionRef {
-    /// The key's name, as the requests named it.
+    /// The key's name.
     pub key: String,
-    /// The version number (for usage: `None` when a call failed before one was chosen).
+    /// The version number.
     pub version: u32,
     /// Its state now (e.g. `ENABLED`).
     pub state: String,
@@ -176,16 +225,24 @@ pub struct VersionRef {
     pub count: u64,
 }
 
-/// Successful uses of a key in one time bucket.
+/// One key's calls in one time bucket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bucket {
     /// The bucket's start (Unix ms).
     pub start_ms: u64,
-    /// The key's name, as the requests named it.
+    /// The key's name, or [`OTHER_KEYS`] for the keys past the busiest [`TOP_KEYS`].
     pub key: String,
-    /// Successful operations.
-    pub count: u64,
+    /// Successful uses (administration aside).
+    pub ok: u64,
+    /// Refused calls.
+    pub refused: u64,
 }
+
+/// How many keys the timeline shows by name; the rest are summed as [`OTHER_KEYS`].
+pub const TOP_KEYS: usize = 8;
+
+/// The timeline's name for the keys past the busiest [`TOP_KEYS`].
+pub const OTHER_KEYS: &str = "(other keys)";
 
 /// The key-usage report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,19 +251,28 @@ pub struct UsageReport {
     pub since_ms: Option<u64>,
     /// The period's end (Unix ms), if bounded.
     pub until_ms: Option<u64>,
-    /// Records read in the period.
+    /// The key the report was limited to, if any.
+    pub key: Option<String>,
+    /// The principal the report was limited to, if any.
+    pub principal: Option<String>,
+    /// Records read in the period (and filters).
     pub records: u64,
-    /// Use per key and version.
-    pub usage: Vec<VersionUsage>,
+    /// One summary per key, busiest first.
+    pub keys: Vec<KeySummary>,
+    /// Calls per key, version, principal, operation and outcome (refusals aside).
+    pub usage: Vec<UsageRow>,
+    /// Refused calls, by principal.
+    pub refused: Vec<RefusedRow>,
     /// Live versions (not destroyed) with no successful use (a cryptographic operation,
     /// not administration) in the period.
     pub unused: Vec<VersionRef>,
     /// Versions below the primary that still decrypted successfully in the period: their
     /// data has not been re-encrypted yet.
     pub decrypt_below_primary: Vec<VersionRef>,
-    /// The timeline's bucket width (ms).
+    /// The timeline's bucket width (ms): a minute, an hour, a day... from the period.
     pub bucket_ms: u64,
-    /// Successful operations per key per bucket.
+    /// Uses and refusals per key per bucket, every bucket of the period present (zeros
+    /// included) for the keys shown.
     pub timeline: Vec<Bucket>,
 }
 
@@ -221,32 +287,11 @@ pub(crate) struct KeyInfo {
     pub versions: Vec<(u32, String)>,
 }
 
-#[derive(Default)]
-struct Acc {
-    counts: BTreeMap<(String, String), u64>,
-    principals: BTreeSet<String>,
-    first: u64,
-    last: u64,
-}
-
-impl Acc {
-    fn add(&mut self, op: &str, outcome: &str, n: u64, principal: &str, t: u64) {
-        *self
-            .counts
-            .entry((op.to_owned(), outcome.to_owned()))
-            .or_default() += n;
-        self.principals.insert(principal.to_owned());
-        self.first = if self.first == 0 {
-            t
-        } else {
-            self.first.min(t)
-        };
-        self.last = self.last.max(t);
-    }
-}
-
 /// Operations that decrypt with the version they name.
 const DECRYPTS: &[&str] = &["Decrypt", "BatchDecrypt", "ReEncrypt"];
+
+/// Outcomes that are refusals rather than failures.
+const REFUSALS: &[&str] = &["PERMISSION_DENIED", "UNAUTHENTICATED"];
 
 /// Operations that administer a key rather than use it: counted in the tables, but not
 /// as use (a version that was only created or rotated to is unused).
@@ -266,33 +311,76 @@ const ADMIN: &[&str] = &[
     "RevokeGrant",
 ];
 
+/// (key, version, principal, operation, outcome).
+type RowKey = (String, Option<u32>, String, String, String);
+/// (principal, operation, key, outcome).
+type RefusedKey = (String, String, Option<String>, String);
+
 /// Builds a [`UsageReport`] from the records of a period, one at a time.
 pub(crate) struct UsageBuilder {
     filter: Filter,
     records: u64,
-    acc: BTreeMap<(String, Option<u32>), Acc>,
-    /// (key, ok ops) per time.
-    events: Vec<(u64, String, u64)>,
+    rows: BTreeMap<RowKey, Span>,
+    refused: BTreeMap<RefusedKey, Span>,
+    /// (time, key, successful uses, refusals).
+    events: Vec<(u64, String, u64, u64)>,
 }
 
 impl UsageBuilder {
-    /// A report over the time range of `filter`.
+    /// A report over the records `filter` matches (its time range, key and principal).
     pub(crate) fn new(filter: Filter) -> Self {
         Self {
             filter,
             records: 0,
-            acc: BTreeMap::new(),
+            rows: BTreeMap::new(),
+            refused: BTreeMap::new(),
             events: Vec::new(),
         }
     }
 
-    /// Counts one record (records outside the period are ignored).
+    fn row(
+        &mut self,
+        key: &str,
+        version: Option<u32>,
+        e: &AuditEvent,
+        op: &str,
+        outcome: &str,
+        n: u64,
+    ) {
+        self.rows
+            .entry((
+                key.to_owned(),
+                version,
+                e.principal.clone(),
+                op.to_owned(),
+                outcome.to_owned(),
+            ))
+            .or_default()
+            .add(n, e.time_ms);
+    }
+
+    /// Counts one record (records the filter does not match are ignored).
     pub(crate) fn add(&mut self, e: &AuditEvent) {
         if !self.filter.matches(e) {
             return;
         }
         self.records += 1;
         let t = e.time_ms;
+        if REFUSALS.contains(&e.outcome.as_str()) {
+            self.refused
+                .entry((
+                    e.principal.clone(),
+                    e.operation.clone(),
+                    e.key.clone(),
+                    e.outcome.clone(),
+                ))
+                .or_default()
+                .add(1, t);
+            if let Some(key) = &e.key {
+                self.events.push((t, key.clone(), 0, 1));
+            }
+            return;
+        }
         let Some(key) = &e.key else {
             return;
         };
@@ -300,114 +388,176 @@ impl UsageBuilder {
         match &e.batch {
             Some(b) => {
                 for (&v, &n) in &b.versions {
-                    self.acc.entry((key.clone(), Some(v))).or_default().add(
-                        &e.operation,
-                        "OK",
-                        n,
-                        &e.principal,
-                        t,
-                    );
+                    self.row(key, Some(v), e, &e.operation, "OK", n);
                     ok += n;
                 }
                 for (outcome, &n) in b.outcomes.iter().filter(|(o, _)| *o != "OK") {
-                    self.acc.entry((key.clone(), None)).or_default().add(
-                        &e.operation,
-                        outcome,
-                        n,
-                        &e.principal,
-                        t,
-                    );
+                    self.row(key, None, e, &e.operation, outcome, n);
                 }
                 if e.outcome != "OK" {
-                    self.acc.entry((key.clone(), None)).or_default().add(
-                        &e.operation,
-                        &e.outcome,
-                        1,
-                        &e.principal,
-                        t,
-                    );
+                    self.row(key, None, e, &e.operation, &e.outcome, 1);
                 }
             }
             None => {
-                self.acc
-                    .entry((key.clone(), e.key_version))
-                    .or_default()
-                    .add(&e.operation, &e.outcome, 1, &e.principal, t);
+                self.row(key, e.key_version, e, &e.operation, &e.outcome, 1);
                 if e.outcome == "OK" && !ADMIN.contains(&e.operation.as_str()) {
                     ok += 1;
                 }
                 if let Some(dest) = &e.destination_key {
-                    self.acc
-                        .entry((dest.clone(), e.destination_key_version))
-                        .or_default()
-                        .add("ReEncryptTo", &e.outcome, 1, &e.principal, t);
+                    self.row(
+                        dest,
+                        e.destination_key_version,
+                        e,
+                        "ReEncryptTo",
+                        &e.outcome,
+                        1,
+                    );
                     if e.outcome == "OK" && dest != key {
-                        self.events.push((t, dest.clone(), 1));
+                        self.events.push((t, dest.clone(), 1, 0));
                     }
                 }
             }
         }
         if ok > 0 {
-            self.events.push((t, key.clone(), ok));
+            self.events.push((t, key.clone(), ok, 0));
         }
     }
 
     /// The report, given the keys as they are now.
     pub(crate) fn finish(self, keys: &[KeyInfo]) -> UsageReport {
         let (unused, below) = self.findings(keys);
-        let (bucket_ms, buckets) = self.timeline();
+        let (bucket_ms, timeline) = self.timeline();
+        let summaries = self.summaries();
         UsageReport {
             since_ms: self.filter.since_ms,
             until_ms: self.filter.until_ms,
+            key: self.filter.key.clone(),
+            principal: self.filter.principal.clone(),
             records: self.records,
+            keys: summaries,
             usage: self
-                .acc
+                .rows
                 .into_iter()
-                .map(|((key, version), a)| VersionUsage {
+                .map(
+                    |((key, version, principal, operation, outcome), span)| UsageRow {
+                        key,
+                        version,
+                        principal,
+                        operation,
+                        outcome,
+                        span,
+                    },
+                )
+                .collect(),
+            refused: self
+                .refused
+                .into_iter()
+                .map(|((principal, operation, key, outcome), span)| RefusedRow {
+                    principal,
+                    operation,
                     key,
-                    version,
-                    counts: a
-                        .counts
-                        .into_iter()
-                        .map(|((operation, outcome), count)| UsageCount {
-                            operation,
-                            outcome,
-                            count,
-                        })
-                        .collect(),
-                    principals: a.principals.into_iter().collect(),
-                    first_use_ms: a.first,
-                    last_use_ms: a.last,
+                    outcome,
+                    span,
                 })
                 .collect(),
             unused,
             decrypt_below_primary: below,
             bucket_ms,
-            timeline: buckets,
+            timeline,
         }
+    }
+
+    /// One summary per key (OK, failed, refused, distinct principals, first and last),
+    /// busiest first.
+    fn summaries(&self) -> Vec<KeySummary> {
+        let mut summaries: BTreeMap<String, (KeySummary, BTreeSet<String>, Span)> = BTreeMap::new();
+        let mut add =
+            |key: &str, principal: &str, span: &Span, ok: u64, failed: u64, refused: u64| {
+                let (s, who, all) = summaries.entry(key.to_owned()).or_insert_with(|| {
+                    (
+                        KeySummary {
+                            key: key.to_owned(),
+                            ok: 0,
+                            failed: 0,
+                            refused: 0,
+                            principals: 0,
+                            first_ms: 0,
+                            last_ms: 0,
+                        },
+                        BTreeSet::new(),
+                        Span::default(),
+                    )
+                });
+                s.ok += ok;
+                s.failed += failed;
+                s.refused += refused;
+                who.insert(principal.to_owned());
+                if all.count == 0 {
+                    *all = *span;
+                } else {
+                    all.count += span.count;
+                    all.first_ms = all.first_ms.min(span.first_ms);
+                    all.last_ms = all.last_ms.max(span.last_ms);
+                }
+            };
+        for ((key, _, principal, _, outcome), span) in &self.rows {
+            let ok = outcome == "OK";
+            add(
+                key,
+                principal,
+                span,
+                if ok { span.count } else { 0 },
+                if ok { 0 } else { span.count },
+                0,
+            );
+        }
+        for ((principal, _, key, _), span) in &self.refused {
+            if let Some(key) = key {
+                add(key, principal, span, 0, 0, span.count);
+            }
+        }
+        let mut out: Vec<KeySummary> = summaries
+            .into_values()
+            .map(|(mut s, who, all)| {
+                s.principals = who.len() as u64;
+                s.first_ms = all.first_ms;
+                s.last_ms = all.last_ms;
+                s
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            (b.ok + b.failed + b.refused)
+                .cmp(&(a.ok + a.failed + a.refused))
+                .then_with(|| a.key.cmp(&b.key))
+        });
+        out
     }
 
     /// OK uses (administration aside) of one key version, of `ops` only when given.
     fn ok_uses(&self, key: &str, v: u32, ops: Option<&[&str]>) -> u64 {
-        self.acc.get(&(key.to_owned(), Some(v))).map_or(0, |a| {
-            a.counts
-                .iter()
-                .filter(|((op, outcome), _)| {
-                    outcome == "OK"
-                        && !ADMIN.contains(&op.as_str())
-                        && ops.is_none_or(|ops| ops.contains(&op.as_str()))
-                })
-                .map(|(_, n)| n)
-                .sum()
-        })
+        self.rows
+            .iter()
+            .filter(|((k, version, _, op, outcome), _)| {
+                k == key
+                    && *version == Some(v)
+                    && outcome == "OK"
+                    && !ADMIN.contains(&op.as_str())
+                    && ops.is_none_or(|ops| ops.contains(&op.as_str()))
+            })
+            .map(|(_, span)| span.count)
+            .sum()
     }
 
     /// The versions never used (destroyed ones aside), and the versions below their key's
-    /// primary that still decrypt, with how often.
+    /// primary that still decrypt, with how often. Only keys the report covers (all, or the
+    /// one its filter names).
     fn findings(&self, keys: &[KeyInfo]) -> (Vec<VersionRef>, Vec<VersionRef>) {
         let mut unused = Vec::new();
         let mut below = Vec::new();
-        for k in keys {
+        for k in keys
+            .iter()
+            .filter(|k| self.filter.key.as_ref().is_none_or(|f| *f == k.name))
+        {
             for (v, state) in &k.versions {
                 let at = |count| VersionRef {
                     key: k.name.clone(),
@@ -427,7 +577,8 @@ impl UsageBuilder {
         (unused, below)
     }
 
-    /// OK uses per key in buckets of a readable width over the report's period.
+    /// Uses and refusals per key in buckets of a readable width over the period: the
+    /// busiest [`TOP_KEYS`] keys by name, the rest as [`OTHER_KEYS`], every bucket present.
     fn timeline(&self) -> (u64, Vec<Bucket>) {
         let (lo, hi) = match (self.events.first(), self.events.last()) {
             (Some(a), Some(b)) => (
@@ -437,19 +588,49 @@ impl UsageBuilder {
             _ => (0, 0),
         };
         let bucket_ms = bucket_width(hi.saturating_sub(lo));
-        let mut buckets: BTreeMap<(u64, String), u64> = BTreeMap::new();
-        for (t, key, n) in &self.events {
-            let start = lo + (t.saturating_sub(lo) / bucket_ms) * bucket_ms;
-            *buckets.entry((start, key.clone())).or_default() += n;
+        let mut totals: BTreeMap<&str, u64> = BTreeMap::new();
+        for (_, key, ok, refused) in &self.events {
+            *totals.entry(key).or_default() += ok + refused;
         }
-        let buckets = buckets
-            .into_iter()
-            .map(|((start_ms, key), count)| Bucket {
-                start_ms,
-                key,
-                count,
-            })
-            .collect();
+        let mut ranked: Vec<(&str, u64)> = totals.into_iter().collect();
+        ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        let shown: Vec<&str> = ranked.iter().take(TOP_KEYS).map(|(k, _)| *k).collect();
+        let others = ranked.len() > TOP_KEYS;
+        let mut series: Vec<&str> = shown.clone();
+        if others {
+            series.push(OTHER_KEYS);
+        }
+        let starts: Vec<u64> = if self.events.is_empty() {
+            Vec::new()
+        } else {
+            (lo..hi.max(lo + 1))
+                .step_by(usize::try_from(bucket_ms).unwrap_or(usize::MAX))
+                .collect()
+        };
+        let mut counts: BTreeMap<(u64, &str), (u64, u64)> = BTreeMap::new();
+        for (t, key, ok, refused) in &self.events {
+            let start = lo + (t.saturating_sub(lo) / bucket_ms) * bucket_ms;
+            let name = if shown.contains(&key.as_str()) {
+                key.as_str()
+            } else {
+                OTHER_KEYS
+            };
+            let c = counts.entry((start, name)).or_default();
+            c.0 += ok;
+            c.1 += refused;
+        }
+        let mut buckets = Vec::with_capacity(starts.len() * series.len());
+        for start in starts {
+            for key in &series {
+                let (ok, refused) = counts.get(&(start, *key)).copied().unwrap_or_default();
+                buckets.push(Bucket {
+                    start_ms: start,
+                    key: (*key).to_owned(),
+                    ok,
+                    refused,
+                });
+            }
+        }
         (bucket_ms, buckets)
     }
 }
@@ -492,27 +673,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn counts_unused_and_decrypt_below_primary() {
-        let mut b = UsageBuilder::new(Filter {
-            since_ms: Some(1000),
-            ..Filter::default()
-        });
-        b.add(&ev(500, "Encrypt", "a", Some(1), "OK", "x")); // before the period
-        b.add(&ev(1000, "Encrypt", "a", Some(2), "OK", "x"));
-        b.add(&ev(2000, "Encrypt", "a", Some(2), "OK", "y"));
-        b.add(&ev(3000, "Decrypt", "a", Some(1), "OK", "y"));
-        b.add(&ev(3500, "Decrypt", "a", None, "INVALID_ARGUMENT", "z"));
-        b.add(&ev(3600, "RotateKey", "b", Some(1), "OK", "admin")); // not a use
-        b.add(&AuditEvent {
-            batch: Some(BatchSummary {
-                items: 3,
-                outcomes: [("OK".to_owned(), 2), ("INVALID_ARGUMENT".to_owned(), 1)].into(),
-                versions: [(2, 2)].into(),
-            }),
-            ..ev(4000, "BatchEncrypt", "a", None, "OK", "x")
-        });
-        let keys = [
+    fn keys() -> [KeyInfo; 2] {
+        [
             KeyInfo {
                 name: "a".into(),
                 primary: 2,
@@ -523,30 +685,126 @@ mod tests {
                 primary: 1,
                 versions: vec![(1, "ENABLED".into())],
             },
-        ];
-        let r = b.finish(&keys);
-        assert_eq!(r.records, 6);
-        let v2 = r
-            .usage
-            .iter()
-            .find(|u| u.key == "a" && u.version == Some(2))
-            .unwrap();
-        let count = |op: &str| {
-            v2.counts
+        ]
+    }
+
+    #[test]
+    fn rows_are_per_principal_with_their_own_times() {
+        let mut b = UsageBuilder::new(Filter {
+            since_ms: Some(1000),
+            ..Filter::default()
+        });
+        b.add(&ev(500, "Encrypt", "a", Some(1), "OK", "x")); // before the period
+        b.add(&ev(1000, "CreateKey", "a", Some(1), "OK", "admin"));
+        b.add(&ev(1000, "Encrypt", "a", Some(2), "OK", "x"));
+        b.add(&ev(2000, "Encrypt", "a", Some(2), "OK", "y"));
+        b.add(&ev(2500, "Encrypt", "a", Some(2), "OK", "x"));
+        b.add(&ev(3000, "Decrypt", "a", Some(1), "OK", "y"));
+        b.add(&ev(3500, "Decrypt", "a", None, "INVALID_ARGUMENT", "z"));
+        b.add(&ev(3600, "RotateKey", "b", Some(1), "OK", "admin")); // not a use
+        b.add(&ev(
+            3700,
+            "Decrypt",
+            "a",
+            None,
+            "PERMISSION_DENIED",
+            "mallory",
+        ));
+        b.add(&AuditEvent {
+            operation: "ListGrants".into(),
+            outcome: "UNAUTHENTICATED".into(),
+            principal: "anonymous".into(),
+            time_ms: 3800,
+            ..AuditEvent::default()
+        });
+        b.add(&AuditEvent {
+            batch: Some(BatchSummary {
+                items: 3,
+                outcomes: [("OK".to_owned(), 2), ("INVALID_ARGUMENT".to_owned(), 1)].into(),
+                versions: [(2, 2)].into(),
+            }),
+            ..ev(4000, "BatchEncrypt", "a", None, "OK", "x")
+        });
+        let r = b.finish(&keys());
+        assert_eq!(r.records, 10);
+        let row = |key: &str, v: Option<u32>, who: &str, op: &str, outcome: &str| {
+            r.usage
                 .iter()
-                .find(|c| c.operation == op && c.outcome == "OK")
-                .unwrap()
-                .count
+                .find(|u| {
+                    u.key == key
+                        && u.version == v
+                        && u.principal == who
+                        && u.operation == op
+                        && u.outcome == outcome
+                })
+                .map(|u| u.span)
         };
-        assert_eq!((count("Encrypt"), count("BatchEncrypt")), (2, 2));
-        assert_eq!(v2.principals, vec!["x".to_owned(), "y".to_owned()]);
-        assert_eq!((v2.first_use_ms, v2.last_use_ms), (1000, 4000));
-        let failed = r
-            .usage
-            .iter()
-            .find(|u| u.key == "a" && u.version.is_none())
-            .unwrap();
-        assert_eq!(failed.counts.iter().map(|c| c.count).sum::<u64>(), 2);
+        // Each row has its own count and times: x's encryptions are not y's.
+        let span = |count, first_ms, last_ms| Span {
+            count,
+            first_ms,
+            last_ms,
+        };
+        assert_eq!(
+            row("a", Some(2), "x", "Encrypt", "OK"),
+            Some(span(2, 1000, 2500))
+        );
+        assert_eq!(
+            row("a", Some(2), "y", "Encrypt", "OK"),
+            Some(span(1, 2000, 2000))
+        );
+        assert_eq!(
+            row("a", Some(1), "y", "Decrypt", "OK"),
+            Some(span(1, 3000, 3000))
+        );
+        assert_eq!(
+            row("a", Some(2), "x", "BatchEncrypt", "OK"),
+            Some(span(2, 4000, 4000))
+        );
+        assert_eq!(
+            row("a", None, "x", "BatchEncrypt", "INVALID_ARGUMENT"),
+            Some(span(1, 4000, 4000))
+        );
+        // The admin created the key; the admin never decrypted.
+        assert_eq!(
+            row("a", Some(1), "admin", "CreateKey", "OK"),
+            Some(span(1, 1000, 1000))
+        );
+        assert!(
+            r.usage
+                .iter()
+                .all(|u| u.principal != "admin" || !u.operation.contains("crypt"))
+        );
+        // Refusals are in their own section, not among the uses.
+        assert!(
+            r.usage
+                .iter()
+                .all(|u| !REFUSALS.contains(&u.outcome.as_str()))
+        );
+        assert_eq!(
+            r.refused
+                .iter()
+                .map(|f| (
+                    f.principal.as_str(),
+                    f.operation.as_str(),
+                    f.key.as_deref(),
+                    f.span.count
+                ))
+                .collect::<Vec<_>>(),
+            vec![
+                ("anonymous", "ListGrants", None, 1),
+                ("mallory", "Decrypt", Some("a"), 1)
+            ]
+        );
+        // The summary per key, busiest first.
+        let a = &r.keys[0];
+        assert_eq!(
+            (a.key.as_str(), a.ok, a.failed, a.refused, a.principals),
+            ("a", 7, 2, 1, 5)
+        );
+        assert_eq!((a.first_ms, a.last_ms), (1000, 4000));
+        assert_eq!((r.keys[1].key.as_str(), r.keys[1].ok), ("b", 1));
+        // Unused and below the primary.
         assert_eq!(
             r.unused
                 .iter()
@@ -554,15 +812,73 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![("b", 1)]
         );
-        assert_eq!(r.decrypt_below_primary.len(), 1);
         assert_eq!(
-            (
-                r.decrypt_below_primary[0].version,
-                r.decrypt_below_primary[0].count
-            ),
-            (1, 1)
+            r.decrypt_below_primary
+                .iter()
+                .map(|v| (v.key.as_str(), v.version, v.count))
+                .collect::<Vec<_>>(),
+            vec![("a", 1, 1)]
         );
-        assert_eq!(r.timeline.iter().map(|b| b.count).sum::<u64>(), 5);
+        // The timeline: uses (4 Encrypt/BatchEncrypt calls = 5 items, 1 Decrypt) and the
+        // refusal, in 1 s buckets from the period's start, every bucket present.
         assert_eq!(r.bucket_ms, 1000);
+        assert_eq!(r.timeline.iter().map(|b| b.ok).sum::<u64>(), 6);
+        assert_eq!(r.timeline.iter().map(|b| b.refused).sum::<u64>(), 1);
+        let starts: Vec<u64> = r.timeline.iter().map(|b| b.start_ms).collect();
+        assert_eq!(starts, vec![1000, 2000, 3000, 4000]);
+    }
+
+    #[test]
+    fn the_timeline_names_the_busiest_keys_and_sums_the_others() {
+        let mut b = UsageBuilder::new(Filter::default());
+        // Key k{i} is used i+1 times, all in the same minute.
+        for i in 0..12u64 {
+            for _ in 0..=i {
+                b.add(&ev(
+                    60_000 + i,
+                    "Encrypt",
+                    &format!("k{i}"),
+                    Some(1),
+                    "OK",
+                    "x",
+                ));
+            }
+        }
+        let r = b.finish(&[]);
+        let names: Vec<&str> = r.timeline.iter().map(|b| b.key.as_str()).collect();
+        assert_eq!(names.len(), TOP_KEYS + 1, "{names:?}");
+        assert_eq!(names[0], "k11");
+        assert_eq!(names[TOP_KEYS - 1], "k4");
+        assert_eq!(names[TOP_KEYS], OTHER_KEYS);
+        // The four quietest keys: 1 + 2 + 3 + 4 uses.
+        assert_eq!(r.timeline[TOP_KEYS].ok, 10);
+        assert_eq!(r.timeline.iter().map(|b| b.ok).sum::<u64>(), 78);
+        // A filtered report covers its key only.
+        let mut b = UsageBuilder::new(Filter {
+            key: Some("k3".into()),
+            ..Filter::default()
+        });
+        for i in 0..12u64 {
+            b.add(&ev(
+                60_000 + i,
+                "Encrypt",
+                &format!("k{i}"),
+                Some(1),
+                "OK",
+                "x",
+            ));
+        }
+        let r = b.finish(&keys());
+        assert_eq!(r.records, 1);
+        assert_eq!(r.key.as_deref(), Some("k3"));
+        assert!(r.unused.is_empty(), "keys a and b are outside the filter");
+    }
+
+    #[test]
+    fn bucket_widths_follow_the_period() {
+        assert_eq!(bucket_width(30_000), 1_000);
+        assert_eq!(bucket_width(3_600_000), 60_000);
+        assert_eq!(bucket_width(86_400_000), 3_600_000);
+        assert_eq!(bucket_width(30 * 86_400_000), 86_400_000);
     }
 }

@@ -65,30 +65,20 @@ const PART_BYTES: usize = 1024 * 1024;
 /// Splits a report into parts of at most about [`PART_BYTES`]: the first holds the scalar
 /// fields, each holds some of the repeated ones, in order. Merging the parts (protobuf merge:
 /// repeated fields append) gives the report back.
-fn report_parts(full: pb::KeyUsageReportResponse, limit: usize) -> Vec<pb::KeyUsageReportResponse> {
+fn report_parts(
+    mut full: pb::KeyUsageReportResponse,
+    limit: usize,
+) -> Vec<pb::KeyUsageReportResponse> {
     use prost::Message as _;
-    let pb::KeyUsageReportResponse {
-        usage,
-        unused,
-        decrypt_below_primary,
-        timeline,
-        ..
-    } = &full;
-    let (usage, unused, below, timeline) = (
-        usage.clone(),
-        unused.clone(),
-        decrypt_below_primary.clone(),
-        timeline.clone(),
-    );
+    let keys = std::mem::take(&mut full.keys);
+    let rows = std::mem::take(&mut full.rows);
+    let refused = std::mem::take(&mut full.refused);
+    let unused = std::mem::take(&mut full.unused);
+    let below = std::mem::take(&mut full.decrypt_below_primary);
+    let timeline = std::mem::take(&mut full.timeline);
     let mut parts = Vec::new();
-    let mut current = pb::KeyUsageReportResponse {
-        usage: Vec::new(),
-        unused: Vec::new(),
-        decrypt_below_primary: Vec::new(),
-        timeline: Vec::new(),
-        ..full
-    };
-    let mut size = current.encoded_len();
+    let mut size = full.encoded_len();
+    let mut current = full;
     // Starts a new part if `item_len` more bytes would not fit in this one (an item larger
     // than the limit gets a part of its own).
     let mut room = |current: &mut pb::KeyUsageReportResponse, size: &mut usize, item_len: usize| {
@@ -99,9 +89,17 @@ fn report_parts(full: pb::KeyUsageReportResponse, limit: usize) -> Vec<pb::KeyUs
         }
         *size += needed;
     };
-    for u in usage {
+    for k in keys {
+        room(&mut current, &mut size, k.encoded_len());
+        current.keys.push(k);
+    }
+    for u in rows {
         room(&mut current, &mut size, u.encoded_len());
-        current.usage.push(u);
+        current.rows.push(u);
+    }
+    for r in refused {
+        room(&mut current, &mut size, r.encoded_len());
+        current.refused.push(r);
     }
     for v in unused {
         room(&mut current, &mut size, v.encoded_len());
@@ -172,6 +170,8 @@ impl pb::audit_server::Audit for AuditService {
             let filter = filter_from(Some(pb::AuditFilter {
                 since_unix_ms: r.since_unix_ms,
                 until_unix_ms: r.until_unix_ms,
+                key: r.key,
+                principal: r.principal,
                 ..pb::AuditFilter::default()
             }))?;
             let keyring = seal.keyring()?;
@@ -397,22 +397,37 @@ mod tests {
 
     #[test]
     fn report_parts_are_bounded_and_merge_back_to_the_report() {
-        let usage = |i: u32| pb::VersionUsage {
+        let row = |i: u32| pb::UsageRow {
             key: format!("key-{i}"),
             version: 1,
-            counts: vec![pb::UsageCount {
-                operation: "Encrypt".into(),
-                outcome: "OK".into(),
-                count: u64::from(i),
-            }],
-            principals: vec![format!("spiffe://corp/app-{i}"); 3],
-            first_use_unix_ms: 1,
-            last_use_unix_ms: 2,
+            principal: format!("spiffe://corp/app-{i}"),
+            operation: "Encrypt".into(),
+            outcome: "OK".into(),
+            count: u64::from(i),
+            first_unix_ms: 1,
+            last_unix_ms: 2,
         };
         let full = pb::KeyUsageReportResponse {
             since_unix_ms: 5,
             records: 77,
-            usage: (0..5000).map(usage).collect(),
+            rows: (0..5000).map(row).collect(),
+            keys: (0..500)
+                .map(|i| pb::KeySummary {
+                    key: format!("key-{i}"),
+                    ok: 3,
+                    ..Default::default()
+                })
+                .collect(),
+            refused: (0..500)
+                .map(|i| pb::RefusedCalls {
+                    principal: format!("p{i}"),
+                    operation: "Decrypt".into(),
+                    outcome: "PERMISSION_DENIED".into(),
+                    count: 1,
+                    ..Default::default()
+                })
+                .collect(),
+            key: "key-1".into(),
             unused: (0..300)
                 .map(|i| pb::VersionRef {
                     key: format!("k{i}"),
@@ -425,7 +440,8 @@ mod tests {
                 .map(|i| pb::UsageBucket {
                     start_unix_ms: i,
                     key: "k".into(),
-                    count: 1,
+                    ok: 1,
+                    refused: 2,
                 })
                 .collect(),
             bucket_ms: 60_000,

@@ -249,8 +249,8 @@ where
     }
 }
 
-/// The gate's work on one call (see the module docs): limits, the anonymous rule, the
-/// rule of services without our handlers, health probes counted, unrecorded calls recorded.
+/// The gate's work on one call (see the module docs): the refusals it makes itself, then
+/// the call, then its record when no handler of ours made one.
 async fn pass<S>(
     mut inner: S,
     state: Arc<GateState>,
@@ -262,7 +262,6 @@ where
     S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>>,
 {
     let peer = req.extensions().get::<PeerInfo>().cloned();
-    let (service, method) = (service.to_owned(), method.to_owned());
     let ip = peer.as_ref().map(|p| p.addr.ip());
     let anonymous = peer
         .as_ref()
@@ -277,54 +276,12 @@ where
             .as_ref()
             .map(|p| p.addr.to_string())
             .unwrap_or_default(),
-        service: service.clone(),
-        operation: method.clone(),
+        service: service.to_owned(),
+        operation: method.to_owned(),
         ..AuditEvent::default()
     };
-    let now = Instant::now();
-    if let Some(ip) = ip {
-        match state.refused.check(ip, now) {
-            Verdict::Allowed(None) => {}
-            Verdict::Allowed(Some(counted)) => {
-                summary(&state, &event, counted).await;
-            }
-            Verdict::Limited { wait, first } => {
-                let status = Status::resource_exhausted(format!(
-                    "too many refused calls from this address: try again in {} s",
-                    wait.as_secs().max(1)
-                ));
-                if first {
-                    tracing::warn!(peer = %ip, "refused calls over the limit: further calls from this address are refused unread for the rest of the minute");
-                    return Ok(answer(&state, event, status).await);
-                }
-                return Ok(status.into_http());
-            }
-        }
-    }
-    let need = crate::access::need(&service, &method);
-    if anonymous && need.needs_certificate() {
-        refused(&state, ip);
-        let status = Status::unauthenticated(crate::access::Denied::Unauthenticated.to_string());
-        return Ok(answer(&state, event, status).await);
-    }
-    // Health and reflection have no handler of ours to check their rule.
-    if [HEALTH, REFLECTION, REFLECTION_V1ALPHA].contains(&service.as_str())
-        && let Some(identity) = peer.as_ref().map(|p| &p.identity)
-        && let Err(denied) = crate::access::check(
-            need,
-            identity,
-            &state.roles,
-            i64::try_from(crate::keyring::now()).unwrap_or(i64::MAX),
-        )
-    {
-        refused(&state, ip);
-        let status = match denied {
-            Denied::Unauthenticated | Denied::Expired => {
-                Status::unauthenticated(denied.to_string())
-            }
-            _ => Status::permission_denied(denied.to_string()),
-        };
-        return Ok(answer(&state, event, status).await);
+    if let Some(refusal) = refuse(&state, peer.as_ref(), &event, anonymous).await {
+        return Ok(refusal);
     }
     if anonymous {
         let limit = state.anonymous_max_bytes;
@@ -354,7 +311,7 @@ where
     // No handler of ours recorded this call: tonic refused it, a handler panicked, or it is
     // a reflection stream. A reflection stream whose answer began (its status comes at its
     // end) is recorded as admitted: `OK`.
-    let reflection = [REFLECTION, REFLECTION_V1ALPHA].contains(&service.as_str());
+    let reflection = [REFLECTION, REFLECTION_V1ALPHA].contains(&service);
     let outcome = match code {
         Some(c) => code_name(c),
         None if reflection => code_name(Code::Ok),
@@ -367,6 +324,62 @@ where
     } else {
         Ok(Status::unavailable(AUDIT_UNAVAILABLE).into_http())
     }
+}
+
+/// The answer when the gate refuses the call itself, unread: over the address's limit of
+/// refused calls, without a certificate where one is needed, or short of the rule of a
+/// service that has no handler of ours (health, reflection). `None`: the call goes on.
+async fn refuse(
+    state: &GateState,
+    peer: Option<&PeerInfo>,
+    event: &AuditEvent,
+    anonymous: bool,
+) -> Option<http::Response<Body>> {
+    let ip = peer.map(|p| p.addr.ip());
+    if let Some(ip) = ip {
+        match state.refused.check(ip, Instant::now()) {
+            Verdict::Allowed(None) => {}
+            Verdict::Allowed(Some(counted)) => {
+                summary(state, event, counted).await;
+            }
+            Verdict::Limited { wait, first } => {
+                let status = Status::resource_exhausted(format!(
+                    "too many refused calls from this address: try again in {} s",
+                    wait.as_secs().max(1)
+                ));
+                if first {
+                    tracing::warn!(peer = %ip, "refused calls over the limit: further calls from this address are refused unread for the rest of the minute");
+                    return Some(answer(state, event.clone(), status).await);
+                }
+                return Some(status.into_http());
+            }
+        }
+    }
+    let need = crate::access::need(&event.service, &event.operation);
+    if anonymous && need.needs_certificate() {
+        refused(state, ip);
+        let status = Status::unauthenticated(crate::access::Denied::Unauthenticated.to_string());
+        return Some(answer(state, event.clone(), status).await);
+    }
+    if [HEALTH, REFLECTION, REFLECTION_V1ALPHA].contains(&event.service.as_str())
+        && let Some(identity) = peer.map(|p| &p.identity)
+        && let Err(denied) = crate::access::check(
+            need,
+            identity,
+            &state.roles,
+            i64::try_from(crate::keyring::now()).unwrap_or(i64::MAX),
+        )
+    {
+        refused(state, ip);
+        let status = match denied {
+            Denied::Unauthenticated | Denied::Expired => {
+                Status::unauthenticated(denied.to_string())
+            }
+            _ => Status::permission_denied(denied.to_string()),
+        };
+        return Some(answer(state, event.clone(), status).await);
+    }
+    None
 }
 
 fn refused(state: &GateState, ip: Option<IpAddr>) {
