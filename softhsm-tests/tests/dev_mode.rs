@@ -131,6 +131,29 @@ fn dev_mode_initialises_unseals_and_restarts_sealed() {
     dev.wait_for("WARNING: these shares are shown once");
     dev.wait_for("unsealed with shares 1-3 and serving mTLS");
     let env = admin_env(&mut dev);
+    // The admin's lines work as pasted into a shell whose PATH has no kms on it.
+    dev.wait_for("  kms whoami");
+    let start = dev
+        .seen
+        .iter()
+        .rposition(|l| l.contains("export KMS_ADDR="))
+        .unwrap();
+    let pasted: Vec<&str> = dev.seen[start..].iter().map(|l| l.trim()).collect();
+    assert!(
+        pasted.iter().any(|l| l.starts_with("export PATH=")),
+        "{pasted:?}"
+    );
+    let shell = Command::new("bash")
+        .arg("-c")
+        .arg(pasted.join("\n"))
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&shell.stdout).contains("spiffe://kms.dev/admin"),
+        "{pasted:?}: {shell:?}"
+    );
     let st = run_kms_env(&addr, &env, &["operator", "status", "--json"], "");
     assert_eq!(st.code, Some(0), "{st:?}");
     assert_eq!(st.json()["sealed"], false);

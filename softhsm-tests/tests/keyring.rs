@@ -1240,6 +1240,13 @@ async fn the_cli_encrypts_signs_and_manages_keys() {
         server.kms(&["key", "get", "files", "--json"], "").json()["rotation_period_seconds"],
         90 * 86400
     );
+    // Shown the way it was given, not as "2months 29days 2h 52m 48s".
+    let shown = server.kms(&["key", "get", "files"], "");
+    assert!(
+        shown.stdout.contains("Rotation period         90d\n"),
+        "{}",
+        shown.stdout
+    );
 
     let out = server.kms(
         &[
@@ -1307,11 +1314,78 @@ async fn the_cli_encrypts_signs_and_manages_keys() {
         true
     ));
 
+    // Over 64 KiB: Ed25519 signs the message itself, so the CLI says why it cannot...
+    let large = "x".repeat(200 * 1024);
+    let out = server.kms(&["sign", "--key", "sigs"], &large);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains(
+            "the input is 204800 bytes: an Ed25519 key signs the message itself, at most 65536 bytes"
+        ),
+        "{out:?}"
+    );
+    // ...and an ECDSA key signs the SHA-256 digest the CLI makes, which openssl verifies
+    // against the whole document.
+    for args in [
+        vec![
+            "key",
+            "create",
+            "big-sigs",
+            "--algorithm",
+            "ecdsa-p256-sha256",
+        ],
+        vec![
+            "grant",
+            "create",
+            "big-sigs",
+            &admin,
+            "--operations",
+            "sign,verify,get-public-key",
+        ],
+    ] {
+        let out = server.kms(&args, "");
+        assert_eq!(out.code, Some(0), "{out:?}");
+    }
+    let big_sig = dir.join("big.sig");
+    let out = server.kms(
+        &[
+            "sign",
+            "--key",
+            "big-sigs",
+            "--out",
+            big_sig.to_str().unwrap(),
+        ],
+        &large,
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let verify_big = |doc: &str| {
+        server.kms(
+            &[
+                "verify",
+                "--key",
+                "big-sigs",
+                "--signature",
+                big_sig.to_str().unwrap(),
+            ],
+            doc,
+        )
+    };
+    assert_eq!(verify_big(&large).code, Some(0));
+    assert_eq!(verify_big(&format!("{large}!")).code, Some(3));
+    let pem = server.kms(&["public-key", "--key", "big-sigs"], "");
+    assert!(openssl_verifies(
+        dir,
+        &pem.stdout,
+        large.as_bytes(),
+        &std::fs::read(&big_sig).unwrap(),
+        false
+    ));
+
     let out = server.kms(&["datakey", "--key", "files"], "");
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(out.json()["key_version"], 2);
     let list = server.kms(&["key", "list", "--json"], "").json();
-    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert_eq!(list.as_array().unwrap().len(), 3);
     // A key without a grant looks the same whether it exists or not.
     let out = server.kms(&["encrypt", "--key", "nope"], "x");
     assert_eq!(out.code, Some(1));

@@ -568,3 +568,50 @@ fn json_logs_and_the_per_call_line_at_the_level_configured() {
     assert!(!status.success());
     assert!(stderr.contains("metrics.listen: \"nowhere\""), "{stderr}");
 }
+
+#[test]
+fn shell_completions_complete_subcommands_and_flags() {
+    let kms = softhsm_tests::bin("kms");
+    // Bash, as a shell would use it: source the script, then ask its function.
+    let script = r#"
+source <("$KMS" completions bash)
+complete -p kms
+COMP_WORDS=(kms au); COMP_CWORD=1; _kms kms au kms; echo "1:${COMPREPLY[*]}"
+COMP_WORDS=(kms audit re); COMP_CWORD=2; _kms kms re audit; echo "2:${COMPREPLY[*]}"
+COMP_WORDS=(kms audit report --pe); COMP_CWORD=3; _kms kms --pe report; echo "3:${COMPREPLY[*]}"
+"#;
+    let out = Command::new("bash")
+        .args(["-c", script])
+        .env("KMS", &kms)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("-F _kms kms"), "{text}");
+    assert!(text.contains("1:audit\n"), "{text}");
+    assert!(text.contains("2:report\n"), "{text}");
+    assert!(text.contains("3:--period\n"), "{text}");
+    // zsh and fish: scripts for their own loaders, naming the commands.
+    for (shell, marker) in [("zsh", "#compdef kms"), ("fish", "complete -c kms")] {
+        let out = Command::new(&kms)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains(marker),
+            "{shell}: {text}"
+        );
+        assert!(text.contains("audit"), "{shell}");
+    }
+    // A shell that does not exist is a usage error, not a panic.
+    let out = Command::new(&kms)
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

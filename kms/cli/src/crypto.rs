@@ -99,7 +99,9 @@ pub(super) enum CryptoCommand {
         #[command(flatten)]
         aad: Aad,
     },
-    /// Sign a message (or, with --digest, a SHA-256 digest; ECDSA only).
+    /// Sign a message (or, with --digest, a SHA-256 digest; ECDSA only). A message over
+    /// 64 KiB is hashed here and its SHA-256 digest signed (ECDSA keys; Ed25519 keys sign
+    /// messages of at most 64 KiB).
     Sign {
         /// The key.
         #[arg(long)]
@@ -124,7 +126,8 @@ pub(super) enum CryptoCommand {
         /// The version that signed (default: the primary).
         #[arg(long, default_value_t = 0)]
         version: u32,
-        /// The input is a SHA-256 digest.
+        /// The input is a SHA-256 digest. (A message over 64 KiB is hashed here, as for
+        /// sign.)
         #[arg(long)]
         digest: bool,
         #[command(flatten)]
@@ -359,6 +362,34 @@ async fn datakey(
     Ok(ExitCode::SUCCESS)
 }
 
+/// The largest message the server signs or verifies itself (`MAX_MESSAGE`): above it, the
+/// CLI sends the message's SHA-256 digest instead, as the AWS CLI does.
+const MAX_SIGNED_MESSAGE: usize = 64 * 1024;
+
+/// What to send for `data`: the digest when `--digest` says it is one, the SHA-256 digest of
+/// a message over [`MAX_SIGNED_MESSAGE`] (ECDSA signs digests), else the message. The second
+/// value says whether the digest was made here.
+fn signed_input(digest: bool, data: &[u8]) -> (pb::sign_request::Input, bool) {
+    if !digest && data.len() > MAX_SIGNED_MESSAGE {
+        let hashed = <sha2::Sha256 as sha2::Digest>::digest(data).to_vec();
+        return (pb::sign_request::Input::Digest(hashed), true);
+    }
+    (sign_input(digest, data.to_vec()), false)
+}
+
+/// A clear error for an Ed25519 key given a message too large to send whole: Ed25519 signs
+/// the message itself, so the CLI cannot sign a digest in its place.
+fn too_large_for_ed25519(e: crate::RpcError, len: usize) -> BoxError {
+    if e.0.code() == tonic::Code::InvalidArgument && e.0.message().contains("Ed25519") {
+        return format!(
+            "the input is {len} bytes: an Ed25519 key signs the message itself, at most {MAX_SIGNED_MESSAGE} bytes \
+             (for larger inputs the CLI signs their SHA-256 digest, which ECDSA keys accept)"
+        )
+        .into();
+    }
+    e.into()
+}
+
 async fn sign(
     c: &mut Client,
     key: String,
@@ -367,10 +398,11 @@ async fn sign(
     io: &Io,
 ) -> Result<ExitCode, BoxError> {
     let data = read_input(&io.input)?;
+    let (input, hashed_here) = signed_input(digest, &data);
     let r = c
         .sign(pb::SignRequest {
             key,
-            input: Some(sign_input(digest, data.to_vec())),
+            input: Some(input),
             format: if raw {
                 pb::SignatureFormat::Raw
             } else {
@@ -378,7 +410,14 @@ async fn sign(
             } as i32,
         })
         .answer()
-        .await?;
+        .await
+        .map_err(|e| {
+            if hashed_here {
+                too_large_for_ed25519(e, data.len())
+            } else {
+                e.into()
+            }
+        })?;
     write_output(io, &r.signature)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -411,10 +450,13 @@ async fn verify(
 ) -> Result<ExitCode, BoxError> {
     let data = read_input(&io.input)?;
     let sig = read_ours_file(signature, io.base64)?;
-    let input = if digest {
-        pb::verify_request::Input::Digest(data.to_vec())
-    } else {
-        pb::verify_request::Input::Message(data.to_vec())
+    let (input, hashed_here) = match signed_input(digest, &data) {
+        (pb::sign_request::Input::Digest(d), hashed) => {
+            (pb::verify_request::Input::Digest(d), hashed)
+        }
+        (pb::sign_request::Input::Message(m), hashed) => {
+            (pb::verify_request::Input::Message(m), hashed)
+        }
     };
     let r = c
         .verify(pb::VerifyRequest {
@@ -424,7 +466,14 @@ async fn verify(
             signature: sig,
         })
         .answer()
-        .await?;
+        .await
+        .map_err(|e| {
+            if hashed_here {
+                too_large_for_ed25519(e, data.len())
+            } else {
+                e.into()
+            }
+        })?;
     Ok(verdict(r.valid))
 }
 

@@ -262,6 +262,25 @@ fn init_and_unseal(opened: &kms::server::Opened) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// `  export PATH=DIR:$PATH` when this `kms` is not the one `PATH` finds (as when run by
+/// `scripts/dev` from target/debug), so that the `kms ...` lines printed next work as
+/// pasted; empty otherwise.
+fn path_line() -> String {
+    let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    else {
+        return String::new();
+    };
+    let on_path =
+        std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d == dir));
+    if on_path {
+        String::new()
+    } else {
+        format!("  export PATH={}:$PATH\n", dir.display())
+    }
+}
+
 /// What `kms dev` tells its user: the address and the environment that reaches it.
 struct Hints<'a> {
     dir: &'a Path,
@@ -276,7 +295,7 @@ struct Hints<'a> {
 impl<'a> Hints<'a> {
     fn new(dir: &'a Path, addr: SocketAddr, plaintext: bool) -> Self {
         let pki = DevPki::at(dir);
-        let (url, env) = if plaintext {
+        let (url, mut env) = if plaintext {
             (format!("http://{addr}"), String::new())
         } else {
             (
@@ -289,6 +308,7 @@ impl<'a> Hints<'a> {
                 ),
             )
         };
+        env.push_str(&path_line());
         Hints {
             dir,
             pki,

@@ -206,7 +206,7 @@ fn print_key(k: &pb::Key, json: bool) {
     if k.rotation_period_seconds > 0 {
         println!(
             "Rotation period         {}",
-            humantime::format_duration(std::time::Duration::from_secs(k.rotation_period_seconds))
+            crate::show::duration_text(k.rotation_period_seconds)
         );
     }
     for (lk, lv) in &k.labels {

@@ -77,6 +77,13 @@ enum Command {
         #[command(subcommand)]
         command: Pkcs11Command,
     },
+    /// Print a shell completion script: `source <(kms completions bash)`, or write it where
+    /// your shell loads completions (zsh: a file `_kms` on `$fpath`; fish:
+    /// `~/.config/fish/completions/kms.fish`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// How to reach the server.
@@ -130,6 +137,9 @@ enum OperatorCommand {
         json: bool,
     },
     /// Submit your unseal share (hidden prompt; or one share per line on standard input).
+    /// Exits 0 when every share was accepted, sealed or not (as Vault's unseal does: the
+    /// server may wait for other custodians' shares); 1 when a share was refused. `status`
+    /// exits 2 while sealed.
     Unseal {
         /// Forget the shares submitted so far in this attempt.
         #[arg(long)]
@@ -201,6 +211,16 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dev(args) => crate::dev::run(args),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "kms", &mut script);
+            // A reader that stops early (`| head`) is not an error.
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(ExitCode::SUCCESS),
+            }
+        }
         Command::Operator { command } => runtime()?.block_on(operator(cli.conn, command)),
         Command::Key { command } => runtime()?.block_on(async {
             let channel = connect(&cli.conn).await?;
@@ -388,13 +408,13 @@ async fn init(
 }
 
 /// `kms operator unseal`: each share read (hidden prompt, or one per line of standard
-/// input) is submitted in turn; exit 2 while the server is still sealed.
+/// input) is submitted in turn; exit 0 once every share was accepted, whether or not the
+/// threshold was reached (the progress is printed); an error (exit 1) on a refused share.
 async fn unseal(
     client: &mut SystemClient<Channel>,
     nonce: Option<String>,
 ) -> Result<ExitCode, BoxError> {
     let shares = read_shares()?;
-    let mut last = None;
     for share in shares.iter() {
         let s = client
             .unseal(pb::UnsealRequest {
@@ -412,12 +432,8 @@ async fn unseal(
         } else {
             println!("The server is unsealed.");
         }
-        last = Some(s);
     }
-    Ok(match last {
-        Some(s) if s.sealed => ExitCode::from(2),
-        _ => ExitCode::SUCCESS,
-    })
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Reads shares: one at a hidden prompt on a terminal, else one per line of standard input.

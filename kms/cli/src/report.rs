@@ -10,7 +10,6 @@ use std::fmt::Write as _;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::ValueEnum;
 use kms::audit::report::{Bucket, OTHER_KEYS, UsageReport, VersionRef};
@@ -332,10 +331,7 @@ pub fn html(r: &UsageReport, generated_ms: u64) -> String {
             ("period", esc(&period(r))),
             ("records", r.records.to_string()),
             ("generated", rfc3339(generated_ms)),
-            (
-                "bucket",
-                esc(&humantime::format_duration(Duration::from_millis(r.bucket_ms)).to_string()),
-            ),
+            ("bucket", crate::show::duration_text(r.bucket_ms / 1000)),
             ("chart", chart),
             ("legend", legend),
             ("keys", html_rows(&s.keys, &[1, 2, 3, 4])),

@@ -41,6 +41,26 @@ impl<'a> From<&'a kms::seal::InitOutput> for InitShown<'a> {
     }
 }
 
+/// A duration in whole days, hours, minutes and seconds (`90d`, `1d 12h`, `45m`), the units
+/// `--rotation-period` takes: never months or years, whose length varies.
+pub fn duration_text(secs: u64) -> String {
+    if secs == 0 {
+        return "0s".to_owned();
+    }
+    let parts = [
+        (secs / 86_400, "d"),
+        (secs % 86_400 / 3_600, "h"),
+        (secs % 3_600 / 60, "m"),
+        (secs % 60, "s"),
+    ];
+    parts
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, unit)| format!("{n}{unit}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Sets up logging to standard error as `[log]` says: its level, and text or JSON (one
 /// object a line, for log shippers).
 pub fn init_logging(log: kms::config::LogSettings) {
@@ -133,4 +153,20 @@ pub fn print_status(s: &pb::SealStatus, json: bool) -> Result<(), BoxError> {
     }
     writeln!(out, "Version          {}", s.version)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::duration_text;
+
+    #[test]
+    fn durations_read_as_they_were_given() {
+        assert_eq!(duration_text(90 * 86_400), "90d");
+        assert_eq!(duration_text(86_400 + 12 * 3_600), "1d 12h");
+        assert_eq!(duration_text(45 * 60), "45m");
+        assert_eq!(duration_text(3_661), "1h 1m 1s");
+        assert_eq!(duration_text(0), "0s");
+        // What humantime wrote as "2months 29days 2h 52m 48s".
+        assert_eq!(duration_text(7_776_000), "90d");
+    }
 }
