@@ -124,6 +124,19 @@ pub(crate) struct AuditConfig {
     pub checkpoint_every_records: Option<u64>,
     /// Or after this many seconds with new records (default 60).
     pub checkpoint_interval_seconds: Option<u64>,
+    /// Archive (then remove from the store) records older than this many days.
+    pub retain_days: Option<u64>,
+    /// Archive the oldest records beyond this many.
+    pub retain_records: Option<u64>,
+    /// Where archive segments are written (needed with either retain setting).
+    pub archive_dir: Option<PathBuf>,
+    /// A program and its arguments, run with each segment's path appended; it must exit 0
+    /// before the segment's records leave the store.
+    pub archive_command: Option<Vec<String>>,
+    /// Records per archive segment (default 100000).
+    pub segment_records: Option<u64>,
+    /// Seconds between retention runs (default 300).
+    pub retain_check_seconds: Option<u64>,
 }
 
 /// `[keyring]`.
@@ -200,6 +213,8 @@ pub struct Config {
     pub maintenance_interval: std::time::Duration,
     /// When to sign audit checkpoints.
     pub checkpoints: crate::audit::CheckpointPolicy,
+    /// `[audit]` retention: which records are archived and removed, and where they go.
+    pub retention: Option<crate::audit::archive::RetentionPolicy>,
     /// The TLS files; `None` only for an explicit plaintext loopback listener.
     pub tls: Option<crate::access::tls::TlsFiles>,
     /// How often the TLS files are checked for changes.
@@ -337,6 +352,7 @@ impl Config {
             keyring,
             maintenance_interval,
             checkpoints: file.audit.validate()?,
+            retention: file.audit.retention(base)?,
             tls,
             tls_reload_check,
             roles,
@@ -504,6 +520,74 @@ impl KeyringConfig {
 }
 
 impl AuditConfig {
+    /// The retention policy, if any; the archive directory is resolved against `base` and
+    /// created (0700) when missing.
+    fn retention(
+        &self,
+        base: &Path,
+    ) -> Result<Option<crate::audit::archive::RetentionPolicy>, ConfigError> {
+        if self.retain_days.is_none() && self.retain_records.is_none() {
+            if self.archive_dir.is_some() || self.archive_command.is_some() {
+                return Err(ConfigError::BadAudit(
+                    "archive_dir and archive_command need retain_days or retain_records",
+                ));
+            }
+            return Ok(None);
+        }
+        let dir = self.archive_dir.clone().ok_or(ConfigError::BadAudit(
+            "retain_days and retain_records need archive_dir: records leave the store only for an archive",
+        ))?;
+        let archive_dir = resolve(base, dir);
+        if !archive_dir.is_dir() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&archive_dir)
+                .map_err(|_| ConfigError::BadAudit("archive_dir cannot be created"))?;
+        }
+        if self
+            .archive_command
+            .as_ref()
+            .is_some_and(|c| c.first().is_none_or(String::is_empty))
+        {
+            return Err(ConfigError::BadAudit(
+                "archive_command names no program (a list: program, then its arguments)",
+            ));
+        }
+        let days = self
+            .retain_days
+            .map(|d| {
+                if (1..=36_500).contains(&d) {
+                    Ok(Duration::from_secs(d * 86_400))
+                } else {
+                    Err(ConfigError::BadAudit("retain_days (1..=36500)"))
+                }
+            })
+            .transpose()?;
+        if self.retain_records.is_some_and(|r| r < 1) {
+            return Err(ConfigError::BadAudit("retain_records (1 or more)"));
+        }
+        Ok(Some(crate::audit::archive::RetentionPolicy {
+            max_age: days,
+            max_records: self.retain_records,
+            segment_records: within(
+                self.segment_records,
+                100_000,
+                1..=10_000_000,
+                ConfigError::BadAudit("segment_records (1..=10000000)"),
+            )?,
+            archive_dir,
+            command: self.archive_command.clone(),
+            check_every: Duration::from_secs(within(
+                self.retain_check_seconds,
+                300,
+                1..=86_400,
+                ConfigError::BadAudit("retain_check_seconds (1..=86400)"),
+            )?),
+        }))
+    }
+
     fn validate(&self) -> Result<crate::audit::CheckpointPolicy, ConfigError> {
         Ok(crate::audit::CheckpointPolicy {
             every_records: within(

@@ -74,6 +74,12 @@ pub(crate) struct Metrics {
     pub(crate) audit_records: Counter,
     /// Records per durable commit.
     pub(crate) audit_commit_batch: Histogram,
+    /// Records archived to segments and removed from the store.
+    pub(crate) audit_archived_records: Counter,
+    /// The store file's size.
+    pub(crate) store_bytes: Gauge,
+    /// Free space where the store lives.
+    pub(crate) store_free_bytes: Gauge,
     hsm_duration: HistogramFamily<HsmLabels>,
     hsm_errors: Family<HsmLabels, Counter>,
     /// PKCS#11 sessions taken from the pool.
@@ -127,6 +133,26 @@ impl Metrics {
             "Audit records per durable commit (group commit)",
             audit_commit_batch.clone(),
         );
+        let audit_archived_records = Counter::default();
+        registry.register(
+            "audit_archived_records",
+            "Audit records archived to segment files and removed from the store",
+            audit_archived_records.clone(),
+        );
+        let store_bytes = Gauge::default();
+        registry.register_with_unit(
+            "store",
+            "The store file's size",
+            Unit::Bytes,
+            store_bytes.clone(),
+        );
+        let store_free_bytes = Gauge::default();
+        registry.register_with_unit(
+            "store_free",
+            "Free space on the store's file system (for unprivileged writers)",
+            Unit::Bytes,
+            store_free_bytes.clone(),
+        );
         let hsm_duration: HistogramFamily<HsmLabels> =
             Family::new_with_constructor(latency_histogram);
         registry.register_with_unit(
@@ -177,6 +203,9 @@ impl Metrics {
             audit_commit_duration,
             audit_records,
             audit_commit_batch,
+            audit_archived_records,
+            store_bytes,
+            store_free_bytes,
             hsm_duration,
             hsm_errors,
             hsm_sessions_in_use,

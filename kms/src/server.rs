@@ -135,6 +135,10 @@ pub struct Opened {
     pub request_log: tracing::Level,
     /// Where the Prometheus endpoint is served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// `[audit]` retention, if any.
+    pub retention: Option<crate::audit::archive::RetentionPolicy>,
+    /// The store file (its size and free space are watched).
+    pub store_path: std::path::PathBuf,
 }
 
 /// Loads the TLS files, opens the HSM, the store, the audit log and the seal manager.
@@ -187,6 +191,8 @@ pub fn open(config: &Config) -> Result<Opened, StartError> {
         limits: config.limits,
         request_log: config.log.requests,
         metrics_listen: config.metrics_listen,
+        retention: config.retention.clone(),
+        store_path: config.storage_path.clone(),
     })
 }
 
@@ -223,7 +229,7 @@ pub async fn serve(
         unseal_limiter: Arc::new(FailureLimiter::new(opened.unseal_limit)),
         request_log: opened.request_log,
     };
-    let seal = opened.seal;
+    let seal = Arc::clone(&opened.seal);
     let limits = opened.limits;
     let gate_state = Arc::new(crate::grpc::gate::GateState::new(
         opened.audit.clone(),
@@ -236,16 +242,7 @@ pub async fn serve(
     let reflection = reflection()?;
     let reflection_v1alpha = reflection_v1alpha()?;
     let (stop_rx, deadline) = stop_plan(shutdown);
-    let background = Background::start(
-        &seal,
-        &opened.tls,
-        opened.tls_reload_check,
-        opened.maintenance_interval,
-        &gate_state,
-        &health,
-        metrics,
-        &stop_rx,
-    );
+    let background = Background::start(&opened, &gate_state, &health, metrics, &stop_rx);
     let incoming = crate::access::tls::incoming(listener, opened.tls, limits);
     // A connection is asked to close (GOAWAY) at `max_connection_age`, so a removed CA or
     // an expired certificate loses its open connections in a bounded time; calls in flight
@@ -323,24 +320,26 @@ struct Background {
 }
 
 impl Background {
-    #[allow(clippy::too_many_arguments)]
     fn start(
-        seal: &Arc<SealManager>,
-        tls: &Option<Arc<ServerTls>>,
-        tls_reload_check: std::time::Duration,
-        maintenance_interval: std::time::Duration,
+        opened: &Opened,
         gate: &Arc<crate::grpc::gate::GateState>,
         health: &tonic_health::server::HealthReporter,
         metrics: Option<TcpListener>,
         stop: &tokio::sync::watch::Receiver<bool>,
     ) -> Self {
+        let seal = &opened.seal;
         let mut tasks = vec![
-            tokio::spawn(maintain(Arc::clone(seal), maintenance_interval)),
+            tokio::spawn(maintain(Arc::clone(seal), opened.maintenance_interval)),
             tokio::spawn(record_probes(Arc::clone(gate))),
             tokio::spawn(report_health(health.clone(), seal.watch_unsealed())),
+            tokio::spawn(keep_storage(
+                opened.audit.clone(),
+                opened.retention.clone(),
+                opened.store_path.clone(),
+            )),
         ];
-        if let Some(t) = tls.clone() {
-            tasks.push(tokio::spawn(t.watch(tls_reload_check)));
+        if let Some(t) = opened.tls.clone() {
+            tasks.push(tokio::spawn(t.watch(opened.tls_reload_check)));
         }
         // Load balancers see the server leave before it stops answering.
         let (leaving, leaving_health) = (stop.clone(), health.clone());
@@ -379,6 +378,73 @@ pub(crate) const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// The largest gRPC request: a batch of 64 KiB items.
 pub(crate) const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Watches the store's size and free space (metrics; a warning under 10% free) and, with
+/// `[audit]` retention, archives the records past the window, forever (the caller aborts
+/// it).
+async fn keep_storage(
+    audit: AuditLog,
+    retention: Option<crate::audit::archive::RetentionPolicy>,
+    store_path: std::path::PathBuf,
+) {
+    let every = retention
+        .as_ref()
+        .map_or(STORAGE_CHECK, |p| p.check_every.min(STORAGE_CHECK));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_archive: Option<std::time::Instant> = None;
+    loop {
+        tick.tick().await;
+        let due = retention.as_ref().filter(|p| {
+            last_archive
+                .is_none_or(|t| t.elapsed() + std::time::Duration::from_millis(50) >= p.check_every)
+        });
+        if due.is_some() {
+            last_archive = Some(std::time::Instant::now());
+        }
+        let (audit, due, path) = (audit.clone(), due.cloned(), store_path.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(policy) = due
+                && let Err(e) = audit.archive_due(&policy, MAX_SEGMENTS_PER_RUN)
+            {
+                tracing::warn!(error = %crate::error_chain(&e), "audit retention: nothing more archived this time; the records stay in the store");
+            }
+            storage_metrics(&path);
+        })
+        .await;
+    }
+}
+
+/// How often the store's size and free space are read.
+const STORAGE_CHECK: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Segments archived per retention run at most (the next run goes on).
+const MAX_SEGMENTS_PER_RUN: usize = 16;
+
+/// Sets the store size and free space metrics; warns when under 10% is free.
+fn storage_metrics(store: &std::path::Path) {
+    let metrics = crate::metrics::metrics();
+    if let Ok(meta) = std::fs::metadata(store) {
+        metrics
+            .store_bytes
+            .set(i64::try_from(meta.len()).unwrap_or(i64::MAX));
+    }
+    let dir = store.parent().unwrap_or(std::path::Path::new("."));
+    if let Ok(fs) = rustix::fs::statvfs(dir) {
+        let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+        let total = fs.f_blocks.saturating_mul(fs.f_frsize);
+        metrics
+            .store_free_bytes
+            .set(i64::try_from(free).unwrap_or(i64::MAX));
+        if total > 0 && free.saturating_mul(10) < total {
+            tracing::warn!(
+                free_bytes = free,
+                total_bytes = total,
+                "the store's file system is over 90% full: when it fills, the audit log fails closed and every call is refused. Free space, or set [audit] retention (docs/operations.md)"
+            );
+        }
+    }
+}
 
 /// Records the health probes in aggregate every minute, forever (the caller aborts it).
 async fn record_probes(gate: Arc<crate::grpc::gate::GateState>) {

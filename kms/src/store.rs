@@ -93,6 +93,18 @@ pub struct Write {
     pub value: Vec<u8>,
 }
 
+/// Entries to remove, in [`Store::write_all_removing`]: every key from `from` to `to`,
+/// both included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removal {
+    /// Which of the store's tables.
+    pub table: Table,
+    /// The first key removed.
+    pub from: String,
+    /// The last key removed.
+    pub to: String,
+}
+
 /// A durable key-value store in named tables.
 pub trait Store: Send + Sync + 'static {
     /// Reads one value.
@@ -105,7 +117,12 @@ pub trait Store: Send + Sync + 'static {
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// Writes many values, in any tables, in one durable transaction: all or none. Durable
     /// on `Ok`. (An audit record and the key change it records commit together.)
-    fn write_all(&self, writes: &[Write]) -> Result<(), StoreError>;
+    fn write_all(&self, writes: &[Write]) -> Result<(), StoreError> {
+        self.write_all_removing(writes, &[])
+    }
+    /// As [`Store::write_all`], and removes the `removals` ranges in the same transaction
+    /// (archived audit records go with the record of their archiving).
+    fn write_all_removing(&self, writes: &[Write], removals: &[Removal]) -> Result<(), StoreError>;
     /// The entry with the greatest key, if any.
     fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StoreError>;
     /// Up to `limit` entries with keys `>= start`, in key order (paging through big tables).
@@ -241,7 +258,7 @@ impl Store for RedbStore {
         })
     }
 
-    fn write_all(&self, writes: &[Write]) -> Result<(), StoreError> {
+    fn write_all_removing(&self, writes: &[Write], removals: &[Removal]) -> Result<(), StoreError> {
         let op = "batch write";
         let mut txn = self.db.begin_write().map_err(|e| io(op)(e.into()))?;
         txn.set_durability(redb::Durability::Immediate)
@@ -251,6 +268,13 @@ impl Store for RedbStore {
                 .open_table(w.table.definition())
                 .map_err(|e| io(op)(e.into()))?;
             t.insert(w.key.as_str(), w.value.as_slice())
+                .map_err(|e| io(op)(e.into()))?;
+        }
+        for r in removals {
+            let mut t = txn
+                .open_table(r.table.definition())
+                .map_err(|e| io(op)(e.into()))?;
+            t.retain_in::<&str, _>(r.from.as_str()..=r.to.as_str(), |_, _| false)
                 .map_err(|e| io(op)(e.into()))?;
         }
         txn.commit().map_err(|e| io(op)(e.into()))

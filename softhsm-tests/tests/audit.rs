@@ -12,6 +12,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use kms_proto::v1 as pb;
 use prost::Message as _;
@@ -1093,4 +1094,173 @@ async fn a_tail_that_does_not_connect_is_never_signed() {
     let out = server.kms_as(Some(&server.auditor), &["audit", "verify"], "");
     assert_eq!(out.code, Some(3), "{out:?}");
     assert!(hsm.logs().contains("refusing to sign"), "{}", hsm.logs());
+}
+
+/// `kms audit verify --export LIVE --archive DIR`: (exit code, stdout).
+fn verify_history(live: &Path, archive: &Path) -> (Option<i32>, String) {
+    let out = softhsm_tests::run_kms(
+        "http://127.0.0.1:9",
+        &[
+            "audit",
+            "verify",
+            "--export",
+            live.to_str().unwrap(),
+            "--archive",
+            archive.to_str().unwrap(),
+        ],
+        "",
+    );
+    (out.code, format!("{}{}", out.stdout, out.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_archives_old_records_and_the_whole_history_verifies() {
+    let hsm = TestHsm::new("kms-audit-retain");
+    let dir = hsm.path().to_owned();
+    let archive = dir.join("archive");
+    let shipped = dir.join("shipped");
+    std::fs::create_dir(&shipped).unwrap();
+    // Keep 20 records, archive in segments of 10, check every second, and ship each segment
+    // (here: copy it) before its records leave the store.
+    let retention = format!(
+        "retain_records = 20\nsegment_records = 10\nretain_check_seconds = 1\narchive_dir = \"{}\"\narchive_command = [\"cp\", \"-t\", \"{}\"]\n",
+        archive.display(),
+        shipped.display()
+    );
+    let path = config(&hsm, &dir.join("kms.redb"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("[audit]\n", &format!("[audit]\n{retention}"));
+    std::fs::write(&path, text).unwrap();
+    let (server, _) = start_unsealed(&hsm, &path);
+    let mut c = server.keys().await;
+    create(&server, &mut c, "payments", pb::Algorithm::Aes256Gcm).await;
+    for _ in 0..60 {
+        c.encrypt(encrypt_request()).await.unwrap();
+    }
+    // Wait for at least four segments (1-10 ... 31-40).
+    let segments = |d: &Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("audit-") && n.ends_with(".jsonl"))
+            .collect();
+        names.sort();
+        names
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while segments(&archive).len() < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            segments(&archive)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let names = segments(&archive);
+    assert_eq!(
+        names[0],
+        "audit-00000000000000000001-00000000000000000010.jsonl"
+    );
+    assert_eq!(segments(&shipped), names, "every segment was shipped first");
+    // Each segment verifies alone, anchored by its seal.
+    let (code, out) = verify_offline(&archive.join(&names[0]));
+    assert_eq!(code, Some(0), "{out}");
+
+    // The store no longer holds them, and the live log says so: online verification starts
+    // after the archived prefix, the export starts there, and a removal record names each
+    // segment.
+    let online = server.kms_as(Some(&server.auditor), &["audit", "verify"], "");
+    assert_eq!(online.code, Some(0), "{online:?}");
+    assert!(online.stdout.contains("are archived"), "{online:?}");
+    let (live, lines) = export(&server, &dir, "live.jsonl");
+    let recs = records(&lines);
+    assert!(recs[0]["seq"].as_u64().unwrap() > 10, "{}", recs[0]);
+    let removals: Vec<&&Value> = recs
+        .iter()
+        .filter(|r| r["event"]["operation"] == "ArchiveSegment")
+        .collect();
+    assert!(removals.len() >= 4, "{removals:?}");
+    assert_eq!(removals[0]["event"]["archived"]["first_seq"], 1);
+    assert_eq!(removals[0]["event"]["archived"]["file"], names[0].as_str());
+
+    // The whole history: segments and the live log, from record 1.
+    let (code, out) = verify_history(&live, &archive);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.starts_with("intact: records 1 to "), "{out}");
+
+    // A segment missing: records removed unarchived.
+    let hidden = dir.join("hidden.jsonl");
+    std::fs::rename(archive.join(&names[1]), &hidden).unwrap();
+    let (code, out) = verify_history(&live, &archive);
+    assert_eq!(code, Some(3), "{out}");
+    assert!(out.contains("records 11 to 20 are in no segment"), "{out}");
+    // A segment edited: its chain breaks.
+    let edited =
+        std::fs::read_to_string(&hidden)
+            .unwrap()
+            .replacen("\"Encrypt\"", "\"Decrypt\"", 1);
+    std::fs::write(archive.join(&names[1]), edited).unwrap();
+    let (code, out) = verify_history(&live, &archive);
+    assert_eq!(code, Some(3), "{out}");
+    assert!(out.contains(&names[1]), "{out}");
+    std::fs::rename(&hidden, archive.join(&names[1])).unwrap();
+    // Restored, the history verifies again.
+    let (code, out) = verify_history(&live, &archive);
+    assert_eq!(code, Some(0), "{out}");
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_stay_in_the_store_when_the_archive_command_fails() {
+    let hsm = TestHsm::new("kms-audit-retain-fail");
+    let dir = hsm.path().to_owned();
+    let archive = dir.join("archive");
+    let retention = format!(
+        "retain_records = 5\nsegment_records = 5\nretain_check_seconds = 1\narchive_dir = \"{}\"\narchive_command = [\"false\"]\n",
+        archive.display(),
+    );
+    let path = config(&hsm, &dir.join("kms.redb"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("[audit]\n", &format!("[audit]\n{retention}"));
+    std::fs::write(&path, text).unwrap();
+    let (server, _) = start_unsealed(&hsm, &path);
+    let mut c = server.keys().await;
+    create(&server, &mut c, "payments", pb::Algorithm::Aes256Gcm).await;
+    for _ in 0..20 {
+        c.encrypt(encrypt_request()).await.unwrap();
+    }
+    // Several retention runs fail: the command refuses every segment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !hsm.logs().contains("the archive command failed") {
+        assert!(std::time::Instant::now() < deadline, "{}", hsm.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, lines) = export(&server, &dir, "live.jsonl");
+    let recs = records(&lines);
+    assert_eq!(recs[0]["seq"], 1, "nothing left the store");
+    assert!(
+        recs.iter()
+            .all(|r| r["event"]["operation"] != "ArchiveSegment")
+    );
+    let online = server.kms_as(Some(&server.auditor), &["audit", "verify"], "");
+    assert_eq!(online.code, Some(0), "{online:?}");
+    // Bad retention settings are refused at start-up with the reason.
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .replace(&format!("archive_dir = \"{}\"\n", archive.display()), ""),
+    )
+    .unwrap();
+    let (status, stderr) = hsm.start_failure(&bad, &[]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("retain_days and retain_records need archive_dir"),
+        "{stderr}"
+    );
+    drop(server);
 }

@@ -17,6 +17,7 @@ use super::{BoxError, RpcError};
 use crate::Answer as _;
 use crate::report::{ReportFormat, report};
 use kms::audit::AuditRecord;
+use kms::audit::history::{HistoryBreak, verify_history};
 use kms::audit::verify::{ChainError, ExportSummary, ExportVerdict, verify_export};
 
 /// Exit code of `verify` when the log is not intact.
@@ -101,6 +102,11 @@ pub enum AuditCommand {
         /// hex); without it the key in the export is used and its fingerprint printed.
         #[arg(long, requires = "export")]
         public_key: Option<String>,
+        /// Offline, with --export of the live log: the archive directory of `[audit]`
+        /// retention. Verifies every segment, that they and the live log follow each other
+        /// from record 1, and that every removal the chain records has its segment here.
+        #[arg(long, requires = "export")]
+        archive: Option<PathBuf>,
     },
 }
 
@@ -198,6 +204,12 @@ where
         AuditCommand::Verify {
             export: Some(path),
             public_key,
+            archive: Some(dir),
+        } => verify_history_offline(&path, &dir, public_key.as_deref()),
+        AuditCommand::Verify {
+            export: Some(path),
+            public_key,
+            archive: None,
         } => verify_offline(&path, public_key.as_deref()),
         AuditCommand::Verify { export: None, .. } => verify_online(connect().await?).await,
     }
@@ -238,6 +250,60 @@ async fn export(
     }
     w.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `kms audit verify --export LIVE --archive DIR`: the whole history (the library's
+/// [`verify_history`]). Exit 0 intact and anchored, [`NOT_ANCHORED`] when nothing signed
+/// covers the live log's last record, [`NOT_INTACT`] otherwise; 1 when a file is unreadable.
+fn verify_history_offline(
+    live: &Path,
+    dir: &Path,
+    trusted: Option<&str>,
+) -> Result<ExitCode, BoxError> {
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+    };
+    let mut segments = Vec::new();
+    for entry in
+        std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+    {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.starts_with("audit-") && name.ends_with(".jsonl") {
+            segments.push((name, read(&path)?));
+        }
+    }
+    let live_text = read(live)?;
+    let live_name = live.display().to_string();
+    match verify_history(&segments, (&live_name, &live_text), trusted) {
+        Ok(h) => {
+            let last = h.live.verified.head.seq;
+            let archived = h.segments.last().map_or(0, |(_, _, l)| *l);
+            let text = format!(
+                "records 1 to {last}: {} in {} archive segment(s), {} in the live log, every removal archived",
+                archived,
+                h.segments.len(),
+                h.live.verified.records
+            );
+            if h.anchored {
+                println!("intact: {text}");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!(
+                    "NOT ANCHORED: {text}; but no signature covers the live log's last record: a cut tail would not show"
+                );
+                Ok(ExitCode::from(NOT_ANCHORED))
+            }
+        }
+        Err(HistoryBreak::Unreadable { file, error }) => Err(format!("{file}: {error}").into()),
+        Err(e) => {
+            println!("NOT INTACT: {e}");
+            Ok(ExitCode::from(NOT_INTACT))
+        }
+    }
 }
 
 /// `kms audit verify` on the server: its verdict, exit 0 or [`NOT_INTACT`].

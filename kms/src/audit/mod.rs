@@ -4,7 +4,7 @@
 //! Each record carries its sequence number and the hash of the record before it; its own
 //! hash is SHA-256 over its canonical JSON (which includes that previous hash). Removing,
 //! inserting, altering or reordering a record breaks the chain at a sequence number that
-//! `verify::verify_records` names. Every `checkpoint_every` records or `checkpoint_interval`
+//! `verify::verify_from` names. Every `checkpoint_every` records or `checkpoint_interval`
 //! the writer signs a [`Checkpoint`] (sequence, chain head, time) with an Ed25519 key held
 //! in the HSM, so that someone who can write the disk cannot rewrite the chain and its
 //! hashes unseen, nor cut its tail.
@@ -21,6 +21,8 @@
 //! Records hold no plaintext, ciphertext, key, share, PIN or associated data: only the
 //! fields of [`AuditEvent`].
 
+pub mod archive;
+pub mod history;
 pub mod report;
 mod signer;
 mod system;
@@ -40,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::hsm::{Hsm, HsmError, HsmKeyKind, KeyHandle};
-use crate::store::{Store, StoreError, Table, Write};
+use crate::store::{Removal, Store, StoreError, Table, Write};
 
 /// The most records one commit takes.
 pub(crate) const MAX_GROUP: usize = 1024;
@@ -91,6 +93,25 @@ pub struct AuditEvent {
     /// grants existed, so their hashes are unchanged.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<GrantSummary>,
+    /// For ArchiveSegment: the records archived and removed from the store. (Absent from
+    /// every other record, so their hashes are unchanged.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archived: Option<ArchivedRange>,
+}
+
+/// Records archived to a segment file and removed from the store, named in the record of
+/// their removal: what an auditor needs to find the segment and check it is the one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ArchivedRange {
+    /// The segment's first record.
+    pub first_seq: u64,
+    /// Its last record.
+    pub last_seq: u64,
+    /// Its last record's hash: the next record (still in the store) links to it.
+    pub last_hash: String,
+    /// The segment's file name in the archive directory.
+    pub file: String,
 }
 
 /// A grant made or revoked, in its record (never its associated data).
@@ -439,9 +460,20 @@ impl AuditLog {
     pub(crate) fn each_record(
         &self,
         upto: u64,
+        f: impl FnMut(&[u8], &AuditRecord) -> bool,
+    ) -> Result<(), StoreError> {
+        self.each_record_from(1, upto, f)
+    }
+
+    /// As [`AuditLog::each_record`], from sequence `from` (the first stored record at or
+    /// after it) to `upto`.
+    pub(crate) fn each_record_from(
+        &self,
+        from: u64,
+        upto: u64,
         mut f: impl FnMut(&[u8], &AuditRecord) -> bool,
     ) -> Result<(), StoreError> {
-        let mut next = 1;
+        let mut next = from;
         while next <= upto {
             let page = self
                 .store
@@ -499,11 +531,22 @@ impl AuditLog {
     /// Appends an event and makes `writes` durable in the same transaction: both or
     /// neither. Blocking.
     pub fn append_with(&self, event: AuditEvent, writes: Vec<Write>) -> Result<u64, AuditError> {
+        self.append_removing(event, writes, Vec::new())
+    }
+
+    /// As [`AuditLog::append_with`], and removes `removals` in the same transaction.
+    pub(crate) fn append_removing(
+        &self,
+        event: AuditEvent,
+        writes: Vec<Write>,
+        removals: Vec<Removal>,
+    ) -> Result<u64, AuditError> {
         let (reply, answer) = sync_channel(1);
         self.sender
             .send(Msg::Append(Box::new(Pending {
                 event,
                 writes,
+                removals,
                 reply,
             })))
             .map_err(|_| AuditError::Unavailable(None))?;

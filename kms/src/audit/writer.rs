@@ -6,6 +6,7 @@ use super::*;
 pub(super) struct Pending {
     pub(super) event: AuditEvent,
     pub(super) writes: Vec<Write>,
+    pub(super) removals: Vec<Removal>,
     pub(super) reply: SyncSender<Result<u64, AuditError>>,
 }
 
@@ -97,6 +98,10 @@ impl Writer {
         let started = Instant::now();
         let mut next = self.head.clone();
         let mut writes = Vec::with_capacity(group.len());
+        let removals: Vec<Removal> = group
+            .iter()
+            .flat_map(|p| p.removals.iter().cloned())
+            .collect();
         let mut encoded = Ok(());
         // The record's time is when it becomes durable, never before its predecessor's: a
         // time range is then a contiguous, verifiable part of the chain.
@@ -136,7 +141,7 @@ impl Writer {
         }
         let written = encoded.and_then(|()| {
             self.store
-                .write_all(&writes)
+                .write_all_removing(&writes, &removals)
                 .map_err(|e| AuditError::Unavailable(Some(e)))
         });
         match written {

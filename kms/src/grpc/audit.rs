@@ -14,7 +14,7 @@ use super::{ApiError, Call, Ctx, Served, run};
 use crate::audit::report::{
     EXPORT_FORMAT, ExportHeader, ExportRange, Filter, KeyInfo, UsageBuilder,
 };
-use crate::audit::verify::{ChainBreak, signed_by, verify_records};
+use crate::audit::verify::{ChainBreak, signed_by, verify_from};
 use crate::audit::{AuditLog, Checkpoint, fingerprint};
 use crate::keyring::KeyringError;
 
@@ -229,6 +229,10 @@ impl pb::audit_server::Audit for AuditService {
             let fresh = log.checkpoint().and_then(Result::ok);
             let records = log.all_records().map_err(ApiError::AuditRead)?;
             let cps = log.checkpoints().map_err(ApiError::AuditRead)?;
+            // Records archived by retention left the store: the chain is walked from the
+            // end of the archived prefix, as the store noted it with their removal.
+            let start = log.archived().map_err(ApiError::AuditRead)?;
+            let archived = start.seq;
             let mut response = pb::VerifyAuditLogResponse {
                 checkpoint_key_fingerprint: public_key
                     .as_deref()
@@ -245,7 +249,7 @@ impl pb::audit_server::Audit for AuditService {
                     "the stored audit public key is not the HSM signing key's: the seal record was altered".into();
                 return Ok(Served::new(response));
             }
-            match verify_records(&records, &cps, public_key.as_deref()) {
+            match verify_from(start, &records, &cps, public_key.as_deref()) {
                 Ok(v) => {
                     response.intact = true;
                     response.records = v.records;
@@ -255,6 +259,11 @@ impl pb::audit_server::Audit for AuditService {
                         "intact: {} records, {} checkpoint(s) verified",
                         v.records, v.checkpoints
                     );
+                    if archived > 0 {
+                        response.message.push_str(&format!(
+                            " (records 1 to {archived} are archived: verify them with the live log, `kms audit verify --export LIVE --archive DIR`)"
+                        ));
+                    }
                 }
                 Err(e) => {
                     response.records = records.len() as u64;
