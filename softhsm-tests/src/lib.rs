@@ -521,6 +521,11 @@ impl Server {
         signal(self.child.as_ref().unwrap(), rustix::process::Signal::HUP).unwrap();
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// Kills the server with SIGKILL (`kill -9`): no chance to flush anything.
     pub fn kill9(&mut self) {
         let mut child = self.child.take().unwrap();

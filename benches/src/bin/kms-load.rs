@@ -1,0 +1,383 @@
+//! `kms-load`: a gRPC load generator for kms (and for `kms-echo`, the transport ceiling).
+//!
+//! Concurrent tonic clients over N channels call one operation for a duration after a
+//! warm-up, and it prints ops/s, latency percentiles (HdrHistogram), errors, and the
+//! server's CPU seconds per 1,000 calls (from `/proc/PID/stat`, when `--server-pid` is
+//! given), as a table or as JSON.
+//!
+//! ```text
+//! kms-load --addr https://127.0.0.1:8200 --ca ca.pem --cert app.pem --cert-key app-key.pem \
+//!     --op encrypt --key payments --payload 1024 --concurrency 16 --duration 10s
+//! ```
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use kms_proto::v1 as pb;
+use kms_proto::v1::key_management_client::KeyManagementClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The operation under load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Op {
+    Encrypt,
+    Decrypt,
+    Sign,
+    Mac,
+    Datakey,
+    BatchEncrypt,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "kms-load", about = "gRPC load generator for kms")]
+struct Args {
+    /// The server: https://HOST:PORT.
+    #[arg(long, default_value = "https://127.0.0.1:8200")]
+    addr: String,
+    /// The CA that signed the server's certificate.
+    #[arg(long)]
+    ca: PathBuf,
+    /// The client certificate (the identity whose grants are used).
+    #[arg(long)]
+    cert: PathBuf,
+    /// Its private key.
+    #[arg(long)]
+    cert_key: PathBuf,
+    /// The operation.
+    #[arg(long, value_enum, default_value = "encrypt")]
+    op: Op,
+    /// The key to use.
+    #[arg(long, default_value = "payments")]
+    key: String,
+    /// Payload bytes (plaintext, message; per item for batches).
+    #[arg(long, default_value_t = 1024)]
+    payload: usize,
+    /// Items per BatchEncrypt call.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Calls in flight at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// HTTP/2 connections the calls share.
+    #[arg(long, default_value_t = 4)]
+    channels: usize,
+    /// How long to measure (after the warm-up).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    duration: Duration,
+    /// How long to run before measuring.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    warmup: Duration,
+    /// The server's process id: its CPU time per 1,000 calls is reported.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What one run measured.
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    op: Op,
+    payload: usize,
+    concurrency: usize,
+    channels: usize,
+    seconds: f64,
+    calls: u64,
+    errors: u64,
+    ops_per_second: f64,
+    /// Items per second (calls times items per call).
+    items_per_second: f64,
+    p50_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+    max_us: u64,
+    /// The server's CPU seconds (user + system) per 1,000 calls, if its pid was given.
+    server_cpu_seconds_per_1000: Option<f64>,
+    first_error: Option<String>,
+}
+
+fn main() -> Result<(), BoxError> {
+    let args = Arc::new(Args::parse());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(run(Arc::clone(&args)))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+async fn connect(args: &Args) -> Result<Channel, BoxError> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(&args.ca)?))
+        .identity(Identity::from_pem(
+            std::fs::read(&args.cert)?,
+            std::fs::read(&args.cert_key)?,
+        ));
+    Ok(Channel::from_shared(args.addr.clone())?
+        .tls_config(tls)?
+        .connect()
+        .await?)
+}
+
+/// One call of the operation; `Err` carries the status text.
+async fn call(
+    c: &mut KeyManagementClient<Channel>,
+    args: &Args,
+    input: &Input,
+) -> Result<(), String> {
+    let key = args.key.clone();
+    let r = match args.op {
+        Op::Encrypt => c
+            .encrypt(pb::EncryptRequest {
+                key,
+                plaintext: input.payload.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        Op::Decrypt => c
+            .decrypt(pb::DecryptRequest {
+                key,
+                ciphertext: input.ciphertext.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        Op::Sign => c
+            .sign(pb::SignRequest {
+                key,
+                input: Some(pb::sign_request::Input::Message(input.payload.clone())),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        Op::Mac => c
+            .mac(pb::MacRequest {
+                key,
+                message: input.payload.clone(),
+            })
+            .await
+            .map(drop),
+        Op::Datakey => c
+            .generate_data_key(pb::GenerateDataKeyRequest {
+                key,
+                length_bytes: 32,
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        Op::BatchEncrypt => c
+            .batch_encrypt(pb::BatchEncryptRequest {
+                key,
+                items: (0..args.batch)
+                    .map(|_| pb::EncryptItem {
+                        plaintext: input.payload.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            })
+            .await
+            .map(drop),
+    };
+    r.map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+}
+
+/// What every call sends: the payload, and for Decrypt a ciphertext made once.
+struct Input {
+    payload: Vec<u8>,
+    ciphertext: Vec<u8>,
+}
+
+/// The latency histogram: 1 us to 60 s, 3 significant digits.
+fn histogram() -> Result<Histogram<u64>, BoxError> {
+    Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
+}
+
+async fn run(args: Arc<Args>) -> Result<Report, BoxError> {
+    let mut channels = Vec::new();
+    for _ in 0..args.channels.max(1) {
+        channels.push(connect(&args).await?);
+    }
+    let first = channels.first().cloned().ok_or("no channel")?;
+    let payload = vec![0x5a; args.payload];
+    let ciphertext = if args.op == Op::Decrypt {
+        KeyManagementClient::new(first.clone())
+            .encrypt(pb::EncryptRequest {
+                key: args.key.clone(),
+                plaintext: payload.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .ciphertext
+    } else {
+        Vec::new()
+    };
+    let input = Arc::new(Input {
+        payload,
+        ciphertext,
+    });
+    let errors = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(std::sync::Mutex::new(None));
+    let start = Instant::now();
+    let measure_from = start + args.warmup;
+    let end = measure_from + args.duration;
+    let cpu_before = Arc::new(std::sync::Mutex::new(None));
+    // Samples the server's CPU time once the warm-up is over.
+    let sampler = {
+        let (cpu_before, args) = (Arc::clone(&cpu_before), Arc::clone(&args));
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measure_from.into()).await;
+            *cpu_before.lock().unwrap_or_else(|p| p.into_inner()) =
+                args.server_pid.and_then(cpu_seconds);
+        })
+    };
+    let mut tasks = Vec::new();
+    for i in 0..args.concurrency.max(1) {
+        let channel = channels
+            .get(i % channels.len())
+            .cloned()
+            .unwrap_or_else(|| first.clone());
+        let mut client =
+            KeyManagementClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+        let (args, input, errors, first_error) = (
+            Arc::clone(&args),
+            Arc::clone(&input),
+            Arc::clone(&errors),
+            Arc::clone(&first_error),
+        );
+        let mut hist = histogram()?;
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let t = Instant::now();
+                if t >= end {
+                    break;
+                }
+                let r = call(&mut client, &args, &input).await;
+                let done = Instant::now();
+                if t < measure_from {
+                    continue;
+                }
+                match r {
+                    Ok(()) => {
+                        let us =
+                            u64::try_from(done.duration_since(t).as_micros()).unwrap_or(u64::MAX);
+                        let _ = hist.record(us.max(1));
+                    }
+                    Err(e) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        first_error
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                    }
+                }
+            }
+            hist
+        }));
+    }
+    let mut all = histogram()?;
+    for t in tasks {
+        all.add(t.await?)?;
+    }
+    let _ = sampler.await;
+    let cpu_after = args.server_pid.and_then(cpu_seconds);
+    let seconds = args.duration.as_secs_f64();
+    let calls = all.len();
+    let cpu = cpu_before
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .zip(cpu_after)
+        .filter(|_| calls > 0)
+        .map(|(b, a)| (a - b) * 1000.0 / calls as f64);
+    let items = if args.op == Op::BatchEncrypt {
+        args.batch as f64
+    } else {
+        1.0
+    };
+    Ok(Report {
+        op: args.op,
+        payload: args.payload,
+        concurrency: args.concurrency,
+        channels: args.channels,
+        seconds,
+        calls,
+        errors: errors.load(Ordering::Relaxed),
+        ops_per_second: calls as f64 / seconds,
+        items_per_second: calls as f64 * items / seconds,
+        p50_us: all.value_at_quantile(0.5),
+        p99_us: all.value_at_quantile(0.99),
+        p999_us: all.value_at_quantile(0.999),
+        max_us: all.max(),
+        server_cpu_seconds_per_1000: cpu,
+        first_error: first_error.lock().unwrap_or_else(|p| p.into_inner()).take(),
+    })
+}
+
+/// A process's CPU time (user + system), in seconds, from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line: 12 and 13 after the name.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / clock_ticks())
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux).
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "{:<14} {:>7} {:>5} {:>10} {:>8} {:>9} {:>9} {:>9} {:>7} {:>12}",
+        "OP",
+        "PAYLOAD",
+        "CONC",
+        "OPS/S",
+        "ERRORS",
+        "P50 us",
+        "P99 us",
+        "P99.9 us",
+        "CALLS",
+        "CPU s/1000"
+    );
+    println!(
+        "{:<14} {:>7} {:>5} {:>10.0} {:>8} {:>9} {:>9} {:>9} {:>7} {:>12}",
+        format!("{:?}", r.op).to_lowercase(),
+        r.payload,
+        r.concurrency,
+        r.ops_per_second,
+        r.errors,
+        r.p50_us,
+        r.p99_us,
+        r.p999_us,
+        r.calls,
+        r.server_cpu_seconds_per_1000
+            .map_or("-".to_owned(), |c| format!("{c:.3}"))
+    );
+    if let Some(e) = &r.first_error {
+        println!("first error: {e}");
+    }
+}

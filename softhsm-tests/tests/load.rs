@@ -1,0 +1,133 @@
+//! The load generator and the echo server (benches/): `kms-load` drives a real server over
+//! mTLS and reports what it measured, and `kms-echo` answers the same calls with no work
+//! behind them. Short runs: they show the tools work, they measure nothing (scripts/bench
+//! does, in release builds, pinned to cores).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use kms_proto::v1 as pb;
+use softhsm_tests::{ClientSpec, TestHsm, bin, start_unsealed};
+
+/// Runs `kms-load` with `args` and returns its JSON report.
+fn load(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(bin("kms-load"))
+        .args(args)
+        .args(["--duration", "1s", "--warmup", "200ms", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kms-load failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kms_load_measures_a_real_server_and_the_echo_ceiling() {
+    let hsm = TestHsm::new("kms-load");
+    let (server, _) = start_unsealed(&hsm, &hsm.config());
+    let app = hsm.pki.client("app", &ClientSpec::spiffe("app"));
+    let mut keys = server.keys().await;
+    keys.create_key(pb::CreateKeyRequest {
+        name: "payments".into(),
+        algorithm: pb::Algorithm::Aes256Gcm as i32,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    server.grant("payments", &app.principal).await;
+    let pid = server.pid().to_string();
+    let (ca, cert, key) = (
+        server.ca.to_str().unwrap().to_owned(),
+        app.cert.to_str().unwrap().to_owned(),
+        app.key.to_str().unwrap().to_owned(),
+    );
+    let common = [
+        "--addr",
+        &server.addr,
+        "--ca",
+        &ca,
+        "--cert",
+        &cert,
+        "--cert-key",
+        &key,
+        "--key",
+        "payments",
+    ];
+    for (op, extra) in [
+        ("encrypt", vec![]),
+        ("decrypt", vec![]),
+        ("batch-encrypt", vec!["--batch", "8"]),
+    ] {
+        let mut args = common.to_vec();
+        args.extend(["--op", op, "--concurrency", "4", "--server-pid", &pid]);
+        args.extend(extra);
+        let r = load(&args);
+        assert_eq!(r["errors"], 0, "{op}: {r}");
+        assert!(r["calls"].as_u64().unwrap() > 0, "{op}: {r}");
+        assert!(r["p99_us"].as_u64() >= r["p50_us"].as_u64(), "{r}");
+        assert!(
+            r["server_cpu_seconds_per_1000"].as_f64().unwrap() > 0.0,
+            "{r}"
+        );
+        if op == "batch-encrypt" {
+            assert_eq!(
+                r["items_per_second"].as_f64().unwrap(),
+                r["ops_per_second"].as_f64().unwrap() * 8.0
+            );
+        }
+    }
+    // The calls were real: each is in the audit log.
+    let export = server.kms_as(Some(&hsm.auditor), &["audit", "export"], "");
+    assert!(export.stdout.matches("\"BatchEncrypt\"").count() > 0);
+    // Errors are counted, not hidden: a key the identity has no grant for.
+    let mut args = common.to_vec();
+    args.extend(["--op", "encrypt", "--concurrency", "2"]);
+    let idx = args.iter().position(|a| *a == "payments").unwrap();
+    args[idx] = "no-grant";
+    let r = load(&args);
+    assert_eq!(r["calls"], 0, "{r}");
+    assert!(r["errors"].as_u64().unwrap() > 0, "{r}");
+    assert!(
+        r["first_error"]
+            .as_str()
+            .unwrap()
+            .contains("PermissionDenied"),
+        "{r}"
+    );
+
+    // The echo: the same calls, same TLS and client certificate, no work.
+    let mut echo = Command::new(bin("kms-echo"))
+        .args(["--cert", hsm.pki.server.cert.to_str().unwrap()])
+        .args(["--cert-key", hsm.pki.server.key.to_str().unwrap()])
+        .args(["--client-ca", &ca])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = BufReader::new(echo.stdout.take().unwrap())
+        .lines()
+        .next()
+        .unwrap()
+        .unwrap();
+    let addr = format!(
+        "https://{}",
+        line.strip_prefix("kms-echo listening on ").unwrap()
+    );
+    let mut args = common.to_vec();
+    args[1] = &addr;
+    args.extend(["--op", "encrypt", "--concurrency", "4", "--payload", "1024"]);
+    let r = load(&args);
+    let _ = echo.kill();
+    let _ = echo.wait();
+    assert_eq!(r["errors"], 0, "{r}");
+    assert!(r["calls"].as_u64().unwrap() > 0, "{r}");
+}
