@@ -1113,6 +1113,23 @@ fn verify_history(live: &Path, archive: &Path) -> (Option<i32>, String) {
     (out.code, format!("{}{}", out.stdout, out.stderr))
 }
 
+/// A server whose `[audit]` table also has `retention`, unsealed, with a `payments` key
+/// used `calls` times. Returns it and its config file.
+async fn serve_with_retention(hsm: &TestHsm, retention: &str, calls: usize) -> (Server, PathBuf) {
+    let path = config(hsm, &hsm.path().join("kms.redb"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("[audit]\n", &format!("[audit]\n{retention}"));
+    std::fs::write(&path, text).unwrap();
+    let (server, _) = start_unsealed(hsm, &path);
+    let mut c = server.keys().await;
+    create(&server, &mut c, "payments", pb::Algorithm::Aes256Gcm).await;
+    for _ in 0..calls {
+        c.encrypt(encrypt_request()).await.unwrap();
+    }
+    (server, path)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_archives_old_records_and_the_whole_history_verifies() {
     let hsm = TestHsm::new("kms-audit-retain");
@@ -1127,17 +1144,7 @@ async fn retention_archives_old_records_and_the_whole_history_verifies() {
         archive.display(),
         shipped.display()
     );
-    let path = config(&hsm, &dir.join("kms.redb"));
-    let text = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace("[audit]\n", &format!("[audit]\n{retention}"));
-    std::fs::write(&path, text).unwrap();
-    let (server, _) = start_unsealed(&hsm, &path);
-    let mut c = server.keys().await;
-    create(&server, &mut c, "payments", pb::Algorithm::Aes256Gcm).await;
-    for _ in 0..60 {
-        c.encrypt(encrypt_request()).await.unwrap();
-    }
+    let (server, _path) = serve_with_retention(&hsm, &retention, 60).await;
     // Wait for at least four segments (1-10 ... 31-40).
     let segments = |d: &Path| -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(d)
@@ -1220,17 +1227,7 @@ async fn records_stay_in_the_store_when_the_archive_command_fails() {
         "retain_records = 5\nsegment_records = 5\nretain_check_seconds = 1\narchive_dir = \"{}\"\narchive_command = [\"false\"]\n",
         archive.display(),
     );
-    let path = config(&hsm, &dir.join("kms.redb"));
-    let text = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace("[audit]\n", &format!("[audit]\n{retention}"));
-    std::fs::write(&path, text).unwrap();
-    let (server, _) = start_unsealed(&hsm, &path);
-    let mut c = server.keys().await;
-    create(&server, &mut c, "payments", pb::Algorithm::Aes256Gcm).await;
-    for _ in 0..20 {
-        c.encrypt(encrypt_request()).await.unwrap();
-    }
+    let (server, path) = serve_with_retention(&hsm, &retention, 20).await;
     // Several retention runs fail: the command refuses every segment.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !hsm.logs().contains("the archive command failed") {

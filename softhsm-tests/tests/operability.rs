@@ -492,12 +492,8 @@ fn a_real_prometheus_scrapes_the_metrics_endpoint() {
     assert_eq!(build, Some(1.0));
 }
 
-#[test]
-fn json_logs_and_the_per_call_line_at_the_level_configured() {
-    let hsm = TestHsm::new("kms-logs");
-    // Default: text, and no line per served call at info.
-    let (server, _shares) = start_unsealed(&hsm, &hsm.config());
-    let rt = tokio::runtime::Runtime::new().unwrap();
+/// One `WhoAmI` call (open to anyone, answered sealed or not).
+fn who_am_i(rt: &tokio::runtime::Runtime, server: &softhsm_tests::Server) {
     rt.block_on(async {
         server
             .access()
@@ -506,6 +502,15 @@ fn json_logs_and_the_per_call_line_at_the_level_configured() {
             .await
             .unwrap()
     });
+}
+
+#[test]
+fn json_logs_and_the_per_call_line_at_the_level_configured() {
+    let hsm = TestHsm::new("kms-logs");
+    // Default: text, and no line per served call at info.
+    let (server, _shares) = start_unsealed(&hsm, &hsm.config());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    who_am_i(&rt, &server);
     drop(server);
     let default_logs = hsm.logs();
     assert!(default_logs.contains("listening"), "{default_logs}");
@@ -522,14 +527,7 @@ fn json_logs_and_the_per_call_line_at_the_level_configured() {
         "[log]\nformat = \"json\"\nrequests = \"info\"\n",
     );
     let server = hsm.try_start(&config, &[]).unwrap();
-    rt.block_on(async {
-        server
-            .access()
-            .await
-            .who_am_i(pb::WhoAmIRequest {})
-            .await
-            .unwrap()
-    });
+    who_am_i(&rt, &server);
     drop(server);
     let logs = hsm.logs();
     let lines: Vec<serde_json::Value> = logs[before..]

@@ -377,10 +377,14 @@ fn signed_input(digest: bool, data: &[u8]) -> (pb::sign_request::Input, bool) {
     (sign_input(digest, data.to_vec()), false)
 }
 
-/// A clear error for an Ed25519 key given a message too large to send whole: Ed25519 signs
-/// the message itself, so the CLI cannot sign a digest in its place.
-fn too_large_for_ed25519(e: crate::RpcError, len: usize) -> BoxError {
-    if e.0.code() == tonic::Code::InvalidArgument && e.0.message().contains("Ed25519") {
+/// The error of a sign or verify call. When the CLI sent the digest of a large input in its
+/// place (`hashed_here`) and the key is Ed25519 (which signs the message itself), it says so
+/// clearly; otherwise the server's answer as it is.
+fn sign_error(e: crate::RpcError, hashed_here: bool, len: usize) -> BoxError {
+    if hashed_here
+        && e.0.code() == tonic::Code::InvalidArgument
+        && e.0.message().contains("Ed25519")
+    {
         return format!(
             "the input is {len} bytes: an Ed25519 key signs the message itself, at most {MAX_SIGNED_MESSAGE} bytes \
              (for larger inputs the CLI signs their SHA-256 digest, which ECDSA keys accept)"
@@ -411,13 +415,7 @@ async fn sign(
         })
         .answer()
         .await
-        .map_err(|e| {
-            if hashed_here {
-                too_large_for_ed25519(e, data.len())
-            } else {
-                e.into()
-            }
-        })?;
+        .map_err(|e| sign_error(e, hashed_here, data.len()))?;
     write_output(io, &r.signature)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -467,13 +465,7 @@ async fn verify(
         })
         .answer()
         .await
-        .map_err(|e| {
-            if hashed_here {
-                too_large_for_ed25519(e, data.len())
-            } else {
-                e.into()
-            }
-        })?;
+        .map_err(|e| sign_error(e, hashed_here, data.len()))?;
     Ok(verdict(r.valid))
 }
 
