@@ -159,6 +159,8 @@ pub(crate) struct KeyringConfig {
 pub(crate) struct StorageConfig {
     /// The redb file.
     pub path: PathBuf,
+    /// The store's page cache, in MiB (default 64).
+    pub cache_mib: Option<u64>,
 }
 
 /// `[log]`.
@@ -201,6 +203,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The redb file.
     pub storage_path: PathBuf,
+    /// The store's page cache, in bytes (`[storage] cache_mib`).
+    pub storage_cache_bytes: usize,
     /// The `[hsm]` table, checked: module, token, PIN source, master key label.
     pub hsm: ValidHsmConfig,
     /// `[log]`: level, format, and the level of the per-call line.
@@ -282,6 +286,9 @@ pub enum ConfigError {
     /// A `[keyring]` value is out of range.
     #[error("keyring.{0}: out of range")]
     BadKeyring(&'static str),
+    /// A `[storage]` value is out of range.
+    #[error("storage.{0}: out of range")]
+    BadStorage(&'static str),
     /// An `[audit]` value is out of range.
     #[error("audit.{0}: out of range")]
     BadAudit(&'static str),
@@ -345,6 +352,16 @@ impl Config {
         let (keyring, maintenance_interval) = file.keyring.validate()?;
         Ok(Self {
             listen,
+            storage_cache_bytes: usize::try_from(
+                within(
+                    file.storage.cache_mib,
+                    64,
+                    1..=65_536,
+                    ConfigError::BadStorage("cache_mib (1..=65536)"),
+                )? * 1024
+                    * 1024,
+            )
+            .map_err(|_| ConfigError::BadStorage("cache_mib (1..=65536)"))?,
             storage_path: resolve(base, file.storage.path),
             hsm,
             log,
@@ -658,7 +675,7 @@ impl LimitsConfig {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
 
@@ -691,6 +708,25 @@ mod tests {
         assert_eq!(c.log.format, LogFormat::Text);
         assert_eq!(c.log.requests, tracing::Level::DEBUG);
         assert_eq!(c.metrics_listen, None);
+        assert_eq!(c.storage_cache_bytes, 64 * 1024 * 1024);
+        // The page cache: configurable, bounded.
+        let text = std::fs::read_to_string(&p).unwrap();
+        for (mib, want) in [("16", Some(16 << 20)), ("0", None), ("70000", None)] {
+            let p = write(
+                dir.path(),
+                &text.replace(
+                    "path = \"data/kms.redb\"\n",
+                    &format!("path = \"data/kms.redb\"\ncache_mib = {mib}\n"),
+                ),
+            );
+            match (Config::load(&p), want) {
+                (Ok(c), Some(bytes)) => assert_eq!(c.storage_cache_bytes, bytes),
+                (Err(e), None) => {
+                    assert_eq!(e.to_string(), "storage.cache_mib (1..=65536): out of range")
+                }
+                (other, _) => panic!("cache_mib = {mib}: {other:?}"),
+            }
+        }
     }
 
     #[test]

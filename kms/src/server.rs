@@ -164,7 +164,10 @@ pub fn open(config: &Config) -> Result<Opened, StartError> {
     }
     let hsm = Arc::new(Hsm::open(&config.hsm)?);
     tracing::info!(token = hsm.token_label(), "HSM token opened and logged in");
-    let store = Arc::new(RedbStore::open(&config.storage_path)?);
+    let store = Arc::new(RedbStore::open_with_cache(
+        &config.storage_path,
+        config.storage_cache_bytes,
+    )?);
     tracing::info!(path = %config.storage_path.display(), "store opened");
     let signer = Arc::new(Signer::new(Arc::clone(&hsm)));
     let audit = AuditLog::open(store.clone(), signer, config.checkpoints)?;

@@ -134,6 +134,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
 
+/// The page cache when the configuration names none: 64 MiB (redb's own default is 1 GiB,
+/// which a server under load filled with audit pages it never reads again).
+pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 /// The embedded store: one redb file.
 pub struct RedbStore {
     db: redb::Database,
@@ -152,6 +156,13 @@ fn io(op: &'static str) -> impl FnOnce(redb::Error) -> StoreError {
 impl RedbStore {
     /// Opens the store at `path`, creating it (and its directory, mode 0700) if missing.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// As [`RedbStore::open`], with a page cache of at most `cache_bytes` (`[storage]
+    /// cache_mib`). The cache holds what is read again (the keyring's records, grants); the
+    /// audit log is only appended, so a cache sized for it buys nothing but memory.
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         use std::os::unix::fs::DirBuilderExt;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::DirBuilder::new()
@@ -187,13 +198,16 @@ impl RedbStore {
                 });
             }
         }
-        let db = redb::Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.to_owned()),
-            other => StoreError::Open {
-                path: path.to_owned(),
-                source: other.into(),
-            },
-        })?;
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.to_owned()),
+                other => StoreError::Open {
+                    path: path.to_owned(),
+                    source: other.into(),
+                },
+            })?;
         Ok(Self { db })
     }
 
@@ -328,6 +342,31 @@ impl Store for RedbStore {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+
+    #[test]
+    fn a_small_page_cache_still_serves_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("small.redb");
+        let store = RedbStore::open_with_cache(&path, 1024 * 1024).unwrap();
+        let value = vec![7u8; 4096];
+        for i in 0..1000 {
+            store.put(Table::Audit, &format!("{i:06}"), &value).unwrap();
+        }
+        drop(store);
+        // 4 MB of values through a 1 MiB cache, then read back after reopening.
+        let store = RedbStore::open_with_cache(&path, 1024 * 1024).unwrap();
+        for i in [0, 499, 999] {
+            assert_eq!(
+                store
+                    .get(Table::Audit, &format!("{i:06}"))
+                    .unwrap()
+                    .as_deref(),
+                Some(value.as_slice())
+            );
+        }
+        assert_eq!(store.scan(Table::Audit).unwrap().len(), 1000);
+    }
+
     use super::*;
 
     #[test]
