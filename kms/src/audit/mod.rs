@@ -22,6 +22,7 @@
 //! fields of [`AuditEvent`].
 
 pub mod archive;
+mod codec;
 pub mod history;
 pub mod report;
 mod signer;
@@ -30,11 +31,11 @@ pub mod verify;
 mod writer;
 
 pub use signer::Signer;
-use writer::{Msg, Pending, Writer};
+use writer::{Msg, Pending, Reply, Writer};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -278,6 +279,19 @@ impl Default for CheckpointPolicy {
     }
 }
 
+/// A submitted record's outcome: its sequence number once durable ([`AuditLog::submit`]).
+pub(crate) struct Receipt(Option<tokio::sync::oneshot::Receiver<Result<u64, AuditError>>>);
+
+impl Receipt {
+    /// Waits until the record is durable (or its write failed).
+    pub(crate) async fn durable(self) -> Result<u64, AuditError> {
+        match self.0 {
+            Some(answer) => answer.await.map_err(|_| AuditError::Unavailable(None))?,
+            None => Err(AuditError::Unavailable(None)),
+        }
+    }
+}
+
 /// The audit log's appending end. Cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
@@ -320,9 +334,7 @@ fn last_record(store: &dyn Store) -> Result<Option<AuditRecord>, AuditError> {
         .map_err(|e| AuditError::Unavailable(Some(e)))?
     {
         None => Ok(None),
-        Some((_, bytes)) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|_| AuditError::Corrupt),
+        Some((_, bytes)) => codec::decode(&bytes).map(Some).ok_or(AuditError::Corrupt),
     }
 }
 
@@ -348,7 +360,7 @@ fn tail_connects(
             return Ok(Err(expected));
         }
         for (key, bytes) in page {
-            let Ok(r) = serde_json::from_slice::<AuditRecord>(&bytes) else {
+            let Some(r) = codec::decode(&bytes) else {
                 return Ok(Err(expected));
             };
             let hashed = r.compute_hash().ok().as_deref() == Some(r.hash.as_str());
@@ -487,9 +499,10 @@ impl AuditLog {
                     return Ok(());
                 }
                 next = at + 1;
-                let r = serde_json::from_slice::<AuditRecord>(bytes)
-                    .unwrap_or_else(|_| AuditRecord::unreadable());
-                if !f(bytes, &r) {
+                let r = codec::decode(bytes);
+                let line = codec::line(bytes, r.as_ref());
+                let r = r.unwrap_or_else(AuditRecord::unreadable);
+                if !f(&line, &r) {
                     return Ok(());
                 }
             }
@@ -497,13 +510,13 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Every stored record's bytes, in order (the whole log: for verification).
+    /// Every stored record as its JSON line, in order (the whole log: for verification).
     pub(crate) fn all_records(&self) -> Result<Vec<Vec<u8>>, StoreError> {
         Ok(self
             .store
             .scan(Table::Audit)?
             .into_iter()
-            .map(|(_, v)| v)
+            .map(|(_, v)| codec::line(&v, codec::decode(&v).as_ref()))
             .collect())
     }
 
@@ -547,10 +560,42 @@ impl AuditLog {
                 event,
                 writes,
                 removals,
-                reply,
+                reply: Reply::Blocking(reply),
             })))
             .map_err(|_| AuditError::Unavailable(None))?;
         answer.recv().map_err(|_| AuditError::Unavailable(None))?
+    }
+
+    /// Hands an event to the writer without waiting: the [`Receipt`] says when it is
+    /// durable. Once this returns, the record is written (or its group fails) whether or
+    /// not anyone awaits the receipt, so a caller that goes away mid-call leaves no gap.
+    /// Never blocks an async worker: when the writer's queue is full (it is far behind),
+    /// a blocking thread waits for room.
+    pub(crate) fn submit(&self, event: AuditEvent) -> Receipt {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let msg = Msg::Append(Box::new(Pending {
+            event,
+            writes: Vec::new(),
+            removals: Vec::new(),
+            reply: Reply::Async(reply),
+        }));
+        let queued = match self.sender.try_send(msg) {
+            Ok(()) => true,
+            Err(TrySendError::Full(msg)) => {
+                let sender = self.sender.clone();
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        // Dropping the handle detaches the task: it runs to the end.
+                        drop(rt.spawn_blocking(move || sender.send(msg)));
+                        true
+                    }
+                    // Not on a runtime: this thread may block.
+                    Err(_) => sender.send(msg).is_ok(),
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        };
+        Receipt(queued.then_some(answer))
     }
 
     /// Signs a checkpoint over the current head now (if there is a record since the last
@@ -590,7 +635,7 @@ pub(crate) mod tests {
             .scan(Table::Audit)
             .unwrap()
             .into_iter()
-            .map(|(_, v)| v)
+            .map(|(_, v)| codec::line(&v, codec::decode(&v).as_ref()))
             .collect()
     }
 

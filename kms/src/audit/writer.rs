@@ -7,7 +7,27 @@ pub(super) struct Pending {
     pub(super) event: AuditEvent,
     pub(super) writes: Vec<Write>,
     pub(super) removals: Vec<Removal>,
-    pub(super) reply: SyncSender<Result<u64, AuditError>>,
+    pub(super) reply: Reply,
+}
+
+/// Where a record's outcome goes: a thread that blocks on it, or a task that awaits it.
+pub(super) enum Reply {
+    Blocking(SyncSender<Result<u64, AuditError>>),
+    Async(tokio::sync::oneshot::Sender<Result<u64, AuditError>>),
+}
+
+impl Reply {
+    /// Hands over the outcome (a caller that went away no longer wants it).
+    fn send(self, outcome: Result<u64, AuditError>) {
+        match self {
+            Reply::Blocking(s) => {
+                let _ = s.send(outcome);
+            }
+            Reply::Async(s) => {
+                let _ = s.send(outcome);
+            }
+        }
+    }
 }
 
 pub(super) enum Msg {
@@ -94,7 +114,7 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, group: Vec<Pending>) {
+    fn commit(&mut self, mut group: Vec<Pending>) {
         let started = Instant::now();
         let mut next = self.head.clone();
         let mut writes = Vec::with_capacity(group.len());
@@ -106,23 +126,26 @@ impl Writer {
         // The record's time is when it becomes durable, never before its predecessor's: a
         // time range is then a contiguous, verifiable part of the chain.
         let time_ms = now_ms().max(self.last_time);
-        for p in &group {
+        for p in &mut group {
             let mut r = AuditRecord {
                 schema: AUDIT_SCHEMA,
                 seq: next.seq + 1,
                 event: AuditEvent {
                     time_ms,
-                    ..p.event.clone()
+                    ..std::mem::take(&mut p.event)
                 },
                 prev_hash: next.hash.clone(),
                 hash: String::new(),
             };
-            match r.compute_hash().and_then(|h| {
-                r.hash = h;
-                serde_json::to_vec(&r).map_err(|_| AuditError::Internal("encode"))
-            }) {
+            // With `hash` empty, the record's JSON is the canonical form its hash covers.
+            match serde_json::to_vec(&r)
+                .map_err(|_| AuditError::Internal("encode"))
+                .and_then(|canonical| {
+                    r.hash = data_encoding::HEXLOWER.encode(&Sha256::digest(&canonical));
+                    codec::encode(&r).map_err(|_| AuditError::Internal("encode"))
+                }) {
                 Ok(bytes) => {
-                    writes.extend(p.writes.iter().cloned());
+                    writes.append(&mut p.writes);
                     writes.push(Write {
                         table: Table::Audit,
                         key: record_key(r.seq),
@@ -157,13 +180,13 @@ impl Writer {
                 self.head = next;
                 self.last_time = time_ms;
                 for (i, p) in group.into_iter().enumerate() {
-                    let _ = p.reply.send(Ok(first_seq + i as u64));
+                    p.reply.send(Ok(first_seq + i as u64));
                 }
             }
             Err(e) => {
                 tracing::error!(error = %crate::error_chain(&e), records = group.len(), "audit write failed: requests refused");
                 for p in group {
-                    let _ = p.reply.send(Err(AuditError::Unavailable(None)));
+                    p.reply.send(Err(AuditError::Unavailable(None)));
                 }
             }
         }

@@ -421,13 +421,12 @@ async fn summary(state: &GateState, event: &AuditEvent, counted: u64) {
     append(&state.audit, event).await;
 }
 
-/// Appends off the async runtime; whether the record is durable.
+/// Appends without holding a thread; whether the record is durable.
 async fn append(log: &AuditLog, event: AuditEvent) -> bool {
-    let log = log.clone();
     let rpc = format!("{}/{}", event.service, event.operation);
-    match tokio::task::spawn_blocking(move || log.append(event)).await {
-        Ok(Ok(_)) => true,
-        _ => {
+    match log.submit(event).durable().await {
+        Ok(_) => true,
+        Err(_) => {
             tracing::error!(rpc, "audit record not written: answer withheld");
             false
         }

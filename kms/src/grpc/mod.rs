@@ -20,8 +20,8 @@ pub(crate) use audit::AuditService;
 pub(crate) use keys::KeyManagementService;
 pub(crate) use system::SystemService;
 
-use std::cell::Cell;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status};
@@ -237,7 +237,7 @@ fn request_id_from(given: Option<&str>) -> String {
 pub(crate) struct Call {
     log: AuditLog,
     event: AuditEvent,
-    recorded: Cell<bool>,
+    recorded: AtomicBool,
     identity: Arc<Identity>,
     peer: Option<std::net::SocketAddr>,
     need: Need,
@@ -288,7 +288,7 @@ impl Call {
                 input_bytes: req.get_ref().encoded_len() as u64,
                 ..AuditEvent::default()
             },
-            recorded: Cell::new(false),
+            recorded: AtomicBool::new(false),
             identity,
             peer,
             need: crate::access::need(service, operation),
@@ -340,6 +340,11 @@ impl Call {
         Some(invalid_name(key))
     }
 
+    /// `service/operation`, for log lines.
+    fn rpc(&self) -> String {
+        format!("{}/{}", self.event.service, self.event.operation)
+    }
+
     /// Names the key version the call is about (0: none).
     pub(crate) fn version(mut self, version: u32) -> Self {
         self.event.key_version = Some(version).filter(|v| *v != 0);
@@ -371,7 +376,7 @@ impl Call {
             g.set();
         }
         self.log.append_with(event, writes)?;
-        self.recorded.set(true);
+        self.recorded.store(true, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -454,14 +459,35 @@ impl<R> Served<R> {
     }
 }
 
+/// Where a call's work runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// On a blocking thread: it may wait on the HSM or the store.
+    Blocking,
+    /// On the async worker that polls the call: in-process crypto of a microsecond or
+    /// two, where a hop to another thread and back would cost more than the work.
+    InProcess,
+}
+
 /// Runs a blocking call off the async runtime, writes its audit record, logs its outcome,
 /// maps its error. The answer leaves only after the record is durable.
 async fn run<R: prost::Message + Send + 'static>(
     call: Call,
     f: impl FnOnce(&Call) -> Result<Served<R>, ApiError> + Send + 'static,
 ) -> Result<Response<R>, Status> {
-    let request_id = call.event.request_id.clone();
-    let answer = tokio::task::spawn_blocking(move || {
+    run_at(Place::Blocking, call, f).await
+}
+
+/// As [`run`], with the work at `place`. Either way the record is handed to the writer
+/// before the first await after the work, so a caller that goes away cannot leave work
+/// done and unrecorded; then the answer waits, without holding a thread, until the record
+/// is durable.
+async fn run_at<R: prost::Message + Send + 'static>(
+    place: Place,
+    call: Call,
+    f: impl FnOnce(&Call) -> Result<Served<R>, ApiError> + Send + 'static,
+) -> Result<Response<R>, Status> {
+    let work = move || {
         let result = crate::access::check(
             call.need,
             &call.identity,
@@ -475,35 +501,50 @@ async fn run<R: prost::Message + Send + 'static>(
             }
             f(&call)
         });
-        finish(&call, result)
-    })
-    .await
-    .map_err(|_| Status::internal("internal error"));
-    let with_id = |mut status: Status| {
-        if let Ok(v) = MetadataValue::try_from(request_id.as_str()) {
-            status.metadata_mut().insert(REQUEST_ID, v);
-        }
-        status
+        let settled = settle(&call, result);
+        (call, settled)
     };
+    let done = match place {
+        Place::InProcess => Ok(work()),
+        Place::Blocking => tokio::task::spawn_blocking(work).await,
+    };
+    let (request_id, answer) = match done {
+        Ok((call, settled)) => {
+            let answer = deliver(&call, settled).await;
+            (call.event.request_id, answer)
+        }
+        Err(_) => return Err(Status::internal("internal error")),
+    };
+    let id = MetadataValue::try_from(request_id.as_str()).ok();
     match answer {
-        Ok(Ok(response)) => {
+        Ok(response) => {
             let mut response = Response::new(response);
-            if let Ok(v) = MetadataValue::try_from(request_id.as_str()) {
+            if let Some(v) = id {
                 response.metadata_mut().insert(REQUEST_ID, v);
             }
             Ok(response)
         }
-        Ok(Err(status)) | Err(status) => Err(with_id(status)),
+        Err(mut status) => {
+            if let Some(v) = id {
+                status.metadata_mut().insert(REQUEST_ID, v);
+            }
+            Err(status)
+        }
     }
 }
 
+/// A call's outcome with its record handed to the writer (if a commit had not written
+/// it already).
+struct Settled<R> {
+    answer: Result<R, Status>,
+    receipt: Option<crate::audit::Receipt>,
+    undo: Option<Box<dyn FnOnce() + Send>>,
+    refused_for_audit: bool,
+}
+
 /// Records the outcome (unless a commit already did) and turns it into the answer.
-fn finish<R: prost::Message>(
-    call: &Call,
-    result: Result<Served<R>, ApiError>,
-) -> Result<R, Status> {
-    let rpc = format!("{}/{}", call.event.service, call.event.operation);
-    let rpc = rpc.as_str();
+/// Does not wait for the record: [`deliver`] does.
+fn settle<R: prost::Message>(call: &Call, result: Result<Served<R>, ApiError>) -> Settled<R> {
     let key = call.event.key.as_deref().unwrap_or_default();
     let mut event = call.event.clone();
     let mut undo = None;
@@ -523,7 +564,7 @@ fn finish<R: prost::Message>(
         }
         Err(e) => {
             let code = code_of(&e);
-            log_error(rpc, key, &e, code);
+            log_error(&call.rpc(), key, &e, code);
             event.outcome = code_name(code).to_owned();
             Err(to_status(&e))
         }
@@ -533,11 +574,31 @@ fn finish<R: prost::Message>(
     }
     // A change that committed its record with it is recorded; a failure after that commit
     // gets its own record too, so the log never shows OK for an answer that was an error.
-    if (!call.recorded.get() || answer.is_err())
-        && let Err(e) = call.log.append(event)
+    let receipt =
+        (!call.recorded.load(Ordering::Relaxed) || answer.is_err()).then(|| call.log.submit(event));
+    Settled {
+        answer,
+        receipt,
+        undo,
+        refused_for_audit,
+    }
+}
+
+/// Waits until the call's record is durable, then gives its answer; if the record could
+/// not be written, takes back what can be taken back and withholds the answer.
+async fn deliver<R>(call: &Call, settled: Settled<R>) -> Result<R, Status> {
+    let Settled {
+        answer,
+        receipt,
+        undo,
+        refused_for_audit,
+    } = settled;
+    let key = call.event.key.as_deref().unwrap_or_default();
+    if let Some(receipt) = receipt
+        && let Err(e) = receipt.durable().await
     {
         if !refused_for_audit {
-            tracing::error!(rpc, key, error = %crate::error_chain(&e), "audit record not written: answer withheld");
+            tracing::error!(rpc = %call.rpc(), key, error = %crate::error_chain(&e), "audit record not written: answer withheld");
         }
         if let Some(undo) = undo {
             undo();
@@ -545,10 +606,11 @@ fn finish<R: prost::Message>(
         return Err(Status::unavailable(AUDIT_UNAVAILABLE));
     }
     if answer.is_ok() {
+        // Fields are built only when the line is written.
         if call.request_log == tracing::Level::INFO {
-            tracing::info!(rpc, key = %key, code = "OK", "request served");
+            tracing::info!(rpc = %call.rpc(), key = %key, code = "OK", "request served");
         } else {
-            tracing::debug!(rpc, key = %key, code = "OK", "request served");
+            tracing::debug!(rpc = %call.rpc(), key = %key, code = "OK", "request served");
         }
     }
     answer
@@ -572,7 +634,23 @@ async fn with_keyring<Q: Aad + Send + 'static, R: prost::Message + Send + 'stati
     f: impl FnOnce(&Keyring, &Call, Q) -> Result<Served<R>, KeyringError> + Send + 'static,
 ) -> Result<Response<R>, Status> {
     let seal = Arc::clone(&ctx.seal);
-    run(call, move |c| {
+    // Crypto calls on in-process keys run on the async worker; HSM keys, administration
+    // (which commits to the store) and a sealed server run on a blocking thread. (A crypto
+    // call may still wait on the store, rarely: when it reserves the next block of its
+    // key's nonce budget, or rotates the key at 3/4 of it.)
+    let place = match seal.keyring() {
+        Ok(k)
+            if matches!(call.need, Need::Grant(_))
+                && [&call.event.key, &call.event.destination_key]
+                    .into_iter()
+                    .flatten()
+                    .all(|name| k.runs_in_process(name)) =>
+        {
+            Place::InProcess
+        }
+        _ => Place::Blocking,
+    };
+    run_at(place, call, move |c| {
         let keyring = seal.keyring()?;
         if let Need::Grant(on_key) = c.need {
             let aads = req.aads();

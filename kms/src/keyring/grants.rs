@@ -8,7 +8,7 @@
 //! is stored only as a keyed hash (domain `kms/v1/grant-aad/`, bound to the key name).
 //! Revoked grants stay in the store, marked, as history; only live grants are in memory.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -29,6 +29,48 @@ pub(crate) const MAX_GRANTS_PER_KEY: usize = 1000;
 
 const RECORD_DOMAIN: &str = "kms/v1/grant-record/";
 const AAD_DOMAIN: &str = "kms/v1/grant-aad/";
+
+/// The live grants, by id and by key: a call reads only its key's grants, however many
+/// keys and grants there are.
+#[derive(Debug, Default)]
+pub(crate) struct LiveGrants {
+    by_id: BTreeMap<String, Grant>,
+    by_key: HashMap<String, BTreeSet<String>>,
+}
+
+impl LiveGrants {
+    pub(crate) fn insert(&mut self, grant: Grant) {
+        self.by_key
+            .entry(grant.key.clone())
+            .or_default()
+            .insert(grant.id.clone());
+        self.by_id.insert(grant.id.clone(), grant);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Grant> {
+        let grant = self.by_id.remove(id)?;
+        if let Some(ids) = self.by_key.get_mut(&grant.key) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_key.remove(&grant.key);
+            }
+        }
+        Some(grant)
+    }
+
+    /// The live grants on `key`.
+    fn on_key<'a>(&'a self, key: &str) -> impl Iterator<Item = &'a Grant> + 'a {
+        self.by_key
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.by_id.get(id))
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.by_id.len()
+    }
+}
 
 /// A stored grant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,10 +206,7 @@ impl Keyring {
         }
         let _g = self.admin()?;
         self.entry(&req.key)?;
-        let live_on_key = read_lock(&self.grants)?
-            .values()
-            .filter(|g| g.key == req.key)
-            .count();
+        let live_on_key = read_lock(&self.grants)?.on_key(&req.key).count();
         if live_on_key >= MAX_GRANTS_PER_KEY {
             return Err(KeyringError::NotAllowed(
                 "the key has the most grants allowed (1000): revoke some first",
@@ -190,7 +229,7 @@ impl Keyring {
             revoked_by: None,
         };
         self.commit_grant(&grant, journal)?;
-        write_lock(&self.grants)?.insert(grant.id.clone(), grant.clone());
+        write_lock(&self.grants)?.insert(grant.clone());
         Ok(grant)
     }
 
@@ -204,6 +243,7 @@ impl Keyring {
         check_id(id)?;
         let _g = self.admin()?;
         let mut grant = read_lock(&self.grants)?
+            .by_id
             .get(id)
             .cloned()
             .ok_or_else(|| KeyringError::GrantNotFound(id.to_owned()))?;
@@ -229,9 +269,13 @@ impl Keyring {
     /// The live grants, optionally only those on `key` and those whose grantee is or
     /// matches `principal` (empty: all).
     pub fn list_grants(&self, key: &str, principal: &str) -> Result<Vec<Grant>, KeyringError> {
-        Ok(read_lock(&self.grants)?
-            .values()
-            .filter(|g| key.is_empty() || g.key == key)
+        let grants = read_lock(&self.grants)?;
+        let on: Box<dyn Iterator<Item = &Grant>> = if key.is_empty() {
+            Box::new(grants.by_id.values())
+        } else {
+            Box::new(grants.on_key(key))
+        };
+        Ok(on
             .filter(|g| {
                 principal.is_empty()
                     || g.principal.as_str() == principal
@@ -251,7 +295,7 @@ impl Keyring {
         aads: &[&[u8]],
     ) -> Result<bool, KeyringError> {
         let grants = read_lock(&self.grants)?;
-        for g in grants.values().filter(|g| g.key == key) {
+        for g in grants.on_key(key) {
             if g.allows(principal, operation, aads, &self.mac_key)? {
                 return Ok(true);
             }

@@ -26,7 +26,7 @@ impl Keyring {
             tampered: RwLock::new(BTreeMap::new()),
             admin: Mutex::new(()),
             settings,
-            grants: RwLock::new(BTreeMap::new()),
+            grants: RwLock::new(grants::LiveGrants::default()),
         };
         let mut keys = BTreeMap::new();
         let mut tampered = BTreeMap::new();
@@ -43,12 +43,12 @@ impl Keyring {
                 Err(e) => return Err(e),
             }
         }
-        let mut live = BTreeMap::new();
+        let mut live = grants::LiveGrants::default();
         let mut refused_grants = 0usize;
         for (id, bytes) in keyring.store.scan(Table::Grants)? {
             match grants::decode(&id, &bytes, &keyring.mac_key)? {
                 Some(g) if g.revoked_at.is_none() => {
-                    live.insert(id, g);
+                    live.insert(g);
                 }
                 Some(_) => {}
                 None => {

@@ -119,7 +119,7 @@ pub struct Keyring {
     admin: Mutex<()>,
     settings: Settings,
     /// Live grants, by id.
-    grants: RwLock<BTreeMap<String, Grant>>,
+    grants: RwLock<grants::LiveGrants>,
 }
 
 /// The current Unix time in seconds.
@@ -216,6 +216,16 @@ impl Keyring {
             }
             None => Err(KeyringError::NotFound(name.to_owned())),
         }
+    }
+
+    /// Whether a crypto call on `name` is done in this process (a SOFTWARE key, or no such
+    /// key: the call fails at once), so that the server may run it on the async worker
+    /// instead of a blocking thread. HSM keys answer false: every use is a PKCS#11 call.
+    pub(crate) fn runs_in_process(&self, name: &str) -> bool {
+        read_lock(&self.keys).map_or(true, |keys| {
+            keys.get(name)
+                .is_none_or(|e| e.meta.protection == model::Protection::Software)
+        })
     }
 
     fn admin(&self) -> Result<MutexGuard<'_, ()>, KeyringError> {

@@ -298,6 +298,9 @@ pub struct SealManager {
     inner: Mutex<Inner>,
     /// Whether the server is unsealed, for those who watch (health, metrics).
     unsealed: tokio::sync::watch::Sender<bool>,
+    /// The keyring while unsealed, published apart from `inner` so that a call reads it
+    /// without waiting on a ceremony that holds `inner` (an unseal loading every key).
+    published: std::sync::RwLock<Option<Arc<Keyring>>>,
 }
 
 impl std::fmt::Debug for SealManager {
@@ -352,12 +355,18 @@ impl SealManager {
             audit,
             settings,
             unsealed: tokio::sync::watch::Sender::new(false),
+            published: std::sync::RwLock::new(None),
             inner: Mutex::new(Inner {
                 state,
                 record,
                 master_key,
             }),
         })
+    }
+
+    /// Publishes the keyring (or its absence) to [`SealManager::keyring`].
+    fn publish(&self, keyring: Option<Arc<Keyring>>) {
+        *self.published.write().unwrap_or_else(|p| p.into_inner()) = keyring;
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -388,8 +397,20 @@ impl SealManager {
 
     /// The keyring, or [`SealError::Sealed`] / [`SealError::NotInitialized`]. The lock is
     /// held only to clone the reference: crypto calls run without it.
+    /// Never waits on a ceremony in progress (an unseal or init holding the state): a call
+    /// made meanwhile is told the server is sealed.
     pub fn keyring(&self) -> Result<Arc<Keyring>, SealError> {
-        match &self.lock().state {
+        let published = self.published.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = published.as_ref() {
+            return Ok(Arc::clone(k));
+        }
+        drop(published);
+        let inner = match self.inner.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Err(SealError::Sealed),
+        };
+        match &inner.state {
             State::Unsealed(u) => Ok(Arc::clone(&u.keyring)),
             State::Sealed(_) => Err(SealError::Sealed),
             State::Uninitialized => Err(SealError::NotInitialized),
@@ -418,6 +439,7 @@ impl SealManager {
         // Dropping the old state zeroizes the root key (Zeroizing) and the shares.
         let was_unsealed = matches!(inner.state, State::Unsealed(_));
         inner.state = State::Sealed(None);
+        self.publish(None);
         self.unsealed.send_replace(false);
         if was_unsealed && self.hsm.pin_in_shares() {
             // Sealed means locked out of the HSM too: the PIN is gone with the shares.

@@ -62,9 +62,11 @@ impl SealManager {
             }
         };
         inner.master_key = Some(master_key);
+        let keyring = Arc::new(keyring);
         inner.state = State::Unsealed(Unsealed {
-            keyring: Arc::new(keyring),
+            keyring: Arc::clone(&keyring),
         });
+        self.publish(Some(keyring));
         self.unsealed.send_replace(true);
         Ok(status_of(inner, self.hsm.pin_in_shares()))
     }

@@ -1,6 +1,7 @@
 //! Test helper: edits the kms store offline, as someone with write access to the disk
-//! could. `store-tool replace STORE TABLE KEY FROM TO` replaces the text FROM with TO in one
-//! stored value (it must occur), through redb directly.
+//! could. `store-tool replace STORE TABLE KEY FROM TO` replaces the first occurrence of the
+//! bytes of FROM with those of TO in one stored value (it must occur; the value may be JSON
+//! or binary, as audit records are), through redb directly.
 
 #![forbid(unsafe_code)]
 #![allow(
@@ -23,15 +24,17 @@ fn main() {
             let v = redb::ReadableTable::get(&t, args[3].as_str())
                 .unwrap()
                 .expect("no such key");
-            String::from_utf8(v.value().to_vec()).unwrap()
+            v.value().to_vec()
         };
-        assert!(
-            old.contains(&args[4]),
-            "{:?} does not occur in the value",
-            args[4]
-        );
-        let new = old.replacen(&args[4], &args[5], 1);
-        t.insert(args[3].as_str(), new.as_bytes()).unwrap();
+        let (from, to) = (args[4].as_bytes(), args[5].as_bytes());
+        let at = old
+            .windows(from.len())
+            .position(|w| w == from)
+            .unwrap_or_else(|| panic!("{:?} does not occur in the value", args[4]));
+        let mut new = old[..at].to_vec();
+        new.extend_from_slice(to);
+        new.extend_from_slice(&old[at + from.len()..]);
+        t.insert(args[3].as_str(), new.as_slice()).unwrap();
     }
     txn.commit().unwrap();
 }
