@@ -693,6 +693,37 @@ pub(crate) mod tests {
         );
     }
 
+    /// A store written by an earlier version holds JSON records: the log continues its
+    /// chain in the compact form, and the whole chain, both forms, verifies.
+    #[test]
+    fn a_chain_of_json_records_continues_in_the_compact_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(&dir.path().join("a.redb")).unwrap());
+        let mut prev = GENESIS.to_owned();
+        for seq in 1..=3 {
+            let mut r = AuditRecord {
+                schema: AUDIT_SCHEMA,
+                seq,
+                event: event(seq),
+                prev_hash: prev.clone(),
+                hash: String::new(),
+            };
+            r.hash = r.compute_hash().unwrap();
+            prev.clone_from(&r.hash);
+            let json = serde_json::to_vec(&r).unwrap();
+            store.put(Table::Audit, &record_key(seq), &json).unwrap();
+        }
+        let log = unsigned_log(store.clone());
+        assert_eq!(log.append(event(4)).unwrap(), 4);
+        assert_eq!(log.append(event(5)).unwrap(), 5);
+        let stored = store.scan(Table::Audit).unwrap();
+        assert!(stored[..3].iter().all(|(_, v)| v[0] == b'{'));
+        assert!(stored[3..].iter().all(|(_, v)| v[0] == 2));
+        let report = verify::verify_records(&records(&store), &[], None).unwrap();
+        assert_eq!(report.head.seq, 5);
+        assert_eq!(log.stored_head().unwrap(), report.head);
+    }
+
     #[test]
     fn a_change_commits_with_its_record() {
         let dir = tempfile::tempdir().unwrap();
