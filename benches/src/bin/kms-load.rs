@@ -9,6 +9,10 @@
 //! kms-load --addr https://127.0.0.1:8200 --ca ca.pem --cert app.pem --cert-key app-key.pem \
 //!     --op encrypt --key payments --payload 1024 --concurrency 16 --duration 10s
 //! ```
+//!
+//! `--populate N` (with an admin's certificate) instead creates N AES keys `scale-000000`...
+//! with one grant each for `--grantee`, `--concurrency` at a time, and prints how long it
+//! took: the key-scale bench's set-up (`scripts/bench-scale`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,6 +37,8 @@ enum Op {
     Mac,
     Datakey,
     BatchEncrypt,
+    /// One `ListKeys` page of `--batch` keys (an admin's certificate).
+    ListKeys,
 }
 
 #[derive(Debug, Parser)]
@@ -80,6 +86,12 @@ struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Create this many keys with a grant each, then exit (see above).
+    #[arg(long)]
+    populate: Option<usize>,
+    /// The grantee of `--populate`'s grants.
+    #[arg(long, default_value = "spiffe://kms.dev/app")]
+    grantee: String,
 }
 
 /// What one run measured.
@@ -109,6 +121,9 @@ fn main() -> Result<(), BoxError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if let Some(n) = args.populate {
+        return rt.block_on(populate(&args, n));
+    }
     let report = rt.block_on(run(Arc::clone(&args)))?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -129,6 +144,53 @@ async fn connect(args: &Args) -> Result<Channel, BoxError> {
         .tls_config(tls)?
         .connect()
         .await?)
+}
+
+/// Creates `n` keys with a grant each, `--concurrency` at a time.
+async fn populate(args: &Args, n: usize) -> Result<(), BoxError> {
+    use kms_proto::v1::access_client::AccessClient;
+    let channel = connect(args).await?;
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency.max(1) {
+        let (channel, next, grantee) = (channel.clone(), Arc::clone(&next), args.grantee.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut keys = KeyManagementClient::new(channel.clone());
+            let mut access = AccessClient::new(channel);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n as u64 {
+                    return Ok::<(), tonic::Status>(());
+                }
+                let name = format!("scale-{i:06}");
+                keys.create_key(pb::CreateKeyRequest {
+                    name: name.clone(),
+                    algorithm: pb::Algorithm::Aes256Gcm as i32,
+                    ..Default::default()
+                })
+                .await?;
+                access
+                    .create_grant(pb::CreateGrantRequest {
+                        key: name,
+                        principal: grantee.clone(),
+                        operations: vec![pb::Operation::Encrypt as i32],
+                        associated_data: None,
+                    })
+                    .await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "created {n} keys with a grant each in {seconds:.1} s ({:.0} keys/s)",
+        n as f64 / seconds
+    );
+    Ok(())
 }
 
 /// One call of the operation; `Err` carries the status text.
@@ -187,6 +249,13 @@ async fn call(
                         ..Default::default()
                     })
                     .collect(),
+            })
+            .await
+            .map(drop),
+        Op::ListKeys => c
+            .list_keys(pb::ListKeysRequest {
+                page_size: u32::try_from(args.batch).unwrap_or(u32::MAX),
+                page_token: String::new(),
             })
             .await
             .map(drop),

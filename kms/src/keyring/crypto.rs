@@ -49,10 +49,14 @@ impl Keyring {
     }
 
     /// The secret of a usable version (see [`Keyring::usable`]).
-    fn secret(e: &KeyEntry, version: u32, purpose: VersionUse) -> Result<&Secret, KeyringError> {
+    fn secret<'e>(
+        &self,
+        e: &'e KeyEntry,
+        version: u32,
+        purpose: VersionUse,
+    ) -> Result<&'e Secret, KeyringError> {
         Self::usable(e, version, purpose)?
-            .secret
-            .as_ref()
+            .secret(&self.root)?
             .ok_or(KeyringError::Internal("no secret"))
     }
 
@@ -116,7 +120,7 @@ impl Keyring {
             self.take_nonce_budget(&e)?;
         }
         let version = e.meta.primary;
-        let secret = Self::secret(&e, version, VersionUse::Make)?;
+        let secret = self.secret(&e, version, VersionUse::Make)?;
         let nonce = random::<{ ciphertext::NONCE_LEN }>()?;
         let header = ciphertext::header(version);
         // Build the output once: header | nonce, then the ciphertext is made in place.
@@ -153,7 +157,7 @@ impl Keyring {
         if e.meta.version(parsed.version).is_none() {
             return Err(KeyringError::DecryptionFailed);
         }
-        let secret = Self::secret(&e, parsed.version, VersionUse::Read)?;
+        let secret = self.secret(&e, parsed.version, VersionUse::Read)?;
         let pt = secret.decrypt(
             Some(&self.hsm),
             &parsed.nonce,
@@ -216,7 +220,7 @@ impl Keyring {
         }
         let e = self.entry_for(name, Purpose::SignVerify, "signing")?;
         let version = e.meta.primary;
-        let secret = Self::secret(&e, version, VersionUse::Make)?;
+        let secret = self.secret(&e, version, VersionUse::Make)?;
         Ok((secret.sign(Some(&self.hsm), input, encoding)?, version))
     }
 
@@ -266,7 +270,7 @@ impl Keyring {
         check_size("the message", message.len(), MAX_MESSAGE, "")?;
         let e = self.entry_for(name, Purpose::Mac, "MAC")?;
         let version = e.meta.primary;
-        let secret = Self::secret(&e, version, VersionUse::Make)?;
+        let secret = self.secret(&e, version, VersionUse::Make)?;
         Ok((secret.mac(Some(&self.hsm), message)?, version))
     }
 
@@ -280,7 +284,7 @@ impl Keyring {
     ) -> Result<bool, KeyringError> {
         check_size("the message", message.len(), MAX_MESSAGE, "")?;
         let e = self.entry_for(name, Purpose::Mac, "MAC verification")?;
-        let secret = Self::secret(&e, Self::version_or_primary(&e, version), VersionUse::Read)?;
+        let secret = self.secret(&e, Self::version_or_primary(&e, version), VersionUse::Read)?;
         let want = secret.mac(Some(&self.hsm), message)?;
         Ok(subtle::ConstantTimeEq::ct_eq(want.as_slice(), tag).unwrap_u8() == 1)
     }

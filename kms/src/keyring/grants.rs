@@ -35,22 +35,23 @@ const AAD_DOMAIN: &str = "kms/v1/grant-aad/";
 #[derive(Debug, Default)]
 pub(crate) struct LiveGrants {
     by_id: BTreeMap<String, Grant>,
-    by_key: HashMap<String, BTreeSet<String>>,
+    /// Grant ids per key (a short list: at most `MAX_GRANTS_PER_KEY`).
+    by_key: HashMap<String, Vec<String>>,
 }
 
 impl LiveGrants {
     pub(crate) fn insert(&mut self, grant: Grant) {
-        self.by_key
-            .entry(grant.key.clone())
-            .or_default()
-            .insert(grant.id.clone());
+        let ids = self.by_key.entry(grant.key.clone()).or_default();
+        if !ids.contains(&grant.id) {
+            ids.push(grant.id.clone());
+        }
         self.by_id.insert(grant.id.clone(), grant);
     }
 
     fn remove(&mut self, id: &str) -> Option<Grant> {
         let grant = self.by_id.remove(id)?;
         if let Some(ids) = self.by_key.get_mut(&grant.key) {
-            ids.remove(id);
+            ids.retain(|i| i != id);
             if ids.is_empty() {
                 self.by_key.remove(&grant.key);
             }

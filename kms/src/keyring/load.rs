@@ -1,12 +1,43 @@
-//! Loading the keyring at unseal: every key record checked and its material derived or
-//! found in the HSM, grants loaded, and orphan HSM objects swept.
+//! Loading the keyring at unseal: every key record checked, HSM versions found in the
+//! token (software versions are derived at their first use), grants loaded, and orphan HSM
+//! objects swept.
 
 use super::*;
 
+/// Key records read from the store at a time at load.
+const LOAD_PAGE: usize = 1024;
+
+/// A stored counter reservation (an unreadable one counts as spent: refuse, never reuse).
+fn counter_value(bytes: &[u8]) -> u64 {
+    u64::from_be_bytes(bytes.try_into().unwrap_or([0xff; 8]))
+}
+
+/// Calls `f` with every entry of `table`, read page by page: the records of a big keyring
+/// are never all in memory at once.
+fn each_page(
+    store: &dyn Store,
+    table: Table,
+    mut f: impl FnMut(String, Vec<u8>) -> Result<(), KeyringError>,
+) -> Result<(), KeyringError> {
+    let mut from = String::new();
+    loop {
+        let page = store.range(table, &from, LOAD_PAGE)?;
+        let Some((last, _)) = page.last() else {
+            return Ok(());
+        };
+        // Names and ids have no NUL: this is the next possible key.
+        from = format!("{last}\0");
+        for (k, v) in page {
+            f(k, v)?;
+        }
+    }
+}
+
 impl Keyring {
-    /// Loads every key from the store, authenticating each record and deriving (or finding
-    /// in the HSM) each live version's material. A record that fails authentication is
-    /// kept out and refused by name.
+    /// Loads every key from the store, authenticating each record and finding each live
+    /// HSM version's object (a software version keeps what it is derived from, and is
+    /// derived at its first use). A record that fails authentication is kept out and
+    /// refused by name.
     pub fn load(
         root: &[u8; 32],
         hsm: Arc<Hsm>,
@@ -30,33 +61,29 @@ impl Keyring {
         };
         let mut keys = BTreeMap::new();
         let mut tampered = BTreeMap::new();
-        for (name, bytes) in keyring.store.scan(Table::Keys)? {
-            match model::decode(&name, &bytes, &keyring.mac_key) {
-                Ok(meta) => {
-                    let entry = keyring.build_entry(meta, None)?;
-                    keys.insert(name, Arc::new(entry));
-                }
-                Err(KeyringError::Tampered(_)) => {
-                    tracing::error!(key = %name, "key metadata failed authentication: the store was altered; key refused");
-                    tampered.insert(name, ());
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        // Every version's counter reservation, read once (not one read per version).
+        let counters: HashMap<String, u64> = keyring
+            .store
+            .scan(Table::Counters)?
+            .into_iter()
+            .map(|(k, b)| (k, counter_value(&b)))
+            .collect();
+        each_page(keyring.store.as_ref(), Table::Keys, |name, bytes| {
+            keyring.load_one(name, &bytes, &counters, &mut keys, &mut tampered)
+        })?;
         let mut live = grants::LiveGrants::default();
         let mut refused_grants = 0usize;
-        for (id, bytes) in keyring.store.scan(Table::Grants)? {
+        each_page(keyring.store.as_ref(), Table::Grants, |id, bytes| {
             match grants::decode(&id, &bytes, &keyring.mac_key)? {
-                Some(g) if g.revoked_at.is_none() => {
-                    live.insert(g);
-                }
+                Some(g) if g.revoked_at.is_none() => live.insert(g),
                 Some(_) => {}
                 None => {
                     tracing::error!(grant = %id, "grant record failed authentication: the store was altered; grant refused");
                     refused_grants += 1;
                 }
             }
-        }
+            Ok(())
+        })?;
         tracing::info!(
             keys = keys.len(),
             refused = tampered.len(),
@@ -69,6 +96,30 @@ impl Keyring {
         *write_lock(&keyring.tampered)? = tampered;
         keyring.sweep_orphans();
         Ok(keyring)
+    }
+
+    /// Checks one stored key record and builds its entry; a record that fails
+    /// authentication is refused by name.
+    fn load_one(
+        &self,
+        name: String,
+        bytes: &[u8],
+        counters: &HashMap<String, u64>,
+        keys: &mut BTreeMap<String, Arc<KeyEntry>>,
+        tampered: &mut BTreeMap<String, ()>,
+    ) -> Result<(), KeyringError> {
+        match model::decode(&name, bytes, &self.mac_key) {
+            Ok(meta) => {
+                let entry = self.build_entry(meta, None, Some(counters))?;
+                keys.insert(name, Arc::new(entry));
+            }
+            Err(KeyringError::Tampered(_)) => {
+                tracing::error!(key = %name, "key metadata failed authentication: the store was altered; key refused");
+                tampered.insert(name, ());
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(())
     }
 
     /// Destroys the token objects kms made for versions that no record names: left by a
@@ -146,11 +197,13 @@ impl Keyring {
         }
     }
 
-    /// Builds an entry's material, reusing `old`'s where the version is unchanged.
+    /// Builds an entry's material, reusing `old`'s where the version is unchanged; counter
+    /// reservations from `counters` when given (at load), else from the store.
     pub(super) fn build_entry(
         &self,
         meta: KeyMeta,
         old: Option<&KeyEntry>,
+        counters: Option<&HashMap<String, u64>>,
     ) -> Result<KeyEntry, KeyringError> {
         let key_id =
             unhex(&meta.key_id).ok_or_else(|| KeyringError::Tampered(meta.name.clone()))?;
@@ -158,7 +211,7 @@ impl Keyring {
         for v in &meta.versions {
             let material = match old.and_then(|o| unchanged(o, v)) {
                 Some(existing) => existing,
-                None => self.version_material(&meta, &key_id, v)?,
+                None => self.version_material(&meta, &key_id, v, counters)?,
             };
             versions.insert(v.version, material);
         }
@@ -172,21 +225,22 @@ impl Keyring {
         meta: &KeyMeta,
         key_id: &[u8],
         v: &VersionMeta,
+        counters: Option<&HashMap<String, u64>>,
     ) -> Result<Arc<VersionMaterial>, KeyringError> {
         let tampered = || KeyringError::Tampered(meta.name.clone());
-        let secret = match (&v.state, meta.protection) {
+        let ready = std::sync::OnceLock::new();
+        let derive = match (&v.state, meta.protection) {
             (VersionState::Destroyed { .. }, _) => None,
-            (_, Protection::Software) => {
-                let salt = v.salt.as_deref().and_then(unhex).ok_or_else(tampered)?;
-                Some(material::derive_secret(
-                    &self.root,
-                    &salt,
-                    key_id,
-                    v.version,
-                    meta.algorithm,
-                )?)
+            (_, Protection::Software) => Some(material::Derivation {
+                salt: v.salt.as_deref().and_then(unhex).ok_or_else(tampered)?,
+                key_id: key_id.to_vec(),
+                version: v.version,
+                algorithm: meta.algorithm,
+            }),
+            (_, Protection::Hsm) => {
+                let _ = ready.set(self.hsm_secret(meta, v)?);
+                None
             }
-            (_, Protection::Hsm) => Some(self.hsm_secret(meta, v)?),
         };
         let public = match &v.public_key {
             Some(h) => Some(
@@ -196,15 +250,17 @@ impl Keyring {
             ),
             None => None,
         };
-        let reserved = match self
-            .store
-            .get(Table::Counters, &counter_key(&meta.name, v.version))?
-        {
-            Some(b) => u64::from_be_bytes(b.as_slice().try_into().unwrap_or([0xff; 8])),
-            None => 0,
+        let at = counter_key(&meta.name, v.version);
+        let reserved = match counters {
+            Some(all) => all.get(&at).copied().unwrap_or(0),
+            None => self
+                .store
+                .get(Table::Counters, &at)?
+                .map_or(0, |b| counter_value(&b)),
         };
         Ok(Arc::new(VersionMaterial {
-            secret,
+            ready,
+            derive,
             public,
             counter: AtomicU64::new(reserved),
             reserved: AtomicU64::new(reserved),

@@ -146,14 +146,42 @@ fn need(hsm: Option<&Hsm>) -> Result<&Hsm, KeyringError> {
 
 /// One version's material, its public key, and its message counter.
 pub(crate) struct VersionMaterial {
-    /// The secret part (`None` when destroyed).
-    pub secret: Option<Secret>,
+    /// The secret part once made: an HSM version's at load, a software version's at its
+    /// first use (see [`VersionMaterial::secret`]).
+    pub ready: std::sync::OnceLock<Secret>,
+    /// What a software version's secret is derived from (`None`: HSM, or destroyed).
+    pub derive: Option<Derivation>,
     /// The public key, for asymmetric keys.
     pub public: Option<Public>,
     /// Messages encrypted under this version (AES-GCM nonce budget).
     pub counter: AtomicU64,
     /// The count up to which the store has a reservation (see `Keyring::encrypt`).
     pub reserved: AtomicU64,
+}
+
+/// The inputs of a software version's derivation, kept (instead of the derived key and its
+/// schedule) until the version is first used: a keyring of many keys, most of them cold,
+/// unseals faster and holds less.
+pub(crate) struct Derivation {
+    pub salt: Vec<u8>,
+    pub key_id: Vec<u8>,
+    pub version: u32,
+    pub algorithm: Algorithm,
+}
+
+impl VersionMaterial {
+    /// The secret (`None` when destroyed), derived from `root` on first use.
+    pub(crate) fn secret(&self, root: &[u8; 32]) -> Result<Option<&Secret>, KeyringError> {
+        if let Some(s) = self.ready.get() {
+            return Ok(Some(s));
+        }
+        let Some(d) = &self.derive else {
+            return Ok(None);
+        };
+        let made = derive_secret(root, &d.salt, &d.key_id, d.version, d.algorithm)?;
+        // Two first uses at once derive twice; one result is kept, the other dropped.
+        Ok(Some(self.ready.get_or_init(|| made)))
+    }
 }
 
 /// HKDF output of `N` bytes for a software version.

@@ -250,7 +250,7 @@ impl Keyring {
                 value: bytes,
             }],
         )?;
-        let entry = self.build_entry(meta.clone(), old)?;
+        let entry = self.build_entry(meta.clone(), old, None)?;
         write_lock(&self.keys)?.insert(meta.name.clone(), Arc::new(entry));
         Ok(meta)
     }
