@@ -56,7 +56,7 @@ impl Keyring {
         purpose: VersionUse,
     ) -> Result<&'e Secret, KeyringError> {
         Self::usable(e, version, purpose)?
-            .secret(&self.root)?
+            .secret(&self.root, &e.meta, version)?
             .ok_or(KeyringError::Internal("no secret"))
     }
 

@@ -205,13 +205,13 @@ impl Keyring {
         old: Option<&KeyEntry>,
         counters: Option<&HashMap<String, u64>>,
     ) -> Result<KeyEntry, KeyringError> {
-        let key_id =
-            unhex(&meta.key_id).ok_or_else(|| KeyringError::Tampered(meta.name.clone()))?;
+        // The key id goes into every software version's derivation: checked now.
+        unhex(&meta.key_id).ok_or_else(|| KeyringError::Tampered(meta.name.clone()))?;
         let mut versions = HashMap::new();
         for v in &meta.versions {
             let material = match old.and_then(|o| unchanged(o, v)) {
                 Some(existing) => existing,
-                None => self.version_material(&meta, &key_id, v, counters)?,
+                None => self.version_material(&meta, v, counters)?,
             };
             versions.insert(v.version, material);
         }
@@ -223,31 +223,29 @@ impl Keyring {
     fn version_material(
         &self,
         meta: &KeyMeta,
-        key_id: &[u8],
         v: &VersionMeta,
         counters: Option<&HashMap<String, u64>>,
     ) -> Result<Arc<VersionMaterial>, KeyringError> {
         let tampered = || KeyringError::Tampered(meta.name.clone());
         let ready = std::sync::OnceLock::new();
-        let derive = match (&v.state, meta.protection) {
-            (VersionState::Destroyed { .. }, _) => None,
-            (_, Protection::Software) => Some(material::Derivation {
-                salt: v.salt.as_deref().and_then(unhex).ok_or_else(tampered)?,
-                key_id: key_id.to_vec(),
-                version: v.version,
-                algorithm: meta.algorithm,
-            }),
+        let derived = match (&v.state, meta.protection) {
+            (VersionState::Destroyed { .. }, _) => false,
+            (_, Protection::Software) => {
+                // Derived at first use (`VersionMaterial::secret`); its salt is checked now.
+                v.salt.as_deref().and_then(unhex).ok_or_else(tampered)?;
+                true
+            }
             (_, Protection::Hsm) => {
                 let _ = ready.set(self.hsm_secret(meta, v)?);
-                None
+                false
             }
         };
         let public = match &v.public_key {
-            Some(h) => Some(
+            Some(h) => Some(Box::new(
                 unhex(h)
                     .and_then(|b| Public::from_bytes(meta.algorithm, &b))
                     .ok_or_else(tampered)?,
-            ),
+            )),
             None => None,
         };
         let at = counter_key(&meta.name, v.version);
@@ -260,7 +258,7 @@ impl Keyring {
         };
         Ok(Arc::new(VersionMaterial {
             ready,
-            derive,
+            derived,
             public,
             counter: AtomicU64::new(reserved),
             reserved: AtomicU64::new(reserved),

@@ -20,7 +20,8 @@ use zeroize::Zeroizing;
 
 use super::KeyringError;
 use super::ciphertext::NONCE_LEN;
-use super::model::Algorithm;
+use super::model::{Algorithm, KeyMeta};
+use super::unhex;
 use crate::hsm::{Hsm, HsmKeyKind, KeyHandle};
 
 /// How an ECDSA signature is encoded (Ed25519 signatures are always 64 raw bytes).
@@ -149,36 +150,43 @@ pub(crate) struct VersionMaterial {
     /// The secret part once made: an HSM version's at load, a software version's at its
     /// first use (see [`VersionMaterial::secret`]).
     pub ready: std::sync::OnceLock<Secret>,
-    /// What a software version's secret is derived from (`None`: HSM, or destroyed).
-    pub derive: Option<Derivation>,
+    /// Whether the secret is derived at first use (a live software version), from the
+    /// key's record (see [`VersionMaterial::secret`]).
+    pub derived: bool,
     /// The public key, for asymmetric keys.
-    pub public: Option<Public>,
+    /// (Boxed: most versions have none, and an Ed25519 verifying key is ~200 bytes.)
+    pub public: Option<Box<Public>>,
     /// Messages encrypted under this version (AES-GCM nonce budget).
     pub counter: AtomicU64,
     /// The count up to which the store has a reservation (see `Keyring::encrypt`).
     pub reserved: AtomicU64,
 }
 
-/// The inputs of a software version's derivation, kept (instead of the derived key and its
-/// schedule) until the version is first used: a keyring of many keys, most of them cold,
-/// unseals faster and holds less.
-pub(crate) struct Derivation {
-    pub salt: Vec<u8>,
-    pub key_id: Vec<u8>,
-    pub version: u32,
-    pub algorithm: Algorithm,
-}
-
 impl VersionMaterial {
-    /// The secret (`None` when destroyed), derived from `root` on first use.
-    pub(crate) fn secret(&self, root: &[u8; 32]) -> Result<Option<&Secret>, KeyringError> {
+    /// The secret of `meta`'s version `version` (`None` when destroyed). A software
+    /// version's is derived from `root` at its first use, not at load: a keyring of many
+    /// keys, most of them cold, unseals faster and holds less (no key schedule per key).
+    pub(crate) fn secret(
+        &self,
+        root: &[u8; 32],
+        meta: &KeyMeta,
+        version: u32,
+    ) -> Result<Option<&Secret>, KeyringError> {
         if let Some(s) = self.ready.get() {
             return Ok(Some(s));
         }
-        let Some(d) = &self.derive else {
+        if !self.derived {
             return Ok(None);
-        };
-        let made = derive_secret(root, &d.salt, &d.key_id, d.version, d.algorithm)?;
+        }
+        // Both were checked at load; a record that changed since is not ours.
+        let tampered = || KeyringError::Tampered(meta.name.clone());
+        let salt = meta
+            .version(version)
+            .and_then(|v| v.salt.as_deref())
+            .and_then(unhex)
+            .ok_or_else(tampered)?;
+        let key_id = unhex(&meta.key_id).ok_or_else(tampered)?;
+        let made = derive_secret(root, &salt, &key_id, version, meta.algorithm)?;
         // Two first uses at once derive twice; one result is kept, the other dropped.
         Ok(Some(self.ready.get_or_init(|| made)))
     }
