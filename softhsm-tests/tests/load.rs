@@ -105,6 +105,44 @@ async fn kms_load_measures_a_real_server_and_the_echo_ceiling() {
         "{r}"
     );
 
+    // --rate paces the calls: 40/s over the 1 s measured is about 40, not thousands.
+    let mut args = common.to_vec();
+    args.extend(["--op", "encrypt", "--concurrency", "2", "--rate", "40"]);
+    let r = load(&args);
+    assert_eq!(r["errors"], 0, "{r}");
+    assert!((20..=60).contains(&r["calls"].as_u64().unwrap()), "{r}");
+
+    // --populate (the key-scale bench's set-up): keys with a grant each, as the admin.
+    let (admin_cert, admin_key) = (
+        hsm.admin.cert.to_str().unwrap().to_owned(),
+        hsm.admin.key.to_str().unwrap().to_owned(),
+    );
+    let out = Command::new(bin("kms-load"))
+        .args(["--addr", &server.addr, "--ca", &ca])
+        .args(["--cert", &admin_cert, "--cert-key", &admin_key])
+        .args(["--populate", "25", "--concurrency", "4"])
+        .args(["--grantee", &app.principal])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("created 25 keys with a grant each"),
+        "{out:?}"
+    );
+    let mut args = common.to_vec();
+    args.extend(["--op", "encrypt", "--concurrency", "2"]);
+    let idx = args.iter().position(|a| *a == "payments").unwrap();
+    args[idx] = "scale-000024";
+    assert_eq!(load(&args)["errors"], 0);
+    // ...and pages of ListKeys.
+    let mut args = common.to_vec();
+    args[5] = &admin_cert;
+    args[7] = &admin_key;
+    args.extend(["--op", "list-keys", "--batch", "10", "--concurrency", "1"]);
+    let r = load(&args);
+    assert_eq!(r["errors"], 0, "{r}");
+    assert!(r["calls"].as_u64().unwrap() > 0, "{r}");
+
     // The echo: the same calls, same TLS and client certificate, no work.
     let mut echo = Command::new(bin("kms-echo"))
         .args(["--cert", hsm.pki.server.cert.to_str().unwrap()])

@@ -86,6 +86,10 @@ struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// At most this many calls per second in all (0: as fast as the server answers). Each
+    /// of the `--concurrency` callers keeps its share of the rate on a fixed schedule.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
     /// Create this many keys with a grant each, then exit (see above).
     #[arg(long)]
     populate: Option<usize>,
@@ -328,8 +332,17 @@ async fn run(args: Arc<Args>) -> Result<Report, BoxError> {
             Arc::clone(&first_error),
         );
         let mut hist = histogram()?;
+        // Paced callers start spread over one interval, so the calls do not come in bursts.
+        let interval = (args.rate > 0.0)
+            .then(|| Duration::from_secs_f64(args.concurrency.max(1) as f64 / args.rate));
+        let mut next_at =
+            interval.map(|iv| start + iv.mul_f64(i as f64 / args.concurrency.max(1) as f64));
         tasks.push(tokio::spawn(async move {
             loop {
+                if let (Some(at), Some(iv)) = (next_at.as_mut(), interval) {
+                    tokio::time::sleep_until((*at).into()).await;
+                    *at += iv;
+                }
                 let t = Instant::now();
                 if t >= end {
                     break;
