@@ -3,7 +3,9 @@
 //! - `Encrypt` of 1 KiB with a SOFTWARE key through the keyring vs `aes-gcm` called
 //!   directly on the same data (both make a fresh random nonce per message).
 //! - `Sign` (ECDSA P-256, SHA-256 of a 1 KiB message) with an HSM key through the keyring
-//!   vs cryptoki's `C_Sign` on a key of the same token, same thread.
+//!   vs cryptoki's `C_Sign` on a key of the same token, same thread; and `C_Sign` from 16
+//!   threads at once, the baseline of the gRPC path at concurrency 16 (run it pinned to the
+//!   server's core: `taskset -c 0 cargo bench -p kms-benches --bench keyring -- sign`).
 //!
 //! Run: `cargo bench -p kms-benches --bench keyring`. Needs SoftHSM. The bench runs itself
 //! again with a private `SOFTHSM2_CONF` (a process must not change its own environment).
@@ -182,6 +184,29 @@ fn benches(c: &mut Criterion) {
             keyring
                 .sign("sig", SignInput::Message(&data), SignatureEncoding::Der)
                 .unwrap()
+        })
+    });
+    // The gRPC path's baseline at its concurrency: 16 threads, each with its own session,
+    // signing at once (run pinned, `taskset -c 0`, to compare with a server on one core).
+    // Time per signature = wall time / signatures.
+    g.bench_function("cryptoki C_Sign directly, 16 threads", |b| {
+        b.iter_custom(|iters| {
+            let per_thread = iters.div_ceil(16);
+            let started = std::time::Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..16 {
+                    s.spawn(|| {
+                        let session = pkcs11.open_ro_session(slot).unwrap();
+                        for _ in 0..per_thread {
+                            let digest = sha2::Sha256::digest(&data);
+                            session.sign(&Mechanism::Ecdsa, private, &digest).unwrap();
+                        }
+                    });
+                }
+            });
+            started
+                .elapsed()
+                .mul_f64(iters as f64 / (per_thread * 16) as f64)
         })
     });
     g.finish();
