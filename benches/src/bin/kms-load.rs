@@ -278,15 +278,11 @@ fn histogram() -> Result<Histogram<u64>, BoxError> {
     Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
 }
 
-async fn run(args: Arc<Args>) -> Result<Report, BoxError> {
-    let mut channels = Vec::new();
-    for _ in 0..args.channels.max(1) {
-        channels.push(connect(&args).await?);
-    }
-    let first = channels.first().cloned().ok_or("no channel")?;
+/// What every call sends, made once: for Decrypt, a ciphertext of the payload.
+async fn make_input(args: &Args, channel: Channel) -> Result<Input, BoxError> {
     let payload = vec![0x5a; args.payload];
     let ciphertext = if args.op == Op::Decrypt {
-        KeyManagementClient::new(first.clone())
+        KeyManagementClient::new(channel)
             .encrypt(pb::EncryptRequest {
                 key: args.key.clone(),
                 plaintext: payload.clone(),
@@ -298,10 +294,76 @@ async fn run(args: Arc<Args>) -> Result<Report, BoxError> {
     } else {
         Vec::new()
     };
-    let input = Arc::new(Input {
+    Ok(Input {
         payload,
         ciphertext,
-    });
+    })
+}
+
+/// When one caller calls: from the start (after the warm-up, calls are measured) to the
+/// end, back to back or every `interval` from `first_at`.
+struct Schedule {
+    measure_from: Instant,
+    end: Instant,
+    interval: Option<Duration>,
+    first_at: Option<Instant>,
+}
+
+/// Where one caller puts what it measured.
+struct Outcome {
+    hist: Histogram<u64>,
+    errors: Arc<AtomicU64>,
+    first_error: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+/// One caller: calls until the end of the run and returns its latency histogram.
+async fn caller(
+    mut client: KeyManagementClient<Channel>,
+    args: Arc<Args>,
+    input: Arc<Input>,
+    schedule: Schedule,
+    mut outcome: Outcome,
+) -> Histogram<u64> {
+    let mut next_at = schedule.first_at;
+    loop {
+        if let (Some(at), Some(iv)) = (next_at.as_mut(), schedule.interval) {
+            tokio::time::sleep_until((*at).into()).await;
+            *at += iv;
+        }
+        let t = Instant::now();
+        if t >= schedule.end {
+            break;
+        }
+        let r = call(&mut client, &args, &input).await;
+        let done = Instant::now();
+        if t < schedule.measure_from {
+            continue;
+        }
+        match r {
+            Ok(()) => {
+                let us = u64::try_from(done.duration_since(t).as_micros()).unwrap_or(u64::MAX);
+                let _ = outcome.hist.record(us.max(1));
+            }
+            Err(e) => {
+                outcome.errors.fetch_add(1, Ordering::Relaxed);
+                outcome
+                    .first_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(e);
+            }
+        }
+    }
+    outcome.hist
+}
+
+async fn run(args: Arc<Args>) -> Result<Report, BoxError> {
+    let mut channels = Vec::new();
+    for _ in 0..args.channels.max(1) {
+        channels.push(connect(&args).await?);
+    }
+    let first = channels.first().cloned().ok_or("no channel")?;
+    let input = Arc::new(make_input(&args, first.clone()).await?);
     let errors = Arc::new(AtomicU64::new(0));
     let first_error = Arc::new(std::sync::Mutex::new(None));
     let start = Instant::now();
@@ -323,52 +385,29 @@ async fn run(args: Arc<Args>) -> Result<Report, BoxError> {
             .get(i % channels.len())
             .cloned()
             .unwrap_or_else(|| first.clone());
-        let mut client =
-            KeyManagementClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
-        let (args, input, errors, first_error) = (
-            Arc::clone(&args),
-            Arc::clone(&input),
-            Arc::clone(&errors),
-            Arc::clone(&first_error),
-        );
-        let mut hist = histogram()?;
+        let client = KeyManagementClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
         // Paced callers start spread over one interval, so the calls do not come in bursts.
         let interval = (args.rate > 0.0)
             .then(|| Duration::from_secs_f64(args.concurrency.max(1) as f64 / args.rate));
-        let mut next_at =
-            interval.map(|iv| start + iv.mul_f64(i as f64 / args.concurrency.max(1) as f64));
-        tasks.push(tokio::spawn(async move {
-            loop {
-                if let (Some(at), Some(iv)) = (next_at.as_mut(), interval) {
-                    tokio::time::sleep_until((*at).into()).await;
-                    *at += iv;
-                }
-                let t = Instant::now();
-                if t >= end {
-                    break;
-                }
-                let r = call(&mut client, &args, &input).await;
-                let done = Instant::now();
-                if t < measure_from {
-                    continue;
-                }
-                match r {
-                    Ok(()) => {
-                        let us =
-                            u64::try_from(done.duration_since(t).as_micros()).unwrap_or(u64::MAX);
-                        let _ = hist.record(us.max(1));
-                    }
-                    Err(e) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        first_error
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(e);
-                    }
-                }
-            }
-            hist
-        }));
+        let schedule = Schedule {
+            measure_from,
+            end,
+            interval,
+            first_at: interval
+                .map(|iv| start + iv.mul_f64(i as f64 / args.concurrency.max(1) as f64)),
+        };
+        let outcome = Outcome {
+            hist: histogram()?,
+            errors: Arc::clone(&errors),
+            first_error: Arc::clone(&first_error),
+        };
+        tasks.push(tokio::spawn(caller(
+            client,
+            Arc::clone(&args),
+            Arc::clone(&input),
+            schedule,
+            outcome,
+        )));
     }
     let mut all = histogram()?;
     for t in tasks {
@@ -376,12 +415,29 @@ async fn run(args: Arc<Args>) -> Result<Report, BoxError> {
     }
     let _ = sampler.await;
     let cpu_after = args.server_pid.and_then(cpu_seconds);
+    let cpu_before = *cpu_before.lock().unwrap_or_else(|p| p.into_inner());
+    let first_error = first_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+    Ok(report(
+        &args,
+        &all,
+        errors.load(Ordering::Relaxed),
+        first_error,
+        cpu_before.zip(cpu_after),
+    ))
+}
+
+/// The run's report from its merged histogram, its errors and the server's CPU time before
+/// and after the measured part.
+fn report(
+    args: &Args,
+    all: &Histogram<u64>,
+    errors: u64,
+    first_error: Option<String>,
+    cpu: Option<(f64, f64)>,
+) -> Report {
     let seconds = args.duration.as_secs_f64();
     let calls = all.len();
-    let cpu = cpu_before
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .zip(cpu_after)
+    let cpu = cpu
         .filter(|_| calls > 0)
         .map(|(b, a)| (a - b) * 1000.0 / calls as f64);
     let items = if args.op == Op::BatchEncrypt {
@@ -389,14 +445,14 @@ async fn run(args: Arc<Args>) -> Result<Report, BoxError> {
     } else {
         1.0
     };
-    Ok(Report {
+    Report {
         op: args.op,
         payload: args.payload,
         concurrency: args.concurrency,
         channels: args.channels,
         seconds,
         calls,
-        errors: errors.load(Ordering::Relaxed),
+        errors,
         ops_per_second: calls as f64 / seconds,
         items_per_second: calls as f64 * items / seconds,
         p50_us: all.value_at_quantile(0.5),
@@ -404,8 +460,8 @@ async fn run(args: Arc<Args>) -> Result<Report, BoxError> {
         p999_us: all.value_at_quantile(0.999),
         max_us: all.max(),
         server_cpu_seconds_per_1000: cpu,
-        first_error: first_error.lock().unwrap_or_else(|p| p.into_inner()).take(),
-    })
+        first_error,
+    }
 }
 
 /// A process's CPU time (user + system), in seconds, from `/proc/PID/stat`.
