@@ -342,6 +342,7 @@ impl Store for RedbStore {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use super::*;
 
     #[test]
     fn a_small_page_cache_still_serves_everything() {
@@ -366,8 +367,6 @@ mod tests {
         }
         assert_eq!(store.scan(Table::Audit).unwrap().len(), 1000);
     }
-
-    use super::*;
 
     #[test]
     fn round_trip_and_insert_new() {

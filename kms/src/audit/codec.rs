@@ -279,6 +279,11 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<AuditRecord> {
     }
 }
 
+/// [`line`] of stored bytes, decoding them here.
+pub(crate) fn line_of(bytes: &[u8]) -> Vec<u8> {
+    line(bytes, decode(bytes).as_ref())
+}
+
 /// A stored record as a line of an export or archive segment: its JSON (a JSON record as
 /// stored, byte for byte). Bytes that are neither form pass through as they are, for the
 /// verifier to name.

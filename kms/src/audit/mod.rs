@@ -516,7 +516,7 @@ impl AuditLog {
             .store
             .scan(Table::Audit)?
             .into_iter()
-            .map(|(_, v)| codec::line(&v, codec::decode(&v).as_ref()))
+            .map(|(_, v)| codec::line_of(&v))
             .collect())
     }
 
@@ -635,7 +635,7 @@ pub(crate) mod tests {
             .scan(Table::Audit)
             .unwrap()
             .into_iter()
-            .map(|(_, v)| codec::line(&v, codec::decode(&v).as_ref()))
+            .map(|(_, v)| codec::line_of(&v))
             .collect()
     }
 

@@ -487,6 +487,8 @@ async fn run_at<R: prost::Message + Send + 'static>(
     call: Call,
     f: impl FnOnce(&Call) -> Result<Served<R>, ApiError> + Send + 'static,
 ) -> Result<Response<R>, Status> {
+    // Kept apart: a panic in the work loses `call`, and its status carries the id too.
+    let request_id = call.event.request_id.clone();
     let work = move || {
         let result = crate::access::check(
             call.need,
@@ -508,12 +510,9 @@ async fn run_at<R: prost::Message + Send + 'static>(
         Place::InProcess => Ok(work()),
         Place::Blocking => tokio::task::spawn_blocking(work).await,
     };
-    let (request_id, answer) = match done {
-        Ok((call, settled)) => {
-            let answer = deliver(&call, settled).await;
-            (call.event.request_id, answer)
-        }
-        Err(_) => return Err(Status::internal("internal error")),
+    let answer = match done {
+        Ok((call, settled)) => deliver(&call, settled).await,
+        Err(_) => Err(Status::internal("internal error")),
     };
     let id = MetadataValue::try_from(request_id.as_str()).ok();
     match answer {
@@ -633,12 +632,12 @@ async fn with_keyring<Q: Aad + Send + 'static, R: prost::Message + Send + 'stati
     req: Q,
     f: impl FnOnce(&Keyring, &Call, Q) -> Result<Served<R>, KeyringError> + Send + 'static,
 ) -> Result<Response<R>, Status> {
-    let seal = Arc::clone(&ctx.seal);
     // Crypto calls on in-process keys run on the async worker; HSM keys, administration
     // (which commits to the store) and a sealed server run on a blocking thread. (A crypto
     // call may still wait on the store, rarely: when it reserves the next block of its
     // key's nonce budget, or rotates the key at 3/4 of it.)
-    let place = match seal.keyring() {
+    let keyring = ctx.seal.keyring();
+    let place = match &keyring {
         Ok(k)
             if matches!(call.need, Need::Grant(_))
                 && [&call.event.key, &call.event.destination_key]
@@ -651,7 +650,7 @@ async fn with_keyring<Q: Aad + Send + 'static, R: prost::Message + Send + 'stati
         _ => Place::Blocking,
     };
     run_at(place, call, move |c| {
-        let keyring = seal.keyring()?;
+        let keyring = keyring?;
         if let Need::Grant(on_key) = c.need {
             let aads = req.aads();
             // ReEncrypt: reencrypt-from on the source, reencrypt-to on the destination.
