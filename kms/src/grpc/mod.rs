@@ -469,6 +469,12 @@ enum Place {
     InProcess,
 }
 
+/// The largest request whose crypto runs on the async worker: one item of the largest
+/// plaintext or message and its fields. A bigger one (a batch of many megabytes, up to the
+/// 16 MiB a caller may send) is milliseconds of AES-GCM, which would stall every other
+/// call on that worker: it runs on a blocking thread.
+const IN_PROCESS_MAX_INPUT: u64 = crate::keyring::MAX_PLAINTEXT as u64 + 16 * 1024;
+
 /// Runs a blocking call off the async runtime, writes its audit record, logs its outcome,
 /// maps its error. The answer leaves only after the record is durable.
 async fn run<R: prost::Message + Send + 'static>(
@@ -632,14 +638,16 @@ async fn with_keyring<Q: Aad + Send + 'static, R: prost::Message + Send + 'stati
     req: Q,
     f: impl FnOnce(&Keyring, &Call, Q) -> Result<Served<R>, KeyringError> + Send + 'static,
 ) -> Result<Response<R>, Status> {
-    // Crypto calls on in-process keys run on the async worker; HSM keys, administration
-    // (which commits to the store) and a sealed server run on a blocking thread. (A crypto
-    // call may still wait on the store, rarely: when it reserves the next block of its
-    // key's nonce budget, or rotates the key at 3/4 of it.)
+    // Crypto calls on in-process keys, up to `IN_PROCESS_MAX_INPUT` bytes, run on the async
+    // worker; bigger ones, HSM keys, administration (which commits to the store) and a
+    // sealed server run on a blocking thread. (A crypto call may still wait on the store,
+    // rarely: when it reserves the next block of its key's nonce budget, or rotates the key
+    // at 3/4 of it.)
     let keyring = ctx.seal.keyring();
     let place = match &keyring {
         Ok(k)
             if matches!(call.need, Need::Grant(_))
+                && call.event.input_bytes <= IN_PROCESS_MAX_INPUT
                 && [&call.event.key, &call.event.destination_key]
                     .into_iter()
                     .flatten()
