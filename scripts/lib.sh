@@ -55,6 +55,23 @@ ensure_prometheus() {
     fi
 }
 
+ensure_postgres() {
+    # The PostgreSQL backend is tested against a real PostgreSQL: each test runs initdb in a
+    # temporary directory and starts its own server on 127.0.0.1. The package's own cluster
+    # service is not started (policy-rc.d).
+    if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+        echo "==> installing postgresql (the PostgreSQL backend's tests start their own server)"
+        local policy=/usr/sbin/policy-rc.d had_policy=0
+        if [ -e "$policy" ]; then had_policy=1; fi
+        if [ "$had_policy" -eq 0 ]; then
+            printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+            as_root chmod 755 "$policy"
+        fi
+        apt_install postgresql
+        if [ "$had_policy" -eq 0 ]; then as_root rm -f "$policy"; fi
+    fi
+}
+
 ensure_protoc() {
     # The reference protobuf compiler: every .proto must compile with it (docs/api.md).
     if ! command -v protoc >/dev/null 2>&1; then

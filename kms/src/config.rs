@@ -157,10 +157,149 @@ pub(crate) struct KeyringConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct StorageConfig {
-    /// The redb file.
-    pub path: PathBuf,
-    /// The store's page cache, in MiB (default 64).
+    /// `redb` (default: one file, one server) or `postgres` (several servers).
+    pub backend: Option<String>,
+    /// redb: the file.
+    pub path: Option<PathBuf>,
+    /// redb: the page cache, in MiB (default 64).
     pub cache_mib: Option<u64>,
+    /// postgres: the connection URL, without a password.
+    pub url: Option<String>,
+    /// postgres: the environment variable that holds the password.
+    pub password_env: Option<String>,
+    /// postgres: the file (0600) that holds the password.
+    pub password_file: Option<PathBuf>,
+    /// postgres: the CA bundle the database's certificate must chain to (TLS required).
+    pub ca_file: Option<PathBuf>,
+    /// postgres: connections in the pool (default 8).
+    pub connections: Option<usize>,
+    /// postgres: seconds a call waits for the database before it fails (default 5).
+    pub timeout_seconds: Option<u64>,
+}
+
+/// Where the server keeps its state: `[storage]`, checked.
+#[derive(Debug, Clone)]
+pub enum StorageSettings {
+    /// One redb file.
+    Redb {
+        /// The file.
+        path: PathBuf,
+        /// The page cache, in bytes.
+        cache_bytes: usize,
+    },
+    /// A PostgreSQL database that several servers share.
+    Postgres(crate::store::PgSettings),
+}
+
+impl StorageSettings {
+    /// Opens the store these settings name (creating or migrating it).
+    pub fn open(
+        &self,
+    ) -> Result<std::sync::Arc<dyn crate::store::Store>, crate::store::StoreError> {
+        Ok(match self {
+            Self::Redb { path, cache_bytes } => std::sync::Arc::new(
+                crate::store::RedbStore::open_with_cache(path, *cache_bytes)?,
+            ),
+            Self::Postgres(settings) => {
+                std::sync::Arc::new(crate::store::PgStore::connect(settings)?)
+            }
+        })
+    }
+
+    /// The redb file, if the store is one.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            Self::Redb { path, .. } => Some(path),
+            Self::Postgres(_) => None,
+        }
+    }
+}
+
+impl StorageConfig {
+    /// Checks the table: exactly the keys of its backend, values in range.
+    fn validate(self, base: &Path) -> Result<StorageSettings, ConfigError> {
+        let pg_keys = self.url.is_some()
+            || self.password_env.is_some()
+            || self.password_file.is_some()
+            || self.ca_file.is_some()
+            || self.connections.is_some()
+            || self.timeout_seconds.is_some();
+        match self.backend.as_deref().unwrap_or("redb") {
+            "redb" => {
+                if pg_keys {
+                    return Err(ConfigError::BadStorageKeys(
+                        "url, password_env, password_file, ca_file, connections and timeout_seconds are for backend = \"postgres\"",
+                    ));
+                }
+                let path = self.path.ok_or(ConfigError::BadStorageKeys(
+                    "path (the redb file) is required",
+                ))?;
+                let mib = within(
+                    self.cache_mib,
+                    64,
+                    1..=65_536,
+                    ConfigError::BadStorage("cache_mib (1..=65536)"),
+                )?;
+                Ok(StorageSettings::Redb {
+                    path: resolve(base, path),
+                    cache_bytes: usize::try_from(mib * 1024 * 1024)
+                        .map_err(|_| ConfigError::BadStorage("cache_mib (1..=65536)"))?,
+                })
+            }
+            "postgres" => {
+                if self.path.is_some() || self.cache_mib.is_some() {
+                    return Err(ConfigError::BadStorageKeys(
+                        "path and cache_mib are for backend = \"redb\"",
+                    ));
+                }
+                let url = self.url.ok_or(ConfigError::BadStorageKeys(
+                    "url (postgresql://user@host:port/database?sslmode=...) is required",
+                ))?;
+                let password = match (self.password_env, self.password_file) {
+                    (Some(_), Some(_)) => {
+                        return Err(ConfigError::BadStorageKeys(
+                            "set only one of password_env and password_file",
+                        ));
+                    }
+                    (Some(var), None) => {
+                        let ok = !var.is_empty()
+                            && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                            && !var.starts_with(|c: char| c.is_ascii_digit());
+                        if !ok {
+                            return Err(ConfigError::BadStorageKeys(
+                                "password_env: not a valid environment variable name",
+                            ));
+                        }
+                        Some(crate::store::SecretSource::Env(var))
+                    }
+                    (None, Some(file)) => {
+                        Some(crate::store::SecretSource::File(resolve(base, file)))
+                    }
+                    (None, None) => None,
+                };
+                let connections = within(
+                    self.connections,
+                    8,
+                    1..=256,
+                    ConfigError::BadStorage("connections (1..=256)"),
+                )?;
+                let timeout = within(
+                    self.timeout_seconds,
+                    5,
+                    1..=300,
+                    ConfigError::BadStorage("timeout_seconds (1..=300)"),
+                )?;
+                Ok(StorageSettings::Postgres(crate::store::PgSettings {
+                    url,
+                    password,
+                    ca_file: self.ca_file.map(|f| resolve(base, f)),
+                    connections,
+                    timeout: std::time::Duration::from_secs(timeout),
+                }))
+            }
+            other => Err(ConfigError::BadBackend(other.to_owned())),
+        }
+    }
 }
 
 /// `[log]`.
@@ -201,10 +340,8 @@ pub struct LogSettings {
 pub struct Config {
     /// The listen address.
     pub listen: SocketAddr,
-    /// The redb file.
-    pub storage_path: PathBuf,
-    /// The store's page cache, in bytes (`[storage] cache_mib`).
-    pub storage_cache_bytes: usize,
+    /// `[storage]`: the backend and its settings.
+    pub storage: StorageSettings,
     /// The `[hsm]` table, checked: module, token, PIN source, master key label.
     pub hsm: ValidHsmConfig,
     /// `[log]`: level, format, and the level of the per-call line.
@@ -289,6 +426,12 @@ pub enum ConfigError {
     /// A `[storage]` value is out of range.
     #[error("storage.{0}: out of range")]
     BadStorage(&'static str),
+    /// `[storage]` names keys of the other backend, or lacks one its backend needs.
+    #[error("storage: {0}")]
+    BadStorageKeys(&'static str),
+    /// `[storage] backend` is unknown.
+    #[error("storage.backend: {0:?} is not one of redb, postgres")]
+    BadBackend(String),
     /// An `[audit]` value is out of range.
     #[error("audit.{0}: out of range")]
     BadAudit(&'static str),
@@ -352,17 +495,7 @@ impl Config {
         let (keyring, maintenance_interval) = file.keyring.validate()?;
         Ok(Self {
             listen,
-            storage_cache_bytes: usize::try_from(
-                within(
-                    file.storage.cache_mib,
-                    64,
-                    1..=65_536,
-                    ConfigError::BadStorage("cache_mib (1..=65536)"),
-                )? * 1024
-                    * 1024,
-            )
-            .map_err(|_| ConfigError::BadStorage("cache_mib (1..=65536)"))?,
-            storage_path: resolve(base, file.storage.path),
+            storage: file.storage.validate(base)?,
             hsm,
             log,
             metrics_listen,
@@ -702,13 +835,18 @@ mod tests {
             c.roles.auditor.first().map(|p| p.as_str()),
             Some("audit-team")
         );
-        assert_eq!(c.storage_path, dir.path().join("data/kms.redb"));
+        assert_eq!(
+            c.storage.file(),
+            Some(dir.path().join("data/kms.redb").as_path())
+        );
         assert_eq!(c.hsm.module, dir.path().join("mod.so"));
         assert_eq!(c.log.level, tracing::Level::DEBUG);
         assert_eq!(c.log.format, LogFormat::Text);
         assert_eq!(c.log.requests, tracing::Level::DEBUG);
         assert_eq!(c.metrics_listen, None);
-        assert_eq!(c.storage_cache_bytes, 64 * 1024 * 1024);
+        assert!(
+            matches!(c.storage, StorageSettings::Redb { cache_bytes, .. } if cache_bytes == 64 << 20)
+        );
         // The page cache: configurable, bounded.
         let text = std::fs::read_to_string(&p).unwrap();
         for (mib, want) in [("16", Some(16 << 20)), ("0", None), ("70000", None)] {
@@ -720,12 +858,76 @@ mod tests {
                 ),
             );
             match (Config::load(&p), want) {
-                (Ok(c), Some(bytes)) => assert_eq!(c.storage_cache_bytes, bytes),
+                (Ok(c), Some(bytes)) => assert!(
+                    matches!(c.storage, StorageSettings::Redb { cache_bytes, .. } if cache_bytes == bytes)
+                ),
                 (Err(e), None) => {
                     assert_eq!(e.to_string(), "storage.cache_mib (1..=65536): out of range")
                 }
                 (other, _) => panic!("cache_mib = {mib}: {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn storage_backends_take_their_own_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mod.so"), b"").unwrap();
+        let head = "listen = \"127.0.0.1:1\"\n[hsm]\nmodule = \"mod.so\"\ntoken_label = \"kms\"\npin_env = \"P\"\n[tls]\nplaintext_loopback = true\n[storage]\n";
+        let load = |storage: &str| Config::load(&write(dir.path(), &format!("{head}{storage}")));
+        let pg = "backend = \"postgres\"\nurl = \"postgresql://kms@127.0.0.1:5432/kms?sslmode=disable\"\n";
+        let c = load(&format!(
+            "{pg}password_file = \"pg.pass\"\nconnections = 4\ntimeout_seconds = 2\n"
+        ))
+        .unwrap();
+        match c.storage {
+            StorageSettings::Postgres(s) => {
+                assert_eq!(s.url, "postgresql://kms@127.0.0.1:5432/kms?sslmode=disable");
+                assert_eq!(
+                    s.password,
+                    Some(crate::store::SecretSource::File(dir.path().join("pg.pass")))
+                );
+                assert_eq!((s.connections, s.timeout.as_secs()), (4, 2));
+                assert_eq!(s.ca_file, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        for (storage, want) in [
+            ("", "storage: path (the redb file) is required"),
+            (
+                "backend = \"etcd\"\n",
+                "storage.backend: \"etcd\" is not one of redb, postgres",
+            ),
+            (
+                "path = \"x\"\nurl = \"postgresql://a@b/c\"\n",
+                "storage: url, password_env, password_file, ca_file, connections and timeout_seconds are for backend = \"postgres\"",
+            ),
+            (
+                "backend = \"postgres\"\n",
+                "storage: url (postgresql://user@host:port/database?sslmode=...) is required",
+            ),
+            (
+                &format!("{pg}path = \"x\"\n"),
+                "storage: path and cache_mib are for backend = \"redb\"",
+            ),
+            (
+                &format!("{pg}password_env = \"A\"\npassword_file = \"f\"\n"),
+                "storage: set only one of password_env and password_file",
+            ),
+            (
+                &format!("{pg}password_env = \"1A-\"\n"),
+                "storage: password_env: not a valid environment variable name",
+            ),
+            (
+                &format!("{pg}connections = 0\n"),
+                "storage.connections (1..=256): out of range",
+            ),
+            (
+                &format!("{pg}timeout_seconds = 301\n"),
+                "storage.timeout_seconds (1..=300): out of range",
+            ),
+        ] {
+            assert_eq!(load(storage).unwrap_err().to_string(), want, "{storage}");
         }
     }
 

@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::grpc::{AccessService, AuditService, Ctx, KeyManagementService, SystemService};
 use crate::hsm::{Hsm, HsmError};
 use crate::seal::{SealError, SealManager};
-use crate::store::{RedbStore, StoreError};
+use crate::store::StoreError;
 use kms_proto::v1::access_server::AccessServer;
 use kms_proto::v1::audit_server::AuditServer;
 use kms_proto::v1::key_management_server::KeyManagementServer;
@@ -137,8 +137,8 @@ pub struct Opened {
     pub metrics_listen: Option<SocketAddr>,
     /// `[audit]` retention, if any.
     pub retention: Option<crate::audit::archive::RetentionPolicy>,
-    /// The store file (its size and free space are watched).
-    pub store_path: std::path::PathBuf,
+    /// The store file, if it is one (its size and free space are watched).
+    pub store_path: Option<std::path::PathBuf>,
 }
 
 /// Loads the TLS files, opens the HSM, the store, the audit log and the seal manager.
@@ -164,11 +164,11 @@ pub fn open(config: &Config) -> Result<Opened, StartError> {
     }
     let hsm = Arc::new(Hsm::open(&config.hsm)?);
     tracing::info!(token = hsm.token_label(), "HSM token opened and logged in");
-    let store = Arc::new(RedbStore::open_with_cache(
-        &config.storage_path,
-        config.storage_cache_bytes,
-    )?);
-    tracing::info!(path = %config.storage_path.display(), "store opened");
+    let store = config.storage.open()?;
+    match config.storage.file() {
+        Some(path) => tracing::info!(path = %path.display(), "store opened"),
+        None => tracing::info!("database connected, schema current"),
+    }
     let signer = Arc::new(Signer::new(Arc::clone(&hsm)));
     let audit = AuditLog::open(store.clone(), signer, config.checkpoints)?;
     let seal = Arc::new(SealManager::load(
@@ -195,7 +195,7 @@ pub fn open(config: &Config) -> Result<Opened, StartError> {
         request_log: config.log.requests,
         metrics_listen: config.metrics_listen,
         retention: config.retention.clone(),
-        store_path: config.storage_path.clone(),
+        store_path: config.storage.file().map(std::path::Path::to_owned),
     })
 }
 
@@ -388,7 +388,7 @@ pub(crate) const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 async fn keep_storage(
     audit: AuditLog,
     retention: Option<crate::audit::archive::RetentionPolicy>,
-    store_path: std::path::PathBuf,
+    store_path: Option<std::path::PathBuf>,
 ) {
     let every = retention
         .as_ref()
@@ -412,7 +412,9 @@ async fn keep_storage(
             {
                 tracing::warn!(error = %crate::error_chain(&e), "audit retention: nothing more archived this time; the records stay in the store");
             }
-            storage_metrics(&path);
+            if let Some(path) = path {
+                storage_metrics(&path);
+            }
         })
         .await;
     }

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use kms_pkcs11_conf::softhsm::{CONF_ENV, SoftHsmDir};
 
+pub mod pg;
 pub mod pki;
 
 pub use pki::{ClientSpec, Cred, Pki, spiffe};
@@ -164,10 +165,17 @@ impl TestHsm {
         } else {
             self.tls_tables()
         };
-        let text = format!(
-            "listen = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n[hsm]\n{hsm_table}\n{extra}\n{tls}\n",
-            self.path().join("kms.redb").display()
-        );
+        // A `[storage]` table in `extra` (PostgreSQL) replaces the default redb file.
+        let storage = if extra.contains("[storage]") {
+            String::new()
+        } else {
+            format!(
+                "[storage]\npath = \"{}\"\n",
+                self.path().join("kms.redb").display()
+            )
+        };
+        let text =
+            format!("listen = \"127.0.0.1:0\"\n{storage}[hsm]\n{hsm_table}\n{extra}\n{tls}\n");
         std::fs::write(&path, text).unwrap();
         path
     }

@@ -1,137 +1,10 @@
-//! Persistent state, behind one narrow trait.
-//!
-//! [`Store`] is a durable key-value map in named tables. Every write returns only after the
-//! data is on disk (redb commits with [`redb::Durability::Immediate`]: fsync before return),
-//! so whatever the server acknowledged survives `kill -9` and power loss.
-//!
-//! The trait is deliberately small so that a later backend on a shared store (etcd,
-//! PostgreSQL) can let several servers share one keyring. Records are encoded by their
-//! owners (see `crate::seal::SealRecord`) and carry a schema version.
+//! The embedded store: one redb file (the default backend: one server, nothing to install).
 
-use std::path::{Path, PathBuf};
+use super::{Removal, Store, StoreError, Table, Write};
+use std::path::Path;
 
-/// The tables of the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Table {
-    /// Seal metadata: the wrapped root key and the share set.
-    System,
-    /// Key records (authenticated by the keyring), by key name.
-    Keys,
-    /// Per-version AES-GCM message counters (reservations), `name/version` -> u64 BE.
-    Counters,
-    /// The audit log, by zero-padded sequence number.
-    Audit,
-    /// Signed audit checkpoints, by the zero-padded sequence number they cover.
-    AuditCheckpoints,
-    /// Grants (authenticated by the keyring), by grant id.
-    Grants,
-}
-
-impl Table {
-    fn name(self) -> &'static str {
-        match self {
-            Self::System => "system",
-            Self::Keys => "keys",
-            Self::Counters => "counters",
-            Self::Audit => "audit",
-            Self::AuditCheckpoints => "audit_checkpoints",
-            Self::Grants => "grants",
-        }
-    }
-
-    fn definition(self) -> redb::TableDefinition<'static, &'static str, &'static [u8]> {
-        redb::TableDefinition::new(self.name())
-    }
-}
-
-/// Why the store failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// The store file can be read or written by its group or by everyone.
-    #[error(
-        "the store {path} is readable or writable by others (mode {mode:o}): make it private with `chmod 600`"
-    )]
-    TooOpen {
-        /// The store's path.
-        path: PathBuf,
-        /// Its permission bits.
-        mode: u32,
-    },
-    /// Another process holds the store open.
-    #[error("the store {0} is in use by another kms process")]
-    InUse(PathBuf),
-    /// The store could not be opened or created.
-    #[error("cannot open the store {path}")]
-    Open {
-        /// The store's path.
-        path: PathBuf,
-        /// What redb said.
-        #[source]
-        source: redb::Error,
-    },
-    /// A read or write failed.
-    #[error("store {op} failed")]
-    Io {
-        /// What we were doing.
-        op: &'static str,
-        /// What redb said.
-        #[source]
-        source: redb::Error,
-    },
-}
-
-/// One value to write, in [`Store::write_all`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Write {
-    /// Which of the store's tables.
-    pub table: Table,
-    /// The entry's key in that table.
-    pub key: String,
-    /// The bytes to store there (replacing any old value).
-    pub value: Vec<u8>,
-}
-
-/// Entries to remove, in [`Store::write_all_removing`]: every key from `from` to `to`,
-/// both included.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Removal {
-    /// Which of the store's tables.
-    pub table: Table,
-    /// The first key removed.
-    pub from: String,
-    /// The last key removed.
-    pub to: String,
-}
-
-/// A durable key-value store in named tables.
-pub trait Store: Send + Sync + 'static {
-    /// Reads one value.
-    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Writes one value unless the key exists; returns whether it wrote. Durable on `Ok`.
-    fn insert_new(&self, table: Table, key: &str, value: &[u8]) -> Result<bool, StoreError>;
-    /// Writes (or overwrites) one value. Durable on `Ok`.
-    fn put(&self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError>;
-    /// Every entry of a table, in key order.
-    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
-    /// Writes many values, in any tables, in one durable transaction: all or none. Durable
-    /// on `Ok`. (An audit record and the key change it records commit together.)
-    fn write_all(&self, writes: &[Write]) -> Result<(), StoreError> {
-        self.write_all_removing(writes, &[])
-    }
-    /// As [`Store::write_all`], and removes the `removals` ranges in the same transaction
-    /// (archived audit records go with the record of their archiving).
-    fn write_all_removing(&self, writes: &[Write], removals: &[Removal]) -> Result<(), StoreError>;
-    /// The entry with the greatest key, if any.
-    fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StoreError>;
-    /// Up to `limit` entries with keys `>= start`, in key order (paging through big tables).
-    fn range(
-        &self,
-        table: Table,
-        start: &str,
-        limit: usize,
-    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+fn definition(table: Table) -> redb::TableDefinition<'static, &'static str, &'static [u8]> {
+    redb::TableDefinition::new(table.name())
 }
 
 /// The page cache when the configuration names none: 64 MiB (redb's own default is 1 GiB,
@@ -222,7 +95,7 @@ impl RedbStore {
             .map_err(|e| io(op)(redb::Error::from(e)))?;
         let wrote = {
             let mut t = txn
-                .open_table(table.definition())
+                .open_table(definition(table))
                 .map_err(|e| io(op)(e.into()))?;
             f(&mut t).map_err(io(op))?
         };
@@ -236,7 +109,7 @@ impl Store for RedbStore {
         use redb::ReadableDatabase;
         let op = "read";
         let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
-        let t = match txn.open_table(table.definition()) {
+        let t = match txn.open_table(definition(table)) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
             Err(e) => return Err(io(op)(e.into())),
@@ -249,7 +122,7 @@ impl Store for RedbStore {
         use redb::{ReadableDatabase, ReadableTable};
         let op = "scan";
         let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
-        let t = match txn.open_table(table.definition()) {
+        let t = match txn.open_table(definition(table)) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
             Err(e) => return Err(io(op)(e.into())),
@@ -279,14 +152,14 @@ impl Store for RedbStore {
             .map_err(|e| io(op)(redb::Error::from(e)))?;
         for w in writes {
             let mut t = txn
-                .open_table(w.table.definition())
+                .open_table(definition(w.table))
                 .map_err(|e| io(op)(e.into()))?;
             t.insert(w.key.as_str(), w.value.as_slice())
                 .map_err(|e| io(op)(e.into()))?;
         }
         for r in removals {
             let mut t = txn
-                .open_table(r.table.definition())
+                .open_table(definition(r.table))
                 .map_err(|e| io(op)(e.into()))?;
             t.retain_in::<&str, _>(r.from.as_str()..=r.to.as_str(), |_, _| false)
                 .map_err(|e| io(op)(e.into()))?;
@@ -303,7 +176,7 @@ impl Store for RedbStore {
         use redb::ReadableDatabase;
         let op = "range";
         let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
-        let t = match txn.open_table(table.definition()) {
+        let t = match txn.open_table(definition(table)) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
             Err(e) => return Err(io(op)(e.into())),
@@ -320,7 +193,7 @@ impl Store for RedbStore {
         use redb::{ReadableDatabase, ReadableTable};
         let op = "read last";
         let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
-        let t = match txn.open_table(table.definition()) {
+        let t = match txn.open_table(definition(table)) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
             Err(e) => return Err(io(op)(e.into())),

@@ -1,0 +1,169 @@
+//! Persistent state, behind one narrow trait.
+//!
+//! [`Store`] is a durable key-value map in named tables, with two backends:
+//! [`RedbStore`] (one file, the default: one server, nothing to install) and [`PgStore`]
+//! (PostgreSQL: several servers share one keyring). Every write returns only after the data
+//! is durable (redb: fsync before return; PostgreSQL: a synchronous commit), so whatever the
+//! server acknowledged survives `kill -9` and power loss. Records are encoded by their owners
+//! (see `crate::seal::SealRecord`) and carry a schema version; the store knows only bytes.
+
+use std::path::PathBuf;
+
+mod embedded;
+mod postgres;
+
+pub use embedded::{DEFAULT_CACHE_BYTES, RedbStore};
+pub use postgres::{PgSettings, PgStore, SecretSource};
+
+/// The tables of the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Table {
+    /// Seal metadata: the wrapped root key and the share set.
+    System,
+    /// Key records (authenticated by the keyring), by key name.
+    Keys,
+    /// Per-version AES-GCM message counters (reservations), `name/version` -> u64 BE.
+    Counters,
+    /// The audit log, by zero-padded sequence number.
+    Audit,
+    /// Signed audit checkpoints, by the zero-padded sequence number they cover.
+    AuditCheckpoints,
+    /// Grants (authenticated by the keyring), by grant id.
+    Grants,
+}
+
+impl Table {
+    /// Every table, in the order a backup writes them.
+    pub const ALL: [Table; 6] = [
+        Self::System,
+        Self::Keys,
+        Self::Grants,
+        Self::Counters,
+        Self::Audit,
+        Self::AuditCheckpoints,
+    ];
+
+    /// The table's name (redb's table, PostgreSQL's `kms_` + name, a backup's section).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::System => "system",
+            Self::Keys => "keys",
+            Self::Counters => "counters",
+            Self::Audit => "audit",
+            Self::AuditCheckpoints => "audit_checkpoints",
+            Self::Grants => "grants",
+        }
+    }
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store file can be read or written by its group or by everyone.
+    #[error(
+        "the store {path} is readable or writable by others (mode {mode:o}): make it private with `chmod 600`"
+    )]
+    TooOpen {
+        /// The store's path.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// Another process holds the store open.
+    #[error("the store {0} is in use by another kms process")]
+    InUse(PathBuf),
+    /// The store could not be opened or created.
+    #[error("cannot open the store {path}")]
+    Open {
+        /// The store's path.
+        path: PathBuf,
+        /// What redb said.
+        #[source]
+        source: redb::Error,
+    },
+    /// PostgreSQL could not be reached, or refused or failed a statement.
+    #[error("the database is unavailable: {op} failed")]
+    Database {
+        /// What we were doing.
+        op: &'static str,
+        /// What the client or the pool said (never a value or a password).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The database's schema is newer than this binary: an older kms must not write to it.
+    #[error(
+        "the database's schema is version {found}, newer than this kms understands ({supported}): run the newer kms"
+    )]
+    SchemaTooNew {
+        /// The version found.
+        found: i32,
+        /// The newest this binary knows.
+        supported: i32,
+    },
+    /// The `[storage]` settings cannot be used (URL, password source, CA file).
+    #[error("storage: {0}")]
+    Settings(String),
+    /// A read or write failed.
+    #[error("store {op} failed")]
+    Io {
+        /// What we were doing.
+        op: &'static str,
+        /// What redb said.
+        #[source]
+        source: redb::Error,
+    },
+}
+
+/// One value to write, in [`Store::write_all`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    /// Which of the store's tables.
+    pub table: Table,
+    /// The entry's key in that table.
+    pub key: String,
+    /// The bytes to store there (replacing any old value).
+    pub value: Vec<u8>,
+}
+
+/// Entries to remove, in [`Store::write_all_removing`]: every key from `from` to `to`,
+/// both included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removal {
+    /// Which of the store's tables.
+    pub table: Table,
+    /// The first key removed.
+    pub from: String,
+    /// The last key removed.
+    pub to: String,
+}
+
+/// A durable key-value store in named tables.
+pub trait Store: Send + Sync + 'static {
+    /// Reads one value.
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Writes one value unless the key exists; returns whether it wrote. Durable on `Ok`.
+    fn insert_new(&self, table: Table, key: &str, value: &[u8]) -> Result<bool, StoreError>;
+    /// Writes (or overwrites) one value. Durable on `Ok`.
+    fn put(&self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Every entry of a table, in key order.
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Writes many values, in any tables, in one durable transaction: all or none. Durable
+    /// on `Ok`. (An audit record and the key change it records commit together.)
+    fn write_all(&self, writes: &[Write]) -> Result<(), StoreError> {
+        self.write_all_removing(writes, &[])
+    }
+    /// As [`Store::write_all`], and removes the `removals` ranges in the same transaction
+    /// (archived audit records go with the record of their archiving).
+    fn write_all_removing(&self, writes: &[Write], removals: &[Removal]) -> Result<(), StoreError>;
+    /// The entry with the greatest key, if any.
+    fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StoreError>;
+    /// Up to `limit` entries with keys `>= start`, in key order (paging through big tables).
+    fn range(
+        &self,
+        table: Table,
+        start: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+}

@@ -1,0 +1,494 @@
+//! The shared store: PostgreSQL, so that several servers use one keyring (docs/operations.md).
+//!
+//! One table per [`Table`] (`kms_` + its name: `key text COLLATE "C"` primary key, so keys
+//! order by their bytes as in redb, and `value bytea`). The schema is created and migrated
+//! at start-up under an advisory lock, and refused when the database is newer than the
+//! binary. Every session runs with `synchronous_commit = on`, whatever the server's default:
+//! a commit is durable (on the primary, and on the synchronous standbys the operator names)
+//! before the call that made it is answered.
+//!
+//! The [`Store`] trait is blocking and is called from blocking threads, the audit writer's
+//! thread and, rarely, an async worker (a nonce reservation). So the client runs on a
+//! runtime of its own (one thread, `kms-postgres`) and a call waits for its answer on a
+//! channel: it works from any thread, and a database that does not answer costs a bounded
+//! wait (`timeout`), never a hang.
+
+use super::{Removal, Store, StoreError, Table, Write};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where a secret (the database password) comes from: never the URL, never an argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// An environment variable of the server process.
+    Env(String),
+    /// A file readable by the server's user only (mode 0600).
+    File(PathBuf),
+}
+
+impl std::fmt::Display for SecretSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Env(var) => write!(f, "environment variable {var}"),
+            Self::File(path) => write!(f, "file {}", path.display()),
+        }
+    }
+}
+
+impl SecretSource {
+    /// Reads the secret; errors name the source, never the value.
+    fn read(&self) -> Result<zeroize::Zeroizing<Vec<u8>>, StoreError> {
+        let bad = |why: &str| StoreError::Settings(format!("the database password's {self} {why}"));
+        let mut bytes = match self {
+            Self::Env(var) => match std::env::var_os(var) {
+                Some(v) => zeroize::Zeroizing::new(v.into_encoded_bytes()),
+                None => return Err(bad("is not set")),
+            },
+            Self::File(path) => {
+                use std::os::unix::fs::PermissionsExt;
+                let meta = std::fs::metadata(path).map_err(|_| bad("cannot be read"))?;
+                if meta.permissions().mode() & 0o077 != 0 {
+                    return Err(bad("is readable by group or others: chmod 600 it"));
+                }
+                zeroize::Zeroizing::new(std::fs::read(path).map_err(|_| bad("cannot be read"))?)
+            }
+        };
+        while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            bytes.pop();
+        }
+        if bytes.is_empty() {
+            return Err(bad("is empty"));
+        }
+        Ok(bytes)
+    }
+}
+
+/// `[storage]` with `backend = "postgres"`, checked by the configuration loader.
+#[derive(Debug, Clone)]
+pub struct PgSettings {
+    /// `postgresql://user@host:port/db?sslmode=...`, without a password.
+    pub url: String,
+    /// Where the password comes from, if the server asks for one.
+    pub password: Option<SecretSource>,
+    /// The CA bundle (PEM) that the database's certificate must chain to: TLS is then
+    /// required. Without it the URL must say `sslmode=disable`.
+    pub ca_file: Option<PathBuf>,
+    /// Connections in the pool.
+    pub connections: usize,
+    /// How long a call waits for a connection or an answer before it fails (`UNAVAILABLE`).
+    pub timeout: Duration,
+}
+
+/// The schema migrations, in order; a database records which it has.
+const MIGRATIONS: &[&str] = &[
+    // 1: one key-value table per store table.
+    "CREATE TABLE kms_system (key text COLLATE \"C\" PRIMARY KEY, value bytea NOT NULL);
+     CREATE TABLE kms_keys (key text COLLATE \"C\" PRIMARY KEY, value bytea NOT NULL);
+     CREATE TABLE kms_grants (key text COLLATE \"C\" PRIMARY KEY, value bytea NOT NULL);
+     CREATE TABLE kms_counters (key text COLLATE \"C\" PRIMARY KEY, value bytea NOT NULL);
+     CREATE TABLE kms_audit (key text COLLATE \"C\" PRIMARY KEY, value bytea NOT NULL);
+     CREATE TABLE kms_audit_checkpoints (key text COLLATE \"C\" PRIMARY KEY, value bytea NOT NULL);",
+];
+
+/// The newest schema version this binary knows.
+pub(crate) const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// The advisory lock that serialises migrations between servers starting together.
+const MIGRATION_LOCK: i64 = 0x6b6d_735f_6d69_6772; // "kms_migr"
+
+/// The PostgreSQL store.
+pub struct PgStore {
+    /// The client's own runtime; shut down in the background on drop (the last reference
+    /// may be dropped on an async worker, where blocking is not allowed).
+    runtime: Option<tokio::runtime::Runtime>,
+    pool: deadpool_postgres::Pool,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").finish_non_exhaustive()
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn db(op: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
+    move |e| StoreError::Database {
+        op,
+        source: Box::new(e),
+    }
+}
+
+fn table_name(table: Table) -> String {
+    format!("kms_{}", table.name())
+}
+
+impl PgSettings {
+    /// The client configuration: the URL, the password, the session settings kms needs.
+    fn client_config(&self) -> Result<tokio_postgres::Config, StoreError> {
+        let mut config: tokio_postgres::Config = self
+            .url
+            .parse()
+            .map_err(|_| StoreError::Settings("url is not a PostgreSQL connection URL".into()))?;
+        if config.get_password().is_some() {
+            return Err(StoreError::Settings(
+                "url holds a password: name its source with password_env or password_file instead"
+                    .into(),
+            ));
+        }
+        match (&self.ca_file, config.get_ssl_mode()) {
+            (None, tokio_postgres::config::SslMode::Disable) => {}
+            (None, _) => {
+                return Err(StoreError::Settings(
+                    "the database connection is not verified: set ca_file (TLS, the server's certificate checked) or say sslmode=disable in the url (a trusted local network)".into(),
+                ));
+            }
+            (Some(_), tokio_postgres::config::SslMode::Disable) => {
+                return Err(StoreError::Settings(
+                    "ca_file is set but the url says sslmode=disable".into(),
+                ));
+            }
+            (Some(_), _) => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            }
+        }
+        if let Some(source) = &self.password {
+            config.password(source.read()?.as_slice());
+        }
+        // Durable commits whatever the server's default, and a name in pg_stat_activity.
+        let options = match config.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} -c synchronous_commit=on"),
+            _ => "-c synchronous_commit=on".to_owned(),
+        };
+        config.options(options);
+        config.application_name("kms");
+        config.connect_timeout(self.timeout);
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(30));
+        config.tcp_user_timeout(self.timeout);
+        Ok(config)
+    }
+
+    /// The TLS connector: rustls with the configured CA only, or none.
+    fn manager(
+        &self,
+        config: tokio_postgres::Config,
+    ) -> Result<deadpool_postgres::Manager, StoreError> {
+        let manager_config = deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        };
+        let Some(ca) = &self.ca_file else {
+            return Ok(deadpool_postgres::Manager::from_config(
+                config,
+                tokio_postgres::NoTls,
+                manager_config,
+            ));
+        };
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|_| {
+                StoreError::Settings(format!(
+                    "ca_file {} holds no readable PEM certificate",
+                    ca.display()
+                ))
+            })?;
+        for cert in certs {
+            roots.add(cert).map_err(|_| {
+                StoreError::Settings(format!(
+                    "ca_file {}: a certificate is not a usable CA",
+                    ca.display()
+                ))
+            })?;
+        }
+        let tls = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|_| StoreError::Settings("TLS protocol versions".into()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(deadpool_postgres::Manager::from_config(
+            config,
+            tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+            manager_config,
+        ))
+    }
+}
+
+impl PgStore {
+    /// Connects, and creates or migrates the schema. Fails when the database cannot be
+    /// reached, refuses the credentials, or is newer than this binary.
+    pub fn connect(settings: &PgSettings) -> Result<Self, StoreError> {
+        let config = settings.client_config()?;
+        let manager = settings.manager(config)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("kms-postgres")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Database {
+                op: "start the database client",
+                source: Box::new(e),
+            })?;
+        let pool = {
+            let _enter = runtime.enter();
+            deadpool_postgres::Pool::builder(manager)
+                .max_size(settings.connections)
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .wait_timeout(Some(settings.timeout))
+                .create_timeout(Some(settings.timeout))
+                .recycle_timeout(Some(settings.timeout))
+                .build()
+                .map_err(|e| StoreError::Database {
+                    op: "make the connection pool",
+                    source: Box::new(e),
+                })?
+        };
+        let store = Self {
+            runtime: Some(runtime),
+            pool,
+            timeout: settings.timeout,
+        };
+        store.block("migrate the schema", |pool| async move {
+            let mut client = get(&pool, "migrate the schema").await?;
+            migrate(&mut client).await
+        })?;
+        Ok(store)
+    }
+
+    /// Runs `work` on the client's runtime and waits for it, at most `timeout` (plus the
+    /// time to get a connection, itself bounded).
+    fn block<T, F, Fut>(&self, op: &'static str, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(deadpool_postgres::Pool) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let Some(runtime) = &self.runtime else {
+            return Err(StoreError::Settings(
+                "the database client is stopped".into(),
+            ));
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let fut = work(self.pool.clone());
+        // The pool waits `timeout` for a connection; the statement gets as long again.
+        let limit = self.timeout.saturating_mul(2);
+        runtime.spawn(async move {
+            let outcome = match tokio::time::timeout(limit, fut).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(StoreError::Database {
+                    op,
+                    source: "no answer in time".into(),
+                }),
+            };
+            let _ = tx.send(outcome);
+        });
+        rx.recv().map_err(|_| StoreError::Database {
+            op,
+            source: "the database client stopped".into(),
+        })?
+    }
+}
+
+/// A pooled connection, or an `UNAVAILABLE`-mapped error.
+async fn get(
+    pool: &deadpool_postgres::Pool,
+    op: &'static str,
+) -> Result<deadpool_postgres::Object, StoreError> {
+    pool.get().await.map_err(|e| StoreError::Database {
+        op,
+        source: Box::new(e),
+    })
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`] under an advisory lock; refuses a newer one.
+async fn migrate(client: &mut deadpool_postgres::Object) -> Result<(), StoreError> {
+    let op = "migrate the schema";
+    let tx = client.transaction().await.map_err(db(op))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(db(op))?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS kms_schema (
+            version integer PRIMARY KEY,
+            applied_at timestamptz NOT NULL DEFAULT now(),
+            applied_by text NOT NULL)",
+    )
+    .await
+    .map_err(db(op))?;
+    let found: i32 = tx
+        .query_one("SELECT coalesce(max(version), 0) FROM kms_schema", &[])
+        .await
+        .map_err(db(op))?
+        .get(0);
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    let by = concat!("kms ", env!("CARGO_PKG_VERSION"));
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(found).unwrap_or(0))
+    {
+        let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
+        tx.batch_execute(sql).await.map_err(db(op))?;
+        tx.execute(
+            "INSERT INTO kms_schema (version, applied_by) VALUES ($1, $2)",
+            &[&version, &by],
+        )
+        .await
+        .map_err(db(op))?;
+        tracing::info!(version, "database schema migrated");
+    }
+    tx.commit().await.map_err(db(op))
+}
+
+/// Rows of `(key, value)` from a query.
+fn pairs(rows: Vec<tokio_postgres::Row>) -> Vec<(String, Vec<u8>)> {
+    rows.into_iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+impl Store for PgStore {
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let op = "read";
+        let key = key.to_owned();
+        self.block(op, |pool| async move {
+            let client = get(&pool, op).await?;
+            let sql = format!("SELECT value FROM {} WHERE key = $1", table_name(table));
+            let stmt = client.prepare_cached(&sql).await.map_err(db(op))?;
+            let row = client.query_opt(&stmt, &[&key]).await.map_err(db(op))?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    fn insert_new(&self, table: Table, key: &str, value: &[u8]) -> Result<bool, StoreError> {
+        let op = "insert";
+        let (key, value) = (key.to_owned(), value.to_vec());
+        self.block(op, |pool| async move {
+            let client = get(&pool, op).await?;
+            let sql = format!(
+                "INSERT INTO {} (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+                table_name(table)
+            );
+            let stmt = client.prepare_cached(&sql).await.map_err(db(op))?;
+            Ok(client
+                .execute(&stmt, &[&key, &value])
+                .await
+                .map_err(db(op))?
+                == 1)
+        })
+    }
+
+    fn put(&self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.write_all(&[Write {
+            table,
+            key: key.to_owned(),
+            value: value.to_vec(),
+        }])
+    }
+
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let op = "scan";
+        self.block(op, |pool| async move {
+            let client = get(&pool, op).await?;
+            let sql = format!("SELECT key, value FROM {} ORDER BY key", table_name(table));
+            Ok(pairs(client.query(&sql, &[]).await.map_err(db(op))?))
+        })
+    }
+
+    fn write_all_removing(&self, writes: &[Write], removals: &[Removal]) -> Result<(), StoreError> {
+        let op = "batch write";
+        // One statement per table; the last write of a key wins (an upsert may not touch
+        // a row twice).
+        let mut by_table: BTreeMap<&'static str, (Table, BTreeMap<String, Vec<u8>>)> =
+            BTreeMap::new();
+        for w in writes {
+            by_table
+                .entry(w.table.name())
+                .or_insert_with(|| (w.table, BTreeMap::new()))
+                .1
+                .insert(w.key.clone(), w.value.clone());
+        }
+        let removals = removals.to_vec();
+        self.block(op, |pool| async move {
+            let mut client = get(&pool, op).await?;
+            let tx = client.transaction().await.map_err(db(op))?;
+            for (table, entries) in by_table.into_values() {
+                let (keys, values): (Vec<String>, Vec<Vec<u8>>) = entries.into_iter().unzip();
+                let sql = format!(
+                    "INSERT INTO {} (key, value) SELECT * FROM unnest($1::text[], $2::bytea[])
+                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                    table_name(table)
+                );
+                let stmt = tx.prepare_cached(&sql).await.map_err(db(op))?;
+                tx.execute(&stmt, &[&keys, &values]).await.map_err(db(op))?;
+            }
+            for r in removals {
+                let sql = format!(
+                    "DELETE FROM {} WHERE key >= $1 AND key <= $2",
+                    table_name(r.table)
+                );
+                let stmt = tx.prepare_cached(&sql).await.map_err(db(op))?;
+                tx.execute(&stmt, &[&r.from, &r.to]).await.map_err(db(op))?;
+            }
+            tx.commit().await.map_err(db(op))
+        })
+    }
+
+    fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StoreError> {
+        let op = "read last";
+        self.block(op, |pool| async move {
+            let client = get(&pool, op).await?;
+            let sql = format!(
+                "SELECT key, value FROM {} ORDER BY key DESC LIMIT 1",
+                table_name(table)
+            );
+            let stmt = client.prepare_cached(&sql).await.map_err(db(op))?;
+            Ok(pairs(client.query(&stmt, &[]).await.map_err(db(op))?).pop())
+        })
+    }
+
+    fn range(
+        &self,
+        table: Table,
+        start: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let op = "range";
+        // PostgreSQL text holds no NUL, so no key does: `start` cut at its first NUL
+        // (`last + "\0"`, how a pager asks for what follows `last`) becomes "after the cut".
+        let (start, after) = match start.split_once('\0') {
+            Some((cut, _)) => (cut.to_owned(), ">"),
+            None => (start.to_owned(), ">="),
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.block(op, |pool| async move {
+            let client = get(&pool, op).await?;
+            let sql = format!(
+                "SELECT key, value FROM {} WHERE key {after} $1 ORDER BY key LIMIT $2",
+                table_name(table)
+            );
+            let stmt = client.prepare_cached(&sql).await.map_err(db(op))?;
+            Ok(pairs(
+                client
+                    .query(&stmt, &[&start, &limit])
+                    .await
+                    .map_err(db(op))?,
+            ))
+        })
+    }
+}

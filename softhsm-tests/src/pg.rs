@@ -1,0 +1,238 @@
+//! A real PostgreSQL for the tests: Debian's `postgresql` package, `initdb` in a temporary
+//! directory (as the unprivileged `nobody` when the tests run as root, since PostgreSQL
+//! refuses to run as root), password authentication (SCRAM) on 127.0.0.1 only, on a free
+//! port, stopped when dropped. Never a mock.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A running PostgreSQL cluster with a database `kms` owned by the role `kms`.
+pub struct TestPostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    /// The port on 127.0.0.1.
+    pub port: u16,
+    /// The `kms` role's password.
+    pub password: String,
+    /// A 0600 file holding it (for `password_file`).
+    pub password_file: PathBuf,
+    /// The superuser's password.
+    superuser_password: String,
+}
+
+/// The directory of the PostgreSQL server programs (the newest installed major version).
+fn server_bin() -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is not installed (scripts/test installs Debian's postgresql)")
+        .filter_map(Result::ok)
+        .map(|e| e.path().join("bin"))
+        .filter(|b| b.join("initdb").is_file())
+        .collect();
+    found.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    found
+        .pop()
+        .expect("no /usr/lib/postgresql/*/bin/initdb (apt-get install postgresql)")
+}
+
+fn random_word() -> String {
+    let mut bytes = [0u8; 18];
+    getrandom_fill(&mut bytes);
+    data_encoding::HEXLOWER.encode(&bytes)
+}
+
+fn getrandom_fill(bytes: &mut [u8]) {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(bytes))
+        .expect("/dev/urandom");
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Runs a PostgreSQL program as the cluster's owner.
+fn as_owner(program: &Path) -> Command {
+    if is_root() {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "nobody", "--"]).arg(program);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+fn check(what: &str, out: Output) {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl TestPostgres {
+    /// Makes and starts a cluster, and a role and database `kms`.
+    pub fn start() -> Self {
+        let bin = server_bin();
+        let dir = tempfile::Builder::new()
+            .prefix("kms-pg-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let data = dir.path().join("data");
+        let superuser_password = random_word();
+        let su_file = dir.path().join("su.pass");
+        std::fs::write(&su_file, &superuser_password).unwrap();
+        if is_root() {
+            let out = Command::new("chown")
+                .args(["-R", "nobody:"])
+                .arg(dir.path())
+                .output()
+                .unwrap();
+            check("chown", out);
+        }
+        let out = as_owner(&bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "--auth=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
+            .arg(format!("--pwfile={}", su_file.display()))
+            .output()
+            .unwrap();
+        check("initdb", out);
+        let password = random_word();
+        let password_file = dir.path().join("kms.pass");
+        std::fs::write(&password_file, format!("{password}\n")).unwrap();
+        std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut pg = Self {
+            dir,
+            bin,
+            port: 0,
+            password,
+            password_file,
+            superuser_password,
+        };
+        pg.port = crate::free_port();
+        pg.ctl_start();
+        pg.sql(&format!("CREATE ROLE kms LOGIN PASSWORD '{}'", pg.password));
+        pg.sql("CREATE DATABASE kms OWNER kms");
+        pg
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn ctl_start(&self) {
+        let out = as_owner(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.dir.path().join("postgres.log"))
+            .arg("-o")
+            .arg(format!(
+                "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=on -c synchronous_commit=on",
+                self.port,
+                self.dir.path().display()
+            ))
+            .args(["-w", "-t", "60", "start"])
+            .output()
+            .unwrap();
+        check("pg_ctl start", out);
+    }
+
+    /// Stops the server now (`immediate`: as a crash would), keeping its data.
+    pub fn stop(&self) {
+        let out = as_owner(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "immediate", "-w", "stop"])
+            .output()
+            .unwrap();
+        check("pg_ctl stop", out);
+    }
+
+    /// Starts it again after [`TestPostgres::stop`], on the same port.
+    pub fn restart(&self) {
+        self.ctl_start();
+    }
+
+    /// The URL kms connects with (no password in it).
+    pub fn url(&self) -> String {
+        format!(
+            "postgresql://kms@127.0.0.1:{}/kms?sslmode=disable",
+            self.port
+        )
+    }
+
+    /// A `[storage]` table for kms on this database, the password from the file.
+    pub fn storage_table(&self) -> String {
+        format!(
+            "[storage]\nbackend = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\ntimeout_seconds = 2\n",
+            self.url(),
+            self.password_file.display()
+        )
+    }
+
+    /// Runs SQL as the superuser on database `postgres`; returns psql's unaligned output.
+    pub fn sql(&self, sql: &str) -> String {
+        self.sql_in("postgres", sql)
+    }
+
+    /// Runs SQL as the superuser on `database`; returns psql's unaligned output.
+    pub fn sql_in(&self, database: &str, sql: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+            ])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(["-U", "postgres", "-d", database, "-c", sql])
+            .env("PGPASSWORD", &self.superuser_password)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        check("psql", out);
+        text
+    }
+
+    /// Makes another empty database owned by `kms`; returns its URL.
+    pub fn new_database(&self, name: &str) -> String {
+        self.sql(&format!("CREATE DATABASE {name} OWNER kms;"));
+        format!(
+            "postgresql://kms@127.0.0.1:{}/{name}?sslmode=disable",
+            self.port
+        )
+    }
+}
+
+impl Drop for TestPostgres {
+    fn drop(&mut self) {
+        let _ = as_owner(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+    }
+}

@@ -1,0 +1,303 @@
+//! The PostgreSQL backend against a real PostgreSQL (Debian's package, started by the test
+//! on 127.0.0.1): the store's contract, the schema's versioning, the password's sources,
+//! and a kms server that keeps everything in the database, fails closed while the database
+//! is down and resumes when it returns, without a restart or an unseal.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::time::Duration;
+
+use kms::store::{PgSettings, PgStore, Removal, SecretSource, Store, StoreError, Table, Write};
+use kms_proto::v1 as pb;
+use softhsm_tests::pg::TestPostgres;
+use softhsm_tests::{TestHsm, start_unsealed};
+
+fn settings(pg: &TestPostgres) -> PgSettings {
+    PgSettings {
+        url: pg.url(),
+        password: Some(SecretSource::File(pg.password_file.clone())),
+        ca_file: None,
+        connections: 4,
+        timeout: Duration::from_secs(2),
+    }
+}
+
+fn w(table: Table, key: &str, value: &[u8]) -> Write {
+    Write {
+        table,
+        key: key.into(),
+        value: value.to_vec(),
+    }
+}
+
+#[test]
+fn the_store_contract_holds_on_postgres() {
+    let pg = TestPostgres::start();
+    let store = PgStore::connect(&settings(&pg)).unwrap();
+    // Empty tables read as empty.
+    assert_eq!(store.get(Table::System, "a").unwrap(), None);
+    assert_eq!(store.last(Table::Audit).unwrap(), None);
+    assert!(store.scan(Table::Keys).unwrap().is_empty());
+    // insert_new writes once; put overwrites.
+    assert!(store.insert_new(Table::System, "a", b"1").unwrap());
+    assert!(!store.insert_new(Table::System, "a", b"2").unwrap());
+    assert_eq!(
+        store.get(Table::System, "a").unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
+    store.put(Table::System, "a", b"3").unwrap();
+    assert_eq!(
+        store.get(Table::System, "a").unwrap().as_deref(),
+        Some(&b"3"[..])
+    );
+    // Keys order by their bytes, as in redb ("B" < "a" < "b", "a/10" < "a/9").
+    store
+        .write_all(&[
+            w(Table::Keys, "b", b"2"),
+            w(Table::Keys, "a/9", b"9"),
+            w(Table::Keys, "B", b"0"),
+            w(Table::Keys, "a/10", b"10"),
+            // The same key twice in one transaction: the last write wins.
+            w(Table::Keys, "b", b"22"),
+            w(Table::Audit, "00000000000000000001", &[0, 255, 1]),
+        ])
+        .unwrap();
+    let keys: Vec<String> = store
+        .scan(Table::Keys)
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(keys, ["B", "a/10", "a/9", "b"]);
+    assert_eq!(
+        store.get(Table::Keys, "b").unwrap().as_deref(),
+        Some(&b"22"[..])
+    );
+    assert_eq!(
+        store.range(Table::Keys, "a", 2).unwrap(),
+        vec![
+            ("a/10".to_owned(), b"10".to_vec()),
+            ("a/9".to_owned(), b"9".to_vec())
+        ]
+    );
+    assert_eq!(
+        store.last(Table::Keys).unwrap(),
+        Some(("b".to_owned(), b"22".to_vec()))
+    );
+    // How a pager asks for what follows a key: `last + "\0"` (a key has no NUL).
+    assert_eq!(
+        store.range(Table::Keys, "a/10\0", 1).unwrap(),
+        vec![("a/9".to_owned(), b"9".to_vec())]
+    );
+    // Binary values come back byte for byte.
+    assert_eq!(
+        store
+            .get(Table::Audit, "00000000000000000001")
+            .unwrap()
+            .as_deref(),
+        Some(&[0u8, 255, 1][..])
+    );
+    // Removals commit with the writes, ranges inclusive.
+    store
+        .write_all_removing(
+            &[w(Table::Grants, "g", b"x")],
+            &[Removal {
+                table: Table::Keys,
+                from: "a/10".into(),
+                to: "a/9".into(),
+            }],
+        )
+        .unwrap();
+    let keys: Vec<String> = store
+        .scan(Table::Keys)
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(keys, ["B", "b"]);
+    assert_eq!(
+        store.get(Table::Grants, "g").unwrap().as_deref(),
+        Some(&b"x"[..])
+    );
+    // The schema records its version; a second connect (a second server) migrates nothing.
+    drop(store);
+    let again = PgStore::connect(&settings(&pg)).unwrap();
+    assert_eq!(
+        again.get(Table::System, "a").unwrap().as_deref(),
+        Some(&b"3"[..])
+    );
+    assert_eq!(
+        pg.sql_in("kms", "SELECT version FROM kms_schema ORDER BY version")
+            .trim(),
+        "1"
+    );
+    // A database migrated by a newer kms is refused, not written to.
+    pg.sql_in(
+        "kms",
+        "INSERT INTO kms_schema (version, applied_by) VALUES (99, 'kms 9')",
+    );
+    let err = PgStore::connect(&settings(&pg)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::SchemaTooNew {
+                found: 99,
+                supported: 1
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("newer than this kms"), "{err}");
+}
+
+#[test]
+fn credentials_and_urls_are_checked() {
+    let pg = TestPostgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let connect = |s: &PgSettings| PgStore::connect(s).map(|_| ()).unwrap_err().to_string();
+    // A password in the URL is refused before any connection.
+    let mut s = settings(&pg);
+    s.url = format!(
+        "postgresql://kms:{}@127.0.0.1:{}/kms?sslmode=disable",
+        pg.password, pg.port
+    );
+    let err = connect(&s);
+    assert!(err.contains("url holds a password"), "{err}");
+    assert!(!err.contains(&pg.password));
+    // So is an unverified connection that is not explicitly plaintext.
+    let mut s = settings(&pg);
+    s.url = format!("postgresql://kms@127.0.0.1:{}/kms", pg.port);
+    assert!(connect(&s).contains("set ca_file"), "{}", connect(&s));
+    // A password file others can read is refused; one that is wrong fails authentication,
+    // and neither error shows a password.
+    use std::os::unix::fs::PermissionsExt;
+    let open = dir.path().join("open.pass");
+    std::fs::write(&open, &pg.password).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut s = settings(&pg);
+    s.password = Some(SecretSource::File(open));
+    assert!(connect(&s).contains("chmod 600"), "{}", connect(&s));
+    let wrong = dir.path().join("wrong.pass");
+    std::fs::write(&wrong, "not-the-password-0123").unwrap();
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).unwrap();
+    s.password = Some(SecretSource::File(wrong));
+    let err = PgStore::connect(&s).map(|_| ()).unwrap_err();
+    let chain = format!("{err}: {:?}", std::error::Error::source(&err));
+    assert!(chain.contains("password authentication failed"), "{chain}");
+    assert!(!chain.contains("not-the-password") && !chain.contains(&pg.password));
+    // The environment variable, unset: named, not guessed.
+    s.password = Some(SecretSource::Env("KMS_TEST_PG_PASSWORD_UNSET".into()));
+    assert!(connect(&s).contains("environment variable KMS_TEST_PG_PASSWORD_UNSET is not set"));
+}
+
+async fn encrypt(
+    c: &mut softhsm_tests::KeysClient,
+    key: &str,
+    pt: &[u8],
+) -> Result<Vec<u8>, tonic::Status> {
+    c.encrypt(pb::EncryptRequest {
+        key: key.into(),
+        plaintext: pt.to_vec(),
+        associated_data: b"ctx".to_vec(),
+    })
+    .await
+    .map(|r| r.into_inner().ciphertext)
+}
+
+async fn decrypt(
+    c: &mut softhsm_tests::KeysClient,
+    key: &str,
+    ct: &[u8],
+) -> Result<Vec<u8>, tonic::Status> {
+    c.decrypt(pb::DecryptRequest {
+        key: key.into(),
+        ciphertext: ct.to_vec(),
+        associated_data: b"ctx".to_vec(),
+    })
+    .await
+    .map(|r| r.into_inner().plaintext)
+}
+
+async fn create_key(server: &softhsm_tests::Server, name: &str) {
+    server
+        .keys()
+        .await
+        .create_key(pb::CreateKeyRequest {
+            name: name.into(),
+            algorithm: pb::Algorithm::Aes256Gcm as i32,
+            protection_level: pb::ProtectionLevel::Software as i32,
+            rotation_period_seconds: 0,
+            labels: Default::default(),
+        })
+        .await
+        .unwrap();
+    server.grant_all(name).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_on_postgres_survives_kill_and_a_database_outage() {
+    let pg = TestPostgres::start();
+    let hsm = TestHsm::new("kms-pg");
+    let config = hsm.config_full("kms.toml", &hsm.hsm_table(), &pg.storage_table());
+    let (mut server, shares) = start_unsealed(&hsm, &config);
+    create_key(&server, "payments").await;
+    let mut c = server.keys().await;
+    let ct = encrypt(&mut c, "payments", b"acknowledged before the kill")
+        .await
+        .unwrap();
+    // Everything lives in the database: the seal record, the key, the audit log.
+    let tables = pg.sql_in("kms", "SELECT (SELECT count(*) FROM kms_system) > 0, (SELECT count(*) FROM kms_keys), (SELECT count(*) FROM kms_audit) > 3");
+    assert_eq!(tables.trim(), "t|1|t", "{tables}");
+    assert!(!hsm.path().join("kms.redb").exists());
+
+    // kill -9, start again: sealed; the old shares unseal; the acknowledged ciphertext decrypts.
+    server.kill9();
+    let server = hsm.try_start(&config, &[]).unwrap();
+    let status = server.kms(&["operator", "status", "--json"], "");
+    assert_eq!(status.json()["sealed"], true, "{status:?}");
+    server.unseal_with(&shares);
+    let mut c = server.keys().await;
+    assert_eq!(
+        decrypt(&mut c, "payments", &ct).await.unwrap(),
+        b"acknowledged before the kill"
+    );
+
+    // The database goes away: calls fail closed with UNAVAILABLE and a clear message.
+    pg.stop();
+    let err = encrypt(&mut c, "payments", b"x").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("audit log unavailable"), "{err:?}");
+    // It comes back: service resumes, no restart, no unseal.
+    pg.restart();
+    let mut resumed = None;
+    for _ in 0..50 {
+        match encrypt(&mut c, "payments", b"after the outage").await {
+            Ok(ct) => {
+                resumed = Some(ct);
+                break;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let ct2 = resumed.expect("service did not resume within 10 s of the database's return");
+    assert_eq!(
+        decrypt(&mut c, "payments", &ct2).await.unwrap(),
+        b"after the outage"
+    );
+    // The audit log is one unbroken chain across the outage, verified by the server.
+    let verify = server.kms_as(Some(&server.auditor), &["audit", "verify"], "");
+    assert_eq!(verify.code, Some(0), "{verify:?}");
+    assert!(verify.stdout.contains("intact"), "{verify:?}");
+    // No secret of the test in the server's log.
+    let logs = hsm.logs();
+    assert!(!logs.contains(&pg.password));
+    assert!(!logs.contains("acknowledged before the kill"));
+}
