@@ -344,6 +344,9 @@ impl Background {
         if let Some(t) = opened.tls.clone() {
             tasks.push(tokio::spawn(t.watch(opened.tls_reload_check)));
         }
+        if let Some(changes) = seal.changes() {
+            tasks.push(tokio::spawn(follow_changes(Arc::clone(seal), changes)));
+        }
         // Load balancers see the server leave before it stops answering.
         let (leaving, leaving_health) = (stop.clone(), health.clone());
         tasks.push(tokio::spawn(async move {
@@ -448,6 +451,25 @@ fn storage_metrics(store: &std::path::Path) {
                 "the store's file system is over 90% full: when it fills, the audit log fails closed and every call is refused. Free space, or set [audit] retention (docs/operations.md)"
             );
         }
+    }
+}
+
+/// Applies the changes other servers sharing the store commit, as they are heard, forever
+/// (the caller aborts it). What arrives while one batch is applied is applied next, at once.
+async fn follow_changes(
+    seal: Arc<SealManager>,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<crate::store::Change>,
+) {
+    while let Some(first) = changes.recv().await {
+        let mut seen = std::collections::HashSet::from([first.clone()]);
+        let mut batch = vec![first];
+        while let Ok(more) = changes.try_recv() {
+            if seen.insert(more.clone()) {
+                batch.push(more);
+            }
+        }
+        let seal = Arc::clone(&seal);
+        let _ = tokio::task::spawn_blocking(move || seal.follow(&batch)).await;
     }
 }
 

@@ -125,8 +125,39 @@ fn the_store_contract_holds_on_postgres() {
         Some(&b"x"[..])
     );
     // The schema records its version; a second connect (a second server) migrates nothing.
-    drop(store);
     let again = PgStore::connect(&settings(&pg)).unwrap();
+    // Two servers reserving one counter get disjoint ranges, never past the maximum; an
+    // unreadable count is exhausted.
+    let mut ranges = Vec::new();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = [&store, &again, &store, &again]
+            .into_iter()
+            .map(|st| {
+                s.spawn(move || {
+                    (0..25)
+                        .map(|_| st.reserve(Table::Counters, "k/1", 10, 900).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for h in handles {
+            ranges.extend(h.join().unwrap());
+        }
+    });
+    ranges.sort();
+    let granted: u64 = ranges.iter().map(|(a, b)| b - a).sum();
+    assert_eq!(granted, 900);
+    assert!(ranges.windows(2).all(|w| w[0].1 <= w[1].0), "{ranges:?}");
+    assert_eq!(
+        store.reserve(Table::Counters, "k/1", 10, 900).unwrap(),
+        (900, 900)
+    );
+    store.put(Table::Counters, "k/2", b"junk").unwrap();
+    assert_eq!(
+        store.reserve(Table::Counters, "k/2", 10, 900).unwrap(),
+        (u64::MAX, u64::MAX)
+    );
+    drop(store);
     assert_eq!(
         again.get(Table::System, "a").unwrap().as_deref(),
         Some(&b"3"[..])
@@ -300,4 +331,164 @@ async fn a_server_on_postgres_survives_kill_and_a_database_outage() {
     let logs = hsm.logs();
     assert!(!logs.contains(&pg.password));
     assert!(!logs.contains("acknowledged before the kill"));
+}
+
+async fn rotate(server: &softhsm_tests::Server, name: &str) -> u32 {
+    server
+        .keys()
+        .await
+        .rotate_key(pb::RotateKeyRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .primary_version
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, for at most `within`; returns it and
+/// how long it took.
+async fn within<T, F, Fut>(within: Duration, mut f: F) -> (T, Duration)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return (v, start.elapsed());
+        }
+        assert!(start.elapsed() < within, "not seen within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_servers_share_one_keyring() {
+    let pg = TestPostgres::start();
+    let hsm = TestHsm::new("kms-ha");
+    let config = hsm.config_full("kms.toml", &hsm.hsm_table(), &pg.storage_table());
+    // A is initialised and unsealed; B and C start on the same database and token, take
+    // up A's seal record, and are unsealed by the custodians with the same shares.
+    let (a, shares) = start_unsealed(&hsm, &config);
+    let b = hsm.try_start(&config, &[]).unwrap();
+    let c = hsm.try_start(&config, &[]).unwrap();
+    for s in [&b, &c] {
+        let status = s.kms(&["operator", "status", "--json"], "");
+        assert_eq!(status.json()["initialized"], true, "{status:?}");
+        s.unseal_with(&shares);
+    }
+    // Create on A (with its grant), encrypt on B, decrypt on C.
+    create_key(&a, "orders").await;
+    let (mut ka, mut kb, mut kc) = (a.keys().await, b.keys().await, c.keys().await);
+    let (ct, took) = within(Duration::from_secs(1), || {
+        let mut kb = kb.clone();
+        async move {
+            encrypt(&mut kb, "orders", b"made on A, sealed on B")
+                .await
+                .ok()
+        }
+    })
+    .await;
+    eprintln!("B used A's new key and grant after {took:?}");
+    assert_eq!(
+        decrypt(&mut kc, "orders", &ct).await.unwrap(),
+        b"made on A, sealed on B"
+    );
+    // Rotate on B: A encrypts under the new version within a second, and C decrypts a
+    // ciphertext of that version at once (it reloads the key when it meets the version).
+    assert_eq!(rotate(&b, "orders").await, 2);
+    let ct_b = c_version_two(&mut kb).await;
+    assert_eq!(decrypt(&mut kc, "orders", &ct_b).await.unwrap(), b"v2");
+    let (_, took) = within(Duration::from_secs(1), || {
+        let mut ka = ka.clone();
+        async move {
+            let r = ka
+                .encrypt(pb::EncryptRequest {
+                    key: "orders".into(),
+                    plaintext: b"x".to_vec(),
+                    associated_data: b"ctx".to_vec(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (r.key_version == 2).then_some(())
+        }
+    })
+    .await;
+    eprintln!("A encrypted under B's rotation after {took:?}");
+    // Revoke on A: B refuses within a second.
+    let reader = hsm
+        .pki
+        .client("reader", &softhsm_tests::pki::ClientSpec::spiffe("reader"));
+    let grant = b.grant("orders", &reader.principal).await;
+    let mut kr = b.keys_as(Some(&reader)).await;
+    let (_, _) = within(Duration::from_secs(1), || {
+        let (mut kr, ct) = (kr.clone(), ct.clone());
+        async move { decrypt(&mut kr, "orders", &ct).await.ok() }
+    })
+    .await;
+    a.access()
+        .await
+        .revoke_grant(pb::RevokeGrantRequest { id: grant })
+        .await
+        .unwrap();
+    let (_, took) = within(Duration::from_secs(1), || {
+        let (mut kr, ct) = (kr.clone(), ct.clone());
+        async move {
+            match decrypt(&mut kr, "orders", &ct).await {
+                Err(e) if e.code() == tonic::Code::PermissionDenied => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    eprintln!("B refused the grant A revoked after {took:?}");
+    let _ = &mut kr;
+    // The audit log is one chain across the three servers, verified by any of them.
+    for s in [&a, &b, &c] {
+        let verify = s.kms_as(Some(&s.auditor), &["audit", "verify"], "");
+        assert_eq!(verify.code, Some(0), "{verify:?}");
+        assert!(verify.stdout.contains("intact"), "{verify:?}");
+    }
+    let _ = &mut ka;
+    // kill -9 of A while B is under load: B keeps answering, and everything it
+    // acknowledged decrypts on C.
+    let load = tokio::spawn({
+        let kb = kb.clone();
+        async move {
+            let mut done = Vec::new();
+            for i in 0..300u32 {
+                let mut kb = kb.clone();
+                let pt = format!("acknowledged {i}").into_bytes();
+                let ct = encrypt(&mut kb, "orders", &pt)
+                    .await
+                    .expect("B failed under load");
+                done.push((pt, ct));
+            }
+            done
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut a = a;
+    a.kill9();
+    let done = load.await.unwrap();
+    assert_eq!(done.len(), 300);
+    for (pt, ct) in &done {
+        assert_eq!(&decrypt(&mut kc, "orders", ct).await.unwrap(), pt);
+    }
+    let verify = b.kms_as(Some(&b.auditor), &["audit", "verify"], "");
+    assert!(verify.stdout.contains("intact"), "{verify:?}");
+}
+
+async fn c_version_two(kb: &mut softhsm_tests::KeysClient) -> Vec<u8> {
+    let r = kb
+        .encrypt(pb::EncryptRequest {
+            key: "orders".into(),
+            plaintext: b"v2".to_vec(),
+            associated_data: b"ctx".to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.key_version, 2);
+    r.ciphertext
 }

@@ -3,6 +3,39 @@
 
 use super::*;
 
+/// How many times a group is re-chained after other servers' appends before it fails.
+const MAX_REBASES: usize = 64;
+
+/// Chains `records` after `head` at `time_ms` (sequence numbers, predecessor hashes,
+/// times, hashes) and appends their stored form to `writes`; returns the new head.
+fn chain(
+    head: &Head,
+    records: &mut [AuditRecord],
+    time_ms: u64,
+    writes: &mut Vec<Write>,
+) -> Result<Head, AuditError> {
+    let mut next = head.clone();
+    for r in records {
+        r.seq = next.seq + 1;
+        r.prev_hash = std::mem::take(&mut next.hash);
+        r.event.time_ms = time_ms;
+        r.hash = String::new();
+        // With `hash` empty, the record's JSON is the canonical form its hash covers.
+        let canonical = serde_json::to_vec(&*r).map_err(|_| AuditError::Internal("encode"))?;
+        r.hash = data_encoding::HEXLOWER.encode(&Sha256::digest(&canonical));
+        writes.push(Write {
+            table: Table::Audit,
+            key: record_key(r.seq),
+            value: codec::encode(r).map_err(|_| AuditError::Internal("encode"))?,
+        });
+        next = Head {
+            seq: r.seq,
+            hash: r.hash.clone(),
+        };
+    }
+    Ok(next)
+}
+
 pub(super) struct Pending {
     pub(super) event: AuditEvent,
     pub(super) writes: Vec<Write>,
@@ -116,59 +149,74 @@ impl Writer {
 
     fn commit(&mut self, mut group: Vec<Pending>) {
         let started = Instant::now();
-        let mut next = self.head.clone();
-        let mut writes = Vec::with_capacity(group.len());
         let removals: Vec<Removal> = group
             .iter()
             .flat_map(|p| p.removals.iter().cloned())
             .collect();
-        let mut encoded = Ok(());
-        // The record's time is when it becomes durable, never before its predecessor's: a
-        // time range is then a contiguous, verifiable part of the chain.
-        let time_ms = now_ms().max(self.last_time);
-        for p in &mut group {
-            let mut r = AuditRecord {
+        // The changes the records record, in the group's order, then the records.
+        let mut writes: Vec<Write> = group
+            .iter_mut()
+            .flat_map(|p| std::mem::take(&mut p.writes))
+            .collect();
+        let changes = writes.len();
+        let mut records: Vec<AuditRecord> = group
+            .iter_mut()
+            .map(|p| AuditRecord {
                 schema: AUDIT_SCHEMA,
-                seq: next.seq + 1,
-                event: AuditEvent {
-                    time_ms,
-                    ..std::mem::take(&mut p.event)
-                },
-                prev_hash: next.hash.clone(),
+                seq: 0,
+                event: std::mem::take(&mut p.event),
+                prev_hash: String::new(),
                 hash: String::new(),
-            };
-            // With `hash` empty, the record's JSON is the canonical form its hash covers.
-            match serde_json::to_vec(&r)
-                .map_err(|_| AuditError::Internal("encode"))
-                .and_then(|canonical| {
-                    r.hash = data_encoding::HEXLOWER.encode(&Sha256::digest(&canonical));
-                    codec::encode(&r).map_err(|_| AuditError::Internal("encode"))
-                }) {
-                Ok(bytes) => {
-                    writes.append(&mut p.writes);
-                    writes.push(Write {
-                        table: Table::Audit,
-                        key: record_key(r.seq),
-                        value: bytes,
-                    });
-                    next = Head {
-                        seq: r.seq,
-                        hash: r.hash,
-                    };
-                }
+            })
+            .collect();
+        let mut written = Err(AuditError::Unavailable(None));
+        for _ in 0..MAX_REBASES {
+            // The record's time is when it becomes durable, never before its predecessor's:
+            // a time range is then a contiguous, verifiable part of the chain.
+            let time_ms = now_ms().max(self.last_time);
+            writes.truncate(changes);
+            let next = match chain(&self.head, &mut records, time_ms, &mut writes) {
+                Ok(next) => next,
                 Err(e) => {
-                    encoded = Err(e);
+                    written = Err(e);
+                    break;
+                }
+            };
+            let expected = (self.head.seq > 0).then(|| record_key(self.head.seq));
+            match self
+                .store
+                .append_after(Table::Audit, expected.as_deref(), &writes, &removals)
+            {
+                Ok(true) => {
+                    written = Ok((next, time_ms));
+                    break;
+                }
+                // Another server sharing the store appended first: continue after its head.
+                Ok(false) => match last_record(self.store.as_ref()) {
+                    Ok(Some(r)) if r.seq > self.head.seq => {
+                        self.last_time = self.last_time.max(r.event.time_ms);
+                        self.head = Head {
+                            seq: r.seq,
+                            hash: r.hash,
+                        };
+                    }
+                    Ok(_) => {
+                        written = Err(AuditError::Corrupt);
+                        break;
+                    }
+                    Err(e) => {
+                        written = Err(e);
+                        break;
+                    }
+                },
+                Err(e) => {
+                    written = Err(AuditError::Unavailable(Some(e)));
                     break;
                 }
             }
         }
-        let written = encoded.and_then(|()| {
-            self.store
-                .write_all_removing(&writes, &removals)
-                .map_err(|e| AuditError::Unavailable(Some(e)))
-        });
         match written {
-            Ok(()) => {
+            Ok((next, time_ms)) => {
                 self.commits.fetch_add(1, Ordering::Relaxed);
                 let metrics = crate::metrics::metrics();
                 metrics

@@ -98,6 +98,10 @@ impl Keyring {
         model::check_labels(&req.labels)?;
         Self::check_rotation_period(req.rotation_period)?;
         let _g = self.admin()?;
+        // Made a moment ago by another server sharing the store?
+        if self.store.shared() {
+            self.reload_key_locked(&req.name)?;
+        }
         if read_lock(&self.keys)?.contains_key(&req.name)
             || read_lock(&self.tampered)?.contains_key(&req.name)
         {
@@ -126,7 +130,7 @@ impl Keyring {
 
     /// The key's metadata.
     pub fn get_key(&self, name: &str) -> Result<KeyMeta, KeyringError> {
-        Ok(self.entry(name)?.meta.clone())
+        Ok(self.fetch(name)?.meta.clone())
     }
 
     /// Keys in name order, after `page_token` (the last name of the previous page).
@@ -172,7 +176,7 @@ impl Keyring {
         only_if_primary: Option<u32>,
         journal: &dyn Journal,
     ) -> Result<KeyMeta, KeyringError> {
-        let entry = self.entry(name)?;
+        let entry = self.entry_locked(name)?;
         if only_if_primary.is_some_and(|v| entry.meta.primary != v) {
             return Ok(entry.meta.clone());
         }
@@ -205,7 +209,7 @@ impl Keyring {
         journal: &dyn Journal,
     ) -> Result<KeyMeta, KeyringError> {
         let _g = self.admin()?;
-        let entry = self.entry(name)?;
+        let entry = self.entry_locked(name)?;
         let mut meta = entry.meta.clone();
         if let Some(p) = update.rotation_period {
             Self::check_rotation_period(p)?;
@@ -236,7 +240,7 @@ impl Keyring {
         f: impl FnOnce(&KeyMeta, &mut VersionMeta) -> Result<(), KeyringError>,
     ) -> Result<KeyMeta, KeyringError> {
         let _g = self.admin()?;
-        let entry = self.entry(name)?;
+        let entry = self.entry_locked(name)?;
         let mut meta = entry.meta.clone();
         let snapshot = meta.clone();
         let v = meta

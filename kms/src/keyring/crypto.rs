@@ -24,7 +24,7 @@ impl Keyring {
         purpose: Purpose,
         operation: &'static str,
     ) -> Result<Arc<KeyEntry>, KeyringError> {
-        let e = self.entry(name)?;
+        let e = self.fetch(name)?;
         if e.meta.purpose != purpose {
             return Err(KeyringError::WrongPurpose {
                 name: name.to_owned(),
@@ -78,12 +78,25 @@ impl Keyring {
             // Another call may have reserved past `n` while this one waited for the lock.
             let reserved = m.reserved.load(Ordering::SeqCst);
             if let Some(new) = budget_step(n, reserved, max).ok().and_then(|s| s.reserve) {
-                self.store.put(
+                let (start, end) = self.store.reserve(
                     Table::Counters,
                     &counter_key(&e.meta.name, version),
-                    &new.to_be_bytes(),
+                    new - reserved,
+                    max,
                 )?;
-                m.reserved.store(new, Ordering::SeqCst);
+                // Servers sharing the store reserved `reserved..start` meanwhile: skip it.
+                // The calls that counted past `reserved` while this one waited are then
+                // the first of the new range.
+                if start > reserved {
+                    m.counter.fetch_add(start - reserved, Ordering::SeqCst);
+                }
+                m.reserved.store(end, Ordering::SeqCst);
+                if end <= n.max(start) {
+                    return Err(KeyringError::Exhausted {
+                        name: e.meta.name.clone(),
+                        version,
+                    });
+                }
             }
         }
         if step.rotate {
@@ -151,8 +164,16 @@ impl Keyring {
             "",
         )?;
         check_size("the associated data", aad.len(), MAX_AAD, "")?;
-        let e = self.entry_for(name, Purpose::EncryptDecrypt, "decryption")?;
+        let mut e = self.entry_for(name, Purpose::EncryptDecrypt, "decryption")?;
         let parsed = ciphertext::parse(ct).map_err(|_| KeyringError::DecryptionFailed)?;
+        // A version made a moment ago by another server sharing the store: look it up.
+        if e.meta.version(parsed.version).is_none()
+            && self.store.shared()
+            && parsed.version > e.meta.versions.iter().map(|v| v.version).max().unwrap_or(0)
+        {
+            self.reload_key(name)?;
+            e = self.entry_for(name, Purpose::EncryptDecrypt, "decryption")?;
+        }
         // An unknown version is indistinguishable from tampering.
         if e.meta.version(parsed.version).is_none() {
             return Err(KeyringError::DecryptionFailed);

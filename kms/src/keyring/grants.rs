@@ -48,7 +48,7 @@ impl LiveGrants {
         self.by_id.insert(grant.id.clone(), grant);
     }
 
-    fn remove(&mut self, id: &str) -> Option<Grant> {
+    pub(super) fn remove(&mut self, id: &str) -> Option<Grant> {
         let grant = self.by_id.remove(id)?;
         if let Some(ids) = self.by_key.get_mut(&grant.key) {
             ids.retain(|i| i != id);
@@ -206,7 +206,7 @@ impl Keyring {
             check_size("associated data", aad.len(), MAX_AAD, "")?;
         }
         let _g = self.admin()?;
-        self.entry(&req.key)?;
+        self.entry_locked(&req.key)?;
         let live_on_key = read_lock(&self.grants)?.on_key(&req.key).count();
         if live_on_key >= MAX_GRANTS_PER_KEY {
             return Err(KeyringError::NotAllowed(

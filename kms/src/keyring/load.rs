@@ -14,7 +14,7 @@ fn counter_value(bytes: &[u8]) -> u64 {
 
 /// Calls `f` with every entry of `table`, read page by page: the records of a big keyring
 /// are never all in memory at once.
-fn each_page(
+pub(super) fn each_page(
     store: &dyn Store,
     table: Table,
     mut f: impl FnMut(String, Vec<u8>) -> Result<(), KeyringError>,

@@ -28,7 +28,7 @@ impl Keyring {
             if next_rotation.is_some_and(|t| t <= at) {
                 match self.admin().and_then(|_g| {
                     // Re-check under the lock: another call may have rotated it.
-                    let e = self.entry(&name)?;
+                    let e = self.entry_locked(&name)?;
                     if e.meta.next_rotation_at.is_some_and(|t| t <= at) {
                         let journal = SystemJournal {
                             recorder,
@@ -67,7 +67,7 @@ impl Keyring {
         recorder: &dyn SystemRecorder,
     ) -> Result<(), KeyringError> {
         let _g = self.admin()?;
-        let entry = self.entry(name)?;
+        let entry = self.entry_locked(name)?;
         let mut meta = entry.meta.clone();
         let (protection, algorithm) = (meta.protection, meta.algorithm);
         let v = meta

@@ -19,6 +19,7 @@ mod admin;
 pub mod ciphertext;
 mod crypto;
 mod error;
+mod follow;
 pub mod grants;
 mod journal;
 mod lifecycle;
@@ -216,6 +217,27 @@ impl Keyring {
             }
             None => Err(KeyringError::NotFound(name.to_owned())),
         }
+    }
+
+    /// As [`Keyring::entry`]; on a shared store, a key this server has not heard of yet is
+    /// looked up there first (another server may have made it a moment ago).
+    fn fetch(&self, name: &str) -> Result<Arc<KeyEntry>, KeyringError> {
+        match self.entry(name) {
+            Err(KeyringError::NotFound(_)) if self.store.shared() && self.reload_key(name)? => {
+                self.entry(name)
+            }
+            other => other,
+        }
+    }
+
+    /// The entry an administrative change starts from, the admin lock held: on a shared
+    /// store, read afresh (another server may have changed it since it was heard of).
+    fn entry_locked(&self, name: &str) -> Result<Arc<KeyEntry>, KeyringError> {
+        if self.store.shared() {
+            model::check_name(name)?;
+            self.reload_key_locked(name)?;
+        }
+        self.entry(name)
     }
 
     /// Whether a crypto call on `name` is done in this process (a SOFTWARE key, or no such

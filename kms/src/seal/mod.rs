@@ -318,37 +318,8 @@ impl SealManager {
         audit: AuditLog,
         settings: KeyringSettings,
     ) -> Result<Self, SealError> {
-        let record = match store.get(Table::System, SEAL_RECORD_KEY)? {
-            None => None,
-            Some(bytes) => {
-                let r: SealRecord =
-                    serde_json::from_slice(&bytes).map_err(|_| SealError::CorruptRecord)?;
-                if r.schema != SEAL_SCHEMA {
-                    return Err(SealError::CorruptRecord);
-                }
-                r.share_set()?;
-                Some(r)
-            }
-        };
-        let (state, master_key) = match &record {
-            None => (State::Uninitialized, None),
-            Some(r) if r.pin_in_shares != hsm.pin_in_shares() => {
-                let (stored, configured) = if r.pin_in_shares {
-                    ("in the unseal shares", "names another PIN source")
-                } else {
-                    ("from the configuration", "says pin_in_shares")
-                };
-                return Err(SealError::PinModeMismatch { stored, configured });
-            }
-            // Not logged in yet: the master key is found at unseal.
-            Some(_) if hsm.pin_in_shares() => (State::Sealed(None), None),
-            Some(r) => {
-                let key = hsm.find_master_key()?;
-                check_master_key(&hsm, key)?;
-                audit.signer().set(Some(find_audit_key(&hsm, r)?));
-                (State::Sealed(None), Some(key))
-            }
-        };
+        let record = read_record(store.as_ref())?;
+        let (state, master_key) = sealed_state(&hsm, &audit, record.as_ref())?;
         Ok(Self {
             hsm,
             store,
@@ -417,6 +388,58 @@ impl SealManager {
         }
     }
 
+    /// On a shared store: takes up the seal record another server's init committed, if this
+    /// server is still uninitialised (it then comes up sealed, as after a restart).
+    pub(crate) fn adopt_record(&self) -> Result<(), SealError> {
+        if !self.store.shared() {
+            return Ok(());
+        }
+        let mut inner = self.lock();
+        if !matches!(inner.state, State::Uninitialized) {
+            return Ok(());
+        }
+        let Some(record) = read_record(self.store.as_ref())? else {
+            return Ok(());
+        };
+        let (state, master_key) = sealed_state(&self.hsm, &self.audit, Some(&record))?;
+        tracing::info!("initialised by another server sharing the store: sealed");
+        inner.state = state;
+        inner.master_key = master_key;
+        inner.record = Some(record);
+        Ok(())
+    }
+
+    /// The shared store's change feed (once), for [`SealManager::follow`].
+    pub(crate) fn changes(
+        &self,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<crate::store::Change>> {
+        self.store.changes()
+    }
+
+    /// Applies what servers sharing the store committed: the seal record, keys, grants.
+    pub(crate) fn follow(&self, changes: &[crate::store::Change]) {
+        use crate::store::Change;
+        let seal_changed = changes.iter().any(|c| {
+            matches!(
+                c,
+                Change::Resync | Change::Entry(crate::store::Table::System, _)
+            )
+        });
+        if seal_changed && let Err(e) = self.adopt_record() {
+            tracing::error!(error = %crate::error_chain(&e), "cannot take up the seal record another server committed");
+        }
+        let keyring = self
+            .published
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(keyring) = keyring
+            && let Err(e) = keyring.follow(changes)
+        {
+            tracing::error!(error = %crate::error_chain(&e), "cannot apply another server's changes: reloading at the next change");
+        }
+    }
+
     /// Forgets the current unseal attempt's shares.
     pub fn reset(&self) -> Result<SealStatus, SealError> {
         let mut inner = self.lock();
@@ -449,6 +472,50 @@ impl SealManager {
         }
         Ok(status_of(&inner, self.hsm.pin_in_shares()))
     }
+}
+
+/// The stored seal record, checked, if the store has one.
+fn read_record(store: &dyn Store) -> Result<Option<SealRecord>, SealError> {
+    match store.get(Table::System, SEAL_RECORD_KEY)? {
+        None => Ok(None),
+        Some(bytes) => {
+            let r: SealRecord =
+                serde_json::from_slice(&bytes).map_err(|_| SealError::CorruptRecord)?;
+            if r.schema != SEAL_SCHEMA {
+                return Err(SealError::CorruptRecord);
+            }
+            r.share_set()?;
+            Ok(Some(r))
+        }
+    }
+}
+
+/// The state a server starts in with `record`: uninitialised, or sealed (with the master
+/// and audit keys found, unless the PIN comes with the shares).
+fn sealed_state(
+    hsm: &Hsm,
+    audit: &AuditLog,
+    record: Option<&SealRecord>,
+) -> Result<(State, Option<KeyHandle>), SealError> {
+    Ok(match record {
+        None => (State::Uninitialized, None),
+        Some(r) if r.pin_in_shares != hsm.pin_in_shares() => {
+            let (stored, configured) = if r.pin_in_shares {
+                ("in the unseal shares", "names another PIN source")
+            } else {
+                ("from the configuration", "says pin_in_shares")
+            };
+            return Err(SealError::PinModeMismatch { stored, configured });
+        }
+        // Not logged in yet: the master key is found at unseal.
+        Some(_) if hsm.pin_in_shares() => (State::Sealed(None), None),
+        Some(r) => {
+            let key = hsm.find_master_key()?;
+            check_master_key(hsm, key)?;
+            audit.signer().set(Some(find_audit_key(hsm, r)?));
+            (State::Sealed(None), Some(key))
+        }
+    })
 }
 
 fn status_of(inner: &Inner, pin_in_shares: bool) -> SealStatus {

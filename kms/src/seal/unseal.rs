@@ -11,6 +11,7 @@ impl SealManager {
         share_text: &str,
         expected_nonce: Option<&str>,
     ) -> Result<SealStatus, SealError> {
+        self.adopt_record()?;
         let mut guard = self.lock();
         let inner = &mut *guard;
         let Some(record) = &inner.record else {

@@ -84,6 +84,46 @@ impl RedbStore {
         Ok(Self { db })
     }
 
+    /// One durable transaction of `writes` and `removals`, if `expect`'s table still ends
+    /// at its key (the check and the writes in the same transaction: redb has one writer).
+    fn commit_if(
+        &self,
+        op: &'static str,
+        expect: Option<(Table, Option<&str>)>,
+        writes: &[Write],
+        removals: &[Removal],
+    ) -> Result<bool, StoreError> {
+        let mut txn = self.db.begin_write().map_err(|e| io(op)(e.into()))?;
+        txn.set_durability(redb::Durability::Immediate)
+            .map_err(|e| io(op)(redb::Error::from(e)))?;
+        if let Some((table, expected)) = expect {
+            use redb::ReadableTable;
+            let t = txn
+                .open_table(definition(table))
+                .map_err(|e| io(op)(e.into()))?;
+            let last = t.last().map_err(|e| io(op)(e.into()))?;
+            if last.as_ref().map(|(k, _)| k.value()) != expected {
+                return Ok(false);
+            }
+        }
+        for w in writes {
+            let mut t = txn
+                .open_table(definition(w.table))
+                .map_err(|e| io(op)(e.into()))?;
+            t.insert(w.key.as_str(), w.value.as_slice())
+                .map_err(|e| io(op)(e.into()))?;
+        }
+        for r in removals {
+            let mut t = txn
+                .open_table(definition(r.table))
+                .map_err(|e| io(op)(e.into()))?;
+            t.retain_in::<&str, _>(r.from.as_str()..=r.to.as_str(), |_, _| false)
+                .map_err(|e| io(op)(e.into()))?;
+        }
+        txn.commit().map_err(|e| io(op)(e.into()))?;
+        Ok(true)
+    }
+
     fn write(
         &self,
         op: &'static str,
@@ -146,25 +186,36 @@ impl Store for RedbStore {
     }
 
     fn write_all_removing(&self, writes: &[Write], removals: &[Removal]) -> Result<(), StoreError> {
-        let op = "batch write";
-        let mut txn = self.db.begin_write().map_err(|e| io(op)(e.into()))?;
-        txn.set_durability(redb::Durability::Immediate)
-            .map_err(|e| io(op)(redb::Error::from(e)))?;
-        for w in writes {
-            let mut t = txn
-                .open_table(definition(w.table))
-                .map_err(|e| io(op)(e.into()))?;
-            t.insert(w.key.as_str(), w.value.as_slice())
-                .map_err(|e| io(op)(e.into()))?;
-        }
-        for r in removals {
-            let mut t = txn
-                .open_table(definition(r.table))
-                .map_err(|e| io(op)(e.into()))?;
-            t.retain_in::<&str, _>(r.from.as_str()..=r.to.as_str(), |_, _| false)
-                .map_err(|e| io(op)(e.into()))?;
-        }
-        txn.commit().map_err(|e| io(op)(e.into()))
+        self.commit_if("batch write", None, writes, removals)
+            .map(|_| ())
+    }
+
+    fn reserve(
+        &self,
+        table: Table,
+        key: &str,
+        want: u64,
+        max: u64,
+    ) -> Result<(u64, u64), StoreError> {
+        let mut range = (0, 0);
+        self.write("reserve", table, |t| {
+            let start = redb::ReadableTable::get(t, key)?.map_or(0, |v| super::count_of(v.value()));
+            let end = start.saturating_add(want).min(max).max(start);
+            t.insert(key, end.to_be_bytes().as_slice())?;
+            range = (start, end);
+            Ok(true)
+        })?;
+        Ok(range)
+    }
+
+    fn append_after(
+        &self,
+        table: Table,
+        expected_last: Option<&str>,
+        writes: &[Write],
+        removals: &[Removal],
+    ) -> Result<bool, StoreError> {
+        self.commit_if("append", Some((table, expected_last)), writes, removals)
     }
 
     fn range(
@@ -295,6 +346,35 @@ mod tests {
             store.last(Table::Audit).unwrap(),
             Some(("2".to_owned(), b"b".to_vec()))
         );
+    }
+
+    #[test]
+    fn reservations_are_disjoint_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("kms.redb")).unwrap();
+        assert_eq!(
+            store.reserve(Table::Counters, "k/1", 10, 25).unwrap(),
+            (0, 10)
+        );
+        assert_eq!(
+            store.reserve(Table::Counters, "k/1", 10, 25).unwrap(),
+            (10, 20)
+        );
+        assert_eq!(
+            store.reserve(Table::Counters, "k/1", 10, 25).unwrap(),
+            (20, 25)
+        );
+        assert_eq!(
+            store.reserve(Table::Counters, "k/1", 10, 25).unwrap(),
+            (25, 25)
+        );
+        assert_eq!(
+            store.get(Table::Counters, "k/1").unwrap().as_deref(),
+            Some(&25u64.to_be_bytes()[..])
+        );
+        store.put(Table::Counters, "k/2", b"junk").unwrap();
+        let exhausted = store.reserve(Table::Counters, "k/2", 10, 25).unwrap();
+        assert_eq!(exhausted, (u64::MAX, u64::MAX));
     }
 
     #[test]

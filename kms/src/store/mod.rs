@@ -16,7 +16,7 @@ pub use embedded::{DEFAULT_CACHE_BYTES, RedbStore};
 pub use postgres::{PgSettings, PgStore, SecretSource};
 
 /// The tables of the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Table {
     /// Seal metadata: the wrapped root key and the share set.
@@ -31,6 +31,13 @@ pub enum Table {
     AuditCheckpoints,
     /// Grants (authenticated by the keyring), by grant id.
     Grants,
+}
+
+impl std::str::FromStr for Table {
+    type Err = ();
+    fn from_str(name: &str) -> Result<Self, ()> {
+        Self::ALL.into_iter().find(|t| t.name() == name).ok_or(())
+    }
 }
 
 impl Table {
@@ -116,6 +123,20 @@ pub enum StoreError {
     },
 }
 
+/// What another server (or this one) changed in a shared store, as its followers hear it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Change {
+    /// An entry of a table was written.
+    Entry(Table, String),
+    /// Changes may have been missed (the feed was interrupted): reload everything.
+    Resync,
+}
+
+/// A stored count: 8 bytes big-endian; anything else reads as exhausted.
+pub(crate) fn count_of(bytes: &[u8]) -> u64 {
+    u64::from_be_bytes(bytes.try_into().unwrap_or([0xff; 8]))
+}
+
 /// One value to write, in [`Store::write_all`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Write {
@@ -157,6 +178,39 @@ pub trait Store: Send + Sync + 'static {
     /// As [`Store::write_all`], and removes the `removals` ranges in the same transaction
     /// (archived audit records go with the record of their archiving).
     fn write_all_removing(&self, writes: &[Write], removals: &[Removal]) -> Result<(), StoreError>;
+    /// As [`Store::write_all_removing`], if the greatest key of `table` is still
+    /// `expected_last` (`None`: the table is empty); else writes nothing and returns `false`.
+    /// Appenders on every server that shares the store are serialised, so that two servers
+    /// extend one audit chain and never fork it: each writes after the head it saw, or
+    /// learns that the head moved and re-chains its records.
+    fn append_after(
+        &self,
+        table: Table,
+        expected_last: Option<&str>,
+        writes: &[Write],
+        removals: &[Removal],
+    ) -> Result<bool, StoreError>;
+    /// Reserves up to `want` more of the counter at `key` (an 8-byte big-endian count, 0 when
+    /// absent; unreadable counts as exhausted), never past `max`: returns the range
+    /// `[start, end)` now this caller's, durably, and atomically with every server sharing
+    /// the store (two servers never get the same range). `end == start` when exhausted.
+    fn reserve(
+        &self,
+        table: Table,
+        key: &str,
+        want: u64,
+        max: u64,
+    ) -> Result<(u64, u64), StoreError>;
+    /// Whether other servers may write this store too (then the keyring follows
+    /// [`Store::changes`], and reloads what it meets and does not know).
+    fn shared(&self) -> bool {
+        false
+    }
+    /// The feed of changes to the keys, grants and seal record committed by any server
+    /// sharing the store; `None` for a store only this process writes. Taken once.
+    fn changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Change>> {
+        None
+    }
     /// The entry with the greatest key, if any.
     fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StoreError>;
     /// Up to `limit` entries with keys `>= start`, in key order (paging through big tables).

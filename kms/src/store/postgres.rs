@@ -13,7 +13,7 @@
 //! channel: it works from any thread, and a database that does not answer costs a bounded
 //! wait (`timeout`), never a hang.
 
-use super::{Removal, Store, StoreError, Table, Write};
+use super::{Change, Removal, Store, StoreError, Table, Write};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -98,6 +98,12 @@ pub(crate) const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 /// The advisory lock that serialises migrations between servers starting together.
 const MIGRATION_LOCK: i64 = 0x6b6d_735f_6d69_6772; // "kms_migr"
 
+/// The notification channel of changes (`TABLE:KEY` payloads).
+const CHANNEL: &str = "kms_changes";
+
+/// The advisory lock that serialises appends to the audit chain between servers.
+const APPEND_LOCK: i64 = 0x6b6d_735f_6175_6474; // "kms_audt"
+
 /// The PostgreSQL store.
 pub struct PgStore {
     /// The client's own runtime; shut down in the background on drop (the last reference
@@ -105,6 +111,8 @@ pub struct PgStore {
     runtime: Option<tokio::runtime::Runtime>,
     pool: deadpool_postgres::Pool,
     timeout: Duration,
+    /// The change feed, until the server takes it.
+    changes: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Change>>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -178,20 +186,10 @@ impl PgSettings {
         Ok(config)
     }
 
-    /// The TLS connector: rustls with the configured CA only, or none.
-    fn manager(
-        &self,
-        config: tokio_postgres::Config,
-    ) -> Result<deadpool_postgres::Manager, StoreError> {
-        let manager_config = deadpool_postgres::ManagerConfig {
-            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-        };
+    /// The TLS client configuration: rustls trusting the configured CA only, or none.
+    fn tls(&self) -> Result<Option<tokio_rustls::rustls::ClientConfig>, StoreError> {
         let Some(ca) = &self.ca_file else {
-            return Ok(deadpool_postgres::Manager::from_config(
-                config,
-                tokio_postgres::NoTls,
-                manager_config,
-            ));
+            return Ok(None);
         };
         use rustls_pki_types::pem::PemObject;
         let mut roots = tokio_rustls::rustls::RootCertStore::empty();
@@ -218,12 +216,94 @@ impl PgSettings {
         .map_err(|_| StoreError::Settings("TLS protocol versions".into()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-        Ok(deadpool_postgres::Manager::from_config(
-            config,
-            tokio_postgres_rustls::MakeRustlsConnect::new(tls),
-            manager_config,
-        ))
+        Ok(Some(tls))
     }
+
+    /// The pool's connection manager, with TLS when a CA is configured.
+    fn manager(
+        &self,
+        config: tokio_postgres::Config,
+    ) -> Result<deadpool_postgres::Manager, StoreError> {
+        let manager_config = deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        };
+        Ok(match self.tls()? {
+            None => deadpool_postgres::Manager::from_config(
+                config,
+                tokio_postgres::NoTls,
+                manager_config,
+            ),
+            Some(tls) => deadpool_postgres::Manager::from_config(
+                config,
+                tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+                manager_config,
+            ),
+        })
+    }
+}
+
+/// Listens on [`CHANNEL`] over a connection of its own and forwards each change, forever
+/// (until the feed's receiver is gone). When the connection is lost, it reconnects every
+/// second, and then sends [`Change::Resync`]: what was committed meanwhile was not heard.
+async fn follow<T>(
+    config: tokio_postgres::Config,
+    tls: T,
+    feed: tokio::sync::mpsc::UnboundedSender<Change>,
+) where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Clone + Send + 'static,
+    T::Stream: Send + 'static,
+    T::TlsConnect: Send,
+    <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
+{
+    let mut heard_before = false;
+    let mut warned = false;
+    while !feed.is_closed() {
+        match config.connect(tls.clone()).await {
+            Ok((client, mut connection)) => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+                let driver = tokio::spawn(async move {
+                    while let Some(Ok(message)) =
+                        std::future::poll_fn(|cx| connection.poll_message(cx)).await
+                    {
+                        if let tokio_postgres::AsyncMessage::Notification(n) = message
+                            && tx.send(n.payload().to_owned()).is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+                if client.batch_execute("LISTEN kms_changes").await.is_ok() {
+                    if heard_before || warned {
+                        tracing::info!("following the database's changes again");
+                        let _ = feed.send(Change::Resync);
+                    }
+                    heard_before = true;
+                    warned = false;
+                    while let Some(payload) = rx.recv().await {
+                        if let Some(change) = parse_change(&payload)
+                            && feed.send(change).is_err()
+                        {
+                            break;
+                        }
+                    }
+                }
+                driver.abort();
+            }
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot follow the database's changes: retrying every second; other servers' changes reach this one when it returns");
+                    warned = true;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// `TABLE:KEY` -> the change; anything else is ignored.
+fn parse_change(payload: &str) -> Option<Change> {
+    let (table, key) = payload.split_once(':')?;
+    Some(Change::Entry(table.parse().ok()?, key.to_owned()))
 }
 
 impl PgStore {
@@ -231,7 +311,8 @@ impl PgStore {
     /// reached, refuses the credentials, or is newer than this binary.
     pub fn connect(settings: &PgSettings) -> Result<Self, StoreError> {
         let config = settings.client_config()?;
-        let manager = settings.manager(config)?;
+        let manager = settings.manager(config.clone())?;
+        let tls = settings.tls()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("kms-postgres")
@@ -255,10 +336,20 @@ impl PgStore {
                     source: Box::new(e),
                 })?
         };
+        let (feed, changes) = tokio::sync::mpsc::unbounded_channel();
+        match tls {
+            None => runtime.spawn(follow(config, tokio_postgres::NoTls, feed)),
+            Some(tls) => runtime.spawn(follow(
+                config,
+                tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+                feed,
+            )),
+        };
         let store = Self {
             runtime: Some(runtime),
             pool,
             timeout: settings.timeout,
+            changes: std::sync::Mutex::new(Some(changes)),
         };
         store.block("migrate the schema", |pool| async move {
             let mut client = get(&pool, "migrate the schema").await?;
@@ -298,6 +389,89 @@ impl PgStore {
             op,
             source: "the database client stopped".into(),
         })?
+    }
+
+    /// One transaction of `writes` and `removals`; with `expect`, first takes the append
+    /// lock (held to the commit: appenders on every server are serialised) and writes
+    /// nothing unless the table still ends at the expected key.
+    fn commit_if(
+        &self,
+        op: &'static str,
+        expect: Option<(Table, Option<String>)>,
+        writes: &[Write],
+        removals: &[Removal],
+    ) -> Result<bool, StoreError> {
+        // One statement per table; the last write of a key wins (an upsert may not touch
+        // a row twice).
+        let mut by_table: BTreeMap<&'static str, (Table, BTreeMap<String, Vec<u8>>)> =
+            BTreeMap::new();
+        for w in writes {
+            by_table
+                .entry(w.table.name())
+                .or_insert_with(|| (w.table, BTreeMap::new()))
+                .1
+                .insert(w.key.clone(), w.value.clone());
+        }
+        let removals = removals.to_vec();
+        // What the other servers follow: keys, grants, the seal record (not the audit log
+        // or the counters, which they read when they need them).
+        let followed: Vec<String> = writes
+            .iter()
+            .filter(|w| matches!(w.table, Table::Keys | Table::Grants | Table::System))
+            .map(|w| format!("{}:{}", w.table.name(), w.key))
+            .collect();
+        self.block(op, |pool| async move {
+            let mut client = get(&pool, op).await?;
+            let tx = client.transaction().await.map_err(db(op))?;
+            if let Some((table, expected)) = expect {
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])
+                    .await
+                    .map_err(db(op))?;
+                let sql = format!(
+                    "SELECT key FROM {} ORDER BY key DESC LIMIT 1",
+                    table_name(table)
+                );
+                let stmt = tx.prepare_cached(&sql).await.map_err(db(op))?;
+                let last: Option<String> = tx
+                    .query_opt(&stmt, &[])
+                    .await
+                    .map_err(db(op))?
+                    .map(|r| r.get(0));
+                if last != expected {
+                    return Ok(false);
+                }
+            }
+            for (table, entries) in by_table.into_values() {
+                let (keys, values): (Vec<String>, Vec<Vec<u8>>) = entries.into_iter().unzip();
+                let sql = format!(
+                    "INSERT INTO {} (key, value) SELECT * FROM unnest($1::text[], $2::bytea[])
+                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                    table_name(table)
+                );
+                let stmt = tx.prepare_cached(&sql).await.map_err(db(op))?;
+                tx.execute(&stmt, &[&keys, &values]).await.map_err(db(op))?;
+            }
+            if !followed.is_empty() {
+                // Delivered to every listening server when (and only if) this commits.
+                let stmt = tx
+                    .prepare_cached("SELECT pg_notify($1, x) FROM unnest($2::text[]) AS x")
+                    .await
+                    .map_err(db(op))?;
+                tx.execute(&stmt, &[&CHANNEL, &followed])
+                    .await
+                    .map_err(db(op))?;
+            }
+            for r in removals {
+                let sql = format!(
+                    "DELETE FROM {} WHERE key >= $1 AND key <= $2",
+                    table_name(r.table)
+                );
+                let stmt = tx.prepare_cached(&sql).await.map_err(db(op))?;
+                tx.execute(&stmt, &[&r.from, &r.to]).await.map_err(db(op))?;
+            }
+            tx.commit().await.map_err(db(op))?;
+            Ok(true)
+        })
     }
 }
 
@@ -363,6 +537,14 @@ fn pairs(rows: Vec<tokio_postgres::Row>) -> Vec<(String, Vec<u8>)> {
 }
 
 impl Store for PgStore {
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Change>> {
+        self.changes.lock().ok()?.take()
+    }
+
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let op = "read";
         let key = key.to_owned();
@@ -411,42 +593,51 @@ impl Store for PgStore {
     }
 
     fn write_all_removing(&self, writes: &[Write], removals: &[Removal]) -> Result<(), StoreError> {
-        let op = "batch write";
-        // One statement per table; the last write of a key wins (an upsert may not touch
-        // a row twice).
-        let mut by_table: BTreeMap<&'static str, (Table, BTreeMap<String, Vec<u8>>)> =
-            BTreeMap::new();
-        for w in writes {
-            by_table
-                .entry(w.table.name())
-                .or_insert_with(|| (w.table, BTreeMap::new()))
-                .1
-                .insert(w.key.clone(), w.value.clone());
-        }
-        let removals = removals.to_vec();
+        self.commit_if("batch write", None, writes, removals)
+            .map(|_| ())
+    }
+
+    fn reserve(
+        &self,
+        table: Table,
+        key: &str,
+        want: u64,
+        max: u64,
+    ) -> Result<(u64, u64), StoreError> {
+        let op = "reserve";
+        let key = key.to_owned();
         self.block(op, |pool| async move {
             let mut client = get(&pool, op).await?;
             let tx = client.transaction().await.map_err(db(op))?;
-            for (table, entries) in by_table.into_values() {
-                let (keys, values): (Vec<String>, Vec<Vec<u8>>) = entries.into_iter().unzip();
-                let sql = format!(
-                    "INSERT INTO {} (key, value) SELECT * FROM unnest($1::text[], $2::bytea[])
-                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-                    table_name(table)
-                );
-                let stmt = tx.prepare_cached(&sql).await.map_err(db(op))?;
-                tx.execute(&stmt, &[&keys, &values]).await.map_err(db(op))?;
-            }
-            for r in removals {
-                let sql = format!(
-                    "DELETE FROM {} WHERE key >= $1 AND key <= $2",
-                    table_name(r.table)
-                );
-                let stmt = tx.prepare_cached(&sql).await.map_err(db(op))?;
-                tx.execute(&stmt, &[&r.from, &r.to]).await.map_err(db(op))?;
-            }
-            tx.commit().await.map_err(db(op))
+            let t = table_name(table);
+            let zero = 0u64.to_be_bytes().to_vec();
+            let create = format!(
+                "INSERT INTO {t} (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING"
+            );
+            tx.execute(&create, &[&key, &zero]).await.map_err(db(op))?;
+            // The row lock serialises every server's reservations of this counter.
+            let read = format!("SELECT value FROM {t} WHERE key = $1 FOR UPDATE");
+            let stored: Vec<u8> = tx.query_one(&read, &[&key]).await.map_err(db(op))?.get(0);
+            let start = super::count_of(&stored);
+            let end = start.saturating_add(want).min(max).max(start);
+            let update = format!("UPDATE {t} SET value = $2 WHERE key = $1");
+            tx.execute(&update, &[&key, &end.to_be_bytes().to_vec()])
+                .await
+                .map_err(db(op))?;
+            tx.commit().await.map_err(db(op))?;
+            Ok((start, end))
         })
+    }
+
+    fn append_after(
+        &self,
+        table: Table,
+        expected_last: Option<&str>,
+        writes: &[Write],
+        removals: &[Removal],
+    ) -> Result<bool, StoreError> {
+        let expect = Some((table, expected_last.map(str::to_owned)));
+        self.commit_if("append", expect, writes, removals)
     }
 
     fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StoreError> {
