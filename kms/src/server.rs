@@ -199,6 +199,15 @@ pub fn open(config: &Config) -> Result<Opened, StartError> {
     })
 }
 
+/// This server's host name and bound address, once bound (`kms operator status` shows it:
+/// several servers may share one keyring).
+static IDENTITY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// This server's host name and bound address ("" before it is bound).
+pub(crate) fn identity() -> &'static str {
+    IDENTITY.get().map_or("", String::as_str)
+}
+
 /// Binds the listen address; call it once the server is ready to serve. The bound address is printed on stdout as
 /// `kms listening on ADDR` (tests and scripts read it; port 0 picks a free port).
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -208,6 +217,8 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     let local = listener
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let _ = IDENTITY.set(format!("{} {local}", host.trim()).trim().to_owned());
     println!("kms listening on {local}");
     tracing::info!(addr = %local, "listening");
     Ok(listener)

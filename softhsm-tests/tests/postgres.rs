@@ -371,11 +371,23 @@ async fn three_servers_share_one_keyring() {
     let (a, shares) = start_unsealed(&hsm, &config);
     let b = hsm.try_start(&config, &[]).unwrap();
     let c = hsm.try_start(&config, &[]).unwrap();
+    let mut answered = std::collections::BTreeSet::new();
     for s in [&b, &c] {
         let status = s.kms(&["operator", "status", "--json"], "");
         assert_eq!(status.json()["initialized"], true, "{status:?}");
         s.unseal_with(&shares);
+        answered.insert(s.kms(&["operator", "status", "--json"], "").json()["server"].to_string());
     }
+    answered.insert(a.kms(&["operator", "status", "--json"], "").json()["server"].to_string());
+    // `kms operator status` says which server answered: three servers, three names.
+    assert_eq!(answered.len(), 3, "{answered:?}");
+    let port = a.addr.rsplit(':').next().unwrap().to_owned();
+    assert!(
+        answered
+            .iter()
+            .any(|s| s.contains(&format!("127.0.0.1:{port}"))),
+        "{answered:?}"
+    );
     // Create on A (with its grant), encrypt on B, decrypt on C.
     create_key(&a, "orders").await;
     let (mut ka, mut kb, mut kc) = (a.keys().await, b.keys().await, c.keys().await);

@@ -131,6 +131,7 @@ pub fn print_status(s: &pb::SealStatus, json: bool) -> Result<(), BoxError> {
             "share_set_id": s.share_set_id,
             "version": s.version,
             "hsm_pin_in_shares": s.hsm_pin_in_shares,
+            "server": s.server,
         });
         writeln!(out, "{v}")?;
         return Ok(());
@@ -152,6 +153,9 @@ pub fn print_status(s: &pb::SealStatus, json: bool) -> Result<(), BoxError> {
         writeln!(out, "HSM PIN          in the unseal shares")?;
     }
     writeln!(out, "Version          {}", s.version)?;
+    if !s.server.is_empty() {
+        writeln!(out, "Server           {}", s.server)?;
+    }
     Ok(())
 }
 
