@@ -462,6 +462,27 @@ async fn three_servers_share_one_keyring() {
         assert!(verify.stdout.contains("intact"), "{verify:?}");
     }
     let _ = &mut ka;
+    // Two servers rotating one key in the same instant make two versions, not one twice.
+    let (ra, rc) = tokio::join!(rotate(&a, "orders"), rotate(&c, "orders"));
+    let mut made = [ra, rc];
+    made.sort();
+    assert_eq!(made, [3, 4]);
+    let (_, _) = within(Duration::from_secs(1), || {
+        let mut kb = kb.clone();
+        async move {
+            let r = kb
+                .encrypt(pb::EncryptRequest {
+                    key: "orders".into(),
+                    plaintext: b"v4".to_vec(),
+                    associated_data: b"ctx".to_vec(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (r.key_version == 4).then_some(())
+        }
+    })
+    .await;
     // kill -9 of A while B is under load: B keeps answering, and everything it
     // acknowledged decrypts on C.
     let load = tokio::spawn({

@@ -28,7 +28,11 @@ impl Keyring {
     /// unchanged versions, their nonce counters included). Returns whether the store has
     /// the key. Serialised with this server's own changes (the admin lock).
     pub(super) fn reload_key(&self, name: &str) -> Result<bool, KeyringError> {
-        let _g = self.admin()?;
+        // This process's lock only: reading what is committed needs no lock across servers.
+        let _g = self
+            .admin
+            .lock()
+            .map_err(|_| KeyringError::Internal(LOCK))?;
         self.reload_key_locked(name)
     }
 
@@ -58,7 +62,10 @@ impl Keyring {
     /// Reads grant `id` from the store: live, it is (re)published; revoked, missing or
     /// failing authentication, it no longer allows anything here.
     fn reload_grant(&self, id: &str) -> Result<(), KeyringError> {
-        let _g = self.admin()?;
+        let _g = self
+            .admin
+            .lock()
+            .map_err(|_| KeyringError::Internal(LOCK))?;
         let stored = match self.store.get(Table::Grants, id)? {
             Some(bytes) => grants::decode(id, &bytes, &self.mac_key)?,
             None => None,
@@ -96,7 +103,10 @@ impl Keyring {
             }
             Ok(())
         })?;
-        let _g = self.admin()?;
+        let _g = self
+            .admin
+            .lock()
+            .map_err(|_| KeyringError::Internal(LOCK))?;
         *write_lock(&self.grants)? = live;
         tracing::info!(keys = names.len(), "keyring reloaded from the shared store");
         Ok(())

@@ -108,6 +108,12 @@ struct KeyEntry {
     versions: HashMap<u32, Arc<VersionMaterial>>,
 }
 
+/// Held while the keyring changes (see `Keyring::admin`); the shared lock is released first.
+struct AdminGuard<'a> {
+    _shared: Option<crate::store::ChangeLock>,
+    _local: MutexGuard<'a, ()>,
+}
+
 /// The keyring. No `Debug`: it holds key material.
 pub struct Keyring {
     root: Zeroizing<[u8; 32]>,
@@ -250,8 +256,19 @@ impl Keyring {
         })
     }
 
-    fn admin(&self) -> Result<MutexGuard<'_, ()>, KeyringError> {
-        self.admin.lock().map_err(|_| KeyringError::Internal(LOCK))
+    /// The lock every change to the keyring holds: this process's mutex, and on a shared
+    /// store the lock that serialises changes across servers (two servers rotating one key
+    /// in the same instant would otherwise both make its next version).
+    fn admin(&self) -> Result<AdminGuard<'_>, KeyringError> {
+        let local = self
+            .admin
+            .lock()
+            .map_err(|_| KeyringError::Internal(LOCK))?;
+        let shared = self.store.lock_changes()?;
+        Ok(AdminGuard {
+            _shared: shared,
+            _local: local,
+        })
     }
 
     /// Persists `meta` durably with its audit record, then publishes it. Call with the

@@ -132,6 +132,15 @@ pub enum Change {
     Resync,
 }
 
+/// Holds a shared store's change lock (see [`Store::lock_changes`]); released on drop.
+pub struct ChangeLock(#[allow(dead_code)] Box<dyn std::any::Any + Send>);
+
+impl std::fmt::Debug for ChangeLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChangeLock")
+    }
+}
+
 /// A stored count: 8 bytes big-endian; anything else reads as exhausted.
 pub(crate) fn count_of(bytes: &[u8]) -> u64 {
     u64::from_be_bytes(bytes.try_into().unwrap_or([0xff; 8]))
@@ -201,6 +210,12 @@ pub trait Store: Send + Sync + 'static {
         want: u64,
         max: u64,
     ) -> Result<(u64, u64), StoreError>;
+    /// Takes the lock that serialises changes to the keyring (keys, versions, grants,
+    /// reservations) across every server sharing the store, until the guard is dropped;
+    /// `None` when this process is the store's only writer (its own mutex suffices).
+    fn lock_changes(&self) -> Result<Option<ChangeLock>, StoreError> {
+        Ok(None)
+    }
     /// Whether other servers may write this store too (then the keyring follows
     /// [`Store::changes`], and reloads what it meets and does not know).
     fn shared(&self) -> bool {

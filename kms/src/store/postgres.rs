@@ -13,7 +13,7 @@
 //! channel: it works from any thread, and a database that does not answer costs a bounded
 //! wait (`timeout`), never a hang.
 
-use super::{Change, Removal, Store, StoreError, Table, Write};
+use super::{Change, ChangeLock, Removal, Store, StoreError, Table, Write};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -100,6 +100,9 @@ const MIGRATION_LOCK: i64 = 0x6b6d_735f_6d69_6772; // "kms_migr"
 
 /// The notification channel of changes (`TABLE:KEY` payloads).
 const CHANNEL: &str = "kms_changes";
+
+/// The advisory lock that serialises keyring changes between servers.
+const CHANGE_LOCK: i64 = 0x6b6d_735f_6368_6e67; // "kms_chng"
 
 /// The advisory lock that serialises appends to the audit chain between servers.
 const APPEND_LOCK: i64 = 0x6b6d_735f_6175_6474; // "kms_audt"
@@ -475,6 +478,30 @@ impl PgStore {
     }
 }
 
+/// A connection holding [`CHANGE_LOCK`]; unlocks (without waiting) when dropped.
+struct HeldLock {
+    client: Option<deadpool_postgres::Object>,
+    handle: tokio::runtime::Handle,
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            self.handle.spawn(async move {
+                if client
+                    .execute("SELECT pg_advisory_unlock($1)", &[&CHANGE_LOCK])
+                    .await
+                    .is_err()
+                {
+                    // Never back in the pool holding the lock: the session ends, and with it
+                    // the lock.
+                    let _ = deadpool_postgres::Object::take(client);
+                }
+            });
+        }
+    }
+}
+
 /// A pooled connection, or an `UNAVAILABLE`-mapped error.
 async fn get(
     pool: &deadpool_postgres::Pool,
@@ -539,6 +566,30 @@ fn pairs(rows: Vec<tokio_postgres::Row>) -> Vec<(String, Vec<u8>)> {
 impl Store for PgStore {
     fn shared(&self) -> bool {
         true
+    }
+
+    fn lock_changes(&self) -> Result<Option<ChangeLock>, StoreError> {
+        let op = "take the change lock";
+        // A session lock on a connection of the pool, held by the guard; released by
+        // `pg_advisory_unlock` when the guard is dropped, or by PostgreSQL when the
+        // connection (or this server) dies.
+        let held = self.block(op, |pool| async move {
+            let client = get(&pool, op).await?;
+            client
+                .execute("SELECT pg_advisory_lock($1)", &[&CHANGE_LOCK])
+                .await
+                .map_err(db(op))?;
+            Ok(client)
+        })?;
+        let handle = self
+            .runtime
+            .as_ref()
+            .map(|rt| rt.handle().clone())
+            .ok_or_else(|| StoreError::Settings("the database client is stopped".into()))?;
+        Ok(Some(ChangeLock(Box::new(HeldLock {
+            client: Some(held),
+            handle,
+        }))))
     }
 
     fn changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Change>> {
