@@ -21,6 +21,7 @@
 
 mod access;
 pub mod audit;
+pub mod backup;
 pub mod config;
 mod grpc;
 pub mod hsm;

@@ -59,6 +59,11 @@ pub enum StartError {
     /// The async runtime could not be built.
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
+    /// A `kms backup restore` into this store did not finish.
+    #[error(
+        "the store holds an interrupted restore (kms backup restore did not finish): empty it (a new redb file, or drop the database's kms_* tables) and restore again"
+    )]
+    RestoreInterrupted,
     /// The caller's step between binding and serving failed (`kms dev`'s bootstrap).
     #[error(transparent)]
     Ready(Box<dyn std::error::Error + Send + Sync>),
@@ -165,6 +170,12 @@ pub fn open(config: &Config) -> Result<Opened, StartError> {
     let hsm = Arc::new(Hsm::open(&config.hsm)?);
     tracing::info!(token = hsm.token_label(), "HSM token opened and logged in");
     let store = config.storage.open()?;
+    if store
+        .get(crate::store::Table::System, crate::backup::RESTORE_MARKER)?
+        .is_some()
+    {
+        return Err(StartError::RestoreInterrupted);
+    }
     match config.storage.file() {
         Some(path) => tracing::info!(path = %path.display(), "store opened"),
         None => tracing::info!("database connected, schema current"),

@@ -61,6 +61,11 @@ enum Command {
         #[command(subcommand)]
         command: audit::AuditCommand,
     },
+    /// Backups: take one from the running server, check one, restore one offline.
+    Backup {
+        #[command(subcommand)]
+        command: backup::BackupCommand,
+    },
     /// Grants: which principal may use which key for what (admin role).
     Grant {
         #[command(subcommand)]
@@ -186,6 +191,7 @@ fn main() -> ExitCode {
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 mod audit;
+mod backup;
 mod crypto;
 mod dev;
 mod dev_pki;
@@ -232,6 +238,9 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         }),
         Command::Audit { command } => {
             runtime()?.block_on(audit::run(command, || connect(&cli.conn)))
+        }
+        Command::Backup { command } => {
+            runtime()?.block_on(backup::run(command, || connect(&cli.conn)))
         }
         Command::Grant { command } => runtime()?.block_on(async {
             let channel = connect(&cli.conn).await?;

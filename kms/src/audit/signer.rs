@@ -87,6 +87,15 @@ impl Signer {
         }))
     }
 
+    /// Signs a backup's digest message (`kms::backup`); returns the signature and the key's
+    /// fingerprint. `None` when the key is not available now.
+    pub(crate) fn sign_backup(
+        &self,
+        message: &[u8],
+    ) -> Option<Result<(Vec<u8>, String), AuditError>> {
+        self.sign(message)
+    }
+
     /// Seals an export: signs `range` (whose `key_fingerprint` it fills in). `None` when
     /// the key is not available now.
     pub(crate) fn seal_export(

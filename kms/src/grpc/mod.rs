@@ -67,6 +67,9 @@ pub(crate) enum ApiError {
     /// The caller may not make this call.
     #[error(transparent)]
     Denied(#[from] Denied),
+    /// A backup could not be made.
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
     /// Too many failed unseal shares from the caller's address.
     #[error(
         "too many failed unseal shares from this address: try again in {} s",
@@ -88,6 +91,8 @@ pub(crate) fn code_of(err: &ApiError) -> Code {
         ApiError::Denied(Denied::Unauthenticated | Denied::Expired) => Code::Unauthenticated,
         ApiError::Denied(_) => Code::PermissionDenied,
         ApiError::UnsealLimited(_) => Code::ResourceExhausted,
+        ApiError::Backup(crate::backup::BackupError::NoSigner) => Code::FailedPrecondition,
+        ApiError::Backup(_) => Code::Unavailable,
     }
 }
 

@@ -42,8 +42,60 @@ impl SystemService {
     }
 }
 
+type BackupStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::CreateBackupChunk, Status>> + Send>,
+>;
+
+/// The size of the parts a backup is streamed in.
+const BACKUP_CHUNK: usize = 256 * 1024;
+
 #[tonic::async_trait]
 impl pb::system_server::System for SystemService {
+    type CreateBackupStream = BackupStream;
+
+    async fn create_backup(
+        &self,
+        request: Request<pb::CreateBackupRequest>,
+    ) -> Result<Response<Self::CreateBackupStream>, Status> {
+        let call = self.call(&request, "CreateBackup");
+        let seal = Arc::clone(&self.ctx.seal);
+        // The backup's own record, durable before the first byte.
+        let check = Arc::clone(&seal);
+        run(call, move |_| {
+            if !check.can_sign() {
+                return Err(ApiError::Backup(crate::backup::BackupError::NoSigner));
+            }
+            Ok(Served::new(()))
+        })
+        .await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let mut buffer = Vec::with_capacity(BACKUP_CHUNK);
+            let sent = seal.backup(&mut |line| {
+                buffer.extend_from_slice(line);
+                if buffer.len() >= BACKUP_CHUNK {
+                    let data = std::mem::replace(&mut buffer, Vec::with_capacity(BACKUP_CHUNK));
+                    tx.blocking_send(Ok(pb::CreateBackupChunk { data }))
+                        .map_err(|_| std::io::Error::other("the caller went away"))?;
+                }
+                Ok(())
+            });
+            match sent {
+                Ok(_) => {
+                    let _ = tx.blocking_send(Ok(pb::CreateBackupChunk { data: buffer }));
+                }
+                Err(e) => {
+                    tracing::error!(error = %crate::error_chain(&e), "backup failed");
+                    // Never a partial file that looks whole: the stream ends in an error.
+                    let _ = tx.blocking_send(Err(Status::unavailable("the backup failed")));
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn init(
         &self,
         request: Request<pb::InitRequest>,

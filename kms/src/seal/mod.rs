@@ -409,6 +409,24 @@ impl SealManager {
         Ok(())
     }
 
+    /// Writes a backup of the whole store to `out` (see [`crate::backup::create`]).
+    pub(crate) fn backup(
+        &self,
+        out: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<u64, crate::backup::BackupError> {
+        crate::backup::create(
+            self.store.as_ref(),
+            self.audit.signer(),
+            crate::server::identity(),
+            out,
+        )
+    }
+
+    /// Whether the audit key can sign now (a backup needs it).
+    pub(crate) fn can_sign(&self) -> bool {
+        self.audit.signer().public_key().is_some()
+    }
+
     /// The shared store's change feed (once), for [`SealManager::follow`].
     pub(crate) fn changes(
         &self,

@@ -208,6 +208,28 @@ impl Store for RedbStore {
         Ok(range)
     }
 
+    fn snapshot(
+        &self,
+        each: &mut super::EachEntry<'_>,
+    ) -> Result<(), StoreError> {
+        use redb::{ReadableDatabase, ReadableTable};
+        let op = "snapshot";
+        // One read transaction: every table as of one commit.
+        let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
+        for table in Table::ALL {
+            let t = match txn.open_table(definition(table)) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => continue,
+                Err(e) => return Err(io(op)(e.into())),
+            };
+            for item in t.iter().map_err(|e| io(op)(e.into()))? {
+                let (k, v) = item.map_err(|e| io(op)(e.into()))?;
+                each(table, k.value(), v.value())?;
+            }
+        }
+        Ok(())
+    }
+
     fn append_after(
         &self,
         table: Table,

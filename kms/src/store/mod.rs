@@ -141,6 +141,9 @@ impl std::fmt::Debug for ChangeLock {
     }
 }
 
+/// What [`Store::snapshot`] calls with each entry: its table, key and value.
+pub type EachEntry<'a> = dyn FnMut(Table, &str, &[u8]) -> Result<(), StoreError> + 'a;
+
 /// A stored count: 8 bytes big-endian; anything else reads as exhausted.
 pub(crate) fn count_of(bytes: &[u8]) -> u64 {
     u64::from_be_bytes(bytes.try_into().unwrap_or([0xff; 8]))
@@ -216,6 +219,13 @@ pub trait Store: Send + Sync + 'static {
     fn lock_changes(&self) -> Result<Option<ChangeLock>, StoreError> {
         Ok(None)
     }
+    /// Calls `each` with every entry of every table ([`Table::ALL`] order, keys in order),
+    /// all read from one consistent snapshot while the store stays online (a backup).
+    /// Stops at the first error `each` returns.
+    fn snapshot(
+        &self,
+        each: &mut EachEntry<'_>,
+    ) -> Result<(), StoreError>;
     /// Whether other servers may write this store too (then the keyring follows
     /// [`Store::changes`], and reloads what it meets and does not know).
     fn shared(&self) -> bool {

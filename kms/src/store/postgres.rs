@@ -680,6 +680,73 @@ impl Store for PgStore {
         })
     }
 
+    fn snapshot(
+        &self,
+        each: &mut super::EachEntry<'_>,
+    ) -> Result<(), StoreError> {
+        let op = "snapshot";
+        let Some(runtime) = &self.runtime else {
+            return Err(StoreError::Settings(
+                "the database client is stopped".into(),
+            ));
+        };
+        type Row = Option<(Table, String, Vec<u8>)>;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Row, StoreError>>(1024);
+        let pool = self.pool.clone();
+        runtime.spawn(async move {
+            let read = async {
+                let mut client = get(&pool, op).await?;
+                // One repeatable-read transaction: every table as of one moment, while
+                // the other servers and this one go on committing.
+                let snapshot = client
+                    .build_transaction()
+                    .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()
+                    .await
+                    .map_err(db(op))?;
+                for table in Table::ALL {
+                    let sql = format!(
+                        "SELECT key, value FROM {} WHERE key > $1 OR $2 ORDER BY key LIMIT 1000",
+                        table_name(table)
+                    );
+                    let (mut after, mut first) = (String::new(), true);
+                    loop {
+                        let rows = snapshot
+                            .query(&sql, &[&after, &first])
+                            .await
+                            .map_err(db(op))?;
+                        let Some(last) = rows.last() else { break };
+                        after = last.get(0);
+                        first = false;
+                        for (k, v) in pairs(rows) {
+                            if tx.send(Ok(Some((table, k, v)))).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+                snapshot.commit().await.map_err(db(op))?;
+                // The end, said explicitly: a reader that stops without it was cut short.
+                let _ = tx.send(Ok(None)).await;
+                Ok(())
+            };
+            if let Err(e) = read.await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        while let Some(item) = rx.blocking_recv() {
+            let Some((table, key, value)) = item? else {
+                return Ok(());
+            };
+            each(table, &key, &value)?;
+        }
+        Err(StoreError::Database {
+            op,
+            source: "the snapshot was cut short".into(),
+        })
+    }
+
     fn append_after(
         &self,
         table: Table,

@@ -1,0 +1,331 @@
+//! Backups (docs/operations.md): one file holding a consistent snapshot of the whole store
+//! (the wrapped root key, keys, grants, counters, the audit log and its checkpoints), taken
+//! online, and its restore into an empty store of either backend.
+//!
+//! The file is JSON lines: a header, one line per entry (table, key, value in base64), and a
+//! trailer with the entry count, the SHA-256 of every byte before it, and an Ed25519
+//! signature of that digest by the audit key in the HSM. A restore checks all three before
+//! it writes anything (the public key is the one the backup's own seal record names), so a
+//! damaged, cut or altered file is refused whole. The file is as secret as the store and no
+//! more: without the HSM master key and a quorum of shares it decrypts nothing.
+
+use std::io::BufRead;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::audit::{AuditError, Signer};
+use crate::store::{Removal, Store, StoreError, Table, Write};
+
+/// The format's name, in every backup's header.
+pub const FORMAT: &str = "kms-backup/v1";
+
+/// What the signature covers: this domain, then the hex SHA-256 of the body.
+const SIGNATURE_DOMAIN: &str = "kms/v1/backup/";
+
+/// Set in the System table while a restore writes; a server refuses to start on it.
+pub const RESTORE_MARKER: &str = "restore-in-progress";
+
+/// The seal record's key in the System table (where the audit public key is named).
+const SEAL_RECORD_KEY: &str = "seal";
+
+/// The longest line a restore reads (a malformed file cannot make it buffer more).
+const MAX_LINE: usize = 16 << 20;
+
+/// Entries written per transaction at restore.
+const RESTORE_BATCH: usize = 2048;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header {
+    format: String,
+    created_unix_ms: u64,
+    /// The server that made it (host name and address).
+    server: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    table: String,
+    key: String,
+    /// The stored bytes, base64.
+    value: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Trailer {
+    entries: u64,
+    /// Hex SHA-256 of every byte before this line.
+    sha256: String,
+    /// The audit key's fingerprint.
+    key_fingerprint: String,
+    /// Hex Ed25519 signature of `SIGNATURE_DOMAIN | sha256`.
+    signature: String,
+}
+
+/// Why a backup or a restore failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackupError {
+    /// The store could not be read or written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The audit key is not available to sign (not initialised, or sealed with the PIN in
+    /// the shares).
+    #[error(
+        "the audit signing key is not available: initialise the server (and, with the PIN in the shares, unseal it) first"
+    )]
+    NoSigner,
+    /// The HSM refused to sign.
+    #[error("the backup could not be signed")]
+    Sign(#[source] AuditError),
+    /// Writing the output or reading the file failed.
+    #[error("backup file: {0}")]
+    Io(#[from] std::io::Error),
+    /// The file is not an intact kms backup.
+    #[error("the backup is damaged or not a kms backup: {0}")]
+    Damaged(String),
+    /// The target store already holds data.
+    #[error("the store is not empty (its {0} table has entries): restore only into an empty store")]
+    NotEmpty(&'static str),
+}
+
+fn damaged(why: impl Into<String>) -> BackupError {
+    BackupError::Damaged(why.into())
+}
+
+/// Writes a backup of `store` to `out`, line by line; returns the number of entries.
+/// Refuses before writing anything when the audit key cannot sign.
+pub fn create(
+    store: &dyn Store,
+    signer: &Signer,
+    server: &str,
+    out: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+) -> Result<u64, BackupError> {
+    let public = signer.public_key().ok_or(BackupError::NoSigner)?;
+    let mut hash = Sha256::new();
+    let mut emit = |line: Vec<u8>, hash: &mut Sha256| -> Result<(), BackupError> {
+        hash.update(&line);
+        out(&line).map_err(BackupError::Io)
+    };
+    let header = Header {
+        format: FORMAT.to_owned(),
+        created_unix_ms: crate::audit::now_ms(),
+        server: server.to_owned(),
+    };
+    emit(json_line(&header)?, &mut hash)?;
+    let mut entries = 0u64;
+    let mut failed: Option<BackupError> = None;
+    store
+        .snapshot(&mut |table, key, value| {
+            let entry = Entry {
+                table: table.name().to_owned(),
+                key: key.to_owned(),
+                value: data_encoding::BASE64.encode(value),
+            };
+            match json_line(&entry).and_then(|line| emit(line, &mut hash)) {
+                Ok(()) => {
+                    entries += 1;
+                    Ok(())
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    Err(StoreError::Settings("the backup's output failed".into()))
+                }
+            }
+        })
+        .map_err(|e| failed.take().unwrap_or(BackupError::Store(e)))?;
+    let digest = data_encoding::HEXLOWER.encode(&hash.finalize());
+    let (signature, key_fingerprint) = signer
+        .sign_backup(&signed_message(&digest))
+        .ok_or(BackupError::NoSigner)?
+        .map_err(BackupError::Sign)?;
+    debug_assert_eq!(key_fingerprint, crate::audit::fingerprint(&public));
+    let trailer = Trailer {
+        entries,
+        sha256: digest,
+        key_fingerprint,
+        signature: data_encoding::HEXLOWER.encode(&signature),
+    };
+    out(&json_line(&trailer)?)?;
+    Ok(entries)
+}
+
+fn signed_message(digest: &str) -> Vec<u8> {
+    format!("{SIGNATURE_DOMAIN}{digest}").into_bytes()
+}
+
+fn json_line<T: Serialize>(value: &T) -> Result<Vec<u8>, BackupError> {
+    let mut line = serde_json::to_vec(value).map_err(|_| damaged("cannot encode"))?;
+    line.push(b'\n');
+    Ok(line)
+}
+
+/// What a checked backup holds.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// Entries in the file.
+    pub entries: u64,
+    /// When it was made (Unix ms).
+    pub created_unix_ms: u64,
+    /// The server that made it.
+    pub server: String,
+    /// The hex SHA-256 of its body.
+    pub sha256: String,
+}
+
+/// Reads the file's lines with their bytes, refusing any longer than [`MAX_LINE`].
+fn each_line(
+    path: &Path,
+    mut f: impl FnMut(&[u8]) -> Result<(), BackupError>,
+) -> Result<(), BackupError> {
+    let file = std::fs::File::open(path)?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n =
+            std::io::Read::take(&mut reader, MAX_LINE as u64 + 1).read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if line.len() > MAX_LINE || line.last() != Some(&b'\n') {
+            return Err(damaged("a line is too long or the file was cut short"));
+        }
+        f(&line)?;
+    }
+}
+
+/// Checks a backup file whole: its header, every entry's form, the count, the SHA-256
+/// and the audit key's signature (against the key its seal record names). Writes nothing.
+pub fn check(path: &Path) -> Result<Checked, BackupError> {
+    let mut hash = Sha256::new();
+    let mut held: Option<Vec<u8>> = None;
+    let mut header: Option<Header> = None;
+    let mut entries = 0u64;
+    let mut audit_key: Option<Vec<u8>> = None;
+    each_line(path, |line| {
+        // Every line but the last is hashed; the last is the trailer.
+        if let Some(prev) = held.replace(line.to_vec()) {
+            hash.update(&prev);
+            if header.is_none() {
+                let h: Header = serde_json::from_slice(&prev)
+                    .map_err(|_| damaged("the first line is not a backup header"))?;
+                if h.format != FORMAT {
+                    return Err(damaged(format!("format {:?}, not {FORMAT}", h.format)));
+                }
+                header = Some(h);
+            } else {
+                let (table, key, value) = parse_entry(&prev)?;
+                if table == Table::System && key == SEAL_RECORD_KEY {
+                    audit_key = Some(audit_public_key(&value)?);
+                }
+                entries += 1;
+            }
+        }
+        Ok(())
+    })?;
+    let header = header.ok_or_else(|| damaged("empty, or no header"))?;
+    let trailer: Trailer = held
+        .as_deref()
+        .and_then(|t| serde_json::from_slice(t).ok())
+        .ok_or_else(|| damaged("no trailer: the file was cut short"))?;
+    let digest = data_encoding::HEXLOWER.encode(&hash.finalize());
+    if trailer.entries != entries || trailer.sha256 != digest {
+        return Err(damaged("its contents do not match its checksum"));
+    }
+    let public = audit_key.ok_or_else(|| damaged("it holds no seal record"))?;
+    if crate::audit::fingerprint(&public) != trailer.key_fingerprint {
+        return Err(damaged("signed by another key than its seal record names"));
+    }
+    let signature = data_encoding::HEXLOWER
+        .decode(trailer.signature.as_bytes())
+        .ok()
+        .and_then(|s| ed25519_dalek::Signature::from_slice(&s).ok())
+        .ok_or_else(|| damaged("the signature is malformed"))?;
+    let key = <[u8; 32]>::try_from(public.as_slice())
+        .ok()
+        .and_then(|k| ed25519_dalek::VerifyingKey::from_bytes(&k).ok())
+        .ok_or_else(|| damaged("the seal record's audit key is malformed"))?;
+    key.verify_strict(&signed_message(&digest), &signature)
+        .map_err(|_| damaged("the signature does not verify"))?;
+    Ok(Checked {
+        entries,
+        created_unix_ms: header.created_unix_ms,
+        server: header.server,
+        sha256: digest,
+    })
+}
+
+fn parse_entry(line: &[u8]) -> Result<(Table, String, Vec<u8>), BackupError> {
+    let e: Entry = serde_json::from_slice(line).map_err(|_| damaged("a malformed entry"))?;
+    let table: Table = e
+        .table
+        .parse()
+        .map_err(|()| damaged(format!("an entry of an unknown table {:?}", e.table)))?;
+    let value = data_encoding::BASE64
+        .decode(e.value.as_bytes())
+        .map_err(|_| damaged("an entry's value is not base64"))?;
+    Ok((table, e.key, value))
+}
+
+fn audit_public_key(seal_record: &[u8]) -> Result<Vec<u8>, BackupError> {
+    serde_json::from_slice::<serde_json::Value>(seal_record)
+        .ok()
+        .and_then(|v| v.get("audit_public_key")?.as_str().map(str::to_owned))
+        .and_then(|h| data_encoding::HEXLOWER.decode(h.as_bytes()).ok())
+        .ok_or_else(|| damaged("its seal record names no audit key"))
+}
+
+/// Restores the backup at `path` into `store`, which must be empty: checks the file
+/// whole first, then writes its entries in batches under a marker that keeps a server from
+/// starting on a half-restored store. Returns what it restored.
+pub fn restore(path: &Path, store: &dyn Store) -> Result<Checked, BackupError> {
+    let checked = check(path)?;
+    for table in Table::ALL {
+        if store.last(table)?.is_some() {
+            return Err(BackupError::NotEmpty(table.name()));
+        }
+    }
+    if !store.insert_new(Table::System, RESTORE_MARKER, b"1")? {
+        return Err(BackupError::NotEmpty("system"));
+    }
+    let mut batch = Vec::with_capacity(RESTORE_BATCH);
+    let mut first = true;
+    let mut held: Option<Vec<u8>> = None;
+    // Hashed again as it is written: a file changed since `check` leaves the marker.
+    let mut hash = Sha256::new();
+    each_line(path, |line| {
+        if let Some(prev) = held.replace(line.to_vec()) {
+            hash.update(&prev);
+            if first {
+                first = false;
+                return Ok(());
+            }
+            let (table, key, value) = parse_entry(&prev)?;
+            batch.push(Write { table, key, value });
+            if batch.len() >= RESTORE_BATCH {
+                store.write_all(&batch)?;
+                batch.clear();
+            }
+        }
+        Ok(())
+    })?;
+    if data_encoding::HEXLOWER.encode(&hash.finalize()) != checked.sha256 {
+        return Err(damaged(
+            "the file changed while it was restored: the store is left marked as an interrupted restore",
+        ));
+    }
+    store.write_all_removing(
+        &batch,
+        &[Removal {
+            table: Table::System,
+            from: RESTORE_MARKER.to_owned(),
+            to: RESTORE_MARKER.to_owned(),
+        }],
+    )?;
+    Ok(checked)
+}
