@@ -371,6 +371,11 @@ async fn three_servers_share_one_keyring() {
     let (a, shares) = start_unsealed(&hsm, &config);
     let b = hsm.try_start(&config, &[]).unwrap();
     let c = hsm.try_start(&config, &[]).unwrap();
+    // B cannot initialise the keyring a second time (custodians would get shares of a set
+    // the store no longer holds).
+    let again = b.init(3, 2, "");
+    assert_ne!(again.code, Some(0), "{again:?}");
+    assert!(again.stderr.contains("FAILED_PRECONDITION"), "{again:?}");
     let mut answered = std::collections::BTreeSet::new();
     for s in [&b, &c] {
         let status = s.kms(&["operator", "status", "--json"], "");

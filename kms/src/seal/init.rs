@@ -36,6 +36,8 @@ impl SealManager {
             (false, None) => None,
             (false, Some(_)) => return Err(SealError::PinNotExpected),
         };
+        // Another server sharing the store may have initialised it already.
+        self.adopt_record()?;
         let mut inner = self.lock();
         if !matches!(inner.state, State::Uninitialized) {
             return Err(SealError::AlreadyInitialized);
@@ -186,7 +188,10 @@ impl SealManager {
         }
         let bytes = serde_json::to_vec(&record).map_err(|_| SealError::CorruptRecord)?;
         // The state lock is held and the state is Uninitialized, and the seal record is
-        // what makes it anything else: no other init can be writing it.
+        // what makes it anything else: no other init of this server can be writing it. On
+        // a shared store, the change lock keeps another server's init from writing it
+        // between this check and this commit (two share sets, one overwritten).
+        let _other_servers = self.store.lock_changes()?;
         if self.store.get(Table::System, SEAL_RECORD_KEY)?.is_some() {
             return Err(SealError::AlreadyInitialized);
         }
