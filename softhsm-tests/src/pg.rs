@@ -81,6 +81,16 @@ fn check(what: &str, out: Output) {
 impl TestPostgres {
     /// Makes and starts a cluster, and a role and database `kms`.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// As [`TestPostgres::start`], serving TLS only (`hostssl`: plaintext connections are
+    /// refused) with this certificate and key (PEM).
+    pub fn start_tls(cert: &Path, key: &Path) -> Self {
+        Self::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>) -> Self {
         let bin = server_bin();
         let dir = tempfile::Builder::new()
             .prefix("kms-pg-")
@@ -114,6 +124,38 @@ impl TestPostgres {
             .output()
             .unwrap();
         check("initdb", out);
+        if let Some((cert, key)) = tls {
+            std::fs::copy(cert, data.join("server.crt")).unwrap();
+            std::fs::copy(key, data.join("server.key")).unwrap();
+            std::fs::set_permissions(
+                data.join("server.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .unwrap();
+            let hba = data.join("pg_hba.conf");
+            let text = std::fs::read_to_string(&hba).unwrap();
+            let only_tls: String = text
+                .lines()
+                .map(|l| match l.strip_prefix("host ") {
+                    Some(rest) => format!("hostssl {rest}\n"),
+                    None => format!("{l}\n"),
+                })
+                .collect();
+            std::fs::write(&hba, only_tls).unwrap();
+            std::fs::write(
+                data.join("postgresql.auto.conf"),
+                "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+            )
+            .unwrap();
+            if is_root() {
+                let out = Command::new("chown")
+                    .args(["-R", "nobody:"])
+                    .arg(&data)
+                    .output()
+                    .unwrap();
+                check("chown", out);
+            }
+        }
         let password = random_word();
         let password_file = dir.path().join("kms.pass");
         std::fs::write(&password_file, format!("{password}\n")).unwrap();

@@ -226,6 +226,46 @@ fn credentials_and_urls_are_checked() {
     assert!(connect(&s).contains("environment variable KMS_TEST_PG_PASSWORD_UNSET is not set"));
 }
 
+#[test]
+fn tls_to_the_database_is_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = softhsm_tests::pki::Pki::new(&dir.path().join("pg-tls"), "pg");
+    let other = softhsm_tests::pki::Pki::new(&dir.path().join("other"), "other");
+    let pg = TestPostgres::start_tls(&pki.server.cert, &pki.server.key);
+    let tls = |ca: &std::path::Path| PgSettings {
+        url: format!("postgresql://kms@127.0.0.1:{}/kms?sslmode=require", pg.port),
+        ca_file: Some(ca.to_owned()),
+        ..settings(&pg)
+    };
+    // TLS, the database's certificate checked against the configured CA: works.
+    let store = PgStore::connect(&tls(&pki.ca)).unwrap();
+    store.put(Table::System, "over-tls", b"1").unwrap();
+    assert_eq!(
+        store.get(Table::System, "over-tls").unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
+    // A certificate from another CA is refused, and so is plaintext (the server wants TLS).
+    let chain = |e: StoreError| {
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            text.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        text
+    };
+    let err = chain(PgStore::connect(&tls(&other.ca)).map(|_| ()).unwrap_err());
+    assert!(
+        err.contains("certificate") || err.contains("UnknownIssuer"),
+        "{err}"
+    );
+    let err = chain(PgStore::connect(&settings(&pg)).map(|_| ()).unwrap_err());
+    assert!(
+        err.contains("no encryption") || err.contains("pg_hba.conf"),
+        "{err}"
+    );
+}
+
 async fn encrypt(
     c: &mut softhsm_tests::KeysClient,
     key: &str,
@@ -298,7 +338,30 @@ async fn a_server_on_postgres_survives_kill_and_a_database_outage() {
         b"acknowledged before the kill"
     );
 
-    // The database goes away: calls fail closed with UNAVAILABLE and a clear message.
+    // The database goes away under load: every call either succeeds (and is then durable)
+    // or fails closed with UNAVAILABLE and a clear message; nothing else, no crash.
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let load = tokio::spawn({
+        let (c, running) = (c.clone(), running.clone());
+        async move {
+            let (mut ok, mut refused) = (Vec::new(), 0u32);
+            let mut i = 0u32;
+            while running.load(std::sync::atomic::Ordering::SeqCst) {
+                let mut c = c.clone();
+                let pt = format!("under load {i}").into_bytes();
+                match encrypt(&mut c, "payments", &pt).await {
+                    Ok(ct) => ok.push((pt, ct)),
+                    Err(e) => {
+                        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+                        refused += 1;
+                    }
+                }
+                i += 1;
+            }
+            (ok, refused)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
     pg.stop();
     let err = encrypt(&mut c, "payments", b"x").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
@@ -319,6 +382,14 @@ async fn a_server_on_postgres_survives_kill_and_a_database_outage() {
         }
     }
     let ct2 = resumed.expect("service did not resume within 10 s of the database's return");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    running.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (acknowledged, refused) = load.await.unwrap();
+    assert!(refused > 0, "the outage refused nothing");
+    assert!(acknowledged.len() > 10, "{}", acknowledged.len());
+    for (pt, ct) in &acknowledged {
+        assert_eq!(&decrypt(&mut c, "payments", ct).await.unwrap(), pt);
+    }
     assert_eq!(
         decrypt(&mut c, "payments", &ct2).await.unwrap(),
         b"after the outage"

@@ -208,10 +208,7 @@ impl Store for RedbStore {
         Ok(range)
     }
 
-    fn snapshot(
-        &self,
-        each: &mut super::EachEntry<'_>,
-    ) -> Result<(), StoreError> {
+    fn snapshot(&self, each: &mut super::EachEntry<'_>) -> Result<(), StoreError> {
         use redb::{ReadableDatabase, ReadableTable};
         let op = "snapshot";
         // One read transaction: every table as of one commit.

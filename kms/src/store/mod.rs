@@ -222,10 +222,7 @@ pub trait Store: Send + Sync + 'static {
     /// Calls `each` with every entry of every table ([`Table::ALL`] order, keys in order),
     /// all read from one consistent snapshot while the store stays online (a backup).
     /// Stops at the first error `each` returns.
-    fn snapshot(
-        &self,
-        each: &mut EachEntry<'_>,
-    ) -> Result<(), StoreError>;
+    fn snapshot(&self, each: &mut EachEntry<'_>) -> Result<(), StoreError>;
     /// Whether other servers may write this store too (then the keyring follows
     /// [`Store::changes`], and reloads what it meets and does not know).
     fn shared(&self) -> bool {

@@ -680,10 +680,7 @@ impl Store for PgStore {
         })
     }
 
-    fn snapshot(
-        &self,
-        each: &mut super::EachEntry<'_>,
-    ) -> Result<(), StoreError> {
+    fn snapshot(&self, each: &mut super::EachEntry<'_>) -> Result<(), StoreError> {
         let op = "snapshot";
         let Some(runtime) = &self.runtime else {
             return Err(StoreError::Settings(
