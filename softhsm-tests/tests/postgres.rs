@@ -481,6 +481,25 @@ async fn three_servers_share_one_keyring() {
         decrypt(&mut kc, "orders", &ct).await.unwrap(),
         b"made on A, sealed on B"
     );
+    // An HSM key made on A (its object in the shared token) is used on B and C.
+    a.keys()
+        .await
+        .create_key(pb::CreateKeyRequest {
+            name: "vault".into(),
+            algorithm: pb::Algorithm::Aes256Gcm as i32,
+            protection_level: pb::ProtectionLevel::Hsm as i32,
+            rotation_period_seconds: 0,
+            labels: Default::default(),
+        })
+        .await
+        .unwrap();
+    a.grant_all("vault").await;
+    let (ct_hsm, _) = within(Duration::from_secs(1), || {
+        let mut kb = kb.clone();
+        async move { encrypt(&mut kb, "vault", b"in the HSM").await.ok() }
+    })
+    .await;
+    assert_eq!(decrypt(&mut kc, "vault", &ct_hsm).await.unwrap(), b"in the HSM");
     // Rotate on B: A encrypts under the new version within a second, and C decrypts a
     // ciphertext of that version at once (it reloads the key when it meets the version).
     assert_eq!(rotate(&b, "orders").await, 2);
