@@ -499,7 +499,10 @@ async fn three_servers_share_one_keyring() {
         async move { encrypt(&mut kb, "vault", b"in the HSM").await.ok() }
     })
     .await;
-    assert_eq!(decrypt(&mut kc, "vault", &ct_hsm).await.unwrap(), b"in the HSM");
+    assert_eq!(
+        decrypt(&mut kc, "vault", &ct_hsm).await.unwrap(),
+        b"in the HSM"
+    );
     // Rotate on B: A encrypts under the new version within a second, and C decrypts a
     // ciphertext of that version at once (it reloads the key when it meets the version).
     assert_eq!(rotate(&b, "orders").await, 2);
@@ -578,30 +581,33 @@ async fn three_servers_share_one_keyring() {
         }
     })
     .await;
-    // kill -9 of A while B is under load: B keeps answering, and everything it
-    // acknowledged decrypts on C.
-    let load = tokio::spawn({
-        let kb = kb.clone();
-        async move {
+    // kill -9 of A while B and C are under load (their audit commits interleaving in one
+    // chain): both keep answering, and everything they acknowledged decrypts on the other.
+    let under_load = |client: softhsm_tests::KeysClient, who: &'static str| {
+        tokio::spawn(async move {
             let mut done = Vec::new();
             for i in 0..300u32 {
-                let mut kb = kb.clone();
-                let pt = format!("acknowledged {i}").into_bytes();
-                let ct = encrypt(&mut kb, "orders", &pt)
+                let mut client = client.clone();
+                let pt = format!("{who} acknowledged {i}").into_bytes();
+                let ct = encrypt(&mut client, "orders", &pt)
                     .await
-                    .expect("B failed under load");
+                    .unwrap_or_else(|e| panic!("{who} failed under load: {e:?}"));
                 done.push((pt, ct));
             }
             done
-        }
-    });
+        })
+    };
+    let (load_b, load_c) = (under_load(kb.clone(), "B"), under_load(kc.clone(), "C"));
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut a = a;
     a.kill9();
-    let done = load.await.unwrap();
-    assert_eq!(done.len(), 300);
-    for (pt, ct) in &done {
+    let (done_b, done_c) = (load_b.await.unwrap(), load_c.await.unwrap());
+    assert_eq!((done_b.len(), done_c.len()), (300, 300));
+    for (pt, ct) in &done_b {
         assert_eq!(&decrypt(&mut kc, "orders", ct).await.unwrap(), pt);
+    }
+    for (pt, ct) in &done_c {
+        assert_eq!(&decrypt(&mut kb, "orders", ct).await.unwrap(), pt);
     }
     let verify = b.kms_as(Some(&b.auditor), &["audit", "verify"], "");
     assert!(verify.stdout.contains("intact"), "{verify:?}");

@@ -3,9 +3,6 @@
 
 use super::*;
 
-/// How many times a group is re-chained after other servers' appends before it fails.
-const MAX_REBASES: usize = 64;
-
 /// Chains `records` after `head` at `time_ms` (sequence numbers, predecessor hashes,
 /// times, hashes) and appends their stored form to `writes`; returns the new head.
 fn chain(
@@ -154,11 +151,10 @@ impl Writer {
             .flat_map(|p| p.removals.iter().cloned())
             .collect();
         // The changes the records record, in the group's order, then the records.
-        let mut writes: Vec<Write> = group
+        let writes: Vec<Write> = group
             .iter_mut()
             .flat_map(|p| std::mem::take(&mut p.writes))
             .collect();
-        let changes = writes.len();
         let mut records: Vec<AuditRecord> = group
             .iter_mut()
             .map(|p| AuditRecord {
@@ -169,54 +165,55 @@ impl Writer {
                 hash: String::new(),
             })
             .collect();
-        let mut written = Err(AuditError::Unavailable(None));
-        for _ in 0..MAX_REBASES {
-            // The record's time is when it becomes durable, never before its predecessor's:
-            // a time range is then a contiguous, verifiable part of the chain.
-            let time_ms = now_ms().max(self.last_time);
-            writes.truncate(changes);
-            let next = match chain(&self.head, &mut records, time_ms, &mut writes) {
-                Ok(next) => next,
-                Err(e) => {
-                    written = Err(e);
-                    break;
-                }
-            };
-            let expected = (self.head.seq > 0).then(|| record_key(self.head.seq));
-            match self
-                .store
-                .append_after(Table::Audit, expected.as_deref(), &writes, &removals)
-            {
-                Ok(true) => {
-                    written = Ok((next, time_ms));
-                    break;
-                }
-                // Another server sharing the store appended first: continue after its head.
-                Ok(false) => match last_record(self.store.as_ref()) {
-                    Ok(Some(r)) if r.seq > self.head.seq => {
-                        self.last_time = self.last_time.max(r.event.time_ms);
-                        self.head = Head {
-                            seq: r.seq,
-                            hash: r.hash,
-                        };
-                    }
-                    Ok(_) => {
-                        written = Err(AuditError::Corrupt);
-                        break;
-                    }
-                    Err(e) => {
-                        written = Err(e);
-                        break;
-                    }
-                },
-                Err(e) => {
-                    written = Err(AuditError::Unavailable(Some(e)));
-                    break;
-                }
-            }
-        }
+        let mut changes = Some(writes);
+        let (head, floor) = (&self.head, self.last_time);
+        // What the commit chained after: the head it found, the new head, the time.
+        let mut chained: Option<(Head, Head, u64)> = None;
+        let mut failure: Option<AuditError> = None;
+        let appended = self.store.append_with(
+            Table::Audit,
+            &mut |last| {
+                // The head to continue from: ours, or the one servers sharing the store
+                // appended since (read under the lock that keeps the chain whole).
+                let based = match last {
+                    None if head.seq == 0 => Ok((head.clone(), floor)),
+                    Some((key, _)) if key == record_key(head.seq) => Ok((head.clone(), floor)),
+                    Some((_, bytes)) => match codec::decode(&bytes) {
+                        Some(r) if r.seq > head.seq => Ok((
+                            Head {
+                                seq: r.seq,
+                                hash: r.hash,
+                            },
+                            floor.max(r.event.time_ms),
+                        )),
+                        _ => Err(AuditError::Corrupt),
+                    },
+                    None => Err(AuditError::Corrupt),
+                };
+                let mut writes = changes.take().unwrap_or_default();
+                // The record's time is when it becomes durable, never before its
+                // predecessor's: a time range is then a contiguous, verifiable part of the
+                // chain.
+                let built = based.and_then(|(base, floor)| {
+                    let time_ms = now_ms().max(floor);
+                    let next = chain(&base, &mut records, time_ms, &mut writes)?;
+                    chained = Some((base, next, time_ms));
+                    Ok(writes)
+                });
+                built.map_err(|e| {
+                    failure = Some(e);
+                    StoreError::Settings("the audit records could not be chained".into())
+                })
+            },
+            &removals,
+        );
+        let written = match (appended, chained) {
+            (Ok(()), Some(done)) => Ok(done),
+            (Ok(()), None) => Err(AuditError::Internal("append")),
+            (Err(e), _) => Err(failure.take().unwrap_or(AuditError::Unavailable(Some(e)))),
+        };
         match written {
-            Ok((next, time_ms)) => {
+            Ok((base, next, time_ms)) => {
                 self.commits.fetch_add(1, Ordering::Relaxed);
                 let metrics = crate::metrics::metrics();
                 metrics
@@ -224,7 +221,7 @@ impl Writer {
                     .observe(started.elapsed().as_secs_f64());
                 metrics.audit_records.inc_by(group.len() as u64);
                 metrics.audit_commit_batch.observe(group.len() as f64);
-                let first_seq = self.head.seq + 1;
+                let first_seq = base.seq + 1;
                 self.head = next;
                 self.last_time = time_ms;
                 for (i, p) in group.into_iter().enumerate() {

@@ -84,29 +84,35 @@ impl RedbStore {
         Ok(Self { db })
     }
 
-    /// One durable transaction of `writes` and `removals`, if `expect`'s table still ends
-    /// at its key (the check and the writes in the same transaction: redb has one writer).
-    fn commit_if(
+    /// One durable transaction of `writes` and `removals`; with `append`, the writes are
+    /// what its build makes after `table`'s last entry, read in the same transaction (redb
+    /// has one writer: nothing can come between).
+    fn commit(
         &self,
         op: &'static str,
-        expect: Option<(Table, Option<&str>)>,
+        append: Option<(Table, &mut super::AppendBuild<'_>)>,
         writes: &[Write],
         removals: &[Removal],
-    ) -> Result<bool, StoreError> {
+    ) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write().map_err(|e| io(op)(e.into()))?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(|e| io(op)(redb::Error::from(e)))?;
-        if let Some((table, expected)) = expect {
-            use redb::ReadableTable;
-            let t = txn
-                .open_table(definition(table))
-                .map_err(|e| io(op)(e.into()))?;
-            let last = t.last().map_err(|e| io(op)(e.into()))?;
-            if last.as_ref().map(|(k, _)| k.value()) != expected {
-                return Ok(false);
+        let built = match append {
+            Some((table, build)) => {
+                use redb::ReadableTable;
+                let t = txn
+                    .open_table(definition(table))
+                    .map_err(|e| io(op)(e.into()))?;
+                let last = t
+                    .last()
+                    .map_err(|e| io(op)(e.into()))?
+                    .map(|(k, v)| (k.value().to_owned(), v.value().to_vec()));
+                drop(t);
+                build(last)?
             }
-        }
-        for w in writes {
+            None => Vec::new(),
+        };
+        for w in writes.iter().chain(&built) {
             let mut t = txn
                 .open_table(definition(w.table))
                 .map_err(|e| io(op)(e.into()))?;
@@ -120,8 +126,7 @@ impl RedbStore {
             t.retain_in::<&str, _>(r.from.as_str()..=r.to.as_str(), |_, _| false)
                 .map_err(|e| io(op)(e.into()))?;
         }
-        txn.commit().map_err(|e| io(op)(e.into()))?;
-        Ok(true)
+        txn.commit().map_err(|e| io(op)(e.into()))
     }
 
     fn write(
@@ -186,7 +191,7 @@ impl Store for RedbStore {
     }
 
     fn write_all_removing(&self, writes: &[Write], removals: &[Removal]) -> Result<(), StoreError> {
-        self.commit_if("batch write", None, writes, removals)
+        self.commit("batch write", None, writes, removals)
             .map(|_| ())
     }
 
@@ -227,14 +232,13 @@ impl Store for RedbStore {
         Ok(())
     }
 
-    fn append_after(
+    fn append_with(
         &self,
         table: Table,
-        expected_last: Option<&str>,
-        writes: &[Write],
+        build: &mut super::AppendBuild<'_>,
         removals: &[Removal],
-    ) -> Result<bool, StoreError> {
-        self.commit_if("append", Some((table, expected_last)), writes, removals)
+    ) -> Result<(), StoreError> {
+        self.commit("append", Some((table, build)), &[], removals)
     }
 
     fn range(

@@ -141,6 +141,11 @@ impl std::fmt::Debug for ChangeLock {
     }
 }
 
+/// What [`Store::append_with`] calls with the table's last entry (key, value), under the
+/// lock: the writes to commit after it.
+pub type AppendBuild<'a> =
+    dyn FnMut(Option<(String, Vec<u8>)>) -> Result<Vec<Write>, StoreError> + 'a;
+
 /// What [`Store::snapshot`] calls with each entry: its table, key and value.
 pub type EachEntry<'a> = dyn FnMut(Table, &str, &[u8]) -> Result<(), StoreError> + 'a;
 
@@ -190,18 +195,16 @@ pub trait Store: Send + Sync + 'static {
     /// As [`Store::write_all`], and removes the `removals` ranges in the same transaction
     /// (archived audit records go with the record of their archiving).
     fn write_all_removing(&self, writes: &[Write], removals: &[Removal]) -> Result<(), StoreError>;
-    /// As [`Store::write_all_removing`], if the greatest key of `table` is still
-    /// `expected_last` (`None`: the table is empty); else writes nothing and returns `false`.
-    /// Appenders on every server that shares the store are serialised, so that two servers
-    /// extend one audit chain and never fork it: each writes after the head it saw, or
-    /// learns that the head moved and re-chains its records.
-    fn append_after(
+    /// Appends to `table` (the audit log) in one transaction: under a lock that serialises
+    /// appenders on every server sharing the store, reads the table's last entry, lets
+    /// `build` make the writes that follow it, and commits them with `removals`. Two servers
+    /// thus extend one audit chain and never fork it. An error from `build` writes nothing.
+    fn append_with(
         &self,
         table: Table,
-        expected_last: Option<&str>,
-        writes: &[Write],
+        build: &mut AppendBuild<'_>,
         removals: &[Removal],
-    ) -> Result<bool, StoreError>;
+    ) -> Result<(), StoreError>;
     /// Reserves up to `want` more of the counter at `key` (an 8-byte big-endian count, 0 when
     /// absent; unreadable counts as exhausted), never past `max`: returns the range
     /// `[start, end)` now this caller's, durably, and atomically with every server sharing

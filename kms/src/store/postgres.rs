@@ -394,18 +394,35 @@ impl PgStore {
         })?
     }
 
-    /// One transaction of `writes` and `removals`; with `expect`, first takes the append
-    /// lock (held to the commit: appenders on every server are serialised) and writes
-    /// nothing unless the table still ends at the expected key.
-    fn commit_if(
+    /// One transaction of `writes` and `removals`.
+    fn commit(
         &self,
         op: &'static str,
-        expect: Option<(Table, Option<String>)>,
         writes: &[Write],
         removals: &[Removal],
-    ) -> Result<bool, StoreError> {
-        // One statement per table; the last write of a key wins (an upsert may not touch
-        // a row twice).
+    ) -> Result<(), StoreError> {
+        let rows = Rows::of(writes, removals);
+        self.block(op, |pool| async move {
+            let mut client = get(&pool, op).await?;
+            let tx = client.transaction().await.map_err(db(op))?;
+            rows.write(&tx, op).await?;
+            tx.commit().await.map_err(db(op))
+        })
+    }
+}
+
+/// What one transaction writes, by table (one statement each; the last write of a key wins,
+/// since an upsert may not touch a row twice), what it removes, and what it announces.
+struct Rows {
+    by_table: BTreeMap<&'static str, (Table, BTreeMap<String, Vec<u8>>)>,
+    removals: Vec<Removal>,
+    /// What the other servers follow: keys, grants, the seal record (not the audit log or
+    /// the counters, which they read when they need them).
+    followed: Vec<String>,
+}
+
+impl Rows {
+    fn of(writes: &[Write], removals: &[Removal]) -> Self {
         let mut by_table: BTreeMap<&'static str, (Table, BTreeMap<String, Vec<u8>>)> =
             BTreeMap::new();
         for w in writes {
@@ -415,66 +432,52 @@ impl PgStore {
                 .1
                 .insert(w.key.clone(), w.value.clone());
         }
-        let removals = removals.to_vec();
-        // What the other servers follow: keys, grants, the seal record (not the audit log
-        // or the counters, which they read when they need them).
-        let followed: Vec<String> = writes
+        let followed = writes
             .iter()
             .filter(|w| matches!(w.table, Table::Keys | Table::Grants | Table::System))
             .map(|w| format!("{}:{}", w.table.name(), w.key))
             .collect();
-        self.block(op, |pool| async move {
-            let mut client = get(&pool, op).await?;
-            let tx = client.transaction().await.map_err(db(op))?;
-            if let Some((table, expected)) = expect {
-                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])
-                    .await
-                    .map_err(db(op))?;
-                let sql = format!(
-                    "SELECT key FROM {} ORDER BY key DESC LIMIT 1",
-                    table_name(table)
-                );
-                let stmt = tx.prepare_cached(&sql).await.map_err(db(op))?;
-                let last: Option<String> = tx
-                    .query_opt(&stmt, &[])
-                    .await
-                    .map_err(db(op))?
-                    .map(|r| r.get(0));
-                if last != expected {
-                    return Ok(false);
-                }
-            }
-            for (table, entries) in by_table.into_values() {
-                let (keys, values): (Vec<String>, Vec<Vec<u8>>) = entries.into_iter().unzip();
-                let sql = format!(
-                    "INSERT INTO {} (key, value) SELECT * FROM unnest($1::text[], $2::bytea[])
-                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-                    table_name(table)
-                );
-                let stmt = tx.prepare_cached(&sql).await.map_err(db(op))?;
-                tx.execute(&stmt, &[&keys, &values]).await.map_err(db(op))?;
-            }
-            if !followed.is_empty() {
-                // Delivered to every listening server when (and only if) this commits.
-                let stmt = tx
-                    .prepare_cached("SELECT pg_notify($1, x) FROM unnest($2::text[]) AS x")
-                    .await
-                    .map_err(db(op))?;
-                tx.execute(&stmt, &[&CHANNEL, &followed])
-                    .await
-                    .map_err(db(op))?;
-            }
-            for r in removals {
-                let sql = format!(
-                    "DELETE FROM {} WHERE key >= $1 AND key <= $2",
-                    table_name(r.table)
-                );
-                let stmt = tx.prepare_cached(&sql).await.map_err(db(op))?;
-                tx.execute(&stmt, &[&r.from, &r.to]).await.map_err(db(op))?;
-            }
-            tx.commit().await.map_err(db(op))?;
-            Ok(true)
-        })
+        Self {
+            by_table,
+            removals: removals.to_vec(),
+            followed,
+        }
+    }
+
+    async fn write(
+        self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        op: &'static str,
+    ) -> Result<(), StoreError> {
+        for (table, entries) in self.by_table.into_values() {
+            let (keys, values): (Vec<String>, Vec<Vec<u8>>) = entries.into_iter().unzip();
+            let sql = format!(
+                "INSERT INTO {} (key, value) SELECT * FROM unnest($1::text[], $2::bytea[])
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                table_name(table)
+            );
+            let stmt = tx.prepare_cached(&sql).await.map_err(db(op))?;
+            tx.execute(&stmt, &[&keys, &values]).await.map_err(db(op))?;
+        }
+        if !self.followed.is_empty() {
+            // Delivered to every listening server when (and only if) this commits.
+            let stmt = tx
+                .prepare_cached("SELECT pg_notify($1, x) FROM unnest($2::text[]) AS x")
+                .await
+                .map_err(db(op))?;
+            tx.execute(&stmt, &[&CHANNEL, &self.followed])
+                .await
+                .map_err(db(op))?;
+        }
+        for r in self.removals {
+            let sql = format!(
+                "DELETE FROM {} WHERE key >= $1 AND key <= $2",
+                table_name(r.table)
+            );
+            let stmt = tx.prepare_cached(&sql).await.map_err(db(op))?;
+            tx.execute(&stmt, &[&r.from, &r.to]).await.map_err(db(op))?;
+        }
+        Ok(())
     }
 }
 
@@ -644,8 +647,7 @@ impl Store for PgStore {
     }
 
     fn write_all_removing(&self, writes: &[Write], removals: &[Removal]) -> Result<(), StoreError> {
-        self.commit_if("batch write", None, writes, removals)
-            .map(|_| ())
+        self.commit("batch write", writes, removals)
     }
 
     fn reserve(
@@ -744,15 +746,83 @@ impl Store for PgStore {
         })
     }
 
-    fn append_after(
+    fn append_with(
         &self,
         table: Table,
-        expected_last: Option<&str>,
-        writes: &[Write],
+        build: &mut super::AppendBuild<'_>,
         removals: &[Removal],
-    ) -> Result<bool, StoreError> {
-        let expect = Some((table, expected_last.map(str::to_owned)));
-        self.commit_if("append", expect, writes, removals)
+    ) -> Result<(), StoreError> {
+        let op = "append";
+        let Some(runtime) = &self.runtime else {
+            return Err(StoreError::Settings(
+                "the database client is stopped".into(),
+            ));
+        };
+        type Last = Option<(String, Vec<u8>)>;
+        // Two steps in one transaction, the caller's thread building in between: the task
+        // takes the append lock and reads the table's last entry; the caller builds its
+        // writes after that entry; the task writes them and commits. The runtime's thread
+        // never waits on the caller (it awaits).
+        let (last_tx, last_rx) = std::sync::mpsc::sync_channel::<Result<Last, StoreError>>(1);
+        let (writes_tx, writes_rx) = tokio::sync::oneshot::channel::<Rows>();
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<Result<(), StoreError>>(1);
+        let pool = self.pool.clone();
+        let limit = self.timeout.saturating_mul(2);
+        runtime.spawn(async move {
+            let work = async {
+                let mut client = get(&pool, op).await?;
+                let tx = client.transaction().await.map_err(db(op))?;
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])
+                    .await
+                    .map_err(db(op))?;
+                let sql = format!(
+                    "SELECT key, value FROM {} ORDER BY key DESC LIMIT 1",
+                    table_name(table)
+                );
+                let stmt = tx.prepare_cached(&sql).await.map_err(db(op))?;
+                let last = tx
+                    .query_opt(&stmt, &[])
+                    .await
+                    .map_err(db(op))?
+                    .map(|r| (r.get(0), r.get(1)));
+                if last_tx.send(Ok(last)).is_err() {
+                    return Ok(());
+                }
+                // The caller gave up (its build failed): roll back.
+                let Ok(rows) = writes_rx.await else {
+                    return Ok(());
+                };
+                rows.write(&tx, op).await?;
+                tx.commit().await.map_err(db(op))
+            };
+            let outcome = tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+                Err(StoreError::Database {
+                    op,
+                    source: "no answer in time".into(),
+                })
+            });
+            if let Err(e) = outcome {
+                // Before the caller has the last entry, it waits on `last_rx`; after, on
+                // `done_rx`: tell both.
+                let _ = last_tx.send(Err(StoreError::Database {
+                    op,
+                    source: e.to_string().into(),
+                }));
+                let _ = done_tx.send(Err(e));
+            } else {
+                let _ = done_tx.send(Ok(()));
+            }
+        });
+        let stopped = || StoreError::Database {
+            op,
+            source: "the database client stopped".into(),
+        };
+        let last = last_rx.recv().map_err(|_| stopped())??;
+        let writes = build(last)?;
+        writes_tx
+            .send(Rows::of(&writes, removals))
+            .map_err(|_| stopped())?;
+        done_rx.recv().map_err(|_| stopped())?
     }
 
     fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StoreError> {
