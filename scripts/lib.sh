@@ -39,36 +39,33 @@ ensure_chromium() {
     fi
 }
 
+# Installs packages whose Debian scripts would start a system service: the tests start their
+# own servers, on 127.0.0.1, so the packages' services are not started (policy-rc.d).
+apt_install_no_service() {
+    local policy=/usr/sbin/policy-rc.d had_policy=0
+    if [ -e "$policy" ]; then had_policy=1; fi
+    if [ "$had_policy" -eq 0 ]; then
+        printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+        as_root chmod 755 "$policy"
+    fi
+    apt_install "$@"
+    if [ "$had_policy" -eq 0 ]; then as_root rm -f "$policy"; fi
+}
+
 ensure_prometheus() {
-    # The metrics endpoint is checked by a real Prometheus scraping it. The package's own
-    # service is not started (policy-rc.d): the test starts its own, on 127.0.0.1.
+    # The metrics endpoint is checked by a real Prometheus scraping it.
     if ! command -v prometheus >/dev/null 2>&1; then
         echo "==> installing prometheus (scrapes the metrics endpoint in a test)"
-        local policy=/usr/sbin/policy-rc.d had_policy=0
-        if [ -e "$policy" ]; then had_policy=1; fi
-        if [ "$had_policy" -eq 0 ]; then
-            printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
-            as_root chmod 755 "$policy"
-        fi
-        apt_install prometheus
-        if [ "$had_policy" -eq 0 ]; then as_root rm -f "$policy"; fi
+        apt_install_no_service prometheus
     fi
 }
 
 ensure_postgres() {
     # The PostgreSQL backend is tested against a real PostgreSQL: each test runs initdb in a
-    # temporary directory and starts its own server on 127.0.0.1. The package's own cluster
-    # service is not started (policy-rc.d).
+    # temporary directory and starts its own server on 127.0.0.1.
     if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
         echo "==> installing postgresql (the PostgreSQL backend's tests start their own server)"
-        local policy=/usr/sbin/policy-rc.d had_policy=0
-        if [ -e "$policy" ]; then had_policy=1; fi
-        if [ "$had_policy" -eq 0 ]; then
-            printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
-            as_root chmod 755 "$policy"
-        fi
-        apt_install postgresql
-        if [ "$had_policy" -eq 0 ]; then as_root rm -f "$policy"; fi
+        apt_install_no_service postgresql
     fi
 }
 

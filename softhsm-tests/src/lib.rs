@@ -342,6 +342,36 @@ pub struct Server {
     pub custodian: Cred,
 }
 
+/// Encrypts `pt` under `key` with the associated data `ctx`; the ciphertext.
+pub async fn encrypt_ctx(
+    c: &mut KeysClient,
+    key: &str,
+    pt: &[u8],
+) -> Result<Vec<u8>, tonic::Status> {
+    c.encrypt(kms_proto::v1::EncryptRequest {
+        key: key.into(),
+        plaintext: pt.to_vec(),
+        associated_data: b"ctx".to_vec(),
+    })
+    .await
+    .map(|r| r.into_inner().ciphertext)
+}
+
+/// Decrypts what [`encrypt_ctx`] made; the plaintext.
+pub async fn decrypt_ctx(
+    c: &mut KeysClient,
+    key: &str,
+    ct: &[u8],
+) -> Result<Vec<u8>, tonic::Status> {
+    c.decrypt(kms_proto::v1::DecryptRequest {
+        key: key.into(),
+        ciphertext: ct.to_vec(),
+        associated_data: b"ctx".to_vec(),
+    })
+    .await
+    .map(|r| r.into_inner().plaintext)
+}
+
 /// A gRPC client of `kms.v1.Access`.
 pub type AccessClient = kms_proto::v1::access_client::AccessClient<tonic::transport::Channel>;
 

@@ -15,27 +15,11 @@ use softhsm_tests::pg::TestPostgres;
 use softhsm_tests::{Server, TestHsm, start_unsealed};
 
 async fn encrypt(c: &mut softhsm_tests::KeysClient, key: &str, pt: &[u8]) -> Vec<u8> {
-    c.encrypt(pb::EncryptRequest {
-        key: key.into(),
-        plaintext: pt.to_vec(),
-        associated_data: b"ctx".to_vec(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .ciphertext
+    softhsm_tests::encrypt_ctx(c, key, pt).await.unwrap()
 }
 
 async fn decrypt(c: &mut softhsm_tests::KeysClient, key: &str, ct: &[u8]) -> Vec<u8> {
-    c.decrypt(pb::DecryptRequest {
-        key: key.into(),
-        ciphertext: ct.to_vec(),
-        associated_data: b"ctx".to_vec(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .plaintext
+    softhsm_tests::decrypt_ctx(c, key, ct).await.unwrap()
 }
 
 async fn create_key(server: &Server, name: &str, protection: pb::ProtectionLevel) {

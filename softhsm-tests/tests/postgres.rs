@@ -266,33 +266,7 @@ fn tls_to_the_database_is_verified() {
     );
 }
 
-async fn encrypt(
-    c: &mut softhsm_tests::KeysClient,
-    key: &str,
-    pt: &[u8],
-) -> Result<Vec<u8>, tonic::Status> {
-    c.encrypt(pb::EncryptRequest {
-        key: key.into(),
-        plaintext: pt.to_vec(),
-        associated_data: b"ctx".to_vec(),
-    })
-    .await
-    .map(|r| r.into_inner().ciphertext)
-}
-
-async fn decrypt(
-    c: &mut softhsm_tests::KeysClient,
-    key: &str,
-    ct: &[u8],
-) -> Result<Vec<u8>, tonic::Status> {
-    c.decrypt(pb::DecryptRequest {
-        key: key.into(),
-        ciphertext: ct.to_vec(),
-        associated_data: b"ctx".to_vec(),
-    })
-    .await
-    .map(|r| r.into_inner().plaintext)
-}
+use softhsm_tests::{decrypt_ctx as decrypt, encrypt_ctx as encrypt};
 
 async fn create_key(server: &softhsm_tests::Server, name: &str) {
     server
@@ -508,22 +482,7 @@ async fn three_servers_share_one_keyring() {
     assert_eq!(rotate(&b, "orders").await, 2);
     let ct_b = c_version_two(&mut kb).await;
     assert_eq!(decrypt(&mut kc, "orders", &ct_b).await.unwrap(), b"v2");
-    let (_, took) = within(Duration::from_secs(1), || {
-        let mut ka = ka.clone();
-        async move {
-            let r = ka
-                .encrypt(pb::EncryptRequest {
-                    key: "orders".into(),
-                    plaintext: b"x".to_vec(),
-                    associated_data: b"ctx".to_vec(),
-                })
-                .await
-                .ok()?
-                .into_inner();
-            (r.key_version == 2).then_some(())
-        }
-    })
-    .await;
+    let (_, took) = within(Duration::from_secs(1), || encrypts_under(ka.clone(), 2)).await;
     eprintln!("A encrypted under B's rotation after {took:?}");
     // Revoke on A: B refuses within a second.
     let reader = hsm
@@ -565,22 +524,7 @@ async fn three_servers_share_one_keyring() {
     let mut made = [ra, rc];
     made.sort();
     assert_eq!(made, [3, 4]);
-    let (_, _) = within(Duration::from_secs(1), || {
-        let mut kb = kb.clone();
-        async move {
-            let r = kb
-                .encrypt(pb::EncryptRequest {
-                    key: "orders".into(),
-                    plaintext: b"v4".to_vec(),
-                    associated_data: b"ctx".to_vec(),
-                })
-                .await
-                .ok()?
-                .into_inner();
-            (r.key_version == 4).then_some(())
-        }
-    })
-    .await;
+    let (_, _) = within(Duration::from_secs(1), || encrypts_under(kb.clone(), 4)).await;
     // kill -9 of A while B and C are under load (their audit commits interleaving in one
     // chain): both keep answering, and everything they acknowledged decrypts on the other.
     let under_load = |client: softhsm_tests::KeysClient, who: &'static str| {
@@ -611,6 +555,20 @@ async fn three_servers_share_one_keyring() {
     }
     let verify = b.kms_as(Some(&b.auditor), &["audit", "verify"], "");
     assert!(verify.stdout.contains("intact"), "{verify:?}");
+}
+
+/// `Some` when an Encrypt on `client` uses `version` of "orders".
+async fn encrypts_under(mut client: softhsm_tests::KeysClient, version: u32) -> Option<()> {
+    let r = client
+        .encrypt(pb::EncryptRequest {
+            key: "orders".into(),
+            plaintext: b"x".to_vec(),
+            associated_data: b"ctx".to_vec(),
+        })
+        .await
+        .ok()?
+        .into_inner();
+    (r.key_version == version).then_some(())
 }
 
 async fn c_version_two(kb: &mut softhsm_tests::KeysClient) -> Vec<u8> {
