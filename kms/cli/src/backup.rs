@@ -29,7 +29,7 @@ pub enum BackupCommand {
         /// The backup file.
         #[arg(long = "in", value_name = "FILE")]
         input: PathBuf,
-        /// The server's configuration (its [storage] table names the target).
+        /// The server's configuration (its `[storage]` table names the target).
         #[arg(long, short)]
         config: PathBuf,
     },
