@@ -236,7 +236,7 @@ impl StorageConfig {
                 ))?;
                 let mib = within(
                     self.cache_mib,
-                    64,
+                    (crate::store::DEFAULT_CACHE_BYTES >> 20) as u64,
                     1..=65_536,
                     ConfigError::BadStorage("cache_mib (1..=65536)"),
                 )?;
@@ -432,6 +432,9 @@ pub enum ConfigError {
     /// `[storage] backend` is unknown.
     #[error("storage.backend: {0:?} is not one of redb, postgres")]
     BadBackend(String),
+    /// `[audit]` keys that do not go together.
+    #[error("audit: {0}")]
+    BadAuditKeys(&'static str),
     /// An `[audit]` value is out of range.
     #[error("audit.{0}: out of range")]
     BadAudit(&'static str),
@@ -678,13 +681,13 @@ impl AuditConfig {
     ) -> Result<Option<crate::audit::archive::RetentionPolicy>, ConfigError> {
         if self.retain_days.is_none() && self.retain_records.is_none() {
             if self.archive_dir.is_some() || self.archive_command.is_some() {
-                return Err(ConfigError::BadAudit(
+                return Err(ConfigError::BadAuditKeys(
                     "archive_dir and archive_command need retain_days or retain_records",
                 ));
             }
             return Ok(None);
         }
-        let dir = self.archive_dir.clone().ok_or(ConfigError::BadAudit(
+        let dir = self.archive_dir.clone().ok_or(ConfigError::BadAuditKeys(
             "retain_days and retain_records need archive_dir: records leave the store only for an archive",
         ))?;
         let archive_dir = resolve(base, dir);
@@ -694,14 +697,14 @@ impl AuditConfig {
                 .recursive(true)
                 .mode(0o700)
                 .create(&archive_dir)
-                .map_err(|_| ConfigError::BadAudit("archive_dir cannot be created"))?;
+                .map_err(|_| ConfigError::BadAuditKeys("archive_dir cannot be created"))?;
         }
         if self
             .archive_command
             .as_ref()
             .is_some_and(|c| c.first().is_none_or(String::is_empty))
         {
-            return Err(ConfigError::BadAudit(
+            return Err(ConfigError::BadAuditKeys(
                 "archive_command names no program (a list: program, then its arguments)",
             ));
         }
@@ -866,6 +869,30 @@ mod tests {
                 }
                 (other, _) => panic!("cache_mib = {mib}: {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn retention_errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mod.so"), b"").unwrap();
+        let head = "listen = \"127.0.0.1:1\"\n[storage]\npath = \"x\"\n[hsm]\nmodule = \"mod.so\"\ntoken_label = \"kms\"\npin_env = \"P\"\n[tls]\nplaintext_loopback = true\n[audit]\n";
+        let load = |audit: &str| Config::load(&write(dir.path(), &format!("{head}{audit}")));
+        let c = load("retain_days = 90\narchive_dir = \"archive\"\narchive_command = [\"/bin/true\"]\n")
+            .unwrap();
+        let policy = c.retention.unwrap();
+        assert_eq!(policy.max_age, Some(Duration::from_secs(90 * 86_400)));
+        assert!(dir.path().join("archive").is_dir());
+        for (audit, want) in [
+            ("retain_days = 0\narchive_dir = \"a\"\n", "audit.retain_days (1..=36500): out of range"),
+            ("retain_days = 36501\narchive_dir = \"a\"\n", "audit.retain_days (1..=36500): out of range"),
+            ("retain_records = 0\narchive_dir = \"a\"\n", "audit.retain_records (1 or more): out of range"),
+            ("retain_days = 1\narchive_dir = \"a\"\narchive_command = []\n", "audit: archive_command names no program (a list: program, then its arguments)"),
+            ("retain_days = 1\narchive_dir = \"a\"\narchive_command = [\"\"]\n", "audit: archive_command names no program (a list: program, then its arguments)"),
+            ("retain_days = 1\n", "audit: retain_days and retain_records need archive_dir: records leave the store only for an archive"),
+            ("archive_dir = \"a\"\n", "audit: archive_dir and archive_command need retain_days or retain_records"),
+        ] {
+            assert_eq!(load(audit).unwrap_err().to_string(), want, "{audit}");
         }
     }
 
