@@ -247,12 +247,15 @@ impl Keyring {
     }
 
     /// Whether a crypto call on `name` is done in this process (a SOFTWARE key, or no such
-    /// key: the call fails at once), so that the server may run it on the async worker
-    /// instead of a blocking thread. HSM keys answer false: every use is a PKCS#11 call.
+    /// key on a store only this server writes: the call fails at once), so that the server
+    /// may run it on the async worker instead of a blocking thread. HSM keys answer false:
+    /// every use is a PKCS#11 call.
     pub(crate) fn runs_in_process(&self, name: &str) -> bool {
-        read_lock(&self.keys).map_or(true, |keys| {
-            keys.get(name)
-                .is_none_or(|e| e.meta.protection == model::Protection::Software)
+        read_lock(&self.keys).map_or(true, |keys| match keys.get(name) {
+            Some(e) => e.meta.protection == model::Protection::Software,
+            // On a shared store an unknown key is looked up there first: a database round
+            // trip, for a blocking thread.
+            None => !self.store.shared(),
         })
     }
 
