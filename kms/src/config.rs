@@ -878,19 +878,42 @@ mod tests {
         std::fs::write(dir.path().join("mod.so"), b"").unwrap();
         let head = "listen = \"127.0.0.1:1\"\n[storage]\npath = \"x\"\n[hsm]\nmodule = \"mod.so\"\ntoken_label = \"kms\"\npin_env = \"P\"\n[tls]\nplaintext_loopback = true\n[audit]\n";
         let load = |audit: &str| Config::load(&write(dir.path(), &format!("{head}{audit}")));
-        let c = load("retain_days = 90\narchive_dir = \"archive\"\narchive_command = [\"/bin/true\"]\n")
-            .unwrap();
+        let c = load(
+            "retain_days = 90\narchive_dir = \"archive\"\narchive_command = [\"/bin/true\"]\n",
+        )
+        .unwrap();
         let policy = c.retention.unwrap();
         assert_eq!(policy.max_age, Some(Duration::from_secs(90 * 86_400)));
         assert!(dir.path().join("archive").is_dir());
         for (audit, want) in [
-            ("retain_days = 0\narchive_dir = \"a\"\n", "audit.retain_days (1..=36500): out of range"),
-            ("retain_days = 36501\narchive_dir = \"a\"\n", "audit.retain_days (1..=36500): out of range"),
-            ("retain_records = 0\narchive_dir = \"a\"\n", "audit.retain_records (1 or more): out of range"),
-            ("retain_days = 1\narchive_dir = \"a\"\narchive_command = []\n", "audit: archive_command names no program (a list: program, then its arguments)"),
-            ("retain_days = 1\narchive_dir = \"a\"\narchive_command = [\"\"]\n", "audit: archive_command names no program (a list: program, then its arguments)"),
-            ("retain_days = 1\n", "audit: retain_days and retain_records need archive_dir: records leave the store only for an archive"),
-            ("archive_dir = \"a\"\n", "audit: archive_dir and archive_command need retain_days or retain_records"),
+            (
+                "retain_days = 0\narchive_dir = \"a\"\n",
+                "audit.retain_days (1..=36500): out of range",
+            ),
+            (
+                "retain_days = 36501\narchive_dir = \"a\"\n",
+                "audit.retain_days (1..=36500): out of range",
+            ),
+            (
+                "retain_records = 0\narchive_dir = \"a\"\n",
+                "audit.retain_records (1 or more): out of range",
+            ),
+            (
+                "retain_days = 1\narchive_dir = \"a\"\narchive_command = []\n",
+                "audit: archive_command names no program (a list: program, then its arguments)",
+            ),
+            (
+                "retain_days = 1\narchive_dir = \"a\"\narchive_command = [\"\"]\n",
+                "audit: archive_command names no program (a list: program, then its arguments)",
+            ),
+            (
+                "retain_days = 1\n",
+                "audit: retain_days and retain_records need archive_dir: records leave the store only for an archive",
+            ),
+            (
+                "archive_dir = \"a\"\n",
+                "audit: archive_dir and archive_command need retain_days or retain_records",
+            ),
         ] {
             assert_eq!(load(audit).unwrap_err().to_string(), want, "{audit}");
         }

@@ -511,6 +511,24 @@ async fn three_servers_share_one_keyring() {
     })
     .await;
     eprintln!("B refused the grant A revoked after {took:?}");
+    // Every server's listening connection is cut (a database restart, a network blip), and
+    // a grant is made on A before they reconnect: B never hears of it, yet uses it within a
+    // few seconds, because a server that reconnects reloads everything.
+    let cut = pg.sql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query = 'LISTEN kms_changes'",
+    );
+    assert_eq!(cut.trim(), "3", "{cut}");
+    a.grant("orders", &reader.principal).await;
+    let (_, took) = within(Duration::from_secs(5), || {
+        let (mut kr, ct) = (kr.clone(), ct.clone());
+        async move { decrypt(&mut kr, "orders", &ct).await.ok() }
+    })
+    .await;
+    eprintln!("B used a grant made while it was not listening after {took:?}");
+    assert!(
+        hsm.logs()
+            .contains("keyring reloaded from the shared store")
+    );
     let _ = &mut kr;
     // The audit log is one chain across the three servers, verified by any of them.
     for s in [&a, &b, &c] {

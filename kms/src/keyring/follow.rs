@@ -41,19 +41,26 @@ impl Keyring {
         let Some(bytes) = self.store.get(Table::Keys, name)? else {
             return Ok(false);
         };
-        match model::decode(name, &bytes, &self.mac_key) {
+        self.apply_key_record(name, &bytes)?;
+        Ok(true)
+    }
+
+    /// Checks a stored key record and publishes it (or refuses the key by name when the
+    /// record fails authentication). The admin lock is held by the caller.
+    fn apply_key_record(&self, name: &str, bytes: &[u8]) -> Result<(), KeyringError> {
+        match model::decode(name, bytes, &self.mac_key) {
             Ok(meta) => {
                 let old = read_lock(&self.keys)?.get(name).cloned();
                 let entry = self.build_entry(meta, old.as_deref(), None)?;
                 write_lock(&self.keys)?.insert(name.to_owned(), Arc::new(entry));
                 write_lock(&self.tampered)?.remove(name);
-                Ok(true)
+                Ok(())
             }
             Err(KeyringError::Tampered(_)) => {
                 tracing::error!(key = %name, "key metadata failed authentication: the store was altered; key refused");
                 write_lock(&self.keys)?.remove(name);
                 write_lock(&self.tampered)?.insert(name.to_owned(), ());
-                Ok(true)
+                Ok(())
             }
             Err(e) => Err(e),
         }
@@ -82,17 +89,21 @@ impl Keyring {
         Ok(())
     }
 
-    /// Reloads every key and grant (after the change feed was interrupted).
+    /// Reloads every key and grant (after the change feed was interrupted), page by page
+    /// from the records themselves (no read per key), holding this process's admin lock
+    /// throughout so that no change of its own interleaves; changes other servers commit
+    /// meanwhile are announced and applied after.
     fn reload_all(&self) -> Result<(), KeyringError> {
-        let mut names = Vec::new();
-        load::each_page(self.store.as_ref(), Table::Keys, |name, _| {
-            names.push(name);
+        let _g = self
+            .admin
+            .lock()
+            .map_err(|_| KeyringError::Internal(LOCK))?;
+        let mut kept = std::collections::HashSet::new();
+        load::each_page(self.store.as_ref(), Table::Keys, |name, bytes| {
+            self.apply_key_record(&name, &bytes)?;
+            kept.insert(name);
             Ok(())
         })?;
-        for name in &names {
-            self.reload_key(name)?;
-        }
-        let kept: std::collections::BTreeSet<&String> = names.iter().collect();
         write_lock(&self.keys)?.retain(|name, _| kept.contains(name));
         let mut live = grants::LiveGrants::default();
         load::each_page(self.store.as_ref(), Table::Grants, |id, bytes| {
@@ -103,12 +114,8 @@ impl Keyring {
             }
             Ok(())
         })?;
-        let _g = self
-            .admin
-            .lock()
-            .map_err(|_| KeyringError::Internal(LOCK))?;
         *write_lock(&self.grants)? = live;
-        tracing::info!(keys = names.len(), "keyring reloaded from the shared store");
+        tracing::info!(keys = kept.len(), "keyring reloaded from the shared store");
         Ok(())
     }
 }
