@@ -222,15 +222,16 @@ impl PgSettings {
         Ok(Some(tls))
     }
 
-    /// The pool's connection manager, with TLS when a CA is configured.
+    /// The pool's connection manager, with `tls` when a CA is configured.
     fn manager(
         &self,
         config: tokio_postgres::Config,
-    ) -> Result<deadpool_postgres::Manager, StoreError> {
+        tls: Option<tokio_rustls::rustls::ClientConfig>,
+    ) -> deadpool_postgres::Manager {
         let manager_config = deadpool_postgres::ManagerConfig {
             recycling_method: deadpool_postgres::RecyclingMethod::Fast,
         };
-        Ok(match self.tls()? {
+        match tls {
             None => deadpool_postgres::Manager::from_config(
                 config,
                 tokio_postgres::NoTls,
@@ -241,7 +242,7 @@ impl PgSettings {
                 tokio_postgres_rustls::MakeRustlsConnect::new(tls),
                 manager_config,
             ),
-        })
+        }
     }
 }
 
@@ -314,8 +315,8 @@ impl PgStore {
     /// reached, refuses the credentials, or is newer than this binary.
     pub fn connect(settings: &PgSettings) -> Result<Self, StoreError> {
         let config = settings.client_config()?;
-        let manager = settings.manager(config.clone())?;
         let tls = settings.tls()?;
+        let manager = settings.manager(config.clone(), tls.clone());
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("kms-postgres")
@@ -361,6 +362,13 @@ impl PgStore {
         Ok(store)
     }
 
+    /// The client's runtime (gone only while the store is dropped).
+    fn runtime(&self) -> Result<&tokio::runtime::Runtime, StoreError> {
+        self.runtime
+            .as_ref()
+            .ok_or_else(|| StoreError::Settings("the database client is stopped".into()))
+    }
+
     /// Runs `work` on the client's runtime and waits for it, at most `timeout` (plus the
     /// time to get a connection, itself bounded).
     fn block<T, F, Fut>(&self, op: &'static str, work: F) -> Result<T, StoreError>
@@ -369,24 +377,13 @@ impl PgStore {
         F: FnOnce(deadpool_postgres::Pool) -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
     {
-        let Some(runtime) = &self.runtime else {
-            return Err(StoreError::Settings(
-                "the database client is stopped".into(),
-            ));
-        };
+        let runtime = self.runtime()?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let fut = work(self.pool.clone());
         // The pool waits `timeout` for a connection; the statement gets as long again.
         let limit = self.timeout.saturating_mul(2);
         runtime.spawn(async move {
-            let outcome = match tokio::time::timeout(limit, fut).await {
-                Ok(outcome) => outcome,
-                Err(_) => Err(StoreError::Database {
-                    op,
-                    source: "no answer in time".into(),
-                }),
-            };
-            let _ = tx.send(outcome);
+            let _ = tx.send(bounded(limit, op, fut).await);
         });
         rx.recv().map_err(|_| StoreError::Database {
             op,
@@ -505,6 +502,20 @@ impl Drop for HeldLock {
     }
 }
 
+/// `work`, or a `Database` error when it has not finished within `limit`.
+async fn bounded<T>(
+    limit: Duration,
+    op: &'static str,
+    work: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+        Err(StoreError::Database {
+            op,
+            source: "no answer in time".into(),
+        })
+    })
+}
+
 /// A pooled connection, or an `UNAVAILABLE`-mapped error.
 async fn get(
     pool: &deadpool_postgres::Pool,
@@ -584,11 +595,7 @@ impl Store for PgStore {
                 .map_err(db(op))?;
             Ok(client)
         })?;
-        let handle = self
-            .runtime
-            .as_ref()
-            .map(|rt| rt.handle().clone())
-            .ok_or_else(|| StoreError::Settings("the database client is stopped".into()))?;
+        let handle = self.runtime()?.handle().clone();
         Ok(Some(ChangeLock(Box::new(HeldLock {
             client: Some(held),
             handle,
@@ -684,11 +691,7 @@ impl Store for PgStore {
 
     fn snapshot(&self, each: &mut super::EachEntry<'_>) -> Result<(), StoreError> {
         let op = "snapshot";
-        let Some(runtime) = &self.runtime else {
-            return Err(StoreError::Settings(
-                "the database client is stopped".into(),
-            ));
-        };
+        let runtime = self.runtime()?;
         type Row = Option<(Table, String, Vec<u8>)>;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Row, StoreError>>(1024);
         let pool = self.pool.clone();
@@ -753,11 +756,7 @@ impl Store for PgStore {
         removals: &[Removal],
     ) -> Result<(), StoreError> {
         let op = "append";
-        let Some(runtime) = &self.runtime else {
-            return Err(StoreError::Settings(
-                "the database client is stopped".into(),
-            ));
-        };
+        let runtime = self.runtime()?;
         type Last = Option<(String, Vec<u8>)>;
         // Two steps in one transaction, the caller's thread building in between: the task
         // takes the append lock and reads the table's last entry; the caller builds its
@@ -795,12 +794,7 @@ impl Store for PgStore {
                 rows.write(&tx, op).await?;
                 tx.commit().await.map_err(db(op))
             };
-            let outcome = tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
-                Err(StoreError::Database {
-                    op,
-                    source: "no answer in time".into(),
-                })
-            });
+            let outcome = bounded(limit, op, work).await;
             if let Err(e) = outcome {
                 // Before the caller has the last entry, it waits on `last_rx`; after, on
                 // `done_rx`: tell both.
