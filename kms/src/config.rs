@@ -262,10 +262,7 @@ impl StorageConfig {
                         ));
                     }
                     (Some(var), None) => {
-                        let ok = !var.is_empty()
-                            && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                            && !var.starts_with(|c: char| c.is_ascii_digit());
-                        if !ok {
+                        if !kms_pkcs11_conf::is_env_name(&var) {
                             return Err(ConfigError::BadStorageKeys(
                                 "password_env: not a valid environment variable name",
                             ));

@@ -136,10 +136,7 @@ impl HsmConfig {
         let pin = match (&self.pin_env, &self.pin_file, self.pin_in_shares) {
             (None, None, false) => return Err(ConfigError::NoPinSource),
             (Some(var), None, false) => {
-                let ok = !var.is_empty()
-                    && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                    && !var.starts_with(|c: char| c.is_ascii_digit());
-                if !ok {
+                if !is_env_name(var) {
                     return Err(ConfigError::BadPinEnv);
                 }
                 PinSource::Env(var.clone())
@@ -171,6 +168,15 @@ impl HsmConfig {
             self.pin_file = Some(base.join(p));
         }
     }
+}
+
+/// Whether `name` can name an environment variable that holds a secret: ASCII letters,
+/// digits and `_`, not starting with a digit (what `pin_env` and the store's
+/// `password_env` accept).
+pub fn is_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit())
 }
 
 /// Where the HSM user PIN comes from. Its `Display` names the source, never the PIN.

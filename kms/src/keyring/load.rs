@@ -7,11 +7,6 @@ use super::*;
 /// Key records read from the store at a time at load.
 const LOAD_PAGE: usize = 1024;
 
-/// A stored counter reservation (an unreadable one counts as spent: refuse, never reuse).
-fn counter_value(bytes: &[u8]) -> u64 {
-    u64::from_be_bytes(bytes.try_into().unwrap_or([0xff; 8]))
-}
-
 /// Calls `f` with every entry of `table`, read page by page: the records of a big keyring
 /// are never all in memory at once.
 pub(super) fn each_page(
@@ -66,7 +61,7 @@ impl Keyring {
             .store
             .scan(Table::Counters)?
             .into_iter()
-            .map(|(k, b)| (k, counter_value(&b)))
+            .map(|(k, b)| (k, crate::store::count_of(&b)))
             .collect();
         each_page(keyring.store.as_ref(), Table::Keys, |name, bytes| {
             keyring.load_one(name, &bytes, &counters, &mut keys, &mut tampered)
@@ -254,7 +249,7 @@ impl Keyring {
             None => self
                 .store
                 .get(Table::Counters, &at)?
-                .map_or(0, |b| counter_value(&b)),
+                .map_or(0, |b| crate::store::count_of(&b)),
         };
         Ok(Arc::new(VersionMaterial {
             ready,

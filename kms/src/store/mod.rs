@@ -149,7 +149,8 @@ pub type AppendBuild<'a> =
 /// What [`Store::snapshot`] calls with each entry: its table, key and value.
 pub type EachEntry<'a> = dyn FnMut(Table, &str, &[u8]) -> Result<(), StoreError> + 'a;
 
-/// A stored count: 8 bytes big-endian; anything else reads as exhausted.
+/// A stored count (a nonce counter's reservation): 8 bytes big-endian; anything else reads
+/// as exhausted (refuse, never reuse).
 pub(crate) fn count_of(bytes: &[u8]) -> u64 {
     u64::from_be_bytes(bytes.try_into().unwrap_or([0xff; 8]))
 }
