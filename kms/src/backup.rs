@@ -177,63 +177,65 @@ pub struct Checked {
     pub sha256: String,
 }
 
-/// Reads the file's lines with their bytes, refusing any longer than [`MAX_LINE`].
-fn each_line(
+/// Reads the file line by line (none longer than [`MAX_LINE`], each ending in a newline):
+/// `f` gets every line but the last, numbered from 0 (the header, then the entries), and
+/// their SHA-256 is taken as they go; returns it (hex) and the last line (the trailer).
+fn each_body_line(
     path: &Path,
-    mut f: impl FnMut(&[u8]) -> Result<(), BackupError>,
-) -> Result<(), BackupError> {
+    mut f: impl FnMut(u64, &[u8]) -> Result<(), BackupError>,
+) -> Result<(String, Option<Vec<u8>>), BackupError> {
     let file = std::fs::File::open(path)?;
     let mut reader = std::io::BufReader::new(file);
-    let mut line = Vec::new();
+    let mut hash = Sha256::new();
+    let (mut line, mut held) = (Vec::new(), None::<Vec<u8>>);
+    let mut number = 0u64;
     loop {
         line.clear();
         let n =
             std::io::Read::take(&mut reader, MAX_LINE as u64 + 1).read_until(b'\n', &mut line)?;
         if n == 0 {
-            return Ok(());
+            return Ok((data_encoding::HEXLOWER.encode(&hash.finalize()), held));
         }
         if line.len() > MAX_LINE || line.last() != Some(&b'\n') {
             return Err(damaged("a line is too long or the file was cut short"));
         }
-        f(&line)?;
+        // A line is known to be a body line once another follows it.
+        if let Some(prev) = held.replace(line.clone()) {
+            hash.update(&prev);
+            f(number, &prev)?;
+            number += 1;
+        }
     }
 }
 
 /// Checks a backup file whole: its header, every entry's form, the count, the SHA-256
 /// and the audit key's signature (against the key its seal record names). Writes nothing.
 pub fn check(path: &Path) -> Result<Checked, BackupError> {
-    let mut hash = Sha256::new();
-    let mut held: Option<Vec<u8>> = None;
     let mut header: Option<Header> = None;
     let mut entries = 0u64;
     let mut audit_key: Option<Vec<u8>> = None;
-    each_line(path, |line| {
-        // Every line but the last is hashed; the last is the trailer.
-        if let Some(prev) = held.replace(line.to_vec()) {
-            hash.update(&prev);
-            if header.is_none() {
-                let h: Header = serde_json::from_slice(&prev)
-                    .map_err(|_| damaged("the first line is not a backup header"))?;
-                if h.format != FORMAT {
-                    return Err(damaged(format!("format {:?}, not {FORMAT}", h.format)));
-                }
-                header = Some(h);
-            } else {
-                let (table, key, value) = parse_entry(&prev)?;
-                if table == Table::System && key == SEAL_RECORD_KEY {
-                    audit_key = Some(audit_public_key(&value)?);
-                }
-                entries += 1;
+    let (digest, last) = each_body_line(path, |number, line| {
+        if number == 0 {
+            let h: Header = serde_json::from_slice(line)
+                .map_err(|_| damaged("the first line is not a backup header"))?;
+            if h.format != FORMAT {
+                return Err(damaged(format!("format {:?}, not {FORMAT}", h.format)));
             }
+            header = Some(h);
+        } else {
+            let (table, key, value) = parse_entry(line)?;
+            if table == Table::System && key == SEAL_RECORD_KEY {
+                audit_key = Some(audit_public_key(&value)?);
+            }
+            entries += 1;
         }
         Ok(())
     })?;
     let header = header.ok_or_else(|| damaged("empty, or no header"))?;
-    let trailer: Trailer = held
+    let trailer: Trailer = last
         .as_deref()
         .and_then(|t| serde_json::from_slice(t).ok())
         .ok_or_else(|| damaged("no trailer: the file was cut short"))?;
-    let digest = data_encoding::HEXLOWER.encode(&hash.finalize());
     if trailer.entries != entries || trailer.sha256 != digest {
         return Err(damaged("its contents do not match its checksum"));
     }
@@ -294,27 +296,20 @@ pub fn restore(path: &Path, store: &dyn Store) -> Result<Checked, BackupError> {
         return Err(BackupError::NotEmpty("system"));
     }
     let mut batch = Vec::with_capacity(RESTORE_BATCH);
-    let mut first = true;
-    let mut held: Option<Vec<u8>> = None;
     // Hashed again as it is written: a file changed since `check` leaves the marker.
-    let mut hash = Sha256::new();
-    each_line(path, |line| {
-        if let Some(prev) = held.replace(line.to_vec()) {
-            hash.update(&prev);
-            if first {
-                first = false;
-                return Ok(());
-            }
-            let (table, key, value) = parse_entry(&prev)?;
-            batch.push(Write { table, key, value });
-            if batch.len() >= RESTORE_BATCH {
-                store.write_all(&batch)?;
-                batch.clear();
-            }
+    let (digest, _) = each_body_line(path, |number, line| {
+        if number == 0 {
+            return Ok(());
+        }
+        let (table, key, value) = parse_entry(line)?;
+        batch.push(Write { table, key, value });
+        if batch.len() >= RESTORE_BATCH {
+            store.write_all(&batch)?;
+            batch.clear();
         }
         Ok(())
     })?;
-    if data_encoding::HEXLOWER.encode(&hash.finalize()) != checked.sha256 {
+    if digest != checked.sha256 {
         return Err(damaged(
             "the file changed while it was restored: the store is left marked as an interrupted restore",
         ));
