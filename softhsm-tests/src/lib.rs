@@ -514,6 +514,23 @@ impl Server {
             .id
     }
 
+    /// Creates an AES-256-GCM key at `protection` as the admin, and grants the admin every
+    /// operation on it.
+    pub async fn create_aes_key(&self, name: &str, protection: kms_proto::v1::ProtectionLevel) {
+        self.keys()
+            .await
+            .create_key(kms_proto::v1::CreateKeyRequest {
+                name: name.into(),
+                algorithm: kms_proto::v1::Algorithm::Aes256Gcm as i32,
+                protection_level: protection as i32,
+                rotation_period_seconds: 0,
+                labels: Default::default(),
+            })
+            .await
+            .unwrap();
+        self.grant_all(name).await;
+    }
+
     /// Grants the harness's admin client every operation on `key`.
     pub async fn grant_all(&self, key: &str) -> String {
         self.grant(key, &self.admin.principal.clone()).await

@@ -12,7 +12,7 @@
 
 use kms_proto::v1 as pb;
 use softhsm_tests::pg::TestPostgres;
-use softhsm_tests::{Server, TestHsm, start_unsealed};
+use softhsm_tests::{TestHsm, start_unsealed};
 
 async fn encrypt(c: &mut softhsm_tests::KeysClient, key: &str, pt: &[u8]) -> Vec<u8> {
     softhsm_tests::encrypt_ctx(c, key, pt).await.unwrap()
@@ -20,22 +20,6 @@ async fn encrypt(c: &mut softhsm_tests::KeysClient, key: &str, pt: &[u8]) -> Vec
 
 async fn decrypt(c: &mut softhsm_tests::KeysClient, key: &str, ct: &[u8]) -> Vec<u8> {
     softhsm_tests::decrypt_ctx(c, key, ct).await.unwrap()
-}
-
-async fn create_key(server: &Server, name: &str, protection: pb::ProtectionLevel) {
-    server
-        .keys()
-        .await
-        .create_key(pb::CreateKeyRequest {
-            name: name.into(),
-            algorithm: pb::Algorithm::Aes256Gcm as i32,
-            protection_level: protection as i32,
-            rotation_period_seconds: 0,
-            labels: Default::default(),
-        })
-        .await
-        .unwrap();
-    server.grant_all(name).await;
 }
 
 /// Everything each restored server must decrypt: (key, plaintext, ciphertext).
@@ -72,8 +56,12 @@ async fn a_backup_under_load_restores_into_either_backend() {
     let hsm = TestHsm::new("kms-backup");
     let config = hsm.config();
     let (server, shares) = start_unsealed(&hsm, &config);
-    create_key(&server, "soft", pb::ProtectionLevel::Software).await;
-    create_key(&server, "hard", pb::ProtectionLevel::Hsm).await;
+    server
+        .create_aes_key("soft", pb::ProtectionLevel::Software)
+        .await;
+    server
+        .create_aes_key("hard", pb::ProtectionLevel::Hsm)
+        .await;
     let mut c = server.keys().await;
     let mut acked: Acknowledged = Vec::new();
     for i in 0..20 {

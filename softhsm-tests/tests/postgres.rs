@@ -1,5 +1,5 @@
 //! The PostgreSQL backend against a real PostgreSQL (Debian's package, started by the test
-//! on 127.0.0.1): the store's contract, the schema's versioning, the password's sources,
+//! on 127.0.0.1): the store's contract (run on redb too), the schema's versioning, the password's sources,
 //! and a kms server that keeps everything in the database, fails closed while the database
 //! is down and resumes when it returns, without a restart or an unseal.
 
@@ -35,10 +35,18 @@ fn w(table: Table, key: &str, value: &[u8]) -> Write {
     }
 }
 
-#[test]
-fn the_store_contract_holds_on_postgres() {
-    let pg = TestPostgres::start();
-    let store = PgStore::connect(&settings(&pg)).unwrap();
+/// The keys of a table, in the order the store gives them.
+fn keys_of(store: &dyn Store, table: Table) -> Vec<String> {
+    store
+        .scan(table)
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
+}
+
+/// What every backend promises (`kms::store::Store`), run against redb and PostgreSQL.
+fn contract(store: &dyn Store) {
     // Empty tables read as empty.
     assert_eq!(store.get(Table::System, "a").unwrap(), None);
     assert_eq!(store.last(Table::Audit).unwrap(), None);
@@ -67,12 +75,7 @@ fn the_store_contract_holds_on_postgres() {
             w(Table::Audit, "00000000000000000001", &[0, 255, 1]),
         ])
         .unwrap();
-    let keys: Vec<String> = store
-        .scan(Table::Keys)
-        .unwrap()
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
+    let keys = keys_of(store, Table::Keys);
     assert_eq!(keys, ["B", "a/10", "a/9", "b"]);
     assert_eq!(
         store.get(Table::Keys, "b").unwrap().as_deref(),
@@ -113,21 +116,42 @@ fn the_store_contract_holds_on_postgres() {
             }],
         )
         .unwrap();
-    let keys: Vec<String> = store
-        .scan(Table::Keys)
-        .unwrap()
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
+    let keys = keys_of(store, Table::Keys);
     assert_eq!(keys, ["B", "b"]);
     assert_eq!(
         store.get(Table::Grants, "g").unwrap().as_deref(),
         Some(&b"x"[..])
     );
+    // Reservations: consecutive ranges, never past the maximum, then empty; the count is
+    // stored as 8 bytes big-endian; an unreadable count is exhausted.
+    for want in [(0, 10), (10, 20), (20, 25), (25, 25)] {
+        assert_eq!(store.reserve(Table::Counters, "r/1", 10, 25).unwrap(), want);
+    }
+    assert_eq!(
+        store.get(Table::Counters, "r/1").unwrap().as_deref(),
+        Some(&25u64.to_be_bytes()[..])
+    );
+    store.put(Table::Counters, "r/2", b"junk").unwrap();
+    assert_eq!(
+        store.reserve(Table::Counters, "r/2", 10, 25).unwrap(),
+        (u64::MAX, u64::MAX)
+    );
+}
+
+#[test]
+fn the_store_contract_holds_on_redb() {
+    let dir = tempfile::tempdir().unwrap();
+    contract(&kms::store::RedbStore::open(&dir.path().join("kms.redb")).unwrap());
+}
+
+#[test]
+fn the_store_contract_holds_on_postgres() {
+    let pg = TestPostgres::start();
+    let store = PgStore::connect(&settings(&pg)).unwrap();
+    contract(&store);
     // The schema records its version; a second connect (a second server) migrates nothing.
     let again = PgStore::connect(&settings(&pg)).unwrap();
-    // Two servers reserving one counter get disjoint ranges, never past the maximum; an
-    // unreadable count is exhausted.
+    // Two servers reserving one counter at once get disjoint ranges, never past the maximum.
     let mut ranges = Vec::new();
     std::thread::scope(|s| {
         let handles: Vec<_> = [&store, &again, &store, &again]
@@ -151,11 +175,6 @@ fn the_store_contract_holds_on_postgres() {
     assert_eq!(
         store.reserve(Table::Counters, "k/1", 10, 900).unwrap(),
         (900, 900)
-    );
-    store.put(Table::Counters, "k/2", b"junk").unwrap();
-    assert_eq!(
-        store.reserve(Table::Counters, "k/2", 10, 900).unwrap(),
-        (u64::MAX, u64::MAX)
     );
     drop(store);
     assert_eq!(
@@ -268,29 +287,15 @@ fn tls_to_the_database_is_verified() {
 
 use softhsm_tests::{decrypt_ctx as decrypt, encrypt_ctx as encrypt};
 
-async fn create_key(server: &softhsm_tests::Server, name: &str) {
-    server
-        .keys()
-        .await
-        .create_key(pb::CreateKeyRequest {
-            name: name.into(),
-            algorithm: pb::Algorithm::Aes256Gcm as i32,
-            protection_level: pb::ProtectionLevel::Software as i32,
-            rotation_period_seconds: 0,
-            labels: Default::default(),
-        })
-        .await
-        .unwrap();
-    server.grant_all(name).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_on_postgres_survives_kill_and_a_database_outage() {
     let pg = TestPostgres::start();
     let hsm = TestHsm::new("kms-pg");
     let config = hsm.config_full("kms.toml", &hsm.hsm_table(), &pg.storage_table());
     let (mut server, shares) = start_unsealed(&hsm, &config);
-    create_key(&server, "payments").await;
+    server
+        .create_aes_key("payments", pb::ProtectionLevel::Software)
+        .await;
     let mut c = server.keys().await;
     let ct = encrypt(&mut c, "payments", b"acknowledged before the kill")
         .await
@@ -439,7 +444,8 @@ async fn three_servers_share_one_keyring() {
         "{answered:?}"
     );
     // Create on A (with its grant), encrypt on B, decrypt on C.
-    create_key(&a, "orders").await;
+    a.create_aes_key("orders", pb::ProtectionLevel::Software)
+        .await;
     let (mut ka, mut kb, mut kc) = (a.keys().await, b.keys().await, c.keys().await);
     let (ct, took) = within(Duration::from_secs(1), || {
         let mut kb = kb.clone();
@@ -456,18 +462,7 @@ async fn three_servers_share_one_keyring() {
         b"made on A, sealed on B"
     );
     // An HSM key made on A (its object in the shared token) is used on B and C.
-    a.keys()
-        .await
-        .create_key(pb::CreateKeyRequest {
-            name: "vault".into(),
-            algorithm: pb::Algorithm::Aes256Gcm as i32,
-            protection_level: pb::ProtectionLevel::Hsm as i32,
-            rotation_period_seconds: 0,
-            labels: Default::default(),
-        })
-        .await
-        .unwrap();
-    a.grant_all("vault").await;
+    a.create_aes_key("vault", pb::ProtectionLevel::Hsm).await;
     let (ct_hsm, _) = within(Duration::from_secs(1), || {
         let mut kb = kb.clone();
         async move { encrypt(&mut kb, "vault", b"in the HSM").await.ok() }

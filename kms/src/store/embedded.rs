@@ -372,35 +372,6 @@ mod tests {
     }
 
     #[test]
-    fn reservations_are_disjoint_and_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(&dir.path().join("kms.redb")).unwrap();
-        assert_eq!(
-            store.reserve(Table::Counters, "k/1", 10, 25).unwrap(),
-            (0, 10)
-        );
-        assert_eq!(
-            store.reserve(Table::Counters, "k/1", 10, 25).unwrap(),
-            (10, 20)
-        );
-        assert_eq!(
-            store.reserve(Table::Counters, "k/1", 10, 25).unwrap(),
-            (20, 25)
-        );
-        assert_eq!(
-            store.reserve(Table::Counters, "k/1", 10, 25).unwrap(),
-            (25, 25)
-        );
-        assert_eq!(
-            store.get(Table::Counters, "k/1").unwrap().as_deref(),
-            Some(&25u64.to_be_bytes()[..])
-        );
-        store.put(Table::Counters, "k/2", b"junk").unwrap();
-        let exhausted = store.reserve(Table::Counters, "k/2", 10, 25).unwrap();
-        assert_eq!(exhausted, (u64::MAX, u64::MAX));
-    }
-
-    #[test]
     fn the_store_is_private_whatever_the_umask() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
