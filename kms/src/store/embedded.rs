@@ -22,6 +22,19 @@ impl std::fmt::Debug for RedbStore {
     }
 }
 
+/// `table` in a read transaction; `None` when it was never written (so it is empty).
+fn open_read(
+    txn: &redb::ReadTransaction,
+    table: Table,
+    op: &'static str,
+) -> Result<Option<redb::ReadOnlyTable<&'static str, &'static [u8]>>, StoreError> {
+    match txn.open_table(definition(table)) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(io(op)(e.into())),
+    }
+}
+
 fn io(op: &'static str) -> impl FnOnce(redb::Error) -> StoreError {
     move |source| StoreError::Io { op, source }
 }
@@ -154,10 +167,8 @@ impl Store for RedbStore {
         use redb::ReadableDatabase;
         let op = "read";
         let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
-        let t = match txn.open_table(definition(table)) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(io(op)(e.into())),
+        let Some(t) = open_read(&txn, table, op)? else {
+            return Ok(None);
         };
         let value = t.get(key).map_err(|e| io(op)(e.into()))?;
         Ok(value.map(|v| v.value().to_vec()))
@@ -167,10 +178,8 @@ impl Store for RedbStore {
         use redb::{ReadableDatabase, ReadableTable};
         let op = "scan";
         let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
-        let t = match txn.open_table(definition(table)) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(io(op)(e.into())),
+        let Some(t) = open_read(&txn, table, op)? else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
         for item in t.iter().map_err(|e| io(op)(e.into()))? {
@@ -219,10 +228,8 @@ impl Store for RedbStore {
         // One read transaction: every table as of one commit.
         let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
         for table in Table::ALL {
-            let t = match txn.open_table(definition(table)) {
-                Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => continue,
-                Err(e) => return Err(io(op)(e.into())),
+            let Some(t) = open_read(&txn, table, op)? else {
+                continue;
             };
             for item in t.iter().map_err(|e| io(op)(e.into()))? {
                 let (k, v) = item.map_err(|e| io(op)(e.into()))?;
@@ -250,10 +257,8 @@ impl Store for RedbStore {
         use redb::ReadableDatabase;
         let op = "range";
         let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
-        let t = match txn.open_table(definition(table)) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(io(op)(e.into())),
+        let Some(t) = open_read(&txn, table, op)? else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
         for item in t.range(start..).map_err(|e| io(op)(e.into()))?.take(limit) {
@@ -267,10 +272,8 @@ impl Store for RedbStore {
         use redb::{ReadableDatabase, ReadableTable};
         let op = "read last";
         let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
-        let t = match txn.open_table(definition(table)) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(io(op)(e.into())),
+        let Some(t) = open_read(&txn, table, op)? else {
+            return Ok(None);
         };
         Ok(t.last()
             .map_err(|e| io(op)(e.into()))?
