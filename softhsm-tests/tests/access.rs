@@ -58,6 +58,7 @@ const RPCS: &[&str] = &[
     "Audit/ExportAuditLog",
     "Audit/KeyUsageReport",
     "Audit/VerifyAuditLog",
+    "System/CreateBackup",
     // Last: it seals the server.
     "System/Seal",
 ];
@@ -289,6 +290,20 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
             }
             Err(e) => Err(e),
         },
+        "System/CreateBackup" => match sys.create_backup(pb::CreateBackupRequest {}).await {
+            Ok(r) => {
+                let mut s = r.into_inner();
+                let mut out = Ok(());
+                while let Some(chunk) = s.message().await.transpose() {
+                    if let Err(e) = chunk {
+                        out = Err(e);
+                        break;
+                    }
+                }
+                out
+            }
+            Err(e) => Err(e),
+        },
         "Audit/KeyUsageReport" => aud
             .key_usage_report(pb::KeyUsageReportRequest::default())
             .await
@@ -299,6 +314,26 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
             .map(drop),
         other => panic!("no call for {other}"),
     })
+}
+
+#[test]
+fn the_matrix_names_every_rpc() {
+    use prost::Message;
+    let set = prost_types::FileDescriptorSet::decode(kms_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let mut defined: Vec<String> = set
+        .file
+        .iter()
+        .flat_map(|f| &f.service)
+        .flat_map(|s| {
+            s.method
+                .iter()
+                .map(move |m| format!("{}/{}", s.name(), m.name()))
+        })
+        .collect();
+    let mut named: Vec<String> = RPCS.iter().map(|r| (*r).to_owned()).collect();
+    defined.sort();
+    named.sort();
+    assert_eq!(named, defined);
 }
 
 /// What `who` may do with `rpc`: `Ok` unless the cell is a refusal.

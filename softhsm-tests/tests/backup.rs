@@ -86,6 +86,12 @@ async fn a_backup_under_load_restores_into_either_backend() {
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(out.stdout.contains("backup written"), "{out:?}");
     load.await.unwrap();
+    let exists = server.kms(&["backup", "create", "--out", file.to_str().unwrap()], "");
+    assert_ne!(exists.code, Some(0));
+    assert!(
+        exists.stderr.contains("exists: choose a new file"),
+        "{exists:?}"
+    );
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
@@ -197,6 +203,20 @@ async fn a_backup_under_load_restores_into_either_backend() {
             "{name}: {out:?}"
         );
         assert!(out.stderr.contains(why), "{name}: {out:?}");
+    }
+    // A missing file, and an output that exists, are refused clearly.
+    let missing = restore(&damaged_config, &hsm.path().join("no-such.backup"));
+    assert_ne!(missing.code, Some(0));
+    assert!(missing.stderr.contains("backup file"), "{missing:?}");
+    // No plaintext, share or PIN of the test in the servers' logs.
+    let logs = hsm.logs();
+    for secret in
+        shares
+            .iter()
+            .map(String::as_str)
+            .chain([hsm.pin.as_str(), "secret 1", "after the restore"])
+    {
+        assert!(!logs.contains(secret), "a secret in the logs");
     }
     let rows = pg.sql_in("kms_damaged", "SELECT (SELECT count(*) FROM kms_system) + (SELECT count(*) FROM kms_keys) + (SELECT count(*) FROM kms_audit)");
     assert_eq!(rows.trim(), "0", "a refused restore wrote nothing");

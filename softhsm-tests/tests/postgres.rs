@@ -434,8 +434,12 @@ async fn three_servers_share_one_keyring() {
         answered.insert(s.kms(&["operator", "status", "--json"], "").json()["server"].to_string());
     }
     answered.insert(a.kms(&["operator", "status", "--json"], "").json()["server"].to_string());
-    // `kms operator status` says which server answered: three servers, three names.
+    // `kms operator status` says which server answered: three servers, three names; a
+    // caller without a certificate learns no host name or address.
     assert_eq!(answered.len(), 3, "{answered:?}");
+    let stranger = a.kms_as(None, &["operator", "status", "--json"], "");
+    assert_eq!(stranger.json()["initialized"], true, "{stranger:?}");
+    assert_eq!(stranger.json()["server"], "", "{stranger:?}");
     let port = a.addr.rsplit(':').next().unwrap().to_owned();
     assert!(
         answered
@@ -565,6 +569,17 @@ async fn three_servers_share_one_keyring() {
     }
     for (pt, ct) in &done_c {
         assert_eq!(&decrypt(&mut kb, "orders", ct).await.unwrap(), pt);
+    }
+    // No plaintext, share, PIN or database password of the test in the servers' logs.
+    let logs = hsm.logs();
+    for secret in shares.iter().map(String::as_str).chain([
+        pg.password.as_str(),
+        hsm.pin.as_str(),
+        "made on A, sealed on B",
+        "in the HSM",
+        "acknowledged 1",
+    ]) {
+        assert!(!logs.contains(secret), "a secret in the logs");
     }
     let verify = b.kms_as(Some(&b.auditor), &["audit", "verify"], "");
     assert!(verify.stdout.contains("intact"), "{verify:?}");

@@ -187,6 +187,15 @@ impl pb::system_server::System for SystemService {
     ) -> Result<Response<pb::SealStatus>, Status> {
         let call = self.call(&request, "Status");
         let seal = Arc::clone(&self.ctx.seal);
-        run(call, move |_| Ok(Served::new(status_pb(&seal.status())))).await
+        run(call, move |c| {
+            let mut status = status_pb(&seal.status());
+            // Status answers strangers too (probes, a custodian before their certificate
+            // works); which host and address answered is for callers who are someone.
+            if c.identity().principal == crate::policy::ANONYMOUS {
+                status.server.clear();
+            }
+            Ok(Served::new(status))
+        })
+        .await
     }
 }
