@@ -69,6 +69,14 @@ ensure_postgres() {
     fi
 }
 
+ensure_age() {
+    # Shares sealed to custodians are opened with the standard age tool, as custodians would.
+    if ! command -v age >/dev/null 2>&1 || ! command -v age-keygen >/dev/null 2>&1; then
+        echo "==> installing age (custodians decrypt their sealed shares with it)"
+        apt_install age
+    fi
+}
+
 ensure_protoc() {
     # The reference protobuf compiler: every .proto must compile with it (docs/api.md).
     if ! command -v protoc >/dev/null 2>&1; then

@@ -13,7 +13,7 @@ use crate::keyring::grants::Grant;
 use crate::keyring::material::SignatureEncoding;
 use crate::keyring::model::{Algorithm, KeyMeta, Protection, Purpose, VersionState};
 use crate::policy::Operation;
-use crate::seal::{InitOutput, SealStatus};
+use crate::seal::{InitOutput, RekeyStep, SealStatus, VerifiedShare};
 
 /// The message of an audit filter whose `since` is not before its `until`.
 pub(crate) const SINCE_BEFORE_UNTIL: &str = "since must be before until";
@@ -192,6 +192,30 @@ pub(crate) fn init_pb(out: &InitOutput) -> pb::InitResponse {
         share_set_id: out.share_set_id.to_string(),
         threshold: u32::from(out.threshold),
         audit_key_fingerprint: out.audit_key_fingerprint.clone(),
+        shares_sealed: out.sealed,
+    }
+}
+
+/// A rekey submission's answer: the status, and the new shares once.
+pub(crate) fn rekey_step_pb(step: &RekeyStep) -> pb::RekeySubmitResponse {
+    pb::RekeySubmitResponse {
+        status: Some(status_pb(&step.status)),
+        shares: step
+            .new_shares
+            .iter()
+            .map(|s| s.as_str().to_owned())
+            .collect(),
+        shares_sealed: step.sealed,
+        committed_share_set_id: step.committed.map(|s| s.to_string()).unwrap_or_default(),
+    }
+}
+
+/// verify-share's answer.
+pub(crate) fn verified_pb(v: &VerifiedShare) -> pb::VerifyShareResponse {
+    pb::VerifyShareResponse {
+        share_set_id: v.share_set.to_string(),
+        share_index: u32::from(v.index),
+        threshold: u32::from(v.threshold),
     }
 }
 
@@ -208,6 +232,21 @@ pub(crate) fn status_pb(s: &SealStatus) -> pb::SealStatus {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         hsm_pin_in_shares: s.pin_in_shares,
         server: crate::server::identity().to_owned(),
+        rekey: s.rekey.as_ref().map(|r| pb::RekeyProgress {
+            phase: if r.verifying {
+                "verifying"
+            } else {
+                "collecting"
+            }
+            .to_owned(),
+            nonce: r.nonce.clone(),
+            new_share_set_id: r.new_share_set_id.to_string(),
+            new_shares: u32::from(r.new_shares),
+            new_threshold: u32::from(r.new_threshold),
+            progress: u32::from(r.progress),
+            required: u32::from(r.required),
+            sealed_to_recipients: r.sealed_to_recipients,
+        }),
     }
 }
 

@@ -73,6 +73,7 @@ pub mod v1 {
                 .field("shares", &self.shares)
                 .field("threshold", &self.threshold)
                 .field("hsm_pin", &"<redacted>")
+                .field("recipients", &self.recipients)
                 .finish()
         }
     }
@@ -87,6 +88,38 @@ pub mod v1 {
                 .field("share_set_id", &self.share_set_id)
                 .field("threshold", &self.threshold)
                 .field("audit_key_fingerprint", &self.audit_key_fingerprint)
+                .field("shares_sealed", &self.shares_sealed)
+                .finish()
+        }
+    }
+
+    impl core::fmt::Debug for RekeySubmitRequest {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            f.debug_struct("RekeySubmitRequest")
+                .field("share", &"<redacted>")
+                .field("nonce", &self.nonce)
+                .finish()
+        }
+    }
+
+    impl core::fmt::Debug for RekeySubmitResponse {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            f.debug_struct("RekeySubmitResponse")
+                .field("status", &self.status)
+                .field(
+                    "shares",
+                    &format_args!("<{} shares redacted>", self.shares.len()),
+                )
+                .field("shares_sealed", &self.shares_sealed)
+                .field("committed_share_set_id", &self.committed_share_set_id)
+                .finish()
+        }
+    }
+
+    impl core::fmt::Debug for VerifyShareRequest {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            f.debug_struct("VerifyShareRequest")
+                .field("share", &"<redacted>")
                 .finish()
         }
     }
@@ -104,7 +137,10 @@ pub mod v1 {
 
 #[cfg(test)]
 mod tests {
-    use super::v1::{InitRequest, InitResponse, UnsealRequest};
+    use super::v1::{
+        InitRequest, InitResponse, RekeySubmitRequest, RekeySubmitResponse, UnsealRequest,
+        VerifyShareRequest,
+    };
 
     #[test]
     fn debug_redacts_shares() {
@@ -118,13 +154,26 @@ mod tests {
             share_set_id: "00".into(),
             threshold: 2,
             audit_key_fingerprint: "ff".into(),
+            shares_sealed: false,
         };
         let init = InitRequest {
             shares: 3,
             threshold: 2,
             hsm_pin: "SECRETPIN".into(),
+            recipients: vec![],
         };
-        let printed = format!("{req:?} {resp:?} {init:?}");
+        let rekey = RekeySubmitRequest {
+            share: "kms1-SECRETSHARE".into(),
+            nonce: "ab".into(),
+        };
+        let rekeyed = RekeySubmitResponse {
+            shares: vec!["kms1-SECRETSHARE".into()],
+            ..Default::default()
+        };
+        let verify = VerifyShareRequest {
+            share: "kms1-SECRETSHARE".into(),
+        };
+        let printed = format!("{req:?} {resp:?} {init:?} {rekey:?} {rekeyed:?} {verify:?}");
         assert!(!printed.contains("SECRETPIN"), "{printed}");
         let enc = super::v1::EncryptRequest {
             key: "k".into(),

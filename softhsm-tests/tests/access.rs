@@ -59,6 +59,10 @@ const RPCS: &[&str] = &[
     "Audit/KeyUsageReport",
     "Audit/VerifyAuditLog",
     "System/CreateBackup",
+    "System/RekeyInit",
+    "System/RekeySubmit",
+    "System/RekeyCancel",
+    "System/VerifyShare",
     // Last: it seals the server.
     "System/Seal",
 ];
@@ -102,10 +106,33 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
                 shares: 3,
                 threshold: 2,
                 hsm_pin: String::new(),
+                recipients: Vec::new(),
             })
             .await
             .map(drop),
         "System/Seal" => sys.seal(pb::SealRequest {}).await.map(drop),
+        "System/RekeyInit" => sys
+            .rekey_init(pb::RekeyInitRequest {
+                shares: 3,
+                threshold: 2,
+                recipients: Vec::new(),
+            })
+            .await
+            .map(drop),
+        "System/RekeySubmit" => sys
+            .rekey_submit(pb::RekeySubmitRequest {
+                share: "kms1-NOTASHARE".into(),
+                nonce: String::new(),
+            })
+            .await
+            .map(drop),
+        "System/RekeyCancel" => sys.rekey_cancel(pb::RekeyCancelRequest {}).await.map(drop),
+        "System/VerifyShare" => sys
+            .verify_share(pb::VerifyShareRequest {
+                share: "kms1-NOTASHARE".into(),
+            })
+            .await
+            .map(drop),
         "Access/WhoAmI" => acc.who_am_i(pb::WhoAmIRequest {}).await.map(drop),
         "Access/CreateGrant" => acc
             .create_grant(pb::CreateGrantRequest {
@@ -357,6 +384,15 @@ fn expected(who: &str, rpc: &str) -> Code {
         // Custodians only (an unsealed server takes no share but answers its status).
         return match who {
             "custodian" => Code::Ok,
+            "no-certificate" => Code::Unauthenticated,
+            _ => Code::PermissionDenied,
+        };
+    }
+    if matches!(rpc, "System/RekeySubmit" | "System/VerifyShare") {
+        // Custodians only: no rekey is in progress when they call; the share is malformed.
+        return match who {
+            "custodian" if method == "RekeySubmit" => Code::FailedPrecondition,
+            "custodian" => Code::InvalidArgument,
             "no-certificate" => Code::Unauthenticated,
             _ => Code::PermissionDenied,
         };

@@ -122,7 +122,7 @@ fn the_whole_ceremony() {
         (
             "duplicate",
             shares[0].clone(),
-            "was already given in this unseal attempt",
+            "was already given in this attempt",
         ),
     ];
     for (name, share, want) in &cases {

@@ -290,11 +290,21 @@ pub fn split(
     shares: u32,
     threshold: u32,
 ) -> Result<(ShareSetId, Vec<Share>), SplitError> {
+    split_into(ShareSetId::random()?, secret, shares, threshold)
+}
+
+/// As [`split`], under the share set id `set` chosen beforehand (a rekey names the share
+/// set it will make before the custodians give their old shares).
+pub fn split_into(
+    set: ShareSetId,
+    secret: &[u8],
+    shares: u32,
+    threshold: u32,
+) -> Result<(ShareSetId, Vec<Share>), SplitError> {
     let (n, t) = check_parameters(shares, threshold)?;
     if secret.is_empty() || secret.len() > MAX_SECRET_LEN {
         return Err(SplitError::SecretLength);
     }
-    let set = ShareSetId::random()?;
     let dealer = blahaj::Sharks(t).dealer(secret);
     let out = dealer
         .take(usize::from(n))

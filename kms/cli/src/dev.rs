@@ -249,7 +249,7 @@ fn init_and_unseal(opened: &kms::server::Opened) -> Result<(), BoxError> {
             .map(|_| ())
             .map_err(|_| kms::seal::SealError::AuditUnavailable)
     };
-    let out = seal.init(5, 3, None, &commit)?;
+    let out = seal.init(5, 3, None, &[], &commit)?;
     println!("kms dev: DEVELOPMENT MODE. Do not keep real keys in this server.\n");
     crate::show::print_init(&(&out).into(), false)?;
     for share in out.shares.iter().take(usize::from(out.threshold)) {

@@ -140,6 +140,14 @@ enum OperatorCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// A custodian's age X25519 recipient (`age1...`), or a file holding one; once per
+        /// share, in share order. Share i is then printed encrypted to recipient i, and no
+        /// operator sees it in clear.
+        #[arg(long = "recipient", value_name = "AGE1_OR_FILE")]
+        recipients: Vec<String>,
+        /// With recipients: write the sealed shares as `DIR/share-<i>.age`.
+        #[arg(long, value_name = "DIR", requires = "recipients")]
+        out_dir: Option<PathBuf>,
     },
     /// Submit your unseal share (hidden prompt; or one share per line on standard input).
     /// Exits 0 when every share was accepted, sealed or not (as Vault's unseal does: the
@@ -155,6 +163,14 @@ enum OperatorCommand {
     },
     /// Seal the server: it forgets every key until the next unseal.
     Seal,
+    /// New shares for the same root key: when custodians change or a share may be lost.
+    Rekey {
+        #[command(subcommand)]
+        command: ceremony::RekeyCommand,
+    },
+    /// Prove your share is intact and current, without unsealing (hidden prompt, or one
+    /// share per line on standard input). Audited; failures count against the unseal limit.
+    VerifyShare,
     /// Show the seal status (exit code 2 when sealed).
     Status {
         /// Print JSON.
@@ -192,6 +208,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 mod audit;
 mod backup;
+mod ceremony;
 mod crypto;
 mod dev;
 mod dev_pki;
@@ -359,7 +376,14 @@ async fn operator(conn: Conn, command: OperatorCommand) -> Result<ExitCode, BoxE
             shares,
             threshold,
             json,
-        } => init(client, shares, threshold, json).await,
+            recipients,
+            out_dir,
+        } => {
+            let recipients = ceremony::recipients(&recipients)?;
+            init(client, shares, threshold, json, recipients, out_dir).await
+        }
+        OperatorCommand::Rekey { command } => ceremony::rekey(client, command).await,
+        OperatorCommand::VerifyShare => ceremony::verify_share(client).await,
         OperatorCommand::Unseal { reset: true, .. } => {
             let s = client
                 .unseal(pb::UnsealRequest {
@@ -397,6 +421,8 @@ async fn init(
     shares: u32,
     threshold: u32,
     json: bool,
+    recipients: Vec<String>,
+    out_dir: Option<PathBuf>,
 ) -> Result<ExitCode, BoxError> {
     let status = client.status(pb::StatusRequest {}).answer().await?;
     let hsm_pin = if status.hsm_pin_in_shares && !status.initialized {
@@ -409,9 +435,22 @@ async fn init(
             shares,
             threshold,
             hsm_pin: hsm_pin.to_string(),
+            recipients: recipients.clone(),
         })
         .answer()
         .await?;
+    if resp.shares_sealed && !json {
+        ceremony::print_sealed(&resp.shares, &recipients, out_dir.as_deref())?;
+        println!(
+            "Share set {}: {} of these {} shares unseal the server.
+             Audit checkpoint key fingerprint: {} (record it).",
+            resp.share_set_id,
+            resp.threshold,
+            resp.shares.len(),
+            resp.audit_key_fingerprint
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     show::print_init(&(&resp).into(), json)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -423,7 +462,7 @@ async fn unseal(
     client: &mut SystemClient<Channel>,
     nonce: Option<String>,
 ) -> Result<ExitCode, BoxError> {
-    let shares = read_shares()?;
+    let shares = read_shares("Unseal share (input is hidden): ")?;
     for share in shares.iter() {
         let s = client
             .unseal(pb::UnsealRequest {
@@ -446,12 +485,10 @@ async fn unseal(
 }
 
 /// Reads shares: one at a hidden prompt on a terminal, else one per line of standard input.
-fn read_shares() -> Result<Vec<Zeroizing<String>>, BoxError> {
+fn read_shares(prompt: &str) -> Result<Vec<Zeroizing<String>>, BoxError> {
     let stdin = std::io::stdin();
     if stdin.is_terminal() {
-        let share = Zeroizing::new(rpassword::prompt_password(
-            "Unseal share (input is hidden): ",
-        )?);
+        let share = Zeroizing::new(rpassword::prompt_password(prompt)?);
         if share.trim().is_empty() {
             return Err("no share entered".into());
         }

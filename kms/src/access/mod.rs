@@ -23,7 +23,7 @@ pub enum Role {
     Admin,
     /// The audit service, read-only.
     Auditor,
-    /// Unseal shares: submit one, reset an attempt.
+    /// Unseal shares: submit one, reset an attempt; give one to a rekey; verify one.
     Custodian,
 }
 
@@ -115,8 +115,8 @@ impl Identity {
 pub(crate) enum Need {
     /// Nothing (`Status`, `WhoAmI`, the health service).
     Nothing,
-    /// A custodian's certificate over TLS (`Unseal`, `UnsealReset`); failed shares are
-    /// rate-limited too.
+    /// A custodian's certificate over TLS (`Unseal`, `UnsealReset`, `RekeySubmit`,
+    /// `VerifyShare`); failed shares are rate-limited too.
     Custodian,
     /// A role.
     Role(Role),
@@ -133,7 +133,10 @@ pub(crate) fn need(service: &str, method: &str) -> Need {
         | ("kms.v1.Access", "WhoAmI")
         | ("grpc.health.v1.Health", "Check" | "Watch") => Need::Nothing,
         // Server reflection (`grpc.reflection.*`) falls to the admin role below.
-        ("kms.v1.System", "Unseal" | "UnsealReset") => Need::Custodian,
+        // Calls that take a share. Starting and cancelling a rekey need the admin role.
+        ("kms.v1.System", "Unseal" | "UnsealReset" | "RekeySubmit" | "VerifyShare") => {
+            Need::Custodian
+        }
         ("kms.v1.Audit", "ExportAuditLog" | "KeyUsageReport" | "VerifyAuditLog") => {
             Need::Role(Role::Auditor)
         }
@@ -183,8 +186,8 @@ pub(crate) enum Denied {
         /// The key named in the request.
         key: String,
     },
-    /// Unseal over plaintext.
-    #[error("permission denied: unseal shares are accepted over TLS only")]
+    /// A share over plaintext.
+    #[error("permission denied: shares are accepted over TLS only")]
     NotTls,
 }
 
@@ -250,6 +253,13 @@ mod tests {
         assert_eq!(need("kms.v1.System", "Status"), Nothing);
         assert_eq!(need("kms.v1.System", "Unseal"), Custodian);
         assert_eq!(need("kms.v1.System", "Init"), Role(super::Role::Admin));
+        assert_eq!(need("kms.v1.System", "RekeySubmit"), Custodian);
+        assert_eq!(need("kms.v1.System", "VerifyShare"), Custodian);
+        assert_eq!(need("kms.v1.System", "RekeyInit"), Role(super::Role::Admin));
+        assert_eq!(
+            need("kms.v1.System", "RekeyCancel"),
+            Role(super::Role::Admin)
+        );
         assert_eq!(need("kms.v1.System", "Seal"), Role(super::Role::Admin));
         assert_eq!(
             need("kms.v1.Audit", "ExportAuditLog"),

@@ -98,6 +98,41 @@ pub struct AuditEvent {
     /// every other record, so their hashes are unchanged.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub archived: Option<ArchivedRange>,
+    /// For the custodians' ceremonies (rekey, verify-share): which share set and share.
+    /// (Absent from every other record, so their hashes are unchanged.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceremony: Option<CeremonySummary>,
+}
+
+/// What a custodians' ceremony call concerned, in its record: share sets, share indexes and
+/// numbers, never a share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CeremonySummary {
+    /// The share set of the share given (as the share names it), or the server's current
+    /// share set when no share was given.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub share_set: String,
+    /// The index of the share given (1..=255), when one was given and could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_index: Option<u8>,
+    /// A rekey's step: `started`, `share`, `made` (the new shares made and handed out,
+    /// pending verification), `verify` (a new share checked), `committed` (the new share
+    /// set replaced the old one), `cancelled`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub step: String,
+    /// A rekey's new share set.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub new_share_set: String,
+    /// A rekey's new share count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_shares: Option<u8>,
+    /// A rekey's new threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_threshold: Option<u8>,
+    /// The age recipients the new shares were sealed to, in share order (public keys).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
 }
 
 /// Records archived to a segment file and removed from the store, named in the record of

@@ -104,7 +104,11 @@ fn seal_code(e: &SealError) -> Code {
         | SealError::AttemptMismatch
         | SealError::UnsafeMasterKey { .. }
         | SealError::SharesPinRejected(_)
-        | SealError::PinModeMismatch { .. } => Code::FailedPrecondition,
+        | SealError::PinModeMismatch { .. }
+        | SealError::NoRekey
+        | SealError::RekeyInProgress(_)
+        | SealError::RecordChanged
+        | SealError::NoCommitments => Code::FailedPrecondition,
         SealError::BadParameters(_)
         | SealError::MalformedShare(_)
         | SealError::WrongShareSet { .. }
@@ -114,14 +118,19 @@ fn seal_code(e: &SealError) -> Code {
         | SealError::WrongQuorum
         | SealError::PinRequired
         | SealError::PinNotExpected
-        | SealError::InitPinRejected(_) => Code::InvalidArgument,
+        | SealError::InitPinRejected(_)
+        | SealError::RetiredShareSet { .. }
+        | SealError::NotNewShare { .. }
+        | SealError::RecipientCount { .. }
+        | SealError::BadRecipient { .. } => Code::InvalidArgument,
         SealError::RootKeyUnwrap | SealError::CorruptRecord => Code::DataLoss,
         SealError::Keyring(k) => keyring_code(k),
         SealError::Hsm(_)
         | SealError::Store(_)
         | SealError::Randomness
         | SealError::AuditUnavailable
-        | SealError::AuditKeyMissing(_) => Code::Unavailable,
+        | SealError::AuditKeyMissing(_)
+        | SealError::ShareSealing => Code::Unavailable,
     }
 }
 
@@ -350,6 +359,13 @@ impl Call {
         format!("{}/{}", self.event.service, self.event.operation)
     }
 
+    /// What a custodians' ceremony call concerns (the share it was given), for its record
+    /// whatever the outcome.
+    pub(crate) fn ceremony(mut self, c: crate::audit::CeremonySummary) -> Self {
+        self.event.ceremony = Some(c);
+        self
+    }
+
     /// Names the key version the call is about (0: none).
     pub(crate) fn version(mut self, version: u32) -> Self {
         self.event.key_version = Some(version).filter(|v| *v != 0);
@@ -363,8 +379,10 @@ impl Call {
         version: Option<u32>,
         output_bytes: u64,
         grant: Option<(String, GrantSummary)>,
+        ceremony: Option<crate::audit::CeremonySummary>,
         writes: Vec<crate::store::Write>,
     ) -> Result<(), crate::audit::AuditError> {
+        let ceremony = ceremony.or_else(|| self.event.ceremony.clone());
         let (key, grant) = match grant {
             Some((key, g)) => (Some(key), Some(g)),
             None => (self.event.key.clone(), None),
@@ -375,6 +393,7 @@ impl Call {
             key_version: self.event.key_version.or(version),
             output_bytes,
             grant,
+            ceremony,
             ..self.event.clone()
         };
         if let Some(g) = &self.gate {
@@ -413,7 +432,8 @@ impl Journal for Call {
                 )),
             ),
         };
-        Call::commit(self, version, size, grant, writes).map_err(|_| KeyringError::AuditUnavailable)
+        Call::commit(self, version, size, grant, None, writes)
+            .map_err(|_| KeyringError::AuditUnavailable)
     }
 }
 
@@ -423,6 +443,7 @@ pub(crate) struct Served<R> {
     version: Option<u32>,
     destination: Option<(String, u32)>,
     batch: Option<BatchSummary>,
+    ceremony: Option<crate::audit::CeremonySummary>,
     undo: Option<Box<dyn FnOnce() + Send>>,
 }
 
@@ -434,8 +455,15 @@ impl<R> Served<R> {
             version: None,
             destination: None,
             batch: None,
+            ceremony: None,
             undo: None,
         }
+    }
+
+    /// What a custodians' ceremony step did, for its record.
+    pub(crate) fn ceremony(mut self, c: crate::audit::CeremonySummary) -> Self {
+        self.ceremony = Some(c);
+        self
     }
 
     /// What takes back an in-memory effect (unseal progress) if the record cannot be
@@ -569,6 +597,9 @@ fn settle<R: prost::Message>(call: &Call, result: Result<Served<R>, ApiError>) -
                 event.destination_key_version = Some(v);
             }
             event.batch = served.batch;
+            if served.ceremony.is_some() {
+                event.ceremony = served.ceremony;
+            }
             event.output_bytes = served.response.encoded_len() as u64;
             Ok(served.response)
         }

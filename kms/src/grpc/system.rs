@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use kms_proto::v1 as pb;
 
-use crate::wire::{init_pb, status_pb};
+use crate::access::limiter::FailureLimiter;
+use crate::audit::CeremonySummary;
+use crate::wire::{init_pb, rekey_step_pb, status_pb, verified_pb};
 use tonic::{Request, Response, Status};
 
 use super::{ApiError, Call, Ctx, Served, run};
@@ -22,7 +24,49 @@ fn counts_as_failed_share(e: &SealError) -> bool {
             | SealError::Randomness
             | SealError::AuditUnavailable
             | SealError::AuditKeyMissing(_)
+            | SealError::ShareSealing
+            | SealError::RecordChanged
     )
+}
+
+/// Runs `f`, which tries a share, under the limit on failed shares per address (unseal,
+/// rekey and verify-share count together). The failure is reserved before the share is
+/// tried (check and record in one step) and released if it was good.
+fn limited<T>(
+    c: &Call,
+    limiter: &FailureLimiter,
+    f: impl FnOnce() -> Result<T, SealError>,
+) -> Result<T, ApiError> {
+    let ticket = match c.peer() {
+        Some(addr) => Some(
+            limiter
+                .begin(addr.ip(), std::time::Instant::now())
+                .map_err(ApiError::UnsealLimited)?,
+        ),
+        None => None,
+    };
+    let result = f();
+    if let Some(ticket) = ticket
+        && !result.as_ref().is_err_and(counts_as_failed_share)
+    {
+        ticket.succeeded();
+    }
+    Ok(result?)
+}
+
+/// What a ceremony's record says of the share it was given: the share set and index the
+/// share names, if it can be read (never the share).
+fn share_summary(share: &str, step: &str) -> CeremonySummary {
+    let parsed = kms_unseal::Share::parse(share).ok();
+    CeremonySummary {
+        share_set: parsed
+            .as_ref()
+            .map(|s| s.share_set().to_string())
+            .unwrap_or_default(),
+        share_index: parsed.as_ref().map(kms_unseal::Share::index),
+        step: step.to_owned(),
+        ..CeremonySummary::default()
+    }
 }
 
 /// The `kms.v1.System` service.
@@ -106,16 +150,30 @@ impl pb::system_server::System for SystemService {
             shares,
             threshold,
             hsm_pin,
+            recipients,
         } = request.into_inner();
         let pin = (!hsm_pin.is_empty()).then(|| secrecy::SecretString::from(hsm_pin));
         let seal = Arc::clone(&self.ctx.seal);
         run(call, move |c| {
             // The seal record and Init's audit record commit together.
             let commit = |out: &InitOutput, writes| {
-                c.commit(None, init_pb(out).encoded_len() as u64, None, writes)
-                    .map_err(|_| SealError::AuditUnavailable)
+                let ceremony = CeremonySummary {
+                    share_set: out.share_set_id.to_string(),
+                    new_shares: u8::try_from(out.shares.len()).ok(),
+                    new_threshold: Some(out.threshold),
+                    recipients: recipients.iter().map(|r| r.trim().to_owned()).collect(),
+                    ..CeremonySummary::default()
+                };
+                c.commit(
+                    None,
+                    init_pb(out).encoded_len() as u64,
+                    None,
+                    Some(ceremony),
+                    writes,
+                )
+                .map_err(|_| SealError::AuditUnavailable)
             };
-            let out = seal.init(shares, threshold, pin.as_ref(), &commit)?;
+            let out = seal.init(shares, threshold, pin.as_ref(), &recipients, &commit)?;
             Ok(Served::new(init_pb(&out)))
         })
         .await
@@ -135,24 +193,8 @@ impl pb::system_server::System for SystemService {
             if reset {
                 return Ok(Served::new(status_pb(&seal.reset()?)));
             }
-            // Failed shares are limited per address. The failure is reserved before the
-            // share is tried (check and record in one step) and released if it was good.
-            let ticket = match c.peer() {
-                Some(addr) => Some(
-                    limiter
-                        .begin(addr.ip(), std::time::Instant::now())
-                        .map_err(ApiError::UnsealLimited)?,
-                ),
-                None => None,
-            };
             let nonce = Some(nonce.as_str()).filter(|n| !n.is_empty());
-            let result = seal.unseal(&share, nonce);
-            if let Some(ticket) = ticket
-                && !result.as_ref().is_err_and(counts_as_failed_share)
-            {
-                ticket.succeeded();
-            }
-            let status = result?;
+            let status = limited(c, &limiter, || seal.unseal(&share, nonce))?;
             // If the record cannot be written, the share is not kept and an unseal that
             // completed is taken back.
             let undo_seal = Arc::clone(&seal);
@@ -164,6 +206,105 @@ impl pb::system_server::System for SystemService {
                     undo_seal.reset()
                 };
             }))
+        })
+        .await
+    }
+
+    async fn rekey_init(
+        &self,
+        request: Request<pb::RekeyInitRequest>,
+    ) -> Result<Response<pb::SealStatus>, Status> {
+        let call = self.call(&request, "RekeyInit");
+        let pb::RekeyInitRequest {
+            shares,
+            threshold,
+            recipients,
+        } = request.into_inner();
+        let seal = Arc::clone(&self.ctx.seal);
+        run(call, move |_| {
+            let status = seal.rekey_init(shares, threshold, &recipients)?;
+            let ceremony = status.rekey.as_ref().map(|r| CeremonySummary {
+                share_set: status
+                    .share_set_id
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+                step: "started".to_owned(),
+                new_share_set: r.new_share_set_id.to_string(),
+                new_shares: Some(r.new_shares),
+                new_threshold: Some(r.new_threshold),
+                // Checked by rekey_init: age recipients, nothing else.
+                recipients: recipients.iter().map(|r| r.trim().to_owned()).collect(),
+                ..CeremonySummary::default()
+            });
+            let undo_seal = Arc::clone(&seal);
+            let mut served = Served::new(status_pb(&status)).undo(move || {
+                undo_seal.rekey_forget();
+            });
+            if let Some(c) = ceremony {
+                served = served.ceremony(c);
+            }
+            Ok(served)
+        })
+        .await
+    }
+
+    async fn rekey_submit(
+        &self,
+        request: Request<pb::RekeySubmitRequest>,
+    ) -> Result<Response<pb::RekeySubmitResponse>, Status> {
+        let call = self.call(&request, "RekeySubmit");
+        let pb::RekeySubmitRequest { share, nonce } = request.into_inner();
+        let share = zeroize::Zeroizing::new(share);
+        let given = share_summary(&share, "share");
+        let index = given.share_index;
+        let call = call.ceremony(given);
+        let seal = Arc::clone(&self.ctx.seal);
+        let limiter = Arc::clone(&self.ctx.unseal_limiter);
+        run(call, move |c| {
+            let nonce = Some(nonce.as_str()).filter(|n| !n.is_empty());
+            let commit = |summary: CeremonySummary, writes| {
+                let summary = CeremonySummary {
+                    share_index: index,
+                    ..summary
+                };
+                c.commit(None, 0, None, Some(summary), writes)
+                    .map_err(|_| SealError::AuditUnavailable)
+            };
+            let step = limited(c, &limiter, || seal.rekey_submit(&share, nonce, &commit))?;
+            Ok(Served::new(rekey_step_pb(&step)))
+        })
+        .await
+    }
+
+    async fn rekey_cancel(
+        &self,
+        request: Request<pb::RekeyCancelRequest>,
+    ) -> Result<Response<pb::SealStatus>, Status> {
+        let call = self.call(&request, "RekeyCancel");
+        let seal = Arc::clone(&self.ctx.seal);
+        run(call, move |c| {
+            let commit = |summary, writes| {
+                c.commit(None, 0, None, Some(summary), writes)
+                    .map_err(|_| SealError::AuditUnavailable)
+            };
+            let (status, _) = seal.rekey_cancel(&commit)?;
+            Ok(Served::new(status_pb(&status)))
+        })
+        .await
+    }
+
+    async fn verify_share(
+        &self,
+        request: Request<pb::VerifyShareRequest>,
+    ) -> Result<Response<pb::VerifyShareResponse>, Status> {
+        let call = self.call(&request, "VerifyShare");
+        let share = zeroize::Zeroizing::new(request.into_inner().share);
+        let call = call.ceremony(share_summary(&share, ""));
+        let seal = Arc::clone(&self.ctx.seal);
+        let limiter = Arc::clone(&self.ctx.unseal_limiter);
+        run(call, move |c| {
+            let verified = limited(c, &limiter, || seal.verify_share(&share))?;
+            Ok(Served::new(verified_pb(&verified)))
         })
         .await
     }
@@ -193,6 +334,7 @@ impl pb::system_server::System for SystemService {
             // works); which host and address answered is for callers who are someone.
             if c.identity().principal == crate::policy::ANONYMOUS {
                 status.server.clear();
+                status.rekey = None;
             }
             Ok(Served::new(status))
         })

@@ -25,9 +25,11 @@ impl SealManager {
         shares: u32,
         threshold: u32,
         hsm_pin: Option<&SecretString>,
+        recipients: &[String],
         commit: &InitCommit<'_>,
     ) -> Result<InitOutput, SealError> {
         let (n, t) = kms_unseal::check_parameters(shares, threshold)?;
+        let recipients = super::recipients::parse_recipients(recipients, n)?;
         let pin = match (self.hsm.pin_in_shares(), hsm_pin) {
             (true, Some(p)) if (1..=MAX_SHARED_PIN_LEN).contains(&p.expose_secret().len()) => {
                 Some(p)
@@ -48,7 +50,7 @@ impl SealManager {
                 other => SealError::Hsm(other),
             })?;
         }
-        let result = self.init_logged_in(&mut inner, n, t, pin, commit);
+        let result = self.init_logged_in(&mut inner, n, t, pin, &recipients, commit);
         if pin.is_some() {
             // The server stays sealed: with the PIN in the shares, sealed means logged out.
             let _ = self.hsm.logout();
@@ -64,11 +66,12 @@ impl SealManager {
         n: u8,
         t: u8,
         pin: Option<&SecretString>,
+        recipients: &[age::x25519::Recipient],
         commit: &InitCommit<'_>,
     ) -> Result<InitOutput, SealError> {
         let master_key = self.hsm.find_or_generate_master_key()?;
         check_master_key(&self.hsm, master_key)?;
-        self.init_records(inner, master_key, n, t, pin, commit)
+        self.init_records(inner, master_key, n, t, pin, recipients, commit)
     }
 
     /// Makes the audit checkpoint key of the share set `set`, labelled with the set's id so
@@ -92,6 +95,7 @@ impl SealManager {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn init_records(
         &self,
         inner: &mut Inner,
@@ -99,6 +103,7 @@ impl SealManager {
         n: u8,
         t: u8,
         pin: Option<&SecretString>,
+        recipients: &[age::x25519::Recipient],
         commit: &InitCommit<'_>,
     ) -> Result<InitOutput, SealError> {
         let unseal_key = random_key()?;
@@ -124,6 +129,7 @@ impl SealManager {
             n,
             t,
             &split,
+            recipients,
             commit,
             &audit_key_label,
             &audit_public,
@@ -146,6 +152,7 @@ impl SealManager {
         n: u8,
         t: u8,
         split: &[Share],
+        recipients: &[age::x25519::Recipient],
         commit: &InitCommit<'_>,
         audit_key_label: &str,
         audit_public: &[u8],
@@ -171,14 +178,13 @@ impl SealManager {
             pin_in_shares: !pin_bytes.is_empty(),
             audit_key_label: audit_key_label.to_owned(),
             audit_public_key: data_encoding::HEXLOWER.encode(audit_public),
-            created_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            created_at: unix_now(),
             share_commitments: split
                 .iter()
                 .map(|s| data_encoding::HEXLOWER.encode(&s.commitment()))
                 .collect(),
+            pending_rekey: None,
+            retired_share_sets: Vec::new(),
         };
         // Prove the round trip through the HSM before anything is stored, so a broken HSM
         // set-up fails init instead of leaving an unrecoverable store.
@@ -198,7 +204,8 @@ impl SealManager {
         let output = InitOutput {
             share_set_id: set,
             threshold: t,
-            shares: split.iter().map(Share::to_text).collect(),
+            shares: super::recipients::share_texts(split, recipients)?,
+            sealed: !recipients.is_empty(),
             audit_key_fingerprint: crate::audit::fingerprint(audit_public),
         };
         commit(

@@ -41,9 +41,12 @@ use crate::keyring::{Keyring, KeyringError, Settings as KeyringSettings};
 use crate::store::{Store, StoreError, Table, Write};
 
 mod init;
+mod recipients;
+mod rekey;
 mod unseal;
 mod wrap;
 
+pub use rekey::{RekeyStep, VerifiedShare};
 use wrap::{key_check, random_key, random_nonce, to_key, unwrap_root, wrap_root};
 
 /// The store key of the seal record.
@@ -105,8 +108,66 @@ pub enum SealError {
         /// The index the share claims.
         index: u8,
     },
+    /// The share belongs to a share set a rekey replaced.
+    #[error(
+        "the share belongs to share set {got}, which a rekey retired: it no longer unseals; this server's share set is {current}"
+    )]
+    RetiredShareSet {
+        /// The share's.
+        got: ShareSetId,
+        /// This server's.
+        current: ShareSetId,
+    },
+    /// A rekey verifying its new shares was given a share of another set.
+    #[error(
+        "the rekey is verifying the new share set {expected}: give a share of that set (this one is of share set {got})"
+    )]
+    NotNewShare {
+        /// The new share set.
+        expected: ShareSetId,
+        /// The share's.
+        got: ShareSetId,
+    },
+    /// No rekey is in progress.
+    #[error("no rekey is in progress: an administrator starts one with `kms operator rekey init`")]
+    NoRekey,
+    /// A rekey is in progress or its new shares await verification.
+    #[error(
+        "a rekey to share set {0} is in progress or awaits verification: finish it or cancel it (`kms operator rekey cancel`)"
+    )]
+    RekeyInProgress(ShareSetId),
+    /// Another server sharing the store changed the seal record during this step.
+    #[error(
+        "another server changed the seal record meanwhile (a rekey committed or cancelled): check `kms operator rekey status` and try again"
+    )]
+    RecordChanged,
+    /// The recipients do not match the shares one to one.
+    #[error("{recipients} recipients were given for {shares} shares: give one per share, or none")]
+    RecipientCount {
+        /// Shares asked for.
+        shares: u8,
+        /// Recipients given.
+        recipients: usize,
+    },
+    /// A recipient is not an age X25519 recipient.
+    #[error("recipient {position} is not an age X25519 recipient (age1...): {reason}")]
+    BadRecipient {
+        /// Its place in the list, from 1.
+        position: usize,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A share could not be encrypted to its recipient.
+    #[error("a share could not be encrypted to its recipient")]
+    ShareSealing,
+    /// The share set was made before per-share commitments, so a share cannot be verified
+    /// on its own.
+    #[error(
+        "this server's share set was made before per-share commitments: a share cannot be verified alone; rekey to make shares that can"
+    )]
+    NoCommitments,
     /// The same share (index) was given twice in one attempt.
-    #[error("share {index} was already given in this unseal attempt")]
+    #[error("share {index} was already given in this attempt")]
     DuplicateShare {
         /// The share's index.
         index: u8,
@@ -228,12 +289,84 @@ pub(crate) struct SealRecord {
     /// records made before commitments: their shares are checked only at the quorum.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub share_commitments: Vec<String>,
+    /// A rekey's new share set, made and handed out, awaiting the proof that its custodians
+    /// hold it (a quorum of the new shares); until then the current share set stays valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_rekey: Option<PendingRekey>,
+    /// The share sets rekeys replaced, oldest first (their shares are refused by name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired_share_sets: Vec<RetiredShareSet>,
+}
+
+/// A rekey's new share set, pending verification: what replaces the current one's fields at
+/// the commit. Public or wrapped, like the record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PendingRekey {
+    /// The rekey's nonce.
+    pub nonce: String,
+    /// The new share set id (hex).
+    pub share_set_id: String,
+    /// New shares made.
+    pub shares: u8,
+    /// New shares needed.
+    pub threshold: u8,
+    /// The new unseal key's check value (hex).
+    pub unseal_key_check: String,
+    /// The same root key wrapped under the new unseal key and the master key (hex).
+    pub wrapped_root_key: String,
+    /// Each new share's commitment (hex), by index - 1.
+    pub share_commitments: Vec<String>,
+    /// The age recipients the new shares were sealed to, in order (public keys).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
+    /// Unix time the new shares were made, seconds.
+    pub made_at: u64,
+}
+
+/// A share set a rekey replaced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RetiredShareSet {
+    /// Its id (hex).
+    pub share_set_id: String,
+    /// Unix time of the rekey's commit, seconds.
+    pub retired_at: u64,
 }
 
 impl SealRecord {
     fn share_set(&self) -> Result<ShareSetId, SealError> {
         ShareSetId::from_hex(&self.share_set_id).ok_or(SealError::CorruptRecord)
     }
+
+    /// Whether `set` is one a rekey retired.
+    fn retired(&self, set: ShareSetId) -> bool {
+        let set = set.to_string();
+        self.retired_share_sets
+            .iter()
+            .any(|r| r.share_set_id == set)
+    }
+
+    /// The refusal of a share of set `got`, which is not this record's.
+    fn foreign_share(&self, got: ShareSetId) -> Result<SealError, SealError> {
+        let current = self.share_set()?;
+        Ok(if self.retired(got) {
+            SealError::RetiredShareSet { got, current }
+        } else {
+            SealError::WrongShareSet {
+                expected: current,
+                got,
+            }
+        })
+    }
+}
+
+/// Unix time now, seconds.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// The seal status, as `Status` reports it.
@@ -255,6 +388,30 @@ pub struct SealStatus {
     pub share_set_id: Option<ShareSetId>,
     /// Whether the HSM PIN travels in the shares (as configured; init then needs it).
     pub pin_in_shares: bool,
+    /// The rekey in progress or pending verification.
+    pub rekey: Option<RekeyStatus>,
+}
+
+/// A rekey's progress, as `Status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RekeyStatus {
+    /// `false` while current shares are collected; `true` once the new shares were made
+    /// and a quorum of them must come back.
+    pub verifying: bool,
+    /// The rekey's nonce (hex).
+    pub nonce: String,
+    /// The new share set.
+    pub new_share_set_id: ShareSetId,
+    /// New shares.
+    pub new_shares: u8,
+    /// New threshold.
+    pub new_threshold: u8,
+    /// Shares given in this phase.
+    pub progress: u8,
+    /// Shares this phase needs.
+    pub required: u8,
+    /// Whether the new shares are sealed to age recipients.
+    pub sealed_to_recipients: bool,
 }
 
 /// What makes init's seal record durable together with its audit record.
@@ -266,8 +423,11 @@ pub struct InitOutput {
     pub share_set_id: ShareSetId,
     /// How many of the shares unseal.
     pub threshold: u8,
-    /// Each custodian's share in text form. Secret.
+    /// Each custodian's share in text form (secret), or sealed to its recipient (an
+    /// ASCII-armored age file).
     pub shares: Vec<Zeroizing<String>>,
+    /// Whether `shares` are sealed to recipients.
+    pub sealed: bool,
     /// The audit checkpoint key's fingerprint ([`crate::audit::fingerprint`]).
     pub audit_key_fingerprint: String,
 }
@@ -275,6 +435,23 @@ pub struct InitOutput {
 struct Attempt {
     nonce: String,
     shares: Vec<Share>,
+}
+
+/// A rekey collecting current shares: what it will make, and the shares given so far.
+struct RekeyAttempt {
+    nonce: String,
+    new_set: ShareSetId,
+    shares: u8,
+    threshold: u8,
+    recipients: Vec<age::x25519::Recipient>,
+    given: Vec<Share>,
+}
+
+/// New shares given back while a pending rekey verifies them (for the pending rekey whose
+/// nonce this names).
+struct Verifying {
+    nonce: String,
+    given: Vec<Share>,
 }
 
 enum State {
@@ -287,6 +464,11 @@ struct Inner {
     state: State,
     record: Option<SealRecord>,
     master_key: Option<KeyHandle>,
+    /// A rekey collecting current shares (in memory: a restart forgets it, and the current
+    /// shares stay valid).
+    rekey: Option<RekeyAttempt>,
+    /// The new shares given back to a pending rekey (in memory, like unseal progress).
+    verifying: Option<Verifying>,
 }
 
 /// The seal state machine. Methods block (HSM calls): call them from `spawn_blocking`.
@@ -331,6 +513,8 @@ impl SealManager {
                 state,
                 record,
                 master_key,
+                rekey: None,
+                verifying: None,
             }),
         })
     }
@@ -388,19 +572,20 @@ impl SealManager {
         }
     }
 
-    /// On a shared store: takes up the seal record another server's init committed, if this
-    /// server is still uninitialised (it then comes up sealed, as after a restart).
+    /// On a shared store: takes up the seal record as another server committed it: after
+    /// its init (this server then comes up sealed, as after a restart), or a rekey's steps.
     pub(crate) fn adopt_record(&self) -> Result<(), SealError> {
         if !self.store.shared() {
             return Ok(());
         }
         let mut inner = self.lock();
-        if !matches!(inner.state, State::Uninitialized) {
-            return Ok(());
-        }
         let Some(record) = read_record(self.store.as_ref())? else {
             return Ok(());
         };
+        if !matches!(inner.state, State::Uninitialized) {
+            take_up(&mut inner, record);
+            return Ok(());
+        }
         let (state, master_key) = sealed_state(&self.hsm, &self.audit, Some(&record))?;
         tracing::info!("initialised by another server sharing the store: sealed");
         inner.state = state;
@@ -480,6 +665,12 @@ impl SealManager {
         // Dropping the old state zeroizes the root key (Zeroizing) and the shares.
         let was_unsealed = matches!(inner.state, State::Unsealed(_));
         inner.state = State::Sealed(None);
+        // Shares given to a rekey are forgotten too (the rekey itself, and a pending new
+        // share set, stay: custodians give their shares again).
+        if let Some(r) = &mut inner.rekey {
+            r.given.clear();
+        }
+        inner.verifying = None;
         self.publish(None);
         self.unsealed.send_replace(false);
         if was_unsealed && self.hsm.pin_in_shares() {
@@ -490,6 +681,31 @@ impl SealManager {
         }
         Ok(status_of(&inner, self.hsm.pin_in_shares()))
     }
+}
+
+/// Takes up a seal record another server committed while this one is initialised (a rekey
+/// made, committed or cancelled there): progress towards a share set that is no longer the
+/// one in force is forgotten.
+fn take_up(inner: &mut Inner, record: SealRecord) {
+    let Some(old) = inner.record.as_ref() else {
+        inner.record = Some(record);
+        return;
+    };
+    if old.share_set_id != record.share_set_id {
+        if let State::Sealed(attempt) = &mut inner.state {
+            *attempt = None;
+        }
+        inner.rekey = None;
+    }
+    let pending_nonce = record.pending_rekey.as_ref().map(|p| p.nonce.as_str());
+    if inner.verifying.as_ref().map(|v| v.nonce.as_str()) != pending_nonce {
+        inner.verifying = None;
+    }
+    if record.pending_rekey.is_some() {
+        // Another server made the new shares: its collecting attempt is over.
+        inner.rekey = None;
+    }
+    inner.record = Some(record);
 }
 
 /// The stored seal record, checked, if the store has one.
@@ -558,6 +774,7 @@ fn status_of(inner: &Inner, pin_in_shares: bool) -> SealStatus {
         nonce,
         share_set_id: record.and_then(|r| r.share_set().ok()),
         pin_in_shares,
+        rekey: rekey::status(inner),
     }
 }
 

@@ -27,7 +27,8 @@ impl SealManager {
         {
             return Err(SealError::AttemptMismatch);
         }
-        let share = admit(record, attempt.as_ref(), share_text)?;
+        let given = attempt.as_ref().map_or(&[][..], |a| a.shares.as_slice());
+        let share = admit(record, given, share_text)?;
         let current = match attempt {
             Some(a) => a,
             None => attempt.insert(Attempt {
@@ -43,10 +44,7 @@ impl SealManager {
         // The threshold is reached: whatever happens next, this attempt is over.
         let shares = std::mem::take(&mut current.shares);
         *attempt = None;
-        let secret = kms_unseal::combine(&shares).map_err(|e| match e {
-            CombineError::DuplicateIndex(index) => SealError::DuplicateShare { index },
-            _ => SealError::WrongQuorum,
-        })?;
+        let secret = combine(&shares)?;
         drop(shares);
         let (unseal_key, pin_part) = check_quorum(record, &secret)?;
         let master_key = match inner.master_key {
@@ -104,7 +102,7 @@ impl SealManager {
 
     /// Logs in with the PIN recombined from the shares and finds the master key; logs out
     /// again if anything fails.
-    fn login_from_shares(&self, pin: &[u8]) -> Result<KeyHandle, SealError> {
+    pub(super) fn login_from_shares(&self, pin: &[u8]) -> Result<KeyHandle, SealError> {
         let pin = SecretString::from(std::str::from_utf8(pin).map_err(|_| SealError::WrongQuorum)?);
         self.hsm.login(&pin).map_err(|e| match e {
             HsmError::Login { reason, .. } => SealError::SharesPinRejected(reason),
@@ -125,16 +123,20 @@ impl SealManager {
     }
 }
 
-/// Parses one share and checks it against the record and the attempt in progress: its share
-/// set, its threshold, its commitment, and that its index was not given already.
-fn admit(record: &SealRecord, attempt: Option<&Attempt>, text: &str) -> Result<Share, SealError> {
+/// Recombines a quorum's secret.
+pub(super) fn combine(shares: &[Share]) -> Result<Zeroizing<Vec<u8>>, SealError> {
+    kms_unseal::combine(shares).map_err(|e| match e {
+        CombineError::DuplicateIndex(index) => SealError::DuplicateShare { index },
+        _ => SealError::WrongQuorum,
+    })
+}
+
+/// Parses one share and checks it against the record and the shares `given` so far: its
+/// share set, its threshold, its commitment, and that its index was not given already.
+pub(super) fn admit(record: &SealRecord, given: &[Share], text: &str) -> Result<Share, SealError> {
     let share = Share::parse(text)?;
-    let expected = record.share_set()?;
-    if share.share_set() != expected {
-        return Err(SealError::WrongShareSet {
-            expected,
-            got: share.share_set(),
-        });
+    if share.share_set() != record.share_set()? {
+        return Err(record.foreign_share(share.share_set())?);
     }
     if share.threshold() != record.threshold {
         return Err(SealError::WrongThreshold {
@@ -143,9 +145,7 @@ fn admit(record: &SealRecord, attempt: Option<&Attempt>, text: &str) -> Result<S
         });
     }
     check_commitment(record, &share)?;
-    if let Some(a) = attempt
-        && a.shares.iter().any(|s| s.index() == share.index())
-    {
+    if given.iter().any(|s| s.index() == share.index()) {
         return Err(SealError::DuplicateShare {
             index: share.index(),
         });
@@ -155,7 +155,7 @@ fn admit(record: &SealRecord, attempt: Option<&Attempt>, text: &str) -> Result<S
 
 /// Splits the recombined secret into the unseal key and the PIN part, and checks the key
 /// against the record's key check in constant time: a wrong quorum is refused here.
-fn check_quorum<'s>(
+pub(super) fn check_quorum<'s>(
     record: &SealRecord,
     secret: &'s [u8],
 ) -> Result<(Zeroizing<[u8; KEY_LEN]>, &'s [u8]), SealError> {

@@ -1,0 +1,740 @@
+//! Custody over the years, end to end against the real `kms` binary and a SoftHSM token:
+//! rekey (with kill -9 after every step), shares sealed to custodians' age keys and opened
+//! with the standard `age` tool, and verify-share.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kms_proto::v1::ProtectionLevel;
+use serde_json::Value;
+use softhsm_tests::{Out, Server, TestHsm, decrypt_ctx, encrypt_ctx, forge_share};
+
+fn status(server: &Server) -> Value {
+    server.kms(&["operator", "status", "--json"], "").json()
+}
+
+fn rekey_status(server: &Server) -> Value {
+    server
+        .kms(&["operator", "rekey", "status", "--json"], "")
+        .json()
+}
+
+fn lines(shares: &[&String]) -> String {
+    shares.iter().map(|s| format!("{s}\n")).collect()
+}
+
+fn unseal(server: &Server, shares: &[&String]) -> Out {
+    server.custodian(&["operator", "unseal"], &lines(shares))
+}
+
+fn submit(server: &Server, shares: &[&String]) -> Out {
+    server.custodian(&["operator", "rekey", "submit", "--json"], &lines(shares))
+}
+
+/// The JSON lines `rekey submit --json` printed, one per share.
+fn submitted(out: &Out) -> Vec<Value> {
+    assert_eq!(out.code, Some(0), "{out:?}");
+    out.stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Kills the server with SIGKILL and starts it again: it comes up sealed.
+fn crash(hsm: &TestHsm, server: &mut Server) -> Server {
+    server.kill9();
+    let again = hsm.start();
+    assert_eq!(status(&again)["sealed"], true);
+    again
+}
+
+/// The auditor's export, as JSON values (records only).
+fn audit_records(server: &Server, dir: &Path) -> Vec<Value> {
+    let path = dir.join(format!("export-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let out = server.kms_as(
+        Some(&server.auditor),
+        &["audit", "export", "--out", path.to_str().unwrap()],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let verify = server.kms_as(
+        Some(&server.auditor),
+        &["audit", "verify", "--export", path.to_str().unwrap()],
+        "",
+    );
+    assert_eq!(verify.code, Some(0), "the chain must verify: {verify:?}");
+    std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("seq").is_some())
+        .collect()
+}
+
+#[test]
+fn rekey_3_of_5_to_2_of_3_survives_kill_9_after_every_step() {
+    let hsm = TestHsm::new("kms-rekey");
+    let mut server = hsm.start();
+    let out = server.init(5, 3, "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let old = out.shares();
+    let old_set = out.json()["share_set_id"].as_str().unwrap().to_owned();
+    assert_eq!(unseal(&server, &[&old[0], &old[1], &old[2]]).code, Some(0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ct = rt.block_on(async {
+        server
+            .create_aes_key("ledger", ProtectionLevel::Software)
+            .await;
+        server.create_aes_key("vault", ProtectionLevel::Hsm).await;
+        let mut keys = server.keys().await;
+        (
+            encrypt_ctx(&mut keys, "ledger", b"before the rekey")
+                .await
+                .unwrap(),
+            encrypt_ctx(&mut keys, "vault", b"hsm before the rekey")
+                .await
+                .unwrap(),
+        )
+    });
+
+    // Who may do what: a custodian cannot start one, and nothing is in progress yet.
+    let out = server.custodian(
+        &[
+            "operator",
+            "rekey",
+            "init",
+            "--shares",
+            "3",
+            "--threshold",
+            "2",
+        ],
+        "",
+    );
+    assert!(out.stderr.contains("PERMISSION_DENIED"), "{out:?}");
+    let out = submit(&server, &[&old[0]]);
+    assert!(
+        out.stderr.contains("FAILED_PRECONDITION")
+            && out.stderr.contains("no rekey is in progress"),
+        "{out:?}"
+    );
+    let out = server.kms(
+        &[
+            "operator",
+            "rekey",
+            "init",
+            "--shares",
+            "3",
+            "--threshold",
+            "4",
+        ],
+        "",
+    );
+    assert!(out.stderr.contains("INVALID_ARGUMENT"), "{out:?}");
+    assert_eq!(
+        server.kms(&["operator", "rekey", "status"], "").code,
+        Some(3)
+    );
+
+    // Step 1: started (on an unsealed server), then kill -9: a restart forgets it and the
+    // old shares unseal.
+    let out = server.kms(
+        &[
+            "operator",
+            "rekey",
+            "init",
+            "--shares",
+            "3",
+            "--threshold",
+            "2",
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let r = rekey_status(&server)["rekey"].clone();
+    assert_eq!(r["phase"], "collecting");
+    assert_eq!(r["required"], 3);
+    let out = server.kms(
+        &[
+            "operator",
+            "rekey",
+            "init",
+            "--shares",
+            "3",
+            "--threshold",
+            "2",
+        ],
+        "",
+    );
+    assert!(
+        out.stderr.contains("is in progress or awaits verification"),
+        "{out:?}"
+    );
+    let mut server = crash(&hsm, &mut server);
+    assert_eq!(rekey_status(&server)["rekey"], Value::Null);
+    assert_eq!(unseal(&server, &[&old[3], &old[4], &old[0]]).code, Some(0));
+
+    // Step 2: two of three current shares given, then kill -9: the same.
+    assert_eq!(
+        server
+            .kms(
+                &[
+                    "operator",
+                    "rekey",
+                    "init",
+                    "--shares",
+                    "3",
+                    "--threshold",
+                    "2"
+                ],
+                ""
+            )
+            .code,
+        Some(0)
+    );
+    let steps = submitted(&submit(&server, &[&old[0], &old[1]]));
+    assert_eq!(steps[1]["rekey"]["progress"], 2);
+    // A share given twice, or forged, is refused and does not count.
+    let out = submit(&server, &[&old[1]]);
+    assert!(out.stderr.contains("already given"), "{out:?}");
+    let out = submit(&server, &[&forge_share(&old[2])]);
+    assert!(
+        out.stderr.contains("not one of the shares made at init"),
+        "{out:?}"
+    );
+    assert_eq!(rekey_status(&server)["rekey"]["progress"], 2);
+    let mut server = crash(&hsm, &mut server);
+    assert_eq!(rekey_status(&server)["rekey"], Value::Null);
+
+    // Step 3 (on a sealed server): the quorum of current shares makes the new shares, which
+    // are pending; kill -9 keeps them pending and the old shares valid.
+    let out = server.kms(
+        &[
+            "operator",
+            "rekey",
+            "init",
+            "--shares",
+            "3",
+            "--threshold",
+            "2",
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let new_set = rekey_status(&server)["rekey"]["new_share_set_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(new_set, old_set);
+    let steps = submitted(&submit(&server, &[&old[2], &old[3], &old[4]]));
+    assert!(strings(&steps[0]["shares"]).is_empty());
+    let new = strings(&steps[2]["shares"]);
+    assert_eq!(new.len(), 3);
+    assert!(new.iter().all(|s| s.starts_with("kms1-")));
+    assert_eq!(steps[2]["shares_sealed"], false);
+    assert_eq!(steps[2]["rekey"]["phase"], "verifying");
+    assert_eq!(steps[2]["rekey"]["new_share_set_id"], new_set.as_str());
+    // Not in force yet: a new share does not unseal, an old one does.
+    let out = unseal(&server, &[&new[0]]);
+    assert!(
+        out.stderr
+            .contains(&format!("this server's share set is {old_set}")),
+        "{out:?}"
+    );
+    let mut server = crash(&hsm, &mut server);
+    let r = rekey_status(&server)["rekey"].clone();
+    assert_eq!(r["phase"], "verifying");
+    assert_eq!(r["progress"], 0);
+    assert_eq!(r["required"], 2);
+    assert_eq!(unseal(&server, &[&old[1], &old[3], &old[4]]).code, Some(0));
+
+    // Step 4: one new share given back, kill -9: still pending, old shares still valid.
+    let steps = submitted(&submit(&server, &[&new[0]]));
+    assert_eq!(steps[0]["rekey"]["progress"], 1);
+    let out = submit(&server, &[&old[0]]);
+    assert!(
+        out.stderr
+            .contains(&format!("verifying the new share set {new_set}")),
+        "{out:?}"
+    );
+    let out = submit(&server, &[&forge_share(&new[1])]);
+    assert!(
+        out.stderr.contains("not one of the shares made at init"),
+        "{out:?}"
+    );
+    let mut server = crash(&hsm, &mut server);
+    assert_eq!(rekey_status(&server)["rekey"]["progress"], 0);
+    assert_eq!(unseal(&server, &[&old[0], &old[2], &old[4]]).code, Some(0));
+
+    // Step 5: the new quorum commits; the old shares are refused by name from then on.
+    let steps = submitted(&submit(&server, &[&new[2], &new[1]]));
+    assert_eq!(steps[1]["committed_share_set_id"], new_set.as_str());
+    let st = status(&server);
+    assert_eq!(st["share_set_id"], new_set.as_str());
+    assert_eq!(st["shares"], 3);
+    assert_eq!(st["threshold"], 2);
+    assert_eq!(rekey_status(&server)["rekey"], Value::Null);
+    assert_eq!(server.kms(&["operator", "seal"], "").code, Some(0));
+    let out = unseal(&server, &[&old[0]]);
+    assert!(
+        out.stderr.contains(&format!(
+            "share set {old_set}, which a rekey retired: it no longer unseals; this server's share set is {new_set}"
+        )),
+        "{out:?}"
+    );
+
+    // After kill -9 the new shares unseal and every old ciphertext decrypts.
+    let server = crash(&hsm, &mut server);
+    let out = unseal(&server, &[&old[0], &old[1]]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert_eq!(unseal(&server, &[&new[0], &new[2]]).code, Some(0));
+    rt.block_on(async {
+        let mut keys = server.keys().await;
+        assert_eq!(
+            decrypt_ctx(&mut keys, "ledger", &ct.0).await.unwrap(),
+            b"before the rekey"
+        );
+        assert_eq!(
+            decrypt_ctx(&mut keys, "vault", &ct.1).await.unwrap(),
+            b"hsm before the rekey"
+        );
+    });
+
+    // Every step is in the audit log, with share sets and indexes and never a share.
+    let records = audit_records(&server, hsm.path());
+    let ceremony = |op: &str, step: &str| -> Vec<&Value> {
+        records
+            .iter()
+            .filter(|r| r["event"]["operation"] == op && r["event"]["ceremony"]["step"] == step)
+            .collect()
+    };
+    assert_eq!(ceremony("RekeyInit", "started").len(), 3);
+    let made = ceremony("RekeySubmit", "made");
+    assert_eq!(made.len(), 1);
+    assert_eq!(
+        made[0]["event"]["ceremony"]["new_share_set"],
+        new_set.as_str()
+    );
+    assert_eq!(made[0]["event"]["ceremony"]["share_set"], old_set.as_str());
+    let committed = ceremony("RekeySubmit", "committed");
+    assert_eq!(committed.len(), 1);
+    assert_eq!(committed[0]["event"]["ceremony"]["new_threshold"], 2);
+    let refused: Vec<_> = records
+        .iter()
+        .filter(|r| r["event"]["operation"] == "RekeySubmit" && r["event"]["outcome"] != "OK")
+        .collect();
+    assert!(
+        refused
+            .iter()
+            .any(|r| r["event"]["ceremony"]["share_index"].is_u64())
+    );
+    let text = serde_json::to_string(&records).unwrap();
+    for share in old.iter().chain(&new) {
+        assert!(!text.contains(share.as_str()));
+    }
+    let logs = hsm.logs();
+    for share in old.iter().chain(&new) {
+        assert!(!logs.contains(share.as_str()), "a share in the server log");
+    }
+}
+
+#[test]
+fn rekey_cancel_leaves_the_old_shares_and_voids_the_new() {
+    let hsm = TestHsm::new("kms-rekey-cancel");
+    let server = hsm.start();
+    let out = server.init(3, 2, "");
+    let old = out.shares();
+    assert_eq!(
+        server
+            .kms(
+                &[
+                    "operator",
+                    "rekey",
+                    "init",
+                    "--shares",
+                    "2",
+                    "--threshold",
+                    "2"
+                ],
+                ""
+            )
+            .code,
+        Some(0)
+    );
+    let steps = submitted(&submit(&server, &[&old[0], &old[1]]));
+    let new = strings(&steps[1]["shares"]);
+    assert_eq!(new.len(), 2);
+    // The admin cancels; the pending shares never become valid.
+    let out = server.custodian(&["operator", "rekey", "cancel"], "");
+    assert!(out.stderr.contains("PERMISSION_DENIED"), "{out:?}");
+    assert_eq!(
+        server.kms(&["operator", "rekey", "cancel"], "").code,
+        Some(0)
+    );
+    assert_eq!(
+        server.kms(&["operator", "rekey", "cancel"], "").code,
+        Some(0)
+    );
+    let out = submit(&server, &[&new[0]]);
+    assert!(out.stderr.contains("no rekey is in progress"), "{out:?}");
+    let out = unseal(&server, &[&new[0]]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert_eq!(unseal(&server, &[&old[1], &old[2]]).code, Some(0));
+}
+
+/// `age-keygen -o FILE`: the identity file; returns its recipient (`age1...`).
+fn age_identity(path: &Path) -> String {
+    let out = Command::new("age-keygen")
+        .arg("-o")
+        .arg(path)
+        .output()
+        .expect("age-keygen (Debian package age)");
+    assert!(out.status.success(), "{out:?}");
+    let out = Command::new("age-keygen")
+        .arg("-y")
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// `age --decrypt -i IDENTITY FILE`, as a custodian runs it.
+fn age_decrypt(identity: &Path, file: &Path) -> Result<String, String> {
+    let out = Command::new("age")
+        .arg("--decrypt")
+        .arg("-i")
+        .arg(identity)
+        .arg(file)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap().trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn shares_sealed_to_custodians_open_with_age_only_for_their_custodian() {
+    let hsm = TestHsm::new("kms-age");
+    let server = hsm.start();
+    let dir = hsm.path().join("custodians");
+    std::fs::create_dir(&dir).unwrap();
+    let ids: Vec<PathBuf> = (1..=5).map(|i| dir.join(format!("key-{i}.txt"))).collect();
+    let recipients: Vec<String> = ids.iter().map(|p| age_identity(p)).collect();
+    // A recipients file works as well as the key itself.
+    let file = dir.join("custodian-5.pub");
+    std::fs::write(&file, format!("# custodian five\n{}\n", recipients[4])).unwrap();
+
+    // Bad recipients are refused before anything is made.
+    let out = server.kms(
+        &[
+            "operator",
+            "init",
+            "--shares",
+            "5",
+            "--threshold",
+            "3",
+            "--recipient",
+            &recipients[0],
+            "--recipient",
+            &recipients[1],
+        ],
+        "",
+    );
+    assert!(
+        out.stderr.contains("2 recipients were given for 5 shares"),
+        "{out:?}"
+    );
+    let mut args: Vec<String> = ["operator", "init", "--shares", "5", "--threshold", "3"]
+        .map(str::to_owned)
+        .to_vec();
+    for r in &recipients[..4] {
+        args.extend(["--recipient".to_owned(), r.clone()]);
+    }
+    let mut bad = args.clone();
+    bad.extend(["--recipient".to_owned(), "age1notarecipient".to_owned()]);
+    let out = server.kms(&bad.iter().map(String::as_str).collect::<Vec<_>>(), "");
+    assert!(
+        out.stderr.contains("INVALID_ARGUMENT")
+            && out
+                .stderr
+                .contains("recipient 5 is not an age X25519 recipient"),
+        "{out:?}"
+    );
+    assert_eq!(status(&server)["initialized"], false);
+
+    let shares_dir = hsm.path().join("sealed");
+    std::fs::create_dir(&shares_dir).unwrap();
+    args.extend([
+        "--recipient".to_owned(),
+        file.display().to_string(),
+        "--out-dir".to_owned(),
+        shares_dir.display().to_string(),
+    ]);
+    let out = server.kms(&args.iter().map(String::as_str).collect::<Vec<_>>(), "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(!out.stdout.contains("kms1-"), "no share in clear: {out:?}");
+    let mut shares = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let sealed = shares_dir.join(format!("share-{}.age", i + 1));
+        let text = std::fs::read_to_string(&sealed).unwrap();
+        assert!(text.starts_with("-----BEGIN AGE ENCRYPTED FILE-----"));
+        assert!(!text.contains("kms1-"));
+        // Only its own custodian opens it.
+        let other = &ids[(i + 1) % ids.len()];
+        assert!(age_decrypt(other, &sealed).is_err());
+        let share = age_decrypt(id, &sealed).unwrap();
+        assert!(share.starts_with("kms1-"), "{share}");
+        shares.push(share);
+    }
+    assert_eq!(
+        unseal(&server, &[&shares[4], &shares[0], &shares[2]]).code,
+        Some(0)
+    );
+
+    // A rekey to three custodians, while unsealed, sealed to their keys too.
+    let new_ids: Vec<PathBuf> = (1..=3).map(|i| dir.join(format!("new-{i}.txt"))).collect();
+    let new_recipients: Vec<String> = new_ids.iter().map(|p| age_identity(p)).collect();
+    let mut args: Vec<String> = [
+        "operator",
+        "rekey",
+        "init",
+        "--shares",
+        "3",
+        "--threshold",
+        "2",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    for r in &new_recipients {
+        args.extend(["--recipient".to_owned(), r.clone()]);
+    }
+    let out = server.kms(&args.iter().map(String::as_str).collect::<Vec<_>>(), "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(rekey_status(&server)["rekey"]["sealed_to_recipients"], true);
+    let new_dir = hsm.path().join("rekeyed");
+    std::fs::create_dir(&new_dir).unwrap();
+    let out = server.custodian(
+        &[
+            "operator",
+            "rekey",
+            "submit",
+            "--out-dir",
+            new_dir.to_str().unwrap(),
+        ],
+        &lines(&[&shares[1], &shares[3], &shares[0]]),
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(!out.stdout.contains("kms1-"), "{out:?}");
+    let new: Vec<String> = new_ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| age_decrypt(id, &new_dir.join(format!("share-{}.age", i + 1))).unwrap())
+        .collect();
+    let steps = submitted(&submit(&server, &[&new[1], &new[0]]));
+    assert!(
+        !steps[1]["committed_share_set_id"]
+            .as_str()
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(server.kms(&["operator", "seal"], "").code, Some(0));
+    assert_eq!(unseal(&server, &[&new[2], &new[1]]).code, Some(0));
+
+    // The recipients are in the records (public keys), the shares nowhere.
+    let records = audit_records(&server, hsm.path());
+    let init = records
+        .iter()
+        .find(|r| r["event"]["operation"] == "Init" && r["event"]["outcome"] == "OK")
+        .unwrap();
+    assert_eq!(
+        init["event"]["ceremony"]["recipients"][4],
+        recipients[4].as_str()
+    );
+    let text = serde_json::to_string(&records).unwrap() + &hsm.logs();
+    for share in shares.iter().chain(&new) {
+        assert!(!text.contains(share.as_str()));
+    }
+}
+
+#[test]
+fn verify_share_proves_a_share_without_unsealing_and_is_rate_limited() {
+    let hsm = TestHsm::new("kms-verify-share");
+    let tables = hsm
+        .tls_tables()
+        .replace("max_failed_shares = 1000", "max_failed_shares = 6");
+    let config = hsm.config_full("kms.toml", &hsm.hsm_table(), &tables);
+    let server = hsm.try_start(&config, &[]).unwrap();
+    let out = server.init(3, 2, "");
+    let shares = out.shares();
+    let set = out.json()["share_set_id"].as_str().unwrap().to_owned();
+    let other = TestHsm::new("kms-verify-other");
+    let other_server = other.start();
+    let foreign = other_server.init(2, 2, "").shares();
+    drop(other_server);
+
+    // Good shares, sealed: intact and current; nothing unsealed, no progress counted.
+    let out = server.custodian(
+        &["operator", "verify-share"],
+        &lines(&[&shares[1], &shares[2]]),
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stdout
+            .contains(&format!("Share 2 of share set {set} is intact and current")),
+        "{out:?}"
+    );
+    assert!(out.stdout.contains("Share 3 of share set"), "{out:?}");
+    let st = status(&server);
+    assert_eq!(st["sealed"], true);
+    assert_eq!(st["progress"], 0);
+    // Admins are not custodians.
+    let out = server.kms(&["operator", "verify-share"], &lines(&[&shares[0]]));
+    assert!(out.stderr.contains("PERMISSION_DENIED"), "{out:?}");
+
+    // Bad shares: altered (valid checksum), another server's, malformed.
+    let out = server.custodian(
+        &["operator", "verify-share"],
+        &lines(&[&forge_share(&shares[0])]),
+    );
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr
+            .contains("share 1 is not one of the shares made at init"),
+        "{out:?}"
+    );
+    let out = server.custodian(&["operator", "verify-share"], &lines(&[&foreign[0]]));
+    assert!(out.stderr.contains("belongs to share set"), "{out:?}");
+    let out = server.custodian(&["operator", "verify-share"], "kms1-NOTASHARE\n");
+    assert!(
+        out.stderr.contains("INVALID_ARGUMENT") && out.stderr.contains("malformed share"),
+        "{out:?}"
+    );
+
+    // Unseal still works with what was verified.
+    assert_eq!(unseal(&server, &[&shares[0], &shares[2]]).code, Some(0));
+
+    // The drill is in the audit log: who, which share, the outcome.
+    let records = audit_records(&server, hsm.path());
+    let verifies: Vec<_> = records
+        .iter()
+        .filter(|r| r["event"]["operation"] == "VerifyShare")
+        .collect();
+    // Five by the custodian, and the admin's refused try.
+    assert_eq!(verifies.len(), 6);
+    let refused = verifies
+        .iter()
+        .find(|r| r["event"]["outcome"] == "PERMISSION_DENIED")
+        .unwrap();
+    assert_eq!(
+        refused["event"]["principal"],
+        server.admin.principal.as_str()
+    );
+    let verifies: Vec<_> = verifies
+        .into_iter()
+        .filter(|r| r["event"]["outcome"] != "PERMISSION_DENIED")
+        .collect();
+    let ok: Vec<_> = verifies
+        .iter()
+        .filter(|r| r["event"]["outcome"] == "OK")
+        .map(|r| r["event"]["ceremony"]["share_index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ok, [2, 3]);
+    assert!(
+        verifies
+            .iter()
+            .all(|r| r["event"]["principal"] == server.custodian.principal.as_str())
+    );
+    let forged = verifies
+        .iter()
+        .find(|r| {
+            r["event"]["outcome"] == "INVALID_ARGUMENT"
+                && r["event"]["ceremony"]["share_index"] == 1
+        })
+        .unwrap();
+    assert_eq!(forged["event"]["ceremony"]["share_set"], set.as_str());
+
+    // Failures count against the unseal limit (six a minute here, per address): three
+    // above, three more, then even a good share is refused for now.
+    for _ in 0..3 {
+        let out = server.custodian(
+            &["operator", "verify-share"],
+            &lines(&[&forge_share(&shares[1])]),
+        );
+        assert!(out.stderr.contains("INVALID_ARGUMENT"), "{out:?}");
+    }
+    let out = server.custodian(&["operator", "verify-share"], &lines(&[&shares[1]]));
+    assert!(out.stderr.contains("RESOURCE_EXHAUSTED"), "{out:?}");
+    assert_eq!(server.kms(&["operator", "seal"], "").code, Some(0));
+    let out = unseal(&server, &[&shares[0]]);
+    assert!(
+        out.stderr.contains("RESOURCE_EXHAUSTED"),
+        "the limit is shared: {out:?}"
+    );
+}
+
+#[test]
+fn with_the_pin_in_the_shares_a_rekey_carries_the_pin_into_the_new_shares() {
+    let hsm = TestHsm::new("kms-rekey-pin");
+    let module = hsm.module.display().to_string();
+    let config = hsm.config_with(
+        "shares.toml",
+        &hsm.hsm_table_with(&module, &hsm.label, "pin_in_shares = true"),
+    );
+    let mut server = hsm.try_start(&config, &[]).unwrap();
+    let out = server.init(3, 2, &format!("{}\n", hsm.pin));
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let old = out.shares();
+    // Sealed, hence logged out of the token: the rekey logs in with the PIN the old shares
+    // carry, makes the new ones, and logs out again.
+    let out = server.kms(
+        &[
+            "operator",
+            "rekey",
+            "init",
+            "--shares",
+            "4",
+            "--threshold",
+            "3",
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let steps = submitted(&submit(&server, &[&old[2], &old[0]]));
+    let new = strings(&steps[1]["shares"]);
+    assert_eq!(new.len(), 4);
+    let steps = submitted(&submit(&server, &[&new[3], &new[1], &new[0]]));
+    assert!(
+        !steps[2]["committed_share_set_id"]
+            .as_str()
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(status(&server)["sealed"], true);
+
+    // A restart: the new shares alone log in to the HSM and unseal.
+    server.kill9();
+    let server = hsm.try_start(&config, &[]).unwrap();
+    assert_eq!(unseal(&server, &[&old[0], &old[1]]).code, Some(1));
+    let out = unseal(&server, &[&new[2], &new[0], &new[1]]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(status(&server)["sealed"], false);
+    let logs = hsm.logs();
+    assert!(!logs.contains(hsm.pin.as_str()));
+}
