@@ -6,7 +6,7 @@
 use kms_proto::v1 as pb;
 
 use crate::audit::report::{
-    Bucket, Filter, KeySummary, RefusedRow, Span, UsageReport, UsageRow, VersionRef,
+    Bucket, CustodyRow, Filter, KeySummary, RefusedRow, Span, UsageReport, UsageRow, VersionRef,
 };
 use crate::keyring::KeyringError;
 use crate::keyring::grants::Grant;
@@ -346,6 +346,21 @@ pub(crate) fn report_pb(r: UsageReport) -> pb::KeyUsageReportResponse {
             })
             .collect(),
         generated_unix_ms: crate::audit::now_ms(),
+        custody: r
+            .custody
+            .into_iter()
+            .map(|c| pb::CustodyRow {
+                share_set_id: c.share_set,
+                share_index: c.share_index.map_or(0, u32::from),
+                principal: c.principal,
+                operation: c.operation,
+                step: c.step,
+                outcome: c.outcome,
+                count: c.span.count,
+                first_unix_ms: c.span.first_ms,
+                last_unix_ms: c.span.last_ms,
+            })
+            .collect(),
     }
 }
 
@@ -417,6 +432,19 @@ pub fn report_from(r: pb::KeyUsageReportResponse) -> UsageReport {
                 key: b.key,
                 ok: b.ok,
                 refused: b.refused,
+            })
+            .collect(),
+        custody: r
+            .custody
+            .into_iter()
+            .map(|c| CustodyRow {
+                share_set: c.share_set_id,
+                share_index: u8::try_from(c.share_index).ok().filter(|i| *i != 0),
+                principal: c.principal,
+                operation: c.operation,
+                step: c.step,
+                outcome: c.outcome,
+                span: span(c.count, c.first_unix_ms, c.last_unix_ms),
             })
             .collect(),
     }

@@ -670,6 +670,40 @@ fn verify_share_proves_a_share_without_unsealing_and_is_rate_limited() {
         .unwrap();
     assert_eq!(forged["event"]["ceremony"]["share_set"], set.as_str());
 
+    // The auditor's report shows the drill: per share set and share, who and the outcome.
+    let out = server.kms_as(
+        Some(&server.auditor),
+        &["audit", "report", "--format", "json"],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let custody = out.json()["custody"].as_array().unwrap().clone();
+    let verified: Vec<u64> = custody
+        .iter()
+        .filter(|c| {
+            c["operation"] == "VerifyShare"
+                && c["outcome"] == "OK"
+                && c["share_set"] == set.as_str()
+        })
+        .map(|c| c["share_index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(verified, [2, 3]);
+    assert!(
+        custody
+            .iter()
+            .any(|c| c["operation"] == "Init" && c["outcome"] == "OK")
+    );
+    let table = server.kms_as(Some(&server.auditor), &["audit", "report"], "");
+    assert!(table.stdout.contains("Custodians' ceremonies"), "{table:?}");
+    assert!(
+        table
+            .stdout
+            .lines()
+            .any(|l| l.starts_with(&format!("{set}  2")) && l.contains("VerifyShare")),
+        "{}",
+        table.stdout
+    );
+
     // Failures count against the unseal limit (six a minute here, per address): three
     // above, three more, then even a good share is refused for now.
     for _ in 0..3 {

@@ -86,6 +86,7 @@ struct Sections {
     refused: Vec<Vec<String>>,
     unused: Vec<Vec<String>>,
     below: Vec<Vec<String>>,
+    custody: Vec<Vec<String>>,
 }
 
 const KEYS_HEADER: [&str; 7] = [
@@ -118,6 +119,25 @@ const REFUSED_HEADER: [&str; 7] = [
 ];
 const UNUSED_HEADER: [&str; 3] = ["KEY", "VERSION", "STATE"];
 const BELOW_HEADER: [&str; 4] = ["KEY", "VERSION", "STATE", "DECRYPTIONS"];
+const CUSTODY_HEADER: [&str; 9] = [
+    "SHARE SET",
+    "SHARE",
+    "PRINCIPAL",
+    "OPERATION",
+    "STEP",
+    "OUTCOME",
+    "COUNT",
+    "FIRST",
+    "LAST",
+];
+
+fn dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".to_owned()
+    } else {
+        s.to_owned()
+    }
+}
 
 fn sections(r: &UsageReport) -> Sections {
     let refs = |list: &[VersionRef], count: bool| -> Vec<Vec<String>> {
@@ -180,28 +200,48 @@ fn sections(r: &UsageReport) -> Sections {
             .collect(),
         unused: refs(&r.unused, false),
         below: refs(&r.decrypt_below_primary, true),
+        custody: r
+            .custody
+            .iter()
+            .map(|c| {
+                vec![
+                    dash(&c.share_set),
+                    c.share_index
+                        .map_or_else(|| "-".to_owned(), |i| i.to_string()),
+                    c.principal.clone(),
+                    c.operation.clone(),
+                    dash(&c.step),
+                    c.outcome.clone(),
+                    c.span.count.to_string(),
+                    rfc3339(c.span.first_ms),
+                    rfc3339(c.span.last_ms),
+                ]
+            })
+            .collect(),
     }
 }
 
 /// The section titles, in order, as the table and the HTML show them.
-const TITLES: [&str; 5] = [
+const TITLES: [&str; 6] = [
     "Per key",
     "Calls per key, version, principal, operation and outcome",
     "Refused calls, by principal",
     "Versions with no successful use in the period",
     "Versions below the primary still decrypting (re-encrypt their data before destroying them)",
+    "Custodians' ceremonies (init, rekey, verify-share), by share set and share",
 ];
 
 /// The report as aligned text.
 pub fn table(r: &UsageReport) -> String {
     let s = sections(r);
     let mut out = format!("Key usage, {} ({} records)\n", period(r), r.records);
-    let parts: [(&[&str], &Vec<Vec<String>>); 5] = [
+    let parts: [(&[&str], &Vec<Vec<String>>); 6] = [
         (&KEYS_HEADER, &s.keys),
         (&USAGE_HEADER, &s.usage),
         (&REFUSED_HEADER, &s.refused),
         (&UNUSED_HEADER, &s.unused),
         (&BELOW_HEADER, &s.below),
+        (&CUSTODY_HEADER, &s.custody),
     ];
     for (title, (header, rows)) in TITLES.iter().zip(parts) {
         out.push_str(&format!("\n{title}\n"));
@@ -228,6 +268,9 @@ const CSV_HEADER: &[&str] = &[
     "state",
     "first",
     "last",
+    "share_set",
+    "share_index",
+    "step",
 ];
 
 /// The report's CSV rows: every row of every section, its section in the first column and
@@ -300,6 +343,23 @@ fn csv_rows(r: &UsageReport) -> Vec<Vec<String>> {
             ]));
         }
     }
+    for c in &r.custody {
+        rows.push(row(&[
+            ("section", "custody".into()),
+            ("share_set", c.share_set.clone()),
+            (
+                "share_index",
+                c.share_index.map(|i| i.to_string()).unwrap_or_default(),
+            ),
+            ("principal", c.principal.clone()),
+            ("operation", c.operation.clone()),
+            ("step", c.step.clone()),
+            ("outcome", c.outcome.clone()),
+            ("count", c.span.count.to_string()),
+            ("first", rfc3339(c.span.first_ms)),
+            ("last", rfc3339(c.span.last_ms)),
+        ]));
+    }
     rows
 }
 
@@ -339,6 +399,7 @@ pub fn html(r: &UsageReport, generated_ms: u64) -> String {
             ("refused", html_rows(&s.refused, &[4])),
             ("unused", html_rows(&s.unused, &[])),
             ("below", html_rows(&s.below, &[3])),
+            ("custody", html_rows(&s.custody, &[6])),
         ],
     )
 }
@@ -587,10 +648,10 @@ fn fill(template: &str, values: &[(&str, String)]) -> String {
 }
 
 #[cfg(test)]
-#[allow(clippy::indexing_slicing)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use kms::audit::report::{KeySummary, RefusedRow, Span, UsageRow};
+    use kms::audit::report::{CustodyRow, KeySummary, RefusedRow, Span, UsageRow};
 
     fn report() -> UsageReport {
         let span = Span {
@@ -645,6 +706,15 @@ mod tests {
                     refused: 1,
                 },
             ],
+            custody: vec![CustodyRow {
+                share_set: "0011223344556677".into(),
+                share_index: Some(4),
+                principal: "custodian-<b>".into(),
+                operation: "VerifyShare".into(),
+                step: String::new(),
+                outcome: "OK".into(),
+                span: Span { count: 1, ..span },
+            }],
         }
     }
 
@@ -667,10 +737,20 @@ mod tests {
         assert!(t.contains("spiffe://corp/app"), "{t}");
         assert!(t.contains("Refused calls, by principal"), "{t}");
         let csv = csv_rows(&r);
-        assert_eq!(csv.len(), 3, "{csv:?}");
+        assert_eq!(csv.len(), 4, "{csv:?}");
         assert_eq!(csv[1][0], "usage");
         assert_eq!(csv[1][3], "spiffe://corp/app");
         assert_eq!(csv[2][0], "refused");
+        let custody = &csv[3];
+        let col = |name: &str| CSV_HEADER.iter().position(|c| *c == name).unwrap();
+        assert_eq!(custody[0], "custody");
+        assert_eq!(custody[col("share_set")], "0011223344556677");
+        assert_eq!(custody[col("share_index")], "4");
+        assert_eq!(custody[col("operation")], "VerifyShare");
+        assert!(t.contains("Custodians' ceremonies"), "{t}");
+        assert!(t.contains("0011223344556677  4"), "{t}");
+        let page = html(&r, 0);
+        assert!(page.contains("<td>custodian-&lt;b&gt;</td>"), "{page}");
         let (svg, legend) = chart(&r);
         assert_eq!(svg.matches("data-ok=").count(), 2, "{svg}");
         assert_eq!(svg.matches("data-refused=\"1\"").count(), 1, "{svg}");

@@ -274,6 +274,29 @@ pub struct UsageReport {
     /// Uses and refusals per key per bucket, every bucket of the period present (zeros
     /// included) for the keys shown.
     pub timeline: Vec<Bucket>,
+    /// The custodians' ceremonies: per share set, share, principal, operation, step and
+    /// outcome. (Absent from reports of servers before it.)
+    #[serde(default)]
+    pub custody: Vec<CustodyRow>,
+}
+
+/// Ceremony calls of one share set, share, principal, operation, step and outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustodyRow {
+    /// The share set the share belonged to (or the server's, when none was given).
+    pub share_set: String,
+    /// The share's index, if a share was given and read.
+    pub share_index: Option<u8>,
+    /// Who.
+    pub principal: String,
+    /// e.g. `VerifyShare`.
+    pub operation: String,
+    /// A rekey's step, empty otherwise.
+    pub step: String,
+    /// `OK` or the gRPC code name.
+    pub outcome: String,
+    /// How many, first and last.
+    pub span: Span,
 }
 
 /// A key as the report needs it: its versions' states and its primary.
@@ -315,6 +338,8 @@ const ADMIN: &[&str] = &[
 type RowKey = (String, Option<u32>, String, String, String);
 /// (principal, operation, key, outcome).
 type RefusedKey = (String, String, Option<String>, String);
+/// (share set, share index, principal, operation, step, outcome).
+type CustodyKey = (String, Option<u8>, String, String, String, String);
 
 /// Builds a [`UsageReport`] from the records of a period, one at a time.
 pub(crate) struct UsageBuilder {
@@ -322,6 +347,7 @@ pub(crate) struct UsageBuilder {
     records: u64,
     rows: BTreeMap<RowKey, Span>,
     refused: BTreeMap<RefusedKey, Span>,
+    custody: BTreeMap<CustodyKey, Span>,
     /// (time, key, successful uses, refusals).
     events: Vec<(u64, String, u64, u64)>,
 }
@@ -334,6 +360,7 @@ impl UsageBuilder {
             records: 0,
             rows: BTreeMap::new(),
             refused: BTreeMap::new(),
+            custody: BTreeMap::new(),
             events: Vec::new(),
         }
     }
@@ -366,6 +393,19 @@ impl UsageBuilder {
         }
         self.records += 1;
         let t = e.time_ms;
+        if let Some(c) = &e.ceremony {
+            self.custody
+                .entry((
+                    c.share_set.clone(),
+                    c.share_index,
+                    e.principal.clone(),
+                    e.operation.clone(),
+                    c.step.clone(),
+                    e.outcome.clone(),
+                ))
+                .or_default()
+                .add(1, t);
+        }
         if REFUSALS.contains(&e.outcome.as_str()) {
             self.refused
                 .entry((
@@ -464,6 +504,23 @@ impl UsageBuilder {
             decrypt_below_primary: below,
             bucket_ms,
             timeline,
+            custody: self
+                .custody
+                .into_iter()
+                .map(
+                    |((share_set, share_index, principal, operation, step, outcome), span)| {
+                        CustodyRow {
+                            share_set,
+                            share_index,
+                            principal,
+                            operation,
+                            step,
+                            outcome,
+                            span,
+                        }
+                    },
+                )
+                .collect(),
         }
     }
 

@@ -76,6 +76,7 @@ fn report_parts(
     let unused = std::mem::take(&mut full.unused);
     let below = std::mem::take(&mut full.decrypt_below_primary);
     let timeline = std::mem::take(&mut full.timeline);
+    let custody = std::mem::take(&mut full.custody);
     let mut parts = Vec::new();
     let mut size = full.encoded_len();
     let mut current = full;
@@ -112,6 +113,10 @@ fn report_parts(
     for b in timeline {
         room(&mut current, &mut size, b.encoded_len());
         current.timeline.push(b);
+    }
+    for c in custody {
+        room(&mut current, &mut size, c.encoded_len());
+        current.custody.push(c);
     }
     parts.push(current);
     parts
