@@ -612,3 +612,72 @@ async fn c_version_two(kb: &mut softhsm_tests::KeysClient) -> Vec<u8> {
     assert_eq!(r.key_version, 2);
     r.ciphertext
 }
+
+/// A rekey on one server is in force on every server sharing the store: the pending share
+/// set and the commit are followed, and the retired shares are refused everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rekey_on_one_server_holds_on_every_server() {
+    let pg = TestPostgres::start();
+    let hsm = TestHsm::new("kms-ha-rekey");
+    let config = hsm.config_full("kms.toml", &hsm.hsm_table(), &pg.storage_table());
+    let (a, old) = start_unsealed(&hsm, &config);
+    let b = hsm.try_start(&config, &[]).unwrap();
+    b.unseal_with(&old);
+    let rekey = |s: &softhsm_tests::Server| {
+        s.kms(&["operator", "rekey", "status", "--json"], "").json()["rekey"].clone()
+    };
+    let out = a.kms(
+        &[
+            "operator",
+            "rekey",
+            "init",
+            "--shares",
+            "2",
+            "--threshold",
+            "2",
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let out = a.custodian(
+        &["operator", "rekey", "submit", "--json"],
+        &format!("{}\n{}\n", old[0], old[2]),
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let made: serde_json::Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
+    let new: Vec<String> = made["shares"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect();
+    let new_set = made["rekey"]["new_share_set_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // B sees the pending share set (its verification may go on there).
+    within(Duration::from_secs(5), || async {
+        (rekey(&b)["phase"] == "verifying").then_some(())
+    })
+    .await;
+    let out = b.custodian(
+        &["operator", "rekey", "submit", "--json"],
+        &format!("{}\n{}\n", new[1], new[0]),
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    // A follows the commit: the new set is in force there too.
+    within(Duration::from_secs(5), || async {
+        let st = a.kms(&["operator", "status", "--json"], "").json();
+        (st["share_set_id"] == new_set.as_str()).then_some(())
+    })
+    .await;
+    assert_eq!(rekey(&a), serde_json::Value::Null);
+    assert_eq!(a.kms(&["operator", "seal"], "").code, Some(0));
+    let out = a.custodian(&["operator", "unseal"], &format!("{}\n", old[1]));
+    assert!(out.stderr.contains("which a rekey retired"), "{out:?}");
+    let out = a.custodian(
+        &["operator", "unseal"],
+        &format!("{}\n{}\n", new[0], new[1]),
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+}
