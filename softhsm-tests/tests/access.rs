@@ -63,6 +63,7 @@ const RPCS: &[&str] = &[
     "System/RekeySubmit",
     "System/RekeyCancel",
     "System/VerifyShare",
+    "System/RotateMasterKey",
     // Last: it seals the server.
     "System/Seal",
 ];
@@ -127,6 +128,10 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
             .await
             .map(drop),
         "System/RekeyCancel" => sys.rekey_cancel(pb::RekeyCancelRequest {}).await.map(drop),
+        "System/RotateMasterKey" => sys
+            .rotate_master_key(pb::RotateMasterKeyRequest::default())
+            .await
+            .map(drop),
         "System/VerifyShare" => sys
             .verify_share(pb::VerifyShareRequest {
                 share: "kms1-NOTASHARE".into(),

@@ -426,15 +426,12 @@ fn the_master_key_deleted_from_the_token_stops_start_up() {
     let mut server = hsm.start();
     init(&server, 2, 2);
     server.terminate();
-    // Point the config at another label: as if the key were gone.
-    let config = hsm.config_with(
-        "other-label.toml",
-        &format!("{}master_key_label = \"gone\"\n", hsm.hsm_table()),
-    );
-    let (status, stderr) = hsm.start_failure(&config, &[]);
+    let out = hsm.tool(&["destroy"], &["kms-master-key"]);
+    assert!(out.status.success(), "{out:?}");
+    let (status, stderr) = hsm.start_failure(&hsm.config(), &[]);
     assert!(!status.success());
     assert!(
-        stderr.contains("no master key labelled \"gone\""),
+        stderr.contains("no master key labelled \"kms-master-key\""),
         "{stderr}"
     );
 }

@@ -772,3 +772,135 @@ fn with_the_pin_in_the_shares_a_rekey_carries_the_pin_into_the_new_shares() {
     let logs = hsm.logs();
     assert!(!logs.contains(hsm.pin.as_str()));
 }
+
+fn master_keys(hsm: &TestHsm, label: &str) -> usize {
+    let out = hsm.tool(&["list"], &[label]);
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| *l == label)
+        .count()
+}
+
+#[test]
+fn master_key_rotation_keeps_shares_and_ciphertexts_across_a_restart() {
+    let hsm = TestHsm::new("kms-rotate-master");
+    let mut server = hsm.start();
+    let out = server.init(3, 2, "");
+    let shares = out.shares();
+    assert_eq!(unseal(&server, &[&shares[0], &shares[1]]).code, Some(0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (soft, hard) = rt.block_on(async {
+        server
+            .create_aes_key("ledger", ProtectionLevel::Software)
+            .await;
+        server.create_aes_key("vault", ProtectionLevel::Hsm).await;
+        let mut keys = server.keys().await;
+        (
+            encrypt_ctx(&mut keys, "ledger", b"software").await.unwrap(),
+            encrypt_ctx(&mut keys, "vault", b"in the token")
+                .await
+                .unwrap(),
+        )
+    });
+    assert_eq!(master_keys(&hsm, "kms-master-key"), 1);
+    let before = hsm.inspect_key("kms-master-key");
+
+    // Generated in the token: one master key again afterwards, a new one, as safe.
+    let out = server.custodian(&["operator", "rotate-master-key"], "");
+    assert!(out.stderr.contains("PERMISSION_DENIED"), "{out:?}");
+    let out = server.kms(&["operator", "rotate-master-key"], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("was destroyed"), "{out:?}");
+    assert_eq!(master_keys(&hsm, "kms-master-key"), 1);
+    let after = hsm.inspect_key("kms-master-key");
+    for attr in ["sensitive", "never_extractable", "always_sensitive"] {
+        assert_eq!(after[attr], true, "{attr}: {after}");
+    }
+    assert_eq!(after["extractable"], false);
+    assert_eq!(before["extractable"], false);
+
+    // Sealed: refused (the custodians must have unsealed for a rotation).
+    assert_eq!(server.kms(&["operator", "seal"], "").code, Some(0));
+    let out = server.kms(&["operator", "rotate-master-key"], "");
+    assert!(out.stderr.contains("FAILED_PRECONDITION"), "{out:?}");
+    assert_eq!(unseal(&server, &[&shares[2], &shares[1]]).code, Some(0));
+
+    // Adopting a key made elsewhere: a missing, an unsafe, then a good one.
+    let out = server.kms(
+        &["operator", "rotate-master-key", "--adopt-label", "nowhere"],
+        "",
+    );
+    assert!(
+        out.stderr.contains("no master key labelled \"nowhere\""),
+        "{out:?}"
+    );
+    assert!(hsm.tool(&["weak-key"], &["weak-master"]).status.success());
+    let out = server.kms(
+        &[
+            "operator",
+            "rotate-master-key",
+            "--adopt-label",
+            "weak-master",
+        ],
+        "",
+    );
+    assert!(out.stderr.contains("extractable"), "{out:?}");
+    let out = server.kms(
+        &[
+            "operator",
+            "rotate-master-key",
+            "--adopt-label",
+            "bad\nlabel",
+        ],
+        "",
+    );
+    assert!(out.stderr.contains("INVALID_ARGUMENT"), "{out:?}");
+    assert!(
+        hsm.tool(&["loose-key"], &["replacement-master", ""])
+            .status
+            .success()
+    );
+    let out = server.kms(
+        &[
+            "operator",
+            "rotate-master-key",
+            "--adopt-label",
+            "replacement-master",
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(master_keys(&hsm, "kms-master-key"), 0);
+    assert_eq!(master_keys(&hsm, "replacement-master"), 1);
+
+    // kill -9, restart (the configuration still names the old label: the record's key is
+    // used), the same shares unseal, every ciphertext decrypts.
+    server.kill9();
+    let server = hsm.start();
+    assert_eq!(unseal(&server, &[&shares[0], &shares[2]]).code, Some(0));
+    rt.block_on(async {
+        let mut keys = server.keys().await;
+        assert_eq!(
+            decrypt_ctx(&mut keys, "ledger", &soft).await.unwrap(),
+            b"software"
+        );
+        assert_eq!(
+            decrypt_ctx(&mut keys, "vault", &hard).await.unwrap(),
+            b"in the token"
+        );
+    });
+    let records = audit_records(&server, hsm.path());
+    let rotations: Vec<_> = records
+        .iter()
+        .filter(|r| r["event"]["operation"] == "RotateMasterKey" && r["event"]["outcome"] == "OK")
+        .collect();
+    assert_eq!(rotations.len(), 2);
+    assert!(
+        rotations[1]["event"]["ceremony"]["master_key"]
+            .as_str()
+            .unwrap()
+            .starts_with("replacement-master/")
+    );
+}

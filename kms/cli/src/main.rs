@@ -168,6 +168,14 @@ enum OperatorCommand {
         #[command(subcommand)]
         command: ceremony::RekeyCommand,
     },
+    /// Move the root key's HSM wrapping to a new master key (admin, unsealed): generated in
+    /// the token, or an existing key adopted by label. The shares stay valid; the old key is
+    /// destroyed.
+    RotateMasterKey {
+        /// Adopt this existing token key (made by the HSM's administrators) instead.
+        #[arg(long, value_name = "LABEL")]
+        adopt_label: Option<String>,
+    },
     /// Prove your share is intact and current, without unsealing (hidden prompt, or one
     /// share per line on standard input). Audited; failures count against the unseal limit.
     VerifyShare,
@@ -384,6 +392,30 @@ async fn operator(conn: Conn, command: OperatorCommand) -> Result<ExitCode, BoxE
         }
         OperatorCommand::Rekey { command } => ceremony::rekey(client, command).await,
         OperatorCommand::VerifyShare => ceremony::verify_share(client).await,
+        OperatorCommand::RotateMasterKey { adopt_label } => {
+            let r = client
+                .rotate_master_key(pb::RotateMasterKeyRequest {
+                    adopt_label: adopt_label.unwrap_or_default(),
+                })
+                .answer()
+                .await?;
+            println!(
+                "Master key rotated: the root key is wrapped under {} (id {}).",
+                r.master_key_label, r.master_key_id
+            );
+            if r.previous_destroyed {
+                println!(
+                    "The previous master key {} (id {}) was destroyed.",
+                    r.previous_master_key_label, r.previous_master_key_id
+                );
+            } else {
+                println!(
+                    "The previous master key {} (id {}) could not be destroyed now: the server destroys it at its next start.",
+                    r.previous_master_key_label, r.previous_master_key_id
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         OperatorCommand::Unseal { reset: true, .. } => {
             let s = client
                 .unseal(pb::UnsealRequest {

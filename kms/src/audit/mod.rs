@@ -133,6 +133,9 @@ pub struct CeremonySummary {
     /// The age recipients the new shares were sealed to, in share order (public keys).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recipients: Vec<String>,
+    /// A master key rotation's new key: `label/CKA_ID (hex)`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub master_key: String,
 }
 
 /// Records archived to a segment file and removed from the store, named in the record of

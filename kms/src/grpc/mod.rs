@@ -108,7 +108,8 @@ fn seal_code(e: &SealError) -> Code {
         | SealError::NoRekey
         | SealError::RekeyInProgress(_)
         | SealError::RecordChanged
-        | SealError::NoCommitments => Code::FailedPrecondition,
+        | SealError::NoCommitments
+        | SealError::SameMasterKey => Code::FailedPrecondition,
         SealError::BadParameters(_)
         | SealError::MalformedShare(_)
         | SealError::WrongShareSet { .. }
@@ -122,7 +123,8 @@ fn seal_code(e: &SealError) -> Code {
         | SealError::RetiredShareSet { .. }
         | SealError::NotNewShare { .. }
         | SealError::RecipientCount { .. }
-        | SealError::BadRecipient { .. } => Code::InvalidArgument,
+        | SealError::BadRecipient { .. }
+        | SealError::BadLabel => Code::InvalidArgument,
         SealError::RootKeyUnwrap | SealError::CorruptRecord => Code::DataLoss,
         SealError::Keyring(k) => keyring_code(k),
         SealError::Hsm(_)

@@ -309,6 +309,31 @@ impl pb::system_server::System for SystemService {
         .await
     }
 
+    async fn rotate_master_key(
+        &self,
+        request: Request<pb::RotateMasterKeyRequest>,
+    ) -> Result<Response<pb::RotateMasterKeyResponse>, Status> {
+        let call = self.call(&request, "RotateMasterKey");
+        let adopt = request.into_inner().adopt_label;
+        let seal = Arc::clone(&self.ctx.seal);
+        run(call, move |c| {
+            let commit = |summary, writes| {
+                c.commit(None, 0, None, Some(summary), writes)
+                    .map_err(|_| SealError::AuditUnavailable)
+            };
+            let adopt = Some(adopt.as_str()).filter(|a| !a.is_empty());
+            let r = seal.rotate_master_key(adopt, &commit)?;
+            Ok(Served::new(pb::RotateMasterKeyResponse {
+                master_key_label: r.label,
+                master_key_id: r.id,
+                previous_master_key_label: r.previous_label,
+                previous_master_key_id: r.previous_id,
+                previous_destroyed: r.previous_destroyed,
+            }))
+        })
+        .await
+    }
+
     /// Seals. The one call whose effect stands even when its record cannot be written:
     /// sealing only takes capability away, and an operator must be able to stop a server
     /// whose audit log is failing. The answer is then `UNAVAILABLE`, but the server is

@@ -280,15 +280,29 @@ impl Hsm {
         result
     }
 
-    /// Finds the master key by label.
+    /// Finds the master key by the configured label.
     pub(crate) fn find_master_key(&self) -> Result<KeyHandle, HsmError> {
-        let label = self.master_key_label.clone();
+        self.find_master_key_by(&self.master_key_label, None)
+    }
+
+    /// Finds a master key by label and, when given, CKA_ID (a rotation leaves two keys
+    /// with one label for a moment: the id tells them apart). Exactly one must answer.
+    pub(crate) fn find_master_key_by(
+        &self,
+        label: &str,
+        id: Option<&[u8]>,
+    ) -> Result<KeyHandle, HsmError> {
+        let label = label.to_owned();
+        let mut template = vec![
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(label.clone().into_bytes()),
+        ];
+        if let Some(id) = id {
+            template.push(Attribute::Id(id.to_vec()));
+        }
         self.with_session("find", |s| {
             let found = s
-                .find_objects(&[
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::Label(label.clone().into_bytes()),
-                ])
+                .find_objects(&template)
                 .map_err(pk("find the master key"))?;
             match found.as_slice() {
                 [one] => Ok(KeyHandle(*one)),
@@ -315,11 +329,32 @@ impl Hsm {
     /// never extractable, encrypt/decrypt only, every usage flag explicit.
     fn generate_master_key(&self) -> Result<KeyHandle, HsmError> {
         let label = self.master_key_label.clone();
+        self.generate_master_key_labelled(&label)
+    }
+
+    /// A new master key labelled `label`, with a fresh random CKA_ID.
+    pub(crate) fn generate_master_key_labelled(&self, label: &str) -> Result<KeyHandle, HsmError> {
         let mut id = [0u8; 16];
         getrandom::fill(&mut id)
             .map_err(|_| HsmError::Misuse("operating system random source failed"))?;
-        self.generate_key(HsmKeyKind::Aes256, &label, &id)
+        self.generate_key(HsmKeyKind::Aes256, label, &id)
             .map(|(key, _)| key)
+    }
+
+    /// A key object's CKA_ID (empty when it has none).
+    pub(crate) fn key_id(&self, key: KeyHandle) -> Result<Vec<u8>, HsmError> {
+        self.with_session("attributes", |s| {
+            let attrs = s
+                .get_attributes(key.0, &[AttributeType::Id])
+                .map_err(pk("read a key's id"))?;
+            Ok(attrs
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::Id(id) => Some(id),
+                    _ => None,
+                })
+                .unwrap_or_default())
+        })
     }
 
     /// Encrypts `plaintext` with AES-256-GCM under an AES key of the token, inside the HSM,

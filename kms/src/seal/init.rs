@@ -70,7 +70,7 @@ impl SealManager {
         commit: &InitCommit<'_>,
     ) -> Result<InitOutput, SealError> {
         let master_key = self.hsm.find_or_generate_master_key()?;
-        check_master_key(&self.hsm, master_key)?;
+        check_master_key(&self.hsm, master_key, self.hsm.master_key_label())?;
         self.init_records(inner, master_key, n, t, pin, recipients, commit)
     }
 
@@ -185,6 +185,10 @@ impl SealManager {
                 .collect(),
             pending_rekey: None,
             retired_share_sets: Vec::new(),
+            master_key_id: Some(self.hsm.key_id(master_key)?)
+                .filter(|id| !id.is_empty())
+                .map(|id| data_encoding::HEXLOWER.encode(&id)),
+            retired_master_keys: Vec::new(),
         };
         // Prove the round trip through the HSM before anything is stored, so a broken HSM
         // set-up fails init instead of leaving an unrecoverable store.

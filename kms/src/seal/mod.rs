@@ -43,10 +43,12 @@ use crate::store::{Store, StoreError, Table, Write};
 mod init;
 mod recipients;
 mod rekey;
+mod rotate;
 mod unseal;
 mod wrap;
 
 pub use rekey::{RekeyStep, VerifiedShare};
+pub use rotate::MasterKeyRotation;
 use wrap::{key_check, random_key, random_nonce, to_key, unwrap_root, wrap_root};
 
 /// The store key of the seal record.
@@ -177,6 +179,12 @@ pub enum SealError {
         "the unseal attempt named by the nonce is not the one in progress (it was reset or completed)"
     )]
     AttemptMismatch,
+    /// A label to adopt that is empty, too long, or holds control characters.
+    #[error("a master key label is 1..=128 bytes without control characters")]
+    BadLabel,
+    /// A rotation was asked to adopt the master key in force.
+    #[error("the key to adopt is the master key in force already")]
+    SameMasterKey,
     /// The shares recombine to a key that is not this server's unseal key.
     #[error(
         "the shares do not recombine to this server's unseal key: at least one share is wrong; unseal progress was reset"
@@ -296,6 +304,27 @@ pub(crate) struct SealRecord {
     /// The share sets rekeys replaced, oldest first (their shares are refused by name).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retired_share_sets: Vec<RetiredShareSet>,
+    /// The master key's CKA_ID (hex): with `master_key_label` it names the one key that
+    /// wraps the root key. Absent in records made before it (then the configured label
+    /// alone names it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master_key_id: Option<String>,
+    /// Master keys that rotations replaced: destroyed after the commit, and again at start
+    /// if a crash came between.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired_master_keys: Vec<RetiredMasterKey>,
+}
+
+/// A master key a rotation replaced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RetiredMasterKey {
+    /// Its label.
+    pub label: String,
+    /// Its CKA_ID (hex).
+    pub id: String,
+    /// Unix time of the rotation's commit, seconds.
+    pub retired_at: u64,
 }
 
 /// A rekey's new share set, pending verification: what replaces the current one's fields at
@@ -583,7 +612,17 @@ impl SealManager {
             return Ok(());
         };
         if !matches!(inner.state, State::Uninitialized) {
+            let rotated = inner.record.as_ref().is_some_and(|r| {
+                (&r.master_key_label, &r.master_key_id)
+                    != (&record.master_key_label, &record.master_key_id)
+            });
             take_up(&mut inner, record);
+            if rotated && inner.master_key.is_some() {
+                // Another server rotated the master key: this one's handle names the old,
+                // destroyed key.
+                let record = inner.record.as_ref().ok_or(SealError::NotInitialized)?;
+                inner.master_key = Some(find_recorded_master_key(&self.hsm, record)?);
+            }
             return Ok(());
         }
         let (state, master_key) = sealed_state(&self.hsm, &self.audit, Some(&record))?;
@@ -744,8 +783,9 @@ fn sealed_state(
         // Not logged in yet: the master key is found at unseal.
         Some(_) if hsm.pin_in_shares() => (State::Sealed(None), None),
         Some(r) => {
-            let key = hsm.find_master_key()?;
-            check_master_key(hsm, key)?;
+            let key = find_recorded_master_key(hsm, r)?;
+            rotate::destroy_retired(hsm, r);
+            check_master_key(hsm, key, &r.master_key_label)?;
             audit.signer().set(Some(find_audit_key(hsm, r)?));
             (State::Sealed(None), Some(key))
         }
@@ -789,13 +829,32 @@ fn find_audit_key(hsm: &Hsm, record: &SealRecord) -> Result<(KeyHandle, Vec<u8>)
     Ok((key, public))
 }
 
-fn check_master_key(hsm: &Hsm, key: KeyHandle) -> Result<(), SealError> {
+/// The master key the seal record names: by its label and CKA_ID when the record has one
+/// (made by init or a rotation since ids were recorded), else by the configured label.
+fn find_recorded_master_key(hsm: &Hsm, record: &SealRecord) -> Result<KeyHandle, SealError> {
+    let Some(id) = &record.master_key_id else {
+        return Ok(hsm.find_master_key()?);
+    };
+    let id = data_encoding::HEXLOWER
+        .decode(id.as_bytes())
+        .map_err(|_| SealError::CorruptRecord)?;
+    if record.master_key_label != hsm.master_key_label() {
+        tracing::warn!(
+            configured = hsm.master_key_label(),
+            recorded = %record.master_key_label,
+            "the configuration names another master key label than the seal record (a rotation adopted a key): using the record's"
+        );
+    }
+    Ok(hsm.find_master_key_by(&record.master_key_label, Some(&id))?)
+}
+
+fn check_master_key(hsm: &Hsm, key: KeyHandle, label: &str) -> Result<(), SealError> {
     let problems = hsm.master_key_attributes(key)?.problems();
     if problems.is_empty() {
         Ok(())
     } else {
         Err(SealError::UnsafeMasterKey {
-            label: hsm.master_key_label().to_owned(),
+            label: label.to_owned(),
             problems: problems.join(", "),
         })
     }

@@ -100,7 +100,7 @@ impl SealRecord {
     }
 }
 
-fn record_write(record: &SealRecord) -> Result<Write, SealError> {
+pub(super) fn record_write(record: &SealRecord) -> Result<Write, SealError> {
     Ok(Write {
         table: Table::System,
         key: SEAL_RECORD_KEY.to_owned(),
@@ -184,7 +184,7 @@ impl SealManager {
 
     /// Refuses a commit if the stored record is no longer `ours` (a server sharing the
     /// store committed a rekey step meanwhile). Called under the store's change lock.
-    fn check_unchanged(&self, ours: &SealRecord) -> Result<(), SealError> {
+    pub(super) fn check_unchanged(&self, ours: &SealRecord) -> Result<(), SealError> {
         if !self.store.shared() {
             return Ok(());
         }
@@ -243,7 +243,7 @@ impl SealManager {
         let (unseal_key, pin) = check_quorum(&record, &secret)?;
         let (master_key, logged_in_here) = match inner.master_key {
             Some(k) => (k, false),
-            None => (self.login_from_shares(pin)?, true),
+            None => (self.login_from_shares(&record, pin)?, true),
         };
         let made = self.make_pending(&record, &attempt, master_key, &unseal_key, pin, commit);
         if logged_in_here {

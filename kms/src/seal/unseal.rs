@@ -49,7 +49,7 @@ impl SealManager {
         let (unseal_key, pin_part) = check_quorum(record, &secret)?;
         let master_key = match inner.master_key {
             Some(k) => k,
-            None => self.login_from_shares(pin_part)?,
+            None => self.login_from_shares(record, pin_part)?,
         };
         let keyring = match self.open_keyring(master_key, record, &unseal_key) {
             Ok(k) => k,
@@ -102,20 +102,20 @@ impl SealManager {
 
     /// Logs in with the PIN recombined from the shares and finds the master key; logs out
     /// again if anything fails.
-    pub(super) fn login_from_shares(&self, pin: &[u8]) -> Result<KeyHandle, SealError> {
+    pub(super) fn login_from_shares(
+        &self,
+        record: &SealRecord,
+        pin: &[u8],
+    ) -> Result<KeyHandle, SealError> {
         let pin = SecretString::from(std::str::from_utf8(pin).map_err(|_| SealError::WrongQuorum)?);
         self.hsm.login(&pin).map_err(|e| match e {
             HsmError::Login { reason, .. } => SealError::SharesPinRejected(reason),
             other => SealError::Hsm(other),
         })?;
-        let found = self
-            .hsm
-            .find_master_key()
-            .map_err(SealError::from)
-            .and_then(|k| {
-                check_master_key(&self.hsm, k)?;
-                Ok(k)
-            });
+        let found = find_recorded_master_key(&self.hsm, record).and_then(|k| {
+            check_master_key(&self.hsm, k, &record.master_key_label)?;
+            Ok(k)
+        });
         if found.is_err() {
             let _ = self.hsm.logout();
         }

@@ -10,6 +10,7 @@
 //! hsm-tool list MODULE LABEL PIN_FILE PREFIX    print those labels, one a line
 //! hsm-tool orphan MODULE LABEL PIN_FILE KEY     make a sensitive AES key labelled KEY (no id),
 //!                                               as a crash before a commit would leave
+//! hsm-tool destroy MODULE LABEL PIN_FILE KEY   destroy every secret key labelled KEY
 //! hsm-tool loose-key MODULE LABEL PIN_FILE KEY WEAKNESS
 //!                                               make a sensitive, never extractable AES key
 //!                                               with one WEAKNESS: derive, wrap, public
@@ -62,6 +63,17 @@ fn main() {
             .set_pin(&pin, &SecretString::from(arg.to_owned()))
             .unwrap(),
         "weak-key" => weak_key(&session, arg),
+        "destroy" => {
+            let found = session
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::Label(arg.as_bytes().to_vec()),
+                ])
+                .unwrap();
+            for h in found {
+                session.destroy_object(h).unwrap();
+            }
+        }
         "inspect" => println!("{}", inspect(&session, arg)),
         other => panic!("unknown command {other:?}"),
     }
@@ -82,6 +94,7 @@ fn loose_key(session: &Session, label: &str, weakness: &str) {
                 Attribute::Private(weakness != "public"),
                 Attribute::Sensitive(true),
                 Attribute::Extractable(false),
+                Attribute::Copyable(false),
                 Attribute::Encrypt(true),
                 Attribute::Decrypt(true),
                 Attribute::Derive(weakness == "derive"),
