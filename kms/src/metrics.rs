@@ -86,6 +86,8 @@ pub(crate) struct Metrics {
     pub(crate) hsm_sessions_in_use: Gauge,
     /// PKCS#11 sessions in the pool (`[hsm] sessions`).
     pub(crate) hsm_sessions: Gauge,
+    /// 1 while the HSM answers, 0 from a session or handle failure until it recovers.
+    pub(crate) hsm_available: Gauge,
     sealed: Gauge,
     keys: Gauge,
 }
@@ -183,6 +185,13 @@ impl Metrics {
             "PKCS#11 sessions in the pool ([hsm] sessions)",
             hsm_sessions.clone(),
         );
+        let hsm_available = Gauge::default();
+        hsm_available.set(1);
+        registry.register(
+            "hsm_available",
+            "1 while the HSM answers, 0 from a session or handle failure until kms has recovered (reopened its sessions, logged in, found its keys again)",
+            hsm_available.clone(),
+        );
         let sealed = Gauge::default();
         registry.register(
             "sealed",
@@ -210,6 +219,7 @@ impl Metrics {
             hsm_errors,
             hsm_sessions_in_use,
             hsm_sessions,
+            hsm_available,
             sealed,
             keys,
         }

@@ -357,6 +357,7 @@ impl Background {
             tokio::spawn(maintain(Arc::clone(seal), opened.maintenance_interval)),
             tokio::spawn(record_probes(Arc::clone(gate))),
             tokio::spawn(report_health(health.clone(), seal.watch_unsealed())),
+            tokio::spawn(report_hsm(health.clone(), Arc::clone(seal))),
             tokio::spawn(keep_storage(
                 opened.audit.clone(),
                 opened.retention.clone(),
@@ -531,6 +532,31 @@ async fn report_health(
         if unsealed.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// The health service's name for the HSM: `SERVING` while it answers.
+pub const HSM_HEALTH: &str = "kms.hsm";
+
+/// Keeps [`HSM_HEALTH`] true, and while the HSM is unavailable tries to recover it every
+/// second (so its return is seen without waiting for a call that needs it).
+async fn report_hsm(health: tonic_health::server::HealthReporter, seal: Arc<SealManager>) {
+    use tonic_health::ServingStatus::{NotServing, Serving};
+    let mut available = seal.watch_hsm();
+    loop {
+        let up = *available.borrow_and_update();
+        health
+            .set_service_status(HSM_HEALTH, if up { Serving } else { NotServing })
+            .await;
+        if up {
+            if available.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let s = Arc::clone(&seal);
+        let _ = tokio::task::spawn_blocking(move || s.recover_hsm()).await;
     }
 }
 

@@ -232,6 +232,7 @@ pub(crate) fn status_pb(s: &SealStatus) -> pb::SealStatus {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         hsm_pin_in_shares: s.pin_in_shares,
         server: crate::server::identity().to_owned(),
+        hsm_available: s.hsm_available,
         rekey: s.rekey.as_ref().map(|r| pb::RekeyProgress {
             phase: if r.verifying {
                 "verifying"

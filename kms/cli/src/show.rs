@@ -132,6 +132,7 @@ pub fn print_status(s: &pb::SealStatus, json: bool) -> Result<(), BoxError> {
             "version": s.version,
             "hsm_pin_in_shares": s.hsm_pin_in_shares,
             "server": s.server,
+            "hsm_available": s.hsm_available,
         });
         writeln!(out, "{v}")?;
         return Ok(());
@@ -151,6 +152,12 @@ pub fn print_status(s: &pb::SealStatus, json: bool) -> Result<(), BoxError> {
     }
     if s.hsm_pin_in_shares {
         writeln!(out, "HSM PIN          in the unseal shares")?;
+    }
+    if !s.hsm_available {
+        writeln!(
+            out,
+            "HSM              UNAVAILABLE (the server reconnects every second by itself)"
+        )?;
     }
     writeln!(out, "Version          {}", s.version)?;
     if !s.server.is_empty() {

@@ -11,6 +11,15 @@
 //! one call and put back.
 //!
 //! Calls block: async callers run them on `tokio::task::spawn_blocking`.
+//!
+//! Network HSMs restart, fail over and drop sessions; a SoftHSM token whose files go away
+//! and come back invalidates every object handle. So a [`KeyHandle`] names an entry of a
+//! registry that remembers how the object was found (class, label, CKA_ID), and when a call
+//! fails in a way that means "the session or the handle is gone" ([`recover`]), the pool is
+//! opened again, the application logs in again, every registered object is found again,
+//! and the call is retried once. While the module keeps failing, recovery is tried at most
+//! once a second, [`Hsm::watch_available`] says the HSM is unavailable, and the server
+//! keeps serving what needs no HSM.
 
 use std::collections::HashSet;
 use std::sync::{Condvar, Mutex};
@@ -28,6 +37,7 @@ use secrecy::SecretString;
 use zeroize::Zeroizing;
 
 mod objects;
+mod recover;
 
 pub use objects::{HsmKeyKind, MasterKeyAttributes, TokenObject};
 
@@ -119,6 +129,15 @@ pub enum HsmError {
         /// The object's CKA_LABEL.
         label: String,
     },
+    /// The HSM failed and could not be recovered yet (tried again at most once a second).
+    #[error("the HSM is unavailable (recovery is tried every second)")]
+    Unavailable,
+    /// The HSM came back, but the server keeps its PIN in the unseal shares: it cannot log
+    /// in again by itself.
+    #[error(
+        "the HSM came back, but this server keeps its HSM PIN in the unseal shares and cannot log in again by itself: seal and unseal it"
+    )]
+    NeedsUnseal,
     /// Bad arguments from our own code (a bug, not caller input).
     #[error("invalid HSM request: {0}")]
     Misuse(&'static str),
@@ -130,13 +149,29 @@ fn pk(op: &'static str) -> impl FnOnce(cryptoki::error::Error) -> HsmError {
 
 /// A logged-in HSM token and its session pool.
 pub struct Hsm {
+    /// The module, to open sessions again after a failure (`None` only while a recovery
+    /// loads it again).
+    pkcs11: Mutex<Option<cryptoki::context::Pkcs11>>,
+    /// The module's path, to load it again.
+    module: std::path::PathBuf,
     // Each session holds its own handle to the PKCS#11 context.
-    pool: Mutex<Vec<Session>>,
+    pool: Mutex<recover::Pool>,
     available: Condvar,
+    /// How many sessions the pool holds.
+    sessions: usize,
+    /// How each object kms uses was found, to find it again (a [`KeyHandle`] indexes it).
+    objects: Mutex<Vec<recover::Registered>>,
+    /// When recovery last failed (recovery is tried at most once a second).
+    recovery: Mutex<Option<std::time::Instant>>,
+    /// Whether the module answers (false from a session or handle failure until a
+    /// recovery succeeds).
+    up: tokio::sync::watch::Sender<bool>,
+    /// Whether the application should be logged in (a recovery logs in again).
+    logged_in: std::sync::atomic::AtomicBool,
     /// Objects (label, id) whose destroy failed in this process: see
     /// [`HsmError::DestroyUnconfirmed`].
     unconfirmed: Mutex<HashSet<(String, Option<Vec<u8>>)>>,
-    slot: Slot,
+    slot: Mutex<Slot>,
     token_label: String,
     master_key_label: String,
     pin_source: PinSource,
@@ -146,15 +181,19 @@ impl std::fmt::Debug for Hsm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hsm")
             .field("token_label", &self.token_label)
-            .field("slot", &self.slot.id())
+            .field(
+                "slot",
+                &self.slot.lock().map(|s| s.id()).unwrap_or_default(),
+            )
             .finish_non_exhaustive()
     }
 }
 
-/// A handle to a key object inside the token (the master key, or a keyring key). Valid
-/// while this process is logged in; never stored (objects are found again by label).
-#[derive(Debug, Clone, Copy)]
-pub struct KeyHandle(ObjectHandle);
+/// A key object inside the token (the master key, or a keyring key): an entry of the
+/// HSM's registry, which holds its current object handle and how to find it again. Valid
+/// while this process runs; never stored (objects are found again by label and id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyHandle(usize);
 
 impl Hsm {
     /// Loads the module, finds the token by label, opens `config.sessions` sessions, and,
@@ -178,10 +217,21 @@ impl Hsm {
             .hsm_sessions
             .set(i64::try_from(sessions.len()).unwrap_or(i64::MAX));
         let hsm = Self {
-            pool: Mutex::new(sessions),
+            pkcs11: Mutex::new(Some(pkcs11)),
+            module: config.module.clone(),
+            pool: Mutex::new(recover::Pool {
+                generation: 0,
+                sessions,
+                out: 0,
+            }),
             available: Condvar::new(),
+            sessions: config.sessions,
+            objects: Mutex::new(Vec::new()),
+            recovery: Mutex::new(None),
+            up: tokio::sync::watch::Sender::new(true),
+            logged_in: std::sync::atomic::AtomicBool::new(false),
             unconfirmed: Mutex::new(HashSet::new()),
-            slot,
+            slot: Mutex::new(slot),
             token_label: config.token_label.clone(),
             master_key_label: config.master_key_label.clone(),
             pin_source: config.pin.clone(),
@@ -201,7 +251,14 @@ impl Hsm {
     /// Logs the application in. Login is per application: every pooled session shares it
     /// while any session stays open.
     pub fn login(&self, pin: &SecretString) -> Result<(), HsmError> {
-        self.with_session("login", |s| match s.login(UserType::User, Some(pin)) {
+        self.with_session("login", |s| self.login_on(s, pin))?;
+        self.logged_in
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn login_on(&self, s: &Session, pin: &SecretString) -> Result<(), HsmError> {
+        match s.login(UserType::User, Some(pin)) {
             Ok(()) | Err(cryptoki::error::Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
             Err(source) => {
                 let reason = match &source {
@@ -223,11 +280,13 @@ impl Hsm {
                     source,
                 })
             }
-        })
+        }
     }
 
     /// Logs the application out (every session). Already logged out is fine.
     pub(crate) fn logout(&self) -> Result<(), HsmError> {
+        self.logged_in
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         self.with_session("logout", |s| match s.logout() {
             Ok(()) | Err(cryptoki::error::Error::Pkcs11(RvError::UserNotLoggedIn, _)) => Ok(()),
             Err(e) => Err(pk("log out")(e)),
@@ -245,25 +304,55 @@ impl Hsm {
     }
 
     /// Runs `f` with a session from the pool, waiting for one if all are busy. `operation`
-    /// names it in the metrics (its time, and whether the module failed it).
+    /// names it in the metrics (its time, and whether the module failed it). If the session
+    /// or an object handle turns out to be gone ([`recover::is_stale`]), the HSM is
+    /// recovered and `f` runs once more, with handles found again.
     fn with_session<T>(
         &self,
         operation: &'static str,
-        f: impl FnOnce(&Session) -> Result<T, HsmError>,
+        mut f: impl FnMut(&Session) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
-        let session = {
+        let (generation, result) = self.once(operation, &mut f)?;
+        match result {
+            Err(e) if recover::is_stale(&e) => {
+                self.mark_unavailable();
+                self.recover(generation)?;
+                let (_, again) = self.once(operation, &mut f)?;
+                if again.as_ref().is_err_and(recover::is_stale) {
+                    self.mark_unavailable();
+                }
+                again
+            }
+            other => other,
+        }
+    }
+
+    /// One run of `f` on a pooled session: the session's generation and `f`'s result.
+    fn once<T>(
+        &self,
+        operation: &'static str,
+        f: &mut impl FnMut(&Session) -> Result<T, HsmError>,
+    ) -> Result<(u64, Result<T, HsmError>), HsmError> {
+        let (generation, session) = {
             let mut pool = self
                 .pool
                 .lock()
                 .map_err(|_| HsmError::Misuse("session pool poisoned"))?;
             loop {
-                if let Some(s) = pool.pop() {
-                    break s;
+                let generation = pool.generation;
+                if let Some(s) = pool.sessions.pop() {
+                    pool.out += 1;
+                    break (generation, s);
+                }
+                // A recovery emptied the pool: no waiting on an HSM that is not there.
+                if !self.is_available() {
+                    return Err(HsmError::Unavailable);
                 }
                 pool = self
                     .available
-                    .wait(pool)
-                    .map_err(|_| HsmError::Misuse("session pool poisoned"))?;
+                    .wait_timeout(pool, std::time::Duration::from_millis(100))
+                    .map_err(|_| HsmError::Misuse("session pool poisoned"))?
+                    .0;
             }
         };
         let metrics = crate::metrics::metrics();
@@ -274,10 +363,16 @@ impl Hsm {
         metrics.hsm(operation, started.elapsed(), failed);
         metrics.hsm_sessions_in_use.dec();
         if let Ok(mut pool) = self.pool.lock() {
-            pool.push(session);
-            self.available.notify_one();
+            pool.out = pool.out.saturating_sub(1);
+            // A session of an earlier generation closes as it drops: a recovery replaced it.
+            if pool.generation == generation {
+                pool.sessions.push(session);
+            } else {
+                drop(session);
+            }
+            self.available.notify_all();
         }
-        result
+        Ok((generation, result))
     }
 
     /// Finds the master key by the configured label.
@@ -292,6 +387,7 @@ impl Hsm {
         label: &str,
         id: Option<&[u8]>,
     ) -> Result<KeyHandle, HsmError> {
+        let lookup = recover::Lookup::new(ObjectClass::SECRET_KEY, label, id);
         let label = label.to_owned();
         let mut template = vec![
             Attribute::Class(ObjectClass::SECRET_KEY),
@@ -305,7 +401,7 @@ impl Hsm {
                 .find_objects(&template)
                 .map_err(pk("find the master key"))?;
             match found.as_slice() {
-                [one] => Ok(KeyHandle(*one)),
+                [one] => Ok(self.register(*one, lookup.clone())),
                 [] => Err(HsmError::MasterKeyMissing {
                     label: label.clone(),
                 }),
@@ -345,7 +441,7 @@ impl Hsm {
     pub(crate) fn key_id(&self, key: KeyHandle) -> Result<Vec<u8>, HsmError> {
         self.with_session("attributes", |s| {
             let attrs = s
-                .get_attributes(key.0, &[AttributeType::Id])
+                .get_attributes(self.handle(key)?, &[AttributeType::Id])
                 .map_err(pk("read a key's id"))?;
             Ok(attrs
                 .into_iter()
@@ -369,9 +465,10 @@ impl Hsm {
         getrandom::fill(&mut iv)
             .map_err(|_| HsmError::Misuse("operating system random source failed"))?;
         let ct = self.with_session("encrypt", |s| {
+            let mut iv = iv;
             let params =
                 GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).map_err(pk("set up AES-GCM"))?;
-            s.encrypt(&Mechanism::AesGcm(params), key.0, plaintext)
+            s.encrypt(&Mechanism::AesGcm(params), self.handle(key)?, plaintext)
                 .map_err(pk("encrypt with the master key"))
         })?;
         let mut out = Vec::with_capacity(GCM_IV_LEN + ct.len());
@@ -392,11 +489,12 @@ impl Hsm {
             return Err(HsmError::DecryptFailed);
         }
         let (iv, ct) = blob.split_at(GCM_IV_LEN);
-        let mut iv: [u8; GCM_IV_LEN] = iv.try_into().map_err(|_| HsmError::DecryptFailed)?;
+        let iv: [u8; GCM_IV_LEN] = iv.try_into().map_err(|_| HsmError::DecryptFailed)?;
         self.with_session("decrypt", |s| {
+            let mut iv = iv;
             let params =
                 GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).map_err(pk("set up AES-GCM"))?;
-            match s.decrypt(&Mechanism::AesGcm(params), key.0, ct) {
+            match s.decrypt(&Mechanism::AesGcm(params), self.handle(key)?, ct) {
                 Ok(pt) => Ok(Zeroizing::new(pt)),
                 // SoftHSM reports a failed tag check as CKR_GENERAL_ERROR; the standard says
                 // CKR_ENCRYPTED_DATA_INVALID. Both mean the same to us.
@@ -420,11 +518,11 @@ impl Hsm {
         aad: &[u8],
         plaintext: &[u8],
     ) -> Result<Vec<u8>, HsmError> {
-        let mut iv = *iv;
         self.with_session("encrypt", |s| {
+            let mut iv = *iv;
             let params =
                 GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).map_err(pk("set up AES-GCM"))?;
-            s.encrypt(&Mechanism::AesGcm(params), key.0, plaintext)
+            s.encrypt(&Mechanism::AesGcm(params), self.handle(key)?, plaintext)
                 .map_err(pk("encrypt"))
         })
     }
@@ -439,7 +537,8 @@ impl Hsm {
             HsmKeyKind::Aes256 => return Err(HsmError::Misuse("an AES key does not sign")),
         };
         self.with_session("sign", |s| {
-            s.sign(&mechanism, key.0, data).map_err(pk("sign"))
+            s.sign(&mechanism, self.handle(key)?, data)
+                .map_err(pk("sign"))
         })
     }
 }

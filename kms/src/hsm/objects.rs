@@ -20,16 +20,20 @@ impl Hsm {
         label: &str,
         id: &[u8],
     ) -> Result<(KeyHandle, Option<Vec<u8>>), HsmError> {
-        let base = base_template(label, id);
-        self.with_session("generate", |s| match kind {
-            HsmKeyKind::Aes256 | HsmKeyKind::HmacSha256 => {
-                Ok((generate_secret(s, kind, base)?, None))
+        let lookup = recover::Lookup::new(kind.class_and_type().0, label, Some(id));
+        let (handle, public) = self.with_session("generate", |s| {
+            let base = base_template(label, id);
+            match kind {
+                HsmKeyKind::Aes256 | HsmKeyKind::HmacSha256 => {
+                    Ok((generate_secret(s, kind, base)?, None))
+                }
+                HsmKeyKind::Ed25519 | HsmKeyKind::EcdsaP256 => {
+                    let (key, public) = generate_ec_pair(s, kind, base)?;
+                    Ok((key, Some(public)))
+                }
             }
-            HsmKeyKind::Ed25519 | HsmKeyKind::EcdsaP256 => {
-                let (key, public) = generate_ec_pair(s, kind, base)?;
-                Ok((key, Some(public)))
-            }
-        })
+        })?;
+        Ok((self.register(handle, lookup), public))
     }
 
     /// Finds a key kms made (after a restart, handles are looked up again): the token
@@ -55,6 +59,7 @@ impl Hsm {
             label: label.to_owned(),
             why,
         };
+        let lookup = recover::Lookup::new(class, label, id);
         self.with_session("find", |s| {
             let found = s.find_objects(&template).map_err(pk("find a key"))?;
             let one = match found.as_slice() {
@@ -92,7 +97,7 @@ impl Hsm {
             if !sensitive || extractable {
                 return Err(unexpected("not sensitive, or extractable"));
             }
-            Ok(Some(KeyHandle(one)))
+            Ok(Some(self.register(one, lookup.clone())))
         })
     }
 
@@ -106,22 +111,36 @@ impl Hsm {
             let mut out = Vec::new();
             for h in all {
                 let attrs = s
-                    .get_attributes(h, &[AttributeType::Label, AttributeType::Id])
+                    .get_attributes(
+                        h,
+                        &[
+                            AttributeType::Label,
+                            AttributeType::Id,
+                            AttributeType::Class,
+                        ],
+                    )
                     .map_err(pk("read an object's label"))?;
-                let mut object = TokenObject {
-                    handle: KeyHandle(h),
-                    label: String::new(),
-                    id: Vec::new(),
-                };
+                let (mut label, mut id, mut class) = (Vec::new(), Vec::new(), None);
                 for a in attrs {
                     match a {
-                        Attribute::Label(l) => object.label = String::from_utf8_lossy(&l).into(),
-                        Attribute::Id(i) => object.id = i,
+                        Attribute::Label(l) => label = l,
+                        Attribute::Id(i) => id = i,
+                        Attribute::Class(c) => class = Some(c),
                         _ => {}
                     }
                 }
-                if object.label.starts_with(prefix) {
-                    out.push(object);
+                let label = String::from_utf8_lossy(&label).into_owned();
+                if label.starts_with(prefix) {
+                    let lookup = recover::Lookup::new(
+                        class.unwrap_or(ObjectClass::SECRET_KEY),
+                        &label,
+                        Some(&id),
+                    );
+                    out.push(TokenObject {
+                        handle: self.register(h, lookup),
+                        label,
+                        id,
+                    });
                 }
             }
             Ok(out)
@@ -163,7 +182,8 @@ impl Hsm {
     /// Destroys a key object: its material is gone from the token for good.
     pub fn destroy(&self, key: KeyHandle) -> Result<(), HsmError> {
         self.with_session("destroy", |s| {
-            s.destroy_object(key.0).map_err(pk("destroy a key"))
+            s.destroy_object(self.handle(key)?)
+                .map_err(pk("destroy a key"))
         })
     }
 
@@ -175,7 +195,7 @@ impl Hsm {
         self.with_session("attributes", |s| {
             let attrs = s
                 .get_attributes(
-                    key.0,
+                    self.handle(key)?,
                     &[
                         AttributeType::Sensitive,
                         AttributeType::Extractable,
@@ -327,7 +347,7 @@ fn generate_secret(
     s: &Session,
     kind: HsmKeyKind,
     mut template: Vec<Attribute>,
-) -> Result<KeyHandle, HsmError> {
+) -> Result<ObjectHandle, HsmError> {
     let (mechanism, key_type, mac) = match kind {
         HsmKeyKind::Aes256 => (Mechanism::AesKeyGen, KeyType::AES, false),
         _ => (
@@ -350,7 +370,7 @@ fn generate_secret(
     let h = s
         .generate_key(&mechanism, &template)
         .map_err(pk("generate a secret key"))?;
-    Ok(KeyHandle(h))
+    Ok(h)
 }
 
 /// An Ed25519 or P-256 key pair. The private key gets the usages a private key can have,
@@ -362,7 +382,7 @@ fn generate_ec_pair(
     s: &Session,
     kind: HsmKeyKind,
     mut private: Vec<Attribute>,
-) -> Result<(KeyHandle, Vec<u8>), HsmError> {
+) -> Result<(ObjectHandle, Vec<u8>), HsmError> {
     let (mechanism, key_type, params): (Mechanism<'_>, KeyType, &[u8]) = match kind {
         HsmKeyKind::Ed25519 => (
             Mechanism::EccEdwardsKeyPairGen,
@@ -398,5 +418,5 @@ fn generate_ec_pair(
         .ok_or(HsmError::Misuse("the token returned no public key"))?;
     let _ = s.destroy_object(pub_h);
     let want = if kind == HsmKeyKind::Ed25519 { 32 } else { 65 };
-    Ok((KeyHandle(priv_h), unwrap_ec_point(&point, want)?))
+    Ok((priv_h, unwrap_ec_point(&point, want)?))
 }

@@ -419,6 +419,9 @@ pub struct SealStatus {
     pub pin_in_shares: bool,
     /// The rekey in progress or pending verification.
     pub rekey: Option<RekeyStatus>,
+    /// Whether the HSM answers (false from a session or handle failure until the server has
+    /// recovered).
+    pub hsm_available: bool,
 }
 
 /// A rekey's progress, as `Status` reports it.
@@ -576,7 +579,10 @@ impl SealManager {
 
     /// The current status.
     pub fn status(&self) -> SealStatus {
-        status_of(&self.lock(), self.hsm.pin_in_shares())
+        SealStatus {
+            hsm_available: self.hsm.is_available(),
+            ..status_of(&self.lock(), self.hsm.pin_in_shares())
+        }
     }
 
     /// The keyring, or [`SealError::Sealed`] / [`SealError::NotInitialized`]. The lock is
@@ -644,6 +650,16 @@ impl SealManager {
             crate::server::identity(),
             out,
         )
+    }
+
+    /// Follows the HSM's availability (see [`Hsm::watch_available`]).
+    pub fn watch_hsm(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.hsm.watch_available()
+    }
+
+    /// Tries to recover an unavailable HSM now. Blocking.
+    pub fn recover_hsm(&self) {
+        self.hsm.try_recover();
     }
 
     /// Whether the audit key can sign now (a backup needs it).
@@ -815,6 +831,7 @@ fn status_of(inner: &Inner, pin_in_shares: bool) -> SealStatus {
         share_set_id: record.and_then(|r| r.share_set().ok()),
         pin_in_shares,
         rekey: rekey::status(inner),
+        hsm_available: true,
     }
 }
 
