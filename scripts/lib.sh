@@ -77,6 +77,54 @@ ensure_age() {
     fi
 }
 
+# The second PKCS#11 module (docs/hsm.md): kryoptic, built from tools/kryoptic, linked
+# statically against OpenSSL 3.5 built from the openssl-src crate's sources (Debian's 3.0
+# lacks the EdDSA kryoptic needs). About 6 minutes on 2 cores, so the result is cached
+# outside the clone ($KMS_CACHE_DIR, default /var/cache/kms-test), keyed by the shim's files.
+# Prints the module's path on standard output; everything else goes to standard error.
+ensure_kryoptic() {
+    local root="$1"
+    local cache="${KMS_CACHE_DIR:-/var/cache/kms-test}/kryoptic"
+    local key
+    key=$(cat "$root/tools/kryoptic/Cargo.toml" "$root/tools/kryoptic/Cargo.lock" \
+        "$root/tools/kryoptic/src/lib.rs" | sha256sum | cut -c1-16)
+    local lib="$cache/$key/libkryoptic_pkcs11.so"
+    if [ -f "$lib" ]; then
+        echo "$lib"
+        return
+    fi
+    echo "==> building kryoptic (the second PKCS#11 module; cached in $cache)" >&2
+    local missing=()
+    for pkg in libclang-dev libsqlite3-dev make perl gcc; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}" >&2; fi
+    as_root mkdir -p "$cache"
+    local work="$cache/$key.build"
+    as_root rm -rf "$work"
+    as_root mkdir -p "$work"
+    as_root chown "$(id -u):$(id -g)" "$work"
+    (cd "$root/tools/kryoptic" && cargo fetch --locked -q) >&2
+    local sources
+    sources=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/openssl-src-300.5.4+3.5.4/openssl | head -1)
+    cp -r "$sources" "$work/openssl"
+    # openssl-src ships the sources trimmed for its own configuration (no legacy provider,
+    # no loadable modules): configure as it does, then build the libraries only; ossl-sys finds
+    # libcrypto.a and only generates its bindings.
+    (cd "$work/openssl" \
+        && ./Configure no-shared no-module no-legacy no-tests no-docs no-comp no-zlib \
+            no-engine no-deprecated enable-ec_nistp_64_gcc_128 \
+            '-DDEVRANDOM="\"/dev/urandom\""' linux-x86_64 \
+        && make -j"$(nproc)" build_libs) >"$work/openssl.log" 2>&1 \
+        || { tail -20 "$work/openssl.log" >&2; return 1; }
+    KRYOPTIC_OPENSSL_SOURCES="$work/openssl" CARGO_TARGET_DIR="$work/target" \
+        cargo build --locked -q --manifest-path "$root/tools/kryoptic/Cargo.toml" >&2
+    as_root mkdir -p "$cache/$key"
+    as_root cp "$work/target/debug/libkryoptic_pkcs11.so" "$lib"
+    as_root rm -rf "$work"
+    echo "$lib"
+}
+
 ensure_protoc() {
     # The reference protobuf compiler: every .proto must compile with it (docs/api.md).
     if ! command -v protoc >/dev/null 2>&1; then

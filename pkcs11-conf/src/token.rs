@@ -123,6 +123,8 @@ pub struct Need {
     pub used_for: &'static str,
     /// Whether kms cannot start without it.
     pub required: bool,
+    /// What kms does without it (its fallback, or why it cannot work).
+    pub without: &'static str,
 }
 
 /// The mechanisms kms uses.
@@ -132,48 +134,56 @@ pub const NEEDS: &[Need] = &[
         name: "CKM_AES_KEY_GEN",
         used_for: "generating the master key",
         required: true,
+        without: "no fallback: init makes the master key in the token",
     },
     Need {
         mechanism: MechanismType::AES_GCM,
         name: "CKM_AES_GCM",
         used_for: "wrapping the keyring root key under the master key",
         required: true,
+        without: "no fallback: the root key is wrapped with AES-GCM inside the token",
     },
     Need {
         mechanism: MechanismType::ECC_KEY_PAIR_GEN,
         name: "CKM_EC_KEY_PAIR_GEN",
         used_for: "HSM-protected ECDSA P-256 keys",
         required: false,
+        without: "ECDSA keys must be SOFTWARE (creating an HSM one fails)",
     },
     Need {
         mechanism: MechanismType::ECDSA,
         name: "CKM_ECDSA",
         used_for: "HSM-protected ECDSA P-256 signing",
         required: false,
+        without: "ECDSA keys must be SOFTWARE (signing with an HSM one fails)",
     },
     Need {
         mechanism: MechanismType::ECC_EDWARDS_KEY_PAIR_GEN,
         name: "CKM_EC_EDWARDS_KEY_PAIR_GEN",
         used_for: "HSM-protected Ed25519 keys (audit checkpoints)",
-        required: false,
+        required: true,
+        without: "no fallback: init makes the audit checkpoint key (Ed25519) in the token",
     },
     Need {
         mechanism: MechanismType::EDDSA,
         name: "CKM_EDDSA",
         used_for: "HSM-protected Ed25519 signing",
-        required: false,
+        required: true,
+        without: "no fallback: audit checkpoints are signed in the token",
     },
     Need {
         mechanism: MechanismType::GENERIC_SECRET_KEY_GEN,
         name: "CKM_GENERIC_SECRET_KEY_GEN",
         used_for: "HSM-protected HMAC keys",
         required: false,
+        without: "HMAC keys must be SOFTWARE (an HSM one fails)",
     },
     Need {
         mechanism: MechanismType::SHA256_HMAC,
         name: "CKM_SHA256_HMAC",
         used_for: "HSM-protected HMAC-SHA256",
         required: false,
+        without: "HMAC keys must be SOFTWARE (an HSM one fails)",
     },
 ];
 
@@ -266,7 +276,12 @@ impl fmt::Display for ProbeReport {
                             (false, true) => "MISSING (required)",
                             (false, false) => "missing",
                         };
-                        writeln!(f, "    {:<28} {:<19} {}", need.name, status, need.used_for)?;
+                        write!(f, "    {:<28} {:<19} {}", need.name, status, need.used_for)?;
+                        if *ok {
+                            writeln!(f)?;
+                        } else {
+                            writeln!(f, "; without it: {}", need.without)?;
+                        }
                     }
                 }
             }

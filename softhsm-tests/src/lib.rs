@@ -51,11 +51,32 @@ pub fn softhsm_module() -> PathBuf {
         .expect("SoftHSM is not installed: apt-get install softhsm2 (scripts/test installs it)")
 }
 
-/// A private SoftHSM token store with one token.
+/// The second PKCS#11 module, kryoptic (docs/hsm.md), as `scripts/test` builds it and names
+/// it in `KMS_TEST_KRYOPTIC`; the tests that need it fail (not skip) without it.
+pub fn kryoptic_module() -> PathBuf {
+    let path = std::env::var_os("KMS_TEST_KRYOPTIC").map(PathBuf::from).expect(
+        "KMS_TEST_KRYOPTIC is not set: scripts/test builds kryoptic (scripts/lib.sh ensure_kryoptic) and sets it",
+    );
+    assert!(path.is_file(), "{} is not a file", path.display());
+    path
+}
+
+/// Which PKCS#11 module a [`TestHsm`] runs.
+pub enum Module {
+    /// SoftHSM 2 (Debian's softhsm2).
+    SoftHsm,
+    /// Kryoptic, at this path ([`kryoptic_module`]).
+    Kryoptic(PathBuf),
+}
+
+/// A private token store with one token, of SoftHSM or another module.
 pub struct TestHsm {
     /// The temporary directory (removed on drop).
     pub dir: tempfile::TempDir,
-    /// The SoftHSM configuration (`SOFTHSM2_CONF`).
+    /// The variable that names the module's configuration (`SOFTHSM2_CONF`,
+    /// `KRYOPTIC_CONF`).
+    pub conf_env: &'static str,
+    /// The module's configuration file.
     pub conf: PathBuf,
     /// The module.
     pub module: PathBuf,
@@ -76,15 +97,39 @@ pub struct TestHsm {
 }
 
 impl TestHsm {
-    /// Makes a token store and a token labelled `label` with a random user PIN.
+    /// Makes a SoftHSM token store and a token labelled `label` with a random user PIN.
     pub fn new(label: &str) -> Self {
+        Self::with_module(label, Module::SoftHsm)
+    }
+
+    /// Makes a token store of `module` and a token labelled `label` with a random user PIN.
+    pub fn with_module(label: &str, module: Module) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("kms-test-")
             .tempdir()
             .unwrap();
-        let conf = SoftHsmDir::create(&dir.path().join("softhsm"))
-            .unwrap()
-            .conf;
+        let (conf, conf_env, module) = match module {
+            Module::SoftHsm => (
+                SoftHsmDir::create(&dir.path().join("softhsm"))
+                    .unwrap()
+                    .conf,
+                CONF_ENV,
+                softhsm_module(),
+            ),
+            Module::Kryoptic(path) => {
+                // One slot, its token in a SQLite file of this directory.
+                let conf = dir.path().join("kryoptic.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "[[slots]]\nslot = 1\ndbtype = \"sqlite\"\ndbargs = \"{}\"\n",
+                        dir.path().join("kryoptic.sql").display()
+                    ),
+                )
+                .unwrap();
+                (conf, "KRYOPTIC_CONF", path)
+            }
+        };
         let pin = {
             use secrecy::ExposeSecret;
             kms_pkcs11_conf::softhsm::random_pin()
@@ -101,8 +146,9 @@ impl TestHsm {
         let custodian = pki.client("custodian", &ClientSpec::spiffe("custodian"));
         let hsm = Self {
             dir,
+            conf_env,
             conf,
-            module: softhsm_module(),
+            module,
             label: label.to_owned(),
             pin,
             pin_file,
@@ -133,7 +179,7 @@ impl TestHsm {
             .arg(&self.label)
             .arg(&self.pin_file)
             .args(extra)
-            .env(CONF_ENV, &self.conf)
+            .env(self.conf_env, &self.conf)
             .output()
             .unwrap()
     }
@@ -301,7 +347,7 @@ impl TestHsm {
         cmd.arg("server")
             .arg("--config")
             .arg(config)
-            .env(CONF_ENV, &self.conf)
+            .env(self.conf_env, &self.conf)
             .envs(env.iter().copied())
             .stdin(Stdio::null());
         cmd
@@ -447,10 +493,29 @@ impl Out {
             .collect()
     }
 
+    /// Standard output as JSON lines (one value per line), after checking the exit code
+    /// was 0.
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        assert_eq!(self.code, Some(0), "{self:?}");
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    }
+
     /// Standard output parsed as JSON.
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
     }
+}
+
+/// The strings of a JSON array (shares in `kms` JSON output).
+pub fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect()
 }
 
 /// Every CLI output seen by the tests, for the final "no secret anywhere" grep.
@@ -517,11 +582,23 @@ impl Server {
     /// Creates an AES-256-GCM key at `protection` as the admin, and grants the admin every
     /// operation on it.
     pub async fn create_aes_key(&self, name: &str, protection: kms_proto::v1::ProtectionLevel) {
+        self.create_key_of(name, kms_proto::v1::Algorithm::Aes256Gcm, protection)
+            .await;
+    }
+
+    /// Creates a key of `algorithm` at `protection` as the admin, and grants the admin every
+    /// operation on it.
+    pub async fn create_key_of(
+        &self,
+        name: &str,
+        algorithm: kms_proto::v1::Algorithm,
+        protection: kms_proto::v1::ProtectionLevel,
+    ) {
         self.keys()
             .await
             .create_key(kms_proto::v1::CreateKeyRequest {
                 name: name.into(),
-                algorithm: kms_proto::v1::Algorithm::Aes256Gcm as i32,
+                algorithm: algorithm as i32,
                 protection_level: protection as i32,
                 rotation_period_seconds: 0,
                 labels: Default::default(),
@@ -569,6 +646,29 @@ impl Server {
             ],
             stdin,
         )
+    }
+
+    /// `kms operator rekey init --shares N --threshold T` as the admin.
+    pub fn rekey_init(&self, shares: u32, threshold: u32) -> Out {
+        let (n, t) = (shares.to_string(), threshold.to_string());
+        self.kms(
+            &[
+                "operator",
+                "rekey",
+                "init",
+                "--shares",
+                &n,
+                "--threshold",
+                &t,
+            ],
+            "",
+        )
+    }
+
+    /// `kms operator rekey submit --json` as the custodian, one share a line.
+    pub fn rekey_submit<S: AsRef<str>>(&self, shares: &[S]) -> Out {
+        let stdin: String = shares.iter().map(|s| format!("{}\n", s.as_ref())).collect();
+        self.custodian(&["operator", "rekey", "submit", "--json"], &stdin)
     }
 
     /// Sends SIGHUP (reload the TLS files).

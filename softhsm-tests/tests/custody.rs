@@ -14,7 +14,7 @@ use std::process::Command;
 
 use kms_proto::v1::ProtectionLevel;
 use serde_json::Value;
-use softhsm_tests::{Out, Server, TestHsm, decrypt_ctx, encrypt_ctx, forge_share};
+use softhsm_tests::{Out, Server, TestHsm, decrypt_ctx, encrypt_ctx, forge_share, strings};
 
 fn status(server: &Server) -> Value {
     server.kms(&["operator", "status", "--json"], "").json()
@@ -35,24 +35,7 @@ fn unseal(server: &Server, shares: &[&String]) -> Out {
 }
 
 fn submit(server: &Server, shares: &[&String]) -> Out {
-    server.custodian(&["operator", "rekey", "submit", "--json"], &lines(shares))
-}
-
-/// The JSON lines `rekey submit --json` printed, one per share.
-fn submitted(out: &Out) -> Vec<Value> {
-    assert_eq!(out.code, Some(0), "{out:?}");
-    out.stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn strings(v: &Value) -> Vec<String> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap().to_owned())
-        .collect()
+    server.rekey_submit(shares)
 }
 
 /// Kills the server with SIGKILL and starts it again: it comes up sealed.
@@ -133,18 +116,7 @@ fn rekey_3_of_5_to_2_of_3_survives_kill_9_after_every_step() {
             && out.stderr.contains("no rekey is in progress"),
         "{out:?}"
     );
-    let out = server.kms(
-        &[
-            "operator",
-            "rekey",
-            "init",
-            "--shares",
-            "3",
-            "--threshold",
-            "4",
-        ],
-        "",
-    );
+    let out = server.rekey_init(3, 4);
     assert!(out.stderr.contains("INVALID_ARGUMENT"), "{out:?}");
     assert_eq!(
         server.kms(&["operator", "rekey", "status"], "").code,
@@ -153,34 +125,12 @@ fn rekey_3_of_5_to_2_of_3_survives_kill_9_after_every_step() {
 
     // Step 1: started (on an unsealed server), then kill -9: a restart forgets it and the
     // old shares unseal.
-    let out = server.kms(
-        &[
-            "operator",
-            "rekey",
-            "init",
-            "--shares",
-            "3",
-            "--threshold",
-            "2",
-        ],
-        "",
-    );
+    let out = server.rekey_init(3, 2);
     assert_eq!(out.code, Some(0), "{out:?}");
     let r = rekey_status(&server)["rekey"].clone();
     assert_eq!(r["phase"], "collecting");
     assert_eq!(r["required"], 3);
-    let out = server.kms(
-        &[
-            "operator",
-            "rekey",
-            "init",
-            "--shares",
-            "3",
-            "--threshold",
-            "2",
-        ],
-        "",
-    );
+    let out = server.rekey_init(3, 2);
     assert!(
         out.stderr.contains("is in progress or awaits verification"),
         "{out:?}"
@@ -190,24 +140,8 @@ fn rekey_3_of_5_to_2_of_3_survives_kill_9_after_every_step() {
     assert_eq!(unseal(&server, &[&old[3], &old[4], &old[0]]).code, Some(0));
 
     // Step 2: two of three current shares given, then kill -9: the same.
-    assert_eq!(
-        server
-            .kms(
-                &[
-                    "operator",
-                    "rekey",
-                    "init",
-                    "--shares",
-                    "3",
-                    "--threshold",
-                    "2"
-                ],
-                ""
-            )
-            .code,
-        Some(0)
-    );
-    let steps = submitted(&submit(&server, &[&old[0], &old[1]]));
+    assert_eq!(server.rekey_init(3, 2).code, Some(0));
+    let steps = submit(&server, &[&old[0], &old[1]]).json_lines();
     assert_eq!(steps[1]["rekey"]["progress"], 2);
     // A share given twice, or forged, is refused and does not count.
     let out = submit(&server, &[&old[1]]);
@@ -223,25 +157,14 @@ fn rekey_3_of_5_to_2_of_3_survives_kill_9_after_every_step() {
 
     // Step 3 (on a sealed server): the quorum of current shares makes the new shares, which
     // are pending; kill -9 keeps them pending and the old shares valid.
-    let out = server.kms(
-        &[
-            "operator",
-            "rekey",
-            "init",
-            "--shares",
-            "3",
-            "--threshold",
-            "2",
-        ],
-        "",
-    );
+    let out = server.rekey_init(3, 2);
     assert_eq!(out.code, Some(0), "{out:?}");
     let new_set = rekey_status(&server)["rekey"]["new_share_set_id"]
         .as_str()
         .unwrap()
         .to_owned();
     assert_ne!(new_set, old_set);
-    let steps = submitted(&submit(&server, &[&old[2], &old[3], &old[4]]));
+    let steps = submit(&server, &[&old[2], &old[3], &old[4]]).json_lines();
     assert!(strings(&steps[0]["shares"]).is_empty());
     let new = strings(&steps[2]["shares"]);
     assert_eq!(new.len(), 3);
@@ -264,7 +187,7 @@ fn rekey_3_of_5_to_2_of_3_survives_kill_9_after_every_step() {
     assert_eq!(unseal(&server, &[&old[1], &old[3], &old[4]]).code, Some(0));
 
     // Step 4: one new share given back, kill -9: still pending, old shares still valid.
-    let steps = submitted(&submit(&server, &[&new[0]]));
+    let steps = submit(&server, &[&new[0]]).json_lines();
     assert_eq!(steps[0]["rekey"]["progress"], 1);
     let out = submit(&server, &[&old[0]]);
     assert!(
@@ -282,7 +205,7 @@ fn rekey_3_of_5_to_2_of_3_survives_kill_9_after_every_step() {
     assert_eq!(unseal(&server, &[&old[0], &old[2], &old[4]]).code, Some(0));
 
     // Step 5: the new quorum commits; the old shares are refused by name from then on.
-    let steps = submitted(&submit(&server, &[&new[2], &new[1]]));
+    let steps = submit(&server, &[&new[2], &new[1]]).json_lines();
     assert_eq!(steps[1]["committed_share_set_id"], new_set.as_str());
     let st = status(&server);
     assert_eq!(st["share_set_id"], new_set.as_str());
@@ -359,24 +282,8 @@ fn rekey_cancel_leaves_the_old_shares_and_voids_the_new() {
     let server = hsm.start();
     let out = server.init(3, 2, "");
     let old = out.shares();
-    assert_eq!(
-        server
-            .kms(
-                &[
-                    "operator",
-                    "rekey",
-                    "init",
-                    "--shares",
-                    "2",
-                    "--threshold",
-                    "2"
-                ],
-                ""
-            )
-            .code,
-        Some(0)
-    );
-    let steps = submitted(&submit(&server, &[&old[0], &old[1]]));
+    assert_eq!(server.rekey_init(2, 2).code, Some(0));
+    let steps = submit(&server, &[&old[0], &old[1]]).json_lines();
     let new = strings(&steps[1]["shares"]);
     assert_eq!(new.len(), 2);
     // The admin cancels; the pending shares never become valid.
@@ -547,7 +454,7 @@ fn shares_sealed_to_custodians_open_with_age_only_for_their_custodian() {
         .enumerate()
         .map(|(i, id)| age_decrypt(id, &new_dir.join(format!("share-{}.age", i + 1))).unwrap())
         .collect();
-    let steps = submitted(&submit(&server, &[&new[1], &new[0]]));
+    let steps = submit(&server, &[&new[1], &new[0]]).json_lines();
     assert!(
         !steps[1]["committed_share_set_id"]
             .as_str()
@@ -737,23 +644,12 @@ fn with_the_pin_in_the_shares_a_rekey_carries_the_pin_into_the_new_shares() {
     let old = out.shares();
     // Sealed, hence logged out of the token: the rekey logs in with the PIN the old shares
     // carry, makes the new ones, and logs out again.
-    let out = server.kms(
-        &[
-            "operator",
-            "rekey",
-            "init",
-            "--shares",
-            "4",
-            "--threshold",
-            "3",
-        ],
-        "",
-    );
+    let out = server.rekey_init(4, 3);
     assert_eq!(out.code, Some(0), "{out:?}");
-    let steps = submitted(&submit(&server, &[&old[2], &old[0]]));
+    let steps = submit(&server, &[&old[2], &old[0]]).json_lines();
     let new = strings(&steps[1]["shares"]);
     assert_eq!(new.len(), 4);
-    let steps = submitted(&submit(&server, &[&new[3], &new[1], &new[0]]));
+    let steps = submit(&server, &[&new[3], &new[1], &new[0]]).json_lines();
     assert!(
         !steps[2]["committed_share_set_id"]
             .as_str()

@@ -108,17 +108,12 @@ async fn the_token_goes_away_under_load_and_comes_back_without_a_restart() {
         .create_aes_key("vault", pb::ProtectionLevel::Hsm)
         .await;
     server
-        .keys()
-        .await
-        .create_key(pb::CreateKeyRequest {
-            name: "signer".into(),
-            algorithm: pb::Algorithm::EcdsaP256Sha256 as i32,
-            protection_level: pb::ProtectionLevel::Hsm as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    server.grant_all("signer").await;
+        .create_key_of(
+            "signer",
+            pb::Algorithm::EcdsaP256Sha256,
+            pb::ProtectionLevel::Hsm,
+        )
+        .await;
     assert_eq!(hsm_health(&server).await, ServingStatus::Serving);
     assert_eq!(status(&server)["hsm_available"], true);
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use kms::store::{PgSettings, PgStore, Removal, SecretSource, Store, StoreError, Table, Write};
 use kms_proto::v1 as pb;
 use softhsm_tests::pg::TestPostgres;
-use softhsm_tests::{TestHsm, start_unsealed};
+use softhsm_tests::{TestHsm, start_unsealed, strings};
 
 fn settings(pg: &TestPostgres) -> PgSettings {
     PgSettings {
@@ -626,31 +626,14 @@ async fn a_rekey_on_one_server_holds_on_every_server() {
     let rekey = |s: &softhsm_tests::Server| {
         s.kms(&["operator", "rekey", "status", "--json"], "").json()["rekey"].clone()
     };
-    let out = a.kms(
-        &[
-            "operator",
-            "rekey",
-            "init",
-            "--shares",
-            "2",
-            "--threshold",
-            "2",
-        ],
-        "",
-    );
+    let out = a.rekey_init(2, 2);
     assert_eq!(out.code, Some(0), "{out:?}");
-    let out = a.custodian(
-        &["operator", "rekey", "submit", "--json"],
-        &format!("{}\n{}\n", old[0], old[2]),
-    );
-    assert_eq!(out.code, Some(0), "{out:?}");
-    let made: serde_json::Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
-    let new: Vec<String> = made["shares"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap().to_owned())
-        .collect();
+    let made = a
+        .rekey_submit(&[&old[0], &old[2]])
+        .json_lines()
+        .pop()
+        .unwrap();
+    let new = strings(&made["shares"]);
     let new_set = made["rekey"]["new_share_set_id"]
         .as_str()
         .unwrap()
@@ -660,11 +643,8 @@ async fn a_rekey_on_one_server_holds_on_every_server() {
         (rekey(&b)["phase"] == "verifying").then_some(())
     })
     .await;
-    let out = b.custodian(
-        &["operator", "rekey", "submit", "--json"],
-        &format!("{}\n{}\n", new[1], new[0]),
-    );
-    assert_eq!(out.code, Some(0), "{out:?}");
+    let committed = b.rekey_submit(&[&new[1], &new[0]]).json_lines();
+    assert_eq!(committed[1]["committed_share_set_id"], new_set.as_str());
     // A follows the commit: the new set is in force there too.
     within(Duration::from_secs(5), || async {
         let st = a.kms(&["operator", "status", "--json"], "").json();

@@ -15,7 +15,7 @@
 //! Network HSMs restart, fail over and drop sessions; a SoftHSM token whose files go away
 //! and come back invalidates every object handle. So a [`KeyHandle`] names an entry of a
 //! registry that remembers how the object was found (class, label, CKA_ID), and when a call
-//! fails in a way that means "the session or the handle is gone" ([`recover`]), the pool is
+//! fails in a way that means "the session or the handle is gone" (see `recover.rs`), the pool is
 //! opened again, the application logs in again, every registered object is found again,
 //! and the call is retried once. While the module keeps failing, recovery is tried at most
 //! once a second, [`Hsm::watch_available`] says the HSM is unavailable, and the server
@@ -464,8 +464,9 @@ impl Hsm {
         let mut iv = [0u8; GCM_IV_LEN];
         getrandom::fill(&mut iv)
             .map_err(|_| HsmError::Misuse("operating system random source failed"))?;
+        // The module may write the IV it used back into the buffer (a token that makes its
+        // own IVs): what it wrote is what goes out with the ciphertext.
         let ct = self.with_session("encrypt", |s| {
-            let mut iv = iv;
             let params =
                 GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).map_err(pk("set up AES-GCM"))?;
             s.encrypt(&Mechanism::AesGcm(params), self.handle(key)?, plaintext)

@@ -1,0 +1,179 @@
+//! The end-to-end core against a second, independent PKCS#11 implementation: kryoptic
+//! (latchset's software token, docs/hsm.md), built by `scripts/test`. Init, unseal, the
+//! master key's attributes as the token reports them, HSM-protected AES and ECDSA keys,
+//! sign and verify, audit checkpoints signed in the token, a rekey, a master key rotation,
+//! and the probe.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use kms_proto::v1 as pb;
+use softhsm_tests::{Module, TestHsm, decrypt_ctx, encrypt_ctx, kryoptic_module, strings};
+
+fn kryoptic(label: &str) -> TestHsm {
+    TestHsm::with_module(label, Module::Kryoptic(kryoptic_module()))
+}
+
+#[test]
+fn the_probe_finds_every_mechanism_kms_needs() {
+    let hsm = kryoptic("kms-kryoptic-probe");
+    let out = std::process::Command::new(softhsm_tests::bin("kms"))
+        .args(["pkcs11", "probe", "--config"])
+        .arg(hsm.config())
+        .env(hsm.conf_env, &hsm.conf)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.to_lowercase().contains("kryoptic"), "{stdout}");
+    assert!(
+        stdout.contains("token \"kms-kryoptic-probe\"  <- configured token"),
+        "{stdout}"
+    );
+    for mechanism in ["CKM_AES_GCM", "CKM_EDDSA", "CKM_ECDSA"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.contains(mechanism) && l.contains(" ok ")),
+            "{mechanism}: {stdout}"
+        );
+    }
+    assert!(stdout.contains("verdict: usable by kms"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_core_runs_on_kryoptic() {
+    let hsm = kryoptic("kms-kryoptic");
+    let mut server = hsm.start();
+    let out = server.init(3, 2, "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let shares = out.shares();
+    server.unseal_with(&shares);
+
+    // The master key, as kryoptic reports it.
+    let attrs = hsm.inspect_key("kms-master-key");
+    for (attr, want) in [
+        ("sensitive", true),
+        ("always_sensitive", true),
+        ("extractable", false),
+        ("never_extractable", true),
+        ("token", true),
+        ("encrypt", true),
+        ("decrypt", true),
+        ("wrap", false),
+        ("unwrap", false),
+        ("derive", false),
+        ("value_readable", false),
+    ] {
+        assert_eq!(attrs[attr], want, "{attr}: {attrs}");
+    }
+
+    server
+        .create_aes_key("vault", pb::ProtectionLevel::Hsm)
+        .await;
+    server
+        .create_key_of(
+            "signer",
+            pb::Algorithm::EcdsaP256Sha256,
+            pb::ProtectionLevel::Hsm,
+        )
+        .await;
+    let mut keys = server.keys().await;
+    let ct = encrypt_ctx(&mut keys, "vault", b"on a second token")
+        .await
+        .unwrap();
+    assert_eq!(
+        decrypt_ctx(&mut keys, "vault", &ct).await.unwrap(),
+        b"on a second token"
+    );
+    let sig = keys
+        .sign(pb::SignRequest {
+            key: "signer".into(),
+            input: Some(pb::sign_request::Input::Message(
+                b"signed in kryoptic".to_vec(),
+            )),
+            format: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .signature;
+    let verify = |message: &[u8]| pb::VerifyRequest {
+        key: "signer".into(),
+        key_version: 0,
+        input: Some(pb::verify_request::Input::Message(message.to_vec())),
+        signature: sig.clone(),
+    };
+    assert!(
+        keys.verify(verify(b"signed in kryoptic"))
+            .await
+            .unwrap()
+            .into_inner()
+            .valid
+    );
+    assert!(
+        !keys
+            .verify(verify(b"another message"))
+            .await
+            .unwrap()
+            .into_inner()
+            .valid
+    );
+
+    // Audit checkpoints are signed by the Ed25519 key in the token.
+    let path = hsm.path().join("export.jsonl");
+    let out = server.kms_as(
+        Some(&server.auditor),
+        &["audit", "export", "--out", path.to_str().unwrap()],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let export = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        export.contains("\"checkpoint\""),
+        "a checkpoint in the export"
+    );
+    let out = server.kms_as(
+        Some(&server.auditor),
+        &["audit", "verify", "--export", path.to_str().unwrap()],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+
+    // A rekey to 2 of 2, then a master key rotation, then kill -9: the new shares unseal and
+    // the old ciphertext decrypts.
+    let out = server.rekey_init(2, 2);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let made = server
+        .rekey_submit(&[&shares[0], &shares[2]])
+        .json_lines()
+        .pop()
+        .unwrap();
+    let new = strings(&made["shares"]);
+    let out = server.custodian(
+        &["operator", "rekey", "submit"],
+        &format!("{}\n{}\n", new[1], new[0]),
+    );
+    assert!(out.stdout.contains("Rekey committed"), "{out:?}");
+    let out = server.kms(&["operator", "rotate-master-key"], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("was destroyed"), "{out:?}");
+    server.kill9();
+    let server = hsm.start();
+    server.unseal_with(&new);
+    let mut keys = server.keys().await;
+    assert_eq!(
+        decrypt_ctx(&mut keys, "vault", &ct).await.unwrap(),
+        b"on a second token"
+    );
+    let out = server.kms_as(Some(&server.auditor), &["audit", "verify"], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+}
