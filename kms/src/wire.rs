@@ -206,6 +206,7 @@ pub(crate) fn rekey_step_pb(step: &RekeyStep) -> pb::RekeySubmitResponse {
             .map(|s| s.as_str().to_owned())
             .collect(),
         shares_sealed: step.sealed,
+        recipients: step.recipients.clone(),
         committed_share_set_id: step.committed.map(|s| s.to_string()).unwrap_or_default(),
     }
 }

@@ -112,6 +112,7 @@ pub mod v1 {
                 )
                 .field("shares_sealed", &self.shares_sealed)
                 .field("committed_share_set_id", &self.committed_share_set_id)
+                .field("recipients", &self.recipients)
                 .finish()
         }
     }

@@ -449,6 +449,13 @@ fn shares_sealed_to_custodians_open_with_age_only_for_their_custodian() {
     );
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(!out.stdout.contains("kms1-"), "{out:?}");
+    for (i, r) in new_recipients.iter().enumerate() {
+        assert!(
+            out.stdout
+                .contains(&format!("Share {}, sealed to {r}: ", i + 1)),
+            "{out:?}"
+        );
+    }
     let new: Vec<String> = new_ids
         .iter()
         .enumerate()

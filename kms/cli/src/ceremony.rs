@@ -183,6 +183,7 @@ async fn submit(
                 "shares": r.shares,
                 "shares_sealed": r.shares_sealed,
                 "committed_share_set_id": r.committed_share_set_id,
+                "recipients": r.recipients,
                 "rekey": status.rekey.as_ref().map(rekey_json),
             });
             println!("{v}");
@@ -215,7 +216,7 @@ fn print_new_shares(
 ) -> Result<(), BoxError> {
     let p = status.rekey.clone().unwrap_or_default();
     if r.shares_sealed {
-        print_sealed(&r.shares, &[], out_dir)?;
+        print_sealed(&r.shares, &r.recipients, out_dir)?;
     } else {
         if out_dir.is_some() {
             return Err("--out-dir writes only shares sealed to recipients; these new shares are in clear and were printed nowhere: cancel the rekey (`kms operator rekey cancel`) and start again".into());

@@ -33,6 +33,8 @@ pub struct RekeyStep {
     pub new_shares: Vec<Zeroizing<String>>,
     /// Whether `new_shares` are sealed to recipients.
     pub sealed: bool,
+    /// The recipient of each sealed share, in order.
+    pub recipients: Vec<String>,
     /// The share set now in force, when this share completed the verification.
     pub committed: Option<ShareSetId>,
 }
@@ -254,6 +256,7 @@ impl SealManager {
         inner.record = Some(next);
         let mut step = self.step(inner);
         step.sealed = !attempt.recipients.is_empty();
+        step.recipients = attempt.recipients.iter().map(|r| r.to_string()).collect();
         step.new_shares = new_shares;
         Ok(step)
     }
@@ -263,6 +266,7 @@ impl SealManager {
             status: status_of(inner, self.hsm.pin_in_shares()),
             new_shares: Vec::new(),
             sealed: false,
+            recipients: Vec::new(),
             committed: None,
         }
     }
