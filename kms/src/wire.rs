@@ -78,6 +78,7 @@ pub fn algorithm_pb(a: Algorithm) -> pb::Algorithm {
         Algorithm::Aes256Gcm => pb::Algorithm::Aes256Gcm,
         Algorithm::Ed25519 => pb::Algorithm::Ed25519,
         Algorithm::EcdsaP256Sha256 => pb::Algorithm::EcdsaP256Sha256,
+        Algorithm::EcdsaP384Sha384 => pb::Algorithm::EcdsaP384Sha384,
         Algorithm::HmacSha256 => pb::Algorithm::HmacSha256,
     }
 }
@@ -88,9 +89,10 @@ pub(crate) fn algorithm_from(v: i32) -> Result<Algorithm, KeyringError> {
         Ok(pb::Algorithm::Aes256Gcm) => Ok(Algorithm::Aes256Gcm),
         Ok(pb::Algorithm::Ed25519) => Ok(Algorithm::Ed25519),
         Ok(pb::Algorithm::EcdsaP256Sha256) => Ok(Algorithm::EcdsaP256Sha256),
+        Ok(pb::Algorithm::EcdsaP384Sha384) => Ok(Algorithm::EcdsaP384Sha384),
         Ok(pb::Algorithm::HmacSha256) => Ok(Algorithm::HmacSha256),
         _ => Err(KeyringError::BadRequest(
-            "algorithm must be one of AES_256_GCM, ED25519, ECDSA_P256_SHA256, HMAC_SHA256",
+            "algorithm must be one of AES_256_GCM, ED25519, ECDSA_P256_SHA256, ECDSA_P384_SHA384, HMAC_SHA256",
         )),
     }
 }

@@ -146,14 +146,14 @@ pub const NEEDS: &[Need] = &[
     Need {
         mechanism: MechanismType::ECC_KEY_PAIR_GEN,
         name: "CKM_EC_KEY_PAIR_GEN",
-        used_for: "HSM-protected ECDSA P-256 keys",
+        used_for: "HSM-protected ECDSA P-256 and P-384 keys",
         required: false,
         without: "ECDSA keys must be SOFTWARE (creating an HSM one fails)",
     },
     Need {
         mechanism: MechanismType::ECDSA,
         name: "CKM_ECDSA",
-        used_for: "HSM-protected ECDSA P-256 signing",
+        used_for: "HSM-protected ECDSA P-256 and P-384 signing",
         required: false,
         without: "ECDSA keys must be SOFTWARE (signing with an HSM one fails)",
     },

@@ -124,27 +124,28 @@ fn openssl_verifies(
     pem: &str,
     msg: &[u8],
     sig: &[u8],
-    ed25519: bool,
+    hash: Option<&str>,
 ) -> bool {
     let (p, m, s) = (dir.join("pub.pem"), dir.join("msg"), dir.join("sig"));
     std::fs::write(&p, pem).unwrap();
     std::fs::write(&m, msg).unwrap();
     std::fs::write(&s, sig).unwrap();
     let mut cmd = Command::new("openssl");
-    if ed25519 {
-        cmd.args(["pkeyutl", "-verify", "-pubin", "-rawin", "-inkey"])
+    match hash {
+        None => cmd
+            .args(["pkeyutl", "-verify", "-pubin", "-rawin", "-inkey"])
             .arg(&p)
             .arg("-in")
             .arg(&m)
             .arg("-sigfile")
-            .arg(&s);
-    } else {
-        cmd.args(["dgst", "-sha256", "-verify"])
+            .arg(&s),
+        Some(hash) => cmd
+            .args(["dgst", &format!("-{hash}"), "-verify"])
             .arg(&p)
             .arg("-signature")
             .arg(&s)
-            .arg(&m);
-    }
+            .arg(&m),
+    };
     cmd.output()
         .expect("openssl is installed (scripts/test installs it)")
         .status
@@ -253,12 +254,14 @@ async fn every_algorithm_at_both_protection_levels() {
             16
         );
 
-        // Signing keys: our verifier and openssl agree.
-        for (alg, ed) in [
-            (pb::Algorithm::EcdsaP256Sha256, false),
-            (pb::Algorithm::Ed25519, true),
+        // Signing keys: our verifier and openssl agree. (hash: None for Ed25519, which
+        // signs the message itself; the raw r|s length for ECDSA.)
+        for (alg, short, hash, raw_len) in [
+            (pb::Algorithm::EcdsaP256Sha256, "ec", Some("sha256"), 64),
+            (pb::Algorithm::EcdsaP384Sha384, "ec384", Some("sha384"), 96),
+            (pb::Algorithm::Ed25519, "ed", None, 64),
         ] {
-            let name = format!("{}-{p}", if ed { "ed" } else { "ec" });
+            let name = format!("{short}-{p}");
             create(&server, &mut c, &name, alg, protection).await;
             let pem = c
                 .get_public_key(pb::GetPublicKeyRequest {
@@ -275,31 +278,31 @@ async fn every_algorithm_at_both_protection_levels() {
             );
             let (sig, v) = sign(&mut c, &name, b"the message", pb::SignatureFormat::Default).await;
             assert_eq!(v, 1);
-            if ed {
-                assert_eq!(sig.len(), 64);
-            } else {
-                assert_eq!(sig[0], 0x30, "DER");
+            match hash {
+                None => assert_eq!(sig.len(), 64),
+                Some(_) => assert_eq!(sig[0], 0x30, "DER"),
             }
             assert!(verify(&mut c, &name, 1, b"the message", &sig).await);
             assert!(!verify(&mut c, &name, 1, b"the massage", &sig).await);
             assert!(
-                openssl_verifies(hsm.path(), &pem.pem, b"the message", &sig, ed),
+                openssl_verifies(hsm.path(), &pem.pem, b"the message", &sig, hash),
                 "{name}"
             );
             assert!(
-                !openssl_verifies(hsm.path(), &pem.pem, b"other", &sig, ed),
+                !openssl_verifies(hsm.path(), &pem.pem, b"other", &sig, hash),
                 "{name}"
             );
-            if !ed {
+            if let Some(hash) = hash {
                 let (raw, _) = sign(&mut c, &name, b"the message", pb::SignatureFormat::Raw).await;
-                assert_eq!(raw.len(), 64);
+                assert_eq!(raw.len(), raw_len);
                 assert!(verify(&mut c, &name, 0, b"the message", &raw).await);
-                // Signing a digest is the same as signing the message.
-                let digest = openssl_sha256(hsm.path(), b"the message");
+                // Signing a digest is the same as signing the message; a digest of the
+                // other hash's length is refused.
+                let digest = openssl_digest(hsm.path(), b"the message", hash);
                 let r = c
                     .sign(pb::SignRequest {
                         key: name.clone(),
-                        input: Some(pb::sign_request::Input::Digest(digest)),
+                        input: Some(pb::sign_request::Input::Digest(digest.clone())),
                         format: 0,
                     })
                     .await
@@ -310,8 +313,17 @@ async fn every_algorithm_at_both_protection_levels() {
                     &pem.pem,
                     b"the message",
                     &r.signature,
-                    false
+                    Some(hash)
                 ));
+                let wrong = vec![0; if digest.len() == 32 { 48 } else { 32 }];
+                let r = c
+                    .sign(pb::SignRequest {
+                        key: name.clone(),
+                        input: Some(pb::sign_request::Input::Digest(wrong)),
+                        format: 0,
+                    })
+                    .await;
+                expect_code(r, Code::InvalidArgument, "digest is");
             } else {
                 let r = c
                     .sign(pb::SignRequest {
@@ -362,8 +374,8 @@ async fn every_algorithm_at_both_protection_levels() {
             assert_eq!(ok, want);
         }
     }
-    // Four HSM keys made four token objects.
-    assert_eq!(count_hsm_keys(&hsm), hsm_objects_before + 4);
+    // Five HSM keys made five token objects.
+    assert_eq!(count_hsm_keys(&hsm), hsm_objects_before + 5);
 
     // Cross-key replay: a ciphertext of one key never decrypts under another.
     let (ct, _) = encrypt(&mut c, "aes-sw", PLAINTEXT, AAD).await;
@@ -430,7 +442,7 @@ async fn every_algorithm_at_both_protection_levels() {
         names.extend(p.keys.iter().map(|k| k.name.clone()));
         token = p.next_page_token;
     }
-    assert_eq!(names.len(), 9, "{names:?}");
+    assert_eq!(names.len(), 11, "{names:?}");
     let mut sorted = names.clone();
     sorted.sort();
     assert_eq!(names, sorted);
@@ -444,15 +456,15 @@ async fn every_algorithm_at_both_protection_levels() {
     drop(server);
 }
 
-fn openssl_sha256(dir: &std::path::Path, msg: &[u8]) -> Vec<u8> {
+fn openssl_digest(dir: &std::path::Path, msg: &[u8], hash: &str) -> Vec<u8> {
     let m = dir.join("digest-in");
     std::fs::write(&m, msg).unwrap();
     let out = Command::new("openssl")
-        .args(["dgst", "-sha256", "-binary"])
+        .args(["dgst", &format!("-{hash}"), "-binary"])
         .arg(&m)
         .output()
         .unwrap();
-    assert_eq!(out.stdout.len(), 32);
+    assert!(out.stdout.len() == 32 || out.stdout.len() == 48);
     out.stdout
 }
 
@@ -1311,7 +1323,7 @@ async fn the_cli_encrypts_signs_and_manages_keys() {
         &pem.stdout,
         b"document",
         &std::fs::read(&sig_path).unwrap(),
-        true
+        None
     ));
 
     // Over 64 KiB: Ed25519 signs the message itself, so the CLI says why it cannot...
@@ -1324,68 +1336,62 @@ async fn the_cli_encrypts_signs_and_manages_keys() {
         ),
         "{out:?}"
     );
-    // ...and an ECDSA key signs the SHA-256 digest the CLI makes, which openssl verifies
+    // ...and an ECDSA key signs the digest the CLI makes (SHA-256; SHA-384 for P-384, which
+    // the CLI learns from the server's refusal of a SHA-256 digest), which openssl verifies
     // against the whole document.
-    for args in [
-        vec![
-            "key",
-            "create",
-            "big-sigs",
-            "--algorithm",
-            "ecdsa-p256-sha256",
-        ],
-        vec![
-            "grant",
-            "create",
-            "big-sigs",
-            &admin,
-            "--operations",
-            "sign,verify,get-public-key",
-        ],
+    for (key, algorithm, hash) in [
+        ("big-sigs", "ecdsa-p256-sha256", "sha256"),
+        ("big-sigs-384", "ecdsa-p384-sha384", "sha384"),
     ] {
-        let out = server.kms(&args, "");
-        assert_eq!(out.code, Some(0), "{out:?}");
-    }
-    let big_sig = dir.join("big.sig");
-    let out = server.kms(
-        &[
-            "sign",
-            "--key",
-            "big-sigs",
-            "--out",
-            big_sig.to_str().unwrap(),
-        ],
-        &large,
-    );
-    assert_eq!(out.code, Some(0), "{out:?}");
-    let verify_big = |doc: &str| {
-        server.kms(
-            &[
-                "verify",
-                "--key",
-                "big-sigs",
-                "--signature",
-                big_sig.to_str().unwrap(),
+        for args in [
+            vec!["key", "create", key, "--algorithm", algorithm],
+            vec![
+                "grant",
+                "create",
+                key,
+                &admin,
+                "--operations",
+                "sign,verify,get-public-key",
             ],
-            doc,
-        )
-    };
-    assert_eq!(verify_big(&large).code, Some(0));
-    assert_eq!(verify_big(&format!("{large}!")).code, Some(3));
-    let pem = server.kms(&["public-key", "--key", "big-sigs"], "");
-    assert!(openssl_verifies(
-        dir,
-        &pem.stdout,
-        large.as_bytes(),
-        &std::fs::read(&big_sig).unwrap(),
-        false
-    ));
+        ] {
+            let out = server.kms(&args, "");
+            assert_eq!(out.code, Some(0), "{out:?}");
+        }
+        let big_sig = dir.join(format!("{key}.sig"));
+        let out = server.kms(
+            &["sign", "--key", key, "--out", big_sig.to_str().unwrap()],
+            &large,
+        );
+        assert_eq!(out.code, Some(0), "{out:?}");
+        let verify_big = |doc: &str| {
+            server.kms(
+                &[
+                    "verify",
+                    "--key",
+                    key,
+                    "--signature",
+                    big_sig.to_str().unwrap(),
+                ],
+                doc,
+            )
+        };
+        assert_eq!(verify_big(&large).code, Some(0));
+        assert_eq!(verify_big(&format!("{large}!")).code, Some(3));
+        let pem = server.kms(&["public-key", "--key", key], "");
+        assert!(openssl_verifies(
+            dir,
+            &pem.stdout,
+            large.as_bytes(),
+            &std::fs::read(&big_sig).unwrap(),
+            Some(hash)
+        ));
+    }
 
     let out = server.kms(&["datakey", "--key", "files"], "");
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(out.json()["key_version"], 2);
     let list = server.kms(&["key", "list", "--json"], "").json();
-    assert_eq!(list.as_array().unwrap().len(), 3);
+    assert_eq!(list.as_array().unwrap().len(), 4);
     // A key without a grant looks the same whether it exists or not.
     let out = server.kms(&["encrypt", "--key", "nope"], "x");
     assert_eq!(out.code, Some(1));

@@ -128,6 +128,37 @@ async fn the_core_runs_on_kryoptic() {
             .valid
     );
 
+    // P-384, in the token too.
+    server
+        .create_key_of(
+            "signer-384",
+            pb::Algorithm::EcdsaP384Sha384,
+            pb::ProtectionLevel::Hsm,
+        )
+        .await;
+    let sig384 = keys
+        .sign(pb::SignRequest {
+            key: "signer-384".into(),
+            input: Some(pb::sign_request::Input::Message(b"P-384".to_vec())),
+            format: pb::SignatureFormat::Raw as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .signature;
+    assert_eq!(sig384.len(), 96);
+    let v = keys
+        .verify(pb::VerifyRequest {
+            key: "signer-384".into(),
+            key_version: 0,
+            input: Some(pb::verify_request::Input::Message(b"P-384".to_vec())),
+            signature: sig384,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.valid);
+
     // Audit checkpoints are signed by the Ed25519 key in the token.
     let path = hsm.path().join("export.jsonl");
     let out = server.kms_as(

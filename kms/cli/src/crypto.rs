@@ -99,14 +99,15 @@ pub(super) enum CryptoCommand {
         #[command(flatten)]
         aad: Aad,
     },
-    /// Sign a message (or, with --digest, a SHA-256 digest; ECDSA only). A message over
-    /// 64 KiB is hashed here and its SHA-256 digest signed (ECDSA keys; Ed25519 keys sign
+    /// Sign a message (or, with --digest, its SHA-256 digest, SHA-384 for P-384; ECDSA
+    /// only). A message over 64 KiB is hashed here and its digest signed (ECDSA keys; Ed25519 keys sign
     /// messages of at most 64 KiB).
     Sign {
         /// The key.
         #[arg(long)]
         key: String,
-        /// The input is a 32-byte SHA-256 digest, not the message.
+        /// The input is a digest (SHA-256, 32 bytes; SHA-384, 48 bytes, for P-384), not the
+        /// message.
         #[arg(long)]
         digest: bool,
         /// ECDSA: raw r|s instead of DER.
@@ -366,15 +367,28 @@ async fn datakey(
 /// CLI sends the message's SHA-256 digest instead, as the AWS CLI does.
 const MAX_SIGNED_MESSAGE: usize = 64 * 1024;
 
-/// What to send for `data`: the digest when `--digest` says it is one, the SHA-256 digest of
-/// a message over [`MAX_SIGNED_MESSAGE`] (ECDSA signs digests), else the message. The second
-/// value says whether the digest was made here.
-fn signed_input(digest: bool, data: &[u8]) -> (pb::sign_request::Input, bool) {
+/// What to send for `data`: the digest when `--digest` says it is one, the digest of a
+/// message over [`MAX_SIGNED_MESSAGE`] (ECDSA signs digests: SHA-256, or SHA-384 when
+/// `sha384`), else the message. The second value says whether the digest was made here.
+fn signed_input(digest: bool, data: &[u8], sha384: bool) -> (pb::sign_request::Input, bool) {
     if !digest && data.len() > MAX_SIGNED_MESSAGE {
-        let hashed = <sha2::Sha256 as sha2::Digest>::digest(data).to_vec();
+        let hashed = if sha384 {
+            <sha2::Sha384 as sha2::Digest>::digest(data).to_vec()
+        } else {
+            <sha2::Sha256 as sha2::Digest>::digest(data).to_vec()
+        };
         return (pb::sign_request::Input::Digest(hashed), true);
     }
     (sign_input(digest, data.to_vec()), false)
+}
+
+/// Whether a refusal of a digest made here says the key wants SHA-384 (a P-384 key): the CLI
+/// then sends the SHA-384 digest instead (it does not know the key's algorithm beforehand,
+/// and a caller with a grant to sign may not read the key).
+fn wants_sha384(e: &crate::RpcError, hashed_here: bool) -> bool {
+    hashed_here
+        && e.0.code() == tonic::Code::InvalidArgument
+        && e.0.message().contains("SHA-384 digest")
 }
 
 /// The error of a sign or verify call. When the CLI sent the digest of a large input in its
@@ -402,20 +416,27 @@ async fn sign(
     io: &Io,
 ) -> Result<ExitCode, BoxError> {
     let data = read_input(&io.input)?;
-    let (input, hashed_here) = signed_input(digest, &data);
-    let r = c
-        .sign(pb::SignRequest {
-            key,
-            input: Some(input),
-            format: if raw {
-                pb::SignatureFormat::Raw
-            } else {
-                pb::SignatureFormat::Default
-            } as i32,
-        })
-        .answer()
-        .await
-        .map_err(|e| sign_error(e, hashed_here, data.len()))?;
+    let format = if raw {
+        pb::SignatureFormat::Raw
+    } else {
+        pb::SignatureFormat::Default
+    } as i32;
+    let mut sha384 = false;
+    let r = loop {
+        let (input, hashed_here) = signed_input(digest, &data, sha384);
+        let answer = c
+            .sign(pb::SignRequest {
+                key: key.clone(),
+                input: Some(input),
+                format,
+            })
+            .answer()
+            .await;
+        match answer {
+            Err(e) if !sha384 && wants_sha384(&e, hashed_here) => sha384 = true,
+            other => break other.map_err(|e| sign_error(e, hashed_here, data.len()))?,
+        }
+    };
     write_output(io, &r.signature)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -448,24 +469,30 @@ async fn verify(
 ) -> Result<ExitCode, BoxError> {
     let data = read_input(&io.input)?;
     let sig = read_ours_file(signature, io.base64)?;
-    let (input, hashed_here) = match signed_input(digest, &data) {
-        (pb::sign_request::Input::Digest(d), hashed) => {
-            (pb::verify_request::Input::Digest(d), hashed)
-        }
-        (pb::sign_request::Input::Message(m), hashed) => {
-            (pb::verify_request::Input::Message(m), hashed)
+    let mut sha384 = false;
+    let r = loop {
+        let (input, hashed_here) = match signed_input(digest, &data, sha384) {
+            (pb::sign_request::Input::Digest(d), hashed) => {
+                (pb::verify_request::Input::Digest(d), hashed)
+            }
+            (pb::sign_request::Input::Message(m), hashed) => {
+                (pb::verify_request::Input::Message(m), hashed)
+            }
+        };
+        let answer = c
+            .verify(pb::VerifyRequest {
+                key: key.clone(),
+                key_version: version,
+                input: Some(input),
+                signature: sig.clone(),
+            })
+            .answer()
+            .await;
+        match answer {
+            Err(e) if !sha384 && wants_sha384(&e, hashed_here) => sha384 = true,
+            other => break other.map_err(|e| sign_error(e, hashed_here, data.len()))?,
         }
     };
-    let r = c
-        .verify(pb::VerifyRequest {
-            key,
-            key_version: version,
-            input: Some(input),
-            signature: sig,
-        })
-        .answer()
-        .await
-        .map_err(|e| sign_error(e, hashed_here, data.len()))?;
     Ok(verdict(r.valid))
 }
 

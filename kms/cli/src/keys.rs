@@ -21,6 +21,8 @@ pub(super) enum AlgorithmArg {
     Ed25519,
     #[value(name = "ecdsa-p256-sha256")]
     EcdsaP256Sha256,
+    #[value(name = "ecdsa-p384-sha384")]
+    EcdsaP384Sha384,
     #[value(name = "hmac-sha256")]
     HmacSha256,
 }
@@ -37,6 +39,7 @@ impl From<AlgorithmArg> for Algorithm {
             AlgorithmArg::Aes256Gcm => Algorithm::Aes256Gcm,
             AlgorithmArg::Ed25519 => Algorithm::Ed25519,
             AlgorithmArg::EcdsaP256Sha256 => Algorithm::EcdsaP256Sha256,
+            AlgorithmArg::EcdsaP384Sha384 => Algorithm::EcdsaP384Sha384,
             AlgorithmArg::HmacSha256 => Algorithm::HmacSha256,
         }
     }

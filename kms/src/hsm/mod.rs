@@ -533,7 +533,7 @@ impl Hsm {
     pub fn sign(&self, kind: HsmKeyKind, key: KeyHandle, data: &[u8]) -> Result<Vec<u8>, HsmError> {
         let mechanism = match kind {
             HsmKeyKind::Ed25519 => Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
-            HsmKeyKind::EcdsaP256 => Mechanism::Ecdsa,
+            HsmKeyKind::EcdsaP256 | HsmKeyKind::EcdsaP384 => Mechanism::Ecdsa,
             HsmKeyKind::HmacSha256 => Mechanism::Sha256Hmac,
             HsmKeyKind::Aes256 => return Err(HsmError::Misuse("an AES key does not sign")),
         };

@@ -8,12 +8,14 @@ use super::*;
 const OID_ED25519: &[u8] = &[0x06, 0x03, 0x2B, 0x65, 0x70];
 /// DER of the P-256 curve OID 1.2.840.10045.3.1.7 (CKA_EC_PARAMS).
 const OID_P256: &[u8] = &[0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07];
+/// DER of the P-384 curve OID 1.3.132.0.34 (CKA_EC_PARAMS).
+const OID_P384: &[u8] = &[0x06, 0x05, 0x2B, 0x81, 0x04, 0x00, 0x22];
 
 impl Hsm {
     /// Generates a keyring key inside the token, labelled `label`: a token object,
     /// private, sensitive, never extractable, with only the usages `kind` needs.
     /// Returns the private (or secret) key and, for key pairs, the public key's bytes
-    /// (Ed25519: 32 bytes; P-256: the 65-byte uncompressed SEC1 point).
+    /// (Ed25519: 32 bytes; P-256 and P-384: the 65- or 97-byte uncompressed SEC1 point).
     pub fn generate_key(
         &self,
         kind: HsmKeyKind,
@@ -27,7 +29,7 @@ impl Hsm {
                 HsmKeyKind::Aes256 | HsmKeyKind::HmacSha256 => {
                     Ok((generate_secret(s, kind, base)?, None))
                 }
-                HsmKeyKind::Ed25519 | HsmKeyKind::EcdsaP256 => {
+                HsmKeyKind::Ed25519 | HsmKeyKind::EcdsaP256 | HsmKeyKind::EcdsaP384 => {
                     let (key, public) = generate_ec_pair(s, kind, base)?;
                     Ok((key, Some(public)))
                 }
@@ -254,6 +256,8 @@ pub enum HsmKeyKind {
     Ed25519,
     /// ECDSA over P-256 (CKM_ECDSA on a SHA-256 digest).
     EcdsaP256,
+    /// ECDSA over P-384 (CKM_ECDSA on a SHA-384 digest).
+    EcdsaP384,
     /// A 256-bit generic secret for CKM_SHA256_HMAC.
     HmacSha256,
 }
@@ -265,7 +269,7 @@ impl HsmKeyKind {
             Self::Aes256 => (ObjectClass::SECRET_KEY, KeyType::AES),
             Self::HmacSha256 => (ObjectClass::SECRET_KEY, KeyType::GENERIC_SECRET),
             Self::Ed25519 => (ObjectClass::PRIVATE_KEY, KeyType::EC_EDWARDS),
-            Self::EcdsaP256 => (ObjectClass::PRIVATE_KEY, KeyType::EC),
+            Self::EcdsaP256 | Self::EcdsaP384 => (ObjectClass::PRIVATE_KEY, KeyType::EC),
         }
     }
 }
@@ -389,6 +393,7 @@ fn generate_ec_pair(
             KeyType::EC_EDWARDS,
             OID_ED25519,
         ),
+        HsmKeyKind::EcdsaP384 => (Mechanism::EccKeyPairGen, KeyType::EC, OID_P384),
         _ => (Mechanism::EccKeyPairGen, KeyType::EC, OID_P256),
     };
     let public = [
@@ -417,6 +422,10 @@ fn generate_ec_pair(
         })
         .ok_or(HsmError::Misuse("the token returned no public key"))?;
     let _ = s.destroy_object(pub_h);
-    let want = if kind == HsmKeyKind::Ed25519 { 32 } else { 65 };
+    let want = match kind {
+        HsmKeyKind::Ed25519 => 32,
+        HsmKeyKind::EcdsaP384 => 97,
+        _ => 65,
+    };
     Ok((priv_h, unwrap_ec_point(&point, want)?))
 }

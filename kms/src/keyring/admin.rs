@@ -27,7 +27,7 @@ impl Keyring {
                 v.salt = Some(hex(&salt));
                 if matches!(
                     meta.algorithm,
-                    Algorithm::Ed25519 | Algorithm::EcdsaP256Sha256
+                    Algorithm::Ed25519 | Algorithm::EcdsaP256Sha256 | Algorithm::EcdsaP384Sha384
                 ) {
                     let key_id = unhex(&meta.key_id).ok_or(KeyringError::Internal("key id"))?;
                     let secret = material::derive_secret(

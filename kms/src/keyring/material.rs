@@ -15,7 +15,7 @@ use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use p256::ecdsa::signature::hazmat::{PrehashSigner, PrehashVerifier};
 use p256::pkcs8::EncodePublicKey;
-use sha2::{Digest, Sha256};
+use sha2::{Digest, Sha256, Sha384};
 use zeroize::Zeroizing;
 
 use super::KeyringError;
@@ -30,16 +30,16 @@ pub enum SignatureEncoding {
     /// ASN.1 DER, what openssl and most verifiers take.
     #[default]
     Der,
-    /// `r | s`, 64 bytes (JOSE/JWS, WebAuthn-style raw).
+    /// `r | s`: 64 bytes for P-256, 96 for P-384 (JOSE/JWS, WebAuthn-style raw).
     Raw,
 }
 
-/// What to sign: a message, or (ECDSA only) its SHA-256 digest.
+/// What to sign: a message, or (ECDSA only) its digest under the key's hash.
 #[derive(Debug, Clone, Copy)]
 pub enum SignInput<'a> {
     /// The message itself.
     Message(&'a [u8]),
-    /// A SHA-256 digest (32 bytes).
+    /// A SHA-256 digest (32 bytes; P-256) or a SHA-384 digest (48 bytes; P-384).
     Digest(&'a [u8]),
 }
 
@@ -51,6 +51,8 @@ pub enum Secret {
     Ed25519(Box<ed25519_dalek::SigningKey>),
     /// A P-256 ECDSA signing key.
     P256(Box<p256::ecdsa::SigningKey>),
+    /// A P-384 ECDSA signing key.
+    P384(Box<p384::ecdsa::SigningKey>),
     /// An HMAC-SHA256 key.
     Hmac(Zeroizing<[u8; 32]>),
     /// A key inside the HSM.
@@ -66,6 +68,8 @@ pub enum Public {
     Ed25519(ed25519_dalek::VerifyingKey),
     /// P-256.
     P256(p256::ecdsa::VerifyingKey),
+    /// P-384.
+    P384(p384::ecdsa::VerifyingKey),
 }
 
 impl Public {
@@ -81,6 +85,9 @@ impl Public {
             Algorithm::EcdsaP256Sha256 => p256::ecdsa::VerifyingKey::from_sec1_bytes(bytes)
                 .ok()
                 .map(Self::P256),
+            Algorithm::EcdsaP384Sha384 => p384::ecdsa::VerifyingKey::from_sec1_bytes(bytes)
+                .ok()
+                .map(Self::P384),
             _ => None,
         }
     }
@@ -90,6 +97,7 @@ impl Public {
         match self {
             Self::Ed25519(k) => k.to_bytes().to_vec(),
             Self::P256(k) => k.to_sec1_bytes().to_vec(),
+            Self::P384(k) => k.to_sec1_bytes().to_vec(),
         }
     }
 
@@ -99,12 +107,13 @@ impl Public {
         match self {
             Self::Ed25519(k) => k.to_public_key_pem(le),
             Self::P256(k) => k.to_public_key_pem(le),
+            Self::P384(k) => k.to_public_key_pem(le),
         }
         .map_err(|_| KeyringError::Internal("encode public key"))
     }
 
     /// Verifies a signature in the standard encoding (Ed25519 raw 64 bytes; ECDSA DER,
-    /// or raw `r | s` of 64 bytes). Malformed signatures are simply invalid.
+    /// or raw `r | s` of 64 or 96 bytes). Malformed signatures are simply invalid.
     pub fn verify(&self, input: SignInput<'_>, signature: &[u8]) -> Result<bool, KeyringError> {
         match (self, input) {
             (Self::Ed25519(k), SignInput::Message(m)) => {
@@ -127,6 +136,17 @@ impl Public {
                 };
                 Ok(k.verify_prehash(&digest, &sig).is_ok())
             }
+            (Self::P384(k), input) => {
+                let digest = sha384_input(input)?;
+                let sig = match p384::ecdsa::Signature::from_der(signature) {
+                    Ok(s) => s,
+                    Err(_) => match p384::ecdsa::Signature::from_slice(signature) {
+                        Ok(s) => s,
+                        Err(_) => return Ok(false),
+                    },
+                };
+                Ok(k.verify_prehash(&digest, &sig).is_ok())
+            }
         }
     }
 }
@@ -138,6 +158,16 @@ fn sha256_input(input: SignInput<'_>) -> Result<[u8; 32], KeyringError> {
         SignInput::Digest(d) => d
             .try_into()
             .map_err(|_| KeyringError::BadRequest("a SHA-256 digest is 32 bytes")),
+    }
+}
+
+/// The digest a P-384 signature covers.
+fn sha384_input(input: SignInput<'_>) -> Result<[u8; 48], KeyringError> {
+    match input {
+        SignInput::Message(m) => Ok(Sha384::digest(m).into()),
+        SignInput::Digest(d) => d
+            .try_into()
+            .map_err(|_| KeyringError::BadRequest("a SHA-384 digest is 48 bytes")),
     }
 }
 
@@ -249,6 +279,19 @@ pub(crate) fn derive_secret(
                     .ok_or(KeyringError::Internal("p256 derivation"))?;
             }
         }
+        Algorithm::EcdsaP384Sha384 => {
+            // As for P-256, with a 48-byte string for the 384-bit scalar.
+            let mut counter = 0u8;
+            loop {
+                let okm = derive::<48>(root, salt, key_id, version, algorithm, counter)?;
+                if let Ok(k) = p384::ecdsa::SigningKey::from_slice(okm.as_slice()) {
+                    break Secret::P384(Box::new(k));
+                }
+                counter = counter
+                    .checked_add(1)
+                    .ok_or(KeyringError::Internal("p384 derivation"))?;
+            }
+        }
         Algorithm::HmacSha256 => Secret::Hmac(d(0)?),
     })
 }
@@ -268,6 +311,7 @@ impl Secret {
         match self {
             Self::Ed25519(k) => Some(Public::Ed25519(k.verifying_key())),
             Self::P256(k) => Some(Public::P256(*k.verifying_key())),
+            Self::P384(k) => Some(Public::P384(*k.verifying_key())),
             _ => None,
         }
     }
@@ -357,6 +401,13 @@ impl Secret {
                 SignatureEncoding::Der => sig.to_der().as_bytes().to_vec(),
             }
         };
+        let ecdsa384_out = |sig: p384::ecdsa::Signature| {
+            let sig = sig.normalize_s();
+            match encoding {
+                SignatureEncoding::Raw => sig.to_bytes().to_vec(),
+                SignatureEncoding::Der => sig.to_der().as_bytes().to_vec(),
+            }
+        };
         match self {
             Self::Ed25519(k) => Ok(k.sign(ed_message(input)?).to_bytes().to_vec()),
             Self::P256(k) => {
@@ -365,6 +416,13 @@ impl Secret {
                     .sign_prehash(&digest)
                     .map_err(|_| KeyringError::Internal("ecdsa sign"))?;
                 Ok(ecdsa_out(sig))
+            }
+            Self::P384(k) => {
+                let digest = sha384_input(input)?;
+                let sig: p384::ecdsa::Signature = k
+                    .sign_prehash(&digest)
+                    .map_err(|_| KeyringError::Internal("ecdsa sign"))?;
+                Ok(ecdsa384_out(sig))
             }
             Self::Hsm(HsmKeyKind::Ed25519, h) => {
                 Ok(need(hsm)?.sign(HsmKeyKind::Ed25519, *h, ed_message(input)?)?)
@@ -376,6 +434,14 @@ impl Secret {
                     KeyringError::Internal("HSM returned a malformed ECDSA signature")
                 })?;
                 Ok(ecdsa_out(sig))
+            }
+            Self::Hsm(HsmKeyKind::EcdsaP384, h) => {
+                let digest = sha384_input(input)?;
+                let rs = need(hsm)?.sign(HsmKeyKind::EcdsaP384, *h, &digest)?;
+                let sig = p384::ecdsa::Signature::from_slice(&rs).map_err(|_| {
+                    KeyringError::Internal("HSM returned a malformed ECDSA signature")
+                })?;
+                Ok(ecdsa384_out(sig))
             }
             Self::HsmMissing => Self::hsm_missing(),
             _ => Err(KeyringError::Internal("not a signing key")),
@@ -485,6 +551,41 @@ mod tests {
         assert!(sig.normalize_s() == sig);
         let pem = public.to_pem().unwrap();
         assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----"));
+    }
+
+    /// ECDSA P-384 likewise, with SHA-384: 96-byte raw signatures, 48-byte digests (a
+    /// SHA-256 digest is refused), and a public key that round-trips through its bytes.
+    #[test]
+    fn ecdsa_p384_sign_verify() {
+        let secret =
+            derive_secret(&[5; 32], &[6; 32], &[7; 16], 1, Algorithm::EcdsaP384Sha384).unwrap();
+        let public = secret.public().unwrap();
+        let der = secret
+            .sign(None, SignInput::Message(b"hello"), SignatureEncoding::Der)
+            .unwrap();
+        let raw = secret
+            .sign(None, SignInput::Message(b"hello"), SignatureEncoding::Raw)
+            .unwrap();
+        assert_eq!(raw.len(), 96);
+        assert!(der[0] == 0x30);
+        assert!(public.verify(SignInput::Message(b"hello"), &der).unwrap());
+        assert!(public.verify(SignInput::Message(b"hello"), &raw).unwrap());
+        let digest: [u8; 48] = Sha384::digest(b"hello").into();
+        assert!(public.verify(SignInput::Digest(&digest), &der).unwrap());
+        assert!(!public.verify(SignInput::Message(b"hellO"), &der).unwrap());
+        let short: [u8; 32] = Sha256::digest(b"hello").into();
+        assert!(matches!(
+            secret.sign(None, SignInput::Digest(&short), SignatureEncoding::Der),
+            Err(KeyringError::BadRequest(_))
+        ));
+        let sig = p384::ecdsa::Signature::from_der(&der).unwrap();
+        assert!(sig.normalize_s() == sig);
+        let back = Public::from_bytes(Algorithm::EcdsaP384Sha384, &public.to_bytes()).unwrap();
+        assert!(back.verify(SignInput::Message(b"hello"), &raw).unwrap());
+        // Not the P-256 key of the same derivation inputs.
+        let p256 =
+            derive_secret(&[5; 32], &[6; 32], &[7; 16], 1, Algorithm::EcdsaP256Sha256).unwrap();
+        assert_ne!(p256.public().unwrap().to_bytes(), public.to_bytes());
     }
 
     /// NIST GCM test vector (gcmEncryptExtIV256.rsp, Count 0 of the 96-bit IV, 128-bit

@@ -164,6 +164,7 @@ fn hsm_kind(a: Algorithm) -> HsmKeyKind {
         Algorithm::Aes256Gcm => HsmKeyKind::Aes256,
         Algorithm::Ed25519 => HsmKeyKind::Ed25519,
         Algorithm::EcdsaP256Sha256 => HsmKeyKind::EcdsaP256,
+        Algorithm::EcdsaP384Sha384 => HsmKeyKind::EcdsaP384,
         Algorithm::HmacSha256 => HsmKeyKind::HmacSha256,
     }
 }

@@ -37,6 +37,8 @@ pub enum Algorithm {
     Ed25519,
     /// ECDSA over P-256 with SHA-256.
     EcdsaP256Sha256,
+    /// ECDSA over P-384 with SHA-384.
+    EcdsaP384Sha384,
     /// HMAC-SHA256.
     HmacSha256,
 }
@@ -46,7 +48,7 @@ impl Algorithm {
     pub fn purpose(self) -> Purpose {
         match self {
             Self::Aes256Gcm => Purpose::EncryptDecrypt,
-            Self::Ed25519 | Self::EcdsaP256Sha256 => Purpose::SignVerify,
+            Self::Ed25519 | Self::EcdsaP256Sha256 | Self::EcdsaP384Sha384 => Purpose::SignVerify,
             Self::HmacSha256 => Purpose::Mac,
         }
     }
@@ -57,6 +59,7 @@ impl Algorithm {
             Self::Aes256Gcm => "AES_256_GCM",
             Self::Ed25519 => "ED25519",
             Self::EcdsaP256Sha256 => "ECDSA_P256_SHA256",
+            Self::EcdsaP384Sha384 => "ECDSA_P384_SHA384",
             Self::HmacSha256 => "HMAC_SHA256",
         }
     }
