@@ -74,7 +74,7 @@ impl SealManager {
                 (self.hsm.generate_master_key_labelled(&label)?, label, true)
             }
         };
-        let result = self.move_outer_layer(&record, old, new, &label, commit);
+        let result = self.move_outer_layer(&record, old, &old_id, new, &label, commit);
         if result.is_err() && generated {
             // Never named by a committed record: nothing is wrapped under it.
             let _ = self.hsm.destroy(new);
@@ -103,6 +103,7 @@ impl SealManager {
         &self,
         record: &SealRecord,
         old: KeyHandle,
+        old_id: &[u8],
         new: KeyHandle,
         label: &str,
         commit: &super::rekey::CeremonyCommit<'_>,
@@ -130,7 +131,7 @@ impl SealManager {
         next.master_key_id = Some(data_encoding::HEXLOWER.encode(&new_id));
         next.retired_master_keys.push(RetiredMasterKey {
             label: record.master_key_label.clone(),
-            id: data_encoding::HEXLOWER.encode(&self.hsm.key_id(old)?),
+            id: data_encoding::HEXLOWER.encode(old_id),
             retired_at: unix_now(),
         });
         let _other_servers = self.store.lock_changes()?;
