@@ -12,6 +12,7 @@ const REDACTED: &[&str] = &[
     "kms.v1.EncryptRequest",
     "kms.v1.DecryptRequest",
     "kms.v1.DecryptResponse",
+    "kms.v1.AsymmetricDecryptResponse",
     "kms.v1.ReEncryptRequest",
     "kms.v1.GenerateDataKeyRequest",
     "kms.v1.GenerateDataKeyResponse",

@@ -35,6 +35,7 @@ pub(crate) fn key_pb(m: &KeyMeta) -> pb::Key {
             Purpose::EncryptDecrypt => pb::Purpose::EncryptDecrypt,
             Purpose::SignVerify => pb::Purpose::SignVerify,
             Purpose::Mac => pb::Purpose::Mac,
+            Purpose::AsymmetricDecrypt => pb::Purpose::AsymmetricDecrypt,
         } as i32,
         algorithm: algorithm_pb(m.algorithm) as i32,
         protection_level: protection_pb(m.protection) as i32,
@@ -72,29 +73,19 @@ pub(crate) fn key_pb(m: &KeyMeta) -> pb::Key {
     }
 }
 
-/// An algorithm as the API spells it.
+/// An algorithm as the API spells it (the enum value of the same name).
 pub fn algorithm_pb(a: Algorithm) -> pb::Algorithm {
-    match a {
-        Algorithm::Aes256Gcm => pb::Algorithm::Aes256Gcm,
-        Algorithm::Ed25519 => pb::Algorithm::Ed25519,
-        Algorithm::EcdsaP256Sha256 => pb::Algorithm::EcdsaP256Sha256,
-        Algorithm::EcdsaP384Sha384 => pb::Algorithm::EcdsaP384Sha384,
-        Algorithm::HmacSha256 => pb::Algorithm::HmacSha256,
-    }
+    pb::Algorithm::from_str_name(a.name()).unwrap_or(pb::Algorithm::Unspecified)
 }
 
 /// An API algorithm; unspecified or unknown is a bad request.
 pub(crate) fn algorithm_from(v: i32) -> Result<Algorithm, KeyringError> {
-    match pb::Algorithm::try_from(v) {
-        Ok(pb::Algorithm::Aes256Gcm) => Ok(Algorithm::Aes256Gcm),
-        Ok(pb::Algorithm::Ed25519) => Ok(Algorithm::Ed25519),
-        Ok(pb::Algorithm::EcdsaP256Sha256) => Ok(Algorithm::EcdsaP256Sha256),
-        Ok(pb::Algorithm::EcdsaP384Sha384) => Ok(Algorithm::EcdsaP384Sha384),
-        Ok(pb::Algorithm::HmacSha256) => Ok(Algorithm::HmacSha256),
-        _ => Err(KeyringError::BadRequest(
-            "algorithm must be one of AES_256_GCM, ED25519, ECDSA_P256_SHA256, ECDSA_P384_SHA384, HMAC_SHA256",
-        )),
-    }
+    Algorithm::ALL
+        .into_iter()
+        .find(|a| v != 0 && algorithm_pb(*a) as i32 == v)
+        .ok_or(KeyringError::BadRequest(
+            "algorithm must be one of AES_256_GCM, ED25519, ECDSA_P256_SHA256, ECDSA_P384_SHA384, HMAC_SHA256, RSA_SIGN_PSS_{2048,3072,4096}_SHA256, RSA_SIGN_PKCS1_{2048,3072,4096}_SHA256, RSA_DECRYPT_OAEP_{2048,3072,4096}_SHA256",
+        ))
 }
 
 /// A protection level as the API spells it.
@@ -451,5 +442,22 @@ pub fn report_from(r: pb::KeyUsageReportResponse) -> UsageReport {
                 span: span(c.count, c.first_unix_ms, c.last_unix_ms),
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every algorithm has its API value, and that value comes back as the same algorithm.
+    #[test]
+    fn every_algorithm_maps_both_ways() {
+        for a in Algorithm::ALL {
+            let v = algorithm_pb(a);
+            assert_ne!(v, pb::Algorithm::Unspecified, "{a:?}");
+            assert_eq!(algorithm_from(v as i32).ok(), Some(a));
+        }
+        assert!(algorithm_from(0).is_err());
+        assert!(algorithm_from(999).is_err());
     }
 }

@@ -185,6 +185,41 @@ pub const NEEDS: &[Need] = &[
         required: false,
         without: "HMAC keys must be SOFTWARE (an HSM one fails)",
     },
+    Need {
+        mechanism: MechanismType::RSA_PKCS_KEY_PAIR_GEN,
+        name: "CKM_RSA_PKCS_KEY_PAIR_GEN",
+        used_for: "HSM-protected RSA keys (2048, 3072, 4096 bits)",
+        required: false,
+        without: "RSA keys must be SOFTWARE (creating an HSM one fails)",
+    },
+    Need {
+        mechanism: MechanismType::RSA_PKCS_PSS,
+        name: "CKM_RSA_PKCS_PSS",
+        used_for: "HSM-protected RSA-PSS signing (the digest is made in kms)",
+        required: false,
+        without: "RSA-PSS keys must be SOFTWARE (signing with an HSM one fails)",
+    },
+    Need {
+        mechanism: MechanismType::RSA_PKCS,
+        name: "CKM_RSA_PKCS",
+        used_for: "HSM-protected RSA PKCS#1 v1.5 signing (over the SHA-256 DigestInfo)",
+        required: false,
+        without: "RSA PKCS#1 v1.5 keys must be SOFTWARE (signing with an HSM one fails)",
+    },
+    Need {
+        mechanism: MechanismType::RSA_PKCS_OAEP,
+        name: "CKM_RSA_PKCS_OAEP",
+        used_for: "HSM-protected RSA-OAEP decryption (with SHA-256)",
+        required: false,
+        without: "kms decrypts with CKM_RSA_X_509 and removes the OAEP padding itself, in constant time",
+    },
+    Need {
+        mechanism: MechanismType::RSA_X_509,
+        name: "CKM_RSA_X_509",
+        used_for: "HSM-protected RSA-OAEP decryption where the module refuses OAEP with SHA-256 (SoftHSM 2.6)",
+        required: false,
+        without: "without CKM_RSA_PKCS_OAEP with SHA-256 either, HSM RSA decryption keys fail",
+    },
 ];
 
 /// What a module offers, as `kms pkcs11 probe` prints it.

@@ -39,6 +39,7 @@ pub mod v1 {
     redacted_debug!(EncryptRequest { key } secret { plaintext, associated_data });
     redacted_debug!(DecryptRequest { key } secret { ciphertext, associated_data });
     redacted_debug!(DecryptResponse { key_version } secret { plaintext });
+    redacted_debug!(AsymmetricDecryptResponse { key_version } secret { plaintext });
     redacted_debug!(ReEncryptRequest { key, destination_key } secret { ciphertext, associated_data });
     redacted_debug!(GenerateDataKeyRequest { key, length_bytes } secret { associated_data });
     redacted_debug!(GenerateDataKeyResponse { key_version } secret { plaintext, ciphertext });

@@ -593,8 +593,9 @@ impl Server {
         name: &str,
         algorithm: kms_proto::v1::Algorithm,
         protection: kms_proto::v1::ProtectionLevel,
-    ) {
-        self.keys()
+    ) -> kms_proto::v1::Key {
+        let key = self
+            .keys()
             .await
             .create_key(kms_proto::v1::CreateKeyRequest {
                 name: name.into(),
@@ -604,8 +605,10 @@ impl Server {
                 labels: Default::default(),
             })
             .await
-            .unwrap();
+            .unwrap()
+            .into_inner();
         self.grant_all(name).await;
+        key
     }
 
     /// Grants the harness's admin client every operation on `key`.

@@ -50,6 +50,7 @@ const RPCS: &[&str] = &[
     "KeyManagement/Sign",
     "KeyManagement/Verify",
     "KeyManagement/GetPublicKey",
+    "KeyManagement/AsymmetricDecrypt",
     "KeyManagement/Mac",
     "KeyManagement/VerifyMac",
     "KeyManagement/BatchEncrypt",
@@ -71,6 +72,8 @@ const RPCS: &[&str] = &[
 /// What the matrix needs that was made beforehand.
 struct Fixture {
     ciphertext: Vec<u8>,
+    /// Made with the `rsa` key's public key by openssl.
+    rsa_ciphertext: Vec<u8>,
     signature: Vec<u8>,
     mac: Vec<u8>,
     grant_to_revoke: String,
@@ -259,6 +262,14 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
             })
             .await
             .map(drop),
+        "KeyManagement/AsymmetricDecrypt" => keys
+            .asymmetric_decrypt(pb::AsymmetricDecryptRequest {
+                key: "rsa".into(),
+                key_version: 0,
+                ciphertext: f.rsa_ciphertext.clone(),
+            })
+            .await
+            .map(drop),
         "KeyManagement/Mac" => keys
             .mac(pb::MacRequest {
                 key: "mac".into(),
@@ -435,6 +446,7 @@ async fn every_rpc_by_every_kind_of_caller() {
         ("enc", pb::Algorithm::Aes256Gcm),
         ("sig", pb::Algorithm::Ed25519),
         ("mac", pb::Algorithm::HmacSha256),
+        ("rsa", pb::Algorithm::RsaDecryptOaep2048Sha256),
         ("tmp", pb::Algorithm::Aes256Gcm),
         ("reports", pb::Algorithm::Aes256Gcm),
     ] {
@@ -447,7 +459,7 @@ async fn every_rpc_by_every_kind_of_caller() {
             .await
             .unwrap();
     }
-    for key in ["enc", "sig", "mac"] {
+    for key in ["enc", "sig", "mac", "rsa"] {
         server.grant(key, &app.principal).await;
     }
     server.grant("reports", &other.principal).await;
@@ -483,7 +495,41 @@ async fn every_rpc_by_every_kind_of_caller() {
         .unwrap()
         .into_inner()
         .mac;
+    let pem = app_keys
+        .get_public_key(pb::GetPublicKeyRequest {
+            key: "rsa".into(),
+            key_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pem;
+    std::fs::write(hsm.path().join("rsa.pem"), pem).unwrap();
+    std::fs::write(hsm.path().join("rsa.pt"), b"p").unwrap();
+    let made = std::process::Command::new("openssl")
+        .current_dir(hsm.path())
+        .args([
+            "pkeyutl",
+            "-encrypt",
+            "-pubin",
+            "-inkey",
+            "rsa.pem",
+            "-pkeyopt",
+            "rsa_padding_mode:oaep",
+            "-pkeyopt",
+            "rsa_oaep_md:sha256",
+            "-pkeyopt",
+            "rsa_mgf1_md:sha256",
+            "-in",
+            "rsa.pt",
+            "-out",
+            "rsa.ct",
+        ])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
     let fixture = Fixture {
+        rsa_ciphertext: std::fs::read(hsm.path().join("rsa.ct")).unwrap(),
         ciphertext,
         signature,
         mac,

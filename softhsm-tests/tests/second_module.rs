@@ -159,6 +159,115 @@ async fn the_core_runs_on_kryoptic() {
         .into_inner();
     assert!(v.valid);
 
+    // RSA in the token: a PSS signature openssl verifies, and an OAEP ciphertext openssl
+    // made, decrypted by the module itself (kryoptic offers OAEP with SHA-256).
+    server
+        .create_key_of(
+            "rsa-signer",
+            pb::Algorithm::RsaSignPss2048Sha256,
+            pb::ProtectionLevel::Hsm,
+        )
+        .await;
+    server
+        .create_key_of(
+            "rsa-decrypter",
+            pb::Algorithm::RsaDecryptOaep3072Sha256,
+            pb::ProtectionLevel::Hsm,
+        )
+        .await;
+    let pem = |key: &'static str| {
+        let mut keys = keys.clone();
+        async move {
+            keys.get_public_key(pb::GetPublicKeyRequest {
+                key: key.into(),
+                key_version: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .pem
+        }
+    };
+    let dir = hsm.path();
+    std::fs::write(dir.join("rsa.pem"), pem("rsa-signer").await).unwrap();
+    std::fs::write(dir.join("oaep.pem"), pem("rsa-decrypter").await).unwrap();
+    std::fs::write(dir.join("doc"), b"a document").unwrap();
+    let sig = keys
+        .sign(pb::SignRequest {
+            key: "rsa-signer".into(),
+            input: Some(pb::sign_request::Input::Message(b"a document".to_vec())),
+            format: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .signature;
+    std::fs::write(dir.join("doc.sig"), &sig).unwrap();
+    let verified = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args([
+            "dgst",
+            "-sha256",
+            "-verify",
+            "rsa.pem",
+            "-sigopt",
+            "rsa_padding_mode:pss",
+            "-sigopt",
+            "rsa_pss_saltlen:32",
+            "-signature",
+            "doc.sig",
+            "doc",
+        ])
+        .output()
+        .unwrap();
+    assert!(verified.status.success(), "{verified:?}");
+    let encrypted = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args([
+            "pkeyutl",
+            "-encrypt",
+            "-pubin",
+            "-inkey",
+            "oaep.pem",
+            "-pkeyopt",
+            "rsa_padding_mode:oaep",
+            "-pkeyopt",
+            "rsa_oaep_md:sha256",
+            "-pkeyopt",
+            "rsa_mgf1_md:sha256",
+            "-in",
+            "doc",
+            "-out",
+            "doc.enc",
+        ])
+        .output()
+        .unwrap();
+    assert!(encrypted.status.success(), "{encrypted:?}");
+    let rsa_ct = std::fs::read(dir.join("doc.enc")).unwrap();
+    let pt = keys
+        .asymmetric_decrypt(pb::AsymmetricDecryptRequest {
+            key: "rsa-decrypter".into(),
+            key_version: 0,
+            ciphertext: rsa_ct.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plaintext;
+    assert_eq!(pt, b"a document");
+    let mut bad = rsa_ct;
+    bad[10] ^= 1;
+    let e = keys
+        .asymmetric_decrypt(pb::AsymmetricDecryptRequest {
+            key: "rsa-decrypter".into(),
+            key_version: 0,
+            ciphertext: bad,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert_eq!(e.message(), "decryption failed");
+
     // Audit checkpoints are signed by the Ed25519 key in the token.
     let path = hsm.path().join("export.jsonl");
     let out = server.kms_as(

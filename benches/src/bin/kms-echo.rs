@@ -172,6 +172,12 @@ impl KeyManagement for Echo {
     ) -> Result<Response<pb::GetPublicKeyResponse>, Status> {
         unimplemented()
     }
+    async fn asymmetric_decrypt(
+        &self,
+        _: Request<pb::AsymmetricDecryptRequest>,
+    ) -> Result<Response<pb::AsymmetricDecryptResponse>, Status> {
+        unimplemented()
+    }
     async fn mac(&self, _: Request<pb::MacRequest>) -> Result<Response<pb::MacResponse>, Status> {
         Ok(Response::new(pb::MacResponse {
             mac: vec![0x42; 32],

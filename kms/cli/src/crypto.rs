@@ -1,5 +1,5 @@
-//! The crypto commands (`kms encrypt|decrypt|reencrypt|datakey|sign|verify|public-key|mac|
-//! verify-mac`): one function each, and the input, output and associated data they share.
+//! The crypto commands (`kms encrypt|decrypt|reencrypt|datakey|sign|verify|public-key|
+//! asymmetric-decrypt|mac|verify-mac`): one function each, and the input, output and associated data they share.
 //!
 //! Data comes from `--in FILE` or standard input and goes to `--out FILE` or standard
 //! output, as bytes. With `--base64`, binary outputs (ciphertext, plaintext from decrypt,
@@ -85,6 +85,19 @@ pub(super) enum CryptoCommand {
         #[command(flatten)]
         aad: Aad,
     },
+    /// Decrypt what was encrypted with an RSA-OAEP key's public key (`kms public-key`), e.g.
+    /// by `openssl pkeyutl -encrypt -pkeyopt rsa_padding_mode:oaep -pkeyopt
+    /// rsa_oaep_md:sha256 -pkeyopt rsa_mgf1_md:sha256`.
+    AsymmetricDecrypt {
+        /// The key.
+        #[arg(long)]
+        key: String,
+        /// The version whose public key encrypted (default: the primary).
+        #[arg(long, default_value_t = 0)]
+        version: u32,
+        #[command(flatten)]
+        io: Io,
+    },
     /// Make a data key for envelope encryption; prints JSON with base64 fields.
     Datakey {
         /// The key that encrypts the data key.
@@ -99,9 +112,9 @@ pub(super) enum CryptoCommand {
         #[command(flatten)]
         aad: Aad,
     },
-    /// Sign a message (or, with --digest, its SHA-256 digest, SHA-384 for P-384; ECDSA
-    /// only). A message over 64 KiB is hashed here and its digest signed (ECDSA keys; Ed25519 keys sign
-    /// messages of at most 64 KiB).
+    /// Sign a message (or, with --digest, its SHA-256 digest, SHA-384 for P-384; not
+    /// Ed25519). A message over 64 KiB is hashed here and its digest signed (ECDSA and RSA
+    /// keys; Ed25519 keys sign messages of at most 64 KiB).
     Sign {
         /// The key.
         #[arg(long)]
@@ -273,6 +286,9 @@ pub(super) async fn run_crypto(
             io,
         } => verify(c, key, &signature, version, digest, &io).await,
         CryptoCommand::PublicKey { key, version } => public_key(c, key, version).await,
+        CryptoCommand::AsymmetricDecrypt { key, version, io } => {
+            asymmetric_decrypt(c, key, version, &io).await
+        }
         CryptoCommand::Mac { key, io } => mac(c, key, &io).await,
         CryptoCommand::VerifyMac {
             key,
@@ -494,6 +510,26 @@ async fn verify(
         }
     };
     Ok(verdict(r.valid))
+}
+
+async fn asymmetric_decrypt(
+    c: &mut Client,
+    key: String,
+    version: u32,
+    io: &Io,
+) -> Result<ExitCode, BoxError> {
+    let ct = read_ours(&read_input(&io.input)?, io.base64)?;
+    let r = c
+        .asymmetric_decrypt(pb::AsymmetricDecryptRequest {
+            key,
+            key_version: version,
+            ciphertext: ct,
+        })
+        .answer()
+        .await?;
+    let pt = Zeroizing::new(r.plaintext);
+    write_output(io, &pt)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn public_key(c: &mut Client, key: String, version: u32) -> Result<ExitCode, BoxError> {

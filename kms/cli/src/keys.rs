@@ -25,6 +25,24 @@ pub(super) enum AlgorithmArg {
     EcdsaP384Sha384,
     #[value(name = "hmac-sha256")]
     HmacSha256,
+    #[value(name = "rsa-sign-pss-2048-sha256")]
+    RsaSignPss2048Sha256,
+    #[value(name = "rsa-sign-pss-3072-sha256")]
+    RsaSignPss3072Sha256,
+    #[value(name = "rsa-sign-pss-4096-sha256")]
+    RsaSignPss4096Sha256,
+    #[value(name = "rsa-sign-pkcs1-2048-sha256")]
+    RsaSignPkcs12048Sha256,
+    #[value(name = "rsa-sign-pkcs1-3072-sha256")]
+    RsaSignPkcs13072Sha256,
+    #[value(name = "rsa-sign-pkcs1-4096-sha256")]
+    RsaSignPkcs14096Sha256,
+    #[value(name = "rsa-decrypt-oaep-2048-sha256")]
+    RsaDecryptOaep2048Sha256,
+    #[value(name = "rsa-decrypt-oaep-3072-sha256")]
+    RsaDecryptOaep3072Sha256,
+    #[value(name = "rsa-decrypt-oaep-4096-sha256")]
+    RsaDecryptOaep4096Sha256,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -41,6 +59,15 @@ impl From<AlgorithmArg> for Algorithm {
             AlgorithmArg::EcdsaP256Sha256 => Algorithm::EcdsaP256Sha256,
             AlgorithmArg::EcdsaP384Sha384 => Algorithm::EcdsaP384Sha384,
             AlgorithmArg::HmacSha256 => Algorithm::HmacSha256,
+            AlgorithmArg::RsaSignPss2048Sha256 => Algorithm::RsaSignPss2048Sha256,
+            AlgorithmArg::RsaSignPss3072Sha256 => Algorithm::RsaSignPss3072Sha256,
+            AlgorithmArg::RsaSignPss4096Sha256 => Algorithm::RsaSignPss4096Sha256,
+            AlgorithmArg::RsaSignPkcs12048Sha256 => Algorithm::RsaSignPkcs12048Sha256,
+            AlgorithmArg::RsaSignPkcs13072Sha256 => Algorithm::RsaSignPkcs13072Sha256,
+            AlgorithmArg::RsaSignPkcs14096Sha256 => Algorithm::RsaSignPkcs14096Sha256,
+            AlgorithmArg::RsaDecryptOaep2048Sha256 => Algorithm::RsaDecryptOaep2048Sha256,
+            AlgorithmArg::RsaDecryptOaep3072Sha256 => Algorithm::RsaDecryptOaep3072Sha256,
+            AlgorithmArg::RsaDecryptOaep4096Sha256 => Algorithm::RsaDecryptOaep4096Sha256,
         }
     }
 }

@@ -142,7 +142,7 @@ pub(crate) fn need(service: &str, method: &str) -> Need {
         }
         ("kms.v1.KeyManagement", m) => match m {
             "Encrypt" | "BatchEncrypt" => Need::Grant(O::Encrypt),
-            "Decrypt" | "BatchDecrypt" => Need::Grant(O::Decrypt),
+            "Decrypt" | "BatchDecrypt" | "AsymmetricDecrypt" => Need::Grant(O::Decrypt),
             // And ReencryptTo on the destination ([`Operation::on_destination`]).
             "ReEncrypt" => Need::Grant(O::ReencryptFrom),
             "GenerateDataKey" | "GenerateDataKeyWithoutPlaintext" => {

@@ -81,6 +81,7 @@ pub(crate) const NAMES: &[&str] = &[
     "Check",
     "Watch",
     "ServerReflectionInfo",
+    "AsymmetricDecrypt",
 ];
 
 /// gRPC code names by code: the outcome of almost every record.

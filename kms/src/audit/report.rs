@@ -311,7 +311,7 @@ pub(crate) struct KeyInfo {
 }
 
 /// Operations that decrypt with the version they name.
-const DECRYPTS: &[&str] = &["Decrypt", "BatchDecrypt", "ReEncrypt"];
+const DECRYPTS: &[&str] = &["Decrypt", "BatchDecrypt", "ReEncrypt", "AsymmetricDecrypt"];
 
 /// Outcomes that are refusals rather than failures.
 const REFUSALS: &[&str] = &["PERMISSION_DENIED", "UNAUTHENTICATED"];

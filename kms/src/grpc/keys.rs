@@ -474,6 +474,27 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         .await
     }
 
+    async fn asymmetric_decrypt(
+        &self,
+        request: Request<pb::AsymmetricDecryptRequest>,
+    ) -> Result<Response<pb::AsymmetricDecryptResponse>, Status> {
+        let r = request.get_ref();
+        let call = self
+            .call(&request, "AsymmetricDecrypt")
+            .key(&r.key)
+            .version(r.key_version);
+        let r = request.into_inner();
+        with_keyring(&self.ctx, call, (), move |k, _, ()| {
+            let (pt, key_version) = k.asymmetric_decrypt(&r.key, r.key_version, &r.ciphertext)?;
+            Ok(Served::new(pb::AsymmetricDecryptResponse {
+                plaintext: pt.to_vec(),
+                key_version,
+            })
+            .version(key_version))
+        })
+        .await
+    }
+
     async fn mac(
         &self,
         request: Request<pb::MacRequest>,

@@ -26,8 +26,10 @@ use std::sync::{Condvar, Mutex};
 
 use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::MechanismType;
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource, PkcsPssParams};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
@@ -36,10 +38,11 @@ use kms_pkcs11_conf::{PinError, PinSource, ValidHsmConfig};
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
+mod oaep;
 mod objects;
 mod recover;
 
-pub use objects::{HsmKeyKind, MasterKeyAttributes, TokenObject};
+pub use objects::{HsmKeyKind, MasterKeyAttributes, RsaScheme, TokenObject};
 
 /// The AES-GCM IV length we use and enforce (SoftHSM does not check it).
 pub(crate) const GCM_IV_LEN: usize = 12;
@@ -171,6 +174,9 @@ pub struct Hsm {
     /// Objects (label, id) whose destroy failed in this process: see
     /// [`HsmError::DestroyUnconfirmed`].
     unconfirmed: Mutex<HashSet<(String, Option<Vec<u8>>)>>,
+    /// Whether the module refused CKM_RSA_PKCS_OAEP with SHA-256, so that kms removes the
+    /// padding itself (see [`Hsm::rsa_oaep_decrypt`]).
+    oaep_in_kms: std::sync::atomic::AtomicBool,
     slot: Mutex<Slot>,
     token_label: String,
     master_key_label: String,
@@ -231,6 +237,7 @@ impl Hsm {
             up: tokio::sync::watch::Sender::new(true),
             logged_in: std::sync::atomic::AtomicBool::new(false),
             unconfirmed: Mutex::new(HashSet::new()),
+            oaep_in_kms: std::sync::atomic::AtomicBool::new(false),
             slot: Mutex::new(slot),
             token_label: config.token_label.clone(),
             master_key_label: config.master_key_label.clone(),
@@ -529,17 +536,115 @@ impl Hsm {
     }
 
     /// Signs (or MACs) `data` inside the HSM. For ECDSA `data` is the SHA-256 digest and the
-    /// result is raw `r | s`; for Ed25519 it is the message; for HMAC the message.
+    /// result is raw `r | s`; for Ed25519 it is the message; for HMAC the message; for RSA
+    /// (PSS or PKCS#1 v1.5) the SHA-256 digest.
     pub fn sign(&self, kind: HsmKeyKind, key: KeyHandle, data: &[u8]) -> Result<Vec<u8>, HsmError> {
-        let mechanism = match kind {
-            HsmKeyKind::Ed25519 => Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
-            HsmKeyKind::EcdsaP256 | HsmKeyKind::EcdsaP384 => Mechanism::Ecdsa,
-            HsmKeyKind::HmacSha256 => Mechanism::Sha256Hmac,
-            HsmKeyKind::Aes256 => return Err(HsmError::Misuse("an AES key does not sign")),
+        let digest_info;
+        let (mechanism, data) = match kind {
+            HsmKeyKind::Ed25519 => (
+                Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+                data,
+            ),
+            HsmKeyKind::EcdsaP256 | HsmKeyKind::EcdsaP384 => (Mechanism::Ecdsa, data),
+            HsmKeyKind::HmacSha256 => (Mechanism::Sha256Hmac, data),
+            HsmKeyKind::Rsa(RsaScheme::Pss, _) => (
+                Mechanism::RsaPkcsPss(PkcsPssParams {
+                    hash_alg: MechanismType::SHA256,
+                    mgf: PkcsMgfType::MGF1_SHA256,
+                    s_len: 32u64.into(),
+                }),
+                data,
+            ),
+            HsmKeyKind::Rsa(RsaScheme::Pkcs1, _) => {
+                // CKM_RSA_PKCS signs what it is given: the DigestInfo of the SHA-256 digest.
+                digest_info = [SHA256_DIGEST_INFO, data].concat();
+                (Mechanism::RsaPkcs, digest_info.as_slice())
+            }
+            HsmKeyKind::Aes256 | HsmKeyKind::Rsa(RsaScheme::Oaep, _) => {
+                return Err(HsmError::Misuse("this key does not sign"));
+            }
         };
         self.with_session("sign", |s| {
             s.sign(&mechanism, self.handle(key)?, data)
                 .map_err(pk("sign"))
         })
     }
+
+    /// Decrypts an RSAES-OAEP (SHA-256, MGF1-SHA-256, empty label) ciphertext with an RSA
+    /// key of `bits` inside the HSM. Any failure of the decryption itself is
+    /// [`HsmError::DecryptFailed`], whatever the reason.
+    ///
+    /// The module does the OAEP decoding when it offers CKM_RSA_PKCS_OAEP with SHA-256
+    /// (kryoptic does); a module that refuses those parameters (SoftHSM 2.6 takes only
+    /// SHA-1) decrypts with CKM_RSA_X_509 and kms removes the padding in constant time
+    /// (`oaep::decode`). The choice is made at the first decryption and kept.
+    pub fn rsa_oaep_decrypt(
+        &self,
+        key: KeyHandle,
+        bits: usize,
+        ciphertext: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        let k = bits / 8;
+        if ciphertext.len() != k {
+            return Err(HsmError::DecryptFailed);
+        }
+        let failed = |e: cryptoki::error::Error, what: &'static str| match e {
+            cryptoki::error::Error::Pkcs11(
+                RvError::EncryptedDataInvalid
+                | RvError::EncryptedDataLenRange
+                | RvError::GeneralError
+                | RvError::DataInvalid
+                | RvError::DataLenRange,
+                _,
+            ) => HsmError::DecryptFailed,
+            e => pk(what)(e),
+        };
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.oaep_in_kms.load(Relaxed) {
+            let native = self.with_session("decrypt", |s| {
+                let params = PkcsOaepParams::new(
+                    MechanismType::SHA256,
+                    PkcsMgfType::MGF1_SHA256,
+                    PkcsOaepSource::empty(),
+                );
+                match s.decrypt(
+                    &Mechanism::RsaPkcsOaep(params),
+                    self.handle(key)?,
+                    ciphertext,
+                ) {
+                    Ok(pt) => Ok(Some(Zeroizing::new(pt))),
+                    // The mechanism or its parameters refused before any data was read:
+                    // a fact about the module, not about this ciphertext.
+                    Err(cryptoki::error::Error::Pkcs11(
+                        RvError::ArgumentsBad
+                        | RvError::MechanismParamInvalid
+                        | RvError::MechanismInvalid,
+                        _,
+                    )) => Ok(None),
+                    Err(e) => Err(failed(e, "decrypt with RSA-OAEP")),
+                }
+            })?;
+            match native {
+                Some(pt) => return Ok(pt),
+                None => {
+                    self.oaep_in_kms.store(true, Relaxed);
+                    tracing::info!(
+                        "the HSM module refuses RSA-OAEP with SHA-256: kms removes the OAEP padding after a raw RSA decryption in the token"
+                    );
+                }
+            }
+        }
+        let em = self.with_session("decrypt", |s| {
+            s.decrypt(&Mechanism::RsaX509, self.handle(key)?, ciphertext)
+                .map(Zeroizing::new)
+                .map_err(|e| failed(e, "decrypt with raw RSA"))
+        })?;
+        oaep::decode(&em, k).ok_or(HsmError::DecryptFailed)
+    }
 }
+
+/// DER of `DigestInfo { sha256, NULL }` before the 32 digest bytes (RFC 8017, 9.2 note 1).
+const SHA256_DIGEST_INFO: &[u8] = &[
+    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
+    0x00, 0x04, 0x20,
+];

@@ -15,7 +15,8 @@ impl Hsm {
     /// Generates a keyring key inside the token, labelled `label`: a token object,
     /// private, sensitive, never extractable, with only the usages `kind` needs.
     /// Returns the private (or secret) key and, for key pairs, the public key's bytes
-    /// (Ed25519: 32 bytes; P-256 and P-384: the 65- or 97-byte uncompressed SEC1 point).
+    /// (Ed25519: 32 bytes; P-256 and P-384: the 65- or 97-byte uncompressed SEC1 point;
+    /// RSA: SubjectPublicKeyInfo DER).
     pub fn generate_key(
         &self,
         kind: HsmKeyKind,
@@ -31,6 +32,10 @@ impl Hsm {
                 }
                 HsmKeyKind::Ed25519 | HsmKeyKind::EcdsaP256 | HsmKeyKind::EcdsaP384 => {
                     let (key, public) = generate_ec_pair(s, kind, base)?;
+                    Ok((key, Some(public)))
+                }
+                HsmKeyKind::Rsa(scheme, bits) => {
+                    let (key, public) = generate_rsa_pair(s, scheme, bits, base)?;
                     Ok((key, Some(public)))
                 }
             }
@@ -260,6 +265,19 @@ pub enum HsmKeyKind {
     EcdsaP384,
     /// A 256-bit generic secret for CKM_SHA256_HMAC.
     HmacSha256,
+    /// An RSA private key of this many bits, for one scheme (its only usage).
+    Rsa(RsaScheme, usize),
+}
+
+/// What an RSA key does with its private half.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RsaScheme {
+    /// RSASSA-PSS signatures over SHA-256 (MGF1-SHA-256, salt: 32 bytes).
+    Pss,
+    /// RSASSA-PKCS1-v1_5 signatures over SHA-256.
+    Pkcs1,
+    /// RSAES-OAEP decryption with SHA-256 and MGF1-SHA-256, empty label.
+    Oaep,
 }
 
 impl HsmKeyKind {
@@ -270,6 +288,7 @@ impl HsmKeyKind {
             Self::HmacSha256 => (ObjectClass::SECRET_KEY, KeyType::GENERIC_SECRET),
             Self::Ed25519 => (ObjectClass::PRIVATE_KEY, KeyType::EC_EDWARDS),
             Self::EcdsaP256 | Self::EcdsaP384 => (ObjectClass::PRIVATE_KEY, KeyType::EC),
+            Self::Rsa(..) => (ObjectClass::PRIVATE_KEY, KeyType::RSA),
         }
     }
 }
@@ -428,4 +447,68 @@ fn generate_ec_pair(
         _ => 65,
     };
     Ok((priv_h, unwrap_ec_point(&point, want)?))
+}
+
+/// An RSA key pair of `bits` with public exponent 65537. The private key has the one usage
+/// its scheme needs (sign, or decrypt), every other usage false; the public half is a
+/// session object, read and destroyed at once. Returns the private key and the public key
+/// as SubjectPublicKeyInfo DER.
+fn generate_rsa_pair(
+    s: &Session,
+    scheme: RsaScheme,
+    bits: usize,
+    mut private: Vec<Attribute>,
+) -> Result<(ObjectHandle, Vec<u8>), HsmError> {
+    let decrypt = scheme == RsaScheme::Oaep;
+    let bits = u64::try_from(bits).map_err(|_| HsmError::Misuse("RSA modulus size"))?;
+    let public = [
+        Attribute::Token(false),
+        Attribute::Verify(!decrypt),
+        Attribute::Encrypt(decrypt),
+        Attribute::Wrap(false),
+        Attribute::KeyType(KeyType::RSA),
+        Attribute::ModulusBits(bits.into()),
+        Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+    ];
+    private.extend([
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(KeyType::RSA),
+        Attribute::Sign(!decrypt),
+        Attribute::Decrypt(decrypt),
+        Attribute::Unwrap(false),
+    ]);
+    let (pub_h, priv_h) = s
+        .generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public, &private)
+        .map_err(pk("generate an RSA key pair"))?;
+    let attrs = s
+        .get_attributes(
+            pub_h,
+            &[AttributeType::Modulus, AttributeType::PublicExponent],
+        )
+        .map_err(pk("read the public key"))?;
+    let _ = s.destroy_object(pub_h);
+    let (mut n, mut e) = (None, None);
+    for a in attrs {
+        match a {
+            Attribute::Modulus(v) => n = Some(v),
+            Attribute::PublicExponent(v) => e = Some(v),
+            _ => {}
+        }
+    }
+    let (Some(n), Some(e)) = (n, e) else {
+        return Err(HsmError::Misuse("the token returned no RSA public key"));
+    };
+    let spki = rsa_spki(&n, &e).ok_or(HsmError::Misuse(
+        "the token returned a malformed RSA public key",
+    ))?;
+    Ok((priv_h, spki))
+}
+
+/// SubjectPublicKeyInfo DER of the RSA public key `(n, e)` (big-endian bytes).
+fn rsa_spki(n: &[u8], e: &[u8]) -> Option<Vec<u8>> {
+    use rsa::pkcs8::EncodePublicKey;
+    let n = rsa::BoxedUint::from_be_slice_vartime(n);
+    let e = rsa::BoxedUint::from_be_slice_vartime(e);
+    let key = rsa::PublicKey::new(n, e).ok()?;
+    key.to_public_key_der().ok().map(|d| d.into_vec())
 }

@@ -19,17 +19,29 @@ impl Keyring {
             hsm_label: None,
             hsm_id: None,
             public_key: None,
+            material: None,
         };
         let mut handle = None;
         match meta.protection {
             Protection::Software => {
                 let salt = random::<32>()?;
                 v.salt = Some(hex(&salt));
-                if matches!(
-                    meta.algorithm,
-                    Algorithm::Ed25519 | Algorithm::EcdsaP256Sha256 | Algorithm::EcdsaP384Sha384
-                ) {
-                    let key_id = unhex(&meta.key_id).ok_or(KeyringError::Internal("key id"))?;
+                let key_id = unhex(&meta.key_id).ok_or(KeyringError::Internal("key id"))?;
+                if meta.algorithm.rsa().is_some() {
+                    // RSA keys cannot be derived: generated, then stored sealed under a key
+                    // derived from the root key and this salt.
+                    let (der, public) = material::generate_rsa(meta.algorithm)?;
+                    let sealed = material::seal_material(
+                        &self.root,
+                        &salt,
+                        &key_id,
+                        version,
+                        meta.algorithm,
+                        &der,
+                    )?;
+                    v.material = Some(hex(&sealed));
+                    v.public_key = Some(hex(&public.to_bytes()));
+                } else if meta.algorithm.is_asymmetric() {
                     let secret = material::derive_secret(
                         &self.root,
                         &salt,

@@ -272,9 +272,17 @@ impl Keyring {
             .verify(input, signature)
     }
 
-    /// The public key of `version` (0: the primary), SubjectPublicKeyInfo PEM.
+    /// The public key of `version` (0: the primary), SubjectPublicKeyInfo PEM: a signing
+    /// key's, or an asymmetric decryption key's (which callers encrypt to).
     pub fn public_key(&self, name: &str, version: u32) -> Result<(String, u32), KeyringError> {
-        let e = self.entry_for(name, Purpose::SignVerify, "public keys")?;
+        let e = self.fetch(name)?;
+        if !e.meta.algorithm.is_asymmetric() {
+            return Err(KeyringError::WrongPurpose {
+                name: name.to_owned(),
+                purpose: purpose_name(e.meta.purpose),
+                operation: "public keys",
+            });
+        }
         let version = Self::version_or_primary(&e, version);
         let m = Self::usable(&e, version, VersionUse::Make)?;
         Ok((
@@ -282,6 +290,24 @@ impl Keyring {
                 .as_ref()
                 .ok_or(KeyringError::Internal("no public key"))?
                 .to_pem()?,
+            version,
+        ))
+    }
+
+    /// Decrypts an RSA-OAEP (SHA-256) ciphertext made with `version`'s public key (0: the
+    /// primary). Every failure of the decryption itself is the opaque `DecryptionFailed`.
+    pub fn asymmetric_decrypt(
+        &self,
+        name: &str,
+        version: u32,
+        ciphertext: &[u8],
+    ) -> Result<(Zeroizing<Vec<u8>>, u32), KeyringError> {
+        check_size("the ciphertext", ciphertext.len(), MAX_RSA_CIPHERTEXT, "")?;
+        let e = self.entry_for(name, Purpose::AsymmetricDecrypt, "asymmetric decryption")?;
+        let version = Self::version_or_primary(&e, version);
+        let secret = self.secret(&e, version, VersionUse::Read)?;
+        Ok((
+            secret.asymmetric_decrypt(Some(&self.hsm), ciphertext)?,
             version,
         ))
     }

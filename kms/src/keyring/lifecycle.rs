@@ -179,6 +179,7 @@ mod tests {
                     hsm_label: None,
                     hsm_id: None,
                     public_key: None,
+                    material: None,
                 })
                 .collect(),
         }

@@ -228,6 +228,9 @@ impl Keyring {
             (_, Protection::Software) => {
                 // Derived at first use (`VersionMaterial::secret`); its salt is checked now.
                 v.salt.as_deref().and_then(unhex).ok_or_else(tampered)?;
+                if meta.algorithm.rsa().is_some() {
+                    v.material.as_deref().and_then(unhex).ok_or_else(tampered)?;
+                }
                 true
             }
             (_, Protection::Hsm) => {

@@ -90,6 +90,7 @@ impl Keyring {
         }
         v.state = VersionState::Destroyed { destroyed_at: at };
         v.salt = None;
+        v.material = None;
         let journal = SystemJournal {
             recorder,
             operation: "DestroyKeyVersion",

@@ -15,12 +15,14 @@ use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use p256::ecdsa::signature::hazmat::{PrehashSigner, PrehashVerifier};
 use p256::pkcs8::EncodePublicKey;
+use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey};
+use rsa::traits::PublicKeyParts;
 use sha2::{Digest, Sha256, Sha384};
 use zeroize::Zeroizing;
 
 use super::KeyringError;
 use super::ciphertext::NONCE_LEN;
-use super::model::{Algorithm, KeyMeta};
+use super::model::{Algorithm, KeyMeta, RsaScheme};
 use super::unhex;
 use crate::hsm::{Hsm, HsmKeyKind, KeyHandle};
 
@@ -55,6 +57,8 @@ pub enum Secret {
     P384(Box<p384::ecdsa::SigningKey>),
     /// An HMAC-SHA256 key.
     Hmac(Zeroizing<[u8; 32]>),
+    /// An RSA private key (zeroized on drop by the `rsa` crate) and what it does.
+    Rsa(Box<rsa::PrivateKey>, RsaScheme),
     /// A key inside the HSM.
     Hsm(HsmKeyKind, KeyHandle),
     /// An HSM key whose object is not in the token.
@@ -70,6 +74,8 @@ pub enum Public {
     P256(p256::ecdsa::VerifyingKey),
     /// P-384.
     P384(p384::ecdsa::VerifyingKey),
+    /// RSA, and what its private half does.
+    Rsa(Box<rsa::PublicKey>, RsaScheme),
 }
 
 impl Public {
@@ -88,7 +94,11 @@ impl Public {
             Algorithm::EcdsaP384Sha384 => p384::ecdsa::VerifyingKey::from_sec1_bytes(bytes)
                 .ok()
                 .map(Self::P384),
-            _ => None,
+            _ => {
+                let (scheme, bits) = algorithm.rsa()?;
+                let key = rsa::PublicKey::from_public_key_der(bytes).ok()?;
+                (key.size() * 8 == bits).then(|| Self::Rsa(Box::new(key), scheme))
+            }
         }
     }
 
@@ -98,6 +108,10 @@ impl Public {
             Self::Ed25519(k) => k.to_bytes().to_vec(),
             Self::P256(k) => k.to_sec1_bytes().to_vec(),
             Self::P384(k) => k.to_sec1_bytes().to_vec(),
+            Self::Rsa(k, _) => k
+                .to_public_key_der()
+                .map(|d| d.into_vec())
+                .unwrap_or_default(),
         }
     }
 
@@ -108,12 +122,14 @@ impl Public {
             Self::Ed25519(k) => k.to_public_key_pem(le),
             Self::P256(k) => k.to_public_key_pem(le),
             Self::P384(k) => k.to_public_key_pem(le),
+            Self::Rsa(k, _) => k.to_public_key_pem(le),
         }
         .map_err(|_| KeyringError::Internal("encode public key"))
     }
 
     /// Verifies a signature in the standard encoding (Ed25519 raw 64 bytes; ECDSA DER,
-    /// or raw `r | s` of 64 or 96 bytes). Malformed signatures are simply invalid.
+    /// or raw `r | s` of 64 or 96 bytes; RSA the modulus's size). Malformed signatures are
+    /// simply invalid.
     pub fn verify(&self, input: SignInput<'_>, signature: &[u8]) -> Result<bool, KeyringError> {
         match (self, input) {
             (Self::Ed25519(k), SignInput::Message(m)) => {
@@ -146,6 +162,19 @@ impl Public {
                     },
                 };
                 Ok(k.verify_prehash(&digest, &sig).is_ok())
+            }
+            (Self::Rsa(k, scheme), input) => {
+                let digest = sha256_input(input)?;
+                Ok(match scheme {
+                    RsaScheme::Pss => k.verify(rsa::Pss::<Sha256>::new(), &digest, signature),
+                    RsaScheme::Pkcs1 => {
+                        k.verify(rsa::Pkcs1v15Sign::new::<Sha256>(), &digest, signature)
+                    }
+                    RsaScheme::Oaep => {
+                        return Err(KeyringError::Internal("not a verification key"));
+                    }
+                }
+                .is_ok())
             }
         }
     }
@@ -216,7 +245,16 @@ impl VersionMaterial {
             .and_then(unhex)
             .ok_or_else(tampered)?;
         let key_id = unhex(&meta.key_id).ok_or_else(tampered)?;
-        let made = derive_secret(root, &salt, &key_id, version, meta.algorithm)?;
+        let stored = meta.version(version).and_then(|v| v.material.as_deref());
+        let made = match stored {
+            Some(sealed) => {
+                let sealed = unhex(sealed).ok_or_else(tampered)?;
+                let der = open_material(root, &salt, &key_id, version, meta.algorithm, &sealed)
+                    .ok_or_else(tampered)?;
+                secret_from_pkcs8(meta.algorithm, &der).ok_or_else(tampered)?
+            }
+            None => derive_secret(root, &salt, &key_id, version, meta.algorithm)?,
+        };
         // Two first uses at once derive twice; one result is kept, the other dropped.
         Ok(Some(self.ready.get_or_init(|| made)))
     }
@@ -231,8 +269,30 @@ fn derive<const N: usize>(
     algorithm: Algorithm,
     counter: u8,
 ) -> Result<Zeroizing<[u8; N]>, KeyringError> {
+    derive_labelled(
+        b"kms/v1/key-material",
+        root,
+        salt,
+        key_id,
+        version,
+        algorithm,
+        counter,
+    )
+}
+
+/// HKDF-SHA256 output of `N` bytes: `info = label | key id | version (u32 BE) | algorithm
+/// name [| counter]`.
+fn derive_labelled<const N: usize>(
+    label: &[u8],
+    root: &[u8; 32],
+    salt: &[u8],
+    key_id: &[u8],
+    version: u32,
+    algorithm: Algorithm,
+    counter: u8,
+) -> Result<Zeroizing<[u8; N]>, KeyringError> {
     let mut info = Vec::with_capacity(64);
-    info.extend_from_slice(b"kms/v1/key-material");
+    info.extend_from_slice(label);
     info.extend_from_slice(key_id);
     info.extend_from_slice(&version.to_be_bytes());
     info.extend_from_slice(algorithm.name().as_bytes());
@@ -293,7 +353,97 @@ pub(crate) fn derive_secret(
             }
         }
         Algorithm::HmacSha256 => Secret::Hmac(d(0)?),
+        _ => return Err(KeyringError::Internal("RSA keys are stored, not derived")),
     })
+}
+
+/// The label of the key that encrypts a version's stored material.
+const STORED_MATERIAL: &[u8] = b"kms/v1/stored-material";
+
+/// The AES-256-GCM key for a version's stored material, derived like its secret would be
+/// but under another label: destroying the version's salt destroys this key too.
+fn material_cipher(
+    root: &[u8; 32],
+    salt: &[u8],
+    key_id: &[u8],
+    version: u32,
+    algorithm: Algorithm,
+) -> Result<Aes256Gcm, KeyringError> {
+    let k = derive_labelled::<32>(STORED_MATERIAL, root, salt, key_id, version, algorithm, 0)?;
+    Aes256Gcm::new_from_slice(k.as_slice()).map_err(|_| KeyringError::Internal("aes key"))
+}
+
+/// Encrypts a version's private key (PKCS#8 DER) for its record: `nonce | ciphertext | tag`.
+pub(crate) fn seal_material(
+    root: &[u8; 32],
+    salt: &[u8],
+    key_id: &[u8],
+    version: u32,
+    algorithm: Algorithm,
+    der: &[u8],
+) -> Result<Vec<u8>, KeyringError> {
+    let cipher = material_cipher(root, salt, key_id, version, algorithm)?;
+    let mut nonce = [0u8; NONCE_LEN];
+    getrandom::fill(&mut nonce).map_err(|_| KeyringError::Randomness)?;
+    let ct = cipher
+        .encrypt(
+            &nonce.into(),
+            Payload {
+                msg: der,
+                aad: STORED_MATERIAL,
+            },
+        )
+        .map_err(|_| KeyringError::Internal("aes-gcm encrypt"))?;
+    Ok([nonce.as_slice(), &ct].concat())
+}
+
+/// What [`seal_material`] sealed for this version, or `None` if it was not that.
+fn open_material(
+    root: &[u8; 32],
+    salt: &[u8],
+    key_id: &[u8],
+    version: u32,
+    algorithm: Algorithm,
+    sealed: &[u8],
+) -> Option<Zeroizing<Vec<u8>>> {
+    let cipher = material_cipher(root, salt, key_id, version, algorithm).ok()?;
+    let (nonce, ct) = sealed.split_at_checked(NONCE_LEN)?;
+    let nonce: [u8; NONCE_LEN] = nonce.try_into().ok()?;
+    cipher
+        .decrypt(
+            &nonce.into(),
+            Payload {
+                msg: ct,
+                aad: STORED_MATERIAL,
+            },
+        )
+        .ok()
+        .map(Zeroizing::new)
+}
+
+/// A new software RSA key for `algorithm`: its PKCS#8 DER (to seal) and its public key.
+/// Generation takes a while (seconds for 4096 bits); it runs once per version.
+pub(crate) fn generate_rsa(
+    algorithm: Algorithm,
+) -> Result<(Zeroizing<Vec<u8>>, Public), KeyringError> {
+    let (scheme, bits) = algorithm
+        .rsa()
+        .ok_or(KeyringError::Internal("not an RSA algorithm"))?;
+    let key =
+        rsa::PrivateKey::new(&mut getrandom::SysRng, bits).map_err(|_| KeyringError::Randomness)?;
+    let der = key
+        .to_pkcs8_der()
+        .map_err(|_| KeyringError::Internal("encode RSA key"))?;
+    let public = Public::Rsa(Box::new(key.to_public_key()), scheme);
+    Ok((Zeroizing::new(der.as_bytes().to_vec()), public))
+}
+
+/// The secret of a stored private key (PKCS#8 DER) for `algorithm`: an RSA key of the
+/// algorithm's size, or `None`.
+fn secret_from_pkcs8(algorithm: Algorithm, der: &[u8]) -> Option<Secret> {
+    let (scheme, bits) = algorithm.rsa()?;
+    let key = rsa::PrivateKey::from_pkcs8_der(der).ok()?;
+    (key.size() * 8 == bits).then(|| Secret::Rsa(Box::new(key), scheme))
 }
 
 /// Derives the key that authenticates key metadata.
@@ -312,6 +462,7 @@ impl Secret {
             Self::Ed25519(k) => Some(Public::Ed25519(k.verifying_key())),
             Self::P256(k) => Some(Public::P256(*k.verifying_key())),
             Self::P384(k) => Some(Public::P384(*k.verifying_key())),
+            Self::Rsa(k, scheme) => Some(Public::Rsa(Box::new(k.to_public_key()), *scheme)),
             _ => None,
         }
     }
@@ -443,8 +594,54 @@ impl Secret {
                 })?;
                 Ok(ecdsa384_out(sig))
             }
+            Self::Rsa(k, scheme) => {
+                let digest = sha256_input(input)?;
+                let mut rng = getrandom::SysRng;
+                match scheme {
+                    // Blinded, and constant-time in the key (rsa 0.10, crypto-bigint).
+                    RsaScheme::Pss => k.sign_with_rng(&mut rng, rsa::Pss::<Sha256>::new(), &digest),
+                    RsaScheme::Pkcs1 => {
+                        k.sign_with_rng(&mut rng, rsa::Pkcs1v15Sign::new::<Sha256>(), &digest)
+                    }
+                    RsaScheme::Oaep => return Err(KeyringError::Internal("not a signing key")),
+                }
+                .map_err(|_| KeyringError::Internal("rsa sign"))
+            }
+            Self::Hsm(kind @ HsmKeyKind::Rsa(RsaScheme::Pss | RsaScheme::Pkcs1, _), h) => {
+                let digest = sha256_input(input)?;
+                Ok(need(hsm)?.sign(*kind, *h, &digest)?)
+            }
             Self::HsmMissing => Self::hsm_missing(),
             _ => Err(KeyringError::Internal("not a signing key")),
+        }
+    }
+
+    /// RSAES-OAEP (SHA-256) decryption. Every failure is the opaque `DecryptionFailed`.
+    pub fn asymmetric_decrypt(
+        &self,
+        hsm: Option<&Hsm>,
+        ciphertext: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
+        match self {
+            Self::Rsa(k, RsaScheme::Oaep) => {
+                // Blinded, constant-time arithmetic and padding check (rsa 0.10).
+                k.decrypt_blinded(
+                    &mut getrandom::SysRng,
+                    rsa::Oaep::<Sha256>::new(),
+                    ciphertext,
+                )
+                .map(Zeroizing::new)
+                .map_err(|_| KeyringError::DecryptionFailed)
+            }
+            Self::Hsm(HsmKeyKind::Rsa(RsaScheme::Oaep, bits), h) => {
+                match need(hsm)?.rsa_oaep_decrypt(*h, *bits, ciphertext) {
+                    Ok(pt) => Ok(pt),
+                    Err(crate::hsm::HsmError::DecryptFailed) => Err(KeyringError::DecryptionFailed),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Self::HsmMissing => Self::hsm_missing(),
+            _ => Err(KeyringError::Internal("not an asymmetric decryption key")),
         }
     }
 
@@ -586,6 +783,111 @@ mod tests {
         let p256 =
             derive_secret(&[5; 32], &[6; 32], &[7; 16], 1, Algorithm::EcdsaP256Sha256).unwrap();
         assert_ne!(p256.public().unwrap().to_bytes(), public.to_bytes());
+    }
+
+    /// RSA software keys: generated, sealed under the root key and opened again (another
+    /// version, salt or root opens nothing); PSS and PKCS#1 v1.5 signatures over a message
+    /// and over its digest verify, with the other scheme's verifier they do not; OAEP
+    /// decrypts what the public key encrypted, and a changed ciphertext fails opaquely.
+    #[test]
+    fn rsa_software_keys() {
+        use rsa::traits::PublicKeyParts;
+        let (root, salt, id) = ([5u8; 32], [6u8; 32], [7u8; 16]);
+        let alg = Algorithm::RsaSignPss2048Sha256;
+        let (der, public) = generate_rsa(alg).unwrap();
+        let sealed = seal_material(&root, &salt, &id, 1, alg, &der).unwrap();
+        assert!(!sealed.windows(16).any(|w| der.windows(16).any(|d| d == w)));
+        assert!(open_material(&root, &salt, &id, 2, alg, &sealed).is_none());
+        assert!(open_material(&root, &[9; 32], &id, 1, alg, &sealed).is_none());
+        assert!(open_material(&[9; 32], &salt, &id, 1, alg, &sealed).is_none());
+        let opened = open_material(&root, &salt, &id, 1, alg, &sealed).unwrap();
+        assert_eq!(*opened, *der);
+        let pss = secret_from_pkcs8(alg, &opened).unwrap();
+        // The wrong size for the algorithm is refused.
+        assert!(secret_from_pkcs8(Algorithm::RsaSignPss3072Sha256, &opened).is_none());
+        assert!(secret_from_pkcs8(alg, &opened[1..]).is_none());
+        let digest: [u8; 32] = Sha256::digest(b"hello").into();
+        let sig = pss
+            .sign(None, SignInput::Message(b"hello"), SignatureEncoding::Der)
+            .unwrap();
+        assert_eq!(sig.len(), 256);
+        assert!(public.verify(SignInput::Message(b"hello"), &sig).unwrap());
+        assert!(public.verify(SignInput::Digest(&digest), &sig).unwrap());
+        assert!(!public.verify(SignInput::Message(b"hellO"), &sig).unwrap());
+        let by_digest = pss
+            .sign(None, SignInput::Digest(&digest), SignatureEncoding::Der)
+            .unwrap();
+        assert!(
+            public
+                .verify(SignInput::Message(b"hello"), &by_digest)
+                .unwrap()
+        );
+        assert!(matches!(
+            pss.sign(None, SignInput::Digest(&[0; 48]), SignatureEncoding::Der),
+            Err(KeyringError::BadRequest(_))
+        ));
+        let Public::Rsa(k, _) = &public else {
+            unreachable!("an RSA public key")
+        };
+        let pkcs1_public = Public::Rsa(k.clone(), RsaScheme::Pkcs1);
+        assert!(
+            !pkcs1_public
+                .verify(SignInput::Message(b"hello"), &sig)
+                .unwrap()
+        );
+        let pkcs1 = secret_from_pkcs8(Algorithm::RsaSignPkcs12048Sha256, &opened).unwrap();
+        let sig1 = pkcs1
+            .sign(None, SignInput::Message(b"hello"), SignatureEncoding::Der)
+            .unwrap();
+        // PKCS#1 v1.5 is deterministic.
+        let again = pkcs1
+            .sign(None, SignInput::Digest(&digest), SignatureEncoding::Der)
+            .unwrap();
+        assert_eq!(sig1, again);
+        assert!(
+            pkcs1_public
+                .verify(SignInput::Message(b"hello"), &sig1)
+                .unwrap()
+        );
+        assert!(!public.verify(SignInput::Message(b"hello"), &sig1).unwrap());
+        // The public key round-trips through its stored bytes (SPKI DER).
+        let back = Public::from_bytes(alg, &public.to_bytes()).unwrap();
+        assert!(back.verify(SignInput::Message(b"hello"), &sig).unwrap());
+        assert!(Public::from_bytes(Algorithm::RsaSignPss4096Sha256, &public.to_bytes()).is_none());
+        assert!(
+            public
+                .to_pem()
+                .unwrap()
+                .starts_with("-----BEGIN PUBLIC KEY-----")
+        );
+        // OAEP with the same key material, as a decryption key.
+        let oaep = secret_from_pkcs8(Algorithm::RsaDecryptOaep2048Sha256, &opened).unwrap();
+        assert!(
+            oaep.sign(None, SignInput::Message(b"x"), SignatureEncoding::Der)
+                .is_err()
+        );
+        let ct = k
+            .encrypt(
+                &mut getrandom::SysRng,
+                rsa::Oaep::<Sha256>::new(),
+                b"secret",
+            )
+            .unwrap();
+        assert_eq!(ct.len(), k.size());
+        assert_eq!(*oaep.asymmetric_decrypt(None, &ct).unwrap(), b"secret");
+        for i in [0, 100, 255] {
+            let mut bad = ct.clone();
+            bad[i] ^= 1;
+            assert!(matches!(
+                oaep.asymmetric_decrypt(None, &bad),
+                Err(KeyringError::DecryptionFailed)
+            ));
+        }
+        assert!(matches!(
+            oaep.asymmetric_decrypt(None, &ct[1..]),
+            Err(KeyringError::DecryptionFailed)
+        ));
+        assert!(pss.asymmetric_decrypt(None, &ct).is_err());
     }
 
     /// NIST GCM test vector (gcmEncryptExtIV256.rsp, Count 0 of the 96-bit IV, 128-bit

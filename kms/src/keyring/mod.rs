@@ -42,7 +42,7 @@ use crate::hsm::{Hsm, HsmError, HsmKeyKind, KeyHandle};
 use crate::store::{Store, StoreError, Table, Write};
 use grants::Grant;
 use material::{Public, Secret, SignInput, SignatureEncoding, VersionMaterial};
-use model::{Algorithm, KeyMeta, Protection, Purpose, VersionMeta, VersionState};
+use model::{Algorithm, KeyMeta, Protection, Purpose, RsaScheme, VersionMeta, VersionState};
 
 /// Largest plaintext `Encrypt` takes (use `GenerateDataKey` and encrypt locally above it).
 pub(crate) const MAX_PLAINTEXT: usize = 64 * 1024;
@@ -52,6 +52,8 @@ pub(crate) const MAX_AAD: usize = 64 * 1024;
 pub(crate) const MAX_MESSAGE: usize = 64 * 1024;
 /// Largest data key.
 pub(crate) const MAX_DATA_KEY: usize = 64;
+/// Longest RSA ciphertext: one block of the largest modulus (4096 bits).
+pub(crate) const MAX_RSA_CIPHERTEXT: usize = 512;
 /// AES-GCM random-nonce budget per version (NIST SP 800-38D).
 pub(crate) const DEFAULT_MAX_MESSAGES: u64 = 1 << 32;
 
@@ -156,16 +158,26 @@ fn purpose_name(p: Purpose) -> &'static str {
         Purpose::EncryptDecrypt => "ENCRYPT_DECRYPT",
         Purpose::SignVerify => "SIGN_VERIFY",
         Purpose::Mac => "MAC",
+        Purpose::AsymmetricDecrypt => "ASYMMETRIC_DECRYPT",
     }
 }
 
-fn hsm_kind(a: Algorithm) -> HsmKeyKind {
+pub(crate) fn hsm_kind(a: Algorithm) -> HsmKeyKind {
     match a {
         Algorithm::Aes256Gcm => HsmKeyKind::Aes256,
         Algorithm::Ed25519 => HsmKeyKind::Ed25519,
         Algorithm::EcdsaP256Sha256 => HsmKeyKind::EcdsaP256,
         Algorithm::EcdsaP384Sha384 => HsmKeyKind::EcdsaP384,
         Algorithm::HmacSha256 => HsmKeyKind::HmacSha256,
+        Algorithm::RsaSignPss2048Sha256 => HsmKeyKind::Rsa(RsaScheme::Pss, 2048),
+        Algorithm::RsaSignPss3072Sha256 => HsmKeyKind::Rsa(RsaScheme::Pss, 3072),
+        Algorithm::RsaSignPss4096Sha256 => HsmKeyKind::Rsa(RsaScheme::Pss, 4096),
+        Algorithm::RsaSignPkcs12048Sha256 => HsmKeyKind::Rsa(RsaScheme::Pkcs1, 2048),
+        Algorithm::RsaSignPkcs13072Sha256 => HsmKeyKind::Rsa(RsaScheme::Pkcs1, 3072),
+        Algorithm::RsaSignPkcs14096Sha256 => HsmKeyKind::Rsa(RsaScheme::Pkcs1, 4096),
+        Algorithm::RsaDecryptOaep2048Sha256 => HsmKeyKind::Rsa(RsaScheme::Oaep, 2048),
+        Algorithm::RsaDecryptOaep3072Sha256 => HsmKeyKind::Rsa(RsaScheme::Oaep, 3072),
+        Algorithm::RsaDecryptOaep4096Sha256 => HsmKeyKind::Rsa(RsaScheme::Oaep, 4096),
     }
 }
 

@@ -25,6 +25,8 @@ pub enum Purpose {
     SignVerify,
     /// Mac, VerifyMac.
     Mac,
+    /// AsymmetricDecrypt, GetPublicKey (callers encrypt with the public key anywhere).
+    AsymmetricDecrypt,
 }
 
 /// The algorithm of every version of a key.
@@ -41,15 +43,82 @@ pub enum Algorithm {
     EcdsaP384Sha384,
     /// HMAC-SHA256.
     HmacSha256,
+    /// RSASSA-PSS, 2048-bit modulus, SHA-256, MGF1-SHA-256, 32-byte salt.
+    #[serde(rename = "RSA_SIGN_PSS_2048_SHA256")]
+    RsaSignPss2048Sha256,
+    /// RSASSA-PSS, 3072-bit modulus.
+    #[serde(rename = "RSA_SIGN_PSS_3072_SHA256")]
+    RsaSignPss3072Sha256,
+    /// RSASSA-PSS, 4096-bit modulus.
+    #[serde(rename = "RSA_SIGN_PSS_4096_SHA256")]
+    RsaSignPss4096Sha256,
+    /// RSASSA-PKCS1-v1_5, 2048-bit modulus, SHA-256.
+    #[serde(rename = "RSA_SIGN_PKCS1_2048_SHA256")]
+    RsaSignPkcs12048Sha256,
+    /// RSASSA-PKCS1-v1_5, 3072-bit modulus.
+    #[serde(rename = "RSA_SIGN_PKCS1_3072_SHA256")]
+    RsaSignPkcs13072Sha256,
+    /// RSASSA-PKCS1-v1_5, 4096-bit modulus.
+    #[serde(rename = "RSA_SIGN_PKCS1_4096_SHA256")]
+    RsaSignPkcs14096Sha256,
+    /// RSAES-OAEP, 2048-bit modulus, SHA-256, MGF1-SHA-256, empty label.
+    #[serde(rename = "RSA_DECRYPT_OAEP_2048_SHA256")]
+    RsaDecryptOaep2048Sha256,
+    /// RSAES-OAEP, 3072-bit modulus.
+    #[serde(rename = "RSA_DECRYPT_OAEP_3072_SHA256")]
+    RsaDecryptOaep3072Sha256,
+    /// RSAES-OAEP, 4096-bit modulus.
+    #[serde(rename = "RSA_DECRYPT_OAEP_4096_SHA256")]
+    RsaDecryptOaep4096Sha256,
 }
 
+pub use crate::hsm::RsaScheme;
+
 impl Algorithm {
+    /// Every algorithm, in the API's order.
+    pub const ALL: [Algorithm; 14] = [
+        Self::Aes256Gcm,
+        Self::Ed25519,
+        Self::EcdsaP256Sha256,
+        Self::HmacSha256,
+        Self::EcdsaP384Sha384,
+        Self::RsaSignPss2048Sha256,
+        Self::RsaSignPss3072Sha256,
+        Self::RsaSignPss4096Sha256,
+        Self::RsaSignPkcs12048Sha256,
+        Self::RsaSignPkcs13072Sha256,
+        Self::RsaSignPkcs14096Sha256,
+        Self::RsaDecryptOaep2048Sha256,
+        Self::RsaDecryptOaep3072Sha256,
+        Self::RsaDecryptOaep4096Sha256,
+    ];
+
+    /// An RSA algorithm's scheme and modulus size in bits.
+    pub fn rsa(self) -> Option<(RsaScheme, usize)> {
+        match crate::keyring::hsm_kind(self) {
+            crate::hsm::HsmKeyKind::Rsa(scheme, bits) => Some((scheme, bits)),
+            _ => None,
+        }
+    }
+
+    /// Whether versions have a public key (and `GetPublicKey` answers).
+    pub fn is_asymmetric(self) -> bool {
+        matches!(
+            self,
+            Self::Ed25519 | Self::EcdsaP256Sha256 | Self::EcdsaP384Sha384
+        ) || self.rsa().is_some()
+    }
+
     /// The purpose this algorithm serves.
     pub fn purpose(self) -> Purpose {
         match self {
             Self::Aes256Gcm => Purpose::EncryptDecrypt,
             Self::Ed25519 | Self::EcdsaP256Sha256 | Self::EcdsaP384Sha384 => Purpose::SignVerify,
             Self::HmacSha256 => Purpose::Mac,
+            _ => match self.rsa() {
+                Some((RsaScheme::Oaep, _)) => Purpose::AsymmetricDecrypt,
+                _ => Purpose::SignVerify,
+            },
         }
     }
 
@@ -61,6 +130,15 @@ impl Algorithm {
             Self::EcdsaP256Sha256 => "ECDSA_P256_SHA256",
             Self::EcdsaP384Sha384 => "ECDSA_P384_SHA384",
             Self::HmacSha256 => "HMAC_SHA256",
+            Self::RsaSignPss2048Sha256 => "RSA_SIGN_PSS_2048_SHA256",
+            Self::RsaSignPss3072Sha256 => "RSA_SIGN_PSS_3072_SHA256",
+            Self::RsaSignPss4096Sha256 => "RSA_SIGN_PSS_4096_SHA256",
+            Self::RsaSignPkcs12048Sha256 => "RSA_SIGN_PKCS1_2048_SHA256",
+            Self::RsaSignPkcs13072Sha256 => "RSA_SIGN_PKCS1_3072_SHA256",
+            Self::RsaSignPkcs14096Sha256 => "RSA_SIGN_PKCS1_4096_SHA256",
+            Self::RsaDecryptOaep2048Sha256 => "RSA_DECRYPT_OAEP_2048_SHA256",
+            Self::RsaDecryptOaep3072Sha256 => "RSA_DECRYPT_OAEP_3072_SHA256",
+            Self::RsaDecryptOaep4096Sha256 => "RSA_DECRYPT_OAEP_4096_SHA256",
         }
     }
 }
@@ -69,7 +147,8 @@ impl Algorithm {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Protection {
-    /// Derived with HKDF-SHA256 beneath the root key; in process memory while unsealed.
+    /// Derived with HKDF-SHA256 beneath the root key (RSA: generated, and stored encrypted
+    /// under a key so derived); in process memory while unsealed.
     Software,
     /// Generated inside the HSM, never extractable; every operation is a PKCS#11 call.
     Hsm,
@@ -107,7 +186,7 @@ impl VersionState {
     }
 }
 
-/// One version of a key. Its `Debug` omits the salt: destroying a version erases the salt,
+/// One version of a key. Its `Debug` omits the salt and the stored material: destroying a version erases the salt,
 /// and crypto-shredding holds only if no copy of it was ever written to a log.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -128,9 +207,15 @@ pub struct VersionMeta {
     /// from any other object with its label. Absent in versions made before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hsm_id: Option<String>,
-    /// Asymmetric keys: the public key (hex; Ed25519 32 bytes, P-256 65-byte SEC1).
+    /// Asymmetric keys: the public key (hex; Ed25519 32 bytes, P-256 65-byte SEC1, RSA
+    /// SubjectPublicKeyInfo DER).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
+    /// Software keys that cannot be derived (RSA): the private key, PKCS#8 DER, encrypted
+    /// under a key derived from the root key and the salt (hex, `nonce | ciphertext | tag`);
+    /// erased with the salt on destruction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub material: Option<String>,
 }
 
 impl std::fmt::Debug for VersionMeta {
@@ -143,6 +228,7 @@ impl std::fmt::Debug for VersionMeta {
             .field("hsm_label", &self.hsm_label)
             .field("hsm_id", &self.hsm_id)
             .field("public_key", &self.public_key)
+            .field("material", &self.material.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
@@ -330,6 +416,7 @@ mod tests {
                 hsm_label: None,
                 hsm_id: None,
                 public_key: None,
+                material: Some("22".repeat(40)),
             }],
         }
     }
@@ -338,6 +425,7 @@ mod tests {
     fn debug_omits_the_salt() {
         let printed = format!("{:?}", meta());
         assert!(!printed.contains(&"11".repeat(32)), "{printed}");
+        assert!(!printed.contains(&"22".repeat(40)), "{printed}");
         assert!(printed.contains("<redacted>"));
     }
 
