@@ -267,6 +267,10 @@ async fn the_core_runs_on_kryoptic() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     assert_eq!(e.message(), "decryption failed");
+    assert!(
+        !hsm.logs().contains("kms removes the OAEP padding"),
+        "kryoptic does OAEP with SHA-256 itself"
+    );
 
     // Audit checkpoints are signed by the Ed25519 key in the token.
     let path = hsm.path().join("export.jsonl");

@@ -588,11 +588,16 @@ impl Hsm {
         if ciphertext.len() != k {
             return Err(HsmError::DecryptFailed);
         }
+        // What modules answer for a ciphertext that does not decrypt: the standard's
+        // CKR_ENCRYPTED_DATA_*, SoftHSM's CKR_GENERAL_ERROR, kryoptic's CKR_DEVICE_ERROR
+        // (OpenSSL's failure passed on), CKR_FUNCTION_FAILED elsewhere. All one failure.
         let failed = |e: cryptoki::error::Error, what: &'static str| match e {
             cryptoki::error::Error::Pkcs11(
                 RvError::EncryptedDataInvalid
                 | RvError::EncryptedDataLenRange
                 | RvError::GeneralError
+                | RvError::DeviceError
+                | RvError::FunctionFailed
                 | RvError::DataInvalid
                 | RvError::DataLenRange,
                 _,
