@@ -13,6 +13,8 @@ const REDACTED: &[&str] = &[
     "kms.v1.DecryptRequest",
     "kms.v1.DecryptResponse",
     "kms.v1.AsymmetricDecryptResponse",
+    "kms.v1.ImportKeyMaterialRequest",
+    "kms.v1.GetImportParametersResponse",
     "kms.v1.ReEncryptRequest",
     "kms.v1.GenerateDataKeyRequest",
     "kms.v1.GenerateDataKeyResponse",

@@ -117,6 +117,7 @@ fn benches(c: &mut Criterion) {
         protection,
         rotation_period: None,
         labels: Default::default(),
+        origin: Default::default(),
     };
     keyring
         .create_key(

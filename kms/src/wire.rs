@@ -8,10 +8,10 @@ use kms_proto::v1 as pb;
 use crate::audit::report::{
     Bucket, CustodyRow, Filter, KeySummary, RefusedRow, Span, UsageReport, UsageRow, VersionRef,
 };
-use crate::keyring::KeyringError;
 use crate::keyring::grants::Grant;
 use crate::keyring::material::SignatureEncoding;
-use crate::keyring::model::{Algorithm, KeyMeta, Protection, Purpose, VersionState};
+use crate::keyring::model::{Algorithm, KeyMeta, Origin, Protection, Purpose, VersionState};
+use crate::keyring::{KeyringError, Wrapping};
 use crate::policy::Operation;
 use crate::seal::{InitOutput, RekeyStep, SealStatus, VerifiedShare};
 
@@ -61,6 +61,7 @@ pub(crate) fn key_pb(m: &KeyMeta) -> pb::Key {
                     }
                 };
                 pb::KeyVersion {
+                    origin: origin_pb(v.origin) as i32,
                     version: v.version,
                     state: state as i32,
                     create_time: secs(v.created_at),
@@ -70,12 +71,49 @@ pub(crate) fn key_pb(m: &KeyMeta) -> pb::Key {
             })
             .collect(),
         create_time: secs(m.created_at),
+        origin: origin_pb(m.origin) as i32,
+        pending_import: m.versions.is_empty(),
+    }
+}
+
+/// An API wrapping algorithm; unspecified is a bad request.
+pub(crate) fn wrapping_from(v: i32) -> Result<Wrapping, KeyringError> {
+    match pb::WrappingAlgorithm::try_from(v) {
+        Ok(pb::WrappingAlgorithm::RsaAesKeyWrapSha256) => Ok(Wrapping::RsaAesKeyWrapSha256),
+        Ok(pb::WrappingAlgorithm::RsaesOaepSha256) => Ok(Wrapping::RsaesOaepSha256),
+        _ => Err(KeyringError::BadRequest(
+            "wrapping_algorithm must be RSA_AES_KEY_WRAP_SHA_256 or RSAES_OAEP_SHA_256",
+        )),
+    }
+}
+
+/// An origin as the API spells it.
+fn origin_pb(o: Origin) -> pb::KeyOrigin {
+    match o {
+        Origin::Generated => pb::KeyOrigin::Generated,
+        Origin::External => pb::KeyOrigin::External,
+    }
+}
+
+/// An API origin (unspecified: GENERATED).
+pub(crate) fn origin_from(v: i32) -> Result<Origin, KeyringError> {
+    match pb::KeyOrigin::try_from(v) {
+        Ok(pb::KeyOrigin::Unspecified | pb::KeyOrigin::Generated) => Ok(Origin::Generated),
+        Ok(pb::KeyOrigin::External) => Ok(Origin::External),
+        Err(_) => Err(KeyringError::BadRequest(
+            "origin must be GENERATED or EXTERNAL",
+        )),
     }
 }
 
 /// An algorithm as the API spells it (the enum value of the same name).
 pub fn algorithm_pb(a: Algorithm) -> pb::Algorithm {
     pb::Algorithm::from_str_name(a.name()).unwrap_or(pb::Algorithm::Unspecified)
+}
+
+/// The algorithm an API value names, if any.
+pub fn algorithm_from_pb(v: i32) -> Option<Algorithm> {
+    algorithm_from(v).ok()
 }
 
 /// An API algorithm; unspecified or unknown is a bad request.

@@ -40,6 +40,8 @@ pub mod v1 {
     redacted_debug!(DecryptRequest { key } secret { ciphertext, associated_data });
     redacted_debug!(DecryptResponse { key_version } secret { plaintext });
     redacted_debug!(AsymmetricDecryptResponse { key_version } secret { plaintext });
+    redacted_debug!(ImportKeyMaterialRequest { key, wrapping_algorithm, public_key_pem } secret { import_token, wrapped_material });
+    redacted_debug!(GetImportParametersResponse { wrapping_public_key_pem, expire_time, wrapping_algorithms } secret { import_token });
     redacted_debug!(ReEncryptRequest { key, destination_key } secret { ciphertext, associated_data });
     redacted_debug!(GenerateDataKeyRequest { key, length_bytes } secret { associated_data });
     redacted_debug!(GenerateDataKeyResponse { key_version } secret { plaintext, ciphertext });

@@ -603,6 +603,7 @@ impl Server {
                 protection_level: protection as i32,
                 rotation_period_seconds: 0,
                 labels: Default::default(),
+                origin: 0,
             })
             .await
             .unwrap()

@@ -37,6 +37,8 @@ const RPCS: &[&str] = &[
     "KeyManagement/GetKey",
     "KeyManagement/ListKeys",
     "KeyManagement/RotateKey",
+    "KeyManagement/GetImportParameters",
+    "KeyManagement/ImportKeyMaterial",
     "KeyManagement/UpdateKey",
     "KeyManagement/DisableKeyVersion",
     "KeyManagement/EnableKeyVersion",
@@ -262,6 +264,24 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
             })
             .await
             .map(drop),
+        "KeyManagement/GetImportParameters" => keys
+            .get_import_parameters(pb::GetImportParametersRequest {
+                key: "ext".into(),
+                valid_for_seconds: 0,
+            })
+            .await
+            .map(drop),
+        // A token that is none: the admin gets past access control to INVALID_ARGUMENT.
+        "KeyManagement/ImportKeyMaterial" => keys
+            .import_key_material(pb::ImportKeyMaterialRequest {
+                key: "ext".into(),
+                import_token: b"not a token".to_vec(),
+                wrapping_algorithm: pb::WrappingAlgorithm::RsaAesKeyWrapSha256 as i32,
+                wrapped_material: vec![0; 600],
+                public_key_pem: String::new(),
+            })
+            .await
+            .map(drop),
         "KeyManagement/AsymmetricDecrypt" => keys
             .asymmetric_decrypt(pb::AsymmetricDecryptRequest {
                 key: "rsa".into(),
@@ -390,6 +410,8 @@ fn expected(who: &str, rpc: &str) -> Code {
                 | "GetKey"
                 | "ListKeys"
                 | "RotateKey"
+                | "GetImportParameters"
+                | "ImportKeyMaterial"
                 | "UpdateKey"
                 | "DisableKeyVersion"
                 | "EnableKeyVersion"
@@ -425,6 +447,7 @@ fn expected(who: &str, rpc: &str) -> Code {
     match (allowed, who) {
         // The server is initialised already.
         (true, _) if rpc == "System/Init" => Code::FailedPrecondition,
+        (true, _) if rpc == "KeyManagement/ImportKeyMaterial" => Code::InvalidArgument,
         (true, _) => Code::Ok,
         (false, "no-certificate") => Code::Unauthenticated,
         (false, _) => Code::PermissionDenied,
@@ -447,6 +470,7 @@ async fn every_rpc_by_every_kind_of_caller() {
         ("sig", pb::Algorithm::Ed25519),
         ("mac", pb::Algorithm::HmacSha256),
         ("rsa", pb::Algorithm::RsaDecryptOaep2048Sha256),
+        ("ext", pb::Algorithm::Aes256Gcm),
         ("tmp", pb::Algorithm::Aes256Gcm),
         ("reports", pb::Algorithm::Aes256Gcm),
     ] {
@@ -454,6 +478,12 @@ async fn every_rpc_by_every_kind_of_caller() {
             .create_key(pb::CreateKeyRequest {
                 name: name.into(),
                 algorithm: alg as i32,
+                // `ext` awaits an import (GetImportParameters, ImportKeyMaterial).
+                origin: if name == "ext" {
+                    pb::KeyOrigin::External as i32
+                } else {
+                    0
+                },
                 ..Default::default()
             })
             .await

@@ -38,6 +38,7 @@ async fn create(
             protection_level: protection as i32,
             rotation_period_seconds: 0,
             labels: [("team".to_owned(), "payments".to_owned())].into(),
+            origin: 0,
         })
         .await
         .unwrap()
@@ -761,6 +762,7 @@ async fn automatic_rotation_and_the_nonce_budget() {
             protection_level: 0,
             rotation_period_seconds: 1,
             labels: Default::default(),
+            origin: 0,
         })
         .await
         .unwrap()
@@ -830,6 +832,7 @@ async fn bad_input_gets_clear_typed_errors() {
         protection_level: 0,
         rotation_period_seconds: 0,
         labels: Default::default(),
+        origin: 0,
     };
     expect_code(
         c.create_key(new("enc", 1)).await,
@@ -1148,6 +1151,7 @@ async fn a_store_edited_on_disk_is_refused() {
             protection_level: 0,
             rotation_period_seconds: 0,
             labels: Default::default(),
+            origin: 0,
         })
         .await;
     expect_code(r, Code::AlreadyExists, "already exists");

@@ -172,6 +172,18 @@ impl KeyManagement for Echo {
     ) -> Result<Response<pb::GetPublicKeyResponse>, Status> {
         unimplemented()
     }
+    async fn get_import_parameters(
+        &self,
+        _: Request<pb::GetImportParametersRequest>,
+    ) -> Result<Response<pb::GetImportParametersResponse>, Status> {
+        unimplemented()
+    }
+    async fn import_key_material(
+        &self,
+        _: Request<pb::ImportKeyMaterialRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        unimplemented()
+    }
     async fn asymmetric_decrypt(
         &self,
         _: Request<pb::AsymmetricDecryptRequest>,

@@ -46,6 +46,20 @@ pub(super) enum AlgorithmArg {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
+pub(super) enum OriginArg {
+    Generated,
+    External,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(super) enum WrappingArg {
+    #[value(name = "rsa-aes-key-wrap-sha-256")]
+    RsaAesKeyWrapSha256,
+    #[value(name = "rsaes-oaep-sha-256")]
+    RsaesOaepSha256,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
 pub(super) enum ProtectionArg {
     Software,
     Hsm,
@@ -84,7 +98,8 @@ impl From<ProtectionArg> for Protection {
 /// `kms key ...`.
 #[derive(Debug, Subcommand)]
 pub(super) enum KeyCommand {
-    /// Create a key (its version 1 is made at once).
+    /// Create a key (its version 1 is made at once; with `--origin external`, the key waits
+    /// for `kms key import`).
     Create {
         /// The key's name: [a-zA-Z0-9_.-]{1,128}.
         name: String,
@@ -100,6 +115,47 @@ pub(super) enum KeyCommand {
         /// A label, KEY=VALUE (repeatable).
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// `external`: the material will be imported (bring your own key, docs/byok.md).
+        #[arg(long, value_enum, default_value = "generated")]
+        origin: OriginArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Get import parameters for an EXTERNAL key and write them to a directory: the
+    /// wrapping public key (`wrapping-key.pem`) and the import token (`import-token.bin`).
+    ImportParameters {
+        /// The key.
+        name: String,
+        /// The directory to write them to (made if missing).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// How long they stay valid (at most and by default 24h).
+        #[arg(long, value_parser = parse_duration)]
+        valid_for: Option<u64>,
+    },
+    /// Import key material into an EXTERNAL key, as a new primary version: either
+    /// `--material FILE` (wrapped here, with fresh import parameters), or `--wrapped FILE
+    /// --token FILE` (wrapped elsewhere with `kms key import-parameters`' output).
+    Import {
+        /// The key.
+        name: String,
+        /// The material: 32 raw bytes (AES-256, HMAC), or a PKCS#8 private key, DER or PEM.
+        #[arg(long, conflicts_with_all = ["wrapped", "token"], required_unless_present = "wrapped")]
+        material: Option<std::path::PathBuf>,
+        /// Material wrapped with the import parameters' wrapping key.
+        #[arg(long, requires = "token")]
+        wrapped: Option<std::path::PathBuf>,
+        /// The import token those parameters came with.
+        #[arg(long, requires = "wrapped")]
+        token: Option<std::path::PathBuf>,
+        /// How the material is (to be) wrapped.
+        #[arg(long, value_enum, default_value = "rsa-aes-key-wrap-sha-256")]
+        wrapping_algorithm: WrappingArg,
+        /// With --wrapped: the public key (PEM) of ECDSA or Ed25519 material, which an HSM
+        /// key needs (with --material it is computed here).
+        #[arg(long, requires = "wrapped")]
+        public_key: Option<std::path::PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -203,6 +259,8 @@ fn key_json(k: &pb::Key) -> serde_json::Value {
         "rotation_period_seconds": k.rotation_period_seconds,
         "next_rotation_time": k.next_rotation_time,
         "create_time": k.create_time,
+        "origin": name(k.origin, |v| pb::KeyOrigin::try_from(v).ok().map(|p| p.as_str_name())),
+        "pending_import": k.pending_import,
         "labels": k.labels,
         "versions": k.versions.iter().map(|v| serde_json::json!({
             "version": v.version,
@@ -210,6 +268,7 @@ fn key_json(k: &pb::Key) -> serde_json::Value {
             "create_time": v.create_time,
             "destroy_time": v.destroy_time,
             "destroyed_time": v.destroyed_time,
+            "origin": name(v.origin, |o| pb::KeyOrigin::try_from(o).ok().map(|p| p.as_str_name())),
         })).collect::<Vec<_>>(),
     })
 }
@@ -231,6 +290,12 @@ fn print_key(k: &pb::Key, json: bool) {
     println!("Purpose                 {}", text(&v, "purpose"));
     println!("Algorithm               {}", text(&v, "algorithm"));
     println!("Protection              {}", text(&v, "protection_level"));
+    if k.origin == pb::KeyOrigin::External as i32 {
+        println!("Origin                  EXTERNAL (imported material)");
+    }
+    if k.pending_import {
+        println!("State                   PENDING_IMPORT: run kms key import");
+    }
     println!("Primary version         {}", k.primary_version);
     println!("Min decryption version  {}", k.min_decryption_version);
     if k.rotation_period_seconds > 0 {
@@ -252,7 +317,12 @@ fn print_key(k: &pb::Key, json: bool) {
             .get("version")
             .and_then(serde_json::Value::as_u64)
             .unwrap_or(0);
-        println!("Version {n:<16}{}", text(ver, "state"));
+        let imported = if text(ver, "origin") == "EXTERNAL" {
+            "  (imported)"
+        } else {
+            ""
+        };
+        println!("Version {n:<16}{}{imported}", text(ver, "state"));
     }
 }
 
@@ -266,6 +336,7 @@ pub(super) async fn run_key(channel: Channel, command: KeyCommand) -> Result<Exi
             protection,
             rotation_period,
             labels,
+            origin,
             json,
         } => {
             let req = pb::CreateKeyRequest {
@@ -274,8 +345,44 @@ pub(super) async fn run_key(channel: Channel, command: KeyCommand) -> Result<Exi
                 protection_level: wire::protection_pb(protection.into()) as i32,
                 rotation_period_seconds: rotation_period.unwrap_or(0),
                 labels: labels.into_iter().collect::<HashMap<_, _>>(),
+                origin: match origin {
+                    OriginArg::Generated => pb::KeyOrigin::Generated,
+                    OriginArg::External => pb::KeyOrigin::External,
+                } as i32,
             };
             (c.create_key(req).answer().await?, json)
+        }
+        KeyCommand::ImportParameters {
+            name,
+            out,
+            valid_for,
+        } => return crate::byok::import_parameters(&mut c, name, &out, valid_for).await,
+        KeyCommand::Import {
+            name,
+            material,
+            wrapped,
+            token,
+            wrapping_algorithm,
+            public_key,
+            json,
+        } => {
+            let wrapping = match wrapping_algorithm {
+                WrappingArg::RsaAesKeyWrapSha256 => kms::keyring::Wrapping::RsaAesKeyWrapSha256,
+                WrappingArg::RsaesOaepSha256 => kms::keyring::Wrapping::RsaesOaepSha256,
+            };
+            let source = match (material, wrapped, token) {
+                (Some(m), _, _) => crate::byok::Source::Material(m),
+                (None, Some(w), Some(t)) => crate::byok::Source::Wrapped {
+                    wrapped: w,
+                    token: t,
+                    public_key,
+                },
+                _ => return Err("give --material FILE, or --wrapped FILE --token FILE".into()),
+            };
+            (
+                crate::byok::import(&mut c, name, source, wrapping).await?,
+                json,
+            )
         }
         KeyCommand::Get { name, json } => {
             (c.get_key(pb::GetKeyRequest { name }).answer().await?, json)
@@ -340,6 +447,8 @@ async fn run_version(
                 .await?
         }
         KeyCommand::Create { .. }
+        | KeyCommand::ImportParameters { .. }
+        | KeyCommand::Import { .. }
         | KeyCommand::Get { .. }
         | KeyCommand::List { .. }
         | KeyCommand::Rotate { .. }

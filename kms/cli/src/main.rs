@@ -216,6 +216,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 mod audit;
 mod backup;
+mod byok;
 mod ceremony;
 mod crypto;
 mod dev;

@@ -82,6 +82,8 @@ pub(crate) const NAMES: &[&str] = &[
     "Watch",
     "ServerReflectionInfo",
     "AsymmetricDecrypt",
+    "GetImportParameters",
+    "ImportKeyMaterial",
 ];
 
 /// gRPC code names by code: the outcome of almost every record.

@@ -330,6 +330,8 @@ const ADMIN: &[&str] = &[
     "CancelKeyVersionDestruction",
     "AutoRotateKey",
     "DestroyKeyVersion",
+    "GetImportParameters",
+    "ImportKeyMaterial",
     "CreateGrant",
     "RevokeGrant",
 ];

@@ -2,14 +2,17 @@
 
 use kms_proto::v1 as pb;
 
-use crate::wire::{algorithm_from, algorithm_pb, key_pb, protection_from, signature_encoding_from};
+use crate::wire::{
+    algorithm_from, algorithm_pb, key_pb, origin_from, protection_from, signature_encoding_from,
+    wrapping_from,
+};
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::{Aad, ApiError, Call, Ctx, Served, code_name, code_of, with_keyring};
 use crate::audit::BatchSummary;
 use crate::keyring::material::SignInput;
-use crate::keyring::{KeyUpdate, KeyringError, NewKey};
+use crate::keyring::{Import, KeyUpdate, KeyringError, NewKey};
 
 /// The most items in one batch.
 pub(super) const MAX_BATCH: usize = 1000;
@@ -146,6 +149,54 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
                     protection: protection_from(r.protection_level)?,
                     rotation_period: Some(r.rotation_period_seconds).filter(|p| *p != 0),
                     labels: r.labels.into_iter().collect(),
+                    origin: origin_from(r.origin)?,
+                },
+                c,
+            )?;
+            Ok(Served::new(key_pb(&meta)).version(meta.primary))
+        })
+        .await
+    }
+
+    async fn get_import_parameters(
+        &self,
+        request: Request<pb::GetImportParametersRequest>,
+    ) -> Result<Response<pb::GetImportParametersResponse>, Status> {
+        let call = self
+            .call(&request, "GetImportParameters")
+            .key(&request.get_ref().key);
+        let r = request.into_inner();
+        with_keyring(&self.ctx, call, (), move |k, c, ()| {
+            let p = k.import_parameters(&r.key, u64::from(r.valid_for_seconds), c)?;
+            Ok(Served::new(pb::GetImportParametersResponse {
+                wrapping_public_key_pem: p.wrapping_public_pem,
+                import_token: p.token,
+                expire_time: i64::try_from(p.expires_at).unwrap_or(i64::MAX),
+                wrapping_algorithms: vec![
+                    pb::WrappingAlgorithm::RsaAesKeyWrapSha256 as i32,
+                    pb::WrappingAlgorithm::RsaesOaepSha256 as i32,
+                ],
+            }))
+        })
+        .await
+    }
+
+    async fn import_key_material(
+        &self,
+        request: Request<pb::ImportKeyMaterialRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let call = self
+            .call(&request, "ImportKeyMaterial")
+            .key(&request.get_ref().key);
+        let r = request.into_inner();
+        with_keyring(&self.ctx, call, (), move |k, c, ()| {
+            let meta = k.import_material(
+                Import {
+                    name: &r.key,
+                    token: &r.import_token,
+                    wrapping: wrapping_from(r.wrapping_algorithm)?,
+                    wrapped: &r.wrapped_material,
+                    public_key_pem: Some(r.public_key_pem.as_str()).filter(|p| !p.is_empty()),
                 },
                 c,
             )?;

@@ -152,7 +152,8 @@ fn keyring_code(e: &KeyringError) -> Code {
         KeyringError::WrongPurpose { .. }
         | KeyringError::VersionNotEnabled { .. }
         | KeyringError::BelowMinimum { .. }
-        | KeyringError::NotAllowed(_) => Code::FailedPrecondition,
+        | KeyringError::NotAllowed(_)
+        | KeyringError::PendingImport(_) => Code::FailedPrecondition,
         KeyringError::Exhausted { .. } => Code::ResourceExhausted,
         KeyringError::Tampered(_) | KeyringError::HsmKeyMissing => Code::DataLoss,
         KeyringError::Hsm(_)

@@ -103,6 +103,12 @@ pub enum HsmError {
     /// altered, or another key made them.
     #[error("the HSM could not decrypt the data: it was altered or made under another key")]
     DecryptFailed,
+    /// Imported key material is not what the key's algorithm needs.
+    #[error("{0}")]
+    ImportRefused(&'static str),
+    /// The module does not offer what this needs.
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// Several token objects answer to one key's label and id: kms will not guess which.
     #[error(
         "{count} objects in the HSM token answer to the key object {label:?}: refusing to pick one"

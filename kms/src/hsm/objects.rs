@@ -43,6 +43,103 @@ impl Hsm {
         Ok((self.register(handle, lookup), public))
     }
 
+    /// Unwraps customer key material into a token object of `kind`, labelled `label` with
+    /// CKA_ID `id`, with the same attributes as a key kms generates: `kek` (the AES-256 key
+    /// the customer wrapped with) becomes a session object, `wrapped` (AES-KWP, RFC 5649)
+    /// is unwrapped by the module with CKM_AES_KEY_WRAP_PAD (SoftHSM's RFC 5649 key wrap),
+    /// and the session key is destroyed. The material never leaves the token. The new
+    /// object is checked to be what `kind` says (size, curve), or destroyed and refused.
+    /// Returns the object and, for RSA, its public key (SubjectPublicKeyInfo DER).
+    pub(crate) fn unwrap_key_material(
+        &self,
+        kind: HsmKeyKind,
+        kek: &[u8],
+        wrapped: &[u8],
+        label: &str,
+        id: &[u8],
+    ) -> Result<(KeyHandle, Option<Vec<u8>>), HsmError> {
+        let lookup = recover::Lookup::new(kind.class_and_type().0, label, Some(id));
+        let (handle, public) = self.with_session("unwrap", |s| {
+            let session_kek = s
+                .create_object(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::Value(kek.to_vec()),
+                    Attribute::Token(false),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Unwrap(true),
+                    Attribute::Wrap(false),
+                    Attribute::Encrypt(false),
+                    Attribute::Decrypt(false),
+                    Attribute::Sign(false),
+                    Attribute::Verify(false),
+                    Attribute::Derive(false),
+                ])
+                .map_err(pk("load the import's AES key"))?;
+            let made = s.unwrap_key(
+                &Mechanism::AesKeyWrapPad,
+                session_kek,
+                wrapped,
+                &import_template(kind, label, id),
+            );
+            let _ = s.destroy_object(session_kek);
+            let h = made.map_err(|e| match e {
+                cryptoki::error::Error::Pkcs11(RvError::MechanismInvalid, _) => HsmError::Unsupported(
+                    "this HSM module cannot unwrap with CKM_AES_KEY_WRAP_PAD (RFC 5649): import into a SOFTWARE key",
+                ),
+                cryptoki::error::Error::Pkcs11(
+                    RvError::WrappedKeyInvalid
+                    | RvError::WrappedKeyLenRange
+                    | RvError::UnwrappingKeyHandleInvalid
+                    | RvError::GeneralError
+                    | RvError::DeviceError
+                    | RvError::FunctionFailed
+                    | RvError::EncryptedDataInvalid
+                    | RvError::TemplateInconsistent
+                    | RvError::AttributeValueInvalid
+                    | RvError::DomainParamsInvalid,
+                    _,
+                ) => HsmError::DecryptFailed,
+                e => pk("unwrap the imported key")(e),
+            })?;
+            match check_imported(s, kind, h) {
+                Ok(public) => Ok((h, public)),
+                Err(e) => {
+                    let _ = s.destroy_object(h);
+                    Err(e)
+                }
+            }
+        })?;
+        Ok((self.register(handle, lookup), public))
+    }
+
+    /// Creates a secret key of `kind` (AES-256 or HMAC) in the token from its value, with the
+    /// same attributes as one kms generates (for material that came RSA-OAEP-wrapped, which
+    /// the module cannot unwrap into a key itself).
+    pub(crate) fn create_secret_key(
+        &self,
+        kind: HsmKeyKind,
+        value: &[u8],
+        label: &str,
+        id: &[u8],
+    ) -> Result<KeyHandle, HsmError> {
+        if !matches!(kind, HsmKeyKind::Aes256 | HsmKeyKind::HmacSha256) {
+            return Err(HsmError::Misuse(
+                "only secret keys are created from a value",
+            ));
+        }
+        let lookup = recover::Lookup::new(ObjectClass::SECRET_KEY, label, Some(id));
+        let handle = self.with_session("create", |s| {
+            let mut template = import_template(kind, label, id);
+            template.push(Attribute::Value(value.to_vec()));
+            s.create_object(&template)
+                .map_err(pk("create the imported key"))
+        })?;
+        Ok(self.register(handle, lookup))
+    }
+
     /// Finds a key kms made (after a restart, handles are looked up again): the token
     /// object of `kind` with this label and, when given, this CKA_ID. Exactly one must
     /// answer (`None`: none does), and it must be what kms made: the right class and key
@@ -511,4 +608,142 @@ fn rsa_spki(n: &[u8], e: &[u8]) -> Option<Vec<u8>> {
     let e = rsa::BoxedUint::from_be_slice_vartime(e);
     let key = rsa::PublicKey::new(n, e).ok()?;
     key.to_public_key_der().ok().map(|d| d.into_vec())
+}
+
+/// The template of an imported key of `kind`: the attributes of one kms generates.
+fn import_template(kind: HsmKeyKind, label: &str, id: &[u8]) -> Vec<Attribute> {
+    let mut t = base_template(label, id);
+    let (class, key_type) = kind.class_and_type();
+    t.extend([Attribute::Class(class), Attribute::KeyType(key_type)]);
+    match kind {
+        HsmKeyKind::Aes256 | HsmKeyKind::HmacSha256 => {
+            let mac = kind == HsmKeyKind::HmacSha256;
+            t.extend([
+                Attribute::Encrypt(!mac),
+                Attribute::Decrypt(!mac),
+                Attribute::Sign(mac),
+                Attribute::Verify(mac),
+                Attribute::Wrap(false),
+                Attribute::Unwrap(false),
+            ]);
+        }
+        HsmKeyKind::Rsa(scheme, _) => {
+            let decrypt = scheme == RsaScheme::Oaep;
+            t.extend([
+                Attribute::Sign(!decrypt),
+                Attribute::Decrypt(decrypt),
+                Attribute::Unwrap(false),
+            ]);
+        }
+        HsmKeyKind::Ed25519 | HsmKeyKind::EcdsaP256 | HsmKeyKind::EcdsaP384 => {
+            t.extend([
+                Attribute::Sign(true),
+                Attribute::Decrypt(false),
+                Attribute::Unwrap(false),
+            ]);
+        }
+    }
+    // SoftHSM applies an unwrap template in order and refuses every attribute after
+    // CKA_MODIFIABLE = false (CKR_ATTRIBUTE_READ_ONLY): it goes last.
+    if let Some(at) = t.iter().position(|a| matches!(a, Attribute::Modifiable(_))) {
+        let m = t.remove(at);
+        t.push(m);
+    }
+    t
+}
+
+/// Checks an unwrapped key is what `kind` says: a 32-byte secret, an RSA key of the size
+/// (its public key returned, SubjectPublicKeyInfo DER), or an EC key on the curve.
+fn check_imported(
+    s: &Session,
+    kind: HsmKeyKind,
+    h: ObjectHandle,
+) -> Result<Option<Vec<u8>>, HsmError> {
+    let refuse = |why| Err(HsmError::ImportRefused(why));
+    match kind {
+        HsmKeyKind::Aes256 | HsmKeyKind::HmacSha256 => {
+            let len = s
+                .get_attributes(h, &[AttributeType::ValueLen])
+                .map_err(pk("read the imported key's size"))?
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::ValueLen(l) => Some(u64::from(l)),
+                    _ => None,
+                });
+            match len {
+                Some(32) => Ok(None),
+                Some(l) if l != 0 => refuse("the material is not 32 bytes"),
+                // SoftHSM keeps no CKA_VALUE_LEN for an unwrapped key: the caller has
+                // checked the wrapped length (25 to 32 bytes), and the key must work (an
+                // AES key of 25 to 31 bytes does not, nor an HMAC key under 32 bytes).
+                _ => {
+                    let works = if kind == HsmKeyKind::Aes256 {
+                        let mut iv = [0u8; GCM_IV_LEN];
+                        getrandom::fill(&mut iv).map_err(|_| {
+                            HsmError::Misuse("operating system random source failed")
+                        })?;
+                        GcmParams::new(&mut iv, b"", GCM_TAG_BITS.into())
+                            .ok()
+                            .is_some_and(|p| s.encrypt(&Mechanism::AesGcm(p), h, &[0; 16]).is_ok())
+                    } else {
+                        s.sign(&Mechanism::Sha256Hmac, h, b"kms").is_ok()
+                    };
+                    if works {
+                        Ok(None)
+                    } else {
+                        refuse("the material is not 32 bytes")
+                    }
+                }
+            }
+        }
+        HsmKeyKind::Rsa(_, bits) => {
+            let attrs = s
+                .get_attributes(h, &[AttributeType::Modulus, AttributeType::PublicExponent])
+                .map_err(pk("read the imported key's public part"))?;
+            let (mut n, mut e) = (None, None);
+            for a in attrs {
+                match a {
+                    Attribute::Modulus(v) => n = Some(v),
+                    Attribute::PublicExponent(v) => e = Some(v),
+                    _ => {}
+                }
+            }
+            let (Some(n), Some(e)) = (n, e) else {
+                return refuse("the token gave no public part for the imported RSA key");
+            };
+            let n_bits = n.iter().skip_while(|b| **b == 0).count() * 8;
+            if n_bits != bits {
+                return refuse("the RSA key is not of the algorithm's size");
+            }
+            rsa_spki(&n, &e)
+                .map(Some)
+                .ok_or(HsmError::ImportRefused("the RSA key is malformed"))
+        }
+        HsmKeyKind::Ed25519 | HsmKeyKind::EcdsaP256 | HsmKeyKind::EcdsaP384 => {
+            let params = s
+                .get_attributes(h, &[AttributeType::EcParams])
+                .map_err(pk("read the imported key's curve"))?
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::EcParams(p) => Some(p),
+                    _ => None,
+                });
+            let want: &[u8] = match kind {
+                HsmKeyKind::Ed25519 => OID_ED25519,
+                HsmKeyKind::EcdsaP384 => OID_P384,
+                _ => OID_P256,
+            };
+            // Ed25519 may be named by OID or by the printable name "edwards25519".
+            let ok = params.as_deref() == Some(want)
+                || (kind == HsmKeyKind::Ed25519
+                    && params
+                        .as_deref()
+                        .is_some_and(|p| p.ends_with(b"edwards25519")));
+            if ok {
+                Ok(None)
+            } else {
+                refuse("the key is not on the algorithm's curve")
+            }
+        }
+    }
 }

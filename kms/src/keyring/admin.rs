@@ -20,6 +20,7 @@ impl Keyring {
             hsm_id: None,
             public_key: None,
             material: None,
+            origin: Origin::Generated,
         };
         let mut handle = None;
         match meta.protection {
@@ -76,7 +77,7 @@ impl Keyring {
 
     /// Commits a key with a new version; if that fails, the new version's HSM object (if
     /// any) is destroyed, so that a refused change leaves nothing behind in the token.
-    fn commit_new_version(
+    pub(super) fn commit_new_version(
         &self,
         meta: KeyMeta,
         old: Option<&KeyEntry>,
@@ -109,6 +110,11 @@ impl Keyring {
         model::check_name(&req.name)?;
         model::check_labels(&req.labels)?;
         Self::check_rotation_period(req.rotation_period)?;
+        if req.origin == Origin::External && req.rotation_period.is_some() {
+            return Err(KeyringError::BadRequest(
+                "an EXTERNAL key cannot rotate by itself: new versions come from imports",
+            ));
+        }
         let _g = self.admin()?;
         // Made a moment ago by another server sharing the store?
         if self.store.shared() {
@@ -134,7 +140,14 @@ impl Keyring {
             next_rotation_at: req.rotation_period.map(|p| created.saturating_add(p)),
             labels: req.labels,
             versions: Vec::new(),
+            origin: req.origin,
+            import_job: None,
         };
+        if req.origin == Origin::External {
+            // No version until the customer's material is imported.
+            meta.primary = 0;
+            return self.commit_new_version(meta, None, None, journal);
+        }
         let (v1, object) = self.new_version(&meta, 1)?;
         meta.versions.push(v1);
         self.commit_new_version(meta, None, object, journal)
@@ -192,6 +205,11 @@ impl Keyring {
         if only_if_primary.is_some_and(|v| entry.meta.primary != v) {
             return Ok(entry.meta.clone());
         }
+        if entry.meta.origin == Origin::External {
+            return Err(KeyringError::NotAllowed(
+                "this key's material is EXTERNAL: it gets new versions by import (kms key import), not by rotation",
+            ));
+        }
         let mut meta = entry.meta.clone();
         let next = meta
             .versions
@@ -225,6 +243,11 @@ impl Keyring {
         let mut meta = entry.meta.clone();
         if let Some(p) = update.rotation_period {
             Self::check_rotation_period(p)?;
+            if p.is_some() && meta.origin == Origin::External {
+                return Err(KeyringError::BadRequest(
+                    "an EXTERNAL key cannot rotate by itself: new versions come from imports",
+                ));
+            }
             meta.rotation_period = p;
             meta.next_rotation_at = p.map(|p| now().saturating_add(p));
         }

@@ -25,6 +25,9 @@ impl Keyring {
         operation: &'static str,
     ) -> Result<Arc<KeyEntry>, KeyringError> {
         let e = self.fetch(name)?;
+        if e.meta.versions.is_empty() {
+            return Err(KeyringError::PendingImport(name.to_owned()));
+        }
         if e.meta.purpose != purpose {
             return Err(KeyringError::WrongPurpose {
                 name: name.to_owned(),
@@ -276,6 +279,9 @@ impl Keyring {
     /// key's, or an asymmetric decryption key's (which callers encrypt to).
     pub fn public_key(&self, name: &str, version: u32) -> Result<(String, u32), KeyringError> {
         let e = self.fetch(name)?;
+        if e.meta.versions.is_empty() {
+            return Err(KeyringError::PendingImport(name.to_owned()));
+        }
         if !e.meta.algorithm.is_asymmetric() {
             return Err(KeyringError::WrongPurpose {
                 name: name.to_owned(),

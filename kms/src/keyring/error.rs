@@ -85,6 +85,11 @@ pub enum KeyringError {
     /// A state change that is not allowed.
     #[error("{0}")]
     NotAllowed(&'static str),
+    /// An EXTERNAL key with no version yet.
+    #[error(
+        "key {0:?} has no key material yet (origin EXTERNAL): import it first (GetImportParameters, ImportKeyMaterial; kms key import)"
+    )]
+    PendingImport(String),
     /// Decryption failed: tampering, wrong key, or wrong associated data. Deliberately
     /// says nothing more.
     #[error("decryption failed")]

@@ -180,8 +180,11 @@ mod tests {
                     hsm_id: None,
                     public_key: None,
                     material: None,
+                    origin: Default::default(),
                 })
                 .collect(),
+            origin: Default::default(),
+            import_job: None,
         }
     }
 

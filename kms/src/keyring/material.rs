@@ -15,7 +15,7 @@ use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use p256::ecdsa::signature::hazmat::{PrehashSigner, PrehashVerifier};
 use p256::pkcs8::EncodePublicKey;
-use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey};
+use rsa::pkcs8::{DecodePublicKey, EncodePrivateKey};
 use rsa::traits::PublicKeyParts;
 use sha2::{Digest, Sha256, Sha384};
 use zeroize::Zeroizing;
@@ -251,7 +251,7 @@ impl VersionMaterial {
                 let sealed = unhex(sealed).ok_or_else(tampered)?;
                 let der = open_material(root, &salt, &key_id, version, meta.algorithm, &sealed)
                     .ok_or_else(tampered)?;
-                secret_from_pkcs8(meta.algorithm, &der).ok_or_else(tampered)?
+                secret_from_material(meta.algorithm, &der).ok_or_else(tampered)?
             }
             None => derive_secret(root, &salt, &key_id, version, meta.algorithm)?,
         };
@@ -438,12 +438,73 @@ pub(crate) fn generate_rsa(
     Ok((Zeroizing::new(der.as_bytes().to_vec()), public))
 }
 
-/// The secret of a stored private key (PKCS#8 DER) for `algorithm`: an RSA key of the
-/// algorithm's size, or `None`.
-fn secret_from_pkcs8(algorithm: Algorithm, der: &[u8]) -> Option<Secret> {
-    let (scheme, bits) = algorithm.rsa()?;
-    let key = rsa::PrivateKey::from_pkcs8_der(der).ok()?;
-    (key.size() * 8 == bits).then(|| Secret::Rsa(Box::new(key), scheme))
+/// The secret of stored material for `algorithm` (a generated RSA key, or imported
+/// material): 32 raw bytes for AES-256 and HMAC, PKCS#8 DER for the others, of the
+/// algorithm's size or curve; `None` otherwise.
+pub(crate) fn secret_from_material(algorithm: Algorithm, bytes: &[u8]) -> Option<Secret> {
+    use p256::pkcs8::DecodePrivateKey as _;
+    Some(match algorithm {
+        Algorithm::Aes256Gcm => {
+            let key: &[u8; 32] = bytes.try_into().ok()?;
+            Secret::Aes(Box::new(Aes256Gcm::new_from_slice(key).ok()?))
+        }
+        Algorithm::HmacSha256 => {
+            let key: [u8; 32] = bytes.try_into().ok()?;
+            Secret::Hmac(Zeroizing::new(key))
+        }
+        Algorithm::Ed25519 => Secret::Ed25519(Box::new(
+            ed25519_dalek::SigningKey::from_pkcs8_der(bytes).ok()?,
+        )),
+        Algorithm::EcdsaP256Sha256 => Secret::P256(Box::new(
+            p256::ecdsa::SigningKey::from_pkcs8_der(bytes).ok()?,
+        )),
+        Algorithm::EcdsaP384Sha384 => Secret::P384(Box::new(
+            p384::ecdsa::SigningKey::from_pkcs8_der(bytes).ok()?,
+        )),
+        _ => {
+            let (scheme, bits) = algorithm.rsa()?;
+            let key = rsa::PrivateKey::from_pkcs8_der(bytes).ok()?;
+            if key.size() * 8 != bits {
+                return None;
+            }
+            Secret::Rsa(Box::new(key), scheme)
+        }
+    })
+}
+
+/// What is wrong with material for `algorithm`, as a caller should read it.
+pub(crate) fn material_problem(algorithm: Algorithm) -> &'static str {
+    match algorithm {
+        Algorithm::Aes256Gcm | Algorithm::HmacSha256 => "the material must be 32 raw bytes",
+        Algorithm::Ed25519 => "the material must be an Ed25519 private key, PKCS#8 DER",
+        Algorithm::EcdsaP256Sha256 => "the material must be a P-256 private key, PKCS#8 DER",
+        Algorithm::EcdsaP384Sha384 => "the material must be a P-384 private key, PKCS#8 DER",
+        _ => "the material must be an RSA private key of the algorithm's size, PKCS#8 DER",
+    }
+}
+
+/// A public key from SubjectPublicKeyInfo PEM, for `algorithm`.
+pub(crate) fn public_from_pem(algorithm: Algorithm, pem: &str) -> Option<Public> {
+    use p256::pkcs8::DecodePublicKey as _;
+    Some(match algorithm {
+        Algorithm::Ed25519 => {
+            Public::Ed25519(ed25519_dalek::VerifyingKey::from_public_key_pem(pem).ok()?)
+        }
+        Algorithm::EcdsaP256Sha256 => {
+            Public::P256(p256::ecdsa::VerifyingKey::from_public_key_pem(pem).ok()?)
+        }
+        Algorithm::EcdsaP384Sha384 => {
+            Public::P384(p384::ecdsa::VerifyingKey::from_public_key_pem(pem).ok()?)
+        }
+        _ => {
+            let (scheme, bits) = algorithm.rsa()?;
+            let key = rsa::PublicKey::from_public_key_pem(pem).ok()?;
+            if key.size() * 8 != bits {
+                return None;
+            }
+            Public::Rsa(Box::new(key), scheme)
+        }
+    })
 }
 
 /// Derives the key that authenticates key metadata.
@@ -802,10 +863,10 @@ mod tests {
         assert!(open_material(&[9; 32], &salt, &id, 1, alg, &sealed).is_none());
         let opened = open_material(&root, &salt, &id, 1, alg, &sealed).unwrap();
         assert_eq!(*opened, *der);
-        let pss = secret_from_pkcs8(alg, &opened).unwrap();
+        let pss = secret_from_material(alg, &opened).unwrap();
         // The wrong size for the algorithm is refused.
-        assert!(secret_from_pkcs8(Algorithm::RsaSignPss3072Sha256, &opened).is_none());
-        assert!(secret_from_pkcs8(alg, &opened[1..]).is_none());
+        assert!(secret_from_material(Algorithm::RsaSignPss3072Sha256, &opened).is_none());
+        assert!(secret_from_material(alg, &opened[1..]).is_none());
         let digest: [u8; 32] = Sha256::digest(b"hello").into();
         let sig = pss
             .sign(None, SignInput::Message(b"hello"), SignatureEncoding::Der)
@@ -835,7 +896,7 @@ mod tests {
                 .verify(SignInput::Message(b"hello"), &sig)
                 .unwrap()
         );
-        let pkcs1 = secret_from_pkcs8(Algorithm::RsaSignPkcs12048Sha256, &opened).unwrap();
+        let pkcs1 = secret_from_material(Algorithm::RsaSignPkcs12048Sha256, &opened).unwrap();
         let sig1 = pkcs1
             .sign(None, SignInput::Message(b"hello"), SignatureEncoding::Der)
             .unwrap();
@@ -861,7 +922,7 @@ mod tests {
                 .starts_with("-----BEGIN PUBLIC KEY-----")
         );
         // OAEP with the same key material, as a decryption key.
-        let oaep = secret_from_pkcs8(Algorithm::RsaDecryptOaep2048Sha256, &opened).unwrap();
+        let oaep = secret_from_material(Algorithm::RsaDecryptOaep2048Sha256, &opened).unwrap();
         assert!(
             oaep.sign(None, SignInput::Message(b"x"), SignatureEncoding::Der)
                 .is_err()

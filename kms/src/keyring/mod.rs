@@ -21,12 +21,16 @@ mod crypto;
 mod error;
 mod follow;
 pub mod grants;
+mod import;
+pub(crate) use import::Import;
+pub use import::Wrapping;
 mod journal;
 mod lifecycle;
 mod load;
 mod maintenance;
 pub mod material;
 pub mod model;
+pub mod wrap;
 
 pub use crypto::ReEncrypted;
 pub use error::KeyringError;
@@ -42,7 +46,9 @@ use crate::hsm::{Hsm, HsmError, HsmKeyKind, KeyHandle};
 use crate::store::{Store, StoreError, Table, Write};
 use grants::Grant;
 use material::{Public, Secret, SignInput, SignatureEncoding, VersionMaterial};
-use model::{Algorithm, KeyMeta, Protection, Purpose, RsaScheme, VersionMeta, VersionState};
+use model::{
+    Algorithm, KeyMeta, Origin, Protection, Purpose, RsaScheme, VersionMeta, VersionState,
+};
 
 /// Largest plaintext `Encrypt` takes (use `GenerateDataKey` and encrypt locally above it).
 pub(crate) const MAX_PLAINTEXT: usize = 64 * 1024;
@@ -88,6 +94,8 @@ pub struct NewKey {
     pub rotation_period: Option<u64>,
     /// Free-form labels for operators (at most 64), authenticated with the key's record.
     pub labels: BTreeMap<String, String>,
+    /// EXTERNAL: no version until the customer's material is imported.
+    pub origin: Origin,
 }
 
 /// What `UpdateKey` changes (`None`: unchanged).

@@ -154,6 +154,40 @@ pub enum Protection {
     Hsm,
 }
 
+/// Where a key's (or a version's) material comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Origin {
+    /// Made by kms.
+    #[default]
+    Generated,
+    /// Imported by the customer (bring your own key).
+    External,
+}
+
+impl Origin {
+    fn is_generated(&self) -> bool {
+        *self == Self::Generated
+    }
+}
+
+/// The parameters of the import a key of origin EXTERNAL awaits: the wrapping key in the
+/// HSM (RSA 4096, decrypts only) and how long the import token is good for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportJob {
+    /// Random (hex, 16 bytes); bound into the import token.
+    pub id: String,
+    /// The wrapping key's label in the token (`kms-import/<key id>/<job id>`).
+    pub wrapping_label: String,
+    /// The wrapping key's CKA_ID (hex).
+    pub wrapping_id: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds: the token is refused from then on.
+    pub expires_at: u64,
+}
+
 /// A version's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -216,6 +250,9 @@ pub struct VersionMeta {
     /// erased with the salt on destruction.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub material: Option<String>,
+    /// Imported (origin EXTERNAL) rather than made by kms.
+    #[serde(default, skip_serializing_if = "Origin::is_generated")]
+    pub origin: Origin,
 }
 
 impl std::fmt::Debug for VersionMeta {
@@ -229,6 +266,7 @@ impl std::fmt::Debug for VersionMeta {
             .field("hsm_id", &self.hsm_id)
             .field("public_key", &self.public_key)
             .field("material", &self.material.as_ref().map(|_| "<redacted>"))
+            .field("origin", &self.origin)
             .finish()
     }
 }
@@ -263,6 +301,12 @@ pub struct KeyMeta {
     pub labels: BTreeMap<String, String>,
     /// Every version, in order.
     pub versions: Vec<VersionMeta>,
+    /// GENERATED, or EXTERNAL: versions come only from imports.
+    #[serde(default, skip_serializing_if = "Origin::is_generated")]
+    pub origin: Origin,
+    /// An EXTERNAL key's current import parameters, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_job: Option<ImportJob>,
 }
 
 impl KeyMeta {
@@ -417,7 +461,10 @@ mod tests {
                 hsm_id: None,
                 public_key: None,
                 material: Some("22".repeat(40)),
+                origin: Origin::Generated,
             }],
+            origin: Origin::Generated,
+            import_job: None,
         }
     }
 
