@@ -38,7 +38,7 @@ use kms_pkcs11_conf::{PinError, PinSource, ValidHsmConfig};
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
-mod oaep;
+pub(crate) mod oaep;
 mod objects;
 mod recover;
 

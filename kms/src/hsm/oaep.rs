@@ -1,5 +1,8 @@
 //! EME-OAEP decoding (RFC 8017, 7.1.2 step 3) with SHA-256, MGF1-SHA-256 and the empty
-//! label, for modules that decrypt raw RSA but refuse OAEP with SHA-256 (SoftHSM 2.6).
+//! label: after a raw RSA decryption in a module that refuses OAEP with SHA-256 (SoftHSM
+//! 2.6), and for SOFTWARE keys after `rsa`'s private-key operation (whose own OAEP decoding
+//! does not check the block's leading byte). Project Wycheproof's OAEP vectors run through
+//! it at both levels (softhsm-tests/tests/wycheproof.rs).
 //!
 //! Constant time in the secret: every byte of the block is read and every check is
 //! combined with `subtle` before the one branch on the result, so neither the time taken
@@ -28,7 +31,7 @@ fn mgf1_xor(seed: &[u8], out: &mut [u8]) {
 
 /// The message inside the encoded block `em` of a `k`-byte modulus (`em` as the token
 /// returned it: `k` bytes, or fewer when it dropped leading zeros), or `None`.
-pub(super) fn decode(em: &[u8], k: usize) -> Option<Zeroizing<Vec<u8>>> {
+pub(crate) fn decode(em: &[u8], k: usize) -> Option<Zeroizing<Vec<u8>>> {
     // Public facts: the modulus size and the block's length.
     if k < 2 * H + 2 || em.len() > k {
         return None;

@@ -685,14 +685,28 @@ impl Secret {
     ) -> Result<Zeroizing<Vec<u8>>, KeyringError> {
         match self {
             Self::Rsa(k, RsaScheme::Oaep) => {
-                // Blinded, constant-time arithmetic and padding check (rsa 0.10).
-                k.decrypt_blinded(
-                    &mut getrandom::SysRng,
-                    rsa::Oaep::<Sha256>::new(),
-                    ciphertext,
+                // The blinded, constant-time private-key operation of rsa 0.10 (checked by
+                // re-encryption), then kms's own constant-time OAEP decoding, the one the
+                // HSM path uses: rsa 0.10's ignores the encoded block's leading byte
+                // (Wycheproof's "First byte is 1" decrypts under it).
+                let size = k.size();
+                if ciphertext.len() != size {
+                    return Err(KeyringError::DecryptionFailed);
+                }
+                let c = rsa::BoxedUint::from_be_slice(ciphertext, k.n_bits_precision())
+                    .map_err(|_| KeyringError::DecryptionFailed)?;
+                let mut m = rsa::hazmat::rsa_decrypt_and_check(
+                    k.as_ref(),
+                    Some(&mut getrandom::SysRng),
+                    &c,
                 )
-                .map(Zeroizing::new)
-                .map_err(|_| KeyringError::DecryptionFailed)
+                .map_err(|_| KeyringError::DecryptionFailed)?;
+                let em = Zeroizing::new(m.to_be_bytes().into_vec());
+                zeroize::Zeroize::zeroize(&mut m);
+                let em = em
+                    .get(em.len().saturating_sub(size)..)
+                    .ok_or(KeyringError::DecryptionFailed)?;
+                crate::hsm::oaep::decode(em, size).ok_or(KeyringError::DecryptionFailed)
             }
             Self::Hsm(HsmKeyKind::Rsa(RsaScheme::Oaep, bits), h) => {
                 match need(hsm)?.rsa_oaep_decrypt(*h, *bits, ciphertext) {
@@ -725,7 +739,7 @@ impl Secret {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
 
@@ -949,6 +963,67 @@ mod tests {
             Err(KeyringError::DecryptionFailed)
         ));
         assert!(pss.asymmetric_decrypt(None, &ct).is_err());
+    }
+
+    /// Project Wycheproof's RSA-PSS (SHA-256, MGF1-SHA-256, 32-byte salt) and ECDSA P-384
+    /// (SHA-384, DER) verification vectors through `Public::verify`, the verifier behind
+    /// `Verify` (softhsm-tests/wycheproof/README.md). `valid` must verify, `invalid` must not;
+    /// `acceptable` may go either way and is counted.
+    #[test]
+    fn wycheproof_verification() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../softhsm-tests/wycheproof");
+        let hex = |v: &serde_json::Value| {
+            data_encoding::HEXLOWER_PERMISSIVE
+                .decode(v.as_str().unwrap().as_bytes())
+                .unwrap()
+        };
+        for (file, count) in [
+            ("rsa_pss_2048_sha256_mgf1_32_test.json", 100),
+            ("rsa_pss_4096_sha256_mgf1_32_test.json", 50),
+            ("ecdsa_secp384r1_sha384_test.json", 400),
+        ] {
+            let text = std::fs::read_to_string(dir.join(file)).unwrap();
+            let set: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let (mut valid, mut invalid, mut acceptable) = (0, 0, 0);
+            for g in set["testGroups"].as_array().unwrap() {
+                let public = if file.starts_with("ecdsa") {
+                    Public::from_bytes(
+                        Algorithm::EcdsaP384Sha384,
+                        &hex(&g["publicKey"]["uncompressed"]),
+                    )
+                } else {
+                    let alg = match g["keySize"].as_u64() {
+                        Some(2048) => Algorithm::RsaSignPss2048Sha256,
+                        _ => Algorithm::RsaSignPss4096Sha256,
+                    };
+                    assert_eq!(g["sLen"].as_u64(), Some(32));
+                    Public::from_bytes(alg, &hex(&g["publicKeyDer"]))
+                }
+                .unwrap_or_else(|| panic!("{file}: a group's public key"));
+                for t in g["tests"].as_array().unwrap() {
+                    let (msg, sig) = (hex(&t["msg"]), hex(&t["sig"]));
+                    let got = public.verify(SignInput::Message(&msg), &sig).unwrap();
+                    let id = &t["tcId"];
+                    match t["result"].as_str().unwrap() {
+                        "valid" => {
+                            assert!(got, "{file} #{id} must verify: {}", t["comment"]);
+                            valid += 1;
+                        }
+                        "invalid" => {
+                            assert!(!got, "{file} #{id} must not verify: {}", t["comment"]);
+                            invalid += 1;
+                        }
+                        _ => acceptable += 1,
+                    }
+                }
+            }
+            assert!(valid > 0 && invalid > 0, "{file}");
+            assert!(
+                valid + invalid + acceptable >= count,
+                "{file}: {valid} {invalid} {acceptable}"
+            );
+        }
     }
 
     /// NIST GCM test vector (gcmEncryptExtIV256.rsp, Count 0 of the 96-bit IV, 128-bit
