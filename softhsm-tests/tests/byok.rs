@@ -221,7 +221,7 @@ async fn material_wrapped_by_python_is_imported_and_agrees_with_python() {
         &hsm.hsm_table(),
         "[keyring]\ntesting_day_seconds = 1\nmaintenance_interval_seconds = 1\n",
     );
-    let (server, _) = start_unsealed(&hsm, &config);
+    let (mut server, shares) = start_unsealed(&hsm, &config);
     let mut c = server.keys().await;
     let dir = hsm.path().to_path_buf();
     let f = |n: &str| dir.join(n);
@@ -671,6 +671,45 @@ async fn material_wrapped_by_python_is_imported_and_agrees_with_python() {
         }
     }
     assert!(checked >= 10, "{checked} materials checked");
+
+    // Imported versions come back after a kill -9 and an unseal: SOFTWARE ones from their
+    // sealed records, HSM ones found in the token by label and CKA_ID.
+    drop(c);
+    server.kill9();
+    let server: Server = hsm.try_start(&config, &[]).unwrap();
+    server.unseal_with(&shares);
+    let mut c = server.keys().await;
+    for p in ["sw", "hsm"] {
+        let name = format!("aes-{p}");
+        let material = dir.join(&name).join("material.bin");
+        assert!(py(&[
+            &"kms-encrypt",
+            &material,
+            &name,
+            &"2",
+            &f("pt"),
+            &f("aad"),
+            &ct
+        ]));
+        let back = c
+            .decrypt(pb::DecryptRequest {
+                key: name.clone(),
+                ciphertext: std::fs::read(&ct).unwrap(),
+                associated_data: b"tenant=acme".to_vec(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"))
+            .into_inner();
+        assert_eq!(back.plaintext, b"customer data");
+        let name = format!("p256-{p}");
+        let sig = sign(&mut c, &name, b"customer data").await;
+        std::fs::write(f("sig"), &sig).unwrap();
+        let pem = dir.join(&name).join("pub.pem");
+        assert!(
+            py(&[&"verify", &"p256", &pem, &f("pt"), &f("sig")]),
+            "{name}"
+        );
+    }
 }
 
 /// The shell block `name` of docs/byok.md (between its begin and end markers).

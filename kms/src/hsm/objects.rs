@@ -577,13 +577,26 @@ fn generate_rsa_pair(
     let (pub_h, priv_h) = s
         .generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public, &private)
         .map_err(pk("generate an RSA key pair"))?;
-    let attrs = s
-        .get_attributes(
-            pub_h,
-            &[AttributeType::Modulus, AttributeType::PublicExponent],
-        )
-        .map_err(pk("read the public key"))?;
+    let read = rsa_public_parts(s, pub_h);
     let _ = s.destroy_object(pub_h);
+    let Some((n, e)) = read? else {
+        return Err(HsmError::Misuse("the token returned no RSA public key"));
+    };
+    let spki = rsa_spki(&n, &e).ok_or(HsmError::Misuse(
+        "the token returned a malformed RSA public key",
+    ))?;
+    Ok((priv_h, spki))
+}
+
+/// An RSA public key's modulus and exponent, big-endian.
+type RsaParts = (Vec<u8>, Vec<u8>);
+
+/// An RSA key object's modulus and public exponent (public attributes, also on a private
+/// key), if the token gives both.
+fn rsa_public_parts(s: &Session, h: ObjectHandle) -> Result<Option<RsaParts>, HsmError> {
+    let attrs = s
+        .get_attributes(h, &[AttributeType::Modulus, AttributeType::PublicExponent])
+        .map_err(pk("read an RSA key's public part"))?;
     let (mut n, mut e) = (None, None);
     for a in attrs {
         match a {
@@ -592,13 +605,7 @@ fn generate_rsa_pair(
             _ => {}
         }
     }
-    let (Some(n), Some(e)) = (n, e) else {
-        return Err(HsmError::Misuse("the token returned no RSA public key"));
-    };
-    let spki = rsa_spki(&n, &e).ok_or(HsmError::Misuse(
-        "the token returned a malformed RSA public key",
-    ))?;
-    Ok((priv_h, spki))
+    Ok(n.zip(e))
 }
 
 /// SubjectPublicKeyInfo DER of the RSA public key `(n, e)` (big-endian bytes).
@@ -697,18 +704,7 @@ fn check_imported(
             }
         }
         HsmKeyKind::Rsa(_, bits) => {
-            let attrs = s
-                .get_attributes(h, &[AttributeType::Modulus, AttributeType::PublicExponent])
-                .map_err(pk("read the imported key's public part"))?;
-            let (mut n, mut e) = (None, None);
-            for a in attrs {
-                match a {
-                    Attribute::Modulus(v) => n = Some(v),
-                    Attribute::PublicExponent(v) => e = Some(v),
-                    _ => {}
-                }
-            }
-            let (Some(n), Some(e)) = (n, e) else {
+            let Some((n, e)) = rsa_public_parts(s, h)? else {
                 return refuse("the token gave no public part for the imported RSA key");
             };
             let n_bits = n.iter().skip_while(|b| **b == 0).count() * 8;

@@ -211,16 +211,7 @@ impl Keyring {
             ));
         }
         let mut meta = entry.meta.clone();
-        let next = meta
-            .versions
-            .iter()
-            .map(|v| v.version)
-            .max()
-            .unwrap_or(0)
-            .checked_add(1)
-            .ok_or(KeyringError::NotAllowed(
-                "the key has the maximum number of versions",
-            ))?;
+        let next = meta.next_version()?;
         let (v, object) = self.new_version(&meta, next)?;
         meta.versions.push(v);
         meta.primary = next;

@@ -166,16 +166,7 @@ impl Keyring {
             Err(crate::hsm::HsmError::DecryptFailed) => Err(bad(NOT_UNWRAPPED)),
             Err(e) => Err(KeyringError::from(e)),
         };
-        let version = meta
-            .versions
-            .iter()
-            .map(|v| v.version)
-            .max()
-            .unwrap_or(0)
-            .checked_add(1)
-            .ok_or(KeyringError::NotAllowed(
-                "the key has the maximum number of versions",
-            ))?;
+        let version = meta.next_version()?;
         let mut v = VersionMeta {
             version,
             state: VersionState::Enabled,

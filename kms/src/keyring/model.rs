@@ -315,6 +315,19 @@ impl KeyMeta {
         self.versions.iter().find(|m| m.version == v)
     }
 
+    /// The number the next version gets.
+    pub(crate) fn next_version(&self) -> Result<u32, KeyringError> {
+        self.versions
+            .iter()
+            .map(|v| v.version)
+            .max()
+            .unwrap_or(0)
+            .checked_add(1)
+            .ok_or(KeyringError::NotAllowed(
+                "the key has the maximum number of versions",
+            ))
+    }
+
     /// The version `v`, mutable.
     pub(crate) fn version_mut(&mut self, v: u32) -> Option<&mut VersionMeta> {
         self.versions.iter_mut().find(|m| m.version == v)
