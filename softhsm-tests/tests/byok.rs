@@ -657,6 +657,35 @@ async fn material_wrapped_by_python_is_imported_and_agrees_with_python() {
         .await;
     expect_code(r, Code::FailedPrecondition, "DESTROYED");
 
+    // Every import parameter and import is audited, the refused ones too, with key and
+    // outcome.
+    let export = server.kms_as(Some(&hsm.auditor), &["audit", "export"], "");
+    assert_eq!(export.code, Some(0), "{}", export.stderr);
+    let records: Vec<serde_json::Value> = export
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let of = |op: &str, outcome: &str| {
+        records
+            .iter()
+            .filter(|r| r["event"]["operation"] == op && r["event"]["outcome"] == outcome)
+            .count()
+    };
+    assert!(
+        of("GetImportParameters", "OK") >= 16,
+        "{}",
+        of("GetImportParameters", "OK")
+    );
+    assert!(of("ImportKeyMaterial", "OK") >= 10);
+    assert!(of("ImportKeyMaterial", "INVALID_ARGUMENT") >= 10);
+    assert!(of("ImportKeyMaterial", "FAILED_PRECONDITION") >= 2);
+    assert!(
+        !export
+            .stdout
+            .contains(&data_encoding::HEXLOWER.encode(&std::fs::read(&aes).unwrap()))
+    );
+
     // Nothing secret in the log.
     let log = hsm.logs();
     assert!(log.contains("key material imported"));

@@ -454,6 +454,50 @@ async fn rsa_keys_at_both_levels_interoperate_with_openssl_and_python() {
     }
     assert_eq!(decrypt(&mut c, name, 1, &ct1).await.unwrap().0, SECRET);
 
+    // The CLI: `kms public-key`, openssl encrypts, `kms asymmetric-decrypt` (version 1 named,
+    // raw and base64).
+    let pem = server.kms(&["public-key", "--key", name, "--version", "1"], "");
+    assert_eq!(pem.code, Some(0), "{}", pem.stderr);
+    assert_eq!(pem.stdout, pem1);
+    std::fs::write(dir.join("cli.ct"), &ct1).unwrap();
+    let out = server.kms(
+        &[
+            "asymmetric-decrypt",
+            "--key",
+            name,
+            "--version",
+            "1",
+            "--in",
+            dir.join("cli.ct").to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout.as_bytes(), SECRET);
+    let b64 = data_encoding::BASE64.encode(&ct2);
+    let out = server.kms(&["asymmetric-decrypt", "--key", name, "--base64"], &b64);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(
+        data_encoding::BASE64
+            .decode(out.stdout.trim().as_bytes())
+            .unwrap(),
+        SECRET
+    );
+    let out = server.kms(
+        &[
+            "asymmetric-decrypt",
+            "--key",
+            name,
+            "--version",
+            "2",
+            "--in",
+            dir.join("cli.ct").to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("decryption failed"), "{}", out.stderr);
+
     // Nothing secret in the log (at debug) or the audit log.
     let log = hsm.logs();
     let secret = String::from_utf8_lossy(SECRET);
