@@ -272,6 +272,70 @@ async fn the_core_runs_on_kryoptic() {
         "kryoptic does OAEP with SHA-256 itself"
     );
 
+    // Bring your own key on kryoptic: AES material under RSA-OAEP alone is created in the
+    // token (the wrapping key's OAEP done by the module); RSA_AES_KEY_WRAP_SHA_256 needs
+    // CKM_AES_KEY_WRAP_PAD as RFC 5649, which kryoptic names only as PKCS#11 3.0's
+    // CKM_AES_KEY_WRAP_KWP (not in cryptoki 0.12): refused as unsupported, nothing made.
+    keys.create_key(pb::CreateKeyRequest {
+        name: "imported".into(),
+        algorithm: pb::Algorithm::Aes256Gcm as i32,
+        protection_level: pb::ProtectionLevel::Hsm as i32,
+        origin: pb::KeyOrigin::External as i32,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    server.grant_all("imported").await;
+    let params = keys
+        .get_import_parameters(pb::GetImportParametersRequest {
+            key: "imported".into(),
+            valid_for_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let import = |wrapping, algorithm| {
+        let mut keys = keys.clone();
+        let (pem, token) = (
+            params.wrapping_public_key_pem.clone(),
+            params.import_token.clone(),
+        );
+        async move {
+            let wrapped = kms::keyring::wrap::wrap(&pem, wrapping, &[0x5a; 32]).unwrap();
+            keys.import_key_material(pb::ImportKeyMaterialRequest {
+                key: "imported".into(),
+                import_token: token,
+                wrapping_algorithm: algorithm as i32,
+                wrapped_material: wrapped,
+                public_key_pem: String::new(),
+            })
+            .await
+        }
+    };
+    let e = import(
+        kms::keyring::Wrapping::RsaAesKeyWrapSha256,
+        pb::WrappingAlgorithm::RsaAesKeyWrapSha256,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("CKM_AES_KEY_WRAP_PAD"), "{e:?}");
+    let key = import(
+        kms::keyring::Wrapping::RsaesOaepSha256,
+        pb::WrappingAlgorithm::RsaesOaepSha256,
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(key.versions.len(), 1);
+    let imported_ct = encrypt_ctx(&mut keys, "imported", b"customer key")
+        .await
+        .unwrap();
+    assert_eq!(
+        decrypt_ctx(&mut keys, "imported", &imported_ct).await.unwrap(),
+        b"customer key"
+    );
+
     // Audit checkpoints are signed by the Ed25519 key in the token.
     let path = hsm.path().join("export.jsonl");
     let out = server.kms_as(
