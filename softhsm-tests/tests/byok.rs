@@ -908,3 +908,64 @@ async fn the_cli_imports_with_its_own_wrapping_and_with_the_documented_openssl_c
         out.stderr
     );
 }
+
+/// An EXTERNAL AES key cannot be rotated by kms at 3/4 of a version's message budget, as a
+/// generated one is: every message up to the budget is encrypted (the crossing is logged,
+/// saying to import), then encryption is refused with RESOURCE_EXHAUSTED until an import
+/// adds a version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_key_at_its_message_budget_asks_for_an_import() {
+    let hsm = TestHsm::new("kms-byok-budget");
+    let config = hsm.config_full(
+        "budget.toml",
+        &hsm.hsm_table(),
+        "[keyring]\nmax_messages_per_version = 8\n",
+    );
+    let (server, _) = start_unsealed(&hsm, &config);
+    let mut c = server.keys().await;
+    let dir = hsm.path().to_path_buf();
+    let name = "ext-budget";
+    create_external(
+        &server,
+        &mut c,
+        name,
+        pb::Algorithm::Aes256Gcm,
+        pb::ProtectionLevel::Software,
+    )
+    .await;
+    let (aes, _) = material(&dir, "budget", "aes");
+    let ps = params(&mut c, name, 0).await;
+    let wrapped = py_wrap(&dir, &ps, "rsa-aes", &aes);
+    let rsa_aes = pb::WrappingAlgorithm::RsaAesKeyWrapSha256;
+    import(&mut c, name, &ps.import_token, rsa_aes, wrapped, "")
+        .await
+        .unwrap();
+    let encrypt = |c: &mut Client| {
+        let mut c = c.clone();
+        async move {
+            c.encrypt(pb::EncryptRequest {
+                key: name.into(),
+                plaintext: b"m".to_vec(),
+                associated_data: vec![],
+            })
+            .await
+            .map(|r| r.into_inner().key_version)
+        }
+    };
+    for i in 0..8 {
+        assert_eq!(encrypt(&mut c).await.unwrap(), 1, "message {i}");
+    }
+    expect_code(
+        encrypt(&mut c).await,
+        Code::ResourceExhausted,
+        "import new material",
+    );
+    assert!(hsm.logs().contains("import new material (kms key import)"));
+    // An import makes version 2, which encrypts.
+    let wrapped = py_wrap(&dir, &ps, "rsa-aes", &aes);
+    let key = import(&mut c, name, &ps.import_token, rsa_aes, wrapped, "")
+        .await
+        .unwrap();
+    assert_eq!(key.primary_version, 2);
+    assert_eq!(encrypt(&mut c).await.unwrap(), 2);
+}

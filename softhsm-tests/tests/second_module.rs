@@ -332,7 +332,9 @@ async fn the_core_runs_on_kryoptic() {
         .await
         .unwrap();
     assert_eq!(
-        decrypt_ctx(&mut keys, "imported", &imported_ct).await.unwrap(),
+        decrypt_ctx(&mut keys, "imported", &imported_ct)
+            .await
+            .unwrap(),
         b"customer key"
     );
 

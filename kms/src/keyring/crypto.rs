@@ -102,6 +102,16 @@ impl Keyring {
                 }
             }
         }
+        if step.rotate && e.meta.origin == Origin::External {
+            // kms cannot make material for an EXTERNAL key: the customer must import more
+            // before the budget is spent (then encryption is refused, RESOURCE_EXHAUSTED).
+            tracing::warn!(
+                key = %e.meta.name,
+                version,
+                "an EXTERNAL key's version has used three quarters of its message budget: import new material (kms key import) before it is spent"
+            );
+            return Ok(false);
+        }
         if step.rotate {
             let _g = self.admin()?;
             let journal = SystemJournal {

@@ -96,7 +96,7 @@ pub enum KeyringError {
     DecryptionFailed,
     /// The version's nonce budget is spent (rotation did not happen).
     #[error(
-        "version {version} of key {name:?} has encrypted its maximum number of messages: rotate the key"
+        "version {version} of key {name:?} has encrypted its maximum number of messages: rotate the key (an EXTERNAL key: import new material)"
     )]
     Exhausted {
         /// The key.
