@@ -2,7 +2,8 @@
 //! implementations: openssl (the command) and Python's `cryptography` (OpenSSL's RSA under
 //! another API). Every RSA algorithm's scheme at both protection levels and every modulus
 //! size: signatures (PSS, PKCS#1 v1.5) made by kms verify there, ciphertexts made there
-//! (OAEP) decrypt in kms; the refusals; rotation and a kill -9 with a restart.
+//! (OAEP) decrypt in kms; Python verifies ECDSA P-384 too; the refusals; rotation, the CLI,
+//! and a kill -9 with a restart.
 
 #![allow(
     clippy::unwrap_used,
@@ -31,16 +32,19 @@ const PY: &str = r#"
 import sys
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric import ec, padding
 
 read = lambda p: open(p, "rb").read()
 cmd, pem = sys.argv[1], serialization.load_pem_public_key(read(sys.argv[2]))
 if cmd == "verify":
     scheme, msg, sig = sys.argv[3], read(sys.argv[4]), read(sys.argv[5])
-    pad = (padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
-           if scheme == "pss" else padding.PKCS1v15())
     try:
-        pem.verify(sig, msg, pad, hashes.SHA256())
+        if scheme == "ecdsa-p384":
+            pem.verify(sig, msg, ec.ECDSA(hashes.SHA384()))
+        else:
+            pad = (padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+                   if scheme == "pss" else padding.PKCS1v15())
+            pem.verify(sig, msg, pad, hashes.SHA256())
     except InvalidSignature:
         sys.exit(1)
 elif cmd == "encrypt":
@@ -56,6 +60,8 @@ enum Scheme {
     Pss,
     Pkcs1,
     Oaep,
+    /// Not RSA: ECDSA P-384 (SHA-384), the other new signing algorithm, for Python.
+    EcdsaP384,
 }
 
 fn run(cmd: &mut Command) -> bool {
@@ -70,10 +76,10 @@ fn python_verifies(dir: &Path, pem: &str, scheme: Scheme, msg: &[u8], sig: &[u8]
     std::fs::write(&p, pem).unwrap();
     std::fs::write(&m, msg).unwrap();
     std::fs::write(&s, sig).unwrap();
-    let scheme = if scheme == Scheme::Pss {
-        "pss"
-    } else {
-        "pkcs1"
+    let scheme = match scheme {
+        Scheme::Pss => "pss",
+        Scheme::EcdsaP384 => "ecdsa-p384",
+        _ => "pkcs1",
     };
     let status = Command::new(python())
         .args(["-c", PY, "verify"])
@@ -380,6 +386,33 @@ async fn rsa_keys_at_both_levels_interoperate_with_openssl_and_python() {
             }
             kept.push((name, scheme));
         }
+    }
+
+    // ECDSA P-384 at both levels: Python verifies kms's DER signatures too (openssl does in
+    // keyring.rs).
+    for (protection, p) in [
+        (pb::ProtectionLevel::Software, "sw"),
+        (pb::ProtectionLevel::Hsm, "hsm"),
+    ] {
+        let name = format!("p384-{p}");
+        server
+            .create_key_of(&name, pb::Algorithm::EcdsaP384Sha384, protection)
+            .await;
+        let pem = public_pem(&mut c, &name, 0).await;
+        let sig = sign(
+            &mut c,
+            &name,
+            pb::sign_request::Input::Message(b"CNSA".to_vec()),
+        )
+        .await;
+        assert!(
+            python_verifies(&dir, &pem, Scheme::EcdsaP384, b"CNSA", &sig),
+            "{name}"
+        );
+        assert!(
+            !python_verifies(&dir, &pem, Scheme::EcdsaP384, b"other", &sig),
+            "{name}"
+        );
     }
 
     // Rotation: version 2 is primary with a new key pair; version 1 still decrypts and
