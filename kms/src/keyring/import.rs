@@ -89,8 +89,18 @@ impl Keyring {
         Self::check_external(&entry.meta)?;
         let job_id = random::<16>()?;
         let wrapping_id = random::<16>()?;
-        let label = format!("kms-import/{}/{}", entry.meta.key_id, hex(&job_id));
-        let (handle, public) = self.hsm.generate_key(WRAPPING_KIND, &label, &wrapping_id)?;
+        let created = now();
+        let job = ImportJob {
+            id: hex(&job_id),
+            wrapping_label: format!("kms-import/{}/{}", entry.meta.key_id, hex(&job_id)),
+            wrapping_id: hex(&wrapping_id),
+            created_at: created,
+            expires_at: created.saturating_add(valid_for),
+        };
+        let token = self.token(&entry.meta, &job)?;
+        let (handle, public) =
+            self.hsm
+                .generate_key(WRAPPING_KIND, &job.wrapping_label, &wrapping_id)?;
         let pem = public
             .and_then(|p| Public::from_bytes(Algorithm::RsaDecryptOaep4096Sha256, &p))
             .ok_or(KeyringError::Internal("wrapping public key"))
@@ -102,15 +112,6 @@ impl Keyring {
                 return Err(e);
             }
         };
-        let created = now();
-        let job = ImportJob {
-            id: hex(&job_id),
-            wrapping_label: label,
-            wrapping_id: hex(&wrapping_id),
-            created_at: created,
-            expires_at: created.saturating_add(valid_for),
-        };
-        let token = self.token(&entry.meta, &job)?;
         let mut meta = entry.meta.clone();
         let previous = meta.import_job.replace(job.clone());
         self.commit_new_version(meta, Some(&entry), Some(handle), journal)?;
