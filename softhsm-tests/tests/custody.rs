@@ -807,3 +807,81 @@ fn master_key_rotation_keeps_shares_and_ciphertexts_across_a_restart() {
             .starts_with("replacement-master/")
     );
 }
+
+/// Bad input to the rekey and verify-share calls is refused by name and changes nothing: a
+/// recipient count that does not match the shares, a submit naming another attempt's nonce,
+/// and a share far larger than any share (sent whole to the server).
+#[test]
+fn rekey_and_verify_share_refuse_bad_input_by_name() {
+    let hsm = TestHsm::new("kms-rekey-bad");
+    let server = hsm.start();
+    let out = server.init(3, 2, "");
+    let old = out.shares();
+    server.unseal_with(&old);
+
+    // One recipient for three shares.
+    let recipient = age_identity(&hsm.path().join("custodian-1.key"));
+    let out = server.kms(
+        &[
+            "operator",
+            "rekey",
+            "init",
+            "--shares",
+            "3",
+            "--threshold",
+            "2",
+            "--recipient",
+            &recipient,
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("1 recipients were given for 3 shares: give one per share, or none"),
+        "{out:?}"
+    );
+    assert_eq!(
+        rekey_status(&server)["rekey"],
+        Value::Null,
+        "nothing started"
+    );
+
+    // Another attempt's nonce: refused, the share not counted.
+    assert_eq!(server.rekey_init(3, 2).code, Some(0));
+    let nonce = rekey_status(&server)["rekey"]["nonce"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let other = if nonce.starts_with('0') { "1" } else { "0" }.repeat(nonce.len());
+    let out = server.custodian(
+        &["operator", "rekey", "submit", "--nonce", &other],
+        &lines(&[&old[0]]),
+    );
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("is not the one in progress"), "{out:?}");
+    assert_eq!(rekey_status(&server)["rekey"]["progress"], 0);
+    let out = server.custodian(
+        &["operator", "rekey", "submit", "--nonce", &nonce],
+        &lines(&[&old[0]]),
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(rekey_status(&server)["rekey"]["progress"], 1);
+
+    // A 64 KiB "share": a clear refusal from both calls, nothing counted, nothing echoed.
+    let huge = format!("kms1-{}", "A".repeat(64 * 1024));
+    for args in [
+        &["operator", "rekey", "submit"][..],
+        &["operator", "verify-share"][..],
+    ] {
+        let out = server.custodian(args, &format!("{huge}\n"));
+        assert_eq!(out.code, Some(1), "{args:?}: {out:?}");
+        assert!(out.stderr.contains("INVALID_ARGUMENT"), "{args:?}: {out:?}");
+        assert!(
+            !out.stderr.contains(&"A".repeat(100)),
+            "the share is not echoed"
+        );
+    }
+    assert_eq!(rekey_status(&server)["rekey"]["progress"], 1);
+    assert!(!hsm.logs().contains(&"A".repeat(100)));
+}

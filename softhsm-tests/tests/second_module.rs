@@ -386,4 +386,9 @@ async fn the_core_runs_on_kryoptic() {
     );
     let out = server.kms_as(Some(&server.auditor), &["audit", "verify"], "");
     assert_eq!(out.code, Some(0), "{out:?}");
+    // No share, old or new, in the server's log.
+    let log = hsm.logs();
+    for share in shares.iter().chain(new.iter()) {
+        assert!(!log.contains(share.as_str()), "a share is in the log");
+    }
 }
