@@ -969,3 +969,80 @@ async fn an_external_key_at_its_message_budget_asks_for_an_import() {
     assert_eq!(key.primary_version, 2);
     assert_eq!(encrypt(&mut c).await.unwrap(), 2);
 }
+
+/// Import parameters that expire are removed by the maintenance run: their wrapping key is
+/// destroyed in the token (audited as `ExpireImportParameters`), and their token is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_import_parameters_leave_no_wrapping_key_in_the_token() {
+    let hsm = TestHsm::new("kms-byok-expiry");
+    let config = hsm.config_full(
+        "expiry.toml",
+        &hsm.hsm_table(),
+        "[keyring]\nmaintenance_interval_seconds = 1\n",
+    );
+    let (server, _) = start_unsealed(&hsm, &config);
+    let mut c = server.keys().await;
+    let wrapping_keys = || {
+        let out = hsm.tool(&["count"], &["kms-import/"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<usize>()
+            .unwrap()
+    };
+    create_external(
+        &server,
+        &mut c,
+        "ext-expiring",
+        pb::Algorithm::Aes256Gcm,
+        pb::ProtectionLevel::Hsm,
+    )
+    .await;
+    let ps = params(&mut c, "ext-expiring", 2).await;
+    assert_eq!(wrapping_keys(), 1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while wrapping_keys() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the wrapping key outlived its expiry"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    let dir = hsm.path().to_path_buf();
+    let (aes, _) = material(&dir, "expiring", "aes");
+    let wrapped = py_wrap(&dir, &ps, "rsa-aes", &aes);
+    let r = import(
+        &mut c,
+        "ext-expiring",
+        &ps.import_token,
+        pb::WrappingAlgorithm::RsaAesKeyWrapSha256,
+        wrapped,
+        "",
+    )
+    .await;
+    expect_code(r, Code::FailedPrecondition, "have expired");
+    let export = server.kms_as(Some(&hsm.auditor), &["audit", "export"], "");
+    assert!(
+        export.stdout.contains("\"ExpireImportParameters\""),
+        "{}",
+        export.stdout
+    );
+    // New parameters work.
+    let ps = params(&mut c, "ext-expiring", 0).await;
+    let wrapped = py_wrap(&dir, &ps, "rsa-aes", &aes);
+    let key = import(
+        &mut c,
+        "ext-expiring",
+        &ps.import_token,
+        pb::WrappingAlgorithm::RsaAesKeyWrapSha256,
+        wrapped,
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(key.primary_version, 1);
+}

@@ -84,6 +84,7 @@ pub(crate) const NAMES: &[&str] = &[
     "AsymmetricDecrypt",
     "GetImportParameters",
     "ImportKeyMaterial",
+    "ExpireImportParameters",
 ];
 
 /// gRPC code names by code: the outcome of almost every record.

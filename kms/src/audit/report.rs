@@ -332,6 +332,7 @@ const ADMIN: &[&str] = &[
     "DestroyKeyVersion",
     "GetImportParameters",
     "ImportKeyMaterial",
+    "ExpireImportParameters",
     "CreateGrant",
     "RevokeGrant",
 ];

@@ -15,7 +15,7 @@ use crate::hsm::RsaScheme;
 use model::ImportJob;
 
 /// The wrapping key: RSA 4096, decrypts only.
-const WRAPPING_KIND: HsmKeyKind = HsmKeyKind::Rsa(RsaScheme::Oaep, 4096);
+pub(super) const WRAPPING_KIND: HsmKeyKind = HsmKeyKind::Rsa(RsaScheme::Oaep, 4096);
 /// The size of an RSA-4096 OAEP block: the first part of `RSA_AES_KEY_WRAP_SHA_256`.
 const WRAPPED_KEY_LEN: usize = 512;
 /// Longest and default validity of import parameters.

@@ -1,15 +1,22 @@
-//! What the server does by itself: due rotations and destructions (`Keyring::maintain`).
+//! What the server does by itself: due rotations and destructions, and the removal of
+//! expired import parameters (`Keyring::maintain`).
 
 use super::*;
+
+/// A key's name, when it next rotates, and its versions due for destruction.
+type Due = (String, Option<u64>, Vec<u32>);
 
 impl Keyring {
     /// Rotates keys whose rotation is due and destroys versions whose time has come.
     /// Returns how many of each it did. Each change is audited (principal `kms`).
     pub(crate) fn maintain(&self, at: u64) -> (usize, usize) {
         let recorder = &*self.recorder;
-        let names: Vec<(String, Option<u64>, Vec<u32>)> = match self.keys.read() {
-            Ok(keys) => keys
-                .values()
+        let (names, expired): (Vec<Due>, Vec<String>) = match self
+            .keys
+            .read()
+        {
+            Ok(keys) => (
+                keys.values()
                 .map(|e| {
                     let due: Vec<u32> = e
                         .meta
@@ -21,8 +28,18 @@ impl Keyring {
                     (e.meta.name.clone(), e.meta.next_rotation_at, due)
                 })
                 .collect(),
+                keys.values()
+                    .filter(|e| e.meta.import_job.as_ref().is_some_and(|j| j.expires_at <= at))
+                    .map(|e| e.meta.name.clone())
+                    .collect(),
+            ),
             Err(_) => return (0, 0),
         };
+        for name in expired {
+            if let Err(e) = self.expire_import_parameters(&name, at) {
+                tracing::warn!(key = %name, error = %crate::error_chain(&e), "could not remove expired import parameters: the next maintenance run tries again");
+            }
+        }
         let (mut rotated, mut destroyed) = (0, 0);
         for (name, next_rotation, due) in names {
             if next_rotation.is_some_and(|t| t <= at) {
@@ -55,6 +72,35 @@ impl Keyring {
             }
         }
         (rotated, destroyed)
+    }
+
+    /// Removes a key's expired import parameters: their wrapping key is destroyed in the
+    /// token first, then the key's record forgets them (audited as
+    /// `ExpireImportParameters`), so no expired wrapping key outlives a maintenance run.
+    fn expire_import_parameters(&self, name: &str, at: u64) -> Result<(), KeyringError> {
+        let _g = self.admin()?;
+        let entry = self.entry_locked(name)?;
+        let Some(job) = entry
+            .meta
+            .import_job
+            .as_ref()
+            .filter(|j| j.expires_at <= at)
+        else {
+            return Ok(());
+        };
+        let id = unhex(&job.wrapping_id);
+        self.hsm
+            .destroy_key(import::WRAPPING_KIND, &job.wrapping_label, id.as_deref())?;
+        let mut meta = entry.meta.clone();
+        meta.import_job = None;
+        let journal = SystemJournal {
+            recorder: &*self.recorder,
+            operation: "ExpireImportParameters",
+            version: None,
+        };
+        self.commit(meta, Some(&entry), &journal)?;
+        tracing::info!(key = %name, "expired import parameters removed");
+        Ok(())
     }
 
     /// Destroys a version whose scheduled time has come: the salt is erased (software) or
