@@ -841,3 +841,14 @@ pub fn python() -> PathBuf {
     );
     venv
 }
+
+/// Asserts `r` failed with `code` and a message containing `text`.
+pub fn expect_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: tonic::Code, text: &str) {
+    let e = r.expect_err("expected an error");
+    assert_eq!(e.code(), code, "{e:?}");
+    assert!(
+        e.message().contains(text),
+        "{:?} does not contain {text:?}",
+        e.message()
+    );
+}

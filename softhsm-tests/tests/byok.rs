@@ -19,7 +19,7 @@ use std::process::Command;
 
 use kms_proto::v1 as pb;
 use kms_proto::v1::key_management_client::KeyManagementClient;
-use softhsm_tests::{Server, TestHsm, python, start_unsealed};
+use softhsm_tests::{Server, TestHsm, expect_code, python, start_unsealed};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -106,16 +106,6 @@ fn py(args: &[&dyn AsRef<std::ffi::OsStr>]) -> bool {
         String::from_utf8_lossy(&out.stderr)
     );
     out.status.success()
-}
-
-fn expect_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, text: &str) {
-    let e = r.expect_err("expected an error");
-    assert_eq!(e.code(), code, "{e:?}");
-    assert!(
-        e.message().contains(text),
-        "{:?} does not contain {text:?}",
-        e.message()
-    );
 }
 
 async fn create_external(

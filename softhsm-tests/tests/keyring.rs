@@ -13,7 +13,7 @@ use std::process::Command;
 
 use kms_proto::v1 as pb;
 use kms_proto::v1::key_management_client::KeyManagementClient;
-use softhsm_tests::{Server, TestHsm, start_unsealed};
+use softhsm_tests::{Server, TestHsm, expect_code, start_unsealed};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -107,16 +107,6 @@ async fn verify(c: &mut Client, key: &str, version: u32, msg: &[u8], sig: &[u8])
     .unwrap()
     .into_inner()
     .valid
-}
-
-fn expect_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, text: &str) {
-    let e = r.expect_err("expected an error");
-    assert_eq!(e.code(), code, "{e:?}");
-    assert!(
-        e.message().contains(text),
-        "{:?} does not contain {text:?}",
-        e.message()
-    );
 }
 
 /// Verifies a signature with openssl, from files: an independent implementation.

@@ -11,17 +11,7 @@ impl Keyring {
         meta: &KeyMeta,
         version: u32,
     ) -> Result<(VersionMeta, Option<KeyHandle>), KeyringError> {
-        let mut v = VersionMeta {
-            version,
-            state: VersionState::Enabled,
-            created_at: now(),
-            salt: None,
-            hsm_label: None,
-            hsm_id: None,
-            public_key: None,
-            material: None,
-            origin: Origin::Generated,
-        };
+        let mut v = VersionMeta::new(version, now(), Origin::Generated);
         let mut handle = None;
         match meta.protection {
             Protection::Software => {

@@ -168,17 +168,7 @@ impl Keyring {
             Err(e) => Err(KeyringError::from(e)),
         };
         let version = meta.next_version()?;
-        let mut v = VersionMeta {
-            version,
-            state: VersionState::Enabled,
-            created_at: now(),
-            salt: None,
-            hsm_label: None,
-            hsm_id: None,
-            public_key: None,
-            material: None,
-            origin: Origin::External,
-        };
+        let mut v = VersionMeta::new(version, now(), Origin::External);
         let mut object = None;
         match meta.protection {
             Protection::Software => {

@@ -255,6 +255,23 @@ pub struct VersionMeta {
     pub origin: Origin,
 }
 
+impl VersionMeta {
+    /// A new, enabled version made now, with nothing yet about its material.
+    pub(crate) fn new(version: u32, created_at: u64, origin: Origin) -> Self {
+        Self {
+            version,
+            state: VersionState::Enabled,
+            created_at,
+            salt: None,
+            hsm_label: None,
+            hsm_id: None,
+            public_key: None,
+            material: None,
+            origin,
+        }
+    }
+}
+
 impl std::fmt::Debug for VersionMeta {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VersionMeta")
