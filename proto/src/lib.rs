@@ -191,8 +191,31 @@ mod tests {
             )),
             format: 0,
         };
-        let printed = format!("{enc:?} {sign:?}");
-        for secret in ["SECRETPLAINTEXT", "SECRETAAD", "SECRETMSG", "83, 69, 67"] {
+        let asym = super::v1::AsymmetricDecryptResponse {
+            plaintext: b"SECRETRSAPT".to_vec(),
+            key_version: 1,
+        };
+        let import = super::v1::ImportKeyMaterialRequest {
+            key: "k".into(),
+            import_token: b"SECRETTOKEN".to_vec(),
+            wrapping_algorithm: 1,
+            wrapped_material: b"SECRETWRAPPED".to_vec(),
+            public_key_pem: String::new(),
+        };
+        let params = super::v1::GetImportParametersResponse {
+            import_token: b"SECRETTOKEN2".to_vec(),
+            ..Default::default()
+        };
+        let printed = format!("{enc:?} {sign:?} {asym:?} {import:?} {params:?}");
+        for secret in [
+            "SECRETPLAINTEXT",
+            "SECRETAAD",
+            "SECRETMSG",
+            "83, 69, 67",
+            "SECRETRSAPT",
+            "SECRETTOKEN",
+            "SECRETWRAPPED",
+        ] {
             assert!(!printed.contains(secret), "{printed}");
         }
         assert!(printed.contains("<15 bytes redacted>"), "{printed}");

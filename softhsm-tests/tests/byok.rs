@@ -992,6 +992,46 @@ async fn expired_import_parameters_leave_no_wrapping_key_in_the_token() {
         pb::ProtectionLevel::Hsm,
     )
     .await;
+    // Validity out of range, and an unknown key: refused by name, nothing made.
+    for bad in [86_401, u32::MAX] {
+        let r = c
+            .get_import_parameters(pb::GetImportParametersRequest {
+                key: "ext-expiring".into(),
+                valid_for_seconds: bad,
+            })
+            .await;
+        expect_code(
+            r,
+            Code::InvalidArgument,
+            "valid_for_seconds must be 1..=86400",
+        );
+    }
+    let r = c
+        .get_import_parameters(pb::GetImportParametersRequest {
+            key: "no-such-key".into(),
+            valid_for_seconds: 0,
+        })
+        .await;
+    expect_code(r, Code::NotFound, "no-such-key");
+    assert_eq!(wrapping_keys(), 0);
+    let out = server.kms(
+        &[
+            "key",
+            "import-parameters",
+            "ext-expiring",
+            "--out",
+            hsm.path().join("p").to_str().unwrap(),
+            "--valid-for",
+            "48h",
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("valid_for_seconds must be 1..=86400"),
+        "{out:?}"
+    );
+    assert_eq!(wrapping_keys(), 0);
     let ps = params(&mut c, "ext-expiring", 2).await;
     assert_eq!(wrapping_keys(), 1);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
