@@ -3,13 +3,48 @@
 
 use super::*;
 
+/// Key material made before the admin lock is taken. A SOFTWARE RSA key takes seconds to
+/// generate (4096 bits); made under the lock, every other administrative change (and the
+/// maintenance run) would wait for it. Empty for every other kind of key: derived keys cost
+/// nothing, and an HSM key's label names its version, known only under the lock.
+pub(super) struct Pregenerated(Option<(Algorithm, Zeroizing<Vec<u8>>, Public)>);
+
+impl Pregenerated {
+    /// Nothing made in advance: [`Keyring::new_version`] makes what it needs itself.
+    pub(super) fn none() -> Self {
+        Pregenerated(None)
+    }
+
+    /// The material a new version of an `algorithm` key at `protection` needs in advance.
+    pub(super) fn for_key(
+        algorithm: Algorithm,
+        protection: Protection,
+    ) -> Result<Self, KeyringError> {
+        if protection == Protection::Software && algorithm.rsa().is_some() {
+            let (der, public) = material::generate_rsa(algorithm)?;
+            return Ok(Pregenerated(Some((algorithm, der, public))));
+        }
+        Ok(Self::none())
+    }
+}
+
 impl Keyring {
+    /// What a new version of the key called `name` needs made in advance (nothing if there
+    /// is no such key: the change then fails under the lock, with the usual error).
+    pub(super) fn pregenerate(&self, name: &str) -> Result<Pregenerated, KeyringError> {
+        match self.fetch(name) {
+            Ok(e) => Pregenerated::for_key(e.meta.algorithm, e.meta.protection),
+            Err(_) => Ok(Pregenerated::none()),
+        }
+    }
+
     /// A new version's metadata (software: a fresh salt; HSM: a fresh token object, whose
     /// handle is returned too, so that a refused commit destroys that object and no other).
     fn new_version(
         &self,
         meta: &KeyMeta,
         version: u32,
+        pre: Pregenerated,
     ) -> Result<(VersionMeta, Option<KeyHandle>), KeyringError> {
         let mut v = VersionMeta::new(version, now(), Origin::Generated);
         let mut handle = None;
@@ -21,7 +56,12 @@ impl Keyring {
                 if meta.algorithm.rsa().is_some() {
                     // RSA keys cannot be derived: generated, then stored sealed under a key
                     // derived from the root key and this salt.
-                    let (der, public) = material::generate_rsa(meta.algorithm)?;
+                    let (der, public) = match pre.0 {
+                        Some((algorithm, der, public)) if algorithm == meta.algorithm => {
+                            (der, public)
+                        }
+                        _ => material::generate_rsa(meta.algorithm)?,
+                    };
                     let sealed = material::seal_material(
                         &self.root,
                         &salt,
@@ -105,6 +145,7 @@ impl Keyring {
                 "an EXTERNAL key cannot rotate by itself: new versions come from imports",
             ));
         }
+        let pre = Pregenerated::for_key(req.algorithm, req.protection)?;
         let _g = self.admin()?;
         // Made a moment ago by another server sharing the store?
         if self.store.shared() {
@@ -138,7 +179,7 @@ impl Keyring {
             meta.primary = 0;
             return self.commit_new_version(meta, None, None, journal);
         }
-        let (v1, object) = self.new_version(&meta, 1)?;
+        let (v1, object) = self.new_version(&meta, 1, pre)?;
         meta.versions.push(v1);
         self.commit_new_version(meta, None, object, journal)
     }
@@ -180,8 +221,9 @@ impl Keyring {
 
     /// Adds a version and makes it primary.
     pub fn rotate_key(&self, name: &str, journal: &dyn Journal) -> Result<KeyMeta, KeyringError> {
+        let pre = self.pregenerate(name)?;
         let _g = self.admin()?;
-        self.rotate_locked(name, None, journal)
+        self.rotate_locked(name, None, pre, journal)
     }
 
     /// Rotates unless `only_if_primary` names a version that is no longer primary.
@@ -189,6 +231,7 @@ impl Keyring {
         &self,
         name: &str,
         only_if_primary: Option<u32>,
+        pre: Pregenerated,
         journal: &dyn Journal,
     ) -> Result<KeyMeta, KeyringError> {
         let entry = self.entry_locked(name)?;
@@ -202,7 +245,7 @@ impl Keyring {
         }
         let mut meta = entry.meta.clone();
         let next = meta.next_version()?;
-        let (v, object) = self.new_version(&meta, next)?;
+        let (v, object) = self.new_version(&meta, next, pre)?;
         meta.versions.push(v);
         meta.primary = next;
         let t = now();

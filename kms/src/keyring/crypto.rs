@@ -119,7 +119,9 @@ impl Keyring {
                 operation: "AutoRotateKey",
                 version: None,
             };
-            let meta = self.rotate_locked(&e.meta.name, Some(version), &journal)?;
+            // Only AES keys have a budget: nothing to make in advance.
+            let meta =
+                self.rotate_locked(&e.meta.name, Some(version), Pregenerated::none(), &journal)?;
             return Ok(meta.primary != version);
         }
         Ok(false)

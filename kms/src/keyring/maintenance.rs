@@ -43,7 +43,8 @@ impl Keyring {
         let (mut rotated, mut destroyed) = (0, 0);
         for (name, next_rotation, due) in names {
             if next_rotation.is_some_and(|t| t <= at) {
-                match self.admin().and_then(|_g| {
+                match self.pregenerate(&name).and_then(|pre| {
+                    let _g = self.admin()?;
                     // Re-check under the lock: another call may have rotated it.
                     let e = self.entry_locked(&name)?;
                     if e.meta.next_rotation_at.is_some_and(|t| t <= at) {
@@ -52,7 +53,7 @@ impl Keyring {
                             operation: "AutoRotateKey",
                             version: None,
                         };
-                        self.rotate_locked(&name, None, &journal).map(|_| true)
+                        self.rotate_locked(&name, None, pre, &journal).map(|_| true)
                     } else {
                         Ok(false)
                     }

@@ -44,6 +44,7 @@ use zeroize::Zeroizing;
 
 use crate::hsm::{Hsm, HsmError, HsmKeyKind, KeyHandle};
 use crate::store::{Store, StoreError, Table, Write};
+use admin::Pregenerated;
 use grants::Grant;
 use material::{Public, Secret, SignInput, SignatureEncoding, VersionMaterial};
 use model::{
