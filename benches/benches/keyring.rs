@@ -7,6 +7,12 @@
 //!   threads at once, the baseline of the gRPC path at concurrency 16 (run it pinned to the
 //!   server's core: `taskset -c 0 cargo bench -p kms-benches --bench keyring -- sign`).
 //!
+//! - RSA-2048 (PSS signature of a 1 KiB message, OAEP decryption of 32 bytes), SOFTWARE keys
+//!   through the keyring vs the `rsa` crate called directly with a key of the same size, and
+//!   HSM keys through the keyring vs cryptoki on the very key object kms uses (for OAEP on
+//!   SoftHSM: the raw `CKM_RSA_X_509` operation kms asks of it, so the difference is kms's
+//!   own OAEP decoding and everything around it).
+//!
 //! Run: `cargo bench -p kms-benches --bench keyring`. Needs SoftHSM. The bench runs itself
 //! again with a private `SOFTHSM2_CONF` (a process must not change its own environment).
 //! Results: docs/benchmarks.md.
@@ -23,7 +29,8 @@ use std::sync::Arc;
 use aes_gcm::Aes256Gcm;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use criterion::{Criterion, Throughput};
-use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
+use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, ObjectClass};
 use cryptoki::session::UserType;
 use kms::audit::{AuditLog, CheckpointPolicy, Signer};
@@ -132,6 +139,29 @@ fn benches(c: &mut Criterion) {
         )
         .unwrap();
 
+    for (name, algorithm, protection) in [
+        (
+            "rsa-sw",
+            Algorithm::RsaSignPss2048Sha256,
+            Protection::Software,
+        ),
+        ("rsa-hsm", Algorithm::RsaSignPss2048Sha256, Protection::Hsm),
+        (
+            "oaep-sw",
+            Algorithm::RsaDecryptOaep2048Sha256,
+            Protection::Software,
+        ),
+        (
+            "oaep-hsm",
+            Algorithm::RsaDecryptOaep2048Sha256,
+            Protection::Hsm,
+        ),
+    ] {
+        keyring
+            .create_key(new(name, algorithm, protection), &admin)
+            .unwrap();
+    }
+
     let data = vec![0x5au8; 1024];
     let aad = b"tenant=bench".to_vec();
     let mut g = c.benchmark_group("encrypt 1 KiB, software key");
@@ -209,6 +239,123 @@ fn benches(c: &mut Criterion) {
                 .elapsed()
                 .mul_f64(iters as f64 / (per_thread * 16) as f64)
         })
+    });
+    g.finish();
+
+    rsa_benches(c, &keyring, &session, &data);
+}
+
+/// RSA-2048 through the keyring against its baselines (see the module's documentation).
+fn rsa_benches(
+    c: &mut Criterion,
+    keyring: &Keyring,
+    session: &cryptoki::session::Session,
+    data: &[u8],
+) {
+    use rsa::pkcs8::DecodePublicKey as _;
+    let object = |name: &str| {
+        let key_id = keyring.get_key(name).unwrap().key_id;
+        let found = session
+            .find_objects(&[
+                Attribute::Label(format!("kms/{key_id}/1").into_bytes()),
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+            ])
+            .unwrap();
+        assert_eq!(found.len(), 1, "{name}");
+        found[0]
+    };
+    let direct = rsa::PrivateKey::new(&mut getrandom::SysRng, 2048).unwrap();
+
+    let mut g = c.benchmark_group("sign RSA-2048 PSS, 1 KiB message");
+    g.bench_function("rsa crate directly (SOFTWARE baseline)", |b| {
+        b.iter(|| {
+            let digest = sha2::Sha256::digest(data);
+            direct
+                .sign_with_rng(
+                    &mut getrandom::SysRng,
+                    rsa::Pss::<sha2::Sha256>::new(),
+                    &digest,
+                )
+                .unwrap()
+        })
+    });
+    g.bench_function("kms keyring Sign, SOFTWARE key", |b| {
+        b.iter(|| {
+            keyring
+                .sign("rsa-sw", SignInput::Message(data), SignatureEncoding::Der)
+                .unwrap()
+        })
+    });
+    let private = object("rsa-hsm");
+    let pss = Mechanism::RsaPkcsPss(PkcsPssParams {
+        hash_alg: MechanismType::SHA256,
+        mgf: PkcsMgfType::MGF1_SHA256,
+        s_len: 32u64.into(),
+    });
+    g.bench_function("cryptoki C_Sign directly (HSM baseline)", |b| {
+        b.iter(|| {
+            let digest = sha2::Sha256::digest(data);
+            session.sign(&pss, private, &digest).unwrap()
+        })
+    });
+    g.bench_function("kms keyring Sign, HSM key", |b| {
+        b.iter(|| {
+            keyring
+                .sign("rsa-hsm", SignInput::Message(data), SignatureEncoding::Der)
+                .unwrap()
+        })
+    });
+    g.finish();
+
+    // Ciphertexts of a 32-byte data key, made with each key's public half.
+    let secret = [0x42u8; 32];
+    let encrypt_to = |pem: &str| {
+        rsa::PublicKey::from_public_key_pem(pem)
+            .unwrap()
+            .encrypt(
+                &mut getrandom::SysRng,
+                rsa::Oaep::<sha2::Sha256>::new(),
+                &secret,
+            )
+            .unwrap()
+    };
+    let mut g = c.benchmark_group("decrypt RSA-2048 OAEP, 32-byte plaintext");
+    let direct_ct = encrypt_to(
+        &rsa::pkcs8::EncodePublicKey::to_public_key_pem(
+            &direct.to_public_key(),
+            rsa::pkcs8::LineEnding::LF,
+        )
+        .unwrap(),
+    );
+    g.bench_function("rsa crate directly (SOFTWARE baseline)", |b| {
+        b.iter(|| {
+            direct
+                .decrypt_blinded(
+                    &mut getrandom::SysRng,
+                    rsa::Oaep::<sha2::Sha256>::new(),
+                    &direct_ct,
+                )
+                .unwrap()
+        })
+    });
+    let sw_ct = encrypt_to(&keyring.public_key("oaep-sw", 0).unwrap().0);
+    g.bench_function("kms keyring AsymmetricDecrypt, SOFTWARE key", |b| {
+        b.iter(|| keyring.asymmetric_decrypt("oaep-sw", 1, &sw_ct).unwrap())
+    });
+    let private = object("oaep-hsm");
+    let hsm_ct = encrypt_to(&keyring.public_key("oaep-hsm", 0).unwrap().0);
+    g.bench_function(
+        "cryptoki C_Decrypt CKM_RSA_X_509 directly (HSM baseline)",
+        |b| {
+            b.iter(|| {
+                session
+                    .decrypt(&Mechanism::RsaX509, private, &hsm_ct)
+                    .unwrap()
+            })
+        },
+    );
+    g.bench_function("kms keyring AsymmetricDecrypt, HSM key", |b| {
+        b.iter(|| keyring.asymmetric_decrypt("oaep-hsm", 1, &hsm_ct).unwrap())
     });
     g.finish();
 }
