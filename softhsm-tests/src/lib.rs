@@ -184,6 +184,25 @@ impl TestHsm {
             .unwrap()
     }
 
+    /// The labels of the token's objects whose label starts with `prefix` (`hsm-tool list`).
+    pub fn labels(&self, prefix: &str) -> Vec<String> {
+        let out = self.tool(&["list"], &[prefix]);
+        assert!(
+            out.status.success(),
+            "hsm-tool list failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// How many of the token's objects have a label that starts with `prefix`.
+    pub fn count(&self, prefix: &str) -> usize {
+        self.labels(prefix).len()
+    }
+
     /// The master key's attributes as the token reports them (via `hsm-tool inspect`).
     pub fn inspect_key(&self, key_label: &str) -> serde_json::Value {
         let out = self.tool(&["inspect"], &[key_label]);

@@ -523,15 +523,8 @@ fn a_second_init_on_a_shared_token_leaves_the_first_intact() {
     assert_ne!(set_a, set_b);
     assert!(b.terminate().success());
     // Both audit keys are in the token, each under its own share set's label.
-    let count = |prefix: &str| {
-        let out = hsm.tool(&["count"], &[prefix]);
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse::<usize>()
-            .unwrap()
-    };
-    assert_eq!(count(&format!("kms-master-key-audit-{set_a}")), 1);
-    assert_eq!(count(&format!("kms-master-key-audit-{set_b}")), 1);
+    assert_eq!(hsm.count(&format!("kms-master-key-audit-{set_a}")), 1);
+    assert_eq!(hsm.count(&format!("kms-master-key-audit-{set_b}")), 1);
     // The first instance starts, unseals and signs with its own key.
     let a = hsm.try_start(&first, &[]).unwrap();
     let out = a.custodian(

@@ -677,13 +677,7 @@ fn with_the_pin_in_the_shares_a_rekey_carries_the_pin_into_the_new_shares() {
 }
 
 fn master_keys(hsm: &TestHsm, label: &str) -> usize {
-    let out = hsm.tool(&["list"], &[label]);
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .filter(|l| *l == label)
-        .count()
+    hsm.labels(label).iter().filter(|l| *l == label).count()
 }
 
 #[test]
