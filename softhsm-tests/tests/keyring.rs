@@ -154,7 +154,7 @@ async fn every_algorithm_at_both_protection_levels() {
     // it may hold a secret.
     let (server, _) = start_unsealed(&hsm, &keyring_config(&hsm, "[log]\nlevel = \"debug\"\n"));
     let mut c = server.keys().await;
-    let hsm_objects_before = count_hsm_keys(&hsm);
+    let hsm_objects_before = hsm.count("kms/");
 
     for (protection, p) in [
         (pb::ProtectionLevel::Software, "sw"),
@@ -366,7 +366,7 @@ async fn every_algorithm_at_both_protection_levels() {
         }
     }
     // Five HSM keys made five token objects.
-    assert_eq!(count_hsm_keys(&hsm), hsm_objects_before + 5);
+    assert_eq!(hsm.count("kms/"), hsm_objects_before + 5);
 
     // Cross-key replay: a ciphertext of one key never decrypts under another.
     let (ct, _) = encrypt(&mut c, "aes-sw", PLAINTEXT, AAD).await;
@@ -457,16 +457,6 @@ fn openssl_digest(dir: &std::path::Path, msg: &[u8], hash: &str) -> Vec<u8> {
         .unwrap();
     assert!(out.stdout.len() == 32 || out.stdout.len() == 48);
     out.stdout
-}
-
-fn count_hsm_keys(hsm: &TestHsm) -> usize {
-    let out = hsm.tool(&["count"], &["kms/"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -591,7 +581,7 @@ async fn rotation_versions_destruction_and_restart() {
             .await
             .unwrap();
     }
-    let hsm_objects = count_hsm_keys(&hsm);
+    let hsm_objects = hsm.count("kms/");
     // The maintenance task destroys both after a "day" (1 s here).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
@@ -609,7 +599,7 @@ async fn rotation_versions_destruction_and_restart() {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     assert_eq!(
-        count_hsm_keys(&hsm),
+        hsm.count("kms/"),
         hsm_objects - 1,
         "the HSM object of rot-hsm v1 is gone"
     );
@@ -1436,19 +1426,6 @@ async fn hsm_key_at_version_2(server: &Server, c: &mut Client, name: &str) {
         .unwrap();
 }
 
-fn hsm_labels(hsm: &TestHsm, prefix: &str) -> Vec<String> {
-    let out = hsm.tool(&["list"], &[prefix]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
 /// A kill -9 between making a version's HSM object and committing the version leaves an
 /// object with the label the next version takes. kms told objects apart by label only,
 /// first match, so such an orphan could be used for that version after a restart
@@ -1468,7 +1445,7 @@ async fn an_orphan_hsm_object_is_never_used_and_is_swept() {
         pb::ProtectionLevel::Hsm,
     )
     .await;
-    let labels = hsm_labels(&hsm, "kms/");
+    let labels = hsm.labels("kms/");
     assert_eq!(labels.len(), 1, "{labels:?}");
     let v1 = labels[0].clone();
     let base = v1.strip_suffix("/1").unwrap().to_owned();
@@ -1500,8 +1477,8 @@ async fn an_orphan_hsm_object_is_never_used_and_is_swept() {
         let (pt, v) = decrypt(&mut c, "vault", &ct, AAD).await.unwrap();
         assert_eq!((pt.as_slice(), v), (PLAINTEXT, 2));
     }
-    assert_eq!(hsm_labels(&hsm, &format!("{base}/2")).len(), 1);
-    assert_eq!(hsm_labels(&hsm, &format!("{base}/3")).len(), 1);
+    assert_eq!(hsm.labels(&format!("{base}/2")).len(), 1);
+    assert_eq!(hsm.labels(&format!("{base}/3")).len(), 1);
     let logs = hsm.logs();
     assert!(logs.contains("destroyed an orphan HSM object"), "{logs}");
     assert!(logs.contains("pending=1"), "{logs}");
@@ -1514,10 +1491,111 @@ async fn an_orphan_hsm_object_is_never_used_and_is_swept() {
     let (ct3, _) = encrypt(&mut c, "vault", PLAINTEXT, AAD).await;
     assert_eq!(server.kms(&["operator", "seal"], "").code, Some(0));
     server.unseal_with(&shares);
-    assert_eq!(hsm_labels(&hsm, &format!("{base}/3")).len(), 1);
+    assert_eq!(hsm.labels(&format!("{base}/3")).len(), 1);
     let mut c = server.keys().await;
     assert_eq!(decrypt(&mut c, "vault", &ct3, AAD).await.unwrap().1, 3);
     assert_eq!(decrypt(&mut c, "vault", &ct, AAD).await.unwrap().1, 2);
+}
+
+/// A key's material is made before the keyring's admin lock is taken (an RSA-4096 key
+/// takes the token seconds, and every other change would wait), so changes race: creates
+/// of one name, rotations of one key. Exactly one create wins; the objects made for the
+/// losers, and for a version number another rotation took first, are destroyed; each
+/// committed version has exactly its own objects in the token; after a kill -9 and a
+/// restart the newest version still signs and verifies and nothing is left to sweep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_creates_and_rotations_leave_one_hsm_object_per_version() {
+    let hsm = TestHsm::new("kms-race");
+    let config = keyring_config(&hsm, "");
+    let (mut server, shares) = start_unsealed(&hsm, &config);
+    let request = |name: &str| pb::CreateKeyRequest {
+        name: name.into(),
+        algorithm: pb::Algorithm::RsaSignPss2048Sha256 as i32,
+        protection_level: pb::ProtectionLevel::Hsm as i32,
+        ..Default::default()
+    };
+    // How many token objects one version of such a key has (its key pair).
+    let before = hsm.count("kms/");
+    let mut c = server.keys().await;
+    c.create_key(request("calm")).await.unwrap();
+    let calm = hsm.labels("kms/");
+    let per_version = calm.len() - before;
+    assert!(per_version >= 1);
+
+    let mut calls = Vec::new();
+    for _ in 0..6 {
+        let mut c = server.keys().await;
+        let req = request("raced");
+        calls.push(tokio::spawn(async move { c.create_key(req).await }));
+    }
+    let mut won = Vec::new();
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(key) => won.push(key.into_inner()),
+            Err(s) => assert_eq!(s.code(), Code::AlreadyExists, "{s:?}"),
+        }
+    }
+    assert_eq!(won.len(), 1, "exactly one create of a name wins");
+    assert_eq!(won[0].name, "raced");
+    assert_eq!(hsm.count("kms/"), before + 2 * per_version);
+    // The winner's objects: labelled kms/KEY_ID/1.
+    let base = hsm
+        .labels("kms/")
+        .into_iter()
+        .find(|l| !calm.contains(l))
+        .and_then(|l| l.strip_suffix("/1").map(str::to_owned))
+        .unwrap();
+    server.grant_all("raced").await;
+
+    let mut calls = Vec::new();
+    for _ in 0..5 {
+        let mut c = server.keys().await;
+        calls.push(tokio::spawn(async move {
+            c.rotate_key(pb::RotateKeyRequest {
+                name: "raced".into(),
+            })
+            .await
+        }));
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let key = c
+        .get_key(pb::GetKeyRequest {
+            name: "raced".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(key.primary_version, 6);
+    assert_eq!(key.versions.len(), 6);
+    for v in 1..=6 {
+        assert_eq!(
+            hsm.labels(&format!("{base}/{v}")).len(),
+            per_version,
+            "version {v} has its own objects and no other"
+        );
+    }
+    assert_eq!(hsm.count("kms/"), before + 7 * per_version);
+    let (sig6, v) = sign(&mut c, "raced", PLAINTEXT, pb::SignatureFormat::Default).await;
+    assert_eq!(v, 6);
+    drop(c);
+
+    server.kill9();
+    let server = hsm.try_start(&config, &[]).unwrap();
+    server.unseal_with(&shares);
+    let mut c = server.keys().await;
+    assert!(verify(&mut c, "raced", 6, PLAINTEXT, &sig6).await);
+    let (sig, v) = sign(&mut c, "raced", PLAINTEXT, pb::SignatureFormat::Default).await;
+    assert_eq!(v, 6);
+    assert!(verify(&mut c, "raced", 6, PLAINTEXT, &sig).await);
+    assert_eq!(hsm.count("kms/"), before + 7 * per_version);
+    let logs = hsm.logs();
+    assert!(!logs.contains("orphan HSM object"), "{logs}");
+    assert!(
+        !logs.contains("no committed key version names yet"),
+        "{logs}"
+    );
 }
 
 /// Makes every directory under `dir` immutable (`chattr +i`: not even root may remove a
@@ -1572,7 +1650,7 @@ async fn a_destruction_the_token_refuses_is_retried_until_it_is_confirmed() {
     let (mut server, shares) = start_unsealed(&hsm, &config);
     let mut c = server.keys().await;
     hsm_key_at_version_2(&server, &mut c, "doomed").await;
-    let labels = hsm_labels(&hsm, "kms/");
+    let labels = hsm.labels("kms/");
     let v1 = labels.iter().find(|l| l.ends_with("/1")).unwrap().clone();
     let tokens = hsm.path().join("softhsm");
     let guard = Immutable(tokens.clone());
@@ -1590,7 +1668,7 @@ async fn a_destruction_the_token_refuses_is_retried_until_it_is_confirmed() {
         version_state(&mut c, "doomed", 1).await,
         pb::KeyVersionState::ScheduledForDestruction as i32
     );
-    assert_eq!(hsm_labels(&hsm, &v1).len(), 1, "the object is still there");
+    assert_eq!(hsm.labels(&v1).len(), 1, "the object is still there");
     assert!(
         hsm.logs()
             .contains("destruction failed: the version stays due")
@@ -1629,5 +1707,5 @@ async fn a_destruction_the_token_refuses_is_retried_until_it_is_confirmed() {
         assert!(std::time::Instant::now() < deadline, "not retried");
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    assert!(hsm_labels(&hsm, &v1).is_empty(), "destroyed and gone");
+    assert!(hsm.labels(&v1).is_empty(), "destroyed and gone");
 }

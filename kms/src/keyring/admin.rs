@@ -3,48 +3,15 @@
 
 use super::*;
 
-/// Key material made before the admin lock is taken. A SOFTWARE RSA key takes seconds to
-/// generate (4096 bits); made under the lock, every other administrative change (and the
-/// maintenance run) would wait for it. Empty for every other kind of key: derived keys cost
-/// nothing, and an HSM key's label names its version, known only under the lock.
-pub(super) struct Pregenerated(Option<(Algorithm, Zeroizing<Vec<u8>>, Public)>);
-
-impl Pregenerated {
-    /// Nothing made in advance: [`Keyring::new_version`] makes what it needs itself.
-    pub(super) fn none() -> Self {
-        Pregenerated(None)
-    }
-
-    /// The material a new version of an `algorithm` key at `protection` needs in advance.
-    pub(super) fn for_key(
-        algorithm: Algorithm,
-        protection: Protection,
-    ) -> Result<Self, KeyringError> {
-        if protection == Protection::Software && algorithm.rsa().is_some() {
-            let (der, public) = material::generate_rsa(algorithm)?;
-            return Ok(Pregenerated(Some((algorithm, der, public))));
-        }
-        Ok(Self::none())
-    }
-}
-
 impl Keyring {
-    /// What a new version of the key called `name` needs made in advance (nothing if there
-    /// is no such key: the change then fails under the lock, with the usual error).
-    pub(super) fn pregenerate(&self, name: &str) -> Result<Pregenerated, KeyringError> {
-        match self.fetch(name) {
-            Ok(e) => Pregenerated::for_key(e.meta.algorithm, e.meta.protection),
-            Err(_) => Ok(Pregenerated::none()),
-        }
-    }
-
     /// A new version's metadata (software: a fresh salt; HSM: a fresh token object, whose
     /// handle is returned too, so that a refused commit destroys that object and no other).
+    /// Uses what `pre` made in advance if it was made for this version, else makes it now.
     fn new_version(
         &self,
         meta: &KeyMeta,
         version: u32,
-        pre: Pregenerated,
+        pre: Pregenerated<'_>,
     ) -> Result<(VersionMeta, Option<KeyHandle>), KeyringError> {
         let mut v = VersionMeta::new(version, now(), Origin::Generated);
         let mut handle = None;
@@ -56,8 +23,10 @@ impl Keyring {
                 if meta.algorithm.rsa().is_some() {
                     // RSA keys cannot be derived: generated, then stored sealed under a key
                     // derived from the root key and this salt.
-                    let (der, public) = match pre.0 {
-                        Some((algorithm, der, public)) if algorithm == meta.algorithm => {
+                    let (der, public) = match pre {
+                        Pregenerated::SoftwareRsa(algorithm, der, public)
+                            if algorithm == meta.algorithm =>
+                        {
                             (der, public)
                         }
                         _ => material::generate_rsa(meta.algorithm)?,
@@ -85,21 +54,17 @@ impl Keyring {
             }
             Protection::Hsm => {
                 let label = hsm_label(&meta.key_id, version);
-                let id = random::<16>()?;
-                let (h, public) = self
-                    .hsm
-                    .generate_key(hsm_kind(meta.algorithm), &label, &id)?;
-                handle = Some(h);
-                v.hsm_label = Some(label);
-                v.hsm_id = Some(hex(&id));
-                if let Some(p) = public {
-                    // Check the token's bytes parse as a public key before we rely on them.
-                    if Public::from_bytes(meta.algorithm, &p).is_none() {
-                        let _ = self.hsm.destroy(h);
-                        return Err(KeyringError::Internal("HSM public key"));
-                    }
-                    v.public_key = Some(hex(&p));
-                }
+                let object = match pre {
+                    Pregenerated::Hsm(o) if o.label() == label => o,
+                    // Made for another version (the key moved on meanwhile): dropped here,
+                    // so destroyed, and made again for this one.
+                    _ => HsmObject::generate(&self.hsm, meta.algorithm, label)?,
+                };
+                let t = object.take()?;
+                handle = Some(t.handle);
+                v.hsm_label = Some(t.label);
+                v.hsm_id = Some(hex(&t.id));
+                v.public_key = t.public.map(|p| hex(&p));
             }
         }
         Ok((v, handle))
@@ -145,7 +110,18 @@ impl Keyring {
                 "an EXTERNAL key cannot rotate by itself: new versions come from imports",
             ));
         }
-        let pre = Pregenerated::for_key(req.algorithm, req.protection)?;
+        // Refused at once, before a key is generated for nothing (checked again under the
+        // lock).
+        if self.fetch(&req.name).is_ok() {
+            return Err(KeyringError::AlreadyExists(req.name));
+        }
+        let key_id = hex(&random::<16>()?);
+        let pre = match req.origin {
+            Origin::Generated => {
+                Pregenerated::make(&self.hsm, req.algorithm, req.protection, &key_id, 1)?
+            }
+            Origin::External => Pregenerated::Nothing,
+        };
         let _g = self.admin()?;
         // Made a moment ago by another server sharing the store?
         if self.store.shared() {
@@ -160,7 +136,7 @@ impl Keyring {
         let mut meta = KeyMeta {
             schema: model::KEY_SCHEMA,
             name: req.name,
-            key_id: hex(&random::<16>()?),
+            key_id,
             purpose: req.algorithm.purpose(),
             algorithm: req.algorithm,
             protection: req.protection,

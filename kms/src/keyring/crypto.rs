@@ -121,7 +121,7 @@ impl Keyring {
             };
             // Only AES keys have a budget: nothing to make in advance.
             let meta =
-                self.rotate_locked(&e.meta.name, Some(version), Pregenerated::none(), &journal)?;
+                self.rotate_locked(&e.meta.name, Some(version), Pregenerated::Nothing, &journal)?;
             return Ok(meta.primary != version);
         }
         Ok(false)

@@ -15,7 +15,9 @@ use crate::hsm::RsaScheme;
 use model::ImportJob;
 
 /// The wrapping key: RSA 4096, decrypts only.
-pub(super) const WRAPPING_KIND: HsmKeyKind = HsmKeyKind::Rsa(RsaScheme::Oaep, 4096);
+pub(super) const WRAPPING_KIND: HsmKeyKind = hsm_kind(WRAPPING_ALGORITHM);
+/// The wrapping key's algorithm: RSA-4096 with OAEP (SHA-256).
+const WRAPPING_ALGORITHM: Algorithm = Algorithm::RsaDecryptOaep4096Sha256;
 /// The size of an RSA-4096 OAEP block: the first part of `RSA_AES_KEY_WRAP_SHA_256`.
 const WRAPPED_KEY_LEN: usize = 512;
 /// Longest and default validity of import parameters.
@@ -84,34 +86,39 @@ impl Keyring {
             v if (MIN_IMPORT_VALIDITY..=MAX_IMPORT_VALIDITY).contains(&v) => v,
             _ => return Err(bad("valid_for_seconds must be 1..=86400 (0: 86400)")),
         };
+        // The RSA-4096 wrapping key takes seconds to generate: made before the admin lock
+        // (see `pregen`), for a key checked now and again under the lock.
+        let seen = self.fetch(name)?;
+        Self::check_external(&seen.meta)?;
+        let job_id = random::<16>()?;
+        let label = format!("kms-import/{}/{}", seen.meta.key_id, hex(&job_id));
+        let wrapping = HsmObject::generate(&self.hsm, WRAPPING_ALGORITHM, label)?;
+        let pem = match wrapping
+            .public()
+            .and_then(|p| Public::from_bytes(WRAPPING_ALGORITHM, p))
+        {
+            Some(p) => p.to_pem()?,
+            None => return Err(KeyringError::Internal("wrapping public key")),
+        };
         let _g = self.admin()?;
         let entry = self.entry_locked(name)?;
         Self::check_external(&entry.meta)?;
-        let job_id = random::<16>()?;
-        let wrapping_id = random::<16>()?;
+        if entry.meta.key_id != seen.meta.key_id {
+            // Keys are never deleted, so a name keeps its key id: not expected.
+            return Err(KeyringError::Internal(
+                "the key changed while its wrapping key was made",
+            ));
+        }
         let created = now();
         let job = ImportJob {
             id: hex(&job_id),
-            wrapping_label: format!("kms-import/{}/{}", entry.meta.key_id, hex(&job_id)),
-            wrapping_id: hex(&wrapping_id),
+            wrapping_label: wrapping.label().to_owned(),
+            wrapping_id: hex(wrapping.id()),
             created_at: created,
             expires_at: created.saturating_add(valid_for),
         };
         let token = self.token(&entry.meta, &job)?;
-        let (handle, public) =
-            self.hsm
-                .generate_key(WRAPPING_KIND, &job.wrapping_label, &wrapping_id)?;
-        let pem = public
-            .and_then(|p| Public::from_bytes(Algorithm::RsaDecryptOaep4096Sha256, &p))
-            .ok_or(KeyringError::Internal("wrapping public key"))
-            .and_then(|p| p.to_pem());
-        let pem = match pem {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = self.hsm.destroy(handle);
-                return Err(e);
-            }
-        };
+        let handle = wrapping.take()?.handle;
         let mut meta = entry.meta.clone();
         let previous = meta.import_job.replace(job.clone());
         self.commit_new_version(meta, Some(&entry), Some(handle), journal)?;

@@ -30,6 +30,7 @@ mod load;
 mod maintenance;
 pub mod material;
 pub mod model;
+mod pregen;
 pub mod wrap;
 
 pub use crypto::ReEncrypted;
@@ -44,12 +45,12 @@ use zeroize::Zeroizing;
 
 use crate::hsm::{Hsm, HsmError, HsmKeyKind, KeyHandle};
 use crate::store::{Store, StoreError, Table, Write};
-use admin::Pregenerated;
 use grants::Grant;
 use material::{Public, Secret, SignInput, SignatureEncoding, VersionMaterial};
 use model::{
     Algorithm, KeyMeta, Origin, Protection, Purpose, RsaScheme, VersionMeta, VersionState,
 };
+use pregen::{HsmObject, Pregenerated};
 
 /// Largest plaintext `Encrypt` takes (use `GenerateDataKey` and encrypt locally above it).
 pub(crate) const MAX_PLAINTEXT: usize = 64 * 1024;
@@ -171,7 +172,8 @@ fn purpose_name(p: Purpose) -> &'static str {
     }
 }
 
-pub(crate) fn hsm_kind(a: Algorithm) -> HsmKeyKind {
+/// The token object kind that holds an `algorithm` key.
+pub(crate) const fn hsm_kind(a: Algorithm) -> HsmKeyKind {
     match a {
         Algorithm::Aes256Gcm => HsmKeyKind::Aes256,
         Algorithm::Ed25519 => HsmKeyKind::Ed25519,
