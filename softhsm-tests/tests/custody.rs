@@ -676,6 +676,20 @@ fn with_the_pin_in_the_shares_a_rekey_carries_the_pin_into_the_new_shares() {
     assert!(!logs.contains(hsm.pin.as_str()));
 }
 
+/// Every file under the token directory, with its bytes.
+fn token_files(dir: &std::path::Path) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(token_files(&path));
+        } else {
+            out.insert(path.clone(), std::fs::read(&path).unwrap());
+        }
+    }
+    out
+}
+
 fn master_keys(hsm: &TestHsm, label: &str) -> usize {
     hsm.labels(label).iter().filter(|l| *l == label).count()
 }
@@ -759,6 +773,8 @@ fn master_key_rotation_keeps_shares_and_ciphertexts_across_a_restart() {
             .status
             .success()
     );
+    let tokens = hsm.path().join("softhsm").join("tokens");
+    let before_files = token_files(&tokens);
     let out = server.kms(
         &[
             "operator",
@@ -775,7 +791,30 @@ fn master_key_rotation_keeps_shares_and_ciphertexts_across_a_restart() {
     // kill -9, restart (the configuration still names the old label: the record's key is
     // used), the same shares unseal, every ciphertext decrypts.
     server.kill9();
+    // What a crash between the rotation's commit and the old key's destruction leaves: the
+    // old key still in the token (its files put back as they were), listed as retired in the
+    // committed record. The next start destroys it.
+    let after_files = token_files(&tokens);
+    let gone: Vec<_> = before_files
+        .iter()
+        .filter(|(path, _)| !after_files.contains_key(*path))
+        .collect();
+    assert!(
+        gone.iter()
+            .any(|(p, _)| p.extension().is_some_and(|e| e == "object")),
+        "the old master key's object file was removed: {gone:?}"
+    );
+    for (path, bytes) in &gone {
+        std::fs::write(path, bytes).unwrap();
+    }
+    assert_eq!(master_keys(&hsm, "kms-master-key"), 1, "put back");
     let server = hsm.start();
+    assert_eq!(master_keys(&hsm, "kms-master-key"), 0);
+    let logs = hsm.logs();
+    assert!(
+        logs.contains("a master key a rotation retired was destroyed"),
+        "{logs}"
+    );
     assert_eq!(unseal(&server, &[&shares[0], &shares[2]]).code, Some(0));
     rt.block_on(async {
         let mut keys = server.keys().await;
