@@ -221,7 +221,9 @@ fn dev_mode_initialises_unseals_and_restarts_sealed() {
     // The same directory again: same token and store, sealed, unsealable with old shares.
     let mut dev = Dev::start(&["--dir", d]);
     let addr = addr_of(&dev.wait_for("kms listening on"), "https");
-    dev.wait_for("the server is sealed");
+    // Says where it serves on every run, not only the first.
+    let line = dev.wait_for("the server is sealed");
+    assert!(line.contains(&format!("serving mTLS on {addr},")), "{line}");
     let env = admin_env(&mut dev);
     let st = run_kms_env(&addr, &env, &["operator", "status", "--json"], "");
     assert_eq!(st.json()["sealed"], true);

@@ -323,18 +323,20 @@ impl<'a> Hints<'a> {
         let (dir, pki) = (self.dir.display(), &self.pki);
         if self.plaintext {
             println!(
-                "kms dev: reusing {dir}: the server is sealed, and unseal shares are accepted over \
-                 TLS only: restart without --plaintext and run `kms operator unseal`."
+                "kms dev: reusing {dir}: serving PLAINTEXT gRPC on {}, and the server is sealed \
+                 (every restart is); unseal shares are accepted over TLS only: restart without \
+                 --plaintext and run `kms operator unseal`.",
+                self.url,
             );
         } else {
             println!(
-                "kms dev: reusing {dir}: the server is sealed. Unseal it with the shares from its first run, \
-                 as the custodian:\n\
-                 \n  export KMS_ADDR={}\n{}  KMS_CLIENT_CERT={} KMS_CLIENT_KEY={} kms operator unseal",
-                self.url,
+                "kms dev: reusing {dir}: serving mTLS on {url}, and the server is sealed (every restart is). \
+                 Unseal it with the shares from its first run, as the custodian:\n\
+                 \n  export KMS_ADDR={url}\n{}  KMS_CLIENT_CERT={} KMS_CLIENT_KEY={} kms operator unseal",
                 self.env,
                 pki.cert("custodian").display(),
                 pki.key("custodian").display(),
+                url = self.url,
             );
         }
     }
