@@ -422,6 +422,7 @@ async fn keep_storage(
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_archive: Option<std::time::Instant> = None;
+    let mut alarm = SpaceAlarm::default();
     loop {
         tick.tick().await;
         let due = retention.as_ref().filter(|p| {
@@ -432,17 +433,55 @@ async fn keep_storage(
             last_archive = Some(std::time::Instant::now());
         }
         let (audit, due, path) = (audit.clone(), due.cloned(), store_path.clone());
-        let _ = tokio::task::spawn_blocking(move || {
+        let mut kept = std::mem::take(&mut alarm);
+        alarm = tokio::task::spawn_blocking(move || {
             if let Some(policy) = due
                 && let Err(e) = audit.archive_due(&policy, MAX_SEGMENTS_PER_RUN)
             {
                 tracing::warn!(error = %crate::error_chain(&e), "audit retention: nothing more archived this time; the records stay in the store");
             }
             if let Some(path) = path {
-                storage_metrics(&path);
+                storage_metrics(&path, &mut kept);
             }
+            kept
         })
-        .await;
+        .await
+        .unwrap_or_default();
+    }
+}
+
+/// When the store's free space is worth a log line: on falling under 10% free, then once
+/// an hour while it stays under (the metric says it every minute), and once when it is
+/// over again. Checked every minute or more often, a warning each time was noise.
+#[derive(Debug, Default)]
+struct SpaceAlarm {
+    /// When the last warning was logged, while space is low.
+    warned: Option<std::time::Instant>,
+}
+
+/// What [`SpaceAlarm::check`] says to log.
+#[derive(Debug, PartialEq, Eq)]
+enum SpaceNote {
+    Low,
+    Recovered,
+}
+
+impl SpaceAlarm {
+    const REPEAT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+    fn check(&mut self, low: bool, now: std::time::Instant) -> Option<SpaceNote> {
+        match (low, self.warned) {
+            (true, Some(t)) if now.saturating_duration_since(t) < Self::REPEAT => None,
+            (true, _) => {
+                self.warned = Some(now);
+                Some(SpaceNote::Low)
+            }
+            (false, Some(_)) => {
+                self.warned = None;
+                Some(SpaceNote::Recovered)
+            }
+            (false, None) => None,
+        }
     }
 }
 
@@ -452,8 +491,9 @@ const STORAGE_CHECK: std::time::Duration = std::time::Duration::from_secs(60);
 /// Segments archived per retention run at most (the next run goes on).
 const MAX_SEGMENTS_PER_RUN: usize = 16;
 
-/// Sets the store size and free space metrics; warns when under 10% is free.
-fn storage_metrics(store: &std::path::Path) {
+/// Sets the store size and free space metrics; warns when under 10% is free (as `alarm`
+/// says: not at every check).
+fn storage_metrics(store: &std::path::Path, alarm: &mut SpaceAlarm) {
     let metrics = crate::metrics::metrics();
     if let Ok(meta) = std::fs::metadata(store) {
         metrics
@@ -467,12 +507,19 @@ fn storage_metrics(store: &std::path::Path) {
         metrics
             .store_free_bytes
             .set(i64::try_from(free).unwrap_or(i64::MAX));
-        if total > 0 && free.saturating_mul(10) < total {
-            tracing::warn!(
+        let low = total > 0 && free.saturating_mul(10) < total;
+        match alarm.check(low, std::time::Instant::now()) {
+            Some(SpaceNote::Low) => tracing::warn!(
                 free_bytes = free,
                 total_bytes = total,
-                "the store's file system is over 90% full: when it fills, the audit log fails closed and every call is refused. Free space, or set [audit] retention (docs/operations.md)"
-            );
+                "the store's file system is over 90% full: when it fills, the audit log fails closed and every call is refused. Free space, or set [audit] retention (docs/operations.md); said again hourly while it lasts"
+            ),
+            Some(SpaceNote::Recovered) => tracing::info!(
+                free_bytes = free,
+                total_bytes = total,
+                "the store's file system has more than 10% free again"
+            ),
+            None => {}
         }
     }
 }
@@ -630,5 +677,30 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
             }
         }
         tracing::info!("shutdown signal received");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SpaceAlarm, SpaceNote};
+    use std::time::{Duration, Instant};
+
+    /// Low space is said when it starts, then hourly, not at every check; its end once.
+    #[test]
+    fn the_free_space_warning_is_not_repeated_at_every_check() {
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        let mut a = SpaceAlarm::default();
+        assert_eq!(a.check(false, at(0)), None);
+        assert_eq!(a.check(true, at(60)), Some(SpaceNote::Low));
+        for s in (120..3660).step_by(60) {
+            assert_eq!(a.check(true, at(s)), None, "at {s} s");
+        }
+        assert_eq!(a.check(true, at(3660)), Some(SpaceNote::Low));
+        assert_eq!(a.check(true, at(3720)), None);
+        assert_eq!(a.check(false, at(3780)), Some(SpaceNote::Recovered));
+        assert_eq!(a.check(false, at(3840)), None);
+        // Low again: said at once, not an hour after the last warning.
+        assert_eq!(a.check(true, at(3900)), Some(SpaceNote::Low));
     }
 }
