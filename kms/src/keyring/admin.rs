@@ -60,11 +60,10 @@ impl Keyring {
                     // so destroyed, and made again for this one.
                     _ => HsmObject::generate(&self.hsm, meta.algorithm, label)?,
                 };
-                let t = object.take()?;
-                handle = Some(t.handle);
-                v.hsm_label = Some(t.label);
-                v.hsm_id = Some(hex(&t.id));
-                v.public_key = t.public.map(|p| hex(&p));
+                v.hsm_label = Some(object.label().to_owned());
+                v.hsm_id = Some(hex(object.id()));
+                v.public_key = object.public().map(hex);
+                handle = Some(object.take()?);
             }
         }
         Ok((v, handle))

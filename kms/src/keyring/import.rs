@@ -118,7 +118,7 @@ impl Keyring {
             expires_at: created.saturating_add(valid_for),
         };
         let token = self.token(&entry.meta, &job)?;
-        let handle = wrapping.take()?.handle;
+        let handle = wrapping.take()?;
         let mut meta = entry.meta.clone();
         let previous = meta.import_job.replace(job.clone());
         self.commit_new_version(meta, Some(&entry), Some(handle), journal)?;

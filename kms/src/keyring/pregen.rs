@@ -22,19 +22,6 @@ pub(super) struct HsmObject<'h> {
     public: Option<Vec<u8>>,
 }
 
-/// What the version (or import job) that names an [`HsmObject`] keeps of it.
-pub(super) struct Taken {
-    /// The object, destroyed by [`Keyring::commit_new_version`] if the commit is refused.
-    pub(super) handle: KeyHandle,
-    /// Its CKA_LABEL.
-    pub(super) label: String,
-    /// Its CKA_ID.
-    pub(super) id: [u8; 16],
-    /// Its public key (SubjectPublicKeyInfo DER for RSA, the point or key bytes otherwise),
-    /// already checked to parse for its algorithm.
-    pub(super) public: Option<Vec<u8>>,
-}
-
 impl<'h> HsmObject<'h> {
     /// Generates an `algorithm` key in the token, labelled `label` with a fresh CKA_ID, and
     /// checks that the public key the token returns (if any) parses for `algorithm`.
@@ -72,23 +59,19 @@ impl<'h> HsmObject<'h> {
         &self.id
     }
 
-    /// Its public key, if it has one (checked to parse).
+    /// Its public key, if it has one (SubjectPublicKeyInfo DER for RSA, the point or key
+    /// bytes otherwise; checked to parse for its algorithm).
     pub(super) fn public(&self) -> Option<&[u8]> {
         self.public.as_deref()
     }
 
-    /// Hands the object over to the record that names it: no longer destroyed on drop.
-    pub(super) fn take(mut self) -> Result<Taken, KeyringError> {
-        let handle = self
-            .handle
+    /// Hands the object over to the record that names it (read its label, id and public
+    /// key first): no longer destroyed on drop. The handle returned is destroyed by
+    /// [`Keyring::commit_new_version`] if the commit is refused.
+    pub(super) fn take(mut self) -> Result<KeyHandle, KeyringError> {
+        self.handle
             .take()
-            .ok_or(KeyringError::Internal("HSM object taken twice"))?;
-        Ok(Taken {
-            handle,
-            label: std::mem::take(&mut self.label),
-            id: self.id,
-            public: self.public.take(),
-        })
+            .ok_or(KeyringError::Internal("HSM object taken twice"))
     }
 }
 
