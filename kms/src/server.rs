@@ -433,20 +433,30 @@ async fn keep_storage(
             last_archive = Some(std::time::Instant::now());
         }
         let (audit, due, path) = (audit.clone(), due.cloned(), store_path.clone());
-        let mut kept = std::mem::take(&mut alarm);
-        alarm = tokio::task::spawn_blocking(move || {
+        let space = tokio::task::spawn_blocking(move || {
             if let Some(policy) = due
                 && let Err(e) = audit.archive_due(&policy, MAX_SEGMENTS_PER_RUN)
             {
                 tracing::warn!(error = %crate::error_chain(&e), "audit retention: nothing more archived this time; the records stay in the store");
             }
-            if let Some(path) = path {
-                storage_metrics(&path, &mut kept);
-            }
-            kept
+            path.and_then(|p| storage_metrics(&p))
         })
-        .await
-        .unwrap_or_default();
+        .await;
+        if let Ok(Some((free, total))) = space {
+            match alarm.check(free, total, std::time::Instant::now()) {
+                Some(SpaceNote::Low) => tracing::warn!(
+                    free_bytes = free,
+                    total_bytes = total,
+                    "the store's file system is over 90% full: when it fills, the audit log fails closed and every call is refused. Free space, or set [audit] retention (docs/operations.md); said again hourly while it lasts"
+                ),
+                Some(SpaceNote::Recovered) => tracing::info!(
+                    free_bytes = free,
+                    total_bytes = total,
+                    "the store's file system has more than 10% free again"
+                ),
+                None => {}
+            }
+        }
     }
 }
 
@@ -469,7 +479,8 @@ enum SpaceNote {
 impl SpaceAlarm {
     const REPEAT: std::time::Duration = std::time::Duration::from_secs(3600);
 
-    fn check(&mut self, low: bool, now: std::time::Instant) -> Option<SpaceNote> {
+    fn check(&mut self, free: u64, total: u64, now: std::time::Instant) -> Option<SpaceNote> {
+        let low = total > 0 && free.saturating_mul(10) < total;
         match (low, self.warned) {
             (true, Some(t)) if now.saturating_duration_since(t) < Self::REPEAT => None,
             (true, _) => {
@@ -491,9 +502,9 @@ const STORAGE_CHECK: std::time::Duration = std::time::Duration::from_secs(60);
 /// Segments archived per retention run at most (the next run goes on).
 const MAX_SEGMENTS_PER_RUN: usize = 16;
 
-/// Sets the store size and free space metrics; warns when under 10% is free (as `alarm`
-/// says: not at every check).
-fn storage_metrics(store: &std::path::Path, alarm: &mut SpaceAlarm) {
+/// Sets the store size and free space metrics; returns the file system's free and total
+/// bytes (what [`SpaceAlarm`] judges), if it could read them.
+fn storage_metrics(store: &std::path::Path) -> Option<(u64, u64)> {
     let metrics = crate::metrics::metrics();
     if let Ok(meta) = std::fs::metadata(store) {
         metrics
@@ -501,27 +512,13 @@ fn storage_metrics(store: &std::path::Path, alarm: &mut SpaceAlarm) {
             .set(i64::try_from(meta.len()).unwrap_or(i64::MAX));
     }
     let dir = store.parent().unwrap_or(std::path::Path::new("."));
-    if let Ok(fs) = rustix::fs::statvfs(dir) {
-        let free = fs.f_bavail.saturating_mul(fs.f_frsize);
-        let total = fs.f_blocks.saturating_mul(fs.f_frsize);
-        metrics
-            .store_free_bytes
-            .set(i64::try_from(free).unwrap_or(i64::MAX));
-        let low = total > 0 && free.saturating_mul(10) < total;
-        match alarm.check(low, std::time::Instant::now()) {
-            Some(SpaceNote::Low) => tracing::warn!(
-                free_bytes = free,
-                total_bytes = total,
-                "the store's file system is over 90% full: when it fills, the audit log fails closed and every call is refused. Free space, or set [audit] retention (docs/operations.md); said again hourly while it lasts"
-            ),
-            Some(SpaceNote::Recovered) => tracing::info!(
-                free_bytes = free,
-                total_bytes = total,
-                "the store's file system has more than 10% free again"
-            ),
-            None => {}
-        }
-    }
+    let fs = rustix::fs::statvfs(dir).ok()?;
+    let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+    let total = fs.f_blocks.saturating_mul(fs.f_frsize);
+    metrics
+        .store_free_bytes
+        .set(i64::try_from(free).unwrap_or(i64::MAX));
+    Some((free, total))
 }
 
 /// Applies the changes other servers sharing the store commit, as they are heard, forever
@@ -691,16 +688,19 @@ mod tests {
         let t0 = Instant::now();
         let at = |s| t0 + Duration::from_secs(s);
         let mut a = SpaceAlarm::default();
-        assert_eq!(a.check(false, at(0)), None);
-        assert_eq!(a.check(true, at(60)), Some(SpaceNote::Low));
+        // Exactly 10% free is not low; an unreadable (zero) total never is.
+        assert_eq!(a.check(10, 100, at(0)), None);
+        assert_eq!(a.check(0, 0, at(0)), None);
+        assert_eq!(a.check(50, 100, at(0)), None);
+        assert_eq!(a.check(5, 100, at(60)), Some(SpaceNote::Low));
         for s in (120..3660).step_by(60) {
-            assert_eq!(a.check(true, at(s)), None, "at {s} s");
+            assert_eq!(a.check(5, 100, at(s)), None, "at {s} s");
         }
-        assert_eq!(a.check(true, at(3660)), Some(SpaceNote::Low));
-        assert_eq!(a.check(true, at(3720)), None);
-        assert_eq!(a.check(false, at(3780)), Some(SpaceNote::Recovered));
-        assert_eq!(a.check(false, at(3840)), None);
+        assert_eq!(a.check(5, 100, at(3660)), Some(SpaceNote::Low));
+        assert_eq!(a.check(5, 100, at(3720)), None);
+        assert_eq!(a.check(50, 100, at(3780)), Some(SpaceNote::Recovered));
+        assert_eq!(a.check(50, 100, at(3840)), None);
         // Low again: said at once, not an hour after the last warning.
-        assert_eq!(a.check(true, at(3900)), Some(SpaceNote::Low));
+        assert_eq!(a.check(5, 100, at(3900)), Some(SpaceNote::Low));
     }
 }
