@@ -4,13 +4,25 @@
 //!
 //! The file is JSON lines: a header, one line per entry (table, key, value in base64), and a
 //! trailer with the entry count, the SHA-256 of every byte before it, and an Ed25519
-//! signature of that digest by the audit key in the HSM. A restore checks all three before
-//! it writes anything (the public key is the one the backup's own seal record names), so a
-//! damaged, cut or altered file is refused whole. The file is as secret as the store and no
-//! more: without the HSM master key and a quorum of shares it decrypts nothing.
+//! signature of that digest by the audit key in the HSM. A check or restore verifies all
+//! three before it writes anything, so a damaged, cut or altered file is refused whole.
+//!
+//! The file itself names its public key (in the seal record it holds), and whoever can write
+//! the backup storage can replace that key and sign again. So a file proves where it came
+//! from only against a key the operator names: [`check`] and [`restore`] take the audit key's
+//! fingerprint (the one `kms operator init` printed, as `kms audit verify --public-key`
+//! does) and refuse a file another key signed; [`restore`] needs it, and [`check`] without
+//! it says the file was checked only against itself ([`Checked::pinned`]).
+//!
+//! A restore appends one audit record after the backup's last one (`RestoreBackup`, naming
+//! the backup's SHA-256), and leaves [`RESTORED_MARKER`], on which the restored copy takes
+//! an instance identity of its own at its first start (see `seal::record`). The file is as
+//! secret as the store and no more: without the HSM master key and a quorum of shares it
+//! decrypts nothing.
 
 use std::io::BufRead;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -26,6 +38,12 @@ const SIGNATURE_DOMAIN: &str = "kms/v1/backup/";
 
 /// Set in the System table while a restore writes; a server refuses to start on it.
 pub const RESTORE_MARKER: &str = "restore-in-progress";
+
+/// Left in the System table by a finished restore, until the restored copy takes its own
+/// instance identity (JSON: the backup's `sha256`, `created_unix_ms`, `server`). A hint
+/// written offline, not an authority: all it can make a server do is take a new identity,
+/// which destroys nothing (see `seal::record`).
+pub const RESTORED_MARKER: &str = "restored-from-backup";
 
 /// The seal record's key in the System table (where the audit public key is named).
 const SEAL_RECORD_KEY: &str = "seal";
@@ -91,6 +109,24 @@ pub enum BackupError {
     /// The target store already holds data.
     #[error("the store is not empty (its {0} table has entries): restore only into an empty store")]
     NotEmpty(&'static str),
+    /// The file is intact, but signed by another key than the one the operator trusts.
+    #[error(
+        "the backup was signed by the key with fingerprint {found}, not by the audit key you trust ({trusted}): it is not from your server, or its seal record was replaced"
+    )]
+    NotTrustedKey {
+        /// The fingerprint of the key that signed it.
+        found: String,
+        /// The fingerprint the operator named.
+        trusted: String,
+    },
+    /// `--public-key` is neither a fingerprint (32 hex digits) nor a public key (64).
+    #[error(
+        "the trusted key is neither a fingerprint (32 hex digits) nor an Ed25519 public key (64 hex digits)"
+    )]
+    BadTrustedKey,
+    /// The restore's audit record could not be written.
+    #[error("the restore's audit record could not be written")]
+    Audit(#[source] Box<AuditError>),
 }
 
 fn damaged(why: impl Into<String>) -> BackupError {
@@ -175,6 +211,11 @@ pub struct Checked {
     pub server: String,
     /// The hex SHA-256 of its body.
     pub sha256: String,
+    /// The fingerprint of the key that signed it.
+    pub key_fingerprint: String,
+    /// Whether that key is the one the caller trusts; `false`: checked only against the key
+    /// the file names itself, which proves it intact but not where it came from.
+    pub pinned: bool,
 }
 
 /// Reads the file line by line (none longer than [`MAX_LINE`], each ending in a newline):
@@ -209,8 +250,15 @@ fn each_body_line(
 }
 
 /// Checks a backup file whole: its header, every entry's form, the count, the SHA-256
-/// and the audit key's signature (against the key its seal record names). Writes nothing.
-pub fn check(path: &Path) -> Result<Checked, BackupError> {
+/// and the audit key's signature, and, with `trusted` (the audit key's fingerprint, or its
+/// public key in hex), that this key signed it. Without `trusted` the signature is checked
+/// against the key the file's own seal record names ([`Checked::pinned`] is `false`).
+/// Writes nothing.
+pub fn check(path: &Path, trusted: Option<&str>) -> Result<Checked, BackupError> {
+    let trusted = trusted
+        .map(crate::audit::verify::trusted_fingerprint)
+        .transpose()
+        .map_err(|_| BackupError::BadTrustedKey)?;
     let mut header: Option<Header> = None;
     let mut entries = 0u64;
     let mut audit_key: Option<Vec<u8>> = None;
@@ -240,8 +288,17 @@ pub fn check(path: &Path) -> Result<Checked, BackupError> {
         return Err(damaged("its contents do not match its checksum"));
     }
     let public = audit_key.ok_or_else(|| damaged("it holds no seal record"))?;
-    if crate::audit::fingerprint(&public) != trailer.key_fingerprint {
+    let found = crate::audit::fingerprint(&public);
+    if found != trailer.key_fingerprint {
         return Err(damaged("signed by another key than its seal record names"));
+    }
+    if let Some(trusted) = &trusted
+        && *trusted != found
+    {
+        return Err(BackupError::NotTrustedKey {
+            found,
+            trusted: trusted.clone(),
+        });
     }
     let signature = data_encoding::HEXLOWER
         .decode(trailer.signature.as_bytes())
@@ -259,6 +316,8 @@ pub fn check(path: &Path) -> Result<Checked, BackupError> {
         created_unix_ms: header.created_unix_ms,
         server: header.server,
         sha256: digest,
+        pinned: trusted.is_some(),
+        key_fingerprint: found,
     })
 }
 
@@ -283,10 +342,13 @@ fn audit_public_key(seal_record: &[u8]) -> Result<Vec<u8>, BackupError> {
 }
 
 /// Restores the backup at `path` into `store`, which must be empty: checks the file
-/// whole first, then writes its entries in batches under a marker that keeps a server from
-/// starting on a half-restored store. Returns what it restored.
-pub fn restore(path: &Path, store: &dyn Store) -> Result<Checked, BackupError> {
-    let checked = check(path)?;
+/// whole first, against `trusted` (the audit key's fingerprint or public key: a restore
+/// never trusts the key a file names itself), then writes its entries in batches under a
+/// marker that keeps a server from starting on a half-restored store; last, in one
+/// transaction, the restore's audit record (after the backup's last record), the
+/// [`RESTORED_MARKER`], and the marker's removal. Returns what it restored.
+pub fn restore(path: &Path, store: Arc<dyn Store>, trusted: &str) -> Result<Checked, BackupError> {
+    let checked = check(path, Some(trusted))?;
     for table in Table::ALL {
         if store.last(table)?.is_some() {
             return Err(BackupError::NotEmpty(table.name()));
@@ -314,13 +376,53 @@ pub fn restore(path: &Path, store: &dyn Store) -> Result<Checked, BackupError> {
             "the file changed while it was restored: the store is left marked as an interrupted restore",
         ));
     }
-    store.write_all_removing(
-        &batch,
-        &[Removal {
+    store.write_all(&batch)?;
+    record_restore(store, &checked)?;
+    Ok(checked)
+}
+
+/// The restore's audit record, chained after the backup's last record (written by a log
+/// of its own with no signer: the next checkpoint the server signs covers it), with the
+/// [`RESTORED_MARKER`] written and the in-progress marker removed in its transaction.
+fn record_restore(store: Arc<dyn Store>, checked: &Checked) -> Result<(), BackupError> {
+    let log = crate::audit::AuditLog::open(
+        Arc::clone(&store),
+        Arc::new(Signer::disabled()),
+        crate::audit::CheckpointPolicy::default(),
+    )
+    .map_err(|e| BackupError::Audit(Box::new(e)))?;
+    let marker = serde_json::json!({
+        "sha256": checked.sha256,
+        "created_unix_ms": checked.created_unix_ms,
+        "server": checked.server,
+    });
+    let event = crate::audit::AuditEvent {
+        ceremony: Some(crate::audit::CeremonySummary {
+            step: "restored".to_owned(),
+            backup_sha256: checked.sha256.clone(),
+            ..crate::audit::CeremonySummary::default()
+        }),
+        ..crate::audit::AuditEvent::internal(
+            crate::audit::SYSTEM_PRINCIPAL,
+            "kms.v1.System",
+            "RestoreBackup",
+        )
+    };
+    let written = log.append_removing(
+        event,
+        vec![Write {
+            table: Table::System,
+            key: RESTORED_MARKER.to_owned(),
+            value: serde_json::to_vec(&marker).map_err(|_| damaged("cannot encode"))?,
+        }],
+        vec![Removal {
             table: Table::System,
             from: RESTORE_MARKER.to_owned(),
             to: RESTORE_MARKER.to_owned(),
         }],
-    )?;
-    Ok(checked)
+    );
+    log.stop();
+    written
+        .map(|_| ())
+        .map_err(|e| BackupError::Audit(Box::new(e)))
 }

@@ -265,6 +265,8 @@ pub(crate) fn status_pb(s: &SealStatus) -> pb::SealStatus {
         hsm_pin_in_shares: s.pin_in_shares,
         server: crate::server::identity().to_owned(),
         hsm_available: s.hsm_available,
+        instance_id: s.instance.clone().unwrap_or_default(),
+        restored_from_instance_ids: s.restored_from.clone(),
         rekey: s.rekey.as_ref().map(|r| pb::RekeyProgress {
             phase: if r.verifying {
                 "verifying"

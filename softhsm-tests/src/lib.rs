@@ -184,6 +184,47 @@ impl TestHsm {
             .unwrap()
     }
 
+    /// Every token object whose label starts with `prefix`, as `(label, CKA_ID in hex)`,
+    /// sorted (`hsm-tool ids`: the token's own answer).
+    pub fn ids(&self, prefix: &str) -> Vec<(String, String)> {
+        let out = self.tool(&["ids"], &[prefix]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut ids: Vec<(String, String)> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let (label, id) = l.rsplit_once(' ').unwrap();
+                (label.to_owned(), id.to_owned())
+            })
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// HMAC-SHA256 of `data` with the token's secret key labelled `key` (`hsm-tool hmac`),
+    /// in hex: what an insider holding the PIN can compute.
+    pub fn hmac(&self, key: &str, data: &[u8]) -> String {
+        let mut child = Command::new(bin("hsm-tool"))
+            .args(["hmac"])
+            .arg(&self.module)
+            .arg(&self.label)
+            .arg(&self.pin_file)
+            .arg(key)
+            .env(self.conf_env, &self.conf)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), data).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
     /// The labels of the token's objects whose label starts with `prefix` (`hsm-tool list`).
     pub fn labels(&self, prefix: &str) -> Vec<String> {
         let out = self.tool(&["list"], &[prefix]);
@@ -481,6 +522,40 @@ pub fn store_replace(store: &Path, table: &str, key: &str, from: &str, to: &str)
         .arg("replace")
         .arg(store)
         .args([table, key, from, to])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One stored value, read offline as someone with disk access would (`store-tool get`).
+pub fn store_get(store: &Path, table: &str, key: &str) -> Vec<u8> {
+    let out = Command::new(bin("store-tool"))
+        .arg("get")
+        .arg(store)
+        .args([table, key])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Stores `value` offline as someone with disk access would (`store-tool put`).
+pub fn store_put(store: &Path, table: &str, key: &str, value: &[u8]) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), value).unwrap();
+    let out = Command::new(bin("store-tool"))
+        .arg("put")
+        .arg(store)
+        .args([table, key])
+        .arg(file.path())
         .output()
         .unwrap();
     assert!(

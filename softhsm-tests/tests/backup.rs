@@ -11,8 +11,8 @@
 )]
 
 use kms_proto::v1 as pb;
+use softhsm_tests::TestHsm;
 use softhsm_tests::pg::TestPostgres;
-use softhsm_tests::{TestHsm, start_unsealed};
 
 async fn encrypt(c: &mut softhsm_tests::KeysClient, key: &str, pt: &[u8]) -> Vec<u8> {
     softhsm_tests::encrypt_ctx(c, key, pt).await.unwrap()
@@ -25,11 +25,78 @@ async fn decrypt(c: &mut softhsm_tests::KeysClient, key: &str, ct: &[u8]) -> Vec
 /// Everything each restored server must decrypt: (key, plaintext, ciphertext).
 type Acknowledged = Vec<(String, Vec<u8>, Vec<u8>)>;
 
+/// What the backed-up server was: its instance, and the backup's last record and digest.
+struct Identity {
+    instance: String,
+    last_seq: u64,
+    sha256: String,
+}
+
+/// Rewrites a backup as whoever can write the backup storage could: the seal record's audit
+/// public key replaced by `python`'s own Ed25519 key, the digest and signature made again.
+/// Returns the forged file's text and the forger's fingerprint.
+fn forge(original: &str, dir: &std::path::Path) -> (String, String) {
+    let script = r#"
+import base64, hashlib, json, sys
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives import serialization
+lines = open(sys.argv[1], "rb").read().splitlines(keepends=True)
+key = Ed25519PrivateKey.generate()
+public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+body = []
+for line in lines[:-1]:
+    v = json.loads(line)
+    if v.get("table") == "system" and v.get("key") == "seal":
+        record = json.loads(base64.b64decode(v["value"]))
+        record["audit_public_key"] = public.hex()
+        v["value"] = base64.b64encode(json.dumps(record, separators=(",", ":")).encode()).decode()
+        line = (json.dumps(v, separators=(",", ":")) + "\n").encode()
+    body.append(line)
+digest = hashlib.sha256(b"".join(body)).hexdigest()
+fingerprint = hashlib.sha256(public).digest()[:16].hex()
+trailer = json.loads(lines[-1])
+trailer["sha256"] = digest
+trailer["key_fingerprint"] = fingerprint
+trailer["signature"] = key.sign(("kms/v1/backup/" + digest).encode()).hex()
+open(sys.argv[2], "wb").write(b"".join(body) + (json.dumps(trailer) + "\n").encode())
+print(fingerprint)
+"#;
+    let input = dir.join("to-forge.backup");
+    let output = dir.join("forged.backup");
+    std::fs::write(&input, original).unwrap();
+    let out = std::process::Command::new(softhsm_tests::python())
+        .args([
+            "-c",
+            script,
+            input.to_str().unwrap(),
+            output.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    (
+        std::fs::read_to_string(output).unwrap(),
+        String::from_utf8(out.stdout).unwrap().trim().to_owned(),
+    )
+}
+
+/// The highest audit sequence number a backup file holds.
+fn last_audit_seq(backup: &str) -> u64 {
+    backup
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["table"] == "audit")
+        .map(|v| v["key"].as_str().unwrap().parse::<u64>().unwrap())
+        .max()
+        .unwrap()
+}
+
 async fn check_restored(
     hsm: &TestHsm,
     config: &std::path::Path,
     shares: &[String],
     acked: &Acknowledged,
+    original: &Identity,
 ) {
     let server = hsm.try_start(config, &[]).unwrap();
     let status = server.kms(&["operator", "status", "--json"], "");
@@ -38,7 +105,55 @@ async fn check_restored(
         true,
         "a restored server comes up sealed: {status:?}"
     );
+    // It took an identity of its own at its start, and names the one it came from: it
+    // destroys nothing that one made (a restore drill on production's token).
+    let instance = status.json()["instance_id"].as_str().unwrap().to_owned();
+    assert_eq!(instance.len(), 16, "{status:?}");
+    assert_ne!(instance, original.instance, "{status:?}");
+    assert_eq!(
+        status.json()["restored_from_instance_ids"],
+        serde_json::json!([original.instance]),
+        "{status:?}"
+    );
     server.unseal_with(shares);
+    // The restore is the first record after the backup's last one, naming the backup; the
+    // new identity's record follows it.
+    let export = hsm.path().join(format!("restored-{instance}.jsonl"));
+    let out = server.kms_as(
+        Some(&server.auditor),
+        &["audit", "export", "--out", export.to_str().unwrap()],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&export)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("seq").is_some() && v.get("event").is_some())
+        .collect();
+    let at = |seq: u64| {
+        records
+            .iter()
+            .find(|r| r["seq"] == seq)
+            .unwrap_or_else(|| panic!("no record {seq}"))
+    };
+    let restored = at(original.last_seq + 1);
+    assert_eq!(
+        restored["event"]["operation"], "RestoreBackup",
+        "{restored}"
+    );
+    assert_eq!(
+        restored["event"]["ceremony"]["backup_sha256"],
+        original.sha256.as_str(),
+        "{restored}"
+    );
+    let renewed = at(original.last_seq + 2);
+    assert_eq!(renewed["event"]["operation"], "RenewInstance", "{renewed}");
+    assert_eq!(
+        renewed["event"]["ceremony"]["instance"],
+        instance.as_str(),
+        "{renewed}"
+    );
     let mut c = server.keys().await;
     for (key, pt, ct) in acked {
         assert_eq!(&decrypt(&mut c, key, ct).await, pt);
@@ -55,7 +170,22 @@ async fn a_backup_under_load_restores_into_either_backend() {
     let pg = TestPostgres::start();
     let hsm = TestHsm::new("kms-backup");
     let config = hsm.config();
-    let (server, shares) = start_unsealed(&hsm, &config);
+    let server = hsm.try_start(&config, &[]).unwrap();
+    let init = server.init(3, 2, "");
+    assert_eq!(init.code, Some(0), "{init:?}");
+    let (shares, fingerprint) = (
+        init.shares(),
+        init.json()["audit_key_fingerprint"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+    );
+    server.unseal_with(&shares);
+    let instance = server.kms(&["operator", "status", "--json"], "").json()["instance_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(instance.len(), 16, "init gives the instance an identity");
     server
         .create_aes_key("soft", pb::ProtectionLevel::Software)
         .await;
@@ -114,34 +244,97 @@ async fn a_backup_under_load_restores_into_either_backend() {
     // It holds no secret of the test in clear.
     let text = std::fs::read_to_string(&file).unwrap();
     assert!(!text.contains("secret 1") && !text.contains(&hsm.pin));
-    let check = softhsm_tests::run_kms(
-        "https://127.0.0.1:1",
-        &["backup", "check", "--in", file.to_str().unwrap()],
-        "",
+    let check = |input: &std::path::Path, pin: Option<&str>| {
+        let mut args = vec!["backup", "check", "--in", input.to_str().unwrap()];
+        args.extend(pin.map(|p| ["--public-key", p]).into_iter().flatten());
+        softhsm_tests::run_kms("https://127.0.0.1:1", &args, "")
+    };
+    // Pinned to the audit key recorded at init: intact and proven ours, exit 0.
+    let pinned = check(&file, Some(&fingerprint));
+    assert_eq!(pinned.code, Some(0), "{pinned:?}");
+    assert!(
+        pinned.stdout.contains("intact") && pinned.stdout.contains(&fingerprint),
+        "{pinned:?}"
     );
-    assert_eq!(check.code, Some(0), "{check:?}");
+    // Not pinned: the file can only vouch for itself, and says so, exit 4.
+    let alone = check(&file, None);
+    assert_eq!(alone.code, Some(4), "{alone:?}");
+    assert!(
+        alone.stdout.contains("NOT PINNED")
+            && alone
+                .stdout
+                .contains("checked only against the key it names itself"),
+        "{alone:?}"
+    );
+    let original = Identity {
+        instance,
+        last_seq: last_audit_seq(&text),
+        sha256: pinned
+            .stdout
+            .split("sha256 ")
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap()
+            .to_owned(),
+    };
     drop(server);
+
+    // A forged backup: the seal record's audit key replaced by the forger's, signed again.
+    // Alone it looks intact (and says it proves nothing); against the key we trust it is
+    // refused, and a restore of it writes nothing.
+    let (forged, forger) = forge(&text, hsm.path());
+    let forged_file = hsm.path().join("forged.backup");
+    assert_ne!(forger, fingerprint);
+    let alone = check(&forged_file, None);
+    assert_eq!(alone.code, Some(4), "{alone:?}");
+    assert!(alone.stdout.contains(&forger), "{alone:?}");
+    let refused = check(&forged_file, Some(&fingerprint));
+    assert_ne!(refused.code, Some(0), "{refused:?}");
+    assert!(
+        refused.stderr.contains("not by the audit key you trust"),
+        "{refused:?}"
+    );
+    assert!(forged.contains(&forger));
 
     // Into a fresh PostgreSQL database: the migration path from redb.
     let pg_config = hsm.config_full("pg.toml", &hsm.hsm_table(), &pg.storage_table());
-    let restore = |cfg: &std::path::Path, input: &std::path::Path| {
-        softhsm_tests::run_kms(
-            "https://127.0.0.1:1",
-            &[
-                "backup",
-                "restore",
-                "--in",
-                input.to_str().unwrap(),
-                "--config",
-                cfg.to_str().unwrap(),
-            ],
-            "",
-        )
+    let restore_as = |cfg: &std::path::Path, input: &std::path::Path, pin: Option<&str>| {
+        let mut args = vec![
+            "backup",
+            "restore",
+            "--in",
+            input.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ];
+        args.extend(pin.map(|p| ["--public-key", p]).into_iter().flatten());
+        softhsm_tests::run_kms("https://127.0.0.1:1", &args, "")
     };
+    let restore =
+        |cfg: &std::path::Path, input: &std::path::Path| restore_as(cfg, input, Some(&fingerprint));
+    // Without a key to trust, and with the forged file, nothing is restored.
+    let unpinned = restore_as(&pg_config, &file, None);
+    assert_eq!(unpinned.code, Some(4), "{unpinned:?}");
+    assert!(
+        unpinned.stdout.contains("nothing was restored"),
+        "{unpinned:?}"
+    );
+    let forged_restore = restore(&pg_config, &forged_file);
+    assert_ne!(forged_restore.code, Some(0), "{forged_restore:?}");
+    assert!(
+        forged_restore
+            .stderr
+            .contains("not by the audit key you trust"),
+        "{forged_restore:?}"
+    );
+    let rows = pg.sql_in("kms", "SELECT (SELECT count(*) FROM kms_system) + (SELECT count(*) FROM kms_keys) + (SELECT count(*) FROM kms_audit)");
+    assert_eq!(rows.trim(), "0", "a refused restore wrote nothing");
     let out = restore(&pg_config, &file);
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(out.stdout.contains("restored"), "{out:?}");
-    check_restored(&hsm, &pg_config, &shares, &acked).await;
+    check_restored(&hsm, &pg_config, &shares, &acked, &original).await;
     // A second restore into the same (now not empty) store is refused.
     let again = restore(&pg_config, &file);
     assert_ne!(again.code, Some(0));
@@ -159,7 +352,7 @@ async fn a_backup_under_load_restores_into_either_backend() {
     );
     let out = restore(&redb_config, &file);
     assert_eq!(out.code, Some(0), "{out:?}");
-    check_restored(&hsm, &redb_config, &shares, &acked).await;
+    check_restored(&hsm, &redb_config, &shares, &acked, &original).await;
 
     // A damaged file is refused whole, and nothing is written.
     let fresh = pg.new_database("kms_damaged");

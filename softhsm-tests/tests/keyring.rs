@@ -1449,15 +1449,24 @@ async fn an_orphan_hsm_object_is_never_used_and_is_swept() {
     assert_eq!(labels.len(), 1, "{labels:?}");
     let v1 = labels[0].clone();
     let base = v1.strip_suffix("/1").unwrap().to_owned();
-    // What a crash would have left: objects with the labels versions 2 and 3 will take.
-    for v in [2, 3] {
-        let out = hsm.tool(&["orphan"], &[&format!("{base}/{v}")]);
+    // What a crash would have left: objects with the labels versions 2 and 3 will take,
+    // made by this instance (its identity in their CKA_ID, as every object kms makes); and
+    // one for version 2 with no CKA_ID, which no kms made and none destroys.
+    let instance = server.kms(&["operator", "status", "--json"], "").json()["instance_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (v, random) in [(2, "01"), (3, "02")] {
+        let id = format!("6b6d7331{instance}{}", random.repeat(16));
+        let out = hsm.tool(&["orphan-id"], &[&format!("{base}/{v}"), &id]);
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    let out = hsm.tool(&["orphan"], &[&format!("{base}/2")]);
+    assert!(out.status.success());
     c.rotate_key(pb::RotateKeyRequest {
         name: "vault".into(),
     })
@@ -1477,7 +1486,8 @@ async fn an_orphan_hsm_object_is_never_used_and_is_swept() {
         let (pt, v) = decrypt(&mut c, "vault", &ct, AAD).await.unwrap();
         assert_eq!((pt.as_slice(), v), (PLAINTEXT, 2));
     }
-    assert_eq!(hsm.labels(&format!("{base}/2")).len(), 1);
+    // Version 2's own object, and the one without an id (never kms's to destroy).
+    assert_eq!(hsm.labels(&format!("{base}/2")).len(), 2);
     assert_eq!(hsm.labels(&format!("{base}/3")).len(), 1);
     let logs = hsm.logs();
     assert!(logs.contains("destroyed an orphan HSM object"), "{logs}");

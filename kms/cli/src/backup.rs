@@ -32,13 +32,35 @@ pub enum BackupCommand {
         /// The server's configuration (its `[storage]` table names the target).
         #[arg(long, short)]
         config: PathBuf,
+        /// The audit key you trust: its fingerprint, as `kms operator init` printed it (or
+        /// the public key in hex). A file signed by another key is refused; without this,
+        /// nothing is restored.
+        #[arg(long, value_name = "FINGERPRINT")]
+        public_key: Option<String>,
     },
-    /// Check a backup file without restoring it.
+    /// Check a backup file without restoring it. With --public-key, exit 0 only if the file
+    /// is intact and signed by that key; without it, the file can be checked only against
+    /// the key it names itself, which proves nothing of its origin: exit 4.
     Check {
         /// The backup file.
         #[arg(long = "in", value_name = "FILE")]
         input: PathBuf,
+        /// The audit key you trust: its fingerprint (or the public key in hex).
+        #[arg(long, value_name = "FINGERPRINT")]
+        public_key: Option<String>,
     },
+}
+
+/// Exit code of a check that could not prove a file's origin (as `kms audit verify`'s
+/// NOT ANCHORED).
+const NOT_PINNED: u8 = 4;
+
+/// What a check or restore without a trusted key says.
+fn unpinned(checked: &kms::backup::Checked) -> String {
+    format!(
+        "NOT PINNED: the file is intact as far as it alone can tell, but it was checked only against the key it names itself ({}), which whoever could write the file could have replaced: pass --public-key with the audit key fingerprint recorded at init",
+        checked.key_fingerprint
+    )
 }
 
 /// Runs `kms backup ...`. `connect` is called only by `create`.
@@ -49,31 +71,55 @@ where
 {
     match command {
         BackupCommand::Create { out } => create(connect().await?, &out).await,
-        BackupCommand::Restore { input, config } => {
+        BackupCommand::Restore {
+            input,
+            config,
+            public_key,
+        } => {
+            let Some(trusted) = public_key else {
+                // Say what the file is, and restore nothing.
+                let checked =
+                    tokio::task::spawn_blocking(move || kms::backup::check(&input, None)).await??;
+                println!("{}; nothing was restored", unpinned(&checked));
+                return Ok(ExitCode::from(NOT_PINNED));
+            };
             let config = kms::config::Config::load(&config)?;
             let store = config.storage.open()?;
             let done =
-                tokio::task::spawn_blocking(move || kms::backup::restore(&input, store.as_ref()))
+                tokio::task::spawn_blocking(move || kms::backup::restore(&input, store, &trusted))
                     .await??;
             println!(
-                "restored {} entries (backup of {} by {}, sha256 {}); start the server and unseal it",
+                "restored {} entries (backup of {} by {}, sha256 {}, signed by the audit key {}); start the server and unseal it: it takes an instance identity of its own (docs/operations.md)",
                 done.entries,
                 crate::audit::rfc3339(done.created_unix_ms),
                 done.server,
-                done.sha256
+                done.sha256,
+                done.key_fingerprint
             );
             Ok(ExitCode::SUCCESS)
         }
-        BackupCommand::Check { input } => {
-            let done = tokio::task::spawn_blocking(move || kms::backup::check(&input)).await??;
-            println!(
-                "intact: {} entries, made {} by {}, sha256 {}",
+        BackupCommand::Check { input, public_key } => {
+            let done = tokio::task::spawn_blocking(move || {
+                kms::backup::check(&input, public_key.as_deref())
+            })
+            .await??;
+            let what = format!(
+                "{} entries, made {} by {}, sha256 {}",
                 done.entries,
                 crate::audit::rfc3339(done.created_unix_ms),
                 done.server,
                 done.sha256
             );
-            Ok(ExitCode::SUCCESS)
+            if done.pinned {
+                println!(
+                    "intact: {what}, signed by the audit key you trust ({})",
+                    done.key_fingerprint
+                );
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("{}: {what}", unpinned(&done));
+                Ok(ExitCode::from(NOT_PINNED))
+            }
         }
     }
 }
@@ -106,7 +152,8 @@ async fn create(channel: Channel, out: &Path) -> Result<ExitCode, BoxError> {
         let file = w.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         let path = partial.clone();
-        let checked = tokio::task::spawn_blocking(move || kms::backup::check(&path)).await??;
+        let checked =
+            tokio::task::spawn_blocking(move || kms::backup::check(&path, None)).await??;
         Ok::<_, BoxError>(checked)
     }
     .await;
@@ -119,10 +166,11 @@ async fn create(channel: Channel, out: &Path) -> Result<ExitCode, BoxError> {
     };
     std::fs::rename(&partial, out)?;
     println!(
-        "backup written to {}: {} entries, sha256 {}",
+        "backup written to {}: {} entries, sha256 {}, signed by the audit key {} (check it against the fingerprint recorded at init: kms backup check --in FILE --public-key FINGERPRINT)",
         out.display(),
         checked.entries,
-        checked.sha256
+        checked.sha256,
+        checked.key_fingerprint
     );
     Ok(ExitCode::SUCCESS)
 }

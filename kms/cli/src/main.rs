@@ -176,6 +176,10 @@ enum OperatorCommand {
         #[arg(long, value_name = "LABEL")]
         adopt_label: Option<String>,
     },
+    /// A copy restored from a backup takes over the HSM objects of the instance it was
+    /// restored from (admin, unsealed): only after a disaster, once that instance is gone
+    /// for good. Until then the copy destroys nothing that instance made (docs/operations.md).
+    TakeOver,
     /// Prove your share is intact and current, without unsealing (hidden prompt, or one
     /// share per line on standard input). Audited; failures count against the unseal limit.
     VerifyShare,
@@ -411,10 +415,28 @@ async fn operator(conn: Conn, command: OperatorCommand) -> Result<ExitCode, BoxE
                 );
             } else {
                 println!(
-                    "The previous master key {} (id {}) could not be destroyed now: the server destroys it at its next start.",
+                    "The previous master key {} (id {}) was not destroyed: the server destroys it at its next start if this instance made it; if it did not (a key adopted from the HSM's administrators, or made by the instance this copy was restored from), destroying it is for its owner (the server's log says which).",
                     r.previous_master_key_label, r.previous_master_key_id
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        OperatorCommand::TakeOver => {
+            let r = client.take_over(pb::TakeOverRequest {}).answer().await?;
+            println!(
+                "Instance {} now owns the HSM objects of {}{}: it destroys them as its schedule says from now on.",
+                r.instance_id,
+                if r.adopted_instance_ids.is_empty() {
+                    "no other instance".to_owned()
+                } else {
+                    format!("instance(s) {}", r.adopted_instance_ids.join(", "))
+                },
+                if r.owns_untagged {
+                    ", and those made before objects named their instance"
+                } else {
+                    ""
+                }
+            );
             Ok(ExitCode::SUCCESS)
         }
         OperatorCommand::Unseal { reset: true, .. } => {

@@ -133,6 +133,8 @@ pub fn print_status(s: &pb::SealStatus, json: bool) -> Result<(), BoxError> {
             "hsm_pin_in_shares": s.hsm_pin_in_shares,
             "server": s.server,
             "hsm_available": s.hsm_available,
+            "instance_id": s.instance_id,
+            "restored_from_instance_ids": s.restored_from_instance_ids,
         });
         writeln!(out, "{v}")?;
         return Ok(());
@@ -157,6 +159,16 @@ pub fn print_status(s: &pb::SealStatus, json: bool) -> Result<(), BoxError> {
         writeln!(
             out,
             "HSM              UNAVAILABLE (the server reconnects every second by itself)"
+        )?;
+    }
+    if !s.instance_id.is_empty() {
+        writeln!(out, "Instance         {}", s.instance_id)?;
+    }
+    if !s.restored_from_instance_ids.is_empty() {
+        writeln!(
+            out,
+            "Restored from    {} (destroys nothing they made until `kms operator take-over`)",
+            s.restored_from_instance_ids.join(", ")
         )?;
     }
     writeln!(out, "Version          {}", s.version)?;

@@ -136,6 +136,13 @@ pub struct CeremonySummary {
     /// A master key rotation's new key: `label/CKA_ID (hex)`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub master_key: String,
+    /// The instance identity (hex) a restored copy took, an upgrade gave, or a take-over
+    /// kept.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub instance: String,
+    /// A restore's backup: its SHA-256 (hex), as the backup's trailer names it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backup_sha256: String,
 }
 
 /// Records archived to a segment file and removed from the store, named in the record of

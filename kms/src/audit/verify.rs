@@ -240,7 +240,7 @@ pub fn verify_export(text: &str, trusted: Option<&str>) -> Result<ExportVerdict,
 
 /// The fingerprint `--public-key` names: given as one (32 hex digits), or as the hex
 /// public key itself (64 hex digits).
-fn trusted_fingerprint(trusted: &str) -> Result<String, ExportError> {
+pub(crate) fn trusted_fingerprint(trusted: &str) -> Result<String, ExportError> {
     let trusted = trusted.trim().to_ascii_lowercase();
     match trusted.len() {
         64 => data_encoding::HEXLOWER

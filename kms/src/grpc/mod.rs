@@ -109,6 +109,7 @@ fn seal_code(e: &SealError) -> Code {
         | SealError::RekeyInProgress(_)
         | SealError::RecordChanged
         | SealError::NoCommitments
+        | SealError::NothingToTakeOver
         | SealError::SameMasterKey => Code::FailedPrecondition,
         SealError::BadParameters(_)
         | SealError::MalformedShare(_)
@@ -125,7 +126,10 @@ fn seal_code(e: &SealError) -> Code {
         | SealError::RecipientCount { .. }
         | SealError::BadRecipient { .. }
         | SealError::BadLabel => Code::InvalidArgument,
-        SealError::RootKeyUnwrap | SealError::CorruptRecord => Code::DataLoss,
+        SealError::RootKeyUnwrap
+        | SealError::CorruptRecord
+        | SealError::RecordNotAuthentic
+        | SealError::RecordKeyMissing(_) => Code::DataLoss,
         SealError::Keyring(k) => keyring_code(k),
         SealError::Hsm(_)
         | SealError::Store(_)

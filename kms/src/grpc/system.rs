@@ -26,6 +26,8 @@ fn counts_as_failed_share(e: &SealError) -> bool {
             | SealError::AuditKeyMissing(_)
             | SealError::ShareSealing
             | SealError::RecordChanged
+            | SealError::RecordNotAuthentic
+            | SealError::RecordKeyMissing(_)
     )
 }
 
@@ -334,6 +336,27 @@ impl pb::system_server::System for SystemService {
         .await
     }
 
+    async fn take_over(
+        &self,
+        request: Request<pb::TakeOverRequest>,
+    ) -> Result<Response<pb::TakeOverResponse>, Status> {
+        let call = self.call(&request, "TakeOver");
+        let seal = Arc::clone(&self.ctx.seal);
+        run(call, move |c| {
+            let commit = |summary, writes| {
+                c.commit(None, 0, None, Some(summary), writes)
+                    .map_err(|_| SealError::AuditUnavailable)
+            };
+            let done = seal.take_over(&commit)?;
+            Ok(Served::new(pb::TakeOverResponse {
+                instance_id: done.instance,
+                adopted_instance_ids: done.adopted,
+                owns_untagged: done.untagged,
+            }))
+        })
+        .await
+    }
+
     /// Seals. The one call whose effect stands even when its record cannot be written:
     /// sealing only takes capability away, and an operator must be able to stop a server
     /// whose audit log is failing. The answer is then `UNAVAILABLE`, but the server is
@@ -360,6 +383,8 @@ impl pb::system_server::System for SystemService {
             if c.identity().principal == crate::policy::ANONYMOUS {
                 status.server.clear();
                 status.rekey = None;
+                status.instance_id.clear();
+                status.restored_from_instance_ids.clear();
             }
             Ok(Served::new(status))
         })

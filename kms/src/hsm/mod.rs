@@ -40,9 +40,11 @@ use zeroize::Zeroizing;
 
 pub(crate) mod oaep;
 mod objects;
+mod owner;
 mod recover;
 
 pub use objects::{HsmKeyKind, MasterKeyAttributes, RsaScheme, TokenObject};
+pub use owner::{InstanceId, Ownership};
 
 /// The AES-GCM IV length we use and enforce (SoftHSM does not check it).
 pub(crate) const GCM_IV_LEN: usize = 12;
@@ -147,6 +149,18 @@ pub enum HsmError {
         "the HSM came back, but this server keeps its HSM PIN in the unseal shares and cannot log in again by itself: seal and unseal it"
     )]
     NeedsUnseal,
+    /// The object was not made by this kms instance (another instance sharing the token,
+    /// such as a copy restored from a backup, made it; or it was made outside kms): kms
+    /// destroys only what it made.
+    #[error(
+        "the HSM object {label:?} was not made by this kms instance ({maker}): kms destroys only its own objects (see `kms operator take-over`)"
+    )]
+    NotOurs {
+        /// The object's CKA_LABEL.
+        label: String,
+        /// Who made it, as its CKA_ID says.
+        maker: String,
+    },
     /// Bad arguments from our own code (a bug, not caller input).
     #[error("invalid HSM request: {0}")]
     Misuse(&'static str),
@@ -183,6 +197,8 @@ pub struct Hsm {
     /// Whether the module refused CKM_RSA_PKCS_OAEP with SHA-256, so that kms removes the
     /// padding itself (see [`Hsm::rsa_oaep_decrypt`]).
     oaep_in_kms: std::sync::atomic::AtomicBool,
+    /// What this instance may destroy, and the identity its new objects carry.
+    owner: std::sync::RwLock<Ownership>,
     slot: Mutex<Slot>,
     token_label: String,
     master_key_label: String,
@@ -244,6 +260,7 @@ impl Hsm {
             logged_in: std::sync::atomic::AtomicBool::new(false),
             unconfirmed: Mutex::new(HashSet::new()),
             oaep_in_kms: std::sync::atomic::AtomicBool::new(false),
+            owner: std::sync::RwLock::new(Ownership::default()),
             slot: Mutex::new(slot),
             token_label: config.token_label.clone(),
             master_key_label: config.master_key_label.clone(),
@@ -304,6 +321,12 @@ impl Hsm {
             Ok(()) | Err(cryptoki::error::Error::Pkcs11(RvError::UserNotLoggedIn, _)) => Ok(()),
             Err(e) => Err(pk("log out")(e)),
         })
+    }
+
+    /// Whether the application is logged in (with the PIN in the shares: only while
+    /// unsealed, or during a ceremony that brought a quorum).
+    pub(crate) fn is_logged_in(&self) -> bool {
+        self.logged_in.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The token's label.
@@ -441,11 +464,9 @@ impl Hsm {
         self.generate_master_key_labelled(&label)
     }
 
-    /// A new master key labelled `label`, with a fresh random CKA_ID.
+    /// A new master key labelled `label`, with a fresh CKA_ID of this instance.
     pub(crate) fn generate_master_key_labelled(&self, label: &str) -> Result<KeyHandle, HsmError> {
-        let mut id = [0u8; 16];
-        getrandom::fill(&mut id)
-            .map_err(|_| HsmError::Misuse("operating system random source failed"))?;
+        let id = self.new_object_id()?;
         self.generate_key(HsmKeyKind::Aes256, label, &id)
             .map(|(key, _)| key)
     }

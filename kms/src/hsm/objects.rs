@@ -272,7 +272,10 @@ impl Hsm {
         if let Some(h) = self.find_key(kind, label, id)?
             && let Err(e) = self.destroy(h)
         {
-            unconfirmed().insert(entry);
+            // Refused before the token was asked: nothing to distrust.
+            if !matches!(e, HsmError::NotOurs { .. }) {
+                unconfirmed().insert(entry);
+            }
             return Err(e);
         }
         if self.find_key(kind, label, id)?.is_some() {
@@ -283,12 +286,46 @@ impl Hsm {
         Ok(())
     }
 
-    /// Destroys a key object: its material is gone from the token for good.
+    /// Destroys a key object: its material is gone from the token for good. Only an object
+    /// this instance made (its CKA_ID, read from the token now, says so; see `owner.rs`):
+    /// any other is refused with [`HsmError::NotOurs`] and left as it is.
     pub fn destroy(&self, key: KeyHandle) -> Result<(), HsmError> {
+        let ownership = self.ownership();
         self.with_session("destroy", |s| {
-            s.destroy_object(self.handle(key)?)
-                .map_err(pk("destroy a key"))
+            let handle = self.handle(key)?;
+            let (label, id) = label_and_id(s, handle)?;
+            if !ownership.owns(&id) {
+                return Err(HsmError::NotOurs {
+                    maker: match owner::maker(&id) {
+                        owner::Maker::Instance(i) => format!("made by kms instance {i}"),
+                        owner::Maker::Untagged => {
+                            "made before this instance, or outside kms".to_owned()
+                        }
+                        owner::Maker::Nobody => "it has no CKA_ID".to_owned(),
+                    },
+                    label,
+                });
+            }
+            s.destroy_object(handle).map_err(pk("destroy a key"))
         })
+    }
+
+    /// What this instance may destroy (see `owner.rs`).
+    pub(crate) fn ownership(&self) -> Ownership {
+        self.owner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sets this instance's identity and what it owns (from the authenticated seal record).
+    pub(crate) fn set_ownership(&self, ownership: Ownership) {
+        *self.owner.write().unwrap_or_else(|p| p.into_inner()) = ownership;
+    }
+
+    /// A fresh CKA_ID for an object this instance makes: the marker, the instance, 16
+    /// random bytes.
+    pub(crate) fn new_object_id(&self) -> Result<Vec<u8>, HsmError> {
+        self.ownership().new_object_id().ok_or(HsmError::Misuse(
+            "no instance identity yet, or the random source failed",
+        ))
     }
 
     /// Reads the master key's security attributes, as the token reports them.
@@ -447,6 +484,23 @@ impl MasterKeyAttributes {
 /// Attributes every keyring key has: a private token object that never leaves, with a
 /// random CKA_ID that tells it apart from any other object with its label (one left by a
 /// crash before its version was committed, say).
+/// An object's CKA_LABEL (lossy UTF-8) and CKA_ID (empty when it has none), as the token
+/// reports them.
+fn label_and_id(s: &Session, h: ObjectHandle) -> Result<(String, Vec<u8>), HsmError> {
+    let attrs = s
+        .get_attributes(h, &[AttributeType::Label, AttributeType::Id])
+        .map_err(pk("read an object's label and id"))?;
+    let (mut label, mut id) = (Vec::new(), Vec::new());
+    for a in attrs {
+        match a {
+            Attribute::Label(l) => label = l,
+            Attribute::Id(i) => id = i,
+            _ => {}
+        }
+    }
+    Ok((String::from_utf8_lossy(&label).into_owned(), id))
+}
+
 fn base_template(label: &str, id: &[u8]) -> Vec<Attribute> {
     vec![
         Attribute::Id(id.to_vec()),

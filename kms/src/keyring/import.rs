@@ -91,7 +91,7 @@ impl Keyring {
         let seen = self.fetch(name)?;
         Self::check_external(&seen.meta)?;
         let job_id = random::<16>()?;
-        let label = format!("kms-import/{}/{}", seen.meta.key_id, hex(&job_id));
+        let label = format!("{IMPORT_LABEL_PREFIX}{}/{}", seen.meta.key_id, hex(&job_id));
         let wrapping = HsmObject::generate(&self.hsm, WRAPPING_ALGORITHM, label)?;
         let pem = match wrapping
             .public()
@@ -211,7 +211,7 @@ impl Keyring {
             Protection::Hsm => {
                 let kind = hsm_kind(algorithm);
                 let label = hsm_label(&meta.key_id, version);
-                let id = random::<16>()?;
+                let id = self.hsm.new_object_id()?;
                 let refused = |e: crate::hsm::HsmError| match e {
                     crate::hsm::HsmError::DecryptFailed if kind == HsmKeyKind::Ed25519 => bad(
                         "the wrapped material does not unwrap with these import parameters, or this HSM module cannot unwrap an Ed25519 key (SoftHSM 2.6 cannot): import it into a SOFTWARE key",

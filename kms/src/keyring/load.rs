@@ -138,8 +138,15 @@ impl Keyring {
             .values()
             .map(|e| (e.meta.key_id.as_str(), &e.meta))
             .collect();
-        let (mut swept, mut pending, mut unknown) = (0usize, 0usize, 0usize);
+        let ownership = self.hsm.ownership();
+        let (mut swept, mut pending, mut unknown, mut others) = (0usize, 0usize, 0usize, 0usize);
         for object in objects {
+            // Another instance's objects (production's, seen from a restored copy on the
+            // same token) are never this one's to sweep, whatever its records say.
+            if !ownership.owns(&object.id) {
+                others += 1;
+                continue;
+            }
             let Some((key_id, version)) = object
                 .label
                 .strip_prefix(HSM_LABEL_PREFIX)
@@ -189,6 +196,12 @@ impl Keyring {
         }
         if swept > 0 {
             tracing::info!(swept, "orphan HSM objects swept");
+        }
+        if others > 0 {
+            tracing::info!(
+                others,
+                "keyring objects in the token made by another kms instance (or before this one took an identity): never swept by this one"
+            );
         }
     }
 

@@ -193,7 +193,10 @@ pub(crate) const fn hsm_kind(a: Algorithm) -> HsmKeyKind {
 }
 
 /// The prefix of the label of every keyring object kms makes in the token.
-const HSM_LABEL_PREFIX: &str = "kms/";
+pub(crate) const HSM_LABEL_PREFIX: &str = "kms/";
+
+/// The prefix of the label of an import job's wrapping key: `kms-import/KEY_ID/JOB_ID`.
+pub(crate) const IMPORT_LABEL_PREFIX: &str = "kms-import/";
 
 /// The token label of an HSM key's version: `kms/KEY_ID/VERSION`.
 fn hsm_label(key_id: &str, version: u32) -> String {

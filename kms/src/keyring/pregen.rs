@@ -17,7 +17,7 @@ use super::*;
 pub(super) struct HsmObject<'h> {
     hsm: &'h Hsm,
     label: String,
-    id: [u8; 16],
+    id: Vec<u8>,
     handle: Option<KeyHandle>,
     public: Option<Vec<u8>>,
 }
@@ -30,7 +30,7 @@ impl<'h> HsmObject<'h> {
         algorithm: Algorithm,
         label: String,
     ) -> Result<Self, KeyringError> {
-        let id = random::<16>()?;
+        let id = hsm.new_object_id()?;
         let (handle, public) = hsm.generate_key(hsm_kind(algorithm), &label, &id)?;
         let object = HsmObject {
             hsm,
@@ -55,7 +55,7 @@ impl<'h> HsmObject<'h> {
     }
 
     /// Its CKA_ID.
-    pub(super) fn id(&self) -> &[u8; 16] {
+    pub(super) fn id(&self) -> &[u8] {
         &self.id
     }
 

@@ -7,6 +7,7 @@ use super::*;
 #[derive(Clone, Copy)]
 struct SealMaterial<'a> {
     master_key: KeyHandle,
+    record_key: KeyHandle,
     set: ShareSetId,
     unseal_key: &'a [u8; KEY_LEN],
     root_key: &'a [u8; KEY_LEN],
@@ -69,9 +70,39 @@ impl SealManager {
         recipients: &[age::x25519::Recipient],
         commit: &InitCommit<'_>,
     ) -> Result<InitOutput, SealError> {
-        let master_key = self.hsm.find_or_generate_master_key()?;
-        check_master_key(&self.hsm, master_key, self.hsm.master_key_label())?;
-        self.init_records(inner, master_key, n, t, pin, recipients, commit)
+        // This instance's identity: every object it makes carries it.
+        let instance = InstanceId::random().ok_or(SealError::Randomness)?;
+        self.hsm.set_ownership(Ownership {
+            instance: Some(instance),
+            ..Ownership::default()
+        });
+        let result = self
+            .hsm
+            .find_or_generate_master_key()
+            .map_err(SealError::from)
+            .and_then(|master_key| {
+                check_master_key(&self.hsm, master_key, self.hsm.master_key_label())?;
+                self.init_records(inner, master_key, n, t, pin, recipients, commit)
+            });
+        if result.is_err() {
+            self.hsm.set_ownership(Ownership::default());
+        }
+        result
+    }
+
+    /// The seal record key (see `record.rs`): the token's, if an earlier init on it made
+    /// one (a store emptied to start over), else a new one; and whether it is new.
+    fn record_key(&self) -> Result<(KeyHandle, bool), SealError> {
+        if let Some(key) = record::find_record_key(&self.hsm)? {
+            return Ok((key, false));
+        }
+        let id = self.hsm.new_object_id()?;
+        let (key, _) = self.hsm.generate_key(
+            HsmKeyKind::HmacSha256,
+            &record::record_key_label(&self.hsm),
+            &id,
+        )?;
+        Ok((key, true))
     }
 
     /// Makes the audit checkpoint key of the share set `set`, labelled with the set's id so
@@ -81,9 +112,8 @@ impl SealManager {
         set: ShareSetId,
     ) -> Result<(KeyHandle, Vec<u8>, String), SealError> {
         let label = format!("{}-audit-{set}", self.hsm.master_key_label());
-        let (key, public) = self
-            .hsm
-            .generate_key(HsmKeyKind::Ed25519, &label, set.as_bytes())?;
+        let id = self.hsm.new_object_id()?;
+        let (key, public) = self.hsm.generate_key(HsmKeyKind::Ed25519, &label, &id)?;
         match public {
             Some(public) => Ok((key, public, label)),
             None => {
@@ -115,8 +145,18 @@ impl SealManager {
         secret.extend_from_slice(unseal_key.as_slice());
         secret.extend_from_slice(pin_bytes);
         let (set, split) = kms_unseal::split(&secret, u32::from(n), u32::from(t))?;
-        let (audit_key, audit_public, audit_key_label) = self.generate_audit_key(set)?;
+        let (record_key, record_key_new) = self.record_key()?;
+        let (audit_key, audit_public, audit_key_label) = match self.generate_audit_key(set) {
+            Ok(made) => made,
+            Err(e) => {
+                if record_key_new {
+                    let _ = self.hsm.destroy(record_key);
+                }
+                return Err(e);
+            }
+        };
         let sealed = SealMaterial {
+            record_key,
             master_key,
             set,
             unseal_key: &unseal_key,
@@ -137,8 +177,11 @@ impl SealManager {
         match &result {
             Ok(_) => self.audit.signer().set(Some((audit_key, audit_public))),
             Err(_) => {
-                // This init's own key, by handle: nothing else is touched.
+                // This init's own keys, by handle: nothing else is touched.
                 let _ = self.hsm.destroy(audit_key);
+                if record_key_new {
+                    let _ = self.hsm.destroy(record_key);
+                }
             }
         }
         result
@@ -159,6 +202,7 @@ impl SealManager {
     ) -> Result<InitOutput, SealError> {
         let SealMaterial {
             master_key,
+            record_key,
             set,
             unseal_key,
             root_key,
@@ -189,6 +233,11 @@ impl SealManager {
                 .filter(|id| !id.is_empty())
                 .map(|id| data_encoding::HEXLOWER.encode(&id)),
             retired_master_keys: Vec::new(),
+            instance: self.hsm.ownership().instance.map(|i| i.to_string()),
+            owns_untagged: false,
+            adopted_instances: Vec::new(),
+            restored_from: None,
+            mac: None,
         };
         // Prove the round trip through the HSM before anything is stored, so a broken HSM
         // set-up fails init instead of leaving an unrecoverable store.
@@ -196,6 +245,7 @@ impl SealManager {
         if back.0.as_slice().ct_eq(root_key.as_slice()).unwrap_u8() != 1 {
             return Err(SealError::RootKeyUnwrap);
         }
+        let record = record::sign(&self.hsm, record_key, record)?;
         let bytes = serde_json::to_vec(&record).map_err(|_| SealError::CorruptRecord)?;
         // The state lock is held and the state is Uninitialized, and the seal record is
         // what makes it anything else: no other init of this server can be writing it. On
@@ -221,6 +271,7 @@ impl SealManager {
             }],
         )?;
         inner.record = Some(record);
+        inner.authentic = true;
         inner.master_key = Some(master_key);
         inner.state = State::Sealed(None);
         Ok(output)

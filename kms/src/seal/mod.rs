@@ -36,17 +36,19 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use crate::audit::AuditLog;
-use crate::hsm::{Hsm, HsmError, HsmKeyKind, KeyHandle};
+use crate::hsm::{Hsm, HsmError, HsmKeyKind, InstanceId, KeyHandle, Ownership};
 use crate::keyring::{Keyring, KeyringError, Settings as KeyringSettings};
 use crate::store::{Store, StoreError, Table, Write};
 
 mod init;
 mod recipients;
+mod record;
 mod rekey;
 mod rotate;
 mod unseal;
 mod wrap;
 
+pub use record::TakeOver;
 pub use rekey::{RekeyStep, VerifiedShare};
 pub use rotate::MasterKeyRotation;
 use wrap::{key_check, random_key, random_nonce, to_key, unwrap_root, wrap_root};
@@ -198,6 +200,22 @@ pub enum SealError {
     /// The stored seal record is unreadable.
     #[error("the stored seal record is corrupt or of an unknown schema")]
     CorruptRecord,
+    /// The stored seal record does not carry the HSM's MAC over what it says: someone who
+    /// can write the store altered it (or stripped its MAC), or it is another deployment's.
+    #[error(
+        "the stored seal record failed authentication with the seal record key in the HSM: the store was altered, or holds another deployment's record; nothing was done with it (put back the record kms wrote, e.g. from a backup)"
+    )]
+    RecordNotAuthentic,
+    /// The seal record carries a MAC, but the token holds no seal record key.
+    #[error(
+        "the seal record is authenticated with an HSM key labelled {0:?}, which is not in the token: is this the token the store was initialised with?"
+    )]
+    RecordKeyMissing(String),
+    /// `take-over` on an instance that was not restored from a backup, or took over already.
+    #[error(
+        "this instance was not restored from a backup, or took over its predecessor's objects already: there is nothing to take over"
+    )]
+    NothingToTakeOver,
     /// The HSM master key is not a sensitive, non-extractable, private token key that
     /// derives and wraps nothing.
     #[error("the HSM master key {label:?} is unsafe ({problems}): refusing to use it")]
@@ -313,6 +331,42 @@ pub(crate) struct SealRecord {
     /// if a crash came between.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retired_master_keys: Vec<RetiredMasterKey>,
+    /// This instance's identity (hex, [`InstanceId`]): made at init, new in a copy restored
+    /// from a backup. The objects it makes carry it in their CKA_ID. Absent in records made
+    /// before instances (they take one at their first unseal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// Whether the objects made before CKA_IDs named their instance are this instance's
+    /// (true for the instance upgraded in place, never for a restored copy).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub owns_untagged: bool,
+    /// Instances whose objects this one took over (`kms operator take-over`), hex.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adopted_instances: Vec<String>,
+    /// A restored copy's predecessor, whose objects it may take over once the operator says
+    /// the predecessor is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<Predecessor>,
+    /// HMAC-SHA256, made in the HSM with the seal record key, over the record without this
+    /// field (hex; see `record.rs`). Absent only in records made before records were
+    /// authenticated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// What a copy restored from a backup may take over: the objects of the instance it was
+/// restored from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Predecessor {
+    /// The instance the backup was taken from, and the instances it had taken over (hex).
+    pub instances: Vec<String>,
+    /// Whether it owned untagged objects.
+    pub untagged: bool,
+    /// The backup's SHA-256 (hex), as its trailer names it.
+    pub backup_sha256: String,
+    /// Unix time at which this copy took its own identity, seconds.
+    pub renewed_at: u64,
 }
 
 /// A master key a rotation replaced.
@@ -422,6 +476,10 @@ pub struct SealStatus {
     /// Whether the HSM answers (false from a session or handle failure until the server has
     /// recovered).
     pub hsm_available: bool,
+    /// This instance's identity (hex), once its record names one.
+    pub instance: Option<String>,
+    /// A restored copy's predecessors, whose objects `take-over` would adopt (hex).
+    pub restored_from: Vec<String>,
 }
 
 /// A rekey's progress, as `Status` reports it.
@@ -495,6 +553,9 @@ enum State {
 struct Inner {
     state: State,
     record: Option<SealRecord>,
+    /// Whether `record` was authenticated with the HSM in this process (with the PIN in the
+    /// shares it cannot be before the first unseal), or is one this process wrote.
+    authentic: bool,
     master_key: Option<KeyHandle>,
     /// A rekey collecting current shares (in memory: a restart forgets it, and the current
     /// shares stay valid).
@@ -533,8 +594,8 @@ impl SealManager {
         settings: KeyringSettings,
     ) -> Result<Self, SealError> {
         let record = read_record(store.as_ref())?;
-        let (state, master_key) = sealed_state(&hsm, &audit, record.as_ref())?;
-        Ok(Self {
+        let (state, master_key, authentic) = sealed_state(&hsm, &audit, record.as_ref())?;
+        let manager = Self {
             hsm,
             store,
             audit,
@@ -544,11 +605,19 @@ impl SealManager {
             inner: Mutex::new(Inner {
                 state,
                 record,
+                authentic,
                 master_key,
                 rekey: None,
                 verifying: None,
             }),
-        })
+        };
+        if authentic {
+            // Logged in with the configured PIN: a restored copy takes its identity, and
+            // master keys a crash left retired are destroyed, before anything is served.
+            let mut inner = manager.lock();
+            manager.settle_record(&mut inner, false)?;
+        }
+        Ok(manager)
     }
 
     /// Publishes the keyring (or its absence) to [`SealManager::keyring`].
@@ -618,11 +687,32 @@ impl SealManager {
             return Ok(());
         };
         if !matches!(inner.state, State::Uninitialized) {
+            if inner
+                .record
+                .as_ref()
+                .is_some_and(|r| r.mac == record.mac && r.mac.is_some())
+            {
+                return Ok(());
+            }
+            // Nothing another server wrote is taken up unauthenticated while this one can
+            // check it (logged in); sealed with the PIN in the shares, it is checked at the
+            // unseal.
+            let logged_in = inner.master_key.is_some();
+            let authentic = if logged_in {
+                let authentic = record::authenticate(&self.hsm, &record)?;
+                if authentic == record::Authenticity::Authentic {
+                    self.hsm.set_ownership(record.ownership()?);
+                }
+                authentic == record::Authenticity::Authentic
+            } else {
+                false
+            };
             let rotated = inner.record.as_ref().is_some_and(|r| {
                 (&r.master_key_label, &r.master_key_id)
                     != (&record.master_key_label, &record.master_key_id)
             });
             take_up(&mut inner, record);
+            inner.authentic = authentic;
             if rotated && inner.master_key.is_some() {
                 // Another server rotated the master key: this one's handle names the old,
                 // destroyed key.
@@ -631,11 +721,12 @@ impl SealManager {
             }
             return Ok(());
         }
-        let (state, master_key) = sealed_state(&self.hsm, &self.audit, Some(&record))?;
+        let (state, master_key, authentic) = sealed_state(&self.hsm, &self.audit, Some(&record))?;
         tracing::info!("initialised by another server sharing the store: sealed");
         inner.state = state;
         inner.master_key = master_key;
         inner.record = Some(record);
+        inner.authentic = authentic;
         Ok(())
     }
 
@@ -779,15 +870,16 @@ fn read_record(store: &dyn Store) -> Result<Option<SealRecord>, SealError> {
     }
 }
 
-/// The state a server starts in with `record`: uninitialised, or sealed (with the master
-/// and audit keys found, unless the PIN comes with the shares).
+/// The state a server starts in with `record`: uninitialised, or sealed (with the record
+/// authenticated and the master and audit keys found, unless the PIN comes with the
+/// shares); and whether the record was authenticated.
 fn sealed_state(
     hsm: &Hsm,
     audit: &AuditLog,
     record: Option<&SealRecord>,
-) -> Result<(State, Option<KeyHandle>), SealError> {
+) -> Result<(State, Option<KeyHandle>, bool), SealError> {
     Ok(match record {
-        None => (State::Uninitialized, None),
+        None => (State::Uninitialized, None, false),
         Some(r) if r.pin_in_shares != hsm.pin_in_shares() => {
             let (stored, configured) = if r.pin_in_shares {
                 ("in the unseal shares", "names another PIN source")
@@ -796,14 +888,18 @@ fn sealed_state(
             };
             return Err(SealError::PinModeMismatch { stored, configured });
         }
-        // Not logged in yet: the master key is found at unseal.
-        Some(_) if hsm.pin_in_shares() => (State::Sealed(None), None),
+        // Not logged in yet: the record is authenticated and the master key found at unseal.
+        Some(_) if hsm.pin_in_shares() => (State::Sealed(None), None, false),
         Some(r) => {
+            // Before anything the record names is looked for or acted on.
+            let authentic = record::authenticate(hsm, r)? == record::Authenticity::Authentic;
+            if authentic {
+                hsm.set_ownership(r.ownership()?);
+            }
             let key = find_recorded_master_key(hsm, r)?;
-            rotate::destroy_retired(hsm, r);
             check_master_key(hsm, key, &r.master_key_label)?;
             audit.signer().set(Some(find_audit_key(hsm, r)?));
-            (State::Sealed(None), Some(key))
+            (State::Sealed(None), Some(key), authentic)
         }
     })
 }
@@ -832,6 +928,11 @@ fn status_of(inner: &Inner, pin_in_shares: bool) -> SealStatus {
         pin_in_shares,
         rekey: rekey::status(inner),
         hsm_available: true,
+        instance: record.and_then(|r| r.instance.clone()),
+        restored_from: record
+            .and_then(|r| r.restored_from.as_ref())
+            .map(|p| p.instances.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -840,6 +941,13 @@ fn find_audit_key(hsm: &Hsm, record: &SealRecord) -> Result<(KeyHandle, Vec<u8>)
     let public = data_encoding::HEXLOWER
         .decode(record.audit_public_key.as_bytes())
         .map_err(|_| SealError::CorruptRecord)?;
+    // Never a keyring key (any caller with a grant can sign with those).
+    if record
+        .audit_key_label
+        .starts_with(crate::keyring::HSM_LABEL_PREFIX)
+    {
+        return Err(SealError::CorruptRecord);
+    }
     let key = hsm
         .find_key(HsmKeyKind::Ed25519, &record.audit_key_label, None)?
         .ok_or_else(|| SealError::AuditKeyMissing(record.audit_key_label.clone()))?;

@@ -102,14 +102,6 @@ impl SealRecord {
     }
 }
 
-pub(super) fn record_write(record: &SealRecord) -> Result<Write, SealError> {
-    Ok(Write {
-        table: Table::System,
-        key: SEAL_RECORD_KEY.to_owned(),
-        value: serde_json::to_vec(record).map_err(|_| SealError::CorruptRecord)?,
-    })
-}
-
 impl SealManager {
     /// Starts a rekey to `shares` new shares of threshold `threshold`, sealed to
     /// `recipients` (one per share) if any. Returns the status, whose `rekey` names the new
@@ -169,6 +161,7 @@ impl SealManager {
             next.pending_rekey = None;
             let _other_servers = self.store.lock_changes()?;
             self.check_unchanged(&record)?;
+            let (next, write) = self.signed_write(next)?;
             commit(
                 CeremonySummary {
                     share_set: record.share_set_id.clone(),
@@ -176,7 +169,7 @@ impl SealManager {
                     new_share_set: pending.share_set_id.clone(),
                     ..CeremonySummary::default()
                 },
-                vec![record_write(&next)?],
+                vec![write],
             )?;
             inner.record = Some(next);
             cancelled = true;
@@ -324,6 +317,7 @@ impl SealManager {
         next.pending_rekey = Some(pending);
         let _other_servers = self.store.lock_changes()?;
         self.check_unchanged(record)?;
+        let (next, write) = self.signed_write(next)?;
         commit(
             CeremonySummary {
                 share_set: record.share_set_id.clone(),
@@ -334,7 +328,7 @@ impl SealManager {
                 recipients,
                 ..CeremonySummary::default()
             },
-            vec![record_write(&next)?],
+            vec![write],
         )?;
         Ok((next, texts))
     }
@@ -375,20 +369,20 @@ impl SealManager {
         }
         let given = inner.verifying.take().map(|v| v.given).unwrap_or_default();
         let secret = combine(&given)?;
-        check_quorum(&next, &secret)?;
-        let _other_servers = self.store.lock_changes()?;
-        self.check_unchanged(record)?;
-        commit(
-            CeremonySummary {
-                share_set: record.share_set_id.clone(),
-                step: "committed".to_owned(),
-                new_share_set: next.share_set_id.clone(),
-                new_shares: Some(next.shares),
-                new_threshold: Some(next.threshold),
-                ..CeremonySummary::default()
-            },
-            vec![record_write(&next)?],
-        )?;
+        let (_, pin) = check_quorum(&next, &secret)?;
+        // Sealed with the PIN in the shares, the new quorum's PIN logs in to MAC the record.
+        let logged_in_here = match inner.master_key {
+            Some(_) => false,
+            None => {
+                self.login_from_shares(&next, pin)?;
+                true
+            }
+        };
+        let written = self.commit_new_set(record, next, commit);
+        if logged_in_here {
+            let _ = self.hsm.logout();
+        }
+        let next = written?;
         tracing::info!(share_set = %new_set, "rekey committed: the new share set is in force");
         inner.record = Some(next);
         // Unseal progress with the retired shares is void.
@@ -398,6 +392,30 @@ impl SealManager {
         let mut step = self.step(inner);
         step.committed = Some(new_set);
         Ok(step)
+    }
+
+    /// Commits a rekey's new share set (`next`, the record with it in force).
+    fn commit_new_set(
+        &self,
+        record: &SealRecord,
+        next: SealRecord,
+        commit: &CeremonyCommit<'_>,
+    ) -> Result<SealRecord, SealError> {
+        let _other_servers = self.store.lock_changes()?;
+        self.check_unchanged(record)?;
+        let (next, write) = self.signed_write(next)?;
+        commit(
+            CeremonySummary {
+                share_set: record.share_set_id.clone(),
+                step: "committed".to_owned(),
+                new_share_set: next.share_set_id.clone(),
+                new_shares: Some(next.shares),
+                new_threshold: Some(next.threshold),
+                ..CeremonySummary::default()
+            },
+            vec![write],
+        )?;
+        Ok(next)
     }
 
     /// Checks that a share is intact and of the current share set (or of a pending rekey's

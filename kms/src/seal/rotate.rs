@@ -84,6 +84,10 @@ impl SealManager {
         inner.master_key = Some(new);
         let previous_destroyed = match self.hsm.destroy(old) {
             Ok(()) => true,
+            Err(e @ HsmError::NotOurs { .. }) => {
+                tracing::warn!(error = %crate::error_chain(&e), "the old master key was not made by this instance: it is left in the token for its owner (or the HSM's administrators) to destroy");
+                false
+            }
             Err(e) => {
                 tracing::warn!(error = %crate::error_chain(&e), "the old master key could not be destroyed now: it will be at the next start");
                 false
@@ -136,6 +140,7 @@ impl SealManager {
         });
         let _other_servers = self.store.lock_changes()?;
         self.check_unchanged(record)?;
+        let (next, write) = self.signed_write(next)?;
         commit(
             CeremonySummary {
                 share_set: record.share_set_id.clone(),
@@ -143,7 +148,7 @@ impl SealManager {
                 master_key: format!("{label}/{}", data_encoding::HEXLOWER.encode(&new_id)),
                 ..CeremonySummary::default()
             },
-            vec![super::rekey::record_write(&next)?],
+            vec![write],
         )?;
         tracing::info!(
             label,
@@ -153,27 +158,57 @@ impl SealManager {
     }
 }
 
-/// Destroys the master keys the record lists as retired that are still in the token (a
-/// crash came between a rotation's commit and its destroy). Best effort: logged.
-pub(super) fn destroy_retired(hsm: &Hsm, record: &SealRecord) {
+/// Destroys the master keys the (authenticated) record lists as retired that are still in
+/// the token (a crash came between a rotation's commit and its destroy). Best effort:
+/// logged. Even so, never the key in force (by handle, and by label and id), never a
+/// keyring object or the audit or seal record key (by label), never an object without a
+/// CKA_ID, and never one this instance did not make ([`Hsm::destroy`] checks the id the
+/// token reports).
+pub(super) fn destroy_retired(hsm: &Hsm, record: &SealRecord, in_force: KeyHandle) {
+    if record.retired_master_keys.is_empty() {
+        return;
+    }
+    // The key in force as the token knows it (one object may have several handles here).
+    let in_force_id = match hsm.key_id(in_force) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "the master key in force could not be read: retired master keys are left for the next start");
+            return;
+        }
+    };
     for retired in &record.retired_master_keys {
         let Ok(id) = data_encoding::HEXLOWER.decode(retired.id.as_bytes()) else {
             continue;
         };
-        // Never the key in force (a record naming it twice would be corrupt).
-        if record.master_key_id.as_deref() == Some(retired.id.as_str())
-            && record.master_key_label == retired.label
-        {
+        let spared = id.is_empty()
+            || id == in_force_id
+            || (record.master_key_id.as_deref() == Some(retired.id.as_str())
+                && record.master_key_label == retired.label)
+            || retired.label.starts_with(crate::keyring::HSM_LABEL_PREFIX)
+            || retired
+                .label
+                .starts_with(crate::keyring::IMPORT_LABEL_PREFIX)
+            || retired.label == record.audit_key_label
+            || retired.label == super::record::record_key_label(hsm);
+        if spared {
+            tracing::warn!(label = %retired.label, "the seal record lists as a retired master key an object kms never destroys as one: left as it is");
             continue;
         }
-        if let Ok(key) = hsm.find_master_key_by(&retired.label, Some(&id)) {
-            match hsm.destroy(key) {
-                Ok(()) => {
-                    tracing::info!(label = %retired.label, "a master key a rotation retired was destroyed")
-                }
-                Err(e) => {
-                    tracing::warn!(error = %crate::error_chain(&e), "a master key a rotation retired could not be destroyed")
-                }
+        // An AES key, sensitive and never extractable, exactly one: a master key.
+        let found = match hsm.find_key(HsmKeyKind::Aes256, &retired.label, Some(&id)) {
+            Ok(Some(key)) => key,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(label = %retired.label, error = %crate::error_chain(&e), "a master key a rotation retired was not destroyed");
+                continue;
+            }
+        };
+        match hsm.destroy(found) {
+            Ok(()) => {
+                tracing::info!(label = %retired.label, "a master key a rotation retired was destroyed")
+            }
+            Err(e) => {
+                tracing::warn!(label = %retired.label, error = %crate::error_chain(&e), "a master key a rotation retired could not be destroyed")
             }
         }
     }

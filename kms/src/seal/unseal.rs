@@ -46,21 +46,24 @@ impl SealManager {
         *attempt = None;
         let secret = combine(&shares)?;
         drop(shares);
-        let (unseal_key, pin_part) = check_quorum(record, &secret)?;
+        let record = record.clone();
+        let (unseal_key, pin_part) = check_quorum(&record, &secret)?;
         let master_key = match inner.master_key {
             Some(k) => k,
-            None => self.login_from_shares(record, pin_part)?,
+            None => self.login_from_shares(&record, pin_part)?,
         };
-        let keyring = match self.open_keyring(master_key, record, &unseal_key) {
+        inner.master_key = Some(master_key);
+        let keyring = match self.open_keyring(inner, master_key, &record, &unseal_key) {
             Ok(k) => k,
             Err(e) => {
                 if record.pin_in_shares {
                     inner.master_key = None;
+                    inner.authentic = false;
+                    self.hsm.set_ownership(crate::hsm::Ownership::default());
                 }
                 return Err(e);
             }
         };
-        inner.master_key = Some(master_key);
         let keyring = Arc::new(keyring);
         inner.state = State::Unsealed(Unsealed {
             keyring: Arc::clone(&keyring),
@@ -70,29 +73,37 @@ impl SealManager {
         Ok(status_of(inner, self.hsm.pin_in_shares()))
     }
 
-    /// Unwraps the root key and loads the keyring under it. With `pin_in_shares`, the audit
+    /// Authenticates the record (with the PIN in the shares, the HSM is logged in only
+    /// now), unwraps the root key, settles the record (see `record.rs`: a record of before
+    /// is authenticated, a restored copy takes its identity, retired master keys left by a
+    /// crash are destroyed) and loads the keyring under it. With `pin_in_shares`, the audit
     /// key is found first, and on any failure the session logs out again and the signer
     /// forgets the key: a failed unseal leaves nothing logged in.
     fn open_keyring(
         &self,
+        inner: &mut Inner,
         master_key: KeyHandle,
         record: &SealRecord,
         unseal_key: &[u8; KEY_LEN],
     ) -> Result<Keyring, SealError> {
-        let loaded = unwrap_root(&self.hsm, master_key, record, unseal_key).and_then(|root| {
-            if record.pin_in_shares {
-                self.audit
-                    .signer()
-                    .set(Some(find_audit_key(&self.hsm, record)?));
-            }
-            Ok(Keyring::load(
-                &root.0,
-                Arc::clone(&self.hsm),
-                Arc::clone(&self.store),
-                Arc::new(self.audit.clone()),
-                self.settings,
-            )?)
-        });
+        let loaded = self
+            .ensure_authentic(inner)
+            .and_then(|_| unwrap_root(&self.hsm, master_key, record, unseal_key))
+            .and_then(|root| {
+                if record.pin_in_shares {
+                    self.audit
+                        .signer()
+                        .set(Some(find_audit_key(&self.hsm, record)?));
+                }
+                self.settle_record(inner, true)?;
+                Ok(Keyring::load(
+                    &root.0,
+                    Arc::clone(&self.hsm),
+                    Arc::clone(&self.store),
+                    Arc::new(self.audit.clone()),
+                    self.settings,
+                )?)
+            });
         if loaded.is_err() && record.pin_in_shares {
             let _ = self.hsm.logout();
             self.audit.signer().set(None);

@@ -14,6 +14,13 @@
 //! hsm-tool loose-key MODULE LABEL PIN_FILE KEY WEAKNESS
 //!                                               make a sensitive, never extractable AES key
 //!                                               with one WEAKNESS: derive, wrap, public
+//! hsm-tool orphan-id MODULE LABEL PIN_FILE KEY ID
+//!                                               as orphan, with CKA_ID ID (hex)
+//! hsm-tool ids MODULE LABEL PIN_FILE PREFIX     print "LABEL ID" (ID in hex) of the token
+//!                                               objects whose label starts with PREFIX
+//! hsm-tool hmac MODULE LABEL PIN_FILE KEY       HMAC-SHA256 of standard input with the one
+//!                                               secret key labelled KEY, in hex (what an
+//!                                               insider with the PIN can compute)
 //! ```
 
 #![forbid(unsafe_code)]
@@ -53,6 +60,67 @@ fn main() {
     let arg = args[4].as_str();
     match cmd {
         "orphan" | "loose-key" => loose_key(&session, arg, args.get(5).map_or("", String::as_str)),
+        "orphan-id" => {
+            let id = data_encoding::HEXLOWER.decode(args[5].as_bytes()).unwrap();
+            session
+                .generate_key(
+                    &Mechanism::AesKeyGen,
+                    &[
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::AES),
+                        Attribute::ValueLen(32.into()),
+                        Attribute::Label(arg.as_bytes().to_vec()),
+                        Attribute::Id(id),
+                        Attribute::Token(true),
+                        Attribute::Private(true),
+                        Attribute::Sensitive(true),
+                        Attribute::Extractable(false),
+                        Attribute::Encrypt(true),
+                        Attribute::Decrypt(true),
+                        Attribute::Derive(false),
+                        Attribute::Wrap(false),
+                        Attribute::Unwrap(false),
+                    ],
+                )
+                .unwrap();
+        }
+        "ids" => {
+            for h in session.find_objects(&[Attribute::Token(true)]).unwrap() {
+                let (mut label, mut id) = (Vec::new(), Vec::new());
+                for a in session
+                    .get_attributes(h, &[AttributeType::Label, AttributeType::Id])
+                    .unwrap()
+                {
+                    match a {
+                        Attribute::Label(l) => label = l,
+                        Attribute::Id(i) => id = i,
+                        _ => {}
+                    }
+                }
+                if label.starts_with(arg.as_bytes()) {
+                    println!(
+                        "{} {}",
+                        String::from_utf8_lossy(&label),
+                        data_encoding::HEXLOWER.encode(&id)
+                    );
+                }
+            }
+        }
+        "hmac" => {
+            let found = session
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::Label(arg.as_bytes().to_vec()),
+                ])
+                .unwrap();
+            assert_eq!(found.len(), 1, "expected exactly one key with that label");
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut data).unwrap();
+            let tag = session
+                .sign(&Mechanism::Sha256Hmac, found[0], &data)
+                .unwrap();
+            println!("{}", data_encoding::HEXLOWER.encode(&tag));
+        }
         "list" => {
             for l in labels(&session, arg) {
                 println!("{l}");

@@ -1,7 +1,14 @@
 //! Test helper: edits the kms store offline, as someone with write access to the disk
-//! could. `store-tool replace STORE TABLE KEY FROM TO` replaces the first occurrence of the
-//! bytes of FROM with those of TO in one stored value (it must occur; the value may be JSON
-//! or binary, as audit records are), through redb directly.
+//! could, through redb directly.
+//!
+//! ```text
+//! store-tool replace STORE TABLE KEY FROM TO   replace the first occurrence of the bytes
+//!                                              of FROM with those of TO in one stored value
+//!                                              (it must occur; the value may be JSON or
+//!                                              binary, as audit records are)
+//! store-tool get STORE TABLE KEY               print one stored value
+//! store-tool put STORE TABLE KEY FILE          store FILE's bytes as one value
+//! ```
 
 #![forbid(unsafe_code)]
 #![allow(
@@ -11,12 +18,36 @@
     clippy::indexing_slicing
 )]
 
+use redb::ReadableDatabase;
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    assert_eq!(args.len(), 6, "store-tool replace STORE TABLE KEY FROM TO");
-    assert_eq!(args[0], "replace");
     let db = redb::Database::create(&args[1]).unwrap();
     let table: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new(&args[2]);
+    match args[0].as_str() {
+        "get" => {
+            let txn = db.begin_read().unwrap();
+            let t = txn.open_table(table).unwrap();
+            let v = redb::ReadableTable::get(&t, args[3].as_str())
+                .unwrap()
+                .expect("no such key");
+            std::io::Write::write_all(&mut std::io::stdout(), v.value()).unwrap();
+            return;
+        }
+        "put" => {
+            let bytes = std::fs::read(&args[4]).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(table).unwrap();
+                t.insert(args[3].as_str(), bytes.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+            return;
+        }
+        _ => {}
+    }
+    assert_eq!(args.len(), 6, "store-tool replace STORE TABLE KEY FROM TO");
+    assert_eq!(args[0], "replace");
     let txn = db.begin_write().unwrap();
     {
         let mut t = txn.open_table(table).unwrap();

@@ -1,0 +1,632 @@
+//! What someone who can write the store (a DBA, the `kms` database role, the disk of the
+//! redb file, a forged backup) can make kms do to the HSM: nothing destructive. The seal
+//! record is authenticated by an HMAC made in the HSM before anything it says is acted on;
+//! even an authenticated record never makes kms destroy the master key in force, a keyring
+//! object, the audit or seal record key, an object without a CKA_ID, or an object another
+//! instance made; and a copy restored on production's token (a restore drill) destroys
+//! nothing production made (issue 24, findings 1 and 8). Every check reads the token through
+//! `hsm-tool`, not kms's own word.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::path::Path;
+
+use kms_proto::v1 as pb;
+use serde_json::{Value, json};
+use softhsm_tests::pg::TestPostgres;
+use softhsm_tests::{Server, TestHsm, decrypt_ctx, encrypt_ctx, store_get, store_put};
+
+/// What the HMAC of a seal record covers, before the record's JSON.
+const RECORD_MAC_DOMAIN: &[u8] = b"kms/v1/seal-record\0";
+
+/// A server with an HSM AES key `vault` and a ciphertext under it.
+async fn production(hsm: &TestHsm, config: &Path) -> (Server, Vec<String>, Vec<u8>) {
+    let server = hsm.try_start(config, &[]).unwrap();
+    let init = server.init(3, 2, "");
+    assert_eq!(init.code, Some(0), "{init:?}");
+    let shares = init.shares();
+    server.unseal_with(&shares);
+    server
+        .create_aes_key("vault", pb::ProtectionLevel::Hsm)
+        .await;
+    let mut c = server.keys().await;
+    let ct = encrypt_ctx(&mut c, "vault", b"kept by the HSM")
+        .await
+        .unwrap();
+    (server, shares, ct)
+}
+
+/// The stored seal record with the issue's attack: the master key's id removed, and the
+/// master key and a keyring object listed as retired master keys. `mac` says what becomes of
+/// the record's MAC: kept (stale), removed (a record "of before"), or replaced.
+fn attacked(record: &Value, keyring_object: &(String, String), mac: Option<&str>) -> Vec<u8> {
+    let mut r = record.clone();
+    let map = r.as_object_mut().unwrap();
+    let master_id = map.remove("master_key_id").unwrap();
+    map.insert(
+        "retired_master_keys".into(),
+        json!([
+            {"label": record["master_key_label"], "id": master_id, "retired_at": 1},
+            {"label": keyring_object.0, "id": keyring_object.1, "retired_at": 1},
+        ]),
+    );
+    match mac {
+        Some("keep") => {}
+        Some(other) => {
+            map.insert("mac".into(), Value::String(other.to_owned()));
+        }
+        None => {
+            map.remove("mac");
+        }
+    }
+    serde_json::to_vec(&r).unwrap()
+}
+
+/// Starts the server on an altered record: it must refuse, naming the failed
+/// authentication, and the token must hold exactly what it held.
+fn refused(hsm: &TestHsm, config: &Path, before: &[(String, String)], what: &str) {
+    let err = match hsm.try_start(config, &[]) {
+        Ok(_) => panic!("{what}: the server started on an altered seal record"),
+        Err(e) => e,
+    };
+    assert!(
+        err.contains("the stored seal record failed authentication"),
+        "{what}: {err}"
+    );
+    assert_eq!(hsm.ids(""), before, "{what}: the token changed");
+}
+
+/// The original record back, the server starts, unseals with the same shares, and the HSM
+/// key still decrypts what it encrypted.
+async fn still_whole(hsm: &TestHsm, config: &Path, shares: &[String], ct: &[u8]) -> Server {
+    let server = hsm
+        .try_start(config, &[])
+        .unwrap_or_else(|e| panic!("the original record does not start: {e}"));
+    server.unseal_with(shares);
+    let mut c = server.keys().await;
+    assert_eq!(
+        decrypt_ctx(&mut c, "vault", ct).await.unwrap(),
+        b"kept by the HSM"
+    );
+    server
+}
+
+/// The issue's attack on a redb store file: altered seal records (MAC stale, stripped,
+/// replaced) are refused at start and destroy nothing; the original record unseals again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_writer_cannot_make_kms_destroy_hsm_keys_redb() {
+    let hsm = TestHsm::new("kms-writer");
+    let config = hsm.config();
+    let (mut server, shares, ct) = production(&hsm, &config).await;
+    let before = hsm.ids("");
+    let keyring_object = hsm.ids("kms/")[0].clone();
+    assert!(server.terminate().success());
+    let store = hsm.path().join("kms.redb");
+    let original = store_get(&store, "system", "seal");
+    let record: Value = serde_json::from_slice(&original).unwrap();
+    assert_eq!(
+        record["mac"].as_str().map(str::len),
+        Some(64),
+        "the seal record carries its HMAC: {record}"
+    );
+    assert!(
+        before
+            .iter()
+            .any(|(l, _)| l == record["master_key_label"].as_str().unwrap()),
+        "{before:?}"
+    );
+
+    for (what, mac) in [
+        ("the issue's attack, the MAC left as it was", Some("keep")),
+        ("the MAC stripped (to pass as a record of before)", None),
+        ("a MAC made up", Some(&"ab".repeat(32)[..])),
+    ] {
+        store_put(
+            &store,
+            "system",
+            "seal",
+            &attacked(&record, &keyring_object, mac),
+        );
+        refused(&hsm, &config, &before, what);
+    }
+    store_put(&store, "system", "seal", &original);
+    drop(still_whole(&hsm, &config, &shares, &ct).await);
+    assert_eq!(hsm.ids(""), before);
+}
+
+/// The same attack as the issue reproduced it: one `UPDATE kms_system` of the `seal` row on
+/// PostgreSQL, one restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_writer_cannot_make_kms_destroy_hsm_keys_postgres() {
+    let pg = TestPostgres::start();
+    let hsm = TestHsm::new("kms-writer-pg");
+    let config = hsm.config_full("pg.toml", &hsm.hsm_table(), &pg.storage_table());
+    let (mut server, shares, ct) = production(&hsm, &config).await;
+    let original = pg.sql_in(
+        "kms",
+        "SELECT convert_from(value, 'UTF8') FROM kms_system WHERE key = 'seal'",
+    );
+    let original = original.trim().to_owned();
+    let record: Value = serde_json::from_str(&original).unwrap();
+    let before = hsm.ids("");
+    let keyring_object = hsm.ids("kms/")[0].clone();
+    assert!(server.terminate().success());
+    let update = |value: &[u8]| {
+        let text = std::str::from_utf8(value).unwrap();
+        assert!(!text.contains("$j$"));
+        pg.sql_in(
+            "kms",
+            &format!(
+                "UPDATE kms_system SET value = convert_to($j${text}$j$, 'UTF8') WHERE key = 'seal'"
+            ),
+        );
+    };
+    for (what, mac) in [
+        ("the issue's attack, the MAC left as it was", Some("keep")),
+        ("the MAC stripped", None),
+    ] {
+        update(&attacked(&record, &keyring_object, mac));
+        refused(&hsm, &config, &before, what);
+    }
+    update(original.as_bytes());
+    drop(still_whole(&hsm, &config, &shares, &ct).await);
+    assert_eq!(hsm.ids(""), before);
+}
+
+/// An insider who holds the HSM PIN can make the record's HMAC. Even then, nothing kms keeps
+/// is destroyed on the record's word: not the master key in force, a keyring object, the
+/// audit key, the seal record key, an object without a CKA_ID, an object another instance
+/// made, or one made before instances (this instance never owned those).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn even_an_authenticated_record_never_names_what_kms_keeps() {
+    let hsm = TestHsm::new("kms-insider");
+    let config = hsm.config();
+    let (mut server, shares, ct) = production(&hsm, &config).await;
+    let audit_key = hsm.ids("kms-master-key-audit")[0].clone();
+    assert!(server.terminate().success());
+    let store = hsm.path().join("kms.redb");
+    let original = String::from_utf8(store_get(&store, "system", "seal")).unwrap();
+    let record: Value = serde_json::from_str(&original).unwrap();
+    assert_eq!(record["audit_key_label"], audit_key.0.as_str());
+    let master_label = record["master_key_label"].as_str().unwrap().to_owned();
+    let master = hsm
+        .ids(&master_label)
+        .into_iter()
+        .find(|(l, _)| *l == master_label)
+        .unwrap();
+    // AES keys that look like master keys: one with no id, one another instance made, one
+    // made before ids named their instance.
+    let other_instance = format!("6b6d7331{}{}", "77".repeat(8), "01".repeat(16));
+    let legacy = "5a".repeat(16);
+    assert!(hsm.tool(&["orphan"], &["old-master"]).status.success());
+    for (label, id) in [
+        ("foreign-master", &other_instance),
+        ("legacy-master", &legacy),
+    ] {
+        assert!(hsm.tool(&["orphan-id"], &[label, id]).status.success());
+    }
+    let named = |prefix: &str| hsm.ids(prefix)[0].clone();
+    let retired: Vec<(String, String)> = vec![
+        master.clone(),
+        named("kms/"),
+        audit_key,
+        named(&format!("{master_label}-seal-record")),
+        ("old-master".into(), String::new()),
+        ("foreign-master".into(), other_instance.clone()),
+        ("legacy-master".into(), legacy.clone()),
+    ];
+    let before = hsm.ids("");
+
+    // The record as kms writes it (serde's field order, compact), with these listed as
+    // retired master keys, and its HMAC made in the token as kms makes it.
+    let list = format!(
+        "[{}]",
+        retired
+            .iter()
+            .map(|(label, id)| format!(
+                "{{\"label\":{},\"id\":{},\"retired_at\":1}}",
+                Value::from(label.as_str()),
+                Value::from(id.as_str())
+            ))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let (bare, _mac) = original.rsplit_once(",\"mac\":").unwrap();
+    let at = bare.find(",\"instance\":").unwrap();
+    let body = format!(
+        "{},\"retired_master_keys\":{list}{}}}",
+        &bare[..at],
+        &bare[at..]
+    );
+    let mac = hsm.hmac(
+        &format!("{master_label}-seal-record"),
+        &[RECORD_MAC_DOMAIN, body.as_bytes()].concat(),
+    );
+    let forged = format!("{},\"mac\":\"{mac}\"}}", &body[..body.len() - 1]);
+    store_put(&store, "system", "seal", forged.as_bytes());
+
+    // Authentic: the server starts on it, and destroys nothing.
+    let server = still_whole(&hsm, &config, &shares, &ct).await;
+    assert_eq!(hsm.ids(""), before, "the token changed");
+    let logs = hsm.logs();
+    assert!(
+        logs.contains("an object kms never destroys as one"),
+        "{logs}"
+    );
+    assert!(logs.contains("was not made by this kms instance"), "{logs}");
+    drop(server);
+}
+
+fn status(server: &Server) -> Value {
+    server.kms(&["operator", "status", "--json"], "").json()
+}
+
+async fn version_state(c: &mut softhsm_tests::KeysClient, name: &str, version: u32) -> i32 {
+    c.get_key(pb::GetKeyRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions
+        .iter()
+        .find(|v| v.version == version)
+        .unwrap()
+        .state
+}
+
+/// A restore drill on production's token: the restored copy takes its own identity, and
+/// destroys nothing production made: no destruction production cancelled after the backup,
+/// no sweep of production's newer objects as "orphans", not production's master key when it
+/// rotates its own. Production is never disturbed. After `take-over` (production gone for
+/// good), the copy destroys what its schedule says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_drill_on_the_production_token_destroys_nothing_of_production() {
+    let hsm = TestHsm::new("kms-drill");
+    let keyring = "[keyring]\ntesting_day_seconds = 1\nmaintenance_interval_seconds = 1\n";
+    let config = hsm.config_full("production.toml", &hsm.hsm_table(), keyring);
+    let (mut prod, shares, ct1) = production(&hsm, &config).await;
+    let mut pc = prod.keys().await;
+    pc.rotate_key(pb::RotateKeyRequest {
+        name: "vault".into(),
+    })
+    .await
+    .unwrap();
+    // Version 1 scheduled for destruction in 3 "days" (3 s), backed up, then cancelled.
+    pc.schedule_key_version_destruction(pb::ScheduleKeyVersionDestructionRequest {
+        name: "vault".into(),
+        version: 1,
+        pending_days: 3,
+    })
+    .await
+    .unwrap();
+    let backup = hsm.path().join("drill.backup");
+    let out = prod.kms(&["backup", "create", "--out", backup.to_str().unwrap()], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let audit_key = out.stdout.split("audit key ").nth(1).unwrap()[..32].to_owned();
+    pc.cancel_key_version_destruction(pb::KeyVersionRequest {
+        name: "vault".into(),
+        version: 1,
+    })
+    .await
+    .unwrap();
+    pc.enable_key_version(pb::KeyVersionRequest {
+        name: "vault".into(),
+        version: 1,
+    })
+    .await
+    .unwrap();
+    let prod_instance = status(&prod)["instance_id"].as_str().unwrap().to_owned();
+
+    // The drill: the backup restored into its own store, on the same token.
+    let drill_config = hsm.config_full(
+        "drill.toml",
+        &hsm.hsm_table(),
+        &format!(
+            "[storage]\npath = \"{}\"\n{keyring}",
+            hsm.path().join("drill.redb").display()
+        ),
+    );
+    let out = softhsm_tests::run_kms(
+        "https://127.0.0.1:1",
+        &[
+            "backup",
+            "restore",
+            "--in",
+            backup.to_str().unwrap(),
+            "--config",
+            drill_config.to_str().unwrap(),
+            "--public-key",
+            &audit_key,
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let drill = hsm.try_start(&drill_config, &[]).unwrap();
+    let drill_status = status(&drill);
+    let drill_instance = drill_status["instance_id"].as_str().unwrap().to_owned();
+    assert_ne!(drill_instance, prod_instance);
+    assert_eq!(
+        drill_status["restored_from_instance_ids"],
+        json!([prod_instance])
+    );
+    drill.unseal_with(&shares);
+    let mut dc = drill.keys().await;
+    let v1 = hsm
+        .ids("kms/")
+        .into_iter()
+        .find(|(l, _)| l.ends_with("/1"))
+        .unwrap();
+
+    // The destruction production cancelled comes due in the drill: refused there (the
+    // object is production's), the version stays due, production's version 1 still works.
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    assert_eq!(
+        version_state(&mut dc, "vault", 1).await,
+        pb::KeyVersionState::ScheduledForDestruction as i32
+    );
+    assert!(
+        hsm.ids(&v1.0).contains(&v1),
+        "production's version 1 was destroyed"
+    );
+    assert_eq!(
+        decrypt_ctx(&mut pc, "vault", &ct1).await.unwrap(),
+        b"kept by the HSM"
+    );
+    assert!(
+        hsm.logs().contains("was not made by this kms instance"),
+        "{}",
+        hsm.logs()
+    );
+
+    // Both rotate to version 3: two objects with one label, each instance's own. Neither
+    // sweeps the other's at its next unseal.
+    for c in [&mut pc, &mut dc] {
+        c.rotate_key(pb::RotateKeyRequest {
+            name: "vault".into(),
+        })
+        .await
+        .unwrap();
+    }
+    let p3 = encrypt_ctx(&mut pc, "vault", b"production v3")
+        .await
+        .unwrap();
+    let d3 = encrypt_ctx(&mut dc, "vault", b"drill v3").await.unwrap();
+    let v3: Vec<_> = hsm
+        .ids("kms/")
+        .into_iter()
+        .filter(|(l, _)| l.ends_with("/3"))
+        .collect();
+    assert_eq!(v3.len(), 2, "{v3:?}");
+    for server in [&prod, &drill] {
+        assert_eq!(server.kms(&["operator", "seal"], "").code, Some(0));
+        server.unseal_with(&shares);
+    }
+    assert_eq!(
+        hsm.ids("kms/")
+            .iter()
+            .filter(|(l, _)| l.ends_with("/3"))
+            .count(),
+        2,
+        "an instance swept the other's object"
+    );
+    let mut pc = prod.keys().await;
+    let mut dc = drill.keys().await;
+    assert_eq!(
+        decrypt_ctx(&mut pc, "vault", &p3).await.unwrap(),
+        b"production v3"
+    );
+    assert_eq!(
+        decrypt_ctx(&mut dc, "vault", &d3).await.unwrap(),
+        b"drill v3"
+    );
+
+    // The drill rotates its master key: production's (which production made) is left.
+    let before = hsm.ids("");
+    let out = drill.kms(&["operator", "rotate-master-key"], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("was not destroyed"), "{out:?}");
+    let after = hsm.ids("");
+    assert!(
+        before.iter().all(|o| after.contains(o)),
+        "the drill destroyed an object: {before:?} -> {after:?}"
+    );
+    prod.kill9();
+    let prod = hsm.try_start(&config, &[]).unwrap();
+    prod.unseal_with(&shares);
+    let mut pc = prod.keys().await;
+    assert_eq!(
+        decrypt_ctx(&mut pc, "vault", &ct1).await.unwrap(),
+        b"kept by the HSM"
+    );
+
+    // Production is gone for good: the copy takes its objects over, and its schedule runs.
+    drop(pc);
+    drop(prod);
+    let out = drill.kms(&["operator", "take-over"], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains(&prod_instance), "{out:?}");
+    assert!(
+        status(&drill)["restored_from_instance_ids"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let again = drill.kms(&["operator", "take-over"], "");
+    assert_ne!(again.code, Some(0));
+    assert!(again.stderr.contains("nothing to take over"), "{again:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while version_state(&mut dc, "vault", 1).await != pb::KeyVersionState::Destroyed as i32 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not destroyed after the take-over"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(!hsm.ids(&v1.0).contains(&v1), "destroyed and gone");
+}
+
+/// With the PIN in the shares, a sealed server cannot reach the token: the altered record
+/// is refused at the unseal, before anything it says is acted on, and the server is left
+/// logged out; the original record unseals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_pin_in_the_shares_an_altered_record_is_refused_at_the_unseal() {
+    let hsm = TestHsm::new("kms-writer-pin");
+    let module = hsm.module.display().to_string();
+    let config = hsm.config_with(
+        "shares.toml",
+        &hsm.hsm_table_with(&module, &hsm.label, "pin_in_shares = true"),
+    );
+    let mut server = hsm.try_start(&config, &[]).unwrap();
+    let init = server.init(3, 2, &format!("{}\n", hsm.pin));
+    assert_eq!(init.code, Some(0), "{init:?}");
+    let shares = init.shares();
+    server.unseal_with(&shares);
+    server
+        .create_aes_key("vault", pb::ProtectionLevel::Hsm)
+        .await;
+    let mut c = server.keys().await;
+    let ct = encrypt_ctx(&mut c, "vault", b"kept by the HSM")
+        .await
+        .unwrap();
+    drop(c);
+    let before = hsm.ids("");
+    let keyring_object = hsm.ids("kms/")[0].clone();
+    assert!(server.terminate().success());
+    let store = hsm.path().join("kms.redb");
+    let original = store_get(&store, "system", "seal");
+    let record: Value = serde_json::from_slice(&original).unwrap();
+    store_put(
+        &store,
+        "system",
+        "seal",
+        &attacked(&record, &keyring_object, None),
+    );
+    let server = hsm.try_start(&config, &[]).unwrap();
+    let out = server.custodian(
+        &["operator", "unseal"],
+        &format!("{}\n{}\n", shares[0], shares[1]),
+    );
+    assert_ne!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stderr.contains("DATA_LOSS")
+            && out
+                .stderr
+                .contains("the stored seal record failed authentication"),
+        "{out:?}"
+    );
+    assert_eq!(status(&server)["sealed"], true);
+    assert_eq!(hsm.ids(""), before, "the token changed");
+    drop(server);
+    store_put(&store, "system", "seal", &original);
+    drop(still_whole(&hsm, &config, &shares, &ct).await);
+    assert_eq!(hsm.ids(""), before);
+}
+
+/// A store of before (a seal record with no MAC and no instance, no seal record key in the
+/// token) starts, destroys nothing on its unauthenticated word, and is authenticated at its
+/// first unseal: a seal record key made, an identity given, the retired master keys it
+/// listed dropped (left in the token, named in the log), the change audited. From then on a
+/// record without a MAC is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_of_before_is_authenticated_at_its_first_unseal() {
+    let hsm = TestHsm::new("kms-upgrade");
+    let config = hsm.config();
+    let (mut server, shares, ct) = production(&hsm, &config).await;
+    assert!(server.terminate().success());
+    // What a store of the previous release looks like, with a leftover retired master key.
+    let leftover = "5a".repeat(16);
+    assert!(
+        hsm.tool(&["orphan-id"], &["kms-master-key", &leftover])
+            .status
+            .success()
+    );
+    assert!(
+        hsm.tool(&["destroy"], &["kms-master-key-seal-record"])
+            .status
+            .success()
+    );
+    let store = hsm.path().join("kms.redb");
+    let mut record: Value = serde_json::from_slice(&store_get(&store, "system", "seal")).unwrap();
+    let map = record.as_object_mut().unwrap();
+    map.remove("mac");
+    map.remove("instance");
+    map.insert(
+        "retired_master_keys".into(),
+        json!([{"label": "kms-master-key", "id": leftover, "retired_at": 1}]),
+    );
+    store_put(
+        &store,
+        "system",
+        "seal",
+        &serde_json::to_vec(&record).unwrap(),
+    );
+    let before = hsm.ids("");
+
+    let server = hsm.try_start(&config, &[]).unwrap();
+    assert_eq!(
+        status(&server)["instance_id"],
+        "",
+        "no identity before the unseal"
+    );
+    assert_eq!(hsm.ids(""), before, "destroyed on an unauthenticated word");
+    server.unseal_with(&shares);
+    let instance = status(&server)["instance_id"].as_str().unwrap().to_owned();
+    assert_eq!(instance.len(), 16);
+    let mut c = server.keys().await;
+    assert_eq!(
+        decrypt_ctx(&mut c, "vault", &ct).await.unwrap(),
+        b"kept by the HSM"
+    );
+    drop(c);
+    let after = hsm.ids("");
+    assert!(
+        before.iter().all(|o| after.contains(o)),
+        "{before:?} -> {after:?}"
+    );
+    assert_eq!(
+        hsm.ids("kms-master-key-seal-record").len(),
+        1,
+        "a seal record key was made"
+    );
+    assert!(
+        hsm.logs()
+            .contains("an HSM administrator should check and destroy it")
+    );
+    let export = hsm.path().join("upgrade.jsonl");
+    let out = server.kms_as(
+        Some(&server.auditor),
+        &["audit", "export", "--out", export.to_str().unwrap()],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        std::fs::read_to_string(&export)
+            .unwrap()
+            .contains("\"operation\":\"AuthenticateSealRecord\"")
+    );
+    drop(server);
+    let stored: Value = serde_json::from_slice(&store_get(&store, "system", "seal")).unwrap();
+    assert_eq!(stored["instance"], instance.as_str());
+    assert_eq!(stored["owns_untagged"], true);
+    assert!(stored.get("retired_master_keys").is_none(), "{stored}");
+    assert_eq!(stored["mac"].as_str().map(str::len), Some(64));
+    // Downgrading it again (the MAC stripped) is refused now.
+    let mut stripped = stored.clone();
+    stripped.as_object_mut().unwrap().remove("mac");
+    store_put(
+        &store,
+        "system",
+        "seal",
+        &serde_json::to_vec(&stripped).unwrap(),
+    );
+    refused(
+        &hsm,
+        &config,
+        &hsm.ids(""),
+        "a MAC stripped after the upgrade",
+    );
+}
