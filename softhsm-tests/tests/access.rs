@@ -67,6 +67,7 @@ const RPCS: &[&str] = &[
     "System/RekeyCancel",
     "System/VerifyShare",
     "System/RotateMasterKey",
+    "System/TakeOver",
     // Last: it seals the server.
     "System/Seal",
 ];
@@ -137,6 +138,7 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
             .rotate_master_key(pb::RotateMasterKeyRequest::default())
             .await
             .map(drop),
+        "System/TakeOver" => sys.take_over(pb::TakeOverRequest {}).await.map(drop),
         "System/VerifyShare" => sys
             .verify_share(pb::VerifyShareRequest {
                 share: "kms1-NOTASHARE".into(),
@@ -448,6 +450,8 @@ fn expected(who: &str, rpc: &str) -> Code {
         // The server is initialised already.
         (true, _) if rpc == "System/Init" => Code::FailedPrecondition,
         (true, _) if rpc == "KeyManagement/ImportKeyMaterial" => Code::InvalidArgument,
+        // This instance was not restored from a backup: nothing to take over.
+        (true, _) if rpc == "System/TakeOver" => Code::FailedPrecondition,
         (true, _) => Code::Ok,
         (false, "no-certificate") => Code::Unauthenticated,
         (false, _) => Code::PermissionDenied,
