@@ -228,3 +228,45 @@ async fn the_token_goes_away_under_load_and_comes_back_without_a_restart() {
         assert!(!logs.contains(share.as_str()));
     }
 }
+
+/// An object swapped in the token behind the server's back (the key kms made destroyed, an
+/// extractable key with its label and CKA_ID made in its place) is not taken up when the
+/// server finds its objects again: calls on that key fail rather than encrypt under a key
+/// someone can read, and the log says why. A restart (or unseal) looks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swapped_object_is_not_found_again_as_the_key_kms_made() {
+    let hsm = TestHsm::new("kms-hsm-swap");
+    let (server, _shares) = start_unsealed(&hsm, &hsm.config());
+    server
+        .create_aes_key("vault", pb::ProtectionLevel::Hsm)
+        .await;
+    server
+        .create_aes_key("ledger", pb::ProtectionLevel::Software)
+        .await;
+    let mut keys = server.keys().await;
+    let ct = encrypt_ctx(&mut keys, "vault", b"before").await.unwrap();
+    let (label, id) = hsm.ids("kms/")[0].clone();
+    // Another process with the PIN replaces the object.
+    assert!(hsm.tool(&["destroy"], &[&label]).status.success());
+    assert!(hsm.tool(&["weak-key"], &[&label, &id]).status.success());
+    assert_eq!(hsm.ids("kms/"), vec![(label.clone(), id.clone())]);
+    for _ in 0..3 {
+        let r = encrypt_ctx(&mut keys, "vault", b"never under a readable key").await;
+        let e = r.expect_err("encrypted under the swapped, extractable key");
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert!(decrypt_ctx(&mut keys, "vault", &ct).await.is_err());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Everything else goes on.
+    let soft = encrypt_ctx(&mut keys, "ledger", b"soft").await.unwrap();
+    assert_eq!(
+        decrypt_ctx(&mut keys, "ledger", &soft).await.unwrap(),
+        b"soft"
+    );
+    let logs = hsm.logs();
+    assert!(
+        logs.contains("was not found again as kms made it")
+            && logs.contains("not sensitive, or extractable"),
+        "{logs}"
+    );
+}

@@ -423,7 +423,7 @@ impl Hsm {
         label: &str,
         id: Option<&[u8]>,
     ) -> Result<KeyHandle, HsmError> {
-        let lookup = recover::Lookup::new(ObjectClass::SECRET_KEY, label, id);
+        let lookup = recover::Lookup::new(ObjectClass::SECRET_KEY, Some(KeyType::AES), label, id);
         let label = label.to_owned();
         let mut template = vec![
             Attribute::Class(ObjectClass::SECRET_KEY),

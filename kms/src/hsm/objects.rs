@@ -23,7 +23,8 @@ impl Hsm {
         label: &str,
         id: &[u8],
     ) -> Result<(KeyHandle, Option<Vec<u8>>), HsmError> {
-        let lookup = recover::Lookup::new(kind.class_and_type().0, label, Some(id));
+        let (class, key_type) = kind.class_and_type();
+        let lookup = recover::Lookup::new(class, Some(key_type), label, Some(id));
         let (handle, public) = self.with_session("generate", |s| {
             let base = base_template(label, id);
             match kind {
@@ -58,7 +59,8 @@ impl Hsm {
         label: &str,
         id: &[u8],
     ) -> Result<(KeyHandle, Option<Vec<u8>>), HsmError> {
-        let lookup = recover::Lookup::new(kind.class_and_type().0, label, Some(id));
+        let (class, key_type) = kind.class_and_type();
+        let lookup = recover::Lookup::new(class, Some(key_type), label, Some(id));
         let (handle, public) = self.with_session("unwrap", |s| {
             let session_kek = s
                 .create_object(&[
@@ -130,7 +132,12 @@ impl Hsm {
                 "only secret keys are created from a value",
             ));
         }
-        let lookup = recover::Lookup::new(ObjectClass::SECRET_KEY, label, Some(id));
+        let lookup = recover::Lookup::new(
+            ObjectClass::SECRET_KEY,
+            Some(kind.class_and_type().1),
+            label,
+            Some(id),
+        );
         let handle = self.with_session("create", |s| {
             let mut template = import_template(kind, label, id);
             template.push(Attribute::Value(value.to_vec()));
@@ -163,7 +170,7 @@ impl Hsm {
             label: label.to_owned(),
             why,
         };
-        let lookup = recover::Lookup::new(class, label, id);
+        let lookup = recover::Lookup::new(class, Some(key_type), label, id);
         self.with_session("find", |s| {
             let found = s.find_objects(&template).map_err(pk("find a key"))?;
             let one = match found.as_slice() {
@@ -237,6 +244,7 @@ impl Hsm {
                 if label.starts_with(prefix) {
                     let lookup = recover::Lookup::new(
                         class.unwrap_or(ObjectClass::SECRET_KEY),
+                        None,
                         &label,
                         Some(&id),
                     );

@@ -16,21 +16,66 @@ pub(super) struct Pool {
     pub(super) out: usize,
 }
 
-/// How an object was found, to find it again.
+/// How an object was found, to find it again, and what it must be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Lookup {
     pub(super) class: ObjectClass,
+    /// Its key type, when known (checked again when it is found again).
+    pub(super) key_type: Option<KeyType>,
     pub(super) label: Vec<u8>,
     pub(super) id: Option<Vec<u8>>,
 }
 
 impl Lookup {
-    pub(super) fn new(class: ObjectClass, label: &str, id: Option<&[u8]>) -> Self {
+    pub(super) fn new(
+        class: ObjectClass,
+        key_type: Option<KeyType>,
+        label: &str,
+        id: Option<&[u8]>,
+    ) -> Self {
         Self {
             class,
+            key_type,
             label: label.as_bytes().to_vec(),
             id: id.map(<[u8]>::to_vec),
         }
+    }
+
+    /// Whether `h`, found again by this lookup, is still what kms made: its key type, and,
+    /// for a secret or private key, sensitive and never extractable (the checks of
+    /// `find_key`). `Err` names what differs.
+    fn check(&self, s: &Session, h: ObjectHandle) -> Result<(), &'static str> {
+        let secret =
+            self.class == ObjectClass::SECRET_KEY || self.class == ObjectClass::PRIVATE_KEY;
+        if self.key_type.is_none() && !secret {
+            return Ok(());
+        }
+        let attrs = s
+            .get_attributes(
+                h,
+                &[
+                    AttributeType::KeyType,
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                ],
+            )
+            .map_err(|_| "its attributes could not be read")?;
+        let (mut typ, mut sensitive, mut extractable) = (None, false, true);
+        for a in attrs {
+            match a {
+                Attribute::KeyType(t) => typ = Some(t),
+                Attribute::Sensitive(v) => sensitive = v,
+                Attribute::Extractable(v) => extractable = v,
+                _ => {}
+            }
+        }
+        if self.key_type.is_some() && typ != self.key_type {
+            return Err("another key type");
+        }
+        if secret && (!sensitive || extractable) {
+            return Err("not sensitive, or extractable");
+        }
+        Ok(())
     }
 
     fn template(&self) -> Vec<Attribute> {
@@ -45,9 +90,11 @@ impl Lookup {
     }
 }
 
-/// A registered object: its current handle and its lookup.
+/// A registered object: its current handle (`None` once a recovery could not find it again
+/// as kms made it: an old handle is never used again after the module was reloaded, where
+/// its number may name another object) and its lookup.
 pub(super) struct Registered {
-    handle: ObjectHandle,
+    handle: Option<ObjectHandle>,
     lookup: Lookup,
 }
 
@@ -86,22 +133,27 @@ impl Hsm {
         let mut objects = self.objects.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(i) = objects.iter().position(|o| o.lookup == lookup) {
             if let Some(o) = objects.get_mut(i) {
-                o.handle = handle;
+                o.handle = Some(handle);
             }
             return KeyHandle(i);
         }
-        objects.push(Registered { handle, lookup });
+        objects.push(Registered {
+            handle: Some(handle),
+            lookup,
+        });
         KeyHandle(objects.len() - 1)
     }
 
     /// The object handle a key names now.
     pub(super) fn handle(&self, key: KeyHandle) -> Result<ObjectHandle, HsmError> {
-        self.objects
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let objects = self.objects.lock().unwrap_or_else(|p| p.into_inner());
+        let o = objects
             .get(key.0)
-            .map(|o| o.handle)
-            .ok_or(HsmError::Misuse("a key handle this HSM never gave out"))
+            .ok_or(HsmError::Misuse("a key handle this HSM never gave out"))?;
+        o.handle.ok_or_else(|| HsmError::UnexpectedObject {
+            label: String::from_utf8_lossy(&o.lookup.label).into_owned(),
+            why: "not found again as kms made it when the HSM came back; a restart or unseal looks again",
+        })
     }
 
     /// Follows the HSM's availability: `true` while the module answers, `false` from a
@@ -243,9 +295,26 @@ impl Hsm {
                 let found = first
                     .find_objects(&o.lookup.template())
                     .map_err(pk("find a key again"))?;
-                if let [one] = found.as_slice() {
-                    o.handle = *one;
-                }
+                // Exactly one, and still what kms made; else the entry is unusable (never
+                // the old handle number: after a reload it may name another object).
+                let checked = match found.as_slice() {
+                    [one] => o.lookup.check(first, *one).map(|()| *one),
+                    [] => Err("not in the token"),
+                    _ => Err("several objects answer to it"),
+                };
+                o.handle = match checked {
+                    Ok(h) => Some(h),
+                    Err(why) => {
+                        if o.handle.is_some() {
+                            tracing::error!(
+                                label = %String::from_utf8_lossy(&o.lookup.label),
+                                why,
+                                "a key object was not found again as kms made it when the HSM came back: calls that need it fail until a restart or unseal finds it again"
+                            );
+                        }
+                        None
+                    }
+                };
             }
         }
         if let Ok(mut s) = self.slot.lock() {

@@ -4,7 +4,9 @@
 //! ```text
 //! hsm-tool provision MODULE LABEL PIN_FILE     make a token, user PIN from PIN_FILE
 //! hsm-tool inspect MODULE LABEL PIN_FILE KEY   print the key's attributes as JSON
-//! hsm-tool weak-key MODULE LABEL PIN_FILE KEY  make an extractable, non-sensitive AES key
+//! hsm-tool weak-key MODULE LABEL PIN_FILE KEY [ID]
+//!                                               make an extractable, non-sensitive AES key
+//!                                               (with CKA_ID ID, hex, if given)
 //! hsm-tool set-pin MODULE LABEL PIN_FILE NEW    change the user PIN to NEW
 //! hsm-tool count MODULE LABEL PIN_FILE PREFIX   count token objects whose label starts so
 //! hsm-tool list MODULE LABEL PIN_FILE PREFIX    print those labels, one a line
@@ -130,7 +132,7 @@ fn main() {
         "set-pin" => session
             .set_pin(&pin, &SecretString::from(arg.to_owned()))
             .unwrap(),
-        "weak-key" => weak_key(&session, arg),
+        "weak-key" => weak_key(&session, arg, args.get(5).map(String::as_str)),
         "destroy" => {
             let found = session
                 .find_objects(&[
@@ -191,22 +193,25 @@ fn labels(session: &Session, prefix: &str) -> Vec<String> {
 }
 
 /// An AES key that breaks kms's rules: extractable and not sensitive.
-fn weak_key(session: &Session, label: &str) {
+fn weak_key(session: &Session, label: &str, id: Option<&str>) {
+    let mut template = vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(32.into()),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Token(true),
+        Attribute::Sensitive(false),
+        Attribute::Extractable(true),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+    ];
+    if let Some(id) = id {
+        template.push(Attribute::Id(
+            data_encoding::HEXLOWER.decode(id.as_bytes()).unwrap(),
+        ));
+    }
     session
-        .generate_key(
-            &Mechanism::AesKeyGen,
-            &[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::AES),
-                Attribute::ValueLen(32.into()),
-                Attribute::Label(label.as_bytes().to_vec()),
-                Attribute::Token(true),
-                Attribute::Sensitive(false),
-                Attribute::Extractable(true),
-                Attribute::Encrypt(true),
-                Attribute::Decrypt(true),
-            ],
-        )
+        .generate_key(&Mechanism::AesKeyGen, &template)
         .unwrap();
 }
 
