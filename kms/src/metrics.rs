@@ -259,10 +259,12 @@ impl Metrics {
         }
     }
 
-    /// The exposition, with the seal state and key count read now.
+    /// The exposition, with the seal state and key count read now. Takes no lock a
+    /// ceremony holds (an unseal loading every key, a rotation waiting on the store): the
+    /// seal state is the one published to watchers, the keyring the published one.
     pub(crate) fn encode(&self, seal: &SealManager) -> String {
         let keys = seal.keyring().map_or(0, |k| k.key_count());
-        self.sealed.set(i64::from(seal.status().sealed));
+        self.sealed.set(i64::from(!seal.is_unsealed()));
         self.keys.set(i64::try_from(keys).unwrap_or(i64::MAX));
         let mut out = String::new();
         // Writing to a String cannot fail.

@@ -918,3 +918,110 @@ fn rekey_and_verify_share_refuse_bad_input_by_name() {
     assert_eq!(rekey_status(&server)["rekey"]["progress"], 1);
     assert!(!hsm.logs().contains(&"A".repeat(100)));
 }
+
+/// A rekey alone keeps the root key and the master key: an older copy of the store (a
+/// backup, a replica, an old redb file) still unseals with the retired shares. The answer
+/// docs/ceremony.md gives for an exposed share: rekey, then rotate the master key (the old
+/// one is destroyed in the token), then take a new backup. Every older copy is then
+/// useless, whoever holds old shares; the live server unseals with the new shares only.
+#[test]
+fn after_a_rekey_and_a_master_key_rotation_older_copies_of_the_store_are_useless() {
+    let hsm = TestHsm::new("kms-exposed-share");
+    let server = hsm.start();
+    let init = server.init(3, 2, "");
+    assert_eq!(init.code, Some(0), "{init:?}");
+    let old = init.shares();
+    let fingerprint = init.json()["audit_key_fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(unseal(&server, &[&old[0], &old[1]]).code, Some(0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ct = rt.block_on(async {
+        server
+            .create_aes_key("ledger", ProtectionLevel::Software)
+            .await;
+        let mut keys = server.keys().await;
+        encrypt_ctx(&mut keys, "ledger", b"before").await.unwrap()
+    });
+    let old_backup = hsm.path().join("old.backup");
+    let out = server.kms(
+        &["backup", "create", "--out", old_backup.to_str().unwrap()],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+
+    // The rekey: the old shares are retired on the live server.
+    assert_eq!(server.rekey_init(3, 2).code, Some(0));
+    let steps = submit(&server, &[&old[0], &old[1]]).json_lines();
+    let new = strings(&steps[1]["shares"]);
+    assert_eq!(new.len(), 3);
+    let steps = submit(&server, &[&new[0], &new[1]]).json_lines();
+    assert!(steps[1]["committed_share_set_id"].is_string(), "{steps:?}");
+
+    // A copy of the store from before the rekey, restored: the old shares still unseal it.
+    let copy = |name: &str| {
+        let config = hsm.config_full(
+            &format!("{name}.toml"),
+            &hsm.hsm_table(),
+            &format!(
+                "[storage]\npath = \"{}\"\n",
+                hsm.path().join(format!("{name}.redb")).display()
+            ),
+        );
+        let out = softhsm_tests::run_kms(
+            "https://127.0.0.1:1",
+            &[
+                "backup",
+                "restore",
+                "--in",
+                old_backup.to_str().unwrap(),
+                "--config",
+                config.to_str().unwrap(),
+                "--public-key",
+                &fingerprint,
+            ],
+            "",
+        );
+        assert_eq!(out.code, Some(0), "{out:?}");
+        config
+    };
+    let before_rotation = copy("copy-1");
+    let stale = hsm.try_start(&before_rotation, &[]).unwrap();
+    assert_eq!(unseal(&stale, &[&old[0], &old[2]]).code, Some(0));
+    rt.block_on(async {
+        let mut keys = stale.keys().await;
+        assert_eq!(
+            decrypt_ctx(&mut keys, "ledger", &ct).await.unwrap(),
+            b"before"
+        );
+    });
+    drop(stale);
+
+    // The master key rotation: the key every older copy is wrapped under is destroyed.
+    let out = server.kms(&["operator", "rotate-master-key"], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("was destroyed"), "{out:?}");
+
+    // Every older copy is now useless: the one restored before, and a new restore of the
+    // old backup. Their server stops at start-up: the master key they name is gone.
+    for config in [before_rotation, copy("copy-2")] {
+        let err = match hsm.try_start(&config, &[]) {
+            Ok(_) => panic!("an older copy still starts after the rotation"),
+            Err(e) => e,
+        };
+        assert!(err.contains("no master key labelled"), "{err}");
+    }
+    // The live server: the new shares unseal, the old ones are refused by name.
+    assert_eq!(server.kms(&["operator", "seal"], "").code, Some(0));
+    let out = unseal(&server, &[&old[0]]);
+    assert!(out.stderr.contains("which a rekey retired"), "{out:?}");
+    assert_eq!(unseal(&server, &[&new[2], &new[0]]).code, Some(0));
+    rt.block_on(async {
+        let mut keys = server.keys().await;
+        assert_eq!(
+            decrypt_ctx(&mut keys, "ledger", &ct).await.unwrap(),
+            b"before"
+        );
+    });
+}

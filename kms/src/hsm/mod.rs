@@ -554,11 +554,14 @@ impl Hsm {
         plaintext: &[u8],
     ) -> Result<Vec<u8>, HsmError> {
         self.with_session("encrypt", |s| {
-            let mut iv = *iv;
-            let params =
-                GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).map_err(pk("set up AES-GCM"))?;
-            s.encrypt(&Mechanism::AesGcm(params), self.handle(key)?, plaintext)
-                .map_err(pk("encrypt"))
+            let mut used = *iv;
+            let params = GcmParams::new(&mut used, aad, GCM_TAG_BITS.into())
+                .map_err(pk("set up AES-GCM"))?;
+            let ct = s
+                .encrypt(&Mechanism::AesGcm(params), self.handle(key)?, plaintext)
+                .map_err(pk("encrypt"))?;
+            iv_kept(iv, &used)?;
+            Ok(ct)
         })
     }
 
@@ -675,8 +678,39 @@ impl Hsm {
     }
 }
 
+/// Refuses a ciphertext the module made under another IV than the one kms gave it: the
+/// keyring's format carries kms's IV (and its nonce accounting counts kms's IVs), so a
+/// module that writes its own IV back (PKCS#11 allows it) would make ciphertexts that never
+/// decrypt. Such a module is refused for HSM AES keys; the ciphertext is thrown away.
+fn iv_kept(given: &[u8; GCM_IV_LEN], used: &[u8; GCM_IV_LEN]) -> Result<(), HsmError> {
+    if given == used {
+        Ok(())
+    } else {
+        Err(HsmError::Unsupported(
+            "the HSM module replaced the AES-GCM IV kms gave it (it makes its own IVs): kms cannot use this module for HSM AES-GCM keys",
+        ))
+    }
+}
+
 /// DER of `DigestInfo { sha256, NULL }` before the 32 digest bytes (RFC 8017, 9.2 note 1).
 const SHA256_DIGEST_INFO: &[u8] = &[
     0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
     0x00, 0x04, 0x20,
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_module_that_writes_its_own_iv_back_is_refused() {
+        let given = [7u8; GCM_IV_LEN];
+        assert!(iv_kept(&given, &given).is_ok());
+        let mut replaced = given;
+        replaced[GCM_IV_LEN - 1] ^= 1;
+        assert!(matches!(
+            iv_kept(&given, &replaced),
+            Err(HsmError::Unsupported(why)) if why.contains("replaced the AES-GCM IV")
+        ));
+    }
+}

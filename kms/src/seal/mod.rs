@@ -646,6 +646,12 @@ impl SealManager {
         self.unsealed.subscribe()
     }
 
+    /// Whether the server is unsealed, as published to watchers: never waits on a ceremony
+    /// in progress.
+    pub(crate) fn is_unsealed(&self) -> bool {
+        *self.unsealed.borrow()
+    }
+
     /// The current status.
     pub fn status(&self) -> SealStatus {
         SealStatus {
