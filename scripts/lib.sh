@@ -31,6 +31,15 @@ ensure_openssl() {
     fi
 }
 
+ensure_opensc() {
+    # OpenSC's pkcs11-tool lists the token's objects in the tests: a PKCS#11 client that
+    # shares no code with kms (the tests check that nothing kms should keep was destroyed).
+    if ! command -v pkcs11-tool >/dev/null 2>&1; then
+        echo "==> installing opensc (pkcs11-tool)"
+        apt_install opensc
+    fi
+}
+
 ensure_chromium() {
     # The audit report's HTML is checked as rendered by a real browser, headless.
     if ! command -v chromium >/dev/null 2>&1; then

@@ -205,6 +205,44 @@ impl TestHsm {
         ids
     }
 
+    /// Every token object as OpenSC's `pkcs11-tool --list-objects` reports it (a PKCS#11
+    /// client that shares no code with kms), as `(label, CKA_ID in hex)`, sorted: the same
+    /// shape as [`TestHsm::ids`].
+    pub fn pkcs11_tool_objects(&self) -> Vec<(String, String)> {
+        let pin = std::fs::read_to_string(&self.pin_file).unwrap();
+        let out = Command::new("pkcs11-tool")
+            .arg("--module")
+            .arg(&self.module)
+            .args(["--token-label", &self.label, "--login", "--pin", pin.trim()])
+            .arg("--list-objects")
+            .env(self.conf_env, &self.conf)
+            .output()
+            .expect("pkcs11-tool (Debian's opensc; scripts/test installs it)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Each object starts with a line `... Object; ...`, then `label:` and `ID:` lines.
+        let mut objects = Vec::new();
+        let mut current: Option<(String, String)> = None;
+        for line in String::from_utf8(out.stdout).unwrap().lines() {
+            if line.contains("Object;") {
+                objects.extend(current.replace((String::new(), String::new())));
+            } else if let Some((label, id)) = current.as_mut() {
+                let line = line.trim();
+                if let Some(l) = line.strip_prefix("label:") {
+                    *label = l.trim().to_owned();
+                } else if let Some(i) = line.strip_prefix("ID:") {
+                    *id = i.trim().to_ascii_lowercase();
+                }
+            }
+        }
+        objects.extend(current);
+        objects.sort();
+        objects
+    }
+
     /// HMAC-SHA256 of `data` with the token's secret key labelled `key` (`hsm-tool hmac`),
     /// in hex: what an insider holding the PIN can compute.
     pub fn hmac(&self, key: &str, data: &[u8]) -> String {

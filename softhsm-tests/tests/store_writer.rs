@@ -79,6 +79,12 @@ fn refused(hsm: &TestHsm, config: &Path, before: &[(String, String)], what: &str
         "{what}: {err}"
     );
     assert_eq!(hsm.ids(""), before, "{what}: the token changed");
+    // And as OpenSC's pkcs11-tool sees it, which shares no code with kms.
+    assert_eq!(
+        hsm.pkcs11_tool_objects(),
+        before,
+        "{what}: the token changed (pkcs11-tool)"
+    );
 }
 
 /// The original record back, the server starts, unseals with the same shares, and the HSM
