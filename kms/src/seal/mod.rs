@@ -283,6 +283,10 @@ struct Unsealed {
 }
 
 /// The persisted seal metadata. Everything here is public or wrapped.
+///
+/// Its MAC (`record.rs`) covers the record as serde writes this struct: a field added later
+/// must be skipped when absent (`skip_serializing_if`), so that an older record serialises
+/// as it was MAC'd.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SealRecord {
