@@ -90,6 +90,8 @@ pub(crate) struct Metrics {
     pub(crate) hsm_available: Gauge,
     sealed: Gauge,
     keys: Gauge,
+    /// Times the change feed held more distinct hints than its bound (a resync instead).
+    pub(crate) change_feed_overflows: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -200,6 +202,12 @@ impl Metrics {
         );
         let keys = Gauge::default();
         registry.register("keys", "Keys in the keyring (0 while sealed)", keys.clone());
+        let change_feed_overflows = Counter::default();
+        registry.register(
+            "change_feed_overflows",
+            "Times more distinct change notifications waited than the feed holds: everything was reloaded instead",
+            change_feed_overflows.clone(),
+        );
         registry.register(
             "build",
             "The running kms version",
@@ -222,6 +230,7 @@ impl Metrics {
             hsm_available,
             sealed,
             keys,
+            change_feed_overflows,
         }
     }
 

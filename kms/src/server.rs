@@ -522,19 +522,10 @@ fn storage_metrics(store: &std::path::Path) -> Option<(u64, u64)> {
 }
 
 /// Applies the changes other servers sharing the store commit, as they are heard, forever
-/// (the caller aborts it). What arrives while one batch is applied is applied next, at once.
-async fn follow_changes(
-    seal: Arc<SealManager>,
-    mut changes: tokio::sync::mpsc::UnboundedReceiver<crate::store::Change>,
-) {
-    while let Some(first) = changes.recv().await {
-        let mut seen = std::collections::HashSet::from([first.clone()]);
-        let mut batch = vec![first];
-        while let Ok(more) = changes.try_recv() {
-            if seen.insert(more.clone()) {
-                batch.push(more);
-            }
-        }
+/// (the caller aborts it). What arrives while one batch is applied waits in the feed,
+/// coalesced, and is applied next, at once.
+async fn follow_changes(seal: Arc<SealManager>, mut feed: crate::store::ChangeFeed) {
+    while let Some(batch) = feed.next().await {
         let seal = Arc::clone(&seal);
         let _ = tokio::task::spawn_blocking(move || seal.follow(&batch)).await;
     }

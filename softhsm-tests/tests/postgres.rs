@@ -764,3 +764,68 @@ async fn a_change_lock_held_past_the_timeout_leaves_no_lock_behind() {
         assert!(message.contains("take the change lock"), "{during:?}");
     }
 }
+
+/// Issue 24, item 7: any role that can connect may `NOTIFY kms_changes`. A flood of
+/// 200,000 made-up changes neither queues without bound nor holds up a real revocation
+/// behind 200,000 reads: notifications are coalesced hints, and past a bound one reload of
+/// everything stands for them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_notifications_from_any_role_does_not_hold_up_a_revocation() {
+    let pg = TestPostgres::start();
+    let hsm = TestHsm::new("kms-pg-flood");
+    let config = hsm.config_full("kms.toml", &hsm.hsm_table(), &pg.storage_table());
+    let (a, shares) = start_unsealed(&hsm, &config);
+    let b = hsm.try_start(&config, &[]).unwrap();
+    b.unseal_with(&shares);
+    a.create_aes_key("ledger", pb::ProtectionLevel::Software)
+        .await;
+    let reader = hsm
+        .pki
+        .client("reader", &softhsm_tests::pki::ClientSpec::spiffe("reader"));
+    let grant = a.grant("ledger", &reader.principal).await;
+    let ct = encrypt(&mut a.keys().await, "ledger", b"ledger entry")
+        .await
+        .unwrap();
+    let kr = b.keys_as(Some(&reader)).await;
+    within(Duration::from_secs(5), || {
+        let (mut kr, ct) = (kr.clone(), ct.clone());
+        async move { decrypt(&mut kr, "ledger", &ct).await.ok() }
+    })
+    .await;
+
+    // A role with no privilege on kms's tables floods the channel.
+    let password = pg.stranger_role("stranger");
+    let mut flood = pg.session_as("stranger", &password, "kms");
+    flood.send(
+        "SELECT count(pg_notify('kms_changes', 'keys:flood-' || g)) FROM generate_series(1, 200000) g;",
+    );
+    let out = flood.sync(Duration::from_secs(60));
+    assert_eq!(out, ["200000"], "{out:?}");
+
+    a.access()
+        .await
+        .revoke_grant(pb::RevokeGrantRequest { id: grant })
+        .await
+        .unwrap();
+    let (_, took) = within(Duration::from_secs(3), || {
+        let (mut kr, ct) = (kr.clone(), ct.clone());
+        async move {
+            match decrypt(&mut kr, "ledger", &ct).await {
+                Err(e) if e.code() == tonic::Code::PermissionDenied => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    eprintln!("B refused the revoked grant {took:?} after the flood");
+    assert!(
+        hsm.logs().contains("reloading everything instead"),
+        "no log line says the feed overflowed"
+    );
+    // Both servers still serve.
+    for s in [&a, &b] {
+        create_key(s, &format!("after-flood-{}", s.pid()))
+            .await
+            .unwrap();
+    }
+}

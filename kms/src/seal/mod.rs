@@ -668,9 +668,7 @@ impl SealManager {
     }
 
     /// The shared store's change feed (once), for [`SealManager::follow`].
-    pub(crate) fn changes(
-        &self,
-    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<crate::store::Change>> {
+    pub(crate) fn changes(&self) -> Option<crate::store::ChangeFeed> {
         self.store.changes()
     }
 

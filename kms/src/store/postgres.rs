@@ -23,7 +23,11 @@
 //! running, a transaction open or a lock held. (No `statement_timeout`: cancelling a
 //! commit that waits for a synchronous standby makes PostgreSQL report it committed, an
 //! acknowledgement the standby never gave.)
+//!
+//! Notifications are hints, never data: anyone who can connect may send one. They are
+//! parsed strictly, coalesced and bounded ([`super::ChangeFeed`]).
 
+use super::feed::{ChangeFeed, Hints};
 use super::{Change, ChangeLock, Removal, Store, StoreError, Table, Write};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -114,6 +118,14 @@ const MIGRATION_LOCK: i64 = 0x6b6d_735f_6d69_6772; // "kms_migr"
 /// The notification channel of changes (`TABLE:KEY` payloads).
 const CHANNEL: &str = "kms_changes";
 
+/// The tables whose changes are announced and followed (not the audit log or the counters,
+/// which servers read when they need them).
+const FOLLOWED: [Table; 3] = [Table::Keys, Table::Grants, Table::System];
+
+/// The longest entry key a notification may name (a key name has at most 128 characters,
+/// a grant id 32).
+const MAX_HINT_KEY: usize = 128;
+
 /// The advisory lock that serialises keyring changes between servers.
 const CHANGE_LOCK: i64 = 0x6b6d_735f_6368_6e67; // "kms_chng"
 
@@ -128,7 +140,7 @@ pub struct PgStore {
     pool: Db,
     timeout: Duration,
     /// The change feed, until the server takes it.
-    changes: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Change>>>,
+    changes: std::sync::Mutex<Option<ChangeFeed>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -267,52 +279,55 @@ impl PgSettings {
     }
 }
 
-/// Listens on [`CHANNEL`] over a connection of its own and forwards each change, forever
-/// (until the feed's receiver is gone). When the connection is lost, it reconnects every
-/// second, and then sends [`Change::Resync`]: what was committed meanwhile was not heard.
-async fn follow<T>(
-    config: tokio_postgres::Config,
-    tls: T,
-    feed: tokio::sync::mpsc::UnboundedSender<Change>,
-) where
+/// Listens on [`CHANNEL`] over a connection of its own and adds each notification to the
+/// feed as a hint, forever (until the feed's reader is gone). When the connection is lost,
+/// it reconnects every second, and then hints [`Change::Resync`]: what was committed
+/// meanwhile was not heard.
+async fn follow<T>(config: tokio_postgres::Config, tls: T, hints: Hints)
+where
     T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Clone + Send + 'static,
     T::Stream: Send + 'static,
     T::TlsConnect: Send,
     <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
 {
+    let hints = Arc::new(hints);
     let mut heard_before = false;
     let mut warned = false;
-    while !feed.is_closed() {
+    while !hints.is_closed() {
         match config.connect(tls.clone()).await {
             Ok((client, mut connection)) => {
-                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-                let driver = tokio::spawn(async move {
-                    while let Some(Ok(message)) =
-                        std::future::poll_fn(|cx| connection.poll_message(cx)).await
-                    {
-                        if let tokio_postgres::AsyncMessage::Notification(n) = message
-                            && tx.send(n.payload().to_owned()).is_err()
+                // Drives the connection and hands each notification over at once: nothing
+                // queues here, whatever the rate (the feed coalesces and bounds).
+                let driver = tokio::spawn({
+                    let hints = Arc::clone(&hints);
+                    async move {
+                        while let Some(Ok(message)) =
+                            std::future::poll_fn(|cx| connection.poll_message(cx)).await
                         {
-                            break;
+                            if let tokio_postgres::AsyncMessage::Notification(n) = message
+                                && n.channel() == CHANNEL
+                                && let Some(change) = parse_change(n.payload())
+                            {
+                                hints.hint(change);
+                            }
+                            if hints.is_closed() {
+                                break;
+                            }
                         }
                     }
                 });
                 if client.batch_execute("LISTEN kms_changes").await.is_ok() {
                     if heard_before || warned {
                         tracing::info!("following the database's changes again");
-                        let _ = feed.send(Change::Resync);
+                        hints.hint(Change::Resync);
                     }
                     heard_before = true;
                     warned = false;
-                    while let Some(payload) = rx.recv().await {
-                        if let Some(change) = parse_change(&payload)
-                            && feed.send(change).is_err()
-                        {
-                            break;
-                        }
-                    }
+                    // Until the connection is lost.
+                    let _ = driver.await;
+                } else {
+                    driver.abort();
                 }
-                driver.abort();
             }
             Err(e) => {
                 if !warned {
@@ -325,10 +340,13 @@ async fn follow<T>(
     }
 }
 
-/// `TABLE:KEY` -> the change; anything else is ignored.
+/// `TABLE:KEY` -> the entry to read again, for a table servers follow; anything else
+/// (another table, an empty, long or non-ASCII key) is ignored. A hint, never data.
 fn parse_change(payload: &str) -> Option<Change> {
     let (table, key) = payload.split_once(':')?;
-    Some(Change::Entry(table.parse().ok()?, key.to_owned()))
+    let table = FOLLOWED.into_iter().find(|t| t.name() == table)?;
+    let fits = (1..=MAX_HINT_KEY).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic());
+    fits.then(|| Change::Entry(table, key.to_owned()))
 }
 
 impl PgStore {
@@ -361,11 +379,11 @@ impl PgStore {
                     source: Box::new(e),
                 })?
         };
-        let (feed, changes) = tokio::sync::mpsc::unbounded_channel();
+        let (hints, changes) = super::feed::feed();
         let limit = settings.timeout;
         let cancel: Cancel = match tls {
             None => {
-                runtime.spawn(follow(config, tokio_postgres::NoTls, feed));
+                runtime.spawn(follow(config, tokio_postgres::NoTls, hints));
                 Arc::new(move |token| {
                     Box::pin(async move {
                         let _ =
@@ -376,7 +394,7 @@ impl PgStore {
             }
             Some(tls) => {
                 let make = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
-                runtime.spawn(follow(config, make.clone(), feed));
+                runtime.spawn(follow(config, make.clone(), hints));
                 Arc::new(move |token| {
                     let make = make.clone();
                     Box::pin(async move {
@@ -469,7 +487,7 @@ impl Rows {
         }
         let followed = writes
             .iter()
-            .filter(|w| matches!(w.table, Table::Keys | Table::Grants | Table::System))
+            .filter(|w| FOLLOWED.contains(&w.table))
             .map(|w| format!("{}:{}", w.table.name(), w.key))
             .collect();
         Self {
@@ -734,7 +752,7 @@ impl Store for PgStore {
         }))))
     }
 
-    fn changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Change>> {
+    fn changes(&self) -> Option<ChangeFeed> {
         self.changes.lock().ok()?.take()
     }
 
@@ -1000,5 +1018,44 @@ impl Store for PgStore {
                     .map_err(db(op))?,
             ))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_notification_is_only_a_hint_of_an_entry_of_a_followed_table() {
+        assert_eq!(
+            parse_change("keys:payments"),
+            Some(Change::Entry(Table::Keys, "payments".into()))
+        );
+        assert_eq!(
+            parse_change("grants:00112233445566778899aabbccddeeff"),
+            Some(Change::Entry(
+                Table::Grants,
+                "00112233445566778899aabbccddeeff".into()
+            ))
+        );
+        assert_eq!(
+            parse_change("system:seal"),
+            Some(Change::Entry(Table::System, "seal".into()))
+        );
+        let long = format!("keys:{}", "a".repeat(MAX_HINT_KEY + 1));
+        for ignored in [
+            "",
+            "keys",
+            "keys:",
+            "audit:00000000000000000001",
+            "counters:payments/1",
+            "nonsense:x",
+            "keys:two words",
+            "keys:caf\u{e9}",
+            "keys:a\nb",
+            long.as_str(),
+        ] {
+            assert_eq!(parse_change(ignored), None, "{ignored:?}");
+        }
     }
 }
