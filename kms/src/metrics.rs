@@ -90,6 +90,14 @@ pub(crate) struct Metrics {
     pub(crate) hsm_available: Gauge,
     sealed: Gauge,
     keys: Gauge,
+    /// Changes other servers made that this one heard of and has not applied.
+    keyring_changes_unapplied: Gauge,
+    /// 1 while this server refuses keys because it has not applied another server's change.
+    keyring_behind: Gauge,
+    /// Attempts to apply other servers' changes that left some unapplied.
+    pub(crate) keyring_follow_failures: Counter,
+    /// Times the change feed held more distinct hints than its bound (a resync instead).
+    pub(crate) change_feed_overflows: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -200,6 +208,30 @@ impl Metrics {
         );
         let keys = Gauge::default();
         registry.register("keys", "Keys in the keyring (0 while sealed)", keys.clone());
+        let keyring_changes_unapplied = Gauge::default();
+        registry.register(
+            "keyring_changes_unapplied",
+            "Changes other servers sharing the store made that this server heard of and has not applied yet",
+            keyring_changes_unapplied.clone(),
+        );
+        let keyring_behind = Gauge::default();
+        registry.register(
+            "keyring_behind",
+            "1 while this server refuses keys (UNAVAILABLE) because it could not apply, or has not applied within 200 ms, another server's change to them",
+            keyring_behind.clone(),
+        );
+        let keyring_follow_failures = Counter::default();
+        registry.register(
+            "keyring_follow_failures",
+            "Attempts to apply other servers' changes that left some unapplied (retried with backoff)",
+            keyring_follow_failures.clone(),
+        );
+        let change_feed_overflows = Counter::default();
+        registry.register(
+            "change_feed_overflows",
+            "Times more distinct change notifications waited than the feed holds: everything was reloaded instead",
+            change_feed_overflows.clone(),
+        );
         registry.register(
             "build",
             "The running kms version",
@@ -222,6 +254,10 @@ impl Metrics {
             hsm_available,
             sealed,
             keys,
+            keyring_changes_unapplied,
+            keyring_behind,
+            keyring_follow_failures,
+            change_feed_overflows,
         }
     }
 
@@ -259,13 +295,20 @@ impl Metrics {
         }
     }
 
-    /// The exposition, with the seal state and key count read now. Takes no lock a
-    /// ceremony holds (an unseal loading every key, a rotation waiting on the store): the
-    /// seal state is the one published to watchers, the keyring the published one.
+    /// The exposition, with the seal state, key count and how far the keyring is behind
+    /// the shared store read now. Takes no lock a ceremony holds (an unseal loading every
+    /// key, a rotation waiting on the store): the seal state is the one published to
+    /// watchers, the keyring the published one.
     pub(crate) fn encode(&self, seal: &SealManager) -> String {
-        let keys = seal.keyring().map_or(0, |k| k.key_count());
+        let keyring = seal.keyring().ok();
+        let keys = keyring.as_ref().map_or(0, |k| k.key_count());
+        let following = keyring.as_ref().map(|k| k.following());
         self.sealed.set(i64::from(!seal.is_unsealed()));
         self.keys.set(i64::try_from(keys).unwrap_or(i64::MAX));
+        self.keyring_changes_unapplied
+            .set(following.map_or(0, |f| i64::try_from(f.unapplied).unwrap_or(i64::MAX)));
+        self.keyring_behind
+            .set(i64::from(following.is_some_and(|f| f.behind)));
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -521,22 +521,143 @@ fn storage_metrics(store: &std::path::Path) -> Option<(u64, u64)> {
     Some((free, total))
 }
 
-/// Applies the changes other servers sharing the store commit, as they are heard, forever
-/// (the caller aborts it). What arrives while one batch is applied is applied next, at once.
-async fn follow_changes(
-    seal: Arc<SealManager>,
-    mut changes: tokio::sync::mpsc::UnboundedReceiver<crate::store::Change>,
-) {
-    while let Some(first) = changes.recv().await {
-        let mut seen = std::collections::HashSet::from([first.clone()]);
-        let mut batch = vec![first];
-        while let Ok(more) = changes.try_recv() {
-            if seen.insert(more.clone()) {
-                batch.push(more);
-            }
+/// The first wait before changes that could not be applied are tried again; it doubles
+/// after each failed attempt, up to [`FOLLOW_RETRY_MAX`].
+const FOLLOW_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The longest wait between two attempts at changes that could not be applied.
+const FOLLOW_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// At most one reload of everything per this long (a flood of notifications, from any
+/// database role, collapses into resyncs: see `store::ChangeFeed`).
+const RESYNC_SPACING: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// When the follow task next tries the changes that wait.
+#[derive(Debug)]
+struct FollowSchedule {
+    /// The wait after the next failed attempt.
+    retry: std::time::Duration,
+    /// No attempt before this (after a failure: the backoff).
+    not_before: std::time::Instant,
+    /// When the last attempt ended.
+    last_end: Option<std::time::Instant>,
+    /// When the last reload of everything started.
+    last_resync: Option<std::time::Instant>,
+    /// Changes were heard since the last attempt started.
+    news: bool,
+}
+
+impl FollowSchedule {
+    fn new(now: std::time::Instant) -> Self {
+        Self {
+            retry: FOLLOW_RETRY_FIRST,
+            not_before: now,
+            last_end: None,
+            last_resync: None,
+            news: false,
         }
-        let seal = Arc::clone(&seal);
-        let _ = tokio::task::spawn_blocking(move || seal.follow(&batch)).await;
+    }
+
+    /// When to try `waiting`: at once, unless the last attempt failed (then after the
+    /// backoff, or [`FOLLOW_RETRY_FIRST`] after it when new changes were heard), and never
+    /// a resync sooner than [`RESYNC_SPACING`] after the last.
+    fn at(&self, waiting: &std::collections::BTreeSet<crate::store::Change>) -> std::time::Instant {
+        let mut at = self.not_before;
+        if self.news
+            && let Some(end) = self.last_end
+        {
+            at = at.min(end + FOLLOW_RETRY_FIRST);
+        }
+        if waiting.contains(&crate::store::Change::Resync)
+            && let Some(last) = self.last_resync
+        {
+            at = at.max(last + RESYNC_SPACING);
+        }
+        at
+    }
+
+    fn started(&mut self, now: std::time::Instant, resync: bool) {
+        if resync {
+            self.last_resync = Some(now);
+        }
+        self.news = false;
+    }
+
+    fn ended(&mut self, now: std::time::Instant, failed: bool) {
+        self.last_end = Some(now);
+        if failed {
+            self.not_before = now + self.retry;
+            self.retry = self.retry.saturating_mul(2).min(FOLLOW_RETRY_MAX);
+        } else {
+            self.not_before = now;
+            self.retry = FOLLOW_RETRY_FIRST;
+        }
+    }
+}
+
+/// Applies the changes other servers sharing the store commit, as they are heard, forever
+/// (the caller aborts it). Each change is noted by the keyring the moment it is heard
+/// (`Keyring::heard`: a live grant it names is suspended, and its key is refused if it is
+/// not applied soon), even while an earlier attempt runs; what arrives meanwhile is tried
+/// next. A change that could not be applied is kept and tried again, with backoff, until
+/// it is (`keyring_follow_failures_total` counts the failed attempts; the keyring logs the
+/// start and the end of a period behind).
+async fn follow_changes(seal: Arc<SealManager>, mut feed: crate::store::ChangeFeed) {
+    use crate::store::Change;
+    let mut waiting = std::collections::BTreeSet::new();
+    let mut schedule = FollowSchedule::new(std::time::Instant::now());
+    let hear = |news: Vec<Change>,
+                waiting: &mut std::collections::BTreeSet<Change>,
+                schedule: &mut FollowSchedule| {
+        if let Ok(keyring) = seal.keyring() {
+            keyring.heard(&news);
+        }
+        waiting.extend(news);
+        schedule.news = true;
+    };
+    loop {
+        let now = std::time::Instant::now();
+        let at = (!waiting.is_empty()).then(|| schedule.at(&waiting));
+        if at.is_none_or(|at| at > now) {
+            let news = match at {
+                None => feed.next().await,
+                Some(at) => tokio::select! {
+                    news = feed.next() => news,
+                    () = tokio::time::sleep_until(at.into()) => Some(Vec::new()),
+                },
+            };
+            let Some(news) = news else { return };
+            if !news.is_empty() {
+                hear(news, &mut waiting, &mut schedule);
+            }
+            continue;
+        }
+        let batch: Vec<Change> = std::mem::take(&mut waiting).into_iter().collect();
+        schedule.started(now, batch.contains(&Change::Resync));
+        let attempt = tokio::task::spawn_blocking({
+            let (seal, batch) = (Arc::clone(&seal), batch.clone());
+            move || seal.follow(&batch)
+        });
+        tokio::pin!(attempt);
+        let mut open = true;
+        let left = loop {
+            tokio::select! {
+                done = &mut attempt => break done.unwrap_or(batch),
+                news = feed.next(), if open => match news {
+                    Some(news) => hear(news, &mut waiting, &mut schedule),
+                    None => open = false,
+                },
+            }
+        };
+        let failed = !left.is_empty();
+        if failed {
+            crate::metrics::metrics().keyring_follow_failures.inc();
+        }
+        waiting.extend(left);
+        schedule.ended(std::time::Instant::now(), failed);
+        if !open {
+            return;
+        }
     }
 }
 
@@ -679,8 +800,47 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
 
 #[cfg(test)]
 mod tests {
-    use super::{SpaceAlarm, SpaceNote};
+    use super::{
+        FOLLOW_RETRY_FIRST, FOLLOW_RETRY_MAX, FollowSchedule, RESYNC_SPACING, SpaceAlarm, SpaceNote,
+    };
+    use crate::store::{Change, Table};
+    use std::collections::BTreeSet;
     use std::time::{Duration, Instant};
+
+    /// Failed changes are tried again with a doubling backoff, new changes are not held up
+    /// by a long one, and reloads of everything are spaced.
+    #[test]
+    fn unapplied_changes_are_retried_with_backoff_and_resyncs_are_spaced() {
+        let t0 = Instant::now();
+        let key: BTreeSet<Change> = [Change::Entry(Table::Keys, "a".into())].into();
+        let resync: BTreeSet<Change> = [Change::Resync].into();
+        let mut s = FollowSchedule::new(t0);
+        assert_eq!(s.at(&key), t0);
+        let mut end = t0;
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            s.started(end, false);
+            s.ended(end, true);
+            waits.push(s.at(&key) - end);
+            end = s.at(&key);
+        }
+        assert_eq!(
+            waits,
+            [250, 500, 1000, 2000, 4000, 4000].map(Duration::from_millis)
+        );
+        assert_eq!(waits.first(), Some(&FOLLOW_RETRY_FIRST));
+        assert_eq!(waits.last(), Some(&FOLLOW_RETRY_MAX));
+        // A change heard during a long backoff is tried soon after the last attempt.
+        s.news = true;
+        assert_eq!(s.at(&key), end - FOLLOW_RETRY_MAX + FOLLOW_RETRY_FIRST);
+        // Success: at once again, and the backoff starts over.
+        s.started(end, true);
+        s.ended(end, false);
+        assert_eq!(s.at(&key), end);
+        assert_eq!(s.retry, FOLLOW_RETRY_FIRST);
+        // A resync right after one waits for the spacing.
+        assert_eq!(s.at(&resync), end + RESYNC_SPACING);
+    }
 
     /// Low space is said when it starts, then hourly, not at every check; its end once.
     #[test]

@@ -259,6 +259,60 @@ impl TestPostgres {
         text
     }
 
+    /// Opens an interactive `psql` session as the superuser on `database`, for SQL that
+    /// must hold something (a transaction, a lock) while the test goes on.
+    pub fn session(&self, database: &str) -> PsqlSession {
+        self.session_as("postgres", &self.superuser_password.clone(), database)
+    }
+
+    /// As [`TestPostgres::session`], as `role` with `password`.
+    pub fn session_as(&self, role: &str, password: &str, database: &str) -> PsqlSession {
+        let mut child = Command::new(self.bin.join("psql"))
+            .args(["-X", "-q", "-A", "-t", "-h", "127.0.0.1"])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(["-U", role, "-d", database])
+            .env("PGPASSWORD", password)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stream)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        PsqlSession {
+            child,
+            stdin,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Makes a role that may log in (and so, like every role, connect to `kms` and
+    /// `NOTIFY` on it) and holds no privilege on kms's tables; returns its password.
+    pub fn stranger_role(&self, role: &str) -> String {
+        let password = random_word();
+        self.sql(&format!("CREATE ROLE {role} LOGIN PASSWORD '{password}'"));
+        password
+    }
+
     /// Makes another empty database owned by `kms`; returns its URL.
     pub fn new_database(&self, name: &str) -> String {
         self.sql(&format!("CREATE DATABASE {name} OWNER kms;"));
@@ -266,6 +320,52 @@ impl TestPostgres {
             "postgresql://kms@127.0.0.1:{}/{name}?sslmode=disable",
             self.port
         )
+    }
+}
+
+/// An interactive `psql` (see [`TestPostgres::session`]): SQL is sent without waiting for
+/// it to finish; [`PsqlSession::sync`] waits until everything sent so far has run.
+pub struct PsqlSession {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every line psql wrote so far (results and errors).
+    pub seen: Vec<String>,
+}
+
+impl PsqlSession {
+    /// Sends `sql` (one or more statements, each ending in `;`) and returns at once.
+    pub fn send(&mut self, sql: &str) {
+        use std::io::Write;
+        writeln!(self.stdin, "{sql}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// Waits, at most `within`, until everything sent so far has run; returns the lines
+    /// psql wrote meanwhile.
+    pub fn sync(&mut self, within: std::time::Duration) -> Vec<String> {
+        let mark = format!("-- synced {} --", random_word());
+        self.send(&format!("\\echo '{mark}'"));
+        let deadline = std::time::Instant::now() + within;
+        let mut out = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line == mark => return out,
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    out.push(line);
+                }
+                Err(_) => panic!("psql did not finish within {within:?}; it wrote {out:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for PsqlSession {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -162,6 +162,8 @@ fn keyring_code(e: &KeyringError) -> Code {
         KeyringError::Tampered(_) | KeyringError::HsmKeyMissing => Code::DataLoss,
         KeyringError::Hsm(_)
         | KeyringError::Store(_)
+        | KeyringError::KeyBehind(_)
+        | KeyringError::Behind
         | KeyringError::Randomness
         | KeyringError::AuditUnavailable => Code::Unavailable,
         KeyringError::Internal(_) => Code::Internal,

@@ -118,6 +118,18 @@ pub enum KeyringError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Another server changed this key (or a grant on it), and this server has not been
+    /// able to apply the change yet: the key is refused here until it has.
+    #[error(
+        "key {0:?} is unavailable on this server until it has applied a change another server made to it"
+    )]
+    KeyBehind(String),
+    /// This server has not been able to apply every change other servers made, and cannot
+    /// tell which keys they concern: every key is refused here until it has.
+    #[error(
+        "this server is behind the shared store (changes other servers made are not applied yet): keys are unavailable here until it catches up"
+    )]
+    Behind,
     /// The OS random source failed.
     #[error("the operating system's random number generator failed")]
     Randomness,

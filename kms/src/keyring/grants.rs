@@ -48,6 +48,10 @@ impl LiveGrants {
         self.by_id.insert(grant.id.clone(), grant);
     }
 
+    pub(super) fn get(&self, id: &str) -> Option<&Grant> {
+        self.by_id.get(id)
+    }
+
     pub(super) fn remove(&mut self, id: &str) -> Option<Grant> {
         let grant = self.by_id.remove(id)?;
         if let Some(ids) = self.by_key.get_mut(&grant.key) {
@@ -229,6 +233,8 @@ impl Keyring {
             revoked_at: None,
             revoked_by: None,
         };
+        // Its own notification, on a shared store, is no revocation.
+        self.expect_echo(&grant.id);
         self.commit_grant(&grant, journal)?;
         write_lock(&self.grants)?.insert(grant.clone());
         Ok(grant)
@@ -270,6 +276,12 @@ impl Keyring {
     /// The live grants, optionally only those on `key` and those whose grantee is or
     /// matches `principal` (empty: all).
     pub fn list_grants(&self, key: &str, principal: &str) -> Result<Vec<Grant>, KeyringError> {
+        // Never a revoked grant listed as live while a change is unapplied.
+        if key.is_empty() {
+            self.refuse_if_any_behind()?;
+        } else {
+            self.refuse_if_behind(key)?;
+        }
         let grants = read_lock(&self.grants)?;
         let on: Box<dyn Iterator<Item = &Grant>> = if key.is_empty() {
             Box::new(grants.by_id.values())
@@ -288,6 +300,8 @@ impl Keyring {
 
     /// Whether a live grant lets `principal` do `operation` with `key`, with the
     /// request's associated data `aads` (all of them must satisfy a constrained grant).
+    /// Refuses (`KeyBehind`, `Behind`) while a change to the key or its grants that this
+    /// server heard of is not applied: a revoked grant is never served stale.
     pub(crate) fn permits(
         &self,
         principal: &str,
@@ -295,6 +309,7 @@ impl Keyring {
         operation: crate::policy::Operation,
         aads: &[&[u8]],
     ) -> Result<bool, KeyringError> {
+        self.refuse_if_behind(key)?;
         let grants = read_lock(&self.grants)?;
         for g in grants.on_key(key) {
             if g.allows(principal, operation, aads, &self.mac_key)? {

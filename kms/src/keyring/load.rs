@@ -53,6 +53,7 @@ impl Keyring {
             admin: Mutex::new(()),
             settings,
             grants: RwLock::new(grants::LiveGrants::default()),
+            lag: follow::Lag::default(),
         };
         let mut keys = BTreeMap::new();
         let mut tampered = BTreeMap::new();

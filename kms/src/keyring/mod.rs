@@ -139,6 +139,9 @@ pub struct Keyring {
     settings: Settings,
     /// Live grants, by id.
     grants: RwLock<grants::LiveGrants>,
+    /// Changes other servers made that this one has heard of and not applied yet
+    /// (`keyring::follow`).
+    lag: follow::Lag,
 }
 
 /// The current Unix time in seconds.
@@ -253,8 +256,11 @@ impl Keyring {
     }
 
     /// As [`Keyring::entry`]; on a shared store, a key this server has not heard of yet is
-    /// looked up there first (another server may have made it a moment ago).
+    /// looked up there first (another server may have made it a moment ago), and a key
+    /// another server changed is refused while this one has not applied the change
+    /// (`keyring::follow`). Every crypto call finds its key here.
     fn fetch(&self, name: &str) -> Result<Arc<KeyEntry>, KeyringError> {
+        self.refuse_if_behind(name)?;
         match self.entry(name) {
             Err(KeyringError::NotFound(_)) if self.store.shared() && self.reload_key(name)? => {
                 self.entry(name)

@@ -769,34 +769,43 @@ impl SealManager {
     }
 
     /// The shared store's change feed (once), for [`SealManager::follow`].
-    pub(crate) fn changes(
-        &self,
-    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<crate::store::Change>> {
+    pub(crate) fn changes(&self) -> Option<crate::store::ChangeFeed> {
         self.store.changes()
     }
 
-    /// Applies what servers sharing the store committed: the seal record, keys, grants.
-    pub(crate) fn follow(&self, changes: &[crate::store::Change]) {
+    /// Applies what servers sharing the store committed: the seal record, keys, grants
+    /// (with every change the keyring still has unapplied). Returns the changes still
+    /// unapplied, for the caller to try again later; the keyring refuses the keys they
+    /// concern meanwhile (`keyring::follow`). Changes to the keyring heard while sealed are
+    /// dropped: the next unseal loads everything.
+    pub(crate) fn follow(&self, changes: &[crate::store::Change]) -> Vec<crate::store::Change> {
         use crate::store::Change;
-        let seal_changed = changes.iter().any(|c| {
-            matches!(
-                c,
-                Change::Resync | Change::Entry(crate::store::Table::System, _)
-            )
-        });
-        if seal_changed && let Err(e) = self.adopt_record() {
-            tracing::error!(error = %crate::error_chain(&e), "cannot take up the seal record another server committed");
+        let seal_changes: Vec<Change> = changes
+            .iter()
+            .filter(|c| {
+                matches!(
+                    c,
+                    Change::Resync | Change::Entry(crate::store::Table::System, _)
+                )
+            })
+            .cloned()
+            .collect();
+        let mut left = Vec::new();
+        if !seal_changes.is_empty()
+            && let Err(e) = self.adopt_record()
+        {
+            tracing::error!(error = %crate::error_chain(&e), "cannot take up the seal record another server committed: retrying");
+            left = seal_changes;
         }
         let keyring = self
             .published
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        if let Some(keyring) = keyring
-            && let Err(e) = keyring.follow(changes)
-        {
-            tracing::error!(error = %crate::error_chain(&e), "cannot apply another server's changes: reloading at the next change");
+        if let Some(keyring) = keyring {
+            left.extend(keyring.follow(changes));
         }
+        left
     }
 
     /// Forgets the current unseal attempt's shares.

@@ -10,13 +10,15 @@
 use std::path::PathBuf;
 
 mod embedded;
+mod feed;
 mod postgres;
 
 pub use embedded::{DEFAULT_CACHE_BYTES, RedbStore};
+pub use feed::ChangeFeed;
 pub use postgres::{PgSettings, PgStore, SecretSource};
 
 /// The tables of the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum Table {
     /// Seal metadata: the wrapped root key and the share set.
@@ -123,10 +125,12 @@ pub enum StoreError {
     },
 }
 
-/// What another server (or this one) changed in a shared store, as its followers hear it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// What another server (or this one) changed in a shared store, as its followers hear it:
+/// a hint of what to read again, never data (anyone who can connect to a database can
+/// announce a change).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Change {
-    /// An entry of a table was written.
+    /// An entry of a table may have been written.
     Entry(Table, String),
     /// Changes may have been missed (the feed was interrupted): reload everything.
     Resync,
@@ -233,8 +237,9 @@ pub trait Store: Send + Sync + 'static {
         false
     }
     /// The feed of changes to the keys, grants and seal record committed by any server
-    /// sharing the store; `None` for a store only this process writes. Taken once.
-    fn changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Change>> {
+    /// sharing the store (bounded and coalesced: see [`ChangeFeed`]); `None` for a store
+    /// only this process writes. Taken once.
+    fn changes(&self) -> Option<ChangeFeed> {
         None
     }
     /// The entry with the greatest key, if any.

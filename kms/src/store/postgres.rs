@@ -12,10 +12,27 @@
 //! runtime of its own (one thread, `kms-postgres`) and a call waits for its answer on a
 //! channel: it works from any thread, and a database that does not answer costs a bounded
 //! wait (`timeout`), never a hang.
+//!
+//! A timeout never leaves anything behind. Every session runs with `lock_timeout` set to
+//! `timeout`, so a statement that waits for a lock (another server's, or a lock someone
+//! holds on kms's tables or advisory locks) is ended by the server itself, with its
+//! transaction; the cross-server locks are transaction-level, so they end with their
+//! transaction or their connection, whatever happens to the client. A call the client
+//! gives up on (its own bound, twice `timeout`) has its statement cancelled and its
+//! connection closed ([`Conn`]): no connection goes back to the pool with a statement still
+//! running, a transaction open or a lock held. (No `statement_timeout`: cancelling a
+//! commit that waits for a synchronous standby makes PostgreSQL report it committed, an
+//! acknowledgement the standby never gave.)
+//!
+//! Notifications are hints, never data: anyone who can connect may send one. They are
+//! parsed strictly, coalesced and bounded ([`super::ChangeFeed`]).
 
+use super::feed::{ChangeFeed, Hints};
 use super::{Change, ChangeLock, Removal, Store, StoreError, Table, Write};
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -101,6 +118,14 @@ const MIGRATION_LOCK: i64 = 0x6b6d_735f_6d69_6772; // "kms_migr"
 /// The notification channel of changes (`TABLE:KEY` payloads).
 const CHANNEL: &str = "kms_changes";
 
+/// The tables whose changes are announced and followed (not the audit log or the counters,
+/// which servers read when they need them).
+const FOLLOWED: [Table; 3] = [Table::Keys, Table::Grants, Table::System];
+
+/// The longest entry key a notification may name (a key name has at most 128 characters,
+/// a grant id 32).
+const MAX_HINT_KEY: usize = 128;
+
 /// The advisory lock that serialises keyring changes between servers.
 const CHANGE_LOCK: i64 = 0x6b6d_735f_6368_6e67; // "kms_chng"
 
@@ -112,10 +137,10 @@ pub struct PgStore {
     /// The client's own runtime; shut down in the background on drop (the last reference
     /// may be dropped on an async worker, where blocking is not allowed).
     runtime: Option<tokio::runtime::Runtime>,
-    pool: deadpool_postgres::Pool,
+    pool: Db,
     timeout: Duration,
     /// The change feed, until the server takes it.
-    changes: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Change>>>,
+    changes: std::sync::Mutex<Option<ChangeFeed>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -175,10 +200,18 @@ impl PgSettings {
         if let Some(source) = &self.password {
             config.password(source.read()?.as_slice());
         }
-        // Durable commits whatever the server's default, and a name in pg_stat_activity.
+        // Durable commits whatever the server's default; lock waits ended by the server
+        // after `timeout` (see the module's documentation); never a session ended for
+        // idling in a transaction (the change lock's transaction idles while the change is
+        // made: ending it would let another server's change interleave); a name in
+        // pg_stat_activity.
+        let lock_timeout = self.timeout.as_millis().clamp(1, i32::MAX as u128);
+        let ours = format!(
+            "-c synchronous_commit=on -c lock_timeout={lock_timeout} -c idle_in_transaction_session_timeout=0"
+        );
         let options = match config.get_options() {
-            Some(o) if !o.is_empty() => format!("{o} -c synchronous_commit=on"),
-            _ => "-c synchronous_commit=on".to_owned(),
+            Some(o) if !o.is_empty() => format!("{o} {ours}"),
+            _ => ours,
         };
         config.options(options);
         config.application_name("kms");
@@ -246,52 +279,55 @@ impl PgSettings {
     }
 }
 
-/// Listens on [`CHANNEL`] over a connection of its own and forwards each change, forever
-/// (until the feed's receiver is gone). When the connection is lost, it reconnects every
-/// second, and then sends [`Change::Resync`]: what was committed meanwhile was not heard.
-async fn follow<T>(
-    config: tokio_postgres::Config,
-    tls: T,
-    feed: tokio::sync::mpsc::UnboundedSender<Change>,
-) where
+/// Listens on [`CHANNEL`] over a connection of its own and adds each notification to the
+/// feed as a hint, forever (until the feed's reader is gone). When the connection is lost,
+/// it reconnects every second, and then hints [`Change::Resync`]: what was committed
+/// meanwhile was not heard.
+async fn follow<T>(config: tokio_postgres::Config, tls: T, hints: Hints)
+where
     T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Clone + Send + 'static,
     T::Stream: Send + 'static,
     T::TlsConnect: Send,
     <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
 {
+    let hints = Arc::new(hints);
     let mut heard_before = false;
     let mut warned = false;
-    while !feed.is_closed() {
+    while !hints.is_closed() {
         match config.connect(tls.clone()).await {
             Ok((client, mut connection)) => {
-                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-                let driver = tokio::spawn(async move {
-                    while let Some(Ok(message)) =
-                        std::future::poll_fn(|cx| connection.poll_message(cx)).await
-                    {
-                        if let tokio_postgres::AsyncMessage::Notification(n) = message
-                            && tx.send(n.payload().to_owned()).is_err()
+                // Drives the connection and hands each notification over at once: nothing
+                // queues here, whatever the rate (the feed coalesces and bounds).
+                let driver = tokio::spawn({
+                    let hints = Arc::clone(&hints);
+                    async move {
+                        while let Some(Ok(message)) =
+                            std::future::poll_fn(|cx| connection.poll_message(cx)).await
                         {
-                            break;
+                            if let tokio_postgres::AsyncMessage::Notification(n) = message
+                                && n.channel() == CHANNEL
+                                && let Some(change) = parse_change(n.payload())
+                            {
+                                hints.hint(change);
+                            }
+                            if hints.is_closed() {
+                                break;
+                            }
                         }
                     }
                 });
                 if client.batch_execute("LISTEN kms_changes").await.is_ok() {
                     if heard_before || warned {
                         tracing::info!("following the database's changes again");
-                        let _ = feed.send(Change::Resync);
+                        hints.hint(Change::Resync);
                     }
                     heard_before = true;
                     warned = false;
-                    while let Some(payload) = rx.recv().await {
-                        if let Some(change) = parse_change(&payload)
-                            && feed.send(change).is_err()
-                        {
-                            break;
-                        }
-                    }
+                    // Until the connection is lost.
+                    let _ = driver.await;
+                } else {
+                    driver.abort();
                 }
-                driver.abort();
             }
             Err(e) => {
                 if !warned {
@@ -304,10 +340,13 @@ async fn follow<T>(
     }
 }
 
-/// `TABLE:KEY` -> the change; anything else is ignored.
+/// `TABLE:KEY` -> the entry to read again, for a table servers follow; anything else
+/// (another table, an empty, long or non-ASCII key) is ignored. A hint, never data.
 fn parse_change(payload: &str) -> Option<Change> {
     let (table, key) = payload.split_once(':')?;
-    Some(Change::Entry(table.parse().ok()?, key.to_owned()))
+    let table = FOLLOWED.into_iter().find(|t| t.name() == table)?;
+    let fits = (1..=MAX_HINT_KEY).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic());
+    fits.then(|| Change::Entry(table, key.to_owned()))
 }
 
 impl PgStore {
@@ -340,24 +379,40 @@ impl PgStore {
                     source: Box::new(e),
                 })?
         };
-        let (feed, changes) = tokio::sync::mpsc::unbounded_channel();
-        match tls {
-            None => runtime.spawn(follow(config, tokio_postgres::NoTls, feed)),
-            Some(tls) => runtime.spawn(follow(
-                config,
-                tokio_postgres_rustls::MakeRustlsConnect::new(tls),
-                feed,
-            )),
+        let (hints, changes) = super::feed::feed();
+        let limit = settings.timeout;
+        let cancel: Cancel = match tls {
+            None => {
+                runtime.spawn(follow(config, tokio_postgres::NoTls, hints));
+                Arc::new(move |token| {
+                    Box::pin(async move {
+                        let _ =
+                            tokio::time::timeout(limit, token.cancel_query(tokio_postgres::NoTls))
+                                .await;
+                    })
+                })
+            }
+            Some(tls) => {
+                let make = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
+                runtime.spawn(follow(config, make.clone(), hints));
+                Arc::new(move |token| {
+                    let make = make.clone();
+                    Box::pin(async move {
+                        let _ = tokio::time::timeout(limit, token.cancel_query(make)).await;
+                    })
+                })
+            }
         };
         let store = Self {
             runtime: Some(runtime),
-            pool,
+            pool: Db { pool, cancel },
             timeout: settings.timeout,
             changes: std::sync::Mutex::new(Some(changes)),
         };
         store.block("migrate the schema", |pool| async move {
-            let mut client = get(&pool, "migrate the schema").await?;
-            migrate(&mut client).await
+            let mut conn = get(&pool, "migrate the schema").await?;
+            let client = conn.client("migrate the schema")?;
+            migrate(client).await
         })?;
         Ok(store)
     }
@@ -374,7 +429,7 @@ impl PgStore {
     fn block<T, F, Fut>(&self, op: &'static str, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(deadpool_postgres::Pool) -> Fut,
+        F: FnOnce(Db) -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
     {
         let runtime = self.runtime()?;
@@ -400,7 +455,8 @@ impl PgStore {
     ) -> Result<(), StoreError> {
         let rows = Rows::of(writes, removals);
         self.block(op, |pool| async move {
-            let mut client = get(&pool, op).await?;
+            let mut conn = get(&pool, op).await?;
+            let client = conn.client(op)?;
             let tx = client.transaction().await.map_err(db(op))?;
             rows.write(&tx, op).await?;
             tx.commit().await.map_err(db(op))
@@ -431,7 +487,7 @@ impl Rows {
         }
         let followed = writes
             .iter()
-            .filter(|w| matches!(w.table, Table::Keys | Table::Grants | Table::System))
+            .filter(|w| FOLLOWED.contains(&w.table))
             .map(|w| format!("{}:{}", w.table.name(), w.key))
             .collect();
         Self {
@@ -478,52 +534,134 @@ impl Rows {
     }
 }
 
-/// A connection holding [`CHANGE_LOCK`]; unlocks (without waiting) when dropped.
+/// Asks the server to stop what a connection runs (`CancelToken::cancel_query` with the
+/// store's TLS), within the store's timeout.
+type Cancel = Arc<
+    dyn Fn(tokio_postgres::CancelToken) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync,
+>;
+
+/// The pool, and how to cancel a statement on one of its connections.
+#[derive(Clone)]
+struct Db {
+    pool: deadpool_postgres::Pool,
+    cancel: Cancel,
+}
+
+thread_local! {
+    /// Set while [`bounded`] drops a call it gave up on: a [`Conn`] dropped then is
+    /// closed, not returned to the pool.
+    static ABANDONING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A connection of the pool, returned to it when dropped, except when dropped with a call
+/// given up on ([`bounded`]) or [`Conn::discard`]ed: then the server is asked to cancel
+/// what it runs, and the connection is closed. Another call never gets a connection with a
+/// statement still running, a transaction open or a lock taken.
+struct Conn {
+    object: Option<deadpool_postgres::Object>,
+    cancel: Cancel,
+}
+
+impl Conn {
+    /// The client (present until the connection is closed).
+    fn client(&mut self, op: &'static str) -> Result<&mut deadpool_postgres::Object, StoreError> {
+        self.object.as_mut().ok_or_else(|| StoreError::Database {
+            op,
+            source: "the connection was closed".into(),
+        })
+    }
+
+    /// Closes the connection (its statement cancelled) instead of pooling it.
+    fn discard(mut self) {
+        if let Some(object) = self.object.take() {
+            close(object, &self.cancel);
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if ABANDONING.with(std::cell::Cell::get)
+            && let Some(object) = self.object.take()
+        {
+            close(object, &self.cancel);
+        }
+    }
+}
+
+/// Takes `object` out of the pool and closes it; the server is asked to cancel what it
+/// still runs (it would notice the closed socket only when it next writes to it, e.g.
+/// after a lock it waits for is granted).
+fn close(object: deadpool_postgres::Object, cancel: &Cancel) {
+    let token = object.cancel_token();
+    // Dropping the client ends the connection's task, which closes the socket.
+    drop(deadpool_postgres::Object::take(object));
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(cancel(token));
+    }
+}
+
+/// A connection in a transaction holding [`CHANGE_LOCK`] (transaction-level); the
+/// transaction is ended (without waiting) when dropped, which releases the lock; a
+/// connection that cannot end it is closed, which releases it too.
 struct HeldLock {
-    client: Option<deadpool_postgres::Object>,
+    conn: Option<Conn>,
+    limit: Duration,
     handle: tokio::runtime::Handle,
 }
 
 impl Drop for HeldLock {
     fn drop(&mut self) {
-        if let Some(client) = self.client.take() {
+        if let Some(mut conn) = self.conn.take() {
+            let limit = self.limit;
             self.handle.spawn(async move {
-                if client
-                    .execute("SELECT pg_advisory_unlock($1)", &[&CHANGE_LOCK])
-                    .await
-                    .is_err()
-                {
-                    // Never back in the pool holding the lock: the session ends, and with it
-                    // the lock.
-                    let _ = deadpool_postgres::Object::take(client);
+                let op = "release the change lock";
+                let ended = match conn.client(op) {
+                    Ok(client) => matches!(
+                        tokio::time::timeout(limit, client.batch_execute("ROLLBACK")).await,
+                        Ok(Ok(()))
+                    ),
+                    Err(_) => false,
+                };
+                if !ended {
+                    conn.discard();
                 }
             });
         }
     }
 }
 
-/// `work`, or a `Database` error when it has not finished within `limit`.
+/// `work`, or a `Database` error when it has not finished within `limit`; then `work` is
+/// dropped with every [`Conn`] it holds closed (see [`Conn`]).
 async fn bounded<T>(
     limit: Duration,
     op: &'static str,
-    work: impl std::future::Future<Output = Result<T, StoreError>>,
+    work: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
-    tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
-        Err(StoreError::Database {
-            op,
-            source: "no answer in time".into(),
-        })
-    })
+    let mut work = Box::pin(work);
+    match tokio::time::timeout(limit, work.as_mut()).await {
+        Ok(done) => done,
+        Err(_) => {
+            ABANDONING.with(|a| a.set(true));
+            drop(work);
+            ABANDONING.with(|a| a.set(false));
+            Err(StoreError::Database {
+                op,
+                source: "no answer in time".into(),
+            })
+        }
+    }
 }
 
 /// A pooled connection, or an `UNAVAILABLE`-mapped error.
-async fn get(
-    pool: &deadpool_postgres::Pool,
-    op: &'static str,
-) -> Result<deadpool_postgres::Object, StoreError> {
-    pool.get().await.map_err(|e| StoreError::Database {
+async fn get(db: &Db, op: &'static str) -> Result<Conn, StoreError> {
+    let object = db.pool.get().await.map_err(|e| StoreError::Database {
         op,
         source: Box::new(e),
+    })?;
+    Ok(Conn {
+        object: Some(object),
+        cancel: Arc::clone(&db.cancel),
     })
 }
 
@@ -584,25 +722,37 @@ impl Store for PgStore {
 
     fn lock_changes(&self) -> Result<Option<ChangeLock>, StoreError> {
         let op = "take the change lock";
-        // A session lock on a connection of the pool, held by the guard; released by
-        // `pg_advisory_unlock` when the guard is dropped, or by PostgreSQL when the
-        // connection (or this server) dies.
+        // A transaction-level lock, in a transaction kept open on a connection of the pool
+        // until the guard is dropped: the lock ends with the transaction or the connection,
+        // never outlives a failure. The wait is ended by the server after `lock_timeout`
+        // (the transaction rolled back, the connection clean again); a call the client
+        // gives up on first closes its connection (`bounded`).
         let held = self.block(op, |pool| async move {
-            let client = get(&pool, op).await?;
-            client
-                .execute("SELECT pg_advisory_lock($1)", &[&CHANGE_LOCK])
+            let mut conn = get(&pool, op).await?;
+            let client = conn.client(op)?;
+            client.batch_execute("BEGIN").await.map_err(db(op))?;
+            match client
+                .execute("SELECT pg_advisory_xact_lock($1)", &[&CHANGE_LOCK])
                 .await
-                .map_err(db(op))?;
-            Ok(client)
+            {
+                Ok(_) => Ok(conn),
+                Err(e) => {
+                    if client.batch_execute("ROLLBACK").await.is_err() {
+                        conn.discard();
+                    }
+                    Err(db(op)(e))
+                }
+            }
         })?;
         let handle = self.runtime()?.handle().clone();
         Ok(Some(ChangeLock(Box::new(HeldLock {
-            client: Some(held),
+            conn: Some(held),
+            limit: self.timeout,
             handle,
         }))))
     }
 
-    fn changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Change>> {
+    fn changes(&self) -> Option<ChangeFeed> {
         self.changes.lock().ok()?.take()
     }
 
@@ -610,7 +760,8 @@ impl Store for PgStore {
         let op = "read";
         let key = key.to_owned();
         self.block(op, |pool| async move {
-            let client = get(&pool, op).await?;
+            let mut conn = get(&pool, op).await?;
+            let client = conn.client(op)?;
             let sql = format!("SELECT value FROM {} WHERE key = $1", table_name(table));
             let stmt = client.prepare_cached(&sql).await.map_err(db(op))?;
             let row = client.query_opt(&stmt, &[&key]).await.map_err(db(op))?;
@@ -622,7 +773,8 @@ impl Store for PgStore {
         let op = "insert";
         let (key, value) = (key.to_owned(), value.to_vec());
         self.block(op, |pool| async move {
-            let client = get(&pool, op).await?;
+            let mut conn = get(&pool, op).await?;
+            let client = conn.client(op)?;
             let sql = format!(
                 "INSERT INTO {} (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
                 table_name(table)
@@ -647,7 +799,8 @@ impl Store for PgStore {
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let op = "scan";
         self.block(op, |pool| async move {
-            let client = get(&pool, op).await?;
+            let mut conn = get(&pool, op).await?;
+            let client = conn.client(op)?;
             let sql = format!("SELECT key, value FROM {} ORDER BY key", table_name(table));
             Ok(pairs(client.query(&sql, &[]).await.map_err(db(op))?))
         })
@@ -667,7 +820,8 @@ impl Store for PgStore {
         let op = "reserve";
         let key = key.to_owned();
         self.block(op, |pool| async move {
-            let mut client = get(&pool, op).await?;
+            let mut conn = get(&pool, op).await?;
+            let client = conn.client(op)?;
             let tx = client.transaction().await.map_err(db(op))?;
             let t = table_name(table);
             let zero = 0u64.to_be_bytes().to_vec();
@@ -697,7 +851,8 @@ impl Store for PgStore {
         let pool = self.pool.clone();
         runtime.spawn(async move {
             let read = async {
-                let mut client = get(&pool, op).await?;
+                let mut conn = get(&pool, op).await?;
+                let client = conn.client(op)?;
                 // One repeatable-read transaction: every table as of one moment, while
                 // the other servers and this one go on committing.
                 let snapshot = client
@@ -769,7 +924,8 @@ impl Store for PgStore {
         let limit = self.timeout.saturating_mul(2);
         runtime.spawn(async move {
             let work = async {
-                let mut client = get(&pool, op).await?;
+                let mut conn = get(&pool, op).await?;
+                let client = conn.client(op)?;
                 let tx = client.transaction().await.map_err(db(op))?;
                 tx.execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])
                     .await
@@ -822,7 +978,8 @@ impl Store for PgStore {
     fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StoreError> {
         let op = "read last";
         self.block(op, |pool| async move {
-            let client = get(&pool, op).await?;
+            let mut conn = get(&pool, op).await?;
+            let client = conn.client(op)?;
             let sql = format!(
                 "SELECT key, value FROM {} ORDER BY key DESC LIMIT 1",
                 table_name(table)
@@ -847,7 +1004,8 @@ impl Store for PgStore {
         };
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.block(op, |pool| async move {
-            let client = get(&pool, op).await?;
+            let mut conn = get(&pool, op).await?;
+            let client = conn.client(op)?;
             let sql = format!(
                 "SELECT key, value FROM {} WHERE key {after} $1 ORDER BY key LIMIT $2",
                 table_name(table)
@@ -860,5 +1018,44 @@ impl Store for PgStore {
                     .map_err(db(op))?,
             ))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_notification_is_only_a_hint_of_an_entry_of_a_followed_table() {
+        assert_eq!(
+            parse_change("keys:payments"),
+            Some(Change::Entry(Table::Keys, "payments".into()))
+        );
+        assert_eq!(
+            parse_change("grants:00112233445566778899aabbccddeeff"),
+            Some(Change::Entry(
+                Table::Grants,
+                "00112233445566778899aabbccddeeff".into()
+            ))
+        );
+        assert_eq!(
+            parse_change("system:seal"),
+            Some(Change::Entry(Table::System, "seal".into()))
+        );
+        let long = format!("keys:{}", "a".repeat(MAX_HINT_KEY + 1));
+        for ignored in [
+            "",
+            "keys",
+            "keys:",
+            "audit:00000000000000000001",
+            "counters:payments/1",
+            "nonsense:x",
+            "keys:two words",
+            "keys:caf\u{e9}",
+            "keys:a\nb",
+            long.as_str(),
+        ] {
+            assert_eq!(parse_change(ignored), None, "{ignored:?}");
+        }
     }
 }
