@@ -1008,3 +1008,45 @@ async fn a_flood_of_notifications_from_any_role_does_not_hold_up_a_revocation() 
             .unwrap();
     }
 }
+
+/// Issue 24, item 8: a `/metrics` scrape never waits on the seal's lock, which a ceremony
+/// holds while it waits on the shared store: here a master key rotation waiting for kms's
+/// change lock, which psql holds. Each scrape must answer while the rotation is still
+/// waiting (the lock still held, the rotation's wait still in `pg_locks`); before, the
+/// scrape waited until the rotation gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metrics_scrape_never_waits_on_a_ceremony() {
+    let pg = TestPostgres::start();
+    let hsm = TestHsm::new("kms-pg-scrape");
+    let storage = pg
+        .storage_table()
+        .replace("timeout_seconds = 2", "timeout_seconds = 20");
+    let config = hsm.config_full(
+        "kms.toml",
+        &hsm.hsm_table(),
+        &format!("{storage}[metrics]\nlisten = \"127.0.0.1:0\"\n"),
+    );
+    let (server, _shares) = start_unsealed(&hsm, &config);
+    let url = server.metrics.clone().expect("the metrics URL");
+    let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+    let mut psql = pg.session("kms");
+    psql.send(&format!("SELECT pg_advisory_lock({CHANGE_LOCK});"));
+    psql.sync(Duration::from_secs(5));
+    std::thread::scope(|s| {
+        // The rotation takes the seal's lock, then waits for the change lock.
+        let rotation = s.spawn(|| server.kms(&["operator", "rotate-master-key"], ""));
+        wait_for_sql(&pg, waiting, "1", Duration::from_secs(10));
+        for _ in 0..3 {
+            let (code, text) = softhsm_tests::http_get(&url);
+            assert_eq!(code, 200, "{text}");
+            assert!(text.contains("kms_sealed 0"), "{text}");
+            // Answered while the ceremony still holds the seal's lock and waits.
+            assert_eq!(pg.sql_in("kms", waiting).trim(), "1", "the scrape waited");
+            assert!(!rotation.is_finished());
+        }
+        psql.send(&format!("SELECT pg_advisory_unlock({CHANGE_LOCK});"));
+        psql.sync(Duration::from_secs(5));
+        let out = rotation.join().unwrap();
+        assert_eq!(out.code, Some(0), "{out:?}");
+    });
+}
