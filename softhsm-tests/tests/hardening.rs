@@ -17,6 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use kms_proto::v1 as pb;
+use kms_proto::v1::access_client::AccessClient;
 use kms_proto::v1::key_management_client::KeyManagementClient;
 use kms_proto::v1::system_client::SystemClient;
 use softhsm_tests::{ClientSpec, Pki, Server, TestHsm, start_unsealed, try_channel_from};
@@ -680,6 +681,26 @@ async fn strangers_status_calls_are_counted_and_do_not_slow_callers() {
     let store = hsm.path().join("kms.redb");
     let before = (stored_bytes(&store), file_size(&store));
     let mut server = hsm.try_start(&config, &[]).unwrap();
+    // WhoAmI is counted the same way; a caller with a certificate is recorded one by one.
+    let stranger = try_channel_from(&server.addr, &server.ca, None, Some(sources[0]))
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        let who = AccessClient::new(stranger.clone())
+            .who_am_i(pb::WhoAmIRequest {})
+            .await
+            .unwrap();
+        assert_eq!(who.into_inner().principal, "anonymous");
+    }
+    let admin = server.channel(Some(&hsm.admin)).await;
+    AccessClient::new(admin.clone())
+        .who_am_i(pb::WhoAmIRequest {})
+        .await
+        .unwrap();
+    SystemClient::new(admin)
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
     let (_go, going) = tokio::sync::watch::channel(false);
     let codes = flood(
@@ -752,6 +773,28 @@ async fn strangers_status_calls_are_counted_and_do_not_slow_callers() {
     );
     // Past its limit, a source's calls are refused.
     assert!(counted.contains_key("RESOURCE_EXHAUSTED"), "{counted:?}");
+    let who: Vec<_> = recs
+        .iter()
+        .map(|r| &r["event"])
+        .filter(|e| e["operation"] == "WhoAmI")
+        .collect();
+    assert_eq!(who.len(), 2, "{who:?}");
+    assert!(who.iter().any(|e| e["principal"] == "anonymous"
+        && e["peer"] == sources[0].to_string()
+        && e["batch"]["outcomes"] == serde_json::json!({"OK": 100})));
+    assert!(
+        who.iter()
+            .any(|e| e["principal"] == hsm.admin.principal.as_str()
+                && e["outcome"] == "OK"
+                && e["batch"].is_null())
+    );
+    assert!(
+        recs.iter()
+            .map(|r| &r["event"])
+            .any(|e| e["operation"] == "Status"
+                && e["principal"] == hsm.admin.principal.as_str()
+                && e["batch"].is_null())
+    );
     let out = server.kms_as(Some(&hsm.auditor), &["audit", "verify"], "");
     assert_eq!(out.code, Some(0), "{out:?}");
 }
