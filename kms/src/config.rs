@@ -73,6 +73,22 @@ pub(crate) struct LimitsConfig {
     /// Refused calls (UNAUTHENTICATED, PERMISSION_DENIED, malformed) allowed per source
     /// address per minute before its calls are refused unread (default 120).
     pub refused_calls_per_minute: Option<u32>,
+    /// Client connections open at once, handshakes included (default: the open-file limit
+    /// less 128, at most 4096).
+    pub max_connections: Option<usize>,
+    /// Client connections open at once from one source address (default 256).
+    pub max_connections_per_address: Option<usize>,
+    /// Connections without a client certificate open at once (default 128).
+    pub max_anonymous_connections: Option<usize>,
+    /// Connections without a client certificate open at once from one source address
+    /// (default 8).
+    pub max_anonymous_connections_per_address: Option<usize>,
+    /// Seconds a connection without a client certificate may go without a call in flight
+    /// before it is closed, and a call of one may take to be answered (default 10).
+    pub anonymous_idle_timeout_seconds: Option<u64>,
+    /// Calls without a client certificate (Status, WhoAmI, health) per source address per
+    /// minute (default 600).
+    pub anonymous_calls_per_minute: Option<u32>,
 }
 
 /// `[tls]`.
@@ -803,6 +819,47 @@ impl LimitsConfig {
                 1..=1_000_000,
                 bad("refused_calls_per_minute (1..=1000000)"),
             )?,
+            max_connections: self
+                .max_connections
+                .map(|n| {
+                    within(
+                        Some(n),
+                        n,
+                        16..=1_000_000,
+                        bad("max_connections (16..=1000000)"),
+                    )
+                })
+                .transpose()?,
+            max_connections_per_address: within(
+                self.max_connections_per_address,
+                d.max_connections_per_address,
+                1..=1_000_000,
+                bad("max_connections_per_address (1..=1000000)"),
+            )?,
+            max_anonymous_connections: within(
+                self.max_anonymous_connections,
+                d.max_anonymous_connections,
+                1..=1_000_000,
+                bad("max_anonymous_connections (1..=1000000)"),
+            )?,
+            max_anonymous_connections_per_address: within(
+                self.max_anonymous_connections_per_address,
+                d.max_anonymous_connections_per_address,
+                1..=1_000_000,
+                bad("max_anonymous_connections_per_address (1..=1000000)"),
+            )?,
+            anonymous_idle_timeout: Duration::from_secs(within(
+                self.anonymous_idle_timeout_seconds,
+                d.anonymous_idle_timeout.as_secs(),
+                1..=3600,
+                bad("anonymous_idle_timeout_seconds (1..=3600)"),
+            )?),
+            anonymous_calls_per_minute: within(
+                self.anonymous_calls_per_minute,
+                d.anonymous_calls_per_minute,
+                1..=1_000_000,
+                bad("anonymous_calls_per_minute (1..=1000000)"),
+            )?,
         })
     }
 }
@@ -1033,6 +1090,24 @@ mod tests {
                 "anonymous_max_request_bytes",
             ),
             ("refused_calls_per_minute = 0", "refused_calls_per_minute"),
+            ("max_connections = 15", "max_connections"),
+            (
+                "max_connections_per_address = 0",
+                "max_connections_per_address",
+            ),
+            ("max_anonymous_connections = 0", "max_anonymous_connections"),
+            (
+                "max_anonymous_connections_per_address = 0",
+                "max_anonymous_connections_per_address",
+            ),
+            (
+                "anonymous_idle_timeout_seconds = 3601",
+                "anonymous_idle_timeout_seconds",
+            ),
+            (
+                "anonymous_calls_per_minute = 0",
+                "anonymous_calls_per_minute",
+            ),
         ] {
             let p = write(
                 dir.path(),

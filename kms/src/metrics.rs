@@ -41,6 +41,12 @@ pub(crate) struct MethodLabels {
     method: String,
 }
 
+/// A `[limits]` limit, by its key.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct LimitLabels {
+    limit: &'static str,
+}
+
 /// One kind of HSM operation (`encrypt`, `sign`, `find`, ...).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct HsmLabels {
@@ -98,6 +104,13 @@ pub(crate) struct Metrics {
     pub(crate) keyring_follow_failures: Counter,
     /// Times the change feed held more distinct hints than its bound (a resync instead).
     pub(crate) change_feed_overflows: Counter,
+    limit_reached: Family<LimitLabels, Counter>,
+    /// Client connections open on the gRPC listener (handshakes included).
+    pub(crate) connections: Gauge,
+    /// Of those, connections without a client certificate.
+    pub(crate) anonymous_connections: Gauge,
+    /// The process's soft open-file limit.
+    pub(crate) open_files_limit: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -232,6 +245,33 @@ impl Metrics {
             "Times more distinct change notifications waited than the feed holds: everything was reloaded instead",
             change_feed_overflows.clone(),
         );
+        let limit_reached = Family::<LimitLabels, Counter>::default();
+        for kind in crate::access::limiter::LimitKind::ALL {
+            drop(limit_reached.get_or_create(&LimitLabels { limit: kind.key() }));
+        }
+        registry.register(
+            "limit_reached",
+            "Connections closed and calls refused because a [limits] limit was reached, by its key",
+            limit_reached.clone(),
+        );
+        let connections = Gauge::default();
+        registry.register(
+            "connections",
+            "Client connections open on the gRPC listener, handshakes included",
+            connections.clone(),
+        );
+        let anonymous_connections = Gauge::default();
+        registry.register(
+            "anonymous_connections",
+            "Client connections without a client certificate",
+            anonymous_connections.clone(),
+        );
+        let open_files_limit = Gauge::default();
+        registry.register(
+            "open_files_limit",
+            "The process's soft open-file limit (RLIMIT_NOFILE), 0 when unlimited or unknown",
+            open_files_limit.clone(),
+        );
         registry.register(
             "build",
             "The running kms version",
@@ -258,7 +298,18 @@ impl Metrics {
             keyring_behind,
             keyring_follow_failures,
             change_feed_overflows,
+            limit_reached,
+            connections,
+            anonymous_connections,
+            open_files_limit,
         }
+    }
+
+    /// Counts a connection closed, or a call refused, by `limit`.
+    pub(crate) fn limit_reached(&self, limit: crate::access::limiter::LimitKind) {
+        self.limit_reached
+            .get_or_create(&LimitLabels { limit: limit.key() })
+            .inc();
     }
 
     /// Counts and times one answered call. `service` and `method` are labelled only when

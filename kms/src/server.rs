@@ -259,8 +259,7 @@ pub async fn serve(
     let gate_state = Arc::new(crate::grpc::gate::GateState::new(
         opened.audit.clone(),
         Arc::clone(&opened.roles),
-        limits.refused_calls_per_minute,
-        limits.anonymous_max_request_bytes,
+        &limits,
     ));
     let gate = crate::grpc::gate::GateLayer::new(Arc::clone(&gate_state));
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -268,7 +267,8 @@ pub async fn serve(
     let reflection_v1alpha = reflection_v1alpha()?;
     let (stop_rx, deadline) = stop_plan(shutdown);
     let background = Background::start(&opened, &gate_state, &health, metrics, &stop_rx);
-    let incoming = crate::access::tls::incoming(listener, opened.tls, limits);
+    let caps = connection_caps(&limits);
+    let incoming = crate::access::tls::incoming(listener, opened.tls, limits, caps);
     // A connection is asked to close (GOAWAY) at `max_connection_age`, so a removed CA or
     // an expired certificate loses its open connections in a bounded time; calls in flight
     // may finish, and the connection is closed 30 s later whatever they do (`tls::Conn`).
@@ -297,8 +297,8 @@ pub async fn serve(
         () = deadline => Ok(()),
     };
     background.stop().await;
-    // The probes counted since the last summary are recorded before the log stops.
-    gate_state.record_probes().await;
+    // The calls counted since the last summary are recorded before the log stops.
+    gate_state.record_counts().await;
     // Forget every key byte before the process exits.
     let _ = seal.seal();
     // End the audit writer (it holds the HSM) before the process exits; the caller drops
@@ -355,7 +355,7 @@ impl Background {
         let seal = &opened.seal;
         let mut tasks = vec![
             tokio::spawn(maintain(Arc::clone(seal), opened.maintenance_interval)),
-            tokio::spawn(record_probes(Arc::clone(gate))),
+            tokio::spawn(record_counts(Arc::clone(gate))),
             tokio::spawn(report_health(health.clone(), seal.watch_unsealed())),
             tokio::spawn(report_hsm(health.clone(), Arc::clone(seal))),
             tokio::spawn(keep_storage(
@@ -661,19 +661,52 @@ async fn follow_changes(seal: Arc<SealManager>, mut feed: crate::store::ChangeFe
     }
 }
 
-/// Records the health probes in aggregate every minute, forever (the caller aborts it).
-async fn record_probes(gate: Arc<crate::grpc::gate::GateState>) {
-    let mut tick = tokio::time::interval(PROBE_SUMMARY_INTERVAL);
+/// Records the calls the gate counted (health probes, and Status and WhoAmI without a
+/// certificate) every minute, forever (the caller aborts it).
+async fn record_counts(gate: Arc<crate::grpc::gate::GateState>) {
+    let mut tick = tokio::time::interval(COUNT_SUMMARY_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
-        gate.record_probes().await;
+        gate.record_counts().await;
     }
 }
 
-/// How often the health probes are recorded (as one record).
-const PROBE_SUMMARY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+/// How often the counted calls are recorded (in one record per kind, method and source).
+const COUNT_SUMMARY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The bounds on client connections under this process's open-file limit (which the `kms`
+/// binary raised to its hard limit before the server started), said in the log and the
+/// metrics.
+fn connection_caps(limits: &Limits) -> crate::access::limiter::ConnectionCaps {
+    let open_files = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| crate::access::limiter::open_file_limit(&text));
+    let caps = limits.connection_caps(open_files);
+    crate::metrics::metrics()
+        .open_files_limit
+        .set(open_files.map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX)));
+    tracing::info!(
+        open_files =
+            open_files.map_or_else(|| "unlimited or unknown".to_owned(), |n| n.to_string()),
+        max_connections = caps.total,
+        max_connections_per_address = caps.per_address,
+        max_anonymous_connections = caps.anonymous,
+        max_anonymous_connections_per_address = caps.anonymous_per_address,
+        anonymous_idle_timeout_seconds = limits.anonymous_idle_timeout.as_secs(),
+        "client connection limits"
+    );
+    if caps.over_open_files {
+        tracing::warn!(
+            open_files,
+            max_connections = caps.total,
+            reserved = crate::access::limiter::FILES_RESERVED,
+            "[limits] max_connections leaves fewer than the reserved open files for the store, the HSM and the database: raise the open-file limit (LimitNOFILE) or lower max_connections"
+        );
+    }
+    caps
+}
 
 /// Keeps the health service's statuses true: the server and the services that work sealed
 /// are `SERVING`; `kms.v1.KeyManagement` is `SERVING` only while unsealed.

@@ -383,13 +383,40 @@ impl TestHsm {
     /// Starts the server with a given config and extra environment; `Err` carries its
     /// exit status and standard error when it exits instead of listening.
     pub fn try_start(&self, config: &Path, env: &[(&str, &str)]) -> Result<Server, String> {
+        self.start_command(self.server_command(config, env))
+    }
+
+    /// As [`TestHsm::try_start`], with the server's open-file limit (`RLIMIT_NOFILE`) set
+    /// to `soft` and `hard` before it starts (by util-linux's `prlimit`, which then runs
+    /// the server in its own process), as a service manager sets it (systemd's default soft
+    /// limit is 1024).
+    pub fn try_start_with_open_files(
+        &self,
+        config: &Path,
+        soft: u64,
+        hard: u64,
+    ) -> Result<Server, String> {
+        let kms = self.server_command(config, &[]);
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={soft}:{hard}"))
+            .arg("--")
+            .arg(kms.get_program())
+            .args(kms.get_args())
+            .envs(
+                kms.get_envs()
+                    .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
+            )
+            .stdin(Stdio::null());
+        self.start_command(cmd)
+    }
+
+    fn start_command(&self, mut command: Command) -> Result<Server, String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let mut child = self
-            .server_command(config, env)
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()

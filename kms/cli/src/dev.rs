@@ -104,6 +104,7 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
     let config_path = prepare(&dir, &module, args.listen, args.plaintext)?;
     let config = Config::load(&config_path)?;
     crate::show::init_logging(config.log);
+    crate::rlimit::raise_open_file_limit();
     let (plaintext, temporary) = (args.plaintext, args.temporary);
     kms::server::run(
         config,

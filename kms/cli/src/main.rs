@@ -228,6 +228,7 @@ mod dev_pki;
 mod grant;
 mod keys;
 mod report;
+mod rlimit;
 mod show;
 
 use kms::error_chain;
@@ -243,6 +244,7 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         Command::Server { config } => {
             let config = Config::load(&config)?;
             show::init_logging(config.log);
+            rlimit::raise_open_file_limit();
             kms::server::run(config, None)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -11,12 +11,49 @@
 //!
 //! [`RefusedLimiter`] counts refused calls (no certificate, no role or grant, malformed) per
 //! source address in fixed one-minute windows; past its limit an address's calls are
-//! refused before their body is read, and only counted (docs/audit.md).
+//! refused before their body is read, and only counted (docs/audit.md). [`CallLimiter`]
+//! counts the calls of callers without a certificate (`Status`, `WhoAmI`, health) per
+//! source address in the same way.
+//!
+//! Every per-address limit counts a [`Source`]: an IPv4 address, or the /64 an IPv6 address
+//! is in (one host or subscriber is usually given a whole /64, so counting single IPv6
+//! addresses would give it 2^64 shares). [`ConnectionCaps`] are the bounds on established
+//! connections, from `[limits]` and the process's open-file limit; [`Throttle`] keeps the
+//! log lines that say a limit was reached to a few per minute.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::IpAddr;
+use std::hash::Hash;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// What a per-address limit counts: an IPv4 address, or the /64 of an IPv6 address (an
+/// IPv4-mapped IPv6 address, as a dual-stack listener sees IPv4 peers, is its IPv4
+/// address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct Source(IpAddr);
+
+impl Source {
+    /// The source `ip` counts as.
+    pub(crate) fn of(ip: IpAddr) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => Self(IpAddr::V4(v4)),
+            IpAddr::V6(v6) => Self(IpAddr::V6(Ipv6Addr::from(
+                u128::from(v6) & !u128::from(u64::MAX),
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    /// `192.0.2.7`, or `2001:db8:1:2::/64`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            IpAddr::V4(a) => write!(f, "{a}"),
+            IpAddr::V6(a) => write!(f, "{a}/64"),
+        }
+    }
+}
 
 /// The limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +77,7 @@ impl Default for UnsealLimit {
 #[derive(Debug)]
 pub(crate) struct FailureLimiter {
     limit: UnsealLimit,
-    failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
+    failures: Mutex<HashMap<Source, VecDeque<Instant>>>,
 }
 
 /// Most addresses remembered; beyond it the oldest histories are dropped.
@@ -49,9 +86,9 @@ const MAX_ADDRESSES: usize = 10_000;
 /// Makes room for `addr` in a per-address map that is full: drops the entries whose time
 /// has passed and, if it is still full (many addresses at once), the entry whose `last`
 /// use is oldest. The map never holds more than [`MAX_ADDRESSES`] addresses.
-fn make_room<V>(
-    map: &mut HashMap<IpAddr, V>,
-    addr: IpAddr,
+fn make_room<K: Copy + Eq + Hash, V>(
+    map: &mut HashMap<K, V>,
+    addr: K,
     live: impl Fn(&V) -> bool,
     last: impl Fn(&V) -> Option<Instant>,
 ) {
@@ -79,6 +116,7 @@ impl FailureLimiter {
     /// check: `Err(wait)` if `addr` has used up its failures (how long until it may try
     /// again). The reservation stands unless [`FailureTicket::succeeded`] releases it.
     pub(crate) fn begin(&self, addr: IpAddr, now: Instant) -> Result<FailureTicket<'_>, Duration> {
+        let addr = Source::of(addr);
         let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let window = self.limit.window;
         make_room(
@@ -112,7 +150,7 @@ impl FailureLimiter {
 #[must_use = "a ticket counts as a failure unless `succeeded` is called"]
 pub(crate) struct FailureTicket<'a> {
     limiter: &'a FailureLimiter,
-    addr: IpAddr,
+    addr: Source,
     at: Instant,
 }
 
@@ -149,6 +187,21 @@ pub struct Limits {
     pub anonymous_max_request_bytes: usize,
     /// Refused calls per address per minute.
     pub refused_calls_per_minute: u32,
+    /// Connections open at once, handshakes included; `None`: from the open-file limit
+    /// ([`Limits::connection_caps`]).
+    pub max_connections: Option<usize>,
+    /// Connections open at once from one source.
+    pub max_connections_per_address: usize,
+    /// Connections without a client certificate open at once.
+    pub max_anonymous_connections: usize,
+    /// Connections without a client certificate open at once from one source.
+    pub max_anonymous_connections_per_address: usize,
+    /// How long a connection without a client certificate may stay without a call in
+    /// flight; and how long such a call may take to be answered.
+    pub anonymous_idle_timeout: Duration,
+    /// Calls without a client certificate (`Status`, `WhoAmI`, health) per source per
+    /// minute.
+    pub anonymous_calls_per_minute: u32,
 }
 
 impl Default for Limits {
@@ -161,6 +214,213 @@ impl Default for Limits {
             max_concurrent_streams: 128,
             anonymous_max_request_bytes: 64 * 1024,
             refused_calls_per_minute: 120,
+            max_connections: None,
+            max_connections_per_address: 256,
+            max_anonymous_connections: 128,
+            max_anonymous_connections_per_address: 8,
+            anonymous_idle_timeout: Duration::from_secs(10),
+            anonymous_calls_per_minute: 600,
+        }
+    }
+}
+
+/// A limit that closed a connection or refused a call: named by its `[limits]` key, which
+/// is also its label in `kms_limit_reached_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum LimitKind {
+    /// `max_handshakes`.
+    Handshakes,
+    /// `max_handshakes_per_address`.
+    HandshakesPerAddress,
+    /// `max_connections`.
+    Connections,
+    /// `max_connections_per_address`.
+    ConnectionsPerAddress,
+    /// `max_anonymous_connections`.
+    AnonymousConnections,
+    /// `max_anonymous_connections_per_address`.
+    AnonymousConnectionsPerAddress,
+    /// `anonymous_idle_timeout_seconds`.
+    AnonymousIdle,
+    /// `anonymous_calls_per_minute`.
+    AnonymousCalls,
+    /// `refused_calls_per_minute`.
+    RefusedCalls,
+}
+
+impl LimitKind {
+    /// Every kind (the metric's label values, all present from the start).
+    pub(crate) const ALL: [Self; 9] = [
+        Self::Handshakes,
+        Self::HandshakesPerAddress,
+        Self::Connections,
+        Self::ConnectionsPerAddress,
+        Self::AnonymousConnections,
+        Self::AnonymousConnectionsPerAddress,
+        Self::AnonymousIdle,
+        Self::AnonymousCalls,
+        Self::RefusedCalls,
+    ];
+
+    /// Its `[limits]` key.
+    pub(crate) fn key(self) -> &'static str {
+        match self {
+            Self::Handshakes => "max_handshakes",
+            Self::HandshakesPerAddress => "max_handshakes_per_address",
+            Self::Connections => "max_connections",
+            Self::ConnectionsPerAddress => "max_connections_per_address",
+            Self::AnonymousConnections => "max_anonymous_connections",
+            Self::AnonymousConnectionsPerAddress => "max_anonymous_connections_per_address",
+            Self::AnonymousIdle => "anonymous_idle_timeout_seconds",
+            Self::AnonymousCalls => "anonymous_calls_per_minute",
+            Self::RefusedCalls => "refused_calls_per_minute",
+        }
+    }
+}
+
+/// Open files kept for everything but client connections: the store, the HSM module's
+/// files, the database pool, the metrics listener and its scrapes, logs, archive segments.
+pub(crate) const FILES_RESERVED: u64 = 128;
+
+/// The most connections the open-file limit alone allows by default (each costs memory
+/// too: TLS and HTTP/2 buffers); `[limits] max_connections` sets more.
+const MAX_DERIVED_CONNECTIONS: u64 = 4096;
+
+/// The fewest connections a derived bound allows.
+const MIN_CONNECTIONS: u64 = 16;
+
+/// The bounds on established connections the accept loop enforces (each at most the total).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConnectionCaps {
+    /// Connections open at once, handshakes included.
+    pub total: usize,
+    /// From one source.
+    pub per_address: usize,
+    /// Without a client certificate.
+    pub anonymous: usize,
+    /// Without a client certificate, from one source.
+    pub anonymous_per_address: usize,
+    /// Whether `[limits] max_connections` leaves less than [`FILES_RESERVED`] of the
+    /// open-file limit for the rest (worth a warning at start-up).
+    pub over_open_files: bool,
+}
+
+impl Limits {
+    /// The connection bounds under an open-file limit of `open_files` (`None`: unlimited or
+    /// unknown). Unless `max_connections` is set, the total is the limit less
+    /// [`FILES_RESERVED`], at least 16 and at most 4096; the other bounds are at most the
+    /// total.
+    pub(crate) fn connection_caps(&self, open_files: Option<u64>) -> ConnectionCaps {
+        let room = open_files.map(|n| n.saturating_sub(FILES_RESERVED));
+        let total = match self.max_connections {
+            Some(n) => n,
+            None => usize::try_from(
+                room.unwrap_or(MAX_DERIVED_CONNECTIONS)
+                    .clamp(MIN_CONNECTIONS, MAX_DERIVED_CONNECTIONS),
+            )
+            .unwrap_or(usize::MAX),
+        };
+        let anonymous = self.max_anonymous_connections.min(total);
+        ConnectionCaps {
+            total,
+            per_address: self.max_connections_per_address.min(total),
+            anonymous,
+            anonymous_per_address: self.max_anonymous_connections_per_address.min(anonymous),
+            over_open_files: room.is_some_and(|r| total as u64 > r),
+        }
+    }
+}
+
+/// The soft open-file limit in the text of `/proc/self/limits` (`None`: unlimited, or not
+/// found).
+pub(crate) fn open_file_limit(proc_limits: &str) -> Option<u64> {
+    proc_limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|soft| soft.parse().ok())
+}
+
+/// Calls per source in fixed one-minute windows: [`CallLimiter::allow`] says whether one
+/// more may go on.
+#[derive(Debug)]
+pub(crate) struct CallLimiter {
+    per_window: u32,
+    window: Duration,
+    state: Mutex<HashMap<Source, (Instant, u32)>>,
+}
+
+impl CallLimiter {
+    /// A limiter of `per_window` calls per `window`.
+    pub(crate) fn new(per_window: u32, window: Duration) -> Self {
+        Self {
+            per_window,
+            window,
+            state: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts a call from `addr`: `Err(wait)` when its source has used up its window (how
+    /// long until the window ends).
+    pub(crate) fn allow(&self, addr: IpAddr, now: Instant) -> Result<(), Duration> {
+        let source = Source::of(addr);
+        let mut map = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let window = self.window;
+        make_room(
+            &mut map,
+            source,
+            |(start, _)| now.duration_since(*start) < window,
+            |(start, _)| Some(*start),
+        );
+        let (start, calls) = map.entry(source).or_insert((now, 0));
+        if now.duration_since(*start) >= window {
+            *start = now;
+            *calls = 0;
+        }
+        if *calls >= self.per_window {
+            return Err(window.saturating_sub(now.duration_since(*start)));
+        }
+        *calls += 1;
+        Ok(())
+    }
+}
+
+/// Log lines said at most once per interval for each kind, so that a flood cannot fill the
+/// log: [`Throttle::due`] says when one is due, and how many were not said since.
+#[derive(Debug)]
+pub(crate) struct Throttle {
+    every: Duration,
+    last: Mutex<HashMap<&'static str, (Instant, u64)>>,
+}
+
+impl Throttle {
+    /// One line of each kind per `every`.
+    pub(crate) fn new(every: Duration) -> Self {
+        Self {
+            every,
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// An event of `kind` (one of a fixed set): `Some(n)` when a line is due, `n` the
+    /// events of that kind since the last line that were not said.
+    pub(crate) fn due(&self, kind: &'static str, now: Instant) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match last.get_mut(kind) {
+            Some((at, unsaid)) if now.duration_since(*at) < self.every => {
+                *unsaid += 1;
+                None
+            }
+            Some((at, unsaid)) => {
+                let n = *unsaid;
+                *at = now;
+                *unsaid = 0;
+                Some(n)
+            }
+            None => {
+                last.insert(kind, (now, 0));
+                Some(0)
+            }
         }
     }
 }
@@ -170,7 +430,7 @@ impl Default for Limits {
 pub(crate) struct RefusedLimiter {
     per_window: u32,
     window: Duration,
-    state: Mutex<HashMap<IpAddr, Window>>,
+    state: Mutex<HashMap<Source, Window>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -209,6 +469,7 @@ impl RefusedLimiter {
 
     /// Whether a call from `addr` may go on.
     pub(crate) fn check(&self, addr: IpAddr, now: Instant) -> Verdict {
+        let addr = Source::of(addr);
         let mut map = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let Some(w) = map.get_mut(&addr) else {
             return Verdict::Allowed(None);
@@ -230,6 +491,7 @@ impl RefusedLimiter {
 
     /// Counts a refused call from `addr`.
     pub(crate) fn refused(&self, addr: IpAddr, now: Instant) {
+        let addr = Source::of(addr);
         let mut map = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let window = self.window;
         make_room(
@@ -301,25 +563,31 @@ mod tests {
         let t0 = Instant::now();
         let failures = FailureLimiter::new(UnsealLimit::default());
         let refused = RefusedLimiter::new(3, Duration::from_secs(60));
-        // All within the window: nothing is stale, so the oldest gives way.
+        // All within the window: nothing is stale, so the oldest gives way. (One address
+        // in each of as many /64s.)
+        let addr_of = |i: u32| IpAddr::from(Ipv6Addr::from(u128::from(i) << 64 | 1));
         for i in 0..(MAX_ADDRESSES as u32 + 50) {
-            let addr = IpAddr::from(std::net::Ipv6Addr::from(u128::from(i)));
+            let addr = addr_of(i);
             let _ticket = failures.begin(addr, t0 + Duration::from_millis(u64::from(i)));
             refused.refused(addr, t0 + Duration::from_millis(u64::from(i)));
         }
         assert_eq!(failures.failures.lock().unwrap().len(), MAX_ADDRESSES);
         assert_eq!(refused.state.lock().unwrap().len(), MAX_ADDRESSES);
         // The newest is kept, the oldest went.
-        let newest = IpAddr::from(std::net::Ipv6Addr::from(u128::from(
-            MAX_ADDRESSES as u32 + 49,
-        )));
-        assert!(refused.state.lock().unwrap().contains_key(&newest));
+        let newest = addr_of(MAX_ADDRESSES as u32 + 49);
+        assert!(
+            refused
+                .state
+                .lock()
+                .unwrap()
+                .contains_key(&Source::of(newest))
+        );
         assert!(
             !refused
                 .state
                 .lock()
                 .unwrap()
-                .contains_key(&IpAddr::from(std::net::Ipv6Addr::from(0u128)))
+                .contains_key(&Source::of(addr_of(0)))
         );
     }
 
@@ -357,5 +625,104 @@ mod tests {
             l.check(a, t0 + Duration::from_secs(61)),
             Verdict::Allowed(None)
         );
+    }
+
+    #[test]
+    fn ipv6_counts_by_64_and_mapped_ipv4_as_ipv4() {
+        let a: IpAddr = "2001:db8:1:2::7".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:1:2:3".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::7".parse().unwrap();
+        assert_eq!(Source::of(a), Source::of(b));
+        assert_ne!(Source::of(a), Source::of(c));
+        assert_eq!(Source::of(a).to_string(), "2001:db8:1:2::/64");
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(Source::of(mapped), Source::of(v4));
+        assert_eq!(Source::of(mapped).to_string(), "192.0.2.7");
+        assert_ne!(
+            Source::of(mapped),
+            Source::of("::ffff:192.0.2.8".parse().unwrap())
+        );
+        // One /64's addresses share one limit.
+        let l = RefusedLimiter::new(2, Duration::from_secs(60));
+        let t0 = Instant::now();
+        l.refused(a, t0);
+        l.refused(b, t0);
+        assert!(matches!(l.check(a, t0), Verdict::Limited { .. }));
+        assert_eq!(l.check(c, t0), Verdict::Allowed(None));
+    }
+
+    #[test]
+    fn calls_are_limited_per_source_in_windows() {
+        let l = CallLimiter::new(3, Duration::from_secs(60));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            l.allow(a, t0).unwrap();
+        }
+        assert_eq!(
+            l.allow(a, t0 + Duration::from_secs(15)),
+            Err(Duration::from_secs(45))
+        );
+        l.allow(b, t0).unwrap();
+        l.allow(a, t0 + Duration::from_secs(60)).unwrap();
+    }
+
+    #[test]
+    fn connection_caps_follow_the_open_file_limit_unless_set() {
+        let d = Limits::default();
+        let caps = d.connection_caps(Some(1024));
+        assert_eq!(
+            caps,
+            ConnectionCaps {
+                total: 896,
+                per_address: 256,
+                anonymous: 128,
+                anonymous_per_address: 8,
+                over_open_files: false,
+            }
+        );
+        // A large limit: at most 4096 unless set; none known: the same.
+        assert_eq!(d.connection_caps(Some(1 << 20)).total, 4096);
+        assert_eq!(d.connection_caps(None).total, 4096);
+        // A tiny one: still 16, and every other bound within the total.
+        let tiny = d.connection_caps(Some(100));
+        assert_eq!((tiny.total, tiny.per_address, tiny.anonymous), (16, 16, 16));
+        assert!(tiny.anonymous_per_address <= tiny.anonymous);
+        // Set: taken as set, and said to be over the limit when it is.
+        let set = Limits {
+            max_connections: Some(2000),
+            ..d
+        };
+        assert_eq!(set.connection_caps(Some(1024)).total, 2000);
+        assert!(set.connection_caps(Some(1024)).over_open_files);
+        assert!(!set.connection_caps(Some(4096)).over_open_files);
+    }
+
+    #[test]
+    fn the_soft_open_file_limit_is_read_from_proc() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                    Max open files            1024                 524288               files     \n";
+        assert_eq!(open_file_limit(text), Some(1024));
+        assert_eq!(
+            open_file_limit(
+                "Max open files            unlimited            unlimited            files\n"
+            ),
+            None
+        );
+        assert_eq!(open_file_limit(""), None);
+    }
+
+    #[test]
+    fn log_lines_are_throttled_per_kind() {
+        let t = Throttle::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(t.due("a", t0), Some(0));
+        assert_eq!(t.due("a", t0 + Duration::from_secs(1)), None);
+        assert_eq!(t.due("a", t0 + Duration::from_secs(2)), None);
+        assert_eq!(t.due("b", t0 + Duration::from_secs(2)), Some(0));
+        assert_eq!(t.due("a", t0 + Duration::from_secs(10)), Some(2));
+        assert_eq!(t.due("a", t0 + Duration::from_secs(11)), None);
     }
 }

@@ -14,6 +14,15 @@
 //! Certificates without a client certificate are accepted at the handshake (custodians
 //! unseal with a share, anyone may ask for status); [`super::check`] refuses them
 //! everything else.
+//!
+//! The accept loop bounds what connections hold ([`ConnectionCaps`], docs/access.md):
+//! handshakes in progress (in all, per address, in time); established connections in all
+//! and per source address ([`super::limiter::Source`]: IPv6 by /64), counted from `accept`
+//! to close; and, far lower, connections without a client certificate, which are also
+//! closed once they have had no call in flight for `anonymous_idle_timeout`
+//! ([`Activity`]). A connection over a bound is closed at once, counted in
+//! `kms_limit_reached_total`, and said in the log at most once per limit every
+//! [`LIMIT_LOG_EVERY`].
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,9 +30,10 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -33,7 +43,7 @@ use tokio_rustls::rustls;
 use tokio_rustls::server::TlsStream;
 
 use super::Identity;
-use super::limiter::Limits;
+use super::limiter::{ConnectionCaps, LimitKind, Limits, Source, Throttle};
 
 /// The `[tls]` files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -363,38 +373,127 @@ pub(crate) struct PeerInfo {
     pub addr: SocketAddr,
     /// Who it is.
     pub identity: Arc<Identity>,
+    /// The calls in flight on the connection (the gate keeps it).
+    pub activity: Arc<Activity>,
+}
+
+/// The calls in flight on one connection, and when the last one ended: what tells an idle
+/// connection from a busy one (a connection without a certificate is closed when idle).
+#[derive(Debug)]
+pub(crate) struct Activity {
+    opened: Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds from `opened` to the end of the last call.
+    last_end_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            opened: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// A call begins; it is in flight until the guard is dropped.
+    pub(crate) fn begin(self: &Arc<Self>) -> CallInFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        CallInFlight(Arc::clone(self))
+    }
+
+    /// When the connection became idle (no call in flight since), or `None` while a call
+    /// is in flight.
+    fn idle_since(&self) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let ms = self.last_end_ms.load(Ordering::Acquire);
+        Some(self.opened + Duration::from_millis(ms))
+    }
+}
+
+/// One call in flight on a connection ([`Activity::begin`]).
+#[derive(Debug)]
+pub(crate) struct CallInFlight(Arc<Activity>);
+
+impl Drop for CallInFlight {
+    fn drop(&mut self) {
+        let ms = u64::try_from(self.0.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.last_end_ms.fetch_max(ms, Ordering::AcqRel);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// One accepted connection: plaintext (loopback only) or TLS. Past its hard deadline
 /// (the maximum age plus a grace for calls in flight, [`Limits`]) every read and write
-/// fails, which closes it whatever the peer does.
+/// fails, which closes it whatever the peer does; the same once a connection without a
+/// certificate has been idle for `anonymous_idle_timeout`. It holds its place in the
+/// connection count until dropped.
 #[derive(Debug)]
 pub(crate) struct Conn {
     io: Io,
     info: PeerInfo,
     deadline: Pin<Box<tokio::time::Sleep>>,
+    idle: Option<IdleTimer>,
+    _slot: ConnSlot,
+}
+
+/// The idle timeout of a connection without a certificate.
+#[derive(Debug)]
+struct IdleTimer {
+    timeout: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Conn {
-    fn new(io: Io, info: PeerInfo, limits: &Limits) -> Self {
+    fn new(io: Io, info: PeerInfo, limits: &Limits, slot: ConnSlot) -> Self {
+        let idle = slot.anonymous.then(|| IdleTimer {
+            timeout: limits.anonymous_idle_timeout,
+            timer: Box::pin(tokio::time::sleep(limits.anonymous_idle_timeout)),
+        });
         Self {
             io,
             info,
             deadline: Box::pin(tokio::time::sleep(
                 limits.max_connection_age + CONNECTION_AGE_GRACE,
             )),
+            idle,
+            _slot: slot,
         }
     }
 
-    /// `Err` once the deadline has passed (and the waker registered until then).
+    /// `Err` once the deadline has passed, or the connection has been idle too long (and
+    /// the wakers registered until then).
     fn expired(&mut self, cx: &mut Context<'_>) -> Result<(), io::Error> {
-        match self.deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Err(io::Error::new(
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "the connection is older than its maximum age and grace",
-            )),
-            Poll::Pending => Ok(()),
+            ));
         }
+        let Some(idle) = &mut self.idle else {
+            return Ok(());
+        };
+        while idle.timer.as_mut().poll(cx).is_ready() {
+            let now = tokio::time::Instant::now();
+            match self.info.activity.idle_since() {
+                Some(since) if since.elapsed() >= idle.timeout => {
+                    crate::metrics::metrics().limit_reached(LimitKind::AnonymousIdle);
+                    tracing::debug!(peer = %self.info.addr, "connection without a certificate closed: idle");
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "a connection without a client certificate was idle too long",
+                    ));
+                }
+                Some(since) => {
+                    let left = idle.timeout.saturating_sub(since.elapsed());
+                    idle.timer.as_mut().reset(now + left);
+                }
+                None => idle.timer.as_mut().reset(now + idle.timeout),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -491,29 +590,33 @@ impl AsyncWrite for Conn {
 #[derive(Debug)]
 struct Handshakes {
     limits: Limits,
-    state: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    state: Mutex<(usize, HashMap<Source, usize>)>,
 }
 
 /// One handshake in progress; counted until dropped.
 #[derive(Debug)]
 struct HandshakeSlot {
     owner: Arc<Handshakes>,
-    ip: IpAddr,
+    source: Source,
 }
 
 impl Handshakes {
-    fn begin(self: &Arc<Self>, ip: IpAddr) -> Option<HandshakeSlot> {
+    fn begin(self: &Arc<Self>, ip: IpAddr) -> Result<HandshakeSlot, LimitKind> {
+        let source = Source::of(ip);
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let (total, per) = &mut *state;
-        let mine = per.get(&ip).copied().unwrap_or(0);
-        if *total >= self.limits.max_handshakes || mine >= self.limits.max_handshakes_per_address {
-            return None;
+        let mine = per.get(&source).copied().unwrap_or(0);
+        if *total >= self.limits.max_handshakes {
+            return Err(LimitKind::Handshakes);
+        }
+        if mine >= self.limits.max_handshakes_per_address {
+            return Err(LimitKind::HandshakesPerAddress);
         }
         *total += 1;
-        per.insert(ip, mine + 1);
-        Some(HandshakeSlot {
+        per.insert(source, mine + 1);
+        Ok(HandshakeSlot {
             owner: Arc::clone(self),
-            ip,
+            source,
         })
     }
 }
@@ -523,12 +626,141 @@ impl Drop for HandshakeSlot {
         let mut state = self.owner.state.lock().unwrap_or_else(|p| p.into_inner());
         let (total, per) = &mut *state;
         *total = total.saturating_sub(1);
-        if let Some(n) = per.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                per.remove(&self.ip);
-            }
+        release(per, self.source);
+    }
+}
+
+/// Takes one from `source`'s count, forgetting it at zero.
+fn release(per: &mut HashMap<Source, usize>, source: Source) {
+    if let Some(n) = per.get_mut(&source) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            per.remove(&source);
         }
+    }
+}
+
+/// How often at most each limit is said in the log while it closes connections.
+pub(crate) const LIMIT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Established connections (from `accept` to close, handshakes included), in all and per
+/// source, and those without a client certificate.
+#[derive(Debug)]
+struct Connections {
+    caps: ConnectionCaps,
+    state: Mutex<Counts>,
+    log: Throttle,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    total: usize,
+    per: HashMap<Source, usize>,
+    anonymous: usize,
+    anonymous_per: HashMap<Source, usize>,
+}
+
+/// One open connection's place in [`Connections`]; given back on drop.
+#[derive(Debug)]
+struct ConnSlot {
+    owner: Arc<Connections>,
+    source: Source,
+    anonymous: bool,
+}
+
+impl Connections {
+    fn new(caps: ConnectionCaps) -> Self {
+        Self {
+            caps,
+            state: Mutex::new(Counts::default()),
+            log: Throttle::new(LIMIT_LOG_EVERY),
+        }
+    }
+
+    /// A place for a connection just accepted from `ip`, if the bounds allow it.
+    fn open(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, LimitKind> {
+        let source = Source::of(ip);
+        let mut c = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = c.per.get(&source).copied().unwrap_or(0);
+        if c.total >= self.caps.total {
+            return Err(LimitKind::Connections);
+        }
+        if mine >= self.caps.per_address {
+            return Err(LimitKind::ConnectionsPerAddress);
+        }
+        c.total += 1;
+        c.per.insert(source, mine + 1);
+        gauges(&c);
+        Ok(ConnSlot {
+            owner: Arc::clone(self),
+            source,
+            anonymous: false,
+        })
+    }
+
+    /// Makes `slot` a connection without a certificate, if the bounds on those allow it.
+    fn anonymous(&self, slot: &mut ConnSlot) -> Result<(), LimitKind> {
+        let mut c = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = c.anonymous_per.get(&slot.source).copied().unwrap_or(0);
+        if c.anonymous >= self.caps.anonymous {
+            return Err(LimitKind::AnonymousConnections);
+        }
+        if mine >= self.caps.anonymous_per_address {
+            return Err(LimitKind::AnonymousConnectionsPerAddress);
+        }
+        c.anonymous += 1;
+        c.anonymous_per.insert(slot.source, mine + 1);
+        slot.anonymous = true;
+        gauges(&c);
+        Ok(())
+    }
+
+    /// Counts and (at most every [`LIMIT_LOG_EVERY`] per limit) logs a connection from
+    /// `addr` closed by `limit`.
+    fn closed(&self, limit: LimitKind, addr: SocketAddr) {
+        crate::metrics::metrics().limit_reached(limit);
+        let bound = match limit {
+            LimitKind::Connections => Some(self.caps.total),
+            LimitKind::ConnectionsPerAddress => Some(self.caps.per_address),
+            LimitKind::AnonymousConnections => Some(self.caps.anonymous),
+            LimitKind::AnonymousConnectionsPerAddress => Some(self.caps.anonymous_per_address),
+            LimitKind::Handshakes
+            | LimitKind::HandshakesPerAddress
+            | LimitKind::AnonymousIdle
+            | LimitKind::AnonymousCalls
+            | LimitKind::RefusedCalls => None,
+        };
+        if let Some(unsaid) = self.log.due(limit.key(), Instant::now()) {
+            tracing::warn!(
+                limit = limit.key(),
+                bound,
+                peer = %addr,
+                closed_since_last_line = unsaid,
+                "connection limit reached: connections over it are closed at once (docs/access.md)"
+            );
+        }
+    }
+}
+
+/// The gauges of open connections.
+fn gauges(c: &Counts) {
+    let m = crate::metrics::metrics();
+    m.connections
+        .set(i64::try_from(c.total).unwrap_or(i64::MAX));
+    m.anonymous_connections
+        .set(i64::try_from(c.anonymous).unwrap_or(i64::MAX));
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut c = self.owner.state.lock().unwrap_or_else(|p| p.into_inner());
+        c.total = c.total.saturating_sub(1);
+        release(&mut c.per, self.source);
+        if self.anonymous {
+            c.anonymous = c.anonymous.saturating_sub(1);
+            release(&mut c.anonymous_per, self.source);
+        }
+        gauges(&c);
     }
 }
 
@@ -575,17 +807,20 @@ async fn handshake(
 
 /// Accepts connections on `listener` (TLS with `tls`, else plaintext) and yields each
 /// once its handshake succeeded and its caller is known. Handshakes are bounded by
-/// `limits` (in all, per address, and in time). Runs until the receiver is dropped.
+/// `limits` (in all, per address, and in time), established connections by `caps`.
+/// Runs until the receiver is dropped.
 pub(crate) fn incoming(
     listener: TcpListener,
     tls: Option<Arc<ServerTls>>,
     limits: Limits,
+    caps: ConnectionCaps,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let handshakes = Arc::new(Handshakes {
         limits,
         state: Mutex::new((0, HashMap::new())),
     });
+    let connections = Arc::new(Connections::new(caps));
     tokio::spawn(async move {
         loop {
             let (tcp, addr) = tokio::select! {
@@ -600,6 +835,15 @@ pub(crate) fn incoming(
                 },
                 () = tx.closed() => return,
             };
+            // Closed at once (dropping the socket) when over a bound: a stranger's
+            // connections cannot take the files the store, the HSM and everyone else need.
+            let mut slot = match connections.open(addr.ip()) {
+                Ok(slot) => slot,
+                Err(limit) => {
+                    connections.closed(limit, addr);
+                    continue;
+                }
+            };
             let _ = tcp.set_nodelay(true);
             let tx = tx.clone();
             let Some(tls) = &tls else {
@@ -608,34 +852,48 @@ pub(crate) fn incoming(
                     PeerInfo {
                         addr,
                         identity: Arc::new(Identity::loopback()),
+                        activity: Arc::new(Activity::new()),
                     },
                     &limits,
+                    slot,
                 );
                 if tx.send(Ok(conn)).await.is_err() {
                     return;
                 }
                 continue;
             };
-            let Some(slot) = handshakes.begin(addr.ip()) else {
-                // Closed at once (dropping the socket): the limits say why, not the log,
-                // which a flood would fill.
-                tracing::debug!(peer = %addr, "connection closed: too many handshakes in progress");
-                continue;
+            let handshake_slot = match handshakes.begin(addr.ip()) {
+                Ok(h) => h,
+                Err(limit) => {
+                    // The limits say why, not the log, which a flood would fill.
+                    crate::metrics::metrics().limit_reached(limit);
+                    tracing::debug!(peer = %addr, "connection closed: too many handshakes in progress");
+                    continue;
+                }
             };
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
             let timeout = limits.handshake_timeout;
+            let connections = Arc::clone(&connections);
             tokio::spawn(async move {
                 let Some((stream, identity)) = handshake(acceptor, tcp, addr, timeout).await else {
                     return;
                 };
-                drop(slot);
+                drop(handshake_slot);
+                if !identity.authenticated
+                    && let Err(limit) = connections.anonymous(&mut slot)
+                {
+                    connections.closed(limit, addr);
+                    return;
+                }
                 let conn = Conn::new(
                     Io::Tls(Box::new(stream)),
                     PeerInfo {
                         addr,
                         identity: Arc::new(identity),
+                        activity: Arc::new(Activity::new()),
                     },
                     &limits,
+                    slot,
                 );
                 let _ = tx.send(Ok(conn)).await;
             });

@@ -6,7 +6,7 @@ use crate::wire::{grant_pb, operation_from};
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use super::{Aad, Call, Ctx, Served, run, with_keyring};
+use super::{Aad, Call, Ctx, Place, Served, run_at, with_keyring};
 use crate::keyring::grants::NewGrant;
 
 /// The service's name in audit records.
@@ -38,7 +38,8 @@ impl pb::access_server::Access for AccessService {
         request: Request<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
         let call = self.call(&request, "WhoAmI");
-        run(call, move |c| {
+        // Reads the connection's identity and the roles: no thread hand-off for that.
+        run_at(Place::InProcess, call, move |c| {
             let id = c.identity();
             Ok(Served::new(pb::WhoAmIResponse {
                 principal: id.principal.clone(),

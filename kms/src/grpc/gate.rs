@@ -19,6 +19,18 @@
 //!   certificate (load balancers have none) and its probes are not recorded one by one:
 //!   they are counted, and the count is recorded as one `kms.Gate/HealthChecks` record a
 //!   minute (and at shutdown) with the count per outcome in its `batch`.
+//! - `Status` and `WhoAmI` from callers without a certificate are not recorded one by one
+//!   either (a stranger could otherwise fill the disk with them): they are counted per
+//!   method and source address ([`Source`]: IPv6 by /64), and each count is recorded a
+//!   minute (and at shutdown) as one record of that method, principal `anonymous`, the
+//!   source as its peer, the count per outcome in its `batch`. Their handler knows it
+//!   ([`Counted`]) and writes no record. A certificate's `Status` and `WhoAmI` are recorded
+//!   one by one as every other call.
+//! - Every call from a caller without a certificate (`Status`, `WhoAmI`, health) counts
+//!   against its source's `anonymous_calls_per_minute`; past it the calls are refused
+//!   `RESOURCE_EXHAUSTED`, unread, a second later, and counted with the others. Such a call
+//!   must be answered within `anonymous_idle_timeout`, and while it is in flight its
+//!   connection is not idle (`tls::Activity`).
 //! - The standard services without a handler of ours (health, reflection) have their rule
 //!   (`access::need`) checked here: reflection needs the admin role.
 //! - Every call is counted and timed for the metrics (`kms_requests_total`,
@@ -29,7 +41,7 @@
 //! ours, the method a short identifier; anything else is recorded as a placeholder that
 //! gives only its size.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,8 +55,10 @@ use tonic::body::Body;
 use tonic::{Code, Status};
 
 use super::{AUDIT_UNAVAILABLE, code_name};
-use crate::access::limiter::{RefusedLimiter, Verdict};
-use crate::access::tls::PeerInfo;
+use crate::access::limiter::{
+    CallLimiter, LimitKind, Limits, RefusedLimiter, Source, Throttle, Verdict,
+};
+use crate::access::tls::{CallInFlight, LIMIT_LOG_EVERY, PeerInfo};
 use crate::access::{Denied, Roles};
 use crate::audit::{AuditEvent, AuditLog, BatchSummary};
 
@@ -69,6 +83,28 @@ const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
 /// The service name of the gate's own summary records.
 const GATE: &str = "kms.Gate";
 
+/// The calls without a certificate that are counted rather than recorded one by one
+/// (service, method).
+const COUNTED: [(&str, &str); 2] = [("kms.v1.System", "Status"), ("kms.v1.Access", "WhoAmI")];
+
+/// Sources counted apart in one interval; the calls of any more are counted together, under
+/// the peer [`OTHER_SOURCES`] (so an interval's records are bounded whatever the number of
+/// addresses calling).
+const MAX_COUNTED_SOURCES: usize = 1000;
+
+/// How long a call over `anonymous_calls_per_minute` waits for its refusal: a source can
+/// then make the server refuse at most its open streams' worth of calls a second
+/// (`max_concurrent_streams` on each of its `max_anonymous_connections_per_address`).
+const ANONYMOUS_LIMITED_DELAY: Duration = Duration::from_secs(1);
+
+/// The peer of the count of the sources past [`MAX_COUNTED_SOURCES`].
+const OTHER_SOURCES: &str = "other addresses";
+
+/// Put on a request by the gate when the call is counted (see the module docs): its handler
+/// writes no record of it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Counted;
+
 /// Set by a handler's [`super::Call`] once it has taken charge of the call's record; the
 /// gate records the calls for which it is still unset.
 #[derive(Debug, Clone, Default)]
@@ -91,26 +127,53 @@ pub(crate) struct GateState {
     audit: AuditLog,
     roles: Arc<Roles>,
     refused: RefusedLimiter,
+    anonymous_calls: CallLimiter,
     anonymous_max_bytes: usize,
+    anonymous_timeout: Duration,
     /// Health probes since the last summary record, by outcome.
     probes: Mutex<BTreeMap<String, u64>>,
+    /// Counted calls without a certificate since the last summary records.
+    counted: Mutex<Tally>,
+    log: Throttle,
+}
+
+/// Calls counted per source (`None`: past [`MAX_COUNTED_SOURCES`]) and method (an index in
+/// [`COUNTED`]), by outcome.
+#[derive(Debug, Default)]
+struct Tally {
+    calls: BTreeMap<(Option<Source>, usize), BTreeMap<&'static str, u64>>,
+    sources: HashSet<Source>,
+}
+
+impl Tally {
+    /// Counts a call of `COUNTED[method]` from `source` that got `outcome`: under its source
+    /// if it is one of the interval's first [`MAX_COUNTED_SOURCES`], else with the others.
+    fn add(&mut self, source: Source, method: usize, outcome: &'static str) {
+        let apart = self.sources.contains(&source)
+            || (self.sources.len() < MAX_COUNTED_SOURCES && self.sources.insert(source));
+        *self
+            .calls
+            .entry((apart.then_some(source), method))
+            .or_default()
+            .entry(outcome)
+            .or_default() += 1;
+    }
 }
 
 impl GateState {
-    /// A gate recording into `audit`, allowing `refused_per_minute` refused calls per
-    /// address per minute and `anonymous_max_bytes` per request without a certificate.
-    pub(crate) fn new(
-        audit: AuditLog,
-        roles: Arc<Roles>,
-        refused_per_minute: u32,
-        anonymous_max_bytes: usize,
-    ) -> Self {
+    /// A gate recording into `audit`, with the per-caller limits of `limits`.
+    pub(crate) fn new(audit: AuditLog, roles: Arc<Roles>, limits: &Limits) -> Self {
+        let minute = Duration::from_secs(60);
         Self {
             audit,
             roles,
-            refused: RefusedLimiter::new(refused_per_minute, Duration::from_secs(60)),
-            anonymous_max_bytes,
+            refused: RefusedLimiter::new(limits.refused_calls_per_minute, minute),
+            anonymous_calls: CallLimiter::new(limits.anonymous_calls_per_minute, minute),
+            anonymous_max_bytes: limits.anonymous_max_request_bytes,
+            anonymous_timeout: limits.anonymous_idle_timeout,
             probes: Mutex::new(BTreeMap::new()),
+            counted: Mutex::new(Tally::default()),
+            log: Throttle::new(LIMIT_LOG_EVERY),
         }
     }
 
@@ -119,28 +182,86 @@ impl GateState {
         *probes.entry(outcome.to_owned()).or_default() += 1;
     }
 
-    /// Records the health probes counted since the last call as one record
-    /// (`kms.Gate/HealthChecks`, the count per outcome in its `batch`); nothing when there
-    /// were none. The server calls it every minute and at shutdown.
-    pub(crate) async fn record_probes(&self) {
+    /// Counts a call of `COUNTED[method]` from `ip` that got `outcome`.
+    fn count(&self, ip: IpAddr, method: usize, outcome: &'static str) {
+        self.counted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(Source::of(ip), method, outcome);
+    }
+
+    /// Records what was counted since the last call: the health probes as one record
+    /// (`kms.Gate/HealthChecks`, the count per outcome in its `batch`), and the calls
+    /// without a certificate as one record per method and source (see the module docs);
+    /// nothing when there were none. The server calls it every minute and at shutdown.
+    pub(crate) async fn record_counts(&self) {
         let outcomes = std::mem::take(&mut *self.probes.lock().unwrap_or_else(|p| p.into_inner()));
+        let tally = std::mem::take(&mut *self.counted.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut events = Vec::new();
         let items: u64 = outcomes.values().sum();
-        if items == 0 {
-            return;
+        if items > 0 {
+            events.push(AuditEvent {
+                principal: crate::audit::SYSTEM_PRINCIPAL.to_owned(),
+                service: GATE.to_owned(),
+                operation: "HealthChecks".to_owned(),
+                outcome: code_name(Code::Ok).to_owned(),
+                batch: Some(BatchSummary {
+                    items,
+                    outcomes,
+                    versions: Default::default(),
+                }),
+                ..AuditEvent::default()
+            });
         }
-        let event = AuditEvent {
-            principal: crate::audit::SYSTEM_PRINCIPAL.to_owned(),
-            service: GATE.to_owned(),
-            operation: "HealthChecks".to_owned(),
-            outcome: code_name(Code::Ok).to_owned(),
-            batch: Some(BatchSummary {
-                items,
-                outcomes,
-                versions: Default::default(),
-            }),
-            ..AuditEvent::default()
-        };
-        append(&self.audit, event).await;
+        for ((source, method), outcomes) in tally.calls {
+            let Some((service, operation)) = COUNTED.get(method) else {
+                continue;
+            };
+            events.push(AuditEvent {
+                principal: crate::policy::ANONYMOUS.to_owned(),
+                peer: source.map_or_else(|| OTHER_SOURCES.to_owned(), |s| s.to_string()),
+                service: (*service).to_owned(),
+                operation: (*operation).to_owned(),
+                outcome: code_name(Code::Ok).to_owned(),
+                batch: Some(BatchSummary {
+                    items: outcomes.values().sum(),
+                    outcomes: outcomes
+                        .into_iter()
+                        .map(|(o, n)| (o.to_owned(), n))
+                        .collect(),
+                    versions: Default::default(),
+                }),
+                ..AuditEvent::default()
+            });
+        }
+        // Handed over together, so that they share durable commits.
+        let receipts: Vec<_> = events
+            .into_iter()
+            .map(|e| {
+                let rpc = format!("{}/{}", e.service, e.operation);
+                (rpc, self.audit.submit(e))
+            })
+            .collect();
+        for (rpc, receipt) in receipts {
+            if receipt.durable().await.is_err() {
+                tracing::error!(rpc, "audit record of counted calls not written");
+            }
+        }
+    }
+
+    /// Counts (and at most every [`LIMIT_LOG_EVERY`] logs) a call from `ip` refused by the
+    /// limit on calls without a certificate.
+    fn anonymous_limited(&self, ip: IpAddr) {
+        crate::metrics::metrics().limit_reached(LimitKind::AnonymousCalls);
+        let limit = LimitKind::AnonymousCalls.key();
+        if let Some(unsaid) = self.log.due(limit, Instant::now()) {
+            tracing::warn!(
+                limit,
+                peer = %Source::of(ip),
+                refused_since_last_line = unsaid,
+                "calls without a client certificate over the per-address limit are refused (RESOURCE_EXHAUSTED) and counted"
+            );
+        }
     }
 }
 
@@ -250,9 +371,9 @@ where
 }
 
 /// The gate's work on one call (see the module docs): the refusals it makes itself, then
-/// the call, then its record when no handler of ours made one.
+/// the call, then its record when no handler of ours made one (or its count).
 async fn pass<S>(
-    mut inner: S,
+    inner: S,
     state: Arc<GateState>,
     mut req: http::Request<Body>,
     service: &str,
@@ -262,10 +383,12 @@ where
     S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>>,
 {
     let peer = req.extensions().get::<PeerInfo>().cloned();
-    let ip = peer.as_ref().map(|p| p.addr.ip());
+    // A caller without a certificate: its address, and its call in flight on the
+    // connection (which is not idle meanwhile).
     let anonymous = peer
         .as_ref()
-        .is_some_and(|p| p.identity.tls && !p.identity.authenticated);
+        .filter(|p| p.identity.tls && !p.identity.authenticated)
+        .map(|p| (p.addr.ip(), p.activity.begin()));
     let event = AuditEvent {
         request_id: super::request_id_of(req.headers()),
         principal: peer.as_ref().map_or_else(
@@ -280,19 +403,89 @@ where
         operation: method.to_owned(),
         ..AuditEvent::default()
     };
-    if let Some(refusal) = refuse(&state, peer.as_ref(), &event, anonymous).await {
+    if let Some(refusal) = refuse(&state, peer.as_ref(), &event, anonymous.is_some()).await {
         return Ok(refusal);
     }
-    if anonymous {
-        let limit = state.anonymous_max_bytes;
-        let body = std::mem::replace(req.body_mut(), Body::empty());
-        *req.body_mut() = Body::new(Limited::new(body, limit));
+    let probe = service == HEALTH;
+    let Some((anonymous_ip, in_flight)) = anonymous else {
+        return served(inner, &state, req, event, probe, None).await;
+    };
+    // Past here: a caller without a certificate, calling Status, WhoAmI or health.
+    let counted = COUNTED
+        .iter()
+        .position(|c| *c == (service, method))
+        .map(|i| (anonymous_ip, i));
+    if let Err(wait) = state.anonymous_calls.allow(anonymous_ip, Instant::now()) {
+        state.anonymous_limited(anonymous_ip);
+        let status = Status::resource_exhausted(format!(
+            "too many calls without a client certificate from this address: try again in {} s",
+            wait.as_secs().max(1)
+        ));
+        let outcome = code_name(Code::ResourceExhausted);
+        let refusal = match counted {
+            Some((ip, i)) => {
+                state.count(ip, i, outcome);
+                status.into_http()
+            }
+            None if probe => {
+                state.count_probe(outcome);
+                status.into_http()
+            }
+            None => answer(&state, event, status).await,
+        };
+        // The refusal comes after a while: a client that waits for its answers (HTTP/2
+        // lets it have only `max_concurrent_streams` calls open per connection) cannot make
+        // the server refuse calls as fast as it can send them.
+        tokio::time::sleep(ANONYMOUS_LIMITED_DELAY.min(wait)).await;
+        return Ok(refusal);
     }
+    let limit = state.anonymous_max_bytes;
+    let body = std::mem::replace(req.body_mut(), Body::empty());
+    *req.body_mut() = Body::new(Limited::new(body, limit));
+    if counted.is_some() {
+        req.extensions_mut().insert(Counted);
+    }
+    let timeout = state.anonymous_timeout;
+    let call = served(inner, &state, req, event.clone(), probe, counted);
+    let response = match tokio::time::timeout(timeout, call).await {
+        Ok(response) => response?,
+        Err(_) => {
+            let status = Status::deadline_exceeded(format!(
+                "a call without a client certificate must be answered within {} s",
+                timeout.as_secs()
+            ));
+            let outcome = code_name(status.code());
+            match counted {
+                Some((ip, i)) => state.count(ip, i, outcome),
+                None if probe => state.count_probe(outcome),
+                None => return Ok(answer(&state, event, status).await),
+            }
+            status.into_http()
+        }
+    };
+    // The call is in flight until its answer has been sent (a health Watch: until it
+    // ends).
+    Ok(response.map(|body| Body::new(InFlightBody::new(body, in_flight))))
+}
+
+/// The call, then its record when no handler of ours made one, or its count (`counted`:
+/// the caller's address and the method's index in [`COUNTED`]; `probe`: a health probe).
+async fn served<S>(
+    mut inner: S,
+    state: &GateState,
+    mut req: http::Request<Body>,
+    event: AuditEvent,
+    probe: bool,
+    counted: Option<(IpAddr, usize)>,
+) -> Result<http::Response<Body>, S::Error>
+where
+    S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>>,
+{
+    let ip = req.extensions().get::<PeerInfo>().map(|p| p.addr.ip());
     let recorded = Recorded::default();
     req.extensions_mut().insert(recorded.clone());
-    let probe = service == HEALTH;
     if probe {
-        // Counted, recorded in aggregate by `record_probes`.
+        // Counted, recorded in aggregate by `record_counts`.
         recorded.set();
     }
     let response = inner.call(req).await?;
@@ -300,10 +493,16 @@ where
     // A probe's answer (NOT_FOUND for an unknown service) is the health service's business,
     // not a refusal: `recorded` is set for probes.
     if code.is_some_and(|c| is_refusal(c, recorded.get())) {
-        refused(&state, ip);
+        refused(state, ip);
     }
+    let outcome = code.map_or("OK", code_name);
     if probe {
-        state.count_probe(code.map_or("OK", code_name));
+        state.count_probe(outcome);
+    }
+    if let Some((ip, i)) = counted {
+        // Counted whether a handler ran or tonic refused it, recorded by `record_counts`.
+        state.count(ip, i, outcome);
+        return Ok(response);
     }
     if recorded.get() {
         return Ok(response);
@@ -311,7 +510,7 @@ where
     // No handler of ours recorded this call: tonic refused it, a handler panicked, or it is
     // a reflection stream. A reflection stream whose answer began (its status comes at its
     // end) is recorded as admitted: `OK`.
-    let reflection = [REFLECTION, REFLECTION_V1ALPHA].contains(&service);
+    let reflection = [REFLECTION, REFLECTION_V1ALPHA].contains(&event.service.as_str());
     let outcome = match code {
         Some(c) => code_name(c),
         None if reflection => code_name(Code::Ok),
@@ -347,8 +546,9 @@ async fn refuse(
                     "too many refused calls from this address: try again in {} s",
                     wait.as_secs().max(1)
                 ));
+                crate::metrics::metrics().limit_reached(LimitKind::RefusedCalls);
                 if first {
-                    tracing::warn!(peer = %ip, "refused calls over the limit: further calls from this address are refused unread for the rest of the minute");
+                    tracing::warn!(peer = %Source::of(ip), "refused calls over the limit: further calls from this address are refused unread for the rest of the minute");
                     return Some(answer(state, event.clone(), status).await);
                 }
                 return Some(status.into_http());
@@ -486,7 +686,40 @@ impl http_body::Body for Limited {
     }
 }
 
+/// A response body that holds its call in flight on its connection until it is done.
+struct InFlightBody {
+    inner: Body,
+    _call: CallInFlight,
+}
+
+impl InFlightBody {
+    fn new(inner: Body, call: CallInFlight) -> Self {
+        Self { inner, _call: call }
+    }
+}
+
+impl http_body::Body for InFlightBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 
@@ -513,5 +746,31 @@ mod tests {
             ("kms.v1.System".into(), "<invalid method, 7 bytes>".into())
         );
         assert_eq!(rpc_of("nothing").0, "<unknown service, 0 bytes>");
+    }
+
+    /// However many addresses call, an interval's counts (and so its records) are bounded:
+    /// the sources past the first thousand are counted together.
+    #[test]
+    fn counts_are_per_source_and_method_and_bounded() {
+        let mut tally = Tally::default();
+        let v4 = |i: u32| Source::of(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)));
+        for i in 0..(MAX_COUNTED_SOURCES as u32 + 500) {
+            tally.add(v4(i), 0, "OK");
+            tally.add(v4(i), 1, "OK");
+        }
+        tally.add(v4(0), 0, "RESOURCE_EXHAUSTED");
+        // Another address of a counted IPv6 /64 is that source.
+        let a = Source::of("2001:db8::1".parse().unwrap());
+        let b = Source::of("2001:db8::2".parse().unwrap());
+        assert_eq!(a, b);
+        assert_eq!(tally.calls.len(), 2 * MAX_COUNTED_SOURCES + 2);
+        assert_eq!(tally.calls[&(None, 0)]["OK"], 500);
+        assert_eq!(tally.calls[&(None, 1)]["OK"], 500);
+        assert_eq!(
+            tally.calls[&(Some(v4(0)), 0)],
+            BTreeMap::from([("OK", 1), ("RESOURCE_EXHAUSTED", 1)])
+        );
+        assert_eq!(COUNTED[0], ("kms.v1.System", "Status"));
+        assert_eq!(COUNTED[1], ("kms.v1.Access", "WhoAmI"));
     }
 }

@@ -268,6 +268,9 @@ pub(crate) struct Call {
     bad_name: bool,
     /// The gate's flag: set once this call's record is this handler's to write.
     gate: Option<gate::Recorded>,
+    /// The gate counts this call (a caller without a certificate's Status or WhoAmI): no
+    /// record of its own.
+    counted: bool,
     /// The level of the "request served" line.
     request_log: tracing::Level,
 }
@@ -318,6 +321,7 @@ impl Call {
             roles: Arc::clone(&ctx.roles),
             bad_name: false,
             gate: req.extensions().get::<gate::Recorded>().cloned(),
+            counted: req.extensions().get::<gate::Counted>().is_some(),
             request_log: ctx.request_log,
         }
     }
@@ -624,8 +628,9 @@ fn settle<R: prost::Message>(call: &Call, result: Result<Served<R>, ApiError>) -
     }
     // A change that committed its record with it is recorded; a failure after that commit
     // gets its own record too, so the log never shows OK for an answer that was an error.
-    let receipt =
-        (!call.recorded.load(Ordering::Relaxed) || answer.is_err()).then(|| call.log.submit(event));
+    // A call the gate counts has no record of its own.
+    let receipt = (!call.counted && (!call.recorded.load(Ordering::Relaxed) || answer.is_err()))
+        .then(|| call.log.submit(event));
     Settled {
         answer,
         receipt,
