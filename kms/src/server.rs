@@ -609,10 +609,9 @@ async fn follow_changes(seal: Arc<SealManager>, mut feed: crate::store::ChangeFe
     let hear = |news: Vec<Change>,
                 waiting: &mut std::collections::BTreeSet<Change>,
                 schedule: &mut FollowSchedule| {
-        if let Ok(keyring) = seal.keyring() {
-            keyring.heard(&news);
-        }
+        seal.heard(&news);
         waiting.extend(news);
+        bound_waiting(waiting);
         schedule.news = true;
     };
     loop {
@@ -654,10 +653,25 @@ async fn follow_changes(seal: Arc<SealManager>, mut feed: crate::store::ChangeFe
             crate::metrics::metrics().keyring_follow_failures.inc();
         }
         waiting.extend(left);
+        bound_waiting(&mut waiting);
         schedule.ended(std::time::Instant::now(), failed);
         if !open {
             return;
         }
+    }
+}
+
+/// Keeps the changes waiting to be applied bounded whatever a flood of notifications
+/// brings (any role with CONNECT can send them): past [`crate::store::MAX_HINTS`], or once a
+/// resync waits, one resync stands for them all (it re-reads everything, the seal record
+/// too; every change was already heard, so the keys concerned stay refused until then).
+fn bound_waiting(waiting: &mut std::collections::BTreeSet<crate::store::Change>) {
+    use crate::store::Change;
+    if waiting.len() > crate::store::MAX_HINTS
+        || (waiting.len() > 1 && waiting.contains(&Change::Resync))
+    {
+        waiting.clear();
+        waiting.insert(Change::Resync);
     }
 }
 

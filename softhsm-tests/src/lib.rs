@@ -630,6 +630,21 @@ pub fn store_put(store: &Path, table: &str, key: &str, value: &[u8]) {
     );
 }
 
+/// Removes one entry offline as someone with disk access would (`store-tool delete`).
+pub fn store_delete(store: &Path, table: &str, key: &str) {
+    let out = Command::new(bin("store-tool"))
+        .arg("delete")
+        .arg(store)
+        .args([table, key])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// What a CLI run printed.
 #[derive(Debug, Clone)]
 pub struct Out {

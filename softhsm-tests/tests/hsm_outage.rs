@@ -270,3 +270,48 @@ async fn a_swapped_object_is_not_found_again_as_the_key_kms_made() {
         "{logs}"
     );
 }
+
+/// An insider with the PIN swaps an HSM key for one created from a value they know,
+/// sensitive and not extractable (but, made by `C_CreateObject`, never "always sensitive"
+/// nor "never extractable" as a key generated in the token is). Neither the recovery nor a
+/// restart takes it as the key kms made: kms never encrypts under a key someone knows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swapped_key_of_known_value_is_never_taken_for_the_key_kms_made() {
+    let hsm = TestHsm::new("kms-hsm-known");
+    let (mut server, shares) = start_unsealed(&hsm, &hsm.config());
+    server
+        .create_aes_key("vault", pb::ProtectionLevel::Hsm)
+        .await;
+    let mut keys = server.keys().await;
+    encrypt_ctx(&mut keys, "vault", b"before").await.unwrap();
+    let (label, id) = hsm.ids("kms/")[0].clone();
+    assert!(hsm.tool(&["destroy"], &[&label]).status.success());
+    let known = "42".repeat(32);
+    assert!(
+        hsm.tool(&["known-key"], &[&label, &id, &known])
+            .status
+            .success()
+    );
+    for _ in 0..3 {
+        let e = encrypt_ctx(&mut keys, "vault", b"an insider could read this")
+            .await
+            .expect_err("encrypted under a key whose value someone knows");
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        hsm.logs().contains("made from a value someone had"),
+        "{}",
+        hsm.logs()
+    );
+    // Nor after a restart: the version's object is refused at the unseal.
+    drop(keys);
+    assert!(server.terminate().success());
+    let server = hsm.try_start(&hsm.config(), &[]).unwrap();
+    server.unseal_with(&shares);
+    let mut keys = server.keys().await;
+    let e = encrypt_ctx(&mut keys, "vault", b"an insider could read this")
+        .await
+        .expect_err("encrypted under a key whose value someone knows");
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+}

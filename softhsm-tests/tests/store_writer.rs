@@ -367,13 +367,17 @@ async fn a_restore_drill_on_the_production_token_destroys_nothing_of_production(
         .find(|(l, _)| l.ends_with("/1"))
         .unwrap();
 
-    // The destruction production cancelled comes due in the drill: refused there (the
-    // object is production's), the version stays due, production's version 1 still works.
-    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-    assert_eq!(
-        version_state(&mut dc, "vault", 1).await,
-        pb::KeyVersionState::ScheduledForDestruction as i32
-    );
+    // The destruction production cancelled comes due in the drill: the HSM records that
+    // production cancelled it, so the drill keeps the version, disabled as the cancellation
+    // left it; production's version 1 still works.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while version_state(&mut dc, "vault", 1).await != pb::KeyVersionState::Disabled as i32 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still due in the drill"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     assert!(
         hsm.ids(&v1.0).contains(&v1),
         "production's version 1 was destroyed"
@@ -383,7 +387,8 @@ async fn a_restore_drill_on_the_production_token_destroys_nothing_of_production(
         b"kept by the HSM"
     );
     assert!(
-        hsm.logs().contains("was not made by this kms instance"),
+        hsm.logs()
+            .contains("the HSM records that this destruction was cancelled"),
         "{}",
         hsm.logs()
     );
@@ -430,6 +435,35 @@ async fn a_restore_drill_on_the_production_token_destroys_nothing_of_production(
         b"drill v3"
     );
 
+    // The drill schedules the destruction of version 2, which production made: when it
+    // comes due, the drill refuses to destroy production's object, the version stays due.
+    dc.schedule_key_version_destruction(pb::ScheduleKeyVersionDestructionRequest {
+        name: "vault".into(),
+        version: 2,
+        pending_days: 1,
+    })
+    .await
+    .unwrap();
+    let v2 = hsm
+        .ids("kms/")
+        .into_iter()
+        .find(|(l, _)| l.ends_with("/2"))
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    assert_eq!(
+        version_state(&mut dc, "vault", 2).await,
+        pb::KeyVersionState::ScheduledForDestruction as i32
+    );
+    assert!(
+        hsm.ids(&v2.0).contains(&v2),
+        "production's version 2 was destroyed"
+    );
+    assert!(
+        hsm.logs().contains("was not made by this kms instance"),
+        "{}",
+        hsm.logs()
+    );
+
     // The drill rotates its master key: production's (which production made) is left.
     let before = hsm.ids("");
     let out = drill.kms(&["operator", "rotate-master-key"], "");
@@ -465,14 +499,14 @@ async fn a_restore_drill_on_the_production_token_destroys_nothing_of_production(
     assert_ne!(again.code, Some(0));
     assert!(again.stderr.contains("nothing to take over"), "{again:?}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while version_state(&mut dc, "vault", 1).await != pb::KeyVersionState::Destroyed as i32 {
+    while version_state(&mut dc, "vault", 2).await != pb::KeyVersionState::Destroyed as i32 {
         assert!(
             std::time::Instant::now() < deadline,
             "not destroyed after the take-over"
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    assert!(!hsm.ids(&v1.0).contains(&v1), "destroyed and gone");
+    assert!(!hsm.ids(&v2.0).contains(&v2), "destroyed and gone");
 }
 
 /// With the PIN in the shares, a sealed server cannot reach the token: the altered record
@@ -634,5 +668,216 @@ async fn a_store_of_before_is_authenticated_at_its_first_unseal() {
         &config,
         &hsm.ids(""),
         "a MAC stripped after the upgrade",
+    );
+}
+
+/// A store writer keeps an older, authentic key record in which an HSM version was
+/// scheduled for destruction, and puts it back after the administrator cancelled that
+/// destruction and once its time has passed. The HSM remembers the cancellation (a marker
+/// no store writer can make or remove): kms does not destroy the object, and disables the
+/// version again, as the cancellation left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_record_rolled_back_to_a_cancelled_schedule_destroys_nothing() {
+    let hsm = TestHsm::new("kms-rollback");
+    let keyring = "[keyring]\ntesting_day_seconds = 1\nmaintenance_interval_seconds = 1\n";
+    let config = hsm.config_full("kms.toml", &hsm.hsm_table(), keyring);
+    let (mut server, shares, ct1) = production(&hsm, &config).await;
+    let mut c = server.keys().await;
+    c.rotate_key(pb::RotateKeyRequest {
+        name: "vault".into(),
+    })
+    .await
+    .unwrap();
+    c.schedule_key_version_destruction(pb::ScheduleKeyVersionDestructionRequest {
+        name: "vault".into(),
+        version: 1,
+        pending_days: 4,
+    })
+    .await
+    .unwrap();
+    drop(c);
+    assert!(server.terminate().success());
+    let store = hsm.path().join("kms.redb");
+    let scheduled = store_get(&store, "keys", "vault");
+    // The administrator changes their mind.
+    let server = hsm.try_start(&config, &[]).unwrap();
+    server.unseal_with(&shares);
+    let mut c = server.keys().await;
+    let v1 = pb::KeyVersionRequest {
+        name: "vault".into(),
+        version: 1,
+    };
+    c.cancel_key_version_destruction(v1.clone()).await.unwrap();
+    c.enable_key_version(v1.clone()).await.unwrap();
+    drop(c);
+    let mut server = server;
+    assert!(server.terminate().success());
+    let object = hsm
+        .ids("kms/")
+        .into_iter()
+        .find(|(l, _)| l.ends_with("/1"))
+        .unwrap();
+    // Past the old destroy time, the old record back.
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    store_put(&store, "keys", "vault", &scheduled);
+    let server = hsm.try_start(&config, &[]).unwrap();
+    server.unseal_with(&shares);
+    let mut c = server.keys().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while version_state(&mut c, "vault", 1).await != pb::KeyVersionState::Disabled as i32 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rolled-back schedule was not undone"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(
+        hsm.ids("kms/").contains(&object),
+        "the HSM object was destroyed"
+    );
+    c.enable_key_version(v1).await.unwrap();
+    assert_eq!(
+        decrypt_ctx(&mut c, "vault", &ct1).await.unwrap(),
+        b"kept by the HSM"
+    );
+    assert!(
+        hsm.logs()
+            .contains("the HSM records that this destruction was cancelled")
+    );
+}
+
+/// A restore drill whose store writer undoes the drill's new identity: the seal record the
+/// backup holds (production's own, authentic) put back after the drill took its identity,
+/// or the restore's marker deleted before the drill's first start. The record names the
+/// store it was written for, which is not the drill's: the drill takes its own identity
+/// again, and never acts as production.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_cannot_be_made_production_again_by_its_store_writer() {
+    let hsm = TestHsm::new("kms-drill-rollback");
+    let config = hsm.config();
+    let (prod, _shares, _ct) = production(&hsm, &config).await;
+    let backup = hsm.path().join("p.backup");
+    let out = prod.kms(&["backup", "create", "--out", backup.to_str().unwrap()], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let audit_key = out.stdout.split("audit key ").nth(1).unwrap()[..32].to_owned();
+    let prod_instance = status(&prod)["instance_id"].as_str().unwrap().to_owned();
+    for (n, attack) in ["record put back", "marker deleted"]
+        .into_iter()
+        .enumerate()
+    {
+        let store = hsm.path().join(format!("drill-{n}.redb"));
+        let drill_config = hsm.config_full(
+            &format!("drill-{n}.toml"),
+            &hsm.hsm_table(),
+            &format!("[storage]\npath = \"{}\"\n", store.display()),
+        );
+        let out = softhsm_tests::run_kms(
+            "https://127.0.0.1:1",
+            &[
+                "backup",
+                "restore",
+                "--in",
+                backup.to_str().unwrap(),
+                "--config",
+                drill_config.to_str().unwrap(),
+                "--public-key",
+                &audit_key,
+            ],
+            "",
+        );
+        assert_eq!(out.code, Some(0), "{out:?}");
+        if attack == "record put back" {
+            let backups_record = store_get(&store, "system", "seal");
+            let mut drill = hsm.try_start(&drill_config, &[]).unwrap();
+            assert_ne!(status(&drill)["instance_id"], prod_instance.as_str());
+            assert!(drill.terminate().success());
+            store_put(&store, "system", "seal", &backups_record);
+        } else {
+            softhsm_tests::store_delete(&store, "system", "restored-from-backup");
+        }
+        let drill = hsm.try_start(&drill_config, &[]).unwrap();
+        let st = status(&drill);
+        assert_ne!(st["instance_id"], prod_instance.as_str(), "{attack}: {st}");
+        assert_eq!(
+            st["restored_from_instance_ids"],
+            json!([prod_instance]),
+            "{attack}: {st}"
+        );
+    }
+}
+
+/// PostgreSQL, the PIN in the shares: a sealed server cannot check another server's
+/// records, and takes them up unchecked. A store writer makes it take up an altered record
+/// (adopting another instance, naming that instance's master key as retired) and then puts
+/// the original back. A rekey made while sealed must never sign the altered record: the
+/// other instance's key survives, and the stored record adopts nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rekey_while_sealed_never_signs_a_record_someone_altered() {
+    let pg = TestPostgres::start();
+    let hsm = TestHsm::new("kms-writer-rekey");
+    let module = hsm.module.display().to_string();
+    let config = hsm.config_full(
+        "kms.toml",
+        &hsm.hsm_table_with(&module, &hsm.label, "pin_in_shares = true"),
+        &pg.storage_table(),
+    );
+    let server = hsm.try_start(&config, &[]).unwrap();
+    let init = server.init(3, 2, &format!("{}\n", hsm.pin));
+    assert_eq!(init.code, Some(0), "{init:?}");
+    let old = init.shares();
+    let other = format!("6b6d7331{}{}", "77".repeat(8), "01".repeat(16));
+    assert!(
+        hsm.tool(&["orphan-id"], &["other-master", &other])
+            .status
+            .success()
+    );
+    let read = || {
+        pg.sql_in(
+            "kms",
+            "SELECT convert_from(value, 'UTF8') FROM kms_system WHERE key = 'seal'",
+        )
+        .trim()
+        .to_owned()
+    };
+    let original = read();
+    let update = |text: &str| {
+        pg.sql_in(
+            "kms",
+            &format!(
+                "UPDATE kms_system SET value = convert_to($j${text}$j$, 'UTF8') WHERE key = 'seal'; NOTIFY kms_changes, 'system:seal';"
+            ),
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let mut altered: Value = serde_json::from_str(&original).unwrap();
+    let map = altered.as_object_mut().unwrap();
+    map.insert("adopted_instances".into(), json!(["7777777777777777"]));
+    map.insert(
+        "retired_master_keys".into(),
+        json!([{"label": "other-master", "id": other, "retired_at": 1}]),
+    );
+    let mut bad_mac = altered.clone();
+    bad_mac["mac"] = json!("00".repeat(32));
+    update(&serde_json::to_string(&bad_mac).unwrap());
+    update(&serde_json::to_string(&altered).unwrap());
+    update(&original);
+
+    assert_eq!(server.rekey_init(3, 2).code, Some(0));
+    let steps = server.rekey_submit(&old[..2]).json_lines();
+    let new = softhsm_tests::strings(&steps[1]["shares"]);
+    server.rekey_submit(&new[..2]);
+    let stored: Value = serde_json::from_str(&read()).unwrap();
+    assert!(stored.get("adopted_instances").is_none(), "{stored}");
+    assert!(stored.get("retired_master_keys").is_none(), "{stored}");
+    let shares = if stored["share_set_id"] == steps[1]["rekey"]["new_share_set_id"] {
+        new
+    } else {
+        old
+    };
+    server.unseal_with(&shares);
+    assert_eq!(
+        hsm.ids("other-master").len(),
+        1,
+        "the other instance's key was destroyed"
     );
 }

@@ -43,7 +43,7 @@ mod objects;
 mod owner;
 mod recover;
 
-pub use objects::{HsmKeyKind, MasterKeyAttributes, RsaScheme, TokenObject};
+pub use objects::{HsmKeyKind, MasterKeyAttributes, Provenance, RsaScheme, TokenObject};
 pub use owner::{InstanceId, Ownership};
 
 /// The AES-GCM IV length we use and enforce (SoftHSM does not check it).

@@ -24,7 +24,7 @@ impl Hsm {
         id: &[u8],
     ) -> Result<(KeyHandle, Option<Vec<u8>>), HsmError> {
         let (class, key_type) = kind.class_and_type();
-        let lookup = recover::Lookup::new(class, Some(key_type), label, Some(id));
+        let lookup = recover::Lookup::new(class, Some(key_type), label, Some(id)).generated(true);
         let (handle, public) = self.with_session("generate", |s| {
             let base = base_template(label, id);
             match kind {
@@ -150,10 +150,13 @@ impl Hsm {
     /// Finds a key kms made (after a restart, handles are looked up again): the token
     /// object of `kind` with this label and, when given, this CKA_ID. Exactly one must
     /// answer (`None`: none does), and it must be what kms made: the right class and key
-    /// type, sensitive and never extractable.
+    /// type, sensitive and never extractable, and, for a key generated in the token
+    /// (`Provenance::Generated`), always sensitive and never extractable since it was made
+    /// (a key someone created from a value they know, under its label and id, is refused).
     pub(crate) fn find_key(
         &self,
         kind: HsmKeyKind,
+        provenance: Provenance,
         label: &str,
         id: Option<&[u8]>,
     ) -> Result<Option<KeyHandle>, HsmError> {
@@ -166,11 +169,8 @@ impl Hsm {
         if let Some(id) = id {
             template.push(Attribute::Id(id.to_vec()));
         }
-        let unexpected = |why| HsmError::UnexpectedObject {
-            label: label.to_owned(),
-            why,
-        };
-        let lookup = recover::Lookup::new(class, Some(key_type), label, id);
+        let lookup = recover::Lookup::new(class, Some(key_type), label, id)
+            .generated(provenance == Provenance::Generated);
         self.with_session("find", |s| {
             let found = s.find_objects(&template).map_err(pk("find a key"))?;
             let one = match found.as_slice() {
@@ -183,31 +183,12 @@ impl Hsm {
                     });
                 }
             };
-            let attrs = s
-                .get_attributes(
-                    one,
-                    &[
-                        AttributeType::KeyType,
-                        AttributeType::Sensitive,
-                        AttributeType::Extractable,
-                    ],
-                )
-                .map_err(pk("read a key's attributes"))?;
-            let (mut typ, mut sensitive, mut extractable) = (None, false, true);
-            for a in attrs {
-                match a {
-                    Attribute::KeyType(t) => typ = Some(t),
-                    Attribute::Sensitive(v) => sensitive = v,
-                    Attribute::Extractable(v) => extractable = v,
-                    _ => {}
-                }
-            }
-            if typ != Some(key_type) {
-                return Err(unexpected("another key type"));
-            }
-            if !sensitive || extractable {
-                return Err(unexpected("not sensitive, or extractable"));
-            }
+            lookup
+                .check(s, one)
+                .map_err(|why| HsmError::UnexpectedObject {
+                    label: label.to_owned(),
+                    why,
+                })?;
             Ok(Some(self.register(one, lookup.clone())))
         })
     }
@@ -277,7 +258,7 @@ impl Hsm {
                 label: label.to_owned(),
             });
         }
-        if let Some(h) = self.find_key(kind, label, id)?
+        if let Some(h) = self.find_key(kind, Provenance::Either, label, id)?
             && let Err(e) = self.destroy(h)
         {
             // Refused before the token was asked: nothing to distrust.
@@ -286,7 +267,10 @@ impl Hsm {
             }
             return Err(e);
         }
-        if self.find_key(kind, label, id)?.is_some() {
+        if self
+            .find_key(kind, Provenance::Either, label, id)?
+            .is_some()
+        {
             return Err(HsmError::Misuse(
                 "the token still holds an object it destroyed",
             ));
@@ -315,6 +299,57 @@ impl Hsm {
                 });
             }
             s.destroy_object(handle).map_err(pk("destroy a key"))
+        })
+    }
+
+    /// Makes a marker in the token: a private data object labelled `label`, holding no
+    /// secret, that nobody who can only write the store can make or remove. kms uses one to
+    /// remember, where a store writer cannot roll it back, that a scheduled destruction was
+    /// cancelled (`keyring::maintenance`).
+    pub(crate) fn create_marker(&self, label: &str) -> Result<(), HsmError> {
+        self.with_session("create", |s| {
+            s.create_object(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Modifiable(false),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Application(MARKER_APPLICATION.to_vec()),
+                Attribute::Value(b"1".to_vec()),
+            ])
+            .map(drop)
+            .map_err(pk("make a marker"))
+        })
+    }
+
+    /// Whether the token holds a marker kms made labelled `label`.
+    pub(crate) fn has_marker(&self, label: &str) -> Result<bool, HsmError> {
+        self.with_session("find", |s| {
+            Ok(!s
+                .find_objects(&marker_template(label))
+                .map_err(pk("find a marker"))?
+                .is_empty())
+        })
+    }
+
+    /// Removes the markers kms made whose label starts with `prefix` (they hold no key
+    /// material).
+    pub(crate) fn remove_markers(&self, prefix: &str) -> Result<(), HsmError> {
+        self.with_session("destroy", |s| {
+            for h in s
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::DATA),
+                    Attribute::Token(true),
+                    Attribute::Application(MARKER_APPLICATION.to_vec()),
+                ])
+                .map_err(pk("find a marker"))?
+            {
+                let (label, _) = label_and_id(s, h)?;
+                if label.starts_with(prefix) {
+                    s.destroy_object(h).map_err(pk("remove a marker"))?;
+                }
+            }
+            Ok(())
         })
     }
 
@@ -409,6 +444,17 @@ pub enum HsmKeyKind {
     HmacSha256,
     /// An RSA private key of this many bits, for one scheme (its only usage).
     Rsa(RsaScheme, usize),
+}
+
+/// How a key object came into the token, for the checks when it is found
+/// ([`Hsm::find_key`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provenance {
+    /// Generated in the token by kms: always sensitive and never extractable since made.
+    Generated,
+    /// Imported (unwrapped or created from a value) or made elsewhere: sensitive and not
+    /// extractable now.
+    Either,
 }
 
 /// What an RSA key does with its private half.
@@ -507,6 +553,18 @@ fn label_and_id(s: &Session, h: ObjectHandle) -> Result<(String, Vec<u8>), HsmEr
         }
     }
     Ok((String::from_utf8_lossy(&label).into_owned(), id))
+}
+
+/// The CKA_APPLICATION of the markers kms makes.
+const MARKER_APPLICATION: &[u8] = b"kms";
+
+fn marker_template(label: &str) -> [Attribute; 4] {
+    [
+        Attribute::Class(ObjectClass::DATA),
+        Attribute::Token(true),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Application(MARKER_APPLICATION.to_vec()),
+    ]
 }
 
 fn base_template(label: &str, id: &[u8]) -> Vec<Attribute> {

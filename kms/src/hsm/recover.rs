@@ -22,6 +22,8 @@ pub(super) struct Lookup {
     pub(super) class: ObjectClass,
     /// Its key type, when known (checked again when it is found again).
     pub(super) key_type: Option<KeyType>,
+    /// Whether it was generated in the token: always sensitive and never extractable.
+    pub(super) generated: bool,
     pub(super) label: Vec<u8>,
     pub(super) id: Option<Vec<u8>>,
 }
@@ -36,15 +38,22 @@ impl Lookup {
         Self {
             class,
             key_type,
+            generated: false,
             label: label.as_bytes().to_vec(),
             id: id.map(<[u8]>::to_vec),
         }
     }
 
-    /// Whether `h`, found again by this lookup, is still what kms made: its key type, and,
-    /// for a secret or private key, sensitive and never extractable (the checks of
-    /// `find_key`). `Err` names what differs.
-    fn check(&self, s: &Session, h: ObjectHandle) -> Result<(), &'static str> {
+    /// The same lookup, for an object generated in the token (or not).
+    pub(super) fn generated(mut self, generated: bool) -> Self {
+        self.generated = generated;
+        self
+    }
+
+    /// Whether `h`, found by this lookup, is what kms made: its key type, and, for a secret
+    /// or private key, sensitive and not extractable, and if generated in the token, always
+    /// sensitive and never extractable too. `Err` names what differs.
+    pub(super) fn check(&self, s: &Session, h: ObjectHandle) -> Result<(), &'static str> {
         let secret =
             self.class == ObjectClass::SECRET_KEY || self.class == ObjectClass::PRIVATE_KEY;
         if self.key_type.is_none() && !secret {
@@ -57,15 +66,20 @@ impl Lookup {
                     AttributeType::KeyType,
                     AttributeType::Sensitive,
                     AttributeType::Extractable,
+                    AttributeType::AlwaysSensitive,
+                    AttributeType::NeverExtractable,
                 ],
             )
             .map_err(|_| "its attributes could not be read")?;
         let (mut typ, mut sensitive, mut extractable) = (None, false, true);
+        let (mut always_sensitive, mut never_extractable) = (false, false);
         for a in attrs {
             match a {
                 Attribute::KeyType(t) => typ = Some(t),
                 Attribute::Sensitive(v) => sensitive = v,
                 Attribute::Extractable(v) => extractable = v,
+                Attribute::AlwaysSensitive(v) => always_sensitive = v,
+                Attribute::NeverExtractable(v) => never_extractable = v,
                 _ => {}
             }
         }
@@ -74,6 +88,11 @@ impl Lookup {
         }
         if secret && (!sensitive || extractable) {
             return Err("not sensitive, or extractable");
+        }
+        if secret && self.generated && (!always_sensitive || !never_extractable) {
+            return Err(
+                "not always sensitive and never extractable, as a key generated in the token is: made from a value someone had",
+            );
         }
         Ok(())
     }

@@ -337,9 +337,25 @@ impl Keyring {
         journal: &dyn Journal,
     ) -> Result<KeyMeta, KeyringError> {
         let at = now();
-        self.change_version(name, version, journal, |_, v| {
+        let mut cancelled = None;
+        let meta = self.change_version(name, version, journal, |m, v| {
+            if let (VersionState::ScheduledForDestruction { destroy_at }, Protection::Hsm) =
+                (&v.state, m.protection)
+            {
+                cancelled = Some((m.key_id.clone(), *destroy_at));
+            }
             v.state.cancel_destruction(at)
-        })
+        })?;
+        // The HSM remembers the cancellation where a store writer cannot undo it: a key
+        // record rolled back to its schedule is then never destroyed on its word.
+        if let Some((key_id, destroy_at)) = cancelled
+            && let Err(e) = self
+                .hsm
+                .create_marker(&maintenance::cancel_label(&key_id, version, destroy_at))
+        {
+            tracing::warn!(key = %name, version, error = %crate::error_chain(&e), "the cancellation is committed, but the HSM could not record it: a rollback of this key's record to its schedule would not be caught");
+        }
+        Ok(meta)
     }
 
     /// How many keys there are (a read of the map's size, for the metrics).

@@ -200,6 +200,23 @@ impl Keyring {
                 u.seq = seq;
                 continue;
             }
+            // Past the bound (a flood of notifications from any role with CONNECT), one
+            // resync stands for every change: each call then checks one entry, not millions.
+            let resync_waits = state.unapplied.contains_key(&StoreChange::Resync);
+            if !resync_waits && state.unapplied.len() >= crate::store::MAX_HINTS {
+                state.unapplied.clear();
+                state.unapplied.insert(
+                    StoreChange::Resync,
+                    Unapplied {
+                        scope: Scope::Everything,
+                        heard: now,
+                        seq,
+                        failed: false,
+                    },
+                );
+                // Grants named from here on are still suspended below; their entries are
+                // the resync's.
+            }
             let scope = match change {
                 StoreChange::Resync => Scope::Everything,
                 StoreChange::Entry(Table::Keys, name) => Scope::Key(name.clone()),
@@ -220,6 +237,11 @@ impl Keyring {
                 // The seal record is the seal's; other tables are not followed.
                 StoreChange::Entry(..) => continue,
             };
+            if let Some(resync) = state.unapplied.get_mut(&StoreChange::Resync) {
+                // A reload that started before this change does not apply it.
+                resync.seq = seq;
+                continue;
+            }
             state.unapplied.insert(
                 change.clone(),
                 Unapplied {

@@ -165,7 +165,12 @@ impl Keyring {
             unhex(&job.wrapping_id).ok_or_else(|| KeyringError::Tampered(req.name.to_owned()))?;
         let wrapping = self
             .hsm
-            .find_key(WRAPPING_KIND, &job.wrapping_label, Some(&wrapping_id))?
+            .find_key(
+                WRAPPING_KIND,
+                crate::hsm::Provenance::Generated,
+                &job.wrapping_label,
+                Some(&wrapping_id),
+            )?
             .ok_or(KeyringError::NotAllowed(
                 "the wrapping key of these import parameters is gone from the HSM: get new import parameters",
             ))?;

@@ -287,7 +287,15 @@ impl Keyring {
             None => None,
         };
         let kind = hsm_kind(meta.algorithm);
-        match self.hsm.find_key(kind, label, id.as_deref()) {
+        match self.hsm.find_key(
+            kind,
+            match v.origin {
+                Origin::Generated => crate::hsm::Provenance::Generated,
+                Origin::External => crate::hsm::Provenance::Either,
+            },
+            label,
+            id.as_deref(),
+        ) {
             Ok(Some(h)) => Ok(Secret::Hsm(kind, h)),
             Ok(None) => {
                 tracing::error!(key = %meta.name, version = v.version, "HSM object missing from the token");

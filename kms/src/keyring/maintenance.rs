@@ -65,7 +65,8 @@ impl Keyring {
             }
             for version in due {
                 match self.destroy(&name, version, at, recorder) {
-                    Ok(()) => destroyed += 1,
+                    Ok(true) => destroyed += 1,
+                    Ok(false) => {}
                     Err(e) => {
                         tracing::error!(key = %name, version, error = %crate::error_chain(&e), "destruction failed: the version stays due, and the next maintenance run tries again")
                     }
@@ -106,23 +107,44 @@ impl Keyring {
 
     /// Destroys a version whose scheduled time has come: the salt is erased (software) or
     /// the HSM object destroyed. Crypto-shredding: the material cannot be made again.
+    /// `Ok(false)`: not destroyed (no longer due, or its cancellation recorded in the HSM).
+    ///
+    /// An HSM object is destroyed only if the HSM holds no record that this very schedule
+    /// was cancelled (`cancel_label`): a store writer who rolls a key record back to its
+    /// schedule cannot make kms destroy it. Such a version is disabled again, as the
+    /// cancellation left it, and the change audited.
     fn destroy(
         &self,
         name: &str,
         version: u32,
         at: u64,
         recorder: &dyn SystemRecorder,
-    ) -> Result<(), KeyringError> {
+    ) -> Result<bool, KeyringError> {
         let _g = self.admin()?;
         let entry = self.entry_locked(name)?;
         let mut meta = entry.meta.clone();
-        let (protection, algorithm) = (meta.protection, meta.algorithm);
+        let (protection, algorithm, key_id) =
+            (meta.protection, meta.algorithm, meta.key_id.clone());
         let v = meta
             .version_mut(version)
             .ok_or(KeyringError::Internal("version"))?;
-        if !matches!(v.state, VersionState::ScheduledForDestruction { destroy_at } if destroy_at <= at)
-        {
-            return Ok(());
+        let VersionState::ScheduledForDestruction { destroy_at } = v.state else {
+            return Ok(false);
+        };
+        if destroy_at > at {
+            return Ok(false);
+        }
+        let cancelled = cancel_label(&key_id, version, destroy_at);
+        if protection == Protection::Hsm && self.hsm.has_marker(&cancelled)? {
+            v.state = VersionState::Disabled;
+            let journal = SystemJournal {
+                recorder,
+                operation: "RestoreCancelledDestruction",
+                version: Some(version),
+            };
+            self.commit(meta, Some(&entry), &journal)?;
+            tracing::warn!(key = %name, version, "the stored record says this version is due for destruction, but the HSM records that this destruction was cancelled: the record was rolled back; the version is kept, disabled");
+            return Ok(false);
         }
         // The HSM object first, until the token confirms it is gone: if that fails nothing
         // is recorded, the version stays due, and the next run tries again (the version
@@ -145,6 +167,22 @@ impl Keyring {
         };
         self.commit(meta, Some(&entry), &journal)?;
         tracing::info!(key = %name, version, "key version destroyed");
-        Ok(())
+        if protection == Protection::Hsm
+            && let Err(e) = self.hsm.remove_markers(&cancel_prefix(&key_id, version))
+        {
+            tracing::warn!(key = %name, version, error = %crate::error_chain(&e), "the HSM's records of this version's cancelled destructions could not be removed (they hold no key material)");
+        }
+        Ok(true)
     }
+}
+
+/// The label of the HSM marker that says the destruction of version `version` of the key
+/// `key_id`, scheduled for `destroy_at`, was cancelled.
+pub(super) fn cancel_label(key_id: &str, version: u32, destroy_at: u64) -> String {
+    format!("{}{destroy_at}", cancel_prefix(key_id, version))
+}
+
+/// What the labels of every cancellation marker of one version start with.
+fn cancel_prefix(key_id: &str, version: u32) -> String {
+    format!("kms-cancelled/{key_id}/{version}/")
 }

@@ -351,6 +351,11 @@ pub(crate) struct SealRecord {
     /// the predecessor is gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<Predecessor>,
+    /// Where the store this record was written for lives (hex SHA-256 of
+    /// [`Store::location`]): a record found elsewhere is a copy, which takes its own
+    /// identity, whatever else its store says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
     /// HMAC-SHA256, made in the HSM with the seal record key, over the record without this
     /// field (hex; see `record.rs`). Absent only in records made before records were
     /// authenticated.
@@ -580,6 +585,11 @@ pub struct SealManager {
     /// The keyring while unsealed, published apart from `inner` so that a call reads it
     /// without waiting on a ceremony that holds `inner` (an unseal loading every key).
     published: std::sync::RwLock<Option<Arc<Keyring>>>,
+    /// Changes to the keyring other servers made, heard while no keyring is published
+    /// (sealed, or an unseal loading every key): the next keyring hears them before it is
+    /// published, so a change committed while it loaded (a revocation) is never served
+    /// stale. Bounded: past [`crate::store::MAX_HINTS`], one resync stands for them all.
+    heard_unpublished: Mutex<Vec<crate::store::Change>>,
 }
 
 impl std::fmt::Debug for SealManager {
@@ -606,6 +616,7 @@ impl SealManager {
             settings,
             unsealed: tokio::sync::watch::Sender::new(false),
             published: std::sync::RwLock::new(None),
+            heard_unpublished: Mutex::new(Vec::new()),
             inner: Mutex::new(Inner {
                 state,
                 record,
@@ -624,9 +635,54 @@ impl SealManager {
         Ok(manager)
     }
 
-    /// Publishes the keyring (or its absence) to [`SealManager::keyring`].
+    /// Publishes the keyring (or its absence) to [`SealManager::keyring`]. A new keyring
+    /// first hears every change heard while none was published (see
+    /// [`SealManager::heard`]): the keys they concern are refused until the follow task,
+    /// which holds them as unapplied, has applied them.
     fn publish(&self, keyring: Option<Arc<Keyring>>) {
+        let mut heard = self
+            .heard_unpublished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = &keyring
+            && !heard.is_empty()
+        {
+            k.heard(&std::mem::take(&mut *heard));
+        }
         *self.published.write().unwrap_or_else(|p| p.into_inner()) = keyring;
+    }
+
+    /// Notes changes other servers made as heard, at once: by the published keyring (see
+    /// `keyring::follow`), or, while none is, kept for the next one (a change to the
+    /// keyring committed while an unseal loads it must not be lost).
+    pub(crate) fn heard(&self, changes: &[crate::store::Change]) {
+        use crate::store::Change;
+        let mut heard = self
+            .heard_unpublished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let published = self
+            .published
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match published {
+            Some(keyring) => keyring.heard(changes),
+            None => {
+                for change in changes {
+                    if matches!(change, Change::Entry(crate::store::Table::System, _))
+                        || heard.contains(change)
+                    {
+                        continue;
+                    }
+                    if heard.len() >= crate::store::MAX_HINTS || *change == Change::Resync {
+                        *heard = vec![Change::Resync];
+                    } else if heard.first() != Some(&Change::Resync) {
+                        heard.push(change.clone());
+                    }
+                }
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -700,7 +756,7 @@ impl SealManager {
             if inner
                 .record
                 .as_ref()
-                .is_some_and(|r| r.mac == record.mac && r.mac.is_some())
+                .is_some_and(|r| record::same(r, &record))
             {
                 return Ok(());
             }
@@ -776,8 +832,8 @@ impl SealManager {
     /// Applies what servers sharing the store committed: the seal record, keys, grants
     /// (with every change the keyring still has unapplied). Returns the changes still
     /// unapplied, for the caller to try again later; the keyring refuses the keys they
-    /// concern meanwhile (`keyring::follow`). Changes to the keyring heard while sealed are
-    /// dropped: the next unseal loads everything.
+    /// concern meanwhile (`keyring::follow`). Changes to the keyring heard while no keyring
+    /// is published are kept for the next one and returned as unapplied.
     pub(crate) fn follow(&self, changes: &[crate::store::Change]) -> Vec<crate::store::Change> {
         use crate::store::Change;
         let seal_changes: Vec<Change> = changes
@@ -802,8 +858,20 @@ impl SealManager {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        if let Some(keyring) = keyring {
-            left.extend(keyring.follow(changes));
+        match keyring {
+            Some(keyring) => left.extend(keyring.follow(changes)),
+            None => {
+                // No keyring to apply them to: kept for the next one (it hears them before
+                // it is published) and left unapplied, for the follow task to apply once
+                // one is.
+                self.heard(changes);
+                left.extend(
+                    changes
+                        .iter()
+                        .filter(|c| !matches!(c, Change::Entry(crate::store::Table::System, _)))
+                        .cloned(),
+                );
+            }
         }
         left
     }
@@ -968,7 +1036,12 @@ fn find_audit_key(hsm: &Hsm, record: &SealRecord) -> Result<(KeyHandle, Vec<u8>)
         return Err(SealError::CorruptRecord);
     }
     let key = hsm
-        .find_key(HsmKeyKind::Ed25519, &record.audit_key_label, None)?
+        .find_key(
+            HsmKeyKind::Ed25519,
+            crate::hsm::Provenance::Generated,
+            &record.audit_key_label,
+            None,
+        )?
         .ok_or_else(|| SealError::AuditKeyMissing(record.audit_key_label.clone()))?;
     Ok((key, public))
 }

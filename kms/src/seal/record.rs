@@ -70,7 +70,12 @@ pub(super) fn record_key_label(hsm: &Hsm) -> String {
 /// The seal record key: the one HMAC key with its label (class, type, sensitive and never
 /// extractable checked), if the token has one.
 pub(super) fn find_record_key(hsm: &Hsm) -> Result<Option<KeyHandle>, SealError> {
-    Ok(hsm.find_key(HsmKeyKind::HmacSha256, &record_key_label(hsm), None)?)
+    Ok(hsm.find_key(
+        HsmKeyKind::HmacSha256,
+        crate::hsm::Provenance::Generated,
+        &record_key_label(hsm),
+        None,
+    )?)
 }
 
 fn mac_input(record: &SealRecord) -> Result<Vec<u8>, SealError> {
@@ -137,20 +142,25 @@ impl SealRecord {
 }
 
 impl SealManager {
-    /// The store write of `record` with its MAC (when the token has a seal record key: a
+    /// The store write of `next` with its MAC (when the token has a seal record key: a
     /// store of before keeps writing records without one until its first unseal), and the
-    /// record as written. The HSM must be logged in, and the stored record `record` was
-    /// made from must be authentic: nothing is signed that grew out of a record someone
-    /// altered (with the PIN in the shares, a sealed server never authenticated it).
+    /// record as written. The HSM must be logged in. `base`, the record `next` was made from,
+    /// must be the stored record exactly (its MAC included), and that must be authentic:
+    /// nothing is signed that grew out of a record someone altered (with the PIN in the
+    /// shares, a sealed server took another server's record up without checking it).
     pub(super) fn signed_write(
         &self,
-        record: SealRecord,
+        base: &SealRecord,
+        next: SealRecord,
     ) -> Result<(SealRecord, Write), SealError> {
         let stored = read_record(self.store.as_ref())?.ok_or(SealError::NotInitialized)?;
+        if !same(&stored, base) {
+            return Err(SealError::RecordChanged);
+        }
         let authenticity = authenticate(&self.hsm, &stored)?;
         let record = match (authenticity, find_record_key(&self.hsm)?) {
-            (Authenticity::Authentic, Some(key)) => sign(&self.hsm, key, record)?,
-            (Authenticity::Legacy, None) => record,
+            (Authenticity::Authentic, Some(key)) => sign(&self.hsm, key, next)?,
+            (Authenticity::Legacy, None) => next,
             _ => return Err(SealError::RecordNotAuthentic),
         };
         let write = Write {
@@ -195,8 +205,14 @@ impl SealManager {
                 return Ok(());
             }
             Authenticity::Authentic => {
-                if self.store.get(Table::System, RESTORED_MARKER)?.is_some() {
-                    self.renew_after_restore(inner)?;
+                let here = location_of(self.store.as_ref());
+                let moved = inner
+                    .record
+                    .as_ref()
+                    .and_then(|r| r.location.as_ref())
+                    .is_some_and(|there| Some(there) != here.as_ref());
+                if moved || self.store.get(Table::System, RESTORED_MARKER)?.is_some() {
+                    self.renew_after_restore(inner, here)?;
                 }
             }
         }
@@ -238,6 +254,7 @@ impl SealManager {
         next.instance = Some(instance.to_string());
         next.adopted_instances.clear();
         next.owns_untagged = restored.is_none();
+        next.location = location_of(self.store.as_ref());
         next.restored_from = restored.as_deref().map(|m| Predecessor {
             instances: Vec::new(),
             untagged: true,
@@ -301,18 +318,28 @@ impl SealManager {
         Ok(())
     }
 
-    /// A copy restored from a backup takes its own identity: what the instance it was
-    /// restored from owned becomes its predecessor's, to take over only when the operator
-    /// says that instance is gone. One write, with its audit record, removing the marker.
-    fn renew_after_restore(&self, inner: &mut Inner) -> Result<(), SealError> {
+    /// A copy (restored from a backup, or a record found in another store than the one it
+    /// was written for) takes its own identity: what the instance it came from owned becomes
+    /// its predecessor's, to take over only when the operator says that instance is gone.
+    /// One write, with its audit record, removing the restore's marker.
+    fn renew_after_restore(
+        &self,
+        inner: &mut Inner,
+        here: Option<String>,
+    ) -> Result<(), SealError> {
         let current = inner.record.clone().ok_or(SealError::NotInitialized)?;
         let _other_servers = self.store.lock_changes()?;
         if self.taken_up_meanwhile(inner, &current)? {
             return Ok(());
         }
-        let Some(marker) = self.store.get(Table::System, RESTORED_MARKER)? else {
+        let marker = self.store.get(Table::System, RESTORED_MARKER)?;
+        let moved = current
+            .location
+            .as_ref()
+            .is_some_and(|there| Some(there) != here.as_ref());
+        if marker.is_none() && !moved {
             return Ok(());
-        };
+        }
         let instance = InstanceId::random().ok_or(SealError::Randomness)?;
         let mut next = current.clone();
         next.restored_from = Some(Predecessor {
@@ -323,13 +350,14 @@ impl SealManager {
                 .cloned()
                 .collect(),
             untagged: current.owns_untagged,
-            backup_sha256: restored_sha256(&marker),
+            backup_sha256: marker.as_deref().map(restored_sha256).unwrap_or_default(),
             renewed_at: unix_now(),
         });
         next.instance = Some(instance.to_string());
         next.adopted_instances.clear();
         next.owns_untagged = false;
-        let (next, write) = self.signed_write(next)?;
+        next.location = here;
+        let (next, write) = self.signed_write(&current, next)?;
         self.audit
             .append_removing(
                 system_event("RenewInstance", &next),
@@ -339,7 +367,8 @@ impl SealManager {
             .map_err(|_| SealError::AuditUnavailable)?;
         tracing::warn!(
             instance = %instance,
-            "restored from a backup: this copy took its own instance identity, and destroys nothing the instance it was restored from made until `kms operator take-over`"
+            moved,
+            "a copy of another instance's store (restored from a backup, or found in another store than the one its seal record was written for): it took its own instance identity, and destroys nothing the instance it came from made until `kms operator take-over`"
         );
         self.hsm.set_ownership(next.ownership()?);
         inner.record = Some(next);
@@ -376,7 +405,7 @@ impl SealManager {
         next.restored_from = None;
         let _other_servers = self.store.lock_changes()?;
         self.check_unchanged(&record)?;
-        let (next, write) = self.signed_write(next)?;
+        let (next, write) = self.signed_write(&record, next)?;
         commit(
             CeremonySummary {
                 share_set: record.share_set_id.clone(),
@@ -424,6 +453,31 @@ fn restored_sha256(marker: &[u8]) -> String {
         .ok()
         .filter(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
         .unwrap_or_default()
+}
+
+/// Where `store` lives, as the seal record names it (hex SHA-256 of [`Store::location`]);
+/// `None` when the store cannot say (then a copy is known by the restore's marker only).
+pub(super) fn location_of(store: &dyn Store) -> Option<String> {
+    match store.location() {
+        Ok(location) => {
+            let mut h = <Sha256 as sha2::Digest>::new();
+            sha2::Digest::update(&mut h, b"kms/v1/store-location\0");
+            sha2::Digest::update(&mut h, location.as_bytes());
+            Some(data_encoding::HEXLOWER.encode(&sha2::Digest::finalize(h)))
+        }
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "the store cannot say where it lives: a copy of it is known only by the restore's marker");
+            None
+        }
+    }
+}
+
+/// Whether two records are the same, field for field and MAC for MAC.
+pub(super) fn same(a: &SealRecord, b: &SealRecord) -> bool {
+    match (serde_json::to_vec(a), serde_json::to_vec(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
 }
 
 fn restored_removal() -> Removal {

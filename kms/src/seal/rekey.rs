@@ -161,7 +161,7 @@ impl SealManager {
             next.pending_rekey = None;
             let _other_servers = self.store.lock_changes()?;
             self.check_unchanged(&record)?;
-            let (next, write) = self.signed_write(next)?;
+            let (next, write) = self.signed_write(&record, next)?;
             commit(
                 CeremonySummary {
                     share_set: record.share_set_id.clone(),
@@ -317,7 +317,7 @@ impl SealManager {
         next.pending_rekey = Some(pending);
         let _other_servers = self.store.lock_changes()?;
         self.check_unchanged(record)?;
-        let (next, write) = self.signed_write(next)?;
+        let (next, write) = self.signed_write(record, next)?;
         commit(
             CeremonySummary {
                 share_set: record.share_set_id.clone(),
@@ -403,7 +403,7 @@ impl SealManager {
     ) -> Result<SealRecord, SealError> {
         let _other_servers = self.store.lock_changes()?;
         self.check_unchanged(record)?;
-        let (next, write) = self.signed_write(next)?;
+        let (next, write) = self.signed_write(record, next)?;
         commit(
             CeremonySummary {
                 share_set: record.share_set_id.clone(),

@@ -140,7 +140,7 @@ impl SealManager {
         });
         let _other_servers = self.store.lock_changes()?;
         self.check_unchanged(record)?;
-        let (next, write) = self.signed_write(next)?;
+        let (next, write) = self.signed_write(record, next)?;
         commit(
             CeremonySummary {
                 share_set: record.share_set_id.clone(),
@@ -195,7 +195,12 @@ pub(super) fn destroy_retired(hsm: &Hsm, record: &SealRecord, in_force: KeyHandl
             continue;
         }
         // An AES key, sensitive and never extractable, exactly one: a master key.
-        let found = match hsm.find_key(HsmKeyKind::Aes256, &retired.label, Some(&id)) {
+        let found = match hsm.find_key(
+            HsmKeyKind::Aes256,
+            crate::hsm::Provenance::Either,
+            &retired.label,
+            Some(&id),
+        ) {
             Ok(Some(key)) => key,
             Ok(None) => continue,
             Err(e) => {

@@ -14,6 +14,8 @@ pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
 /// The embedded store: one redb file.
 pub struct RedbStore {
     db: redb::Database,
+    /// `redb:` and the file's canonical path ([`Store::location`]).
+    location: String,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -94,7 +96,13 @@ impl RedbStore {
                     source: other.into(),
                 },
             })?;
-        Ok(Self { db })
+        let location = format!(
+            "redb:{}",
+            std::fs::canonicalize(path)
+                .unwrap_or_else(|_| path.to_owned())
+                .display()
+        );
+        Ok(Self { db, location })
     }
 
     /// One durable transaction of `writes` and `removals`; with `append`, the writes are
@@ -163,6 +171,10 @@ impl RedbStore {
 }
 
 impl Store for RedbStore {
+    fn location(&self) -> Result<String, StoreError> {
+        Ok(self.location.clone())
+    }
+
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         use redb::ReadableDatabase;
         let op = "read";

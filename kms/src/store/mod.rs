@@ -15,6 +15,7 @@ mod postgres;
 
 pub use embedded::{DEFAULT_CACHE_BYTES, RedbStore};
 pub use feed::ChangeFeed;
+pub(crate) use feed::MAX_HINTS;
 pub use postgres::{PgSettings, PgStore, SecretSource};
 
 /// The tables of the store.
@@ -231,6 +232,11 @@ pub trait Store: Send + Sync + 'static {
     /// all read from one consistent snapshot while the store stays online (a backup).
     /// Stops at the first error `each` returns.
     fn snapshot(&self, each: &mut EachEntry<'_>) -> Result<(), StoreError>;
+    /// Where this store lives, as something its data cannot change: the redb file's
+    /// canonical path; the PostgreSQL cluster's system identifier and the database's name.
+    /// A seal record found at another location than the one it names is a copy (see
+    /// `seal::record`).
+    fn location(&self) -> Result<String, StoreError>;
     /// Whether other servers may write this store too (then the keyring follows
     /// [`Store::changes`], and reloads what it meets and does not know).
     fn shared(&self) -> bool {

@@ -720,6 +720,23 @@ impl Store for PgStore {
         true
     }
 
+    fn location(&self) -> Result<String, StoreError> {
+        let op = "read the cluster's identity";
+        self.block(op, |pool| async move {
+            let mut conn = get(&pool, op).await?;
+            let client = conn.client(op)?;
+            let row = client
+                .query_one(
+                    "SELECT system_identifier::text, current_database()::text FROM pg_control_system()",
+                    &[],
+                )
+                .await
+                .map_err(db(op))?;
+            let (cluster, database): (String, String) = (row.get(0), row.get(1));
+            Ok(format!("postgres:{cluster}/{database}"))
+        })
+    }
+
     fn lock_changes(&self) -> Result<Option<ChangeLock>, StoreError> {
         let op = "take the change lock";
         // A transaction-level lock, in a transaction kept open on a connection of the pool

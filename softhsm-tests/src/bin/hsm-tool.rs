@@ -18,6 +18,10 @@
 //!                                               with one WEAKNESS: derive, wrap, public
 //! hsm-tool orphan-id MODULE LABEL PIN_FILE KEY ID
 //!                                               as orphan, with CKA_ID ID (hex)
+//! hsm-tool known-key MODULE LABEL PIN_FILE KEY ID VALUE
+//!                                               create a sensitive, not extractable AES key
+//!                                               from VALUE (hex), with CKA_ID ID (hex): what
+//!                                               an insider with the PIN could swap in
 //! hsm-tool ids MODULE LABEL PIN_FILE PREFIX     print "LABEL ID" (ID in hex) of the token
 //!                                               objects whose label starts with PREFIX
 //! hsm-tool hmac MODULE LABEL PIN_FILE KEY       HMAC-SHA256 of standard input with the one
@@ -84,6 +88,26 @@ fn main() {
                         Attribute::Unwrap(false),
                     ],
                 )
+                .unwrap();
+        }
+        "known-key" => {
+            session
+                .create_object(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::Value(data_encoding::HEXLOWER.decode(args[6].as_bytes()).unwrap()),
+                    Attribute::Label(arg.as_bytes().to_vec()),
+                    Attribute::Id(data_encoding::HEXLOWER.decode(args[5].as_bytes()).unwrap()),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(true),
+                    Attribute::Derive(false),
+                    Attribute::Wrap(false),
+                    Attribute::Unwrap(false),
+                ])
                 .unwrap();
         }
         "ids" => {

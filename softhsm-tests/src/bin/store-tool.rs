@@ -8,6 +8,7 @@
 //!                                              binary, as audit records are)
 //! store-tool get STORE TABLE KEY               print one stored value
 //! store-tool put STORE TABLE KEY FILE          store FILE's bytes as one value
+//! store-tool delete STORE TABLE KEY            remove one entry
 //! ```
 
 #![forbid(unsafe_code)]
@@ -40,6 +41,15 @@ fn main() {
             {
                 let mut t = txn.open_table(table).unwrap();
                 t.insert(args[3].as_str(), bytes.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+            return;
+        }
+        "delete" => {
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(table).unwrap();
+                assert!(t.remove(args[3].as_str()).unwrap().is_some(), "no such key");
             }
             txn.commit().unwrap();
             return;
