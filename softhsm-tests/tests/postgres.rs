@@ -1050,3 +1050,153 @@ async fn a_metrics_scrape_never_waits_on_a_ceremony() {
         assert_eq!(out.code, Some(0), "{out:?}");
     });
 }
+
+/// Issue 24, item 5, found by the outside review: A revokes a grant while B unseals, after
+/// B's keyring has read the grants and before B publishes it (B lists the token's objects
+/// in between, slow with many of them). The revocation B heard while no keyring was
+/// published must not be lost: B never serves the revoked principal afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_during_another_servers_unseal_is_not_lost() {
+    let pg = TestPostgres::start();
+    let hsm = TestHsm::new("kms-pg-unseal-race");
+    let config = hsm.config_full("kms.toml", &hsm.hsm_table(), &pg.storage_table());
+    let (a, shares) = start_unsealed(&hsm, &config);
+    let b = hsm.try_start(&config, &[]).unwrap();
+    b.unseal_with(&shares);
+    a.create_aes_key("ledger", pb::ProtectionLevel::Software)
+        .await;
+    let reader = hsm
+        .pki
+        .client("reader", &softhsm_tests::pki::ClientSpec::spiffe("reader"));
+    let grant = a.grant("ledger", &reader.principal).await;
+    let ct = encrypt(&mut a.keys().await, "ledger", b"ledger entry")
+        .await
+        .unwrap();
+    let kr = b.keys_as(Some(&reader)).await;
+    within(Duration::from_secs(5), || {
+        let (mut kr, ct) = (kr.clone(), ct.clone());
+        async move { decrypt(&mut kr, "ledger", &ct).await.ok() }
+    })
+    .await;
+    // Many token objects: B's unseal takes a while between reading its grants and
+    // publishing its keyring.
+    assert!(hsm.tool(&["many-data"], &["10000"]).status.success());
+    assert_eq!(b.kms(&["operator", "seal"], "").code, Some(0));
+    let loaded_before = hsm.logs().matches("keyring loaded").count();
+    let mut access = a.access().await;
+    let rt = tokio::runtime::Handle::current();
+    let (revoked_at, unsealed_at) = std::thread::scope(|s| {
+        let unseal = s.spawn(|| {
+            b.unseal_with(&shares);
+            std::time::Instant::now()
+        });
+        let t0 = std::time::Instant::now();
+        while hsm.logs().matches("keyring loaded").count() == loaded_before {
+            std::thread::sleep(Duration::from_millis(1));
+            assert!(t0.elapsed() < Duration::from_secs(60), "B never loaded");
+        }
+        tokio::task::block_in_place(|| {
+            rt.block_on(access.revoke_grant(pb::RevokeGrantRequest { id: grant }))
+        })
+        .unwrap();
+        (std::time::Instant::now(), unseal.join().unwrap())
+    });
+    assert!(
+        revoked_at < unsealed_at,
+        "the revocation came after B's unseal: the race was not run"
+    );
+    // From now on B never answers OK for the revoked principal, and says so by name.
+    let mut kr = b.keys_as(Some(&reader)).await;
+    let mut denied = 0;
+    for _ in 0..20 {
+        match decrypt(&mut kr, "ledger", &ct).await {
+            Ok(_) => panic!("B served the principal whose grant was revoked during its unseal"),
+            Err(e) if e.code() == tonic::Code::PermissionDenied => denied += 1,
+            Err(e) => assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(denied > 0, "B never caught up with the revocation");
+}
+
+/// Issue 24, item 7, found by the outside review: a role with only CONNECT sends a steady
+/// stream of distinct notifications, each batch below the feed's bound. What the server
+/// keeps for them stays bounded (one resync stands for them all), its memory does not grow
+/// with the flood, and it serves again once the flood stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_flood_of_distinct_notifications_stays_bounded() {
+    let pg = TestPostgres::start();
+    let hsm = TestHsm::new("kms-pg-paced-flood");
+    let config = hsm.config_full(
+        "kms.toml",
+        &hsm.hsm_table(),
+        &format!(
+            "{}[metrics]\nlisten = \"127.0.0.1:0\"\n",
+            pg.storage_table()
+        ),
+    );
+    let (server, _shares) = start_unsealed(&hsm, &config);
+    server
+        .create_aes_key("ledger", pb::ProtectionLevel::Software)
+        .await;
+    let url = server.metrics.clone().unwrap();
+    let metric = |name: &str| -> f64 {
+        let (_, text) = softhsm_tests::http_get(&url);
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let rss = || -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", server.pid()))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let rss_before = rss();
+    let password = pg.stranger_role("stranger");
+    let mut flood = pg.session_as("stranger", &password, "kms");
+    let name = "x".repeat(100);
+    let mut most_unapplied = 0f64;
+    let mut sent = 0u64;
+    for _ in 0..20 {
+        let mut sql = String::new();
+        for _ in 0..40 {
+            sql.push_str(&format!(
+                "SELECT count(pg_notify('kms_changes', 'keys:{name}' || g)) FROM generate_series({}, {}) g;\n",
+                sent,
+                sent + 499
+            ));
+            sent += 500;
+        }
+        flood.send(&sql);
+        flood.sync(Duration::from_secs(120));
+        most_unapplied = most_unapplied.max(metric("kms_keyring_changes_unapplied"));
+    }
+    let rss_after = rss();
+    eprintln!(
+        "{sent} notifications; unapplied at most {most_unapplied}; RSS {rss_before} -> {rss_after} KiB"
+    );
+    assert!(
+        most_unapplied <= 1025.0,
+        "{most_unapplied} changes kept unapplied"
+    );
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "the server grew from {rss_before} to {rss_after} KiB"
+    );
+    // Once the flood stops, it catches up and serves.
+    let keys = server.keys().await;
+    within(Duration::from_secs(20), || {
+        let mut keys = keys.clone();
+        async move { encrypt(&mut keys, "ledger", b"after the flood").await.ok() }
+    })
+    .await;
+    assert_eq!(metric("kms_keyring_behind"), 0.0);
+}

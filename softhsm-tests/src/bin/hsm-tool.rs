@@ -22,6 +22,8 @@
 //!                                               create a sensitive, not extractable AES key
 //!                                               from VALUE (hex), with CKA_ID ID (hex): what
 //!                                               an insider with the PIN could swap in
+//! hsm-tool many-data MODULE LABEL PIN_FILE N     make N small private data objects (a
+//!                                               token with many objects is slow to list)
 //! hsm-tool ids MODULE LABEL PIN_FILE PREFIX     print "LABEL ID" (ID in hex) of the token
 //!                                               objects whose label starts with PREFIX
 //! hsm-tool hmac MODULE LABEL PIN_FILE KEY       HMAC-SHA256 of standard input with the one
@@ -109,6 +111,19 @@ fn main() {
                     Attribute::Unwrap(false),
                 ])
                 .unwrap();
+        }
+        "many-data" => {
+            for i in 0..arg.parse::<usize>().unwrap() {
+                session
+                    .create_object(&[
+                        Attribute::Class(ObjectClass::DATA),
+                        Attribute::Token(true),
+                        Attribute::Private(true),
+                        Attribute::Label(format!("filler/{i}").into_bytes()),
+                        Attribute::Value(vec![0u8; 8]),
+                    ])
+                    .unwrap();
+            }
         }
         "ids" => {
             for h in session.find_objects(&[Attribute::Token(true)]).unwrap() {
