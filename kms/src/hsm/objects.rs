@@ -447,7 +447,7 @@ pub enum HsmKeyKind {
 }
 
 /// How a key object came into the token, for the checks when it is found
-/// ([`Hsm::find_key`]).
+/// (`Hsm::find_key`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Provenance {
     /// Generated in the token by kms: always sensitive and never extractable since made.
