@@ -881,3 +881,222 @@ async fn a_rekey_while_sealed_never_signs_a_record_someone_altered() {
         "the other instance's key was destroyed"
     );
 }
+
+/// A drill on another host with the same configuration (the same redb path) whose store
+/// writer deletes the restore's marker: the store's identity file (`kms.redb.id`, beside
+/// the file, in no backup) is the drill host's own, so the seal record (which names a hash
+/// of the location it was written for) is known for a copy. The drill takes its own
+/// identity, and its master key rotation leaves production's key alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_at_the_same_path_on_another_host_is_not_production() {
+    let hsm = TestHsm::new("kms-drill-path");
+    let config = hsm.config();
+    let (mut prod, shares, ct) = production(&hsm, &config).await;
+    let backup = hsm.path().join("p.backup");
+    let out = prod.kms(&["backup", "create", "--out", backup.to_str().unwrap()], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let audit_key = out.stdout.split("audit key ").nth(1).unwrap()[..32].to_owned();
+    let prod_instance = status(&prod)["instance_id"].as_str().unwrap().to_owned();
+    assert!(prod.terminate().success());
+    // Production's store lives on on its own host: its file and identity set aside here.
+    let store = hsm.path().join("kms.redb");
+    let id = hsm.path().join("kms.redb.id");
+    assert!(id.is_file(), "the store has its identity file");
+    let prod_host = hsm.path().join("production-host");
+    std::fs::create_dir(&prod_host).unwrap();
+    std::fs::rename(&store, prod_host.join("kms.redb")).unwrap();
+    std::fs::rename(&id, prod_host.join("kms.redb.id")).unwrap();
+
+    // The drill host: the same configuration; the store writer deletes the marker.
+    let out = softhsm_tests::run_kms(
+        "https://127.0.0.1:1",
+        &[
+            "backup",
+            "restore",
+            "--in",
+            backup.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--public-key",
+            &audit_key,
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    softhsm_tests::store_delete(&store, "system", "restored-from-backup");
+    let mut drill = hsm.try_start(&config, &[]).unwrap();
+    let st = status(&drill);
+    assert_ne!(st["instance_id"], prod_instance.as_str(), "{st}");
+    assert_eq!(
+        st["restored_from_instance_ids"],
+        json!([prod_instance]),
+        "{st}"
+    );
+    drill.unseal_with(&shares);
+    let out = drill.kms(&["operator", "rotate-master-key"], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("was not destroyed"), "{out:?}");
+    assert!(drill.terminate().success());
+
+    // Production comes back on its own host's files, whole.
+    std::fs::rename(prod_host.join("kms.redb"), &store).unwrap();
+    std::fs::rename(prod_host.join("kms.redb.id"), &id).unwrap();
+    let prod = hsm.try_start(&config, &[]).unwrap();
+    assert_eq!(status(&prod)["instance_id"], prod_instance.as_str());
+    prod.unseal_with(&shares);
+    let mut c = prod.keys().await;
+    assert_eq!(
+        decrypt_ctx(&mut c, "vault", &ct).await.unwrap(),
+        b"kept by the HSM"
+    );
+}
+
+/// A drill on another PostgreSQL cluster whose store writer (the ordinary `kms` role)
+/// shadows `pg_control_system()` with production's cluster id and deletes the restore's
+/// marker: kms reads the cluster's identity from `pg_catalog` by name, so the drill is
+/// still known for a copy. And a location that cannot be read at all stops the start; it is
+/// never taken for a move, nor written over the one the record names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_drill_cannot_pass_for_production_and_an_unreadable_location_stops_the_start() {
+    let pg_prod = TestPostgres::start();
+    let pg_drill = TestPostgres::start();
+    let hsm = TestHsm::new("kms-pg-location");
+    let config = hsm.config_full("prod.toml", &hsm.hsm_table(), &pg_prod.storage_table());
+    let (mut prod, _shares, _ct) = production(&hsm, &config).await;
+    let backup = hsm.path().join("p.backup");
+    let out = prod.kms(&["backup", "create", "--out", backup.to_str().unwrap()], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let audit_key = out.stdout.split("audit key ").nth(1).unwrap()[..32].to_owned();
+    let prod_instance = status(&prod)["instance_id"].as_str().unwrap().to_owned();
+    let sysid = pg_prod
+        .sql_in("kms", "SELECT system_identifier FROM pg_control_system()")
+        .trim()
+        .to_owned();
+    assert!(prod.terminate().success());
+
+    let drill_config = hsm.config_full("drill.toml", &hsm.hsm_table(), &pg_drill.storage_table());
+    let out = softhsm_tests::run_kms(
+        "https://127.0.0.1:1",
+        &[
+            "backup",
+            "restore",
+            "--in",
+            backup.to_str().unwrap(),
+            "--config",
+            drill_config.to_str().unwrap(),
+            "--public-key",
+            &audit_key,
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let mut s = pg_drill.session_as("kms", &pg_drill.password.clone(), "kms");
+    s.send(&format!(
+        "CREATE FUNCTION public.pg_control_system(OUT pg_control_version integer, OUT catalog_version_no integer, OUT system_identifier bigint, OUT pg_control_last_modified timestamptz) \
+         RETURNS record LANGUAGE sql AS $$ SELECT 0, 0, {sysid}::bigint, now() $$; \
+         ALTER ROLE kms SET search_path = public, pg_catalog; \
+         DELETE FROM kms_system WHERE key = 'restored-from-backup';"
+    ));
+    s.sync(std::time::Duration::from_secs(10));
+    drop(s);
+    let mut drill = hsm.try_start(&drill_config, &[]).unwrap();
+    let st = status(&drill);
+    assert_ne!(st["instance_id"], prod_instance.as_str(), "{st}");
+    assert!(drill.terminate().success());
+
+    // Production's cluster no longer lets kms read its identity: the start stops, and the
+    // record keeps the location it names.
+    let read = || {
+        let text = pg_prod.sql_in(
+            "kms",
+            "SELECT convert_from(value, 'UTF8') FROM kms_system WHERE key = 'seal'",
+        );
+        serde_json::from_str::<Value>(text.trim()).unwrap()
+    };
+    let location = read()["location"].clone();
+    assert!(location.is_string());
+    pg_prod.sql_in(
+        "kms",
+        "REVOKE EXECUTE ON FUNCTION pg_catalog.pg_control_system() FROM PUBLIC",
+    );
+    let err = match hsm.try_start(&config, &[]) {
+        Ok(_) => panic!("started without knowing where its store lives"),
+        Err(e) => e,
+    };
+    assert!(err.contains("read the cluster's identity"), "{err}");
+    assert_eq!(read()["location"], location);
+    assert_eq!(read()["instance"], prod_instance.as_str());
+    pg_prod.sql_in(
+        "kms",
+        "GRANT EXECUTE ON FUNCTION pg_catalog.pg_control_system() TO PUBLIC",
+    );
+    let prod = hsm.try_start(&config, &[]).unwrap();
+    assert_eq!(status(&prod)["instance_id"], prod_instance.as_str());
+}
+
+/// A store writer rolls a key record back past a rotation; the server rotates again (an
+/// administrator, or the schedule): two objects now carry version 2's label. The one the
+/// first rotation committed is never swept at the next unseal (its pending mark was
+/// removed at its commit), and with the real record put back, its ciphertexts decrypt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_rotation_never_gets_a_committed_version_swept() {
+    let hsm = TestHsm::new("kms-sweep-rollback");
+    let config = hsm.config();
+    let (mut server, shares, _ct1) = production(&hsm, &config).await;
+    assert!(server.terminate().success());
+    let store = hsm.path().join("kms.redb");
+    let r1 = store_get(&store, "keys", "vault");
+    let server = hsm.try_start(&config, &[]).unwrap();
+    server.unseal_with(&shares);
+    let mut c = server.keys().await;
+    c.rotate_key(pb::RotateKeyRequest {
+        name: "vault".into(),
+    })
+    .await
+    .unwrap();
+    let ct2 = encrypt_ctx(&mut c, "vault", b"under version 2")
+        .await
+        .unwrap();
+    drop(c);
+    let mut server = server;
+    assert!(server.terminate().success());
+    let r2 = store_get(&store, "keys", "vault");
+    let v2: Vec<_> = hsm
+        .ids("kms/")
+        .into_iter()
+        .filter(|(l, _)| l.ends_with("/2"))
+        .collect();
+    assert_eq!(v2.len(), 1);
+
+    store_put(&store, "keys", "vault", &r1);
+    let server = hsm.try_start(&config, &[]).unwrap();
+    server.unseal_with(&shares);
+    let mut c = server.keys().await;
+    c.rotate_key(pb::RotateKeyRequest {
+        name: "vault".into(),
+    })
+    .await
+    .unwrap();
+    drop(c);
+    // The next unseal sweeps what it may.
+    assert_eq!(server.kms(&["operator", "seal"], "").code, Some(0));
+    server.unseal_with(&shares);
+    let mut server = server;
+    assert!(server.terminate().success());
+    assert!(
+        hsm.ids("kms/").contains(&v2[0]),
+        "the committed version 2's object was swept"
+    );
+    assert!(
+        hsm.logs()
+            .contains("the key's record may have been rolled back")
+    );
+    store_put(&store, "keys", "vault", &r2);
+    let server = hsm.try_start(&config, &[]).unwrap();
+    server.unseal_with(&shares);
+    let mut c = server.keys().await;
+    assert_eq!(
+        decrypt_ctx(&mut c, "vault", &ct2).await.unwrap(),
+        b"under version 2"
+    );
+}

@@ -78,13 +78,31 @@ impl Keyring {
         object: Option<KeyHandle>,
         journal: &dyn Journal,
     ) -> Result<KeyMeta, KeyringError> {
-        self.commit(meta, old, journal).inspect_err(|_| {
-            if let Some(h) = object
-                && let Err(e) = self.hsm.destroy(h)
-            {
-                tracing::error!(error = %crate::error_chain(&e), "could not destroy the HSM object of a refused key version: it is swept at the next unseal");
+        let id = match object {
+            Some(h) => Some(self.hsm.key_id(h)?),
+            None => None,
+        };
+        let committed = self.commit(meta, old, journal).inspect_err(|_| {
+            if let Some(h) = object {
+                match self.hsm.destroy(h) {
+                    Ok(()) => {
+                        if let Some(id) = &id {
+                            let _ = self.hsm.remove_markers(&pending_label(id));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %crate::error_chain(&e), "could not destroy the HSM object of a refused key version: it is swept at the next unseal");
+                    }
+                }
             }
-        })
+        })?;
+        // Committed: no longer pending, never an orphan to sweep.
+        if let Some(id) = &id
+            && let Err(e) = self.hsm.remove_markers(&pending_label(id))
+        {
+            tracing::warn!(error = %crate::error_chain(&e), "a committed version's object is still marked pending in the HSM: a rollback of its key's record could get it swept");
+        }
+        Ok(committed)
     }
 
     fn check_rotation_period(p: Option<u64>) -> Result<(), KeyringError> {
@@ -337,25 +355,23 @@ impl Keyring {
         journal: &dyn Journal,
     ) -> Result<KeyMeta, KeyringError> {
         let at = now();
-        let mut cancelled = None;
-        let meta = self.change_version(name, version, journal, |m, v| {
+        self.change_version(name, version, journal, |m, v| {
+            // The HSM remembers the cancellation, where a store writer cannot undo it, before
+            // it is committed: a key record rolled back to its schedule is then never
+            // destroyed on its word. (If the commit then fails, the marker only keeps that
+            // one schedule from ever destroying the version: a new schedule has its own.)
             if let (VersionState::ScheduledForDestruction { destroy_at }, Protection::Hsm) =
                 (&v.state, m.protection)
+                && *destroy_at > at
             {
-                cancelled = Some((m.key_id.clone(), *destroy_at));
+                self.hsm.create_marker(&maintenance::cancel_label(
+                    &m.key_id,
+                    version,
+                    *destroy_at,
+                ))?;
             }
             v.state.cancel_destruction(at)
-        })?;
-        // The HSM remembers the cancellation where a store writer cannot undo it: a key
-        // record rolled back to its schedule is then never destroyed on its word.
-        if let Some((key_id, destroy_at)) = cancelled
-            && let Err(e) = self
-                .hsm
-                .create_marker(&maintenance::cancel_label(&key_id, version, destroy_at))
-        {
-            tracing::warn!(key = %name, version, error = %crate::error_chain(&e), "the cancellation is committed, but the HSM could not record it: a rollback of this key's record to its schedule would not be caught");
-        }
-        Ok(meta)
+        })
     }
 
     /// How many keys there are (a read of the map's size, for the metrics).

@@ -204,14 +204,24 @@ impl Keyring {
             // resync stands for every change: each call then checks one entry, not millions.
             let resync_waits = state.unapplied.contains_key(&StoreChange::Resync);
             if !resync_waits && state.unapplied.len() >= crate::store::MAX_HINTS {
+                // The resync inherits what the entries it replaces had come to: the earliest
+                // hearing, and a failure (a key refused stays refused, not served for
+                // another grace period).
+                let failed = state.unapplied.values().any(|u| u.failed);
+                let heard = state
+                    .unapplied
+                    .values()
+                    .map(|u| u.heard)
+                    .min()
+                    .unwrap_or(now);
                 state.unapplied.clear();
                 state.unapplied.insert(
                     StoreChange::Resync,
                     Unapplied {
                         scope: Scope::Everything,
-                        heard: now,
+                        heard,
                         seq,
-                        failed: false,
+                        failed,
                     },
                 );
                 // Grants named from here on are still suspended below; their entries are

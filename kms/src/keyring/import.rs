@@ -226,35 +226,43 @@ impl Keyring {
                     crate::hsm::HsmError::Unsupported(why) => KeyringError::NotAllowed(why),
                     e => KeyringError::from(e),
                 };
-                let (handle, token_public) = match req.wrapping {
-                    Wrapping::RsaAesKeyWrapSha256 => {
-                        let (key, body) = split_wrapped(req.wrapped)?;
-                        // 32 bytes wrap to 40 (so do 25 to 31: the HSM checks the key works).
-                        if matches!(algorithm, Algorithm::Aes256Gcm | Algorithm::HmacSha256)
-                            && body.len() != 40
-                        {
-                            return Err(bad(material::material_problem(algorithm)));
-                        }
-                        let kek = oaep(key)?;
-                        if kek.len() != 32 {
-                            return Err(bad(NOT_UNWRAPPED));
-                        }
-                        self.hsm
-                            .unwrap_key_material(kind, &kek, body, &label, &id)
-                            .map_err(refused)?
-                    }
-                    Wrapping::RsaesOaepSha256 => {
-                        let plain = oaep_material(algorithm, req.wrapped, oaep)?;
-                        if plain.len() != 32 {
-                            return Err(bad(material::material_problem(algorithm)));
-                        }
-                        let h = self
-                            .hsm
-                            .create_secret_key(kind, &plain, &label, &id)
-                            .map_err(refused)?;
-                        (h, None)
-                    }
+                // Marked pending before it exists (see `pending_label`).
+                self.hsm.create_marker(&pending_label(&id))?;
+                let unmark = || {
+                    let _ = self.hsm.remove_markers(&pending_label(&id));
                 };
+                let made = (|| -> Result<(KeyHandle, Option<Vec<u8>>), KeyringError> {
+                    Ok(match req.wrapping {
+                        Wrapping::RsaAesKeyWrapSha256 => {
+                            let (key, body) = split_wrapped(req.wrapped)?;
+                            // 32 bytes wrap to 40 (so do 25 to 31: the HSM checks the key works).
+                            if matches!(algorithm, Algorithm::Aes256Gcm | Algorithm::HmacSha256)
+                                && body.len() != 40
+                            {
+                                return Err(bad(material::material_problem(algorithm)));
+                            }
+                            let kek = oaep(key)?;
+                            if kek.len() != 32 {
+                                return Err(bad(NOT_UNWRAPPED));
+                            }
+                            self.hsm
+                                .unwrap_key_material(kind, &kek, body, &label, &id)
+                                .map_err(refused)?
+                        }
+                        Wrapping::RsaesOaepSha256 => {
+                            let plain = oaep_material(algorithm, req.wrapped, oaep)?;
+                            if plain.len() != 32 {
+                                return Err(bad(material::material_problem(algorithm)));
+                            }
+                            let h = self
+                                .hsm
+                                .create_secret_key(kind, &plain, &label, &id)
+                                .map_err(refused)?;
+                            (h, None)
+                        }
+                    })
+                })();
+                let (handle, token_public) = made.inspect_err(|_| unmark())?;
                 object = Some(handle);
                 v.hsm_label = Some(label);
                 v.hsm_id = Some(hex(&id));
@@ -283,7 +291,9 @@ impl Keyring {
                     match checked {
                         Ok(p) => v.public_key = Some(hex(&p.to_bytes())),
                         Err(e) => {
-                            let _ = self.hsm.destroy(handle);
+                            if self.hsm.destroy(handle).is_ok() {
+                                unmark();
+                            }
                             return Err(e);
                         }
                     }

@@ -121,7 +121,10 @@ impl Keyring {
     /// Destroys the token objects kms made for versions that no record names: left by a
     /// crash (or a failed clean-up) between making a version's object and committing the
     /// version, once that version number has been taken by a committed version with
-    /// another object. An object for a version number not yet committed is left alone (it
+    /// another object. Only objects of this instance that the HSM marks pending
+    /// (`pending_label`: made for a version never committed) are destroyed; one that was
+    /// committed once is kept whatever the record says (a rolled-back record must not get
+    /// a real version's object swept). An object for a version number not yet committed is left alone (it
     /// may be another server's rotation in flight) and reported; an object of a key this
     /// keyring does not know is reported too. Failures are logged, never fatal.
     fn sweep_orphans(&self) {
@@ -141,6 +144,7 @@ impl Keyring {
             .collect();
         let ownership = self.hsm.ownership();
         let (mut swept, mut pending, mut unknown, mut others) = (0usize, 0usize, 0usize, 0usize);
+        let mut unmarked = 0usize;
         for object in objects {
             // Another instance's objects (production's, seen from a restored copy on the
             // same token) are never this one's to sweep, whatever its records say.
@@ -178,8 +182,23 @@ impl Keyring {
                 pending += 1;
                 continue;
             }
+            // Only an object the HSM says was made for a version never committed: a
+            // committed version's object (its mark removed at the commit) is never swept,
+            // whatever a rolled-back record says.
+            match self.hsm.has_marker(&pending_label(&object.id)) {
+                Ok(true) => {}
+                Ok(false) => {
+                    unmarked += 1;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %crate::error_chain(&e), "could not read the HSM's pending marks: nothing swept");
+                    return;
+                }
+            }
             match self.hsm.destroy(object.handle) {
                 Ok(()) => {
+                    let _ = self.hsm.remove_markers(&pending_label(&object.id));
                     swept += 1;
                     tracing::warn!(key = %meta.name, version, "destroyed an orphan HSM object that no key version names");
                 }
@@ -197,6 +216,12 @@ impl Keyring {
         }
         if swept > 0 {
             tracing::info!(swept, "orphan HSM objects swept");
+        }
+        if unmarked > 0 {
+            tracing::warn!(
+                unmarked,
+                "keyring objects in the token that no committed version names, but that were committed once (or made before pending marks): kept; the key's record may have been rolled back"
+            );
         }
         if others > 0 {
             tracing::info!(

@@ -198,6 +198,14 @@ pub(crate) const fn hsm_kind(a: Algorithm) -> HsmKeyKind {
 /// The prefix of the label of every keyring object kms makes in the token.
 pub(crate) const HSM_LABEL_PREFIX: &str = "kms/";
 
+/// The label of the HSM marker that says the keyring object with CKA_ID `id` was made for
+/// a version not committed yet: made before the object, removed once the version is
+/// committed (or the object destroyed). Only an object that carries one is ever swept as an
+/// orphan: a committed version's object never is, whatever a (rolled-back) record says.
+fn pending_label(id: &[u8]) -> String {
+    format!("kms-pending/{}", hex(id))
+}
+
 /// The prefix of the label of an import job's wrapping key: `kms-import/KEY_ID/JOB_ID`.
 pub(crate) const IMPORT_LABEL_PREFIX: &str = "kms-import/";
 

@@ -31,7 +31,16 @@ impl<'h> HsmObject<'h> {
         label: String,
     ) -> Result<Self, KeyringError> {
         let id = hsm.new_object_id()?;
-        let (handle, public) = hsm.generate_key(hsm_kind(algorithm), &label, &id)?;
+        // Marked pending before it exists: a crash from here to the commit leaves an object
+        // the sweep may destroy, and nothing else ever is.
+        hsm.create_marker(&pending_label(&id))?;
+        let (handle, public) = match hsm.generate_key(hsm_kind(algorithm), &label, &id) {
+            Ok(made) => made,
+            Err(e) => {
+                let _ = hsm.remove_markers(&pending_label(&id));
+                return Err(e.into());
+            }
+        };
         let object = HsmObject {
             hsm,
             label,
@@ -77,10 +86,15 @@ impl<'h> HsmObject<'h> {
 
 impl Drop for HsmObject<'_> {
     fn drop(&mut self) {
-        if let Some(h) = self.handle.take()
-            && let Err(e) = self.hsm.destroy(h)
-        {
-            tracing::error!(error = %crate::error_chain(&e), "could not destroy an HSM object made for a change that did not happen: the next unseal sweeps or reports it");
+        if let Some(h) = self.handle.take() {
+            match self.hsm.destroy(h) {
+                Ok(()) => {
+                    let _ = self.hsm.remove_markers(&pending_label(&self.id));
+                }
+                Err(e) => {
+                    tracing::error!(error = %crate::error_chain(&e), "could not destroy an HSM object made for a change that did not happen: the next unseal sweeps or reports it");
+                }
+            }
         }
     }
 }

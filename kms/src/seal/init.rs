@@ -237,7 +237,7 @@ impl SealManager {
             owns_untagged: false,
             adopted_instances: Vec::new(),
             restored_from: None,
-            location: record::location_of(self.store.as_ref()),
+            location: Some(record::location_of(self.store.as_ref())?),
             mac: None,
         };
         // Prove the round trip through the HSM before anything is stored, so a broken HSM

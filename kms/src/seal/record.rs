@@ -205,12 +205,12 @@ impl SealManager {
                 return Ok(());
             }
             Authenticity::Authentic => {
-                let here = location_of(self.store.as_ref());
+                let here = location_of(self.store.as_ref())?;
                 let moved = inner
                     .record
                     .as_ref()
                     .and_then(|r| r.location.as_ref())
-                    .is_some_and(|there| Some(there) != here.as_ref());
+                    .is_some_and(|there| *there != here);
                 if moved || self.store.get(Table::System, RESTORED_MARKER)?.is_some() {
                     self.renew_after_restore(inner, here)?;
                 }
@@ -228,7 +228,7 @@ impl SealManager {
         let Some(stored) = read_record(self.store.as_ref())? else {
             return Err(SealError::NotInitialized);
         };
-        if stored.mac == ours.mac && stored.instance == ours.instance {
+        if same(&stored, ours) {
             return Ok(false);
         }
         if authenticate(&self.hsm, &stored)? == Authenticity::Authentic {
@@ -254,7 +254,7 @@ impl SealManager {
         next.instance = Some(instance.to_string());
         next.adopted_instances.clear();
         next.owns_untagged = restored.is_none();
-        next.location = location_of(self.store.as_ref());
+        next.location = Some(location_of(self.store.as_ref())?);
         next.restored_from = restored.as_deref().map(|m| Predecessor {
             instances: Vec::new(),
             untagged: true,
@@ -322,11 +322,7 @@ impl SealManager {
     /// was written for) takes its own identity: what the instance it came from owned becomes
     /// its predecessor's, to take over only when the operator says that instance is gone.
     /// One write, with its audit record, removing the restore's marker.
-    fn renew_after_restore(
-        &self,
-        inner: &mut Inner,
-        here: Option<String>,
-    ) -> Result<(), SealError> {
+    fn renew_after_restore(&self, inner: &mut Inner, here: String) -> Result<(), SealError> {
         let current = inner.record.clone().ok_or(SealError::NotInitialized)?;
         let _other_servers = self.store.lock_changes()?;
         if self.taken_up_meanwhile(inner, &current)? {
@@ -336,7 +332,7 @@ impl SealManager {
         let moved = current
             .location
             .as_ref()
-            .is_some_and(|there| Some(there) != here.as_ref());
+            .is_some_and(|there| *there != here);
         if marker.is_none() && !moved {
             return Ok(());
         }
@@ -356,7 +352,7 @@ impl SealManager {
         next.instance = Some(instance.to_string());
         next.adopted_instances.clear();
         next.owns_untagged = false;
-        next.location = here;
+        next.location = Some(here);
         let (next, write) = self.signed_write(&current, next)?;
         self.audit
             .append_removing(
@@ -455,21 +451,15 @@ fn restored_sha256(marker: &[u8]) -> String {
         .unwrap_or_default()
 }
 
-/// Where `store` lives, as the seal record names it (hex SHA-256 of [`Store::location`]);
-/// `None` when the store cannot say (then a copy is known by the restore's marker only).
-pub(super) fn location_of(store: &dyn Store) -> Option<String> {
-    match store.location() {
-        Ok(location) => {
-            let mut h = <Sha256 as sha2::Digest>::new();
-            sha2::Digest::update(&mut h, b"kms/v1/store-location\0");
-            sha2::Digest::update(&mut h, location.as_bytes());
-            Some(data_encoding::HEXLOWER.encode(&sha2::Digest::finalize(h)))
-        }
-        Err(e) => {
-            tracing::warn!(error = %crate::error_chain(&e), "the store cannot say where it lives: a copy of it is known only by the restore's marker");
-            None
-        }
-    }
+/// Where `store` lives, as the seal record names it (hex SHA-256 of [`Store::location`]).
+/// A store that cannot say fails the step that asked (a start, an unseal, an init): an
+/// unreadable location is never taken for a move, nor written over a known one.
+pub(super) fn location_of(store: &dyn Store) -> Result<String, SealError> {
+    let location = store.location()?;
+    let mut h = <Sha256 as sha2::Digest>::new();
+    sha2::Digest::update(&mut h, b"kms/v1/store-location\0");
+    sha2::Digest::update(&mut h, location.as_bytes());
+    Ok(data_encoding::HEXLOWER.encode(&sha2::Digest::finalize(h)))
 }
 
 /// Whether two records are the same, field for field and MAC for MAC.

@@ -41,6 +41,42 @@ fn io(op: &'static str) -> impl FnOnce(redb::Error) -> StoreError {
     move |source| StoreError::Io { op, source }
 }
 
+/// The random identity of the store at `path`, in the file `PATH.id` beside it (made, 0600,
+/// when missing): part of [`Store::location`], so that a copy at the same path on another
+/// host (a restore drill with the same configuration) is known for one. It is never in a
+/// backup, and the seal record holds only a hash of the location: whoever writes a copy's
+/// store cannot make it production's.
+fn identity(path: &Path) -> std::io::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut id_path = path.as_os_str().to_owned();
+    id_path.push(".id");
+    let id_path = std::path::PathBuf::from(id_path);
+    let valid = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    match std::fs::read_to_string(&id_path) {
+        Ok(text) if valid(text.trim()) => return Ok(text.trim().to_owned()),
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is not a store identity", id_path.display()),
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|_| std::io::Error::other("the random source failed"))?;
+    let id = data_encoding::HEXLOWER.encode(&bytes);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&id_path)?;
+    file.write_all(id.as_bytes())?;
+    file.sync_all()?;
+    Ok(id)
+}
+
 impl RedbStore {
     /// Opens the store at `path`, creating it (and its directory, mode 0700) if missing.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -97,10 +133,11 @@ impl RedbStore {
                 },
             })?;
         let location = format!(
-            "redb:{}",
+            "redb:{}:{}",
             std::fs::canonicalize(path)
                 .unwrap_or_else(|_| path.to_owned())
-                .display()
+                .display(),
+            identity(path).map_err(open_err)?
         );
         Ok(Self { db, location })
     }

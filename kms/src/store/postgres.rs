@@ -727,7 +727,7 @@ impl Store for PgStore {
             let client = conn.client(op)?;
             let row = client
                 .query_one(
-                    "SELECT system_identifier::text, current_database()::text FROM pg_control_system()",
+                    "SELECT system_identifier::pg_catalog.text, pg_catalog.current_database()::pg_catalog.text FROM pg_catalog.pg_control_system()",
                     &[],
                 )
                 .await

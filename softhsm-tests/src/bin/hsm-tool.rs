@@ -22,6 +22,8 @@
 //!                                               create a sensitive, not extractable AES key
 //!                                               from VALUE (hex), with CKA_ID ID (hex): what
 //!                                               an insider with the PIN could swap in
+//! hsm-tool marker MODULE LABEL PIN_FILE MARK     make a marker as kms makes them (a private
+//!                                               data object labelled MARK, application kms)
 //! hsm-tool many-data MODULE LABEL PIN_FILE N     make N small private data objects (a
 //!                                               token with many objects is slow to list)
 //! hsm-tool ids MODULE LABEL PIN_FILE PREFIX     print "LABEL ID" (ID in hex) of the token
@@ -109,6 +111,18 @@ fn main() {
                     Attribute::Derive(false),
                     Attribute::Wrap(false),
                     Attribute::Unwrap(false),
+                ])
+                .unwrap();
+        }
+        "marker" => {
+            session
+                .create_object(&[
+                    Attribute::Class(ObjectClass::DATA),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Label(arg.as_bytes().to_vec()),
+                    Attribute::Application(b"kms".to_vec()),
+                    Attribute::Value(b"1".to_vec()),
                 ])
                 .unwrap();
         }
