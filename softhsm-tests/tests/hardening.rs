@@ -1352,3 +1352,71 @@ async fn a_certificate_holder_is_not_limited_by_strangers_in_its_source() {
     let out = server.kms_as(Some(&hsm.auditor), &["audit", "verify"], "");
     assert_eq!(out.code, Some(0), "{out:?}");
 }
+
+/// Keeps `n` TCP connections from `from` to `target` open and silent (no TLS byte), each
+/// opened again as soon as the server closes it, until `stop`.
+fn hold_idle(
+    from: IpAddr,
+    target: SocketAddr,
+    n: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    for _ in 0..n {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.bind(SocketAddr::new(from, 0)).unwrap();
+                let Ok(mut s) = socket.connect(target).await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let mut buf = [0u8; 16];
+                let _ = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await;
+            }
+        });
+    }
+}
+
+/// The second outside review of `max_handshakes`: 16 sources holding 16 idle TCP
+/// connections each (no TLS byte at all), reopened as soon as they are closed, held all
+/// 256 handshake slots, and every new connection, an authenticated one too, was closed at
+/// accept (6 of 40 admin connections in 20 s got through). Now, when every slot is taken,
+/// the oldest handshake of the source holding the most gives way to a newcomer from a
+/// source holding fewer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_sources_cannot_hold_every_handshake_slot() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let hsm = TestHsm::new("kms-handshake-slots");
+    let (server, _shares) = start_unsealed(&hsm, &hsm.config());
+    let target = socket_addr(&server);
+    let admin = Some(&hsm.admin);
+    assert_eq!(
+        list_keys_once(&server.addr, &server.ca, admin, None).await,
+        "OK"
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    for from in strangers(16) {
+        hold_idle(from, target, 24, stop.clone());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut results = Vec::new();
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        results.push(list_keys_once(&server.addr, &server.ca, admin, None).await);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let ok = results.iter().filter(|r| *r == "OK").count();
+    eprintln!(
+        "an admin's new connections over 20 s of the flood: {ok} of {} served: {results:?}",
+        results.len(),
+    );
+    assert!(
+        ok + 1 >= results.len(),
+        "sixteen strangers locked an authenticated caller out: {ok} of {} served",
+        results.len()
+    );
+}
