@@ -1,9 +1,12 @@
 //! What an outside review and a stranger's attacks found, each tried again against a real
 //! server over real TLS: a flood of oversized names from callers without a certificate,
 //! oversized and malformed requests, refused calls from one address, idle connections
-//! that hold the handshake slots, and connections that outlive a removed CA. Strangers
-//! connect from 127.0.0.2, the harness's own clients from 127.0.0.1, so that per-address
-//! limits can be told apart from global ones.
+//! that hold the handshake slots, and connections that outlive a removed CA; and issue 24's
+//! and its second review's: floods of calls without a certificate from many addresses,
+//! idle connections that hold the server's files or every handshake slot, and strangers
+//! sharing a certificate holder's source. Strangers connect from 127.0.0.2 (and further
+//! loopback addresses, or IPv6 addresses a test puts on `lo`), the harness's own clients
+//! from 127.0.0.1, so that per-address limits can be told apart from global ones.
 
 #![allow(
     clippy::unwrap_used,
