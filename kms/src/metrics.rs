@@ -10,7 +10,6 @@
 //! reflection services); anything else is `unknown`. No key name, principal, address or
 //! payload is a label or a value.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -376,27 +375,51 @@ pub(crate) fn metrics() -> &'static Metrics {
 /// Every `service/method` the server answers: the API's, from its descriptors, and the
 /// standard health and reflection services'.
 fn is_known(service: &str, method: &str) -> bool {
-    static KNOWN: LazyLock<HashSet<String>> = LazyLock::new(|| {
-        let mut known: HashSet<String> = [
-            "grpc.health.v1.Health/Check",
-            "grpc.health.v1.Health/Watch",
-            "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-            "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    known_rpc(service, method).is_some()
+}
+
+/// `service` and `method` as the server's own names when it answers that method (the API's,
+/// from its descriptors, and the standard health and reflection services'); `None` for any
+/// other.
+pub(crate) fn known_rpc(service: &str, method: &str) -> Option<(&'static str, &'static str)> {
+    /// Sorted, for a binary search.
+    static KNOWN: LazyLock<Vec<(String, String)>> = LazyLock::new(|| {
+        let mut known: Vec<(String, String)> = [
+            ("grpc.health.v1.Health", "Check"),
+            ("grpc.health.v1.Health", "Watch"),
+            (
+                "grpc.reflection.v1.ServerReflection",
+                "ServerReflectionInfo",
+            ),
+            (
+                "grpc.reflection.v1alpha.ServerReflection",
+                "ServerReflectionInfo",
+            ),
         ]
-        .map(str::to_owned)
+        .map(|(s, m)| (s.to_owned(), m.to_owned()))
         .into();
         let set: prost_types::FileDescriptorSet =
             prost::Message::decode(kms_proto::FILE_DESCRIPTOR_SET).unwrap_or_default();
         for file in &set.file {
             for s in &file.service {
                 for m in &s.method {
-                    known.insert(format!("{}.{}/{}", file.package(), s.name(), m.name()));
+                    known.push((
+                        format!("{}.{}", file.package(), s.name()),
+                        m.name().to_owned(),
+                    ));
                 }
             }
         }
+        known.sort_unstable();
+        known.dedup();
         known
     });
-    service.len() + method.len() < 128 && KNOWN.contains(&format!("{service}/{method}"))
+    let known: &'static [(String, String)] = &KNOWN;
+    known
+        .binary_search_by(|(s, m)| (s.as_str(), m.as_str()).cmp(&(service, method)))
+        .ok()
+        .and_then(|i| known.get(i))
+        .map(|(s, m)| (s.as_str(), m.as_str()))
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` completes.

@@ -1,9 +1,12 @@
 //! What an outside review and a stranger's attacks found, each tried again against a real
 //! server over real TLS: a flood of oversized names from callers without a certificate,
 //! oversized and malformed requests, refused calls from one address, idle connections
-//! that hold the handshake slots, and connections that outlive a removed CA. Strangers
-//! connect from 127.0.0.2, the harness's own clients from 127.0.0.1, so that per-address
-//! limits can be told apart from global ones.
+//! that hold the handshake slots, and connections that outlive a removed CA; and issue 24's
+//! and its second review's: floods of calls without a certificate from many addresses,
+//! idle connections that hold the server's files or every handshake slot, and strangers
+//! sharing a certificate holder's source. Strangers connect from 127.0.0.2 (and further
+//! loopback addresses, or IPv6 addresses a test puts on `lo`), the harness's own clients
+//! from 127.0.0.1, so that per-address limits can be told apart from global ones.
 
 #![allow(
     clippy::unwrap_used,
@@ -71,7 +74,7 @@ fn records(server: &Server, hsm: &TestHsm) -> Vec<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stranger_cannot_flood_the_log_or_blind_the_auditors() {
     let hsm = TestHsm::new("kms-flood");
-    let (server, _shares) = start_unsealed(&hsm, &hsm.config());
+    let (server, shares) = start_unsealed(&hsm, &hsm.config());
     let log_before = hsm.logs().len();
     let store_before = std::fs::metadata(hsm.path().join("kms.redb"))
         .unwrap()
@@ -116,17 +119,21 @@ async fn a_stranger_cannot_flood_the_log_or_blind_the_auditors() {
         "the store grew by {store_grown} bytes"
     );
 
-    // Every call is recorded, bounded.
+    // Every call is on record, bounded: the stranger's counted in one record (written at
+    // shutdown at the latest), the app's on its own.
+    let mut server = server;
+    assert!(server.terminate().success());
+    let server = hsm.try_start(&hsm.config(), &[]).unwrap();
+    server.unseal_with(&shares);
     let recs = records(&server, &hsm);
     let strangers: Vec<_> = recs
         .iter()
         .filter(|r| r["event"]["principal"] == "anonymous" && r["event"]["operation"] == "Encrypt")
         .collect();
-    assert_eq!(strangers.len(), 20);
-    assert!(
-        strangers
-            .iter()
-            .all(|r| r["event"]["outcome"] == "UNAUTHENTICATED")
+    assert_eq!(strangers.len(), 1, "{strangers:?}");
+    assert_eq!(
+        counted_calls(&recs, "anonymous", Some("127.0.0.1"), "Encrypt"),
+        [("UNAUTHENTICATED".to_owned(), 20)].into()
     );
     let invalid = recs
         .iter()
@@ -220,40 +227,42 @@ async fn strangers_send_little_and_their_refused_calls_are_limited_per_address()
         .await
         .unwrap();
 
-    // Recorded: the 10 refusals and the first call the limit refused; the rest counted.
-    // (A restart records the counts of the calls without a certificate.)
+    // Counted, never recorded one by one: the 10 refusals and the 21 calls the limit
+    // refused. (A restart records the counts of the calls without a certificate.)
     assert!(server.terminate().success());
     let server = hsm.try_start(&config, &[]).unwrap();
     let recs = records(&server, &hsm);
+    assert_eq!(
+        counted_calls(&recs, "anonymous", Some(STRANGER), "ListKeys"),
+        [
+            ("RESOURCE_EXHAUSTED".to_owned(), 20),
+            ("UNAUTHENTICATED".to_owned(), 10)
+        ]
+        .into()
+    );
+    assert_eq!(
+        counted_calls(&recs, "anonymous", Some(STRANGER), "Status"),
+        [("RESOURCE_EXHAUSTED".to_owned(), 1)].into()
+    );
     let from_stranger: Vec<_> = recs
         .iter()
-        .filter(|r| {
-            r["event"]["peer"]
-                .as_str()
-                .is_some_and(|p| p.starts_with(&format!("{STRANGER}:")))
-        })
+        .map(|r| &r["event"])
+        .filter(|e| e["peer"].as_str().is_some_and(|p| p.starts_with(STRANGER)))
         .collect();
-    let count = |outcome: &str| {
-        from_stranger
-            .iter()
-            .filter(|r| r["event"]["outcome"] == outcome)
-            .count()
-    };
-    assert_eq!(count("UNAUTHENTICATED"), 10, "{from_stranger:?}");
-    assert_eq!(count("RESOURCE_EXHAUSTED"), 1, "{from_stranger:?}");
-    assert_eq!(from_stranger.len(), 11);
-    // The two Status calls without a certificate from 127.0.0.1 are counted in one record,
-    // the oversized one (refused before a handler ran) too.
+    assert_eq!(from_stranger.len(), 3, "{from_stranger:?}");
+    // The two Status calls without a certificate from 127.0.0.1 are counted, a record per
+    // outcome, the oversized one (refused before a handler ran) too.
     let counted: Vec<_> = recs
         .iter()
         .map(|r| &r["event"])
-        .filter(|e| e["operation"] == "Status" && e["principal"] == "anonymous")
+        .filter(|e| {
+            e["operation"] == "Status" && e["principal"] == "anonymous" && e["peer"] == "127.0.0.1"
+        })
         .collect();
-    assert_eq!(counted.len(), 1, "{counted:?}");
-    assert_eq!(counted[0]["peer"], "127.0.0.1");
+    assert_eq!(counted.len(), 2, "{counted:?}");
     assert_eq!(
-        counted[0]["batch"]["outcomes"],
-        serde_json::json!({"OK": 1, "RESOURCE_EXHAUSTED": 1})
+        counted_calls(&recs, "anonymous", Some("127.0.0.1"), "Status"),
+        [("OK".to_owned(), 1), ("RESOURCE_EXHAUSTED".to_owned(), 1)].into()
     );
 }
 
@@ -482,14 +491,21 @@ async fn strangers_cannot_stall_the_unseal_ceremony() {
     assert_eq!(progress(), 1);
     let out = server.custodian(&["operator", "unseal"], &format!("{}\n", shares[1]));
     assert_eq!(out.code, Some(0), "{out:?}");
-    // Every refusal is on record, under its principal.
+    // Every refusal is on record: the app's one by one, under its principal; the
+    // stranger's counted (written at shutdown at the latest).
+    let mut server = server;
+    assert!(server.terminate().success());
+    let server = hsm.try_start(&config, &[]).unwrap();
     let recs = records(&server, &hsm);
     let count = |principal: &str, outcome: &str| {
         recs.iter()
             .filter(|r| r["event"]["principal"] == principal && r["event"]["outcome"] == outcome)
             .count()
     };
-    assert_eq!(count("anonymous", "UNAUTHENTICATED"), 21);
+    assert_eq!(
+        counted_calls(&recs, "anonymous", Some(STRANGER), "Unseal"),
+        [("UNAUTHENTICATED".to_owned(), 21)].into()
+    );
     assert_eq!(count(&app.principal, "PERMISSION_DENIED"), 21);
 }
 
@@ -765,9 +781,10 @@ async fn strangers_status_calls_are_counted_and_do_not_slow_callers() {
         counted.get("OK").copied().unwrap_or(0),
         stranger_calls.get("OK").copied().unwrap_or(0)
     );
-    // One record per source and interval (a minute, and the last one at shutdown).
+    // One record per source, outcome and interval (a minute, and the last one at
+    // shutdown).
     assert!(
-        from_strangers.len() <= sources.len() * 4,
+        from_strangers.len() <= sources.len() * 8,
         "{}",
         from_strangers.len()
     );
@@ -965,4 +982,444 @@ async fn idle_strangers_cannot_take_the_servers_open_files() {
     let logs = hsm.logs();
     let said = logs.matches("connection limit reached").count();
     assert!((1..=20).contains(&said), "{said} lines: {logs}");
+}
+
+/// A channel to `uri` over TLS trusting `ca` (the server's certificate names `localhost`,
+/// whatever address is dialled), presenting `cred` if given, from the local address `from`.
+async fn channel_from(
+    uri: &str,
+    ca: &std::path::Path,
+    cred: Option<&softhsm_tests::Cred>,
+    from: Option<IpAddr>,
+) -> Result<Channel, tonic::transport::Error> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
+        .domain_name("localhost");
+    if let Some(c) = cred {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(&c.cert).unwrap(),
+            std::fs::read(&c.key).unwrap(),
+        ));
+    }
+    Channel::from_shared(uri.to_owned())
+        .unwrap()
+        .tls_config(tls)?
+        .local_address(from)
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+}
+
+/// One fresh connection as `cred` from `from` and one ListKeys on it: `OK`, the code, or
+/// `connect failed` / `timeout`.
+async fn list_keys_once(
+    uri: &str,
+    ca: &std::path::Path,
+    cred: Option<&softhsm_tests::Cred>,
+    from: Option<IpAddr>,
+) -> String {
+    tokio::time::timeout(Duration::from_secs(6), async {
+        let ch = match channel_from(uri, ca, cred, from).await {
+            Ok(c) => c,
+            Err(_) => return "connect failed".to_owned(),
+        };
+        match KeyManagementClient::new(ch)
+            .list_keys(pb::ListKeysRequest::default())
+            .await
+        {
+            Ok(_) => "OK".to_owned(),
+            Err(s) => format!("{:?}", s.code()),
+        }
+    })
+    .await
+    .unwrap_or_else(|_| "timeout".to_owned())
+}
+
+/// `n` ListKeys calls on `ch`, by code.
+async fn list_keys_codes(ch: &Channel, n: usize) -> BTreeMap<String, u64> {
+    let mut codes = BTreeMap::new();
+    for _ in 0..n {
+        let code = match KeyManagementClient::new(ch.clone())
+            .list_keys(pb::ListKeysRequest::default())
+            .await
+        {
+            Ok(_) => "OK".to_owned(),
+            Err(e) => format!("{:?}", e.code()),
+        };
+        *codes.entry(code).or_default() += 1;
+    }
+    codes
+}
+
+/// Codes by name: `[("Unauthenticated", 20)]`.
+fn codes(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    pairs.iter().map(|(c, n)| ((*c).to_owned(), *n)).collect()
+}
+
+/// The calls the count records among `recs` count, by outcome, for `principal`, `peer` and
+/// `operation` (every count record carries a `batch` and no key).
+fn counted_calls(
+    recs: &[serde_json::Value],
+    principal: &str,
+    peer: Option<&str>,
+    operation: &str,
+) -> BTreeMap<String, u64> {
+    let mut counted = BTreeMap::new();
+    for e in recs.iter().map(|r| &r["event"]) {
+        if e["principal"] == principal
+            && e["operation"] == operation
+            && peer.is_none_or(|p| e["peer"] == p)
+            && e["batch"].is_object()
+            && e["key"].is_null()
+        {
+            for (outcome, n) in e["batch"]["outcomes"].as_object().unwrap() {
+                *counted.entry(outcome.clone()).or_default() += n.as_u64().unwrap();
+            }
+        }
+    }
+    counted
+}
+
+/// The second outside review of issue 24, item 3: without a certificate anything but
+/// `Status`, `WhoAmI` and health is refused `UNAUTHENTICATED`, and each refusal was one
+/// durable record, 120 per source a minute with no total (250 sources wrote 30,000 records,
+/// 4.7 MB, in 14 s). Now every call without a certificate, refused or not, is counted in
+/// the gate's per-source, method and outcome records, bounded at 1,000 sources a minute;
+/// an authenticated caller's refusals are still recorded one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_refusals_from_many_sources_are_counted_not_recorded_one_by_one() {
+    use std::sync::Arc;
+    let hsm = TestHsm::new("kms-refusal-flood");
+    let tables = hsm.tls_tables().replace(
+        "refused_calls_per_minute = 100000",
+        "refused_calls_per_minute = 20",
+    );
+    let config = hsm.config_full("kms.toml", &hsm.hsm_table(), &tables);
+    let (mut server, _shares) = start_unsealed(&hsm, &config);
+    assert!(server.terminate().success());
+    let store = hsm.path().join("kms.redb");
+    let before = (stored_bytes(&store), file_size(&store));
+    let mut server = hsm.try_start(&config, &[]).unwrap();
+
+    // 1,100 sources (127.0.1.1 ...), 30 ListKeys each without a certificate: 20 refused
+    // UNAUTHENTICATED, then 10 refused by the limit on refused calls.
+    const SOURCES: u32 = 1100;
+    const CALLS: usize = 30;
+    let sources: Arc<Vec<IpAddr>> = Arc::new(
+        (0..SOURCES)
+            .map(|i| IpAddr::from([127, 0, 1 + (i / 250) as u8, 1 + (i % 250) as u8]))
+            .collect(),
+    );
+    let started = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for lane in 0..10 {
+        let (addr, ca, sources) = (server.addr.clone(), server.ca.clone(), sources.clone());
+        tasks.spawn(async move {
+            let mut all = BTreeMap::<String, u64>::new();
+            for ip in sources.iter().skip(lane).step_by(10) {
+                let ch = channel_from(&addr, &ca, None, Some(*ip)).await.unwrap();
+                for (code, n) in list_keys_codes(&ch, CALLS).await {
+                    *all.entry(code).or_default() += n;
+                }
+            }
+            all
+        });
+    }
+    // Meanwhile an authenticated caller without the role: refused, recorded one by one.
+    let app = hsm.pki.client("app", &ClientSpec::spiffe("app"));
+    let app_codes = list_keys_codes(&server.channel(Some(&app)).await, 5).await;
+    let mut made = BTreeMap::<String, u64>::new();
+    while let Some(codes) = tasks.join_next().await {
+        for (code, n) in codes.unwrap() {
+            *made.entry(code).or_default() += n;
+        }
+    }
+    let took = started.elapsed();
+    assert_eq!(app_codes, codes(&[("PermissionDenied", 5)]));
+    let calls = u64::from(SOURCES) * CALLS as u64;
+    assert_eq!(
+        made,
+        codes(&[
+            ("ResourceExhausted", calls / 3),
+            ("Unauthenticated", calls * 2 / 3)
+        ])
+    );
+    // The counts of the last interval are recorded at shutdown.
+    assert!(server.terminate().success());
+    let after = (stored_bytes(&store), file_size(&store));
+    let grown = after.0 as i64 - before.0 as i64;
+    eprintln!(
+        "{calls} refused calls without a certificate from {SOURCES} sources in {took:?}: {made:?}; stored bytes {} -> {} ({grown:+}), file {} -> {} bytes",
+        before.0, after.0, before.1, after.1
+    );
+
+    let server = hsm.try_start(&config, &[]).unwrap();
+    let recs = records(&server, &hsm);
+    let anonymous: Vec<_> = recs
+        .iter()
+        .map(|r| &r["event"])
+        .filter(|e| e["principal"] == "anonymous")
+        .collect();
+    let one_by_one = anonymous.iter().filter(|e| e["batch"].is_null()).count();
+    eprintln!(
+        "{} records of calls without a certificate, {one_by_one} of them one by one",
+        anonymous.len()
+    );
+    assert_eq!(
+        one_by_one, 0,
+        "calls without a certificate recorded one by one"
+    );
+    // Every call is counted, exactly once.
+    assert_eq!(
+        counted_calls(&recs, "anonymous", None, "ListKeys"),
+        [
+            ("RESOURCE_EXHAUSTED".to_owned(), calls / 3),
+            ("UNAUTHENTICATED".to_owned(), calls * 2 / 3)
+        ]
+        .into()
+    );
+    // In few records: at most 2,000 counted apart an interval, and a record per method and
+    // outcome under `other addresses` (the flood may straddle one interval's end).
+    assert!(anonymous.len() <= 2 * 2002, "{} records", anonymous.len());
+    for e in &anonymous {
+        let peer = e["peer"].as_str().unwrap();
+        assert!(
+            peer == "other addresses" || sources.iter().any(|s| peer == s.to_string()),
+            "{e}"
+        );
+        assert_eq!(e["service"], "kms.v1.KeyManagement", "{e}");
+    }
+    assert!(
+        grown < 1024 * 1024,
+        "the strangers' refusals added {grown} bytes to the store"
+    );
+    // An authenticated caller's refusals: one record each, under its principal.
+    let app_refusals: Vec<_> = recs
+        .iter()
+        .map(|r| &r["event"])
+        .filter(|e| e["principal"] == app.principal.as_str())
+        .collect();
+    assert_eq!(app_refusals.len(), 5, "{app_refusals:?}");
+    assert!(
+        app_refusals
+            .iter()
+            .all(|e| e["outcome"] == "PERMISSION_DENIED" && e["batch"].is_null())
+    );
+    let out = server.kms_as(Some(&hsm.auditor), &["audit", "verify"], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+}
+
+/// IPv6 addresses put on `lo` for a test, taken off again when dropped.
+struct LoopbackAddresses(Vec<&'static str>);
+
+impl LoopbackAddresses {
+    fn add(addresses: &[&'static str]) -> Self {
+        for a in addresses {
+            let status = std::process::Command::new("ip")
+                .args(["-6", "addr", "replace", a, "dev", "lo", "nodad"])
+                .status()
+                .unwrap();
+            assert!(status.success(), "ip -6 addr replace {a} dev lo: {status}");
+        }
+        Self(addresses.to_vec())
+    }
+}
+
+impl Drop for LoopbackAddresses {
+    fn drop(&mut self) {
+        for a in &self.0 {
+            let _ = std::process::Command::new("ip")
+                .args(["-6", "addr", "del", a, "dev", "lo"])
+                .status();
+        }
+    }
+}
+
+/// The second outside review: the limit on refused calls counted every caller of a source
+/// (an IPv6 /64) together, so a stranger's refused calls at fd00:1:2:3::2 made an admin's
+/// calls at fd00:1:2:3::1 fail `RESOURCE_EXHAUSTED`, and the calls the limit refused were
+/// summed into a record under whichever principal called next. Now the limit counts a
+/// source's callers without a certificate apart from each certificate holder there: a
+/// holder is refused only for its own refusals, and the calls the limit refused it are
+/// counted under its own principal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_holder_is_not_limited_by_strangers_in_its_source() {
+    let _lo = LoopbackAddresses::add(&["fd00:1:2:3::1/64", "fd00:1:2:3::2/64"]);
+    let holder_ip: IpAddr = "fd00:1:2:3::1".parse().unwrap();
+    let stranger_ip: IpAddr = "fd00:1:2:3::2".parse().unwrap();
+    let hsm = TestHsm::new("kms-same-64");
+    let tables = hsm.tls_tables().replace(
+        "refused_calls_per_minute = 100000",
+        "refused_calls_per_minute = 20",
+    );
+    let config = hsm.config_full("kms.toml", &hsm.hsm_table(), &tables);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("listen = \"127.0.0.1:0\"", "listen = \"[::]:0\"");
+    std::fs::write(&config, text).unwrap();
+    let mut server = hsm.try_start(&config, &[]).unwrap();
+    server.addr = server.addr.replace("[::]", "127.0.0.1");
+    let shares = server.init(3, 2, "").shares();
+    server.unseal_with(&shares);
+    let port = server.addr.rsplit(':').next().unwrap().to_owned();
+    let uri = format!("https://[fd00:1:2:3::1]:{port}");
+    let admin = Some(&hsm.admin);
+    assert_eq!(
+        list_keys_once(&uri, &server.ca, admin, Some(holder_ip)).await,
+        "OK"
+    );
+
+    // A stranger in the same /64: 20 refusals, then refused by the limit.
+    let stranger = channel_from(&uri, &server.ca, None, Some(stranger_ip))
+        .await
+        .unwrap();
+    assert_eq!(
+        list_keys_codes(&stranger, 30).await,
+        codes(&[("ResourceExhausted", 10), ("Unauthenticated", 20)])
+    );
+    // The admin in that /64 is not limited by them.
+    assert_eq!(
+        list_keys_once(&uri, &server.ca, admin, Some(holder_ip)).await,
+        "OK",
+        "the stranger's refusals limited the admin"
+    );
+    // A holder without the role there is limited by its own refusals only, and the admin
+    // still is not.
+    let app = hsm.pki.client("app", &ClientSpec::spiffe("app"));
+    let as_app = channel_from(&uri, &server.ca, Some(&app), Some(holder_ip))
+        .await
+        .unwrap();
+    assert_eq!(
+        list_keys_codes(&as_app, 25).await,
+        codes(&[("PermissionDenied", 20), ("ResourceExhausted", 5)])
+    );
+    assert_eq!(
+        list_keys_once(&uri, &server.ca, admin, Some(holder_ip)).await,
+        "OK",
+        "another holder's refusals limited the admin"
+    );
+    // The stranger is still limited, whatever it calls.
+    let e = SystemClient::new(stranger)
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+
+    // Every call on record under its caller: the stranger's counted under its /64, the
+    // holder's refusals one by one, and the calls the limit refused it (the first one by one,
+    // the others counted) under its own principal, never another's.
+    assert!(server.terminate().success());
+    let mut server = hsm.try_start(&config, &[]).unwrap();
+    server.addr = server.addr.replace("[::]", "127.0.0.1");
+    let recs = records(&server, &hsm);
+    let source = Some("fd00:1:2:3::/64");
+    assert_eq!(
+        counted_calls(&recs, "anonymous", source, "ListKeys"),
+        [
+            ("RESOURCE_EXHAUSTED".to_owned(), 10),
+            ("UNAUTHENTICATED".to_owned(), 20)
+        ]
+        .into()
+    );
+    assert_eq!(
+        counted_calls(&recs, "anonymous", source, "Status"),
+        [("RESOURCE_EXHAUSTED".to_owned(), 1)].into()
+    );
+    let of = |principal: &str, operation: &str, outcome: &str| {
+        recs.iter()
+            .map(|r| &r["event"])
+            .filter(|e| {
+                e["principal"] == principal
+                    && e["operation"] == operation
+                    && e["outcome"] == outcome
+                    && e["batch"].is_null()
+            })
+            .count()
+    };
+    assert_eq!(of(&app.principal, "ListKeys", "PERMISSION_DENIED"), 20);
+    assert_eq!(of(&app.principal, "ListKeys", "RESOURCE_EXHAUSTED"), 1);
+    assert_eq!(
+        counted_calls(&recs, &app.principal, None, "RateLimited"),
+        [("RESOURCE_EXHAUSTED".to_owned(), 4)].into()
+    );
+    let admin_limited: Vec<_> = recs
+        .iter()
+        .map(|r| &r["event"])
+        .filter(|e| {
+            e["principal"] == hsm.admin.principal.as_str()
+                && (e["outcome"] == "RESOURCE_EXHAUSTED" || e["operation"] == "RateLimited")
+        })
+        .collect();
+    assert!(admin_limited.is_empty(), "{admin_limited:?}");
+    let out = server.kms_as(Some(&hsm.auditor), &["audit", "verify"], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+}
+
+/// Keeps `n` TCP connections from `from` to `target` open and silent (no TLS byte), each
+/// opened again as soon as the server closes it, until `stop`.
+fn hold_idle(
+    from: IpAddr,
+    target: SocketAddr,
+    n: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    for _ in 0..n {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.bind(SocketAddr::new(from, 0)).unwrap();
+                let Ok(mut s) = socket.connect(target).await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let mut buf = [0u8; 16];
+                let _ = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await;
+            }
+        });
+    }
+}
+
+/// The second outside review of `max_handshakes`: 16 sources holding 16 idle TCP
+/// connections each (no TLS byte at all), reopened as soon as they are closed, held all
+/// 256 handshake slots, and every new connection, an authenticated one too, was closed at
+/// accept (6 of 40 admin connections in 20 s got through). Now, when every slot is taken,
+/// the oldest handshake of the source holding the most gives way to a newcomer from a
+/// source holding fewer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_sources_cannot_hold_every_handshake_slot() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let hsm = TestHsm::new("kms-handshake-slots");
+    let (server, _shares) = start_unsealed(&hsm, &hsm.config());
+    let target = socket_addr(&server);
+    let admin = Some(&hsm.admin);
+    assert_eq!(
+        list_keys_once(&server.addr, &server.ca, admin, None).await,
+        "OK"
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    for from in strangers(16) {
+        hold_idle(from, target, 24, stop.clone());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut results = Vec::new();
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        results.push(list_keys_once(&server.addr, &server.ca, admin, None).await);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let ok = results.iter().filter(|r| *r == "OK").count();
+    eprintln!(
+        "an admin's new connections over 20 s of the flood: {ok} of {} served: {results:?}",
+        results.len(),
+    );
+    assert!(
+        ok + 1 >= results.len(),
+        "sixteen strangers locked an authenticated caller out: {ok} of {} served",
+        results.len()
+    );
 }

@@ -9,11 +9,15 @@
 //! cannot exceed the limit. Per address rather than global, so that one address's
 //! failures cannot lock the custodians out.
 //!
-//! [`RefusedLimiter`] counts refused calls (no certificate, no role or grant, malformed) per
-//! source address in fixed one-minute windows; past its limit an address's calls are
-//! refused before their body is read, and only counted (docs/audit.md). [`CallLimiter`]
-//! counts the calls of callers without a certificate (`Status`, `WhoAmI`, health) per
-//! source address in the same way.
+//! [`RefusedLimiter`] counts refused calls (no certificate, no role or grant, malformed) in
+//! fixed one-minute windows, per key: the gate keeps one for the callers without a
+//! certificate, per [`Source`], and one for certificate holders, per [`Holder`] (source and
+//! principal), so that a stranger's refusals never count against a certificate holder at
+//! its source (a NAT, an IPv6 /64), nor one holder's against another's. Past its limit a
+//! key's calls are refused before their body is read, and only counted (docs/audit.md).
+//! [`CallLimiter`] counts the calls of callers without a certificate (`Status`, `WhoAmI`,
+//! health) per source address in the same way; a certificate holder's calls never count
+//! there.
 //!
 //! Every per-address limit counts a [`Source`]: an IPv4 address, or the /64 an IPv6 address
 //! is in (one host or subscriber is usually given a whole /64, so counting single IPv6
@@ -86,18 +90,21 @@ const MAX_ADDRESSES: usize = 10_000;
 /// Makes room for `addr` in a per-address map that is full: drops the entries whose time
 /// has passed and, if it is still full (many addresses at once), the entry whose `last`
 /// use is oldest. The map never holds more than [`MAX_ADDRESSES`] addresses.
-fn make_room<K: Copy + Eq + Hash, V>(
+fn make_room<K: Clone + Eq + Hash, V>(
     map: &mut HashMap<K, V>,
-    addr: K,
+    addr: &K,
     live: impl Fn(&V) -> bool,
     last: impl Fn(&V) -> Option<Instant>,
 ) {
-    if map.len() < MAX_ADDRESSES || map.contains_key(&addr) {
+    if map.len() < MAX_ADDRESSES || map.contains_key(addr) {
         return;
     }
     map.retain(|_, v| live(v));
     if map.len() >= MAX_ADDRESSES
-        && let Some(oldest) = map.iter().min_by_key(|(_, v)| last(v)).map(|(a, _)| *a)
+        && let Some(oldest) = map
+            .iter()
+            .min_by_key(|(_, v)| last(v))
+            .map(|(a, _)| a.clone())
     {
         map.remove(&oldest);
     }
@@ -121,7 +128,7 @@ impl FailureLimiter {
         let window = self.limit.window;
         make_room(
             &mut map,
-            addr,
+            &addr,
             |h| h.back().is_some_and(|t| now.duration_since(*t) < window),
             |h| h.back().copied(),
         );
@@ -368,7 +375,7 @@ impl CallLimiter {
         let window = self.window;
         make_room(
             &mut map,
-            source,
+            &source,
             |(start, _)| now.duration_since(*start) < window,
             |(start, _)| Some(*start),
         );
@@ -425,12 +432,22 @@ impl Throttle {
     }
 }
 
-/// Refused calls per source address, in fixed one-minute windows.
+/// A certificate holder at a source: what the limit on refused calls counts for a caller
+/// with a certificate (or on the plaintext loopback listener).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Holder {
+    /// Where it calls from.
+    pub source: Source,
+    /// Its principal, from its certificate.
+    pub principal: String,
+}
+
+/// Refused calls per key (a [`Source`] or a [`Holder`]), in fixed one-minute windows.
 #[derive(Debug)]
-pub(crate) struct RefusedLimiter {
+pub(crate) struct RefusedLimiter<K> {
     per_window: u32,
     window: Duration,
-    state: Mutex<HashMap<Source, Window>>,
+    state: Mutex<HashMap<K, Window>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -439,16 +456,24 @@ struct Window {
     refused: u32,
     /// Calls refused by the limit itself in this window.
     limited: u64,
+    /// Calls refused by the limit past each window's first, since the last
+    /// [`RefusedLimiter::take_limited`].
+    untaken: u64,
+}
+
+impl Window {
+    fn live(&self, now: Instant, window: Duration) -> bool {
+        now.duration_since(self.start) < window
+    }
 }
 
 /// What [`RefusedLimiter::check`] says of a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
-    /// Go on. `Some(n)`: the address's previous window ended with `n` calls refused by the
-    /// limit that were only counted (record that count now).
-    Allowed(Option<u64>),
+    /// Go on.
+    Allowed,
     /// Refused by the limit for `wait`; `first` if it is the first such call in this window
-    /// (record it), else only counted.
+    /// (the others are counted until [`RefusedLimiter::take_limited`]).
     Limited {
         /// How long until the window ends.
         wait: Duration,
@@ -457,7 +482,7 @@ pub(crate) enum Verdict {
     },
 }
 
-impl RefusedLimiter {
+impl<K: Clone + Eq + Hash> RefusedLimiter<K> {
     /// A limiter of `per_window` refusals per `window`.
     pub(crate) fn new(per_window: u32, window: Duration) -> Self {
         Self {
@@ -467,45 +492,67 @@ impl RefusedLimiter {
         }
     }
 
-    /// Whether a call from `addr` may go on.
-    pub(crate) fn check(&self, addr: IpAddr, now: Instant) -> Verdict {
-        let addr = Source::of(addr);
+    /// Whether a call of `key` may go on.
+    pub(crate) fn check(&self, key: &K, now: Instant) -> Verdict {
         let mut map = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(w) = map.get_mut(&addr) else {
-            return Verdict::Allowed(None);
+        let Some(w) = map.get_mut(key) else {
+            return Verdict::Allowed;
         };
-        if now.duration_since(w.start) >= self.window {
-            let counted = w.limited;
-            map.remove(&addr);
-            return Verdict::Allowed(Some(counted).filter(|n| *n > 1).map(|n| n - 1));
-        }
-        if w.refused < self.per_window {
-            return Verdict::Allowed(None);
+        if !w.live(now, self.window) || w.refused < self.per_window {
+            return Verdict::Allowed;
         }
         w.limited += 1;
+        let first = w.limited == 1;
+        if !first {
+            w.untaken = w.untaken.saturating_add(1);
+        }
         Verdict::Limited {
             wait: self.window.saturating_sub(now.duration_since(w.start)),
-            first: w.limited == 1,
+            first,
         }
     }
 
-    /// Counts a refused call from `addr`.
-    pub(crate) fn refused(&self, addr: IpAddr, now: Instant) {
-        let addr = Source::of(addr);
+    /// Counts a refused call of `key`.
+    pub(crate) fn refused(&self, key: &K, now: Instant) {
         let mut map = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let window = self.window;
         make_room(
             &mut map,
-            addr,
-            |w| now.duration_since(w.start) < window,
+            key,
+            |w| w.live(now, window) || w.untaken > 0,
             |w| Some(w.start),
         );
-        let w = map.entry(addr).or_insert(Window {
+        let w = map.entry(key.clone()).or_insert(Window {
             start: now,
             refused: 0,
             limited: 0,
+            untaken: 0,
         });
+        if !w.live(now, window) {
+            // A new window; what the limit refused in the last one is kept until taken.
+            *w = Window {
+                start: now,
+                refused: 0,
+                limited: 0,
+                untaken: w.untaken,
+            };
+        }
         w.refused = w.refused.saturating_add(1);
+    }
+
+    /// The calls the limit refused past each window's first since the last call, per key
+    /// (none: not listed); forgets the windows that ended.
+    pub(crate) fn take_limited(&self, now: Instant) -> Vec<(K, u64)> {
+        let mut map = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut taken = Vec::new();
+        for (key, w) in map.iter_mut() {
+            if w.untaken > 0 {
+                taken.push((key.clone(), std::mem::take(&mut w.untaken)));
+            }
+        }
+        let window = self.window;
+        map.retain(|_, w| w.live(now, window));
+        taken
     }
 }
 
@@ -569,7 +616,7 @@ mod tests {
         for i in 0..(MAX_ADDRESSES as u32 + 50) {
             let addr = addr_of(i);
             let _ticket = failures.begin(addr, t0 + Duration::from_millis(u64::from(i)));
-            refused.refused(addr, t0 + Duration::from_millis(u64::from(i)));
+            refused.refused(&Source::of(addr), t0 + Duration::from_millis(u64::from(i)));
         }
         assert_eq!(failures.failures.lock().unwrap().len(), MAX_ADDRESSES);
         assert_eq!(refused.state.lock().unwrap().len(), MAX_ADDRESSES);
@@ -592,18 +639,18 @@ mod tests {
     }
 
     #[test]
-    fn refused_calls_are_limited_per_address_in_windows() {
+    fn refused_calls_are_limited_per_key_in_windows_and_counted_until_taken() {
         let l = RefusedLimiter::new(3, Duration::from_secs(60));
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let a = Source::of("10.0.0.1".parse().unwrap());
+        let b = Source::of("10.0.0.2".parse().unwrap());
         let t0 = Instant::now();
         for _ in 0..3 {
-            assert_eq!(l.check(a, t0), Verdict::Allowed(None));
-            l.refused(a, t0);
+            assert_eq!(l.check(&a, t0), Verdict::Allowed);
+            l.refused(&a, t0);
         }
         let at = t0 + Duration::from_secs(20);
         assert_eq!(
-            l.check(a, at),
+            l.check(&a, at),
             Verdict::Limited {
                 wait: Duration::from_secs(40),
                 first: true
@@ -611,20 +658,53 @@ mod tests {
         );
         for _ in 0..4 {
             assert!(matches!(
-                l.check(a, at),
+                l.check(&a, at),
                 Verdict::Limited { first: false, .. }
             ));
         }
-        assert_eq!(l.check(b, at), Verdict::Allowed(None));
-        // The next window starts afresh and reports the 4 calls that were only counted.
-        assert_eq!(
-            l.check(a, t0 + Duration::from_secs(60)),
-            Verdict::Allowed(Some(4))
-        );
-        assert_eq!(
-            l.check(a, t0 + Duration::from_secs(61)),
-            Verdict::Allowed(None)
-        );
+        assert_eq!(l.check(&b, at), Verdict::Allowed);
+        // The calls past the window's first are counted until taken, once.
+        assert_eq!(l.take_limited(at), vec![(a, 4)]);
+        assert_eq!(l.take_limited(at), vec![]);
+        l.check(&a, at);
+        // The next window starts afresh; what the last one refused is kept until taken,
+        // and a window that ended is forgotten once taken.
+        let next = t0 + Duration::from_secs(60);
+        assert_eq!(l.check(&a, next), Verdict::Allowed);
+        l.refused(&a, next);
+        assert_eq!(l.check(&a, next), Verdict::Allowed);
+        assert_eq!(l.take_limited(next), vec![(a, 1)]);
+        assert_eq!(l.state.lock().unwrap().len(), 1);
+        assert!(l.take_limited(next + Duration::from_secs(60)).is_empty());
+        assert!(l.state.lock().unwrap().is_empty());
+    }
+
+    /// Issue 24's second review: a stranger's refusals at a source made a certificate
+    /// holder's calls there fail. The gate keeps the callers without a certificate (per
+    /// source) and the holders (per source and principal) in two limiters; within the
+    /// holders', each principal has its own window.
+    #[test]
+    fn each_holder_at_a_source_is_limited_by_its_own_refusals_only() {
+        let l = RefusedLimiter::new(2, Duration::from_secs(60));
+        let source = Source::of("2001:db8:1:2::1".parse().unwrap());
+        let holder = |p: &str| Holder {
+            source,
+            principal: p.to_owned(),
+        };
+        let (app, admin) = (holder("spiffe://corp/app"), holder("spiffe://corp/admin"));
+        let t0 = Instant::now();
+        l.refused(&app, t0);
+        l.refused(&app, t0);
+        assert!(matches!(
+            l.check(&app, t0),
+            Verdict::Limited { first: true, .. }
+        ));
+        assert!(matches!(
+            l.check(&app, t0),
+            Verdict::Limited { first: false, .. }
+        ));
+        assert_eq!(l.check(&admin, t0), Verdict::Allowed);
+        assert_eq!(l.take_limited(t0), vec![(app, 1)]);
     }
 
     #[test]
@@ -646,10 +726,13 @@ mod tests {
         // One /64's addresses share one limit.
         let l = RefusedLimiter::new(2, Duration::from_secs(60));
         let t0 = Instant::now();
-        l.refused(a, t0);
-        l.refused(b, t0);
-        assert!(matches!(l.check(a, t0), Verdict::Limited { .. }));
-        assert_eq!(l.check(c, t0), Verdict::Allowed(None));
+        l.refused(&Source::of(a), t0);
+        l.refused(&Source::of(b), t0);
+        assert!(matches!(
+            l.check(&Source::of(a), t0),
+            Verdict::Limited { .. }
+        ));
+        assert_eq!(l.check(&Source::of(c), t0), Verdict::Allowed);
     }
 
     #[test]

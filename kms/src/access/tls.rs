@@ -24,7 +24,7 @@
 //! `kms_limit_reached_total`, and said in the log at most once per limit every
 //! [`LIMIT_LOG_EVERY`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -39,6 +39,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
 use tokio_rustls::rustls;
 use tokio_rustls::server::TlsStream;
 
@@ -584,49 +585,131 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// Handshakes in progress, in all and per address. A connection over either limit is
+/// Handshakes in progress, in all and per source. A connection over the per-source limit is
 /// closed at once rather than queued: a peer holding idle connections can occupy only its
-/// own share, and only for the handshake timeout.
+/// own share, and only for the handshake timeout. When every slot is taken, a newcomer
+/// whose source would still hold fewer than the source holding the most takes the oldest
+/// slot of that source, whose handshake is closed; otherwise it is closed at once. So a
+/// few sources cannot hold every slot: to keep a newcomer out, every slot must be held by
+/// a source holding no more than the newcomer's would, which takes `max_handshakes`
+/// sources (IPv6 /64s) between them, not `max_handshakes / max_handshakes_per_address`.
+/// (The oldest: an honest handshake takes milliseconds, so the oldest of a source holding
+/// many is the likeliest to be idle.)
 #[derive(Debug)]
 struct Handshakes {
     limits: Limits,
-    state: Mutex<(usize, HashMap<Source, usize>)>,
+    state: Mutex<HandshakeState>,
 }
 
-/// One handshake in progress; counted until dropped.
+#[derive(Debug, Default)]
+struct HandshakeState {
+    total: usize,
+    /// The next slot's id.
+    next: u64,
+    /// Each source's handshakes in progress, oldest first: the slot's id, and the sender
+    /// whose drop closes its handshake.
+    per: HashMap<Source, VecDeque<(u64, oneshot::Sender<()>)>>,
+    /// (slots held, source) for every source in `per`: the source holding the most is last.
+    by_count: BTreeSet<(usize, Source)>,
+}
+
+impl HandshakeState {
+    /// Sets `source`'s entry in `by_count` from `old` slots to `new`.
+    fn recount(&mut self, source: Source, old: usize, new: usize) {
+        self.by_count.remove(&(old, source));
+        if new > 0 {
+            self.by_count.insert((new, source));
+        }
+    }
+
+    /// Closes the oldest handshake of `source`.
+    fn evict(&mut self, source: Source) {
+        let Some(queue) = self.per.get_mut(&source) else {
+            return;
+        };
+        let held = queue.len();
+        // Dropping the sender closes the handshake (its task is waiting on the receiver).
+        drop(queue.pop_front());
+        if queue.is_empty() {
+            self.per.remove(&source);
+        }
+        self.total = self.total.saturating_sub(1);
+        self.recount(source, held, held.saturating_sub(1));
+    }
+}
+
+/// One handshake in progress; counted until dropped (or closed to make room).
 #[derive(Debug)]
 struct HandshakeSlot {
     owner: Arc<Handshakes>,
     source: Source,
+    id: u64,
 }
 
 impl Handshakes {
-    fn begin(self: &Arc<Self>, ip: IpAddr) -> Result<HandshakeSlot, LimitKind> {
+    fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            state: Mutex::new(HandshakeState::default()),
+        }
+    }
+
+    /// A slot for a handshake from `ip`, and the receiver that resolves if the slot is taken
+    /// back to make room for a newcomer; or the limit that closes the connection.
+    fn begin(
+        self: &Arc<Self>,
+        ip: IpAddr,
+    ) -> Result<(HandshakeSlot, oneshot::Receiver<()>), LimitKind> {
         let source = Source::of(ip);
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let (total, per) = &mut *state;
-        let mine = per.get(&source).copied().unwrap_or(0);
-        if *total >= self.limits.max_handshakes {
-            return Err(LimitKind::Handshakes);
-        }
+        let mine = state.per.get(&source).map_or(0, VecDeque::len);
         if mine >= self.limits.max_handshakes_per_address {
             return Err(LimitKind::HandshakesPerAddress);
         }
-        *total += 1;
-        per.insert(source, mine + 1);
-        Ok(HandshakeSlot {
-            owner: Arc::clone(self),
-            source,
-        })
+        if state.total >= self.limits.max_handshakes {
+            match state.by_count.last().copied() {
+                Some((most, holder)) if most > mine + 1 => {
+                    state.evict(holder);
+                    // Counted as a connection the limit closed.
+                    crate::metrics::metrics().limit_reached(LimitKind::Handshakes);
+                }
+                _ => return Err(LimitKind::Handshakes),
+            }
+        }
+        let id = state.next;
+        state.next += 1;
+        let (close, closed) = oneshot::channel();
+        state.per.entry(source).or_default().push_back((id, close));
+        state.total += 1;
+        state.recount(source, mine, mine + 1);
+        Ok((
+            HandshakeSlot {
+                owner: Arc::clone(self),
+                source,
+                id,
+            },
+            closed,
+        ))
     }
 }
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
         let mut state = self.owner.state.lock().unwrap_or_else(|p| p.into_inner());
-        let (total, per) = &mut *state;
-        *total = total.saturating_sub(1);
-        release(per, self.source);
+        let Some(queue) = state.per.get_mut(&self.source) else {
+            return;
+        };
+        let held = queue.len();
+        // Not found: it was closed to make room, and is no longer counted.
+        let Some(i) = queue.iter().position(|(id, _)| *id == self.id) else {
+            return;
+        };
+        queue.remove(i);
+        if queue.is_empty() {
+            state.per.remove(&self.source);
+        }
+        state.total = state.total.saturating_sub(1);
+        state.recount(self.source, held, held.saturating_sub(1));
     }
 }
 
@@ -816,10 +899,7 @@ pub(crate) fn incoming(
     caps: ConnectionCaps,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let handshakes = Arc::new(Handshakes {
-        limits,
-        state: Mutex::new((0, HashMap::new())),
-    });
+    let handshakes = Arc::new(Handshakes::new(limits));
     let connections = Arc::new(Connections::new(caps));
     tokio::spawn(async move {
         loop {
@@ -862,7 +942,7 @@ pub(crate) fn incoming(
                 }
                 continue;
             };
-            let handshake_slot = match handshakes.begin(addr.ip()) {
+            let (handshake_slot, taken_back) = match handshakes.begin(addr.ip()) {
                 Ok(h) => h,
                 Err(limit) => {
                     // The limits say why, not the log, which a flood would fill.
@@ -875,7 +955,14 @@ pub(crate) fn incoming(
             let timeout = limits.handshake_timeout;
             let connections = Arc::clone(&connections);
             tokio::spawn(async move {
-                let Some((stream, identity)) = handshake(acceptor, tcp, addr, timeout).await else {
+                let shaken = tokio::select! {
+                    shaken = handshake(acceptor, tcp, addr, timeout) => shaken,
+                    _ = taken_back => {
+                        tracing::debug!(peer = %addr, "handshake closed to make room for another source's");
+                        return;
+                    }
+                };
+                let Some((stream, identity)) = shaken else {
                     return;
                 };
                 drop(handshake_slot);
@@ -900,4 +987,60 @@ pub(crate) fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([192, 0, 2, last])
+    }
+
+    /// The second review of issue 24: 16 sources holding 16 idle connections each held all
+    /// 256 slots. Now, with every slot taken, a newcomer from a source holding fewer takes
+    /// the oldest slot of the source holding the most; sources that hold as many as any
+    /// other are refused, and no source passes its own limit.
+    #[test]
+    fn a_full_table_makes_room_for_a_source_holding_fewer() {
+        let handshakes = Arc::new(Handshakes::new(Limits {
+            max_handshakes: 4,
+            max_handshakes_per_address: 3,
+            ..Limits::default()
+        }));
+        let (a, b, c, d) = (ip(1), ip(2), ip(3), ip(4));
+        let mut a_slots: Vec<_> = (0..3).map(|_| handshakes.begin(a).unwrap()).collect();
+        assert_eq!(
+            handshakes.begin(a).unwrap_err(),
+            LimitKind::HandshakesPerAddress
+        );
+        let b_slot = handshakes.begin(b).unwrap();
+        // Full. C holds none: it takes A's oldest, whose handshake is told to close.
+        let c_slot = handshakes.begin(c).unwrap();
+        assert!(a_slots[0].1.try_recv().is_err());
+        assert!(
+            a_slots[1]
+                .1
+                .try_recv()
+                .is_err_and(|e| e == oneshot::error::TryRecvError::Empty)
+        );
+        // A would hold as many as it does now, B and C as many as A: refused.
+        assert_eq!(handshakes.begin(a).unwrap_err(), LimitKind::Handshakes);
+        assert_eq!(handshakes.begin(b).unwrap_err(), LimitKind::Handshakes);
+        assert_eq!(handshakes.begin(c).unwrap_err(), LimitKind::Handshakes);
+        // D holds none: A's next oldest goes.
+        let d_slot = handshakes.begin(d).unwrap();
+        assert!(a_slots[1].1.try_recv().is_err());
+        // Each source holds one: nobody makes room for a fifth.
+        assert_eq!(handshakes.begin(ip(5)).unwrap_err(), LimitKind::Handshakes);
+        // A slot closed to make room is not given back twice.
+        drop(a_slots.remove(0));
+        drop(a_slots.remove(0));
+        assert_eq!(handshakes.state.lock().unwrap().total, 4);
+        drop((a_slots, b_slot, c_slot, d_slot));
+        let state = handshakes.state.lock().unwrap();
+        assert_eq!(state.total, 0);
+        assert!(state.per.is_empty() && state.by_count.is_empty());
+    }
 }

@@ -410,6 +410,12 @@ impl UsageBuilder {
                 .add(1, t);
         }
         if REFUSALS.contains(&e.outcome.as_str()) {
+            // A record of calls counted together (callers without a certificate; no key)
+            // stands for its batch's calls.
+            let calls = match (&e.key, &e.batch) {
+                (None, Some(b)) => b.items,
+                _ => 1,
+            };
             self.refused
                 .entry((
                     e.principal.clone(),
@@ -418,7 +424,7 @@ impl UsageBuilder {
                     e.outcome.clone(),
                 ))
                 .or_default()
-                .add(1, t);
+                .add(calls, t);
             if let Some(key) = &e.key {
                 self.events.push((t, key.clone(), 0, 1));
             }
@@ -770,11 +776,17 @@ mod tests {
             "PERMISSION_DENIED",
             "mallory",
         ));
+        // Seven calls without a certificate, counted in one record (the gate's).
         b.add(&AuditEvent {
             operation: "ListGrants".into(),
             outcome: "UNAUTHENTICATED".into(),
             principal: "anonymous".into(),
             time_ms: 3800,
+            batch: Some(BatchSummary {
+                items: 7,
+                outcomes: [("UNAUTHENTICATED".to_owned(), 7)].into(),
+                versions: Default::default(),
+            }),
             ..AuditEvent::default()
         });
         b.add(&AuditEvent {
@@ -852,7 +864,7 @@ mod tests {
                 ))
                 .collect::<Vec<_>>(),
             vec![
-                ("anonymous", "ListGrants", None, 1),
+                ("anonymous", "ListGrants", None, 7),
                 ("mallory", "Decrypt", Some("a"), 1)
             ]
         );

@@ -1,15 +1,27 @@
 //! The gate in front of every call: a tower layer over the HTTP/2 request, before tonic
 //! reads or decodes its body.
 //!
-//! - A caller without a client certificate calling anything but `Status` or `WhoAmI` is
-//!   refused `UNAUTHENTICATED` here, unread: a stranger cannot make the server decode (or
+//! - A caller without a client certificate calling anything but `Status`, `WhoAmI` or health
+//!   is refused `UNAUTHENTICATED` here, unread: a stranger cannot make the server decode (or
 //!   log, or record) a large request. Its other requests are limited to
 //!   `[limits] anonymous_max_request_bytes`.
-//! - Refused calls are counted per source address ([`RefusedLimiter`]); past
-//!   `refused_calls_per_minute` an address's calls are refused `RESOURCE_EXHAUSTED`, unread.
-//!   The first such call of each minute is recorded; the others are only counted, and the
-//!   count is recorded as one record (`kms.Gate/RateLimited`, with the count in its `batch`)
-//!   when the address calls again after the minute (docs/audit.md).
+//! - **Every call of a caller without a certificate**, served or refused, is counted, never
+//!   recorded one by one (a stranger could otherwise fill the disk with them): per source
+//!   ([`Source`]: IPv6 by /64), method and outcome, and each count is recorded a minute (and
+//!   at shutdown) as one record of that method and outcome, principal `anonymous`, the
+//!   source as its peer, the count in its `batch` ([`Tally`]). A minute's records are
+//!   bounded: past [`MAX_COUNTED_SOURCES`] sources or [`MAX_COUNTED_ROWS`] counts, the calls
+//!   are counted under the peer [`OTHER_SOURCES`], and a method the API does not define is
+//!   counted as [`UNKNOWN_METHOD`]. The handler of a counted call knows it ([`Counted`]) and
+//!   writes no record. Health probes are counted with everyone's (below).
+//! - Refused calls are counted ([`RefusedLimiter`]) per source for callers without a
+//!   certificate, and per source and principal ([`Holder`]) for certificate holders, so that
+//!   neither counts against the other; past `refused_calls_per_minute` a key's calls are
+//!   refused `RESOURCE_EXHAUSTED`, unread. A caller without a certificate has those counted
+//!   as above. A certificate holder's first such call of each window is recorded; the others
+//!   are counted, and each holder's count is recorded as one record under its principal
+//!   (`kms.Gate/RateLimited`, the count in its `batch`) a minute (and at shutdown)
+//!   (docs/audit.md). A certificate holder's own refusals are recorded one by one.
 //! - Calls that no handler recorded (tonic refused them: oversized, malformed, unknown
 //!   method; or the handler panicked) are recorded here, with the status tonic gave. The
 //!   answer waits for the record; if it cannot be written the answer is
@@ -19,18 +31,12 @@
 //!   certificate (load balancers have none) and its probes are not recorded one by one:
 //!   they are counted, and the count is recorded as one `kms.Gate/HealthChecks` record a
 //!   minute (and at shutdown) with the count per outcome in its `batch`.
-//! - `Status` and `WhoAmI` from callers without a certificate are not recorded one by one
-//!   either (a stranger could otherwise fill the disk with them): they are counted per
-//!   method and source address ([`Source`]: IPv6 by /64), and each count is recorded a
-//!   minute (and at shutdown) as one record of that method, principal `anonymous`, the
-//!   source as its peer, the count per outcome in its `batch`. Their handler knows it
-//!   ([`Counted`]) and writes no record. A certificate's `Status` and `WhoAmI` are recorded
-//!   one by one as every other call.
-//! - Every call from a caller without a certificate (`Status`, `WhoAmI`, health) counts
-//!   against its source's `anonymous_calls_per_minute`; past it the calls are refused
-//!   `RESOURCE_EXHAUSTED`, unread, a second later, and counted with the others. Such a call
-//!   must be answered within `anonymous_idle_timeout`, and while it is in flight its
-//!   connection is not idle (`tls::Activity`).
+//! - Every call from a caller without a certificate that is not refused for want of one
+//!   (`Status`, `WhoAmI`, health) counts against its source's `anonymous_calls_per_minute`;
+//!   past it the calls are refused `RESOURCE_EXHAUSTED`, unread, a second later, so a client
+//!   cannot make the server refuse as fast as it sends. Such a call must be answered within
+//!   `anonymous_idle_timeout`, and while it is in flight its connection is not idle
+//!   (`tls::Activity`).
 //! - The standard services without a handler of ours (health, reflection) have their rule
 //!   (`access::need`) checked here: reflection needs the admin role.
 //! - Every call is counted and timed for the metrics (`kms_requests_total`,
@@ -56,7 +62,7 @@ use tonic::{Code, Status};
 
 use super::{AUDIT_UNAVAILABLE, code_name};
 use crate::access::limiter::{
-    CallLimiter, LimitKind, Limits, RefusedLimiter, Source, Throttle, Verdict,
+    CallLimiter, Holder, LimitKind, Limits, RefusedLimiter, Source, Throttle, Verdict,
 };
 use crate::access::tls::{CallInFlight, LIMIT_LOG_EVERY, PeerInfo};
 use crate::access::{Denied, Roles};
@@ -83,14 +89,22 @@ const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
 /// The service name of the gate's own summary records.
 const GATE: &str = "kms.Gate";
 
-/// The calls without a certificate that are counted rather than recorded one by one
-/// (service, method).
-const COUNTED: [(&str, &str); 2] = [("kms.v1.System", "Status"), ("kms.v1.Access", "WhoAmI")];
-
 /// Sources counted apart in one interval; the calls of any more are counted together, under
 /// the peer [`OTHER_SOURCES`] (so an interval's records are bounded whatever the number of
 /// addresses calling).
 const MAX_COUNTED_SOURCES: usize = 1000;
+
+/// Counts (source, method, outcome) kept apart in one interval; past it, a source's calls of
+/// a method and outcome it had no count of yet are counted under [`OTHER_SOURCES`] (so that
+/// 1,000 sources calling every method cannot make an interval's records many more).
+const MAX_COUNTED_ROWS: usize = 2 * MAX_COUNTED_SOURCES;
+
+/// The method of a counted call to a method the server does not answer (its path is
+/// caller text; counted apart, its variants would be unbounded).
+const UNKNOWN_METHOD: &str = "<unknown method>";
+
+/// The service of a counted call to a service the server does not answer.
+const UNKNOWN_SERVICE: &str = "<unknown service>";
 
 /// How long a call over `anonymous_calls_per_minute` waits for its refusal: a source can
 /// then make the server refuse at most its open streams' worth of calls a second
@@ -100,8 +114,8 @@ const ANONYMOUS_LIMITED_DELAY: Duration = Duration::from_secs(1);
 /// The peer of the count of the sources past [`MAX_COUNTED_SOURCES`].
 const OTHER_SOURCES: &str = "other addresses";
 
-/// Put on a request by the gate when the call is counted (see the module docs): its handler
-/// writes no record of it.
+/// Put on a request by the gate when the call is counted (a caller without a certificate;
+/// see the module docs): its handler writes no record of it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Counted;
 
@@ -126,38 +140,102 @@ impl Recorded {
 pub(crate) struct GateState {
     audit: AuditLog,
     roles: Arc<Roles>,
-    refused: RefusedLimiter,
+    /// Refused calls of callers without a certificate, per source.
+    refused_anonymous: RefusedLimiter<Source>,
+    /// Refused calls of certificate holders, per source and principal.
+    refused_holders: RefusedLimiter<Holder>,
     anonymous_calls: CallLimiter,
     anonymous_max_bytes: usize,
     anonymous_timeout: Duration,
     /// Health probes since the last summary record, by outcome.
     probes: Mutex<BTreeMap<String, u64>>,
-    /// Counted calls without a certificate since the last summary records.
+    /// Calls without a certificate since the last summary records.
     counted: Mutex<Tally>,
     log: Throttle,
 }
 
-/// Calls counted per source (`None`: past [`MAX_COUNTED_SOURCES`]) and method (an index in
-/// [`COUNTED`]), by outcome.
+/// What a count of calls without a certificate is kept under: the source (`None`: past
+/// [`MAX_COUNTED_SOURCES`] or [`MAX_COUNTED_ROWS`]), the service and method (the server's
+/// own names, or [`UNKNOWN_SERVICE`], [`UNKNOWN_METHOD`]) and the outcome (a gRPC code name).
+type Row = (Option<Source>, &'static str, &'static str, &'static str);
+
+/// Calls without a certificate counted per source, method and outcome.
 #[derive(Debug, Default)]
 struct Tally {
-    calls: BTreeMap<(Option<Source>, usize), BTreeMap<&'static str, u64>>,
+    calls: BTreeMap<Row, u64>,
     sources: HashSet<Source>,
+    /// Rows with a source.
+    apart: usize,
 }
 
 impl Tally {
-    /// Counts a call of `COUNTED[method]` from `source` that got `outcome`: under its source
-    /// if it is one of the interval's first [`MAX_COUNTED_SOURCES`], else with the others.
-    fn add(&mut self, source: Source, method: usize, outcome: &'static str) {
-        let apart = self.sources.contains(&source)
-            || (self.sources.len() < MAX_COUNTED_SOURCES && self.sources.insert(source));
-        *self
-            .calls
-            .entry((apart.then_some(source), method))
-            .or_default()
-            .entry(outcome)
-            .or_default() += 1;
+    /// Counts a call of `rpc` from `source` that got `outcome`: under its source if it is one
+    /// of the interval's first [`MAX_COUNTED_SOURCES`] and its row one of the first
+    /// [`MAX_COUNTED_ROWS`], else with the others.
+    fn add(&mut self, source: Source, rpc: Rpc, outcome: &'static str) {
+        let row = (Some(source), rpc.service, rpc.method, outcome);
+        let known = self.calls.contains_key(&row);
+        let apart = known
+            || (self.apart < MAX_COUNTED_ROWS
+                && (self.sources.contains(&source)
+                    || (self.sources.len() < MAX_COUNTED_SOURCES && self.sources.insert(source))));
+        let row = if apart {
+            if !known {
+                self.apart += 1;
+            }
+            row
+        } else {
+            (None, rpc.service, rpc.method, outcome)
+        };
+        *self.calls.entry(row).or_default() += 1;
     }
+}
+
+/// A method as counts name it: the server's own names for a method it answers, else a
+/// placeholder (a fixed set, so counts are bounded whatever paths callers send).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Rpc {
+    service: &'static str,
+    method: &'static str,
+}
+
+impl Rpc {
+    fn of(service: &str, method: &str) -> Self {
+        match crate::metrics::known_rpc(service, method) {
+            Some((service, method)) => Self { service, method },
+            None => Self {
+                service: SERVICES
+                    .iter()
+                    .find(|s| **s == service)
+                    .copied()
+                    .unwrap_or(UNKNOWN_SERVICE),
+                method: UNKNOWN_METHOD,
+            },
+        }
+    }
+}
+
+/// A caller without a client certificate: every call counted under its source and method
+/// (health probes with everyone's), never recorded one by one.
+#[derive(Debug, Clone, Copy)]
+struct Stranger {
+    /// Where it calls from.
+    source: Source,
+    /// Its address.
+    ip: IpAddr,
+    /// The method it calls.
+    rpc: Rpc,
+}
+
+/// Who is calling, as the gate limits and records it.
+#[derive(Debug, Clone)]
+enum Caller {
+    /// Without a client certificate.
+    Anonymous(Stranger),
+    /// With a certificate (or `loopback` on the plaintext listener): recorded one by one.
+    Holder(Holder),
+    /// No connect info (never, from our listener).
+    Unknown,
 }
 
 impl GateState {
@@ -167,7 +245,8 @@ impl GateState {
         Self {
             audit,
             roles,
-            refused: RefusedLimiter::new(limits.refused_calls_per_minute, minute),
+            refused_anonymous: RefusedLimiter::new(limits.refused_calls_per_minute, minute),
+            refused_holders: RefusedLimiter::new(limits.refused_calls_per_minute, minute),
             anonymous_calls: CallLimiter::new(limits.anonymous_calls_per_minute, minute),
             anonymous_max_bytes: limits.anonymous_max_request_bytes,
             anonymous_timeout: limits.anonymous_idle_timeout,
@@ -182,21 +261,51 @@ impl GateState {
         *probes.entry(outcome.to_owned()).or_default() += 1;
     }
 
-    /// Counts a call of `COUNTED[method]` from `ip` that got `outcome`.
-    fn count(&self, ip: IpAddr, method: usize, outcome: &'static str) {
+    /// Counts a call of a caller without a certificate that got `outcome` (a probe with the
+    /// probes).
+    fn count(&self, source: Source, rpc: Rpc, outcome: &'static str) {
+        if rpc.service == HEALTH {
+            self.count_probe(outcome);
+            return;
+        }
         self.counted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .add(Source::of(ip), method, outcome);
+            .add(source, rpc, outcome);
+    }
+
+    /// Whether a call of `caller` may go on past the limit on refused calls.
+    fn refused_check(&self, caller: &Caller, now: Instant) -> Verdict {
+        match caller {
+            Caller::Anonymous(s) => self.refused_anonymous.check(&s.source, now),
+            Caller::Holder(holder) => self.refused_holders.check(holder, now),
+            Caller::Unknown => Verdict::Allowed,
+        }
+    }
+
+    /// Counts a refused call of `caller`.
+    fn refused(&self, caller: &Caller) {
+        let now = Instant::now();
+        match caller {
+            Caller::Anonymous(s) => self.refused_anonymous.refused(&s.source, now),
+            Caller::Holder(holder) => self.refused_holders.refused(holder, now),
+            Caller::Unknown => {}
+        }
     }
 
     /// Records what was counted since the last call: the health probes as one record
-    /// (`kms.Gate/HealthChecks`, the count per outcome in its `batch`), and the calls
-    /// without a certificate as one record per method and source (see the module docs);
-    /// nothing when there were none. The server calls it every minute and at shutdown.
+    /// (`kms.Gate/HealthChecks`, the count per outcome in its `batch`), the calls without a
+    /// certificate as one record per source, method and outcome, and the calls the limit on
+    /// refused calls refused each certificate holder (past its window's first) as one
+    /// `kms.Gate/RateLimited` record under its principal (see the module docs); nothing when
+    /// there were none. The server calls it every minute and at shutdown.
     pub(crate) async fn record_counts(&self) {
+        let now = Instant::now();
         let outcomes = std::mem::take(&mut *self.probes.lock().unwrap_or_else(|p| p.into_inner()));
         let tally = std::mem::take(&mut *self.counted.lock().unwrap_or_else(|p| p.into_inner()));
+        let limited = self.refused_holders.take_limited(now);
+        // Those of callers without a certificate are in the tally already.
+        let _ = self.refused_anonymous.take_limited(now);
         let mut events = Vec::new();
         let items: u64 = outcomes.values().sum();
         if items > 0 {
@@ -213,26 +322,33 @@ impl GateState {
                 ..AuditEvent::default()
             });
         }
-        for ((source, method), outcomes) in tally.calls {
-            let Some((service, operation)) = COUNTED.get(method) else {
-                continue;
-            };
-            events.push(AuditEvent {
-                principal: crate::policy::ANONYMOUS.to_owned(),
-                peer: source.map_or_else(|| OTHER_SOURCES.to_owned(), |s| s.to_string()),
-                service: (*service).to_owned(),
-                operation: (*operation).to_owned(),
-                outcome: code_name(Code::Ok).to_owned(),
-                batch: Some(BatchSummary {
-                    items: outcomes.values().sum(),
-                    outcomes: outcomes
-                        .into_iter()
-                        .map(|(o, n)| (o.to_owned(), n))
-                        .collect(),
-                    versions: Default::default(),
-                }),
-                ..AuditEvent::default()
-            });
+        for ((source, service, operation, outcome), n) in tally.calls {
+            events.push(count_event(
+                crate::policy::ANONYMOUS,
+                source.map_or_else(|| OTHER_SOURCES.to_owned(), |s| s.to_string()),
+                service,
+                operation,
+                outcome,
+                n,
+            ));
+        }
+        let limited_calls: u64 = limited.iter().map(|(_, n)| n).sum();
+        if limited_calls > 0 {
+            tracing::warn!(
+                holders = limited.len(),
+                calls = limited_calls,
+                "calls of certificate holders refused by the limit on refused calls were counted, not recorded one by one"
+            );
+        }
+        for (holder, n) in limited {
+            events.push(count_event(
+                &holder.principal,
+                holder.source.to_string(),
+                GATE,
+                "RateLimited",
+                code_name(Code::ResourceExhausted),
+                n,
+            ));
         }
         // Handed over together, so that they share durable commits.
         let receipts: Vec<_> = events
@@ -249,19 +365,44 @@ impl GateState {
         }
     }
 
-    /// Counts (and at most every [`LIMIT_LOG_EVERY`] logs) a call from `ip` refused by the
-    /// limit on calls without a certificate.
-    fn anonymous_limited(&self, ip: IpAddr) {
-        crate::metrics::metrics().limit_reached(LimitKind::AnonymousCalls);
-        let limit = LimitKind::AnonymousCalls.key();
-        if let Some(unsaid) = self.log.due(limit, Instant::now()) {
+    /// Counts (and at most every [`LIMIT_LOG_EVERY`] per limit logs) a call of a caller
+    /// without a certificate from `source` refused by `limit`.
+    fn anonymous_limited(&self, limit: LimitKind, source: Source) {
+        crate::metrics::metrics().limit_reached(limit);
+        let key = limit.key();
+        if let Some(unsaid) = self.log.due(key, Instant::now()) {
             tracing::warn!(
-                limit,
-                peer = %Source::of(ip),
+                limit = key,
+                peer = %source,
                 refused_since_last_line = unsaid,
-                "calls without a client certificate over the per-address limit are refused (RESOURCE_EXHAUSTED) and counted"
+                "calls without a client certificate over a per-address limit are refused (RESOURCE_EXHAUSTED) and counted"
             );
         }
+    }
+}
+
+/// The record of `n` calls counted together (see the module docs): no request of its own,
+/// so no request id, key or sizes; outcome `outcome`, and `n` in its `batch`.
+fn count_event(
+    principal: &str,
+    peer: String,
+    service: &str,
+    operation: &str,
+    outcome: &str,
+    n: u64,
+) -> AuditEvent {
+    AuditEvent {
+        principal: principal.to_owned(),
+        peer,
+        service: service.to_owned(),
+        operation: operation.to_owned(),
+        outcome: outcome.to_owned(),
+        batch: Some(BatchSummary {
+            items: n,
+            outcomes: [(outcome.to_owned(), n)].into(),
+            versions: Default::default(),
+        }),
+        ..AuditEvent::default()
     }
 }
 
@@ -375,7 +516,7 @@ where
 async fn pass<S>(
     inner: S,
     state: Arc<GateState>,
-    mut req: http::Request<Body>,
+    req: http::Request<Body>,
     service: &str,
     method: &str,
 ) -> Result<http::Response<Body>, S::Error>
@@ -383,12 +524,6 @@ where
     S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>>,
 {
     let peer = req.extensions().get::<PeerInfo>().cloned();
-    // A caller without a certificate: its address, and its call in flight on the
-    // connection (which is not idle meanwhile).
-    let anonymous = peer
-        .as_ref()
-        .filter(|p| p.identity.tls && !p.identity.authenticated)
-        .map(|p| (p.addr.ip(), p.activity.begin()));
     let event = AuditEvent {
         request_id: super::request_id_of(req.headers()),
         principal: peer.as_ref().map_or_else(
@@ -403,85 +538,114 @@ where
         operation: method.to_owned(),
         ..AuditEvent::default()
     };
-    if let Some(refusal) = refuse(&state, peer.as_ref(), &event, anonymous.is_some()).await {
+    let Some(peer) = peer else {
+        if let Some(refusal) = refuse(&state, &Caller::Unknown, None, &event).await {
+            return Ok(refusal);
+        }
+        return served(inner, &state, req, event, &Caller::Unknown).await;
+    };
+    let ip = peer.addr.ip();
+    let source = Source::of(ip);
+    if peer.identity.tls && !peer.identity.authenticated {
+        let stranger = Stranger {
+            source,
+            ip,
+            rpc: Rpc::of(service, method),
+        };
+        // Its call is in flight on its connection (which is not idle meanwhile) until
+        // answered.
+        let in_flight = peer.activity.begin();
+        return anonymous(inner, &state, req, event, stranger, in_flight).await;
+    }
+    let caller = Caller::Holder(Holder {
+        source,
+        principal: peer.identity.principal.clone(),
+    });
+    if let Some(refusal) = refuse(&state, &caller, Some(&peer), &event).await {
         return Ok(refusal);
     }
-    let probe = service == HEALTH;
-    let Some((anonymous_ip, in_flight)) = anonymous else {
-        return served(inner, &state, req, event, probe, None).await;
-    };
-    // Past here: a caller without a certificate, calling Status, WhoAmI or health.
-    let counted = COUNTED
-        .iter()
-        .position(|c| *c == (service, method))
-        .map(|i| (anonymous_ip, i));
-    if let Err(wait) = state.anonymous_calls.allow(anonymous_ip, Instant::now()) {
-        state.anonymous_limited(anonymous_ip);
+    served(inner, &state, req, event, &caller).await
+}
+
+/// A call of a caller without a certificate: refused or served, and counted, never
+/// recorded one by one (see the module docs).
+async fn anonymous<S>(
+    inner: S,
+    state: &GateState,
+    mut req: http::Request<Body>,
+    event: AuditEvent,
+    stranger: Stranger,
+    in_flight: CallInFlight,
+) -> Result<http::Response<Body>, S::Error>
+where
+    S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>>,
+{
+    let Stranger { source, ip, rpc } = stranger;
+    let now = Instant::now();
+    if let Verdict::Limited { wait, .. } = state.refused_anonymous.check(&source, now) {
+        state.anonymous_limited(LimitKind::RefusedCalls, source);
+        state.count(source, rpc, code_name(Code::ResourceExhausted));
+        return Ok(Status::resource_exhausted(format!(
+            "too many refused calls from this address: try again in {} s",
+            wait.as_secs().max(1)
+        ))
+        .into_http());
+    }
+    if crate::access::need(&event.service, &event.operation).needs_certificate() {
+        state.refused_anonymous.refused(&source, now);
+        state.count(source, rpc, code_name(Code::Unauthenticated));
+        return Ok(Status::unauthenticated(Denied::Unauthenticated.to_string()).into_http());
+    }
+    // Past here: `Status`, `WhoAmI` or health.
+    if let Err(wait) = state.anonymous_calls.allow(ip, now) {
+        state.anonymous_limited(LimitKind::AnonymousCalls, source);
+        state.count(source, rpc, code_name(Code::ResourceExhausted));
         let status = Status::resource_exhausted(format!(
             "too many calls without a client certificate from this address: try again in {} s",
             wait.as_secs().max(1)
         ));
-        let outcome = code_name(Code::ResourceExhausted);
-        let refusal = match counted {
-            Some((ip, i)) => {
-                state.count(ip, i, outcome);
-                status.into_http()
-            }
-            None if probe => {
-                state.count_probe(outcome);
-                status.into_http()
-            }
-            None => answer(&state, event, status).await,
-        };
         // The refusal comes after a while: a client that waits for its answers (HTTP/2
         // lets it have only `max_concurrent_streams` calls open per connection) cannot make
         // the server refuse calls as fast as it can send them.
         tokio::time::sleep(ANONYMOUS_LIMITED_DELAY.min(wait)).await;
-        return Ok(refusal);
+        return Ok(status.into_http());
     }
     let limit = state.anonymous_max_bytes;
     let body = std::mem::replace(req.body_mut(), Body::empty());
     *req.body_mut() = Body::new(Limited::new(body, limit));
-    if counted.is_some() {
-        req.extensions_mut().insert(Counted);
-    }
+    req.extensions_mut().insert(Counted);
     let timeout = state.anonymous_timeout;
-    let call = served(inner, &state, req, event.clone(), probe, counted);
-    let response = match tokio::time::timeout(timeout, call).await {
-        Ok(response) => response?,
-        Err(_) => {
-            let status = Status::deadline_exceeded(format!(
-                "a call without a client certificate must be answered within {} s",
-                timeout.as_secs()
-            ));
-            let outcome = code_name(status.code());
-            match counted {
-                Some((ip, i)) => state.count(ip, i, outcome),
-                None if probe => state.count_probe(outcome),
-                None => return Ok(answer(&state, event, status).await),
+    let caller = Caller::Anonymous(stranger);
+    let response =
+        match tokio::time::timeout(timeout, served(inner, state, req, event, &caller)).await {
+            Ok(response) => response?,
+            Err(_) => {
+                let status = Status::deadline_exceeded(format!(
+                    "a call without a client certificate must be answered within {} s",
+                    timeout.as_secs()
+                ));
+                state.count(source, rpc, code_name(status.code()));
+                status.into_http()
             }
-            status.into_http()
-        }
-    };
+        };
     // The call is in flight until its answer has been sent (a health Watch: until it
     // ends).
     Ok(response.map(|body| Body::new(InFlightBody::new(body, in_flight))))
 }
 
-/// The call, then its record when no handler of ours made one, or its count (`counted`:
-/// the caller's address and the method's index in [`COUNTED`]; `probe`: a health probe).
+/// The call, then its record when no handler of ours made one, or its count (a caller
+/// without a certificate, or a health probe).
 async fn served<S>(
     mut inner: S,
     state: &GateState,
     mut req: http::Request<Body>,
     event: AuditEvent,
-    probe: bool,
-    counted: Option<(IpAddr, usize)>,
+    caller: &Caller,
 ) -> Result<http::Response<Body>, S::Error>
 where
     S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>>,
 {
-    let ip = req.extensions().get::<PeerInfo>().map(|p| p.addr.ip());
+    let probe = event.service == HEALTH;
     let recorded = Recorded::default();
     req.extensions_mut().insert(recorded.clone());
     if probe {
@@ -493,16 +657,16 @@ where
     // A probe's answer (NOT_FOUND for an unknown service) is the health service's business,
     // not a refusal: `recorded` is set for probes.
     if code.is_some_and(|c| is_refusal(c, recorded.get())) {
-        refused(state, ip);
+        state.refused(caller);
     }
     let outcome = code.map_or("OK", code_name);
+    if let Caller::Anonymous(s) = caller {
+        // Counted whether a handler ran or tonic refused it, recorded by `record_counts`.
+        state.count(s.source, s.rpc, outcome);
+        return Ok(response);
+    }
     if probe {
         state.count_probe(outcome);
-    }
-    if let Some((ip, i)) = counted {
-        // Counted whether a handler ran or tonic refused it, recorded by `record_counts`.
-        state.count(ip, i, outcome);
-        return Ok(response);
     }
     if recorded.get() {
         return Ok(response);
@@ -525,52 +689,43 @@ where
     }
 }
 
-/// The answer when the gate refuses the call itself, unread: over the address's limit of
-/// refused calls, without a certificate where one is needed, or short of the rule of a
-/// service that has no handler of ours (health, reflection). `None`: the call goes on.
+/// The answer when the gate refuses a certificate holder's call itself, unread: over its
+/// limit of refused calls, or short of the rule of a service that has no handler of ours
+/// (health, reflection). `None`: the call goes on.
 async fn refuse(
     state: &GateState,
+    caller: &Caller,
     peer: Option<&PeerInfo>,
     event: &AuditEvent,
-    anonymous: bool,
 ) -> Option<http::Response<Body>> {
-    let ip = peer.map(|p| p.addr.ip());
-    if let Some(ip) = ip {
-        match state.refused.check(ip, Instant::now()) {
-            Verdict::Allowed(None) => {}
-            Verdict::Allowed(Some(counted)) => {
-                summary(state, event, counted).await;
+    if let Verdict::Limited { wait, first } = state.refused_check(caller, Instant::now()) {
+        let status = Status::resource_exhausted(format!(
+            "too many refused calls from this address: try again in {} s",
+            wait.as_secs().max(1)
+        ));
+        crate::metrics::metrics().limit_reached(LimitKind::RefusedCalls);
+        if first {
+            if let Caller::Holder(holder) = caller {
+                tracing::warn!(
+                    peer = %holder.source,
+                    principal = %holder.principal,
+                    "refused calls over the limit: this caller's further calls from this address are refused unread for the rest of the minute, and counted"
+                );
             }
-            Verdict::Limited { wait, first } => {
-                let status = Status::resource_exhausted(format!(
-                    "too many refused calls from this address: try again in {} s",
-                    wait.as_secs().max(1)
-                ));
-                crate::metrics::metrics().limit_reached(LimitKind::RefusedCalls);
-                if first {
-                    tracing::warn!(peer = %Source::of(ip), "refused calls over the limit: further calls from this address are refused unread for the rest of the minute");
-                    return Some(answer(state, event.clone(), status).await);
-                }
-                return Some(status.into_http());
-            }
+            return Some(answer(state, event.clone(), status).await);
         }
-    }
-    let need = crate::access::need(&event.service, &event.operation);
-    if anonymous && need.needs_certificate() {
-        refused(state, ip);
-        let status = Status::unauthenticated(crate::access::Denied::Unauthenticated.to_string());
-        return Some(answer(state, event.clone(), status).await);
+        return Some(status.into_http());
     }
     if [HEALTH, REFLECTION, REFLECTION_V1ALPHA].contains(&event.service.as_str())
         && let Some(identity) = peer.map(|p| &p.identity)
         && let Err(denied) = crate::access::check(
-            need,
+            crate::access::need(&event.service, &event.operation),
             identity,
             &state.roles,
             i64::try_from(crate::keyring::now()).unwrap_or(i64::MAX),
         )
     {
-        refused(state, ip);
+        state.refused(caller);
         let status = match denied {
             Denied::Unauthenticated | Denied::Expired => {
                 Status::unauthenticated(denied.to_string())
@@ -580,12 +735,6 @@ async fn refuse(
         return Some(answer(state, event.clone(), status).await);
     }
     None
-}
-
-fn refused(state: &GateState, ip: Option<IpAddr>) {
-    if let Some(ip) = ip {
-        state.refused.refused(ip, Instant::now());
-    }
 }
 
 /// Records `event` with `status`'s outcome and answers `status` (or `UNAVAILABLE` when the
@@ -600,25 +749,6 @@ async fn answer(state: &GateState, event: AuditEvent, status: Status) -> http::R
     } else {
         Status::unavailable(AUDIT_UNAVAILABLE).into_http()
     }
-}
-
-/// The one record of the calls from an address that the limit refused without recording
-/// them one by one.
-async fn summary(state: &GateState, event: &AuditEvent, counted: u64) {
-    let code = code_name(Code::ResourceExhausted).to_owned();
-    let event = AuditEvent {
-        service: GATE.to_owned(),
-        operation: "RateLimited".to_owned(),
-        outcome: code.clone(),
-        batch: Some(BatchSummary {
-            items: counted,
-            outcomes: [(code, counted)].into(),
-            versions: Default::default(),
-        }),
-        ..event.clone()
-    };
-    tracing::warn!(peer = %event.peer, calls = counted, "calls refused by the rate limit were counted, not recorded one by one");
-    append(&state.audit, event).await;
 }
 
 /// Appends without holding a thread; whether the record is durable.
@@ -748,29 +878,79 @@ mod tests {
         assert_eq!(rpc_of("nothing").0, "<unknown service, 0 bytes>");
     }
 
-    /// However many addresses call, an interval's counts (and so its records) are bounded:
-    /// the sources past the first thousand are counted together.
+    /// However many addresses call, and whatever they call, an interval's counts (and so
+    /// its records) are bounded: the sources past the first thousand, and the rows past the
+    /// first two thousand, are counted together; paths the server does not answer are one
+    /// method.
     #[test]
-    fn counts_are_per_source_and_method_and_bounded() {
+    fn counts_are_per_source_method_and_outcome_and_bounded() {
         let mut tally = Tally::default();
         let v4 = |i: u32| Source::of(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)));
+        let status = Rpc::of("kms.v1.System", "Status");
+        let list = Rpc::of("kms.v1.KeyManagement", "ListKeys");
         for i in 0..(MAX_COUNTED_SOURCES as u32 + 500) {
-            tally.add(v4(i), 0, "OK");
-            tally.add(v4(i), 1, "OK");
+            tally.add(v4(i), status, "OK");
+            tally.add(v4(i), list, "UNAUTHENTICATED");
         }
-        tally.add(v4(0), 0, "RESOURCE_EXHAUSTED");
+        tally.add(v4(0), status, "RESOURCE_EXHAUSTED");
         // Another address of a counted IPv6 /64 is that source.
         let a = Source::of("2001:db8::1".parse().unwrap());
         let b = Source::of("2001:db8::2".parse().unwrap());
         assert_eq!(a, b);
-        assert_eq!(tally.calls.len(), 2 * MAX_COUNTED_SOURCES + 2);
-        assert_eq!(tally.calls[&(None, 0)]["OK"], 500);
-        assert_eq!(tally.calls[&(None, 1)]["OK"], 500);
+        // Every row is taken: a counted source's new method or outcome goes with the others.
+        assert_eq!(tally.apart, MAX_COUNTED_ROWS);
         assert_eq!(
-            tally.calls[&(Some(v4(0)), 0)],
-            BTreeMap::from([("OK", 1), ("RESOURCE_EXHAUSTED", 1)])
+            tally.calls[&(Some(v4(0)), "kms.v1.System", "Status", "OK")],
+            1
         );
-        assert_eq!(COUNTED[0], ("kms.v1.System", "Status"));
-        assert_eq!(COUNTED[1], ("kms.v1.Access", "WhoAmI"));
+        assert!(!tally.calls.contains_key(&(
+            Some(v4(0)),
+            "kms.v1.System",
+            "Status",
+            "RESOURCE_EXHAUSTED"
+        )));
+        assert_eq!(
+            tally.calls[&(None, "kms.v1.System", "Status", "RESOURCE_EXHAUSTED")],
+            1
+        );
+        assert_eq!(tally.calls[&(None, "kms.v1.System", "Status", "OK")], 500);
+        assert_eq!(
+            tally.calls[&(None, "kms.v1.KeyManagement", "ListKeys", "UNAUTHENTICATED")],
+            500
+        );
+        assert_eq!(tally.calls.len(), MAX_COUNTED_ROWS + 3);
+        // A caller's made-up paths are one method: counted, bounded.
+        let mut tally = Tally::default();
+        for path in ["Exfiltrate", "Exfiltrate2", "<invalid method, 9 bytes>"] {
+            tally.add(
+                v4(1),
+                Rpc::of("kms.v1.KeyManagement", path),
+                "UNAUTHENTICATED",
+            );
+        }
+        tally.add(v4(1), Rpc::of("evil.Service", "Encrypt"), "UNAUTHENTICATED");
+        assert_eq!(
+            tally.calls,
+            BTreeMap::from([
+                (
+                    (
+                        Some(v4(1)),
+                        UNKNOWN_SERVICE,
+                        UNKNOWN_METHOD,
+                        "UNAUTHENTICATED"
+                    ),
+                    1
+                ),
+                (
+                    (
+                        Some(v4(1)),
+                        "kms.v1.KeyManagement",
+                        UNKNOWN_METHOD,
+                        "UNAUTHENTICATED"
+                    ),
+                    3
+                ),
+            ])
+        );
     }
 }
