@@ -936,16 +936,24 @@ async fn a_revocation_is_never_lost_when_another_server_cannot_read_it() {
     assert!(hsm.logs().contains("caught up with the shared store"));
 }
 
-/// Issue 24, item 7: any role that can connect may `NOTIFY kms_changes`. A flood of
-/// 200,000 made-up changes neither queues without bound nor holds up a real revocation
-/// behind 200,000 reads: notifications are coalesced hints, and past a bound one reload of
-/// everything stands for them all.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_of_notifications_from_any_role_does_not_hold_up_a_revocation() {
-    let pg = TestPostgres::start();
-    let hsm = TestHsm::new("kms-pg-flood");
+/// Two servers A and B on one database, a SOFTWARE key `ledger`, and a grant of it to a
+/// `reader` that B has served already.
+struct Granted {
+    a: softhsm_tests::Server,
+    b: softhsm_tests::Server,
+    shares: Vec<String>,
+    reader: softhsm_tests::Cred,
+    /// The grant's id.
+    grant: String,
+    /// A ciphertext under `ledger`.
+    ct: Vec<u8>,
+    /// B's client, as `reader`.
+    kr: softhsm_tests::KeysClient,
+}
+
+async fn two_servers_and_a_grant(pg: &TestPostgres, hsm: &TestHsm) -> Granted {
     let config = hsm.config_full("kms.toml", &hsm.hsm_table(), &pg.storage_table());
-    let (a, shares) = start_unsealed(&hsm, &config);
+    let (a, shares) = start_unsealed(hsm, &config);
     let b = hsm.try_start(&config, &[]).unwrap();
     b.unseal_with(&shares);
     a.create_aes_key("ledger", pb::ProtectionLevel::Software)
@@ -963,6 +971,33 @@ async fn a_flood_of_notifications_from_any_role_does_not_hold_up_a_revocation() 
         async move { decrypt(&mut kr, "ledger", &ct).await.ok() }
     })
     .await;
+    Granted {
+        a,
+        b,
+        shares,
+        reader,
+        grant,
+        ct,
+        kr,
+    }
+}
+
+/// Issue 24, item 7: any role that can connect may `NOTIFY kms_changes`. A flood of
+/// 200,000 made-up changes neither queues without bound nor holds up a real revocation
+/// behind 200,000 reads: notifications are coalesced hints, and past a bound one reload of
+/// everything stands for them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_notifications_from_any_role_does_not_hold_up_a_revocation() {
+    let pg = TestPostgres::start();
+    let hsm = TestHsm::new("kms-pg-flood");
+    let Granted {
+        a,
+        b,
+        grant,
+        ct,
+        kr,
+        ..
+    } = two_servers_and_a_grant(&pg, &hsm).await;
 
     // A role with no privilege on kms's tables floods the channel.
     let password = pg.stranger_role("stranger");
@@ -1059,25 +1094,15 @@ async fn a_metrics_scrape_never_waits_on_a_ceremony() {
 async fn a_revocation_during_another_servers_unseal_is_not_lost() {
     let pg = TestPostgres::start();
     let hsm = TestHsm::new("kms-pg-unseal-race");
-    let config = hsm.config_full("kms.toml", &hsm.hsm_table(), &pg.storage_table());
-    let (a, shares) = start_unsealed(&hsm, &config);
-    let b = hsm.try_start(&config, &[]).unwrap();
-    b.unseal_with(&shares);
-    a.create_aes_key("ledger", pb::ProtectionLevel::Software)
-        .await;
-    let reader = hsm
-        .pki
-        .client("reader", &softhsm_tests::pki::ClientSpec::spiffe("reader"));
-    let grant = a.grant("ledger", &reader.principal).await;
-    let ct = encrypt(&mut a.keys().await, "ledger", b"ledger entry")
-        .await
-        .unwrap();
-    let kr = b.keys_as(Some(&reader)).await;
-    within(Duration::from_secs(5), || {
-        let (mut kr, ct) = (kr.clone(), ct.clone());
-        async move { decrypt(&mut kr, "ledger", &ct).await.ok() }
-    })
-    .await;
+    let Granted {
+        a,
+        b,
+        shares,
+        reader,
+        grant,
+        ct,
+        ..
+    } = two_servers_and_a_grant(&pg, &hsm).await;
     // Many token objects: B's unseal takes a while between reading its grants and
     // publishing its keyring.
     assert!(hsm.tool(&["many-data"], &["10000"]).status.success());

@@ -41,6 +41,35 @@ async fn production(hsm: &TestHsm, config: &Path) -> (Server, Vec<String>, Vec<u
     (server, shares, ct)
 }
 
+/// `kms backup create` on `server` into `name`: the file, and the audit key's fingerprint
+/// the CLI says signed it.
+fn backup_of(hsm: &TestHsm, server: &Server, name: &str) -> (std::path::PathBuf, String) {
+    let backup = hsm.path().join(name);
+    let out = server.kms(&["backup", "create", "--out", backup.to_str().unwrap()], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let audit_key = out.stdout.split("audit key ").nth(1).unwrap()[..32].to_owned();
+    (backup, audit_key)
+}
+
+/// `kms backup restore` of `backup` into the store `config` names, pinned to `audit_key`.
+fn restore(backup: &Path, config: &Path, audit_key: &str) {
+    let out = softhsm_tests::run_kms(
+        "https://127.0.0.1:1",
+        &[
+            "backup",
+            "restore",
+            "--in",
+            backup.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--public-key",
+            audit_key,
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+}
+
 /// The stored seal record with the issue's attack: the master key's id removed, and the
 /// master key and a keyring object listed as retired master keys. `mac` says what becomes of
 /// the record's MAC: kept (stale), removed (a record "of before"), or replaced.
@@ -309,10 +338,7 @@ async fn a_restore_drill_on_the_production_token_destroys_nothing_of_production(
     })
     .await
     .unwrap();
-    let backup = hsm.path().join("drill.backup");
-    let out = prod.kms(&["backup", "create", "--out", backup.to_str().unwrap()], "");
-    assert_eq!(out.code, Some(0), "{out:?}");
-    let audit_key = out.stdout.split("audit key ").nth(1).unwrap()[..32].to_owned();
+    let (backup, audit_key) = backup_of(&hsm, &prod, "drill.backup");
     pc.cancel_key_version_destruction(pb::KeyVersionRequest {
         name: "vault".into(),
         version: 1,
@@ -336,21 +362,7 @@ async fn a_restore_drill_on_the_production_token_destroys_nothing_of_production(
             hsm.path().join("drill.redb").display()
         ),
     );
-    let out = softhsm_tests::run_kms(
-        "https://127.0.0.1:1",
-        &[
-            "backup",
-            "restore",
-            "--in",
-            backup.to_str().unwrap(),
-            "--config",
-            drill_config.to_str().unwrap(),
-            "--public-key",
-            &audit_key,
-        ],
-        "",
-    );
-    assert_eq!(out.code, Some(0), "{out:?}");
+    restore(&backup, &drill_config, &audit_key);
     let drill = hsm.try_start(&drill_config, &[]).unwrap();
     let drill_status = status(&drill);
     let drill_instance = drill_status["instance_id"].as_str().unwrap().to_owned();
@@ -756,10 +768,7 @@ async fn a_drill_cannot_be_made_production_again_by_its_store_writer() {
     let hsm = TestHsm::new("kms-drill-rollback");
     let config = hsm.config();
     let (prod, _shares, _ct) = production(&hsm, &config).await;
-    let backup = hsm.path().join("p.backup");
-    let out = prod.kms(&["backup", "create", "--out", backup.to_str().unwrap()], "");
-    assert_eq!(out.code, Some(0), "{out:?}");
-    let audit_key = out.stdout.split("audit key ").nth(1).unwrap()[..32].to_owned();
+    let (backup, audit_key) = backup_of(&hsm, &prod, "p.backup");
     let prod_instance = status(&prod)["instance_id"].as_str().unwrap().to_owned();
     for (n, attack) in ["record put back", "marker deleted"]
         .into_iter()
@@ -771,21 +780,7 @@ async fn a_drill_cannot_be_made_production_again_by_its_store_writer() {
             &hsm.hsm_table(),
             &format!("[storage]\npath = \"{}\"\n", store.display()),
         );
-        let out = softhsm_tests::run_kms(
-            "https://127.0.0.1:1",
-            &[
-                "backup",
-                "restore",
-                "--in",
-                backup.to_str().unwrap(),
-                "--config",
-                drill_config.to_str().unwrap(),
-                "--public-key",
-                &audit_key,
-            ],
-            "",
-        );
-        assert_eq!(out.code, Some(0), "{out:?}");
+        restore(&backup, &drill_config, &audit_key);
         if attack == "record put back" {
             let backups_record = store_get(&store, "system", "seal");
             let mut drill = hsm.try_start(&drill_config, &[]).unwrap();
@@ -892,10 +887,7 @@ async fn a_drill_at_the_same_path_on_another_host_is_not_production() {
     let hsm = TestHsm::new("kms-drill-path");
     let config = hsm.config();
     let (mut prod, shares, ct) = production(&hsm, &config).await;
-    let backup = hsm.path().join("p.backup");
-    let out = prod.kms(&["backup", "create", "--out", backup.to_str().unwrap()], "");
-    assert_eq!(out.code, Some(0), "{out:?}");
-    let audit_key = out.stdout.split("audit key ").nth(1).unwrap()[..32].to_owned();
+    let (backup, audit_key) = backup_of(&hsm, &prod, "p.backup");
     let prod_instance = status(&prod)["instance_id"].as_str().unwrap().to_owned();
     assert!(prod.terminate().success());
     // Production's store lives on on its own host: its file and identity set aside here.
@@ -908,21 +900,7 @@ async fn a_drill_at_the_same_path_on_another_host_is_not_production() {
     std::fs::rename(&id, prod_host.join("kms.redb.id")).unwrap();
 
     // The drill host: the same configuration; the store writer deletes the marker.
-    let out = softhsm_tests::run_kms(
-        "https://127.0.0.1:1",
-        &[
-            "backup",
-            "restore",
-            "--in",
-            backup.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-            "--public-key",
-            &audit_key,
-        ],
-        "",
-    );
-    assert_eq!(out.code, Some(0), "{out:?}");
+    restore(&backup, &config, &audit_key);
     softhsm_tests::store_delete(&store, "system", "restored-from-backup");
     let mut drill = hsm.try_start(&config, &[]).unwrap();
     let st = status(&drill);
@@ -963,10 +941,7 @@ async fn a_postgres_drill_cannot_pass_for_production_and_an_unreadable_location_
     let hsm = TestHsm::new("kms-pg-location");
     let config = hsm.config_full("prod.toml", &hsm.hsm_table(), &pg_prod.storage_table());
     let (mut prod, _shares, _ct) = production(&hsm, &config).await;
-    let backup = hsm.path().join("p.backup");
-    let out = prod.kms(&["backup", "create", "--out", backup.to_str().unwrap()], "");
-    assert_eq!(out.code, Some(0), "{out:?}");
-    let audit_key = out.stdout.split("audit key ").nth(1).unwrap()[..32].to_owned();
+    let (backup, audit_key) = backup_of(&hsm, &prod, "p.backup");
     let prod_instance = status(&prod)["instance_id"].as_str().unwrap().to_owned();
     let sysid = pg_prod
         .sql_in("kms", "SELECT system_identifier FROM pg_control_system()")
@@ -975,21 +950,7 @@ async fn a_postgres_drill_cannot_pass_for_production_and_an_unreadable_location_
     assert!(prod.terminate().success());
 
     let drill_config = hsm.config_full("drill.toml", &hsm.hsm_table(), &pg_drill.storage_table());
-    let out = softhsm_tests::run_kms(
-        "https://127.0.0.1:1",
-        &[
-            "backup",
-            "restore",
-            "--in",
-            backup.to_str().unwrap(),
-            "--config",
-            drill_config.to_str().unwrap(),
-            "--public-key",
-            &audit_key,
-        ],
-        "",
-    );
-    assert_eq!(out.code, Some(0), "{out:?}");
+    restore(&backup, &drill_config, &audit_key);
     let mut s = pg_drill.session_as("kms", &pg_drill.password.clone(), "kms");
     s.send(&format!(
         "CREATE FUNCTION public.pg_control_system(OUT pg_control_version integer, OUT catalog_version_no integer, OUT system_identifier bigint, OUT pg_control_last_modified timestamptz) \
