@@ -100,6 +100,15 @@ pub(super) fn sign(
 
 /// Checks `record`'s MAC with the token's seal record key (the HSM must be logged in).
 pub(super) fn authenticate(hsm: &Hsm, record: &SealRecord) -> Result<Authenticity, SealError> {
+    Ok(match authenticated_by(hsm, record)? {
+        Some(_) => Authenticity::Authentic,
+        None => Authenticity::Legacy,
+    })
+}
+
+/// As [`authenticate`], with the seal record key that vouched for `record` (`None`: a record
+/// of before, and no key in the token).
+fn authenticated_by(hsm: &Hsm, record: &SealRecord) -> Result<Option<KeyHandle>, SealError> {
     // Logged out, the token hides its private objects: "no record key" would be a lie.
     if !hsm.is_logged_in() {
         return Err(SealError::Sealed);
@@ -112,7 +121,7 @@ pub(super) fn authenticate(hsm: &Hsm, record: &SealRecord) -> Result<Authenticit
                 .decode(mac.as_bytes())
                 .map_err(|_| SealError::RecordNotAuthentic)?;
             if want.as_slice().ct_eq(got.as_slice()).unwrap_u8() == 1 {
-                Ok(Authenticity::Authentic)
+                Ok(Some(key))
             } else {
                 Err(SealError::RecordNotAuthentic)
             }
@@ -121,7 +130,7 @@ pub(super) fn authenticate(hsm: &Hsm, record: &SealRecord) -> Result<Authenticit
         // The token has a record key: every record this deployment writes carries a MAC, so
         // one without is altered (a MAC stripped to pass as a record of before).
         (None, Some(_)) => Err(SealError::RecordNotAuthentic),
-        (None, None) => Ok(Authenticity::Legacy),
+        (None, None) => Ok(None),
     }
 }
 
@@ -147,7 +156,9 @@ impl SealManager {
     /// record as written. The HSM must be logged in. `base`, the record `next` was made from,
     /// must be the stored record exactly (its MAC included), and that must be authentic:
     /// nothing is signed that grew out of a record someone altered (with the PIN in the
-    /// shares, a sealed server took another server's record up without checking it).
+    /// shares, a sealed server took another server's record up without checking it). Called
+    /// under the store's change lock, this is also what refuses a step another server
+    /// sharing the store overtook (`RecordChanged`).
     pub(super) fn signed_write(
         &self,
         base: &SealRecord,
@@ -157,11 +168,9 @@ impl SealManager {
         if !same(&stored, base) {
             return Err(SealError::RecordChanged);
         }
-        let authenticity = authenticate(&self.hsm, &stored)?;
-        let record = match (authenticity, find_record_key(&self.hsm)?) {
-            (Authenticity::Authentic, Some(key)) => sign(&self.hsm, key, next)?,
-            (Authenticity::Legacy, None) => next,
-            _ => return Err(SealError::RecordNotAuthentic),
+        let record = match authenticated_by(&self.hsm, &stored)? {
+            Some(key) => sign(&self.hsm, key, next)?,
+            None => next,
         };
         let write = Write {
             table: Table::System,
@@ -400,7 +409,6 @@ impl SealManager {
         next.owns_untagged |= predecessor.untagged;
         next.restored_from = None;
         let _other_servers = self.store.lock_changes()?;
-        self.check_unchanged(&record)?;
         let (next, write) = self.signed_write(&record, next)?;
         commit(
             CeremonySummary {

@@ -160,7 +160,6 @@ impl SealManager {
             let mut next = record.clone();
             next.pending_rekey = None;
             let _other_servers = self.store.lock_changes()?;
-            self.check_unchanged(&record)?;
             let (next, write) = self.signed_write(&record, next)?;
             commit(
                 CeremonySummary {
@@ -175,23 +174,6 @@ impl SealManager {
             cancelled = true;
         }
         Ok((status_of(&inner, self.hsm.pin_in_shares()), cancelled))
-    }
-
-    /// Refuses a commit if the stored record is no longer `ours` (a server sharing the
-    /// store committed a rekey step meanwhile). Called under the store's change lock.
-    pub(super) fn check_unchanged(&self, ours: &SealRecord) -> Result<(), SealError> {
-        if !self.store.shared() {
-            return Ok(());
-        }
-        match read_record(self.store.as_ref())? {
-            Some(stored)
-                if stored.share_set_id == ours.share_set_id
-                    && stored.pending_rekey == ours.pending_rekey =>
-            {
-                Ok(())
-            }
-            _ => Err(SealError::RecordChanged),
-        }
     }
 
     /// Adds one share to the rekey: a current share while it collects them (at the quorum the
@@ -316,7 +298,6 @@ impl SealManager {
         let mut next = record.clone();
         next.pending_rekey = Some(pending);
         let _other_servers = self.store.lock_changes()?;
-        self.check_unchanged(record)?;
         let (next, write) = self.signed_write(record, next)?;
         commit(
             CeremonySummary {
@@ -402,7 +383,6 @@ impl SealManager {
         commit: &CeremonyCommit<'_>,
     ) -> Result<SealRecord, SealError> {
         let _other_servers = self.store.lock_changes()?;
-        self.check_unchanged(record)?;
         let (next, write) = self.signed_write(record, next)?;
         commit(
             CeremonySummary {
