@@ -580,28 +580,13 @@ pub async fn try_channel_from(
         .await
 }
 
-/// Edits the store offline as someone with disk access would: `store-tool replace STORE
-/// TABLE KEY FROM TO` (FROM must occur in the value).
-pub fn store_replace(store: &Path, table: &str, key: &str, from: &str, to: &str) {
+/// Runs `store-tool CMD STORE ARGS...`, which edits the store offline as someone with disk
+/// access would; its standard output.
+fn store_tool(cmd: &str, store: &Path, args: &[&std::ffi::OsStr]) -> Vec<u8> {
     let out = Command::new(bin("store-tool"))
-        .arg("replace")
+        .arg(cmd)
         .arg(store)
-        .args([table, key, from, to])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// One stored value, read offline as someone with disk access would (`store-tool get`).
-pub fn store_get(store: &Path, table: &str, key: &str) -> Vec<u8> {
-    let out = Command::new(bin("store-tool"))
-        .arg("get")
-        .arg(store)
-        .args([table, key])
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -612,37 +597,48 @@ pub fn store_get(store: &Path, table: &str, key: &str) -> Vec<u8> {
     out.stdout
 }
 
-/// Stores `value` offline as someone with disk access would (`store-tool put`).
-pub fn store_put(store: &Path, table: &str, key: &str, value: &[u8]) {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), value).unwrap();
-    let out = Command::new(bin("store-tool"))
-        .arg("put")
-        .arg(store)
-        .args([table, key])
-        .arg(file.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+/// Replaces the first occurrence of `from` with `to` in one stored value (`store-tool
+/// replace`; `from` must occur).
+pub fn store_replace(store: &Path, table: &str, key: &str, from: &str, to: &str) {
+    store_tool(
+        "replace",
+        store,
+        &[table.as_ref(), key.as_ref(), from.as_ref(), to.as_ref()],
     );
 }
 
-/// Removes one entry offline as someone with disk access would (`store-tool delete`).
-pub fn store_delete(store: &Path, table: &str, key: &str) {
-    let out = Command::new(bin("store-tool"))
-        .arg("delete")
-        .arg(store)
-        .args([table, key])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+/// One stored value (`store-tool get`).
+pub fn store_get(store: &Path, table: &str, key: &str) -> Vec<u8> {
+    store_tool("get", store, &[table.as_ref(), key.as_ref()])
+}
+
+/// Stores `value` as one entry (`store-tool put`).
+pub fn store_put(store: &Path, table: &str, key: &str, value: &[u8]) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), value).unwrap();
+    store_tool(
+        "put",
+        store,
+        &[table.as_ref(), key.as_ref(), file.path().as_os_str()],
     );
+}
+
+/// Removes one entry (`store-tool delete`).
+pub fn store_delete(store: &Path, table: &str, key: &str) {
+    store_tool("delete", store, &[table.as_ref(), key.as_ref()]);
+}
+
+/// The state of version `version` of the key `name`, as `GetKey` says.
+pub async fn version_state(c: &mut KeysClient, name: &str, version: u32) -> i32 {
+    c.get_key(kms_proto::v1::GetKeyRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions
+        .iter()
+        .find(|v| v.version == version)
+        .unwrap()
+        .state
 }
 
 /// What a CLI run printed.

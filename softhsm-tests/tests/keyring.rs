@@ -13,7 +13,7 @@ use std::process::Command;
 
 use kms_proto::v1 as pb;
 use kms_proto::v1::key_management_client::KeyManagementClient;
-use softhsm_tests::{Server, TestHsm, expect_code, start_unsealed};
+use softhsm_tests::{Server, TestHsm, expect_code, start_unsealed, version_state};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -1638,18 +1638,6 @@ impl Drop for Immutable {
     fn drop(&mut self) {
         Immutable::set(&self.0, false);
     }
-}
-
-async fn version_state(c: &mut Client, name: &str, version: u32) -> i32 {
-    c.get_key(pb::GetKeyRequest { name: name.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .versions
-        .iter()
-        .find(|v| v.version == version)
-        .unwrap()
-        .state
 }
 
 /// The token refuses to destroy an HSM version's object when its time comes: the version

@@ -19,7 +19,9 @@ use std::path::Path;
 use kms_proto::v1 as pb;
 use serde_json::{Value, json};
 use softhsm_tests::pg::TestPostgres;
-use softhsm_tests::{Server, TestHsm, decrypt_ctx, encrypt_ctx, store_get, store_put};
+use softhsm_tests::{
+    Server, TestHsm, decrypt_ctx, encrypt_ctx, store_get, store_put, version_state,
+};
 
 /// What the HMAC of a seal record covers, before the record's JSON.
 const RECORD_MAC_DOMAIN: &[u8] = b"kms/v1/seal-record\0";
@@ -299,18 +301,6 @@ async fn even_an_authenticated_record_never_names_what_kms_keeps() {
 
 fn status(server: &Server) -> Value {
     server.kms(&["operator", "status", "--json"], "").json()
-}
-
-async fn version_state(c: &mut softhsm_tests::KeysClient, name: &str, version: u32) -> i32 {
-    c.get_key(pb::GetKeyRequest { name: name.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .versions
-        .iter()
-        .find(|v| v.version == version)
-        .unwrap()
-        .state
 }
 
 /// A restore drill on production's token: the restored copy takes its own identity, and

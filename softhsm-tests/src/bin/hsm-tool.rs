@@ -70,50 +70,18 @@ fn main() {
     let arg = args[4].as_str();
     match cmd {
         "orphan" | "loose-key" => loose_key(&session, arg, args.get(5).map_or("", String::as_str)),
-        "orphan-id" => {
-            let id = data_encoding::HEXLOWER.decode(args[5].as_bytes()).unwrap();
-            session
-                .generate_key(
-                    &Mechanism::AesKeyGen,
-                    &[
-                        Attribute::Class(ObjectClass::SECRET_KEY),
-                        Attribute::KeyType(KeyType::AES),
-                        Attribute::ValueLen(32.into()),
-                        Attribute::Label(arg.as_bytes().to_vec()),
-                        Attribute::Id(id),
-                        Attribute::Token(true),
-                        Attribute::Private(true),
-                        Attribute::Sensitive(true),
-                        Attribute::Extractable(false),
-                        Attribute::Encrypt(true),
-                        Attribute::Decrypt(true),
-                        Attribute::Derive(false),
-                        Attribute::Wrap(false),
-                        Attribute::Unwrap(false),
-                    ],
-                )
-                .unwrap();
-        }
-        "known-key" => {
-            session
-                .create_object(&[
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::KeyType(KeyType::AES),
-                    Attribute::Value(data_encoding::HEXLOWER.decode(args[6].as_bytes()).unwrap()),
-                    Attribute::Label(arg.as_bytes().to_vec()),
-                    Attribute::Id(data_encoding::HEXLOWER.decode(args[5].as_bytes()).unwrap()),
-                    Attribute::Token(true),
-                    Attribute::Private(true),
-                    Attribute::Sensitive(true),
-                    Attribute::Extractable(false),
-                    Attribute::Encrypt(true),
-                    Attribute::Decrypt(true),
-                    Attribute::Derive(false),
-                    Attribute::Wrap(false),
-                    Attribute::Unwrap(false),
-                ])
-                .unwrap();
-        }
+        "orphan-id" => kms_like_aes_key(
+            &session,
+            arg,
+            data_encoding::HEXLOWER.decode(args[5].as_bytes()).unwrap(),
+            None,
+        ),
+        "known-key" => kms_like_aes_key(
+            &session,
+            arg,
+            data_encoding::HEXLOWER.decode(args[5].as_bytes()).unwrap(),
+            Some(data_encoding::HEXLOWER.decode(args[6].as_bytes()).unwrap()),
+        ),
         "marker" => {
             session
                 .create_object(&[
@@ -199,6 +167,39 @@ fn main() {
         }
         "inspect" => println!("{}", inspect(&session, arg)),
         other => panic!("unknown command {other:?}"),
+    }
+}
+
+/// An AES key with a kms key's attributes (token, private, sensitive, not extractable,
+/// encrypt and decrypt only), labelled `label` with CKA_ID `id`: generated in the token, or,
+/// with `value`, created from it (then never "always sensitive" nor "never extractable").
+fn kms_like_aes_key(session: &Session, label: &str, id: Vec<u8>, value: Option<Vec<u8>>) {
+    let mut template = vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Id(id),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Derive(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+    ];
+    match value {
+        Some(value) => {
+            template.push(Attribute::Value(value));
+            session.create_object(&template).unwrap();
+        }
+        None => {
+            template.push(Attribute::ValueLen(32.into()));
+            session
+                .generate_key(&Mechanism::AesKeyGen, &template)
+                .unwrap();
+        }
     }
 }
 
