@@ -290,6 +290,15 @@ async fn a_backup_under_load_restores_into_either_backend() {
     let alone = check(&forged_file, None);
     assert_eq!(alone.code, Some(4), "{alone:?}");
     assert!(alone.stdout.contains(&forger), "{alone:?}");
+    // A key to trust that is no fingerprint or public key at all: refused by name.
+    for bad in ["not-hex", &"ab".repeat(20), &"zz".repeat(16)] {
+        let out = check(&file, Some(bad));
+        assert_ne!(out.code, Some(0), "{bad}: {out:?}");
+        assert!(
+            out.stderr.contains("neither a fingerprint"),
+            "{bad}: {out:?}"
+        );
+    }
     let refused = check(&forged_file, Some(&fingerprint));
     assert_ne!(refused.code, Some(0), "{refused:?}");
     assert!(

@@ -509,6 +509,7 @@ async fn a_restore_drill_on_the_production_token_destroys_nothing_of_production(
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     assert!(!hsm.ids(&v2.0).contains(&v2), "destroyed and gone");
+    no_secret_in_the_logs(&hsm, &shares);
 }
 
 /// With the PIN in the shares, a sealed server cannot reach the token: the altered record
@@ -566,6 +567,21 @@ async fn with_the_pin_in_the_shares_an_altered_record_is_refused_at_the_unseal()
     store_put(&store, "system", "seal", &original);
     drop(still_whole(&hsm, &config, &shares, &ct).await);
     assert_eq!(hsm.ids(""), before);
+    no_secret_in_the_logs(&hsm, &shares);
+}
+
+/// No share, PIN or plaintext of these tests in anything the servers logged (every refusal
+/// and warning of the attacks included).
+fn no_secret_in_the_logs(hsm: &TestHsm, shares: &[String]) {
+    let logs = hsm.logs();
+    assert!(!logs.is_empty());
+    for secret in shares
+        .iter()
+        .map(String::as_str)
+        .chain([hsm.pin.as_str(), "kept by the HSM"])
+    {
+        assert!(!logs.contains(secret), "a secret in the logs");
+    }
 }
 
 /// A store of before (a seal record with no MAC and no instance, no seal record key in the
@@ -787,6 +803,18 @@ async fn a_drill_cannot_be_made_production_again_by_its_store_writer() {
             st["restored_from_instance_ids"],
             json!([prod_instance]),
             "{attack}: {st}"
+        );
+        // Which instance answers, and where it came from, is for callers who are someone.
+        let anonymous = drill.kms_as(None, &["operator", "status", "--json"], "");
+        assert_eq!(anonymous.json()["instance_id"], "", "{anonymous:?}");
+        assert_eq!(anonymous.json()["restored_from_instance_ids"], json!([]));
+        // A take-over needs the admin and an unsealed server.
+        let out = drill.kms_as(Some(&drill.auditor), &["operator", "take-over"], "");
+        assert!(out.stderr.contains("PERMISSION_DENIED"), "{out:?}");
+        let out = drill.kms(&["operator", "take-over"], "");
+        assert!(
+            out.stderr.contains("FAILED_PRECONDITION") && out.stderr.contains("sealed"),
+            "{out:?}"
         );
     }
 }
