@@ -222,6 +222,15 @@ impl StorageSettings {
         })
     }
 
+    /// The store, named for an operator: the redb file, or the PostgreSQL URL (which holds
+    /// no password: a password in it is refused).
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Redb { path, .. } => format!("the redb file {}", path.display()),
+            Self::Postgres(s) => format!("the PostgreSQL database {}", s.url),
+        }
+    }
+
     /// The redb file, if the store is one.
     pub fn file(&self) -> Option<&Path> {
         match self {

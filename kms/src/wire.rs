@@ -224,6 +224,9 @@ pub(crate) fn init_pb(out: &InitOutput) -> pb::InitResponse {
         threshold: u32::from(out.threshold),
         audit_key_fingerprint: out.audit_key_fingerprint.clone(),
         shares_sealed: out.sealed,
+        master_key_reused: out.master_key_reused,
+        master_key_label: out.master_key_label.clone(),
+        master_key_id: out.master_key_id.clone().unwrap_or_default(),
     }
 }
 

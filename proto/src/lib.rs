@@ -92,6 +92,9 @@ pub mod v1 {
                 .field("threshold", &self.threshold)
                 .field("audit_key_fingerprint", &self.audit_key_fingerprint)
                 .field("shares_sealed", &self.shares_sealed)
+                .field("master_key_reused", &self.master_key_reused)
+                .field("master_key_label", &self.master_key_label)
+                .field("master_key_id", &self.master_key_id)
                 .finish()
         }
     }
@@ -159,6 +162,7 @@ mod tests {
             threshold: 2,
             audit_key_fingerprint: "ff".into(),
             shares_sealed: false,
+            ..Default::default()
         };
         let init = InitRequest {
             shares: 3,

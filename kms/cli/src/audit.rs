@@ -141,7 +141,7 @@ pub fn rfc3339(ms: u64) -> String {
 pub(crate) fn output(out: &Option<PathBuf>) -> Result<Box<dyn Write>, BoxError> {
     Ok(match out {
         Some(p) if p.as_os_str() != "-" => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).map_err(|e| format!("cannot write {}: {e}", p.display()))?,
+            crate::create_private(p).map_err(|e| format!("cannot write {}: {e}", p.display()))?,
         )),
         _ => Box::new(std::io::BufWriter::new(std::io::stdout())),
     })

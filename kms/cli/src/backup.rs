@@ -84,10 +84,20 @@ where
                 return Ok(ExitCode::from(NOT_PINNED));
             };
             let config = kms::config::Config::load(&config)?;
-            let store = config.storage.open()?;
+            let target = config.storage.describe();
+            let store = config
+                .storage
+                .open()
+                .map_err(|e| format!("cannot open {target}: {}", kms::error_chain(&e)))?;
             let done =
                 tokio::task::spawn_blocking(move || kms::backup::restore(&input, store, &trusted))
-                    .await??;
+                    .await?
+                    .map_err(|e| match e {
+                        kms::backup::BackupError::NotEmpty(_) => {
+                            format!("{target}: {e}; nothing was restored")
+                        }
+                        e => kms::error_chain(&e),
+                    })?;
             println!(
                 "restored {} entries (backup of {} by {}, sha256 {}, signed by the audit key {}); start the server and unseal it: it takes an instance identity of its own (docs/operations.md)",
                 done.entries,

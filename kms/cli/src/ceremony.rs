@@ -12,6 +12,7 @@ use kms_proto::v1::system_client::SystemClient;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
+use crate::share_files::ShareDir;
 use crate::{Answer as _, BoxError, read_shares, show};
 
 /// `kms operator rekey ...`.
@@ -83,32 +84,37 @@ pub fn recipients(given: &[String]) -> Result<Vec<String>, BoxError> {
     given.iter().map(|g| recipient(g)).collect()
 }
 
-/// Prints shares sealed to recipients, or writes them to `out_dir` as `share-<i>.age`.
+/// Prints shares sealed to recipients, or writes them into the files `out` reserved for
+/// them (see [`ShareDir`]: if that fails, they are printed after all).
 pub fn print_sealed(
     shares: &[String],
     recipients: &[String],
-    out_dir: Option<&Path>,
+    out: Option<ShareDir>,
 ) -> Result<(), BoxError> {
-    let mut out = std::io::stdout().lock();
-    for (i, share) in shares.iter().enumerate() {
-        let to = recipients.get(i).map_or("its recipient", String::as_str);
-        match out_dir {
-            Some(dir) => {
-                let path = dir.join(format!("share-{}.age", i + 1));
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)
-                    .and_then(|mut f| f.write_all(share.as_bytes()))
-                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-                writeln!(out, "Share {}, sealed to {to}: {}", i + 1, path.display())?;
+    let mut stdout = std::io::stdout().lock();
+    let to = |i: usize| recipients.get(i).map_or("its recipient", String::as_str);
+    match out {
+        Some(dir) => {
+            let written = dir.save(shares, &mut stdout)?;
+            for (i, path) in written.iter().enumerate() {
+                writeln!(
+                    stdout,
+                    "Share {}, sealed to {}: {}",
+                    i + 1,
+                    to(i),
+                    path.display()
+                )?;
             }
-            None => writeln!(out, "Share {}, sealed to {to}:\n{share}", i + 1)?,
+        }
+        None => {
+            for (i, share) in shares.iter().enumerate() {
+                writeln!(stdout, "Share {}, sealed to {}:\n{share}", i + 1, to(i))?;
+            }
         }
     }
-    writeln!(out)?;
+    writeln!(stdout)?;
     writeln!(
-        out,
+        stdout,
         "Each share is encrypted to its custodian's age key: only they can read it\n\
          (`age --decrypt -i KEY_FILE share.age`). Give each file to its custodian."
     )?;
@@ -169,6 +175,21 @@ async fn submit(
     out_dir: Option<&Path>,
     json: bool,
 ) -> Result<ExitCode, BoxError> {
+    // The files for the new shares are checked and reserved before any share is given:
+    // the submit that completes the quorum receives the new shares once.
+    let mut files = match out_dir {
+        Some(dir) => {
+            let s = client.status(pb::StatusRequest {}).answer().await?;
+            let p = s
+                .rekey
+                .ok_or("no rekey is in progress (nothing was done)")?;
+            if !p.sealed_to_recipients {
+                return Err("--out-dir writes only shares sealed to recipients; this rekey's new shares are in clear (nothing was done): run without --out-dir".into());
+            }
+            Some(ShareDir::prepare(dir, p.new_shares as usize)?)
+        }
+        None => None,
+    };
     for share in read_shares("Share (input is hidden): ")?.iter() {
         let r = client
             .rekey_submit(pb::RekeySubmitRequest {
@@ -179,6 +200,11 @@ async fn submit(
             .await?;
         let status = r.status.clone().unwrap_or_default();
         if json {
+            if !r.shares.is_empty()
+                && let Some(dir) = files.take()
+            {
+                dir.save(&r.shares, &mut std::io::stdout().lock())?;
+            }
             let v = serde_json::json!({
                 "shares": r.shares,
                 "shares_sealed": r.shares_sealed,
@@ -195,7 +221,7 @@ async fn submit(
                 r.committed_share_set_id
             );
         } else if !r.shares.is_empty() {
-            print_new_shares(&r, &status, out_dir)?;
+            print_new_shares(&r, &status, files.take())?;
         } else if let Some(p) = &status.rekey {
             println!(
                 "Share accepted. Rekey {}: {}/{} (nonce {})",
@@ -212,15 +238,13 @@ async fn submit(
 fn print_new_shares(
     r: &pb::RekeySubmitResponse,
     status: &pb::SealStatus,
-    out_dir: Option<&Path>,
+    files: Option<ShareDir>,
 ) -> Result<(), BoxError> {
     let p = status.rekey.clone().unwrap_or_default();
     if r.shares_sealed {
-        print_sealed(&r.shares, &r.recipients, out_dir)?;
+        print_sealed(&r.shares, &r.recipients, files)?;
     } else {
-        if out_dir.is_some() {
-            return Err("--out-dir writes only shares sealed to recipients; these new shares are in clear and were printed nowhere: cancel the rekey (`kms operator rekey cancel`) and start again".into());
-        }
+        // (`--out-dir` was refused up front for shares in clear.)
         for (i, s) in r.shares.iter().enumerate() {
             println!("New share {}: {s}", i + 1);
         }

@@ -223,9 +223,9 @@ fn write_output(io: &Io, bytes: &[u8]) -> Result<(), BoxError> {
         bytes
     };
     match &io.out {
-        Some(p) if p.as_os_str() != "-" => {
-            std::fs::write(p, data).map_err(|e| format!("cannot write {}: {e}", p.display()))?
-        }
+        Some(p) if p.as_os_str() != "-" => crate::create_private(p)
+            .and_then(|mut f| f.write_all(data))
+            .map_err(|e| format!("cannot write {}: {e}", p.display()))?,
         _ => std::io::stdout().lock().write_all(data)?,
     }
     Ok(())

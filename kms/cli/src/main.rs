@@ -229,6 +229,7 @@ mod grant;
 mod keys;
 mod report;
 mod rlimit;
+mod share_files;
 mod show;
 
 use kms::error_chain;
@@ -318,16 +319,27 @@ fn read_pem(flag: &str, path: &std::path::Path) -> Result<Zeroizing<Vec<u8>>, Bo
     })?))
 }
 
+/// Creates (or truncates) a file only its owner can read, as backups are: exports, reports
+/// and decrypted data hold what a backup holds, or more. A file that existed is made 0600
+/// too.
+pub(crate) fn create_private(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
+}
+
 /// Connects to the server named by `--addr` / `KMS_ADDR`: over TLS (with `--ca`, and the
 /// client certificate `--cert`/`--cert-key` for mTLS) unless the address says `http://`.
 /// An address without a scheme is https: the CLI sends shares and PINs, and never does so
 /// in clear unless told to in so many words.
 async fn connect(conn: &Conn) -> Result<Channel, BoxError> {
-    let addr = if conn.addr.contains("://") {
-        conn.addr.clone()
-    } else {
-        format!("https://{}", conn.addr)
-    };
+    let addr = server_address(&conn.addr)?;
     let mut endpoint = Channel::from_shared(addr.clone())
         .map_err(|_| format!("--addr {addr:?} is not a valid address"))?;
     if addr.starts_with("https://") {
@@ -358,6 +370,30 @@ async fn connect(conn: &Conn) -> Result<Channel, BoxError> {
         .await
         .map_err(|e| format!("cannot reach the kms server at {addr}: {}", error_chain(&e)))?;
     Ok(channel)
+}
+
+/// The port a server listens on unless configured otherwise (`server.listen`).
+const DEFAULT_PORT: u16 = 8200;
+
+/// `--addr` as the CLI dials it: https unless a scheme is written out, and port 8200
+/// unless one is given (not the scheme's 443 or 80: kms listens on 8200).
+fn server_address(given: &str) -> Result<String, BoxError> {
+    let with_scheme = if given.contains("://") {
+        given.to_owned()
+    } else {
+        format!("https://{given}")
+    };
+    let bad = || format!("--addr {given:?} is not an address: give https://HOST:PORT");
+    let uri: tonic::codegen::http::Uri = with_scheme.parse().map_err(|_| bad())?;
+    let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
+        return Err(bad().into());
+    };
+    if uri.port().is_some() {
+        return Ok(with_scheme);
+    }
+    let path = uri.path_and_query().map_or("", |p| p.as_str());
+    let path = if path == "/" { "" } else { path };
+    Ok(format!("{scheme}://{host}:{DEFAULT_PORT}{path}"))
 }
 
 /// A unary call's answer: the response's message, or the status as the CLI prints it.
@@ -487,6 +523,12 @@ async fn init(
     } else {
         Zeroizing::new(String::new())
     };
+    // Everything writing the shares needs is checked and reserved before the server makes
+    // them: it makes them once.
+    let files = out_dir
+        .as_deref()
+        .map(|dir| share_files::ShareDir::prepare(dir, shares as usize))
+        .transpose()?;
     let resp = client
         .init(pb::InitRequest {
             shares,
@@ -496,19 +538,31 @@ async fn init(
         })
         .answer()
         .await?;
+    if resp.master_key_reused {
+        eprintln!(
+            "Note: the token already held a master key labelled {} (id {}): this init wraps the new root key under it instead of making one. (A store emptied to start over does this; if you did not expect it, see \"Starting over\" in docs/ceremony.md.)",
+            resp.master_key_label, resp.master_key_id
+        );
+    }
     if resp.shares_sealed && !json {
-        ceremony::print_sealed(&resp.shares, &recipients, out_dir.as_deref())?;
+        // The fingerprint is printed whatever became of the files.
+        let saved = ceremony::print_sealed(&resp.shares, &recipients, files);
         println!(
-            "Share set {}: {} of these {} shares unseal the server.
+            "Share set {}: {} of these {} shares unseal the server.\n\
              Audit checkpoint key fingerprint: {} (record it).",
             resp.share_set_id,
             resp.threshold,
             resp.shares.len(),
             resp.audit_key_fingerprint
         );
+        saved?;
         return Ok(ExitCode::SUCCESS);
     }
+    // (`--json`: the JSON holds every share and the fingerprint, whatever became of the
+    // files.)
+    let saved = files.map(|f| f.save(&resp.shares, &mut std::io::stderr().lock()));
     show::print_init(&(&resp).into(), json)?;
+    saved.transpose()?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -520,7 +574,12 @@ async fn unseal(
     nonce: Option<String>,
 ) -> Result<ExitCode, BoxError> {
     let shares = read_shares("Unseal share (input is hidden): ")?;
-    for share in shares.iter() {
+    let before = client.status(pb::StatusRequest {}).answer().await?;
+    if before.initialized && !before.sealed {
+        println!("The server is already unsealed: your share was not needed, and was not sent.");
+        return Ok(ExitCode::SUCCESS);
+    }
+    for (i, share) in shares.iter().enumerate() {
         let s = client
             .unseal(pb::UnsealRequest {
                 share: share.to_string(),
@@ -536,6 +595,11 @@ async fn unseal(
             );
         } else {
             println!("The server is unsealed.");
+            let left = shares.len() - i - 1;
+            if left > 0 {
+                println!("The other {left} share(s) given were not needed, and were not sent.");
+            }
+            break;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -589,4 +653,27 @@ fn read_hsm_pin() -> Result<Zeroizing<String>, BoxError> {
         );
     }
     Ok(pin)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::server_address;
+
+    #[test]
+    fn an_address_without_a_port_dials_8200() {
+        for (given, dialed) in [
+            ("127.0.0.1", "https://127.0.0.1:8200"),
+            ("https://kms.example", "https://kms.example:8200"),
+            ("http://127.0.0.1", "http://127.0.0.1:8200"),
+            ("[::1]", "https://[::1]:8200"),
+            ("https://[::1]:9000", "https://[::1]:9000"),
+            ("kms.example:443", "https://kms.example:443"),
+            ("https://127.0.0.1:8200", "https://127.0.0.1:8200"),
+        ] {
+            assert_eq!(server_address(given).unwrap(), dialed, "{given}");
+        }
+        assert!(server_address("https://").is_err());
+        assert!(server_address("not an address").is_err());
+    }
 }

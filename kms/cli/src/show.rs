@@ -17,6 +17,8 @@ pub struct InitShown<'a> {
     pub threshold: u32,
     /// The audit checkpoint key's fingerprint.
     pub audit_key_fingerprint: &'a str,
+    /// Whether the token held the master key before this init.
+    pub master_key_reused: bool,
 }
 
 impl<'a> From<&'a pb::InitResponse> for InitShown<'a> {
@@ -26,6 +28,7 @@ impl<'a> From<&'a pb::InitResponse> for InitShown<'a> {
             share_set_id: r.share_set_id.clone(),
             threshold: r.threshold,
             audit_key_fingerprint: &r.audit_key_fingerprint,
+            master_key_reused: r.master_key_reused,
         }
     }
 }
@@ -37,6 +40,7 @@ impl<'a> From<&'a kms::seal::InitOutput> for InitShown<'a> {
             share_set_id: o.share_set_id.to_string(),
             threshold: u32::from(o.threshold),
             audit_key_fingerprint: &o.audit_key_fingerprint,
+            master_key_reused: o.master_key_reused,
         }
     }
 }
@@ -85,6 +89,7 @@ pub fn print_init(resp: &InitShown<'_>, json: bool) -> Result<(), BoxError> {
             "threshold": resp.threshold,
             "shares": resp.shares,
             "audit_key_fingerprint": resp.audit_key_fingerprint,
+            "master_key_reused": resp.master_key_reused,
         });
         writeln!(out, "{v}")?;
         return Ok(());

@@ -450,10 +450,11 @@ impl Hsm {
     }
 
     /// Finds the master key, or generates it inside the token if there is none.
-    pub(crate) fn find_or_generate_master_key(&self) -> Result<KeyHandle, HsmError> {
+    /// The token's master key, or a new one; and whether it was already there.
+    pub(crate) fn find_or_generate_master_key(&self) -> Result<(KeyHandle, bool), HsmError> {
         match self.find_master_key() {
-            Err(HsmError::MasterKeyMissing { .. }) => self.generate_master_key(),
-            other => other,
+            Err(HsmError::MasterKeyMissing { .. }) => Ok((self.generate_master_key()?, false)),
+            other => Ok((other?, true)),
         }
     }
 

@@ -80,9 +80,21 @@ impl SealManager {
             .hsm
             .find_or_generate_master_key()
             .map_err(SealError::from)
-            .and_then(|master_key| {
+            .and_then(|(master_key, found)| {
                 check_master_key(&self.hsm, master_key, self.hsm.master_key_label())?;
-                self.init_records(inner, master_key, n, t, pin, recipients, commit)
+                let mut out = self.init_records(inner, master_key, n, t, pin, recipients, commit)?;
+                if found {
+                    // Said in the answer and the log: a store emptied to start over does
+                    // this, and an operator who did not expect it must hear of it.
+                    let id = out.master_key_id.clone().unwrap_or_default();
+                    tracing::warn!(
+                        label = self.hsm.master_key_label(),
+                        id = %id,
+                        "init found a master key already in the token and wraps the new root key under it"
+                    );
+                    out.master_key_reused = true;
+                }
+                Ok(out)
             });
         if result.is_err() {
             self.hsm.set_ownership(Ownership::default());
@@ -262,6 +274,9 @@ impl SealManager {
             shares: super::recipients::share_texts(split, recipients)?,
             sealed: !recipients.is_empty(),
             audit_key_fingerprint: crate::audit::fingerprint(audit_public),
+            master_key_label: record.master_key_label.clone(),
+            master_key_id: record.master_key_id.clone(),
+            master_key_reused: false,
         };
         commit(
             &output,

@@ -529,6 +529,13 @@ pub struct InitOutput {
     pub sealed: bool,
     /// The audit checkpoint key's fingerprint ([`crate::audit::fingerprint`]).
     pub audit_key_fingerprint: String,
+    /// The master key's label.
+    pub master_key_label: String,
+    /// The master key's CKA_ID (hex), when it has one.
+    pub master_key_id: Option<String>,
+    /// Whether the token held the master key before this init (a store emptied to start
+    /// over; or another kms using the same label on the token).
+    pub master_key_reused: bool,
 }
 
 struct Attempt {
