@@ -45,7 +45,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("kms_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
+    // Maps as BTreeMaps: a message encodes the same way every time (a retried change's
+    // request is compared by its encoding: kms::grpc, RETRIED_CHANGES).
     tonic_prost_build::configure()
+        .btree_map(".")
         .skip_debug(REDACTED)
         .compile_fds(fds)?;
     Ok(())

@@ -805,20 +805,44 @@ fn reflection_v1alpha() -> Result<
 async fn maintain(seal: Arc<SealManager>, every: std::time::Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Retries' first answers are kept a day; the expired ones are removed hourly.
+    let mut forgot: Option<std::time::Instant> = None;
     loop {
         tick.tick().await;
         let Ok(keyring) = seal.keyring() else {
             continue;
         };
-        let done =
-            tokio::task::spawn_blocking(move || keyring.maintain(crate::keyring::now())).await;
-        if let Ok((rotated, destroyed)) = done
-            && rotated + destroyed > 0
-        {
+        let forget = forgot.is_none_or(|at| at.elapsed() >= FORGET_REQUESTS_EVERY);
+        if forget {
+            forgot = Some(std::time::Instant::now());
+        }
+        let done = tokio::task::spawn_blocking(move || {
+            let forgotten = forget.then(|| {
+                let now_ms = crate::keyring::now().saturating_mul(1000);
+                keyring.forget_requests(now_ms)
+            });
+            (keyring.maintain(crate::keyring::now()), forgotten)
+        })
+        .await;
+        let Ok((maintained, forgotten)) = done else {
+            continue;
+        };
+        let (rotated, destroyed) = maintained;
+        if rotated + destroyed > 0 {
             tracing::info!(rotated, destroyed, "keyring maintenance");
+        }
+        match forgotten {
+            Some(Err(e)) => {
+                tracing::warn!(error = %crate::error_chain(&e), "could not remove expired retry answers");
+            }
+            Some(Ok(n)) if n > 0 => tracing::debug!(removed = n, "expired retry answers removed"),
+            _ => {}
         }
     }
 }
+
+/// How often the first answers kept for retries are swept for expired ones.
+const FORGET_REQUESTS_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Completes on SIGINT or SIGTERM. The handlers are installed when this is called, not
 /// when the future is first polled: call it before `bind` prints "kms listening", so that a

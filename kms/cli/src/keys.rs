@@ -1,6 +1,5 @@
 //! `kms key ...`: key administration. `--json` prints one JSON object.
 
-use std::collections::HashMap;
 use std::process::ExitCode;
 
 use clap::{Subcommand, ValueEnum};
@@ -344,7 +343,7 @@ pub(super) async fn run_key(channel: Channel, command: KeyCommand) -> Result<Exi
                 algorithm: wire::algorithm_pb(algorithm.into()) as i32,
                 protection_level: wire::protection_pb(protection.into()) as i32,
                 rotation_period_seconds: rotation_period.unwrap_or(0),
-                labels: labels.into_iter().collect::<HashMap<_, _>>(),
+                labels: labels.into_iter().collect(),
                 origin: match origin {
                     OriginArg::Generated => pb::KeyOrigin::Generated,
                     OriginArg::External => pb::KeyOrigin::External,

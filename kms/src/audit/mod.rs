@@ -102,6 +102,11 @@ pub struct AuditEvent {
     /// (Absent from every other record, so their hashes are unchanged.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ceremony: Option<CeremonySummary>,
+    /// A change retried with the request id of one already made (docs/api.md, "Retries and
+    /// idempotency"), answered with that first answer: nothing was changed again. (Absent
+    /// from every other record, so their hashes are unchanged.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replayed: bool,
 }
 
 /// What a custodians' ceremony call concerned, in its record: share sets, share indexes and

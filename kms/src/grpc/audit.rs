@@ -146,7 +146,13 @@ impl pb::audit_server::Audit for AuditService {
             Ok(Served::new(()))
         })
         .await?;
-        let filter = filter.map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let filter = filter.map_err(|e| {
+            super::status(
+                tonic::Code::InvalidArgument,
+                "INVALID_FILTER",
+                e.to_string(),
+            )
+        })?;
         let log = self.ctx.audit.clone();
         let public_key = self.ctx.seal.audit_public_key();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -154,8 +160,11 @@ impl pb::audit_server::Audit for AuditService {
             let result = export(&log, public_key, &filter, &tx);
             if let Err(e) = result {
                 tracing::error!(error = %crate::error_chain(&e), "audit export failed");
-                let _ =
-                    tx.blocking_send(Err(Status::unavailable("the audit log could not be read")));
+                let _ = tx.blocking_send(Err(super::status(
+                    tonic::Code::Unavailable,
+                    "AUDIT_UNAVAILABLE",
+                    "the audit log could not be read",
+                )));
             }
         });
         Ok(Response::new(Box::pin(

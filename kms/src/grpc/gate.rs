@@ -60,7 +60,8 @@ use http_body::{Frame, SizeHint};
 use tonic::body::Body;
 use tonic::{Code, Status};
 
-use super::{AUDIT_UNAVAILABLE, code_name};
+use super::deadline::{Deadline, Expired};
+use super::{audit_unavailable, code_name, status};
 use crate::access::limiter::{
     CallLimiter, Holder, LimitKind, Limits, RefusedLimiter, Source, Throttle, Verdict,
 };
@@ -495,20 +496,130 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
         // The clone is not ready; the ready one serves this call (tower's usual swap).
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let state = Arc::clone(&self.state);
+        // The request id the handler, the record and every answer carry: the caller's if it
+        // is a sane token, else a fresh one put in its place.
+        let request_id = super::request_id_of(req.headers());
+        let given = req
+            .headers()
+            .get(super::REQUEST_ID)
+            .is_some_and(|v| v.as_bytes() == request_id.as_bytes());
+        if given {
+            req.extensions_mut().insert(super::CallerRequestId);
+        }
+        let id_value = http::HeaderValue::try_from(request_id.as_str()).ok();
+        if let Some(v) = &id_value {
+            req.headers_mut().insert(super::REQUEST_ID, v.clone());
+        }
+        // Taken now, before tonic takes its own: see `deadline`.
+        let deadline = Deadline::of(req.headers());
+        if let Some(d) = &deadline {
+            req.extensions_mut().insert(d.clone());
+        }
         Box::pin(async move {
             let started = Instant::now();
             let (service, method) = rpc_of(req.uri().path());
-            let response = pass(inner, state, req, &service, &method).await?;
+            let mut response = match deadline {
+                None => pass(inner, Arc::clone(&state), req, &service, &method).await?,
+                Some(d) => {
+                    let on_expiry = Expiry::of(&req, &service, &method, &request_id);
+                    tokio::select! {
+                        biased;
+                        r = pass(inner, Arc::clone(&state), req, &service, &method) => r?,
+                        () = tokio::time::sleep_until(d.at().into()) => expired(&state, &d, on_expiry),
+                    }
+                }
+            };
+            if let Some(v) = id_value {
+                response.headers_mut().entry(super::REQUEST_ID).or_insert(v);
+            }
+            with_error_info(&mut response);
             let code = status_of(&response).map_or("OK", code_name);
             crate::metrics::metrics().request(&service, &method, code, started.elapsed());
             Ok(response)
         })
     }
+}
+
+/// What the gate records, or counts, of a call whose deadline passed before its work
+/// began.
+struct Expiry {
+    event: AuditEvent,
+    /// A caller without a certificate: counted, not recorded.
+    stranger: Option<(Source, Rpc)>,
+}
+
+impl Expiry {
+    fn of(req: &http::Request<Body>, service: &str, method: &str, request_id: &str) -> Self {
+        let peer = req.extensions().get::<PeerInfo>();
+        Self {
+            event: AuditEvent {
+                request_id: request_id.to_owned(),
+                principal: peer.map_or_else(
+                    || crate::policy::ANONYMOUS.to_owned(),
+                    |p| p.identity.principal.clone(),
+                ),
+                peer: peer.map(|p| p.addr.to_string()).unwrap_or_default(),
+                service: service.to_owned(),
+                operation: method.to_owned(),
+                outcome: code_name(Code::DeadlineExceeded).to_owned(),
+                ..AuditEvent::default()
+            },
+            stranger: peer
+                .filter(|p| p.identity.tls && !p.identity.authenticated)
+                .map(|p| (Source::of(p.addr.ip()), Rpc::of(service, method))),
+        }
+    }
+}
+
+/// The answer when the caller's deadline passed before the call's answer: says whether the
+/// work had begun (see [`super::deadline`]). Given at once, before tonic's own timeout: a
+/// call whose work never began is recorded (or counted) without waiting for the record,
+/// which tells of nothing done.
+fn expired(state: &GateState, deadline: &Deadline, on_expiry: Expiry) -> http::Response<Body> {
+    let expired = deadline.expire();
+    let message = match expired {
+        Expired::NotBegun | Expired::Refused => {
+            "the call's deadline passed before it began: nothing was done"
+        }
+        Expired::Begun => {
+            "the call's deadline passed while it ran: it may have completed; its x-request-id \
+             is in the audit log with its outcome (docs/api.md)"
+        }
+    };
+    if expired == Expired::NotBegun {
+        match on_expiry.stranger {
+            Some((source, rpc)) => state.count(source, rpc, code_name(Code::DeadlineExceeded)),
+            None if on_expiry.event.service == HEALTH => {
+                state.count_probe(code_name(Code::DeadlineExceeded));
+            }
+            None => drop(state.audit.submit(on_expiry.event)),
+        }
+    }
+    status(Code::DeadlineExceeded, "DEADLINE_EXCEEDED", message).into_http()
+}
+
+/// Every error answer carries a `google.rpc.ErrorInfo`: one tonic made itself (a request
+/// too large, an unknown method, a malformed body) gets one naming its code.
+fn with_error_info(response: &mut http::Response<Body>) {
+    if response.headers().contains_key("grpc-status-details-bin") {
+        return;
+    }
+    let Some(found) = Status::from_header_map(response.headers()) else {
+        return;
+    };
+    let reason = match found.code() {
+        Code::Ok => return,
+        Code::OutOfRange | Code::ResourceExhausted => "REQUEST_TOO_LARGE",
+        Code::Unimplemented => "UNKNOWN_METHOD",
+        Code::Cancelled => "CANCELLED",
+        _ => "REQUEST_REFUSED",
+    };
+    let _ = status(found.code(), reason, found.message()).add_header(response.headers_mut());
 }
 
 /// The gate's work on one call (see the module docs): the refusals it makes itself, then
@@ -585,25 +696,33 @@ where
     if let Verdict::Limited { wait, .. } = state.refused_anonymous.check(&source, now) {
         state.anonymous_limited(LimitKind::RefusedCalls, source);
         state.count(source, rpc, code_name(Code::ResourceExhausted));
-        return Ok(Status::resource_exhausted(format!(
-            "too many refused calls from this address: try again in {} s",
-            wait.as_secs().max(1)
-        ))
+        return Ok(status(
+            Code::ResourceExhausted,
+            "TOO_MANY_REFUSED_CALLS",
+            format!(
+                "too many refused calls from this address: try again in {} s",
+                wait.as_secs().max(1)
+            ),
+        )
         .into_http());
     }
     if crate::access::need(&event.service, &event.operation).needs_certificate() {
         state.refused_anonymous.refused(&source, now);
         state.count(source, rpc, code_name(Code::Unauthenticated));
-        return Ok(Status::unauthenticated(Denied::Unauthenticated.to_string()).into_http());
+        return Ok(super::to_status(&Denied::Unauthenticated.into()).into_http());
     }
     // Past here: `Status`, `WhoAmI` or health.
     if let Err(wait) = state.anonymous_calls.allow(ip, now) {
         state.anonymous_limited(LimitKind::AnonymousCalls, source);
         state.count(source, rpc, code_name(Code::ResourceExhausted));
-        let status = Status::resource_exhausted(format!(
-            "too many calls without a client certificate from this address: try again in {} s",
-            wait.as_secs().max(1)
-        ));
+        let status = status(
+            Code::ResourceExhausted,
+            "TOO_MANY_ANONYMOUS_CALLS",
+            format!(
+                "too many calls without a client certificate from this address: try again in {} s",
+                wait.as_secs().max(1)
+            ),
+        );
         // The refusal comes after a while: a client that waits for its answers (HTTP/2
         // lets it have only `max_concurrent_streams` calls open per connection) cannot make
         // the server refuse calls as fast as it can send them.
@@ -620,10 +739,14 @@ where
         match tokio::time::timeout(timeout, served(inner, state, req, event, &caller)).await {
             Ok(response) => response?,
             Err(_) => {
-                let status = Status::deadline_exceeded(format!(
-                    "a call without a client certificate must be answered within {} s",
-                    timeout.as_secs()
-                ));
+                let status = status(
+                    Code::DeadlineExceeded,
+                    "ANONYMOUS_CALL_TIMEOUT",
+                    format!(
+                        "a call without a client certificate must be answered within {} s",
+                        timeout.as_secs()
+                    ),
+                );
                 state.count(source, rpc, code_name(status.code()));
                 status.into_http()
             }
@@ -685,7 +808,7 @@ where
     if append(&state.audit, event).await {
         Ok(response)
     } else {
-        Ok(Status::unavailable(AUDIT_UNAVAILABLE).into_http())
+        Ok(audit_unavailable().into_http())
     }
 }
 
@@ -699,10 +822,14 @@ async fn refuse(
     event: &AuditEvent,
 ) -> Option<http::Response<Body>> {
     if let Verdict::Limited { wait, first } = state.refused_check(caller, Instant::now()) {
-        let status = Status::resource_exhausted(format!(
-            "too many refused calls from this address: try again in {} s",
-            wait.as_secs().max(1)
-        ));
+        let status = status(
+            Code::ResourceExhausted,
+            "TOO_MANY_REFUSED_CALLS",
+            format!(
+                "too many refused calls from this address: try again in {} s",
+                wait.as_secs().max(1)
+            ),
+        );
         crate::metrics::metrics().limit_reached(LimitKind::RefusedCalls);
         if first {
             if let Caller::Holder(holder) = caller {
@@ -726,12 +853,7 @@ async fn refuse(
         )
     {
         state.refused(caller);
-        let status = match denied {
-            Denied::Unauthenticated | Denied::Expired => {
-                Status::unauthenticated(denied.to_string())
-            }
-            _ => Status::permission_denied(denied.to_string()),
-        };
+        let status = super::to_status(&denied.into());
         return Some(answer(state, event.clone(), status).await);
     }
     None
@@ -747,7 +869,7 @@ async fn answer(state: &GateState, event: AuditEvent, status: Status) -> http::R
     if append(&state.audit, event).await {
         status.into_http()
     } else {
-        Status::unavailable(AUDIT_UNAVAILABLE).into_http()
+        audit_unavailable().into_http()
     }
 }
 
@@ -794,10 +916,14 @@ impl http_body::Body for Limited {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     if data.len() > this.left {
-                        return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
-                            "a request without a client certificate is limited to {} bytes",
-                            this.limit
-                        )))));
+                        return Poll::Ready(Some(Err(status(
+                            Code::ResourceExhausted,
+                            "REQUEST_TOO_LARGE",
+                            format!(
+                                "a request without a client certificate is limited to {} bytes",
+                                this.limit
+                            ),
+                        ))));
                     }
                     this.left -= data.len();
                 }

@@ -11,6 +11,7 @@
 
 mod access;
 mod audit;
+pub(crate) mod deadline;
 pub(crate) mod gate;
 mod keys;
 mod system;
@@ -76,10 +77,14 @@ pub(crate) enum ApiError {
         .0.as_secs().max(1)
     )]
     UnsealLimited(std::time::Duration),
+    /// The caller's deadline passed before the call began: nothing was done.
+    #[error("the call's deadline passed before it began: nothing was done")]
+    DeadlineExceeded,
 }
 
-/// The gRPC code of an error: `FAILED_PRECONDITION` for lifecycle and state (sealed,
-/// uninitialised, wrong purpose, version not enabled), `INVALID_ARGUMENT` for bad input
+/// The gRPC code of an error: `UNAVAILABLE` for a sealed server (it will be unsealed:
+/// retry), `FAILED_PRECONDITION` for lifecycle and state (uninitialised, wrong purpose,
+/// version not enabled), `INVALID_ARGUMENT` for bad input
 /// (including the opaque "decryption failed"), `NOT_FOUND`, `ALREADY_EXISTS`,
 /// `RESOURCE_EXHAUSTED`, `UNAVAILABLE` for HSM, store and audit faults, `DATA_LOSS` for a
 /// store that was altered or is corrupt.
@@ -91,6 +96,7 @@ pub(crate) fn code_of(err: &ApiError) -> Code {
         ApiError::Denied(Denied::Unauthenticated | Denied::Expired) => Code::Unauthenticated,
         ApiError::Denied(_) => Code::PermissionDenied,
         ApiError::UnsealLimited(_) => Code::ResourceExhausted,
+        ApiError::DeadlineExceeded => Code::DeadlineExceeded,
         ApiError::Backup(crate::backup::BackupError::NoSigner) => Code::FailedPrecondition,
         ApiError::Backup(_) => Code::Unavailable,
     }
@@ -98,9 +104,11 @@ pub(crate) fn code_of(err: &ApiError) -> Code {
 
 fn seal_code(e: &SealError) -> Code {
     match e {
+        // Every restart comes up sealed, and a quorum unseals it: retry (as UNAVAILABLE
+        // tells standard retry policies to), as for a server that is starting.
+        SealError::Sealed => Code::Unavailable,
         SealError::NotInitialized
         | SealError::AlreadyInitialized
-        | SealError::Sealed
         | SealError::AttemptMismatch
         | SealError::UnsafeMasterKey { .. }
         | SealError::SharesPinRejected(_)
@@ -148,6 +156,7 @@ fn keyring_code(e: &KeyringError) -> Code {
         | KeyringError::BadRequest(_)
         | KeyringError::TooLarge { .. }
         | KeyringError::TooManyItems { .. }
+        | KeyringError::RequestIdReused
         | KeyringError::DecryptionFailed => Code::InvalidArgument,
         KeyringError::AlreadyExists(_) => Code::AlreadyExists,
         KeyringError::NotFound(_)
@@ -166,8 +175,122 @@ fn keyring_code(e: &KeyringError) -> Code {
         | KeyringError::Behind
         | KeyringError::Randomness
         | KeyringError::AuditUnavailable => Code::Unavailable,
-        KeyringError::Internal(_) => Code::Internal,
+        KeyringError::Internal(_) | KeyringError::Replayed => Code::Internal,
     }
+}
+
+/// The domain of every `google.rpc.ErrorInfo` the server attaches.
+pub(crate) const ERROR_DOMAIN: &str = "kms";
+
+/// An error's machine-readable reason (`google.rpc.ErrorInfo.reason`, docs/api.md), so
+/// clients need not match messages. UPPER_SNAKE_CASE, stable: a reason is never renamed.
+/// A refusal for want of a grant says `NO_GRANT` whether or not the key exists.
+pub(crate) fn reason_of(err: &ApiError) -> &'static str {
+    match err {
+        ApiError::Seal(e) => seal_reason(e),
+        ApiError::Keyring(e) => keyring_reason(e),
+        ApiError::AuditRead(_) => "AUDIT_UNAVAILABLE",
+        ApiError::Denied(d) => match d {
+            Denied::Unauthenticated => "NO_CLIENT_CERTIFICATE",
+            Denied::Expired => "CERTIFICATE_EXPIRED",
+            Denied::Role { .. } => "NO_ROLE",
+            Denied::Grant { .. } => "NO_GRANT",
+            Denied::NotTls => "TLS_REQUIRED",
+        },
+        ApiError::Backup(crate::backup::BackupError::NoSigner) => "NO_AUDIT_SIGNER",
+        ApiError::Backup(_) => "BACKUP_FAILED",
+        ApiError::UnsealLimited(_) => "TOO_MANY_FAILED_SHARES",
+        ApiError::DeadlineExceeded => "DEADLINE_EXCEEDED",
+    }
+}
+
+fn seal_reason(e: &SealError) -> &'static str {
+    match e {
+        SealError::NotInitialized => "NOT_INITIALIZED",
+        SealError::AlreadyInitialized => "ALREADY_INITIALIZED",
+        SealError::Sealed => "SEALED",
+        SealError::AttemptMismatch => "UNSEAL_ATTEMPT_MISMATCH",
+        SealError::UnsafeMasterKey { .. } => "UNSAFE_MASTER_KEY",
+        SealError::SharesPinRejected(_) | SealError::InitPinRejected(_) => "HSM_PIN_REJECTED",
+        SealError::PinModeMismatch { .. } => "PIN_MODE_MISMATCH",
+        SealError::NoRekey => "NO_REKEY",
+        SealError::RekeyInProgress(_) => "REKEY_IN_PROGRESS",
+        SealError::RecordChanged => "SEAL_RECORD_CHANGED",
+        SealError::NoCommitments => "NO_SHARE_COMMITMENTS",
+        SealError::NothingToTakeOver => "NOTHING_TO_TAKE_OVER",
+        SealError::SameMasterKey => "SAME_MASTER_KEY",
+        SealError::BadParameters(_) => "INVALID_SHARE_PARAMETERS",
+        SealError::MalformedShare(_) => "MALFORMED_SHARE",
+        SealError::WrongShareSet { .. } => "WRONG_SHARE_SET",
+        SealError::WrongThreshold { .. } => "WRONG_THRESHOLD",
+        SealError::DuplicateShare { .. } => "DUPLICATE_SHARE",
+        SealError::UnknownShare { .. } => "UNKNOWN_SHARE",
+        SealError::WrongQuorum => "WRONG_QUORUM",
+        SealError::PinRequired => "HSM_PIN_REQUIRED",
+        SealError::PinNotExpected => "HSM_PIN_NOT_EXPECTED",
+        SealError::RetiredShareSet { .. } => "RETIRED_SHARE_SET",
+        SealError::NotNewShare { .. } => "NOT_A_NEW_SHARE",
+        SealError::RecipientCount { .. } => "RECIPIENT_COUNT",
+        SealError::BadRecipient { .. } => "INVALID_RECIPIENT",
+        SealError::BadLabel => "INVALID_LABEL",
+        SealError::RootKeyUnwrap => "ROOT_KEY_UNWRAP_FAILED",
+        SealError::CorruptRecord => "SEAL_RECORD_CORRUPT",
+        SealError::RecordNotAuthentic => "SEAL_RECORD_NOT_AUTHENTIC",
+        SealError::RecordKeyMissing(_) => "SEAL_RECORD_KEY_MISSING",
+        SealError::Keyring(k) => keyring_reason(k),
+        SealError::Hsm(_) => "HSM_UNAVAILABLE",
+        SealError::Store(_) => "STORE_UNAVAILABLE",
+        SealError::Randomness => "RANDOMNESS_UNAVAILABLE",
+        SealError::AuditUnavailable => "AUDIT_UNAVAILABLE",
+        SealError::AuditKeyMissing(_) => "AUDIT_KEY_MISSING",
+        SealError::ShareSealing => "SHARE_SEALING_FAILED",
+    }
+}
+
+fn keyring_reason(e: &KeyringError) -> &'static str {
+    match e {
+        KeyringError::BadName => "INVALID_KEY_NAME",
+        KeyringError::BadPattern(_) => "INVALID_PATTERN",
+        KeyringError::BadLabels => "INVALID_LABELS",
+        KeyringError::BadRequest(_) => "INVALID_REQUEST",
+        KeyringError::TooLarge { .. } => "TOO_LARGE",
+        KeyringError::TooManyItems { .. } => "TOO_MANY_ITEMS",
+        KeyringError::DecryptionFailed => "DECRYPTION_FAILED",
+        KeyringError::AlreadyExists(_) => "KEY_EXISTS",
+        KeyringError::NotFound(_) => "KEY_NOT_FOUND",
+        KeyringError::VersionNotFound { .. } => "VERSION_NOT_FOUND",
+        KeyringError::GrantNotFound(_) => "GRANT_NOT_FOUND",
+        KeyringError::WrongPurpose { .. } => "WRONG_PURPOSE",
+        KeyringError::VersionNotEnabled { .. } => "VERSION_NOT_ENABLED",
+        KeyringError::BelowMinimum { .. } => "VERSION_BELOW_MINIMUM",
+        KeyringError::NotAllowed(_) => "NOT_ALLOWED",
+        KeyringError::PendingImport(_) => "IMPORT_PENDING",
+        KeyringError::Exhausted { .. } => "BUDGET_EXHAUSTED",
+        KeyringError::Tampered(_) => "STORE_TAMPERED",
+        KeyringError::HsmKeyMissing => "HSM_KEY_MISSING",
+        KeyringError::Hsm(_) => "HSM_UNAVAILABLE",
+        KeyringError::Store(_) => "STORE_UNAVAILABLE",
+        KeyringError::KeyBehind(_) | KeyringError::Behind => "KEYRING_BEHIND",
+        KeyringError::Randomness => "RANDOMNESS_UNAVAILABLE",
+        KeyringError::AuditUnavailable => "AUDIT_UNAVAILABLE",
+        KeyringError::Internal(_) | KeyringError::Replayed => "INTERNAL",
+        KeyringError::RequestIdReused => "REQUEST_ID_REUSED",
+    }
+}
+
+/// A status with its `google.rpc.ErrorInfo` (reason, domain [`ERROR_DOMAIN`]) in
+/// `grpc-status-details-bin`, as every error the server answers carries one.
+pub(crate) fn status(code: Code, reason: &str, message: impl Into<String>) -> Status {
+    use tonic_types::{ErrorDetails, StatusExt as _};
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(
+            reason,
+            ERROR_DOMAIN,
+            std::collections::HashMap::<String, String>::new(),
+        ),
+    )
 }
 
 fn is_audit_failure(err: &ApiError) -> bool {
@@ -185,11 +308,17 @@ pub(crate) fn to_status(err: &ApiError) -> Status {
     let code = code_of(err);
     let message = match code {
         _ if is_audit_failure(err) => AUDIT_UNAVAILABLE.to_owned(),
+        _ if matches!(err, ApiError::Seal(SealError::Sealed)) => err.to_string(),
         Code::Unavailable => format!("unavailable: {err}"),
         Code::Internal => "internal error".to_owned(),
         _ => err.to_string(),
     };
-    Status::new(code, message)
+    status(code, reason_of(err), message)
+}
+
+/// The answer to a call whose audit record could not be written.
+pub(crate) fn audit_unavailable() -> Status {
+    status(Code::Unavailable, "AUDIT_UNAVAILABLE", AUDIT_UNAVAILABLE)
 }
 
 /// The message of every call refused because its audit record could not be written.
@@ -221,7 +350,9 @@ pub fn code_name(code: Code) -> &'static str {
 /// Writes the error and its whole source chain (PKCS#11 return codes included) to the log.
 fn log_error(rpc: &str, key: &str, err: &ApiError, code: Code) {
     let chain = crate::error_chain(err);
-    if matches!(code, Code::Unavailable | Code::DataLoss | Code::Internal) {
+    // A sealed server refusing calls is its state, not a fault.
+    let fault = !matches!(err, ApiError::Seal(SealError::Sealed));
+    if fault && matches!(code, Code::Unavailable | Code::DataLoss | Code::Internal) {
         tracing::error!(rpc, key, code = ?code, error = %chain, "request failed");
     } else {
         tracing::warn!(rpc, key, code = ?code, error = %chain, "request refused");
@@ -273,6 +404,42 @@ pub(crate) struct Call {
     counted: bool,
     /// The level of the "request served" line.
     request_log: tracing::Level,
+    /// The caller's deadline, shared with the gate ([`deadline`]).
+    deadline: Option<deadline::Deadline>,
+    /// A change the caller may retry with its request id, once the keyring is known.
+    retry: Option<Retry>,
+}
+
+/// The changes a retry with the same request id answers from the first attempt
+/// (docs/api.md, "Retries and idempotency"): each answers a `Key` or a `Grant`, built from
+/// what it committed.
+pub(crate) const RETRIED_CHANGES: &[&str] = &[
+    "CreateKey",
+    "RotateKey",
+    "UpdateKey",
+    "EnableKeyVersion",
+    "DisableKeyVersion",
+    "ScheduleKeyVersionDestruction",
+    "CancelKeyVersionDestruction",
+    "ImportKeyMaterial",
+    "CreateGrant",
+    "RevokeGrant",
+];
+
+/// Put on a request by the gate when the caller gave its own request id (a sane one).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CallerRequestId;
+
+/// What a change sent with the caller's own request id needs to be made once.
+struct Retry {
+    /// Where its first answer is kept ([`crate::keyring::requests::record_key`]).
+    record_key: String,
+    /// The request's protobuf, which a retry must repeat.
+    request: zeroize::Zeroizing<Vec<u8>>,
+    /// The keyring, known once the call runs ([`with_keyring`]).
+    keyring: std::sync::OnceLock<Arc<Keyring>>,
+    /// The first attempt's answer, when this call is a retry of it.
+    answer: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 /// What the log and the audit record say instead of a name that is not one: its size only.
@@ -303,10 +470,19 @@ impl Call {
             |p| Arc::clone(&p.identity),
         );
         let peer = peer_info.map(|p| p.addr);
+        let request_id = request_id(req);
+        let retry = (req.extensions().get::<CallerRequestId>().is_some()
+            && RETRIED_CHANGES.contains(&operation))
+        .then(|| Retry {
+            record_key: crate::keyring::requests::record_key(&identity.principal, &request_id),
+            request: zeroize::Zeroizing::new(req.get_ref().encode_to_vec()),
+            keyring: std::sync::OnceLock::new(),
+            answer: std::sync::Mutex::new(None),
+        });
         Self {
             log: ctx.audit.clone(),
             event: AuditEvent {
-                request_id: request_id(req),
+                request_id,
                 principal: identity.principal.clone(),
                 peer: peer.map(|a| a.to_string()).unwrap_or_default(),
                 service: service.to_owned(),
@@ -323,6 +499,8 @@ impl Call {
             gate: req.extensions().get::<gate::Recorded>().cloned(),
             counted: req.extensions().get::<gate::Counted>().is_some(),
             request_log: ctx.request_log,
+            deadline: req.extensions().get::<deadline::Deadline>().cloned(),
+            retry,
         }
     }
 
@@ -425,15 +603,19 @@ impl Journal for Call {
         writes: Vec<crate::store::Write>,
     ) -> Result<(), KeyringError> {
         use prost::Message as _;
-        let (version, size, grant) = match change {
-            Change::Key(meta) => (
-                Some(meta.primary),
-                crate::wire::key_pb(meta).encoded_len() as u64,
-                None,
-            ),
+        let answer = match change {
+            Change::Key(meta) => crate::wire::key_pb(meta).encode_to_vec(),
+            Change::Grant(g) => crate::wire::grant_pb(g).encode_to_vec(),
+        };
+        let size = answer.len() as u64;
+        let mut writes = writes;
+        if let Some(write) = self.first_answer(&answer)? {
+            writes.push(write);
+        }
+        let (version, grant) = match change {
+            Change::Key(meta) => (Some(meta.primary), None),
             Change::Grant(g) => (
                 None,
-                crate::wire::grant_pb(g).encoded_len() as u64,
                 Some((
                     g.key.clone(),
                     GrantSummary {
@@ -448,6 +630,66 @@ impl Journal for Call {
         Call::commit(self, version, size, grant, None, writes)
             .map_err(|_| KeyringError::AuditUnavailable)
     }
+
+    fn admit(&self) -> Result<(), KeyringError> {
+        let Some(retry) = &self.retry else {
+            return Ok(());
+        };
+        let Some(keyring) = retry.keyring.get() else {
+            return Ok(());
+        };
+        let Some(first) = keyring.request_record(&retry.record_key, now_ms())? else {
+            return Ok(());
+        };
+        let request = keyring.request_mac(&self.event.operation, &retry.request)?;
+        let same = first.operation == self.event.operation
+            && subtle::ConstantTimeEq::ct_eq(first.request.as_bytes(), request.as_bytes()).into();
+        if !same {
+            return Err(KeyringError::RequestIdReused);
+        }
+        let answer = data_encoding::BASE64
+            .decode(first.answer.as_bytes())
+            .map_err(|_| KeyringError::Tampered(format!("request record {}", retry.record_key)))?;
+        *retry
+            .answer
+            .lock()
+            .map_err(|_| KeyringError::Internal("retry"))? = Some(answer);
+        Err(KeyringError::Replayed)
+    }
+}
+
+impl Call {
+    /// The write that keeps `answer` as the first answer of this change, when the caller
+    /// sent its own request id.
+    fn first_answer(&self, answer: &[u8]) -> Result<Option<crate::store::Write>, KeyringError> {
+        let Some(retry) = &self.retry else {
+            return Ok(None);
+        };
+        let Some(keyring) = retry.keyring.get() else {
+            return Ok(None);
+        };
+        let record = crate::keyring::requests::RequestRecord {
+            operation: self.event.operation.clone(),
+            request: keyring.request_mac(&self.event.operation, &retry.request)?,
+            answer: data_encoding::BASE64.encode(answer),
+            at_ms: now_ms(),
+        };
+        keyring.request_write(&retry.record_key, &record).map(Some)
+    }
+
+    /// The first attempt's answer, when this call is a retry of a change made already.
+    fn replayed_answer(&self) -> Option<Vec<u8>> {
+        self.retry
+            .as_ref()
+            .and_then(|r| r.answer.lock().ok()?.take())
+    }
+}
+
+/// The time in Unix milliseconds.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A successful call's response and what its record says about it.
@@ -458,6 +700,7 @@ pub(crate) struct Served<R> {
     batch: Option<BatchSummary>,
     ceremony: Option<crate::audit::CeremonySummary>,
     undo: Option<Box<dyn FnOnce() + Send>>,
+    replayed: bool,
 }
 
 impl<R> Served<R> {
@@ -470,6 +713,7 @@ impl<R> Served<R> {
             batch: None,
             ceremony: None,
             undo: None,
+            replayed: false,
         }
     }
 
@@ -542,6 +786,13 @@ async fn run_at<R: prost::Message + Send + 'static>(
     // Kept apart: a panic in the work loses `call`, and its status carries the id too.
     let request_id = call.event.request_id.clone();
     let work = move || {
+        // The work begins only before the caller's deadline; once the gate has answered it
+        // (see `deadline`), it does nothing and records nothing.
+        let late = match call.deadline.as_ref().map(deadline::Deadline::begin) {
+            Some(deadline::Begin::Abandoned) => return None,
+            Some(deadline::Begin::Late) => true,
+            Some(deadline::Begin::Go) | None => false,
+        };
         let result = crate::access::check(
             call.need,
             &call.identity,
@@ -553,18 +804,23 @@ async fn run_at<R: prost::Message + Send + 'static>(
             if call.bad_name {
                 return Err(KeyringError::BadName.into());
             }
+            if late {
+                return Err(ApiError::DeadlineExceeded);
+            }
             f(&call)
         });
         let settled = settle(&call, result);
-        (call, settled)
+        Some((call, settled))
     };
     let done = match place {
         Place::InProcess => Ok(work()),
         Place::Blocking => tokio::task::spawn_blocking(work).await,
     };
     let answer = match done {
-        Ok((call, settled)) => deliver(&call, settled).await,
-        Err(_) => Err(Status::internal("internal error")),
+        Ok(Some((call, settled))) => deliver(&call, settled).await,
+        // The gate answered the caller already.
+        Ok(None) => Err(to_status(&ApiError::DeadlineExceeded)),
+        Err(_) => Err(status(Code::Internal, "INTERNAL", "internal error")),
     };
     let id = MetadataValue::try_from(request_id.as_str()).ok();
     match answer {
@@ -610,6 +866,7 @@ fn settle<R: prost::Message>(call: &Call, result: Result<Served<R>, ApiError>) -
                 event.destination_key_version = Some(v);
             }
             event.batch = served.batch;
+            event.replayed = served.replayed;
             if served.ceremony.is_some() {
                 event.ceremony = served.ceremony;
             }
@@ -658,7 +915,7 @@ async fn deliver<R>(call: &Call, settled: Settled<R>) -> Result<R, Status> {
         if let Some(undo) = undo {
             undo();
         }
-        return Err(Status::unavailable(AUDIT_UNAVAILABLE));
+        return Err(audit_unavailable());
     }
     if answer.is_ok() {
         // Fields are built only when the line is written.
@@ -682,7 +939,7 @@ pub(crate) trait Aad {
 /// Runs `f` on the keyring (or fails with sealed / not initialised). A call that needs a
 /// grant is checked here, before `f`, against every key it names (its key and, for
 /// ReEncrypt, its destination) and every associated data in `req`.
-async fn with_keyring<Q: Aad + Send + 'static, R: prost::Message + Send + 'static>(
+async fn with_keyring<Q: Aad + Send + 'static, R: prost::Message + Default + Send + 'static>(
     ctx: &Ctx,
     call: Call,
     req: Q,
@@ -731,7 +988,24 @@ async fn with_keyring<Q: Aad + Send + 'static, R: prost::Message + Send + 'stati
                 }
             }
         }
-        Ok(f(&keyring, c, req)?)
+        if let Some(retry) = &c.retry {
+            let _ = retry.keyring.set(Arc::clone(&keyring));
+        }
+        match f(&keyring, c, req) {
+            // A retry of a change made already: the first attempt's answer.
+            Err(KeyringError::Replayed) => {
+                let answer = c
+                    .replayed_answer()
+                    .ok_or(KeyringError::Internal("replayed answer"))?;
+                let response = R::decode(answer.as_slice())
+                    .map_err(|_| KeyringError::Internal("replayed answer"))?;
+                Ok(Served {
+                    replayed: true,
+                    ..Served::new(response)
+                })
+            }
+            other => Ok(other?),
+        }
     })
     .await
 }

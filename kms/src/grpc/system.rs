@@ -133,7 +133,11 @@ impl pb::system_server::System for SystemService {
                 Err(e) => {
                     tracing::error!(error = %crate::error_chain(&e), "backup failed");
                     // Never a partial file that looks whole: the stream ends in an error.
-                    let _ = tx.blocking_send(Err(Status::unavailable("the backup failed")));
+                    let _ = tx.blocking_send(Err(super::status(
+                        tonic::Code::Unavailable,
+                        "BACKUP_FAILED",
+                        "the backup failed",
+                    )));
                 }
             }
         });

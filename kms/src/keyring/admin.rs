@@ -127,6 +127,9 @@ impl Keyring {
                 "an EXTERNAL key cannot rotate by itself: new versions come from imports",
             ));
         }
+        // A retry of a create that was made answers as the first attempt did (checked again
+        // under the lock), not ALREADY_EXISTS.
+        journal.admit()?;
         // Refused at once, before a key is generated for nothing (checked again under the
         // lock).
         if self.fetch(&req.name).is_ok() {
@@ -140,6 +143,7 @@ impl Keyring {
             Origin::External => Pregenerated::Nothing,
         };
         let _g = self.admin()?;
+        journal.admit()?;
         // Made a moment ago by another server sharing the store?
         if self.store.shared() {
             self.reload_key_locked(&req.name)?;
@@ -216,6 +220,7 @@ impl Keyring {
     pub fn rotate_key(&self, name: &str, journal: &dyn Journal) -> Result<KeyMeta, KeyringError> {
         let pre = self.pregenerate(name)?;
         let _g = self.admin()?;
+        journal.admit()?;
         self.rotate_locked(name, None, pre, journal)
     }
 
@@ -256,6 +261,7 @@ impl Keyring {
         journal: &dyn Journal,
     ) -> Result<KeyMeta, KeyringError> {
         let _g = self.admin()?;
+        journal.admit()?;
         let entry = self.entry_locked(name)?;
         let mut meta = entry.meta.clone();
         if let Some(p) = update.rotation_period {
@@ -292,6 +298,7 @@ impl Keyring {
         f: impl FnOnce(&KeyMeta, &mut VersionMeta) -> Result<(), KeyringError>,
     ) -> Result<KeyMeta, KeyringError> {
         let _g = self.admin()?;
+        journal.admit()?;
         let entry = self.entry_locked(name)?;
         let mut meta = entry.meta.clone();
         let snapshot = meta.clone();

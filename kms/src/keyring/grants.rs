@@ -210,6 +210,7 @@ impl Keyring {
             check_size("associated data", aad.len(), MAX_AAD, "")?;
         }
         let _g = self.admin()?;
+        journal.admit()?;
         self.entry_locked(&req.key)?;
         let live_on_key = read_lock(&self.grants)?.on_key(&req.key).count();
         if live_on_key >= MAX_GRANTS_PER_KEY {
@@ -249,6 +250,7 @@ impl Keyring {
     ) -> Result<Grant, KeyringError> {
         check_id(id)?;
         let _g = self.admin()?;
+        journal.admit()?;
         let mut grant = read_lock(&self.grants)?
             .by_id
             .get(id)

@@ -101,6 +101,7 @@ impl Keyring {
             None => return Err(KeyringError::Internal("wrapping public key")),
         };
         let _g = self.admin()?;
+        journal.admit()?;
         let entry = self.entry_locked(name)?;
         Self::check_external(&entry.meta)?;
         if entry.meta.key_id != seen.meta.key_id {
@@ -147,6 +148,7 @@ impl Keyring {
             });
         }
         let _g = self.admin()?;
+        journal.admit()?;
         let entry = self.entry_locked(req.name)?;
         let meta = &entry.meta;
         Self::check_external(meta)?;

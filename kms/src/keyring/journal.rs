@@ -9,6 +9,14 @@ pub trait Journal {
     /// Writes `writes` (the new record of `change`) with the audit record, or fails with
     /// [`KeyringError::AuditUnavailable`] having written neither.
     fn commit(&self, change: Change<'_>, writes: Vec<Write>) -> Result<(), KeyringError>;
+
+    /// Called by every change of a key or grant once it holds the keyring's change lock,
+    /// before it changes anything: a change made already by an earlier attempt of the same
+    /// request (a retry with its request id, [`super::requests`]) fails with
+    /// [`KeyringError::Replayed`], and the caller answers with the first answer.
+    fn admit(&self) -> Result<(), KeyringError> {
+        Ok(())
+    }
 }
 
 /// What a [`Journal`] commit stores.

@@ -31,6 +31,7 @@ mod maintenance;
 pub mod material;
 pub mod model;
 mod pregen;
+pub(crate) mod requests;
 pub mod wrap;
 
 pub use crypto::ReEncrypted;

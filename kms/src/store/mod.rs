@@ -34,6 +34,9 @@ pub enum Table {
     AuditCheckpoints,
     /// Grants (authenticated by the keyring), by grant id.
     Grants,
+    /// The first answers to changes made with a caller's request id (authenticated by the
+    /// keyring), kept a day so that a retry does not change anything twice.
+    Requests,
 }
 
 impl std::str::FromStr for Table {
@@ -45,13 +48,14 @@ impl std::str::FromStr for Table {
 
 impl Table {
     /// Every table, in the order a backup writes them.
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 7] = [
         Self::System,
         Self::Keys,
         Self::Grants,
         Self::Counters,
         Self::Audit,
         Self::AuditCheckpoints,
+        Self::Requests,
     ];
 
     /// The table's name (redb's table, PostgreSQL's `kms_` + name, a backup's section).
@@ -63,6 +67,7 @@ impl Table {
             Self::Audit => "audit",
             Self::AuditCheckpoints => "audit_checkpoints",
             Self::Grants => "grants",
+            Self::Requests => "requests",
         }
     }
 }

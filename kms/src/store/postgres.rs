@@ -107,6 +107,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE kms_counters (key text COLLATE \"C\" PRIMARY KEY, value bytea NOT NULL);
      CREATE TABLE kms_audit (key text COLLATE \"C\" PRIMARY KEY, value bytea NOT NULL);
      CREATE TABLE kms_audit_checkpoints (key text COLLATE \"C\" PRIMARY KEY, value bytea NOT NULL);",
+    // 2: the first answers to changes made with a caller's request id (retries).
+    "CREATE TABLE kms_requests (key text COLLATE \"C\" PRIMARY KEY, value bytea NOT NULL);",
 ];
 
 /// The newest schema version this binary knows.
