@@ -1022,3 +1022,155 @@ pub fn expect_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: tonic:
         e.message()
     );
 }
+
+/// A tmpfs mounted for one test, unmounted when dropped (the tests run as root, as CI
+/// does).
+pub struct Mount(PathBuf);
+
+impl Mount {
+    /// Mounts a tmpfs of `size` (`16m`) at `path`, made if missing.
+    pub fn tmpfs(path: &Path, size: &str) -> Self {
+        Self::with_options(path, &format!("size={size}"))
+    }
+
+    /// Mounts a tmpfs with mount `options` (`ro,size=1m`) at `path`, made if missing.
+    pub fn with_options(path: &Path, options: &str) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "this test needs to mount a tmpfs (run as root, as CI does): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(path.to_owned())
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Fills it: writes until the file system refuses more.
+    pub fn fill(&self) {
+        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let small = [0u8; 512];
+        while f.write_all(&small).is_ok() {}
+        let _ = f.sync_all();
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// `age-keygen -o FILE`: the identity file; returns its recipient (`age1...`).
+pub fn age_identity(path: &Path) -> String {
+    let out = Command::new("age-keygen")
+        .arg("-o")
+        .arg(path)
+        .output()
+        .expect("age-keygen (Debian package age)");
+    assert!(out.status.success(), "{out:?}");
+    let out = Command::new("age-keygen")
+        .arg("-y")
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// `age --decrypt -i IDENTITY FILE`, as a custodian runs it.
+pub fn age_decrypt(identity: &Path, file: &Path) -> Result<String, String> {
+    let out = Command::new("age")
+        .arg("--decrypt")
+        .arg("-i")
+        .arg(identity)
+        .arg(file)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap().trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// A unary gRPC call as raw HTTP/2 over mTLS as `cred`: `message` (an encoded protobuf) to
+/// `path` (`/kms.v1.KeyManagement/RotateKey`) with `headers`, sent as given (tonic's client
+/// would enforce a `grpc-timeout` itself, and answer for the server). Returns the response's
+/// headers and trailers merged (read the status with `tonic::Status::from_header_map`),
+/// and its body.
+pub async fn raw_unary(
+    server: &Server,
+    cred: &Cred,
+    path: &str,
+    message: Vec<u8>,
+    headers: &[(&str, String)],
+) -> (http::HeaderMap, Vec<u8>) {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&server.ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cred.cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&cred.key).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let host_port = server.addr.trim_start_matches("https://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(&host_port).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (client, connection) = h2::client::handshake(tls).await.unwrap();
+    let driver = tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let mut request = http::Request::post(format!("https://{host_port}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in headers {
+        request = request.header(*name, value.as_str());
+    }
+    let (response, mut send) = client
+        .send_request(request.body(()).unwrap(), false)
+        .unwrap();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    framed.extend_from_slice(&message);
+    // The server may answer (and end the stream) before it reads the body.
+    let _ = send.send_data(bytes::Bytes::from(framed), true);
+    let response = response.await.unwrap();
+    let mut merged = response.headers().clone();
+    let mut body = response.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    if let Some(trailers) = body.trailers().await.unwrap() {
+        merged.extend(trailers);
+    }
+    driver.abort();
+    (merged, data)
+}

@@ -1065,3 +1065,61 @@ async fn expired_import_parameters_leave_no_wrapping_key_in_the_token() {
     .unwrap();
     assert_eq!(key.primary_version, 1);
 }
+
+/// Issue 25: an import retried with its request id (its answer lost) is answered from the
+/// first import, and makes no second version; the same id for other material is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_retried_with_its_request_id_is_made_once() {
+    let hsm = TestHsm::new("kms-byok-retry");
+    let (server, _) = start_unsealed(&hsm, &hsm.config());
+    let mut c = server.keys().await;
+    let dir = hsm.path().to_path_buf();
+    let name = "ext-retried";
+    create_external(
+        &server,
+        &mut c,
+        name,
+        pb::Algorithm::Aes256Gcm,
+        pb::ProtectionLevel::Software,
+    )
+    .await;
+    let (aes, _) = material(&dir, "retried", "aes");
+    let ps = params(&mut c, name, 0).await;
+    let wrapped = py_wrap(&dir, &ps, "rsa-aes", &aes);
+    let request = pb::ImportKeyMaterialRequest {
+        key: name.into(),
+        import_token: ps.import_token.clone(),
+        wrapping_algorithm: pb::WrappingAlgorithm::RsaAesKeyWrapSha256 as i32,
+        wrapped_material: wrapped,
+        public_key_pem: String::new(),
+    };
+    let with_id = |r: pb::ImportKeyMaterialRequest| {
+        let mut r = tonic::Request::new(r);
+        r.metadata_mut()
+            .insert("x-request-id", "import-1".parse().unwrap());
+        r
+    };
+    let first = c
+        .import_key_material(with_id(request.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = c
+        .import_key_material(with_id(request.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first, again);
+    assert_eq!(versions(&mut c, name).await, 1);
+    // Other material under the same id: refused, nothing imported.
+    let other = pb::ImportKeyMaterialRequest {
+        wrapped_material: py_wrap(&dir, &ps, "rsa-aes", &aes),
+        ..request
+    };
+    expect_code(
+        c.import_key_material(with_id(other)).await,
+        Code::InvalidArgument,
+        "x-request-id was used by another request",
+    );
+    assert_eq!(versions(&mut c, name).await, 1);
+}

@@ -630,7 +630,7 @@ async fn rotation_versions_destruction_and_restart() {
     let mut c = server.keys().await;
     expect_code(
         encrypt_raw(&mut c, "rot-sw").await,
-        Code::FailedPrecondition,
+        Code::Unavailable,
         "sealed",
     );
     server.unseal_with(&shares);
@@ -1056,12 +1056,12 @@ async fn bad_input_gets_clear_typed_errors() {
     assert_eq!(server.kms(&["operator", "seal"], "").code, Some(0));
     expect_code(
         encrypt_raw(&mut c, "enc").await,
-        Code::FailedPrecondition,
+        Code::Unavailable,
         "sealed",
     );
     expect_code(
         c.get_key(pb::GetKeyRequest { name: "enc".into() }).await,
-        Code::FailedPrecondition,
+        Code::Unavailable,
         "sealed",
     );
 }

@@ -184,7 +184,7 @@ fn the_store_contract_holds_on_postgres() {
     assert_eq!(
         pg.sql_in("kms", "SELECT version FROM kms_schema ORDER BY version")
             .trim(),
-        "1"
+        "1\n2"
     );
     // A database migrated by a newer kms is refused, not written to.
     pg.sql_in(
@@ -197,7 +197,7 @@ fn the_store_contract_holds_on_postgres() {
             err,
             StoreError::SchemaTooNew {
                 found: 99,
-                supported: 1
+                supported: 2
             }
         ),
         "{err:?}"
