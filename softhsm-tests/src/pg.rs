@@ -81,13 +81,26 @@ fn check(what: &str, out: Output) {
 impl TestPostgres {
     /// Makes and starts a cluster, and a role and database `kms`.
     pub fn start() -> Self {
+        let pg = Self::start_with(None);
+        pg.sql(&format!("CREATE ROLE kms LOGIN PASSWORD '{}'", pg.password));
+        pg.sql("CREATE DATABASE kms OWNER kms");
+        pg
+    }
+
+    /// Makes and starts a cluster with its superuser only (no `kms` role or database:
+    /// [`TestPostgres::password`] and [`TestPostgres::password_file`] are then unused), for
+    /// a test that makes them as an operator would.
+    pub fn start_empty() -> Self {
         Self::start_with(None)
     }
 
     /// As [`TestPostgres::start`], serving TLS only (`hostssl`: plaintext connections are
     /// refused) with this certificate and key (PEM).
     pub fn start_tls(cert: &Path, key: &Path) -> Self {
-        Self::start_with(Some((cert, key)))
+        let pg = Self::start_with(Some((cert, key)));
+        pg.sql(&format!("CREATE ROLE kms LOGIN PASSWORD '{}'", pg.password));
+        pg.sql("CREATE DATABASE kms OWNER kms");
+        pg
     }
 
     fn start_with(tls: Option<(&Path, &Path)>) -> Self {
@@ -170,13 +183,38 @@ impl TestPostgres {
         };
         pg.port = crate::free_port();
         pg.ctl_start();
-        pg.sql(&format!("CREATE ROLE kms LOGIN PASSWORD '{}'", pg.password));
-        pg.sql("CREATE DATABASE kms OWNER kms");
         pg
     }
 
     fn data(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// The data directory, which holds `postgresql.conf` and `pg_hba.conf`.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data()
+    }
+
+    /// The directory of the PostgreSQL programs (`psql`, `pg_ctl`).
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin
+    }
+
+    /// The password of the superuser `postgres`.
+    pub fn superuser_password(&self) -> &str {
+        &self.superuser_password
+    }
+
+    /// The operating-system user the cluster runs as (`nobody` when the tests run as root).
+    pub fn os_user() -> String {
+        if is_root() {
+            "nobody".to_owned()
+        } else {
+            std::env::var("USER")
+                .ok()
+                .filter(|u| !u.is_empty())
+                .unwrap_or_else(|| rustix::process::geteuid().as_raw().to_string())
+        }
     }
 
     fn ctl_start(&self) {

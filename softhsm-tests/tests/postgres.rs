@@ -245,6 +245,150 @@ fn credentials_and_urls_are_checked() {
     assert!(connect(&s).contains("environment variable KMS_TEST_PG_PASSWORD_UNSET is not set"));
 }
 
+/// A `[storage]` table for `url` with the password from `password_file`.
+fn storage_for(url: &str, password_file: &std::path::Path) -> String {
+    format!(
+        "[storage]\nbackend = \"postgres\"\nurl = \"{url}\"\npassword_file = \"{}\"\ntimeout_seconds = 2\n",
+        password_file.display()
+    )
+}
+
+/// A 0600 file in `dir` holding `password`.
+fn password_file(dir: &std::path::Path, name: &str, password: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{password}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// Starts `kms server` on `storage` expecting it to stop at start (exit status not 0);
+/// returns its standard error, after checking that none of `secrets` is in it.
+fn refused_start(hsm: &TestHsm, name: &str, storage: &str, secrets: &[&str]) -> String {
+    let config = hsm.config_full(name, &hsm.hsm_table(), storage);
+    let (status, stderr) = hsm.start_failure(&config, &[]);
+    assert!(!status.success(), "{name}: {stderr}");
+    eprintln!("{name}: {}", stderr.trim());
+    for secret in secrets {
+        assert!(
+            !stderr.contains(secret),
+            "{name} shows a password: {stderr}"
+        );
+    }
+    stderr
+}
+
+/// The URL of database `db` on `pg` as `role`.
+fn url_of(pg: &TestPostgres, role: &str, db: &str) -> String {
+    format!(
+        "postgresql://{role}@127.0.0.1:{}/{db}?sslmode=disable",
+        pg.port
+    )
+}
+
+// A database that answers and refuses kms's role stops `kms server` at start and says what
+// was refused and what to do: never "unavailable" (which means: down, try again) and never
+// a password. Following the advice makes the server start.
+
+#[test]
+fn a_wrong_database_password_says_authentication_failed() {
+    let pg = TestPostgres::start();
+    let hsm = TestHsm::new("kms-pg-auth");
+    // A wrong password (SQLSTATE 28P01): authentication, and where the password comes from.
+    let wrong = password_file(hsm.path(), "wrong.pass", "not-the-password-0123");
+    let err = refused_start(
+        &hsm,
+        "wrong.toml",
+        &storage_for(&pg.url(), &wrong),
+        &["not-the-password-0123", &pg.password],
+    );
+    assert!(
+        err.contains("the database refused the role's password (authentication failed)"),
+        "{err}"
+    );
+    assert!(err.contains("password_file or password_env"), "{err}");
+    assert!(!err.contains("unavailable"), "{err}");
+    // A role that may not log in (28000): pg_hba.conf, or LOGIN.
+    let nologin_password = "nologin-password-4567";
+    pg.sql(&format!(
+        "CREATE ROLE nologin PASSWORD '{nologin_password}'"
+    ));
+    let file = password_file(hsm.path(), "nologin.pass", nologin_password);
+    let err = refused_start(
+        &hsm,
+        "nologin.toml",
+        &storage_for(&url_of(&pg, "nologin", "kms"), &file),
+        &[nologin_password],
+    );
+    assert!(err.contains("does not let this role connect"), "{err}");
+    assert!(err.contains("pg_hba.conf"), "{err}");
+    assert!(!err.contains("unavailable"), "{err}");
+}
+
+#[test]
+fn a_role_without_privilege_on_schema_public_says_permission_denied() {
+    let pg = TestPostgres::start();
+    let hsm = TestHsm::new("kms-pg-priv");
+    // A role that does not own its database cannot create kms's tables in schema public on
+    // PostgreSQL 15 and later (42501): permission denied, and the GRANT to run.
+    let lacking = pg.stranger_role("lacking");
+    pg.sql("CREATE DATABASE notowned");
+    let file = password_file(hsm.path(), "lacking.pass", &lacking);
+    let storage = storage_for(&url_of(&pg, "lacking", "notowned"), &file);
+    let err = refused_start(&hsm, "lacking.toml", &storage, &[&lacking]);
+    assert!(
+        err.contains("migrate the schema failed: permission denied to the role"),
+        "{err}"
+    );
+    assert!(
+        err.contains("GRANT USAGE, CREATE ON SCHEMA public"),
+        "{err}"
+    );
+    assert!(err.contains("permission denied for schema public"), "{err}");
+    assert!(!err.contains("unavailable"), "{err}");
+    // The advice works.
+    pg.sql_in(
+        "notowned",
+        "GRANT USAGE, CREATE ON SCHEMA public TO lacking",
+    );
+    let config = hsm.config_full("lacking.toml", &hsm.hsm_table(), &storage);
+    drop(hsm.try_start(&config, &[]).unwrap());
+}
+
+#[test]
+fn a_missing_database_says_it_does_not_exist() {
+    let pg = TestPostgres::start();
+    let hsm = TestHsm::new("kms-pg-nodb");
+    // A database that does not exist (3D000): named, and how to create it.
+    let storage = storage_for(&url_of(&pg, "kms", "kmsx"), &pg.password_file);
+    let err = refused_start(&hsm, "nodb.toml", &storage, &[&pg.password]);
+    assert!(
+        err.contains("the database named in [storage] url does not exist"),
+        "{err}"
+    );
+    assert!(err.contains("CREATE DATABASE"), "{err}");
+    assert!(!err.contains("unavailable"), "{err}");
+    pg.sql("CREATE DATABASE kmsx OWNER kms");
+    let config = hsm.config_full("nodb.toml", &hsm.hsm_table(), &storage);
+    drop(hsm.try_start(&config, &[]).unwrap());
+}
+
+#[test]
+fn a_database_that_is_down_is_still_unavailable() {
+    let pg = TestPostgres::start();
+    let hsm = TestHsm::new("kms-pg-down");
+    pg.stop();
+    let err = refused_start(&hsm, "down.toml", &pg.storage_table(), &[&pg.password]);
+    assert!(
+        err.contains("the database is unavailable: migrate the schema failed"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("refused the role") && !err.contains("permission denied"),
+        "{err}"
+    );
+}
+
 #[test]
 fn tls_to_the_database_is_verified() {
     let dir = tempfile::tempdir().unwrap();

@@ -98,12 +98,27 @@ pub enum StoreError {
         #[source]
         source: redb::Error,
     },
-    /// PostgreSQL could not be reached, or refused or failed a statement.
+    /// PostgreSQL could not be reached or did not answer in time (down, unreachable,
+    /// overloaded), or failed a statement for another reason than refusing kms's role
+    /// ([`StoreError::DatabaseRefused`]).
     #[error("the database is unavailable: {op} failed")]
     Database {
         /// What we were doing.
         op: &'static str,
         /// What the client or the pool said (never a value or a password).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// PostgreSQL answered and refused kms's role: its password, its connection, a
+    /// privilege, or the database the URL names. The database is up; trying again does
+    /// not help until the configuration or the database's grants change.
+    #[error("{op} failed: {refusal}")]
+    DatabaseRefused {
+        /// What we were doing.
+        op: &'static str,
+        /// What was refused, and what to do.
+        refusal: DatabaseRefusal,
+        /// What PostgreSQL said (never a password: the server does not echo one).
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
@@ -129,6 +144,36 @@ pub enum StoreError {
         #[source]
         source: redb::Error,
     },
+}
+
+/// Why PostgreSQL refused kms's role, by the SQLSTATE it answered, each with what to do
+/// (docs/setup.md shows the set-up these point to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DatabaseRefusal {
+    /// `28P01`: the password is wrong, or the role does not exist (with password
+    /// authentication PostgreSQL does not say which).
+    #[error(
+        "the database refused the role's password (authentication failed): check the user in [storage] url and the password that password_file or password_env gives"
+    )]
+    Authentication,
+    /// `28000`: no `pg_hba.conf` line lets this role connect to this database from this
+    /// address (or over this transport), or the role may not log in.
+    #[error(
+        "the database does not let this role connect (no pg_hba.conf line for this role, database and address, or a hostssl line and no TLS, or a role without LOGIN): add a scram-sha-256 line to pg_hba.conf and reload PostgreSQL"
+    )]
+    NotAllowed,
+    /// `42501`: the role lacks a privilege kms needs (on PostgreSQL 15 and later, only the
+    /// database's owner may create tables in schema `public`).
+    #[error(
+        "permission denied to the role in [storage] url: make it the owner of the database (ALTER DATABASE kms OWNER TO kms) and of any kms_* table another role made, or, in that database, GRANT USAGE, CREATE ON SCHEMA public TO it (since PostgreSQL 15 only the database's owner may create tables in public)"
+    )]
+    PermissionDenied,
+    /// `3D000`: the database the URL names does not exist.
+    #[error(
+        "the database named in [storage] url does not exist: create it (CREATE DATABASE kms OWNER kms) or correct the url"
+    )]
+    NoDatabase,
 }
 
 /// What another server (or this one) changed in a shared store, as its followers hear it:

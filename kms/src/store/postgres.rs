@@ -28,7 +28,7 @@
 //! parsed strictly, coalesced and bounded ([`super::ChangeFeed`]).
 
 use super::feed::{ChangeFeed, Hints};
-use super::{Change, ChangeLock, Removal, Store, StoreError, Table, Write};
+use super::{Change, ChangeLock, DatabaseRefusal, Removal, Store, StoreError, Table, Write};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -160,9 +160,40 @@ impl Drop for PgStore {
 }
 
 fn db(op: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
-    move |e| StoreError::Database {
-        op,
-        source: Box::new(e),
+    move |e| database_error(op, e)
+}
+
+/// `e` as a [`StoreError`]: a refusal of kms's role (credentials, `pg_hba.conf`, a
+/// privilege, a missing database) says so and what to do; anything else is the database
+/// being unavailable.
+fn database_error(op: &'static str, e: tokio_postgres::Error) -> StoreError {
+    match refusal(&e) {
+        Some(refusal) => StoreError::DatabaseRefused {
+            op,
+            refusal,
+            source: Box::new(e),
+        },
+        None => StoreError::Database {
+            op,
+            source: Box::new(e),
+        },
+    }
+}
+
+/// The refusal an error's SQLSTATE names, if it is one.
+fn refusal(e: &tokio_postgres::Error) -> Option<DatabaseRefusal> {
+    use tokio_postgres::error::SqlState;
+    let code = e.code()?;
+    if *code == SqlState::INVALID_PASSWORD {
+        Some(DatabaseRefusal::Authentication)
+    } else if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
+        Some(DatabaseRefusal::NotAllowed)
+    } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+        Some(DatabaseRefusal::PermissionDenied)
+    } else if *code == SqlState::INVALID_CATALOG_NAME {
+        Some(DatabaseRefusal::NoDatabase)
+    } else {
+        None
     }
 }
 
@@ -655,11 +686,15 @@ async fn bounded<T>(
     }
 }
 
-/// A pooled connection, or an `UNAVAILABLE`-mapped error.
+/// A pooled connection; or why not: the database refused kms's role (the connection's
+/// own error, its SQLSTATE kept), or is unavailable.
 async fn get(db: &Db, op: &'static str) -> Result<Conn, StoreError> {
-    let object = db.pool.get().await.map_err(|e| StoreError::Database {
-        op,
-        source: Box::new(e),
+    let object = db.pool.get().await.map_err(|e| match e {
+        deadpool_postgres::PoolError::Backend(e) => database_error(op, e),
+        e => StoreError::Database {
+            op,
+            source: Box::new(e),
+        },
     })?;
     Ok(Conn {
         object: Some(object),
