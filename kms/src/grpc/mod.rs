@@ -148,6 +148,7 @@ fn keyring_code(e: &KeyringError) -> Code {
         | KeyringError::BadRequest(_)
         | KeyringError::TooLarge { .. }
         | KeyringError::TooManyItems { .. }
+        | KeyringError::BatchTooLarge { .. }
         | KeyringError::DecryptionFailed => Code::InvalidArgument,
         KeyringError::AlreadyExists(_) => Code::AlreadyExists,
         KeyringError::NotFound(_)
