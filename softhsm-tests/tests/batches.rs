@@ -111,7 +111,7 @@ async fn batch_limits_fit_a_default_client_and_a_refused_batch_does_nothing() {
         "the answer to this batch could be 4195256 bytes, more than the 4194304",
     );
 
-    // BatchDecrypt of what that batch made: it fits; one byte more does not.
+    // BatchDecrypt of what that batch made: it fits; a byte more in each item does not.
     let decrypt_items: Vec<pb::DecryptItem> = made
         .iter()
         .enumerate()
@@ -137,7 +137,7 @@ async fn batch_limits_fit_a_default_client_and_a_refused_batch_does_nothing() {
         }
     }
     let mut longer = decrypt_items.clone();
-    longer[999].ciphertext.push(0);
+    longer.iter_mut().for_each(|i| i.ciphertext.push(0));
     expect_code(
         c.batch_decrypt(pb::BatchDecryptRequest {
             key: "edge".into(),
@@ -205,14 +205,14 @@ async fn batch_limits_fit_a_default_client_and_a_refused_batch_does_nothing() {
     assert!(more.iter().all(|m| m.key_version == 1));
     assert_eq!(primary(&mut c, "budget").await, 1);
     // Refused for their answers' size: 70 plaintexts of 64 KiB (the report's batch); 1000
-    // ciphertexts re-encrypted into it, one of them a byte too long.
+    // ciphertexts re-encrypted into it, each a byte too long.
     expect_code(
         batch_encrypt(&mut c, "budget", encrypt_items(70, 64 * 1024)).await,
         Code::InvalidArgument,
         "more than the 4194304 a batch answer may be",
     );
     let mut longer = reencrypt_items.clone();
-    longer[0].ciphertext.push(0);
+    longer.iter_mut().for_each(|i| i.ciphertext.push(0));
     expect_code(
         c.batch_re_encrypt(pb::BatchReEncryptRequest {
             key: "edge".into(),
