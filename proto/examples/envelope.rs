@@ -126,7 +126,13 @@ async fn encrypt(
             let last = next.is_empty();
             let aad = chunk_aad(context, i, last);
             let sealed = aead
-                .encrypt(&nonce(i, last).into(), Payload { msg: &cur, aad: &aad })
+                .encrypt(
+                    &nonce(i, last).into(),
+                    Payload {
+                        msg: &cur,
+                        aad: &aad,
+                    },
+                )
                 .map_err(|_| "AES-GCM encryption failed")?;
             fout.write_all(&sealed)?;
             if last {
@@ -196,12 +202,18 @@ async fn decrypt(
             let last = next.is_empty();
             let aad = chunk_aad(context, i, last);
             let plain = Zeroizing::new(
-                aead.decrypt(&nonce(i, last).into(), Payload { msg: &cur, aad: &aad })
-                    .map_err(|_| {
-                        refused(format!(
-                            "chunk {i} is not authentic (tampered, moved or truncated)"
-                        ))
-                    })?,
+                aead.decrypt(
+                    &nonce(i, last).into(),
+                    Payload {
+                        msg: &cur,
+                        aad: &aad,
+                    },
+                )
+                .map_err(|_| {
+                    refused(format!(
+                        "chunk {i} is not authentic (tampered, moved or truncated)"
+                    ))
+                })?,
             );
             fout.write_all(&plain)?;
             if last {

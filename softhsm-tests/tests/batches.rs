@@ -181,10 +181,11 @@ async fn batch_limits_fit_a_default_client_and_a_refused_batch_does_nothing() {
         format: 0,
     };
     let r = c.batch_sign(sign(16 * 1024)).await.unwrap().into_inner();
-    assert!(r.results.iter().all(|r| matches!(
-        r.result,
-        Some(pb::batch_sign_result::Result::Ok(_))
-    )));
+    assert!(
+        r.results
+            .iter()
+            .all(|r| matches!(r.result, Some(pb::batch_sign_result::Result::Ok(_))))
+    );
     expect_code(
         c.batch_sign(sign(16 * 1024 + 512)).await,
         Code::OutOfRange,
@@ -245,12 +246,7 @@ async fn batch_limits_fit_a_default_client_and_a_refused_batch_does_nothing() {
         .collect();
     let ops: Vec<(&str, &str)> = refused
         .iter()
-        .map(|e| {
-            (
-                e["operation"].as_str().unwrap(),
-                e["key"].as_str().unwrap(),
-            )
-        })
+        .map(|e| (e["operation"].as_str().unwrap(), e["key"].as_str().unwrap()))
         .collect();
     assert_eq!(
         ops,
@@ -314,9 +310,7 @@ fn outcomes(results: &[pb::BatchReEncryptResult]) -> Vec<Result<(), (i32, String
         .iter()
         .map(|r| match &r.result {
             Some(pb::batch_re_encrypt_result::Result::Ok(_)) => Ok(()),
-            Some(pb::batch_re_encrypt_result::Result::Error(e)) => {
-                Err((e.code, e.message.clone()))
-            }
+            Some(pb::batch_re_encrypt_result::Result::Error(e)) => Err((e.code, e.message.clone())),
             None => panic!("an item without a result"),
         })
         .collect()
@@ -395,7 +389,10 @@ async fn batch_reencrypt_moves_records_within_reencrypts_grants() {
     for (i, r) in back.results.iter().enumerate() {
         match &r.result {
             Some(pb::batch_decrypt_result::Result::Ok(ok)) => {
-                assert_eq!(ok.plaintext, format!("record {i} of the ledger").into_bytes());
+                assert_eq!(
+                    ok.plaintext,
+                    format!("record {i} of the ledger").into_bytes()
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -502,7 +499,11 @@ async fn batch_reencrypt_moves_records_within_reencrypts_grants() {
     .await
     .unwrap();
     let r = c
-        .batch_re_encrypt(reencrypt_request("old", "new", &[records[0].clone(), records[999].clone()]))
+        .batch_re_encrypt(reencrypt_request(
+            "old",
+            "new",
+            &[records[0].clone(), records[999].clone()],
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -526,7 +527,8 @@ async fn batch_reencrypt_moves_records_within_reencrypts_grants() {
     let two = [records[998].clone(), records[999].clone()];
     // Nothing yet: reencrypt-from on the source is missing.
     expect_code(
-        a.batch_re_encrypt(reencrypt_request("old", "new", &two)).await,
+        a.batch_re_encrypt(reencrypt_request("old", "new", &two))
+            .await,
         Code::PermissionDenied,
         "no grant to reencrypt-from with key \"old\"",
     );
@@ -538,7 +540,8 @@ async fn batch_reencrypt_moves_records_within_reencrypts_grants() {
         .into_inner()
         .id;
     expect_code(
-        a.batch_re_encrypt(reencrypt_request("old", "new", &two)).await,
+        a.batch_re_encrypt(reencrypt_request("old", "new", &two))
+            .await,
         Code::PermissionDenied,
         "no grant to reencrypt-to with key \"new\"",
     );
@@ -548,7 +551,8 @@ async fn batch_reencrypt_moves_records_within_reencrypts_grants() {
         .await
         .unwrap();
     expect_code(
-        a.batch_re_encrypt(reencrypt_request("old", "new", &two)).await,
+        a.batch_re_encrypt(reencrypt_request("old", "new", &two))
+            .await,
         Code::PermissionDenied,
         "no grant to reencrypt-to with key \"new\"",
     );
@@ -565,7 +569,8 @@ async fn batch_reencrypt_moves_records_within_reencrypts_grants() {
         .into_inner();
     assert_eq!(outcomes(&r.results), [Ok(())]);
     expect_code(
-        a.batch_re_encrypt(reencrypt_request("old", "new", &two)).await,
+        a.batch_re_encrypt(reencrypt_request("old", "new", &two))
+            .await,
         Code::PermissionDenied,
         "no grant to reencrypt-to with key \"new\"",
     );
@@ -575,7 +580,8 @@ async fn batch_reencrypt_moves_records_within_reencrypts_grants() {
         .await
         .unwrap();
     expect_code(
-        a.batch_re_encrypt(reencrypt_request("old", "new", &two[1..])).await,
+        a.batch_re_encrypt(reencrypt_request("old", "new", &two[1..]))
+            .await,
         Code::PermissionDenied,
         "no grant to reencrypt-from with key \"old\"",
     );
@@ -612,10 +618,14 @@ async fn batch_reencrypt_moves_records_within_reencrypts_grants() {
         .filter(|e| e["operation"] == "BatchReEncrypt" && e["outcome"] == "PERMISSION_DENIED")
         .collect();
     assert_eq!(denied.len(), 5, "{denied:?}");
-    assert!(denied.iter().all(|e| e["principal"] == app.principal.as_str()
-        && e["key"] == "old"
-        && e["destination_key"] == "new"
-        && e["batch"].is_null()));
+    assert!(
+        denied
+            .iter()
+            .all(|e| e["principal"] == app.principal.as_str()
+                && e["key"] == "old"
+                && e["destination_key"] == "new"
+                && e["batch"].is_null())
+    );
     // No plaintext or associated data in the log.
     let log = hsm.logs();
     assert!(!log.contains("of the ledger") && !log.contains("row=999"));

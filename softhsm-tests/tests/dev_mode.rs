@@ -323,9 +323,10 @@ fn plaintext_dev_mode_warns_and_names_every_caller_loopback() {
 /// and openssl verifies the signature.
 #[test]
 fn the_readme_keys_and_crypto_block_runs_as_written() {
-    let readme =
-        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
-            .unwrap();
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
+    )
+    .unwrap();
     let after = readme
         .split_once("Keys and crypto (")
         .expect("README has a \"Keys and crypto\" section")

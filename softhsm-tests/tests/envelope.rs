@@ -18,8 +18,7 @@ use std::process::{Command, Output};
 
 use kms_proto::v1 as pb;
 use softhsm_tests::{
-    ClientSpec, Cred, Server, TestHsm, example, expect_code, python, python_stubs,
-    start_unsealed,
+    ClientSpec, Cred, Server, TestHsm, example, expect_code, python, python_stubs, start_unsealed,
 };
 use tonic::Code;
 
@@ -169,7 +168,10 @@ async fn the_envelope_examples_round_trip_and_refuse_tampering() {
                 &env.run(reader_lang, &reader, "decrypt", ctx, &sealed, &out),
                 "decrypt",
             );
-            assert!(std::fs::read(&out).unwrap() == data, "{lang:?} -> {reader_lang:?}");
+            assert!(
+                std::fs::read(&out).unwrap() == data,
+                "{lang:?} -> {reader_lang:?}"
+            );
         }
         let empty = path(&format!("empty.{lang:?}.env"));
         ok(
@@ -208,8 +210,18 @@ async fn the_envelope_examples_round_trip_and_refuse_tampering() {
     let cases: [(&str, Vec<u8>, &str, &str); 7] = [
         ("tampered", tampered, ctx, "chunk 3 is not authentic"),
         ("reordered", reordered, ctx, "chunk 1 is not authentic"),
-        ("cut at a chunk", cut_at_chunk, ctx, "chunk 8 is not authentic"),
-        ("cut inside a chunk", cut_inside, ctx, "chunk 9 is not authentic"),
+        (
+            "cut at a chunk",
+            cut_at_chunk,
+            ctx,
+            "chunk 8 is not authentic",
+        ),
+        (
+            "cut inside a chunk",
+            cut_inside,
+            ctx,
+            "chunk 9 is not authentic",
+        ),
         ("header only", header_only, ctx, "truncated: no chunk"),
         ("another key", swapped_key, ctx, "chunk 0 is not authentic"),
         (

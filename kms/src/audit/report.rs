@@ -778,12 +778,17 @@ mod tests {
         let count = |key: &str, v: Option<u32>, op: &str, outcome: &str| {
             r.usage
                 .iter()
-                .find(|u| u.key == key && u.version == v && u.operation == op && u.outcome == outcome)
+                .find(|u| {
+                    u.key == key && u.version == v && u.operation == op && u.outcome == outcome
+                })
                 .map(|u| u.span.count)
         };
         assert_eq!(count("a", Some(1), "BatchReEncrypt", "OK"), Some(1));
         assert_eq!(count("a", Some(2), "BatchReEncrypt", "OK"), Some(3));
-        assert_eq!(count("a", None, "BatchReEncrypt", "INVALID_ARGUMENT"), Some(1));
+        assert_eq!(
+            count("a", None, "BatchReEncrypt", "INVALID_ARGUMENT"),
+            Some(1)
+        );
         assert_eq!(count("b", Some(1), "ReEncryptTo", "OK"), Some(4));
         let b_key = r.keys.iter().find(|k| k.key == "b").unwrap();
         assert_eq!(b_key.ok, 4);

@@ -897,7 +897,10 @@ mod tests {
         assert!(encrypt(4097).is_ok());
         assert!(matches!(
             encrypt(4098),
-            Err(KeyringError::BatchTooLarge { bound: 4_195_256, max: 4_194_304 })
+            Err(KeyringError::BatchTooLarge {
+                bound: 4_195_256,
+                max: 4_194_304
+            })
         ));
         let decrypt = |c: usize| check_batch(1000, (0..1000).map(|_| c));
         assert!(decrypt(4130).is_ok());
