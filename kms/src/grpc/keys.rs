@@ -39,7 +39,7 @@ const ANSWER_FRAMING: usize = 256;
 const MAX_SIGNATURE: usize = 512;
 
 /// An upper bound on the encoded size of a batch answer whose items' largest outputs
-/// (ciphertext, plaintext, signature, with any name they carry) are `outputs`: each item
+/// (ciphertext, plaintext, signature) are `outputs`: each item
 /// counts as the larger of its output and an error message, plus [`ITEM_FRAMING`].
 fn answer_bound(outputs: impl Iterator<Item = usize>) -> usize {
     outputs.fold(ANSWER_FRAMING, |sum, out| {
