@@ -311,7 +311,13 @@ pub(crate) struct KeyInfo {
 }
 
 /// Operations that decrypt with the version they name.
-const DECRYPTS: &[&str] = &["Decrypt", "BatchDecrypt", "ReEncrypt", "AsymmetricDecrypt"];
+const DECRYPTS: &[&str] = &[
+    "Decrypt",
+    "BatchDecrypt",
+    "ReEncrypt",
+    "BatchReEncrypt",
+    "AsymmetricDecrypt",
+];
 
 /// Outcomes that are refusals rather than failures.
 const REFUSALS: &[&str] = &["PERMISSION_DENIED", "UNAUTHENTICATED"];
@@ -792,6 +798,14 @@ mod tests {
         assert_eq!(count("b", Some(1), "ReEncryptTo", "OK"), Some(4));
         let b_key = r.keys.iter().find(|k| k.key == "b").unwrap();
         assert_eq!(b_key.ok, 4);
+        // Version 1 of `a`, below its primary, was still read.
+        assert_eq!(
+            r.decrypt_below_primary
+                .iter()
+                .map(|v| (v.key.as_str(), v.version, v.count))
+                .collect::<Vec<_>>(),
+            [("a", 1, 1)]
+        );
     }
 
     fn keys() -> [KeyInfo; 2] {
