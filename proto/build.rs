@@ -24,6 +24,7 @@ const REDACTED: &[&str] = &[
     "kms.v1.VerifyMacRequest",
     "kms.v1.EncryptItem",
     "kms.v1.DecryptItem",
+    "kms.v1.ReEncryptItem",
     "kms.v1.SignItem",
     "kms.v1.CreateGrantRequest",
 ];

@@ -39,9 +39,9 @@ pub enum Operation {
     Encrypt,
     /// `Decrypt`, `BatchDecrypt`.
     Decrypt,
-    /// `ReEncrypt`, on its source key.
+    /// `ReEncrypt`, `BatchReEncrypt`, on the source key.
     ReencryptFrom,
-    /// `ReEncrypt`, on its destination key.
+    /// `ReEncrypt`, `BatchReEncrypt`, on the destination key.
     ReencryptTo,
     /// Before the split into [`Operation::ReencryptFrom`] and [`Operation::ReencryptTo`]:
     /// allows nothing. Kept so that older grant records still load (and list); new grants

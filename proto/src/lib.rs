@@ -50,6 +50,7 @@ pub mod v1 {
     redacted_debug!(VerifyMacRequest { key, key_version } secret { message, mac });
     redacted_debug!(EncryptItem {} secret { plaintext, associated_data });
     redacted_debug!(DecryptItem {} secret { ciphertext, associated_data });
+    redacted_debug!(ReEncryptItem {} secret { ciphertext, associated_data });
     redacted_debug!(SignRequest { key, format } secret {});
     redacted_debug!(SignItem {} secret {});
 

@@ -1012,6 +1012,43 @@ pub fn python() -> PathBuf {
     venv
 }
 
+/// Generates the Python client (`*_pb2.py`, `*_pb2_grpc.py`) from proto/ into `dir` with
+/// grpcio-tools' protoc, as docs/api.md tells a developer to.
+pub fn python_stubs(dir: &Path) {
+    let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(proto.join("kms/v1"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "proto"))
+        .collect();
+    files.sort();
+    let out = Command::new(python())
+        .args(["-m", "grpc_tools.protoc"])
+        .arg(format!("-I{}", proto.display()))
+        .arg(format!("--python_out={}", dir.display()))
+        .arg(format!("--grpc_python_out={}", dir.display()))
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "protoc (grpcio-tools) refused the .proto files:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The path of a cargo example built into the same target directory as the running test
+/// (`cargo build -p CRATE --examples`; scripts/test does).
+pub fn example(name: &str) -> PathBuf {
+    let path = bin("kms").with_file_name("examples").join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run `cargo build -p kms-proto --examples` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
 /// Asserts `r` failed with `code` and a message containing `text`.
 pub fn expect_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: tonic::Code, text: &str) {
     let e = r.expect_err("expected an error");

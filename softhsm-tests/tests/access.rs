@@ -58,6 +58,7 @@ const RPCS: &[&str] = &[
     "KeyManagement/BatchEncrypt",
     "KeyManagement/BatchDecrypt",
     "KeyManagement/BatchSign",
+    "KeyManagement/BatchReEncrypt",
     "Audit/ExportAuditLog",
     "Audit/KeyUsageReport",
     "Audit/VerifyAuditLog",
@@ -335,6 +336,17 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
                     input: Some(pb::sign_item::Input::Message(b"d".to_vec())),
                 }],
                 ..Default::default()
+            })
+            .await
+            .map(drop),
+        "KeyManagement/BatchReEncrypt" => keys
+            .batch_re_encrypt(pb::BatchReEncryptRequest {
+                key: "enc".into(),
+                items: vec![pb::ReEncryptItem {
+                    ciphertext: f.ciphertext.clone(),
+                    associated_data: b"ctx".to_vec(),
+                }],
+                destination_key: String::new(),
             })
             .await
             .map(drop),

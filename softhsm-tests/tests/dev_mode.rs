@@ -317,3 +317,64 @@ fn plaintext_dev_mode_warns_and_names_every_caller_loopback() {
     );
     assert!(dev.stop().success());
 }
+
+/// README.md's "Keys and crypto" block, run as written (the block is read from the README,
+/// not copied) in a shell against `kms dev`, with `DIR` the dev directory: the admin makes
+/// the keys and grants, the application encrypts, decrypts, signs and gets the public key,
+/// and openssl verifies the signature.
+#[test]
+fn the_readme_keys_and_crypto_block_runs_as_written() {
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
+    )
+    .unwrap();
+    let after = readme
+        .split_once("Keys and crypto (")
+        .expect("README has a \"Keys and crypto\" section")
+        .1;
+    let block = after
+        .split_once("```sh\n")
+        .unwrap()
+        .1
+        .split_once("```")
+        .unwrap()
+        .0;
+    assert!(block.contains("kms sign --key signer"), "{block}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("state");
+    let mut dev = Dev::start(&["--dir", d.to_str().unwrap()]);
+    let addr = addr_of(&dev.wait_for("kms listening on"), "https");
+    dev.wait_for("unsealed with shares 1-3 and serving mTLS");
+    let env = admin_env(&mut dev);
+    // DIR/tls/admin.pem: DIR is where `kms dev` keeps its state.
+    let state = env[1].1.parent().unwrap().parent().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    std::fs::write(work.join("document.pdf"), b"%PDF-1.4 a contract to sign\n").unwrap();
+    let script = format!(
+        "set -euo pipefail\nexport KMS_ADDR={addr} KMS_CACERT={} KMS_CLIENT_CERT={} KMS_CLIENT_KEY={}\n{}",
+        env[0].1.display(),
+        env[1].1.display(),
+        env[2].1.display(),
+        block.replace("DIR/", &format!("{}/", state.display())),
+    );
+    let kms_dir = bin("kms").parent().unwrap().to_owned();
+    let shell = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(&work)
+        .env_clear()
+        .env("PATH", format!("{}:/usr/bin:/bin", kms_dir.display()))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&shell.stdout);
+    assert!(
+        shell.status.success(),
+        "{script}\n{stdout}\n{}",
+        String::from_utf8_lossy(&shell.stderr)
+    );
+    assert!(stdout.contains("card 4111..."), "{stdout}");
+    assert!(stdout.contains("Verified OK"), "{stdout}");
+    assert!(dev.stop().success());
+}

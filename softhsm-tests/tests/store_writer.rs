@@ -812,10 +812,7 @@ async fn a_drill_cannot_be_made_production_again_by_its_store_writer() {
         let out = drill.kms_as(Some(&drill.auditor), &["operator", "take-over"], "");
         assert!(out.stderr.contains("PERMISSION_DENIED"), "{out:?}");
         let out = drill.kms(&["operator", "take-over"], "");
-        assert!(
-            out.stderr.contains("UNAVAILABLE: sealed"),
-            "{out:?}"
-        );
+        assert!(out.stderr.contains("UNAVAILABLE: sealed"), "{out:?}");
     }
 }
 

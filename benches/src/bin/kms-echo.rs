@@ -231,6 +231,12 @@ impl KeyManagement for Echo {
     ) -> Result<Response<pb::BatchSignResponse>, Status> {
         unimplemented()
     }
+    async fn batch_re_encrypt(
+        &self,
+        _: Request<pb::BatchReEncryptRequest>,
+    ) -> Result<Response<pb::BatchReEncryptResponse>, Status> {
+        unimplemented()
+    }
 }
 
 fn main() -> Result<(), BoxError> {

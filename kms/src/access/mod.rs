@@ -144,7 +144,7 @@ pub(crate) fn need(service: &str, method: &str) -> Need {
             "Encrypt" | "BatchEncrypt" => Need::Grant(O::Encrypt),
             "Decrypt" | "BatchDecrypt" | "AsymmetricDecrypt" => Need::Grant(O::Decrypt),
             // And ReencryptTo on the destination ([`Operation::on_destination`]).
-            "ReEncrypt" => Need::Grant(O::ReencryptFrom),
+            "ReEncrypt" | "BatchReEncrypt" => Need::Grant(O::ReencryptFrom),
             "GenerateDataKey" | "GenerateDataKeyWithoutPlaintext" => {
                 Need::Grant(O::GenerateDataKey)
             }
@@ -276,6 +276,10 @@ mod tests {
         assert_eq!(
             need("kms.v1.KeyManagement", "BatchSign"),
             Grant(Operation::Sign)
+        );
+        assert_eq!(
+            need("kms.v1.KeyManagement", "BatchReEncrypt"),
+            Grant(Operation::ReencryptFrom)
         );
         assert_eq!(
             need("kms.v1.Access", "ListGrants"),

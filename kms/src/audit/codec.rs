@@ -85,6 +85,7 @@ pub(crate) const NAMES: &[&str] = &[
     "GetImportParameters",
     "ImportKeyMaterial",
     "ExpireImportParameters",
+    "BatchReEncrypt",
 ];
 
 /// gRPC code names by code: the outcome of almost every record.

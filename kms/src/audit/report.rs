@@ -311,7 +311,13 @@ pub(crate) struct KeyInfo {
 }
 
 /// Operations that decrypt with the version they name.
-const DECRYPTS: &[&str] = &["Decrypt", "BatchDecrypt", "ReEncrypt", "AsymmetricDecrypt"];
+const DECRYPTS: &[&str] = &[
+    "Decrypt",
+    "BatchDecrypt",
+    "ReEncrypt",
+    "BatchReEncrypt",
+    "AsymmetricDecrypt",
+];
 
 /// Outcomes that are refusals rather than failures.
 const REFUSALS: &[&str] = &["PERMISSION_DENIED", "UNAUTHENTICATED"];
@@ -445,6 +451,26 @@ impl UsageBuilder {
                 }
                 if e.outcome != "OK" {
                     self.row(key, None, e, &e.operation, &e.outcome, 1);
+                }
+                // BatchReEncrypt: its successful items made ciphertexts under the
+                // destination (its version, when the record names one).
+                if let Some(dest) = &e.destination_key
+                    && e.outcome == "OK"
+                {
+                    let made = b.outcomes.get("OK").copied().unwrap_or(0);
+                    if made > 0 {
+                        self.row(
+                            dest,
+                            e.destination_key_version,
+                            e,
+                            "ReEncryptTo",
+                            "OK",
+                            made,
+                        );
+                        if dest != key {
+                            self.events.push((t, dest.clone(), made, 0));
+                        }
+                    }
                 }
             }
             None => {
@@ -737,6 +763,49 @@ mod tests {
             outcome: outcome.into(),
             ..AuditEvent::default()
         }
+    }
+
+    /// A BatchReEncrypt record counts its source versions read under its key and the
+    /// ciphertexts it made under its destination (`ReEncryptTo`), as ReEncrypt does.
+    #[test]
+    fn a_batch_reencryption_counts_on_both_keys() {
+        let mut b = UsageBuilder::new(Filter::default());
+        b.add(&AuditEvent {
+            destination_key: Some("b".into()),
+            destination_key_version: Some(1),
+            batch: Some(BatchSummary {
+                items: 5,
+                outcomes: [("OK".to_owned(), 4), ("INVALID_ARGUMENT".to_owned(), 1)].into(),
+                versions: [(1, 1), (2, 3)].into(),
+            }),
+            ..ev(1000, "BatchReEncrypt", "a", None, "OK", "mover")
+        });
+        let r = b.finish(&keys());
+        let count = |key: &str, v: Option<u32>, op: &str, outcome: &str| {
+            r.usage
+                .iter()
+                .find(|u| {
+                    u.key == key && u.version == v && u.operation == op && u.outcome == outcome
+                })
+                .map(|u| u.span.count)
+        };
+        assert_eq!(count("a", Some(1), "BatchReEncrypt", "OK"), Some(1));
+        assert_eq!(count("a", Some(2), "BatchReEncrypt", "OK"), Some(3));
+        assert_eq!(
+            count("a", None, "BatchReEncrypt", "INVALID_ARGUMENT"),
+            Some(1)
+        );
+        assert_eq!(count("b", Some(1), "ReEncryptTo", "OK"), Some(4));
+        let b_key = r.keys.iter().find(|k| k.key == "b").unwrap();
+        assert_eq!(b_key.ok, 4);
+        // Version 1 of `a`, below its primary, was still read.
+        assert_eq!(
+            r.decrypt_below_primary
+                .iter()
+                .map(|v| (v.key.as_str(), v.version, v.count))
+                .collect::<Vec<_>>(),
+            [("a", 1, 1)]
+        );
     }
 
     fn keys() -> [KeyInfo; 2] {

@@ -12,10 +12,40 @@ use zeroize::Zeroizing;
 use super::{Aad, ApiError, Call, Ctx, Served, code_name, code_of, with_keyring};
 use crate::audit::BatchSummary;
 use crate::keyring::material::SignInput;
-use crate::keyring::{Import, KeyUpdate, KeyringError, NewKey};
+use crate::keyring::{Import, KeyUpdate, KeyringError, NewKey, ciphertext};
 
 /// The most items in one batch.
 pub(super) const MAX_BATCH: usize = 1000;
+
+/// The largest answer to a batch: gRPC clients' default receive limit (4 MiB in grpc-core,
+/// grpc-java, grpc-go and tonic), so that a client with default settings can read every
+/// answer the server agrees to give. A batch whose answer could be larger is refused before
+/// any item is done (docs/api.md, "Batch limits").
+pub(super) const MAX_BATCH_ANSWER: usize = 4 * 1024 * 1024;
+
+/// An item's error message in a batch answer is cut to this many bytes (the log has it
+/// whole), so that an item's answer is bounded whatever failed.
+const MAX_ITEM_ERROR: usize = 256;
+
+/// What an item's answer adds to its largest output, at most: the protobuf tags and lengths
+/// of the result, of its `ok` or `error` and of their fields, the key version, an error's
+/// code. (20 bytes for an `ok`, 13 beside the message for an `error`; a unit test checks.)
+const ITEM_FRAMING: usize = 64;
+
+/// What a batch answer holds beside its items, at most.
+const ANSWER_FRAMING: usize = 256;
+
+/// The largest signature: RSA-4096's 512 bytes (ECDSA DER is at most 104, Ed25519 64).
+const MAX_SIGNATURE: usize = 512;
+
+/// An upper bound on the encoded size of a batch answer whose items' largest outputs
+/// (ciphertext, plaintext, signature) are `outputs`: each item
+/// counts as the larger of its output and an error message, plus [`ITEM_FRAMING`].
+fn answer_bound(outputs: impl Iterator<Item = usize>) -> usize {
+    outputs.fold(ANSWER_FRAMING, |sum, out| {
+        sum.saturating_add(out.max(MAX_ITEM_ERROR).saturating_add(ITEM_FRAMING))
+    })
+}
 
 /// The `kms.v1.KeyManagement` service.
 #[derive(Debug, Clone)]
@@ -78,6 +108,15 @@ impl Aad for pb::BatchDecryptRequest {
     }
 }
 
+impl Aad for pb::BatchReEncryptRequest {
+    fn aads(&self) -> Vec<&[u8]> {
+        self.items
+            .iter()
+            .map(|i| i.associated_data.as_slice())
+            .collect()
+    }
+}
+
 /// The service's name in audit records.
 const SERVICE: &str = "kms.v1.KeyManagement";
 
@@ -86,8 +125,17 @@ fn item_error(e: KeyringError) -> pb::ItemError {
     let status = super::to_status(&e);
     pb::ItemError {
         code: code_of(&e) as i32,
-        message: status.message().to_owned(),
+        message: cut(status.message(), MAX_ITEM_ERROR).to_owned(),
     }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or_default()
 }
 
 /// Runs `f` on each item of a batch: each item's result (an `ItemError` for a failed
@@ -118,7 +166,9 @@ fn each_item<I, O>(
     (results, summary)
 }
 
-fn check_batch(n: usize) -> Result<(), KeyringError> {
+/// Refuses, before any item is done, a batch of no items, of too many, or whose answer
+/// could be larger than [`MAX_BATCH_ANSWER`] given its items' largest `outputs`.
+fn check_batch(n: usize, outputs: impl Iterator<Item = usize>) -> Result<(), KeyringError> {
     if n == 0 {
         return Err(KeyringError::BadRequest("the batch has no items"));
     }
@@ -126,6 +176,13 @@ fn check_batch(n: usize) -> Result<(), KeyringError> {
         return Err(KeyringError::TooManyItems {
             count: n,
             max: MAX_BATCH,
+        });
+    }
+    let bound = answer_bound(outputs);
+    if bound > MAX_BATCH_ANSWER {
+        return Err(KeyringError::BatchTooLarge {
+            bound,
+            max: MAX_BATCH_ANSWER,
         });
     }
     Ok(())
@@ -585,7 +642,13 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
             .key(&request.get_ref().key);
         let r = request.into_inner();
         with_keyring(&self.ctx, call, r, move |k, _, r| {
-            check_batch(r.items.len())?;
+            // A ciphertext is its plaintext and the format's overhead.
+            check_batch(
+                r.items.len(),
+                r.items
+                    .iter()
+                    .map(|i| i.plaintext.len().saturating_add(ciphertext::OVERHEAD)),
+            )?;
             let (results, summary) = each_item(&r.items, |item| {
                 let (ciphertext, key_version) =
                     k.encrypt(&r.key, &item.plaintext, &item.associated_data)?;
@@ -620,7 +683,8 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
             .key(&request.get_ref().key);
         let r = request.into_inner();
         with_keyring(&self.ctx, call, r, move |k, _, r| {
-            check_batch(r.items.len())?;
+            // A plaintext is shorter than its ciphertext.
+            check_batch(r.items.len(), r.items.iter().map(|i| i.ciphertext.len()))?;
             let (results, summary) = each_item(&r.items, |item| {
                 let (pt, key_version) =
                     k.decrypt(&r.key, &item.ciphertext, &item.associated_data)?;
@@ -653,7 +717,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         let call = self.call(&request, "BatchSign").key(&request.get_ref().key);
         let r = request.into_inner();
         with_keyring(&self.ctx, call, (), move |k, _, ()| {
-            check_batch(r.items.len())?;
+            check_batch(r.items.len(), r.items.iter().map(|_| MAX_SIGNATURE))?;
             let encoding = signature_encoding_from(r.format)?;
             let (results, summary) = each_item(&r.items, |item| {
                 let input = sign_input(item.input.as_ref().map(SignOneof::Item))?;
@@ -676,6 +740,70 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
                 })
                 .collect();
             Ok(Served::new(pb::BatchSignResponse { results }).batch(summary))
+        })
+        .await
+    }
+
+    async fn batch_re_encrypt(
+        &self,
+        request: Request<pb::BatchReEncryptRequest>,
+    ) -> Result<Response<pb::BatchReEncryptResponse>, Status> {
+        let r = request.get_ref();
+        let destination = if r.destination_key.is_empty() {
+            r.key.clone()
+        } else {
+            r.destination_key.clone()
+        };
+        // As ReEncrypt: `with_keyring` checks reencrypt-from on the key and reencrypt-to on
+        // the destination, against every item's associated data.
+        let call = self
+            .call(&request, "BatchReEncrypt")
+            .key(&r.key)
+            .destination(&destination);
+        let r = request.into_inner();
+        with_keyring(&self.ctx, call, r, move |k, _, r| {
+            // The new ciphertext is as long as the old: the same plaintext, the same format.
+            // (So whatever one BatchEncrypt made, one BatchReEncrypt moves.)
+            check_batch(r.items.len(), r.items.iter().map(|i| i.ciphertext.len()))?;
+            let mut made_by = std::collections::BTreeSet::new();
+            // The summary counts the source versions read, as BatchDecrypt's does.
+            let (results, summary) = each_item(&r.items, |item| {
+                let made = k.reencrypt(
+                    &r.key,
+                    &item.ciphertext,
+                    &item.associated_data,
+                    Some(&destination),
+                )?;
+                made_by.insert(made.version);
+                Ok((
+                    pb::EncryptResponse {
+                        ciphertext: made.ciphertext,
+                        key_version: made.version,
+                    },
+                    made.source_version,
+                ))
+            });
+            let results = results
+                .into_iter()
+                .map(|r| pb::BatchReEncryptResult {
+                    result: Some(match r {
+                        Ok(o) => pb::batch_re_encrypt_result::Result::Ok(o),
+                        Err(e) => pb::batch_re_encrypt_result::Result::Error(e),
+                    }),
+                })
+                .collect();
+            let served = Served::new(pb::BatchReEncryptResponse {
+                results,
+                key: destination.clone(),
+            })
+            .batch(summary);
+            // The destination's version, when one made every new ciphertext (the key may
+            // rotate within a batch at 3/4 of its nonce budget; then the record names none).
+            let mut made_by = made_by.into_iter();
+            Ok(match (made_by.next(), made_by.next()) {
+                (Some(v), None) => served.destination(destination, v),
+                _ => served,
+            })
         })
         .await
     }
@@ -703,5 +831,89 @@ fn sign_input(input: Option<SignOneof<'_>>) -> Result<SignInput<'_>, KeyringErro
         Some(SignOneof::Request(pb::sign_request::Input::Digest(d)))
         | Some(SignOneof::Item(pb::sign_item::Input::Digest(d))) => Ok(SignInput::Digest(d)),
         None => Err(KeyringError::BadRequest("give the message or its digest")),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use prost::Message as _;
+
+    /// The largest answer each item can have, a success or an error, is within the bound
+    /// `check_batch` computes from the items: so an accepted batch's answer fits.
+    #[test]
+    fn the_answer_bound_holds_for_the_largest_items() {
+        let name = "n".repeat(128);
+        let long_error = "é".repeat(1000);
+        for ct_len in [0, 1, 33, 255, 256, 300, 4096, 65_569, 1 << 21, 3 << 20] {
+            for n in [1, 7, 1000] {
+                let ok = pb::BatchReEncryptResult {
+                    result: Some(pb::batch_re_encrypt_result::Result::Ok(
+                        pb::EncryptResponse {
+                            ciphertext: vec![0xff; ct_len],
+                            key_version: u32::MAX,
+                        },
+                    )),
+                };
+                let error = pb::BatchReEncryptResult {
+                    result: Some(pb::batch_re_encrypt_result::Result::Error(pb::ItemError {
+                        code: tonic::Code::Unauthenticated as i32,
+                        message: cut(&long_error, MAX_ITEM_ERROR).to_owned(),
+                    })),
+                };
+                for item in [ok, error] {
+                    let answer = pb::BatchReEncryptResponse {
+                        results: vec![item; n],
+                        key: name.clone(),
+                    };
+                    let bound = answer_bound((0..n).map(|_| ct_len));
+                    assert!(
+                        answer.encoded_len() <= bound,
+                        "{} > {bound} ({n} items of {ct_len})",
+                        answer.encoded_len()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn error_messages_are_cut_on_a_character_boundary() {
+        assert_eq!(cut("abc", 2), "ab");
+        assert_eq!(cut("abc", 5), "abc");
+        assert_eq!(cut("aé", 2), "a");
+        assert_eq!(cut("aé", 3), "aé");
+        let e = item_error(KeyringError::NotFound("k".repeat(128) + &"é".repeat(200)));
+        assert!(e.message.len() <= MAX_ITEM_ERROR, "{}", e.message.len());
+        assert!(e.message.starts_with("no key named"));
+    }
+
+    /// The documented edges (docs/api.md): 1000 items of 4097 bytes to encrypt fit, 4098
+    /// do not; the same for 1000 ciphertexts of 4130 and 4131 bytes to decrypt.
+    #[test]
+    fn the_documented_edges() {
+        let encrypt = |p: usize| check_batch(1000, (0..1000).map(|_| p + ciphertext::OVERHEAD));
+        assert!(encrypt(4097).is_ok());
+        assert!(matches!(
+            encrypt(4098),
+            Err(KeyringError::BatchTooLarge {
+                bound: 4_195_256,
+                max: 4_194_304
+            })
+        ));
+        let decrypt = |c: usize| check_batch(1000, (0..1000).map(|_| c));
+        assert!(decrypt(4130).is_ok());
+        assert!(decrypt(4131).is_err());
+        // A single item of the largest plaintext always fits.
+        assert!(check_batch(1, std::iter::once(64 * 1024 + ciphertext::OVERHEAD)).is_ok());
+        // 63 such items fit, 64 do not.
+        let big = |n: usize| check_batch(n, (0..n).map(|_| 64 * 1024 + ciphertext::OVERHEAD));
+        assert!(big(63).is_ok());
+        assert!(big(64).is_err());
+        // Small items count as an error message: 1000 of them always fit.
+        assert!(check_batch(1000, (0..1000).map(|_| 0)).is_ok());
+        assert!(check_batch(1001, (0..1001).map(|_| 0)).is_err());
+        assert!(check_batch(0, std::iter::empty()).is_err());
     }
 }

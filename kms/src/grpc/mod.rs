@@ -157,6 +157,7 @@ fn keyring_code(e: &KeyringError) -> Code {
         | KeyringError::TooLarge { .. }
         | KeyringError::TooManyItems { .. }
         | KeyringError::RequestIdReused
+        | KeyringError::BatchTooLarge { .. }
         | KeyringError::DecryptionFailed => Code::InvalidArgument,
         KeyringError::AlreadyExists(_) => Code::AlreadyExists,
         KeyringError::NotFound(_)
@@ -255,6 +256,7 @@ fn keyring_reason(e: &KeyringError) -> &'static str {
         KeyringError::BadRequest(_) => "INVALID_REQUEST",
         KeyringError::TooLarge { .. } => "TOO_LARGE",
         KeyringError::TooManyItems { .. } => "TOO_MANY_ITEMS",
+        KeyringError::BatchTooLarge { .. } => "BATCH_TOO_LARGE",
         KeyringError::DecryptionFailed => "DECRYPTION_FAILED",
         KeyringError::AlreadyExists(_) => "KEY_EXISTS",
         KeyringError::NotFound(_) => "KEY_NOT_FOUND",

@@ -228,9 +228,9 @@ impl Keyring {
         length: usize,
         aad: &[u8],
     ) -> Result<DataKey, KeyringError> {
-        if !(1..=MAX_DATA_KEY).contains(&length) {
+        if !DATA_KEY_LENGTHS.contains(&length) {
             return Err(KeyringError::BadRequest(
-                "length_bytes must be 1..=64 (default 32)",
+                "length_bytes must be a key's size: 16, 24, 32 or 64 bytes (0 means 32)",
             ));
         }
         let mut dk = Zeroizing::new(vec![0u8; length]);

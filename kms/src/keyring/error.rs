@@ -38,6 +38,17 @@ pub enum KeyringError {
         /// The limit.
         max: usize,
     },
+    /// A batch whose answer could be larger than a gRPC client receives by default, bounded
+    /// from its items before any of them is done.
+    #[error(
+        "the answer to this batch could be {bound} bytes, more than the {max} a batch answer may be (gRPC clients receive 4 MiB by default): send fewer or smaller items (docs/api.md, \"Batch limits\")"
+    )]
+    BatchTooLarge {
+        /// The bound on the answer's encoded size, from the items.
+        bound: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A key of that name exists.
     #[error("a key named {0:?} already exists")]
     AlreadyExists(String),

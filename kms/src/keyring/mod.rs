@@ -59,8 +59,9 @@ pub(crate) const MAX_PLAINTEXT: usize = 64 * 1024;
 pub(crate) const MAX_AAD: usize = 64 * 1024;
 /// Largest message `Sign` or `Mac` takes.
 pub(crate) const MAX_MESSAGE: usize = 64 * 1024;
-/// Largest data key.
-pub(crate) const MAX_DATA_KEY: usize = 64;
+/// The sizes a data key may have: those of AES-128, -192 and -256 keys, and 64 bytes (an
+/// AES-256-SIV or XTS key pair, an HMAC-SHA-512 key). Any other length is no key's.
+pub(crate) const DATA_KEY_LENGTHS: [usize; 4] = [16, 24, 32, 64];
 /// Longest RSA ciphertext: one block of the largest modulus (4096 bits).
 pub(crate) const MAX_RSA_CIPHERTEXT: usize = 512;
 /// AES-GCM random-nonce budget per version (NIST SP 800-38D).
