@@ -77,6 +77,8 @@ pub(crate) struct Metrics {
     pub(crate) audit_commit_duration: Histogram,
     /// Records made durable.
     pub(crate) audit_records: Counter,
+    /// Records that could not be made durable (their calls were refused).
+    pub(crate) audit_write_failures: Counter,
     /// Records per durable commit.
     pub(crate) audit_commit_batch: Histogram,
     /// Records archived to segments and removed from the store.
@@ -148,6 +150,12 @@ impl Metrics {
             "audit_records",
             "Audit records made durable",
             audit_records.clone(),
+        );
+        let audit_write_failures = Counter::default();
+        registry.register(
+            "audit_write_failures",
+            "Audit records that could not be made durable: their calls were refused UNAVAILABLE",
+            audit_write_failures.clone(),
         );
         let audit_commit_batch = Histogram::new(exponential_buckets(1.0, 2.0, 11));
         registry.register(
@@ -282,6 +290,7 @@ impl Metrics {
             request_duration,
             audit_commit_duration,
             audit_records,
+            audit_write_failures,
             audit_commit_batch,
             audit_archived_records,
             store_bytes,

@@ -816,12 +816,14 @@ async fn maintain(seal: Arc<SealManager>, every: std::time::Duration) {
         if forget {
             forgot = Some(std::time::Instant::now());
         }
+        // Rotations and destructions first: the sweep waits for them, not the reverse.
         let done = tokio::task::spawn_blocking(move || {
+            let maintained = keyring.maintain(crate::keyring::now());
             let forgotten = forget.then(|| {
                 let now_ms = crate::keyring::now().saturating_mul(1000);
                 keyring.forget_requests(now_ms)
             });
-            (keyring.maintain(crate::keyring::now()), forgotten)
+            (maintained, forgotten)
         })
         .await;
         let Ok((maintained, forgotten)) = done else {

@@ -491,7 +491,21 @@ async fn a_full_file_system_fails_requests_closed_and_loses_nothing() {
     let mount = Mount::tmpfs(&hsm.path().join("data"), "16m");
     let store = mount.path().join("kms.redb");
     let config = config(&hsm, &store);
+    // With metrics: the failures are counted for the alert docs/operations.md sets.
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    std::fs::write(&config, text).unwrap();
     let (mut server, shares) = start_unsealed(&hsm, &config);
+    let metrics = server.metrics.clone().expect("a metrics listener");
+    let failures = || {
+        let (code, text) = softhsm_tests::http_get(&metrics);
+        assert_eq!(code, 200);
+        text.lines()
+            .find_map(|l| l.strip_prefix("kms_audit_write_failures_total "))
+            .map(|v| v.trim().parse::<f64>().unwrap())
+            .unwrap_or_else(|| panic!("no kms_audit_write_failures_total in {text}"))
+    };
+    assert_eq!(failures(), 0.0);
     let mut c = server.keys().await;
     create(&server, &mut c, "payments", pb::Algorithm::Aes256Gcm).await;
     // The first encryption reserves its nonce block; later ones write only their records.
@@ -527,6 +541,7 @@ async fn a_full_file_system_fails_requests_closed_and_loses_nothing() {
         .unwrap_err();
     assert_eq!(create_err.code(), Code::Unavailable, "{create_err:?}");
     assert!(hsm.logs().contains("audit write failed"));
+    assert!(failures() >= 3.0, "{}", failures());
 
     // Space comes back; after a restart nothing refused has an effect or a record, and
     // everything acknowledged does.

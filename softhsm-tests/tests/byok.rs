@@ -1066,8 +1066,9 @@ async fn expired_import_parameters_leave_no_wrapping_key_in_the_token() {
     assert_eq!(key.primary_version, 1);
 }
 
-/// Issue 25: an import retried with its request id (its answer lost) is answered from the
-/// first import, and makes no second version; the same id for other material is refused.
+/// Issue 25: an import retried with its idempotency key (its answer lost) is answered from
+/// the first import, and makes no second version; the same key for other material is
+/// refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_import_retried_with_its_request_id_is_made_once() {
     let hsm = TestHsm::new("kms-byok-retry");
@@ -1096,7 +1097,7 @@ async fn an_import_retried_with_its_request_id_is_made_once() {
     let with_id = |r: pb::ImportKeyMaterialRequest| {
         let mut r = tonic::Request::new(r);
         r.metadata_mut()
-            .insert("x-request-id", "import-1".parse().unwrap());
+            .insert("idempotency-key", "import-1".parse().unwrap());
         r
     };
     let first = c
@@ -1119,7 +1120,7 @@ async fn an_import_retried_with_its_request_id_is_made_once() {
     expect_code(
         c.import_key_material(with_id(other)).await,
         Code::InvalidArgument,
-        "x-request-id was used by another request",
+        "idempotency-key was used by another request",
     );
     assert_eq!(versions(&mut c, name).await, 1);
 }

@@ -193,17 +193,22 @@ async fn call_with_deadline<R: prost::Message + Default>(
     path: &str,
     message: &impl prost::Message,
     id: &str,
+    idempotency_key: Option<&str>,
     timeout: Duration,
 ) -> (Result<R, Status>, String) {
+    let mut headers = vec![
+        ("x-request-id", id.to_owned()),
+        ("grpc-timeout", format!("{}u", timeout.as_micros())),
+    ];
+    if let Some(key) = idempotency_key {
+        headers.push(("idempotency-key", key.to_owned()));
+    }
     let (meta, body) = softhsm_tests::raw_unary(
         server,
         &server.admin,
         path,
         message.encode_to_vec(),
-        &[
-            ("x-request-id", id.to_owned()),
-            ("grpc-timeout", format!("{}u", timeout.as_micros())),
-        ],
+        &headers,
     )
     .await;
     let request_id = meta
@@ -219,10 +224,36 @@ async fn call_with_deadline<R: prost::Message + Default>(
 }
 
 /// `msg` with the caller's own request id.
-fn with_id<T>(msg: T, id: &str) -> Request<T> {
+fn with_request_id<T>(msg: T, id: &str) -> Request<T> {
     let mut r = Request::new(msg);
     r.metadata_mut().insert("x-request-id", id.parse().unwrap());
     r
+}
+
+/// `msg` with an idempotency key, and a request id of its own for each attempt
+/// (`KEY.N`), so that the audit log tells the attempts apart.
+fn with_key<T>(msg: T, key: &str) -> Request<T> {
+    static ATTEMPT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = ATTEMPT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    with_request_id_and_key(msg, &format!("{key}.{n}"), key)
+}
+
+/// The records of the attempts `with_key` made with `key`, in order.
+fn attempts<'a>(records: &'a [Value], key: &str) -> Vec<&'a Value> {
+    records
+        .iter()
+        .filter(|e| {
+            e["request_id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with(&format!("{key}.")))
+        })
+        .collect()
+}
+
+/// Whether an answer says it is a first attempt's (an idempotent retry).
+fn replayed(meta: &tonic::metadata::MetadataMap) -> bool {
+    meta.get("idempotent-replayed")
+        .is_some_and(|v| v.to_str().unwrap() == "true")
 }
 
 /// The `google.rpc.ErrorInfo` reason of an error (its domain checked).
@@ -307,6 +338,7 @@ async fn deadlines_are_answered_deadline_exceeded_saying_whether_the_work_began(
             "/kms.v1.KeyManagement/RotateKey",
             &rotate,
             &id,
+            None,
             Duration::from_micros(micros),
         )
         .await;
@@ -375,6 +407,7 @@ async fn deadlines_are_answered_deadline_exceeded_saying_whether_the_work_began(
         "/kms.v1.KeyManagement/CreateKey",
         &create,
         "make-slow-1",
+        Some("make-slow"),
         Duration::from_millis(50),
     )
     .await;
@@ -397,28 +430,42 @@ async fn deadlines_are_answered_deadline_exceeded_saying_whether_the_work_began(
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     };
-    // The retry with the same request id is answered from the first attempt: the same
-    // key, not ALREADY_EXISTS, and nothing is made again.
+    // The retry with the same idempotency key is answered from the first attempt: the
+    // same key, not ALREADY_EXISTS, and nothing is made again.
     let again = c
-        .create_key(with_id(create.clone(), "make-slow-1"))
+        .create_key(with_request_id_and_key(
+            create.clone(),
+            "make-slow-2",
+            "make-slow",
+        ))
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(again, made);
-    // A new request id is a new request.
+        .unwrap();
+    assert!(replayed(again.metadata()));
+    assert_eq!(again.into_inner(), made);
+    // A new idempotency key is a new request.
     let s = c
-        .create_key(with_id(create, "make-slow-2"))
+        .create_key(with_key(create, "make-slow-other"))
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::AlreadyExists, "{s:?}");
     assert_eq!(reason(&s), "KEY_EXISTS");
     let records = audit_records(&server);
     let first = records_of(&records, "make-slow-1");
-    assert_eq!(first.len(), 2, "{first:?}");
+    assert_eq!(first.len(), 1, "{first:?}");
     assert_eq!(first[0]["outcome"], "OK");
-    assert!(first[0].get("replayed").is_none(), "{first:?}");
-    assert_eq!(first[1]["outcome"], "OK");
-    assert_eq!(first[1]["replayed"], true, "{first:?}");
+    assert!(first[0].get("replay_of").is_none(), "{first:?}");
+    let retry = records_of(&records, "make-slow-2");
+    assert_eq!(retry.len(), 1, "{retry:?}");
+    assert_eq!(retry[0]["outcome"], "OK");
+    assert_eq!(retry[0]["replay_of"], "make-slow-1", "{retry:?}");
+}
+
+/// `msg` with the request id `id` and the idempotency key `key`.
+fn with_request_id_and_key<T>(msg: T, id: &str, key: &str) -> Request<T> {
+    let mut r = with_request_id(msg, id);
+    r.metadata_mut()
+        .insert("idempotency-key", key.parse().unwrap());
+    r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,27 +476,53 @@ async fn retried_changes_are_made_once() {
     let mut c = server.keys().await;
     let mut a = server.access().await;
 
-    // CreateKey, twice with one id: one key, the same answer.
+    // CreateKey, twice with one idempotency key: one key, the same answer, and the second
+    // says it is the first's.
     let create = pb::CreateKeyRequest {
         name: "retried".into(),
         algorithm: pb::Algorithm::Aes256Gcm as i32,
         ..Default::default()
     };
     let first = c
-        .create_key(with_id(create.clone(), "create-1"))
+        .create_key(with_key(create.clone(), "create-1"))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
+    assert!(!replayed(first.metadata()));
     let second = c
-        .create_key(with_id(create.clone(), "create-1"))
+        .create_key(with_key(create.clone(), "create-1"))
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(first, second);
+        .unwrap();
+    assert!(replayed(second.metadata()));
+    assert_eq!(first.into_inner(), second.into_inner());
+    // A key that is not a token is refused, not ignored.
+    let mut bad = Request::new(create.clone());
+    bad.metadata_mut()
+        .insert("idempotency-key", "not a key!".parse().unwrap());
+    let s = c.create_key(bad).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert_eq!(reason(&s), "INVALID_IDEMPOTENCY_KEY");
+    // The same x-request-id on two different changes (a mesh passing one id on to every
+    // call) is no idempotency key: both are made.
+    let other = pb::CreateKeyRequest {
+        name: "retried-other".into(),
+        ..create.clone()
+    };
+    c.create_key(with_request_id(other.clone(), "mesh-id"))
+        .await
+        .unwrap();
+    c.rotate_key(with_request_id(
+        pb::RotateKeyRequest {
+            name: "retried-other".into(),
+        },
+        "mesh-id",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(get_key(&mut c, "retried-other").await.versions.len(), 2);
 
     // RotateKey, twice: one new version; both answers name it.
     let rotate = || {
-        with_id(
+        with_key(
             pb::RotateKeyRequest {
                 name: "retried".into(),
             },
@@ -467,7 +540,7 @@ async fn retried_changes_are_made_once() {
     for _ in 0..8 {
         let mut c = c.clone();
         tasks.push(tokio::spawn(async move {
-            c.rotate_key(with_id(
+            c.rotate_key(with_key(
                 pb::RotateKeyRequest {
                     name: "retried".into(),
                 },
@@ -493,22 +566,22 @@ async fn retried_changes_are_made_once() {
         ..Default::default()
     };
     let u1 = c
-        .update_key(with_id(update.clone(), "update-1"))
+        .update_key(with_key(update.clone(), "update-1"))
         .await
         .unwrap();
-    let u2 = c.update_key(with_id(update, "update-1")).await.unwrap();
+    let u2 = c.update_key(with_key(update, "update-1")).await.unwrap();
     assert_eq!(u1.into_inner(), u2.into_inner());
     let version = |v: u32| pb::KeyVersionRequest {
         name: "retried".into(),
         version: v,
     };
     let d1 = c
-        .disable_key_version(with_id(version(1), "disable-1"))
+        .disable_key_version(with_key(version(1), "disable-1"))
         .await
         .unwrap()
         .into_inner();
     let d2 = c
-        .disable_key_version(with_id(version(1), "disable-1"))
+        .disable_key_version(with_key(version(1), "disable-1"))
         .await
         .unwrap()
         .into_inner();
@@ -519,34 +592,34 @@ async fn retried_changes_are_made_once() {
         ..Default::default()
     };
     let s1 = c
-        .schedule_key_version_destruction(with_id(schedule.clone(), "destroy-1"))
+        .schedule_key_version_destruction(with_key(schedule.clone(), "destroy-1"))
         .await
         .unwrap()
         .into_inner();
     let s2 = c
-        .schedule_key_version_destruction(with_id(schedule, "destroy-1"))
+        .schedule_key_version_destruction(with_key(schedule, "destroy-1"))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(s1, s2);
     let x1 = c
-        .cancel_key_version_destruction(with_id(version(1), "cancel-1"))
+        .cancel_key_version_destruction(with_key(version(1), "cancel-1"))
         .await
         .unwrap()
         .into_inner();
     let x2 = c
-        .cancel_key_version_destruction(with_id(version(1), "cancel-1"))
+        .cancel_key_version_destruction(with_key(version(1), "cancel-1"))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(x1, x2);
     let e1 = c
-        .enable_key_version(with_id(version(1), "enable-1"))
+        .enable_key_version(with_key(version(1), "enable-1"))
         .await
         .unwrap()
         .into_inner();
     let e2 = c
-        .enable_key_version(with_id(version(1), "enable-1"))
+        .enable_key_version(with_key(version(1), "enable-1"))
         .await
         .unwrap()
         .into_inner();
@@ -574,12 +647,12 @@ async fn retried_changes_are_made_once() {
         }
     };
     let g1 = a
-        .create_grant(with_id(grant.clone(), "grant-1"))
+        .create_grant(with_key(grant.clone(), "grant-1"))
         .await
         .unwrap()
         .into_inner();
     let g2 = a
-        .create_grant(with_id(grant.clone(), "grant-1"))
+        .create_grant(with_key(grant.clone(), "grant-1"))
         .await
         .unwrap()
         .into_inner();
@@ -587,12 +660,12 @@ async fn retried_changes_are_made_once() {
     assert_eq!(list(&mut a).await, 1);
     let revoke = pb::RevokeGrantRequest { id: g1.id.clone() };
     let v1 = a
-        .revoke_grant(with_id(revoke.clone(), "revoke-1"))
+        .revoke_grant(with_key(revoke.clone(), "revoke-1"))
         .await
         .unwrap()
         .into_inner();
     let v2 = a
-        .revoke_grant(with_id(revoke, "revoke-1"))
+        .revoke_grant(with_key(revoke, "revoke-1"))
         .await
         .unwrap()
         .into_inner();
@@ -603,11 +676,14 @@ async fn retried_changes_are_made_once() {
         principal: "spiffe://corp.example/other".into(),
         ..grant.clone()
     };
-    let s = a.create_grant(with_id(other, "grant-1")).await.unwrap_err();
+    let s = a
+        .create_grant(with_key(other, "grant-1"))
+        .await
+        .unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
-    assert_eq!(reason(&s), "REQUEST_ID_REUSED");
+    assert_eq!(reason(&s), "IDEMPOTENCY_KEY_REUSED");
     let s = c
-        .rotate_key(with_id(
+        .rotate_key(with_key(
             pb::RotateKeyRequest {
                 name: "retried".into(),
             },
@@ -615,7 +691,7 @@ async fn retried_changes_are_made_once() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(reason(&s), "REQUEST_ID_REUSED");
+    assert_eq!(reason(&s), "IDEMPOTENCY_KEY_REUSED");
     assert_eq!(get_key(&mut c, "retried").await.versions.len(), 3);
     // Without an id of the caller's own, every call is a new one.
     c.rotate_key(pb::RotateKeyRequest {
@@ -630,7 +706,7 @@ async fn retried_changes_are_made_once() {
     .unwrap();
     assert_eq!(get_key(&mut c, "retried").await.versions.len(), 5);
 
-    // The audit log: each retry is recorded, marked replayed.
+    // The audit log: each retry is recorded, naming the attempt that made the change.
     let records = audit_records(&server);
     for id in [
         "create-1",
@@ -643,27 +719,31 @@ async fn retried_changes_are_made_once() {
         "grant-1",
         "revoke-1",
     ] {
-        let r: Vec<&Value> = records_of(&records, id)
+        let r: Vec<&Value> = attempts(&records, id)
             .into_iter()
             .filter(|e| e["outcome"] == "OK")
             .collect();
         assert_eq!(r.len(), 2, "{id}: {r:?}");
-        assert!(r[0].get("replayed").is_none(), "{id}: {r:?}");
-        assert_eq!(r[1]["replayed"], true, "{id}: {r:?}");
+        assert!(r[0].get("replay_of").is_none(), "{id}: {r:?}");
+        assert_eq!(r[1]["replay_of"], r[0]["request_id"], "{id}: {r:?}");
     }
-    let together: Vec<&Value> = records_of(&records, "rotate-together");
+    let together: Vec<&Value> = attempts(&records, "rotate-together");
     assert_eq!(together.len(), 8);
-    assert_eq!(
-        together
-            .iter()
-            .filter(|e| e.get("replayed").is_none())
-            .count(),
-        1
-    );
+    let made: Vec<&&Value> = together
+        .iter()
+        .filter(|e| e.get("replay_of").is_none())
+        .collect();
+    assert_eq!(made.len(), 1, "{together:?}");
+    for e in &together {
+        assert!(
+            e.get("replay_of").is_none() || e["replay_of"] == made[0]["request_id"],
+            "{e}"
+        );
+    }
 
     // The first answer is durable with the change: after kill -9, a retry still finds it.
     let r3 = c
-        .rotate_key(with_id(
+        .rotate_key(with_key(
             pb::RotateKeyRequest {
                 name: "retried".into(),
             },
@@ -677,7 +757,7 @@ async fn retried_changes_are_made_once() {
     server.unseal_with(&shares);
     let mut c = server.keys().await;
     let r4 = c
-        .rotate_key(with_id(
+        .rotate_key(with_key(
             pb::RotateKeyRequest {
                 name: "retried".into(),
             },
@@ -742,7 +822,7 @@ async fn every_error_carries_a_reason_and_the_request_id() {
     let out = server.kms(&["operator", "seal"], "");
     assert_eq!(out.code, Some(0), "{out:?}");
     let s = c
-        .encrypt(with_id(encrypt("payments"), "while-sealed"))
+        .encrypt(with_request_id(encrypt("payments"), "while-sealed"))
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::Unavailable, "{s:?}");
@@ -856,4 +936,146 @@ fn the_cli_defaults_a_missing_port_and_names_what_it_refuses() {
             && stderr.contains("nothing was restored"),
         "{stderr}"
     );
+}
+
+/// Where `principal`'s first answer to a change with `idempotency_key` is stored (as kms::keyring::requests
+/// names it).
+fn record_key(principal: &str, idempotency_key: &str) -> String {
+    use sha2::Digest as _;
+    let hex = data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(principal.as_bytes()));
+    format!("{}/{idempotency_key}", &hex[..32])
+}
+
+/// A store writer cannot make a change answer from a record it wrote instead of being made:
+/// a first answer moved to another idempotency key, or made up, is refused `DATA_LOSS` and
+/// nothing is done; the genuine one still answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_answer_written_by_someone_else_is_refused_not_replayed() {
+    let hsm = TestHsm::new("kms-retry-forged");
+    let config = hsm.config();
+    let (mut server, shares) = start_unsealed(&hsm, &config);
+    server
+        .create_aes_key("forged", ProtectionLevel::Software)
+        .await;
+    let rotate = |id: &str| {
+        with_key(
+            pb::RotateKeyRequest {
+                name: "forged".into(),
+            },
+            id,
+        )
+    };
+    let mut c = server.keys().await;
+    let first = c.rotate_key(rotate("made")).await.unwrap().into_inner();
+    assert_eq!(first.primary_version, 2);
+    let admin = server.admin.principal.clone();
+    server.terminate();
+
+    let store = hsm.path().join("kms.redb");
+    let genuine = softhsm_tests::store_get(&store, "requests", &record_key(&admin, "made"));
+    softhsm_tests::store_put(&store, "requests", &record_key(&admin, "moved"), &genuine);
+    softhsm_tests::store_put(
+        &store,
+        "requests",
+        &record_key(&admin, "made-up"),
+        br#"{"record":"{}","mac":"00"}"#,
+    );
+    let server = hsm.try_start(&config, &[]).unwrap();
+    server.unseal_with(&shares);
+    let mut c = server.keys().await;
+    for id in ["moved", "made-up"] {
+        let s = c.rotate_key(rotate(id)).await.unwrap_err();
+        assert_eq!(s.code(), Code::DataLoss, "{id}: {s:?}");
+        assert_eq!(reason(&s), "STORE_TAMPERED", "{id}");
+    }
+    assert_eq!(get_key(&mut c, "forged").await.versions.len(), 2);
+    let again = c.rotate_key(rotate("made")).await.unwrap().into_inner();
+    assert_eq!(again, first);
+    assert_eq!(get_key(&mut c, "forged").await.versions.len(), 2);
+}
+
+/// A call whose deadline passes before it begins did nothing, but is recorded: it counts
+/// as a refused call of its caller, so that a caller cannot have such records written past
+/// `refused_calls_per_minute`. Init, which hands out shares once, refuses a deadline that
+/// leaves it less than 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_calls_count_as_refused_and_init_needs_time_before_its_deadline() {
+    let hsm = TestHsm::new("kms-deadline-limit");
+    let tables = hsm.tls_tables().replace(
+        "refused_calls_per_minute = 100000",
+        "refused_calls_per_minute = 5",
+    );
+    assert!(tables.contains("refused_calls_per_minute = 5"));
+    let config = hsm.config_full("limited.toml", &hsm.hsm_table(), &tables);
+    let server = hsm.try_start(&config, &[]).unwrap();
+
+    let init = pb::InitRequest {
+        shares: 3,
+        threshold: 2,
+        ..Default::default()
+    };
+    let (answer, _) = call_with_deadline::<pb::InitResponse>(
+        &server,
+        "/kms.v1.System/Init",
+        &init,
+        "init-in-a-hurry",
+        None,
+        Duration::from_secs(5),
+    )
+    .await;
+    let s = answer.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert_eq!(reason(&s), "DEADLINE_TOO_SHORT");
+    assert!(s.message().contains("nothing was done"), "{s:?}");
+    assert!(!initialized(&server));
+    let (answer, _) = call_with_deadline::<pb::InitResponse>(
+        &server,
+        "/kms.v1.System/Init",
+        &init,
+        "init-with-time",
+        None,
+        Duration::from_secs(60),
+    )
+    .await;
+    let shares = answer.unwrap().shares;
+    assert_eq!(shares.len(), 3);
+    server.unseal_with(&shares);
+    server
+        .create_aes_key("limited", ProtectionLevel::Software)
+        .await;
+
+    let rotate = pb::RotateKeyRequest {
+        name: "limited".into(),
+    };
+    let mut limited_at = None;
+    for i in 0..10 {
+        let (answer, _) = call_with_deadline::<pb::Key>(
+            &server,
+            "/kms.v1.KeyManagement/RotateKey",
+            &rotate,
+            &format!("hurried-{i}"),
+            None,
+            Duration::from_micros(100),
+        )
+        .await;
+        let s = answer.unwrap_err();
+        if s.code() == Code::ResourceExhausted {
+            assert_eq!(reason(&s), "TOO_MANY_REFUSED_CALLS");
+            limited_at = Some(i);
+            break;
+        }
+        assert_eq!(s.code(), Code::DeadlineExceeded, "{s:?}");
+        assert!(s.message().contains("nothing was done"), "{s:?}");
+    }
+    let limited_at = limited_at.expect("the refused-calls limit must engage");
+    assert!((5..=6).contains(&limited_at), "{limited_at}");
+    // Past the limit, the caller's other calls are refused unread too.
+    let mut c = server.keys().await;
+    let s = c
+        .get_key(pb::GetKeyRequest {
+            name: "limited".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
 }

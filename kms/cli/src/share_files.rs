@@ -12,7 +12,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek as _, Write};
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use crate::BoxError;
@@ -56,8 +56,19 @@ impl ShareDir {
                 .mode(0o700)
                 .create(dir)
                 .map_err(|e| format!("cannot create the directory {shown} for the shares: {e}"))?;
-        } else if !dir.is_dir() {
+        }
+        // Only its owner may write in it: anyone else could swap a file between the moment
+        // it is written and the moment it is handed to a custodian.
+        let meta = std::fs::metadata(dir).map_err(|e| format!("--out-dir {shown}: {e}"))?;
+        if !meta.is_dir() {
             return Err(format!("--out-dir {shown} is not a directory"));
+        }
+        if meta.uid() != rustix::process::geteuid().as_raw() || meta.mode() & 0o022 != 0 {
+            return Err(format!(
+                "--out-dir {shown} can be written by others than you (owner uid {}, mode {:o}): give a directory only you can write, or one that does not exist yet",
+                meta.uid(),
+                meta.mode() & 0o7777
+            ));
         }
         for i in 1..=count {
             let path = share_path(dir, i);
@@ -74,11 +85,11 @@ impl ShareDir {
         };
         for i in 1..=count {
             let path = part_path(dir, i);
+            // A new file, never one that is there (a link would be followed).
             let reserve = || -> std::io::Result<File> {
                 let mut f = OpenOptions::new()
                     .write(true)
-                    .create(true)
-                    .truncate(true)
+                    .create_new(true)
                     .mode(0o600)
                     .open(&path)?;
                 f.write_all(&[0u8; RESERVED_BYTES])?;
@@ -87,6 +98,12 @@ impl ShareDir {
             };
             match reserve() {
                 Ok(f) => made.reserved.push((f, path)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(format!(
+                        "{} exists (left by an earlier run?): remove it, or give another directory",
+                        path.display()
+                    ));
+                }
                 Err(e) => {
                     let _ = std::fs::remove_file(&path);
                     return Err(format!("cannot write the shares into {shown}: {e}"));
@@ -118,7 +135,10 @@ impl ShareDir {
         if failure.is_none() {
             for (i, ((file, part), share)) in pending.by_ref() {
                 let path = share_path(&self.dir, i + 1);
-                match fill(file, share.as_bytes()).and_then(|()| std::fs::rename(&part, &path)) {
+                match fill(&file, share.as_bytes())
+                    .and_then(|()| std::fs::rename(&part, &path))
+                    .and_then(|()| same_file(&file, &path))
+                {
                     Ok(()) => written.push(path),
                     Err(e) => {
                         let _ = std::fs::remove_file(&part);
@@ -175,11 +195,25 @@ impl Drop for ShareDir {
 }
 
 /// Replaces a reserved file's content with `bytes`, durably.
-fn fill(mut file: File, bytes: &[u8]) -> std::io::Result<()> {
+fn fill(mut file: &File, bytes: &[u8]) -> std::io::Result<()> {
     file.rewind()?;
     file.write_all(bytes)?;
     file.set_len(bytes.len() as u64)?;
     file.sync_all()
+}
+
+/// Checks that `path` is the file written through `file`: a file swapped in under the
+/// reserved name would otherwise be renamed into place instead of the share.
+fn same_file(file: &File, path: &Path) -> std::io::Result<()> {
+    let written = file.metadata()?;
+    let there = path.symlink_metadata()?;
+    if written.dev() == there.dev() && written.ino() == there.ino() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(
+            "another file was put in its place while the server answered",
+        ))
+    }
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -263,5 +297,44 @@ mod tests {
             1,
             "no reserved file is left behind"
         );
+    }
+
+    #[test]
+    fn a_link_planted_for_a_reserved_file_is_refused_and_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("elsewhere");
+        std::fs::write(&target, "keep").unwrap();
+        std::os::unix::fs::symlink(&target, part_path(tmp.path(), 1)).unwrap();
+        let err = ShareDir::prepare(tmp.path(), 2).unwrap_err().to_string();
+        assert!(err.contains(".share-1.age.part exists"), "{err}");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+    }
+
+    #[test]
+    fn a_file_swapped_in_while_the_server_answers_is_not_taken_for_a_share() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reserved = ShareDir::prepare(tmp.path(), 3).unwrap();
+        std::fs::remove_file(part_path(tmp.path(), 2)).unwrap();
+        std::fs::write(part_path(tmp.path(), 2), "ATTACKER").unwrap();
+        let mut out = Vec::new();
+        let err = reserved.save(&shares(3), &mut out).unwrap_err().to_string();
+        assert!(
+            err.contains("share-2.age") && err.contains("put in its place"),
+            "{err}"
+        );
+        let out = String::from_utf8(out).unwrap();
+        for (i, s) in shares(3).iter().enumerate() {
+            assert!(out.contains(&format!("Share {}:\n{s}", i + 1)), "{out}");
+        }
+    }
+
+    #[test]
+    fn a_directory_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o770)).unwrap();
+        let err = ShareDir::prepare(tmp.path(), 2).unwrap_err().to_string();
+        assert!(err.contains("can be written by others than you"), "{err}");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
     }
 }

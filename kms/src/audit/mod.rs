@@ -102,11 +102,12 @@ pub struct AuditEvent {
     /// (Absent from every other record, so their hashes are unchanged.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ceremony: Option<CeremonySummary>,
-    /// A change retried with the request id of one already made (docs/api.md, "Retries and
-    /// idempotency"), answered with that first answer: nothing was changed again. (Absent
-    /// from every other record, so their hashes are unchanged.)
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub replayed: bool,
+    /// A change retried with the idempotency key of one already made (docs/api.md,
+    /// "Retries and idempotency"), answered with that first answer, nothing changed again:
+    /// the request id of the attempt that made the change. (Absent from every other record,
+    /// so their hashes are unchanged.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_of: Option<String>,
 }
 
 /// What a custodians' ceremony call concerned, in its record: share sets, share indexes and

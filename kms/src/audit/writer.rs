@@ -230,6 +230,9 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %crate::error_chain(&e), records = group.len(), "audit write failed: requests refused");
+                crate::metrics::metrics()
+                    .audit_write_failures
+                    .inc_by(group.len() as u64);
                 for p in group {
                     p.reply.send(Err(AuditError::Unavailable(None)));
                 }

@@ -75,9 +75,10 @@ impl Deadline {
         self.at
     }
 
-    /// Called by the work as it begins.
-    pub(crate) fn begin(&self) -> Begin {
-        let to = if Instant::now() >= self.at {
+    /// Called by the work as it begins; `min_left`: the time the work needs before the
+    /// deadline (less left is late too).
+    pub(crate) fn begin(&self, min_left: Duration) -> Begin {
+        let to = if Instant::now() + min_left >= self.at {
             REFUSED
         } else {
             BEGUN
@@ -156,15 +157,15 @@ mod tests {
     #[test]
     fn whoever_goes_first_decides() {
         let d = deadline(Duration::from_secs(60));
-        assert_eq!(d.begin(), Begin::Go);
+        assert_eq!(d.begin(Duration::ZERO), Begin::Go);
         assert_eq!(d.expire(), Expired::Begun);
 
         let d = deadline(Duration::from_secs(60));
         assert_eq!(d.expire(), Expired::NotBegun);
-        assert_eq!(d.begin(), Begin::Abandoned);
+        assert_eq!(d.begin(Duration::ZERO), Begin::Abandoned);
 
         let d = deadline(Duration::ZERO);
-        assert_eq!(d.begin(), Begin::Late);
+        assert_eq!(d.begin(Duration::ZERO), Begin::Late);
         assert_eq!(d.expire(), Expired::Refused);
     }
 }

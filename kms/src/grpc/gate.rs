@@ -468,12 +468,13 @@ fn status_of(response: &http::Response<Body>) -> Option<Code> {
         .map(Code::from_i32)
 }
 
-/// Whether a call counts against its address's refused calls: denied, or refused by tonic
-/// before any handler ran (oversized, malformed, unknown method). Business errors (a bad
-/// share, a failed decryption) do not count: the handlers answer and record those.
+/// Whether a call counts against its address's refused calls: denied, refused by tonic
+/// before any handler ran (oversized, malformed, unknown method), or begun after its
+/// deadline (nothing done, but recorded: see `expired`). Business errors (a bad share, a
+/// failed decryption) do not count: the handlers answer and record those.
 fn is_refusal(code: Code, handled: bool) -> bool {
     match code {
-        Code::Unauthenticated | Code::PermissionDenied => true,
+        Code::Unauthenticated | Code::PermissionDenied | Code::DeadlineExceeded => true,
         Code::Ok => false,
         _ => !handled,
     }
@@ -504,19 +505,19 @@ where
         // The request id the handler, the record and every answer carry: the caller's if it
         // is a sane token, else a fresh one put in its place.
         let request_id = super::request_id_of(req.headers());
-        let given = req
-            .headers()
-            .get(super::REQUEST_ID)
-            .is_some_and(|v| v.as_bytes() == request_id.as_bytes());
-        if given {
-            req.extensions_mut().insert(super::CallerRequestId);
-        }
         let id_value = http::HeaderValue::try_from(request_id.as_str()).ok();
         if let Some(v) = &id_value {
             req.headers_mut().insert(super::REQUEST_ID, v.clone());
         }
-        // Taken now, before tonic takes its own: see `deadline`.
-        let deadline = Deadline::of(req.headers());
+        // Taken now, before tonic takes its own: see `deadline`. Not for a caller without a
+        // certificate: its calls (Status, WhoAmI, health) change nothing, are counted rather
+        // than recorded, and have their own limits and timeout, which a deadline must not
+        // cut short.
+        let stranger = req
+            .extensions()
+            .get::<PeerInfo>()
+            .is_some_and(|p| p.identity.tls && !p.identity.authenticated);
+        let deadline = Deadline::of(req.headers()).filter(|_| !stranger);
         if let Some(d) = &deadline {
             req.extensions_mut().insert(d.clone());
         }
@@ -545,12 +546,12 @@ where
     }
 }
 
-/// What the gate records, or counts, of a call whose deadline passed before its work
-/// began.
+/// What the gate records of a call whose deadline passed before its work began, and whom
+/// it counts that against.
 struct Expiry {
     event: AuditEvent,
-    /// A caller without a certificate: counted, not recorded.
-    stranger: Option<(Source, Rpc)>,
+    /// The certificate holder calling (none: no connect info).
+    holder: Option<Holder>,
 }
 
 impl Expiry {
@@ -569,17 +570,20 @@ impl Expiry {
                 outcome: code_name(Code::DeadlineExceeded).to_owned(),
                 ..AuditEvent::default()
             },
-            stranger: peer
-                .filter(|p| p.identity.tls && !p.identity.authenticated)
-                .map(|p| (Source::of(p.addr.ip()), Rpc::of(service, method))),
+            holder: peer.map(|p| Holder {
+                source: Source::of(p.addr.ip()),
+                principal: p.identity.principal.clone(),
+            }),
         }
     }
 }
 
 /// The answer when the caller's deadline passed before the call's answer: says whether the
 /// work had begun (see [`super::deadline`]). Given at once, before tonic's own timeout: a
-/// call whose work never began is recorded (or counted) without waiting for the record,
-/// which tells of nothing done.
+/// call whose work never began is recorded without waiting for the record, which tells of
+/// nothing done, and counts as a refused call of its caller, so that a caller cannot have
+/// such records written faster than `refused_calls_per_minute` (past it, its calls are
+/// refused unread and counted).
 fn expired(state: &GateState, deadline: &Deadline, on_expiry: Expiry) -> http::Response<Body> {
     let expired = deadline.expire();
     let message = match expired {
@@ -591,13 +595,16 @@ fn expired(state: &GateState, deadline: &Deadline, on_expiry: Expiry) -> http::R
              is in the audit log with its outcome (docs/api.md)"
         }
     };
+    if expired != Expired::Begun
+        && let Some(holder) = on_expiry.holder.clone()
+    {
+        state.refused(&Caller::Holder(holder));
+    }
     if expired == Expired::NotBegun {
-        match on_expiry.stranger {
-            Some((source, rpc)) => state.count(source, rpc, code_name(Code::DeadlineExceeded)),
-            None if on_expiry.event.service == HEALTH => {
-                state.count_probe(code_name(Code::DeadlineExceeded));
-            }
-            None => drop(state.audit.submit(on_expiry.event)),
+        if on_expiry.event.service == HEALTH {
+            state.count_probe(code_name(Code::DeadlineExceeded));
+        } else {
+            drop(state.audit.submit(on_expiry.event));
         }
     }
     status(Code::DeadlineExceeded, "DEADLINE_EXCEEDED", message).into_http()

@@ -77,6 +77,17 @@ pub(crate) enum ApiError {
         .0.as_secs().max(1)
     )]
     UnsealLimited(std::time::Duration),
+    /// The caller's idempotency key is not a token.
+    #[error(
+        "the idempotency-key must be 1 to 128 characters of A-Z a-z 0-9 - _ . : (nothing was done)"
+    )]
+    BadIdempotencyKey,
+    /// The call hands out shares once and the caller's deadline leaves it too little time:
+    /// nothing was done.
+    #[error(
+        "this call hands out shares once, and needs at least {0} s before its deadline: nothing was done (call it without a deadline, or a longer one)"
+    )]
+    DeadlineTooShort(u64),
     /// The caller's deadline passed before the call began: nothing was done.
     #[error("the call's deadline passed before it began: nothing was done")]
     DeadlineExceeded,
@@ -97,6 +108,7 @@ pub(crate) fn code_of(err: &ApiError) -> Code {
         ApiError::Denied(_) => Code::PermissionDenied,
         ApiError::UnsealLimited(_) => Code::ResourceExhausted,
         ApiError::DeadlineExceeded => Code::DeadlineExceeded,
+        ApiError::BadIdempotencyKey | ApiError::DeadlineTooShort(_) => Code::InvalidArgument,
         ApiError::Backup(crate::backup::BackupError::NoSigner) => Code::FailedPrecondition,
         ApiError::Backup(_) => Code::Unavailable,
     }
@@ -156,7 +168,7 @@ fn keyring_code(e: &KeyringError) -> Code {
         | KeyringError::BadRequest(_)
         | KeyringError::TooLarge { .. }
         | KeyringError::TooManyItems { .. }
-        | KeyringError::RequestIdReused
+        | KeyringError::IdempotencyKeyReused
         | KeyringError::BatchTooLarge { .. }
         | KeyringError::DecryptionFailed => Code::InvalidArgument,
         KeyringError::AlreadyExists(_) => Code::AlreadyExists,
@@ -202,6 +214,8 @@ pub(crate) fn reason_of(err: &ApiError) -> &'static str {
         ApiError::Backup(_) => "BACKUP_FAILED",
         ApiError::UnsealLimited(_) => "TOO_MANY_FAILED_SHARES",
         ApiError::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        ApiError::BadIdempotencyKey => "INVALID_IDEMPOTENCY_KEY",
+        ApiError::DeadlineTooShort(_) => "DEADLINE_TOO_SHORT",
     }
 }
 
@@ -276,7 +290,7 @@ fn keyring_reason(e: &KeyringError) -> &'static str {
         KeyringError::Randomness => "RANDOMNESS_UNAVAILABLE",
         KeyringError::AuditUnavailable => "AUDIT_UNAVAILABLE",
         KeyringError::Internal(_) | KeyringError::Replayed => "INTERNAL",
-        KeyringError::RequestIdReused => "REQUEST_ID_REUSED",
+        KeyringError::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
     }
 }
 
@@ -372,12 +386,16 @@ pub(crate) fn request_id_of(headers: &http::HeaderMap) -> String {
     request_id_from(headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()))
 }
 
+/// Whether `s` is a sane token for a request id or an idempotency key: 1 to 128 of
+/// `[A-Za-z0-9-_.:]`.
+fn is_token(s: &str) -> bool {
+    (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
 fn request_id_from(given: Option<&str>) -> String {
-    let given = given.filter(|s| {
-        (1..=128).contains(&s.len())
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
-    });
+    let given = given.filter(|s| is_token(s));
     match given {
         Some(s) => s.to_owned(),
         None => {
@@ -408,11 +426,13 @@ pub(crate) struct Call {
     request_log: tracing::Level,
     /// The caller's deadline, shared with the gate ([`deadline`]).
     deadline: Option<deadline::Deadline>,
-    /// A change the caller may retry with its request id, once the keyring is known.
+    /// A change the caller may retry with its idempotency key, once the keyring is known.
     retry: Option<Retry>,
+    /// The caller sent an idempotency key that is not one.
+    bad_idempotency_key: bool,
 }
 
-/// The changes a retry with the same request id answers from the first attempt
+/// The changes a retry with the same idempotency key answers from the first attempt
 /// (docs/api.md, "Retries and idempotency"): each answers a `Key` or a `Grant`, built from
 /// what it committed.
 pub(crate) const RETRIED_CHANGES: &[&str] = &[
@@ -428,11 +448,15 @@ pub(crate) const RETRIED_CHANGES: &[&str] = &[
     "RevokeGrant",
 ];
 
-/// Put on a request by the gate when the caller gave its own request id (a sane one).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct CallerRequestId;
+/// The metadata key of a change's idempotency key (docs/api.md, "Retries and
+/// idempotency"): a change sent again with the same key by the same caller is answered from
+/// the first attempt.
+pub(crate) const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
-/// What a change sent with the caller's own request id needs to be made once.
+/// The metadata an answer from a first attempt carries (`true`).
+pub(crate) const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// What a change sent with an idempotency key needs to be made once.
 struct Retry {
     /// Where its first answer is kept ([`crate::keyring::requests::record_key`]).
     record_key: String,
@@ -440,8 +464,8 @@ struct Retry {
     request: zeroize::Zeroizing<Vec<u8>>,
     /// The keyring, known once the call runs ([`with_keyring`]).
     keyring: std::sync::OnceLock<Arc<Keyring>>,
-    /// The first attempt's answer, when this call is a retry of it.
-    answer: std::sync::Mutex<Option<Vec<u8>>>,
+    /// The first attempt's answer and request id, when this call is a retry of it.
+    answer: std::sync::Mutex<Option<(Vec<u8>, String)>>,
 }
 
 /// What the log and the audit record say instead of a name that is not one: its size only.
@@ -473,14 +497,19 @@ impl Call {
         );
         let peer = peer_info.map(|p| p.addr);
         let request_id = request_id(req);
-        let retry = (req.extensions().get::<CallerRequestId>().is_some()
-            && RETRIED_CHANGES.contains(&operation))
-        .then(|| Retry {
-            record_key: crate::keyring::requests::record_key(&identity.principal, &request_id),
-            request: zeroize::Zeroizing::new(req.get_ref().encode_to_vec()),
-            keyring: std::sync::OnceLock::new(),
-            answer: std::sync::Mutex::new(None),
-        });
+        let given_key = req.metadata().get(IDEMPOTENCY_KEY);
+        let idempotency_key = given_key
+            .and_then(|v| v.to_str().ok())
+            .filter(|k| is_token(k));
+        let bad_idempotency_key = given_key.is_some() && idempotency_key.is_none();
+        let retry = idempotency_key
+            .filter(|_| RETRIED_CHANGES.contains(&operation))
+            .map(|key| Retry {
+                record_key: crate::keyring::requests::record_key(&identity.principal, key),
+                request: zeroize::Zeroizing::new(req.get_ref().encode_to_vec()),
+                keyring: std::sync::OnceLock::new(),
+                answer: std::sync::Mutex::new(None),
+            });
         Self {
             log: ctx.audit.clone(),
             event: AuditEvent {
@@ -503,6 +532,7 @@ impl Call {
             request_log: ctx.request_log,
             deadline: req.extensions().get::<deadline::Deadline>().cloned(),
             retry,
+            bad_idempotency_key,
         }
     }
 
@@ -647,7 +677,7 @@ impl Journal for Call {
         let same = first.operation == self.event.operation
             && subtle::ConstantTimeEq::ct_eq(first.request.as_bytes(), request.as_bytes()).into();
         if !same {
-            return Err(KeyringError::RequestIdReused);
+            return Err(KeyringError::IdempotencyKeyReused);
         }
         let answer = data_encoding::BASE64
             .decode(first.answer.as_bytes())
@@ -655,14 +685,14 @@ impl Journal for Call {
         *retry
             .answer
             .lock()
-            .map_err(|_| KeyringError::Internal("retry"))? = Some(answer);
+            .map_err(|_| KeyringError::Internal("retry"))? = Some((answer, first.request_id));
         Err(KeyringError::Replayed)
     }
 }
 
 impl Call {
     /// The write that keeps `answer` as the first answer of this change, when the caller
-    /// sent its own request id.
+    /// sent an idempotency key.
     fn first_answer(&self, answer: &[u8]) -> Result<Option<crate::store::Write>, KeyringError> {
         let Some(retry) = &self.retry else {
             return Ok(None);
@@ -674,13 +704,15 @@ impl Call {
             operation: self.event.operation.clone(),
             request: keyring.request_mac(&self.event.operation, &retry.request)?,
             answer: data_encoding::BASE64.encode(answer),
+            request_id: self.event.request_id.clone(),
             at_ms: now_ms(),
         };
         keyring.request_write(&retry.record_key, &record).map(Some)
     }
 
-    /// The first attempt's answer, when this call is a retry of a change made already.
-    fn replayed_answer(&self) -> Option<Vec<u8>> {
+    /// The first attempt's answer and request id, when this call is a retry of a change
+    /// made already.
+    fn replayed_answer(&self) -> Option<(Vec<u8>, String)> {
         self.retry
             .as_ref()
             .and_then(|r| r.answer.lock().ok()?.take())
@@ -702,7 +734,7 @@ pub(crate) struct Served<R> {
     batch: Option<BatchSummary>,
     ceremony: Option<crate::audit::CeremonySummary>,
     undo: Option<Box<dyn FnOnce() + Send>>,
-    replayed: bool,
+    replay_of: Option<String>,
 }
 
 impl<R> Served<R> {
@@ -715,7 +747,7 @@ impl<R> Served<R> {
             batch: None,
             ceremony: None,
             undo: None,
-            replayed: false,
+            replay_of: None,
         }
     }
 
@@ -750,6 +782,20 @@ impl<R> Served<R> {
         self
     }
 }
+
+/// The time a call's work needs before the caller's deadline to begin: the calls that hand
+/// out shares once (an answer cut off by the deadline after they committed is a keyring
+/// no one can unseal) need [`SHARES_MIN_TIME_LEFT`]; others nothing.
+fn min_time_left(operation: &str) -> std::time::Duration {
+    if ["Init", "RekeySubmit"].contains(&operation) {
+        SHARES_MIN_TIME_LEFT
+    } else {
+        std::time::Duration::ZERO
+    }
+}
+
+/// See [`min_time_left`].
+const SHARES_MIN_TIME_LEFT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where a call's work runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -790,10 +836,21 @@ async fn run_at<R: prost::Message + Send + 'static>(
     let work = move || {
         // The work begins only before the caller's deadline; once the gate has answered it
         // (see `deadline`), it does nothing and records nothing.
-        let late = match call.deadline.as_ref().map(deadline::Deadline::begin) {
+        let min_left = min_time_left(&call.event.operation);
+        let late = match call.deadline.as_ref().map(|d| d.begin(min_left)) {
             Some(deadline::Begin::Abandoned) => return None,
-            Some(deadline::Begin::Late) => true,
-            Some(deadline::Begin::Go) | None => false,
+            Some(deadline::Begin::Late) => Some(
+                if call
+                    .deadline
+                    .as_ref()
+                    .is_some_and(|d| std::time::Instant::now() < d.at())
+                {
+                    ApiError::DeadlineTooShort(min_left.as_secs())
+                } else {
+                    ApiError::DeadlineExceeded
+                },
+            ),
+            Some(deadline::Begin::Go) | None => None,
         };
         let result = crate::access::check(
             call.need,
@@ -806,8 +863,11 @@ async fn run_at<R: prost::Message + Send + 'static>(
             if call.bad_name {
                 return Err(KeyringError::BadName.into());
             }
-            if late {
-                return Err(ApiError::DeadlineExceeded);
+            if call.bad_idempotency_key {
+                return Err(ApiError::BadIdempotencyKey);
+            }
+            if let Some(late) = late {
+                return Err(late);
             }
             f(&call)
         });
@@ -818,8 +878,12 @@ async fn run_at<R: prost::Message + Send + 'static>(
         Place::InProcess => Ok(work()),
         Place::Blocking => tokio::task::spawn_blocking(work).await,
     };
+    let mut replayed = false;
     let answer = match done {
-        Ok(Some((call, settled))) => deliver(&call, settled).await,
+        Ok(Some((call, settled))) => {
+            replayed = settled.replayed;
+            deliver(&call, settled).await
+        }
         // The gate answered the caller already.
         Ok(None) => Err(to_status(&ApiError::DeadlineExceeded)),
         Err(_) => Err(status(Code::Internal, "INTERNAL", "internal error")),
@@ -830,6 +894,11 @@ async fn run_at<R: prost::Message + Send + 'static>(
             let mut response = Response::new(response);
             if let Some(v) = id {
                 response.metadata_mut().insert(REQUEST_ID, v);
+            }
+            if replayed {
+                response
+                    .metadata_mut()
+                    .insert(IDEMPOTENT_REPLAYED, MetadataValue::from_static("true"));
             }
             Ok(response)
         }
@@ -849,6 +918,8 @@ struct Settled<R> {
     receipt: Option<crate::audit::Receipt>,
     undo: Option<Box<dyn FnOnce() + Send>>,
     refused_for_audit: bool,
+    /// The answer is the first attempt's (an idempotent retry).
+    replayed: bool,
 }
 
 /// Records the outcome (unless a commit already did) and turns it into the answer.
@@ -857,6 +928,7 @@ fn settle<R: prost::Message>(call: &Call, result: Result<Served<R>, ApiError>) -
     let key = call.event.key.as_deref().unwrap_or_default();
     let mut event = call.event.clone();
     let mut undo = None;
+    let mut replayed = false;
     let refused_for_audit = result.as_ref().is_err_and(is_audit_failure);
     let answer = match result {
         Ok(served) => {
@@ -868,7 +940,8 @@ fn settle<R: prost::Message>(call: &Call, result: Result<Served<R>, ApiError>) -
                 event.destination_key_version = Some(v);
             }
             event.batch = served.batch;
-            event.replayed = served.replayed;
+            replayed = served.replay_of.is_some();
+            event.replay_of = served.replay_of;
             if served.ceremony.is_some() {
                 event.ceremony = served.ceremony;
             }
@@ -895,6 +968,7 @@ fn settle<R: prost::Message>(call: &Call, result: Result<Served<R>, ApiError>) -
         receipt,
         undo,
         refused_for_audit,
+        replayed,
     }
 }
 
@@ -906,6 +980,7 @@ async fn deliver<R>(call: &Call, settled: Settled<R>) -> Result<R, Status> {
         receipt,
         undo,
         refused_for_audit,
+        replayed: _,
     } = settled;
     let key = call.event.key.as_deref().unwrap_or_default();
     if let Some(receipt) = receipt
@@ -996,13 +1071,13 @@ async fn with_keyring<Q: Aad + Send + 'static, R: prost::Message + Default + Sen
         match f(&keyring, c, req) {
             // A retry of a change made already: the first attempt's answer.
             Err(KeyringError::Replayed) => {
-                let answer = c
+                let (answer, first) = c
                     .replayed_answer()
                     .ok_or(KeyringError::Internal("replayed answer"))?;
                 let response = R::decode(answer.as_slice())
                     .map_err(|_| KeyringError::Internal("replayed answer"))?;
                 Ok(Served {
-                    replayed: true,
+                    replay_of: Some(first),
                     ..Served::new(response)
                 })
             }

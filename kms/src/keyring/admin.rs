@@ -218,6 +218,9 @@ impl Keyring {
 
     /// Adds a version and makes it primary.
     pub fn rotate_key(&self, name: &str, journal: &dyn Journal) -> Result<KeyMeta, KeyringError> {
+        // A retry of a rotation that was made is answered before a key is generated for
+        // nothing (checked again under the lock).
+        journal.admit()?;
         let pre = self.pregenerate(name)?;
         let _g = self.admin()?;
         journal.admit()?;

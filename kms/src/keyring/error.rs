@@ -150,16 +150,16 @@ pub enum KeyringError {
     /// The request's audit record could not be written: nothing was done.
     #[error("audit log unavailable")]
     AuditUnavailable,
-    /// The change was made already, by an earlier attempt with the same request id: the
-    /// caller answers with that attempt's answer ([`super::Journal::admit`]). Never an
+    /// The change was made already, by an earlier attempt with the same idempotency key:
+    /// the caller answers with that attempt's answer ([`super::Journal::admit`]). Never an
     /// answer itself.
-    #[error("the change was made by an earlier attempt with the same request id")]
+    #[error("the change was made by an earlier attempt with the same idempotency key")]
     Replayed,
-    /// The caller's request id names an earlier change of another operation or request.
+    /// The caller's idempotency key names an earlier change of another operation or request.
     #[error(
-        "this x-request-id was used by another request of this caller in the last 24 hours: use a new id for a new request (a retry must send the same request)"
+        "this idempotency-key was used by another request of this caller in the last 24 hours: use a new key for a new change (a retry must send the same request)"
     )]
-    RequestIdReused,
+    IdempotencyKeyReused,
     /// No live grant with that id.
     #[error("no grant with id {0:?} (it may have been revoked already)")]
     GrantNotFound(String),

@@ -12,7 +12,7 @@ pub trait Journal {
 
     /// Called by every change of a key or grant once it holds the keyring's change lock,
     /// before it changes anything: a change made already by an earlier attempt of the same
-    /// request (a retry with its request id, [`super::requests`]) fails with
+    /// request (a retry with its idempotency key, `keyring::requests`) fails with
     /// [`KeyringError::Replayed`], and the caller answers with the first answer.
     fn admit(&self) -> Result<(), KeyringError> {
         Ok(())

@@ -1,9 +1,9 @@
-//! Changes made once: the first answer to a change that a caller sent with its own request
-//! id (`x-request-id`), kept [`KEPT_MS`] so that a retry of it gets that answer instead of
+//! Changes made once: the first answer to a change that a caller sent with an
+//! `idempotency-key`, kept [`KEPT_MS`] so that a retry of it gets that answer instead of
 //! changing anything again (docs/api.md, "Retries and idempotency").
 //!
 //! A record is written in the transaction of the change it answers, and looked up by the
-//! next change with the same caller and request id while that holds the keyring's change
+//! next change with the same caller and idempotency key while that holds the keyring's change
 //! lock ([`super::Journal::admit`]): two attempts of one change, on one server or on two
 //! sharing the store, never both act. Records are authenticated as key records are (a store
 //! writer cannot make a change answer from a forged record instead of being made), and hold
@@ -40,17 +40,19 @@ pub(crate) struct RequestRecord {
     pub request: String,
     /// The answer (protobuf, base64).
     pub answer: String,
+    /// The request id of the attempt that made the change (its audit record's).
+    pub request_id: String,
     /// When the change committed (Unix ms).
     pub at_ms: u64,
 }
 
-/// Where the record of `principal`'s request `request_id` is stored: the principal as 32
-/// hex digits of its SHA-256 (a SPIFFE ID may be 2 KiB), then the id (at most 128
+/// Where the record of `principal`'s change with `idempotency_key` is stored: the principal
+/// as 32 hex digits of its SHA-256 (a SPIFFE ID may be 2 KiB), then the key (at most 128
 /// characters of `[A-Za-z0-9-_.:]`).
-pub(crate) fn record_key(principal: &str, request_id: &str) -> String {
+pub(crate) fn record_key(principal: &str, idempotency_key: &str) -> String {
     let digest = sha2::Sha256::digest(principal.as_bytes());
     let hex = data_encoding::HEXLOWER.encode(&digest);
-    format!("{}/{request_id}", &hex[..32])
+    format!("{}/{idempotency_key}", &hex[..32])
 }
 
 impl Keyring {
