@@ -468,6 +468,24 @@ fn with_request_id_and_key<T>(msg: T, id: &str, key: &str) -> Request<T> {
     r
 }
 
+/// Sends `request` to `client.method` twice with the idempotency key `key`: the second
+/// answer must be the first's, and say so. The first answer.
+macro_rules! twice {
+    ($client:ident . $method:ident ( $request:expr ), $key:expr) => {{
+        let request = $request;
+        let first = $client
+            .$method(with_key(request.clone(), $key))
+            .await
+            .unwrap();
+        assert!(!replayed(first.metadata()), "{}", $key);
+        let second = $client.$method(with_key(request, $key)).await.unwrap();
+        assert!(replayed(second.metadata()), "{}", $key);
+        let first = first.into_inner();
+        assert_eq!(first, second.into_inner(), "{}", $key);
+        first
+    }};
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retried_changes_are_made_once() {
     let hsm = TestHsm::new("kms-retries");
@@ -565,65 +583,20 @@ async fn retried_changes_are_made_once() {
         update_labels: true,
         ..Default::default()
     };
-    let u1 = c
-        .update_key(with_key(update.clone(), "update-1"))
-        .await
-        .unwrap();
-    let u2 = c.update_key(with_key(update, "update-1")).await.unwrap();
-    assert_eq!(u1.into_inner(), u2.into_inner());
+    twice!(c.update_key(update), "update-1");
     let version = |v: u32| pb::KeyVersionRequest {
         name: "retried".into(),
         version: v,
     };
-    let d1 = c
-        .disable_key_version(with_key(version(1), "disable-1"))
-        .await
-        .unwrap()
-        .into_inner();
-    let d2 = c
-        .disable_key_version(with_key(version(1), "disable-1"))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(d1, d2);
+    twice!(c.disable_key_version(version(1)), "disable-1");
     let schedule = pb::ScheduleKeyVersionDestructionRequest {
         name: "retried".into(),
         version: 1,
         ..Default::default()
     };
-    let s1 = c
-        .schedule_key_version_destruction(with_key(schedule.clone(), "destroy-1"))
-        .await
-        .unwrap()
-        .into_inner();
-    let s2 = c
-        .schedule_key_version_destruction(with_key(schedule, "destroy-1"))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(s1, s2);
-    let x1 = c
-        .cancel_key_version_destruction(with_key(version(1), "cancel-1"))
-        .await
-        .unwrap()
-        .into_inner();
-    let x2 = c
-        .cancel_key_version_destruction(with_key(version(1), "cancel-1"))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(x1, x2);
-    let e1 = c
-        .enable_key_version(with_key(version(1), "enable-1"))
-        .await
-        .unwrap()
-        .into_inner();
-    let e2 = c
-        .enable_key_version(with_key(version(1), "enable-1"))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(e1, e2);
+    twice!(c.schedule_key_version_destruction(schedule), "destroy-1");
+    twice!(c.cancel_key_version_destruction(version(1)), "cancel-1");
+    twice!(c.enable_key_version(version(1)), "enable-1");
 
     // CreateGrant and RevokeGrant, twice each: one grant.
     let grant = pb::CreateGrantRequest {
@@ -632,44 +605,23 @@ async fn retried_changes_are_made_once() {
         operations: vec![pb::Operation::Encrypt as i32],
         associated_data: None,
     };
-    let list = |a: &mut softhsm_tests::AccessClient| {
-        let mut a = a.clone();
-        async move {
-            a.list_grants(pb::ListGrantsRequest {
-                key: "retried".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .grants
-            .len()
-        }
-    };
-    let g1 = a
-        .create_grant(with_key(grant.clone(), "grant-1"))
+    let made = twice!(a.create_grant(grant.clone()), "grant-1");
+    let live = a
+        .list_grants(pb::ListGrantsRequest {
+            key: "retried".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
-        .into_inner();
-    let g2 = a
-        .create_grant(with_key(grant.clone(), "grant-1"))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(g1, g2);
-    assert_eq!(list(&mut a).await, 1);
-    let revoke = pb::RevokeGrantRequest { id: g1.id.clone() };
-    let v1 = a
-        .revoke_grant(with_key(revoke.clone(), "revoke-1"))
-        .await
-        .unwrap()
-        .into_inner();
-    let v2 = a
-        .revoke_grant(with_key(revoke, "revoke-1"))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(v1, v2);
+        .into_inner()
+        .grants;
+    assert_eq!(live.len(), 1, "{live:?}");
+    twice!(
+        a.revoke_grant(pb::RevokeGrantRequest {
+            id: made.id.clone()
+        }),
+        "revoke-1"
+    );
 
     // The same id for another request is refused, and nothing is done.
     let other = pb::CreateGrantRequest {

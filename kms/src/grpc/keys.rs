@@ -446,11 +446,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         request: Request<pb::ReEncryptRequest>,
     ) -> Result<Response<pb::ReEncryptResponse>, Status> {
         let r = request.get_ref();
-        let destination = if r.destination_key.is_empty() {
-            r.key.clone()
-        } else {
-            r.destination_key.clone()
-        };
+        let destination = destination_of(&r.key, &r.destination_key);
         let call = self
             .call(&request, "ReEncrypt")
             .key(&r.key)
@@ -749,11 +745,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         request: Request<pb::BatchReEncryptRequest>,
     ) -> Result<Response<pb::BatchReEncryptResponse>, Status> {
         let r = request.get_ref();
-        let destination = if r.destination_key.is_empty() {
-            r.key.clone()
-        } else {
-            r.destination_key.clone()
-        };
+        let destination = destination_of(&r.key, &r.destination_key);
         // As ReEncrypt: `with_keyring` checks reencrypt-from on the key and reencrypt-to on
         // the destination, against every item's associated data.
         let call = self
@@ -832,6 +824,17 @@ fn sign_input(input: Option<SignOneof<'_>>) -> Result<SignInput<'_>, KeyringErro
         | Some(SignOneof::Item(pb::sign_item::Input::Digest(d))) => Ok(SignInput::Digest(d)),
         None => Err(KeyringError::BadRequest("give the message or its digest")),
     }
+}
+
+/// ReEncrypt's destination: the key named, or the source key when none is (a re-encryption
+/// under the key's primary version).
+fn destination_of(key: &str, destination_key: &str) -> String {
+    if destination_key.is_empty() {
+        key
+    } else {
+        destination_key
+    }
+    .to_owned()
 }
 
 #[cfg(test)]
