@@ -207,7 +207,10 @@ async fn every_call_is_recorded_and_the_export_verifies_offline() {
     for (i, r) in recs.iter().enumerate() {
         assert_eq!(r["seq"], i as u64 + 1);
         if i > 0 {
-            assert!(r["event"]["time_ms"].as_u64() >= recs[i - 1]["event"]["time_ms"].as_u64());
+            assert!(
+                r["event"]["time_ms"].as_u64().unwrap()
+                    >= recs[i - 1]["event"]["time_ms"].as_u64().unwrap()
+            );
             assert_eq!(r["prev_hash"], recs[i - 1]["hash"]);
         }
     }
@@ -662,11 +665,11 @@ async fn the_usage_report_renders_in_headless_chromium() {
     // Each row has its own first and last use: the decryptions came after every encryption,
     // and the key was created before either.
     assert!(
-        decrypts["first_ms"].as_u64() >= encrypts["last_ms"].as_u64(),
+        decrypts["first_ms"].as_u64().unwrap() >= encrypts["last_ms"].as_u64().unwrap(),
         "{report}"
     );
     assert!(
-        created["last_ms"].as_u64() <= encrypts["first_ms"].as_u64(),
+        created["last_ms"].as_u64().unwrap() <= encrypts["first_ms"].as_u64().unwrap(),
         "{report}"
     );
     // No row says the auditor used a key; the refusal is in its own section.

@@ -74,7 +74,10 @@ async fn kms_load_measures_a_real_server_and_the_echo_ceiling() {
         let r = load(&args);
         assert_eq!(r["errors"], 0, "{op}: {r}");
         assert!(r["calls"].as_u64().unwrap() > 0, "{op}: {r}");
-        assert!(r["p99_us"].as_u64() >= r["p50_us"].as_u64(), "{r}");
+        assert!(
+            r["p99_us"].as_u64().unwrap() >= r["p50_us"].as_u64().unwrap(),
+            "{r}"
+        );
         assert!(
             r["server_cpu_seconds_per_1000"].as_f64().unwrap() > 0.0,
             "{r}"

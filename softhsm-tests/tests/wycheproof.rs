@@ -128,6 +128,16 @@ async fn wycheproof_rsa_oaep_vectors_through_asymmetric_decrypt_with_imported_ke
                 }
             }
             assert!(valid > 0 && invalid > 0, "{file} {p}");
+            // Every vector of the file was run or set aside for its label: none was lost.
+            let tests = set["numberOfTests"].as_u64().unwrap();
+            let groups: usize = set["testGroups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|g| g["tests"].as_array().unwrap().len())
+                .sum();
+            assert_eq!(groups as u64, tests, "{file}: numberOfTests");
+            assert_eq!(valid + invalid + labelled, tests, "{file} {p}");
             report.push(format!(
                 "{file} {p}: {valid} valid decrypted, {invalid} invalid refused, {labelled} with a label not applicable"
             ));
