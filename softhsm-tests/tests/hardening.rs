@@ -348,9 +348,10 @@ async fn idle_connections_cannot_stall_new_clients() {
         let mut n = 0;
         for s in &mut idle {
             let mut buf = [0u8; 1];
-            match tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
-                Ok(Ok(0) | Err(_)) => n += 1,
-                _ => {}
+            if let Ok(Ok(0) | Err(_)) =
+                tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await
+            {
+                n += 1;
             }
         }
         n
