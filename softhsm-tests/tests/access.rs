@@ -951,6 +951,15 @@ async fn grants_are_checked_at_every_call() {
     assert_eq!(e.code(), Code::PermissionDenied);
     let out = server.kms(&["grant", "revoke", &team.id], "");
     assert!(out.stderr.contains("NOT_FOUND"), "{out:?}");
+    // ... and the revocation survives a restart.
+    drop(c);
+    let mut server = server;
+    server.terminate();
+    let server = hsm.try_start(&config, &[]).unwrap();
+    server.unseal_with(&shares);
+    let mut c = server.keys_as(Some(&app)).await;
+    let e = c.encrypt(enc("orders", b"")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
 
     // Bad grants get clear errors.
     let mut access = server.access().await;

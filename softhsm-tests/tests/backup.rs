@@ -201,21 +201,38 @@ async fn a_backup_under_load_restores_into_either_backend() {
             acked.push((key.to_owned(), pt, ct));
         }
     }
-    // The backup, online, while calls go on.
+    // The backup, online, while calls go on: calls are answered while it runs.
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let calls = std::sync::Arc::new(AtomicU64::new(0));
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
     let load = tokio::spawn({
-        let c = c.clone();
+        let (c, calls, stop) = (c.clone(), calls.clone(), stop.clone());
         async move {
-            for i in 0..200 {
+            for i in 0..20_000 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
                 let mut c = c.clone();
                 encrypt(&mut c, "soft", format!("during {i}").as_bytes()).await;
+                calls.fetch_add(1, Ordering::SeqCst);
             }
         }
     });
+    while calls.load(Ordering::SeqCst) < 5 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let file = hsm.path().join("kms.backup");
+    let before = calls.load(Ordering::SeqCst);
     let out = server.kms(&["backup", "create", "--out", file.to_str().unwrap()], "");
+    let after = calls.load(Ordering::SeqCst);
+    stop.store(true, Ordering::SeqCst);
+    load.await.unwrap();
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(out.stdout.contains("backup written"), "{out:?}");
-    load.await.unwrap();
+    assert!(
+        after > before,
+        "no call was answered while the backup ran ({before} before, {after} after)"
+    );
     let exists = server.kms(&["backup", "create", "--out", file.to_str().unwrap()], "");
     assert_ne!(exists.code, Some(0));
     assert!(
