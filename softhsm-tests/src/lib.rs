@@ -1211,3 +1211,59 @@ pub async fn raw_unary(
     driver.abort();
     (merged, data)
 }
+
+/// Every form a share could leak in, as the bytes to look for: its text as given, its body
+/// without the prefix and dashes, and its secret part (the y values, past the public
+/// header and before the checksum) raw, in hex (both cases) and in base64. Written from
+/// the share format (docs/ceremony.md: `kms1-` then base32 of version, share set id,
+/// threshold, index, y, and a 4-byte checksum), not from kms's code.
+pub fn share_forms(share: &str) -> Vec<(&'static str, Vec<u8>)> {
+    let body: String = share
+        .trim()
+        .strip_prefix("kms1-")
+        .unwrap_or_else(|| panic!("not a share: {share:.8}..."))
+        .chars()
+        .filter(|c| *c != '-')
+        .collect();
+    let raw = data_encoding::BASE32_NOPAD
+        .decode(body.to_ascii_uppercase().as_bytes())
+        .unwrap();
+    let y = raw[11..raw.len() - 4].to_vec();
+    assert!(y.len() >= 16, "a share's secret part: {} bytes", y.len());
+    vec![
+        ("text", share.trim().as_bytes().to_vec()),
+        ("body without dashes", body.clone().into_bytes()),
+        (
+            "body without dashes, lower case",
+            body.to_ascii_lowercase().into_bytes(),
+        ),
+        ("secret bytes", y.clone()),
+        (
+            "secret bytes in hex",
+            data_encoding::HEXLOWER.encode(&y).into_bytes(),
+        ),
+        (
+            "secret bytes in HEX",
+            data_encoding::HEXUPPER.encode(&y).into_bytes(),
+        ),
+        (
+            "secret bytes in base64",
+            data_encoding::BASE64.encode(&y).into_bytes(),
+        ),
+    ]
+}
+
+/// Fails if any form of any of `shares` ([`share_forms`]) is in `haystack` (`what`).
+pub fn assert_no_share_in(what: &str, haystack: &[u8], shares: &[String]) {
+    for (i, share) in shares.iter().enumerate() {
+        for (form, needle) in share_forms(share) {
+            assert!(
+                !haystack
+                    .windows(needle.len())
+                    .any(|w| w == needle.as_slice()),
+                "share {} ({form}) is in the {what}",
+                i + 1
+            );
+        }
+    }
+}
