@@ -468,6 +468,8 @@ async fn rotation_versions_destruction_and_restart() {
     );
     let (mut server, shares) = start_unsealed(&hsm, &config);
     let mut c = server.keys().await;
+    // A ciphertext of each key's version 1, which is destroyed below.
+    let mut made_by_v1 = Vec::new();
 
     for (name, protection) in [
         ("rot-sw", pb::ProtectionLevel::Software),
@@ -475,6 +477,7 @@ async fn rotation_versions_destruction_and_restart() {
     ] {
         create(&server, &mut c, name, pb::Algorithm::Aes256Gcm, protection).await;
         let (ct1, v1) = encrypt(&mut c, name, PLAINTEXT, AAD).await;
+        made_by_v1.push((name, ct1.clone()));
         let key = c
             .rotate_key(pb::RotateKeyRequest { name: name.into() })
             .await
@@ -626,6 +629,26 @@ async fn rotation_versions_destruction_and_restart() {
     let (sig, _) = sign(&mut c, "signer", b"m", pb::SignatureFormat::Default).await;
     drop(c);
     server.kill9();
+    // In the store: the destroyed SOFTWARE version keeps neither its salt (from which, with
+    // the root key, its secret is derived) nor any material; version 2 keeps its salt.
+    let stored = softhsm_tests::store_get(&hsm.path().join("kms.redb"), "keys", "rot-sw");
+    let sealed: serde_json::Value = serde_json::from_slice(&stored).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(sealed["record"].as_str().unwrap()).unwrap();
+    let version = |n: u64| {
+        meta["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["version"] == n)
+            .unwrap_or_else(|| panic!("no version {n} in {meta}"))
+            .clone()
+    };
+    let (v1, v2) = (version(1), version(2));
+    assert!(
+        v1.get("salt").is_none() && v1.get("material").is_none(),
+        "{v1}"
+    );
+    assert!(v2["salt"].as_str().is_some_and(|s| !s.is_empty()), "{v2}");
     let server = hsm.try_start(&config, &[]).unwrap();
     let mut c = server.keys().await;
     expect_code(
@@ -634,6 +657,14 @@ async fn rotation_versions_destruction_and_restart() {
         "sealed",
     );
     server.unseal_with(&shares);
+    // After the restart, what version 1 encrypted no longer decrypts, under either key.
+    for (name, ct) in &made_by_v1 {
+        expect_code(
+            decrypt(&mut c, name, ct, AAD).await,
+            Code::FailedPrecondition,
+            "is DESTROYED",
+        );
+    }
     assert_eq!(
         decrypt(&mut c, "rot-sw", &ct_sw, AAD).await.unwrap(),
         (PLAINTEXT.to_vec(), 2)
