@@ -293,6 +293,23 @@ impl TestHsm {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// Every secret and private key of the token whose label starts with `prefix`, with
+    /// its attributes as the token reports them (`hsm-tool inspect-all`): `label`, `class`
+    /// (`secret` or `private`), `sensitive`, `always_sensitive`, `extractable`,
+    /// `never_extractable`, `token`, `private`, `modifiable`, `derive`, `wrap`, ...
+    pub fn inspect_all(&self, prefix: &str) -> Vec<serde_json::Value> {
+        let out = self.tool(&["inspect-all"], &[prefix]);
+        assert!(
+            out.status.success(),
+            "inspect-all failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
     /// Writes a config file `name` whose `[hsm]` table is `hsm_table` (use
     /// [`TestHsm::hsm_table`] for the normal one) and returns its path.
     pub fn config_with(&self, name: &str, hsm_table: &str) -> PathBuf {

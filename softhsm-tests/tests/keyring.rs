@@ -367,6 +367,31 @@ async fn every_algorithm_at_both_protection_levels() {
     }
     // Five HSM keys made five token objects.
     assert_eq!(hsm.count("kms/"), hsm_objects_before + 5);
+    // Every key kms made in the token, of every kind (the keyring's AES, HMAC, Ed25519 and
+    // ECDSA versions; the master key, the seal record key, the audit key), as the token
+    // itself reports it: sensitive since it was made, never extractable, private, no
+    // derivation or wrapping, its value unreadable.
+    let mut made = hsm.inspect_all("kms/");
+    made.extend(hsm.inspect_all("kms-master-key"));
+    assert!(made.len() >= 5 + 3, "{made:?}");
+    assert!(made.iter().any(|o| o["class"] == "secret"), "{made:?}");
+    assert!(made.iter().any(|o| o["class"] == "private"), "{made:?}");
+    for o in &made {
+        for (attribute, want) in [
+            ("sensitive", true),
+            ("always_sensitive", true),
+            ("extractable", false),
+            ("never_extractable", true),
+            ("token", true),
+            ("private", true),
+            ("value_readable", false),
+        ] {
+            assert_eq!(o[attribute], want, "{attribute}: {o}");
+        }
+        for attribute in ["derive", "wrap", "unwrap"] {
+            assert_ne!(o[attribute], true, "{attribute}: {o}");
+        }
+    }
 
     // Cross-key replay: a ciphertext of one key never decrypts under another.
     let (ct, _) = encrypt(&mut c, "aes-sw", PLAINTEXT, AAD).await;

@@ -166,6 +166,11 @@ fn main() {
             }
         }
         "inspect" => println!("{}", inspect(&session, arg)),
+        "inspect-all" => {
+            for line in inspect_all(&session, arg) {
+                println!("{line}");
+            }
+        }
         other => panic!("unknown command {other:?}"),
     }
 }
@@ -270,6 +275,42 @@ fn weak_key(session: &Session, label: &str, id: Option<&str>) {
 }
 
 /// The one secret key labelled `label`, its attributes as JSON, as the token reports them.
+/// Every secret and private key whose label starts with `prefix`, as the token reports it:
+/// one JSON object per key (its label, class and the attributes kms's rules are about).
+fn inspect_all(session: &Session, prefix: &str) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for (class, name) in [
+        (ObjectClass::SECRET_KEY, "secret"),
+        (ObjectClass::PRIVATE_KEY, "private"),
+    ] {
+        for h in session
+            .find_objects(&[Attribute::Token(true), Attribute::Class(class)])
+            .unwrap()
+        {
+            let label = session
+                .get_attributes(h, &[AttributeType::Label])
+                .unwrap()
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::Label(l) => Some(l),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            if !label.starts_with(prefix.as_bytes()) {
+                continue;
+            }
+            let mut o = attributes_of(session, h);
+            o.insert(
+                "label".to_owned(),
+                String::from_utf8_lossy(&label).into_owned().into(),
+            );
+            o.insert("class".to_owned(), name.into());
+            out.push(serde_json::Value::Object(o));
+        }
+    }
+    out
+}
+
 fn inspect(session: &Session, label: &str) -> serde_json::Value {
     let found = session
         .find_objects(&[
@@ -278,15 +319,25 @@ fn inspect(session: &Session, label: &str) -> serde_json::Value {
         ])
         .unwrap();
     assert_eq!(found.len(), 1, "expected exactly one key with that label");
+    serde_json::Value::Object(attributes_of(session, found[0]))
+}
+
+/// The attributes kms's rules are about, as the token reports them.
+fn attributes_of(
+    session: &Session,
+    key: cryptoki::object::ObjectHandle,
+) -> serde_json::Map<String, serde_json::Value> {
     let attrs = session
         .get_attributes(
-            found[0],
+            key,
             &[
                 AttributeType::Sensitive,
                 AttributeType::AlwaysSensitive,
                 AttributeType::Extractable,
                 AttributeType::NeverExtractable,
                 AttributeType::Token,
+                AttributeType::Private,
+                AttributeType::Modifiable,
                 AttributeType::Encrypt,
                 AttributeType::Decrypt,
                 AttributeType::Wrap,
@@ -308,6 +359,8 @@ fn inspect(session: &Session, label: &str) -> serde_json::Value {
             Attribute::Extractable(v) => ("extractable", v.into()),
             Attribute::NeverExtractable(v) => ("never_extractable", v.into()),
             Attribute::Token(v) => ("token", v.into()),
+            Attribute::Private(v) => ("private", v.into()),
+            Attribute::Modifiable(v) => ("modifiable", v.into()),
             Attribute::Encrypt(v) => ("encrypt", v.into()),
             Attribute::Decrypt(v) => ("decrypt", v.into()),
             Attribute::Wrap(v) => ("wrap", v.into()),
@@ -321,5 +374,5 @@ fn inspect(session: &Session, label: &str) -> serde_json::Value {
         };
         out.insert(k.to_owned(), v);
     }
-    serde_json::Value::Object(out)
+    out
 }
