@@ -181,9 +181,17 @@ impl TestPostgres {
             password_file,
             superuser_password,
         };
-        pg.port = crate::free_port();
-        pg.ctl_start();
-        pg
+        // A free port is free only until someone else binds it: another test's server may
+        // take it between `free_port` and PostgreSQL's bind. Then try another.
+        for attempt in 1..=5 {
+            pg.port = crate::free_port();
+            match pg.try_ctl_start() {
+                Ok(()) => return pg,
+                Err(log) if attempt < 5 && log.contains("could not bind") => continue,
+                Err(log) => panic!("pg_ctl start failed: {log}"),
+            }
+        }
+        unreachable!("the loop returns or panics")
     }
 
     fn data(&self) -> PathBuf {
@@ -218,6 +226,13 @@ impl TestPostgres {
     }
 
     fn ctl_start(&self) {
+        if let Err(log) = self.try_ctl_start() {
+            panic!("pg_ctl start failed: {log}");
+        }
+    }
+
+    /// Starts the server on its port; `Err` with its log when it does not start.
+    fn try_ctl_start(&self) -> Result<(), String> {
         let out = as_owner(&self.bin.join("pg_ctl"))
             .arg("-D")
             .arg(self.data())
@@ -232,7 +247,15 @@ impl TestPostgres {
             .args(["-w", "-t", "60", "start"])
             .output()
             .unwrap();
-        check("pg_ctl start", out);
+        if out.status.success() {
+            return Ok(());
+        }
+        let log = std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default();
+        Err(format!(
+            "{}{}\n{log}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 
     /// Stops the server now (`immediate`: as a crash would), keeping its data.

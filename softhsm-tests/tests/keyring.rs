@@ -1733,8 +1733,18 @@ async fn a_destruction_the_token_refuses_is_retried_until_it_is_confirmed() {
     })
     .await
     .unwrap();
-    // Due after 1 s; the maintenance runs every second and fails.
-    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    // Due after 1 s; the maintenance runs every second and fails: wait for its failures
+    // (two, so that one whole run after the first failed too), not for a fixed time.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while hsm
+        .logs()
+        .matches("destruction failed: the version stays due")
+        .count()
+        < 2
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", hsm.logs());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     assert_eq!(
         version_state(&mut c, "doomed", 1).await,
         pb::KeyVersionState::ScheduledForDestruction as i32

@@ -538,6 +538,12 @@ async fn rotate(server: &softhsm_tests::Server, name: &str) -> u32 {
         .primary_version
 }
 
+/// How long a test waits for a change made on one server to be seen on another: usually
+/// tens of milliseconds (the times are printed), but seven PostgreSQL tests share two cores
+/// in CI, so the bound is generous. How fast changes travel is a measure for a benchmark
+/// (`scripts/bench-ha`), not for a timed test.
+const PROPAGATION: Duration = Duration::from_secs(15);
+
 /// Polls `f` every 50 ms until it returns `Some`, for at most `within`; returns it and
 /// how long it took.
 async fn within<T, F, Fut>(within: Duration, mut f: F) -> (T, Duration)
@@ -595,7 +601,7 @@ async fn three_servers_share_one_keyring() {
     a.create_aes_key("orders", pb::ProtectionLevel::Software)
         .await;
     let (mut ka, mut kb, mut kc) = (a.keys().await, b.keys().await, c.keys().await);
-    let (ct, took) = within(Duration::from_secs(1), || {
+    let (ct, took) = within(PROPAGATION, || {
         let mut kb = kb.clone();
         async move {
             encrypt(&mut kb, "orders", b"made on A, sealed on B")
@@ -611,7 +617,7 @@ async fn three_servers_share_one_keyring() {
     );
     // An HSM key made on A (its object in the shared token) is used on B and C.
     a.create_aes_key("vault", pb::ProtectionLevel::Hsm).await;
-    let (ct_hsm, _) = within(Duration::from_secs(1), || {
+    let (ct_hsm, _) = within(PROPAGATION, || {
         let mut kb = kb.clone();
         async move { encrypt(&mut kb, "vault", b"in the HSM").await.ok() }
     })
@@ -620,20 +626,20 @@ async fn three_servers_share_one_keyring() {
         decrypt(&mut kc, "vault", &ct_hsm).await.unwrap(),
         b"in the HSM"
     );
-    // Rotate on B: A encrypts under the new version within a second, and C decrypts a
+    // Rotate on B: A soon encrypts under the new version, and C decrypts a
     // ciphertext of that version at once (it reloads the key when it meets the version).
     assert_eq!(rotate(&b, "orders").await, 2);
     let ct_b = c_version_two(&mut kb).await;
     assert_eq!(decrypt(&mut kc, "orders", &ct_b).await.unwrap(), b"v2");
-    let (_, took) = within(Duration::from_secs(1), || encrypts_under(ka.clone(), 2)).await;
+    let (_, took) = within(PROPAGATION, || encrypts_under(ka.clone(), 2)).await;
     eprintln!("A encrypted under B's rotation after {took:?}");
-    // Revoke on A: B refuses within a second.
+    // Revoke on A: B soon refuses.
     let reader = hsm
         .pki
         .client("reader", &softhsm_tests::pki::ClientSpec::spiffe("reader"));
     let grant = b.grant("orders", &reader.principal).await;
     let mut kr = b.keys_as(Some(&reader)).await;
-    let (_, _) = within(Duration::from_secs(1), || {
+    let (_, _) = within(PROPAGATION, || {
         let (mut kr, ct) = (kr.clone(), ct.clone());
         async move { decrypt(&mut kr, "orders", &ct).await.ok() }
     })
@@ -643,7 +649,7 @@ async fn three_servers_share_one_keyring() {
         .revoke_grant(pb::RevokeGrantRequest { id: grant })
         .await
         .unwrap();
-    let (_, took) = within(Duration::from_secs(1), || {
+    let (_, took) = within(PROPAGATION, || {
         let (mut kr, ct) = (kr.clone(), ct.clone());
         async move {
             match decrypt(&mut kr, "orders", &ct).await {
@@ -685,7 +691,7 @@ async fn three_servers_share_one_keyring() {
     let mut made = [ra, rc];
     made.sort();
     assert_eq!(made, [3, 4]);
-    let (_, _) = within(Duration::from_secs(1), || encrypts_under(kb.clone(), 4)).await;
+    let (_, _) = within(PROPAGATION, || encrypts_under(kb.clone(), 4)).await;
     // kill -9 of A while B and C are under load (their audit commits interleaving in one
     // chain): both keep answering, and everything they acknowledged decrypts on the other.
     let under_load = |client: softhsm_tests::KeysClient, who: &'static str| {
