@@ -521,6 +521,36 @@ async fn a_server_on_postgres_survives_kill_and_a_database_outage() {
     let verify = server.kms_as(Some(&server.auditor), &["audit", "verify"], "");
     assert_eq!(verify.code, Some(0), "{verify:?}");
     assert!(verify.stdout.contains("intact"), "{verify:?}");
+    // Every acknowledged encryption has its OK record: before the kill, under load, after
+    // the outage. (A commit whose answer the outage cut may be recorded without its
+    // answer: at most one per refused call.)
+    let export = server.kms_as(Some(&server.auditor), &["audit", "export"], "");
+    assert_eq!(export.code, Some(0), "{export:?}");
+    let recorded = export
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"]["operation"] == "Encrypt" && v["event"]["outcome"] == "OK")
+        .count();
+    let answered = acknowledged.len() + 2;
+    assert!(
+        (answered..=answered + refused as usize).contains(&recorded),
+        "{recorded} OK Encrypt records for {answered} acknowledged ({refused} refused)"
+    );
+    // And after another kill -9, a new process decrypts everything acknowledged.
+    drop(c);
+    let mut server = server;
+    server.kill9();
+    let server = hsm.try_start(&config, &[]).unwrap();
+    server.unseal_with(&shares);
+    let mut c = server.keys().await;
+    for (pt, ct) in &acknowledged {
+        assert_eq!(&decrypt(&mut c, "payments", ct).await.unwrap(), pt);
+    }
+    assert_eq!(
+        decrypt(&mut c, "payments", &ct).await.unwrap(),
+        b"acknowledged before the kill"
+    );
     // No secret of the test in the server's log.
     let logs = hsm.logs();
     assert!(!logs.contains(&pg.password));
@@ -733,6 +763,22 @@ async fn three_servers_share_one_keyring() {
     }
     let verify = b.kms_as(Some(&b.auditor), &["audit", "verify"], "");
     assert!(verify.stdout.contains("intact"), "{verify:?}");
+    // Every server restarted (B and C killed too): a new process decrypts everything
+    // acknowledged, not only the processes that encrypted.
+    drop((kb, kc));
+    let (mut b, mut c) = (b, c);
+    b.kill9();
+    c.kill9();
+    let d = hsm.try_start(&config, &[]).unwrap();
+    d.unseal_with(&shares);
+    let mut kd = d.keys().await;
+    for (pt, ct) in done_b.iter().chain(&done_c) {
+        assert_eq!(&decrypt(&mut kd, "orders", ct).await.unwrap(), pt);
+    }
+    assert_eq!(
+        decrypt(&mut kd, "vault", &ct_hsm).await.unwrap(),
+        b"in the HSM"
+    );
 }
 
 /// `Some` when an Encrypt on `client` uses `version` of "orders".
