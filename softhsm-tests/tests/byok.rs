@@ -731,6 +731,40 @@ async fn material_wrapped_by_python_is_imported_and_agrees_with_python() {
             "{name}"
         );
     }
+    // What the token itself says of the objects BYOK made. Imported versions (every
+    // keyring object here was imported): sensitive, not extractable, not modifiable, no
+    // derivation or wrapping, value unreadable; and, by PKCS#11's definition of an
+    // unwrapped key, neither always sensitive nor never extractable (docs/byok.md). The
+    // wrapping keys (RSA, generated in the token): sensitive and never extractable.
+    let imported = hsm.inspect_all("kms/");
+    let wrapping = hsm.inspect_all("kms-import/");
+    assert!(imported.len() >= 4, "{imported:?}");
+    assert!(!wrapping.is_empty(), "{wrapping:?}");
+    let check = |o: &serde_json::Value, generated: bool| {
+        for (attribute, want) in [
+            ("sensitive", true),
+            ("extractable", false),
+            ("token", true),
+            ("private", true),
+            ("modifiable", false),
+            ("value_readable", false),
+            ("always_sensitive", generated),
+            ("never_extractable", generated),
+        ] {
+            assert_eq!(o[attribute], want, "{attribute}: {o}");
+        }
+        for attribute in ["derive", "wrap", "unwrap"] {
+            assert_ne!(o[attribute], true, "{attribute}: {o}");
+        }
+    };
+    for o in &imported {
+        check(o, false);
+    }
+    for o in &wrapping {
+        check(o, true);
+        assert_eq!(o["class"], "private", "{o}");
+        assert_ne!(o["sign"], true, "{o}");
+    }
 }
 
 /// The shell block `name` of docs/byok.md (between its begin and end markers).
