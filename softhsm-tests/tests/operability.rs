@@ -428,23 +428,42 @@ fn a_real_prometheus_scrapes_the_metrics_endpoint() {
         ),
     )
     .unwrap();
-    let port = free_port();
-    let mut prometheus = Command::new("prometheus")
-        .arg(format!("--config.file={}", prom_config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::File::create(dir.path().join("prometheus.log")).unwrap(),
-        ))
-        .spawn()
-        .expect("prometheus is installed (scripts/test installs it)");
-    let api = format!("http://127.0.0.1:{port}");
+    let start = |port: u16| {
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", prom_config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path().join("prometheus.log")).unwrap(),
+            ))
+            .spawn()
+            .expect("prometheus is installed (scripts/test installs it)")
+    };
+    let mut port = free_port();
+    let mut prometheus = start(port);
+    let mut tries = 1;
+    let mut api = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(60);
     let encrypts = loop {
+        // A free port is free only until someone else binds it: a Prometheus that could not
+        // bind it exits, and starts again on another.
+        if let Some(exit) = prometheus.try_wait().unwrap() {
+            let log =
+                std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default();
+            assert!(
+                tries < 5 && log.contains("address already in use"),
+                "Prometheus exited ({exit}): {log}"
+            );
+            port = free_port();
+            prometheus = start(port);
+            tries += 1;
+            api = format!("http://127.0.0.1:{port}");
+            continue;
+        }
         let ready = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
         let value = if ready {
             prometheus_value(
