@@ -1284,3 +1284,26 @@ pub fn assert_no_share_in(what: &str, haystack: &[u8], shares: &[String]) {
         }
     }
 }
+
+/// Checks one key that [`TestHsm::inspect_all`] reported against kms's rules for the
+/// objects it makes: sensitive, not extractable, token, private, not modifiable, no
+/// derivation or wrapping, value unreadable; and, for a key generated in the token (not
+/// imported: an unwrapped key's material existed outside it), always sensitive and never
+/// extractable.
+pub fn assert_kms_key_attributes(o: &serde_json::Value, generated: bool) {
+    for (attribute, want) in [
+        ("sensitive", true),
+        ("extractable", false),
+        ("token", true),
+        ("private", true),
+        ("modifiable", false),
+        ("value_readable", false),
+        ("always_sensitive", generated),
+        ("never_extractable", generated),
+    ] {
+        assert_eq!(o[attribute], want, "{attribute}: {o}");
+    }
+    for attribute in ["derive", "wrap", "unwrap"] {
+        assert_ne!(o[attribute], true, "{attribute}: {o}");
+    }
+}

@@ -740,28 +740,11 @@ async fn material_wrapped_by_python_is_imported_and_agrees_with_python() {
     let wrapping = hsm.inspect_all("kms-import/");
     assert!(imported.len() >= 4, "{imported:?}");
     assert!(!wrapping.is_empty(), "{wrapping:?}");
-    let check = |o: &serde_json::Value, generated: bool| {
-        for (attribute, want) in [
-            ("sensitive", true),
-            ("extractable", false),
-            ("token", true),
-            ("private", true),
-            ("modifiable", false),
-            ("value_readable", false),
-            ("always_sensitive", generated),
-            ("never_extractable", generated),
-        ] {
-            assert_eq!(o[attribute], want, "{attribute}: {o}");
-        }
-        for attribute in ["derive", "wrap", "unwrap"] {
-            assert_ne!(o[attribute], true, "{attribute}: {o}");
-        }
-    };
     for o in &imported {
-        check(o, false);
+        softhsm_tests::assert_kms_key_attributes(o, false);
     }
     for o in &wrapping {
-        check(o, true);
+        softhsm_tests::assert_kms_key_attributes(o, true);
         assert_eq!(o["class"], "private", "{o}");
         assert_ne!(o["sign"], true, "{o}");
     }
