@@ -9,7 +9,7 @@
     clippy::indexing_slicing
 )]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use kms_proto::v1::ProtectionLevel;
 use serde_json::Value;
