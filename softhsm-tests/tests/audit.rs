@@ -110,7 +110,8 @@ fn verify_lines(dir: &Path, name: &str, lines: &[String]) -> (Option<i32>, Strin
 
 /// The independent verifier accepts `export` as written and rejects each alteration:
 /// one field of one record, one byte of a checkpoint's signature, a checkpoint's signed
-/// time, and the seal's signature (exit 3, naming the failure). Proof that it can fail.
+/// time, the seal's signature, and a key the token did not vouch for (exit 3, naming the
+/// failure). Proof that it can fail.
 fn independent_checks_catch_tampering(hsm: &TestHsm, export: &Path) {
     let key = hsm.audit_key_proof(None);
     let out = independent_audit_verify(export, None, &key);
@@ -170,6 +171,17 @@ fn independent_checks_catch_tampering(hsm: &TestHsm, export: &Path) {
         flip(lines[seal], "signature"),
         "export seal: signature invalid",
     );
+    // A key the token did not vouch for: its signature of the challenge, one bit flipped.
+    let mut forged = std::fs::read(&key.signature).unwrap();
+    forged[0] ^= 1;
+    let other = softhsm_tests::TokenProof {
+        challenge: key.challenge.clone(),
+        signature: hsm.path().join("forged.sig"),
+    };
+    std::fs::write(&other.signature, forged).unwrap();
+    let out = independent_audit_verify(export, None, &other);
+    assert_eq!(out.code, Some(3), "{out:?}");
+    assert!(out.stderr.contains("not the token's audit key"), "{out:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
