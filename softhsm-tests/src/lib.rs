@@ -243,6 +243,68 @@ impl TestHsm {
         objects
     }
 
+    /// A proof from the token itself of which key is the audit checkpoint key: a fresh
+    /// random challenge signed (Ed25519, `CKM_EDDSA`) with the token's one private key
+    /// labelled `<master key label>-audit-<share set id>` (docs/audit.md), by OpenSC's
+    /// `pkcs11-tool` (no kms code). kms keeps no public object on the token (the public half
+    /// is read and destroyed at generation), so an auditor holding the PIN proves the key
+    /// this way: a public key that verifies this signature is the token's key, whatever an
+    /// export claims. `share_set` picks one when the token holds several.
+    pub fn audit_key_proof(&self, share_set: Option<&str>) -> TokenProof {
+        let pin = std::fs::read_to_string(&self.pin_file).unwrap();
+        let pkcs11_tool = |args: &[&str]| {
+            let out = Command::new("pkcs11-tool")
+                .arg("--module")
+                .arg(&self.module)
+                .args(["--token-label", &self.label, "--login", "--pin", pin.trim()])
+                .args(args)
+                .env(self.conf_env, &self.conf)
+                .output()
+                .expect("pkcs11-tool (Debian's opensc; scripts/test installs it)");
+            assert!(
+                out.status.success(),
+                "pkcs11-tool {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let listing = pkcs11_tool(&["--list-objects", "--type", "privkey"]);
+        let labels: Vec<&str> = listing
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("label:"))
+            .map(str::trim)
+            .filter(|l| l.contains("-audit-") && share_set.is_none_or(|s| l.ends_with(s)))
+            .collect();
+        let [label] = labels[..] else {
+            panic!("not exactly one audit private key on the token: {labels:?}\n{listing}");
+        };
+        let mut nonce = [0u8; 32];
+        std::io::Read::read_exact(
+            &mut std::fs::File::open("/dev/urandom").unwrap(),
+            &mut nonce,
+        )
+        .unwrap();
+        let proof = TokenProof {
+            challenge: self.path().join(format!("{label}.challenge")),
+            signature: self.path().join(format!("{label}.sig")),
+        };
+        std::fs::write(&proof.challenge, nonce).unwrap();
+        pkcs11_tool(&[
+            "--sign",
+            "--mechanism",
+            "EDDSA",
+            "--type",
+            "privkey",
+            "--label",
+            label,
+            "--input-file",
+            proof.challenge.to_str().unwrap(),
+            "--output-file",
+            proof.signature.to_str().unwrap(),
+        ]);
+        proof
+    }
+
     /// HMAC-SHA256 of `data` with the token's secret key labelled `key` (`hsm-tool hmac`),
     /// in hex: what an insider holding the PIN can compute.
     pub fn hmac(&self, key: &str, data: &[u8]) -> String {
@@ -1027,6 +1089,57 @@ pub fn python() -> PathBuf {
         "no Python with the gRPC packages: run scripts/test (it makes target/pyenv), or set KMS_TEST_PYTHON"
     );
     venv
+}
+
+/// A fresh challenge and the token's signature of it ([`TestHsm::audit_key_proof`]).
+pub struct TokenProof {
+    /// 32 random bytes.
+    pub challenge: PathBuf,
+    /// Their Ed25519 signature by the token's audit key (64 bytes).
+    pub signature: PathBuf,
+}
+
+/// Runs the independent audit verifier (`softhsm-tests/audit_verify.py`, written from
+/// docs/audit.md alone, sharing no code with kms) on `export` (and the archive segments in
+/// `archive`), trusting only the key that the token's signature in `proof` proves. Its exit
+/// code: 0 every check passed, 3 a check failed (the first failure on stderr), 2 unreadable
+/// input, 1 the script crashed.
+pub fn independent_audit_verify(export: &Path, archive: Option<&Path>, proof: &TokenProof) -> Out {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("audit_verify.py");
+    let mut cmd = Command::new(python());
+    cmd.arg(script)
+        .arg("--token-challenge")
+        .arg(&proof.challenge)
+        .arg("--token-signature")
+        .arg(&proof.signature)
+        .arg(export);
+    if let Some(dir) = archive {
+        cmd.arg("--archive").arg(dir);
+    }
+    let out = cmd.output().unwrap();
+    Out {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Exports the whole audit log of `server` (as its auditor) to `dir/name` and checks it with
+/// the independent verifier under the audit key read from `hsm`'s token; fails the test
+/// unless every check passes. The export's path.
+pub fn audit_export_verifies_independently(server: &Server, hsm: &TestHsm, name: &str) -> PathBuf {
+    let export = hsm.path().join(name);
+    let out = server.kms_as(
+        Some(&server.auditor),
+        &["audit", "export", "--out", export.to_str().unwrap()],
+        "",
+    );
+    assert_eq!(out.code, Some(0), "kms audit export: {out:?}");
+    let proof = hsm.audit_key_proof(None);
+    let out = independent_audit_verify(&export, None, &proof);
+    assert_eq!(out.code, Some(0), "the independent audit verifier: {out:?}");
+    assert!(out.stdout.starts_with("OK: records 1.."), "{out:?}");
+    export
 }
 
 /// Generates the Python client (`*_pb2.py`, `*_pb2_grpc.py`) from proto/ into `dir` with

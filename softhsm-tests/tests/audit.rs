@@ -17,7 +17,7 @@ use std::time::Duration;
 use kms_proto::v1 as pb;
 use prost::Message as _;
 use serde_json::Value;
-use softhsm_tests::{Mount, Server, TestHsm, start_unsealed};
+use softhsm_tests::{Mount, Server, TestHsm, independent_audit_verify, start_unsealed};
 use tonic::Code;
 
 const PLAINTEXT: &[u8] = b"wire transfer: SECRET-PLAINTEXT-a81f";
@@ -106,6 +106,82 @@ fn verify_lines(dir: &Path, name: &str, lines: &[String]) -> (Option<i32>, Strin
     let path = dir.join(name);
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
     verify_offline(&path)
+}
+
+/// The independent verifier accepts `export` as written and rejects each alteration:
+/// one field of one record, one byte of a checkpoint's signature, a checkpoint's signed
+/// time, the seal's signature, and a key the token did not vouch for (exit 3, naming the
+/// failure). Proof that it can fail.
+fn independent_checks_catch_tampering(hsm: &TestHsm, export: &Path) {
+    let key = hsm.audit_key_proof(None);
+    let out = independent_audit_verify(export, None, &key);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let text = std::fs::read_to_string(export).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let altered = |name: &str, index: usize, line: String, why: &str| {
+        assert_ne!(lines[index], line, "{name}: nothing was altered");
+        let mut copy: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+        copy[index] = line;
+        let path = hsm.path().join(name);
+        std::fs::write(&path, copy.join("\n") + "\n").unwrap();
+        let out = independent_audit_verify(&path, None, &key);
+        assert_eq!(out.code, Some(3), "{name}: {out:?}");
+        assert!(out.stderr.contains(why), "{name}: {out:?}");
+    };
+    // One byte of hex flipped in place.
+    let flip = |line: &str, field: &str| {
+        let at = line.find(&format!("\"{field}\":\"")).unwrap() + field.len() + 4;
+        let mut bytes = line.as_bytes().to_vec();
+        bytes[at] = if bytes[at] == b'0' { b'1' } else { b'0' };
+        String::from_utf8(bytes).unwrap()
+    };
+    let encrypt = lines
+        .iter()
+        .position(|l| l.contains("\"operation\":\"Encrypt\"") && l.contains("\"outcome\":\"OK\""))
+        .unwrap();
+    altered(
+        "one-field.jsonl",
+        encrypt,
+        lines[encrypt].replacen("\"input_bytes\":", "\"input_bytes\":1", 1),
+        "hash does not match its content",
+    );
+    let checkpoint = lines
+        .iter()
+        .position(|l| l.starts_with("{\"checkpoint\":"))
+        .unwrap();
+    altered(
+        "checkpoint-signature.jsonl",
+        checkpoint,
+        flip(lines[checkpoint], "signature"),
+        "signature invalid",
+    );
+    let time = lines[checkpoint].find("\"time_ms\":").unwrap() + "\"time_ms\":".len();
+    let mut later = lines[checkpoint].to_owned();
+    later.insert(time, '1');
+    altered(
+        "checkpoint-time.jsonl",
+        checkpoint,
+        later,
+        "signature invalid",
+    );
+    let seal = lines.len() - 1;
+    altered(
+        "seal-signature.jsonl",
+        seal,
+        flip(lines[seal], "signature"),
+        "export seal: signature invalid",
+    );
+    // A key the token did not vouch for: its signature of the challenge, one bit flipped.
+    let mut forged = std::fs::read(&key.signature).unwrap();
+    forged[0] ^= 1;
+    let other = softhsm_tests::TokenProof {
+        challenge: key.challenge.clone(),
+        signature: hsm.path().join("forged.sig"),
+    };
+    std::fs::write(&other.signature, forged).unwrap();
+    let out = independent_audit_verify(export, None, &other);
+    assert_eq!(out.code, Some(3), "{out:?}");
+    assert!(out.stderr.contains("not the token's audit key"), "{out:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,6 +362,10 @@ async fn every_call_is_recorded_and_the_export_verifies_offline() {
     let (code, stdout) = verify_offline(&file);
     assert_eq!(code, Some(0), "{stdout}");
     assert!(stdout.contains("intact"), "{stdout}");
+    // ...and by the independent verifier (audit_verify.py, written from docs/audit.md alone)
+    // under the key read from the token, which rejects one field of one record, one byte of
+    // a checkpoint's signature, a checkpoint's time and the seal, each altered.
+    independent_checks_catch_tampering(&hsm, &file);
     // ...and each kind of tampering named at the right sequence number.
     let text: Vec<String> = std::fs::read_to_string(&file)
         .unwrap()
@@ -1197,6 +1277,11 @@ async fn retention_archives_old_records_and_the_whole_history_verifies() {
     // The whole history: segments and the live log, from record 1.
     let (code, out) = verify_history(&live, &archive);
     assert_eq!(code, Some(0), "{out}");
+    // The same, by the independent verifier: every segment alone, linked from record 1, and
+    // every ArchiveSegment record naming a segment that is there.
+    let key = hsm.audit_key_proof(None);
+    let independent = independent_audit_verify(&live, Some(&archive), &key);
+    assert_eq!(independent.code, Some(0), "{independent:?}");
     assert!(out.starts_with("intact: records 1 to "), "{out}");
 
     // A segment missing: records removed unarchived.
@@ -1205,6 +1290,8 @@ async fn retention_archives_old_records_and_the_whole_history_verifies() {
     let (code, out) = verify_history(&live, &archive);
     assert_eq!(code, Some(3), "{out}");
     assert!(out.contains("records 11 to 20 are in no segment"), "{out}");
+    let independent = independent_audit_verify(&live, Some(&archive), &key);
+    assert_eq!(independent.code, Some(3), "{independent:?}");
     // A segment edited: its chain breaks.
     let edited =
         std::fs::read_to_string(&hidden)
@@ -1214,6 +1301,9 @@ async fn retention_archives_old_records_and_the_whole_history_verifies() {
     let (code, out) = verify_history(&live, &archive);
     assert_eq!(code, Some(3), "{out}");
     assert!(out.contains(&names[1]), "{out}");
+    let independent = independent_audit_verify(&live, Some(&archive), &key);
+    assert_eq!(independent.code, Some(3), "{independent:?}");
+    assert!(independent.stderr.contains(&names[1]), "{independent:?}");
     std::fs::rename(&hidden, archive.join(&names[1])).unwrap();
     // Restored, the history verifies again.
     let (code, out) = verify_history(&live, &archive);

@@ -9,12 +9,13 @@
     clippy::indexing_slicing
 )]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use kms_proto::v1::ProtectionLevel;
 use serde_json::Value;
 use softhsm_tests::{
-    Out, Server, TestHsm, age_decrypt, age_identity, decrypt_ctx, encrypt_ctx, forge_share, strings,
+    Out, Server, TestHsm, age_decrypt, age_identity, decrypt_ctx, encrypt_ctx, forge_share,
+    independent_audit_verify, strings,
 };
 
 fn status(server: &Server) -> Value {
@@ -47,9 +48,12 @@ fn crash(hsm: &TestHsm, server: &mut Server) -> Server {
     again
 }
 
-/// The auditor's export, as JSON values (records only).
-fn audit_records(server: &Server, dir: &Path) -> Vec<Value> {
-    let path = dir.join(format!("export-{}.jsonl", std::process::id()));
+/// The auditor's export, as JSON values (records only), verified by `kms audit verify` and
+/// by the independent verifier (audit_verify.py) under the key read from the token.
+fn audit_records(server: &Server, hsm: &TestHsm) -> Vec<Value> {
+    let path = hsm
+        .path()
+        .join(format!("export-{}.jsonl", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let out = server.kms_as(
         Some(&server.auditor),
@@ -63,6 +67,9 @@ fn audit_records(server: &Server, dir: &Path) -> Vec<Value> {
         "",
     );
     assert_eq!(verify.code, Some(0), "the chain must verify: {verify:?}");
+    let key = hsm.audit_key_proof(None);
+    let independent = independent_audit_verify(&path, None, &key);
+    assert_eq!(independent.code, Some(0), "{independent:?}");
     std::fs::read_to_string(&path)
         .unwrap()
         .lines()
@@ -240,7 +247,7 @@ fn rekey_3_of_5_to_2_of_3_survives_kill_9_after_every_step() {
     });
 
     // Every step is in the audit log, with share sets and indexes and never a share.
-    let records = audit_records(&server, hsm.path());
+    let records = audit_records(&server, &hsm);
     let ceremony = |op: &str, step: &str| -> Vec<&Value> {
         records
             .iter()
@@ -441,7 +448,7 @@ fn shares_sealed_to_custodians_open_with_age_only_for_their_custodian() {
     assert_eq!(unseal(&server, &[&new[2], &new[1]]).code, Some(0));
 
     // The recipients are in the records (public keys), the shares nowhere.
-    let records = audit_records(&server, hsm.path());
+    let records = audit_records(&server, &hsm);
     let init = records
         .iter()
         .find(|r| r["event"]["operation"] == "Init" && r["event"]["outcome"] == "OK")
@@ -514,7 +521,7 @@ fn verify_share_proves_a_share_without_unsealing_and_is_rate_limited() {
     assert_eq!(unseal(&server, &[&shares[0], &shares[2]]).code, Some(0));
 
     // The drill is in the audit log: who, which share, the outcome.
-    let records = audit_records(&server, hsm.path());
+    let records = audit_records(&server, &hsm);
     let verifies: Vec<_> = records
         .iter()
         .filter(|r| r["event"]["operation"] == "VerifyShare")
@@ -796,7 +803,7 @@ fn master_key_rotation_keeps_shares_and_ciphertexts_across_a_restart() {
             b"in the token"
         );
     });
-    let records = audit_records(&server, hsm.path());
+    let records = audit_records(&server, &hsm);
     let rotations: Vec<_> = records
         .iter()
         .filter(|r| r["event"]["operation"] == "RotateMasterKey" && r["event"]["outcome"] == "OK")

@@ -693,6 +693,9 @@ async fn retried_changes_are_made_once() {
         );
     }
 
+    // Records with `replay_of` hash as docs/audit.md says: the independent verifier agrees.
+    softhsm_tests::audit_export_verifies_independently(&server, &hsm, "retries.jsonl");
+
     // The first answer is durable with the change: after kill -9, a retry still finds it.
     let r3 = c
         .rotate_key(with_key(
