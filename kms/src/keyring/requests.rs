@@ -26,8 +26,8 @@ const DOMAIN: &str = "kms/v1/request-record/";
 /// The MAC domain of the request a record answers.
 const REQUEST_DOMAIN: &str = "kms/v1/request/";
 
-/// Records examined per page when expired ones are removed.
-const SWEEP_PAGE: usize = 500;
+/// Expired records removed per transaction.
+const SWEEP_BATCH: usize = 500;
 
 /// The first answer to a change.
 #[derive(Serialize, Deserialize)]
@@ -102,38 +102,23 @@ impl Keyring {
     /// Removes the records kept past [`KEPT_MS`] at `now_ms` (and any that fail
     /// authentication: they answer nothing). Returns how many.
     pub(crate) fn forget_requests(&self, now_ms: u64) -> Result<usize, KeyringError> {
-        let mut start = String::new();
-        let mut removed = 0;
-        loop {
-            let page = self.store.range(Table::Requests, &start, SWEEP_PAGE)?;
-            let Some((last, _)) = page.last() else {
-                return Ok(removed);
-            };
-            let next = format!("{last}\0");
-            let done = page.len() < SWEEP_PAGE;
-            let expired: Vec<Removal> = page
-                .iter()
-                .filter(|(key, bytes)| {
-                    open_record::<RequestRecord>(bytes, DOMAIN, key, &self.mac_key)
-                        .ok()
-                        .flatten()
-                        .is_none_or(|r| r.at_ms.saturating_add(KEPT_MS) <= now_ms)
-                })
-                .map(|(key, _)| Removal {
+        let mut expired = Vec::new();
+        super::load::each_page(self.store.as_ref(), Table::Requests, |key, bytes| {
+            let live = open_record::<RequestRecord>(&bytes, DOMAIN, &key, &self.mac_key)?
+                .is_some_and(|r| r.at_ms.saturating_add(KEPT_MS) > now_ms);
+            if !live {
+                expired.push(Removal {
                     table: Table::Requests,
                     from: key.clone(),
-                    to: key.clone(),
-                })
-                .collect();
-            if !expired.is_empty() {
-                self.store.write_all_removing(&[], &expired)?;
-                removed += expired.len();
+                    to: key,
+                });
             }
-            if done {
-                return Ok(removed);
-            }
-            start = next;
+            Ok(())
+        })?;
+        for chunk in expired.chunks(SWEEP_BATCH) {
+            self.store.write_all_removing(&[], chunk)?;
         }
+        Ok(expired.len())
     }
 }
 
