@@ -27,6 +27,7 @@ mod grpc;
 pub mod hsm;
 pub mod keyring;
 mod metrics;
+mod node;
 pub mod policy;
 pub mod seal;
 pub mod server;

@@ -285,6 +285,12 @@ impl LimitKind {
     }
 }
 
+impl crate::metrics::LimitLabel for LimitKind {
+    fn label(self) -> &'static str {
+        self.key()
+    }
+}
+
 /// Open files kept for everything but client connections: the store, the HSM module's
 /// files, the database pool, the metrics listener and its scrapes, logs, archive segments.
 pub(crate) const FILES_RESERVED: u64 = 128;

@@ -811,7 +811,7 @@ impl SealManager {
         crate::backup::create(
             self.store.as_ref(),
             self.audit.signer(),
-            crate::server::identity(),
+            crate::node::identity(),
             out,
         )
     }
