@@ -26,13 +26,12 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use aes_gcm::Aes256Gcm;
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use hmac::{Hmac, Mac};
+use aes_gcm::aead::{KeyInit, Payload};
+use hmac::Hmac;
 use kms_unseal::{CombineError, Share, ShareError, ShareSetId, SplitError};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use crate::audit::AuditLog;
