@@ -30,6 +30,7 @@ mod metrics;
 mod node;
 pub mod policy;
 pub mod seal;
+mod section;
 pub mod server;
 pub mod store;
 pub mod wire;
