@@ -390,7 +390,9 @@ def self_test():
         "leaf.rs": "pub(crate) fn f() { crate::root() }\n",
         "a.rs": "use crate::leaf;\n// crate::c::g() in a comment is no edge\n"
         'const S: &str = "crate::c::g";\nconst C: char = \'"\';\n'
-        "fn h<'x>(_: &'x str) { leaf::f() }\n",
+        "fn h<'x>(_: &'x str) { leaf::f() }\n"
+        'const R: &str = r#"crate::c::g() "quoted" crate::b::g()"#;\n'
+        "const B: u8 = b'\"'; // crate::c::g()\n",
         "b/mod.rs": "mod inner;\npub(crate) fn g() { crate::a::h(\"\") }\n",
         "b/inner.rs": "pub(crate) fn i() { super::g() }\n",
         "c.rs": "/* crate::b::g() /* nested */ crate::b::g() */\n"
