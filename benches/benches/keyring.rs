@@ -106,7 +106,7 @@ fn benches(c: &mut Criterion) {
     )
     .unwrap();
     let keyring = Keyring::load(
-        &root,
+        Arc::new(kms::barrier::Barrier::new(root.into())),
         hsm,
         store,
         Arc::new(audit.clone()),

@@ -6,6 +6,7 @@
 //! - [`audit`]: the hash-chained, group-committed audit log.
 //! - [`config`]: the TOML configuration file.
 //! - [`hsm`]: PKCS#11 sessions, login, and the master key.
+//! - [`barrier`]: the root key while unsealed: subkeys and sealed records for the engines.
 //! - [`store`]: the durable store (redb) behind a narrow trait.
 //! - [`seal`]: init / unseal / seal, and the root key.
 //! - [`keyring`]: named, versioned keys and the crypto operations.
@@ -24,7 +25,7 @@
 //!   [`server`] (`run`, `Opened`, `shutdown_signal`), [`seal`] (`kms dev`'s bootstrap),
 //!   [`policy`], [`wire`], [`keyring`] (`wrap`, `Wrapping`, the model), [`audit`] (report,
 //!   verify, history), [`backup`] (check, restore), [`code_name`], [`error_chain`].
-//! - the benches: [`audit`], [`hsm`], [`keyring`], [`store`].
+//! - the benches: [`audit`], [`barrier`], [`hsm`], [`keyring`], [`store`].
 //! - the end-to-end tests: [`store`] (the backends' contract), [`keyring`] (`wrap`).
 //! - the fuzz targets: [`keyring`] (`ciphertext`).
 //!
@@ -40,6 +41,7 @@
 mod access;
 pub mod audit;
 pub mod backup;
+pub mod barrier;
 pub mod config;
 mod grpc;
 pub mod hsm;

@@ -36,7 +36,7 @@ impl Keyring {
                         _ => material::generate_rsa(meta.algorithm)?,
                     };
                     let sealed = material::seal_material(
-                        &self.root,
+                        &self.barrier,
                         &salt,
                         &key_id,
                         version,
@@ -47,7 +47,7 @@ impl Keyring {
                     v.public_key = Some(hex(&public.to_bytes()));
                 } else if meta.algorithm.is_asymmetric() {
                     let secret = material::derive_secret(
-                        &self.root,
+                        &self.barrier,
                         &salt,
                         &key_id,
                         version,

@@ -64,7 +64,7 @@ impl Keyring {
         purpose: VersionUse,
     ) -> Result<&'e Secret, KeyringError> {
         Self::usable(e, version, purpose)?
-            .secret(&self.root, &e.meta, version)?
+            .secret(&self.barrier, &e.meta, version)?
             .ok_or(KeyringError::Internal("no secret"))
     }
 

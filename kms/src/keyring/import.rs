@@ -214,7 +214,12 @@ impl Keyring {
                 let salt = random::<32>()?;
                 let key_id = unhex(&meta.key_id).ok_or(KeyringError::Internal("key id"))?;
                 let sealed = material::seal_material(
-                    &self.root, &salt, &key_id, version, algorithm, &plain,
+                    &self.barrier,
+                    &salt,
+                    &key_id,
+                    version,
+                    algorithm,
+                    &plain,
                 )?;
                 v.salt = Some(hex(&salt));
                 v.material = Some(hex(&sealed));

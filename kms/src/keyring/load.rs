@@ -2,11 +2,13 @@
 //! token (software versions are derived at their first use), grants loaded, and orphan HSM
 //! objects swept.
 
+use crate::barrier::Barrier;
+
 use super::{
     Arc, AtomicU64, BTreeMap, HSM_LABEL_PREFIX, HashMap, Hsm, HsmError, KeyEntry, KeyMeta, Keyring,
     KeyringError, Mutex, Origin, Protection, Public, RwLock, Secret, Settings, Store,
-    SystemRecorder, Table, VersionMaterial, VersionMeta, VersionState, Zeroizing, counter_key,
-    follow, grants, hsm_kind, material, model, pending_label, unhex, write_lock,
+    SystemRecorder, Table, VersionMaterial, VersionMeta, VersionState, counter_key, follow, grants,
+    hsm_kind, material, model, pending_label, unhex, write_lock,
 };
 
 /// Key records read from the store at a time at load.
@@ -39,17 +41,15 @@ impl Keyring {
     /// derived at its first use). A record that fails authentication is kept out and
     /// refused by name.
     pub fn load(
-        root: &[u8; 32],
+        barrier: Arc<Barrier>,
         hsm: Arc<Hsm>,
         store: Arc<dyn Store>,
         recorder: Arc<dyn SystemRecorder>,
         settings: Settings,
     ) -> Result<Self, KeyringError> {
-        let mut root_copy = Zeroizing::new([0u8; 32]);
-        root_copy.copy_from_slice(root);
         let keyring = Self {
-            mac_key: material::metadata_mac_key(root)?,
-            root: root_copy,
+            mac_key: material::metadata_mac_key(&barrier)?,
+            barrier,
             hsm,
             store,
             recorder,

@@ -11,13 +11,14 @@ use std::sync::atomic::AtomicU64;
 use aes_gcm::Aes256Gcm;
 use aes_gcm::aead::{Aead, AeadInOut, KeyInit, Payload};
 use ed25519_dalek::Signer as _;
-use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use p256::ecdsa::signature::hazmat::{PrehashSigner, PrehashVerifier};
 use p256::pkcs8::EncodePublicKey;
 use rsa::pkcs8::{DecodePublicKey, EncodePrivateKey};
 use rsa::traits::PublicKeyParts;
 use sha2::{Digest, Sha256, Sha384};
+
+use crate::barrier::Barrier;
 use zeroize::Zeroizing;
 
 use super::KeyringError;
@@ -223,11 +224,11 @@ pub(crate) struct VersionMaterial {
 
 impl VersionMaterial {
     /// The secret of `meta`'s version `version` (`None` when destroyed). A software
-    /// version's is derived from `root` at its first use, not at load: a keyring of many
+    /// version's is derived under the barrier at its first use, not at load: a keyring of many
     /// keys, most of them cold, unseals faster and holds less (no key schedule per key).
     pub(crate) fn secret(
         &self,
-        root: &[u8; 32],
+        barrier: &Barrier,
         meta: &KeyMeta,
         version: u32,
     ) -> Result<Option<&Secret>, KeyringError> {
@@ -249,11 +250,11 @@ impl VersionMaterial {
         let made = match stored {
             Some(sealed) => {
                 let sealed = unhex(sealed).ok_or_else(tampered)?;
-                let der = open_material(root, &salt, &key_id, version, meta.algorithm, &sealed)
+                let der = open_material(barrier, &salt, &key_id, version, meta.algorithm, &sealed)
                     .ok_or_else(tampered)?;
                 secret_from_material(meta.algorithm, &der).ok_or_else(tampered)?
             }
-            None => derive_secret(root, &salt, &key_id, version, meta.algorithm)?,
+            None => derive_secret(barrier, &salt, &key_id, version, meta.algorithm)?,
         };
         // Two first uses at once derive twice; one result is kept, the other dropped.
         Ok(Some(self.ready.get_or_init(|| made)))
@@ -262,7 +263,7 @@ impl VersionMaterial {
 
 /// HKDF output of `N` bytes for a software version.
 fn derive<const N: usize>(
-    root: &[u8; 32],
+    barrier: &Barrier,
     salt: &[u8],
     key_id: &[u8],
     version: u32,
@@ -271,7 +272,7 @@ fn derive<const N: usize>(
 ) -> Result<Zeroizing<[u8; N]>, KeyringError> {
     derive_labelled(
         b"kms/v1/key-material",
-        root,
+        barrier,
         salt,
         key_id,
         version,
@@ -284,7 +285,7 @@ fn derive<const N: usize>(
 /// name [| counter]`.
 fn derive_labelled<const N: usize>(
     label: &[u8],
-    root: &[u8; 32],
+    barrier: &Barrier,
     salt: &[u8],
     key_id: &[u8],
     version: u32,
@@ -299,22 +300,20 @@ fn derive_labelled<const N: usize>(
     if counter > 0 {
         info.push(counter);
     }
-    let mut okm = Zeroizing::new([0u8; N]);
-    Hkdf::<Sha256>::new(Some(salt), root)
-        .expand(&info, okm.as_mut_slice())
-        .map_err(|_| KeyringError::Internal("hkdf"))?;
-    Ok(okm)
+    barrier
+        .derive_key::<N>(Some(salt), &[&info])
+        .map_err(|_| KeyringError::Internal("hkdf"))
 }
 
 /// Derives a software version's secret.
 pub(crate) fn derive_secret(
-    root: &[u8; 32],
+    barrier: &Barrier,
     salt: &[u8],
     key_id: &[u8],
     version: u32,
     algorithm: Algorithm,
 ) -> Result<Secret, KeyringError> {
-    let d = |c| derive::<32>(root, salt, key_id, version, algorithm, c);
+    let d = |c| derive::<32>(barrier, salt, key_id, version, algorithm, c);
     Ok(match algorithm {
         Algorithm::Aes256Gcm => {
             let k = d(0)?;
@@ -343,7 +342,7 @@ pub(crate) fn derive_secret(
             // As for P-256, with a 48-byte string for the 384-bit scalar.
             let mut counter = 0u8;
             loop {
-                let okm = derive::<48>(root, salt, key_id, version, algorithm, counter)?;
+                let okm = derive::<48>(barrier, salt, key_id, version, algorithm, counter)?;
                 if let Ok(k) = p384::ecdsa::SigningKey::from_slice(okm.as_slice()) {
                     break Secret::P384(Box::new(k));
                 }
@@ -363,26 +362,34 @@ const STORED_MATERIAL: &[u8] = b"kms/v1/stored-material";
 /// The AES-256-GCM key for a version's stored material, derived like its secret would be
 /// but under another label: destroying the version's salt destroys this key too.
 fn material_cipher(
-    root: &[u8; 32],
+    barrier: &Barrier,
     salt: &[u8],
     key_id: &[u8],
     version: u32,
     algorithm: Algorithm,
 ) -> Result<Aes256Gcm, KeyringError> {
-    let k = derive_labelled::<32>(STORED_MATERIAL, root, salt, key_id, version, algorithm, 0)?;
+    let k = derive_labelled::<32>(
+        STORED_MATERIAL,
+        barrier,
+        salt,
+        key_id,
+        version,
+        algorithm,
+        0,
+    )?;
     Aes256Gcm::new_from_slice(k.as_slice()).map_err(|_| KeyringError::Internal("aes key"))
 }
 
 /// Encrypts a version's private key (PKCS#8 DER) for its record: `nonce | ciphertext | tag`.
 pub(crate) fn seal_material(
-    root: &[u8; 32],
+    barrier: &Barrier,
     salt: &[u8],
     key_id: &[u8],
     version: u32,
     algorithm: Algorithm,
     der: &[u8],
 ) -> Result<Vec<u8>, KeyringError> {
-    let cipher = material_cipher(root, salt, key_id, version, algorithm)?;
+    let cipher = material_cipher(barrier, salt, key_id, version, algorithm)?;
     let mut nonce = [0u8; NONCE_LEN];
     getrandom::fill(&mut nonce).map_err(|_| KeyringError::Randomness)?;
     let ct = cipher
@@ -399,14 +406,14 @@ pub(crate) fn seal_material(
 
 /// What [`seal_material`] sealed for this version, or `None` if it was not that.
 fn open_material(
-    root: &[u8; 32],
+    barrier: &Barrier,
     salt: &[u8],
     key_id: &[u8],
     version: u32,
     algorithm: Algorithm,
     sealed: &[u8],
 ) -> Option<Zeroizing<Vec<u8>>> {
-    let cipher = material_cipher(root, salt, key_id, version, algorithm).ok()?;
+    let cipher = material_cipher(barrier, salt, key_id, version, algorithm).ok()?;
     let (nonce, ct) = sealed.split_at_checked(NONCE_LEN)?;
     let nonce: [u8; NONCE_LEN] = nonce.try_into().ok()?;
     cipher
@@ -508,12 +515,10 @@ pub(crate) fn public_from_pem(algorithm: Algorithm, pem: &str) -> Option<Public>
 }
 
 /// Derives the key that authenticates key metadata.
-pub(crate) fn metadata_mac_key(root: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, KeyringError> {
-    let mut okm = Zeroizing::new([0u8; 32]);
-    Hkdf::<Sha256>::new(None, root)
-        .expand(b"kms/v1/metadata-mac", okm.as_mut_slice())
-        .map_err(|_| KeyringError::Internal("hkdf"))?;
-    Ok(okm)
+pub(crate) fn metadata_mac_key(barrier: &Barrier) -> Result<Zeroizing<[u8; 32]>, KeyringError> {
+    barrier
+        .derive_key::<32>(None, &[b"kms/v1/metadata-mac"])
+        .map_err(|_| KeyringError::Internal("hkdf"))
 }
 
 impl Secret {
@@ -743,14 +748,24 @@ impl Secret {
 mod tests {
     use super::*;
 
+    /// A barrier over a root key of 32 bytes `b`.
+    fn barrier(b: u8) -> Barrier {
+        Barrier::new(Zeroizing::new([b; 32]))
+    }
+
     #[test]
     fn derivation_is_deterministic_and_separated() {
-        let root = [1u8; 32];
+        let root = barrier(1);
         let a = derive::<32>(&root, &[2; 32], &[3; 16], 1, Algorithm::Aes256Gcm, 0).unwrap();
         let b = derive::<32>(&root, &[2; 32], &[3; 16], 1, Algorithm::Aes256Gcm, 0).unwrap();
         assert_eq!(*a, *b);
+        // The vector of before the barrier (computed independently: see `barrier`'s tests).
+        assert_eq!(
+            data_encoding::HEXLOWER.encode(a.as_slice()),
+            "cb5ca4b507d95bf9a020305d1680e3b55b362603e8d66cb3e98b3f84c50cf19c"
+        );
         for other in [
-            derive::<32>(&[9; 32], &[2; 32], &[3; 16], 1, Algorithm::Aes256Gcm, 0).unwrap(),
+            derive::<32>(&barrier(9), &[2; 32], &[3; 16], 1, Algorithm::Aes256Gcm, 0).unwrap(),
             derive::<32>(&root, &[9; 32], &[3; 16], 1, Algorithm::Aes256Gcm, 0).unwrap(),
             derive::<32>(&root, &[2; 32], &[9; 16], 1, Algorithm::Aes256Gcm, 0).unwrap(),
             derive::<32>(&root, &[2; 32], &[3; 16], 2, Algorithm::Aes256Gcm, 0).unwrap(),
@@ -803,8 +818,14 @@ mod tests {
     /// own, low-S; and a signature over another message does not.
     #[test]
     fn ecdsa_p256_sign_verify() {
-        let secret =
-            derive_secret(&[5; 32], &[6; 32], &[7; 16], 1, Algorithm::EcdsaP256Sha256).unwrap();
+        let secret = derive_secret(
+            &barrier(5),
+            &[6; 32],
+            &[7; 16],
+            1,
+            Algorithm::EcdsaP256Sha256,
+        )
+        .unwrap();
         let public = secret.public().unwrap();
         let der = secret
             .sign(None, SignInput::Message(b"hello"), SignatureEncoding::Der)
@@ -829,8 +850,14 @@ mod tests {
     /// SHA-256 digest is refused), and a public key that round-trips through its bytes.
     #[test]
     fn ecdsa_p384_sign_verify() {
-        let secret =
-            derive_secret(&[5; 32], &[6; 32], &[7; 16], 1, Algorithm::EcdsaP384Sha384).unwrap();
+        let secret = derive_secret(
+            &barrier(5),
+            &[6; 32],
+            &[7; 16],
+            1,
+            Algorithm::EcdsaP384Sha384,
+        )
+        .unwrap();
         let public = secret.public().unwrap();
         let der = secret
             .sign(None, SignInput::Message(b"hello"), SignatureEncoding::Der)
@@ -855,8 +882,14 @@ mod tests {
         let back = Public::from_bytes(Algorithm::EcdsaP384Sha384, &public.to_bytes()).unwrap();
         assert!(back.verify(SignInput::Message(b"hello"), &raw).unwrap());
         // Not the P-256 key of the same derivation inputs.
-        let p256 =
-            derive_secret(&[5; 32], &[6; 32], &[7; 16], 1, Algorithm::EcdsaP256Sha256).unwrap();
+        let p256 = derive_secret(
+            &barrier(5),
+            &[6; 32],
+            &[7; 16],
+            1,
+            Algorithm::EcdsaP256Sha256,
+        )
+        .unwrap();
         assert_ne!(p256.public().unwrap().to_bytes(), public.to_bytes());
     }
 
@@ -867,14 +900,14 @@ mod tests {
     #[test]
     fn rsa_software_keys() {
         use rsa::traits::PublicKeyParts;
-        let (root, salt, id) = ([5u8; 32], [6u8; 32], [7u8; 16]);
+        let (root, salt, id) = (barrier(5), [6u8; 32], [7u8; 16]);
         let alg = Algorithm::RsaSignPss2048Sha256;
         let (der, public) = generate_rsa(alg).unwrap();
         let sealed = seal_material(&root, &salt, &id, 1, alg, &der).unwrap();
         assert!(!sealed.windows(16).any(|w| der.windows(16).any(|d| d == w)));
         assert!(open_material(&root, &salt, &id, 2, alg, &sealed).is_none());
         assert!(open_material(&root, &[9; 32], &id, 1, alg, &sealed).is_none());
-        assert!(open_material(&[9; 32], &salt, &id, 1, alg, &sealed).is_none());
+        assert!(open_material(&barrier(9), &salt, &id, 1, alg, &sealed).is_none());
         let opened = open_material(&root, &salt, &id, 1, alg, &sealed).unwrap();
         assert_eq!(*opened, *der);
         let pss = secret_from_material(alg, &opened).unwrap();

@@ -131,7 +131,7 @@ struct AdminGuard<'a> {
 
 /// The keyring. No `Debug`: it holds key material.
 pub struct Keyring {
-    root: Zeroizing<[u8; 32]>,
+    barrier: Arc<crate::barrier::Barrier>,
     mac_key: Zeroizing<[u8; 32]>,
     hsm: Arc<Hsm>,
     store: Arc<dyn Store>,

@@ -20,8 +20,8 @@
 //! check value then covers the PIN too, so an altered share is a wrong quorum, not a
 //! rejected PIN.
 //!
-//! The root key lives in memory only while unsealed, in a zeroizing buffer; sealing (or
-//! dropping the manager) forgets it.
+//! The root key lives in memory only while unsealed, in the [`crate::barrier::Barrier`]
+//! the engines share (a zeroizing buffer); sealing (or dropping the manager) forgets it.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -272,11 +272,13 @@ pub enum SealError {
     Randomness,
 }
 
-/// The keyring root key. Zeroized on drop; no `Debug`, no `Clone`.
+/// The keyring root key while a ceremony holds it (unwrapped, wrapped again, or handed to
+/// the [`crate::barrier::Barrier`] at unseal). Zeroized on drop; no `Debug`, no `Clone`.
 struct RootKey(Zeroizing<[u8; KEY_LEN]>);
 
-/// What the server holds while unsealed: the keyring (which holds the root key and
-/// every derived key). Dropping the last reference zeroizes every key byte.
+/// What the server holds while unsealed: the keyring (which holds the barrier, the root
+/// key's one holder, and every derived key). Dropping the last reference zeroizes every
+/// key byte.
 struct Unsealed {
     keyring: Arc<Keyring>,
 }

@@ -102,8 +102,10 @@ impl SealManager {
                         .set(Some(find_audit_key(&self.hsm, record)?));
                 }
                 self.settle_record(inner, true)?;
+                // From here the barrier is the root key's only holder.
+                let barrier = Arc::new(crate::barrier::Barrier::new(root.0));
                 Ok(Keyring::load(
-                    &root.0,
+                    barrier,
                     Arc::clone(&self.hsm),
                     Arc::clone(&self.store),
                     Arc::new(self.audit.clone()),
