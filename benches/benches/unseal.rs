@@ -11,7 +11,7 @@
 )]
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use kms::store::{RedbStore, Store, Table};
+use kms::store::{RedbStore, Store};
 use kms_unseal::{Share, combine, split};
 
 fn shamir(c: &mut Criterion) {
@@ -42,7 +42,9 @@ fn store(c: &mut Criterion) {
     c.bench_function("store put 512 B, durable commit", |b| {
         b.iter(|| {
             i += 1;
-            store.put(Table::System, &format!("k{i}"), &value).unwrap()
+            store
+                .put(kms::store::SYSTEM, &format!("k{i}"), &value)
+                .unwrap()
         })
     });
 }

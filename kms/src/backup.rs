@@ -156,7 +156,7 @@ pub fn create(
     let mut entries = 0u64;
     let mut failed: Option<BackupError> = None;
     store
-        .snapshot(&mut |table, key, value| {
+        .snapshot(crate::engines::tables(), &mut |table, key, value| {
             let entry = Entry {
                 table: table.name().to_owned(),
                 key: key.to_owned(),
@@ -272,7 +272,7 @@ pub fn check(path: &Path, trusted: Option<&str>) -> Result<Checked, BackupError>
             header = Some(h);
         } else {
             let (table, key, value) = parse_entry(line)?;
-            if table == Table::System && key == SEAL_RECORD_KEY {
+            if table == crate::store::SYSTEM && key == SEAL_RECORD_KEY {
                 audit_key = Some(audit_public_key(&value)?);
             }
             entries += 1;
@@ -323,10 +323,11 @@ pub fn check(path: &Path, trusted: Option<&str>) -> Result<Checked, BackupError>
 
 fn parse_entry(line: &[u8]) -> Result<(Table, String, Vec<u8>), BackupError> {
     let e: Entry = serde_json::from_slice(line).map_err(|_| damaged("a malformed entry"))?;
-    let table: Table = e
-        .table
-        .parse()
-        .map_err(|()| damaged(format!("an entry of an unknown table {:?}", e.table)))?;
+    let table = crate::engines::tables()
+        .iter()
+        .copied()
+        .find(|t| t.name() == e.table)
+        .ok_or_else(|| damaged(format!("an entry of an unknown table {:?}", e.table)))?;
     let value = data_encoding::BASE64
         .decode(e.value.as_bytes())
         .map_err(|_| damaged("an entry's value is not base64"))?;
@@ -349,12 +350,12 @@ fn audit_public_key(seal_record: &[u8]) -> Result<Vec<u8>, BackupError> {
 /// [`RESTORED_MARKER`], and the marker's removal. Returns what it restored.
 pub fn restore(path: &Path, store: Arc<dyn Store>, trusted: &str) -> Result<Checked, BackupError> {
     let checked = check(path, Some(trusted))?;
-    for table in Table::ALL {
+    for &table in crate::engines::tables() {
         if store.last(table)?.is_some() {
             return Err(BackupError::NotEmpty(table.name()));
         }
     }
-    if !store.insert_new(Table::System, RESTORE_MARKER, b"1")? {
+    if !store.insert_new(crate::store::SYSTEM, RESTORE_MARKER, b"1")? {
         return Err(BackupError::NotEmpty("system"));
     }
     let mut batch = Vec::with_capacity(RESTORE_BATCH);
@@ -411,12 +412,12 @@ fn record_restore(store: Arc<dyn Store>, checked: &Checked) -> Result<(), Backup
     let written = log.append_removing(
         event,
         vec![Write {
-            table: Table::System,
+            table: crate::store::SYSTEM,
             key: RESTORED_MARKER.to_owned(),
             value: serde_json::to_vec(&marker).map_err(|_| damaged("cannot encode"))?,
         }],
         vec![Removal {
-            table: Table::System,
+            table: crate::store::SYSTEM,
             from: RESTORE_MARKER.to_owned(),
             to: RESTORE_MARKER.to_owned(),
         }],

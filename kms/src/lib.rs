@@ -9,7 +9,8 @@
 //! - [`barrier`]: the root key while unsealed: subkeys and sealed records for the engines.
 //! - [`store`]: the durable store (redb) behind a narrow trait.
 //! - [`seal`]: init / unseal / seal, and the root key.
-//! - [`keyring`]: named, versioned keys and the crypto operations.
+//! - [`keyring`]: named, versioned keys and the crypto operations (the first engine).
+//! - [`engines`]: the list of engines, and every table of the store.
 //! - `service` (private): a call's life whatever its front: caller, operation, access
 //!   decision, audit record, transport-neutral errors.
 //! - `grpc` (private): the gRPC front; the only place errors become `tonic::Status`.
@@ -26,7 +27,8 @@
 //!   [`policy`], [`wire`], [`keyring`] (`wrap`, `Wrapping`, the model), [`audit`] (report,
 //!   verify, history), [`backup`] (check, restore), [`code_name`], [`error_chain`].
 //! - the benches: [`audit`], [`barrier`], [`hsm`], [`keyring`], [`store`].
-//! - the end-to-end tests: [`store`] (the backends' contract), [`keyring`] (`wrap`).
+//! - the end-to-end tests: [`store`] (the backends' contract), [`engines`] (the tables),
+//!   [`keyring`] (`wrap`).
 //! - the fuzz targets: [`keyring`] (`ciphertext`).
 //!
 //! Private: `access`, `grpc`, `metrics`, and the leaves `node` (the server's name among
@@ -43,6 +45,7 @@ pub mod audit;
 pub mod backup;
 pub mod barrier;
 pub mod config;
+pub mod engines;
 mod grpc;
 pub mod hsm;
 pub mod keyring;

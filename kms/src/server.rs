@@ -170,9 +170,9 @@ pub fn open(config: &Config) -> Result<Opened, StartError> {
     }
     let hsm = Arc::new(Hsm::open(&config.hsm)?);
     tracing::info!(token = hsm.token_label(), "HSM token opened and logged in");
-    let store = config.storage.open()?;
+    let store = config.storage.open(crate::engines::tables())?;
     if store
-        .get(crate::store::Table::System, crate::backup::RESTORE_MARKER)?
+        .get(crate::store::SYSTEM, crate::backup::RESTORE_MARKER)?
         .is_some()
     {
         return Err(StartError::RestoreInterrupted);
@@ -884,7 +884,7 @@ mod tests {
     use super::{
         FOLLOW_RETRY_FIRST, FOLLOW_RETRY_MAX, FollowSchedule, RESYNC_SPACING, SpaceAlarm, SpaceNote,
     };
-    use crate::store::{Change, Table};
+    use crate::store::Change;
     use std::collections::BTreeSet;
     use std::time::{Duration, Instant};
 
@@ -893,7 +893,7 @@ mod tests {
     #[test]
     fn unapplied_changes_are_retried_with_backoff_and_resyncs_are_spaced() {
         let t0 = Instant::now();
-        let key: BTreeSet<Change> = [Change::Entry(Table::Keys, "a".into())].into();
+        let key: BTreeSet<Change> = [Change::Entry(crate::keyring::KEYS, "a".into())].into();
         let resync: BTreeSet<Change> = [Change::Resync].into();
         let mut s = FollowSchedule::new(t0);
         assert_eq!(s.at(&key), t0);

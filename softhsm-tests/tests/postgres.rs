@@ -48,59 +48,59 @@ fn keys_of(store: &dyn Store, table: Table) -> Vec<String> {
 /// What every backend promises (`kms::store::Store`), run against redb and PostgreSQL.
 fn contract(store: &dyn Store) {
     // Empty tables read as empty.
-    assert_eq!(store.get(Table::System, "a").unwrap(), None);
-    assert_eq!(store.last(Table::Audit).unwrap(), None);
-    assert!(store.scan(Table::Keys).unwrap().is_empty());
+    assert_eq!(store.get(kms::store::SYSTEM, "a").unwrap(), None);
+    assert_eq!(store.last(kms::audit::AUDIT).unwrap(), None);
+    assert!(store.scan(kms::keyring::KEYS).unwrap().is_empty());
     // insert_new writes once; put overwrites.
-    assert!(store.insert_new(Table::System, "a", b"1").unwrap());
-    assert!(!store.insert_new(Table::System, "a", b"2").unwrap());
+    assert!(store.insert_new(kms::store::SYSTEM, "a", b"1").unwrap());
+    assert!(!store.insert_new(kms::store::SYSTEM, "a", b"2").unwrap());
     assert_eq!(
-        store.get(Table::System, "a").unwrap().as_deref(),
+        store.get(kms::store::SYSTEM, "a").unwrap().as_deref(),
         Some(&b"1"[..])
     );
-    store.put(Table::System, "a", b"3").unwrap();
+    store.put(kms::store::SYSTEM, "a", b"3").unwrap();
     assert_eq!(
-        store.get(Table::System, "a").unwrap().as_deref(),
+        store.get(kms::store::SYSTEM, "a").unwrap().as_deref(),
         Some(&b"3"[..])
     );
     // Keys order by their bytes, as in redb ("B" < "a" < "b", "a/10" < "a/9").
     store
         .write_all(&[
-            w(Table::Keys, "b", b"2"),
-            w(Table::Keys, "a/9", b"9"),
-            w(Table::Keys, "B", b"0"),
-            w(Table::Keys, "a/10", b"10"),
+            w(kms::keyring::KEYS, "b", b"2"),
+            w(kms::keyring::KEYS, "a/9", b"9"),
+            w(kms::keyring::KEYS, "B", b"0"),
+            w(kms::keyring::KEYS, "a/10", b"10"),
             // The same key twice in one transaction: the last write wins.
-            w(Table::Keys, "b", b"22"),
-            w(Table::Audit, "00000000000000000001", &[0, 255, 1]),
+            w(kms::keyring::KEYS, "b", b"22"),
+            w(kms::audit::AUDIT, "00000000000000000001", &[0, 255, 1]),
         ])
         .unwrap();
-    let keys = keys_of(store, Table::Keys);
+    let keys = keys_of(store, kms::keyring::KEYS);
     assert_eq!(keys, ["B", "a/10", "a/9", "b"]);
     assert_eq!(
-        store.get(Table::Keys, "b").unwrap().as_deref(),
+        store.get(kms::keyring::KEYS, "b").unwrap().as_deref(),
         Some(&b"22"[..])
     );
     assert_eq!(
-        store.range(Table::Keys, "a", 2).unwrap(),
+        store.range(kms::keyring::KEYS, "a", 2).unwrap(),
         vec![
             ("a/10".to_owned(), b"10".to_vec()),
             ("a/9".to_owned(), b"9".to_vec())
         ]
     );
     assert_eq!(
-        store.last(Table::Keys).unwrap(),
+        store.last(kms::keyring::KEYS).unwrap(),
         Some(("b".to_owned(), b"22".to_vec()))
     );
     // How a pager asks for what follows a key: `last + "\0"` (a key has no NUL).
     assert_eq!(
-        store.range(Table::Keys, "a/10\0", 1).unwrap(),
+        store.range(kms::keyring::KEYS, "a/10\0", 1).unwrap(),
         vec![("a/9".to_owned(), b"9".to_vec())]
     );
     // Binary values come back byte for byte.
     assert_eq!(
         store
-            .get(Table::Audit, "00000000000000000001")
+            .get(kms::audit::AUDIT, "00000000000000000001")
             .unwrap()
             .as_deref(),
         Some(&[0u8, 255, 1][..])
@@ -108,32 +108,39 @@ fn contract(store: &dyn Store) {
     // Removals commit with the writes, ranges inclusive.
     store
         .write_all_removing(
-            &[w(Table::Grants, "g", b"x")],
+            &[w(kms::keyring::GRANTS, "g", b"x")],
             &[Removal {
-                table: Table::Keys,
+                table: kms::keyring::KEYS,
                 from: "a/10".into(),
                 to: "a/9".into(),
             }],
         )
         .unwrap();
-    let keys = keys_of(store, Table::Keys);
+    let keys = keys_of(store, kms::keyring::KEYS);
     assert_eq!(keys, ["B", "b"]);
     assert_eq!(
-        store.get(Table::Grants, "g").unwrap().as_deref(),
+        store.get(kms::keyring::GRANTS, "g").unwrap().as_deref(),
         Some(&b"x"[..])
     );
     // Reservations: consecutive ranges, never past the maximum, then empty; the count is
     // stored as 8 bytes big-endian; an unreadable count is exhausted.
     for want in [(0, 10), (10, 20), (20, 25), (25, 25)] {
-        assert_eq!(store.reserve(Table::Counters, "r/1", 10, 25).unwrap(), want);
+        assert_eq!(
+            store
+                .reserve(kms::keyring::COUNTERS, "r/1", 10, 25)
+                .unwrap(),
+            want
+        );
     }
     assert_eq!(
-        store.get(Table::Counters, "r/1").unwrap().as_deref(),
+        store.get(kms::keyring::COUNTERS, "r/1").unwrap().as_deref(),
         Some(&25u64.to_be_bytes()[..])
     );
-    store.put(Table::Counters, "r/2", b"junk").unwrap();
+    store.put(kms::keyring::COUNTERS, "r/2", b"junk").unwrap();
     assert_eq!(
-        store.reserve(Table::Counters, "r/2", 10, 25).unwrap(),
+        store
+            .reserve(kms::keyring::COUNTERS, "r/2", 10, 25)
+            .unwrap(),
         (u64::MAX, u64::MAX)
     );
 }
@@ -147,10 +154,10 @@ fn the_store_contract_holds_on_redb() {
 #[test]
 fn the_store_contract_holds_on_postgres() {
     let pg = TestPostgres::start();
-    let store = PgStore::connect(&settings(&pg)).unwrap();
+    let store = PgStore::connect(&settings(&pg), kms::engines::tables()).unwrap();
     contract(&store);
     // The schema records its version; a second connect (a second server) migrates nothing.
-    let again = PgStore::connect(&settings(&pg)).unwrap();
+    let again = PgStore::connect(&settings(&pg), kms::engines::tables()).unwrap();
     // Two servers reserving one counter at once get disjoint ranges, never past the maximum.
     let mut ranges = Vec::new();
     std::thread::scope(|s| {
@@ -159,7 +166,7 @@ fn the_store_contract_holds_on_postgres() {
             .map(|st| {
                 s.spawn(move || {
                     (0..25)
-                        .map(|_| st.reserve(Table::Counters, "k/1", 10, 900).unwrap())
+                        .map(|_| st.reserve(kms::keyring::COUNTERS, "k/1", 10, 900).unwrap())
                         .collect::<Vec<_>>()
                 })
             })
@@ -173,12 +180,14 @@ fn the_store_contract_holds_on_postgres() {
     assert_eq!(granted, 900);
     assert!(ranges.windows(2).all(|w| w[0].1 <= w[1].0), "{ranges:?}");
     assert_eq!(
-        store.reserve(Table::Counters, "k/1", 10, 900).unwrap(),
+        store
+            .reserve(kms::keyring::COUNTERS, "k/1", 10, 900)
+            .unwrap(),
         (900, 900)
     );
     drop(store);
     assert_eq!(
-        again.get(Table::System, "a").unwrap().as_deref(),
+        again.get(kms::store::SYSTEM, "a").unwrap().as_deref(),
         Some(&b"3"[..])
     );
     assert_eq!(
@@ -186,12 +195,29 @@ fn the_store_contract_holds_on_postgres() {
             .trim(),
         "1\n2"
     );
+    // A new engine's table appears at open, under the migration lock, without a migration
+    // of its own: the schema's version stays, the tables of before keep their rows.
+    const EXTRA: Table = Table::new("test_engine", kms::store::Follow::Never);
+    let tables: &'static [Table] = Vec::leak([kms::engines::tables(), &[EXTRA]].concat());
+    let third = PgStore::connect(&settings(&pg), tables).unwrap();
+    third.put(EXTRA, "a", b"1").unwrap();
+    assert_eq!(third.get(EXTRA, "a").unwrap().as_deref(), Some(&b"1"[..]));
+    assert_eq!(
+        third.get(kms::store::SYSTEM, "a").unwrap().as_deref(),
+        Some(&b"3"[..])
+    );
+    assert_eq!(
+        pg.sql_in("kms", "SELECT version FROM kms_schema ORDER BY version")
+            .trim(),
+        "1\n2"
+    );
+    drop(third);
     // A database migrated by a newer kms is refused, not written to.
     pg.sql_in(
         "kms",
         "INSERT INTO kms_schema (version, applied_by) VALUES (99, 'kms 9')",
     );
-    let err = PgStore::connect(&settings(&pg)).unwrap_err();
+    let err = PgStore::connect(&settings(&pg), kms::engines::tables()).unwrap_err();
     assert!(
         matches!(
             err,
@@ -209,7 +235,12 @@ fn the_store_contract_holds_on_postgres() {
 fn credentials_and_urls_are_checked() {
     let pg = TestPostgres::start();
     let dir = tempfile::tempdir().unwrap();
-    let connect = |s: &PgSettings| PgStore::connect(s).map(|_| ()).unwrap_err().to_string();
+    let connect = |s: &PgSettings| {
+        PgStore::connect(s, kms::engines::tables())
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
     // A password in the URL is refused before any connection.
     let mut s = settings(&pg);
     s.url = format!(
@@ -236,7 +267,9 @@ fn credentials_and_urls_are_checked() {
     std::fs::write(&wrong, "not-the-password-0123").unwrap();
     std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).unwrap();
     s.password = Some(SecretSource::File(wrong));
-    let err = PgStore::connect(&s).map(|_| ()).unwrap_err();
+    let err = PgStore::connect(&s, kms::engines::tables())
+        .map(|_| ())
+        .unwrap_err();
     let chain = format!("{err}: {:?}", std::error::Error::source(&err));
     assert!(chain.contains("password authentication failed"), "{chain}");
     assert!(!chain.contains("not-the-password") && !chain.contains(&pg.password));
@@ -401,10 +434,13 @@ fn tls_to_the_database_is_verified() {
         ..settings(&pg)
     };
     // TLS, the database's certificate checked against the configured CA: works.
-    let store = PgStore::connect(&tls(&pki.ca)).unwrap();
-    store.put(Table::System, "over-tls", b"1").unwrap();
+    let store = PgStore::connect(&tls(&pki.ca), kms::engines::tables()).unwrap();
+    store.put(kms::store::SYSTEM, "over-tls", b"1").unwrap();
     assert_eq!(
-        store.get(Table::System, "over-tls").unwrap().as_deref(),
+        store
+            .get(kms::store::SYSTEM, "over-tls")
+            .unwrap()
+            .as_deref(),
         Some(&b"1"[..])
     );
     // A certificate from another CA is refused, and so is plaintext (the server wants TLS).
@@ -417,12 +453,20 @@ fn tls_to_the_database_is_verified() {
         }
         text
     };
-    let err = chain(PgStore::connect(&tls(&other.ca)).map(|_| ()).unwrap_err());
+    let err = chain(
+        PgStore::connect(&tls(&other.ca), kms::engines::tables())
+            .map(|_| ())
+            .unwrap_err(),
+    );
     assert!(
         err.contains("certificate") || err.contains("UnknownIssuer"),
         "{err}"
     );
-    let err = chain(PgStore::connect(&settings(&pg)).map(|_| ()).unwrap_err());
+    let err = chain(
+        PgStore::connect(&settings(&pg), kms::engines::tables())
+            .map(|_| ())
+            .unwrap_err(),
+    );
     assert!(
         err.contains("no encryption") || err.contains("pg_hba.conf"),
         "{err}"

@@ -87,7 +87,7 @@ where
             let target = config.storage.describe();
             let store = config
                 .storage
-                .open()
+                .open(kms::engines::tables())
                 .map_err(|e| format!("cannot open {target}: {}", kms::error_chain(&e)))?;
             let done =
                 tokio::task::spawn_blocking(move || kms::backup::restore(&input, store, &trusted))

@@ -27,7 +27,7 @@ use super::{
     ArchivedRange, AuditEvent, AuditLog, Checkpoint, Head, SYSTEM_PRINCIPAL, fingerprint, now_ms,
     record_key,
 };
-use crate::store::{Removal, StoreError, Table, Write};
+use crate::store::{Removal, StoreError, Write};
 
 /// Where the store notes the end of the archived prefix (a [`Head`] as JSON).
 const ARCHIVED_KEY: &str = "audit_archived";
@@ -90,7 +90,7 @@ impl AuditLog {
     pub(crate) fn archived(&self) -> Result<Head, StoreError> {
         Ok(self
             .store
-            .get(Table::System, ARCHIVED_KEY)?
+            .get(crate::store::SYSTEM, ARCHIVED_KEY)?
             .and_then(|b| serde_json::from_slice::<ArchivedHead>(&b).ok())
             .map_or_else(Head::genesis, |a| Head {
                 seq: a.seq,
@@ -167,7 +167,7 @@ impl AuditLog {
     fn first_stored(&self) -> Result<Option<u64>, StoreError> {
         Ok(self
             .store
-            .range(Table::Audit, "", 1)?
+            .range(crate::audit::AUDIT, "", 1)?
             .first()
             .and_then(|(k, _)| k.parse().ok()))
     }
@@ -209,18 +209,18 @@ impl AuditLog {
         self.append_removing(
             event,
             vec![Write {
-                table: Table::System,
+                table: crate::store::SYSTEM,
                 key: ARCHIVED_KEY.to_owned(),
                 value: note,
             }],
             vec![
                 Removal {
-                    table: Table::Audit,
+                    table: crate::audit::AUDIT,
                     from: record_key(first),
                     to: record_key(last),
                 },
                 Removal {
-                    table: Table::AuditCheckpoints,
+                    table: crate::audit::AUDIT_CHECKPOINTS,
                     from: String::new(),
                     to: record_key(last),
                 },

@@ -44,7 +44,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::hsm::{Hsm, HsmError, HsmKeyKind, KeyHandle};
-use crate::store::{Removal, Store, StoreError, Table, Write};
+use crate::store::{Follow, Removal, Store, StoreError, Table, Write};
+
+/// The audit log, by zero-padded sequence number.
+pub const AUDIT: Table = Table::new("audit", Follow::Never);
+/// Signed audit checkpoints, by the zero-padded sequence number they cover.
+pub const AUDIT_CHECKPOINTS: Table = Table::new("audit_checkpoints", Follow::Never);
+/// The audit log's tables, in the order a backup writes them.
+pub const TABLES: &[Table] = &[AUDIT, AUDIT_CHECKPOINTS];
 
 /// The most records one commit takes.
 pub(crate) const MAX_GROUP: usize = 1024;
@@ -387,7 +394,7 @@ impl Head {
 /// Reads the last stored record.
 fn last_record(store: &dyn Store) -> Result<Option<AuditRecord>, AuditError> {
     match store
-        .last(Table::Audit)
+        .last(crate::audit::AUDIT)
         .map_err(|e| AuditError::Unavailable(Some(e)))?
     {
         None => Ok(None),
@@ -411,7 +418,7 @@ fn tail_connects(
     let mut prev: Option<String> = None;
     while expected <= head_seq {
         let page = store
-            .range(Table::Audit, &record_key(expected), 512)
+            .range(crate::audit::AUDIT, &record_key(expected), 512)
             .map_err(|e| AuditError::Unavailable(Some(e)))?;
         if page.is_empty() {
             return Ok(Err(expected));
@@ -461,7 +468,7 @@ impl AuditLog {
             hash: r.hash,
         });
         let last_checkpoint = store
-            .last(Table::AuditCheckpoints)
+            .last(crate::audit::AUDIT_CHECKPOINTS)
             .map_err(|e| AuditError::Unavailable(Some(e)))?
             .and_then(|(_, bytes)| serde_json::from_slice::<Checkpoint>(&bytes).ok());
         if let Some(cp) = &last_checkpoint
@@ -546,7 +553,7 @@ impl AuditLog {
         while next <= upto {
             let page = self
                 .store
-                .range(Table::Audit, &record_key(next), READ_PAGE)?;
+                .range(crate::audit::AUDIT, &record_key(next), READ_PAGE)?;
             if page.is_empty() {
                 break;
             }
@@ -571,7 +578,7 @@ impl AuditLog {
     pub(crate) fn all_records(&self) -> Result<Vec<Vec<u8>>, StoreError> {
         Ok(self
             .store
-            .scan(Table::Audit)?
+            .scan(crate::audit::AUDIT)?
             .into_iter()
             .map(|(_, v)| codec::line_of(&v))
             .collect())
@@ -581,7 +588,7 @@ impl AuditLog {
     pub fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
         Ok(self
             .store
-            .scan(Table::AuditCheckpoints)?
+            .scan(crate::audit::AUDIT_CHECKPOINTS)?
             .into_iter()
             .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
             .collect())
@@ -689,7 +696,7 @@ pub(crate) mod tests {
 
     pub(crate) fn records(store: &RedbStore) -> Vec<Vec<u8>> {
         store
-            .scan(Table::Audit)
+            .scan(crate::audit::AUDIT)
             .unwrap()
             .into_iter()
             .map(|(_, v)| codec::line_of(&v))
@@ -768,12 +775,14 @@ pub(crate) mod tests {
             r.hash = r.compute_hash().unwrap();
             prev.clone_from(&r.hash);
             let json = serde_json::to_vec(&r).unwrap();
-            store.put(Table::Audit, &record_key(seq), &json).unwrap();
+            store
+                .put(crate::audit::AUDIT, &record_key(seq), &json)
+                .unwrap();
         }
         let log = unsigned_log(store.clone());
         assert_eq!(log.append(event(4)).unwrap(), 4);
         assert_eq!(log.append(event(5)).unwrap(), 5);
-        let stored = store.scan(Table::Audit).unwrap();
+        let stored = store.scan(crate::audit::AUDIT).unwrap();
         assert!(stored[..3].iter().all(|(_, v)| v[0] == b'{'));
         assert!(stored[3..].iter().all(|(_, v)| v[0] == 2));
         let report = verify::verify_records(&records(&store), &[], None).unwrap();
@@ -790,7 +799,7 @@ pub(crate) mod tests {
             .append_with(
                 event(1),
                 vec![Write {
-                    table: Table::Keys,
+                    table: crate::keyring::KEYS,
                     key: "k".into(),
                     value: b"v".to_vec(),
                 }],
@@ -798,7 +807,7 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(seq, 1);
         assert_eq!(
-            store.get(Table::Keys, "k").unwrap().as_deref(),
+            store.get(crate::keyring::KEYS, "k").unwrap().as_deref(),
             Some(&b"v"[..])
         );
         assert_eq!(records(&store).len(), 1);

@@ -4,7 +4,7 @@
 use super::{
     AUDIT_SCHEMA, Arc, AtomicU64, AuditError, AuditEvent, AuditRecord, Checkpoint,
     CheckpointPolicy, Head, Instant, MAX_GROUP, Ordering, Receiver, RecvTimeoutError, Removal,
-    Sha256, Signer, Store, StoreError, SyncSender, Table, Write, codec, now_ms, record_key,
+    Sha256, Signer, Store, StoreError, SyncSender, Write, codec, now_ms, record_key,
 };
 use sha2::Digest;
 
@@ -26,7 +26,7 @@ fn chain(
         let canonical = serde_json::to_vec(&*r).map_err(|_| AuditError::Internal("encode"))?;
         r.hash = data_encoding::HEXLOWER.encode(&Sha256::digest(&canonical));
         writes.push(Write {
-            table: Table::Audit,
+            table: crate::audit::AUDIT,
             key: record_key(r.seq),
             value: codec::encode(r).map_err(|_| AuditError::Internal("encode"))?,
         });
@@ -176,7 +176,7 @@ impl Writer {
         let mut chained: Option<(Head, Head, u64)> = None;
         let mut failure: Option<AuditError> = None;
         let appended = self.store.append_with(
-            Table::Audit,
+            crate::audit::AUDIT,
             &mut |last| {
                 // The head to continue from: ours, or the one servers sharing the store
                 // appended since (read under the lock that keeps the chain whole).
@@ -268,7 +268,7 @@ impl Writer {
             let bytes = serde_json::to_vec(&c).map_err(|_| AuditError::Internal("encode"))?;
             self.store
                 .write_all(&[Write {
-                    table: Table::AuditCheckpoints,
+                    table: crate::audit::AUDIT_CHECKPOINTS,
                     key: record_key(c.checkpoint),
                     value: bytes,
                 }])

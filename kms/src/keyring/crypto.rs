@@ -4,7 +4,7 @@
 use super::{
     Arc, DATA_KEY_LENGTHS, DataKey, KeyEntry, Keyring, KeyringError, MAX_AAD, MAX_MESSAGE,
     MAX_PLAINTEXT, MAX_RSA_CIPHERTEXT, Ordering, Origin, Pregenerated, Purpose, Secret, SignInput,
-    SignatureEncoding, SystemJournal, Table, VersionMaterial, Zeroizing, check_size, ciphertext,
+    SignatureEncoding, SystemJournal, VersionMaterial, Zeroizing, check_size, ciphertext,
     counter_key, lifecycle, purpose_name, random,
 };
 use lifecycle::{Exhausted, VersionUse, budget_step};
@@ -87,7 +87,7 @@ impl Keyring {
             let reserved = m.reserved.load(Ordering::SeqCst);
             if let Some(new) = budget_step(n, reserved, max).ok().and_then(|s| s.reserve) {
                 let (start, end) = self.store.reserve(
-                    Table::Counters,
+                    crate::keyring::COUNTERS,
                     &counter_key(&e.meta.name, version),
                     new - reserved,
                     max,

@@ -19,7 +19,7 @@
 
 use super::{
     Arc, BTreeMap, Keyring, KeyringError, LOCK, Ordering, RwLock, RwLockReadGuard,
-    RwLockWriteGuard, Table, grants, load, model, read_lock, write_lock,
+    RwLockWriteGuard, grants, load, model, read_lock, write_lock,
 };
 use crate::store::Change as StoreChange;
 use std::collections::HashMap;
@@ -232,8 +232,8 @@ impl Keyring {
             }
             let scope = match change {
                 StoreChange::Resync => Scope::Everything,
-                StoreChange::Entry(Table::Keys, name) => Scope::Key(name.clone()),
-                StoreChange::Entry(Table::Grants, id) => {
+                StoreChange::Entry(crate::keyring::KEYS, name) => Scope::Key(name.clone()),
+                StoreChange::Entry(crate::keyring::GRANTS, id) => {
                     let echo = state
                         .echoes
                         .remove(id)
@@ -294,8 +294,10 @@ impl Keyring {
         } else {
             for change in todo {
                 let applied = match &change {
-                    StoreChange::Entry(Table::Keys, name) => self.reload_key(name).map(|_| ()),
-                    StoreChange::Entry(Table::Grants, id) => self.reload_grant(id),
+                    StoreChange::Entry(crate::keyring::KEYS, name) => {
+                        self.reload_key(name).map(|_| ())
+                    }
+                    StoreChange::Entry(crate::keyring::GRANTS, id) => self.reload_grant(id),
                     _ => Ok(()),
                 };
                 match applied {
@@ -323,7 +325,7 @@ impl Keyring {
         for (change, _) in &failures {
             if let Some(u) = state.unapplied.get_mut(change) {
                 u.failed = true;
-            } else if let StoreChange::Entry(Table::Keys, name) = change {
+            } else if let StoreChange::Entry(crate::keyring::KEYS, name) = change {
                 // A key a resync could not load.
                 let seq = state.next_seq;
                 state.next_seq += 1;
@@ -407,14 +409,18 @@ impl Keyring {
     /// the key before this read is applied by it.
     pub(super) fn reload_key_locked(&self, name: &str) -> Result<bool, KeyringError> {
         let started = self.lag.seq();
-        let Some(bytes) = self.store.get(Table::Keys, name)? else {
-            self.lag
-                .applied(&StoreChange::Entry(Table::Keys, name.to_owned()), started);
+        let Some(bytes) = self.store.get(crate::keyring::KEYS, name)? else {
+            self.lag.applied(
+                &StoreChange::Entry(crate::keyring::KEYS, name.to_owned()),
+                started,
+            );
             return Ok(false);
         };
         self.apply_key_record(name, &bytes)?;
-        self.lag
-            .applied(&StoreChange::Entry(Table::Keys, name.to_owned()), started);
+        self.lag.applied(
+            &StoreChange::Entry(crate::keyring::KEYS, name.to_owned()),
+            started,
+        );
         Ok(true)
     }
 
@@ -447,7 +453,7 @@ impl Keyring {
             .lock()
             .map_err(|_| KeyringError::Internal(LOCK))?;
         let started = self.lag.seq();
-        let stored = match self.store.get(Table::Grants, id)? {
+        let stored = match self.store.get(crate::keyring::GRANTS, id)? {
             Some(bytes) => grants::decode(id, &bytes, &self.mac_key)?,
             None => None,
         };
@@ -461,8 +467,10 @@ impl Keyring {
             }
         }
         drop(live);
-        self.lag
-            .applied(&StoreChange::Entry(Table::Grants, id.to_owned()), started);
+        self.lag.applied(
+            &StoreChange::Entry(crate::keyring::GRANTS, id.to_owned()),
+            started,
+        );
         Ok(())
     }
 
@@ -479,18 +487,18 @@ impl Keyring {
             .map_err(|_| KeyringError::Internal(LOCK))?;
         let mut kept = std::collections::HashSet::new();
         let mut failed = Vec::new();
-        load::each_page(self.store.as_ref(), Table::Keys, |name, bytes| {
+        load::each_page(self.store.as_ref(), crate::keyring::KEYS, |name, bytes| {
             match self.apply_key_record(&name, &bytes) {
                 Ok(()) => {}
                 Err(e @ KeyringError::Store(_)) => return Err(e),
-                Err(e) => failed.push((StoreChange::Entry(Table::Keys, name.clone()), e)),
+                Err(e) => failed.push((StoreChange::Entry(crate::keyring::KEYS, name.clone()), e)),
             }
             kept.insert(name);
             Ok(())
         })?;
         write_lock(&self.keys)?.retain(|name, _| kept.contains(name));
         let mut live = grants::LiveGrants::default();
-        load::each_page(self.store.as_ref(), Table::Grants, |id, bytes| {
+        load::each_page(self.store.as_ref(), crate::keyring::GRANTS, |id, bytes| {
             if let Some(g) = grants::decode(&id, &bytes, &self.mac_key)?
                 && g.revoked_at.is_none()
             {
@@ -514,7 +522,7 @@ mod tests {
     use super::*;
 
     fn key(name: &str) -> StoreChange {
-        StoreChange::Entry(Table::Keys, name.to_owned())
+        StoreChange::Entry(crate::keyring::KEYS, name.to_owned())
     }
 
     fn unapplied(lag: &Lag, change: StoreChange, scope: Scope, failed: bool) {
@@ -553,7 +561,7 @@ mod tests {
         lag.lock().unapplied.get_mut(&key("b")).unwrap().heard -= APPLY_GRACE * 2;
         assert!(lag.refusal(Some("b")).is_some());
         // A grant not live here refuses nothing; a resync refuses everything.
-        let grant = StoreChange::Entry(Table::Grants, "g".into());
+        let grant = StoreChange::Entry(crate::keyring::GRANTS, "g".into());
         unapplied(&lag, grant, Scope::Nothing, true);
         assert!(lag.refusal(Some("c")).is_none());
         unapplied(&lag, StoreChange::Resync, Scope::Everything, true);

@@ -19,7 +19,7 @@ use super::{
     write_lock,
 };
 use crate::policy::{Operation, Pattern};
-use crate::store::{Table, Write};
+use crate::store::Write;
 
 /// The grant record's schema version.
 pub(crate) const GRANT_SCHEMA: u32 = 1;
@@ -268,7 +268,7 @@ impl Keyring {
         journal.commit(
             Change::Grant(grant),
             vec![Write {
-                table: Table::Grants,
+                table: crate::keyring::GRANTS,
                 key: grant.id.clone(),
                 value: bytes,
             }],

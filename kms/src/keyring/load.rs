@@ -65,26 +65,32 @@ impl Keyring {
         // Every version's counter reservation, read once (not one read per version).
         let counters: HashMap<String, u64> = keyring
             .store
-            .scan(Table::Counters)?
+            .scan(crate::keyring::COUNTERS)?
             .into_iter()
             .map(|(k, b)| (k, crate::store::count_of(&b)))
             .collect();
-        each_page(keyring.store.as_ref(), Table::Keys, |name, bytes| {
-            keyring.load_one(name, &bytes, &counters, &mut keys, &mut tampered)
-        })?;
+        each_page(
+            keyring.store.as_ref(),
+            crate::keyring::KEYS,
+            |name, bytes| keyring.load_one(name, &bytes, &counters, &mut keys, &mut tampered),
+        )?;
         let mut live = grants::LiveGrants::default();
         let mut refused_grants = 0usize;
-        each_page(keyring.store.as_ref(), Table::Grants, |id, bytes| {
-            match grants::decode(&id, &bytes, &keyring.mac_key)? {
-                Some(g) if g.revoked_at.is_none() => live.insert(g),
-                Some(_) => {}
-                None => {
-                    tracing::error!(grant = %id, "grant record failed authentication: the store was altered; grant refused");
-                    refused_grants += 1;
+        each_page(
+            keyring.store.as_ref(),
+            crate::keyring::GRANTS,
+            |id, bytes| {
+                match grants::decode(&id, &bytes, &keyring.mac_key)? {
+                    Some(g) if g.revoked_at.is_none() => live.insert(g),
+                    Some(_) => {}
+                    None => {
+                        tracing::error!(grant = %id, "grant record failed authentication: the store was altered; grant refused");
+                        refused_grants += 1;
+                    }
                 }
-            }
-            Ok(())
-        })?;
+                Ok(())
+            },
+        )?;
         tracing::info!(
             keys = keys.len(),
             refused = tampered.len(),
@@ -295,7 +301,7 @@ impl Keyring {
             Some(all) => all.get(&at).copied().unwrap_or(0),
             None => self
                 .store
-                .get(Table::Counters, &at)?
+                .get(crate::keyring::COUNTERS, &at)?
                 .map_or(0, |b| crate::store::count_of(&b)),
         };
         Ok(Arc::new(VersionMaterial {

@@ -46,13 +46,25 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use zeroize::Zeroizing;
 
 use crate::hsm::{Hsm, HsmError, HsmKeyKind, KeyHandle};
-use crate::store::{Store, StoreError, Table, Write};
+use crate::store::{Follow, Store, StoreError, Table, Write};
 use grants::Grant;
 use material::{Public, Secret, SignInput, SignatureEncoding, VersionMaterial};
 use model::{
     Algorithm, KeyMeta, Origin, Protection, Purpose, RsaScheme, VersionMeta, VersionState,
 };
 use pregen::{HsmObject, Pregenerated};
+
+/// Key records (authenticated by the keyring), by key name.
+pub const KEYS: Table = Table::new("keys", Follow::Changes);
+/// Grants (authenticated by the keyring), by grant id.
+pub const GRANTS: Table = Table::new("grants", Follow::Changes);
+/// Per-version AES-GCM message counters (reservations), `name/version` -> u64 BE.
+pub const COUNTERS: Table = Table::new("counters", Follow::Never);
+/// The first answers to changes made with a caller's request id (authenticated by the
+/// keyring), kept a day so that a retry does not change anything twice.
+pub const REQUESTS: Table = Table::new("requests", Follow::Never);
+/// The keyring's tables, in the order a backup writes them.
+pub const TABLES: &[Table] = &[KEYS, GRANTS, COUNTERS, REQUESTS];
 
 /// Largest plaintext `Encrypt` takes (use `GenerateDataKey` and encrypt locally above it).
 pub(crate) const MAX_PLAINTEXT: usize = 64 * 1024;
@@ -331,7 +343,7 @@ impl Keyring {
         journal.commit(
             Change::Key(&meta),
             vec![Write {
-                table: Table::Keys,
+                table: crate::keyring::KEYS,
                 key: meta.name.clone(),
                 value: bytes,
             }],

@@ -15,7 +15,7 @@ use sha2::Digest as _;
 
 use super::model::{open_record, record_mac, seal_record};
 use super::{Keyring, KeyringError};
-use crate::store::{Removal, Table, Write};
+use crate::store::{Removal, Write};
 
 /// How long a first answer is kept: a day, in milliseconds.
 pub(crate) const KEPT_MS: u64 = 24 * 3600 * 1000;
@@ -78,7 +78,7 @@ impl Keyring {
         key: &str,
         now_ms: u64,
     ) -> Result<Option<RequestRecord>, KeyringError> {
-        let Some(bytes) = self.store.get(Table::Requests, key)? else {
+        let Some(bytes) = self.store.get(crate::keyring::REQUESTS, key)? else {
             return Ok(None);
         };
         let record: RequestRecord = open_record(&bytes, DOMAIN, key, &self.mac_key)?
@@ -93,7 +93,7 @@ impl Keyring {
         record: &RequestRecord,
     ) -> Result<Write, KeyringError> {
         Ok(Write {
-            table: Table::Requests,
+            table: crate::keyring::REQUESTS,
             key: key.to_owned(),
             value: seal_record(record, DOMAIN, key, &self.mac_key)?,
         })
@@ -103,18 +103,22 @@ impl Keyring {
     /// authentication: they answer nothing). Returns how many.
     pub(crate) fn forget_requests(&self, now_ms: u64) -> Result<usize, KeyringError> {
         let mut expired = Vec::new();
-        super::load::each_page(self.store.as_ref(), Table::Requests, |key, bytes| {
-            let live = open_record::<RequestRecord>(&bytes, DOMAIN, &key, &self.mac_key)?
-                .is_some_and(|r| r.at_ms.saturating_add(KEPT_MS) > now_ms);
-            if !live {
-                expired.push(Removal {
-                    table: Table::Requests,
-                    from: key.clone(),
-                    to: key,
-                });
-            }
-            Ok(())
-        })?;
+        super::load::each_page(
+            self.store.as_ref(),
+            crate::keyring::REQUESTS,
+            |key, bytes| {
+                let live = open_record::<RequestRecord>(&bytes, DOMAIN, &key, &self.mac_key)?
+                    .is_some_and(|r| r.at_ms.saturating_add(KEPT_MS) > now_ms);
+                if !live {
+                    expired.push(Removal {
+                        table: crate::keyring::REQUESTS,
+                        from: key.clone(),
+                        to: key,
+                    });
+                }
+                Ok(())
+            },
+        )?;
         for chunk in expired.chunks(SWEEP_BATCH) {
             self.store.write_all_removing(&[], chunk)?;
         }

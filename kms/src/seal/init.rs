@@ -4,7 +4,7 @@
 use super::{
     HsmError, HsmKeyKind, InitCommit, InitOutput, Inner, InstanceId, KEY_LEN, KeyHandle,
     MAX_SHARED_PIN_LEN, Ownership, SEAL_RECORD_KEY, SEAL_SCHEMA, SealError, SealManager,
-    SealRecord, SecretString, Share, ShareSetId, State, Table, Write, Zeroizing, check_master_key,
+    SealRecord, SecretString, Share, ShareSetId, State, Write, Zeroizing, check_master_key,
     key_check, random_key, record, unix_now, unwrap_root, wrap_root,
 };
 use secrecy::ExposeSecret;
@@ -272,7 +272,11 @@ impl SealManager {
         // a shared store, the change lock keeps another server's init from writing it
         // between this check and this commit (two share sets, one overwritten).
         let _other_servers = self.store.lock_changes()?;
-        if self.store.get(Table::System, SEAL_RECORD_KEY)?.is_some() {
+        if self
+            .store
+            .get(crate::store::SYSTEM, SEAL_RECORD_KEY)?
+            .is_some()
+        {
             return Err(SealError::AlreadyInitialized);
         }
         let output = InitOutput {
@@ -288,7 +292,7 @@ impl SealManager {
         commit(
             &output,
             vec![Write {
-                table: Table::System,
+                table: crate::store::SYSTEM,
                 key: SEAL_RECORD_KEY.to_owned(),
                 value: bytes,
             }],

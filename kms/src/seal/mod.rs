@@ -37,7 +37,7 @@ use zeroize::Zeroizing;
 use crate::audit::AuditLog;
 use crate::hsm::{Hsm, HsmError, HsmKeyKind, InstanceId, KeyHandle, Ownership};
 use crate::keyring::{Keyring, KeyringError, Settings as KeyringSettings};
-use crate::store::{Store, StoreError, Table, Write};
+use crate::store::{Store, StoreError, Write};
 
 mod init;
 mod recipients;
@@ -678,7 +678,7 @@ impl SealManager {
             Some(keyring) => keyring.heard(changes),
             None => {
                 for change in changes {
-                    if matches!(change, Change::Entry(crate::store::Table::System, _))
+                    if matches!(change, Change::Entry(crate::store::SYSTEM, _))
                         || heard.contains(change)
                     {
                         continue;
@@ -846,12 +846,7 @@ impl SealManager {
         use crate::store::Change;
         let seal_changes: Vec<Change> = changes
             .iter()
-            .filter(|c| {
-                matches!(
-                    c,
-                    Change::Resync | Change::Entry(crate::store::Table::System, _)
-                )
-            })
+            .filter(|c| matches!(c, Change::Resync | Change::Entry(crate::store::SYSTEM, _)))
             .cloned()
             .collect();
         let mut left = Vec::new();
@@ -876,7 +871,7 @@ impl SealManager {
                 left.extend(
                     changes
                         .iter()
-                        .filter(|c| !matches!(c, Change::Entry(crate::store::Table::System, _)))
+                        .filter(|c| !matches!(c, Change::Entry(crate::store::SYSTEM, _)))
                         .cloned(),
                 );
             }
@@ -951,7 +946,7 @@ fn take_up(inner: &mut Inner, record: SealRecord) {
 
 /// The stored seal record, checked, if the store has one.
 fn read_record(store: &dyn Store) -> Result<Option<SealRecord>, SealError> {
-    match store.get(Table::System, SEAL_RECORD_KEY)? {
+    match store.get(crate::store::SYSTEM, SEAL_RECORD_KEY)? {
         None => Ok(None),
         Some(bytes) => {
             let r: SealRecord =

@@ -25,8 +25,8 @@
 use super::rekey::CeremonyCommit;
 use super::{
     Deserialize, Hsm, HsmKeyKind, Inner, InstanceId, KeyHandle, Ownership, Predecessor,
-    SEAL_RECORD_KEY, SealError, SealManager, SealRecord, Sha256, State, Store, Table, Write,
-    read_record, rotate, take_up, unix_now,
+    SEAL_RECORD_KEY, SealError, SealManager, SealRecord, Sha256, State, Store, Write, read_record,
+    rotate, take_up, unix_now,
 };
 use crate::audit::{AuditEvent, CeremonySummary, SYSTEM_PRINCIPAL};
 use crate::backup::RESTORED_MARKER;
@@ -178,7 +178,7 @@ impl SealManager {
             None => next,
         };
         let write = Write {
-            table: Table::System,
+            table: crate::store::SYSTEM,
             key: SEAL_RECORD_KEY.to_owned(),
             value: serde_json::to_vec(&record).map_err(|_| SealError::CorruptRecord)?,
         };
@@ -225,7 +225,12 @@ impl SealManager {
                     .as_ref()
                     .and_then(|r| r.location.as_ref())
                     .is_some_and(|there| *there != here);
-                if moved || self.store.get(Table::System, RESTORED_MARKER)?.is_some() {
+                if moved
+                    || self
+                        .store
+                        .get(crate::store::SYSTEM, RESTORED_MARKER)?
+                        .is_some()
+                {
                     self.renew_after_restore(inner, here)?;
                 }
             }
@@ -262,7 +267,7 @@ impl SealManager {
         if self.taken_up_meanwhile(inner, &current)? {
             return Ok(());
         }
-        let restored = self.store.get(Table::System, RESTORED_MARKER)?;
+        let restored = self.store.get(crate::store::SYSTEM, RESTORED_MARKER)?;
         let instance = InstanceId::random().ok_or(SealError::Randomness)?;
         let mut next = current.clone();
         next.instance = Some(instance.to_string());
@@ -312,7 +317,7 @@ impl SealManager {
         let written = self.audit.append_removing(
             event,
             vec![Write {
-                table: Table::System,
+                table: crate::store::SYSTEM,
                 key: SEAL_RECORD_KEY.to_owned(),
                 value,
             }],
@@ -342,7 +347,7 @@ impl SealManager {
         if self.taken_up_meanwhile(inner, &current)? {
             return Ok(());
         }
-        let marker = self.store.get(Table::System, RESTORED_MARKER)?;
+        let marker = self.store.get(crate::store::SYSTEM, RESTORED_MARKER)?;
         let moved = current
             .location
             .as_ref()
@@ -485,7 +490,7 @@ pub(super) fn same(a: &SealRecord, b: &SealRecord) -> bool {
 
 fn restored_removal() -> Removal {
     Removal {
-        table: Table::System,
+        table: crate::store::SYSTEM,
         from: RESTORED_MARKER.to_owned(),
         to: RESTORED_MARKER.to_owned(),
     }

@@ -45,16 +45,18 @@ pub enum StorageSettings {
 }
 
 impl StorageSettings {
-    /// Opens the store these settings name (creating or migrating it).
+    /// Opens the store these settings name (creating or migrating it), with every table of
+    /// `tables` (`crate::engines::tables`).
     pub fn open(
         &self,
+        tables: &'static [crate::store::Table],
     ) -> Result<std::sync::Arc<dyn crate::store::Store>, crate::store::StoreError> {
         Ok(match self {
             Self::Redb { path, cache_bytes } => std::sync::Arc::new(
                 crate::store::RedbStore::open_with_cache(path, *cache_bytes)?,
             ),
             Self::Postgres(settings) => {
-                std::sync::Arc::new(crate::store::PgStore::connect(settings)?)
+                std::sync::Arc::new(crate::store::PgStore::connect(settings, tables)?)
             }
         })
     }

@@ -271,12 +271,16 @@ impl Store for RedbStore {
         Ok(range)
     }
 
-    fn snapshot(&self, each: &mut super::EachEntry<'_>) -> Result<(), StoreError> {
+    fn snapshot(
+        &self,
+        tables: &[Table],
+        each: &mut super::EachEntry<'_>,
+    ) -> Result<(), StoreError> {
         use redb::{ReadableDatabase, ReadableTable};
         let op = "snapshot";
         // One read transaction: every table as of one commit.
         let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
-        for table in Table::ALL {
+        for &table in tables {
             let Some(t) = open_read(&txn, table, op)? else {
                 continue;
             };
@@ -342,6 +346,10 @@ impl Store for RedbStore {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::store::{Follow, SYSTEM};
+
+    const KEYS: Table = Table::new("keys", Follow::Changes);
+    const AUDIT: Table = Table::new("audit", Follow::Never);
 
     #[test]
     fn a_small_page_cache_still_serves_everything() {
@@ -350,21 +358,18 @@ mod tests {
         let store = RedbStore::open_with_cache(&path, 1024 * 1024).unwrap();
         let value = vec![7u8; 4096];
         for i in 0..1000 {
-            store.put(Table::Audit, &format!("{i:06}"), &value).unwrap();
+            store.put(AUDIT, &format!("{i:06}"), &value).unwrap();
         }
         drop(store);
         // 4 MB of values through a 1 MiB cache, then read back after reopening.
         let store = RedbStore::open_with_cache(&path, 1024 * 1024).unwrap();
         for i in [0, 499, 999] {
             assert_eq!(
-                store
-                    .get(Table::Audit, &format!("{i:06}"))
-                    .unwrap()
-                    .as_deref(),
+                store.get(AUDIT, &format!("{i:06}")).unwrap().as_deref(),
                 Some(value.as_slice())
             );
         }
-        assert_eq!(store.scan(Table::Audit).unwrap().len(), 1000);
+        assert_eq!(store.scan(AUDIT).unwrap().len(), 1000);
     }
 
     #[test]
@@ -372,53 +377,40 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/kms.redb");
         let store = RedbStore::open(&path).unwrap();
-        assert_eq!(store.get(Table::System, "a").unwrap(), None);
-        assert!(store.insert_new(Table::System, "a", b"1").unwrap());
-        assert!(!store.insert_new(Table::System, "a", b"2").unwrap());
-        assert_eq!(
-            store.get(Table::System, "a").unwrap().as_deref(),
-            Some(&b"1"[..])
-        );
-        store.put(Table::System, "a", b"3").unwrap();
+        assert_eq!(store.get(SYSTEM, "a").unwrap(), None);
+        assert!(store.insert_new(SYSTEM, "a", b"1").unwrap());
+        assert!(!store.insert_new(SYSTEM, "a", b"2").unwrap());
+        assert_eq!(store.get(SYSTEM, "a").unwrap().as_deref(), Some(&b"1"[..]));
+        store.put(SYSTEM, "a", b"3").unwrap();
         drop(store);
         let store = RedbStore::open(&path).unwrap();
-        assert_eq!(
-            store.get(Table::System, "a").unwrap().as_deref(),
-            Some(&b"3"[..])
-        );
+        assert_eq!(store.get(SYSTEM, "a").unwrap().as_deref(), Some(&b"3"[..]));
         // scan is in key order; write_all is one transaction; last is the greatest key.
-        assert!(store.scan(Table::Keys).unwrap().is_empty());
-        assert_eq!(store.last(Table::Audit).unwrap(), None);
+        assert!(store.scan(KEYS).unwrap().is_empty());
+        assert_eq!(store.last(AUDIT).unwrap(), None);
         let w = |table, k: &str, v: &[u8]| Write {
             table,
             key: k.into(),
             value: v.to_vec(),
         };
         store
-            .write_all(&[
-                w(Table::Audit, "2", b"b"),
-                w(Table::Audit, "1", b"a"),
-                w(Table::Keys, "k", b"v"),
-            ])
+            .write_all(&[w(AUDIT, "2", b"b"), w(AUDIT, "1", b"a"), w(KEYS, "k", b"v")])
             .unwrap();
+        assert_eq!(store.get(KEYS, "k").unwrap().as_deref(), Some(&b"v"[..]));
         assert_eq!(
-            store.get(Table::Keys, "k").unwrap().as_deref(),
-            Some(&b"v"[..])
-        );
-        assert_eq!(
-            store.range(Table::Audit, "2", 10).unwrap(),
+            store.range(AUDIT, "2", 10).unwrap(),
             vec![("2".to_owned(), b"b".to_vec())]
         );
-        assert_eq!(store.range(Table::Audit, "0", 1).unwrap().len(), 1);
+        assert_eq!(store.range(AUDIT, "0", 1).unwrap().len(), 1);
         assert_eq!(
-            store.scan(Table::Audit).unwrap(),
+            store.scan(AUDIT).unwrap(),
             vec![
                 ("1".to_owned(), b"a".to_vec()),
                 ("2".to_owned(), b"b".to_vec())
             ]
         );
         assert_eq!(
-            store.last(Table::Audit).unwrap(),
+            store.last(AUDIT).unwrap(),
             Some(("2".to_owned(), b"b".to_vec()))
         );
     }

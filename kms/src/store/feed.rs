@@ -180,7 +180,10 @@ mod tests {
     use crate::store::Table;
 
     fn key(name: &str) -> Change {
-        Change::Entry(Table::Keys, name.to_owned())
+        Change::Entry(
+            Table::new("keys", crate::store::Follow::Changes),
+            name.to_owned(),
+        )
     }
 
     #[test]

@@ -21,59 +21,69 @@ pub use feed::ChangeFeed;
 pub(crate) use feed::MAX_HINTS;
 pub use postgres::{PgSettings, PgStore, SecretSource};
 
-/// The tables of the store.
+/// One table of the store: a name, and whether servers sharing a store follow its changes.
+/// Declared by its owner as a `const` (the seal's [`SYSTEM`] here; the keyring's, the audit
+/// log's, each engine's in its own module); `crate::engines::tables` lists them all (the
+/// backup, PostgreSQL's table creation and the change hints use that list).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[non_exhaustive]
-pub enum Table {
-    /// Seal metadata: the wrapped root key and the share set.
-    System,
-    /// Key records (authenticated by the keyring), by key name.
-    Keys,
-    /// Per-version AES-GCM message counters (reservations), `name/version` -> u64 BE.
-    Counters,
-    /// The audit log, by zero-padded sequence number.
-    Audit,
-    /// Signed audit checkpoints, by the zero-padded sequence number they cover.
-    AuditCheckpoints,
-    /// Grants (authenticated by the keyring), by grant id.
-    Grants,
-    /// The first answers to changes made with a caller's request id (authenticated by the
-    /// keyring), kept a day so that a retry does not change anything twice.
-    Requests,
+pub struct Table {
+    name: &'static str,
+    follow: Follow,
 }
 
-impl std::str::FromStr for Table {
-    type Err = ();
-    fn from_str(name: &str) -> Result<Self, ()> {
-        Self::ALL.into_iter().find(|t| t.name() == name).ok_or(())
-    }
+/// Whether servers sharing a store follow a table's changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Follow {
+    /// Every committed write is announced to the other servers (PostgreSQL `NOTIFY`), and
+    /// they read the entry again (keys, grants, the seal record).
+    Changes,
+    /// Never announced: servers read it when they need it (the audit log, counters).
+    Never,
 }
+
+/// The longest table name.
+pub const MAX_TABLE_NAME: usize = 40;
 
 impl Table {
-    /// Every table, in the order a backup writes them.
-    pub const ALL: [Table; 7] = [
-        Self::System,
-        Self::Keys,
-        Self::Grants,
-        Self::Counters,
-        Self::Audit,
-        Self::AuditCheckpoints,
-        Self::Requests,
-    ];
+    /// A table named `name`, which must be `[a-z_]{1,40}`: checked when the `const` that
+    /// declares it is evaluated, so a bad name fails the build (declare tables only in
+    /// `const` items).
+    pub const fn new(name: &'static str, follow: Follow) -> Self {
+        assert!(valid_name(name), "a table name is 1 to 40 of [a-z_]");
+        Self { name, follow }
+    }
 
     /// The table's name (redb's table, PostgreSQL's `kms_` + name, a backup's section).
     pub fn name(self) -> &'static str {
-        match self {
-            Self::System => "system",
-            Self::Keys => "keys",
-            Self::Counters => "counters",
-            Self::Audit => "audit",
-            Self::AuditCheckpoints => "audit_checkpoints",
-            Self::Grants => "grants",
-            Self::Requests => "requests",
-        }
+        self.name
+    }
+
+    /// Whether servers sharing a store follow its changes.
+    pub fn followed(self) -> bool {
+        matches!(self.follow, Follow::Changes)
     }
 }
+
+/// Whether `name` is `[a-z_]{1,40}`.
+const fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    if b.is_empty() || b.len() > MAX_TABLE_NAME {
+        return false;
+    }
+    let mut rest = b;
+    while let [c, tail @ ..] = rest {
+        if !(c.is_ascii_lowercase() || *c == b'_') {
+            return false;
+        }
+        rest = tail;
+    }
+    true
+}
+
+/// The seal's table: the seal record (the wrapped root key, the share set) and the
+/// restore marker. Declared with the store, beneath every module that names it (the seal,
+/// the backup, the engines' list), as the one table every store has.
+pub const SYSTEM: Table = Table::new("system", Follow::Changes);
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -281,10 +291,10 @@ pub trait Store: Send + Sync + 'static {
     fn lock_changes(&self) -> Result<Option<ChangeLock>, StoreError> {
         Ok(None)
     }
-    /// Calls `each` with every entry of every table ([`Table::ALL`] order, keys in order),
-    /// all read from one consistent snapshot while the store stays online (a backup).
-    /// Stops at the first error `each` returns.
-    fn snapshot(&self, each: &mut EachEntry<'_>) -> Result<(), StoreError>;
+    /// Calls `each` with every entry of every table of `tables` (in that order, keys in
+    /// order), all read from one consistent snapshot while the store stays online (a
+    /// backup). Stops at the first error `each` returns.
+    fn snapshot(&self, tables: &[Table], each: &mut EachEntry<'_>) -> Result<(), StoreError>;
     /// Where this store lives, as something its data cannot change: the redb file's
     /// canonical path; the PostgreSQL cluster's system identifier and the database's name.
     /// A seal record found at another location than the one it names is a copy (see
@@ -310,4 +320,33 @@ pub trait Store: Send + Sync + 'static {
         start: &str,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_bounded_lowercase_words() {
+        for good in [
+            "system",
+            "audit_checkpoints",
+            "a",
+            &"x".repeat(MAX_TABLE_NAME),
+        ] {
+            assert!(valid_name(good), "{good:?}");
+        }
+        let long = "x".repeat(MAX_TABLE_NAME + 1);
+        for bad in [
+            "",
+            "Keys",
+            "kv2",
+            "kv-data",
+            "a b",
+            "kms;drop",
+            long.as_str(),
+        ] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
 }

@@ -98,7 +98,9 @@ pub struct PgSettings {
     pub timeout: Duration,
 }
 
-/// The schema migrations, in order; a database records which it has.
+/// The schema migrations, in order; a database records which it has. A table is no
+/// migration: every registered table is created at open if missing ([`create_tables`]);
+/// these stay so that a database of before reads as it always did.
 const MIGRATIONS: &[&str] = &[
     // 1: one key-value table per store table.
     "CREATE TABLE kms_system (key text COLLATE \"C\" PRIMARY KEY, value bytea NOT NULL);
@@ -119,10 +121,6 @@ const MIGRATION_LOCK: i64 = 0x6b6d_735f_6d69_6772; // "kms_migr"
 
 /// The notification channel of changes (`TABLE:KEY` payloads).
 const CHANNEL: &str = "kms_changes";
-
-/// The tables whose changes are announced and followed (not the audit log or the counters,
-/// which servers read when they need them).
-const FOLLOWED: [Table; 3] = [Table::Keys, Table::Grants, Table::System];
 
 /// The longest entry key a notification may name (a key name has at most 128 characters,
 /// a grant id 32).
@@ -316,7 +314,7 @@ impl PgSettings {
 /// feed as a hint, forever (until the feed's reader is gone). When the connection is lost,
 /// it reconnects every second, and then hints [`Change::Resync`]: what was committed
 /// meanwhile was not heard.
-async fn follow<T>(config: tokio_postgres::Config, tls: T, hints: Hints)
+async fn follow<T>(config: tokio_postgres::Config, tls: T, hints: Hints, tables: &'static [Table])
 where
     T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Clone + Send + 'static,
     T::Stream: Send + 'static,
@@ -339,7 +337,7 @@ where
                         {
                             if let tokio_postgres::AsyncMessage::Notification(n) = message
                                 && n.channel() == CHANNEL
-                                && let Some(change) = parse_change(n.payload())
+                                && let Some(change) = parse_change(tables, n.payload())
                             {
                                 hints.hint(change);
                             }
@@ -373,19 +371,23 @@ where
     }
 }
 
-/// `TABLE:KEY` -> the entry to read again, for a table servers follow; anything else
-/// (another table, an empty, long or non-ASCII key) is ignored. A hint, never data.
-fn parse_change(payload: &str) -> Option<Change> {
+/// `TABLE:KEY` -> the entry to read again, for a table of `tables` servers follow; anything
+/// else (another table, an empty, long or non-ASCII key) is ignored. A hint, never data.
+fn parse_change(tables: &[Table], payload: &str) -> Option<Change> {
     let (table, key) = payload.split_once(':')?;
-    let table = FOLLOWED.into_iter().find(|t| t.name() == table)?;
+    let table = tables
+        .iter()
+        .copied()
+        .find(|t| t.followed() && t.name() == table)?;
     let fits = (1..=MAX_HINT_KEY).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic());
     fits.then(|| Change::Entry(table, key.to_owned()))
 }
 
 impl PgStore {
-    /// Connects, and creates or migrates the schema. Fails when the database cannot be
-    /// reached, refuses the credentials, or is newer than this binary.
-    pub fn connect(settings: &PgSettings) -> Result<Self, StoreError> {
+    /// Connects, and creates or migrates the schema, with a `kms_<name>` table for each of
+    /// `tables` (`crate::engines::tables`). Fails when the database cannot be reached,
+    /// refuses the credentials, or is newer than this binary.
+    pub fn connect(settings: &PgSettings, tables: &'static [Table]) -> Result<Self, StoreError> {
         let config = settings.client_config()?;
         let tls = settings.tls()?;
         let manager = settings.manager(config.clone(), tls.clone());
@@ -416,7 +418,7 @@ impl PgStore {
         let limit = settings.timeout;
         let cancel: Cancel = match tls {
             None => {
-                runtime.spawn(follow(config, tokio_postgres::NoTls, hints));
+                runtime.spawn(follow(config, tokio_postgres::NoTls, hints, tables));
                 Arc::new(move |token| {
                     Box::pin(async move {
                         let _ =
@@ -427,7 +429,7 @@ impl PgStore {
             }
             Some(tls) => {
                 let make = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
-                runtime.spawn(follow(config, make.clone(), hints));
+                runtime.spawn(follow(config, make.clone(), hints, tables));
                 Arc::new(move |token| {
                     let make = make.clone();
                     Box::pin(async move {
@@ -442,10 +444,10 @@ impl PgStore {
             timeout: settings.timeout,
             changes: std::sync::Mutex::new(Some(changes)),
         };
-        store.block("migrate the schema", |pool| async move {
+        store.block("migrate the schema", move |pool| async move {
             let mut conn = get(&pool, "migrate the schema").await?;
             let client = conn.client("migrate the schema")?;
-            migrate(client).await
+            migrate(client, tables).await
         })?;
         Ok(store)
     }
@@ -520,7 +522,7 @@ impl Rows {
         }
         let followed = writes
             .iter()
-            .filter(|w| FOLLOWED.contains(&w.table))
+            .filter(|w| w.table.followed())
             .map(|w| format!("{}:{}", w.table.name(), w.key))
             .collect();
         Self {
@@ -702,8 +704,12 @@ async fn get(db: &Db, op: &'static str) -> Result<Conn, StoreError> {
     })
 }
 
-/// Brings the schema to [`SCHEMA_VERSION`] under an advisory lock; refuses a newer one.
-async fn migrate(client: &mut deadpool_postgres::Object) -> Result<(), StoreError> {
+/// Brings the schema to [`SCHEMA_VERSION`] under an advisory lock; refuses a newer one;
+/// then, under the same lock, creates every table of `tables` that is missing.
+async fn migrate(
+    client: &mut deadpool_postgres::Object,
+    tables: &[Table],
+) -> Result<(), StoreError> {
     let op = "migrate the schema";
     let tx = client.transaction().await.map_err(db(op))?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
@@ -744,7 +750,26 @@ async fn migrate(client: &mut deadpool_postgres::Object) -> Result<(), StoreErro
         .map_err(db(op))?;
         tracing::info!(version, "database schema migrated");
     }
+    tx.batch_execute(&create_tables(tables))
+        .await
+        .map_err(db(op))?;
     tx.commit().await.map_err(db(op))
+}
+
+/// `CREATE TABLE IF NOT EXISTS` for every table of `tables`: an engine's tables appear
+/// without a migration of their own (the names are `[a-z_]{1,40}`, checked when declared,
+/// so they need no quoting). Tables of before exist already and are left as they are.
+fn create_tables(tables: &[Table]) -> String {
+    tables
+        .iter()
+        .map(|t| {
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (key text COLLATE \"C\" PRIMARY KEY, value bytea NOT NULL);",
+                table_name(*t)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Rows of `(key, value)` from a query.
@@ -897,9 +922,14 @@ impl Store for PgStore {
         })
     }
 
-    fn snapshot(&self, each: &mut super::EachEntry<'_>) -> Result<(), StoreError> {
+    fn snapshot(
+        &self,
+        tables: &[Table],
+        each: &mut super::EachEntry<'_>,
+    ) -> Result<(), StoreError> {
         let op = "snapshot";
         let runtime = self.runtime()?;
+        let tables = tables.to_vec();
         type Row = Option<(Table, String, Vec<u8>)>;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Row, StoreError>>(1024);
         let pool = self.pool.clone();
@@ -916,7 +946,7 @@ impl Store for PgStore {
                     .start()
                     .await
                     .map_err(db(op))?;
-                for table in Table::ALL {
+                for table in tables {
                     let sql = format!(
                         "SELECT key, value FROM {} WHERE key > $1 OR $2 ORDER BY key LIMIT 1000",
                         table_name(table)
@@ -1079,22 +1109,42 @@ impl Store for PgStore {
 mod tests {
     use super::*;
 
+    const SYSTEM: Table = crate::store::SYSTEM;
+    const KEYS: Table = Table::new("keys", crate::store::Follow::Changes);
+    const GRANTS: Table = Table::new("grants", crate::store::Follow::Changes);
+    const AUDIT: Table = Table::new("audit", crate::store::Follow::Never);
+    const COUNTERS: Table = Table::new("counters", crate::store::Follow::Never);
+    const TABLES: &[Table] = &[SYSTEM, KEYS, GRANTS, AUDIT, COUNTERS];
+
+    fn parse_change(payload: &str) -> Option<Change> {
+        super::parse_change(TABLES, payload)
+    }
+
+    #[test]
+    fn every_table_is_created_if_missing() {
+        assert_eq!(
+            create_tables(&[SYSTEM, AUDIT]),
+            "CREATE TABLE IF NOT EXISTS kms_system (key text COLLATE \"C\" PRIMARY KEY, value bytea NOT NULL);\n\
+             CREATE TABLE IF NOT EXISTS kms_audit (key text COLLATE \"C\" PRIMARY KEY, value bytea NOT NULL);"
+        );
+    }
+
     #[test]
     fn a_notification_is_only_a_hint_of_an_entry_of_a_followed_table() {
         assert_eq!(
             parse_change("keys:payments"),
-            Some(Change::Entry(Table::Keys, "payments".into()))
+            Some(Change::Entry(KEYS, "payments".into()))
         );
         assert_eq!(
             parse_change("grants:00112233445566778899aabbccddeeff"),
             Some(Change::Entry(
-                Table::Grants,
+                GRANTS,
                 "00112233445566778899aabbccddeeff".into()
             ))
         );
         assert_eq!(
             parse_change("system:seal"),
-            Some(Change::Entry(Table::System, "seal".into()))
+            Some(Change::Entry(SYSTEM, "seal".into()))
         );
         let long = format!("keys:{}", "a".repeat(MAX_HINT_KEY + 1));
         for ignored in [
