@@ -1,14 +1,58 @@
 //! The engines, listed once: what the seal opens at unseal, and every table of the store.
 //!
 //! A new engine is a folder (`kms/src/<engine>/`, implementing `crate::engine::Engine`)
-//! and one line in `ENGINES` (docs/ARCHITECTURE.md, "How to add an engine").
+//! and one entry in `ENGINES` (docs/ARCHITECTURE.md, "How to add an engine").
 
-use std::sync::LazyLock;
+use std::error::Error;
+use std::sync::{Arc, LazyLock};
 
-use crate::store::Table;
+use crate::audit::AuditLog;
+use crate::barrier::Barrier;
+use crate::engine::Engine;
+use crate::hsm::Hsm;
+use crate::store::{Store, Table};
 
-/// Every engine's tables, in the order a backup writes them.
-const ENGINES: &[&[Table]] = &[crate::keyring::TABLES];
+/// What an engine is opened with at unseal.
+pub(crate) struct Opening<'a> {
+    /// The root key's holder: subkeys and sealed records.
+    pub(crate) barrier: &'a Arc<Barrier>,
+    pub(crate) hsm: &'a Arc<Hsm>,
+    pub(crate) store: &'a Arc<dyn Store>,
+    /// Where what the engine does by itself is recorded.
+    pub(crate) audit: &'a AuditLog,
+    /// `[keyring]`; the next engine's section joins it here.
+    pub(crate) keyring: crate::keyring::Settings,
+}
+
+/// Why an engine could not be opened: its own error (the keyring's `KeyringError`), or
+/// the store's or the HSM's, which the seal reports as such.
+pub(crate) type OpenError = Box<dyn Error + Send + Sync + 'static>;
+
+/// One engine: its name, its tables, how it is opened.
+pub(crate) struct Kind {
+    /// As [`Engine::name`] says it.
+    pub(crate) name: &'static str,
+    /// Its tables, in the order a backup writes them.
+    pub(crate) tables: &'static [Table],
+    /// Opens it (at unseal: loads what it keeps in memory, checks what it stored).
+    pub(crate) open: fn(&Opening<'_>) -> Result<Arc<dyn Engine>, OpenError>,
+}
+
+/// Every engine, in the order they are opened at unseal: **the one place engines are
+/// listed**.
+pub(crate) const ENGINES: &[Kind] = &[Kind {
+    name: "keyring",
+    tables: crate::keyring::TABLES,
+    open: |o| {
+        Ok(Arc::new(crate::keyring::Keyring::load(
+            Arc::clone(o.barrier),
+            Arc::clone(o.hsm),
+            Arc::clone(o.store),
+            Arc::new(o.audit.clone()),
+            o.keyring,
+        )?))
+    },
+}];
 
 /// Every table of the store: the seal's, each engine's, the audit log's; in the order a
 /// backup writes them. PostgreSQL creates a `kms_<name>` table for each at open, the
@@ -17,7 +61,7 @@ pub fn tables() -> &'static [Table] {
     static ALL: LazyLock<Vec<Table>> = LazyLock::new(|| {
         let mut all = vec![crate::store::SYSTEM];
         for engine in ENGINES {
-            all.extend_from_slice(engine);
+            all.extend_from_slice(engine.tables);
         }
         all.extend_from_slice(crate::audit::TABLES);
         all
@@ -28,6 +72,16 @@ pub fn tables() -> &'static [Table] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each engine's entry names it as its engine does.
+    #[test]
+    fn the_keyring_is_listed_first() {
+        assert_eq!(ENGINES.first().map(|k| k.name), Some("keyring"));
+        assert_eq!(
+            ENGINES.first().map(|k| k.tables),
+            Some(crate::keyring::TABLES)
+        );
+    }
 
     /// Two owners never declare one name: they would share a table.
     #[test]

@@ -10,6 +10,7 @@
 //! - [`store`]: the durable store (redb) behind a narrow trait.
 //! - [`seal`]: init / unseal / seal, and the root key.
 //! - [`keyring`]: named, versioned keys and the crypto operations (the first engine).
+//! - `engine` (private): the interface every engine implements (heard, follow, maintain).
 //! - [`engines`]: the list of engines, and every table of the store.
 //! - `service` (private): a call's life whatever its front: caller, operation, access
 //!   decision, audit record, transport-neutral errors.
@@ -45,6 +46,7 @@ pub mod audit;
 pub mod backup;
 pub mod barrier;
 pub mod config;
+mod engine;
 pub mod engines;
 mod grpc;
 pub mod hsm;

@@ -809,50 +809,24 @@ fn reflection_v1alpha() -> Result<
         .map_err(|e| StartError::Ready(Box::new(e)))
 }
 
-/// Runs keyring maintenance forever (the caller aborts it).
+/// Runs every engine's maintenance forever (the caller aborts it): each engine, in the
+/// order listed, does what is due and logs it (`Engine::maintain`), on a blocking thread.
 async fn maintain(seal: Arc<SealManager>, every: std::time::Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Retries' first answers are kept a day; the expired ones are removed hourly.
-    let mut forgot: Option<std::time::Instant> = None;
     loop {
         tick.tick().await;
-        let Ok(keyring) = seal.keyring() else {
+        let Ok(engines) = seal.engines() else {
             continue;
         };
-        let forget = forgot.is_none_or(|at| at.elapsed() >= FORGET_REQUESTS_EVERY);
-        if forget {
-            forgot = Some(std::time::Instant::now());
-        }
-        // Rotations and destructions first: the sweep waits for them, not the reverse.
-        let done = tokio::task::spawn_blocking(move || {
-            let maintained = keyring.maintain(crate::keyring::now());
-            let forgotten = forget.then(|| {
-                let now_ms = crate::keyring::now().saturating_mul(1000);
-                keyring.forget_requests(now_ms)
-            });
-            (maintained, forgotten)
+        let _ = tokio::task::spawn_blocking(move || {
+            for engine in engines {
+                engine.maintain(crate::keyring::now());
+            }
         })
         .await;
-        let Ok((maintained, forgotten)) = done else {
-            continue;
-        };
-        let (rotated, destroyed) = maintained;
-        if rotated + destroyed > 0 {
-            tracing::info!(rotated, destroyed, "keyring maintenance");
-        }
-        match forgotten {
-            Some(Err(e)) => {
-                tracing::warn!(error = %crate::error_chain(&e), "could not remove expired retry answers");
-            }
-            Some(Ok(n)) if n > 0 => tracing::debug!(removed = n, "expired retry answers removed"),
-            _ => {}
-        }
     }
 }
-
-/// How often the first answers kept for retries are swept for expired ones.
-const FORGET_REQUESTS_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Completes on SIGINT or SIGTERM. The handlers are installed when this is called, not
 /// when the future is first polled: call it before `bind` prints "kms listening", so that a

@@ -59,6 +59,7 @@ impl Keyring {
             settings,
             grants: RwLock::new(grants::LiveGrants::default()),
             lag: follow::Lag::default(),
+            forgot: Mutex::new(None),
         };
         let mut keys = BTreeMap::new();
         let mut tampered = BTreeMap::new();

@@ -19,6 +19,7 @@ mod admin;
 pub mod ciphertext;
 pub(crate) mod config;
 mod crypto;
+mod engine;
 mod error;
 mod follow;
 pub mod grants;
@@ -157,6 +158,8 @@ pub struct Keyring {
     /// Changes other servers made that this one has heard of and not applied yet
     /// (`keyring::follow`).
     lag: follow::Lag,
+    /// When maintenance last removed retries' expired first answers (`keyring::engine`).
+    forgot: Mutex<Option<std::time::Instant>>,
 }
 
 /// The current Unix time in seconds.

@@ -35,6 +35,7 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use crate::audit::AuditLog;
+use crate::engine::Engine;
 use crate::hsm::{Hsm, HsmError, HsmKeyKind, InstanceId, KeyHandle, Ownership};
 use crate::keyring::{Keyring, KeyringError, Settings as KeyringSettings};
 use crate::store::{Store, StoreError, Write};
@@ -280,7 +281,15 @@ struct RootKey(Zeroizing<[u8; KEY_LEN]>);
 /// key's one holder, and every derived key). Dropping the last reference zeroizes every
 /// key byte.
 struct Unsealed {
+    engines: Opened,
+}
+
+/// The engines opened at unseal (`crate::engines::ENGINES`): every one alike, and the
+/// keyring typed as well (its callers use its own API).
+#[derive(Clone)]
+struct Opened {
     keyring: Arc<Keyring>,
+    all: Vec<Arc<dyn Engine>>,
 }
 
 /// The persisted seal metadata. Everything here is public or wrapped.
@@ -590,9 +599,9 @@ pub struct SealManager {
     inner: Mutex<Inner>,
     /// Whether the server is unsealed, for those who watch (health, metrics).
     unsealed: tokio::sync::watch::Sender<bool>,
-    /// The keyring while unsealed, published apart from `inner` so that a call reads it
+    /// The engines while unsealed, published apart from `inner` so that a call reads them
     /// without waiting on a ceremony that holds `inner` (an unseal loading every key).
-    published: std::sync::RwLock<Option<Arc<Keyring>>>,
+    published: std::sync::RwLock<Option<Opened>>,
     /// Changes to the keyring other servers made, heard while no keyring is published
     /// (sealed, or an unseal loading every key): the next keyring hears them before it is
     /// published, so a change committed while it loaded (a revocation) is never served
@@ -643,26 +652,29 @@ impl SealManager {
         Ok(manager)
     }
 
-    /// Publishes the keyring (or its absence) to [`SealManager::keyring`]. A new keyring
-    /// first hears every change heard while none was published (see
-    /// [`SealManager::heard`]): the keys they concern are refused until the follow task,
-    /// which holds them as unapplied, has applied them.
-    fn publish(&self, keyring: Option<Arc<Keyring>>) {
+    /// Publishes the engines (or their absence) to [`SealManager::keyring`] and
+    /// [`SealManager::engines`]. New engines first hear every change heard while none was
+    /// published (see [`SealManager::heard`]): the keys they concern are refused until the
+    /// follow task, which holds them as unapplied, has applied them.
+    fn publish(&self, engines: Option<Opened>) {
         let mut heard = self
             .heard_unpublished
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(k) = &keyring
+        if let Some(opened) = &engines
             && !heard.is_empty()
         {
-            k.heard(&std::mem::take(&mut *heard));
+            let heard = std::mem::take(&mut *heard);
+            for engine in &opened.all {
+                engine.heard(&crate::engine::routed(engine.tables(), &heard));
+            }
         }
-        *self.published.write().unwrap_or_else(|p| p.into_inner()) = keyring;
+        *self.published.write().unwrap_or_else(|p| p.into_inner()) = engines;
     }
 
-    /// Notes changes other servers made as heard, at once: by the published keyring (see
-    /// `keyring::follow`), or, while none is, kept for the next one (a change to the
-    /// keyring committed while an unseal loads it must not be lost).
+    /// Notes changes other servers made as heard, at once: by each published engine, the
+    /// changes to its tables (see `keyring::follow`), or, while none is, kept for the next
+    /// ones (a change to the keyring committed while an unseal loads it must not be lost).
     pub(crate) fn heard(&self, changes: &[crate::store::Change]) {
         use crate::store::Change;
         let mut heard = self
@@ -675,7 +687,11 @@ impl SealManager {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         match published {
-            Some(keyring) => keyring.heard(changes),
+            Some(opened) => {
+                for engine in &opened.all {
+                    engine.heard(&crate::engine::routed(engine.tables(), changes));
+                }
+            }
             None => {
                 for change in changes {
                     if matches!(change, Change::Entry(crate::store::SYSTEM, _))
@@ -733,9 +749,21 @@ impl SealManager {
     /// Never waits on a ceremony in progress (an unseal or init holding the state): a call
     /// made meanwhile is told the server is sealed.
     pub fn keyring(&self) -> Result<Arc<Keyring>, SealError> {
+        self.opened().map(|o| o.keyring)
+    }
+
+    /// Every open engine (the keyring among them), as [`SealManager::keyring`] finds them:
+    /// for the server's maintenance task.
+    pub(crate) fn engines(&self) -> Result<Vec<Arc<dyn Engine>>, SealError> {
+        self.opened().map(|o| o.all)
+    }
+
+    /// The open engines, or [`SealError::Sealed`] / [`SealError::NotInitialized`]; never
+    /// waits on a ceremony in progress.
+    fn opened(&self) -> Result<Opened, SealError> {
         let published = self.published.read().unwrap_or_else(|p| p.into_inner());
-        if let Some(k) = published.as_ref() {
-            return Ok(Arc::clone(k));
+        if let Some(o) = published.as_ref() {
+            return Ok(o.clone());
         }
         drop(published);
         let inner = match self.inner.try_lock() {
@@ -744,7 +772,7 @@ impl SealManager {
             Err(std::sync::TryLockError::WouldBlock) => return Err(SealError::Sealed),
         };
         match &inner.state {
-            State::Unsealed(u) => Ok(Arc::clone(&u.keyring)),
+            State::Unsealed(u) => Ok(u.engines.clone()),
             State::Sealed(_) => Err(SealError::Sealed),
             State::Uninitialized => Err(SealError::NotInitialized),
         }
@@ -856,13 +884,17 @@ impl SealManager {
             tracing::error!(error = %crate::error_chain(&e), "cannot take up the seal record another server committed: retrying");
             left = seal_changes;
         }
-        let keyring = self
+        let published = self
             .published
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        match keyring {
-            Some(keyring) => left.extend(keyring.follow(changes)),
+        match published {
+            Some(opened) => {
+                for engine in &opened.all {
+                    left.extend(engine.follow(&crate::engine::routed(engine.tables(), changes)));
+                }
+            }
             None => {
                 // No keyring to apply them to: kept for the next one (it hears them before
                 // it is published) and left unapplied, for the follow task to apply once

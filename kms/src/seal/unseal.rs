@@ -2,10 +2,10 @@
 //! unseal key recombined and checked, the root key unwrapped, the keyring loaded.
 
 use super::{
-    Arc, Attempt, CombineError, HsmError, Inner, KEY_LEN, KeyHandle, Keyring, SealError,
-    SealManager, SealRecord, SealStatus, SecretString, Share, State, Unsealed, Zeroizing,
-    check_master_key, find_audit_key, find_recorded_master_key, key_check, random_nonce, status_of,
-    to_key, unwrap_root,
+    Arc, Attempt, CombineError, HsmError, Inner, KEY_LEN, KeyHandle, Keyring, KeyringError, Opened,
+    SealError, SealManager, SealRecord, SealStatus, SecretString, Share, State, Unsealed,
+    Zeroizing, check_master_key, find_audit_key, find_recorded_master_key, key_check, random_nonce,
+    status_of, to_key, unwrap_root,
 };
 use subtle::ConstantTimeEq;
 
@@ -59,8 +59,8 @@ impl SealManager {
             None => self.login_from_shares(&record, pin_part)?,
         };
         inner.master_key = Some(master_key);
-        let keyring = match self.open_keyring(inner, master_key, &record, &unseal_key) {
-            Ok(k) => k,
+        let engines = match self.open_engines(inner, master_key, &record, &unseal_key) {
+            Ok(e) => e,
             Err(e) => {
                 if record.pin_in_shares {
                     inner.master_key = None;
@@ -70,11 +70,10 @@ impl SealManager {
                 return Err(e);
             }
         };
-        let keyring = Arc::new(keyring);
         inner.state = State::Unsealed(Unsealed {
-            keyring: Arc::clone(&keyring),
+            engines: engines.clone(),
         });
-        self.publish(Some(keyring));
+        self.publish(Some(engines));
         self.unsealed.send_replace(true);
         Ok(status_of(inner, self.hsm.pin_in_shares()))
     }
@@ -82,16 +81,17 @@ impl SealManager {
     /// Authenticates the record (with the PIN in the shares, the HSM is logged in only
     /// now), unwraps the root key, settles the record (see `record.rs`: a record of before
     /// is authenticated, a restored copy takes its identity, retired master keys left by a
-    /// crash are destroyed) and loads the keyring under it. With `pin_in_shares`, the audit
-    /// key is found first, and on any failure the session logs out again and the signer
-    /// forgets the key: a failed unseal leaves nothing logged in.
-    fn open_keyring(
+    /// crash are destroyed) and opens every engine (`crate::engines::ENGINES`, the keyring
+    /// first) over the barrier that now holds it. With `pin_in_shares`, the audit key is
+    /// found first, and on any failure the session logs out again and the signer forgets
+    /// the key: a failed unseal leaves nothing logged in.
+    fn open_engines(
         &self,
         inner: &mut Inner,
         master_key: KeyHandle,
         record: &SealRecord,
         unseal_key: &[u8; KEY_LEN],
-    ) -> Result<Keyring, SealError> {
+    ) -> Result<Opened, SealError> {
         let loaded = self
             .ensure_authentic(inner)
             .and_then(|_| unwrap_root(&self.hsm, master_key, record, unseal_key))
@@ -104,19 +104,43 @@ impl SealManager {
                 self.settle_record(inner, true)?;
                 // From here the barrier is the root key's only holder.
                 let barrier = Arc::new(crate::barrier::Barrier::new(root.0));
-                Ok(Keyring::load(
-                    barrier,
-                    Arc::clone(&self.hsm),
-                    Arc::clone(&self.store),
-                    Arc::new(self.audit.clone()),
-                    self.settings,
-                )?)
+                self.open_each(&barrier)
             });
         if loaded.is_err() && record.pin_in_shares {
             let _ = self.hsm.logout();
             self.audit.signer().set(None);
         }
         loaded
+    }
+
+    /// Opens every engine in the order listed, over `barrier`; the first that fails stops
+    /// the unseal (those opened already are dropped).
+    fn open_each(&self, barrier: &Arc<crate::barrier::Barrier>) -> Result<Opened, SealError> {
+        let opening = crate::engines::Opening {
+            barrier,
+            hsm: &self.hsm,
+            store: &self.store,
+            audit: &self.audit,
+            keyring: self.settings,
+        };
+        let mut all = Vec::with_capacity(crate::engines::ENGINES.len());
+        let mut keyring = None;
+        for kind in crate::engines::ENGINES {
+            let engine = (kind.open)(&opening).map_err(|e| open_error(kind.name, e))?;
+            debug_assert_eq!(
+                engine.name(),
+                kind.name,
+                "the list names the engine it opens"
+            );
+            if keyring.is_none() {
+                keyring = Arc::clone(&engine).into_any().downcast::<Keyring>().ok();
+            }
+            all.push(engine);
+        }
+        let keyring = keyring.ok_or(SealError::Keyring(KeyringError::Internal(
+            "the keyring is not among the engines",
+        )))?;
+        Ok(Opened { keyring, all })
     }
 
     /// Logs in with the PIN recombined from the shares and finds the master key; logs out
@@ -139,6 +163,29 @@ impl SealManager {
             let _ = self.hsm.logout();
         }
         found
+    }
+}
+
+/// The seal's error for an engine that could not be opened: the keyring's own error, or
+/// the store's or the HSM's, as they were before engines. Another engine's own error has
+/// no `SealError` of its own yet (adding one means a line in `service::error`'s exhaustive
+/// mapping): it is logged with the engine's name and reported as the keyring's internal
+/// error.
+fn open_error(engine: &'static str, e: crate::engines::OpenError) -> SealError {
+    let e = match e.downcast::<KeyringError>() {
+        Ok(k) => return SealError::Keyring(*k),
+        Err(e) => e,
+    };
+    let e = match e.downcast::<crate::store::StoreError>() {
+        Ok(s) => return SealError::Store(*s),
+        Err(e) => e,
+    };
+    match e.downcast::<HsmError>() {
+        Ok(h) => SealError::Hsm(*h),
+        Err(e) => {
+            tracing::error!(engine, error = %crate::error_chain(e.as_ref()), "an engine could not be opened");
+            SealError::Keyring(KeyringError::Internal("an engine could not be opened"))
+        }
     }
 }
 
