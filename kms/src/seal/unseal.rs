@@ -1,5 +1,6 @@
 //! Unseal: shares collected per attempt, each checked (set, threshold, commitment), the
-//! unseal key recombined and checked, the root key unwrapped, the keyring loaded.
+//! unseal key recombined and checked, the root key unwrapped into the barrier, the engines
+//! opened over it.
 
 use super::{
     Arc, Attempt, CombineError, HsmError, Inner, KEY_LEN, KeyHandle, Keyring, KeyringError, Opened,
