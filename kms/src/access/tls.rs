@@ -217,6 +217,20 @@ impl ServerTls {
         Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// The current configuration for a listener speaking `protocol`: the same certificate,
+    /// client CA bundle and rules, only the ALPN protocol differs.
+    fn current_for(&self, protocol: Protocol) -> Arc<rustls::ServerConfig> {
+        let config = self.current();
+        match protocol {
+            Protocol::Grpc => config,
+            Protocol::Http1 => {
+                let mut config = (*config).clone();
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Arc::new(config)
+            }
+        }
+    }
+
     /// Reloads the files if `force` or if any of them changed. A configuration that does
     /// not load is logged and the old one kept: a half-written file never takes the
     /// listener down. Returns whether a new configuration took effect.
@@ -374,6 +388,9 @@ pub(crate) struct PeerInfo {
     pub addr: SocketAddr,
     /// Who it is.
     pub identity: Arc<Identity>,
+    /// The SHA-256 of the client certificate (DER), when one was presented: what binds a
+    /// session token of the HTTP front to the certificate that obtained it.
+    pub certificate: Option<[u8; 32]>,
     /// The calls in flight on the connection (the gate keeps it).
     pub activity: Arc<Activity>,
 }
@@ -506,6 +523,13 @@ pub(crate) const CONNECTION_AGE_GRACE: Duration = Duration::from_secs(30);
 enum Io {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Conn {
+    /// What every request on this connection knows of it.
+    pub(crate) fn info(&self) -> &PeerInfo {
+        &self.info
+    }
 }
 
 impl tonic::transport::server::Connected for Conn {
@@ -888,6 +912,15 @@ async fn handshake(
     Some((stream, identity))
 }
 
+/// What a listener speaks, which its TLS handshake announces (ALPN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    /// gRPC: HTTP/2 (`h2`).
+    Grpc,
+    /// The Vault-compatible HTTPS front: HTTP/1.1 (`http/1.1`), what Vault's clients speak.
+    Http1,
+}
+
 /// Accepts connections on `listener` (TLS with `tls`, else plaintext) and yields each
 /// once its handshake succeeded and its caller is known. Handshakes are bounded by
 /// `limits` (in all, per address, and in time), established connections by `caps`.
@@ -897,6 +930,7 @@ pub(crate) fn incoming(
     tls: Option<Arc<ServerTls>>,
     limits: Limits,
     caps: ConnectionCaps,
+    protocol: Protocol,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let handshakes = Arc::new(Handshakes::new(limits));
@@ -932,6 +966,7 @@ pub(crate) fn incoming(
                     PeerInfo {
                         addr,
                         identity: Arc::new(Identity::loopback()),
+                        certificate: None,
                         activity: Arc::new(Activity::new()),
                     },
                     &limits,
@@ -951,7 +986,7 @@ pub(crate) fn incoming(
                     continue;
                 }
             };
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current_for(protocol));
             let timeout = limits.handshake_timeout;
             let connections = Arc::clone(&connections);
             tokio::spawn(async move {
@@ -966,6 +1001,15 @@ pub(crate) fn incoming(
                     return;
                 };
                 drop(handshake_slot);
+                let certificate = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| {
+                        use sha2::Digest as _;
+                        sha2::Sha256::digest(c.as_ref()).into()
+                    });
                 if !identity.authenticated
                     && let Err(limit) = connections.anonymous(&mut slot)
                 {
@@ -977,6 +1021,7 @@ pub(crate) fn incoming(
                     PeerInfo {
                         addr,
                         identity: Arc::new(identity),
+                        certificate,
                         activity: Arc::new(Activity::new()),
                     },
                     &limits,
