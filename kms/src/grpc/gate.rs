@@ -257,7 +257,7 @@ impl GateState {
         }
     }
 
-    fn count_probe(&self, outcome: &str) {
+    pub(crate) fn count_probe(&self, outcome: &str) {
         let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
         *probes.entry(outcome.to_owned()).or_default() += 1;
     }

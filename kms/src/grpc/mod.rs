@@ -815,7 +815,7 @@ const IN_PROCESS_MAX_INPUT: u64 = crate::keyring::MAX_PLAINTEXT as u64 + 16 * 10
 
 /// Runs a blocking call off the async runtime, writes its audit record, logs its outcome,
 /// maps its error. The answer leaves only after the record is durable.
-async fn run<R: prost::Message + Send + 'static>(
+pub(crate) async fn run<R: prost::Message + Send + 'static>(
     call: Call,
     f: impl FnOnce(&Call) -> Result<Served<R>, ApiError> + Send + 'static,
 ) -> Result<Response<R>, Status> {
@@ -1016,7 +1016,10 @@ pub(crate) trait Aad {
 /// Runs `f` on the keyring (or fails with sealed / not initialised). A call that needs a
 /// grant is checked here, before `f`, against every key it names (its key and, for
 /// ReEncrypt, its destination) and every associated data in `req`.
-async fn with_keyring<Q: Aad + Send + 'static, R: prost::Message + Default + Send + 'static>(
+pub(crate) async fn with_keyring<
+    Q: Aad + Send + 'static,
+    R: prost::Message + Default + Send + 'static,
+>(
     ctx: &Ctx,
     call: Call,
     req: Q,
