@@ -41,6 +41,9 @@ pub(crate) struct ConfigFile {
     /// The `[metrics]` table.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// The `[http]` table (`crate::http::config`).
+    #[serde(default)]
+    pub http: crate::http::config::HttpConfig,
 }
 
 /// `[metrics]`: the Prometheus endpoint.
@@ -388,6 +391,8 @@ pub struct Config {
     pub unseal_limit: crate::access::limiter::UnsealLimit,
     /// `[limits]`.
     pub limits: crate::access::limiter::Limits,
+    /// `[http]`: the Vault-compatible HTTPS front, if on.
+    pub http: Option<crate::http::config::HttpSettings>,
 }
 
 /// What is wrong with the configuration file.
@@ -469,6 +474,9 @@ pub enum ConfigError {
     /// `[log] requests` is unknown.
     #[error("log.requests: {0:?} is not one of debug, info")]
     BadRequestLog(String),
+    /// `[http]` is wrong.
+    #[error(transparent)]
+    Http(#[from] crate::http::config::HttpConfigError),
     /// `[metrics] listen` is not an address.
     #[error("metrics.listen: {0:?} is not an address and port (e.g. 127.0.0.1:9464)")]
     BadMetricsListen(String),
@@ -518,6 +526,7 @@ impl Config {
             })
             .transpose()?;
         let (keyring, maintenance_interval) = file.keyring.validate()?;
+        let http = file.http.validate(tls.is_some())?;
         Ok(Self {
             listen,
             storage: file.storage.validate(base)?,
@@ -533,6 +542,7 @@ impl Config {
             roles,
             unseal_limit,
             limits,
+            http,
         })
     }
 }

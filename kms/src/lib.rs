@@ -10,6 +10,7 @@
 //! - [`seal`]: init / unseal / seal, and the root key.
 //! - [`keyring`]: named, versioned keys and the crypto operations.
 //! - `grpc` (private): the gRPC services; the only place errors become `tonic::Status`.
+//! - `http` (private): the Vault-compatible HTTPS front (Transit), beside gRPC.
 //! - [`server`]: start-up, serving, shutdown.
 //! - [`wire`]: every protobuf <-> domain conversion, both ways.
 //!
@@ -25,6 +26,7 @@ pub mod backup;
 pub mod config;
 mod grpc;
 pub mod hsm;
+mod http;
 pub mod keyring;
 mod metrics;
 pub mod policy;
