@@ -233,6 +233,9 @@ async fn vault_clients_work_unchanged_against_the_transit_front() {
     assert!(count(&app.principal, "Encrypt", "aes", "PERMISSION_DENIED") == 1);
     assert!(count(&app.principal, "CreateKey", "app-key", "PERMISSION_DENIED") == 1);
     assert!(count(admin, "Hash", "", "OK") >= 2);
+    // Refused before its call (a derivation context): recorded with its key all the same.
+    assert!(count(admin, "Encrypt", "aes", "INVALID_ARGUMENT") >= 1);
+    assert!(count(admin, "Hash", "", "INVALID_ARGUMENT") == 1);
     let log = serde_json::to_string(&events).unwrap();
     let token = created["token"].as_str().unwrap();
     for secret in [token, "attack at dawn", "YXR0YWNrIGF0IGRhd24=", for_grpc] {

@@ -73,6 +73,8 @@ pub(crate) struct Refused {
     pub message: String,
     /// The service layer's reason (`KEY_NOT_FOUND`, `NO_GRANT`, ...), when it refused.
     pub reason: &'static str,
+    /// Whether the refusal has its audit record (a call's); the front records its own.
+    pub recorded: bool,
 }
 
 impl Refused {
@@ -82,6 +84,7 @@ impl Refused {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
             reason: "INVALID_REQUEST",
+            recorded: false,
         }
     }
 
@@ -91,6 +94,7 @@ impl Refused {
             status: StatusCode::FORBIDDEN,
             message: message.into(),
             reason: "PERMISSION_DENIED",
+            recorded: false,
         }
     }
 }
@@ -151,6 +155,7 @@ fn refused(status: &tonic::Status) -> Refused {
         status: code,
         message: status.message().to_owned(),
         reason,
+        recorded: true,
     }
 }
 
@@ -240,8 +245,8 @@ impl prost::Message for Sized {
 pub(crate) async fn record(
     ctx: &Ctx,
     peer: &PeerInfo,
-    service: &'static str,
-    op: &'static str,
+    (service, op): (&'static str, &'static str),
+    key: Option<&str>,
     input_bytes: usize,
     outcome: Result<usize, &Refused>,
 ) -> Result<String, Refused> {
@@ -252,6 +257,14 @@ pub(crate) async fn record(
         peer: peer.addr.to_string(),
         service: service.to_owned(),
         operation: op.to_owned(),
+        // A name that is not one is recorded as its size only, as gRPC's.
+        key: key.map(|k| {
+            if crate::keyring::model::check_name(k).is_ok() {
+                k.to_owned()
+            } else {
+                crate::grpc::invalid_name(k)
+            }
+        }),
         outcome: match outcome {
             Ok(_) => "OK".to_owned(),
             Err(r) if r.status == StatusCode::FORBIDDEN => "PERMISSION_DENIED".to_owned(),
@@ -269,6 +282,8 @@ pub(crate) async fn record(
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 message: crate::grpc::AUDIT_UNAVAILABLE.to_owned(),
                 reason: "AUDIT_UNAVAILABLE",
+                // Not to be tried again.
+                recorded: true,
             })
         }
     }

@@ -376,13 +376,13 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
                 Ok(a) => Ok((a, op)),
                 Err(r) => {
                     // A request refused before its call (its parameters) is recorded here.
-                    if r.reason == "INVALID_REQUEST"
+                    if !r.recorded
                         && op != "unknown"
                         && let Err(audit) = call::record(
                             &front.ctx,
                             peer,
-                            "kms.v1.KeyManagement",
-                            op,
+                            ("kms.v1.KeyManagement", op),
+                            transit::key_of(path),
                             size,
                             Err(&r),
                         )
@@ -407,6 +407,7 @@ fn not_found() -> Refused {
         status: StatusCode::NOT_FOUND,
         message: "unsupported path".to_owned(),
         reason: "UNSUPPORTED_PATH",
+        recorded: false,
     }
 }
 
@@ -415,6 +416,7 @@ fn method_not_allowed() -> Refused {
         status: StatusCode::METHOD_NOT_ALLOWED,
         message: "unsupported operation".to_owned(),
         reason: "UNSUPPORTED_OPERATION",
+        recorded: false,
     }
 }
 
@@ -424,6 +426,7 @@ async fn read_body(body: Body, headers: &HeaderMap) -> Result<Zeroizing<Vec<u8>>
         status: StatusCode::PAYLOAD_TOO_LARGE,
         message: format!("the request body is larger than {MAX_BODY} bytes"),
         reason: "TOO_LARGE",
+        recorded: false,
     };
     if headers
         .get(header::CONTENT_LENGTH)
@@ -514,6 +517,7 @@ async fn login(front: &Front, peer: &PeerInfo, size: usize) -> Result<Answer, Re
                 status: StatusCode::TOO_MANY_REQUESTS,
                 message: e.to_string(),
                 reason: "TOO_MANY_SESSIONS",
+                recorded: false,
             }),
         None => Err(Refused::denied("permission denied")),
     };
@@ -541,8 +545,8 @@ async fn login(front: &Front, peer: &PeerInfo, size: usize) -> Result<Answer, Re
     let request_id = call::record(
         &front.ctx,
         peer,
-        "vault.v1.Auth",
-        "CertLogin",
+        ("vault.v1.Auth", "CertLogin"),
+        None,
         size,
         auth.as_ref().map(|a| a.len()),
     )
@@ -594,8 +598,8 @@ async fn lookup_self(
     let request_id = call::record(
         &front.ctx,
         peer,
-        "vault.v1.Auth",
-        "LookupSelf",
+        ("vault.v1.Auth", "LookupSelf"),
+        None,
         size,
         reply.as_ref().map(|r| r.data.len()),
     )

@@ -75,6 +75,19 @@ pub(crate) fn operation(method: &Method, path: &[&str], list: bool) -> Option<&'
     })
 }
 
+/// The key a Transit path names, if any.
+pub(crate) fn key_of<'a>(path: &[&'a str]) -> Option<&'a str> {
+    match path {
+        ["keys", name, ..] | ["datakey", _, name] => Some(name),
+        [
+            "encrypt" | "decrypt" | "rewrap" | "sign" | "verify" | "hmac",
+            name,
+            ..,
+        ] => Some(name),
+        _ => None,
+    }
+}
+
 /// Serves a Transit path.
 pub(crate) async fn serve(
     req: Request<'_>,
@@ -128,6 +141,7 @@ pub(crate) async fn serve(
             status: StatusCode::NOT_FOUND,
             message: "unsupported path".to_owned(),
             reason: "UNSUPPORTED_PATH",
+            recorded: false,
         }),
     }
 }
@@ -310,6 +324,7 @@ fn not_found_is_empty(answer: Result<Answer, Refused>) -> Result<Answer, Refused
             status: StatusCode::NOT_FOUND,
             message: String::new(),
             reason: r.reason,
+            recorded: r.recorded,
         }),
         other => other,
     }
@@ -1010,13 +1025,16 @@ async fn unkeyed(
     let request_id = record(
         &req.front.ctx,
         req.peer,
-        KEYS,
-        op,
+        (KEYS, op),
+        None,
         req.size,
         reply.as_ref().map(|r| r.data.len()),
     )
     .await?;
-    let mut reply = reply?;
+    let mut reply = reply.map_err(|r| Refused {
+        recorded: true,
+        ..r
+    })?;
     reply.warnings.extend(req.params.unread());
     Ok(Answer::Data {
         reply,
@@ -1058,6 +1076,7 @@ async fn random(
             status: StatusCode::INTERNAL_SERVER_ERROR,
             message: "no randomness available".to_owned(),
             reason: "RANDOMNESS_UNAVAILABLE",
+            recorded: false,
         })?;
         let text = if hex {
             data_encoding::HEXLOWER.encode(&bytes)
