@@ -271,6 +271,7 @@ pub async fn serve(
     let (stop_rx, deadline) = stop_plan(shutdown);
     let background = Background::start(&opened, &gate_state, &health, metrics, &stop_rx);
     let caps = connection_caps(&limits);
+    let admission = crate::access::tls::Admission::new(limits, caps);
     let http = match (&opened.http, &opened.tls) {
         (Some(settings), Some(tls)) => {
             let listener =
@@ -285,7 +286,7 @@ pub async fn serve(
                 listener,
                 Arc::clone(tls),
                 limits,
-                caps,
+                admission.clone(),
                 front,
                 stopped(stop_rx.clone()),
             )))
@@ -296,7 +297,7 @@ pub async fn serve(
         listener,
         opened.tls.clone(),
         limits,
-        caps,
+        admission,
         crate::access::tls::Protocol::Grpc,
     );
     // A connection is asked to close (GOAWAY) at `max_connection_age`, so a removed CA or

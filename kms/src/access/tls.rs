@@ -912,6 +912,24 @@ async fn handshake(
     Some((stream, identity))
 }
 
+/// The bounds on handshakes and connections, shared by every listener of the server (the
+/// gRPC listener and the HTTPS front count against the same `[limits]` and open files).
+#[derive(Debug, Clone)]
+pub(crate) struct Admission {
+    handshakes: Arc<Handshakes>,
+    connections: Arc<Connections>,
+}
+
+impl Admission {
+    /// The bounds of `limits` and `caps`, none taken yet.
+    pub(crate) fn new(limits: Limits, caps: ConnectionCaps) -> Self {
+        Self {
+            handshakes: Arc::new(Handshakes::new(limits)),
+            connections: Arc::new(Connections::new(caps)),
+        }
+    }
+}
+
 /// What a listener speaks, which its TLS handshake announces (ALPN).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Protocol {
@@ -929,12 +947,14 @@ pub(crate) fn incoming(
     listener: TcpListener,
     tls: Option<Arc<ServerTls>>,
     limits: Limits,
-    caps: ConnectionCaps,
+    admission: Admission,
     protocol: Protocol,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let handshakes = Arc::new(Handshakes::new(limits));
-    let connections = Arc::new(Connections::new(caps));
+    let Admission {
+        handshakes,
+        connections,
+    } = admission;
     tokio::spawn(async move {
         loop {
             let (tcp, addr) = tokio::select! {

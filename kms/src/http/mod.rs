@@ -35,8 +35,8 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use crate::access::limiter::{ConnectionCaps, Limits};
-use crate::access::tls::{Conn, PeerInfo, Protocol, ServerTls};
+use crate::access::limiter::Limits;
+use crate::access::tls::{Admission, Conn, PeerInfo, Protocol, ServerTls};
 use crate::grpc::Ctx;
 use crate::grpc::gate::GateState;
 use call::{Refused, Reply};
@@ -109,11 +109,12 @@ pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     tls: Arc<ServerTls>,
     limits: Limits,
-    caps: ConnectionCaps,
+    admission: Admission,
     front: Front,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let incoming = crate::access::tls::incoming(listener, Some(tls), limits, caps, Protocol::Http1);
+    let incoming =
+        crate::access::tls::incoming(listener, Some(tls), limits, admission, Protocol::Http1);
     let app = axum::Router::new()
         .fallback(handle)
         .with_state(Arc::new(front))
