@@ -38,7 +38,7 @@ use zeroize::Zeroizing;
 use crate::access::limiter::Limits;
 use crate::access::tls::{Admission, Conn, PeerInfo, Protocol, ServerTls};
 use crate::grpc::Ctx;
-use crate::grpc::gate::GateState;
+use crate::grpc::gate::{FrontRefusal, GateState};
 use call::{Refused, Reply};
 
 /// The largest request body: gRPC's largest message (16 MiB) in base64, with room for the
@@ -177,6 +177,10 @@ async fn handle(
         Ok((a, op)) => (status_of(a), *op),
         Err((r, op)) => (r.status, *op),
     };
+    // A certificate holder's refused call counts against its limit, as on gRPC.
+    if status == StatusCode::FORBIDDEN && call::authenticated(&peer) {
+        front.probes.refused_by_front(&peer);
+    }
     crate::metrics::metrics().request(
         "kms.v1.KeyManagement",
         op,
@@ -299,6 +303,30 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
             .uri
             .query()
             .is_some_and(|q| q.split('&').any(|kv| kv == "list=true" || kv == "list=1"));
+    let open = matches!(segments.as_slice(), ["sys", "health" | "seal-status"]);
+    // The gRPC gate's rules before a call is read: limits on refused calls and on calls
+    // without a certificate, which gets only the open paths.
+    match front.probes.admit(peer, open, "<vault path>") {
+        Ok(()) => {}
+        Err(FrontRefusal::Unauthenticated) => {
+            tracing::debug!(peer = %peer.addr, "HTTPS request without a client certificate refused");
+            return Err((Refused::denied("permission denied"), "unauthenticated"));
+        }
+        Err(FrontRefusal::Limited(wait)) => {
+            return Err((
+                Refused {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    message: format!(
+                        "too many refused calls, or calls without a client certificate, from this address: try again in {} s",
+                        wait.as_secs().max(1)
+                    ),
+                    reason: "TOO_MANY_REFUSED_CALLS",
+                    recorded: false,
+                },
+                "limited",
+            ));
+        }
+    }
     // Open to everyone: counted, not recorded one by one.
     if let ["sys", what @ ("health" | "seal-status")] = segments.as_slice() {
         if method != Method::GET && method != Method::HEAD {
@@ -323,9 +351,8 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
         };
         return Ok((answer, op));
     }
-    // Everything else needs a client certificate: refused unread without one.
+    // Everything else needs a client certificate (`admit` refused it unread without one).
     if !call::authenticated(peer) {
-        tracing::debug!(peer = %peer.addr, "HTTPS request without a client certificate refused");
         return Err((Refused::denied("permission denied"), "unauthenticated"));
     }
     if let Some(token) = parts.headers.get(TOKEN_HEADER) {
