@@ -34,7 +34,7 @@ SEAL_CONTEXT = "kms-audit-export-seal/v1"
 ZERO_HASH = "0" * 64
 
 # "A record": the fields in the order shown. The last four are absent unless set; the
-# table gives grant, ceremony and replay_of in this order, "Retention and archives" adds
+# table gives grant, ceremony, replay_of and front in this order, "Retention and archives" adds
 # `archived` (its place is documented next to the table).
 RECORD_FIELDS = ["schema", "seq", "event", "prev_hash", "hash"]
 EVENT_FIELDS = [
@@ -42,7 +42,7 @@ EVENT_FIELDS = [
     "key_version", "destination_key", "destination_key_version", "outcome",
     "input_bytes", "output_bytes", "batch",
 ]
-EVENT_OPTIONAL = ["grant", "archived", "ceremony", "replay_of"]
+EVENT_OPTIONAL = ["grant", "archived", "ceremony", "replay_of", "front"]
 # Nested objects whose fields the doc lists, in its order. Maps (batch outcomes and
 # versions, the export's filter) are data, kept as written.
 NESTED_FIELDS = {

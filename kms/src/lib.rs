@@ -9,7 +9,9 @@
 //! - [`store`]: the durable store (redb) behind a narrow trait.
 //! - [`seal`]: init / unseal / seal, and the root key.
 //! - [`keyring`]: named, versioned keys and the crypto operations.
-//! - `grpc` (private): the gRPC services; the only place errors become `tonic::Status`.
+//! - `service` (private): a call's life whatever its front: caller, operation, access
+//!   decision, audit record, transport-neutral errors.
+//! - `grpc` (private): the gRPC front; the only place errors become `tonic::Status`.
 //! - `http` (private): the Vault-compatible HTTPS front (Transit), beside gRPC.
 //! - [`server`]: start-up, serving, shutdown.
 //! - [`wire`]: every protobuf <-> domain conversion, both ways.
@@ -32,6 +34,7 @@ mod metrics;
 pub mod policy;
 pub mod seal;
 pub mod server;
+mod service;
 pub mod store;
 pub mod wire;
 

@@ -17,9 +17,10 @@ use crate::access::limiter::{FailureLimiter, Limits, UnsealLimit};
 use crate::access::tls::{ServerTls, TlsError};
 use crate::audit::{AuditError, AuditLog, Signer};
 use crate::config::Config;
-use crate::grpc::{AccessService, AuditService, Ctx, KeyManagementService, SystemService};
+use crate::grpc::{AccessService, AuditService, KeyManagementService, SystemService};
 use crate::hsm::{Hsm, HsmError};
 use crate::seal::{SealError, SealManager};
+use crate::service::Service;
 use crate::store::StoreError;
 use kms_proto::v1::access_server::AccessServer;
 use kms_proto::v1::audit_server::AuditServer;
@@ -250,7 +251,7 @@ pub async fn serve(
     opened: Opened,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let ctx = Ctx {
+    let ctx = Service {
         seal: Arc::clone(&opened.seal),
         audit: opened.audit.clone(),
         roles: Arc::clone(&opened.roles),

@@ -698,7 +698,7 @@ async fn three_servers_share_one_keyring() {
     );
     assert_eq!(cut.trim(), "3", "{cut}");
     a.grant("orders", &reader.principal).await;
-    let (_, took) = within(Duration::from_secs(5), || {
+    let (_, took) = within(PROPAGATION, || {
         let (mut kr, ct) = (kr.clone(), ct.clone());
         async move { decrypt(&mut kr, "orders", &ct).await.ok() }
     })
@@ -838,14 +838,14 @@ async fn a_rekey_on_one_server_holds_on_every_server() {
         .unwrap()
         .to_owned();
     // B sees the pending share set (its verification may go on there).
-    within(Duration::from_secs(5), || async {
+    within(PROPAGATION, || async {
         (rekey(&b)["phase"] == "verifying").then_some(())
     })
     .await;
     let committed = b.rekey_submit(&[&new[1], &new[0]]).json_lines();
     assert_eq!(committed[1]["committed_share_set_id"], new_set.as_str());
     // A follows the commit: the new set is in force there too.
-    within(Duration::from_secs(5), || async {
+    within(PROPAGATION, || async {
         let st = a.kms(&["operator", "status", "--json"], "").json();
         (st["share_set_id"] == new_set.as_str()).then_some(())
     })
@@ -1015,7 +1015,7 @@ async fn a_revocation_is_never_lost_when_another_server_cannot_read_it() {
         .unwrap();
     let kr = b.keys_as(Some(&reader)).await;
     for (key, ct) in [("ledger", &ct), ("other", &ct_other)] {
-        within(Duration::from_secs(5), || {
+        within(PROPAGATION, || {
             let (mut kr, ct) = (kr.clone(), ct.clone());
             async move { decrypt(&mut kr, key, &ct).await.ok() }
         })
@@ -1128,10 +1128,7 @@ async fn a_revocation_is_never_lost_when_another_server_cannot_read_it() {
             b"other entry"
         );
     }
-    within(Duration::from_secs(5), || async {
-        behind("0").then_some(())
-    })
-    .await;
+    within(PROPAGATION, || async { behind("0").then_some(()) }).await;
     assert!(hsm.logs().contains("caught up with the shared store"));
 }
 
@@ -1165,7 +1162,7 @@ async fn two_servers_and_a_grant(pg: &TestPostgres, hsm: &TestHsm) -> Granted {
         .await
         .unwrap();
     let kr = b.keys_as(Some(&reader)).await;
-    within(Duration::from_secs(5), || {
+    within(PROPAGATION, || {
         let (mut kr, ct) = (kr.clone(), ct.clone());
         async move { decrypt(&mut kr, "ledger", &ct).await.ok() }
     })
@@ -1229,7 +1226,7 @@ async fn a_flood_of_notifications_from_any_role_does_not_hold_up_a_revocation() 
     );
     // Both servers still serve: B, which refuses calls while a reload the flood made is
     // due, within a few seconds of it.
-    let (_, took) = within(Duration::from_secs(5), || {
+    let (_, took) = within(PROPAGATION, || {
         let ct = ct.clone();
         let b = &b;
         async move { decrypt(&mut b.keys().await, "ledger", &ct).await.ok() }

@@ -236,6 +236,22 @@ async fn vault_clients_work_unchanged_against_the_transit_front() {
     // Refused before its call (a derivation context): recorded with its key all the same.
     assert!(count(admin, "Encrypt", "aes", "INVALID_ARGUMENT") >= 1);
     assert!(count(admin, "Hash", "", "INVALID_ARGUMENT") == 1);
+    // Each record says which front the call came through: `http` here, none for gRPC.
+    let transit_encrypts: Vec<_> = events
+        .iter()
+        .filter(|e| e["operation"] == "Encrypt" && e["key"] == "aes")
+        .collect();
+    assert!(
+        transit_encrypts.iter().any(|e| e["front"] == "http")
+            && transit_encrypts.iter().any(|e| e["front"].is_null()),
+        "{transit_encrypts:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .filter(|e| e["operation"] == "CertLogin")
+            .all(|e| e["front"] == "http" && e["service"] == "kms.v1.Access")
+    );
     let log = serde_json::to_string(&events).unwrap();
     let token = created["token"].as_str().unwrap();
     for secret in [token, "attack at dawn", "YXR0YWNrIGF0IGRhd24=", for_grpc] {

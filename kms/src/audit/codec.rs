@@ -212,7 +212,10 @@ pub(crate) fn encode(r: &AuditRecord) -> Result<Vec<u8>, serde_json::Error> {
     let hashes = hash_bytes(&r.prev_hash).zip(hash_bytes(&r.hash));
     // A ceremony's record (a few a year), and a retry answered from its first answer, are
     // stored as their JSON: the compact form has no place for the summary or the flag.
-    let compact_fits = r.schema == AUDIT_SCHEMA && e.ceremony.is_none() && e.replay_of.is_none();
+    let compact_fits = r.schema == AUDIT_SCHEMA
+        && e.ceremony.is_none()
+        && e.replay_of.is_none()
+        && e.front.is_none();
     let Some((prev_hash, hash)) = hashes.filter(|_| compact_fits) else {
         return serde_json::to_vec(r);
     };
@@ -282,6 +285,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<AuditRecord> {
                     archived: c.archived,
                     ceremony: None,
                     replay_of: None,
+                    front: None,
                 },
                 prev_hash: hex(&c.prev_hash),
                 hash: hex(&c.hash),

@@ -108,6 +108,11 @@ pub struct AuditEvent {
     /// so their hashes are unchanged.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay_of: Option<String>,
+    /// The front the call came through, when it is not the gRPC API (`http`: the
+    /// Vault-compatible HTTPS API). (Absent from every gRPC call's record, as from every
+    /// record written before there were other fronts, so their hashes are unchanged.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub front: Option<String>,
 }
 
 /// What a custodians' ceremony call concerned, in its record: share sets, share indexes and

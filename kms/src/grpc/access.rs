@@ -6,26 +6,24 @@ use crate::wire::{grant_pb, operation_from};
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use super::{Aad, Call, Ctx, Place, Served, run_at, with_keyring};
+use super::{run_at, with_keyring};
 use crate::keyring::grants::NewGrant;
-
-/// The service's name in audit records.
-const SERVICE: &str = "kms.v1.Access";
+use crate::service::{Aad, Call, Op, Place, Served, Service};
 
 /// The `kms.v1.Access` service.
 #[derive(Debug, Clone)]
 pub(crate) struct AccessService {
-    ctx: Ctx,
+    ctx: Service,
 }
 
 impl AccessService {
     /// A service over the keyring's grants.
-    pub(crate) fn new(ctx: Ctx) -> Self {
+    pub(crate) fn new(ctx: Service) -> Self {
         Self { ctx }
     }
 
-    fn call<T: prost::Message>(&self, req: &Request<T>, operation: &'static str) -> Call {
-        Call::new(&self.ctx, req, SERVICE, operation)
+    fn call<T: prost::Message>(&self, req: &Request<T>, op: Op) -> Call {
+        super::call(&self.ctx, req, op)
     }
 }
 
@@ -37,7 +35,7 @@ impl pb::access_server::Access for AccessService {
         &self,
         request: Request<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
-        let call = self.call(&request, "WhoAmI");
+        let call = self.call(&request, Op::WhoAmI);
         // Reads the connection's identity and the roles: no thread hand-off for that.
         run_at(Place::InProcess, call, move |c| {
             let id = c.identity();
@@ -56,7 +54,7 @@ impl pb::access_server::Access for AccessService {
         request: Request<pb::CreateGrantRequest>,
     ) -> Result<Response<pb::Grant>, Status> {
         let call = self
-            .call(&request, "CreateGrant")
+            .call(&request, Op::CreateGrant)
             .key(&request.get_ref().key);
         let r = request.into_inner();
         with_keyring(&self.ctx, call, r, move |k, c, r| {
@@ -84,7 +82,7 @@ impl pb::access_server::Access for AccessService {
         &self,
         request: Request<pb::RevokeGrantRequest>,
     ) -> Result<Response<pb::Grant>, Status> {
-        let call = self.call(&request, "RevokeGrant");
+        let call = self.call(&request, Op::RevokeGrant);
         let id = request.into_inner().id;
         with_keyring(&self.ctx, call, (), move |k, c, ()| {
             let grant = k.revoke_grant(&id, &c.identity().principal, c)?;
@@ -97,7 +95,7 @@ impl pb::access_server::Access for AccessService {
         &self,
         request: Request<pb::ListGrantsRequest>,
     ) -> Result<Response<pb::ListGrantsResponse>, Status> {
-        let call = self.call(&request, "ListGrants");
+        let call = self.call(&request, Op::ListGrants);
         let r = request.into_inner();
         with_keyring(&self.ctx, call, (), move |k, _, ()| {
             let grants = k.list_grants(&r.key, &r.principal)?;

@@ -10,33 +10,32 @@ use kms_proto::v1 as pb;
 use crate::wire::{SINCE_BEFORE_UNTIL, filter_from, key_pb, report_pb};
 use tonic::{Request, Response, Status};
 
-use super::{ApiError, Call, Ctx, Served, run};
+use super::run;
 use crate::audit::report::{
     EXPORT_FORMAT, ExportHeader, ExportRange, Filter, KeyInfo, UsageBuilder,
 };
 use crate::audit::verify::{ChainBreak, signed_by, verify_from};
 use crate::audit::{AuditLog, Checkpoint, fingerprint};
 use crate::keyring::KeyringError;
+use crate::service::{Call, Op, Served, Service, ServiceError};
 
-/// The service's name in audit records.
-const SERVICE: &str = "kms.v1.Audit";
 /// Lines per streamed chunk.
 const CHUNK: usize = 256;
 
 /// The `kms.v1.Audit` service.
 #[derive(Debug, Clone)]
 pub(crate) struct AuditService {
-    ctx: Ctx,
+    ctx: Service,
 }
 
 impl AuditService {
     /// A service over the audit log (and the seal, for the keyring and the public key).
-    pub(crate) fn new(ctx: Ctx) -> Self {
+    pub(crate) fn new(ctx: Service) -> Self {
         Self { ctx }
     }
 
-    fn call<T: prost::Message>(&self, req: &Request<T>, operation: &'static str) -> Call {
-        Call::new(&self.ctx, req, SERVICE, operation)
+    fn call<T: prost::Message>(&self, req: &Request<T>, op: Op) -> Call {
+        super::call(&self.ctx, req, op)
     }
 }
 
@@ -133,7 +132,7 @@ impl pb::audit_server::Audit for AuditService {
     ) -> Result<Response<Self::ExportAuditLogStream>, Status> {
         // The record names no key even when the export is filtered by one: reading the
         // log is not a use of the key.
-        let call = self.call(&request, "ExportAuditLog");
+        let call = self.call(&request, Op::ExportAuditLog);
         let requested = request.into_inner().filter;
         let filter = filter_from(requested.clone());
         // The export's own record, durable before the first line.
@@ -176,7 +175,7 @@ impl pb::audit_server::Audit for AuditService {
         &self,
         request: Request<pb::KeyUsageReportRequest>,
     ) -> Result<Response<Self::KeyUsageReportStream>, Status> {
-        let call = self.call(&request, "KeyUsageReport");
+        let call = self.call(&request, Op::KeyUsageReport);
         let r = request.into_inner();
         let seal = Arc::clone(&self.ctx.seal);
         let log = self.ctx.audit.clone();
@@ -215,7 +214,7 @@ impl pb::audit_server::Audit for AuditService {
                 builder.add(&r.event);
                 true
             })
-            .map_err(ApiError::AuditRead)?;
+            .map_err(ServiceError::AuditRead)?;
             Ok(Served::new(report_pb(builder.finish(&keys))))
         })
         .await?;
@@ -233,7 +232,7 @@ impl pb::audit_server::Audit for AuditService {
         &self,
         request: Request<pb::VerifyAuditLogRequest>,
     ) -> Result<Response<pb::VerifyAuditLogResponse>, Status> {
-        let call = self.call(&request, "VerifyAuditLog");
+        let call = self.call(&request, Op::VerifyAuditLog);
         let seal = Arc::clone(&self.ctx.seal);
         let log = self.ctx.audit.clone();
         run(call, move |_| {
@@ -241,11 +240,11 @@ impl pb::audit_server::Audit for AuditService {
             // A checkpoint signed now, by the HSM, must verify under the stored public key:
             // a public key swapped on disk (with checkpoints re-signed to match) shows here.
             let fresh = log.checkpoint().and_then(Result::ok);
-            let records = log.all_records().map_err(ApiError::AuditRead)?;
-            let cps = log.checkpoints().map_err(ApiError::AuditRead)?;
+            let records = log.all_records().map_err(ServiceError::AuditRead)?;
+            let cps = log.checkpoints().map_err(ServiceError::AuditRead)?;
             // Records archived by retention left the store: the chain is walked from the
             // end of the archived prefix, as the store noted it with their removal.
-            let start = log.archived().map_err(ApiError::AuditRead)?;
+            let start = log.archived().map_err(ServiceError::AuditRead)?;
             let archived = start.seq;
             let mut response = pb::VerifyAuditLogResponse {
                 checkpoint_key_fingerprint: public_key
@@ -298,7 +297,7 @@ fn export(
     public_key: Option<Vec<u8>>,
     filter: &Filter,
     tx: &tokio::sync::mpsc::Sender<Result<pb::ExportAuditLogChunk, Status>>,
-) -> Result<(), ApiError> {
+) -> Result<(), ServiceError> {
     let (header, upto, cps) = begin_export(log, public_key, filter)?;
     let contiguous = header.contiguous;
     let mut lines = vec![serde_json::to_string(&header).unwrap_or_default()];
@@ -344,7 +343,7 @@ fn export(
         bytes_held = 0;
         flush(&mut lines)
     })
-    .map_err(ApiError::AuditRead)?;
+    .map_err(ServiceError::AuditRead)?;
     // The seal: exactly these records, signed by the HSM key, as the last line.
     lines.extend(seal_line(log, range));
     flush(&mut lines);
@@ -357,7 +356,7 @@ fn begin_export(
     log: &AuditLog,
     public_key: Option<Vec<u8>>,
     filter: &Filter,
-) -> Result<(ExportHeader, u64, BTreeMap<u64, Checkpoint>), ApiError> {
+) -> Result<(ExportHeader, u64, BTreeMap<u64, Checkpoint>), ServiceError> {
     // Sign a checkpoint over the head (which includes this export's record) so that the
     // export ends with one; it covers exactly the records exported.
     let fresh = log.checkpoint().and_then(Result::ok);
@@ -365,14 +364,14 @@ fn begin_export(
         Some(c) => c.checkpoint,
         None => {
             log.stored_head()
-                .map_err(|_| ApiError::Keyring(KeyringError::AuditUnavailable))?
+                .map_err(|_| ServiceError::Keyring(KeyringError::AuditUnavailable))?
                 .seq
         }
     };
     let contiguous = filter.is_contiguous();
     let cps: BTreeMap<u64, Checkpoint> = if contiguous {
         log.checkpoints()
-            .map_err(ApiError::AuditRead)?
+            .map_err(ServiceError::AuditRead)?
             .into_iter()
             .map(|c| (c.checkpoint, c))
             .collect()

@@ -13,99 +13,21 @@
 //!   begun* (nothing was done, and the work will not begin; the gate records the call) or
 //!   *begun* (it may have completed: its own record says how, under its request id).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
+
+pub(crate) use crate::service::deadline::{Deadline, Expired};
 
 /// How far ahead of the caller's deadline the gate answers, so that its answer, not
 /// tonic's `CANCELLED`, is the one sent (tokio's timers fire in whole milliseconds).
 pub(crate) const MARGIN: Duration = Duration::from_millis(1);
 
-const WAITING: u8 = 0;
-const BEGUN: u8 = 1;
-/// The gate answered before the work began: the work must not begin, nor record.
-const ABANDONED: u8 = 2;
-/// The work found the deadline passed and refused (and records that).
-const REFUSED: u8 = 3;
-
-/// A call's deadline and how far its work got; one per call, shared by the gate and the
-/// work (a request extension).
-#[derive(Debug, Clone)]
-pub(crate) struct Deadline {
-    at: Instant,
-    progress: Arc<AtomicU8>,
-}
-
-/// What the work does about the deadline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Begin {
-    /// Before the deadline: do the work.
-    Go,
-    /// Past it: refuse the call, and record the refusal.
-    Late,
-    /// The gate has answered already: do nothing, record nothing.
-    Abandoned,
-}
-
-/// What the gate found when the deadline passed first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Expired {
-    /// The work had not begun and now will not: the gate records the call.
-    NotBegun,
-    /// The work refused for lateness itself (and records that): nothing was done.
-    Refused,
-    /// The work had begun: it may have completed.
-    Begun,
-}
-
-impl Deadline {
-    /// The deadline of a call whose request carries `grpc-timeout`, taken now (before
-    /// tonic takes its own), [`MARGIN`] early.
-    pub(crate) fn of(headers: &http::HeaderMap) -> Option<Self> {
-        let timeout = parse_timeout(headers.get("grpc-timeout")?.to_str().ok()?)?;
-        let now = Instant::now();
-        Some(Self {
-            at: now + timeout.saturating_sub(MARGIN),
-            progress: Arc::new(AtomicU8::new(WAITING)),
-        })
-    }
-
-    /// When the gate answers.
-    pub(crate) fn at(&self) -> Instant {
-        self.at
-    }
-
-    /// Called by the work as it begins; `min_left`: the time the work needs before the
-    /// deadline (less left is late too).
-    pub(crate) fn begin(&self, min_left: Duration) -> Begin {
-        let to = if Instant::now() + min_left >= self.at {
-            REFUSED
-        } else {
-            BEGUN
-        };
-        match self
-            .progress
-            .compare_exchange(WAITING, to, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) if to == BEGUN => Begin::Go,
-            Ok(_) => Begin::Late,
-            Err(_) => Begin::Abandoned,
-        }
-    }
-
-    /// Called by the gate when the deadline passed before the answer.
-    pub(crate) fn expire(&self) -> Expired {
-        match self.progress.compare_exchange(
-            WAITING,
-            ABANDONED,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
-            Ok(_) => Expired::NotBegun,
-            Err(REFUSED) => Expired::Refused,
-            Err(_) => Expired::Begun,
-        }
-    }
+/// The deadline of a call whose request carries `grpc-timeout`, taken now (before tonic
+/// takes its own), [`MARGIN`] early.
+pub(crate) fn of(headers: &http::HeaderMap) -> Option<Deadline> {
+    let timeout = parse_timeout(headers.get("grpc-timeout")?.to_str().ok()?)?;
+    Some(Deadline::new(
+        Instant::now() + timeout.saturating_sub(MARGIN),
+    ))
 }
 
 /// `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n), as the gRPC over HTTP/2
@@ -128,9 +50,10 @@ fn parse_timeout(value: &str) -> Option<Duration> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+#[allow(clippy::unwrap_used)]
 mod tests {
-    use super::*;
+    use super::parse_timeout;
+    use std::time::Duration;
 
     #[test]
     fn timeouts_parse_as_the_protocol_defines_them() {
@@ -145,27 +68,5 @@ mod tests {
         for bad in ["", "S", "5", "123456789S", "5s", "-5S", "5 S", "½S"] {
             assert_eq!(parse_timeout(bad), None, "{bad}");
         }
-    }
-
-    fn deadline(in_: Duration) -> Deadline {
-        Deadline {
-            at: Instant::now() + in_,
-            progress: Arc::new(AtomicU8::new(WAITING)),
-        }
-    }
-
-    #[test]
-    fn whoever_goes_first_decides() {
-        let d = deadline(Duration::from_secs(60));
-        assert_eq!(d.begin(Duration::ZERO), Begin::Go);
-        assert_eq!(d.expire(), Expired::Begun);
-
-        let d = deadline(Duration::from_secs(60));
-        assert_eq!(d.expire(), Expired::NotBegun);
-        assert_eq!(d.begin(Duration::ZERO), Begin::Abandoned);
-
-        let d = deadline(Duration::ZERO);
-        assert_eq!(d.begin(Duration::ZERO), Begin::Late);
-        assert_eq!(d.expire(), Expired::Refused);
     }
 }

@@ -50,7 +50,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -68,6 +67,7 @@ use crate::access::limiter::{
 use crate::access::tls::{CallInFlight, LIMIT_LOG_EVERY, PeerInfo};
 use crate::access::{Denied, Roles};
 use crate::audit::{AuditEvent, AuditLog, BatchSummary};
+use crate::service::Recorded;
 
 /// The services the server answers; a path naming another is recorded as a placeholder.
 pub(crate) const SERVICES: &[&str] = &[
@@ -119,22 +119,6 @@ const OTHER_SOURCES: &str = "other addresses";
 /// see the module docs): its handler writes no record of it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Counted;
-
-/// Set by a handler's [`super::Call`] once it has taken charge of the call's record; the
-/// gate records the calls for which it is still unset.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Recorded(Arc<AtomicBool>);
-
-impl Recorded {
-    /// The handler will record (or has recorded) this call.
-    pub(crate) fn set(&self) {
-        self.0.store(true, Ordering::Release);
-    }
-
-    fn get(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-}
 
 /// What the gate shares between connections.
 #[derive(Debug)]
@@ -581,7 +565,7 @@ where
             .extensions()
             .get::<PeerInfo>()
             .is_some_and(|p| p.identity.tls && !p.identity.authenticated);
-        let deadline = Deadline::of(req.headers()).filter(|_| !stranger);
+        let deadline = super::deadline::of(req.headers()).filter(|_| !stranger);
         if let Some(d) = &deadline {
             req.extensions_mut().insert(d.clone());
         }
@@ -777,7 +761,7 @@ where
         )
         .into_http());
     }
-    if crate::access::need(&event.service, &event.operation).needs_certificate() {
+    if super::need_of(&event.service, &event.operation).needs_certificate() {
         state.refused_anonymous.refused(&source, now);
         state.count(source, rpc, code_name(Code::Unauthenticated));
         return Ok(super::to_status(&Denied::Unauthenticated.into()).into_http());
@@ -917,7 +901,7 @@ async fn refuse(
     if [HEALTH, REFLECTION, REFLECTION_V1ALPHA].contains(&event.service.as_str())
         && let Some(identity) = peer.map(|p| &p.identity)
         && let Err(denied) = crate::access::check(
-            crate::access::need(&event.service, &event.operation),
+            super::need_of(&event.service, &event.operation),
             identity,
             &state.roles,
             i64::try_from(crate::keyring::now()).unwrap_or(i64::MAX),

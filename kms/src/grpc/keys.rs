@@ -9,10 +9,11 @@ use crate::wire::{
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use super::{Aad, ApiError, Call, Ctx, Served, code_name, code_of, with_keyring};
+use super::with_keyring;
 use crate::audit::BatchSummary;
 use crate::keyring::material::SignInput;
 use crate::keyring::{Import, KeyUpdate, KeyringError, NewKey, ciphertext};
+use crate::service::{Aad, Call, Op, Refusal, Served, Service, ServiceError};
 
 /// The most items in one batch.
 pub(super) const MAX_BATCH: usize = 1000;
@@ -50,17 +51,17 @@ fn answer_bound(outputs: impl Iterator<Item = usize>) -> usize {
 /// The `kms.v1.KeyManagement` service.
 #[derive(Debug, Clone)]
 pub(crate) struct KeyManagementService {
-    ctx: Ctx,
+    ctx: Service,
 }
 
 impl KeyManagementService {
     /// A service over the keyring.
-    pub(crate) fn new(ctx: Ctx) -> Self {
+    pub(crate) fn new(ctx: Service) -> Self {
         Self { ctx }
     }
 
-    fn call<T: prost::Message>(&self, req: &Request<T>, operation: &'static str) -> Call {
-        Call::new(&self.ctx, req, SERVICE, operation)
+    fn call<T: prost::Message>(&self, req: &Request<T>, op: Op) -> Call {
+        super::call(&self.ctx, req, op)
     }
 }
 
@@ -117,15 +118,11 @@ impl Aad for pb::BatchReEncryptRequest {
     }
 }
 
-/// The service's name in audit records.
-const SERVICE: &str = "kms.v1.KeyManagement";
-
 fn item_error(e: KeyringError) -> pb::ItemError {
-    let e = ApiError::Keyring(e);
-    let status = super::to_status(&e);
+    let refusal = Refusal::from(&ServiceError::Keyring(e));
     pb::ItemError {
-        code: code_of(&e) as i32,
-        message: cut(status.message(), MAX_ITEM_ERROR).to_owned(),
+        code: super::code_of(refusal.kind) as i32,
+        message: cut(&refusal.message, MAX_ITEM_ERROR).to_owned(),
     }
 }
 
@@ -156,7 +153,7 @@ fn each_item<I, O>(
                 }
                 Err(e) => {
                     let e = item_error(e);
-                    (code_name(tonic::Code::from_i32(e.code)), Err(e))
+                    (super::code_name(tonic::Code::from_i32(e.code)), Err(e))
                 }
             };
             *summary.outcomes.entry(outcome.to_owned()).or_default() += 1;
@@ -195,7 +192,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
         let call = self
-            .call(&request, "CreateKey")
+            .call(&request, Op::CreateKey)
             .key(&request.get_ref().name);
         let r = request.into_inner();
         with_keyring(&self.ctx, call, (), move |k, c, ()| {
@@ -220,7 +217,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         request: Request<pb::GetImportParametersRequest>,
     ) -> Result<Response<pb::GetImportParametersResponse>, Status> {
         let call = self
-            .call(&request, "GetImportParameters")
+            .call(&request, Op::GetImportParameters)
             .key(&request.get_ref().key);
         let r = request.into_inner();
         with_keyring(&self.ctx, call, (), move |k, c, ()| {
@@ -243,7 +240,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         request: Request<pb::ImportKeyMaterialRequest>,
     ) -> Result<Response<pb::Key>, Status> {
         let call = self
-            .call(&request, "ImportKeyMaterial")
+            .call(&request, Op::ImportKeyMaterial)
             .key(&request.get_ref().key);
         let r = request.into_inner();
         with_keyring(&self.ctx, call, (), move |k, c, ()| {
@@ -266,7 +263,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         &self,
         request: Request<pb::GetKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
-        let call = self.call(&request, "GetKey").key(&request.get_ref().name);
+        let call = self.call(&request, Op::GetKey).key(&request.get_ref().name);
         let name = request.into_inner().name;
         with_keyring(&self.ctx, call, (), move |k, _, ()| {
             Ok(Served::new(key_pb(&k.get_key(&name)?)))
@@ -278,7 +275,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         &self,
         request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let call = self.call(&request, "ListKeys");
+        let call = self.call(&request, Op::ListKeys);
         let r = request.into_inner();
         with_keyring(&self.ctx, call, (), move |k, _, ()| {
             let (keys, next) = k.list_keys(
@@ -298,7 +295,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         request: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
         let call = self
-            .call(&request, "RotateKey")
+            .call(&request, Op::RotateKey)
             .key(&request.get_ref().name);
         let name = request.into_inner().name;
         with_keyring(&self.ctx, call, (), move |k, c, ()| {
@@ -313,7 +310,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         request: Request<pb::UpdateKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
         let call = self
-            .call(&request, "UpdateKey")
+            .call(&request, Op::UpdateKey)
             .key(&request.get_ref().name);
         let r = request.into_inner();
         let update = KeyUpdate {
@@ -335,7 +332,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
     ) -> Result<Response<pb::Key>, Status> {
         let r = request.get_ref();
         let call = self
-            .call(&request, "EnableKeyVersion")
+            .call(&request, Op::EnableKeyVersion)
             .key(&r.name)
             .version(r.version);
         let r = request.into_inner();
@@ -353,7 +350,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
     ) -> Result<Response<pb::Key>, Status> {
         let r = request.get_ref();
         let call = self
-            .call(&request, "DisableKeyVersion")
+            .call(&request, Op::DisableKeyVersion)
             .key(&r.name)
             .version(r.version);
         let r = request.into_inner();
@@ -371,7 +368,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
     ) -> Result<Response<pb::Key>, Status> {
         let r = request.get_ref();
         let call = self
-            .call(&request, "ScheduleKeyVersionDestruction")
+            .call(&request, Op::ScheduleKeyVersionDestruction)
             .key(&r.name)
             .version(r.version);
         let r = request.into_inner();
@@ -394,7 +391,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
     ) -> Result<Response<pb::Key>, Status> {
         let r = request.get_ref();
         let call = self
-            .call(&request, "CancelKeyVersionDestruction")
+            .call(&request, Op::CancelKeyVersionDestruction)
             .key(&r.name)
             .version(r.version);
         let r = request.into_inner();
@@ -410,7 +407,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         &self,
         request: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
-        let call = self.call(&request, "Encrypt").key(&request.get_ref().key);
+        let call = self.call(&request, Op::Encrypt).key(&request.get_ref().key);
         let r = request.into_inner();
         with_keyring(&self.ctx, call, r, move |k, _, mut r| {
             let pt = Zeroizing::new(std::mem::take(&mut r.plaintext));
@@ -428,7 +425,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         &self,
         request: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
-        let call = self.call(&request, "Decrypt").key(&request.get_ref().key);
+        let call = self.call(&request, Op::Decrypt).key(&request.get_ref().key);
         let r = request.into_inner();
         with_keyring(&self.ctx, call, r, move |k, _, r| {
             let (pt, key_version) = k.decrypt(&r.key, &r.ciphertext, &r.associated_data)?;
@@ -448,7 +445,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         let r = request.get_ref();
         let destination = destination_of(&r.key, &r.destination_key);
         let call = self
-            .call(&request, "ReEncrypt")
+            .call(&request, Op::ReEncrypt)
             .key(&r.key)
             .destination(&destination);
         let r = request.into_inner();
@@ -475,7 +472,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         request: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
         let call = self
-            .call(&request, "GenerateDataKey")
+            .call(&request, Op::GenerateDataKey)
             .key(&request.get_ref().key);
         let r = request.into_inner();
         with_keyring(&self.ctx, call, r, move |k, _, r| {
@@ -496,7 +493,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         request: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyWithoutPlaintextResponse>, Status> {
         let call = self
-            .call(&request, "GenerateDataKeyWithoutPlaintext")
+            .call(&request, Op::GenerateDataKeyWithoutPlaintext)
             .key(&request.get_ref().key);
         let r = request.into_inner();
         with_keyring(&self.ctx, call, r, move |k, _, r| {
@@ -515,7 +512,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         &self,
         request: Request<pb::SignRequest>,
     ) -> Result<Response<pb::SignResponse>, Status> {
-        let call = self.call(&request, "Sign").key(&request.get_ref().key);
+        let call = self.call(&request, Op::Sign).key(&request.get_ref().key);
         let r = request.into_inner();
         with_keyring(&self.ctx, call, (), move |k, _, ()| {
             let encoding = signature_encoding_from(r.format)?;
@@ -539,7 +536,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
     ) -> Result<Response<pb::VerifyResponse>, Status> {
         let r = request.get_ref();
         let call = self
-            .call(&request, "Verify")
+            .call(&request, Op::Verify)
             .key(&r.key)
             .version(r.key_version);
         let r = request.into_inner();
@@ -561,7 +558,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
     ) -> Result<Response<pb::GetPublicKeyResponse>, Status> {
         let r = request.get_ref();
         let call = self
-            .call(&request, "GetPublicKey")
+            .call(&request, Op::GetPublicKey)
             .key(&r.key)
             .version(r.key_version);
         let r = request.into_inner();
@@ -584,7 +581,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
     ) -> Result<Response<pb::AsymmetricDecryptResponse>, Status> {
         let r = request.get_ref();
         let call = self
-            .call(&request, "AsymmetricDecrypt")
+            .call(&request, Op::AsymmetricDecrypt)
             .key(&r.key)
             .version(r.key_version);
         let r = request.into_inner();
@@ -603,7 +600,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         &self,
         request: Request<pb::MacRequest>,
     ) -> Result<Response<pb::MacResponse>, Status> {
-        let call = self.call(&request, "Mac").key(&request.get_ref().key);
+        let call = self.call(&request, Op::Mac).key(&request.get_ref().key);
         let r = request.into_inner();
         with_keyring(&self.ctx, call, (), move |k, _, ()| {
             let (mac, key_version) = k.mac(&r.key, &r.message)?;
@@ -618,7 +615,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
     ) -> Result<Response<pb::VerifyMacResponse>, Status> {
         let r = request.get_ref();
         let call = self
-            .call(&request, "VerifyMac")
+            .call(&request, Op::VerifyMac)
             .key(&r.key)
             .version(r.key_version);
         let r = request.into_inner();
@@ -634,7 +631,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         request: Request<pb::BatchEncryptRequest>,
     ) -> Result<Response<pb::BatchEncryptResponse>, Status> {
         let call = self
-            .call(&request, "BatchEncrypt")
+            .call(&request, Op::BatchEncrypt)
             .key(&request.get_ref().key);
         let r = request.into_inner();
         with_keyring(&self.ctx, call, r, move |k, _, r| {
@@ -675,7 +672,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         request: Request<pb::BatchDecryptRequest>,
     ) -> Result<Response<pb::BatchDecryptResponse>, Status> {
         let call = self
-            .call(&request, "BatchDecrypt")
+            .call(&request, Op::BatchDecrypt)
             .key(&request.get_ref().key);
         let r = request.into_inner();
         with_keyring(&self.ctx, call, r, move |k, _, r| {
@@ -710,7 +707,9 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         &self,
         request: Request<pb::BatchSignRequest>,
     ) -> Result<Response<pb::BatchSignResponse>, Status> {
-        let call = self.call(&request, "BatchSign").key(&request.get_ref().key);
+        let call = self
+            .call(&request, Op::BatchSign)
+            .key(&request.get_ref().key);
         let r = request.into_inner();
         with_keyring(&self.ctx, call, (), move |k, _, ()| {
             check_batch(r.items.len(), r.items.iter().map(|_| MAX_SIGNATURE))?;
@@ -749,7 +748,7 @@ impl pb::key_management_server::KeyManagement for KeyManagementService {
         // As ReEncrypt: `with_keyring` checks reencrypt-from on the key and reencrypt-to on
         // the destination, against every item's associated data.
         let call = self
-            .call(&request, "BatchReEncrypt")
+            .call(&request, Op::BatchReEncrypt)
             .key(&r.key)
             .destination(&destination);
         let r = request.into_inner();

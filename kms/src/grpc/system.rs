@@ -9,11 +9,9 @@ use crate::audit::CeremonySummary;
 use crate::wire::{init_pb, rekey_step_pb, status_pb, verified_pb};
 use tonic::{Request, Response, Status};
 
-use super::{ApiError, Call, Ctx, Served, run};
+use super::run;
 use crate::seal::{InitOutput, SealError};
-
-/// The service's name in audit records.
-const SERVICE: &str = "kms.v1.System";
+use crate::service::{Call, Op, Served, Service, ServiceError};
 
 /// Whether an unseal error is a share that failed (rather than the server's own fault).
 fn counts_as_failed_share(e: &SealError) -> bool {
@@ -38,12 +36,12 @@ fn limited<T>(
     c: &Call,
     limiter: &FailureLimiter,
     f: impl FnOnce() -> Result<T, SealError>,
-) -> Result<T, ApiError> {
+) -> Result<T, ServiceError> {
     let ticket = match c.peer() {
         Some(addr) => Some(
             limiter
                 .begin(addr.ip(), std::time::Instant::now())
-                .map_err(ApiError::UnsealLimited)?,
+                .map_err(ServiceError::UnsealLimited)?,
         ),
         None => None,
     };
@@ -74,17 +72,17 @@ fn share_summary(share: &str, step: &str) -> CeremonySummary {
 /// The `kms.v1.System` service.
 #[derive(Debug, Clone)]
 pub(crate) struct SystemService {
-    ctx: Ctx,
+    ctx: Service,
 }
 
 impl SystemService {
     /// A service over the seal.
-    pub(crate) fn new(ctx: Ctx) -> Self {
+    pub(crate) fn new(ctx: Service) -> Self {
         Self { ctx }
     }
 
-    fn call<T: prost::Message>(&self, req: &Request<T>, operation: &'static str) -> Call {
-        Call::new(&self.ctx, req, SERVICE, operation)
+    fn call<T: prost::Message>(&self, req: &Request<T>, op: Op) -> Call {
+        super::call(&self.ctx, req, op)
     }
 }
 
@@ -103,13 +101,13 @@ impl pb::system_server::System for SystemService {
         &self,
         request: Request<pb::CreateBackupRequest>,
     ) -> Result<Response<Self::CreateBackupStream>, Status> {
-        let call = self.call(&request, "CreateBackup");
+        let call = self.call(&request, Op::CreateBackup);
         let seal = Arc::clone(&self.ctx.seal);
         // The backup's own record, durable before the first byte.
         let check = Arc::clone(&seal);
         run(call, move |_| {
             if !check.can_sign() {
-                return Err(ApiError::Backup(crate::backup::BackupError::NoSigner));
+                return Err(ServiceError::Backup(crate::backup::BackupError::NoSigner));
             }
             Ok(Served::new(()))
         })
@@ -151,7 +149,7 @@ impl pb::system_server::System for SystemService {
         request: Request<pb::InitRequest>,
     ) -> Result<Response<pb::InitResponse>, Status> {
         use prost::Message as _;
-        let call = self.call(&request, "Init");
+        let call = self.call(&request, Op::Init);
         let pb::InitRequest {
             shares,
             threshold,
@@ -190,7 +188,7 @@ impl pb::system_server::System for SystemService {
         request: Request<pb::UnsealRequest>,
     ) -> Result<Response<pb::SealStatus>, Status> {
         let reset = request.get_ref().reset;
-        let call = self.call(&request, if reset { "UnsealReset" } else { "Unseal" });
+        let call = self.call(&request, if reset { Op::UnsealReset } else { Op::Unseal });
         let pb::UnsealRequest { share, nonce, .. } = request.into_inner();
         let share = zeroize::Zeroizing::new(share);
         let seal = Arc::clone(&self.ctx.seal);
@@ -220,7 +218,7 @@ impl pb::system_server::System for SystemService {
         &self,
         request: Request<pb::RekeyInitRequest>,
     ) -> Result<Response<pb::SealStatus>, Status> {
-        let call = self.call(&request, "RekeyInit");
+        let call = self.call(&request, Op::RekeyInit);
         let pb::RekeyInitRequest {
             shares,
             threshold,
@@ -258,7 +256,7 @@ impl pb::system_server::System for SystemService {
         &self,
         request: Request<pb::RekeySubmitRequest>,
     ) -> Result<Response<pb::RekeySubmitResponse>, Status> {
-        let call = self.call(&request, "RekeySubmit");
+        let call = self.call(&request, Op::RekeySubmit);
         let pb::RekeySubmitRequest { share, nonce } = request.into_inner();
         let share = zeroize::Zeroizing::new(share);
         let given = share_summary(&share, "share");
@@ -286,7 +284,7 @@ impl pb::system_server::System for SystemService {
         &self,
         request: Request<pb::RekeyCancelRequest>,
     ) -> Result<Response<pb::SealStatus>, Status> {
-        let call = self.call(&request, "RekeyCancel");
+        let call = self.call(&request, Op::RekeyCancel);
         let seal = Arc::clone(&self.ctx.seal);
         run(call, move |c| {
             let commit = |summary, writes| {
@@ -303,7 +301,7 @@ impl pb::system_server::System for SystemService {
         &self,
         request: Request<pb::VerifyShareRequest>,
     ) -> Result<Response<pb::VerifyShareResponse>, Status> {
-        let call = self.call(&request, "VerifyShare");
+        let call = self.call(&request, Op::VerifyShare);
         let share = zeroize::Zeroizing::new(request.into_inner().share);
         let call = call.ceremony(share_summary(&share, ""));
         let seal = Arc::clone(&self.ctx.seal);
@@ -319,7 +317,7 @@ impl pb::system_server::System for SystemService {
         &self,
         request: Request<pb::RotateMasterKeyRequest>,
     ) -> Result<Response<pb::RotateMasterKeyResponse>, Status> {
-        let call = self.call(&request, "RotateMasterKey");
+        let call = self.call(&request, Op::RotateMasterKey);
         let adopt = request.into_inner().adopt_label;
         let seal = Arc::clone(&self.ctx.seal);
         run(call, move |c| {
@@ -344,7 +342,7 @@ impl pb::system_server::System for SystemService {
         &self,
         request: Request<pb::TakeOverRequest>,
     ) -> Result<Response<pb::TakeOverResponse>, Status> {
-        let call = self.call(&request, "TakeOver");
+        let call = self.call(&request, Op::TakeOver);
         let seal = Arc::clone(&self.ctx.seal);
         run(call, move |c| {
             let commit = |summary, writes| {
@@ -369,7 +367,7 @@ impl pb::system_server::System for SystemService {
         &self,
         request: Request<pb::SealRequest>,
     ) -> Result<Response<pb::SealStatus>, Status> {
-        let call = self.call(&request, "Seal");
+        let call = self.call(&request, Op::Seal);
         let seal = Arc::clone(&self.ctx.seal);
         run(call, move |_| Ok(Served::new(status_pb(&seal.seal()?)))).await
     }
@@ -378,7 +376,7 @@ impl pb::system_server::System for SystemService {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::SealStatus>, Status> {
-        let call = self.call(&request, "Status");
+        let call = self.call(&request, Op::Status);
         let seal = Arc::clone(&self.ctx.seal);
         run(call, move |c| {
             let mut status = status_pb(&seal.status());

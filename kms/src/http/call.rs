@@ -1,28 +1,30 @@
-//! How a Transit request becomes a call: the one door every keyed request of this front
-//! passes, the same as gRPC's (the access rule of its operation, the grants on its key and
-//! associated data, the audit record written before the answer leaves, the log line), and
-//! how its refusal becomes Vault's status code.
+//! How a Vault request becomes a call of the service layer ([`crate::service`]): the one
+//! door every request of every front passes (the access rule of its operation, the grants
+//! on its key and associated data, the audit record written before the answer leaves, the
+//! log line), and how its refusal becomes Vault's status code.
+
+use std::sync::Arc;
 
 use http::StatusCode;
 
 use crate::access::tls::PeerInfo;
-use crate::grpc::{Aad, Ctx, Served};
 use crate::keyring::{Journal, Keyring, KeyringError};
+use crate::service::{
+    Aad, Call, Caller, ErrorKind, Front, Idempotency, Meta, Op, Refusal, Served, Service,
+    ServiceError,
+};
 
-/// The answer of a call, as the call machinery carries it to the front: the JSON of Vault's
+/// The answer of a call, as the service layer carries it to the front: the JSON of Vault's
 /// `data` object, and the status when it is not 200 (a batch with a failed item is 400, as
-/// Vault answers it). Its `Debug` shows sizes only: `data` may hold a plaintext.
-#[derive(Clone, PartialEq, prost::Message)]
-#[prost(skip_debug)]
+/// Vault answers it). Its `Debug` shows sizes only, and `data` (which may hold a plaintext)
+/// is zeroized on drop.
+#[derive(Default)]
 pub(crate) struct Reply {
     /// The `data` object (JSON).
-    #[prost(bytes = "vec", tag = "1")]
     pub data: Vec<u8>,
     /// The HTTP status, 0 for 200.
-    #[prost(uint32, tag = "2")]
-    pub status: u32,
+    pub status: u16,
     /// Vault's `warnings`.
-    #[prost(string, repeated, tag = "3")]
     pub warnings: Vec<String>,
 }
 
@@ -38,6 +40,18 @@ impl std::fmt::Debug for Reply {
 impl Drop for Reply {
     fn drop(&mut self) {
         zeroize::Zeroize::zeroize(&mut self.data);
+    }
+}
+
+impl crate::service::Reply for Reply {
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    /// The front sends no idempotency key: no change of its is answered from a first
+    /// attempt.
+    fn from_replay(_: &[u8]) -> Option<Self> {
+        None
     }
 }
 
@@ -59,7 +73,7 @@ impl Reply {
 
     /// With a status other than 200.
     pub(crate) fn status(mut self, status: StatusCode) -> Self {
-        self.status = u32::from(status.as_u16());
+        self.status = status.as_u16();
         self
     }
 }
@@ -71,7 +85,7 @@ pub(crate) struct Refused {
     pub status: StatusCode,
     /// The message (never a secret: the service layer's, or the front's own).
     pub message: String,
-    /// The service layer's reason (`KEY_NOT_FOUND`, `NO_GRANT`, ...), when it refused.
+    /// The reason (`KEY_NOT_FOUND`, `NO_GRANT`, `INVALID_REQUEST`, ...).
     pub reason: &'static str,
     /// Whether the refusal has its audit record (a call's); the front records its own.
     pub recorded: bool,
@@ -105,65 +119,40 @@ impl From<super::vault::BadRequest> for Refused {
     }
 }
 
-/// The reason of every `google.rpc.ErrorInfo` the call machinery attaches.
-fn reason(status: &tonic::Status) -> &'static str {
-    use tonic_types::StatusExt as _;
-    // The reasons the front acts on; any other is only a code.
-    let given = status
-        .get_error_details()
-        .error_info()
-        .map(|i| i.reason.clone())
-        .unwrap_or_default();
-    [
-        "NOT_INITIALIZED",
-        "SEALED",
-        "KEY_NOT_FOUND",
-        "NO_GRANT",
-        "KEY_EXISTS",
-    ]
-    .into_iter()
-    .find(|r| *r == given)
-    .unwrap_or("")
-}
-
-/// Vault's status code for a refusal of the call machinery: 400 for what the caller can fix
+/// Vault's status code for a refusal of the service layer: 400 for what the caller can fix
 /// (bad input, state, a missing key), 403 for access, 429 for limits, 503 for a sealed or
 /// uninitialised server and for faults to retry (HSM, store, audit log), 500 for the rest.
-fn refused(status: &tonic::Status) -> Refused {
-    use tonic::Code;
-    let reason = reason(status);
-    let code = match status.code() {
-        Code::FailedPrecondition if reason == "NOT_INITIALIZED" => StatusCode::SERVICE_UNAVAILABLE,
-        Code::InvalidArgument
-        | Code::FailedPrecondition
-        | Code::AlreadyExists
-        | Code::OutOfRange
-        | Code::NotFound => StatusCode::BAD_REQUEST,
-        Code::PermissionDenied | Code::Unauthenticated => StatusCode::FORBIDDEN,
-        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        Code::Ok
-        | Code::Cancelled
-        | Code::Unknown
-        | Code::Aborted
-        | Code::Unimplemented
-        | Code::Internal
-        | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
-    };
+pub(crate) fn status_of(refusal: &Refusal) -> StatusCode {
+    match refusal.kind {
+        ErrorKind::FailedPrecondition if refusal.reason == "NOT_INITIALIZED" => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        ErrorKind::InvalidArgument
+        | ErrorKind::FailedPrecondition
+        | ErrorKind::AlreadyExists
+        | ErrorKind::NotFound => StatusCode::BAD_REQUEST,
+        ErrorKind::PermissionDenied | ErrorKind::Unauthenticated => StatusCode::FORBIDDEN,
+        ErrorKind::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::Internal | ErrorKind::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn refused(refusal: Refusal) -> Refused {
     Refused {
-        status: code,
-        message: status.message().to_owned(),
-        reason,
+        status: status_of(&refusal),
+        message: refusal.message,
+        reason: refusal.reason,
         recorded: true,
     }
 }
 
-/// A keyed call: its operation (the gRPC method of the same rule and record), its key,
-/// the destination key of a re-encryption, the version it names, the request's size.
+/// A keyed call: its operation, its key, the destination key of a re-encryption, the
+/// version it names.
 pub(crate) struct Keyed<'a> {
-    /// The operation's name (`Encrypt`, `BatchDecrypt`, `CreateKey`, ...).
-    pub op: &'static str,
+    /// The operation.
+    pub op: Op,
     /// The key.
     pub key: &'a str,
     /// ReEncrypt's destination.
@@ -172,120 +161,136 @@ pub(crate) struct Keyed<'a> {
     pub version: u32,
 }
 
-/// The service's name of keyed calls in records and rules.
-const KEYS: &str = "kms.v1.KeyManagement";
+/// The service-layer call of `op` by the caller of `peer`, through this front, of a
+/// request of `input_bytes`.
+fn call(service: &Service, peer: &PeerInfo, op: Op, input_bytes: usize) -> Call {
+    Call::new(
+        service,
+        Caller {
+            identity: Arc::clone(&peer.identity),
+            peer: Some(peer.addr),
+            front: Front::Http,
+        },
+        op,
+        Meta {
+            request_id: crate::service::request_id(None),
+            input_bytes: input_bytes as u64,
+            idempotency: Idempotency::None,
+            answer_of: None,
+            deadline: None,
+            recorded: None,
+            counted: false,
+        },
+    )
+}
 
 /// Runs `f` on the keyring as a call of `keyed` by the caller of `peer`: access rule,
 /// grants (on the key, the destination and every associated data in `req`), audit record
 /// before the answer, log line. The answer and its request id.
 pub(crate) async fn keyed<Q: Aad + Send + 'static>(
-    ctx: &Ctx,
+    service: &Service,
     peer: &PeerInfo,
     input_bytes: usize,
     keyed: Keyed<'_>,
     req: Q,
     f: impl FnOnce(&Keyring, &dyn Journal, Q) -> Result<Served<Reply>, KeyringError> + Send + 'static,
 ) -> (Result<Reply, Refused>, String) {
-    // The call machinery reads the caller and the request's size off a tonic request.
-    let mut request = tonic::Request::new(Sized(input_bytes));
-    request.extensions_mut().insert(peer.clone());
-    let mut call = crate::grpc::Call::new(ctx, &request, KEYS, keyed.op).key(keyed.key);
+    let mut c = call(service, peer, keyed.op, input_bytes).key(keyed.key);
     if let Some(d) = keyed.destination {
-        call = call.destination(d);
+        c = c.destination(d);
     }
-    let call = call.version(keyed.version);
-    match crate::grpc::with_keyring(ctx, call, req, move |k, c, q| f(k, c, q)).await {
-        Ok(response) => {
-            let id = request_id(response.metadata());
-            (Ok(response.into_inner()), id)
-        }
-        Err(status) => (Err(refused(&status)), request_id(status.metadata())),
-    }
+    let c = c.version(keyed.version);
+    let answer = crate::service::with_keyring(service, c, req, move |k, c, q| f(k, c, q)).await;
+    (answer.result.map_err(refused), answer.request_id)
 }
 
-fn request_id(metadata: &tonic::metadata::MetadataMap) -> String {
-    metadata
-        .get(crate::grpc::REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned()
-}
-
-/// A request of `n` bytes, as the call machinery measures requests (`encoded_len`).
-#[derive(Clone, Copy, Default)]
-struct Sized(usize);
-
-impl std::fmt::Debug for Sized {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "<{} bytes>", self.0)
-    }
-}
-
-impl prost::Message for Sized {
-    fn encode_raw(&self, _: &mut impl bytes::BufMut) {}
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: prost::encoding::WireType,
-        buf: &mut impl bytes::Buf,
-        ctx: prost::encoding::DecodeContext,
-    ) -> Result<(), prost::DecodeError> {
-        prost::encoding::skip_field(wire_type, tag, buf, ctx)
-    }
-    fn encoded_len(&self) -> usize {
-        self.0
-    }
-    fn clear(&mut self) {
-        self.0 = 0;
-    }
-}
-
-/// Records a call that touches no key (a login, a token lookup, random bytes, a hash) as
-/// the gRPC front records its calls: one record before the answer, fail closed.
-pub(crate) async fn record(
-    ctx: &Ctx,
+/// Runs `f` as a call of `op` that touches no key (random bytes, a hash, a session token):
+/// the same access check, record and log line as every call.
+pub(crate) async fn unkeyed(
+    service: &Service,
     peer: &PeerInfo,
-    (service, op): (&'static str, &'static str),
+    input_bytes: usize,
+    op: Op,
+    f: impl FnOnce() -> Result<Reply, Refused> + Send + 'static,
+) -> (Result<Reply, Refused>, String) {
+    // The front's own refusal, carried through the call so that its record says so.
+    let front_refusal = Arc::new(std::sync::Mutex::new(None::<Refused>));
+    let kept = Arc::clone(&front_refusal);
+    let answer = crate::service::run(call(service, peer, op, input_bytes), move |_| {
+        f().map(Served::new).map_err(|r| {
+            let e = KeyringError::BadRequest(FRONT_REFUSED);
+            *kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            ServiceError::Keyring(e)
+        })
+    })
+    .await;
+    let result = answer.result.map_err(|r| {
+        match front_refusal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            // Its message is the front's; the record was written.
+            Some(own) if r.reason == "INVALID_REQUEST" => Refused {
+                recorded: true,
+                ..own
+            },
+            _ => refused(r),
+        }
+    });
+    (result, answer.request_id)
+}
+
+/// What the record and the log say of a request the front refused inside its call.
+const FRONT_REFUSED: &str = "the request's parameters are not valid";
+
+/// A batch item's failure: its message (cut to [`MAX_ITEM_ERROR`] bytes; never a secret)
+/// and its outcome as records spell it.
+pub(crate) fn item_error(e: KeyringError) -> (String, &'static str) {
+    let refusal = Refusal::from(&ServiceError::Keyring(e));
+    let message = refusal.message.as_str();
+    let mut end = message.len().min(MAX_ITEM_ERROR);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    (
+        message.get(..end).unwrap_or_default().to_owned(),
+        refusal.kind.name(),
+    )
+}
+
+/// The longest message of a batch item's error, as gRPC's.
+const MAX_ITEM_ERROR: usize = 256;
+
+/// Records a request the front refused before its call (parameters it cannot read or kms
+/// does not offer), under the operation and key its path names, as the gRPC gate records a
+/// request tonic refused: one record, fail closed.
+pub(crate) async fn record_refusal(
+    service: &Service,
+    peer: &PeerInfo,
+    op: Op,
     key: Option<&str>,
     input_bytes: usize,
-    outcome: Result<usize, &Refused>,
-) -> Result<String, Refused> {
-    let request_id = crate::grpc::request_id_of(&http::HeaderMap::new());
-    let event = crate::audit::AuditEvent {
-        request_id: request_id.clone(),
-        principal: peer.identity.principal.clone(),
-        peer: peer.addr.to_string(),
-        service: service.to_owned(),
-        operation: op.to_owned(),
-        // A name that is not one is recorded as its size only, as gRPC's.
-        key: key.map(|k| {
-            if crate::keyring::model::check_name(k).is_ok() {
-                k.to_owned()
-            } else {
-                crate::grpc::invalid_name(k)
-            }
-        }),
-        outcome: match outcome {
-            Ok(_) => "OK".to_owned(),
-            Err(r) if r.status == StatusCode::FORBIDDEN => "PERMISSION_DENIED".to_owned(),
-            Err(_) => "INVALID_ARGUMENT".to_owned(),
-        },
-        input_bytes: input_bytes as u64,
-        output_bytes: outcome.map_or(0, |n| n as u64),
-        ..Default::default()
-    };
-    match ctx.audit.submit(event).durable().await {
-        Ok(_) => Ok(request_id),
-        Err(e) => {
-            tracing::error!(rpc = %format!("{service}/{op}"), error = %crate::error_chain(&e), "audit record not written: answer withheld");
-            Err(Refused {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                message: crate::grpc::AUDIT_UNAVAILABLE.to_owned(),
-                reason: "AUDIT_UNAVAILABLE",
-                // Not to be tried again.
-                recorded: true,
-            })
-        }
+    refusal: &Refused,
+) -> Result<(), Refused> {
+    let mut c = call(service, peer, op, input_bytes);
+    if let Some(k) = key {
+        c = c.key(k);
+    }
+    // The front's message is the caller's; the record and the log say only that the
+    // parameters were refused.
+    let _ = refusal;
+    let answer = crate::service::run(c, |_| -> Result<Served<Reply>, ServiceError> {
+        Err(ServiceError::Keyring(KeyringError::BadRequest(
+            FRONT_REFUSED,
+        )))
+    })
+    .await;
+    match answer.result {
+        Err(r) if r.reason == "AUDIT_UNAVAILABLE" => Err(refused(r)),
+        // A refusal of the access rule comes first, as for any call.
+        Err(r) if r.kind == ErrorKind::PermissionDenied => Err(refused(r)),
+        _ => Ok(()),
     }
 }
 
@@ -298,22 +303,3 @@ pub(crate) fn principal(peer: &PeerInfo) -> &str {
 pub(crate) fn authenticated(peer: &PeerInfo) -> bool {
     peer.identity.authenticated
 }
-
-/// A batch item's failure: its message (cut to [`MAX_ITEM_ERROR`] bytes; never a secret)
-/// and its outcome as records spell it.
-pub(crate) fn item_error(e: KeyringError) -> (String, &'static str) {
-    let e = crate::grpc::ApiError::Keyring(e);
-    let status = crate::grpc::to_status(&e);
-    let message = status.message();
-    let mut end = message.len().min(MAX_ITEM_ERROR);
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    (
-        message.get(..end).unwrap_or_default().to_owned(),
-        crate::grpc::code_name(crate::grpc::code_of(&e)),
-    )
-}
-
-/// The longest message of a batch item's error, as gRPC's.
-const MAX_ITEM_ERROR: usize = 256;

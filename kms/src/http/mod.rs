@@ -37,8 +37,8 @@ use zeroize::Zeroizing;
 
 use crate::access::limiter::Limits;
 use crate::access::tls::{Admission, Conn, PeerInfo, Protocol, ServerTls};
-use crate::grpc::Ctx;
 use crate::grpc::gate::{FrontRefusal, GateState};
+use crate::service::{Op, Service};
 use call::{Refused, Reply};
 
 /// The largest request body: gRPC's largest message (16 MiB) in base64, with room for the
@@ -52,9 +52,9 @@ const TOKEN_HEADER: &str = "x-vault-token";
 /// What the front serves with.
 pub(crate) struct Front {
     /// The service, as gRPC's.
-    ctx: Ctx,
+    service: Service,
     /// The session tokens.
-    tokens: auth::Tokens,
+    tokens: Arc<auth::Tokens>,
     /// Where probes are counted, with gRPC's health probes.
     probes: Arc<GateState>,
     /// The protection of keys created here.
@@ -62,11 +62,15 @@ pub(crate) struct Front {
 }
 
 impl Front {
-    /// A front over `ctx` with `[http]`'s `settings`.
-    pub(crate) fn new(ctx: Ctx, settings: &config::HttpSettings, probes: Arc<GateState>) -> Self {
+    /// A front over `service` with `[http]`'s `settings`.
+    pub(crate) fn new(
+        service: Service,
+        settings: &config::HttpSettings,
+        probes: Arc<GateState>,
+    ) -> Self {
         Self {
-            ctx,
-            tokens: auth::Tokens::new(settings.token_ttl),
+            service,
+            tokens: Arc::new(auth::Tokens::new(settings.token_ttl)),
             probes,
             key_protection: settings.key_protection,
         }
@@ -86,8 +90,8 @@ pub(crate) enum Answer {
     },
     /// `auth` (a login).
     Auth {
-        /// The auth object (it holds a token: zeroized when sent).
-        auth: Zeroizing<Vec<u8>>,
+        /// The auth object (it holds a token: zeroized when dropped).
+        reply: Reply,
         /// The request id.
         request_id: String,
     },
@@ -199,12 +203,7 @@ async fn handle(
 
 fn status_of(a: &Answer) -> StatusCode {
     match a {
-        Answer::Data { reply, .. } => {
-            StatusCode::from_u16(u16::try_from(reply.status).unwrap_or(200))
-                .ok()
-                .filter(|_| reply.status != 0)
-                .unwrap_or(StatusCode::OK)
-        }
+        Answer::Data { reply, .. } => status_of_reply(reply),
         Answer::Auth { .. } => StatusCode::OK,
         Answer::Raw(s, _) => *s,
     }
@@ -252,9 +251,9 @@ fn respond(answer: Answer) -> Response {
             let body = vault::envelope(&request_id, Some(&data), None, &reply.warnings, mount_type);
             json_response(status, body)
         }
-        Answer::Auth { auth, request_id } => {
+        Answer::Auth { reply, request_id } => {
             let auth: serde_json::Value =
-                serde_json::from_slice(&auth).unwrap_or(serde_json::Value::Null);
+                serde_json::from_slice(&reply.data).unwrap_or(serde_json::Value::Null);
             json_response(
                 StatusCode::OK,
                 vault::envelope(&request_id, None, Some(&auth), &[], "cert"),
@@ -268,10 +267,7 @@ fn status_of_reply(reply: &Reply) -> StatusCode {
     if reply.status == 0 {
         return StatusCode::OK;
     }
-    u16::try_from(reply.status)
-        .ok()
-        .and_then(|s| StatusCode::from_u16(s).ok())
-        .unwrap_or(StatusCode::OK)
+    StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK)
 }
 
 /// Vault's error answer: `{"errors": [...]}` (empty for a 404 of what does not exist).
@@ -399,26 +395,27 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
                 params,
             };
             let answer = transit::serve(request, &method, path, list).await;
-            let op = op.unwrap_or("unknown");
+            let name = op.map_or("unknown", Op::name);
             match answer {
-                Ok(a) => Ok((a, op)),
+                Ok(a) => Ok((a, name)),
                 Err(r) => {
-                    // A request refused before its call (its parameters) is recorded here.
+                    // A request refused before its call (its parameters) is recorded here,
+                    // as a call of its operation: the access rule first, as for any call.
                     if !r.recorded
-                        && op != "unknown"
-                        && let Err(audit) = call::record(
-                            &front.ctx,
+                        && let Some(op) = op
+                        && let Err(first) = call::record_refusal(
+                            &front.service,
                             peer,
-                            ("kms.v1.KeyManagement", op),
+                            op,
                             transit::key_of(path),
                             size,
-                            Err(&r),
+                            &r,
                         )
                         .await
                     {
-                        return Err((audit, op));
+                        return Err((first, name));
                     }
-                    Err((r, op))
+                    Err((r, name))
                 }
             }
         }
@@ -473,7 +470,7 @@ async fn read_body(body: Body, headers: &HeaderMap) -> Result<Zeroizing<Vec<u8>>
 /// `sys/health`: Vault's status codes (200 unsealed, 503 sealed, 501 not initialised, each
 /// replaceable by `activecode`, `sealedcode`, `uninitcode`) and its JSON.
 fn sys_health(front: &Front, query: Option<&str>) -> Answer {
-    let s = front.ctx.seal.status();
+    let s = front.service.seal.status();
     let code = |name: &str, default: u16| {
         query
             .into_iter()
@@ -509,7 +506,7 @@ fn sys_health(front: &Front, query: Option<&str>) -> Answer {
 
 /// `sys/seal-status`: always 200, Vault's JSON (`t`, `n`, `progress`, the attempt's nonce).
 fn sys_seal_status(front: &Front) -> Answer {
-    let s = front.ctx.seal.status();
+    let s = front.service.seal.status();
     let body = json!({
         "type": "shamir",
         "initialized": s.initialized,
@@ -535,58 +532,44 @@ fn version() -> String {
 }
 
 /// `auth/cert/login`: a session token for the caller's certificate (its principal and its
-/// SHA-256), recorded as `vault.v1.Auth/CertLogin`.
+/// SHA-256), a call of `CertLogin`.
 async fn login(front: &Front, peer: &PeerInfo, size: usize) -> Result<Answer, Refused> {
-    let issued = match peer.certificate {
-        Some(cert) => front
-            .tokens
-            .issue(call::principal(peer), cert)
-            .map_err(|e| Refused {
-                status: StatusCode::TOO_MANY_REQUESTS,
-                message: e.to_string(),
-                reason: "TOO_MANY_SESSIONS",
-                recorded: false,
-            }),
-        None => Err(Refused::denied("permission denied")),
-    };
-    let auth = issued.map(|(token, session)| {
-        let ttl = front.tokens.ttl().as_secs();
-        Zeroizing::new(
-            serde_json::to_vec(&json!({
-                "client_token": token.expose(),
-                "accessor": session.accessor,
-                "policies": ["default"],
-                "token_policies": ["default"],
-                "identity_policies": null,
-                "metadata": { "principal": session.principal },
-                "lease_duration": ttl,
-                "renewable": false,
-                "entity_id": "",
-                "token_type": "service",
-                "orphan": true,
-                "mfa_requirement": null,
-                "num_uses": 0,
-            }))
-            .unwrap_or_default(),
-        )
-    });
-    let request_id = call::record(
-        &front.ctx,
-        peer,
-        ("vault.v1.Auth", "CertLogin"),
-        None,
-        size,
-        auth.as_ref().map(|a| a.len()),
-    )
-    .await?;
+    let tokens = Arc::clone(&front.tokens);
+    let principal = call::principal(peer).to_owned();
+    let certificate = peer.certificate;
+    let (reply, request_id) = call::unkeyed(&front.service, peer, size, Op::CertLogin, move || {
+        let cert = certificate.ok_or_else(|| Refused::denied("permission denied"))?;
+        let (token, session) = tokens.issue(&principal, cert).map_err(|e| Refused {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: e.to_string(),
+            reason: "TOO_MANY_SESSIONS",
+            recorded: false,
+        })?;
+        Ok(Reply::ok(&json!({
+            "client_token": token.expose(),
+            "accessor": session.accessor,
+            "policies": ["default"],
+            "token_policies": ["default"],
+            "identity_policies": null,
+            "metadata": { "principal": session.principal },
+            "lease_duration": tokens.ttl().as_secs(),
+            "renewable": false,
+            "entity_id": "",
+            "token_type": "service",
+            "orphan": true,
+            "mfa_requirement": null,
+            "num_uses": 0,
+        })))
+    })
+    .await;
     Ok(Answer::Auth {
-        auth: auth?,
+        reply: reply?,
         request_id,
     })
 }
 
 /// `auth/token/lookup-self`: the session of the token given (with the certificate that
-/// obtained it).
+/// obtained it), a call of `LookupSelf`.
 async fn lookup_self(
     front: &Front,
     peer: &PeerInfo,
@@ -598,40 +581,34 @@ async fn lookup_self(
         front
             .tokens
             .check(t, call::principal(peer), peer.certificate.as_ref())
-            .map(|s| (t, s))
+            .map(|s| (Zeroizing::new(t.to_owned()), s))
     });
-    let data = match &session {
-        Some((token, s)) => Ok(json!({
-            "id": token,
-            "accessor": s.accessor,
-            "policies": ["default"],
-            "display_name": format!("cert-{}", s.principal),
-            "meta": { "principal": s.principal },
-            "path": "auth/cert/login",
-            "creation_time": s.issued_at,
-            "creation_ttl": front.tokens.ttl().as_secs(),
-            "issue_time": s.issued_at,
-            "ttl": s.ttl_left(),
-            "explicit_max_ttl": 0,
-            "expire_time": null,
-            "num_uses": 0,
-            "orphan": true,
-            "renewable": false,
-            "entity_id": "",
-            "type": "service",
-        })),
-        None => Err(Refused::denied("permission denied: missing client token")),
-    };
-    let reply = data.map(|d| Reply::ok(&d));
-    let request_id = call::record(
-        &front.ctx,
-        peer,
-        ("vault.v1.Auth", "LookupSelf"),
-        None,
-        size,
-        reply.as_ref().map(|r| r.data.len()),
-    )
-    .await?;
+    let ttl = front.tokens.ttl().as_secs();
+    let (reply, request_id) =
+        call::unkeyed(&front.service, peer, size, Op::LookupSelf, move || {
+            let (token, s) = session
+                .ok_or_else(|| Refused::denied("permission denied: missing client token"))?;
+            Ok(Reply::ok(&json!({
+                "id": token.as_str(),
+                "accessor": s.accessor,
+                "policies": ["default"],
+                "display_name": format!("cert-{}", s.principal),
+                "meta": { "principal": s.principal },
+                "path": "auth/cert/login",
+                "creation_time": s.issued_at,
+                "creation_ttl": ttl,
+                "issue_time": s.issued_at,
+                "ttl": s.ttl_left(),
+                "explicit_max_ttl": 0,
+                "expire_time": null,
+                "num_uses": 0,
+                "orphan": true,
+                "renewable": false,
+                "entity_id": "",
+                "type": "service",
+            })))
+        })
+        .await;
     Ok(Answer::Data {
         reply: reply?,
         request_id,

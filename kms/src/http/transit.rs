@@ -11,15 +11,15 @@ use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-use super::call::{Keyed, Refused, Reply, item_error, keyed, record};
+use super::call::{Keyed, Refused, Reply, item_error, keyed};
 use super::vault::{self, BadRequest, Params};
 use super::{Answer, Front};
 use crate::access::tls::PeerInfo;
 use crate::audit::BatchSummary;
-use crate::grpc::{Aad, Served};
 use crate::keyring::material::{SignInput, SignatureEncoding};
 use crate::keyring::model::{Algorithm, KeyMeta, VersionState};
 use crate::keyring::{Journal, KeyUpdate, Keyring, KeyringError, NewKey};
+use crate::service::{Aad, Op, Served};
 
 /// The most items in one `batch_input`, as gRPC's batches.
 const MAX_BATCH: usize = 1000;
@@ -35,9 +35,6 @@ pub(crate) const DELETION_ALLOWED: &str = "vault.deletion_allowed";
 /// gRPC's default.
 const DESTRUCTION_DAYS: u32 = 7;
 
-/// The service's name of keyed calls in records.
-const KEYS: &str = "kms.v1.KeyManagement";
-
 /// One request to a Transit path.
 pub(crate) struct Request<'a> {
     /// The front.
@@ -52,25 +49,25 @@ pub(crate) struct Request<'a> {
 
 /// The operation a Transit path and method are, for the record of a request refused
 /// before its call (malformed parameters); `None` for a path that is not one.
-pub(crate) fn operation(method: &Method, path: &[&str], list: bool) -> Option<&'static str> {
+pub(crate) fn operation(method: &Method, path: &[&str], list: bool) -> Option<Op> {
     let post = *method == Method::POST || *method == Method::PUT;
     Some(match path {
-        ["keys"] | ["keys", ""] if list => "ListKeys",
-        ["keys", _] if post => "CreateKey",
-        ["keys", _] if *method == Method::GET => "GetKey",
-        ["keys", _] if *method == Method::DELETE => "ScheduleKeyVersionDestruction",
-        ["keys", _, "config"] if post => "UpdateKey",
-        ["keys", _, "rotate"] if post => "RotateKey",
-        ["encrypt", _] if post => "Encrypt",
-        ["decrypt", _] if post => "Decrypt",
-        ["rewrap", _] if post => "ReEncrypt",
-        ["datakey", "plaintext", _] if post => "GenerateDataKey",
-        ["datakey", "wrapped", _] if post => "GenerateDataKeyWithoutPlaintext",
-        ["sign", _] | ["sign", _, _] if post => "Sign",
-        ["verify", _] | ["verify", _, _] if post => "Verify",
-        ["hmac", _] | ["hmac", _, _] if post => "Mac",
-        ["random"] | ["random", _] | ["random", _, _] if post => "Random",
-        ["hash"] | ["hash", _] if post => "Hash",
+        ["keys"] | ["keys", ""] if list => Op::ListKeys,
+        ["keys", _] if post => Op::CreateKey,
+        ["keys", _] if *method == Method::GET => Op::GetKey,
+        ["keys", _] if *method == Method::DELETE => Op::ScheduleKeyVersionDestruction,
+        ["keys", _, "config"] if post => Op::UpdateKey,
+        ["keys", _, "rotate"] if post => Op::RotateKey,
+        ["encrypt", _] if post => Op::Encrypt,
+        ["decrypt", _] if post => Op::Decrypt,
+        ["rewrap", _] if post => Op::ReEncrypt,
+        ["datakey", "plaintext", _] if post => Op::GenerateDataKey,
+        ["datakey", "wrapped", _] if post => Op::GenerateDataKeyWithoutPlaintext,
+        ["sign", _] | ["sign", _, _] if post => Op::Sign,
+        ["verify", _] | ["verify", _, _] if post => Op::Verify,
+        ["hmac", _] | ["hmac", _, _] if post => Op::Mac,
+        ["random"] | ["random", _] | ["random", _, _] if post => Op::Random,
+        ["hash"] | ["hash", _] if post => Op::Hash,
         _ => return None,
     })
 }
@@ -251,7 +248,7 @@ fn rfc3339(secs: u64) -> String {
 /// A keyed call with no associated data.
 async fn call(
     req: &Request<'_>,
-    op: &'static str,
+    op: Op,
     name: &str,
     version: u32,
     f: impl FnOnce(&Keyring, &dyn Journal) -> Result<Served<Reply>, KeyringError> + Send + 'static,
@@ -265,14 +262,14 @@ async fn call(
 /// A keyed call whose request carries associated data.
 async fn call_with(
     req: &Request<'_>,
-    op: &'static str,
+    op: Op,
     name: &str,
     version: u32,
     aads: Aads,
     f: impl FnOnce(&Keyring, &dyn Journal, Aads) -> Result<Served<Reply>, KeyringError> + Send + 'static,
 ) -> Result<Answer, Refused> {
     let (result, request_id) = keyed(
-        &req.front.ctx,
+        &req.front.service,
         req.peer,
         req.size,
         Keyed {
@@ -297,7 +294,7 @@ async fn call_with(
 }
 
 async fn list_keys(req: Request<'_>) -> Result<Answer, Refused> {
-    let answer = call(&req, "ListKeys", "", 0, |k, _| {
+    let answer = call(&req, Op::ListKeys, "", 0, |k, _| {
         let mut names = Vec::new();
         let mut token = String::new();
         loop {
@@ -356,7 +353,7 @@ async fn create_key(mut req: Request<'_>, name: &str) -> Result<Answer, Refused>
     let rotation_period = p.seconds("auto_rotate_period")?.filter(|s| *s != 0);
     let protection = req.front.key_protection;
     let key = name.to_owned();
-    call(&req, "CreateKey", name, 0, move |k, j| {
+    call(&req, Op::CreateKey, name, 0, move |k, j| {
         let created = k.create_key(
             NewKey {
                 name: key.clone(),
@@ -384,7 +381,7 @@ async fn create_key(mut req: Request<'_>, name: &str) -> Result<Answer, Refused>
 async fn read_key(req: Request<'_>, name: &str) -> Result<Answer, Refused> {
     let key = name.to_owned();
     not_found_is_empty(
-        call(&req, "GetKey", name, 0, move |k, _| {
+        call(&req, Op::GetKey, name, 0, move |k, _| {
             let meta = k.get_key(&key)?;
             Ok(Served::new(Reply::ok(&key_data(k, &meta))))
         })
@@ -394,7 +391,7 @@ async fn read_key(req: Request<'_>, name: &str) -> Result<Answer, Refused> {
 
 async fn rotate_key(req: Request<'_>, name: &str) -> Result<Answer, Refused> {
     let key = name.to_owned();
-    call(&req, "RotateKey", name, 0, move |k, j| {
+    call(&req, Op::RotateKey, name, 0, move |k, j| {
         let meta = k.rotate_key(&key, j)?;
         Ok(Served::new(Reply::ok(&key_data(k, &meta))).version(meta.primary))
     })
@@ -416,7 +413,7 @@ async fn configure_key(mut req: Request<'_>, name: &str) -> Result<Answer, Refus
     let deletion = p.bool("deletion_allowed")?;
     let rotation = p.seconds("auto_rotate_period")?;
     let key = name.to_owned();
-    call(&req, "UpdateKey", name, 0, move |k, j| {
+    call(&req, Op::UpdateKey, name, 0, move |k, j| {
         let labels = match deletion {
             None => None,
             Some(allowed) => {
@@ -446,7 +443,7 @@ async fn configure_key(mut req: Request<'_>, name: &str) -> Result<Answer, Refus
 /// from then on. 204, as Vault's.
 async fn delete_key(req: Request<'_>, name: &str) -> Result<Answer, Refused> {
     let key = name.to_owned();
-    call(&req, "ScheduleKeyVersionDestruction", name, 0, move |k, j| {
+    call(&req, Op::ScheduleKeyVersionDestruction, name, 0, move |k, j| {
         let meta = k.get_key(&key)?;
         if !deletion_allowed(&meta) {
             return Err(KeyringError::NotAllowed(
@@ -650,9 +647,9 @@ async fn encrypt(mut req: Request<'_>, name: &str) -> Result<Answer, Refused> {
     })?;
     single_ok(&batch)?;
     let op = if batch.single {
-        "Encrypt"
+        Op::Encrypt
     } else {
-        "BatchEncrypt"
+        Op::BatchEncrypt
     };
     let aads = aads_of(&batch, |i| &i.aad);
     let key = name.to_owned();
@@ -699,9 +696,9 @@ async fn decrypt(mut req: Request<'_>, name: &str) -> Result<Answer, Refused> {
     let batch = batch(&mut req.params, decrypt_item)?;
     single_ok(&batch)?;
     let op = if batch.single {
-        "Decrypt"
+        Op::Decrypt
     } else {
-        "BatchDecrypt"
+        Op::BatchDecrypt
     };
     let aads = aads_of(&batch, |i| &i.aad);
     let key = name.to_owned();
@@ -724,14 +721,14 @@ async fn rewrap(mut req: Request<'_>, name: &str) -> Result<Answer, Refused> {
     })?;
     single_ok(&batch)?;
     let op = if batch.single {
-        "ReEncrypt"
+        Op::ReEncrypt
     } else {
-        "BatchReEncrypt"
+        Op::BatchReEncrypt
     };
     let aads = aads_of(&batch, |(i, _)| &i.aad);
     let key = name.to_owned();
     let (result, request_id) = keyed(
-        &req.front.ctx,
+        &req.front.service,
         req.peer,
         req.size,
         Keyed {
@@ -775,9 +772,9 @@ async fn data_key(mut req: Request<'_>, name: &str, plaintext: bool) -> Result<A
         Some(_) => return Err(Refused::bad("bits: 128, 256 or 512")),
     };
     let op = if plaintext {
-        "GenerateDataKey"
+        Op::GenerateDataKey
     } else {
-        "GenerateDataKeyWithoutPlaintext"
+        Op::GenerateDataKeyWithoutPlaintext
     };
     let key = name.to_owned();
     call(&req, op, name, 0, move |k, _| {
@@ -897,7 +894,11 @@ async fn sign(
             .ok_or_else(|| BadRequest::from("missing input to sign"))
     })?;
     single_ok(&batch)?;
-    let op = if batch.single { "Sign" } else { "BatchSign" };
+    let op = if batch.single {
+        Op::Sign
+    } else {
+        Op::BatchSign
+    };
     let key = name.to_owned();
     call(&req, op, name, 0, move |k, _| {
         let algorithm = k.get_key(&key)?.algorithm;
@@ -963,7 +964,7 @@ async fn verify(
     if is_mac && !matches!(s.hash.as_str(), "sha2-256") {
         return Err(Refused::bad("algorithm: kms HMAC keys use sha2-256 only"));
     }
-    let op = if is_mac { "VerifyMac" } else { "Verify" };
+    let op = if is_mac { Op::VerifyMac } else { Op::Verify };
     let version = match batch.items.as_slice() {
         [(Ok(i), _)] if batch.single => i.version,
         _ => 0,
@@ -1005,7 +1006,7 @@ async fn hmac(
     })?;
     single_ok(&batch)?;
     let key = name.to_owned();
-    call(&req, "Mac", name, 0, move |k, _| {
+    call(&req, Op::Mac, name, 0, move |k, _| {
         latest_only(k, &key, version)?;
         each(batch, |input| {
             let (mac, v) = k.mac(&key, input)?;
@@ -1015,26 +1016,18 @@ async fn hmac(
     .await
 }
 
-/// A request that touches no key, recorded by the front (see [`record`]).
+/// A request that touches no key: a call of `op` whose work is `f`.
 async fn unkeyed(
     req: &Request<'_>,
-    op: &'static str,
-    data: Result<Value, Refused>,
+    op: Op,
+    f: impl FnOnce() -> Result<Value, Refused> + Send + 'static,
 ) -> Result<Answer, Refused> {
-    let reply = data.map(|d| Reply::ok(&d));
-    let request_id = record(
-        &req.front.ctx,
-        req.peer,
-        (KEYS, op),
-        None,
-        req.size,
-        reply.as_ref().map(|r| r.data.len()),
-    )
-    .await?;
-    let mut reply = reply.map_err(|r| Refused {
-        recorded: true,
-        ..r
-    })?;
+    let (result, request_id) =
+        super::call::unkeyed(&req.front.service, req.peer, req.size, op, move || {
+            f().map(|d| Reply::ok(&d))
+        })
+        .await;
+    let mut reply = result?;
     reply.warnings.extend(req.params.unread());
     Ok(Answer::Data {
         reply,
@@ -1043,12 +1036,13 @@ async fn unkeyed(
     })
 }
 
+/// `random`: bytes from the platform's CSPRNG.
 async fn random(
     mut req: Request<'_>,
     source: Option<&str>,
     path_bytes: Option<&str>,
 ) -> Result<Answer, Refused> {
-    let data = (|| {
+    let asked = (|| {
         let p = &mut req.params;
         match source {
             None | Some("platform") => {}
@@ -1071,7 +1065,11 @@ async fn random(
             Some("hex") => true,
             Some(_) => return Err(Refused::bad("format: base64 or hex")),
         };
-        let mut bytes = Zeroizing::new(vec![0u8; usize::try_from(n).unwrap_or(0)]);
+        Ok((usize::try_from(n).unwrap_or(0), hex))
+    })();
+    unkeyed(&req, Op::Random, move || {
+        let (n, hex) = asked?;
+        let mut bytes = Zeroizing::new(vec![0u8; n]);
         getrandom::fill(bytes.as_mut_slice()).map_err(|_| Refused {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             message: "no randomness available".to_owned(),
@@ -1084,13 +1082,13 @@ async fn random(
             vault::base64(&bytes)
         };
         Ok(json!({ "random_bytes": text }))
-    })();
-    unkeyed(&req, "Random", data).await
+    })
+    .await
 }
 
+/// `hash`: a SHA-2 digest of the input.
 async fn hash(mut req: Request<'_>, path_algorithm: Option<&str>) -> Result<Answer, Refused> {
-    let data = (|| {
-        use sha2::Digest as _;
+    let asked = (|| {
         let p = &mut req.params;
         let algorithm = match path_algorithm {
             Some(a) => a.to_owned(),
@@ -1099,6 +1097,16 @@ async fn hash(mut req: Request<'_>, path_algorithm: Option<&str>) -> Result<Answ
         let input = p
             .base64("input")?
             .ok_or_else(|| Refused::bad("missing input to hash"))?;
+        let base64 = match p.str("format")?.as_deref() {
+            None | Some("hex") => false,
+            Some("base64") => true,
+            Some(_) => return Err(Refused::bad("format: hex or base64")),
+        };
+        Ok((algorithm, input, base64))
+    })();
+    unkeyed(&req, Op::Hash, move || {
+        use sha2::Digest as _;
+        let (algorithm, input, base64) = asked?;
         let sum: Vec<u8> = match algorithm.as_str() {
             "sha2-224" => sha2::Sha224::digest(&*input).to_vec(),
             "sha2-256" => sha2::Sha256::digest(&*input).to_vec(),
@@ -1115,14 +1123,14 @@ async fn hash(mut req: Request<'_>, path_algorithm: Option<&str>) -> Result<Answ
                 ));
             }
         };
-        let text = match p.str("format")?.as_deref() {
-            None | Some("hex") => data_encoding::HEXLOWER.encode(&sum),
-            Some("base64") => vault::base64(&sum),
-            Some(_) => return Err(Refused::bad("format: hex or base64")),
+        let text = if base64 {
+            vault::base64(&sum)
+        } else {
+            data_encoding::HEXLOWER.encode(&sum)
         };
         Ok(json!({ "sum": text }))
-    })();
-    unkeyed(&req, "Hash", data).await
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -1140,19 +1148,22 @@ mod tests {
     #[test]
     fn every_path_names_its_operation() {
         let post = Method::POST;
-        assert_eq!(operation(&post, &["encrypt", "k"], false), Some("Encrypt"));
-        assert_eq!(operation(&Method::GET, &["keys"], true), Some("ListKeys"));
+        assert_eq!(
+            operation(&post, &["encrypt", "k"], false),
+            Some(Op::Encrypt)
+        );
+        assert_eq!(operation(&Method::GET, &["keys"], true), Some(Op::ListKeys));
         assert_eq!(
             operation(&Method::GET, &["keys", "k"], false),
-            Some("GetKey")
+            Some(Op::GetKey)
         );
         assert_eq!(
             operation(&post, &["sign", "k", "sha2-256"], false),
-            Some("Sign")
+            Some(Op::Sign)
         );
         assert_eq!(
             operation(&post, &["datakey", "wrapped", "k"], false),
-            Some("GenerateDataKeyWithoutPlaintext")
+            Some(Op::GenerateDataKeyWithoutPlaintext)
         );
         assert_eq!(operation(&Method::GET, &["encrypt", "k"], false), None);
         assert_eq!(operation(&post, &["nope"], false), None);

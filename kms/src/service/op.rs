@@ -1,0 +1,220 @@
+//! What a call asks: a domain operation, whatever front it came through, and the rule of
+//! each ([`Op::need`]).
+//!
+//! Operations are grouped as the audit record names them ([`Group::record_name`]): the
+//! record format predates the service layer, and records already written keep verifying,
+//! so a group's name in records is stable (it is also our gRPC service's name). The gRPC
+//! front maps its method paths onto these ([`crate::grpc`]); other fronts map their own
+//! paths onto the same operations, so one rule and one record shape serve every front.
+
+use crate::access::{Need, Role};
+use crate::policy::Operation;
+
+/// The groups of operations, as records name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Group {
+    /// The seal lifecycle, ceremonies, backups.
+    System,
+    /// Keys and cryptography.
+    Keys,
+    /// The audit log, for auditors.
+    Audit,
+    /// Identity and grants.
+    Access,
+    /// Liveness and readiness probes.
+    Health,
+}
+
+impl Group {
+    /// The group's name in audit records (`service`): stable, never renamed.
+    pub(crate) fn record_name(self) -> &'static str {
+        match self {
+            Self::System => "kms.v1.System",
+            Self::Keys => "kms.v1.KeyManagement",
+            Self::Audit => "kms.v1.Audit",
+            Self::Access => "kms.v1.Access",
+            Self::Health => "grpc.health.v1.Health",
+        }
+    }
+}
+
+macro_rules! ops {
+    ($($group:ident { $($op:ident),* $(,)? })*) => {
+        /// A domain operation. Its name ([`Op::name`]) is what audit records and reports
+        /// call it, and never changes.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub(crate) enum Op {
+            $($(
+                #[doc = concat!("`", stringify!($op), "` (", stringify!($group), ").")]
+                $op,
+            )*)*
+        }
+
+        impl Op {
+            /// Every operation.
+            pub(crate) const ALL: &[Op] = &[$($(Op::$op,)*)*];
+
+            /// The operation's name in audit records.
+            pub(crate) fn name(self) -> &'static str {
+                match self {
+                    $($(Op::$op => stringify!($op),)*)*
+                }
+            }
+
+            /// The operation's group.
+            pub(crate) fn group(self) -> Group {
+                match self {
+                    $($(Op::$op => Group::$group,)*)*
+                }
+            }
+        }
+    };
+}
+
+ops! {
+    System {
+        Status, Init, Unseal, UnsealReset, Seal, CreateBackup, RekeyInit, RekeySubmit,
+        RekeyCancel, VerifyShare, RotateMasterKey, TakeOver,
+    }
+    Keys {
+        CreateKey, GetKey, ListKeys, RotateKey, GetImportParameters, ImportKeyMaterial,
+        UpdateKey, EnableKeyVersion, DisableKeyVersion, ScheduleKeyVersionDestruction,
+        CancelKeyVersionDestruction, Encrypt, Decrypt, ReEncrypt, GenerateDataKey,
+        GenerateDataKeyWithoutPlaintext, Sign, Verify, GetPublicKey, AsymmetricDecrypt, Mac,
+        VerifyMac, BatchEncrypt, BatchDecrypt, BatchSign, BatchReEncrypt, Random, Hash,
+    }
+    Audit { ExportAuditLog, KeyUsageReport, VerifyAuditLog }
+    Access { WhoAmI, CreateGrant, RevokeGrant, ListGrants, CertLogin, LookupSelf }
+    Health { Check, Watch }
+}
+
+impl Op {
+    /// What the operation needs of its caller. Every operation is named: a new one does
+    /// not compile until someone decides its rule here.
+    pub(crate) fn need(self) -> Need {
+        use Operation as O;
+        match self {
+            Op::Status | Op::WhoAmI | Op::Check | Op::Watch => Need::Nothing,
+            // The HTTPS front's calls that touch no key (Transit's random bytes and hashes,
+            // Vault's session tokens): any certificate holder.
+            Op::Random | Op::Hash | Op::CertLogin | Op::LookupSelf => Need::Certificate,
+            // Calls that take a share. Starting and cancelling a rekey need the admin role.
+            Op::Unseal | Op::UnsealReset | Op::RekeySubmit | Op::VerifyShare => Need::Custodian,
+            Op::ExportAuditLog | Op::KeyUsageReport | Op::VerifyAuditLog => {
+                Need::Role(Role::Auditor)
+            }
+            Op::Encrypt | Op::BatchEncrypt => Need::Grant(O::Encrypt),
+            Op::Decrypt | Op::BatchDecrypt | Op::AsymmetricDecrypt => Need::Grant(O::Decrypt),
+            // And ReencryptTo on the destination ([`Operation::on_destination`]).
+            Op::ReEncrypt | Op::BatchReEncrypt => Need::Grant(O::ReencryptFrom),
+            Op::GenerateDataKey | Op::GenerateDataKeyWithoutPlaintext => {
+                Need::Grant(O::GenerateDataKey)
+            }
+            Op::Sign | Op::BatchSign => Need::Grant(O::Sign),
+            Op::Verify => Need::Grant(O::Verify),
+            Op::GetPublicKey => Need::Grant(O::GetPublicKey),
+            Op::Mac => Need::Grant(O::Mac),
+            Op::VerifyMac => Need::Grant(O::VerifyMac),
+            Op::Init
+            | Op::Seal
+            | Op::CreateBackup
+            | Op::RekeyInit
+            | Op::RekeyCancel
+            | Op::RotateMasterKey
+            | Op::TakeOver
+            | Op::CreateKey
+            | Op::GetKey
+            | Op::ListKeys
+            | Op::RotateKey
+            | Op::GetImportParameters
+            | Op::ImportKeyMaterial
+            | Op::UpdateKey
+            | Op::EnableKeyVersion
+            | Op::DisableKeyVersion
+            | Op::ScheduleKeyVersionDestruction
+            | Op::CancelKeyVersionDestruction
+            | Op::CreateGrant
+            | Op::RevokeGrant
+            | Op::ListGrants => Need::Role(Role::Admin),
+        }
+    }
+
+    /// Whether only the HTTPS front serves the operation (no gRPC method is it).
+    pub(crate) fn http_only(self) -> bool {
+        matches!(self, Op::Random | Op::Hash | Op::CertLogin | Op::LookupSelf)
+    }
+
+    /// Whether the operation hands out shares once: an answer cut off by the caller's
+    /// deadline after it committed is a keyring no one can unseal, so it begins only with
+    /// [`SHARES_MIN_TIME_LEFT`] left.
+    pub(crate) fn hands_out_shares(self) -> bool {
+        matches!(self, Op::Init | Op::RekeySubmit)
+    }
+
+    /// Whether a retry with the caller's idempotency key is answered from the first attempt
+    /// (docs/api.md, "Retries and idempotency"): the changes that answer a key or a grant,
+    /// built from what they committed.
+    pub(crate) fn is_retried_change(self) -> bool {
+        matches!(
+            self,
+            Op::CreateKey
+                | Op::RotateKey
+                | Op::UpdateKey
+                | Op::EnableKeyVersion
+                | Op::DisableKeyVersion
+                | Op::ScheduleKeyVersionDestruction
+                | Op::CancelKeyVersionDestruction
+                | Op::ImportKeyMaterial
+                | Op::CreateGrant
+                | Op::RevokeGrant
+        )
+    }
+}
+
+/// See [`Op::hands_out_shares`].
+pub(crate) const SHARES_MIN_TIME_LEFT: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::{Group, Op};
+    use crate::access::{Need, Role};
+    use crate::policy::Operation;
+
+    #[test]
+    fn every_operation_has_the_intended_rule() {
+        assert_eq!(Op::Status.need(), Need::Nothing);
+        assert_eq!(Op::Check.need(), Need::Nothing);
+        assert_eq!(Op::Unseal.need(), Need::Custodian);
+        assert_eq!(Op::Init.need(), Need::Role(Role::Admin));
+        assert_eq!(Op::RekeySubmit.need(), Need::Custodian);
+        assert_eq!(Op::VerifyShare.need(), Need::Custodian);
+        assert_eq!(Op::RekeyInit.need(), Need::Role(Role::Admin));
+        assert_eq!(Op::RekeyCancel.need(), Need::Role(Role::Admin));
+        assert_eq!(Op::Seal.need(), Need::Role(Role::Admin));
+        assert_eq!(Op::ExportAuditLog.need(), Need::Role(Role::Auditor));
+        assert_eq!(Op::CreateKey.need(), Need::Role(Role::Admin));
+        assert_eq!(
+            Op::GenerateDataKeyWithoutPlaintext.need(),
+            Need::Grant(Operation::GenerateDataKey)
+        );
+        assert_eq!(Op::BatchSign.need(), Need::Grant(Operation::Sign));
+        assert_eq!(
+            Op::BatchReEncrypt.need(),
+            Need::Grant(Operation::ReencryptFrom)
+        );
+        assert_eq!(Op::ListGrants.need(), Need::Role(Role::Admin));
+    }
+
+    #[test]
+    fn names_and_groups_are_those_records_have_always_used() {
+        assert_eq!(Op::Encrypt.name(), "Encrypt");
+        assert_eq!(Op::Encrypt.group().record_name(), "kms.v1.KeyManagement");
+        assert_eq!(Op::UnsealReset.group(), Group::System);
+        assert_eq!(Op::Watch.group().record_name(), "grpc.health.v1.Health");
+        let mut names: Vec<_> = Op::ALL.iter().map(|o| o.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Op::ALL.len());
+    }
+}
