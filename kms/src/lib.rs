@@ -16,6 +16,22 @@
 //! - [`server`]: start-up, serving, shutdown.
 //! - [`wire`]: every protobuf <-> domain conversion, both ways.
 //!
+//! # The public surface
+//!
+//! As rustls's lib.rs chooses its own: a module is public only when another crate of the
+//! workspace uses it, and everything else is private or `pub(crate)` (`unreachable_pub`
+//! warns about a `pub` item no other crate can reach). Who uses what:
+//! - `kms-cli` (the `kms` binary): [`config`] (`Config::load`, the log settings),
+//!   [`server`] (`run`, `Opened`, `shutdown_signal`), [`seal`] (`kms dev`'s bootstrap),
+//!   [`policy`], [`wire`], [`keyring`] (`wrap`, `Wrapping`, the model), [`audit`] (report,
+//!   verify, history), [`backup`] (check, restore), [`code_name`], [`error_chain`].
+//! - the benches: [`audit`], [`hsm`], [`keyring`], [`store`].
+//! - the end-to-end tests: [`store`] (the backends' contract), [`keyring`] (`wrap`).
+//! - the fuzz targets: [`keyring`] (`ciphertext`).
+//!
+//! Private: `access`, `grpc`, `metrics`, and the leaves `node` (the server's name among
+//! servers sharing a keyring) and `section` (what every configuration section shares).
+//!
 //! The `kms` binary (the command line, `kms dev` and its development PKI) is the `kms-cli`
 //! crate, on top of this library and never the reverse.
 
@@ -31,8 +47,10 @@ pub mod hsm;
 mod http;
 pub mod keyring;
 mod metrics;
+mod node;
 pub mod policy;
 pub mod seal;
+mod section;
 pub mod server;
 mod service;
 pub mod store;

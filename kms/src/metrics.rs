@@ -23,8 +23,6 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 
-use crate::seal::SealManager;
-
 /// A call's service, method and status code.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RequestLabels {
@@ -253,9 +251,6 @@ impl Metrics {
             change_feed_overflows.clone(),
         );
         let limit_reached = Family::<LimitLabels, Counter>::default();
-        for kind in crate::access::limiter::LimitKind::ALL {
-            drop(limit_reached.get_or_create(&LimitLabels { limit: kind.key() }));
-        }
         registry.register(
             "limit_reached",
             "Connections closed and calls refused because a [limits] limit was reached, by its key",
@@ -314,10 +309,22 @@ impl Metrics {
     }
 
     /// Counts a connection closed, or a call refused, by `limit`.
-    pub(crate) fn limit_reached(&self, limit: crate::access::limiter::LimitKind) {
+    pub(crate) fn limit_reached(&self, limit: impl LimitLabel) {
         self.limit_reached
-            .get_or_create(&LimitLabels { limit: limit.key() })
+            .get_or_create(&LimitLabels {
+                limit: limit.label(),
+            })
             .inc();
+    }
+
+    /// Makes every limit's count present, at 0, before any is reached (the server names
+    /// them before it serves the metrics).
+    pub(crate) fn limits_known(&self, limits: impl IntoIterator<Item = impl LimitLabel>) {
+        for limit in limits {
+            drop(self.limit_reached.get_or_create(&LimitLabels {
+                limit: limit.label(),
+            }));
+        }
     }
 
     /// Counts and times one answered call. `service` and `method` are labelled only when
@@ -355,24 +362,39 @@ impl Metrics {
     }
 
     /// The exposition, with the seal state, key count and how far the keyring is behind
-    /// the shared store read now. Takes no lock a ceremony holds (an unseal loading every
-    /// key, a rotation waiting on the store): the seal state is the one published to
-    /// watchers, the keyring the published one.
-    pub(crate) fn encode(&self, seal: &SealManager) -> String {
-        let keyring = seal.keyring().ok();
-        let keys = keyring.as_ref().map_or(0, |k| k.key_count());
-        let following = keyring.as_ref().map(|k| k.following());
-        self.sealed.set(i64::from(!seal.is_unsealed()));
-        self.keys.set(i64::try_from(keys).unwrap_or(i64::MAX));
+    /// the shared store as `live` reads them now.
+    pub(crate) fn encode(&self, live: &Live) -> String {
+        self.sealed.set(i64::from(live.sealed));
+        self.keys.set(i64::try_from(live.keys).unwrap_or(i64::MAX));
         self.keyring_changes_unapplied
-            .set(following.map_or(0, |f| i64::try_from(f.unapplied).unwrap_or(i64::MAX)));
-        self.keyring_behind
-            .set(i64::from(following.is_some_and(|f| f.behind)));
+            .set(i64::try_from(live.unapplied).unwrap_or(i64::MAX));
+        self.keyring_behind.set(i64::from(live.behind));
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// A limit, as `kms_limit_reached_total` labels it (its `[limits]` key). The limits are
+/// access control's; metrics takes them through this trait and imports nothing above it.
+pub(crate) trait LimitLabel {
+    /// The label value.
+    fn label(self) -> &'static str;
+}
+
+/// What a scrape reads from the seal and the keyring at the moment it is made. Metrics
+/// import neither: the server hands [`serve`] a function that reads them.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Live {
+    /// Sealed, or not initialised.
+    pub(crate) sealed: bool,
+    /// Keys in the keyring (0 while sealed).
+    pub(crate) keys: usize,
+    /// Changes of a shared store heard and not applied yet.
+    pub(crate) unapplied: usize,
+    /// The keyring refuses calls until it has caught up.
+    pub(crate) behind: bool,
 }
 
 /// The process's metrics.
@@ -431,19 +453,21 @@ pub(crate) fn known_rpc(service: &str, method: &str) -> Option<(&'static str, &'
         .map(|(s, m)| (s.as_str(), m.as_str()))
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` completes.
+/// Serves `GET /metrics` on `listener` until `shutdown` completes; each scrape calls `live`
+/// (on a blocking thread) for the seal and keyring state.
 pub(crate) async fn serve(
     listener: TcpListener,
-    seal: Arc<SealManager>,
+    live: impl Fn() -> Live + Send + Sync + 'static,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::http::header::CONTENT_TYPE;
+    let live = Arc::new(live);
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let seal = Arc::clone(&seal);
+            let live = Arc::clone(&live);
             async move {
-                let body = tokio::task::spawn_blocking(move || metrics().encode(&seal))
+                let body = tokio::task::spawn_blocking(move || metrics().encode(&live()))
                     .await
                     .unwrap_or_default();
                 (

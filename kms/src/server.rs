@@ -13,7 +13,7 @@ use kms_proto::v1::system_server::SystemServer;
 use tokio::net::TcpListener;
 
 use crate::access::Roles;
-use crate::access::limiter::{FailureLimiter, Limits, UnsealLimit};
+use crate::access::limiter::{FailureLimiter, LimitKind, Limits, UnsealLimit};
 use crate::access::tls::{ServerTls, TlsError};
 use crate::audit::{AuditError, AuditLog, Signer};
 use crate::config::Config;
@@ -214,13 +214,19 @@ pub fn open(config: &Config) -> Result<Opened, StartError> {
     })
 }
 
-/// This server's host name and bound address, once bound (`kms operator status` shows it:
-/// several servers may share one keyring).
-static IDENTITY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-
-/// This server's host name and bound address ("" before it is bound).
-pub(crate) fn identity() -> &'static str {
-    IDENTITY.get().map_or("", String::as_str)
+/// The seal state, key count and how far the keyring is behind the shared store, read for
+/// a metrics scrape. Takes no lock a ceremony holds (an unseal loading every key, a
+/// rotation waiting on the store): the seal state is the one published to watchers, the
+/// keyring the published one.
+fn live(seal: &SealManager) -> crate::metrics::Live {
+    let keyring = seal.keyring().ok();
+    let following = keyring.as_ref().map(|k| k.following());
+    crate::metrics::Live {
+        sealed: !seal.is_unsealed(),
+        keys: keyring.as_ref().map_or(0, |k| k.key_count()),
+        unapplied: following.map_or(0, |f| f.unapplied),
+        behind: following.is_some_and(|f| f.behind),
+    }
 }
 
 /// Binds the listen address; call it once the server is ready to serve. The bound address is printed on stdout as
@@ -232,8 +238,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     let local = listener
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })?;
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let _ = IDENTITY.set(format!("{} {local}", host.trim()).trim().to_owned());
+    crate::node::bound(local);
     println!("kms listening on {local}");
     tracing::info!(addr = %local, "listening");
     Ok(listener)
@@ -416,9 +421,11 @@ impl Background {
                 .await;
         }));
         let metrics = metrics.map(|listener| {
+            crate::metrics::metrics().limits_known(LimitKind::ALL);
+            let seal = Arc::clone(seal);
             tokio::spawn(crate::metrics::serve(
                 listener,
-                Arc::clone(seal),
+                move || live(&seal),
                 stopped(stop.clone()),
             ))
         });
@@ -444,6 +451,9 @@ pub(crate) const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// The largest gRPC request: a batch of 64 KiB items.
 pub(crate) const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+// The HTTPS front's largest body is this largest message in base64, and room for its JSON.
+const _: () = assert!(crate::http::MAX_BODY == MAX_MESSAGE_BYTES / 3 * 4 + 64 * 1024);
 
 /// Watches the store's size and free space (metrics; a warning under 10% free) and, with
 /// `[audit]` retention, archives the records past the window, forever (the caller aborts

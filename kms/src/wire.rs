@@ -266,7 +266,7 @@ pub(crate) fn status_pb(s: &SealStatus) -> pb::SealStatus {
         share_set_id: s.share_set_id.map(|i| i.to_string()).unwrap_or_default(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         hsm_pin_in_shares: s.pin_in_shares,
-        server: crate::server::identity().to_owned(),
+        server: crate::node::identity().to_owned(),
         hsm_available: s.hsm_available,
         instance_id: s.instance.clone().unwrap_or_default(),
         restored_from_instance_ids: s.restored_from.clone(),

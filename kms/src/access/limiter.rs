@@ -31,6 +31,10 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use serde::Deserialize;
+
+use crate::section::{ConfigError, within};
+
 /// What a per-address limit counts: an IPv4 address, or the /64 of an IPv6 address (an
 /// IPv4-mapped IPv6 address, as a dual-stack listener sees IPv4 peers, is its IPv4
 /// address).
@@ -282,6 +286,12 @@ impl LimitKind {
             Self::AnonymousCalls => "anonymous_calls_per_minute",
             Self::RefusedCalls => "refused_calls_per_minute",
         }
+    }
+}
+
+impl crate::metrics::LimitLabel for LimitKind {
+    fn label(self) -> &'static str {
+        self.key()
     }
 }
 
@@ -553,6 +563,167 @@ impl<K: Clone + Eq + Hash> RefusedLimiter<K> {
         let window = self.window;
         map.retain(|_, w| w.live(now, window));
         taken
+    }
+}
+
+/// `[limits]`: what any one caller can make the server hold, read or record.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LimitsConfig {
+    /// Seconds a client has to finish its TLS handshake (default 5).
+    pub handshake_timeout_seconds: Option<u64>,
+    /// Handshakes in progress at once, from all addresses (default 256).
+    pub max_handshakes: Option<usize>,
+    /// Handshakes in progress at once from one address (default 16).
+    pub max_handshakes_per_address: Option<usize>,
+    /// Seconds after which a connection is asked to close (HTTP/2 GOAWAY; default 600): a
+    /// removed CA or an expired certificate loses its open connections within this time.
+    pub max_connection_age_seconds: Option<u64>,
+    /// Concurrent calls (HTTP/2 streams) per connection (default 128).
+    pub max_concurrent_streams: Option<u32>,
+    /// The largest request from a caller without a client certificate, in bytes (default
+    /// 65536).
+    pub anonymous_max_request_bytes: Option<usize>,
+    /// Refused calls (UNAUTHENTICATED, PERMISSION_DENIED, malformed) allowed per source
+    /// address per minute before its calls are refused unread (default 120).
+    pub refused_calls_per_minute: Option<u32>,
+    /// Client connections open at once, handshakes included (default: the open-file limit
+    /// less 128, at most 4096).
+    pub max_connections: Option<usize>,
+    /// Client connections open at once from one source address (default 256).
+    pub max_connections_per_address: Option<usize>,
+    /// Connections without a client certificate open at once (default 128).
+    pub max_anonymous_connections: Option<usize>,
+    /// Connections without a client certificate open at once from one source address
+    /// (default 8).
+    pub max_anonymous_connections_per_address: Option<usize>,
+    /// Seconds a connection without a client certificate may go without a call in flight
+    /// before it is closed, and a call of one may take to be answered (default 10).
+    pub anonymous_idle_timeout_seconds: Option<u64>,
+    /// Calls without a client certificate (Status, WhoAmI, health) per source address per
+    /// minute (default 600).
+    pub anonymous_calls_per_minute: Option<u32>,
+}
+
+/// `[unseal]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UnsealConfig {
+    /// Failed shares allowed per source address per window (default 5).
+    pub max_failed_shares: Option<u32>,
+    /// The window, in seconds (default 60).
+    pub failure_window_seconds: Option<u64>,
+}
+
+impl LimitsConfig {
+    pub(crate) fn validate(&self) -> Result<crate::access::limiter::Limits, ConfigError> {
+        let d = crate::access::limiter::Limits::default();
+        let bad = ConfigError::BadLimit;
+        Ok(crate::access::limiter::Limits {
+            handshake_timeout: Duration::from_secs(within(
+                self.handshake_timeout_seconds,
+                d.handshake_timeout.as_secs(),
+                1..=60,
+                bad("handshake_timeout_seconds (1..=60)"),
+            )?),
+            max_handshakes: within(
+                self.max_handshakes,
+                d.max_handshakes,
+                1..=100_000,
+                bad("max_handshakes (1..=100000)"),
+            )?,
+            max_handshakes_per_address: within(
+                self.max_handshakes_per_address,
+                d.max_handshakes_per_address,
+                1..=100_000,
+                bad("max_handshakes_per_address (1..=100000)"),
+            )?,
+            max_connection_age: Duration::from_secs(within(
+                self.max_connection_age_seconds,
+                d.max_connection_age.as_secs(),
+                1..=30 * 86_400,
+                bad("max_connection_age_seconds (1..=2592000)"),
+            )?),
+            max_concurrent_streams: within(
+                self.max_concurrent_streams,
+                d.max_concurrent_streams,
+                1..=10_000,
+                bad("max_concurrent_streams (1..=10000)"),
+            )?,
+            anonymous_max_request_bytes: within(
+                self.anonymous_max_request_bytes,
+                d.anonymous_max_request_bytes,
+                1024..=16 * 1024 * 1024,
+                bad("anonymous_max_request_bytes (1024..=16777216)"),
+            )?,
+            refused_calls_per_minute: within(
+                self.refused_calls_per_minute,
+                d.refused_calls_per_minute,
+                1..=1_000_000,
+                bad("refused_calls_per_minute (1..=1000000)"),
+            )?,
+            max_connections: self
+                .max_connections
+                .map(|n| {
+                    within(
+                        Some(n),
+                        n,
+                        16..=1_000_000,
+                        bad("max_connections (16..=1000000)"),
+                    )
+                })
+                .transpose()?,
+            max_connections_per_address: within(
+                self.max_connections_per_address,
+                d.max_connections_per_address,
+                1..=1_000_000,
+                bad("max_connections_per_address (1..=1000000)"),
+            )?,
+            max_anonymous_connections: within(
+                self.max_anonymous_connections,
+                d.max_anonymous_connections,
+                1..=1_000_000,
+                bad("max_anonymous_connections (1..=1000000)"),
+            )?,
+            max_anonymous_connections_per_address: within(
+                self.max_anonymous_connections_per_address,
+                d.max_anonymous_connections_per_address,
+                1..=1_000_000,
+                bad("max_anonymous_connections_per_address (1..=1000000)"),
+            )?,
+            anonymous_idle_timeout: Duration::from_secs(within(
+                self.anonymous_idle_timeout_seconds,
+                d.anonymous_idle_timeout.as_secs(),
+                1..=3600,
+                bad("anonymous_idle_timeout_seconds (1..=3600)"),
+            )?),
+            anonymous_calls_per_minute: within(
+                self.anonymous_calls_per_minute,
+                d.anonymous_calls_per_minute,
+                1..=1_000_000,
+                bad("anonymous_calls_per_minute (1..=1000000)"),
+            )?,
+        })
+    }
+}
+
+impl UnsealConfig {
+    pub(crate) fn validate(&self) -> Result<crate::access::limiter::UnsealLimit, ConfigError> {
+        let d = crate::access::limiter::UnsealLimit::default();
+        Ok(crate::access::limiter::UnsealLimit {
+            max_failures: within(
+                self.max_failed_shares,
+                d.max_failures,
+                1..=1000,
+                ConfigError::BadUnseal("max_failed_shares (1..=1000)"),
+            )?,
+            window: Duration::from_secs(within(
+                self.failure_window_seconds,
+                d.window.as_secs(),
+                1..=86_400,
+                ConfigError::BadUnseal("failure_window_seconds (1..=86400)"),
+            )?),
+        })
     }
 }
 

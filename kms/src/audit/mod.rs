@@ -23,6 +23,7 @@
 
 pub mod archive;
 mod codec;
+pub(crate) mod config;
 pub mod history;
 pub mod report;
 mod signer;

@@ -1,6 +1,9 @@
 //! The audit signing key in the HSM: checkpoints and export seals.
 
-use super::*;
+use super::{
+    Arc, AuditError, Checkpoint, Head, Hsm, HsmKeyKind, KeyHandle, Mutex, fingerprint, now_ms,
+    report,
+};
 
 /// The audit signing key: an Ed25519 key in the HSM, known once the server is initialised
 /// and logged in. The writer thread signs with it; nothing else takes this lock, so a

@@ -1,7 +1,12 @@
 //! The one writer thread: group commit of records (and the store writes they record), and
 //! checkpoints.
 
-use super::*;
+use super::{
+    AUDIT_SCHEMA, Arc, AtomicU64, AuditError, AuditEvent, AuditRecord, Checkpoint,
+    CheckpointPolicy, Head, Instant, MAX_GROUP, Ordering, Receiver, RecvTimeoutError, Removal,
+    Sha256, Signer, Store, StoreError, SyncSender, Table, Write, codec, now_ms, record_key,
+};
+use sha2::Digest;
 
 /// Chains `records` after `head` at `time_ms` (sequence numbers, predecessor hashes,
 /// times, hashes) and appends their stored form to `writes`; returns the new head.

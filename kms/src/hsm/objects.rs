@@ -2,7 +2,10 @@
 //! lookups that must find exactly one, their destruction, and the master key's
 //! attributes.
 
-use super::*;
+use super::{
+    Attribute, AttributeType, GCM_IV_LEN, GCM_TAG_BITS, GcmParams, Hsm, HsmError, KeyHandle,
+    KeyType, Mechanism, ObjectClass, ObjectHandle, Ownership, RvError, Session, owner, pk, recover,
+};
 
 /// DER of the Ed25519 curve OID 1.3.101.112 (CKA_EC_PARAMS).
 const OID_ED25519: &[u8] = &[0x06, 0x03, 0x2B, 0x65, 0x70];

@@ -5,7 +5,10 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::*;
+use super::{
+    Attribute, AttributeType, Hsm, HsmError, KeyHandle, KeyType, ObjectClass, ObjectHandle,
+    RvError, Session, pk, token,
+};
 
 /// The sessions, and the recovery that opened them (a session of an earlier generation is
 /// closed when it comes back to the pool).

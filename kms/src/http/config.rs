@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::section::ConfigError;
+
 /// The `[http]` table, as written.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -32,50 +34,34 @@ pub struct HttpSettings {
     pub key_protection: crate::keyring::model::Protection,
 }
 
-/// What is wrong with `[http]`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum HttpConfigError {
-    /// `listen` is not an address.
-    #[error("http.listen: {0:?} is not an address and port (e.g. 127.0.0.1:8201)")]
-    BadListen(String),
-    /// The front serves TLS only.
-    #[error(
-        "[http] listen needs the [tls] files (cert, key, client_ca): the Vault-compatible front serves HTTPS with client certificates only"
-    )]
-    NoTls,
-    /// The token life is out of range.
-    #[error("http.token_ttl_seconds: {0} is not within 10 to 3600")]
-    BadTokenTtl(u64),
-    /// Not a protection level.
-    #[error("http.key_protection: {0:?} is neither \"hsm\" nor \"software\"")]
-    BadProtection(String),
-}
-
 /// The default life of a session token.
 const DEFAULT_TOKEN_TTL: u64 = 300;
 
 impl HttpConfig {
     /// The settings, `None` when the front is off. `tls` says whether `[tls]` gave files.
-    pub(crate) fn validate(&self, tls: bool) -> Result<Option<HttpSettings>, HttpConfigError> {
+    pub(crate) fn validate(&self, tls: bool) -> Result<Option<HttpSettings>, ConfigError> {
         let Some(listen) = &self.listen else {
             return Ok(None);
         };
         let listen = listen
             .parse()
-            .map_err(|_| HttpConfigError::BadListen(listen.clone()))?;
+            .map_err(|_| ConfigError::BadHttpListen(listen.clone()))?;
         if !tls {
-            return Err(HttpConfigError::NoTls);
+            return Err(ConfigError::HttpNeedsTls);
         }
         let ttl = self.token_ttl_seconds.unwrap_or(DEFAULT_TOKEN_TTL);
         if !(10..=3600).contains(&ttl) {
-            return Err(HttpConfigError::BadTokenTtl(ttl));
+            return Err(ConfigError::BadHttp("token_ttl_seconds: 10 to 3600"));
         }
         use crate::keyring::model::Protection;
         let key_protection = match self.key_protection.as_deref() {
             None | Some("hsm") => Protection::Hsm,
             Some("software") => Protection::Software,
-            Some(other) => return Err(HttpConfigError::BadProtection(other.to_owned())),
+            Some(_) => {
+                return Err(ConfigError::BadHttp(
+                    "key_protection: \"hsm\" or \"software\"",
+                ));
+            }
         };
         Ok(Some(HttpSettings {
             listen,
@@ -108,21 +94,21 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_serve() {
-        assert_eq!(
+        assert!(matches!(
             config("listen = \"127.0.0.1:8201\"").validate(false),
-            Err(HttpConfigError::NoTls)
-        );
+            Err(ConfigError::HttpNeedsTls)
+        ));
         assert!(matches!(
             config("listen = \"nope\"").validate(true),
-            Err(HttpConfigError::BadListen(_))
+            Err(ConfigError::BadHttpListen(_))
         ));
-        assert_eq!(
+        assert!(matches!(
             config("listen = \"127.0.0.1:1\"\ntoken_ttl_seconds = 5").validate(true),
-            Err(HttpConfigError::BadTokenTtl(5))
-        );
+            Err(ConfigError::BadHttp(_))
+        ));
         assert!(matches!(
             config("listen = \"127.0.0.1:1\"\nkey_protection = \"cloud\"").validate(true),
-            Err(HttpConfigError::BadProtection(_))
+            Err(ConfigError::BadHttp(_))
         ));
         assert!(toml::from_str::<HttpConfig>("listen = \"x\"\nport = 1").is_err());
     }

@@ -23,6 +23,7 @@
 mod auth;
 mod call;
 pub(crate) mod config;
+mod keys;
 mod transit;
 mod vault;
 
@@ -44,7 +45,7 @@ use call::{Refused, Reply};
 /// The largest request body: gRPC's largest message (16 MiB) in base64, with room for the
 /// JSON around it. (Vault's default is 32 MiB.) Each plaintext, message and associated
 /// data within it is bounded by the keyring as on gRPC (64 KiB), a batch to 1000 items.
-pub(crate) const MAX_BODY: usize = crate::server::MAX_MESSAGE_BYTES / 3 * 4 + 64 * 1024;
+pub(crate) const MAX_BODY: usize = 16 * 1024 * 1024 / 3 * 4 + 64 * 1024;
 
 /// The header of Vault's session token.
 const TOKEN_HEADER: &str = "x-vault-token";

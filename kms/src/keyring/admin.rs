@@ -1,7 +1,11 @@
 //! Key administration: create, get, list, rotate, update, version states and scheduled
 //! destruction. Every change is written with its audit record (the [`Journal`]).
 
-use super::*;
+use super::{
+    HsmObject, Journal, KeyEntry, KeyHandle, KeyMeta, KeyUpdate, Keyring, KeyringError, NewKey,
+    Origin, Pregenerated, Protection, VersionMeta, VersionState, hex, hsm_label, maintenance,
+    material, model, now, pending_label, random, read_lock, unhex,
+};
 
 impl Keyring {
     /// A new version's metadata (software: a fresh salt; HSM: a fresh token object, whose

@@ -1,7 +1,12 @@
 //! The crypto operations on keys: encrypt (with the nonce budget), decrypt, re-encrypt,
 //! data keys, sign, verify, public keys, MAC.
 
-use super::*;
+use super::{
+    Arc, DATA_KEY_LENGTHS, DataKey, KeyEntry, Keyring, KeyringError, MAX_AAD, MAX_MESSAGE,
+    MAX_PLAINTEXT, MAX_RSA_CIPHERTEXT, Ordering, Origin, Pregenerated, Purpose, Secret, SignInput,
+    SignatureEncoding, SystemJournal, Table, VersionMaterial, Zeroizing, check_size, ciphertext,
+    counter_key, lifecycle, purpose_name, random,
+};
 use lifecycle::{Exhausted, VersionUse, budget_step};
 
 /// What `ReEncrypt` made: the new ciphertext, the version that made it, and the version

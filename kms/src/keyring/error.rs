@@ -1,6 +1,6 @@
 //! Why a keyring operation failed.
 
-use super::*;
+use super::{HsmError, StoreError};
 
 /// Why a keyring operation failed. Never carries key material, plaintext or associated
 /// data.

@@ -17,7 +17,10 @@
 //! (a resync), every key is ([`KeyringError::Behind`]). The grant checks and every key
 //! lookup of a call consult this state.
 
-use super::*;
+use super::{
+    Arc, BTreeMap, Keyring, KeyringError, LOCK, Ordering, RwLock, RwLockReadGuard,
+    RwLockWriteGuard, Table, grants, load, model, read_lock, write_lock,
+};
 use crate::store::Change as StoreChange;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;

@@ -10,7 +10,11 @@
 //! the material unwrapped, is what the key's algorithm needs, and (asymmetric keys) works
 //! with its public key.
 
-use super::*;
+use super::{
+    Algorithm, HsmKeyKind, HsmObject, IMPORT_LABEL_PREFIX, Journal, KeyHandle, KeyMeta, Keyring,
+    KeyringError, Origin, Protection, Public, Secret, SignInput, SignatureEncoding, VersionMeta,
+    Zeroizing, hex, hsm_kind, hsm_label, material, model, now, pending_label, random, unhex,
+};
 use crate::hsm::RsaScheme;
 use model::ImportJob;
 

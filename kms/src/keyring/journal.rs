@@ -1,6 +1,6 @@
 //! How keyring changes become durable together with their audit record.
 
-use super::*;
+use super::{Grant, KeyMeta, KeyringError, Write};
 
 /// Makes a key change durable together with the audit record of the request that made
 /// it, in one transaction (see [`crate::audit`]): a change whose record cannot be written

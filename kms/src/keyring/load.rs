@@ -2,7 +2,12 @@
 //! token (software versions are derived at their first use), grants loaded, and orphan HSM
 //! objects swept.
 
-use super::*;
+use super::{
+    Arc, AtomicU64, BTreeMap, HSM_LABEL_PREFIX, HashMap, Hsm, HsmError, KeyEntry, KeyMeta, Keyring,
+    KeyringError, Mutex, Origin, Protection, Public, RwLock, Secret, Settings, Store,
+    SystemRecorder, Table, VersionMaterial, VersionMeta, VersionState, Zeroizing, counter_key,
+    follow, grants, hsm_kind, material, model, pending_label, unhex, write_lock,
+};
 
 /// Key records read from the store at a time at load.
 const LOAD_PAGE: usize = 1024;

@@ -1,7 +1,10 @@
 //! What the server does by itself: due rotations and destructions, and the removal of
 //! expired import parameters (`Keyring::maintain`).
 
-use super::*;
+use super::{
+    Keyring, KeyringError, Protection, SystemJournal, SystemRecorder, VersionState, hsm_kind,
+    import, unhex,
+};
 
 /// A key's name, when it next rotates, and its versions due for destruction.
 type Due = (String, Option<u64>, Vec<u32>);

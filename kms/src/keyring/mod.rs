@@ -17,6 +17,7 @@
 
 mod admin;
 pub mod ciphertext;
+pub(crate) mod config;
 mod crypto;
 mod error;
 mod follow;

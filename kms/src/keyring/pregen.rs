@@ -10,7 +10,10 @@
 //! took the version number), what was made is thrown away (a token object destroyed) and
 //! made again under the lock.
 
-use super::*;
+use super::{
+    Algorithm, Hsm, KeyHandle, Keyring, KeyringError, Origin, Protection, Public, Zeroizing,
+    hsm_kind, hsm_label, material, pending_label,
+};
 
 /// A token object made for a change not yet committed. Dropped without being taken, it is
 /// destroyed, so that a refused or abandoned change leaves nothing behind in the token.

@@ -1,7 +1,14 @@
 //! Init: the unseal key and the root key made, the root key wrapped twice, the shares and
 //! their commitments, the audit key, all committed with the audit record.
 
-use super::*;
+use super::{
+    HsmError, HsmKeyKind, InitCommit, InitOutput, Inner, InstanceId, KEY_LEN, KeyHandle,
+    MAX_SHARED_PIN_LEN, Ownership, SEAL_RECORD_KEY, SEAL_SCHEMA, SealError, SealManager,
+    SealRecord, SecretString, Share, ShareSetId, State, Table, Write, Zeroizing, check_master_key,
+    key_check, random_key, record, unix_now, unwrap_root, wrap_root,
+};
+use secrecy::ExposeSecret;
+use subtle::ConstantTimeEq;
 
 /// What init wraps and records, in one place. No `Debug`: it holds the keys.
 #[derive(Clone, Copy)]

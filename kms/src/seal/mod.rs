@@ -26,13 +26,12 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use aes_gcm::Aes256Gcm;
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use hmac::{Hmac, Mac};
+use aes_gcm::aead::{KeyInit, Payload};
+use hmac::Hmac;
 use kms_unseal::{CombineError, Share, ShareError, ShareSetId, SplitError};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use crate::audit::AuditLog;
@@ -811,7 +810,7 @@ impl SealManager {
         crate::backup::create(
             self.store.as_ref(),
             self.audit.signer(),
-            crate::server::identity(),
+            crate::node::identity(),
             out,
         )
     }

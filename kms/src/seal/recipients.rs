@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use age::x25519::Recipient;
 
-use super::*;
+use super::{SealError, Share, Zeroizing};
 
 /// Parses one recipient per share (`age1...`), or none. A recipient is named by its
 /// position, never echoed: the text is the caller's.

@@ -23,10 +23,15 @@
 //! only after `kms operator take-over`.
 
 use super::rekey::CeremonyCommit;
-use super::*;
+use super::{
+    Deserialize, Hsm, HsmKeyKind, Inner, InstanceId, KeyHandle, Ownership, Predecessor,
+    SEAL_RECORD_KEY, SealError, SealManager, SealRecord, Sha256, State, Store, Table, Write,
+    read_record, rotate, take_up, unix_now,
+};
 use crate::audit::{AuditEvent, CeremonySummary, SYSTEM_PRINCIPAL};
 use crate::backup::RESTORED_MARKER;
 use crate::store::Removal;
+use subtle::ConstantTimeEq;
 
 /// The seal record key's label: the configured master key label, then this.
 const RECORD_KEY_SUFFIX: &str = "-seal-record";

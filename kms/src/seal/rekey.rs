@@ -16,8 +16,13 @@
 
 use super::recipients::share_texts;
 use super::unseal::{admit, check_quorum, combine};
-use super::*;
+use super::{
+    Inner, KEY_LEN, KeyHandle, PendingRekey, RekeyAttempt, RekeyStatus, RetiredShareSet, SealError,
+    SealManager, SealRecord, SealStatus, Share, ShareSetId, State, Verifying, Write, Zeroizing,
+    key_check, random_key, random_nonce, status_of, unix_now, unwrap_root, wrap_root,
+};
 use crate::audit::CeremonySummary;
+use subtle::ConstantTimeEq;
 
 /// What makes a ceremony's change of the seal record durable together with its audit
 /// record (summarised by the [`CeremonySummary`]).

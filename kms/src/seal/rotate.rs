@@ -11,8 +11,12 @@
 //! as they are.
 
 use super::wrap::aad;
-use super::*;
+use super::{
+    Hsm, HsmError, HsmKeyKind, KeyHandle, OUTER_AAD, RetiredMasterKey, SealError, SealManager,
+    SealRecord, ShareSetId, State, Zeroizing, check_master_key, unix_now,
+};
 use crate::audit::CeremonySummary;
+use subtle::ConstantTimeEq;
 
 /// What a rotation did.
 #[derive(Debug, Clone, PartialEq, Eq)]

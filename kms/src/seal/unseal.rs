@@ -1,7 +1,13 @@
 //! Unseal: shares collected per attempt, each checked (set, threshold, commitment), the
 //! unseal key recombined and checked, the root key unwrapped, the keyring loaded.
 
-use super::*;
+use super::{
+    Arc, Attempt, CombineError, HsmError, Inner, KEY_LEN, KeyHandle, Keyring, SealError,
+    SealManager, SealRecord, SealStatus, SecretString, Share, State, Unsealed, Zeroizing,
+    check_master_key, find_audit_key, find_recorded_master_key, key_check, random_nonce, status_of,
+    to_key, unwrap_root,
+};
+use subtle::ConstantTimeEq;
 
 impl SealManager {
     /// Adds one share to the unseal attempt; unseals when the threshold is reached.

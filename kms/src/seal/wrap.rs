@@ -2,7 +2,12 @@
 //! inner layer, under the unseal key) and in the HSM (the outer layer, under the master
 //! key).
 
-use super::*;
+use super::{
+    Aes256Gcm, Hmac, Hsm, HsmError, INNER_AAD, KCV_LABEL, KCV_LEN, KEY_LEN, KeyHandle, KeyInit,
+    NONCE_LEN, OUTER_AAD, Payload, RootKey, SealError, SealRecord, Sha256, ShareSetId, Zeroizing,
+};
+use aes_gcm::aead::Aead;
+use hmac::Mac;
 
 pub(super) fn random_key() -> Result<Zeroizing<[u8; KEY_LEN]>, SealError> {
     let mut k = Zeroizing::new([0u8; KEY_LEN]);

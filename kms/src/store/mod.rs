@@ -9,10 +9,13 @@
 
 use std::path::PathBuf;
 
+mod config;
 mod embedded;
 mod feed;
 mod postgres;
 
+pub(crate) use config::StorageConfig;
+pub use config::StorageSettings;
 pub use embedded::{DEFAULT_CACHE_BYTES, RedbStore};
 pub use feed::ChangeFeed;
 pub(crate) use feed::MAX_HINTS;
