@@ -118,6 +118,9 @@ elif phase == "use":
     # Derivation and convergence are refused, not ignored.
     e = refused(hvac.exceptions.InvalidRequest, lambda: t.encrypt_data("aes", b64(pt), context=b64(b"c")))
     out["context_refused"] = e.errors
+    # A body that is not JSON: Vault's 400.
+    bad = requests.post(f"{url}/v1/transit/encrypt/aes", data=b"{not json", cert=admin, verify=ca)
+    assert bad.status_code == 400 and bad.json()["errors"] == ["failed to parse JSON input"], bad.text
     # A ciphertext whose prefix names another version than the one inside.
     forged = "vault:v2:" + enc["ciphertext"].split(":", 2)[2]
     e = refused(hvac.exceptions.InvalidRequest, lambda: t.decrypt_data("aes", forged))

@@ -375,7 +375,28 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
     let size = body.len();
     let params = match vault::Params::parse(&body) {
         Ok(p) => p,
-        Err(e) => return Err((Refused::bad(e.0), "unknown")),
+        Err(e) => {
+            // Recorded as a refused call of the operation the path names, if any.
+            let refused = Refused::bad(e.0);
+            if let ["transit", path @ ..] = segments.as_slice()
+                && let Some(op) = transit::operation(&method, path, list)
+            {
+                if let Err(first) = call::record_refusal(
+                    &front.service,
+                    peer,
+                    op,
+                    transit::key_of(path),
+                    size,
+                    &refused,
+                )
+                .await
+                {
+                    return Err((first, op.name()));
+                }
+                return Err((refused, op.name()));
+            }
+            return Err((refused, "unknown"));
+        }
     };
     drop(body);
     match segments.as_slice() {

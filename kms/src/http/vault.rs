@@ -300,7 +300,15 @@ pub(crate) fn algorithm_of(key_type: &str) -> Result<Algorithm, BadRequest> {
             )
             .into());
         }
-        _ => return Err(format!("unknown key type {key_type}").into()),
+        // The caller's text, echoed only when it could be a type name.
+        _ if key_type.len() <= 32
+            && key_type
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)) =>
+        {
+            return Err(format!("unknown key type {key_type}").into());
+        }
+        _ => return Err("unknown key type".into()),
     })
 }
 
@@ -465,7 +473,11 @@ mod tests {
                 .contains("not offered")
         );
         assert!(algorithm_of("aes128-gcm96").is_err());
-        assert!(algorithm_of("nope").is_err());
+        assert!(algorithm_of("nope").unwrap_err().0.ends_with("nope"));
+        assert_eq!(
+            algorithm_of(&"x".repeat(100)).unwrap_err().0,
+            "unknown key type"
+        );
     }
 
     #[test]
