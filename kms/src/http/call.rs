@@ -303,3 +303,64 @@ pub(crate) fn principal(peer: &PeerInfo) -> &str {
 pub(crate) fn authenticated(peer: &PeerInfo) -> bool {
     peer.identity.authenticated
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn refusal(kind: ErrorKind, reason: &'static str) -> Refusal {
+        Refusal {
+            kind,
+            reason,
+            message: String::new(),
+        }
+    }
+
+    /// Vault's status codes: 503 sealed or not initialised, 403 access, 400 what the caller
+    /// can fix (a missing key included, as Vault's crypto paths answer), 429 limits.
+    #[test]
+    fn refusals_map_to_vaults_status_codes() {
+        use ErrorKind as K;
+        for (kind, reason, status) in [
+            (K::Unavailable, "SEALED", 503),
+            (K::FailedPrecondition, "NOT_INITIALIZED", 503),
+            (K::Unavailable, "HSM_UNAVAILABLE", 503),
+            (K::PermissionDenied, "NO_GRANT", 403),
+            (K::Unauthenticated, "CERTIFICATE_EXPIRED", 403),
+            (K::NotFound, "KEY_NOT_FOUND", 400),
+            (K::InvalidArgument, "DECRYPTION_FAILED", 400),
+            (K::FailedPrecondition, "VERSION_BELOW_MINIMUM", 400),
+            (K::AlreadyExists, "KEY_EXISTS", 400),
+            (K::ResourceExhausted, "BUDGET_EXHAUSTED", 429),
+            (K::Internal, "INTERNAL", 500),
+            (K::DataLoss, "STORE_TAMPERED", 500),
+        ] {
+            assert_eq!(
+                status_of(&refusal(kind, reason)).as_u16(),
+                status,
+                "{reason}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_batch_items_error_is_bounded_and_named() {
+        let (message, outcome) = item_error(KeyringError::NotFound("k".repeat(300)));
+        assert!(message.len() <= MAX_ITEM_ERROR);
+        assert_eq!(outcome, "NOT_FOUND");
+        let (message, outcome) = item_error(KeyringError::DecryptionFailed);
+        assert_eq!(message, "decryption failed");
+        assert_eq!(outcome, "INVALID_ARGUMENT");
+    }
+
+    #[test]
+    fn a_reply_shows_no_data_in_debug() {
+        let r = Reply::ok(&serde_json::json!({ "plaintext": "c2VjcmV0" }));
+        let shown = format!("{r:?}");
+        assert!(
+            !shown.contains("c2VjcmV0") && shown.contains("bytes"),
+            "{shown}"
+        );
+    }
+}
