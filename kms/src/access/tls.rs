@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -217,8 +218,7 @@ impl ServerTls {
         Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// The current configuration for a listener speaking `protocol`: the same certificate,
-    /// client CA bundle and rules, only the ALPN protocol differs.
+    /// The current configuration for a listener of `protocol` (only ALPN differs).
     fn current_for(&self, protocol: Protocol) -> Arc<rustls::ServerConfig> {
         let config = self.current();
         match protocol {
@@ -388,8 +388,7 @@ pub(crate) struct PeerInfo {
     pub addr: SocketAddr,
     /// Who it is.
     pub identity: Arc<Identity>,
-    /// The SHA-256 of the client certificate (DER), when one was presented: what binds a
-    /// session token of the HTTP front to the certificate that obtained it.
+    /// The client certificate's SHA-256 (binds the HTTPS front's session tokens to it).
     pub certificate: Option<[u8; 32]>,
     /// The calls in flight on the connection (the gate keeps it).
     pub activity: Arc<Activity>,
@@ -465,6 +464,11 @@ struct IdleTimer {
 }
 
 impl Conn {
+    /// What every request on this connection knows of it.
+    pub(crate) fn info(&self) -> &PeerInfo {
+        &self.info
+    }
+
     fn new(io: Io, info: PeerInfo, limits: &Limits, slot: ConnSlot) -> Self {
         let idle = slot.anonymous.then(|| IdleTimer {
             timeout: limits.anonymous_idle_timeout,
@@ -523,13 +527,6 @@ pub(crate) const CONNECTION_AGE_GRACE: Duration = Duration::from_secs(30);
 enum Io {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl Conn {
-    /// What every request on this connection knows of it.
-    pub(crate) fn info(&self) -> &PeerInfo {
-        &self.info
-    }
 }
 
 impl tonic::transport::server::Connected for Conn {
@@ -879,7 +876,7 @@ async fn handshake(
     tcp: TcpStream,
     addr: SocketAddr,
     timeout: Duration,
-) -> Option<(TlsStream<TcpStream>, Identity)> {
+) -> Option<(TlsStream<TcpStream>, Identity, Option<[u8; 32]>)> {
     let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -909,11 +906,11 @@ async fn handshake(
             return None;
         }
     };
-    Some((stream, identity))
+    let certificate = leaf.map(|c| Sha256::digest(c.as_ref()).into());
+    Some((stream, identity, certificate))
 }
 
-/// The bounds on handshakes and connections, shared by every listener of the server (the
-/// gRPC listener and the HTTPS front count against the same `[limits]` and open files).
+/// The bounds on handshakes and connections that every listener of the server shares.
 #[derive(Debug, Clone)]
 pub(crate) struct Admission {
     handshakes: Arc<Handshakes>,
@@ -935,7 +932,7 @@ impl Admission {
 pub(crate) enum Protocol {
     /// gRPC: HTTP/2 (`h2`).
     Grpc,
-    /// The Vault-compatible HTTPS front: HTTP/1.1 (`http/1.1`), what Vault's clients speak.
+    /// The Vault-compatible HTTPS front: `http/1.1`, what Vault's clients speak.
     Http1,
 }
 
@@ -1017,19 +1014,10 @@ pub(crate) fn incoming(
                         return;
                     }
                 };
-                let Some((stream, identity)) = shaken else {
+                let Some((stream, identity, certificate)) = shaken else {
                     return;
                 };
                 drop(handshake_slot);
-                let certificate = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map(|c| {
-                        use sha2::Digest as _;
-                        sha2::Sha256::digest(c.as_ref()).into()
-                    });
                 if !identity.authenticated
                     && let Err(limit) = connections.anonymous(&mut slot)
                 {
