@@ -49,6 +49,9 @@ pub(crate) struct ConfigFile {
     /// The `[metrics]` table.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// The `[http]` table (`crate::http::config`).
+    #[serde(default)]
+    pub http: crate::http::config::HttpConfig,
 }
 
 /// `[metrics]`: the Prometheus endpoint.
@@ -155,6 +158,8 @@ pub struct Config {
     pub unseal_limit: crate::access::limiter::UnsealLimit,
     /// `[limits]`.
     pub limits: crate::access::limiter::Limits,
+    /// `[http]`: the Vault-compatible HTTPS front, if on.
+    pub http: Option<crate::http::config::HttpSettings>,
 }
 
 impl Config {
@@ -198,6 +203,7 @@ impl Config {
             })
             .transpose()?;
         let (keyring, maintenance_interval) = file.keyring.validate()?;
+        let http = file.http.validate(tls.is_some())?;
         Ok(Self {
             listen,
             storage: file.storage.validate(base)?,
@@ -213,6 +219,7 @@ impl Config {
             roles,
             unseal_limit,
             limits,
+            http,
         })
     }
 }

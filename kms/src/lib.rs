@@ -15,6 +15,7 @@
 //! - `service` (private): a call's life whatever its front: caller, operation, access
 //!   decision, audit record, transport-neutral errors.
 //! - `grpc` (private): the gRPC front; the only place errors become `tonic::Status`.
+//! - `http` (private): the Vault-compatible HTTPS front (Transit), beside gRPC.
 //! - [`server`]: start-up, serving, shutdown.
 //! - [`wire`]: every protobuf <-> domain conversion, both ways.
 //!
@@ -50,6 +51,7 @@ mod engine;
 pub mod engines;
 mod grpc;
 pub mod hsm;
+mod http;
 pub mod keyring;
 mod metrics;
 mod node;

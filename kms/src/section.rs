@@ -91,6 +91,18 @@ pub enum ConfigError {
     /// The `[hsm]` table.
     #[error(transparent)]
     Hsm(#[from] kms_pkcs11_conf::ConfigError),
+    /// `[http] listen` is not an address.
+    #[error("http.listen: {0:?} is not an address and port (e.g. 127.0.0.1:8201)")]
+    BadHttpListen(String),
+    /// `[http]` without the `[tls]` files: the front serves HTTPS with client certificates
+    /// only.
+    #[error(
+        "[http] listen needs the [tls] files (cert, key, client_ca): the Vault-compatible front serves HTTPS with client certificates only"
+    )]
+    HttpNeedsTls,
+    /// An `[http]` value is out of range or not one of its choices.
+    #[error("http.{0}")]
+    BadHttp(&'static str),
 }
 
 /// `path`, or `base/path` when it is relative.

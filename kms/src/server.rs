@@ -145,6 +145,8 @@ pub struct Opened {
     pub retention: Option<crate::audit::archive::RetentionPolicy>,
     /// The store file, if it is one (its size and free space are watched).
     pub store_path: Option<std::path::PathBuf>,
+    /// `[http]`: the Vault-compatible HTTPS front, if on.
+    pub http: Option<crate::http::config::HttpSettings>,
 }
 
 /// Loads the TLS files, opens the HSM, the store, the audit log and the seal manager.
@@ -208,6 +210,7 @@ pub fn open(config: &Config) -> Result<Opened, StartError> {
         metrics_listen: config.metrics_listen,
         retention: config.retention.clone(),
         store_path: config.storage.file().map(std::path::Path::to_owned),
+        http: config.http.clone(),
     })
 }
 
@@ -274,7 +277,35 @@ pub async fn serve(
     let (stop_rx, deadline) = stop_plan(shutdown);
     let background = Background::start(&opened, &gate_state, &health, metrics, &stop_rx);
     let caps = connection_caps(&limits);
-    let incoming = crate::access::tls::incoming(listener, opened.tls, limits, caps);
+    let admission = crate::access::tls::Admission::new(limits, caps);
+    let http = match (&opened.http, &opened.tls) {
+        (Some(settings), Some(tls)) => {
+            let listener =
+                crate::http::bind(settings.listen)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        addr: settings.listen,
+                        source,
+                    })?;
+            let front = crate::http::Front::new(ctx.clone(), settings, Arc::clone(&gate_state));
+            Some(tokio::spawn(crate::http::serve(
+                listener,
+                Arc::clone(tls),
+                limits,
+                admission.clone(),
+                front,
+                stopped(stop_rx.clone()),
+            )))
+        }
+        _ => None,
+    };
+    let incoming = crate::access::tls::incoming(
+        listener,
+        opened.tls.clone(),
+        limits,
+        admission,
+        crate::access::tls::Protocol::Grpc,
+    );
     // A connection is asked to close (GOAWAY) at `max_connection_age`, so a removed CA or
     // an expired certificate loses its open connections in a bounded time; calls in flight
     // may finish, and the connection is closed 30 s later whatever they do (`tls::Conn`).
@@ -302,6 +333,11 @@ pub async fn serve(
         r = serving => r.map_err(StartError::Serve),
         () = deadline => Ok(()),
     };
+    if let Some(http) = http {
+        // It stops with the gRPC server (the same signal); what it has in flight is cut.
+        http.abort();
+        let _ = http.await;
+    }
     background.stop().await;
     // The calls counted since the last summary are recorded before the log stops.
     gate_state.record_counts().await;
@@ -415,6 +451,9 @@ pub(crate) const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// The largest gRPC request: a batch of 64 KiB items.
 pub(crate) const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+// The HTTPS front's largest body is this largest message in base64, and room for its JSON.
+const _: () = assert!(crate::http::MAX_BODY == MAX_MESSAGE_BYTES / 3 * 4 + 64 * 1024);
 
 /// Watches the store's size and free space (metrics; a warning under 10% free) and, with
 /// `[audit]` retention, archives the records past the window, forever (the caller aborts

@@ -10,6 +10,11 @@
 //!     --op encrypt --key payments --payload 1024 --concurrency 16 --duration 10s
 //! ```
 //!
+//! `--api transit` sends the same Encrypt or Decrypt as Vault's Transit API to kms's
+//! HTTPS front (`[http] listen`, docs/vault-transit.md): JSON over HTTP/1.1 with mTLS, one
+//! keep-alive connection per caller (what Vault clients do), so that the two fronts can be
+//! measured in one run (`scripts/bench-transit`).
+//!
 //! `--populate N` (with an admin's certificate) instead creates N AES keys `scale-000000`...
 //! with one grant each for `--grantee`, `--concurrency` at a time, and prints how long it
 //! took: the key-scale bench's set-up (`scripts/bench-scale`).
@@ -41,9 +46,23 @@ enum Op {
     ListKeys,
 }
 
-#[derive(Debug, Parser)]
+/// The API under load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Api {
+    /// kms.v1.KeyManagement over gRPC.
+    Grpc,
+    /// Vault's Transit paths over HTTPS (encrypt and decrypt).
+    Transit,
+}
+
+#[derive(Debug, Clone, Parser)]
 #[command(name = "kms-load", about = "gRPC load generator for kms")]
 struct Args {
+    /// The API: gRPC, or Vault's Transit on kms's HTTPS front (`--addr` is then its
+    /// address).
+    #[arg(long, value_enum, default_value = "grpc")]
+    api: Api,
     /// The server: https://HOST:PORT.
     #[arg(long, default_value = "https://127.0.0.1:8200")]
     addr: String,
@@ -101,6 +120,7 @@ struct Args {
 /// What one run measured.
 #[derive(Debug, serde::Serialize)]
 struct Report {
+    api: Api,
     op: Op,
     payload: usize,
     concurrency: usize,
@@ -267,10 +287,12 @@ async fn call(
     r.map_err(|s| format!("{:?}: {}", s.code(), s.message()))
 }
 
-/// What every call sends: the payload, and for Decrypt a ciphertext made once.
+/// What every call sends: the payload, and for Decrypt a ciphertext made once; over
+/// Transit, the JSON body of the request.
 struct Input {
     payload: Vec<u8>,
     ciphertext: Vec<u8>,
+    transit_body: Vec<u8>,
 }
 
 /// The latency histogram: 1 us to 60 s, 3 significant digits.
@@ -279,8 +301,11 @@ fn histogram() -> Result<Histogram<u64>, BoxError> {
 }
 
 /// What every call sends, made once: for Decrypt, a ciphertext of the payload.
-async fn make_input(args: &Args, channel: Channel) -> Result<Input, BoxError> {
+async fn make_input(args: &Args, channel: Option<Channel>) -> Result<Input, BoxError> {
     let payload = vec![0x5a; args.payload];
+    let Some(channel) = channel else {
+        return transit::input(args, payload).await;
+    };
     let ciphertext = if args.op == Op::Decrypt {
         KeyManagementClient::new(channel)
             .encrypt(pb::EncryptRequest {
@@ -297,6 +322,7 @@ async fn make_input(args: &Args, channel: Channel) -> Result<Input, BoxError> {
     Ok(Input {
         payload,
         ciphertext,
+        transit_body: Vec::new(),
     })
 }
 
@@ -318,7 +344,7 @@ struct Outcome {
 
 /// One caller: calls until the end of the run and returns its latency histogram.
 async fn caller(
-    mut client: KeyManagementClient<Channel>,
+    mut client: Client,
     args: Arc<Args>,
     input: Arc<Input>,
     schedule: Schedule,
@@ -334,7 +360,10 @@ async fn caller(
         if t >= schedule.end {
             break;
         }
-        let r = call(&mut client, &args, &input).await;
+        let r = match &mut client {
+            Client::Grpc(c) => call(c, &args, &input).await,
+            Client::Transit(c) => transit::call(c, &args, &input).await,
+        };
         let done = Instant::now();
         if t < schedule.measure_from {
             continue;
@@ -357,13 +386,20 @@ async fn caller(
     outcome.hist
 }
 
+/// One caller's client.
+enum Client {
+    Grpc(KeyManagementClient<Channel>),
+    Transit(Box<transit::Connection>),
+}
+
 async fn run(args: Arc<Args>) -> Result<Report, BoxError> {
     let mut channels = Vec::new();
-    for _ in 0..args.channels.max(1) {
-        channels.push(connect(&args).await?);
+    if args.api == Api::Grpc {
+        for _ in 0..args.channels.max(1) {
+            channels.push(connect(&args).await?);
+        }
     }
-    let first = channels.first().cloned().ok_or("no channel")?;
-    let input = Arc::new(make_input(&args, first.clone()).await?);
+    let input = Arc::new(make_input(&args, channels.first().cloned()).await?);
     let errors = Arc::new(AtomicU64::new(0));
     let first_error = Arc::new(std::sync::Mutex::new(None));
     let start = Instant::now();
@@ -381,11 +417,13 @@ async fn run(args: Arc<Args>) -> Result<Report, BoxError> {
     };
     let mut tasks = Vec::new();
     for i in 0..args.concurrency.max(1) {
-        let channel = channels
-            .get(i % channels.len())
-            .cloned()
-            .unwrap_or_else(|| first.clone());
-        let client = KeyManagementClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+        let client = match channels.get(i % channels.len().max(1)) {
+            Some(channel) => Client::Grpc(
+                KeyManagementClient::new(channel.clone())
+                    .max_decoding_message_size(64 * 1024 * 1024),
+            ),
+            None => Client::Transit(Box::new(transit::Connection::open(&args).await?)),
+        };
         // Paced callers start spread over one interval, so the calls do not come in bursts.
         let interval = (args.rate > 0.0)
             .then(|| Duration::from_secs_f64(args.concurrency.max(1) as f64 / args.rate));
@@ -446,6 +484,7 @@ fn report(
         1.0
     };
     Report {
+        api: args.api,
         op: args.op,
         payload: args.payload,
         concurrency: args.concurrency,
@@ -485,6 +524,173 @@ fn clock_ticks() -> f64 {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(100.0)
+}
+
+/// A minimal Vault Transit client: HTTP/1.1 over rustls with a client certificate, one
+/// keep-alive connection, `Content-Length` bodies (what kms's front answers).
+mod transit {
+    use std::sync::Arc;
+
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio_rustls::rustls;
+
+    use super::{Args, BoxError, Input, Op};
+
+    /// One connection to the front.
+    pub(super) struct Connection {
+        stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+        host: String,
+        path: String,
+        buf: Vec<u8>,
+    }
+
+    fn config(args: &Args) -> Result<Arc<rustls::ClientConfig>, BoxError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_file_iter(&args.ca)? {
+            roots.add(ca?)?;
+        }
+        let chain = CertificateDer::pem_file_iter(&args.cert)?.collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_file(&args.cert_key)?;
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    impl Connection {
+        /// Connects to `--addr` (https://HOST:PORT) for `--op` on `--key`.
+        pub(super) async fn open(args: &Args) -> Result<Self, BoxError> {
+            let host_port = args
+                .addr
+                .strip_prefix("https://")
+                .ok_or("--addr: https://HOST:PORT")?
+                .trim_end_matches('/')
+                .to_owned();
+            let host = host_port
+                .rsplit_once(':')
+                .map_or(host_port.as_str(), |(h, _)| h)
+                .to_owned();
+            let tcp = tokio::net::TcpStream::connect(&host_port).await?;
+            tcp.set_nodelay(true)?;
+            let name = ServerName::try_from(host.clone())?;
+            let stream = tokio_rustls::TlsConnector::from(config(args)?)
+                .connect(name, tcp)
+                .await?;
+            let verb = match args.op {
+                Op::Encrypt => "encrypt",
+                Op::Decrypt => "decrypt",
+                _ => return Err("--api transit: --op encrypt or decrypt".into()),
+            };
+            Ok(Self {
+                stream,
+                host: host_port,
+                path: format!("/v1/transit/{verb}/{}", args.key),
+                buf: Vec::new(),
+            })
+        }
+
+        /// POSTs `body` to the connection's path; the status and the response body.
+        pub(super) async fn post(&mut self, body: &[u8]) -> Result<(u16, Vec<u8>), String> {
+            let head = format!(
+                "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                self.path,
+                self.host,
+                body.len()
+            );
+            let e = |e: std::io::Error| e.to_string();
+            self.stream.write_all(head.as_bytes()).await.map_err(e)?;
+            self.stream.write_all(body).await.map_err(e)?;
+            self.stream.flush().await.map_err(e)?;
+            // Headers, then Content-Length bytes of body.
+            let end = loop {
+                if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                let mut chunk = [0u8; 16 * 1024];
+                let n = self.stream.read(&mut chunk).await.map_err(e)?;
+                if n == 0 {
+                    return Err("connection closed".to_owned());
+                }
+                self.buf
+                    .extend_from_slice(chunk.get(..n).unwrap_or_default());
+            };
+            let headers =
+                String::from_utf8_lossy(self.buf.get(..end).unwrap_or_default()).into_owned();
+            let status: u16 = headers
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or("no status")?;
+            let length: usize = headers
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            while self.buf.len() < end + length {
+                let mut chunk = [0u8; 16 * 1024];
+                let n = self.stream.read(&mut chunk).await.map_err(e)?;
+                if n == 0 {
+                    return Err("connection closed".to_owned());
+                }
+                self.buf
+                    .extend_from_slice(chunk.get(..n).unwrap_or_default());
+            }
+            let body = self.buf.get(end..end + length).unwrap_or_default().to_vec();
+            self.buf.drain(..end + length);
+            Ok((status, body))
+        }
+    }
+
+    /// The JSON body every call sends: for Decrypt, a ciphertext made once.
+    pub(super) async fn input(args: &Args, payload: Vec<u8>) -> Result<Input, BoxError> {
+        let plaintext = data_encoding::BASE64.encode(&payload);
+        let encrypt = serde_json::json!({ "plaintext": plaintext })
+            .to_string()
+            .into_bytes();
+        let transit_body = if args.op == Op::Decrypt {
+            let mut c = Connection::open(&Args {
+                op: Op::Encrypt,
+                ..args.clone()
+            })
+            .await?;
+            let (status, body) = c.post(&encrypt).await?;
+            if status != 200 {
+                return Err(
+                    format!("encrypt: {status}: {}", String::from_utf8_lossy(&body)).into(),
+                );
+            }
+            let v: serde_json::Value = serde_json::from_slice(&body)?;
+            serde_json::json!({ "ciphertext": v.pointer("/data/ciphertext") })
+                .to_string()
+                .into_bytes()
+        } else {
+            encrypt
+        };
+        Ok(Input {
+            payload,
+            ciphertext: Vec::new(),
+            transit_body,
+        })
+    }
+
+    /// One Transit call; `Err` carries the status and Vault's errors.
+    pub(super) async fn call(c: &mut Connection, _: &Args, input: &Input) -> Result<(), String> {
+        let (status, body) = c.post(&input.transit_body).await?;
+        if status == 200 {
+            Ok(())
+        } else {
+            Err(format!("{status}: {}", String::from_utf8_lossy(&body)))
+        }
+    }
 }
 
 fn print_table(r: &Report) {

@@ -45,6 +45,10 @@ pub struct DevArgs {
     /// The SoftHSM module (default: the Debian package's).
     #[arg(long)]
     module: Option<PathBuf>,
+    /// Also serve the Vault-compatible HTTPS front (Transit) here (loopback only; not with
+    /// --plaintext): `[http] listen` (docs/vault-transit.md).
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
     /// Serve plaintext gRPC instead of mTLS (every caller is then the principal `loopback`,
     /// which holds the admin and auditor roles). Insecure; prints a warning.
     #[arg(long)]
@@ -90,6 +94,9 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
         if args.plaintext {
             child.arg("--plaintext");
         }
+        if let Some(http) = args.http_listen {
+            child.arg("--http-listen").arg(http.to_string());
+        }
         if _temp.is_some() {
             child.arg("--temporary");
         }
@@ -101,7 +108,12 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
             ExitCode::FAILURE
         });
     }
-    let config_path = prepare(&dir, &module, args.listen, args.plaintext)?;
+    if let Some(http) = args.http_listen
+        && (args.plaintext || !http.ip().is_loopback())
+    {
+        return Err("--http-listen: a loopback address, and not with --plaintext (the front serves mTLS only)".into());
+    }
+    let config_path = prepare(&dir, &module, args.listen, args.plaintext, args.http_listen)?;
     let config = Config::load(&config_path)?;
     crate::show::init_logging(config.log);
     crate::rlimit::raise_open_file_limit();
@@ -147,6 +159,7 @@ fn prepare(
     module: &Path,
     listen: SocketAddr,
     plaintext: bool,
+    http_listen: Option<SocketAddr>,
 ) -> Result<PathBuf, BoxError> {
     let pin_path = dir.join("hsm-pin");
     let pkcs11 = token::load(module)?;
@@ -205,9 +218,10 @@ fn prepare(
          token_label = \"{DEV_TOKEN_LABEL}\"\n\
          pin_file = \"hsm-pin\"\n\
          master_key_label = \"{}\"\n\n\
-         {access}",
+         {access}{http}",
         module.display(),
         kms_pkcs11_conf::DEFAULT_MASTER_KEY_LABEL,
+        http = http_listen.map_or_else(String::new, |a| format!("\n[http]\nlisten = \"{a}\"\n")),
     );
     std::fs::write(&config_path, text)?;
     Ok(config_path)

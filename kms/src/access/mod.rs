@@ -115,6 +115,9 @@ impl Identity {
 pub(crate) enum Need {
     /// Nothing (`Status`, `WhoAmI`, the health service).
     Nothing,
+    /// A client certificate, and nothing more (the HTTPS front's random bytes, hashes and
+    /// session tokens, which touch no key).
+    Certificate,
     /// A custodian's certificate over TLS (`Unseal`, `UnsealReset`, `RekeySubmit`,
     /// `VerifyShare`); failed shares are rate-limited too.
     Custodian,
@@ -182,7 +185,7 @@ pub(crate) fn check(
     }
     let has = |role| roles.of(identity).contains(&role);
     match need {
-        Need::Nothing | Need::Grant(_) => Ok(()),
+        Need::Nothing | Need::Certificate | Need::Grant(_) => Ok(()),
         // Shares travel over TLS only, from a custodian's certificate.
         Need::Custodian if !identity.tls => Err(Denied::NotTls),
         Need::Custodian if has(Role::Custodian) => Ok(()),

@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -217,6 +218,19 @@ impl ServerTls {
         Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// The current configuration for a listener of `protocol` (only ALPN differs).
+    fn current_for(&self, protocol: Protocol) -> Arc<rustls::ServerConfig> {
+        let config = self.current();
+        match protocol {
+            Protocol::Grpc => config,
+            Protocol::Http1 => {
+                let mut config = (*config).clone();
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Arc::new(config)
+            }
+        }
+    }
+
     /// Reloads the files if `force` or if any of them changed. A configuration that does
     /// not load is logged and the old one kept: a half-written file never takes the
     /// listener down. Returns whether a new configuration took effect.
@@ -374,6 +388,8 @@ pub(crate) struct PeerInfo {
     pub addr: SocketAddr,
     /// Who it is.
     pub identity: Arc<Identity>,
+    /// The client certificate's SHA-256 (binds the HTTPS front's session tokens to it).
+    pub certificate: Option<[u8; 32]>,
     /// The calls in flight on the connection (the gate keeps it).
     pub activity: Arc<Activity>,
 }
@@ -448,6 +464,11 @@ struct IdleTimer {
 }
 
 impl Conn {
+    /// What every request on this connection knows of it.
+    pub(crate) fn info(&self) -> &PeerInfo {
+        &self.info
+    }
+
     fn new(io: Io, info: PeerInfo, limits: &Limits, slot: ConnSlot) -> Self {
         let idle = slot.anonymous.then(|| IdleTimer {
             timeout: limits.anonymous_idle_timeout,
@@ -855,7 +876,7 @@ async fn handshake(
     tcp: TcpStream,
     addr: SocketAddr,
     timeout: Duration,
-) -> Option<(TlsStream<TcpStream>, Identity)> {
+) -> Option<(TlsStream<TcpStream>, Identity, Option<[u8; 32]>)> {
     let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -885,7 +906,34 @@ async fn handshake(
             return None;
         }
     };
-    Some((stream, identity))
+    let certificate = leaf.map(|c| Sha256::digest(c.as_ref()).into());
+    Some((stream, identity, certificate))
+}
+
+/// The bounds on handshakes and connections that every listener of the server shares.
+#[derive(Debug, Clone)]
+pub(crate) struct Admission {
+    handshakes: Arc<Handshakes>,
+    connections: Arc<Connections>,
+}
+
+impl Admission {
+    /// The bounds of `limits` and `caps`, none taken yet.
+    pub(crate) fn new(limits: Limits, caps: ConnectionCaps) -> Self {
+        Self {
+            handshakes: Arc::new(Handshakes::new(limits)),
+            connections: Arc::new(Connections::new(caps)),
+        }
+    }
+}
+
+/// What a listener speaks, which its TLS handshake announces (ALPN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    /// gRPC: HTTP/2 (`h2`).
+    Grpc,
+    /// The Vault-compatible HTTPS front: `http/1.1`, what Vault's clients speak.
+    Http1,
 }
 
 /// Accepts connections on `listener` (TLS with `tls`, else plaintext) and yields each
@@ -896,11 +944,14 @@ pub(crate) fn incoming(
     listener: TcpListener,
     tls: Option<Arc<ServerTls>>,
     limits: Limits,
-    caps: ConnectionCaps,
+    admission: Admission,
+    protocol: Protocol,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let handshakes = Arc::new(Handshakes::new(limits));
-    let connections = Arc::new(Connections::new(caps));
+    let Admission {
+        handshakes,
+        connections,
+    } = admission;
     tokio::spawn(async move {
         loop {
             let (tcp, addr) = tokio::select! {
@@ -932,6 +983,7 @@ pub(crate) fn incoming(
                     PeerInfo {
                         addr,
                         identity: Arc::new(Identity::loopback()),
+                        certificate: None,
                         activity: Arc::new(Activity::new()),
                     },
                     &limits,
@@ -951,7 +1003,7 @@ pub(crate) fn incoming(
                     continue;
                 }
             };
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current_for(protocol));
             let timeout = limits.handshake_timeout;
             let connections = Arc::clone(&connections);
             tokio::spawn(async move {
@@ -962,7 +1014,7 @@ pub(crate) fn incoming(
                         return;
                     }
                 };
-                let Some((stream, identity)) = shaken else {
+                let Some((stream, identity, certificate)) = shaken else {
                     return;
                 };
                 drop(handshake_slot);
@@ -977,6 +1029,7 @@ pub(crate) fn incoming(
                     PeerInfo {
                         addr,
                         identity: Arc::new(identity),
+                        certificate,
                         activity: Arc::new(Activity::new()),
                     },
                     &limits,

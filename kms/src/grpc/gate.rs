@@ -69,6 +69,9 @@ use crate::access::{Denied, Roles};
 use crate::audit::{AuditEvent, AuditLog, BatchSummary};
 use crate::service::Recorded;
 
+mod front;
+pub(crate) use front::FrontRefusal;
+
 /// The services the server answers; a path naming another is recorded as a placeholder.
 pub(crate) const SERVICES: &[&str] = &[
     "kms.v1.System",
@@ -241,7 +244,7 @@ impl GateState {
         }
     }
 
-    fn count_probe(&self, outcome: &str) {
+    pub(crate) fn count_probe(&self, outcome: &str) {
         let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
         *probes.entry(outcome.to_owned()).or_default() += 1;
     }

@@ -81,10 +81,10 @@ ops! {
         UpdateKey, EnableKeyVersion, DisableKeyVersion, ScheduleKeyVersionDestruction,
         CancelKeyVersionDestruction, Encrypt, Decrypt, ReEncrypt, GenerateDataKey,
         GenerateDataKeyWithoutPlaintext, Sign, Verify, GetPublicKey, AsymmetricDecrypt, Mac,
-        VerifyMac, BatchEncrypt, BatchDecrypt, BatchSign, BatchReEncrypt,
+        VerifyMac, BatchEncrypt, BatchDecrypt, BatchSign, BatchReEncrypt, Random, Hash,
     }
     Audit { ExportAuditLog, KeyUsageReport, VerifyAuditLog }
-    Access { WhoAmI, CreateGrant, RevokeGrant, ListGrants }
+    Access { WhoAmI, CreateGrant, RevokeGrant, ListGrants, CertLogin, LookupSelf }
     Health { Check, Watch }
 }
 
@@ -95,6 +95,9 @@ impl Op {
         use Operation as O;
         match self {
             Op::Status | Op::WhoAmI | Op::Check | Op::Watch => Need::Nothing,
+            // The HTTPS front's calls that touch no key (Transit's random bytes and hashes,
+            // Vault's session tokens): any certificate holder.
+            Op::Random | Op::Hash | Op::CertLogin | Op::LookupSelf => Need::Certificate,
             // Calls that take a share. Starting and cancelling a rekey need the admin role.
             Op::Unseal | Op::UnsealReset | Op::RekeySubmit | Op::VerifyShare => Need::Custodian,
             Op::ExportAuditLog | Op::KeyUsageReport | Op::VerifyAuditLog => {
@@ -134,6 +137,11 @@ impl Op {
             | Op::RevokeGrant
             | Op::ListGrants => Need::Role(Role::Admin),
         }
+    }
+
+    /// Whether only the HTTPS front serves the operation (no gRPC method is it).
+    pub(crate) fn http_only(self) -> bool {
+        matches!(self, Op::Random | Op::Hash | Op::CertLogin | Op::LookupSelf)
     }
 
     /// Whether the operation hands out shares once: an answer cut off by the caller's

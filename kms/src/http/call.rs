@@ -1,0 +1,366 @@
+//! How a Vault request becomes a call of the service layer ([`crate::service`]): the one
+//! door every request of every front passes (the access rule of its operation, the grants
+//! on its key and associated data, the audit record written before the answer leaves, the
+//! log line), and how its refusal becomes Vault's status code.
+
+use std::sync::Arc;
+
+use http::StatusCode;
+
+use crate::access::tls::PeerInfo;
+use crate::keyring::{Journal, Keyring, KeyringError};
+use crate::service::{
+    Aad, Call, Caller, ErrorKind, Front, Idempotency, Meta, Op, Refusal, Served, Service,
+    ServiceError,
+};
+
+/// The answer of a call, as the service layer carries it to the front: the JSON of Vault's
+/// `data` object, and the status when it is not 200 (a batch with a failed item is 400, as
+/// Vault answers it). Its `Debug` shows sizes only, and `data` (which may hold a plaintext)
+/// is zeroized on drop.
+#[derive(Default)]
+pub(crate) struct Reply {
+    /// The `data` object (JSON).
+    pub data: Vec<u8>,
+    /// The HTTP status, 0 for 200.
+    pub status: u16,
+    /// Vault's `warnings`.
+    pub warnings: Vec<String>,
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reply")
+            .field("data", &format_args!("<{} bytes>", self.data.len()))
+            .field("status", &self.status)
+            .finish()
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.data);
+    }
+}
+
+impl crate::service::Reply for Reply {
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    /// The front sends no idempotency key: no change of its is answered from a first
+    /// attempt.
+    fn from_replay(_: &[u8]) -> Option<Self> {
+        None
+    }
+}
+
+impl Reply {
+    /// A 200 answer of `data`.
+    pub(crate) fn ok(data: &serde_json::Value) -> Self {
+        Self {
+            data: serde_json::to_vec(data).unwrap_or_default(),
+            status: 0,
+            warnings: Vec::new(),
+        }
+    }
+
+    /// With Vault's warnings.
+    pub(crate) fn warn(mut self, warnings: impl IntoIterator<Item = String>) -> Self {
+        self.warnings.extend(warnings);
+        self
+    }
+
+    /// With a status other than 200.
+    pub(crate) fn status(mut self, status: StatusCode) -> Self {
+        self.status = status.as_u16();
+        self
+    }
+}
+
+/// A call refused: Vault's status code, and the messages of its `errors`.
+#[derive(Debug, Clone)]
+pub(crate) struct Refused {
+    /// The status code.
+    pub status: StatusCode,
+    /// The message (never a secret: the service layer's, or the front's own).
+    pub message: String,
+    /// The reason (`KEY_NOT_FOUND`, `NO_GRANT`, `INVALID_REQUEST`, ...).
+    pub reason: &'static str,
+    /// Whether the refusal has its audit record (a call's); the front records its own.
+    pub recorded: bool,
+}
+
+impl Refused {
+    /// A 400 of the front's own.
+    pub(crate) fn bad(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            reason: "INVALID_REQUEST",
+            recorded: false,
+        }
+    }
+
+    /// Vault's 403.
+    pub(crate) fn denied(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::FORBIDDEN,
+            message: message.into(),
+            reason: "PERMISSION_DENIED",
+            recorded: false,
+        }
+    }
+}
+
+impl From<super::vault::BadRequest> for Refused {
+    fn from(b: super::vault::BadRequest) -> Self {
+        Self::bad(b.0)
+    }
+}
+
+/// Vault's status code for a refusal of the service layer: 400 for what the caller can fix
+/// (bad input, state, a missing key), 403 for access, 429 for limits, 503 for a sealed or
+/// uninitialised server and for faults to retry (HSM, store, audit log), 500 for the rest.
+pub(crate) fn status_of(refusal: &Refusal) -> StatusCode {
+    match refusal.kind {
+        ErrorKind::FailedPrecondition if refusal.reason == "NOT_INITIALIZED" => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        ErrorKind::InvalidArgument
+        | ErrorKind::FailedPrecondition
+        | ErrorKind::AlreadyExists
+        | ErrorKind::NotFound => StatusCode::BAD_REQUEST,
+        ErrorKind::PermissionDenied | ErrorKind::Unauthenticated => StatusCode::FORBIDDEN,
+        ErrorKind::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::Internal | ErrorKind::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn refused(refusal: Refusal) -> Refused {
+    Refused {
+        status: status_of(&refusal),
+        message: refusal.message,
+        reason: refusal.reason,
+        recorded: true,
+    }
+}
+
+/// A keyed call: its operation, its key, the destination key of a re-encryption, the
+/// version it names.
+pub(crate) struct Keyed<'a> {
+    /// The operation.
+    pub op: Op,
+    /// The key.
+    pub key: &'a str,
+    /// ReEncrypt's destination.
+    pub destination: Option<&'a str>,
+    /// The version named (0: none).
+    pub version: u32,
+}
+
+/// The service-layer call of `op` by the caller of `peer`, through this front, of a
+/// request of `input_bytes`.
+fn call(service: &Service, peer: &PeerInfo, op: Op, input_bytes: usize) -> Call {
+    Call::new(
+        service,
+        Caller {
+            identity: Arc::clone(&peer.identity),
+            peer: Some(peer.addr),
+            front: Front::Http,
+        },
+        op,
+        Meta {
+            request_id: crate::service::request_id(None),
+            input_bytes: input_bytes as u64,
+            idempotency: Idempotency::None,
+            answer_of: None,
+            deadline: None,
+            recorded: None,
+            counted: false,
+        },
+    )
+}
+
+/// Runs `f` on the keyring as a call of `keyed` by the caller of `peer`: access rule,
+/// grants (on the key, the destination and every associated data in `req`), audit record
+/// before the answer, log line. The answer and its request id.
+pub(crate) async fn keyed<Q: Aad + Send + 'static>(
+    service: &Service,
+    peer: &PeerInfo,
+    input_bytes: usize,
+    keyed: Keyed<'_>,
+    req: Q,
+    f: impl FnOnce(&Keyring, &dyn Journal, Q) -> Result<Served<Reply>, KeyringError> + Send + 'static,
+) -> (Result<Reply, Refused>, String) {
+    let mut c = call(service, peer, keyed.op, input_bytes).key(keyed.key);
+    if let Some(d) = keyed.destination {
+        c = c.destination(d);
+    }
+    let c = c.version(keyed.version);
+    let answer = crate::service::with_keyring(service, c, req, move |k, c, q| f(k, c, q)).await;
+    (answer.result.map_err(refused), answer.request_id)
+}
+
+/// Runs `f` as a call of `op` that touches no key (random bytes, a hash, a session token):
+/// the same access check, record and log line as every call.
+pub(crate) async fn unkeyed(
+    service: &Service,
+    peer: &PeerInfo,
+    input_bytes: usize,
+    op: Op,
+    f: impl FnOnce() -> Result<Reply, Refused> + Send + 'static,
+) -> (Result<Reply, Refused>, String) {
+    // The front's own refusal, carried through the call so that its record says so.
+    let front_refusal = Arc::new(std::sync::Mutex::new(None::<Refused>));
+    let kept = Arc::clone(&front_refusal);
+    let answer = crate::service::run(call(service, peer, op, input_bytes), move |_| {
+        f().map(Served::new).map_err(|r| {
+            let e = KeyringError::BadRequest(FRONT_REFUSED);
+            *kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            ServiceError::Keyring(e)
+        })
+    })
+    .await;
+    let result = answer.result.map_err(|r| {
+        match front_refusal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            // Its message is the front's; the record was written.
+            Some(own) if r.reason == "INVALID_REQUEST" => Refused {
+                recorded: true,
+                ..own
+            },
+            _ => refused(r),
+        }
+    });
+    (result, answer.request_id)
+}
+
+/// What the record and the log say of a request the front refused inside its call.
+const FRONT_REFUSED: &str = "the request's parameters are not valid";
+
+/// A batch item's failure: its message (cut to [`MAX_ITEM_ERROR`] bytes; never a secret)
+/// and its outcome as records spell it.
+pub(crate) fn item_error(e: KeyringError) -> (String, &'static str) {
+    let refusal = Refusal::from(&ServiceError::Keyring(e));
+    let message = refusal.message.as_str();
+    let mut end = message.len().min(MAX_ITEM_ERROR);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    (
+        message.get(..end).unwrap_or_default().to_owned(),
+        refusal.kind.name(),
+    )
+}
+
+/// The longest message of a batch item's error, as gRPC's.
+const MAX_ITEM_ERROR: usize = 256;
+
+/// Records a request the front refused before its call (parameters it cannot read or kms
+/// does not offer), under the operation and key its path names, as the gRPC gate records a
+/// request tonic refused: one record, fail closed.
+pub(crate) async fn record_refusal(
+    service: &Service,
+    peer: &PeerInfo,
+    op: Op,
+    key: Option<&str>,
+    input_bytes: usize,
+    refusal: &Refused,
+) -> Result<(), Refused> {
+    let mut c = call(service, peer, op, input_bytes);
+    if let Some(k) = key {
+        c = c.key(k);
+    }
+    // The front's message is the caller's; the record and the log say only that the
+    // parameters were refused.
+    let _ = refusal;
+    let answer = crate::service::run(c, |_| -> Result<Served<Reply>, ServiceError> {
+        Err(ServiceError::Keyring(KeyringError::BadRequest(
+            FRONT_REFUSED,
+        )))
+    })
+    .await;
+    match answer.result {
+        Err(r) if r.reason == "AUDIT_UNAVAILABLE" => Err(refused(r)),
+        // A refusal of the access rule comes first, as for any call.
+        Err(r) if r.kind == ErrorKind::PermissionDenied => Err(refused(r)),
+        _ => Ok(()),
+    }
+}
+
+/// The caller's principal is what every front names it.
+pub(crate) fn principal(peer: &PeerInfo) -> &str {
+    &peer.identity.principal
+}
+
+/// Whether the caller presented a certificate kms accepts.
+pub(crate) fn authenticated(peer: &PeerInfo) -> bool {
+    peer.identity.authenticated
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn refusal(kind: ErrorKind, reason: &'static str) -> Refusal {
+        Refusal {
+            kind,
+            reason,
+            message: String::new(),
+        }
+    }
+
+    /// Vault's status codes: 503 sealed or not initialised, 403 access, 400 what the caller
+    /// can fix (a missing key included, as Vault's crypto paths answer), 429 limits.
+    #[test]
+    fn refusals_map_to_vaults_status_codes() {
+        use ErrorKind as K;
+        for (kind, reason, status) in [
+            (K::Unavailable, "SEALED", 503),
+            (K::FailedPrecondition, "NOT_INITIALIZED", 503),
+            (K::Unavailable, "HSM_UNAVAILABLE", 503),
+            (K::PermissionDenied, "NO_GRANT", 403),
+            (K::Unauthenticated, "CERTIFICATE_EXPIRED", 403),
+            (K::NotFound, "KEY_NOT_FOUND", 400),
+            (K::InvalidArgument, "DECRYPTION_FAILED", 400),
+            (K::FailedPrecondition, "VERSION_BELOW_MINIMUM", 400),
+            (K::AlreadyExists, "KEY_EXISTS", 400),
+            (K::ResourceExhausted, "BUDGET_EXHAUSTED", 429),
+            (K::Internal, "INTERNAL", 500),
+            (K::DataLoss, "STORE_TAMPERED", 500),
+        ] {
+            assert_eq!(
+                status_of(&refusal(kind, reason)).as_u16(),
+                status,
+                "{reason}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_batch_items_error_is_bounded_and_named() {
+        let (message, outcome) = item_error(KeyringError::NotFound("k".repeat(300)));
+        assert!(message.len() <= MAX_ITEM_ERROR);
+        assert_eq!(outcome, "NOT_FOUND");
+        let (message, outcome) = item_error(KeyringError::DecryptionFailed);
+        assert_eq!(message, "decryption failed");
+        assert_eq!(outcome, "INVALID_ARGUMENT");
+    }
+
+    #[test]
+    fn a_reply_shows_no_data_in_debug() {
+        let r = Reply::ok(&serde_json::json!({ "plaintext": "c2VjcmV0" }));
+        let shown = format!("{r:?}");
+        assert!(
+            !shown.contains("c2VjcmV0") && shown.contains("bytes"),
+            "{shown}"
+        );
+    }
+}

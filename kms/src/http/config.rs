@@ -1,0 +1,115 @@
+//! `[http]`: the Vault-compatible HTTPS front (docs/vault-transit.md), off unless `listen`
+//! is given. It serves with the `[tls]` certificate and client CA bundle, the `[roles]`,
+//! the grants and the `[limits]` of the gRPC listener: nothing here widens access.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::section::ConfigError;
+
+/// The `[http]` table, as written.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HttpConfig {
+    /// Where the HTTPS front listens, e.g. `127.0.0.1:8201`; off when absent.
+    pub listen: Option<String>,
+    /// How long a `client_token` from `auth/cert/login` lives, in seconds (default 300,
+    /// 10 to 3600).
+    pub token_ttl_seconds: Option<u64>,
+    /// Where the keys that `POST transit/keys/:name` creates live: `"hsm"` (default:
+    /// generated in the token) or `"software"` (beneath the root key).
+    pub key_protection: Option<String>,
+}
+
+/// `[http]`, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpSettings {
+    /// The listen address.
+    pub listen: SocketAddr,
+    /// The life of a session token.
+    pub token_ttl: Duration,
+    /// The protection of keys created through the front.
+    pub key_protection: crate::keyring::model::Protection,
+}
+
+/// The default life of a session token.
+const DEFAULT_TOKEN_TTL: u64 = 300;
+
+impl HttpConfig {
+    /// The settings, `None` when the front is off. `tls` says whether `[tls]` gave files.
+    pub(crate) fn validate(&self, tls: bool) -> Result<Option<HttpSettings>, ConfigError> {
+        let Some(listen) = &self.listen else {
+            return Ok(None);
+        };
+        let listen = listen
+            .parse()
+            .map_err(|_| ConfigError::BadHttpListen(listen.clone()))?;
+        if !tls {
+            return Err(ConfigError::HttpNeedsTls);
+        }
+        let ttl = self.token_ttl_seconds.unwrap_or(DEFAULT_TOKEN_TTL);
+        if !(10..=3600).contains(&ttl) {
+            return Err(ConfigError::BadHttp("token_ttl_seconds: 10 to 3600"));
+        }
+        use crate::keyring::model::Protection;
+        let key_protection = match self.key_protection.as_deref() {
+            None | Some("hsm") => Protection::Hsm,
+            Some("software") => Protection::Software,
+            Some(_) => {
+                return Err(ConfigError::BadHttp(
+                    "key_protection: \"hsm\" or \"software\"",
+                ));
+            }
+        };
+        Ok(Some(HttpSettings {
+            listen,
+            token_ttl: Duration::from_secs(ttl),
+            key_protection,
+        }))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> HttpConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn off_unless_listen_is_given() {
+        assert_eq!(config("").validate(true).unwrap(), None);
+        let s = config("listen = \"127.0.0.1:8201\"")
+            .validate(true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.listen.port(), 8201);
+        assert_eq!(s.token_ttl, Duration::from_secs(300));
+        assert_eq!(s.key_protection, crate::keyring::model::Protection::Hsm);
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_serve() {
+        assert!(matches!(
+            config("listen = \"127.0.0.1:8201\"").validate(false),
+            Err(ConfigError::HttpNeedsTls)
+        ));
+        assert!(matches!(
+            config("listen = \"nope\"").validate(true),
+            Err(ConfigError::BadHttpListen(_))
+        ));
+        assert!(matches!(
+            config("listen = \"127.0.0.1:1\"\ntoken_ttl_seconds = 5").validate(true),
+            Err(ConfigError::BadHttp(_))
+        ));
+        assert!(matches!(
+            config("listen = \"127.0.0.1:1\"\nkey_protection = \"cloud\"").validate(true),
+            Err(ConfigError::BadHttp(_))
+        ));
+        assert!(toml::from_str::<HttpConfig>("listen = \"x\"\nport = 1").is_err());
+    }
+}

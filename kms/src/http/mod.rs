@@ -1,0 +1,639 @@
+//! The Vault-compatible HTTPS front (`[http] listen`, docs/vault-transit.md): Vault's
+//! Transit paths, `sys/health`, `sys/seal-status`, `auth/cert/login` and
+//! `auth/token/lookup-self`, so that programs written for Vault (hvac scripts, SPIRE's
+//! `hashicorp_vault` KeyManager, the vault-kubernetes-kms plugin, `seal "transit"`) work
+//! against kms unchanged.
+//!
+//! The front only translates: a request into the keyring operation of the same rule,
+//! grants and audit record as its gRPC twin ([`call`]), the answer or refusal into Vault's
+//! JSON and status codes ([`vault`]).
+//!
+//! **Architecture invariants:**
+//! - The listener is the gRPC listener's twin (`access::tls::incoming`): the same
+//!   certificate, client CA bundle, handshake limits and connection caps, the caller's
+//!   identity fixed at the handshake. Only the ALPN protocol differs (`http/1.1`).
+//! - The client certificate is the identity on every request. A caller without one gets
+//!   `sys/health` and `sys/seal-status` (counted with the gRPC health probes, never
+//!   recorded one by one) and a 403 for anything else, before its body is read.
+//! - A session token (`X-Vault-Token`) adds nothing: it is checked against the certificate
+//!   that obtained it and refused with any other ([`auth`]).
+//! - No request or answer body (plaintext, ciphertext, associated data, token) reaches a
+//!   log line, an error message or a record: only sizes.
+
+mod auth;
+mod call;
+pub(crate) mod config;
+mod keys;
+mod transit;
+mod vault;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, State};
+use axum::response::Response;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use serde_json::json;
+use zeroize::Zeroizing;
+
+use crate::access::limiter::Limits;
+use crate::access::tls::{Admission, Conn, PeerInfo, Protocol, ServerTls};
+use crate::grpc::gate::{FrontRefusal, GateState};
+use crate::service::{Op, Service};
+use call::{Refused, Reply};
+
+/// The largest request body: gRPC's largest message (16 MiB) in base64, with room for the
+/// JSON around it. (Vault's default is 32 MiB.) Each plaintext, message and associated
+/// data within it is bounded by the keyring as on gRPC (64 KiB), a batch to 1000 items.
+pub(crate) const MAX_BODY: usize = 16 * 1024 * 1024 / 3 * 4 + 64 * 1024;
+
+/// The header of Vault's session token.
+const TOKEN_HEADER: &str = "x-vault-token";
+
+/// What the front serves with.
+pub(crate) struct Front {
+    /// The service, as gRPC's.
+    service: Service,
+    /// The session tokens.
+    tokens: Arc<auth::Tokens>,
+    /// Where probes are counted, with gRPC's health probes.
+    probes: Arc<GateState>,
+    /// The protection of keys created here.
+    key_protection: crate::keyring::model::Protection,
+}
+
+impl Front {
+    /// A front over `service` with `[http]`'s `settings`.
+    pub(crate) fn new(
+        service: Service,
+        settings: &config::HttpSettings,
+        probes: Arc<GateState>,
+    ) -> Self {
+        Self {
+            service,
+            tokens: Arc::new(auth::Tokens::new(settings.token_ttl)),
+            probes,
+            key_protection: settings.key_protection,
+        }
+    }
+}
+
+/// An answer with a body: Vault's envelope around `data` (or `auth`), or a status alone.
+pub(crate) enum Answer {
+    /// `data` from a call.
+    Data {
+        /// The reply.
+        reply: Reply,
+        /// The request id.
+        request_id: String,
+        /// Vault's `mount_type`.
+        mount_type: &'static str,
+    },
+    /// `auth` (a login).
+    Auth {
+        /// The auth object (it holds a token: zeroized when dropped).
+        reply: Reply,
+        /// The request id.
+        request_id: String,
+    },
+    /// A body of its own (sys paths answer bare JSON) and its status.
+    Raw(StatusCode, Vec<u8>),
+}
+
+/// Binds the front's listener and says where (`kms http listening on ADDR`).
+pub(crate) async fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    println!("kms http listening on {local}");
+    tracing::info!(addr = %local, "Vault-compatible HTTPS front listening");
+    Ok(listener)
+}
+
+/// Serves the front on `listener` until `shutdown`.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Arc<ServerTls>,
+    limits: Limits,
+    admission: Admission,
+    front: Front,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let incoming =
+        crate::access::tls::incoming(listener, Some(tls), limits, admission, Protocol::Http1);
+    let app = axum::Router::new()
+        .fallback(handle)
+        .with_state(Arc::new(front))
+        .into_make_service_with_connect_info::<PeerInfo>();
+    axum::serve(Accepted(incoming), app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The connections the accept loop hands over, each with what its handshake learnt.
+struct Accepted(tokio_stream::wrappers::ReceiverStream<std::io::Result<Conn>>);
+
+impl axum::serve::Listener for Accepted {
+    type Io = Conn;
+    type Addr = PeerInfo;
+
+    async fn accept(&mut self) -> (Conn, PeerInfo) {
+        use tokio_stream::StreamExt as _;
+        loop {
+            match self.0.next().await {
+                Some(Ok(conn)) => {
+                    let info = conn.info().clone();
+                    return (conn, info);
+                }
+                Some(Err(_)) => continue,
+                // The accept loop ended: serve what is open until shutdown.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<PeerInfo> {
+        Err(std::io::Error::other(
+            "the accept loop has no single local address",
+        ))
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Accepted>>
+    for PeerInfo
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Accepted>) -> Self {
+        stream.remote_addr().clone()
+    }
+}
+
+/// Serves one request.
+async fn handle(
+    State(front): State<Arc<Front>>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    request: axum::extract::Request,
+) -> Response {
+    let started = std::time::Instant::now();
+    // While a call is in flight, its connection is not idle.
+    let _in_flight = peer.activity.begin();
+    let (parts, body) = request.into_parts();
+    let head = parts.method == Method::HEAD;
+    let answer = route(&front, &peer, &parts, body).await;
+    let (status, op) = match &answer {
+        Ok((a, op)) => (status_of(a), *op),
+        Err((r, op)) => (r.status, *op),
+    };
+    // A certificate holder's refused call counts against its limit, as on gRPC.
+    if status == StatusCode::FORBIDDEN && call::authenticated(&peer) {
+        front.probes.refused_by_front(&peer);
+    }
+    crate::metrics::metrics().request(
+        "kms.v1.KeyManagement",
+        op,
+        code_label(status),
+        started.elapsed(),
+    );
+    let mut response = match answer {
+        Ok((a, _)) => respond(a),
+        Err((r, _)) => refusal(&r),
+    };
+    if head {
+        *response.body_mut() = Body::empty();
+    }
+    response
+}
+
+fn status_of(a: &Answer) -> StatusCode {
+    match a {
+        Answer::Data { reply, .. } => status_of_reply(reply),
+        Answer::Auth { .. } => StatusCode::OK,
+        Answer::Raw(s, _) => *s,
+    }
+}
+
+fn code_label(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200..=299 => "OK",
+        400 => "INVALID_ARGUMENT",
+        403 => "PERMISSION_DENIED",
+        404 => "NOT_FOUND",
+        429 => "RESOURCE_EXHAUSTED",
+        503 => "UNAVAILABLE",
+        _ => "INTERNAL",
+    }
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn respond(answer: Answer) -> Response {
+    match answer {
+        Answer::Data {
+            reply,
+            request_id,
+            mount_type,
+        } => {
+            let status = status_of_reply(&reply);
+            if status == StatusCode::NO_CONTENT {
+                let mut r = Response::new(Body::empty());
+                *r.status_mut() = status;
+                return r;
+            }
+            let data: serde_json::Value =
+                serde_json::from_slice(&reply.data).unwrap_or(serde_json::Value::Null);
+            let body = vault::envelope(&request_id, Some(&data), None, &reply.warnings, mount_type);
+            json_response(status, body)
+        }
+        Answer::Auth { reply, request_id } => {
+            let auth: serde_json::Value =
+                serde_json::from_slice(&reply.data).unwrap_or(serde_json::Value::Null);
+            json_response(
+                StatusCode::OK,
+                vault::envelope(&request_id, None, Some(&auth), &[], "cert"),
+            )
+        }
+        Answer::Raw(status, body) => json_response(status, body),
+    }
+}
+
+fn status_of_reply(reply: &Reply) -> StatusCode {
+    if reply.status == 0 {
+        return StatusCode::OK;
+    }
+    StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK)
+}
+
+/// Vault's error answer: `{"errors": [...]}` (empty for a 404 of what does not exist).
+fn refusal(r: &Refused) -> Response {
+    let messages: Vec<&str> = if r.message.is_empty() {
+        Vec::new()
+    } else {
+        vec![r.message.as_str()]
+    };
+    json_response(r.status, vault::errors(&messages))
+}
+
+/// A request's answer and its operation's name (for the metrics), or its refusal.
+type Routed = Result<(Answer, &'static str), (Refused, &'static str)>;
+
+async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, body: Body) -> Routed {
+    let path = parts.uri.path();
+    let Some(rest) = path.strip_prefix("/v1/") else {
+        return Err((not_found(), "unknown"));
+    };
+    let segments: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
+    let method = if parts.method.as_str() == "LIST" {
+        Method::GET
+    } else {
+        parts.method.clone()
+    };
+    let list = parts.method.as_str() == "LIST"
+        || parts
+            .uri
+            .query()
+            .is_some_and(|q| q.split('&').any(|kv| kv == "list=true" || kv == "list=1"));
+    let open = matches!(segments.as_slice(), ["sys", "health" | "seal-status"]);
+    // The gRPC gate's rules before a call is read: limits on refused calls and on calls
+    // without a certificate, which gets only the open paths.
+    match front.probes.admit(peer, open, "<vault path>") {
+        Ok(()) => {}
+        Err(FrontRefusal::Unauthenticated) => {
+            tracing::debug!(peer = %peer.addr, "HTTPS request without a client certificate refused");
+            return Err((Refused::denied("permission denied"), "unauthenticated"));
+        }
+        Err(FrontRefusal::Limited(wait)) => {
+            return Err((
+                Refused {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    message: format!(
+                        "too many refused calls, or calls without a client certificate, from this address: try again in {} s",
+                        wait.as_secs().max(1)
+                    ),
+                    reason: "TOO_MANY_REFUSED_CALLS",
+                    recorded: false,
+                },
+                "limited",
+            ));
+        }
+    }
+    // Open to everyone: counted, not recorded one by one.
+    if let ["sys", what @ ("health" | "seal-status")] = segments.as_slice() {
+        if method != Method::GET && method != Method::HEAD {
+            return Err((method_not_allowed(), "unknown"));
+        }
+        let answer = if *what == "health" {
+            sys_health(front, parts.uri.query())
+        } else {
+            sys_seal_status(front)
+        };
+        front
+            .probes
+            .count_probe(if status_of(&answer).is_success() {
+                "OK"
+            } else {
+                "UNAVAILABLE"
+            });
+        let op = if *what == "health" {
+            "Health"
+        } else {
+            "SealStatus"
+        };
+        return Ok((answer, op));
+    }
+    // Everything else needs a client certificate (`admit` refused it unread without one).
+    if !call::authenticated(peer) {
+        return Err((Refused::denied("permission denied"), "unauthenticated"));
+    }
+    if let Some(token) = parts.headers.get(TOKEN_HEADER) {
+        let ok = token.to_str().ok().is_some_and(|t| {
+            front
+                .tokens
+                .check(t, call::principal(peer), peer.certificate.as_ref())
+                .is_some()
+        });
+        if !ok {
+            return Err((
+                Refused::denied(
+                    "permission denied: the token is not valid for this client certificate",
+                ),
+                "token",
+            ));
+        }
+    }
+    let body = match read_body(body, &parts.headers).await {
+        Ok(b) => b,
+        Err(r) => return Err((r, "unknown")),
+    };
+    let size = body.len();
+    let params = match vault::Params::parse(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            // Recorded as a refused call of the operation the path names, if any.
+            let refused = Refused::bad(e.0);
+            if let ["transit", path @ ..] = segments.as_slice()
+                && let Some(op) = transit::operation(&method, path, list)
+            {
+                if let Err(first) = call::record_refusal(
+                    &front.service,
+                    peer,
+                    op,
+                    transit::key_of(path),
+                    size,
+                    &refused,
+                )
+                .await
+                {
+                    return Err((first, op.name()));
+                }
+                return Err((refused, op.name()));
+            }
+            return Err((refused, "unknown"));
+        }
+    };
+    drop(body);
+    match segments.as_slice() {
+        ["auth", "cert", "login"] if is_write(&method) => {
+            let r = login(front, peer, size).await;
+            r.map(|a| (a, "CertLogin")).map_err(|e| (e, "CertLogin"))
+        }
+        ["auth", "token", "lookup-self"] if method == Method::GET || is_write(&method) => {
+            let r = lookup_self(front, peer, &parts.headers, size).await;
+            r.map(|a| (a, "LookupSelf")).map_err(|e| (e, "LookupSelf"))
+        }
+        ["transit", path @ ..] => {
+            let op = transit::operation(&method, path, list);
+            let request = transit::Request {
+                front,
+                peer,
+                size,
+                params,
+            };
+            let answer = transit::serve(request, &method, path, list).await;
+            let name = op.map_or("unknown", Op::name);
+            match answer {
+                Ok(a) => Ok((a, name)),
+                Err(r) => {
+                    // A request refused before its call (its parameters) is recorded here,
+                    // as a call of its operation: the access rule first, as for any call.
+                    if !r.recorded
+                        && let Some(op) = op
+                        && let Err(first) = call::record_refusal(
+                            &front.service,
+                            peer,
+                            op,
+                            transit::key_of(path),
+                            size,
+                            &r,
+                        )
+                        .await
+                    {
+                        return Err((first, name));
+                    }
+                    Err((r, name))
+                }
+            }
+        }
+        _ => Err((not_found(), "unknown")),
+    }
+}
+
+fn is_write(m: &Method) -> bool {
+    *m == Method::POST || *m == Method::PUT
+}
+
+fn not_found() -> Refused {
+    Refused {
+        status: StatusCode::NOT_FOUND,
+        message: "unsupported path".to_owned(),
+        reason: "UNSUPPORTED_PATH",
+        recorded: false,
+    }
+}
+
+fn method_not_allowed() -> Refused {
+    Refused {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: "unsupported operation".to_owned(),
+        reason: "UNSUPPORTED_OPERATION",
+        recorded: false,
+    }
+}
+
+/// The body, at most [`MAX_BODY`] bytes, kept zeroized.
+async fn read_body(body: Body, headers: &HeaderMap) -> Result<Zeroizing<Vec<u8>>, Refused> {
+    let too_large = || Refused {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        message: format!("the request body is larger than {MAX_BODY} bytes"),
+        reason: "TOO_LARGE",
+        recorded: false,
+    };
+    if headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > MAX_BODY)
+    {
+        return Err(too_large());
+    }
+    let bytes = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .map_err(|_| too_large())?;
+    Ok(Zeroizing::new(bytes.to_vec()))
+}
+
+/// `sys/health`: Vault's status codes (200 unsealed, 503 sealed, 501 not initialised, each
+/// replaceable by `activecode`, `sealedcode`, `uninitcode`) and its JSON.
+fn sys_health(front: &Front, query: Option<&str>) -> Answer {
+    let s = front.service.seal.status();
+    let code = |name: &str, default: u16| {
+        query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == name)
+            .and_then(|(_, v)| v.parse::<u16>().ok())
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .unwrap_or(StatusCode::from_u16(default).unwrap_or(StatusCode::OK))
+    };
+    let status = if !s.initialized {
+        code("uninitcode", 501)
+    } else if s.sealed {
+        code("sealedcode", 503)
+    } else {
+        code("activecode", 200)
+    };
+    let body = json!({
+        "initialized": s.initialized,
+        "sealed": s.sealed,
+        "standby": false,
+        "performance_standby": false,
+        "replication_performance_mode": "disabled",
+        "replication_dr_mode": "disabled",
+        "server_time_utc": crate::keyring::now(),
+        "version": version(),
+        "enterprise": false,
+        "cluster_name": "",
+        "cluster_id": "",
+    });
+    Answer::Raw(status, serde_json::to_vec(&body).unwrap_or_default())
+}
+
+/// `sys/seal-status`: always 200, Vault's JSON (`t`, `n`, `progress`, the attempt's nonce).
+fn sys_seal_status(front: &Front) -> Answer {
+    let s = front.service.seal.status();
+    let body = json!({
+        "type": "shamir",
+        "initialized": s.initialized,
+        "sealed": s.sealed,
+        "t": s.threshold,
+        "n": s.shares,
+        "progress": s.progress,
+        "nonce": s.nonce.unwrap_or_default(),
+        "version": version(),
+        "build_date": "",
+        "migration": false,
+        "recovery_seal": false,
+        "storage_type": "kms",
+    });
+    Answer::Raw(
+        StatusCode::OK,
+        serde_json::to_vec(&body).unwrap_or_default(),
+    )
+}
+
+fn version() -> String {
+    format!("kms-{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// `auth/cert/login`: a session token for the caller's certificate (its principal and its
+/// SHA-256), a call of `CertLogin`.
+async fn login(front: &Front, peer: &PeerInfo, size: usize) -> Result<Answer, Refused> {
+    let tokens = Arc::clone(&front.tokens);
+    let principal = call::principal(peer).to_owned();
+    let certificate = peer.certificate;
+    let (reply, request_id) = call::unkeyed(&front.service, peer, size, Op::CertLogin, move || {
+        let cert = certificate.ok_or_else(|| Refused::denied("permission denied"))?;
+        let (token, session) = tokens.issue(&principal, cert).map_err(|e| Refused {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: e.to_string(),
+            reason: "TOO_MANY_SESSIONS",
+            recorded: false,
+        })?;
+        Ok(Reply::ok(&json!({
+            "client_token": token.expose(),
+            "accessor": session.accessor,
+            "policies": ["default"],
+            "token_policies": ["default"],
+            "identity_policies": null,
+            "metadata": { "principal": session.principal },
+            "lease_duration": tokens.ttl().as_secs(),
+            "renewable": false,
+            "entity_id": "",
+            "token_type": "service",
+            "orphan": true,
+            "mfa_requirement": null,
+            "num_uses": 0,
+        })))
+    })
+    .await;
+    Ok(Answer::Auth {
+        reply: reply?,
+        request_id,
+    })
+}
+
+/// `auth/token/lookup-self`: the session of the token given (with the certificate that
+/// obtained it), a call of `LookupSelf`.
+async fn lookup_self(
+    front: &Front,
+    peer: &PeerInfo,
+    headers: &HeaderMap,
+    size: usize,
+) -> Result<Answer, Refused> {
+    let token = headers.get(TOKEN_HEADER).and_then(|t| t.to_str().ok());
+    let session = token.and_then(|t| {
+        front
+            .tokens
+            .check(t, call::principal(peer), peer.certificate.as_ref())
+            .map(|s| (Zeroizing::new(t.to_owned()), s))
+    });
+    let ttl = front.tokens.ttl().as_secs();
+    let (reply, request_id) =
+        call::unkeyed(&front.service, peer, size, Op::LookupSelf, move || {
+            let (token, s) = session
+                .ok_or_else(|| Refused::denied("permission denied: missing client token"))?;
+            Ok(Reply::ok(&json!({
+                "id": token.as_str(),
+                "accessor": s.accessor,
+                "policies": ["default"],
+                "display_name": format!("cert-{}", s.principal),
+                "meta": { "principal": s.principal },
+                "path": "auth/cert/login",
+                "creation_time": s.issued_at,
+                "creation_ttl": ttl,
+                "issue_time": s.issued_at,
+                "ttl": s.ttl_left(),
+                "explicit_max_ttl": 0,
+                "expire_time": null,
+                "num_uses": 0,
+                "orphan": true,
+                "renewable": false,
+                "entity_id": "",
+                "type": "service",
+            })))
+        })
+        .await;
+    Ok(Answer::Data {
+        reply: reply?,
+        request_id,
+        mount_type: "token",
+    })
+}
