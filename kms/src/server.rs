@@ -71,10 +71,18 @@ pub enum StartError {
 }
 
 /// What [`run`] calls once the server is open and bound, before it serves: what was
-/// opened and the bound address. It runs on a blocking thread (it may call the HSM).
-pub(crate) type Ready = Box<
-    dyn FnOnce(&Opened, SocketAddr) -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send,
->;
+/// opened and the bound addresses. It runs on a blocking thread (it may call the HSM).
+pub(crate) type Ready =
+    Box<dyn FnOnce(&Opened, Bound) -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send>;
+
+/// The addresses a started server listens on (a configured port 0 is the one it got).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    /// The gRPC API.
+    pub grpc: SocketAddr,
+    /// The Vault-compatible HTTPS front, when `[http]` is on (and TLS is).
+    pub http: Option<SocketAddr>,
+}
 
 /// Runs a server on `config` until SIGINT or SIGTERM, the one start-up sequence of
 /// `kms server` and `kms dev`: open (TLS files, HSM, store, seal), install the signal
@@ -101,18 +109,34 @@ pub fn run(config: Config, ready: Option<Ready>) -> Result<(), StartError> {
             None => None,
         };
         let listener = bind(listen).await?;
+        // The HTTPS front serves mTLS only: without TLS (a plaintext loopback listener) it
+        // is not started.
+        let http = match (&opened.http, &opened.tls) {
+            (Some(settings), Some(_)) => {
+                Some(crate::http::bind(settings.listen).await.map_err(|source| {
+                    StartError::Bind {
+                        addr: settings.listen,
+                        source,
+                    }
+                })?)
+            }
+            _ => None,
+        };
         if let Some(ready) = ready {
-            let addr = listener.local_addr().map_err(|source| StartError::Bind {
-                addr: listen,
-                source,
-            })?;
+            let bound = Bound {
+                grpc: listener.local_addr().map_err(|source| StartError::Bind {
+                    addr: listen,
+                    source,
+                })?,
+                http: http.as_ref().and_then(|l| l.local_addr().ok()),
+            };
             let for_ready = opened.clone();
-            tokio::task::spawn_blocking(move || ready(&for_ready, addr))
+            tokio::task::spawn_blocking(move || ready(&for_ready, bound))
                 .await
                 .map_err(|_| StartError::Ready("a start-up task panicked".into()))?
                 .map_err(StartError::Ready)?;
         }
-        serve(listener, metrics, opened, stop).await
+        serve(listener, http, metrics, opened, stop).await
     });
     drop(rt);
     served
@@ -244,14 +268,16 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     Ok(listener)
 }
 
-/// Serves the gRPC API on `listener` (TLS unless the configuration opted out), and the
-/// metrics on `metrics` when given, until `shutdown` completes, then seals. While unsealed,
+/// Serves the gRPC API on `listener` (TLS unless the configuration opted out), the
+/// Vault-compatible HTTPS front on `http` (with `[http]` and TLS), and the metrics on
+/// `metrics` when given, until `shutdown` completes, then seals. While unsealed,
 /// a maintenance task rotates keys whose period is due and destroys versions whose
 /// destruction time has come, every `maintenance_interval`. The TLS files are reloaded on
 /// SIGHUP and when they change. Beside the API: the standard health service (the server
 /// `SERVING`; `kms.v1.KeyManagement` `SERVING` only while unsealed) and server reflection.
 pub async fn serve(
     listener: TcpListener,
+    http: Option<TcpListener>,
     metrics: Option<TcpListener>,
     opened: Opened,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -278,15 +304,8 @@ pub async fn serve(
     let background = Background::start(&opened, &gate_state, &health, metrics, &stop_rx);
     let caps = connection_caps(&limits);
     let admission = crate::access::tls::Admission::new(limits, caps);
-    let http = match (&opened.http, &opened.tls) {
-        (Some(settings), Some(tls)) => {
-            let listener =
-                crate::http::bind(settings.listen)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        addr: settings.listen,
-                        source,
-                    })?;
+    let http = match (http, &opened.http, &opened.tls) {
+        (Some(listener), Some(settings), Some(tls)) => {
             let front = crate::http::Front::new(ctx.clone(), settings, Arc::clone(&gate_state));
             Some(tokio::spawn(crate::http::serve(
                 listener,

@@ -27,7 +27,7 @@ impl Dev {
     fn start(args: &[&str]) -> Self {
         let mut child = Command::new(bin("kms"))
             .arg("dev")
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
             .args(args)
             .env_remove("SOFTHSM2_CONF")
             .stdin(Stdio::null())
@@ -207,6 +207,59 @@ fn dev_mode_initialises_unseals_and_restarts_sealed() {
             .unwrap(),
         b"hello"
     );
+    // The Vault-compatible front's lines work as pasted too: curl, and hvac (with the
+    // python that has it first on PATH), each answers a Transit ciphertext of "hello".
+    dev.wait_for("pip install hvac");
+    let python_dir = softhsm_tests::python().parent().unwrap().to_owned();
+    for program in ["curl -sS", "python3 -c"] {
+        let line = dev
+            .seen
+            .iter()
+            .find(|l| l.trim_start().starts_with(program))
+            .unwrap_or_else(|| panic!("no {program} line: {:?}", dev.seen))
+            .trim()
+            .to_owned();
+        let shell = Command::new("bash")
+            .arg("-c")
+            .arg(&line)
+            .env_clear()
+            .env("PATH", format!("{}:/usr/bin:/bin", python_dir.display()))
+            .output()
+            .unwrap();
+        let printed = String::from_utf8_lossy(&shell.stdout);
+        assert!(
+            shell.status.success() && printed.contains("vault:v1:"),
+            "{line}: {shell:?}"
+        );
+        // The documented form: `vault:v<N>:` and the base64 of kms's own ciphertext,
+        // which the gRPC API decrypts.
+        let ours = printed
+            .split('"')
+            .find_map(|s| s.strip_prefix("vault:v1:"))
+            .unwrap_or_else(|| printed.trim().trim_start_matches("vault:v1:"))
+            .to_owned();
+        let ct_file = dir.path().join("transit.b64");
+        std::fs::write(&ct_file, ours).unwrap();
+        let pt = kms(
+            &app,
+            &[
+                "decrypt",
+                "--key",
+                "payments",
+                "--base64",
+                "--in",
+                ct_file.to_str().unwrap(),
+            ],
+            "",
+        );
+        assert_eq!(
+            data_encoding::BASE64
+                .decode(pt.stdout.trim().as_bytes())
+                .unwrap(),
+            b"hello",
+            "{line}"
+        );
+    }
     let out = kms(&as_client(&env, "auditor"), &["audit", "verify"], "");
     assert!(out.stdout.starts_with("intact"), "{out:?}");
     // The PIN file is private.

@@ -45,10 +45,10 @@ pub struct DevArgs {
     /// The SoftHSM module (default: the Debian package's).
     #[arg(long)]
     module: Option<PathBuf>,
-    /// Also serve the Vault-compatible HTTPS front (Transit) here (loopback only; not with
-    /// --plaintext): `[http] listen` (docs/vault-transit.md).
-    #[arg(long)]
-    http_listen: Option<SocketAddr>,
+    /// The Vault-compatible HTTPS front's address (Transit, docs/vault-transit.md; loopback
+    /// only). Not served with --plaintext: it is mTLS only.
+    #[arg(long, default_value = "127.0.0.1:8201")]
+    http_listen: SocketAddr,
     /// Serve plaintext gRPC instead of mTLS (every caller is then the principal `loopback`,
     /// which holds the admin and auditor roles). Insecure; prints a warning.
     #[arg(long)]
@@ -94,9 +94,7 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
         if args.plaintext {
             child.arg("--plaintext");
         }
-        if let Some(http) = args.http_listen {
-            child.arg("--http-listen").arg(http.to_string());
-        }
+        child.arg("--http-listen").arg(args.http_listen.to_string());
         if _temp.is_some() {
             child.arg("--temporary");
         }
@@ -108,20 +106,19 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
             ExitCode::FAILURE
         });
     }
-    if let Some(http) = args.http_listen
-        && (args.plaintext || !http.ip().is_loopback())
-    {
-        return Err("--http-listen: a loopback address, and not with --plaintext (the front serves mTLS only)".into());
+    if !args.http_listen.ip().is_loopback() {
+        return Err("--http-listen: a loopback address".into());
     }
-    let config_path = prepare(&dir, &module, args.listen, args.plaintext, args.http_listen)?;
+    let http_listen = (!args.plaintext).then_some(args.http_listen);
+    let config_path = prepare(&dir, &module, args.listen, args.plaintext, http_listen)?;
     let config = Config::load(&config_path)?;
     crate::show::init_logging(config.log);
     crate::rlimit::raise_open_file_limit();
     let (plaintext, temporary) = (args.plaintext, args.temporary);
     kms::server::run(
         config,
-        Some(Box::new(move |opened, addr| {
-            bootstrap(opened, &dir, addr, &config_path, plaintext, temporary)
+        Some(Box::new(move |opened, bound| {
+            bootstrap(opened, &dir, bound, &config_path, plaintext, temporary)
         })),
     )?;
     Ok(ExitCode::SUCCESS)
@@ -231,12 +228,13 @@ fn prepare(
 fn bootstrap(
     opened: &kms::server::Opened,
     dir: &Path,
-    addr: SocketAddr,
+    bound: kms::server::Bound,
     config_path: &Path,
     plaintext: bool,
     temporary: bool,
 ) -> Result<(), BoxError> {
-    let hints = Hints::new(dir, addr, plaintext);
+    let addr = bound.grpc;
+    let hints = Hints::new(dir, bound, plaintext);
     if plaintext {
         println!(
             "kms dev: WARNING: plaintext gRPC: no TLS, no client certificates; anyone who can \
@@ -303,12 +301,15 @@ struct Hints<'a> {
     plaintext: bool,
     /// `http://` or `https://` and the address.
     url: String,
+    /// The Vault-compatible HTTPS front's address, when it is served.
+    http: Option<SocketAddr>,
     /// The `export` lines for the CA and the admin's certificate (empty in plaintext).
     env: String,
 }
 
 impl<'a> Hints<'a> {
-    fn new(dir: &'a Path, addr: SocketAddr, plaintext: bool) -> Self {
+    fn new(dir: &'a Path, bound: kms::server::Bound, plaintext: bool) -> Self {
+        let addr = bound.grpc;
         let pki = DevPki::at(dir);
         let (url, mut env) = if plaintext {
             (format!("http://{addr}"), String::new())
@@ -329,6 +330,7 @@ impl<'a> Hints<'a> {
             pki,
             plaintext,
             url,
+            http: bound.http,
             env,
         }
     }
@@ -356,6 +358,24 @@ impl<'a> Hints<'a> {
         }
     }
 
+    /// What a program written for Vault runs against the Transit front, as the application:
+    /// a `curl` line and an `hvac` snippet (each works as pasted once the admin's lines
+    /// above made the key and the grant; `softhsm-tests/tests/dev_mode.rs` runs them).
+    fn vault_lines(&self, http: SocketAddr) -> String {
+        let pki = &self.pki;
+        let (ca, cert, key) = (
+            pki.ca().display().to_string(),
+            pki.cert("app").display().to_string(),
+            pki.key("app").display().to_string(),
+        );
+        format!(
+            "Vault-compatible HTTPS (Transit, docs/vault-transit.md) on https://{http}, as the application:\n  \
+             curl -sS --cacert {ca} --cert {cert} --key {key} https://{http}/v1/transit/encrypt/payments -d '{{\"plaintext\": \"aGVsbG8=\"}}'\n  \
+             python3 -c 'import hvac; v = hvac.Client(url=\"https://{http}\", cert=(\"{cert}\", \"{key}\"), verify=\"{ca}\"); \
+             print(v.secrets.transit.encrypt_data(name=\"payments\", plaintext=\"aGVsbG8=\")[\"data\"][\"ciphertext\"])'   # pip install hvac\n"
+        )
+    }
+
     /// The first run: unsealed; what the admin, the application and the auditor can run.
     fn print_ready(&self, config_path: &Path, temporary: bool) {
         let pki = &self.pki;
@@ -372,6 +392,10 @@ impl<'a> Hints<'a> {
                 pki.cert("auditor").display(),
                 pki.key("auditor").display(),
             );
+            let as_app = match self.http {
+                Some(http) => as_app + &self.vault_lines(http),
+                None => as_app,
+            };
             (as_app, DevPki::principal("app"))
         };
         println!(
