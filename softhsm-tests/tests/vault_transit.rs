@@ -205,10 +205,19 @@ async fn vault_clients_work_unchanged_against_the_transit_front() {
         .await
         .unwrap()
         .into_inner();
+    let state = |v: u32| {
+        p384.versions
+            .iter()
+            .find(|x| x.version == v)
+            .map(|x| x.state)
+            .unwrap()
+    };
+    assert_eq!(p384.primary_version, 2);
     assert_eq!(
-        p384.versions[0].state,
-        kms_proto::v1::KeyVersionState::Disabled as i32
+        state(1),
+        kms_proto::v1::KeyVersionState::ScheduledForDestruction as i32
     );
+    assert_eq!(state(2), kms_proto::v1::KeyVersionState::Disabled as i32);
 
     // The front's calls are in the audit log, as gRPC's: by principal, operation and key,
     // the refused ones too, and no plaintext, ciphertext or token anywhere in it.
@@ -252,6 +261,28 @@ async fn vault_clients_work_unchanged_against_the_transit_front() {
             .iter()
             .filter(|e| e["operation"] == "CertLogin")
             .all(|e| e["front"] == "http" && e["service"] == "kms.v1.Access")
+    );
+    // DELETE left one record per version it changed, each naming its version.
+    let deleted: Vec<(String, u64)> = events
+        .iter()
+        .filter(|e| e["key"] == "p384" && e["outcome"] == "OK" && e["front"] == "http")
+        .filter(|e| {
+            e["operation"] == "DisableKeyVersion"
+                || e["operation"] == "ScheduleKeyVersionDestruction"
+        })
+        .map(|e| {
+            (
+                e["operation"].as_str().unwrap().to_owned(),
+                e["key_version"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        deleted,
+        [
+            ("DisableKeyVersion".to_owned(), 2),
+            ("ScheduleKeyVersionDestruction".to_owned(), 1)
+        ]
     );
     let log = serde_json::to_string(&events).unwrap();
     let token = created["token"].as_str().unwrap();

@@ -236,7 +236,9 @@ elif phase == "use":
     e = refused(hvac.exceptions.Forbidden, lambda: client(app).secrets.transit.decrypt_data("aes", rew["ciphertext"]))
     # A caller without the admin role cannot create keys.
     refused(hvac.exceptions.Forbidden, lambda: client(app).secrets.transit.create_key("app-key"))
-    # Delete: refused until deletion is allowed, then every version goes.
+    # Delete: refused until deletion is allowed, then every version goes (p384 has two:
+    # 1 is scheduled for destruction, 2, the primary, disabled).
+    t.rotate_key("p384")
     refused(hvac.exceptions.InvalidRequest, lambda: t.delete_key("p384"))
     assert t.update_key_configuration("p384", deletion_allowed=True)["data"]["deletion_allowed"] is True
     gone = t.delete_key("p384")

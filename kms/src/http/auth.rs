@@ -57,11 +57,21 @@ impl Session {
 #[error("too many live sessions: try again later (or send no token: the certificate is enough)")]
 pub(crate) struct Full;
 
-/// The live sessions, by the SHA-256 of their token.
-#[derive(Debug)]
+/// The live sessions, by the SHA-256 of their token. Its `Debug` says how many, never a
+/// digest or a principal.
 pub(crate) struct Tokens {
     ttl: Duration,
     sessions: Mutex<HashMap<[u8; 32], Session>>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let live = self.sessions.lock().map_or(0, |s| s.len());
+        f.debug_struct("Tokens")
+            .field("ttl", &self.ttl)
+            .field("live", &live)
+            .finish()
+    }
 }
 
 impl Tokens {

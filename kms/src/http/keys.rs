@@ -263,31 +263,80 @@ pub(super) async fn configure_key(mut req: Request<'_>, name: &str) -> Result<An
 /// scheduled for destruction (the usual 7 days, as `kms key destroy`), and the primary,
 /// which kms never destroys while it is the primary, is disabled: the key serves nothing
 /// from then on. 204, as Vault's.
+///
+/// Each version's change is its own call, with its own record naming its version
+/// (`DisableKeyVersion` for the primary, `ScheduleKeyVersionDestruction` for the others), as
+/// a client changing them one by one over gRPC would leave; the first that fails stops the
+/// rest and is the answer (what was done before it stays done, and is recorded: a
+/// destruction can be cancelled for 7 days). Which versions to name is read from the
+/// keyring unrecorded; each call checks the caller's role and `deletion_allowed` itself
+/// before it changes anything, so the answer to a caller without the role, or for a
+/// missing key, is the same as if nothing had been read.
 pub(super) async fn delete_key(req: Request<'_>, name: &str) -> Result<Answer, Refused> {
-    let key = name.to_owned();
-    call(&req, Op::ScheduleKeyVersionDestruction, name, 0, move |k, j| {
-        let meta = k.get_key(&key)?;
-        if !deletion_allowed(&meta) {
-            return Err(KeyringError::NotAllowed(
-                "deletion is not allowed for this key: set deletion_allowed with transit/keys/:name/config first",
-            ));
-        }
-        for v in &meta.versions {
-            let live = matches!(v.state, VersionState::Enabled | VersionState::Disabled);
-            if !live {
-                continue;
-            }
-            if v.version == meta.primary {
-                if v.state == VersionState::Enabled {
-                    k.disable_version(&key, v.version, j)?;
+    let listed = req
+        .front
+        .service
+        .seal
+        .keyring()
+        .ok()
+        .and_then(|k| k.get_key(name).ok());
+    let mut plan: Vec<(Op, u32)> = listed
+        .iter()
+        .flat_map(|meta| {
+            meta.versions
+                .iter()
+                .filter(|v| matches!(v.state, VersionState::Enabled | VersionState::Disabled))
+                .filter_map(|v| {
+                    if v.version != meta.primary {
+                        Some((Op::ScheduleKeyVersionDestruction, v.version))
+                    } else if v.state == VersionState::Enabled {
+                        Some((Op::DisableKeyVersion, v.version))
+                    } else {
+                        None
+                    }
+                })
+        })
+        .collect();
+    // The primary first: the key stops serving before anything is scheduled.
+    plan.sort_by_key(|(op, _)| *op != Op::DisableKeyVersion);
+    if plan.is_empty() {
+        // A missing key, a caller without the role, deletion not allowed, or nothing left
+        // to do: one call that names no version, which says which.
+        plan.push((Op::ScheduleKeyVersionDestruction, 0));
+    }
+    let mut answer = None;
+    for (op, version) in plan {
+        let key = name.to_owned();
+        answer = Some(
+            call(&req, op, name, version, move |k, j| {
+                let meta = k.get_key(&key)?;
+                if !deletion_allowed(&meta) {
+                    return Err(KeyringError::NotAllowed(
+                        "deletion is not allowed for this key: set deletion_allowed with transit/keys/:name/config first",
+                    ));
                 }
-            } else {
-                k.schedule_destruction(&key, v.version, DESTRUCTION_DAYS, j)?;
-            }
-        }
-        Ok(Served::new(Reply::ok(&Value::Null).status(StatusCode::NO_CONTENT)))
+                match op {
+                    Op::DisableKeyVersion => {
+                        k.disable_version(&key, version, j)?;
+                    }
+                    _ if version != 0 => {
+                        k.schedule_destruction(&key, version, DESTRUCTION_DAYS, j)?;
+                    }
+                    _ => {}
+                }
+                Ok(Served::new(
+                    Reply::ok(&Value::Null).status(StatusCode::NO_CONTENT),
+                ))
+            })
+            .await?,
+        );
+    }
+    answer.ok_or_else(|| Refused {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        message: "internal error".to_owned(),
+        reason: "INTERNAL",
+        recorded: false,
     })
-    .await
 }
 
 #[cfg(test)]

@@ -109,7 +109,21 @@ pub(crate) async fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::n
     Ok(listener)
 }
 
-/// Serves the front on `listener` until `shutdown`.
+/// How long a client has to send a request's head (line and headers), from the connection
+/// or the previous answer: a client that trickles them (slowloris) is cut off.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a client has to send a request's body once its head is read.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The most a connection buffers of a request's head (hyper's floor is 8 KiB): a head is a
+/// line and a few headers, a token among them.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Serves the front on `listener` until `shutdown`, then lets each connection finish its
+/// request in flight. Each connection speaks HTTP/1.1 only (hyper's `http1` builder: a
+/// client that sends HTTP/2's preface is refused, so no stream limits need keeping here),
+/// with [`HEADER_READ_TIMEOUT`] and [`MAX_HEAD_BYTES`] on every request head.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     tls: Arc<ServerTls>,
@@ -118,51 +132,68 @@ pub(crate) async fn serve(
     front: Front,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let incoming =
+    use tokio_stream::StreamExt as _;
+    let mut incoming =
         crate::access::tls::incoming(listener, Some(tls), limits, admission, Protocol::Http1);
-    let app = axum::Router::new()
+    let router = axum::Router::new()
         .fallback(handle)
-        .with_state(Arc::new(front))
-        .into_make_service_with_connect_info::<PeerInfo>();
-    axum::serve(Accepted(incoming), app)
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
-/// The connections the accept loop hands over, each with what its handshake learnt.
-struct Accepted(tokio_stream::wrappers::ReceiverStream<std::io::Result<Conn>>);
-
-impl axum::serve::Listener for Accepted {
-    type Io = Conn;
-    type Addr = PeerInfo;
-
-    async fn accept(&mut self) -> (Conn, PeerInfo) {
-        use tokio_stream::StreamExt as _;
-        loop {
-            match self.0.next().await {
-                Some(Ok(conn)) => {
-                    let info = conn.info().clone();
-                    return (conn, info);
-                }
+        .with_state(Arc::new(front));
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let conn = tokio::select! {
+            () = &mut shutdown => break,
+            next = incoming.next() => match next {
+                Some(Ok(conn)) => conn,
                 Some(Err(_)) => continue,
                 // The accept loop ended: serve what is open until shutdown.
-                None => std::future::pending::<()>().await,
-            }
-        }
+                None => {
+                    (&mut shutdown).await;
+                    break;
+                }
+            },
+        };
+        connections.spawn(connection(conn, router.clone(), stopping.clone()));
+        // Reap the connections that ended, so that the set holds only open ones.
+        while connections.try_join_next().is_some() {}
     }
-
-    fn local_addr(&self) -> std::io::Result<PeerInfo> {
-        Err(std::io::Error::other(
-            "the accept loop has no single local address",
-        ))
-    }
+    let _ = stop.send(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
 }
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Accepted>>
-    for PeerInfo
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, Accepted>) -> Self {
-        stream.remote_addr().clone()
+/// Serves one connection: HTTP/1.1, each request handed to the router with what the
+/// connection's handshake learnt, until the client closes it or the server stops.
+async fn connection(
+    conn: Conn,
+    router: axum::Router,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    let info = conn.info().clone();
+    let service =
+        hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            let mut request = request.map(Body::new);
+            request.extensions_mut().insert(ConnectInfo(info.clone()));
+            let mut router = router.clone();
+            async move { tower_service::Service::call(&mut router, request).await }
+        });
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .serve_connection(hyper_util::rt::TokioIo::new(conn), service);
+    let mut served = std::pin::pin!(served);
+    // The guard `wait_for` returns is dropped here, not held across the shutdown's await.
+    let stop = async move {
+        let _ = stopping.wait_for(|stop| *stop).await.map(|_| ());
+    };
+    tokio::select! {
+        _ = served.as_mut() => {}
+        () = stop => {
+            served.as_mut().graceful_shutdown();
+            let _ = served.await;
+        }
     }
 }
 
@@ -483,9 +514,21 @@ async fn read_body(body: Body, headers: &HeaderMap) -> Result<Zeroizing<Vec<u8>>
     {
         return Err(too_large());
     }
-    let bytes = axum::body::to_bytes(body, MAX_BODY)
-        .await
-        .map_err(|_| too_large())?;
+    let bytes =
+        match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await {
+            Ok(read) => read.map_err(|_| too_large())?,
+            Err(_) => {
+                return Err(Refused {
+                    status: StatusCode::REQUEST_TIMEOUT,
+                    message: format!(
+                        "the request body was not sent within {} s",
+                        BODY_READ_TIMEOUT.as_secs()
+                    ),
+                    reason: "REQUEST_TIMEOUT",
+                    recorded: false,
+                });
+            }
+        };
     Ok(Zeroizing::new(bytes.to_vec()))
 }
 
