@@ -260,6 +260,50 @@ async fn vault_clients_work_unchanged_against_the_transit_front() {
         assert!(!hsm.logs().contains(secret), "{secret} in the server log");
     }
 
+    // What the front refuses before any call: answered as Vault does, each refusal of a
+    // certificate holder recorded (`kms.Http`/`Refused`, the path by its size only, the
+    // canonical code), none of the path's text in the log.
+    let probe = hsm.pki.client("probe", &ClientSpec::spiffe("probe"));
+    cfg["probe_cert"] = serde_json::json!(probe.cert);
+    cfg["probe_key"] = serde_json::json!(probe.key);
+    let front = client("front", &cfg);
+    for (label, status) in [
+        ("unknown", 404),
+        ("outside", 404),
+        ("method", 405),
+        ("login_json", 400),
+        ("export", 400),
+        ("token", 403),
+        ("too_large", 413),
+    ] {
+        assert_eq!(front["codes"][label], status, "{label}: {front}");
+    }
+    assert_eq!(front["anonymous_method"], 405, "{front}");
+    let events = audit_events(&server, &hsm);
+    let refused: Vec<_> = events
+        .iter()
+        .filter(|e| e["principal"] == probe.principal.as_str())
+        .collect();
+    let outcomes = |outcome: &str| {
+        refused
+            .iter()
+            .filter(|e| {
+                e["service"] == "kms.Http"
+                    && e["operation"] == "Refused"
+                    && e["front"] == "http"
+                    && e["outcome"] == outcome
+                    && e["key"].as_str().is_some_and(|k| k.starts_with("<path, "))
+            })
+            .count()
+    };
+    assert_eq!(outcomes("NOT_FOUND"), 2, "{refused:?}");
+    assert_eq!(outcomes("UNIMPLEMENTED"), 1, "{refused:?}");
+    assert_eq!(outcomes("INVALID_ARGUMENT"), 2, "{refused:?}");
+    assert_eq!(outcomes("PERMISSION_DENIED"), 1, "{refused:?}");
+    assert_eq!(outcomes("OUT_OF_RANGE"), 1, "{refused:?}");
+    let log = serde_json::to_string(&events).unwrap();
+    assert!(!log.contains("s3cr3t"), "a path's text in the audit log");
+
     // Sealed: 503 on health and on every call, as Vault's.
     assert_eq!(server.kms(&["operator", "seal"], "").code, Some(0));
     let sealed = client("sealed", &cfg);

@@ -6,12 +6,15 @@ check is an `assert` (the script exits non-zero, and the Rust test fails, when o
 the Rust test also checks the values printed.
 
 Phases: `create` (keys, as an admin), `use` (every method, once the test granted the admin
-every operation on the keys), `sealed` (the server was sealed).
+every operation on the keys), `front` (what the front refuses before any call), `sealed`
+(the server was sealed).
 """
 
 import base64
 import hashlib
+import http.client
 import json
+import ssl
 import sys
 
 import hvac
@@ -244,6 +247,35 @@ elif phase == "use":
     refused(hvac.exceptions.InvalidRequest, lambda: t.sign_data("p384", b64(msg), hash_algorithm="sha2-384"))
     # A missing key reads as Vault's 404.
     refused(hvac.exceptions.InvalidPath, lambda: t.read_key("nope"))
+
+elif phase == "front":
+    # What the front refuses itself, before any call, as a certificate holder without
+    # grants (`probe`): each answer, and (vault_transit.rs) each record.
+    probe = (cfg["probe_cert"], cfg["probe_key"])
+    codes = {}
+    secret_path = "transit/no-such-path-" + "s3cr3t"
+    codes["unknown"] = requests.get(f"{url}/v1/{secret_path}", cert=probe, verify=ca).status_code
+    codes["outside"] = requests.get(f"{url}/not-v1", cert=probe, verify=ca).status_code
+    codes["method"] = requests.delete(f"{url}/v1/sys/health", cert=probe, verify=ca).status_code
+    codes["login_json"] = requests.post(f"{url}/v1/auth/cert/login", data=b"{not json", cert=probe, verify=ca).status_code
+    codes["export"] = requests.get(f"{url}/v1/transit/export/encryption-key/aes", cert=probe, verify=ca).status_code
+    codes["token"] = requests.post(f"{url}/v1/transit/encrypt/aes", json={"plaintext": b64(b"x")},
+                                   headers={"X-Vault-Token": "hvs.not-a-token"}, cert=probe, verify=ca).status_code
+    # A body declared larger than the front takes: refused before it is sent.
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.load_cert_chain(*probe)
+    host, port = url.removeprefix("https://").split(":")
+    conn = http.client.HTTPSConnection(host, int(port), context=ctx)
+    conn.putrequest("POST", "/v1/transit/encrypt/aes")
+    conn.putheader("Content-Length", str(64 * 1024 * 1024))
+    conn.endheaders()
+    codes["too_large"] = conn.getresponse().status
+    conn.close()
+    out["codes"] = codes
+    # A caller without a certificate: the open paths only; a method they do not take is
+    # refused (and counted, never recorded one by one).
+    anon = requests.post(f"{url}/v1/sys/health", verify=ca)
+    out["anonymous_method"] = anon.status_code
 
 elif phase == "sealed":
     anon = hvac.Client(url=url, verify=ca)

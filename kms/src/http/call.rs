@@ -148,6 +148,16 @@ fn refused(refusal: Refusal) -> Refused {
     }
 }
 
+/// Vault's 503 when a refusal's record could not be written: nothing else is answered.
+pub(crate) fn audit_unavailable() -> Refused {
+    Refused {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: "the audit log is unavailable: try again".to_owned(),
+        reason: "AUDIT_UNAVAILABLE",
+        recorded: true,
+    }
+}
+
 /// A keyed call: its operation, its key, the destination key of a re-encryption, the
 /// version it names.
 pub(crate) struct Keyed<'a> {

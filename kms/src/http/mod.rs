@@ -177,15 +177,25 @@ async fn handle(
     let _in_flight = peer.activity.begin();
     let (parts, body) = request.into_parts();
     let head = parts.method == Method::HEAD;
-    let answer = route(&front, &peer, &parts, body).await;
+    let path_bytes = parts.uri.path().len();
+    let mut answer = route(&front, &peer, &parts, body).await;
+    // What the front refused itself, before any call, is recorded and counted as the gRPC
+    // gate records and counts a call no handler answered; a certificate holder's refusal
+    // by a call (no grant, ...) counts against its limit, as on gRPC.
+    if let Err((r, _)) = &mut answer {
+        if !r.recorded {
+            let code = code_label(r.status);
+            if !front.probes.refused_at_front(&peer, path_bytes, code).await {
+                *r = call::audit_unavailable();
+            }
+        } else if r.status == StatusCode::FORBIDDEN && call::authenticated(&peer) {
+            front.probes.refused_by_front(&peer);
+        }
+    }
     let (status, op) = match &answer {
         Ok((a, op)) => (status_of(a), *op),
         Err((r, op)) => (r.status, *op),
     };
-    // A certificate holder's refused call counts against its limit, as on gRPC.
-    if status == StatusCode::FORBIDDEN && call::authenticated(&peer) {
-        front.probes.refused_by_front(&peer);
-    }
     crate::metrics::metrics().request(
         "kms.v1.KeyManagement",
         op,
@@ -216,8 +226,11 @@ fn code_label(status: StatusCode) -> &'static str {
         400 => "INVALID_ARGUMENT",
         403 => "PERMISSION_DENIED",
         404 => "NOT_FOUND",
+        405 => "UNIMPLEMENTED",
+        413 => "OUT_OF_RANGE",
         429 => "RESOURCE_EXHAUSTED",
         503 => "UNAVAILABLE",
+        504 => "DEADLINE_EXCEEDED",
         _ => "INTERNAL",
     }
 }
@@ -286,10 +299,10 @@ type Routed = Result<(Answer, &'static str), (Refused, &'static str)>;
 
 async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, body: Body) -> Routed {
     let path = parts.uri.path();
-    let Some(rest) = path.strip_prefix("/v1/") else {
-        return Err((not_found(), "unknown"));
-    };
-    let segments: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
+    // A path outside `/v1/` is refused after the gate's rules, as any unknown path.
+    let rest = path.strip_prefix("/v1/");
+    let segments: Vec<&str> =
+        rest.map_or_else(Vec::new, |r| r.trim_end_matches('/').split('/').collect());
     let method = if parts.method.as_str() == "LIST" {
         Method::GET
     } else {
@@ -307,22 +320,20 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
         Ok(()) => {}
         Err(FrontRefusal::Unauthenticated) => {
             tracing::debug!(peer = %peer.addr, "HTTPS request without a client certificate refused");
-            return Err((Refused::denied("permission denied"), "unauthenticated"));
+            // Counted by the gate.
+            let refused = Refused {
+                recorded: true,
+                ..Refused::denied("permission denied")
+            };
+            return Err((refused, "unauthenticated"));
         }
-        Err(FrontRefusal::Limited(wait)) => {
-            return Err((
-                Refused {
-                    status: StatusCode::TOO_MANY_REQUESTS,
-                    message: format!(
-                        "too many refused calls, or calls without a client certificate, from this address: try again in {} s",
-                        wait.as_secs().max(1)
-                    ),
-                    reason: "TOO_MANY_REFUSED_CALLS",
-                    recorded: false,
-                },
-                "limited",
-            ));
+        Err(limited) => {
+            let refused = limited_refusal(front, peer, path.len(), limited).await;
+            return Err((refused, "limited"));
         }
+    }
+    if rest.is_none() {
+        return Err((not_found(), "unknown"));
     }
     // Open to everyone: counted, not recorded one by one.
     if let ["sys", what @ ("health" | "seal-status")] = segments.as_slice() {
@@ -393,6 +404,12 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
                 {
                     return Err((first, op.name()));
                 }
+                // Recorded as its call; counted as a refusal of the front.
+                front.probes.refused_by_front(peer);
+                let refused = Refused {
+                    recorded: true,
+                    ..refused
+                };
                 return Err((refused, op.name()));
             }
             return Err((refused, "unknown"));
@@ -437,11 +454,52 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
                     {
                         return Err((first, name));
                     }
+                    if !r.recorded && op.is_some() {
+                        // Recorded as its call; counted as a refusal of the front.
+                        front.probes.refused_by_front(peer);
+                        return Err((
+                            Refused {
+                                recorded: true,
+                                ..r
+                            },
+                            name,
+                        ));
+                    }
                     Err((r, name))
                 }
             }
         }
         _ => Err((not_found(), "unknown")),
+    }
+}
+
+/// The answer to a caller over a limit of the gate: counted (and, for a certificate
+/// holder, the first of its window recorded, as on gRPC); a caller without a certificate
+/// over its limit of calls waits gRPC's delay first.
+async fn limited_refusal(
+    front: &Front,
+    peer: &PeerInfo,
+    path_bytes: usize,
+    limited: FrontRefusal,
+) -> Refused {
+    let (wait, first) = match limited {
+        FrontRefusal::HolderLimited { wait, first } => (wait, first),
+        FrontRefusal::Limited(wait) | FrontRefusal::AnonymousLimited(wait) => (wait, false),
+        FrontRefusal::Unauthenticated => (std::time::Duration::ZERO, false),
+    };
+    tokio::time::sleep(limited.delay()).await;
+    if first && !front.probes.limited_at_front(peer, path_bytes).await {
+        return call::audit_unavailable();
+    }
+    Refused {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        message: format!(
+            "too many refused calls, or calls without a client certificate, from this address: try again in {} s",
+            wait.as_secs().max(1)
+        ),
+        reason: "TOO_MANY_REFUSED_CALLS",
+        // Counted by the gate (and the first of a window recorded).
+        recorded: true,
     }
 }
 
