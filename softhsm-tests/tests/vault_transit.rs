@@ -275,6 +275,7 @@ async fn vault_clients_work_unchanged_against_the_transit_front() {
         ("export", 400),
         ("token", 403),
         ("too_large", 413),
+        ("no_grant_bad_params", 403),
     ] {
         assert_eq!(front["codes"][label], status, "{label}: {front}");
     }
@@ -301,6 +302,17 @@ async fn vault_clients_work_unchanged_against_the_transit_front() {
     assert_eq!(outcomes("INVALID_ARGUMENT"), 2, "{refused:?}");
     assert_eq!(outcomes("PERMISSION_DENIED"), 1, "{refused:?}");
     assert_eq!(outcomes("OUT_OF_RANGE"), 1, "{refused:?}");
+    // Refused for its grant (`verify-mac`), not for its parameters.
+    assert_eq!(
+        refused
+            .iter()
+            .filter(|e| e["operation"] == "VerifyMac"
+                && e["key"] == "mac"
+                && e["outcome"] == "PERMISSION_DENIED")
+            .count(),
+        1,
+        "{refused:?}"
+    );
     let log = serde_json::to_string(&events).unwrap();
     assert!(!log.contains("s3cr3t"), "a path's text in the audit log");
 

@@ -271,6 +271,11 @@ elif phase == "front":
     conn.endheaders()
     codes["too_large"] = conn.getresponse().status
     conn.close()
+    # Parameters refused before the call, on a key the caller has no grant on: 403 (the
+    # grant is checked first, `verify-mac` for a verification of a MAC), whatever they are.
+    nogrant = requests.post(f"{url}/v1/transit/verify/mac", json={"hmac": "vault:v1:AAAA", "input": "not base64!"},
+                            cert=probe, verify=ca)
+    codes["no_grant_bad_params"] = nogrant.status_code
     out["codes"] = codes
     # A caller without a certificate: the open paths only; a method they do not take is
     # refused (and counted, never recorded one by one).

@@ -426,7 +426,7 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
             r.map(|a| (a, "LookupSelf")).map_err(|e| (e, "LookupSelf"))
         }
         ["transit", path @ ..] => {
-            let op = transit::operation(&method, path, list);
+            let op = transit::operation_of(&method, path, list, &params);
             let request = transit::Request {
                 front,
                 peer,

@@ -62,6 +62,21 @@ pub(crate) fn operation(method: &Method, path: &[&str], list: bool) -> Option<Op
     })
 }
 
+/// The operation of a request refused before its call, exactly as its call would be: a
+/// `verify` with `hmac` (in the request or a batch item) is `VerifyMac`, whose grant is
+/// `verify-mac`.
+pub(crate) fn operation_of(
+    method: &Method,
+    path: &[&str],
+    list: bool,
+    params: &Params,
+) -> Option<Op> {
+    match operation(method, path, list)? {
+        Op::Verify if params.names_mac() => Some(Op::VerifyMac),
+        op => Some(op),
+    }
+}
+
 /// The key a Transit path names, if any.
 pub(crate) fn key_of<'a>(path: &[&'a str]) -> Option<&'a str> {
     match path {
@@ -859,6 +874,23 @@ async fn hash(mut req: Request<'_>, path_algorithm: Option<&str>) -> Result<Answ
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A verification of a MAC is `VerifyMac` (grant `verify-mac`) before its call as in
+    /// it, whether `hmac` is in the request or in its batch's items.
+    #[test]
+    fn a_mac_verification_is_verify_mac_before_its_call() {
+        let post = Method::POST;
+        let of = |body: &[u8]| {
+            let p = Params::parse(body).unwrap();
+            operation_of(&post, &["verify", "k"], false, &p)
+        };
+        assert_eq!(of(br#"{"hmac": "x", "input": "!"}"#), Some(Op::VerifyMac));
+        assert_eq!(
+            of(br#"{"batch_input": [{"hmac": "x", "input": "!"}]}"#),
+            Some(Op::VerifyMac)
+        );
+        assert_eq!(of(br#"{"signature": "x", "input": "!"}"#), Some(Op::Verify));
+    }
 
     #[test]
     fn every_path_names_its_operation() {

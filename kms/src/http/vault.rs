@@ -168,6 +168,21 @@ impl Params {
         Ok(())
     }
 
+    /// Whether the request (or any item of its `batch_input`) gives `hmac`: a
+    /// verification of a MAC.
+    pub(crate) fn names_mac(&self) -> bool {
+        self.map.contains_key("hmac")
+            || self
+                .map
+                .get("batch_input")
+                .and_then(Value::as_array)
+                .is_some_and(|items| {
+                    items
+                        .iter()
+                        .any(|i| i.as_object().is_some_and(|o| o.contains_key("hmac")))
+                })
+    }
+
     /// The warning Vault gives for parameters the endpoint does not know, if any.
     pub(crate) fn unread(&self) -> Option<String> {
         let unread: Vec<&str> = self
