@@ -280,6 +280,8 @@ async fn vault_clients_work_unchanged_against_the_transit_front() {
         assert_eq!(front["codes"][label], status, "{label}: {front}");
     }
     assert_eq!(front["anonymous_method"], 405, "{front}");
+    assert_eq!(front["health_600"], 400, "{front}");
+    assert_eq!(front["health_503"], 503, "{front}");
     let events = audit_events(&server, &hsm);
     let refused: Vec<_> = events
         .iter()

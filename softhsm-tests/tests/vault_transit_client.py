@@ -281,6 +281,9 @@ elif phase == "front":
     # refused (and counted, never recorded one by one).
     anon = requests.post(f"{url}/v1/sys/health", verify=ca)
     out["anonymous_method"] = anon.status_code
+    # A health code outside 200..=599 is refused, as Vault refuses it.
+    out["health_600"] = requests.get(f"{url}/v1/sys/health?activecode=600", verify=ca).status_code
+    out["health_503"] = requests.get(f"{url}/v1/sys/health?activecode=503", verify=ca).status_code
 
 elif phase == "sealed":
     anon = hvac.Client(url=url, verify=ca)

@@ -98,6 +98,16 @@ pub(crate) enum Answer {
     },
     /// A body of its own (sys paths answer bare JSON) and its status.
     Raw(StatusCode, Vec<u8>),
+    /// `sys/health`'s answer: the status the caller asked for, and the outcome the
+    /// server's state gives (`OK`, `UNAVAILABLE`), which is what is counted.
+    Health {
+        /// The status answered.
+        status: StatusCode,
+        /// The body.
+        body: Vec<u8>,
+        /// The outcome counted and in the metrics.
+        outcome: &'static str,
+    },
 }
 
 /// Binds the front's listener and says where (`kms http listening on ADDR`).
@@ -196,12 +206,12 @@ async fn handle(
         Ok((a, op)) => (status_of(a), *op),
         Err((r, op)) => (r.status, *op),
     };
-    crate::metrics::metrics().request(
-        "kms.v1.KeyManagement",
-        op,
-        code_label(status),
-        started.elapsed(),
-    );
+    let label = match &answer {
+        // The server's state, not the status a caller chose.
+        Ok((Answer::Health { outcome, .. }, _)) => outcome,
+        _ => code_label(status),
+    };
+    crate::metrics::metrics().request("kms.v1.KeyManagement", op, label, started.elapsed());
     let mut response = match answer {
         Ok((a, _)) => respond(a),
         Err((r, _)) => refusal(&r),
@@ -216,7 +226,7 @@ fn status_of(a: &Answer) -> StatusCode {
     match a {
         Answer::Data { reply, .. } => status_of_reply(reply),
         Answer::Auth { .. } => StatusCode::OK,
-        Answer::Raw(s, _) => *s,
+        Answer::Raw(s, _) | Answer::Health { status: s, .. } => *s,
     }
 }
 
@@ -273,7 +283,9 @@ fn respond(answer: Answer) -> Response {
                 vault::envelope(&request_id, None, Some(&auth), &[], "cert"),
             )
         }
-        Answer::Raw(status, body) => json_response(status, body),
+        Answer::Raw(status, body) | Answer::Health { status, body, .. } => {
+            json_response(status, body)
+        }
     }
 }
 
@@ -341,17 +353,15 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
             return Err((method_not_allowed(), "unknown"));
         }
         let answer = if *what == "health" {
-            sys_health(front, parts.uri.query())
+            sys_health(front, parts.uri.query()).map_err(|r| (r, "Health"))?
         } else {
             sys_seal_status(front)
         };
-        front
-            .probes
-            .count_probe(if status_of(&answer).is_success() {
-                "OK"
-            } else {
-                "UNAVAILABLE"
-            });
+        // Counted with the outcome of the server's state, never a status the caller chose.
+        front.probes.count_probe(match &answer {
+            Answer::Health { outcome, .. } => outcome,
+            _ => "OK",
+        });
         let op = if *what == "health" {
             "Health"
         } else {
@@ -547,27 +557,43 @@ async fn read_body(body: Body, headers: &HeaderMap) -> Result<Zeroizing<Vec<u8>>
     Ok(Zeroizing::new(bytes.to_vec()))
 }
 
-/// `sys/health`: Vault's status codes (200 unsealed, 503 sealed, 501 not initialised, each
-/// replaceable by `activecode`, `sealedcode`, `uninitcode`) and its JSON.
-fn sys_health(front: &Front, query: Option<&str>) -> Answer {
-    let s = front.service.seal.status();
-    let code = |name: &str, default: u16| {
-        query
-            .into_iter()
-            .flat_map(|q| q.split('&'))
-            .filter_map(|kv| kv.split_once('='))
-            .find(|(k, _)| *k == name)
-            .and_then(|(_, v)| v.parse::<u16>().ok())
-            .and_then(|c| StatusCode::from_u16(c).ok())
-            .unwrap_or(StatusCode::from_u16(default).unwrap_or(StatusCode::OK))
-    };
-    let status = if !s.initialized {
-        code("uninitcode", 501)
-    } else if s.sealed {
-        code("sealedcode", 503)
+/// `sys/health`'s status and the outcome counted: Vault's status codes (200 unsealed, 503
+/// sealed, 501 not initialised, each replaceable by `activecode`, `sealedcode`,
+/// `uninitcode`, 200 to 599: anything else is a 400, as Vault refuses it); the outcome is
+/// the server's state's (`OK` unsealed, `UNAVAILABLE` otherwise), whatever code was asked.
+fn health_status(
+    initialized: bool,
+    sealed: bool,
+    query: Option<&str>,
+) -> Result<(StatusCode, &'static str), Refused> {
+    let (name, default, outcome) = if !initialized {
+        ("uninitcode", StatusCode::NOT_IMPLEMENTED, "UNAVAILABLE")
+    } else if sealed {
+        ("sealedcode", StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")
     } else {
-        code("activecode", 200)
+        ("activecode", StatusCode::OK, "OK")
     };
+    let asked = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name);
+    let status = match asked {
+        None => default,
+        Some((_, v)) => v
+            .parse::<u16>()
+            .ok()
+            .filter(|c| (200..=599).contains(c))
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .ok_or_else(|| Refused::bad(format!("{name}: a status code from 200 to 599")))?,
+    };
+    Ok((status, outcome))
+}
+
+/// `sys/health`: [`health_status`] and Vault's JSON.
+fn sys_health(front: &Front, query: Option<&str>) -> Result<Answer, Refused> {
+    let s = front.service.seal.status();
+    let (status, outcome) = health_status(s.initialized, s.sealed, query)?;
     let body = json!({
         "initialized": s.initialized,
         "sealed": s.sealed,
@@ -581,7 +607,11 @@ fn sys_health(front: &Front, query: Option<&str>) -> Answer {
         "cluster_name": "",
         "cluster_id": "",
     });
-    Answer::Raw(status, serde_json::to_vec(&body).unwrap_or_default())
+    Ok(Answer::Health {
+        status,
+        body: serde_json::to_vec(&body).unwrap_or_default(),
+        outcome,
+    })
 }
 
 /// `sys/seal-status`: always 200, Vault's JSON (`t`, `n`, `progress`, the attempt's nonce).
@@ -694,4 +724,41 @@ async fn lookup_self(
         request_id,
         mount_type: "token",
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// The status a caller asks for is answered; the outcome counted is the server's state
+    /// (a caller cannot put `UNAVAILABLE` into the health counts of a server that is up);
+    /// a code outside 200..=599 is a 400, as Vault's.
+    #[test]
+    fn health_counts_the_state_not_the_code_asked() {
+        let h = |init, sealed, q| health_status(init, sealed, q).map(|(s, o)| (s.as_u16(), o));
+        assert_eq!(h(true, false, None).unwrap(), (200, "OK"));
+        assert_eq!(h(true, false, Some("activecode=503")).unwrap(), (503, "OK"));
+        assert_eq!(h(true, true, None).unwrap(), (503, "UNAVAILABLE"));
+        assert_eq!(
+            h(true, true, Some("sealedcode=200")).unwrap(),
+            (200, "UNAVAILABLE")
+        );
+        assert_eq!(
+            h(false, true, Some("uninitcode=204")).unwrap(),
+            (204, "UNAVAILABLE")
+        );
+        assert_eq!(h(false, true, None).unwrap(), (501, "UNAVAILABLE"));
+        for bad in [
+            "activecode=100",
+            "activecode=600",
+            "activecode=x",
+            "activecode=199",
+        ] {
+            let r = h(true, false, Some(bad)).unwrap_err();
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
+        }
+        // A code for another state is not read.
+        assert_eq!(h(true, false, Some("sealedcode=100")).unwrap(), (200, "OK"));
+    }
 }
