@@ -276,10 +276,24 @@ async fn vault_clients_work_unchanged_against_the_transit_front() {
         ("token", 403),
         ("too_large", 413),
         ("no_grant_bad_params", 403),
+        ("hash_max", 200),
+        ("hash_over", 400),
+        ("batch_over", 400),
     ] {
         assert_eq!(front["codes"][label], status, "{label}: {front}");
     }
     assert_eq!(front["anonymous_method"], 405, "{front}");
+    assert!(
+        strings(&front["batch_over"])
+            .iter()
+            .any(|e| e.contains("split the batch")),
+        "{front}"
+    );
+    let warnings = strings(&front["warnings"]);
+    assert!(
+        warnings.len() == 1 && warnings[0].len() < 512 && warnings[0].contains("and 184 more"),
+        "{warnings:?}"
+    );
     assert_eq!(front["health_600"], 400, "{front}");
     assert_eq!(front["health_503"], 503, "{front}");
     let events = audit_events(&server, &hsm);

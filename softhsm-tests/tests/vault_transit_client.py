@@ -276,6 +276,22 @@ elif phase == "front":
     nogrant = requests.post(f"{url}/v1/transit/verify/mac", json={"hmac": "vault:v1:AAAA", "input": "not base64!"},
                             cert=probe, verify=ca)
     codes["no_grant_bad_params"] = nogrant.status_code
+    # Hash input is bounded as every message (64 KiB).
+    codes["hash_max"] = requests.post(f"{url}/v1/transit/hash", json={"input": b64(b"h" * 65536)},
+                                      cert=admin, verify=ca).status_code
+    codes["hash_over"] = requests.post(f"{url}/v1/transit/hash", json={"input": b64(b"h" * 65537)},
+                                       cert=admin, verify=ca).status_code
+    # A batch whose answer could be over the bound is refused before any item is done.
+    items = [{"plaintext": b64(b"p" * 4608)} for _ in range(1000)]
+    over = requests.post(f"{url}/v1/transit/encrypt/aes", json={"batch_input": items}, cert=admin, verify=ca)
+    codes["batch_over"] = over.status_code
+    out["batch_over"] = over.json().get("errors")
+    # Unknown parameters are named in a bounded warning.
+    many = {f"unknown{i:03}": 1 for i in range(200)}
+    many["plaintext"] = b64(b"x")
+    warned = requests.post(f"{url}/v1/transit/encrypt/aes", json=many, cert=admin, verify=ca)
+    assert warned.status_code == 200, warned.text
+    out["warnings"] = warned.json()["warnings"]
     out["codes"] = codes
     # A caller without a certificate: the open paths only; a method they do not take is
     # refused (and counted, never recorded one by one).
