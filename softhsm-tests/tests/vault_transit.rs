@@ -337,3 +337,68 @@ async fn vault_clients_work_unchanged_against_the_transit_front() {
     let sealed = client("sealed", &cfg);
     assert_eq!(sealed["sealed_health"], 503);
 }
+
+/// The front's own refusals count against the gate's limits, as gRPC's: a certificate
+/// holder's unknown paths reach its limit of refused calls (the first 429 of the minute
+/// recorded), and a caller without a certificate over `anonymous_calls_per_minute` waits a
+/// second before its 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fronts_refusals_count_against_the_gates_limits() {
+    let hsm = TestHsm::new("vault-transit-limits");
+    let port = free_port();
+    let tables = hsm.tls_tables().replace(
+        "refused_calls_per_minute = 100000",
+        "refused_calls_per_minute = 5\nanonymous_calls_per_minute = 3",
+    );
+    let config = hsm.config_full(
+        "kms.toml",
+        &hsm.hsm_table(),
+        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n{tables}"),
+    );
+    let (server, _shares) = start_unsealed(&hsm, &config);
+    let probe = hsm.pki.client("probe", &ClientSpec::spiffe("probe"));
+    let app = hsm.pki.client("app", &ClientSpec::spiffe("app"));
+    let cfg = serde_json::json!({
+        "url": format!("https://127.0.0.1:{port}"),
+        "ca": server.ca,
+        "admin_cert": hsm.admin.cert,
+        "admin_key": hsm.admin.key,
+        "admin_principal": hsm.admin.principal,
+        "app_cert": app.cert,
+        "app_key": app.key,
+        "probe_cert": probe.cert,
+        "probe_key": probe.key,
+    });
+    let out = client("limits", &cfg);
+    let holder: Vec<u64> = out["holder"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_u64().unwrap())
+        .collect();
+    let not_found = holder.iter().take_while(|s| **s == 404).count();
+    assert!(
+        (1..8).contains(&not_found) && holder[not_found..].iter().all(|s| *s == 429),
+        "{holder:?}"
+    );
+    let anonymous = out["anonymous"].as_array().unwrap();
+    let limited: Vec<_> = anonymous.iter().filter(|a| a[0] == 429).collect();
+    assert!(!limited.is_empty(), "{anonymous:?}");
+    assert!(
+        limited.iter().all(|a| a[1].as_f64().unwrap() >= 0.9),
+        "{anonymous:?}"
+    );
+    let events = audit_events(&server, &hsm);
+    let of = |outcome: &str| {
+        events
+            .iter()
+            .filter(|e| {
+                e["principal"] == probe.principal.as_str()
+                    && e["service"] == "kms.Http"
+                    && e["outcome"] == outcome
+            })
+            .count()
+    };
+    assert_eq!(of("NOT_FOUND"), not_found, "{events:?}");
+    assert_eq!(of("RESOURCE_EXHAUSTED"), 1, "{events:?}");
+}

@@ -6,7 +6,8 @@ check is an `assert` (the script exits non-zero, and the Rust test fails, when o
 the Rust test also checks the values printed.
 
 Phases: `create` (keys, as an admin), `use` (every method, once the test granted the admin
-every operation on the keys), `front` (what the front refuses before any call), `sealed`
+every operation on the keys), `front` (what the front refuses before any call), `limits` (a server with low limits),
+`sealed`
 (the server was sealed).
 """
 
@@ -300,6 +301,20 @@ elif phase == "front":
     # A health code outside 200..=599 is refused, as Vault refuses it.
     out["health_600"] = requests.get(f"{url}/v1/sys/health?activecode=600", verify=ca).status_code
     out["health_503"] = requests.get(f"{url}/v1/sys/health?activecode=503", verify=ca).status_code
+
+elif phase == "limits":
+    # A server with low limits: a certificate holder's refusals by the front count against
+    # its limit of refused calls; a caller without a certificate over its limit of calls
+    # waits before its 429.
+    import time
+    probe = (cfg["probe_cert"], cfg["probe_key"])
+    out["holder"] = [requests.get(f"{url}/v1/nope", cert=probe, verify=ca).status_code for _ in range(8)]
+    anonymous = []
+    for _ in range(5):
+        started = time.monotonic()
+        status = requests.get(f"{url}/v1/sys/health", verify=ca).status_code
+        anonymous.append([status, time.monotonic() - started])
+    out["anonymous"] = anonymous
 
 elif phase == "sealed":
     anon = hvac.Client(url=url, verify=ca)
