@@ -291,8 +291,145 @@ async fn vault_clients_work_unchanged_against_the_transit_front() {
         assert!(!hsm.logs().contains(secret), "{secret} in the server log");
     }
 
+    // What the front refuses before any call: answered as Vault does, each refusal of a
+    // certificate holder recorded (`kms.Http`/`Refused`, the path by its size only, the
+    // canonical code), none of the path's text in the log.
+    let probe = hsm.pki.client("probe", &ClientSpec::spiffe("probe"));
+    cfg["probe_cert"] = serde_json::json!(probe.cert);
+    cfg["probe_key"] = serde_json::json!(probe.key);
+    let front = client("front", &cfg);
+    for (label, status) in [
+        ("unknown", 404),
+        ("outside", 404),
+        ("method", 405),
+        ("login_json", 400),
+        ("export", 400),
+        ("token", 403),
+        ("too_large", 413),
+        ("no_grant_bad_params", 403),
+        ("hash_max", 200),
+        ("hash_over", 400),
+        ("batch_over", 400),
+    ] {
+        assert_eq!(front["codes"][label], status, "{label}: {front}");
+    }
+    assert_eq!(front["anonymous_method"], 405, "{front}");
+    assert!(
+        strings(&front["batch_over"])
+            .iter()
+            .any(|e| e.contains("split the batch")),
+        "{front}"
+    );
+    let warnings = strings(&front["warnings"]);
+    assert!(
+        warnings.len() == 1 && warnings[0].len() < 512 && warnings[0].contains("and 184 more"),
+        "{warnings:?}"
+    );
+    assert_eq!(front["health_600"], 400, "{front}");
+    assert_eq!(front["health_503"], 503, "{front}");
+    let events = audit_events(&server, &hsm);
+    let refused: Vec<_> = events
+        .iter()
+        .filter(|e| e["principal"] == probe.principal.as_str())
+        .collect();
+    let outcomes = |outcome: &str| {
+        refused
+            .iter()
+            .filter(|e| {
+                e["service"] == "kms.Http"
+                    && e["operation"] == "Refused"
+                    && e["front"] == "http"
+                    && e["outcome"] == outcome
+                    && e["key"].as_str().is_some_and(|k| k.starts_with("<path, "))
+            })
+            .count()
+    };
+    assert_eq!(outcomes("NOT_FOUND"), 2, "{refused:?}");
+    assert_eq!(outcomes("UNIMPLEMENTED"), 1, "{refused:?}");
+    assert_eq!(outcomes("INVALID_ARGUMENT"), 2, "{refused:?}");
+    assert_eq!(outcomes("PERMISSION_DENIED"), 1, "{refused:?}");
+    assert_eq!(outcomes("OUT_OF_RANGE"), 1, "{refused:?}");
+    // Refused for its grant (`verify-mac`), not for its parameters.
+    assert_eq!(
+        refused
+            .iter()
+            .filter(|e| e["operation"] == "VerifyMac"
+                && e["key"] == "mac"
+                && e["outcome"] == "PERMISSION_DENIED")
+            .count(),
+        1,
+        "{refused:?}"
+    );
+    let log = serde_json::to_string(&events).unwrap();
+    assert!(!log.contains("s3cr3t"), "a path's text in the audit log");
+
     // Sealed: 503 on health and on every call, as Vault's.
     assert_eq!(server.kms(&["operator", "seal"], "").code, Some(0));
     let sealed = client("sealed", &cfg);
     assert_eq!(sealed["sealed_health"], 503);
+}
+
+/// The front's own refusals count against the gate's limits, as gRPC's: a certificate
+/// holder's unknown paths reach its limit of refused calls (the first 429 of the minute
+/// recorded), and a caller without a certificate over `anonymous_calls_per_minute` waits a
+/// second before its 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fronts_refusals_count_against_the_gates_limits() {
+    let hsm = TestHsm::new("vault-transit-limits");
+    let port = free_port();
+    let tables = hsm.tls_tables().replace(
+        "refused_calls_per_minute = 100000",
+        "refused_calls_per_minute = 5\nanonymous_calls_per_minute = 3",
+    );
+    let config = hsm.config_full(
+        "kms.toml",
+        &hsm.hsm_table(),
+        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n{tables}"),
+    );
+    let (server, _shares) = start_unsealed(&hsm, &config);
+    let probe = hsm.pki.client("probe", &ClientSpec::spiffe("probe"));
+    let app = hsm.pki.client("app", &ClientSpec::spiffe("app"));
+    let cfg = serde_json::json!({
+        "url": format!("https://127.0.0.1:{port}"),
+        "ca": server.ca,
+        "admin_cert": hsm.admin.cert,
+        "admin_key": hsm.admin.key,
+        "admin_principal": hsm.admin.principal,
+        "app_cert": app.cert,
+        "app_key": app.key,
+        "probe_cert": probe.cert,
+        "probe_key": probe.key,
+    });
+    let out = client("limits", &cfg);
+    let holder: Vec<u64> = out["holder"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_u64().unwrap())
+        .collect();
+    let not_found = holder.iter().take_while(|s| **s == 404).count();
+    assert!(
+        (1..8).contains(&not_found) && holder[not_found..].iter().all(|s| *s == 429),
+        "{holder:?}"
+    );
+    let anonymous = out["anonymous"].as_array().unwrap();
+    let limited: Vec<_> = anonymous.iter().filter(|a| a[0] == 429).collect();
+    assert!(!limited.is_empty(), "{anonymous:?}");
+    assert!(
+        limited.iter().all(|a| a[1].as_f64().unwrap() >= 0.9),
+        "{anonymous:?}"
+    );
+    let events = audit_events(&server, &hsm);
+    let of = |outcome: &str| {
+        events
+            .iter()
+            .filter(|e| {
+                e["principal"] == probe.principal.as_str()
+                    && e["service"] == "kms.Http"
+                    && e["outcome"] == outcome
+            })
+            .count()
+    };
+    assert_eq!(of("NOT_FOUND"), not_found, "{events:?}");
+    assert_eq!(of("RESOURCE_EXHAUSTED"), 1, "{events:?}");
 }

@@ -6,12 +6,16 @@ check is an `assert` (the script exits non-zero, and the Rust test fails, when o
 the Rust test also checks the values printed.
 
 Phases: `create` (keys, as an admin), `use` (every method, once the test granted the admin
-every operation on the keys), `sealed` (the server was sealed).
+every operation on the keys), `front` (what the front refuses before any call), `limits` (a server with low limits),
+`sealed`
+(the server was sealed).
 """
 
 import base64
 import hashlib
+import http.client
 import json
+import ssl
 import sys
 
 import hvac
@@ -246,6 +250,73 @@ elif phase == "use":
     refused(hvac.exceptions.InvalidRequest, lambda: t.sign_data("p384", b64(msg), hash_algorithm="sha2-384"))
     # A missing key reads as Vault's 404.
     refused(hvac.exceptions.InvalidPath, lambda: t.read_key("nope"))
+
+elif phase == "front":
+    # What the front refuses itself, before any call, as a certificate holder without
+    # grants (`probe`): each answer, and (vault_transit.rs) each record.
+    probe = (cfg["probe_cert"], cfg["probe_key"])
+    codes = {}
+    secret_path = "transit/no-such-path-" + "s3cr3t"
+    codes["unknown"] = requests.get(f"{url}/v1/{secret_path}", cert=probe, verify=ca).status_code
+    codes["outside"] = requests.get(f"{url}/not-v1", cert=probe, verify=ca).status_code
+    codes["method"] = requests.delete(f"{url}/v1/sys/health", cert=probe, verify=ca).status_code
+    codes["login_json"] = requests.post(f"{url}/v1/auth/cert/login", data=b"{not json", cert=probe, verify=ca).status_code
+    codes["export"] = requests.get(f"{url}/v1/transit/export/encryption-key/aes", cert=probe, verify=ca).status_code
+    codes["token"] = requests.post(f"{url}/v1/transit/encrypt/aes", json={"plaintext": b64(b"x")},
+                                   headers={"X-Vault-Token": "hvs.not-a-token"}, cert=probe, verify=ca).status_code
+    # A body declared larger than the front takes: refused before it is sent.
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.load_cert_chain(*probe)
+    host, port = url.removeprefix("https://").split(":")
+    conn = http.client.HTTPSConnection(host, int(port), context=ctx)
+    conn.putrequest("POST", "/v1/transit/encrypt/aes")
+    conn.putheader("Content-Length", str(64 * 1024 * 1024))
+    conn.endheaders()
+    codes["too_large"] = conn.getresponse().status
+    conn.close()
+    # Parameters refused before the call, on a key the caller has no grant on: 403 (the
+    # grant is checked first, `verify-mac` for a verification of a MAC), whatever they are.
+    nogrant = requests.post(f"{url}/v1/transit/verify/mac", json={"hmac": "vault:v1:AAAA", "input": "not base64!"},
+                            cert=probe, verify=ca)
+    codes["no_grant_bad_params"] = nogrant.status_code
+    # Hash input is bounded as every message (64 KiB).
+    codes["hash_max"] = requests.post(f"{url}/v1/transit/hash", json={"input": b64(b"h" * 65536)},
+                                      cert=admin, verify=ca).status_code
+    codes["hash_over"] = requests.post(f"{url}/v1/transit/hash", json={"input": b64(b"h" * 65537)},
+                                       cert=admin, verify=ca).status_code
+    # A batch whose answer could be over the bound is refused before any item is done.
+    items = [{"plaintext": b64(b"p" * 4608)} for _ in range(1000)]
+    over = requests.post(f"{url}/v1/transit/encrypt/aes", json={"batch_input": items}, cert=admin, verify=ca)
+    codes["batch_over"] = over.status_code
+    out["batch_over"] = over.json().get("errors")
+    # Unknown parameters are named in a bounded warning.
+    many = {f"unknown{i:03}": 1 for i in range(200)}
+    many["plaintext"] = b64(b"x")
+    warned = requests.post(f"{url}/v1/transit/encrypt/aes", json=many, cert=admin, verify=ca)
+    assert warned.status_code == 200, warned.text
+    out["warnings"] = warned.json()["warnings"]
+    out["codes"] = codes
+    # A caller without a certificate: the open paths only; a method they do not take is
+    # refused (and counted, never recorded one by one).
+    anon = requests.post(f"{url}/v1/sys/health", verify=ca)
+    out["anonymous_method"] = anon.status_code
+    # A health code outside 200..=599 is refused, as Vault refuses it.
+    out["health_600"] = requests.get(f"{url}/v1/sys/health?activecode=600", verify=ca).status_code
+    out["health_503"] = requests.get(f"{url}/v1/sys/health?activecode=503", verify=ca).status_code
+
+elif phase == "limits":
+    # A server with low limits: a certificate holder's refusals by the front count against
+    # its limit of refused calls; a caller without a certificate over its limit of calls
+    # waits before its 429.
+    import time
+    probe = (cfg["probe_cert"], cfg["probe_key"])
+    out["holder"] = [requests.get(f"{url}/v1/nope", cert=probe, verify=ca).status_code for _ in range(8)]
+    anonymous = []
+    for _ in range(5):
+        started = time.monotonic()
+        status = requests.get(f"{url}/v1/sys/health", verify=ca).status_code
+        anonymous.append([status, time.monotonic() - started])
+    out["anonymous"] = anonymous
 
 elif phase == "sealed":
     anon = hvac.Client(url=url, verify=ca)

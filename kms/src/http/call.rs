@@ -148,6 +148,16 @@ fn refused(refusal: Refusal) -> Refused {
     }
 }
 
+/// Vault's 503 when a refusal's record could not be written: nothing else is answered.
+pub(crate) fn audit_unavailable() -> Refused {
+    Refused {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: "the audit log is unavailable: try again".to_owned(),
+        reason: "AUDIT_UNAVAILABLE",
+        recorded: true,
+    }
+}
+
 /// A keyed call: its operation, its key, the destination key of a re-encryption, the
 /// version it names.
 pub(crate) struct Keyed<'a> {
@@ -280,16 +290,30 @@ pub(crate) async fn record_refusal(
     // The front's message is the caller's; the record and the log say only that the
     // parameters were refused.
     let _ = refusal;
-    let answer = crate::service::run(c, |_| -> Result<Served<Reply>, ServiceError> {
-        Err(ServiceError::Keyring(KeyringError::BadRequest(
-            FRONT_REFUSED,
-        )))
-    })
+    // Through the keyring, as every keyed call: the access rule and the grants on the key
+    // come first, so that a caller without the grant gets 403 whatever its parameters.
+    let answer = crate::service::with_keyring(
+        service,
+        c,
+        (),
+        |_, _, ()| -> Result<Served<Reply>, KeyringError> {
+            Err(KeyringError::BadRequest(FRONT_REFUSED))
+        },
+    )
     .await;
     match answer.result {
-        Err(r) if r.reason == "AUDIT_UNAVAILABLE" => Err(refused(r)),
-        // A refusal of the access rule comes first, as for any call.
-        Err(r) if r.kind == ErrorKind::PermissionDenied => Err(refused(r)),
+        Err(r) => pre_call_refusal(r),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// What a refusal before the call answers, once its record says what the service layer
+/// found: the audit log's fault (503) and the access rule, grants and certificate (403,
+/// an expired certificate included) come first; anything else leaves the front's own 400.
+fn pre_call_refusal(r: Refusal) -> Result<(), Refused> {
+    match r.kind {
+        _ if r.reason == "AUDIT_UNAVAILABLE" => Err(refused(r)),
+        ErrorKind::PermissionDenied | ErrorKind::Unauthenticated => Err(refused(r)),
         _ => Ok(()),
     }
 }
@@ -341,6 +365,25 @@ mod tests {
                 status,
                 "{reason}"
             );
+        }
+    }
+
+    /// Before the call: a refusal of the grant or of an expired certificate is a 403, the
+    /// audit log's fault a 503; the front's own 400 otherwise.
+    #[test]
+    fn a_refusal_before_the_call_puts_access_first() {
+        use ErrorKind as K;
+        for (kind, reason, answer) in [
+            (K::PermissionDenied, "NO_GRANT", Some(403)),
+            (K::Unauthenticated, "CERTIFICATE_EXPIRED", Some(403)),
+            (K::Unavailable, "AUDIT_UNAVAILABLE", Some(503)),
+            (K::InvalidArgument, "INVALID_REQUEST", None),
+            (K::NotFound, "KEY_NOT_FOUND", None),
+        ] {
+            let got = pre_call_refusal(refusal(kind, reason))
+                .err()
+                .map(|r| r.status.as_u16());
+            assert_eq!(got, answer, "{reason}");
         }
     }
 

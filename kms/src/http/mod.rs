@@ -98,6 +98,16 @@ pub(crate) enum Answer {
     },
     /// A body of its own (sys paths answer bare JSON) and its status.
     Raw(StatusCode, Vec<u8>),
+    /// `sys/health`'s answer: the status the caller asked for, and the outcome the
+    /// server's state gives (`OK`, `UNAVAILABLE`), which is what is counted.
+    Health {
+        /// The status answered.
+        status: StatusCode,
+        /// The body.
+        body: Vec<u8>,
+        /// The outcome counted and in the metrics.
+        outcome: &'static str,
+    },
 }
 
 /// Binds the front's listener and says where (`kms http listening on ADDR`).
@@ -208,21 +218,31 @@ async fn handle(
     let _in_flight = peer.activity.begin();
     let (parts, body) = request.into_parts();
     let head = parts.method == Method::HEAD;
-    let answer = route(&front, &peer, &parts, body).await;
+    let path_bytes = parts.uri.path().len();
+    let mut answer = route(&front, &peer, &parts, body).await;
+    // What the front refused itself, before any call, is recorded and counted as the gRPC
+    // gate records and counts a call no handler answered; a certificate holder's refusal
+    // by a call (no grant, ...) counts against its limit, as on gRPC.
+    if let Err((r, _)) = &mut answer {
+        if !r.recorded {
+            let code = code_label(r.status);
+            if !front.probes.refused_at_front(&peer, path_bytes, code).await {
+                *r = call::audit_unavailable();
+            }
+        } else if r.status == StatusCode::FORBIDDEN && call::authenticated(&peer) {
+            front.probes.refused_by_front(&peer);
+        }
+    }
     let (status, op) = match &answer {
         Ok((a, op)) => (status_of(a), *op),
         Err((r, op)) => (r.status, *op),
     };
-    // A certificate holder's refused call counts against its limit, as on gRPC.
-    if status == StatusCode::FORBIDDEN && call::authenticated(&peer) {
-        front.probes.refused_by_front(&peer);
-    }
-    crate::metrics::metrics().request(
-        "kms.v1.KeyManagement",
-        op,
-        code_label(status),
-        started.elapsed(),
-    );
+    let label = match &answer {
+        // The server's state, not the status a caller chose.
+        Ok((Answer::Health { outcome, .. }, _)) => outcome,
+        _ => code_label(status),
+    };
+    crate::metrics::metrics().request("kms.v1.KeyManagement", op, label, started.elapsed());
     let mut response = match answer {
         Ok((a, _)) => respond(a),
         Err((r, _)) => refusal(&r),
@@ -237,7 +257,7 @@ fn status_of(a: &Answer) -> StatusCode {
     match a {
         Answer::Data { reply, .. } => status_of_reply(reply),
         Answer::Auth { .. } => StatusCode::OK,
-        Answer::Raw(s, _) => *s,
+        Answer::Raw(s, _) | Answer::Health { status: s, .. } => *s,
     }
 }
 
@@ -247,8 +267,11 @@ fn code_label(status: StatusCode) -> &'static str {
         400 => "INVALID_ARGUMENT",
         403 => "PERMISSION_DENIED",
         404 => "NOT_FOUND",
+        405 => "UNIMPLEMENTED",
+        413 => "OUT_OF_RANGE",
         429 => "RESOURCE_EXHAUSTED",
         503 => "UNAVAILABLE",
+        504 => "DEADLINE_EXCEEDED",
         _ => "INTERNAL",
     }
 }
@@ -291,7 +314,9 @@ fn respond(answer: Answer) -> Response {
                 vault::envelope(&request_id, None, Some(&auth), &[], "cert"),
             )
         }
-        Answer::Raw(status, body) => json_response(status, body),
+        Answer::Raw(status, body) | Answer::Health { status, body, .. } => {
+            json_response(status, body)
+        }
     }
 }
 
@@ -317,10 +342,10 @@ type Routed = Result<(Answer, &'static str), (Refused, &'static str)>;
 
 async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, body: Body) -> Routed {
     let path = parts.uri.path();
-    let Some(rest) = path.strip_prefix("/v1/") else {
-        return Err((not_found(), "unknown"));
-    };
-    let segments: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
+    // A path outside `/v1/` is refused after the gate's rules, as any unknown path.
+    let rest = path.strip_prefix("/v1/");
+    let segments: Vec<&str> =
+        rest.map_or_else(Vec::new, |r| r.trim_end_matches('/').split('/').collect());
     let method = if parts.method.as_str() == "LIST" {
         Method::GET
     } else {
@@ -338,22 +363,20 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
         Ok(()) => {}
         Err(FrontRefusal::Unauthenticated) => {
             tracing::debug!(peer = %peer.addr, "HTTPS request without a client certificate refused");
-            return Err((Refused::denied("permission denied"), "unauthenticated"));
+            // Counted by the gate.
+            let refused = Refused {
+                recorded: true,
+                ..Refused::denied("permission denied")
+            };
+            return Err((refused, "unauthenticated"));
         }
-        Err(FrontRefusal::Limited(wait)) => {
-            return Err((
-                Refused {
-                    status: StatusCode::TOO_MANY_REQUESTS,
-                    message: format!(
-                        "too many refused calls, or calls without a client certificate, from this address: try again in {} s",
-                        wait.as_secs().max(1)
-                    ),
-                    reason: "TOO_MANY_REFUSED_CALLS",
-                    recorded: false,
-                },
-                "limited",
-            ));
+        Err(limited) => {
+            let refused = limited_refusal(front, peer, path.len(), limited).await;
+            return Err((refused, "limited"));
         }
+    }
+    if rest.is_none() {
+        return Err((not_found(), "unknown"));
     }
     // Open to everyone: counted, not recorded one by one.
     if let ["sys", what @ ("health" | "seal-status")] = segments.as_slice() {
@@ -361,17 +384,15 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
             return Err((method_not_allowed(), "unknown"));
         }
         let answer = if *what == "health" {
-            sys_health(front, parts.uri.query())
+            sys_health(front, parts.uri.query()).map_err(|r| (r, "Health"))?
         } else {
             sys_seal_status(front)
         };
-        front
-            .probes
-            .count_probe(if status_of(&answer).is_success() {
-                "OK"
-            } else {
-                "UNAVAILABLE"
-            });
+        // Counted with the outcome of the server's state, never a status the caller chose.
+        front.probes.count_probe(match &answer {
+            Answer::Health { outcome, .. } => outcome,
+            _ => "OK",
+        });
         let op = if *what == "health" {
             "Health"
         } else {
@@ -424,6 +445,12 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
                 {
                     return Err((first, op.name()));
                 }
+                // Recorded as its call; counted as a refusal of the front.
+                front.probes.refused_by_front(peer);
+                let refused = Refused {
+                    recorded: true,
+                    ..refused
+                };
                 return Err((refused, op.name()));
             }
             return Err((refused, "unknown"));
@@ -440,7 +467,7 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
             r.map(|a| (a, "LookupSelf")).map_err(|e| (e, "LookupSelf"))
         }
         ["transit", path @ ..] => {
-            let op = transit::operation(&method, path, list);
+            let op = transit::operation_of(&method, path, list, &params);
             let request = transit::Request {
                 front,
                 peer,
@@ -468,11 +495,52 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
                     {
                         return Err((first, name));
                     }
+                    if !r.recorded && op.is_some() {
+                        // Recorded as its call; counted as a refusal of the front.
+                        front.probes.refused_by_front(peer);
+                        return Err((
+                            Refused {
+                                recorded: true,
+                                ..r
+                            },
+                            name,
+                        ));
+                    }
                     Err((r, name))
                 }
             }
         }
         _ => Err((not_found(), "unknown")),
+    }
+}
+
+/// The answer to a caller over a limit of the gate: counted (and, for a certificate
+/// holder, the first of its window recorded, as on gRPC); a caller without a certificate
+/// over its limit of calls waits gRPC's delay first.
+async fn limited_refusal(
+    front: &Front,
+    peer: &PeerInfo,
+    path_bytes: usize,
+    limited: FrontRefusal,
+) -> Refused {
+    let (wait, first) = match limited {
+        FrontRefusal::HolderLimited { wait, first } => (wait, first),
+        FrontRefusal::Limited(wait) | FrontRefusal::AnonymousLimited(wait) => (wait, false),
+        FrontRefusal::Unauthenticated => (std::time::Duration::ZERO, false),
+    };
+    tokio::time::sleep(limited.delay()).await;
+    if first && !front.probes.limited_at_front(peer, path_bytes).await {
+        return call::audit_unavailable();
+    }
+    Refused {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        message: format!(
+            "too many refused calls, or calls without a client certificate, from this address: try again in {} s",
+            wait.as_secs().max(1)
+        ),
+        reason: "TOO_MANY_REFUSED_CALLS",
+        // Counted by the gate (and the first of a window recorded).
+        recorded: true,
     }
 }
 
@@ -532,27 +600,43 @@ async fn read_body(body: Body, headers: &HeaderMap) -> Result<Zeroizing<Vec<u8>>
     Ok(Zeroizing::new(bytes.to_vec()))
 }
 
-/// `sys/health`: Vault's status codes (200 unsealed, 503 sealed, 501 not initialised, each
-/// replaceable by `activecode`, `sealedcode`, `uninitcode`) and its JSON.
-fn sys_health(front: &Front, query: Option<&str>) -> Answer {
-    let s = front.service.seal.status();
-    let code = |name: &str, default: u16| {
-        query
-            .into_iter()
-            .flat_map(|q| q.split('&'))
-            .filter_map(|kv| kv.split_once('='))
-            .find(|(k, _)| *k == name)
-            .and_then(|(_, v)| v.parse::<u16>().ok())
-            .and_then(|c| StatusCode::from_u16(c).ok())
-            .unwrap_or(StatusCode::from_u16(default).unwrap_or(StatusCode::OK))
-    };
-    let status = if !s.initialized {
-        code("uninitcode", 501)
-    } else if s.sealed {
-        code("sealedcode", 503)
+/// `sys/health`'s status and the outcome counted: Vault's status codes (200 unsealed, 503
+/// sealed, 501 not initialised, each replaceable by `activecode`, `sealedcode`,
+/// `uninitcode`, 200 to 599: anything else is a 400, as Vault refuses it); the outcome is
+/// the server's state's (`OK` unsealed, `UNAVAILABLE` otherwise), whatever code was asked.
+fn health_status(
+    initialized: bool,
+    sealed: bool,
+    query: Option<&str>,
+) -> Result<(StatusCode, &'static str), Refused> {
+    let (name, default, outcome) = if !initialized {
+        ("uninitcode", StatusCode::NOT_IMPLEMENTED, "UNAVAILABLE")
+    } else if sealed {
+        ("sealedcode", StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")
     } else {
-        code("activecode", 200)
+        ("activecode", StatusCode::OK, "OK")
     };
+    let asked = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name);
+    let status = match asked {
+        None => default,
+        Some((_, v)) => v
+            .parse::<u16>()
+            .ok()
+            .filter(|c| (200..=599).contains(c))
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .ok_or_else(|| Refused::bad(format!("{name}: a status code from 200 to 599")))?,
+    };
+    Ok((status, outcome))
+}
+
+/// `sys/health`: [`health_status`] and Vault's JSON.
+fn sys_health(front: &Front, query: Option<&str>) -> Result<Answer, Refused> {
+    let s = front.service.seal.status();
+    let (status, outcome) = health_status(s.initialized, s.sealed, query)?;
     let body = json!({
         "initialized": s.initialized,
         "sealed": s.sealed,
@@ -566,7 +650,11 @@ fn sys_health(front: &Front, query: Option<&str>) -> Answer {
         "cluster_name": "",
         "cluster_id": "",
     });
-    Answer::Raw(status, serde_json::to_vec(&body).unwrap_or_default())
+    Ok(Answer::Health {
+        status,
+        body: serde_json::to_vec(&body).unwrap_or_default(),
+        outcome,
+    })
 }
 
 /// `sys/seal-status`: always 200, Vault's JSON (`t`, `n`, `progress`, the attempt's nonce).
@@ -679,4 +767,41 @@ async fn lookup_self(
         request_id,
         mount_type: "token",
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// The status a caller asks for is answered; the outcome counted is the server's state
+    /// (a caller cannot put `UNAVAILABLE` into the health counts of a server that is up);
+    /// a code outside 200..=599 is a 400, as Vault's.
+    #[test]
+    fn health_counts_the_state_not_the_code_asked() {
+        let h = |init, sealed, q| health_status(init, sealed, q).map(|(s, o)| (s.as_u16(), o));
+        assert_eq!(h(true, false, None).unwrap(), (200, "OK"));
+        assert_eq!(h(true, false, Some("activecode=503")).unwrap(), (503, "OK"));
+        assert_eq!(h(true, true, None).unwrap(), (503, "UNAVAILABLE"));
+        assert_eq!(
+            h(true, true, Some("sealedcode=200")).unwrap(),
+            (200, "UNAVAILABLE")
+        );
+        assert_eq!(
+            h(false, true, Some("uninitcode=204")).unwrap(),
+            (204, "UNAVAILABLE")
+        );
+        assert_eq!(h(false, true, None).unwrap(), (501, "UNAVAILABLE"));
+        for bad in [
+            "activecode=100",
+            "activecode=600",
+            "activecode=x",
+            "activecode=199",
+        ] {
+            let r = h(true, false, Some(bad)).unwrap_err();
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
+        }
+        // A code for another state is not read.
+        assert_eq!(h(true, false, Some("sealedcode=100")).unwrap(), (200, "OK"));
+    }
 }

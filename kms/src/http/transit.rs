@@ -22,6 +22,47 @@ use crate::service::{Aad, Op, Served};
 /// The most items in one `batch_input`, as gRPC's batches.
 const MAX_BATCH: usize = 1000;
 
+/// The largest answer to a batch: gRPC's (`MAX_BATCH_ANSWER`, 4 MiB, what a gRPC client
+/// reads by default) in base64, with room for the JSON around it, so that a batch is
+/// refused here when its gRPC twin would be. A batch whose answer could be larger is
+/// refused before any item is done.
+const MAX_BATCH_ANSWER: usize = 4 * 1024 * 1024 / 3 * 4 + 64 * 1024;
+
+/// What one item's answer adds to its output in base64, at most: the JSON of its result
+/// (`{"ciphertext": "vault:v4294967295:...", "key_version": 4294967295, "reference": ""}`).
+const ITEM_FRAMING: usize = 128;
+
+/// An item's error message is at most this long (`call::item_error`).
+const MAX_ITEM_ERROR: usize = 256;
+
+/// The largest signature (RSA-4096), as gRPC's bound counts it.
+const MAX_SIGNATURE: usize = 512;
+
+/// The largest MAC (HMAC-SHA-512).
+const MAX_MAC: usize = 64;
+
+/// Refuses a batch whose answer could be larger than [`MAX_BATCH_ANSWER`], before any item
+/// is done, as gRPC's `check_batch`: each item counts as the base64 of its largest output
+/// (`output`: the raw bytes; an error message if larger), its reference (JSON-escaped, at
+/// most six bytes a byte) and [`ITEM_FRAMING`].
+fn check_answer<T>(b: &Batch<T>, output: impl Fn(&T) -> usize) -> Result<(), Refused> {
+    if b.single {
+        return Ok(());
+    }
+    let bound = b.items.iter().fold(0usize, |sum, (item, reference)| {
+        let raw = item.as_ref().map_or(0, &output).max(MAX_ITEM_ERROR);
+        sum.saturating_add(raw.div_ceil(3).saturating_mul(4))
+            .saturating_add(reference.len().saturating_mul(6))
+            .saturating_add(ITEM_FRAMING)
+    });
+    if bound > MAX_BATCH_ANSWER {
+        return Err(Refused::bad(format!(
+            "batch_input: the answer could be {bound} bytes, over the {MAX_BATCH_ANSWER} a batch answer may have: split the batch"
+        )));
+    }
+    Ok(())
+}
+
 /// The most random bytes one request may ask for.
 const MAX_RANDOM: u64 = 128 * 1024;
 
@@ -60,6 +101,21 @@ pub(crate) fn operation(method: &Method, path: &[&str], list: bool) -> Option<Op
         ["hash"] | ["hash", _] if post => Op::Hash,
         _ => return None,
     })
+}
+
+/// The operation of a request refused before its call, exactly as its call would be: a
+/// `verify` with `hmac` (in the request or a batch item) is `VerifyMac`, whose grant is
+/// `verify-mac`.
+pub(crate) fn operation_of(
+    method: &Method,
+    path: &[&str],
+    list: bool,
+    params: &Params,
+) -> Option<Op> {
+    match operation(method, path, list)? {
+        Op::Verify if params.names_mac() => Some(Op::VerifyMac),
+        op => Some(op),
+    }
 }
 
 /// The key a Transit path names, if any.
@@ -368,6 +424,11 @@ async fn encrypt(mut req: Request<'_>, name: &str) -> Result<Answer, Refused> {
         })
     })?;
     single_ok(&batch)?;
+    check_answer(&batch, |i| {
+        i.plaintext
+            .len()
+            .saturating_add(crate::keyring::ciphertext::OVERHEAD)
+    })?;
     let op = if batch.single {
         Op::Encrypt
     } else {
@@ -417,6 +478,7 @@ fn decrypt_item(p: &mut Params) -> Result<DecryptItem, BadRequest> {
 async fn decrypt(mut req: Request<'_>, name: &str) -> Result<Answer, Refused> {
     let batch = batch(&mut req.params, decrypt_item)?;
     single_ok(&batch)?;
+    check_answer(&batch, |i| i.ciphertext.len())?;
     let op = if batch.single {
         Op::Decrypt
     } else {
@@ -442,6 +504,8 @@ async fn rewrap(mut req: Request<'_>, name: &str) -> Result<Answer, Refused> {
         Ok((item, version))
     })?;
     single_ok(&batch)?;
+    // The new ciphertext is as long as the old one, plus its prefix's version digits.
+    check_answer(&batch, |(i, _)| i.ciphertext.len())?;
     let op = if batch.single {
         Op::ReEncrypt
     } else {
@@ -616,6 +680,7 @@ async fn sign(
             .ok_or_else(|| BadRequest::from("missing input to sign"))
     })?;
     single_ok(&batch)?;
+    check_answer(&batch, |_| MAX_SIGNATURE)?;
     let op = if batch.single {
         Op::Sign
     } else {
@@ -682,6 +747,7 @@ async fn verify(
         })
     })?;
     single_ok(&batch)?;
+    check_answer(&batch, |_| 0)?;
     let is_mac = mac.unwrap_or(false);
     if is_mac && !matches!(s.hash.as_str(), "sha2-256") {
         return Err(Refused::bad("algorithm: kms HMAC keys use sha2-256 only"));
@@ -727,6 +793,7 @@ async fn hmac(
             .ok_or_else(|| BadRequest::from("missing input for HMAC"))
     })?;
     single_ok(&batch)?;
+    check_answer(&batch, |_| MAX_MAC)?;
     let key = name.to_owned();
     call(&req, Op::Mac, name, 0, move |k, _| {
         latest_only(k, &key, version)?;
@@ -819,6 +886,12 @@ async fn hash(mut req: Request<'_>, path_algorithm: Option<&str>) -> Result<Answ
         let input = p
             .base64("input")?
             .ok_or_else(|| Refused::bad("missing input to hash"))?;
+        if input.len() > crate::keyring::MAX_MESSAGE {
+            return Err(Refused::bad(format!(
+                "input: at most {} bytes to hash",
+                crate::keyring::MAX_MESSAGE
+            )));
+        }
         let base64 = match p.str("format")?.as_deref() {
             None | Some("hex") => false,
             Some("base64") => true,
@@ -859,6 +932,53 @@ async fn hash(mut req: Request<'_>, path_algorithm: Option<&str>) -> Result<Answ
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A verification of a MAC is `VerifyMac` (grant `verify-mac`) before its call as in
+    /// it, whether `hmac` is in the request or in its batch's items.
+    /// A batch whose answer could be over the bound is refused before any item is done, as
+    /// gRPC's: 1000 encryptions of 4 KiB fit, of 4.5 KiB do not.
+    #[test]
+    fn a_batch_answer_is_bounded() {
+        let of = |n: usize, len: usize| Batch {
+            items: (0..n).map(|_| (Ok(len), String::new())).collect(),
+            partial_failure: None,
+            single: false,
+        };
+        let overhead = crate::keyring::ciphertext::OVERHEAD;
+        let encrypt = |b: &Batch<usize>| check_answer(b, |l| l + overhead);
+        assert!(encrypt(&of(1000, 4096)).is_ok());
+        let r = encrypt(&of(1000, 4608)).unwrap_err();
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert!(r.message.contains("split the batch"), "{}", r.message);
+        // One item is bounded by the keyring's limits, not here.
+        let one = Batch {
+            single: true,
+            ..of(1, 1 << 30)
+        };
+        assert!(encrypt(&one).is_ok());
+        // A long reference counts.
+        let refs = Batch {
+            items: (0..1000).map(|_| (Ok(0), "r".repeat(1000))).collect(),
+            partial_failure: None,
+            single: false,
+        };
+        assert!(check_answer(&refs, |_| 0).is_err());
+    }
+
+    #[test]
+    fn a_mac_verification_is_verify_mac_before_its_call() {
+        let post = Method::POST;
+        let of = |body: &[u8]| {
+            let p = Params::parse(body).unwrap();
+            operation_of(&post, &["verify", "k"], false, &p)
+        };
+        assert_eq!(of(br#"{"hmac": "x", "input": "!"}"#), Some(Op::VerifyMac));
+        assert_eq!(
+            of(br#"{"batch_input": [{"hmac": "x", "input": "!"}]}"#),
+            Some(Op::VerifyMac)
+        );
+        assert_eq!(of(br#"{"signature": "x", "input": "!"}"#), Some(Op::Verify));
+    }
 
     #[test]
     fn every_path_names_its_operation() {

@@ -17,6 +17,12 @@ pub(crate) struct Params {
     read: BTreeSet<&'static str>,
 }
 
+/// The most unknown parameters named in the warning.
+const MAX_UNREAD_NAMED: usize = 16;
+
+/// The longest unknown parameter's name repeated in the warning.
+const MAX_UNREAD_NAME: usize = 64;
+
 /// Why a request cannot be served as asked: a 400 with this message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct BadRequest(pub String);
@@ -168,7 +174,24 @@ impl Params {
         Ok(())
     }
 
-    /// The warning Vault gives for parameters the endpoint does not know, if any.
+    /// Whether the request (or any item of its `batch_input`) gives `hmac`: a
+    /// verification of a MAC.
+    pub(crate) fn names_mac(&self) -> bool {
+        self.map.contains_key("hmac")
+            || self
+                .map
+                .get("batch_input")
+                .and_then(Value::as_array)
+                .is_some_and(|items| {
+                    items
+                        .iter()
+                        .any(|i| i.as_object().is_some_and(|o| o.contains_key("hmac")))
+                })
+    }
+
+    /// The warning Vault gives for parameters the endpoint does not know, if any: at most
+    /// [`MAX_UNREAD_NAMED`] names, each at most [`MAX_UNREAD_NAME`] bytes (a longer one as
+    /// `<name, N bytes>`), then `and N more`.
     pub(crate) fn unread(&self) -> Option<String> {
         let unread: Vec<&str> = self
             .map
@@ -176,12 +199,27 @@ impl Params {
             .map(String::as_str)
             .filter(|k| !self.read.contains(k))
             .collect();
-        (!unread.is_empty()).then(|| {
-            format!(
-                "Endpoint ignored these unrecognized parameters: [{}]",
-                unread.join(" ")
-            )
-        })
+        if unread.is_empty() {
+            return None;
+        }
+        let mut named: Vec<String> = unread
+            .iter()
+            .take(MAX_UNREAD_NAMED)
+            .map(|k| {
+                if k.len() > MAX_UNREAD_NAME {
+                    format!("<name, {} bytes>", k.len())
+                } else {
+                    (*k).to_owned()
+                }
+            })
+            .collect();
+        if unread.len() > MAX_UNREAD_NAMED {
+            named.push(format!("and {} more", unread.len() - MAX_UNREAD_NAMED));
+        }
+        Some(format!(
+            "Endpoint ignored these unrecognized parameters: [{}]",
+            named.join(" ")
+        ))
     }
 }
 
@@ -383,6 +421,28 @@ pub(crate) fn errors(messages: &[&str]) -> Vec<u8> {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    /// The warning on unknown parameters is bounded: 16 names at most, each at most 64
+    /// bytes (a longer one by its size), then how many more.
+    #[test]
+    fn the_warning_on_unknown_parameters_is_bounded() {
+        let mut body = serde_json::Map::new();
+        for i in 0..100 {
+            body.insert(format!("p{i:03}"), Value::Null);
+        }
+        body.insert("a".repeat(1000), Value::Null);
+        let p = Params::parse(&serde_json::to_vec(&body).unwrap()).unwrap();
+        let w = p.unread().unwrap();
+        assert!(w.len() < 16 * 70 + 100, "{} bytes", w.len());
+        assert!(w.contains("<name, 1000 bytes>"), "{w}");
+        assert!(w.contains("and 85 more"), "{w}");
+        assert!(!w.contains(&"a".repeat(65)), "{w}");
+        let few = Params::parse(br#"{"x": 1, "y": 2}"#).unwrap();
+        assert_eq!(
+            few.unread().unwrap(),
+            "Endpoint ignored these unrecognized parameters: [x y]"
+        );
+    }
 
     #[test]
     fn parameters_are_read_as_vault_reads_them() {
