@@ -7,7 +7,12 @@
 //! The client is Python's `ssl` with the test's mTLS certificate, so the bytes on the wire
 //! are exactly the ones written here.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::process::Command;
 
