@@ -262,6 +262,18 @@ async fn vault_clients_work_unchanged_against_the_transit_front() {
             .filter(|e| e["operation"] == "CertLogin")
             .all(|e| e["front"] == "http" && e["service"] == "kms.v1.Access")
     );
+    // A single rewrap's record names the version it wrote under, as gRPC's ReEncrypt's does.
+    let rewraps: Vec<_> = events
+        .iter()
+        .filter(|e| e["operation"] == "ReEncrypt" && e["front"] == "http" && e["outcome"] == "OK")
+        .collect();
+    assert!(!rewraps.is_empty());
+    assert!(
+        rewraps.iter().all(|e| e["destination_key_version"]
+            .as_u64()
+            .is_some_and(|v| v >= 1)),
+        "{rewraps:?}"
+    );
     // DELETE left one record per version it changed, each naming its version.
     let deleted: Vec<(String, u64)> = events
         .iter()

@@ -513,6 +513,7 @@ async fn rewrap(mut req: Request<'_>, name: &str) -> Result<Answer, Refused> {
     };
     let aads = aads_of(&batch, |(i, _)| &i.aad);
     let key = name.to_owned();
+    let single = batch.single;
     let (result, request_id) = keyed(
         &req.front.service,
         req.peer,
@@ -525,9 +526,13 @@ async fn rewrap(mut req: Request<'_>, name: &str) -> Result<Answer, Refused> {
         },
         aads,
         move |k, _, _| {
-            each(batch, |(i, version)| {
+            // The version a single rewrap wrote under, for its record (as gRPC's
+            // ReEncrypt records its destination version).
+            let mut written = 0;
+            let served = each(batch, |(i, version)| {
                 latest_only(k, &key, *version)?;
                 let made = k.reencrypt(&key, &i.ciphertext, &i.aad, Some(&key))?;
+                written = made.version;
                 Ok((
                     json!({
                         "ciphertext": vault::prefixed(made.version, &made.ciphertext, false),
@@ -535,6 +540,11 @@ async fn rewrap(mut req: Request<'_>, name: &str) -> Result<Answer, Refused> {
                     }),
                     made.source_version,
                 ))
+            })?;
+            Ok(if single {
+                served.destination(key, written)
+            } else {
+                served
             })
         },
     )
