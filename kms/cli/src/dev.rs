@@ -384,11 +384,12 @@ impl<'a> Hints<'a> {
         } else {
             let as_app = format!(
                 "\nAs the application (needs the grant above):\n  \
-                 KMS_CLIENT_CERT={} KMS_CLIENT_KEY={} kms encrypt --key payments --in kms.toml --base64\n\
+                 KMS_CLIENT_CERT={} KMS_CLIENT_KEY={} kms encrypt --key payments --in {} --base64\n\
                  As the auditor:\n  \
                  KMS_CLIENT_CERT={} KMS_CLIENT_KEY={} kms audit verify\n",
                 pki.cert("app").display(),
                 pki.key("app").display(),
+                config_path.display(),
                 pki.cert("auditor").display(),
                 pki.key("auditor").display(),
             );

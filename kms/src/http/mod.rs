@@ -616,20 +616,30 @@ fn health_status(
     } else {
         ("activecode", StatusCode::OK, "OK")
     };
-    let asked = query
+    // Every code given is checked, whichever state applies now, so that a probe's
+    // configuration is refused the day it is written, not the day the state changes.
+    let mut status = default;
+    for (k, v) in query
         .into_iter()
         .flat_map(|q| q.split('&'))
         .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == name);
-    let status = match asked {
-        None => default,
-        Some((_, v)) => v
+    {
+        let Some(known) = ["activecode", "sealedcode", "uninitcode"]
+            .into_iter()
+            .find(|n| *n == k)
+        else {
+            continue;
+        };
+        let code = v
             .parse::<u16>()
             .ok()
             .filter(|c| (200..=599).contains(c))
             .and_then(|c| StatusCode::from_u16(c).ok())
-            .ok_or_else(|| Refused::bad(format!("{name}: a status code from 200 to 599")))?,
-    };
+            .ok_or_else(|| Refused::bad(format!("{known}: a status code from 200 to 599")))?;
+        if known == name {
+            status = code;
+        }
+    }
     Ok((status, outcome))
 }
 
@@ -801,7 +811,12 @@ mod tests {
             let r = h(true, false, Some(bad)).unwrap_err();
             assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
         }
-        // A code for another state is not read.
-        assert_eq!(h(true, false, Some("sealedcode=100")).unwrap(), (200, "OK"));
+        // A code for another state is checked all the same (a probe's configuration is
+        // refused when written, not when the state changes), and not used.
+        assert_eq!(
+            h(true, false, Some("sealedcode=100")).unwrap_err().status,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(h(true, false, Some("sealedcode=204")).unwrap(), (200, "OK"));
     }
 }

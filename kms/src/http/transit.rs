@@ -169,8 +169,11 @@ pub(crate) async fn serve(
         ["random", source, bytes] if post => random(req, Some(source), Some(bytes)).await,
         ["hash"] if post => hash(req, None).await,
         ["hash", algorithm] if post => hash(req, Some(algorithm)).await,
-        ["export", ..] | ["backup", ..] | ["keys", _, "trim"] => Err(Refused::bad(
+        ["export", ..] | ["backup", ..] => Err(Refused::bad(
             "kms does not export keys or back them up through Transit: key material never leaves kms",
+        )),
+        ["keys", _, "trim"] => Err(Refused::bad(
+            "kms does not trim keys through Transit: schedule old versions for destruction with kms key schedule-destroy",
         )),
         ["restore", ..] | ["keys", _, "import" | "import_version"] | ["wrapping_key"] => {
             Err(Refused::bad(
