@@ -186,27 +186,28 @@ fn dev_mode_initialises_unseals_and_restarts_sealed() {
         "",
     );
     let app = as_client(&env, "app");
-    let ct = kms(&app, &["encrypt", "--key", "payments", "--base64"], "hello").stdout;
-    let ct_file = dir.path().join("ct.b64");
-    std::fs::write(&ct_file, ct).unwrap();
-    let pt = kms(
-        &app,
-        &[
-            "decrypt",
-            "--key",
-            "payments",
-            "--base64",
-            "--in",
-            ct_file.to_str().unwrap(),
-        ],
-        "",
-    );
-    assert_eq!(
+    // What the application's `kms decrypt --base64` makes of a base64 ciphertext.
+    let decrypted = |name: &str, ct_b64: &str| {
+        let ct_file = dir.path().join(name);
+        std::fs::write(&ct_file, ct_b64).unwrap();
+        let pt = kms(
+            &app,
+            &[
+                "decrypt",
+                "--key",
+                "payments",
+                "--base64",
+                "--in",
+                ct_file.to_str().unwrap(),
+            ],
+            "",
+        );
         data_encoding::BASE64
             .decode(pt.stdout.trim().as_bytes())
-            .unwrap(),
-        b"hello"
-    );
+            .unwrap()
+    };
+    let ct = kms(&app, &["encrypt", "--key", "payments", "--base64"], "hello").stdout;
+    assert_eq!(decrypted("ct.b64", &ct), b"hello");
     // The Vault-compatible front's lines work as pasted too: curl, and hvac (with the
     // python that has it first on PATH), each answers a Transit ciphertext of "hello".
     dev.wait_for("pip install hvac");
@@ -238,27 +239,7 @@ fn dev_mode_initialises_unseals_and_restarts_sealed() {
             .find_map(|s| s.strip_prefix("vault:v1:"))
             .unwrap_or_else(|| printed.trim().trim_start_matches("vault:v1:"))
             .to_owned();
-        let ct_file = dir.path().join("transit.b64");
-        std::fs::write(&ct_file, ours).unwrap();
-        let pt = kms(
-            &app,
-            &[
-                "decrypt",
-                "--key",
-                "payments",
-                "--base64",
-                "--in",
-                ct_file.to_str().unwrap(),
-            ],
-            "",
-        );
-        assert_eq!(
-            data_encoding::BASE64
-                .decode(pt.stdout.trim().as_bytes())
-                .unwrap(),
-            b"hello",
-            "{line}"
-        );
+        assert_eq!(decrypted("transit.b64", &ours), b"hello", "{line}");
     }
     let out = kms(&as_client(&env, "auditor"), &["audit", "verify"], "");
     assert!(out.stdout.starts_with("intact"), "{out:?}");

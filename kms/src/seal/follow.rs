@@ -34,12 +34,7 @@ impl SealManager {
             .heard_unpublished
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let published = self
-            .published
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        match published {
+        match self.published() {
             Some(opened) => {
                 for engine in &opened.all {
                     engine.heard(&crate::engine::routed(engine.tables(), changes));
@@ -81,12 +76,7 @@ impl SealManager {
             tracing::error!(error = %crate::error_chain(&e), "cannot take up the seal record another server committed: retrying");
             left = seal_changes;
         }
-        let published = self
-            .published
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        match published {
+        match self.published() {
             Some(opened) => {
                 for engine in &opened.all {
                     left.extend(engine.follow(&crate::engine::routed(engine.tables(), changes)));

@@ -702,14 +702,20 @@ impl SealManager {
         self.opened().map(|o| o.all)
     }
 
+    /// The engines published now, if any (a copy: the lock is not held after).
+    fn published(&self) -> Option<Opened> {
+        self.published
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The open engines, or [`SealError::Sealed`] / [`SealError::NotInitialized`]; never
     /// waits on a ceremony in progress.
     fn opened(&self) -> Result<Opened, SealError> {
-        let published = self.published.read().unwrap_or_else(|p| p.into_inner());
-        if let Some(o) = published.as_ref() {
-            return Ok(o.clone());
+        if let Some(o) = self.published() {
+            return Ok(o);
         }
-        drop(published);
         let inner = match self.inner.try_lock() {
             Ok(g) => g,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
