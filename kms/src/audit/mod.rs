@@ -47,7 +47,7 @@ use crate::hsm::{Hsm, HsmError, HsmKeyKind, KeyHandle};
 use crate::store::{Follow, Removal, Store, StoreError, Table, Write};
 
 /// The audit log, by zero-padded sequence number.
-pub const AUDIT: Table = Table::new("audit", Follow::Never);
+pub const AUDIT: Table = Table::log("audit");
 /// Signed audit checkpoints, by the zero-padded sequence number they cover.
 pub const AUDIT_CHECKPOINTS: Table = Table::new("audit_checkpoints", Follow::Never);
 /// The audit log's tables, in the order a backup writes them.

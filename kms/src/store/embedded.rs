@@ -1,7 +1,14 @@
 //! The embedded store: one redb file (the default backend: one server, nothing to install).
 
+use super::log::FileLog;
 use super::{Removal, Store, StoreError, Table, Write};
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Where each log table's files stop: the key of its last removed entry, committed with the
+/// removal (store-private: never in a backup, never in PostgreSQL).
+const LOG_FLOORS: Table = Table::new("log_floors", super::Follow::Never);
 
 fn definition(table: Table) -> redb::TableDefinition<'static, &'static str, &'static [u8]> {
     redb::TableDefinition::new(table.name())
@@ -14,8 +21,12 @@ pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
 /// The embedded store: one redb file.
 pub struct RedbStore {
     db: redb::Database,
+    /// The redb file.
+    path: PathBuf,
     /// `redb:` and the file's canonical path ([`Store::location`]).
     location: String,
+    /// The log tables' files ([`Table::log`]), opened at their first use.
+    logs: Mutex<BTreeMap<&'static str, Arc<FileLog>>>,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -139,7 +150,98 @@ impl RedbStore {
                 .display(),
             identity(path).map_err(open_err)?
         );
-        Ok(Self { db, location })
+        Ok(Self {
+            db,
+            path: path.to_owned(),
+            location,
+            logs: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// The files of `table` when it is a log table (opened, and a torn tail cut, at the
+    /// first use): in the directory `STORE.TABLE` beside the redb file.
+    fn log(&self, table: Table) -> Result<Option<Arc<FileLog>>, StoreError> {
+        if !table.is_log() {
+            return Ok(None);
+        }
+        let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(log) = logs.get(table.name()) {
+            return Ok(Some(Arc::clone(log)));
+        }
+        let floor = self
+            .redb_get(LOG_FLOORS, table.name())?
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        let log = Arc::new(FileLog::open(&log_dir(&self.path, table), floor)?);
+        logs.insert(table.name(), Arc::clone(&log));
+        Ok(Some(log))
+    }
+
+    fn redb_get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        use redb::ReadableDatabase;
+        let op = "read";
+        let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
+        let Some(t) = open_read(&txn, table, op)? else {
+            return Ok(None);
+        };
+        let value = t.get(key).map_err(|e| io(op)(e.into()))?;
+        Ok(value.map(|v| v.value().to_vec()))
+    }
+
+    fn redb_range(
+        &self,
+        table: Table,
+        start: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        use redb::ReadableDatabase;
+        let op = "range";
+        let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
+        let Some(t) = open_read(&txn, table, op)? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for item in t.range(start..).map_err(|e| io(op)(e.into()))?.take(limit) {
+            let (k, v) = item.map_err(|e| io(op)(e.into()))?;
+            out.push((k.value().to_owned(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn redb_last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StoreError> {
+        use redb::{ReadableDatabase, ReadableTable};
+        let op = "read last";
+        let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
+        let Some(t) = open_read(&txn, table, op)? else {
+            return Ok(None);
+        };
+        Ok(t.last()
+            .map_err(|e| io(op)(e.into()))?
+            .map(|(k, v)| (k.value().to_owned(), v.value().to_vec())))
+    }
+
+    /// The floors the `removals` set on log tables (the last key each removes), checking
+    /// that each removes from the table's start.
+    fn log_floors(
+        &self,
+        removals: &[Removal],
+    ) -> Result<Vec<(Arc<FileLog>, Table, String)>, StoreError> {
+        let mut floors = Vec::new();
+        for r in removals {
+            let Some(log) = self.log(r.table)? else {
+                continue;
+            };
+            if log
+                .first_key()?
+                .is_some_and(|first| r.from.as_str() > first.as_str())
+            {
+                return Err(StoreError::Settings(format!(
+                    "the log table {} is removed only from its start",
+                    r.table.name()
+                )));
+            }
+            floors.push((log, r.table, r.to.clone()));
+        }
+        Ok(floors)
     }
 
     /// One durable transaction of `writes` and `removals`; with `append`, the writes are
@@ -152,6 +254,7 @@ impl RedbStore {
         writes: &[Write],
         removals: &[Removal],
     ) -> Result<(), StoreError> {
+        let floors = self.log_floors(removals)?;
         let mut txn = self.db.begin_write().map_err(|e| io(op)(e.into()))?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(|e| io(op)(redb::Error::from(e)))?;
@@ -170,6 +273,13 @@ impl RedbStore {
             }
             None => Vec::new(),
         };
+        for (_, table, floor) in &floors {
+            let mut t = txn
+                .open_table(definition(LOG_FLOORS))
+                .map_err(|e| io(op)(e.into()))?;
+            t.insert(table.name(), floor.as_bytes())
+                .map_err(|e| io(op)(e.into()))?;
+        }
         for w in writes.iter().chain(&built) {
             let mut t = txn
                 .open_table(definition(w.table))
@@ -184,7 +294,39 @@ impl RedbStore {
             t.retain_in::<&str, _>(r.from.as_str()..=r.to.as_str(), |_, _| false)
                 .map_err(|e| io(op)(e.into()))?;
         }
-        txn.commit().map_err(|e| io(op)(e.into()))
+        txn.commit().map_err(|e| io(op)(e.into()))?;
+        for (log, _, floor) in floors {
+            log.set_floor(&floor);
+        }
+        Ok(())
+    }
+
+    /// Appends to a log table: the writes its build makes after the last entry (of the
+    /// files or the redb table, whichever is greater) go to the files when they are only
+    /// that table's, in increasing key order, and nothing is removed; otherwise (an audit
+    /// record with the change it records, an archiving with its removal) to one redb
+    /// transaction, as for any table. Readers merge both.
+    fn append_log(
+        &self,
+        log: &FileLog,
+        table: Table,
+        build: &mut super::AppendBuild<'_>,
+        removals: &[Removal],
+    ) -> Result<(), StoreError> {
+        let mut appender = log.lock();
+        let last = later(log.view().last(), self.redb_last(table)?);
+        let after = last.as_ref().map(|(k, _)| k.clone());
+        let writes = build(last)?;
+        let mut previous = after.as_deref();
+        let mut increasing = true;
+        for w in &writes {
+            increasing &= w.table == table && previous.is_none_or(|p| w.key.as_str() > p);
+            previous = Some(&w.key);
+        }
+        if removals.is_empty() && increasing {
+            return log.append(&mut appender, &writes);
+        }
+        self.commit("append", None, &writes, removals)
     }
 
     fn write(
@@ -213,27 +355,39 @@ impl Store for RedbStore {
     }
 
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        use redb::ReadableDatabase;
-        let op = "read";
-        let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
-        let Some(t) = open_read(&txn, table, op)? else {
+        if let Some(found) = self.redb_get(table, key)? {
+            return Ok(Some(found));
+        }
+        let Some(log) = self.log(table)? else {
             return Ok(None);
         };
-        let value = t.get(key).map_err(|e| io(op)(e.into()))?;
-        Ok(value.map(|v| v.value().to_vec()))
+        Ok(log
+            .view()
+            .range(key, 1)?
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v))
     }
 
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         use redb::{ReadableDatabase, ReadableTable};
         let op = "scan";
+        let view = self.log(table)?.map(|log| log.view());
         let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
-        let Some(t) = open_read(&txn, table, op)? else {
-            return Ok(Vec::new());
-        };
         let mut out = Vec::new();
-        for item in t.iter().map_err(|e| io(op)(e.into()))? {
-            let (k, v) = item.map_err(|e| io(op)(e.into()))?;
-            out.push((k.value().to_owned(), v.value().to_vec()));
+        if let Some(t) = open_read(&txn, table, op)? {
+            for item in t.iter().map_err(|e| io(op)(e.into()))? {
+                let (k, v) = item.map_err(|e| io(op)(e.into()))?;
+                out.push((k.value().to_owned(), v.value().to_vec()));
+            }
+        }
+        if let Some(view) = view {
+            let mut files = Vec::new();
+            view.each_from("", |k, v| {
+                files.push((k, v));
+                Ok(true)
+            })?;
+            out = merge(out, files, usize::MAX);
         }
         Ok(out)
     }
@@ -278,15 +432,46 @@ impl Store for RedbStore {
     ) -> Result<(), StoreError> {
         use redb::{ReadableDatabase, ReadableTable};
         let op = "snapshot";
-        // One read transaction: every table as of one commit.
+        // One read transaction, and the log tables' files as of the same moment (no append
+        // runs while both are taken): every table as of one commit.
+        let logs = tables
+            .iter()
+            .filter_map(|&t| self.log(t).transpose().map(|l| l.map(|l| (t, l))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let guards: Vec<_> = logs.iter().map(|(_, l)| l.lock()).collect();
         let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
+        let views: BTreeMap<&'static str, super::log::View> =
+            logs.iter().map(|(t, l)| (t.name(), l.view())).collect();
+        drop(guards);
         for &table in tables {
-            let Some(t) = open_read(&txn, table, op)? else {
+            let mut stored = Vec::new();
+            if let Some(t) = open_read(&txn, table, op)? {
+                for item in t.iter().map_err(|e| io(op)(e.into()))? {
+                    let (k, v) = item.map_err(|e| io(op)(e.into()))?;
+                    match views.get(table.name()) {
+                        // Merged with the files below (a log table's redb part is small).
+                        Some(_) => stored.push((k.value().to_owned(), v.value().to_vec())),
+                        None => each(table, k.value(), v.value())?,
+                    }
+                }
+            }
+            let Some(view) = views.get(table.name()) else {
                 continue;
             };
-            for item in t.iter().map_err(|e| io(op)(e.into()))? {
-                let (k, v) = item.map_err(|e| io(op)(e.into()))?;
-                each(table, k.value(), v.value())?;
+            // The files streamed, the redb entries slotted in by key (they win a tie).
+            let mut stored = stored.into_iter().peekable();
+            view.each_from("", |k, v| {
+                while let Some((sk, sv)) = stored.next_if(|(sk, _)| sk.as_str() <= k.as_str()) {
+                    each(table, &sk, &sv)?;
+                    if sk == k {
+                        return Ok(true);
+                    }
+                }
+                each(table, &k, &v)?;
+                Ok(true)
+            })?;
+            for (sk, sv) in stored {
+                each(table, &sk, &sv)?;
             }
         }
         Ok(())
@@ -298,7 +483,10 @@ impl Store for RedbStore {
         build: &mut super::AppendBuild<'_>,
         removals: &[Removal],
     ) -> Result<(), StoreError> {
-        self.commit("append", Some((table, build)), &[], removals)
+        match self.log(table)? {
+            Some(log) => self.append_log(&log, table, build, removals),
+            None => self.commit("append", Some((table, build)), &[], removals),
+        }
     }
 
     fn range(
@@ -307,30 +495,17 @@ impl Store for RedbStore {
         start: &str,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        use redb::ReadableDatabase;
-        let op = "range";
-        let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
-        let Some(t) = open_read(&txn, table, op)? else {
-            return Ok(Vec::new());
-        };
-        let mut out = Vec::new();
-        for item in t.range(start..).map_err(|e| io(op)(e.into()))?.take(limit) {
-            let (k, v) = item.map_err(|e| io(op)(e.into()))?;
-            out.push((k.value().to_owned(), v.value().to_vec()));
+        let view = self.log(table)?.map(|log| log.view());
+        let stored = self.redb_range(table, start, limit)?;
+        match view {
+            Some(view) => Ok(merge(stored, view.range(start, limit)?, limit)),
+            None => Ok(stored),
         }
-        Ok(out)
     }
 
     fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StoreError> {
-        use redb::{ReadableDatabase, ReadableTable};
-        let op = "read last";
-        let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
-        let Some(t) = open_read(&txn, table, op)? else {
-            return Ok(None);
-        };
-        Ok(t.last()
-            .map_err(|e| io(op)(e.into()))?
-            .map(|(k, v)| (k.value().to_owned(), v.value().to_vec())))
+        let files = self.log(table)?.and_then(|log| log.view().last());
+        Ok(later(files, self.redb_last(table)?))
     }
 
     fn put(&self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError> {
@@ -342,8 +517,53 @@ impl Store for RedbStore {
     }
 }
 
+/// The directory of a log table's files: `STORE.TABLE` beside the redb file.
+pub(super) fn log_dir(store: &Path, table: Table) -> PathBuf {
+    let mut dir = store.as_os_str().to_owned();
+    dir.push(".");
+    dir.push(table.name());
+    PathBuf::from(dir)
+}
+
+/// The entry with the greater key (the redb one on a tie).
+fn later(
+    files: Option<(String, Vec<u8>)>,
+    stored: Option<(String, Vec<u8>)>,
+) -> Option<(String, Vec<u8>)> {
+    match (files, stored) {
+        (Some(f), Some(s)) => Some(if f.0 > s.0 { f } else { s }),
+        (f, s) => s.or(f),
+    }
+}
+
+/// Two key-ordered lists as one, at most `limit` long; on a tie the redb entry (`stored`)
+/// wins.
+fn merge(
+    stored: Vec<(String, Vec<u8>)>,
+    files: Vec<(String, Vec<u8>)>,
+    limit: usize,
+) -> Vec<(String, Vec<u8>)> {
+    if files.is_empty() {
+        return stored.into_iter().take(limit).collect();
+    }
+    let mut out = Vec::with_capacity((stored.len() + files.len()).min(limit));
+    let mut files = files.into_iter().peekable();
+    for s in stored {
+        while let Some(f) = files.next_if(|f| f.0 < s.0) {
+            out.push(f);
+        }
+        if files.peek().is_some_and(|f| f.0 == s.0) {
+            files.next();
+        }
+        out.push(s);
+    }
+    out.extend(files);
+    out.truncate(limit);
+    out
+}
+
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::store::{Follow, SYSTEM};
@@ -441,5 +661,157 @@ mod tests {
         let _first = RedbStore::open(&path).unwrap();
         let err = RedbStore::open(&path).unwrap_err();
         assert!(matches!(err, StoreError::InUse(_)), "{err:?}");
+    }
+
+    const LOG: Table = Table::log("audit");
+
+    fn w(table: Table, k: &str, v: &[u8]) -> Write {
+        Write {
+            table,
+            key: k.into(),
+            value: v.to_vec(),
+        }
+    }
+
+    /// Appends `entries` to `LOG` after whatever is last, with `also` in the same commit.
+    fn append(store: &RedbStore, entries: &[(&str, &str)], also: &[Write]) {
+        let mut build = |_last: Option<(String, Vec<u8>)>| {
+            let mut writes: Vec<Write> = also.to_vec();
+            writes.extend(entries.iter().map(|(k, v)| w(LOG, k, v.as_bytes())));
+            Ok(writes)
+        };
+        store.append_with(LOG, &mut build, &[]).unwrap();
+    }
+
+    fn entries(list: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+        list.iter()
+            .map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    fn snapshot(store: &RedbStore) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        store
+            .snapshot(&[KEYS, LOG], &mut |t, k, v| {
+                if t == LOG {
+                    out.push((k.to_owned(), v.to_vec()));
+                }
+                Ok(())
+            })
+            .unwrap();
+        out
+    }
+
+    /// A log table's appends go to its files, unless they commit with another change (then
+    /// to the redb file, with it); every reader sees one table in key order, after a
+    /// reopen too; a removal from the start hides entries from both and survives a reopen.
+    #[test]
+    fn a_log_table_is_one_table_across_its_files_and_the_redb_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms.redb");
+        let store = RedbStore::open(&path).unwrap();
+        // A store written before the files existed: its first entries in the redb file.
+        store.put(LOG, "01", b"a").unwrap();
+        append(&store, &[("02", "b"), ("03", "c")], &[]);
+        append(&store, &[("04", "d")], &[w(KEYS, "k", b"v")]);
+        append(&store, &[("05", "e"), ("06", "f")], &[]);
+        let all = entries(&[
+            ("01", "a"),
+            ("02", "b"),
+            ("03", "c"),
+            ("04", "d"),
+            ("05", "e"),
+            ("06", "f"),
+        ]);
+        // Where each went.
+        assert_eq!(
+            store.redb_range(LOG, "", 10).unwrap(),
+            entries(&[("01", "a"), ("04", "d")])
+        );
+        assert!(
+            log_dir(&path, LOG)
+                .join("00000000000000000001.log")
+                .exists()
+        );
+        for check in 0..2 {
+            assert_eq!(store.scan(LOG).unwrap(), all, "{check}");
+            assert_eq!(snapshot(&store), all, "{check}");
+            assert_eq!(store.range(LOG, "", 100).unwrap(), all, "{check}");
+            assert_eq!(store.range(LOG, "03", 2).unwrap(), all[2..4].to_vec());
+            assert_eq!(store.range(LOG, "035", 1).unwrap(), all[3..4].to_vec());
+            assert_eq!(store.last(LOG).unwrap(), all.last().cloned());
+            assert_eq!(store.get(LOG, "05").unwrap().as_deref(), Some(&b"e"[..]));
+            assert_eq!(store.get(LOG, "04").unwrap().as_deref(), Some(&b"d"[..]));
+            assert_eq!(store.get(LOG, "07").unwrap(), None);
+            assert_eq!(store.get(KEYS, "k").unwrap().as_deref(), Some(&b"v"[..]));
+        }
+        drop(store);
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.scan(LOG).unwrap(), all);
+        // An entry rewritten in the redb file (as someone with the disk could) is what
+        // readers see: the verifier, not the store, judges it.
+        store.put(LOG, "05", b"E").unwrap();
+        assert_eq!(store.get(LOG, "05").unwrap().as_deref(), Some(&b"E"[..]));
+        assert_eq!(store.scan(LOG).unwrap()[4].1, b"E".to_vec());
+        assert_eq!(snapshot(&store)[4].1, b"E".to_vec());
+        // Removal from the start, with its record and a change.
+        let mut build = |_last: Option<(String, Vec<u8>)>| Ok(vec![w(LOG, "07", b"g")]);
+        let removal = Removal {
+            table: LOG,
+            from: "01".into(),
+            to: "04".into(),
+        };
+        store
+            .append_with(LOG, &mut build, std::slice::from_ref(&removal))
+            .unwrap();
+        let rest = entries(&[("05", "E"), ("06", "f"), ("07", "g")]);
+        assert_eq!(store.scan(LOG).unwrap(), rest);
+        assert_eq!(store.range(LOG, "", 1).unwrap(), rest[..1].to_vec());
+        drop(store);
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.scan(LOG).unwrap(), rest);
+        assert_eq!(snapshot(&store), rest);
+        // Only from the start.
+        let middle = Removal {
+            table: LOG,
+            from: "06".into(),
+            to: "06".into(),
+        };
+        let err = store.write_all_removing(&[], &[middle]).unwrap_err();
+        assert!(err.to_string().contains("only from its start"), "{err}");
+        assert_eq!(store.scan(LOG).unwrap(), rest);
+    }
+
+    /// What an append's build sees as the last entry is the greatest of both places.
+    #[test]
+    fn an_append_follows_the_last_entry_wherever_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("kms.redb")).unwrap();
+        let mut seen = Vec::new();
+        for (i, also) in [false, true, false, false, true, true, false]
+            .into_iter()
+            .enumerate()
+        {
+            let key = format!("{:02}", i + 1);
+            let extra = if also {
+                vec![w(KEYS, &key, b"x")]
+            } else {
+                vec![]
+            };
+            let mut build = |last: Option<(String, Vec<u8>)>| {
+                seen.push(last.map(|(k, _)| k));
+                let mut writes = extra.clone();
+                writes.push(w(LOG, &key, key.as_bytes()));
+                Ok(writes)
+            };
+            store.append_with(LOG, &mut build, &[]).unwrap();
+        }
+        let expected: Vec<Option<String>> =
+            (0..7).map(|i| (i > 0).then(|| format!("{i:02}"))).collect();
+        assert_eq!(seen, expected);
+        // A build that fails writes nothing.
+        let mut failing = |_| Err(StoreError::Settings("no".into()));
+        assert!(store.append_with(LOG, &mut failing, &[]).is_err());
+        assert_eq!(store.scan(LOG).unwrap().len(), 7);
     }
 }

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 mod config;
 mod embedded;
 mod feed;
+mod log;
 mod postgres;
 
 pub(crate) use config::StorageConfig;
@@ -29,6 +30,7 @@ pub use postgres::{PgSettings, PgStore, SecretSource};
 pub struct Table {
     name: &'static str,
     follow: Follow,
+    log: bool,
 }
 
 /// Whether servers sharing a store follow a table's changes.
@@ -50,7 +52,25 @@ impl Table {
     /// `const` items).
     pub const fn new(name: &'static str, follow: Follow) -> Self {
         assert!(valid_name(name), "a table name is 1 to 40 of [a-z_]");
-        Self { name, follow }
+        Self {
+            name,
+            follow,
+            log: false,
+        }
+    }
+
+    /// An append-only table named `name` (the audit log): written only by
+    /// [`Store::append_with`] in increasing key order, and removed only from its start.
+    /// The embedded store keeps such a table's appends in an append-only file (one write
+    /// and one `fdatasync` per append instead of a B-tree transaction); every reader sees
+    /// one table, in key order, as for any other. Never followed by other servers.
+    pub const fn log(name: &'static str) -> Self {
+        assert!(valid_name(name), "a table name is 1 to 40 of [a-z_]");
+        Self {
+            name,
+            follow: Follow::Never,
+            log: true,
+        }
     }
 
     /// The table's name (redb's table, PostgreSQL's `kms_` + name, a backup's section).
@@ -61,6 +81,11 @@ impl Table {
     /// Whether servers sharing a store follow its changes.
     pub fn followed(self) -> bool {
         matches!(self.follow, Follow::Changes)
+    }
+
+    /// Whether it is an append-only table ([`Table::log`]).
+    pub fn is_log(self) -> bool {
+        self.log
     }
 }
 
