@@ -4,6 +4,7 @@ import json
 import sys
 
 results_path, table_path, svg_path = sys.argv[1:4]
+fsync_path = sys.argv[4] if len(sys.argv) > 4 else None
 rows = [json.loads(line) for line in open(results_path) if line.strip()]
 by = {(r["target"], r["op"], r["concurrency"]): r for r in rows}
 ops = []
@@ -29,6 +30,22 @@ for op in ops:
             f"{ratio:.2f} | {e['p99_us'] / 1000:.2f} ms | {k['p99_us'] / 1000:.2f} ms | {p99:.1f}x | "
             f"{'-' if cpu is None else f'{cpu:.3f}'} | {k['errors'] + e['errors']} |"
         )
+# Concurrency 1: kms's p50 against the echo's plus one fdatasync of one page.
+if fsync_path:
+    fsync = json.load(open(fsync_path))["fdatasync_p50_us"]
+    lines.append("")
+    lines.append(f"One fdatasync of one page on the store's file system: p50 {fsync:.0f} us.")
+    lines.append("")
+    lines.append("| operation | echo p50, c1 | kms p50, c1 | echo p50 + fdatasync | kms within it |")
+    lines.append("|---|---|---|---|---|")
+    for op in ops:
+        e, k = by.get(("echo", op, 1)), by.get(("kms", op, 1))
+        if e and k:
+            bound = e["p50_us"] + fsync
+            lines.append(
+                f"| {op} | {e['p50_us']:.0f} us | {k['p50_us']:.0f} us | {bound:.0f} us | "
+                f"{'yes' if k['p50_us'] <= bound else 'no'} ({k['p50_us'] / bound:.2f}x) |"
+            )
 open(table_path, "w").write("\n".join(lines) + "\n")
 
 # The chart: one panel per operation, throughput (bars) and p99 (text) per concurrency.
