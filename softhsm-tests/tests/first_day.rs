@@ -164,6 +164,7 @@ fn starting_over_on_the_same_token_says_it_found_a_master_key() {
     let store = hsm.path().join("kms.redb");
     std::fs::remove_file(&store).unwrap();
     let _ = std::fs::remove_file(hsm.path().join("kms.redb.id"));
+    std::fs::remove_dir_all(hsm.path().join("kms.redb.audit")).unwrap();
     let server = hsm.start();
     let again = server.init(3, 2, "");
     assert_eq!(again.code, Some(0), "{again:?}");

@@ -905,14 +905,18 @@ async fn a_drill_at_the_same_path_on_another_host_is_not_production() {
     let (backup, audit_key) = backup_of(&hsm, &prod, "p.backup");
     let prod_instance = status(&prod)["instance_id"].as_str().unwrap().to_owned();
     assert!(prod.terminate().success());
-    // Production's store lives on on its own host: its file and identity set aside here.
+    // Production's store lives on on its own host: its files (the redb file, its identity,
+    // the audit log's append-only files) set aside here.
     let store = hsm.path().join("kms.redb");
     let id = hsm.path().join("kms.redb.id");
+    let audit = hsm.path().join("kms.redb.audit");
     assert!(id.is_file(), "the store has its identity file");
+    assert!(audit.is_dir(), "the store has its audit log's files");
     let prod_host = hsm.path().join("production-host");
     std::fs::create_dir(&prod_host).unwrap();
     std::fs::rename(&store, prod_host.join("kms.redb")).unwrap();
     std::fs::rename(&id, prod_host.join("kms.redb.id")).unwrap();
+    std::fs::rename(&audit, prod_host.join("kms.redb.audit")).unwrap();
 
     // The drill host: the same configuration; the store writer deletes the marker.
     restore(&backup, &config, &audit_key);
@@ -934,6 +938,8 @@ async fn a_drill_at_the_same_path_on_another_host_is_not_production() {
     // Production comes back on its own host's files, whole.
     std::fs::rename(prod_host.join("kms.redb"), &store).unwrap();
     std::fs::rename(prod_host.join("kms.redb.id"), &id).unwrap();
+    std::fs::remove_dir_all(&audit).unwrap();
+    std::fs::rename(prod_host.join("kms.redb.audit"), &audit).unwrap();
     let prod = hsm.try_start(&config, &[]).unwrap();
     assert_eq!(status(&prod)["instance_id"], prod_instance.as_str());
     prod.unseal_with(&shares);

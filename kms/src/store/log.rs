@@ -366,6 +366,19 @@ impl FileLog {
             }
         }
         numbers.sort_unstable();
+        // A crash while a segment was being started can leave the newest file without its
+        // whole header (and so without an entry): it is removed.
+        if let Some(&n) = numbers.last() {
+            let path = segment_path(dir, n);
+            let head = std::fs::read(&path).map_err(err)?;
+            if head.len() < MAGIC.len()
+                && (MAGIC.starts_with(&head) || head.iter().all(|&b| b == 0))
+            {
+                std::fs::remove_file(&path).map_err(err)?;
+                sync_dir(dir).map_err(err)?;
+                numbers.pop();
+            }
+        }
         let mut segments = Vec::new();
         for &n in &numbers {
             let path = segment_path(dir, n);
@@ -844,12 +857,32 @@ mod tests {
         ));
     }
 
+    /// A crash between making a new segment file and writing its header leaves it empty
+    /// or with part of its header: it is removed, and appending goes on after the entries
+    /// of the segment before it.
+    #[test]
+    fn a_segment_started_but_not_written_is_removed() {
+        for partial in [&b""[..], &MAGIC[..3], &[0u8; 5][..]] {
+            let dir = tempfile::tempdir().unwrap();
+            let at = dir.path().join("kms.redb.audit");
+            let log = FileLog::open(&at, None).unwrap();
+            append(&log, 1, 5);
+            drop(log);
+            std::fs::write(segment_path(&at, 2), partial).unwrap();
+            let log = FileLog::open(&at, None).unwrap();
+            assert!(!segment_path(&at, 2).exists());
+            assert_eq!(log.view().last(), Some((key(5), value(5))));
+            append(&log, 6, 6);
+            assert_eq!(all(&log), expect(1, 6));
+        }
+    }
+
     #[test]
     fn a_file_that_is_not_a_segment_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let at = dir.path().join("kms.redb.audit");
         drop(FileLog::open(&at, None).unwrap());
-        std::fs::write(segment_path(&at, 1), b"not a log").unwrap();
+        std::fs::write(segment_path(&at, 1), b"not a log segment").unwrap();
         let err = FileLog::open(&at, None).unwrap_err().to_string();
         assert!(err.contains("is not a kms log segment"), "{err}");
     }

@@ -1011,7 +1011,8 @@ impl Store for PgStore {
                 let mut conn = get(&pool, op).await?;
                 let client = conn.client(op)?;
                 let tx = client.transaction().await.map_err(db(op))?;
-                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])
+                let lock = tx
+                    .prepare_cached("SELECT pg_advisory_xact_lock($1)")
                     .await
                     .map_err(db(op))?;
                 let sql = format!(
@@ -1019,11 +1020,19 @@ impl Store for PgStore {
                     table_name(table)
                 );
                 let stmt = tx.prepare_cached(&sql).await.map_err(db(op))?;
-                let last = tx
-                    .query_opt(&stmt, &[])
-                    .await
-                    .map_err(db(op))?
-                    .map(|r| (r.get(0), r.get(1)));
+                // The lock and the read of the last entry, sent together (tokio-postgres
+                // pipelines concurrent requests; `biased`: the lock is polled, and so sent,
+                // first): one round trip less while the lock is held. The database runs
+                // them in order, and the read, a statement of its own, takes its snapshot
+                // once the lock is granted (READ COMMITTED), so it sees every append
+                // committed before.
+                let (locked, last) = tokio::join!(
+                    biased;
+                    tx.execute(&lock, &[&APPEND_LOCK]),
+                    tx.query_opt(&stmt, &[])
+                );
+                locked.map_err(db(op))?;
+                let last = last.map_err(db(op))?.map(|r| (r.get(0), r.get(1)));
                 if last_tx.send(Ok(last)).is_err() {
                     return Ok(());
                 }
