@@ -171,9 +171,81 @@ impl RedbStore {
         let floor = self
             .redb_get(LOG_FLOORS, table.name())?
             .map(|b| String::from_utf8_lossy(&b).into_owned());
-        let log = Arc::new(FileLog::open(&log_dir(&self.path, table), floor)?);
+        let dir = log_dir(&self.path, table);
+        let token = self.redb_get(LOG_FLOORS, &owner_key(table))?;
+        if token.is_some() && !dir.exists() {
+            return Err(StoreError::LogDamaged {
+                path: dir,
+                offset: 0,
+                what: "the store's append-only audit files are missing (a store is its redb file, its .id and this directory, moved and copied together)",
+            });
+        }
+        let log = Arc::new(FileLog::open(&dir, floor)?);
+        // The files belong to this redb file: a directory left from another store, or a
+        // redb file copied without its own, is refused rather than continued.
+        let owner = match std::fs::read(dir.join(OWNER_FILE)) {
+            Ok(bytes) => Some(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io("open the log")(redb::Error::Io(e))),
+        };
+        if log.view().has_files() && (token.is_none() || owner != token) {
+            return Err(StoreError::LogDamaged {
+                path: dir,
+                offset: 0,
+                what: "the append-only audit files belong to another store than this redb file",
+            });
+        }
         logs.insert(table.name(), Arc::clone(&log));
         Ok(Some(log))
+    }
+
+    /// Ties `log`'s directory to this redb file before its first segment is made: a
+    /// random token in the redb file and in the directory's `OWNER` file.
+    fn tie(&self, table: Table, log: &FileLog) -> Result<(), StoreError> {
+        let op = "open the log";
+        if log.view().has_files() {
+            return Ok(());
+        }
+        let token = match self.redb_get(LOG_FLOORS, &owner_key(table))? {
+            Some(token) => token,
+            None => {
+                let mut bytes = [0u8; 16];
+                getrandom::fill(&mut bytes)
+                    .map_err(|_| StoreError::Settings("the random source failed".into()))?;
+                let token = data_encoding::HEXLOWER.encode(&bytes).into_bytes();
+                self.put(LOG_FLOORS, &owner_key(table), &token)?;
+                token
+            }
+        };
+        let dir = log_dir(&self.path, table);
+        let written = (|| {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(dir.join(OWNER_FILE))?;
+            file.write_all(&token)?;
+            file.sync_all()?;
+            std::fs::File::open(&dir)?.sync_all()
+        })();
+        written.map_err(|e| io(op)(redb::Error::Io(e)))
+    }
+
+    /// A log table's files and a redb read transaction, both as of one moment.
+    fn read_both(
+        &self,
+        table: Table,
+    ) -> Result<(Option<super::log::View>, redb::ReadTransaction), StoreError> {
+        use redb::ReadableDatabase;
+        let op = "read";
+        let log = self.log(table)?;
+        let _appending = log.as_ref().map(|l| l.lock());
+        let view = log.as_ref().map(|l| l.view());
+        let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
+        Ok((view, txn))
     }
 
     fn redb_get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -230,16 +302,28 @@ impl RedbStore {
             let Some(log) = self.log(r.table)? else {
                 continue;
             };
-            if log
-                .first_key()?
-                .is_some_and(|first| r.from.as_str() > first.as_str())
-            {
+            let first = [
+                log.view().first_key()?,
+                self.redb_range(r.table, "", 1)?
+                    .into_iter()
+                    .next()
+                    .map(|(k, _)| k),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            if first.is_some_and(|first| r.from.as_str() > first.as_str()) {
                 return Err(StoreError::Settings(format!(
                     "the log table {} is removed only from its start",
                     r.table.name()
                 )));
             }
-            floors.push((log, r.table, r.to.clone()));
+            // A floor never goes down.
+            let stored = self
+                .redb_get(LOG_FLOORS, r.table.name())?
+                .map(|b| String::from_utf8_lossy(&b).into_owned());
+            let floor = stored.filter(|f| f > &r.to).unwrap_or_else(|| r.to.clone());
+            floors.push((log, r.table, floor));
         }
         Ok(floors)
     }
@@ -296,7 +380,11 @@ impl RedbStore {
         }
         txn.commit().map_err(|e| io(op)(e.into()))?;
         for (log, _, floor) in floors {
-            log.set_floor(&floor);
+            // The floor is durable and readers already see it; deleting the segments
+            // below it is housekeeping, done again at the next start.
+            if let Err(e) = log.set_floor(&floor) {
+                tracing::error!(error = %crate::error_chain(&e), "archived log segments were not deleted");
+            }
         }
         Ok(())
     }
@@ -314,6 +402,9 @@ impl RedbStore {
         removals: &[Removal],
     ) -> Result<(), StoreError> {
         let mut appender = log.lock();
+        // After a failure only a restart clears, nothing more is appended to the table,
+        // in the files or in the redb file.
+        appender.usable()?;
         let last = later(log.view().last(), self.redb_last(table)?);
         let after = last.as_ref().map(|(k, _)| k.clone());
         let writes = build(last)?;
@@ -324,6 +415,7 @@ impl RedbStore {
             previous = Some(&w.key);
         }
         if removals.is_empty() && increasing {
+            self.tie(table, log)?;
             return log.append(&mut appender, &writes);
         }
         self.commit("append", None, &writes, removals)
@@ -370,10 +462,9 @@ impl Store for RedbStore {
     }
 
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        use redb::{ReadableDatabase, ReadableTable};
+        use redb::ReadableTable;
         let op = "scan";
-        let view = self.log(table)?.map(|log| log.view());
-        let txn = self.db.begin_read().map_err(|e| io(op)(e.into()))?;
+        let (view, txn) = self.read_both(table)?;
         let mut out = Vec::new();
         if let Some(t) = open_read(&txn, table, op)? {
             for item in t.iter().map_err(|e| io(op)(e.into()))? {
@@ -444,34 +535,38 @@ impl Store for RedbStore {
             logs.iter().map(|(t, l)| (t.name(), l.view())).collect();
         drop(guards);
         for &table in tables {
-            let mut stored = Vec::new();
-            if let Some(t) = open_read(&txn, table, op)? {
-                for item in t.iter().map_err(|e| io(op)(e.into()))? {
-                    let (k, v) = item.map_err(|e| io(op)(e.into()))?;
-                    match views.get(table.name()) {
-                        // Merged with the files below (a log table's redb part is small).
-                        Some(_) => stored.push((k.value().to_owned(), v.value().to_vec())),
-                        None => each(table, k.value(), v.value())?,
-                    }
+            let Some(t) = open_read(&txn, table, op)? else {
+                if let Some(view) = views.get(table.name()) {
+                    view.each_from("", |k, v| each(table, &k, &v).map(|()| true))?;
                 }
-            }
-            let Some(view) = views.get(table.name()) else {
                 continue;
             };
-            // The files streamed, the redb entries slotted in by key (they win a tie).
-            let mut stored = stored.into_iter().peekable();
+            let mut stored = t.iter().map_err(|e| io(op)(e.into()))?.peekable();
+            let Some(view) = views.get(table.name()) else {
+                for item in stored {
+                    let (k, v) = item.map_err(|e| io(op)(e.into()))?;
+                    each(table, k.value(), v.value())?;
+                }
+                continue;
+            };
+            // The files streamed, the redb entries slotted in by key (they win a tie),
+            // neither held whole in memory.
             view.each_from("", |k, v| {
-                while let Some((sk, sv)) = stored.next_if(|(sk, _)| sk.as_str() <= k.as_str()) {
-                    each(table, &sk, &sv)?;
-                    if sk == k {
+                while let Some(item) =
+                    stored.next_if(|i| i.as_ref().map_or(true, |(sk, _)| sk.value() <= k.as_str()))
+                {
+                    let (sk, sv) = item.map_err(|e| io(op)(e.into()))?;
+                    each(table, sk.value(), sv.value())?;
+                    if sk.value() == k {
                         return Ok(true);
                     }
                 }
                 each(table, &k, &v)?;
                 Ok(true)
             })?;
-            for (sk, sv) in stored {
-                each(table, &sk, &sv)?;
+            for item in stored {
+                let (k, v) = item.map_err(|e| io(op)(e.into()))?;
+                each(table, k.value(), v.value())?;
             }
         }
         Ok(())
@@ -495,12 +590,16 @@ impl Store for RedbStore {
         start: &str,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let view = self.log(table)?.map(|log| log.view());
-        let stored = self.redb_range(table, start, limit)?;
-        match view {
-            Some(view) => Ok(merge(stored, view.range(start, limit)?, limit)),
-            None => Ok(stored),
-        }
+        let Some(log) = self.log(table)? else {
+            return self.redb_range(table, start, limit);
+        };
+        // Both as of one moment (no append between): a record appended to the files
+        // while a later one went to the redb file is never missed.
+        let (view, stored) = {
+            let _appending = log.lock();
+            (log.view(), self.redb_range(table, start, limit)?)
+        };
+        Ok(merge(stored, view.range(start, limit)?, limit))
     }
 
     fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StoreError> {
@@ -515,6 +614,15 @@ impl Store for RedbStore {
         })
         .map(|_| ())
     }
+}
+
+/// The file in a log table's directory naming the redb file it belongs to.
+const OWNER_FILE: &str = "OWNER";
+
+/// The key, in `LOG_FLOORS`, of the token that ties a log table's directory to the redb
+/// file.
+fn owner_key(table: Table) -> String {
+    format!("{}.owner", table.name())
 }
 
 /// The directory of a log table's files: `STORE.TABLE` beside the redb file.
@@ -813,5 +921,49 @@ mod tests {
         let mut failing = |_| Err(StoreError::Settings("no".into()));
         assert!(store.append_with(LOG, &mut failing, &[]).is_err());
         assert_eq!(store.scan(LOG).unwrap().len(), 7);
+    }
+
+    /// The files belong to their redb file: a redb file without its directory, or a
+    /// directory left by another store, is refused, never continued.
+    #[test]
+    fn a_log_directory_belongs_to_its_redb_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms.redb");
+        let store = RedbStore::open(&path).unwrap();
+        append(&store, &[("01", "a")], &[]);
+        drop(store);
+        // The redb file copied without its directory.
+        let elsewhere = dir.path().join("copy");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::copy(&path, elsewhere.join("kms.redb")).unwrap();
+        let copy = RedbStore::open(&elsewhere.join("kms.redb")).unwrap();
+        let err = copy.last(LOG).unwrap_err();
+        assert!(matches!(err, StoreError::LogDamaged { .. }), "{err:?}");
+        assert!(err.to_string().contains("missing"), "{err}");
+        drop(copy);
+        // A new store at the first one's path, its directory left behind.
+        std::fs::remove_file(&path).unwrap();
+        let fresh = RedbStore::open(&path).unwrap();
+        let err = fresh.scan(LOG).unwrap_err();
+        assert!(err.to_string().contains("another store"), "{err}");
+    }
+
+    /// A removal with a lower last key never lowers the floor.
+    #[test]
+    fn a_log_floor_never_goes_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms.redb");
+        let store = RedbStore::open(&path).unwrap();
+        append(&store, &[("01", "a"), ("02", "b"), ("03", "c"), ("04", "d")], &[]);
+        let remove = |to: &str| Removal {
+            table: LOG,
+            from: String::new(),
+            to: to.into(),
+        };
+        store.write_all_removing(&[], &[remove("03")]).unwrap();
+        store.write_all_removing(&[], &[remove("01")]).unwrap();
+        drop(store);
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.scan(LOG).unwrap(), entries(&[("04", "d")]));
     }
 }

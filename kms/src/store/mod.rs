@@ -173,6 +173,19 @@ pub enum StoreError {
     /// The `[storage]` settings cannot be used (URL, password source, CA file).
     #[error("storage: {0}")]
     Settings(String),
+    /// The audit log's append-only files (docs/audit.md) are damaged in a way a crash does
+    /// not explain, missing, or another store's: kms cuts, skips and continues nothing.
+    #[error(
+        "the audit log's file {path} cannot be used (at byte {offset}): {what}. Nothing was cut or skipped: see docs/audit.md, \"The embedded store's append-only files\""
+    )]
+    LogDamaged {
+        /// The file or directory.
+        path: PathBuf,
+        /// Where in it.
+        offset: u64,
+        /// What is wrong.
+        what: &'static str,
+    },
     /// A read or write failed.
     #[error("store {op} failed")]
     Io {

@@ -1010,7 +1010,14 @@ impl Store for PgStore {
             let work = async {
                 let mut conn = get(&pool, op).await?;
                 let client = conn.client(op)?;
-                let tx = client.transaction().await.map_err(db(op))?;
+                // READ COMMITTED whatever the database's default: the read below must
+                // take its snapshot after the lock is granted.
+                let tx = client
+                    .build_transaction()
+                    .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+                    .start()
+                    .await
+                    .map_err(db(op))?;
                 let lock = tx
                     .prepare_cached("SELECT pg_advisory_xact_lock($1)")
                     .await
