@@ -64,11 +64,11 @@ impl Keyring {
             forgot: Mutex::new(None),
         };
         keyring.complete_index()?;
-        keyring.sweep_orphans();
         tracing::info!(
             cache_keys = keyring.settings.cache_keys,
-            "keyring opened: keys are read and checked at their first use; the verification walk checks every record in the background"
+            "keyring loaded: no key read yet (each is read and checked at its first use; the verification walk checks every record in the background)"
         );
+        keyring.sweep_orphans();
         Ok(keyring)
     }
 
