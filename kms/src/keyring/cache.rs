@@ -18,9 +18,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-/// How long "no such key" is remembered: a name that does not exist costs one store read
-/// per this long, however often it is asked for, and a key another server makes is seen
-/// within it at worst (its notification evicts the entry sooner).
+/// How long "no such key" is remembered on a store only this server writes (where a key
+/// it makes replaces the entry at once): a name that does not exist costs one store read
+/// per this long, however often it is asked for. On a shared store an absence is not
+/// remembered (`Keyring::load_key`).
 pub(super) const ABSENT_FOR: Duration = Duration::from_secs(1);
 
 /// What the store said about one name.

@@ -415,8 +415,8 @@ impl Keyring {
         let started = self.lag.seq();
         let Some(bytes) = self.store.get(crate::keyring::KEYS, name)? else {
             self.walk.unschedule(name);
-            self.keys
-                .replace(name, cache::Cached::Absent(std::time::Instant::now()));
+            // Not remembered as absent: on a shared store it may be made at any moment.
+            self.keys.evict(name);
             self.lag.applied(
                 &StoreChange::Entry(crate::keyring::KEYS, name.to_owned()),
                 started,

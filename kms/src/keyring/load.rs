@@ -90,7 +90,11 @@ impl Keyring {
                 Err(e) => return Err(e),
             },
         };
-        self.keys.insert_loaded(name, found.clone(), epoch);
+        // On a shared store another server may make the key at any moment: an absence is
+        // not remembered there (a name met and not known is read again each time).
+        if !(self.store.shared() && matches!(found, cache::Cached::Absent(_))) {
+            self.keys.insert_loaded(name, found.clone(), epoch);
+        }
         Ok(found)
     }
 
