@@ -115,6 +115,10 @@ struct Args {
     /// the unseal: the lazy keyring's cold path).
     #[arg(long)]
     spread: Option<u64>,
+    /// Where in `--spread`'s order this run starts (another run's keys are then not
+    /// reused, as long as the two runs' calls do not overlap).
+    #[arg(long, default_value_t = 0)]
+    spread_start: u64,
     /// Create this many keys with a grant each, then exit (see above).
     #[arg(long)]
     populate: Option<usize>,
@@ -234,7 +238,7 @@ async fn call(
             // A multiplier prime to every N this takes (not a multiple of 7919): i -> i * P
             // mod N visits every key once in N calls.
             static NEXT: AtomicU64 = AtomicU64::new(0);
-            let i = NEXT.fetch_add(1, Ordering::Relaxed);
+            let i = NEXT.fetch_add(1, Ordering::Relaxed) + args.spread_start;
             format!("{}{:06}", args.key, i.wrapping_mul(7919) % n)
         }
         _ => args.key.clone(),

@@ -275,6 +275,25 @@ mod tests {
         assert!(c.read().ring.len() <= 20);
     }
 
+    /// What the cache drops is dropped (a key entry's secrets zeroize on drop): nothing
+    /// evicted, replaced or cleared is kept alive by the cache.
+    #[test]
+    fn an_evicted_value_is_dropped() {
+        let c: Cache<std::sync::Arc<u32>> = Cache::new(2);
+        let v = std::sync::Arc::new(7);
+        c.insert_loaded("a", Cached::Found(std::sync::Arc::clone(&v)), c.epoch());
+        assert_eq!(std::sync::Arc::strong_count(&v), 2);
+        c.insert_loaded("b", Cached::Found(std::sync::Arc::new(1)), c.epoch());
+        c.insert_loaded("c", Cached::Found(std::sync::Arc::new(2)), c.epoch());
+        assert_eq!(std::sync::Arc::strong_count(&v), 1);
+        c.replace("b", Cached::Found(std::sync::Arc::clone(&v)));
+        c.replace("b", Cached::Tampered);
+        assert_eq!(std::sync::Arc::strong_count(&v), 1);
+        c.replace("c", Cached::Found(std::sync::Arc::clone(&v)));
+        c.clear();
+        assert_eq!(std::sync::Arc::strong_count(&v), 1);
+    }
+
     #[test]
     fn an_absence_is_remembered_for_a_moment() {
         let c: Cache<u32> = Cache::new(10);
