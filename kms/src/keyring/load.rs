@@ -60,6 +60,7 @@ impl Keyring {
             settings,
             grants: cache::Cache::new(settings.cache_keys),
             walk: super::walk::Walk::default(),
+            reservations: super::reserve::Reservations::default(),
             lag: follow::Lag::default(),
             forgot: Mutex::new(None),
         };
@@ -291,6 +292,7 @@ impl Keyring {
             public,
             counter: AtomicU64::new(reserved),
             reserved: AtomicU64::new(reserved),
+            reserving: Mutex::new(()),
         }))
     }
 

@@ -220,6 +220,9 @@ pub(crate) struct VersionMaterial {
     pub counter: AtomicU64,
     /// The count up to which the store has a reservation (see `Keyring::encrypt`).
     pub reserved: AtomicU64,
+    /// Held while this version reserves more (on a store only this server writes; on a
+    /// shared one the keyring's change lock is).
+    pub reserving: std::sync::Mutex<()>,
 }
 
 impl VersionMaterial {

@@ -43,6 +43,7 @@ pub mod material;
 pub mod model;
 mod pregen;
 pub(crate) mod requests;
+mod reserve;
 mod walk;
 pub mod wrap;
 
@@ -177,6 +178,8 @@ pub struct Keyring {
     grants: cache::Cache<Arc<[Grant]>>,
     /// What the background walk found (`keyring::walk`), and the maintenance schedule.
     walk: walk::Walk,
+    /// Nonce-budget reservations committed in groups (`keyring::reserve`).
+    reservations: reserve::Reservations,
     /// Changes other servers made that this one has heard of and not applied yet
     /// (`keyring::follow`).
     lag: follow::Lag,
