@@ -1,5 +1,5 @@
 //! Following a shared store: what other servers committed (keys, versions, grants) is
-//! reloaded from the store, checked as at unseal, and published, so that every server
+//! reloaded from the store, checked as at a first use, and published, so that every server
 //! uses it within the time a notification takes; and what a call meets that this server
 //! does not know yet (a key, a newer version) is looked up at once.
 //!
