@@ -41,7 +41,7 @@ pub(super) fn each_page(
 impl Keyring {
     /// Opens the keyring: no key is read (each is at its first use), the index is built
     /// if the store predates it, and orphan HSM objects are swept. Call
-    /// [`Keyring::start_walk`] once it is shared.
+    /// `Keyring::start_walk` once it is shared.
     pub fn load(
         barrier: Arc<Barrier>,
         hsm: Arc<Hsm>,
