@@ -1876,3 +1876,49 @@ async fn more_keys_than_the_cache_holds() {
     let logs = hsm.logs();
     assert!(logs.contains("keyring loaded: no key read yet"), "{logs}");
 }
+
+/// A rotation that comes due while the server is down is made after the unseal, though no
+/// key is read at the unseal: the verification walk finds it due, without any call on the
+/// key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_due_while_down_is_made_after_the_unseal() {
+    let hsm = TestHsm::new("kms-due-walk");
+    let config = keyring_config(&hsm, "[keyring]\nmaintenance_interval_seconds = 1\n");
+    let (mut server, shares) = start_unsealed(&hsm, &config);
+    let mut c = server.keys().await;
+    c.create_key(pb::CreateKeyRequest {
+        name: "rotating".into(),
+        algorithm: pb::Algorithm::Aes256Gcm as i32,
+        protection_level: pb::ProtectionLevel::Software as i32,
+        rotation_period_seconds: 3,
+        labels: Default::default(),
+        origin: 0,
+    })
+    .await
+    .unwrap();
+    drop(c);
+    server.terminate();
+    let rotated_before = hsm.logs().matches("key rotated").count();
+    std::thread::sleep(std::time::Duration::from_secs(4));
+
+    let server = hsm.try_start(&config, &[]).unwrap();
+    server.unseal_with(&shares);
+    let t0 = std::time::Instant::now();
+    while hsm.logs().matches("key rotated").count() == rotated_before {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "the due rotation was never made: {}",
+            hsm.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mut c = server.keys().await;
+    let key = c
+        .get_key(pb::GetKeyRequest {
+            name: "rotating".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(key.primary_version >= 2, "{key:?}");
+}
