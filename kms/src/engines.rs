@@ -44,13 +44,15 @@ pub(crate) const ENGINES: &[Kind] = &[Kind {
     name: "keyring",
     tables: crate::keyring::TABLES,
     open: |o| {
-        Ok(Arc::new(crate::keyring::Keyring::load(
+        let keyring = Arc::new(crate::keyring::Keyring::load(
             Arc::clone(o.barrier),
             Arc::clone(o.hsm),
             Arc::clone(o.store),
             Arc::new(o.audit.clone()),
             o.keyring,
-        )?))
+        )?);
+        keyring.start_walk();
+        Ok(keyring)
     },
 }];
 

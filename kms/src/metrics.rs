@@ -95,6 +95,8 @@ pub(crate) struct Metrics {
     pub(crate) hsm_available: Gauge,
     sealed: Gauge,
     keys: Gauge,
+    /// Key and grant records that failed authentication in the keyring's last walk.
+    keyring_tampered_records: Gauge,
     /// Changes other servers made that this one heard of and has not applied.
     keyring_changes_unapplied: Gauge,
     /// 1 while this server refuses keys because it has not applied another server's change.
@@ -225,7 +227,17 @@ impl Metrics {
             sealed.clone(),
         );
         let keys = Gauge::default();
-        registry.register("keys", "Keys in the keyring (0 while sealed)", keys.clone());
+        registry.register(
+            "keys",
+            "Keys in the keyring as its verification walk counted them, plus those created since (0 while sealed)",
+            keys.clone(),
+        );
+        let keyring_tampered_records = Gauge::default();
+        registry.register(
+            "keyring_tampered_records",
+            "Key and grant records that failed authentication (the store was altered) in the keyring's last verification walk; each is refused",
+            keyring_tampered_records.clone(),
+        );
         let keyring_changes_unapplied = Gauge::default();
         registry.register(
             "keyring_changes_unapplied",
@@ -297,6 +309,7 @@ impl Metrics {
             hsm_available,
             sealed,
             keys,
+            keyring_tampered_records,
             keyring_changes_unapplied,
             keyring_behind,
             keyring_follow_failures,
@@ -366,6 +379,8 @@ impl Metrics {
     pub(crate) fn encode(&self, live: &Live) -> String {
         self.sealed.set(i64::from(live.sealed));
         self.keys.set(i64::try_from(live.keys).unwrap_or(i64::MAX));
+        self.keyring_tampered_records
+            .set(i64::try_from(live.tampered).unwrap_or(i64::MAX));
         self.keyring_changes_unapplied
             .set(i64::try_from(live.unapplied).unwrap_or(i64::MAX));
         self.keyring_behind.set(i64::from(live.behind));
@@ -391,6 +406,8 @@ pub(crate) struct Live {
     pub(crate) sealed: bool,
     /// Keys in the keyring (0 while sealed).
     pub(crate) keys: usize,
+    /// Records that failed authentication in the keyring's last verification walk.
+    pub(crate) tampered: usize,
     /// Changes of a shared store heard and not applied yet.
     pub(crate) unapplied: usize,
     /// The keyring refuses calls until it has caught up.

@@ -248,6 +248,7 @@ fn live(seal: &SealManager) -> crate::metrics::Live {
     crate::metrics::Live {
         sealed: !seal.is_unsealed(),
         keys: keyring.as_ref().map_or(0, |k| k.key_count()),
+        tampered: keyring.as_ref().map_or(0, |k| k.tampered_records()),
         unapplied: following.map_or(0, |f| f.unapplied),
         behind: following.is_some_and(|f| f.behind),
     }

@@ -1123,7 +1123,7 @@ async fn bad_input_gets_clear_typed_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_edited_on_disk_is_refused() {
     let hsm = TestHsm::new("kms-tamper");
-    let config = keyring_config(&hsm, "");
+    let config = keyring_config(&hsm, "[metrics]\nlisten = \"127.0.0.1:0\"\n");
     let (mut server, shares) = start_unsealed(&hsm, &config);
     let mut c = server.keys().await;
     create(
@@ -1194,6 +1194,25 @@ async fn a_store_edited_on_disk_is_refused() {
         PLAINTEXT
     );
     assert!(hsm.logs().contains("failed authentication"));
+    // The key is refused at its first use (above); the verification walk that follows the
+    // unseal reports it too, by name in the log and in a metric, whether used or not.
+    let t0 = std::time::Instant::now();
+    while !hsm.logs().contains("keyring verification walk done") {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "no walk");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let logs = hsm.logs();
+    assert!(
+        logs.contains("key=victim") && logs.contains("found by the keyring's verification walk"),
+        "{logs}"
+    );
+    assert!(logs.contains("tampered_keys=1"), "{logs}");
+    let (code, metrics) = softhsm_tests::http_get(server.metrics.as_deref().unwrap());
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("kms_keyring_tampered_records 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1776,4 +1795,130 @@ async fn a_destruction_the_token_refuses_is_retried_until_it_is_confirmed() {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     assert!(hsm.labels(&v1).is_empty(), "destroyed and gone");
+}
+
+/// The keyring holds at most `[keyring] cache_keys` keys (and as many keys' grant lists)
+/// prepared in memory: with more keys than that, each is read again at its next use and
+/// serves as before; a revocation holds whether the key's grants were cached or not; the
+/// list of keys pages through the store; and after a restart (nothing read at the unseal)
+/// every key answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_keys_than_the_cache_holds() {
+    let hsm = TestHsm::new("kms-small-cache");
+    let config = keyring_config(&hsm, "[keyring]\ncache_keys = 16\n");
+    let (mut server, shares) = start_unsealed(&hsm, &config);
+    let mut c = server.keys().await;
+    let names: Vec<String> = (0..40).map(|i| format!("k{i:02}")).collect();
+    let mut grants = Vec::new();
+    for name in &names {
+        c.create_key(pb::CreateKeyRequest {
+            name: name.clone(),
+            algorithm: pb::Algorithm::Aes256Gcm as i32,
+            protection_level: pb::ProtectionLevel::Software as i32,
+            rotation_period_seconds: 0,
+            labels: Default::default(),
+            origin: 0,
+        })
+        .await
+        .unwrap();
+        grants.push(server.grant_all(name).await);
+    }
+    let mut cts = Vec::new();
+    for name in &names {
+        cts.push(encrypt(&mut c, name, PLAINTEXT, AAD).await.0);
+    }
+    // Every key was evicted at least once since it encrypted.
+    for (name, ct) in names.iter().zip(&cts) {
+        assert_eq!(decrypt(&mut c, name, ct, AAD).await.unwrap().0, PLAINTEXT);
+    }
+    // k00's grant revoked while its grants are cached, k01's while they are not.
+    let mut a = server.access().await;
+    encrypt(&mut c, "k00", PLAINTEXT, AAD).await;
+    for id in &grants[..2] {
+        a.revoke_grant(pb::RevokeGrantRequest { id: id.clone() })
+            .await
+            .unwrap();
+    }
+    for name in ["k00", "k01"] {
+        expect_code(encrypt_raw(&mut c, name).await, Code::PermissionDenied, "");
+    }
+    // The list pages through every key in name order.
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_keys(pb::ListKeysRequest {
+                page_size: 15,
+                page_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        listed.extend(page.keys.into_iter().map(|k| k.name));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(listed, names);
+    drop((c, a));
+    server.terminate();
+
+    let server = hsm.try_start(&config, &[]).unwrap();
+    server.unseal_with(&shares);
+    let mut c = server.keys().await;
+    for (name, ct) in names.iter().zip(&cts).skip(2) {
+        assert_eq!(decrypt(&mut c, name, ct, AAD).await.unwrap().0, PLAINTEXT);
+    }
+    for name in ["k00", "k01"] {
+        expect_code(encrypt_raw(&mut c, name).await, Code::PermissionDenied, "");
+    }
+    let logs = hsm.logs();
+    assert!(logs.contains("keyring loaded: no key read yet"), "{logs}");
+}
+
+/// A rotation that comes due while the server is down is made after the unseal, though no
+/// key is read at the unseal: the verification walk finds it due, without any call on the
+/// key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_due_while_down_is_made_after_the_unseal() {
+    let hsm = TestHsm::new("kms-due-walk");
+    let config = keyring_config(&hsm, "[keyring]\nmaintenance_interval_seconds = 1\n");
+    let (mut server, shares) = start_unsealed(&hsm, &config);
+    let mut c = server.keys().await;
+    c.create_key(pb::CreateKeyRequest {
+        name: "rotating".into(),
+        algorithm: pb::Algorithm::Aes256Gcm as i32,
+        protection_level: pb::ProtectionLevel::Software as i32,
+        rotation_period_seconds: 3,
+        labels: Default::default(),
+        origin: 0,
+    })
+    .await
+    .unwrap();
+    drop(c);
+    server.terminate();
+    let rotated_before = hsm.logs().matches("key rotated").count();
+    std::thread::sleep(std::time::Duration::from_secs(4));
+
+    let server = hsm.try_start(&config, &[]).unwrap();
+    server.unseal_with(&shares);
+    let t0 = std::time::Instant::now();
+    while hsm.logs().matches("key rotated").count() == rotated_before {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "the due rotation was never made: {}",
+            hsm.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mut c = server.keys().await;
+    let key = c
+        .get_key(pb::GetKeyRequest {
+            name: "rotating".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(key.primary_version >= 2, "{key:?}");
 }

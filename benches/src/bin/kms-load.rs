@@ -109,6 +109,16 @@ struct Args {
     /// of the `--concurrency` callers keeps its share of the rate on a fixed schedule.
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
+    /// Spread the calls over N keys, `KEY000000` to `KEY` N-1 (`--key` is then the prefix,
+    /// as `--populate` names them): each call takes the next of them in a fixed shuffled
+    /// order, so that a run of fewer than N calls uses every key once (a key not used since
+    /// the unseal: the lazy keyring's cold path).
+    #[arg(long)]
+    spread: Option<u64>,
+    /// Where in `--spread`'s order this run starts (another run's keys are then not
+    /// reused, as long as the two runs' calls do not overlap).
+    #[arg(long, default_value_t = 0)]
+    spread_start: u64,
     /// Create this many keys with a grant each, then exit (see above).
     #[arg(long)]
     populate: Option<usize>,
@@ -223,7 +233,16 @@ async fn call(
     args: &Args,
     input: &Input,
 ) -> Result<(), String> {
-    let key = args.key.clone();
+    let key = match args.spread {
+        Some(n) if n > 0 => {
+            // A multiplier prime to every N this takes (not a multiple of 7919): i -> i * P
+            // mod N visits every key once in N calls.
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            let i = NEXT.fetch_add(1, Ordering::Relaxed) + args.spread_start;
+            format!("{}{:06}", args.key, i.wrapping_mul(7919) % n)
+        }
+        _ => args.key.clone(),
+    };
     let r = match args.op {
         Op::Encrypt => c
             .encrypt(pb::EncryptRequest {

@@ -4,7 +4,7 @@
 use super::{
     HsmObject, Journal, KeyEntry, KeyHandle, KeyMeta, KeyUpdate, Keyring, KeyringError, NewKey,
     Origin, Pregenerated, Protection, VersionMeta, VersionState, hex, hsm_label, maintenance,
-    material, model, now, pending_label, random, read_lock, unhex,
+    material, model, now, pending_label, random, unhex,
 };
 
 impl Keyring {
@@ -148,13 +148,9 @@ impl Keyring {
         };
         let _g = self.admin()?;
         journal.admit()?;
-        // Made a moment ago by another server sharing the store?
-        if self.store.shared() {
-            self.reload_key_locked(&req.name)?;
-        }
-        if read_lock(&self.keys)?.contains_key(&req.name)
-            || read_lock(&self.tampered)?.contains_key(&req.name)
-        {
+        // The store decides (a key made a moment ago by another server sharing it, or one
+        // whose record fails authentication: the name stays taken).
+        if self.store.get(crate::keyring::KEYS, &req.name)?.is_some() {
             return Err(KeyringError::AlreadyExists(req.name));
         }
         let created = now();
@@ -178,11 +174,15 @@ impl Keyring {
         if req.origin == Origin::External {
             // No version until the customer's material is imported.
             meta.primary = 0;
-            return self.commit_new_version(meta, None, None, journal);
+            let created = self.commit_new_version(meta, None, None, journal)?;
+            self.walk.created();
+            return Ok(created);
         }
         let (v1, object) = self.new_version(&meta, 1, pre)?;
         meta.versions.push(v1);
-        self.commit_new_version(meta, None, object, journal)
+        let created = self.commit_new_version(meta, None, object, journal)?;
+        self.walk.created();
+        Ok(created)
     }
 
     /// The key's metadata.
@@ -190,7 +190,9 @@ impl Keyring {
         Ok(self.fetch(name)?.meta.clone())
     }
 
-    /// Keys in name order, after `page_token` (the last name of the previous page).
+    /// Keys in name order, after `page_token` (the last name of the previous page), read
+    /// from the store's key order and authenticated (a record that fails is left out, as a
+    /// refused key; its first use and the verification walk report it).
     pub fn list_keys(
         &self,
         page_size: usize,
@@ -200,23 +202,29 @@ impl Keyring {
             0 => 100,
             n => n.min(1000),
         };
-        let keys = read_lock(&self.keys)?;
-        let start = if page_token.is_empty() {
-            std::ops::Bound::Unbounded
+        // Names have no NUL: this is the next possible name.
+        let from = if page_token.is_empty() {
+            String::new()
         } else {
-            std::ops::Bound::Excluded(page_token.to_owned())
+            format!("{page_token}\0")
         };
-        let mut page: Vec<KeyMeta> = keys
-            .range((start, std::ops::Bound::Unbounded))
-            .take(size + 1)
-            .map(|(_, e)| e.meta.clone())
-            .collect();
-        let next = if page.len() > size {
-            page.truncate(size);
-            page.last().map(|m| m.name.clone())
+        let mut records = self.store.range(crate::keyring::KEYS, &from, size + 1)?;
+        let next = if records.len() > size {
+            records.truncate(size);
+            records.last().map(|(name, _)| name.clone())
         } else {
             None
         };
+        let mut page = Vec::with_capacity(records.len());
+        for (name, bytes) in records {
+            match model::decode(&name, &bytes, &self.mac_key) {
+                Ok(meta) => page.push(meta),
+                Err(KeyringError::Tampered(_)) => {
+                    tracing::debug!(key = %name, "key record failed authentication: left out of the list");
+                }
+                Err(e) => return Err(e),
+            }
+        }
         Ok((page, next))
     }
 
@@ -388,16 +396,18 @@ impl Keyring {
         })
     }
 
-    /// How many keys there are (a read of the map's size, for the metrics).
-    pub(crate) fn key_count(&self) -> usize {
-        read_lock(&self.keys).map_or(0, |k| k.len())
-    }
-
-    /// Every key's metadata, by name.
+    /// Every key's metadata, by name, read from the store page by page and authenticated
+    /// (a record that fails is left out).
     pub(crate) fn all_keys(&self) -> Result<Vec<KeyMeta>, KeyringError> {
-        Ok(read_lock(&self.keys)?
-            .values()
-            .map(|e| e.meta.clone())
-            .collect())
+        let mut all = Vec::new();
+        super::load::each_page(self.store.as_ref(), crate::keyring::KEYS, |name, bytes| {
+            match model::decode(&name, &bytes, &self.mac_key) {
+                Ok(meta) => all.push(meta),
+                Err(KeyringError::Tampered(_)) => {}
+                Err(e) => return Err(e),
+            }
+            Ok(())
+        })?;
+        Ok(all)
     }
 }

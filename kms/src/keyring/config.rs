@@ -1,4 +1,4 @@
-//! `[keyring]`: the nonce budget and the maintenance interval, checked.
+//! `[keyring]`: the nonce budget, the cache's size and the maintenance interval, checked.
 
 use std::time::Duration;
 
@@ -15,6 +15,10 @@ pub(crate) struct KeyringConfig {
     pub max_messages_per_version: Option<u64>,
     /// Seconds between checks for due rotations and destructions (default 60).
     pub maintenance_interval_seconds: Option<u64>,
+    /// The most keys kept read and prepared in memory (default 10,000; the same number of
+    /// keys' grant lists apart). A key not among them is read from the store and checked at
+    /// its next use (about one store read and one MAC).
+    pub cache_keys: Option<u64>,
     /// Testing only: the length of a "day" of the destruction window, in seconds (default
     /// 86400).
     pub testing_day_seconds: Option<u64>,
@@ -36,6 +40,12 @@ impl KeyringConfig {
             1..=u64::MAX,
             ConfigError::BadKeyring("testing_day_seconds"),
         )?;
+        let cache_keys = within(
+            self.cache_keys,
+            u64::try_from(d.cache_keys).unwrap_or(u64::MAX),
+            16..=10_000_000,
+            ConfigError::BadKeyring("cache_keys (16..=10000000)"),
+        )?;
         let interval = within(
             self.maintenance_interval_seconds,
             60,
@@ -46,6 +56,7 @@ impl KeyringConfig {
             crate::keyring::Settings {
                 max_messages_per_version,
                 day_seconds,
+                cache_keys: usize::try_from(cache_keys).unwrap_or(usize::MAX),
             },
             Duration::from_secs(interval),
         ))

@@ -2,7 +2,7 @@
 //! data keys, sign, verify, public keys, MAC.
 
 use super::{
-    Arc, DATA_KEY_LENGTHS, DataKey, KeyEntry, Keyring, KeyringError, MAX_AAD, MAX_MESSAGE,
+    Arc, DATA_KEY_LENGTHS, DataKey, KeyEntry, Keyring, KeyringError, LOCK, MAX_AAD, MAX_MESSAGE,
     MAX_PLAINTEXT, MAX_RSA_CIPHERTEXT, Ordering, Origin, Pregenerated, Purpose, Secret, SignInput,
     SignatureEncoding, SystemJournal, VersionMaterial, Zeroizing, check_size, ciphertext,
     counter_key, lifecycle, purpose_name, random,
@@ -82,12 +82,23 @@ impl Keyring {
             }
         })?;
         if step.reserve.is_some() {
-            let _g = self.admin()?;
+            // On a shared store the change lock across servers; on one only this server
+            // writes, the version's own lock, so that keys used for the first time together
+            // reserve together (`keyring::reserve`) instead of one after another.
+            let (_shared, _local) = if self.store.shared() {
+                (Some(self.admin()?), None)
+            } else {
+                let local = m
+                    .reserving
+                    .lock()
+                    .map_err(|_| KeyringError::Internal(LOCK))?;
+                (None, Some(local))
+            };
             // Another call may have reserved past `n` while this one waited for the lock.
             let reserved = m.reserved.load(Ordering::SeqCst);
             if let Some(new) = budget_step(n, reserved, max).ok().and_then(|s| s.reserve) {
-                let (start, end) = self.store.reserve(
-                    crate::keyring::COUNTERS,
+                let (start, end) = self.reservations.reserve(
+                    self.store.as_ref(),
                     &counter_key(&e.meta.name, version),
                     new - reserved,
                     max,

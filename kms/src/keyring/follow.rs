@@ -1,5 +1,5 @@
 //! Following a shared store: what other servers committed (keys, versions, grants) is
-//! reloaded from the store, checked as at unseal, and published, so that every server
+//! reloaded from the store, checked as at a first use, and published, so that every server
 //! uses it within the time a notification takes; and what a call meets that this server
 //! does not know yet (a key, a newer version) is looked up at once.
 //!
@@ -19,7 +19,7 @@
 
 use super::{
     Arc, BTreeMap, Keyring, KeyringError, LOCK, Ordering, RwLock, RwLockReadGuard,
-    RwLockWriteGuard, grants, load, model, read_lock, write_lock,
+    RwLockWriteGuard, cache, grants, model,
 };
 use crate::store::Change as StoreChange;
 use std::collections::HashMap;
@@ -238,13 +238,17 @@ impl Keyring {
                         .echoes
                         .remove(id)
                         .is_some_and(|at| now.duration_since(at) < ECHO_WINDOW);
-                    // A poisoned map is still whole (every update is one assignment).
-                    let mut live = self.grants.write().unwrap_or_else(|p| p.into_inner());
-                    let key = if echo {
-                        live.get(id).map(|g| g.key.clone())
-                    } else {
-                        live.remove(id).map(|g| g.key)
-                    };
+                    // The key whose cached grants hold it (a scan of the cache: grant
+                    // changes are rare). Suspended by evicting them: the next call reads
+                    // the key's grants from the store, where the change is committed, and
+                    // a read begun before now is not cached (`keyring::cache`).
+                    let key = self.grants.find(|list| list.iter().any(|g| g.id == *id));
+                    if !echo {
+                        match &key {
+                            Some(k) => self.grants.evict(k),
+                            None => self.grants.refuse_loads_begun(),
+                        }
+                    }
                     key.map_or(Scope::Nothing, Scope::Key)
                 }
                 // The seal record is the seal's; other tables are not followed.
@@ -410,6 +414,9 @@ impl Keyring {
     pub(super) fn reload_key_locked(&self, name: &str) -> Result<bool, KeyringError> {
         let started = self.lag.seq();
         let Some(bytes) = self.store.get(crate::keyring::KEYS, name)? else {
+            self.walk.unschedule(name);
+            // Not remembered as absent: on a shared store it may be made at any moment.
+            self.keys.evict(name);
             self.lag.applied(
                 &StoreChange::Entry(crate::keyring::KEYS, name.to_owned()),
                 started,
@@ -429,24 +436,34 @@ impl Keyring {
     fn apply_key_record(&self, name: &str, bytes: &[u8]) -> Result<(), KeyringError> {
         match model::decode(name, bytes, &self.mac_key) {
             Ok(meta) => {
-                let old = read_lock(&self.keys)?.get(name).cloned();
-                let entry = self.build_entry(meta, old.as_deref(), None)?;
-                write_lock(&self.keys)?.insert(name.to_owned(), Arc::new(entry));
-                write_lock(&self.tampered)?.remove(name);
+                self.walk.schedule(&meta);
+                let old = match self.keys.peek(name) {
+                    Some(cache::Cached::Found(e)) => Some(e),
+                    _ => None,
+                };
+                match self.build_entry(meta, old.as_deref()) {
+                    Ok(entry) => self
+                        .keys
+                        .replace(name, cache::Cached::Found(Arc::new(entry))),
+                    Err(e) => {
+                        self.keys.evict(name);
+                        return Err(e);
+                    }
+                }
                 Ok(())
             }
             Err(KeyringError::Tampered(_)) => {
                 tracing::error!(key = %name, "key metadata failed authentication: the store was altered; key refused");
-                write_lock(&self.keys)?.remove(name);
-                write_lock(&self.tampered)?.insert(name.to_owned(), ());
+                self.walk.unschedule(name);
+                self.keys.replace(name, cache::Cached::Tampered);
                 Ok(())
             }
             Err(e) => Err(e),
         }
     }
 
-    /// Reads grant `id` from the store: live, it is (re)published; revoked, missing or
-    /// failing authentication, it no longer allows anything here.
+    /// Reads grant `id` from the store: its key's cached grants are evicted (read again
+    /// at the next call). Missing or failing authentication, it allows nothing here.
     fn reload_grant(&self, id: &str) -> Result<(), KeyringError> {
         let _g = self
             .admin
@@ -457,16 +474,17 @@ impl Keyring {
             Some(bytes) => grants::decode(id, &bytes, &self.mac_key)?,
             None => None,
         };
-        let mut live = write_lock(&self.grants)?;
-        live.remove(id);
         match stored {
-            Some(g) if g.revoked_at.is_none() => live.insert(g),
-            Some(_) => {}
+            Some(g) => self.grants.evict(&g.key),
             None => {
+                // Nothing cached can hold it any more than the store does: a list that
+                // does is evicted all the same.
+                if let Some(k) = self.grants.find(|list| list.iter().any(|g| g.id == id)) {
+                    self.grants.evict(&k);
+                }
                 tracing::error!(grant = %id, "grant record missing or failed authentication: grant refused");
             }
         }
-        drop(live);
         self.lag.applied(
             &StoreChange::Entry(crate::keyring::GRANTS, id.to_owned()),
             started,
@@ -474,45 +492,25 @@ impl Keyring {
         Ok(())
     }
 
-    /// Reloads every key and grant (after the change feed was interrupted, or overflowed),
-    /// page by page from the records themselves (no read per key), holding this process's
-    /// admin lock throughout so that no change of its own interleaves; changes other
-    /// servers commit meanwhile are announced and applied after. A failure of the store
-    /// fails it; a key that cannot be loaded (its HSM object not found during an HSM
-    /// outage) is returned, to stay unapplied, and the rest goes on.
+    /// Applies everything (after the change feed was interrupted, or overflowed): every
+    /// cached key and grant list is forgotten, so each is read again from the store at its
+    /// next use, and every key record is read once (authenticated) for the maintenance
+    /// schedule. Holds this process's admin lock while it forgets, not while it reads.
     fn reload_all(&self) -> Result<Vec<(StoreChange, KeyringError)>, KeyringError> {
-        let _g = self
-            .admin
-            .lock()
-            .map_err(|_| KeyringError::Internal(LOCK))?;
-        let mut kept = std::collections::HashSet::new();
-        let mut failed = Vec::new();
-        load::each_page(self.store.as_ref(), crate::keyring::KEYS, |name, bytes| {
-            match self.apply_key_record(&name, &bytes) {
-                Ok(()) => {}
-                Err(e @ KeyringError::Store(_)) => return Err(e),
-                Err(e) => failed.push((StoreChange::Entry(crate::keyring::KEYS, name.clone()), e)),
-            }
-            kept.insert(name);
-            Ok(())
-        })?;
-        write_lock(&self.keys)?.retain(|name, _| kept.contains(name));
-        let mut live = grants::LiveGrants::default();
-        load::each_page(self.store.as_ref(), crate::keyring::GRANTS, |id, bytes| {
-            if let Some(g) = grants::decode(&id, &bytes, &self.mac_key)?
-                && g.revoked_at.is_none()
-            {
-                live.insert(g);
-            }
-            Ok(())
-        })?;
-        *write_lock(&self.grants)? = live;
+        {
+            let _g = self
+                .admin
+                .lock()
+                .map_err(|_| KeyringError::Internal(LOCK))?;
+            self.keys.clear();
+            self.grants.clear();
+        }
+        let keys = self.reschedule_all()?;
         tracing::info!(
-            keys = kept.len(),
-            unloaded = failed.len(),
-            "keyring reloaded from the shared store"
+            keys,
+            "keyring reloaded from the shared store: cached keys and grants forgotten"
         );
-        Ok(failed)
+        Ok(Vec::new())
     }
 }
 

@@ -4,19 +4,24 @@
 //! [`Operation`]s and, optionally, the one associated data its requests must carry. It is
 //! stored like key metadata: JSON with an HMAC under the metadata key (domain
 //! `kms/v1/grant-record/`, bound to the grant's id), so that a grant written into the store
-//! by anyone but the keyring is refused at load. The associated data of a constrained grant
-//! is stored only as a keyed hash (domain `kms/v1/grant-aad/`, bound to the key name).
-//! Revoked grants stay in the store, marked, as history; only live grants are in memory.
+//! by anyone but the keyring is refused when it is read. The associated data of a
+//! constrained grant is stored only as a keyed hash (domain `kms/v1/grant-aad/`, bound to
+//! the key name). Revoked grants stay in the store, marked, as history.
+//!
+//! A key's grants are found through the index (`keyring::index`: `g/KEY/ID`), read and
+//! authenticated at the key's first call, and kept in the keyring's bounded cache of grant
+//! lists by key (`Keyring::grants`) until a change to one of them evicts the list.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::model::{open_record, record_mac, seal_record};
 use super::{
-    Change, Journal, Keyring, KeyringError, MAX_AAD, check_size, hex, now, random, read_lock,
-    write_lock,
+    Change, Journal, Keyring, KeyringError, MAX_AAD, cache, check_size, hex, index, load, now,
+    random,
 };
 use crate::policy::{Operation, Pattern};
 use crate::store::Write;
@@ -29,53 +34,6 @@ pub(crate) const MAX_GRANTS_PER_KEY: usize = 1000;
 
 const RECORD_DOMAIN: &str = "kms/v1/grant-record/";
 const AAD_DOMAIN: &str = "kms/v1/grant-aad/";
-
-/// The live grants, by id and by key: a call reads only its key's grants, however many
-/// keys and grants there are.
-#[derive(Debug, Default)]
-pub(crate) struct LiveGrants {
-    by_id: BTreeMap<String, Grant>,
-    /// Grant ids per key (a short list: at most `MAX_GRANTS_PER_KEY`).
-    by_key: HashMap<String, Vec<String>>,
-}
-
-impl LiveGrants {
-    pub(crate) fn insert(&mut self, grant: Grant) {
-        let ids = self.by_key.entry(grant.key.clone()).or_default();
-        if !ids.contains(&grant.id) {
-            ids.push(grant.id.clone());
-        }
-        self.by_id.insert(grant.id.clone(), grant);
-    }
-
-    pub(super) fn get(&self, id: &str) -> Option<&Grant> {
-        self.by_id.get(id)
-    }
-
-    pub(super) fn remove(&mut self, id: &str) -> Option<Grant> {
-        let grant = self.by_id.remove(id)?;
-        if let Some(ids) = self.by_key.get_mut(&grant.key) {
-            ids.retain(|i| i != id);
-            if ids.is_empty() {
-                self.by_key.remove(&grant.key);
-            }
-        }
-        Some(grant)
-    }
-
-    /// The live grants on `key`.
-    fn on_key<'a>(&'a self, key: &str) -> impl Iterator<Item = &'a Grant> + 'a {
-        self.by_key
-            .get(key)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| self.by_id.get(id))
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.by_id.len()
-    }
-}
 
 /// A stored grant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,7 +170,7 @@ impl Keyring {
         let _g = self.admin()?;
         journal.admit()?;
         self.entry_locked(&req.key)?;
-        let live_on_key = read_lock(&self.grants)?.on_key(&req.key).count();
+        let live_on_key = self.read_grants(&req.key)?.len();
         if live_on_key >= MAX_GRANTS_PER_KEY {
             return Err(KeyringError::NotAllowed(
                 "the key has the most grants allowed (1000): revoke some first",
@@ -237,7 +195,6 @@ impl Keyring {
         // Its own notification, on a shared store, is no revocation.
         self.expect_echo(&grant.id);
         self.commit_grant(&grant, journal)?;
-        write_lock(&self.grants)?.insert(grant.clone());
         Ok(grant)
     }
 
@@ -251,53 +208,114 @@ impl Keyring {
         check_id(id)?;
         let _g = self.admin()?;
         journal.admit()?;
-        let mut grant = read_lock(&self.grants)?
-            .by_id
-            .get(id)
-            .cloned()
-            .ok_or_else(|| KeyringError::GrantNotFound(id.to_owned()))?;
+        let mut grant = match self.store.get(crate::keyring::GRANTS, id)? {
+            Some(bytes) => decode(id, &bytes, &self.mac_key)?,
+            None => None,
+        }
+        .filter(|g| g.revoked_at.is_none())
+        .ok_or_else(|| KeyringError::GrantNotFound(id.to_owned()))?;
         grant.revoked_at = Some(now());
         grant.revoked_by = Some(by.to_owned());
         self.commit_grant(&grant, journal)?;
-        write_lock(&self.grants)?.remove(id);
         Ok(grant)
     }
 
+    /// Writes a grant (and its index entry) with its audit record, then evicts its key's
+    /// cached grants: the next call reads them again.
     fn commit_grant(&self, grant: &Grant, journal: &dyn Journal) -> Result<(), KeyringError> {
         let bytes = encode(grant, &self.mac_key)?;
-        journal.commit(
+        let written = journal.commit(
             Change::Grant(grant),
-            vec![Write {
-                table: crate::keyring::GRANTS,
-                key: grant.id.clone(),
-                value: bytes,
-            }],
-        )
+            vec![
+                Write {
+                    table: crate::keyring::GRANTS,
+                    key: grant.id.clone(),
+                    value: bytes,
+                },
+                index::grant_write(grant),
+            ],
+        );
+        // Evicted even if the commit failed: it may have been written all the same.
+        self.grants.evict(&grant.key);
+        written
+    }
+
+    /// The live grants on `key`: cached, or read through the index and authenticated now.
+    fn grants_on(&self, key: &str) -> Result<Arc<[Grant]>, KeyringError> {
+        if let Some(cache::Cached::Found(g)) = self.grants.get(key) {
+            return Ok(g);
+        }
+        let epoch = self.grants.epoch();
+        let list = self.read_grants(key)?;
+        self.grants
+            .insert_loaded(key, cache::Cached::Found(Arc::clone(&list)), epoch);
+        Ok(list)
+    }
+
+    /// Reads the live grants on `key` from the store: each one the index names (and does not
+    /// say revoked), authenticated, on that key, not revoked.
+    fn read_grants(&self, key: &str) -> Result<Arc<[Grant]>, KeyringError> {
+        let prefix = index::grants_prefix(key);
+        let mut from = prefix.clone();
+        let mut live = Vec::new();
+        'pages: loop {
+            let page = self.store.range(crate::keyring::INDEX, &from, 256)?;
+            let full = page.len() == 256;
+            for (entry, value) in page {
+                let Some(id) = entry.strip_prefix(&prefix) else {
+                    break 'pages;
+                };
+                if index::maybe_live(&value)
+                    && let Some(bytes) = self.store.get(crate::keyring::GRANTS, id)?
+                {
+                    match decode(id, &bytes, &self.mac_key)? {
+                        Some(g) if g.key == key && g.revoked_at.is_none() => live.push(g),
+                        Some(_) => {}
+                        None => {
+                            tracing::error!(grant = %id, "grant record failed authentication: the store was altered; grant refused");
+                        }
+                    }
+                }
+                // Ids have no NUL: this is the next possible entry.
+                from = format!("{entry}\0");
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(live.into())
     }
 
     /// The live grants, optionally only those on `key` and those whose grantee is or
-    /// matches `principal` (empty: all).
+    /// matches `principal` (empty: all, read from the store page by page).
     pub fn list_grants(&self, key: &str, principal: &str) -> Result<Vec<Grant>, KeyringError> {
-        // Never a revoked grant listed as live while a change is unapplied.
-        if key.is_empty() {
-            self.refuse_if_any_behind()?;
-        } else {
-            self.refuse_if_behind(key)?;
-        }
-        let grants = read_lock(&self.grants)?;
-        let on: Box<dyn Iterator<Item = &Grant>> = if key.is_empty() {
-            Box::new(grants.by_id.values())
-        } else {
-            Box::new(grants.on_key(key))
+        let wanted = |g: &Grant| {
+            principal.is_empty()
+                || g.principal.as_str() == principal
+                || g.principal.matches(principal)
         };
-        Ok(on
-            .filter(|g| {
-                principal.is_empty()
-                    || g.principal.as_str() == principal
-                    || g.principal.matches(principal)
-            })
-            .cloned()
-            .collect())
+        // Never a revoked grant listed as live while a change is unapplied.
+        if !key.is_empty() {
+            self.refuse_if_behind(key)?;
+            return Ok(self
+                .grants_on(key)?
+                .iter()
+                .filter(|g| wanted(g))
+                .cloned()
+                .collect());
+        }
+        self.refuse_if_any_behind()?;
+        let mut all = Vec::new();
+        load::each_page(self.store.as_ref(), crate::keyring::GRANTS, |id, bytes| {
+            if let Some(g) = decode(&id, &bytes, &self.mac_key)?
+                && g.revoked_at.is_none()
+                && wanted(&g)
+            {
+                all.push(g);
+            }
+            Ok(())
+        })?;
+        Ok(all)
     }
 
     /// Whether a live grant lets `principal` do `operation` with `key`, with the
@@ -312,8 +330,7 @@ impl Keyring {
         aads: &[&[u8]],
     ) -> Result<bool, KeyringError> {
         self.refuse_if_behind(key)?;
-        let grants = read_lock(&self.grants)?;
-        for g in grants.on_key(key) {
+        for g in self.grants_on(key)?.iter() {
             if g.allows(principal, operation, aads, &self.mac_key)? {
                 return Ok(true);
             }

@@ -1,17 +1,20 @@
-//! Loading the keyring at unseal: every key record checked, HSM versions found in the
-//! token (software versions are derived at their first use), grants loaded, and orphan HSM
-//! objects swept.
+//! Opening the keyring at unseal: nothing is read per key (a key is read, authenticated and
+//! prepared at its first use, `Keyring::entry`); the index is completed if the store
+//! predates it, and orphan HSM objects are swept. The verification walk (`keyring::walk`)
+//! starts once the keyring is published.
+
+use std::collections::BTreeMap;
 
 use crate::barrier::Barrier;
 
 use super::{
-    Arc, AtomicU64, BTreeMap, HSM_LABEL_PREFIX, HashMap, Hsm, HsmError, KeyEntry, KeyMeta, Keyring,
-    KeyringError, Mutex, Origin, Protection, Public, RwLock, Secret, Settings, Store,
-    SystemRecorder, Table, VersionMaterial, VersionMeta, VersionState, counter_key, follow, grants,
-    hsm_kind, material, model, pending_label, unhex, write_lock,
+    Arc, AtomicU64, HSM_LABEL_PREFIX, HashMap, Hsm, HsmError, KeyEntry, KeyMeta, Keyring,
+    KeyringError, Mutex, Origin, Protection, Public, Secret, Settings, Store, SystemRecorder,
+    Table, VersionMaterial, VersionMeta, VersionState, cache, counter_key, follow, hsm_kind,
+    material, model, pending_label, unhex,
 };
 
-/// Key records read from the store at a time at load.
+/// Key records read from the store at a time by a walk of a table.
 const LOAD_PAGE: usize = 1024;
 
 /// Calls `f` with every entry of `table`, read page by page: the records of a big keyring
@@ -36,10 +39,9 @@ pub(super) fn each_page(
 }
 
 impl Keyring {
-    /// Loads every key from the store, authenticating each record and finding each live
-    /// HSM version's object (a software version keeps what it is derived from, and is
-    /// derived at its first use). A record that fails authentication is kept out and
-    /// refused by name.
+    /// Opens the keyring: no key is read (each is at its first use), the index is built
+    /// if the store predates it, and orphan HSM objects are swept. Call
+    /// `Keyring::start_walk` once it is shared.
     pub fn load(
         barrier: Arc<Barrier>,
         hsm: Arc<Hsm>,
@@ -53,81 +55,48 @@ impl Keyring {
             hsm,
             store,
             recorder,
-            keys: RwLock::new(BTreeMap::new()),
-            tampered: RwLock::new(BTreeMap::new()),
+            keys: cache::Cache::new(settings.cache_keys),
             admin: Mutex::new(()),
             settings,
-            grants: RwLock::new(grants::LiveGrants::default()),
+            grants: cache::Cache::new(settings.cache_keys),
+            walk: super::walk::Walk::default(),
+            reservations: super::reserve::Reservations::default(),
             lag: follow::Lag::default(),
             forgot: Mutex::new(None),
         };
-        let mut keys = BTreeMap::new();
-        let mut tampered = BTreeMap::new();
-        // Every version's counter reservation, read once (not one read per version).
-        let counters: HashMap<String, u64> = keyring
-            .store
-            .scan(crate::keyring::COUNTERS)?
-            .into_iter()
-            .map(|(k, b)| (k, crate::store::count_of(&b)))
-            .collect();
-        each_page(
-            keyring.store.as_ref(),
-            crate::keyring::KEYS,
-            |name, bytes| keyring.load_one(name, &bytes, &counters, &mut keys, &mut tampered),
-        )?;
-        let mut live = grants::LiveGrants::default();
-        let mut refused_grants = 0usize;
-        each_page(
-            keyring.store.as_ref(),
-            crate::keyring::GRANTS,
-            |id, bytes| {
-                match grants::decode(&id, &bytes, &keyring.mac_key)? {
-                    Some(g) if g.revoked_at.is_none() => live.insert(g),
-                    Some(_) => {}
-                    None => {
-                        tracing::error!(grant = %id, "grant record failed authentication: the store was altered; grant refused");
-                        refused_grants += 1;
-                    }
-                }
-                Ok(())
-            },
-        )?;
+        keyring.complete_index()?;
         tracing::info!(
-            keys = keys.len(),
-            refused = tampered.len(),
-            grants = live.len(),
-            refused_grants,
-            "keyring loaded"
+            cache_keys = keyring.settings.cache_keys,
+            "keyring loaded: no key read yet (each is read and checked at its first use; the verification walk checks every record in the background)"
         );
-        *write_lock(&keyring.grants)? = live;
-        *write_lock(&keyring.keys)? = keys;
-        *write_lock(&keyring.tampered)? = tampered;
         keyring.sweep_orphans();
         Ok(keyring)
     }
 
-    /// Checks one stored key record and builds its entry; a record that fails
-    /// authentication is refused by name.
-    fn load_one(
+    /// Reads `name`'s record from the store, authenticates it and prepares its entry, and
+    /// caches what it found (unless a change was published meanwhile: `keyring::cache`).
+    pub(super) fn load_key(
         &self,
-        name: String,
-        bytes: &[u8],
-        counters: &HashMap<String, u64>,
-        keys: &mut BTreeMap<String, Arc<KeyEntry>>,
-        tampered: &mut BTreeMap<String, ()>,
-    ) -> Result<(), KeyringError> {
-        match model::decode(&name, bytes, &self.mac_key) {
-            Ok(meta) => {
-                let entry = self.build_entry(meta, None, Some(counters))?;
-                keys.insert(name, Arc::new(entry));
-            }
-            Err(KeyringError::Tampered(_)) => {
-                tracing::error!(key = %name, "key metadata failed authentication: the store was altered; key refused");
-                tampered.insert(name, ());
-            }
-            Err(e) => return Err(e),
+        name: &str,
+    ) -> Result<cache::Cached<Arc<KeyEntry>>, KeyringError> {
+        let epoch = self.keys.epoch();
+        let found = match self.store.get(crate::keyring::KEYS, name)? {
+            None => cache::Cached::Absent(std::time::Instant::now()),
+            Some(bytes) => match model::decode(name, &bytes, &self.mac_key) {
+                Ok(meta) => cache::Cached::Found(Arc::new(self.build_entry(meta, None)?)),
+                Err(KeyringError::Tampered(_)) => {
+                    tracing::error!(key = %name, "key metadata failed authentication: the store was altered; key refused");
+                    cache::Cached::Tampered
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        // On a shared store another server may make the key at any moment: an absence is
+        // not remembered there (a name met and not known is read again each time).
+        if !(self.store.shared() && matches!(found, cache::Cached::Absent(_))) {
+            self.keys.insert_loaded(name, found.clone(), epoch);
         }
-        Ok(())
+        Ok(found)
     }
 
     /// Destroys the token objects kms made for versions that no record names: left by a
@@ -138,7 +107,9 @@ impl Keyring {
     /// committed once is kept whatever the record says (a rolled-back record must not get
     /// a real version's object swept). An object for a version number not yet committed is left alone (it
     /// may be another server's rotation in flight) and reported; an object of a key this
-    /// keyring does not know is reported too. Failures are logged, never fatal.
+    /// keyring does not know is reported too. Each object's key is found through the index
+    /// (`keyring::index`) and its record authenticated: the cost follows the token's objects,
+    /// not the number of keys. Failures are logged, never fatal.
     fn sweep_orphans(&self) {
         let objects = match self.hsm.objects_labelled(HSM_LABEL_PREFIX) {
             Ok(o) => o,
@@ -147,14 +118,29 @@ impl Keyring {
                 return;
             }
         };
-        let Ok(keys) = self.keys.read() else {
-            return;
-        };
-        let by_id: HashMap<&str, &KeyMeta> = keys
-            .values()
-            .map(|e| (e.meta.key_id.as_str(), &e.meta))
-            .collect();
         let ownership = self.hsm.ownership();
+        let mut by_id: BTreeMap<String, Option<KeyMeta>> = BTreeMap::new();
+        for object in &objects {
+            let Some((key_id, _)) = object
+                .label
+                .strip_prefix(HSM_LABEL_PREFIX)
+                .and_then(|rest| rest.split_once('/'))
+            else {
+                continue;
+            };
+            if by_id.contains_key(key_id) || !ownership.owns(&object.id) {
+                continue;
+            }
+            match self.hsm_key_by_id(key_id) {
+                Ok(meta) => {
+                    by_id.insert(key_id.to_owned(), meta);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %crate::error_chain(&e), "could not read the store to sweep orphan HSM objects: nothing swept");
+                    return;
+                }
+            }
+        }
         let (mut swept, mut pending, mut unknown, mut others) = (0usize, 0usize, 0usize, 0usize);
         let mut unmarked = 0usize;
         for object in objects {
@@ -172,7 +158,7 @@ impl Keyring {
             else {
                 continue;
             };
-            let Some(meta) = by_id.get(key_id) else {
+            let Some(Some(meta)) = by_id.get(key_id) else {
                 unknown += 1;
                 continue;
             };
@@ -244,12 +230,11 @@ impl Keyring {
     }
 
     /// Builds an entry's material, reusing `old`'s where the version is unchanged; counter
-    /// reservations from `counters` when given (at load), else from the store.
+    /// reservations are read from the store.
     pub(super) fn build_entry(
         &self,
         meta: KeyMeta,
         old: Option<&KeyEntry>,
-        counters: Option<&HashMap<String, u64>>,
     ) -> Result<KeyEntry, KeyringError> {
         // The key id goes into every software version's derivation: checked now.
         unhex(&meta.key_id).ok_or_else(|| KeyringError::Tampered(meta.name.clone()))?;
@@ -257,7 +242,7 @@ impl Keyring {
         for v in &meta.versions {
             let material = match old.and_then(|o| unchanged(o, v)) {
                 Some(existing) => existing,
-                None => self.version_material(&meta, v, counters)?,
+                None => self.version_material(&meta, v)?,
             };
             versions.insert(v.version, material);
         }
@@ -270,7 +255,6 @@ impl Keyring {
         &self,
         meta: &KeyMeta,
         v: &VersionMeta,
-        counters: Option<&HashMap<String, u64>>,
     ) -> Result<Arc<VersionMaterial>, KeyringError> {
         let tampered = || KeyringError::Tampered(meta.name.clone());
         let ready = std::sync::OnceLock::new();
@@ -298,19 +282,17 @@ impl Keyring {
             None => None,
         };
         let at = counter_key(&meta.name, v.version);
-        let reserved = match counters {
-            Some(all) => all.get(&at).copied().unwrap_or(0),
-            None => self
-                .store
-                .get(crate::keyring::COUNTERS, &at)?
-                .map_or(0, |b| crate::store::count_of(&b)),
-        };
+        let reserved = self
+            .store
+            .get(crate::keyring::COUNTERS, &at)?
+            .map_or(0, |b| crate::store::count_of(&b));
         Ok(Arc::new(VersionMaterial {
             ready,
             derived,
             public,
             counter: AtomicU64::new(reserved),
             reserved: AtomicU64::new(reserved),
+            reserving: Mutex::new(()),
         }))
     }
 

@@ -10,34 +10,41 @@ use super::{
 type Due = (String, Option<u64>, Vec<u32>);
 
 impl Keyring {
-    /// Rotates keys whose rotation is due and destroys versions whose time has come.
-    /// Returns how many of each it did. Each change is audited (principal `kms`).
+    /// Rotates keys whose rotation is due and destroys versions whose time has come, as
+    /// the schedule says (`keyring::walk`: filled by the verification walk, kept up to date
+    /// by every change); each key is read again before anything is done to it. Returns how
+    /// many of each it did. Each change is audited (principal `kms`).
     pub(crate) fn maintain(&self, at: u64) -> (usize, usize) {
         let recorder = &*self.recorder;
-        let (names, expired): (Vec<Due>, Vec<String>) = match self
-            .keys
-            .read()
-        {
-            Ok(keys) => (
-                keys.values()
-                .map(|e| {
-                    let due: Vec<u32> = e
-                        .meta
-                        .versions
-                        .iter()
-                        .filter(|v| matches!(v.state, VersionState::ScheduledForDestruction { destroy_at } if destroy_at <= at))
-                        .map(|v| v.version)
-                        .collect();
-                    (e.meta.name.clone(), e.meta.next_rotation_at, due)
-                })
-                .collect(),
-                keys.values()
-                    .filter(|e| e.meta.import_job.as_ref().is_some_and(|j| j.expires_at <= at))
-                    .map(|e| e.meta.name.clone())
-                    .collect(),
-            ),
-            Err(_) => return (0, 0),
-        };
+        let mut names: Vec<Due> = Vec::new();
+        let mut expired: Vec<String> = Vec::new();
+        for name in self.walk.due(at) {
+            let entry = match self.admin().and_then(|_g| self.entry_locked(&name)) {
+                Ok(e) => e,
+                Err(e @ (KeyringError::NotFound(_) | KeyringError::Tampered(_))) => {
+                    tracing::warn!(key = %name, error = %e, "a key due for maintenance cannot be read: left out");
+                    self.walk.unschedule(&name);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(key = %name, error = %crate::error_chain(&e), "a key due for maintenance cannot be read now: the next maintenance run tries again");
+                    continue;
+                }
+            };
+            let meta = &entry.meta;
+            // A due time the key no longer has (a stale schedule) is put right here.
+            self.walk.schedule(meta);
+            let due: Vec<u32> = meta
+                .versions
+                .iter()
+                .filter(|v| matches!(v.state, VersionState::ScheduledForDestruction { destroy_at } if destroy_at <= at))
+                .map(|v| v.version)
+                .collect();
+            if meta.import_job.as_ref().is_some_and(|j| j.expires_at <= at) {
+                expired.push(meta.name.clone());
+            }
+            names.push((meta.name.clone(), meta.next_rotation_at, due));
+        }
         for name in expired {
             if let Err(e) = self.expire_import_parameters(&name, at) {
                 tracing::warn!(key = %name, error = %crate::error_chain(&e), "could not remove expired import parameters: the next maintenance run tries again");

@@ -207,8 +207,9 @@ fn need(hsm: Option<&Hsm>) -> Result<&Hsm, KeyringError> {
 
 /// One version's material, its public key, and its message counter.
 pub(crate) struct VersionMaterial {
-    /// The secret part once made: an HSM version's at load, a software version's at its
-    /// first use (see [`VersionMaterial::secret`]).
+    /// The secret part once made: an HSM version's when its key is read (the key's first
+    /// use), a software version's at the version's first use (see
+    /// [`VersionMaterial::secret`]).
     pub ready: std::sync::OnceLock<Secret>,
     /// Whether the secret is derived at first use (a live software version), from the
     /// key's record (see [`VersionMaterial::secret`]).
@@ -220,6 +221,9 @@ pub(crate) struct VersionMaterial {
     pub counter: AtomicU64,
     /// The count up to which the store has a reservation (see `Keyring::encrypt`).
     pub reserved: AtomicU64,
+    /// Held while this version reserves more (on a store only this server writes; on a
+    /// shared one the keyring's change lock is).
+    pub reserving: std::sync::Mutex<()>,
 }
 
 impl VersionMaterial {
@@ -238,7 +242,7 @@ impl VersionMaterial {
         if !self.derived {
             return Ok(None);
         }
-        // Both were checked at load; a record that changed since is not ours.
+        // Both were checked when the key was read; a record that changed since is not ours.
         let tampered = || KeyringError::Tampered(meta.name.clone());
         let salt = meta
             .version(version)

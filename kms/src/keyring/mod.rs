@@ -1,13 +1,20 @@
 //! The keyring: named, versioned keys beneath the root key, and the crypto operations.
 //!
-//! A [`Keyring`] exists only while the server is unsealed: it is built at unseal from the
-//! store (every record authenticated with a MAC under a key derived from the root key) and
-//! dropped at seal, which zeroizes every derived key.
+//! A [`Keyring`] exists only while the server is unsealed: it is opened at unseal without
+//! reading any key, and dropped at seal, which zeroizes every derived key.
 //!
-//! Reads take a snapshot (`Arc<KeyEntry>`) under a read lock and run without locks. Writes
+//! **Lazy.** A key's record (and, apart, its grants) is read from the store, authenticated
+//! with a MAC under a key derived from the root key, and prepared at its first use, then
+//! kept in a bounded cache (`keyring::cache`, `[keyring] cache_keys` entries) until it is
+//! evicted, which drops (and so zeroizes) its derived secrets. A record that fails its MAC
+//! is refused by name at its first use; a background walk after unseal
+//! (`keyring::walk`) checks every record, reports the altered ones (log and metric), sweeps
+//! orphan HSM objects and finds the keys whose rotation or destruction comes due.
+//!
+//! Reads take a snapshot (`Arc<KeyEntry>`) from the cache and run without locks. Writes
 //! (administration, rotation, destruction) are serialised by one mutex, written durably to
-//! the store first, and then swapped into the map: a write the caller saw acknowledged is
-//! on disk.
+//! the store first, and then replace the cached entry: a write the caller saw acknowledged
+//! is on disk.
 //!
 //! Nonce budget: AES-GCM with random 96-bit nonces is safe for 2^32 messages per key
 //! (NIST SP 800-38D, 8.3). Each version counts its encryptions; the count is reserved in the
@@ -16,6 +23,7 @@
 //! refuses to encrypt.
 
 mod admin;
+mod cache;
 pub mod ciphertext;
 pub(crate) mod config;
 mod crypto;
@@ -24,6 +32,7 @@ mod error;
 mod follow;
 pub mod grants;
 mod import;
+mod index;
 pub(crate) use import::Import;
 pub use import::Wrapping;
 mod journal;
@@ -34,6 +43,8 @@ pub mod material;
 pub mod model;
 mod pregen;
 pub(crate) mod requests;
+mod reserve;
+mod walk;
 pub mod wrap;
 
 pub use crypto::ReEncrypted;
@@ -64,8 +75,12 @@ pub const COUNTERS: Table = Table::new("counters", Follow::Never);
 /// The first answers to changes made with a caller's request id (authenticated by the
 /// keyring), kept a day so that a retry does not change anything twice.
 pub const REQUESTS: Table = Table::new("requests", Follow::Never);
+/// What finds a record without reading every one (`keyring::index`): grant ids by key
+/// name, HSM keys' names by key id. Hints only: every record found through it is read and
+/// authenticated in its own table.
+pub const INDEX: Table = Table::new("key_index", Follow::Never);
 /// The keyring's tables, in the order a backup writes them.
-pub const TABLES: &[Table] = &[KEYS, GRANTS, COUNTERS, REQUESTS];
+pub const TABLES: &[Table] = &[KEYS, GRANTS, COUNTERS, REQUESTS, INDEX];
 
 /// Largest plaintext `Encrypt` takes (use `GenerateDataKey` and encrypt locally above it).
 pub(crate) const MAX_PLAINTEXT: usize = 64 * 1024;
@@ -88,13 +103,19 @@ pub struct Settings {
     pub max_messages_per_version: u64,
     /// The length of a "day" for destruction windows, in seconds (86400; tests shorten it).
     pub day_seconds: u64,
+    /// The most keys (and, apart, keys' grant lists) kept prepared in memory.
+    pub cache_keys: usize,
 }
+
+/// `[keyring] cache_keys` by default: about 30 MiB of keys and as much of grants.
+pub(crate) const DEFAULT_CACHE_KEYS: usize = 10_000;
 
 impl Default for Settings {
     fn default() -> Self {
         Self {
             max_messages_per_version: DEFAULT_MAX_MESSAGES,
             day_seconds: 86_400,
+            cache_keys: DEFAULT_CACHE_KEYS,
         }
     }
 }
@@ -149,12 +170,16 @@ pub struct Keyring {
     hsm: Arc<Hsm>,
     store: Arc<dyn Store>,
     recorder: Arc<dyn SystemRecorder>,
-    keys: RwLock<BTreeMap<String, Arc<KeyEntry>>>,
-    tampered: RwLock<BTreeMap<String, ()>>,
+    /// Keys used lately, as read at their first use (or since changed).
+    keys: cache::Cache<Arc<KeyEntry>>,
     admin: Mutex<()>,
     settings: Settings,
-    /// Live grants, by id.
-    grants: RwLock<grants::LiveGrants>,
+    /// The live grants of keys used lately, by key name.
+    grants: cache::Cache<Arc<[Grant]>>,
+    /// What the background walk found (`keyring::walk`), and the maintenance schedule.
+    walk: walk::Walk,
+    /// Nonce-budget reservations committed in groups (`keyring::reserve`).
+    reservations: reserve::Reservations,
     /// Changes other servers made that this one has heard of and not applied yet
     /// (`keyring::follow`).
     lag: follow::Lag,
@@ -236,16 +261,6 @@ fn hsm_label(key_id: &str, version: u32) -> String {
 /// assignment, so a panic cannot leave them half-written, but we do not carry on blindly).
 const LOCK: &str = "lock";
 
-/// A read lock on one of the keyring's in-memory maps.
-fn read_lock<T>(l: &RwLock<T>) -> Result<RwLockReadGuard<'_, T>, KeyringError> {
-    l.read().map_err(|_| KeyringError::Internal(LOCK))
-}
-
-/// A write lock on one of the keyring's in-memory maps.
-fn write_lock<T>(l: &RwLock<T>) -> Result<RwLockWriteGuard<'_, T>, KeyringError> {
-    l.write().map_err(|_| KeyringError::Internal(LOCK))
-}
-
 fn counter_key(name: &str, version: u32) -> String {
     format!("{name}/{version}")
 }
@@ -268,31 +283,28 @@ fn check_size(
 }
 
 impl Keyring {
+    /// The key `name`: from the cache, or read from the store, authenticated and prepared
+    /// now (its first use since the unseal, or since it was evicted). A record that fails
+    /// authentication is refused by name; a name the store does not have is remembered as
+    /// absent for a moment (`cache::ABSENT_FOR`).
     fn entry(&self, name: &str) -> Result<Arc<KeyEntry>, KeyringError> {
         model::check_name(name)?;
-        let found = read_lock(&self.keys)?.get(name).cloned();
+        let found = match self.keys.get(name) {
+            Some(c) => c,
+            None => self.load_key(name)?,
+        };
         match found {
-            Some(e) => Ok(e),
-            // A refused (tampered) key is never in `keys`: look only on a miss.
-            None if read_lock(&self.tampered)?.contains_key(name) => {
-                Err(KeyringError::Tampered(name.to_owned()))
-            }
-            None => Err(KeyringError::NotFound(name.to_owned())),
+            cache::Cached::Found(e) => Ok(e),
+            cache::Cached::Tampered => Err(KeyringError::Tampered(name.to_owned())),
+            cache::Cached::Absent(_) => Err(KeyringError::NotFound(name.to_owned())),
         }
     }
 
-    /// As [`Keyring::entry`]; on a shared store, a key this server has not heard of yet is
-    /// looked up there first (another server may have made it a moment ago), and a key
-    /// another server changed is refused while this one has not applied the change
-    /// (`keyring::follow`). Every crypto call finds its key here.
+    /// As [`Keyring::entry`]; a key another server changed is refused while this one has
+    /// not applied the change (`keyring::follow`). Every crypto call finds its key here.
     fn fetch(&self, name: &str) -> Result<Arc<KeyEntry>, KeyringError> {
         self.refuse_if_behind(name)?;
-        match self.entry(name) {
-            Err(KeyringError::NotFound(_)) if self.store.shared() && self.reload_key(name)? => {
-                self.entry(name)
-            }
-            other => other,
-        }
+        self.entry(name)
     }
 
     /// The entry an administrative change starts from, the admin lock held: on a shared
@@ -310,12 +322,13 @@ impl Keyring {
     /// may run it on the async worker instead of a blocking thread. HSM keys answer false:
     /// every use is a PKCS#11 call.
     pub(crate) fn runs_in_process(&self, name: &str) -> bool {
-        read_lock(&self.keys).map_or(true, |keys| match keys.get(name) {
-            Some(e) => e.meta.protection == model::Protection::Software,
-            // On a shared store an unknown key is looked up there first: a database round
-            // trip, for a blocking thread.
-            None => !self.store.shared(),
-        })
+        match self.keys.peek(name) {
+            Some(cache::Cached::Found(e)) => e.meta.protection == model::Protection::Software,
+            Some(cache::Cached::Tampered | cache::Cached::Absent(_)) => true,
+            // Not prepared yet: its first use reads the store (and, for an HSM key, the
+            // token), for a blocking thread.
+            None => false,
+        }
     }
 
     /// The lock every change to the keyring holds: this process's mutex, and on a shared
@@ -335,7 +348,7 @@ impl Keyring {
 
     /// Persists `meta` durably with its audit record, then publishes it. Call with the
     /// admin lock held (which is what makes a new name's write safe without a check in the
-    /// transaction: every stored key is in `keys` or `tampered`).
+    /// transaction: `create_key` looked the name up in the store under it).
     fn commit(
         &self,
         meta: KeyMeta,
@@ -343,16 +356,25 @@ impl Keyring {
         journal: &dyn Journal,
     ) -> Result<KeyMeta, KeyringError> {
         let bytes = model::encode(&meta, &self.mac_key)?;
-        journal.commit(
-            Change::Key(&meta),
-            vec![Write {
-                table: crate::keyring::KEYS,
-                key: meta.name.clone(),
-                value: bytes,
-            }],
-        )?;
-        let entry = self.build_entry(meta.clone(), old, None)?;
-        write_lock(&self.keys)?.insert(meta.name.clone(), Arc::new(entry));
+        let mut writes = vec![Write {
+            table: crate::keyring::KEYS,
+            key: meta.name.clone(),
+            value: bytes,
+        }];
+        writes.extend(index::hsm_write(&meta));
+        journal.commit(Change::Key(&meta), writes)?;
+        self.walk.schedule(&meta);
+        match self.build_entry(meta.clone(), old) {
+            Ok(entry) => self
+                .keys
+                .replace(&meta.name, cache::Cached::Found(Arc::new(entry))),
+            // Committed, but not prepared (its HSM object not found just now): read again
+            // at its next use.
+            Err(e) => {
+                self.keys.evict(&meta.name);
+                return Err(e);
+            }
+        }
         Ok(meta)
     }
 }
