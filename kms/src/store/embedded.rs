@@ -954,7 +954,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kms.redb");
         let store = RedbStore::open(&path).unwrap();
-        append(&store, &[("01", "a"), ("02", "b"), ("03", "c"), ("04", "d")], &[]);
+        append(
+            &store,
+            &[("01", "a"), ("02", "b"), ("03", "c"), ("04", "d")],
+            &[],
+        );
         let remove = |to: &str| Removal {
             table: LOG,
             from: String::new(),

@@ -1035,9 +1035,11 @@ mod tests {
         assert_eq!(std::fs::read(&file).unwrap(), bytes, "nothing cut");
         assert_eq!(segments(&at).len(), 1);
         assert!(
-            std::fs::read_dir(&at)
+            std::fs::read_dir(&at).unwrap().all(|e| !e
                 .unwrap()
-                .all(|e| !e.unwrap().path().to_string_lossy().contains(".torn-"))
+                .path()
+                .to_string_lossy()
+                .contains(".torn-"))
         );
     }
 
@@ -1065,7 +1067,11 @@ mod tests {
 
     #[test]
     fn names_that_are_not_segment_names_are_refused() {
-        for name in ["1.log", "+0000000000000000001.log", "0000000000000000000001.log"] {
+        for name in [
+            "1.log",
+            "+0000000000000000001.log",
+            "0000000000000000000001.log",
+        ] {
             let dir = tempfile::tempdir().unwrap();
             let at = dir.path().join("kms.redb.audit");
             let log = FileLog::open(&at, None).unwrap();
@@ -1073,7 +1079,10 @@ mod tests {
             drop(log);
             std::fs::copy(segment_path(&at, 1), at.join(name)).unwrap();
             let err = FileLog::open(&at, None).unwrap_err();
-            assert!(matches!(err, StoreError::LogDamaged { .. }), "{name}: {err:?}");
+            assert!(
+                matches!(err, StoreError::LogDamaged { .. }),
+                "{name}: {err:?}"
+            );
         }
         assert_eq!(segment_number("00000000000000000007.log"), Some(7));
         assert_eq!(segment_number("0000000000000000007.log"), None);
