@@ -233,6 +233,14 @@ mod tests {
     use std::sync::{Arc, mpsc};
     use std::time::Duration;
 
+    /// `f`'s output, or a failed test after 10 s (a lost wake-up or permit fails here, not
+    /// by hanging).
+    async fn within<F: std::future::Future>(f: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(10), f)
+            .await
+            .expect("no answer within 10 s")
+    }
+
     /// Keeps one HSM thread busy with a job that waits until the returned sender sends;
     /// returns once that job has begun.
     async fn occupy(
@@ -292,7 +300,7 @@ mod tests {
         }
         let mut names = HashSet::new();
         for (i, call) in calls.into_iter().enumerate() {
-            let (got, name) = call.await.unwrap().unwrap();
+            let (got, name) = within(call).await.unwrap().unwrap();
             assert_eq!(got as usize, i);
             let name = name.unwrap();
             assert!(name.starts_with("kms-hsm-"), "ran on {name}");
@@ -321,7 +329,7 @@ mod tests {
             }));
         }
         for call in calls {
-            call.await.unwrap().unwrap();
+            within(call).await.unwrap().unwrap();
         }
         let most = most.load(Ordering::SeqCst);
         assert!((1..=2).contains(&most), "{most} jobs at once");
@@ -341,9 +349,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         open.send(()).unwrap();
-        first.await.unwrap().unwrap();
+        within(first).await.unwrap().unwrap();
         for (i, call) in calls.into_iter().enumerate() {
-            assert_eq!(call.await.unwrap().unwrap(), i);
+            assert_eq!(within(call).await.unwrap().unwrap(), i);
         }
         // One batch for the first job, one for the eight behind it.
         assert_eq!(threads.shared.batches.load(Ordering::Relaxed), 2);
@@ -367,19 +375,20 @@ mod tests {
         // The worker still runs other tasks meanwhile.
         assert_eq!(tokio::spawn(async { 7 }).await.unwrap(), 7);
         open.send(()).unwrap();
-        first.await.unwrap().unwrap();
+        within(first).await.unwrap().unwrap();
         for (i, q) in queued.into_iter().enumerate() {
-            assert_eq!(q.await.unwrap().unwrap(), i);
+            assert_eq!(within(q).await.unwrap().unwrap(), i);
         }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_job_that_panics_loses_only_its_own_result() {
         let threads = Threads::new(1, 8);
-        let lost: Result<(), NoResult> = threads.run(|| panic!("a job that panics")).await;
+        let lost: Result<(), NoResult> = within(threads.run(|| panic!("a job that panics"))).await;
         assert!(matches!(lost, Err(NoResult)));
         // The one thread is still there.
-        assert_eq!(threads.run(|| 5).await.unwrap(), 5);
+        let next = tokio::time::timeout(Duration::from_secs(10), threads.run(|| 5));
+        assert_eq!(next.await.expect("no thread took the next job").unwrap(), 5);
         // And every permit came back: the queue's room is whole.
         assert_eq!(threads.shared.room.available_permits(), 8);
     }
@@ -399,16 +408,16 @@ mod tests {
         caller.abort();
         assert!(caller.await.unwrap_err().is_cancelled());
         open.send(()).unwrap();
-        first.await.unwrap().unwrap();
+        within(first).await.unwrap().unwrap();
         // Queued behind `first` on the one thread: done once a later job is.
-        threads.run(|| ()).await.unwrap();
+        within(threads.run(|| ())).await.unwrap();
         assert!(ran.load(Ordering::SeqCst));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_threads_end_when_dropped_after_the_queue_is_done() {
         let threads = Threads::new(2, 8);
-        threads.run(|| ()).await.unwrap();
+        within(threads.run(|| ())).await.unwrap();
         let shared = Arc::clone(&threads.shared);
         drop(threads);
         // Each thread holds the shared state until it ends.
