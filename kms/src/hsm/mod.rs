@@ -11,7 +11,7 @@
 //! one call and put back.
 //!
 //! Calls block. The hot crypto calls on HSM keys run on the HSM's own threads
-//! ([`Hsm::run`], `threads.rs`: as many as the pool has sessions, fed by a bounded queue);
+//! (`Hsm::run`, `threads.rs`: as many as the pool has sessions, fed by a bounded queue);
 //! every other async caller (administration, the seal) uses `tokio::task::spawn_blocking`.
 //!
 //! Network HSMs restart, fail over and drop sessions; a SoftHSM token whose files go away
@@ -207,7 +207,7 @@ pub struct Hsm {
     token_label: String,
     master_key_label: String,
     pin_source: PinSource,
-    /// The threads the hot crypto calls run on ([`Hsm::run`]), as many as `sessions`.
+    /// The threads the hot crypto calls run on (`Hsm::run`), as many as `sessions`.
     threads: threads::Threads,
 }
 
