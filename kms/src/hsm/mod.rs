@@ -10,7 +10,9 @@
 //! milliseconds). `Session` is `Send` but not `Sync`: a session is taken out of the pool for
 //! one call and put back.
 //!
-//! Calls block: async callers run them on `tokio::task::spawn_blocking`.
+//! Calls block. The hot crypto calls on HSM keys run on the HSM's own threads
+//! (`Hsm::run`, `threads.rs`: as many as the pool has sessions, fed by a bounded queue);
+//! every other async caller (administration, the seal) uses `tokio::task::spawn_blocking`.
 //!
 //! Network HSMs restart, fail over and drop sessions; a SoftHSM token whose files go away
 //! and come back invalidates every object handle. So a [`KeyHandle`] names an entry of a
@@ -42,9 +44,11 @@ pub(crate) mod oaep;
 mod objects;
 mod owner;
 mod recover;
+mod threads;
 
 pub use objects::{HsmKeyKind, MasterKeyAttributes, Provenance, RsaScheme, TokenObject};
 pub use owner::{InstanceId, Ownership};
+pub(crate) use threads::NoResult;
 
 /// The AES-GCM IV length we use and enforce (SoftHSM does not check it).
 pub(crate) const GCM_IV_LEN: usize = 12;
@@ -203,6 +207,8 @@ pub struct Hsm {
     token_label: String,
     master_key_label: String,
     pin_source: PinSource,
+    /// The threads the hot crypto calls run on (`Hsm::run`), as many as `sessions`.
+    threads: threads::Threads,
 }
 
 impl std::fmt::Debug for Hsm {
@@ -251,6 +257,7 @@ impl Hsm {
                 generation: 0,
                 sessions,
                 out: 0,
+                waiting: 0,
             }),
             available: Condvar::new(),
             sessions: config.sessions,
@@ -265,6 +272,7 @@ impl Hsm {
             token_label: config.token_label.clone(),
             master_key_label: config.master_key_label.clone(),
             pin_source: config.pin.clone(),
+            threads: threads::Threads::new(config.sessions, threads::QUEUE_CAPACITY),
         };
         if config.pin != PinSource::Shares {
             let pin = config.pin.read()?;
@@ -339,6 +347,19 @@ impl Hsm {
         &self.master_key_label
     }
 
+    /// Runs `job` on one of the HSM's threads (started at the first job, as many as the
+    /// pool has sessions) and awaits its result, without holding an async worker: a full
+    /// queue makes the caller await room. Once queued, the job runs whether or not its
+    /// caller still waits. For the hot crypto calls on HSM keys: one hand-off each way
+    /// instead of a `spawn_blocking` thread per call, and a thread that finds work queued
+    /// runs it without sleeping in between. [`NoResult`] when the job panicked.
+    pub(crate) async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, NoResult> {
+        self.threads.run(job).await
+    }
+
     /// Runs `f` with a session from the pool, waiting for one if all are busy. `operation`
     /// names it in the metrics (its time, and whether the module failed it). If the session
     /// or an object handle turns out to be gone ([`recover::is_stale`]), the HSM is
@@ -384,11 +405,13 @@ impl Hsm {
                 if !self.is_available() {
                     return Err(HsmError::Unavailable);
                 }
+                pool.waiting += 1;
                 pool = self
                     .available
                     .wait_timeout(pool, std::time::Duration::from_millis(100))
                     .map_err(|_| HsmError::Misuse("session pool poisoned"))?
                     .0;
+                pool.waiting -= 1;
             }
         };
         let metrics = crate::metrics::metrics();
@@ -406,7 +429,11 @@ impl Hsm {
             } else {
                 drop(session);
             }
-            self.available.notify_all();
+            // Waking no one is a system call too: the HSM threads, one per session, return
+            // sessions thousands of times a second with no one waiting.
+            if pool.waiting > 0 {
+                self.available.notify_all();
+            }
         }
         Ok((generation, result))
     }

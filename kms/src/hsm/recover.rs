@@ -17,6 +17,8 @@ pub(super) struct Pool {
     pub(super) sessions: Vec<Session>,
     /// Sessions taken and not yet returned (of any generation).
     pub(super) out: usize,
+    /// Threads waiting on `Hsm::available` (a returned session wakes them only if any).
+    pub(super) waiting: usize,
 }
 
 /// How an object was found, to find it again, and what it must be.
@@ -269,11 +271,13 @@ impl Hsm {
                 if left.is_zero() {
                     return Err(HsmError::Unavailable);
                 }
+                pool.waiting += 1;
                 pool = self
                     .available
                     .wait_timeout(pool, left)
                     .map_err(|_| HsmError::Misuse("session pool poisoned"))?
                     .0;
+                pool.waiting -= 1;
             }
         }
         let mut context = self.pkcs11.lock().unwrap_or_else(|p| p.into_inner());

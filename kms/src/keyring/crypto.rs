@@ -22,6 +22,22 @@ pub struct ReEncrypted {
 }
 
 impl Keyring {
+    /// Whether `name` is an HSM key this keyring holds, so that every crypto call on it is a
+    /// PKCS#11 call: the server runs those on the HSM's threads ([`Keyring::hsm`]).
+    /// A key not read yet answers false: its first use reads the store, on a blocking
+    /// thread (as [`Keyring::runs_in_process`] says).
+    pub(crate) fn is_hsm_key(&self, name: &str) -> bool {
+        matches!(
+            self.keys.peek(name),
+            Some(super::cache::Cached::Found(e)) if e.meta.protection == super::model::Protection::Hsm
+        )
+    }
+
+    /// The HSM this keyring's HSM keys live in.
+    pub(crate) fn hsm(&self) -> &Arc<crate::hsm::Hsm> {
+        &self.hsm
+    }
+
     /// The entry, checked for purpose.
     fn entry_for(
         &self,

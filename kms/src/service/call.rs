@@ -428,13 +428,16 @@ impl<R> Served<R> {
 }
 
 /// Where a call's work runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) enum Place {
     /// On a blocking thread: it may wait on the HSM or the store.
     Blocking,
     /// On the async worker that polls the call: in-process crypto of a microsecond or
     /// two, where a hop to another thread and back would cost more than the work.
     InProcess,
+    /// On one of the HSM's threads ([`crate::hsm::Hsm::run`]): a crypto call on an HSM key,
+    /// whose work is a PKCS#11 call. A queue instead of a `spawn_blocking` thread per call.
+    Hsm(Arc<crate::hsm::Hsm>),
 }
 
 /// The largest request whose crypto runs on the async worker: one item of the largest
@@ -518,9 +521,12 @@ pub(crate) async fn run_at<R: Reply>(
         let settled = settle(&call, result);
         Some((call, settled))
     };
+    // A panicked work (the blocking pool's `JoinError`, the HSM threads' `NoResult`) has
+    // lost its call: the caller is told `INTERNAL`.
     let done = match place {
         Place::InProcess => Ok(work()),
-        Place::Blocking => tokio::task::spawn_blocking(work).await,
+        Place::Blocking => tokio::task::spawn_blocking(work).await.map_err(|_| ()),
+        Place::Hsm(hsm) => hsm.run(work).await.map_err(|_| ()),
     };
     match done {
         Ok(Some((call, settled))) => {
@@ -656,22 +662,30 @@ pub(crate) async fn with_keyring<Q: Aad + Send + 'static, R: Reply>(
     req: Q,
     f: impl FnOnce(&Keyring, &Call, Q) -> Result<Served<R>, KeyringError> + Send + 'static,
 ) -> Answer<R> {
-    // Crypto calls on in-process keys, up to `IN_PROCESS_MAX_INPUT` bytes, run on the async
-    // worker; bigger ones, HSM keys, administration (which commits to the store) and a
-    // sealed server run on a blocking thread. (A crypto call may still wait on the store,
-    // rarely: when it reserves the next block of its key's nonce budget, or rotates the key
-    // at 3/4 of it.)
+    // Crypto calls of up to `IN_PROCESS_MAX_INPUT` bytes run on the async worker when their
+    // keys are in-process keys, on the HSM's threads when one is an HSM key (and none needs
+    // the store looked up first); bigger ones, administration (which commits to the store),
+    // keys a shared store must be asked about and a sealed server run on a blocking thread.
+    // (A crypto call may still wait on the store, rarely: when it reserves the next block
+    // of its key's nonce budget, or rotates the key at 3/4 of it.)
     let keyring = service.seal.keyring();
     let place = match &keyring {
         Ok(k)
             if matches!(call.need, Need::Grant(_))
-                && call.event.input_bytes <= IN_PROCESS_MAX_INPUT
-                && [&call.event.key, &call.event.destination_key]
+                && call.event.input_bytes <= IN_PROCESS_MAX_INPUT =>
+        {
+            let keys = || {
+                [&call.event.key, &call.event.destination_key]
                     .into_iter()
                     .flatten()
-                    .all(|name| k.runs_in_process(name)) =>
-        {
-            Place::InProcess
+            };
+            if keys().all(|name| k.runs_in_process(name)) {
+                Place::InProcess
+            } else if keys().all(|name| k.runs_in_process(name) || k.is_hsm_key(name)) {
+                Place::Hsm(Arc::clone(k.hsm()))
+            } else {
+                Place::Blocking
+            }
         }
         _ => Place::Blocking,
     };
