@@ -105,6 +105,11 @@ fn benches(c: &mut Criterion) {
         CheckpointPolicy::default(),
     )
     .unwrap();
+    // What the seal sets from its record at init: the identity the keys' objects carry.
+    hsm.set_ownership(kms::hsm::Ownership {
+        instance: kms::hsm::InstanceId::from_hex("0123456789abcdef"),
+        ..Default::default()
+    });
     let keyring = Keyring::load(
         Arc::new(kms::barrier::Barrier::new(root.into())),
         hsm,

@@ -361,8 +361,10 @@ impl Hsm {
         self.owner.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Sets this instance's identity and what it owns (from the authenticated seal record).
-    pub(crate) fn set_ownership(&self, ownership: Ownership) {
+    /// Sets this instance's identity and what it owns: the seal sets it from the
+    /// authenticated seal record; a program with a token of its own and no seal (a bench)
+    /// sets one before it makes keys.
+    pub fn set_ownership(&self, ownership: Ownership) {
         *self.owner.write().unwrap_or_else(|p| p.into_inner()) = ownership;
     }
 

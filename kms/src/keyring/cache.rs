@@ -108,9 +108,17 @@ impl<V: Clone> Cache<V> {
         Some(slot.value.clone())
     }
 
-    /// As [`Cache::get`], without marking the entry used (for looks that are not uses).
+    /// As [`Cache::get`] (an absence remembered too long is a miss), without marking the
+    /// entry used (for looks that are not uses).
     pub(super) fn peek(&self, name: &str) -> Option<Cached<V>> {
-        self.read().map.get(name).map(|s| s.value.clone())
+        let inner = self.read();
+        let slot = inner.map.get(name)?;
+        if let Cached::Absent(at) = slot.value
+            && at.elapsed() > ABSENT_FOR
+        {
+            return None;
+        }
+        Some(slot.value.clone())
     }
 
     /// The epoch a loader takes before it reads the store.

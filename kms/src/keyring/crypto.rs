@@ -30,7 +30,7 @@ impl Keyring {
         matches!(
             self.keys.peek(name),
             Some(super::cache::Cached::Found(e)) if e.meta.protection == super::model::Protection::Hsm
-        )
+        ) && self.grants_cached(name)
     }
 
     /// The HSM this keyring's HSM keys live in.

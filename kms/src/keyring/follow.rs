@@ -231,23 +231,33 @@ impl Keyring {
                 // the resync's.
             }
             let scope = match change {
-                StoreChange::Resync => Scope::Everything,
-                StoreChange::Entry(crate::keyring::KEYS, name) => Scope::Key(name.clone()),
+                StoreChange::Resync => {
+                    // Changes were missed: nothing cached is trusted from now on (the
+                    // reload then reads everything again).
+                    self.keys.clear();
+                    self.grants.clear();
+                    Scope::Everything
+                }
+                StoreChange::Entry(crate::keyring::KEYS, name) => {
+                    // The key's cached state stops serving at once (a peer disabled it,
+                    // raised its minimum version, scheduled a destruction): its next use
+                    // reads the store, where the change is committed.
+                    self.keys.evict(name);
+                    Scope::Key(name.clone())
+                }
                 StoreChange::Entry(crate::keyring::GRANTS, id) => {
-                    let echo = state
-                        .echoes
-                        .remove(id)
-                        .is_some_and(|at| now.duration_since(at) < ECHO_WINDOW);
+                    // This server's own grant change comes back as a hint too: evicting
+                    // its key's grants again costs one read, and a revocation by a peer
+                    // taken for that echo could otherwise go unheard.
+                    state.echoes.remove(id);
                     // The key whose cached grants hold it (a scan of the cache: grant
                     // changes are rare). Suspended by evicting them: the next call reads
                     // the key's grants from the store, where the change is committed, and
                     // a read begun before now is not cached (`keyring::cache`).
                     let key = self.grants.find(|list| list.iter().any(|g| g.id == *id));
-                    if !echo {
-                        match &key {
-                            Some(k) => self.grants.evict(k),
-                            None => self.grants.refuse_loads_begun(),
-                        }
+                    match &key {
+                        Some(k) => self.grants.evict(k),
+                        None => self.grants.refuse_loads_begun(),
                     }
                     key.map_or(Scope::Nothing, Scope::Key)
                 }

@@ -323,12 +323,21 @@ impl Keyring {
     /// every use is a PKCS#11 call.
     pub(crate) fn runs_in_process(&self, name: &str) -> bool {
         match self.keys.peek(name) {
-            Some(cache::Cached::Found(e)) => e.meta.protection == model::Protection::Software,
+            Some(cache::Cached::Found(e)) => {
+                e.meta.protection == model::Protection::Software && self.grants_cached(name)
+            }
             Some(cache::Cached::Tampered | cache::Cached::Absent(_)) => true,
             // Not prepared yet: its first use reads the store (and, for an HSM key, the
             // token), for a blocking thread.
             None => false,
         }
+    }
+
+    /// Whether `name`'s grants are in the cache, so that checking a caller's grant reads
+    /// no store (a call that would read one goes to a blocking thread, never an async
+    /// worker or an HSM thread).
+    pub(crate) fn grants_cached(&self, name: &str) -> bool {
+        matches!(self.grants.peek(name), Some(cache::Cached::Found(_)))
     }
 
     /// The lock every change to the keyring holds: this process's mutex, and on a shared
@@ -362,7 +371,12 @@ impl Keyring {
             value: bytes,
         }];
         writes.extend(index::hsm_write(&meta));
-        journal.commit(Change::Key(&meta), writes)?;
+        if let Err(e) = journal.commit(Change::Key(&meta), writes) {
+            // It may have been written all the same (a lost acknowledgement): read again
+            // at the next use rather than go on serving the old state.
+            self.keys.evict(&meta.name);
+            return Err(e);
+        }
         self.walk.schedule(&meta);
         match self.build_entry(meta.clone(), old) {
             Ok(entry) => self

@@ -72,16 +72,33 @@ impl Reservations {
         loop {
             if let Some(answer) = st.answers.remove(&id) {
                 drop(st);
-                return match answer {
-                    Some(range) => Ok(range),
-                    None => Ok(store.reserve(super::COUNTERS, key, want, max)?),
-                };
+                match answer {
+                    Some(range) => return Ok(range),
+                    // Its group failed: ask again, through the committer (never beside
+                    // it: a reservation made outside it could overlap one it makes).
+                    None => {
+                        st = self.lock();
+                        st.queue.push(Ask {
+                            id,
+                            key: key.to_owned(),
+                            want,
+                            max,
+                        });
+                        continue;
+                    }
+                }
             }
             if !st.busy {
                 st.busy = true;
                 let group = std::mem::take(&mut st.queue);
                 drop(st);
+                // A leader that panics must not leave every later reservation waiting.
+                let leading = Leading(
+                    self,
+                    group.iter().map(|a| a.id).filter(|&a| a != id).collect(),
+                );
                 let committed = commit(store, &group);
+                std::mem::forget(leading);
                 st = self.lock();
                 st.busy = false;
                 let mut mine = None;
@@ -112,6 +129,21 @@ impl Reservations {
             }
             st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
         }
+    }
+}
+
+/// Held by a leader while it commits: if it unwinds, the committer is free again and the
+/// waiters are told to ask again.
+struct Leading<'a>(&'a Reservations, Vec<u64>);
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.busy = false;
+        for id in self.1.drain(..) {
+            st.answers.insert(id, None);
+        }
+        self.0.done.notify_all();
     }
 }
 

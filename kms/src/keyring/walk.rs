@@ -134,7 +134,18 @@ impl Keyring {
         let weak = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
             .name("kms-keyring-walk".into())
-            .spawn(move || walk(&weak));
+            .spawn(move || {
+                // A walk that fails (the store unreachable for a moment) is made again, or
+                // keys not walked would wait for the next unseal to be scheduled.
+                let mut wait = RETRY_FIRST;
+                while !walk(&weak) {
+                    std::thread::sleep(wait);
+                    if weak.strong_count() == 0 {
+                        return;
+                    }
+                    wait = (wait * 2).min(RETRY_MOST);
+                }
+            });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "could not start the keyring's verification walk: altered records are refused at their first use only");
         }
@@ -203,7 +214,12 @@ fn walk_table(
     }
 }
 
-fn walk(weak: &Weak<Keyring>) {
+/// How long after a failed walk the next one starts, at first and at most.
+const RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(10);
+const RETRY_MOST: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// One walk; whether it is over (done, or the keyring sealed): false when it failed.
+fn walk(weak: &Weak<Keyring>) -> bool {
     let started = Instant::now();
     let mut n = Counts::default();
     let keys = walk_table(weak, super::KEYS, |k, name, bytes| {
@@ -233,7 +249,7 @@ fn walk(weak: &Weak<Keyring>) {
         other => other,
     };
     let Some(keyring) = weak.upgrade() else {
-        return;
+        return true;
     };
     match grants {
         Some(Ok(())) => {
@@ -261,10 +277,12 @@ fn walk(weak: &Weak<Keyring>) {
             }
         }
         Some(Err(e)) => {
-            tracing::error!(error = %crate::error_chain(&e), "the keyring's verification walk failed: altered records are refused at their first use only, and due rotations of keys not walked wait for the next unseal");
+            tracing::error!(error = %crate::error_chain(&e), "the keyring's verification walk failed: it is made again shortly; until it is done, altered records are refused at their first use only and keys not walked are not scheduled");
+            return false;
         }
         None => {}
     }
+    true
 }
 
 #[cfg(test)]
