@@ -97,6 +97,16 @@ impl<V: Clone> Cache<V> {
     /// What is cached for `name`, marking it used; `None` on a miss, or when an absence
     /// has been remembered for longer than [`ABSENT_FOR`].
     pub(super) fn get(&self, name: &str) -> Option<Cached<V>> {
+        self.look(name, true)
+    }
+
+    /// As [`Cache::get`] (an absence remembered too long is a miss), without marking the
+    /// entry used (for looks that are not uses).
+    pub(super) fn peek(&self, name: &str) -> Option<Cached<V>> {
+        self.look(name, false)
+    }
+
+    fn look(&self, name: &str, used: bool) -> Option<Cached<V>> {
         let inner = self.read();
         let slot = inner.map.get(name)?;
         if let Cached::Absent(at) = slot.value
@@ -104,19 +114,8 @@ impl<V: Clone> Cache<V> {
         {
             return None;
         }
-        slot.used.store(true, Ordering::Relaxed);
-        Some(slot.value.clone())
-    }
-
-    /// As [`Cache::get`] (an absence remembered too long is a miss), without marking the
-    /// entry used (for looks that are not uses).
-    pub(super) fn peek(&self, name: &str) -> Option<Cached<V>> {
-        let inner = self.read();
-        let slot = inner.map.get(name)?;
-        if let Cached::Absent(at) = slot.value
-            && at.elapsed() > ABSENT_FOR
-        {
-            return None;
+        if used {
+            slot.used.store(true, Ordering::Relaxed);
         }
         Some(slot.value.clone())
     }

@@ -22,17 +22,12 @@ use super::{
     RwLockWriteGuard, cache, grants, model,
 };
 use crate::store::Change as StoreChange;
-use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 /// How long a change heard may take to be applied before the keys it concerns are refused:
 /// far more than a healthy database takes to answer one read.
 pub(crate) const APPLY_GRACE: Duration = Duration::from_millis(200);
-
-/// How long this server expects to hear of a grant it made itself (its own commit's
-/// notification), and so not suspend it when it does.
-const ECHO_WINDOW: Duration = Duration::from_secs(10);
 
 /// What an unapplied change may have made stale here.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,9 +59,6 @@ struct LagState {
     next_seq: u64,
     /// Since when this server has been behind (a change failed), for the log.
     behind_since: Option<Instant>,
-    /// Grants this server made, by id, and when: their own notification must not suspend
-    /// them.
-    echoes: HashMap<String, Instant>,
 }
 
 /// The changes heard and not applied yet (see the module's invariant).
@@ -178,20 +170,8 @@ impl Keyring {
         }
     }
 
-    /// Notes that this server is about to commit grant `id`: the notification of its own
-    /// commit will not suspend it.
-    pub(super) fn expect_echo(&self, id: &str) {
-        let mut state = self.lag.lock();
-        let now = Instant::now();
-        state
-            .echoes
-            .retain(|_, at| now.duration_since(*at) < ECHO_WINDOW);
-        state.echoes.insert(id.to_owned(), now);
-    }
-
     /// Notes changes as heard, at once (before they are applied): each is unapplied from
-    /// now on, and a live grant one names is suspended (unless it is this server's own
-    /// new grant coming back). Cheap and never waits on the store: the server's follow
+    /// now on, and a live grant one names is suspended. Cheap and never waits on the store: the server's follow
     /// task calls it as changes arrive, even while an application is under way.
     pub(crate) fn heard(&self, changes: &[StoreChange]) {
         let mut state = self.lag.lock();
@@ -246,10 +226,9 @@ impl Keyring {
                     Scope::Key(name.clone())
                 }
                 StoreChange::Entry(crate::keyring::GRANTS, id) => {
-                    // This server's own grant change comes back as a hint too: evicting
-                    // its key's grants again costs one read, and a revocation by a peer
-                    // taken for that echo could otherwise go unheard.
-                    state.echoes.remove(id);
+                    // This server's own grant changes come back as hints too, and are
+                    // treated alike: evicting its key's grants again costs one read, and
+                    // a revocation by a peer is never taken for such an echo.
                     // The key whose cached grants hold it (a scan of the cache: grant
                     // changes are rare). Suspended by evicting them: the next call reads
                     // the key's grants from the store, where the change is committed, and
