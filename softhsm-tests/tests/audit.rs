@@ -557,6 +557,14 @@ async fn every_call_is_recorded_and_the_export_verifies_offline() {
     for f in ["export.jsonl", "after-restart.jsonl", "filtered.jsonl"] {
         places.push((f, std::fs::read(dir.join(f)).unwrap()));
     }
+    // The audit log's append-only files beside the redb file, where most records are.
+    let mut segments = 0;
+    for entry in std::fs::read_dir(dir.join("kms.redb.audit")).unwrap() {
+        let path = entry.unwrap().path();
+        segments += usize::from(path.extension().is_some_and(|e| e == "log"));
+        places.push(("an audit log file", std::fs::read(&path).unwrap()));
+    }
+    assert!(segments >= 1, "the records are in the audit log's files");
     for (what, bytes) in &places {
         for secret in [PLAINTEXT, AAD] {
             assert!(
