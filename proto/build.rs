@@ -27,6 +27,9 @@ const REDACTED: &[&str] = &[
     "kms.v1.ReEncryptItem",
     "kms.v1.SignItem",
     "kms.v1.CreateGrantRequest",
+    "kms.v1.PutSecretRequest",
+    "kms.v1.GetSecretResponse",
+    "kms.v1.PatchSecretRequest",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -35,6 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "kms/v1/keys.proto",
         "kms/v1/audit.proto",
         "kms/v1/access.proto",
+        "kms/v1/secrets.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

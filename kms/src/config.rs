@@ -31,6 +31,9 @@ pub(crate) struct ConfigFile {
     /// The `[keyring]` table.
     #[serde(default)]
     pub keyring: KeyringConfig,
+    /// The `[secrets]` table.
+    #[serde(default)]
+    pub secrets: crate::secrets::config::SecretsConfig,
     /// The `[audit]` table.
     #[serde(default)]
     pub audit: AuditConfig,
@@ -140,8 +143,8 @@ pub struct Config {
     pub log: LogSettings,
     /// `[metrics] listen`: where the Prometheus endpoint is served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
-    /// Keyring settings.
-    pub keyring: crate::keyring::Settings,
+    /// The engines' settings (`[keyring]`, `[secrets]`).
+    pub engines: crate::engines::Settings,
     /// Seconds between maintenance runs.
     pub maintenance_interval: std::time::Duration,
     /// When to sign audit checkpoints.
@@ -210,7 +213,10 @@ impl Config {
             hsm,
             log,
             metrics_listen,
-            keyring,
+            engines: crate::engines::Settings {
+                keyring,
+                secrets: file.secrets.validate()?,
+            },
             maintenance_interval,
             checkpoints: file.audit.validate()?,
             retention: file.audit.retention(base)?,

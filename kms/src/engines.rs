@@ -20,8 +20,17 @@ pub(crate) struct Opening<'a> {
     pub(crate) store: &'a Arc<dyn Store>,
     /// Where what the engine does by itself is recorded.
     pub(crate) audit: &'a AuditLog,
-    /// `[keyring]`; the next engine's section joins it here.
-    pub(crate) keyring: crate::keyring::Settings,
+    /// The engines' sections of the configuration.
+    pub(crate) settings: Settings,
+}
+
+/// The engines' settings, each from its section of the configuration.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Settings {
+    /// `[keyring]`.
+    pub keyring: crate::keyring::Settings,
+    /// `[secrets]`.
+    pub secrets: crate::secrets::Settings,
 }
 
 /// Why an engine could not be opened: its own error (the keyring's `KeyringError`), or
@@ -40,21 +49,34 @@ pub(crate) struct Kind {
 
 /// Every engine, in the order they are opened at unseal: **the one place engines are
 /// listed**.
-pub(crate) const ENGINES: &[Kind] = &[Kind {
-    name: "keyring",
-    tables: crate::keyring::TABLES,
-    open: |o| {
-        let keyring = Arc::new(crate::keyring::Keyring::load(
-            Arc::clone(o.barrier),
-            Arc::clone(o.hsm),
-            Arc::clone(o.store),
-            Arc::new(o.audit.clone()),
-            o.keyring,
-        )?);
-        keyring.start_walk();
-        Ok(keyring)
+pub(crate) const ENGINES: &[Kind] = &[
+    Kind {
+        name: "keyring",
+        tables: crate::keyring::TABLES,
+        open: |o| {
+            let keyring = Arc::new(crate::keyring::Keyring::load(
+                Arc::clone(o.barrier),
+                Arc::clone(o.hsm),
+                Arc::clone(o.store),
+                Arc::new(o.audit.clone()),
+                o.settings.keyring,
+            )?);
+            keyring.start_walk();
+            Ok(keyring)
+        },
     },
-}];
+    Kind {
+        name: "secrets",
+        tables: crate::secrets::TABLES,
+        open: |o| {
+            Ok(Arc::new(crate::secrets::Secrets::open(
+                Arc::clone(o.barrier),
+                Arc::clone(o.store),
+                o.settings.secrets,
+            )?))
+        },
+    },
+];
 
 /// Every table of the store: the seal's, each engine's, the audit log's; in the order a
 /// backup writes them. PostgreSQL creates a `kms_<name>` table for each at open, the

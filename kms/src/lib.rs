@@ -57,6 +57,7 @@ mod metrics;
 mod node;
 pub mod policy;
 pub mod seal;
+pub mod secrets;
 mod section;
 pub mod server;
 mod service;

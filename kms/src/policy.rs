@@ -126,6 +126,59 @@ impl fmt::Display for Operation {
     }
 }
 
+/// An operation a grant on secrets' paths can allow (the secrets engine, docs/secrets.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SecretOperation {
+    /// Read a version's values (`GetSecret`).
+    SecretRead,
+    /// Write a version, patch one, set a secret's metadata.
+    SecretWrite,
+    /// List the paths under a prefix.
+    SecretList,
+    /// Delete versions softly, and undelete them.
+    SecretDelete,
+    /// Destroy versions' values, or a secret with all its versions.
+    SecretDestroy,
+    /// Read a secret's metadata and its values' names, never its values.
+    SecretReadMetadata,
+}
+
+impl SecretOperation {
+    /// Every operation.
+    pub const ALL: [SecretOperation; 6] = [
+        Self::SecretRead,
+        Self::SecretWrite,
+        Self::SecretList,
+        Self::SecretDelete,
+        Self::SecretDestroy,
+        Self::SecretReadMetadata,
+    ];
+
+    /// The name operators write (`secret-read`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SecretRead => "secret-read",
+            Self::SecretWrite => "secret-write",
+            Self::SecretList => "secret-list",
+            Self::SecretDelete => "secret-delete",
+            Self::SecretDestroy => "secret-destroy",
+            Self::SecretReadMetadata => "secret-read-metadata",
+        }
+    }
+
+    /// Parses [`SecretOperation::name`].
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.name() == s)
+    }
+}
+
+impl fmt::Display for SecretOperation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A principal pattern: exact, or a prefix followed by `*`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]

@@ -61,6 +61,9 @@ pub enum ConfigError {
     /// A `[keyring]` value is out of range.
     #[error("keyring.{0}: out of range")]
     BadKeyring(&'static str),
+    /// A `[secrets]` value is out of range.
+    #[error("secrets.{0}: out of range")]
+    BadSecrets(&'static str),
     /// A `[storage]` value is out of range.
     #[error("storage.{0}: out of range")]
     BadStorage(&'static str),

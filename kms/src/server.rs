@@ -25,6 +25,7 @@ use crate::store::StoreError;
 use kms_proto::v1::access_server::AccessServer;
 use kms_proto::v1::audit_server::AuditServer;
 use kms_proto::v1::key_management_server::KeyManagementServer;
+use kms_proto::v1::secrets_server::SecretsServer;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -213,7 +214,7 @@ pub fn open(config: &Config) -> Result<Opened, StartError> {
         hsm,
         store,
         audit.clone(),
-        config.keyring,
+        config.engines,
     )?);
     let status = seal.status();
     tracing::info!(
@@ -347,7 +348,11 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(AuditServer::new(AuditService::new(ctx.clone())))
-        .add_service(AccessServer::new(AccessService::new(ctx)))
+        .add_service(AccessServer::new(AccessService::new(ctx.clone())))
+        .add_service(
+            SecretsServer::new(crate::grpc::SecretsService::new(ctx))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx));
     let result = tokio::select! {
         r = serving => r.map_err(StartError::Serve),
@@ -790,7 +795,8 @@ fn connection_caps(limits: &Limits) -> crate::access::limiter::ConnectionCaps {
 }
 
 /// Keeps the health service's statuses true: the server and the services that work sealed
-/// are `SERVING`; `kms.v1.KeyManagement` is `SERVING` only while unsealed.
+/// are `SERVING`; `kms.v1.KeyManagement` and `kms.v1.Secrets` are `SERVING` only while
+/// unsealed.
 async fn report_health(
     health: tonic_health::server::HealthReporter,
     mut unsealed: tokio::sync::watch::Receiver<bool>,
@@ -805,9 +811,9 @@ async fn report_health(
         } else {
             NotServing
         };
-        health
-            .set_service_status("kms.v1.KeyManagement", status)
-            .await;
+        for service in ["kms.v1.KeyManagement", "kms.v1.Secrets"] {
+            health.set_service_status(service, status).await;
+        }
         if unsealed.changed().await.is_err() {
             return;
         }

@@ -488,6 +488,105 @@ pub fn report_from(r: pb::KeyUsageReportResponse) -> UsageReport {
     }
 }
 
+/// A secret operation as the API names it.
+pub fn secret_operation_pb(o: crate::policy::SecretOperation) -> pb::SecretOperation {
+    use crate::policy::SecretOperation as S;
+    match o {
+        S::SecretRead => pb::SecretOperation::Read,
+        S::SecretWrite => pb::SecretOperation::Write,
+        S::SecretList => pb::SecretOperation::List,
+        S::SecretDelete => pb::SecretOperation::Delete,
+        S::SecretDestroy => pb::SecretOperation::Destroy,
+        S::SecretReadMetadata => pb::SecretOperation::ReadMetadata,
+    }
+}
+
+/// A secret operation from the API; unspecified or unknown values are refused.
+pub(crate) fn secret_operation_from(
+    v: i32,
+) -> Result<crate::policy::SecretOperation, crate::secrets::SecretsError> {
+    use crate::policy::SecretOperation as S;
+    match pb::SecretOperation::try_from(v) {
+        Ok(pb::SecretOperation::Read) => Ok(S::SecretRead),
+        Ok(pb::SecretOperation::Write) => Ok(S::SecretWrite),
+        Ok(pb::SecretOperation::List) => Ok(S::SecretList),
+        Ok(pb::SecretOperation::Delete) => Ok(S::SecretDelete),
+        Ok(pb::SecretOperation::Destroy) => Ok(S::SecretDestroy),
+        Ok(pb::SecretOperation::ReadMetadata) => Ok(S::SecretReadMetadata),
+        Ok(pb::SecretOperation::Unspecified) | Err(_) => Err(
+            crate::secrets::SecretsError::BadRequest(format!("unknown secret operation {v}")),
+        ),
+    }
+}
+
+fn ms(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A version as the metadata lists it, at `now_ms`.
+pub(crate) fn secret_version_pb(
+    version: u64,
+    v: &crate::secrets::model::Version,
+    now_ms: u64,
+) -> pb::SecretVersion {
+    pb::SecretVersion {
+        version,
+        create_time: ms(v.created_ms),
+        deletion_time: v.deletion_ms.map_or(0, ms),
+        destroyed: v.destroyed,
+        deleted: v.state(now_ms) == crate::secrets::model::State::Deleted,
+    }
+}
+
+/// A secret's metadata.
+pub(crate) fn secret_metadata_pb(
+    path: &str,
+    m: &crate::secrets::model::Metadata,
+    now_ms: u64,
+) -> pb::SecretMetadata {
+    pb::SecretMetadata {
+        path: path.to_owned(),
+        current_version: m.current,
+        oldest_version: m.oldest(),
+        max_versions: m.max_versions,
+        cas_required: m.cas_required,
+        delete_version_after_seconds: m.delete_version_after,
+        custom_metadata: m.custom.clone(),
+        create_time: ms(m.created_ms),
+        update_time: ms(m.updated_ms),
+        versions: m
+            .versions
+            .iter()
+            .map(|(n, v)| secret_version_pb(*n, v, now_ms))
+            .collect(),
+    }
+}
+
+/// The secrets engine's configuration.
+pub(crate) fn secrets_config_pb(c: &crate::secrets::Config) -> pb::SecretsConfig {
+    pb::SecretsConfig {
+        max_versions: c.max_versions,
+        cas_required: c.cas_required,
+        delete_version_after_seconds: c.delete_version_after,
+    }
+}
+
+/// A grant on secrets.
+pub(crate) fn secret_grant_pb(g: &crate::secrets::SecretGrant) -> pb::SecretGrant {
+    pb::SecretGrant {
+        id: g.id.clone(),
+        path: g.path.as_str().to_owned(),
+        principal: g.principal.to_string(),
+        operations: g
+            .operations
+            .iter()
+            .map(|o| secret_operation_pb(*o) as i32)
+            .collect(),
+        create_time: ms(g.created_ms),
+        created_by: g.created_by.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

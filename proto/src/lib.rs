@@ -54,6 +54,46 @@ pub mod v1 {
     redacted_debug!(SignRequest { key, format } secret {});
     redacted_debug!(SignItem {} secret {});
 
+    /// A secret's values in a `Debug`: how many, never their names or values.
+    struct RedactedValues(usize);
+
+    impl core::fmt::Debug for RedactedValues {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            write!(f, "<{} values redacted>", self.0)
+        }
+    }
+
+    impl core::fmt::Debug for PutSecretRequest {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            f.debug_struct("PutSecretRequest")
+                .field("path", &self.path)
+                .field("data", &RedactedValues(self.data.len()))
+                .field("cas", &self.cas)
+                .finish()
+        }
+    }
+
+    impl core::fmt::Debug for GetSecretResponse {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            f.debug_struct("GetSecretResponse")
+                .field("data", &RedactedValues(self.data.len()))
+                .field("version", &self.version)
+                .field("custom_metadata", &self.custom_metadata)
+                .finish()
+        }
+    }
+
+    impl core::fmt::Debug for PatchSecretRequest {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            f.debug_struct("PatchSecretRequest")
+                .field("path", &self.path)
+                .field("set", &RedactedValues(self.set.len()))
+                .field("remove", &self.remove)
+                .field("cas", &self.cas)
+                .finish()
+        }
+    }
+
     impl core::fmt::Debug for CreateGrantRequest {
         fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
             f.debug_struct("CreateGrantRequest")
@@ -226,5 +266,45 @@ mod tests {
         assert!(printed.contains("<15 bytes redacted>"), "{printed}");
         assert!(!printed.contains("SECRETSHARE"), "{printed}");
         assert!(printed.contains("redacted"));
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::v1::{GetSecretResponse, PatchSecretRequest, PutSecretRequest};
+
+    /// No `Debug` of a message that carries a secret's values shows a name or a value.
+    #[test]
+    fn debug_redacts_secret_values() {
+        let data: std::collections::BTreeMap<String, String> =
+            [("api-key".to_owned(), "sk_live_SECRETVALUE".to_owned())].into();
+        let shown = [
+            format!(
+                "{:?}",
+                PutSecretRequest {
+                    path: "payments/stripe".into(),
+                    data: data.clone(),
+                    cas: Some(1),
+                }
+            ),
+            format!(
+                "{:?}",
+                GetSecretResponse {
+                    data: data.clone(),
+                    ..GetSecretResponse::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                PatchSecretRequest {
+                    set: data,
+                    ..PatchSecretRequest::default()
+                }
+            ),
+        ];
+        for s in shown {
+            assert!(!s.contains("SECRETVALUE") && !s.contains("api-key"), "{s}");
+            assert!(s.contains("<1 values redacted>"), "{s}");
+        }
     }
 }

@@ -190,28 +190,38 @@ async fn populate(args: &Args, n: usize) -> Result<(), BoxError> {
     for _ in 0..args.concurrency.max(1) {
         let (channel, next, grantee) = (channel.clone(), Arc::clone(&next), args.grantee.clone());
         tasks.push(tokio::spawn(async move {
-            let mut keys = KeyManagementClient::new(channel.clone());
-            let mut access = AccessClient::new(channel);
+            let keys = KeyManagementClient::new(channel.clone());
+            let access = AccessClient::new(channel);
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= n as u64 {
                     return Ok::<(), tonic::Status>(());
                 }
                 let name = format!("scale-{i:06}");
-                keys.create_key(pb::CreateKeyRequest {
+                // A call cut off when the server closes an old connection (GOAWAY at its
+                // max_connection_age) is sent again: a key made by the first attempt answers
+                // ALREADY_EXISTS to the second, a grant may be made twice (harmless here).
+                let key = pb::CreateKeyRequest {
                     name: name.clone(),
                     algorithm: pb::Algorithm::Aes256Gcm as i32,
                     ..Default::default()
+                };
+                retried(key, true, |r| {
+                    let mut keys = keys.clone();
+                    async move { keys.create_key(r).await }
                 })
                 .await?;
-                access
-                    .create_grant(pb::CreateGrantRequest {
-                        key: name,
-                        principal: grantee.clone(),
-                        operations: vec![pb::Operation::Encrypt as i32],
-                        associated_data: None,
-                    })
-                    .await?;
+                let grant = pb::CreateGrantRequest {
+                    key: name.clone(),
+                    principal: grantee.clone(),
+                    operations: vec![pb::Operation::Encrypt as i32],
+                    associated_data: None,
+                };
+                retried(grant, false, |r| {
+                    let mut access = access.clone();
+                    async move { access.create_grant(r).await }
+                })
+                .await?;
             }
         }));
     }
@@ -225,6 +235,36 @@ async fn populate(args: &Args, n: usize) -> Result<(), BoxError> {
         n as f64 / seconds
     );
     Ok(())
+}
+
+/// A change, sent again (up to 5 times) when the transport cut it off (CANCELLED,
+/// UNAVAILABLE); with `exists_ok`, ALREADY_EXISTS to a second attempt is the first's success.
+async fn retried<Q: Clone, R, F, Fut>(
+    request: Q,
+    exists_ok: bool,
+    mut send: F,
+) -> Result<(), tonic::Status>
+where
+    F: FnMut(tonic::Request<Q>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+{
+    let mut attempt = 0;
+    loop {
+        match send(tonic::Request::new(request.clone())).await {
+            Ok(_) => return Ok(()),
+            Err(s) if attempt > 0 && exists_ok && s.code() == tonic::Code::AlreadyExists => {
+                return Ok(());
+            }
+            Err(s)
+                if attempt < 5
+                    && matches!(s.code(), tonic::Code::Cancelled | tonic::Code::Unavailable) =>
+            {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            }
+            Err(s) => return Err(s),
+        }
+    }
 }
 
 /// One call of the operation; `Err` carries the status text.

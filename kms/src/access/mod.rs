@@ -12,7 +12,7 @@
 pub(crate) mod limiter;
 pub(crate) mod tls;
 
-use crate::policy::{ANONYMOUS, LOOPBACK, Operation, Pattern};
+use crate::policy::{ANONYMOUS, LOOPBACK, Operation, Pattern, SecretOperation};
 
 use std::collections::BTreeSet;
 
@@ -125,6 +125,8 @@ pub(crate) enum Need {
     Role(Role),
     /// A grant on the call's key(s) for this operation.
     Grant(Operation),
+    /// A grant on the call's secret path (or the prefix listed) for this operation.
+    Secret(SecretOperation),
 }
 
 /// A refusal. Its message names what was missing, never what exists.
@@ -153,6 +155,16 @@ pub(crate) enum Denied {
         operation: Operation,
         /// The key named in the request.
         key: String,
+    },
+    /// The call needs a grant on a secret's path.
+    #[error("permission denied: {principal:?} has no grant to {operation} on secret path {path:?}")]
+    SecretGrant {
+        /// Who asked.
+        principal: String,
+        /// The operation needed.
+        operation: SecretOperation,
+        /// The path (or prefix) named in the request.
+        path: String,
     },
     /// A share over plaintext.
     #[error("permission denied: shares are accepted over TLS only")]
@@ -185,7 +197,7 @@ pub(crate) fn check(
     }
     let has = |role| roles.of(identity).contains(&role);
     match need {
-        Need::Nothing | Need::Certificate | Need::Grant(_) => Ok(()),
+        Need::Nothing | Need::Certificate | Need::Grant(_) | Need::Secret(_) => Ok(()),
         // Shares travel over TLS only, from a custodian's certificate.
         Need::Custodian if !identity.tls => Err(Denied::NotTls),
         Need::Custodian if has(Role::Custodian) => Ok(()),

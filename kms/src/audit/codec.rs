@@ -215,7 +215,8 @@ pub(crate) fn encode(r: &AuditRecord) -> Result<Vec<u8>, serde_json::Error> {
     let compact_fits = r.schema == AUDIT_SCHEMA
         && e.ceremony.is_none()
         && e.replay_of.is_none()
-        && e.front.is_none();
+        && e.front.is_none()
+        && e.secret.is_none();
     let Some((prev_hash, hash)) = hashes.filter(|_| compact_fits) else {
         return serde_json::to_vec(r);
     };
@@ -286,6 +287,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<AuditRecord> {
                     ceremony: None,
                     replay_of: None,
                     front: None,
+                    secret: None,
                 },
                 prev_hash: hex(&c.prev_hash),
                 hash: hex(&c.hash),

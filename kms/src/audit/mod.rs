@@ -121,6 +121,23 @@ pub struct AuditEvent {
     /// record written before there were other fronts, so their hashes are unchanged.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub front: Option<String>,
+    /// For the secrets engine's calls: the secret's path (or a grant's path pattern) and
+    /// the versions concerned, never a value. (Absent from every other record, so their
+    /// hashes are unchanged.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretSummary>,
+}
+
+/// What a call of the secrets engine concerned, in its record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSummary {
+    /// The path (a prefix for a listing, a path pattern for a grant; empty for the
+    /// engine's configuration).
+    pub path: String,
+    /// The versions read, written, deleted, undeleted, destroyed or dropped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub versions: Vec<u64>,
 }
 
 /// What a custodians' ceremony call concerned, in its record: share sets, share indexes and

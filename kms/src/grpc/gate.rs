@@ -78,6 +78,7 @@ pub(crate) const SERVICES: &[&str] = &[
     "kms.v1.KeyManagement",
     "kms.v1.Audit",
     "kms.v1.Access",
+    "kms.v1.Secrets",
     HEALTH,
     REFLECTION,
     REFLECTION_V1ALPHA,

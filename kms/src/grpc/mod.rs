@@ -15,11 +15,13 @@ mod audit;
 pub(crate) mod deadline;
 pub(crate) mod gate;
 mod keys;
+mod secrets;
 mod system;
 
 pub(crate) use access::AccessService;
 pub(crate) use audit::AuditService;
 pub(crate) use keys::KeyManagementService;
+pub(crate) use secrets::SecretsService;
 pub(crate) use system::SystemService;
 
 use tonic::metadata::MetadataValue;

@@ -37,7 +37,7 @@ use zeroize::Zeroizing;
 use crate::audit::AuditLog;
 use crate::engine::Engine;
 use crate::hsm::{Hsm, HsmError, HsmKeyKind, InstanceId, KeyHandle, Ownership};
-use crate::keyring::{Keyring, KeyringError, Settings as KeyringSettings};
+use crate::keyring::{Keyring, KeyringError};
 use crate::store::{Store, StoreError, Write};
 
 mod follow;
@@ -290,6 +290,7 @@ struct Unsealed {
 #[derive(Clone)]
 struct Opened {
     keyring: Arc<Keyring>,
+    secrets: Arc<crate::secrets::Secrets>,
     all: Vec<Arc<dyn Engine>>,
 }
 
@@ -596,7 +597,7 @@ pub struct SealManager {
     hsm: Arc<Hsm>,
     store: Arc<dyn Store>,
     audit: AuditLog,
-    settings: KeyringSettings,
+    settings: crate::engines::Settings,
     inner: Mutex<Inner>,
     /// Whether the server is unsealed, for those who watch (health, metrics).
     unsealed: tokio::sync::watch::Sender<bool>,
@@ -623,7 +624,7 @@ impl SealManager {
         hsm: Arc<Hsm>,
         store: Arc<dyn Store>,
         audit: AuditLog,
-        settings: KeyringSettings,
+        settings: crate::engines::Settings,
     ) -> Result<Self, SealError> {
         let record = read_record(store.as_ref())?;
         let (state, master_key, authentic) = sealed_state(&hsm, &audit, record.as_ref())?;
@@ -694,6 +695,11 @@ impl SealManager {
     /// made meanwhile is told the server is sealed.
     pub fn keyring(&self) -> Result<Arc<Keyring>, SealError> {
         self.opened().map(|o| o.keyring)
+    }
+
+    /// The secrets engine, or why there is none (sealed, not initialised).
+    pub(crate) fn secrets(&self) -> Result<Arc<crate::secrets::Secrets>, SealError> {
+        self.opened().map(|o| o.secrets)
     }
 
     /// Every open engine (the keyring among them), as [`SealManager::keyring`] finds them:

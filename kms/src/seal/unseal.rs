@@ -122,10 +122,11 @@ impl SealManager {
             hsm: &self.hsm,
             store: &self.store,
             audit: &self.audit,
-            keyring: self.settings,
+            settings: self.settings,
         };
         let mut all = Vec::with_capacity(crate::engines::ENGINES.len());
         let mut keyring = None;
+        let mut secrets = None;
         for kind in crate::engines::ENGINES {
             let engine = (kind.open)(&opening).map_err(|e| open_error(kind.name, e))?;
             debug_assert_eq!(
@@ -136,12 +137,25 @@ impl SealManager {
             if keyring.is_none() {
                 keyring = Arc::clone(&engine).into_any().downcast::<Keyring>().ok();
             }
+            if secrets.is_none() {
+                secrets = Arc::clone(&engine)
+                    .into_any()
+                    .downcast::<crate::secrets::Secrets>()
+                    .ok();
+            }
             all.push(engine);
         }
         let keyring = keyring.ok_or(SealError::Keyring(KeyringError::Internal(
             "the keyring is not among the engines",
         )))?;
-        Ok(Opened { keyring, all })
+        let secrets = secrets.ok_or(SealError::Keyring(KeyringError::Internal(
+            "the secrets engine is not among the engines",
+        )))?;
+        Ok(Opened {
+            keyring,
+            secrets,
+            all,
+        })
     }
 
     /// Logs in with the PIN recombined from the shares and finds the master key; logs out

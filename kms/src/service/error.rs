@@ -8,6 +8,7 @@
 use crate::access::Denied;
 use crate::keyring::KeyringError;
 use crate::seal::SealError;
+use crate::secrets::SecretsError;
 
 /// Any error a call can end with.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +19,9 @@ pub(crate) enum ServiceError {
     /// From the keyring.
     #[error(transparent)]
     Keyring(#[from] KeyringError),
+    /// From the secrets engine.
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
     /// The audit log could not be read.
     #[error("the audit log could not be read")]
     AuditRead(#[source] crate::store::StoreError),
@@ -106,6 +110,7 @@ pub(crate) fn kind_of(err: &ServiceError) -> ErrorKind {
     match err {
         ServiceError::Seal(e) => seal_kind(e),
         ServiceError::Keyring(e) => keyring_kind(e),
+        ServiceError::Secrets(e) => secrets_kind(e),
         ServiceError::AuditRead(_) => ErrorKind::Unavailable,
         ServiceError::Denied(Denied::Unauthenticated | Denied::Expired) => {
             ErrorKind::Unauthenticated
@@ -206,12 +211,13 @@ pub(crate) fn reason_of(err: &ServiceError) -> &'static str {
     match err {
         ServiceError::Seal(e) => seal_reason(e),
         ServiceError::Keyring(e) => keyring_reason(e),
+        ServiceError::Secrets(e) => secrets_reason(e),
         ServiceError::AuditRead(_) => "AUDIT_UNAVAILABLE",
         ServiceError::Denied(d) => match d {
             Denied::Unauthenticated => "NO_CLIENT_CERTIFICATE",
             Denied::Expired => "CERTIFICATE_EXPIRED",
             Denied::Role { .. } => "NO_ROLE",
-            Denied::Grant { .. } => "NO_GRANT",
+            Denied::Grant { .. } | Denied::SecretGrant { .. } => "NO_GRANT",
             Denied::NotTls => "TLS_REQUIRED",
         },
         ServiceError::Backup(crate::backup::BackupError::NoSigner) => "NO_AUDIT_SIGNER",
@@ -298,6 +304,50 @@ fn keyring_reason(e: &KeyringError) -> &'static str {
     }
 }
 
+fn secrets_kind(e: &SecretsError) -> ErrorKind {
+    match e {
+        SecretsError::BadPath(_)
+        | SecretsError::BadPattern(_)
+        | SecretsError::BadRequest(_)
+        | SecretsError::TooLarge { .. } => ErrorKind::InvalidArgument,
+        SecretsError::CasRequired
+        | SecretsError::CasMismatch { .. }
+        | SecretsError::NothingToPatch => ErrorKind::FailedPrecondition,
+        SecretsError::NotFound
+        | SecretsError::VersionNotFound(_)
+        | SecretsError::VersionDeleted(_)
+        | SecretsError::VersionDestroyed(_)
+        | SecretsError::GrantNotFound(_) => ErrorKind::NotFound,
+        SecretsError::Tampered(_) => ErrorKind::DataLoss,
+        SecretsError::Store(_) | SecretsError::AuditUnavailable | SecretsError::Randomness => {
+            ErrorKind::Unavailable
+        }
+        SecretsError::Internal(_) => ErrorKind::Internal,
+    }
+}
+
+fn secrets_reason(e: &SecretsError) -> &'static str {
+    match e {
+        SecretsError::BadPath(_) => "INVALID_SECRET_PATH",
+        SecretsError::BadPattern(_) => "INVALID_PATTERN",
+        SecretsError::BadRequest(_) => "INVALID_REQUEST",
+        SecretsError::TooLarge { .. } => "TOO_LARGE",
+        SecretsError::CasRequired => "CAS_REQUIRED",
+        SecretsError::CasMismatch { .. } => "CAS_MISMATCH",
+        SecretsError::NothingToPatch => "NOTHING_TO_PATCH",
+        SecretsError::NotFound => "SECRET_NOT_FOUND",
+        SecretsError::VersionNotFound(_) => "VERSION_NOT_FOUND",
+        SecretsError::VersionDeleted(_) => "VERSION_DELETED",
+        SecretsError::VersionDestroyed(_) => "VERSION_DESTROYED",
+        SecretsError::GrantNotFound(_) => "GRANT_NOT_FOUND",
+        SecretsError::Tampered(_) => "STORE_TAMPERED",
+        SecretsError::Store(_) => "STORE_UNAVAILABLE",
+        SecretsError::AuditUnavailable => "AUDIT_UNAVAILABLE",
+        SecretsError::Randomness => "RANDOMNESS_UNAVAILABLE",
+        SecretsError::Internal(_) => "INTERNAL",
+    }
+}
+
 /// What a caller is told of a failed call: its kind, its reason and a message that is
 /// never a secret (an internal error says only "internal error").
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -355,6 +405,7 @@ pub(crate) fn is_audit_failure(err: &ServiceError) -> bool {
         ServiceError::Seal(SealError::AuditUnavailable)
             | ServiceError::Seal(SealError::Keyring(KeyringError::AuditUnavailable))
             | ServiceError::Keyring(KeyringError::AuditUnavailable)
+            | ServiceError::Secrets(SecretsError::AuditUnavailable)
     )
 }
 

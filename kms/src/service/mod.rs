@@ -20,7 +20,8 @@ mod op;
 use std::sync::Arc;
 
 pub(crate) use call::{
-    Aad, Answer, Call, Idempotency, Meta, Place, Recorded, Reply, Served, run, run_at, with_keyring,
+    Aad, Answer, Call, Idempotency, Meta, Place, Recorded, Reply, Served, run, run_at,
+    with_keyring, with_secrets,
 };
 pub(crate) use error::{ErrorKind, Refusal, ServiceError};
 pub(crate) use op::Op;

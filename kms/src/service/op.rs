@@ -8,7 +8,7 @@
 //! paths onto the same operations, so one rule and one record shape serve every front.
 
 use crate::access::{Need, Role};
-use crate::policy::Operation;
+use crate::policy::{Operation, SecretOperation};
 
 /// The groups of operations, as records name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +21,8 @@ pub(crate) enum Group {
     Audit,
     /// Identity and grants.
     Access,
+    /// Versioned secrets.
+    Secrets,
     /// Liveness and readiness probes.
     Health,
 }
@@ -33,6 +35,7 @@ impl Group {
             Self::Keys => "kms.v1.KeyManagement",
             Self::Audit => "kms.v1.Audit",
             Self::Access => "kms.v1.Access",
+            Self::Secrets => "kms.v1.Secrets",
             Self::Health => "grpc.health.v1.Health",
         }
     }
@@ -85,6 +88,12 @@ ops! {
     }
     Audit { ExportAuditLog, KeyUsageReport, VerifyAuditLog }
     Access { WhoAmI, CreateGrant, RevokeGrant, ListGrants, CertLogin, LookupSelf }
+    Secrets {
+        PutSecret, GetSecret, PatchSecret, ListSecrets, GetSecretSubkeys, DeleteSecretVersions,
+        UndeleteSecretVersions, DestroySecretVersions, GetSecretMetadata,
+        UpdateSecretMetadata, DeleteSecret, GetSecretsConfig, UpdateSecretsConfig,
+        CreateSecretGrant, RevokeSecretGrant, ListSecretGrants,
+    }
     Health { Check, Watch }
 }
 
@@ -93,6 +102,7 @@ impl Op {
     /// not compile until someone decides its rule here.
     pub(crate) fn need(self) -> Need {
         use Operation as O;
+        use SecretOperation as S;
         match self {
             Op::Status | Op::WhoAmI | Op::Check | Op::Watch => Need::Nothing,
             // The HTTPS front's calls that touch no key (Transit's random bytes and hashes,
@@ -115,6 +125,16 @@ impl Op {
             Op::GetPublicKey => Need::Grant(O::GetPublicKey),
             Op::Mac => Need::Grant(O::Mac),
             Op::VerifyMac => Need::Grant(O::VerifyMac),
+            Op::PutSecret | Op::PatchSecret | Op::UpdateSecretMetadata => {
+                Need::Secret(S::SecretWrite)
+            }
+            Op::GetSecret => Need::Secret(S::SecretRead),
+            Op::GetSecretSubkeys | Op::GetSecretMetadata => Need::Secret(S::SecretReadMetadata),
+            Op::ListSecrets => Need::Secret(S::SecretList),
+            Op::DeleteSecretVersions | Op::UndeleteSecretVersions => Need::Secret(S::SecretDelete),
+            Op::DestroySecretVersions | Op::DeleteSecret => Need::Secret(S::SecretDestroy),
+            // The engine's settings say nothing secret.
+            Op::GetSecretsConfig => Need::Certificate,
             Op::Init
             | Op::Seal
             | Op::CreateBackup
@@ -135,7 +155,11 @@ impl Op {
             | Op::CancelKeyVersionDestruction
             | Op::CreateGrant
             | Op::RevokeGrant
-            | Op::ListGrants => Need::Role(Role::Admin),
+            | Op::ListGrants
+            | Op::UpdateSecretsConfig
+            | Op::CreateSecretGrant
+            | Op::RevokeSecretGrant
+            | Op::ListSecretGrants => Need::Role(Role::Admin),
         }
     }
 

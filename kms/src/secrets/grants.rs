@@ -1,0 +1,183 @@
+//! Grants on secrets: which principals may do which operations on which paths.
+//!
+//! A grant names a path pattern (`payments/*`), a grantee (a principal, or a prefix ending
+//! in `*`) and operations ([`SecretOperation`]); deny by default. Grants are few and read
+//! at every decision, so the engine keeps them all in memory (read at open, and again
+//! after any change, its own or another server's). Each is a record sealed by the barrier
+//! and named by its id: one written into the store by anyone but kms does not open, and
+//! the engine refuses to open with it (a grant is never skipped silently). A revoked grant
+//! is removed; the audit log keeps its history.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use super::path::PathPattern;
+use super::{
+    Committed, GRANTS, Journal, Secrets, SecretsError, model, now_ms, open_json, seal_json,
+};
+use crate::barrier::Barrier;
+use crate::policy::{Pattern, SecretOperation};
+use crate::store::{Removal, Store, Write};
+
+/// The most grants on secrets.
+pub(crate) const MAX_GRANTS: usize = 10_000;
+
+/// A grant on secrets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SecretGrant {
+    /// [`model::SCHEMA`].
+    pub schema: u32,
+    /// 32 hex digits.
+    pub id: String,
+    /// The paths it covers.
+    pub path: PathPattern,
+    /// The grantee.
+    pub principal: Pattern,
+    /// What it allows.
+    pub operations: BTreeSet<SecretOperation>,
+    /// Unix milliseconds.
+    pub created_ms: u64,
+    /// The administrator who made it.
+    pub created_by: String,
+}
+
+/// A grant to make.
+#[derive(Debug, Clone)]
+pub(crate) struct NewSecretGrant {
+    /// The path pattern.
+    pub path: String,
+    /// The grantee (principal or pattern).
+    pub principal: String,
+    /// What it allows.
+    pub operations: Vec<SecretOperation>,
+}
+
+impl SecretGrant {
+    /// Whether the grant lets `principal` do `operation` on `path`.
+    pub(crate) fn allows(&self, principal: &str, path: &str, operation: SecretOperation) -> bool {
+        self.operations.contains(&operation)
+            && self.principal.matches(principal)
+            && self.path.matches(path)
+    }
+}
+
+/// Reads every grant; a record that does not open is refused (the store was altered).
+pub(super) fn load(barrier: &Barrier, store: &dyn Store) -> Result<Vec<SecretGrant>, SecretsError> {
+    store
+        .scan(GRANTS)?
+        .into_iter()
+        .map(|(id, sealed)| {
+            let grant: SecretGrant = open_json(barrier, model::GRANT, &id, &sealed)?;
+            if grant.id != id {
+                return Err(SecretsError::Tampered(format!("secret grant {id}")));
+            }
+            Ok(grant)
+        })
+        .collect()
+}
+
+impl Secrets {
+    /// Makes a grant.
+    pub(crate) fn create_grant(
+        &self,
+        journal: &dyn Journal,
+        new: NewSecretGrant,
+        by: &str,
+    ) -> Result<SecretGrant, SecretsError> {
+        let path = PathPattern::new(&new.path)?;
+        let principal =
+            Pattern::new(&new.principal).map_err(|e| SecretsError::BadPattern(e.to_string()))?;
+        if new.operations.is_empty() {
+            return Err(SecretsError::BadRequest(
+                "a grant allows at least one operation".to_owned(),
+            ));
+        }
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).map_err(|_| SecretsError::Randomness)?;
+        let grant = SecretGrant {
+            schema: model::SCHEMA,
+            id: data_encoding::HEXLOWER.encode(&id),
+            path,
+            principal,
+            operations: new.operations.into_iter().collect(),
+            created_ms: now_ms(),
+            created_by: by.to_owned(),
+        };
+        let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let _shared = self.store.lock_changes()?;
+        if load(&self.barrier, self.store.as_ref())?.len() >= MAX_GRANTS {
+            return Err(SecretsError::BadRequest(format!(
+                "at most {MAX_GRANTS} grants on secrets: revoke some first"
+            )));
+        }
+        let write = Write {
+            table: GRANTS,
+            key: grant.id.clone(),
+            value: seal_json(&self.barrier, model::GRANT, &grant.id, &grant)?,
+        };
+        journal.commit(
+            Committed {
+                path: grant.path.as_str(),
+                versions: &[],
+                grant: Some(&grant),
+            },
+            vec![write],
+            Vec::new(),
+        )?;
+        self.reload()?;
+        Ok(grant)
+    }
+
+    /// Revokes grant `id`: the next call it allowed is refused.
+    pub(crate) fn revoke_grant(
+        &self,
+        journal: &dyn Journal,
+        id: &str,
+    ) -> Result<SecretGrant, SecretsError> {
+        let well_formed = id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit());
+        if !well_formed {
+            return Err(SecretsError::GrantNotFound(id.chars().take(64).collect()));
+        }
+        let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let _shared = self.store.lock_changes()?;
+        let sealed = self
+            .store
+            .get(GRANTS, id)?
+            .ok_or_else(|| SecretsError::GrantNotFound(id.to_owned()))?;
+        let grant: SecretGrant = open_json(&self.barrier, model::GRANT, id, &sealed)?;
+        journal.commit(
+            Committed {
+                path: grant.path.as_str(),
+                versions: &[],
+                grant: Some(&grant),
+            },
+            Vec::new(),
+            vec![Removal {
+                table: GRANTS,
+                from: id.to_owned(),
+                to: id.to_owned(),
+            }],
+        )?;
+        self.reload()?;
+        Ok(grant)
+    }
+
+    /// The grants, optionally only those whose pattern is `path` or whose grantee is
+    /// `principal` (as written).
+    pub(crate) fn list_grants(
+        &self,
+        path: &str,
+        principal: &str,
+    ) -> Result<Vec<SecretGrant>, SecretsError> {
+        Ok(self
+            .kept()?
+            .grants
+            .iter()
+            .filter(|g| path.is_empty() || g.path.as_str() == path)
+            .filter(|g| principal.is_empty() || g.principal.as_str() == principal)
+            .cloned()
+            .collect())
+    }
+}

@@ -1,0 +1,574 @@
+//! The engine against a real redb store, its changes committed without an audit log.
+
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::*;
+use crate::store::RedbStore;
+
+struct Direct(Arc<dyn Store>);
+
+impl Journal for Direct {
+    fn commit(
+        &self,
+        _: Committed<'_>,
+        writes: Vec<Write>,
+        removals: Vec<Removal>,
+    ) -> Result<(), SecretsError> {
+        self.0.write_all_removing(&writes, &removals)?;
+        Ok(())
+    }
+}
+
+/// A journal whose commits fail, as when the audit log is unavailable.
+struct Failing;
+
+impl Journal for Failing {
+    fn commit(&self, _: Committed<'_>, _: Vec<Write>, _: Vec<Removal>) -> Result<(), SecretsError> {
+        Err(SecretsError::AuditUnavailable)
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    barrier: Arc<Barrier>,
+    engine: Secrets,
+    journal: Direct,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("kms.redb")).unwrap());
+    let mut root = zeroize::Zeroizing::new([0u8; 32]);
+    getrandom::fill(root.as_mut_slice()).unwrap();
+    let barrier = Arc::new(Barrier::new(root));
+    let engine = Secrets::open(
+        Arc::clone(&barrier),
+        Arc::clone(&store),
+        Settings::default(),
+    )
+    .unwrap();
+    Fixture {
+        _dir: dir,
+        journal: Direct(Arc::clone(&store)),
+        store,
+        barrier,
+        engine,
+    }
+}
+
+fn values(pairs: &[(&str, &str)]) -> Values {
+    Values(
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    )
+}
+
+fn read(f: &Fixture, path: &str, version: u64) -> BTreeMap<String, String> {
+    let (_, v) = f.engine.read(path, version).unwrap().into_values().unwrap();
+    v.0.clone()
+}
+
+#[test]
+fn versions_are_written_read_and_numbered() {
+    let f = fixture();
+    let w1 = f
+        .engine
+        .write(&f.journal, "a/b", values(&[("k", "v1")]), None)
+        .unwrap();
+    let w2 = f
+        .engine
+        .write(&f.journal, "a/b", values(&[("k", "v2")]), None)
+        .unwrap();
+    assert_eq!((w1.version, w2.version), (1, 2));
+    assert_eq!(read(&f, "a/b", 0)["k"], "v2");
+    assert_eq!(read(&f, "a/b", 1)["k"], "v1");
+    let meta = f.engine.read_metadata("a/b").unwrap();
+    assert_eq!((meta.current, meta.oldest()), (2, 1));
+    assert!(matches!(
+        f.engine.read("a/b", 3),
+        Err(SecretsError::VersionNotFound(3))
+    ));
+    assert!(matches!(
+        f.engine.read("a/c", 0),
+        Err(SecretsError::NotFound)
+    ));
+    assert!(matches!(
+        f.engine.read("a//c", 0),
+        Err(SecretsError::BadPath(_))
+    ));
+}
+
+#[test]
+fn check_and_set_writes_only_over_the_version_named() {
+    let f = fixture();
+    let e = &f.engine;
+    e.write(&f.journal, "p", values(&[("k", "1")]), Some(0))
+        .unwrap();
+    // 0: only when absent.
+    assert!(matches!(
+        e.write(&f.journal, "p", values(&[("k", "x")]), Some(0)),
+        Err(SecretsError::CasMismatch { current: 1 })
+    ));
+    assert!(matches!(
+        e.write(&f.journal, "p", values(&[("k", "x")]), Some(2)),
+        Err(SecretsError::CasMismatch { current: 1 })
+    ));
+    e.write(&f.journal, "p", values(&[("k", "2")]), Some(1))
+        .unwrap();
+    assert_eq!(read(&f, "p", 0)["k"], "2");
+    // 0 again once every version is deleted or destroyed.
+    e.delete(&f.journal, "p", &[2]).unwrap();
+    e.destroy(&f.journal, "p", &[1]).unwrap();
+    let w = e
+        .write(&f.journal, "p", values(&[("k", "3")]), Some(0))
+        .unwrap();
+    assert_eq!(w.version, 3);
+    // cas_required on the secret, then on the engine.
+    e.update_metadata(
+        &f.journal,
+        "p",
+        MetadataUpdate {
+            cas_required: Some(true),
+            ..MetadataUpdate::default()
+        },
+        true,
+    )
+    .unwrap();
+    assert!(matches!(
+        e.write(&f.journal, "p", values(&[("k", "x")]), None),
+        Err(SecretsError::CasRequired)
+    ));
+    e.update_config(
+        &f.journal,
+        ConfigUpdate {
+            cas_required: Some(true),
+            ..ConfigUpdate::default()
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        e.write(&f.journal, "q", values(&[("k", "x")]), None),
+        Err(SecretsError::CasRequired)
+    ));
+    // Nothing was written by the refusals.
+    assert_eq!(e.read_metadata("p").unwrap().current, 3);
+    assert!(matches!(e.read_metadata("q"), Err(SecretsError::NotFound)));
+}
+
+#[test]
+fn delete_undelete_and_destroy_keep_metadata_right() {
+    let f = fixture();
+    let e = &f.engine;
+    for i in 1..=3 {
+        e.write(&f.journal, "s", values(&[("k", &i.to_string())]), None)
+            .unwrap();
+    }
+    // Deleting the latest: it reads as deleted, with its metadata.
+    e.delete(&f.journal, "s", &[]).unwrap();
+    let r = e.read("s", 0).unwrap();
+    assert_eq!(r.version, 3);
+    assert!(r.values.is_none() && r.info.deletion_ms.is_some() && !r.info.destroyed);
+    assert!(matches!(
+        r.into_values(),
+        Err(SecretsError::VersionDeleted(3))
+    ));
+    e.undelete(&f.journal, "s", &[3]).unwrap();
+    assert_eq!(read(&f, "s", 0)["k"], "3");
+    // Destroying: the values are gone from the store; the metadata keeps the version.
+    e.destroy(&f.journal, "s", &[2]).unwrap();
+    assert!(
+        f.store
+            .get(VALUES, &path::value_key("s", 2))
+            .unwrap()
+            .is_none()
+    );
+    assert!(matches!(
+        e.read("s", 2).unwrap().into_values(),
+        Err(SecretsError::VersionDestroyed(2))
+    ));
+    // Undeleting a destroyed version leaves it destroyed.
+    e.undelete(&f.journal, "s", &[2]).unwrap();
+    assert!(e.read("s", 2).unwrap().info.destroyed);
+    let meta = e.read_metadata("s").unwrap();
+    assert_eq!(
+        (meta.current, meta.oldest(), meta.versions.len()),
+        (3, 1, 3)
+    );
+    // A version that does not exist is refused, and nothing changes.
+    assert!(matches!(
+        e.delete(&f.journal, "s", &[1, 9]),
+        Err(SecretsError::VersionNotFound(9))
+    ));
+    assert!(e.read("s", 1).unwrap().values.is_some());
+    assert!(matches!(
+        e.destroy(&f.journal, "s", &[0]),
+        Err(SecretsError::VersionNotFound(0))
+    ));
+    // Deleting everything: metadata and values gone, the path free again.
+    e.delete_all(&f.journal, "s").unwrap();
+    assert!(matches!(e.read_metadata("s"), Err(SecretsError::NotFound)));
+    for v in 1..=3 {
+        assert!(
+            f.store
+                .get(VALUES, &path::value_key("s", v))
+                .unwrap()
+                .is_none()
+        );
+    }
+    assert_eq!(
+        e.write(&f.journal, "s", values(&[("k", "x")]), Some(0))
+            .unwrap()
+            .version,
+        1
+    );
+}
+
+#[test]
+fn old_versions_are_dropped_past_max_versions() {
+    let f = fixture();
+    let e = &f.engine;
+    e.update_metadata(
+        &f.journal,
+        "m",
+        MetadataUpdate {
+            max_versions: Some(2),
+            ..MetadataUpdate::default()
+        },
+        true,
+    )
+    .unwrap();
+    for i in 1..=4 {
+        e.write(&f.journal, "m", values(&[("k", &i.to_string())]), None)
+            .unwrap();
+    }
+    let meta = e.read_metadata("m").unwrap();
+    assert_eq!((meta.current, meta.oldest()), (4, 3));
+    assert!(
+        f.store
+            .get(VALUES, &path::value_key("m", 2))
+            .unwrap()
+            .is_none()
+    );
+    assert!(matches!(
+        e.read("m", 1),
+        Err(SecretsError::VersionNotFound(1))
+    ));
+    // Lowering max_versions drops the extra versions at once.
+    e.update_metadata(
+        &f.journal,
+        "m",
+        MetadataUpdate {
+            max_versions: Some(1),
+            ..MetadataUpdate::default()
+        },
+        false,
+    )
+    .unwrap();
+    let meta = e.read_metadata("m").unwrap();
+    assert_eq!(
+        (meta.current, meta.oldest(), meta.versions.len()),
+        (4, 4, 1)
+    );
+    assert!(
+        f.store
+            .get(VALUES, &path::value_key("m", 3))
+            .unwrap()
+            .is_none()
+    );
+    // The engine's default is 10, and 0 sets it back to 10.
+    assert_eq!(e.config().unwrap().max_versions, 10);
+    let c = e
+        .update_config(
+            &f.journal,
+            ConfigUpdate {
+                max_versions: Some(0),
+                ..ConfigUpdate::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(c.max_versions, 10);
+    assert!(
+        e.update_config(
+            &f.journal,
+            ConfigUpdate {
+                max_versions: Some(1001),
+                ..ConfigUpdate::default()
+            }
+        )
+        .is_err()
+    );
+}
+
+#[test]
+fn patches_merge_into_the_current_version() {
+    let f = fixture();
+    let e = &f.engine;
+    assert!(matches!(
+        e.patch(&f.journal, "x", Patch::default(), None),
+        Err(SecretsError::NotFound)
+    ));
+    e.write(&f.journal, "x", values(&[("a", "1"), ("b", "2")]), None)
+        .unwrap();
+    let w = e
+        .patch(
+            &f.journal,
+            "x",
+            Patch {
+                set: values(&[("b", "3"), ("c", "4")]),
+                remove: vec!["a".to_owned()],
+            },
+            Some(1),
+        )
+        .unwrap();
+    assert_eq!(w.version, 2);
+    let got = read(&f, "x", 0);
+    assert_eq!(got.len(), 2);
+    assert_eq!((got["b"].as_str(), got["c"].as_str()), ("3", "4"));
+    assert!(matches!(
+        e.patch(&f.journal, "x", Patch::default(), Some(1)),
+        Err(SecretsError::CasMismatch { current: 2 })
+    ));
+    e.delete(&f.journal, "x", &[]).unwrap();
+    assert!(matches!(
+        e.patch(&f.journal, "x", Patch::default(), None),
+        Err(SecretsError::NothingToPatch)
+    ));
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let f = fixture();
+    let e = &f.engine;
+    let big = "x".repeat(DEFAULT_MAX_SECRET_BYTES);
+    assert!(matches!(
+        e.write(&f.journal, "big", values(&[("k", &big)]), None),
+        Err(SecretsError::TooLarge { .. })
+    ));
+    assert!(
+        e.write(&f.journal, "bad path", values(&[("k", "v")]), None)
+            .is_err()
+    );
+    assert!(e.write(&f.journal, "ok", values(&[]), None).is_err());
+    let custom: BTreeMap<String, String> = [("owner\u{202e}".to_owned(), "x".to_owned())].into();
+    assert!(
+        e.update_metadata(
+            &f.journal,
+            "ok",
+            MetadataUpdate {
+                custom: Some(custom),
+                ..MetadataUpdate::default()
+            },
+            true
+        )
+        .is_err()
+    );
+    // A failed commit (the audit log) leaves nothing behind.
+    assert!(matches!(
+        e.write(&Failing, "ok", values(&[("k", "v")]), None),
+        Err(SecretsError::AuditUnavailable)
+    ));
+    assert!(f.store.scan(METADATA).unwrap().is_empty());
+    assert!(f.store.scan(VALUES).unwrap().is_empty());
+}
+
+#[test]
+fn a_version_moved_in_the_store_does_not_open() {
+    let f = fixture();
+    let e = &f.engine;
+    e.write(&f.journal, "a", values(&[("k", "secret-a")]), None)
+        .unwrap();
+    e.write(&f.journal, "b", values(&[("k", "secret-b")]), None)
+        .unwrap();
+    e.write(&f.journal, "b", values(&[("k", "secret-b2")]), None)
+        .unwrap();
+    // a's values copied over b's version 1, and b's version 2 over its version 1.
+    let a1 = f
+        .store
+        .get(VALUES, &path::value_key("a", 1))
+        .unwrap()
+        .unwrap();
+    f.store.put(VALUES, &path::value_key("b", 1), &a1).unwrap();
+    assert!(matches!(e.read("b", 1), Err(SecretsError::Tampered(_))));
+    let b2 = f
+        .store
+        .get(VALUES, &path::value_key("b", 2))
+        .unwrap()
+        .unwrap();
+    f.store.put(VALUES, &path::value_key("b", 1), &b2).unwrap();
+    assert!(matches!(e.read("b", 1), Err(SecretsError::Tampered(_))));
+    // Metadata moved to another path: refused too.
+    let meta = f.store.get(METADATA, "a").unwrap().unwrap();
+    f.store.put(METADATA, "c", &meta).unwrap();
+    assert!(matches!(e.read("c", 0), Err(SecretsError::Tampered(_))));
+    // Nothing stored holds a value in the clear.
+    for table in [METADATA, VALUES] {
+        for (_, v) in f.store.scan(table).unwrap() {
+            assert!(!v.windows(8).any(|w| w == b"secret-a"));
+        }
+    }
+}
+
+#[test]
+fn listing_pages_through_names_and_folders() {
+    let f = fixture();
+    let e = &f.engine;
+    for p in ["a", "a/x", "a/y/z", "a-b", "b", "c/d/e", "c/f"] {
+        e.write(&f.journal, p, values(&[("k", "v")]), None).unwrap();
+    }
+    // Enough entries under one folder to span several reads.
+    for i in 0..600 {
+        e.write(
+            &f.journal,
+            &format!("big/{i:04}"),
+            values(&[("k", "v")]),
+            None,
+        )
+        .unwrap();
+    }
+    let all = e.list("", 1000, "").unwrap();
+    assert_eq!(all.keys, ["a", "a-b", "a/", "b", "big/", "c/"]);
+    assert_eq!(all.next, None);
+    assert_eq!(e.list("a", 100, "").unwrap().keys, ["x", "y/"]);
+    assert_eq!(e.list("c/", 100, "").unwrap().keys, ["d/", "f"]);
+    assert!(e.list("nothing", 100, "").unwrap().keys.is_empty());
+    // Pages of two, each after the last name of the one before.
+    let mut token = String::new();
+    let mut pages = Vec::new();
+    loop {
+        let page = e.list("", 2, &token).unwrap();
+        pages.extend(page.keys.clone());
+        match page.next {
+            Some(t) => token = t,
+            None => break,
+        }
+    }
+    assert_eq!(pages, all.keys);
+    let big = e.list("big", 1000, "").unwrap();
+    assert_eq!(big.keys.len(), 600);
+    assert_eq!(
+        e.list("big", 10, "0595").unwrap().keys,
+        ["0596", "0597", "0598", "0599"]
+    );
+    assert!(e.list("", 10, "../x").is_err());
+}
+
+#[test]
+fn grants_allow_what_they_name_and_nothing_else() {
+    let f = fixture();
+    let e = &f.engine;
+    let g = e
+        .create_grant(
+            &f.journal,
+            NewSecretGrant {
+                path: "payments/*".to_owned(),
+                principal: "spiffe://corp/app".to_owned(),
+                operations: vec![SecretOperation::SecretRead],
+            },
+            "admin",
+        )
+        .unwrap();
+    assert!(
+        e.permits(
+            "spiffe://corp/app",
+            "payments/stripe",
+            SecretOperation::SecretRead
+        )
+        .unwrap()
+    );
+    assert!(
+        !e.permits(
+            "spiffe://corp/app",
+            "payments/stripe",
+            SecretOperation::SecretWrite
+        )
+        .unwrap()
+    );
+    assert!(
+        !e.permits(
+            "spiffe://corp/other",
+            "payments/stripe",
+            SecretOperation::SecretRead
+        )
+        .unwrap()
+    );
+    assert!(
+        !e.permits(
+            "spiffe://corp/app",
+            "hr/salaries",
+            SecretOperation::SecretRead
+        )
+        .unwrap()
+    );
+    assert_eq!(e.list_grants("", "").unwrap().len(), 1);
+    // A grant survives reopening the engine; a revoked one is gone.
+    let reopened = Secrets::open(
+        Arc::clone(&f.barrier),
+        Arc::clone(&f.store),
+        Settings::default(),
+    )
+    .unwrap();
+    assert!(
+        reopened
+            .permits(
+                "spiffe://corp/app",
+                "payments/x",
+                SecretOperation::SecretRead
+            )
+            .unwrap()
+    );
+    e.revoke_grant(&f.journal, &g.id).unwrap();
+    assert!(
+        !e.permits(
+            "spiffe://corp/app",
+            "payments/stripe",
+            SecretOperation::SecretRead
+        )
+        .unwrap()
+    );
+    assert!(matches!(
+        e.revoke_grant(&f.journal, &g.id),
+        Err(SecretsError::GrantNotFound(_))
+    ));
+    // Another server's change is read again once heard.
+    use crate::engine::Engine as _;
+    reopened.heard(&[Change::Entry(GRANTS, g.id.clone())]);
+    assert!(
+        !reopened
+            .permits(
+                "spiffe://corp/app",
+                "payments/x",
+                SecretOperation::SecretRead
+            )
+            .unwrap()
+    );
+    // A grant record written by anyone else refuses to open.
+    f.store.put(GRANTS, &"0".repeat(32), b"forged").unwrap();
+    assert!(
+        Secrets::open(
+            Arc::clone(&f.barrier),
+            Arc::clone(&f.store),
+            Settings::default()
+        )
+        .is_err()
+    );
+    for bad in ["", "a b", "/x"] {
+        assert!(
+            e.create_grant(
+                &f.journal,
+                NewSecretGrant {
+                    path: bad.to_owned(),
+                    principal: "x".to_owned(),
+                    operations: vec![SecretOperation::SecretRead],
+                },
+                "admin",
+            )
+            .is_err()
+        );
+    }
+}
