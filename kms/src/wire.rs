@@ -6,7 +6,8 @@
 use kms_proto::v1 as pb;
 
 use crate::audit::report::{
-    Bucket, CustodyRow, Filter, KeySummary, RefusedRow, Span, UsageReport, UsageRow, VersionRef,
+    Bucket, CustodyRow, Filter, KeySummary, RefusedRow, SecretReadRow, Span, UsageReport, UsageRow,
+    VersionRef,
 };
 use crate::keyring::grants::Grant;
 use crate::keyring::material::SignatureEncoding;
@@ -399,6 +400,18 @@ pub(crate) fn report_pb(r: UsageReport) -> pb::KeyUsageReportResponse {
                 last_unix_ms: c.span.last_ms,
             })
             .collect(),
+        secret_reads: r
+            .secret_reads
+            .into_iter()
+            .map(|s| pb::SecretReadRow {
+                path: s.path,
+                version: s.version,
+                principal: s.principal,
+                count: s.span.count,
+                first_unix_ms: s.span.first_ms,
+                last_unix_ms: s.span.last_ms,
+            })
+            .collect(),
     }
 }
 
@@ -483,6 +496,16 @@ pub fn report_from(r: pb::KeyUsageReportResponse) -> UsageReport {
                 step: c.step,
                 outcome: c.outcome,
                 span: span(c.count, c.first_unix_ms, c.last_unix_ms),
+            })
+            .collect(),
+        secret_reads: r
+            .secret_reads
+            .into_iter()
+            .map(|s| SecretReadRow {
+                path: s.path,
+                version: s.version,
+                principal: s.principal,
+                span: span(s.count, s.first_unix_ms, s.last_unix_ms),
             })
             .collect(),
     }

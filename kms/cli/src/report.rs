@@ -87,6 +87,7 @@ struct Sections {
     unused: Vec<Vec<String>>,
     below: Vec<Vec<String>>,
     custody: Vec<Vec<String>>,
+    secrets: Vec<Vec<String>>,
 }
 
 const KEYS_HEADER: [&str; 7] = [
@@ -130,6 +131,8 @@ const CUSTODY_HEADER: [&str; 9] = [
     "FIRST",
     "LAST",
 ];
+
+const SECRETS_HEADER: [&str; 6] = ["PATH", "VERSION", "PRINCIPAL", "READS", "FIRST", "LAST"];
 
 fn dash(s: &str) -> String {
     if s.is_empty() {
@@ -218,30 +221,46 @@ fn sections(r: &UsageReport) -> Sections {
                 ]
             })
             .collect(),
+        secrets: r
+            .secret_reads
+            .iter()
+            .map(|s| {
+                vec![
+                    s.path.clone(),
+                    s.version.to_string(),
+                    s.principal.clone(),
+                    s.span.count.to_string(),
+                    rfc3339(s.span.first_ms),
+                    rfc3339(s.span.last_ms),
+                ]
+            })
+            .collect(),
     }
 }
 
 /// The section titles, in order, as the table and the HTML show them.
-const TITLES: [&str; 6] = [
+const TITLES: [&str; 7] = [
     "Per key",
     "Calls per key, version, principal, operation and outcome",
     "Refused calls, by principal",
     "Versions with no successful use in the period",
     "Versions below the primary still decrypting (re-encrypt their data before destroying them)",
     "Custodians' ceremonies (init, rekey, verify-share), by share set and share",
+    "Secrets read, by path, version and principal (the last read: LAST)",
 ];
 
 /// The report as aligned text.
 pub fn table(r: &UsageReport) -> String {
     let s = sections(r);
     let mut out = format!("Key usage, {} ({} records)\n", period(r), r.records);
-    let parts: [(&[&str], &Vec<Vec<String>>); 6] = [
+    let parts: [(&[&str], &Vec<Vec<String>>); 7] = [
         (&KEYS_HEADER, &s.keys),
         (&USAGE_HEADER, &s.usage),
         (&REFUSED_HEADER, &s.refused),
         (&UNUSED_HEADER, &s.unused),
         (&BELOW_HEADER, &s.below),
         (&CUSTODY_HEADER, &s.custody),
+        (&SECRETS_HEADER, &s.secrets),
     ];
     for (title, (header, rows)) in TITLES.iter().zip(parts) {
         out.push_str(&format!("\n{title}\n"));
@@ -271,6 +290,7 @@ const CSV_HEADER: &[&str] = &[
     "share_set",
     "share_index",
     "step",
+    "path",
 ];
 
 /// The report's CSV rows: every row of every section, its section in the first column and
@@ -360,6 +380,17 @@ fn csv_rows(r: &UsageReport) -> Vec<Vec<String>> {
             ("last", rfc3339(c.span.last_ms)),
         ]));
     }
+    for s in &r.secret_reads {
+        rows.push(row(&[
+            ("section", "secret-reads".into()),
+            ("path", s.path.clone()),
+            ("version", s.version.to_string()),
+            ("principal", s.principal.clone()),
+            ("count", s.span.count.to_string()),
+            ("first", rfc3339(s.span.first_ms)),
+            ("last", rfc3339(s.span.last_ms)),
+        ]));
+    }
     rows
 }
 
@@ -400,6 +431,7 @@ pub fn html(r: &UsageReport, generated_ms: u64) -> String {
             ("unused", html_rows(&s.unused, &[])),
             ("below", html_rows(&s.below, &[3])),
             ("custody", html_rows(&s.custody, &[6])),
+            ("secrets", html_rows(&s.secrets, &[1, 3])),
         ],
     )
 }
@@ -651,7 +683,7 @@ fn fill(template: &str, values: &[(&str, String)]) -> String {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use kms::audit::report::{CustodyRow, KeySummary, RefusedRow, Span, UsageRow};
+    use kms::audit::report::{CustodyRow, KeySummary, RefusedRow, SecretReadRow, Span, UsageRow};
 
     fn report() -> UsageReport {
         let span = Span {
@@ -715,6 +747,12 @@ mod tests {
                 outcome: "OK".into(),
                 span: Span { count: 1, ..span },
             }],
+            secret_reads: vec![SecretReadRow {
+                path: "payments/stripe".into(),
+                version: 7,
+                principal: "spiffe://corp/<app>".into(),
+                span: Span { count: 2, ..span },
+            }],
         }
     }
 
@@ -737,7 +775,7 @@ mod tests {
         assert!(t.contains("spiffe://corp/app"), "{t}");
         assert!(t.contains("Refused calls, by principal"), "{t}");
         let csv = csv_rows(&r);
-        assert_eq!(csv.len(), 4, "{csv:?}");
+        assert_eq!(csv.len(), 5, "{csv:?}");
         assert_eq!(csv[1][0], "usage");
         assert_eq!(csv[1][3], "spiffe://corp/app");
         assert_eq!(csv[2][0], "refused");
@@ -749,8 +787,20 @@ mod tests {
         assert_eq!(custody[col("operation")], "VerifyShare");
         assert!(t.contains("Custodians' ceremonies"), "{t}");
         assert!(t.contains("0011223344556677  4"), "{t}");
+        let reads = &csv[4];
+        assert_eq!(reads[0], "secret-reads");
+        assert_eq!(reads[col("path")], "payments/stripe");
+        assert_eq!(reads[col("version")], "7");
+        assert_eq!(reads[col("count")], "2");
+        assert_eq!(reads[col("last")], rfc3339(2_000));
+        assert!(t.contains("Secrets read, by path"), "{t}");
+        assert!(t.contains("payments/stripe  7"), "{t}");
         let page = html(&r, 0);
         assert!(page.contains("<td>custodian-&lt;b&gt;</td>"), "{page}");
+        assert!(
+            page.contains("<td>spiffe://corp/&lt;app&gt;</td>"),
+            "{page}"
+        );
         let (svg, legend) = chart(&r);
         assert_eq!(svg.matches("data-ok=").count(), 2, "{svg}");
         assert_eq!(svg.matches("data-refused=\"1\"").count(), 1, "{svg}");

@@ -278,6 +278,23 @@ pub struct UsageReport {
     /// outcome. (Absent from reports of servers before it.)
     #[serde(default)]
     pub custody: Vec<CustodyRow>,
+    /// Secrets read: per path, version and principal, with the first and last read.
+    /// (Absent from reports of servers before the secrets engine.)
+    #[serde(default)]
+    pub secret_reads: Vec<SecretReadRow>,
+}
+
+/// Successful reads of one secret's version by one principal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretReadRow {
+    /// The secret's path.
+    pub path: String,
+    /// The version read.
+    pub version: u64,
+    /// Who read it.
+    pub principal: String,
+    /// How many reads, the first and the last.
+    pub span: Span,
 }
 
 /// Ceremony calls of one share set, share, principal, operation, step and outcome.
@@ -349,6 +366,8 @@ type RowKey = (String, Option<u32>, String, String, String);
 type RefusedKey = (String, String, Option<String>, String);
 /// (share set, share index, principal, operation, step, outcome).
 type CustodyKey = (String, Option<u8>, String, String, String, String);
+/// (path, version, principal).
+type SecretReadKey = (String, u64, String);
 
 /// Builds a [`UsageReport`] from the records of a period, one at a time.
 pub(crate) struct UsageBuilder {
@@ -357,6 +376,7 @@ pub(crate) struct UsageBuilder {
     rows: BTreeMap<RowKey, Span>,
     refused: BTreeMap<RefusedKey, Span>,
     custody: BTreeMap<CustodyKey, Span>,
+    secret_reads: BTreeMap<SecretReadKey, Span>,
     /// (time, key, successful uses, refusals).
     events: Vec<(u64, String, u64, u64)>,
 }
@@ -370,6 +390,7 @@ impl UsageBuilder {
             rows: BTreeMap::new(),
             refused: BTreeMap::new(),
             custody: BTreeMap::new(),
+            secret_reads: BTreeMap::new(),
             events: Vec::new(),
         }
     }
@@ -414,6 +435,17 @@ impl UsageBuilder {
                 ))
                 .or_default()
                 .add(1, t);
+        }
+        if let Some(s) = &e.secret
+            && e.operation == "GetSecret"
+            && e.outcome == "OK"
+        {
+            for v in &s.versions {
+                self.secret_reads
+                    .entry((s.path.clone(), *v, e.principal.clone()))
+                    .or_default()
+                    .add(1, t);
+            }
         }
         if REFUSALS.contains(&e.outcome.as_str()) {
             // A record of calls counted together (callers without a certificate; no key)
@@ -555,6 +587,16 @@ impl UsageBuilder {
                         }
                     },
                 )
+                .collect(),
+            secret_reads: self
+                .secret_reads
+                .into_iter()
+                .map(|((path, version, principal), span)| SecretReadRow {
+                    path,
+                    version,
+                    principal,
+                    span,
+                })
                 .collect(),
         }
     }
@@ -763,6 +805,52 @@ mod tests {
             outcome: outcome.into(),
             ..AuditEvent::default()
         }
+    }
+
+    /// Secret reads are counted per path, version and principal, with the last read; other
+    /// secret calls and failed reads are not reads.
+    #[test]
+    fn secret_reads_are_counted_per_path_version_and_principal() {
+        let read = |t: u64, path: &str, v: u64, outcome: &str, who: &str, op: &str| AuditEvent {
+            time_ms: t,
+            principal: who.into(),
+            operation: op.into(),
+            outcome: outcome.into(),
+            secret: Some(crate::audit::SecretSummary {
+                path: path.into(),
+                versions: vec![v],
+            }),
+            ..AuditEvent::default()
+        };
+        let mut b = UsageBuilder::new(Filter::default());
+        b.add(&read(1, "db/pw", 2, "OK", "app", "GetSecret"));
+        b.add(&read(5, "db/pw", 2, "OK", "app", "GetSecret"));
+        b.add(&read(3, "db/pw", 1, "OK", "app", "GetSecret"));
+        b.add(&read(4, "db/pw", 2, "OK", "other", "GetSecret"));
+        b.add(&read(6, "db/pw", 2, "NOT_FOUND", "app", "GetSecret"));
+        b.add(&read(7, "db/pw", 3, "OK", "app", "PutSecret"));
+        let r = b.finish(&[]);
+        let rows: Vec<_> = r
+            .secret_reads
+            .iter()
+            .map(|s| {
+                (
+                    s.path.as_str(),
+                    s.version,
+                    s.principal.as_str(),
+                    s.span.count,
+                    s.span.last_ms,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("db/pw", 1, "app", 1, 3),
+                ("db/pw", 2, "app", 2, 5),
+                ("db/pw", 2, "other", 1, 4),
+            ]
+        );
     }
 
     /// A BatchReEncrypt record counts its source versions read under its key and the
