@@ -28,6 +28,7 @@ use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use kms_proto::v1 as pb;
 use kms_proto::v1::key_management_client::KeyManagementClient;
+use kms_proto::v1::secrets_client::SecretsClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -44,6 +45,12 @@ enum Op {
     BatchEncrypt,
     /// One `ListKeys` page of `--batch` keys (an admin's certificate).
     ListKeys,
+    /// `GetSecret` of the secret at `--key` (written once first with one value of
+    /// `--payload` bytes, by the caller's certificate: it needs secret-write and
+    /// secret-read).
+    GetSecret,
+    /// `PutSecret` of a new version of one value of `--payload` bytes at `--key`.
+    PutSecret,
 }
 
 /// The API under load.
@@ -270,6 +277,7 @@ where
 /// One call of the operation; `Err` carries the status text.
 async fn call(
     c: &mut KeyManagementClient<Channel>,
+    secrets: &mut SecretsClient<Channel>,
     args: &Args,
     input: &Input,
 ) -> Result<(), String> {
@@ -342,6 +350,21 @@ async fn call(
             })
             .await
             .map(drop),
+        Op::GetSecret => secrets
+            .get_secret(pb::GetSecretRequest {
+                path: key,
+                version: 0,
+            })
+            .await
+            .map(drop),
+        Op::PutSecret => secrets
+            .put_secret(pb::PutSecretRequest {
+                path: key,
+                data: input.secret.clone(),
+                cas: None,
+            })
+            .await
+            .map(drop),
     };
     r.map_err(|s| format!("{:?}: {}", s.code(), s.message()))
 }
@@ -350,6 +373,8 @@ async fn call(
 /// Transit, the JSON body of the request.
 struct Input {
     payload: Vec<u8>,
+    /// GetSecret and PutSecret: one value of the payload's size.
+    secret: std::collections::BTreeMap<String, String>,
     ciphertext: Vec<u8>,
     transit_body: Vec<u8>,
 }
@@ -365,6 +390,18 @@ async fn make_input(args: &Args, channel: Option<Channel>) -> Result<Input, BoxE
     let Some(channel) = channel else {
         return transit::input(args, payload).await;
     };
+    // One value of the payload's size (printable: a secret's values are strings).
+    let secret: std::collections::BTreeMap<String, String> =
+        [("value".to_owned(), "x".repeat(args.payload))].into();
+    if args.op == Op::GetSecret {
+        SecretsClient::new(channel.clone())
+            .put_secret(pb::PutSecretRequest {
+                path: args.key.clone(),
+                data: secret.clone(),
+                cas: None,
+            })
+            .await?;
+    }
     let ciphertext = if args.op == Op::Decrypt {
         KeyManagementClient::new(channel)
             .encrypt(pb::EncryptRequest {
@@ -380,6 +417,7 @@ async fn make_input(args: &Args, channel: Option<Channel>) -> Result<Input, BoxE
     };
     Ok(Input {
         payload,
+        secret,
         ciphertext,
         transit_body: Vec::new(),
     })
@@ -420,7 +458,10 @@ async fn caller(
             break;
         }
         let r = match &mut client {
-            Client::Grpc(c) => call(c, &args, &input).await,
+            Client::Grpc(clients) => {
+                let (c, s) = &mut **clients;
+                call(c, s, &args, &input).await
+            }
             Client::Transit(c) => transit::call(c, &args, &input).await,
         };
         let done = Instant::now();
@@ -447,7 +488,7 @@ async fn caller(
 
 /// One caller's client.
 enum Client {
-    Grpc(KeyManagementClient<Channel>),
+    Grpc(Box<(KeyManagementClient<Channel>, SecretsClient<Channel>)>),
     Transit(Box<transit::Connection>),
 }
 
@@ -477,10 +518,11 @@ async fn run(args: Arc<Args>) -> Result<Report, BoxError> {
     let mut tasks = Vec::new();
     for i in 0..args.concurrency.max(1) {
         let client = match channels.get(i % channels.len().max(1)) {
-            Some(channel) => Client::Grpc(
+            Some(channel) => Client::Grpc(Box::new((
                 KeyManagementClient::new(channel.clone())
                     .max_decoding_message_size(64 * 1024 * 1024),
-            ),
+                SecretsClient::new(channel.clone()).max_decoding_message_size(64 * 1024 * 1024),
+            ))),
             None => Client::Transit(Box::new(transit::Connection::open(&args).await?)),
         };
         // Paced callers start spread over one interval, so the calls do not come in bursts.
@@ -735,6 +777,7 @@ mod transit {
             encrypt
         };
         Ok(Input {
+            secret: std::collections::BTreeMap::new(),
             payload,
             ciphertext: Vec::new(),
             transit_body,
