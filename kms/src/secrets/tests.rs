@@ -5,8 +5,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::*;
-use crate::store::RedbStore;
+use super::model::Values;
+use super::{
+    Committed, ConfigUpdate, DEFAULT_MAX_SECRET_BYTES, GRANTS, Journal, METADATA, MetadataUpdate,
+    NewSecretGrant, Patch, Secrets, SecretsError, Settings, VALUES, path,
+};
+use crate::barrier::Barrier;
+use crate::policy::SecretOperation;
+use crate::store::{Change, RedbStore, Removal, Store, Write};
 
 struct Direct(Arc<dyn Store>);
 
