@@ -96,10 +96,18 @@ pub(crate) trait Journal {
 
 /// What the engine keeps in memory: the grants and the configuration, read at open and
 /// again after a change to them.
-#[derive(Default)]
 struct Kept {
     grants: Vec<SecretGrant>,
-    config: EngineConfig,
+    /// `None` when the stored configuration does not open (the store was altered): every
+    /// call that needs it is refused until an administrator sets it again.
+    config: Option<EngineConfig>,
+}
+
+impl Kept {
+    fn config(&self) -> Result<EngineConfig, SecretsError> {
+        self.config
+            .ok_or_else(|| SecretsError::Tampered("secrets/config record config".to_owned()))
+    }
 }
 
 /// The open engine.
@@ -215,7 +223,10 @@ impl Secrets {
             settings,
             locks: std::array::from_fn(|_| Mutex::new(())),
             admin: Mutex::new(()),
-            kept: RwLock::new(Arc::new(Kept::default())),
+            kept: RwLock::new(Arc::new(Kept {
+                grants: Vec::new(),
+                config: None,
+            })),
             stale: AtomicBool::new(false),
         };
         engine.reload()?;
@@ -227,7 +238,14 @@ impl Secrets {
         // Cleared first: a change heard while reading marks it stale again.
         self.stale.store(false, Ordering::SeqCst);
         let grants = grants::load(&self.barrier, self.store.as_ref())?;
-        let config = self.read_config()?;
+        let config = match self.read_config() {
+            Ok(c) => Some(c),
+            Err(SecretsError::Tampered(what)) => {
+                tracing::error!(record = %what, "the secrets engine's configuration is not authentic (the store was altered): writes are refused until it is set again");
+                None
+            }
+            Err(e) => return Err(e),
+        };
         let kept = Arc::new(Kept { grants, config });
         *self.kept.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&kept);
         Ok(kept)
@@ -344,7 +362,7 @@ impl Secrets {
         path::check(path)?;
         values.check(self.settings.max_secret_bytes)?;
         let _locks = self.lock(path)?;
-        let config = self.kept()?.config;
+        let config = self.kept()?.config()?;
         let meta = self.metadata(path)?;
         let now = now_ms();
         check_cas(&config, meta.as_ref(), cas, now)?;
@@ -368,7 +386,7 @@ impl Secrets {
             ));
         }
         let _locks = self.lock(path)?;
-        let config = self.kept()?.config;
+        let config = self.kept()?.config()?;
         let meta = self.metadata(path)?.ok_or(SecretsError::NotFound)?;
         let now = now_ms();
         check_cas(&config, Some(&meta), cas, now)?;
@@ -595,7 +613,7 @@ impl Secrets {
             model::check_custom(c)?;
         }
         let _locks = self.lock(path)?;
-        let config = self.kept()?.config;
+        let config = self.kept()?.config()?;
         let now = now_ms();
         let mut meta = match self.metadata(path)? {
             Some(m) => m,
@@ -675,7 +693,7 @@ impl Secrets {
 
     /// The engine's configuration.
     pub(crate) fn config(&self) -> Result<Config, SecretsError> {
-        Ok(self.kept()?.config)
+        self.kept()?.config()
     }
 
     /// Changes the engine's configuration.
@@ -704,7 +722,12 @@ impl Secrets {
         }
         let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
         let _shared = self.store.lock_changes()?;
-        let mut config = self.read_config()?;
+        // A configuration that does not open is replaced whole by what the administrator
+        // sets now (from the defaults), never read.
+        let mut config = self.read_config().or_else(|e| match e {
+            SecretsError::Tampered(_) => Ok(EngineConfig::default()),
+            e => Err(e),
+        })?;
         if let Some(m) = update.max_versions {
             config.max_versions = if m == 0 {
                 model::DEFAULT_MAX_VERSIONS

@@ -421,6 +421,41 @@ fn a_version_moved_in_the_store_does_not_open() {
 }
 
 #[test]
+fn a_configuration_that_does_not_open_refuses_writes_until_set_again() {
+    let f = fixture();
+    let e = &f.engine;
+    e.write(&f.journal, "a", values(&[("k", "v")]), None)
+        .unwrap();
+    f.store.put(super::CONFIG, "config", b"forged").unwrap();
+    // Reads go on; writes are refused; setting the configuration again mends it.
+    let opened = Secrets::open(
+        Arc::clone(&f.barrier),
+        Arc::clone(&f.store),
+        Settings::default(),
+    )
+    .unwrap();
+    assert!(opened.read("a", 0).unwrap().values.is_some());
+    assert!(matches!(
+        opened.write(&f.journal, "a", values(&[("k", "w")]), None),
+        Err(SecretsError::Tampered(_))
+    ));
+    assert!(opened.config().is_err());
+    let c = opened
+        .update_config(
+            &f.journal,
+            ConfigUpdate {
+                cas_required: Some(false),
+                ..ConfigUpdate::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(c.max_versions, 10);
+    opened
+        .write(&f.journal, "a", values(&[("k", "w")]), None)
+        .unwrap();
+}
+
+#[test]
 fn listing_pages_through_names_and_folders() {
     let f = fixture();
     let e = &f.engine;
@@ -553,15 +588,33 @@ fn grants_allow_what_they_name_and_nothing_else() {
             )
             .unwrap()
     );
-    // A grant record written by anyone else refuses to open.
-    f.store.put(GRANTS, &"0".repeat(32), b"forged").unwrap();
-    assert!(
-        Secrets::open(
-            Arc::clone(&f.barrier),
-            Arc::clone(&f.store),
-            Settings::default()
+    // A grant record written by anyone else allows nothing, and the others still work.
+    let kept = e
+        .create_grant(
+            &f.journal,
+            NewSecretGrant {
+                path: "hr/*".to_owned(),
+                principal: "spiffe://corp/hr".to_owned(),
+                operations: vec![SecretOperation::SecretRead],
+            },
+            "admin",
         )
-        .is_err()
+        .unwrap();
+    let mut forged = f.store.get(GRANTS, &kept.id).unwrap().unwrap();
+    f.store.put(GRANTS, &"0".repeat(32), &forged).unwrap();
+    forged[20] ^= 1;
+    f.store.put(GRANTS, &"1".repeat(32), &forged).unwrap();
+    let opened = Secrets::open(
+        Arc::clone(&f.barrier),
+        Arc::clone(&f.store),
+        Settings::default(),
+    )
+    .unwrap();
+    assert_eq!(opened.list_grants("", "").unwrap(), [kept]);
+    assert!(
+        opened
+            .permits("spiffe://corp/hr", "hr/x", SecretOperation::SecretRead)
+            .unwrap()
     );
     for bad in ["", "a b", "/x"] {
         assert!(
