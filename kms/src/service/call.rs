@@ -254,6 +254,15 @@ impl Call {
         self
     }
 
+    /// What the log line names: the key, else the secret's path (as recorded: a bounded
+    /// placeholder for a name that is not one).
+    fn subject(&self) -> &str {
+        self.event
+            .key
+            .as_deref()
+            .unwrap_or_else(|| self.secret_path())
+    }
+
     /// The secret path (or prefix) the call names, as recorded.
     fn secret_path(&self) -> &str {
         self.event.secret.as_ref().map_or("", |s| s.path.as_str())
@@ -655,7 +664,7 @@ struct Settled<R> {
 /// Records the outcome (unless a commit already did) and turns it into the answer.
 /// Does not wait for the record: [`deliver`] does.
 fn settle<R: Reply>(call: &Call, result: Result<Served<R>, ServiceError>) -> Settled<R> {
-    let key = call.event.key.as_deref().unwrap_or_default();
+    let key = call.subject();
     let mut event = call.event.clone();
     let mut undo = None;
     let mut replayed = false;
@@ -717,7 +726,7 @@ async fn deliver<R>(call: &Call, settled: Settled<R>) -> Result<R, Refusal> {
         refused_for_audit,
         replayed: _,
     } = settled;
-    let key = call.event.key.as_deref().unwrap_or_default();
+    let key = call.subject();
     if let Some(receipt) = receipt
         && let Err(e) = receipt.durable().await
     {
