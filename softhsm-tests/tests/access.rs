@@ -19,6 +19,7 @@ use kms_proto::v1 as pb;
 use kms_proto::v1::access_client::AccessClient;
 use kms_proto::v1::audit_client::AuditClient;
 use kms_proto::v1::key_management_client::KeyManagementClient;
+use kms_proto::v1::secrets_client::SecretsClient;
 use kms_proto::v1::system_client::SystemClient;
 use softhsm_tests::{ClientSpec, Cred, Pki, Server, TestHsm, spiffe, start_unsealed, try_channel};
 use tonic::Code;
@@ -59,6 +60,22 @@ const RPCS: &[&str] = &[
     "KeyManagement/BatchDecrypt",
     "KeyManagement/BatchSign",
     "KeyManagement/BatchReEncrypt",
+    "Secrets/PutSecret",
+    "Secrets/GetSecret",
+    "Secrets/PatchSecret",
+    "Secrets/ListSecrets",
+    "Secrets/GetSecretSubkeys",
+    "Secrets/DeleteSecretVersions",
+    "Secrets/UndeleteSecretVersions",
+    "Secrets/DestroySecretVersions",
+    "Secrets/GetSecretMetadata",
+    "Secrets/UpdateSecretMetadata",
+    "Secrets/DeleteSecret",
+    "Secrets/GetSecretsConfig",
+    "Secrets/UpdateSecretsConfig",
+    "Secrets/CreateSecretGrant",
+    "Secrets/ListSecretGrants",
+    "Secrets/RevokeSecretGrant",
     "Audit/ExportAuditLog",
     "Audit/KeyUsageReport",
     "Audit/VerifyAuditLog",
@@ -81,6 +98,7 @@ struct Fixture {
     signature: Vec<u8>,
     mac: Vec<u8>,
     grant_to_revoke: String,
+    secret_grant_to_revoke: String,
 }
 
 /// Makes one call of `rpc` on `ch`; its code.
@@ -88,8 +106,10 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
     let mut sys = SystemClient::new(ch.clone());
     let mut acc = AccessClient::new(ch.clone());
     let mut keys = KeyManagementClient::new(ch.clone());
+    let mut sec = SecretsClient::new(ch.clone());
     let mut aud = AuditClient::new(ch);
     let fresh = format!("made-{n}");
+    let one = |k: &str| -> BTreeMap<String, String> { [(k.to_owned(), "v".to_owned())].into() };
     let code = |r: Result<(), tonic::Status>| r.map_or_else(|s| s.code(), |()| Code::Ok);
     let enc = |pt: &[u8]| pb::EncryptRequest {
         key: "enc".into(),
@@ -381,6 +401,113 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
             }
             Err(e) => Err(e),
         },
+        "Secrets/PutSecret" => sec
+            .put_secret(pb::PutSecretRequest {
+                path: format!("app/{fresh}"),
+                data: one("k"),
+                cas: None,
+            })
+            .await
+            .map(drop),
+        "Secrets/GetSecret" => sec
+            .get_secret(pb::GetSecretRequest {
+                path: "app/read".into(),
+                version: 0,
+            })
+            .await
+            .map(drop),
+        "Secrets/PatchSecret" => sec
+            .patch_secret(pb::PatchSecretRequest {
+                path: "app/patch".into(),
+                set: one("k2"),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "Secrets/ListSecrets" => sec
+            .list_secrets(pb::ListSecretsRequest {
+                prefix: "app/".into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "Secrets/GetSecretSubkeys" => sec
+            .get_secret_subkeys(pb::GetSecretSubkeysRequest {
+                path: "app/read".into(),
+                version: 0,
+            })
+            .await
+            .map(drop),
+        "Secrets/DeleteSecretVersions" => sec
+            .delete_secret_versions(pb::SecretVersionsRequest {
+                path: "app/del".into(),
+                versions: Vec::new(),
+            })
+            .await
+            .map(drop),
+        "Secrets/UndeleteSecretVersions" => sec
+            .undelete_secret_versions(pb::SecretVersionsRequest {
+                path: "app/del".into(),
+                versions: vec![1],
+            })
+            .await
+            .map(drop),
+        "Secrets/DestroySecretVersions" => sec
+            .destroy_secret_versions(pb::SecretVersionsRequest {
+                path: "app/destroy".into(),
+                versions: vec![1],
+            })
+            .await
+            .map(drop),
+        "Secrets/GetSecretMetadata" => sec
+            .get_secret_metadata(pb::GetSecretMetadataRequest {
+                path: "app/read".into(),
+            })
+            .await
+            .map(drop),
+        "Secrets/UpdateSecretMetadata" => sec
+            .update_secret_metadata(pb::UpdateSecretMetadataRequest {
+                path: format!("app/{fresh}"),
+                max_versions: Some(3),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "Secrets/DeleteSecret" => sec
+            .delete_secret(pb::DeleteSecretRequest {
+                path: "app/gone".into(),
+            })
+            .await
+            .map(drop),
+        "Secrets/GetSecretsConfig" => sec
+            .get_secrets_config(pb::GetSecretsConfigRequest {})
+            .await
+            .map(drop),
+        "Secrets/UpdateSecretsConfig" => sec
+            .update_secrets_config(pb::UpdateSecretsConfigRequest {
+                max_versions: Some(20),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "Secrets/CreateSecretGrant" => sec
+            .create_secret_grant(pb::CreateSecretGrantRequest {
+                path: format!("{fresh}/*"),
+                principal: spiffe("reader"),
+                operations: vec![pb::SecretOperation::Read as i32],
+            })
+            .await
+            .map(drop),
+        "Secrets/ListSecretGrants" => sec
+            .list_secret_grants(pb::ListSecretGrantsRequest::default())
+            .await
+            .map(drop),
+        "Secrets/RevokeSecretGrant" => sec
+            .revoke_secret_grant(pb::RevokeSecretGrantRequest {
+                id: f.secret_grant_to_revoke.clone(),
+            })
+            .await
+            .map(drop),
         "Audit/KeyUsageReport" => aud
             .key_usage_report(pb::KeyUsageReportRequest::default())
             .await
@@ -451,6 +578,23 @@ fn expected(who: &str, rpc: &str) -> Code {
     }
     if open {
         return Code::Ok;
+    }
+    if service == "Secrets" {
+        // The engine's settings: any certificate. Its settings and grants: the admin role.
+        // Everything else: a grant on the path (the admin role holds none).
+        let allowed = match method {
+            "GetSecretsConfig" => who != "no-certificate",
+            "UpdateSecretsConfig"
+            | "CreateSecretGrant"
+            | "RevokeSecretGrant"
+            | "ListSecretGrants" => who == "admin",
+            _ => who == "granted-service",
+        };
+        return match (allowed, who) {
+            (true, _) => Code::Ok,
+            (false, "no-certificate") => Code::Unauthenticated,
+            (false, _) => Code::PermissionDenied,
+        };
     }
     let allowed = match who {
         "admin" => !use_of_key && service != "Audit",
@@ -574,7 +718,46 @@ async fn every_rpc_by_every_kind_of_caller() {
         .output()
         .unwrap();
     assert!(made.status.success(), "{made:?}");
+    // Secrets: the app may do everything under `app/`; one grant for the admin to revoke.
+    let mut admin_secrets = SecretsClient::new(server.channel(Some(&hsm.admin)).await);
+    let all: Vec<i32> = (1..=6).collect();
+    admin_secrets
+        .create_secret_grant(pb::CreateSecretGrantRequest {
+            path: "app/*".into(),
+            principal: app.principal.clone(),
+            operations: all,
+        })
+        .await
+        .unwrap();
+    let secret_grant_to_revoke = admin_secrets
+        .create_secret_grant(pb::CreateSecretGrantRequest {
+            path: "tmp/*".into(),
+            principal: spiffe("short-lived"),
+            operations: vec![pb::SecretOperation::Read as i32],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let mut app_secrets = SecretsClient::new(server.channel(Some(&app)).await);
+    for path in [
+        "app/read",
+        "app/patch",
+        "app/del",
+        "app/destroy",
+        "app/gone",
+    ] {
+        app_secrets
+            .put_secret(pb::PutSecretRequest {
+                path: path.into(),
+                data: [("k".to_owned(), "v".to_owned())].into(),
+                cas: None,
+            })
+            .await
+            .unwrap();
+    }
     let fixture = Fixture {
+        secret_grant_to_revoke,
         rsa_ciphertext: std::fs::read(hsm.path().join("rsa.ct")).unwrap(),
         ciphertext,
         signature,
