@@ -51,6 +51,8 @@ enum Op {
     GetSecret,
     /// `PutSecret` of a new version of one value of `--payload` bytes at `--key`.
     PutSecret,
+    /// One `ListSecrets` page of `--batch` names under the prefix `--key`.
+    ListSecrets,
 }
 
 /// The API under load.
@@ -132,6 +134,11 @@ struct Args {
     /// The grantee of `--populate`'s grants.
     #[arg(long, default_value = "spiffe://kms.dev/app")]
     grantee: String,
+    /// Write this many secrets `KEY0000000`... (`--key` is the prefix), one value of
+    /// `--payload` bytes each, `--concurrency` at a time, then exit (the caller needs
+    /// secret-write on them).
+    #[arg(long)]
+    populate_secrets: Option<usize>,
 }
 
 /// What one run measured.
@@ -164,6 +171,9 @@ fn main() -> Result<(), BoxError> {
         .build()?;
     if let Some(n) = args.populate {
         return rt.block_on(populate(&args, n));
+    }
+    if let Some(n) = args.populate_secrets {
+        return rt.block_on(populate_secrets(&args, n));
     }
     let report = rt.block_on(run(Arc::clone(&args)))?;
     if args.json {
@@ -239,6 +249,52 @@ async fn populate(args: &Args, n: usize) -> Result<(), BoxError> {
     let seconds = started.elapsed().as_secs_f64();
     println!(
         "created {n} keys with a grant each in {seconds:.1} s ({:.0} keys/s)",
+        n as f64 / seconds
+    );
+    Ok(())
+}
+
+async fn populate_secrets(args: &Args, n: usize) -> Result<(), BoxError> {
+    let channel = connect(args).await?;
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let value: std::collections::BTreeMap<String, String> =
+        [("value".to_owned(), "x".repeat(args.payload))].into();
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency.max(1) {
+        let (next, prefix, value) = (Arc::clone(&next), args.key.clone(), value.clone());
+        let secrets = SecretsClient::new(channel.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n as u64 {
+                    return Ok::<(), tonic::Status>(());
+                }
+                let put = pb::PutSecretRequest {
+                    path: format!("{prefix}{i:07}"),
+                    data: value.clone(),
+                    // Made once: a second attempt of a write that landed is refused.
+                    cas: Some(0),
+                };
+                let r = retried(put, false, |r| {
+                    let mut secrets = secrets.clone();
+                    async move { secrets.put_secret(r).await }
+                })
+                .await;
+                match r {
+                    Err(s) if s.code() == tonic::Code::FailedPrecondition => {}
+                    other => other?,
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "wrote {n} secrets in {seconds:.1} s ({:.0} secrets/s)",
         n as f64 / seconds
     );
     Ok(())
@@ -354,6 +410,14 @@ async fn call(
             .get_secret(pb::GetSecretRequest {
                 path: key,
                 version: 0,
+            })
+            .await
+            .map(drop),
+        Op::ListSecrets => secrets
+            .list_secrets(pb::ListSecretsRequest {
+                prefix: key,
+                page_size: u32::try_from(args.batch).unwrap_or(u32::MAX),
+                page_token: String::new(),
             })
             .await
             .map(drop),
