@@ -109,8 +109,7 @@ impl Secrets {
             created_ms: now_ms(),
             created_by: by.to_owned(),
         };
-        let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
-        let _shared = self.store.lock_changes()?;
+        let _locks = self.lock(None)?;
         if load(&self.barrier, self.store.as_ref())?.len() >= MAX_GRANTS {
             return Err(SecretsError::BadRequest(format!(
                 "at most {MAX_GRANTS} grants on secrets: revoke some first"
@@ -144,8 +143,7 @@ impl Secrets {
         if !well_formed {
             return Err(SecretsError::GrantNotFound(id.chars().take(64).collect()));
         }
-        let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
-        let _shared = self.store.lock_changes()?;
+        let _locks = self.lock(None)?;
         let sealed = self
             .store
             .get(GRANTS, id)?

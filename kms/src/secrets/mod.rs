@@ -283,18 +283,32 @@ impl Secrets {
             .any(|g| g.allows(principal, path, operation)))
     }
 
-    /// This server's lock for changes to `path`, and the store's change lock when the
-    /// store is shared.
-    fn lock(&self, path: &str) -> Result<(MutexGuard<'_, ()>, Option<ChangeLock>), SecretsError> {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        path.hash(&mut h);
-        let i = usize::try_from(h.finish() % LOCKS as u64).unwrap_or(0);
-        let local = self
-            .locks
-            .get(i)
-            .ok_or(SecretsError::Internal("lock index"))?
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+    /// This server's lock for changes to `path` (`None`: the grants and settings), and the
+    /// store's change lock when the store is shared.
+    ///
+    /// On a store only this server writes, paths take one of [`LOCKS`] locks by their hash,
+    /// so changes to different paths commit together (one audit group, one fsync). On a
+    /// shared store every change takes the same local lock first: the store's change lock
+    /// serialises them across servers anyway, and a caller waiting for it holds a pooled
+    /// connection, so at most one waiter per server keeps the connections the holder needs
+    /// (to read, and to commit with its audit record) free.
+    fn lock(
+        &self,
+        path: Option<&str>,
+    ) -> Result<(MutexGuard<'_, ()>, Option<ChangeLock>), SecretsError> {
+        let local = match path {
+            _ if self.store.shared() => self.locks.first(),
+            None => Some(&self.admin),
+            Some(path) => {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                path.hash(&mut h);
+                self.locks
+                    .get(usize::try_from(h.finish() % LOCKS as u64).unwrap_or(0))
+            }
+        }
+        .ok_or(SecretsError::Internal("lock index"))?
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
         let shared = self.store.lock_changes()?;
         Ok((local, shared))
     }
@@ -361,7 +375,7 @@ impl Secrets {
     ) -> Result<Written, SecretsError> {
         path::check(path)?;
         values.check(self.settings.max_secret_bytes)?;
-        let _locks = self.lock(path)?;
+        let _locks = self.lock(Some(path))?;
         let config = self.kept()?.config()?;
         let meta = self.metadata(path)?;
         let now = now_ms();
@@ -385,7 +399,7 @@ impl Secrets {
                     .to_owned(),
             ));
         }
-        let _locks = self.lock(path)?;
+        let _locks = self.lock(Some(path))?;
         let config = self.kept()?.config()?;
         let meta = self.metadata(path)?.ok_or(SecretsError::NotFound)?;
         let now = now_ms();
@@ -538,7 +552,7 @@ impl Secrets {
                 model::MAX_VERSIONS_LIMIT
             )));
         }
-        let _locks = self.lock(path)?;
+        let _locks = self.lock(Some(path))?;
         let mut meta = self.metadata(path)?.ok_or(SecretsError::NotFound)?;
         let mut chosen: Vec<u64> = if versions.is_empty() {
             if meta.current == 0 {
@@ -612,7 +626,7 @@ impl Secrets {
         if let Some(c) = &update.custom {
             model::check_custom(c)?;
         }
-        let _locks = self.lock(path)?;
+        let _locks = self.lock(Some(path))?;
         let config = self.kept()?.config()?;
         let now = now_ms();
         let mut meta = match self.metadata(path)? {
@@ -664,7 +678,7 @@ impl Secrets {
     /// Deletes `path`'s metadata and every version's values.
     pub(crate) fn delete_all(&self, journal: &dyn Journal, path: &str) -> Result<(), SecretsError> {
         path::check(path)?;
-        let _locks = self.lock(path)?;
+        let _locks = self.lock(Some(path))?;
         let meta = self.metadata(path)?.ok_or(SecretsError::NotFound)?;
         let (from, to) = path::value_range(path);
         let removals = vec![
@@ -720,8 +734,7 @@ impl Secrets {
                 "delete_version_after is at most 100 years".to_owned(),
             ));
         }
-        let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
-        let _shared = self.store.lock_changes()?;
+        let _locks = self.lock(None)?;
         // A configuration that does not open is replaced whole by what the administrator
         // sets now (from the defaults), never read.
         let mut config = self.read_config().or_else(|e| match e {
