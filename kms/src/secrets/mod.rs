@@ -488,7 +488,7 @@ impl Secrets {
         path: &str,
         versions: &[u64],
     ) -> Result<Metadata, SecretsError> {
-        self.change_versions(journal, path, versions, |v, now| {
+        self.change_versions(journal, path, versions, None, |v, now| {
             if v.state(now) == State::Live {
                 v.deletion_ms = Some(now);
             }
@@ -503,12 +503,7 @@ impl Secrets {
         path: &str,
         versions: &[u64],
     ) -> Result<Metadata, SecretsError> {
-        if versions.is_empty() {
-            return Err(SecretsError::BadRequest(
-                "name the versions to undelete".to_owned(),
-            ));
-        }
-        self.change_versions(journal, path, versions, |v, _| {
+        self.change_versions(journal, path, versions, Some("undelete"), |v, _| {
             if !v.destroyed {
                 v.deletion_ms = None;
             }
@@ -524,28 +519,32 @@ impl Secrets {
         path: &str,
         versions: &[u64],
     ) -> Result<Metadata, SecretsError> {
-        if versions.is_empty() {
-            return Err(SecretsError::BadRequest(
-                "name the versions to destroy".to_owned(),
-            ));
-        }
-        self.change_versions(journal, path, versions, |v, _| {
+        self.change_versions(journal, path, versions, Some("destroy"), |v, _| {
             let was = v.destroyed;
             v.destroyed = true;
             !was
         })
     }
 
-    /// Applies `f` to each of `versions` (none: the current one); `f` says whether the
-    /// version's values are to be removed.
+    /// Applies `f` to each of `versions`; `f` says whether the version's values are to be
+    /// removed. No versions named means the current one, or, for a call that must name
+    /// them (`must_name`: what it does), a refusal.
     fn change_versions(
         &self,
         journal: &dyn Journal,
         path: &str,
         versions: &[u64],
+        must_name: Option<&str>,
         f: impl Fn(&mut Version, u64) -> bool,
     ) -> Result<Metadata, SecretsError> {
         path::check(path)?;
+        if let Some(what) = must_name
+            && versions.is_empty()
+        {
+            return Err(SecretsError::BadRequest(format!(
+                "name the versions to {what}"
+            )));
+        }
         if versions.len() > model::MAX_VERSIONS_LIMIT as usize {
             return Err(SecretsError::BadRequest(format!(
                 "at most {} versions at once",
