@@ -6,7 +6,8 @@
 //! after any change, its own or another server's). Each is a record sealed by the barrier
 //! and named by its id: one written into the store by anyone but kms does not open, and
 //! the engine refuses to open with it (a grant is never skipped silently). A revoked grant
-//! is removed; the audit log keeps its history.
+//! is removed, and the removal announced to the other servers sharing the store by the
+//! configuration written with it; the audit log keeps its history.
 
 use std::collections::BTreeSet;
 
@@ -14,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use super::path::PathPattern;
 use super::{
-    Committed, GRANTS, Journal, Secrets, SecretsError, model, now_ms, open_json, seal_json,
+    CONFIG, CONFIG_KEY, Committed, GRANTS, Journal, Secrets, SecretsError, model, now_ms,
+    open_json, seal_json,
 };
 use crate::barrier::Barrier;
 use crate::policy::{Pattern, SecretOperation};
@@ -147,13 +149,23 @@ impl Secrets {
             .get(GRANTS, id)?
             .ok_or_else(|| SecretsError::GrantNotFound(id.to_owned()))?;
         let grant: SecretGrant = open_json(&self.barrier, model::GRANT, id, &sealed)?;
+        // A shared store announces writes to the other servers, never removals
+        // (`store::Follow`): the configuration, unchanged, is written with the removal, so
+        // that every server hears of it and reads the grants again before its next
+        // decision. Without it the others would go on allowing what the grant allowed.
+        let config = self.read_config()?;
+        let announce = Write {
+            table: CONFIG,
+            key: CONFIG_KEY.to_owned(),
+            value: seal_json(&self.barrier, model::CONFIG, CONFIG_KEY, &config)?,
+        };
         journal.commit(
             Committed {
                 path: grant.path.as_str(),
                 versions: &[],
                 grant: Some(&grant),
             },
-            Vec::new(),
+            vec![announce],
             vec![Removal {
                 table: GRANTS,
                 from: id.to_owned(),

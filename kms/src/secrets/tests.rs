@@ -572,3 +572,78 @@ fn grants_allow_what_they_name_and_nothing_else() {
         );
     }
 }
+
+/// Commits as [`Direct`] does, and keeps what a shared store would announce to the other
+/// servers: its writes to followed tables, never its removals (`store::Follow`, and the
+/// PostgreSQL store's `NOTIFY` of written keys).
+struct Announcing {
+    direct: Direct,
+    announced: std::sync::Mutex<Vec<Change>>,
+}
+
+impl Journal for Announcing {
+    fn commit(
+        &self,
+        what: Committed<'_>,
+        writes: Vec<Write>,
+        removals: Vec<Removal>,
+    ) -> Result<(), SecretsError> {
+        let heard: Vec<Change> = writes
+            .iter()
+            .filter(|w| w.table.followed())
+            .map(|w| Change::Entry(w.table, w.key.clone()))
+            .collect();
+        self.direct.commit(what, writes, removals)?;
+        self.announced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(heard);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_grant_revoked_on_one_server_is_refused_on_another() {
+    use crate::engine::Engine as _;
+    let f = fixture();
+    let other = Secrets::open(
+        Arc::clone(&f.barrier),
+        Arc::clone(&f.store),
+        Settings::default(),
+    )
+    .unwrap();
+    let journal = Announcing {
+        direct: Direct(Arc::clone(&f.store)),
+        announced: std::sync::Mutex::new(Vec::new()),
+    };
+    let hear = || {
+        let heard = std::mem::take(&mut *journal.announced.lock().unwrap());
+        other.heard(&heard);
+    };
+    let g = f
+        .engine
+        .create_grant(
+            &journal,
+            NewSecretGrant {
+                path: "payments/*".to_owned(),
+                principal: "spiffe://corp/app".to_owned(),
+                operations: vec![SecretOperation::SecretRead],
+            },
+            "admin",
+        )
+        .unwrap();
+    hear();
+    let allowed = || {
+        other
+            .permits(
+                "spiffe://corp/app",
+                "payments/x",
+                SecretOperation::SecretRead,
+            )
+            .unwrap()
+    };
+    assert!(allowed(), "the other server heard of the grant");
+    f.engine.revoke_grant(&journal, &g.id).unwrap();
+    hear();
+    assert!(!allowed(), "the other server heard of the revocation");
+}
