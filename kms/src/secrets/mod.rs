@@ -11,8 +11,8 @@
 //!
 //! A change reads the secret's metadata, decides, and commits the new metadata, the new
 //! values and the removal of the values it drops (pruned past `max_versions`, destroyed)
-//! in one transaction with its audit record ([`Journal`]). Changes to one path are
-//! serialised by a lock of this server's (one of [`LOCKS`], by the path's hash) and, on a
+//! in one transaction with its audit record (`Journal`). Changes to one path are
+//! serialised by a lock of this server's (one of `LOCKS`, by the path's hash) and, on a
 //! store several servers share, by the store's change lock: check-and-set is atomic across
 //! servers.
 
