@@ -6,8 +6,9 @@
 //! after any change, its own or another server's). Each is a record sealed by the barrier
 //! and named by its id: one written into the store by anyone but kms does not open, and
 //! the engine refuses to open with it (a grant is never skipped silently). A revoked grant
-//! is removed, and the removal announced to the other servers sharing the store by the
-//! configuration written with it; the audit log keeps its history.
+//! is removed; the audit log keeps its history. Every change of the grants writes the
+//! engine's configuration record too, unchanged: the other servers sharing the store hear
+//! of it, and see it at their next decision ([`Secrets::kept`]).
 
 use std::collections::BTreeSet;
 
@@ -125,7 +126,7 @@ impl Secrets {
                 versions: &[],
                 grant: Some(&grant),
             },
-            vec![write],
+            vec![write, self.announcement()?],
             Vec::new(),
         )?;
         self.reload()?;
@@ -150,15 +151,9 @@ impl Secrets {
             .ok_or_else(|| SecretsError::GrantNotFound(id.to_owned()))?;
         let grant: SecretGrant = open_json(&self.barrier, model::GRANT, id, &sealed)?;
         // A shared store announces writes to the other servers, never removals
-        // (`store::Follow`): the configuration, unchanged, is written with the removal, so
-        // that every server hears of it and reads the grants again before its next
-        // decision. Without it the others would go on allowing what the grant allowed.
-        let config = self.read_config()?;
-        let announce = Write {
-            table: CONFIG,
-            key: CONFIG_KEY.to_owned(),
-            value: seal_json(&self.barrier, model::CONFIG, CONFIG_KEY, &config)?,
-        };
+        // (`store::Follow`): without the announcement, the others would go on allowing
+        // what the grant allowed.
+        let announce = self.announcement()?;
         journal.commit(
             Committed {
                 path: grant.path.as_str(),
@@ -174,6 +169,19 @@ impl Secrets {
         )?;
         self.reload()?;
         Ok(grant)
+    }
+
+    /// The configuration's record, unchanged, sealed again: written with every change of
+    /// the grants, so that the other servers sharing the store hear of it (a removal is
+    /// not announced) and see at their next decision that the grants changed
+    /// ([`Secrets::kept`]).
+    fn announcement(&self) -> Result<Write, SecretsError> {
+        let config = self.read_config()?;
+        Ok(Write {
+            table: CONFIG,
+            key: CONFIG_KEY.to_owned(),
+            value: seal_json(&self.barrier, model::CONFIG, CONFIG_KEY, &config)?,
+        })
     }
 
     /// The grants, optionally only those whose pattern is `path` or whose grantee is

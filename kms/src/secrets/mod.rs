@@ -100,6 +100,10 @@ pub(crate) trait Journal {
 struct Kept {
     grants: Vec<SecretGrant>,
     config: EngineConfig,
+    /// The configuration's record as stored when these were read (`None`: absent). Every
+    /// change of the grants writes it too, so on a shared store a record that differs at a
+    /// decision means another server changed them ([`Secrets::kept`]).
+    config_record: Option<Vec<u8>>,
 }
 
 /// The open engine.
@@ -226,22 +230,41 @@ impl Secrets {
     fn reload(&self) -> Result<Arc<Kept>, SecretsError> {
         // Cleared first: a change heard while reading marks it stale again.
         self.stale.store(false, Ordering::SeqCst);
+        // The configuration's record before the grants: a change of the grants committed
+        // between the two reads leaves the record kept older than the store's, and the
+        // next decision reads them again.
+        let config_record = self.store.get(CONFIG, CONFIG_KEY)?;
+        let config = match &config_record {
+            None => EngineConfig::default(),
+            Some(sealed) => open_json(&self.barrier, model::CONFIG, CONFIG_KEY, sealed)?,
+        };
         let grants = grants::load(&self.barrier, self.store.as_ref())?;
-        let config = self.read_config()?;
-        let kept = Arc::new(Kept { grants, config });
+        let kept = Arc::new(Kept {
+            grants,
+            config,
+            config_record,
+        });
         *self.kept.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&kept);
         Ok(kept)
     }
 
     /// The grants and configuration in force (read again first if another server changed
     /// them).
+    ///
+    /// On a store other servers write, their change may not be heard yet (a notification
+    /// takes milliseconds): every change of the grants or the configuration writes the
+    /// configuration's record, which is read here at each decision, so that a grant revoked
+    /// on one server is refused on every other from its commit on, as a secret written on
+    /// one is read on the others.
     fn kept(&self) -> Result<Arc<Kept>, SecretsError> {
         if self.stale.load(Ordering::SeqCst) {
             return self.reload();
         }
-        Ok(Arc::clone(
-            &self.kept.read().unwrap_or_else(|p| p.into_inner()),
-        ))
+        let kept = Arc::clone(&self.kept.read().unwrap_or_else(|p| p.into_inner()));
+        if self.store.shared() && self.store.get(CONFIG, CONFIG_KEY)? != kept.config_record {
+            return self.reload();
+        }
+        Ok(kept)
     }
 
     fn read_config(&self) -> Result<EngineConfig, SecretsError> {
