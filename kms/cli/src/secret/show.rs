@@ -33,7 +33,7 @@ fn state(v: &pb::SecretVersion) -> String {
     } else if v.deleted {
         format!("deleted {}", time(v.deletion_time))
     } else if v.deletion_time > 0 {
-        format!("live, deleted at {}", time(v.deletion_time))
+        format!("live until {}", time(v.deletion_time))
     } else {
         "live".to_owned()
     }
