@@ -1,8 +1,9 @@
 //! The `kms` binary: the command line (clap) on top of the `kms` library, as rage sits on
 //! age. `server` and `dev` run the server (`kms::server::run`); `operator`, `key`, the
-//! crypto commands, `audit`, `grant` and `whoami` are gRPC clients; `pkcs11 probe` lists a
-//! module's slots and mechanisms. Nothing here is part of the library: its dependencies
-//! (clap, rpassword, csv, humantime, rcgen, rustix, tracing-subscriber) are this crate's.
+//! crypto commands, `audit`, `grant`, `secret` and `whoami` are gRPC clients; `pkcs11
+//! probe` lists a module's slots and mechanisms. Nothing here is part of the library: its
+//! dependencies (clap, rpassword, csv, humantime, rcgen, rustix, tracing-subscriber) are
+//! this crate's.
 //!
 //! Exit codes: 0 success; 1 error; 2 usage error (clap), or `operator status` on a sealed
 //! server (as `vault status` does, so scripts can test it).
@@ -70,6 +71,11 @@ enum Command {
     Grant {
         #[command(subcommand)]
         command: grant::GrantCommand,
+    },
+    /// Versioned secrets (Vault KV v2): put, get, patch, list, delete, metadata, grants.
+    Secret {
+        #[command(subcommand)]
+        command: secret::SecretCommand,
     },
     /// Show who the server takes you to be, and your roles.
     Whoami {
@@ -229,6 +235,7 @@ mod grant;
 mod keys;
 mod report;
 mod rlimit;
+mod secret;
 mod share_files;
 mod show;
 
@@ -279,6 +286,9 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             let channel = connect(&cli.conn).await?;
             grant::run(channel, command).await
         }),
+        Command::Secret { command } => {
+            runtime()?.block_on(secret::run(command, || connect(&cli.conn)))
+        }
         Command::Whoami { json } => runtime()?.block_on(async {
             let channel = connect(&cli.conn).await?;
             grant::whoami(channel, json).await

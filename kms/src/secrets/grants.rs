@@ -7,7 +7,9 @@
 //! and named by its id: one written into the store by anyone but kms does not open, and
 //! allows nothing (it is left out, and logged at each reading as an error for the
 //! operators: a grant only ever allows, so leaving one out fails closed). A revoked grant
-//! is removed; the audit log keeps its history.
+//! is removed; the audit log keeps its history. Every change of the grants writes the
+//! engine's configuration record too, unchanged: the other servers sharing the store hear
+//! of it, and see it at their next decision ([`Secrets::kept`]).
 
 use std::collections::BTreeSet;
 
@@ -15,7 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use super::path::PathPattern;
 use super::{
-    Committed, GRANTS, Journal, Secrets, SecretsError, model, now_ms, open_json, seal_json,
+    CONFIG, CONFIG_KEY, Committed, GRANTS, Journal, Secrets, SecretsError, model, now_ms,
+    open_json, seal_json,
 };
 use crate::barrier::Barrier;
 use crate::policy::{Pattern, SecretOperation};
@@ -126,7 +129,7 @@ impl Secrets {
                 versions: &[],
                 grant: Some(&grant),
             },
-            vec![write],
+            vec![write, self.announcement()?],
             Vec::new(),
         )?;
         self.reload()?;
@@ -149,13 +152,17 @@ impl Secrets {
             .get(GRANTS, id)?
             .ok_or_else(|| SecretsError::GrantNotFound(id.to_owned()))?;
         let grant: SecretGrant = open_json(&self.barrier, model::GRANT, id, &sealed)?;
+        // A shared store announces writes to the other servers, never removals
+        // (`store::Follow`): without the announcement, the others would go on allowing
+        // what the grant allowed.
+        let announce = self.announcement()?;
         journal.commit(
             Committed {
                 path: grant.path.as_str(),
                 versions: &[],
                 grant: Some(&grant),
             },
-            Vec::new(),
+            vec![announce],
             vec![Removal {
                 table: GRANTS,
                 from: id.to_owned(),
@@ -164,6 +171,19 @@ impl Secrets {
         )?;
         self.reload()?;
         Ok(grant)
+    }
+
+    /// The configuration's record, unchanged, sealed again: written with every change of
+    /// the grants, so that the other servers sharing the store hear of it (a removal is
+    /// not announced) and see at their next decision that the grants changed
+    /// ([`Secrets::kept`]).
+    fn announcement(&self) -> Result<Write, SecretsError> {
+        let config = self.read_config()?;
+        Ok(Write {
+            table: CONFIG,
+            key: CONFIG_KEY.to_owned(),
+            value: seal_json(&self.barrier, model::CONFIG, CONFIG_KEY, &config)?,
+        })
     }
 
     /// The grants, optionally only those whose pattern is `path` or whose grantee is

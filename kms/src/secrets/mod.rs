@@ -11,8 +11,8 @@
 //!
 //! A change reads the secret's metadata, decides, and commits the new metadata, the new
 //! values and the removal of the values it drops (pruned past `max_versions`, destroyed)
-//! in one transaction with its audit record ([`Journal`]). Changes to one path are
-//! serialised by a lock of this server's (one of [`LOCKS`], by the path's hash) and, on a
+//! in one transaction with its audit record (`Journal`). Changes to one path are
+//! serialised by a lock of this server's (one of `LOCKS`, by the path's hash) and, on a
 //! store several servers share, by the store's change lock: check-and-set is atomic across
 //! servers.
 
@@ -101,6 +101,10 @@ struct Kept {
     /// `None` when the stored configuration does not open (the store was altered): every
     /// call that needs it is refused until an administrator sets it again.
     config: Option<EngineConfig>,
+    /// The configuration's record as stored when these were read (`None`: absent). Every
+    /// change of the grants writes it too, so on a shared store a record that differs at a
+    /// decision means another server changed them ([`Secrets::kept`]).
+    config_record: Option<Vec<u8>>,
 }
 
 impl Kept {
@@ -226,6 +230,7 @@ impl Secrets {
             kept: RwLock::new(Arc::new(Kept {
                 grants: Vec::new(),
                 config: None,
+                config_record: None,
             })),
             stale: AtomicBool::new(false),
         };
@@ -237,29 +242,48 @@ impl Secrets {
     fn reload(&self) -> Result<Arc<Kept>, SecretsError> {
         // Cleared first: a change heard while reading marks it stale again.
         self.stale.store(false, Ordering::SeqCst);
-        let grants = grants::load(&self.barrier, self.store.as_ref())?;
-        let config = match self.read_config() {
-            Ok(c) => Some(c),
-            Err(SecretsError::Tampered(what)) => {
-                tracing::error!(record = %what, "the secrets engine's configuration is not authentic (the store was altered): writes are refused until it is set again");
-                None
-            }
-            Err(e) => return Err(e),
+        // The configuration's record before the grants: a change of the grants committed
+        // between the two reads leaves the record kept older than the store's, and the
+        // next decision reads them again.
+        let config_record = self.store.get(CONFIG, CONFIG_KEY)?;
+        let config = match &config_record {
+            None => Some(EngineConfig::default()),
+            Some(sealed) => match open_json(&self.barrier, model::CONFIG, CONFIG_KEY, sealed) {
+                Ok(c) => Some(c),
+                Err(SecretsError::Tampered(what)) => {
+                    tracing::error!(record = %what, "the secrets engine's configuration is not authentic (the store was altered): writes are refused until it is set again");
+                    None
+                }
+                Err(e) => return Err(e),
+            },
         };
-        let kept = Arc::new(Kept { grants, config });
+        let grants = grants::load(&self.barrier, self.store.as_ref())?;
+        let kept = Arc::new(Kept {
+            grants,
+            config,
+            config_record,
+        });
         *self.kept.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&kept);
         Ok(kept)
     }
 
     /// The grants and configuration in force (read again first if another server changed
     /// them).
+    ///
+    /// On a store other servers write, their change may not be heard yet (a notification
+    /// takes milliseconds): every change of the grants or the configuration writes the
+    /// configuration's record, which is read here at each decision, so that a grant revoked
+    /// on one server is refused on every other from its commit on, as a secret written on
+    /// one is read on the others.
     fn kept(&self) -> Result<Arc<Kept>, SecretsError> {
         if self.stale.load(Ordering::SeqCst) {
             return self.reload();
         }
-        Ok(Arc::clone(
-            &self.kept.read().unwrap_or_else(|p| p.into_inner()),
-        ))
+        let kept = Arc::clone(&self.kept.read().unwrap_or_else(|p| p.into_inner()));
+        if self.store.shared() && self.store.get(CONFIG, CONFIG_KEY)? != kept.config_record {
+            return self.reload();
+        }
+        Ok(kept)
     }
 
     fn read_config(&self) -> Result<EngineConfig, SecretsError> {

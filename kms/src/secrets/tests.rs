@@ -12,7 +12,7 @@ use super::{
 };
 use crate::barrier::Barrier;
 use crate::policy::SecretOperation;
-use crate::store::{Change, RedbStore, Removal, Store, Write};
+use crate::store::{Change, RedbStore, Removal, Store, Table, Write};
 
 struct Direct(Arc<dyn Store>);
 
@@ -630,4 +630,203 @@ fn grants_allow_what_they_name_and_nothing_else() {
             .is_err()
         );
     }
+}
+
+/// Commits as [`Direct`] does, and keeps what a shared store would announce to the other
+/// servers: its writes to followed tables, never its removals (`store::Follow`, and the
+/// PostgreSQL store's `NOTIFY` of written keys).
+struct Announcing {
+    direct: Direct,
+    announced: std::sync::Mutex<Vec<Change>>,
+}
+
+impl Journal for Announcing {
+    fn commit(
+        &self,
+        what: Committed<'_>,
+        writes: Vec<Write>,
+        removals: Vec<Removal>,
+    ) -> Result<(), SecretsError> {
+        let heard: Vec<Change> = writes
+            .iter()
+            .filter(|w| w.table.followed())
+            .map(|w| Change::Entry(w.table, w.key.clone()))
+            .collect();
+        self.direct.commit(what, writes, removals)?;
+        self.announced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(heard);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_grant_revoked_on_one_server_is_refused_on_another() {
+    use crate::engine::Engine as _;
+    let f = fixture();
+    let other = Secrets::open(
+        Arc::clone(&f.barrier),
+        Arc::clone(&f.store),
+        Settings::default(),
+    )
+    .unwrap();
+    let journal = Announcing {
+        direct: Direct(Arc::clone(&f.store)),
+        announced: std::sync::Mutex::new(Vec::new()),
+    };
+    let hear = || {
+        let heard = std::mem::take(&mut *journal.announced.lock().unwrap());
+        other.heard(&heard);
+    };
+    let g = f
+        .engine
+        .create_grant(
+            &journal,
+            NewSecretGrant {
+                path: "payments/*".to_owned(),
+                principal: "spiffe://corp/app".to_owned(),
+                operations: vec![SecretOperation::SecretRead],
+            },
+            "admin",
+        )
+        .unwrap();
+    hear();
+    let allowed = || {
+        other
+            .permits(
+                "spiffe://corp/app",
+                "payments/x",
+                SecretOperation::SecretRead,
+            )
+            .unwrap()
+    };
+    assert!(allowed(), "the other server heard of the grant");
+    f.engine.revoke_grant(&journal, &g.id).unwrap();
+    hear();
+    assert!(!allowed(), "the other server heard of the revocation");
+}
+
+/// A redb store that says other servers write it too, as a PostgreSQL store does; it
+/// announces nothing (its changes are never heard).
+struct Shared(Arc<dyn Store>);
+
+impl Store for Shared {
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, crate::store::StoreError> {
+        self.0.get(table, key)
+    }
+    fn insert_new(
+        &self,
+        table: Table,
+        key: &str,
+        value: &[u8],
+    ) -> Result<bool, crate::store::StoreError> {
+        self.0.insert_new(table, key, value)
+    }
+    fn put(&self, table: Table, key: &str, value: &[u8]) -> Result<(), crate::store::StoreError> {
+        self.0.put(table, key, value)
+    }
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, crate::store::StoreError> {
+        self.0.scan(table)
+    }
+    fn write_all_removing(
+        &self,
+        writes: &[Write],
+        removals: &[Removal],
+    ) -> Result<(), crate::store::StoreError> {
+        self.0.write_all_removing(writes, removals)
+    }
+    fn append_with(
+        &self,
+        table: Table,
+        build: &mut crate::store::AppendBuild<'_>,
+        removals: &[Removal],
+    ) -> Result<(), crate::store::StoreError> {
+        self.0.append_with(table, build, removals)
+    }
+    fn reserve(
+        &self,
+        table: Table,
+        key: &str,
+        want: u64,
+        max: u64,
+    ) -> Result<(u64, u64), crate::store::StoreError> {
+        self.0.reserve(table, key, want, max)
+    }
+    fn snapshot(
+        &self,
+        tables: &[Table],
+        each: &mut crate::store::EachEntry<'_>,
+    ) -> Result<(), crate::store::StoreError> {
+        self.0.snapshot(tables, each)
+    }
+    fn location(&self) -> Result<String, crate::store::StoreError> {
+        self.0.location()
+    }
+    fn shared(&self) -> bool {
+        true
+    }
+    fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, crate::store::StoreError> {
+        self.0.last(table)
+    }
+    fn range(
+        &self,
+        table: Table,
+        start: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, crate::store::StoreError> {
+        self.0.range(table, start, limit)
+    }
+}
+
+#[test]
+fn on_a_shared_store_a_grant_change_is_in_force_on_every_server_before_it_is_heard() {
+    let f = fixture();
+    let shared: Arc<dyn Store> = Arc::new(Shared(Arc::clone(&f.store)));
+    let open = || {
+        Secrets::open(
+            Arc::clone(&f.barrier),
+            Arc::clone(&shared),
+            Settings::default(),
+        )
+        .unwrap()
+    };
+    let (a, b) = (open(), open());
+    let journal = Direct(Arc::clone(&shared));
+    let allowed = |e: &Secrets| {
+        e.permits(
+            "spiffe://corp/app",
+            "payments/x",
+            SecretOperation::SecretRead,
+        )
+        .unwrap()
+    };
+    assert!(!allowed(&b));
+    let g = a
+        .create_grant(
+            &journal,
+            NewSecretGrant {
+                path: "payments/*".to_owned(),
+                principal: "spiffe://corp/app".to_owned(),
+                operations: vec![SecretOperation::SecretRead],
+            },
+            "admin",
+        )
+        .unwrap();
+    assert!(allowed(&b), "B allows A's new grant, nothing heard");
+    a.revoke_grant(&journal, &g.id).unwrap();
+    assert!(!allowed(&b), "B refuses the grant A revoked, nothing heard");
+    // The configuration too: cas_required set on A is required on B at once.
+    a.update_config(
+        &journal,
+        ConfigUpdate {
+            cas_required: Some(true),
+            ..ConfigUpdate::default()
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        b.write(&journal, "payments/x", values(&[("k", "v")]), None),
+        Err(SecretsError::CasRequired)
+    ));
 }
