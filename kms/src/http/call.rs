@@ -9,6 +9,7 @@ use http::StatusCode;
 
 use crate::access::tls::PeerInfo;
 use crate::keyring::{Journal, Keyring, KeyringError};
+use crate::secrets::{Secrets, SecretsError};
 use crate::service::{
     Aad, Call, Caller, ErrorKind, Front, Idempotency, Meta, Op, Refusal, Served, Service,
     ServiceError,
@@ -140,8 +141,13 @@ pub(crate) fn status_of(refusal: &Refusal) -> StatusCode {
 }
 
 fn refused(refusal: Refusal) -> Refused {
+    refused_with(refusal, status_of)
+}
+
+/// A refusal of the service layer (recorded), with the status a mount gives its kind.
+fn refused_with(refusal: Refusal, status: fn(&Refusal) -> StatusCode) -> Refused {
     Refused {
-        status: status_of(&refusal),
+        status: status(&refusal),
         message: refusal.message,
         reason: refusal.reason,
         recorded: true,
@@ -212,6 +218,69 @@ pub(crate) async fn keyed<Q: Aad + Send + 'static>(
     let c = c.version(keyed.version);
     let answer = crate::service::with_keyring(service, c, req, move |k, c, q| f(k, c, q)).await;
     (answer.result.map_err(refused), answer.request_id)
+}
+
+/// How a secret path (or a listing's prefix) is checked for [`Call::secret`].
+pub(crate) type PathCheck = fn(&str) -> Result<(), SecretsError>;
+
+/// A call on the secrets engine: its operation, and the path (or prefix) it names with
+/// that path's check (none for the engine's configuration).
+pub(crate) struct OnSecret {
+    /// The operation.
+    pub op: Op,
+    /// The path or prefix, and how it is checked.
+    pub path: Option<(String, PathCheck)>,
+}
+
+impl OnSecret {
+    fn call(&self, service: &Service, peer: &PeerInfo, input_bytes: usize) -> Call {
+        let c = call(service, peer, self.op, input_bytes);
+        match &self.path {
+            Some((path, check)) => c.secret(path, *check),
+            None => c,
+        }
+    }
+}
+
+/// Runs `f` on the secrets engine as a call of `on` by the caller of `peer`: access rule,
+/// grant on the path, audit record before the answer, log line. The answer (a refusal with
+/// the status `status` gives its kind: each mount maps kinds its own way) and its request
+/// id.
+pub(crate) async fn secret(
+    service: &Service,
+    peer: &PeerInfo,
+    input_bytes: usize,
+    on: OnSecret,
+    status: fn(&Refusal) -> StatusCode,
+    f: impl FnOnce(&Secrets, &Call) -> Result<Served<Reply>, SecretsError> + Send + 'static,
+) -> (Result<Reply, Refused>, String) {
+    let c = on.call(service, peer, input_bytes);
+    let answer = crate::service::with_secrets(service, c, f).await;
+    (
+        answer.result.map_err(|r| refused_with(r, status)),
+        answer.request_id,
+    )
+}
+
+/// Records a request on a secret that the front refused before its call (parameters it
+/// cannot read or kms does not offer), as [`record_refusal`] records a keyed one: through
+/// the secrets engine, so that the access rule and the grant on the path come first.
+pub(crate) async fn record_secret_refusal(
+    service: &Service,
+    peer: &PeerInfo,
+    on: OnSecret,
+    input_bytes: usize,
+) -> Result<(), Refused> {
+    let c = on.call(service, peer, input_bytes);
+    let answer =
+        crate::service::with_secrets(service, c, |_, _| -> Result<Served<Reply>, SecretsError> {
+            Err(SecretsError::BadRequest(FRONT_REFUSED.to_owned()))
+        })
+        .await;
+    match answer.result {
+        Err(r) => pre_call_refusal(r),
+        Ok(_) => Ok(()),
+    }
 }
 
 /// Runs `f` as a call of `op` that touches no key (random bytes, a hash, a session token):

@@ -39,7 +39,7 @@ fn key_data(k: &Keyring, meta: &KeyMeta) -> Value {
             json!({
                 "name": vault::version_key_name(algorithm),
                 "public_key": public_key,
-                "creation_time": rfc3339(v.created_at),
+                "creation_time": vault::rfc3339(v.created_at.saturating_mul(1000), false),
             })
         } else {
             json!(v.created_at)
@@ -91,28 +91,6 @@ fn public_key_text(algorithm: Algorithm, pem: &str) -> String {
                 .and_then(|i| der.get(i..).map(vault::base64))
         })
         .unwrap_or_default()
-}
-
-/// Unix seconds as RFC 3339 (UTC).
-fn rfc3339(secs: u64) -> String {
-    let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 pub(super) async fn list_keys(req: Request<'_>) -> Result<Answer, Refused> {
@@ -343,13 +321,6 @@ pub(super) async fn delete_key(req: Request<'_>, name: &str) -> Result<Answer, R
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rfc3339_is_utc() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-    }
 
     #[test]
     fn ed25519_public_keys_are_the_raw_32_bytes() {

@@ -24,6 +24,7 @@ mod auth;
 mod call;
 pub(crate) mod config;
 mod keys;
+mod kv;
 mod transit;
 mod vault;
 
@@ -219,6 +220,11 @@ async fn handle(
     let (parts, body) = request.into_parts();
     let head = parts.method == Method::HEAD;
     let path_bytes = parts.uri.path().len();
+    let service = if parts.uri.path().starts_with("/v1/secret/") {
+        "kms.v1.Secrets"
+    } else {
+        "kms.v1.KeyManagement"
+    };
     let mut answer = route(&front, &peer, &parts, body).await;
     // What the front refused itself, before any call, is recorded and counted as the gRPC
     // gate records and counts a call no handler answered; a certificate holder's refusal
@@ -242,7 +248,7 @@ async fn handle(
         Ok((Answer::Health { outcome, .. }, _)) => outcome,
         _ => code_label(status),
     };
-    crate::metrics::metrics().request("kms.v1.KeyManagement", op, label, started.elapsed());
+    crate::metrics::metrics().request(service, op, label, started.elapsed());
     let mut response = match answer {
         Ok((a, _)) => respond(a),
         Err((r, _)) => refusal(&r),
@@ -269,6 +275,7 @@ fn code_label(status: StatusCode) -> &'static str {
         404 => "NOT_FOUND",
         405 => "UNIMPLEMENTED",
         413 => "OUT_OF_RANGE",
+        415 => "INVALID_ARGUMENT",
         429 => "RESOURCE_EXHAUSTED",
         503 => "UNAVAILABLE",
         504 => "DEADLINE_EXCEEDED",
@@ -453,6 +460,12 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
                 };
                 return Err((refused, op.name()));
             }
+            if let ["secret", path @ ..] = segments.as_slice()
+                && let Ok((kv, path)) = kv::route(&method, path, list)
+            {
+                let r = secret_refusal(front, peer, kv.on(&path), size, refused).await;
+                return Err((r, kv.op().name()));
+            }
             return Err((refused, "unknown"));
         }
     };
@@ -510,7 +523,50 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
                 }
             }
         }
+        ["secret", path @ ..] => {
+            let (kv, path) = match kv::route(&method, path, list) {
+                Ok(routed) => routed,
+                Err(r) => return Err((r, "unknown")),
+            };
+            let name = kv.op().name();
+            let on = kv.on(&path);
+            let request = kv::Request {
+                front,
+                peer,
+                size,
+                params,
+                query: parts.uri.query(),
+                headers: &parts.headers,
+            };
+            match kv::serve(request, kv, path).await {
+                Ok(a) => Ok((a, name)),
+                Err(r) => Err((secret_refusal(front, peer, on, size, r).await, name)),
+            }
+        }
         _ => Err((not_found(), "unknown")),
+    }
+}
+
+/// A request on a secret refused before its call (its parameters): recorded as a call of
+/// its operation on its path, the access rule and the grant first (a caller without the
+/// grant gets 403 whatever its parameters), and counted as a refusal of the front.
+async fn secret_refusal(
+    front: &Front,
+    peer: &PeerInfo,
+    on: call::OnSecret,
+    size: usize,
+    refused: Refused,
+) -> Refused {
+    if refused.recorded {
+        return refused;
+    }
+    if let Err(first) = call::record_secret_refusal(&front.service, peer, on, size).await {
+        return first;
+    }
+    front.probes.refused_by_front(peer);
+    Refused {
+        recorded: true,
+        ..refused
     }
 }
 

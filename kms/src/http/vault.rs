@@ -158,6 +158,18 @@ impl Params {
         }
     }
 
+    /// Whether the parameter is given as `null` (a JSON merge patch's "reset").
+    pub(crate) fn is_null(&self, name: &str) -> bool {
+        matches!(self.map.get(name), Some(Value::Null))
+    }
+
+    /// A parameter as sent, taken out of the parameters: `Some(Value::Null)` for an
+    /// explicit `null` (which a JSON merge patch reads as "remove").
+    pub(crate) fn take(&mut self, name: &'static str) -> Option<Value> {
+        self.read.insert(name);
+        self.map.remove(name)
+    }
+
     /// Refuses a parameter that asks for what kms does not offer, unless it is absent or
     /// says no (`false`, `0`, `""`): Vault would honour it, so it is never ignored.
     pub(crate) fn refuse(&mut self, name: &'static str, why: &str) -> Result<(), BadRequest> {
@@ -229,7 +241,7 @@ impl Params {
 }
 
 /// A Go-style duration of hours, minutes and seconds, in seconds.
-fn parse_duration(s: &str) -> Option<u64> {
+pub(crate) fn parse_duration(s: &str) -> Option<u64> {
     if let Ok(n) = s.parse::<u64>() {
         return Some(n);
     }
@@ -251,6 +263,48 @@ fn parse_duration(s: &str) -> Option<u64> {
         digits.clear();
     }
     digits.is_empty().then_some(total)
+}
+
+/// Seconds as Go prints a `time.Duration` (what Vault answers for `delete_version_after`):
+/// `0s`, `59s`, `1m0s`, `1h0m0s`, `3h25m19s`.
+pub(crate) fn go_duration(secs: u64) -> String {
+    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    if h > 0 {
+        format!("{h}h{m}m{s}s")
+    } else if m > 0 {
+        format!("{m}m{s}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// Unix milliseconds as RFC 3339 in UTC, as Vault prints its times: with the milliseconds
+/// (`2026-12-07T03:22:26.123Z`) when `millis`, else to the second.
+pub(crate) fn rfc3339(ms: u64, millis: bool) -> String {
+    let secs = ms / 1000;
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let fraction = if millis {
+        format!(".{:03}", ms % 1000)
+    } else {
+        String::new()
+    };
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}{fraction}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Standard base64, padded (Vault's `base64.StdEncoding`); whitespace is not allowed.
@@ -490,6 +544,27 @@ mod tests {
                 .seconds("p")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn times_and_durations_print_as_vaults() {
+        assert_eq!(rfc3339(0, false), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000_000, false), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(951_782_400_000, false), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_796_613_746_123, true), "2026-12-07T03:22:26.123Z");
+        assert_eq!(rfc3339(1_796_613_746_007, true), "2026-12-07T03:22:26.007Z");
+        assert_eq!(rfc3339(1_796_613_746_999, false), "2026-12-07T03:22:26Z");
+        for (secs, go) in [
+            (0, "0s"),
+            (59, "59s"),
+            (60, "1m0s"),
+            (3600, "1h0m0s"),
+            (12_319, "3h25m19s"),
+            (86_400, "24h0m0s"),
+        ] {
+            assert_eq!(go_duration(secs), go);
+            assert_eq!(parse_duration(go), Some(secs), "{go}");
+        }
     }
 
     #[test]

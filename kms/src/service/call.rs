@@ -482,10 +482,6 @@ impl<R> Served<R> {
 
     /// The answer carries a refusal with a body of its own (Vault's 404 for a deleted
     /// version, with its metadata): its record's outcome is `kind`, not `OK`.
-    #[allow(
-        dead_code,
-        reason = "the HTTPS front's KV paths answer a deleted version so"
-    )]
     pub(crate) fn refused_as(mut self, kind: super::ErrorKind) -> Self {
         self.outcome = Some(kind);
         self
