@@ -162,10 +162,6 @@ pub(crate) struct Written {
     /// What the metadata says of it.
     pub info: Version,
     /// The secret's custom metadata.
-    #[allow(
-        dead_code,
-        reason = "Vault's answer to a write carries it (the HTTPS front)"
-    )]
     pub custom: BTreeMap<String, String>,
 }
 

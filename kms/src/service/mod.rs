@@ -52,10 +52,6 @@ pub(crate) enum Front {
     /// Our gRPC API (`kms.v1.*`).
     Grpc,
     /// The Vault-compatible HTTPS API.
-    #[allow(
-        dead_code,
-        reason = "the HTTP front, under way, makes its calls with it"
-    )]
     Http,
 }
 
