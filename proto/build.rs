@@ -30,6 +30,7 @@ const REDACTED: &[&str] = &[
     "kms.v1.PutSecretRequest",
     "kms.v1.GetSecretResponse",
     "kms.v1.PatchSecretRequest",
+    "kms.v1.GetSecretSubkeysResponse",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -83,12 +83,21 @@ pub mod v1 {
         }
     }
 
+    impl core::fmt::Debug for GetSecretSubkeysResponse {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            f.debug_struct("GetSecretSubkeysResponse")
+                .field("names", &RedactedValues(self.names.len()))
+                .field("version", &self.version)
+                .finish()
+        }
+    }
+
     impl core::fmt::Debug for PatchSecretRequest {
         fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
             f.debug_struct("PatchSecretRequest")
                 .field("path", &self.path)
                 .field("set", &RedactedValues(self.set.len()))
-                .field("remove", &self.remove)
+                .field("remove", &RedactedValues(self.remove.len()))
                 .field("cas", &self.cas)
                 .finish()
         }

@@ -135,9 +135,12 @@ pub struct SecretSummary {
     /// The path (a prefix for a listing, a path pattern for a grant; empty for the
     /// engine's configuration).
     pub path: String,
-    /// The versions read, written, deleted, undeleted, destroyed or dropped.
+    /// The versions read, written, deleted, undeleted or destroyed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub versions: Vec<u64>,
+    /// The versions dropped past `max_versions` by the change (their values removed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<u64>,
 }
 
 /// What a custodians' ceremony call concerned, in its record: share sets, share indexes and

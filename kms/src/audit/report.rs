@@ -819,6 +819,7 @@ mod tests {
             secret: Some(crate::audit::SecretSummary {
                 path: path.into(),
                 versions: vec![v],
+                dropped: Vec::new(),
             }),
             ..AuditEvent::default()
         };

@@ -35,6 +35,26 @@ pub(crate) fn check_pattern(p: &str) -> Result<(), SecretsError> {
     path::PathPattern::new(p).map(drop)
 }
 
+/// The answer to a change of versions: the metadata, without the custom metadata unless
+/// the caller may read the secret's metadata (`secret-delete` and `secret-destroy` do not
+/// allow that by themselves).
+fn versions_answer(
+    s: &Secrets,
+    c: &Call,
+    path: &str,
+    m: &crate::secrets::model::Metadata,
+) -> Result<pb::SecretMetadata, SecretsError> {
+    let mut answer = secret_metadata_pb(path, m, now_ms());
+    if !s.permits(
+        &c.identity().principal,
+        path,
+        crate::policy::SecretOperation::SecretReadMetadata,
+    )? {
+        answer.custom_metadata.clear();
+    }
+    Ok(answer)
+}
+
 /// The engine's configuration has no path: its record names none.
 fn no_path(_: &str) -> Result<(), SecretsError> {
     Ok(())
@@ -186,7 +206,7 @@ impl pb::secrets_server::Secrets for SecretsService {
         let r = request.into_inner();
         self.run(call, move |s, c| {
             let m = s.delete(c, &r.path, &r.versions)?;
-            Ok(Served::new(secret_metadata_pb(&r.path, &m, now_ms())))
+            Ok(Served::new(versions_answer(s, c, &r.path, &m)?))
         })
         .await
     }
@@ -201,7 +221,7 @@ impl pb::secrets_server::Secrets for SecretsService {
         let r = request.into_inner();
         self.run(call, move |s, c| {
             let m = s.undelete(c, &r.path, &r.versions)?;
-            Ok(Served::new(secret_metadata_pb(&r.path, &m, now_ms())))
+            Ok(Served::new(versions_answer(s, c, &r.path, &m)?))
         })
         .await
     }
@@ -216,7 +236,7 @@ impl pb::secrets_server::Secrets for SecretsService {
         let r = request.into_inner();
         self.run(call, move |s, c| {
             let m = s.destroy(c, &r.path, &r.versions)?;
-            Ok(Served::new(secret_metadata_pb(&r.path, &m, now_ms())))
+            Ok(Served::new(versions_answer(s, c, &r.path, &m)?))
         })
         .await
     }

@@ -127,12 +127,13 @@ impl Secrets {
             Committed {
                 path: grant.path.as_str(),
                 versions: &[],
+                dropped: &[],
                 grant: Some(&grant),
             },
             vec![write, self.announcement()?],
             Vec::new(),
         )?;
-        self.reload()?;
+        self.reload_after_commit();
         Ok(grant)
     }
 
@@ -160,6 +161,7 @@ impl Secrets {
             Committed {
                 path: grant.path.as_str(),
                 versions: &[],
+                dropped: &[],
                 grant: Some(&grant),
             },
             vec![announce],
@@ -169,7 +171,7 @@ impl Secrets {
                 to: id.to_owned(),
             }],
         )?;
-        self.reload()?;
+        self.reload_after_commit();
         Ok(grant)
     }
 

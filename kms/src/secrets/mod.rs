@@ -78,6 +78,8 @@ pub(crate) struct Committed<'a> {
     pub path: &'a str,
     /// The versions written, deleted, undeleted or destroyed.
     pub versions: &'a [u64],
+    /// The versions dropped past `max_versions` (their values removed with the change).
+    pub dropped: &'a [u64],
     /// The grant made or revoked.
     pub grant: Option<&'a SecretGrant>,
 }
@@ -127,6 +129,9 @@ pub(crate) struct Secrets {
     /// Another server changed the grants or the configuration: read them again before
     /// the next decision.
     stale: AtomicBool,
+    /// Serialises reloads, so that a copy read before a change is never installed after
+    /// one read after it.
+    reloading: Mutex<()>,
 }
 
 /// A version read: its number, what the metadata says of it, the secret's custom metadata,
@@ -229,6 +234,7 @@ impl Secrets {
                 config_record: None,
             })),
             stale: AtomicBool::new(false),
+            reloading: Mutex::new(()),
         };
         engine.reload()?;
         Ok(engine)
@@ -236,8 +242,27 @@ impl Secrets {
 
     /// Reads the grants and the configuration again.
     fn reload(&self) -> Result<Arc<Kept>, SecretsError> {
-        // Cleared first: a change heard while reading marks it stale again.
+        let _one = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        // Cleared first: a change heard while reading marks it stale again; a read that
+        // fails leaves it stale, so the next decision reads again.
         self.stale.store(false, Ordering::SeqCst);
+        let read = self.read_kept();
+        if read.is_err() {
+            self.stale.store(true, Ordering::SeqCst);
+        }
+        read
+    }
+
+    /// After a change of the grants or the settings committed: read them again, or leave
+    /// them stale for the next decision (the change is made; its caller is not told of a
+    /// failure to read it back).
+    fn reload_after_commit(&self) {
+        if let Err(e) = self.reload() {
+            tracing::warn!(error = %crate::error_chain(&e), "secrets engine: grants and settings not read again yet; the next decision reads them");
+        }
+    }
+
+    fn read_kept(&self) -> Result<Arc<Kept>, SecretsError> {
         // The configuration's record before the grants: a change of the grants committed
         // between the two reads leaves the record kept older than the store's, and the
         // next decision reads them again.
@@ -354,16 +379,39 @@ impl Secrets {
         path::check(path)?;
         let meta = self.metadata(path)?.ok_or(SecretsError::NotFound)?;
         let (version, info) = pick(&meta, version)?;
-        let values = match info.state(now_ms()) {
-            State::Live => Some(self.values(path, version)?),
-            State::Deleted | State::Destroyed => None,
-        };
-        Ok(Read {
-            version,
-            info,
-            custom: meta.custom,
-            values,
-        })
+        if info.state(now_ms()) != State::Live {
+            return Ok(Read {
+                version,
+                info,
+                custom: meta.custom,
+                values: None,
+            });
+        }
+        match self.values(path, version) {
+            Ok(values) => Ok(Read {
+                version,
+                info,
+                custom: meta.custom,
+                values: Some(values),
+            }),
+            // Reads take no lock: a change may have dropped, destroyed or deleted the
+            // version between the two reads. Only values missing for a version the
+            // metadata still lists as live are the store's fault.
+            Err(SecretsError::Tampered(what)) => {
+                let now = self.metadata(path)?.ok_or(SecretsError::NotFound)?;
+                match now.versions.get(&version) {
+                    None => Err(SecretsError::VersionNotFound(version)),
+                    Some(v) if v.state(now_ms()) != State::Live => Ok(Read {
+                        version,
+                        info: *v,
+                        custom: now.custom,
+                        values: None,
+                    }),
+                    Some(_) => Err(SecretsError::Tampered(what)),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The values of a version the metadata lists as live.
@@ -474,7 +522,19 @@ impl Secrets {
         meta.versions.insert(version, info);
         let keep = config.max_versions(&meta);
         let removals = prune(path, &mut meta, keep);
+        let dropped: Vec<u64> = removals
+            .iter()
+            .filter_map(|r| version_of(&r.from))
+            .collect();
         let key = path::value_key(path, version);
+        // A new version's values are never stored yet: values there mean the metadata was
+        // rolled back (an older record put back), and writing would destroy a newer
+        // version's values.
+        if self.store.get(VALUES, &key)?.is_some() {
+            return Err(SecretsError::Tampered(format!(
+                "values are stored for {path} version {version}, which its metadata says was never written"
+            )));
+        }
         let writes = vec![
             self.metadata_write(path, &meta)?,
             Write {
@@ -487,6 +547,7 @@ impl Secrets {
             Committed {
                 path,
                 versions: &[version],
+                dropped: &dropped,
                 grant: None,
             },
             writes,
@@ -608,6 +669,7 @@ impl Secrets {
             Committed {
                 path,
                 versions: &chosen,
+                dropped: &[],
                 grant: None,
             },
             writes,
@@ -685,7 +747,8 @@ impl Secrets {
         journal.commit(
             Committed {
                 path,
-                versions: &versions,
+                versions: &[],
+                dropped: &versions,
                 grant: None,
             },
             writes,
@@ -717,6 +780,7 @@ impl Secrets {
             Committed {
                 path,
                 versions: &versions,
+                dropped: &[],
                 grant: None,
             },
             Vec::new(),
@@ -782,12 +846,13 @@ impl Secrets {
             Committed {
                 path: "",
                 versions: &[],
+                dropped: &[],
                 grant: None,
             },
             vec![write],
             Vec::new(),
         )?;
-        self.reload()?;
+        self.reload_after_commit();
         Ok(config)
     }
 }

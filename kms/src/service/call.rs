@@ -250,6 +250,7 @@ impl Call {
         self.event.secret = Some(crate::audit::SecretSummary {
             path: recorded,
             versions: Vec::new(),
+            dropped: Vec::new(),
         });
         self
     }
@@ -389,6 +390,7 @@ impl crate::secrets::Journal for Call {
             secret: Some(crate::audit::SecretSummary {
                 path: what.path.to_owned(),
                 versions: what.versions.to_vec(),
+                dropped: what.dropped.to_vec(),
             }),
             grant: what.grant.map(|g| GrantSummary {
                 id: g.id.clone(),
