@@ -831,8 +831,11 @@ fn on_a_shared_store_a_grant_change_is_in_force_on_every_server_before_it_is_hea
     ));
 }
 
+/// What a commit said: the path, the versions, the versions dropped.
+type Said = (String, Vec<u64>, Vec<u64>);
+
 /// A journal that keeps what each commit said, and commits.
-struct Recording(Direct, std::sync::Mutex<Vec<(String, Vec<u64>, Vec<u64>)>>);
+struct Recording(Direct, std::sync::Mutex<Vec<Said>>);
 
 impl Journal for Recording {
     fn commit(
