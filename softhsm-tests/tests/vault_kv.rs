@@ -220,10 +220,12 @@ async fn vault_kv_clients_work_unchanged_against_the_secret_mount() {
     assert_eq!(of(admin, "DestroySecretVersions", "app/db", "OK"), [[3]]);
     // Lowering max_versions dropped version 1: the record says so.
     assert!(
-        events.iter().any(|e| e["operation"] == "UpdateSecretMetadata"
-            && e["outcome"] == "OK"
-            && e["secret"]["path"] == "app/db"
-            && e["secret"]["dropped"] == serde_json::json!([1])),
+        events
+            .iter()
+            .any(|e| e["operation"] == "UpdateSecretMetadata"
+                && e["outcome"] == "OK"
+                && e["secret"]["path"] == "app/db"
+                && e["secret"]["dropped"] == serde_json::json!([1])),
         "{events:?}"
     );
     assert_eq!(of(admin, "DeleteSecret", "app/api", "OK").len(), 1);
