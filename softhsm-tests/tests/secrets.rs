@@ -581,6 +581,45 @@ async fn grants_deny_by_default_and_bad_input_changes_nothing() {
     let m = metadata(&server, "payments/x");
     assert_eq!(m["current_version"], 1);
     assert_eq!(m["versions"][0]["deleted"], false);
+    // secret-write on the path: a new version, and a max_versions that keeps both; one that
+    // would drop a version needs secret-destroy too, and changes nothing without it.
+    ok(server.kms(
+        &[
+            "secret",
+            "grant",
+            "create",
+            "payments/x",
+            &app.principal,
+            "--operations",
+            "secret-write",
+        ],
+        "",
+    ));
+    ok(as_app(&["secret", "put", "payments/x", "k=second"]));
+    ok(as_app(&[
+        "secret",
+        "metadata",
+        "put",
+        "payments/x",
+        "--max-versions",
+        "2",
+    ]));
+    refused(
+        &as_app(&[
+            "secret",
+            "metadata",
+            "put",
+            "payments/x",
+            "--max-versions",
+            "1",
+        ]),
+        "PERMISSION_DENIED",
+        "secret-destroy",
+    );
+    let m = metadata(&server, "payments/x");
+    assert_eq!(m["current_version"], 2);
+    assert_eq!(m["max_versions"], 2);
+    assert_eq!(m["versions"].as_array().unwrap().len(), 2);
     // The grant list filters by pattern and grantee.
     let by_path = ok(server.kms(
         &["secret", "grant", "list", "--path", "payments/*", "--json"],

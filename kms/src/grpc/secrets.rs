@@ -271,6 +271,11 @@ impl pb::secrets_server::Secrets for SecretsService {
                 delete_version_after: r.delete_version_after_seconds,
                 custom: r.custom_metadata.map(|c| c.entries),
                 custom_patch: None,
+                may_drop: s.permits(
+                    &c.identity().principal,
+                    &r.path,
+                    crate::policy::SecretOperation::SecretDestroy,
+                )?,
             };
             let m = s.update_metadata(c, &r.path, update, true)?;
             Ok(Served::new(secret_metadata_pb(&r.path, &m, now_ms())))

@@ -656,6 +656,7 @@ async fn write_metadata(mut req: Request<'_>, kv: Kv, path: String) -> Result<An
         },
         custom: None,
         custom_patch: None,
+        may_drop: false,
     };
     match p.take("custom_metadata") {
         None => {}
@@ -677,6 +678,14 @@ async fn write_metadata(mut req: Request<'_>, kv: Kv, path: String) -> Result<An
         }
     }
     run(&req, kv, &path.clone(), move |s, c| {
+        let update = MetadataUpdate {
+            may_drop: s.permits(
+                &c.identity().principal,
+                &path,
+                crate::policy::SecretOperation::SecretDestroy,
+            )?,
+            ..update
+        };
         s.update_metadata(c, &path, update, !merge)?;
         Ok(no_content())
     })

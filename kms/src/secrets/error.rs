@@ -55,6 +55,11 @@ pub(crate) enum SecretsError {
         "the current version of this secret is deleted or destroyed, or it has none: a patch needs one to apply to (write the secret instead)"
     )]
     NothingToPatch,
+    /// A metadata change would drop versions, and the caller may not destroy them.
+    #[error(
+        "permission denied: this max_versions drops {0} versions of the secret, which needs a secret-destroy grant on its path too: nothing was changed"
+    )]
+    DropNeedsDestroy(usize),
     /// No such grant.
     #[error("no secret grant {0:?}")]
     GrantNotFound(String),

@@ -192,6 +192,9 @@ pub(crate) struct MetadataUpdate {
     pub custom: Option<BTreeMap<String, String>>,
     /// The custom metadata: merged (`None` removes a name), as a JSON merge patch does.
     pub custom_patch: Option<BTreeMap<String, Option<String>>>,
+    /// The caller may destroy versions of this secret (`secret-destroy`): without it, a
+    /// change that would drop versions (a lower `max_versions`) is refused.
+    pub may_drop: bool,
 }
 
 /// A change of the engine's configuration (`None`: left as it is).
@@ -739,6 +742,9 @@ impl Secrets {
         meta.updated_ms = now;
         let keep = config.max_versions(&meta);
         let removals = prune(path, &mut meta, keep);
+        if !removals.is_empty() && !update.may_drop {
+            return Err(SecretsError::DropNeedsDestroy(removals.len()));
+        }
         let versions: Vec<u64> = removals
             .iter()
             .filter_map(|r| version_of(&r.from))

@@ -265,17 +265,20 @@ fn old_versions_are_dropped_past_max_versions() {
         e.read("m", 1),
         Err(SecretsError::VersionNotFound(1))
     ));
-    // Lowering max_versions drops the extra versions at once.
-    e.update_metadata(
-        &f.journal,
-        "m",
-        MetadataUpdate {
-            max_versions: Some(1),
-            ..MetadataUpdate::default()
-        },
-        false,
-    )
-    .unwrap();
+    // Lowering max_versions drops the extra versions at once, for a caller who may destroy
+    // them; for another, it is refused and changes nothing.
+    let lower = |may_drop| MetadataUpdate {
+        max_versions: Some(1),
+        may_drop,
+        ..MetadataUpdate::default()
+    };
+    assert!(matches!(
+        e.update_metadata(&f.journal, "m", lower(false), false),
+        Err(SecretsError::DropNeedsDestroy(1))
+    ));
+    assert_eq!(e.read_metadata("m").unwrap().versions.len(), 2);
+    e.update_metadata(&f.journal, "m", lower(true), false)
+        .unwrap();
     let meta = e.read_metadata("m").unwrap();
     assert_eq!(
         (meta.current, meta.oldest(), meta.versions.len()),

@@ -319,6 +319,7 @@ fn secrets_kind(e: &SecretsError) -> ErrorKind {
         | SecretsError::VersionDestroyed(_)
         | SecretsError::GrantNotFound(_) => ErrorKind::NotFound,
         SecretsError::Tampered(_) => ErrorKind::DataLoss,
+        SecretsError::DropNeedsDestroy(_) => ErrorKind::PermissionDenied,
         SecretsError::Store(_) | SecretsError::AuditUnavailable | SecretsError::Randomness => {
             ErrorKind::Unavailable
         }
@@ -341,6 +342,7 @@ fn secrets_reason(e: &SecretsError) -> &'static str {
         SecretsError::VersionDestroyed(_) => "VERSION_DESTROYED",
         SecretsError::GrantNotFound(_) => "GRANT_NOT_FOUND",
         SecretsError::Tampered(_) => "STORE_TAMPERED",
+        SecretsError::DropNeedsDestroy(_) => "NO_GRANT",
         SecretsError::Store(_) => "STORE_UNAVAILABLE",
         SecretsError::AuditUnavailable => "AUDIT_UNAVAILABLE",
         SecretsError::Randomness => "RANDOMNESS_UNAVAILABLE",
