@@ -20,21 +20,6 @@ pub(crate) struct SecretsService {
     ctx: Service,
 }
 
-/// A path's check, for [`Call::secret`].
-fn check_path(p: &str) -> Result<(), SecretsError> {
-    path::check(p)
-}
-
-/// A prefix's check (as [`path::prefix`] normalises it).
-pub(crate) fn check_prefix(p: &str) -> Result<(), SecretsError> {
-    path::prefix(p).map(drop)
-}
-
-/// A grant's path pattern's check.
-pub(crate) fn check_pattern(p: &str) -> Result<(), SecretsError> {
-    path::PathPattern::new(p).map(drop)
-}
-
 /// The answer to a change of versions: the metadata, without the custom metadata unless
 /// the caller may read the secret's metadata (`secret-delete` and `secret-destroy` do not
 /// allow that by themselves).
@@ -53,11 +38,6 @@ fn versions_answer(
         answer.custom_metadata.clear();
     }
     Ok(answer)
-}
-
-/// The engine's configuration has no path: its record names none.
-fn no_path(_: &str) -> Result<(), SecretsError> {
-    Ok(())
 }
 
 impl SecretsService {
@@ -87,7 +67,7 @@ impl pb::secrets_server::Secrets for SecretsService {
     ) -> Result<Response<pb::SecretVersion>, Status> {
         let call = self
             .call(&request, Op::PutSecret)
-            .secret(&request.get_ref().path, check_path);
+            .secret(&request.get_ref().path, path::check);
         let r = request.into_inner();
         self.run(call, move |s, c| {
             let pb::PutSecretRequest { path, data, cas } = r;
@@ -104,7 +84,7 @@ impl pb::secrets_server::Secrets for SecretsService {
     ) -> Result<Response<pb::GetSecretResponse>, Status> {
         let call = self
             .call(&request, Op::GetSecret)
-            .secret(&request.get_ref().path, check_path);
+            .secret(&request.get_ref().path, path::check);
         let r = request.into_inner();
         self.run(call, move |s, _| {
             let read = s.read(&r.path, r.version)?;
@@ -127,7 +107,7 @@ impl pb::secrets_server::Secrets for SecretsService {
     ) -> Result<Response<pb::SecretVersion>, Status> {
         let call = self
             .call(&request, Op::PatchSecret)
-            .secret(&request.get_ref().path, check_path);
+            .secret(&request.get_ref().path, path::check);
         let r = request.into_inner();
         self.run(call, move |s, c| {
             let pb::PatchSecretRequest {
@@ -155,11 +135,10 @@ impl pb::secrets_server::Secrets for SecretsService {
         &self,
         request: Request<pb::ListSecretsRequest>,
     ) -> Result<Response<pb::ListSecretsResponse>, Status> {
-        let given = &request.get_ref().prefix;
-        let prefix = path::prefix(given).unwrap_or_else(|_| given.clone());
+        let prefix = path::listed(&request.get_ref().prefix);
         let call = self
             .call(&request, Op::ListSecrets)
-            .secret(&prefix, check_prefix);
+            .secret(&prefix, path::check_prefix);
         let r = request.into_inner();
         self.run(call, move |s, _| {
             let size = match r.page_size {
@@ -181,7 +160,7 @@ impl pb::secrets_server::Secrets for SecretsService {
     ) -> Result<Response<pb::GetSecretSubkeysResponse>, Status> {
         let call = self
             .call(&request, Op::GetSecretSubkeys)
-            .secret(&request.get_ref().path, check_path);
+            .secret(&request.get_ref().path, path::check);
         let r = request.into_inner();
         self.run(call, move |s, _| {
             let read = s.read(&r.path, r.version)?;
@@ -202,7 +181,7 @@ impl pb::secrets_server::Secrets for SecretsService {
     ) -> Result<Response<pb::SecretMetadata>, Status> {
         let call = self
             .call(&request, Op::DeleteSecretVersions)
-            .secret(&request.get_ref().path, check_path);
+            .secret(&request.get_ref().path, path::check);
         let r = request.into_inner();
         self.run(call, move |s, c| {
             let m = s.delete(c, &r.path, &r.versions)?;
@@ -217,7 +196,7 @@ impl pb::secrets_server::Secrets for SecretsService {
     ) -> Result<Response<pb::SecretMetadata>, Status> {
         let call = self
             .call(&request, Op::UndeleteSecretVersions)
-            .secret(&request.get_ref().path, check_path);
+            .secret(&request.get_ref().path, path::check);
         let r = request.into_inner();
         self.run(call, move |s, c| {
             let m = s.undelete(c, &r.path, &r.versions)?;
@@ -232,7 +211,7 @@ impl pb::secrets_server::Secrets for SecretsService {
     ) -> Result<Response<pb::SecretMetadata>, Status> {
         let call = self
             .call(&request, Op::DestroySecretVersions)
-            .secret(&request.get_ref().path, check_path);
+            .secret(&request.get_ref().path, path::check);
         let r = request.into_inner();
         self.run(call, move |s, c| {
             let m = s.destroy(c, &r.path, &r.versions)?;
@@ -247,7 +226,7 @@ impl pb::secrets_server::Secrets for SecretsService {
     ) -> Result<Response<pb::SecretMetadata>, Status> {
         let call = self
             .call(&request, Op::GetSecretMetadata)
-            .secret(&request.get_ref().path, check_path);
+            .secret(&request.get_ref().path, path::check);
         let r = request.into_inner();
         self.run(call, move |s, _| {
             let m = s.read_metadata(&r.path)?;
@@ -262,7 +241,7 @@ impl pb::secrets_server::Secrets for SecretsService {
     ) -> Result<Response<pb::SecretMetadata>, Status> {
         let call = self
             .call(&request, Op::UpdateSecretMetadata)
-            .secret(&request.get_ref().path, check_path);
+            .secret(&request.get_ref().path, path::check);
         let r = request.into_inner();
         self.run(call, move |s, c| {
             let update = MetadataUpdate {
@@ -289,7 +268,7 @@ impl pb::secrets_server::Secrets for SecretsService {
     ) -> Result<Response<pb::DeleteSecretResponse>, Status> {
         let call = self
             .call(&request, Op::DeleteSecret)
-            .secret(&request.get_ref().path, check_path);
+            .secret(&request.get_ref().path, path::check);
         let r = request.into_inner();
         self.run(call, move |s, c| {
             s.delete_all(c, &r.path)?;
@@ -315,7 +294,7 @@ impl pb::secrets_server::Secrets for SecretsService {
     ) -> Result<Response<pb::SecretsConfig>, Status> {
         let call = self
             .call(&request, Op::UpdateSecretsConfig)
-            .secret("", no_path);
+            .secret("", path::no_path);
         let r = request.into_inner();
         self.run(call, move |s, c| {
             let config = s.update_config(
@@ -337,7 +316,7 @@ impl pb::secrets_server::Secrets for SecretsService {
     ) -> Result<Response<pb::SecretGrant>, Status> {
         let call = self
             .call(&request, Op::CreateSecretGrant)
-            .secret(&request.get_ref().path, check_pattern);
+            .secret(&request.get_ref().path, path::check_pattern);
         let r = request.into_inner();
         self.run(call, move |s, c| {
             let operations = r

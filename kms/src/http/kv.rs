@@ -110,8 +110,8 @@ impl Kv {
         let named = |p: String, check: PathCheck| Some((p, check));
         let path = match self {
             Self::ReadConfig => None,
-            Self::WriteConfig => named(String::new(), no_path),
-            Self::List => named(listed(path), check_prefix),
+            Self::WriteConfig => named(String::new(), path::no_path),
+            Self::List => named(path::listed(path), path::check_prefix),
             _ => named(path.to_owned(), path::check),
         };
         OnSecret {
@@ -119,22 +119,6 @@ impl Kv {
             path,
         }
     }
-}
-
-/// The engine's configuration names no path.
-fn no_path(_: &str) -> Result<(), SecretsError> {
-    Ok(())
-}
-
-/// A listing's prefix is checked as [`path::prefix`] normalises it.
-fn check_prefix(p: &str) -> Result<(), SecretsError> {
-    path::prefix(p).map(drop)
-}
-
-/// The prefix a listing of `given` reads (`payments` lists `payments/`); as given when it
-/// is not one (the call refuses it, recorded as a placeholder).
-fn listed(given: &str) -> String {
-    path::prefix(given).unwrap_or_else(|_| given.to_owned())
 }
 
 /// What a request on `secret/` asks (`segments`: its path after `secret/`), and the
@@ -703,7 +687,7 @@ async fn delete_metadata(req: Request<'_>, path: String) -> Result<Answer, Refus
 /// Every name under the prefix (up to [`MAX_LISTED`]), read a page at a time; none is
 /// Vault's 404.
 async fn list(req: Request<'_>, path: String) -> Result<Answer, Refused> {
-    let prefix = listed(&path);
+    let prefix = path::listed(&path);
     run(&req, Kv::List, &path, move |s, _| {
         let mut keys: Vec<String> = Vec::new();
         let mut token = String::new();

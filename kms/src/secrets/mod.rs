@@ -270,16 +270,13 @@ impl Secrets {
         // between the two reads leaves the record kept older than the store's, and the
         // next decision reads them again.
         let config_record = self.store.get(CONFIG, CONFIG_KEY)?;
-        let config = match &config_record {
-            None => Some(EngineConfig::default()),
-            Some(sealed) => match open_json(&self.barrier, model::CONFIG, CONFIG_KEY, sealed) {
-                Ok(c) => Some(c),
-                Err(SecretsError::Tampered(what)) => {
-                    tracing::error!(record = %what, "the secrets engine's configuration is not authentic (the store was altered): writes are refused until it is set again");
-                    None
-                }
-                Err(e) => return Err(e),
-            },
+        let config = match self.open_config(config_record.as_deref()) {
+            Ok(c) => Some(c),
+            Err(SecretsError::Tampered(what)) => {
+                tracing::error!(record = %what, "the secrets engine's configuration is not authentic (the store was altered): writes are refused until it is set again");
+                None
+            }
+            Err(e) => return Err(e),
         };
         let grants = grants::load(&self.barrier, self.store.as_ref())?;
         let kept = Arc::new(Kept {
@@ -311,9 +308,14 @@ impl Secrets {
     }
 
     fn read_config(&self) -> Result<EngineConfig, SecretsError> {
-        match self.store.get(CONFIG, CONFIG_KEY)? {
+        self.open_config(self.store.get(CONFIG, CONFIG_KEY)?.as_deref())
+    }
+
+    /// The configuration a stored record (`None`: absent) holds.
+    fn open_config(&self, record: Option<&[u8]>) -> Result<EngineConfig, SecretsError> {
+        match record {
             None => Ok(EngineConfig::default()),
-            Some(sealed) => open_json(&self.barrier, model::CONFIG, CONFIG_KEY, &sealed),
+            Some(sealed) => open_json(&self.barrier, model::CONFIG, CONFIG_KEY, sealed),
         }
     }
 

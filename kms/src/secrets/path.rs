@@ -69,6 +69,28 @@ pub(crate) fn prefix(given: &str) -> Result<String, SecretsError> {
     Ok(format!("{folder}/"))
 }
 
+/// [`prefix`] as a check, for a call that names a prefix (`service::Call::secret`).
+pub(crate) fn check_prefix(given: &str) -> Result<(), SecretsError> {
+    prefix(given).map(drop)
+}
+
+/// The prefix a listing of `given` reads (`payments` lists `payments/`); as given when it is
+/// not one (the call refuses it, and records a placeholder).
+pub(crate) fn listed(given: &str) -> String {
+    prefix(given).unwrap_or_else(|_| given.to_owned())
+}
+
+/// [`PathPattern::new`] as a check, for a call that names a grant's pattern.
+pub(crate) fn check_pattern(given: &str) -> Result<(), SecretsError> {
+    PathPattern::new(given).map(drop)
+}
+
+/// The check of a call that names no path (the engine's configuration): its record names
+/// none.
+pub(crate) fn no_path(_: &str) -> Result<(), SecretsError> {
+    Ok(())
+}
+
 /// The store key of version `version` of `path`: the path, `@`, the version in 20 digits
 /// (so that keys sort as versions do).
 pub(crate) fn value_key(path: &str, version: u64) -> String {
