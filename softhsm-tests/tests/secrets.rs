@@ -716,6 +716,10 @@ async fn grants_deny_by_default_and_bad_input_changes_nothing() {
         ],
         "",
     ));
+    // Read back whole: a version this big is read on a thread of its own, not the async
+    // worker (kms/src/service/call.rs, `with_secrets`).
+    let back = ok(server.kms(&["secret", "get", "limits/x", "--field", "k"], ""));
+    assert_eq!(back.stdout, "y".repeat(MAX_SECRET_BYTES - 1));
     std::fs::write(&at_limit, "y".repeat(MAX_SECRET_BYTES)).unwrap();
     refused(
         &server.kms(

@@ -843,6 +843,7 @@ mod tests {
             created_ms: 1_796_613_746_123,
             deletion_ms: None,
             destroyed: false,
+            stored_bytes: Some(64),
         };
         let shown = version_json(3, &v, &BTreeMap::new());
         assert_eq!(

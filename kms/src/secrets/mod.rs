@@ -419,6 +419,25 @@ impl Secrets {
         }
     }
 
+    /// Whether a read of `path` costs little enough to run on an async worker rather than
+    /// a thread of its own: on a store of this server's (a read of its cache, no network),
+    /// when every version of the secret is at most `max_bytes` in the store (or the path
+    /// holds none; a path that is not one, or whose metadata does not open, is answered on
+    /// a thread, where the call reports it). Reads nothing but the metadata.
+    pub(crate) fn reads_quickly(&self, path: &str, max_bytes: u64) -> bool {
+        if self.store.shared() || path::check(path).is_err() {
+            return false;
+        }
+        match self.metadata(path) {
+            Ok(Some(meta)) => meta
+                .versions
+                .values()
+                .all(|v| v.destroyed || v.stored_bytes.is_some_and(|b| b <= max_bytes)),
+            Ok(None) => true,
+            Err(_) => false,
+        }
+    }
+
     /// The values of a version the metadata lists as live.
     fn values(&self, path: &str, version: u64) -> Result<Values, SecretsError> {
         let key = path::value_key(path, version);
@@ -515,12 +534,16 @@ impl Secrets {
             .current
             .checked_add(1)
             .ok_or(SecretsError::Internal("version overflow"))?;
+        let key = path::value_key(path, version);
+        let sealed = seal_json(&self.barrier, model::VALUES, &key, &values)?;
+        drop(values);
         let delete_after = config.delete_after(&meta);
         let info = Version {
             created_ms: now,
             deletion_ms: (delete_after > 0)
                 .then(|| now.saturating_add(delete_after.saturating_mul(1000))),
             destroyed: false,
+            stored_bytes: u64::try_from(sealed.len()).ok(),
         };
         meta.current = version;
         meta.updated_ms = now;
@@ -531,7 +554,6 @@ impl Secrets {
             .iter()
             .filter_map(|r| version_of(&r.from))
             .collect();
-        let key = path::value_key(path, version);
         // A new version's values are never stored yet: values there mean the metadata was
         // rolled back (an older record put back), and writing would destroy a newer
         // version's values.
@@ -544,7 +566,7 @@ impl Secrets {
             self.metadata_write(path, &meta)?,
             Write {
                 table: VALUES,
-                value: seal_json(&self.barrier, model::VALUES, &key, &values)?,
+                value: sealed,
                 key,
             },
         ];

@@ -66,6 +66,11 @@ pub(crate) struct Version {
     pub deletion_ms: Option<u64>,
     /// Its values are destroyed (gone from the store).
     pub destroyed: bool,
+    /// The size of its values' record in the store, in bytes (absent in records written
+    /// before it was kept): whether a read of it may run on an async worker
+    /// ([`super::Secrets::reads_quickly`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_bytes: Option<u64>,
 }
 
 /// What a version is at a moment.
@@ -343,6 +348,7 @@ mod tests {
             created_ms: 0,
             deletion_ms: Some(100),
             destroyed: false,
+            stored_bytes: None,
         };
         assert_eq!(v.state(99), State::Live);
         assert_eq!(v.state(100), State::Deleted);

@@ -935,3 +935,61 @@ fn folders_longer_than_a_read_are_skipped_whole() {
         ]
     );
 }
+
+/// A read runs on an async worker only when every version of the secret is small and the
+/// store is this server's own; a record from before sizes were kept, or one that does not
+/// open, is read on a thread.
+#[test]
+fn only_reads_of_small_secrets_on_a_local_store_are_quick() {
+    let f = fixture();
+    const MAX: u64 = 4096;
+    assert!(f.engine.reads_quickly("app/absent", MAX), "nothing to read");
+    assert!(
+        !f.engine.reads_quickly("bad path/", MAX),
+        "a bad path is reported on a thread"
+    );
+    f.engine
+        .write(
+            &f.journal,
+            "app/small",
+            values(&[("k", &"x".repeat(1000))]),
+            None,
+        )
+        .unwrap();
+    assert!(f.engine.reads_quickly("app/small", MAX));
+    // One big version makes every read of the path a thread's, until it is destroyed.
+    f.engine
+        .write(
+            &f.journal,
+            "app/small",
+            values(&[("k", &"x".repeat(5000))]),
+            None,
+        )
+        .unwrap();
+    assert!(!f.engine.reads_quickly("app/small", MAX));
+    f.engine.destroy(&f.journal, "app/small", &[2]).unwrap();
+    assert!(f.engine.reads_quickly("app/small", MAX));
+    // A version written before sizes were kept.
+    let mut meta = f.engine.metadata("app/small").unwrap().unwrap();
+    meta.versions.get_mut(&1).unwrap().stored_bytes = None;
+    f.store
+        .write_all_removing(&[f.engine.metadata_write("app/small", &meta).unwrap()], &[])
+        .unwrap();
+    assert!(!f.engine.reads_quickly("app/small", MAX));
+    // Metadata that does not open.
+    f.store
+        .write_all_removing(
+            &[Write {
+                table: METADATA,
+                key: "app/small".to_owned(),
+                value: vec![1; 64],
+            }],
+            &[],
+        )
+        .unwrap();
+    assert!(!f.engine.reads_quickly("app/small", MAX));
+    // A shared store: always a thread.
+    let shared: Arc<dyn Store> = Arc::new(Shared(Arc::clone(&f.store)));
+    let b = Secrets::open(Arc::clone(&f.barrier), shared, Settings::default()).unwrap();
+    assert!(!b.reads_quickly("app/absent", MAX));
+}

@@ -747,9 +747,15 @@ async fn deliver<R>(call: &Call, settled: Settled<R>) -> Result<R, Refusal> {
     answer
 }
 
-/// Runs `f` on the secrets engine (or fails with sealed / not initialised), on a blocking
-/// thread (it reads the store). A call that needs a grant on secrets is checked here,
-/// before `f`, against the path (or prefix) it names.
+/// Runs `f` on the secrets engine (or fails with sealed / not initialised). A call that
+/// needs a grant on secrets is checked here, before `f`, against the path (or prefix) it
+/// names.
+///
+/// Where it runs: a read of a secret whose versions are small, on a store of this
+/// server's, runs on the async worker, where a hop to a blocking thread and back would
+/// cost more than the read ([`crate::secrets::Secrets::reads_quickly`]; the reads are of
+/// the store's cache); every other call on a blocking thread (it writes, lists many
+/// entries, or waits on a store over the network).
 pub(crate) async fn with_secrets<R: Reply>(
     service: &Service,
     call: Call,
@@ -758,7 +764,18 @@ pub(crate) async fn with_secrets<R: Reply>(
     + 'static,
 ) -> Answer<R> {
     let secrets = service.seal.secrets();
-    run_at(Place::Blocking, call, move |c| {
+    let place = match &secrets {
+        Ok(s)
+            if matches!(
+                call.op,
+                Op::GetSecret | Op::GetSecretSubkeys | Op::GetSecretMetadata
+            ) && s.reads_quickly(call.secret_path(), IN_PROCESS_MAX_INPUT) =>
+        {
+            Place::InProcess
+        }
+        _ => Place::Blocking,
+    };
+    run_at(place, call, move |c| {
         let secrets = secrets?;
         if let Need::Secret(operation) = c.need {
             let path = c.secret_path();
