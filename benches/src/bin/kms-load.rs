@@ -47,7 +47,7 @@ enum Op {
     ListKeys,
     /// `GetSecret` of the secret at `--key` (written once first with one value of
     /// `--payload` bytes, by the caller's certificate: it needs secret-write and
-    /// secret-read).
+    /// secret-read); with `--spread`, of the secrets `--populate-secrets` wrote.
     GetSecret,
     /// `PutSecret` of a new version of one value of `--payload` bytes at `--key`.
     PutSecret,
@@ -134,8 +134,8 @@ struct Args {
     /// The grantee of `--populate`'s grants.
     #[arg(long, default_value = "spiffe://kms.dev/app")]
     grantee: String,
-    /// Write this many secrets `KEY0000000`... (`--key` is the prefix), one value of
-    /// `--payload` bytes each, `--concurrency` at a time, then exit (the caller needs
+    /// Write this many secrets `KEY000000`... (`--key` is the prefix, as `--spread` names
+    /// them), one value of `--payload` bytes each, `--concurrency` at a time, then exit (the caller needs
     /// secret-write on them).
     #[arg(long)]
     populate_secrets: Option<usize>,
@@ -271,7 +271,7 @@ async fn populate_secrets(args: &Args, n: usize) -> Result<(), BoxError> {
                     return Ok::<(), tonic::Status>(());
                 }
                 let put = pb::PutSecretRequest {
-                    path: format!("{prefix}{i:07}"),
+                    path: format!("{prefix}{i:06}"),
                     data: value.clone(),
                     // Made once: a second attempt of a write that landed is refused.
                     cas: Some(0),
@@ -457,7 +457,8 @@ async fn make_input(args: &Args, channel: Option<Channel>) -> Result<Input, BoxE
     // One value of the payload's size (printable: a secret's values are strings).
     let secret: std::collections::BTreeMap<String, String> =
         [("value".to_owned(), "x".repeat(args.payload))].into();
-    if args.op == Op::GetSecret {
+    // Over `--spread`, the secrets are there already (`--populate-secrets`).
+    if args.op == Op::GetSecret && args.spread.is_none() {
         SecretsClient::new(channel.clone())
             .put_secret(pb::PutSecretRequest {
                 path: args.key.clone(),
