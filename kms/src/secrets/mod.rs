@@ -239,8 +239,37 @@ impl Secrets {
             stale: AtomicBool::new(false),
             reloading: Mutex::new(()),
         };
+        engine.ensure_config()?;
         engine.reload()?;
         Ok(engine)
+    }
+
+    /// Writes the default configuration when the store has none and nothing else of the
+    /// engine's: the first open of an engine stores it, so that from then on a missing
+    /// record means the store was altered ([`Secrets::open_config`]) rather than "the
+    /// defaults" (a record removed from the store would otherwise bring back the default
+    /// `max_versions`, and the next writes would drop versions an administrator kept).
+    fn ensure_config(&self) -> Result<(), SecretsError> {
+        if self.store.get(CONFIG, CONFIG_KEY)?.is_some() {
+            return Ok(());
+        }
+        for table in [METADATA, GRANTS] {
+            if !self.store.range(table, "", 1)?.is_empty() {
+                tracing::error!(
+                    "the secrets engine's configuration is missing from a store holding its secrets or grants (the store was altered): writes are refused until it is set again"
+                );
+                return Ok(());
+            }
+        }
+        let sealed = seal_json(
+            &self.barrier,
+            model::CONFIG,
+            CONFIG_KEY,
+            &EngineConfig::default(),
+        )?;
+        // Another server opening the engine at once may store its own first: either does.
+        self.store.insert_new(CONFIG, CONFIG_KEY, &sealed)?;
+        Ok(())
     }
 
     /// Reads the grants and the configuration again.
@@ -311,10 +340,13 @@ impl Secrets {
         self.open_config(self.store.get(CONFIG, CONFIG_KEY)?.as_deref())
     }
 
-    /// The configuration a stored record (`None`: absent) holds.
+    /// The configuration a stored record holds. The first open stored one
+    /// ([`Secrets::ensure_config`]): a missing record was removed from the store.
     fn open_config(&self, record: Option<&[u8]>) -> Result<EngineConfig, SecretsError> {
         match record {
-            None => Ok(EngineConfig::default()),
+            None => Err(SecretsError::Tampered(
+                "secrets/config record config is missing".to_owned(),
+            )),
             Some(sealed) => open_json(&self.barrier, model::CONFIG, CONFIG_KEY, sealed),
         }
     }

@@ -993,3 +993,72 @@ fn only_reads_of_small_secrets_on_a_local_store_are_quick() {
     let b = Secrets::open(Arc::clone(&f.barrier), shared, Settings::default()).unwrap();
     assert!(!b.reads_quickly("app/absent", MAX));
 }
+
+/// The first open stores the configuration; once the engine holds secrets, a configuration
+/// removed from the store is not taken for the defaults (a lower `max_versions` would drop
+/// versions at the next write): writes are refused until an administrator sets it again.
+#[test]
+fn a_configuration_removed_from_the_store_refuses_writes_until_set_again() {
+    let f = fixture();
+    assert!(
+        f.store.get(super::CONFIG, "config").unwrap().is_some(),
+        "stored at the first open"
+    );
+    f.engine
+        .update_config(
+            &f.journal,
+            ConfigUpdate {
+                max_versions: Some(50),
+                ..ConfigUpdate::default()
+            },
+        )
+        .unwrap();
+    for i in 0..12 {
+        f.engine
+            .write(&f.journal, "a", values(&[("k", &i.to_string())]), None)
+            .unwrap();
+    }
+    f.store
+        .write_all_removing(
+            &[],
+            &[Removal {
+                table: super::CONFIG,
+                from: "config".to_owned(),
+                to: "config".to_owned(),
+            }],
+        )
+        .unwrap();
+    let opened = Secrets::open(
+        Arc::clone(&f.barrier),
+        Arc::clone(&f.store),
+        Settings::default(),
+    )
+    .unwrap();
+    assert!(
+        f.store.get(super::CONFIG, "config").unwrap().is_none(),
+        "not written again over secrets"
+    );
+    assert!(matches!(
+        opened.write(&f.journal, "a", values(&[("k", "w")]), None),
+        Err(SecretsError::Tampered(_))
+    ));
+    assert_eq!(
+        opened.read_metadata("a").unwrap().versions.len(),
+        12,
+        "nothing dropped"
+    );
+    assert_eq!(read(&f, "a", 1)["k"], "0");
+    opened
+        .update_config(
+            &f.journal,
+            ConfigUpdate {
+                max_versions: Some(50),
+                ..ConfigUpdate::default()
+            },
+        )
+        .unwrap();
+    opened
+        .write(&f.journal, "a", values(&[("k", "w")]), None)
+        .unwrap();
+    assert_eq!(opened.read_metadata("a").unwrap().versions.len(), 13);
+}
