@@ -596,14 +596,30 @@ async fn grants_deny_by_default_and_bad_input_changes_nothing() {
         "",
     ));
     ok(as_app(&["secret", "put", "payments/x", "k=second"]));
-    ok(as_app(&[
+    // Its answers do not show the custom metadata (secret-read-metadata does).
+    ok(server.kms(
+        &[
+            "secret",
+            "metadata",
+            "put",
+            "payments/x",
+            "--custom",
+            "owner=payments-team",
+        ],
+        "",
+    ));
+    let answer = ok(as_app(&[
         "secret",
         "metadata",
         "put",
         "payments/x",
         "--max-versions",
         "2",
-    ]));
+        "--json",
+    ]))
+    .json();
+    assert_eq!(answer["max_versions"], 2, "{answer}");
+    assert!(!answer.to_string().contains("payments-team"), "{answer}");
     refused(
         &as_app(&[
             "secret",
@@ -969,6 +985,12 @@ async fn the_audit_log_names_paths_and_versions_and_holds_no_value() {
     let app = hsm.pki.client("app", &ClientSpec::spiffe("payments-api"));
     let denied = server.kms_as(Some(&app), &["secret", "get", "audit/db"], "");
     assert_eq!(denied.code, Some(1));
+    let denied = server.kms_as(
+        Some(&app),
+        &["secret", "destroy", "audit/db", "--versions", "2"],
+        "",
+    );
+    assert_eq!(denied.code, Some(1));
 
     let export = hsm.path().join("audit.jsonl");
     ok(server.kms_as(
@@ -1020,12 +1042,9 @@ async fn the_audit_log_names_paths_and_versions_and_holds_no_value() {
         .expect("the refused read is recorded");
     assert_eq!(denied["event"]["outcome"], "PERMISSION_DENIED", "{denied}");
     assert_eq!(denied["event"]["secret"]["path"], "audit/db", "{denied}");
-    assert!(
-        records
-            .iter()
-            .any(|r| r["event"]["operation"] == "GetSecret" && r["event"]["outcome"] == "NOT_FOUND"),
-        "the read of a destroyed version is recorded"
-    );
+    // Calls that fail are recorded with the versions they asked for.
+    find("GetSecret", "NOT_FOUND", &[1]);
+    find("DestroySecretVersions", "PERMISSION_DENIED", &[2]);
     let created = records
         .iter()
         .find(|r| r["event"]["operation"] == "CreateSecretGrant")

@@ -288,6 +288,18 @@ async fn vault_kv_clients_work_unchanged_against_the_secret_mount() {
     // The test would see a value had one been written: the export holds the path.
     assert!(places[0].1.windows(6).any(|w| w == b"app/db"));
 
+    // secret-write alone: answers without the custom metadata.
+    secrets
+        .create_secret_grant(pb::CreateSecretGrantRequest {
+            path: "app/w".into(),
+            principal: app.principal.clone(),
+            operations: vec![pb::SecretOperation::Write as i32],
+        })
+        .await
+        .unwrap();
+    let writeonly = client("writeonly", &cfg);
+    assert_eq!(writeonly["versions"], serde_json::json!([1, 2, 4]));
+
     // Sealed: 503, as Vault's.
     assert_eq!(server.kms(&["operator", "seal"], "").code, Some(0));
     let sealed = client("sealed", &cfg);

@@ -7,7 +7,8 @@ prints one JSON object. Every check is an `assert` (the script exits non-zero, a
 test fails, when one fails); the Rust test also checks the values printed.
 
 Phases: `kv` (every method, as the admin holding a grant on `*`), `nogrant` (a principal
-without a grant: 403 whatever it sends), `sealed` (the server was sealed).
+without a grant: 403 whatever it sends), `writeonly` (a principal with secret-write alone:
+no custom metadata in its answers), `sealed` (the server was sealed).
 """
 
 import json
@@ -246,6 +247,26 @@ elif phase == "nogrant":
     codes["not_json"] = raw("POST", "secret/data/app/db", cert=app, data=b"{not json").status_code
     codes["metadata_patch"] = raw("PATCH", "secret/metadata/app/db", cert=app, headers=MERGE, json={}).status_code
     out["codes"] = codes
+
+elif phase == "writeonly":
+    # The app holds secret-write alone on app/w: its answers do not show the custom
+    # metadata (reading metadata needs secret-read-metadata).
+    kv.update_metadata("app/w", custom_metadata={"owner": "team-w"})
+    writer = hvac.Client(url=url, cert=app, verify=ca).secrets.kv.v2
+    w = writer.create_or_update_secret("app/w", {"k": "v"})["data"]
+    assert w["version"] == 1 and w["custom_metadata"] is None, w
+    # (hvac's `patch` reads the secret first: Vault's own PATCH does not.)
+    r = raw("PATCH", "secret/data/app/w", cert=app, headers=MERGE, json={"data": {"k2": "v2"}})
+    assert r.status_code == 200, r.text
+    p = r.json()["data"]
+    assert p["version"] == 2 and p["custom_metadata"] is None, p
+    r = raw("POST", "secret/data/app/w", cert=app, json={"data": {"k": "v3"}})
+    assert r.status_code == 200 and "team-w" not in r.text, r.text
+    refused(hvac.exceptions.Forbidden, lambda: writer.read_secret_metadata("app/w"))
+    # The admin's answers do.
+    a = kv.create_or_update_secret("app/w", {"k": "v4"})["data"]
+    assert a["custom_metadata"] == {"owner": "team-w"}, a
+    out["versions"] = [w["version"], p["version"], a["version"]]
 
 elif phase == "sealed":
     r = raw("GET", "secret/data/app/db")

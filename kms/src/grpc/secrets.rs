@@ -84,7 +84,8 @@ impl pb::secrets_server::Secrets for SecretsService {
     ) -> Result<Response<pb::GetSecretResponse>, Status> {
         let call = self
             .call(&request, Op::GetSecret)
-            .secret(&request.get_ref().path, path::check);
+            .secret(&request.get_ref().path, path::check)
+            .secret_versions_asked(&[request.get_ref().version]);
         let r = request.into_inner();
         self.run(call, move |s, _| {
             let read = s.read(&r.path, r.version)?;
@@ -181,7 +182,8 @@ impl pb::secrets_server::Secrets for SecretsService {
     ) -> Result<Response<pb::SecretMetadata>, Status> {
         let call = self
             .call(&request, Op::DeleteSecretVersions)
-            .secret(&request.get_ref().path, path::check);
+            .secret(&request.get_ref().path, path::check)
+            .secret_versions_asked(&request.get_ref().versions);
         let r = request.into_inner();
         self.run(call, move |s, c| {
             let m = s.delete(c, &r.path, &r.versions)?;
@@ -196,7 +198,8 @@ impl pb::secrets_server::Secrets for SecretsService {
     ) -> Result<Response<pb::SecretMetadata>, Status> {
         let call = self
             .call(&request, Op::UndeleteSecretVersions)
-            .secret(&request.get_ref().path, path::check);
+            .secret(&request.get_ref().path, path::check)
+            .secret_versions_asked(&request.get_ref().versions);
         let r = request.into_inner();
         self.run(call, move |s, c| {
             let m = s.undelete(c, &r.path, &r.versions)?;
@@ -211,7 +214,8 @@ impl pb::secrets_server::Secrets for SecretsService {
     ) -> Result<Response<pb::SecretMetadata>, Status> {
         let call = self
             .call(&request, Op::DestroySecretVersions)
-            .secret(&request.get_ref().path, path::check);
+            .secret(&request.get_ref().path, path::check)
+            .secret_versions_asked(&request.get_ref().versions);
         let r = request.into_inner();
         self.run(call, move |s, c| {
             let m = s.destroy(c, &r.path, &r.versions)?;
@@ -257,7 +261,7 @@ impl pb::secrets_server::Secrets for SecretsService {
                 )?,
             };
             let m = s.update_metadata(c, &r.path, update, true)?;
-            Ok(Served::new(secret_metadata_pb(&r.path, &m, now_ms())))
+            Ok(Served::new(versions_answer(s, c, &r.path, &m)?))
         })
         .await
     }

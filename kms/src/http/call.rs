@@ -230,13 +230,15 @@ pub(crate) struct OnSecret {
     pub op: Op,
     /// The path or prefix, and how it is checked.
     pub path: Option<(String, PathCheck)>,
+    /// The versions the call asks for, recorded whatever its outcome.
+    pub versions: Vec<u64>,
 }
 
 impl OnSecret {
     fn call(&self, service: &Service, peer: &PeerInfo, input_bytes: usize) -> Call {
         let c = call(service, peer, self.op, input_bytes);
         match &self.path {
-            Some((path, check)) => c.secret(path, *check),
+            Some((path, check)) => c.secret(path, *check).secret_versions_asked(&self.versions),
             None => c,
         }
     }

@@ -117,6 +117,7 @@ impl Kv {
         OnSecret {
             op: self.op(),
             path,
+            versions: Vec::new(),
         }
     }
 }
@@ -253,15 +254,23 @@ async fn run(
     path: &str,
     f: impl FnOnce(&Secrets, &Call) -> Result<Served<Reply>, SecretsError> + Send + 'static,
 ) -> Result<Answer, Refused> {
-    let (result, request_id) = secret(
-        &req.front.service,
-        req.peer,
-        req.size,
-        kv.on(path),
-        status_of,
-        f,
-    )
-    .await;
+    run_asking(req, kv, path, Vec::new(), f).await
+}
+
+/// [`run`], recording the versions the call asks for whatever its outcome.
+async fn run_asking(
+    req: &Request<'_>,
+    kv: Kv,
+    path: &str,
+    versions: Vec<u64>,
+    f: impl FnOnce(&Secrets, &Call) -> Result<Served<Reply>, SecretsError> + Send + 'static,
+) -> Result<Answer, Refused> {
+    let on = OnSecret {
+        versions,
+        ..kv.on(path)
+    };
+    let (result, request_id) =
+        secret(&req.front.service, req.peer, req.size, on, status_of, f).await;
     let mut reply = result.map_err(not_found_is_empty)?;
     if let Some(w) = req.params.unread() {
         reply.warnings.push(w);
@@ -547,7 +556,7 @@ async fn write_config(mut req: Request<'_>) -> Result<Answer, Refused> {
 
 async fn read(req: Request<'_>, path: String) -> Result<Answer, Refused> {
     let version = query_u64(req.query, "version")?.unwrap_or(0);
-    run(&req, Kv::Read, &path.clone(), move |s, _| {
+    run_asking(&req, Kv::Read, &path.clone(), vec![version], move |s, _| {
         let read = s.read(&path, version)?;
         let metadata = version_json(read.version, &read.info, &read.custom);
         let reply = reply_of(&VersionRead {
@@ -564,8 +573,9 @@ async fn write(mut req: Request<'_>, path: String) -> Result<Answer, Refused> {
     let cas = cas_of(&mut req.params)?;
     run(&req, Kv::Write, &path.clone(), move |s, c| {
         let w = s.write(c, &path, values, cas)?;
+        let custom = custom_shown(s, c, &path, w.custom)?;
         Ok(
-            Served::new(Reply::ok(&version_json(w.version, &w.info, &w.custom)))
+            Served::new(Reply::ok(&version_json(w.version, &w.info, &custom)))
                 .secret_versions(vec![w.version]),
         )
     })
@@ -578,12 +588,29 @@ async fn patch(mut req: Request<'_>, path: String) -> Result<Answer, Refused> {
     let cas = cas_of(&mut req.params)?;
     run(&req, Kv::Patch, &path.clone(), move |s, c| {
         let w = s.patch(c, &path, patch, cas)?;
+        let custom = custom_shown(s, c, &path, w.custom)?;
         Ok(
-            Served::new(Reply::ok(&version_json(w.version, &w.info, &w.custom)))
+            Served::new(Reply::ok(&version_json(w.version, &w.info, &custom)))
                 .secret_versions(vec![w.version]),
         )
     })
     .await
+}
+
+/// The custom metadata a write's answer shows: none unless the caller may read the
+/// secret's metadata (`secret-write` alone does not allow that).
+fn custom_shown(
+    s: &Secrets,
+    c: &Call,
+    path: &str,
+    custom: BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, SecretsError> {
+    let may = s.permits(
+        &c.identity().principal,
+        path,
+        crate::policy::SecretOperation::SecretReadMetadata,
+    )?;
+    Ok(if may { custom } else { BTreeMap::new() })
 }
 
 /// `DELETE data/:path` (the latest version), `delete/`, `undelete/`, `destroy/`: 204.
@@ -592,7 +619,7 @@ async fn versions(mut req: Request<'_>, kv: Kv, path: String) -> Result<Answer, 
         Kv::DeleteLatest => Vec::new(),
         _ => versions_of(&mut req.params)?,
     };
-    run(&req, kv, &path.clone(), move |s, c| {
+    run_asking(&req, kv, &path.clone(), versions.clone(), move |s, c| {
         match kv {
             Kv::Undelete => s.undelete(c, &path, &versions)?,
             Kv::Destroy => s.destroy(c, &path, &versions)?,

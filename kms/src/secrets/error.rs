@@ -25,6 +25,21 @@ pub(crate) enum SecretsError {
         /// The limit.
         max: usize,
     },
+    /// A patch would make a version larger than `[secrets] max_secret_bytes` (its size is
+    /// not told: it would tell a caller who may not read the secret the size of its values).
+    #[error(
+        "the patched version would be more than the {max} bytes allowed ([secrets] max_secret_bytes): nothing was written"
+    )]
+    PatchTooLarge {
+        /// The limit.
+        max: usize,
+    },
+    /// The engine's settings are missing from the store or do not open, and a change of
+    /// them did not give every one (the defaults are not taken for what was lost).
+    #[error(
+        "the secrets engine's settings are missing from the store or damaged: set max_versions, cas_required and delete_version_after, all three at once"
+    )]
+    SettingsLost,
     /// The secret or the engine requires check-and-set, and the write gave none.
     #[error(
         "check-and-set parameter required for this call (cas_required is set on this secret or on the engine): nothing was written"

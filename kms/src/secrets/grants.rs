@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::path::PathPattern;
 use super::{
-    CONFIG, CONFIG_KEY, Committed, GRANTS, Journal, Secrets, SecretsError, model, now_ms,
+    ANNOUNCE_KEY, CONFIG, Committed, GRANTS, Journal, Secrets, SecretsError, model, now_ms,
     open_json, seal_json,
 };
 use crate::barrier::Barrier;
@@ -175,16 +175,19 @@ impl Secrets {
         Ok(grant)
     }
 
-    /// The configuration's record, unchanged, sealed again: written with every change of
-    /// the grants, so that the other servers sharing the store hear of it (a removal is
-    /// not announced) and see at their next decision that the grants changed
-    /// ([`Secrets::kept`]).
+    /// The grants' announcement: random bytes under [`ANNOUNCE_KEY`], written with every
+    /// change of the grants, so that the other servers sharing the store hear of it (a
+    /// removal is not announced) and see at their next decision that the grants changed
+    /// ([`Secrets::kept`]). Nothing is read from it but whether it changed, so it depends
+    /// on nothing else stored: a settings record removed or damaged in the store does not
+    /// keep a grant from being revoked.
     fn announcement(&self) -> Result<Write, SecretsError> {
-        let config = self.read_config()?;
+        let mut changed = [0u8; 16];
+        getrandom::fill(&mut changed).map_err(|_| SecretsError::Randomness)?;
         Ok(Write {
             table: CONFIG,
-            key: CONFIG_KEY.to_owned(),
-            value: seal_json(&self.barrier, model::CONFIG, CONFIG_KEY, &config)?,
+            key: ANNOUNCE_KEY.to_owned(),
+            value: changed.to_vec(),
         })
     }
 

@@ -50,7 +50,13 @@ impl Secrets {
                 })?;
         }
         let mut keys: Vec<String> = Vec::new();
-        let mut start = format!("{prefix}{}", token.trim_end_matches('/'));
+        // After a folder `head/`, the next name is past every entry beneath it and every
+        // sibling before it (`head-x`, `head.x` sort before `head/`): `head0` is where to
+        // read on. After a secret's name, the name itself (skipped below).
+        let mut start = match token.strip_suffix('/') {
+            Some(head) => format!("{prefix}{head}0"),
+            None => format!("{prefix}{token}"),
+        };
         let mut limit = AFTER_SKIP;
         loop {
             let batch = self.store.range(METADATA, &start, limit)?;

@@ -50,6 +50,14 @@ pub(crate) const TABLES: &[Table] = &[CONFIG, GRANTS, METADATA, VALUES];
 
 const CONFIG_KEY: &str = "config";
 
+/// The grants' announcement in [`CONFIG`] (`grants::Secrets::announcement`): after
+/// [`CONFIG_KEY`] in key order, so that one read of the table's first entries returns both.
+const ANNOUNCE_KEY: &str = "grants-changed";
+
+/// How many entries of [`CONFIG`] are read at each decision on a shared store: the two
+/// the engine writes, and room to see one that it does not.
+const CONFIG_ENTRIES: usize = 4;
+
 /// How many locks serialise this server's changes, a path taking the one of its hash.
 pub(crate) const LOCKS: usize = 64;
 
@@ -103,10 +111,11 @@ struct Kept {
     /// `None` when the stored configuration does not open (the store was altered): every
     /// call that needs it is refused until an administrator sets it again.
     config: Option<EngineConfig>,
-    /// The configuration's record as stored when these were read (`None`: absent). Every
-    /// change of the grants writes it too, so on a shared store a record that differs at a
-    /// decision means another server changed them ([`Secrets::kept`]).
-    config_record: Option<Vec<u8>>,
+    /// The entries of [`CONFIG`] as stored when these were read: the configuration's
+    /// record and the grants' announcement, which every change of the grants writes, so on
+    /// a shared store entries that differ at a decision mean another server changed them
+    /// ([`Secrets::kept`]).
+    config_records: Vec<(String, Vec<u8>)>,
 }
 
 impl Kept {
@@ -234,7 +243,7 @@ impl Secrets {
             kept: RwLock::new(Arc::new(Kept {
                 grants: Vec::new(),
                 config: None,
-                config_record: None,
+                config_records: Vec::new(),
             })),
             stale: AtomicBool::new(false),
             reloading: Mutex::new(()),
@@ -295,11 +304,15 @@ impl Secrets {
     }
 
     fn read_kept(&self) -> Result<Arc<Kept>, SecretsError> {
-        // The configuration's record before the grants: a change of the grants committed
-        // between the two reads leaves the record kept older than the store's, and the
+        // The configuration's entries before the grants: a change of the grants committed
+        // between the two reads leaves the entries kept older than the store's, and the
         // next decision reads them again.
-        let config_record = self.store.get(CONFIG, CONFIG_KEY)?;
-        let config = match self.open_config(config_record.as_deref()) {
+        let config_records = self.store.range(CONFIG, "", CONFIG_ENTRIES)?;
+        let config_record = config_records
+            .iter()
+            .find(|(k, _)| k == CONFIG_KEY)
+            .map(|(_, v)| v.as_slice());
+        let config = match self.open_config(config_record) {
             Ok(c) => Some(c),
             Err(SecretsError::Tampered(what)) => {
                 tracing::error!(record = %what, "the secrets engine's configuration is not authentic (the store was altered): writes are refused until it is set again");
@@ -311,7 +324,7 @@ impl Secrets {
         let kept = Arc::new(Kept {
             grants,
             config,
-            config_record,
+            config_records,
         });
         *self.kept.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&kept);
         Ok(kept)
@@ -321,16 +334,18 @@ impl Secrets {
     /// them).
     ///
     /// On a store other servers write, their change may not be heard yet (a notification
-    /// takes milliseconds): every change of the grants or the configuration writes the
-    /// configuration's record, which is read here at each decision, so that a grant revoked
-    /// on one server is refused on every other from its commit on, as a secret written on
-    /// one is read on the others.
+    /// takes milliseconds): every change of the grants or the configuration writes an entry
+    /// of [`CONFIG`] (the grants' announcement, the configuration's record), which are read
+    /// here at each decision in one read, so that a grant revoked on one server is refused
+    /// on every other from its commit on, as a secret written on one is read on the others.
     fn kept(&self) -> Result<Arc<Kept>, SecretsError> {
         if self.stale.load(Ordering::SeqCst) {
             return self.reload();
         }
         let kept = Arc::clone(&self.kept.read().unwrap_or_else(|p| p.into_inner()));
-        if self.store.shared() && self.store.get(CONFIG, CONFIG_KEY)? != kept.config_record {
+        if self.store.shared()
+            && self.store.range(CONFIG, "", CONFIG_ENTRIES)? != kept.config_records
+        {
             return self.reload();
         }
         Ok(kept)
@@ -349,6 +364,11 @@ impl Secrets {
             )),
             Some(sealed) => open_json(&self.barrier, model::CONFIG, CONFIG_KEY, sealed),
         }
+    }
+
+    /// Whether other servers write the engine's store too.
+    pub(crate) fn shared(&self) -> bool {
+        self.store.shared()
     }
 
     /// Whether `principal` may do `operation` on `path` (a path, or a prefix being listed).
@@ -453,19 +473,27 @@ impl Secrets {
 
     /// Whether a read of `path` costs little enough to run on an async worker rather than
     /// a thread of its own: on a store of this server's (a read of its cache, no network),
-    /// when every version of the secret is at most `max_bytes` in the store (or the path
-    /// holds none; a path that is not one, or whose metadata does not open, is answered on
-    /// a thread, where the call reports it). Reads nothing but the metadata.
+    /// when its metadata and every version of the secret are each at most `max_bytes` in
+    /// the store (or the path holds none; a path that is not one, or whose metadata does not
+    /// open, is answered on a thread, where the call reports it). Reads nothing but the
+    /// metadata, and opens it only when it is that small.
     pub(crate) fn reads_quickly(&self, path: &str, max_bytes: u64) -> bool {
         if self.store.shared() || path::check(path).is_err() {
             return false;
         }
-        match self.metadata(path) {
-            Ok(Some(meta)) => meta
+        let sealed = match self.store.get(METADATA, path) {
+            Ok(Some(sealed)) => sealed,
+            Ok(None) => return true,
+            Err(_) => return false,
+        };
+        if u64::try_from(sealed.len()).map_or(true, |n| n > max_bytes) {
+            return false;
+        }
+        match open_json::<Metadata>(&self.barrier, model::METADATA, path, &sealed) {
+            Ok(meta) => meta
                 .versions
                 .values()
                 .all(|v| v.destroyed || v.stored_bytes.is_some_and(|b| b <= max_bytes)),
-            Ok(None) => true,
             Err(_) => false,
         }
     }
@@ -546,7 +574,12 @@ impl Secrets {
                 zeroize::Zeroize::zeroize(&mut old);
             }
         }
-        values.check(self.settings.max_secret_bytes)?;
+        values
+            .check(self.settings.max_secret_bytes)
+            .map_err(|e| match e {
+                SecretsError::TooLarge { max, .. } => SecretsError::PatchTooLarge { max },
+                e => e,
+            })?;
         self.commit_version(journal, path, Some(meta), values, &config, now)
     }
 
@@ -880,12 +913,21 @@ impl Secrets {
             ));
         }
         let _locks = self.lock(None)?;
-        // A configuration that does not open is replaced whole by what the administrator
-        // sets now (from the defaults), never read.
-        let mut config = self.read_config().or_else(|e| match e {
-            SecretsError::Tampered(_) => Ok(EngineConfig::default()),
-            e => Err(e),
-        })?;
+        // A configuration missing from the store or that does not open is replaced whole by
+        // what the administrator sets now, never read; the defaults do not fill what is not
+        // given (a default max_versions lower than the lost one would drop versions).
+        let mut config = match self.read_config() {
+            Ok(c) => c,
+            Err(SecretsError::Tampered(_))
+                if update.max_versions.is_some()
+                    && update.cas_required.is_some()
+                    && update.delete_version_after.is_some() =>
+            {
+                EngineConfig::default()
+            }
+            Err(SecretsError::Tampered(_)) => return Err(SecretsError::SettingsLost),
+            Err(e) => return Err(e),
+        };
         if let Some(m) = update.max_versions {
             config.max_versions = if m == 0 {
                 model::DEFAULT_MAX_VERSIONS

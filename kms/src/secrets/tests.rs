@@ -443,12 +443,24 @@ fn a_configuration_that_does_not_open_refuses_writes_until_set_again() {
         Err(SecretsError::Tampered(_))
     ));
     assert!(opened.config().is_err());
-    let c = opened
-        .update_config(
+    // The defaults do not fill what the administrator does not give.
+    assert!(matches!(
+        opened.update_config(
             &f.journal,
             ConfigUpdate {
                 cas_required: Some(false),
                 ..ConfigUpdate::default()
+            },
+        ),
+        Err(SecretsError::SettingsLost)
+    ));
+    let c = opened
+        .update_config(
+            &f.journal,
+            ConfigUpdate {
+                max_versions: Some(0),
+                cas_required: Some(false),
+                delete_version_after: Some(0),
             },
         )
         .unwrap();
@@ -711,8 +723,17 @@ fn a_grant_revoked_on_one_server_is_refused_on_another() {
 }
 
 /// A redb store that says other servers write it too, as a PostgreSQL store does; it
-/// announces nothing (its changes are never heard).
-struct Shared(Arc<dyn Store>);
+/// announces nothing (its changes are never heard). It counts the entries its ranges read.
+struct Shared(Arc<dyn Store>, std::sync::atomic::AtomicUsize);
+
+impl Shared {
+    fn over(store: &Arc<dyn Store>) -> Arc<Self> {
+        Arc::new(Self(
+            Arc::clone(store),
+            std::sync::atomic::AtomicUsize::new(0),
+        ))
+    }
+}
 
 impl Store for Shared {
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, crate::store::StoreError> {
@@ -778,14 +799,17 @@ impl Store for Shared {
         start: &str,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, crate::store::StoreError> {
-        self.0.range(table, start, limit)
+        let entries = self.0.range(table, start, limit)?;
+        self.1
+            .fetch_add(entries.len(), std::sync::atomic::Ordering::Relaxed);
+        Ok(entries)
     }
 }
 
 #[test]
 fn on_a_shared_store_a_grant_change_is_in_force_on_every_server_before_it_is_heard() {
     let f = fixture();
-    let shared: Arc<dyn Store> = Arc::new(Shared(Arc::clone(&f.store)));
+    let shared: Arc<dyn Store> = Shared::over(&f.store);
     let open = || {
         Secrets::open(
             Arc::clone(&f.barrier),
@@ -969,6 +993,35 @@ fn only_reads_of_small_secrets_on_a_local_store_are_quick() {
     assert!(!f.engine.reads_quickly("app/small", MAX));
     f.engine.destroy(&f.journal, "app/small", &[2]).unwrap();
     assert!(f.engine.reads_quickly("app/small", MAX));
+    // Metadata bigger than the bound (custom metadata, many versions) is read on a thread.
+    f.engine
+        .update_metadata(
+            &f.journal,
+            "app/small",
+            MetadataUpdate {
+                custom: Some(
+                    (0..10)
+                        .map(|i| (format!("n{i}"), "v".repeat(500)))
+                        .collect(),
+                ),
+                ..MetadataUpdate::default()
+            },
+            false,
+        )
+        .unwrap();
+    assert!(!f.engine.reads_quickly("app/small", MAX));
+    f.engine
+        .update_metadata(
+            &f.journal,
+            "app/small",
+            MetadataUpdate {
+                custom: Some(BTreeMap::new()),
+                ..MetadataUpdate::default()
+            },
+            false,
+        )
+        .unwrap();
+    assert!(f.engine.reads_quickly("app/small", MAX));
     // A version written before sizes were kept.
     let mut meta = f.engine.metadata("app/small").unwrap().unwrap();
     meta.versions.get_mut(&1).unwrap().stored_bytes = None;
@@ -989,7 +1042,7 @@ fn only_reads_of_small_secrets_on_a_local_store_are_quick() {
         .unwrap();
     assert!(!f.engine.reads_quickly("app/small", MAX));
     // A shared store: always a thread.
-    let shared: Arc<dyn Store> = Arc::new(Shared(Arc::clone(&f.store)));
+    let shared: Arc<dyn Store> = Shared::over(&f.store);
     let b = Secrets::open(Arc::clone(&f.barrier), shared, Settings::default()).unwrap();
     assert!(!b.reads_quickly("app/absent", MAX));
 }
@@ -1048,12 +1101,41 @@ fn a_configuration_removed_from_the_store_refuses_writes_until_set_again() {
         "nothing dropped"
     );
     assert_eq!(read(&f, "a", 1)["k"], "0");
+    // Grants are made and revoked all the same: their announcement depends on nothing else.
+    let g = opened
+        .create_grant(
+            &f.journal,
+            NewSecretGrant {
+                path: "a".to_owned(),
+                principal: "spiffe://corp/app".to_owned(),
+                operations: vec![SecretOperation::SecretRead],
+            },
+            "admin",
+        )
+        .unwrap();
+    opened.revoke_grant(&f.journal, &g.id).unwrap();
+    assert!(
+        !opened
+            .permits("spiffe://corp/app", "a", SecretOperation::SecretRead)
+            .unwrap()
+    );
+    assert!(matches!(
+        opened.update_config(
+            &f.journal,
+            ConfigUpdate {
+                max_versions: Some(50),
+                ..ConfigUpdate::default()
+            },
+        ),
+        Err(SecretsError::SettingsLost)
+    ));
     opened
         .update_config(
             &f.journal,
             ConfigUpdate {
                 max_versions: Some(50),
-                ..ConfigUpdate::default()
+                cas_required: Some(false),
+                delete_version_after: Some(0),
             },
         )
         .unwrap();
@@ -1061,4 +1143,88 @@ fn a_configuration_removed_from_the_store_refuses_writes_until_set_again() {
         .write(&f.journal, "a", values(&[("k", "w")]), None)
         .unwrap();
     assert_eq!(opened.read_metadata("a").unwrap().versions.len(), 13);
+}
+
+/// A page after a folder starts past it and past the siblings listed before it: a token a
+/// caller makes up costs reads in proportion to the page, not to the names before it.
+#[test]
+fn a_page_after_a_folder_reads_nothing_listed_before_it() {
+    let f = fixture();
+    for i in 0..300 {
+        f.engine
+            .write(
+                &f.journal,
+                &format!("t/a-{i:04}"),
+                values(&[("k", "v")]),
+                None,
+            )
+            .unwrap();
+    }
+    for p in ["t/a/x", "t/b"] {
+        f.engine
+            .write(&f.journal, p, values(&[("k", "v")]), None)
+            .unwrap();
+    }
+    let counted = Shared::over(&f.store);
+    let engine = Secrets::open(
+        Arc::clone(&f.barrier),
+        Arc::clone(&counted) as Arc<dyn Store>,
+        Settings::default(),
+    )
+    .unwrap();
+    let before = counted.1.load(std::sync::atomic::Ordering::Relaxed);
+    let page = engine.list("t", 1, "a/").unwrap();
+    assert_eq!(page.keys, ["b"]);
+    let read = counted.1.load(std::sync::atomic::Ordering::Relaxed) - before;
+    assert!(
+        read <= 8,
+        "{read} entries read for one name after the folder"
+    );
+    // The pages still go through every name, folders and siblings alike.
+    let mut token = String::new();
+    let mut names = Vec::new();
+    loop {
+        let page = engine.list("t", 7, &token).unwrap();
+        names.extend(page.keys.clone());
+        match page.next {
+            Some(t) => token = t,
+            None => break,
+        }
+    }
+    assert_eq!(names.len(), 302);
+    assert_eq!(names[299..], ["a-0299", "a/", "b"]);
+}
+
+/// A patch past the size limit is refused without its merged size: that would tell a
+/// caller who may only write the size of the values it cannot read.
+#[test]
+fn a_patch_too_large_does_not_tell_the_size_of_the_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("kms.redb")).unwrap());
+    let barrier = Arc::new(Barrier::new(zeroize::Zeroizing::new([7u8; 32])));
+    let engine = Secrets::open(
+        barrier,
+        Arc::clone(&store),
+        Settings {
+            max_secret_bytes: 100,
+        },
+    )
+    .unwrap();
+    let journal = Direct(store);
+    engine
+        .write(&journal, "a", values(&[("password", "hunter2")]), None)
+        .unwrap();
+    let patch = Patch {
+        set: values(&[("filler", &"x".repeat(90))]),
+        remove: Vec::new(),
+    };
+    let refused = engine.patch(&journal, "a", patch, None).err().unwrap();
+    assert!(matches!(refused, SecretsError::PatchTooLarge { max: 100 }));
+    let said = refused.to_string();
+    assert!(!said.contains("111") && said.contains("100"), "{said}");
+    assert_eq!(
+        engine.read_metadata("a").unwrap().current,
+        1,
+        "nothing written"
+    );
 }

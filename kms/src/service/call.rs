@@ -255,6 +255,22 @@ impl Call {
         self
     }
 
+    /// Records the versions the call asks for (0, the current version, is not one), so
+    /// that its record names them whatever its outcome; an answer that names the versions
+    /// it concerned replaces them ([`Served::secret_versions`]). At most
+    /// [`crate::secrets::model::MAX_VERSIONS_LIMIT`] are recorded: no secret keeps more.
+    pub(crate) fn secret_versions_asked(mut self, versions: &[u64]) -> Self {
+        if let Some(s) = &mut self.event.secret {
+            s.versions = versions
+                .iter()
+                .copied()
+                .filter(|&v| v != 0)
+                .take(crate::secrets::model::MAX_VERSIONS_LIMIT as usize)
+                .collect();
+        }
+        self
+    }
+
     /// What the log line names: the key, else the secret's path (as recorded: a bounded
     /// placeholder for a name that is not one).
     fn subject(&self) -> &str {
@@ -751,10 +767,12 @@ async fn deliver<R>(call: &Call, settled: Settled<R>) -> Result<R, Refusal> {
 /// needs a grant on secrets is checked here, before `f`, against the path (or prefix) it
 /// names.
 ///
-/// Where it runs: a read of a secret whose versions are small, on a store of this
-/// server's, runs on the async worker, where a hop to a blocking thread and back would
-/// cost more than the read ([`crate::secrets::Secrets::reads_quickly`]; the reads are of
-/// the store's cache); every other call on a blocking thread (it writes, lists many
+/// Where it runs: a read of a secret whose metadata and versions are small, on a store of
+/// this server's, by a caller its grants allow, runs on the async worker, where a hop to
+/// a blocking thread and back would cost more than the read
+/// ([`crate::secrets::Secrets::reads_quickly`]; the reads are of the store's cache; the
+/// grant is checked before the store is looked at, so a refusal takes the same path
+/// whatever the path holds); every other call on a blocking thread (it writes, lists many
 /// entries, or waits on a store over the network).
 pub(crate) async fn with_secrets<R: Reply>(
     service: &Service,
@@ -764,12 +782,15 @@ pub(crate) async fn with_secrets<R: Reply>(
     + 'static,
 ) -> Answer<R> {
     let secrets = service.seal.secrets();
-    let place = match &secrets {
-        Ok(s)
+    let place = match (&secrets, call.need) {
+        (Ok(s), Need::Secret(operation))
             if matches!(
                 call.op,
                 Op::GetSecret | Op::GetSecretSubkeys | Op::GetSecretMetadata
-            ) && s.reads_quickly(call.secret_path(), IN_PROCESS_MAX_INPUT) =>
+            ) && !s.shared()
+                && s.permits(&call.identity.principal, call.secret_path(), operation)
+                    .unwrap_or(false)
+                && s.reads_quickly(call.secret_path(), IN_PROCESS_MAX_INPUT) =>
         {
             Place::InProcess
         }

@@ -309,7 +309,9 @@ fn secrets_kind(e: &SecretsError) -> ErrorKind {
         SecretsError::BadPath(_)
         | SecretsError::BadPattern(_)
         | SecretsError::BadRequest(_)
-        | SecretsError::TooLarge { .. } => ErrorKind::InvalidArgument,
+        | SecretsError::TooLarge { .. }
+        | SecretsError::PatchTooLarge { .. } => ErrorKind::InvalidArgument,
+        SecretsError::SettingsLost => ErrorKind::FailedPrecondition,
         SecretsError::CasRequired
         | SecretsError::CasMismatch { .. }
         | SecretsError::NothingToPatch => ErrorKind::FailedPrecondition,
@@ -332,7 +334,8 @@ fn secrets_reason(e: &SecretsError) -> &'static str {
         SecretsError::BadPath(_) => "INVALID_SECRET_PATH",
         SecretsError::BadPattern(_) => "INVALID_PATTERN",
         SecretsError::BadRequest(_) => "INVALID_REQUEST",
-        SecretsError::TooLarge { .. } => "TOO_LARGE",
+        SecretsError::TooLarge { .. } | SecretsError::PatchTooLarge { .. } => "TOO_LARGE",
+        SecretsError::SettingsLost => "SETTINGS_LOST",
         SecretsError::CasRequired => "CAS_REQUIRED",
         SecretsError::CasMismatch { .. } => "CAS_MISMATCH",
         SecretsError::NothingToPatch => "NOTHING_TO_PATCH",

@@ -72,8 +72,12 @@ pub(crate) fn values(
         let value = match source {
             Source::Text(t) => t.to_owned(),
             Source::File(path) => {
+                // The name after `@` is not shown: a value that begins with `@` typed by
+                // mistake would be.
                 let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| {
-                    format!("the value {name:?}: cannot read {}: {e}", path.display())
+                    format!(
+                        "the value {name:?}: cannot read the file named after its `@` ({e}); a value that begins with `@` is read from the file it names: give such a value with `-` (standard input) or from a file"
+                    )
                 })?);
                 utf8(name, &bytes, &path.display().to_string())?
             }
@@ -160,7 +164,12 @@ mod tests {
         let e = err(&["a=-"], b"\xffhunter2");
         assert!(e.contains("not UTF-8") && !e.contains("hunter2"), "{e}");
         let e = err(&["a=@/nonexistent/file"], b"");
-        assert!(e.contains("cannot read /nonexistent/file"), "{e}");
+        assert!(
+            e.contains("cannot read the file named after its `@`"),
+            "{e}"
+        );
+        let e = err(&["a=@hunter2"], b"");
+        assert!(e.contains("\"a\"") && !e.contains("hunter2"), "{e}");
         assert_eq!(format!("{:?}", pairs(&["a=hunter2"])), "[Pair(..)]");
     }
 }
