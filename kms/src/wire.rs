@@ -366,6 +366,7 @@ pub(crate) fn report_pb(r: UsageReport) -> pb::KeyUsageReportResponse {
                 operation: f.operation,
                 key: f.key.unwrap_or_default(),
                 outcome: f.outcome,
+                secret_path: f.secret_path.unwrap_or_default(),
                 count: f.span.count,
                 first_unix_ms: f.span.first_ms,
                 last_unix_ms: f.span.last_ms,
@@ -468,6 +469,7 @@ pub fn report_from(r: pb::KeyUsageReportResponse) -> UsageReport {
                 principal: f.principal,
                 operation: f.operation,
                 key: text(f.key),
+                secret_path: text(f.secret_path),
                 outcome: f.outcome,
                 span: span(f.count, f.first_unix_ms, f.last_unix_ms),
             })
@@ -613,6 +615,47 @@ pub(crate) fn secret_grant_pb(g: &crate::secrets::SecretGrant) -> pb::SecretGran
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refused call's key and secret path cross the wire both ways; empty is none.
+    #[test]
+    fn refused_rows_keep_their_key_and_secret_path() {
+        let refused = |key: Option<&str>, path: Option<&str>| RefusedRow {
+            principal: "mallory".into(),
+            operation: "GetSecret".into(),
+            key: key.map(Into::into),
+            secret_path: path.map(Into::into),
+            outcome: "PERMISSION_DENIED".into(),
+            span: Span {
+                count: 2,
+                first_ms: 1,
+                last_ms: 3,
+            },
+        };
+        let report = UsageReport {
+            since_ms: None,
+            until_ms: None,
+            key: None,
+            principal: None,
+            records: 3,
+            keys: Vec::new(),
+            usage: Vec::new(),
+            refused: vec![
+                refused(None, Some("db/pw")),
+                refused(Some("payments"), None),
+                refused(None, None),
+            ],
+            unused: Vec::new(),
+            decrypt_below_primary: Vec::new(),
+            bucket_ms: 1000,
+            timeline: Vec::new(),
+            custody: Vec::new(),
+            secret_reads: Vec::new(),
+        };
+        let pb = report_pb(report.clone());
+        let paths: Vec<&str> = pb.refused.iter().map(|f| f.secret_path.as_str()).collect();
+        assert_eq!(paths, ["db/pw", "", ""]);
+        assert_eq!(report_from(pb), report);
+    }
 
     /// Every algorithm has its API value, and that value comes back as the same algorithm.
     #[test]

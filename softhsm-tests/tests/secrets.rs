@@ -1045,6 +1045,31 @@ async fn the_audit_log_names_paths_and_versions_and_holds_no_value() {
     // Calls that fail are recorded with the versions they asked for.
     find("GetSecret", "NOT_FOUND", &[1]);
     find("DestroySecretVersions", "PERMISSION_DENIED", &[2]);
+    // The auditors' report names the secret the refused read asked for, and makes no key of
+    // it.
+    let report = ok(server.kms_as(
+        Some(&server.auditor),
+        &["audit", "report", "--format", "json"],
+        "",
+    ))
+    .json();
+    let row = report["refused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["operation"] == "GetSecret" && f["principal"] == app.principal.as_str())
+        .unwrap_or_else(|| panic!("no refused GetSecret row: {report:#}"));
+    assert_eq!(row["secret_path"], "audit/db", "{row}");
+    assert_eq!(row["key"], Value::Null, "{row}");
+    assert_eq!(row["outcome"], "PERMISSION_DENIED", "{row}");
+    assert!(
+        report["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|k| k["key"] != "audit/db"),
+        "{report:#}"
+    );
     let created = records
         .iter()
         .find(|r| r["event"]["operation"] == "CreateSecretGrant")

@@ -3,7 +3,7 @@
 //!
 //! Every format carries the same rows: a summary per key; calls per key, version,
 //! principal, operation and outcome, each with its own first and last call; refused calls
-//! by principal; versions unused in the period; versions below the primary still
+//! by principal, with the key or secret path they named; versions unused in the period; versions below the primary still
 //! decrypting.
 
 use std::fmt::Write as _;
@@ -109,10 +109,11 @@ const USAGE_HEADER: [&str; 8] = [
     "FIRST",
     "LAST",
 ];
-const REFUSED_HEADER: [&str; 7] = [
+const REFUSED_HEADER: [&str; 8] = [
     "PRINCIPAL",
     "OPERATION",
     "KEY",
+    "SECRET",
     "OUTCOME",
     "COUNT",
     "FIRST",
@@ -194,6 +195,7 @@ fn sections(r: &UsageReport) -> Sections {
                     f.principal.clone(),
                     f.operation.clone(),
                     f.key.clone().unwrap_or_else(|| "-".to_owned()),
+                    f.secret_path.clone().unwrap_or_else(|| "-".to_owned()),
                     f.outcome.clone(),
                     f.span.count.to_string(),
                     rfc3339(f.span.first_ms),
@@ -341,6 +343,8 @@ fn csv_rows(r: &UsageReport) -> Vec<Vec<String>> {
         rows.push(row(&[
             ("section", "refused".into()),
             ("key", f.key.clone().unwrap_or_default()),
+            // The secret path shares the column of the secret reads' paths.
+            ("path", f.secret_path.clone().unwrap_or_default()),
             ("principal", f.principal.clone()),
             ("operation", f.operation.clone()),
             ("outcome", f.outcome.clone()),
@@ -427,7 +431,7 @@ pub fn html(r: &UsageReport, generated_ms: u64) -> String {
             ("legend", legend),
             ("keys", html_rows(&s.keys, &[1, 2, 3, 4])),
             ("usage", html_rows(&s.usage, &[5])),
-            ("refused", html_rows(&s.refused, &[4])),
+            ("refused", html_rows(&s.refused, &[5])),
             ("unused", html_rows(&s.unused, &[])),
             ("below", html_rows(&s.below, &[3])),
             ("custody", html_rows(&s.custody, &[6])),
@@ -714,13 +718,24 @@ mod tests {
                 outcome: "OK".into(),
                 span,
             }],
-            refused: vec![RefusedRow {
-                principal: "<script>".into(),
-                operation: "Decrypt".into(),
-                key: Some("payments".into()),
-                outcome: "PERMISSION_DENIED".into(),
-                span: Span { count: 1, ..span },
-            }],
+            refused: vec![
+                RefusedRow {
+                    principal: "<script>".into(),
+                    operation: "Decrypt".into(),
+                    key: Some("payments".into()),
+                    secret_path: None,
+                    outcome: "PERMISSION_DENIED".into(),
+                    span: Span { count: 1, ..span },
+                },
+                RefusedRow {
+                    principal: "spiffe://corp/intruder".into(),
+                    operation: "GetSecret".into(),
+                    key: None,
+                    secret_path: Some("=payments/<stripe>".into()),
+                    outcome: "PERMISSION_DENIED".into(),
+                    span: Span { count: 2, ..span },
+                },
+            ],
             unused: Vec::new(),
             decrypt_below_primary: Vec::new(),
             bucket_ms: 1_000,
@@ -775,19 +790,39 @@ mod tests {
         assert!(t.contains("spiffe://corp/app"), "{t}");
         assert!(t.contains("Refused calls, by principal"), "{t}");
         let csv = csv_rows(&r);
-        assert_eq!(csv.len(), 5, "{csv:?}");
+        assert_eq!(csv.len(), 6, "{csv:?}");
         assert_eq!(csv[1][0], "usage");
         assert_eq!(csv[1][3], "spiffe://corp/app");
-        assert_eq!(csv[2][0], "refused");
-        let custody = &csv[3];
         let col = |name: &str| CSV_HEADER.iter().position(|c| *c == name).unwrap();
+        assert_eq!(csv[2][0], "refused");
+        assert_eq!(csv[2][col("key")], "payments");
+        assert_eq!(csv[2][col("path")], "");
+        // A refused secret call names its path (no key), in every format.
+        let denied = &csv[3];
+        assert_eq!(denied[0], "refused");
+        assert_eq!(denied[col("operation")], "GetSecret");
+        assert_eq!(denied[col("key")], "");
+        assert_eq!(denied[col("path")], "=payments/<stripe>");
+        assert_eq!(denied[col("count")], "2");
+        let mut written = Vec::new();
+        write_csv(&mut written, CSV_HEADER, &csv).unwrap();
+        let written = String::from_utf8(written).unwrap();
+        assert!(written.contains(",'=payments/<stripe>\n"), "{written}");
+        let line = t.lines().find(|l| l.contains("GetSecret")).unwrap();
+        assert!(line.contains("  -  "), "no key: {line}");
+        assert!(
+            line.contains("=payments/<stripe>  PERMISSION_DENIED"),
+            "{line}"
+        );
+        assert!(t.contains("KEY       SECRET"), "{t}");
+        let custody = &csv[4];
         assert_eq!(custody[0], "custody");
         assert_eq!(custody[col("share_set")], "0011223344556677");
         assert_eq!(custody[col("share_index")], "4");
         assert_eq!(custody[col("operation")], "VerifyShare");
         assert!(t.contains("Custodians' ceremonies"), "{t}");
         assert!(t.contains("0011223344556677  4"), "{t}");
-        let reads = &csv[4];
+        let reads = &csv[5];
         assert_eq!(reads[0], "secret-reads");
         assert_eq!(reads[col("path")], "payments/stripe");
         assert_eq!(reads[col("version")], "7");
@@ -797,6 +832,13 @@ mod tests {
         assert!(t.contains("payments/stripe  7"), "{t}");
         let page = html(&r, 0);
         assert!(page.contains("<td>custodian-&lt;b&gt;</td>"), "{page}");
+        assert!(page.contains("<th>Key</th><th>Secret</th>"), "{page}");
+        assert!(
+            page.contains(
+                "<td>-</td><td>=payments/&lt;stripe&gt;</td><td>PERMISSION_DENIED</td><td class=\"n\">2</td>"
+            ),
+            "{page}"
+        );
         assert!(
             page.contains("<td>spiffe://corp/&lt;app&gt;</td>"),
             "{page}"

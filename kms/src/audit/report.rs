@@ -196,7 +196,8 @@ pub struct KeySummary {
     pub last_ms: u64,
 }
 
-/// Calls refused (`PERMISSION_DENIED`, `UNAUTHENTICATED`) by principal, operation and key.
+/// Calls refused (`PERMISSION_DENIED`, `UNAUTHENTICATED`) by principal, operation, key and
+/// secret path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefusedRow {
     /// Who was refused (`anonymous` without a certificate).
@@ -205,6 +206,12 @@ pub struct RefusedRow {
     pub operation: String,
     /// The key the call named, if any.
     pub key: Option<String>,
+    /// The secret path the call named, if any, as its record holds it (a bounded
+    /// placeholder when the caller sent an invalid path). A refused secret call counts
+    /// here only: the per-key summaries and the timeline are about keys. (Absent from
+    /// reports of servers before it.)
+    #[serde(default)]
+    pub secret_path: Option<String>,
     /// `PERMISSION_DENIED` or `UNAUTHENTICATED`.
     pub outcome: String,
     /// How many, first and last.
@@ -362,8 +369,8 @@ const ADMIN: &[&str] = &[
 
 /// (key, version, principal, operation, outcome).
 type RowKey = (String, Option<u32>, String, String, String);
-/// (principal, operation, key, outcome).
-type RefusedKey = (String, String, Option<String>, String);
+/// (principal, operation, key, secret path, outcome).
+type RefusedKey = (String, String, Option<String>, Option<String>, String);
 /// (share set, share index, principal, operation, step, outcome).
 type CustodyKey = (String, Option<u8>, String, String, String, String);
 /// (path, version, principal).
@@ -454,15 +461,23 @@ impl UsageBuilder {
                 (None, Some(b)) => b.items,
                 _ => 1,
             };
+            // A secret call names its path (empty for the engine's configuration: no secret).
+            let secret_path = e
+                .secret
+                .as_ref()
+                .map(|s| s.path.clone())
+                .filter(|p| !p.is_empty());
             self.refused
                 .entry((
                     e.principal.clone(),
                     e.operation.clone(),
                     e.key.clone(),
+                    secret_path,
                     e.outcome.clone(),
                 ))
                 .or_default()
                 .add(calls, t);
+            // Only a key feeds the timeline; a refused secret call is in `refused` only.
             if let Some(key) = &e.key {
                 self.events.push((t, key.clone(), 0, 1));
             }
@@ -559,13 +574,16 @@ impl UsageBuilder {
             refused: self
                 .refused
                 .into_iter()
-                .map(|((principal, operation, key, outcome), span)| RefusedRow {
-                    principal,
-                    operation,
-                    key,
-                    outcome,
-                    span,
-                })
+                .map(
+                    |((principal, operation, key, secret_path, outcome), span)| RefusedRow {
+                        principal,
+                        operation,
+                        key,
+                        secret_path,
+                        outcome,
+                        span,
+                    },
+                )
                 .collect(),
             unused,
             decrypt_below_primary: below,
@@ -645,7 +663,8 @@ impl UsageBuilder {
                 0,
             );
         }
-        for ((principal, _, key, _), span) in &self.refused {
+        // Keys only: a refused secret call (its path aside) makes no key summary.
+        for ((principal, _, key, _, _), span) in &self.refused {
             if let Some(key) = key {
                 add(key, principal, span, 0, 0, span.count);
             }
@@ -852,6 +871,56 @@ mod tests {
                 ("db/pw", 2, "other", 1, 4),
             ]
         );
+    }
+
+    /// A refused secret call names its path in the refused section, aggregated by it, and
+    /// makes no per-key summary or timeline entry (those are about keys).
+    #[test]
+    fn a_refused_secret_call_names_its_path_and_no_key() {
+        let denied = |t: u64, path: &str, op: &str| AuditEvent {
+            time_ms: t,
+            principal: "mallory".into(),
+            operation: op.into(),
+            outcome: "PERMISSION_DENIED".into(),
+            secret: Some(crate::audit::SecretSummary {
+                path: path.into(),
+                ..Default::default()
+            }),
+            ..AuditEvent::default()
+        };
+        let mut b = UsageBuilder::new(Filter::default());
+        b.add(&denied(1000, "db/pw", "GetSecret"));
+        b.add(&denied(2000, "db/pw", "GetSecret"));
+        b.add(&denied(3000, "payments/stripe", "GetSecret"));
+        // The engine's configuration has no path: no secret named.
+        b.add(&denied(4000, "", "ConfigureSecrets"));
+        let r = b.finish(&[]);
+        assert_eq!(
+            r.refused
+                .iter()
+                .map(|f| (
+                    f.operation.as_str(),
+                    f.key.as_deref(),
+                    f.secret_path.as_deref(),
+                    f.span.count,
+                    f.span.last_ms
+                ))
+                .collect::<Vec<_>>(),
+            [
+                ("ConfigureSecrets", None, None, 1, 4000),
+                ("GetSecret", None, Some("db/pw"), 2, 2000),
+                ("GetSecret", None, Some("payments/stripe"), 1, 3000),
+            ]
+        );
+        assert!(r.keys.is_empty(), "{:?}", r.keys);
+        assert!(r.timeline.is_empty(), "{:?}", r.timeline);
+        assert!(r.usage.is_empty() && r.secret_reads.is_empty());
+        // A report of an older server (no path) still reads.
+        let old: RefusedRow = serde_json::from_str(
+            r#"{"principal":"p","operation":"Decrypt","key":"a","outcome":"PERMISSION_DENIED","count":1,"first_ms":1,"last_ms":1}"#,
+        )
+        .unwrap();
+        assert_eq!(old.secret_path, None);
     }
 
     /// A BatchReEncrypt record counts its source versions read under its key and the
