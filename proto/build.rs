@@ -31,6 +31,8 @@ const REDACTED: &[&str] = &[
     "kms.v1.GetSecretResponse",
     "kms.v1.PatchSecretRequest",
     "kms.v1.GetSecretSubkeysResponse",
+    "kms.v1.IssueJwtResponse",
+    "kms.v1.ValidateJwtRequest",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -40,6 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "kms/v1/audit.proto",
         "kms/v1/access.proto",
         "kms/v1/secrets.proto",
+        "kms/v1/credentials.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

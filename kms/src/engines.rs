@@ -76,6 +76,16 @@ pub(crate) const ENGINES: &[Kind] = &[
             )?))
         },
     },
+    Kind {
+        name: "credentials",
+        tables: crate::credentials::TABLES,
+        open: |o| {
+            Ok(Arc::new(crate::credentials::Credentials::open(
+                Arc::clone(o.barrier),
+                Arc::clone(o.store),
+            )))
+        },
+    },
 ];
 
 /// Every table of the store: the seal's, each engine's, the audit log's; in the order a

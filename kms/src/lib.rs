@@ -47,6 +47,7 @@ pub mod audit;
 pub mod backup;
 pub mod barrier;
 pub mod config;
+pub(crate) mod credentials;
 mod engine;
 pub mod engines;
 mod grpc;

@@ -24,6 +24,7 @@ use crate::service::Service;
 use crate::store::StoreError;
 use kms_proto::v1::access_server::AccessServer;
 use kms_proto::v1::audit_server::AuditServer;
+use kms_proto::v1::credentials_server::CredentialsServer;
 use kms_proto::v1::key_management_server::KeyManagementServer;
 use kms_proto::v1::secrets_server::SecretsServer;
 
@@ -290,6 +291,14 @@ pub async fn serve(
         roles: Arc::clone(&opened.roles),
         unseal_limiter: Arc::new(FailureLimiter::new(opened.unseal_limit)),
         request_log: opened.request_log,
+        issuer_base: match (&opened.http, &http) {
+            (Some(settings), Some(listener)) => settings
+                .public_url
+                .clone()
+                .or_else(|| listener.local_addr().ok().map(|a| format!("https://{a}")))
+                .map(Arc::from),
+            _ => None,
+        },
     };
     let seal = Arc::clone(&opened.seal);
     let limits = opened.limits;
@@ -350,9 +359,12 @@ pub async fn serve(
         .add_service(AuditServer::new(AuditService::new(ctx.clone())))
         .add_service(AccessServer::new(AccessService::new(ctx.clone())))
         .add_service(
-            SecretsServer::new(crate::grpc::SecretsService::new(ctx))
+            SecretsServer::new(crate::grpc::SecretsService::new(ctx.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
+        .add_service(CredentialsServer::new(
+            crate::grpc::CredentialsService::new(ctx),
+        ))
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx));
     let result = tokio::select! {
         r = serving => r.map_err(StartError::Serve),

@@ -53,6 +53,8 @@ pub mod v1 {
     redacted_debug!(ReEncryptItem {} secret { ciphertext, associated_data });
     redacted_debug!(SignRequest { key, format } secret {});
     redacted_debug!(SignItem {} secret {});
+    redacted_debug!(IssueJwtResponse { jti, subject, expires_unix, key_version, kid } secret { token });
+    redacted_debug!(ValidateJwtRequest { issuer, audience } secret { token });
 
     /// A secret's values in a `Debug`: how many, never their names or values.
     struct RedactedValues(usize);

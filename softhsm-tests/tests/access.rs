@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use kms_proto::v1 as pb;
 use kms_proto::v1::access_client::AccessClient;
 use kms_proto::v1::audit_client::AuditClient;
+use kms_proto::v1::credentials_client::CredentialsClient;
 use kms_proto::v1::key_management_client::KeyManagementClient;
 use kms_proto::v1::secrets_client::SecretsClient;
 use kms_proto::v1::system_client::SystemClient;
@@ -76,6 +77,12 @@ const RPCS: &[&str] = &[
     "Secrets/CreateSecretGrant",
     "Secrets/ListSecretGrants",
     "Secrets/RevokeSecretGrant",
+    "Credentials/CreateIssuer",
+    "Credentials/GetIssuer",
+    "Credentials/ListIssuers",
+    "Credentials/UpdateIssuer",
+    "Credentials/IssueJwt",
+    "Credentials/ValidateJwt",
     "Audit/ExportAuditLog",
     "Audit/KeyUsageReport",
     "Audit/VerifyAuditLog",
@@ -107,6 +114,7 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
     let mut acc = AccessClient::new(ch.clone());
     let mut keys = KeyManagementClient::new(ch.clone());
     let mut sec = SecretsClient::new(ch.clone());
+    let mut cred = CredentialsClient::new(ch.clone());
     let mut aud = AuditClient::new(ch);
     let fresh = format!("made-{n}");
     let one = |k: &str| -> BTreeMap<String, String> { [(k.to_owned(), "v".to_owned())].into() };
@@ -479,6 +487,49 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
             })
             .await
             .map(drop),
+        "Credentials/CreateIssuer" => cred
+            .create_issuer(pb::CreateIssuerRequest {
+                issuer: Some(pb::Issuer {
+                    name: fresh.clone(),
+                    key: "jwt".into(),
+                    principals: vec![spiffe("payments-api")],
+                    audiences: vec!["payments".into()],
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map(drop),
+        "Credentials/GetIssuer" => cred
+            .get_issuer(pb::GetIssuerRequest {
+                name: "workloads".into(),
+            })
+            .await
+            .map(drop),
+        "Credentials/ListIssuers" => cred.list_issuers(pb::ListIssuersRequest {}).await.map(drop),
+        "Credentials/UpdateIssuer" => cred
+            .update_issuer(pb::UpdateIssuerRequest {
+                name: "workloads".into(),
+                max_ttl_seconds: Some(900),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "Credentials/IssueJwt" => cred
+            .issue_jwt(pb::IssueJwtRequest {
+                issuer: "workloads".into(),
+                audience: "payments".into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "Credentials/ValidateJwt" => cred
+            .validate_jwt(pb::ValidateJwtRequest {
+                issuer: "workloads".into(),
+                token: "a.b.c".into(),
+                audience: "payments".into(),
+            })
+            .await
+            .map(drop),
         "Secrets/GetSecretsConfig" => sec
             .get_secrets_config(pb::GetSecretsConfigRequest {})
             .await
@@ -579,6 +630,22 @@ fn expected(who: &str, rpc: &str) -> Code {
     if open {
         return Code::Ok;
     }
+    if service == "Credentials" {
+        // Issuers: defined by the admin role, read by any certificate. Tokens: the issuer's
+        // principals (the granted service), none of which this server issues or validates
+        // without an HTTPS front to publish the keys on.
+        let allowed = match method {
+            "CreateIssuer" | "UpdateIssuer" => who == "admin",
+            "IssueJwt" => who == "granted-service",
+            _ => who != "no-certificate",
+        };
+        return match (allowed, who) {
+            (true, _) if matches!(method, "IssueJwt" | "ValidateJwt") => Code::FailedPrecondition,
+            (true, _) => Code::Ok,
+            (false, "no-certificate") => Code::Unauthenticated,
+            (false, _) => Code::PermissionDenied,
+        };
+    }
     if service == "Secrets" {
         // The engine's settings: any certificate. Its settings and grants: the admin role.
         // Everything else: a grant on the path (the admin role holds none).
@@ -633,6 +700,7 @@ async fn every_rpc_by_every_kind_of_caller() {
         ("ext", pb::Algorithm::Aes256Gcm),
         ("tmp", pb::Algorithm::Aes256Gcm),
         ("reports", pb::Algorithm::Aes256Gcm),
+        ("jwt", pb::Algorithm::EcdsaP256Sha256),
     ] {
         admin_keys
             .create_key(pb::CreateKeyRequest {
@@ -739,6 +807,19 @@ async fn every_rpc_by_every_kind_of_caller() {
         .unwrap()
         .into_inner()
         .id;
+    // Credentials: an issuer for the app.
+    CredentialsClient::new(server.channel(Some(&hsm.admin)).await)
+        .create_issuer(pb::CreateIssuerRequest {
+            issuer: Some(pb::Issuer {
+                name: "workloads".into(),
+                key: "jwt".into(),
+                principals: vec![app.principal.clone()],
+                audiences: vec!["payments".into()],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
     let mut app_secrets = SecretsClient::new(server.channel(Some(&app)).await);
     for path in [
         "app/read",

@@ -216,7 +216,8 @@ pub(crate) fn encode(r: &AuditRecord) -> Result<Vec<u8>, serde_json::Error> {
         && e.ceremony.is_none()
         && e.replay_of.is_none()
         && e.front.is_none()
-        && e.secret.is_none();
+        && e.secret.is_none()
+        && e.credential.is_none();
     let Some((prev_hash, hash)) = hashes.filter(|_| compact_fits) else {
         return serde_json::to_vec(r);
     };
@@ -288,6 +289,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<AuditRecord> {
                     replay_of: None,
                     front: None,
                     secret: None,
+                    credential: None,
                 },
                 prev_hash: hex(&c.prev_hash),
                 hash: hex(&c.hash),

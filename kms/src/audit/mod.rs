@@ -126,6 +126,38 @@ pub struct AuditEvent {
     /// hashes are unchanged.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<SecretSummary>,
+    /// For the credentials engine's calls: the issuer, and of a token issued its subject,
+    /// audience, delegator, id and expiry, never its text. (Absent from every other record,
+    /// so their hashes are unchanged.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<CredentialSummary>,
+}
+
+/// What a call of the credentials engine concerned, in its record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialSummary {
+    /// The issuer.
+    pub issuer: String,
+    /// The token's subject (empty when none was issued).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub subject: String,
+    /// Its audience.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub audience: String,
+    /// Who asked on the subject's behalf, if not the subject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// Its `jti`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub jti: String,
+    /// Its expiry, Unix seconds (0 when none was issued).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub expires: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What a call of the secrets engine concerned, in its record.

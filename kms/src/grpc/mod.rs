@@ -12,6 +12,7 @@
 
 mod access;
 mod audit;
+mod credentials;
 pub(crate) mod deadline;
 pub(crate) mod gate;
 mod keys;
@@ -20,6 +21,7 @@ mod system;
 
 pub(crate) use access::AccessService;
 pub(crate) use audit::AuditService;
+pub(crate) use credentials::CredentialsService;
 pub(crate) use keys::KeyManagementService;
 pub(crate) use secrets::SecretsService;
 pub(crate) use system::SystemService;

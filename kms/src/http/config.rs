@@ -21,6 +21,10 @@ pub(crate) struct HttpConfig {
     /// Where the keys that `POST transit/keys/:name` creates live: `"hsm"` (default:
     /// generated in the token) or `"software"` (beneath the root key).
     pub key_protection: Option<String>,
+    /// The front's URL as clients reach it (`https://kms.example.com:8201`), which the
+    /// credentials engine's issuers publish their keys under and name in their tokens'
+    /// `iss`; by default `https://` and the listen address.
+    pub public_url: Option<String>,
 }
 
 /// `[http]`, checked.
@@ -32,6 +36,8 @@ pub struct HttpSettings {
     pub token_ttl: Duration,
     /// The protection of keys created through the front.
     pub key_protection: crate::keyring::model::Protection,
+    /// The front's URL as clients reach it (no trailing `/`), if set.
+    pub public_url: Option<String>,
 }
 
 /// The default life of a session token.
@@ -63,10 +69,30 @@ impl HttpConfig {
                 ));
             }
         };
+        let public_url = match &self.public_url {
+            None => None,
+            Some(u) => {
+                let u = u.trim_end_matches('/');
+                let host = u.strip_prefix("https://").unwrap_or_default();
+                let ok = !host.is_empty()
+                    && u.len() <= 256
+                    && host.bytes().all(|b| {
+                        b.is_ascii_alphanumeric()
+                            || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'/' | b'_')
+                    });
+                if !ok {
+                    return Err(ConfigError::BadHttp(
+                        "public_url: https:// and a host (and port and path), at most 256 bytes, without query or fragment",
+                    ));
+                }
+                Some(u.to_owned())
+            }
+        };
         Ok(Some(HttpSettings {
             listen,
             token_ttl: Duration::from_secs(ttl),
             key_protection,
+            public_url,
         }))
     }
 }
@@ -78,6 +104,37 @@ mod tests {
 
     fn config(text: &str) -> HttpConfig {
         toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn public_url_is_an_https_url_without_query_or_fragment() {
+        let with = |u: &str| {
+            config(&format!(
+                "listen = \"127.0.0.1:8201\"\npublic_url = \"{u}\"\n"
+            ))
+            .validate(true)
+        };
+        let ok = with("https://kms.example.com:8201/").unwrap().unwrap();
+        assert_eq!(
+            ok.public_url.as_deref(),
+            Some("https://kms.example.com:8201")
+        );
+        assert!(with("https://[::1]:8201/kms").is_ok());
+        for bad in [
+            "http://kms.example.com",
+            "https://",
+            "https://a b",
+            "https://a?x=1",
+            "https://a#f",
+            "kms.example.com",
+        ] {
+            assert!(with(bad).is_err(), "{bad}");
+        }
+        let default = config("listen = \"127.0.0.1:8201\"\n")
+            .validate(true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(default.public_url, None);
     }
 
     #[test]

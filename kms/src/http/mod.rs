@@ -99,6 +99,9 @@ pub(crate) enum Answer {
     },
     /// A body of its own (sys paths answer bare JSON) and its status.
     Raw(StatusCode, Vec<u8>),
+    /// A public document (an issuer's discovery document or keys): 200, cacheable for
+    /// [`PUBLIC_MAX_AGE`] seconds.
+    Public(Vec<u8>),
     /// `sys/health`'s answer: the status the caller asked for, and the outcome the
     /// server's state gives (`OK`, `UNAVAILABLE`), which is what is counted.
     Health {
@@ -264,6 +267,7 @@ fn status_of(a: &Answer) -> StatusCode {
         Answer::Data { reply, .. } => status_of_reply(reply),
         Answer::Auth { .. } => StatusCode::OK,
         Answer::Raw(s, _) | Answer::Health { status: s, .. } => *s,
+        Answer::Public(_) => StatusCode::OK,
     }
 }
 
@@ -324,6 +328,63 @@ fn respond(answer: Answer) -> Response {
         Answer::Raw(status, body) | Answer::Health { status, body, .. } => {
             json_response(status, body)
         }
+        Answer::Public(body) => {
+            let mut r = json_response(StatusCode::OK, body);
+            r.headers_mut().insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_str(&format!("public, max-age={PUBLIC_MAX_AGE}"))
+                    .unwrap_or(HeaderValue::from_static("no-store")),
+            );
+            r
+        }
+    }
+}
+
+/// How long a verifier may cache an issuer's discovery document and keys, in seconds.
+pub(crate) const PUBLIC_MAX_AGE: u64 = 60;
+
+/// An issuer's discovery document or keys (`doc`: `openid-configuration` or `keys`):
+/// public, without a certificate; 404 for an issuer that is not one, 503 sealed.
+async fn issuer_document(front: &Front, name: &str, doc: &str) -> Result<Answer, Refused> {
+    let service = &front.service;
+    let Some(base) = service.issuer_base.clone() else {
+        return Err(not_found());
+    };
+    let engines = service
+        .seal
+        .credentials()
+        .and_then(|c| Ok((c, service.seal.keyring()?)));
+    let Ok((credentials, keyring)) = engines else {
+        return Err(Refused {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            ..Refused::bad("Vault is sealed")
+        });
+    };
+    let (name, keys) = (name.to_owned(), doc == "keys");
+    let answer = tokio::task::spawn_blocking(move || {
+        if keys {
+            credentials.jwks(keyring.as_ref(), &name)
+        } else {
+            credentials.discovery(keyring.as_ref(), &base, &name)
+        }
+    })
+    .await;
+    match answer {
+        Ok(Ok(body)) => Ok(Answer::Public(
+            serde_json::to_vec(&body).unwrap_or_default(),
+        )),
+        Ok(Err(crate::credentials::CredentialsError::IssuerNotFound(_))) => Err(not_found()),
+        Ok(Err(e)) => {
+            tracing::error!(error = %crate::error_chain(&e), "an issuer's public document could not be made");
+            Err(Refused {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                ..Refused::bad("the issuer's keys cannot be read now")
+            })
+        }
+        Err(_) => Err(Refused {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            ..Refused::bad("internal error")
+        }),
     }
 }
 
@@ -363,7 +424,18 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
             .uri
             .query()
             .is_some_and(|q| q.split('&').any(|kv| kv == "list=true" || kv == "list=1"));
-    let open = matches!(segments.as_slice(), ["sys", "health" | "seal-status"]);
+    let open = matches!(
+        segments.as_slice(),
+        ["sys", "health" | "seal-status"]
+            | [
+                "identity",
+                "oidc",
+                "provider",
+                _,
+                ".well-known",
+                "openid-configuration" | "keys"
+            ]
+    );
     // The gRPC gate's rules before a call is read: limits on refused calls and on calls
     // without a certificate, which gets only the open paths.
     match front.probes.admit(peer, open, "<vault path>") {
@@ -406,6 +478,35 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
             "SealStatus"
         };
         return Ok((answer, op));
+    }
+    // Issuers' public documents: open to everyone, counted with the probes.
+    if let ["identity", "oidc", "provider", name, ".well-known", doc] = segments.as_slice()
+        && matches!(*doc, "openid-configuration" | "keys")
+    {
+        if method != Method::GET && method != Method::HEAD {
+            return Err((method_not_allowed(), "unknown"));
+        }
+        let op = if *doc == "keys" {
+            "IssuerKeys"
+        } else {
+            "IssuerDiscovery"
+        };
+        let answer = issuer_document(front, name, doc).await;
+        front.probes.count_probe(match &answer {
+            Ok(_) => "OK",
+            Err(r) if r.status == StatusCode::NOT_FOUND => "NOT_FOUND",
+            Err(_) => "UNAVAILABLE",
+        });
+        return match answer {
+            Ok(a) => Ok((a, op)),
+            Err(r) => Err((
+                Refused {
+                    recorded: true,
+                    ..r
+                },
+                op,
+            )),
+        };
     }
     // Everything else needs a client certificate (`admit` refused it unread without one).
     if !call::authenticated(peer) {

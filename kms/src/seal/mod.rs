@@ -291,6 +291,7 @@ struct Unsealed {
 struct Opened {
     keyring: Arc<Keyring>,
     secrets: Arc<crate::secrets::Secrets>,
+    credentials: Arc<crate::credentials::Credentials>,
     all: Vec<Arc<dyn Engine>>,
 }
 
@@ -700,6 +701,11 @@ impl SealManager {
     /// The secrets engine, or why there is none (sealed, not initialised).
     pub(crate) fn secrets(&self) -> Result<Arc<crate::secrets::Secrets>, SealError> {
         self.opened().map(|o| o.secrets)
+    }
+
+    /// The credentials engine, or why there is none (sealed, not initialised).
+    pub(crate) fn credentials(&self) -> Result<Arc<crate::credentials::Credentials>, SealError> {
+        self.opened().map(|o| o.credentials)
     }
 
     /// Every open engine (the keyring among them), as [`SealManager::keyring`] finds them:

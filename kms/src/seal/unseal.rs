@@ -127,6 +127,7 @@ impl SealManager {
         let mut all = Vec::with_capacity(crate::engines::ENGINES.len());
         let mut keyring = None;
         let mut secrets = None;
+        let mut credentials = None;
         for kind in crate::engines::ENGINES {
             let engine = (kind.open)(&opening).map_err(|e| open_error(kind.name, e))?;
             debug_assert_eq!(
@@ -143,6 +144,12 @@ impl SealManager {
                     .downcast::<crate::secrets::Secrets>()
                     .ok();
             }
+            if credentials.is_none() {
+                credentials = Arc::clone(&engine)
+                    .into_any()
+                    .downcast::<crate::credentials::Credentials>()
+                    .ok();
+            }
             all.push(engine);
         }
         let keyring = keyring.ok_or(SealError::Keyring(KeyringError::Internal(
@@ -151,9 +158,13 @@ impl SealManager {
         let secrets = secrets.ok_or(SealError::Keyring(KeyringError::Internal(
             "the secrets engine is not among the engines",
         )))?;
+        let credentials = credentials.ok_or(SealError::Keyring(KeyringError::Internal(
+            "the credentials engine is not among the engines",
+        )))?;
         Ok(Opened {
             keyring,
             secrets,
+            credentials,
             all,
         })
     }

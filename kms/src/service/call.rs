@@ -255,6 +255,16 @@ impl Call {
         self
     }
 
+    /// Names the credential issuer the call is about (bounded: the name is checked by the
+    /// engine), so that its record names it whatever its outcome.
+    pub(crate) fn credential(mut self, issuer: &str) -> Self {
+        self.event.credential = Some(crate::audit::CredentialSummary {
+            issuer: issuer.chars().take(128).collect(),
+            ..crate::audit::CredentialSummary::default()
+        });
+        self
+    }
+
     /// Records the versions the call asks for (0, the current version, is not one), so
     /// that its record names them whatever its outcome; an answer that names the versions
     /// it concerned replaces them ([`Served::secret_versions`]). At most
@@ -427,6 +437,31 @@ impl crate::secrets::Journal for Call {
     }
 }
 
+impl crate::credentials::Journal for Call {
+    fn commit(
+        &self,
+        issuer: &str,
+        writes: Vec<crate::store::Write>,
+    ) -> Result<(), crate::credentials::CredentialsError> {
+        let event = AuditEvent {
+            outcome: "OK".to_owned(),
+            credential: Some(crate::audit::CredentialSummary {
+                issuer: issuer.to_owned(),
+                ..crate::audit::CredentialSummary::default()
+            }),
+            ..self.event.clone()
+        };
+        if let Some(g) = &self.front_recorded {
+            g.set();
+        }
+        self.log
+            .append_removing(event, writes, Vec::new())
+            .map_err(|_| crate::credentials::CredentialsError::AuditUnavailable)?;
+        self.recorded.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 impl Call {
     /// The write that keeps `answer` as the first answer of this change, when the caller
     /// sent an idempotency key.
@@ -473,6 +508,7 @@ pub(crate) struct Served<R> {
     undo: Option<Box<dyn FnOnce() + Send>>,
     replay_of: Option<String>,
     secret_versions: Vec<u64>,
+    credential: Option<crate::audit::CredentialSummary>,
     outcome: Option<super::ErrorKind>,
 }
 
@@ -488,8 +524,15 @@ impl<R> Served<R> {
             undo: None,
             replay_of: None,
             secret_versions: Vec::new(),
+            credential: None,
             outcome: None,
         }
+    }
+
+    /// The credential issued, for its record (never the token itself).
+    pub(crate) fn credential(mut self, summary: crate::audit::CredentialSummary) -> Self {
+        self.credential = Some(summary);
+        self
     }
 
     /// The secret's versions the call read or concerned, for its record.
@@ -692,6 +735,9 @@ fn settle<R: Reply>(call: &Call, result: Result<Served<R>, ServiceError>) -> Set
             {
                 s.versions = served.secret_versions;
             }
+            if served.credential.is_some() {
+                event.credential = served.credential;
+            }
             event.key_version = served.version.or(event.key_version);
             if let Some((k, v)) = served.destination {
                 event.destination_key = Some(k);
@@ -810,6 +856,27 @@ pub(crate) async fn with_secrets<R: Reply>(
             }
         }
         Ok(f(&secrets, c)?)
+    })
+    .await
+}
+
+/// Runs `f` on the credentials engine and the keyring that signs for it (or fails with
+/// sealed / not initialised), on a blocking thread (it reads the store and signs, in the
+/// HSM for an HSM key).
+pub(crate) async fn with_credentials<R: Reply>(
+    service: &Service,
+    call: Call,
+    f: impl FnOnce(&crate::credentials::Credentials, &Keyring, &Call) -> Result<Served<R>, ServiceError>
+    + Send
+    + 'static,
+) -> Answer<R> {
+    let engines = service
+        .seal
+        .credentials()
+        .and_then(|c| Ok((c, service.seal.keyring()?)));
+    run_at(Place::Blocking, call, move |c| {
+        let (credentials, keyring) = engines?;
+        f(&credentials, &keyring, c)
     })
     .await
 }

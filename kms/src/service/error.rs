@@ -6,6 +6,7 @@
 //! front to a `tonic::Code`, the HTTP front to a status code) in one match.
 
 use crate::access::Denied;
+use crate::credentials::CredentialsError;
 use crate::keyring::KeyringError;
 use crate::seal::SealError;
 use crate::secrets::SecretsError;
@@ -22,6 +23,10 @@ pub(crate) enum ServiceError {
     /// From the secrets engine.
     #[error(transparent)]
     Secrets(#[from] SecretsError),
+    /// From the credentials engine.
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+
     /// The audit log could not be read.
     #[error("the audit log could not be read")]
     AuditRead(#[source] crate::store::StoreError),
@@ -111,6 +116,7 @@ pub(crate) fn kind_of(err: &ServiceError) -> ErrorKind {
         ServiceError::Seal(e) => seal_kind(e),
         ServiceError::Keyring(e) => keyring_kind(e),
         ServiceError::Secrets(e) => secrets_kind(e),
+        ServiceError::Credentials(e) => credentials_kind(e),
         ServiceError::AuditRead(_) => ErrorKind::Unavailable,
         ServiceError::Denied(Denied::Unauthenticated | Denied::Expired) => {
             ErrorKind::Unauthenticated
@@ -212,6 +218,7 @@ pub(crate) fn reason_of(err: &ServiceError) -> &'static str {
         ServiceError::Seal(e) => seal_reason(e),
         ServiceError::Keyring(e) => keyring_reason(e),
         ServiceError::Secrets(e) => secrets_reason(e),
+        ServiceError::Credentials(e) => credentials_reason(e),
         ServiceError::AuditRead(_) => "AUDIT_UNAVAILABLE",
         ServiceError::Denied(d) => match d {
             Denied::Unauthenticated => "NO_CLIENT_CERTIFICATE",
@@ -329,6 +336,41 @@ fn secrets_kind(e: &SecretsError) -> ErrorKind {
     }
 }
 
+fn credentials_kind(e: &CredentialsError) -> ErrorKind {
+    match e {
+        CredentialsError::BadRequest(_) => ErrorKind::InvalidArgument,
+        CredentialsError::IssuerNotFound(_) => ErrorKind::NotFound,
+        CredentialsError::IssuerExists(_) => ErrorKind::AlreadyExists,
+        CredentialsError::Denied(_) => ErrorKind::PermissionDenied,
+        CredentialsError::KeyUnusable(_) | CredentialsError::NoHttpsFront => {
+            ErrorKind::FailedPrecondition
+        }
+        CredentialsError::Tampered(_) => ErrorKind::DataLoss,
+        CredentialsError::Keyring(k) => keyring_kind(k),
+        CredentialsError::Store(_)
+        | CredentialsError::AuditUnavailable
+        | CredentialsError::Randomness => ErrorKind::Unavailable,
+        CredentialsError::Internal(_) => ErrorKind::Internal,
+    }
+}
+
+fn credentials_reason(e: &CredentialsError) -> &'static str {
+    match e {
+        CredentialsError::BadRequest(_) => "INVALID_REQUEST",
+        CredentialsError::IssuerNotFound(_) => "ISSUER_NOT_FOUND",
+        CredentialsError::IssuerExists(_) => "ISSUER_EXISTS",
+        CredentialsError::Denied(_) => "NOT_ALLOWED_BY_ISSUER",
+        CredentialsError::KeyUnusable(_) => "KEY_CANNOT_SIGN",
+        CredentialsError::NoHttpsFront => "NO_HTTPS_FRONT",
+        CredentialsError::Tampered(_) => "STORE_TAMPERED",
+        CredentialsError::Keyring(k) => keyring_reason(k),
+        CredentialsError::Store(_) => "STORE_UNAVAILABLE",
+        CredentialsError::AuditUnavailable => "AUDIT_UNAVAILABLE",
+        CredentialsError::Randomness => "RANDOMNESS_UNAVAILABLE",
+        CredentialsError::Internal(_) => "INTERNAL",
+    }
+}
+
 fn secrets_reason(e: &SecretsError) -> &'static str {
     match e {
         SecretsError::BadPath(_) => "INVALID_SECRET_PATH",
@@ -411,6 +453,7 @@ pub(crate) fn is_audit_failure(err: &ServiceError) -> bool {
             | ServiceError::Seal(SealError::Keyring(KeyringError::AuditUnavailable))
             | ServiceError::Keyring(KeyringError::AuditUnavailable)
             | ServiceError::Secrets(SecretsError::AuditUnavailable)
+            | ServiceError::Credentials(CredentialsError::AuditUnavailable)
     )
 }
 

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 pub(crate) use call::{
     Aad, Answer, Call, Idempotency, Meta, Place, Recorded, Reply, Served, run, run_at,
-    with_keyring, with_secrets,
+    with_credentials, with_keyring, with_secrets,
 };
 pub(crate) use error::{ErrorKind, Refusal, ServiceError};
 pub(crate) use op::Op;
@@ -44,6 +44,9 @@ pub(crate) struct Service {
     pub unseal_limiter: Arc<FailureLimiter>,
     /// The level of the line each served call writes (`[log] requests`).
     pub request_log: tracing::Level,
+    /// The HTTPS front's URL as clients reach it, which credential issuers publish their
+    /// keys under (`None`: no HTTPS front, and no issuer issues).
+    pub issuer_base: Option<Arc<str>>,
 }
 
 /// The front a call came through.

@@ -23,6 +23,8 @@ pub(crate) enum Group {
     Access,
     /// Versioned secrets.
     Secrets,
+    /// Short-lived machine credentials.
+    Credentials,
     /// Liveness and readiness probes.
     Health,
 }
@@ -36,6 +38,7 @@ impl Group {
             Self::Audit => "kms.v1.Audit",
             Self::Access => "kms.v1.Access",
             Self::Secrets => "kms.v1.Secrets",
+            Self::Credentials => "kms.v1.Credentials",
             Self::Health => "grpc.health.v1.Health",
         }
     }
@@ -94,6 +97,7 @@ ops! {
         UpdateSecretMetadata, DeleteSecret, GetSecretsConfig, UpdateSecretsConfig,
         CreateSecretGrant, RevokeSecretGrant, ListSecretGrants,
     }
+    Credentials { CreateIssuer, GetIssuer, ListIssuers, UpdateIssuer, IssueJwt, ValidateJwt }
     Health { Check, Watch }
 }
 
@@ -135,6 +139,9 @@ impl Op {
             Op::DestroySecretVersions | Op::DeleteSecret => Need::Secret(S::SecretDestroy),
             // The engine's settings say nothing secret.
             Op::GetSecretsConfig => Need::Certificate,
+            // Issuers say nothing secret; who may ask an issuer for a token is the issuer's
+            // to say (its principals and delegators), as a key's grants are the key's.
+            Op::GetIssuer | Op::ListIssuers | Op::IssueJwt | Op::ValidateJwt => Need::Certificate,
             Op::Init
             | Op::Seal
             | Op::CreateBackup
@@ -159,7 +166,9 @@ impl Op {
             | Op::UpdateSecretsConfig
             | Op::CreateSecretGrant
             | Op::RevokeSecretGrant
-            | Op::ListSecretGrants => Need::Role(Role::Admin),
+            | Op::ListSecretGrants
+            | Op::CreateIssuer
+            | Op::UpdateIssuer => Need::Role(Role::Admin),
         }
     }
 

@@ -1,0 +1,46 @@
+//! What can go wrong in the credentials engine. No message holds a token's text.
+
+use crate::store::StoreError;
+
+/// An error of the credentials engine.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CredentialsError {
+    /// The request cannot be served as asked (what is wrong, never a token).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No issuer of this name.
+    #[error("no issuer {0:?}")]
+    IssuerNotFound(String),
+    /// An issuer of this name exists.
+    #[error("an issuer {0:?} exists")]
+    IssuerExists(String),
+    /// The caller may not ask this issuer (for this subject).
+    #[error("permission denied: {0}")]
+    Denied(String),
+    /// The issuer's key cannot sign JWTs (its algorithm, state or purpose).
+    #[error("the issuer's key cannot sign: {0}")]
+    KeyUnusable(String),
+    /// Issuers publish their keys on the HTTPS front, which is off: no token can name where.
+    #[error(
+        "credential issuers publish their keys on the HTTPS front: set [http] listen (and public_url) to issue and validate tokens"
+    )]
+    NoHttpsFront,
+    /// A stored record did not open or parse: someone other than kms wrote it.
+    #[error("a stored record of the credentials engine is not authentic ({0}): refused")]
+    Tampered(String),
+    /// The keyring refused or failed.
+    #[error(transparent)]
+    Keyring(#[from] crate::keyring::KeyringError),
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The audit record of a change could not be written: the change was not made.
+    #[error("audit log unavailable")]
+    AuditUnavailable,
+    /// The system's random source failed.
+    #[error("the system's random source failed")]
+    Randomness,
+    /// A bug.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}

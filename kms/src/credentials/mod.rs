@@ -1,0 +1,541 @@
+//! The credentials engine: short-lived machine credentials signed by keys of the keyring
+//! (docs/credentials.md). Today: JWT-SVIDs (the SPIFFE JWT-SVID profile), their public
+//! keys as a JWKS and an OpenID discovery document per issuer, and their validation.
+//!
+//! An issuer is an administrator's definition (which key signs, who may ask, for which
+//! audiences and subjects, for how long), sealed by the barrier in the store. Nothing is
+//! kept in memory: each call reads the issuer it names, so a change made on one server is
+//! in force on every other from its commit on. The signature is the keyring's
+//! ([`KeySource`]): an HSM key signs in the HSM.
+
+pub(crate) mod error;
+pub(crate) mod jose;
+pub(crate) mod model;
+
+use std::sync::{Arc, Mutex};
+
+pub(crate) use error::CredentialsError;
+use jose::{Alg, Jwk};
+use model::Issuer;
+use serde_json::{Map, Value, json};
+
+use crate::barrier::Barrier;
+use crate::keyring::Keyring;
+use crate::keyring::material::{SignInput, SignatureEncoding};
+use crate::keyring::model::{Algorithm, VersionState};
+use crate::policy::Pattern;
+use crate::store::{Follow, Store, Table, Write};
+
+/// Issuers, by name.
+pub(crate) const ISSUERS: Table = Table::new("credential_issuers", Follow::Changes);
+
+/// The engine's tables, in the order a backup writes them.
+pub(crate) const TABLES: &[Table] = &[ISSUERS];
+
+/// Where an issuer's documents are on the HTTPS front, after its base URL (Vault's path for
+/// its identity tokens' named providers).
+pub(crate) const ISSUER_PATH: &str = "/v1/identity/oidc/provider/";
+
+/// A signing key's public side: its algorithm, its primary version (the one that signs)
+/// and the versions that verify (enabled), each with its public key (SubjectPublicKeyInfo
+/// PEM).
+pub(crate) struct PublicKeys {
+    /// The key's algorithm.
+    pub algorithm: Algorithm,
+    /// The version that signs.
+    pub primary: u32,
+    /// Every enabled version and its public key.
+    pub versions: Vec<(u32, String)>,
+}
+
+/// The keys a token may be verified with, and the signatures: what the engine needs of the
+/// keyring.
+pub(crate) trait KeySource {
+    /// `key`'s public side.
+    fn verifying_keys(&self, key: &str) -> Result<PublicKeys, CredentialsError>;
+    /// Signs `message` with `key`'s primary version: the signature as JWS wants it (`r | s`
+    /// for ECDSA) and the version that made it.
+    fn sign(&self, key: &str, message: &[u8]) -> Result<(Vec<u8>, u32), CredentialsError>;
+}
+
+impl KeySource for Keyring {
+    fn verifying_keys(&self, key: &str) -> Result<PublicKeys, CredentialsError> {
+        let meta = self.get_key(key)?;
+        let mut keys = Vec::new();
+        for v in meta
+            .versions
+            .iter()
+            .filter(|v| v.state == VersionState::Enabled)
+        {
+            keys.push((v.version, self.public_key(key, v.version)?.0));
+        }
+        Ok(PublicKeys {
+            algorithm: meta.algorithm,
+            primary: meta.primary,
+            versions: keys,
+        })
+    }
+
+    fn sign(&self, key: &str, message: &[u8]) -> Result<(Vec<u8>, u32), CredentialsError> {
+        Ok(Keyring::sign(
+            self,
+            key,
+            SignInput::Message(message),
+            SignatureEncoding::Raw,
+        )?)
+    }
+}
+
+/// How a change commits: its write in one transaction with its audit record.
+pub(crate) trait Journal {
+    /// Commits `writes` with the record of the change of `issuer`: all or nothing.
+    fn commit(&self, issuer: &str, writes: Vec<Write>) -> Result<(), CredentialsError>;
+}
+
+/// A request for a token.
+pub(crate) struct JwtRequest<'a> {
+    /// The issuer's name.
+    pub issuer: &'a str,
+    /// One of the issuer's audiences.
+    pub audience: &'a str,
+    /// Empty: the caller's own identity.
+    pub subject: &'a str,
+    /// 0: the issuer's default.
+    pub ttl: u64,
+}
+
+/// A token issued, and what its record says of it.
+pub(crate) struct Issued {
+    /// The compact JWS. Never logged or recorded.
+    pub token: String,
+    /// What the record names.
+    pub summary: crate::audit::CredentialSummary,
+    /// The key version that signed.
+    pub key_version: u32,
+    /// The key id.
+    pub kid: String,
+}
+
+/// What a valid token says.
+pub(crate) struct Validated {
+    /// `sub`.
+    pub subject: String,
+    /// `jti`.
+    pub jti: String,
+    /// `exp`, Unix seconds.
+    pub expires: u64,
+    /// `act.sub`, if any.
+    pub actor: Option<String>,
+}
+
+/// The open engine.
+pub(crate) struct Credentials {
+    barrier: Arc<Barrier>,
+    store: Arc<dyn Store>,
+    /// Serialises this server's changes of issuers.
+    admin: Mutex<()>,
+}
+
+/// The time in Unix seconds.
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Credentials {
+    /// Opens the engine (nothing is read: each call reads the issuer it names).
+    pub(crate) fn open(barrier: Arc<Barrier>, store: Arc<dyn Store>) -> Self {
+        Self {
+            barrier,
+            store,
+            admin: Mutex::new(()),
+        }
+    }
+
+    /// The issuer `name`.
+    pub(crate) fn issuer(&self, name: &str) -> Result<Issuer, CredentialsError> {
+        let sealed = self
+            .store
+            .get(ISSUERS, name)?
+            .ok_or_else(|| CredentialsError::IssuerNotFound(bounded(name)))?;
+        self.open_issuer(name, &sealed)
+    }
+
+    fn open_issuer(&self, name: &str, sealed: &[u8]) -> Result<Issuer, CredentialsError> {
+        let tampered = || CredentialsError::Tampered(format!("issuer {}", bounded(name)));
+        let json = self
+            .barrier
+            .open(model::ISSUER, name, sealed)
+            .map_err(|_| tampered())?;
+        serde_json::from_slice(&json).map_err(|_| tampered())
+    }
+
+    /// Every issuer, by name (one that does not open is left out and logged).
+    pub(crate) fn issuers(&self) -> Result<Vec<Issuer>, CredentialsError> {
+        let mut out = Vec::new();
+        for (name, sealed) in self.store.scan(ISSUERS)? {
+            match self.open_issuer(&name, &sealed) {
+                Ok(i) => out.push(i),
+                Err(e) => {
+                    tracing::error!(error = %e, "an issuer record is not authentic: left out")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn write(&self, issuer: &Issuer) -> Result<Write, CredentialsError> {
+        let json = zeroize::Zeroizing::new(
+            serde_json::to_vec(issuer)
+                .map_err(|_| CredentialsError::Internal("record encoding"))?,
+        );
+        let value = self
+            .barrier
+            .seal(model::ISSUER, &issuer.name, &json)
+            .map_err(|e| match e {
+                crate::barrier::BarrierError::Randomness => CredentialsError::Randomness,
+                _ => CredentialsError::Internal("barrier"),
+            })?;
+        Ok(Write {
+            table: ISSUERS,
+            key: issuer.name.clone(),
+            value,
+        })
+    }
+
+    /// Defines an issuer whose key can sign JWTs.
+    pub(crate) fn create_issuer(
+        &self,
+        journal: &dyn Journal,
+        keys: &dyn KeySource,
+        mut issuer: Issuer,
+        by: &str,
+    ) -> Result<Issuer, CredentialsError> {
+        issuer.schema = model::SCHEMA;
+        issuer.created_ms = crate::secrets::now_ms();
+        issuer.created_by = by.to_owned();
+        issuer.check()?;
+        signing_alg(keys, &issuer.key)?;
+        let _one = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let _shared = self.store.lock_changes()?;
+        if self.store.get(ISSUERS, &issuer.name)?.is_some() {
+            return Err(CredentialsError::IssuerExists(issuer.name));
+        }
+        journal.commit(&issuer.name, vec![self.write(&issuer)?])?;
+        Ok(issuer)
+    }
+
+    /// Changes an issuer: `change` edits it; the result is checked as a new one is.
+    pub(crate) fn update_issuer(
+        &self,
+        journal: &dyn Journal,
+        keys: &dyn KeySource,
+        name: &str,
+        change: impl FnOnce(&mut Issuer),
+    ) -> Result<Issuer, CredentialsError> {
+        let _one = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let _shared = self.store.lock_changes()?;
+        let mut issuer = self.issuer(name)?;
+        change(&mut issuer);
+        issuer.check()?;
+        signing_alg(keys, &issuer.key)?;
+        journal.commit(&issuer.name, vec![self.write(&issuer)?])?;
+        Ok(issuer)
+    }
+
+    /// Issues a JWT-SVID to `caller` (its principal).
+    pub(crate) fn issue_jwt(
+        &self,
+        keys: &dyn KeySource,
+        base: Option<&str>,
+        caller: &str,
+        req: &JwtRequest<'_>,
+    ) -> Result<Issued, CredentialsError> {
+        let issuer = self.issuer(req.issuer)?;
+        let (subject, actor) = if req.subject.is_empty() || req.subject == caller {
+            if !issuer.allows(caller) {
+                return Err(CredentialsError::Denied(format!(
+                    "{caller:?} may not ask issuer {:?} for a token",
+                    issuer.name
+                )));
+            }
+            (caller.to_owned(), None)
+        } else {
+            model::check_text(req.subject, 2048, "a subject")?;
+            if !issuer.allows_delegation(caller, req.subject) {
+                return Err(CredentialsError::Denied(format!(
+                    "{caller:?} may not ask issuer {:?} for a token on behalf of another subject",
+                    issuer.name
+                )));
+            }
+            (req.subject.to_owned(), Some(caller.to_owned()))
+        };
+        if !subject.starts_with("spiffe://") {
+            return Err(CredentialsError::BadRequest(
+                "a JWT-SVID's subject is a SPIFFE ID: the caller's certificate names none"
+                    .to_owned(),
+            ));
+        }
+        if !issuer.audiences.iter().any(|a| a == req.audience) {
+            return Err(CredentialsError::Denied(format!(
+                "issuer {:?} does not issue tokens for this audience",
+                issuer.name
+            )));
+        }
+        let base = base.ok_or(CredentialsError::NoHttpsFront)?;
+        let ttl = if req.ttl == 0 {
+            issuer.default_ttl
+        } else {
+            req.ttl
+        };
+        if ttl > issuer.max_ttl {
+            return Err(CredentialsError::BadRequest(format!(
+                "ttl_seconds is at most {} for issuer {:?}",
+                issuer.max_ttl, issuer.name
+            )));
+        }
+        let iat = now();
+        let exp = iat.saturating_add(ttl);
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).map_err(|_| CredentialsError::Randomness)?;
+        let jti = data_encoding::HEXLOWER.encode(&id);
+        let mut claims = Map::new();
+        for (k, v) in &issuer.claims {
+            claims.insert(k.clone(), Value::String(v.clone()));
+        }
+        claims.insert(
+            "iss".to_owned(),
+            Value::String(issuer_url(base, &issuer.name)),
+        );
+        claims.insert("sub".to_owned(), Value::String(subject.clone()));
+        claims.insert("aud".to_owned(), json!([req.audience]));
+        claims.insert("exp".to_owned(), json!(exp));
+        claims.insert("iat".to_owned(), json!(iat));
+        claims.insert("jti".to_owned(), Value::String(jti.clone()));
+        if let Some(a) = &actor {
+            claims.insert("act".to_owned(), json!({ "sub": a }));
+        }
+        // The key id names the primary's public key; a rotation between reading it and
+        // signing makes the signature another version's: read and sign again.
+        for _ in 0..3 {
+            let Published {
+                alg,
+                primary,
+                jwks: published,
+            } = published_keys(keys, &issuer.key)?;
+            let jwk = published
+                .into_iter()
+                .find(|(v, _)| *v == primary)
+                .map(|(_, j)| j)
+                .ok_or_else(|| {
+                    CredentialsError::KeyUnusable("its primary version is not enabled".to_owned())
+                })?;
+            let mut version = 0;
+            let token = jose::sign_compact(alg, jwk.kid(), &claims, |input| {
+                let (sig, v) = keys.sign(&issuer.key, input)?;
+                version = v;
+                Ok::<_, CredentialsError>(sig)
+            })
+            .map_err(|e| match e {
+                jose::SignError::Signer(e) => e,
+                other => CredentialsError::KeyUnusable(other.to_string()),
+            })?;
+            if version == primary {
+                return Ok(Issued {
+                    token,
+                    summary: crate::audit::CredentialSummary {
+                        issuer: issuer.name.clone(),
+                        subject,
+                        audience: req.audience.to_owned(),
+                        actor,
+                        jti,
+                        expires: exp,
+                    },
+                    key_version: version,
+                    kid: jwk.kid().to_owned(),
+                });
+            }
+        }
+        Err(CredentialsError::KeyUnusable(
+            "the key was rotated three times while signing".to_owned(),
+        ))
+    }
+
+    /// The public keys of `name`'s tokens, as a JWKS (RFC 7517): every enabled version of
+    /// its key.
+    pub(crate) fn jwks(&self, keys: &dyn KeySource, name: &str) -> Result<Value, CredentialsError> {
+        let issuer = self.issuer(name)?;
+        let published = published_keys(keys, &issuer.key)?.jwks;
+        let list: Vec<Value> = published.iter().map(|(_, j)| j.to_json("sig")).collect();
+        Ok(json!({ "keys": list }))
+    }
+
+    /// `name`'s OpenID Connect discovery document (the members a verifier of its tokens
+    /// reads).
+    pub(crate) fn discovery(
+        &self,
+        keys: &dyn KeySource,
+        base: &str,
+        name: &str,
+    ) -> Result<Value, CredentialsError> {
+        let issuer = self.issuer(name)?;
+        let published = published_keys(keys, &issuer.key)?.jwks;
+        let mut algs: Vec<&str> = published.iter().map(|(_, j)| j.alg().name()).collect();
+        algs.dedup();
+        let url = issuer_url(base, name);
+        Ok(json!({
+            "issuer": url,
+            "jwks_uri": format!("{url}/.well-known/keys"),
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": algs,
+        }))
+    }
+
+    /// Validates `token` as one of `name`'s, for `audience`.
+    pub(crate) fn validate_jwt(
+        &self,
+        keys: &dyn KeySource,
+        base: Option<&str>,
+        name: &str,
+        token: &str,
+        audience: &str,
+    ) -> Result<Result<Validated, String>, CredentialsError> {
+        let issuer = self.issuer(name)?;
+        let base = base.ok_or(CredentialsError::NoHttpsFront)?;
+        let published = published_keys(keys, &issuer.key)?.jwks;
+        let jwks: Vec<Jwk> = published.into_iter().map(|(_, j)| j).collect();
+        let claims = match jose::verify_compact(token, &jwks) {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        Ok(check_claims(
+            &claims,
+            &issuer_url(base, name),
+            audience,
+            now(),
+        ))
+    }
+}
+
+/// The `iss` of issuer `name`'s tokens, under the HTTPS front's URL `base`.
+pub(crate) fn issuer_url(base: &str, name: &str) -> String {
+    format!("{base}{ISSUER_PATH}{name}")
+}
+
+/// The claims' verdict: the issuer, an audience, an expiry not passed, a subject and id.
+fn check_claims(
+    claims: &Map<String, Value>,
+    iss: &str,
+    audience: &str,
+    now: u64,
+) -> Result<Validated, String> {
+    if claims.get("iss").and_then(Value::as_str) != Some(iss) {
+        return Err("the token is another issuer's".to_owned());
+    }
+    let aud_ok = match claims.get("aud") {
+        Some(Value::String(a)) => a == audience,
+        Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(audience)),
+        _ => false,
+    };
+    if !aud_ok {
+        return Err("the token is not for this audience".to_owned());
+    }
+    let Some(exp) = claims.get("exp").and_then(Value::as_u64) else {
+        return Err("the token has no expiry".to_owned());
+    };
+    if exp <= now {
+        return Err("the token has expired".to_owned());
+    }
+    let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_owned);
+    let (Some(subject), Some(jti)) = (text("sub"), text("jti")) else {
+        return Err("the token has no subject or id".to_owned());
+    };
+    let actor = claims
+        .get("act")
+        .and_then(|a| a.get("sub"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    Ok(Validated {
+        subject,
+        jti,
+        expires: exp,
+        actor,
+    })
+}
+
+/// The JWS algorithm `key` signs JWTs with, or why it cannot.
+fn signing_alg(keys: &dyn KeySource, key: &str) -> Result<Alg, CredentialsError> {
+    Alg::of(keys.verifying_keys(key)?.algorithm).ok_or_else(|| {
+        CredentialsError::KeyUnusable(
+            "a JWT is signed by an ECDSA P-256 or P-384, RSA-PSS or RSA PKCS#1 key".to_owned(),
+        )
+    })
+}
+
+/// `key`'s algorithm, primary version and the JWK of each enabled version.
+fn published_keys(keys: &dyn KeySource, key: &str) -> Result<Published, CredentialsError> {
+    let public = keys.verifying_keys(key)?;
+    let alg = Alg::of(public.algorithm).ok_or_else(|| {
+        CredentialsError::KeyUnusable("its algorithm does not sign JWTs".to_owned())
+    })?;
+    let mut jwks = Vec::with_capacity(public.versions.len());
+    for (v, pem) in public.versions {
+        let jwk = Jwk::from_spki_pem(&pem, alg)
+            .map_err(|_| CredentialsError::Internal("a public key that is not one"))?;
+        jwks.push((v, jwk));
+    }
+    Ok(Published {
+        alg,
+        primary: public.primary,
+        jwks,
+    })
+}
+
+/// A signing key as its tokens name it: the JWS algorithm, the primary version, the JWK of
+/// each enabled version.
+struct Published {
+    alg: Alg,
+    primary: u32,
+    jwks: Vec<(u32, Jwk)>,
+}
+
+/// A name as errors show it: at most 64 characters.
+fn bounded(name: &str) -> String {
+    name.chars().take(64).collect()
+}
+
+/// Patterns from their text.
+pub(crate) fn patterns(list: &[String]) -> Result<Vec<Pattern>, CredentialsError> {
+    list.iter()
+        .map(|p| Pattern::new(p).map_err(|e| CredentialsError::BadRequest(e.to_string())))
+        .collect()
+}
+
+impl crate::engine::Engine for Credentials {
+    fn name(&self) -> &'static str {
+        "credentials"
+    }
+
+    fn tables(&self) -> &'static [Table] {
+        TABLES
+    }
+
+    // Nothing is kept: every call reads what it needs.
+    fn heard(&self, _: &[crate::store::Change]) {}
+
+    fn follow(&self, _: &[crate::store::Change]) -> Vec<crate::store::Change> {
+        Vec::new()
+    }
+
+    fn maintain(&self, _: u64) {}
+
+    fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+        self
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests;

@@ -1,0 +1,343 @@
+//! The engine against a real redb store and a key source of software P-256 keys (the
+//! keyring's own signing is tested with the keyring; the server's, with SoftHSM, in
+//! softhsm-tests/tests/credentials.rs).
+
+use std::sync::{Arc, Mutex};
+
+use p256::ecdsa::signature::Signer as _;
+use p256::elliptic_curve::Generate as _;
+use p256::pkcs8::{EncodePublicKey as _, LineEnding};
+use serde_json::Value;
+
+use super::model::{self, Issuer};
+use super::{Credentials, CredentialsError, ISSUERS, Journal, JwtRequest, KeySource, PublicKeys};
+use crate::barrier::Barrier;
+use crate::keyring::model::Algorithm;
+use crate::policy::Pattern;
+use crate::store::{RedbStore, Store, Write};
+
+const BASE: &str = "https://kms.example:8201";
+const APP: &str = "spiffe://corp/app/web";
+const CI: &str = "spiffe://corp/ci";
+
+/// Versions of one P-256 key; the last is the primary. `rotate_on_sign` adds a version
+/// (as a rotation between reading the key and signing would) before the next signature.
+struct Keys {
+    versions: Mutex<Vec<p256::ecdsa::SigningKey>>,
+    rotate_on_sign: Mutex<usize>,
+    algorithm: Algorithm,
+}
+
+impl Keys {
+    fn new(algorithm: Algorithm) -> Self {
+        Self {
+            versions: Mutex::new(vec![new_key()]),
+            rotate_on_sign: Mutex::new(0),
+            algorithm,
+        }
+    }
+}
+
+fn new_key() -> p256::ecdsa::SigningKey {
+    p256::ecdsa::SigningKey::try_generate_from_rng(&mut getrandom::SysRng).unwrap()
+}
+
+impl KeySource for Keys {
+    fn verifying_keys(&self, key: &str) -> Result<PublicKeys, CredentialsError> {
+        assert_eq!(key, "signer");
+        let versions = self.versions.lock().unwrap();
+        let pems = versions
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let pem = k.verifying_key().to_public_key_pem(LineEnding::LF).unwrap();
+                (u32::try_from(i).unwrap() + 1, pem)
+            })
+            .collect();
+        Ok(PublicKeys {
+            algorithm: self.algorithm,
+            primary: u32::try_from(versions.len()).unwrap(),
+            versions: pems,
+        })
+    }
+
+    fn sign(&self, _: &str, message: &[u8]) -> Result<(Vec<u8>, u32), CredentialsError> {
+        let mut rotations = self.rotate_on_sign.lock().unwrap();
+        let mut versions = self.versions.lock().unwrap();
+        if *rotations > 0 {
+            *rotations -= 1;
+            versions.push(new_key());
+        }
+        let sig: p256::ecdsa::Signature = versions.last().unwrap().sign(message);
+        Ok((
+            sig.to_bytes().to_vec(),
+            u32::try_from(versions.len()).unwrap(),
+        ))
+    }
+}
+
+struct Direct(Arc<dyn Store>);
+
+impl Journal for Direct {
+    fn commit(&self, _: &str, writes: Vec<Write>) -> Result<(), CredentialsError> {
+        self.0.write_all(&writes)?;
+        Ok(())
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    engine: Credentials,
+    keys: Keys,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("kms.redb")).unwrap());
+    let barrier = Arc::new(Barrier::new(zeroize::Zeroizing::new([9u8; 32])));
+    let engine = Credentials::open(barrier, Arc::clone(&store));
+    let f = Fixture {
+        _dir: dir,
+        store,
+        engine,
+        keys: Keys::new(Algorithm::EcdsaP256Sha256),
+    };
+    f.engine
+        .create_issuer(&Direct(Arc::clone(&f.store)), &f.keys, issuer(), "admin")
+        .unwrap();
+    f
+}
+
+fn issuer() -> Issuer {
+    Issuer {
+        schema: model::SCHEMA,
+        name: "workloads".to_owned(),
+        key: "signer".to_owned(),
+        principals: vec![Pattern::new("spiffe://corp/app/*").unwrap()],
+        audiences: vec!["payments".to_owned()],
+        default_ttl: 300,
+        max_ttl: 600,
+        claims: [("team".to_owned(), "platform".to_owned())].into(),
+        delegators: vec![Pattern::new(CI).unwrap()],
+        subjects: vec![Pattern::new("spiffe://corp/app/*").unwrap()],
+        created_ms: 0,
+        created_by: String::new(),
+    }
+}
+
+fn ask<'a>(audience: &'a str, subject: &'a str, ttl: u64) -> JwtRequest<'a> {
+    JwtRequest {
+        issuer: "workloads",
+        audience,
+        subject,
+        ttl,
+    }
+}
+
+fn claims_of(token: &str) -> serde_json::Map<String, Value> {
+    let payload = token.split('.').nth(1).unwrap();
+    let bytes = data_encoding::BASE64URL_NOPAD
+        .decode(payload.as_bytes())
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+#[test]
+fn a_token_carries_the_jwt_svid_claims_and_validates() {
+    let f = fixture();
+    let issued = f
+        .engine
+        .issue_jwt(&f.keys, Some(BASE), APP, &ask("payments", "", 0))
+        .unwrap();
+    let c = claims_of(&issued.token);
+    assert_eq!(
+        c["iss"],
+        format!("{BASE}/v1/identity/oidc/provider/workloads")
+    );
+    assert_eq!(c["sub"], APP);
+    assert_eq!(c["aud"], serde_json::json!(["payments"]));
+    assert_eq!(c["team"], "platform");
+    assert_eq!(c["jti"], issued.summary.jti.as_str());
+    assert_eq!(
+        c["exp"].as_u64().unwrap() - c["iat"].as_u64().unwrap(),
+        300,
+        "the issuer's default lifetime"
+    );
+    assert!(c.get("act").is_none());
+    assert_eq!(issued.summary.subject, APP);
+    assert_eq!(issued.summary.actor, None);
+    let v = f
+        .engine
+        .validate_jwt(&f.keys, Some(BASE), "workloads", &issued.token, "payments")
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.subject, APP);
+    assert_eq!(v.jti, issued.summary.jti);
+    // Another audience, another issuer URL: not valid.
+    assert!(
+        f.engine
+            .validate_jwt(&f.keys, Some(BASE), "workloads", &issued.token, "other")
+            .unwrap()
+            .is_err()
+    );
+    assert!(
+        f.engine
+            .validate_jwt(
+                &f.keys,
+                Some("https://elsewhere"),
+                "workloads",
+                &issued.token,
+                "payments"
+            )
+            .unwrap()
+            .is_err()
+    );
+}
+
+#[test]
+fn a_delegator_asks_for_its_subjects_only_and_the_token_names_it() {
+    let f = fixture();
+    let issued = f
+        .engine
+        .issue_jwt(&f.keys, Some(BASE), CI, &ask("payments", APP, 0))
+        .unwrap();
+    let c = claims_of(&issued.token);
+    assert_eq!(c["sub"], APP);
+    assert_eq!(c["act"], serde_json::json!({ "sub": CI }));
+    assert_eq!(issued.summary.actor.as_deref(), Some(CI));
+    for (caller, subject) in [
+        (CI, "spiffe://corp/admin"),
+        (APP, "spiffe://corp/app/db"),
+        (CI, ""),
+    ] {
+        assert!(
+            matches!(
+                f.engine
+                    .issue_jwt(&f.keys, Some(BASE), caller, &ask("payments", subject, 0)),
+                Err(CredentialsError::Denied(_))
+            ),
+            "{caller} for {subject:?}"
+        );
+    }
+}
+
+#[test]
+fn requests_out_of_the_issuers_bounds_are_refused() {
+    let f = fixture();
+    let issue =
+        |caller: &str, req: JwtRequest<'_>| f.engine.issue_jwt(&f.keys, Some(BASE), caller, &req);
+    assert!(matches!(
+        issue(APP, ask("elsewhere", "", 0)),
+        Err(CredentialsError::Denied(_))
+    ));
+    assert!(matches!(
+        issue(APP, ask("payments", "", 601)),
+        Err(CredentialsError::BadRequest(_))
+    ));
+    assert!(issue(APP, ask("payments", "", 600)).is_ok());
+    assert!(matches!(
+        issue("spiffe://corp/other", ask("payments", "", 0)),
+        Err(CredentialsError::Denied(_))
+    ));
+    assert!(matches!(
+        f.engine.issue_jwt(
+            &f.keys,
+            Some(BASE),
+            APP,
+            &JwtRequest {
+                issuer: "nobody",
+                ..ask("payments", "", 0)
+            }
+        ),
+        Err(CredentialsError::IssuerNotFound(_))
+    ));
+    // Without the HTTPS front, no token: none could name where its keys are.
+    assert!(matches!(
+        f.engine
+            .issue_jwt(&f.keys, None, APP, &ask("payments", "", 0)),
+        Err(CredentialsError::NoHttpsFront)
+    ));
+    // A key that cannot sign JWTs: the issuer is refused.
+    let ed = Keys::new(Algorithm::Ed25519);
+    let mut other = issuer();
+    other.name = "ed".to_owned();
+    assert!(matches!(
+        f.engine
+            .create_issuer(&Direct(Arc::clone(&f.store)), &ed, other, "admin"),
+        Err(CredentialsError::KeyUnusable(_))
+    ));
+}
+
+#[test]
+fn a_rotation_while_signing_signs_again_with_the_key_it_names() {
+    let f = fixture();
+    *f.keys.rotate_on_sign.lock().unwrap() = 1;
+    let issued = f
+        .engine
+        .issue_jwt(&f.keys, Some(BASE), APP, &ask("payments", "", 0))
+        .unwrap();
+    assert_eq!(issued.key_version, 2);
+    // Both versions published; the token names the one that signed.
+    let jwks = f.engine.jwks(&f.keys, "workloads").unwrap();
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(kids.len(), 2);
+    assert_eq!(kids[1], issued.kid);
+    assert!(
+        f.engine
+            .validate_jwt(&f.keys, Some(BASE), "workloads", &issued.token, "payments")
+            .unwrap()
+            .is_ok()
+    );
+}
+
+#[test]
+fn an_issuer_record_altered_in_the_store_is_refused() {
+    let f = fixture();
+    let sealed = f.store.get(ISSUERS, "workloads").unwrap().unwrap();
+    // Moved under another name: it does not open there.
+    f.store.put(ISSUERS, "moved", &sealed).unwrap();
+    assert!(matches!(
+        f.engine.issuer("moved"),
+        Err(CredentialsError::Tampered(_))
+    ));
+    assert_eq!(f.engine.issuers().unwrap().len(), 1, "left out of the list");
+    let mut bytes = sealed;
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    f.store.put(ISSUERS, "workloads", &bytes).unwrap();
+    assert!(matches!(
+        f.engine
+            .issue_jwt(&f.keys, Some(BASE), APP, &ask("payments", "", 0)),
+        Err(CredentialsError::Tampered(_))
+    ));
+}
+
+#[test]
+fn an_update_is_checked_as_a_new_issuer_is() {
+    let f = fixture();
+    let journal = Direct(Arc::clone(&f.store));
+    let updated = f
+        .engine
+        .update_issuer(&journal, &f.keys, "workloads", |i| i.max_ttl = 900)
+        .unwrap();
+    assert_eq!(updated.max_ttl, 900);
+    assert!(matches!(
+        f.engine
+            .update_issuer(&journal, &f.keys, "workloads", |i| i.audiences.clear()),
+        Err(CredentialsError::BadRequest(_))
+    ));
+    assert_eq!(
+        f.engine.issuer("workloads").unwrap().audiences,
+        ["payments"]
+    );
+    assert!(matches!(
+        f.engine.create_issuer(&journal, &f.keys, issuer(), "admin"),
+        Err(CredentialsError::IssuerExists(_))
+    ));
+}

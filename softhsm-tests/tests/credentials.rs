@@ -1,0 +1,361 @@
+//! JWT-SVIDs issued by the credentials engine (docs/credentials.md) on a real server over a
+//! SoftHSM token, checked by what verifiers really use: PyJWT's `PyJWKClient` fetching the
+//! issuer's keys from its JWKS URL over TLS without a client certificate, and `jwt.decode`
+//! (`credentials_client.py`). An HSM P-256 key signs; a key rotation keeps the old tokens
+//! verifying and the new ones verify at once; a delegator's token carries `act`; refusals
+//! are typed and recorded; no token's text reaches the audit log or the server's log.
+//!
+//! The interpreter is `KMS_TEST_PYTHON`, else `target/pyenv` (scripts/test installs PyJWT
+//! there). The test fails, never skips, when neither is there.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::path::Path;
+use std::process::Command;
+
+use kms_proto::v1 as pb;
+use pb::credentials_client::CredentialsClient;
+use softhsm_tests::{ClientSpec, TestHsm, free_port, python, start_unsealed};
+
+/// Runs a phase of the verifier script; its JSON output.
+fn verifier(phase: &str, config: &serde_json::Value) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/credentials_client.py");
+    let out = Command::new(python())
+        .arg(script)
+        .arg(phase)
+        .arg(config.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "phase {phase} failed: {stderr}\n{stdout}"
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+fn issuer(name: &str, key: &str, principals: &[&str]) -> pb::Issuer {
+    pb::Issuer {
+        name: name.into(),
+        key: key.into(),
+        principals: principals.iter().map(|p| (*p).to_owned()).collect(),
+        audiences: vec!["payments".into()],
+        claims: [("team".to_owned(), "platform".to_owned())].into(),
+        ..pb::Issuer::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
+    let hsm = TestHsm::new("credentials");
+    let port = free_port();
+    let config = hsm.config_full(
+        "kms.toml",
+        &hsm.hsm_table(),
+        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let (server, _shares) = start_unsealed(&hsm, &config);
+    let app = hsm.pki.client("app", &ClientSpec::spiffe("app"));
+    let ci = hsm.pki.client("ci", &ClientSpec::spiffe("ci"));
+    let other = hsm.pki.client("other", &ClientSpec::spiffe("other"));
+    let admin_channel = server.channel(Some(&server.admin)).await;
+    let mut keys = pb::key_management_client::KeyManagementClient::new(admin_channel.clone());
+    for (name, algorithm, protection) in [
+        (
+            "jwt-hsm",
+            pb::Algorithm::EcdsaP256Sha256,
+            pb::ProtectionLevel::Hsm,
+        ),
+        (
+            "jwt-other",
+            pb::Algorithm::EcdsaP384Sha384,
+            pb::ProtectionLevel::Software,
+        ),
+        (
+            "aes",
+            pb::Algorithm::Aes256Gcm,
+            pb::ProtectionLevel::Software,
+        ),
+    ] {
+        keys.create_key(pb::CreateKeyRequest {
+            name: name.into(),
+            algorithm: algorithm as i32,
+            protection_level: protection as i32,
+            ..pb::CreateKeyRequest::default()
+        })
+        .await
+        .unwrap();
+    }
+    let mut admin = CredentialsClient::new(admin_channel);
+    let mut workloads = issuer("workloads", "jwt-hsm", &[&app.principal]);
+    workloads.delegators = vec![ci.principal.clone()];
+    workloads.subjects = vec![format!("{}*", app.principal)];
+    workloads.max_ttl_seconds = 600;
+    let made = admin
+        .create_issuer(pb::CreateIssuerRequest {
+            issuer: Some(workloads),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let iss = format!("https://127.0.0.1:{port}/v1/identity/oidc/provider/workloads");
+    assert_eq!(made.issuer_url, iss);
+    assert_eq!(made.default_ttl_seconds, 300);
+    admin
+        .create_issuer(pb::CreateIssuerRequest {
+            issuer: Some(issuer("other", "jwt-other", &[&app.principal])),
+        })
+        .await
+        .unwrap();
+    // A key that cannot sign JWTs, a name taken, a registered claim, the app as admin.
+    let refused = |r: Result<tonic::Response<pb::Issuer>, tonic::Status>, code: tonic::Code| {
+        let s = r.expect_err("refused");
+        assert_eq!(s.code(), code, "{s:?}");
+    };
+    refused(
+        admin
+            .create_issuer(pb::CreateIssuerRequest {
+                issuer: Some(issuer("aes", "aes", &[&app.principal])),
+            })
+            .await,
+        tonic::Code::FailedPrecondition,
+    );
+    refused(
+        admin
+            .create_issuer(pb::CreateIssuerRequest {
+                issuer: Some(issuer("workloads", "jwt-hsm", &[&app.principal])),
+            })
+            .await,
+        tonic::Code::AlreadyExists,
+    );
+    let mut bad = issuer("claims", "jwt-hsm", &[&app.principal]);
+    bad.claims.insert("sub".into(), "x".into());
+    refused(
+        admin
+            .create_issuer(pb::CreateIssuerRequest { issuer: Some(bad) })
+            .await,
+        tonic::Code::InvalidArgument,
+    );
+
+    let mut as_app = CredentialsClient::new(server.channel(Some(&app)).await);
+    let ask = |issuer: &str, audience: &str, subject: &str, ttl: u64| pb::IssueJwtRequest {
+        issuer: issuer.into(),
+        audience: audience.into(),
+        subject: subject.into(),
+        ttl_seconds: ttl,
+    };
+    let first = as_app
+        .issue_jwt(ask("workloads", "payments", "", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.subject, app.principal);
+    assert_eq!(first.key_version, 1);
+    assert!(format!("{first:?}").contains("bytes redacted"));
+    let other_token = as_app
+        .issue_jwt(ask("other", "payments", "", 0))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let expired = as_app
+        .issue_jwt(ask("workloads", "payments", "", 1))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    // The delegator asks on the app's behalf: `act` names it.
+    let delegated = CredentialsClient::new(server.channel(Some(&ci)).await)
+        .issue_jwt(ask("workloads", "payments", &app.principal, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(delegated.subject, app.principal);
+
+    // Refusals: each typed, nothing issued.
+    let no = |r: Result<tonic::Response<pb::IssueJwtResponse>, tonic::Status>,
+              code: tonic::Code| {
+        let s = r.expect_err("refused");
+        assert_eq!(s.code(), code, "{s:?}");
+    };
+    no(
+        as_app.issue_jwt(ask("workloads", "elsewhere", "", 0)).await,
+        tonic::Code::PermissionDenied,
+    );
+    no(
+        as_app
+            .issue_jwt(ask("workloads", "payments", "", 601))
+            .await,
+        tonic::Code::InvalidArgument,
+    );
+    no(
+        as_app
+            .issue_jwt(ask("workloads", "payments", &ci.principal, 0))
+            .await,
+        tonic::Code::PermissionDenied,
+    );
+    no(
+        as_app.issue_jwt(ask("nobody", "payments", "", 0)).await,
+        tonic::Code::NotFound,
+    );
+    no(
+        CredentialsClient::new(server.channel(Some(&other)).await)
+            .issue_jwt(ask("workloads", "payments", "", 0))
+            .await,
+        tonic::Code::PermissionDenied,
+    );
+
+    // Rotation: the old key stays published while enabled; new tokens name the new one.
+    keys.rotate_key(pb::RotateKeyRequest {
+        name: "jwt-hsm".into(),
+    })
+    .await
+    .unwrap();
+    let rotated = as_app
+        .issue_jwt(ask("workloads", "payments", "", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rotated.key_version, 2);
+    assert_ne!(rotated.kid, first.kid);
+
+    let discovered = verifier(
+        "discovery",
+        &serde_json::json!({ "ca": server.ca, "issuer_url": iss }),
+    );
+    let mut kids = vec![first.kid.clone(), rotated.kid.clone()];
+    kids.sort();
+    assert_eq!(discovered["kids"], serde_json::json!(kids));
+    assert_eq!(discovered["algs"], serde_json::json!(["ES256"]));
+    assert_eq!(discovered["unknown_issuer"], 404);
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let verified = verifier(
+        "verify",
+        &serde_json::json!({
+            "ca": server.ca,
+            "issuer_url": iss,
+            "audience": "payments",
+            "alg": "ES256",
+            "valid": [first.token, rotated.token, delegated.token],
+            "other_issuer": other_token,
+            "expired": expired,
+        }),
+    );
+    assert_eq!(
+        verified["subjects"],
+        serde_json::json!([app.principal, app.principal, app.principal])
+    );
+    assert_eq!(
+        verified["actors"],
+        serde_json::json!([null, null, ci.principal])
+    );
+    assert_eq!(verified["jtis"][0], first.jti.as_str());
+    assert_eq!(
+        verified["team"],
+        serde_json::json!(["platform", "platform", "platform"])
+    );
+    assert_eq!(verified["other_audience"], "InvalidAudienceError");
+    assert_eq!(verified["altered"], "InvalidSignatureError");
+    assert_eq!(verified["unknown_kid"], "PyJWKClientError");
+    assert_eq!(verified["expired"], "ExpiredSignatureError");
+
+    // ValidateJwt: for services that ask kms rather than fetch the keys.
+    let mut validator = CredentialsClient::new(server.channel(Some(&other)).await);
+    let validate = |token: &str, audience: &str| pb::ValidateJwtRequest {
+        issuer: "workloads".into(),
+        token: token.into(),
+        audience: audience.into(),
+    };
+    let ok = validator
+        .validate_jwt(validate(&delegated.token, "payments"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.valid, "{ok:?}");
+    assert_eq!(ok.actor, ci.principal);
+    for (token, audience) in [
+        (rotated.token.as_str(), "elsewhere"),
+        (expired.as_str(), "payments"),
+        (other_token.as_str(), "payments"),
+        ("not.a.token", "payments"),
+    ] {
+        let v = validator
+            .validate_jwt(validate(token, audience))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!v.valid && !v.reason.is_empty(), "{v:?}");
+    }
+
+    // The records: each issuance with its issuer, subject, audience, jti and expiry; each
+    // refusal with its issuer; no token anywhere.
+    let out = server.kms_as(Some(&hsm.auditor), &["audit", "export"], "");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let events: Vec<serde_json::Value> = out
+        .stdout
+        .lines()
+        .skip(1)
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["event"].clone())
+        .filter(|e| e["service"] == "kms.v1.Credentials")
+        .collect();
+    let issued: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["operation"] == "IssueJwt" && e["outcome"] == "OK")
+        .collect();
+    assert_eq!(issued.len(), 5, "{events:#?}");
+    let delegated_record = issued
+        .iter()
+        .find(|e| e["credential"]["jti"] == delegated.jti.as_str())
+        .expect("the delegated token is recorded");
+    assert_eq!(delegated_record["principal"], ci.principal.as_str());
+    assert_eq!(
+        delegated_record["credential"]["subject"],
+        app.principal.as_str()
+    );
+    assert_eq!(
+        delegated_record["credential"]["actor"],
+        ci.principal.as_str()
+    );
+    assert_eq!(delegated_record["credential"]["audience"], "payments");
+    assert_eq!(
+        delegated_record["credential"]["expires"],
+        delegated.expires_unix
+    );
+    let refusals: Vec<&str> = events
+        .iter()
+        .filter(|e| e["operation"] == "IssueJwt" && e["outcome"] != "OK")
+        .map(|e| e["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        refusals,
+        [
+            "PERMISSION_DENIED",
+            "INVALID_ARGUMENT",
+            "PERMISSION_DENIED",
+            "NOT_FOUND",
+            "PERMISSION_DENIED"
+        ]
+    );
+    assert!(
+        events
+            .iter()
+            .filter(|e| e["operation"] == "IssueJwt")
+            .all(|e| !e["credential"]["issuer"]
+                .as_str()
+                .unwrap_or_default()
+                .is_empty()),
+        "{events:#?}"
+    );
+    let logs = hsm.logs();
+    for token in [&first.token, &rotated.token, &delegated.token, &expired] {
+        let signature = token.rsplit('.').next().unwrap();
+        assert!(!out.stdout.contains(signature), "a token in the audit log");
+        assert!(!logs.contains(signature), "a token in the server's log");
+    }
+}
