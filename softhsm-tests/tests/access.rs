@@ -83,6 +83,7 @@ const RPCS: &[&str] = &[
     "Credentials/UpdateIssuer",
     "Credentials/IssueJwt",
     "Credentials/ValidateJwt",
+    "Credentials/RevokeJwt",
     "Audit/ExportAuditLog",
     "Audit/KeyUsageReport",
     "Audit/VerifyAuditLog",
@@ -530,6 +531,13 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
             })
             .await
             .map(drop),
+        "Credentials/RevokeJwt" => cred
+            .revoke_jwt(pb::RevokeJwtRequest {
+                issuer: "workloads".into(),
+                jti: format!("{n:032x}"),
+            })
+            .await
+            .map(drop),
         "Secrets/GetSecretsConfig" => sec
             .get_secrets_config(pb::GetSecretsConfigRequest {})
             .await
@@ -635,7 +643,7 @@ fn expected(who: &str, rpc: &str) -> Code {
         // principals (the granted service), none of which this server issues or validates
         // without an HTTPS front to publish the keys on.
         let allowed = match method {
-            "CreateIssuer" | "UpdateIssuer" => who == "admin",
+            "CreateIssuer" | "UpdateIssuer" | "RevokeJwt" => who == "admin",
             "IssueJwt" => who == "granted-service",
             _ => who != "no-certificate",
         };

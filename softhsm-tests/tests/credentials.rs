@@ -293,6 +293,31 @@ async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
         assert!(!v.valid && !v.reason.is_empty(), "{v:?}");
     }
 
+    // A revoked token: ValidateJwt refuses it; the app may not revoke.
+    let revoked = admin
+        .revoke_jwt(pb::RevokeJwtRequest {
+            issuer: "workloads".into(),
+            jti: delegated.jti.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(revoked.until_unix > delegated.expires_unix);
+    let v = validator
+        .validate_jwt(validate(&delegated.token, "payments"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!v.valid && v.reason.contains("revoked"), "{v:?}");
+    let s = as_app
+        .revoke_jwt(pb::RevokeJwtRequest {
+            issuer: "workloads".into(),
+            jti: first.jti.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+
     // The records: each issuance with its issuer, subject, audience, jti and expiry; each
     // refusal with its issuer; no token anywhere.
     let out = server.kms_as(Some(&hsm.auditor), &["audit", "export"], "");
@@ -327,6 +352,12 @@ async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
         delegated_record["credential"]["expires"],
         delegated.expires_unix
     );
+    let revocation = events
+        .iter()
+        .find(|e| e["operation"] == "RevokeJwt" && e["outcome"] == "OK")
+        .expect("the revocation is recorded");
+    assert_eq!(revocation["credential"]["jti"], delegated.jti.as_str());
+    assert_eq!(revocation["credential"]["issuer"], "workloads");
     let refusals: Vec<&str> = events
         .iter()
         .filter(|e| e["operation"] == "IssueJwt" && e["outcome"] != "OK")

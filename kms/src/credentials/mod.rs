@@ -29,8 +29,16 @@ use crate::store::{Follow, Store, Table, Write};
 /// Issuers, by name.
 pub(crate) const ISSUERS: Table = Table::new("credential_issuers", Follow::Changes);
 
+/// Tokens revoked, by `ISSUER/JTI`: until when ValidateJwt refuses them (8-byte big-endian
+/// Unix seconds, sealed with the entry's name).
+pub(crate) const REVOCATIONS: Table = Table::new("credential_revocations", Follow::Never);
+
 /// The engine's tables, in the order a backup writes them.
-pub(crate) const TABLES: &[Table] = &[ISSUERS];
+pub(crate) const TABLES: &[Table] = &[ISSUERS, REVOCATIONS];
+
+/// How long a revocation is kept: longer than any token lives
+/// ([`model::MAX_TTL_LIMIT`]), whatever its issuer allowed when it was issued.
+const REVOCATION_KEPT: u64 = model::MAX_TTL_LIMIT;
 
 /// Where an issuer's documents are on the HTTPS front, after its base URL (Vault's path for
 /// its identity tokens' named providers).
@@ -410,18 +418,97 @@ impl Credentials {
             Ok(c) => c,
             Err(e) => return Ok(Err(e.to_string())),
         };
-        Ok(check_claims(
-            &claims,
-            &issuer_url(base, name),
-            audience,
-            now(),
-        ))
+        let verdict = check_claims(&claims, &issuer_url(base, name), audience, now());
+        if let Ok(v) = &verdict
+            && self.revoked(name, &v.jti)?
+        {
+            return Ok(Err("the token was revoked".to_owned()));
+        }
+        Ok(verdict)
     }
 }
 
 /// The `iss` of issuer `name`'s tokens, under the HTTPS front's URL `base`.
 pub(crate) fn issuer_url(base: &str, name: &str) -> String {
     format!("{base}{ISSUER_PATH}{name}")
+}
+
+impl Credentials {
+    /// Revokes `name`'s token `jti`: [`Credentials::validate_jwt`] refuses it until the
+    /// answer (Unix seconds).
+    pub(crate) fn revoke_jwt(
+        &self,
+        journal: &dyn Journal,
+        name: &str,
+        jti: &str,
+    ) -> Result<u64, CredentialsError> {
+        let issuer = self.issuer(name)?;
+        if jti.len() != 32 || !jti.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(CredentialsError::BadRequest(
+                "a jti kms issued is 32 lowercase hex digits".to_owned(),
+            ));
+        }
+        let until = now().saturating_add(REVOCATION_KEPT);
+        let key = revocation_key(&issuer.name, jti);
+        let value = self
+            .barrier
+            .seal(model::REVOCATION, &key, &until.to_be_bytes())
+            .map_err(|_| CredentialsError::Randomness)?;
+        journal.commit(
+            &issuer.name,
+            vec![Write {
+                table: REVOCATIONS,
+                key,
+                value,
+            }],
+        )?;
+        Ok(until)
+    }
+
+    /// Whether `name`'s token `jti` is revoked now. A revocation record that does not open
+    /// counts as one (the store was altered: refuse rather than accept).
+    fn revoked(&self, name: &str, jti: &str) -> Result<bool, CredentialsError> {
+        let key = revocation_key(name, jti);
+        let Some(sealed) = self.store.get(REVOCATIONS, &key)? else {
+            return Ok(false);
+        };
+        Ok(self.revoked_until(&key, &sealed).unwrap_or(u64::MAX) > now())
+    }
+
+    /// Until when a revocation record says its token is refused; `None` when it does not
+    /// open.
+    fn revoked_until(&self, key: &str, sealed: &[u8]) -> Option<u64> {
+        self.barrier
+            .open(model::REVOCATION, key, sealed)
+            .ok()
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map(u64::from_be_bytes)
+    }
+
+    /// Removes the revocations past their time (what maintenance does); how many. A record
+    /// that does not open stays (kms removes only what it wrote).
+    pub(crate) fn sweep_revocations(&self, now: u64) -> Result<usize, CredentialsError> {
+        let removals: Vec<crate::store::Removal> = self
+            .store
+            .scan(REVOCATIONS)?
+            .into_iter()
+            .filter(|(key, sealed)| self.revoked_until(key, sealed).is_some_and(|u| u <= now))
+            .map(|(key, _)| crate::store::Removal {
+                table: REVOCATIONS,
+                from: key.clone(),
+                to: key,
+            })
+            .collect();
+        if !removals.is_empty() {
+            self.store.write_all_removing(&[], &removals)?;
+        }
+        Ok(removals.len())
+    }
+}
+
+/// A revocation's key: the issuer's name (no `/` in it) and the jti.
+fn revocation_key(issuer: &str, jti: &str) -> String {
+    format!("{issuer}/{jti}")
 }
 
 /// The claims' verdict: the issuer, an audience, an expiry not passed, a subject and id.
@@ -529,7 +616,15 @@ impl crate::engine::Engine for Credentials {
         Vec::new()
     }
 
-    fn maintain(&self, _: u64) {}
+    fn maintain(&self, now: u64) {
+        match self.sweep_revocations(now) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "revocations of expired tokens removed"),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "revocations of expired tokens not removed: the next maintenance tries again");
+            }
+        }
+    }
 
     fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
         self

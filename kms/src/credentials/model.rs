@@ -19,6 +19,16 @@ pub(crate) const ISSUER: Purpose = match Purpose::new("credentials/issuer") {
     None => panic!("a purpose is [a-z0-9_/-]{{1,64}}"),
 };
 
+/// The purpose of revocation records.
+#[allow(
+    clippy::panic,
+    reason = "evaluated when the const is: a bad name fails the build"
+)]
+pub(crate) const REVOCATION: Purpose = match Purpose::new("credentials/revocation") {
+    Some(p) => p,
+    None => panic!("a purpose is [a-z0-9_/-]{{1,64}}"),
+};
+
 /// The schema of issuer records.
 pub(crate) const SCHEMA: u32 = 1;
 

@@ -341,3 +341,51 @@ fn an_update_is_checked_as_a_new_issuer_is() {
         Err(CredentialsError::IssuerExists(_))
     ));
 }
+
+#[test]
+fn a_revoked_token_is_refused_until_the_revocation_expires() {
+    let f = fixture();
+    let journal = Direct(Arc::clone(&f.store));
+    let issued = f
+        .engine
+        .issue_jwt(&f.keys, Some(BASE), APP, &ask("payments", "", 0))
+        .unwrap();
+    let other = f
+        .engine
+        .issue_jwt(&f.keys, Some(BASE), APP, &ask("payments", "", 0))
+        .unwrap();
+    let until = f
+        .engine
+        .revoke_jwt(&journal, "workloads", &issued.summary.jti)
+        .unwrap();
+    assert!(until >= super::now() + model::MAX_TTL_LIMIT - 5);
+    let validate = |token: &str| {
+        f.engine
+            .validate_jwt(&f.keys, Some(BASE), "workloads", token, "payments")
+            .unwrap()
+    };
+    assert_eq!(
+        validate(&issued.token).err().unwrap(),
+        "the token was revoked"
+    );
+    assert!(validate(&other.token).is_ok(), "only the jti revoked");
+    for bad in ["", "abc", &"G".repeat(32), &"A".repeat(32)] {
+        assert!(matches!(
+            f.engine.revoke_jwt(&journal, "workloads", bad),
+            Err(CredentialsError::BadRequest(_))
+        ));
+    }
+    assert!(matches!(
+        f.engine.revoke_jwt(&journal, "nobody", &issued.summary.jti),
+        Err(CredentialsError::IssuerNotFound(_))
+    ));
+    // A revocation record that does not open refuses its token all the same, and stays.
+    let key = format!("workloads/{}", other.summary.jti);
+    f.store.put(super::REVOCATIONS, &key, b"forged").unwrap();
+    assert!(validate(&other.token).is_err());
+    // Maintenance removes what has expired, nothing else.
+    assert_eq!(f.engine.sweep_revocations(until - 1).unwrap(), 0);
+    assert_eq!(f.engine.sweep_revocations(until).unwrap(), 1);
+    assert!(validate(&issued.token).is_ok());
+    assert!(f.store.get(super::REVOCATIONS, &key).unwrap().is_some());
+}

@@ -220,6 +220,23 @@ impl pb::credentials_server::Credentials for CredentialsService {
         )
     }
 
+    async fn revoke_jwt(
+        &self,
+        request: Request<pb::RevokeJwtRequest>,
+    ) -> Result<Response<pb::RevokeJwtResponse>, Status> {
+        let r = request.get_ref();
+        let call = self.call(&request, Op::RevokeJwt, &r.issuer);
+        let call = Call::credential_jti(call, &r.jti);
+        let r = request.into_inner();
+        respond(
+            crate::service::with_credentials(&self.ctx, call, move |cr, _, c| {
+                let until = cr.revoke_jwt(c, &r.issuer, &r.jti)?;
+                Ok(Served::new(pb::RevokeJwtResponse { until_unix: until }))
+            })
+            .await,
+        )
+    }
+
     async fn validate_jwt(
         &self,
         request: Request<pb::ValidateJwtRequest>,

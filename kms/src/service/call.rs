@@ -255,13 +255,32 @@ impl Call {
         self
     }
 
-    /// Names the credential issuer the call is about (bounded: the name is checked by the
-    /// engine), so that its record names it whatever its outcome.
+    /// Names the credential issuer the call is about, so that its record names it whatever
+    /// its outcome (a name that is not one as a bounded placeholder; the engine refuses it).
     pub(crate) fn credential(mut self, issuer: &str) -> Self {
+        let recorded = match crate::keyring::model::check_name(issuer) {
+            Ok(()) => issuer.to_owned(),
+            Err(_) if issuer.is_empty() => String::new(),
+            Err(_) => invalid_name(issuer),
+        };
         self.event.credential = Some(crate::audit::CredentialSummary {
-            issuer: issuer.chars().take(128).collect(),
+            issuer: recorded,
             ..crate::audit::CredentialSummary::default()
         });
+        self
+    }
+
+    /// Names the token a call concerns by its `jti` (one that is not one kms makes, 32 hex
+    /// digits, as a bounded placeholder; the engine refuses it).
+    pub(crate) fn credential_jti(mut self, jti: &str) -> Self {
+        if let Some(c) = &mut self.event.credential {
+            let hex = jti.len() == 32 && jti.bytes().all(|b| b.is_ascii_hexdigit());
+            c.jti = if hex {
+                jti.to_owned()
+            } else {
+                invalid_name(jti)
+            };
+        }
         self
     }
 
@@ -447,7 +466,7 @@ impl crate::credentials::Journal for Call {
             outcome: "OK".to_owned(),
             credential: Some(crate::audit::CredentialSummary {
                 issuer: issuer.to_owned(),
-                ..crate::audit::CredentialSummary::default()
+                ..self.event.credential.clone().unwrap_or_default()
             }),
             ..self.event.clone()
         };

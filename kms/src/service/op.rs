@@ -97,7 +97,9 @@ ops! {
         UpdateSecretMetadata, DeleteSecret, GetSecretsConfig, UpdateSecretsConfig,
         CreateSecretGrant, RevokeSecretGrant, ListSecretGrants,
     }
-    Credentials { CreateIssuer, GetIssuer, ListIssuers, UpdateIssuer, IssueJwt, ValidateJwt }
+    Credentials {
+        CreateIssuer, GetIssuer, ListIssuers, UpdateIssuer, IssueJwt, ValidateJwt, RevokeJwt,
+    }
     Health { Check, Watch }
 }
 
@@ -168,7 +170,8 @@ impl Op {
             | Op::RevokeSecretGrant
             | Op::ListSecretGrants
             | Op::CreateIssuer
-            | Op::UpdateIssuer => Need::Role(Role::Admin),
+            | Op::UpdateIssuer
+            | Op::RevokeJwt => Need::Role(Role::Admin),
         }
     }
 
