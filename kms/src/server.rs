@@ -295,7 +295,14 @@ pub async fn serve(
             (Some(settings), Some(listener)) => settings
                 .public_url
                 .clone()
-                .or_else(|| listener.local_addr().ok().map(|a| format!("https://{a}")))
+                // A wildcard address is no place a client can reach: no default then.
+                .or_else(|| {
+                    listener
+                        .local_addr()
+                        .ok()
+                        .filter(|a| !a.ip().is_unspecified())
+                        .map(|a| format!("https://{a}"))
+                })
                 .map(Arc::from),
             _ => None,
         },

@@ -143,6 +143,41 @@ async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
         tonic::Code::InvalidArgument,
     );
 
+    // A key an issuer signs with takes no `sign` grant (its holder could sign tokens
+    // outside the issuer's rules), and a key with one makes no issuer.
+    let mut access =
+        pb::access_client::AccessClient::new(server.channel(Some(&server.admin)).await);
+    let sign_grant = |key: &str| pb::CreateGrantRequest {
+        key: key.into(),
+        principal: app.principal.clone(),
+        operations: vec![pb::Operation::Sign as i32],
+        associated_data: None,
+    };
+    let s = access
+        .create_grant(sign_grant("jwt-hsm"))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    keys.create_key(pb::CreateKeyRequest {
+        name: "shared-signer".into(),
+        algorithm: pb::Algorithm::EcdsaP256Sha256 as i32,
+        ..pb::CreateKeyRequest::default()
+    })
+    .await
+    .unwrap();
+    access
+        .create_grant(sign_grant("shared-signer"))
+        .await
+        .unwrap();
+    refused(
+        admin
+            .create_issuer(pb::CreateIssuerRequest {
+                issuer: Some(issuer("shared", "shared-signer", &[&app.principal])),
+            })
+            .await,
+        tonic::Code::FailedPrecondition,
+    );
+
     let mut as_app = CredentialsClient::new(server.channel(Some(&app)).await);
     let ask = |issuer: &str, audience: &str, subject: &str, ttl: u64| pb::IssueJwtRequest {
         issuer: issuer.into(),

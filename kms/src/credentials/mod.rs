@@ -36,6 +36,9 @@ pub(crate) const REVOCATIONS: Table = Table::new("credential_revocations", Follo
 /// The engine's tables, in the order a backup writes them.
 pub(crate) const TABLES: &[Table] = &[ISSUERS, REVOCATIONS];
 
+/// How far ahead of this server's clock a token's `iat` may be (another server's clock).
+const CLOCK_SKEW: u64 = 60;
+
 /// How long a revocation is kept: longer than any token lives
 /// ([`model::MAX_TTL_LIMIT`]), whatever its issuer allowed when it was issued.
 const REVOCATION_KEPT: u64 = model::MAX_TTL_LIMIT;
@@ -64,6 +67,9 @@ pub(crate) trait KeySource {
     /// Signs `message` with `key`'s primary version: the signature as JWS wants it (`r | s`
     /// for ECDSA) and the version that made it.
     fn sign(&self, key: &str, message: &[u8]) -> Result<(Vec<u8>, u32), CredentialsError>;
+    /// Whether a grant lets someone sign with `key` (who could then sign claims outside an
+    /// issuer's rules).
+    fn sign_granted(&self, key: &str) -> Result<bool, CredentialsError>;
 }
 
 impl KeySource for Keyring {
@@ -82,6 +88,13 @@ impl KeySource for Keyring {
             primary: meta.primary,
             versions: keys,
         })
+    }
+
+    fn sign_granted(&self, key: &str) -> Result<bool, CredentialsError> {
+        Ok(self
+            .list_grants(key, "")?
+            .iter()
+            .any(|g| g.operations.contains(&crate::policy::Operation::Sign)))
     }
 
     fn sign(&self, key: &str, message: &[u8]) -> Result<(Vec<u8>, u32), CredentialsError> {
@@ -179,6 +192,19 @@ impl Credentials {
         serde_json::from_slice(&json).map_err(|_| tampered())
     }
 
+    /// Whether an issuer signs with `key` (a `sign` grant on it is then refused). An issuer
+    /// record that does not open counts as one that does (refuse rather than allow).
+    pub(crate) fn signs_with(&self, key: &str) -> Result<bool, CredentialsError> {
+        for (name, sealed) in self.store.scan(ISSUERS)? {
+            match self.open_issuer(&name, &sealed) {
+                Ok(i) if i.key == key => return Ok(true),
+                Ok(_) => {}
+                Err(_) => return Ok(true),
+            }
+        }
+        Ok(false)
+    }
+
     /// Every issuer, by name (one that does not open is left out and logged).
     pub(crate) fn issuers(&self) -> Result<Vec<Issuer>, CredentialsError> {
         let mut out = Vec::new();
@@ -270,7 +296,11 @@ impl Credentials {
             }
             (caller.to_owned(), None)
         } else {
-            model::check_text(req.subject, 2048, "a subject")?;
+            if !crate::access::tls::is_spiffe_id(req.subject) {
+                return Err(CredentialsError::BadRequest(
+                    "a subject is a SPIFFE ID: spiffe://, a trust domain and path segments of [A-Za-z0-9._-]".to_owned(),
+                ));
+            }
             if !issuer.allows_delegation(caller, req.subject) {
                 return Err(CredentialsError::Denied(format!(
                     "{caller:?} may not ask issuer {:?} for a token on behalf of another subject",
@@ -279,7 +309,7 @@ impl Credentials {
             }
             (req.subject.to_owned(), Some(caller.to_owned()))
         };
-        if !subject.starts_with("spiffe://") {
+        if !crate::access::tls::is_spiffe_id(&subject) {
             return Err(CredentialsError::BadRequest(
                 "a JWT-SVID's subject is a SPIFFE ID: the caller's certificate names none"
                     .to_owned(),
@@ -418,7 +448,7 @@ impl Credentials {
             Ok(c) => c,
             Err(e) => return Ok(Err(e.to_string())),
         };
-        let verdict = check_claims(&claims, &issuer_url(base, name), audience, now());
+        let verdict = check_claims(&claims, &issuer, &issuer_url(base, name), audience, now());
         if let Ok(v) = &verdict
             && self.revoked(name, &v.jti)?
         {
@@ -512,8 +542,14 @@ fn revocation_key(issuer: &str, jti: &str) -> String {
 }
 
 /// The claims' verdict: the issuer, an audience, an expiry not passed, a subject and id.
+///
+/// And what only a token kms issued can say, so that one signed outside the issuer (by a
+/// holder of a `sign` grant on its key) is refused here: an `iat`, a lifetime within the
+/// issuer's maximum, a subject the issuer issues to (its principals, or its subjects with
+/// an `act` naming one of its delegators).
 fn check_claims(
     claims: &Map<String, Value>,
+    issuer: &Issuer,
     iss: &str,
     audience: &str,
     now: u64,
@@ -535,15 +571,30 @@ fn check_claims(
     if exp <= now {
         return Err("the token has expired".to_owned());
     }
+    let Some(iat) = claims.get("iat").and_then(Value::as_u64) else {
+        return Err("the token has no issue time".to_owned());
+    };
+    if exp.saturating_sub(iat) > issuer.max_ttl || iat > now.saturating_add(CLOCK_SKEW) {
+        return Err("the token's lifetime is not one its issuer gives".to_owned());
+    }
     let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_owned);
     let (Some(subject), Some(jti)) = (text("sub"), text("jti")) else {
         return Err("the token has no subject or id".to_owned());
     };
-    let actor = claims
-        .get("act")
-        .and_then(|a| a.get("sub"))
-        .and_then(Value::as_str)
-        .map(str::to_owned);
+    let actor = match claims.get("act") {
+        None => None,
+        Some(a) => match a.get("sub").and_then(Value::as_str) {
+            Some(s) => Some(s.to_owned()),
+            None => return Err("the token's act names no subject".to_owned()),
+        },
+    };
+    let allowed = match &actor {
+        None => issuer.allows(&subject),
+        Some(a) => issuer.allows_delegation(a, &subject),
+    };
+    if !allowed || !crate::access::tls::is_spiffe_id(&subject) {
+        return Err("the token's subject is not one its issuer issues to".to_owned());
+    }
     Ok(Validated {
         subject,
         jti,
@@ -552,8 +603,14 @@ fn check_claims(
     })
 }
 
-/// The JWS algorithm `key` signs JWTs with, or why it cannot.
+/// The JWS algorithm `key` signs JWTs with, or why it cannot (its algorithm, or a grant
+/// that lets someone sign with it).
 fn signing_alg(keys: &dyn KeySource, key: &str) -> Result<Alg, CredentialsError> {
+    if keys.sign_granted(key)? {
+        return Err(CredentialsError::KeyUnusable(
+            "a grant lets a principal sign with this key, who could sign tokens outside the issuer's rules: revoke it, or use a key of the issuer's own".to_owned(),
+        ));
+    }
     Alg::of(keys.verifying_keys(key)?.algorithm).ok_or_else(|| {
         CredentialsError::KeyUnusable(
             "a JWT is signed by an ECDSA P-256 or P-384, RSA-PSS or RSA PKCS#1 key".to_owned(),

@@ -48,6 +48,10 @@ const MAX_AUDIENCE: usize = 256;
 const MAX_CLAIMS: usize = 32;
 const MAX_CLAIM_NAME: usize = 64;
 const MAX_CLAIM_VALUE: usize = 1024;
+/// The most bytes of fixed claims' names and values in all: every token carries them, and
+/// a token must stay within what verifiers take (16 KiB, [`super::jose::MAX_TOKEN_LEN`],
+/// with a subject and a delegator of 2 KiB each).
+const MAX_CLAIMS_BYTES: usize = 4096;
 
 /// The claims kms sets itself, which an issuer's fixed claims may not name.
 pub(crate) const REGISTERED: &[&str] = &["iss", "sub", "aud", "exp", "nbf", "iat", "jti", "act"];
@@ -135,6 +139,17 @@ impl Issuer {
                 "default_ttl_seconds is 1 to max_ttl_seconds".to_owned(),
             ));
         }
+        if matches!(self.name.as_str(), "." | "..") {
+            return Err(CredentialsError::BadRequest(
+                "an issuer's name is not `.` or `..`: it is a path segment of its URL".to_owned(),
+            ));
+        }
+        let claims_bytes: usize = self.claims.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if claims_bytes > MAX_CLAIMS_BYTES {
+            return Err(CredentialsError::BadRequest(format!(
+                "an issuer's claims are at most {MAX_CLAIMS_BYTES} bytes of names and values in all"
+            )));
+        }
         if self.claims.len() > MAX_CLAIMS {
             return Err(CredentialsError::BadRequest(format!(
                 "an issuer sets at most {MAX_CLAIMS} claims"
@@ -209,7 +224,13 @@ mod tests {
     #[test]
     fn an_issuer_is_checked_before_it_is_stored() {
         assert!(issuer().check().is_ok());
-        let bad: [fn(&mut Issuer); 12] = [
+        let bad: [fn(&mut Issuer); 14] = [
+            |i: &mut Issuer| i.name = "..".to_owned(),
+            |i: &mut Issuer| {
+                for n in 0..5 {
+                    i.claims.insert(format!("c{n}"), "x".repeat(1000));
+                }
+            },
             |i: &mut Issuer| i.name = "a b".to_owned(),
             |i: &mut Issuer| i.key = String::new(),
             |i: &mut Issuer| i.principals.clear(),

@@ -26,6 +26,8 @@ struct Keys {
     versions: Mutex<Vec<p256::ecdsa::SigningKey>>,
     rotate_on_sign: Mutex<usize>,
     algorithm: Algorithm,
+    /// Whether a grant lets someone sign with the key.
+    granted: Mutex<bool>,
 }
 
 impl Keys {
@@ -34,6 +36,7 @@ impl Keys {
             versions: Mutex::new(vec![new_key()]),
             rotate_on_sign: Mutex::new(0),
             algorithm,
+            granted: Mutex::new(false),
         }
     }
 }
@@ -59,6 +62,10 @@ impl KeySource for Keys {
             primary: u32::try_from(versions.len()).unwrap(),
             versions: pems,
         })
+    }
+
+    fn sign_granted(&self, _: &str) -> Result<bool, CredentialsError> {
+        Ok(*self.granted.lock().unwrap())
     }
 
     fn sign(&self, _: &str, message: &[u8]) -> Result<(Vec<u8>, u32), CredentialsError> {
@@ -388,4 +395,92 @@ fn a_revoked_token_is_refused_until_the_revocation_expires() {
     assert_eq!(f.engine.sweep_revocations(until).unwrap(), 1);
     assert!(validate(&issued.token).is_ok());
     assert!(f.store.get(super::REVOCATIONS, &key).unwrap().is_some());
+}
+
+/// A token signed with the issuer's key outside the issuer (by a holder of a `sign` grant,
+/// had one been allowed): ValidateJwt refuses what the issuer would not have issued.
+#[test]
+fn a_token_the_issuer_would_not_issue_is_refused_even_well_signed() {
+    let f = fixture();
+    let issued = f
+        .engine
+        .issue_jwt(&f.keys, Some(BASE), APP, &ask("payments", "", 0))
+        .unwrap();
+    let good = claims_of(&issued.token);
+    let forge = |change: &dyn Fn(&mut serde_json::Map<String, Value>)| {
+        let mut claims = good.clone();
+        change(&mut claims);
+        super::jose::sign_compact(super::jose::Alg::Es256, &issued.kid, &claims, |input| {
+            Ok::<_, CredentialsError>(f.keys.sign("signer", input)?.0)
+        })
+        .unwrap()
+    };
+    let validate = |token: &str| {
+        f.engine
+            .validate_jwt(&f.keys, Some(BASE), "workloads", token, "payments")
+            .unwrap()
+    };
+    assert!(
+        validate(&forge(&|_| {})).is_ok(),
+        "the same claims, signed again"
+    );
+    let now = super::now();
+    let cases: [(&str, &dyn Fn(&mut serde_json::Map<String, Value>)); 6] = [
+        ("subject", &|c| {
+            c.insert("sub".into(), "spiffe://corp/admin".into());
+        }),
+        ("lifetime", &|c| {
+            c.insert("exp".into(), (now + 601).into());
+        }),
+        ("no iat", &|c| {
+            c.remove("iat");
+        }),
+        ("iat ahead", &|c| {
+            c.insert("iat".into(), (now + 3600).into());
+            c.insert("exp".into(), (now + 3700).into());
+        }),
+        ("act of no delegator", &|c| {
+            c.insert(
+                "act".into(),
+                serde_json::json!({ "sub": "spiffe://corp/app/db" }),
+            );
+        }),
+        ("not a SPIFFE ID", &|c| {
+            c.insert("sub".into(), "spiffe://corp/app/../admin".into());
+        }),
+    ];
+    for (what, change) in cases {
+        assert!(validate(&forge(change)).is_err(), "{what} accepted");
+    }
+}
+
+#[test]
+fn keys_others_may_sign_with_and_subjects_that_are_not_spiffe_ids_are_refused() {
+    let f = fixture();
+    *f.keys.granted.lock().unwrap() = true;
+    let mut other = issuer();
+    other.name = "other".to_owned();
+    assert!(matches!(
+        f.engine
+            .create_issuer(&Direct(Arc::clone(&f.store)), &f.keys, other, "admin"),
+        Err(CredentialsError::KeyUnusable(_))
+    ));
+    *f.keys.granted.lock().unwrap() = false;
+    for subject in [
+        "spiffe://corp/app/../admin",
+        "spiffe://corp/app/web?x=1",
+        "spiffe://corp/app/web ",
+        "spiffe://corp/app/w\u{435}b",
+    ] {
+        assert!(
+            matches!(
+                f.engine
+                    .issue_jwt(&f.keys, Some(BASE), CI, &ask("payments", subject, 0)),
+                Err(CredentialsError::BadRequest(_))
+            ),
+            "{subject:?}"
+        );
+    }
+    assert!(f.engine.signs_with("signer").unwrap());
+    assert!(!f.engine.signs_with("another").unwrap());
 }

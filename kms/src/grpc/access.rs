@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::{run_at, with_keyring};
+use crate::keyring::KeyringError;
 use crate::keyring::grants::NewGrant;
 use crate::service::{Aad, Call, Op, Place, Served, Service};
 
@@ -57,12 +58,26 @@ impl pb::access_server::Access for AccessService {
             .call(&request, Op::CreateGrant)
             .key(&request.get_ref().key);
         let r = request.into_inner();
+        let credentials = self.ctx.seal.credentials().ok();
         with_keyring(&self.ctx, call, r, move |k, c, r| {
             let operations = r
                 .operations
                 .iter()
                 .map(|o| operation_from(*o))
                 .collect::<Result<Vec<_>, _>>()?;
+            // A key an issuer signs with signs nothing else: a holder of `sign` could sign
+            // tokens outside the issuer's rules (docs/credentials.md).
+            if operations.contains(&crate::policy::Operation::Sign)
+                && let Some(cr) = &credentials
+                && cr.signs_with(&r.key).map_err(|e| match e {
+                    crate::credentials::CredentialsError::Store(s) => KeyringError::Store(s),
+                    _ => KeyringError::Internal("issuers unreadable"),
+                })?
+            {
+                return Err(KeyringError::BadRequest(
+                    "a credential issuer signs with this key: a sign grant on it would let its holder sign tokens outside the issuer's rules",
+                ));
+            }
             let grant = k.create_grant(
                 NewGrant {
                     key: r.key,

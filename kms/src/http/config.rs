@@ -40,6 +40,53 @@ pub struct HttpSettings {
     pub public_url: Option<String>,
 }
 
+/// Whether `u` is `https://HOST[:PORT][/PATH]` as tokens may name it: a lowercase host
+/// name or an IP address (IPv6 in brackets), a port of 1 to 65535, path segments of
+/// `[A-Za-z0-9._-]` other than `.` and `..`; no user, query or fragment.
+fn public_url_ok(u: &str) -> bool {
+    let Some(rest) = u.strip_prefix("https://") else {
+        return false;
+    };
+    let (authority, path) = rest
+        .split_once('/')
+        .map_or((rest, None), |(a, p)| (a, Some(p)));
+    let (host_ok, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let Some((addr, after)) = v6.split_once(']') else {
+            return false;
+        };
+        let port = match after {
+            "" => None,
+            _ => match after.strip_prefix(':') {
+                Some(p) => Some(p),
+                None => return false,
+            },
+        };
+        (addr.parse::<std::net::Ipv6Addr>().is_ok(), port)
+    } else {
+        let (host, port) = match authority.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        };
+        let ok = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+        (ok, port)
+    };
+    let port_ok = port.is_none_or(|p| !p.starts_with('0') && p.parse::<u16>().is_ok_and(|n| n > 0));
+    let path_ok = path.is_none_or(|p| {
+        p.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        })
+    });
+    host_ok && port_ok && path_ok
+}
+
 /// The default life of a session token.
 const DEFAULT_TOKEN_TTL: u64 = 300;
 
@@ -73,13 +120,7 @@ impl HttpConfig {
             None => None,
             Some(u) => {
                 let u = u.trim_end_matches('/');
-                let host = u.strip_prefix("https://").unwrap_or_default();
-                let ok = !host.is_empty()
-                    && u.len() <= 256
-                    && host.bytes().all(|b| {
-                        b.is_ascii_alphanumeric()
-                            || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'/' | b'_')
-                    });
+                let ok = u.len() <= 256 && public_url_ok(u);
                 if !ok {
                     return Err(ConfigError::BadHttp(
                         "public_url: https:// and a host (and port and path), at most 256 bytes, without query or fragment",
@@ -127,6 +168,17 @@ mod tests {
             "https://a?x=1",
             "https://a#f",
             "kms.example.com",
+            "https:///x",
+            "https://a/../b",
+            "https://a//b",
+            "https://:8201",
+            "https://a:b:c",
+            "https://a:0",
+            "https://a:65536",
+            "https://KMS.example",
+            "https://user@a",
+            "https://[::1",
+            "https://[nope]:1",
         ] {
             assert!(with(bad).is_err(), "{bad}");
         }

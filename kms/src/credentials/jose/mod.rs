@@ -421,10 +421,12 @@ impl Jwk {
     /// Whether `signature` is this key's over `input`.
     fn verifies(&self, input: &[u8], signature: &[u8]) -> bool {
         match &self.key {
+            // Low-S only: a token has one signature, so that a second string of the same
+            // token (its `s` negated) is not another valid token.
             PublicKey::P256(k) => p256::ecdsa::Signature::from_slice(signature)
-                .is_ok_and(|sig| k.verify(input, &sig).is_ok()),
+                .is_ok_and(|sig| sig.normalize_s() == sig && k.verify(input, &sig).is_ok()),
             PublicKey::P384(k) => p384::ecdsa::Signature::from_slice(signature)
-                .is_ok_and(|sig| k.verify(input, &sig).is_ok()),
+                .is_ok_and(|sig| sig.normalize_s() == sig && k.verify(input, &sig).is_ok()),
             PublicKey::Rsa(k) => {
                 let digest = Sha256::digest(input);
                 let checked = match self.alg {
@@ -483,6 +485,16 @@ pub(crate) fn sign_compact<E>(
             expected,
         });
     }
+    // Low-S, the one form [`verify_compact`] accepts: a signer (an HSM) may make either.
+    let signature = match alg {
+        Alg::Es256 => p256::ecdsa::Signature::from_slice(&signature)
+            .map(|s| s.normalize_s().to_bytes().to_vec())
+            .unwrap_or(signature),
+        Alg::Es384 => p384::ecdsa::Signature::from_slice(&signature)
+            .map(|s| s.normalize_s().to_bytes().to_vec())
+            .unwrap_or(signature),
+        Alg::Rs256 | Alg::Ps256 => signature,
+    };
     token.push('.');
     token.push_str(&BASE64URL_NOPAD.encode(&signature));
     Ok(token)

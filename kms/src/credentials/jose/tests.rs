@@ -60,13 +60,14 @@ impl TestKey {
     /// The JWS signature over `input`, as the crates make it.
     fn sign(&self, input: &[u8]) -> Vec<u8> {
         match self {
+            // Low-S, as the keyring signs.
             Self::P256(k) => {
                 let sig: p256::ecdsa::Signature = k.sign(input);
-                sig.to_bytes().to_vec()
+                sig.normalize_s().to_bytes().to_vec()
             }
             Self::P384(k) => {
                 let sig: p384::ecdsa::Signature = k.sign(input);
-                sig.to_bytes().to_vec()
+                sig.normalize_s().to_bytes().to_vec()
             }
             Self::Rsa(alg) => {
                 let digest = Sha256::digest(input);
@@ -563,19 +564,32 @@ fn refuses_es_signatures_not_r_s() {
     }
 }
 
-/// P-256 and P-384 verifiers accept high-S, as standard JWS verifiers do.
+/// One signature per token: a signer's high-S signature is made low-S, and the verifier
+/// refuses high-S (the same token with `s` negated would be a second valid string).
 #[test]
-fn accepts_high_s() {
+fn signatures_are_low_s_only() {
     let key = TestKey::new(Alg::Es256);
-    let token = key.token(&claims());
+    let jwk = key.jwk();
+    let high = |input: &[u8]| {
+        let sig = p256::ecdsa::Signature::from_slice(&key.sign(input)).unwrap();
+        let (r, s) = sig.split_scalars();
+        let high = if sig.normalize_s() == sig {
+            p256::ecdsa::Signature::from_scalars(r, -s).unwrap()
+        } else {
+            sig
+        };
+        Ok::<_, Infallible>(high.to_bytes().to_vec())
+    };
+    let token = sign_compact(Alg::Es256, jwk.kid(), &claims(), high).unwrap();
+    assert_eq!(verify_compact(&token, &[jwk.clone()]).unwrap(), claims());
     let (input, sig) = token.rsplit_once('.').unwrap();
     let sig = p256::ecdsa::Signature::from_slice(&BASE64URL_NOPAD.decode(sig.as_bytes()).unwrap())
         .unwrap();
+    assert_eq!(sig.normalize_s(), sig, "made low-S");
     let (r, s) = sig.split_scalars();
     let flipped = p256::ecdsa::Signature::from_scalars(r, -s).unwrap();
-    assert_ne!(flipped, sig);
     let token = format!("{input}.{}", BASE64URL_NOPAD.encode(&flipped.to_bytes()));
-    assert_eq!(verify_compact(&token, &[key.jwk()]).unwrap(), claims());
+    assert_eq!(verify_compact(&token, &[jwk]), Err(JoseError::BadSignature));
 }
 
 #[test]
