@@ -581,7 +581,10 @@ fn signatures_are_low_s_only() {
         Ok::<_, Infallible>(high.to_bytes().to_vec())
     };
     let token = sign_compact(Alg::Es256, jwk.kid(), &claims(), high).unwrap();
-    assert_eq!(verify_compact(&token, &[jwk.clone()]).unwrap(), claims());
+    assert_eq!(
+        verify_compact(&token, std::slice::from_ref(&jwk)).unwrap(),
+        claims()
+    );
     let (input, sig) = token.rsplit_once('.').unwrap();
     let sig = p256::ecdsa::Signature::from_slice(&BASE64URL_NOPAD.decode(sig.as_bytes()).unwrap())
         .unwrap();
