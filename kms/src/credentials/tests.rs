@@ -397,6 +397,9 @@ fn a_revoked_token_is_refused_until_the_revocation_expires() {
     assert!(f.store.get(super::REVOCATIONS, &key).unwrap().is_some());
 }
 
+/// A change of a token's claims.
+type Change<'a> = dyn Fn(&mut serde_json::Map<String, Value>) + 'a;
+
 /// A token signed with the issuer's key outside the issuer (by a holder of a `sign` grant,
 /// had one been allowed): ValidateJwt refuses what the issuer would not have issued.
 #[test]
@@ -407,7 +410,7 @@ fn a_token_the_issuer_would_not_issue_is_refused_even_well_signed() {
         .issue_jwt(&f.keys, Some(BASE), APP, &ask("payments", "", 0))
         .unwrap();
     let good = claims_of(&issued.token);
-    let forge = |change: &dyn Fn(&mut serde_json::Map<String, Value>)| {
+    let forge = |change: &Change<'_>| {
         let mut claims = good.clone();
         change(&mut claims);
         super::jose::sign_compact(super::jose::Alg::Es256, &issued.kid, &claims, |input| {
@@ -425,7 +428,7 @@ fn a_token_the_issuer_would_not_issue_is_refused_even_well_signed() {
         "the same claims, signed again"
     );
     let now = super::now();
-    let cases: [(&str, &dyn Fn(&mut serde_json::Map<String, Value>)); 6] = [
+    let cases: [(&str, &Change<'_>); 6] = [
         ("subject", &|c| {
             c.insert("sub".into(), "spiffe://corp/admin".into());
         }),
