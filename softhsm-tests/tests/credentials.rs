@@ -418,6 +418,20 @@ async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
                 .is_empty()),
         "{events:#?}"
     );
+    // A refused request's record says what it asked for: the app asking for the CI's
+    // subject, and for an audience the issuer does not list.
+    assert!(
+        events.iter().any(|e| e["operation"] == "IssueJwt"
+            && e["outcome"] == "PERMISSION_DENIED"
+            && e["credential"]["subject"] == ci.principal.as_str()),
+        "{events:#?}"
+    );
+    assert!(
+        events.iter().any(|e| e["operation"] == "IssueJwt"
+            && e["outcome"] == "PERMISSION_DENIED"
+            && e["credential"]["audience"] == "elsewhere"),
+        "{events:#?}"
+    );
     let logs = hsm.logs();
     for token in [&first.token, &rotated.token, &delegated.token, &expired] {
         let signature = token.rsplit('.').next().unwrap();

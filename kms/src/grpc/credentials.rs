@@ -190,7 +190,10 @@ impl pb::credentials_server::Credentials for CredentialsService {
         &self,
         request: Request<pb::IssueJwtRequest>,
     ) -> Result<Response<pb::IssueJwtResponse>, Status> {
-        let call = self.call(&request, Op::IssueJwt, &request.get_ref().issuer);
+        let r = request.get_ref();
+        let call = self
+            .call(&request, Op::IssueJwt, &r.issuer)
+            .credential_request(&r.subject, &r.audience);
         let base = self.base();
         let r = request.into_inner();
         respond(

@@ -270,6 +270,25 @@ impl Call {
         self
     }
 
+    /// Names the subject and audience a request for a token asks for, so that a refusal's
+    /// record says whom it was for (a subject that is not a SPIFFE ID, an audience with
+    /// control or invisible characters or over 256 bytes, as a bounded placeholder).
+    pub(crate) fn credential_request(mut self, subject: &str, audience: &str) -> Self {
+        if let Some(c) = &mut self.event.credential {
+            c.subject = if subject.is_empty() || crate::access::tls::is_spiffe_id(subject) {
+                subject.to_owned()
+            } else {
+                invalid_name(subject)
+            };
+            c.audience = if crate::credentials::model::check_text(audience, 256, "").is_ok() {
+                audience.to_owned()
+            } else {
+                invalid_name(audience)
+            };
+        }
+        self
+    }
+
     /// Names the token a call concerns by its `jti` (one that is not one kms makes, 32 hex
     /// digits, as a bounded placeholder; the engine refuses it).
     pub(crate) fn credential_jti(mut self, jti: &str) -> Self {
