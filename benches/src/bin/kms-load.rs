@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use kms_proto::v1 as pb;
+use kms_proto::v1::credentials_client::CredentialsClient;
 use kms_proto::v1::key_management_client::KeyManagementClient;
 use kms_proto::v1::secrets_client::SecretsClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -53,6 +54,9 @@ enum Op {
     PutSecret,
     /// One `ListSecrets` page of `--batch` names under the prefix `--key`.
     ListSecrets,
+    /// `IssueJwt` from the issuer `--key` for the audience `--audience` (the caller's
+    /// certificate is one of the issuer's principals).
+    IssueJwt,
 }
 
 /// The API under load.
@@ -131,6 +135,9 @@ struct Args {
     /// Create this many keys with a grant each, then exit (see above).
     #[arg(long)]
     populate: Option<usize>,
+    /// The audience of `--op issue-jwt`'s tokens.
+    #[arg(long, default_value = "bench")]
+    audience: String,
     /// The grantee of `--populate`'s grants.
     #[arg(long, default_value = "spiffe://kms.dev/app")]
     grantee: String,
@@ -334,6 +341,7 @@ where
 async fn call(
     c: &mut KeyManagementClient<Channel>,
     secrets: &mut SecretsClient<Channel>,
+    credentials: &mut CredentialsClient<Channel>,
     args: &Args,
     input: &Input,
 ) -> Result<(), String> {
@@ -361,6 +369,15 @@ async fn call(
                 key,
                 ciphertext: input.ciphertext.clone(),
                 ..Default::default()
+            })
+            .await
+            .map(drop),
+        Op::IssueJwt => credentials
+            .issue_jwt(pb::IssueJwtRequest {
+                issuer: key,
+                audience: args.audience.clone(),
+                subject: String::new(),
+                ttl_seconds: 0,
             })
             .await
             .map(drop),
@@ -524,8 +541,8 @@ async fn caller(
         }
         let r = match &mut client {
             Client::Grpc(clients) => {
-                let (c, s) = &mut **clients;
-                call(c, s, &args, &input).await
+                let (c, s, j) = &mut **clients;
+                call(c, s, j, &args, &input).await
             }
             Client::Transit(c) => transit::call(c, &args, &input).await,
         };
@@ -552,8 +569,15 @@ async fn caller(
 }
 
 /// One caller's client.
+/// The gRPC services a caller calls.
+type Clients = (
+    KeyManagementClient<Channel>,
+    SecretsClient<Channel>,
+    CredentialsClient<Channel>,
+);
+
 enum Client {
-    Grpc(Box<(KeyManagementClient<Channel>, SecretsClient<Channel>)>),
+    Grpc(Box<Clients>),
     Transit(Box<transit::Connection>),
 }
 
@@ -587,6 +611,7 @@ async fn run(args: Arc<Args>) -> Result<Report, BoxError> {
                 KeyManagementClient::new(channel.clone())
                     .max_decoding_message_size(64 * 1024 * 1024),
                 SecretsClient::new(channel.clone()).max_decoding_message_size(64 * 1024 * 1024),
+                CredentialsClient::new(channel.clone()),
             ))),
             None => Client::Transit(Box::new(transit::Connection::open(&args).await?)),
         };

@@ -64,6 +64,12 @@ pub(crate) struct PublicKeys {
 pub(crate) trait KeySource {
     /// `key`'s public side.
     fn verifying_keys(&self, key: &str) -> Result<PublicKeys, CredentialsError>;
+    /// `key`'s public side, of its primary version only (what signing needs).
+    fn signing_key(&self, key: &str) -> Result<PublicKeys, CredentialsError> {
+        let mut all = self.verifying_keys(key)?;
+        all.versions.retain(|(v, _)| *v == all.primary);
+        Ok(all)
+    }
     /// Signs `message` with `key`'s primary version: the signature as JWS wants it (`r | s`
     /// for ECDSA) and the version that made it.
     fn sign(&self, key: &str, message: &[u8]) -> Result<(Vec<u8>, u32), CredentialsError>;
@@ -87,6 +93,16 @@ impl KeySource for Keyring {
             algorithm: meta.algorithm,
             primary: meta.primary,
             versions: keys,
+        })
+    }
+
+    fn signing_key(&self, key: &str) -> Result<PublicKeys, CredentialsError> {
+        let meta = self.get_key(key)?;
+        let (pem, primary) = self.public_key(key, 0)?;
+        Ok(PublicKeys {
+            algorithm: meta.algorithm,
+            primary,
+            versions: vec![(primary, pem)],
         })
     }
 
@@ -361,7 +377,7 @@ impl Credentials {
                 alg,
                 primary,
                 jwks: published,
-            } = published_keys(keys, &issuer.key)?;
+            } = jwks_of(keys.signing_key(&issuer.key)?)?;
             let jwk = published
                 .into_iter()
                 .find(|(v, _)| *v == primary)
@@ -620,7 +636,11 @@ fn signing_alg(keys: &dyn KeySource, key: &str) -> Result<Alg, CredentialsError>
 
 /// `key`'s algorithm, primary version and the JWK of each enabled version.
 fn published_keys(keys: &dyn KeySource, key: &str) -> Result<Published, CredentialsError> {
-    let public = keys.verifying_keys(key)?;
+    jwks_of(keys.verifying_keys(key)?)
+}
+
+/// The JWKs of the versions `public` lists.
+fn jwks_of(public: PublicKeys) -> Result<Published, CredentialsError> {
     let alg = Alg::of(public.algorithm).ok_or_else(|| {
         CredentialsError::KeyUnusable("its algorithm does not sign JWTs".to_owned())
     })?;
