@@ -1,6 +1,7 @@
 //! The `kms` binary: the command line (clap) on top of the `kms` library, as rage sits on
 //! age. `server` and `dev` run the server (`kms::server::run`); `operator`, `key`, the
-//! crypto commands, `audit`, `grant`, `secret` and `whoami` are gRPC clients; `pkcs11
+//! crypto commands, `audit`, `grant`, `secret`, `issuer`,
+//! `credential` and `whoami` are gRPC clients; `pkcs11
 //! probe` lists a module's slots and mechanisms. Nothing here is part of the library: its
 //! dependencies (clap, rpassword, csv, humantime, rcgen, rustix, tracing-subscriber) are
 //! this crate's.
@@ -76,6 +77,16 @@ enum Command {
     Secret {
         #[command(subcommand)]
         command: secret::SecretCommand,
+    },
+    /// Issuers of short-lived machine credentials (JWT-SVIDs): create, get, list, update.
+    Issuer {
+        #[command(subcommand)]
+        command: credential::IssuerCommand,
+    },
+    /// Short-lived machine credentials: ask an issuer for a JWT-SVID, validate one.
+    Credential {
+        #[command(subcommand)]
+        command: credential::CredentialCommand,
     },
     /// Show who the server takes you to be, and your roles.
     Whoami {
@@ -228,6 +239,7 @@ mod audit;
 mod backup;
 mod byok;
 mod ceremony;
+mod credential;
 mod crypto;
 mod dev;
 mod dev_pki;
@@ -288,6 +300,12 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         }),
         Command::Secret { command } => {
             runtime()?.block_on(secret::run(command, || connect(&cli.conn)))
+        }
+        Command::Issuer { command } => {
+            runtime()?.block_on(credential::issuer(command, || connect(&cli.conn)))
+        }
+        Command::Credential { command } => {
+            runtime()?.block_on(credential::credential(command, || connect(&cli.conn)))
         }
         Command::Whoami { json } => runtime()?.block_on(async {
             let channel = connect(&cli.conn).await?;

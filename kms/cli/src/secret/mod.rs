@@ -237,8 +237,9 @@ fn parse_operation(s: &str) -> Result<SecretOperation, String> {
     })
 }
 
-/// A duration (`1h`, `30d`), or `0`, in seconds.
-fn parse_duration(s: &str) -> Result<u64, String> {
+/// A duration (`1h`, `30d`), or `0`, in seconds (`kms issuer` and `kms credential` parse
+/// theirs so too).
+pub(crate) fn parse_duration(s: &str) -> Result<u64, String> {
     if s == "0" {
         return Ok(0);
     }

@@ -1,0 +1,529 @@
+//! `kms issuer ...` and `kms credential ...`: short-lived machine credentials
+//! (`kms.v1.Credentials`, docs/credentials.md). An administrator defines issuers; a caller
+//! the issuer lists asks for a JWT-SVID; anyone with a client certificate validates one.
+//!
+//! A token is printed on standard output only, by `credential jwt`, and never in an error
+//! or on standard error; `credential validate` reads it from an argument or, better (an
+//! argument shows in `ps` and shell history), from standard input.
+
+mod show;
+
+use std::collections::BTreeMap;
+use std::io::Read as _;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use kms_proto::v1 as pb;
+use kms_proto::v1::credentials_client::CredentialsClient;
+use tonic::transport::Channel;
+use zeroize::Zeroizing;
+
+use crate::secret::parse_duration;
+use crate::{Answer as _, BoxError};
+
+/// The longest token `credential validate` reads (the server refuses over 16 KiB).
+const MAX_TOKEN: u64 = 64 << 10;
+
+/// `kms issuer ...`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum IssuerCommand {
+    /// Define an issuer of JWT-SVIDs (admin role).
+    Create {
+        /// 1 to 128 bytes of A-Z a-z 0-9 _ . -
+        name: String,
+        #[command(flatten)]
+        definition: Definition,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an issuer.
+    Get {
+        /// The issuer's name.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every issuer.
+    List {
+        /// Print JSON (one array).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change an issuer (admin role): a list given replaces that list; what is not given
+    /// stays.
+    Update {
+        /// The issuer's name.
+        name: String,
+        #[command(flatten)]
+        change: Change,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// What `issuer create` defines.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Definition {
+    /// The keyring key that signs: ECDSA P-256 or P-384, RSA-PSS or RSA PKCS#1 v1.5.
+    #[arg(long)]
+    key: String,
+    /// Who may ask for a token for themselves: a principal, or a prefix ending in `*`
+    /// (repeatable).
+    #[arg(long = "principal", value_name = "PRINCIPAL")]
+    principals: Vec<String>,
+    /// An audience a token may be asked for (repeatable; at least one).
+    #[arg(long = "audience", value_name = "AUDIENCE", required = true)]
+    audiences: Vec<String>,
+    /// A token's lifetime when the request gives none (e.g. 5m; the server's default: 5m).
+    #[arg(long, value_parser = parse_duration)]
+    default_ttl: Option<u64>,
+    /// The longest lifetime a request may ask for (e.g. 1h; the server's default: 1h).
+    #[arg(long, value_parser = parse_duration)]
+    max_ttl: Option<u64>,
+    /// A claim every token carries, KEY=VALUE (repeatable; each key once).
+    #[arg(long = "claim", value_name = "KEY=VALUE", value_parser = parse_claim)]
+    claims: Vec<(String, String)>,
+    /// Who may ask on behalf of a subject: a principal, or a prefix ending in `*`
+    /// (repeatable).
+    #[arg(long = "delegator", value_name = "PRINCIPAL")]
+    delegators: Vec<String>,
+    /// A subject a delegator may ask for: a SPIFFE ID, or a prefix ending in `*`
+    /// (repeatable).
+    #[arg(long = "subject", value_name = "SUBJECT")]
+    subjects: Vec<String>,
+}
+
+/// What `issuer update` changes: `None` is "not given, stays".
+#[derive(Debug, clap::Args)]
+pub(crate) struct Change {
+    /// The keyring key that signs.
+    #[arg(long)]
+    key: Option<String>,
+    /// Replaces the principals (repeatable).
+    #[arg(long = "principal", value_name = "PRINCIPAL")]
+    principals: Option<Vec<String>>,
+    /// Replaces the audiences (repeatable).
+    #[arg(long = "audience", value_name = "AUDIENCE")]
+    audiences: Option<Vec<String>>,
+    /// A token's lifetime when the request gives none (e.g. 5m).
+    #[arg(long, value_parser = parse_duration)]
+    default_ttl: Option<u64>,
+    /// The longest lifetime a request may ask for (e.g. 1h).
+    #[arg(long, value_parser = parse_duration)]
+    max_ttl: Option<u64>,
+    /// Replaces the claims, KEY=VALUE (repeatable; each key once).
+    #[arg(long = "claim", value_name = "KEY=VALUE", value_parser = parse_claim)]
+    claims: Option<Vec<(String, String)>>,
+    /// Replaces the delegators (repeatable).
+    #[arg(long = "delegator", value_name = "PRINCIPAL")]
+    delegators: Option<Vec<String>>,
+    /// Replaces the subjects delegators may ask for (repeatable).
+    #[arg(long = "subject", value_name = "SUBJECT")]
+    subjects: Option<Vec<String>>,
+}
+
+/// `kms credential ...`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum CredentialCommand {
+    /// Ask an issuer for a JWT-SVID: printed alone on standard output, followed by a
+    /// newline (`TOKEN=$(kms credential jwt ...)`). Treat it as a password until it
+    /// expires.
+    Jwt {
+        /// The issuer's name.
+        #[arg(long)]
+        issuer: String,
+        /// One of the issuer's audiences.
+        #[arg(long)]
+        audience: String,
+        /// Another subject than your own SPIFFE ID (the issuer must let you delegate).
+        #[arg(long)]
+        subject: Option<String>,
+        /// The token's lifetime (e.g. 2m; the issuer's default when absent).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<u64>,
+        /// Print JSON: the token, its jti, subject, expiry, key version and kid.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the server whether a token is valid for an audience. Exit code 0: valid; 1: not
+    /// valid (or an error).
+    Validate {
+        /// The issuer's name.
+        #[arg(long)]
+        issuer: String,
+        /// The audience you identify with: the token must name it.
+        #[arg(long)]
+        audience: String,
+        /// The token; `-` or absent: standard input (an argument shows in `ps`).
+        #[arg(value_name = "TOKEN|-")]
+        token: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `KEY=VALUE`, the key not empty (the value may be).
+fn parse_claim(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err("a claim is KEY=VALUE".to_owned()),
+    }
+}
+
+/// The claims given, each key once: a key given twice is refused rather than one value
+/// silently winning.
+fn claims(pairs: Vec<(String, String)>) -> Result<BTreeMap<String, String>, String> {
+    let mut map = BTreeMap::new();
+    for (k, v) in pairs {
+        if map.contains_key(&k) {
+            return Err(format!("the claim {k:?} is given twice"));
+        }
+        map.insert(k, v);
+    }
+    Ok(map)
+}
+
+impl Definition {
+    fn issuer(self, name: String) -> Result<pb::Issuer, String> {
+        Ok(pb::Issuer {
+            name,
+            key: self.key,
+            principals: self.principals,
+            audiences: self.audiences,
+            default_ttl_seconds: self.default_ttl.unwrap_or(0),
+            max_ttl_seconds: self.max_ttl.unwrap_or(0),
+            claims: claims(self.claims)?,
+            delegators: self.delegators,
+            subjects: self.subjects,
+            ..pb::Issuer::default()
+        })
+    }
+}
+
+impl Change {
+    fn request(self, name: String) -> Result<pb::UpdateIssuerRequest, String> {
+        let list = |v: Option<Vec<String>>| v.map(|values| pb::StringList { values });
+        let r = pb::UpdateIssuerRequest {
+            name,
+            key: self.key,
+            principals: list(self.principals),
+            audiences: list(self.audiences),
+            default_ttl_seconds: self.default_ttl,
+            max_ttl_seconds: self.max_ttl,
+            claims: self
+                .claims
+                .map(|c| claims(c).map(|entries| pb::StringMap { entries }))
+                .transpose()?,
+            delegators: list(self.delegators),
+            subjects: list(self.subjects),
+        };
+        let unchanged = pb::UpdateIssuerRequest {
+            name: r.name.clone(),
+            ..pb::UpdateIssuerRequest::default()
+        };
+        if r == unchanged {
+            return Err(
+                "nothing to change: give --key, --principal, --audience, --default-ttl, \
+                 --max-ttl, --claim, --delegator or --subject"
+                    .to_owned(),
+            );
+        }
+        Ok(r)
+    }
+}
+
+/// Runs `kms issuer ...`: the arguments are checked before `connect` is called.
+pub(crate) async fn issuer<F, Fut>(command: IssuerCommand, connect: F) -> Result<ExitCode, BoxError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<Channel, BoxError>>,
+{
+    match command {
+        IssuerCommand::Create {
+            name,
+            definition,
+            json,
+        } => {
+            let issuer = definition.issuer(name)?;
+            let i = CredentialsClient::new(connect().await?)
+                .create_issuer(pb::CreateIssuerRequest {
+                    issuer: Some(issuer),
+                })
+                .answer()
+                .await?;
+            show::issuer(&i, json);
+        }
+        IssuerCommand::Get { name, json } => {
+            let i = CredentialsClient::new(connect().await?)
+                .get_issuer(pb::GetIssuerRequest { name })
+                .answer()
+                .await?;
+            show::issuer(&i, json);
+        }
+        IssuerCommand::List { json } => {
+            let list = CredentialsClient::new(connect().await?)
+                .list_issuers(pb::ListIssuersRequest {})
+                .answer()
+                .await?;
+            show::issuers(&list.issuers, json);
+        }
+        IssuerCommand::Update { name, change, json } => {
+            let request = change.request(name)?;
+            let i = CredentialsClient::new(connect().await?)
+                .update_issuer(request)
+                .answer()
+                .await?;
+            show::issuer(&i, json);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `kms credential ...`: a token to validate is read before `connect` is called.
+pub(crate) async fn credential<F, Fut>(
+    command: CredentialCommand,
+    connect: F,
+) -> Result<ExitCode, BoxError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<Channel, BoxError>>,
+{
+    match command {
+        CredentialCommand::Jwt {
+            issuer,
+            audience,
+            subject,
+            ttl,
+            json,
+        } => {
+            let mut r = CredentialsClient::new(connect().await?)
+                .issue_jwt(pb::IssueJwtRequest {
+                    issuer,
+                    audience,
+                    subject: subject.unwrap_or_default(),
+                    ttl_seconds: ttl.unwrap_or(0),
+                })
+                .answer()
+                .await?;
+            let token = Zeroizing::new(std::mem::take(&mut r.token));
+            show::issued(&token, &r, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        CredentialCommand::Validate {
+            issuer,
+            audience,
+            token,
+            json,
+        } => {
+            let token = match token {
+                Some(t) if t != "-" => Zeroizing::new(t),
+                _ => read_token(&mut std::io::stdin().lock())?,
+            };
+            let r = CredentialsClient::new(connect().await?)
+                .validate_jwt(pb::ValidateJwtRequest {
+                    issuer,
+                    token: token.to_string(),
+                    audience,
+                })
+                .answer()
+                .await?;
+            show::validated(&r, json);
+            Ok(if r.valid {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+/// A token from standard input, without the white space around it (a trailing newline).
+/// No error names what was read.
+fn read_token(input: &mut impl std::io::Read) -> Result<Zeroizing<String>, BoxError> {
+    let mut text = Zeroizing::new(String::new());
+    input
+        .take(MAX_TOKEN)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read the token from standard input: {}", e.kind()))?;
+    let token = Zeroizing::new(text.trim().to_owned());
+    if token.is_empty() {
+        return Err("no token: give it as an argument or on standard input".into());
+    }
+    Ok(token)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// The commands alone, parsed as `kms` parses them.
+    #[derive(Debug, Parser)]
+    enum Cli {
+        Issuer {
+            #[command(subcommand)]
+            command: IssuerCommand,
+        },
+        Credential {
+            #[command(subcommand)]
+            command: CredentialCommand,
+        },
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("kms").chain(args.iter().copied()))
+    }
+
+    fn create(args: &[&str]) -> Result<pb::Issuer, String> {
+        let mut all = vec!["issuer", "create", "jwt", "--key", "k", "--audience", "a"];
+        all.extend_from_slice(args);
+        match parse(&all).unwrap() {
+            Cli::Issuer {
+                command:
+                    IssuerCommand::Create {
+                        name, definition, ..
+                    },
+            } => definition.issuer(name),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn update(args: &[&str]) -> Result<pb::UpdateIssuerRequest, String> {
+        let mut all = vec!["issuer", "update", "jwt"];
+        all.extend_from_slice(args);
+        match parse(&all).unwrap() {
+            Cli::Issuer {
+                command: IssuerCommand::Update { name, change, .. },
+            } => change.request(name),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn claims_are_key_value_pairs_each_key_once() {
+        let i = create(&[
+            "--claim",
+            "team=platform",
+            "--claim",
+            "eq=a=b",
+            "--claim",
+            "e=",
+        ])
+        .unwrap();
+        assert_eq!(i.claims["team"], "platform");
+        assert_eq!(i.claims["eq"], "a=b");
+        assert_eq!(i.claims["e"], "");
+        let twice = create(&["--claim", "team=a", "--claim", "team=b"]).unwrap_err();
+        assert!(twice.contains("\"team\" is given twice"), "{twice}");
+        let twice = update(&["--claim", "team=a", "--claim", "team=a"]).unwrap_err();
+        assert!(twice.contains("twice"), "{twice}");
+        for bad in ["team", "=x"] {
+            assert!(
+                parse(&[
+                    "issuer",
+                    "create",
+                    "j",
+                    "--key",
+                    "k",
+                    "--audience",
+                    "a",
+                    "--claim",
+                    bad
+                ])
+                .is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn durations_are_sent_in_seconds() {
+        let i = create(&["--default-ttl", "5m", "--max-ttl", "1h"]).unwrap();
+        assert_eq!((i.default_ttl_seconds, i.max_ttl_seconds), (300, 3600));
+        let i = create(&[]).unwrap();
+        assert_eq!((i.default_ttl_seconds, i.max_ttl_seconds), (0, 0));
+        let bad = parse(&[
+            "issuer",
+            "create",
+            "j",
+            "--key",
+            "k",
+            "--audience",
+            "a",
+            "--max-ttl",
+            "soon",
+        ]);
+        assert!(bad.unwrap_err().to_string().contains("examples: 1h"));
+        match parse(&[
+            "credential",
+            "jwt",
+            "--issuer",
+            "i",
+            "--audience",
+            "a",
+            "--ttl",
+            "2m",
+        ])
+        .unwrap()
+        {
+            Cli::Credential {
+                command: CredentialCommand::Jwt { ttl, .. },
+            } => assert_eq!(ttl, Some(120)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn create_needs_a_key_and_an_audience() {
+        assert!(parse(&["issuer", "create", "j", "--key", "k"]).is_err());
+        assert!(parse(&["issuer", "create", "j", "--audience", "a"]).is_err());
+        let i = create(&["--principal", "p1", "--principal", "p2*", "--audience", "b"]).unwrap();
+        assert_eq!(i.name, "jwt");
+        assert_eq!(i.principals, ["p1", "p2*"]);
+        assert_eq!(i.audiences, ["a", "b"]);
+    }
+
+    #[test]
+    fn an_update_sends_only_what_is_given_and_a_list_whole() {
+        let r = update(&["--max-ttl", "10m", "--audience", "x", "--audience", "y"]).unwrap();
+        assert_eq!(r.max_ttl_seconds, Some(600));
+        assert_eq!(r.audiences.unwrap().values, ["x", "y"]);
+        assert_eq!(r.principals, None);
+        assert_eq!(r.claims, None);
+        assert_eq!(r.key, None);
+        assert_eq!(r.default_ttl_seconds, None);
+        let r = update(&["--claim", "a=1"]).unwrap();
+        assert_eq!(r.claims.unwrap().entries["a"], "1");
+        assert!(update(&[]).unwrap_err().contains("nothing to change"));
+    }
+
+    #[test]
+    fn a_token_is_read_trimmed_and_never_echoed() {
+        let t = read_token(&mut &b"aaa.bbb.ccc\n"[..]).unwrap();
+        assert_eq!(t.as_str(), "aaa.bbb.ccc");
+        let e = read_token(&mut &b" \n"[..]).unwrap_err().to_string();
+        assert!(e.contains("no token"), "{e}");
+        match parse(&[
+            "credential",
+            "validate",
+            "--issuer",
+            "i",
+            "--audience",
+            "a",
+            "-",
+        ])
+        .unwrap()
+        {
+            Cli::Credential {
+                command: CredentialCommand::Validate { token, .. },
+            } => assert_eq!(token.as_deref(), Some("-")),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! How `kms issuer` and `kms credential` print what the server answers: aligned text for
+//! people (every cell made safe for a terminal), one JSON object for scripts. Only `jwt`
+//! prints a token, on standard output.
+
+use std::io::Write as _;
+
+use kms_proto::v1 as pb;
+use serde_json::{Value, json};
+
+use crate::BoxError;
+use crate::audit::{aligned, rfc3339};
+use crate::show::duration_text;
+
+/// An issuer as JSON: the proto's fields, by their names.
+fn issuer_json(i: &pb::Issuer) -> Value {
+    json!({
+        "name": i.name,
+        "key": i.key,
+        "principals": i.principals,
+        "audiences": i.audiences,
+        "default_ttl_seconds": i.default_ttl_seconds,
+        "max_ttl_seconds": i.max_ttl_seconds,
+        "claims": i.claims,
+        "delegators": i.delegators,
+        "subjects": i.subjects,
+        "issuer_url": i.issuer_url,
+        "created_unix_ms": i.created_unix_ms,
+        "created_by": i.created_by,
+    })
+}
+
+/// An issuer, one field a line.
+pub(super) fn issuer(i: &pb::Issuer, json: bool) {
+    if json {
+        println!("{}", issuer_json(i));
+        return;
+    }
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
+    let mut rows = vec![
+        vec!["Name".to_owned(), i.name.clone()],
+        vec!["Key".to_owned(), i.key.clone()],
+        vec!["Principals".to_owned(), list(&i.principals)],
+        vec!["Audiences".to_owned(), list(&i.audiences)],
+        vec![
+            "Default TTL".to_owned(),
+            duration_text(i.default_ttl_seconds),
+        ],
+        vec!["Max TTL".to_owned(), duration_text(i.max_ttl_seconds)],
+    ];
+    for (k, v) in &i.claims {
+        rows.push(vec!["Claim".to_owned(), format!("{k}={v}")]);
+    }
+    rows.push(vec!["Delegators".to_owned(), list(&i.delegators)]);
+    rows.push(vec!["Subjects".to_owned(), list(&i.subjects)]);
+    rows.push(vec!["Issuer URL".to_owned(), i.issuer_url.clone()]);
+    rows.push(vec![
+        "Created".to_owned(),
+        format!("{} by {}", rfc3339(i.created_unix_ms), i.created_by),
+    ]);
+    print!("{}", aligned(&rows));
+}
+
+/// Every issuer: one JSON array, or a table with a header.
+pub(super) fn issuers(issuers: &[pb::Issuer], json: bool) {
+    if json {
+        println!(
+            "{}",
+            Value::Array(issuers.iter().map(issuer_json).collect())
+        );
+        return;
+    }
+    let mut rows = vec![
+        ["NAME", "KEY", "AUDIENCES", "MAX TTL", "ISSUER URL"]
+            .map(str::to_owned)
+            .to_vec(),
+    ];
+    rows.extend(issuers.iter().map(|i| {
+        vec![
+            i.name.clone(),
+            i.key.clone(),
+            i.audiences.join(","),
+            duration_text(i.max_ttl_seconds),
+            i.issuer_url.clone(),
+        ]
+    }));
+    print!("{}", aligned(&rows));
+}
+
+/// An issued token: alone on standard output, followed by a newline, or in JSON with what
+/// the server says of it.
+pub(super) fn issued(token: &str, r: &pb::IssueJwtResponse, json: bool) -> Result<(), BoxError> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        let v = zeroize::Zeroizing::new(
+            json!({
+                "token": token,
+                "jti": r.jti,
+                "subject": r.subject,
+                "expires_unix": r.expires_unix,
+                "key_version": r.key_version,
+                "kid": r.kid,
+            })
+            .to_string(),
+        );
+        writeln!(out, "{}", v.as_str())?;
+    } else {
+        writeln!(out, "{token}")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// A Unix time in seconds as RFC 3339.
+fn time(secs: u64) -> String {
+    rfc3339(secs.saturating_mul(1000))
+}
+
+/// A validation's answer: `valid` and what the token says, or `not valid: REASON`.
+pub(super) fn validated(r: &pb::ValidateJwtResponse, json: bool) {
+    if json {
+        println!(
+            "{}",
+            json!({
+                "valid": r.valid,
+                "reason": r.reason,
+                "subject": r.subject,
+                "jti": r.jti,
+                "expires_unix": r.expires_unix,
+                "actor": r.actor,
+            })
+        );
+        return;
+    }
+    if !r.valid {
+        println!("not valid: {}", crate::audit::printable(&r.reason));
+        return;
+    }
+    println!("valid");
+    let mut rows = vec![
+        vec!["Subject".to_owned(), r.subject.clone()],
+        vec!["JTI".to_owned(), r.jti.clone()],
+        vec!["Expires".to_owned(), time(r.expires_unix)],
+    ];
+    if !r.actor.is_empty() {
+        rows.push(vec!["Actor".to_owned(), r.actor.clone()]);
+    }
+    print!("{}", aligned(&rows));
+}
