@@ -234,6 +234,29 @@ fn issuers_and_jwt_svids_through_the_cli() {
     assert_eq!(other.code, Some(1), "{other:?}");
     assert_eq!(other.json()["valid"], false);
 
+    // Revoked by its jti (admin role): validation refuses it; the app may not revoke.
+    let jti = issued_json["jti"].as_str().unwrap();
+    refused(
+        &as_app(&["credential", "revoke", "--issuer", "workloads", jti], ""),
+        "PERMISSION_DENIED",
+        "admin",
+    );
+    let revoked = ok(server.kms(&["credential", "revoke", "--issuer", "workloads", jti], ""));
+    assert!(revoked.stdout.starts_with("revoked"), "{revoked:?}");
+    let after = as_app(
+        &[
+            "credential",
+            "validate",
+            "--issuer",
+            "workloads",
+            "--audience",
+            "ledger",
+        ],
+        &issued_json["token"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(after.code, Some(1), "{after:?}");
+    assert!(after.stdout.contains("revoked"), "{after:?}");
+
     // Refused issuances: an audience the issuer does not list, a lifetime over its
     // maximum, a caller it does not list. Nothing on standard output.
     refused(

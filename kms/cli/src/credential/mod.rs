@@ -164,6 +164,15 @@ pub(crate) enum CredentialCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Revoke a token by its jti (the audit record of its issuance names it): `credential
+    /// validate` refuses it from then on (admin role).
+    Revoke {
+        /// The issuer's name.
+        #[arg(long)]
+        issuer: String,
+        /// The token's jti (32 hex digits).
+        jti: String,
+    },
 }
 
 /// `KEY=VALUE`, the key not empty (the value may be).
@@ -337,6 +346,17 @@ where
             } else {
                 ExitCode::FAILURE
             })
+        }
+        CredentialCommand::Revoke { issuer, jti } => {
+            let r = CredentialsClient::new(connect().await?)
+                .revoke_jwt(pb::RevokeJwtRequest { issuer, jti })
+                .answer()
+                .await?;
+            println!(
+                "revoked: credential validate refuses it until {}",
+                r.until_unix
+            );
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
