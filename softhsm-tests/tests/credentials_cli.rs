@@ -252,7 +252,7 @@ fn issuers_and_jwt_svids_through_the_cli() {
             "--audience",
             "ledger",
         ],
-        &issued_json["token"].as_str().unwrap().to_owned(),
+        issued_json["token"].as_str().unwrap(),
     );
     assert_eq!(after.code, Some(1), "{after:?}");
     assert!(after.stdout.contains("revoked"), "{after:?}");
