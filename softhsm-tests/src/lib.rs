@@ -1091,6 +1091,28 @@ pub fn python() -> PathBuf {
     venv
 }
 
+/// Runs a phase of a Python client script beside the tests (`tests/SCRIPT`) with `config`
+/// as its JSON argument, under [`python`]; its one JSON line of output. Fails the test when
+/// the script exits non-zero (its asserts), with what it printed.
+pub fn python_phase(script: &str, phase: &str, config: &serde_json::Value) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(script);
+    let out = Command::new(python())
+        .arg(script)
+        .arg(phase)
+        .arg(config.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "phase {phase} failed: {stderr}\n{stdout}"
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
 /// A fresh challenge and the token's signature of it ([`TestHsm::audit_key_proof`]).
 pub struct TokenProof {
     /// 32 random bytes.

@@ -16,28 +16,12 @@
     clippy::indexing_slicing
 )]
 
-use std::path::Path;
-use std::process::Command;
-
 use kms_proto::v1 as pb;
-use softhsm_tests::{ClientSpec, Server, TestHsm, free_port, python, start_unsealed};
+use softhsm_tests::{ClientSpec, Server, TestHsm, free_port, start_unsealed};
 
 /// Runs a phase of the client script; its JSON output.
 fn client(phase: &str, config: &serde_json::Value) -> serde_json::Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vault_kv_client.py");
-    let out = Command::new(python())
-        .arg(script)
-        .arg(phase)
-        .arg(config.to_string())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "phase {phase} failed: {stderr}\n{stdout}"
-    );
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    softhsm_tests::python_phase("vault_kv_client.py", phase, config)
 }
 
 /// Every record the audit log holds, as the auditor exports them.
