@@ -8,7 +8,15 @@ use p256::pkcs8::{EncodePublicKey as _, LineEnding};
 use rsa::Generate as _;
 use serde_json::json;
 
-use super::*;
+use data_encoding::BASE64URL_NOPAD;
+use serde_json::{Map, Value};
+use sha2::{Digest as _, Sha256};
+
+use super::{
+    Alg, JoseError, Jwk, MAX_TOKEN_LEN, Segment, ShownKid, SignError, decode, sign_compact,
+    verify_compact,
+};
+use crate::keyring::model::Algorithm;
 
 /// One RSA key per test run: generation is the slow part.
 fn rsa_key() -> &'static rsa::PrivateKey {
