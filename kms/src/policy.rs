@@ -13,6 +13,12 @@ pub(crate) const ANONYMOUS: &str = "anonymous";
 /// The principal of every caller on a plaintext loopback listener (no certificate there).
 pub const LOOPBACK: &str = "loopback";
 
+/// Whether `s` is 1 to `max` bytes without a control or invisible character
+/// ([`is_invisible`]): a label that ends up in records, reports and logs as it is.
+pub fn is_label(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.len() <= max && !s.chars().any(is_invisible)
+}
+
 /// Whether `c` is a character no name may hold: a control character, or an invisible
 /// Unicode format character (zero-width, bidirectional overrides and isolates, BOM), which
 /// would make two names look alike or reorder what a reader sees.

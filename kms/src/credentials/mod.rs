@@ -20,9 +20,9 @@ use model::Issuer;
 use serde_json::{Map, Value, json};
 
 use crate::barrier::Barrier;
-use crate::keyring::Keyring;
 use crate::keyring::material::{SignInput, SignatureEncoding};
 use crate::keyring::model::{Algorithm, VersionState};
+use crate::keyring::{Keyring, now};
 use crate::policy::Pattern;
 use crate::store::{Follow, Store, Table, Write};
 
@@ -173,13 +173,6 @@ pub(crate) struct Credentials {
     admin: Mutex<()>,
 }
 
-/// The time in Unix seconds.
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 impl Credentials {
     /// Opens the engine (nothing is read: each call reads the issuer it names).
     pub(crate) fn open(barrier: Arc<Barrier>, store: Arc<dyn Store>) -> Self {
@@ -263,7 +256,7 @@ impl Credentials {
         by: &str,
     ) -> Result<Issuer, CredentialsError> {
         issuer.schema = model::SCHEMA;
-        issuer.created_ms = crate::secrets::now_ms();
+        issuer.created_ms = crate::audit::now_ms();
         issuer.created_by = by.to_owned();
         issuer.check()?;
         signing_alg(keys, &issuer.key)?;
@@ -627,7 +620,7 @@ fn signing_alg(keys: &dyn KeySource, key: &str) -> Result<Alg, CredentialsError>
             "a grant lets a principal sign with this key, who could sign tokens outside the issuer's rules: revoke it, or use a key of the issuer's own".to_owned(),
         ));
     }
-    Alg::of(keys.verifying_keys(key)?.algorithm).ok_or_else(|| {
+    Alg::of(keys.signing_key(key)?.algorithm).ok_or_else(|| {
         CredentialsError::KeyUnusable(
             "a JWT is signed by an ECDSA P-256 or P-384, RSA-PSS or RSA PKCS#1 key".to_owned(),
         )

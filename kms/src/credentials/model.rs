@@ -191,7 +191,7 @@ impl Issuer {
 /// Checks a string an administrator or a caller gives that ends up in tokens and records: 1
 /// to `max` bytes, no control or invisible character.
 pub(crate) fn check_text(s: &str, max: usize, what: &str) -> Result<(), CredentialsError> {
-    if s.is_empty() || s.len() > max || s.chars().any(crate::policy::is_invisible) {
+    if !crate::policy::is_label(s, max) {
         return Err(CredentialsError::BadRequest(format!(
             "{what} is 1 to {max} bytes, without control or invisible characters"
         )));

@@ -365,7 +365,7 @@ fn a_revoked_token_is_refused_until_the_revocation_expires() {
         .engine
         .revoke_jwt(&journal, "workloads", &issued.summary.jti)
         .unwrap();
-    assert!(until >= super::now() + model::MAX_TTL_LIMIT - 5);
+    assert!(until >= crate::keyring::now() + model::MAX_TTL_LIMIT - 5);
     let validate = |token: &str| {
         f.engine
             .validate_jwt(&f.keys, Some(BASE), "workloads", token, "payments")
@@ -427,7 +427,7 @@ fn a_token_the_issuer_would_not_issue_is_refused_even_well_signed() {
         validate(&forge(&|_| {})).is_ok(),
         "the same claims, signed again"
     );
-    let now = super::now();
+    let now = crate::keyring::now();
     let cases: [(&str, &Change<'_>); 6] = [
         ("subject", &|c| {
             c.insert("sub".into(), "spiffe://corp/admin".into());

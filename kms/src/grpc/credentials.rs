@@ -40,26 +40,21 @@ fn issuer_pb(i: &Issuer, base: Option<&str>) -> pb::Issuer {
 
 /// An issuer from the API's (defaults for lifetimes not given).
 fn issuer_of(p: pb::Issuer) -> Result<Issuer, CredentialsError> {
+    let max_ttl = match p.max_ttl_seconds {
+        0 => model::DEFAULT_MAX_TTL,
+        max => max,
+    };
     Ok(Issuer {
         schema: model::SCHEMA,
         name: p.name,
         key: p.key,
         principals: patterns(&p.principals)?,
         audiences: p.audiences,
-        default_ttl: if p.default_ttl_seconds == 0 {
-            model::DEFAULT_TTL.min(if p.max_ttl_seconds == 0 {
-                model::DEFAULT_MAX_TTL
-            } else {
-                p.max_ttl_seconds
-            })
-        } else {
-            p.default_ttl_seconds
+        default_ttl: match p.default_ttl_seconds {
+            0 => model::DEFAULT_TTL.min(max_ttl),
+            ttl => ttl,
         },
-        max_ttl: if p.max_ttl_seconds == 0 {
-            model::DEFAULT_MAX_TTL
-        } else {
-            p.max_ttl_seconds
-        },
+        max_ttl,
         claims: p.claims,
         delegators: patterns(&p.delegators)?,
         subjects: patterns(&p.subjects)?,

@@ -220,12 +220,8 @@ pub(crate) struct ConfigUpdate {
 /// The engine's configuration as callers see it.
 pub(crate) type Config = EngineConfig;
 
-/// The time in Unix milliseconds.
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+/// The time in Unix milliseconds (the audit log's clock).
+pub(crate) use crate::audit::now_ms;
 
 impl Secrets {
     /// Opens the engine: reads the grants and the configuration (nothing per secret).

@@ -277,7 +277,7 @@ pub(crate) fn check_custom(custom: &BTreeMap<String, String>) -> Result<(), Secr
 }
 
 fn check_label(name: &str, max: usize, what: &str) -> Result<(), SecretsError> {
-    if name.is_empty() || name.len() > max || name.chars().any(crate::policy::is_invisible) {
+    if !crate::policy::is_label(name, max) {
         return Err(SecretsError::BadRequest(format!(
             "{what} is 1 to {max} bytes, without control or invisible characters"
         )));

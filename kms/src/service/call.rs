@@ -280,7 +280,7 @@ impl Call {
             } else {
                 invalid_name(subject)
             };
-            c.audience = if crate::credentials::model::check_text(audience, 256, "").is_ok() {
+            c.audience = if crate::policy::is_label(audience, 256) {
                 audience.to_owned()
             } else {
                 invalid_name(audience)
