@@ -139,6 +139,10 @@ pub struct AuditEvent {
 pub struct CredentialSummary {
     /// The issuer.
     pub issuer: String,
+    /// What it issued: `jwt`, `x509`, `ssh_user`, `ssh_host` (empty in records of calls
+    /// that issue nothing, and in those made before kinds).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
     /// The token's subject (empty when none was issued).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub subject: String,
@@ -154,6 +158,13 @@ pub struct CredentialSummary {
     /// Its expiry, Unix seconds (0 when none was issued).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub expires: u64,
+    /// The key version that signed it (0 when none was issued).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub key_version: u32,
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
 }
 
 fn is_zero(n: &u64) -> bool {

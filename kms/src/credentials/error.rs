@@ -14,6 +14,16 @@ pub(crate) enum CredentialsError {
     /// An issuer of this name exists.
     #[error("an issuer {0:?} exists")]
     IssuerExists(String),
+    /// The issuer issues another kind of credential.
+    #[error("issuer {issuer:?} issues {kind} credentials, not {asked}")]
+    WrongKind {
+        /// The issuer.
+        issuer: String,
+        /// What it issues.
+        kind: &'static str,
+        /// What was asked.
+        asked: &'static str,
+    },
     /// The caller may not ask this issuer (for this subject).
     #[error("permission denied: {0}")]
     Denied(String),

@@ -20,7 +20,8 @@ use model::Issuer;
 use serde_json::{Map, Value, json};
 
 use crate::barrier::Barrier;
-use crate::keyring::material::{SignInput, SignatureEncoding};
+use crate::keyring::material::SignInput;
+pub(crate) use crate::keyring::material::SignatureEncoding;
 use crate::keyring::model::{Algorithm, VersionState};
 use crate::keyring::{Keyring, now};
 use crate::policy::Pattern;
@@ -47,63 +48,86 @@ const REVOCATION_KEPT: u64 = model::MAX_TTL_LIMIT;
 /// its identity tokens' named providers).
 pub(crate) const ISSUER_PATH: &str = "/v1/identity/oidc/provider/";
 
-/// A signing key's public side: its algorithm, its primary version (the one that signs)
-/// and the versions that verify (enabled), each with its public key (SubjectPublicKeyInfo
-/// PEM).
+/// One enabled version of a signing key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KeyVersion {
+    /// Its number.
+    pub version: u32,
+    /// When it was made, Unix seconds: it has been published since.
+    pub created_at: u64,
+}
+
+/// A signing key's algorithm and enabled versions (oldest first).
+pub(crate) struct KeyVersions {
+    /// The key's algorithm.
+    pub algorithm: Algorithm,
+    /// Its enabled versions, oldest first.
+    pub enabled: Vec<KeyVersion>,
+}
+
+/// A signing key's public side: its algorithm and the versions that verify (enabled), each
+/// with its public key (SubjectPublicKeyInfo PEM).
 pub(crate) struct PublicKeys {
     /// The key's algorithm.
     pub algorithm: Algorithm,
-    /// The version that signs.
-    pub primary: u32,
-    /// Every enabled version and its public key.
+    /// Every enabled version and its public key, oldest first.
     pub versions: Vec<(u32, String)>,
 }
 
-/// The keys a token may be verified with, and the signatures: what the engine needs of the
-/// keyring.
+/// The keys a credential may be verified with, and the signatures: what the engine needs
+/// of the keyring.
 pub(crate) trait KeySource {
-    /// `key`'s public side.
-    fn verifying_keys(&self, key: &str) -> Result<PublicKeys, CredentialsError>;
-    /// `key`'s public side, of its primary version only (what signing needs).
-    fn signing_key(&self, key: &str) -> Result<PublicKeys, CredentialsError> {
-        let mut all = self.verifying_keys(key)?;
-        all.versions.retain(|(v, _)| *v == all.primary);
-        Ok(all)
+    /// `key`'s algorithm and enabled versions.
+    fn versions(&self, key: &str) -> Result<KeyVersions, CredentialsError>;
+    /// The public key of `key`'s `version` (SubjectPublicKeyInfo PEM).
+    fn public_key(&self, key: &str, version: u32) -> Result<String, CredentialsError>;
+    /// `key`'s public side: every enabled version's public key.
+    fn verifying_keys(&self, key: &str) -> Result<PublicKeys, CredentialsError> {
+        let versions = self.versions(key)?;
+        let mut out = Vec::with_capacity(versions.enabled.len());
+        for v in versions.enabled {
+            out.push((v.version, self.public_key(key, v.version)?));
+        }
+        Ok(PublicKeys {
+            algorithm: versions.algorithm,
+            versions: out,
+        })
     }
-    /// Signs `message` with `key`'s primary version: the signature as JWS wants it (`r | s`
-    /// for ECDSA) and the version that made it.
-    fn sign(&self, key: &str, message: &[u8]) -> Result<(Vec<u8>, u32), CredentialsError>;
+    /// Signs `message` with `key`'s `version` (which must be enabled): ECDSA signatures in
+    /// `encoding` (raw `r | s`, as JWS and SSH want them, or DER, as X.509 does).
+    fn sign(
+        &self,
+        key: &str,
+        version: u32,
+        message: &[u8],
+        encoding: SignatureEncoding,
+    ) -> Result<Vec<u8>, CredentialsError>;
     /// Whether a grant lets someone sign with `key` (who could then sign claims outside an
     /// issuer's rules).
     fn sign_granted(&self, key: &str) -> Result<bool, CredentialsError>;
 }
 
 impl KeySource for Keyring {
-    fn verifying_keys(&self, key: &str) -> Result<PublicKeys, CredentialsError> {
+    fn versions(&self, key: &str) -> Result<KeyVersions, CredentialsError> {
         let meta = self.get_key(key)?;
-        let mut keys = Vec::new();
-        for v in meta
+        let mut enabled: Vec<KeyVersion> = meta
             .versions
             .iter()
             .filter(|v| v.state == VersionState::Enabled)
-        {
-            keys.push((v.version, self.public_key(key, v.version)?.0));
-        }
-        Ok(PublicKeys {
+            .map(|v| KeyVersion {
+                version: v.version,
+                created_at: v.created_at,
+            })
+            .collect();
+        enabled.sort_by_key(|v| v.version);
+        Ok(KeyVersions {
             algorithm: meta.algorithm,
-            primary: meta.primary,
-            versions: keys,
+            enabled,
         })
     }
 
-    fn signing_key(&self, key: &str) -> Result<PublicKeys, CredentialsError> {
-        let meta = self.get_key(key)?;
-        let (pem, primary) = self.public_key(key, 0)?;
-        Ok(PublicKeys {
-            algorithm: meta.algorithm,
-            primary,
-            versions: vec![(primary, pem)],
-        })
+    fn public_key(&self, key: &str, version: u32) -> Result<String, CredentialsError> {
+        Ok(Keyring::public_key(self, key, version)?.0)
     }
 
     fn sign_granted(&self, key: &str) -> Result<bool, CredentialsError> {
@@ -113,14 +137,43 @@ impl KeySource for Keyring {
             .any(|g| g.operations.contains(&crate::policy::Operation::Sign)))
     }
 
-    fn sign(&self, key: &str, message: &[u8]) -> Result<(Vec<u8>, u32), CredentialsError> {
-        Ok(Keyring::sign(
-            self,
-            key,
-            SignInput::Message(message),
-            SignatureEncoding::Raw,
-        )?)
+    fn sign(
+        &self,
+        key: &str,
+        version: u32,
+        message: &[u8],
+        encoding: SignatureEncoding,
+    ) -> Result<Vec<u8>, CredentialsError> {
+        if version == 0 {
+            return Err(CredentialsError::Internal("a signature names its version"));
+        }
+        Ok(self
+            .sign_version(key, version, SignInput::Message(message), encoding)?
+            .0)
     }
+}
+
+/// The version of a key that signs for an issuer that publishes versions `ahead` seconds
+/// before they sign: the newest enabled version made at least `ahead` seconds before
+/// `now`, among those `usable` allows (an x509 issuer's versions with a CA certificate). A
+/// version made later has not been published long enough for verifiers that cache the
+/// keys. When none has (the older ones were disabled, or the key is new), the oldest
+/// usable version signs: there is no other.
+pub(crate) fn signing_version(
+    enabled: &[KeyVersion],
+    ahead: u64,
+    now: u64,
+    usable: impl Fn(u32) -> bool,
+) -> Option<u32> {
+    let candidates = enabled.iter().filter(|v| usable(v.version));
+    let oldest = candidates.clone().min_by_key(|v| v.version)?;
+    Some(
+        candidates
+            .filter(|v| v.created_at.saturating_add(ahead) <= now)
+            .max_by_key(|v| v.version)
+            .unwrap_or(oldest)
+            .version,
+    )
 }
 
 /// How a change commits: its write in one transaction with its audit record.
@@ -192,6 +245,23 @@ impl Credentials {
         self.open_issuer(name, &sealed)
     }
 
+    /// The issuer `name`, which must issue `kind`.
+    pub(crate) fn issuer_of_kind(
+        &self,
+        name: &str,
+        kind: model::Kind,
+    ) -> Result<Issuer, CredentialsError> {
+        let issuer = self.issuer(name)?;
+        if issuer.kind != kind {
+            return Err(CredentialsError::WrongKind {
+                issuer: issuer.name,
+                kind: issuer.kind.name(),
+                asked: kind.name(),
+            });
+        }
+        Ok(issuer)
+    }
+
     fn open_issuer(&self, name: &str, sealed: &[u8]) -> Result<Issuer, CredentialsError> {
         let tampered = || CredentialsError::Tampered(format!("issuer {}", bounded(name)));
         let json = self
@@ -259,7 +329,7 @@ impl Credentials {
         issuer.created_ms = crate::audit::now_ms();
         issuer.created_by = by.to_owned();
         issuer.check()?;
-        signing_alg(keys, &issuer.key)?;
+        check_key(keys, &issuer)?;
         let _one = self.admin.lock().unwrap_or_else(|p| p.into_inner());
         let _shared = self.store.lock_changes()?;
         if self.store.get(ISSUERS, &issuer.name)?.is_some() {
@@ -279,12 +349,29 @@ impl Credentials {
     ) -> Result<Issuer, CredentialsError> {
         let _one = self.admin.lock().unwrap_or_else(|p| p.into_inner());
         let _shared = self.store.lock_changes()?;
-        let mut issuer = self.issuer(name)?;
+        let before = self.issuer(name)?;
+        let mut issuer = before.clone();
         change(&mut issuer);
+        if issuer.kind != before.kind || issuer.self_signed != before.self_signed {
+            return Err(CredentialsError::BadRequest(
+                "an issuer's kind and self_signed are fixed when it is made".to_owned(),
+            ));
+        }
         issuer.check()?;
-        signing_alg(keys, &issuer.key)?;
+        check_key(keys, &issuer)?;
         journal.commit(&issuer.name, vec![self.write(&issuer)?])?;
         Ok(issuer)
+    }
+
+    /// What a rotation of `name`'s key (made by the caller) changes in the issuer: nothing
+    /// for the kinds whose keys are published as they are.
+    pub(crate) fn rotated(
+        &self,
+        _journal: &dyn Journal,
+        _keys: &dyn KeySource,
+        name: &str,
+    ) -> Result<Issuer, CredentialsError> {
+        self.issuer(name)
     }
 
     /// Issues a JWT-SVID to `caller` (its principal).
@@ -295,7 +382,7 @@ impl Credentials {
         caller: &str,
         req: &JwtRequest<'_>,
     ) -> Result<Issued, CredentialsError> {
-        let issuer = self.issuer(req.issuer)?;
+        let issuer = self.issuer_of_kind(req.issuer, model::Kind::Jwt)?;
         let (subject, actor) = if req.subject.is_empty() || req.subject == caller {
             if !issuer.allows(caller) {
                 return Err(CredentialsError::Denied(format!(
@@ -363,57 +450,56 @@ impl Credentials {
         if let Some(a) = &actor {
             claims.insert("act".to_owned(), json!({ "sub": a }));
         }
-        // The key id names the primary's public key; a rotation between reading it and
-        // signing makes the signature another version's: read and sign again.
-        for _ in 0..3 {
-            let Published {
-                alg,
-                primary,
-                jwks: published,
-            } = jwks_of(keys.signing_key(&issuer.key)?)?;
-            let jwk = published
-                .into_iter()
-                .find(|(v, _)| *v == primary)
-                .map(|(_, j)| j)
-                .ok_or_else(|| {
-                    CredentialsError::KeyUnusable("its primary version is not enabled".to_owned())
-                })?;
-            let mut version = 0;
-            let token = jose::sign_compact(alg, jwk.kid(), &claims, |input| {
-                let (sig, v) = keys.sign(&issuer.key, input)?;
-                version = v;
-                Ok::<_, CredentialsError>(sig)
+        let versions = keys.versions(&issuer.key)?;
+        let alg = jwt_alg(versions.algorithm)?;
+        let version = signing_version(&versions.enabled, issuer.publish_ahead, iat, |_| true)
+            .ok_or_else(|| CredentialsError::KeyUnusable("no version is enabled".to_owned()))?;
+        let jwk = Jwk::from_spki_pem(&keys.public_key(&issuer.key, version)?, alg)
+            .map_err(|_| CredentialsError::Internal("a public key that is not one"))?;
+        let token = jose::sign_compact(alg, jwk.kid(), &claims, |input| {
+            keys.sign(&issuer.key, version, input, SignatureEncoding::Raw)
+        })
+        .map_err(|e| match e {
+            jose::SignError::Signer(e) => e,
+            other => CredentialsError::KeyUnusable(other.to_string()),
+        })?;
+        Ok(Issued {
+            token,
+            summary: crate::audit::CredentialSummary {
+                issuer: issuer.name.clone(),
+                kind: issuer.kind.name().to_owned(),
+                subject,
+                audience: req.audience.to_owned(),
+                actor,
+                jti,
+                expires: exp,
+                key_version: version,
+            },
+            key_version: version,
+            kid: jwk.kid().to_owned(),
+        })
+    }
+
+    /// The key version that signs for `issuer` now (0: none can).
+    pub(crate) fn signing_version_of(
+        &self,
+        keys: &dyn KeySource,
+        issuer: &Issuer,
+    ) -> Result<u32, CredentialsError> {
+        let versions = keys.versions(&issuer.key)?;
+        Ok(
+            signing_version(&versions.enabled, issuer.publish_ahead, now(), |v| {
+                issuer.can_sign_with(v)
             })
-            .map_err(|e| match e {
-                jose::SignError::Signer(e) => e,
-                other => CredentialsError::KeyUnusable(other.to_string()),
-            })?;
-            if version == primary {
-                return Ok(Issued {
-                    token,
-                    summary: crate::audit::CredentialSummary {
-                        issuer: issuer.name.clone(),
-                        subject,
-                        audience: req.audience.to_owned(),
-                        actor,
-                        jti,
-                        expires: exp,
-                    },
-                    key_version: version,
-                    kid: jwk.kid().to_owned(),
-                });
-            }
-        }
-        Err(CredentialsError::KeyUnusable(
-            "the key was rotated three times while signing".to_owned(),
-        ))
+            .unwrap_or(0),
+        )
     }
 
     /// The public keys of `name`'s tokens, as a JWKS (RFC 7517): every enabled version of
     /// its key.
     pub(crate) fn jwks(&self, keys: &dyn KeySource, name: &str) -> Result<Value, CredentialsError> {
-        let issuer = self.issuer(name)?;
-        let published = published_keys(keys, &issuer.key)?.jwks;
+        let issuer = self.issuer_of_kind(name, model::Kind::Jwt)?;
+        let published = published_keys(keys, &issuer.key)?;
         let list: Vec<Value> = published.iter().map(|(_, j)| j.to_json("sig")).collect();
         Ok(json!({ "keys": list }))
     }
@@ -426,8 +512,8 @@ impl Credentials {
         base: &str,
         name: &str,
     ) -> Result<Value, CredentialsError> {
-        let issuer = self.issuer(name)?;
-        let published = published_keys(keys, &issuer.key)?.jwks;
+        let issuer = self.issuer_of_kind(name, model::Kind::Jwt)?;
+        let published = published_keys(keys, &issuer.key)?;
         let mut algs: Vec<&str> = published.iter().map(|(_, j)| j.alg().name()).collect();
         algs.dedup();
         let url = issuer_url(base, name);
@@ -449,9 +535,9 @@ impl Credentials {
         token: &str,
         audience: &str,
     ) -> Result<Result<Validated, String>, CredentialsError> {
-        let issuer = self.issuer(name)?;
+        let issuer = self.issuer_of_kind(name, model::Kind::Jwt)?;
         let base = base.ok_or(CredentialsError::NoHttpsFront)?;
-        let published = published_keys(keys, &issuer.key)?.jwks;
+        let published = published_keys(keys, &issuer.key)?;
         let jwks: Vec<Jwk> = published.into_iter().map(|(_, j)| j).collect();
         let claims = match jose::verify_compact(token, &jwks) {
             Ok(c) => c,
@@ -465,6 +551,21 @@ impl Credentials {
         }
         Ok(verdict)
     }
+}
+
+/// Certificates (DER) as PEM, one after the other.
+pub(crate) fn pem_chain(chain: &[Vec<u8>]) -> String {
+    let mut out = String::new();
+    for der in chain {
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        let b64 = data_encoding::BASE64.encode(der);
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(line));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out
 }
 
 /// The `iss` of issuer `name`'s tokens, under the HTTPS front's URL `base`.
@@ -481,7 +582,7 @@ impl Credentials {
         name: &str,
         jti: &str,
     ) -> Result<u64, CredentialsError> {
-        let issuer = self.issuer(name)?;
+        let issuer = self.issuer_of_kind(name, model::Kind::Jwt)?;
         if jti.len() != 32 || !jti.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(CredentialsError::BadRequest(
                 "a jti kms issued is 32 lowercase hex digits".to_owned(),
@@ -612,50 +713,46 @@ fn check_claims(
     })
 }
 
-/// The JWS algorithm `key` signs JWTs with, or why it cannot (its algorithm, or a grant
-/// that lets someone sign with it).
-fn signing_alg(keys: &dyn KeySource, key: &str) -> Result<Alg, CredentialsError> {
-    if keys.sign_granted(key)? {
+/// Whether `issuer`'s key can sign what it issues: its algorithm, and no grant that lets
+/// someone sign with it.
+fn check_key(keys: &dyn KeySource, issuer: &Issuer) -> Result<(), CredentialsError> {
+    if keys.sign_granted(&issuer.key)? {
         return Err(CredentialsError::KeyUnusable(
-            "a grant lets a principal sign with this key, who could sign tokens outside the issuer's rules: revoke it, or use a key of the issuer's own".to_owned(),
+            "a grant lets a principal sign with this key, who could sign credentials outside the issuer's rules: revoke it, or use a key of the issuer's own".to_owned(),
         ));
     }
-    Alg::of(keys.signing_key(key)?.algorithm).ok_or_else(|| {
+    let algorithm = keys.versions(&issuer.key)?.algorithm;
+    match issuer.kind {
+        model::Kind::Jwt => jwt_alg(algorithm).map(|_| ()),
+        model::Kind::X509 => Err(CredentialsError::KeyUnusable(
+            "x509 issuers are not built yet".to_owned(),
+        )),
+        model::Kind::SshUser | model::Kind::SshHost => Err(CredentialsError::KeyUnusable(
+            "ssh issuers are not built yet".to_owned(),
+        )),
+    }
+}
+
+/// The JWS algorithm a key of `algorithm` signs JWTs with.
+fn jwt_alg(algorithm: Algorithm) -> Result<Alg, CredentialsError> {
+    Alg::of(algorithm).ok_or_else(|| {
         CredentialsError::KeyUnusable(
             "a JWT is signed by an ECDSA P-256 or P-384, RSA-PSS or RSA PKCS#1 key".to_owned(),
         )
     })
 }
 
-/// `key`'s algorithm, primary version and the JWK of each enabled version.
-fn published_keys(keys: &dyn KeySource, key: &str) -> Result<Published, CredentialsError> {
-    jwks_of(keys.verifying_keys(key)?)
-}
-
-/// The JWKs of the versions `public` lists.
-fn jwks_of(public: PublicKeys) -> Result<Published, CredentialsError> {
-    let alg = Alg::of(public.algorithm).ok_or_else(|| {
-        CredentialsError::KeyUnusable("its algorithm does not sign JWTs".to_owned())
-    })?;
+/// The JWK of each enabled version of `key`, oldest first.
+fn published_keys(keys: &dyn KeySource, key: &str) -> Result<Vec<(u32, Jwk)>, CredentialsError> {
+    let public = keys.verifying_keys(key)?;
+    let alg = jwt_alg(public.algorithm)?;
     let mut jwks = Vec::with_capacity(public.versions.len());
     for (v, pem) in public.versions {
         let jwk = Jwk::from_spki_pem(&pem, alg)
             .map_err(|_| CredentialsError::Internal("a public key that is not one"))?;
         jwks.push((v, jwk));
     }
-    Ok(Published {
-        alg,
-        primary: public.primary,
-        jwks,
-    })
-}
-
-/// A signing key as its tokens name it: the JWS algorithm, the primary version, the JWK of
-/// each enabled version.
-struct Published {
-    alg: Alg,
-    primary: u32,
-    jwks: Vec<(u32, Jwk)>,
+    Ok(jwks)
 }
 
 /// A name as errors show it: at most 64 characters.

@@ -34,6 +34,14 @@ pub(crate) const SCHEMA: u32 = 1;
 
 /// A token's lifetime when neither the request nor the issuer says: 5 minutes (SPIRE's).
 pub(crate) const DEFAULT_TTL: u64 = 300;
+/// A certificate's lifetime when neither the request nor the issuer says: 1 hour (SPIRE's).
+pub(crate) const DEFAULT_CERT_TTL: u64 = 3600;
+/// How long a new key version is published before it signs unless the issuer says: twice
+/// the HTTPS front's max-age for the published keys, so that a verifier that cached them
+/// just before the rotation has them again before the first token it signs.
+pub(crate) const DEFAULT_PUBLISH_AHEAD: u64 = 120;
+/// The longest an issuer may publish a key before it signs: 7 days.
+pub(crate) const MAX_PUBLISH_AHEAD: u64 = 7 * 86_400;
 /// The longest lifetime an issuer allows unless it says: 1 hour.
 pub(crate) const DEFAULT_MAX_TTL: u64 = 3600;
 /// The longest lifetime any issuer may allow: 24 hours. Tokens are short-lived, and a
@@ -56,6 +64,51 @@ const MAX_CLAIMS_BYTES: usize = 4096;
 /// The claims kms sets itself, which an issuer's fixed claims may not name.
 pub(crate) const REGISTERED: &[&str] = &["iss", "sub", "aud", "exp", "nbf", "iat", "jti", "act"];
 
+/// What an issuer issues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Kind {
+    /// JWT-SVIDs.
+    #[default]
+    Jwt,
+    /// X.509-SVIDs.
+    X509,
+    /// OpenSSH user certificates.
+    SshUser,
+    /// OpenSSH host certificates.
+    SshHost,
+}
+
+impl Kind {
+    /// Its name in records, reports and the CLI.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Jwt => "jwt",
+            Self::X509 => "x509",
+            Self::SshUser => "ssh_user",
+            Self::SshHost => "ssh_host",
+        }
+    }
+
+    /// Whether it issues OpenSSH certificates.
+    pub(crate) fn is_ssh(self) -> bool {
+        matches!(self, Self::SshUser | Self::SshHost)
+    }
+}
+
+/// An x509 issuer's CA certificate for one version of its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CaCert {
+    /// The key version.
+    pub version: u32,
+    /// The CA certificate, then those above it, DER each; empty while an outside CA's
+    /// certificate is awaited.
+    pub chain: Vec<Vec<u8>>,
+    /// Whether kms made it.
+    pub self_signed: bool,
+}
+
 /// An issuer, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,6 +117,27 @@ pub(crate) struct Issuer {
     pub schema: u32,
     /// Its name (a key's name's rules).
     pub name: String,
+    /// What it issues (records made before kinds: JWTs).
+    #[serde(default)]
+    pub kind: Kind,
+    /// How long a new key version is published before it signs, seconds.
+    #[serde(default = "default_publish_ahead")]
+    pub publish_ahead: u64,
+    /// x509: its CA certificates, by key version.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ca: Vec<CaCert>,
+    /// x509: whether kms signs its CA certificates itself.
+    #[serde(default)]
+    pub self_signed: bool,
+    /// ssh: the principals a certificate may name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_principals: Vec<String>,
+    /// ssh_user: critical options every certificate carries.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ssh_critical_options: BTreeMap<String, String>,
+    /// ssh_user: extensions every certificate carries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_extensions: Vec<String>,
     /// The keyring key that signs.
     pub key: String,
     /// Who may ask for a token for themselves.
@@ -84,6 +158,10 @@ pub(crate) struct Issuer {
     pub created_ms: u64,
     /// The principal who defined it.
     pub created_by: String,
+}
+
+fn default_publish_ahead() -> u64 {
+    DEFAULT_PUBLISH_AHEAD
 }
 
 impl Issuer {
@@ -121,9 +199,16 @@ impl Issuer {
                 "an issuer with delegators names the subjects they may ask for".to_owned(),
             ));
         }
-        if self.audiences.is_empty() || self.audiences.len() > MAX_LIST {
+        if self.publish_ahead > MAX_PUBLISH_AHEAD {
             return Err(CredentialsError::BadRequest(format!(
-                "an issuer names 1 to {MAX_LIST} audiences"
+                "publish_ahead_seconds is at most {MAX_PUBLISH_AHEAD} (7 days)"
+            )));
+        }
+        self.check_kind()?;
+        if self.kind == Kind::Jwt && (self.audiences.is_empty() || self.audiences.len() > MAX_LIST)
+        {
+            return Err(CredentialsError::BadRequest(format!(
+                "a jwt issuer names 1 to {MAX_LIST} audiences"
             )));
         }
         for a in &self.audiences {
@@ -176,6 +261,59 @@ impl Issuer {
         Ok(())
     }
 
+    /// What only some kinds have is not set on the others.
+    fn check_kind(&self) -> Result<(), CredentialsError> {
+        let only = |set: bool, what: &str, kinds: &str| {
+            if set {
+                Err(CredentialsError::BadRequest(format!(
+                    "{what} is for {kinds} issuers, not {}",
+                    self.kind.name()
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        let jwt = self.kind == Kind::Jwt;
+        only(!jwt && !self.audiences.is_empty(), "audiences", "jwt")?;
+        only(!jwt && !self.claims.is_empty(), "claims", "jwt")?;
+        let x509 = self.kind == Kind::X509;
+        only(!x509 && !self.ca.is_empty(), "a CA certificate", "x509")?;
+        only(!x509 && self.self_signed, "self_signed", "x509")?;
+        let ssh = self.kind.is_ssh();
+        only(
+            !ssh && !self.ssh_principals.is_empty(),
+            "ssh_principals",
+            "ssh",
+        )?;
+        let user = self.kind == Kind::SshUser;
+        only(
+            !user && !self.ssh_critical_options.is_empty(),
+            "ssh_critical_options",
+            "ssh_user",
+        )?;
+        only(
+            !user && !self.ssh_extensions.is_empty(),
+            "ssh_extensions",
+            "ssh_user",
+        )?;
+        only(
+            ssh && !self.delegators.is_empty(),
+            "delegation",
+            "jwt and x509",
+        )?;
+        Ok(())
+    }
+
+    /// Whether version `v` of its key may sign for it: an x509 issuer's needs a CA
+    /// certificate.
+    pub(crate) fn can_sign_with(&self, v: u32) -> bool {
+        self.kind != Kind::X509
+            || self
+                .ca
+                .iter()
+                .any(|c| c.version == v && !c.chain.is_empty())
+    }
+
     /// Whether `principal` may ask for a token for itself.
     pub(crate) fn allows(&self, principal: &str) -> bool {
         self.principals.iter().any(|p| p.matches(principal))
@@ -208,6 +346,13 @@ mod tests {
         Issuer {
             schema: SCHEMA,
             name: "workloads".to_owned(),
+            kind: Kind::Jwt,
+            publish_ahead: DEFAULT_PUBLISH_AHEAD,
+            ca: Vec::new(),
+            self_signed: false,
+            ssh_principals: Vec::new(),
+            ssh_critical_options: BTreeMap::new(),
+            ssh_extensions: Vec::new(),
             key: "jwt-signer".to_owned(),
             principals: vec![Pattern::new("spiffe://corp/app/*").unwrap()],
             audiences: vec!["payments".to_owned()],
@@ -224,7 +369,21 @@ mod tests {
     #[test]
     fn an_issuer_is_checked_before_it_is_stored() {
         assert!(issuer().check().is_ok());
-        let bad: [fn(&mut Issuer); 14] = [
+        let bad: [fn(&mut Issuer); 20] = [
+            |i: &mut Issuer| i.publish_ahead = MAX_PUBLISH_AHEAD + 1,
+            |i: &mut Issuer| i.kind = Kind::X509,
+            |i: &mut Issuer| i.self_signed = true,
+            |i: &mut Issuer| i.ssh_principals = vec!["root".to_owned()],
+            |i: &mut Issuer| {
+                i.kind = Kind::SshHost;
+                i.audiences.clear();
+                i.ssh_extensions = vec!["permit-pty".to_owned()];
+            },
+            |i: &mut Issuer| {
+                i.kind = Kind::X509;
+                i.audiences.clear();
+                i.claims.insert("team".to_owned(), "x".to_owned());
+            },
             |i: &mut Issuer| i.name = "..".to_owned(),
             |i: &mut Issuer| {
                 for n in 0..5 {
@@ -255,6 +414,21 @@ mod tests {
             change(&mut i);
             assert!(i.check().is_err(), "change {n} accepted");
         }
+    }
+
+    /// An issuer stored before issuers had kinds is a JWT issuer that publishes a new key
+    /// version for the default time before it signs.
+    #[test]
+    fn a_record_made_before_kinds_is_a_jwt_issuer() {
+        let mut old: serde_json::Value = serde_json::to_value(issuer()).unwrap();
+        let map = old.as_object_mut().unwrap();
+        for gone in ["kind", "publish_ahead", "self_signed"] {
+            assert!(map.remove(gone).is_some(), "{gone}");
+        }
+        let read: Issuer = serde_json::from_value(old).unwrap();
+        assert_eq!(read.kind, Kind::Jwt);
+        assert_eq!(read.publish_ahead, DEFAULT_PUBLISH_AHEAD);
+        assert_eq!(read, issuer());
     }
 
     #[test]

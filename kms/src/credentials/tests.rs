@@ -10,7 +10,10 @@ use p256::pkcs8::{EncodePublicKey as _, LineEnding};
 use serde_json::Value;
 
 use super::model::{self, Issuer};
-use super::{Credentials, CredentialsError, ISSUERS, Journal, JwtRequest, KeySource, PublicKeys};
+use super::{
+    Credentials, CredentialsError, ISSUERS, Journal, JwtRequest, KeySource, KeyVersion,
+    KeyVersions, SignatureEncoding,
+};
 use crate::barrier::Barrier;
 use crate::keyring::model::Algorithm;
 use crate::policy::Pattern;
@@ -20,24 +23,46 @@ const BASE: &str = "https://kms.example:8201";
 const APP: &str = "spiffe://corp/app/web";
 const CI: &str = "spiffe://corp/ci";
 
-/// Versions of one P-256 key; the last is the primary. `rotate_on_sign` adds a version
-/// (as a rotation between reading the key and signing would) before the next signature.
+/// Versions of one P-256 key, each with when it was made and whether it is enabled.
 struct Keys {
-    versions: Mutex<Vec<p256::ecdsa::SigningKey>>,
-    rotate_on_sign: Mutex<usize>,
+    versions: Mutex<Vec<Version>>,
     algorithm: Algorithm,
     /// Whether a grant lets someone sign with the key.
     granted: Mutex<bool>,
 }
 
+struct Version {
+    key: p256::ecdsa::SigningKey,
+    created_at: u64,
+    enabled: bool,
+}
+
 impl Keys {
     fn new(algorithm: Algorithm) -> Self {
         Self {
-            versions: Mutex::new(vec![new_key()]),
-            rotate_on_sign: Mutex::new(0),
+            versions: Mutex::new(vec![Version {
+                key: new_key(),
+                created_at: crate::keyring::now() - 86_400,
+                enabled: true,
+            }]),
             algorithm,
             granted: Mutex::new(false),
         }
+    }
+
+    /// Adds a version made `age` seconds ago; its number.
+    fn rotate(&self, age: u64) -> u32 {
+        let mut versions = self.versions.lock().unwrap();
+        versions.push(Version {
+            key: new_key(),
+            created_at: crate::keyring::now() - age,
+            enabled: true,
+        });
+        u32::try_from(versions.len()).unwrap()
+    }
+
+    fn set(&self, version: u32, change: impl FnOnce(&mut Version)) {
+        change(&mut self.versions.lock().unwrap()[version as usize - 1]);
     }
 }
 
@@ -46,40 +71,48 @@ fn new_key() -> p256::ecdsa::SigningKey {
 }
 
 impl KeySource for Keys {
-    fn verifying_keys(&self, key: &str) -> Result<PublicKeys, CredentialsError> {
+    fn versions(&self, key: &str) -> Result<KeyVersions, CredentialsError> {
         assert_eq!(key, "signer");
-        let versions = self.versions.lock().unwrap();
-        let pems = versions
-            .iter()
-            .enumerate()
-            .map(|(i, k)| {
-                let pem = k.verifying_key().to_public_key_pem(LineEnding::LF).unwrap();
-                (u32::try_from(i).unwrap() + 1, pem)
+        let enabled = (1..)
+            .zip(self.versions.lock().unwrap().iter())
+            .filter(|(_, v)| v.enabled)
+            .map(|(version, v)| KeyVersion {
+                version,
+                created_at: v.created_at,
             })
             .collect();
-        Ok(PublicKeys {
+        Ok(KeyVersions {
             algorithm: self.algorithm,
-            primary: u32::try_from(versions.len()).unwrap(),
-            versions: pems,
+            enabled,
         })
+    }
+
+    fn public_key(&self, _: &str, version: u32) -> Result<String, CredentialsError> {
+        let versions = self.versions.lock().unwrap();
+        let v = &versions[version as usize - 1];
+        Ok(v.key
+            .verifying_key()
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap())
     }
 
     fn sign_granted(&self, _: &str) -> Result<bool, CredentialsError> {
         Ok(*self.granted.lock().unwrap())
     }
 
-    fn sign(&self, _: &str, message: &[u8]) -> Result<(Vec<u8>, u32), CredentialsError> {
-        let mut rotations = self.rotate_on_sign.lock().unwrap();
-        let mut versions = self.versions.lock().unwrap();
-        if *rotations > 0 {
-            *rotations -= 1;
-            versions.push(new_key());
-        }
-        let sig: p256::ecdsa::Signature = versions.last().unwrap().sign(message);
-        Ok((
-            sig.to_bytes().to_vec(),
-            u32::try_from(versions.len()).unwrap(),
-        ))
+    fn sign(
+        &self,
+        _: &str,
+        version: u32,
+        message: &[u8],
+        encoding: SignatureEncoding,
+    ) -> Result<Vec<u8>, CredentialsError> {
+        assert_eq!(encoding, SignatureEncoding::Raw);
+        let versions = self.versions.lock().unwrap();
+        let v = &versions[version as usize - 1];
+        assert!(v.enabled, "a disabled version does not sign");
+        let sig: p256::ecdsa::Signature = v.key.sign(message);
+        Ok(sig.to_bytes().to_vec())
     }
 }
 
@@ -120,6 +153,13 @@ fn issuer() -> Issuer {
     Issuer {
         schema: model::SCHEMA,
         name: "workloads".to_owned(),
+        kind: model::Kind::Jwt,
+        publish_ahead: model::DEFAULT_PUBLISH_AHEAD,
+        ca: Vec::new(),
+        self_signed: false,
+        ssh_principals: Vec::new(),
+        ssh_critical_options: Default::default(),
+        ssh_extensions: Vec::new(),
         key: "signer".to_owned(),
         principals: vec![Pattern::new("spiffe://corp/app/*").unwrap()],
         audiences: vec!["payments".to_owned()],
@@ -276,31 +316,96 @@ fn requests_out_of_the_issuers_bounds_are_refused() {
     ));
 }
 
-#[test]
-fn a_rotation_while_signing_signs_again_with_the_key_it_names() {
-    let f = fixture();
-    *f.keys.rotate_on_sign.lock().unwrap() = 1;
-    let issued = f
-        .engine
-        .issue_jwt(&f.keys, Some(BASE), APP, &ask("payments", "", 0))
-        .unwrap();
-    assert_eq!(issued.key_version, 2);
-    // Both versions published; the token names the one that signed.
-    let jwks = f.engine.jwks(&f.keys, "workloads").unwrap();
-    let kids: Vec<&str> = jwks["keys"]
+/// The kids of the issuer's JWKS, in order.
+fn published_kids(f: &Fixture) -> Vec<String> {
+    f.engine.jwks(&f.keys, "workloads").unwrap()["keys"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|k| k["kid"].as_str().unwrap())
-        .collect();
-    assert_eq!(kids.len(), 2);
-    assert_eq!(kids[1], issued.kid);
-    assert!(
+        .map(|k| k["kid"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A new version is published at once and signs once it has been published for the
+/// issuer's `publish_ahead`; the old one stays published; a new version with every older
+/// one disabled signs at once (an emergency rotation).
+#[test]
+fn a_new_version_is_published_before_it_signs() {
+    let f = fixture();
+    let issue = || {
         f.engine
-            .validate_jwt(&f.keys, Some(BASE), "workloads", &issued.token, "payments")
+            .issue_jwt(&f.keys, Some(BASE), APP, &ask("payments", "", 0))
             .unwrap()
-            .is_ok()
+    };
+    let first = issue();
+    assert_eq!(first.key_version, 1);
+    let ahead = model::DEFAULT_PUBLISH_AHEAD;
+    assert_eq!(f.keys.rotate(ahead - 5), 2);
+    let kids = published_kids(&f);
+    assert_eq!(kids.len(), 2, "the new version is published at once");
+    let before = issue();
+    assert_eq!(
+        before.key_version, 1,
+        "published for less than publish_ahead"
     );
+    assert_eq!(kids[0], before.kid);
+    f.keys.set(2, |v| v.created_at -= 5);
+    let after = issue();
+    assert_eq!(after.key_version, 2, "published for publish_ahead");
+    assert_eq!(kids[1], after.kid);
+    for t in [&first, &before, &after] {
+        assert!(
+            f.engine
+                .validate_jwt(&f.keys, Some(BASE), "workloads", &t.token, "payments")
+                .unwrap()
+                .is_ok()
+        );
+    }
+    // An issuer that publishes for 0 seconds signs with the newest at once.
+    assert_eq!(f.keys.rotate(0), 3);
+    assert_eq!(issue().key_version, 2);
+    f.engine
+        .update_issuer(&Direct(Arc::clone(&f.store)), &f.keys, "workloads", |i| {
+            i.publish_ahead = 0
+        })
+        .unwrap();
+    assert_eq!(issue().key_version, 3);
+    // The older versions disabled, a new version signs at once whatever the setting.
+    f.engine
+        .update_issuer(&Direct(Arc::clone(&f.store)), &f.keys, "workloads", |i| {
+            i.publish_ahead = 3600
+        })
+        .unwrap();
+    assert_eq!(f.keys.rotate(0), 4);
+    assert_eq!(issue().key_version, 1, "the only one published for an hour");
+    for v in 1..=3 {
+        f.keys.set(v, |v| v.enabled = false);
+    }
+    assert_eq!(issue().key_version, 4);
+    assert_eq!(published_kids(&f).len(), 1);
+}
+
+#[test]
+fn the_signing_version_is_the_newest_published_long_enough() {
+    let v = |version, created_at| KeyVersion {
+        version,
+        created_at,
+    };
+    let versions = [v(1, 0), v(2, 1000), v(3, 1100)];
+    let pick = |ahead, now| super::signing_version(&versions, ahead, now, |_| true);
+    assert_eq!(pick(120, 1119), Some(1));
+    assert_eq!(pick(120, 1120), Some(2));
+    assert_eq!(pick(120, 1219), Some(2));
+    assert_eq!(pick(120, 1220), Some(3));
+    assert_eq!(pick(2000, 1500), Some(1), "none old enough: the oldest");
+    assert_eq!(pick(0, 1100), Some(3));
+    assert_eq!(
+        super::signing_version(&versions, 0, 5000, |n| n != 3),
+        Some(2),
+        "only usable versions"
+    );
+    assert_eq!(super::signing_version(&versions, 0, 5000, |_| false), None);
+    assert_eq!(super::signing_version(&[], 0, 5000, |_| true), None);
 }
 
 #[test]
@@ -414,7 +519,7 @@ fn a_token_the_issuer_would_not_issue_is_refused_even_well_signed() {
         let mut claims = good.clone();
         change(&mut claims);
         super::jose::sign_compact(super::jose::Alg::Es256, &issued.kid, &claims, |input| {
-            Ok::<_, CredentialsError>(f.keys.sign("signer", input)?.0)
+            f.keys.sign("signer", 1, input, SignatureEncoding::Raw)
         })
         .unwrap()
     };

@@ -6,7 +6,7 @@ use kms_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::respond;
-use crate::credentials::model::{self, Issuer};
+use crate::credentials::model::{self, Issuer, Kind};
 use crate::credentials::{CredentialsError, JwtRequest, patterns};
 use crate::service::{Call, Op, Served, Service};
 
@@ -16,8 +16,18 @@ pub(crate) struct CredentialsService {
     ctx: Service,
 }
 
-/// An issuer as the API shows it.
-fn issuer_pb(i: &Issuer, base: Option<&str>) -> pb::Issuer {
+/// An issuer's kind as the API names it.
+fn kind_pb(kind: Kind) -> pb::CredentialKind {
+    match kind {
+        Kind::Jwt => pb::CredentialKind::Jwt,
+        Kind::X509 => pb::CredentialKind::X509,
+        Kind::SshUser => pb::CredentialKind::SshUser,
+        Kind::SshHost => pb::CredentialKind::SshHost,
+    }
+}
+
+/// An issuer as the API shows it; `signing` the key version that signs for it now.
+fn issuer_pb(i: &Issuer, base: Option<&str>, signing: u32) -> pb::Issuer {
     let texts =
         |list: &[crate::policy::Pattern]| list.iter().map(|p| p.as_str().to_owned()).collect();
     pb::Issuer {
@@ -30,28 +40,70 @@ fn issuer_pb(i: &Issuer, base: Option<&str>) -> pb::Issuer {
         claims: i.claims.clone(),
         delegators: texts(&i.delegators),
         subjects: texts(&i.subjects),
-        issuer_url: base
-            .map(|b| crate::credentials::issuer_url(b, &i.name))
-            .unwrap_or_default(),
+        issuer_url: match (i.kind, base) {
+            (Kind::Jwt, Some(b)) => crate::credentials::issuer_url(b, &i.name),
+            _ => String::new(),
+        },
         created_unix_ms: i.created_ms,
         created_by: i.created_by.clone(),
+        kind: kind_pb(i.kind).into(),
+        publish_ahead_seconds: Some(i.publish_ahead),
+        signing_version: signing,
+        ca_certificates: i
+            .ca
+            .iter()
+            .map(|c| pb::CaCertificate {
+                key_version: c.version,
+                chain_pem: crate::credentials::pem_chain(&c.chain),
+                self_signed: c.self_signed,
+            })
+            .collect(),
+        self_signed: i.self_signed,
+        ssh_principals: i.ssh_principals.clone(),
+        ssh_critical_options: i.ssh_critical_options.clone(),
+        ssh_extensions: i.ssh_extensions.clone(),
     }
 }
 
-/// An issuer from the API's (defaults for lifetimes not given).
+/// An issuer from the API's (defaults for what is not given).
 fn issuer_of(p: pb::Issuer) -> Result<Issuer, CredentialsError> {
+    let kind = match pb::CredentialKind::try_from(p.kind) {
+        Ok(pb::CredentialKind::Unspecified | pb::CredentialKind::Jwt) => Kind::Jwt,
+        Ok(pb::CredentialKind::X509) => Kind::X509,
+        Ok(pb::CredentialKind::SshUser) => Kind::SshUser,
+        Ok(pb::CredentialKind::SshHost) => Kind::SshHost,
+        Err(_) => {
+            return Err(CredentialsError::BadRequest(
+                "kind is one of CREDENTIAL_KIND_JWT, _X509, _SSH_USER, _SSH_HOST".to_owned(),
+            ));
+        }
+    };
     let max_ttl = match p.max_ttl_seconds {
         0 => model::DEFAULT_MAX_TTL,
         max => max,
     };
+    let default_ttl = if kind == Kind::Jwt {
+        model::DEFAULT_TTL
+    } else {
+        model::DEFAULT_CERT_TTL
+    };
     Ok(Issuer {
         schema: model::SCHEMA,
         name: p.name,
+        kind,
+        publish_ahead: p
+            .publish_ahead_seconds
+            .unwrap_or(model::DEFAULT_PUBLISH_AHEAD),
+        ca: Vec::new(),
+        self_signed: p.self_signed,
+        ssh_principals: p.ssh_principals,
+        ssh_critical_options: p.ssh_critical_options,
+        ssh_extensions: p.ssh_extensions,
         key: p.key,
         principals: patterns(&p.principals)?,
         audiences: p.audiences,
         default_ttl: match p.default_ttl_seconds {
-            0 => model::DEFAULT_TTL.min(max_ttl),
+            0 => default_ttl.min(max_ttl),
             ttl => ttl,
         },
         max_ttl,
@@ -61,6 +113,18 @@ fn issuer_of(p: pb::Issuer) -> Result<Issuer, CredentialsError> {
         created_ms: 0,
         created_by: String::new(),
     })
+}
+
+/// An issuer as the API shows it, with the version that signs for it now.
+fn shown(
+    cr: &crate::credentials::Credentials,
+    keys: &crate::keyring::Keyring,
+    i: &Issuer,
+    base: Option<&str>,
+) -> pb::Issuer {
+    // A key that cannot be read shows no signing version; the issuer is still shown.
+    let signing = cr.signing_version_of(keys, i).unwrap_or(0);
+    issuer_pb(i, base, signing)
 }
 
 impl CredentialsService {
@@ -97,7 +161,7 @@ impl pb::credentials_server::Credentials for CredentialsService {
             crate::service::with_credentials(&self.ctx, call, move |cr, keys, c| {
                 let issuer = issuer_of(r.issuer.unwrap_or_default())?;
                 let made = cr.create_issuer(c, keys, issuer, &c.identity().principal)?;
-                Ok(Served::new(issuer_pb(&made, base.as_deref())))
+                Ok(Served::new(shown(cr, keys, &made, base.as_deref())))
             })
             .await,
         )
@@ -111,8 +175,13 @@ impl pb::credentials_server::Credentials for CredentialsService {
         let base = self.base();
         let name = request.into_inner().name;
         respond(
-            crate::service::with_credentials(&self.ctx, call, move |cr, _, _| {
-                Ok(Served::new(issuer_pb(&cr.issuer(&name)?, base.as_deref())))
+            crate::service::with_credentials(&self.ctx, call, move |cr, keys, _| {
+                Ok(Served::new(shown(
+                    cr,
+                    keys,
+                    &cr.issuer(&name)?,
+                    base.as_deref(),
+                )))
             })
             .await,
         )
@@ -125,11 +194,11 @@ impl pb::credentials_server::Credentials for CredentialsService {
         let call = self.call(&request, Op::ListIssuers, "");
         let base = self.base();
         respond(
-            crate::service::with_credentials(&self.ctx, call, move |cr, _, _| {
+            crate::service::with_credentials(&self.ctx, call, move |cr, keys, _| {
                 let issuers = cr
                     .issuers()?
                     .iter()
-                    .map(|i| issuer_pb(i, base.as_deref()))
+                    .map(|i| shown(cr, keys, i, base.as_deref()))
                     .collect();
                 Ok(Served::new(pb::ListIssuersResponse { issuers }))
             })
@@ -149,6 +218,15 @@ impl pb::credentials_server::Credentials for CredentialsService {
                 let principals = r.principals.map(|l| patterns(&l.values)).transpose()?;
                 let delegators = r.delegators.map(|l| patterns(&l.values)).transpose()?;
                 let subjects = r.subjects.map(|l| patterns(&l.values)).transpose()?;
+                if r.publish_ahead_seconds
+                    .is_some_and(|a| a > model::MAX_PUBLISH_AHEAD)
+                {
+                    return Err(CredentialsError::BadRequest(format!(
+                        "publish_ahead_seconds is at most {}",
+                        model::MAX_PUBLISH_AHEAD
+                    ))
+                    .into());
+                }
                 let updated = cr.update_issuer(c, keys, &r.name, |i| {
                     if let Some(k) = r.key {
                         i.key = k;
@@ -174,8 +252,20 @@ impl pb::credentials_server::Credentials for CredentialsService {
                     if let Some(s) = subjects {
                         i.subjects = s;
                     }
+                    if let Some(a) = r.publish_ahead_seconds {
+                        i.publish_ahead = a;
+                    }
+                    if let Some(p) = r.ssh_principals {
+                        i.ssh_principals = p.values;
+                    }
+                    if let Some(o) = r.ssh_critical_options {
+                        i.ssh_critical_options = o.entries;
+                    }
+                    if let Some(e) = r.ssh_extensions {
+                        i.ssh_extensions = e.values;
+                    }
                 })?;
-                Ok(Served::new(issuer_pb(&updated, base.as_deref())))
+                Ok(Served::new(shown(cr, keys, &updated, base.as_deref())))
             })
             .await,
         )
@@ -269,5 +359,51 @@ impl pb::credentials_server::Credentials for CredentialsService {
             })
             .await,
         )
+    }
+
+    async fn rotate_issuer(
+        &self,
+        request: Request<pb::RotateIssuerRequest>,
+    ) -> Result<Response<pb::Issuer>, Status> {
+        let call = self.call(&request, Op::RotateIssuer, &request.get_ref().name);
+        let base = self.base();
+        let name = request.into_inner().name;
+        respond(
+            crate::service::with_credentials(&self.ctx, call, move |cr, keys, c| {
+                let issuer = cr.issuer(&name)?;
+                keys.rotate_key(&issuer.key, c)?;
+                let issuer = cr.rotated(c, keys, &name)?;
+                Ok(Served::new(shown(cr, keys, &issuer, base.as_deref())))
+            })
+            .await,
+        )
+    }
+
+    async fn issue_x509(
+        &self,
+        _request: Request<pb::IssueX509Request>,
+    ) -> Result<Response<pb::IssueX509Response>, Status> {
+        Err(Status::unimplemented("IssueX509"))
+    }
+
+    async fn get_issuer_csr(
+        &self,
+        _request: Request<pb::GetIssuerCsrRequest>,
+    ) -> Result<Response<pb::GetIssuerCsrResponse>, Status> {
+        Err(Status::unimplemented("GetIssuerCsr"))
+    }
+
+    async fn set_issuer_certificate(
+        &self,
+        _request: Request<pb::SetIssuerCertificateRequest>,
+    ) -> Result<Response<pb::Issuer>, Status> {
+        Err(Status::unimplemented("SetIssuerCertificate"))
+    }
+
+    async fn issue_ssh(
+        &self,
+        _request: Request<pb::IssueSshRequest>,
+    ) -> Result<Response<pb::IssueSshResponse>, Status> {
+        Err(Status::unimplemented("IssueSsh"))
     }
 }

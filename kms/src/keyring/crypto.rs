@@ -278,6 +278,17 @@ impl Keyring {
         input: SignInput<'_>,
         encoding: SignatureEncoding,
     ) -> Result<(Vec<u8>, u32), KeyringError> {
+        self.sign_version(name, 0, input, encoding)
+    }
+
+    /// Signs with `version` (0: the primary), which must be enabled.
+    pub fn sign_version(
+        &self,
+        name: &str,
+        version: u32,
+        input: SignInput<'_>,
+        encoding: SignatureEncoding,
+    ) -> Result<(Vec<u8>, u32), KeyringError> {
         if let SignInput::Message(m) = input {
             check_size(
                 "the message",
@@ -287,7 +298,7 @@ impl Keyring {
             )?;
         }
         let e = self.entry_for(name, Purpose::SignVerify, "signing")?;
-        let version = e.meta.primary;
+        let version = Self::version_or_primary(&e, version);
         let secret = self.secret(&e, version, VersionUse::Make)?;
         Ok((secret.sign(Some(&self.hsm), input, encoding)?, version))
     }

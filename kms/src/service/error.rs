@@ -341,6 +341,7 @@ fn credentials_kind(e: &CredentialsError) -> ErrorKind {
         CredentialsError::BadRequest(_) => ErrorKind::InvalidArgument,
         CredentialsError::IssuerNotFound(_) => ErrorKind::NotFound,
         CredentialsError::IssuerExists(_) => ErrorKind::AlreadyExists,
+        CredentialsError::WrongKind { .. } => ErrorKind::FailedPrecondition,
         CredentialsError::Denied(_) => ErrorKind::PermissionDenied,
         CredentialsError::KeyUnusable(_) | CredentialsError::NoHttpsFront => {
             ErrorKind::FailedPrecondition
@@ -359,6 +360,7 @@ fn credentials_reason(e: &CredentialsError) -> &'static str {
         CredentialsError::BadRequest(_) => "INVALID_REQUEST",
         CredentialsError::IssuerNotFound(_) => "ISSUER_NOT_FOUND",
         CredentialsError::IssuerExists(_) => "ISSUER_EXISTS",
+        CredentialsError::WrongKind { .. } => "WRONG_ISSUER_KIND",
         CredentialsError::Denied(_) => "NOT_ALLOWED_BY_ISSUER",
         CredentialsError::KeyUnusable(_) => "KEY_CANNOT_SIGN",
         CredentialsError::NoHttpsFront => "NO_HTTPS_FRONT",

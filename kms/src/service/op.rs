@@ -99,6 +99,7 @@ ops! {
     }
     Credentials {
         CreateIssuer, GetIssuer, ListIssuers, UpdateIssuer, IssueJwt, ValidateJwt, RevokeJwt,
+        IssueX509, GetIssuerCsr, SetIssuerCertificate, IssueSsh, RotateIssuer,
     }
     Health { Check, Watch }
 }
@@ -143,7 +144,12 @@ impl Op {
             Op::GetSecretsConfig => Need::Certificate,
             // Issuers say nothing secret; who may ask an issuer for a token is the issuer's
             // to say (its principals and delegators), as a key's grants are the key's.
-            Op::GetIssuer | Op::ListIssuers | Op::IssueJwt | Op::ValidateJwt => Need::Certificate,
+            Op::GetIssuer
+            | Op::ListIssuers
+            | Op::IssueJwt
+            | Op::ValidateJwt
+            | Op::IssueX509
+            | Op::IssueSsh => Need::Certificate,
             Op::Init
             | Op::Seal
             | Op::CreateBackup
@@ -171,7 +177,10 @@ impl Op {
             | Op::ListSecretGrants
             | Op::CreateIssuer
             | Op::UpdateIssuer
-            | Op::RevokeJwt => Need::Role(Role::Admin),
+            | Op::RevokeJwt
+            | Op::GetIssuerCsr
+            | Op::SetIssuerCertificate
+            | Op::RotateIssuer => Need::Role(Role::Admin),
         }
     }
 
