@@ -1,6 +1,7 @@
 //! `kms issuer ...` and `kms credential ...`: short-lived machine credentials
 //! (`kms.v1.Credentials`, docs/credentials.md). An administrator defines issuers; a caller
-//! the issuer lists asks for a JWT-SVID; anyone with a client certificate validates one.
+//! the issuer lists asks for a credential of the issuer's kind (a JWT-SVID, an X.509-SVID,
+//! an OpenSSH certificate); anyone with a client certificate validates a JWT.
 //!
 //! A token is printed on standard output only, by `credential jwt`, and never in an error
 //! or on standard error; `credential validate` reads it from an argument or, better (an
@@ -27,7 +28,7 @@ const MAX_TOKEN: u64 = 64 << 10;
 /// `kms issuer ...`.
 #[derive(Debug, Subcommand)]
 pub(crate) enum IssuerCommand {
-    /// Define an issuer of JWT-SVIDs (admin role).
+    /// Define an issuer (admin role): of JWT-SVIDs unless --kind says otherwise.
     Create {
         /// 1 to 128 bytes of A-Z a-z 0-9 _ . -
         name: String,
@@ -51,8 +52,8 @@ pub(crate) enum IssuerCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Change an issuer (admin role): a list given replaces that list; what is not given
-    /// stays.
+    /// Change an issuer (admin role): a list given replaces that list, --clear empties
+    /// one; what is not given stays.
     Update {
         /// The issuer's name.
         name: String,
@@ -62,22 +63,81 @@ pub(crate) enum IssuerCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Add a version to the issuer's key (admin role): published at once, it signs once
+    /// it has been published for the issuer's publish-ahead time.
+    Rotate {
+        /// The issuer's name.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// What an issuer issues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Kind {
+    /// JWT-SVIDs.
+    Jwt,
+    /// X.509-SVIDs, from PKCS#10 requests.
+    X509,
+    /// OpenSSH user certificates.
+    SshUser,
+    /// OpenSSH host certificates.
+    SshHost,
+}
+
+impl Kind {
+    fn pb(self) -> pb::CredentialKind {
+        match self {
+            Self::Jwt => pb::CredentialKind::Jwt,
+            Self::X509 => pb::CredentialKind::X509,
+            Self::SshUser => pb::CredentialKind::SshUser,
+            Self::SshHost => pb::CredentialKind::SshHost,
+        }
+    }
+}
+
+/// A list `issuer update --clear` empties.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum List {
+    /// The principals who may ask for themselves.
+    Principals,
+    /// The audiences.
+    Audiences,
+    /// The fixed claims.
+    Claims,
+    /// The delegators.
+    Delegators,
+    /// The subjects delegators may ask for.
+    Subjects,
+    /// The SSH principals.
+    SshPrincipals,
+    /// The SSH critical options.
+    SshOptions,
+    /// The SSH extensions.
+    SshExtensions,
 }
 
 /// What `issuer create` defines.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Definition {
-    /// The keyring key that signs: ECDSA P-256 or P-384, RSA-PSS or RSA PKCS#1 v1.5.
+    /// What it issues.
+    #[arg(long, value_enum, default_value = "jwt")]
+    kind: Kind,
+    /// The keyring key that signs: for jwt and x509, ECDSA P-256 or P-384 or RSA; for
+    /// ssh-user and ssh-host, ECDSA P-256 or Ed25519.
     #[arg(long)]
     key: String,
     /// Who may ask for a token for themselves: a principal, or a prefix ending in `*`
     /// (repeatable).
     #[arg(long = "principal", value_name = "PRINCIPAL")]
     principals: Vec<String>,
-    /// An audience a token may be asked for (repeatable; at least one).
-    #[arg(long = "audience", value_name = "AUDIENCE", required = true)]
+    /// jwt: an audience a token may be asked for (repeatable; at least one).
+    #[arg(long = "audience", value_name = "AUDIENCE")]
     audiences: Vec<String>,
-    /// A token's lifetime when the request gives none (e.g. 5m; the server's default: 5m).
+    /// A credential's lifetime when the request gives none (e.g. 5m; the server's default:
+    /// 5m for tokens, 1h for certificates).
     #[arg(long, value_parser = parse_duration)]
     default_ttl: Option<u64>,
     /// The longest lifetime a request may ask for (e.g. 1h; the server's default: 1h).
@@ -94,8 +154,33 @@ pub(crate) struct Definition {
     /// (repeatable).
     #[arg(long = "subject", value_name = "SUBJECT")]
     subjects: Vec<String>,
+    /// How long a new version of the key is published before it signs (e.g. 10m; the
+    /// server's default: 2m).
+    #[arg(long, value_parser = parse_duration)]
+    publish_ahead: Option<u64>,
+    /// x509: kms signs the CA certificate itself, rather than an outside CA (`issuer csr`,
+    /// `issuer set-certificate`).
+    #[arg(long)]
+    self_signed: bool,
+    #[command(flatten)]
+    ssh: Ssh,
 }
 
+/// An ssh issuer's settings (`issuer create` and `issuer update`).
+#[derive(Debug, clap::Args)]
+pub(crate) struct Ssh {
+    /// ssh-user, ssh-host: a principal a certificate may name, a user name or a host name
+    /// (repeatable).
+    #[arg(long = "ssh-principal", value_name = "NAME")]
+    ssh_principals: Vec<String>,
+    /// ssh-user: a critical option every certificate carries, NAME=VALUE (repeatable).
+    #[arg(long = "ssh-option", value_name = "NAME=VALUE", value_parser = parse_claim)]
+    ssh_options: Vec<(String, String)>,
+    /// ssh-user: an extension every certificate carries (repeatable; the server's default:
+    /// ssh-keygen's).
+    #[arg(long = "ssh-extension", value_name = "NAME")]
+    ssh_extensions: Vec<String>,
+}
 /// What `issuer update` changes: `None` is "not given, stays".
 #[derive(Debug, clap::Args)]
 pub(crate) struct Change {
@@ -123,6 +208,21 @@ pub(crate) struct Change {
     /// Replaces the subjects delegators may ask for (repeatable).
     #[arg(long = "subject", value_name = "SUBJECT")]
     subjects: Option<Vec<String>>,
+    /// How long a new version of the key is published before it signs (e.g. 10m).
+    #[arg(long, value_parser = parse_duration)]
+    publish_ahead: Option<u64>,
+    /// Replaces the SSH principals (repeatable).
+    #[arg(long = "ssh-principal", value_name = "NAME")]
+    ssh_principals: Option<Vec<String>>,
+    /// Replaces the SSH critical options, NAME=VALUE (repeatable).
+    #[arg(long = "ssh-option", value_name = "NAME=VALUE", value_parser = parse_claim)]
+    ssh_options: Option<Vec<(String, String)>>,
+    /// Replaces the SSH extensions (repeatable).
+    #[arg(long = "ssh-extension", value_name = "NAME")]
+    ssh_extensions: Option<Vec<String>>,
+    /// Empties a list (repeatable); not with the same list given.
+    #[arg(long, value_enum, value_name = "LIST")]
+    clear: Vec<List>,
 }
 
 /// `kms credential ...`.
@@ -179,17 +279,17 @@ pub(crate) enum CredentialCommand {
 fn parse_claim(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err("a claim is KEY=VALUE".to_owned()),
+        _ => Err("give KEY=VALUE".to_owned()),
     }
 }
 
-/// The claims given, each key once: a key given twice is refused rather than one value
+/// The pairs given, each key once: a key given twice is refused rather than one value
 /// silently winning.
 fn claims(pairs: Vec<(String, String)>) -> Result<BTreeMap<String, String>, String> {
     let mut map = BTreeMap::new();
     for (k, v) in pairs {
         if map.contains_key(&k) {
-            return Err(format!("the claim {k:?} is given twice"));
+            return Err(format!("{k:?} is given twice"));
         }
         map.insert(k, v);
     }
@@ -208,6 +308,12 @@ impl Definition {
             claims: claims(self.claims)?,
             delegators: self.delegators,
             subjects: self.subjects,
+            kind: self.kind.pb().into(),
+            publish_ahead_seconds: self.publish_ahead,
+            self_signed: self.self_signed,
+            ssh_principals: self.ssh.ssh_principals,
+            ssh_critical_options: claims(self.ssh.ssh_options)?,
+            ssh_extensions: self.ssh.ssh_extensions,
             ..pb::Issuer::default()
         })
     }
@@ -215,20 +321,47 @@ impl Definition {
 
 impl Change {
     fn request(self, name: String) -> Result<pb::UpdateIssuerRequest, String> {
-        let list = |v: Option<Vec<String>>| v.map(|values| pb::StringList { values });
+        let clear = self.clear;
+        // A list given, or emptied by --clear (not both).
+        let list = |v: Option<Vec<String>>, which: List| -> Result<_, String> {
+            match (v, clear.contains(&which)) {
+                (Some(_), true) => Err(format!(
+                    "--clear {} and a value for it: give one or the other",
+                    which_name(which)
+                )),
+                (Some(values), false) => Ok(Some(pb::StringList { values })),
+                (None, true) => Ok(Some(pb::StringList::default())),
+                (None, false) => Ok(None),
+            }
+        };
+        let map = |v: Option<Vec<(String, String)>>, which: List| -> Result<_, String> {
+            let pairs = list(
+                v.as_ref()
+                    .map(|p| p.iter().map(|(k, _)| k.clone()).collect()),
+                which,
+            )?;
+            match (pairs, v) {
+                (None, _) => Ok(None),
+                (Some(_), None) => Ok(Some(pb::StringMap::default())),
+                (Some(_), Some(pairs)) => Ok(Some(pb::StringMap {
+                    entries: claims(pairs)?,
+                })),
+            }
+        };
         let r = pb::UpdateIssuerRequest {
             name,
             key: self.key,
-            principals: list(self.principals),
-            audiences: list(self.audiences),
+            principals: list(self.principals, List::Principals)?,
+            audiences: list(self.audiences, List::Audiences)?,
             default_ttl_seconds: self.default_ttl,
             max_ttl_seconds: self.max_ttl,
-            claims: self
-                .claims
-                .map(|c| claims(c).map(|entries| pb::StringMap { entries }))
-                .transpose()?,
-            delegators: list(self.delegators),
-            subjects: list(self.subjects),
+            claims: map(self.claims, List::Claims)?,
+            delegators: list(self.delegators, List::Delegators)?,
+            subjects: list(self.subjects, List::Subjects)?,
+            publish_ahead_seconds: self.publish_ahead,
+            ssh_principals: list(self.ssh_principals, List::SshPrincipals)?,
+            ssh_critical_options: map(self.ssh_options, List::SshOptions)?,
+            ssh_extensions: list(self.ssh_extensions, List::SshExtensions)?,
         };
         let unchanged = pb::UpdateIssuerRequest {
             name: r.name.clone(),
@@ -237,12 +370,20 @@ impl Change {
         if r == unchanged {
             return Err(
                 "nothing to change: give --key, --principal, --audience, --default-ttl, \
-                 --max-ttl, --claim, --delegator or --subject"
+                 --max-ttl, --claim, --delegator, --subject, --publish-ahead, --ssh-principal, \
+                 --ssh-option, --ssh-extension or --clear"
                     .to_owned(),
             );
         }
         Ok(r)
     }
+}
+
+/// A list's name as `--clear` takes it.
+fn which_name(which: List) -> String {
+    clap::ValueEnum::to_possible_value(&which)
+        .map(|v| v.get_name().to_owned())
+        .unwrap_or_default()
 }
 
 /// Runs `kms issuer ...`: the arguments are checked before `connect` is called.
@@ -284,6 +425,13 @@ where
             let request = change.request(name)?;
             let i = CredentialsClient::new(connect().await?)
                 .update_issuer(request)
+                .answer()
+                .await?;
+            show::issuer(&i, json);
+        }
+        IssuerCommand::Rotate { name, json } => {
+            let i = CredentialsClient::new(connect().await?)
+                .rotate_issuer(pb::RotateIssuerRequest { name })
                 .answer()
                 .await?;
             show::issuer(&i, json);
@@ -500,8 +648,7 @@ mod tests {
     }
 
     #[test]
-    fn create_needs_a_key_and_an_audience() {
-        assert!(parse(&["issuer", "create", "j", "--key", "k"]).is_err());
+    fn create_needs_a_key() {
         assert!(parse(&["issuer", "create", "j", "--audience", "a"]).is_err());
         let i = create(&["--principal", "p1", "--principal", "p2*", "--audience", "b"]).unwrap();
         assert_eq!(i.name, "jwt");
@@ -521,6 +668,60 @@ mod tests {
         let r = update(&["--claim", "a=1"]).unwrap();
         assert_eq!(r.claims.unwrap().entries["a"], "1");
         assert!(update(&[]).unwrap_err().contains("nothing to change"));
+    }
+
+    #[test]
+    fn clear_empties_a_list_and_not_one_given() {
+        let r = update(&[
+            "--clear",
+            "delegators",
+            "--clear",
+            "subjects",
+            "--clear",
+            "claims",
+        ])
+        .unwrap();
+        assert_eq!(r.delegators, Some(pb::StringList::default()));
+        assert_eq!(r.subjects, Some(pb::StringList::default()));
+        assert_eq!(r.claims, Some(pb::StringMap::default()));
+        assert_eq!(r.principals, None);
+        let r = update(&["--clear", "ssh-options", "--clear", "ssh-extensions"]).unwrap();
+        assert_eq!(r.ssh_critical_options, Some(pb::StringMap::default()));
+        assert_eq!(r.ssh_extensions, Some(pb::StringList::default()));
+        let both = update(&["--clear", "subjects", "--subject", "spiffe://a/b"]).unwrap_err();
+        assert!(both.contains("--clear subjects"), "{both}");
+        let both = update(&["--clear", "claims", "--claim", "a=b"]).unwrap_err();
+        assert!(both.contains("--clear claims"), "{both}");
+        assert!(parse(&["issuer", "update", "j", "--clear", "everything"]).is_err());
+    }
+
+    #[test]
+    fn kinds_and_their_settings_are_sent() {
+        let i = create(&[
+            "--kind",
+            "ssh-user",
+            "--ssh-principal",
+            "deploy",
+            "--ssh-option",
+            "force-command=/bin/true",
+            "--ssh-extension",
+            "permit-pty",
+            "--publish-ahead",
+            "10m",
+        ])
+        .unwrap();
+        assert_eq!(i.kind, pb::CredentialKind::SshUser as i32);
+        assert_eq!(i.ssh_principals, ["deploy"]);
+        assert_eq!(i.ssh_critical_options["force-command"], "/bin/true");
+        assert_eq!(i.ssh_extensions, ["permit-pty"]);
+        assert_eq!(i.publish_ahead_seconds, Some(600));
+        let i = create(&["--kind", "x509", "--self-signed"]).unwrap();
+        assert_eq!(i.kind, pb::CredentialKind::X509 as i32);
+        assert!(i.self_signed);
+        let i = create(&[]).unwrap();
+        assert_eq!(i.kind, pb::CredentialKind::Jwt as i32);
+        assert_eq!(i.publish_ahead_seconds, None);
+        assert!(create(&["--ssh-option", "a=1", "--ssh-option", "a=2"]).is_err());
     }
 
     #[test]

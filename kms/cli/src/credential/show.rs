@@ -26,7 +26,30 @@ fn issuer_json(i: &pb::Issuer) -> Value {
         "issuer_url": i.issuer_url,
         "created_unix_ms": i.created_unix_ms,
         "created_by": i.created_by,
+        "kind": kind_name(i.kind),
+        "publish_ahead_seconds": i.publish_ahead_seconds,
+        "signing_version": i.signing_version,
+        "ca_certificates": i.ca_certificates.iter().map(|c| json!({
+            "key_version": c.key_version,
+            "chain_pem": c.chain_pem,
+            "self_signed": c.self_signed,
+        })).collect::<Vec<_>>(),
+        "self_signed": i.self_signed,
+        "ssh_principals": i.ssh_principals,
+        "ssh_critical_options": i.ssh_critical_options,
+        "ssh_extensions": i.ssh_extensions,
     })
+}
+
+/// A kind as `issuer create --kind` takes it.
+fn kind_name(kind: i32) -> &'static str {
+    match pb::CredentialKind::try_from(kind) {
+        Ok(pb::CredentialKind::Jwt | pb::CredentialKind::Unspecified) => "jwt",
+        Ok(pb::CredentialKind::X509) => "x509",
+        Ok(pb::CredentialKind::SshUser) => "ssh-user",
+        Ok(pb::CredentialKind::SshHost) => "ssh-host",
+        Err(_) => "unknown",
+    }
 }
 
 /// An issuer, one field a line.
@@ -42,23 +65,78 @@ pub(super) fn issuer(i: &pb::Issuer, json: bool) {
             v.join(", ")
         }
     };
+    let kind = pb::CredentialKind::try_from(i.kind).unwrap_or_default();
     let mut rows = vec![
         vec!["Name".to_owned(), i.name.clone()],
+        vec!["Kind".to_owned(), kind_name(i.kind).to_owned()],
         vec!["Key".to_owned(), i.key.clone()],
+        vec![
+            "Signing version".to_owned(),
+            match i.signing_version {
+                0 => "none".to_owned(),
+                v => v.to_string(),
+            },
+        ],
+        vec![
+            "Publish ahead".to_owned(),
+            duration_text(i.publish_ahead_seconds.unwrap_or(0)),
+        ],
         vec!["Principals".to_owned(), list(&i.principals)],
-        vec!["Audiences".to_owned(), list(&i.audiences)],
+    ];
+    if matches!(
+        kind,
+        pb::CredentialKind::Jwt | pb::CredentialKind::Unspecified
+    ) {
+        rows.push(vec!["Audiences".to_owned(), list(&i.audiences)]);
+    }
+    rows.extend([
         vec![
             "Default TTL".to_owned(),
             duration_text(i.default_ttl_seconds),
         ],
         vec!["Max TTL".to_owned(), duration_text(i.max_ttl_seconds)],
-    ];
+    ]);
     for (k, v) in &i.claims {
         rows.push(vec!["Claim".to_owned(), format!("{k}={v}")]);
     }
     rows.push(vec!["Delegators".to_owned(), list(&i.delegators)]);
     rows.push(vec!["Subjects".to_owned(), list(&i.subjects)]);
-    rows.push(vec!["Issuer URL".to_owned(), i.issuer_url.clone()]);
+    if !i.issuer_url.is_empty() {
+        rows.push(vec!["Issuer URL".to_owned(), i.issuer_url.clone()]);
+    }
+    if kind == pb::CredentialKind::X509 {
+        rows.push(vec![
+            "CA".to_owned(),
+            if i.self_signed {
+                "self-signed".to_owned()
+            } else {
+                "signed by an outside CA".to_owned()
+            },
+        ]);
+        for c in &i.ca_certificates {
+            let state = if c.chain_pem.is_empty() {
+                "awaiting the outside CA's certificate"
+            } else {
+                "certified"
+            };
+            rows.push(vec![
+                "CA certificate".to_owned(),
+                format!("key version {}: {state}", c.key_version),
+            ]);
+        }
+    }
+    if matches!(
+        kind,
+        pb::CredentialKind::SshUser | pb::CredentialKind::SshHost
+    ) {
+        rows.push(vec!["SSH principals".to_owned(), list(&i.ssh_principals)]);
+        for (k, v) in &i.ssh_critical_options {
+            rows.push(vec!["SSH option".to_owned(), format!("{k}={v}")]);
+        }
+        if kind == pb::CredentialKind::SshUser {
+            rows.push(vec!["SSH extensions".to_owned(), list(&i.ssh_extensions)]);
+        }
+    }
     rows.push(vec![
         "Created".to_owned(),
         format!("{} by {}", rfc3339(i.created_unix_ms), i.created_by),
@@ -76,13 +154,14 @@ pub(super) fn issuers(issuers: &[pb::Issuer], json: bool) {
         return;
     }
     let mut rows = vec![
-        ["NAME", "KEY", "AUDIENCES", "MAX TTL", "ISSUER URL"]
+        ["NAME", "KIND", "KEY", "AUDIENCES", "MAX TTL", "ISSUER URL"]
             .map(str::to_owned)
             .to_vec(),
     ];
     rows.extend(issuers.iter().map(|i| {
         vec![
             i.name.clone(),
+            kind_name(i.kind).to_owned(),
             i.key.clone(),
             i.audiences.join(","),
             duration_text(i.max_ttl_seconds),
