@@ -533,6 +533,7 @@ mod tests {
 
     /// The commands alone, parsed as `kms` parses them.
     #[derive(Debug, Parser)]
+    #[allow(clippy::large_enum_variant, reason = "parsed once per test")]
     enum Cli {
         Issuer {
             #[command(subcommand)]
