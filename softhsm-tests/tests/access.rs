@@ -84,6 +84,7 @@ const RPCS: &[&str] = &[
     "Credentials/IssueJwt",
     "Credentials/ValidateJwt",
     "Credentials/RevokeJwt",
+    "Credentials/RotateIssuer",
     "Audit/ExportAuditLog",
     "Audit/KeyUsageReport",
     "Audit/VerifyAuditLog",
@@ -538,6 +539,12 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
             })
             .await
             .map(drop),
+        "Credentials/RotateIssuer" => cred
+            .rotate_issuer(pb::RotateIssuerRequest {
+                name: "workloads".into(),
+            })
+            .await
+            .map(drop),
         "Secrets/GetSecretsConfig" => sec
             .get_secrets_config(pb::GetSecretsConfigRequest {})
             .await
@@ -643,7 +650,7 @@ fn expected(who: &str, rpc: &str) -> Code {
         // principals (the granted service), none of which this server issues or validates
         // without an HTTPS front to publish the keys on.
         let allowed = match method {
-            "CreateIssuer" | "UpdateIssuer" | "RevokeJwt" => who == "admin",
+            "CreateIssuer" | "UpdateIssuer" | "RevokeJwt" | "RotateIssuer" => who == "admin",
             "IssueJwt" => who == "granted-service",
             _ => who != "no-certificate",
         };

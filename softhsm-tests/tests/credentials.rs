@@ -81,6 +81,8 @@ async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
     workloads.delegators = vec![ci.principal.clone()];
     workloads.subjects = vec![format!("{}*", app.principal)];
     workloads.max_ttl_seconds = 600;
+    // Published for 2 seconds before a new version signs (a real issuer: minutes).
+    workloads.publish_ahead_seconds = Some(2);
     let made = admin
         .create_issuer(pb::CreateIssuerRequest {
             issuer: Some(workloads),
@@ -91,6 +93,8 @@ async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
     let iss = format!("https://127.0.0.1:{port}/v1/identity/oidc/provider/workloads");
     assert_eq!(made.issuer_url, iss);
     assert_eq!(made.default_ttl_seconds, 300);
+    assert_eq!(made.kind, pb::CredentialKind::Jwt as i32);
+    assert_eq!(made.signing_version, 1);
     admin
         .create_issuer(pb::CreateIssuerRequest {
             issuer: Some(issuer("other", "jwt-other", &[&app.principal])),
@@ -230,12 +234,29 @@ async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
         tonic::Code::PermissionDenied,
     );
 
-    // Rotation: the old key stays published while enabled; new tokens name the new one.
-    keys.rotate_key(pb::RotateKeyRequest {
-        name: "jwt-hsm".into(),
-    })
-    .await
-    .unwrap();
+    // Rotation: the new version is published at once, signs once it has been published
+    // for the issuer's publish-ahead time; the old one stays published while enabled.
+    let before = admin
+        .rotate_issuer(pb::RotateIssuerRequest {
+            name: "workloads".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(before.signing_version, 1);
+    let just_rotated = as_app
+        .issue_jwt(ask("workloads", "payments", "", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(just_rotated.key_version, 1, "not yet published for 2 s");
+    assert_eq!(just_rotated.kid, first.kid);
+    let published = verifier(
+        "discovery",
+        &serde_json::json!({ "ca": server.ca, "issuer_url": iss }),
+    );
+    assert_eq!(published["kids"].as_array().map(Vec::len), Some(2));
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
     let rotated = as_app
         .issue_jwt(ask("workloads", "payments", "", 0))
         .await
@@ -243,6 +264,23 @@ async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
         .into_inner();
     assert_eq!(rotated.key_version, 2);
     assert_ne!(rotated.kid, first.kid);
+    let got = admin
+        .get_issuer(pb::GetIssuerRequest {
+            name: "workloads".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.signing_version, 2);
+    // Rotating needs the admin role.
+    refused(
+        as_app
+            .rotate_issuer(pb::RotateIssuerRequest {
+                name: "workloads".into(),
+            })
+            .await,
+        tonic::Code::PermissionDenied,
+    );
 
     let discovered = verifier(
         "discovery",
@@ -352,7 +390,7 @@ async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
         .iter()
         .filter(|e| e["operation"] == "IssueJwt" && e["outcome"] == "OK")
         .collect();
-    assert_eq!(issued.len(), 5, "{events:#?}");
+    assert_eq!(issued.len(), 6, "{events:#?}");
     let delegated_record = issued
         .iter()
         .find(|e| e["credential"]["jti"] == delegated.jti.as_str())
@@ -371,6 +409,19 @@ async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
         delegated_record["credential"]["expires"],
         delegated.expires_unix
     );
+    assert_eq!(delegated_record["credential"]["kind"], "jwt");
+    assert_eq!(delegated_record["credential"]["key_version"], 1);
+    let rotated_record = issued
+        .iter()
+        .find(|e| e["credential"]["jti"] == rotated.jti.as_str())
+        .expect("the token of the new version is recorded");
+    assert_eq!(rotated_record["credential"]["key_version"], 2);
+    let rotation = events
+        .iter()
+        .find(|e| e["operation"] == "RotateIssuer" && e["outcome"] == "OK")
+        .expect("the rotation is recorded");
+    assert_eq!(rotation["credential"]["issuer"], "workloads");
+    assert_eq!(rotation["key_version"], 2, "{rotation:#}");
     let revocation = events
         .iter()
         .find(|e| e["operation"] == "RevokeJwt" && e["outcome"] == "OK")

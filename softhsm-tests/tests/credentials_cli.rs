@@ -371,4 +371,56 @@ fn issuers_and_jwt_svids_through_the_cli() {
         "PERMISSION_DENIED",
         "audience",
     );
+
+    // --clear empties a list: the claims go; tokens no longer carry them.
+    let cleared = ok(server.kms(
+        &[
+            "issuer",
+            "update",
+            "workloads",
+            "--clear",
+            "claims",
+            "--json",
+        ],
+        "",
+    ))
+    .json();
+    assert_eq!(cleared["claims"], serde_json::json!({}));
+    assert_eq!(cleared["audiences"], serde_json::json!(["ledger"]));
+
+    // Rotation (admin role): the new version is published at once and signs once it has
+    // been published for the issuer's publish-ahead time (2 minutes by default).
+    refused(
+        &as_app(&["issuer", "rotate", "workloads"], ""),
+        "PERMISSION_DENIED",
+        "admin",
+    );
+    let rotated = ok(server.kms(&["issuer", "rotate", "workloads", "--json"], "")).json();
+    assert_eq!(rotated["signing_version"], 1);
+    assert_eq!(rotated["publish_ahead_seconds"], 120);
+    let shown = ok(server.kms(&["issuer", "get", "workloads"], "")).stdout;
+    assert!(
+        shown.contains("Signing version")
+            && shown.contains("Publish ahead")
+            && shown.contains("2m"),
+        "{shown}"
+    );
+    ok(server.kms(
+        &["issuer", "update", "workloads", "--publish-ahead", "0s"],
+        "",
+    ));
+    let issued = ok(as_app(
+        &[
+            "credential",
+            "jwt",
+            "--issuer",
+            "workloads",
+            "--audience",
+            "ledger",
+            "--json",
+        ],
+        "",
+    ))
+    .json();
+    assert_eq!(issued["key_version"], 2);
 }

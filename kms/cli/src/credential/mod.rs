@@ -285,11 +285,11 @@ fn parse_claim(s: &str) -> Result<(String, String), String> {
 
 /// The pairs given, each key once: a key given twice is refused rather than one value
 /// silently winning.
-fn claims(pairs: Vec<(String, String)>) -> Result<BTreeMap<String, String>, String> {
+fn pairs(what: &str, pairs: Vec<(String, String)>) -> Result<BTreeMap<String, String>, String> {
     let mut map = BTreeMap::new();
     for (k, v) in pairs {
         if map.contains_key(&k) {
-            return Err(format!("{k:?} is given twice"));
+            return Err(format!("the {what} {k:?} is given twice"));
         }
         map.insert(k, v);
     }
@@ -305,14 +305,14 @@ impl Definition {
             audiences: self.audiences,
             default_ttl_seconds: self.default_ttl.unwrap_or(0),
             max_ttl_seconds: self.max_ttl.unwrap_or(0),
-            claims: claims(self.claims)?,
+            claims: pairs("claim", self.claims)?,
             delegators: self.delegators,
             subjects: self.subjects,
             kind: self.kind.pb().into(),
             publish_ahead_seconds: self.publish_ahead,
             self_signed: self.self_signed,
             ssh_principals: self.ssh.ssh_principals,
-            ssh_critical_options: claims(self.ssh.ssh_options)?,
+            ssh_critical_options: pairs("SSH option", self.ssh.ssh_options)?,
             ssh_extensions: self.ssh.ssh_extensions,
             ..pb::Issuer::default()
         })
@@ -334,7 +334,7 @@ impl Change {
                 (None, false) => Ok(None),
             }
         };
-        let map = |v: Option<Vec<(String, String)>>, which: List| -> Result<_, String> {
+        let map = |v: Option<Vec<(String, String)>>, which: List, what| -> Result<_, String> {
             let pairs = list(
                 v.as_ref()
                     .map(|p| p.iter().map(|(k, _)| k.clone()).collect()),
@@ -344,7 +344,7 @@ impl Change {
                 (None, _) => Ok(None),
                 (Some(_), None) => Ok(Some(pb::StringMap::default())),
                 (Some(_), Some(pairs)) => Ok(Some(pb::StringMap {
-                    entries: claims(pairs)?,
+                    entries: self::pairs(what, pairs)?,
                 })),
             }
         };
@@ -355,12 +355,12 @@ impl Change {
             audiences: list(self.audiences, List::Audiences)?,
             default_ttl_seconds: self.default_ttl,
             max_ttl_seconds: self.max_ttl,
-            claims: map(self.claims, List::Claims)?,
+            claims: map(self.claims, List::Claims, "claim")?,
             delegators: list(self.delegators, List::Delegators)?,
             subjects: list(self.subjects, List::Subjects)?,
             publish_ahead_seconds: self.publish_ahead,
             ssh_principals: list(self.ssh_principals, List::SshPrincipals)?,
-            ssh_critical_options: map(self.ssh_options, List::SshOptions)?,
+            ssh_critical_options: map(self.ssh_options, List::SshOptions, "SSH option")?,
             ssh_extensions: list(self.ssh_extensions, List::SshExtensions)?,
         };
         let unchanged = pb::UpdateIssuerRequest {
