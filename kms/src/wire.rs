@@ -6,8 +6,8 @@
 use kms_proto::v1 as pb;
 
 use crate::audit::report::{
-    Bucket, CustodyRow, Filter, KeySummary, RefusedRow, SecretReadRow, Span, UsageReport, UsageRow,
-    VersionRef,
+    Bucket, CredentialRow, CustodyRow, Filter, KeySummary, RefusedRow, SecretReadRow, Span,
+    UsageReport, UsageRow, VersionRef,
 };
 use crate::keyring::grants::Grant;
 use crate::keyring::material::SignatureEncoding;
@@ -413,6 +413,21 @@ pub(crate) fn report_pb(r: UsageReport) -> pb::KeyUsageReportResponse {
                 last_unix_ms: s.span.last_ms,
             })
             .collect(),
+        credentials: r
+            .credentials
+            .into_iter()
+            .map(|c| pb::CredentialRow {
+                issuer: c.issuer,
+                kind: c.kind,
+                subject: c.subject,
+                actor: c.actor.unwrap_or_default(),
+                key_version: c.key_version,
+                outcome: c.outcome,
+                count: c.span.count,
+                first_unix_ms: c.span.first_ms,
+                last_unix_ms: c.span.last_ms,
+            })
+            .collect(),
     }
 }
 
@@ -508,6 +523,19 @@ pub fn report_from(r: pb::KeyUsageReportResponse) -> UsageReport {
                 version: s.version,
                 principal: s.principal,
                 span: span(s.count, s.first_unix_ms, s.last_unix_ms),
+            })
+            .collect(),
+        credentials: r
+            .credentials
+            .into_iter()
+            .map(|c| CredentialRow {
+                issuer: c.issuer,
+                kind: c.kind,
+                subject: c.subject,
+                actor: Some(c.actor).filter(|a| !a.is_empty()),
+                key_version: c.key_version,
+                outcome: c.outcome,
+                span: span(c.count, c.first_unix_ms, c.last_unix_ms),
             })
             .collect(),
     }
@@ -650,6 +678,19 @@ mod tests {
             timeline: Vec::new(),
             custody: Vec::new(),
             secret_reads: Vec::new(),
+            credentials: vec![CredentialRow {
+                issuer: "workloads".into(),
+                kind: "jwt".into(),
+                subject: "spiffe://a/app".into(),
+                actor: Some("spiffe://a/ci".into()),
+                key_version: 2,
+                outcome: "OK".into(),
+                span: Span {
+                    count: 3,
+                    first_ms: 1,
+                    last_ms: 5,
+                },
+            }],
         };
         let pb = report_pb(report.clone());
         let paths: Vec<&str> = pb.refused.iter().map(|f| f.secret_path.as_str()).collect();

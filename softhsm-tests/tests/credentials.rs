@@ -467,6 +467,34 @@ async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
             && e["credential"]["audience"] == "elsewhere"),
         "{events:#?}"
     );
+    // The auditors' report: issuances per issuer, subject, delegator and key version, and
+    // the refusals.
+    let report = server.kms_as(
+        Some(&hsm.auditor),
+        &["audit", "report", "--format", "json"],
+        "",
+    );
+    assert_eq!(report.code, Some(0), "{report:?}");
+    let report = report.json();
+    let rows = report["credentials"].as_array().unwrap();
+    let count = |subject: &str, actor: Option<&str>, version: u64, outcome: &str| {
+        rows.iter()
+            .filter(|r| {
+                r["issuer"] == "workloads"
+                    && r["kind"] == "jwt"
+                    && r["subject"] == subject
+                    && r["actor"].as_str() == actor
+                    && r["key_version"] == version
+                    && r["outcome"] == outcome
+            })
+            .map(|r| r["span"]["count"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    let me = app.principal.as_str();
+    assert_eq!(count(me, None, 1, "OK"), 3, "{rows:#?}");
+    assert_eq!(count(me, None, 2, "OK"), 1, "{rows:#?}");
+    assert_eq!(count(me, Some(&ci.principal), 1, "OK"), 1, "{rows:#?}");
+    assert_eq!(count(me, None, 0, "PERMISSION_DENIED"), 1, "{rows:#?}");
     let logs = hsm.logs();
     for token in [&first.token, &rotated.token, &delegated.token, &expired] {
         let signature = token.rsplit('.').next().unwrap();

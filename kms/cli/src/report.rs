@@ -88,6 +88,7 @@ struct Sections {
     below: Vec<Vec<String>>,
     custody: Vec<Vec<String>>,
     secrets: Vec<Vec<String>>,
+    credentials: Vec<Vec<String>>,
 }
 
 const KEYS_HEADER: [&str; 7] = [
@@ -134,6 +135,18 @@ const CUSTODY_HEADER: [&str; 9] = [
 ];
 
 const SECRETS_HEADER: [&str; 6] = ["PATH", "VERSION", "PRINCIPAL", "READS", "FIRST", "LAST"];
+
+const CREDENTIALS_HEADER: [&str; 9] = [
+    "ISSUER",
+    "KIND",
+    "SUBJECT",
+    "DELEGATOR",
+    "KEY VERSION",
+    "OUTCOME",
+    "COUNT",
+    "FIRST",
+    "LAST",
+];
 
 fn dash(s: &str) -> String {
     if s.is_empty() {
@@ -237,11 +250,28 @@ fn sections(r: &UsageReport) -> Sections {
                 ]
             })
             .collect(),
+        credentials: r
+            .credentials
+            .iter()
+            .map(|c| {
+                vec![
+                    c.issuer.clone(),
+                    c.kind.clone(),
+                    dash(&c.subject),
+                    c.actor.clone().unwrap_or_else(|| "-".to_owned()),
+                    version_text(Some(c.key_version).filter(|v| *v != 0)),
+                    c.outcome.clone(),
+                    c.span.count.to_string(),
+                    rfc3339(c.span.first_ms),
+                    rfc3339(c.span.last_ms),
+                ]
+            })
+            .collect(),
     }
 }
 
 /// The section titles, in order, as the table and the HTML show them.
-const TITLES: [&str; 7] = [
+const TITLES: [&str; 8] = [
     "Per key",
     "Calls per key, version, principal, operation and outcome",
     "Refused calls, by principal",
@@ -249,13 +279,14 @@ const TITLES: [&str; 7] = [
     "Versions below the primary still decrypting (re-encrypt their data before destroying them)",
     "Custodians' ceremonies (init, rekey, verify-share), by share set and share",
     "Secrets read, by path, version and principal (the last read: LAST)",
+    "Credentials issued and refused, by issuer, subject, delegator, key version and outcome",
 ];
 
 /// The report as aligned text.
 pub fn table(r: &UsageReport) -> String {
     let s = sections(r);
     let mut out = format!("Key usage, {} ({} records)\n", period(r), r.records);
-    let parts: [(&[&str], &Vec<Vec<String>>); 7] = [
+    let parts: [(&[&str], &Vec<Vec<String>>); 8] = [
         (&KEYS_HEADER, &s.keys),
         (&USAGE_HEADER, &s.usage),
         (&REFUSED_HEADER, &s.refused),
@@ -263,6 +294,7 @@ pub fn table(r: &UsageReport) -> String {
         (&BELOW_HEADER, &s.below),
         (&CUSTODY_HEADER, &s.custody),
         (&SECRETS_HEADER, &s.secrets),
+        (&CREDENTIALS_HEADER, &s.credentials),
     ];
     for (title, (header, rows)) in TITLES.iter().zip(parts) {
         out.push_str(&format!("\n{title}\n"));
@@ -293,6 +325,10 @@ const CSV_HEADER: &[&str] = &[
     "share_index",
     "step",
     "path",
+    "issuer",
+    "kind",
+    "subject",
+    "actor",
 ];
 
 /// The report's CSV rows: every row of every section, its section in the first column and
@@ -395,6 +431,20 @@ fn csv_rows(r: &UsageReport) -> Vec<Vec<String>> {
             ("last", rfc3339(s.span.last_ms)),
         ]));
     }
+    for c in &r.credentials {
+        rows.push(row(&[
+            ("section", "credentials".into()),
+            ("issuer", c.issuer.clone()),
+            ("kind", c.kind.clone()),
+            ("subject", c.subject.clone()),
+            ("actor", c.actor.clone().unwrap_or_default()),
+            ("version", c.key_version.to_string()),
+            ("outcome", c.outcome.clone()),
+            ("count", c.span.count.to_string()),
+            ("first", rfc3339(c.span.first_ms)),
+            ("last", rfc3339(c.span.last_ms)),
+        ]));
+    }
     rows
 }
 
@@ -436,6 +486,7 @@ pub fn html(r: &UsageReport, generated_ms: u64) -> String {
             ("below", html_rows(&s.below, &[3])),
             ("custody", html_rows(&s.custody, &[6])),
             ("secrets", html_rows(&s.secrets, &[1, 3])),
+            ("credentials", html_rows(&s.credentials, &[4, 6])),
         ],
     )
 }
@@ -687,7 +738,9 @@ fn fill(template: &str, values: &[(&str, String)]) -> String {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use kms::audit::report::{CustodyRow, KeySummary, RefusedRow, SecretReadRow, Span, UsageRow};
+    use kms::audit::report::{
+        CredentialRow, CustodyRow, KeySummary, RefusedRow, SecretReadRow, Span, UsageRow,
+    };
 
     fn report() -> UsageReport {
         let span = Span {
@@ -768,6 +821,15 @@ mod tests {
                 principal: "spiffe://corp/<app>".into(),
                 span: Span { count: 2, ..span },
             }],
+            credentials: vec![CredentialRow {
+                issuer: "workloads".into(),
+                kind: "jwt".into(),
+                subject: "spiffe://corp/app".into(),
+                actor: Some("=spiffe://corp/<ci>".into()),
+                key_version: 2,
+                outcome: "OK".into(),
+                span: Span { count: 4, ..span },
+            }],
         }
     }
 
@@ -790,7 +852,7 @@ mod tests {
         assert!(t.contains("spiffe://corp/app"), "{t}");
         assert!(t.contains("Refused calls, by principal"), "{t}");
         let csv = csv_rows(&r);
-        assert_eq!(csv.len(), 6, "{csv:?}");
+        assert_eq!(csv.len(), 7, "{csv:?}");
         assert_eq!(csv[1][0], "usage");
         assert_eq!(csv[1][3], "spiffe://corp/app");
         let col = |name: &str| CSV_HEADER.iter().position(|c| *c == name).unwrap();
@@ -807,7 +869,7 @@ mod tests {
         let mut written = Vec::new();
         write_csv(&mut written, CSV_HEADER, &csv).unwrap();
         let written = String::from_utf8(written).unwrap();
-        assert!(written.contains(",'=payments/<stripe>\n"), "{written}");
+        assert!(written.contains(",'=payments/<stripe>,"), "{written}");
         let line = t.lines().find(|l| l.contains("GetSecret")).unwrap();
         assert!(line.contains("  -  "), "no key: {line}");
         assert!(
@@ -830,6 +892,20 @@ mod tests {
         assert_eq!(reads[col("last")], rfc3339(2_000));
         assert!(t.contains("Secrets read, by path"), "{t}");
         assert!(t.contains("payments/stripe  7"), "{t}");
+        let issued = &csv[6];
+        assert_eq!(issued[0], "credentials");
+        assert_eq!(issued[col("issuer")], "workloads");
+        assert_eq!(issued[col("kind")], "jwt");
+        assert_eq!(issued[col("subject")], "spiffe://corp/app");
+        assert_eq!(issued[col("actor")], "=spiffe://corp/<ci>");
+        assert_eq!(issued[col("version")], "2");
+        assert_eq!(issued[col("count")], "4");
+        assert!(t.contains("Credentials issued and refused"), "{t}");
+        assert!(
+            t.contains("workloads  jwt   spiffe://corp/app  =spiffe://corp/<ci>  2"),
+            "{t}"
+        );
+        assert!(written.contains(",'=spiffe://corp/<ci>"), "{written}");
         let page = html(&r, 0);
         assert!(page.contains("<td>custodian-&lt;b&gt;</td>"), "{page}");
         assert!(page.contains("<th>Key</th><th>Secret</th>"), "{page}");
@@ -841,6 +917,12 @@ mod tests {
         );
         assert!(
             page.contains("<td>spiffe://corp/&lt;app&gt;</td>"),
+            "{page}"
+        );
+        assert!(
+            page.contains(
+                "<td>workloads</td><td>jwt</td><td>spiffe://corp/app</td><td>=spiffe://corp/&lt;ci&gt;</td><td class=\"n\">2</td>"
+            ),
             "{page}"
         );
         let (svg, legend) = chart(&r);

@@ -289,7 +289,38 @@ pub struct UsageReport {
     /// (Absent from reports of servers before the secrets engine.)
     #[serde(default)]
     pub secret_reads: Vec<SecretReadRow>,
+    /// Credentials issued and refused: per issuer, kind, subject, delegator, key version
+    /// and outcome. (Absent from reports of servers before the credentials engine.)
+    #[serde(default)]
+    pub credentials: Vec<CredentialRow>,
 }
+
+/// Issuances (or refusals) of one issuer's credentials of one kind to one subject.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialRow {
+    /// The issuer.
+    pub issuer: String,
+    /// `jwt`, `x509`, `ssh_user`, `ssh_host` (`ssh` for a refused SSH request).
+    pub kind: String,
+    /// Whom the credential names (empty for a refusal that named none).
+    pub subject: String,
+    /// The delegator who asked, if any.
+    pub actor: Option<String>,
+    /// The key version that signed (0 for refusals).
+    pub key_version: u32,
+    /// `OK` or the gRPC code name.
+    pub outcome: String,
+    /// How many, the first and the last.
+    pub span: Span,
+}
+
+/// The operations that issue credentials, and the kind each issues when its record names
+/// none (a refusal).
+const ISSUANCES: [(&str, &str); 3] = [
+    ("IssueJwt", "jwt"),
+    ("IssueX509", "x509"),
+    ("IssueSsh", "ssh"),
+];
 
 /// Successful reads of one secret's version by one principal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -375,6 +406,8 @@ type RefusedKey = (String, String, Option<String>, Option<String>, String);
 type CustodyKey = (String, Option<u8>, String, String, String, String);
 /// (path, version, principal).
 type SecretReadKey = (String, u64, String);
+/// (issuer, kind, subject, actor, key version, outcome).
+type CredentialKey = (String, String, String, Option<String>, u32, String);
 
 /// Builds a [`UsageReport`] from the records of a period, one at a time.
 pub(crate) struct UsageBuilder {
@@ -384,6 +417,7 @@ pub(crate) struct UsageBuilder {
     refused: BTreeMap<RefusedKey, Span>,
     custody: BTreeMap<CustodyKey, Span>,
     secret_reads: BTreeMap<SecretReadKey, Span>,
+    credentials: BTreeMap<CredentialKey, Span>,
     /// (time, key, successful uses, refusals).
     events: Vec<(u64, String, u64, u64)>,
 }
@@ -398,6 +432,7 @@ impl UsageBuilder {
             refused: BTreeMap::new(),
             custody: BTreeMap::new(),
             secret_reads: BTreeMap::new(),
+            credentials: BTreeMap::new(),
             events: Vec::new(),
         }
     }
@@ -453,6 +488,33 @@ impl UsageBuilder {
                     .or_default()
                     .add(1, t);
             }
+        }
+        if let (Some(c), Some((_, kind))) = (
+            &e.credential,
+            ISSUANCES.iter().find(|(op, _)| *op == e.operation),
+        ) {
+            let kind = if c.kind.is_empty() {
+                kind
+            } else {
+                c.kind.as_str()
+            };
+            // A request that named no subject asked for the caller itself.
+            let subject = if c.subject.is_empty() {
+                &e.principal
+            } else {
+                &c.subject
+            };
+            self.credentials
+                .entry((
+                    c.issuer.clone(),
+                    (*kind).to_owned(),
+                    subject.clone(),
+                    c.actor.clone(),
+                    c.key_version,
+                    e.outcome.clone(),
+                ))
+                .or_default()
+                .add(1, t);
         }
         if REFUSALS.contains(&e.outcome.as_str()) {
             // A record of calls counted together (callers without a certificate; no key)
@@ -615,6 +677,21 @@ impl UsageBuilder {
                     principal,
                     span,
                 })
+                .collect(),
+            credentials: self
+                .credentials
+                .into_iter()
+                .map(
+                    |((issuer, kind, subject, actor, key_version, outcome), span)| CredentialRow {
+                        issuer,
+                        kind,
+                        subject,
+                        actor,
+                        key_version,
+                        outcome,
+                        span,
+                    },
+                )
                 .collect(),
         }
     }
@@ -810,374 +887,4 @@ fn bucket_width(span: u64) -> u64 {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
-mod tests {
-    use super::*;
-    use crate::audit::BatchSummary;
-
-    fn ev(t: u64, op: &str, key: &str, v: Option<u32>, outcome: &str, who: &str) -> AuditEvent {
-        AuditEvent {
-            time_ms: t,
-            principal: who.into(),
-            operation: op.into(),
-            key: Some(key.into()),
-            key_version: v,
-            outcome: outcome.into(),
-            ..AuditEvent::default()
-        }
-    }
-
-    /// Secret reads are counted per path, version and principal, with the last read; other
-    /// secret calls and failed reads are not reads.
-    #[test]
-    fn secret_reads_are_counted_per_path_version_and_principal() {
-        let read = |t: u64, path: &str, v: u64, outcome: &str, who: &str, op: &str| AuditEvent {
-            time_ms: t,
-            principal: who.into(),
-            operation: op.into(),
-            outcome: outcome.into(),
-            secret: Some(crate::audit::SecretSummary {
-                path: path.into(),
-                versions: vec![v],
-                dropped: Vec::new(),
-            }),
-            ..AuditEvent::default()
-        };
-        let mut b = UsageBuilder::new(Filter::default());
-        b.add(&read(1, "db/pw", 2, "OK", "app", "GetSecret"));
-        b.add(&read(5, "db/pw", 2, "OK", "app", "GetSecret"));
-        b.add(&read(3, "db/pw", 1, "OK", "app", "GetSecret"));
-        b.add(&read(4, "db/pw", 2, "OK", "other", "GetSecret"));
-        b.add(&read(6, "db/pw", 2, "NOT_FOUND", "app", "GetSecret"));
-        b.add(&read(7, "db/pw", 3, "OK", "app", "PutSecret"));
-        let r = b.finish(&[]);
-        let rows: Vec<_> = r
-            .secret_reads
-            .iter()
-            .map(|s| {
-                (
-                    s.path.as_str(),
-                    s.version,
-                    s.principal.as_str(),
-                    s.span.count,
-                    s.span.last_ms,
-                )
-            })
-            .collect();
-        assert_eq!(
-            rows,
-            [
-                ("db/pw", 1, "app", 1, 3),
-                ("db/pw", 2, "app", 2, 5),
-                ("db/pw", 2, "other", 1, 4),
-            ]
-        );
-    }
-
-    /// A refused secret call names its path in the refused section, aggregated by it, and
-    /// makes no per-key summary or timeline entry (those are about keys).
-    #[test]
-    fn a_refused_secret_call_names_its_path_and_no_key() {
-        let denied = |t: u64, path: &str, op: &str| AuditEvent {
-            time_ms: t,
-            principal: "mallory".into(),
-            operation: op.into(),
-            outcome: "PERMISSION_DENIED".into(),
-            secret: Some(crate::audit::SecretSummary {
-                path: path.into(),
-                ..Default::default()
-            }),
-            ..AuditEvent::default()
-        };
-        let mut b = UsageBuilder::new(Filter::default());
-        b.add(&denied(1000, "db/pw", "GetSecret"));
-        b.add(&denied(2000, "db/pw", "GetSecret"));
-        b.add(&denied(3000, "payments/stripe", "GetSecret"));
-        // The engine's configuration has no path: no secret named.
-        b.add(&denied(4000, "", "ConfigureSecrets"));
-        let r = b.finish(&[]);
-        assert_eq!(
-            r.refused
-                .iter()
-                .map(|f| (
-                    f.operation.as_str(),
-                    f.key.as_deref(),
-                    f.secret_path.as_deref(),
-                    f.span.count,
-                    f.span.last_ms
-                ))
-                .collect::<Vec<_>>(),
-            [
-                ("ConfigureSecrets", None, None, 1, 4000),
-                ("GetSecret", None, Some("db/pw"), 2, 2000),
-                ("GetSecret", None, Some("payments/stripe"), 1, 3000),
-            ]
-        );
-        assert!(r.keys.is_empty(), "{:?}", r.keys);
-        assert!(r.timeline.is_empty(), "{:?}", r.timeline);
-        assert!(r.usage.is_empty() && r.secret_reads.is_empty());
-        // A report of an older server (no path) still reads.
-        let old: RefusedRow = serde_json::from_str(
-            r#"{"principal":"p","operation":"Decrypt","key":"a","outcome":"PERMISSION_DENIED","count":1,"first_ms":1,"last_ms":1}"#,
-        )
-        .unwrap();
-        assert_eq!(old.secret_path, None);
-    }
-
-    /// A BatchReEncrypt record counts its source versions read under its key and the
-    /// ciphertexts it made under its destination (`ReEncryptTo`), as ReEncrypt does.
-    #[test]
-    fn a_batch_reencryption_counts_on_both_keys() {
-        let mut b = UsageBuilder::new(Filter::default());
-        b.add(&AuditEvent {
-            destination_key: Some("b".into()),
-            destination_key_version: Some(1),
-            batch: Some(BatchSummary {
-                items: 5,
-                outcomes: [("OK".to_owned(), 4), ("INVALID_ARGUMENT".to_owned(), 1)].into(),
-                versions: [(1, 1), (2, 3)].into(),
-            }),
-            ..ev(1000, "BatchReEncrypt", "a", None, "OK", "mover")
-        });
-        let r = b.finish(&keys());
-        let count = |key: &str, v: Option<u32>, op: &str, outcome: &str| {
-            r.usage
-                .iter()
-                .find(|u| {
-                    u.key == key && u.version == v && u.operation == op && u.outcome == outcome
-                })
-                .map(|u| u.span.count)
-        };
-        assert_eq!(count("a", Some(1), "BatchReEncrypt", "OK"), Some(1));
-        assert_eq!(count("a", Some(2), "BatchReEncrypt", "OK"), Some(3));
-        assert_eq!(
-            count("a", None, "BatchReEncrypt", "INVALID_ARGUMENT"),
-            Some(1)
-        );
-        assert_eq!(count("b", Some(1), "ReEncryptTo", "OK"), Some(4));
-        let b_key = r.keys.iter().find(|k| k.key == "b").unwrap();
-        assert_eq!(b_key.ok, 4);
-        // Version 1 of `a`, below its primary, was still read.
-        assert_eq!(
-            r.decrypt_below_primary
-                .iter()
-                .map(|v| (v.key.as_str(), v.version, v.count))
-                .collect::<Vec<_>>(),
-            [("a", 1, 1)]
-        );
-    }
-
-    fn keys() -> [KeyInfo; 2] {
-        [
-            KeyInfo {
-                name: "a".into(),
-                primary: 2,
-                versions: vec![(1, "ENABLED".into()), (2, "ENABLED".into())],
-            },
-            KeyInfo {
-                name: "b".into(),
-                primary: 1,
-                versions: vec![(1, "ENABLED".into())],
-            },
-        ]
-    }
-
-    #[test]
-    fn rows_are_per_principal_with_their_own_times() {
-        let mut b = UsageBuilder::new(Filter {
-            since_ms: Some(1000),
-            ..Filter::default()
-        });
-        b.add(&ev(500, "Encrypt", "a", Some(1), "OK", "x")); // before the period
-        b.add(&ev(1000, "CreateKey", "a", Some(1), "OK", "admin"));
-        b.add(&ev(1000, "Encrypt", "a", Some(2), "OK", "x"));
-        b.add(&ev(2000, "Encrypt", "a", Some(2), "OK", "y"));
-        b.add(&ev(2500, "Encrypt", "a", Some(2), "OK", "x"));
-        b.add(&ev(3000, "Decrypt", "a", Some(1), "OK", "y"));
-        b.add(&ev(3500, "Decrypt", "a", None, "INVALID_ARGUMENT", "z"));
-        b.add(&ev(3600, "RotateKey", "b", Some(1), "OK", "admin")); // not a use
-        b.add(&ev(
-            3700,
-            "Decrypt",
-            "a",
-            None,
-            "PERMISSION_DENIED",
-            "mallory",
-        ));
-        // Seven calls without a certificate, counted in one record (the gate's).
-        b.add(&AuditEvent {
-            operation: "ListGrants".into(),
-            outcome: "UNAUTHENTICATED".into(),
-            principal: "anonymous".into(),
-            time_ms: 3800,
-            batch: Some(BatchSummary {
-                items: 7,
-                outcomes: [("UNAUTHENTICATED".to_owned(), 7)].into(),
-                versions: Default::default(),
-            }),
-            ..AuditEvent::default()
-        });
-        b.add(&AuditEvent {
-            batch: Some(BatchSummary {
-                items: 3,
-                outcomes: [("OK".to_owned(), 2), ("INVALID_ARGUMENT".to_owned(), 1)].into(),
-                versions: [(2, 2)].into(),
-            }),
-            ..ev(4000, "BatchEncrypt", "a", None, "OK", "x")
-        });
-        let r = b.finish(&keys());
-        assert_eq!(r.records, 10);
-        let row = |key: &str, v: Option<u32>, who: &str, op: &str, outcome: &str| {
-            r.usage
-                .iter()
-                .find(|u| {
-                    u.key == key
-                        && u.version == v
-                        && u.principal == who
-                        && u.operation == op
-                        && u.outcome == outcome
-                })
-                .map(|u| u.span)
-        };
-        // Each row has its own count and times: x's encryptions are not y's.
-        let span = |count, first_ms, last_ms| Span {
-            count,
-            first_ms,
-            last_ms,
-        };
-        assert_eq!(
-            row("a", Some(2), "x", "Encrypt", "OK"),
-            Some(span(2, 1000, 2500))
-        );
-        assert_eq!(
-            row("a", Some(2), "y", "Encrypt", "OK"),
-            Some(span(1, 2000, 2000))
-        );
-        assert_eq!(
-            row("a", Some(1), "y", "Decrypt", "OK"),
-            Some(span(1, 3000, 3000))
-        );
-        assert_eq!(
-            row("a", Some(2), "x", "BatchEncrypt", "OK"),
-            Some(span(2, 4000, 4000))
-        );
-        assert_eq!(
-            row("a", None, "x", "BatchEncrypt", "INVALID_ARGUMENT"),
-            Some(span(1, 4000, 4000))
-        );
-        // The admin created the key; the admin never decrypted.
-        assert_eq!(
-            row("a", Some(1), "admin", "CreateKey", "OK"),
-            Some(span(1, 1000, 1000))
-        );
-        assert!(
-            r.usage
-                .iter()
-                .all(|u| u.principal != "admin" || !u.operation.contains("crypt"))
-        );
-        // Refusals are in their own section, not among the uses.
-        assert!(
-            r.usage
-                .iter()
-                .all(|u| !REFUSALS.contains(&u.outcome.as_str()))
-        );
-        assert_eq!(
-            r.refused
-                .iter()
-                .map(|f| (
-                    f.principal.as_str(),
-                    f.operation.as_str(),
-                    f.key.as_deref(),
-                    f.span.count
-                ))
-                .collect::<Vec<_>>(),
-            vec![
-                ("anonymous", "ListGrants", None, 7),
-                ("mallory", "Decrypt", Some("a"), 1)
-            ]
-        );
-        // The summary per key, busiest first.
-        let a = &r.keys[0];
-        assert_eq!(
-            (a.key.as_str(), a.ok, a.failed, a.refused, a.principals),
-            ("a", 7, 2, 1, 5)
-        );
-        assert_eq!((a.first_ms, a.last_ms), (1000, 4000));
-        assert_eq!((r.keys[1].key.as_str(), r.keys[1].ok), ("b", 1));
-        // Unused and below the primary.
-        assert_eq!(
-            r.unused
-                .iter()
-                .map(|u| (u.key.as_str(), u.version))
-                .collect::<Vec<_>>(),
-            vec![("b", 1)]
-        );
-        assert_eq!(
-            r.decrypt_below_primary
-                .iter()
-                .map(|v| (v.key.as_str(), v.version, v.count))
-                .collect::<Vec<_>>(),
-            vec![("a", 1, 1)]
-        );
-        // The timeline: uses (4 Encrypt/BatchEncrypt calls = 5 items, 1 Decrypt) and the
-        // refusal, in 1 s buckets from the period's start, every bucket present.
-        assert_eq!(r.bucket_ms, 1000);
-        assert_eq!(r.timeline.iter().map(|b| b.ok).sum::<u64>(), 6);
-        assert_eq!(r.timeline.iter().map(|b| b.refused).sum::<u64>(), 1);
-        let starts: Vec<u64> = r.timeline.iter().map(|b| b.start_ms).collect();
-        assert_eq!(starts, vec![1000, 2000, 3000, 4000]);
-    }
-
-    #[test]
-    fn the_timeline_names_the_busiest_keys_and_sums_the_others() {
-        let mut b = UsageBuilder::new(Filter::default());
-        // Key k{i} is used i+1 times, all in the same minute.
-        for i in 0..12u64 {
-            for _ in 0..=i {
-                b.add(&ev(
-                    60_000 + i,
-                    "Encrypt",
-                    &format!("k{i}"),
-                    Some(1),
-                    "OK",
-                    "x",
-                ));
-            }
-        }
-        let r = b.finish(&[]);
-        let names: Vec<&str> = r.timeline.iter().map(|b| b.key.as_str()).collect();
-        assert_eq!(names.len(), TOP_KEYS + 1, "{names:?}");
-        assert_eq!(names[0], "k11");
-        assert_eq!(names[TOP_KEYS - 1], "k4");
-        assert_eq!(names[TOP_KEYS], OTHER_KEYS);
-        // The four quietest keys: 1 + 2 + 3 + 4 uses.
-        assert_eq!(r.timeline[TOP_KEYS].ok, 10);
-        assert_eq!(r.timeline.iter().map(|b| b.ok).sum::<u64>(), 78);
-        // A filtered report covers its key only.
-        let mut b = UsageBuilder::new(Filter {
-            key: Some("k3".into()),
-            ..Filter::default()
-        });
-        for i in 0..12u64 {
-            b.add(&ev(
-                60_000 + i,
-                "Encrypt",
-                &format!("k{i}"),
-                Some(1),
-                "OK",
-                "x",
-            ));
-        }
-        let r = b.finish(&keys());
-        assert_eq!(r.records, 1);
-        assert_eq!(r.key.as_deref(), Some("k3"));
-        assert!(r.unused.is_empty(), "keys a and b are outside the filter");
-    }
-
-    #[test]
-    fn bucket_widths_follow_the_period() {
-        assert_eq!(bucket_width(30_000), 1_000);
-        assert_eq!(bucket_width(3_600_000), 60_000);
-        assert_eq!(bucket_width(86_400_000), 3_600_000);
-        assert_eq!(bucket_width(30 * 86_400_000), 86_400_000);
-    }
-}
+mod tests;

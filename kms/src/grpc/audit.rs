@@ -76,6 +76,8 @@ fn report_parts(
     let below = std::mem::take(&mut full.decrypt_below_primary);
     let timeline = std::mem::take(&mut full.timeline);
     let custody = std::mem::take(&mut full.custody);
+    let secret_reads = std::mem::take(&mut full.secret_reads);
+    let credentials = std::mem::take(&mut full.credentials);
     let mut parts = Vec::new();
     let mut size = full.encoded_len();
     let mut current = full;
@@ -116,6 +118,14 @@ fn report_parts(
     for c in custody {
         room(&mut current, &mut size, c.encoded_len());
         current.custody.push(c);
+    }
+    for s in secret_reads {
+        room(&mut current, &mut size, s.encoded_len());
+        current.secret_reads.push(s);
+    }
+    for c in credentials {
+        room(&mut current, &mut size, c.encoded_len());
+        current.credentials.push(c);
     }
     parts.push(current);
     parts
@@ -464,6 +474,26 @@ mod tests {
                     key: "k".into(),
                     ok: 1,
                     refused: 2,
+                })
+                .collect(),
+            secret_reads: (0..2000)
+                .map(|i| pb::SecretReadRow {
+                    path: format!("app/db-{i}"),
+                    version: 1,
+                    principal: "spiffe://corp/app".into(),
+                    count: 1,
+                    ..Default::default()
+                })
+                .collect(),
+            credentials: (0..2000)
+                .map(|i| pb::CredentialRow {
+                    issuer: "workloads".into(),
+                    kind: "jwt".into(),
+                    subject: format!("spiffe://corp/app-{i}"),
+                    key_version: 1,
+                    outcome: "OK".into(),
+                    count: 1,
+                    ..Default::default()
                 })
                 .collect(),
             bucket_ms: 60_000,
