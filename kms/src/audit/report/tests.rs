@@ -6,6 +6,9 @@ use super::{
 };
 use crate::audit::BatchSummary;
 
+/// A credential row's kind, subject, delegator, key version, outcome, count and last.
+type CredentialCells<'a> = (&'a str, &'a str, Option<&'a str>, u32, &'a str, u64, u64);
+
 fn ev(t: u64, op: &str, key: &str, v: Option<u32>, outcome: &str, who: &str) -> AuditEvent {
     AuditEvent {
         time_ms: t,
@@ -100,7 +103,7 @@ fn credentials_are_counted_per_issuer_subject_version_and_outcome() {
     b.add(&asked_for_itself);
     b.add(&issued(8, "ValidateJwt", "", None, 0, "", "OK"));
     let r = b.finish(&[]);
-    let rows: Vec<(&str, &str, Option<&str>, u32, &str, u64, u64)> = r
+    let rows: Vec<CredentialCells<'_>> = r
         .credentials
         .iter()
         .map(|c| {
