@@ -322,6 +322,26 @@ async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
     assert_eq!(verified["unknown_kid"], "PyJWKClientError");
     assert_eq!(verified["expired"], "ExpiredSignatureError");
 
+    // Vault's identity token path, with hvac: the same issuance, over the HTTPS front.
+    let vault = verifier(
+        "vault",
+        &serde_json::json!({
+            "ca": server.ca,
+            "url": format!("https://127.0.0.1:{port}"),
+            "issuer_url": iss,
+            "alg": "ES256",
+            "app_cert": app.cert,
+            "app_key": app.key,
+            "other_cert": other.cert,
+            "other_key": other.key,
+        }),
+    );
+    assert_eq!(vault["subject"], app.principal.as_str());
+    assert_eq!(vault["other"], "Forbidden");
+    assert_eq!(vault["unknown"], "InvalidRequest");
+    assert_eq!(vault["elsewhere"], "Forbidden");
+    let vault_jti = vault["jti"].as_str().unwrap().to_owned();
+
     // ValidateJwt: for services that ask kms rather than fetch the keys.
     let mut validator = CredentialsClient::new(server.channel(Some(&other)).await);
     let validate = |token: &str, audience: &str| pb::ValidateJwtRequest {
@@ -390,7 +410,13 @@ async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
         .iter()
         .filter(|e| e["operation"] == "IssueJwt" && e["outcome"] == "OK")
         .collect();
-    assert_eq!(issued.len(), 6, "{events:#?}");
+    assert_eq!(issued.len(), 7, "{events:#?}");
+    let through_vault = issued
+        .iter()
+        .find(|e| e["credential"]["jti"] == vault_jti.as_str())
+        .expect("the token of Vault's path is recorded");
+    assert_eq!(through_vault["principal"], app.principal.as_str());
+    assert_eq!(through_vault["credential"]["audience"], "payments");
     let delegated_record = issued
         .iter()
         .find(|e| e["credential"]["jti"] == delegated.jti.as_str())
@@ -438,6 +464,9 @@ async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
         [
             "PERMISSION_DENIED",
             "INVALID_ARGUMENT",
+            "PERMISSION_DENIED",
+            "NOT_FOUND",
+            "PERMISSION_DENIED",
             "PERMISSION_DENIED",
             "NOT_FOUND",
             "PERMISSION_DENIED"
@@ -492,13 +521,16 @@ async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
     };
     let me = app.principal.as_str();
     assert_eq!(count(me, None, 1, "OK"), 3, "{rows:#?}");
-    assert_eq!(count(me, None, 2, "OK"), 1, "{rows:#?}");
+    assert_eq!(count(me, None, 2, "OK"), 2, "{rows:#?}");
     assert_eq!(count(me, Some(&ci.principal), 1, "OK"), 1, "{rows:#?}");
-    assert_eq!(count(me, None, 0, "PERMISSION_DENIED"), 1, "{rows:#?}");
+    assert_eq!(count(me, None, 0, "PERMISSION_DENIED"), 2, "{rows:#?}");
     let logs = hsm.logs();
     for token in [&first.token, &rotated.token, &delegated.token, &expired] {
         let signature = token.rsplit('.').next().unwrap();
         assert!(!out.stdout.contains(signature), "a token in the audit log");
         assert!(!logs.contains(signature), "a token in the server's log");
     }
+    let signature = vault["signature"].as_str().unwrap();
+    assert!(signature.len() > 40);
+    assert!(!out.stdout.contains(signature) && !logs.contains(signature));
 }

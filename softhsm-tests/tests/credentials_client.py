@@ -7,7 +7,9 @@ check is an `assert` (the script exits non-zero, and the Rust test fails, when o
 
 Phases: `verify` (tokens given in the config: the valid ones verify; one for another
 audience, an altered one, one of another issuer's key and an expired one are refused),
-`discovery` (the discovery document names the issuer and its keys).
+`discovery` (the discovery document names the issuer and its keys), `vault` (hvac, over
+mTLS, asks Vault's identity token path for a token, which PyJWT verifies; another caller
+and an unknown issuer are refused).
 """
 
 import base64
@@ -61,6 +63,45 @@ if phase == "discovery":
     except urllib.error.HTTPError as e:
         out["unknown_issuer"] = e.code
     out["algs"] = doc["id_token_signing_alg_values_supported"]
+
+elif phase == "vault":
+    import hvac
+
+    def vault(who):
+        return hvac.Client(url=cfg["url"], cert=(cfg[who + "_cert"], cfg[who + "_key"]), verify=cfg["ca"])
+
+    data = vault("app").secrets.identity.generate_signed_id_token(name="workloads")["data"]
+    assert set(data) == {"client_id", "token", "ttl"}, sorted(data)
+    assert data["client_id"] == "payments", data["client_id"]
+    assert 0 < data["ttl"] <= 300, data["ttl"]
+    client = jwt.PyJWKClient(iss + "/.well-known/keys", ssl_context=ctx, cache_keys=False)
+    token = data["token"]
+    claims = jwt.decode(
+        token,
+        client.get_signing_key_from_jwt(token).key,
+        algorithms=[cfg["alg"]],
+        audience="payments",
+        issuer=iss,
+        options={"require": ["exp", "iat", "sub", "aud", "iss", "jti"]},
+    )
+    out["subject"], out["jti"] = claims["sub"], claims["jti"]
+    # For the Rust test to look for in the logs and the audit log.
+    out["signature"] = token.rsplit(".", 1)[1]
+    # Vault's answers to a caller the issuer does not list, and to a role (issuer) that is
+    # not one: 400, as Vault's "role not found".
+    out["other"] = refused(
+        hvac.exceptions.Forbidden,
+        lambda: vault("other").secrets.identity.generate_signed_id_token(name="workloads"),
+    )
+    out["unknown"] = refused(
+        hvac.exceptions.InvalidRequest,
+        lambda: vault("app").secrets.identity.generate_signed_id_token(name="nobody"),
+    )
+    # An audience the issuer does not list, named in the query (a kms addition).
+    out["elsewhere"] = refused(
+        hvac.exceptions.Forbidden,
+        lambda: vault("app").adapter.get("/v1/identity/oidc/token/workloads", params={"audience": "elsewhere"}),
+    )
 
 elif phase == "verify":
     client = jwt.PyJWKClient(iss + "/.well-known/keys", ssl_context=ctx, cache_keys=False)

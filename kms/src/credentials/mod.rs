@@ -186,7 +186,7 @@ pub(crate) trait Journal {
 pub(crate) struct JwtRequest<'a> {
     /// The issuer's name.
     pub issuer: &'a str,
-    /// One of the issuer's audiences.
+    /// One of the issuer's audiences; empty: its only one.
     pub audience: &'a str,
     /// Empty: the caller's own identity.
     pub subject: &'a str,
@@ -411,7 +411,19 @@ impl Credentials {
                     .to_owned(),
             ));
         }
-        if !issuer.audiences.iter().any(|a| a == req.audience) {
+        // No audience named: the issuer's, if it has one only (Vault's identity tokens name
+        // their role's one audience, and take none).
+        let audience = match (req.audience, issuer.audiences.as_slice()) {
+            ("", [only]) => only.as_str(),
+            ("", _) => {
+                return Err(CredentialsError::BadRequest(format!(
+                    "issuer {:?} issues tokens for several audiences: name one",
+                    issuer.name
+                )));
+            }
+            (a, _) => a,
+        };
+        if !issuer.audiences.iter().any(|a| a == audience) {
             return Err(CredentialsError::Denied(format!(
                 "issuer {:?} does not issue tokens for this audience",
                 issuer.name
@@ -443,7 +455,7 @@ impl Credentials {
             Value::String(issuer_url(base, &issuer.name)),
         );
         claims.insert("sub".to_owned(), Value::String(subject.clone()));
-        claims.insert("aud".to_owned(), json!([req.audience]));
+        claims.insert("aud".to_owned(), json!([audience]));
         claims.insert("exp".to_owned(), json!(exp));
         claims.insert("iat".to_owned(), json!(iat));
         claims.insert("jti".to_owned(), Value::String(jti.clone()));
@@ -469,7 +481,7 @@ impl Credentials {
                 issuer: issuer.name.clone(),
                 kind: issuer.kind.name().to_owned(),
                 subject,
-                audience: req.audience.to_owned(),
+                audience: audience.to_owned(),
                 actor,
                 jti,
                 expires: exp,

@@ -385,6 +385,33 @@ fn a_new_version_is_published_before_it_signs() {
     assert_eq!(published_kids(&f).len(), 1);
 }
 
+/// A request that names no audience gets the issuer's only one; an issuer with several
+/// refuses it.
+#[test]
+fn no_audience_named_is_the_issuers_only_one() {
+    let f = fixture();
+    let issued = f
+        .engine
+        .issue_jwt(&f.keys, Some(BASE), APP, &ask("", "", 0))
+        .unwrap();
+    assert_eq!(issued.summary.audience, "payments");
+    assert_eq!(claims_of(&issued.token)["aud"], serde_json::json!(["payments"]));
+    f.engine
+        .update_issuer(&Direct(Arc::clone(&f.store)), &f.keys, "workloads", |i| {
+            i.audiences.push("ledger".to_owned())
+        })
+        .unwrap();
+    let e = f
+        .engine
+        .issue_jwt(&f.keys, Some(BASE), APP, &ask("", "", 0))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&e, CredentialsError::BadRequest(m) if m.contains("several audiences")),
+        "{e}"
+    );
+}
+
 #[test]
 fn the_signing_version_is_the_newest_published_long_enough() {
     let v = |version, created_at| KeyVersion {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use http::StatusCode;
 
 use crate::access::tls::PeerInfo;
+use crate::credentials::Credentials;
 use crate::keyring::{Journal, Keyring, KeyringError};
 use crate::secrets::{Secrets, SecretsError};
 use crate::service::{
@@ -262,6 +263,27 @@ pub(crate) async fn secret(
         answer.result.map_err(|r| refused_with(r, status)),
         answer.request_id,
     )
+}
+
+/// Runs `f` on the credentials engine as a call of `op` by the caller of `peer`, naming
+/// `issuer` and the `audience` asked for: access rule, audit record (of the issuance or
+/// its refusal) before the answer, log line.
+pub(crate) async fn credential(
+    service: &Service,
+    peer: &PeerInfo,
+    input_bytes: usize,
+    op: Op,
+    issuer: &str,
+    audience: &str,
+    f: impl FnOnce(&Credentials, &Keyring, &Call) -> Result<Served<Reply>, ServiceError>
+    + Send
+    + 'static,
+) -> (Result<Reply, Refused>, String) {
+    let c = call(service, peer, op, input_bytes)
+        .credential(issuer)
+        .credential_request("", audience);
+    let answer = crate::service::with_credentials(service, c, f).await;
+    (answer.result.map_err(refused), answer.request_id)
 }
 
 /// Records a request on a secret that the front refused before its call (parameters it

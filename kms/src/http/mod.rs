@@ -23,6 +23,7 @@
 mod auth;
 mod call;
 pub(crate) mod config;
+mod identity;
 mod keys;
 mod kv;
 mod transit;
@@ -623,6 +624,10 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
                     Err((r, name))
                 }
             }
+        }
+        ["identity", "oidc", "token", name] => {
+            let r = identity::token(front, peer, &method, name, parts.uri.query(), size).await;
+            r.map(|a| (a, "IssueJwt")).map_err(|e| (e, "IssueJwt"))
         }
         ["secret", path @ ..] => {
             let (kv, path) = match kv::route(&method, path, list) {
