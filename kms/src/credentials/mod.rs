@@ -535,7 +535,11 @@ impl Credentials {
                 issuer.name
             )));
         }
-        model::check_text(caller, model::MAX_SSH_PRINCIPAL * 8, "the caller's principal")?;
+        model::check_text(
+            caller,
+            model::MAX_SSH_PRINCIPAL * 8,
+            "the caller's principal",
+        )?;
         let subject = ssh::SubjectKey::parse(req.public_key)?;
         let principals = if req.principals.is_empty() {
             issuer.ssh_principals.clone()
@@ -570,8 +574,9 @@ impl Credentials {
         let now = now();
         let version = signing_version(&versions.enabled, issuer.publish_ahead, now, |_| true)
             .ok_or_else(|| CredentialsError::KeyUnusable("no version is enabled".to_owned()))?;
-        let ca = ssh::CaKey::from_spki_pem(versions.algorithm, &keys.public_key(&issuer.key, version)?)
-            .ok_or_else(|| CredentialsError::KeyUnusable(SSH_KEY_ALGORITHMS.to_owned()))?;
+        let ca =
+            ssh::CaKey::from_spki_pem(versions.algorithm, &keys.public_key(&issuer.key, version)?)
+                .ok_or_else(|| CredentialsError::KeyUnusable(SSH_KEY_ALGORITHMS.to_owned()))?;
         let mut random = [0u8; 40];
         getrandom::fill(&mut random).map_err(|_| CredentialsError::Randomness)?;
         let (nonce, serial) = random.split_at(32);
@@ -902,9 +907,7 @@ fn check_key(keys: &dyn KeySource, issuer: &Issuer) -> Result<(), CredentialsErr
             if ssh::CaKey::algorithm_fits(algorithm) {
                 Ok(())
             } else {
-                Err(CredentialsError::KeyUnusable(
-                    SSH_KEY_ALGORITHMS.to_owned(),
-                ))
+                Err(CredentialsError::KeyUnusable(SSH_KEY_ALGORITHMS.to_owned()))
             }
         }
     }

@@ -92,9 +92,18 @@ impl fmt::Debug for SubjectKey {
 /// The key types kms certifies, and their certificate types.
 const TYPES: &[(&str, &str)] = &[
     ("ssh-ed25519", "ssh-ed25519-cert-v01@openssh.com"),
-    ("ecdsa-sha2-nistp256", "ecdsa-sha2-nistp256-cert-v01@openssh.com"),
-    ("ecdsa-sha2-nistp384", "ecdsa-sha2-nistp384-cert-v01@openssh.com"),
-    ("ecdsa-sha2-nistp521", "ecdsa-sha2-nistp521-cert-v01@openssh.com"),
+    (
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp256-cert-v01@openssh.com",
+    ),
+    (
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp384-cert-v01@openssh.com",
+    ),
+    (
+        "ecdsa-sha2-nistp521",
+        "ecdsa-sha2-nistp521-cert-v01@openssh.com",
+    ),
     ("ssh-rsa", "ssh-rsa-cert-v01@openssh.com"),
     (
         "sk-ssh-ed25519@openssh.com",
@@ -123,7 +132,9 @@ impl SubjectKey {
                 SshKeyError::UnknownType
             });
         };
-        let b64 = parts.next().ok_or(SshKeyError::Malformed("no key after the type"))?;
+        let b64 = parts
+            .next()
+            .ok_or(SshKeyError::Malformed("no key after the type"))?;
         let blob = data_encoding::BASE64
             .decode(b64.as_bytes())
             .map_err(|_| SshKeyError::NotBase64)?;
@@ -178,7 +189,9 @@ impl SubjectKey {
             // The application (FIDO relying party), "ssh:" for OpenSSH's.
             let app = r.string()?;
             if app.is_empty() || std::str::from_utf8(app).is_err() {
-                return Err(SshKeyError::Malformed("a security key names its application"));
+                return Err(SshKeyError::Malformed(
+                    "a security key names its application",
+                ));
             }
         }
         let fields = blob.get(start..r.offset()).unwrap_or_default().to_vec();
@@ -449,7 +462,10 @@ impl<'a> Reader<'a> {
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], SshKeyError> {
-        let end = self.at.checked_add(n).ok_or(SshKeyError::Malformed("truncated"))?;
+        let end = self
+            .at
+            .checked_add(n)
+            .ok_or(SshKeyError::Malformed("truncated"))?;
         let out = self
             .bytes
             .get(self.at..end)
@@ -462,7 +478,8 @@ impl<'a> Reader<'a> {
     pub(crate) fn u32(&mut self) -> Result<u32, SshKeyError> {
         let b = self.take(4)?;
         Ok(u32::from_be_bytes(
-            b.try_into().map_err(|_| SshKeyError::Malformed("truncated"))?,
+            b.try_into()
+                .map_err(|_| SshKeyError::Malformed("truncated"))?,
         ))
     }
 
@@ -471,7 +488,8 @@ impl<'a> Reader<'a> {
     pub(crate) fn u64(&mut self) -> Result<u64, SshKeyError> {
         let b = self.take(8)?;
         Ok(u64::from_be_bytes(
-            b.try_into().map_err(|_| SshKeyError::Malformed("truncated"))?,
+            b.try_into()
+                .map_err(|_| SshKeyError::Malformed("truncated"))?,
         ))
     }
 
@@ -487,9 +505,9 @@ impl<'a> Reader<'a> {
         match s {
             [] => Ok(s),
             [b, ..] if b & 0x80 != 0 => Err(SshKeyError::Malformed("a negative integer")),
-            [0, rest @ ..] if rest.first().is_none_or(|b| b & 0x80 == 0) => {
-                Err(SshKeyError::Malformed("an integer not in its shortest form"))
-            }
+            [0, rest @ ..] if rest.first().is_none_or(|b| b & 0x80 == 0) => Err(
+                SshKeyError::Malformed("an integer not in its shortest form"),
+            ),
             [0, rest @ ..] => Ok(rest),
             _ => Ok(s),
         }

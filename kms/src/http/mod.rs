@@ -393,12 +393,14 @@ async fn issuer_document(front: &Front, name: &str, doc: Document) -> Result<Ans
             (Document::Discovery, None) => Err(
                 crate::credentials::CredentialsError::IssuerNotFound(String::new()),
             ),
-            (Document::SshCaKeys, _) => credentials
-                .ssh_ca_keys(keyring.as_ref(), &name)
-                .map(|text| Answer::Public {
-                    body: text.into_bytes(),
-                    content_type: "text/plain; charset=utf-8",
-                }),
+            (Document::SshCaKeys, _) => {
+                credentials
+                    .ssh_ca_keys(keyring.as_ref(), &name)
+                    .map(|text| Answer::Public {
+                        body: text.into_bytes(),
+                        content_type: "text/plain; charset=utf-8",
+                    })
+            }
         }
     })
     .await;

@@ -338,9 +338,7 @@ fn secrets_kind(e: &SecretsError) -> ErrorKind {
 
 fn credentials_kind(e: &CredentialsError) -> ErrorKind {
     match e {
-        CredentialsError::BadRequest(_) | CredentialsError::SshKey(_) => {
-            ErrorKind::InvalidArgument
-        }
+        CredentialsError::BadRequest(_) | CredentialsError::SshKey(_) => ErrorKind::InvalidArgument,
         CredentialsError::IssuerNotFound(_) => ErrorKind::NotFound,
         CredentialsError::IssuerExists(_) => ErrorKind::AlreadyExists,
         CredentialsError::WrongKind { .. } => ErrorKind::FailedPrecondition,

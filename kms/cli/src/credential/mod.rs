@@ -570,7 +570,10 @@ where
 fn read_public_key(path: &str) -> Result<String, BoxError> {
     let mut text = String::new();
     let read = if path == "-" {
-        std::io::stdin().lock().take(MAX_TOKEN).read_to_string(&mut text)
+        std::io::stdin()
+            .lock()
+            .take(MAX_TOKEN)
+            .read_to_string(&mut text)
     } else {
         std::fs::File::open(path).and_then(|f| f.take(MAX_TOKEN).read_to_string(&mut text))
     };

@@ -212,7 +212,10 @@ pub(super) fn ssh_certificate(r: &pb::IssueSshResponse, out: &str, json: bool) {
     } else {
         let mut rows = vec![
             vec!["Serial".to_owned(), r.serial.clone()],
-            vec!["Key ID".to_owned(), crate::audit::printable(&r.key_id).into_owned()],
+            vec![
+                "Key ID".to_owned(),
+                crate::audit::printable(&r.key_id).into_owned(),
+            ],
             vec!["Principals".to_owned(), r.principals.join(", ")],
             vec!["Valid before".to_owned(), time(r.expires_unix)],
             vec!["Key version".to_owned(), r.key_version.to_string()],

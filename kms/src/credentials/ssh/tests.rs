@@ -52,9 +52,8 @@ fn every_bad_key_is_refused_with_its_reason() {
     let ed = ed25519_line();
     let b64 = ed.split(' ').nth(1).unwrap();
     let blob = data_encoding::BASE64.decode(b64.as_bytes()).unwrap();
-    let with_blob = |kind: &str, blob: &[u8]| {
-        format!("{kind} {}", data_encoding::BASE64.encode(blob))
-    };
+    let with_blob =
+        |kind: &str, blob: &[u8]| format!("{kind} {}", data_encoding::BASE64.encode(blob));
     let mut trailing = blob.clone();
     trailing.push(0);
     let cert_line = line("ssh-ed25519-cert-v01@openssh.com", |w| w.string(&[0u8; 32]));
@@ -75,7 +74,10 @@ fn every_bad_key_is_refused_with_its_reason() {
     let cases: Vec<(String, SshKeyError)> = vec![
         (String::new(), SshKeyError::UnknownType),
         (format!("{ed}\n{ed}"), SshKeyError::NotOneLine),
-        (format!("{ed} {}", "x".repeat(MAX_LINE)), SshKeyError::NotOneLine),
+        (
+            format!("{ed} {}", "x".repeat(MAX_LINE)),
+            SshKeyError::NotOneLine,
+        ),
         (format!("from=\"10.0.0.1\" {ed}"), SshKeyError::UnknownType),
         ("ssh-dss AAAA".to_owned(), SshKeyError::UnknownType),
         (cert_line, SshKeyError::Certificate),
@@ -87,17 +89,32 @@ fn every_bad_key_is_refused_with_its_reason() {
             }),
             SshKeyError::Certificate,
         ),
-        ("ssh-ed25519".to_owned(), SshKeyError::Malformed("no key after the type")),
+        (
+            "ssh-ed25519".to_owned(),
+            SshKeyError::Malformed("no key after the type"),
+        ),
         ("ssh-ed25519 !!!!".to_owned(), SshKeyError::NotBase64),
-        (with_blob("ssh-ed25519", &blob[..blob.len() - 1]), SshKeyError::Malformed("truncated")),
-        (with_blob("ssh-ed25519", &trailing), SshKeyError::TrailingData),
+        (
+            with_blob("ssh-ed25519", &blob[..blob.len() - 1]),
+            SshKeyError::Malformed("truncated"),
+        ),
+        (
+            with_blob("ssh-ed25519", &trailing),
+            SshKeyError::TrailingData,
+        ),
         (
             with_blob("ecdsa-sha2-nistp256", &blob),
             SshKeyError::Malformed("the key's type is not the line's"),
         ),
         (RSA_1024.to_owned(), SshKeyError::RsaSize(1024)),
-        (bad_point, SshKeyError::Malformed("the point is not one of the curve")),
-        (wrong_curve, SshKeyError::Malformed("the curve is not the key type's")),
+        (
+            bad_point,
+            SshKeyError::Malformed("the point is not one of the curve"),
+        ),
+        (
+            wrong_curve,
+            SshKeyError::Malformed("the curve is not the key type's"),
+        ),
         (negative_e, SshKeyError::Malformed("a negative integer")),
         (
             line("ssh-ed25519", |w| w.string(&[7u8; 31])),
@@ -135,7 +152,11 @@ fn mpints_are_minimal_and_positive() {
     for good in [enc(&[0x80]), enc(&[0x7f]), enc(&[])] {
         assert!(Reader::new(&good).mpint().is_ok());
     }
-    for bad in [vec![0, 0, 0, 1, 0x80], vec![0, 0, 0, 2, 0, 0x7f], vec![0, 0, 0, 1, 0]] {
+    for bad in [
+        vec![0, 0, 0, 1, 0x80],
+        vec![0, 0, 0, 2, 0, 0x7f],
+        vec![0, 0, 0, 1, 0],
+    ] {
         assert!(Reader::new(&bad).mpint().is_err(), "{bad:?}");
     }
 }

@@ -17,7 +17,8 @@ use crate::keyring::model::Algorithm;
 use crate::policy::Pattern;
 
 const ALICE: &str = "spiffe://corp/people/alice";
-const ED25519_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcH alice@laptop";
+const ED25519_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcH alice@laptop";
 
 /// One Ed25519 key version.
 struct EdKeys(ed25519_dalek::SigningKey);
@@ -136,7 +137,10 @@ fn decode(line: &str) -> Decoded {
     let mut r = Reader::new(&blob);
     assert_eq!(text(r.string().unwrap()), kind);
     assert_eq!(r.string().unwrap().len(), 32, "nonce");
-    assert_eq!(kind, "ssh-ed25519-cert-v01@openssh.com", "the test certifies Ed25519 keys");
+    assert_eq!(
+        kind, "ssh-ed25519-cert-v01@openssh.com",
+        "the test certifies Ed25519 keys"
+    );
     assert_eq!(r.string().unwrap(), [7u8; 32]);
     let serial = r.u64().unwrap();
     let cert_type = r.u32().unwrap();
@@ -194,7 +198,12 @@ fn verify(d: &Decoded) {
             let (r, s) = (rs.string().unwrap(), rs.string().unwrap());
             assert!(rs.is_empty());
             let mut raw = [0u8; 64];
-            let strip = |n: &[u8]| n.iter().skip_while(|b| **b == 0).copied().collect::<Vec<_>>();
+            let strip = |n: &[u8]| {
+                n.iter()
+                    .skip_while(|b| **b == 0)
+                    .copied()
+                    .collect::<Vec<_>>()
+            };
             let (r, s) = (strip(r), strip(s));
             raw[32 - r.len()..32].copy_from_slice(&r);
             raw[64 - s.len()..].copy_from_slice(&s);
@@ -202,10 +211,9 @@ fn verify(d: &Decoded) {
             key.verify(&d.signed, &signature).unwrap();
         }
         "ssh-ed25519" => {
-            let key = ed25519_dalek::VerifyingKey::from_bytes(
-                ca.string().unwrap().try_into().unwrap(),
-            )
-            .unwrap();
+            let key =
+                ed25519_dalek::VerifyingKey::from_bytes(ca.string().unwrap().try_into().unwrap())
+                    .unwrap();
             let signature = ed25519_dalek::Signature::from_slice(blob).unwrap();
             key.verify_strict(&d.signed, &signature).unwrap();
         }
@@ -241,7 +249,10 @@ fn a_user_certificate_carries_what_the_issuer_says_and_verifies() {
     assert_eq!(d.options[0].1, b"\0\0\0\x09/bin/true");
     assert_eq!(d.options[1].1, b"\0\0\0\x0e10.0.0.0/8,::1");
     assert!(d.options[2].1.is_empty());
-    assert_eq!(names(&d.extensions), ["permit-X11-forwarding", "permit-pty"]);
+    assert_eq!(
+        names(&d.extensions),
+        ["permit-X11-forwarding", "permit-pty"]
+    );
     assert!(d.extensions.iter().all(|(_, v)| v.is_empty()));
     verify(&d);
     // The record: the serial as its jti, the caller, the principals.
@@ -262,7 +273,11 @@ fn a_user_certificate_carries_what_the_issuer_says_and_verifies() {
         .unwrap();
     assert_ne!(again.serial, issued.serial);
     let d2 = decode(&again.certificate);
-    assert_eq!(d2.valid_before - d2.valid_after, 3600 + 60, "the default ttl");
+    assert_eq!(
+        d2.valid_before - d2.valid_after,
+        3600 + 60,
+        "the default ttl"
+    );
 }
 
 #[test]
@@ -328,7 +343,11 @@ fn requests_an_ssh_issuer_would_not_grant_are_refused_with_their_error() {
     ));
     // A principal named twice is named once.
     let twice = ["alice".to_owned(), "alice".to_owned()];
-    let d = decode(&issue("users", ALICE, ED25519_KEY, &twice, 0).unwrap().certificate);
+    let d = decode(
+        &issue("users", ALICE, ED25519_KEY, &twice, 0)
+            .unwrap()
+            .certificate,
+    );
     assert_eq!(d.principals, ["alice"]);
 }
 
@@ -355,7 +374,10 @@ fn an_ssh_issuers_settings_are_checked() {
     let mut host = ssh_issuer("h", model::Kind::SshHost);
     assert!(host.check().is_ok());
     host.ssh_extensions = vec!["permit-pty".to_owned()];
-    assert!(host.check().is_err(), "a host certificate has no extensions");
+    assert!(
+        host.check().is_err(),
+        "a host certificate has no extensions"
+    );
     let bad: Vec<fn(&mut model::Issuer)> = vec![
         |i| i.ssh_principals.clear(),
         |i| i.ssh_principals = (0..65).map(|n| format!("u{n}")).collect(),
