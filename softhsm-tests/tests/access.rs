@@ -85,6 +85,7 @@ const RPCS: &[&str] = &[
     "Credentials/ValidateJwt",
     "Credentials/RevokeJwt",
     "Credentials/IssueSsh",
+    "Credentials/RotateIssuer",
     "Audit/ExportAuditLog",
     "Audit/KeyUsageReport",
     "Audit/VerifyAuditLog",
@@ -536,6 +537,12 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
             })
             .await
             .map(drop),
+        "Credentials/RotateIssuer" => cred
+            .rotate_issuer(pb::RotateIssuerRequest {
+                name: "ssh-users".into(),
+            })
+            .await
+            .map(drop),
         "Credentials/ValidateJwt" => cred
             .validate_jwt(pb::ValidateJwtRequest {
                 issuer: "workloads".into(),
@@ -656,7 +663,7 @@ fn expected(who: &str, rpc: &str) -> Code {
         // principals (the granted service), none of which this server issues or validates
         // without an HTTPS front to publish the keys on.
         let allowed = match method {
-            "CreateIssuer" | "UpdateIssuer" | "RevokeJwt" => who == "admin",
+            "CreateIssuer" | "UpdateIssuer" | "RevokeJwt" | "RotateIssuer" => who == "admin",
             "IssueJwt" | "IssueSsh" => who == "granted-service",
             _ => who != "no-certificate",
         };

@@ -533,7 +533,11 @@ fn ssh_certificates_from_hsm_keys_log_in_to_a_real_sshd() {
     // Not as another user the certificate does not name.
     let (code, _) = sshd.login(&file("id"), &file("id-cert.pub"), "daemon", None);
     assert_ne!(code, 0, "daemon is not a principal of the certificate");
-    assert!(sshd.log().contains("name is not a listed principal"), "{}", sshd.log());
+    assert!(
+        sshd.log().contains("name is not a listed principal"),
+        "{}",
+        sshd.log()
+    );
     // The host certificate, checked by ssh under the host CA, and refused under another.
     std::fs::write(file("known_hosts"), format!("@cert-authority * {host_ca}")).unwrap();
     let (code, err) = sshd.login(
