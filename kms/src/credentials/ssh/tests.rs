@@ -1,6 +1,6 @@
 use p256::elliptic_curve::Generate as _;
 
-use super::*;
+use super::{MAX_LINE, Reader, SshKeyError, SubjectKey, Writer};
 
 const RSA_1024: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQDF/JL97gb0MzXGwAIoATeICUg2behoVOHCAPYNKojBCy1ynwq/tnJUM41yYTLcholtsw5Fq6Q0jMpaqKMWbcdiH/ESN5laXfpNprq83zTpBjn5llfTU2TZH3jcE0YOwGgyYnKKQHkbon+5v4hA1Cx3nE0bSAYa8yJC2RuCoTzZcw== small";
 const RSA_2048: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQCdbnTSO0xutBhEWuJf5KNMYIy95QlWgGky2Y6nTgmKGVbpX8NRO18U7QkYTMUQqGLjWD1Yhmdc0mKfjBLuVp/ax3nEEjdd95JLkBR+p9+ToZm3cRuymidudwApl8nWh/K61CIeoqbsrOqXG7AqkZKBmPB2DZI493aYEPlrgeRv1AKSSNU44e+ysUDedWBayMvlJdi3iugx6Ko+EBqxDTe4pLior0+JaFc3ScxyF3OiqU+OIEAIO8qevmXJjhEOySjwWYLQs9bqYb+0TdARej8iVhjmJU0gK7kqzD6M9evIg4/8Q7L3u/qTjYPPeDcUiMfikyNQKmE8BNalrNO5MpDt ok";
@@ -43,7 +43,7 @@ fn the_key_types_kms_certifies_are_read() {
         assert!(l.starts_with(key.kind));
     }
     // No comment is fine.
-    let bare: String = ed25519_line().rsplitn(2, ' ').nth(1).unwrap().to_owned();
+    let bare = ed25519_line().rsplit_once(' ').unwrap().0.to_owned();
     assert_eq!(SubjectKey::parse(&bare).unwrap().comment, None);
 }
 

@@ -217,7 +217,7 @@ fn verify(d: &Decoded) {
             let signature = ed25519_dalek::Signature::from_slice(blob).unwrap();
             key.verify_strict(&d.signed, &signature).unwrap();
         }
-        other => panic!("CA type {other}"),
+        other => unreachable!("CA type {other}"),
     }
     assert!(ca.is_empty());
 }
