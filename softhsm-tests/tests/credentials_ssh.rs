@@ -452,6 +452,31 @@ fn ssh_certificates_from_hsm_keys_log_in_to_a_real_sshd() {
     ] {
         assert_eq!(https_get(port, ca, path).0, 404, "{path}");
     }
+    // A JWT issuer's keys are not an ssh issuer's, and the other way round; its JWKS is
+    // still JSON.
+    ok(server.kms(
+        &[
+            "issuer",
+            "create",
+            "tokens",
+            "--key",
+            "user-ca",
+            "--principal",
+            &user.principal,
+            "--audience",
+            "a",
+        ],
+        "",
+    ));
+    assert_eq!(https_get(port, ca, "/v1/ssh/tokens/public_key").0, 404);
+    let (code, content_type, _, jwks) = https_get(
+        port,
+        ca,
+        "/v1/identity/oidc/provider/tokens/.well-known/keys",
+    );
+    assert_eq!(code, 200, "{jwks}");
+    assert_eq!(content_type, "application/json");
+    assert!(jwks.contains("\"kty\":\"EC\""), "{jwks}");
     let (_, _, _, host_ca) = https_get(port, ca, "/v1/ssh/hosts/public_key");
     assert!(host_ca.starts_with("ssh-ed25519 "), "{host_ca}");
 
@@ -712,4 +737,10 @@ fn ssh_certificates_from_hsm_keys_log_in_to_a_real_sshd() {
             .unwrap_or_default()
             .is_empty()
     }));
+    // A refused request's record says which principal it asked for.
+    assert!(
+        events.iter().any(|e| e["outcome"] == "PERMISSION_DENIED"
+            && e["credential"]["principals"] == serde_json::json!(["daemon"])),
+        "{events:#?}"
+    );
 }

@@ -414,7 +414,10 @@ impl pb::credentials_server::Credentials for CredentialsService {
         &self,
         request: Request<pb::IssueSshRequest>,
     ) -> Result<Response<pb::IssueSshResponse>, Status> {
-        let call = self.call(&request, Op::IssueSsh, &request.get_ref().issuer);
+        let r = request.get_ref();
+        let call = self
+            .call(&request, Op::IssueSsh, &r.issuer)
+            .credential_principals(&r.principals);
         let r = request.into_inner();
         respond(
             crate::service::with_credentials(&self.ctx, call, move |cr, keys, c| {

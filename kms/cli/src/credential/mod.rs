@@ -684,6 +684,47 @@ mod tests {
     }
 
     #[test]
+    fn credential_ssh_takes_principals_a_ttl_and_an_output() {
+        match parse(&[
+            "credential",
+            "ssh",
+            "--issuer",
+            "people",
+            "--public-key",
+            "id.pub",
+            "--out",
+            "-",
+            "--principal",
+            "root",
+            "--principal",
+            "deploy",
+            "--ttl",
+            "10m",
+        ])
+        .unwrap()
+        {
+            Cli::Credential {
+                command:
+                    CredentialCommand::Ssh {
+                        issuer,
+                        public_key,
+                        out,
+                        principals,
+                        ttl,
+                        json,
+                    },
+            } => {
+                assert_eq!((issuer.as_str(), public_key.as_str()), ("people", "id.pub"));
+                assert_eq!((out.as_str(), ttl, json), ("-", Some(600), false));
+                assert_eq!(principals, ["root", "deploy"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Where the certificate goes is never guessed.
+        assert!(parse(&["credential", "ssh", "--issuer", "i", "--public-key", "k"]).is_err());
+    }
+
+    #[test]
     fn durations_are_sent_in_seconds() {
         let i = create(&["--default-ttl", "5m", "--max-ttl", "1h"]).unwrap();
         assert_eq!((i.default_ttl_seconds, i.max_ttl_seconds), (300, 3600));

@@ -160,3 +160,34 @@ fn mpints_are_minimal_and_positive() {
         assert!(Reader::new(&bad).mpint().is_err(), "{bad:?}");
     }
 }
+
+mod never_panics {
+    use proptest::prelude::*;
+
+    use super::{SubjectKey, Writer};
+
+    proptest! {
+        /// Any text is read or refused, never a panic.
+        #[test]
+        fn on_any_text(line in ".{0,300}") {
+            let _ = SubjectKey::parse(&line);
+        }
+
+        /// A valid key's bytes, altered anywhere (length fields included), are read or
+        /// refused, never a panic.
+        #[test]
+        fn on_an_altered_key(at in 0usize..60, byte in any::<u8>(), cut in 0usize..60) {
+            let mut w = Writer::default();
+            w.string(b"ecdsa-sha2-nistp256");
+            w.string(b"nistp256");
+            w.string(&[4u8; 65]);
+            let mut blob = w.0;
+            if let Some(b) = blob.get_mut(at) {
+                *b = byte;
+            }
+            blob.truncate(blob.len().saturating_sub(cut));
+            let line = format!("ecdsa-sha2-nistp256 {}", data_encoding::BASE64.encode(&blob));
+            let _ = SubjectKey::parse(&line);
+        }
+    }
+}
