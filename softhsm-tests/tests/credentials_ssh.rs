@@ -477,6 +477,13 @@ fn ssh_certificates_from_hsm_keys_log_in_to_a_real_sshd() {
     assert_eq!(code, 200, "{jwks}");
     assert_eq!(content_type, "application/json");
     assert!(jwks.contains("\"kty\":\"EC\""), "{jwks}");
+    let (code, _, _, discovery) = https_get(
+        port,
+        ca,
+        "/v1/identity/oidc/provider/tokens/.well-known/openid-configuration",
+    );
+    assert_eq!(code, 200, "{discovery}");
+    assert!(discovery.contains("jwks_uri"), "{discovery}");
     let (_, _, _, host_ca) = https_get(port, ca, "/v1/ssh/hosts/public_key");
     assert!(host_ca.starts_with("ssh-ed25519 "), "{host_ca}");
 
