@@ -162,7 +162,8 @@ impl SubjectKey {
             "ssh-rsa" => {
                 let e = r.mpint()?;
                 let n = r.mpint()?;
-                if e.is_empty() || n.is_empty() || e.last().is_some_and(|b| b & 1 == 0) {
+                let even = |x: &[u8]| x.last().is_none_or(|b| b & 1 == 0);
+                if even(e) || even(n) {
                     return Err(SshKeyError::Malformed("an RSA key's e and n are odd"));
                 }
                 let bits = n.len() * 8 - n.first().map_or(8, |b| b.leading_zeros() as usize);

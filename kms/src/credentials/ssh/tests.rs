@@ -71,6 +71,12 @@ fn every_bad_key_is_refused_with_its_reason() {
         w.string(&[0x81]);
         w.string(&[1u8; 256]);
     });
+    let even_n = line("ssh-rsa", |w| {
+        w.string(&[1, 0, 1]);
+        let mut n = vec![0u8];
+        n.extend_from_slice(&[0xc0u8; 256]);
+        w.string(&n);
+    });
     let cases: Vec<(String, SshKeyError)> = vec![
         (String::new(), SshKeyError::UnknownType),
         (format!("{ed}\n{ed}"), SshKeyError::NotOneLine),
@@ -116,6 +122,10 @@ fn every_bad_key_is_refused_with_its_reason() {
             SshKeyError::Malformed("the curve is not the key type's"),
         ),
         (negative_e, SshKeyError::Malformed("a negative integer")),
+        (
+            even_n,
+            SshKeyError::Malformed("an RSA key's e and n are odd"),
+        ),
         (
             line("ssh-ed25519", |w| w.string(&[7u8; 31])),
             SshKeyError::Malformed("an Ed25519 key is 32 bytes"),
