@@ -535,30 +535,14 @@ impl Credentials {
                 issuer.name
             )));
         }
+        // The key id, which sshd logs: no control or invisible character.
         model::check_text(
             caller,
-            model::MAX_SSH_PRINCIPAL * 8,
-            "the caller's principal",
+            ssh::MAX_KEY_ID,
+            "the caller's principal (the key id)",
         )?;
         let subject = ssh::SubjectKey::parse(req.public_key)?;
-        let principals = if req.principals.is_empty() {
-            issuer.ssh_principals.clone()
-        } else {
-            let mut asked: Vec<String> = Vec::with_capacity(req.principals.len());
-            for p in req.principals {
-                if !issuer.ssh_principals.contains(p) {
-                    return Err(CredentialsError::Denied(format!(
-                        "issuer {:?} does not issue certificates for the principal {:?}",
-                        issuer.name,
-                        bounded(p)
-                    )));
-                }
-                if !asked.contains(p) {
-                    asked.push(p.clone());
-                }
-            }
-            asked
-        };
+        let principals = ssh_principals(&issuer, req.principals)?;
         let ttl = if req.ttl == 0 {
             issuer.default_ttl
         } else {
@@ -577,17 +561,11 @@ impl Credentials {
         let ca =
             ssh::CaKey::from_spki_pem(versions.algorithm, &keys.public_key(&issuer.key, version)?)
                 .ok_or_else(|| CredentialsError::KeyUnusable(SSH_KEY_ALGORITHMS.to_owned()))?;
-        let mut random = [0u8; 40];
-        getrandom::fill(&mut random).map_err(|_| CredentialsError::Randomness)?;
-        let (nonce, serial) = random.split_at(32);
-        let nonce: [u8; 32] = nonce
-            .try_into()
-            .map_err(|_| CredentialsError::Internal("nonce length"))?;
-        let serial = u64::from_be_bytes(
-            serial
-                .try_into()
-                .map_err(|_| CredentialsError::Internal("serial length"))?,
-        );
+        let mut nonce = [0u8; 32];
+        let mut serial = [0u8; 8];
+        getrandom::fill(&mut nonce).map_err(|_| CredentialsError::Randomness)?;
+        getrandom::fill(&mut serial).map_err(|_| CredentialsError::Randomness)?;
+        let serial = u64::from_be_bytes(serial);
         let no_options = std::collections::BTreeMap::new();
         let user = cert_type == ssh::CertType::User;
         let expires = now.saturating_add(ttl);
@@ -911,6 +889,28 @@ fn check_key(keys: &dyn KeySource, issuer: &Issuer) -> Result<(), CredentialsErr
             }
         }
     }
+}
+
+/// The principals a certificate of `issuer` names: those `asked` (each once), all of
+/// them when none is; one it does not list is refused.
+fn ssh_principals(issuer: &Issuer, asked: &[String]) -> Result<Vec<String>, CredentialsError> {
+    if asked.is_empty() {
+        return Ok(issuer.ssh_principals.clone());
+    }
+    let mut out: Vec<String> = Vec::with_capacity(asked.len());
+    for p in asked {
+        if !issuer.ssh_principals.contains(p) {
+            return Err(CredentialsError::Denied(format!(
+                "issuer {:?} does not issue certificates for the principal {:?}",
+                issuer.name,
+                bounded(p)
+            )));
+        }
+        if !out.contains(p) {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// What an ssh issuer's key is.

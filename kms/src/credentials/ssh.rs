@@ -20,6 +20,8 @@ pub(crate) const MAX_LINE: usize = 16 * 1024;
 pub(crate) const MIN_RSA_BITS: usize = 2048;
 /// The largest RSA modulus a subject key may have, in bits (OpenSSH's limit).
 pub(crate) const MAX_RSA_BITS: usize = 16384;
+/// The longest key id (the caller's principal).
+pub(crate) const MAX_KEY_ID: usize = 2048;
 /// How far before now a certificate is valid: another machine's clock may be behind.
 pub(crate) const BACKDATE: u64 = 60;
 
