@@ -431,3 +431,42 @@ fn an_ssh_issuers_settings_are_checked() {
     );
     assert!(ok.check().is_ok());
 }
+
+#[test]
+fn a_new_ca_key_is_published_before_it_signs() {
+    let f = fixture();
+    create(&f, &f.keys, ssh_issuer("users", model::Kind::SshUser));
+    let ca_of = |line: &str| decode(line).ca;
+    let issue = || {
+        f.engine
+            .issue_ssh(&f.keys, ALICE, &ask("users", ED25519_KEY, &[], 0))
+            .unwrap()
+    };
+    let first = issue();
+    // A version made just now is published at once and does not sign yet.
+    let v2 = f.keys.rotate(0);
+    let published = f.engine.ssh_ca_keys(&f.keys, "users").unwrap();
+    assert_eq!(published.lines().count(), 2, "{published}");
+    assert!(published.lines().nth(1).unwrap().ends_with(":v2"));
+    let still = issue();
+    assert_eq!(still.summary.key_version, 1);
+    assert_eq!(ca_of(&still.certificate), ca_of(&first.certificate));
+    // One published for longer than publish_ahead signs.
+    f.keys
+        .set(v2, |v| v.created_at -= model::DEFAULT_PUBLISH_AHEAD);
+    let rotated = issue();
+    assert_eq!(rotated.summary.key_version, 2);
+    let d = decode(&rotated.certificate);
+    verify(&d);
+    assert_ne!(d.ca, ca_of(&first.certificate));
+    // A disabled version is no longer published.
+    f.keys.set(1, |v| v.enabled = false);
+    assert_eq!(
+        f.engine
+            .ssh_ca_keys(&f.keys, "users")
+            .unwrap()
+            .lines()
+            .count(),
+        1
+    );
+}
