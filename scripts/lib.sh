@@ -61,6 +61,16 @@ apt_install_no_service() {
     if [ "$had_policy" -eq 0 ]; then as_root rm -f "$policy"; fi
 }
 
+ensure_openssh_server() {
+    # SSH certificates are checked by OpenSSH itself: ssh-keygen reads them, and a test
+    # starts its own sshd on 127.0.0.1 (the package's service is not started) that ssh
+    # logs in to with them.
+    if [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null 2>&1 || ! command -v ssh-keygen >/dev/null 2>&1; then
+        echo "==> installing openssh-server and openssh-client (a test logs in with kms's SSH certificates)"
+        apt_install_no_service openssh-server openssh-client
+    fi
+}
+
 ensure_prometheus() {
     # The metrics endpoint is checked by a real Prometheus scraping it.
     if ! command -v prometheus >/dev/null 2>&1; then

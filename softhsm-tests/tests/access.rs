@@ -84,6 +84,7 @@ const RPCS: &[&str] = &[
     "Credentials/IssueJwt",
     "Credentials/ValidateJwt",
     "Credentials/RevokeJwt",
+    "Credentials/IssueSsh",
     "Credentials/RotateIssuer",
     "Audit/ExportAuditLog",
     "Audit/KeyUsageReport",
@@ -98,6 +99,10 @@ const RPCS: &[&str] = &[
     // Last: it seals the server.
     "System/Seal",
 ];
+
+/// A public key to certify (IssueSsh): Ed25519, as ssh-keygen writes id.pub.
+const SSH_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcH me@host";
 
 /// What the matrix needs that was made beforehand.
 struct Fixture {
@@ -524,6 +529,20 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
             })
             .await
             .map(drop),
+        "Credentials/IssueSsh" => cred
+            .issue_ssh(pb::IssueSshRequest {
+                issuer: "ssh-users".into(),
+                public_key: SSH_KEY.into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "Credentials/RotateIssuer" => cred
+            .rotate_issuer(pb::RotateIssuerRequest {
+                name: "ssh-users".into(),
+            })
+            .await
+            .map(drop),
         "Credentials/ValidateJwt" => cred
             .validate_jwt(pb::ValidateJwtRequest {
                 issuer: "workloads".into(),
@@ -536,12 +555,6 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
             .revoke_jwt(pb::RevokeJwtRequest {
                 issuer: "workloads".into(),
                 jti: format!("{n:032x}"),
-            })
-            .await
-            .map(drop),
-        "Credentials/RotateIssuer" => cred
-            .rotate_issuer(pb::RotateIssuerRequest {
-                name: "workloads".into(),
             })
             .await
             .map(drop),
@@ -651,7 +664,7 @@ fn expected(who: &str, rpc: &str) -> Code {
         // without an HTTPS front to publish the keys on.
         let allowed = match method {
             "CreateIssuer" | "UpdateIssuer" | "RevokeJwt" | "RotateIssuer" => who == "admin",
-            "IssueJwt" => who == "granted-service",
+            "IssueJwt" | "IssueSsh" => who == "granted-service",
             _ => who != "no-certificate",
         };
         return match (allowed, who) {
@@ -830,6 +843,19 @@ async fn every_rpc_by_every_kind_of_caller() {
                 key: "jwt".into(),
                 principals: vec![app.principal.clone()],
                 audiences: vec!["payments".into()],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    CredentialsClient::new(server.channel(Some(&hsm.admin)).await)
+        .create_issuer(pb::CreateIssuerRequest {
+            issuer: Some(pb::Issuer {
+                name: "ssh-users".into(),
+                kind: pb::CredentialKind::SshUser as i32,
+                key: "jwt".into(),
+                principals: vec![app.principal.clone()],
+                ssh_principals: vec!["deploy".into()],
                 ..Default::default()
             }),
         })

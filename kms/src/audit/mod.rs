@@ -161,6 +161,9 @@ pub struct CredentialSummary {
     /// The key version that signed it (0 when none was issued).
     #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub key_version: u32,
+    /// An SSH certificate's principals (the user or host names it is valid for).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<String>,
 }
 
 fn is_zero_u32(n: &u32) -> bool {

@@ -8,6 +8,9 @@ pub(crate) enum CredentialsError {
     /// The request cannot be served as asked (what is wrong, never a token).
     #[error("{0}")]
     BadRequest(String),
+    /// A subject's SSH public key was refused (untrusted input: what is wrong with it).
+    #[error(transparent)]
+    SshKey(#[from] super::ssh::SshKeyError),
     /// No issuer of this name.
     #[error("no issuer {0:?}")]
     IssuerNotFound(String),
@@ -27,7 +30,7 @@ pub(crate) enum CredentialsError {
     /// The caller may not ask this issuer (for this subject).
     #[error("permission denied: {0}")]
     Denied(String),
-    /// The issuer's key cannot sign JWTs (its algorithm, state or purpose).
+    /// The issuer's key cannot sign what it issues (its algorithm, state or purpose).
     #[error("the issuer's key cannot sign: {0}")]
     KeyUnusable(String),
     /// Issuers publish their keys on the HTTPS front, which is off: no token can name where.

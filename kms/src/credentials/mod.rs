@@ -1,6 +1,7 @@
 //! The credentials engine: short-lived machine credentials signed by keys of the keyring
 //! (docs/credentials.md). Today: JWT-SVIDs (the SPIFFE JWT-SVID profile), their public
-//! keys as a JWKS and an OpenID discovery document per issuer, and their validation.
+//! keys as a JWKS and an OpenID discovery document per issuer, and their validation;
+//! OpenSSH user and host certificates ([`ssh`]), their CA keys as an authorized_keys file.
 //!
 //! An issuer is an administrator's definition (which key signs, who may ask, for which
 //! audiences and subjects, for how long), sealed by the barrier in the store. Nothing is
@@ -11,6 +12,7 @@
 pub(crate) mod error;
 pub(crate) mod jose;
 pub(crate) mod model;
+pub(crate) mod ssh;
 
 use std::sync::{Arc, Mutex};
 
@@ -204,6 +206,31 @@ pub(crate) struct Issued {
     pub key_version: u32,
     /// The key id.
     pub kid: String,
+}
+
+/// A request for an OpenSSH certificate.
+pub(crate) struct SshRequest<'a> {
+    /// The issuer's name (an ssh_user or ssh_host issuer).
+    pub issuer: &'a str,
+    /// The key to certify: one authorized_keys line (untrusted).
+    pub public_key: &'a str,
+    /// Some of the issuer's ssh_principals; empty: all of them.
+    pub principals: &'a [String],
+    /// 0: the issuer's default.
+    pub ttl: u64,
+}
+
+/// A certificate issued, and what its record says of it.
+pub(crate) struct SshIssued {
+    /// The certificate's line, as ssh-keygen writes `id-cert.pub`.
+    pub certificate: String,
+    /// Its serial.
+    pub serial: u64,
+    /// The principals it names.
+    pub principals: Vec<String>,
+    /// What the record names (the serial in decimal as its `jti`, the caller as its
+    /// subject and key id).
+    pub summary: crate::audit::CredentialSummary,
 }
 
 /// What a valid token says.
@@ -486,10 +513,137 @@ impl Credentials {
                 jti,
                 expires: exp,
                 key_version: version,
+                principals: Vec::new(),
             },
             key_version: version,
             kid: jwk.kid().to_owned(),
         })
+    }
+
+    /// Issues an OpenSSH certificate of `caller`'s (its principal, the certificate's key
+    /// id) for a public key: a user certificate from an ssh_user issuer, a host
+    /// certificate from an ssh_host one.
+    pub(crate) fn issue_ssh(
+        &self,
+        keys: &dyn KeySource,
+        caller: &str,
+        req: &SshRequest<'_>,
+    ) -> Result<SshIssued, CredentialsError> {
+        let issuer = self.issuer(req.issuer)?;
+        let cert_type = match issuer.kind {
+            model::Kind::SshUser => ssh::CertType::User,
+            model::Kind::SshHost => ssh::CertType::Host,
+            model::Kind::Jwt | model::Kind::X509 => {
+                return Err(CredentialsError::WrongKind {
+                    issuer: issuer.name,
+                    kind: issuer.kind.name(),
+                    asked: "ssh_user or ssh_host",
+                });
+            }
+        };
+        if !issuer.allows(caller) {
+            return Err(CredentialsError::Denied(format!(
+                "{caller:?} may not ask issuer {:?} for a certificate",
+                issuer.name
+            )));
+        }
+        // The key id, which sshd logs: no control or invisible character.
+        model::check_text(
+            caller,
+            ssh::MAX_KEY_ID,
+            "the caller's principal (the key id)",
+        )?;
+        let subject = ssh::SubjectKey::parse(req.public_key)?;
+        let principals = ssh_principals(&issuer, req.principals)?;
+        let ttl = if req.ttl == 0 {
+            issuer.default_ttl
+        } else {
+            req.ttl
+        };
+        if ttl > issuer.max_ttl {
+            return Err(CredentialsError::BadRequest(format!(
+                "ttl_seconds is at most {} for issuer {:?}",
+                issuer.max_ttl, issuer.name
+            )));
+        }
+        let versions = keys.versions(&issuer.key)?;
+        let now = now();
+        let version = signing_version(&versions.enabled, issuer.publish_ahead, now, |_| true)
+            .ok_or_else(|| CredentialsError::KeyUnusable("no version is enabled".to_owned()))?;
+        let ca =
+            ssh::CaKey::from_spki_pem(versions.algorithm, &keys.public_key(&issuer.key, version)?)
+                .ok_or_else(|| CredentialsError::KeyUnusable(SSH_KEY_ALGORITHMS.to_owned()))?;
+        let mut nonce = [0u8; 32];
+        let mut serial = [0u8; 8];
+        getrandom::fill(&mut nonce).map_err(|_| CredentialsError::Randomness)?;
+        getrandom::fill(&mut serial).map_err(|_| CredentialsError::Randomness)?;
+        let serial = u64::from_be_bytes(serial);
+        let no_options = std::collections::BTreeMap::new();
+        let user = cert_type == ssh::CertType::User;
+        let expires = now.saturating_add(ttl);
+        let cert = ssh::Certificate {
+            key: &subject,
+            nonce,
+            serial,
+            cert_type,
+            key_id: caller,
+            principals: &principals,
+            valid_after: now.saturating_sub(ssh::BACKDATE),
+            valid_before: expires,
+            critical_options: if user {
+                &issuer.ssh_critical_options
+            } else {
+                &no_options
+            },
+            extensions: if user { &issuer.ssh_extensions } else { &[] },
+            ca: &ca,
+        };
+        let tbs = cert.to_be_signed();
+        let signature = keys.sign(&issuer.key, version, &tbs, SignatureEncoding::Raw)?;
+        let certificate = cert
+            .line(tbs, &signature)
+            .ok_or(CredentialsError::Internal("a signature of another length"))?;
+        Ok(SshIssued {
+            certificate,
+            serial,
+            summary: crate::audit::CredentialSummary {
+                issuer: issuer.name.clone(),
+                kind: issuer.kind.name().to_owned(),
+                subject: caller.to_owned(),
+                jti: serial.to_string(),
+                expires,
+                key_version: version,
+                principals: principals.clone(),
+                ..crate::audit::CredentialSummary::default()
+            },
+            principals,
+        })
+    }
+
+    /// The CA keys of ssh issuer `name`, as an authorized_keys file (sshd's
+    /// TrustedUserCAKeys): every enabled version of its key, oldest first.
+    pub(crate) fn ssh_ca_keys(
+        &self,
+        keys: &dyn KeySource,
+        name: &str,
+    ) -> Result<String, CredentialsError> {
+        let issuer = self.issuer(name)?;
+        if !issuer.kind.is_ssh() {
+            return Err(CredentialsError::WrongKind {
+                issuer: issuer.name,
+                kind: issuer.kind.name(),
+                asked: "ssh_user or ssh_host",
+            });
+        }
+        let public = keys.verifying_keys(&issuer.key)?;
+        let mut out = String::new();
+        for (v, pem) in public.versions {
+            let ca = ssh::CaKey::from_spki_pem(public.algorithm, &pem)
+                .ok_or_else(|| CredentialsError::KeyUnusable(SSH_KEY_ALGORITHMS.to_owned()))?;
+            out.push_str(&ca.line(&format!("kms:{}:v{v}", issuer.name)));
+            out.push('\n');
+        }
+        Ok(out)
     }
 
     /// The key version that signs for `issuer` now (0: none can).
@@ -739,11 +893,40 @@ fn check_key(keys: &dyn KeySource, issuer: &Issuer) -> Result<(), CredentialsErr
         model::Kind::X509 => Err(CredentialsError::KeyUnusable(
             "x509 issuers are not built yet".to_owned(),
         )),
-        model::Kind::SshUser | model::Kind::SshHost => Err(CredentialsError::KeyUnusable(
-            "ssh issuers are not built yet".to_owned(),
-        )),
+        model::Kind::SshUser | model::Kind::SshHost => {
+            if ssh::CaKey::algorithm_fits(algorithm) {
+                Ok(())
+            } else {
+                Err(CredentialsError::KeyUnusable(SSH_KEY_ALGORITHMS.to_owned()))
+            }
+        }
     }
 }
+
+/// The principals a certificate of `issuer` names: those `asked` (each once), all of
+/// them when none is; one it does not list is refused.
+fn ssh_principals(issuer: &Issuer, asked: &[String]) -> Result<Vec<String>, CredentialsError> {
+    if asked.is_empty() {
+        return Ok(issuer.ssh_principals.clone());
+    }
+    let mut out: Vec<String> = Vec::with_capacity(asked.len());
+    for p in asked {
+        if !issuer.ssh_principals.contains(p) {
+            return Err(CredentialsError::Denied(format!(
+                "issuer {:?} does not issue certificates for the principal {:?}",
+                issuer.name,
+                bounded(p)
+            )));
+        }
+        if !out.contains(p) {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// What an ssh issuer's key is.
+const SSH_KEY_ALGORITHMS: &str = "an SSH certificate is signed by an ECDSA P-256 or Ed25519 key";
 
 /// The JWS algorithm a key of `algorithm` signs JWTs with.
 fn jwt_alg(algorithm: Algorithm) -> Result<Alg, CredentialsError> {

@@ -50,6 +50,10 @@ pub(crate) const MAX_TTL_LIMIT: u64 = 86_400;
 
 /// The most principals, delegators, subjects and audiences an issuer names, each.
 pub(crate) const MAX_LIST: usize = 64;
+/// The longest SSH principal.
+pub(crate) const MAX_SSH_PRINCIPAL: usize = 256;
+/// The longest force-command.
+const MAX_FORCE_COMMAND: usize = 4096;
 /// The longest audience.
 const MAX_AUDIENCE: usize = 256;
 /// The most fixed claims, their longest name and value.
@@ -301,6 +305,54 @@ impl Issuer {
             "delegation",
             "jwt and x509",
         )?;
+        if ssh {
+            self.check_ssh()?;
+        }
+        Ok(())
+    }
+
+    /// An ssh issuer's principals, critical options and extensions: what OpenSSH reads.
+    fn check_ssh(&self) -> Result<(), CredentialsError> {
+        if self.ssh_principals.is_empty() || self.ssh_principals.len() > MAX_LIST {
+            return Err(CredentialsError::BadRequest(format!(
+                "an ssh issuer names 1 to {MAX_LIST} ssh_principals"
+            )));
+        }
+        for p in &self.ssh_principals {
+            check_ssh_principal(p)?;
+        }
+        for (name, value) in &self.ssh_critical_options {
+            match name.as_str() {
+                "force-command" => check_text(value, MAX_FORCE_COMMAND, "force-command")?,
+                "source-address" => check_source_address(value)?,
+                "verify-required" if value.is_empty() => {}
+                "verify-required" => {
+                    return Err(CredentialsError::BadRequest(
+                        "verify-required takes no value".to_owned(),
+                    ));
+                }
+                _ => {
+                    return Err(CredentialsError::BadRequest(
+                        "an ssh critical option is force-command, source-address or verify-required"
+                            .to_owned(),
+                    ));
+                }
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for e in &self.ssh_extensions {
+            if !super::ssh::KNOWN_EXTENSIONS.contains(&e.as_str()) {
+                return Err(CredentialsError::BadRequest(format!(
+                    "an ssh extension is one of {}",
+                    super::ssh::KNOWN_EXTENSIONS.join(", ")
+                )));
+            }
+            if !seen.insert(e) {
+                return Err(CredentialsError::BadRequest(format!(
+                    "the ssh extension {e} is named twice"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -324,6 +376,62 @@ impl Issuer {
         self.delegators.iter().any(|p| p.matches(principal))
             && self.subjects.iter().any(|p| p.matches(subject))
     }
+}
+
+/// Checks an SSH principal (a user or host name a certificate names): 1 to
+/// [`MAX_SSH_PRINCIPAL`] bytes without whitespace, commas (sshd splits on them) or
+/// control characters.
+pub(crate) fn check_ssh_principal(p: &str) -> Result<(), CredentialsError> {
+    let ok = !p.is_empty()
+        && p.len() <= MAX_SSH_PRINCIPAL
+        && crate::policy::is_label(p, MAX_SSH_PRINCIPAL)
+        && !p.chars().any(|c| c.is_whitespace() || c == ',');
+    if !ok {
+        return Err(CredentialsError::BadRequest(format!(
+            "an ssh principal is 1 to {MAX_SSH_PRINCIPAL} bytes, without whitespace, commas or control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a source-address critical option: a comma-separated list of addresses and CIDR
+/// blocks (`10.0.0.0/8,2001:db8::/32`), without host bits under the mask.
+fn check_source_address(list: &str) -> Result<(), CredentialsError> {
+    let bad = || {
+        CredentialsError::BadRequest(format!(
+            "source-address is 1 to {MAX_LIST} addresses or CIDR blocks (10.0.0.0/8), separated by commas"
+        ))
+    };
+    let entries: Vec<&str> = list.split(',').collect();
+    if list.is_empty() || entries.len() > MAX_LIST {
+        return Err(bad());
+    }
+    for entry in entries {
+        let (addr, len) = match entry.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (entry, None),
+        };
+        let addr: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
+        let (bits, value) = match addr {
+            std::net::IpAddr::V4(a) => (32u32, u128::from(u32::from(a)) << 96),
+            std::net::IpAddr::V6(a) => (128, u128::from(a)),
+        };
+        let Some(len) = len else { continue };
+        if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let len: u32 = len.parse().map_err(|_| bad())?;
+        if len > bits {
+            return Err(bad());
+        }
+        let host = u128::MAX.checked_shr(len).unwrap_or(0);
+        if value & host != 0 {
+            return Err(CredentialsError::BadRequest(format!(
+                "source-address: {entry} has bits set under its mask"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Checks a string an administrator or a caller gives that ends up in tokens and records: 1

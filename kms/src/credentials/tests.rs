@@ -619,3 +619,5 @@ fn keys_others_may_sign_with_and_subjects_that_are_not_spiffe_ids_are_refused() 
     assert!(f.engine.signs_with("signer").unwrap());
     assert!(!f.engine.signs_with("another").unwrap());
 }
+
+mod ssh;

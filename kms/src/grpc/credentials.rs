@@ -1,4 +1,4 @@
-//! `kms.v1.Credentials`: issuers and the JWT-SVIDs they issue.
+//! `kms.v1.Credentials`: issuers, the JWT-SVIDs and the OpenSSH certificates they issue.
 
 use std::sync::Arc;
 
@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::respond;
 use crate::credentials::model::{self, Issuer, Kind};
-use crate::credentials::{CredentialsError, JwtRequest, patterns};
+use crate::credentials::{CredentialsError, JwtRequest, SshRequest, patterns};
 use crate::service::{Call, Op, Served, Service};
 
 /// The `kms.v1.Credentials` service.
@@ -82,6 +82,16 @@ fn issuer_of(p: pb::Issuer) -> Result<Issuer, CredentialsError> {
         0 => model::DEFAULT_MAX_TTL,
         max => max,
     };
+    // An ssh_user issuer made without extensions gets ssh-keygen's (an update may clear
+    // them).
+    let ssh_extensions = if kind == Kind::SshUser && p.ssh_extensions.is_empty() {
+        crate::credentials::ssh::DEFAULT_EXTENSIONS
+            .iter()
+            .map(|e| (*e).to_owned())
+            .collect()
+    } else {
+        p.ssh_extensions
+    };
     let default_ttl = if kind == Kind::Jwt {
         model::DEFAULT_TTL
     } else {
@@ -98,7 +108,7 @@ fn issuer_of(p: pb::Issuer) -> Result<Issuer, CredentialsError> {
         self_signed: p.self_signed,
         ssh_principals: p.ssh_principals,
         ssh_critical_options: p.ssh_critical_options,
-        ssh_extensions: p.ssh_extensions,
+        ssh_extensions,
         key: p.key,
         principals: patterns(&p.principals)?,
         audiences: p.audiences,
@@ -402,8 +412,37 @@ impl pb::credentials_server::Credentials for CredentialsService {
 
     async fn issue_ssh(
         &self,
-        _request: Request<pb::IssueSshRequest>,
+        request: Request<pb::IssueSshRequest>,
     ) -> Result<Response<pb::IssueSshResponse>, Status> {
-        Err(Status::unimplemented("IssueSsh"))
+        let r = request.get_ref();
+        let call = self
+            .call(&request, Op::IssueSsh, &r.issuer)
+            .credential_principals(&r.principals);
+        let r = request.into_inner();
+        respond(
+            crate::service::with_credentials(&self.ctx, call, move |cr, keys, c| {
+                let principal = &c.identity().principal;
+                let issued = cr.issue_ssh(
+                    keys,
+                    principal,
+                    &SshRequest {
+                        issuer: &r.issuer,
+                        public_key: &r.public_key,
+                        principals: &r.principals,
+                        ttl: r.ttl_seconds,
+                    },
+                )?;
+                let response = pb::IssueSshResponse {
+                    certificate: issued.certificate,
+                    serial: issued.serial.to_string(),
+                    key_id: issued.summary.subject.clone(),
+                    principals: issued.principals,
+                    expires_unix: issued.summary.expires,
+                    key_version: issued.summary.key_version,
+                };
+                Ok(Served::new(response).credential(issued.summary))
+            })
+            .await,
+        )
     }
 }

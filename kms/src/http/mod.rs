@@ -102,7 +102,12 @@ pub(crate) enum Answer {
     Raw(StatusCode, Vec<u8>),
     /// A public document (an issuer's discovery document or keys): 200, cacheable for
     /// [`PUBLIC_MAX_AGE`] seconds.
-    Public(Vec<u8>),
+    Public {
+        /// The document.
+        body: Vec<u8>,
+        /// Its media type.
+        content_type: &'static str,
+    },
     /// `sys/health`'s answer: the status the caller asked for, and the outcome the
     /// server's state gives (`OK`, `UNAVAILABLE`), which is what is counted.
     Health {
@@ -268,7 +273,7 @@ fn status_of(a: &Answer) -> StatusCode {
         Answer::Data { reply, .. } => status_of_reply(reply),
         Answer::Auth { .. } => StatusCode::OK,
         Answer::Raw(s, _) | Answer::Health { status: s, .. } => *s,
-        Answer::Public(_) => StatusCode::OK,
+        Answer::Public { .. } => StatusCode::OK,
     }
 }
 
@@ -329,8 +334,10 @@ fn respond(answer: Answer) -> Response {
         Answer::Raw(status, body) | Answer::Health { status, body, .. } => {
             json_response(status, body)
         }
-        Answer::Public(body) => {
+        Answer::Public { body, content_type } => {
             let mut r = json_response(StatusCode::OK, body);
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
             r.headers_mut().insert(
                 header::CACHE_CONTROL,
                 HeaderValue::from_str(&format!("public, max-age={PUBLIC_MAX_AGE}"))
@@ -344,13 +351,25 @@ fn respond(answer: Answer) -> Response {
 /// How long a verifier may cache an issuer's discovery document and keys, in seconds.
 pub(crate) const PUBLIC_MAX_AGE: u64 = 60;
 
-/// An issuer's discovery document or keys (`doc`: `openid-configuration` or `keys`):
-/// public, without a certificate; 404 for an issuer that is not one, 503 sealed.
-async fn issuer_document(front: &Front, name: &str, doc: &str) -> Result<Answer, Refused> {
+/// An issuer's public document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Document {
+    /// A jwt issuer's OpenID discovery document.
+    Discovery,
+    /// A jwt issuer's keys (JWKS).
+    Jwks,
+    /// An ssh issuer's CA keys, an authorized_keys file (`/v1/ssh/NAME/public_key`).
+    SshCaKeys,
+}
+
+/// An issuer's public document: without a certificate; 404 for an issuer that is not one
+/// or is of another kind, 503 sealed.
+async fn issuer_document(front: &Front, name: &str, doc: Document) -> Result<Answer, Refused> {
     let service = &front.service;
-    let Some(base) = service.issuer_base.clone() else {
+    let base = service.issuer_base.clone();
+    if base.is_none() && doc != Document::SshCaKeys {
         return Err(not_found());
-    };
+    }
     let engines = service
         .seal
         .credentials()
@@ -361,20 +380,37 @@ async fn issuer_document(front: &Front, name: &str, doc: &str) -> Result<Answer,
             ..Refused::bad("Vault is sealed")
         });
     };
-    let (name, keys) = (name.to_owned(), doc == "keys");
+    let name = name.to_owned();
     let answer = tokio::task::spawn_blocking(move || {
-        if keys {
-            credentials.jwks(keyring.as_ref(), &name)
-        } else {
-            credentials.discovery(keyring.as_ref(), &base, &name)
+        let json = |v: serde_json::Value| Answer::Public {
+            body: serde_json::to_vec(&v).unwrap_or_default(),
+            content_type: "application/json",
+        };
+        match (doc, base) {
+            (Document::Jwks, _) => credentials.jwks(keyring.as_ref(), &name).map(json),
+            (Document::Discovery, Some(base)) => credentials
+                .discovery(keyring.as_ref(), &base, &name)
+                .map(json),
+            (Document::Discovery, None) => Err(
+                crate::credentials::CredentialsError::IssuerNotFound(String::new()),
+            ),
+            (Document::SshCaKeys, _) => {
+                credentials
+                    .ssh_ca_keys(keyring.as_ref(), &name)
+                    .map(|text| Answer::Public {
+                        body: text.into_bytes(),
+                        content_type: "text/plain; charset=utf-8",
+                    })
+            }
         }
     })
     .await;
     match answer {
-        Ok(Ok(body)) => Ok(Answer::Public(
-            serde_json::to_vec(&body).unwrap_or_default(),
-        )),
-        Ok(Err(crate::credentials::CredentialsError::IssuerNotFound(_))) => Err(not_found()),
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(
+            crate::credentials::CredentialsError::IssuerNotFound(_)
+            | crate::credentials::CredentialsError::WrongKind { .. },
+        )) => Err(not_found()),
         Ok(Err(e)) => {
             tracing::error!(error = %crate::error_chain(&e), "an issuer's public document could not be made");
             Err(Refused {
@@ -386,6 +422,27 @@ async fn issuer_document(front: &Front, name: &str, doc: &str) -> Result<Answer,
             status: StatusCode::INTERNAL_SERVER_ERROR,
             ..Refused::bad("internal error")
         }),
+    }
+}
+
+/// An issuer's public document, answered to anyone and counted with the probes (a 404
+/// too: a refusal not recorded one by one).
+async fn public_document(front: &Front, name: &str, doc: Document, op: &'static str) -> Routed {
+    let answer = issuer_document(front, name, doc).await;
+    front.probes.count_probe(match &answer {
+        Ok(_) => "OK",
+        Err(r) if r.status == StatusCode::NOT_FOUND => "NOT_FOUND",
+        Err(_) => "UNAVAILABLE",
+    });
+    match answer {
+        Ok(a) => Ok((a, op)),
+        Err(r) => Err((
+            Refused {
+                recorded: true,
+                ..r
+            },
+            op,
+        )),
     }
 }
 
@@ -436,6 +493,7 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
                 ".well-known",
                 "openid-configuration" | "keys"
             ]
+            | ["ssh", _, "public_key"]
     );
     // The gRPC gate's rules before a call is read: limits on refused calls and on calls
     // without a certificate, which gets only the open paths.
@@ -487,27 +545,19 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
         if method != Method::GET && method != Method::HEAD {
             return Err((method_not_allowed(), "unknown"));
         }
-        let op = if *doc == "keys" {
-            "IssuerKeys"
+        let (op, doc) = if *doc == "keys" {
+            ("IssuerKeys", Document::Jwks)
         } else {
-            "IssuerDiscovery"
+            ("IssuerDiscovery", Document::Discovery)
         };
-        let answer = issuer_document(front, name, doc).await;
-        front.probes.count_probe(match &answer {
-            Ok(_) => "OK",
-            Err(r) if r.status == StatusCode::NOT_FOUND => "NOT_FOUND",
-            Err(_) => "UNAVAILABLE",
-        });
-        return match answer {
-            Ok(a) => Ok((a, op)),
-            Err(r) => Err((
-                Refused {
-                    recorded: true,
-                    ..r
-                },
-                op,
-            )),
-        };
+        return public_document(front, name, doc, op).await;
+    }
+    // An ssh issuer's CA keys (Vault's path, the issuer being the mount `ssh/NAME`).
+    if let ["ssh", name, "public_key"] = segments.as_slice() {
+        if method != Method::GET && method != Method::HEAD {
+            return Err((method_not_allowed(), "unknown"));
+        }
+        return public_document(front, name, Document::SshCaKeys, "IssuerSshCaKeys").await;
     }
     // Everything else needs a client certificate (`admit` refused it unread without one).
     if !call::authenticated(peer) {

@@ -289,6 +289,26 @@ impl Call {
         self
     }
 
+    /// Names the SSH principals a request for a certificate asks for, so that a refusal's
+    /// record says what it asked (one that is not an SSH principal as a bounded
+    /// placeholder; at most [`crate::credentials::model::MAX_LIST`], as an issuer names).
+    pub(crate) fn credential_principals(mut self, principals: &[String]) -> Self {
+        if let Some(c) = &mut self.event.credential {
+            c.principals = principals
+                .iter()
+                .take(crate::credentials::model::MAX_LIST)
+                .map(|p| {
+                    if crate::credentials::model::check_ssh_principal(p).is_ok() {
+                        p.clone()
+                    } else {
+                        invalid_name(p)
+                    }
+                })
+                .collect();
+        }
+        self
+    }
+
     /// Names the token a call concerns by its `jti` (one that is not one kms makes, 32 hex
     /// digits, as a bounded placeholder; the engine refuses it).
     pub(crate) fn credential_jti(mut self, jti: &str) -> Self {

@@ -338,7 +338,7 @@ fn secrets_kind(e: &SecretsError) -> ErrorKind {
 
 fn credentials_kind(e: &CredentialsError) -> ErrorKind {
     match e {
-        CredentialsError::BadRequest(_) => ErrorKind::InvalidArgument,
+        CredentialsError::BadRequest(_) | CredentialsError::SshKey(_) => ErrorKind::InvalidArgument,
         CredentialsError::IssuerNotFound(_) => ErrorKind::NotFound,
         CredentialsError::IssuerExists(_) => ErrorKind::AlreadyExists,
         CredentialsError::WrongKind { .. } => ErrorKind::FailedPrecondition,
@@ -358,6 +358,7 @@ fn credentials_kind(e: &CredentialsError) -> ErrorKind {
 fn credentials_reason(e: &CredentialsError) -> &'static str {
     match e {
         CredentialsError::BadRequest(_) => "INVALID_REQUEST",
+        CredentialsError::SshKey(_) => "INVALID_SSH_PUBLIC_KEY",
         CredentialsError::IssuerNotFound(_) => "ISSUER_NOT_FOUND",
         CredentialsError::IssuerExists(_) => "ISSUER_EXISTS",
         CredentialsError::WrongKind { .. } => "WRONG_ISSUER_KIND",

@@ -248,6 +248,32 @@ pub(crate) enum CredentialCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Ask an ssh-user or ssh-host issuer for an OpenSSH certificate of a public key: written
+    /// to --out as ssh-keygen writes id-cert.pub; what it says is printed (on standard
+    /// error when the certificate goes to standard output).
+    Ssh {
+        /// The issuer's name.
+        #[arg(long)]
+        issuer: String,
+        /// The public key to certify (id.pub: one authorized_keys line); `-`: standard
+        /// input.
+        #[arg(long, value_name = "FILE|-")]
+        public_key: String,
+        /// Where the certificate goes (id-cert.pub beside id.pub is what ssh reads by
+        /// itself); `-`: standard output.
+        #[arg(long, value_name = "FILE|-")]
+        out: String,
+        /// A principal (user or host name) among the issuer's (repeatable; none: all of
+        /// them).
+        #[arg(long = "principal", value_name = "NAME")]
+        principals: Vec<String>,
+        /// The certificate's lifetime (e.g. 10m; the issuer's default when absent).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<u64>,
+        /// Print what the certificate says as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Ask the server whether a token is valid for an audience. Exit code 0: valid; 1: not
     /// valid (or an error).
     Validate {
@@ -470,6 +496,36 @@ where
             show::issued(&token, &r, json)?;
             Ok(ExitCode::SUCCESS)
         }
+        CredentialCommand::Ssh {
+            issuer,
+            public_key,
+            out,
+            principals,
+            ttl,
+            json,
+        } => {
+            let key = read_public_key(&public_key)?;
+            let r = CredentialsClient::new(connect().await?)
+                .issue_ssh(pb::IssueSshRequest {
+                    issuer,
+                    public_key: key,
+                    principals,
+                    ttl_seconds: ttl.unwrap_or(0),
+                })
+                .answer()
+                .await?;
+            if out == "-" {
+                use std::io::Write as _;
+                let mut stdout = std::io::stdout().lock();
+                stdout.write_all(r.certificate.as_bytes())?;
+                stdout.flush()?;
+            } else {
+                std::fs::write(&out, &r.certificate)
+                    .map_err(|e| format!("cannot write the certificate to {out}: {e}"))?;
+            }
+            show::ssh_certificate(&r, &out, json);
+            Ok(ExitCode::SUCCESS)
+        }
         CredentialCommand::Validate {
             issuer,
             audience,
@@ -507,6 +563,22 @@ where
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The public key to certify, from a file or standard input (`-`): at most 64 KiB read
+/// (the server takes one line of at most 16 KiB and says what is wrong with it).
+fn read_public_key(path: &str) -> Result<String, BoxError> {
+    let mut text = String::new();
+    let read = if path == "-" {
+        std::io::stdin()
+            .lock()
+            .take(MAX_TOKEN)
+            .read_to_string(&mut text)
+    } else {
+        std::fs::File::open(path).and_then(|f| f.take(MAX_TOKEN).read_to_string(&mut text))
+    };
+    read.map_err(|e| format!("cannot read the public key from {path}: {e}"))?;
+    Ok(text)
 }
 
 /// A token from standard input, without the white space around it (a trailing newline).
@@ -609,6 +681,47 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn credential_ssh_takes_principals_a_ttl_and_an_output() {
+        match parse(&[
+            "credential",
+            "ssh",
+            "--issuer",
+            "people",
+            "--public-key",
+            "id.pub",
+            "--out",
+            "-",
+            "--principal",
+            "root",
+            "--principal",
+            "deploy",
+            "--ttl",
+            "10m",
+        ])
+        .unwrap()
+        {
+            Cli::Credential {
+                command:
+                    CredentialCommand::Ssh {
+                        issuer,
+                        public_key,
+                        out,
+                        principals,
+                        ttl,
+                        json,
+                    },
+            } => {
+                assert_eq!((issuer.as_str(), public_key.as_str()), ("people", "id.pub"));
+                assert_eq!((out.as_str(), ttl, json), ("-", Some(600), false));
+                assert_eq!(principals, ["root", "deploy"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Where the certificate goes is never guessed.
+        assert!(parse(&["credential", "ssh", "--issuer", "i", "--public-key", "k"]).is_err());
     }
 
     #[test]

@@ -195,6 +195,43 @@ pub(super) fn issued(token: &str, r: &pb::IssueJwtResponse, json: bool) -> Resul
     Ok(())
 }
 
+/// What an SSH certificate says (written to `out`): on standard output, or on standard
+/// error when the certificate went there.
+pub(super) fn ssh_certificate(r: &pb::IssueSshResponse, out: &str, json: bool) {
+    let text = if json {
+        format!(
+            "{}\n",
+            json!({
+                "serial": r.serial,
+                "key_id": r.key_id,
+                "principals": r.principals,
+                "expires_unix": r.expires_unix,
+                "key_version": r.key_version,
+            })
+        )
+    } else {
+        let mut rows = vec![
+            vec!["Serial".to_owned(), r.serial.clone()],
+            vec![
+                "Key ID".to_owned(),
+                crate::audit::printable(&r.key_id).into_owned(),
+            ],
+            vec!["Principals".to_owned(), r.principals.join(", ")],
+            vec!["Valid before".to_owned(), time(r.expires_unix)],
+            vec!["Key version".to_owned(), r.key_version.to_string()],
+        ];
+        if out != "-" {
+            rows.insert(0, vec!["Certificate".to_owned(), out.to_owned()]);
+        }
+        aligned(&rows)
+    };
+    if out == "-" {
+        eprint!("{text}");
+    } else {
+        print!("{text}");
+    }
+}
+
 /// A Unix time in seconds as RFC 3339.
 fn time(secs: u64) -> String {
     rfc3339(secs.saturating_mul(1000))
