@@ -395,7 +395,10 @@ fn no_audience_named_is_the_issuers_only_one() {
         .issue_jwt(&f.keys, Some(BASE), APP, &ask("", "", 0))
         .unwrap();
     assert_eq!(issued.summary.audience, "payments");
-    assert_eq!(claims_of(&issued.token)["aud"], serde_json::json!(["payments"]));
+    assert_eq!(
+        claims_of(&issued.token)["aud"],
+        serde_json::json!(["payments"])
+    );
     f.engine
         .update_issuer(&Direct(Arc::clone(&f.store)), &f.keys, "workloads", |i| {
             i.audiences.push("ledger".to_owned())
