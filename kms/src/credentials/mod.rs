@@ -491,6 +491,54 @@ impl Credentials {
         Ok(json!({ "keys": list }))
     }
 
+    /// The SPIFFE trust bundle of every issuer (the SPIFFE Trust Domain and Bundle
+    /// standard's JWKS): each jwt issuer's enabled key versions as `jwt-svid` keys, each
+    /// x509 issuer's CA certificates as `x509-svid` keys with their certificate (`x5c`),
+    /// and `spiffe_refresh_hint` (seconds). An issuer whose key cannot be read is left out
+    /// and logged: the others' keys still verify.
+    pub(crate) fn spiffe_bundle(
+        &self,
+        keys: &dyn KeySource,
+        refresh_hint: u64,
+    ) -> Result<Value, CredentialsError> {
+        let mut list = Vec::new();
+        for issuer in self.issuers()? {
+            let published = match issuer.kind {
+                model::Kind::Jwt | model::Kind::X509 => published_keys(keys, &issuer.key),
+                model::Kind::SshUser | model::Kind::SshHost => continue,
+            };
+            let published = match published {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(issuer = %issuer.name, error = %crate::error_chain(&e), "an issuer's keys are left out of the SPIFFE bundle");
+                    continue;
+                }
+            };
+            for (version, jwk) in published {
+                if issuer.kind == model::Kind::Jwt {
+                    list.push(jwk.to_json("jwt-svid"));
+                    continue;
+                }
+                let Some(ca) = issuer
+                    .ca
+                    .iter()
+                    .find(|c| c.version == version)
+                    .and_then(|c| c.chain.first())
+                else {
+                    continue;
+                };
+                let mut entry = jwk.to_json("x509-svid");
+                if let Some(map) = entry.as_object_mut() {
+                    map.remove("kid");
+                    map.remove("alg");
+                    map.insert("x5c".to_owned(), json!([data_encoding::BASE64.encode(ca)]));
+                }
+                list.push(entry);
+            }
+        }
+        Ok(json!({ "keys": list, "spiffe_refresh_hint": refresh_hint }))
+    }
+
     /// `name`'s OpenID Connect discovery document (the members a verifier of its tokens
     /// reads).
     pub(crate) fn discovery(
