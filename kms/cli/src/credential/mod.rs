@@ -798,6 +798,45 @@ mod tests {
     }
 
     #[test]
+    fn x509_commands_need_their_files_and_version() {
+        let x509 = ["credential", "x509", "--issuer", "i", "--csr", "r.csr"];
+        assert!(parse(&x509).is_err(), "--out is needed");
+        let mut all = x509.to_vec();
+        all.extend(["--out", "c.pem", "--ttl", "1h"]);
+        match parse(&all).unwrap() {
+            Cli::Credential {
+                command:
+                    CredentialCommand::X509 {
+                        ttl,
+                        chain_out,
+                        subject,
+                        ..
+                    },
+            } => assert_eq!((ttl, chain_out, subject), (Some(3600), None, None)),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["issuer", "set-certificate", "i", "--chain", "c.pem"]).is_err());
+        match parse(&["issuer", "csr", "i", "--out", "ca.csr"]).unwrap() {
+            Cli::Issuer {
+                command: IssuerCommand::Csr { version, .. },
+            } => assert_eq!(version, None),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A file over the server's limit is refused before any call, naming the file.
+    #[test]
+    fn a_request_over_the_limit_is_not_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.csr");
+        std::fs::write(&big, vec![b'A'; (MAX_CSR + 1) as usize]).unwrap();
+        let e = read_limited(&big, MAX_CSR).unwrap_err().to_string();
+        assert!(e.contains("big.csr") && e.contains("over"), "{e}");
+        std::fs::write(&big, b"ok").unwrap();
+        assert_eq!(read_limited(&big, MAX_CSR).unwrap(), b"ok");
+    }
+
+    #[test]
     fn create_needs_a_key() {
         assert!(parse(&["issuer", "create", "j", "--audience", "a"]).is_err());
         let i = create(&["--principal", "p1", "--principal", "p2*", "--audience", "b"]).unwrap();
