@@ -505,6 +505,51 @@ async fn x509_svids_verify_with_openssl_and_authenticate_to_kms() {
     );
     assert!(!ok, "a corp leaf verified under the workloads CA");
 
+    // An RSA PKCS#1 CA key, and an RSA leaf key: openssl verifies both ways.
+    keys.create_key(pb::CreateKeyRequest {
+        name: "x509-rsa".into(),
+        algorithm: pb::Algorithm::RsaSignPkcs12048Sha256 as i32,
+        protection_level: pb::ProtectionLevel::Software as i32,
+        ..pb::CreateKeyRequest::default()
+    })
+    .await
+    .unwrap();
+    admin
+        .create_issuer(pb::CreateIssuerRequest {
+            issuer: Some(x509_issuer("rsa-ca", "x509-rsa", true, &[&app.principal])),
+        })
+        .await
+        .unwrap();
+    let rsa_csr = request(
+        &dir,
+        "rsa",
+        "rsa:2048",
+        Some(&format!("URI:{}", app.principal)),
+    );
+    for (issuer, csr) in [("rsa-ca", csr.clone()), ("workloads", rsa_csr)] {
+        let leaf = as_app
+            .issue_x509(pb::IssueX509Request {
+                issuer: issuer.into(),
+                ..ask(csr, "", 0)
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        std::fs::write(dir.join("l.pem"), &leaf.certificate_pem).unwrap();
+        std::fs::write(dir.join("c.pem"), &leaf.chain_pem).unwrap();
+        let (ok, said) = verify(
+            &dir,
+            &["-CAfile", "c.pem", "-purpose", "sslclient", "l.pem"],
+        );
+        assert!(ok, "{issuer}: {said}");
+        let text = openssl(&dir, &["x509", "-in", "l.pem", "-noout", "-text"]);
+        assert_eq!(
+            text.contains("Key Encipherment"),
+            issuer == "workloads",
+            "keyEncipherment for an RSA leaf key only: {text}"
+        );
+    }
+
     // A rotation of the self-signed issuer: the new version gets its CA certificate.
     let rotated = admin
         .rotate_issuer(pb::RotateIssuerRequest {
@@ -552,8 +597,8 @@ async fn x509_svids_verify_with_openssl_and_authenticate_to_kms() {
     assert_eq!(published["other_kind"], 404, "{published}");
     assert_eq!(published["jwt_authorities"], 1, "{published}");
     assert_eq!(
-        published["x509_authorities"], 3,
-        "workloads' two, corp's one: {published}"
+        published["x509_authorities"], 4,
+        "workloads' two, corp's one, rsa-ca's one: {published}"
     );
 
     // The records: each issuance with its subject, serial and expiry; each refusal; the
