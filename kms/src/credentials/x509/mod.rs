@@ -326,7 +326,7 @@ pub(crate) fn chain_from_pem(pem: &str) -> Result<Vec<Vec<u8>>, ChainProblem> {
 /// A certificate, all of the bytes.
 fn certificate(der: &[u8]) -> Result<X509Certificate<'_>, ChainProblem> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         _ => Err(ChainProblem::Malformed),
     }
 }
@@ -399,7 +399,7 @@ fn read_csr(csr: &[u8], subject: &str) -> Result<LeafKey, CsrProblem> {
         csr.to_vec()
     };
     let req = match X509CertificationRequest::from_der(&der) {
-        Ok((rest, req)) if rest.is_empty() => req,
+        Ok(([], req)) => req,
         _ => return Err(CsrProblem::Malformed),
     };
     let spki = &req.certification_request_info.subject_pki;
@@ -700,5 +700,5 @@ fn enabled_version(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests;
