@@ -155,13 +155,14 @@ pub(crate) struct RemoteKey<'a> {
 }
 
 impl<'a> RemoteKey<'a> {
-    /// Version `version` of `key`.
+    /// Version `version` of `key`, a key of `algorithm`.
     pub(crate) fn new(
         keys: &'a dyn KeySource,
         key: &'a str,
         version: u32,
+        algorithm: Algorithm,
     ) -> Result<Self, CredentialsError> {
-        let algorithm = ca_algorithm(keys.versions(key)?.algorithm)?;
+        let algorithm = ca_algorithm(algorithm)?;
         let spki = spki_der(&keys.public_key(key, version)?)?;
         let (_, info) = SubjectPublicKeyInfo::from_der(&spki)
             .map_err(|_| CredentialsError::Internal("a public key that is not one"))?;
@@ -268,9 +269,10 @@ pub(crate) fn self_signed_ca(
     keys: &dyn KeySource,
     issuer: &Issuer,
     version: u32,
+    algorithm: Algorithm,
     now: u64,
 ) -> Result<Vec<u8>, CredentialsError> {
-    let signer = RemoteKey::new(keys, &issuer.key, version)?;
+    let signer = RemoteKey::new(keys, &issuer.key, version, algorithm)?;
     let mut params = CertificateParams::default();
     params.not_before = date(now.saturating_sub(CA_BACKDATE))?;
     params.not_after = date(now.saturating_add(CA_VALIDITY))?;
@@ -290,7 +292,8 @@ pub(crate) fn ca_request(
     issuer: &Issuer,
     version: u32,
 ) -> Result<String, CredentialsError> {
-    let signer = RemoteKey::new(keys, &issuer.key, version)?;
+    let algorithm = keys.versions(&issuer.key)?.algorithm;
+    let signer = RemoteKey::new(keys, &issuer.key, version, algorithm)?;
     let mut params = CertificateParams::default();
     params.distinguished_name = ca_name(issuer);
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -518,12 +521,19 @@ impl super::Credentials {
             return Ok(false);
         }
         let mut added = false;
-        for v in keys.versions(&issuer.key)?.enabled {
+        let versions = keys.versions(&issuer.key)?;
+        for v in versions.enabled {
             if issuer.ca.iter().any(|c| c.version == v.version) {
                 continue;
             }
             let chain = if issuer.self_signed {
-                vec![self_signed_ca(keys, issuer, v.version, now)?]
+                vec![self_signed_ca(
+                    keys,
+                    issuer,
+                    v.version,
+                    versions.algorithm,
+                    now,
+                )?]
             } else {
                 Vec::new()
             };
@@ -635,7 +645,7 @@ impl super::Credentials {
             )));
         }
         let expires = now.saturating_add(ttl).min(ca_not_after);
-        let signer = RemoteKey::new(keys, &issuer.key, version)?;
+        let signer = RemoteKey::new(keys, &issuer.key, version, versions.algorithm)?;
         let (der, serial) = leaf(&signer, ca, &key, &subject, now, expires)?;
         Ok(X509Issued {
             certificate_pem: super::pem_chain(&[der]),

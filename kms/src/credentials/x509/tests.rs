@@ -604,3 +604,29 @@ fn a_rotation_makes_the_new_versions_ca_certificate() {
         Err(CredentialsError::BadRequest(_))
     ));
 }
+
+/// The SPIFFE bundle: the jwt issuer's key as a `jwt-svid` key with its kid, each x509
+/// issuer's CA certificates (those it has) as `x509-svid` keys with the certificate.
+#[test]
+fn the_spiffe_bundle_names_every_issuers_keys_by_use() {
+    let f = fixture();
+    let bundle = f.engine.spiffe_bundle(&f.keys, 60).unwrap();
+    assert_eq!(bundle["spiffe_refresh_hint"], 60);
+    let keys = bundle["keys"].as_array().unwrap();
+    let jwt: Vec<_> = keys.iter().filter(|k| k["use"] == "jwt-svid").collect();
+    assert_eq!(jwt.len(), 1);
+    assert!(jwt[0]["kid"].as_str().is_some_and(|k| !k.is_empty()));
+    let x509: Vec<_> = keys.iter().filter(|k| k["use"] == "x509-svid").collect();
+    assert_eq!(
+        x509.len(),
+        1,
+        "the outside CA's issuer has no certificate yet"
+    );
+    assert!(x509[0].get("kid").is_none() && x509[0]["kty"] == "EC");
+    let ca = f.engine.issuer("self").unwrap().ca[0].chain[0].clone();
+    assert_eq!(
+        x509[0]["x5c"],
+        serde_json::json!([data_encoding::BASE64.encode(&ca)])
+    );
+    assert_eq!(keys.len(), 2);
+}
