@@ -388,8 +388,11 @@ fn read_csr(csr: &[u8], subject: &str) -> Result<LeafKey, CsrProblem> {
     if csr.len() > MAX_CSR {
         return Err(CsrProblem::TooLarge);
     }
-    let der = if csr.starts_with(b"-----BEGIN") {
-        let (rest, p) = x509_parser::pem::parse_x509_pem(csr).map_err(|_| CsrProblem::Malformed)?;
+    // PEM (white space around it allowed), else DER.
+    let text = csr.trim_ascii_start();
+    let der = if text.starts_with(b"-----BEGIN") {
+        let (rest, p) =
+            x509_parser::pem::parse_x509_pem(text).map_err(|_| CsrProblem::Malformed)?;
         if !matches!(
             p.label.as_str(),
             "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST"

@@ -373,6 +373,13 @@ fn bad_requests_are_refused_with_their_reason() {
         Err(CredentialsError::BadRequest(_))
     ));
     assert!(issue(APP, ask("self", &good, "", 7200)).is_ok());
+    let mut spaced = b"\n  ".to_vec();
+    spaced.extend_from_slice(&good);
+    spaced.extend_from_slice(b"\r\n\n");
+    assert!(
+        issue(APP, ask("self", &spaced, "", 0)).is_ok(),
+        "PEM with white space"
+    );
     assert!(matches!(
         issue("spiffe://corp/other", ask("self", &good, "", 0)),
         Err(CredentialsError::Denied(_))
