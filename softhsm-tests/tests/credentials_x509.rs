@@ -57,7 +57,7 @@ fn verify(dir: &Path, args: &[&str]) -> (bool, String) {
 }
 
 /// A new key (`STEM.key`) and a request for it (`STEM.csr`, PEM) made by `openssl req`,
-/// with `newkey` (`ec` P-256 or `rsa:BITS`) and `san` (a subjectAltName value) if given.
+/// with `newkey` (`ec` P-256, `ed25519` or `rsa:BITS`) and `san` (a subjectAltName value) if given.
 fn request(dir: &Path, stem: &str, newkey: &str, san: Option<&str>) -> Vec<u8> {
     let key = format!("{stem}.key");
     let csr = format!("{stem}.csr");
@@ -297,7 +297,8 @@ async fn x509_svids_verify_with_openssl_and_authenticate_to_kms() {
     // server's client_ca, it authenticates to kms as that SPIFFE ID.
     let svc = spiffe("x509-svc");
     let mut as_ci = CredentialsClient::new(server.channel(Some(&ci)).await);
-    let svc_csr = request(&dir, "svc", "ec", None);
+    // An Ed25519 key: rustls (kms's TLS) and openssl take it.
+    let svc_csr = request(&dir, "svc", "ed25519", None);
     let svc_leaf = as_ci
         .issue_x509(ask(svc_csr, &svc, 0))
         .await
@@ -305,6 +306,11 @@ async fn x509_svids_verify_with_openssl_and_authenticate_to_kms() {
         .into_inner();
     assert_eq!(svc_leaf.spiffe_id, svc);
     std::fs::write(dir.join("svc.pem"), &svc_leaf.certificate_pem).unwrap();
+    let (ok, said) = verify(
+        &dir,
+        &["-CAfile", "ca.pem", "-purpose", "sslclient", "svc.pem"],
+    );
+    assert!(ok, "{said}");
     let svc_cred = Cred {
         cert: dir.join("svc.pem"),
         key: dir.join("svc.key"),

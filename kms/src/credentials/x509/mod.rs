@@ -54,8 +54,8 @@ pub(crate) enum CsrProblem {
     /// with SHA-1.
     #[error("the request's signature does not verify with its own key")]
     BadSignature,
-    /// A key of another kind than ECDSA P-256/P-384 or RSA.
-    #[error("a certificate's key is ECDSA P-256 or P-384, or RSA of 2048 to 8192 bits")]
+    /// A key of another kind than ECDSA P-256/P-384, Ed25519 or RSA.
+    #[error("a certificate's key is ECDSA P-256 or P-384, Ed25519, or RSA of 2048 to 8192 bits")]
     KeyType,
     /// An RSA key outside 2048..=8192 bits.
     #[error("an RSA key is 2048 to 8192 bits, not {0}")]
@@ -435,6 +435,13 @@ fn read_csr(csr: &[u8], subject: &str) -> Result<LeafKey, CsrProblem> {
                 return Err(CsrProblem::RsaSize(bits));
             }
             &rcgen::PKCS_RSA_SHA256
+        }
+        PublicKey::Unknown(key)
+            if spki.algorithm.algorithm == x509_parser::oid_registry::OID_SIG_ED25519
+                && spki.algorithm.parameters.is_none()
+                && key.len() == 32 =>
+        {
+            &rcgen::PKCS_ED25519
         }
         _ => return Err(CsrProblem::KeyType),
     };

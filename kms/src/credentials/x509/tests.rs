@@ -269,6 +269,31 @@ fn a_leaf_follows_the_x509_svid_profile() {
     assert_eq!(san.value.general_names, vec![GeneralName::URI(APP)]);
 }
 
+/// An Ed25519 key is certified too: digitalSignature only, signed by the CA.
+#[test]
+fn an_ed25519_key_is_certified() {
+    let f = fixture();
+    let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![uri(APP)];
+    let req = params.serialize_request(&key).unwrap();
+    let issued = f
+        .engine
+        .issue_x509(&f.keys, APP, &ask("self", req.der(), "", 0))
+        .unwrap();
+    let leaf_der = der_of(&issued.certificate_pem);
+    let (_, leaf) = X509Certificate::from_der(&leaf_der[0]).unwrap();
+    assert_eq!(
+        leaf.public_key().raw,
+        key.subject_public_key_info().as_slice()
+    );
+    let ku = leaf.key_usage().unwrap().unwrap();
+    assert!(ku.value.digital_signature() && !ku.value.key_encipherment());
+    let chain = der_of(&issued.chain_pem);
+    let (_, ca) = X509Certificate::from_der(&chain[0]).unwrap();
+    leaf.verify_signature(Some(ca.public_key())).unwrap();
+}
+
 /// A request from a key rcgen cannot make: RSA of `bits`, signed with the rsa crate.
 struct Rsa(rsa::PrivateKey, Vec<u8>);
 
