@@ -84,8 +84,11 @@ const RPCS: &[&str] = &[
     "Credentials/IssueJwt",
     "Credentials/ValidateJwt",
     "Credentials/RevokeJwt",
-    "Credentials/IssueSsh",
+    "Credentials/IssueX509",
+    "Credentials/GetIssuerCsr",
+    "Credentials/SetIssuerCertificate",
     "Credentials/RotateIssuer",
+    "Credentials/IssueSsh",
     "Audit/ExportAuditLog",
     "Audit/KeyUsageReport",
     "Audit/VerifyAuditLog",
@@ -537,12 +540,6 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
             })
             .await
             .map(drop),
-        "Credentials/RotateIssuer" => cred
-            .rotate_issuer(pb::RotateIssuerRequest {
-                name: "ssh-users".into(),
-            })
-            .await
-            .map(drop),
         "Credentials/ValidateJwt" => cred
             .validate_jwt(pb::ValidateJwtRequest {
                 issuer: "workloads".into(),
@@ -555,6 +552,41 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
             .revoke_jwt(pb::RevokeJwtRequest {
                 issuer: "workloads".into(),
                 jti: format!("{n:032x}"),
+            })
+            .await
+            .map(drop),
+        "Credentials/IssueX509" => {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let csr = rcgen::CertificateParams::default()
+                .serialize_request(&key)
+                .unwrap();
+            cred.issue_x509(pb::IssueX509Request {
+                issuer: "certs".into(),
+                csr: csr.der().to_vec(),
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+        }
+        "Credentials/GetIssuerCsr" => cred
+            .get_issuer_csr(pb::GetIssuerCsrRequest {
+                issuer: "certs".into(),
+                key_version: 0,
+            })
+            .await
+            .map(drop),
+        // The issuer signs its own CA certificates: a valid caller is refused the change.
+        "Credentials/SetIssuerCertificate" => cred
+            .set_issuer_certificate(pb::SetIssuerCertificateRequest {
+                issuer: "certs".into(),
+                key_version: 1,
+                chain_pem: String::new(),
+            })
+            .await
+            .map(drop),
+        "Credentials/RotateIssuer" => cred
+            .rotate_issuer(pb::RotateIssuerRequest {
+                name: "certs".into(),
             })
             .await
             .map(drop),
@@ -659,16 +691,23 @@ fn expected(who: &str, rpc: &str) -> Code {
         return Code::Ok;
     }
     if service == "Credentials" {
-        // Issuers: defined by the admin role, read by any certificate. Tokens: the issuer's
-        // principals (the granted service), none of which this server issues or validates
-        // without an HTTPS front to publish the keys on.
+        // Issuers: defined (and their CA certificates set) by the admin role, read by any
+        // certificate. Tokens and certificates: the issuer's principals (the granted
+        // service); no token is issued or validated without an HTTPS front to publish the
+        // keys on (certificates need none).
         let allowed = match method {
-            "CreateIssuer" | "UpdateIssuer" | "RevokeJwt" | "RotateIssuer" => who == "admin",
-            "IssueJwt" | "IssueSsh" => who == "granted-service",
+            "CreateIssuer"
+            | "UpdateIssuer"
+            | "RevokeJwt"
+            | "GetIssuerCsr"
+            | "SetIssuerCertificate"
+            | "RotateIssuer" => who == "admin",
+            "IssueJwt" | "IssueX509" | "IssueSsh" => who == "granted-service",
             _ => who != "no-certificate",
         };
         return match (allowed, who) {
             (true, _) if matches!(method, "IssueJwt" | "ValidateJwt") => Code::FailedPrecondition,
+            (true, _) if method == "SetIssuerCertificate" => Code::InvalidArgument,
             (true, _) => Code::Ok,
             (false, "no-certificate") => Code::Unauthenticated,
             (false, _) => Code::PermissionDenied,
@@ -729,6 +768,7 @@ async fn every_rpc_by_every_kind_of_caller() {
         ("tmp", pb::Algorithm::Aes256Gcm),
         ("reports", pb::Algorithm::Aes256Gcm),
         ("jwt", pb::Algorithm::EcdsaP256Sha256),
+        ("x509", pb::Algorithm::EcdsaP256Sha256),
     ] {
         admin_keys
             .create_key(pb::CreateKeyRequest {
@@ -835,32 +875,39 @@ async fn every_rpc_by_every_kind_of_caller() {
         .unwrap()
         .into_inner()
         .id;
-    // Credentials: an issuer for the app.
-    CredentialsClient::new(server.channel(Some(&hsm.admin)).await)
-        .create_issuer(pb::CreateIssuerRequest {
-            issuer: Some(pb::Issuer {
-                name: "workloads".into(),
-                key: "jwt".into(),
-                principals: vec![app.principal.clone()],
-                audiences: vec!["payments".into()],
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
-    CredentialsClient::new(server.channel(Some(&hsm.admin)).await)
-        .create_issuer(pb::CreateIssuerRequest {
-            issuer: Some(pb::Issuer {
-                name: "ssh-users".into(),
-                kind: pb::CredentialKind::SshUser as i32,
-                key: "jwt".into(),
-                principals: vec![app.principal.clone()],
-                ssh_principals: vec!["deploy".into()],
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    // Credentials: issuers of tokens and of certificates for the app.
+    for issuer in [
+        pb::Issuer {
+            name: "workloads".into(),
+            key: "jwt".into(),
+            principals: vec![app.principal.clone()],
+            audiences: vec!["payments".into()],
+            ..Default::default()
+        },
+        pb::Issuer {
+            name: "certs".into(),
+            key: "x509".into(),
+            kind: pb::CredentialKind::X509 as i32,
+            self_signed: true,
+            principals: vec![app.principal.clone()],
+            ..Default::default()
+        },
+        pb::Issuer {
+            name: "ssh-users".into(),
+            kind: pb::CredentialKind::SshUser as i32,
+            key: "jwt".into(),
+            principals: vec![app.principal.clone()],
+            ssh_principals: vec!["deploy".into()],
+            ..Default::default()
+        },
+    ] {
+        CredentialsClient::new(server.channel(Some(&hsm.admin)).await)
+            .create_issuer(pb::CreateIssuerRequest {
+                issuer: Some(issuer),
+            })
+            .await
+            .unwrap();
+    }
     let mut app_secrets = SecretsClient::new(server.channel(Some(&app)).await);
     for path in [
         "app/read",

@@ -424,3 +424,288 @@ fn issuers_and_jwt_svids_through_the_cli() {
     .json();
     assert_eq!(issued["key_version"], 2);
 }
+
+/// Runs `openssl ARGS` in `dir`. Fails the test when it fails.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// X.509-SVIDs through the CLI: a self-signed issuer's certificate for an `openssl req`
+/// request, written with its chain and verified by `openssl verify`; an outside CA's
+/// issuer: `issuer csr`, openssl signs, `issuer set-certificate`, then a certificate.
+#[test]
+fn x509_svids_through_the_cli() {
+    let hsm = TestHsm::new("credentials-cli-x509");
+    let (server, _shares) = start_unsealed(&hsm, &hsm.config());
+    let app = hsm.pki.client("app", &ClientSpec::spiffe("app"));
+    let as_app = |args: &[&str]| server.kms_as(Some(&app), args, "");
+    let dir = hsm.path().join("cli-x509");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = |name: &str| dir.join(name).display().to_string();
+    for key in ["ca-hsm", "ca-corp"] {
+        ok(server.kms(
+            &[
+                "key",
+                "create",
+                key,
+                "--algorithm",
+                "ecdsa-p256-sha256",
+                "--protection",
+                "hsm",
+            ],
+            "",
+        ));
+    }
+    let shown = ok(server.kms(
+        &[
+            "issuer",
+            "create",
+            "workloads",
+            "--kind",
+            "x509",
+            "--self-signed",
+            "--key",
+            "ca-hsm",
+            "--principal",
+            &app.principal,
+        ],
+        "",
+    ));
+    assert!(
+        shown.stdout.contains("key version 1: certified"),
+        "{shown:?}"
+    );
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-new",
+            "-nodes",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-keyout",
+            "app.key",
+            "-out",
+            "app.csr",
+            "-subj",
+            "/CN=app",
+            "-addext",
+            &format!("subjectAltName=URI:{}", app.principal),
+        ],
+    );
+    let out = ok(as_app(&[
+        "credential",
+        "x509",
+        "--issuer",
+        "workloads",
+        "--csr",
+        &path("app.csr"),
+        "--out",
+        &path("app.pem"),
+        "--chain-out",
+        &path("ca.pem"),
+        "--ttl",
+        "10m",
+    ]));
+    assert!(out.stdout.contains(&app.principal), "{out:?}");
+    openssl(
+        &dir,
+        &[
+            "verify",
+            "-CAfile",
+            "ca.pem",
+            "-purpose",
+            "sslclient",
+            "app.pem",
+        ],
+    );
+    let json = ok(as_app(&[
+        "credential",
+        "x509",
+        "--issuer",
+        "workloads",
+        "--csr",
+        &path("app.csr"),
+        "--out",
+        &path("app2.pem"),
+        "--json",
+    ]))
+    .json();
+    assert_eq!(json["spiffe_id"], app.principal.as_str());
+    assert_eq!(json["key_version"], 1);
+    // Another caller's SPIFFE ID in the request: refused, nothing written.
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-new",
+            "-nodes",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-keyout",
+            "db.key",
+            "-out",
+            "db.csr",
+            "-subj",
+            "/CN=db",
+            "-addext",
+            "subjectAltName=URI:spiffe://test.kms/db",
+        ],
+    );
+    refused(
+        &as_app(&[
+            "credential",
+            "x509",
+            "--issuer",
+            "workloads",
+            "--csr",
+            &path("db.csr"),
+            "--out",
+            &path("db.pem"),
+        ]),
+        "INVALID_ARGUMENT",
+        "another SPIFFE ID",
+    );
+    assert!(!dir.join("db.pem").exists());
+
+    // An outside CA.
+    ok(server.kms(
+        &[
+            "issuer",
+            "create",
+            "corp",
+            "--kind",
+            "x509",
+            "--key",
+            "ca-corp",
+            "--principal",
+            &app.principal,
+        ],
+        "",
+    ));
+    ok(server.kms(&["issuer", "csr", "corp", "--out", &path("corp.csr")], ""));
+    std::fs::write(
+        dir.join("ca.cnf"),
+        "[req]\ndistinguished_name = dn\nx509_extensions = root\nprompt = no\n\
+         [dn]\nCN = Corp Root\n\
+         [root]\nbasicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign\n\
+         subjectKeyIdentifier = hash\n\
+         [inter]\nbasicConstraints = critical,CA:TRUE,pathlen:0\n\
+         keyUsage = critical,keyCertSign\nsubjectKeyIdentifier = hash\n\
+         authorityKeyIdentifier = keyid\n",
+    )
+    .unwrap();
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-x509",
+            "-config",
+            "ca.cnf",
+            "-nodes",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-keyout",
+            "root.key",
+            "-out",
+            "root.pem",
+            "-days",
+            "2",
+        ],
+    );
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "corp.csr",
+            "-CA",
+            "root.pem",
+            "-CAkey",
+            "root.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "ca.cnf",
+            "-extensions",
+            "inter",
+            "-out",
+            "corp.pem",
+        ],
+    );
+    let chain = std::fs::read_to_string(dir.join("corp.pem")).unwrap()
+        + &std::fs::read_to_string(dir.join("root.pem")).unwrap();
+    std::fs::write(dir.join("corp-chain.pem"), chain).unwrap();
+    refused(
+        &server.kms(
+            &[
+                "issuer",
+                "set-certificate",
+                "corp",
+                "--version",
+                "1",
+                "--chain",
+                &path("root.pem"),
+            ],
+            "",
+        ),
+        "INVALID_ARGUMENT",
+        "public key",
+    );
+    let shown = ok(server.kms(
+        &[
+            "issuer",
+            "set-certificate",
+            "corp",
+            "--version",
+            "1",
+            "--chain",
+            &path("corp-chain.pem"),
+        ],
+        "",
+    ));
+    assert!(
+        shown.stdout.contains("key version 1: certified"),
+        "{shown:?}"
+    );
+    ok(as_app(&[
+        "credential",
+        "x509",
+        "--issuer",
+        "corp",
+        "--csr",
+        &path("app.csr"),
+        "--out",
+        &path("corp-app.pem"),
+        "--chain-out",
+        &path("corp-app-chain.pem"),
+    ]));
+    openssl(
+        &dir,
+        &[
+            "verify",
+            "-CAfile",
+            "root.pem",
+            "-untrusted",
+            "corp-app-chain.pem",
+            "corp-app.pem",
+        ],
+    );
+}

@@ -57,6 +57,10 @@ enum Op {
     /// `IssueJwt` from the issuer `--key` for the audience `--audience` (the caller's
     /// certificate is one of the issuer's principals).
     IssueJwt,
+    /// `IssueX509` from the x509 issuer `--key` for the request in `--csr` (the caller's
+    /// certificate is one of the issuer's principals; the request names no SAN or its
+    /// SPIFFE ID).
+    IssueX509,
 }
 
 /// The API under load.
@@ -138,6 +142,9 @@ struct Args {
     /// The audience of `--op issue-jwt`'s tokens.
     #[arg(long, default_value = "bench")]
     audience: String,
+    /// The PKCS#10 request (PEM or DER) every `--op issue-x509` call sends.
+    #[arg(long)]
+    csr: Option<std::path::PathBuf>,
     /// The grantee of `--populate`'s grants.
     #[arg(long, default_value = "spiffe://kms.dev/app")]
     grantee: String,
@@ -381,6 +388,15 @@ async fn call(
             })
             .await
             .map(drop),
+        Op::IssueX509 => credentials
+            .issue_x509(pb::IssueX509Request {
+                issuer: key,
+                csr: input.csr.clone(),
+                subject: String::new(),
+                ttl_seconds: 0,
+            })
+            .await
+            .map(drop),
         Op::Sign => c
             .sign(pb::SignRequest {
                 key,
@@ -458,6 +474,8 @@ struct Input {
     secret: std::collections::BTreeMap<String, String>,
     ciphertext: Vec<u8>,
     transit_body: Vec<u8>,
+    /// IssueX509: the request.
+    csr: Vec<u8>,
 }
 
 /// The latency histogram: 1 us to 60 s, 3 significant digits.
@@ -497,11 +515,17 @@ async fn make_input(args: &Args, channel: Option<Channel>) -> Result<Input, BoxE
     } else {
         Vec::new()
     };
+    let csr = match (&args.csr, args.op) {
+        (Some(path), _) => std::fs::read(path)?,
+        (None, Op::IssueX509) => return Err("--op issue-x509 needs --csr FILE".into()),
+        (None, _) => Vec::new(),
+    };
     Ok(Input {
         payload,
         secret,
         ciphertext,
         transit_body: Vec::new(),
+        csr,
     })
 }
 
@@ -871,6 +895,7 @@ mod transit {
             payload,
             ciphertext: Vec::new(),
             transit_body,
+            csr: Vec::new(),
         })
     }
 

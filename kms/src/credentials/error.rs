@@ -33,6 +33,18 @@ pub(crate) enum CredentialsError {
     /// The issuer's key cannot sign what it issues (its algorithm, state or purpose).
     #[error("the issuer's key cannot sign: {0}")]
     KeyUnusable(String),
+    /// A caller's certificate request is refused (untrusted input).
+    #[error("certificate request refused: {0}")]
+    BadCsr(super::x509::CsrProblem),
+    /// An administrator's CA chain is refused (nothing was stored).
+    #[error("CA certificate refused: {0}")]
+    BadCaChain(super::x509::ChainProblem),
+    /// No version of an x509 issuer's key has a CA certificate yet (an outside CA's is
+    /// awaited: GetIssuerCsr, SetIssuerCertificate).
+    #[error(
+        "no version of the issuer's key has a CA certificate: set one (GetIssuerCsr, SetIssuerCertificate)"
+    )]
+    NoCaCertificate,
     /// Issuers publish their keys on the HTTPS front, which is off: no token can name where.
     #[error(
         "credential issuers publish their keys on the HTTPS front: set [http] listen (and public_url) to issue and validate tokens"

@@ -1,7 +1,8 @@
 //! The credentials engine: short-lived machine credentials signed by keys of the keyring
 //! (docs/credentials.md). Today: JWT-SVIDs (the SPIFFE JWT-SVID profile), their public
 //! keys as a JWKS and an OpenID discovery document per issuer, and their validation;
-//! OpenSSH user and host certificates ([`ssh`]), their CA keys as an authorized_keys file.
+//! X.509-SVIDs ([`x509`]) under a CA certificate per key version; OpenSSH user and host
+//! certificates ([`ssh`]), their CA keys as an authorized_keys file.
 //!
 //! An issuer is an administrator's definition (which key signs, who may ask, for which
 //! audiences and subjects, for how long), sealed by the barrier in the store. Nothing is
@@ -13,6 +14,7 @@ pub(crate) mod error;
 pub(crate) mod jose;
 pub(crate) mod model;
 pub(crate) mod ssh;
+pub(crate) mod x509;
 
 use std::sync::{Arc, Mutex};
 
@@ -355,6 +357,7 @@ impl Credentials {
         issuer.schema = model::SCHEMA;
         issuer.created_ms = crate::audit::now_ms();
         issuer.created_by = by.to_owned();
+        issuer.ca.clear();
         issuer.check()?;
         check_key(keys, &issuer)?;
         let _one = self.admin.lock().unwrap_or_else(|p| p.into_inner());
@@ -362,6 +365,8 @@ impl Credentials {
         if self.store.get(ISSUERS, &issuer.name)?.is_some() {
             return Err(CredentialsError::IssuerExists(issuer.name));
         }
+        // An x509 issuer's CA certificates (or entries awaiting them) are in its first record.
+        Self::complete_ca(keys, &mut issuer, now())?;
         journal.commit(&issuer.name, vec![self.write(&issuer)?])?;
         Ok(issuer)
     }
@@ -384,6 +389,12 @@ impl Credentials {
                 "an issuer's kind and self_signed are fixed when it is made".to_owned(),
             ));
         }
+        if issuer.kind == model::Kind::X509 && issuer.key != before.key {
+            return Err(CredentialsError::BadRequest(
+                "an x509 issuer's key is fixed: its CA certificates certify that key's versions"
+                    .to_owned(),
+            ));
+        }
         issuer.check()?;
         check_key(keys, &issuer)?;
         journal.commit(&issuer.name, vec![self.write(&issuer)?])?;
@@ -391,14 +402,21 @@ impl Credentials {
     }
 
     /// What a rotation of `name`'s key (made by the caller) changes in the issuer: nothing
-    /// for the kinds whose keys are published as they are.
+    /// for the kinds whose keys are published as they are; for an x509 issuer, the new
+    /// version's self-signed CA certificate, or an entry awaiting an outside CA's.
     pub(crate) fn rotated(
         &self,
-        _journal: &dyn Journal,
-        _keys: &dyn KeySource,
+        journal: &dyn Journal,
+        keys: &dyn KeySource,
         name: &str,
     ) -> Result<Issuer, CredentialsError> {
-        self.issuer(name)
+        let _one = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let _shared = self.store.lock_changes()?;
+        let mut issuer = self.issuer(name)?;
+        if Self::complete_ca(keys, &mut issuer, now())? {
+            journal.commit(&issuer.name, vec![self.write(&issuer)?])?;
+        }
+        Ok(issuer)
     }
 
     /// Issues a JWT-SVID to `caller` (its principal).
@@ -410,28 +428,7 @@ impl Credentials {
         req: &JwtRequest<'_>,
     ) -> Result<Issued, CredentialsError> {
         let issuer = self.issuer_of_kind(req.issuer, model::Kind::Jwt)?;
-        let (subject, actor) = if req.subject.is_empty() || req.subject == caller {
-            if !issuer.allows(caller) {
-                return Err(CredentialsError::Denied(format!(
-                    "{caller:?} may not ask issuer {:?} for a token",
-                    issuer.name
-                )));
-            }
-            (caller.to_owned(), None)
-        } else {
-            if !crate::access::tls::is_spiffe_id(req.subject) {
-                return Err(CredentialsError::BadRequest(
-                    "a subject is a SPIFFE ID: spiffe://, a trust domain and path segments of [A-Za-z0-9._-]".to_owned(),
-                ));
-            }
-            if !issuer.allows_delegation(caller, req.subject) {
-                return Err(CredentialsError::Denied(format!(
-                    "{caller:?} may not ask issuer {:?} for a token on behalf of another subject",
-                    issuer.name
-                )));
-            }
-            (req.subject.to_owned(), Some(caller.to_owned()))
-        };
+        let (subject, actor) = subject_of(&issuer, caller, req.subject, "a token")?;
         if !crate::access::tls::is_spiffe_id(&subject) {
             return Err(CredentialsError::BadRequest(
                 "a JWT-SVID's subject is a SPIFFE ID: the caller's certificate names none"
@@ -457,17 +454,7 @@ impl Credentials {
             )));
         }
         let base = base.ok_or(CredentialsError::NoHttpsFront)?;
-        let ttl = if req.ttl == 0 {
-            issuer.default_ttl
-        } else {
-            req.ttl
-        };
-        if ttl > issuer.max_ttl {
-            return Err(CredentialsError::BadRequest(format!(
-                "ttl_seconds is at most {} for issuer {:?}",
-                issuer.max_ttl, issuer.name
-            )));
-        }
+        let ttl = ttl_of(&issuer, req.ttl)?;
         let iat = now();
         let exp = iat.saturating_add(ttl);
         let mut id = [0u8; 16];
@@ -670,6 +657,54 @@ impl Credentials {
         Ok(json!({ "keys": list }))
     }
 
+    /// The SPIFFE trust bundle of every issuer (the SPIFFE Trust Domain and Bundle
+    /// standard's JWKS): each jwt issuer's enabled key versions as `jwt-svid` keys, each
+    /// x509 issuer's CA certificates as `x509-svid` keys with their certificate (`x5c`),
+    /// and `spiffe_refresh_hint` (seconds). An issuer whose key cannot be read is left out
+    /// and logged: the others' keys still verify.
+    pub(crate) fn spiffe_bundle(
+        &self,
+        keys: &dyn KeySource,
+        refresh_hint: u64,
+    ) -> Result<Value, CredentialsError> {
+        let mut list = Vec::new();
+        for issuer in self.issuers()? {
+            let published = match issuer.kind {
+                model::Kind::Jwt | model::Kind::X509 => published_keys(keys, &issuer.key),
+                model::Kind::SshUser | model::Kind::SshHost => continue,
+            };
+            let published = match published {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(issuer = %issuer.name, error = %crate::error_chain(&e), "an issuer's keys are left out of the SPIFFE bundle");
+                    continue;
+                }
+            };
+            for (version, jwk) in published {
+                if issuer.kind == model::Kind::Jwt {
+                    list.push(jwk.to_json("jwt-svid"));
+                    continue;
+                }
+                let Some(ca) = issuer
+                    .ca
+                    .iter()
+                    .find(|c| c.version == version)
+                    .and_then(|c| c.chain.first())
+                else {
+                    continue;
+                };
+                let mut entry = jwk.to_json("x509-svid");
+                if let Some(map) = entry.as_object_mut() {
+                    map.remove("kid");
+                    map.remove("alg");
+                    map.insert("x5c".to_owned(), json!([data_encoding::BASE64.encode(ca)]));
+                }
+                list.push(entry);
+            }
+        }
+        Ok(json!({ "keys": list, "spiffe_refresh_hint": refresh_hint }))
+    }
+
     /// `name`'s OpenID Connect discovery document (the members a verifier of its tokens
     /// reads).
     pub(crate) fn discovery(
@@ -717,6 +752,54 @@ impl Credentials {
         }
         Ok(verdict)
     }
+}
+
+/// Who a credential `caller` asks of `issuer` for `requested` (empty: itself) is for, and
+/// the delegator if another: `caller` allowed by the issuer's principals, or delegating
+/// for a SPIFFE ID its subjects match. `what` names the credential in refusals.
+fn subject_of(
+    issuer: &Issuer,
+    caller: &str,
+    requested: &str,
+    what: &str,
+) -> Result<(String, Option<String>), CredentialsError> {
+    if requested.is_empty() || requested == caller {
+        if !issuer.allows(caller) {
+            return Err(CredentialsError::Denied(format!(
+                "{caller:?} may not ask issuer {:?} for {what}",
+                issuer.name
+            )));
+        }
+        return Ok((caller.to_owned(), None));
+    }
+    if !crate::access::tls::is_spiffe_id(requested) {
+        return Err(CredentialsError::BadRequest(
+            "a subject is a SPIFFE ID: spiffe://, a trust domain and path segments of [A-Za-z0-9._-]".to_owned(),
+        ));
+    }
+    if !issuer.allows_delegation(caller, requested) {
+        return Err(CredentialsError::Denied(format!(
+            "{caller:?} may not ask issuer {:?} for {what} on behalf of another subject",
+            issuer.name
+        )));
+    }
+    Ok((requested.to_owned(), Some(caller.to_owned())))
+}
+
+/// A credential's lifetime: `asked` (0: the issuer's default), at most the issuer's maximum.
+fn ttl_of(issuer: &Issuer, asked: u64) -> Result<u64, CredentialsError> {
+    let ttl = if asked == 0 {
+        issuer.default_ttl
+    } else {
+        asked
+    };
+    if ttl > issuer.max_ttl {
+        return Err(CredentialsError::BadRequest(format!(
+            "ttl_seconds is at most {} for issuer {:?}",
+            issuer.max_ttl, issuer.name
+        )));
+    }
+    Ok(ttl)
 }
 
 /// Certificates (DER) as PEM, one after the other.
@@ -890,9 +973,7 @@ fn check_key(keys: &dyn KeySource, issuer: &Issuer) -> Result<(), CredentialsErr
     let algorithm = keys.versions(&issuer.key)?.algorithm;
     match issuer.kind {
         model::Kind::Jwt => jwt_alg(algorithm).map(|_| ()),
-        model::Kind::X509 => Err(CredentialsError::KeyUnusable(
-            "x509 issuers are not built yet".to_owned(),
-        )),
+        model::Kind::X509 => x509::ca_algorithm(algorithm).map(|_| ()),
         model::Kind::SshUser | model::Kind::SshHost => {
             if ssh::CaKey::algorithm_fits(algorithm) {
                 Ok(())

@@ -1,4 +1,5 @@
-//! `kms.v1.Credentials`: issuers, the JWT-SVIDs and the OpenSSH certificates they issue.
+//! `kms.v1.Credentials`: issuers, and the JWT-SVIDs, X.509-SVIDs and OpenSSH certificates
+//! they issue.
 
 use std::sync::Arc;
 
@@ -7,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::respond;
 use crate::credentials::model::{self, Issuer, Kind};
+use crate::credentials::x509::X509Request;
 use crate::credentials::{CredentialsError, JwtRequest, SshRequest, patterns};
 use crate::service::{Call, Op, Served, Service};
 
@@ -391,23 +393,76 @@ impl pb::credentials_server::Credentials for CredentialsService {
 
     async fn issue_x509(
         &self,
-        _request: Request<pb::IssueX509Request>,
+        request: Request<pb::IssueX509Request>,
     ) -> Result<Response<pb::IssueX509Response>, Status> {
-        Err(Status::unimplemented("IssueX509"))
+        let r = request.get_ref();
+        let call = self
+            .call(&request, Op::IssueX509, &r.issuer)
+            .credential_request(&r.subject, "");
+        let r = request.into_inner();
+        respond(
+            crate::service::with_credentials(&self.ctx, call, move |cr, keys, c| {
+                let issued = cr.issue_x509(
+                    keys,
+                    &c.identity().principal,
+                    &X509Request {
+                        issuer: &r.issuer,
+                        csr: &r.csr,
+                        subject: &r.subject,
+                        ttl: r.ttl_seconds,
+                    },
+                )?;
+                let response = pb::IssueX509Response {
+                    certificate_pem: issued.certificate_pem,
+                    chain_pem: issued.chain_pem,
+                    serial: issued.summary.jti.clone(),
+                    spiffe_id: issued.summary.subject.clone(),
+                    expires_unix: issued.summary.expires,
+                    key_version: issued.summary.key_version,
+                };
+                Ok(Served::new(response).credential(issued.summary))
+            })
+            .await,
+        )
     }
 
     async fn get_issuer_csr(
         &self,
-        _request: Request<pb::GetIssuerCsrRequest>,
+        request: Request<pb::GetIssuerCsrRequest>,
     ) -> Result<Response<pb::GetIssuerCsrResponse>, Status> {
-        Err(Status::unimplemented("GetIssuerCsr"))
+        let call = self.call(&request, Op::GetIssuerCsr, &request.get_ref().issuer);
+        let r = request.into_inner();
+        respond(
+            crate::service::with_credentials(&self.ctx, call, move |cr, keys, _| {
+                let (csr_pem, key_version) = cr.issuer_csr(keys, &r.issuer, r.key_version)?;
+                Ok(Served::new(pb::GetIssuerCsrResponse {
+                    csr_pem,
+                    key_version,
+                }))
+            })
+            .await,
+        )
     }
 
     async fn set_issuer_certificate(
         &self,
-        _request: Request<pb::SetIssuerCertificateRequest>,
+        request: Request<pb::SetIssuerCertificateRequest>,
     ) -> Result<Response<pb::Issuer>, Status> {
-        Err(Status::unimplemented("SetIssuerCertificate"))
+        let call = self.call(
+            &request,
+            Op::SetIssuerCertificate,
+            &request.get_ref().issuer,
+        );
+        let base = self.base();
+        let r = request.into_inner();
+        respond(
+            crate::service::with_credentials(&self.ctx, call, move |cr, keys, c| {
+                let issuer =
+                    cr.set_issuer_certificate(c, keys, &r.issuer, r.key_version, &r.chain_pem)?;
+                Ok(Served::new(shown(cr, keys, &issuer, base.as_deref())))
+            })
+            .await,
+        )
     }
 
     async fn issue_ssh(

@@ -100,14 +100,9 @@ pub(crate) enum Answer {
     },
     /// A body of its own (sys paths answer bare JSON) and its status.
     Raw(StatusCode, Vec<u8>),
-    /// A public document (an issuer's discovery document or keys): 200, cacheable for
-    /// [`PUBLIC_MAX_AGE`] seconds.
-    Public {
-        /// The document.
-        body: Vec<u8>,
-        /// Its media type.
-        content_type: &'static str,
-    },
+    /// A public document (an issuer's discovery document, keys or CA certificates, the
+    /// SPIFFE bundle) and its content type: 200, cacheable for [`PUBLIC_MAX_AGE`] seconds.
+    Public(Vec<u8>, &'static str),
     /// `sys/health`'s answer: the status the caller asked for, and the outcome the
     /// server's state gives (`OK`, `UNAVAILABLE`), which is what is counted.
     Health {
@@ -273,7 +268,7 @@ fn status_of(a: &Answer) -> StatusCode {
         Answer::Data { reply, .. } => status_of_reply(reply),
         Answer::Auth { .. } => StatusCode::OK,
         Answer::Raw(s, _) | Answer::Health { status: s, .. } => *s,
-        Answer::Public { .. } => StatusCode::OK,
+        Answer::Public(..) => StatusCode::OK,
     }
 }
 
@@ -334,7 +329,7 @@ fn respond(answer: Answer) -> Response {
         Answer::Raw(status, body) | Answer::Health { status, body, .. } => {
             json_response(status, body)
         }
-        Answer::Public { body, content_type } => {
+        Answer::Public(body, content_type) => {
             let mut r = json_response(StatusCode::OK, body);
             r.headers_mut()
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -351,23 +346,47 @@ fn respond(answer: Answer) -> Response {
 /// How long a verifier may cache an issuer's discovery document and keys, in seconds.
 pub(crate) const PUBLIC_MAX_AGE: u64 = 60;
 
-/// An issuer's public document.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Document {
+/// A public document of the credentials engine (open to everyone, counted with the
+/// probes, never recorded one by one).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PublicDoc {
     /// A jwt issuer's OpenID discovery document.
     Discovery,
-    /// A jwt issuer's keys (JWKS).
-    Jwks,
-    /// An ssh issuer's CA keys, an authorized_keys file (`/v1/ssh/NAME/public_key`).
+    /// A jwt issuer's JWKS.
+    Keys,
+    /// An x509 issuer's CA certificate that signs now (PEM): Vault's `pki/ca/pem`.
+    CaPem,
+    /// An x509 issuer's every CA certificate with its chain (PEM): Vault's `pki/ca_chain`.
+    CaChain,
+    /// Every issuer's keys and CA certificates as a SPIFFE bundle.
+    SpiffeBundle,
+    /// An ssh issuer's CA keys, an authorized_keys file: Vault's `ssh/public_key`.
     SshCaKeys,
 }
 
-/// An issuer's public document: without a certificate; 404 for an issuer that is not one
-/// or is of another kind, 503 sealed.
-async fn issuer_document(front: &Front, name: &str, doc: Document) -> Result<Answer, Refused> {
+impl PublicDoc {
+    /// Its operation's name in the metrics.
+    fn op(self) -> &'static str {
+        match self {
+            Self::Discovery => "IssuerDiscovery",
+            Self::Keys => "IssuerKeys",
+            Self::CaPem => "IssuerCaPem",
+            Self::CaChain => "IssuerCaChain",
+            Self::SpiffeBundle => "SpiffeBundle",
+            Self::SshCaKeys => "IssuerSshCaKeys",
+        }
+    }
+}
+
+/// The content type of Vault's `pki/ca/pem` and `pki/ca_chain`.
+const PEM_CHAIN: &str = "application/pem-certificate-chain";
+
+/// A public document of issuer `name` (none for the SPIFFE bundle): 404 for an issuer
+/// that is not one of the document's kind, 503 sealed.
+async fn issuer_document(front: &Front, name: &str, doc: PublicDoc) -> Result<Answer, Refused> {
     let service = &front.service;
     let base = service.issuer_base.clone();
-    if base.is_none() && doc != Document::SshCaKeys {
+    if base.is_none() && matches!(doc, PublicDoc::Discovery | PublicDoc::Keys) {
         return Err(not_found());
     }
     let engines = service
@@ -382,35 +401,35 @@ async fn issuer_document(front: &Front, name: &str, doc: Document) -> Result<Ans
     };
     let name = name.to_owned();
     let answer = tokio::task::spawn_blocking(move || {
-        let json = |v: serde_json::Value| Answer::Public {
-            body: serde_json::to_vec(&v).unwrap_or_default(),
-            content_type: "application/json",
+        let keys = keyring.as_ref();
+        let json = |v: serde_json::Value| {
+            (
+                serde_json::to_vec(&v).unwrap_or_default(),
+                "application/json",
+            )
         };
-        match (doc, base) {
-            (Document::Jwks, _) => credentials.jwks(keyring.as_ref(), &name).map(json),
-            (Document::Discovery, Some(base)) => credentials
-                .discovery(keyring.as_ref(), &base, &name)
-                .map(json),
-            (Document::Discovery, None) => Err(
-                crate::credentials::CredentialsError::IssuerNotFound(String::new()),
-            ),
-            (Document::SshCaKeys, _) => {
-                credentials
-                    .ssh_ca_keys(keyring.as_ref(), &name)
-                    .map(|text| Answer::Public {
-                        body: text.into_bytes(),
-                        content_type: "text/plain; charset=utf-8",
-                    })
+        let pem = |p: String| (p.into_bytes(), PEM_CHAIN);
+        Ok(match doc {
+            PublicDoc::Keys => json(credentials.jwks(keys, &name)?),
+            PublicDoc::Discovery => {
+                json(credentials.discovery(keys, base.as_deref().unwrap_or_default(), &name)?)
             }
-        }
+            PublicDoc::CaPem => pem(credentials.ca_pem(keys, &name, true)?),
+            PublicDoc::CaChain => pem(credentials.ca_pem(keys, &name, false)?),
+            PublicDoc::SpiffeBundle => json(credentials.spiffe_bundle(keys, PUBLIC_MAX_AGE)?),
+            PublicDoc::SshCaKeys => (
+                credentials.ssh_ca_keys(keys, &name)?.into_bytes(),
+                "text/plain; charset=utf-8",
+            ),
+        })
     })
     .await;
+    use crate::credentials::CredentialsError as E;
     match answer {
-        Ok(Ok(answer)) => Ok(answer),
-        Ok(Err(
-            crate::credentials::CredentialsError::IssuerNotFound(_)
-            | crate::credentials::CredentialsError::WrongKind { .. },
-        )) => Err(not_found()),
+        Ok(Ok((body, content_type))) => Ok(Answer::Public(body, content_type)),
+        Ok(Err(E::IssuerNotFound(_) | E::WrongKind { .. } | E::NoCaCertificate)) => {
+            Err(not_found())
+        }
         Ok(Err(e)) => {
             tracing::error!(error = %crate::error_chain(&e), "an issuer's public document could not be made");
             Err(Refused {
@@ -427,7 +446,8 @@ async fn issuer_document(front: &Front, name: &str, doc: Document) -> Result<Ans
 
 /// An issuer's public document, answered to anyone and counted with the probes (a 404
 /// too: a refusal not recorded one by one).
-async fn public_document(front: &Front, name: &str, doc: Document, op: &'static str) -> Routed {
+async fn public_document(front: &Front, name: &str, doc: PublicDoc) -> Routed {
+    let op = doc.op();
     let answer = issuer_document(front, name, doc).await;
     front.probes.count_probe(match &answer {
         Ok(_) => "OK",
@@ -493,6 +513,9 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
                 ".well-known",
                 "openid-configuration" | "keys"
             ]
+            | ["pki", _, "ca", "pem"]
+            | ["pki", _, "ca_chain"]
+            | ["identity", "spiffe", "bundle"]
             | ["ssh", _, "public_key"]
     );
     // The gRPC gate's rules before a call is read: limits on refused calls and on calls
@@ -539,25 +562,30 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
         return Ok((answer, op));
     }
     // Issuers' public documents: open to everyone, counted with the probes.
-    if let ["identity", "oidc", "provider", name, ".well-known", doc] = segments.as_slice()
-        && matches!(*doc, "openid-configuration" | "keys")
-    {
+    let public = match segments.as_slice() {
+        [
+            "identity",
+            "oidc",
+            "provider",
+            name,
+            ".well-known",
+            "openid-configuration",
+        ] => Some((*name, PublicDoc::Discovery)),
+        ["identity", "oidc", "provider", name, ".well-known", "keys"] => {
+            Some((*name, PublicDoc::Keys))
+        }
+        ["pki", name, "ca", "pem"] => Some((*name, PublicDoc::CaPem)),
+        ["pki", name, "ca_chain"] => Some((*name, PublicDoc::CaChain)),
+        ["identity", "spiffe", "bundle"] => Some(("", PublicDoc::SpiffeBundle)),
+        // An ssh issuer's CA keys (Vault's path, the issuer being the mount `ssh/NAME`).
+        ["ssh", name, "public_key"] => Some((*name, PublicDoc::SshCaKeys)),
+        _ => None,
+    };
+    if let Some((name, doc)) = public {
         if method != Method::GET && method != Method::HEAD {
             return Err((method_not_allowed(), "unknown"));
         }
-        let (op, doc) = if *doc == "keys" {
-            ("IssuerKeys", Document::Jwks)
-        } else {
-            ("IssuerDiscovery", Document::Discovery)
-        };
-        return public_document(front, name, doc, op).await;
-    }
-    // An ssh issuer's CA keys (Vault's path, the issuer being the mount `ssh/NAME`).
-    if let ["ssh", name, "public_key"] = segments.as_slice() {
-        if method != Method::GET && method != Method::HEAD {
-            return Err((method_not_allowed(), "unknown"));
-        }
-        return public_document(front, name, Document::SshCaKeys, "IssuerSshCaKeys").await;
+        return public_document(front, name, doc).await;
     }
     // Everything else needs a client certificate (`admit` refused it unread without one).
     if !call::authenticated(peer) {

@@ -338,14 +338,17 @@ fn secrets_kind(e: &SecretsError) -> ErrorKind {
 
 fn credentials_kind(e: &CredentialsError) -> ErrorKind {
     match e {
-        CredentialsError::BadRequest(_) | CredentialsError::SshKey(_) => ErrorKind::InvalidArgument,
+        CredentialsError::BadRequest(_)
+        | CredentialsError::SshKey(_)
+        | CredentialsError::BadCsr(_)
+        | CredentialsError::BadCaChain(_) => ErrorKind::InvalidArgument,
         CredentialsError::IssuerNotFound(_) => ErrorKind::NotFound,
         CredentialsError::IssuerExists(_) => ErrorKind::AlreadyExists,
         CredentialsError::WrongKind { .. } => ErrorKind::FailedPrecondition,
         CredentialsError::Denied(_) => ErrorKind::PermissionDenied,
-        CredentialsError::KeyUnusable(_) | CredentialsError::NoHttpsFront => {
-            ErrorKind::FailedPrecondition
-        }
+        CredentialsError::KeyUnusable(_)
+        | CredentialsError::NoHttpsFront
+        | CredentialsError::NoCaCertificate => ErrorKind::FailedPrecondition,
         CredentialsError::Tampered(_) => ErrorKind::DataLoss,
         CredentialsError::Keyring(k) => keyring_kind(k),
         CredentialsError::Store(_)
@@ -365,6 +368,9 @@ fn credentials_reason(e: &CredentialsError) -> &'static str {
         CredentialsError::Denied(_) => "NOT_ALLOWED_BY_ISSUER",
         CredentialsError::KeyUnusable(_) => "KEY_CANNOT_SIGN",
         CredentialsError::NoHttpsFront => "NO_HTTPS_FRONT",
+        CredentialsError::BadCsr(_) => "BAD_CSR",
+        CredentialsError::BadCaChain(_) => "BAD_CA_CERTIFICATE",
+        CredentialsError::NoCaCertificate => "NO_CA_CERTIFICATE",
         CredentialsError::Tampered(_) => "STORE_TAMPERED",
         CredentialsError::Keyring(k) => keyring_reason(k),
         CredentialsError::Store(_) => "STORE_UNAVAILABLE",

@@ -72,6 +72,33 @@ pub(crate) enum IssuerCommand {
         #[arg(long)]
         json: bool,
     },
+    /// x509: a PKCS#10 request for a CA certificate, signed by a version of the issuer's
+    /// key, for an outside CA to sign (admin role).
+    Csr {
+        /// The issuer's name.
+        name: String,
+        /// The key version (the newest enabled when absent).
+        #[arg(long)]
+        version: Option<u32>,
+        /// Where to write the request (PEM).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// x509: set the CA certificate an outside CA signed for a version of the issuer's
+    /// key (admin role): checked, then stored.
+    SetCertificate {
+        /// The issuer's name.
+        name: String,
+        /// The key version the certificate is for.
+        #[arg(long)]
+        version: u32,
+        /// A PEM file: the CA certificate, then those above it (up to the root, or not).
+        #[arg(long)]
+        chain: std::path::PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// What an issuer issues.
@@ -274,6 +301,31 @@ pub(crate) enum CredentialCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Ask an x509 issuer for an X.509-SVID for the key of a PKCS#10 request (yours stays
+    /// with you): the certificate and the CA chain are written to files.
+    X509 {
+        /// The issuer's name.
+        #[arg(long)]
+        issuer: String,
+        /// The request (PEM or DER), e.g. from `openssl req -new`.
+        #[arg(long)]
+        csr: std::path::PathBuf,
+        /// Where to write the certificate (PEM).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Where to write the CA certificate and those above it (PEM).
+        #[arg(long)]
+        chain_out: Option<std::path::PathBuf>,
+        /// Another subject than your own SPIFFE ID (the issuer must let you delegate).
+        #[arg(long)]
+        subject: Option<String>,
+        /// The certificate's lifetime (e.g. 1h; the issuer's default when absent).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<u64>,
+        /// Print JSON: the SPIFFE ID, serial, expiry and key version.
+        #[arg(long)]
+        json: bool,
+    },
     /// Ask the server whether a token is valid for an audience. Exit code 0: valid; 1: not
     /// valid (or an error).
     Validate {
@@ -462,6 +514,38 @@ where
                 .await?;
             show::issuer(&i, json);
         }
+        IssuerCommand::Csr { name, version, out } => {
+            let r = CredentialsClient::new(connect().await?)
+                .get_issuer_csr(pb::GetIssuerCsrRequest {
+                    issuer: name,
+                    key_version: version.unwrap_or(0),
+                })
+                .answer()
+                .await?;
+            write_public(&out, &r.csr_pem)?;
+            println!(
+                "request for a CA certificate for key version {} written to {}",
+                r.key_version,
+                crate::audit::printable(&out.display().to_string())
+            );
+        }
+        IssuerCommand::SetCertificate {
+            name,
+            version,
+            chain,
+            json,
+        } => {
+            let chain_pem = read_pem(&chain)?;
+            let i = CredentialsClient::new(connect().await?)
+                .set_issuer_certificate(pb::SetIssuerCertificateRequest {
+                    issuer: name,
+                    key_version: version,
+                    chain_pem,
+                })
+                .answer()
+                .await?;
+            show::issuer(&i, json);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -526,6 +610,32 @@ where
             show::ssh_certificate(&r, &out, json);
             Ok(ExitCode::SUCCESS)
         }
+        CredentialCommand::X509 {
+            issuer,
+            csr,
+            out,
+            chain_out,
+            subject,
+            ttl,
+            json,
+        } => {
+            let csr = read_limited(&csr, MAX_CSR)?;
+            let r = CredentialsClient::new(connect().await?)
+                .issue_x509(pb::IssueX509Request {
+                    issuer,
+                    csr,
+                    subject: subject.unwrap_or_default(),
+                    ttl_seconds: ttl.unwrap_or(0),
+                })
+                .answer()
+                .await?;
+            write_public(&out, &r.certificate_pem)?;
+            if let Some(path) = &chain_out {
+                write_public(path, &r.chain_pem)?;
+            }
+            show::issued_x509(&r, json);
+            Ok(ExitCode::SUCCESS)
+        }
         CredentialCommand::Validate {
             issuer,
             audience,
@@ -579,6 +689,45 @@ fn read_public_key(path: &str) -> Result<String, BoxError> {
     };
     read.map_err(|e| format!("cannot read the public key from {path}: {e}"))?;
     Ok(text)
+}
+
+/// The largest request `credential x509` reads (the server refuses over 16 KiB).
+const MAX_CSR: u64 = 16 << 10;
+/// The largest chain `issuer set-certificate` reads (the server refuses over 64 KiB).
+const MAX_CHAIN: u64 = 64 << 10;
+
+/// A file's bytes, refused when over `max` bytes.
+fn read_limited(path: &std::path::Path, max: u64) -> Result<Vec<u8>, BoxError> {
+    let shown = crate::audit::printable(&path.display().to_string()).into_owned();
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("cannot read {shown}: {}", e.kind()))?;
+    let mut bytes = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {shown}: {}", e.kind()))?;
+    if bytes.len() as u64 > max {
+        return Err(format!("{shown} is over {max} bytes").into());
+    }
+    Ok(bytes)
+}
+
+/// A PEM file's text.
+fn read_pem(path: &std::path::Path) -> Result<String, BoxError> {
+    String::from_utf8(read_limited(path, MAX_CHAIN)?)
+        .map_err(|_| "a PEM file is text (ASCII)".into())
+}
+
+/// Writes a public document (a certificate, a request): nothing secret, so the usual
+/// permissions.
+fn write_public(path: &std::path::Path, text: &str) -> Result<(), BoxError> {
+    std::fs::write(path, text).map_err(|e| {
+        format!(
+            "cannot write {}: {}",
+            crate::audit::printable(&path.display().to_string()),
+            e.kind()
+        )
+        .into()
+    })
 }
 
 /// A token from standard input, without the white space around it (a trailing newline).
@@ -759,6 +908,45 @@ mod tests {
             } => assert_eq!(ttl, Some(120)),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn x509_commands_need_their_files_and_version() {
+        let x509 = ["credential", "x509", "--issuer", "i", "--csr", "r.csr"];
+        assert!(parse(&x509).is_err(), "--out is needed");
+        let mut all = x509.to_vec();
+        all.extend(["--out", "c.pem", "--ttl", "1h"]);
+        match parse(&all).unwrap() {
+            Cli::Credential {
+                command:
+                    CredentialCommand::X509 {
+                        ttl,
+                        chain_out,
+                        subject,
+                        ..
+                    },
+            } => assert_eq!((ttl, chain_out, subject), (Some(3600), None, None)),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["issuer", "set-certificate", "i", "--chain", "c.pem"]).is_err());
+        match parse(&["issuer", "csr", "i", "--out", "ca.csr"]).unwrap() {
+            Cli::Issuer {
+                command: IssuerCommand::Csr { version, .. },
+            } => assert_eq!(version, None),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A file over the server's limit is refused before any call, naming the file.
+    #[test]
+    fn a_request_over_the_limit_is_not_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.csr");
+        std::fs::write(&big, vec![b'A'; (MAX_CSR + 1) as usize]).unwrap();
+        let e = read_limited(&big, MAX_CSR).unwrap_err().to_string();
+        assert!(e.contains("big.csr") && e.contains("over"), "{e}");
+        std::fs::write(&big, b"ok").unwrap();
+        assert_eq!(read_limited(&big, MAX_CSR).unwrap(), b"ok");
     }
 
     #[test]

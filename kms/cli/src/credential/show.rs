@@ -232,6 +232,29 @@ pub(super) fn ssh_certificate(r: &pb::IssueSshResponse, out: &str, json: bool) {
     }
 }
 
+/// An issued certificate (written to files): what the server says of it.
+pub(super) fn issued_x509(r: &pb::IssueX509Response, json: bool) {
+    if json {
+        println!(
+            "{}",
+            json!({
+                "spiffe_id": r.spiffe_id,
+                "serial": r.serial,
+                "expires_unix": r.expires_unix,
+                "key_version": r.key_version,
+            })
+        );
+        return;
+    }
+    let rows = vec![
+        vec!["SPIFFE ID".to_owned(), r.spiffe_id.clone()],
+        vec!["Serial".to_owned(), r.serial.clone()],
+        vec!["Expires".to_owned(), time(r.expires_unix)],
+        vec!["Key version".to_owned(), r.key_version.to_string()],
+    ];
+    print!("{}", aligned(&rows));
+}
+
 /// A Unix time in seconds as RFC 3339.
 fn time(secs: u64) -> String {
     rfc3339(secs.saturating_mul(1000))
