@@ -571,6 +571,20 @@ pub fn start_unsealed(hsm: &TestHsm, config: &Path) -> (Server, Vec<String>) {
     (server, shares)
 }
 
+/// Starts a server with the HTTPS front on a free port of 127.0.0.1 (`extra`: more lines
+/// of the `[http]` table, then any other tables), initialised and unsealed as
+/// [`start_unsealed`]. Returns the server, the shares and the HTTPS front's port.
+pub fn start_with_http(hsm: &TestHsm, extra: &str) -> (Server, Vec<String>, u16) {
+    let port = free_port();
+    let config = hsm.config_full(
+        "kms.toml",
+        &hsm.hsm_table(),
+        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n{extra}"),
+    );
+    let (server, shares) = start_unsealed(hsm, &config);
+    (server, shares, port)
+}
+
 /// A gRPC client of `kms.v1.KeyManagement`.
 pub type KeysClient =
     kms_proto::v1::key_management_client::KeyManagementClient<tonic::transport::Channel>;
@@ -802,6 +816,29 @@ impl Server {
     /// A gRPC client of the key management service as `cred`.
     pub async fn keys_as(&self, cred: Option<&Cred>) -> KeysClient {
         KeysClient::new(self.channel(cred).await).max_decoding_message_size(64 << 20)
+    }
+
+    /// Creates each key `(name, algorithm, protection level)` as the admin.
+    pub async fn create_keys(
+        &self,
+        keys: &[(
+            &str,
+            kms_proto::v1::Algorithm,
+            kms_proto::v1::ProtectionLevel,
+        )],
+    ) {
+        let mut client = self.keys().await;
+        for (name, algorithm, protection) in keys {
+            client
+                .create_key(kms_proto::v1::CreateKeyRequest {
+                    name: (*name).into(),
+                    algorithm: *algorithm as i32,
+                    protection_level: *protection as i32,
+                    ..kms_proto::v1::CreateKeyRequest::default()
+                })
+                .await
+                .unwrap_or_else(|e| panic!("key {name} not created: {e:?}"));
+        }
     }
 
     /// A gRPC client of the access service as the admin.

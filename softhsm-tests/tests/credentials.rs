@@ -17,7 +17,7 @@
 
 use kms_proto::v1 as pb;
 use pb::credentials_client::CredentialsClient;
-use softhsm_tests::{ClientSpec, TestHsm, free_port, start_unsealed};
+use softhsm_tests::{ClientSpec, TestHsm};
 
 /// Runs a phase of the verifier script; its JSON output.
 fn verifier(phase: &str, config: &serde_json::Value) -> serde_json::Value {
@@ -38,44 +38,31 @@ fn issuer(name: &str, key: &str, principals: &[&str]) -> pb::Issuer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
     let hsm = TestHsm::new("credentials");
-    let port = free_port();
-    let config = hsm.config_full(
-        "kms.toml",
-        &hsm.hsm_table(),
-        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"),
-    );
-    let (server, _shares) = start_unsealed(&hsm, &config);
+    let (server, _shares, port) = softhsm_tests::start_with_http(&hsm, "");
     let app = hsm.pki.client("app", &ClientSpec::spiffe("app"));
     let ci = hsm.pki.client("ci", &ClientSpec::spiffe("ci"));
     let other = hsm.pki.client("other", &ClientSpec::spiffe("other"));
     let admin_channel = server.channel(Some(&server.admin)).await;
     let mut keys = pb::key_management_client::KeyManagementClient::new(admin_channel.clone());
-    for (name, algorithm, protection) in [
-        (
-            "jwt-hsm",
-            pb::Algorithm::EcdsaP256Sha256,
-            pb::ProtectionLevel::Hsm,
-        ),
-        (
-            "jwt-other",
-            pb::Algorithm::EcdsaP384Sha384,
-            pb::ProtectionLevel::Software,
-        ),
-        (
-            "aes",
-            pb::Algorithm::Aes256Gcm,
-            pb::ProtectionLevel::Software,
-        ),
-    ] {
-        keys.create_key(pb::CreateKeyRequest {
-            name: name.into(),
-            algorithm: algorithm as i32,
-            protection_level: protection as i32,
-            ..pb::CreateKeyRequest::default()
-        })
-        .await
-        .unwrap();
-    }
+    server
+        .create_keys(&[
+            (
+                "jwt-hsm",
+                pb::Algorithm::EcdsaP256Sha256,
+                pb::ProtectionLevel::Hsm,
+            ),
+            (
+                "jwt-other",
+                pb::Algorithm::EcdsaP384Sha384,
+                pb::ProtectionLevel::Software,
+            ),
+            (
+                "aes",
+                pb::Algorithm::Aes256Gcm,
+                pb::ProtectionLevel::Software,
+            ),
+        ])
+        .await;
     let mut admin = CredentialsClient::new(admin_channel);
     let mut workloads = issuer("workloads", "jwt-hsm", &[&app.principal]);
     workloads.delegators = vec![ci.principal.clone()];

@@ -12,7 +12,7 @@
     clippy::indexing_slicing
 )]
 
-use softhsm_tests::{ClientSpec, Out, TestHsm, free_port, start_unsealed};
+use softhsm_tests::{ClientSpec, Out, TestHsm, start_unsealed};
 
 /// Asserts the CLI succeeded; its output.
 fn ok(out: Out) -> Out {
@@ -34,13 +34,7 @@ fn refused(out: &Out, code: &str, text: &str) {
 #[test]
 fn issuers_and_jwt_svids_through_the_cli() {
     let hsm = TestHsm::new("credentials-cli");
-    let port = free_port();
-    let config = hsm.config_full(
-        "kms.toml",
-        &hsm.hsm_table(),
-        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"),
-    );
-    let (server, _shares) = start_unsealed(&hsm, &config);
+    let (server, _shares, _port) = softhsm_tests::start_with_http(&hsm, "");
     let app = hsm.pki.client("app", &ClientSpec::spiffe("app"));
     let as_app = |args: &[&str], stdin: &str| server.kms_as(Some(&app), args, stdin);
 

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use softhsm_tests::{ClientSpec, Out, TestHsm, free_port, start_unsealed};
+use softhsm_tests::{ClientSpec, Out, TestHsm, free_port};
 
 const SSHD: &str = "/usr/sbin/sshd";
 
@@ -249,13 +249,7 @@ fn ssh_certificates_from_hsm_keys_log_in_to_a_real_sshd() {
         "{SSHD} is missing: scripts/lib.sh ensure_openssh_server"
     );
     let hsm = TestHsm::new("credentials-ssh");
-    let port = free_port();
-    let config = hsm.config_full(
-        "kms.toml",
-        &hsm.hsm_table(),
-        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"),
-    );
-    let (server, _shares) = start_unsealed(&hsm, &config);
+    let (server, _shares, port) = softhsm_tests::start_with_http(&hsm, "");
     let user = hsm.pki.client("alice", &ClientSpec::spiffe("people/alice"));
     let as_user = |args: &[&str]| server.kms_as(Some(&user), args, "");
     let dir = hsm.path().join("ssh");

@@ -22,7 +22,7 @@ use std::process::Command;
 
 use kms_proto::v1 as pb;
 use pb::credentials_client::CredentialsClient;
-use softhsm_tests::{ClientSpec, Cred, TestHsm, free_port, spiffe, start_unsealed};
+use softhsm_tests::{ClientSpec, Cred, TestHsm, spiffe};
 use tonic::Code;
 
 /// Runs `openssl ARGS` in `dir`; its standard output. Fails the test when it fails.
@@ -112,45 +112,32 @@ async fn x509_svids_verify_with_openssl_and_authenticate_to_kms() {
         &format!("client_ca = \"{}\"", hsm.pki.ca.display()),
         &format!("client_ca = \"{}\"", clients.display()),
     );
-    let port = free_port();
-    let config = hsm.config_full(
-        "kms.toml",
-        &hsm.hsm_table(),
-        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n{tls}"),
-    );
-    let (server, _shares) = start_unsealed(&hsm, &config);
+    let (server, _shares, port) = softhsm_tests::start_with_http(&hsm, &tls);
     let app = hsm.pki.client("app", &ClientSpec::spiffe("app"));
     let ci = hsm.pki.client("ci", &ClientSpec::spiffe("ci"));
     let other = hsm.pki.client("other", &ClientSpec::spiffe("other"));
     let admin_channel = server.channel(Some(&server.admin)).await;
     let mut keys = pb::key_management_client::KeyManagementClient::new(admin_channel.clone());
-    for (name, algorithm, protection) in [
-        (
-            "x509-hsm",
-            pb::Algorithm::EcdsaP256Sha256,
-            pb::ProtectionLevel::Hsm,
-        ),
-        (
-            "x509-corp",
-            pb::Algorithm::EcdsaP384Sha384,
-            pb::ProtectionLevel::Software,
-        ),
-        (
-            "jwt-signer",
-            pb::Algorithm::EcdsaP256Sha256,
-            pb::ProtectionLevel::Software,
-        ),
-        ("ed", pb::Algorithm::Ed25519, pb::ProtectionLevel::Software),
-    ] {
-        keys.create_key(pb::CreateKeyRequest {
-            name: name.into(),
-            algorithm: algorithm as i32,
-            protection_level: protection as i32,
-            ..pb::CreateKeyRequest::default()
-        })
-        .await
-        .unwrap();
-    }
+    server
+        .create_keys(&[
+            (
+                "x509-hsm",
+                pb::Algorithm::EcdsaP256Sha256,
+                pb::ProtectionLevel::Hsm,
+            ),
+            (
+                "x509-corp",
+                pb::Algorithm::EcdsaP384Sha384,
+                pb::ProtectionLevel::Software,
+            ),
+            (
+                "jwt-signer",
+                pb::Algorithm::EcdsaP256Sha256,
+                pb::ProtectionLevel::Software,
+            ),
+            ("ed", pb::Algorithm::Ed25519, pb::ProtectionLevel::Software),
+        ])
+        .await;
     let mut admin = CredentialsClient::new(admin_channel);
     let mut workloads = x509_issuer("workloads", "x509-hsm", true, &[&app.principal]);
     workloads.delegators = vec![ci.principal.clone()];

@@ -17,7 +17,7 @@
 )]
 
 use kms_proto::v1 as pb;
-use softhsm_tests::{ClientSpec, Server, TestHsm, free_port, start_unsealed};
+use softhsm_tests::{ClientSpec, Server, TestHsm};
 
 /// Runs a phase of the client script; its JSON output.
 fn client(phase: &str, config: &serde_json::Value) -> serde_json::Value {
@@ -48,13 +48,7 @@ const CUSTOM: &str = "kv-custom-owner-9e21aa";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vault_kv_clients_work_unchanged_against_the_secret_mount() {
     let hsm = TestHsm::new("vault-kv");
-    let port = free_port();
-    let config = hsm.config_full(
-        "kms.toml",
-        &hsm.hsm_table(),
-        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"),
-    );
-    let (server, _shares) = start_unsealed(&hsm, &config);
+    let (server, _shares, port) = softhsm_tests::start_with_http(&hsm, "");
     let app = hsm.pki.client("app", &ClientSpec::spiffe("app"));
     let cfg = serde_json::json!({
         "url": format!("https://127.0.0.1:{port}"),

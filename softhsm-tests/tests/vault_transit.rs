@@ -45,13 +45,7 @@ fn audit_events(server: &Server, hsm: &TestHsm) -> Vec<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vault_clients_work_unchanged_against_the_transit_front() {
     let hsm = TestHsm::new("vault-transit");
-    let port = free_port();
-    let config = hsm.config_full(
-        "kms.toml",
-        &hsm.hsm_table(),
-        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\ntoken_ttl_seconds = 60\n"),
-    );
-    let (server, _shares) = start_unsealed(&hsm, &config);
+    let (server, _shares, port) = softhsm_tests::start_with_http(&hsm, "token_ttl_seconds = 60\n");
     let app = hsm.pki.client("app", &ClientSpec::spiffe("app"));
     let mut cfg = serde_json::json!({
         "url": format!("https://127.0.0.1:{port}"),

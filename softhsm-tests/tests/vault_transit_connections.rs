@@ -16,7 +16,7 @@
 
 use std::process::Command;
 
-use softhsm_tests::{TestHsm, free_port, python, start_unsealed};
+use softhsm_tests::{TestHsm, python};
 
 /// Opens an mTLS connection (no ALPN) to the front, sends `first`, waits `pause` seconds,
 /// sends `then`, and prints what the server answered before it closed (at most 64 KiB,
@@ -77,13 +77,7 @@ fn talk(
 #[test]
 fn the_front_speaks_http1_only_and_cuts_off_slow_clients() {
     let hsm = TestHsm::new("vault-transit-conn");
-    let port = free_port();
-    let config = hsm.config_full(
-        "kms.toml",
-        &hsm.hsm_table(),
-        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"),
-    );
-    let (server, _shares) = start_unsealed(&hsm, &config);
+    let (server, _shares, port) = softhsm_tests::start_with_http(&hsm, "");
 
     // A whole request is answered (the client's certificate is the identity).
     let ok = talk(
