@@ -139,9 +139,12 @@ async fn x509_svids_verify_with_openssl_and_authenticate_to_kms() {
         ])
         .await;
     let mut admin = CredentialsClient::new(admin_channel);
-    let mut workloads = x509_issuer("workloads", "x509-hsm", true, &[&app.principal]);
-    workloads.delegators = vec![ci.principal.clone()];
-    workloads.subjects = vec![spiffe("x509-*")];
+    let workloads = x509_issuer(
+        "workloads",
+        "x509-hsm",
+        true,
+        &[&app.principal, &ci.principal],
+    );
     let made = admin
         .create_issuer(pb::CreateIssuerRequest {
             issuer: Some(workloads),
@@ -280,14 +283,23 @@ async fn x509_svids_verify_with_openssl_and_authenticate_to_kms() {
         "issues jwt credentials",
     );
 
-    // A delegated leaf for a SPIFFE ID no other certificate has: once its CA is in the
-    // server's client_ca, it authenticates to kms as that SPIFFE ID.
-    let svc = spiffe("x509-svc");
+    // No delegation of certificates: the CI may not ask for another's (a certificate
+    // cannot name its delegator, and kms would take it as the subject's own).
     let mut as_ci = CredentialsClient::new(server.channel(Some(&ci)).await);
+    refused(
+        as_ci
+            .issue_x509(ask(request(&dir, "other", "ec", None), &app.principal, 0))
+            .await,
+        Code::PermissionDenied,
+        "on behalf of another subject",
+    );
+    // The CI's leaf, of a key of its own: once its CA is in the server's client_ca, it
+    // authenticates to kms as the CI's SPIFFE ID.
+    let svc = ci.principal.clone();
     // An Ed25519 key: rustls (kms's TLS) and openssl take it.
     let svc_csr = request(&dir, "svc", "ed25519", None);
     let svc_leaf = as_ci
-        .issue_x509(ask(svc_csr, &svc, 0))
+        .issue_x509(ask(svc_csr, "", 0))
         .await
         .unwrap()
         .into_inner();
@@ -616,8 +628,9 @@ async fn x509_svids_verify_with_openssl_and_authenticate_to_kms() {
     let delegated = events
         .iter()
         .find(|e| e["operation"] == "IssueX509" && e["credential"]["jti"] == svc_leaf.serial)
-        .expect("the delegated issuance is recorded");
-    assert_eq!(delegated["credential"]["actor"], ci.principal.as_str());
+        .expect("the CI's issuance is recorded");
+    assert_eq!(delegated["credential"]["subject"], ci.principal.as_str());
+    assert!(delegated["credential"]["actor"].is_null(), "{delegated:#}");
     let refusals: Vec<&str> = events
         .iter()
         .filter(|e| e["operation"] == "IssueX509" && e["outcome"] != "OK")
@@ -633,6 +646,7 @@ async fn x509_svids_verify_with_openssl_and_authenticate_to_kms() {
             "INVALID_ARGUMENT",
             "PERMISSION_DENIED",
             "FAILED_PRECONDITION",
+            "PERMISSION_DENIED",
             "FAILED_PRECONDITION",
         ],
         "{events:#?}"

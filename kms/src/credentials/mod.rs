@@ -541,7 +541,7 @@ impl Credentials {
             "the caller's principal (the key id)",
         )?;
         let subject = ssh::SubjectKey::parse(req.public_key)?;
-        let principals = ssh_principals(&issuer, req.principals)?;
+        let principals = ssh_principals(&issuer, caller, req.principals)?;
         let ttl = if req.ttl == 0 {
             issuer.default_ttl
         } else {
@@ -986,13 +986,46 @@ fn check_key(keys: &dyn KeySource, issuer: &Issuer) -> Result<(), CredentialsErr
 
 /// The principals a certificate of `issuer` names: those `asked` (each once), all of
 /// them when none is; one it does not list is refused.
-fn ssh_principals(issuer: &Issuer, asked: &[String]) -> Result<Vec<String>, CredentialsError> {
+fn ssh_principals(
+    issuer: &Issuer,
+    caller: &str,
+    asked: &[String],
+) -> Result<Vec<String>, CredentialsError> {
+    if asked.len() > model::MAX_LIST {
+        return Err(CredentialsError::BadRequest(format!(
+            "a request names at most {} principals",
+            model::MAX_LIST
+        )));
+    }
+    // What this caller may have: the issuer's fixed principals (shared accounts, for every
+    // caller it allows), and its own name where the issuer lists `{{name}}`.
+    let own = model::caller_name(caller);
+    let mut allowed: Vec<&str> = Vec::with_capacity(issuer.ssh_principals.len());
+    for p in &issuer.ssh_principals {
+        let p = if p == model::CALLER_NAME {
+            match own {
+                Some(name) => name,
+                None => continue,
+            }
+        } else {
+            p.as_str()
+        };
+        if !allowed.contains(&p) {
+            allowed.push(p);
+        }
+    }
     if asked.is_empty() {
-        return Ok(issuer.ssh_principals.clone());
+        if allowed.is_empty() {
+            return Err(CredentialsError::Denied(format!(
+                "issuer {:?} issues certificates for the caller's own name only, and the caller's identity names none that is an SSH principal",
+                issuer.name
+            )));
+        }
+        return Ok(allowed.iter().map(|p| (*p).to_owned()).collect());
     }
     let mut out: Vec<String> = Vec::with_capacity(asked.len());
     for p in asked {
-        if !issuer.ssh_principals.contains(p) {
+        if !allowed.contains(&p.as_str()) {
             return Err(CredentialsError::Denied(format!(
                 "issuer {:?} does not issue certificates for the principal {:?}",
                 issuer.name,

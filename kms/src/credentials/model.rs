@@ -300,11 +300,10 @@ impl Issuer {
             "ssh_extensions",
             "ssh_user",
         )?;
-        only(
-            ssh && !self.delegators.is_empty(),
-            "delegation",
-            "jwt and x509",
-        )?;
+        // A token names its delegator (`act`); a certificate cannot, and kms itself would
+        // take a delegated X.509-SVID as its subject's own client certificate.
+        only(!jwt && !self.delegators.is_empty(), "delegation", "jwt")?;
+        only(!jwt && !self.subjects.is_empty(), "subjects", "jwt")?;
         if ssh {
             self.check_ssh()?;
         }
@@ -378,10 +377,33 @@ impl Issuer {
     }
 }
 
+/// An ssh issuer's principal that stands for the caller's own name ([`caller_name`]): the
+/// one principal a certificate may name that differs from caller to caller.
+pub(crate) const CALLER_NAME: &str = "{{name}}";
+
+/// The caller's own name, as [`CALLER_NAME`] resolves: the last path segment of its
+/// SPIFFE ID (`spiffe://corp/people/alice`: `alice`; `spiffe://corp/host/db1.corp`:
+/// `db1.corp`), or the name of a `cn:NAME` principal; `None` when that is not an SSH
+/// principal (empty, too long, with whitespace, commas or control characters).
+pub(crate) fn caller_name(principal: &str) -> Option<&str> {
+    let name = if let Some(cn) = principal.strip_prefix("cn:") {
+        cn
+    } else if crate::access::tls::is_spiffe_id(principal) {
+        let (_, path) = principal.strip_prefix("spiffe://")?.split_once('/')?;
+        path.rsplit('/').next()?
+    } else {
+        return None;
+    };
+    (name != CALLER_NAME && check_ssh_principal(name).is_ok()).then_some(name)
+}
+
 /// Checks an SSH principal (a user or host name a certificate names): 1 to
 /// [`MAX_SSH_PRINCIPAL`] bytes without whitespace, commas (sshd splits on them) or
 /// control characters.
 pub(crate) fn check_ssh_principal(p: &str) -> Result<(), CredentialsError> {
+    if p == CALLER_NAME {
+        return Ok(());
+    }
     let ok = !p.is_empty()
         && p.len() <= MAX_SSH_PRINCIPAL
         && crate::policy::is_label(p, MAX_SSH_PRINCIPAL)

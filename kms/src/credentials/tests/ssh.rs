@@ -280,6 +280,42 @@ fn a_user_certificate_carries_what_the_issuer_says_and_verifies() {
     );
 }
 
+/// A fixed principal is for every caller the issuer allows (a shared account); `{{name}}`
+/// is each caller's own name, which no other caller gets.
+#[test]
+fn a_caller_gets_its_own_name_and_the_shared_principals_only() {
+    let f = fixture();
+    let mut i = ssh_issuer("people", model::Kind::SshUser);
+    i.ssh_principals = vec![model::CALLER_NAME.to_owned(), "deploy".to_owned()];
+    create(&f, &f.keys, i);
+    let bob = "spiffe://corp/people/bob";
+    let issue = |who: &str, asked: &[String]| {
+        f.engine
+            .issue_ssh(&f.keys, who, &ask("people", ED25519_KEY, asked, 600))
+    };
+    assert_eq!(issue(ALICE, &[]).unwrap().principals, ["alice", "deploy"]);
+    assert_eq!(issue(bob, &[]).unwrap().principals, ["bob", "deploy"]);
+    assert_eq!(issue(bob, &["bob".to_owned()]).unwrap().principals, ["bob"]);
+    for other in ["alice", "{{name}}", "root"] {
+        let e = issue(bob, &[other.to_owned()]).err().unwrap();
+        assert!(matches!(e, CredentialsError::Denied(_)), "{other}: {e}");
+    }
+    let many: Vec<String> = (0..65).map(|_| "bob".to_owned()).collect();
+    assert!(matches!(
+        issue(bob, &many).err().unwrap(),
+        CredentialsError::BadRequest(_)
+    ));
+    // A caller whose name is not an SSH principal gets the shared ones only.
+    assert_eq!(model::caller_name("spiffe://corp/people/a,b"), None);
+    assert_eq!(model::caller_name("cn:build host"), None);
+    assert_eq!(model::caller_name("cn:ci"), Some("ci"));
+    assert_eq!(
+        model::caller_name("spiffe://corp/host/db1.corp"),
+        Some("db1.corp")
+    );
+    assert_eq!(model::caller_name("spiffe://corp"), None);
+}
+
 #[test]
 fn a_host_certificate_from_an_ed25519_key_carries_no_options() {
     let f = fixture();

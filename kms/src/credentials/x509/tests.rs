@@ -155,8 +155,8 @@ fn issuer(kind: Kind) -> Issuer {
         default_ttl: 3600,
         max_ttl: 7200,
         claims: Default::default(),
-        delegators: vec![Pattern::new(CI).unwrap()],
-        subjects: vec![Pattern::new("spiffe://corp/app/*").unwrap()],
+        delegators: Vec::new(),
+        subjects: Vec::new(),
         created_ms: 0,
         created_by: String::new(),
     }
@@ -256,17 +256,33 @@ fn a_leaf_follows_the_x509_svid_profile() {
     assert!(cabc.critical && cabc.value.ca && cabc.value.path_len_constraint == Some(0));
     let caku = ca.key_usage().unwrap().unwrap();
     assert!(caku.critical && caku.value.key_cert_sign() && caku.value.crl_sign());
-    // Without a SAN in the request, and for a delegated subject, the same profile.
+    // Without a SAN in the request, the same profile.
     let bare = csr(Vec::new());
-    let delegated = f
+    let own = f
         .engine
-        .issue_x509(&f.keys, CI, &ask("self", &bare, APP, 60))
+        .issue_x509(&f.keys, APP, &ask("self", &bare, "", 60))
         .unwrap();
-    assert_eq!(delegated.summary.actor.as_deref(), Some(CI));
-    let d_der = der_of(&delegated.certificate_pem);
+    assert_eq!(own.summary.actor, None);
+    let d_der = der_of(&own.certificate_pem);
     let (_, d) = X509Certificate::from_der(&d_der[0]).unwrap();
     let san = d.subject_alternative_name().unwrap().unwrap();
     assert_eq!(san.value.general_names, vec![GeneralName::URI(APP)]);
+    // No delegation: a certificate cannot name its delegator, and kms would take it as its
+    // subject's own client certificate.
+    let e = f
+        .engine
+        .issue_x509(&f.keys, CI, &ask("self", &bare, APP, 60))
+        .err()
+        .unwrap();
+    assert!(matches!(e, CredentialsError::Denied(_)), "{e}");
+    let mut delegating = issuer(Kind::X509);
+    delegating.name = "delegating".to_owned();
+    delegating.delegators = vec![Pattern::new(CI).unwrap()];
+    delegating.subjects = vec![Pattern::new("spiffe://corp/app/*").unwrap()];
+    assert!(matches!(
+        delegating.check(),
+        Err(CredentialsError::BadRequest(m)) if m.contains("delegation is for jwt")
+    ));
 }
 
 /// An Ed25519 key is certified too: digitalSignature only, signed by the CA.
