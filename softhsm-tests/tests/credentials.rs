@@ -423,6 +423,8 @@ async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
         delegated.expires_unix
     );
     assert_eq!(delegated_record["credential"]["kind"], "jwt");
+    assert_eq!(delegated_record["key"], "jwt-hsm");
+    assert_eq!(delegated_record["key_version"], 1);
     assert_eq!(delegated_record["credential"]["key_version"], 1);
     let rotated_record = issued
         .iter()
@@ -503,7 +505,7 @@ async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
                     && r["key_version"] == version
                     && r["outcome"] == outcome
             })
-            .map(|r| r["span"]["count"].as_u64().unwrap())
+            .map(|r| r["count"].as_u64().unwrap())
             .sum::<u64>()
     };
     let me = app.principal.as_str();
@@ -511,6 +513,20 @@ async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
     assert_eq!(count(me, None, 2, "OK"), 2, "{rows:#?}");
     assert_eq!(count(me, Some(&ci.principal), 1, "OK"), 1, "{rows:#?}");
     assert_eq!(count(me, None, 0, "PERMISSION_DENIED"), 2, "{rows:#?}");
+    // An issuance is a use of the key version that signed it: the report's usage rows
+    // count it, and its "no successful use" section does not name a version that signed.
+    let used = report["usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|u| u["key"] == "jwt-hsm" && u["operation"] == "IssueJwt" && u["outcome"] == "OK")
+        .map(|u| (u["version"].as_u64().unwrap(), u["count"].as_u64().unwrap()))
+        .collect::<Vec<_>>();
+    // Seven tokens issued, one of them by the other issuer's key.
+    assert_eq!(used.iter().map(|(_, n)| n).sum::<u64>(), 6, "{used:?}");
+    assert!(used.iter().any(|(v, _)| *v == 2), "{used:?}");
+    let unused = report["unused"].as_array().unwrap();
+    assert!(!unused.iter().any(|u| u["key"] == "jwt-hsm"), "{unused:#?}");
     let logs = hsm.logs();
     for token in [&first.token, &rotated.token, &delegated.token, &expired] {
         let signature = token.rsplit('.').next().unwrap();

@@ -310,7 +310,9 @@ pub struct CredentialRow {
     pub key_version: u32,
     /// `OK` or the gRPC code name.
     pub outcome: String,
-    /// How many, the first and the last.
+    /// How many, the first and the last (`count`, `first_ms`, `last_ms`, as the usage
+    /// rows').
+    #[serde(flatten)]
     pub span: Span,
 }
 

@@ -204,6 +204,8 @@ pub(crate) struct Issued {
     pub token: String,
     /// What the record names.
     pub summary: crate::audit::CredentialSummary,
+    /// The key (and [`Issued::key_version`]) that signed.
+    pub key: String,
     /// The key version that signed.
     pub key_version: u32,
     /// The key id.
@@ -233,6 +235,8 @@ pub(crate) struct SshIssued {
     /// What the record names (the serial in decimal as its `jti`, the caller as its
     /// subject and key id).
     pub summary: crate::audit::CredentialSummary,
+    /// The key that signed (its version is the summary's).
+    pub key: String,
 }
 
 /// What a valid token says.
@@ -490,6 +494,7 @@ impl Credentials {
             other => CredentialsError::KeyUnusable(other.to_string()),
         })?;
         Ok(Issued {
+            key: issuer.key.clone(),
             token,
             summary: crate::audit::CredentialSummary {
                 issuer: issuer.name.clone(),
@@ -591,6 +596,7 @@ impl Credentials {
             .line(tbs, &signature)
             .ok_or(CredentialsError::Internal("a signature of another length"))?;
         Ok(SshIssued {
+            key: issuer.key.clone(),
             certificate,
             serial,
             summary: crate::audit::CredentialSummary {

@@ -314,7 +314,9 @@ impl pb::credentials_server::Credentials for CredentialsService {
                     kid: issued.kid,
                     token: issued.token,
                 };
-                Ok(Served::new(response).credential(issued.summary))
+                Ok(Served::new(response)
+                    .signed_with(issued.key, issued.summary.key_version)
+                    .credential(issued.summary))
             })
             .await,
         )
@@ -420,7 +422,9 @@ impl pb::credentials_server::Credentials for CredentialsService {
                     expires_unix: issued.summary.expires,
                     key_version: issued.summary.key_version,
                 };
-                Ok(Served::new(response).credential(issued.summary))
+                Ok(Served::new(response)
+                    .signed_with(issued.key, issued.summary.key_version)
+                    .credential(issued.summary))
             })
             .await,
         )
@@ -495,7 +499,9 @@ impl pb::credentials_server::Credentials for CredentialsService {
                     expires_unix: issued.summary.expires,
                     key_version: issued.summary.key_version,
                 };
-                Ok(Served::new(response).credential(issued.summary))
+                Ok(Served::new(response)
+                    .signed_with(issued.key, issued.summary.key_version)
+                    .credential(issued.summary))
             })
             .await,
         )

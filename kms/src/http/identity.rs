@@ -75,7 +75,9 @@ pub(crate) async fn token(
                 "token": issued.token,
                 "ttl": issued.summary.expires.saturating_sub(crate::keyring::now()),
             });
-            Ok(Served::new(Reply::ok(&data)).credential(issued.summary))
+            Ok(Served::new(Reply::ok(&data))
+                .signed_with(issued.key, issued.summary.key_version)
+                .credential(issued.summary))
         },
     )
     .await;

@@ -567,6 +567,7 @@ pub(crate) struct Served<R> {
     replay_of: Option<String>,
     secret_versions: Vec<u64>,
     credential: Option<crate::audit::CredentialSummary>,
+    signed_with: Option<(String, u32)>,
     outcome: Option<super::ErrorKind>,
 }
 
@@ -583,8 +584,16 @@ impl<R> Served<R> {
             replay_of: None,
             secret_versions: Vec::new(),
             credential: None,
+            signed_with: None,
             outcome: None,
         }
+    }
+
+    /// The key and version that signed what the call issued: its record names them, so that
+    /// the auditors' report counts the issuance as a use of that key version.
+    pub(crate) fn signed_with(mut self, key: String, version: u32) -> Self {
+        self.signed_with = Some((key, version));
+        self
     }
 
     /// The credential issued, for its record (never the token itself).
@@ -797,6 +806,10 @@ fn settle<R: Reply>(call: &Call, result: Result<Served<R>, ServiceError>) -> Set
                 event.credential = served.credential;
             }
             event.key_version = served.version.or(event.key_version);
+            if let Some((k, v)) = served.signed_with {
+                event.key = Some(k);
+                event.key_version = Some(v);
+            }
             if let Some((k, v)) = served.destination {
                 event.destination_key = Some(k);
                 event.destination_key_version = Some(v);

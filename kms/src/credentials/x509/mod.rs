@@ -102,6 +102,8 @@ pub(crate) struct X509Issued {
     pub chain_pem: String,
     /// What the record names (the serial, hex, as its `jti`).
     pub summary: crate::audit::CredentialSummary,
+    /// The key that signed (its version is the summary's).
+    pub key: String,
 }
 
 /// A request for a certificate.
@@ -658,6 +660,7 @@ impl super::Credentials {
         let signer = RemoteKey::new(keys, &issuer.key, version, versions.algorithm)?;
         let (der, serial) = leaf(&signer, ca, &key, &subject, now, expires)?;
         Ok(X509Issued {
+            key: issuer.key.clone(),
             certificate_pem: super::pem_chain(&[der]),
             chain_pem: super::pem_chain(chain),
             summary: crate::audit::CredentialSummary {
