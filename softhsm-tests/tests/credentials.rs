@@ -66,7 +66,7 @@ async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
     let mut admin = CredentialsClient::new(admin_channel);
     let mut workloads = issuer("workloads", "jwt-hsm", &[&app.principal]);
     workloads.delegators = vec![ci.principal.clone()];
-    workloads.subjects = vec![format!("{}*", app.principal)];
+    workloads.subjects = vec![app.principal.clone()];
     workloads.max_ttl_seconds = 600;
     // Published for 2 seconds before a new version signs (a real issuer: minutes).
     workloads.publish_ahead_seconds = Some(2);
@@ -476,7 +476,8 @@ async fn jwt_svids_verify_with_pyjwt_against_the_published_keys() {
     assert!(
         events.iter().any(|e| e["operation"] == "IssueJwt"
             && e["outcome"] == "PERMISSION_DENIED"
-            && e["credential"]["subject"] == ci.principal.as_str()),
+            && e["credential"]["subject"] == ci.principal.as_str()
+            && e["credential"]["actor"] == app.principal.as_str()),
         "{events:#?}"
     );
     assert!(

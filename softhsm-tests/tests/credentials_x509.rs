@@ -256,6 +256,20 @@ async fn x509_svids_verify_with_openssl_and_authenticate_to_kms() {
         Code::InvalidArgument,
         "2048 to 8192 bits",
     );
+    openssl(
+        &dir,
+        &[
+            "req", "-new", "-nodes", "-sha1", "-newkey", "rsa:2048", "-keyout", "sha1.key", "-out",
+            "sha1.csr", "-subj", "/CN=x",
+        ],
+    );
+    refused(
+        as_app
+            .issue_x509(ask(std::fs::read(dir.join("sha1.csr")).unwrap(), "", 0))
+            .await,
+        Code::InvalidArgument,
+        "signed with SHA-1",
+    );
     refused(
         as_app.issue_x509(ask(csr.clone(), "", 7201)).await,
         Code::InvalidArgument,
@@ -639,6 +653,7 @@ async fn x509_svids_verify_with_openssl_and_authenticate_to_kms() {
     assert_eq!(
         refusals,
         [
+            "INVALID_ARGUMENT",
             "INVALID_ARGUMENT",
             "INVALID_ARGUMENT",
             "INVALID_ARGUMENT",

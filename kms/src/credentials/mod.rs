@@ -388,9 +388,15 @@ impl Credentials {
         let before = self.issuer(name)?;
         let mut issuer = before.clone();
         change(&mut issuer);
-        if issuer.kind != before.kind || issuer.self_signed != before.self_signed {
+        if issuer.kind != before.kind
+            || issuer.self_signed != before.self_signed
+            || issuer.key != before.key
+        {
+            // Another key would withdraw the old one's public keys at once (its tokens and
+            // certificates would stop verifying) and sign without being published first:
+            // an issuer's key changes by rotation.
             return Err(CredentialsError::BadRequest(
-                "an issuer's kind and self_signed are fixed when it is made".to_owned(),
+                "an issuer's kind, key and self_signed are fixed when it is made: rotate its key (kms issuer rotate), or make another issuer".to_owned(),
             ));
         }
         if issuer.kind == model::Kind::X509 && issuer.key != before.key {

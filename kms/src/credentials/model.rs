@@ -198,6 +198,21 @@ impl Issuer {
                 )));
             }
         }
+        // A prefix covers whole path segments: `spiffe://corp/app*` would also match
+        // `spiffe://corp/app-admin`, and `spiffe://corp*` another trust domain.
+        for p in self
+            .principals
+            .iter()
+            .chain(&self.delegators)
+            .chain(&self.subjects)
+        {
+            if p.as_str().ends_with('*') && !p.as_str().ends_with("/*") {
+                return Err(CredentialsError::BadRequest(format!(
+                    "the pattern {:?} ends in a partial name: an issuer's patterns are names, or prefixes ending in `/*` (a whole path segment)",
+                    bounded_pattern(p.as_str())
+                )));
+            }
+        }
         if !self.delegators.is_empty() && self.subjects.is_empty() {
             return Err(CredentialsError::BadRequest(
                 "an issuer with delegators names the subjects they may ask for".to_owned(),
@@ -397,6 +412,11 @@ pub(crate) fn caller_name(principal: &str) -> Option<&str> {
     (name != CALLER_NAME && check_ssh_principal(name).is_ok()).then_some(name)
 }
 
+/// A pattern as an error shows it: at most 64 characters.
+fn bounded_pattern(p: &str) -> String {
+    p.chars().take(64).collect()
+}
+
 /// Checks an SSH principal (a user or host name a certificate names): 1 to
 /// [`MAX_SSH_PRINCIPAL`] bytes without whitespace, commas (sshd splits on them) or
 /// control characters.
@@ -499,8 +519,9 @@ mod tests {
     #[test]
     fn an_issuer_is_checked_before_it_is_stored() {
         assert!(issuer().check().is_ok());
-        let bad: [fn(&mut Issuer); 20] = [
+        let bad: [fn(&mut Issuer); 21] = [
             |i: &mut Issuer| i.publish_ahead = MAX_PUBLISH_AHEAD + 1,
+            |i: &mut Issuer| i.principals = vec![Pattern::new("spiffe://corp/app*").unwrap()],
             |i: &mut Issuer| i.kind = Kind::X509,
             |i: &mut Issuer| i.self_signed = true,
             |i: &mut Issuer| i.ssh_principals = vec!["root".to_owned()],

@@ -478,6 +478,13 @@ fn an_update_is_checked_as_a_new_issuer_is() {
         f.engine.issuer("workloads").unwrap().audiences,
         ["payments"]
     );
+    // The key is the issuer's for good: another would withdraw the old keys' public
+    // keys at once and sign unpublished.
+    assert!(matches!(
+        f.engine
+            .update_issuer(&journal, &f.keys, "workloads", |i| i.key = "other".to_owned()),
+        Err(CredentialsError::BadRequest(m)) if m.contains("rotate")
+    ));
     assert!(matches!(
         f.engine.create_issuer(&journal, &f.keys, issuer(), "admin"),
         Err(CredentialsError::IssuerExists(_))

@@ -274,13 +274,18 @@ impl Call {
     /// record says whom it was for (a subject that is not a SPIFFE ID, an audience with
     /// control or invisible characters or over 256 bytes, as a bounded placeholder).
     pub(crate) fn credential_request(mut self, subject: &str, audience: &str) -> Self {
+        let caller = self.event.principal.clone();
         if let Some(c) = &mut self.event.credential {
             c.subject = if subject.is_empty() || crate::access::tls::is_spiffe_id(subject) {
                 subject.to_owned()
             } else {
                 invalid_name(subject)
             };
-            c.audience = if crate::policy::is_label(audience, 256) {
+            // Asked on another's behalf: the caller is the delegator, refused or not.
+            if !subject.is_empty() && subject != caller {
+                c.actor = Some(caller);
+            }
+            c.audience = if audience.is_empty() || crate::policy::is_label(audience, 256) {
                 audience.to_owned()
             } else {
                 invalid_name(audience)

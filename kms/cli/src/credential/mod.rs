@@ -165,10 +165,10 @@ pub(crate) struct Definition {
     audiences: Vec<String>,
     /// A credential's lifetime when the request gives none (e.g. 5m; the server's default:
     /// 5m for tokens, 1h for certificates).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_ttl)]
     default_ttl: Option<u64>,
     /// The longest lifetime a request may ask for (e.g. 1h; the server's default: 1h).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_ttl)]
     max_ttl: Option<u64>,
     /// A claim every token carries, KEY=VALUE (repeatable; each key once).
     #[arg(long = "claim", value_name = "KEY=VALUE", value_parser = parse_claim)]
@@ -211,9 +211,6 @@ pub(crate) struct Ssh {
 /// What `issuer update` changes: `None` is "not given, stays".
 #[derive(Debug, clap::Args)]
 pub(crate) struct Change {
-    /// The keyring key that signs.
-    #[arg(long)]
-    key: Option<String>,
     /// Replaces the principals (repeatable).
     #[arg(long = "principal", value_name = "PRINCIPAL")]
     principals: Option<Vec<String>>,
@@ -221,10 +218,10 @@ pub(crate) struct Change {
     #[arg(long = "audience", value_name = "AUDIENCE")]
     audiences: Option<Vec<String>>,
     /// A token's lifetime when the request gives none (e.g. 5m).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_ttl)]
     default_ttl: Option<u64>,
     /// The longest lifetime a request may ask for (e.g. 1h).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_ttl)]
     max_ttl: Option<u64>,
     /// Replaces the claims, KEY=VALUE (repeatable; each key once).
     #[arg(long = "claim", value_name = "KEY=VALUE", value_parser = parse_claim)]
@@ -269,7 +266,7 @@ pub(crate) enum CredentialCommand {
         #[arg(long)]
         subject: Option<String>,
         /// The token's lifetime (e.g. 2m; the issuer's default when absent).
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = parse_ttl)]
         ttl: Option<u64>,
         /// Print JSON: the token, its jti, subject, expiry, key version and kid.
         #[arg(long)]
@@ -295,7 +292,7 @@ pub(crate) enum CredentialCommand {
         #[arg(long = "principal", value_name = "NAME")]
         principals: Vec<String>,
         /// The certificate's lifetime (e.g. 10m; the issuer's default when absent).
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = parse_ttl)]
         ttl: Option<u64>,
         /// Print what the certificate says as JSON.
         #[arg(long)]
@@ -320,7 +317,7 @@ pub(crate) enum CredentialCommand {
         #[arg(long)]
         subject: Option<String>,
         /// The certificate's lifetime (e.g. 1h; the issuer's default when absent).
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = parse_ttl)]
         ttl: Option<u64>,
         /// Print JSON: the SPIFFE ID, serial, expiry and key version.
         #[arg(long)]
@@ -351,6 +348,18 @@ pub(crate) enum CredentialCommand {
         /// The token's jti (32 hex digits).
         jti: String,
     },
+}
+
+/// A lifetime: whole seconds, at least one (`500ms` would be 0 seconds, which the server
+/// reads as "the issuer's default": refused rather than silently longer than asked).
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 5m, 1h)"))?;
+    if d.subsec_nanos() != 0 || d.as_secs() == 0 {
+        return Err(
+            "a lifetime is a whole number of seconds, at least 1s (e.g. 90s, 5m, 1h)".to_owned(),
+        );
+    }
+    Ok(d.as_secs())
 }
 
 /// `KEY=VALUE`, the key not empty (the value may be).
@@ -428,7 +437,7 @@ impl Change {
         };
         let r = pb::UpdateIssuerRequest {
             name,
-            key: self.key,
+            key: None,
             principals: list(self.principals, List::Principals)?,
             audiences: list(self.audiences, List::Audiences)?,
             default_ttl_seconds: self.default_ttl,
@@ -447,7 +456,7 @@ impl Change {
         };
         if r == unchanged {
             return Err(
-                "nothing to change: give --key, --principal, --audience, --default-ttl, \
+                "nothing to change: give --principal, --audience, --default-ttl, \
                  --max-ttl, --claim, --delegator, --subject, --publish-ahead, --ssh-principal, \
                  --ssh-option, --ssh-extension or --clear"
                     .to_owned(),
@@ -619,7 +628,9 @@ where
             ttl,
             json,
         } => {
+            let shown = crate::audit::printable(&csr.display().to_string()).into_owned();
             let csr = read_limited(&csr, MAX_CSR)?;
+            refuse_private_key(&csr, &shown, "the request (openssl req -new -out app.csr)")?;
             let r = CredentialsClient::new(connect().await?)
                 .issue_x509(pb::IssueX509Request {
                     issuer,
@@ -678,7 +689,7 @@ where
 /// The public key to certify, from a file or standard input (`-`): at most 64 KiB read
 /// (the server takes one line of at most 16 KiB and says what is wrong with it).
 fn read_public_key(path: &str) -> Result<String, BoxError> {
-    let mut text = String::new();
+    let mut text = Zeroizing::new(String::new());
     let read = if path == "-" {
         std::io::stdin()
             .lock()
@@ -687,8 +698,25 @@ fn read_public_key(path: &str) -> Result<String, BoxError> {
     } else {
         std::fs::File::open(path).and_then(|f| f.take(MAX_TOKEN).read_to_string(&mut text))
     };
-    read.map_err(|e| format!("cannot read the public key from {path}: {e}"))?;
-    Ok(text)
+    let shown = crate::audit::printable(path).into_owned();
+    read.map_err(|e| format!("cannot read the public key from {shown}: {}", e.kind()))?;
+    refuse_private_key(text.as_bytes(), &shown, "the public key (id.pub)")?;
+    Ok(text.to_string())
+}
+
+/// Refuses a file that holds a private key (`id_ed25519` for `id_ed25519.pub`, the key
+/// for the request): it is never sent.
+fn refuse_private_key(bytes: &[u8], shown: &str, give: &str) -> Result<(), BoxError> {
+    let private = bytes
+        .windows(b"PRIVATE KEY-----".len())
+        .any(|w| w == b"PRIVATE KEY-----");
+    if private {
+        return Err(format!(
+            "{shown} holds a private key, which never leaves your machine: give {give}"
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// The largest request `credential x509` reads (the server refuses over 16 KiB).
@@ -890,7 +918,11 @@ mod tests {
             "--max-ttl",
             "soon",
         ]);
-        assert!(bad.unwrap_err().to_string().contains("examples: 1h"));
+        assert!(
+            bad.unwrap_err()
+                .to_string()
+                .contains("examples: 90s, 5m, 1h")
+        );
         match parse(&[
             "credential",
             "jwt",
@@ -970,6 +1002,25 @@ mod tests {
         let r = update(&["--claim", "a=1"]).unwrap();
         assert_eq!(r.claims.unwrap().entries["a"], "1");
         assert!(update(&[]).unwrap_err().contains("nothing to change"));
+    }
+
+    #[test]
+    fn lifetimes_are_whole_seconds_and_private_keys_stay_home() {
+        assert_eq!(parse_ttl("90s"), Ok(90));
+        assert_eq!(parse_ttl("2m"), Ok(120));
+        for bad in ["500ms", "0", "0s", "1500ms", "soon"] {
+            assert!(parse_ttl(bad).is_err(), "{bad}");
+        }
+        let key = b"-----BEGIN OPENSSH PRIVATE KEY-----\nb3Bl\n-----END OPENSSH PRIVATE KEY-----\n";
+        let e = refuse_private_key(key, "id_ed25519", "the public key (id.pub)")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("id_ed25519 holds a private key") && !e.contains("b3Bl"),
+            "{e}"
+        );
+        assert!(refuse_private_key(b"-----BEGIN EC PRIVATE KEY-----", "k", "x").is_err());
+        assert!(refuse_private_key(b"ssh-ed25519 AAAA alice@laptop", "id.pub", "x").is_ok());
     }
 
     #[test]

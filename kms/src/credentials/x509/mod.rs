@@ -50,10 +50,14 @@ pub(crate) enum CsrProblem {
     /// Not one PKCS#10 request, PEM or DER, with nothing after it.
     #[error("not a PKCS#10 certificate request (PEM or DER), or bytes after it")]
     Malformed,
-    /// Its signature does not verify with its own key (no proof of possession), or is made
-    /// with SHA-1.
+    /// Its signature does not verify with its own key (no proof of possession).
     #[error("the request's signature does not verify with its own key")]
     BadSignature,
+    /// Its signature is made with SHA-1.
+    #[error(
+        "the request is signed with SHA-1, which kms refuses: sign it with SHA-256 (openssl req -sha256)"
+    )]
+    Sha1,
     /// A key of another kind than ECDSA P-256/P-384, Ed25519 or RSA.
     #[error("a certificate's key is ECDSA P-256 or P-384, Ed25519, or RSA of 2048 to 8192 bits")]
     KeyType,
@@ -451,7 +455,10 @@ fn read_csr(csr: &[u8], subject: &str) -> Result<LeafKey, CsrProblem> {
         x509_parser::oid_registry::OID_PKCS1_SHA1WITHRSA,
         x509_parser::oid_registry::OID_SHA1_WITH_RSA,
     ];
-    if sha1.contains(&req.signature_algorithm.algorithm) || req.verify_signature().is_err() {
+    if sha1.contains(&req.signature_algorithm.algorithm) {
+        return Err(CsrProblem::Sha1);
+    }
+    if req.verify_signature().is_err() {
         return Err(CsrProblem::BadSignature);
     }
     let mut names = Vec::new();
@@ -569,6 +576,12 @@ impl super::Credentials {
         version: u32,
     ) -> Result<(String, u32), CredentialsError> {
         let issuer = self.issuer_of_kind(name, super::model::Kind::X509)?;
+        if issuer.self_signed {
+            return Err(CredentialsError::BadRequest(format!(
+                "issuer {:?} signs its CA certificates itself: it needs no outside CA's (an issuer for an outside CA is made without --self-signed)",
+                issuer.name
+            )));
+        }
         let version = enabled_version(keys, &issuer, version)?;
         Ok((ca_request(keys, &issuer, version)?, version))
     }
@@ -696,11 +709,22 @@ impl super::Credentials {
                 .ok_or(CredentialsError::NoCaCertificate)?;
             return Ok(super::pem_chain(std::slice::from_ref(ca)));
         }
-        Ok(issuer
+        // The CA certificates of the enabled versions only (a disabled version's CA is no
+        // longer vouched for), each certificate once (the chains share their root).
+        let enabled = keys.versions(&issuer.key)?.enabled;
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        for c in issuer
             .ca
             .iter()
-            .map(|c| super::pem_chain(&c.chain))
-            .collect())
+            .filter(|c| enabled.iter().any(|v| v.version == c.version))
+        {
+            for der in &c.chain {
+                if !out.contains(der) {
+                    out.push(der.clone());
+                }
+            }
+        }
+        Ok(super::pem_chain(&out))
     }
 }
 

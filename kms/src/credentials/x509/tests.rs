@@ -28,12 +28,15 @@ const CI: &str = "spiffe://corp/ci";
 /// Versions of one P-256 key that sign DER, as the keyring does for X.509.
 struct Keys {
     versions: Mutex<Vec<p256::ecdsa::SigningKey>>,
+    /// The versions disabled.
+    disabled: Mutex<Vec<u32>>,
 }
 
 impl Keys {
     fn new() -> Self {
         Self {
             versions: Mutex::new(vec![new_key()]),
+            disabled: Mutex::new(Vec::new()),
         }
     }
 
@@ -52,9 +55,11 @@ impl KeySource for Keys {
     fn versions(&self, _: &str) -> Result<KeyVersions, CredentialsError> {
         let n = self.versions.lock().unwrap().len();
         let old = crate::keyring::now() - 86_400;
+        let disabled = self.disabled.lock().unwrap().clone();
         Ok(KeyVersions {
             algorithm: Algorithm::EcdsaP256Sha256,
             enabled: (1..=u32::try_from(n).unwrap())
+                .filter(|v| !disabled.contains(v))
                 .map(|version| KeyVersion {
                     version,
                     created_at: old,
@@ -499,6 +504,11 @@ impl Root {
 #[test]
 fn an_outside_ca_certificate_is_checked_before_it_is_stored() {
     let f = fixture();
+    // A self-signed issuer has no use for an outside CA's request.
+    assert!(matches!(
+        f.engine.issuer_csr(&f.keys, "self", 0),
+        Err(CredentialsError::BadRequest(m)) if m.contains("itself")
+    ));
     let set = |version: u32, chain: &str| {
         f.engine
             .set_issuer_certificate(&f.journal(), &f.keys, "outside", version, chain)
@@ -597,6 +607,12 @@ fn a_rotation_makes_the_new_versions_ca_certificate() {
     assert_eq!(o.ca.len(), 2);
     assert!(o.ca.iter().all(|c| c.chain.is_empty()));
     assert_eq!(f.engine.issuer("self").unwrap(), s, "stored");
+    // ca_chain: the enabled versions' CA certificates; a disabled version's is withdrawn.
+    let count = |pem: String| pem.matches("BEGIN CERTIFICATE").count();
+    assert_eq!(count(f.engine.ca_pem(&f.keys, "self", false).unwrap()), 2);
+    f.keys.disabled.lock().unwrap().push(1);
+    assert_eq!(count(f.engine.ca_pem(&f.keys, "self", false).unwrap()), 1);
+    f.keys.disabled.lock().unwrap().clear();
     // Both versions old enough: the newer signs, for the self-signed issuer.
     let issued = f
         .engine
