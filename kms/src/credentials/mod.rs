@@ -331,7 +331,7 @@ impl Credentials {
         Ok(out)
     }
 
-    fn write(&self, issuer: &Issuer) -> Result<Write, CredentialsError> {
+    pub(super) fn write(&self, issuer: &Issuer) -> Result<Write, CredentialsError> {
         let json = zeroize::Zeroizing::new(
             serde_json::to_vec(issuer)
                 .map_err(|_| CredentialsError::Internal("record encoding"))?,
@@ -652,8 +652,9 @@ impl Credentials {
         issuer: &Issuer,
     ) -> Result<u32, CredentialsError> {
         let versions = keys.versions(&issuer.key)?;
+        let published = issuer.published(&versions.enabled);
         Ok(
-            signing_version(&versions.enabled, issuer.publish_ahead, now(), |v| {
+            signing_version(&published, issuer.publish_ahead, now(), |v| {
                 issuer.can_sign_with(v)
             })
             .unwrap_or(0),

@@ -111,6 +111,10 @@ pub(crate) struct CaCert {
     pub chain: Vec<Vec<u8>>,
     /// Whether kms made it.
     pub self_signed: bool,
+    /// When it was set, Unix seconds: its CA has been published since (0 in records made
+    /// before this was kept: published since its key version was made).
+    #[serde(default)]
+    pub set_at: u64,
 }
 
 /// An issuer, as stored.
@@ -368,6 +372,23 @@ impl Issuer {
             }
         }
         Ok(())
+    }
+
+    /// Its key's enabled versions, each with when its public side was first published:
+    /// an x509 issuer's version is published with its CA certificate, which an outside CA
+    /// may have signed long after the version was made.
+    pub(crate) fn published(&self, enabled: &[super::KeyVersion]) -> Vec<super::KeyVersion> {
+        enabled
+            .iter()
+            .map(|v| super::KeyVersion {
+                version: v.version,
+                created_at: self
+                    .ca
+                    .iter()
+                    .find(|c| c.version == v.version && self.kind == Kind::X509)
+                    .map_or(v.created_at, |c| v.created_at.max(c.set_at)),
+            })
+            .collect()
     }
 
     /// Whether version `v` of its key may sign for it: an x509 issuer's needs a CA

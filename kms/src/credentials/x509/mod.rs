@@ -12,7 +12,7 @@ use std::cell::RefCell;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SignatureAlgorithm, SigningKey,
+    KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SignatureAlgorithm, SigningKey,
 };
 use x509_parser::certificate::X509Certificate;
 use x509_parser::certification_request::X509CertificationRequest;
@@ -96,6 +96,22 @@ pub(crate) enum ChainProblem {
     /// A certificate is not signed by the next one (or the last, self-signed, by itself).
     #[error("certificate {0} of the chain is not signed by the next one")]
     Signature(usize),
+    /// A certificate above the first is not a CA (basicConstraints cA; keyUsage, if any,
+    /// with keyCertSign), or its pathLen leaves no room for those below it.
+    #[error("certificate {0} of the chain is not a CA that may sign the ones below it")]
+    UpperNotCa(usize),
+    /// A certificate's issuer is not the next one's subject.
+    #[error("certificate {0} of the chain does not name the next one as its issuer")]
+    Names(usize),
+    /// A certificate signed with SHA-1, or with an RSA key under 2048 bits.
+    #[error("certificate {0} of the chain is signed with SHA-1 or by an RSA key under 2048 bits")]
+    Weak(usize),
+    /// The first certificate's subject cannot be written again as the leaves' issuer
+    /// exactly as it is (repeated or multi-valued attributes): leaves would not chain.
+    #[error(
+        "the CA certificate's subject name has attributes kms cannot repeat exactly in its leaves (several values in one RDN, or one type twice): ask for a subject of distinct attributes"
+    )]
+    SubjectName,
 }
 
 /// A certificate issued, and what its record says of it.
@@ -374,6 +390,37 @@ pub(crate) fn check_chain(
         if !cert.validity().is_valid_at(at) {
             return Err(ChainProblem::Validity(n));
         }
+        let weak_rsa = matches!(
+            cert.public_key().parsed(),
+            Ok(x509_parser::public_key::PublicKey::RSA(rsa)) if rsa.key_size() < 2048
+        );
+        if weak_rsa || is_sha1(&cert.signature_algorithm.algorithm.to_id_string()) {
+            return Err(ChainProblem::Weak(n));
+        }
+        if n > 0 {
+            // A CA above the first: cA, keyCertSign if it says its usages, and a pathLen
+            // that allows the CAs below it (n - 1 of them between it and the leaves' CA).
+            let bc = match cert.basic_constraints() {
+                Ok(Some(bc)) if bc.value.ca => bc.value,
+                _ => return Err(ChainProblem::UpperNotCa(n)),
+            };
+            let may_sign = match cert.key_usage() {
+                Ok(Some(ku)) => ku.value.key_cert_sign(),
+                Ok(None) => true,
+                Err(_) => false,
+            };
+            let room = bc
+                .path_len_constraint
+                .is_none_or(|l| usize::try_from(l).unwrap_or(usize::MAX) >= n);
+            if !may_sign || !room {
+                return Err(ChainProblem::UpperNotCa(n));
+            }
+        }
+        if let Some(next) = certs.get(n + 1)
+            && cert.issuer().as_raw() != next.subject().as_raw()
+        {
+            return Err(ChainProblem::Names(n));
+        }
         let signer = match certs.get(n + 1) {
             Some(next) => Some(next.public_key()),
             None if cert.subject() == cert.issuer() => Some(cert.public_key()),
@@ -387,6 +434,33 @@ pub(crate) fn check_chain(
         }
     }
     Ok(())
+}
+
+/// Whether a leaf made under CA certificate `ca` names it as its issuer byte for byte: rcgen
+/// writes the issuer's name again from its attributes, which loses a multi-valued RDN or
+/// a second value of one type (`DC=corp, DC=com`). Tried with throwaway keys.
+fn reproduces_subject(ca: &[u8]) -> bool {
+    let trial = || -> Option<bool> {
+        let ca_key = KeyPair::generate().ok()?;
+        let leaf_key = KeyPair::generate().ok()?;
+        let issuer = rcgen::Issuer::from_ca_cert_der(&ca.into(), &ca_key).ok()?;
+        let leaf = CertificateParams::default()
+            .signed_by(&leaf_key, &issuer)
+            .ok()?;
+        let (_, made) = X509Certificate::from_der(leaf.der()).ok()?;
+        let ca = certificate(ca).ok()?;
+        Some(made.issuer().as_raw() == ca.subject().as_raw())
+    };
+    trial().unwrap_or(false)
+}
+
+/// Whether a signature algorithm (dotted OID) hashes with SHA-1: sha1WithRSAEncryption
+/// (and its OIW alias), ecdsa-with-SHA1, dsa-with-sha1.
+fn is_sha1(oid: &str) -> bool {
+    matches!(
+        oid,
+        "1.2.840.113549.1.1.5" | "1.3.14.3.2.29" | "1.2.840.10045.4.1" | "1.2.840.10040.4.3"
+    )
 }
 
 /// A caller's request, read: the leaf's key.
@@ -560,6 +634,7 @@ impl super::Credentials {
                 version: v.version,
                 chain,
                 self_signed: issuer.self_signed,
+                set_at: now,
             });
             added = true;
         }
@@ -615,11 +690,15 @@ impl super::Credentials {
         let spki = spki_der(&keys.public_key(&issuer.key, version)?)?;
         check_chain(&chain, &spki, version, crate::keyring::now())
             .map_err(CredentialsError::BadCaChain)?;
+        if !chain.first().is_some_and(|ca| reproduces_subject(ca)) {
+            return Err(CredentialsError::BadCaChain(ChainProblem::SubjectName));
+        }
         issuer.ca.retain(|c| c.version != version);
         issuer.ca.push(CaCert {
             version,
             chain,
             self_signed: false,
+            set_at: crate::keyring::now(),
         });
         issuer.ca.sort_by_key(|c| c.version);
         journal.commit(&issuer.name, vec![self.write(&issuer)?])?;
@@ -645,7 +724,8 @@ impl super::Credentials {
         let key = read_csr(req.csr, &subject).map_err(CredentialsError::BadCsr)?;
         let now = crate::keyring::now();
         let versions = keys.versions(&issuer.key)?;
-        let version = super::signing_version(&versions.enabled, issuer.publish_ahead, now, |v| {
+        let published = issuer.published(&versions.enabled);
+        let version = super::signing_version(&published, issuer.publish_ahead, now, |v| {
             issuer.can_sign_with(v)
         })
         .ok_or(CredentialsError::NoCaCertificate)?;
@@ -658,12 +738,18 @@ impl super::Credentials {
         let Some(ca) = chain.first() else {
             return Err(CredentialsError::NoCaCertificate);
         };
-        let ca_not_after = certificate(ca)
-            .map_err(|_| CredentialsError::Internal("a stored CA certificate that does not parse"))?
-            .validity()
-            .not_after
-            .timestamp();
-        let ca_not_after = u64::try_from(ca_not_after).unwrap_or(0);
+        // The leaf lives no longer than any certificate above it.
+        let mut ca_not_after = u64::MAX;
+        for der in chain {
+            let t = certificate(der)
+                .map_err(|_| {
+                    CredentialsError::Internal("a stored CA certificate that does not parse")
+                })?
+                .validity()
+                .not_after
+                .timestamp();
+            ca_not_after = ca_not_after.min(u64::try_from(t).unwrap_or(0));
+        }
         if ca_not_after <= now {
             return Err(CredentialsError::KeyUnusable(format!(
                 "the CA certificate of version {version} of the issuer's key has expired: rotate the issuer"

@@ -613,12 +613,24 @@ fn a_rotation_makes_the_new_versions_ca_certificate() {
     f.keys.disabled.lock().unwrap().push(1);
     assert_eq!(count(f.engine.ca_pem(&f.keys, "self", false).unwrap()), 1);
     f.keys.disabled.lock().unwrap().clear();
-    // Both versions old enough: the newer signs, for the self-signed issuer.
-    let issued = f
-        .engine
-        .issue_x509(&f.keys, APP, &ask("self", &csr_for_app(), "", 0))
+    // Both keys are old, but version 2's CA certificate was published just now: version 1
+    // signs until it has been published for publish_ahead, version 2 after.
+    let issue_self = || {
+        f.engine
+            .issue_x509(&f.keys, APP, &ask("self", &csr_for_app(), "", 0))
+            .unwrap()
+            .summary
+            .key_version
+    };
+    assert_eq!(issue_self(), 1);
+    let mut published = f.engine.issuer("self").unwrap();
+    for c in &mut published.ca {
+        c.set_at -= model::DEFAULT_PUBLISH_AHEAD;
+    }
+    f.store
+        .write_all(&[f.engine.write(&published).unwrap()])
         .unwrap();
-    assert_eq!(issued.summary.key_version, 2);
+    assert_eq!(issue_self(), 2);
     // Only version 2 of the outside issuer certified: it signs.
     let root = Root::new();
     let (csr2, v) = f.engine.issuer_csr(&f.keys, "outside", 0).unwrap();
@@ -693,4 +705,149 @@ fn the_spiffe_bundle_names_every_issuers_keys_by_use() {
         serde_json::json!([data_encoding::BASE64.encode(&ca)])
     );
     assert_eq!(keys.len(), 2);
+}
+
+/// An outside CA's certificate whose subject kms could not write again byte for byte as
+/// its leaves' issuer (an AD CS-style `DC=com, DC=corp, OU=PKI, OU=Workloads`) is refused
+/// when it is set, rather than making leaves that do not chain.
+#[test]
+fn a_ca_subject_kms_cannot_repeat_is_refused() {
+    use std::process::Command;
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    let (csr, _) = f.engine.issuer_csr(&f.keys, "outside", 0).unwrap();
+    std::fs::write(d("kms.csr"), &csr).unwrap();
+    std::fs::write(
+        d("ext.cnf"),
+        "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let o = Command::new("openssl").args(args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &d("root.key"),
+        "-out",
+        &d("root.pem"),
+        "-subj",
+        "/CN=Corp Root",
+        "-days",
+        "30",
+    ]);
+    let sign = |subject: &str| {
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &d("kms.csr"),
+            "-CA",
+            &d("root.pem"),
+            "-CAkey",
+            &d("root.key"),
+            "-set_serial",
+            "7",
+            "-days",
+            "30",
+            "-extfile",
+            &d("ext.cnf"),
+            "-subj",
+            subject,
+            "-out",
+            &d("ca.pem"),
+        ]);
+        std::fs::read_to_string(d("ca.pem")).unwrap()
+            + &std::fs::read_to_string(d("root.pem")).unwrap()
+    };
+    let repeated = sign("/DC=com/DC=corp/OU=PKI/OU=Workloads/CN=kms-outside");
+    assert!(matches!(
+        f.engine
+            .set_issuer_certificate(&f.journal(), &f.keys, "outside", 1, &repeated),
+        Err(CredentialsError::BadCaChain(ChainProblem::SubjectName))
+    ));
+    // Distinct attributes: set, and the leaf names the CA as its issuer byte for byte.
+    let plain = sign("/O=Corp/OU=PKI/CN=kms-outside");
+    f.engine
+        .set_issuer_certificate(&f.journal(), &f.keys, "outside", 1, &plain)
+        .unwrap();
+    let issued = f
+        .engine
+        .issue_x509(&f.keys, APP, &ask("outside", &csr_for_app(), "", 0))
+        .unwrap();
+    let leaf_der = der_of(&issued.certificate_pem);
+    let chain_der = der_of(&issued.chain_pem);
+    let (_, leaf) = X509Certificate::from_der(&leaf_der[0]).unwrap();
+    let (_, ca) = X509Certificate::from_der(&chain_der[0]).unwrap();
+    assert_eq!(leaf.issuer().as_raw(), ca.subject().as_raw());
+}
+
+/// A certificate above the CA's that is no CA, or that its CA certificate does not name
+/// as its issuer, is refused.
+#[test]
+fn a_chain_through_a_non_ca_or_another_name_is_refused() {
+    let f = fixture();
+    let upper_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut upper = CertificateParams::default();
+    upper.distinguished_name = rcgen::DistinguishedName::new();
+    upper
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "not a CA at all");
+    upper.is_ca = rcgen::IsCa::ExplicitNoCa;
+    upper.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    let upper_pem = upper.self_signed(&upper_key).unwrap().pem();
+    let (csr, _) = f.engine.issuer_csr(&f.keys, "outside", 0).unwrap();
+    let mut req = rcgen::CertificateSigningRequestParams::from_pem(&csr).unwrap();
+    req.params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    req.params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let set = |chain: String| {
+        f.engine
+            .set_issuer_certificate(&f.journal(), &f.keys, "outside", 1, &chain)
+    };
+    // Signed by the non-CA's key under its own name: refused as no CA.
+    let issuer = rcgen::Issuer::from_params(&upper, &upper_key);
+    let ca = req
+        .params
+        .signed_by(&req.public_key, &issuer)
+        .unwrap()
+        .pem();
+    assert!(matches!(
+        set(ca + &upper_pem),
+        Err(CredentialsError::BadCaChain(ChainProblem::UpperNotCa(1)))
+    ));
+    // Signed by the same key under another name: refused, the names do not chain.
+    let mut renamed = upper.clone();
+    renamed.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    renamed.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let renamed_pem = renamed.self_signed(&upper_key).unwrap().pem();
+    renamed.distinguished_name = rcgen::DistinguishedName::new();
+    renamed
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Some Other Root");
+    let issuer = rcgen::Issuer::from_params(&renamed, &upper_key);
+    let ca = req
+        .params
+        .signed_by(&req.public_key, &issuer)
+        .unwrap()
+        .pem();
+    assert!(matches!(
+        set(ca + &renamed_pem),
+        Err(CredentialsError::BadCaChain(ChainProblem::Names(0)))
+    ));
+    assert!(
+        f.engine
+            .issuer("outside")
+            .unwrap()
+            .ca
+            .iter()
+            .all(|c| c.chain.is_empty())
+    );
 }
