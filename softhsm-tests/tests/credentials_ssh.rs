@@ -262,6 +262,7 @@ fn ssh_certificates_from_hsm_keys_log_in_to_a_real_sshd() {
         ("user-ca", "ecdsa-p256-sha256"),
         ("user-ca-ed", "ed25519"),
         ("host-ca", "ed25519"),
+        ("token-signer", "ecdsa-p256-sha256"),
     ] {
         ok(server.kms(
             &[
@@ -454,7 +455,7 @@ fn ssh_certificates_from_hsm_keys_log_in_to_a_real_sshd() {
             "create",
             "tokens",
             "--key",
-            "user-ca",
+            "token-signer",
             "--principal",
             &user.principal,
             "--audience",

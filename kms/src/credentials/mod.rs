@@ -369,6 +369,20 @@ impl Credentials {
         if self.store.get(ISSUERS, &issuer.name)?.is_some() {
             return Err(CredentialsError::IssuerExists(issuer.name));
         }
+        // One key, one kind of credential: a key that signs tokens and certificates would be
+        // published as both a JWT and an X.509 authority, and a signature of one kind made
+        // for the other could one day be taken for it.
+        if let Some(other) = self
+            .issuers()?
+            .into_iter()
+            .find(|i| i.key == issuer.key && i.kind != issuer.kind)
+        {
+            return Err(CredentialsError::KeyUnusable(format!(
+                "issuer {:?} signs {} credentials with this key: an issuer of another kind needs a key of its own",
+                other.name,
+                other.kind.name()
+            )));
+        }
         // An x509 issuer's CA certificates (or entries awaiting them) are in its first record.
         Self::complete_ca(keys, &mut issuer, now())?;
         journal.commit(&issuer.name, vec![self.write(&issuer)?])?;

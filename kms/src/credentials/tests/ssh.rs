@@ -61,6 +61,7 @@ impl KeySource for EdKeys {
 fn ssh_issuer(name: &str, kind: model::Kind) -> model::Issuer {
     let mut i = issuer();
     i.name = name.to_owned();
+    i.key = format!("{name}-ca");
     i.kind = kind;
     i.audiences.clear();
     i.claims.clear();

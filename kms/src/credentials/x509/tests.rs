@@ -136,6 +136,7 @@ fn fixture() -> Fixture {
             .unwrap();
     }
     let mut jwt = issuer(Kind::Jwt);
+    jwt.key = "jwt-signer".to_owned();
     jwt.audiences = vec!["payments".to_owned()];
     f.engine
         .create_issuer(&f.journal(), &f.keys, jwt, "admin")
