@@ -411,5 +411,9 @@ fn the_readme_keys_and_crypto_block_runs_as_written() {
     assert!(stdout.contains("card 4111..."), "{stdout}");
     assert!(stdout.contains("Verified OK"), "{stdout}");
     assert!(stdout.contains("sk_test_51Hx..."), "{stdout}");
+    assert!(
+        stdout.contains("valid\nSubject  spiffe://kms.dev/app"),
+        "{stdout}"
+    );
     assert!(dev.stop().success());
 }
