@@ -42,7 +42,7 @@ pub(crate) enum CredentialsError {
     /// No version of an x509 issuer's key has a CA certificate yet (an outside CA's is
     /// awaited: GetIssuerCsr, SetIssuerCertificate).
     #[error(
-        "no version of the issuer's key has a CA certificate: set one (GetIssuerCsr, SetIssuerCertificate)"
+        "no version of the issuer's key has a CA certificate: have the company's CA sign its request (kms issuer csr), then set it (kms issuer set-certificate)"
     )]
     NoCaCertificate,
     /// Issuers publish their keys on the HTTPS front, which is off: no token can name where.

@@ -472,9 +472,20 @@ impl Credentials {
             (a, _) => a,
         };
         if !issuer.audiences.iter().any(|a| a == audience) {
+            // The issuer's audiences are public (GetIssuer): name a few, bounded.
+            let mut listed: Vec<&str> = issuer
+                .audiences
+                .iter()
+                .take(5)
+                .map(|a| bounded_str(a))
+                .collect();
+            if issuer.audiences.len() > 5 {
+                listed.push("...");
+            }
             return Err(CredentialsError::Denied(format!(
-                "issuer {:?} does not issue tokens for this audience",
-                issuer.name
+                "issuer {:?} does not issue tokens for this audience (it issues for: {})",
+                issuer.name,
+                listed.join(", ")
             )));
         }
         let base = base.ok_or(CredentialsError::NoHttpsFront)?;
@@ -567,17 +578,7 @@ impl Credentials {
         )?;
         let subject = ssh::SubjectKey::parse(req.public_key)?;
         let principals = ssh_principals(&issuer, caller, req.principals)?;
-        let ttl = if req.ttl == 0 {
-            issuer.default_ttl
-        } else {
-            req.ttl
-        };
-        if ttl > issuer.max_ttl {
-            return Err(CredentialsError::BadRequest(format!(
-                "ttl_seconds is at most {} for issuer {:?}",
-                issuer.max_ttl, issuer.name
-            )));
-        }
+        let ttl = ttl_of(&issuer, req.ttl)?;
         let versions = keys.versions(&issuer.key)?;
         let now = now();
         let version = signing_version(&versions.enabled, issuer.publish_ahead, now, |_| true)
@@ -822,8 +823,8 @@ fn ttl_of(issuer: &Issuer, asked: u64) -> Result<u64, CredentialsError> {
     };
     if ttl > issuer.max_ttl {
         return Err(CredentialsError::BadRequest(format!(
-            "ttl_seconds is at most {} for issuer {:?}",
-            issuer.max_ttl, issuer.name
+            "ttl_seconds {ttl} is over issuer {:?}'s max_ttl_seconds, {}: ask for at most that",
+            issuer.name, issuer.max_ttl
         )));
     }
     Ok(ttl)
@@ -1089,6 +1090,15 @@ fn published_keys(keys: &dyn KeySource, key: &str) -> Result<Vec<(u32, Jwk)>, Cr
         jwks.push((v, jwk));
     }
     Ok(jwks)
+}
+
+/// An administrator's text as errors show it: at most 64 bytes, cut at a character.
+fn bounded_str(s: &str) -> &str {
+    let mut end = s.len().min(64);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or_default()
 }
 
 /// A name as errors show it: at most 64 characters.

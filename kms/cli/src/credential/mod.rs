@@ -679,7 +679,7 @@ where
                 .await?;
             println!(
                 "revoked: credential validate refuses it until {}",
-                r.until_unix
+                show::time(r.until_unix)
             );
             Ok(ExitCode::SUCCESS)
         }

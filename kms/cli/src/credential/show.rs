@@ -256,7 +256,7 @@ pub(super) fn issued_x509(r: &pb::IssueX509Response, json: bool) {
 }
 
 /// A Unix time in seconds as RFC 3339.
-fn time(secs: u64) -> String {
+pub(super) fn time(secs: u64) -> String {
     rfc3339(secs.saturating_mul(1000))
 }
 
