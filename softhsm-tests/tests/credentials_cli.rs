@@ -389,6 +389,11 @@ fn issuers_and_jwt_svids_through_the_cli() {
         "PERMISSION_DENIED",
         "admin",
     );
+    refused(
+        &server.kms(&["issuer", "rotate", "nobody"], ""),
+        "NOT_FOUND",
+        "no issuer \"nobody\"",
+    );
     let rotated = ok(server.kms(&["issuer", "rotate", "workloads", "--json"], "")).json();
     assert_eq!(rotated["signing_version"], 1);
     assert_eq!(rotated["publish_ahead_seconds"], 120);

@@ -295,6 +295,19 @@ impl Credentials {
         Ok(issuer)
     }
 
+    /// The issuer `name`, which must issue SSH certificates (user or host).
+    fn ssh_issuer(&self, name: &str) -> Result<Issuer, CredentialsError> {
+        let issuer = self.issuer(name)?;
+        if !issuer.kind.is_ssh() {
+            return Err(CredentialsError::WrongKind {
+                issuer: issuer.name,
+                kind: issuer.kind.name(),
+                asked: "ssh_user or ssh_host",
+            });
+        }
+        Ok(issuer)
+    }
+
     fn open_issuer(&self, name: &str, sealed: &[u8]) -> Result<Issuer, CredentialsError> {
         let tampered = || CredentialsError::Tampered(format!("issuer {}", bounded(name)));
         let json = self
@@ -473,14 +486,14 @@ impl Credentials {
         };
         if !issuer.audiences.iter().any(|a| a == audience) {
             // The issuer's audiences are public (GetIssuer): name a few, bounded.
-            let mut listed: Vec<&str> = issuer
+            let mut listed: Vec<String> = issuer
                 .audiences
                 .iter()
                 .take(5)
-                .map(|a| bounded_str(a))
+                .map(|a| bounded(a))
                 .collect();
             if issuer.audiences.len() > 5 {
-                listed.push("...");
+                listed.push("...".to_owned());
             }
             return Err(CredentialsError::Denied(format!(
                 "issuer {:?} does not issue tokens for this audience (it issues for: {})",
@@ -552,17 +565,11 @@ impl Credentials {
         caller: &str,
         req: &SshRequest<'_>,
     ) -> Result<SshIssued, CredentialsError> {
-        let issuer = self.issuer(req.issuer)?;
-        let cert_type = match issuer.kind {
-            model::Kind::SshUser => ssh::CertType::User,
-            model::Kind::SshHost => ssh::CertType::Host,
-            model::Kind::Jwt | model::Kind::X509 => {
-                return Err(CredentialsError::WrongKind {
-                    issuer: issuer.name,
-                    kind: issuer.kind.name(),
-                    asked: "ssh_user or ssh_host",
-                });
-            }
+        let issuer = self.ssh_issuer(req.issuer)?;
+        let cert_type = if issuer.kind == model::Kind::SshUser {
+            ssh::CertType::User
+        } else {
+            ssh::CertType::Host
         };
         if !issuer.allows(caller) {
             return Err(CredentialsError::Denied(format!(
@@ -641,14 +648,7 @@ impl Credentials {
         keys: &dyn KeySource,
         name: &str,
     ) -> Result<String, CredentialsError> {
-        let issuer = self.issuer(name)?;
-        if !issuer.kind.is_ssh() {
-            return Err(CredentialsError::WrongKind {
-                issuer: issuer.name,
-                kind: issuer.kind.name(),
-                asked: "ssh_user or ssh_host",
-            });
-        }
+        let issuer = self.ssh_issuer(name)?;
         let public = keys.verifying_keys(&issuer.key)?;
         let mut out = String::new();
         for (v, pem) in public.versions {
@@ -1090,15 +1090,6 @@ fn published_keys(keys: &dyn KeySource, key: &str) -> Result<Vec<(u32, Jwk)>, Cr
         jwks.push((v, jwk));
     }
     Ok(jwks)
-}
-
-/// An administrator's text as errors show it: at most 64 bytes, cut at a character.
-fn bounded_str(s: &str) -> &str {
-    let mut end = s.len().min(64);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s.get(..end).unwrap_or_default()
 }
 
 /// A name as errors show it: at most 64 characters.

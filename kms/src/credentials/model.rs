@@ -213,7 +213,7 @@ impl Issuer {
             if p.as_str().ends_with('*') && !p.as_str().ends_with("/*") {
                 return Err(CredentialsError::BadRequest(format!(
                     "the pattern {:?} ends in a partial name: an issuer's patterns are names, or prefixes ending in `/*` (a whole path segment)",
-                    bounded_pattern(p.as_str())
+                    super::bounded(p.as_str())
                 )));
             }
         }
@@ -431,11 +431,6 @@ pub(crate) fn caller_name(principal: &str) -> Option<&str> {
         return None;
     };
     (name != CALLER_NAME && check_ssh_principal(name).is_ok()).then_some(name)
-}
-
-/// A pattern as an error shows it: at most 64 characters.
-fn bounded_pattern(p: &str) -> String {
-    p.chars().take(64).collect()
 }
 
 /// Checks an SSH principal (a user or host name a certificate names): 1 to

@@ -17,12 +17,7 @@ const MAX_AUDIENCE: usize = 256;
 
 /// The audience a query names (`audience=`, percent-decoded), or none.
 fn audience_of(query: Option<&str>) -> Result<String, Refused> {
-    let given = query
-        .into_iter()
-        .flat_map(|q| q.split('&'))
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == "audience");
-    let Some((_, raw)) = given else {
+    let Some(raw) = super::query_value(query, "audience") else {
         return Ok(String::new());
     };
     if raw.len() > 3 * MAX_AUDIENCE {

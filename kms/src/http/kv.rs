@@ -487,14 +487,9 @@ fn versions_of(p: &mut Params) -> Result<Vec<u64>, Refused> {
 
 /// A non-negative integer of the query string (`version`, `depth`).
 fn query_u64(query: Option<&str>, name: &'static str) -> Result<Option<u64>, Refused> {
-    let given = query
-        .into_iter()
-        .flat_map(|q| q.split('&'))
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == name);
-    match given {
-        None | Some((_, "")) => Ok(None),
-        Some((_, v)) => v
+    match super::query_value(query, name) {
+        None | Some("") => Ok(None),
+        Some(v) => v
             .parse()
             .map(Some)
             .map_err(|_| Refused::bad(format!("{name}: expected a non-negative integer"))),

@@ -343,6 +343,16 @@ fn respond(answer: Answer) -> Response {
     }
 }
 
+/// The raw (not decoded) value of the first `name=` of a query string, if any.
+pub(crate) fn query_value<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
 /// How long a verifier may cache an issuer's discovery document and keys, in seconds.
 pub(crate) const PUBLIC_MAX_AGE: u64 = 60;
 
