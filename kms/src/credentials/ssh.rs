@@ -9,6 +9,10 @@
 //! the HSM): [`Certificate::to_be_signed`] gives the bytes, [`Certificate::line`] takes
 //! the signature.
 
+mod issue;
+
+pub(crate) use issue::SshRequest;
+
 use std::fmt;
 
 use crate::keyring::model::Algorithm;
