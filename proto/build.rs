@@ -33,6 +33,8 @@ const REDACTED: &[&str] = &[
     "kms.v1.GetSecretSubkeysResponse",
     "kms.v1.IssueJwtResponse",
     "kms.v1.ValidateJwtRequest",
+    "kms.v1.PutDatabaseConnectionRequest",
+    "kms.v1.GetDatabaseCredentialsResponse",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -43,6 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "kms/v1/access.proto",
         "kms/v1/secrets.proto",
         "kms/v1/credentials.proto",
+        "kms/v1/databases.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

@@ -34,6 +34,9 @@ pub(crate) struct ConfigFile {
     /// The `[secrets]` table.
     #[serde(default)]
     pub secrets: crate::secrets::config::SecretsConfig,
+    /// The `[databases]` table.
+    #[serde(default)]
+    pub databases: crate::databases::config::DatabasesConfig,
     /// The `[audit]` table.
     #[serde(default)]
     pub audit: AuditConfig,
@@ -216,6 +219,7 @@ impl Config {
             engines: crate::engines::Settings {
                 keyring,
                 secrets: file.secrets.validate()?,
+                databases: file.databases.validate()?,
             },
             maintenance_interval,
             checkpoints: file.audit.validate()?,

@@ -31,6 +31,8 @@ pub struct Settings {
     pub keyring: crate::keyring::Settings,
     /// `[secrets]`.
     pub secrets: crate::secrets::Settings,
+    /// `[databases]`.
+    pub databases: crate::databases::Settings,
 }
 
 /// Why an engine could not be opened: its own error (the keyring's `KeyringError`), or
@@ -84,6 +86,18 @@ pub(crate) const ENGINES: &[Kind] = &[
                 Arc::clone(o.barrier),
                 Arc::clone(o.store),
             )))
+        },
+    },
+    Kind {
+        name: "databases",
+        tables: crate::databases::TABLES,
+        open: |o| {
+            Ok(crate::databases::Databases::open(
+                Arc::clone(o.barrier),
+                Arc::clone(o.store),
+                o.audit.clone(),
+                o.settings.databases,
+            )?)
         },
     },
 ];

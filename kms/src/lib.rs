@@ -48,6 +48,7 @@ pub mod backup;
 pub mod barrier;
 pub mod config;
 pub(crate) mod credentials;
+pub mod databases;
 mod engine;
 pub mod engines;
 mod grpc;

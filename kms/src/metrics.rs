@@ -97,6 +97,8 @@ pub(crate) struct Metrics {
     keys: Gauge,
     /// Key and grant records that failed authentication in the keyring's last walk.
     keyring_tampered_records: Gauge,
+    /// Database leases whose revocation the database refused too often.
+    database_leases_irrevocable: Gauge,
     /// Changes other servers made that this one heard of and has not applied.
     keyring_changes_unapplied: Gauge,
     /// 1 while this server refuses keys because it has not applied another server's change.
@@ -238,6 +240,12 @@ impl Metrics {
             "Key and grant records that failed authentication (the store was altered) in the keyring's last verification walk; each is refused",
             keyring_tampered_records.clone(),
         );
+        let database_leases_irrevocable = Gauge::default();
+        registry.register(
+            "database_leases_irrevocable",
+            "Database leases marked irrevocable: their login may still exist (kms lease list --irrevocable); alert on any",
+            database_leases_irrevocable.clone(),
+        );
         let keyring_changes_unapplied = Gauge::default();
         registry.register(
             "keyring_changes_unapplied",
@@ -310,6 +318,7 @@ impl Metrics {
             sealed,
             keys,
             keyring_tampered_records,
+            database_leases_irrevocable,
             keyring_changes_unapplied,
             keyring_behind,
             keyring_follow_failures,
@@ -384,6 +393,8 @@ impl Metrics {
         self.keyring_changes_unapplied
             .set(i64::try_from(live.unapplied).unwrap_or(i64::MAX));
         self.keyring_behind.set(i64::from(live.behind));
+        self.database_leases_irrevocable
+            .set(i64::try_from(live.irrevocable).unwrap_or(i64::MAX));
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -412,6 +423,8 @@ pub(crate) struct Live {
     pub(crate) unapplied: usize,
     /// The keyring refuses calls until it has caught up.
     pub(crate) behind: bool,
+    /// Database leases marked irrevocable, as the revoker last counted them.
+    pub(crate) irrevocable: usize,
 }
 
 /// The process's metrics.

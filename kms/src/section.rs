@@ -64,6 +64,9 @@ pub enum ConfigError {
     /// A `[secrets]` value is out of range.
     #[error("secrets.{0}: out of range")]
     BadSecrets(&'static str),
+    /// A `[databases]` value is out of range.
+    #[error("databases.{0}: out of range")]
+    BadDatabases(&'static str),
     /// A `[storage]` value is out of range.
     #[error("storage.{0}: out of range")]
     BadStorage(&'static str),

@@ -25,6 +25,7 @@ use crate::store::StoreError;
 use kms_proto::v1::access_server::AccessServer;
 use kms_proto::v1::audit_server::AuditServer;
 use kms_proto::v1::credentials_server::CredentialsServer;
+use kms_proto::v1::databases_server::DatabasesServer;
 use kms_proto::v1::key_management_server::KeyManagementServer;
 use kms_proto::v1::secrets_server::SecretsServer;
 
@@ -253,6 +254,7 @@ fn live(seal: &SealManager) -> crate::metrics::Live {
         tampered: keyring.as_ref().map_or(0, |k| k.tampered_records()),
         unapplied: following.map_or(0, |f| f.unapplied),
         behind: following.is_some_and(|f| f.behind),
+        irrevocable: seal.databases().map_or(0, |d| d.irrevocable()),
     }
 }
 
@@ -370,8 +372,11 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(CredentialsServer::new(
-            crate::grpc::CredentialsService::new(ctx),
+            crate::grpc::CredentialsService::new(ctx.clone()),
         ))
+        .add_service(DatabasesServer::new(crate::grpc::DatabasesService::new(
+            ctx,
+        )))
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx));
     let result = tokio::select! {
         r = serving => r.map_err(StartError::Serve),

@@ -55,6 +55,8 @@ pub mod v1 {
     redacted_debug!(SignItem {} secret {});
     redacted_debug!(IssueJwtResponse { jti, subject, expires_unix, key_version, kid } secret { token });
     redacted_debug!(ValidateJwtRequest { issuer, audience } secret { token });
+    redacted_debug!(PutDatabaseConnectionRequest { connection, skip_verify } secret { password });
+    redacted_debug!(GetDatabaseCredentialsResponse { lease_id, lease_duration_seconds, renewable, username, expires_unix } secret { password });
 
     /// A secret's values in a `Debug`: how many, never their names or values.
     struct RedactedValues(usize);

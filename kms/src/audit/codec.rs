@@ -217,7 +217,8 @@ pub(crate) fn encode(r: &AuditRecord) -> Result<Vec<u8>, serde_json::Error> {
         && e.replay_of.is_none()
         && e.front.is_none()
         && e.secret.is_none()
-        && e.credential.is_none();
+        && e.credential.is_none()
+        && e.database.is_none();
     let Some((prev_hash, hash)) = hashes.filter(|_| compact_fits) else {
         return serde_json::to_vec(r);
     };
@@ -290,6 +291,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<AuditRecord> {
                     front: None,
                     secret: None,
                     credential: None,
+                    database: None,
                 },
                 prev_hash: hex(&c.prev_hash),
                 hash: hex(&c.hash),

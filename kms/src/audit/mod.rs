@@ -131,6 +131,42 @@ pub struct AuditEvent {
     /// so their hashes are unchanged.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<CredentialSummary>,
+    /// For the databases engine's calls: the connection, role, lease and login name, never
+    /// a password. (Absent from every other record, so their hashes are unchanged.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<DatabaseSummary>,
+}
+
+/// What a call of the databases engine (or its revocations) concerned, in its record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSummary {
+    /// The connection.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub connection: String,
+    /// The role.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub role: String,
+    /// The lease (or, for a revocation by prefix, the prefix).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub lease_id: String,
+    /// The login's name (never its password).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub username: String,
+    /// When the lease ends, Unix seconds (0: none issued or renewed).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub expires: u64,
+    /// How many leases the call revoked or scheduled (by prefix, or removing a role or
+    /// connection).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub leases: u64,
+    /// The record of a lease was dropped without its login being dropped (`force`), or a
+    /// lease was marked irrevocable.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forced: bool,
+    /// Why the database refused (its error code and message; never a password).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
 }
 
 /// What a call of the credentials engine concerned, in its record.

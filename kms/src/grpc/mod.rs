@@ -13,6 +13,7 @@
 mod access;
 mod audit;
 mod credentials;
+mod databases;
 pub(crate) mod deadline;
 pub(crate) mod gate;
 mod keys;
@@ -22,6 +23,7 @@ mod system;
 pub(crate) use access::AccessService;
 pub(crate) use audit::AuditService;
 pub(crate) use credentials::CredentialsService;
+pub(crate) use databases::DatabasesService;
 pub(crate) use keys::KeyManagementService;
 pub(crate) use secrets::SecretsService;
 pub(crate) use system::SystemService;

@@ -292,6 +292,7 @@ struct Opened {
     keyring: Arc<Keyring>,
     secrets: Arc<crate::secrets::Secrets>,
     credentials: Arc<crate::credentials::Credentials>,
+    databases: Arc<crate::databases::Databases>,
     all: Vec<Arc<dyn Engine>>,
 }
 
@@ -706,6 +707,11 @@ impl SealManager {
     /// The credentials engine, or why there is none (sealed, not initialised).
     pub(crate) fn credentials(&self) -> Result<Arc<crate::credentials::Credentials>, SealError> {
         self.opened().map(|o| o.credentials)
+    }
+
+    /// The databases engine, or why there is none (sealed, not initialised).
+    pub(crate) fn databases(&self) -> Result<Arc<crate::databases::Databases>, SealError> {
+        self.opened().map(|o| o.databases)
     }
 
     /// Every open engine (the keyring among them), as [`SealManager::keyring`] finds them:

@@ -3,7 +3,7 @@
 //! opened over it.
 
 use super::{
-    Arc, Attempt, CombineError, HsmError, Inner, KEY_LEN, KeyHandle, Keyring, KeyringError, Opened,
+    Arc, Attempt, CombineError, HsmError, Inner, KEY_LEN, KeyHandle, KeyringError, Opened,
     SealError, SealManager, SealRecord, SealStatus, SecretString, Share, State, Unsealed,
     Zeroizing, check_master_key, find_audit_key, find_recorded_master_key, key_check, random_nonce,
     status_of, to_key, unwrap_root,
@@ -125,9 +125,6 @@ impl SealManager {
             settings: self.settings,
         };
         let mut all = Vec::with_capacity(crate::engines::ENGINES.len());
-        let mut keyring = None;
-        let mut secrets = None;
-        let mut credentials = None;
         for kind in crate::engines::ENGINES {
             let engine = (kind.open)(&opening).map_err(|e| open_error(kind.name, e))?;
             debug_assert_eq!(
@@ -135,36 +132,13 @@ impl SealManager {
                 kind.name,
                 "the list names the engine it opens"
             );
-            if keyring.is_none() {
-                keyring = Arc::clone(&engine).into_any().downcast::<Keyring>().ok();
-            }
-            if secrets.is_none() {
-                secrets = Arc::clone(&engine)
-                    .into_any()
-                    .downcast::<crate::secrets::Secrets>()
-                    .ok();
-            }
-            if credentials.is_none() {
-                credentials = Arc::clone(&engine)
-                    .into_any()
-                    .downcast::<crate::credentials::Credentials>()
-                    .ok();
-            }
             all.push(engine);
         }
-        let keyring = keyring.ok_or(SealError::Keyring(KeyringError::Internal(
-            "the keyring is not among the engines",
-        )))?;
-        let secrets = secrets.ok_or(SealError::Keyring(KeyringError::Internal(
-            "the secrets engine is not among the engines",
-        )))?;
-        let credentials = credentials.ok_or(SealError::Keyring(KeyringError::Internal(
-            "the credentials engine is not among the engines",
-        )))?;
         Ok(Opened {
-            keyring,
-            secrets,
-            credentials,
+            keyring: typed(&all, "the keyring")?,
+            secrets: typed(&all, "the secrets engine")?,
+            credentials: typed(&all, "the credentials engine")?,
+            databases: typed(&all, "the databases engine")?,
             all,
         })
     }
@@ -281,4 +255,14 @@ fn check_commitment(record: &SealRecord, share: &Share) -> Result<(), SealError>
         return Err(SealError::UnknownShare { index });
     }
     Ok(())
+}
+
+/// The engine of type `T` among `all` (its callers need its own API).
+fn typed<T: std::any::Any + Send + Sync>(
+    all: &[Arc<dyn crate::engine::Engine>],
+    what: &'static str,
+) -> Result<Arc<T>, SealError> {
+    all.iter()
+        .find_map(|e| Arc::clone(e).into_any().downcast::<T>().ok())
+        .ok_or(SealError::Keyring(KeyringError::Internal(what)))
 }

@@ -255,6 +255,37 @@ impl Call {
         self
     }
 
+    /// Names the database connection, role or lease (or lease prefix) the call is about,
+    /// so that its record names them whatever its outcome (a name that is not one as a
+    /// bounded placeholder; the engine refuses it).
+    pub(crate) fn database(mut self, connection: &str, role: &str, lease: &str) -> Self {
+        use crate::databases::model::{LEASE_PREFIX, check_lease_id, check_name};
+        let name = |what: &str, s: &str| match check_name(what, s) {
+            _ if s.is_empty() => String::new(),
+            Ok(()) => s.to_owned(),
+            Err(_) => invalid_name(s),
+        };
+        let lease = if lease.is_empty()
+            || check_lease_id(lease).is_ok()
+            || (lease.starts_with(LEASE_PREFIX)
+                && lease.len() <= 200
+                && lease
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"/_-".contains(&b)))
+        {
+            lease.to_owned()
+        } else {
+            invalid_name(lease)
+        };
+        self.event.database = Some(crate::audit::DatabaseSummary {
+            connection: name("connection", connection),
+            role: name("role", role),
+            lease_id: lease,
+            ..crate::audit::DatabaseSummary::default()
+        });
+        self
+    }
+
     /// Names the credential issuer the call is about, so that its record names it whatever
     /// its outcome (a name that is not one as a bounded placeholder; the engine refuses it).
     pub(crate) fn credential(mut self, issuer: &str) -> Self {
@@ -520,6 +551,29 @@ impl crate::credentials::Journal for Call {
         self.log
             .append_removing(event, writes, Vec::new())
             .map_err(|_| crate::credentials::CredentialsError::AuditUnavailable)?;
+        self.recorded.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl crate::databases::Journal for Call {
+    fn commit(
+        &self,
+        what: crate::audit::DatabaseSummary,
+        writes: Vec<crate::store::Write>,
+        removals: Vec<crate::store::Removal>,
+    ) -> Result<(), crate::databases::DatabasesError> {
+        let event = AuditEvent {
+            outcome: "OK".to_owned(),
+            database: Some(what),
+            ..self.event.clone()
+        };
+        if let Some(g) = &self.front_recorded {
+            g.set();
+        }
+        self.log
+            .append_removing(event, writes, removals)
+            .map_err(|_| crate::databases::DatabasesError::AuditUnavailable)?;
         self.recorded.store(true, Ordering::Relaxed);
         Ok(())
     }
@@ -953,6 +1007,23 @@ pub(crate) async fn with_credentials<R: Reply>(
     run_at(Place::Blocking, call, move |c| {
         let (credentials, keyring) = engines?;
         f(&credentials, &keyring, c)
+    })
+    .await
+}
+
+/// Runs `f` on the databases engine (or fails with sealed / not initialised), on a
+/// blocking thread: it waits on the store and on the databases it makes logins on.
+pub(crate) async fn with_databases<R: Reply>(
+    service: &Service,
+    call: Call,
+    f: impl FnOnce(&crate::databases::Databases, &Call) -> Result<Served<R>, ServiceError>
+    + Send
+    + 'static,
+) -> Answer<R> {
+    let databases = service.seal.databases();
+    run_at(Place::Blocking, call, move |c| {
+        let databases = databases?;
+        f(&databases, c)
     })
     .await
 }

@@ -7,6 +7,7 @@
 
 use crate::access::Denied;
 use crate::credentials::CredentialsError;
+use crate::databases::DatabasesError;
 use crate::keyring::KeyringError;
 use crate::seal::SealError;
 use crate::secrets::SecretsError;
@@ -26,6 +27,9 @@ pub(crate) enum ServiceError {
     /// From the credentials engine.
     #[error(transparent)]
     Credentials(#[from] CredentialsError),
+    /// From the databases engine.
+    #[error(transparent)]
+    Databases(#[from] DatabasesError),
 
     /// The audit log could not be read.
     #[error("the audit log could not be read")]
@@ -117,6 +121,7 @@ pub(crate) fn kind_of(err: &ServiceError) -> ErrorKind {
         ServiceError::Keyring(e) => keyring_kind(e),
         ServiceError::Secrets(e) => secrets_kind(e),
         ServiceError::Credentials(e) => credentials_kind(e),
+        ServiceError::Databases(e) => databases_kind(e),
         ServiceError::AuditRead(_) => ErrorKind::Unavailable,
         ServiceError::Denied(Denied::Unauthenticated | Denied::Expired) => {
             ErrorKind::Unauthenticated
@@ -219,6 +224,7 @@ pub(crate) fn reason_of(err: &ServiceError) -> &'static str {
         ServiceError::Keyring(e) => keyring_reason(e),
         ServiceError::Secrets(e) => secrets_reason(e),
         ServiceError::Credentials(e) => credentials_reason(e),
+        ServiceError::Databases(e) => databases_reason(e),
         ServiceError::AuditRead(_) => "AUDIT_UNAVAILABLE",
         ServiceError::Denied(d) => match d {
             Denied::Unauthenticated => "NO_CLIENT_CERTIFICATE",
@@ -355,6 +361,45 @@ fn credentials_kind(e: &CredentialsError) -> ErrorKind {
         | CredentialsError::AuditUnavailable
         | CredentialsError::Randomness => ErrorKind::Unavailable,
         CredentialsError::Internal(_) => ErrorKind::Internal,
+    }
+}
+
+fn databases_kind(e: &DatabasesError) -> ErrorKind {
+    match e {
+        DatabasesError::BadRequest(_) => ErrorKind::InvalidArgument,
+        DatabasesError::ConnectionNotFound(_)
+        | DatabasesError::RoleNotFound(_)
+        | DatabasesError::LeaseNotFound(_) => ErrorKind::NotFound,
+        DatabasesError::Denied(_) => ErrorKind::PermissionDenied,
+        DatabasesError::Precondition(_) | DatabasesError::Refused(_) => {
+            ErrorKind::FailedPrecondition
+        }
+        DatabasesError::Tampered(_) => ErrorKind::DataLoss,
+        DatabasesError::Busy(_)
+        | DatabasesError::Unavailable { .. }
+        | DatabasesError::Store(_)
+        | DatabasesError::AuditUnavailable
+        | DatabasesError::Randomness => ErrorKind::Unavailable,
+        DatabasesError::Internal(_) => ErrorKind::Internal,
+    }
+}
+
+fn databases_reason(e: &DatabasesError) -> &'static str {
+    match e {
+        DatabasesError::BadRequest(_) => "INVALID_REQUEST",
+        DatabasesError::ConnectionNotFound(_) => "CONNECTION_NOT_FOUND",
+        DatabasesError::RoleNotFound(_) => "ROLE_NOT_FOUND",
+        DatabasesError::LeaseNotFound(_) => "LEASE_NOT_FOUND",
+        DatabasesError::Denied(_) => "NOT_ALLOWED_BY_ROLE",
+        DatabasesError::Precondition(_) => "FAILED_PRECONDITION",
+        DatabasesError::Refused(_) => "DATABASE_REFUSED",
+        DatabasesError::Busy(_) => "LEASE_BUSY",
+        DatabasesError::Unavailable { .. } => "DATABASE_UNAVAILABLE",
+        DatabasesError::Tampered(_) => "STORE_TAMPERED",
+        DatabasesError::Store(_) => "STORE_UNAVAILABLE",
+        DatabasesError::AuditUnavailable => "AUDIT_UNAVAILABLE",
+        DatabasesError::Randomness => "RANDOMNESS_UNAVAILABLE",
+        DatabasesError::Internal(_) => "INTERNAL",
     }
 }
 

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 pub(crate) use call::{
     Aad, Answer, Call, Idempotency, Meta, Place, Recorded, Reply, Served, run, run_at,
-    with_credentials, with_keyring, with_secrets,
+    with_credentials, with_databases, with_keyring, with_secrets,
 };
 pub(crate) use error::{ErrorKind, Refusal, ServiceError};
 pub(crate) use op::Op;

@@ -25,6 +25,8 @@ pub(crate) enum Group {
     Secrets,
     /// Short-lived machine credentials.
     Credentials,
+    /// Dynamic database credentials and their leases.
+    Databases,
     /// Liveness and readiness probes.
     Health,
 }
@@ -39,6 +41,7 @@ impl Group {
             Self::Access => "kms.v1.Access",
             Self::Secrets => "kms.v1.Secrets",
             Self::Credentials => "kms.v1.Credentials",
+            Self::Databases => "kms.v1.Databases",
             Self::Health => "grpc.health.v1.Health",
         }
     }
@@ -101,6 +104,12 @@ ops! {
         CreateIssuer, GetIssuer, ListIssuers, UpdateIssuer, IssueJwt, ValidateJwt, RevokeJwt,
         IssueX509, GetIssuerCsr, SetIssuerCertificate, IssueSsh, RotateIssuer,
     }
+    Databases {
+        PutDatabaseConnection, GetDatabaseConnection, ListDatabaseConnections,
+        DeleteDatabaseConnection, RotateDatabaseRoot, PutDatabaseRole, GetDatabaseRole,
+        ListDatabaseRoles, DeleteDatabaseRole, GetDatabaseCredentials, RenewLease, RevokeLease,
+        RevokeLeasePrefix, LookupLease, ListLeases,
+    }
     Health { Check, Watch }
 }
 
@@ -150,6 +159,11 @@ impl Op {
             | Op::ValidateJwt
             | Op::IssueX509
             | Op::IssueSsh => Need::Certificate,
+            // Who may ask a role for a login is the role's to say (its principals); a
+            // lease is its holder's to renew, revoke and look up (or an administrator's).
+            Op::GetDatabaseCredentials | Op::RenewLease | Op::RevokeLease | Op::LookupLease => {
+                Need::Certificate
+            }
             Op::Init
             | Op::Seal
             | Op::CreateBackup
@@ -180,7 +194,18 @@ impl Op {
             | Op::RevokeJwt
             | Op::GetIssuerCsr
             | Op::SetIssuerCertificate
-            | Op::RotateIssuer => Need::Role(Role::Admin),
+            | Op::RotateIssuer
+            | Op::PutDatabaseConnection
+            | Op::GetDatabaseConnection
+            | Op::ListDatabaseConnections
+            | Op::DeleteDatabaseConnection
+            | Op::RotateDatabaseRoot
+            | Op::PutDatabaseRole
+            | Op::GetDatabaseRole
+            | Op::ListDatabaseRoles
+            | Op::DeleteDatabaseRole
+            | Op::RevokeLeasePrefix
+            | Op::ListLeases => Need::Role(Role::Admin),
         }
     }
 
