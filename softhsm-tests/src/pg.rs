@@ -423,6 +423,26 @@ impl PsqlSession {
     }
 }
 
+impl PsqlSession {
+    /// Waits, at most `within`, for psql to end (its connection closed by the server);
+    /// the lines it wrote meanwhile, or `None` if it is still running.
+    pub fn ended(&mut self, within: std::time::Duration) -> Option<Vec<String>> {
+        let deadline = std::time::Instant::now() + within;
+        let mut out = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    out.push(line);
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Some(out),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return None,
+            }
+        }
+    }
+}
+
 impl Drop for PsqlSession {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -27,7 +27,16 @@ pub(crate) enum DatabasesError {
     /// Another server (or call) is revoking or renewing this lease now.
     #[error("lease {0:?} is being revoked or renewed now: try again")]
     Busy(String),
-    /// The database could not be reached, or did not answer in time (nothing was made).
+    /// No connection to the database could be made: nothing was sent.
+    #[error("the database of connection {connection:?} cannot be reached: {why}")]
+    Unreachable {
+        /// The connection.
+        connection: String,
+        /// Why (never the URL's credentials).
+        why: String,
+    },
+    /// The connection was lost, or the database did not answer in time, after statements
+    /// were sent: what they did is not known.
     #[error("the database of connection {connection:?} is unavailable: {why}")]
     Unavailable {
         /// The connection.

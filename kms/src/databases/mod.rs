@@ -547,10 +547,16 @@ impl Databases {
             &[password.as_str()],
         );
         if let Err(e) = made {
-            // Refused: the transaction rolled back, nothing was made; the lease goes. Not
-            // answered: the login may exist; the lease is due now, and its revocation
-            // drops it when the database is back.
-            self.abandon(&lease, matches!(e, DatabasesError::Refused(_)));
+            // Refused (the transaction rolled back) or unreachable (nothing sent): nothing
+            // was made; the lease goes. Lost mid-way: the login may exist; the lease is due
+            // now, and its revocation drops it when the database is back.
+            self.abandon(
+                &lease,
+                matches!(
+                    e,
+                    DatabasesError::Refused(_) | DatabasesError::Unreachable { .. }
+                ),
+            );
             return Err(e);
         }
         if let Err(e) = journal.commit(summary_of(&lease), Vec::new(), Vec::new()) {
@@ -718,6 +724,14 @@ impl Databases {
             what.error = e.to_string();
         }
         journal.commit(what, Vec::new(), lease_removals(&lease))?;
+        if lease.irrevocable {
+            // The metric follows at once (the revoker counts again later).
+            let _ = self.irrevocable.fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |n| n.checked_sub(1),
+            );
+        }
         Ok(dropped.is_ok())
     }
 
@@ -1008,7 +1022,12 @@ fn clone_error(e: &DatabasesError) -> DatabasesError {
             connection: connection.clone(),
             why: why.clone(),
         },
+        DatabasesError::Unreachable { connection, why } => DatabasesError::Unreachable {
+            connection: connection.clone(),
+            why: why.clone(),
+        },
         DatabasesError::ConnectionNotFound(c) => DatabasesError::ConnectionNotFound(c.clone()),
+        DatabasesError::Refused(why) => DatabasesError::Refused(why.clone()),
         other => DatabasesError::Refused(other.to_string()),
     }
 }

@@ -68,10 +68,12 @@ const MAX_LIST: usize = 64;
 
 /// The default revocation: no new sessions, the open ones ended, what the login owns
 /// handed to the root login (a login that created a table is still dropped: vault #1857),
-/// its privileges dropped, then the login. Each statement is its own step so that a login
+/// its privileges dropped, then the login. A root login with CREATEROLE but not SUPERUSER
+/// first makes itself a member of the login, which ending its sessions and REASSIGN and
+/// DROP OWNED need. Each statement is its own step so that a login
 /// already gone is no error.
 pub(crate) const DEFAULT_REVOCATION: &[&str] = &[
-    "DO $$ BEGIN IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = '{{name}}') THEN ALTER ROLE \"{{name}}\" NOLOGIN; END IF; END $$;",
+    "DO $$ BEGIN IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = '{{name}}') THEN GRANT \"{{name}}\" TO CURRENT_USER; ALTER ROLE \"{{name}}\" NOLOGIN; END IF; END $$;",
     "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE usename = '{{name}}' AND pid <> pg_catalog.pg_backend_pid();",
     "DO $$ BEGIN IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = '{{name}}') THEN REASSIGN OWNED BY \"{{name}}\" TO CURRENT_USER; DROP OWNED BY \"{{name}}\"; END IF; END $$;",
     "DROP ROLE IF EXISTS \"{{name}}\";",

@@ -196,7 +196,7 @@ impl Databases {
                 continue;
             }
             if let Err(e) = self.expire(&key, t) {
-                if let DatabasesError::Unavailable { .. } = e {
+                if let DatabasesError::Unavailable { .. } | DatabasesError::Unreachable { .. } = e {
                     let wait = down
                         .get(&connection)
                         .map_or(Duration::from_secs(1), |(_, w)| (*w * 2).min(DOWN_MOST));
@@ -301,7 +301,9 @@ impl Databases {
                 }
                 Ok(())
             }
-            Err(e @ DatabasesError::Unavailable { .. }) => Err(e),
+            Err(e @ (DatabasesError::Unavailable { .. } | DatabasesError::Unreachable { .. })) => {
+                Err(e)
+            }
             Err(e) => self.refused(lease, key, t, &e),
         }
     }
@@ -325,6 +327,8 @@ impl Databases {
                 error: lease.last_error.clone(),
                 ..super::summary_of(&lease)
             };
+            self.irrevocable
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return self.audit_system(
                 "MarkLeaseIrrevocable",
                 what,

@@ -105,7 +105,8 @@ impl Targets {
     ) -> Result<(), DatabasesError> {
         let pool = self.pool(conn, which)?;
         let statements: Vec<Zeroizing<String>> = statements.to_vec();
-        let limit = self.timeout;
+        // Twice the pool's own limits: a connection that cannot be made fails as such first.
+        let limit = self.timeout.saturating_mul(2);
         let name = conn.name.clone();
         let mut hidden: Vec<Zeroizing<String>> = hide
             .iter()
@@ -395,30 +396,47 @@ fn tls(conn: &Connection) -> Result<Option<tokio_rustls::rustls::ClientConfig>, 
     Ok(Some(config))
 }
 
-/// A statement's error: the database's code and message; no code: the connection failed.
+/// Whether a SQLSTATE says the database is not there for now (connection exceptions,
+/// insufficient resources, starting up or shutting down), not that it refused.
+fn transient(code: &str) -> bool {
+    code.starts_with("08") || code.starts_with("53") || code.starts_with("57P")
+}
+
+/// A statement's error: the database's code and message (a transient one, or no code:
+/// the connection failed, and what was sent is not known).
 fn sql_error(connection: &str, e: &tokio_postgres::Error) -> DatabasesError {
     match e.as_db_error() {
-        Some(db) => {
+        Some(db) if !transient(db.code().code()) => {
             DatabasesError::Refused(bounded(&format!("{} {}", db.code().code(), db.message())))
         }
-        None => DatabasesError::Unavailable {
+        _ => DatabasesError::Unavailable {
             connection: connection.to_owned(),
             why: bounded(&e.to_string()),
         },
     }
 }
 
-/// A pool's error: the database unreachable, or refusing the root login (its code says).
+/// A pool's error: the database unreachable (nothing was sent), or refusing the root login
+/// (its code says).
 fn pool_error(connection: &str, e: &deadpool_postgres::PoolError) -> DatabasesError {
     match e {
-        deadpool_postgres::PoolError::Backend(e) if e.as_db_error().is_some() => {
+        deadpool_postgres::PoolError::Backend(e)
+            if e.as_db_error().is_some_and(|d| !transient(d.code().code())) =>
+        {
             sql_error(connection, e)
         }
-        deadpool_postgres::PoolError::Timeout(_) => DatabasesError::Unavailable {
+        deadpool_postgres::PoolError::Backend(e) => DatabasesError::Unreachable {
+            connection: connection.to_owned(),
+            why: bounded(&match e.as_db_error() {
+                Some(d) => format!("{} {}", d.code().code(), d.message()),
+                None => e.to_string(),
+            }),
+        },
+        deadpool_postgres::PoolError::Timeout(_) => DatabasesError::Unreachable {
             connection: connection.to_owned(),
             why: "no connection within the time limit".to_owned(),
         },
-        other => DatabasesError::Unavailable {
+        other => DatabasesError::Unreachable {
             connection: connection.to_owned(),
             why: bounded(&other.to_string()),
         },
@@ -445,6 +463,10 @@ fn scrub(e: DatabasesError, hidden: &[Zeroizing<String>]) -> DatabasesError {
     match e {
         DatabasesError::Refused(s) => DatabasesError::Refused(clean(s)),
         DatabasesError::Unavailable { connection, why } => DatabasesError::Unavailable {
+            connection,
+            why: clean(why),
+        },
+        DatabasesError::Unreachable { connection, why } => DatabasesError::Unreachable {
             connection,
             why: clean(why),
         },
@@ -497,6 +519,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!e.contains("p@ss") && !e.contains("w/rd"), "{e}");
+    }
+
+    #[test]
+    fn a_database_starting_or_stopping_is_not_a_refusal() {
+        for code in ["57P03", "57P01", "08006", "53300"] {
+            assert!(transient(code), "{code}");
+        }
+        for code in ["42501", "28P01", "22012", "42P01"] {
+            assert!(!transient(code), "{code}");
+        }
     }
 
     #[test]

@@ -377,6 +377,7 @@ fn databases_kind(e: &DatabasesError) -> ErrorKind {
         DatabasesError::Tampered(_) => ErrorKind::DataLoss,
         DatabasesError::Busy(_)
         | DatabasesError::Unavailable { .. }
+        | DatabasesError::Unreachable { .. }
         | DatabasesError::Store(_)
         | DatabasesError::AuditUnavailable
         | DatabasesError::Randomness => ErrorKind::Unavailable,
@@ -394,7 +395,9 @@ fn databases_reason(e: &DatabasesError) -> &'static str {
         DatabasesError::Precondition(_) => "FAILED_PRECONDITION",
         DatabasesError::Refused(_) => "DATABASE_REFUSED",
         DatabasesError::Busy(_) => "LEASE_BUSY",
-        DatabasesError::Unavailable { .. } => "DATABASE_UNAVAILABLE",
+        DatabasesError::Unavailable { .. } | DatabasesError::Unreachable { .. } => {
+            "DATABASE_UNAVAILABLE"
+        }
         DatabasesError::Tampered(_) => "STORE_TAMPERED",
         DatabasesError::Store(_) => "STORE_UNAVAILABLE",
         DatabasesError::AuditUnavailable => "AUDIT_UNAVAILABLE",
