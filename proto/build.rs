@@ -35,6 +35,7 @@ const REDACTED: &[&str] = &[
     "kms.v1.ValidateJwtRequest",
     "kms.v1.PutDatabaseConnectionRequest",
     "kms.v1.GetDatabaseCredentialsResponse",
+    "kms.v1.GetDatabaseStaticCredentialsResponse",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -56,6 +56,7 @@ pub mod v1 {
     redacted_debug!(IssueJwtResponse { jti, subject, expires_unix, key_version, kid } secret { token });
     redacted_debug!(ValidateJwtRequest { issuer, audience } secret { token });
     redacted_debug!(PutDatabaseConnectionRequest { connection, skip_verify } secret { password });
+    redacted_debug!(GetDatabaseStaticCredentialsResponse { username, last_rotated_unix, rotation_period_seconds, ttl_seconds } secret { password });
     redacted_debug!(GetDatabaseCredentialsResponse { lease_id, lease_duration_seconds, renewable, username, expires_unix } secret { password });
 
     /// A secret's values in a `Debug`: how many, never their names or values.

@@ -712,3 +712,156 @@ async fn two_servers_revoke_each_expiry_once() {
     );
     assert_eq!(distinct, ids);
 }
+
+/// Whether `login` can log in to `app` with `password` (a query answered).
+fn logs_in(pg: &TestPostgres, login: &str, password: &str) -> bool {
+    let out = std::process::Command::new(pg.bin_dir().join("psql"))
+        .args(["-X", "-q", "-A", "-t", "-h", "127.0.0.1", "-p"])
+        .arg(pg.port.to_string())
+        .args(["-U", login, "-d", "app", "-c", "SELECT 'in'"])
+        .env("PGPASSWORD", password)
+        .output()
+        .unwrap();
+    out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "in"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_roles_rotate_and_serve_the_password_in_force() {
+    let pg = TestPostgres::start_empty();
+    let root_password = prepare(&pg);
+    pg.sql("CREATE ROLE legacy_app LOGIN PASSWORD 'Initial-Password-1'");
+    let hsm = TestHsm::new("databases-static");
+    let config = hsm.config_full("kms.toml", &hsm.hsm_table(), "");
+    let (server, _shares) = start_unsealed(&hsm, &config);
+    let app = hsm.pki.client("app", &ClientSpec::spiffe("app"));
+    let other = hsm.pki.client("other", &ClientSpec::spiffe("other"));
+    let mut admin = client(&server, &server.admin).await;
+    admin
+        .put_database_connection(pb::PutDatabaseConnectionRequest {
+            connection: Some(connection(&pg, "app", &["legacy"])),
+            password: root_password.clone(),
+            skip_verify: false,
+        })
+        .await
+        .unwrap();
+    let made = admin
+        .put_database_static_role(pb::PutDatabaseStaticRoleRequest {
+            role: Some(pb::DatabaseStaticRole {
+                name: "legacy".into(),
+                connection: "app".into(),
+                username: "legacy_app".into(),
+                rotation_period_seconds: 3600,
+                principals: vec![app.principal.clone()],
+                ..pb::DatabaseStaticRole::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(made.last_rotated_unix > 0);
+    assert_eq!(made.next_rotation_unix, made.last_rotated_unix + 3600);
+    // Set at once: the password it had no longer works, kms's does.
+    assert!(!logs_in(&pg, "legacy_app", "Initial-Password-1"));
+    let mut as_app = client(&server, &app).await;
+    let first = as_app
+        .get_database_static_credentials(pb::GetDatabaseStaticCredentialsRequest {
+            name: "legacy".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.username, "legacy_app");
+    assert_eq!(first.password.len(), 32);
+    assert!(
+        first.ttl_seconds > 3500 && first.ttl_seconds <= 3600,
+        "{}",
+        first.ttl_seconds
+    );
+    assert!(logs_in(&pg, "legacy_app", &first.password));
+    expect_code(
+        client(&server, &other)
+            .await
+            .get_database_static_credentials(pb::GetDatabaseStaticCredentialsRequest {
+                name: "legacy".into(),
+            })
+            .await,
+        Code::PermissionDenied,
+        "does not name this caller",
+    );
+
+    // A rotation the database cannot take: refused, and the password in force is still
+    // served and still works.
+    pg.stop();
+    let down = admin
+        .rotate_database_static_role(pb::RotateDatabaseStaticRoleRequest {
+            name: "legacy".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(down.code(), Code::Unavailable, "{down:?}");
+    let still = as_app
+        .get_database_static_credentials(pb::GetDatabaseStaticCredentialsRequest {
+            name: "legacy".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(still.password, first.password);
+    pg.restart();
+    wait_until(Duration::from_secs(30), "the database back", || {
+        logs_in(&pg, "legacy_app", &first.password)
+    });
+    let shown = admin
+        .get_database_static_role(pb::GetDatabaseStaticRoleRequest {
+            name: "legacy".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(shown.last_error.contains("cannot be reached"), "{shown:?}");
+
+    // An administrator's rotation: a new password, the old one refused.
+    admin
+        .rotate_database_static_role(pb::RotateDatabaseStaticRoleRequest {
+            name: "legacy".into(),
+        })
+        .await
+        .unwrap();
+    let second = as_app
+        .get_database_static_credentials(pb::GetDatabaseStaticCredentialsRequest {
+            name: "legacy".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(second.password, first.password);
+    assert!(logs_in(&pg, "legacy_app", &second.password));
+    assert!(!logs_in(&pg, "legacy_app", &first.password));
+
+    // Bad input: a period under a minute, a quote in the login's name.
+    for (period, user) in [(59, "legacy_app"), (3600, "leg\"acy")] {
+        expect_code(
+            admin
+                .put_database_static_role(pb::PutDatabaseStaticRoleRequest {
+                    role: Some(pb::DatabaseStaticRole {
+                        name: "legacy".into(),
+                        connection: "app".into(),
+                        username: user.into(),
+                        rotation_period_seconds: period,
+                        ..pb::DatabaseStaticRole::default()
+                    }),
+                })
+                .await,
+            Code::InvalidArgument,
+            "",
+        );
+    }
+    let text = records(&server, &hsm)
+        .iter()
+        .map(serde_json::Value::to_string)
+        .collect::<String>()
+        + &hsm.logs();
+    for secret in [&first.password, &second.password, &root_password] {
+        assert!(!text.contains(secret.as_str()), "a password was written");
+    }
+}

@@ -24,8 +24,8 @@ pub(crate) enum DatabasesError {
     /// allow, live leases, an expired lease).
     #[error("{0}")]
     Precondition(String),
-    /// Another server (or call) is revoking or renewing this lease now.
-    #[error("lease {0:?} is being revoked or renewed now: try again")]
+    /// Another server (or call) is revoking, renewing or rotating this now.
+    #[error("{0:?} is being revoked, renewed or rotated now: try again")]
     Busy(String),
     /// No connection to the database could be made: nothing was sent.
     #[error("the database of connection {connection:?} cannot be reached: {why}")]

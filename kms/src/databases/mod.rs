@@ -21,6 +21,7 @@ pub(crate) mod error;
 pub(crate) mod model;
 mod reconcile;
 mod revoker;
+pub(crate) mod statics;
 pub(crate) mod target;
 
 use std::sync::{Arc, Mutex};
@@ -52,7 +53,15 @@ pub(crate) const IRREVOCABLE: Table = Table::new("database_irrevocable", Follow:
 pub(crate) const LOGINS: Table = Table::new("database_logins", Follow::Never);
 
 /// The engine's tables, in the order a backup writes them.
-pub(crate) const TABLES: &[Table] = &[CONNECTIONS, ROLES, LEASES, DUE, IRREVOCABLE, LOGINS];
+pub(crate) const TABLES: &[Table] = &[
+    CONNECTIONS,
+    ROLES,
+    LEASES,
+    DUE,
+    IRREVOCABLE,
+    LOGINS,
+    statics::STATIC_ROLES,
+];
 
 /// How long a server's claim on a due lease lasts: longer than a revocation may take
 /// (its statements, each bounded by [`target::TIMEOUT`]).

@@ -122,6 +122,8 @@ type Down = HashMap<String, (Instant, Duration)>;
 
 /// How many passes between two counts of the irrevocable leases (for the metric).
 const COUNT_EVERY: u32 = 15;
+/// How many passes between two looks for static roles due for rotation.
+const ROTATE_EVERY: u32 = 5;
 
 fn run(weak: &Weak<Databases>, signal: &Signal) {
     let mut down = Down::new();
@@ -142,6 +144,12 @@ fn run(weak: &Weak<Databases>, signal: &Signal) {
             && let Some(engine) = weak.upgrade()
         {
             engine.count_irrevocable();
+        }
+        if passes.is_multiple_of(ROTATE_EVERY)
+            && let Some(engine) = weak.upgrade()
+            && let Err(e) = engine.rotate_due()
+        {
+            tracing::warn!(error = %crate::error_chain(&e), "static roles were not read for their rotations: tried again");
         }
         passes = passes.wrapping_add(1);
         if let Some(engine) = weak.upgrade()

@@ -5,6 +5,7 @@ use tonic::{Request, Response, Status};
 
 use super::respond;
 use crate::databases::model::{self, Connection, Lease, Role, Secret};
+use crate::databases::statics::StaticRole;
 use crate::databases::{DatabasesError, Who};
 use crate::service::{Call, Op, Served, Service};
 
@@ -80,14 +81,7 @@ pub(crate) fn role_of(p: pb::DatabaseRole) -> Result<Role, DatabasesError> {
         max_ttl: p.max_ttl_seconds,
         username_template: p.username_template,
         password_length: p.password_length,
-        principals: p
-            .principals
-            .iter()
-            .map(|s| {
-                crate::policy::Pattern::new(s)
-                    .map_err(|e| DatabasesError::BadRequest(format!("principals: {e}")))
-            })
-            .collect::<Result<_, _>>()?,
+        principals: patterns(&p.principals)?,
         created_ms: 0,
         created_by: String::new(),
     })
@@ -122,6 +116,57 @@ pub(crate) fn lease_pb(l: &Lease) -> pb::Lease {
             0
         },
     }
+}
+
+/// A static role as the API shows it (never its password).
+pub(crate) fn static_role_pb(r: &StaticRole) -> pb::DatabaseStaticRole {
+    pb::DatabaseStaticRole {
+        name: r.name.clone(),
+        connection: r.connection.clone(),
+        username: r.username.clone(),
+        rotation_period_seconds: r.period,
+        rotation_statements: r.rotation.clone(),
+        password_length: r.password_length,
+        principals: r.principals.iter().map(|p| p.as_str().to_owned()).collect(),
+        last_rotated_unix: r.last_rotated,
+        next_rotation_unix: r.next_rotation,
+        last_error: r.last_error.clone(),
+        created_unix_ms: r.created_ms,
+        created_by: r.created_by.clone(),
+    }
+}
+
+/// A static role from the API's (defaults for what is not given).
+pub(crate) fn static_role_of(p: pb::DatabaseStaticRole) -> Result<StaticRole, DatabasesError> {
+    Ok(StaticRole {
+        schema: model::SCHEMA,
+        name: p.name,
+        connection: p.connection,
+        username: p.username,
+        period: p.rotation_period_seconds,
+        rotation: p.rotation_statements,
+        password_length: p.password_length,
+        principals: patterns(&p.principals)?,
+        password: Secret::default(),
+        pending: None,
+        last_rotated: 0,
+        next_rotation: 0,
+        failures: 0,
+        last_error: String::new(),
+        claim: None,
+        created_ms: 0,
+        created_by: String::new(),
+    })
+}
+
+/// Principal patterns from the API's.
+fn patterns(list: &[String]) -> Result<Vec<crate::policy::Pattern>, DatabasesError> {
+    list.iter()
+        .map(|s| {
+            crate::policy::Pattern::new(s)
+                .map_err(|e| DatabasesError::BadRequest(format!("principals: {e}")))
+        })
+        .collect()
 }
 
 impl DatabasesService {
@@ -401,6 +446,108 @@ impl pb::databases_server::Databases for DatabasesService {
                     leases: leases.iter().map(lease_pb).collect(),
                     next_page_token: next.unwrap_or_default(),
                 }))
+            })
+            .await,
+        )
+    }
+
+    async fn put_database_static_role(
+        &self,
+        request: Request<pb::PutDatabaseStaticRoleRequest>,
+    ) -> Result<Response<pb::DatabaseStaticRole>, Status> {
+        let (conn, name) = request
+            .get_ref()
+            .role
+            .as_ref()
+            .map(|r| (r.connection.clone(), r.name.clone()))
+            .unwrap_or_default();
+        let call = self.call(&request, Op::PutDatabaseStaticRole, &conn, &name, "");
+        let r = request.into_inner();
+        respond(
+            crate::service::with_databases(&self.ctx, call, move |db, c| {
+                let role = static_role_of(r.role.unwrap_or_default())?;
+                let made = db.put_static_role(c, role, &c.identity().principal)?;
+                Ok(Served::new(static_role_pb(&made)))
+            })
+            .await,
+        )
+    }
+
+    async fn get_database_static_role(
+        &self,
+        request: Request<pb::GetDatabaseStaticRoleRequest>,
+    ) -> Result<Response<pb::DatabaseStaticRole>, Status> {
+        let name = request.get_ref().name.clone();
+        let call = self.call(&request, Op::GetDatabaseStaticRole, "", &name, "");
+        respond(
+            crate::service::with_databases(&self.ctx, call, move |db, _| {
+                Ok(Served::new(static_role_pb(&db.static_role(&name)?)))
+            })
+            .await,
+        )
+    }
+
+    async fn list_database_static_roles(
+        &self,
+        request: Request<pb::ListDatabaseStaticRolesRequest>,
+    ) -> Result<Response<pb::ListDatabaseStaticRolesResponse>, Status> {
+        let call = self.call(&request, Op::ListDatabaseStaticRoles, "", "", "");
+        respond(
+            crate::service::with_databases(&self.ctx, call, move |db, _| {
+                let roles = db.static_roles()?.iter().map(static_role_pb).collect();
+                Ok(Served::new(pb::ListDatabaseStaticRolesResponse { roles }))
+            })
+            .await,
+        )
+    }
+
+    async fn delete_database_static_role(
+        &self,
+        request: Request<pb::DeleteDatabaseStaticRoleRequest>,
+    ) -> Result<Response<pb::DeleteDatabaseStaticRoleResponse>, Status> {
+        let name = request.get_ref().name.clone();
+        let call = self.call(&request, Op::DeleteDatabaseStaticRole, "", &name, "");
+        respond(
+            crate::service::with_databases(&self.ctx, call, move |db, c| {
+                db.delete_static_role(c, &name)?;
+                Ok(Served::new(pb::DeleteDatabaseStaticRoleResponse {}))
+            })
+            .await,
+        )
+    }
+
+    async fn get_database_static_credentials(
+        &self,
+        request: Request<pb::GetDatabaseStaticCredentialsRequest>,
+    ) -> Result<Response<pb::GetDatabaseStaticCredentialsResponse>, Status> {
+        let name = request.get_ref().name.clone();
+        let call = self.call(&request, Op::GetDatabaseStaticCredentials, "", &name, "");
+        respond(
+            crate::service::with_databases(&self.ctx, call, move |db, c| {
+                let role = db.static_credentials(&c.identity().principal, &name)?;
+                Ok(Served::new(pb::GetDatabaseStaticCredentialsResponse {
+                    username: role.username.clone(),
+                    password: role.password.expose().to_owned(),
+                    last_rotated_unix: role.last_rotated,
+                    rotation_period_seconds: role.period,
+                    ttl_seconds: role.next_rotation.saturating_sub(crate::keyring::now()),
+                }))
+            })
+            .await,
+        )
+    }
+
+    async fn rotate_database_static_role(
+        &self,
+        request: Request<pb::RotateDatabaseStaticRoleRequest>,
+    ) -> Result<Response<pb::DatabaseStaticRole>, Status> {
+        let name = request.get_ref().name.clone();
+        let call = self.call(&request, Op::RotateDatabaseStaticRole, "", &name, "");
+        respond(
+            crate::service::with_databases(&self.ctx, call, move |db, c| {
+                Ok(Served::new(static_role_pb(
+                    &db.rotate_static_role(c, &name)?,
+                )))
             })
             .await,
         )

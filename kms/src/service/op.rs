@@ -108,7 +108,9 @@ ops! {
         PutDatabaseConnection, GetDatabaseConnection, ListDatabaseConnections,
         DeleteDatabaseConnection, RotateDatabaseRoot, PutDatabaseRole, GetDatabaseRole,
         ListDatabaseRoles, DeleteDatabaseRole, GetDatabaseCredentials, RenewLease, RevokeLease,
-        RevokeLeasePrefix, LookupLease, ListLeases,
+        RevokeLeasePrefix, LookupLease, ListLeases, PutDatabaseStaticRole, GetDatabaseStaticRole,
+        ListDatabaseStaticRoles, DeleteDatabaseStaticRole, GetDatabaseStaticCredentials,
+        RotateDatabaseStaticRole,
     }
     Health { Check, Watch }
 }
@@ -161,9 +163,11 @@ impl Op {
             | Op::IssueSsh => Need::Certificate,
             // Who may ask a role for a login is the role's to say (its principals); a
             // lease is its holder's to renew, revoke and look up (or an administrator's).
-            Op::GetDatabaseCredentials | Op::RenewLease | Op::RevokeLease | Op::LookupLease => {
-                Need::Certificate
-            }
+            Op::GetDatabaseCredentials
+            | Op::GetDatabaseStaticCredentials
+            | Op::RenewLease
+            | Op::RevokeLease
+            | Op::LookupLease => Need::Certificate,
             Op::Init
             | Op::Seal
             | Op::CreateBackup
@@ -205,7 +209,12 @@ impl Op {
             | Op::ListDatabaseRoles
             | Op::DeleteDatabaseRole
             | Op::RevokeLeasePrefix
-            | Op::ListLeases => Need::Role(Role::Admin),
+            | Op::ListLeases
+            | Op::PutDatabaseStaticRole
+            | Op::GetDatabaseStaticRole
+            | Op::ListDatabaseStaticRoles
+            | Op::DeleteDatabaseStaticRole
+            | Op::RotateDatabaseStaticRole => Need::Role(Role::Admin),
         }
     }
 
