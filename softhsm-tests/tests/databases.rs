@@ -865,3 +865,73 @@ async fn static_roles_rotate_and_serve_the_password_in_force() {
         assert!(!text.contains(secret.as_str()), "a password was written");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_mid_revocation_leaves_its_claims_to_another() {
+    let store = TestPostgres::start();
+    let pg = TestPostgres::start_empty();
+    let root_password = prepare(&pg);
+    let hsm = TestHsm::new("databases-kill");
+    let config = hsm.config_full("kms.toml", &hsm.hsm_table(), &store.storage_table());
+    let (mut a, shares) = start_unsealed(&hsm, &config);
+    // B starts now and is unsealed only once A has claimed what is due.
+    let b = hsm.try_start(&config, &[]).unwrap();
+    let app = hsm.pki.client("app", &ClientSpec::spiffe("app"));
+    let mut admin = client(&a, &a.admin).await;
+    set_up(&mut admin, &pg, &root_password, &[&app.principal]).await;
+    // A login that owns nothing, dropped slowly.
+    let mut slow = role("fails-slow", &[&app.principal]);
+    slow.creation_statements.truncate(1);
+    slow.revocation_statements = vec![
+        "SELECT pg_sleep(4);".into(),
+        "DROP ROLE IF EXISTS \"{{name}}\";".into(),
+    ];
+    admin
+        .put_database_role(pb::PutDatabaseRoleRequest { role: Some(slow) })
+        .await
+        .unwrap();
+    let mut on_a = client(&a, &app).await;
+    let mut ids = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        let made = on_a
+            .get_database_credentials(pb::GetDatabaseCredentialsRequest {
+                role: "fails-slow".into(),
+                ttl_seconds: 1,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.insert(made.lease_id);
+    }
+    // A claims the four at their expiry and is killed in the first revocation's sleep.
+    std::thread::sleep(Duration::from_secs(3));
+    let claimed = Instant::now();
+    a.kill9();
+    assert_eq!(
+        kms_logins(&pg).len(),
+        4,
+        "A finished a revocation before it was killed"
+    );
+    b.unseal_with(&shares);
+    // B waits for A's claims to lapse (60 s), then revokes each once.
+    wait_until(Duration::from_secs(150), "every login dropped by B", || {
+        kms_logins(&pg).is_empty()
+    });
+    assert!(
+        claimed.elapsed() >= Duration::from_secs(50),
+        "B did not wait for A's claims: {:?}",
+        claimed.elapsed()
+    );
+    let revoked: Vec<String> = records(&b, &hsm)
+        .iter()
+        .filter(|e| e["operation"] == "RevokeExpiredLease")
+        .map(|e| e["database"]["lease_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(revoked.len(), 4, "{revoked:#?}");
+    assert_eq!(
+        revoked
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>(),
+        ids
+    );
+}
