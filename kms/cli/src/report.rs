@@ -830,6 +830,8 @@ mod tests {
                 outcome: "OK".into(),
                 span: Span { count: 4, ..span },
             }],
+            database_credentials: Vec::new(),
+            orphan_logins: Vec::new(),
         }
     }
 
