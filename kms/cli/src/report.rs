@@ -340,7 +340,7 @@ const CSV_HEADER: &[&str] = &[
     "kind",
     "subject",
     "actor",
-    // The database sections' (databases::CSV_COLUMNS, checked by a test).
+    // The database sections' (last, so the others' keep their places; report/databases.rs).
     "connection",
     "role",
     "issued",

@@ -36,24 +36,8 @@ pub(super) const DATABASES_NUMERIC: [usize; 7] = [3, 4, 5, 6, 7, 8, 9];
 /// The orphan logins' columns.
 pub(super) const ORPHANS_HEADER: [&str; 5] = ["CONNECTION", "ROLE", "DROPPED", "FIRST", "LAST"];
 
-/// The CSV's columns for these sections that no other section has (appended after the
-/// others', so theirs keep their places).
-pub(super) const CSV_COLUMNS: [&str; 11] = [
-    "connection",
-    "role",
-    "issued",
-    "renewed",
-    "revoked",
-    "expired",
-    "forced",
-    "irrevocable",
-    "scheduled",
-    "refused_by_outcome",
-    "error",
-];
-
-/// Refusals by outcome, `sep` between them (`-` when none).
-fn refused_text(d: &DatabaseRow, sep: &str) -> String {
+/// Refusals by outcome, `PERMISSION_DENIED 2, UNAVAILABLE 1` (`-` when none).
+fn refused_text(d: &DatabaseRow) -> String {
     if d.refused.is_empty() {
         return "-".to_owned();
     }
@@ -61,7 +45,7 @@ fn refused_text(d: &DatabaseRow, sep: &str) -> String {
         .iter()
         .map(|o| format!("{} {}", o.outcome, o.count))
         .collect::<Vec<_>>()
-        .join(sep)
+        .join(", ")
 }
 
 /// The database credentials' rows, as [`DATABASES_HEADER`] names their cells.
@@ -80,7 +64,7 @@ pub(super) fn rows(r: &UsageReport) -> Vec<Vec<String>> {
                 d.forced.to_string(),
                 d.irrevocable.to_string(),
                 d.scheduled.to_string(),
-                refused_text(d, ", "),
+                refused_text(d),
                 rfc3339(d.span.first_ms),
                 rfc3339(d.span.last_ms),
                 dash(&d.last_error),
@@ -160,8 +144,24 @@ mod tests {
     use kms_proto::v1 as pb;
 
     use super::super::{CSV_HEADER, html, table};
-    use super::{CSV_COLUMNS, UsageReport};
+    use super::UsageReport;
     use crate::audit::{rfc3339, write_csv};
+
+    /// The CSV's columns for these sections that no other section has: the last of
+    /// `CSV_HEADER`, so the other sections' keep their places.
+    const CSV_COLUMNS: [&str; 11] = [
+        "connection",
+        "role",
+        "issued",
+        "renewed",
+        "revoked",
+        "expired",
+        "forced",
+        "irrevocable",
+        "scheduled",
+        "refused_by_outcome",
+        "error",
+    ];
 
     /// A hostile principal, as a caller's certificate may name one.
     const FORMULA: &str = "=cmd|' /C calc'!A0";
