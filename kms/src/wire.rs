@@ -5,6 +5,7 @@
 
 use kms_proto::v1 as pb;
 
+use crate::audit::report::databases::{DatabaseRow, OrphanLoginRow, OutcomeCount};
 use crate::audit::report::{
     Bucket, CredentialRow, CustodyRow, Filter, KeySummary, RefusedRow, SecretReadRow, Span,
     UsageReport, UsageRow, VersionRef,
@@ -428,6 +429,45 @@ pub(crate) fn report_pb(r: UsageReport) -> pb::KeyUsageReportResponse {
                 last_unix_ms: c.span.last_ms,
             })
             .collect(),
+        database_credentials: r
+            .database_credentials
+            .into_iter()
+            .map(|d| pb::DatabaseCredentialRow {
+                connection: d.connection,
+                role: d.role,
+                principal: d.principal,
+                issued: d.issued,
+                renewed: d.renewed,
+                revoked: d.revoked,
+                expired: d.expired,
+                forced: d.forced,
+                irrevocable: d.irrevocable,
+                scheduled: d.scheduled,
+                refused: d
+                    .refused
+                    .into_iter()
+                    .map(|o| pb::OutcomeCount {
+                        outcome: o.outcome,
+                        count: o.count,
+                    })
+                    .collect(),
+                last_error: d.last_error,
+                count: d.span.count,
+                first_unix_ms: d.span.first_ms,
+                last_unix_ms: d.span.last_ms,
+            })
+            .collect(),
+        orphan_logins: r
+            .orphan_logins
+            .into_iter()
+            .map(|o| pb::OrphanLoginRow {
+                connection: o.connection,
+                role: o.role,
+                count: o.span.count,
+                first_unix_ms: o.span.first_ms,
+                last_unix_ms: o.span.last_ms,
+            })
+            .collect(),
     }
 }
 
@@ -536,6 +576,41 @@ pub fn report_from(r: pb::KeyUsageReportResponse) -> UsageReport {
                 key_version: c.key_version,
                 outcome: c.outcome,
                 span: span(c.count, c.first_unix_ms, c.last_unix_ms),
+            })
+            .collect(),
+        database_credentials: r
+            .database_credentials
+            .into_iter()
+            .map(|d| DatabaseRow {
+                connection: d.connection,
+                role: d.role,
+                principal: d.principal,
+                issued: d.issued,
+                renewed: d.renewed,
+                revoked: d.revoked,
+                expired: d.expired,
+                forced: d.forced,
+                irrevocable: d.irrevocable,
+                scheduled: d.scheduled,
+                refused: d
+                    .refused
+                    .into_iter()
+                    .map(|o| OutcomeCount {
+                        outcome: o.outcome,
+                        count: o.count,
+                    })
+                    .collect(),
+                last_error: d.last_error,
+                span: span(d.count, d.first_unix_ms, d.last_unix_ms),
+            })
+            .collect(),
+        orphan_logins: r
+            .orphan_logins
+            .into_iter()
+            .map(|o| OrphanLoginRow {
+                connection: o.connection,
+                role: o.role,
+                span: span(o.count, o.first_unix_ms, o.last_unix_ms),
             })
             .collect(),
     }
@@ -691,8 +766,53 @@ mod tests {
                     last_ms: 5,
                 },
             }],
+            database_credentials: vec![DatabaseRow {
+                connection: "main".into(),
+                role: "readonly".into(),
+                principal: "spiffe://a/app".into(),
+                issued: 4,
+                renewed: 3,
+                revoked: 2,
+                expired: 1,
+                forced: 5,
+                irrevocable: 6,
+                scheduled: 7,
+                refused: vec![
+                    OutcomeCount {
+                        outcome: "PERMISSION_DENIED".into(),
+                        count: 8,
+                    },
+                    OutcomeCount {
+                        outcome: "UNAVAILABLE".into(),
+                        count: 9,
+                    },
+                ],
+                last_error: "role is in use".into(),
+                span: Span {
+                    count: 45,
+                    first_ms: 2,
+                    last_ms: 6,
+                },
+            }],
+            orphan_logins: vec![OrphanLoginRow {
+                connection: "main".into(),
+                role: "readonly".into(),
+                span: Span {
+                    count: 2,
+                    first_ms: 3,
+                    last_ms: 4,
+                },
+            }],
         };
         let pb = report_pb(report.clone());
+        let refused: Vec<(&str, u64)> = pb
+            .database_credentials
+            .iter()
+            .flat_map(|d| d.refused.iter().map(|o| (o.outcome.as_str(), o.count)))
+            .collect();
+        assert_eq!(refused, [("PERMISSION_DENIED", 8), ("UNAVAILABLE", 9)]);
+        let orphans: Vec<u64> = pb.orphan_logins.iter().map(|o| o.count).collect();
+        assert_eq!(orphans, [2]);
         let paths: Vec<&str> = pb.refused.iter().map(|f| f.secret_path.as_str()).collect();
         assert_eq!(paths, ["db/pw", "", ""]);
         assert_eq!(report_from(pb), report);

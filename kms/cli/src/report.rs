@@ -4,7 +4,10 @@
 //! Every format carries the same rows: a summary per key; calls per key, version,
 //! principal, operation and outcome, each with its own first and last call; refused calls
 //! by principal, with the key or secret path they named; versions unused in the period; versions below the primary still
-//! decrypting.
+//! decrypting; the custodians' ceremonies; secrets read; credentials issued; database
+//! logins per connection, role and principal, and the orphan logins reconcile dropped.
+
+mod databases;
 
 use std::fmt::Write as _;
 use std::io::Write;
@@ -89,6 +92,8 @@ struct Sections {
     custody: Vec<Vec<String>>,
     secrets: Vec<Vec<String>>,
     credentials: Vec<Vec<String>>,
+    databases: Vec<Vec<String>>,
+    orphans: Vec<Vec<String>>,
 }
 
 const KEYS_HEADER: [&str; 7] = [
@@ -267,11 +272,13 @@ fn sections(r: &UsageReport) -> Sections {
                 ]
             })
             .collect(),
+        databases: databases::rows(r),
+        orphans: databases::orphan_rows(r),
     }
 }
 
 /// The section titles, in order, as the table and the HTML show them.
-const TITLES: [&str; 8] = [
+const TITLES: [&str; 10] = [
     "Per key",
     "Calls per key, version, principal, operation and outcome",
     "Refused calls, by principal",
@@ -280,13 +287,15 @@ const TITLES: [&str; 8] = [
     "Custodians' ceremonies (init, rekey, verify-share), by share set and share",
     "Secrets read, by path, version and principal (the last read: LAST)",
     "Credentials issued and refused, by issuer, subject, delegator, key version and outcome",
+    "Database credentials, by connection, role and principal (kms: the server's own revocations; FORCED and IRREVOCABLE leases may have left their login behind)",
+    "Logins no lease named, dropped by reconcile, by connection and role",
 ];
 
 /// The report as aligned text.
 pub fn table(r: &UsageReport) -> String {
     let s = sections(r);
     let mut out = format!("Key usage, {} ({} records)\n", period(r), r.records);
-    let parts: [(&[&str], &Vec<Vec<String>>); 8] = [
+    let parts: [(&[&str], &Vec<Vec<String>>); 10] = [
         (&KEYS_HEADER, &s.keys),
         (&USAGE_HEADER, &s.usage),
         (&REFUSED_HEADER, &s.refused),
@@ -295,6 +304,8 @@ pub fn table(r: &UsageReport) -> String {
         (&CUSTODY_HEADER, &s.custody),
         (&SECRETS_HEADER, &s.secrets),
         (&CREDENTIALS_HEADER, &s.credentials),
+        (&databases::DATABASES_HEADER, &s.databases),
+        (&databases::ORPHANS_HEADER, &s.orphans),
     ];
     for (title, (header, rows)) in TITLES.iter().zip(parts) {
         out.push_str(&format!("\n{title}\n"));
@@ -329,6 +340,18 @@ const CSV_HEADER: &[&str] = &[
     "kind",
     "subject",
     "actor",
+    // The database sections' (last, so the others' keep their places; report/databases.rs).
+    "connection",
+    "role",
+    "issued",
+    "renewed",
+    "revoked",
+    "expired",
+    "forced",
+    "irrevocable",
+    "scheduled",
+    "refused_by_outcome",
+    "error",
 ];
 
 /// The report's CSV rows: every row of every section, its section in the first column and
@@ -445,6 +468,7 @@ fn csv_rows(r: &UsageReport) -> Vec<Vec<String>> {
             ("last", rfc3339(c.span.last_ms)),
         ]));
     }
+    rows.extend(databases::csv_rows(r, row));
     rows
 }
 
@@ -487,6 +511,11 @@ pub fn html(r: &UsageReport, generated_ms: u64) -> String {
             ("custody", html_rows(&s.custody, &[6])),
             ("secrets", html_rows(&s.secrets, &[1, 3])),
             ("credentials", html_rows(&s.credentials, &[4, 6])),
+            (
+                "databases",
+                html_rows(&s.databases, &databases::DATABASES_NUMERIC),
+            ),
+            ("orphans", html_rows(&s.orphans, &[2])),
         ],
     )
 }
@@ -830,6 +859,8 @@ mod tests {
                 outcome: "OK".into(),
                 span: Span { count: 4, ..span },
             }],
+            database_credentials: Vec::new(),
+            orphan_logins: Vec::new(),
         }
     }
 

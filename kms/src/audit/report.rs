@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::AuditEvent;
 
+pub mod databases;
+
 /// The export format's name.
 pub(crate) const EXPORT_FORMAT: &str = "kms-audit-export/v1";
 
@@ -293,6 +295,15 @@ pub struct UsageReport {
     /// and outcome. (Absent from reports of servers before the credentials engine.)
     #[serde(default)]
     pub credentials: Vec<CredentialRow>,
+    /// Database credentials: per connection, role and principal, the logins issued,
+    /// renewed, revoked, expired, forced, marked irrevocable and refused. (Absent from
+    /// reports of servers before the databases engine.)
+    #[serde(default)]
+    pub database_credentials: Vec<databases::DatabaseRow>,
+    /// Logins no lease named, dropped by the reconcile pass, per connection and role.
+    /// (Absent from reports of servers before the databases engine.)
+    #[serde(default)]
+    pub orphan_logins: Vec<databases::OrphanLoginRow>,
 }
 
 /// Issuances (or refusals) of one issuer's credentials of one kind to one subject.
@@ -420,6 +431,7 @@ pub(crate) struct UsageBuilder {
     custody: BTreeMap<CustodyKey, Span>,
     secret_reads: BTreeMap<SecretReadKey, Span>,
     credentials: BTreeMap<CredentialKey, Span>,
+    databases: databases::DatabaseTally,
     /// (time, key, successful uses, refusals).
     events: Vec<(u64, String, u64, u64)>,
 }
@@ -435,6 +447,7 @@ impl UsageBuilder {
             custody: BTreeMap::new(),
             secret_reads: BTreeMap::new(),
             credentials: BTreeMap::new(),
+            databases: databases::DatabaseTally::default(),
             events: Vec::new(),
         }
     }
@@ -518,6 +531,7 @@ impl UsageBuilder {
                 .or_default()
                 .add(1, t);
         }
+        self.databases.add(e);
         if REFUSALS.contains(&e.outcome.as_str()) {
             // A record of calls counted together (callers without a certificate; no key)
             // stands for its batch's calls.
@@ -614,6 +628,7 @@ impl UsageBuilder {
         let (unused, below) = self.findings(keys);
         let (bucket_ms, timeline) = self.timeline();
         let summaries = self.summaries();
+        let (database_credentials, orphan_logins) = self.databases.finish();
         UsageReport {
             since_ms: self.filter.since_ms,
             until_ms: self.filter.until_ms,
@@ -695,6 +710,8 @@ impl UsageBuilder {
                     },
                 )
                 .collect(),
+            database_credentials,
+            orphan_logins,
         }
     }
 

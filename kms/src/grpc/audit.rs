@@ -78,6 +78,8 @@ fn report_parts(
     let custody = std::mem::take(&mut full.custody);
     let secret_reads = std::mem::take(&mut full.secret_reads);
     let credentials = std::mem::take(&mut full.credentials);
+    let database_credentials = std::mem::take(&mut full.database_credentials);
+    let orphan_logins = std::mem::take(&mut full.orphan_logins);
     let mut parts = Vec::new();
     let mut size = full.encoded_len();
     let mut current = full;
@@ -126,6 +128,14 @@ fn report_parts(
     for c in credentials {
         room(&mut current, &mut size, c.encoded_len());
         current.credentials.push(c);
+    }
+    for d in database_credentials {
+        room(&mut current, &mut size, d.encoded_len());
+        current.database_credentials.push(d);
+    }
+    for o in orphan_logins {
+        room(&mut current, &mut size, o.encoded_len());
+        current.orphan_logins.push(o);
     }
     parts.push(current);
     parts
@@ -492,6 +502,29 @@ mod tests {
                     subject: format!("spiffe://corp/app-{i}"),
                     key_version: 1,
                     outcome: "OK".into(),
+                    count: 1,
+                    ..Default::default()
+                })
+                .collect(),
+            database_credentials: (0..2000)
+                .map(|i| pb::DatabaseCredentialRow {
+                    connection: "main".into(),
+                    role: "readonly".into(),
+                    principal: format!("spiffe://corp/app-{i}"),
+                    issued: 3,
+                    refused: vec![pb::OutcomeCount {
+                        outcome: "PERMISSION_DENIED".into(),
+                        count: 1,
+                    }],
+                    last_error: "x".repeat(40),
+                    count: 4,
+                    ..Default::default()
+                })
+                .collect(),
+            orphan_logins: (0..2000)
+                .map(|i| pb::OrphanLoginRow {
+                    connection: format!("db-{i}"),
+                    role: "readonly".into(),
                     count: 1,
                     ..Default::default()
                 })

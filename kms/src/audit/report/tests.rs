@@ -1,10 +1,11 @@
 //! The usage report's builder, over records made in the tests.
 
+use super::databases::DatabaseRow;
 use super::{
     AuditEvent, Filter, KeyInfo, OTHER_KEYS, REFUSALS, RefusedRow, Span, TOP_KEYS, UsageBuilder,
     bucket_width,
 };
-use crate::audit::BatchSummary;
+use crate::audit::{BatchSummary, DatabaseSummary};
 
 /// A credential row's kind, subject, delegator, key version, outcome, count and last.
 type CredentialCells<'a> = (&'a str, &'a str, Option<&'a str>, u32, &'a str, u64, u64);
@@ -491,4 +492,340 @@ fn bucket_widths_follow_the_period() {
     assert_eq!(bucket_width(3_600_000), 60_000);
     assert_eq!(bucket_width(86_400_000), 3_600_000);
     assert_eq!(bucket_width(30 * 86_400_000), 86_400_000);
+}
+
+/// A record of the databases engine: `principal`'s `op` on (connection, role, lease).
+fn db(t: u64, op: &str, who: &str, outcome: &str, d: DatabaseSummary) -> AuditEvent {
+    AuditEvent {
+        time_ms: t,
+        principal: who.into(),
+        service: "kms.v1.Databases".into(),
+        operation: op.into(),
+        outcome: outcome.into(),
+        database: Some(d),
+        ..AuditEvent::default()
+    }
+}
+
+/// A record the server wrote by itself about a lease of `readonly` on `main`.
+fn db_internal(t: u64, op: &str, d: DatabaseSummary) -> AuditEvent {
+    AuditEvent {
+        time_ms: t,
+        database: Some(d),
+        ..AuditEvent::internal("kms", "kms.internal", op)
+    }
+}
+
+/// What a lease's records say: connection `main`, role `readonly`.
+fn lease(n: u32) -> DatabaseSummary {
+    DatabaseSummary {
+        connection: "main".into(),
+        role: "readonly".into(),
+        lease_id: format!("database/creds/readonly/lease{n}"),
+        username: format!("v-app-readonly-{n}"),
+        expires: 1_000 + u64::from(n),
+        ..DatabaseSummary::default()
+    }
+}
+
+/// A row's (issued, renewed, revoked, expired, forced, irrevocable, scheduled).
+fn db_counts(r: &DatabaseRow) -> [u64; 7] {
+    [
+        r.issued,
+        r.renewed,
+        r.revoked,
+        r.expired,
+        r.forced,
+        r.irrevocable,
+        r.scheduled,
+    ]
+}
+
+/// Database credentials are counted per connection, role and principal: issuances,
+/// renewals, revocations, the server's own revocations under `kms`, forced and irrevocable
+/// leases with the database's last error, refused issuances by outcome, revocations by
+/// prefix; orphan logins per connection and role. Lookups and administration count for
+/// nothing here.
+#[test]
+fn database_credentials_are_counted_per_connection_role_and_principal() {
+    let app = "spiffe://corp/app";
+    let admin = "spiffe://corp/admin";
+    let mallory = "spiffe://corp/mallory";
+    let asked = |role: &str, lease: &str| DatabaseSummary {
+        role: role.into(),
+        lease_id: lease.into(),
+        ..DatabaseSummary::default()
+    };
+    let mut b = UsageBuilder::new(Filter::default());
+    b.add(&db(1_000, "GetDatabaseCredentials", app, "OK", lease(1)));
+    b.add(&db(2_000, "GetDatabaseCredentials", app, "OK", lease(2)));
+    b.add(&db(2_500, "RenewLease", app, "OK", lease(1)));
+    b.add(&db(3_000, "RevokeLease", app, "OK", lease(1)));
+    b.add(&db(
+        3_500,
+        "RevokeLease",
+        admin,
+        "OK",
+        DatabaseSummary {
+            forced: true,
+            error: "ERROR: role \"v-app-readonly-2\" cannot be dropped (2BP01)".into(),
+            ..lease(2)
+        },
+    ));
+    b.add(&db_internal(4_000, "RevokeExpiredLease", lease(3)));
+    b.add(&db_internal(4_100, "RevokeExpiredLease", lease(4)));
+    b.add(&db_internal(
+        4_200,
+        "MarkLeaseIrrevocable",
+        DatabaseSummary {
+            forced: true,
+            error: "ERROR: permission denied to drop role (42501)".into(),
+            ..lease(5)
+        },
+    ));
+    // Removing the role with force revoked one more.
+    b.add(&db_internal(4_300, "RevokeLease", lease(6)));
+    for t in [4_400, 4_500] {
+        b.add(&db_internal(
+            t,
+            "DropOrphanLogin",
+            DatabaseSummary {
+                connection: "main".into(),
+                role: "readonly".into(),
+                username: "v-app-readonly-x".into(),
+                ..DatabaseSummary::default()
+            },
+        ));
+    }
+    // Refused and failed issuances name the role as the caller gave it, no connection.
+    for (t, who, outcome) in [
+        (5_000, mallory, "PERMISSION_DENIED"),
+        (5_100, app, "UNAVAILABLE"),
+        (5_200, mallory, "PERMISSION_DENIED"),
+        (5_250, mallory, "INVALID_ARGUMENT"),
+    ] {
+        b.add(&db(
+            t,
+            "GetDatabaseCredentials",
+            who,
+            outcome,
+            asked("readonly", ""),
+        ));
+    }
+    // Revocations by prefix: of one role, and of every role.
+    b.add(&db(
+        5_300,
+        "RevokeLeasePrefix",
+        admin,
+        "OK",
+        DatabaseSummary {
+            leases: 7,
+            ..asked("", "database/creds/readonly/")
+        },
+    ));
+    b.add(&db(
+        5_400,
+        "RevokeLeasePrefix",
+        admin,
+        "OK",
+        DatabaseSummary {
+            leases: 3,
+            ..asked("", "database/creds/")
+        },
+    ));
+    // Not counted here: lookups, lists, administration, a refused renewal.
+    b.add(&db(5_500, "LookupLease", app, "OK", lease(2)));
+    b.add(&db(
+        5_600,
+        "ListLeases",
+        admin,
+        "OK",
+        DatabaseSummary::default(),
+    ));
+    b.add(&db(
+        5_700,
+        "PutDatabaseRole",
+        admin,
+        "OK",
+        asked("readonly", ""),
+    ));
+    b.add(&db(
+        5_800,
+        "RenewLease",
+        mallory,
+        "NOT_FOUND",
+        asked("", "database/creds/readonly/lease1"),
+    ));
+    let r = b.finish(&[]);
+    assert_eq!(r.records, 21);
+    let rows: Vec<(&str, &str, &str, [u64; 7])> = r
+        .database_credentials
+        .iter()
+        .map(|d| {
+            (
+                d.connection.as_str(),
+                d.role.as_str(),
+                d.principal.as_str(),
+                db_counts(d),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("", "", admin, [0, 0, 0, 0, 0, 0, 3]),
+            ("", "readonly", admin, [0, 0, 0, 0, 0, 0, 7]),
+            ("", "readonly", app, [0; 7]),
+            ("", "readonly", mallory, [0; 7]),
+            ("main", "readonly", "kms", [0, 0, 1, 2, 0, 1, 0]),
+            ("main", "readonly", admin, [0, 0, 0, 0, 1, 0, 0]),
+            ("main", "readonly", app, [2, 1, 1, 0, 0, 0, 0]),
+        ]
+    );
+    let row = |connection: &str, principal: &str| {
+        r.database_credentials
+            .iter()
+            .find(|d| {
+                d.connection == connection && d.role == "readonly" && d.principal == principal
+            })
+            .unwrap()
+    };
+    let refused = |d: &DatabaseRow| {
+        d.refused
+            .iter()
+            .map(|o| (o.outcome.clone(), o.count))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        refused(row("", mallory)),
+        [
+            ("INVALID_ARGUMENT".to_owned(), 1),
+            ("PERMISSION_DENIED".to_owned(), 2)
+        ]
+    );
+    assert_eq!(row("", mallory).refused_total(), 3);
+    assert_eq!(refused(row("", app)), [("UNAVAILABLE".to_owned(), 1)]);
+    // Each row its own times and records.
+    assert_eq!(
+        row("main", app).span,
+        Span {
+            count: 4,
+            first_ms: 1_000,
+            last_ms: 3_000
+        }
+    );
+    assert_eq!(
+        row("main", "kms").span,
+        Span {
+            count: 4,
+            first_ms: 4_000,
+            last_ms: 4_300
+        }
+    );
+    // The database's words, for the lease that may have left a login behind.
+    assert_eq!(
+        row("main", "kms").last_error,
+        "ERROR: permission denied to drop role (42501)"
+    );
+    assert_eq!(
+        row("main", admin).last_error,
+        "ERROR: role \"v-app-readonly-2\" cannot be dropped (2BP01)"
+    );
+    assert_eq!(row("main", app).last_error, "");
+    let orphans: Vec<(&str, &str, Span)> = r
+        .orphan_logins
+        .iter()
+        .map(|o| (o.connection.as_str(), o.role.as_str(), o.span))
+        .collect();
+    assert_eq!(
+        orphans,
+        [(
+            "main",
+            "readonly",
+            Span {
+                count: 2,
+                first_ms: 4_400,
+                last_ms: 4_500
+            }
+        )]
+    );
+    // The refusals are also among the refused calls, by principal.
+    let denied: Vec<(&str, &str, u64)> = r
+        .refused
+        .iter()
+        .map(|f| (f.principal.as_str(), f.operation.as_str(), f.span.count))
+        .collect();
+    assert_eq!(denied, [(mallory, "GetDatabaseCredentials", 2)]);
+    // No key was named: no key summary, no timeline.
+    assert!(r.keys.is_empty() && r.timeline.is_empty(), "{r:?}");
+}
+
+/// A long error is kept bounded; a report filtered by key has no database rows.
+#[test]
+fn database_errors_are_bounded_and_a_key_filter_leaves_them_out() {
+    let mut b = UsageBuilder::new(Filter::default());
+    b.add(&db_internal(
+        1,
+        "MarkLeaseIrrevocable",
+        DatabaseSummary {
+            forced: true,
+            error: "é".repeat(5_000),
+            ..lease(1)
+        },
+    ));
+    let r = b.finish(&[]);
+    let kept = &r.database_credentials[0].last_error;
+    assert_eq!(kept.chars().count(), 203, "{kept}");
+    assert!(kept.starts_with("éé") && kept.ends_with("é..."), "{kept}");
+    let mut b = UsageBuilder::new(Filter {
+        key: Some("payments".into()),
+        ..Filter::default()
+    });
+    b.add(&db(
+        1,
+        "GetDatabaseCredentials",
+        "spiffe://corp/app",
+        "OK",
+        lease(1),
+    ));
+    let r = b.finish(&[]);
+    assert_eq!(r.records, 0);
+    assert!(r.database_credentials.is_empty());
+}
+
+/// A hundred thousand issuances to one principal make one row, not one entry per lease.
+#[test]
+fn database_rows_hold_no_state_per_lease() {
+    let mut b = UsageBuilder::new(Filter::default());
+    for n in 0..100_000u32 {
+        b.add(&db(
+            u64::from(n),
+            "GetDatabaseCredentials",
+            "spiffe://corp/app",
+            "OK",
+            lease(n),
+        ));
+        if n % 2 == 0 {
+            b.add(&db_internal(
+                u64::from(n) + 1,
+                "RevokeExpiredLease",
+                lease(n),
+            ));
+        }
+    }
+    assert_eq!(b.databases.len(), 2);
+    let r = b.finish(&[]);
+    assert_eq!(r.records, 150_000);
+    let counts: Vec<(&str, u64, u64, u64)> = r
+        .database_credentials
+        .iter()
+        .map(|d| (d.principal.as_str(), d.issued, d.expired, d.span.count))
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("kms", 0, 50_000, 50_000),
+            ("spiffe://corp/app", 100_000, 0, 100_000)
+        ]
+    );
 }
