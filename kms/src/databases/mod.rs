@@ -1009,6 +1009,8 @@ fn clone_error(e: &DatabasesError) -> DatabasesError {
             why: why.clone(),
         },
         DatabasesError::ConnectionNotFound(c) => DatabasesError::ConnectionNotFound(c.clone()),
+        // Its own text, not its `Display`, which would say "the database refused" twice.
+        DatabasesError::Refused(why) => DatabasesError::Refused(why.clone()),
         other => DatabasesError::Refused(other.to_string()),
     }
 }
