@@ -64,6 +64,18 @@ fn valid_until(pg: &TestPostgres, login: &str) -> u64 {
     .unwrap()
 }
 
+/// Whether `login` can connect to database `app` with `password` (psql, as a client would).
+fn can_log_in(pg: &TestPostgres, login: &str, password: &str) -> bool {
+    std::process::Command::new(pg.bin_dir().join("psql"))
+        .args(["-X", "-q", "-h", "127.0.0.1", "-p", &pg.port.to_string()])
+        .args(["-U", login, "-d", "app", "-c", "SELECT 1"])
+        .env("PGPASSWORD", password)
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
 #[test]
 fn database_credentials_through_the_cli() {
     let hsm = TestHsm::new("databases-cli");
@@ -157,6 +169,51 @@ fn database_credentials_through_the_cli() {
     let listed = ok(server.kms(&["db", "connection", "list", "--json"], "")).json();
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
     assert_eq!(listed[0], created);
+    // Put again: the password from standard input, then none (no terminal: the stored one
+    // is kept); the rest replaced.
+    let again = |extra: &[&str], stdin: &str| {
+        let mut args = vec![
+            "db",
+            "connection",
+            "put",
+            "pg",
+            "--url",
+            &url,
+            "--username",
+            "kms_root",
+            "--allowed-role",
+            "app",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        ok(server.kms(&args, stdin)).json()
+    };
+    let from_stdin = again(
+        &["--password-stdin", "--max-open-connections", "2"],
+        &format!("{root_password}\n"),
+    );
+    assert_eq!(from_stdin["max_open_connections"], 2);
+    assert_eq!(from_stdin["created_unix_ms"], created["created_unix_ms"]);
+    let kept = again(&[], "");
+    assert_eq!(kept["max_open_connections"], 4);
+    refused(
+        &server.kms(
+            &[
+                "db",
+                "connection",
+                "put",
+                "pg",
+                "--url",
+                &url,
+                "--username",
+                "kms_root",
+                "--password-stdin",
+            ],
+            "",
+        ),
+        "error",
+        "--password-stdin: no password",
+    );
     let shown = ok(server.kms(&["db", "connection", "get", "pg"], "")).stdout;
     assert!(
         shown.contains("kms_root") && shown.contains("app"),
@@ -225,6 +282,7 @@ fn database_credentials_through_the_cli() {
     assert_eq!(short.code, Some(2), "{short:?}");
     assert!(short.stderr.contains("at least 1s"), "{short:?}");
 
+    // (The stored password was kept: a login is made with it below.)
     // Refusals leave no lease and no login.
     refused(
         &as_app(&["db", "creds", "app", "--ttl", "2h"]),
@@ -371,6 +429,7 @@ fn database_credentials_through_the_cli() {
     assert_eq!(second.sync(Duration::from_secs(10)), ["2"]);
     drop(second);
 
+    assert!(can_log_in(&pg, &username, &password));
     // The holder revokes the first: the login is gone, its open session ended (the root
     // login has CREATEROLE and no superuser), the lease gone too.
     let sessions = |login: &str| {
@@ -390,6 +449,7 @@ fn database_credentials_through_the_cli() {
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(session);
+    assert!(!can_log_in(&pg, &username, &password));
     refused(&as_app(&["lease", "lookup", &lease_id]), "NOT_FOUND", "");
     // Only an administrator forces.
     let second_lease = ok(server.kms(&["lease", "list", "--json"], "")).json();
@@ -407,6 +467,17 @@ fn database_credentials_through_the_cli() {
         "FAILED_PRECONDITION",
         "has 1 live lease(s)",
     );
+
+    // The root password, rotated: only kms knows it now (the old one is refused), and
+    // kms uses the new one (the revocation below).
+    let before_rotation = now();
+    assert!(can_log_in(&pg, "kms_root", &root_password));
+    let rotated = ok(server.kms(&["db", "connection", "rotate-root", "pg", "--json"], "")).json();
+    assert!(
+        rotated["root_rotated_unix"].as_u64().unwrap() >= before_rotation,
+        "{rotated}"
+    );
+    assert!(!can_log_in(&pg, "kms_root", &root_password));
 
     // Revoke by prefix: scheduled now, revoked by the server.
     let scheduled = ok(server.kms(&["lease", "revoke-prefix", "database/creds/app/"], "")).stdout;
