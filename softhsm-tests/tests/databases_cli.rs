@@ -531,3 +531,168 @@ fn database_credentials_through_the_cli() {
         );
     }
 }
+
+/// The value of the gauge `kms_database_leases_irrevocable` the server exposes.
+fn irrevocable_gauge(metrics: &str) -> String {
+    let (code, text) = softhsm_tests::http_get(metrics);
+    assert_eq!(code, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix("kms_database_leases_irrevocable "))
+        .unwrap_or_else(|| panic!("no gauge in:\n{text}"))
+        .trim()
+        .to_owned()
+}
+
+/// A lease whose revocation the database refuses: retried, then irrevocable (listed,
+/// counted by the metric, not renewable); `lease revoke` still refused; `--force` drops
+/// the record (the login is then the operator's to drop).
+#[test]
+fn an_irrevocable_lease_is_listed_counted_and_forced() {
+    let hsm = TestHsm::new("databases-irrevocable");
+    let config = hsm.config_full(
+        "kms.toml",
+        &hsm.hsm_table(),
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n[databases]\nmax_attempts = 2\nretry_seconds = 1\n",
+    );
+    let (server, _shares) = start_unsealed(&hsm, &config);
+    let metrics = server.metrics.clone().expect("the metrics URL");
+    assert_eq!(irrevocable_gauge(&metrics), "0");
+
+    let pg = TestPostgres::start();
+    let root_password = format!("Root-{}", &pg.password[..20]);
+    pg.sql(&format!(
+        "CREATE ROLE kms_root LOGIN CREATEROLE PASSWORD '{root_password}'"
+    ));
+    pg.sql("CREATE DATABASE app OWNER kms_root");
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("root-password");
+    std::fs::write(&password_file, &root_password).unwrap();
+    std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let url = format!(
+        "postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/app?sslmode=disable",
+        pg.port
+    );
+    ok(server.kms(
+        &[
+            "db",
+            "connection",
+            "put",
+            "pg",
+            "--url",
+            &url,
+            "--username",
+            "kms_root",
+            "--password-file",
+            password_file.to_str().unwrap(),
+            "--allowed-role",
+            "flaky",
+        ],
+        "",
+    ));
+    // A revocation the database always refuses (division by zero: SQLSTATE 22012).
+    ok(server.kms(
+        &[
+            "db",
+            "role",
+            "put",
+            "flaky",
+            "--connection",
+            "pg",
+            "--creation-statement",
+            "CREATE ROLE \"{{name}}\" LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';",
+            "--revocation-statement",
+            "SELECT 1/0;",
+            "--default-ttl",
+            "1s",
+            "--max-ttl",
+            "1m",
+            "--principal",
+            &server.admin.principal,
+        ],
+        "",
+    ));
+    let creds = ok(server.kms(&["db", "creds", "flaky", "--json"], "")).json();
+    let lease_id = creds["lease_id"].as_str().unwrap().to_owned();
+    let username = creds["username"].as_str().unwrap().to_owned();
+    assert_eq!(creds["lease_duration"], 1);
+
+    // Expired, refused twice (1 s apart), then irrevocable.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let listed = loop {
+        let listed = ok(server.kms(&["lease", "list", "--irrevocable", "--json"], "")).json();
+        if !listed.as_array().unwrap().is_empty() {
+            break listed;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lease never became irrevocable"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["lease_id"], lease_id.as_str());
+    assert_eq!(listed[0]["state"], "irrevocable");
+    assert_eq!(listed[0]["revocation_attempts"], 2);
+    assert_eq!(listed[0]["renewable"], false);
+    assert!(
+        listed[0]["last_error"].as_str().unwrap().contains("22012"),
+        "{listed}"
+    );
+    // The login is still there: that is what irrevocable means.
+    assert_eq!(logins(&pg, &username), vec![username.clone()]);
+    let table = ok(server.kms(&["lease", "list", "--irrevocable"], "")).stdout;
+    assert!(
+        table.contains("irrevocable") && table.contains(&lease_id),
+        "{table}"
+    );
+    let shown = ok(server.kms(&["lease", "lookup", &lease_id], "")).stdout;
+    assert!(
+        shown.contains("Revocation attempts") && shown.contains("22012"),
+        "{shown}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while irrevocable_gauge(&metrics) != "1" {
+        assert!(Instant::now() < deadline, "the gauge never counted it");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    // Not renewable; a plain revocation is refused as the database refuses it.
+    refused(
+        &server.kms(&["lease", "renew", &lease_id], ""),
+        "FAILED_PRECONDITION",
+        "expired",
+    );
+    refused(
+        &server.kms(&["lease", "revoke", &lease_id], ""),
+        "FAILED_PRECONDITION",
+        "22012",
+    );
+    assert_eq!(
+        ok(server.kms(&["lease", "list", "--irrevocable", "--json"], ""))
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // The operator drops the login by hand, then the record with --force.
+    pg.sql(&format!("DROP ROLE \"{username}\""));
+    let forced = ok(server.kms(&["lease", "revoke", &lease_id, "--force"], "")).stdout;
+    assert!(forced.contains("record dropped"), "{forced}");
+    assert_eq!(
+        ok(server.kms(&["lease", "list", "--json"], "")).json(),
+        serde_json::json!([])
+    );
+    refused(
+        &server.kms(&["lease", "lookup", &lease_id], ""),
+        "NOT_FOUND",
+        "",
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while irrevocable_gauge(&metrics) != "0" {
+        assert!(Instant::now() < deadline, "the gauge still counts it");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(!hsm.logs().contains(&root_password));
+}
