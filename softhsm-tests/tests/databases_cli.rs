@@ -5,7 +5,8 @@
 //! it looks the lease up and renews it (the lease's expiry and the login's `VALID UNTIL`
 //! both move); it revokes it (the login is gone from `pg_roles`). Bad input is refused
 //! with a clear error and leaves nothing behind; no password reaches the server's log or
-//! the audit log.
+//! the audit log. A second test takes a lease whose revocation the database refuses to
+//! irrevocable, and drops its record with `--force`.
 
 #![allow(
     clippy::unwrap_used,
