@@ -19,6 +19,7 @@ use kms_proto::v1 as pb;
 use kms_proto::v1::access_client::AccessClient;
 use kms_proto::v1::audit_client::AuditClient;
 use kms_proto::v1::credentials_client::CredentialsClient;
+use kms_proto::v1::databases_client::DatabasesClient;
 use kms_proto::v1::key_management_client::KeyManagementClient;
 use kms_proto::v1::secrets_client::SecretsClient;
 use kms_proto::v1::system_client::SystemClient;
@@ -89,6 +90,21 @@ const RPCS: &[&str] = &[
     "Credentials/SetIssuerCertificate",
     "Credentials/RotateIssuer",
     "Credentials/IssueSsh",
+    "Databases/PutDatabaseConnection",
+    "Databases/GetDatabaseConnection",
+    "Databases/ListDatabaseConnections",
+    "Databases/DeleteDatabaseConnection",
+    "Databases/RotateDatabaseRoot",
+    "Databases/PutDatabaseRole",
+    "Databases/GetDatabaseRole",
+    "Databases/ListDatabaseRoles",
+    "Databases/DeleteDatabaseRole",
+    "Databases/GetDatabaseCredentials",
+    "Databases/RenewLease",
+    "Databases/RevokeLease",
+    "Databases/RevokeLeasePrefix",
+    "Databases/LookupLease",
+    "Databases/ListLeases",
     "Audit/ExportAuditLog",
     "Audit/KeyUsageReport",
     "Audit/VerifyAuditLog",
@@ -106,6 +122,13 @@ const RPCS: &[&str] = &[
 /// A public key to certify (IssueSsh): Ed25519, as ssh-keygen writes id.pub.
 const SSH_KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcH me@host";
+
+/// A connection URL to a port where no database listens: the matrix's calls never reach
+/// one (connections are stored with `skip_verify`).
+const NO_DATABASE: &str = "postgresql://{{username}}:{{password}}@127.0.0.1:1/app?sslmode=disable";
+
+/// A lease id of the right form that no lease has.
+const NO_LEASE: &str = "database/creds/app/NoSuchLease0000000000000";
 
 /// What the matrix needs that was made beforehand.
 struct Fixture {
@@ -125,6 +148,7 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
     let mut keys = KeyManagementClient::new(ch.clone());
     let mut sec = SecretsClient::new(ch.clone());
     let mut cred = CredentialsClient::new(ch.clone());
+    let mut db = DatabasesClient::new(ch.clone());
     let mut aud = AuditClient::new(ch);
     let fresh = format!("made-{n}");
     let one = |k: &str| -> BTreeMap<String, String> { [(k.to_owned(), "v".to_owned())].into() };
@@ -590,6 +614,107 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
             })
             .await
             .map(drop),
+        "Databases/PutDatabaseConnection" => db
+            .put_database_connection(pb::PutDatabaseConnectionRequest {
+                connection: Some(pb::DatabaseConnection {
+                    name: fresh.clone(),
+                    connection_url: NO_DATABASE.into(),
+                    username: "root".into(),
+                    ..Default::default()
+                }),
+                password: "matrix-root-password".into(),
+                skip_verify: true,
+            })
+            .await
+            .map(drop),
+        "Databases/GetDatabaseConnection" => db
+            .get_database_connection(pb::GetDatabaseConnectionRequest { name: "pg".into() })
+            .await
+            .map(drop),
+        "Databases/ListDatabaseConnections" => db
+            .list_database_connections(pb::ListDatabaseConnectionsRequest {})
+            .await
+            .map(drop),
+        "Databases/DeleteDatabaseConnection" => db
+            .delete_database_connection(pb::DeleteDatabaseConnectionRequest {
+                name: "spare".into(),
+                force: false,
+            })
+            .await
+            .map(drop),
+        // A connection that does not exist: the admin gets past access control to
+        // NOT_FOUND, before any database.
+        "Databases/RotateDatabaseRoot" => db
+            .rotate_database_root(pb::RotateDatabaseRootRequest {
+                name: "nosuch".into(),
+            })
+            .await
+            .map(drop),
+        "Databases/PutDatabaseRole" => db
+            .put_database_role(pb::PutDatabaseRoleRequest {
+                role: Some(pb::DatabaseRole {
+                    name: fresh.clone(),
+                    connection: "pg".into(),
+                    creation_statements: vec!["CREATE ROLE \"{{name}}\"".into()],
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map(drop),
+        "Databases/GetDatabaseRole" => db
+            .get_database_role(pb::GetDatabaseRoleRequest { name: "app".into() })
+            .await
+            .map(drop),
+        "Databases/ListDatabaseRoles" => db
+            .list_database_roles(pb::ListDatabaseRolesRequest {})
+            .await
+            .map(drop),
+        "Databases/DeleteDatabaseRole" => db
+            .delete_database_role(pb::DeleteDatabaseRoleRequest {
+                name: "spare-role".into(),
+                force: false,
+            })
+            .await
+            .map(drop),
+        // Longer than the role allows: its principal gets past the role's check to
+        // INVALID_ARGUMENT, before any lease is stored or database reached.
+        "Databases/GetDatabaseCredentials" => db
+            .get_database_credentials(pb::GetDatabaseCredentialsRequest {
+                role: "app".into(),
+                ttl_seconds: 1_000_000_000,
+            })
+            .await
+            .map(drop),
+        "Databases/RenewLease" => db
+            .renew_lease(pb::RenewLeaseRequest {
+                lease_id: NO_LEASE.into(),
+                increment_seconds: 0,
+            })
+            .await
+            .map(drop),
+        "Databases/RevokeLease" => db
+            .revoke_lease(pb::RevokeLeaseRequest {
+                lease_id: NO_LEASE.into(),
+                force: false,
+            })
+            .await
+            .map(drop),
+        "Databases/RevokeLeasePrefix" => db
+            .revoke_lease_prefix(pb::RevokeLeasePrefixRequest {
+                prefix: "database/creds/app/".into(),
+            })
+            .await
+            .map(drop),
+        "Databases/LookupLease" => db
+            .lookup_lease(pb::LookupLeaseRequest {
+                lease_id: NO_LEASE.into(),
+            })
+            .await
+            .map(drop),
+        "Databases/ListLeases" => db
+            .list_leases(pb::ListLeasesRequest::default())
+            .await
+            .map(drop),
         "Secrets/GetSecretsConfig" => sec
             .get_secrets_config(pb::GetSecretsConfigRequest {})
             .await
@@ -715,6 +840,22 @@ fn expected(who: &str, rpc: &str) -> Code {
             (true, _) => Code::Ok,
             (false, "no-certificate") => Code::Unauthenticated,
             (false, _) => Code::PermissionDenied,
+        };
+    }
+    if service == "Databases" {
+        // Connections, roles, listing and revoking by prefix: the admin role. A lease's
+        // calls: any certificate passes the access layer, then the engine decides: the role
+        // names only the granted service (the others are refused PERMISSION_DENIED, the
+        // admin too: it is not among the role's principals), and a lease that is not the
+        // caller's reads as absent (here no lease exists: NOT_FOUND for everyone).
+        return match (method, who) {
+            (_, "no-certificate") => Code::Unauthenticated,
+            ("GetDatabaseCredentials", "granted-service") => Code::InvalidArgument,
+            ("GetDatabaseCredentials", _) => Code::PermissionDenied,
+            ("RenewLease" | "RevokeLease" | "LookupLease", _) => Code::NotFound,
+            ("RotateDatabaseRoot", "admin") => Code::NotFound,
+            (_, "admin") => Code::Ok,
+            _ => Code::PermissionDenied,
         };
     }
     if service == "Secrets" {
@@ -909,6 +1050,40 @@ async fn every_rpc_by_every_kind_of_caller() {
         CredentialsClient::new(server.channel(Some(&hsm.admin)).await)
             .create_issuer(pb::CreateIssuerRequest {
                 issuer: Some(issuer),
+            })
+            .await
+            .unwrap();
+    }
+    // Databases: connections stored without trying them (no database listens), a role for
+    // the app, and a connection and a role for the admin to delete.
+    let mut admin_db = DatabasesClient::new(server.channel(Some(&hsm.admin)).await);
+    for name in ["pg", "spare"] {
+        admin_db
+            .put_database_connection(pb::PutDatabaseConnectionRequest {
+                connection: Some(pb::DatabaseConnection {
+                    name: name.into(),
+                    connection_url: NO_DATABASE.into(),
+                    username: "root".into(),
+                    allowed_roles: vec!["*".into()],
+                    ..Default::default()
+                }),
+                password: "matrix-root-password".into(),
+                skip_verify: true,
+            })
+            .await
+            .unwrap();
+    }
+    for name in ["app", "spare-role"] {
+        admin_db
+            .put_database_role(pb::PutDatabaseRoleRequest {
+                role: Some(pb::DatabaseRole {
+                    name: name.into(),
+                    connection: "pg".into(),
+                    creation_statements: vec!["CREATE ROLE \"{{name}}\"".into()],
+                    max_ttl_seconds: 3600,
+                    principals: vec![app.principal.clone()],
+                    ..Default::default()
+                }),
             })
             .await
             .unwrap();

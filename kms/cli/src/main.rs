@@ -1,7 +1,7 @@
 //! The `kms` binary: the command line (clap) on top of the `kms` library, as rage sits on
 //! age. `server` and `dev` run the server (`kms::server::run`); `operator`, `key`, the
 //! crypto commands, `audit`, `grant`, `secret`, `issuer`,
-//! `credential` and `whoami` are gRPC clients; `pkcs11
+//! `credential`, `db`, `lease` and `whoami` are gRPC clients; `pkcs11
 //! probe` lists a module's slots and mechanisms. Nothing here is part of the library: its
 //! dependencies (clap, rpassword, csv, humantime, rcgen, rustix, tracing-subscriber) are
 //! this crate's.
@@ -87,6 +87,17 @@ enum Command {
     Credential {
         #[command(subcommand)]
         command: credential::CredentialCommand,
+    },
+    /// Dynamic database credentials: connections, roles, and logins made on demand
+    /// under a lease (`kms db creds ROLE`).
+    Db {
+        #[command(subcommand)]
+        command: database::DbCommand,
+    },
+    /// The leases of database logins: renew, revoke, revoke-prefix, lookup, list.
+    Lease {
+        #[command(subcommand)]
+        command: database::LeaseCommand,
     },
     /// Show who the server takes you to be, and your roles.
     Whoami {
@@ -241,6 +252,7 @@ mod byok;
 mod ceremony;
 mod credential;
 mod crypto;
+mod database;
 mod dev;
 mod dev_pki;
 mod grant;
@@ -306,6 +318,12 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         }
         Command::Credential { command } => {
             runtime()?.block_on(credential::credential(command, || connect(&cli.conn)))
+        }
+        Command::Db { command } => {
+            runtime()?.block_on(database::db(command, || connect(&cli.conn)))
+        }
+        Command::Lease { command } => {
+            runtime()?.block_on(database::lease(command, || connect(&cli.conn)))
         }
         Command::Whoami { json } => runtime()?.block_on(async {
             let channel = connect(&cli.conn).await?;

@@ -13,7 +13,7 @@
 //! due table (`DUE`, keyed `due/connection/lease id`: in order of when it is due) is what
 //! the revoker (`revoker`) reads, a page at a time: memory is bounded by what is due
 //! now, not by how many leases there are. Servers sharing a store claim the entries they
-//! revoke under the store's change lock; a claim lasts `CLAIM_TTL`, so an entry of a
+//! revoke under the store's change lock; a claim lasts `CLAIM_TTL` (60 s), so an entry of a
 //! server killed mid-revocation goes to another.
 
 pub(crate) mod config;
@@ -1036,6 +1036,7 @@ fn clone_error(e: &DatabasesError) -> DatabasesError {
             why: why.clone(),
         },
         DatabasesError::ConnectionNotFound(c) => DatabasesError::ConnectionNotFound(c.clone()),
+        // Its own text, not its `Display`, which would say "the database refused" twice.
         DatabasesError::Refused(why) => DatabasesError::Refused(why.clone()),
         other => DatabasesError::Refused(other.to_string()),
     }

@@ -68,12 +68,13 @@ const MAX_LIST: usize = 64;
 
 /// The default revocation: no new sessions, the open ones ended, what the login owns
 /// handed to the root login (a login that created a table is still dropped: vault #1857),
-/// its privileges dropped, then the login. A root login with CREATEROLE but not SUPERUSER
-/// first makes itself a member of the login, which ending its sessions and REASSIGN and
-/// DROP OWNED need. Each statement is its own step so that a login
-/// already gone is no error.
+/// its privileges dropped, then the login. Each statement is its own step so that a login
+/// already gone is no error. The root login is first made a member of the login: a root
+/// with CREATEROLE and no superuser (as it should be) may otherwise neither end the
+/// login's sessions nor REASSIGN or DROP what it owns (42501, "permission denied to
+/// reassign objects"); dropping the login ends the membership.
 pub(crate) const DEFAULT_REVOCATION: &[&str] = &[
-    "DO $$ BEGIN IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = '{{name}}') THEN GRANT \"{{name}}\" TO CURRENT_USER; ALTER ROLE \"{{name}}\" NOLOGIN; END IF; END $$;",
+    "DO $$ BEGIN IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = '{{name}}') THEN ALTER ROLE \"{{name}}\" NOLOGIN; GRANT \"{{name}}\" TO CURRENT_USER; END IF; END $$;",
     "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE usename = '{{name}}' AND pid <> pg_catalog.pg_backend_pid();",
     "DO $$ BEGIN IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = '{{name}}') THEN REASSIGN OWNED BY \"{{name}}\" TO CURRENT_USER; DROP OWNED BY \"{{name}}\"; END IF; END $$;",
     "DROP ROLE IF EXISTS \"{{name}}\";",

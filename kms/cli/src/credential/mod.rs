@@ -352,7 +352,7 @@ pub(crate) enum CredentialCommand {
 
 /// A lifetime: whole seconds, at least one (`500ms` would be 0 seconds, which the server
 /// reads as "the issuer's default": refused rather than silently longer than asked).
-fn parse_ttl(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_ttl(s: &str) -> Result<u64, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 5m, 1h)"))?;
     if d.subsec_nanos() != 0 || d.as_secs() == 0 {
         return Err(
