@@ -105,6 +105,12 @@ const RPCS: &[&str] = &[
     "Databases/RevokeLeasePrefix",
     "Databases/LookupLease",
     "Databases/ListLeases",
+    "Databases/PutDatabaseStaticRole",
+    "Databases/GetDatabaseStaticRole",
+    "Databases/ListDatabaseStaticRoles",
+    "Databases/DeleteDatabaseStaticRole",
+    "Databases/GetDatabaseStaticCredentials",
+    "Databases/RotateDatabaseStaticRole",
     "Audit/ExportAuditLog",
     "Audit/KeyUsageReport",
     "Audit/VerifyAuditLog",
@@ -715,6 +721,47 @@ async fn call(rpc: &str, ch: Channel, f: &Fixture, n: usize) -> Code {
             .list_leases(pb::ListLeasesRequest::default())
             .await
             .map(drop),
+        // Static roles of a connection or name that does not exist: the admin gets past
+        // access control to NOT_FOUND, before any database.
+        "Databases/PutDatabaseStaticRole" => db
+            .put_database_static_role(pb::PutDatabaseStaticRoleRequest {
+                role: Some(pb::DatabaseStaticRole {
+                    name: fresh.clone(),
+                    connection: "nosuch".into(),
+                    username: "legacy".into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map(drop),
+        "Databases/GetDatabaseStaticRole" => db
+            .get_database_static_role(pb::GetDatabaseStaticRoleRequest {
+                name: "nosuch".into(),
+            })
+            .await
+            .map(drop),
+        "Databases/ListDatabaseStaticRoles" => db
+            .list_database_static_roles(pb::ListDatabaseStaticRolesRequest {})
+            .await
+            .map(drop),
+        "Databases/DeleteDatabaseStaticRole" => db
+            .delete_database_static_role(pb::DeleteDatabaseStaticRoleRequest {
+                name: "nosuch".into(),
+            })
+            .await
+            .map(drop),
+        "Databases/GetDatabaseStaticCredentials" => db
+            .get_database_static_credentials(pb::GetDatabaseStaticCredentialsRequest {
+                name: "nosuch".into(),
+            })
+            .await
+            .map(drop),
+        "Databases/RotateDatabaseStaticRole" => db
+            .rotate_database_static_role(pb::RotateDatabaseStaticRoleRequest {
+                name: "nosuch".into(),
+            })
+            .await
+            .map(drop),
         "Secrets/GetSecretsConfig" => sec
             .get_secrets_config(pb::GetSecretsConfigRequest {})
             .await
@@ -852,8 +899,17 @@ fn expected(who: &str, rpc: &str) -> Code {
             (_, "no-certificate") => Code::Unauthenticated,
             ("GetDatabaseCredentials", "granted-service") => Code::InvalidArgument,
             ("GetDatabaseCredentials", _) => Code::PermissionDenied,
-            ("RenewLease" | "RevokeLease" | "LookupLease", _) => Code::NotFound,
-            ("RotateDatabaseRoot", "admin") => Code::NotFound,
+            ("RenewLease" | "RevokeLease" | "LookupLease" | "GetDatabaseStaticCredentials", _) => {
+                Code::NotFound
+            }
+            (
+                "RotateDatabaseRoot"
+                | "PutDatabaseStaticRole"
+                | "GetDatabaseStaticRole"
+                | "DeleteDatabaseStaticRole"
+                | "RotateDatabaseStaticRole",
+                "admin",
+            ) => Code::NotFound,
             (_, "admin") => Code::Ok,
             _ => Code::PermissionDenied,
         };
