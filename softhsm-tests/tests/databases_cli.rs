@@ -697,3 +697,106 @@ fn an_irrevocable_lease_is_listed_counted_and_forced() {
     }
     assert!(!hsm.logs().contains(&root_password));
 }
+
+#[test]
+fn a_static_role_through_the_cli() {
+    let hsm = TestHsm::new("databases-static-cli");
+    let (server, _shares) = start_unsealed(&hsm, &hsm.config());
+    let app = hsm.pki.client("app", &ClientSpec::spiffe("app"));
+    let pg = TestPostgres::start();
+    let root_password = format!("Root-{}", &pg.password[..20]);
+    pg.sql(&format!(
+        "CREATE ROLE kms_root LOGIN CREATEROLE PASSWORD '{root_password}'"
+    ));
+    pg.sql("CREATE DATABASE app OWNER kms_root");
+    pg.sql("CREATE ROLE reporting LOGIN PASSWORD 'Before-kms-0123456789'");
+    let url = format!(
+        "postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/app?sslmode=disable",
+        pg.port
+    );
+    ok(server.kms(
+        &[
+            "db",
+            "connection",
+            "put",
+            "app",
+            "--url",
+            &url,
+            "--username",
+            "kms_root",
+            "--password-stdin",
+            "--allowed-role",
+            "reporting",
+        ],
+        &format!("{root_password}\n"),
+    ));
+    let put = ok(server.kms(
+        &[
+            "db",
+            "static-role",
+            "put",
+            "reporting",
+            "--connection",
+            "app",
+            "--username",
+            "reporting",
+            "--rotation-period",
+            "1h",
+            "--principal",
+            &app.principal,
+            "--json",
+        ],
+        "",
+    ));
+    let made: serde_json::Value = serde_json::from_str(&put.stdout).unwrap();
+    assert_eq!(made["rotation_period_seconds"], 3600);
+    assert!(!put.stdout.contains("password\""), "{put:?}");
+    assert!(!can_log_in(&pg, "reporting", "Before-kms-0123456789"));
+    let creds = |who: Option<&softhsm_tests::Cred>| {
+        let out = ok(server.kms_as(who, &["db", "static-creds", "reporting", "--json"], ""));
+        serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap()["data"].clone()
+    };
+    let first = creds(Some(&app));
+    assert_eq!(first["username"], "reporting");
+    let first = first["password"].as_str().unwrap().to_owned();
+    assert!(can_log_in(&pg, "reporting", &first));
+    // The admin is not among the static role's principals.
+    refused(
+        &server.kms(&["db", "static-creds", "reporting"], ""),
+        "PERMISSION_DENIED",
+        "does not name this caller",
+    );
+    ok(server.kms(&["db", "static-role", "rotate", "reporting"], ""));
+    let second = creds(Some(&app))["password"].as_str().unwrap().to_owned();
+    assert_ne!(first, second);
+    assert!(can_log_in(&pg, "reporting", &second));
+    assert!(!can_log_in(&pg, "reporting", &first));
+    let listed = ok(server.kms(&["db", "static-role", "list"], ""));
+    assert!(listed.stdout.contains("reporting"), "{listed:?}");
+    refused(
+        &server.kms(
+            &[
+                "db",
+                "static-role",
+                "put",
+                "bad",
+                "--connection",
+                "app",
+                "--username",
+                "x",
+                "--rotation-period",
+                "30s",
+            ],
+            "",
+        ),
+        "INVALID_ARGUMENT",
+        "rotation_period_seconds",
+    );
+    ok(server.kms(&["db", "static-role", "delete", "reporting"], ""));
+    // No longer managed: the password it had stays.
+    assert!(can_log_in(&pg, "reporting", &second));
+    let logs = hsm.logs();
+    for secret in [&first, &second, &root_password] {
+        assert!(!logs.contains(secret.as_str()), "a password was logged");
+    }
+}

@@ -10,6 +10,7 @@
 //! output once, by `db creds`, and nowhere else; no error of this module holds one.
 
 mod show;
+mod statics;
 
 use std::io::{IsTerminal as _, Read as _};
 use std::path::{Path, PathBuf};
@@ -55,6 +56,21 @@ pub(crate) enum DbCommand {
         ttl: Option<u64>,
         /// Print JSON, shaped as Vault's answer: `lease_id`, `lease_duration`,
         /// `renewable`, and `data` with `username` and `password` (also at the top level).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Static roles: existing logins whose password kms sets on a schedule and serves
+    /// (admin role).
+    StaticRole {
+        #[command(subcommand)]
+        command: statics::StaticRoleCommand,
+    },
+    /// A static role's login and current password (a principal the static role names).
+    StaticCreds {
+        /// The static role's name.
+        name: String,
+        /// Print JSON, shaped as Vault's answer (`data` with `username`, `password`,
+        /// `last_vault_rotation`, `rotation_period`, `ttl`).
         #[arg(long)]
         json: bool,
     },
@@ -422,6 +438,10 @@ where
     match command {
         DbCommand::Connection { command } => connection(command, connect).await,
         DbCommand::Role { command } => role(command, connect).await,
+        DbCommand::StaticRole { command } => statics::static_role(command, connect().await?).await,
+        DbCommand::StaticCreds { name, json } => {
+            statics::static_creds(name, json, connect().await?).await
+        }
         DbCommand::Creds { role, ttl, json } => {
             let mut r = DatabasesClient::new(connect().await?)
                 .get_database_credentials(pb::GetDatabaseCredentialsRequest {
