@@ -3,7 +3,7 @@
 //!
 //! Connections and roles are an administrator's definitions, sealed by the barrier in the
 //! store (a connection holds the root password). Nothing is kept in memory but the pools
-//! ([`target`]): each call reads what it names, so a change made on one server is in force
+//! (`target`): each call reads what it names, so a change made on one server is in force
 //! on every other from its commit on.
 //!
 //! A lease is sealed too (its login's name and the statements that drop it: data an
@@ -11,9 +11,9 @@
 //! stored *before* the login is made, so a server that dies in between leaves a lease
 //! whose revocation finds nothing to drop, never a login no lease names. Its entry in the
 //! due table (`DUE`, keyed `due/connection/lease id`: in order of when it is due) is what
-//! the revoker ([`revoker`]) reads, a page at a time: memory is bounded by what is due
+//! the revoker (`revoker`) reads, a page at a time: memory is bounded by what is due
 //! now, not by how many leases there are. Servers sharing a store claim the entries they
-//! revoke under the store's change lock; a claim lasts [`CLAIM_TTL`], so an entry of a
+//! revoke under the store's change lock; a claim lasts `CLAIM_TTL`, so an entry of a
 //! server killed mid-revocation goes to another.
 
 pub(crate) mod config;
