@@ -108,12 +108,15 @@ async fn vault_database_clients_work_unchanged_against_the_database_mount() {
     assert!(!logins.iter().any(|l| l == revoked_user), "{logins:?}");
     assert!(logins.iter().any(|l| l == kept_user), "{logins:?}");
     assert_eq!(logins.len(), 2, "{logins:?}");
-    // The renewal moved the login's validity in the database: 7200 s after issue, as
-    // lookup said.
-    let until = pg.sql(&format!(
+    // The renewals moved the login's validity in the database to the lease's end, as
+    // lookup said it.
+    let revoked_until = app_out["renewed_until"].as_str().unwrap();
+    let kept_until = pg.sql(&format!(
         "SELECT to_char(rolvaliduntil AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM pg_roles WHERE rolname = '{kept_user}'"
     ));
-    assert!(!until.trim().is_empty());
+    let kept_lease_until = app_out["kept"]["expire_time"].as_str().unwrap();
+    assert_eq!(kept_until.trim(), kept_lease_until, "{app_out}");
+    assert!(revoked_until > kept_lease_until, "{app_out}");
 
     cfg["kept"] = app_out["kept"].clone();
     cfg["admin_lease"] = admin["admin_lease"].clone();
@@ -219,6 +222,13 @@ async fn vault_database_clients_work_unchanged_against_the_database_mount() {
         );
         assert!(!logs.contains(p.as_str()), "a password in the server log");
     }
-    // The test would see one: the export names the logins' leases.
+    // The test would see one: the export names the logins' leases, and the log the
+    // database's refusal of the wrong root password (without it).
     assert!(exported.contains(app_out["kept"]["lease"].as_str().unwrap()));
+    assert!(logs.contains("28P01"), "{logs}");
+
+    // Sealed: 503, as Vault's.
+    assert_eq!(server.kms(&["operator", "seal"], "").code, Some(0));
+    let sealed = client("sealed", &cfg);
+    assert_eq!(sealed["codes"], serde_json::json!([503, 503, 503]));
 }

@@ -9,7 +9,8 @@ also checks the values printed against the database and the audit log.
 Phases: `admin` (connection and role definitions, their refusals), `app` (credentials, their
 lease renewed, looked up and revoked by their holder), `other` (a principal the role does not
 name, and who does not hold the app's lease), `prefix` (listing and revoking leases by prefix
-as the admin), `rotate` (the root password rotated), `cleanup` (revoke-force, removals).
+as the admin), `rotate` (the root password rotated), `cleanup` (revoke-force, removals),
+`sealed` (the server was sealed: 503).
 """
 
 import json
@@ -207,8 +208,13 @@ elif phase == "app":
     # Past the role's max_ttl (7200 s): the lease ends at it.
     renewed = sys_.renew_lease(lease, increment="5h")
     assert 7190 <= renewed["lease_duration"] <= 7200 and renewed["renewable"] is False, renewed
-    # The database follows the lease: VALID UNTIL moved.
+    # The database follows the lease: VALID UNTIL moved with it.
     out["renewed_until"] = sys_.read_lease(lease)["data"]["expire_time"]
+    with login(user, password) as c:
+        until = c.execute("SELECT to_char(rolvaliduntil AT TIME ZONE 'UTC', "
+                          "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM pg_roles "
+                          "WHERE rolname = current_user").fetchone()[0]
+    assert until == out["renewed_until"], (until, out["renewed_until"])
 
     # Bad input: 400; not the app's to do: 403.
     for f in [lambda: sys_.read_lease("database/creds/reader/nosuchlease"),
@@ -226,7 +232,8 @@ elif phase == "app":
     # A second login, which the other principal will try to revoke.
     kept = issue(app)
     out["kept"] = {"lease": kept["lease_id"], "username": kept["data"]["username"],
-                   "password": kept["data"]["password"]}
+                   "password": kept["data"]["password"],
+                   "expire_time": sys_.read_lease(kept["lease_id"])["data"]["expire_time"]}
 
     # Revoked by its holder: 204, the login gone at once.
     r = sys_.revoke_lease(lease)
@@ -315,6 +322,13 @@ elif phase == "cleanup":
     assert db.delete_connection("pg").status_code == 204
     refused(hvac.exceptions.InvalidPath, lambda: db.read_connection("pg"))
     refused(hvac.exceptions.InvalidPath, lambda: db.list_connections())
+
+elif phase == "sealed":
+    out["codes"] = [
+        raw("GET", "database/creds/reader", cert=app).status_code,
+        raw("PUT", "sys/leases/lookup", cert=app, json={"lease_id": "database/creds/reader/x"}).status_code,
+        raw("GET", "database/config/pg").status_code,
+    ]
 
 else:
     raise SystemExit(f"unknown phase {phase}")
