@@ -1009,6 +1009,8 @@ fn clone_error(e: &DatabasesError) -> DatabasesError {
             why: why.clone(),
         },
         DatabasesError::ConnectionNotFound(c) => DatabasesError::ConnectionNotFound(c.clone()),
+        // Its text as it is: `Refused(e.to_string())` said "the database refused" twice.
+        DatabasesError::Refused(why) => DatabasesError::Refused(why.clone()),
         other => DatabasesError::Refused(other.to_string()),
     }
 }
@@ -1034,5 +1036,22 @@ impl crate::engine::Engine for Databases {
 
     fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A copy of the database's refusal reads as the refusal did, once.
+    #[test]
+    fn a_refusal_copied_says_it_once() {
+        let e = DatabasesError::Refused("42501 permission denied".to_owned());
+        assert_eq!(
+            clone_error(&e).to_string(),
+            "the database refused: 42501 permission denied"
+        );
+        let gone = DatabasesError::ConnectionNotFound("pg".to_owned());
+        assert_eq!(clone_error(&gone).to_string(), gone.to_string());
     }
 }
