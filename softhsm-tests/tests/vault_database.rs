@@ -52,10 +52,11 @@ const ROOT_PASSWORD: &str = "root-password-3b9e7c21";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vault_database_clients_work_unchanged_against_the_database_mount() {
     let pg = TestPostgres::start_empty();
-    // The root login kms makes logins with (a superuser: the default revocation hands
-    // what a login owns to it), and a database with a table the logins may read.
+    // The root login kms makes logins with: not a superuser, only CREATEROLE, as Vault
+    // advises (the default revocation must end a login's sessions and take what it owns
+    // as such a login); and a database with a table the logins may read.
     pg.sql(&format!(
-        "CREATE ROLE kmsroot LOGIN SUPERUSER PASSWORD '{ROOT_PASSWORD}'"
+        "CREATE ROLE kmsroot LOGIN CREATEROLE PASSWORD '{ROOT_PASSWORD}'"
     ));
     pg.sql("CREATE DATABASE app OWNER kmsroot");
     pg.sql_in(

@@ -235,9 +235,15 @@ elif phase == "app":
                    "password": kept["data"]["password"],
                    "expire_time": sys_.read_lease(kept["lease_id"])["data"]["expire_time"]}
 
-    # Revoked by its holder: 204, the login gone at once.
+    # Revoked by its holder: 204, the login gone at once and its open session ended (by a
+    # root login that is not a superuser).
+    held = login(user, password)
+    held.autocommit = True
+    held.execute("CREATE TEMPORARY TABLE scratch (i int)")
     r = sys_.revoke_lease(lease)
     assert r.status_code == 204, (r.status_code, r.text)
+    refused(psycopg.OperationalError, lambda: held.execute("SELECT 1"))
+    held.close()
     cannot_login(user, password)
     refused(hvac.exceptions.InvalidRequest, lambda: sys_.read_lease(lease))
     # Again: nothing to revoke, as Vault answers.
