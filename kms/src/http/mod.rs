@@ -1,10 +1,9 @@
 //! The Vault-compatible HTTPS front (`[http] listen`, docs/vault-transit.md): Vault's
 //! Transit paths, its KV v2 paths ([`kv`]), its database engine and lease paths
 //! ([`database`], [`leases`]: docs/vault-database.md), `sys/health`, `sys/seal-status`,
-//! `auth/cert/login` and
-//! `auth/token/lookup-self`, so that programs written for Vault (hvac scripts, SPIRE's
-//! `hashicorp_vault` KeyManager, the vault-kubernetes-kms plugin, `seal "transit"`) work
-//! against kms unchanged.
+//! `auth/cert/login` and `auth/token/lookup-self`, so that programs written for Vault (hvac
+//! scripts, SPIRE's `hashicorp_vault` KeyManager, the vault-kubernetes-kms plugin, `seal
+//! "transit"`) work against kms unchanged.
 //!
 //! The front only translates: a request into the keyring operation of the same rule,
 //! grants and audit record as its gRPC twin ([`call`]), the answer or refusal into Vault's
