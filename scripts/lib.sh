@@ -160,12 +160,12 @@ ensure_python_clients() {
         echo "==> installing python3 and venv" >&2
         apt_install python3 python3-venv python3-pip >&2
     fi
-    if [ ! -x "$venv/bin/python3" ] || ! "$venv/bin/python3" -c "import grpc, grpc_tools, google.protobuf, grpc_health.v1, grpc_reflection.v1alpha, grpc_status, cryptography, hvac, jwt, spiffe" >/dev/null 2>&1; then
-        echo "==> installing grpcio-tools, grpcio-health-checking, grpcio-reflection, grpcio-status, cryptography, hvac, PyJWT, spiffe (pip) into $venv" >&2
+    if [ ! -x "$venv/bin/python3" ] || ! "$venv/bin/python3" -c "import grpc, grpc_tools, google.protobuf, grpc_health.v1, grpc_reflection.v1alpha, grpc_status, cryptography, hvac, jwt, spiffe, psycopg" >/dev/null 2>&1; then
+        echo "==> installing grpcio-tools, grpcio-health-checking, grpcio-reflection, grpcio-status, cryptography, hvac, PyJWT, spiffe, psycopg (pip) into $venv" >&2
         python3 -m venv "$venv" >&2
         "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check \
             "grpcio-tools>=1.60" "grpcio-health-checking>=1.60" "grpcio-reflection>=1.60" \
-            "grpcio-status>=1.60" "cryptography>=42" "hvac>=2.1" "PyJWT>=2.8" "spiffe>=0.3" >&2
+            "grpcio-status>=1.60" "cryptography>=42" "hvac>=2.1" "PyJWT>=2.8" "spiffe>=0.3" "psycopg[binary]>=3.1" >&2
     fi
     echo "$venv/bin/python3"
 }

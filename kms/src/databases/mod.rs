@@ -1065,3 +1065,20 @@ impl crate::engine::Engine for Databases {
         self
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A copy of the database's refusal reads as the refusal did, once.
+    #[test]
+    fn a_refusal_copied_says_it_once() {
+        let e = DatabasesError::Refused("42501 permission denied".to_owned());
+        assert_eq!(
+            clone_error(&e).to_string(),
+            "the database refused: 42501 permission denied"
+        );
+        let gone = DatabasesError::ConnectionNotFound("pg".to_owned());
+        assert_eq!(clone_error(&gone).to_string(), gone.to_string());
+    }
+}

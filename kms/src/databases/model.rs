@@ -66,16 +66,18 @@ const MAX_CA_PEM: usize = 64 * 1024;
 /// The most principals a role names, and allowed roles a connection names.
 const MAX_LIST: usize = 64;
 
-/// The default revocation: no new sessions, the open ones ended, what the login owns
-/// handed to the root login (a login that created a table is still dropped: vault #1857),
-/// its privileges dropped, then the login. Each statement is its own step so that a login
-/// already gone is no error. The root login is first made a member of the login: a root
-/// with CREATEROLE and no superuser (as it should be) may otherwise neither end the
-/// login's sessions nor REASSIGN or DROP what it owns (42501, "permission denied to
-/// reassign objects"); dropping the login ends the membership.
+/// The default revocation: no new sessions, the root login made a member of the login
+/// (a root login that is not a superuser, only `CREATEROLE`, as Vault advises, may end
+/// another role's sessions and take what it owns only as its member: without it the
+/// revocation is refused, and the lease ends irrevocable), the open sessions ended and
+/// waited for (up to 5 s each, PostgreSQL 14's form: a session still exiting drops its
+/// temporary tables while they are reassigned, and the reassignment fails), what
+/// the login owns handed to the root login (a login that created a table is still
+/// dropped: vault #1857), its privileges dropped, then the login. Each statement is its
+/// own step so that a login already gone is no error.
 pub(crate) const DEFAULT_REVOCATION: &[&str] = &[
-    "DO $$ BEGIN IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = '{{name}}') THEN ALTER ROLE \"{{name}}\" NOLOGIN; GRANT \"{{name}}\" TO CURRENT_USER; END IF; END $$;",
-    "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE usename = '{{name}}' AND pid <> pg_catalog.pg_backend_pid();",
+    "DO $$ BEGIN IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = '{{name}}') THEN ALTER ROLE \"{{name}}\" NOLOGIN; BEGIN GRANT \"{{name}}\" TO CURRENT_USER; EXCEPTION WHEN insufficient_privilege THEN NULL; END; END IF; END $$;",
+    "SELECT pg_catalog.pg_terminate_backend(pid, 5000) FROM pg_catalog.pg_stat_activity WHERE usename = '{{name}}' AND pid <> pg_catalog.pg_backend_pid();",
     "DO $$ BEGIN IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = '{{name}}') THEN REASSIGN OWNED BY \"{{name}}\" TO CURRENT_USER; DROP OWNED BY \"{{name}}\"; END IF; END $$;",
     "DROP ROLE IF EXISTS \"{{name}}\";",
 ];

@@ -4,9 +4,9 @@ use kms_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::respond;
+use crate::databases::DatabasesError;
 use crate::databases::model::{self, Connection, Lease, Role, Secret};
 use crate::databases::statics::StaticRole;
-use crate::databases::{DatabasesError, Who};
 use crate::service::{Call, Op, Served, Service};
 
 /// The `kms.v1.Databases` service.
@@ -184,14 +184,6 @@ impl DatabasesService {
         lease: &str,
     ) -> Call {
         super::call(&self.ctx, req, op).database(connection, role, lease)
-    }
-}
-
-/// Who a call's caller is, to the engine.
-fn who(c: &Call) -> Who<'_> {
-    Who {
-        principal: &c.identity().principal,
-        admin: c.roles().contains(&crate::access::Role::Admin),
     }
 }
 
@@ -378,7 +370,7 @@ impl pb::databases_server::Databases for DatabasesService {
         let call = self.call(&request, Op::RenewLease, "", "", &r.lease_id);
         respond(
             crate::service::with_databases(&self.ctx, call, move |db, c| {
-                let lease = db.renew(c, who(c), &r.lease_id, r.increment_seconds)?;
+                let lease = db.renew(c, c.database_who(), &r.lease_id, r.increment_seconds)?;
                 Ok(Served::new(lease_pb(&lease)))
             })
             .await,
@@ -393,7 +385,7 @@ impl pb::databases_server::Databases for DatabasesService {
         let call = self.call(&request, Op::RevokeLease, "", "", &r.lease_id);
         respond(
             crate::service::with_databases(&self.ctx, call, move |db, c| {
-                let revoked = db.revoke(c, who(c), &r.lease_id, r.force)?;
+                let revoked = db.revoke(c, c.database_who(), &r.lease_id, r.force)?;
                 Ok(Served::new(pb::RevokeLeaseResponse { revoked }))
             })
             .await,
@@ -423,7 +415,7 @@ impl pb::databases_server::Databases for DatabasesService {
         let call = self.call(&request, Op::LookupLease, "", "", &id);
         respond(
             crate::service::with_databases(&self.ctx, call, move |db, c| {
-                Ok(Served::new(lease_pb(&db.lookup(who(c), &id)?)))
+                Ok(Served::new(lease_pb(&db.lookup(c.database_who(), &id)?)))
             })
             .await,
         )

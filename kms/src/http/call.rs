@@ -9,6 +9,7 @@ use http::StatusCode;
 
 use crate::access::tls::PeerInfo;
 use crate::credentials::Credentials;
+use crate::databases::{Databases, DatabasesError};
 use crate::keyring::{Journal, Keyring, KeyringError};
 use crate::secrets::{Secrets, SecretsError};
 use crate::service::{
@@ -28,6 +29,20 @@ pub(crate) struct Reply {
     pub status: u16,
     /// Vault's `warnings`.
     pub warnings: Vec<String>,
+    /// The lease of a secret the answer hands out (Vault's `lease_id`, `lease_duration`,
+    /// `renewable` beside `data`), if any.
+    pub lease: Option<LeaseInfo>,
+}
+
+/// What Vault's envelope says of a lease: its id, the seconds left, whether it renews.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LeaseInfo {
+    /// The lease id.
+    pub id: String,
+    /// Seconds until it ends.
+    pub duration: u64,
+    /// Whether a renewal can extend it.
+    pub renewable: bool,
 }
 
 impl std::fmt::Debug for Reply {
@@ -64,7 +79,14 @@ impl Reply {
             data: serde_json::to_vec(data).unwrap_or_default(),
             status: 0,
             warnings: Vec::new(),
+            lease: None,
         }
+    }
+
+    /// With the lease of the secret it hands out.
+    pub(crate) fn leased(mut self, lease: LeaseInfo) -> Self {
+        self.lease = Some(lease);
+        self
     }
 
     /// With Vault's warnings.
@@ -284,6 +306,71 @@ pub(crate) async fn credential(
         .credential_request("", audience);
     let answer = crate::service::with_credentials(service, c, f).await;
     (answer.result.map_err(refused), answer.request_id)
+}
+
+/// A call on the databases engine: its operation, and the connection, role and lease (or
+/// lease prefix) it names (`""`: none), as its record names them.
+#[derive(Debug, Clone)]
+pub(crate) struct OnDatabase {
+    /// The operation.
+    pub op: Op,
+    /// The connection named.
+    pub connection: String,
+    /// The role named.
+    pub role: String,
+    /// The lease (or prefix) named.
+    pub lease: String,
+}
+
+impl OnDatabase {
+    fn call(&self, service: &Service, peer: &PeerInfo, input_bytes: usize) -> Call {
+        call(service, peer, self.op, input_bytes).database(
+            &self.connection,
+            &self.role,
+            &self.lease,
+        )
+    }
+}
+
+/// Runs `f` on the databases engine as a call of `on` by the caller of `peer`: access rule
+/// (the engine then keeps a role's principals and a lease's holder), audit record before
+/// the answer, log line. The answer (a refusal with the status `status` gives its kind)
+/// and its request id.
+pub(crate) async fn database(
+    service: &Service,
+    peer: &PeerInfo,
+    input_bytes: usize,
+    on: &OnDatabase,
+    status: fn(&Refusal) -> StatusCode,
+    f: impl FnOnce(&Databases, &Call) -> Result<Served<Reply>, ServiceError> + Send + 'static,
+) -> (Result<Reply, Refused>, String) {
+    let c = on.call(service, peer, input_bytes);
+    let answer = crate::service::with_databases(service, c, f).await;
+    (
+        answer.result.map_err(|r| refused_with(r, status)),
+        answer.request_id,
+    )
+}
+
+/// Records a request on the databases engine that the front refused before its call (a
+/// body that is not JSON), as [`record_refusal`] records a keyed one: the access rule
+/// first, so that a caller who may not make the call gets 403 whatever it sent.
+pub(crate) async fn record_database_refusal(
+    service: &Service,
+    peer: &PeerInfo,
+    on: &OnDatabase,
+    input_bytes: usize,
+) -> Result<(), Refused> {
+    let c = on.call(service, peer, input_bytes);
+    let answer =
+        crate::service::with_databases(service, c, |_, _| -> Result<Served<Reply>, ServiceError> {
+            Err(DatabasesError::BadRequest(FRONT_REFUSED.to_owned()).into())
+        })
+        .await;
+    match answer.result {
+        Err(r) => pre_call_refusal(r),
+        Ok(_) => Ok(()),
+    }
 }
 
 /// Records a request on a secret that the front refused before its call (parameters it

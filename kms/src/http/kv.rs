@@ -292,6 +292,7 @@ fn reply_of(data: &impl Serialize) -> Reply {
         data: serde_json::to_vec(data).unwrap_or_default(),
         status: 0,
         warnings: Vec::new(),
+        lease: None,
     }
 }
 

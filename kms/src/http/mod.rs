@@ -1,8 +1,9 @@
 //! The Vault-compatible HTTPS front (`[http] listen`, docs/vault-transit.md): Vault's
-//! Transit paths, `sys/health`, `sys/seal-status`, `auth/cert/login` and
-//! `auth/token/lookup-self`, so that programs written for Vault (hvac scripts, SPIRE's
-//! `hashicorp_vault` KeyManager, the vault-kubernetes-kms plugin, `seal "transit"`) work
-//! against kms unchanged.
+//! Transit paths, its KV v2 paths ([`kv`]), its database engine and lease paths
+//! ([`database`], [`leases`]: docs/vault-database.md), `sys/health`, `sys/seal-status`,
+//! `auth/cert/login` and `auth/token/lookup-self`, so that programs written for Vault (hvac
+//! scripts, SPIRE's `hashicorp_vault` KeyManager, the vault-kubernetes-kms plugin, `seal
+//! "transit"`) work against kms unchanged.
 //!
 //! The front only translates: a request into the keyring operation of the same rule,
 //! grants and audit record as its gRPC twin ([`call`]), the answer or refusal into Vault's
@@ -23,9 +24,11 @@
 mod auth;
 mod call;
 pub(crate) mod config;
+mod database;
 mod identity;
 mod keys;
 mod kv;
+mod leases;
 mod transit;
 mod vault;
 
@@ -226,6 +229,10 @@ async fn handle(
     let path_bytes = parts.uri.path().len();
     let service = if parts.uri.path().starts_with("/v1/secret/") {
         "kms.v1.Secrets"
+    } else if parts.uri.path().starts_with("/v1/database/")
+        || parts.uri.path().starts_with("/v1/sys/leases/")
+    {
+        "kms.v1.Databases"
     } else {
         "kms.v1.KeyManagement"
     };
@@ -315,7 +322,14 @@ fn respond(answer: Answer) -> Response {
             }
             let data: serde_json::Value =
                 serde_json::from_slice(&reply.data).unwrap_or(serde_json::Value::Null);
-            let body = vault::envelope(&request_id, Some(&data), None, &reply.warnings, mount_type);
+            let body = vault::leased_envelope(
+                &request_id,
+                Some(&data),
+                None,
+                &reply.warnings,
+                mount_type,
+                reply.lease.as_ref(),
+            );
             json_response(status, body)
         }
         Answer::Auth { reply, request_id } => {
@@ -656,6 +670,11 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
                 let r = secret_refusal(front, peer, kv.on(&path), size, refused).await;
                 return Err((r, kv.op().name()));
             }
+            // The body is not JSON: the record names what the path names.
+            if let Some(on) = database::on_of(&method, &segments, list) {
+                let r = database::refusal(front, peer, &on, size, refused).await;
+                return Err((r, on.op.name()));
+            }
             return Err((refused, "unknown"));
         }
     };
@@ -712,6 +731,15 @@ async fn route(front: &Front, peer: &PeerInfo, parts: &http::request::Parts, bod
                     Err((r, name))
                 }
             }
+        }
+        ["database", ..] | ["sys", "leases", ..] => {
+            let request = database::Request {
+                front,
+                peer,
+                size,
+                params,
+            };
+            database::dispatch(request, &method, &segments, list).await
         }
         ["identity", "oidc", "token", name] => {
             let r = identity::token(front, peer, &method, name, parts.uri.query(), size).await;

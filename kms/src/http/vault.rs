@@ -51,6 +51,14 @@ impl Params {
         })
     }
 
+    /// No parameters.
+    pub(crate) fn empty() -> Self {
+        Self {
+            map: Map::new(),
+            read: BTreeSet::new(),
+        }
+    }
+
     /// Parameters from one item of a `batch_input`.
     pub(crate) fn item(value: Value) -> Result<Self, BadRequest> {
         match value {
@@ -457,11 +465,23 @@ pub(crate) fn envelope(
     warnings: &[String],
     mount_type: &str,
 ) -> Vec<u8> {
+    leased_envelope(request_id, data, auth, warnings, mount_type, None)
+}
+
+/// [`envelope`] with the lease of the secret `data` hands out (a database login's).
+pub(crate) fn leased_envelope(
+    request_id: &str,
+    data: Option<&Value>,
+    auth: Option<&Value>,
+    warnings: &[String],
+    mount_type: &str,
+    lease: Option<&super::call::LeaseInfo>,
+) -> Vec<u8> {
     let body = serde_json::json!({
         "request_id": request_id,
-        "lease_id": "",
-        "renewable": false,
-        "lease_duration": 0,
+        "lease_id": lease.map_or("", |l| l.id.as_str()),
+        "renewable": lease.is_some_and(|l| l.renewable),
+        "lease_duration": lease.map_or(0, |l| l.duration),
         "data": data,
         "wrap_info": null,
         "warnings": if warnings.is_empty() { Value::Null } else { serde_json::json!(warnings) },

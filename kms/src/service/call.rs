@@ -204,6 +204,15 @@ impl Call {
         self.roles.of(&self.identity)
     }
 
+    /// Who the caller is to the databases engine, which keeps a lease its holder's (or an
+    /// administrator's), whatever front asks.
+    pub(crate) fn database_who(&self) -> crate::databases::Who<'_> {
+        crate::databases::Who {
+            principal: &self.identity.principal,
+            admin: self.roles().contains(&crate::access::Role::Admin),
+        }
+    }
+
     /// Names the key the call is about. A name that is not one (too long, or characters a
     /// key name cannot have) is recorded and logged as a bounded placeholder, never as
     /// given, and the call is refused with `INVALID_ARGUMENT` once its caller is known.

@@ -511,6 +511,7 @@ pub(crate) fn is_audit_failure(err: &ServiceError) -> bool {
             | ServiceError::Keyring(KeyringError::AuditUnavailable)
             | ServiceError::Secrets(SecretsError::AuditUnavailable)
             | ServiceError::Credentials(CredentialsError::AuditUnavailable)
+            | ServiceError::Databases(DatabasesError::AuditUnavailable)
     )
 }
 
@@ -532,5 +533,29 @@ pub(crate) fn log_error(rpc: &str, key: &str, err: &ServiceError, kind: ErrorKin
         tracing::error!(rpc, key, code, error = %chain, "request failed");
     } else {
         tracing::warn!(rpc, key, code, error = %chain, "request refused");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every engine's audit failure is the one refusal callers see (`audit log
+    /// unavailable`, its reason), whatever engine's commit failed.
+    #[test]
+    fn every_engines_audit_failure_reads_the_same() {
+        for err in [
+            ServiceError::Keyring(KeyringError::AuditUnavailable),
+            ServiceError::Secrets(SecretsError::AuditUnavailable),
+            ServiceError::Credentials(CredentialsError::AuditUnavailable),
+            ServiceError::Databases(DatabasesError::AuditUnavailable),
+        ] {
+            assert!(is_audit_failure(&err), "{err:?}");
+            let r = Refusal::from(&err);
+            assert_eq!(
+                (r.reason, r.message.as_str()),
+                ("AUDIT_UNAVAILABLE", AUDIT_UNAVAILABLE)
+            );
+        }
     }
 }
