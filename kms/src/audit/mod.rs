@@ -153,6 +153,10 @@ pub struct DatabaseSummary {
     /// The login's name (never its password).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub username: String,
+    /// Whom the lease was issued to (in the records of what the server did to it by
+    /// itself, whose principal is kms's).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub holder: String,
     /// When the lease ends, Unix seconds (0: none issued or renewed).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub expires: u64,

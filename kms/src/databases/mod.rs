@@ -159,6 +159,7 @@ fn summary_of(lease: &Lease) -> DatabaseSummary {
         role: lease.role.clone(),
         lease_id: lease.id.clone(),
         username: lease.username.clone(),
+        holder: lease.principal.clone(),
         expires: lease.expires,
         ..DatabaseSummary::default()
     }

@@ -3,11 +3,10 @@
 //! leases by itself, and the logins the reconcile pass found that no lease named.
 //!
 //! Counted per row key only, never per lease: a period of a million issuances costs what
-//! its distinct (connection, role, principal) triples cost. So the server's own
-//! revocations (`RevokeExpiredLease`, `MarkLeaseIrrevocable`, and `RevokeLease` while a role
-//! or connection is removed with force) are counted under the principal that made them,
-//! `kms`, and not under the lease's holder: their records do not name the
-//! holder, and finding it would mean remembering every lease.
+//! its distinct (connection, role, principal) triples cost. The server's own revocations
+//! (`RevokeExpiredLease`, `MarkLeaseIrrevocable`, and `RevokeLease` while a role or
+//! connection is removed with force) are counted under the lease's holder, which their
+//! records name (`holder`); a record that names none is counted under `kms`.
 
 use std::collections::BTreeMap;
 
@@ -30,9 +29,10 @@ const MAX_ERROR_CHARS: usize = 200;
 /// what became of their leases: the row an auditor reads ("which principal got logins for
 /// which role, how many, were any left behind").
 ///
-/// Rows of the principal `kms` are what the server did by itself, for every holder: a
-/// lease it could not revoke (`irrevocable`), or whose record an administrator dropped
-/// without its login (`forced`), may have left a login behind in the database.
+/// What the server did by itself (`expired`, `irrevocable`) is on the lease holder's row
+/// (on the principal `kms`'s for records that do not name the holder). A lease it could
+/// not revoke (`irrevocable`), or whose record an administrator dropped without its login
+/// (`forced`), may have left a login behind in the database.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DatabaseRow {
     /// The connection (empty when the record names none: an issuance refused before its
@@ -205,9 +205,16 @@ impl DatabaseTally {
         } else {
             d.role.as_str()
         };
+        // What the server did to a lease by itself goes on its holder's row when the record
+        // names the holder (records of before did not: they stay on kms's row).
+        let principal = if e.principal == crate::audit::SYSTEM_PRINCIPAL && !d.holder.is_empty() {
+            d.holder.clone()
+        } else {
+            e.principal.clone()
+        };
         let row = self
             .rows
-            .entry((d.connection.clone(), role.to_owned(), e.principal.clone()))
+            .entry((d.connection.clone(), role.to_owned(), principal))
             .or_default();
         row.span.add(1, t);
         match what {

@@ -585,6 +585,15 @@ fn database_credentials_are_counted_per_connection_role_and_principal() {
     ));
     // Removing the role with force revoked one more.
     b.add(&db_internal(4_300, "RevokeLease", lease(6)));
+    // A record that names the lease's holder goes on the holder's row.
+    b.add(&db_internal(
+        4_350,
+        "RevokeExpiredLease",
+        DatabaseSummary {
+            holder: app.into(),
+            ..lease(7)
+        },
+    ));
     for t in [4_400, 4_500] {
         b.add(&db_internal(
             t,
@@ -657,7 +666,7 @@ fn database_credentials_are_counted_per_connection_role_and_principal() {
         asked("", "database/creds/readonly/lease1"),
     ));
     let r = b.finish(&[]);
-    assert_eq!(r.records, 21);
+    assert_eq!(r.records, 22);
     let rows: Vec<(&str, &str, &str, [u64; 7])> = r
         .database_credentials
         .iter()
@@ -679,7 +688,7 @@ fn database_credentials_are_counted_per_connection_role_and_principal() {
             ("", "readonly", mallory, [0; 7]),
             ("main", "readonly", "kms", [0, 0, 1, 2, 0, 1, 0]),
             ("main", "readonly", admin, [0, 0, 0, 0, 1, 0, 0]),
-            ("main", "readonly", app, [2, 1, 1, 0, 0, 0, 0]),
+            ("main", "readonly", app, [2, 1, 1, 1, 0, 0, 0]),
         ]
     );
     let row = |connection: &str, principal: &str| {
@@ -709,9 +718,9 @@ fn database_credentials_are_counted_per_connection_role_and_principal() {
     assert_eq!(
         row("main", app).span,
         Span {
-            count: 4,
+            count: 5,
             first_ms: 1_000,
-            last_ms: 3_000
+            last_ms: 4_350
         }
     );
     assert_eq!(
