@@ -178,15 +178,40 @@ impl Caller {
                 let i = NEXT.fetch_add(1, Ordering::Relaxed);
                 let name = format!("bench_{}_{i}", std::process::id());
                 let password = format!("Bench-Password-{i:020}");
-                let tx = client.transaction().await.map_err(|e| e.to_string())?;
-                for s in args.statements.lines().filter(|l| !l.trim().is_empty()) {
-                    let s = s
-                        .replace("{{name}}", &name)
-                        .replace("{{password}}", &password)
-                        .replace("{{expiration}}", "2100-01-01 00:00:00+00");
-                    tx.batch_execute(&s).await.map_err(|e| e.to_string())?;
+                // As kms does: a transaction that lost a race with another (concurrent
+                // GRANTs on one table) is run again, up to 5 times.
+                let mut tries = 0;
+                loop {
+                    let tx = client.transaction().await.map_err(|e| e.to_string())?;
+                    let mut done = Ok(());
+                    for s in args.statements.lines().filter(|l| !l.trim().is_empty()) {
+                        let s = s
+                            .replace("{{name}}", &name)
+                            .replace("{{password}}", &password)
+                            .replace("{{expiration}}", "2100-01-01 00:00:00+00");
+                        done = tx.batch_execute(&s).await;
+                        if done.is_err() {
+                            break;
+                        }
+                    }
+                    let done = match done {
+                        Ok(()) => tx.commit().await,
+                        Err(e) => Err(e),
+                    };
+                    match done {
+                        Err(e)
+                            if tries < 5
+                                && e.as_db_error().is_some_and(|d| {
+                                    d.message().contains("concurrently updated")
+                                        || matches!(d.code().code(), "40001" | "40P01")
+                                }) =>
+                        {
+                            tries += 1;
+                            tokio::time::sleep(Duration::from_millis(5 * tries)).await;
+                        }
+                        other => return other.map_err(|e| e.to_string()),
+                    }
                 }
-                tx.commit().await.map_err(|e| e.to_string())
             }
         }
     }

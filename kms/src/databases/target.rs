@@ -121,16 +121,37 @@ impl Targets {
                 let mut client = pool.get().await.map_err(|e| pool_error(&name, &e))?;
                 match mode {
                     Mode::Transaction => {
-                        let tx = client
-                            .transaction()
-                            .await
-                            .map_err(|e| sql_error(&name, &e))?;
-                        for s in &statements {
-                            tx.batch_execute(s)
+                        // A transaction that lost a race with another (two GRANTs on one
+                        // table: "tuple concurrently updated"; a serialization failure, a
+                        // deadlock) rolled back whole: it is run again, a few times.
+                        let mut tries = 0u32;
+                        loop {
+                            let tx = client
+                                .transaction()
                                 .await
                                 .map_err(|e| sql_error(&name, &e))?;
+                            let mut done = Ok(());
+                            for s in &statements {
+                                done = tx.batch_execute(s).await;
+                                if done.is_err() {
+                                    break;
+                                }
+                            }
+                            let done = match done {
+                                Ok(()) => tx.commit().await,
+                                Err(e) => Err(e),
+                            };
+                            match done {
+                                Err(e) if tries < RACE_RETRIES && lost_race(&e) => {
+                                    tries += 1;
+                                    tokio::time::sleep(Duration::from_millis(
+                                        5 * u64::from(tries) + jitter(),
+                                    ))
+                                    .await;
+                                }
+                                other => break other.map_err(|e| sql_error(&name, &e)),
+                            }
                         }
-                        tx.commit().await.map_err(|e| sql_error(&name, &e))
                     }
                     Mode::Each => {
                         for s in &statements {
@@ -394,6 +415,26 @@ fn tls(conn: &Connection) -> Result<Option<tokio_rustls::rustls::ClientConfig>, 
     .with_root_certificates(roots)
     .with_no_client_auth();
     Ok(Some(config))
+}
+
+/// How many times a transaction that lost a race with another is run again.
+const RACE_RETRIES: u32 = 5;
+
+/// Whether `e` says the transaction lost a race with another and rolled back: a
+/// serialization failure, a deadlock, or PostgreSQL's "tuple concurrently updated" (two
+/// transactions changing one catalog row, as concurrent GRANTs on one table do).
+fn lost_race(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|d| {
+        matches!(d.code().code(), "40001" | "40P01")
+            || (d.code().code() == "XX000" && d.message().contains("concurrently updated"))
+    })
+}
+
+/// 0 to 15 ms, so that racing retries spread out.
+fn jitter() -> u64 {
+    let mut b = [0u8; 1];
+    let _ = getrandom::fill(&mut b);
+    u64::from(b[0] % 16)
 }
 
 /// Whether a SQLSTATE says the database is not there for now (connection exceptions,
