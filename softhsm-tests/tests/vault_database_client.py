@@ -10,7 +10,8 @@ Phases: `admin` (connection and role definitions, their refusals), `app` (creden
 lease renewed, looked up and revoked by their holder), `other` (a principal the role does not
 name, and who does not hold the app's lease), `prefix` (listing and revoking leases by prefix
 as the admin), `rotate` (the root password rotated), `cleanup` (revoke-force, removals),
-`sealed` (the server was sealed: 503).
+`static` (a static role: an existing login's password set, served, rotated), `sealed` (the
+server was sealed: 503).
 """
 
 import json
@@ -317,6 +318,50 @@ elif phase == "rotate":
     out["lease"] = creds["lease_id"]
     out["username"] = creds["data"]["username"]
     out["passwords"] = [creds["data"]["password"]]
+
+elif phase == "static":
+    db = client(admin).secrets.database
+    r = db.configure(name="pg", plugin_name="postgresql-database-plugin",
+                     allowed_roles=["reader", "legacy"])
+    assert r.status_code == 204, (r.status_code, r.text)
+    before = "Legacy-Before-kms-0123"
+    r = db.create_static_role(name="legacy", db_name="pg", username="legacy",
+                              rotation_statements=[], rotation_period=3600)
+    assert r.status_code == 204, (r.status_code, r.text)
+    # Set at once: the password it had no longer logs in.
+    cannot_login("legacy", before)
+    # kms's own field: who may read it (an update that keeps the login: no rotation).
+    r = raw("POST", "database/static-roles/legacy", json={"principals": [cfg["app_principal"]]})
+    assert r.status_code == 204, r.text
+    role = db.read_static_role("legacy")["data"]
+    assert role["db_name"] == "pg" and role["username"] == "legacy", role
+    assert role["rotation_period"] == 3600 and TIME.fullmatch(role["last_vault_rotation"]), role
+    assert "password" not in role, role
+    assert db.list_static_roles()["data"]["keys"] == ["legacy"]
+    first = client(app).secrets.database.get_static_credentials("legacy")["data"]
+    assert first["username"] == "legacy" and first["rotation_period"] == 3600, first
+    assert 3500 < first["ttl"] <= 3600, first
+    login("legacy", first["password"]).close()
+    refused(hvac.exceptions.Forbidden,
+            lambda: client(other).secrets.database.get_static_credentials("legacy"))
+    r = db.rotate_static_role_credentials("legacy")
+    assert r.status_code == 204, (r.status_code, r.text)
+    second = client(app).secrets.database.get_static_credentials("legacy")["data"]
+    assert second["password"] != first["password"]
+    login("legacy", second["password"]).close()
+    cannot_login("legacy", first["password"])
+    e = refused(hvac.exceptions.InvalidRequest,
+                lambda: db.create_static_role(name="x", db_name="pg", username="legacy",
+                                              rotation_statements=[], rotation_period=30))
+    assert any("rotation_period" in m for m in e.errors), e.errors
+    assert raw("POST", "database/static-roles/x",
+               json={"db_name": "pg", "username": "legacy", "rotation_schedule": "0 * * * *"}
+               ).status_code == 400
+    assert db.delete_static_role("legacy").status_code == 204
+    refused(hvac.exceptions.InvalidPath, lambda: db.read_static_role("legacy"))
+    # No longer managed: the password in force stays.
+    login("legacy", second["password"]).close()
+    out["passwords"] = [first["password"], second["password"]]
 
 elif phase == "cleanup":
     db = client(admin).secrets.database

@@ -69,6 +69,18 @@ pub(crate) enum Path {
     ListRoles,
     /// `GET creds/:name`.
     Creds,
+    /// `POST static-roles/:name`.
+    WriteStaticRole,
+    /// `GET static-roles/:name`.
+    ReadStaticRole,
+    /// `DELETE static-roles/:name`.
+    DeleteStaticRole,
+    /// `LIST static-roles`.
+    ListStaticRoles,
+    /// `GET static-creds/:name`.
+    StaticCreds,
+    /// `POST rotate-role/:name`.
+    RotateRole,
 }
 
 impl Path {
@@ -85,6 +97,12 @@ impl Path {
             Self::DeleteRole => Op::DeleteDatabaseRole,
             Self::ListRoles => Op::ListDatabaseRoles,
             Self::Creds => Op::GetDatabaseCredentials,
+            Self::WriteStaticRole => Op::PutDatabaseStaticRole,
+            Self::ReadStaticRole => Op::GetDatabaseStaticRole,
+            Self::DeleteStaticRole => Op::DeleteDatabaseStaticRole,
+            Self::ListStaticRoles => Op::ListDatabaseStaticRoles,
+            Self::StaticCreds => Op::GetDatabaseStaticCredentials,
+            Self::RotateRole => Op::RotateDatabaseStaticRole,
         }
     }
 
@@ -96,12 +114,20 @@ impl Path {
             Self::WriteConfig | Self::ReadConfig | Self::DeleteConfig | Self::RotateRoot => {
                 (name.to_owned(), String::new())
             }
-            Self::WriteRole => (
+            Self::WriteRole | Self::WriteStaticRole => (
                 params.str("db_name").ok().flatten().unwrap_or_default(),
                 name.to_owned(),
             ),
-            Self::ReadRole | Self::DeleteRole | Self::Creds => (String::new(), name.to_owned()),
-            Self::ListConfig | Self::ListRoles => (String::new(), String::new()),
+            Self::ReadRole
+            | Self::DeleteRole
+            | Self::Creds
+            | Self::ReadStaticRole
+            | Self::DeleteStaticRole
+            | Self::StaticCreds
+            | Self::RotateRole => (String::new(), name.to_owned()),
+            Self::ListConfig | Self::ListRoles | Self::ListStaticRoles => {
+                (String::new(), String::new())
+            }
         };
         OnDatabase {
             op: self.op(),
@@ -116,7 +142,13 @@ impl Path {
     fn absent_is_404(self) -> bool {
         matches!(
             self,
-            Self::ReadConfig | Self::ReadRole | Self::ListConfig | Self::ListRoles
+            Self::ReadConfig
+                | Self::ReadRole
+                | Self::ListConfig
+                | Self::ListRoles
+                | Self::ReadStaticRole
+                | Self::ListStaticRoles
+                | Self::StaticCreds
         )
     }
 }
@@ -167,11 +199,21 @@ pub(crate) fn route(
                 "database/reset is not offered by kms: it runs no plugin process to restart; its connections to a database are made again whenever the connection's configuration changes (write config/:name again)",
             ));
         }
-        ["static-roles" | "static-creds" | "rotate-role", ..] => {
-            return Err(Refused::bad(
-                "static roles are not offered by kms: its logins are dynamic (roles/:name and creds/:name), each under a lease",
-            ));
-        }
+        ["static-roles"] => (list.then_some(Path::ListStaticRoles), ""),
+        ["static-roles", name] => (
+            if get {
+                Some(Path::ReadStaticRole)
+            } else if write {
+                Some(Path::WriteStaticRole)
+            } else if delete {
+                Some(Path::DeleteStaticRole)
+            } else {
+                None
+            },
+            *name,
+        ),
+        ["static-creds", name] => (get.then_some(Path::StaticCreds), *name),
+        ["rotate-role", name] => (write.then_some(Path::RotateRole), *name),
         _ => return Err(super::not_found()),
     };
     match path {
@@ -336,6 +378,15 @@ pub(crate) async fn serve(req: Request<'_>, path: Path, name: String) -> Result<
         Path::DeleteRole => gone(db.delete_role(c, &name, false)),
         Path::ListRoles => listing(db.roles()?.into_iter().map(|r| r.name)),
         Path::Creds => creds(db, c, &name),
+        Path::WriteStaticRole => super::database_static::write(db, c, &name, p),
+        Path::ReadStaticRole => super::database_static::read(db, &name),
+        Path::DeleteStaticRole => super::database_static::delete(db, c, &name),
+        Path::ListStaticRoles => listing(db.static_roles()?.into_iter().map(|r| r.name)),
+        Path::StaticCreds => super::database_static::creds(db, c, &name),
+        Path::RotateRole => {
+            db.rotate_static_role(c, &name)?;
+            Ok((no_content(), None))
+        }
     })
     .await
 }
@@ -367,7 +418,7 @@ fn listing(names: impl Iterator<Item = String>) -> Handled {
     Ok((Reply::ok(&json!({ "keys": keys })), None))
 }
 
-fn bad(message: impl Into<String>) -> ServiceError {
+pub(crate) fn bad(message: impl Into<String>) -> ServiceError {
     DatabasesError::BadRequest(message.into()).into()
 }
 
@@ -379,7 +430,10 @@ impl From<BadRequest> for ServiceError {
 
 /// A list of strings given as a JSON list, or as one string of comma-separated items
 /// (Vault's `TypeCommaStringSlice`: `allowed_roles`, kms's `principals`).
-fn comma_list(p: &mut Params, name: &'static str) -> Result<Option<Vec<String>>, ServiceError> {
+pub(crate) fn comma_list(
+    p: &mut Params,
+    name: &'static str,
+) -> Result<Option<Vec<String>>, ServiceError> {
     let not_list = || {
         bad(format!(
             "{name}: expected a list of strings or a comma-separated string"
@@ -409,7 +463,10 @@ fn comma_list(p: &mut Params, name: &'static str) -> Result<Option<Vec<String>>,
 /// SQL statements given as a JSON list of strings, or as one string (Vault's
 /// `TypeStringSlice`; a string may hold several statements separated by `;`). A statement
 /// that is base64 (Vault's plugins decode it) is refused: kms runs statements as given.
-fn statements(p: &mut Params, name: &'static str) -> Result<Option<Vec<String>>, ServiceError> {
+pub(crate) fn statements(
+    p: &mut Params,
+    name: &'static str,
+) -> Result<Option<Vec<String>>, ServiceError> {
     let not_list = || {
         bad(format!(
             "{name}: expected a list of SQL statements or a string"
@@ -453,7 +510,7 @@ fn refuse_list(p: &mut Params, name: &'static str, why: &str) -> Result<(), Serv
 }
 
 /// A count that kms keeps as a `u32`.
-fn count(p: &mut Params, name: &'static str) -> Result<Option<u32>, ServiceError> {
+pub(crate) fn count(p: &mut Params, name: &'static str) -> Result<Option<u32>, ServiceError> {
     p.u64(name)?
         .map(|n| u32::try_from(n).map_err(|_| bad(format!("{name}: too large"))))
         .transpose()

@@ -25,6 +25,7 @@ mod auth;
 mod call;
 pub(crate) mod config;
 mod database;
+mod database_static;
 mod identity;
 mod keys;
 mod kv;
