@@ -159,6 +159,29 @@ async fn logins_are_made_used_renewed_and_dropped() {
         .into_inner();
     assert!(!format!("{shown:?}").contains(&root_password));
     assert!(shown.connection_url.contains("{{password}}"));
+    // The stored root password goes only where it was given for: pointing the connection
+    // elsewhere without giving it again is refused (an administrator could otherwise read
+    // it with a server of theirs), and nothing changes.
+    let mut elsewhere = connection(&pg, "app", &["reader", "fails-*"]);
+    elsewhere.connection_url =
+        "postgresql://{{username}}:{{password}}@127.0.0.1:1/x?sslmode=disable".into();
+    expect_code(
+        admin
+            .put_database_connection(pb::PutDatabaseConnectionRequest {
+                connection: Some(elsewhere),
+                password: String::new(),
+                skip_verify: true,
+            })
+            .await,
+        Code::InvalidArgument,
+        "give the root password again",
+    );
+    let kept = admin
+        .get_database_connection(pb::GetDatabaseConnectionRequest { name: "app".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kept.connection_url, shown.connection_url);
 
     // A login for the app: it logs in, reads what it was granted, makes a table.
     let mut as_app = client(&server, &app).await;
@@ -595,26 +618,66 @@ async fn expiries_wait_for_the_database_and_refusals_end_irrevocable() {
                 .contains("22012")
     }));
 
-    // The reconcile pass: a login of the template's shape, long expired, that no lease
-    // names (the forced lease's, left behind by hand here) is dropped; one still valid,
-    // and one of another shape, are not.
-    pg.sql(&format!(
-        "ALTER ROLE \"{}\" VALID UNTIL '2000-01-01'",
-        kept.username
-    ));
-    pg.sql("CREATE ROLE kms_reader_app_0123456789abcdef LOGIN VALID UNTIL '2000-01-01'");
-    pg.sql("CREATE ROLE kms_reader_app_fedcba9876543210 LOGIN VALID UNTIL 'infinity'");
-    pg.sql("CREATE ROLE kms_reader_someone LOGIN VALID UNTIL '2000-01-01'");
-    wait_until(Duration::from_secs(20), "the orphans dropped", || {
-        let now = kms_logins(&pg);
-        !now.contains(&"kms_reader_app_0123456789abcdef".to_owned())
+    // The reconcile pass. An orphan kms made: a reader login whose lease an administrator
+    // dropped with force while the database refused to revoke it (the root login had lost
+    // CREATEROLE). Once its validity has long ended, the pass drops it; a login of the same
+    // shape that kms did not make (no mark), one still valid, and one of another shape stay.
+    let orphan = as_app
+        .get_database_credentials(pb::GetDatabaseCredentialsRequest {
+            role: "reader".into(),
+            ttl_seconds: 600,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    pg.sql(&format!("ALTER ROLE {ROOT} NOCREATEROLE"));
+    let forced = admin
+        .revoke_lease(pb::RevokeLeaseRequest {
+            lease_id: orphan.lease_id.clone(),
+            force: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!forced.revoked);
+    pg.sql(&format!("ALTER ROLE {ROOT} CREATEROLE"));
+    assert!(kms_logins(&pg).contains(&orphan.username));
+    for sql in [
+        format!(
+            "ALTER ROLE \"{}\" VALID UNTIL '2000-01-01'",
+            orphan.username
+        ),
+        format!("ALTER ROLE \"{}\" VALID UNTIL '2000-01-01'", kept.username),
+        "CREATE ROLE kms_reader_app_0123456789abcdef LOGIN VALID UNTIL '2000-01-01'".to_owned(),
+        "CREATE ROLE kms_reader_app_fedcba9876543210 LOGIN VALID UNTIL 'infinity'".to_owned(),
+        "CREATE ROLE kms_reader_someone LOGIN VALID UNTIL '2000-01-01'".to_owned(),
+    ] {
+        pg.sql(&sql);
+    }
+    wait_until(Duration::from_secs(20), "the orphan dropped", || {
+        !kms_logins(&pg).contains(&orphan.username)
     });
     let now = kms_logins(&pg);
-    assert!(now.contains(&"kms_reader_app_fedcba9876543210".to_owned()));
-    assert!(now.contains(&"kms_reader_someone".to_owned()));
-    // The forced lease's login: its role's own revocation statement fails, so it stays,
-    // and the pass says so in its log (and tries again).
+    for kept_login in [
+        "kms_reader_app_0123456789abcdef",
+        "kms_reader_app_fedcba9876543210",
+        "kms_reader_someone",
+    ] {
+        assert!(
+            now.contains(&kept_login.to_owned()),
+            "{kept_login}: {now:?}"
+        );
+    }
+    // The forced lease's login of the role whose revocation always fails: it stays, and
+    // the pass says so in its log (and tries again).
     assert!(now.contains(&kept.username));
+    assert!(
+        records(&server, &hsm)
+            .iter()
+            .any(|e| e["operation"] == "DropOrphanLogin"
+                && e["database"]["username"] == orphan.username.as_str()),
+        "no record of the orphan dropped"
+    );
 
     // Removing a role with a live lease: refused with the count; with force, revoked.
     let live = as_app

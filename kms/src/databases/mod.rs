@@ -139,6 +139,8 @@ pub(crate) struct Databases {
     revoker: Arc<revoker::Signal>,
     /// Leases marked irrevocable, as the revoker last counted them.
     irrevocable: std::sync::atomic::AtomicUsize,
+    /// The key of the mark kms leaves on each login it makes ([`Databases::login_mark`]).
+    mark_key: Zeroizing<[u8; 32]>,
 }
 
 impl Drop for Databases {
@@ -183,6 +185,9 @@ impl Databases {
         settings: Settings,
     ) -> Result<Arc<Self>, DatabasesError> {
         let node = model::random_text(b"0123456789abcdef", 16)?.to_string();
+        let mark_key = barrier
+            .derive_key::<32>(None, &[b"kms/v1/databases/login-mark"])
+            .map_err(|_| DatabasesError::Internal("derive the login mark key"))?;
         let engine = Arc::new(Self {
             barrier,
             store,
@@ -193,9 +198,30 @@ impl Databases {
             claims: Mutex::new(()),
             revoker: Arc::new(revoker::Signal::default()),
             irrevocable: std::sync::atomic::AtomicUsize::new(0),
+            mark_key,
         });
         revoker::start(&engine);
         Ok(engine)
+    }
+
+    /// The comment kms sets on a login it makes on `connection`: `kms-lease:` and a MAC of
+    /// the connection's and the login's names under a key of the root. The reconcile pass
+    /// drops only logins that carry it: never one kms did not make (a mark copied to
+    /// another name, or by someone without the root key, is not one).
+    pub(crate) fn login_mark(&self, connection: &str, username: &str) -> String {
+        use hmac::{Hmac, KeyInit, Mac};
+        let Ok(mut mac) = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(self.mark_key.as_slice())
+        else {
+            return String::new();
+        };
+        mac.update(&(connection.len() as u64).to_be_bytes());
+        mac.update(connection.as_bytes());
+        mac.update(username.as_bytes());
+        let tag = mac.finalize().into_bytes();
+        format!(
+            "kms-lease:{}",
+            data_encoding::HEXLOWER.encode(tag.get(..16).unwrap_or_default())
+        )
     }
 
     /// Leases marked irrevocable, as the revoker last counted them (for the metrics).
@@ -295,7 +321,18 @@ impl Databases {
         match &old {
             Some(o) => {
                 if conn.password.is_empty() {
+                    // The stored password goes only where it was given for: a change of
+                    // where kms logs in (or of whom it trusts there) needs it again, or an
+                    // administrator could point the connection at a server of theirs and
+                    // read it.
+                    if conn.url != o.url || conn.username != o.username || conn.ca_pem != o.ca_pem {
+                        return Err(DatabasesError::BadRequest(
+                            "connection_url, username or ca_pem changed: give the root password again (kms sends the stored one only to where it was given for)".to_owned(),
+                        ));
+                    }
                     conn.password = o.password.clone();
+                    // A rotation cut short is still to be finished with its password.
+                    conn.pending_password = o.pending_password.clone();
                 }
                 conn.created_ms = o.created_ms;
                 conn.created_by = o.created_by.clone();
@@ -334,8 +371,13 @@ impl Databases {
         journal: &dyn Journal,
         name: &str,
     ) -> Result<Connection, DatabasesError> {
-        let mut conn = self.connection(name)?;
-        let new = model::new_password(model::DEFAULT_PASSWORD_LENGTH)?;
+        let conn = self.connection(name)?;
+        // A rotation cut short is finished with its own password (the database may have
+        // it already), never replaced by another, which would lose it.
+        let new = match &conn.pending_password {
+            Some(p) => Zeroizing::new(p.expose().to_owned()),
+            None => model::new_password(model::DEFAULT_PASSWORD_LENGTH)?,
+        };
         let mut pending = conn.clone();
         pending.pending_password = Some(model::Secret::new(new.to_string()));
         self.store.put(
@@ -347,14 +389,18 @@ impl Databases {
             "ALTER ROLE CURRENT_USER WITH PASSWORD '{}';",
             new.as_str()
         ));
-        // On an error the password was not changed (or is not known to be): the pending
-        // one stays, tried if the current one is refused.
+        // Logged in with the current password, or the pending one if the database has it
+        // already. On an error the password was not changed (or is not known to be): the
+        // pending one stays, tried if the current one is refused, and finished next time.
         self.targets.execute(
-            &conn,
+            &pending,
             &[statement],
             target::Mode::Transaction,
             &[new.as_str()],
         )?;
+        // What an administrator changed meanwhile stays; a connection removed meanwhile is
+        // not brought back.
+        let mut conn = self.connection(name)?;
         conn.password = model::Secret::new(new.to_string());
         conn.pending_password = None;
         conn.root_rotated = now();
@@ -533,10 +579,12 @@ impl Databases {
         };
         self.store.write_all(&[
             self.write(LEASES, model::LEASE, &lease.id, &lease)?,
+            // Claimed by this server until the login is made: a lease of a second could
+            // otherwise be revoked (nothing to drop yet) before its login exists.
             Write {
                 table: DUE,
                 key: due_key(lease.due, &lease.connection, &lease.id),
-                value: Vec::new(),
+                value: revoker::claim_value(&self.node, issued).into_bytes(),
             },
             Write {
                 table: LOGINS,
@@ -545,11 +593,17 @@ impl Databases {
             },
         ])?;
         let when = model::expiration(expires);
-        let statements: Vec<Zeroizing<String>> = role
+        let mut statements: Vec<Zeroizing<String>> = role
             .creation
             .iter()
             .map(|s| model::render(s, &lease.username, &password, &when))
             .collect();
+        // Marked as kms's, in the same transaction (the reconcile pass's proof).
+        statements.push(Zeroizing::new(format!(
+            "COMMENT ON ROLE \"{}\" IS '{}';",
+            lease.username,
+            self.login_mark(&conn.name, &lease.username)
+        )));
         let made = self.targets.execute(
             &conn,
             &statements,
@@ -573,6 +627,8 @@ impl Databases {
             self.abandon(&lease, false);
             return Err(e);
         }
+        // The revoker's from now on (a claim not released lapses by itself).
+        self.release(&due_key(lease.due, &lease.connection, &lease.id));
         Ok(Issued { lease, password })
     }
 

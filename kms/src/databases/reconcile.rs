@@ -3,10 +3,13 @@
 //! Such a login can only come from a lost revocation (a lease record dropped with `force`,
 //! or by someone who can write the store) or from a server of before that made the login
 //! before storing its lease. The pass drops a login only when all of these hold, so that
-//! nothing live is ever dropped, even on the word of someone who altered the store: its
-//! name has the shape of a role's username template (that role's name in it), its
-//! `VALID UNTIL` ended more than [`GRACE`] ago (it cannot log in any more), and no lease
-//! names it. Each drop is recorded (`DropOrphanLogin`).
+//! nothing live, and nothing kms did not make, is ever dropped, even on the word of someone
+//! who altered the store: it carries kms's mark (`Databases::login_mark`: a comment with a
+//! MAC of the connection's and its own name under a key of the root, set in the
+//! transaction that made it), its name has the shape of a role's username template (that
+//! role's name in it), its `VALID UNTIL` ended more than [`GRACE`] ago (it can no longer
+//! log in with its password), and no lease names it. Each drop is recorded
+//! (`DropOrphanLogin`).
 
 use zeroize::Zeroizing;
 
@@ -151,8 +154,9 @@ impl Databases {
         }
         let conn = self.connection(&role.connection)?;
         let mut dropped = 0;
-        for login in self.targets.expired_logins(&conn, start, GRACE, MOST)? {
+        for (login, comment) in self.targets.expired_logins(&conn, start, GRACE, MOST)? {
             if !fits(&shape, &login)
+                || comment != self.login_mark(&conn.name, &login)
                 || self
                     .store
                     .get(LOGINS, &login_key(&conn.name, &login))?

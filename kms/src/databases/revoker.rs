@@ -77,7 +77,8 @@ pub(super) fn claim_value(node: &str, t: u64) -> String {
 }
 
 /// Whether `value` is a live claim of a server other than `node` at `t`. A claim that
-/// lasts longer than a server would claim is no claim (someone else wrote it).
+/// lasts longer than a server would claim, with room for the servers' clocks to differ by
+/// up to [`CLAIM_TTL`], is no claim (someone else wrote it).
 pub(super) fn held_by_other(value: &[u8], node: &str, t: u64) -> bool {
     let Some((owner, until)) = std::str::from_utf8(value)
         .ok()
@@ -86,7 +87,7 @@ pub(super) fn held_by_other(value: &[u8], node: &str, t: u64) -> bool {
         return false;
     };
     let until: u64 = until.parse().unwrap_or(0);
-    owner != node && until > t && until <= t.saturating_add(CLAIM_TTL)
+    owner != node && until > t && until <= t.saturating_add(2 * CLAIM_TTL)
 }
 
 /// Whether `value` is `node`'s claim.
@@ -292,6 +293,10 @@ impl Databases {
                 .write_all_removing(&[], &[super::removal(DUE, key)])?;
             return Ok(());
         }
+        // The batch's claim may be old by now: made fresh, if still this server's.
+        if !self.reclaim(key)? {
+            return Ok(());
+        }
         match self.drop_login(&lease) {
             Ok(()) => {
                 // Still ours? (A claim lasts longer than a revocation may take.)
@@ -313,6 +318,24 @@ impl Databases {
                 Err(e)
             }
             Err(e) => self.refused(lease, key, t, &e),
+        }
+    }
+
+    /// Renews this server's claim on `key` for another [`CLAIM_TTL`]: false when it is no
+    /// longer this server's (it lapsed and another took it, or the entry is gone).
+    fn reclaim(&self, key: &str) -> Result<bool, DatabasesError> {
+        let _local = self
+            .claims
+            .lock()
+            .map_err(|_| DatabasesError::Internal("claims"))?;
+        let _shared = self.store.lock_changes()?;
+        match self.store.get(DUE, key)? {
+            Some(v) if held_by(&v, &self.node) => {
+                self.store
+                    .put(DUE, key, claim_value(&self.node, now()).as_bytes())?;
+                Ok(true)
+            }
+            _ => Ok(false),
         }
     }
 
@@ -375,8 +398,11 @@ mod tests {
         assert!(held_by_other(mine.as_bytes(), "b", t));
         // Lapsed.
         assert!(!held_by_other(mine.as_bytes(), "b", t + CLAIM_TTL));
+        // Another server's clock a little ahead: still its claim.
+        let ahead = format!("x {}", t + CLAIM_TTL + 30);
+        assert!(held_by_other(ahead.as_bytes(), "b", t));
         // Further ahead than any server claims: written by someone else.
-        let forged = format!("x {}", t + CLAIM_TTL + 1);
+        let forged = format!("x {}", t + 2 * CLAIM_TTL + 1);
         assert!(!held_by_other(forged.as_bytes(), "b", t));
         for junk in [&b""[..], b"x", b"x y", &[0xff, 0x20, 0x31]] {
             assert!(!held_by_other(junk, "b", t));

@@ -81,10 +81,10 @@ impl StaticRole {
             || self
                 .username
                 .chars()
-                .any(|c| c.is_control() || c == '"' || c == '\'' || c == '\\')
+                .any(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '@')))
         {
             return bad(format!(
-                "username: 1 to {} characters, no quote, backslash or control character",
+                "username: 1 to {} of A-Z a-z 0-9 _ - . @",
                 model::MAX_USERNAME
             ));
         }
@@ -148,6 +148,11 @@ impl Databases {
         let conn = self.connection(&role.connection)?;
         if !model::role_allowed(&conn.allowed_roles, &role.name) {
             return Err(super::not_allowed(&conn.name, &role.name));
+        }
+        if role.username == conn.username {
+            return Err(DatabasesError::BadRequest(
+                "username is the connection's root login: rotate it with rotate-root, never as a static role (kms would lose its own login)".to_owned(),
+            ));
         }
         if let Some(o) = &old
             && o.username == role.username
@@ -255,7 +260,7 @@ impl Databases {
             let _shared = self.store.lock_changes()?;
             let mut role = self.static_role(name)?;
             let claimed = role.claim.as_ref().is_some_and(|(node, until)| {
-                node != &self.node && *until > t && *until <= t.saturating_add(super::CLAIM_TTL)
+                node != &self.node && *until > t && *until <= t.saturating_add(2 * super::CLAIM_TTL)
             });
             if claimed || (!now_asked && role.next_rotation > t) {
                 return Err(DatabasesError::Busy(name.to_owned()));
@@ -277,8 +282,19 @@ impl Databases {
         let set = self
             .connection(&role.connection)
             .and_then(|conn| self.set_password(&conn, &role, pending.expose()));
+        // The outcome goes on the record as it is now, under the lock: what an
+        // administrator changed meanwhile stays, and a static role removed meanwhile is not
+        // brought back.
+        let _local = self
+            .claims
+            .lock()
+            .map_err(|_| DatabasesError::Internal("claims"))?;
+        let _shared = self.store.lock_changes()?;
+        role = self
+            .read::<StaticRole>(STATIC_ROLES, STATIC_ROLE, name)?
+            .ok_or_else(|| DatabasesError::RoleNotFound(name.to_owned()))?;
         role.claim = None;
-        match set {
+        let outcome = match set {
             Ok(()) => {
                 role.password = pending;
                 role.pending = None;
@@ -286,9 +302,7 @@ impl Databases {
                 role.next_rotation = t.saturating_add(role.period);
                 role.failures = 0;
                 role.last_error.clear();
-                self.store
-                    .put(STATIC_ROLES, name, &self.seal(STATIC_ROLE, name, &role)?)?;
-                Ok(role)
+                Ok(())
             }
             Err(e) => {
                 role.failures = role.failures.saturating_add(1);
@@ -304,11 +318,12 @@ impl Databases {
                 if matches!(e, DatabasesError::Refused(_)) {
                     role.pending = None;
                 }
-                self.store
-                    .put(STATIC_ROLES, name, &self.seal(STATIC_ROLE, name, &role)?)?;
                 Err(e)
             }
-        }
+        };
+        self.store
+            .put(STATIC_ROLES, name, &self.seal(STATIC_ROLE, name, &role)?)?;
+        outcome.map(|()| role)
     }
 
     /// Runs `role`'s rotation statements with `password` on `conn`.

@@ -186,16 +186,18 @@ impl Targets {
     }
 
     /// The logins of `conn`'s database whose name starts with `prefix` and whose validity
-    /// ended more than `ago` seconds ago (the reconcile pass), at most `limit`.
+    /// ended more than `ago` seconds ago (the reconcile pass), at most `limit`, each with
+    /// its comment (empty: none).
     pub(crate) fn expired_logins(
         &self,
         conn: &Connection,
         prefix: &str,
         ago: i64,
         limit: i64,
-    ) -> Result<Vec<String>, DatabasesError> {
+    ) -> Result<Vec<(String, String)>, DatabasesError> {
         let pool = self.pool(conn, Which::Current)?;
         let name = conn.name.clone();
+        let hidden = [Zeroizing::new(conn.password.expose().to_owned())];
         let timeout = self.timeout;
         let pattern = format!(
             "{}%",
@@ -209,7 +211,9 @@ impl Targets {
                 let client = pool.get().await.map_err(|e| pool_error(&name, &e))?;
                 let rows = client
                     .query(
-                        "SELECT rolname::text FROM pg_catalog.pg_roles WHERE rolname LIKE $1 \
+                        "SELECT rolname::text, \
+                         coalesce(pg_catalog.shobj_description(oid, 'pg_authid'), '') \
+                         FROM pg_catalog.pg_roles WHERE rolname LIKE $1 \
                          AND rolvaliduntil IS NOT NULL \
                          AND rolvaliduntil < now() - ($2::bigint * interval '1 second') \
                          ORDER BY rolname LIMIT $3",
@@ -217,7 +221,10 @@ impl Targets {
                     )
                     .await
                     .map_err(|e| sql_error(&name, &e))?;
-                Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+                Ok(rows
+                    .iter()
+                    .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                    .collect())
             };
             tokio::time::timeout(timeout, run)
                 .await
@@ -228,6 +235,7 @@ impl Targets {
                     })
                 })
         })
+        .map_err(|e| scrub(e, &hidden))
     }
 
     /// Forgets `name`'s pool (the connection was removed).
@@ -440,19 +448,25 @@ fn jitter() -> u64 {
 /// Whether a SQLSTATE says the database is not there for now (connection exceptions,
 /// insufficient resources, starting up or shutting down), not that it refused.
 fn transient(code: &str) -> bool {
-    code.starts_with("08") || code.starts_with("53") || code.starts_with("57P")
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57P")
+        // A serialization failure or deadlock retried enough, a lock not granted, a
+        // read-only server (a standby after a failover).
+        || matches!(code, "40001" | "40P01" | "55P03" | "25006")
 }
 
-/// A statement's error: the database's code and message (a transient one, or no code:
+/// A statement's error (its text whole: [`scrub`] bounds it once any password is out): the
+/// database's code and message (a transient one, or no code:
 /// the connection failed, and what was sent is not known).
 fn sql_error(connection: &str, e: &tokio_postgres::Error) -> DatabasesError {
     match e.as_db_error() {
         Some(db) if !transient(db.code().code()) => {
-            DatabasesError::Refused(bounded(&format!("{} {}", db.code().code(), db.message())))
+            DatabasesError::Refused(format!("{} {}", db.code().code(), db.message()))
         }
         _ => DatabasesError::Unavailable {
             connection: connection.to_owned(),
-            why: bounded(&e.to_string()),
+            why: e.to_string(),
         },
     }
 }
@@ -468,10 +482,10 @@ fn pool_error(connection: &str, e: &deadpool_postgres::PoolError) -> DatabasesEr
         }
         deadpool_postgres::PoolError::Backend(e) => DatabasesError::Unreachable {
             connection: connection.to_owned(),
-            why: bounded(&match e.as_db_error() {
+            why: match e.as_db_error() {
                 Some(d) => format!("{} {}", d.code().code(), d.message()),
                 None => e.to_string(),
-            }),
+            },
         },
         deadpool_postgres::PoolError::Timeout(_) => DatabasesError::Unreachable {
             connection: connection.to_owned(),
@@ -495,11 +509,14 @@ fn bounded(s: &str) -> String {
 /// `e` with every string of `hidden` replaced by `<redacted>` (a syntax error quotes the
 /// text near it, which may be a password).
 fn scrub(e: DatabasesError, hidden: &[Zeroizing<String>]) -> DatabasesError {
+    // Every password out first, then bounded (a cut first could leave a password's start).
     let clean = |s: String| {
-        hidden
-            .iter()
-            .filter(|h| !h.is_empty())
-            .fold(s, |s, h| s.replace(h.as_str(), "<redacted>"))
+        bounded(
+            &hidden
+                .iter()
+                .filter(|h| !h.is_empty())
+                .fold(s, |s, h| s.replace(h.as_str(), "<redacted>")),
+        )
     };
     match e {
         DatabasesError::Refused(s) => DatabasesError::Refused(clean(s)),
