@@ -936,20 +936,29 @@ impl Databases {
         what: &str,
         name: &str,
     ) -> Result<u64, DatabasesError> {
+        // At most MAX_PAGE kept: more are counted only (memory bounded, and the call too).
         let mut live = Vec::new();
+        let mut count = 0usize;
         self.each_lease(model::LEASE_PREFIX, |l| {
             if which(&l) {
-                live.push(l);
+                count += 1;
+                if live.len() < MAX_PAGE {
+                    live.push(l);
+                }
             }
             Ok(())
         })?;
-        if live.is_empty() {
+        if count == 0 {
             return Ok(0);
         }
         if !force {
             return Err(DatabasesError::Precondition(format!(
-                "{what} {name:?} has {} live lease(s): revoke them first, or remove it with force (which revokes them)",
-                live.len()
+                "{what} {name:?} has {count} live lease(s): revoke them first, or remove it with force (which revokes them)"
+            )));
+        }
+        if count > MAX_PAGE {
+            return Err(DatabasesError::Precondition(format!(
+                "{what} {name:?} has {count} live leases, more than a removal revokes itself ({MAX_PAGE}): revoke them by prefix first (kms lease revoke-prefix), then remove it"
             )));
         }
         let mut revoked = 0;

@@ -223,7 +223,11 @@ fn prefix_of(db: &Databases, given: &str) -> String {
     path
 }
 
-/// Revokes every lease under `prefix` now, in this call (each revocation its own record):
+/// The most leases a synchronous revocation by prefix revokes in its call.
+const SYNC_MOST: usize = 1000;
+
+/// Revokes every lease under `prefix` now, in this call (each revocation its own record),
+/// up to [`SYNC_MOST`] (the rest are scheduled for the revokers, or, forced, refused):
 /// Vault's synchronous revocation by prefix. `force` (`revoke-force`) drops the leases the
 /// database refuses to revoke too. Stops at the first that cannot be revoked otherwise.
 fn revoke_each(db: &Databases, c: &Call, prefix: &str, force: bool) -> Result<(), ServiceError> {
@@ -234,8 +238,21 @@ fn revoke_each(db: &Databases, c: &Call, prefix: &str, force: bool) -> Result<()
     }
     let who = c.database_who();
     let mut start = String::new();
+    let mut done = 0usize;
     loop {
         let (page, next) = db.list(prefix, &start, MAX_PAGE, false)?;
+        if done >= SYNC_MOST && !page.is_empty() {
+            // Bounded: the rest go to the servers' revokers (at their rate), or, forced,
+            // to the caller's next call.
+            if force {
+                return Err(super::database::bad(format!(
+                    "revoke-force drops at most {SYNC_MOST} leases a call: {SYNC_MOST} were dropped, call again for the rest"
+                )));
+            }
+            db.revoke_prefix(c, prefix)?;
+            return Ok(());
+        }
+        done += page.len();
         for lease in &page {
             match db.revoke(c, who, &lease.id, force) {
                 Ok(_) | Err(DatabasesError::LeaseNotFound(_)) => {}
