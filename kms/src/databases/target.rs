@@ -426,7 +426,7 @@ fn tls(conn: &Connection) -> Result<Option<tokio_rustls::rustls::ClientConfig>, 
 }
 
 /// How many times a transaction that lost a race with another is run again.
-const RACE_RETRIES: u32 = 5;
+const RACE_RETRIES: u32 = 10;
 
 /// Whether `e` says the transaction lost a race with another and rolled back: a
 /// serialization failure, a deadlock, or PostgreSQL's "tuple concurrently updated" (two
@@ -438,11 +438,11 @@ fn lost_race(e: &tokio_postgres::Error) -> bool {
     })
 }
 
-/// 0 to 15 ms, so that racing retries spread out.
+/// 0 to 31 ms, so that racing retries spread out.
 fn jitter() -> u64 {
     let mut b = [0u8; 1];
     let _ = getrandom::fill(&mut b);
-    u64::from(b[0] % 16)
+    u64::from(b[0] % 32)
 }
 
 /// Whether a SQLSTATE says the database is not there for now (connection exceptions,
