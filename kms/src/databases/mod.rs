@@ -713,18 +713,8 @@ impl Databases {
         }
         let conn = self.connection(&lease.connection);
         let when = model::expiration(expires);
-        let statements: Vec<Zeroizing<String>> = if lease.renew.is_empty() {
-            model::DEFAULT_RENEW
-                .iter()
-                .map(|s| model::render(s, &lease.username, "", &when))
-                .collect()
-        } else {
-            lease
-                .renew
-                .iter()
-                .map(|s| model::render(s, &lease.username, "", &when))
-                .collect()
-        };
+        let statements =
+            model::rendered(&lease.renew, model::DEFAULT_RENEW, &lease.username, &when);
         let done = conn.and_then(|c| {
             self.targets
                 .execute(&c, &statements, target::Mode::Transaction, &[])
@@ -990,18 +980,12 @@ impl Databases {
     /// Runs `lease`'s revocation statements (or the default) on its connection.
     fn drop_login(&self, lease: &Lease) -> Result<(), DatabasesError> {
         let conn = self.connection(&lease.connection)?;
-        let statements: Vec<Zeroizing<String>> = if lease.revocation.is_empty() {
-            model::DEFAULT_REVOCATION
-                .iter()
-                .map(|s| model::render(s, &lease.username, "", ""))
-                .collect()
-        } else {
-            lease
-                .revocation
-                .iter()
-                .map(|s| model::render(s, &lease.username, "", ""))
-                .collect()
-        };
+        let statements = model::rendered(
+            &lease.revocation,
+            model::DEFAULT_REVOCATION,
+            &lease.username,
+            "",
+        );
         self.targets
             .execute(&conn, &statements, target::Mode::Each, &[])
     }

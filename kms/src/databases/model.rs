@@ -414,6 +414,27 @@ pub(crate) fn render(
     )
 }
 
+/// `given` (or, when there are none, `default`) with the login's `name` and `expiration`
+/// in place: what revokes or renews a login (no password in either).
+pub(crate) fn rendered(
+    given: &[String],
+    default: &[&str],
+    name: &str,
+    expiration: &str,
+) -> Vec<Zeroizing<String>> {
+    if given.is_empty() {
+        default
+            .iter()
+            .map(|s| render(s, name, "", expiration))
+            .collect()
+    } else {
+        given
+            .iter()
+            .map(|s| render(s, name, "", expiration))
+            .collect()
+    }
+}
+
 /// Checks statements an administrator gave: bounded in count and size, no NUL.
 pub(crate) fn check_statements(what: &str, list: &[String]) -> Result<(), DatabasesError> {
     if list.len() > MAX_STATEMENTS {

@@ -11,8 +11,6 @@
 //! log in with its password), and no lease names it. Each drop is recorded
 //! (`DropOrphanLogin`).
 
-use zeroize::Zeroizing;
-
 use super::model::{self, Role};
 use super::{Databases, DatabasesError, LOGINS, login_key, target};
 use crate::audit::DatabaseSummary;
@@ -164,17 +162,8 @@ impl Databases {
             {
                 continue;
             }
-            let statements: Vec<Zeroizing<String>> = if role.revocation.is_empty() {
-                model::DEFAULT_REVOCATION
-                    .iter()
-                    .map(|s| model::render(s, &login, "", ""))
-                    .collect()
-            } else {
-                role.revocation
-                    .iter()
-                    .map(|s| model::render(s, &login, "", ""))
-                    .collect()
-            };
+            let statements =
+                model::rendered(&role.revocation, model::DEFAULT_REVOCATION, &login, "");
             self.targets
                 .execute(&conn, &statements, target::Mode::Each, &[])?;
             tracing::warn!(connection = %conn.name, role = %role.name, username = %login, "a login no lease names was dropped (reconcile)");
