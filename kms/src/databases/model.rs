@@ -59,6 +59,9 @@ pub(crate) const NAME_PART_LEN: usize = 16;
 /// The most statements of one kind, and the longest statement.
 const MAX_STATEMENTS: usize = 64;
 const MAX_STATEMENT: usize = 16 * 1024;
+/// The most bytes of statements of one kind in all (a lease keeps its role's revocation
+/// and renewal statements).
+const MAX_STATEMENTS_BYTES: usize = 64 * 1024;
 /// The longest connection URL, root login name and CA bundle.
 const MAX_URL: usize = 2048;
 const MAX_ROOT_NAME: usize = 63;
@@ -448,6 +451,12 @@ pub(crate) fn check_statements(what: &str, list: &[String]) -> Result<(), Databa
                 "{what}: each statement is 1 to {MAX_STATEMENT} bytes, without NUL"
             )));
         }
+    }
+    // Every lease keeps its revocation and renewal statements: bounded in all.
+    if list.iter().map(String::len).sum::<usize>() > MAX_STATEMENTS_BYTES {
+        return Err(DatabasesError::BadRequest(format!(
+            "{what}: at most {MAX_STATEMENTS_BYTES} bytes in all"
+        )));
     }
     Ok(())
 }

@@ -242,6 +242,7 @@ impl Targets {
     pub(crate) fn forget(&self, name: &str) {
         if let Ok(mut pools) = self.pools.lock() {
             pools.remove(name);
+            pools.remove(&format!("{name}\u{0}pending"));
         }
     }
 
