@@ -623,12 +623,16 @@ impl Databases {
             );
             return Err(e);
         }
-        if let Err(e) = journal.commit(summary_of(&lease), Vec::new(), Vec::new()) {
+        // The record, and the due entry the revoker's from now on, in one commit.
+        let released = Write {
+            table: DUE,
+            key: due_key(lease.due, &lease.connection, &lease.id),
+            value: Vec::new(),
+        };
+        if let Err(e) = journal.commit(summary_of(&lease), vec![released], Vec::new()) {
             self.abandon(&lease, false);
             return Err(e);
         }
-        // The revoker's from now on (a claim not released lapses by itself).
-        self.release(&due_key(lease.due, &lease.connection, &lease.id));
         Ok(Issued { lease, password })
     }
 
