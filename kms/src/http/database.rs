@@ -841,7 +841,23 @@ mod tests {
         assert_eq!(ok("GET", &["nothing"], false), Err(404));
         assert_eq!(ok("GET", &["config", "a", "b"], false), Err(404));
         assert_eq!(ok("POST", &["reset", "pg"], false), Err(400));
-        assert_eq!(ok("POST", &["static-roles", "x"], false), Err(400));
+        assert_eq!(
+            ok("POST", &["static-roles", "x"], false),
+            Ok((Op::PutDatabaseStaticRole, "x".into()))
+        );
+        assert_eq!(
+            ok("GET", &["static-roles"], true),
+            Ok((Op::ListDatabaseStaticRoles, String::new()))
+        );
+        assert_eq!(
+            ok("GET", &["static-creds", "x"], false),
+            Ok((Op::GetDatabaseStaticCredentials, "x".into()))
+        );
+        assert_eq!(
+            ok("POST", &["rotate-role", "x"], false),
+            Ok((Op::RotateDatabaseStaticRole, "x".into()))
+        );
+        assert_eq!(ok("GET", &["rotate-role", "x"], false), Err(405));
     }
 
     #[test]
