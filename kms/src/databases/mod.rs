@@ -994,15 +994,29 @@ impl Databases {
             .execute(&conn, &statements, target::Mode::Each, &[])
     }
 
+    /// Holds the claims still, until the guards drop: against this server's other threads
+    /// (a mutex) and every server sharing the store (its change lock).
+    fn lock_claims(
+        &self,
+    ) -> Result<
+        (
+            std::sync::MutexGuard<'_, ()>,
+            Option<crate::store::ChangeLock>,
+        ),
+        DatabasesError,
+    > {
+        let local = self
+            .claims
+            .lock()
+            .map_err(|_| DatabasesError::Internal("claims"))?;
+        Ok((local, self.store.lock_changes()?))
+    }
+
     /// Claims the due entry `key` for this server: false when another holds it (or it is
     /// gone). A claim that is stale, or further ahead than a claim may be (written by
     /// someone other than a server), is taken over.
     fn claim(&self, key: &str, t: u64) -> Result<bool, DatabasesError> {
-        let _local = self
-            .claims
-            .lock()
-            .map_err(|_| DatabasesError::Internal("claims"))?;
-        let _shared = self.store.lock_changes()?;
+        let _held = self.lock_claims()?;
         match self.store.get(DUE, key)? {
             None => Ok(false),
             Some(v) if revoker::held_by_other(&v, &self.node, t) => Ok(false),

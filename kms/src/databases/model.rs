@@ -461,6 +461,15 @@ pub(crate) fn check_statements(what: &str, list: &[String]) -> Result<(), Databa
     Ok(())
 }
 
+/// Principal patterns an administrator gave (a role's or a static role's `principals`).
+pub(crate) fn principals(list: &[String]) -> Result<Vec<Pattern>, DatabasesError> {
+    list.iter()
+        .map(|s| {
+            Pattern::new(s).map_err(|e| DatabasesError::BadRequest(format!("principals: {e}")))
+        })
+        .collect()
+}
+
 /// Whether a connection's `allowed_roles` lets `role` use it: a name, a prefix followed
 /// by `*`, or `*` (every role).
 pub(crate) fn role_allowed(allowed: &[String], role: &str) -> bool {

@@ -86,7 +86,12 @@ pub(super) fn held_by_other(value: &[u8], node: &str, t: u64) -> bool {
     else {
         return false;
     };
-    let until: u64 = until.parse().unwrap_or(0);
+    claimed_by_other(owner, until.parse().unwrap_or(0), node, t)
+}
+
+/// Whether a claim of `owner` until `until` is a live claim of a server other than `node`
+/// at `t` (as [`held_by_other`] reads one).
+pub(super) fn claimed_by_other(owner: &str, until: u64, node: &str, t: u64) -> bool {
     owner != node && until > t && until <= t.saturating_add(2 * CLAIM_TTL)
 }
 
@@ -226,11 +231,7 @@ impl Databases {
     /// Claims up to [`BATCH`] due entries not claimed by another server, of connections
     /// not `down`: their keys and connections.
     fn claim_due(&self, t: u64, down: &Down) -> Result<Vec<(String, String)>, DatabasesError> {
-        let _local = self
-            .claims
-            .lock()
-            .map_err(|_| DatabasesError::Internal("claims"))?;
-        let _shared = self.store.lock_changes()?;
+        let _held = self.lock_claims()?;
         let mut claimed = Vec::new();
         let mut writes = Vec::new();
         let mut from = String::new();
@@ -324,11 +325,7 @@ impl Databases {
     /// Renews this server's claim on `key` for another [`CLAIM_TTL`]: false when it is no
     /// longer this server's (it lapsed and another took it, or the entry is gone).
     fn reclaim(&self, key: &str) -> Result<bool, DatabasesError> {
-        let _local = self
-            .claims
-            .lock()
-            .map_err(|_| DatabasesError::Internal("claims"))?;
-        let _shared = self.store.lock_changes()?;
+        let _held = self.lock_claims()?;
         match self.store.get(DUE, key)? {
             Some(v) if held_by(&v, &self.node) => {
                 self.store

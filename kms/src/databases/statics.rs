@@ -253,14 +253,10 @@ impl Databases {
     /// and makes it current. `now_asked`: an administrator's call, whatever the schedule.
     fn rotate(&self, name: &str, t: u64, now_asked: bool) -> Result<StaticRole, DatabasesError> {
         let mut role = {
-            let _local = self
-                .claims
-                .lock()
-                .map_err(|_| DatabasesError::Internal("claims"))?;
-            let _shared = self.store.lock_changes()?;
+            let _held = self.lock_claims()?;
             let mut role = self.static_role(name)?;
-            let claimed = role.claim.as_ref().is_some_and(|(node, until)| {
-                node != &self.node && *until > t && *until <= t.saturating_add(2 * super::CLAIM_TTL)
+            let claimed = role.claim.as_ref().is_some_and(|(owner, until)| {
+                super::revoker::claimed_by_other(owner, *until, &self.node, t)
             });
             if claimed || (!now_asked && role.next_rotation > t) {
                 return Err(DatabasesError::Busy(name.to_owned()));
@@ -285,11 +281,7 @@ impl Databases {
         // The outcome goes on the record as it is now, under the lock: what an
         // administrator changed meanwhile stays, and a static role removed meanwhile is not
         // brought back.
-        let _local = self
-            .claims
-            .lock()
-            .map_err(|_| DatabasesError::Internal("claims"))?;
-        let _shared = self.store.lock_changes()?;
+        let _held = self.lock_claims()?;
         role = self
             .read::<StaticRole>(STATIC_ROLES, STATIC_ROLE, name)?
             .ok_or_else(|| DatabasesError::RoleNotFound(name.to_owned()))?;

@@ -81,7 +81,7 @@ pub(crate) fn role_of(p: pb::DatabaseRole) -> Result<Role, DatabasesError> {
         max_ttl: p.max_ttl_seconds,
         username_template: p.username_template,
         password_length: p.password_length,
-        principals: patterns(&p.principals)?,
+        principals: model::principals(&p.principals)?,
         created_ms: 0,
         created_by: String::new(),
     })
@@ -146,7 +146,7 @@ pub(crate) fn static_role_of(p: pb::DatabaseStaticRole) -> Result<StaticRole, Da
         period: p.rotation_period_seconds,
         rotation: p.rotation_statements,
         password_length: p.password_length,
-        principals: patterns(&p.principals)?,
+        principals: model::principals(&p.principals)?,
         password: Secret::default(),
         pending: None,
         last_rotated: 0,
@@ -157,16 +157,6 @@ pub(crate) fn static_role_of(p: pb::DatabaseStaticRole) -> Result<StaticRole, Da
         created_ms: 0,
         created_by: String::new(),
     })
-}
-
-/// Principal patterns from the API's.
-fn patterns(list: &[String]) -> Result<Vec<crate::policy::Pattern>, DatabasesError> {
-    list.iter()
-        .map(|s| {
-            crate::policy::Pattern::new(s)
-                .map_err(|e| DatabasesError::BadRequest(format!("principals: {e}")))
-        })
-        .collect()
 }
 
 impl DatabasesService {

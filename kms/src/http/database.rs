@@ -714,10 +714,7 @@ fn write_role(db: &Databases, c: &Call, name: &str, p: &mut Params) -> Handled {
         .or(old.as_ref().map(|o| o.max_ttl))
         .unwrap_or(0);
     let principals = match comma_list(p, "principals")? {
-        Some(list) => list
-            .iter()
-            .map(|s| crate::policy::Pattern::new(s).map_err(|e| bad(format!("principals: {e}"))))
-            .collect::<Result<Vec<_>, _>>()?,
+        Some(list) => crate::databases::model::principals(&list)?,
         None => old
             .as_ref()
             .map(|o| o.principals.clone())

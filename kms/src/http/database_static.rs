@@ -20,14 +20,7 @@ use crate::service::Call;
 
 /// A time in Unix seconds as RFC 3339, as Vault writes `last_vault_rotation`.
 fn rfc3339(secs: u64) -> String {
-    i64::try_from(secs)
-        .ok()
-        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
+    super::vault::rfc3339(secs.saturating_mul(1000), false)
 }
 
 /// `POST static-roles/:name`: creates a static role (its login's password set at once), or
@@ -83,10 +76,7 @@ pub(crate) fn write(db: &Databases, c: &Call, name: &str, p: &mut Params) -> Han
         .or(old.as_ref().map(|o| o.password_length))
         .unwrap_or(0);
     let principals = match comma_list(p, "principals")? {
-        Some(list) => list
-            .iter()
-            .map(|s| crate::policy::Pattern::new(s).map_err(|e| bad(format!("principals: {e}"))))
-            .collect::<Result<Vec<_>, _>>()?,
+        Some(list) => crate::databases::model::principals(&list)?,
         None => old
             .as_ref()
             .map(|o| o.principals.clone())
