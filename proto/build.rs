@@ -36,7 +36,14 @@ const REDACTED: &[&str] = &[
     "kms.v1.PutDatabaseConnectionRequest",
     "kms.v1.GetDatabaseCredentialsResponse",
     "kms.v1.GetDatabaseStaticCredentialsResponse",
+    // The Kubernetes KMS v2 plugin's messages: the apiserver's data-encryption-key seeds.
+    "v2.EncryptRequest",
+    "v2.DecryptResponse",
 ];
+
+/// kube-apiserver's KMS v2 plugin API, as published in k8s.io/kms (`apis/v2/api.proto`),
+/// copied unchanged: package, names and field numbers are the apiserver's client's.
+const KUBERNETES_KMS: &str = "k8s/kms/apis/v2/api.proto";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
@@ -48,7 +55,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "kms/v1/credentials.proto",
         "kms/v1/databases.proto",
     ];
-    for p in protos {
+    for p in protos.iter().chain([&KUBERNETES_KMS]) {
         println!("cargo:rerun-if-changed={p}");
     }
     let fds = protox::compile(protos, ["."])?;
@@ -64,5 +71,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .btree_map(".")
         .skip_debug(REDACTED)
         .compile_fds(fds)?;
+    // Apart from ours: no reflection for it (the socket serves the apiserver only).
+    tonic_prost_build::configure()
+        .btree_map(".")
+        .skip_debug(REDACTED)
+        .compile_fds(protox::compile([KUBERNETES_KMS], ["."])?)?;
     Ok(())
 }

@@ -58,6 +58,9 @@ pub(crate) struct ConfigFile {
     /// The `[http]` table (`crate::http::config`).
     #[serde(default)]
     pub http: crate::http::config::HttpConfig,
+    /// The `[kubernetes_kms]` table (`crate::kubernetes::config`).
+    #[serde(default)]
+    pub kubernetes_kms: crate::kubernetes::config::KubernetesConfig,
 }
 
 /// `[metrics]`: the Prometheus endpoint.
@@ -166,6 +169,8 @@ pub struct Config {
     pub limits: crate::access::limiter::Limits,
     /// `[http]`: the Vault-compatible HTTPS front, if on.
     pub http: Option<crate::http::config::HttpSettings>,
+    /// `[kubernetes_kms]`: the Kubernetes KMS v2 plugin's socket, if on.
+    pub kubernetes: Option<crate::kubernetes::KubernetesSettings>,
 }
 
 impl Config {
@@ -210,6 +215,7 @@ impl Config {
             .transpose()?;
         let (keyring, maintenance_interval) = file.keyring.validate()?;
         let http = file.http.validate(tls.is_some())?;
+        let kubernetes = file.kubernetes_kms.validate(base)?;
         Ok(Self {
             listen,
             storage: file.storage.validate(base)?,
@@ -230,6 +236,7 @@ impl Config {
             unseal_limit,
             limits,
             http,
+            kubernetes,
         })
     }
 }

@@ -55,6 +55,7 @@ mod grpc;
 pub mod hsm;
 mod http;
 pub mod keyring;
+pub mod kubernetes;
 mod metrics;
 mod node;
 pub mod policy;

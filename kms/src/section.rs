@@ -109,6 +109,9 @@ pub enum ConfigError {
     /// An `[http]` value is out of range or not one of its choices.
     #[error("http.{0}")]
     BadHttp(&'static str),
+    /// A `[kubernetes_kms]` value is missing or not one.
+    #[error("kubernetes_kms.{0}")]
+    BadKubernetes(String),
 }
 
 /// `path`, or `base/path` when it is relative.

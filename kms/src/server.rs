@@ -68,6 +68,9 @@ pub enum StartError {
         "the store holds an interrupted restore (kms backup restore did not finish): empty it (a new redb file, or drop the database's kms_* tables) and restore again"
     )]
     RestoreInterrupted,
+    /// The Kubernetes KMS plugin's socket could not be made.
+    #[error(transparent)]
+    Kubernetes(#[from] crate::kubernetes::SocketError),
     /// The caller's step between binding and serving failed (`kms dev`'s bootstrap).
     #[error(transparent)]
     Ready(Box<dyn std::error::Error + Send + Sync>),
@@ -125,6 +128,11 @@ pub fn run(config: Config, ready: Option<Ready>) -> Result<(), StartError> {
             }
             _ => None,
         };
+        let kubernetes = opened
+            .kubernetes
+            .as_ref()
+            .map(crate::kubernetes::bind)
+            .transpose()?;
         if let Some(ready) = ready {
             let bound = Bound {
                 grpc: listener.local_addr().map_err(|source| StartError::Bind {
@@ -139,7 +147,7 @@ pub fn run(config: Config, ready: Option<Ready>) -> Result<(), StartError> {
                 .map_err(|_| StartError::Ready("a start-up task panicked".into()))?
                 .map_err(StartError::Ready)?;
         }
-        serve(listener, http, metrics, opened, stop).await
+        serve(listener, http, kubernetes, metrics, opened, stop).await
     });
     drop(rt);
     served
@@ -174,6 +182,8 @@ pub struct Opened {
     pub store_path: Option<std::path::PathBuf>,
     /// `[http]`: the Vault-compatible HTTPS front, if on.
     pub http: Option<crate::http::config::HttpSettings>,
+    /// `[kubernetes_kms]`: the Kubernetes KMS v2 plugin, if on.
+    pub kubernetes: Option<crate::kubernetes::KubernetesSettings>,
 }
 
 /// Loads the TLS files, opens the HSM, the store, the audit log and the seal manager.
@@ -238,6 +248,7 @@ pub fn open(config: &Config) -> Result<Opened, StartError> {
         retention: config.retention.clone(),
         store_path: config.storage.file().map(std::path::Path::to_owned),
         http: config.http.clone(),
+        kubernetes: config.kubernetes.clone(),
     })
 }
 
@@ -280,9 +291,10 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 /// destruction time has come, every `maintenance_interval`. The TLS files are reloaded on
 /// SIGHUP and when they change. Beside the API: the standard health service (the server
 /// `SERVING`; `kms.v1.KeyManagement` `SERVING` only while unsealed) and server reflection.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     http: Option<TcpListener>,
+    kubernetes: Option<crate::kubernetes::Socket>,
     metrics: Option<TcpListener>,
     opened: Opened,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -338,6 +350,15 @@ pub async fn serve(
         }
         _ => None,
     };
+    let kubernetes = match (kubernetes, &opened.kubernetes) {
+        (Some(socket), Some(settings)) => Some(tokio::spawn(crate::kubernetes::serve(
+            socket,
+            ctx.clone(),
+            settings.key.clone(),
+            stopped(stop_rx.clone()),
+        ))),
+        _ => None,
+    };
     let incoming = crate::access::tls::incoming(
         listener,
         opened.tls.clone(),
@@ -386,6 +407,11 @@ pub async fn serve(
         // It stops with the gRPC server (the same signal); what it has in flight is cut.
         http.abort();
         let _ = http.await;
+    }
+    if let Some(kubernetes) = kubernetes {
+        // Stopping with the gRPC server; its socket file is removed as it ends.
+        kubernetes.abort();
+        let _ = kubernetes.await;
     }
     background.stop().await;
     // The calls counted since the last summary are recorded before the log stops.

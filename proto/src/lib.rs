@@ -197,6 +197,44 @@ pub mod v1 {
     }
 }
 
+/// kube-apiserver's KMS v2 plugin API (package `v2`, `k8s.io/kms/apis/v2/api.proto`, copied
+/// unchanged under `k8s/`): what kms serves on the Kubernetes plugin's unix socket.
+pub mod kubernetes {
+    /// The apiserver's package `v2`.
+    pub mod v2 {
+        #![allow(
+            missing_docs,
+            clippy::all,
+            clippy::unwrap_used,
+            clippy::indexing_slicing
+        )]
+        tonic::include_proto!("v2");
+
+        impl core::fmt::Debug for EncryptRequest {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                f.debug_struct("EncryptRequest")
+                    .field("uid", &self.uid)
+                    .field(
+                        "plaintext",
+                        &format_args!("<{} bytes redacted>", self.plaintext.len()),
+                    )
+                    .finish()
+            }
+        }
+
+        impl core::fmt::Debug for DecryptResponse {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                f.debug_struct("DecryptResponse")
+                    .field(
+                        "plaintext",
+                        &format_args!("<{} bytes redacted>", self.plaintext.len()),
+                    )
+                    .finish()
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::v1::{
@@ -320,5 +358,26 @@ mod secret_tests {
             assert!(!s.contains("SECRETVALUE") && !s.contains("api-key"), "{s}");
             assert!(s.contains("<1 values redacted>"), "{s}");
         }
+    }
+}
+
+#[cfg(test)]
+mod kubernetes_tests {
+    use super::kubernetes::v2;
+
+    #[test]
+    fn the_apiserver_seeds_never_print() {
+        let request = v2::EncryptRequest {
+            plaintext: b"SECRETSEED".to_vec(),
+            uid: "u-1".into(),
+        };
+        let response = v2::DecryptResponse {
+            plaintext: b"SECRETSEED".to_vec(),
+        };
+        let printed = format!("{request:?} {response:?}");
+        assert!(!printed.contains("SECRETSEED"), "{printed}");
+        assert!(!printed.contains("83, 69, 67"), "{printed}");
+        assert!(printed.contains("<10 bytes redacted>"), "{printed}");
+        assert!(printed.contains("u-1"), "{printed}");
     }
 }

@@ -81,7 +81,7 @@ pub(crate) fn op_of(service: &str, method: &str) -> Option<Op> {
         .iter()
         .copied()
         .find(|op| op.group().record_name() == service && op.name() == method)
-        .filter(|op| *op != Op::UnsealReset && !op.http_only())
+        .filter(|op| *op != Op::UnsealReset && !op.grpc_has_none())
 }
 
 /// The rule of a gRPC method ([`Op::need`]); anything that is not one of the operations

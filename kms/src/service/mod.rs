@@ -56,6 +56,8 @@ pub(crate) enum Front {
     Grpc,
     /// The Vault-compatible HTTPS API.
     Http,
+    /// The Kubernetes KMS v2 plugin's unix socket.
+    Kubernetes,
 }
 
 impl Front {
@@ -65,6 +67,7 @@ impl Front {
         match self {
             Self::Grpc => None,
             Self::Http => Some("http"),
+            Self::Kubernetes => Some("kubernetes"),
         }
     }
 }

@@ -90,7 +90,7 @@ ops! {
         UpdateKey, EnableKeyVersion, DisableKeyVersion, ScheduleKeyVersionDestruction,
         CancelKeyVersionDestruction, Encrypt, Decrypt, ReEncrypt, GenerateDataKey,
         GenerateDataKeyWithoutPlaintext, Sign, Verify, GetPublicKey, AsymmetricDecrypt, Mac,
-        VerifyMac, BatchEncrypt, BatchDecrypt, BatchSign, BatchReEncrypt, Random, Hash,
+        VerifyMac, BatchEncrypt, BatchDecrypt, BatchSign, BatchReEncrypt, Random, Hash, CheckKey,
     }
     Audit { ExportAuditLog, KeyUsageReport, VerifyAuditLog }
     Access { WhoAmI, CreateGrant, RevokeGrant, ListGrants, CertLogin, LookupSelf }
@@ -131,7 +131,9 @@ impl Op {
             Op::ExportAuditLog | Op::KeyUsageReport | Op::VerifyAuditLog => {
                 Need::Role(Role::Auditor)
             }
-            Op::Encrypt | Op::BatchEncrypt => Need::Grant(O::Encrypt),
+            // CheckKey (the Kubernetes plugin's Status) says whether the key encrypts and
+            // names its primary version: for those who may encrypt with it.
+            Op::Encrypt | Op::BatchEncrypt | Op::CheckKey => Need::Grant(O::Encrypt),
             Op::Decrypt | Op::BatchDecrypt | Op::AsymmetricDecrypt => Need::Grant(O::Decrypt),
             // And ReencryptTo on the destination ([`Operation::on_destination`]).
             Op::ReEncrypt | Op::BatchReEncrypt => Need::Grant(O::ReencryptFrom),
@@ -218,9 +220,13 @@ impl Op {
         }
     }
 
-    /// Whether only the HTTPS front serves the operation (no gRPC method is it).
-    pub(crate) fn http_only(self) -> bool {
-        matches!(self, Op::Random | Op::Hash | Op::CertLogin | Op::LookupSelf)
+    /// Whether no method of our gRPC API is the operation (only another front serves it:
+    /// the HTTPS front, or the Kubernetes plugin's socket).
+    pub(crate) fn grpc_has_none(self) -> bool {
+        matches!(
+            self,
+            Op::Random | Op::Hash | Op::CertLogin | Op::LookupSelf | Op::CheckKey
+        )
     }
 
     /// Whether the operation hands out shares once: an answer cut off by the caller's
@@ -278,6 +284,8 @@ mod tests {
             Need::Grant(Operation::GenerateDataKey)
         );
         assert_eq!(Op::BatchSign.need(), Need::Grant(Operation::Sign));
+        assert_eq!(Op::CheckKey.need(), Need::Grant(Operation::Encrypt));
+        assert!(Op::CheckKey.grpc_has_none());
         assert_eq!(
             Op::BatchReEncrypt.need(),
             Need::Grant(Operation::ReencryptFrom)

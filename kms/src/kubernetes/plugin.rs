@@ -1,0 +1,379 @@
+//! The apiserver's three calls (`v2.KeyManagementService`), each a service-layer call on
+//! the configured key: `Status` is [`Op::CheckKey`], `Encrypt` and `Decrypt` are the
+//! keyring's, with the grants, the audit record (the apiserver's `uid` as its request id)
+//! and the error mapping of every other front.
+//!
+//! The apiserver's rules (k8s.io/apiserver, `kmsv2`): a `key_id` and a ciphertext are at
+//! most 1 KiB and never empty; annotation keys are fully qualified domain names, keys and
+//! values at most 32 KiB in all. kms's answers keep them (no annotations at all), and a
+//! request that breaks them is refused `INVALID_ARGUMENT`.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use kms_proto::kubernetes::v2 as pb;
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use crate::access::Identity;
+use crate::keyring::{Keyring, KeyringError};
+use crate::service::{Aad, Call, Caller, ErrorKind, Front, Idempotency, Meta, Op, Served, Service};
+
+/// The API version `Status` answers.
+const VERSION: &str = "v2";
+
+/// The longest `key_id` and ciphertext the apiserver stores.
+pub(crate) const MAX_KEY_ID: usize = 1024;
+
+/// See [`MAX_KEY_ID`].
+pub(crate) const MAX_CIPHERTEXT: usize = 1024;
+
+/// The longest plaintext whose ciphertext fits [`MAX_CIPHERTEXT`] (the apiserver sends a
+/// 32-byte seed).
+pub(crate) const MAX_PLAINTEXT: usize = MAX_CIPHERTEXT - crate::keyring::ciphertext::OVERHEAD;
+
+// The apiserver's seeds and data keys are 32 bytes.
+const _: () = assert!(MAX_PLAINTEXT >= 32);
+
+/// The most bytes of annotations (keys and values) the apiserver stores.
+const MAX_ANNOTATIONS: usize = 32 * 1024;
+
+/// How long a passed key check answers `Status` before the key is tried again.
+pub(crate) const CHECK_FOR: Duration = Duration::from_secs(5);
+
+/// What the plugin's key `key_id`s begin with: `kms:NAME:vVERSION`.
+const KEY_ID_PREFIX: &str = "kms:";
+
+/// The plugin: the service, the key it encrypts with, and its last passed key check.
+#[derive(Debug)]
+pub(crate) struct Plugin {
+    service: Service,
+    key: String,
+    checked: Arc<Mutex<Option<Checked>>>,
+}
+
+/// A key check that passed: on which keyring (a reseal makes a new one), which version,
+/// when.
+#[derive(Debug)]
+struct Checked {
+    keyring: Weak<Keyring>,
+    version: u32,
+    at: Instant,
+}
+
+impl Plugin {
+    pub(crate) fn new(service: Service, key: String) -> Self {
+        Self {
+            service,
+            key,
+            checked: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// A call of `op` by the process at the other end of the socket.
+    fn call<T: prost::Message>(&self, req: &Request<T>, op: Op, uid: &str) -> Call {
+        let cred = req
+            .extensions()
+            .get::<tonic::transport::server::UdsConnectInfo>()
+            .and_then(|i| i.peer_cred);
+        Call::new(
+            &self.service,
+            Caller {
+                identity: Arc::new(identity(cred.map(|c| c.uid()))),
+                peer: None,
+                front: Front::Kubernetes,
+            },
+            op,
+            Meta {
+                request_id: crate::service::request_id(Some(uid)),
+                input_bytes: req.get_ref().encoded_len() as u64,
+                idempotency: Idempotency::None,
+                answer_of: None,
+                deadline: crate::grpc::deadline::of(&req.metadata().clone().into_headers()),
+                recorded: None,
+                counted: false,
+            },
+        )
+    }
+}
+
+/// Who a process is, by the user id the kernel gave for it (`SO_PEERCRED`): `unix:uid=N`.
+/// Without one (never on Linux) it is `unix:unknown`, whom no grant can name.
+pub(crate) fn identity(uid: Option<u32>) -> Identity {
+    Identity {
+        principal: uid.map_or_else(|| "unix:unknown".to_owned(), |u| format!("unix:uid={u}")),
+        authenticated: uid.is_some(),
+        tls: false,
+        not_after: None,
+    }
+}
+
+/// The `key_id` of a key version.
+pub(crate) fn key_id(key: &str, version: u32) -> String {
+    format!("{KEY_ID_PREFIX}{key}:v{version}")
+}
+
+/// The key and version a `key_id` names, if kms gave it.
+pub(crate) fn parse_key_id(key_id: &str) -> Option<(&str, u32)> {
+    if key_id.len() > MAX_KEY_ID {
+        return None;
+    }
+    let rest = key_id.strip_prefix(KEY_ID_PREFIX)?;
+    let (key, version) = rest.rsplit_once(":v")?;
+    crate::keyring::model::check_name(key).ok()?;
+    if version.is_empty() || !version.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((key, version.parse().ok().filter(|v| *v > 0)?))
+}
+
+/// Whether `s` is a fully qualified domain name as the apiserver checks annotation keys
+/// (`IsFullyQualifiedDomainName`): two labels or more, each a lowercase RFC 1123 label,
+/// 253 bytes at most.
+pub(crate) fn is_fqdn(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    let label = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    s.len() <= 253 && s.split('.').count() >= 2 && s.split('.').all(label)
+}
+
+/// The request's annotations, checked against the apiserver's rules (kms gives none, so
+/// any there came from elsewhere: they are read by no one, but must be what the apiserver
+/// could have stored).
+fn check_annotations(
+    annotations: &std::collections::BTreeMap<String, Vec<u8>>,
+) -> Result<(), KeyringError> {
+    if annotations.keys().any(|k| !is_fqdn(k)) {
+        return Err(KeyringError::BadRequest(
+            "annotations: a key is not a fully qualified domain name",
+        ));
+    }
+    let size: usize = annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > MAX_ANNOTATIONS {
+        return Err(KeyringError::BadRequest(
+            "annotations: more than 32 KiB of keys and values",
+        ));
+    }
+    Ok(())
+}
+
+impl Aad for pb::EncryptRequest {}
+impl Aad for pb::DecryptRequest {}
+
+#[tonic::async_trait]
+impl pb::key_management_service_server::KeyManagementService for Plugin {
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let call = self.call(&request, Op::CheckKey, "").key(&self.key);
+        let current = self.service.seal.keyring().ok();
+        let checked = Arc::clone(&self.checked);
+        let key = self.key.clone();
+        let answer = crate::service::with_keyring(&self.service, call, (), move |k, _, ()| {
+            let version = check(k, current.as_ref(), &key, &checked)?;
+            Ok(Served::new(pb::StatusResponse {
+                version: VERSION.to_owned(),
+                healthz: "ok".to_owned(),
+                key_id: key_id(&key, version),
+            })
+            .version(version))
+        })
+        .await;
+        match &answer.result {
+            // The apiserver shows `healthz` on its own health endpoint: the reason kms is
+            // not serving, for its operators. A caller refused the key learns nothing.
+            Err(r)
+                if !matches!(
+                    r.kind,
+                    ErrorKind::PermissionDenied
+                        | ErrorKind::Unauthenticated
+                        | ErrorKind::InvalidArgument
+                ) =>
+            {
+                Ok(Response::new(pb::StatusResponse {
+                    version: VERSION.to_owned(),
+                    healthz: format!("{}: {}", r.reason, r.message),
+                    key_id: String::new(),
+                }))
+            }
+            _ => crate::grpc::respond(answer),
+        }
+    }
+
+    async fn encrypt(
+        &self,
+        request: Request<pb::EncryptRequest>,
+    ) -> Result<Response<pb::EncryptResponse>, Status> {
+        let uid = request.get_ref().uid.clone();
+        let call = self.call(&request, Op::Encrypt, &uid).key(&self.key);
+        let key = self.key.clone();
+        let r = request.into_inner();
+        crate::grpc::respond(
+            crate::service::with_keyring(&self.service, call, r, move |k, _, mut r| {
+                let plaintext = Zeroizing::new(std::mem::take(&mut r.plaintext));
+                if plaintext.len() > MAX_PLAINTEXT {
+                    return Err(KeyringError::BadRequest(
+                        "plaintext: too long for a ciphertext the apiserver stores (1 KiB)",
+                    ));
+                }
+                let (ciphertext, version) = k.encrypt(&key, &plaintext, &[])?;
+                Ok(Served::new(pb::EncryptResponse {
+                    ciphertext,
+                    key_id: key_id(&key, version),
+                    annotations: Default::default(),
+                })
+                .version(version))
+            })
+            .await,
+        )
+    }
+
+    async fn decrypt(
+        &self,
+        request: Request<pb::DecryptRequest>,
+    ) -> Result<Response<pb::DecryptResponse>, Status> {
+        let r = request.get_ref();
+        // The key the ciphertext was made with, as its key_id says: the configured key
+        // may have changed since (the grant on that key is checked all the same).
+        let named = parse_key_id(&r.key_id);
+        let key = named.map_or_else(|| self.key.clone(), |(k, _)| k.to_owned());
+        let uid = r.uid.clone();
+        let call = self.call(&request, Op::Decrypt, &uid).key(&key);
+        let r = request.into_inner();
+        crate::grpc::respond(
+            crate::service::with_keyring(&self.service, call, r, move |k, _, r| {
+                let Some((_, version)) = parse_key_id(&r.key_id) else {
+                    return Err(KeyringError::BadRequest(
+                        "key_id: not one kms gave (kms:KEY:vVERSION, at most 1 KiB)",
+                    ));
+                };
+                if r.ciphertext.is_empty() || r.ciphertext.len() > MAX_CIPHERTEXT {
+                    return Err(KeyringError::BadRequest(
+                        "ciphertext: 1 byte to 1 KiB, as the apiserver stores it",
+                    ));
+                }
+                check_annotations(&r.annotations)?;
+                let (plaintext, made_with) = k.decrypt(&key, &r.ciphertext, &[])?;
+                // A ciphertext of another version than its key_id says was not made as
+                // the apiserver stored it.
+                if made_with != version {
+                    return Err(KeyringError::DecryptionFailed);
+                }
+                Ok(Served::new(pb::DecryptResponse {
+                    plaintext: plaintext.to_vec(),
+                })
+                .version(made_with))
+            })
+            .await,
+        )
+    }
+}
+
+/// The key's primary version, once a round trip through it worked: encrypts random bytes
+/// and decrypts them, at most once every [`CHECK_FOR`] on one keyring (a check that
+/// failed is tried again at the next call).
+fn check(
+    k: &Keyring,
+    current: Option<&Arc<Keyring>>,
+    key: &str,
+    checked: &Mutex<Option<Checked>>,
+) -> Result<u32, KeyringError> {
+    let primary = k.get_key(key)?.primary;
+    let same_keyring = |w: &Weak<Keyring>| w.upgrade().is_some_and(|c| std::ptr::eq(&*c, k));
+    if let Ok(last) = checked.lock()
+        && let Some(c) = last.as_ref()
+        && c.version == primary
+        && c.at.elapsed() < CHECK_FOR
+        && same_keyring(&c.keyring)
+    {
+        return Ok(primary);
+    }
+    let mut probe = Zeroizing::new([0u8; 32]);
+    getrandom::fill(probe.as_mut_slice()).map_err(|_| KeyringError::Randomness)?;
+    let (ciphertext, version) = k.encrypt(key, probe.as_slice(), b"kms kubernetes key check")?;
+    let (back, _) = k.decrypt(key, &ciphertext, b"kms kubernetes key check")?;
+    if back.as_slice() != probe.as_slice() {
+        return Err(KeyringError::Internal(
+            "the key check's round trip did not give back what it encrypted",
+        ));
+    }
+    if let (Ok(mut last), Some(current)) = (checked.lock(), current) {
+        *last = Some(Checked {
+            keyring: Arc::downgrade(current),
+            version,
+            at: Instant::now(),
+        });
+    }
+    Ok(version)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_ids_name_the_key_and_version_and_nothing_else_parses() {
+        assert_eq!(key_id("k8s-secrets", 3), "kms:k8s-secrets:v3");
+        assert_eq!(parse_key_id("kms:k8s-secrets:v3"), Some(("k8s-secrets", 3)));
+        assert_eq!(parse_key_id("kms:a.b_c-d:v12"), Some(("a.b_c-d", 12)));
+        for bad in [
+            "",
+            "kms:",
+            "kms:k:v",
+            "kms:k:v0",
+            "kms:k:v-1",
+            "kms:k:v1x",
+            "kms::v1",
+            "kms:a b:v1",
+            "vault:k:v1",
+            "kms:k:v99999999999",
+        ] {
+            assert_eq!(parse_key_id(bad), None, "{bad}");
+        }
+        let long = key_id(&"k".repeat(128), u32::MAX);
+        assert!(long.len() <= MAX_KEY_ID);
+    }
+
+    #[test]
+    fn annotation_keys_are_fully_qualified_names_within_32_kib() {
+        for good in ["version.kms.example.com", "a.b", "x-1.y-2.", "kms.io"] {
+            assert!(is_fqdn(good), "{good}");
+        }
+        for bad in [
+            "",
+            "kms",
+            "Kms.io",
+            "a..b",
+            "-a.b",
+            "a-.b",
+            "a_b.c",
+            &"a".repeat(64),
+        ] {
+            assert!(!is_fqdn(bad), "{bad}");
+        }
+        assert!(!is_fqdn(&format!("{}.io", "a.".repeat(126))));
+        let mut a = std::collections::BTreeMap::new();
+        a.insert("v.kms.io".to_owned(), vec![0; 100]);
+        assert!(check_annotations(&a).is_ok());
+        a.insert("big.kms.io".to_owned(), vec![0; MAX_ANNOTATIONS]);
+        assert!(check_annotations(&a).is_err());
+        let mut b = std::collections::BTreeMap::new();
+        b.insert("not_a_name".to_owned(), vec![]);
+        assert!(check_annotations(&b).is_err());
+    }
+
+    #[test]
+    fn callers_are_named_by_their_uid() {
+        let root = identity(Some(0));
+        assert_eq!(root.principal, "unix:uid=0");
+        assert!(root.authenticated && !root.tls);
+        assert_eq!(identity(None).principal, "unix:unknown");
+    }
+}
