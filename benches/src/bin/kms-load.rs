@@ -15,6 +15,10 @@
 //! keep-alive connection per caller (what Vault clients do), so that the two fronts can be
 //! measured in one run (`scripts/bench-transit`).
 //!
+//! `--api kubernetes --socket PATH` sends Encrypt or Decrypt as kube-apiserver does to
+//! kms's Kubernetes KMS v2 plugin socket (`[kubernetes_kms]`, docs/kubernetes.md): the
+//! apiserver's `v2` messages over HTTP/2 on the unix socket (`scripts/bench-kubernetes`).
+//!
 //! `--populate N` (with an admin's certificate) instead creates N AES keys `scale-000000`...
 //! with one grant each for `--grantee`, `--concurrency` at a time, and prints how long it
 //! took: the key-scale bench's set-up (`scripts/bench-scale`).
@@ -71,6 +75,8 @@ enum Api {
     Grpc,
     /// Vault's Transit paths over HTTPS (encrypt and decrypt).
     Transit,
+    /// The Kubernetes KMS v2 plugin on its unix socket (`--socket`; encrypt and decrypt).
+    Kubernetes,
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -83,6 +89,10 @@ struct Args {
     /// The server: https://HOST:PORT.
     #[arg(long, default_value = "https://127.0.0.1:8200")]
     addr: String,
+    /// `--api kubernetes`: the plugin's socket (`--key` is then unused: the server's
+    /// `[kubernetes_kms] key` is).
+    #[arg(long)]
+    socket: Option<PathBuf>,
     /// The CA that signed the server's certificate.
     #[arg(long)]
     ca: PathBuf,
@@ -476,6 +486,8 @@ struct Input {
     transit_body: Vec<u8>,
     /// IssueX509: the request.
     csr: Vec<u8>,
+    /// The Kubernetes plugin's Decrypt: the key_id its Encrypt gave.
+    key_id: String,
 }
 
 /// The latency histogram: 1 us to 60 s, 3 significant digits.
@@ -486,6 +498,9 @@ fn histogram() -> Result<Histogram<u64>, BoxError> {
 /// What every call sends, made once: for Decrypt, a ciphertext of the payload.
 async fn make_input(args: &Args, channel: Option<Channel>) -> Result<Input, BoxError> {
     let payload = vec![0x5a; args.payload];
+    if args.api == Api::Kubernetes {
+        return kubernetes::input(args, payload).await;
+    }
     let Some(channel) = channel else {
         return transit::input(args, payload).await;
     };
@@ -526,6 +541,7 @@ async fn make_input(args: &Args, channel: Option<Channel>) -> Result<Input, BoxE
         ciphertext,
         transit_body: Vec::new(),
         csr,
+        key_id: String::new(),
     })
 }
 
@@ -569,6 +585,7 @@ async fn caller(
                 call(c, s, j, &args, &input).await
             }
             Client::Transit(c) => transit::call(c, &args, &input).await,
+            Client::Kubernetes(c) => kubernetes::call(c, &args, &input).await,
         };
         let done = Instant::now();
         if t < schedule.measure_from {
@@ -603,6 +620,7 @@ type Clients = (
 enum Client {
     Grpc(Box<Clients>),
     Transit(Box<transit::Connection>),
+    Kubernetes(Box<kubernetes::Client>),
 }
 
 async fn run(args: Arc<Args>) -> Result<Report, BoxError> {
@@ -610,6 +628,12 @@ async fn run(args: Arc<Args>) -> Result<Report, BoxError> {
     if args.api == Api::Grpc {
         for _ in 0..args.channels.max(1) {
             channels.push(connect(&args).await?);
+        }
+    }
+    let mut sockets = Vec::new();
+    if args.api == Api::Kubernetes {
+        for _ in 0..args.channels.max(1) {
+            sockets.push(kubernetes::connect(&args).await?);
         }
     }
     let input = Arc::new(make_input(&args, channels.first().cloned()).await?);
@@ -637,7 +661,12 @@ async fn run(args: Arc<Args>) -> Result<Report, BoxError> {
                 SecretsClient::new(channel.clone()).max_decoding_message_size(64 * 1024 * 1024),
                 CredentialsClient::new(channel.clone()),
             ))),
-            None => Client::Transit(Box::new(transit::Connection::open(&args).await?)),
+            None => match sockets.get(i % sockets.len().max(1)) {
+                Some(channel) => Client::Kubernetes(Box::new(kubernetes::Client::new(
+                    channel.clone(),
+                ))),
+                None => Client::Transit(Box::new(transit::Connection::open(&args).await?)),
+            },
         };
         // Paced callers start spread over one interval, so the calls do not come in bursts.
         let interval = (args.rate > 0.0)
@@ -743,6 +772,109 @@ fn clock_ticks() -> f64 {
 
 /// A minimal Vault Transit client: HTTP/1.1 over rustls with a client certificate, one
 /// keep-alive connection, `Content-Length` bodies (what kms's front answers).
+/// The Kubernetes KMS v2 plugin's socket, as kube-apiserver calls it: HTTP/2 on a unix
+/// socket, `localhost` as the authority.
+mod kubernetes {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use kms_proto::kubernetes::v2 as k8s;
+    use tonic::transport::{Channel, Endpoint, Uri};
+
+    use super::{Args, BoxError, Input, Op};
+
+    pub(super) type Client =
+        k8s::key_management_service_client::KeyManagementServiceClient<Channel>;
+
+    /// Connects every channel to the same socket.
+    #[derive(Clone)]
+    struct Socket(std::path::PathBuf);
+
+    impl tower_service::Service<Uri> for Socket {
+        type Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>;
+        type Error = std::io::Error;
+        type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Uri) -> Self::Future {
+            let path = self.0.clone();
+            Box::pin(async move {
+                Ok(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            })
+        }
+    }
+
+    pub(super) async fn connect(args: &Args) -> Result<Channel, BoxError> {
+        let socket = args
+            .socket
+            .clone()
+            .ok_or("--api kubernetes needs --socket PATH")?;
+        Ok(Endpoint::try_from("http://localhost")?
+            .connect_with_connector(Socket(socket))
+            .await?)
+    }
+
+    /// For Decrypt: a ciphertext of the payload, and its key_id, made once.
+    pub(super) async fn input(args: &Args, payload: Vec<u8>) -> Result<Input, BoxError> {
+        let (ciphertext, key_id) = match args.op {
+            Op::Decrypt => {
+                let r = Client::new(connect(args).await?)
+                    .encrypt(k8s::EncryptRequest {
+                        plaintext: payload.clone(),
+                        uid: "bench-setup".to_owned(),
+                    })
+                    .await?
+                    .into_inner();
+                (r.ciphertext, r.key_id)
+            }
+            Op::Encrypt => (Vec::new(), String::new()),
+            _ => return Err("--api kubernetes: --op encrypt or decrypt".into()),
+        };
+        Ok(Input {
+            payload,
+            secret: Default::default(),
+            ciphertext,
+            transit_body: Vec::new(),
+            csr: Vec::new(),
+            key_id,
+        })
+    }
+
+    pub(super) async fn call(c: &mut Client, args: &Args, input: &Input) -> Result<(), String> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        // A fresh uid a call, as the apiserver sends.
+        let uid = format!(
+            "bench-{}",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let r = match args.op {
+            Op::Decrypt => c
+                .decrypt(k8s::DecryptRequest {
+                    ciphertext: input.ciphertext.clone(),
+                    uid,
+                    key_id: input.key_id.clone(),
+                    annotations: Default::default(),
+                })
+                .await
+                .map(drop),
+            _ => c
+                .encrypt(k8s::EncryptRequest {
+                    plaintext: input.payload.clone(),
+                    uid,
+                })
+                .await
+                .map(drop),
+        };
+        r.map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+    }
+}
+
 mod transit {
     use std::sync::Arc;
 
@@ -896,6 +1028,7 @@ mod transit {
             ciphertext: Vec::new(),
             transit_body,
             csr: Vec::new(),
+            key_id: String::new(),
         })
     }
 
