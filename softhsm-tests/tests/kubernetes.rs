@@ -153,9 +153,18 @@ fn kube_apiserver_encrypts_its_seeds_through_the_plugin_socket() {
     // No key, or a key without a grant for uid 0: refused, and nothing about the key said.
     let r = calls(&cfg, json!([{"method": "status"}]));
     assert_eq!(r[0]["code"], "PERMISSION_DENIED", "{r:?}");
+    // In the token: every call of the plugin is an HSM call (the outage below).
     ok(
         &server,
-        &["key", "create", "k8s-secrets", "--algorithm", "aes-256-gcm"],
+        &[
+            "key",
+            "create",
+            "k8s-secrets",
+            "--algorithm",
+            "aes-256-gcm",
+            "--protection",
+            "hsm",
+        ],
     );
     let r = calls(
         &cfg,
@@ -280,6 +289,56 @@ fn kube_apiserver_encrypts_its_seeds_through_the_plugin_socket() {
     server.unseal_with(&shares);
     let third = client_as(None, "apiserver", &cfg);
     assert_eq!(third["key_id"], "kms:k8s-secrets:v2", "{third}");
+    let r = calls(&cfg, json!([old]));
+    assert_eq!(r[0]["plaintext"], seed, "{r:?}");
+
+    // The HSM goes away (its token's files moved): Encrypt is refused UNAVAILABLE at once,
+    // Status stops saying ok (within the 5 s a passed check is kept) and says why; back,
+    // Status is ok again within seconds, with no restart and no unseal.
+    let tokens = hsm.path().join("softhsm/tokens");
+    let away = hsm.path().join("softhsm/tokens.away");
+    std::fs::rename(&tokens, &away).unwrap();
+    let gone = std::time::Instant::now();
+    let seal_free =
+        json!([{"method": "status"}, {"method": "encrypt", "plaintext": b64([3u8; 32])}]);
+    let r = loop {
+        let r = calls(&cfg, seal_free.clone());
+        if r[0]["healthz"] != "ok" {
+            break r;
+        }
+        assert!(
+            gone.elapsed() < std::time::Duration::from_secs(15),
+            "still ok: {r:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert!(
+        gone.elapsed() < std::time::Duration::from_secs(8),
+        "{:?}",
+        gone.elapsed()
+    );
+    assert!(
+        r[0]["healthz"]
+            .as_str()
+            .unwrap()
+            .starts_with("HSM_UNAVAILABLE"),
+        "{r:?}"
+    );
+    assert_eq!(r[1]["code"], "UNAVAILABLE", "{r:?}");
+    assert!(r[1]["seconds"].as_f64().unwrap() < 1.0, "{r:?}");
+    std::fs::rename(&away, &tokens).unwrap();
+    let back = std::time::Instant::now();
+    loop {
+        let r = calls(&cfg, json!([{"method": "status"}]));
+        if r[0]["healthz"] == "ok" {
+            break;
+        }
+        assert!(
+            back.elapsed() < std::time::Duration::from_secs(15),
+            "not back: {r:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
     let r = calls(&cfg, json!([old]));
     assert_eq!(r[0]["plaintext"], seed, "{r:?}");
 

@@ -662,9 +662,9 @@ async fn run(args: Arc<Args>) -> Result<Report, BoxError> {
                 CredentialsClient::new(channel.clone()),
             ))),
             None => match sockets.get(i % sockets.len().max(1)) {
-                Some(channel) => Client::Kubernetes(Box::new(kubernetes::Client::new(
-                    channel.clone(),
-                ))),
+                Some(channel) => {
+                    Client::Kubernetes(Box::new(kubernetes::Client::new(channel.clone())))
+                }
                 None => Client::Transit(Box::new(transit::Connection::open(&args).await?)),
             },
         };
