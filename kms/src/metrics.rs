@@ -456,6 +456,10 @@ pub(crate) fn known_rpc(service: &str, method: &str) -> Option<(&'static str, &'
                 "grpc.reflection.v1alpha.ServerReflection",
                 "ServerReflectionInfo",
             ),
+            // The Kubernetes KMS plugin's socket (kube-apiserver's API).
+            ("v2.KeyManagementService", "Status"),
+            ("v2.KeyManagementService", "Encrypt"),
+            ("v2.KeyManagementService", "Decrypt"),
         ]
         .map(|(s, m)| (s.to_owned(), m.to_owned()))
         .into();

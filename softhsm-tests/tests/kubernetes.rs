@@ -132,7 +132,8 @@ fn kube_apiserver_encrypts_its_seeds_through_the_plugin_socket() {
         "kms.toml",
         &hsm.hsm_table(),
         &format!(
-            "[kubernetes_kms]\nsocket = \"{}\"\nkey = \"k8s-secrets\"\ngroup = \"{STRANGER}\"\n",
+            "[kubernetes_kms]\nsocket = \"{}\"\nkey = \"k8s-secrets\"\ngroup = \"{STRANGER}\"\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"\n",
             socket.display()
         ),
     );
@@ -377,6 +378,21 @@ fn kube_apiserver_encrypts_its_seeds_through_the_plugin_socket() {
     assert!(
         mine.iter()
             .any(|e| e["operation"] == "Encrypt" && e["outcome"] == "UNAVAILABLE")
+    );
+
+    // The metrics count the plugin's calls by method and code, and name no uid or key.
+    let (code, text) = softhsm_tests::http_get(server.metrics.as_ref().unwrap());
+    assert_eq!(code, 200, "{text}");
+    for line in [
+        r#"kms_requests_total{service="v2.KeyManagementService",method="Decrypt",code="OK"}"#,
+        r#"kms_requests_total{service="v2.KeyManagementService",method="Encrypt",code="PERMISSION_DENIED"}"#,
+        r#"kms_requests_total{service="v2.KeyManagementService",method="Status",code="UNAVAILABLE"}"#,
+    ] {
+        assert!(text.contains(line), "{line} not in:\n{text}");
+    }
+    assert!(
+        !text.contains("k8s-secrets") && !text.contains("uid="),
+        "{text}"
     );
 
     // No seed anywhere it should not be.

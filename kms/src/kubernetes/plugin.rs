@@ -41,6 +41,31 @@ const MAX_ANNOTATIONS: usize = 32 * 1024;
 /// How long a passed key check answers `Status` before the key is tried again.
 pub(crate) const CHECK_FOR: Duration = Duration::from_secs(5);
 
+/// The service name of the plugin's calls in the metrics (`kms_requests_total`).
+const METRICS_SERVICE: &str = "v2.KeyManagementService";
+
+/// Counts and times one answered call in the metrics, under its gRPC code's name (a
+/// `Status` that is not ok under the code of why).
+fn measured<R>(
+    method: &'static str,
+    started: Instant,
+    code: Option<tonic::Code>,
+    answer: Result<Response<R>, Status>,
+) -> Result<Response<R>, Status> {
+    let code = code.unwrap_or_else(|| {
+        answer
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok)
+    });
+    crate::metrics::metrics().request(
+        METRICS_SERVICE,
+        method,
+        crate::grpc::code_name(code),
+        started.elapsed(),
+    );
+    answer
+}
+
 /// What the plugin's key `key_id`s begin with: `kms:NAME:vVERSION`.
 const KEY_ID_PREFIX: &str = "kms:";
 
@@ -171,6 +196,7 @@ impl pb::key_management_service_server::KeyManagementService for Plugin {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        let started = Instant::now();
         let call = self.call(&request, Op::CheckKey, "").key(&self.key);
         let current = self.service.seal.keyring().ok();
         let checked = Arc::clone(&self.checked);
@@ -196,13 +222,15 @@ impl pb::key_management_service_server::KeyManagementService for Plugin {
                         | ErrorKind::InvalidArgument
                 ) =>
             {
-                Ok(Response::new(pb::StatusResponse {
+                let code = crate::grpc::code_of(r.kind);
+                let status = Ok(Response::new(pb::StatusResponse {
                     version: VERSION.to_owned(),
                     healthz: format!("{}: {}", r.reason, r.message),
                     key_id: String::new(),
-                }))
+                }));
+                measured("Status", started, Some(code), status)
             }
-            _ => crate::grpc::respond(answer),
+            _ => measured("Status", started, None, crate::grpc::respond(answer)),
         }
     }
 
@@ -210,11 +238,12 @@ impl pb::key_management_service_server::KeyManagementService for Plugin {
         &self,
         request: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
+        let started = Instant::now();
         let uid = request.get_ref().uid.clone();
         let call = self.call(&request, Op::Encrypt, &uid).key(&self.key);
         let key = self.key.clone();
         let r = request.into_inner();
-        crate::grpc::respond(
+        let answer = crate::grpc::respond(
             crate::service::with_keyring(&self.service, call, r, move |k, _, mut r| {
                 let plaintext = Zeroizing::new(std::mem::take(&mut r.plaintext));
                 if plaintext.len() > MAX_PLAINTEXT {
@@ -231,13 +260,15 @@ impl pb::key_management_service_server::KeyManagementService for Plugin {
                 .version(version))
             })
             .await,
-        )
+        );
+        measured("Encrypt", started, None, answer)
     }
 
     async fn decrypt(
         &self,
         request: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
+        let started = Instant::now();
         let r = request.get_ref();
         // The key the ciphertext was made with, as its key_id says: the configured key
         // may have changed since (the grant on that key is checked all the same).
@@ -246,7 +277,7 @@ impl pb::key_management_service_server::KeyManagementService for Plugin {
         let uid = r.uid.clone();
         let call = self.call(&request, Op::Decrypt, &uid).key(&key);
         let r = request.into_inner();
-        crate::grpc::respond(
+        let answer = crate::grpc::respond(
             crate::service::with_keyring(&self.service, call, r, move |k, _, r| {
                 let Some((_, version)) = parse_key_id(&r.key_id) else {
                     return Err(KeyringError::BadRequest(
@@ -271,7 +302,8 @@ impl pb::key_management_service_server::KeyManagementService for Plugin {
                 .version(made_with))
             })
             .await,
-        )
+        );
+        measured("Decrypt", started, None, answer)
     }
 }
 
