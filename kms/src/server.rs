@@ -128,11 +128,10 @@ pub fn run(config: Config, ready: Option<Ready>) -> Result<(), StartError> {
             }
             _ => None,
         };
-        let kubernetes = opened
-            .kubernetes
-            .as_ref()
-            .map(crate::kubernetes::bind)
-            .transpose()?;
+        let kubernetes = match &opened.kubernetes {
+            Some(settings) => Some(crate::kubernetes::bind(settings).await?),
+            None => None,
+        };
         if let Some(ready) = ready {
             let bound = Bound {
                 grpc: listener.local_addr().map_err(|source| StartError::Bind {

@@ -12,6 +12,8 @@ Phases:
 - `apiserver`: what the apiserver does at start and at each write: `Status` (must be healthy),
   `Encrypt` of a fresh 32-byte DEK seed under a fresh uid, answers checked, `Decrypt` of it
   (must give the seed back). Prints the status, the seed and what Encrypt answered.
+- `path-authority`: a Status with grpcio's default authority (the socket's path); prints its
+  code.
 - `calls`: the calls in CONFIG["calls"], each answered or refused; prints each result (the
   gRPC code's name and message when refused, and how long the call took).
 """
@@ -129,6 +131,14 @@ if phase == "apiserver":
         "ciphertext": base64.b64encode(enc.ciphertext).decode(),
         "annotations": {k: base64.b64encode(v).decode() for k, v in enc.annotations.items()},
     }))
+elif phase == "path-authority":
+    # grpcio's default authority for a unix target: the socket's path.
+    plain = api_pb2_grpc.KeyManagementServiceStub(grpc.insecure_channel("unix://" + cfg["socket"]))
+    try:
+        plain.Status(api_pb2.StatusRequest(), timeout=TIMEOUT)
+        print(json.dumps({"code": "OK"}))
+    except grpc.RpcError as e:
+        print(json.dumps({"code": e.code().name, "message": e.details()}))
 elif phase == "calls":
     print(json.dumps({"results": [call(c) for c in cfg["calls"]]}))
 else:

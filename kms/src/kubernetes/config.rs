@@ -10,6 +10,10 @@ use crate::section::{ConfigError, resolve};
 /// The longest path a unix socket can have (`sun_path` holds 108 bytes with its NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
+/// How much longer than its directory the socket's staging name is (`/.kms-` and a pid of
+/// up to 7 digits).
+pub(crate) const STAGING_EXTRA: usize = 13;
+
 /// The `[kubernetes_kms]` table, as written.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -57,9 +61,11 @@ impl KubernetesConfig {
             };
         };
         let socket = resolve(base, socket);
-        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+        let dir_len = socket.parent().map_or(0, |d| d.as_os_str().len());
+        if socket.as_os_str().len() > MAX_SOCKET_PATH || dir_len + STAGING_EXTRA > MAX_SOCKET_PATH {
             return Err(ConfigError::BadKubernetes(format!(
-                "socket: a unix socket's path has at most {MAX_SOCKET_PATH} bytes"
+                "socket: a unix socket's path has at most {MAX_SOCKET_PATH} bytes (and its directory at most {})",
+                MAX_SOCKET_PATH - STAGING_EXTRA
             )));
         }
         if socket.file_name().is_none() {
@@ -152,6 +158,10 @@ mod tests {
             (
                 &format!("socket = \"/{}\"\nkey = \"k\"", "s".repeat(107)),
                 "at most 107 bytes",
+            ),
+            (
+                &format!("socket = \"/{}/k.sock\"\nkey = \"k\"", "d".repeat(94)),
+                "its directory at most 94",
             ),
         ] {
             let err = table(text).validate_with(base, &groups).unwrap_err();

@@ -69,12 +69,20 @@ fn measured<R>(
 /// What the plugin's key `key_id`s begin with: `kms:NAME:vVERSION`.
 const KEY_ID_PREFIX: &str = "kms:";
 
+/// The associated data of every ciphertext the plugin makes and opens: a ciphertext made
+/// through another front (without it) is not a seed, and the plugin opens only seeds, under
+/// whatever key a `key_id` names. A grant bound to one associated data may name it.
+pub(crate) const AAD: &[u8] = b"k8s.io/kms/v2";
+
 /// The plugin: the service, the key it encrypts with, and its last passed key check.
 #[derive(Debug)]
 pub(crate) struct Plugin {
     service: Service,
     key: String,
     checked: Arc<Mutex<Option<Checked>>>,
+    /// The uid the kernel reports for a process whose uid does not map into this user
+    /// namespace (`/proc/sys/kernel/overflowuid`): shared by many, so no one's.
+    overflow_uid: u32,
 }
 
 /// A key check that passed: on which keyring (a reseal makes a new one), which version,
@@ -92,6 +100,10 @@ impl Plugin {
             service,
             key,
             checked: Arc::new(Mutex::new(None)),
+            overflow_uid: std::fs::read_to_string("/proc/sys/kernel/overflowuid")
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .unwrap_or(65534),
         }
     }
 
@@ -101,10 +113,14 @@ impl Plugin {
             .extensions()
             .get::<tonic::transport::server::UdsConnectInfo>()
             .and_then(|i| i.peer_cred);
+        let process = cred.map_or_else(String::new, |c| {
+            let pid = c.pid().map_or_else(|| "?".to_owned(), |p| p.to_string());
+            format!("pid={pid} gid={}", c.gid())
+        });
         Call::new(
             &self.service,
             Caller {
-                identity: Arc::new(identity(cred.map(|c| c.uid()))),
+                identity: Arc::new(identity(cred.map(|c| c.uid()), self.overflow_uid)),
                 peer: None,
                 front: Front::Kubernetes,
             },
@@ -119,17 +135,30 @@ impl Plugin {
                 counted: false,
             },
         )
+        .peer_described(process)
     }
 }
 
-/// Who a process is, by the user id the kernel gave for it (`SO_PEERCRED`): `unix:uid=N`.
-/// Without one (never on Linux) it is `unix:unknown`, whom no grant can name.
-pub(crate) fn identity(uid: Option<u32>) -> Identity {
-    Identity {
-        principal: uid.map_or_else(|| "unix:unknown".to_owned(), |u| format!("unix:uid={u}")),
-        authenticated: uid.is_some(),
-        tls: false,
-        not_after: None,
+/// Who a process is, by the user id the kernel gives for it (`SO_PEERCRED`): `unix:uid=N`.
+/// A process without credentials (never on Linux), or with the `overflow` uid (of another
+/// user namespace, whose uid does not map into this one: many processes share it), is no
+/// one: `unix:unknown`, refused `UNAUTHENTICATED` by `access::check` as a caller without a
+/// certificate on a TLS listener is (`tls` is set for that rule, not because a handshake
+/// happened).
+pub(crate) fn identity(uid: Option<u32>, overflow: u32) -> Identity {
+    match uid.filter(|u| *u != overflow) {
+        Some(u) => Identity {
+            principal: format!("unix:uid={u}"),
+            authenticated: true,
+            tls: false,
+            not_after: None,
+        },
+        None => Identity {
+            principal: "unix:unknown".to_owned(),
+            authenticated: false,
+            tls: true,
+            not_after: None,
+        },
     }
 }
 
@@ -138,7 +167,7 @@ pub(crate) fn key_id(key: &str, version: u32) -> String {
     format!("{KEY_ID_PREFIX}{key}:v{version}")
 }
 
-/// The key and version a `key_id` names, if kms gave it.
+/// The key and version a `key_id` names, if kms gave it (exactly as [`key_id`] writes it).
 pub(crate) fn parse_key_id(key_id: &str) -> Option<(&str, u32)> {
     if key_id.len() > MAX_KEY_ID {
         return None;
@@ -146,10 +175,8 @@ pub(crate) fn parse_key_id(key_id: &str) -> Option<(&str, u32)> {
     let rest = key_id.strip_prefix(KEY_ID_PREFIX)?;
     let (key, version) = rest.rsplit_once(":v")?;
     crate::keyring::model::check_name(key).ok()?;
-    if version.is_empty() || !version.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    Some((key, version.parse().ok().filter(|v| *v > 0)?))
+    let version: u32 = version.parse().ok().filter(|v| *v > 0)?;
+    (self::key_id(key, version) == key_id).then_some((key, version))
 }
 
 /// Whether `s` is a fully qualified domain name as the apiserver checks annotation keys
@@ -187,8 +214,27 @@ fn check_annotations(
     Ok(())
 }
 
-impl Aad for pb::EncryptRequest {}
-impl Aad for pb::DecryptRequest {}
+/// What `Status` asks about: the plugin's seeds (so that a grant bound to [`AAD`] answers
+/// it as it answers Encrypt and Decrypt).
+struct Seeds;
+
+impl Aad for Seeds {
+    fn aads(&self) -> Vec<&[u8]> {
+        vec![AAD]
+    }
+}
+
+impl Aad for pb::EncryptRequest {
+    fn aads(&self) -> Vec<&[u8]> {
+        vec![AAD]
+    }
+}
+
+impl Aad for pb::DecryptRequest {
+    fn aads(&self) -> Vec<&[u8]> {
+        vec![AAD]
+    }
+}
 
 #[tonic::async_trait]
 impl pb::key_management_service_server::KeyManagementService for Plugin {
@@ -201,16 +247,17 @@ impl pb::key_management_service_server::KeyManagementService for Plugin {
         let current = self.service.seal.keyring().ok();
         let checked = Arc::clone(&self.checked);
         let key = self.key.clone();
-        let answer = crate::service::with_keyring(&self.service, call, (), move |k, _, ()| {
-            let version = check(k, current.as_ref(), &key, &checked)?;
-            Ok(Served::new(pb::StatusResponse {
-                version: VERSION.to_owned(),
-                healthz: "ok".to_owned(),
-                key_id: key_id(&key, version),
+        let answer =
+            crate::service::with_keyring(&self.service, call, Seeds, move |k, _, Seeds| {
+                let version = check(k, current.as_ref(), &key, &checked)?;
+                Ok(Served::new(pb::StatusResponse {
+                    version: VERSION.to_owned(),
+                    healthz: "ok".to_owned(),
+                    key_id: key_id(&key, version),
+                })
+                .version(version))
             })
-            .version(version))
-        })
-        .await;
+            .await;
         match &answer.result {
             // The apiserver shows `healthz` on its own health endpoint: the reason kms is
             // not serving, for its operators. A caller refused the key learns nothing.
@@ -251,7 +298,7 @@ impl pb::key_management_service_server::KeyManagementService for Plugin {
                         "plaintext: too long for a ciphertext the apiserver stores (1 KiB)",
                     ));
                 }
-                let (ciphertext, version) = k.encrypt(&key, &plaintext, &[])?;
+                let (ciphertext, version) = k.encrypt(&key, &plaintext, AAD)?;
                 Ok(Served::new(pb::EncryptResponse {
                     ciphertext,
                     key_id: key_id(&key, version),
@@ -290,14 +337,15 @@ impl pb::key_management_service_server::KeyManagementService for Plugin {
                     ));
                 }
                 check_annotations(&r.annotations)?;
-                let (plaintext, made_with) = k.decrypt(&key, &r.ciphertext, &[])?;
+                let (mut plaintext, made_with) = k.decrypt(&key, &r.ciphertext, AAD)?;
                 // A ciphertext of another version than its key_id says was not made as
                 // the apiserver stored it.
                 if made_with != version {
                     return Err(KeyringError::DecryptionFailed);
                 }
+                // Moved out, not copied (the answer itself is prost's, not zeroized).
                 Ok(Served::new(pb::DecryptResponse {
-                    plaintext: plaintext.to_vec(),
+                    plaintext: std::mem::take(&mut *plaintext),
                 })
                 .version(made_with))
             })
@@ -316,9 +364,17 @@ fn check(
     key: &str,
     checked: &Mutex<Option<Checked>>,
 ) -> Result<u32, KeyringError> {
-    let primary = k.get_key(key)?.primary;
+    let meta = k.get_key(key)?;
+    let primary = meta.primary;
     let same_keyring = |w: &Weak<Keyring>| w.upgrade().is_some_and(|c| std::ptr::eq(&*c, k));
-    if let Ok(last) = checked.lock()
+    // What is known without a round trip, checked at every call: the primary version is
+    // enabled, and an HSM key's token answers.
+    let usable = meta
+        .version(primary)
+        .is_some_and(|v| v.state == crate::keyring::model::VersionState::Enabled)
+        && (meta.protection != crate::keyring::model::Protection::Hsm || k.hsm().is_available());
+    if usable
+        && let Ok(last) = checked.lock()
         && let Some(c) = last.as_ref()
         && c.version == primary
         && c.at.elapsed() < CHECK_FOR
@@ -366,6 +422,8 @@ mod tests {
             "kms:a b:v1",
             "vault:k:v1",
             "kms:k:v99999999999",
+            "kms:k:v01",
+            "kms:k:v+1",
         ] {
             assert_eq!(parse_key_id(bad), None, "{bad}");
         }
@@ -403,9 +461,21 @@ mod tests {
 
     #[test]
     fn callers_are_named_by_their_uid() {
-        let root = identity(Some(0));
+        let root = identity(Some(0), 65534);
         assert_eq!(root.principal, "unix:uid=0");
         assert!(root.authenticated && !root.tls);
-        assert_eq!(identity(None).principal, "unix:unknown");
+        for no_one in [identity(None, 65534), identity(Some(65534), 65534)] {
+            assert_eq!(no_one.principal, "unix:unknown");
+            // Refused as a caller without a certificate is.
+            assert!(matches!(
+                crate::access::check(
+                    crate::access::Need::Grant(crate::policy::Operation::Decrypt),
+                    &no_one,
+                    &crate::access::Roles::default(),
+                    0
+                ),
+                Err(crate::access::Denied::Unauthenticated)
+            ));
+        }
     }
 }

@@ -213,6 +213,13 @@ impl Call {
         }
     }
 
+    /// Describes the caller's end for its record when it has no address: a process on a
+    /// unix socket (`pid=N gid=N`).
+    pub(crate) fn peer_described(mut self, text: String) -> Self {
+        self.event.peer = text;
+        self
+    }
+
     /// Names the key the call is about. A name that is not one (too long, or characters a
     /// key name cannot have) is recorded and logged as a bounded placeholder, never as
     /// given, and the call is refused with `INVALID_ARGUMENT` once its caller is known.
