@@ -201,6 +201,10 @@ ensure_package_test_tools() {
         echo "==> installing python3-seccomp (the unit's system call filter, applied by scripts/seccomp-exec.py)"
         apt_install python3 python3-seccomp
     fi
+    if ! command -v pgrep >/dev/null 2>&1; then
+        echo "==> installing procps (pgrep: no process of the kms user may be left)"
+        apt_install procps
+    fi
     if ! command -v setpriv >/dev/null 2>&1 || ! command -v prlimit >/dev/null 2>&1; then
         echo "==> installing util-linux (setpriv, prlimit)"
         apt_install util-linux
