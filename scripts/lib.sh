@@ -176,3 +176,37 @@ ensure_rust() {
         exit 1
     fi
 }
+
+ensure_dpkg_dev() {
+    # scripts/package: dpkg-shlibdeps computes the package's Depends (dpkg-deb is dpkg's).
+    if ! command -v dpkg-shlibdeps >/dev/null 2>&1; then
+        echo "==> installing dpkg-dev (dpkg-shlibdeps, for the package's Depends)"
+        apt_install dpkg-dev
+    fi
+}
+
+ensure_package_test_tools() {
+    # scripts/test-package: systemd-analyze checks the unit (systemd need not run), adduser
+    # makes the kms user, setpriv and prlimit (util-linux) start the server as kms with the
+    # unit's limits, python3-seccomp applies the unit's system call filter.
+    if ! command -v systemd-analyze >/dev/null 2>&1; then
+        echo "==> installing systemd (systemd-analyze verify and security on the unit)"
+        apt_install_no_service systemd
+    fi
+    if ! command -v adduser >/dev/null 2>&1; then
+        echo "==> installing adduser (the package's postinst makes the kms user)"
+        apt_install adduser
+    fi
+    if ! /usr/bin/python3 -c 'import seccomp' >/dev/null 2>&1; then
+        echo "==> installing python3-seccomp (the unit's system call filter, applied by scripts/seccomp-exec.py)"
+        apt_install python3 python3-seccomp
+    fi
+    if ! command -v pgrep >/dev/null 2>&1; then
+        echo "==> installing procps (pgrep: no process of the kms user may be left)"
+        apt_install procps
+    fi
+    if ! command -v setpriv >/dev/null 2>&1 || ! command -v prlimit >/dev/null 2>&1; then
+        echo "==> installing util-linux (setpriv, prlimit)"
+        apt_install util-linux
+    fi
+}
