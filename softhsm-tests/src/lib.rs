@@ -31,6 +31,14 @@ pub mod pki;
 
 pub use pki::{ClientSpec, Cred, Pki, spiffe};
 
+/// Writes a file only its owner can read and write (0600), as a server's config and TLS
+/// key must be: the server refuses a config others can read or its group can write, and a
+/// TLS key others can read. A file that existed is made 0600 too.
+pub fn write_private(path: &Path, text: impl AsRef<[u8]>) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 /// The path of a binary built by cargo into the same target directory as the running test.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
@@ -399,7 +407,7 @@ impl TestHsm {
         };
         let text =
             format!("listen = \"127.0.0.1:0\"\n{storage}[hsm]\n{hsm_table}\n{extra}\n{tls}\n");
-        std::fs::write(&path, text).unwrap();
+        write_private(&path, text);
         path
     }
 

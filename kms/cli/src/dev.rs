@@ -113,6 +113,7 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
     let config_path = prepare(&dir, &module, args.listen, args.plaintext, http_listen)?;
     let config = Config::load(&config_path)?;
     crate::show::init_logging(config.log);
+    crate::rlimit::disable_core_dumps();
     crate::rlimit::raise_open_file_limit();
     let (plaintext, temporary) = (args.plaintext, args.temporary);
     kms::server::run(
@@ -220,7 +221,8 @@ fn prepare(
         kms_pkcs11_conf::DEFAULT_MASTER_KEY_LABEL,
         http = http_listen.map_or_else(String::new, |a| format!("\n[http]\nlisten = \"{a}\"\n")),
     );
-    std::fs::write(&config_path, text)?;
+    // Private, as the server requires of any config (`Config::load`).
+    crate::dev_pki::write_private(&config_path, text.as_bytes())?;
     Ok(config_path)
 }
 
