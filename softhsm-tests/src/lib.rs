@@ -497,6 +497,26 @@ impl TestHsm {
         self.start_command(cmd)
     }
 
+    /// As [`TestHsm::try_start`], as user and group `uid` with no supplementary groups (by
+    /// util-linux's `setpriv`), as a service manager starts a server under its own user.
+    /// The caller makes the files the server reads that user's.
+    pub fn try_start_as(&self, config: &Path, uid: u32) -> Result<Server, String> {
+        let kms = self.server_command(config, &[]);
+        let mut cmd = Command::new("setpriv");
+        cmd.arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={uid}"))
+            .arg("--clear-groups")
+            .arg("--")
+            .arg(kms.get_program())
+            .args(kms.get_args())
+            .envs(
+                kms.get_envs()
+                    .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
+            )
+            .stdin(Stdio::null());
+        self.start_command(cmd)
+    }
+
     fn start_command(&self, mut command: Command) -> Result<Server, String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
