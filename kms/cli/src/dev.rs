@@ -69,7 +69,14 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
     };
     let (dir, _temp) = match &args.dir {
         Some(d) => {
-            std::fs::create_dir_all(d)?;
+            // 0700, as the temporary one: it holds the token, the PIN and the TLS keys, and
+            // the server refuses a config in a directory its group can write (a umask of
+            // 002 would make one).
+            use std::os::unix::fs::DirBuilderExt as _;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)?;
             (std::path::absolute(d)?, None)
         }
         None => {
