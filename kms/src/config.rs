@@ -172,7 +172,10 @@ impl Config {
     /// Reads, parses and checks a configuration file. Relative paths in it are relative to
     /// the file's directory.
     ///
-    /// The file must be private (see [`check_private`]): every command that loads a
+    /// The file must be private (docs/configuration.md, "The file is private"): no bit
+    /// for others, no write for its group, owned by root or the server's user, in a
+    /// directory only they can write; else [`ConfigError::TooOpen`],
+    /// [`ConfigError::NotOwned`] or [`ConfigError::DirTooOpen`]. Every command that loads a
     /// configuration (`kms server`, `kms dev`, `kms backup restore`, `kms pkcs11 probe
     /// --config`) acts on the server's store or HSM, so none of them takes an open one.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {

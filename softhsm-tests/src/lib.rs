@@ -1287,11 +1287,19 @@ impl Mount {
         Self::with_options(path, &format!("size={size}"))
     }
 
-    /// Mounts a tmpfs with mount `options` (`ro,size=1m`) at `path`, made if missing.
+    /// Mounts a tmpfs with mount `options` (`ro,size=1m`) at `path`, made if missing. Its
+    /// root is 0700 (`mode=0700`): a tmpfs's root is 1777 by default, and the server
+    /// refuses a store in a directory everyone can write.
     pub fn with_options(path: &Path, options: &str) -> Self {
         std::fs::create_dir_all(path).unwrap();
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("mode=0700,{options}"),
+                "tmpfs",
+            ])
             .arg(path)
             .output()
             .unwrap();
