@@ -1085,6 +1085,45 @@ pub(crate) fn incoming(
 mod tests {
     use super::*;
 
+    /// Issue 32: the key is read only when others have no bit on it; group read (`0640
+    /// root:kms`) is the packaged way and is taken.
+    #[test]
+    fn a_private_key_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server-key.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(&path, key.serialize_pem()).unwrap();
+        for (mode, ok) in [
+            (0o600, true),
+            (0o640, true),
+            (0o400, true),
+            (0o644, false),
+            (0o604, false),
+            (0o602, false),
+            (0o601, false),
+        ] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            match private_key(&path) {
+                Ok(_) => assert!(ok, "{mode:o}: taken"),
+                Err(e) => {
+                    assert!(!ok, "{mode:o}: {e}");
+                    assert!(
+                        matches!(e, TlsError::KeyTooOpen { mode: m, .. } if m == mode),
+                        "{e:?}"
+                    );
+                    let text = e.to_string();
+                    assert!(
+                        text.contains(&path.display().to_string())
+                            && text.contains(&format!("mode {mode:03o}"))
+                            && text.contains("chmod 640"),
+                        "{text}"
+                    );
+                }
+            }
+        }
+    }
+
     fn ip(last: u8) -> IpAddr {
         IpAddr::from([192, 0, 2, last])
     }
