@@ -176,11 +176,15 @@ pub struct Config {
 impl Config {
     /// Reads, parses and checks a configuration file. Relative paths in it are relative to
     /// the file's directory.
+    ///
+    /// The file must be private (docs/configuration.md, "The file is private"): no bit
+    /// for others, no write for its group, owned by root or the server's user, in a
+    /// directory only they can write; else [`ConfigError::TooOpen`],
+    /// [`ConfigError::NotOwned`] or [`ConfigError::DirTooOpen`]. Every command that loads a
+    /// configuration (`kms server`, `kms dev`, `kms backup restore`, `kms pkcs11 probe
+    /// --config`) acts on the server's store or HSM, so none of them takes an open one.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = read_private(path)?;
         let file: ConfigFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
@@ -239,6 +243,76 @@ impl Config {
             kubernetes,
         })
     }
+}
+
+/// Opens the config file, checks that it is private (on the opened file, so what is checked
+/// is what is read) and reads it.
+fn read_private(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let read_err = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dir_mode = std::fs::metadata(dir).map_err(read_err)?.mode();
+    check_private(
+        path,
+        meta.mode(),
+        meta.uid(),
+        rustix::process::geteuid().as_raw(),
+        (dir, dir_mode),
+    )?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(read_err)?;
+    Ok(text)
+}
+
+/// The permission bits a config file must not have: any for others (it names where the
+/// PIN is and the HSM module the server loads), and write for its group (whoever can
+/// write it names the admins). Group read stays allowed: packages install the file as
+/// `0640 root:kms`, readable by the server through its group.
+const CONFIG_FORBIDDEN: u32 = 0o027;
+
+/// The permission bits the config file's directory must not have: write for its group or
+/// for others (they could put a file of their own in its place).
+const CONFIG_DIR_FORBIDDEN: u32 = 0o022;
+
+/// The rule for a config file, given its mode and owner, the server's effective uid, and
+/// its directory with that directory's mode: private to root or the server's user, in a
+/// directory only they can write. As OpenSSH's `StrictModes` checks `authorized_keys`.
+fn check_private(
+    path: &Path,
+    mode: u32,
+    owner: u32,
+    server: u32,
+    (dir, dir_mode): (&Path, u32),
+) -> Result<(), ConfigError> {
+    if mode & CONFIG_FORBIDDEN != 0 {
+        return Err(ConfigError::TooOpen {
+            path: path.to_owned(),
+            mode: mode & 0o777,
+        });
+    }
+    if owner != 0 && owner != server {
+        return Err(ConfigError::NotOwned {
+            path: path.to_owned(),
+            owner,
+            server,
+        });
+    }
+    if dir_mode & CONFIG_DIR_FORBIDDEN != 0 {
+        return Err(ConfigError::DirTooOpen {
+            path: dir.to_owned(),
+            mode: dir_mode & 0o7777,
+        });
+    }
+    Ok(())
 }
 
 impl TlsConfig {
@@ -332,9 +406,93 @@ mod tests {
     use super::*;
 
     fn write(dir: &Path, text: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
         let p = dir.join("kms.toml");
         std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
         p
+    }
+
+    #[test]
+    fn a_config_must_be_private() {
+        let (file, dir) = (Path::new("/etc/kms/kms.toml"), Path::new("/etc/kms"));
+        let check = |mode, owner, server, dir_mode| {
+            check_private(file, mode, owner, server, (dir, dir_mode))
+        };
+        // As packages install it (0640 root:kms in a 0750 or 0755 directory), or the
+        // server's own 0600/0400 file: taken.
+        for (mode, owner) in [
+            (0o100640, 0),
+            (0o100600, 0),
+            (0o100600, 999),
+            (0o100400, 999),
+        ] {
+            for dir_mode in [0o40750, 0o40755, 0o40700] {
+                check(mode, owner, 999, dir_mode).unwrap();
+            }
+        }
+        // Readable, writable or executable by others, or writable by the group: refused,
+        // with the file, its mode and the fix in the message.
+        for mode in [
+            0o100644, 0o100604, 0o100602, 0o100601, 0o100660, 0o100620, 0o100666,
+        ] {
+            let e = check(mode, 0, 999, 0o40750).unwrap_err();
+            assert!(
+                matches!(e, ConfigError::TooOpen { mode: m, .. } if m == mode & 0o777),
+                "{mode:o}: {e}"
+            );
+            let text = e.to_string();
+            assert!(
+                text.contains("/etc/kms/kms.toml")
+                    && text.contains(&format!("{:03o}", mode & 0o777))
+                    && text.contains("chmod 640"),
+                "{text}"
+            );
+        }
+        // Owned by another user, who could change it at will.
+        let e = check(0o100600, 1000, 999, 0o40750).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::NotOwned {
+                    owner: 1000,
+                    server: 999,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // In a directory others, or its group, can write (even a sticky one, as /tmp).
+        for dir_mode in [0o40775, 0o40757, 0o41777, 0o40770] {
+            let e = check(0o100600, 0, 999, dir_mode).unwrap_err();
+            assert!(
+                matches!(e, ConfigError::DirTooOpen { .. }),
+                "{dir_mode:o}: {e}"
+            );
+            assert!(e.to_string().contains("chmod go-w /etc/kms"), "{e}");
+        }
+    }
+
+    #[test]
+    fn load_refuses_an_open_file_before_reading_it() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        // Not even valid TOML: the mode is checked first, so the error is about the mode.
+        let p = write(dir.path(), "not toml");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Config::load(&p).unwrap_err();
+        assert!(matches!(e, ConfigError::TooOpen { mode: 0o644, .. }), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(
+            Config::load(&p).unwrap_err(),
+            ConfigError::Parse { .. }
+        ));
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = Config::load(&p).unwrap_err();
+        assert!(
+            matches!(e, ConfigError::DirTooOpen { mode: 0o777, .. }),
+            "{e}"
+        );
     }
 
     #[test]

@@ -19,6 +19,42 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    /// The file can be read or written by others, or written by its group: it names the
+    /// admins, the HSM module the server loads and the PIN's source, so whoever can write
+    /// it runs code in the server, and whoever can read it learns where the secrets are.
+    #[error(
+        "the config file {path} is open to others (mode {mode:03o}): it must not be readable or writable by others nor writable by its group; make it private with `chmod 640` (owner root, group the server's) or `chmod 600`"
+    )]
+    TooOpen {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The file's owner is neither root nor the user the server runs as: that user could
+    /// change the file, or its mode, at will.
+    #[error(
+        "the config file {path} is owned by uid {owner}, neither root nor the server's user (uid {server}): `chown root {path}`"
+    )]
+    NotOwned {
+        /// The file.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// The server's effective uid.
+        server: u32,
+    },
+    /// The config file's directory can be written by its group or by others: they could
+    /// replace the file with one of their own.
+    #[error(
+        "the directory {path} of the config file is writable by others or by its group (mode {mode:03o}): they could replace the file; `chmod go-w {path}`"
+    )]
+    DirTooOpen {
+        /// The directory.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// The file is not valid TOML or has unknown or missing keys.
     #[error("config file {path}: {message}")]
     Parse {

@@ -31,6 +31,14 @@ pub mod pki;
 
 pub use pki::{ClientSpec, Cred, Pki, spiffe};
 
+/// Writes a file only its owner can read and write (0600), as a server's config and TLS
+/// key must be: the server refuses a config others can read or its group can write, and a
+/// TLS key others can read. A file that existed is made 0600 too.
+pub fn write_private(path: &Path, text: impl AsRef<[u8]>) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 /// The path of a binary built by cargo into the same target directory as the running test.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
@@ -399,7 +407,7 @@ impl TestHsm {
         };
         let text =
             format!("listen = \"127.0.0.1:0\"\n{storage}[hsm]\n{hsm_table}\n{extra}\n{tls}\n");
-        std::fs::write(&path, text).unwrap();
+        write_private(&path, text);
         path
     }
 
@@ -478,6 +486,26 @@ impl TestHsm {
         let kms = self.server_command(config, &[]);
         let mut cmd = Command::new("prlimit");
         cmd.arg(format!("--nofile={soft}:{hard}"))
+            .arg("--")
+            .arg(kms.get_program())
+            .args(kms.get_args())
+            .envs(
+                kms.get_envs()
+                    .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
+            )
+            .stdin(Stdio::null());
+        self.start_command(cmd)
+    }
+
+    /// As [`TestHsm::try_start`], as user and group `uid` with no supplementary groups (by
+    /// util-linux's `setpriv`), as a service manager starts a server under its own user.
+    /// The caller makes the files the server reads that user's.
+    pub fn try_start_as(&self, config: &Path, uid: u32) -> Result<Server, String> {
+        let kms = self.server_command(config, &[]);
+        let mut cmd = Command::new("setpriv");
+        cmd.arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={uid}"))
+            .arg("--clear-groups")
             .arg("--")
             .arg(kms.get_program())
             .args(kms.get_args())
@@ -1259,11 +1287,19 @@ impl Mount {
         Self::with_options(path, &format!("size={size}"))
     }
 
-    /// Mounts a tmpfs with mount `options` (`ro,size=1m`) at `path`, made if missing.
+    /// Mounts a tmpfs with mount `options` (`ro,size=1m`) at `path`, made if missing. Its
+    /// root is 0700 (`mode=0700`): a tmpfs's root is 1777 by default, and the server
+    /// refuses a store in a directory everyone can write.
     pub fn with_options(path: &Path, options: &str) -> Self {
         std::fs::create_dir_all(path).unwrap();
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("mode=0700,{options}"),
+                "tmpfs",
+            ])
             .arg(path)
             .output()
             .unwrap();

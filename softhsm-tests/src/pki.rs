@@ -159,9 +159,14 @@ impl Pki {
         };
         // Write the key first and the certificate last, each by rename, as a rotation
         // tool would.
+        // The key is private (0600): the server refuses a TLS key others can read.
         for (path, text) in [(&cred.key, key.serialize_pem()), (&cred.cert, cert.pem())] {
             let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, text).unwrap();
+            if path == &cred.key {
+                crate::write_private(&tmp, text);
+            } else {
+                std::fs::write(&tmp, text).unwrap();
+            }
             std::fs::rename(&tmp, path).unwrap();
         }
         cred

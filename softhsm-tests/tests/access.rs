@@ -1919,13 +1919,12 @@ fn bad_tls_configuration_stops_start_up_with_a_clear_error() {
     }
     // Plaintext is refused off loopback.
     let path = hsm.path().join("open.toml");
-    std::fs::write(
+    softhsm_tests::write_private(
         &path,
         format!(
             "listen = \"0.0.0.0:0\"\n[storage]\npath = \"x.redb\"\n[hsm]\n{table}\n[tls]\nplaintext_loopback = true\n"
         ),
-    )
-    .unwrap();
+    );
     let (_, stderr) = hsm.start_failure(&path, &[]);
     assert!(
         stderr.contains("is not a loopback address; plaintext is allowed on loopback only"),

@@ -25,7 +25,7 @@ const AAD: &[u8] = b"account=SECRET-AAD-5c0e";
 
 fn config(hsm: &TestHsm, store: &Path) -> PathBuf {
     let path = hsm.path().join("audit.toml");
-    std::fs::write(
+    softhsm_tests::write_private(
         &path,
         format!(
             "listen = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n[hsm]\n{}\n[audit]\ncheckpoint_every_records = 5\n{}",
@@ -33,8 +33,7 @@ fn config(hsm: &TestHsm, store: &Path) -> PathBuf {
             hsm.hsm_table(),
             hsm.tls_tables(),
         ),
-    )
-    .unwrap();
+    );
     path
 }
 
@@ -1451,13 +1450,12 @@ async fn records_stay_in_the_store_when_the_archive_command_fails() {
     assert_eq!(online.code, Some(0), "{online:?}");
     // Bad retention settings are refused at start-up with the reason.
     let bad = dir.join("bad.toml");
-    std::fs::write(
+    softhsm_tests::write_private(
         &bad,
         std::fs::read_to_string(&path)
             .unwrap()
             .replace(&format!("archive_dir = \"{}\"\n", archive.display()), ""),
-    )
-    .unwrap();
+    );
     let (status, stderr) = hsm.start_failure(&bad, &[]);
     assert!(!status.success());
     assert!(

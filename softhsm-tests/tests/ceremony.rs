@@ -501,7 +501,7 @@ fn a_second_init_on_a_shared_token_leaves_the_first_intact() {
     let hsm = TestHsm::new("kms-shared");
     let config_for = |name: &str| {
         let path = hsm.path().join(format!("{name}.toml"));
-        std::fs::write(
+        softhsm_tests::write_private(
             &path,
             format!(
                 "listen = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n[hsm]\n{}\n{}",
@@ -509,8 +509,7 @@ fn a_second_init_on_a_shared_token_leaves_the_first_intact() {
                 hsm.hsm_table(),
                 hsm.tls_tables(),
             ),
-        )
-        .unwrap();
+        );
         path
     };
     let (first, second) = (config_for("first"), config_for("second"));

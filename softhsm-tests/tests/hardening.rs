@@ -1450,3 +1450,186 @@ async fn sixteen_sources_cannot_hold_every_handshake_slot() {
         results.len()
     );
 }
+
+/// Every file under the test's directory but the harness's server log, with its length and
+/// modification time: what a server that refused to start must have left as it was.
+fn listing(hsm: &TestHsm) -> BTreeMap<std::path::PathBuf, (u64, std::time::SystemTime)> {
+    let mut found = BTreeMap::new();
+    let mut todo = vec![hsm.path().to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                todo.push(entry.path());
+            }
+            if entry.path() != hsm.log_path() {
+                found.insert(entry.path(), (meta.len(), meta.modified().unwrap()));
+            }
+        }
+    }
+    found
+}
+
+/// Starts a server on `config` that must refuse to: it exits non-zero (a server that
+/// starts fails the test, instead of running on), says every one of `want`, and writes
+/// nothing.
+fn refused_start(hsm: &TestHsm, config: &std::path::Path, want: &[&str]) {
+    let before = listing(hsm);
+    let said = match hsm.try_start(config, &[]) {
+        Ok(_server) => panic!("the server started; want {want:?}"),
+        Err(said) => said,
+    };
+    assert!(said.starts_with("exited with exit status: 1"), "{said}");
+    // The last line of the log: this start's.
+    let last = said.lines().last().unwrap_or_default();
+    for w in want {
+        assert!(last.contains(w), "want {w:?} in {last}");
+    }
+    assert_eq!(listing(hsm), before, "a refused start wrote something");
+}
+
+fn chmod(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Issue 32: a config others can read (it says where the PIN is and which HSM module the
+/// server loads) or its group can write (whoever writes it names the admins) is refused
+/// before anything is read or written, as is one owned by another user or in a directory
+/// its group or others can write; the error names the file, its mode and the fix. A
+/// `0640 root:kms` file, as packages install it, is taken (the last start).
+#[test]
+fn an_open_config_is_refused_and_nothing_is_written() {
+    let hsm = TestHsm::new("kms-open-config");
+    let config = hsm.config();
+    let refused = |want: &[&str]| refused_start(&hsm, &config, want);
+    let file = config.display().to_string();
+    for (mode, shown) in [
+        (0o644, "644"),
+        (0o604, "604"),
+        (0o660, "660"),
+        (0o620, "620"),
+    ] {
+        chmod(&config, mode);
+        refused(&[&file, &format!("mode {shown}"), "chmod 640", "chmod 600"]);
+    }
+    chmod(&config, 0o600);
+    std::os::unix::fs::chown(&config, Some(1000), None).unwrap();
+    refused(&[&file, "owned by uid 1000", "chown root"]);
+    std::os::unix::fs::chown(&config, Some(0), None).unwrap();
+    chmod(hsm.path(), 0o770);
+    refused(&[&hsm.path().display().to_string(), "mode 770", "chmod go-w"]);
+    chmod(hsm.path(), 0o700);
+    assert!(!hsm.path().join("kms.redb").exists());
+    // Group-readable is how packages install it: the server starts.
+    chmod(&config, 0o640);
+    let server = hsm.try_start(&config, &[]).unwrap();
+    drop(server);
+    assert!(hsm.path().join("kms.redb").exists());
+}
+
+/// Issue 32: a TLS private key others can read is refused at start (whoever reads it can
+/// pose as the server), before the store is opened; group-readable (`0640 root:kms`) is
+/// taken.
+#[test]
+fn a_tls_key_others_can_read_is_refused() {
+    let hsm = TestHsm::new("kms-open-tls-key");
+    let config = hsm.config();
+    let key = hsm.pki.server.key.clone();
+    chmod(&key, 0o644);
+    refused_start(
+        &hsm,
+        &config,
+        &[
+            "tls.key",
+            &key.display().to_string(),
+            "mode 644",
+            "chmod 640",
+        ],
+    );
+    assert!(!hsm.path().join("kms.redb").exists());
+    chmod(&key, 0o640);
+    drop(hsm.try_start(&config, &[]).unwrap());
+}
+
+/// Issue 32: a running server has no core file size (`RLIMIT_CORE` 0, soft and hard) and is
+/// not dumpable (`PR_SET_DUMPABLE` 0). The second is seen as the kernel shows it: the
+/// files in `/proc/PID` (`mem`, `environ`) of a process that is not dumpable belong to
+/// root, whatever user the process runs as, so the server runs as `nobody` (65534, by
+/// `setpriv`, its files made that user's), and a plain `sleep` under the same `setpriv` is
+/// the control whose files are nobody's. Run as root, as the tests are.
+#[test]
+fn a_server_cannot_dump_core_nor_be_traced() {
+    use std::os::unix::fs::MetadataExt;
+    const NOBODY: u32 = 65534;
+    let hsm = TestHsm::new("kms-no-core");
+    let config = hsm.config();
+    // The server's files become nobody's (the token, the PIN, the TLS files, the config,
+    // and the directory the store is created in).
+    let status = std::process::Command::new("chown")
+        .arg("-R")
+        .arg(format!("{NOBODY}:{NOBODY}"))
+        .arg(hsm.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let server = hsm.try_start_as(&config, NOBODY).unwrap();
+    let pid = server.pid();
+    let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid_line = proc_status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert_eq!(
+        uid_line.split_whitespace().nth(1),
+        Some("65534"),
+        "the server runs as nobody: {uid_line}"
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    let values: Vec<&str> = core
+        .trim_start_matches("Max core file size")
+        .split_whitespace()
+        .collect();
+    assert_eq!(values[..2], ["0", "0"], "{core}");
+    // The files in it, that is (`/proc/PID` itself stays the process's user's).
+    let owner = |pid: u32| {
+        let [mem, environ] = ["mem", "environ"]
+            .map(|f| std::fs::metadata(format!("/proc/{pid}/{f}")).unwrap().uid());
+        assert_eq!(mem, environ);
+        mem
+    };
+    assert_eq!(
+        owner(pid),
+        0,
+        "the server's /proc/PID/mem is root's: not dumpable"
+    );
+    assert!(
+        hsm.logs()
+            .contains("core dumps off (RLIMIT_CORE 0) and the process not dumpable"),
+        "{}",
+        hsm.logs()
+    );
+    // The control: the same user, dumpable, owns its /proc/PID.
+    let mut sleep = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            "sleep",
+            "30",
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let control = owner(sleep.id());
+    sleep.kill().unwrap();
+    sleep.wait().unwrap();
+    assert_eq!(
+        control, NOBODY,
+        "a dumpable process of nobody owns its /proc/PID/mem"
+    );
+    drop(server);
+}

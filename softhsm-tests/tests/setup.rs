@@ -370,11 +370,10 @@ async fn the_documented_setup_works_as_written() {
     let listen_a = format!("listen = \"127.0.0.1:{port_a}\"");
     assert!(text.contains(&listen_a), "{text}");
     let config_b = etc.join("kms-b.toml");
-    std::fs::write(
+    softhsm_tests::write_private(
         &config_b,
         text.replace(&listen_a, &format!("listen = \"127.0.0.1:{port_b}\"")),
-    )
-    .unwrap();
+    );
     let log = root.path().join("server.log");
     let a = start_server(&config, &softhsm_conf, &log);
     let b = start_server(&config_b, &softhsm_conf, &log);

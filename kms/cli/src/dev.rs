@@ -69,7 +69,14 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
     };
     let (dir, _temp) = match &args.dir {
         Some(d) => {
-            std::fs::create_dir_all(d)?;
+            // 0700, as the temporary one: it holds the token, the PIN and the TLS keys, and
+            // the server refuses a config in a directory its group can write (a umask of
+            // 002 would make one).
+            use std::os::unix::fs::DirBuilderExt as _;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)?;
             (std::path::absolute(d)?, None)
         }
         None => {
@@ -113,6 +120,7 @@ pub fn run(args: DevArgs) -> Result<ExitCode, BoxError> {
     let config_path = prepare(&dir, &module, args.listen, args.plaintext, http_listen)?;
     let config = Config::load(&config_path)?;
     crate::show::init_logging(config.log);
+    crate::rlimit::disable_core_dumps();
     crate::rlimit::raise_open_file_limit();
     let (plaintext, temporary) = (args.plaintext, args.temporary);
     kms::server::run(
@@ -220,7 +228,8 @@ fn prepare(
         kms_pkcs11_conf::DEFAULT_MASTER_KEY_LABEL,
         http = http_listen.map_or_else(String::new, |a| format!("\n[http]\nlisten = \"{a}\"\n")),
     );
-    std::fs::write(&config_path, text)?;
+    // Private, as the server requires of any config (`Config::load`).
+    crate::dev_pki::write_private(&config_path, text.as_bytes())?;
     Ok(config_path)
 }
 

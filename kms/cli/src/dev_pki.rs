@@ -135,16 +135,18 @@ impl DevPki {
     }
 }
 
-/// Writes a file readable by its owner only (0600), durably.
+/// Writes a file readable by its owner only (0600), durably. A file that existed (a
+/// `--dir` of an older `kms dev`, which wrote its config 0644) is made 0600 too.
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     f.write_all(bytes)?;
     f.sync_all()
 }

@@ -276,6 +276,7 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         Command::Server { config } => {
             let config = Config::load(&config)?;
             show::init_logging(config.log);
+            rlimit::disable_core_dumps();
             rlimit::raise_open_file_limit();
             kms::server::run(config, None)?;
             Ok(ExitCode::SUCCESS)

@@ -73,6 +73,17 @@ pub enum TlsError {
         #[source]
         source: rustls_pki_types::pem::Error,
     },
+    /// The private key can be read (or written) by others: whoever reads it can pose as
+    /// the server to every client.
+    #[error(
+        "tls.key: {path} is readable or writable by others (mode {mode:03o}): `chmod 640` (owner root, group the server's) or `chmod 600`"
+    )]
+    KeyTooOpen {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// A PEM file holds no certificate.
     #[error("tls.{what}: {path} holds no certificate")]
     Empty {
@@ -119,6 +130,37 @@ fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'s
     Ok(certs)
 }
 
+/// The permission bits the private key must not have: any for others. Group read stays
+/// allowed (`0640 root:kms`, read by the server through its group).
+const KEY_FORBIDDEN: u32 = 0o007;
+
+/// Reads the server's private key, refusing it if others can read or write it (checked on
+/// the opened file, so what is checked is what is read).
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let pem_err = |e: io::Error| TlsError::Pem {
+        what: "key",
+        path: path.to_owned(),
+        source: rustls_pki_types::pem::Error::Io(e),
+    };
+    let mut file = std::fs::File::open(path).map_err(pem_err)?;
+    let mode = file.metadata().map_err(pem_err)?.mode() & 0o777;
+    if mode & KEY_FORBIDDEN != 0 {
+        return Err(TlsError::KeyTooOpen {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let mut pem = zeroize::Zeroizing::new(Vec::new());
+    file.read_to_end(&mut pem).map_err(pem_err)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|source| TlsError::Pem {
+        what: "key",
+        path: path.to_owned(),
+        source,
+    })
+}
+
 /// Builds a server configuration from the files.
 pub(crate) fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let chain = certificates("cert", &files.cert)?;
@@ -141,11 +183,7 @@ pub(crate) fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig
             });
         }
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|source| TlsError::Pem {
-        what: "key",
-        path: files.key.clone(),
-        source,
-    })?;
+    let key = private_key(&files.key)?;
     let mut roots = rustls::RootCertStore::empty();
     for ca in certificates("client_ca", &files.client_ca)? {
         roots.add(ca).map_err(|e| TlsError::Certificate {
@@ -1046,6 +1084,45 @@ pub(crate) fn incoming(
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    /// Issue 32: the key is read only when others have no bit on it; group read (`0640
+    /// root:kms`) is the packaged way and is taken.
+    #[test]
+    fn a_private_key_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server-key.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(&path, key.serialize_pem()).unwrap();
+        for (mode, ok) in [
+            (0o600, true),
+            (0o640, true),
+            (0o400, true),
+            (0o644, false),
+            (0o604, false),
+            (0o602, false),
+            (0o601, false),
+        ] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            match private_key(&path) {
+                Ok(_) => assert!(ok, "{mode:o}: taken"),
+                Err(e) => {
+                    assert!(!ok, "{mode:o}: {e}");
+                    assert!(
+                        matches!(e, TlsError::KeyTooOpen { mode: m, .. } if m == mode),
+                        "{e:?}"
+                    );
+                    let text = e.to_string();
+                    assert!(
+                        text.contains(&path.display().to_string())
+                            && text.contains(&format!("mode {mode:03o}"))
+                            && text.contains("chmod 640"),
+                        "{text}"
+                    );
+                }
+            }
+        }
+    }
 
     fn ip(last: u8) -> IpAddr {
         IpAddr::from([192, 0, 2, last])

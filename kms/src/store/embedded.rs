@@ -98,16 +98,29 @@ impl RedbStore {
     /// cache_mib`). The cache holds what is read again (the keyring's records, grants); the
     /// audit log is only appended, so a cache sized for it buys nothing but memory.
     pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
-        use std::os::unix::fs::DirBuilderExt;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| StoreError::Open {
-                    path: path.to_owned(),
-                    source: redb::Error::Io(e),
-                })?;
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let dir_err = |e| StoreError::Open {
+            path: path.to_owned(),
+            source: redb::Error::Io(e),
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(dir_err)?;
+        // A directory everyone can write lets anyone swap the store (the file, the log
+        // beside it, the instance id) for another, sticky bit or not (it only stops them
+        // once the files exist). Its group may write it: that is the server's group.
+        let dir_mode = std::fs::metadata(dir).map_err(dir_err)?.mode() & 0o7777;
+        if dir_mode & 0o002 != 0 {
+            return Err(StoreError::DirTooOpen {
+                path: dir.to_owned(),
+                mode: dir_mode,
+            });
         }
         // Created private (0600) whatever the umask, and refused if someone opened it up:
         // it holds wrapped keys and the audit log.
@@ -760,6 +773,34 @@ mod tests {
             );
             assert!(err.to_string().contains("chmod 600"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_store_in_a_directory_everyone_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms.redb");
+        // Its group may write it (the server's group); everyone may not, sticky or not.
+        for (mode, ok) in [
+            (0o700, true),
+            (0o770, true),
+            (0o777, false),
+            (0o1777, false),
+        ] {
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+            match RedbStore::open(&path) {
+                Ok(_) => assert!(ok, "{mode:o}: opened"),
+                Err(err) => {
+                    assert!(!ok, "{mode:o}: {err}");
+                    assert!(
+                        matches!(err, StoreError::DirTooOpen { mode: m, .. } if m == mode),
+                        "{err:?}"
+                    );
+                    assert!(err.to_string().contains("chmod o-w"), "{err}");
+                }
+            }
+        }
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     }
 
     #[test]

@@ -124,6 +124,17 @@ pub enum StoreError {
         /// Its permission bits.
         mode: u32,
     },
+    /// The store's directory can be written by everyone: anyone could move the store
+    /// aside and put another (an older copy: a rollback) in its place.
+    #[error(
+        "the directory {path} of the store is writable by everyone (mode {mode:03o}): anyone could swap the store for another; `chmod o-w {path}` (or keep the store in a directory of its own, 0700)"
+    )]
+    DirTooOpen {
+        /// The directory.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// Another process holds the store open.
     #[error("the store {0} is in use by another kms process")]
     InUse(PathBuf),
