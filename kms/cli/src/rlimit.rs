@@ -72,13 +72,20 @@ pub fn raise_open_file_limit() {
 /// not start under such a sandbox protects nothing. Memory is not locked (`mlockall`): see
 /// docs/operations.md, "Process hardening".
 pub fn disable_core_dumps() {
-    let core = setrlimit(
-        Resource::Core,
+    // Already 0 and 0 (the unit's LimitCORE=0, whose sandbox may refuse setrlimit): done.
+    let core = match getrlimit(Resource::Core) {
         Rlimit {
             current: Some(0),
             maximum: Some(0),
-        },
-    );
+        } => Ok(()),
+        _ => setrlimit(
+            Resource::Core,
+            Rlimit {
+                current: Some(0),
+                maximum: Some(0),
+            },
+        ),
+    };
     let dumpable = set_dumpable_behavior(DumpableBehavior::NotDumpable);
     match (core, dumpable) {
         (Ok(()), Ok(())) => tracing::info!(
