@@ -483,29 +483,27 @@ impl TestHsm {
         soft: u64,
         hard: u64,
     ) -> Result<Server, String> {
-        let kms = self.server_command(config, &[]);
         let mut cmd = Command::new("prlimit");
-        cmd.arg(format!("--nofile={soft}:{hard}"))
-            .arg("--")
-            .arg(kms.get_program())
-            .args(kms.get_args())
-            .envs(
-                kms.get_envs()
-                    .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
-            )
-            .stdin(Stdio::null());
-        self.start_command(cmd)
+        cmd.arg(format!("--nofile={soft}:{hard}"));
+        self.start_under(config, cmd)
     }
 
     /// As [`TestHsm::try_start`], as user and group `uid` with no supplementary groups (by
     /// util-linux's `setpriv`), as a service manager starts a server under its own user.
     /// The caller makes the files the server reads that user's.
     pub fn try_start_as(&self, config: &Path, uid: u32) -> Result<Server, String> {
-        let kms = self.server_command(config, &[]);
         let mut cmd = Command::new("setpriv");
         cmd.arg(format!("--reuid={uid}"))
             .arg(format!("--regid={uid}"))
-            .arg("--clear-groups")
+            .arg("--clear-groups");
+        self.start_under(config, cmd)
+    }
+
+    /// Starts the server of `config` as the last arguments of `wrapper` (a command that
+    /// runs another: `prlimit`, `setpriv`), with the server's environment.
+    fn start_under(&self, config: &Path, mut wrapper: Command) -> Result<Server, String> {
+        let kms = self.server_command(config, &[]);
+        wrapper
             .arg("--")
             .arg(kms.get_program())
             .args(kms.get_args())
@@ -514,7 +512,7 @@ impl TestHsm {
                     .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
             )
             .stdin(Stdio::null());
-        self.start_command(cmd)
+        self.start_command(wrapper)
     }
 
     fn start_command(&self, mut command: Command) -> Result<Server, String> {
@@ -1160,10 +1158,21 @@ pub fn python() -> PathBuf {
 /// as its JSON argument, under [`python`]; its one JSON line of output. Fails the test when
 /// the script exits non-zero (its asserts), with what it printed.
 pub fn python_phase(script: &str, phase: &str, config: &serde_json::Value) -> serde_json::Value {
+    python_phase_under(Command::new(python()), script, phase, config)
+}
+
+/// As [`python_phase`], with `interpreter` the command that runs the script (the
+/// interpreter itself, or a command that runs it as another user: `setpriv ... PYTHON`).
+pub fn python_phase_under(
+    mut interpreter: Command,
+    script: &str,
+    phase: &str,
+    config: &serde_json::Value,
+) -> serde_json::Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
         .join(script);
-    let out = Command::new(python())
+    let out = interpreter
         .arg(script)
         .arg(phase)
         .arg(config.to_string())
@@ -1239,12 +1248,18 @@ pub fn python_stubs(dir: &Path) {
         .filter(|p| p.extension().is_some_and(|e| e == "proto"))
         .collect();
     files.sort();
+    python_stubs_of(dir, &proto, &files);
+}
+
+/// Generates the Python client of `files` (under the include root `proto`) into `dir` with
+/// grpcio-tools' protoc.
+pub fn python_stubs_of(dir: &Path, proto: &Path, files: &[PathBuf]) {
     let out = Command::new(python())
         .args(["-m", "grpc_tools.protoc"])
         .arg(format!("-I{}", proto.display()))
         .arg(format!("--python_out={}", dir.display()))
         .arg(format!("--grpc_python_out={}", dir.display()))
-        .args(&files)
+        .args(files)
         .output()
         .unwrap();
     assert!(

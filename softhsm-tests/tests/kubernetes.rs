@@ -46,19 +46,7 @@ const OVERFLOW: u32 = 65534;
 fn stubs(dir: &Path) {
     let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto/k8s/kms/apis/v2");
     std::fs::create_dir_all(dir).unwrap();
-    let out = Command::new(softhsm_tests::python())
-        .args(["-m", "grpc_tools.protoc"])
-        .arg(format!("-I{}", proto.display()))
-        .arg(format!("--python_out={}", dir.display()))
-        .arg(format!("--grpc_python_out={}", dir.display()))
-        .arg(proto.join("api.proto"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    softhsm_tests::python_stubs_of(dir, &proto, &[proto.join("api.proto")]);
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     for f in std::fs::read_dir(dir).unwrap() {
         let f = f.unwrap().path();
@@ -70,8 +58,7 @@ fn stubs(dir: &Path) {
 /// Runs a phase of the client as `uid` with the group [`STRANGER`] (the socket's), or as
 /// this test (root) for `None`.
 fn client_as(uid: Option<u32>, phase: &str, config: &Value) -> Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kubernetes_client.py");
-    let mut cmd = match uid {
+    let interpreter = match uid {
         None => Command::new(softhsm_tests::python()),
         Some(u) => {
             let mut c = Command::new("setpriv");
@@ -82,19 +69,7 @@ fn client_as(uid: Option<u32>, phase: &str, config: &Value) -> Value {
             c
         }
     };
-    let out = cmd
-        .arg(script)
-        .arg(phase)
-        .arg(config.to_string())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "phase {phase} failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    softhsm_tests::python_phase_under(interpreter, "kubernetes_client.py", phase, config)
 }
 
 /// The plugin's calls `calls`, made as `uid`; their results.
