@@ -256,11 +256,20 @@ fn read_private(path: &Path) -> Result<String, ConfigError> {
     };
     let mut file = std::fs::File::open(path).map_err(read_err)?;
     let meta = file.metadata().map_err(read_err)?;
-    let dir = match path.parent() {
+    // The directory of the file itself, past any symbolic link to it.
+    let real = std::fs::canonicalize(path).map_err(read_err)?;
+    let dir = match real.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
+        _ => Path::new("/"),
     };
-    let dir_mode = std::fs::metadata(dir).map_err(read_err)?.mode();
+    let mut dir_mode = std::fs::metadata(dir).map_err(read_err)?.mode();
+    // No one writes a directory on a read-only mount (a Kubernetes Secret or ConfigMap
+    // volume: a 1777 tmpfs root, mounted read-only).
+    if rustix::fs::statvfs(dir)
+        .is_ok_and(|v| v.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+    {
+        dir_mode &= !CONFIG_DIR_FORBIDDEN;
+    }
     check_private(
         path,
         meta.mode(),
@@ -268,6 +277,12 @@ fn read_private(path: &Path) -> Result<String, ConfigError> {
         rustix::process::geteuid().as_raw(),
         (dir, dir_mode),
     )?;
+    if !crate::section::group_is_servers(meta.mode(), meta.gid()) {
+        return Err(ConfigError::NotServersGroup {
+            path: path.to_owned(),
+            group: meta.gid(),
+        });
+    }
     let mut text = String::new();
     file.read_to_string(&mut text).map_err(read_err)?;
     Ok(text)
@@ -411,6 +426,17 @@ mod tests {
         std::fs::write(&p, text).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
         p
+    }
+
+    #[test]
+    fn a_config_read_by_its_group_is_the_servers_group() {
+        // 0640 root:kms for a server running as kms (egid 999), or in kms's groups.
+        assert!(crate::section::group_may_read(0o100640, 999, 999, &[]));
+        assert!(crate::section::group_may_read(0o100640, 50, 999, &[50]));
+        // No group bit: whatever the group.
+        assert!(crate::section::group_may_read(0o100600, 100, 999, &[]));
+        // 0640 root:users: every member of users would read it.
+        assert!(!crate::section::group_may_read(0o100640, 100, 999, &[50]));
     }
 
     #[test]

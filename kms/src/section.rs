@@ -44,6 +44,17 @@ pub enum ConfigError {
         /// The server's effective uid.
         server: u32,
     },
+    /// The file is readable by a group that is not the server's: that group's members
+    /// read it too.
+    #[error(
+        "the config file {path} is readable by its group (gid {group}), which is not the server's: `chgrp` it to the server's group, or `chmod 600`"
+    )]
+    NotServersGroup {
+        /// The file.
+        path: PathBuf,
+        /// Its group.
+        group: u32,
+    },
     /// The config file's directory can be written by its group or by others: they could
     /// replace the file with one of their own.
     #[error(
@@ -168,4 +179,19 @@ pub(crate) fn within<T: PartialOrd + Copy>(
 ) -> Result<T, ConfigError> {
     let v = v.unwrap_or(default);
     if range.contains(&v) { Ok(v) } else { Err(err) }
+}
+
+/// Whether a file of `mode` and group `gid` is read through its group bits only by the
+/// server's own group (its effective group or one of its `groups`): a `0640` file of
+/// another group would be read by that group's members too.
+pub(crate) fn group_may_read(mode: u32, gid: u32, egid: u32, groups: &[u32]) -> bool {
+    mode & 0o070 == 0 || gid == egid || groups.contains(&gid)
+}
+
+/// [`group_may_read`] for this process: its effective group and supplementary groups.
+pub(crate) fn group_is_servers(mode: u32, gid: u32) -> bool {
+    let groups: Vec<u32> = rustix::process::getgroups()
+        .map(|g| g.into_iter().map(rustix::process::Gid::as_raw).collect())
+        .unwrap_or_default();
+    group_may_read(mode, gid, rustix::process::getegid().as_raw(), &groups)
 }

@@ -1480,7 +1480,8 @@ fn refused_start(hsm: &TestHsm, config: &std::path::Path, want: &[&str]) {
         Ok(_server) => panic!("the server started; want {want:?}"),
         Err(said) => said,
     };
-    assert!(said.starts_with("exited with exit status: 1"), "{said}");
+    // EX_CONFIG: a restart cannot help (the unit does not restart on it).
+    assert!(said.starts_with("exited with exit status: 78"), "{said}");
     // The last line of the log: this start's.
     let last = said.lines().last().unwrap_or_default();
     for w in want {
@@ -1521,8 +1522,14 @@ fn an_open_config_is_refused_and_nothing_is_written() {
     chmod(hsm.path(), 0o770);
     refused(&[&hsm.path().display().to_string(), "mode 770", "chmod go-w"]);
     chmod(hsm.path(), 0o700);
+    // Readable by a group that is not the server's (gid 4242: the server is root, of no
+    // such group): its members would read it.
+    chmod(&config, 0o640);
+    std::os::unix::fs::chown(&config, None, Some(4242)).unwrap();
+    refused(&[&file, "gid 4242", "not the server's"]);
+    std::os::unix::fs::chown(&config, None, Some(0)).unwrap();
     assert!(!hsm.path().join("kms.redb").exists());
-    // Group-readable is how packages install it: the server starts.
+    // Group-readable by the server's group is how packages install it: the server starts.
     chmod(&config, 0o640);
     let server = hsm.try_start(&config, &[]).unwrap();
     drop(server);

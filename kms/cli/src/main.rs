@@ -265,6 +265,38 @@ mod show;
 
 use kms::error_chain;
 
+/// `kms server`'s exit status when starting again cannot help (sysexits' `EX_CONFIG`): the
+/// configuration, a file's mode, the HSM's PIN, the TLS files. The packaged unit does not
+/// restart on it (`RestartPreventExitStatus=78`): a restart loop on a wrong PIN would lock
+/// a real HSM's token after its few tries.
+const EX_CONFIG: u8 = 78;
+
+/// The exit status of a server that did not start: [`EX_CONFIG`] when only a person can
+/// fix what stopped it, 1 when it may pass (a port in use, a database or HSM not there yet).
+fn start_exit_code(e: &kms::server::StartError) -> u8 {
+    use kms::hsm::HsmError;
+    use kms::server::StartError;
+    use kms::store::StoreError;
+    match e {
+        StartError::Hsm(HsmError::Login { .. } | HsmError::Pin(_))
+        | StartError::Tls(_)
+        | StartError::Kubernetes(
+            kms::kubernetes::SocketError::UnsafeDirectory { .. }
+            | kms::kubernetes::SocketError::NotASocket(_),
+        )
+        | StartError::Store(StoreError::TooOpen { .. } | StoreError::DirTooOpen { .. })
+        | StartError::RestoreInterrupted => EX_CONFIG,
+        _ => 1,
+    }
+}
+
+/// Prints why the server did not start (as `main` prints any error) and the status to exit
+/// with.
+fn refused_start(e: &(dyn std::error::Error + 'static), code: u8) -> ExitCode {
+    eprintln!("error: {}", error_chain(e));
+    ExitCode::from(code)
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -274,12 +306,17 @@ fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
 fn run(cli: Cli) -> Result<ExitCode, BoxError> {
     match cli.command {
         Command::Server { config } => {
-            let config = Config::load(&config)?;
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return Ok(refused_start(&e, EX_CONFIG)),
+            };
             show::init_logging(config.log);
             rlimit::disable_core_dumps();
             rlimit::raise_open_file_limit();
-            kms::server::run(config, None)?;
-            Ok(ExitCode::SUCCESS)
+            match kms::server::run(config, None) {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(e) => Ok(refused_start(&e, start_exit_code(&e))),
+            }
         }
         Command::Dev(args) => crate::dev::run(args),
         Command::Completions { shell } => {
@@ -706,6 +743,27 @@ fn read_hsm_pin() -> Result<Zeroizing<String>, BoxError> {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::server_address;
+
+    #[test]
+    fn a_start_only_a_person_can_fix_exits_78_and_a_passing_one_1() {
+        use kms::server::StartError;
+        let kubernetes = |e| super::start_exit_code(&StartError::Kubernetes(e));
+        assert_eq!(super::start_exit_code(&StartError::RestoreInterrupted), 78);
+        assert_eq!(
+            kubernetes(kms::kubernetes::SocketError::NotASocket("/run/k".into())),
+            78
+        );
+        // Another server still serves the socket, or holds the port: it may go.
+        assert_eq!(
+            kubernetes(kms::kubernetes::SocketError::InUse("/run/k".into())),
+            1
+        );
+        let bind = StartError::Bind {
+            addr: "127.0.0.1:8200".parse().unwrap(),
+            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+        };
+        assert_eq!(super::start_exit_code(&bind), 1);
+    }
 
     #[test]
     fn an_address_without_a_port_dials_8200() {

@@ -72,7 +72,7 @@ pub fn raise_open_file_limit() {
 /// not start under such a sandbox protects nothing. Memory is not locked (`mlockall`): see
 /// docs/operations.md, "Process hardening".
 pub fn disable_core_dumps() {
-    // Already 0 and 0 (the unit's LimitCORE=0, whose sandbox may refuse setrlimit): done.
+    // Already 0 and 0 (the packaged unit's LimitCORE=0): nothing to set.
     let core = match getrlimit(Resource::Core) {
         Rlimit {
             current: Some(0),

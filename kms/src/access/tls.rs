@@ -73,10 +73,11 @@ pub enum TlsError {
         #[source]
         source: rustls_pki_types::pem::Error,
     },
-    /// The private key can be read (or written) by others: whoever reads it can pose as
-    /// the server to every client.
+    /// The private key can be read (or written) by others, written by its group, or read
+    /// through a group that is not the server's: whoever reads it can pose as the server to
+    /// every client, whoever writes it can swap the server's identity.
     #[error(
-        "tls.key: {path} is readable or writable by others (mode {mode:03o}): `chmod 640` (owner root, group the server's) or `chmod 600`"
+        "tls.key: {path} is open to others than the server (mode {mode:03o}): no bit for others, no write for its group, and read by its group only if that is the server's group: `chmod 640` (owner root, group the server's) or `chmod 600`"
     )]
     KeyTooOpen {
         /// The file.
@@ -130,9 +131,10 @@ fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'s
     Ok(certs)
 }
 
-/// The permission bits the private key must not have: any for others. Group read stays
-/// allowed (`0640 root:kms`, read by the server through its group).
-const KEY_FORBIDDEN: u32 = 0o007;
+/// The permission bits the private key must not have: any for others, write for its group.
+/// Group read stays allowed (`0640 root:kms`, read by the server through its group), when
+/// the group is the server's.
+const KEY_FORBIDDEN: u32 = 0o027;
 
 /// Reads the server's private key, refusing it if others can read or write it (checked on
 /// the opened file, so what is checked is what is read).
@@ -145,8 +147,9 @@ fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         source: rustls_pki_types::pem::Error::Io(e),
     };
     let mut file = std::fs::File::open(path).map_err(pem_err)?;
-    let mode = file.metadata().map_err(pem_err)?.mode() & 0o777;
-    if mode & KEY_FORBIDDEN != 0 {
+    let meta = file.metadata().map_err(pem_err)?;
+    let mode = meta.mode() & 0o777;
+    if mode & KEY_FORBIDDEN != 0 || !crate::section::group_is_servers(mode, meta.gid()) {
         return Err(TlsError::KeyTooOpen {
             path: path.to_owned(),
             mode,
@@ -1102,6 +1105,9 @@ mod tests {
             (0o604, false),
             (0o602, false),
             (0o601, false),
+            // Its group may not write it (it could swap the server's identity).
+            (0o660, false),
+            (0o620, false),
         ] {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
             match private_key(&path) {
