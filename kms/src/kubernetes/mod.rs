@@ -9,9 +9,9 @@
 //! server's user's alone (0600), or a configured group's too (0660); made under a
 //! temporary name and renamed into place once its mode is set, and removed at stop.
 //!
-//! Architecture invariant: like [`crate::grpc`], this front only translates (its
-//! [`plugin`] hands every call to [`crate::service`]) and turns refusals into statuses
-//! through [`crate::grpc::respond`], the one conversion to `tonic::Status`.
+//! Architecture invariant: like `grpc`, this front only translates (its `plugin` hands
+//! every call to the service layer) and turns refusals into statuses through
+//! `grpc::respond`, the one conversion to `tonic::Status`.
 
 pub(crate) mod config;
 mod plugin;
