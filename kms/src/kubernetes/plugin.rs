@@ -1,7 +1,8 @@
 //! The apiserver's three calls (`v2.KeyManagementService`), each a service-layer call on
-//! the configured key: `Status` is [`Op::CheckKey`], `Encrypt` and `Decrypt` are the
-//! keyring's, with the grants, the audit record (the apiserver's `uid` as its request id)
-//! and the error mapping of every other front.
+//! the configured key (a `Decrypt`: on the key its `key_id` names): `Status` is
+//! [`Op::CheckKey`], `Encrypt` and `Decrypt` are the keyring's, with the grants, the audit
+//! record (the apiserver's `uid` as its request id) and the error mapping of every other
+//! front.
 //!
 //! The apiserver's rules (k8s.io/apiserver, `kmsv2`): a `key_id` and a ciphertext are at
 //! most 1 KiB and never empty; annotation keys are fully qualified domain names, keys and
