@@ -71,6 +71,31 @@ pub(crate) struct StaticRole {
 }
 
 impl StaticRole {
+    /// Every field empty or zero, at the current schema: a front fills in the
+    /// administrator's fields (`StaticRole { name, .., ..StaticRole::blank() }`) and the
+    /// engine the rest (the password, the rotation times, the claim, the creation).
+    pub(crate) fn blank() -> Self {
+        Self {
+            schema: model::SCHEMA,
+            name: String::new(),
+            connection: String::new(),
+            username: String::new(),
+            period: 0,
+            rotation: Vec::new(),
+            password_length: 0,
+            principals: Vec::new(),
+            password: Secret::default(),
+            pending: None,
+            last_rotated: 0,
+            next_rotation: 0,
+            failures: 0,
+            last_error: String::new(),
+            claim: None,
+            created_ms: 0,
+            created_by: String::new(),
+        }
+    }
+
     /// Checks what an administrator gave.
     fn check(&self) -> Result<(), DatabasesError> {
         let bad = |why: String| Err(DatabasesError::BadRequest(why));

@@ -139,7 +139,6 @@ pub(crate) fn static_role_pb(r: &StaticRole) -> pb::DatabaseStaticRole {
 /// A static role from the API's (defaults for what is not given).
 pub(crate) fn static_role_of(p: pb::DatabaseStaticRole) -> Result<StaticRole, DatabasesError> {
     Ok(StaticRole {
-        schema: model::SCHEMA,
         name: p.name,
         connection: p.connection,
         username: p.username,
@@ -147,15 +146,7 @@ pub(crate) fn static_role_of(p: pb::DatabaseStaticRole) -> Result<StaticRole, Da
         rotation: p.rotation_statements,
         password_length: p.password_length,
         principals: model::principals(&p.principals)?,
-        password: Secret::default(),
-        pending: None,
-        last_rotated: 0,
-        next_rotation: 0,
-        failures: 0,
-        last_error: String::new(),
-        claim: None,
-        created_ms: 0,
-        created_by: String::new(),
+        ..StaticRole::blank()
     })
 }
 

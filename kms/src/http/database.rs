@@ -510,6 +510,18 @@ fn refuse_list(p: &mut Params, name: &'static str, why: &str) -> Result<(), Serv
 }
 
 /// A count that kms keeps as a `u32`.
+/// A role's `principals`, as given (comma-separated or a list), or the `old` definition's
+/// when the request names none (an update keeps what it does not name, as Vault's does).
+pub(crate) fn principals_or(
+    p: &mut Params,
+    old: Option<&[crate::policy::Pattern]>,
+) -> Result<Vec<crate::policy::Pattern>, ServiceError> {
+    Ok(match comma_list(p, "principals")? {
+        Some(list) => crate::databases::model::principals(&list)?,
+        None => old.map(<[_]>::to_vec).unwrap_or_default(),
+    })
+}
+
 pub(crate) fn count(p: &mut Params, name: &'static str) -> Result<Option<u32>, ServiceError> {
     p.u64(name)?
         .map(|n| u32::try_from(n).map_err(|_| bad(format!("{name}: too large"))))
@@ -713,13 +725,7 @@ fn write_role(db: &Databases, c: &Call, name: &str, p: &mut Params) -> Handled {
         .seconds("max_ttl")?
         .or(old.as_ref().map(|o| o.max_ttl))
         .unwrap_or(0);
-    let principals = match comma_list(p, "principals")? {
-        Some(list) => crate::databases::model::principals(&list)?,
-        None => old
-            .as_ref()
-            .map(|o| o.principals.clone())
-            .unwrap_or_default(),
-    };
+    let principals = principals_or(p, old.as_ref().map(|o| o.principals.as_slice()))?;
     let username_template = p
         .str("username_template")?
         .or(old.as_ref().map(|o| o.username_template.clone()))

@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::call::Reply;
-use super::database::{Handled, bad, comma_list, count, no_content, statements};
+use super::database::{Handled, bad, count, no_content, principals_or, statements};
 use super::vault::Params;
 use crate::databases::statics::StaticRole;
 use crate::databases::{Databases, DatabasesError};
@@ -75,15 +75,8 @@ pub(crate) fn write(db: &Databases, c: &Call, name: &str, p: &mut Params) -> Han
     let password_length = count(p, "password_length")?
         .or(old.as_ref().map(|o| o.password_length))
         .unwrap_or(0);
-    let principals = match comma_list(p, "principals")? {
-        Some(list) => crate::databases::model::principals(&list)?,
-        None => old
-            .as_ref()
-            .map(|o| o.principals.clone())
-            .unwrap_or_default(),
-    };
+    let principals = principals_or(p, old.as_ref().map(|o| o.principals.as_slice()))?;
     let role = StaticRole {
-        schema: crate::databases::model::SCHEMA,
         name: name.to_owned(),
         connection,
         username,
@@ -91,15 +84,7 @@ pub(crate) fn write(db: &Databases, c: &Call, name: &str, p: &mut Params) -> Han
         rotation,
         password_length,
         principals,
-        password: crate::databases::model::Secret::default(),
-        pending: None,
-        last_rotated: 0,
-        next_rotation: 0,
-        failures: 0,
-        last_error: String::new(),
-        claim: None,
-        created_ms: 0,
-        created_by: String::new(),
+        ..StaticRole::blank()
     };
     db.put_static_role(c, role, &c.identity().principal)?;
     Ok((no_content(), None))

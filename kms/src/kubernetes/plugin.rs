@@ -131,7 +131,7 @@ impl Plugin {
                 input_bytes: req.get_ref().encoded_len() as u64,
                 idempotency: Idempotency::None,
                 answer_of: None,
-                deadline: crate::grpc::deadline::of(&req.metadata().clone().into_headers()),
+                deadline: crate::grpc::deadline::of(req.metadata().as_ref()),
                 recorded: None,
                 counted: false,
             },
@@ -215,23 +215,12 @@ fn check_annotations(
     Ok(())
 }
 
-/// What `Status` asks about: the plugin's seeds (so that a grant bound to [`AAD`] answers
-/// it as it answers Encrypt and Decrypt).
+/// What every call of the plugin is about, for the grant check: the plugin's seeds, whose
+/// associated data is [`AAD`] (a grant bound to it answers Status, Encrypt and Decrypt).
+/// The request itself travels in the work's closure.
 struct Seeds;
 
 impl Aad for Seeds {
-    fn aads(&self) -> Vec<&[u8]> {
-        vec![AAD]
-    }
-}
-
-impl Aad for pb::EncryptRequest {
-    fn aads(&self) -> Vec<&[u8]> {
-        vec![AAD]
-    }
-}
-
-impl Aad for pb::DecryptRequest {
     fn aads(&self) -> Vec<&[u8]> {
         vec![AAD]
     }
@@ -290,9 +279,9 @@ impl pb::key_management_service_server::KeyManagementService for Plugin {
         let uid = request.get_ref().uid.clone();
         let call = self.call(&request, Op::Encrypt, &uid).key(&self.key);
         let key = self.key.clone();
-        let r = request.into_inner();
+        let mut r = request.into_inner();
         let answer = crate::grpc::respond(
-            crate::service::with_keyring(&self.service, call, r, move |k, _, mut r| {
+            crate::service::with_keyring(&self.service, call, Seeds, move |k, _, Seeds| {
                 let plaintext = Zeroizing::new(std::mem::take(&mut r.plaintext));
                 if plaintext.len() > MAX_PLAINTEXT {
                     return Err(KeyringError::BadRequest(
@@ -326,7 +315,7 @@ impl pb::key_management_service_server::KeyManagementService for Plugin {
         let call = self.call(&request, Op::Decrypt, &uid).key(&key);
         let r = request.into_inner();
         let answer = crate::grpc::respond(
-            crate::service::with_keyring(&self.service, call, r, move |k, _, r| {
+            crate::service::with_keyring(&self.service, call, Seeds, move |k, _, Seeds| {
                 let Some((_, version)) = parse_key_id(&r.key_id) else {
                     return Err(KeyringError::BadRequest(
                         "key_id: not one kms gave (kms:KEY:vVERSION, at most 1 KiB)",
